@@ -1,0 +1,1 @@
+"""featurestore: a content-addressed, multi-process-safe cache of Arrow tables and computed features."""

@@ -1,0 +1,63 @@
+"""The Engine protocol: engines start and stop servers and hand out connection details, nothing more.
+
+Loading, snapshots and resets work on any server through SQL (``refresher.snapshot``), so they never care
+which engine runs it (the pytest-postgresql split of executor and janitor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+from urllib.parse import quote
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Where a running server for one profile listens, and how to log in."""
+
+    engine: str
+    profile: str
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+
+    def dsn(self, dbname: str | None = None, *, with_password: bool = True) -> str:
+        secret = f":{quote(self.password, safe='')}" if with_password and self.password else ""
+        return f"postgresql://{quote(self.user, safe='')}{secret}@{self.host}:{self.port}/{dbname or self.dbname}"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What ``refresher status`` shows for one profile's server."""
+
+    engine: str
+    profile: str
+    running: bool
+    host: str | None = None
+    port: int | None = None
+    detail: str = ""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Starts, finds and stops one PostgreSQL server per profile."""
+
+    name: str
+
+    def start(self, profile: str) -> ServerInfo:
+        """Start the profile's server, or return the running one. Idempotent; waits until it accepts queries."""
+        ...
+
+    def info(self, profile: str) -> ServerInfo | None:
+        """The running server of ``profile``, or None when there is none. Never starts anything."""
+        ...
+
+    def stop(self, profile: str) -> bool:
+        """Stop the server and remove everything it owns (data, container, volume). True if one existed."""
+        ...
+
+    def status(self, profile: str | None = None) -> list[ServerStatus]:
+        """Every server this engine knows of (after a CLI restart too), or only ``profile``'s."""
+        ...

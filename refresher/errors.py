@@ -1,0 +1,82 @@
+"""The one error tree of refresher: every failure a user can cause or fix says so in one line.
+
+The CLI turns a ``RefresherError`` into ``refresher: <message>`` and exit status 2 in exactly one place
+(``refresher.cli.main``); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class RefresherError(Exception):
+    """Base of every error refresher raises on purpose."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProfileError(RefresherError):
+    """A profile file is missing, unreadable or invalid."""
+
+    def __init__(self, file: Path | str, field: str, value: Any, reason: str) -> None:
+        super().__init__(f"{file}: {field}={value!r}: {reason}", file=str(file), field=field, value=value)
+        self.file = str(file)
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+    @classmethod
+    def unknown(cls, name: str, searched: list[Path], known: list[str]) -> ProfileError:
+        where = ", ".join(str(p) for p in searched) or "(no profile directory)"
+        choices = ", ".join(sorted(known)) or "none"
+        return cls(where, "profile", name, f"no such profile (known: {choices})")
+
+
+class CalendarError(RefresherError):
+    """An exchange or a time the calendar cannot answer for."""
+
+
+class SourceError(RefresherError):
+    """A data source cannot produce a segment (missing file, bad column, unreachable upstream)."""
+
+
+class EngineUnavailable(RefresherError):
+    """No server can be started or reached with the chosen engine."""
+
+
+class EngineStateError(RefresherError):
+    """The engine's recorded state disagrees with reality (container gone, data dir removed...)."""
+
+
+class LoadError(RefresherError):
+    """A segment could not be loaded into the target database."""
+
+
+class SnapshotError(RefresherError):
+    """No pristine snapshot exists, or it cannot be restored."""
+
+
+class JobError(RefresherError):
+    """The distributed job queue failed in a way the user can act on."""
+
+
+__all__ = [
+    "CalendarError",
+    "EngineStateError",
+    "EngineUnavailable",
+    "JobError",
+    "LoadError",
+    "ProfileError",
+    "RefresherError",
+    "SnapshotError",
+    "SourceError",
+]

@@ -1,0 +1,43 @@
+"""Configuration at the edge: environment variables and defaults are read here, and only here."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+# The official image's major version we pin; `make image` builds a look-alike under this tag for air gaps.
+DEFAULT_PG_IMAGE = "postgres:15"
+BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state, cache and profiles live, and which engine to use."""
+
+    state_dir: Path
+    store_root: Path
+    profiles_dirs: tuple[Path, ...]
+    engine: str = "auto"
+    pg_image: str = DEFAULT_PG_IMAGE
+    require_docker: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        profiles: list[Path] = []
+        if env.get("REFRESHER_PROFILES"):
+            profiles += [Path(p) for p in env["REFRESHER_PROFILES"].split(os.pathsep) if p]
+        profiles.append(BUILTIN_PROFILES)
+        store = env.get("FEATURE_STORE_PATH") or str(Path.home() / ".feature_cache")
+        settings = cls(
+            state_dir=Path(env.get("REFRESHER_STATE_DIR") or ".refresher").absolute(),
+            store_root=Path(store).expanduser().absolute(),
+            profiles_dirs=tuple(profiles),
+            engine=env.get("REFRESHER_ENGINE") or "auto",
+            pg_image=env.get("REFRESHER_PG_IMAGE") or DEFAULT_PG_IMAGE,
+            require_docker=env.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"),
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
