@@ -1,0 +1,1 @@
+"""Fixtures for a real embedded PostgreSQL server (local engine)."""
