@@ -1,0 +1,132 @@
+"""Desired segments vs the store's manifest vs the database's own segment table -> a GapPlan.
+
+Pure: it reads state handed to it and decides; fetching, storing and loading belong to ``refresher.refresh``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from refresher.segments import Segment
+
+# Bump when the meaning of a stored segment changes (schema, labelling): every key changes with it.
+SEGMENT_KEY_FORMAT = "refresher-segment-v1"
+
+
+def segment_key(segment: Segment, source_kind: str, source_version: str) -> str:
+    """The feature-store key of a segment's bars as one source version produces them.
+
+    Length-prefixed so that no two different tuples can encode to the same bytes.
+    """
+    digest = hashlib.sha256()
+    for part in (
+        SEGMENT_KEY_FORMAT,
+        source_kind,
+        segment.symbol,
+        segment.timeframe,
+        segment.month_label,
+        source_version,
+    ):
+        raw = part.encode()
+        digest.update(len(raw).to_bytes(8, "big"))
+        digest.update(raw)
+    return f"seg-{digest.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class StoredSegment:
+    """What the store's manifest says of one segment's key, without reading the file."""
+
+    key: str
+    content_hash: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class DatabaseSegment:
+    """What the target database's ``refresher_segments`` says of one segment."""
+
+    content_hash: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class GapPlan:
+    """What a refresh must do. Every desired segment is in exactly one of present, to_load or to_fetch."""
+
+    desired: tuple[Segment, ...]
+    keys: Mapping[Segment, str]
+    present: tuple[Segment, ...]
+    # In the store, and missing or different in the database (or failed --verify).
+    to_load: tuple[Segment, ...]
+    # Not in the store: the source must produce them; each is then loaded unless the database already
+    # holds exactly that content (same hash), which happens after a store GC.
+    to_fetch: tuple[Segment, ...]
+    # In the database but no longer desired; deleted only with --prune.
+    stale: tuple[Segment, ...]
+    reasons: Mapping[Segment, str] = field(default_factory=dict)
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.to_load or self.to_fetch)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "desired": len(self.desired),
+            "present": len(self.present),
+            "to_load": len(self.to_load),
+            "to_fetch": len(self.to_fetch),
+            "stale": len(self.stale),
+        }
+
+
+def plan_gaps(
+    desired: Iterable[Segment],
+    keys: Mapping[Segment, str],
+    stored: Mapping[str, StoredSegment],
+    loaded: Mapping[Segment, DatabaseSegment],
+    *,
+    verified_rows: Mapping[Segment, int] | None = None,
+) -> GapPlan:
+    """Compare the desired set with the store and the database.
+
+    ``verified_rows`` (from ``--verify``) holds the rows actually present per segment; a segment whose count
+    differs from what ``refresher_segments`` recorded is reloaded (a developer deleted rows by hand).
+    """
+    wanted = sorted(set(desired))
+    present: list[Segment] = []
+    to_load: list[Segment] = []
+    to_fetch: list[Segment] = []
+    reasons: dict[Segment, str] = {}
+    for segment in wanted:
+        in_store = stored.get(keys[segment])
+        in_db = loaded.get(segment)
+        if in_store is None:
+            to_fetch.append(segment)
+            reasons[segment] = "not in store"
+        elif in_db is None:
+            to_load.append(segment)
+            reasons[segment] = "not in database"
+        elif in_db.content_hash != in_store.content_hash:
+            to_load.append(segment)
+            reasons[segment] = "content changed"
+        elif verified_rows is not None and verified_rows.get(segment, 0) != in_db.rows:
+            to_load.append(segment)
+            reasons[segment] = f"row count {verified_rows.get(segment, 0)} != recorded {in_db.rows}"
+        else:
+            present.append(segment)
+    wanted_set = set(wanted)
+    stale = sorted(s for s in loaded if s not in wanted_set)
+    for segment in stale:
+        reasons[segment] = "no longer desired"
+    return GapPlan(
+        desired=tuple(wanted),
+        keys=dict(keys),
+        present=tuple(present),
+        to_load=tuple(to_load),
+        to_fetch=tuple(to_fetch),
+        stale=tuple(stale),
+        reasons=reasons,
+    )
