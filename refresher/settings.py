@@ -21,7 +21,8 @@ class Settings:
     store_root: Path
     profiles_dirs: tuple[Path, ...]
     engine: str = "auto"
-    pg_image: str = DEFAULT_PG_IMAGE
+    # None means "let the Docker engine resolve it": postgres:15 if present, else the `make image` build.
+    pg_image_override: str | None = None
     require_docker: bool = False
 
     @classmethod
@@ -37,7 +38,7 @@ class Settings:
             store_root=Path(store).expanduser().absolute(),
             profiles_dirs=tuple(profiles),
             engine=env.get("REFRESHER_ENGINE") or "auto",
-            pg_image=env.get("REFRESHER_PG_IMAGE") or DEFAULT_PG_IMAGE,
+            pg_image_override=env.get("REFRESHER_PG_IMAGE") or None,
             require_docker=env.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

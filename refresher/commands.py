@@ -1,0 +1,110 @@
+"""The library face of each CLI command: Settings in, a report object out (no printing here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+
+from featurestore import FeatureStore
+from refresher import snapshot
+from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
+from refresher.engines.base import Engine, ServerInfo, ServerStatus
+from refresher.errors import EngineStateError, SnapshotError
+from refresher.profile import Profile, list_profiles, load_profile
+from refresher.refresh import PlanReport, RefreshReport
+from refresher.refresh import plan_refresh as _plan_refresh
+from refresher.refresh import refresh as _refresh
+from refresher.settings import Settings
+
+
+@contextmanager
+def _database_errors(profile: str) -> Iterator[None]:
+    """A server that vanished or refuses us mid-command is a one-line error, not a traceback."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineStateError(
+            f"profile {profile}: lost the database server ({first}); "
+            f"check `refresher status`, or `refresher down --profile {profile}` and refresh again"
+        ) from exc
+
+
+def _profile(settings: Settings, name: str, as_of: dt.date | None = None) -> Profile:
+    return load_profile(name, settings.profiles_dirs, as_of=as_of)
+
+
+def refresh(
+    settings: Settings,
+    name: str,
+    *,
+    prune: bool = False,
+    verify: bool = False,
+    as_of: dt.date | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> RefreshReport:
+    profile = _profile(settings, name, as_of)
+    engine = select_engine(settings.engine, settings, profile.name)
+    with _database_errors(profile.name):
+        return _refresh(
+            profile, engine, FeatureStore(settings.store_root), prune=prune, verify=verify, progress=progress
+        )
+
+
+def plan(settings: Settings, name: str, *, verify: bool = False, as_of: dt.date | None = None) -> PlanReport:
+    profile = _profile(settings, name, as_of)
+    engine = select_engine(settings.engine, settings, profile.name)
+    with _database_errors(profile.name):
+        return _plan_refresh(profile, engine, FeatureStore(settings.store_root), verify=verify)
+
+
+def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
+    """The engine and running server of a profile; a stopped server (after a reboot) is started again."""
+    engine = (
+        engine_serving(name, settings)
+        if settings.engine == "auto"
+        else make_engine(settings.engine, settings)
+    )
+    if engine is None:
+        raise SnapshotError(f"profile {name}: no server; run `refresher refresh --profile {name}` first")
+    server = engine.info(name)
+    if server is None:
+        if not engine.status(name):
+            raise SnapshotError(
+                f"profile {name}: no {engine.name} server; run `refresher refresh --profile {name}`"
+            )
+        server = engine.start(name)
+    return engine, server
+
+
+def reset(settings: Settings, name: str) -> snapshot.RestoreReport:
+    _engine, server = _serving(settings, name)
+    with _database_errors(name):
+        return snapshot.restore_pristine(server)
+
+
+def url(settings: Settings, name: str) -> str:
+    return _serving(settings, name)[1].dsn()
+
+
+def status(settings: Settings, name: str | None = None) -> list[ServerStatus]:
+    statuses = all_statuses(settings)
+    return [s for s in statuses if name is None or s.profile == name]
+
+
+def down(settings: Settings, name: str) -> list[str]:
+    """Stop and remove ``name``'s server ("all": every server); returns the profiles stopped."""
+    stopped: list[str] = []
+    for server in all_statuses(settings):
+        if name in ("all", server.profile):
+            engine = make_engine(server.engine, settings)
+            if engine.stop(server.profile):
+                stopped.append(f"{server.engine}:{server.profile}")
+    return stopped
+
+
+def profiles(settings: Settings) -> list[Profile]:
+    return list_profiles(settings.profiles_dirs)

@@ -1,0 +1,158 @@
+"""Compute the profile's features through the feature store and load them, one table per feature.
+
+A feature is recomputed only when its inputs changed: its input hash covers the feature's name and version and
+the content hashes of the symbol's daily segments, all known from the store's manifest without reading data.
+``refresher_features`` in the target database records which input hash each (feature, symbol) was loaded from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import psycopg
+import pyarrow as pa
+from psycopg import sql
+
+from featurestore import FeatureStore
+from refresher.features import FeatureSpec, get_feature
+from refresher.plan import GapPlan
+from refresher.profile import Profile
+from refresher.segments import Segment
+
+FEATURES_DDL = """
+CREATE TABLE IF NOT EXISTS refresher_features (
+    feature text NOT NULL,
+    symbol text NOT NULL,
+    input_hash text NOT NULL,
+    rows bigint NOT NULL,
+    loaded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (feature, symbol)
+)
+"""
+
+
+@dataclass(frozen=True)
+class FeatureCounts:
+    desired: int = 0
+    loaded: int = 0
+    computed: int = 0
+    rows_loaded: int = 0
+
+
+def feature_table(name: str) -> str:
+    return f"features_{name}"
+
+
+def _input_hash(spec: FeatureSpec, content_hashes: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for part in (spec.name, spec.version, *content_hashes):
+        raw = part.encode()
+        digest.update(len(raw).to_bytes(8, "big"))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def _daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:
+    """A symbol's daily bars as the frame feature functions take: DatetimeIndex of session dates."""
+    frame = pa.concat_tables(tables).to_pandas()
+    frame = frame.drop(columns=["symbol"]).sort_values("date")
+    frame.index = pd.DatetimeIndex(pd.to_datetime(frame.pop("date")), name="date")
+    return frame
+
+
+def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Sequence[str]) -> None:
+    """Create the feature's table; if its metric columns changed, rebuild it and forget what was loaded."""
+    table = feature_table(name)
+    current = [
+        row[0]
+        for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+            "AND column_name NOT IN ('symbol', 'date') ORDER BY ordinal_position",
+            (table,),
+        )
+    ]
+    if current == list(metrics):
+        return
+    if current:
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table)))
+        conn.execute("DELETE FROM refresher_features WHERE feature = %s", (name,))
+    columns = sql.SQL(", ").join(sql.SQL("{} double precision").format(sql.Identifier(m)) for m in metrics)
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {} (symbol text NOT NULL, date date NOT NULL, {}, PRIMARY KEY (symbol, date))"
+        ).format(sql.Identifier(table), columns)
+    )
+
+
+def _load_feature(
+    conn: psycopg.Connection[Any], name: str, symbol: str, frame: pd.DataFrame, input_hash: str
+) -> int:
+    """Replace one symbol's rows of one feature, in one transaction with its refresher_features row."""
+    metrics = [str(c) for c in frame.columns]
+    with conn.transaction():
+        _ensure_feature_table(conn, name, metrics)
+        table = sql.Identifier(feature_table(name))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE symbol = %s").format(table), (symbol,))
+        columns = sql.SQL(", ").join(sql.Identifier(c) for c in ["symbol", "date", *metrics])
+        dates: list[dt.date] = [ts.date() for ts in pd.DatetimeIndex(frame.index)]
+        values = frame.astype("float64").to_numpy()
+        with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, columns)) as copy:
+            for day, row in zip(dates, values, strict=True):
+                copy.write_row([symbol, day, *(None if v != v else float(v) for v in row)])
+        conn.execute(
+            "INSERT INTO refresher_features (feature, symbol, input_hash, rows) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (feature, symbol) DO UPDATE SET input_hash = EXCLUDED.input_hash, "
+            "rows = EXCLUDED.rows, loaded_at = now()",
+            (name, symbol, input_hash, len(frame)),
+        )
+    return len(frame)
+
+
+def refresh_features(
+    conn: psycopg.Connection[Any], profile: Profile, store: FeatureStore, plan: GapPlan
+) -> FeatureCounts:
+    """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded."""
+    if not profile.features or "1d" not in profile.timeframes:
+        return FeatureCounts()
+    conn.execute(FEATURES_DDL)
+    daily: dict[str, list[Segment]] = {}
+    for segment in plan.desired:
+        if segment.timeframe == "1d":
+            daily.setdefault(segment.symbol, []).append(segment)
+    entries = store.lookup(sorted({plan.keys[s] for segs in daily.values() for s in segs}))
+    loaded = {
+        (feature, symbol): input_hash
+        for feature, symbol, input_hash in conn.execute(
+            "SELECT feature, symbol, input_hash FROM refresher_features"
+        )
+    }
+    specs = [get_feature(name) for name in profile.features]
+    frames: dict[str, pd.DataFrame] = {}
+    counts = {"desired": 0, "loaded": 0, "computed": 0, "rows": 0}
+    for symbol, segments in sorted(daily.items()):
+        hashes = [entries[plan.keys[s]].content_hash for s in segments]
+        for spec in specs:
+            counts["desired"] += 1
+            input_hash = _input_hash(spec, hashes)
+            if loaded.get((spec.name, symbol)) == input_hash:
+                continue
+            if symbol not in frames:
+                tables = store.get_many([plan.keys[s] for s in segments])
+                frames[symbol] = _daily_frame([tables[plan.keys[s]] for s in segments])
+            raw = frames[symbol]
+            if raw.empty:
+                continue
+            before = store.get_cache_stats().misses
+            result = store.get_or_compute(
+                symbol, raw, {"feature": spec.name}, spec.compute, version=spec.version
+            )
+            counts["computed"] += store.get_cache_stats().misses - before
+            frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
+            counts["rows"] += _load_feature(conn, spec.name, symbol, frame, input_hash)
+            counts["loaded"] += 1
+    return FeatureCounts(counts["desired"], counts["loaded"], counts["computed"], counts["rows"])
