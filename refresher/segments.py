@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    from refresher.profile import Profile
 
 Timeframe = Literal["1d", "1m"]
 TIMEFRAMES: tuple[Timeframe, ...] = get_args(Timeframe)
@@ -42,3 +45,13 @@ class Segment:
 
     def __str__(self) -> str:
         return f"{self.symbol}/{self.timeframe}/{self.month_label}"
+
+
+def desired_segments(profile: Profile) -> list[Segment]:
+    """Every (symbol, timeframe, month) a profile wants, sorted; months without data are still desired."""
+    return sorted(
+        Segment(listing.symbol, timeframe, month)
+        for listing in profile.listings
+        for timeframe in profile.timeframes
+        for month in profile.months
+    )

@@ -1,0 +1,259 @@
+"""Trading sessions of the exchanges we support: a thin, fast face over exchange_calendars.
+
+Holidays, early closes, Tokyo's lunch break and time zones all come from exchange_calendars; nothing here
+knows a holiday. We load each calendar once (lazily, 2000-01-01 .. today + 1 year) and keep its opens,
+closes and break times as int64 nanosecond arrays, so a status query is two ``searchsorted`` calls instead of
+the library's per-call pandas machinery (which costs ~100 us and warns under pandas 3).
+
+Bars are left-labelled (see ``refresher.schema``): a session open at 09:30 and close at 16:00 has minute bars
+09:30 .. 15:59; a lunch break [11:30, 12:30) has no bar stamped 11:30 .. 12:29.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from refresher.errors import CalendarError
+
+EXCHANGES: tuple[str, ...] = ("XNYS", "XNAS", "XTKS", "XLON", "XETR")
+CALENDAR_START = dt.date(2000, 1, 1)
+_NS_PER_MIN = 60_000_000_000
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class ExchangeCalendar:
+    """One exchange's sessions as parallel arrays (UTC nanoseconds); days without a break have break = close."""
+
+    exchange: str
+    tz: str
+    first: dt.date
+    last: dt.date
+    sessions: I64  # session dates as days since 1970-01-01
+    opens: I64
+    closes: I64
+    break_starts: I64
+    break_ends: I64
+
+    def session_slice(self, start: dt.date, end: dt.date) -> slice:
+        """Index range of the sessions whose date lies in [start, end] (inclusive)."""
+        self._check_range(start, end)
+        lo = int(np.searchsorted(self.sessions, _days(start), side="left"))
+        hi = int(np.searchsorted(self.sessions, _days(end), side="right"))
+        return slice(lo, max(lo, hi))
+
+    def _check_range(self, start: dt.date, end: dt.date) -> None:
+        if start < self.first or end > self.last:
+            raise CalendarError(
+                f"{self.exchange}: range {start}..{end} is outside the loaded calendar {self.first}..{self.last}",
+                exchange=self.exchange,
+                value=f"{start}..{end}",
+            )
+
+
+@dataclass(frozen=True)
+class MarketStatus:
+    """Whether an exchange trades at an instant, and when that next changes.
+
+    ``next_open``/``next_close`` are the next instants trading starts/stops after ``at``; a lunch break counts,
+    so during Tokyo's morning session ``next_close`` is 11:30 local and during the break ``next_open`` is 12:30.
+    """
+
+    exchange: str
+    at: dt.datetime
+    is_open: bool
+    session: dt.date | None
+    next_open: dt.datetime
+    next_close: dt.datetime
+    on_break: bool
+    tz: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exchange": self.exchange,
+            "at": self.at.isoformat(),
+            "is_open": self.is_open,
+            "on_break": self.on_break,
+            "session": self.session.isoformat() if self.session else None,
+            "next_open": self.next_open.isoformat(),
+            "next_close": self.next_close.isoformat(),
+            "tz": self.tz,
+        }
+
+
+def _days(d: dt.date) -> int:
+    return d.toordinal() - _EPOCH_ORDINAL
+
+
+def _date(days: int) -> dt.date:
+    return dt.date.fromordinal(int(days) + _EPOCH_ORDINAL)
+
+
+def _utc(ns: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=dt.UTC)
+
+
+def _ns(at: dt.datetime) -> int:
+    if at.tzinfo is None:  # naive instants are UTC by convention (documented in docs/profiles.md)
+        at = at.replace(tzinfo=dt.UTC)
+    delta = at - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+def check_exchange(exchange: str) -> str:
+    """The exchange code, or CalendarError naming the value and the choices."""
+    if exchange not in EXCHANGES:
+        raise CalendarError(
+            f"exchange={exchange!r}: unknown exchange (choices: {', '.join(EXCHANGES)})",
+            field="exchange",
+            value=exchange,
+        )
+    return exchange
+
+
+@functools.cache
+def get_calendar(exchange: str) -> ExchangeCalendar:
+    """The exchange's calendar from 2000-01-01 to a year from today, loaded once per process."""
+    import exchange_calendars as xc
+
+    check_exchange(exchange)
+    last = dt.date.today() + dt.timedelta(days=366)
+    with warnings.catch_warnings():
+        # exchange_calendars 4.x calls Series.values on tz-aware data, deprecated by pandas 3; harmless here
+        # because we only read UTC instants. Scoped to this call so our own code stays warning-clean.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            from pandas.errors import Pandas4Warning
+
+            warnings.simplefilter("ignore", Pandas4Warning)
+        except ImportError:  # pandas < 3
+            pass
+        cal = xc.get_calendar(exchange, start=CALENDAR_START.isoformat(), end=last.isoformat())
+        sched = cal.schedule
+
+    def utc_ns(col: str) -> I64:
+        return np.asarray(sched[col].dt.tz_convert(None).to_numpy(dtype="datetime64[ns]").astype(np.int64))
+
+    closes = utc_ns("close")
+    nat = np.iinfo(np.int64).min
+    b_start, b_end = utc_ns("break_start"), utc_ns("break_end")
+    no_break = (b_start == nat) | (b_end == nat)
+    b_start = np.where(no_break, closes, b_start)
+    b_end = np.where(no_break, closes, b_end)
+    sessions = (sched.index.to_numpy(dtype="datetime64[D]").astype(np.int64)).astype(np.int64)
+    return ExchangeCalendar(
+        exchange=exchange,
+        tz=str(cal.tz),
+        first=CALENDAR_START,
+        last=last,
+        sessions=sessions,
+        opens=utc_ns("open"),
+        closes=closes,
+        break_starts=b_start,
+        break_ends=b_end,
+    )
+
+
+def market_status(exchange: str, at: dt.datetime | None = None) -> MarketStatus:
+    """Is ``exchange`` trading at ``at`` (default: now)? Naive datetimes are taken as UTC."""
+    cal = get_calendar(check_exchange(exchange))
+    at = dt.datetime.now(dt.UTC) if at is None else at
+    t = _ns(at)
+    i = int(np.searchsorted(cal.opens, t, side="right")) - 1  # last session opened at or before t
+    if i + 1 >= len(cal.opens) or i < 0:
+        raise CalendarError(
+            f"{exchange}: {at.isoformat()} is outside the loaded calendar {cal.first}..{cal.last}",
+            exchange=exchange,
+            value=at.isoformat(),
+        )
+    in_session = t < int(cal.closes[i])
+    on_break = in_session and int(cal.break_starts[i]) <= t < int(cal.break_ends[i])
+    is_open = in_session and not on_break
+    nxt = i + 1
+    # the next instant trading stops / starts, counting a lunch break as a stop
+    if is_open:
+        next_close = cal.break_starts[i] if t < cal.break_starts[i] else cal.closes[i]
+        next_open = cal.opens[nxt]
+    elif on_break:
+        next_open, next_close = cal.break_ends[i], cal.closes[i]
+    else:
+        next_open = cal.opens[nxt]
+        next_close = cal.break_starts[nxt] if cal.break_starts[nxt] < cal.closes[nxt] else cal.closes[nxt]
+    return MarketStatus(
+        exchange=exchange,
+        at=at if at.tzinfo else at.replace(tzinfo=dt.UTC),
+        is_open=is_open,
+        session=_date(int(cal.sessions[i])) if in_session else None,
+        next_open=_utc(int(next_open)),
+        next_close=_utc(int(next_close)),
+        on_break=on_break,
+        tz=cal.tz,
+    )
+
+
+def last_completed_session(exchange: str, at: dt.datetime | None = None) -> dt.date:
+    """The latest session of ``exchange`` whose close is at or before ``at`` (default: now)."""
+    cal = get_calendar(check_exchange(exchange))
+    t = _ns(dt.datetime.now(dt.UTC) if at is None else at)
+    i = int(np.searchsorted(cal.closes, t, side="right")) - 1
+    if i < 0:
+        raise CalendarError(f"{exchange}: no completed session before {at}", exchange=exchange, value=str(at))
+    return _date(int(cal.sessions[i]))
+
+
+def sessions_between(exchange: str, start: dt.date, end: dt.date) -> list[dt.date]:
+    """The session dates of ``exchange`` in [start, end], inclusive."""
+    cal = get_calendar(check_exchange(exchange))
+    return [_date(int(d)) for d in cal.sessions[cal.session_slice(start, end)]]
+
+
+def minutes_by_session(cal: ExchangeCalendar, start: dt.date, end: dt.date) -> tuple[slice, I64, I64]:
+    """Every trading minute (UTC ns, left-labelled) of the sessions in [start, end].
+
+    Returns the session index range, the minutes, and how many minutes each session has (so callers can
+    split or ``reduceat`` per session). Fully vectorised: no Python loop over sessions or minutes.
+    """
+    sl = cal.session_slice(start, end)
+    opens, closes = cal.opens[sl], cal.closes[sl]
+    b_start, b_end = cal.break_starts[sl], cal.break_ends[sl]
+    # two runs per session: [open, break_start) and [break_end, close); an absent break makes run 2 empty
+    run_start = np.stack([opens, b_end], axis=1).ravel()
+    run_len = (np.stack([b_start - opens, closes - b_end], axis=1).ravel() // _NS_PER_MIN).astype(np.int64)
+    total = int(run_len.sum())
+    if total == 0:
+        return sl, np.empty(0, np.int64), np.zeros(len(opens), np.int64)
+    run_offset = np.cumsum(run_len) - run_len
+    within = np.arange(total, dtype=np.int64) - np.repeat(run_offset, run_len)
+    minutes = np.repeat(run_start, run_len) + within * _NS_PER_MIN
+    counts = run_len.reshape(-1, 2).sum(axis=1)
+    return sl, minutes, counts
+
+
+def session_minutes(exchange: str, start: dt.date, end: dt.date) -> npt.NDArray[np.datetime64]:
+    """Every trading minute of the sessions in [start, end] as a ``datetime64[ns]`` array of UTC instants."""
+    _, minutes, _ = minutes_by_session(get_calendar(check_exchange(exchange)), start, end)
+    return minutes.view("datetime64[ns]")
+
+
+__all__ = [
+    "EXCHANGES",
+    "ExchangeCalendar",
+    "MarketStatus",
+    "check_exchange",
+    "get_calendar",
+    "last_completed_session",
+    "market_status",
+    "minutes_by_session",
+    "session_minutes",
+    "sessions_between",
+]

@@ -1,0 +1,388 @@
+"""Profiles: what a developer wants loaded, read from YAML into a frozen ``Profile``.
+
+Pydantic validates at the YAML edge only (extra fields are errors, so a typo never silently does nothing);
+everything past ``load_profile`` sees plain frozen dataclasses. Every invalid input raises ``ProfileError``
+naming the file, the dotted field and the value, in one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from refresher.calendar import EXCHANGES, last_completed_session
+from refresher.errors import CalendarError, ProfileError
+from refresher.segments import TIMEFRAMES, Timeframe
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+# Symbols reach file names (files source) and SQL parameters; keep them to what tickers actually use.
+SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")
+DATA_DIR = Path(__file__).resolve().parent / "data"
+_SOURCE_OPTIONS: dict[str, set[str]] = {
+    "synthetic": set(),
+    "files": {"path", "daily", "minute", "format", "columns", "tz", "label"},
+    "postgres": {"dsn", "daily_table", "minute_table", "columns", "tz", "version", "version_query"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One symbol of a profile's universe, with the exchange whose calendar its bars follow."""
+
+    symbol: str
+    exchange: str
+    asset_class: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Which source produces the bars, and its validated options (paths already resolved)."""
+
+    kind: str = "synthetic"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved profile: concrete listings, an inclusive date range, and the months covering it."""
+
+    name: str
+    path: Path
+    description: str
+    listings: tuple[Listing, ...]
+    timeframes: tuple[Timeframe, ...]
+    start: dt.date
+    end: dt.date
+    months: tuple[dt.date, ...]
+    features: tuple[str, ...]
+    seed: int
+    reset_target_seconds: float
+    source: SourceSpec
+    exchange: str = "XNYS"
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        return tuple(lst.symbol for lst in self.listings)
+
+    def listing(self, symbol: str) -> Listing:
+        for lst in self.listings:
+            if lst.symbol == symbol:
+                return lst
+        raise ProfileError(self.path, "listings", symbol, f"symbol not in profile {self.name!r}")
+
+
+# --- the YAML edge -----------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Universe(_Strict):
+    symbols: list[str] | None = None
+    file: str | None = None
+    count: int | None = Field(default=None, ge=1)
+    asset_class: str | None = None
+    exchanges: dict[str, str] = Field(default_factory=dict)
+
+
+class _Source(_Strict):
+    kind: Literal["synthetic", "files", "postgres"] = "synthetic"
+    # files
+    path: str | None = None
+    daily: str | None = None
+    minute: str | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    tz: str | None = None
+    label: Literal["left", "right"] = "left"
+    # postgres
+    dsn: str | None = None
+    daily_table: str | None = None
+    minute_table: str | None = None
+    version: str | None = None
+    version_query: bool = True
+
+
+class _Profile(_Strict):
+    name: str | None = None
+    description: str = ""
+    universe: _Universe
+    exchange: str = "XNYS"
+    months: int | None = Field(default=None, ge=1, le=300)
+    as_of: dt.date | None = None
+    start: dt.date | None = None
+    end: dt.date | None = None
+    timeframes: list[str] = Field(default_factory=lambda: ["1d", "1m"], min_length=1)
+    features: list[str] = Field(default_factory=list)
+    seed: int = 0
+    seeds: dict[str, int] = Field(default_factory=dict)
+    reset_target_seconds: float = Field(default=30.0, gt=0)
+    source: _Source = Field(default_factory=_Source)
+
+
+def _first_error(path: Path, err: ValidationError) -> ProfileError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+    more = len(err.errors()) - 1
+    reason = e["msg"] + (f" (+{more} more error{'s' * (more > 1)})" if more else "")
+    return ProfileError(path, loc, e.get("input"), reason)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(path, "(file)", str(path), f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ProfileError(path, where, None, f"invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(path, "(root)", data, "a profile must be a mapping")
+    return data
+
+
+# --- resolution --------------------------------------------------------------------------------------------
+
+
+def _exchange(path: Path, fld: str, value: str) -> str:
+    if value not in EXCHANGES:
+        raise ProfileError(path, fld, value, f"unknown exchange (choices: {', '.join(EXCHANGES)})")
+    return value
+
+
+def _symbol(path: Path, fld: str, value: str) -> str:
+    if not SYMBOL_RE.match(value):
+        raise ProfileError(path, fld, value, f"not a valid symbol (must match {SYMBOL_RE.pattern})")
+    return value
+
+
+def _universe_file(path: Path, name: str) -> Path:
+    for candidate in (path.parent / name, DATA_DIR / name):
+        if candidate.is_file():
+            return candidate
+    raise ProfileError(path, "universe.file", name, f"no such file next to the profile or in {DATA_DIR}")
+
+
+def _universe_rows(path: Path, u: _Universe, default_exchange: str) -> list[tuple[str, str, str]]:
+    """(symbol, exchange, asset_class) rows, in universe order."""
+    if (u.symbols is None) == (u.file is None):
+        raise ProfileError(path, "universe", None, "give exactly one of universe.symbols or universe.file")
+    if u.symbols is not None:
+        rows = [(s, default_exchange, u.asset_class or "equity") for s in u.symbols]
+        if u.count is not None:
+            rows = rows[: u.count]
+        return rows
+    assert u.file is not None
+    ufile = _universe_file(path, u.file)
+    with ufile.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = {c.lower(): c for c in reader.fieldnames or []}
+        if "symbol" not in cols:
+            raise ProfileError(ufile, "symbol", sorted(cols), "universe file needs a 'symbol' column")
+        rows = []
+        for rec in reader:
+            exchange = rec.get(cols.get("exchange", ""), "") or default_exchange
+            asset_class = rec.get(cols.get("asset_class", ""), "") or "equity"
+            if u.asset_class is None or asset_class == u.asset_class:
+                rows.append((rec[cols["symbol"]].strip(), exchange.strip(), asset_class.strip()))
+    if u.count is not None:
+        if u.count > len(rows):
+            raise ProfileError(path, "universe.count", u.count, f"{ufile.name} has only {len(rows)} symbols")
+        rows = rows[: u.count]
+    return rows
+
+
+def _listings(path: Path, p: _Profile) -> tuple[Listing, ...]:
+    rows = _universe_rows(path, p.universe, p.exchange)
+    seen: set[str] = set()
+    listings = []
+    for i, (sym, exch, asset_class) in enumerate(rows):
+        _symbol(path, f"universe.symbols.{i}", sym)
+        if sym in seen:
+            raise ProfileError(path, f"universe.symbols.{i}", sym, "duplicate symbol")
+        seen.add(sym)
+        exch = p.universe.exchanges.get(sym, exch)
+        fld = f"universe.exchanges.{sym}" if sym in p.universe.exchanges else "exchange"
+        listings.append(Listing(sym, _exchange(path, fld, exch), asset_class, p.seeds.get(sym, p.seed)))
+    if not listings:
+        raise ProfileError(path, "universe", None, "the universe is empty")
+    for table, fld in ((p.seeds, "seeds"), (p.universe.exchanges, "universe.exchanges")):
+        for sym in table:
+            if sym not in seen:
+                raise ProfileError(path, f"{fld}.{sym}", table[sym], "symbol is not in the universe")
+    return tuple(listings)
+
+
+def _add_months(d: dt.date, n: int) -> dt.date:
+    k = d.year * 12 + d.month - 1 + n
+    return dt.date(k // 12, k % 12 + 1, 1)
+
+
+def months_covering(start: dt.date, end: dt.date) -> tuple[dt.date, ...]:
+    """First-of-month dates of every month that [start, end] touches."""
+    first, last = start.replace(day=1), end.replace(day=1)
+    out = []
+    while first <= last:
+        out.append(first)
+        first = _add_months(first, 1)
+    return tuple(out)
+
+
+def _date_range(path: Path, p: _Profile, as_of: dt.date | None) -> tuple[dt.date, dt.date]:
+    """Inclusive [start, end]: ``months`` whole calendar months ending with as_of's (partial) month, or start/end.
+
+    Counting whole months (rather than as_of minus N months) keeps every month but the last stable from one
+    day to the next, so a daily refresh re-fetches only the current month.
+    """
+    if p.months is not None and p.start is not None:
+        raise ProfileError(path, "start", p.start.isoformat(), "give either months or start/end, not both")
+    if p.months is None and p.start is None:
+        raise ProfileError(path, "months", None, "give months (counted back from as_of) or start/end")
+    end = as_of or p.end or p.as_of
+    if end is None:
+        try:
+            end = last_completed_session(p.exchange)
+        except CalendarError as exc:
+            raise ProfileError(path, "as_of", None, exc.message) from exc
+    if p.months is not None:
+        start = _add_months(end.replace(day=1), -(p.months - 1))
+    else:
+        assert p.start is not None
+        start = p.start
+    if start > end:
+        raise ProfileError(path, "start", start.isoformat(), f"after the end date {end}")
+    if start.year < 2000:
+        raise ProfileError(path, "start", start.isoformat(), "calendars start on 2000-01-01")
+    return start, end
+
+
+def _source(path: Path, s: _Source) -> SourceSpec:
+    opts: dict[str, Any] = s.model_dump(exclude={"kind"}, exclude_defaults=True)
+    if s.kind == "files":
+        if s.path is None:
+            raise ProfileError(path, "source.path", None, "the files source needs a path")
+        root = Path(s.path).expanduser()
+        opts["path"] = str(root if root.is_absolute() else (path.parent / root).resolve())
+        opts.setdefault("daily", "daily/{symbol}.csv")
+        opts.setdefault("minute", "minute/{symbol}.csv")
+    elif s.kind == "postgres" and s.dsn is None:
+        raise ProfileError(path, "source.dsn", None, "the postgres source needs a dsn")
+    for key, val in opts.get("columns", {}).items():
+        if key not in {"symbol", "date", "ts", "open", "high", "low", "close", "volume"}:
+            raise ProfileError(path, f"source.columns.{key}", val, "unknown target column")
+    allowed = _SOURCE_OPTIONS[s.kind]
+    for key in sorted(set(opts) - allowed):
+        raise ProfileError(path, f"source.{key}", opts[key], f"not an option of the {s.kind} source")
+    if "columns" in opts:
+        opts["columns"] = MappingProxyType(dict(opts["columns"]))
+    return SourceSpec(s.kind, MappingProxyType(opts))
+
+
+def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
+    """Read, validate and resolve one profile file."""
+    from refresher.features import FEATURES
+
+    path = Path(path)
+    data = _read_yaml(path)
+    try:
+        p = _Profile.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(path, exc) from None
+    name = p.name or path.stem
+    if not NAME_RE.match(name):
+        raise ProfileError(path, "name", name, f"profile names must match {NAME_RE.pattern}")
+    if p.name is not None and p.name != path.stem:
+        raise ProfileError(path, "name", p.name, f"must equal the file name {path.stem!r}")
+    _exchange(path, "exchange", p.exchange)
+    for i, tf in enumerate(p.timeframes):
+        if tf not in TIMEFRAMES:
+            raise ProfileError(
+                path, f"timeframes.{i}", tf, f"unknown timeframe (choices: {', '.join(TIMEFRAMES)})"
+            )
+    for i, feat in enumerate(p.features):
+        if feat not in FEATURES:
+            raise ProfileError(
+                path, f"features.{i}", feat, f"unknown feature (choices: {', '.join(FEATURES)})"
+            )
+    listings = _listings(path, p)
+    start, end = _date_range(path, p, as_of)
+    return Profile(
+        name=name,
+        path=path.resolve(),
+        description=p.description,
+        listings=listings,
+        timeframes=tuple(dict.fromkeys(tf for tf in TIMEFRAMES if tf in p.timeframes)),
+        start=start,
+        end=end,
+        months=months_covering(start, end),
+        features=tuple(dict.fromkeys(p.features)),
+        seed=p.seed,
+        reset_target_seconds=p.reset_target_seconds,
+        source=_source(path, p.source),
+        exchange=p.exchange,
+    )
+
+
+def _profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
+    """name -> file; the first directory wins, so user directories shadow the built-in profiles."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        if not Path(d).is_dir():
+            continue
+        for f in sorted([*Path(d).glob("*.yaml"), *Path(d).glob("*.yml")]):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def load_profile(name_or_path: str, dirs: Sequence[Path], *, as_of: dt.date | None = None) -> Profile:
+    """A profile by name (searched in ``dirs``, first wins) or by path to a YAML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or "/" in name_or_path or candidate.is_file():
+        if not candidate.is_file():
+            raise ProfileError(candidate, "(file)", name_or_path, "no such profile file")
+        return profile_from_file(candidate, as_of=as_of)
+    if not NAME_RE.match(name_or_path):
+        raise ProfileError("(command line)", "profile", name_or_path, f"must match {NAME_RE.pattern}")
+    files = _profile_files(dirs)
+    if name_or_path not in files:
+        raise ProfileError.unknown(name_or_path, list(dirs), list(files))
+    return profile_from_file(files[name_or_path], as_of=as_of)
+
+
+def list_profiles(
+    dirs: Sequence[Path], *, as_of: dt.date | None = None, errors: list[ProfileError] | None = None
+) -> list[Profile]:
+    """Every loadable profile in ``dirs`` sorted by name; invalid ones are skipped and appended to ``errors``."""
+    out = []
+    for _, f in sorted(_profile_files(dirs).items()):
+        try:
+            out.append(profile_from_file(f, as_of=as_of))
+        except ProfileError as exc:
+            if errors is not None:
+                errors.append(exc)
+    return out
+
+
+__all__ = [
+    "Listing",
+    "Profile",
+    "SourceSpec",
+    "list_profiles",
+    "load_profile",
+    "months_covering",
+    "profile_from_file",
+]
