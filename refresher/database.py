@@ -1,0 +1,197 @@
+"""The target database: its tables, and the ``refresher_segments`` ledger of what has been loaded.
+
+Segment ranges (one rule, used by the loader, the pruner and ``--verify``):
+
+* a daily segment holds the rows whose ``date`` (the session date) lies in the calendar month;
+* a minute segment holds the rows whose ``ts``, read in the exchange's time zone, lies in the calendar month,
+  i.e. ``[local midnight of the 1st, local midnight of the next 1st)`` converted to UTC. For exchanges whose
+  sessions do not cross local midnight (XNYS, XLON, ...) this is exactly "the session date lies in the month";
+  sources must cut overnight sessions by the same local-date rule so that loader and source agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import psycopg
+from psycopg import sql
+
+from refresher.errors import LoadError
+from refresher.schema import SCHEMA_OF
+from refresher.segments import TABLE_OF, Segment
+
+SEGMENTS_TABLE = "refresher_segments"
+
+# Column order matches refresher.schema (binary COPY maps columns by position).
+DDL: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS symbols (
+        symbol text PRIMARY KEY,
+        exchange text,
+        asset_class text
+    )""",
+    """CREATE TABLE IF NOT EXISTS ohlcv_daily (
+        symbol text NOT NULL,
+        date date NOT NULL,
+        open float8 NOT NULL,
+        high float8 NOT NULL,
+        low float8 NOT NULL,
+        close float8 NOT NULL,
+        volume int8 NOT NULL,
+        CONSTRAINT ohlcv_daily_pkey PRIMARY KEY (symbol, date)
+    )""",
+    """CREATE TABLE IF NOT EXISTS ohlcv_1min (
+        symbol text NOT NULL,
+        ts timestamptz NOT NULL,
+        open float8 NOT NULL,
+        high float8 NOT NULL,
+        low float8 NOT NULL,
+        close float8 NOT NULL,
+        volume int8 NOT NULL,
+        CONSTRAINT ohlcv_1min_pkey PRIMARY KEY (symbol, ts)
+    )""",
+    """CREATE TABLE IF NOT EXISTS refresher_segments (
+        symbol text NOT NULL,
+        timeframe text NOT NULL,
+        month date NOT NULL,
+        content_hash text NOT NULL,
+        rows bigint NOT NULL,
+        loaded_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (symbol, timeframe, month)
+    )""",
+)
+
+# The column that places a row in its segment, per table.
+TIME_COLUMN: dict[str, str] = {"ohlcv_daily": "date", "ohlcv_1min": "ts"}
+
+
+@dataclass(frozen=True)
+class LoadedSegment:
+    """One row of ``refresher_segments``: what the database holds for a segment."""
+
+    content_hash: str
+    rows: int
+    loaded_at: dt.datetime
+
+
+TzArg = str | Mapping[str, str] | None
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the tables when missing; idempotent, and safe for two loaders racing on a fresh database."""
+    with conn.transaction():
+        # CREATE TABLE IF NOT EXISTS is not race-free across sessions; the lock makes it so.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('refresher.ensure_schema'))")
+        for statement in DDL:
+            conn.execute(statement)  # type: ignore[arg-type]  # constant DDL, no user input
+
+
+def data_columns(segment: Segment) -> list[str]:
+    return list(SCHEMA_OF[segment.timeframe].names)
+
+
+def segment_range(segment: Segment, tz: str) -> tuple[dt.date | dt.datetime, dt.date | dt.datetime]:
+    """The half-open range of the segment's time column (see the module docstring for the rule)."""
+    start, end = segment.month_bounds()
+    if segment.timeframe == "1d":
+        return start, end
+    zone = zone_of(tz)
+    return (
+        dt.datetime.combine(start, dt.time(), zone).astimezone(dt.UTC),
+        dt.datetime.combine(end, dt.time(), zone).astimezone(dt.UTC),
+    )
+
+
+def zone_of(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise LoadError(f"tz={tz!r}: unknown time zone", field="tz", value=tz) from exc
+
+
+def read_loaded_segments(conn: psycopg.Connection[Any]) -> dict[Segment, LoadedSegment]:
+    """Everything ``refresher_segments`` says is loaded; empty when the schema does not exist yet."""
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (SEGMENTS_TABLE,)).fetchone()
+    if not exists or not exists[0]:
+        return {}
+    rows = conn.execute(
+        "SELECT symbol, timeframe, month, content_hash, rows, loaded_at FROM refresher_segments"
+    ).fetchall()
+    loaded: dict[Segment, LoadedSegment] = {}
+    for symbol, timeframe, month, content_hash, n, loaded_at in rows:
+        if timeframe in TABLE_OF:  # a ledger row from a future version with another timeframe is not ours
+            loaded[Segment(symbol, timeframe, month)] = LoadedSegment(content_hash, n, loaded_at)
+    return loaded
+
+
+def count_rows(
+    conn: psycopg.Connection[Any], segments: Iterable[Segment], *, tz: TzArg = None
+) -> dict[Segment, int]:
+    """Actual rows per segment in the data tables, for ``--verify``: one query per table, index range counts.
+
+    ``tz`` is the exchange time zone of minute segments: one name for all symbols, or a symbol -> zone map.
+    """
+    by_table: dict[str, list[Segment]] = {}
+    for segment in segments:
+        by_table.setdefault(segment.table, []).append(segment)
+    counts: dict[Segment, int] = {}
+    for table, group in by_table.items():
+        bounds = [segment_range(s, _tz_for(s, tz)) for s in group]
+        column = sql.Identifier(TIME_COLUMN[table])
+        element = "date" if table == "ohlcv_daily" else "timestamptz"
+        # A correlated count per (symbol, range) row uses the primary key's range scan: cost follows the
+        # segments asked about, not the table size.
+        query = sql.SQL(
+            "SELECT s.i, (SELECT count(*) FROM {table} d WHERE d.symbol = s.symbol AND d.{col} >= s.lo "
+            "AND d.{col} < s.hi) FROM unnest(%s::int[], %s::text[], %s::{el}[], %s::{el}[]) "
+            "AS s(i, symbol, lo, hi)"
+        ).format(table=sql.Identifier(table), col=column, el=sql.SQL(element))
+        params = (
+            list(range(len(group))),
+            [s.symbol for s in group],
+            [b[0] for b in bounds],
+            [b[1] for b in bounds],
+        )
+        for i, n in conn.execute(query, params).fetchall():
+            counts[group[i]] = n
+    return counts
+
+
+def _tz_for(segment: Segment, tz: TzArg) -> str:
+    if segment.timeframe == "1d":
+        return "UTC"  # unused: daily ranges are dates
+    if isinstance(tz, str):
+        return tz
+    if tz is not None and segment.symbol in tz:
+        return tz[segment.symbol]
+    raise LoadError(f"{segment}: minute segments need the exchange time zone (tz=)", segment=str(segment))
+
+
+def upsert_symbols(conn: psycopg.Connection[Any], rows: Iterable[tuple[str, str | None, str | None]]) -> int:
+    """Insert or update ``(symbol, exchange, asset_class)`` rows; returns how many were given."""
+    data = list(rows)
+    if not data:
+        return 0
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO symbols (symbol, exchange, asset_class) VALUES (%s, %s, %s) "
+            "ON CONFLICT (symbol) DO UPDATE SET exchange = EXCLUDED.exchange, asset_class = EXCLUDED.asset_class",
+            data,
+        )
+    return len(data)
+
+
+__all__ = [
+    "DDL",
+    "SEGMENTS_TABLE",
+    "LoadedSegment",
+    "count_rows",
+    "data_columns",
+    "ensure_schema",
+    "read_loaded_segments",
+    "segment_range",
+    "upsert_symbols",
+]

