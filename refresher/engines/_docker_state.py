@@ -1,0 +1,99 @@
+"""What the Docker engine remembers about a profile's container, and which image it runs.
+
+The container and its volume live in Docker; the one thing Docker cannot give back safely is the password the
+volume was initialised with (it is in the container's environment, but the container may be gone while the
+volume stays). So ``<state_dir>/docker/<profile>.json`` keeps it, mode 0600, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+import requests
+
+from refresher.errors import EngineStateError, EngineUnavailable
+
+# Tried in order when no image is asked for: the official image when someone could pull it, then the
+# look-alike `make image` builds from Debian packages for machines without a registry.
+DEFAULT_IMAGES = ("postgres:15", "refresher/postgres:15")
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What ``<profile>.json`` records: enough to recreate the container over a kept volume."""
+
+    container: str
+    volume: str
+    image: str
+    user: str
+    password: str
+    port: int = 0
+
+    @classmethod
+    def read(cls, path: Path) -> ContainerState | None:
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise EngineStateError(
+                f"{path}: unreadable Docker engine state ({exc}); run `refresher down --profile {path.stem}`",
+                path=str(path),
+            ) from exc
+
+    def write(self, path: Path) -> None:
+        """Atomically, and never readable by others: the file holds the database password."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(asdict(self), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def resolve_image(client: docker.DockerClient, requested: str | None) -> str:
+    """The image to run: ``requested`` or the first default present locally, else the first that pulls.
+
+    Pulling is tried last and only once per candidate: on an air-gapped machine it fails within milliseconds
+    (no DNS), and the error then points at `make image`.
+    """
+    candidates = (requested,) if requested else DEFAULT_IMAGES
+    for name in candidates:
+        try:
+            client.images.get(name)
+            return name
+        except docker.errors.ImageNotFound:
+            continue
+    failures = []
+    for name in candidates:
+        try:
+            client.images.pull(name)
+            return name
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            failures.append(f"{name}: {_first_line(exc)}")
+    wanted = " or ".join(candidates)
+    raise EngineUnavailable(
+        f"no PostgreSQL image {wanted} locally and none could be pulled ({'; '.join(failures)}); "
+        "run `make image` to build refresher/postgres:15 from Debian packages, or set $REFRESHER_PG_IMAGE "
+        "to an image you have",
+        images=list(candidates),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+__all__ = ["DEFAULT_IMAGES", "ContainerState", "resolve_image"]
