@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import datetime as dt
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from refresher.segments import Segment
+
+if TYPE_CHECKING:
+    from refresher.profile import Profile
 
 
 @runtime_checkable
@@ -29,3 +34,28 @@ class Source(Protocol):
         Zero rows when the source has no data for it (before a listing, a closed month...).
         """
         ...
+
+
+@dataclass(frozen=True)
+class SourceReport:
+    """Something a source noticed and did not load (rows outside sessions, a missing file...)."""
+
+    segment: Segment
+    file: str
+    reason: str
+    rows: int = 0
+    examples: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        shown = f" (e.g. {', '.join(self.examples)})" if self.examples else ""
+        return f"{self.segment}: {self.file}: {self.rows} rows {self.reason}{shown}"
+
+
+def effective_range(profile: Profile, segment: Segment) -> tuple[dt.date, dt.date] | None:
+    """The segment's month clipped to the profile's inclusive range, or None when they do not overlap.
+
+    The last month is partial when ``as_of`` falls mid-month; sources produce (and version) only this range.
+    """
+    first, nxt = segment.month_bounds()
+    start, end = max(first, profile.start), min(nxt - dt.timedelta(days=1), profile.end)
+    return (start, end) if start <= end else None
