@@ -1,0 +1,57 @@
+"""Cross-process file locks (fcntl.flock) paired with in-process thread locks.
+
+flock locks belong to an open file description, so every acquisition opens the lock file afresh: two threads of
+one process then exclude each other exactly as two processes do, and a process killed with SIGKILL releases its
+locks when the kernel closes its descriptors, so a crash can never leave the store locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from featurestore.errors import StoreLockTimeout
+
+_POLL_SECONDS = 0.005
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def thread_lock(path: Path) -> threading.RLock:
+    """The one in-process lock guarding ``path`` (shared by every FeatureStore on the same root)."""
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(str(path), threading.RLock())
+
+
+@contextmanager
+def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[None]:
+    """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if timeout is None:
+            fcntl.flock(fd, mode)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreLockTimeout(str(path), timeout) from None
+                    time.sleep(_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["file_lock", "thread_lock"]

@@ -1,0 +1,436 @@
+"""FeatureStore: get_or_compute over a content-addressed directory of Parquet files and a DuckDB manifest.
+
+Files are the truth. A file is named by its key and appears only by atomic rename, inside the same exclusive
+manifest transaction that records its row; deletions remove the row, commit, then unlink. So a process killed at
+any instant leaves at worst an orphan file (collected by GC, or adopted by ``rebuild_manifest``), never a row that
+points at a missing or partial file. Reads go straight to the file, verify its content hash, and journal the
+access; they never wait for the manifest. A per-key flock makes computation single-flight across processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import pandas as pd
+import pyarrow as pa
+
+from featurestore import _files
+from featurestore._locks import file_lock
+from featurestore.errors import ComputeError, bad_value
+from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
+from featurestore.keys import Raw, feature_key, time_range, to_arrow
+from featurestore.manifest import Entry, Manifest, Row, Txn, utc_now
+
+if TYPE_CHECKING:
+    from featurestore.gc import GCReport
+
+DEFAULT_ROOT = Path("~/.feature_cache")
+ROOT_ENV = "FEATURE_STORE_PATH"
+_LOCK_DIR = "locks"
+
+Features: TypeAlias = pd.DataFrame | pa.Table
+ComputeFunc = Callable[[Any, Any], Features]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    """What the store holds and how it has been used (hits and misses across every process)."""
+
+    root: Path
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+    hit_rate: float
+    hash_methods: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrityReport:
+    """Result of ``validate_cache_integrity``: clean when no manifest row lacks a sound file."""
+
+    checked: int
+    missing: tuple[str, ...]
+    corrupt: tuple[str, ...]
+    orphans: tuple[Path, ...]
+    temporaries: tuple[Path, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmReport:
+    """Result of ``warm_cache``."""
+
+    requested: int
+    computed: int
+    hits: int
+
+
+def _ns_to_datetime(value: int | None) -> dt.datetime | None:
+    return None if value is None else pd.Timestamp(value, tz="UTC").to_pydatetime(warn=False)
+
+
+class FeatureStore:
+    """A cache of computed features and raw segments shared safely by many processes and threads."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        hash_method: HashMethod = "xxh3",
+        compression_level: int = 3,
+        lock_timeout: float | None = 600.0,
+    ) -> None:
+        if root is None:
+            root = os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+        if hash_method not in HASH_METHODS:
+            raise bad_value("hash_method", hash_method, f"unknown (choose one of {', '.join(HASH_METHODS)})")
+        self.root = Path(root).expanduser().absolute()
+        self.hash_method: HashMethod = hash_method
+        self.compression_level = compression_level
+        self.lock_timeout = lock_timeout
+        (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
+        (self.root / _LOCK_DIR).mkdir(exist_ok=True)
+        self.manifest = Manifest(self.root, lock_timeout=lock_timeout)
+        if not self.manifest.path.exists():
+            with self.manifest.write():
+                pass
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r})"
+
+    # -- computed features ------------------------------------------------------------------------------------
+
+    def get_or_compute(
+        self,
+        symbol: str,
+        raw: Raw,
+        config: Any,
+        compute_func: ComputeFunc,
+        *,
+        version: str | None = None,
+    ) -> Features:
+        """``compute_func(raw, config)``, from the cache when this exact input was computed before.
+
+        On a hit ``compute_func`` is never called. When several processes miss the same key at once, one computes
+        and the others wait for its file (per-key flock). A DataFrame result comes back as a DataFrame.
+        """
+        fkey = feature_key(symbol, raw, config, compute_func, version=version, hash_method=self.hash_method)
+        key = fkey.key
+        stored = self._read(key)
+        if stored is None:
+            with file_lock(self._key_lock(key), timeout=self.lock_timeout):
+                stored = self._read(key)  # another process may have computed it while we waited
+                if stored is None:
+                    return self._compute_and_store(fkey.key, symbol, raw, config, compute_func, fkey)
+        self.manifest.record_access([key])
+        return self._present(stored)
+
+    def _compute_and_store(
+        self, key: str, symbol: str, raw: Raw, config: Any, compute_func: ComputeFunc, fkey: Any
+    ) -> Features:
+        name = fkey.func_name
+        try:
+            result = compute_func(raw, config)
+        except Exception as exc:
+            exc.add_note(
+                f"featurestore: compute_func {name} failed for {symbol} (key {key[:16]}...); nothing cached"
+            )
+            raise
+        if isinstance(result, pd.DataFrame):
+            table, kind = pa.Table.from_pandas(result), "pandas"
+        elif isinstance(result, pa.Table):
+            table, kind = result, "arrow"
+        else:
+            raise ComputeError(
+                name, key, f"returned {type(result).__name__}, not a DataFrame or pyarrow Table"
+            )
+        meta = {"func": name, "func_version": fkey.func_version, "config_hash": fkey.config_hash}
+        self._store([(key, table, symbol, meta)], kind=kind, entry_kind="features", misses=1)
+        return result
+
+    def warm_cache(
+        self,
+        jobs: Iterable[tuple[str, Raw, Any]],
+        compute_func: ComputeFunc,
+        *,
+        version: str | None = None,
+    ) -> WarmReport:
+        """Make sure ``compute_func`` results for every (symbol, raw, config) are cached; compute the missing."""
+        computed = 0
+
+        def counting(raw: Any, config: Any) -> Features:
+            nonlocal computed
+            computed += 1
+            return compute_func(raw, config)
+
+        requested = 0
+        for symbol, raw, config in jobs:
+            requested += 1
+            # The key must name compute_func, not the counting wrapper: pin identity and version explicitly.
+            self.get_or_compute(symbol, raw, config, _Named(compute_func, counting), version=version)
+        return WarmReport(requested, computed, requested - computed)
+
+    # -- raw segments by explicit key -------------------------------------------------------------------------
+
+    def put(
+        self, key: str, table: pa.Table, *, symbol: str | None = None, meta: Mapping[str, Any] | None = None
+    ) -> Entry:
+        """Store ``table`` under ``key``; the same content under the same key again is a cheap no-op."""
+        return self._store([(key, table, symbol, dict(meta or {}))], kind="arrow", entry_kind="segment")[0]
+
+    def put_many(self, items: Iterable[tuple[str, pa.Table, str | None]]) -> list[Entry]:
+        """Store many tables: all files are written first, then recorded in ONE manifest transaction."""
+        return self._store([(key, table, symbol, {}) for key, table, symbol in items], "arrow", "segment")
+
+    def get(self, key: str) -> pa.Table | None:
+        """The verified table stored under ``key``, or None (absent, or corrupt and now evicted)."""
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, pa.Table]:
+        """The verified tables of every present key; absent or corrupt keys are left out."""
+        found: dict[str, pa.Table] = {}
+        misses = 0
+        for key in keys:
+            stored = self._read(_files.check_key(key))
+            if stored is None:
+                misses += 1
+            else:
+                found[key] = stored.table
+        self.manifest.record_access(list(found), misses=misses)
+        return found
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """Manifest rows of the keys present, in one query and without reading any file."""
+        with self.manifest.read() as con:
+            return self.manifest.select(con, list(keys))
+
+    # -- maintenance ------------------------------------------------------------------------------------------
+
+    def get_cache_stats(self) -> CacheStats:
+        """Entries, bytes, cross-process hit and miss counts, and the hash methods in use."""
+        with self.manifest.read() as con:
+            row = con.execute("SELECT count(*), coalesce(sum(file_size_bytes), 0) FROM entries").fetchone()
+            methods = dict(con.execute("SELECT hash_method, count(*) FROM entries GROUP BY 1").fetchall())
+            counters = self.manifest.counters(con)
+        entries, size = (int(row[0]), int(row[1])) if row else (0, 0)
+        hits, misses = counters.get("hits", 0), counters.get("misses", 0)
+        rate = hits / (hits + misses) if hits + misses else 0.0
+        return CacheStats(self.root, entries, size, hits, misses, rate, methods)
+
+    def clear_cache(self, symbol: str | None = None) -> int:
+        """Remove every entry (or every entry of ``symbol``), rows first, then files; returns the count."""
+        with self.manifest.write() as txn:
+            doomed = self.manifest.select(txn.con, symbol=symbol)
+            self.manifest.delete(txn.con, doomed)
+            for entry in doomed.values():
+                txn.after_commit(functools.partial(entry.path.unlink, missing_ok=True))
+        return len(doomed)
+
+    def cleanup_old_entries(self, days_old: float) -> GCReport:
+        """Garbage-collect entries not accessed for ``days_old`` days (see ``featurestore.gc``)."""
+        from featurestore.gc import collect_garbage
+
+        return collect_garbage(self, retention=dt.timedelta(days=days_old))
+
+    def validate_cache_integrity(self, *, deep: bool = True) -> IntegrityReport:
+        """Check that every manifest row has a sound file (content hash when ``deep``, else footer and size)."""
+        missing: list[str] = []
+        corrupt: list[str] = []
+        with self.manifest.read() as con:
+            entries = self.manifest.select(con)
+            for key, entry in entries.items():
+                try:
+                    if deep:
+                        _files.read_verified(entry.path)
+                    else:
+                        _files.read_footer_meta(entry.path)
+                        if entry.path.stat().st_size != entry.file_size_bytes:
+                            raise _files.CorruptFile(entry.path, "size differs from the manifest", None)
+                except FileNotFoundError:
+                    missing.append(key)
+                except _files.CorruptFile:
+                    corrupt.append(key)
+            orphans, temporaries = self._strays(set(entries))
+        return IntegrityReport(
+            len(entries), tuple(missing), tuple(corrupt), tuple(orphans), tuple(temporaries)
+        )
+
+    def rebuild_manifest(self) -> int:
+        """Recreate every manifest row from the files' own metadata (after a lost or damaged manifest)."""
+        with self.manifest.write() as txn:
+            previous = self.manifest.select(txn.con)
+            rows: list[Row] = []
+            for path in sorted((self.root / _files.DATA_DIR).glob("*/*.parquet")):
+                key = _files.key_of(path)
+                if key is None:
+                    continue
+                try:
+                    meta, count = _files.read_footer_meta(path)
+                except _files.CorruptFile:
+                    continue
+                if meta.get("key") != key or "content_hash" not in meta:
+                    continue
+                rows.append(self._row_from_meta(path, meta, count, previous.get(key)))
+            txn.con.execute("DELETE FROM entries")
+            self.manifest.upsert(txn.con, rows)
+        return len(rows)
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _key_lock(self, key: str) -> Path:
+        # A fixed set of 4,096 striped lock files: bounded on disk and never deleted, so no process can lock a
+        # file another has just unlinked. Two keys sharing a stripe merely serialise their computations.
+        return self.root / _LOCK_DIR / f"{key[:3]}.lock"
+
+    def _read(self, key: str) -> _files.Stored | None:
+        path = _files.data_path(self.root, key)
+        try:
+            return _files.read_verified(path)
+        except FileNotFoundError:
+            return None
+        except _files.CorruptFile as corrupt:
+            self._evict(key, path, corrupt.inode)
+            return None
+
+    def _evict(self, key: str, path: Path, inode: int | None) -> None:
+        with self.manifest.write() as txn:
+            try:
+                replaced = inode is not None and path.stat().st_ino != inode
+            except FileNotFoundError:
+                replaced = False
+            if not replaced:  # a newer, good file took its place meanwhile: keep both it and its row
+                self.manifest.delete(txn.con, [key])
+                txn.after_commit(lambda: _files.remove_if_same(path, inode))
+
+    @staticmethod
+    def _present(stored: _files.Stored) -> Features:
+        if stored.meta.get("kind") == "pandas":
+            frame: pd.DataFrame = stored.table.to_pandas()
+            return frame
+        return stored.table
+
+    def _store(
+        self,
+        items: Sequence[tuple[str, pa.Table, str | None, dict[str, Any]]],
+        kind: str,
+        entry_kind: str,
+        *,
+        misses: int = 0,
+    ) -> list[Entry]:
+        latest: dict[str, tuple[pa.Table, str | None, dict[str, Any], str]] = {}
+        for key, table, symbol, meta in items:
+            _files.check_key(key)
+            if not isinstance(table, pa.Table | pd.DataFrame):
+                raise bad_value("table", type(table).__name__, f"must be a pyarrow Table (key {key})")
+            stored = _files.as_stored(to_arrow(table))
+            latest[key] = (stored, symbol, meta, fingerprint_table(stored, self.hash_method))
+        existing = self.lookup(list(latest)) if entry_kind == "segment" and latest else {}
+        done = {
+            key: existing[key]
+            for key, (_t, _s, _m, content) in latest.items()
+            if key in existing and existing[key].content_hash == content and existing[key].path.exists()
+        }
+        temps: dict[str, tuple[Path, Row]] = {}
+        try:
+            now = utc_now()
+            for key, (table, symbol, meta, content) in latest.items():
+                if key not in done:
+                    temps[key] = self._write_temp(key, table, symbol, meta, content, kind, entry_kind, now)
+            if temps:
+                with self.manifest.write() as txn:
+                    self._publish(txn, temps)
+                    self.manifest.add_counters(txn.con, misses=misses)
+        finally:
+            for temp, _row in temps.values():
+                temp.unlink(missing_ok=True)
+        done.update({key: row.entry for key, (_temp, row) in temps.items()})
+        return [done[key] for key, _t, _s, _m in items]
+
+    def _write_temp(
+        self,
+        key: str,
+        table: pa.Table,
+        symbol: str | None,
+        meta: dict[str, Any],
+        content: str,
+        kind: str,
+        entry_kind: str,
+        now: dt.datetime,
+    ) -> tuple[Path, Row]:
+        bounds = time_range(table)
+        start, end = bounds if bounds is not None else (None, None)
+        path = _files.data_path(self.root, key)
+        file_meta = {
+            "key": key,
+            "symbol": symbol or "",
+            "start_ns": "" if start is None else str(start),
+            "end_ns": "" if end is None else str(end),
+            "content_hash": content,
+            "hash_method": self.hash_method,
+            "kind": kind,
+            "entry_kind": entry_kind,
+            "created_ts": now.isoformat(),
+            "meta": _files.dump_meta(meta),
+        }
+        temp = _files.write_temp(path, table, file_meta, compression_level=self.compression_level)
+        entry = Entry(
+            key, path, symbol, _ns_to_datetime(start), _ns_to_datetime(end), table.num_rows, 0, content,
+            self.hash_method, now, now,
+        )  # fmt: skip
+        return temp, Row(entry, entry_kind, file_meta["meta"])
+
+    def _publish(self, txn: Txn, temps: dict[str, tuple[Path, Row]]) -> None:
+        # Renames happen inside the exclusive transaction so that no deleter can run between a file appearing
+        # and its row being recorded; a crash before COMMIT leaves only an orphan file.
+        rows: list[Row] = []
+        for key, (temp, row) in temps.items():
+            size = _files.publish(temp, row.entry.path)
+            entry = dataclasses.replace(row.entry, file_size_bytes=size)
+            rows.append(dataclasses.replace(row, entry=entry))
+            temps[key] = (temp, rows[-1])
+        self.manifest.upsert(txn.con, rows)
+
+    def _row_from_meta(self, path: Path, meta: dict[str, str], count: int, previous: Entry | None) -> Row:
+        created = dt.datetime.fromisoformat(meta["created_ts"]) if meta.get("created_ts") else utc_now()
+        start = int(meta["start_ns"]) if meta.get("start_ns") else None
+        end = int(meta["end_ns"]) if meta.get("end_ns") else None
+        entry = Entry(
+            meta["key"], path, meta.get("symbol") or None, _ns_to_datetime(start), _ns_to_datetime(end), count,
+            path.stat().st_size, meta["content_hash"], meta.get("hash_method", "xxh3"), created,
+            previous.last_accessed_ts if previous else created,
+        )  # fmt: skip
+        return Row(entry, meta.get("entry_kind", "segment"), meta.get("meta"))
+
+    def _strays(self, known: set[str]) -> tuple[list[Path], list[Path]]:
+        orphans: list[Path] = []
+        temporaries: list[Path] = []
+        for path in (self.root / _files.DATA_DIR).glob("*/*"):
+            if path.name.endswith(_files.TEMP_SUFFIX):
+                temporaries.append(path)
+            elif (key := _files.key_of(path)) is None or key not in known:
+                orphans.append(path)
+        return orphans, temporaries
+
+
+class _Named:
+    """A compute function wrapper that keeps the wrapped function's identity for the key."""
+
+    def __init__(self, identity: ComputeFunc, call: ComputeFunc) -> None:
+        self.__wrapped__ = identity
+        self._call = call
+
+    def __call__(self, raw: Any, config: Any) -> Features:
+        return self._call(raw, config)
+
+
+__all__ = ["CacheStats", "FeatureStore", "IntegrityReport", "WarmReport"]
