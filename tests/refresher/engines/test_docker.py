@@ -1,0 +1,303 @@
+"""The Docker engine and the air-gapped image against a real Docker daemon (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import docker
+import docker.errors
+import psycopg
+import pytest
+
+from refresher.engines.base import Engine, ServerInfo
+from refresher.engines.docker import (
+    PREFIX_LABEL,
+    PROFILE_LABEL,
+    PROJECT_LABEL,
+    DockerEngine,
+    docker_available,
+)
+from refresher.errors import EngineUnavailable, ProfileError
+from tests.fixtures_docker import remove_prefixed
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def query(info: ServerInfo, text: str) -> object:
+    with psycopg.connect(info.dsn(), connect_timeout=10) as conn:
+        row = conn.execute(text).fetchone()
+        return row[0] if row else None
+
+
+# -- the image ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_image_honours_official_variables_and_init_scripts(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    initdb = tmp_path / "initdb"
+    initdb.mkdir()
+    (initdb / "01-table.sql").write_text("CREATE TABLE marker (x int); INSERT INTO marker VALUES (42);\n")
+    # Sourced (not executable): it runs in the entrypoint's shell, as the server's user, with psql at hand.
+    (initdb / "02-script.sh").write_text(
+        'psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" '
+        '-c "INSERT INTO marker SELECT 100 + count(*) FROM pg_roles WHERE rolname = current_user"\n'
+    )
+    initdb.chmod(0o755)
+    for f in initdb.iterdir():
+        f.chmod(0o644)
+    container = docker_client.containers.run(
+        docker_pg_image,
+        detach=True,
+        name=f"{docker_prefix}-image",
+        labels={PREFIX_LABEL: docker_prefix},
+        environment={
+            "POSTGRES_USER": "alice",
+            "POSTGRES_PASSWORD": "s3cret 'quoted'",
+            "POSTGRES_DB": "warehouse",
+            "POSTGRES_INITDB_ARGS": "--data-checksums",
+        },
+        volumes={str(initdb): {"bind": "/docker-entrypoint-initdb.d", "mode": "ro"}},
+        ports={"5432/tcp": ("127.0.0.1", None)},
+    )
+    try:
+        container.reload()
+        port = int(container.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+        info = ServerInfo("docker", "image", "127.0.0.1", port, "alice", "s3cret 'quoted'", "warehouse")
+        # Readiness through the engine's own wait (a real query, retried), then the facts.
+        DockerEngine(Path("/nonexistent"), client=docker_client)._wait_ready(container, info)
+        assert query(info, "SELECT current_user") == "alice"
+        assert query(info, "SELECT current_database()") == "warehouse"
+        assert query(info, "SELECT array_agg(x ORDER BY x)::text FROM marker") == "{42,101}"
+        assert query(info, "SHOW data_checksums") == "on"
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(info.dsn().replace("s3cret", "wrong"), connect_timeout=10).close()
+        # PID 1 is the postmaster itself (signals reach it), running as postgres, not root.
+        code, out = container.exec_run(["sh", "-c", "stat -c %U /proc/1; cat /proc/1/comm; pg_isready"])
+        assert code == 0, out
+        assert out.decode().split()[:2] == ["postgres", "postgres"]
+        assert b"accepting connections" in out
+        logs = container.logs().decode()
+        assert "02-script.sh" in logs
+        assert "database system is ready to accept connections" in logs
+    finally:
+        container.remove(force=True, v=True)
+
+
+@pytest.mark.docker
+def test_testcontainers_postgres_works_with_the_image(
+    docker_pg_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testcontainers.community.postgres import PostgresContainer
+    from testcontainers.core.config import testcontainers_config
+
+    # No registry here, so no Ryuk reaper image; the container is removed by the `with` block instead.
+    monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    monkeypatch.setattr(testcontainers_config, "ryuk_disabled", True)
+    with (
+        PostgresContainer(docker_pg_image, username="tc", password="tcpw", dbname="tcdb", driver=None) as pg,
+        psycopg.connect(pg.get_connection_url(), connect_timeout=10) as conn,
+    ):
+        assert conn.execute("SELECT current_user || '@' || current_database()").fetchone() == ("tc@tcdb",)
+
+
+# -- the engine's lifecycle -----------------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_start_serves_the_profile_database_and_is_idempotent(
+    docker_engine: DockerEngine, docker_server: ServerInfo, docker_client: docker.DockerClient
+) -> None:
+    assert isinstance(docker_engine, Engine)
+    info = docker_server
+    assert (info.engine, info.host, info.user, info.dbname) == ("docker", "127.0.0.1", "refresher", "shared")
+    assert query(info, "SELECT current_user || '@' || current_database()") == "refresher@shared"
+    assert query(info, "SHOW fsync") == "off"
+    assert query(info, "SHOW synchronous_commit") == "off"
+    assert docker_engine.start("shared") == info
+    assert docker_engine.info("shared") == info
+    container = docker_client.containers.get(f"{docker_engine.prefix}-shared")
+    assert container.labels[PROJECT_LABEL] == "refresher"
+    assert container.labels[PROFILE_LABEL] == "shared"
+    # Published on loopback only.
+    bindings = container.attrs["NetworkSettings"]["Ports"]["5432/tcp"]
+    assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
+    volume = docker_client.volumes.get(f"{docker_engine.prefix}-shared-data")
+    assert volume.attrs["Labels"][PROFILE_LABEL] == "shared"
+    [status] = docker_engine.status("shared")
+    assert (status.running, status.port) == (True, info.port)
+
+
+@pytest.mark.docker
+def test_password_is_random_and_kept_in_a_private_state_file(
+    docker_engine: DockerEngine, docker_server: ServerInfo
+) -> None:
+    path = docker_engine.base / "shared.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    state = json.loads(path.read_text())
+    assert state["password"] == docker_server.password
+    assert len(docker_server.password) >= 20
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.docker
+def test_lost_state_file_is_rebuilt_from_the_running_container(
+    docker_engine: DockerEngine, docker_server: ServerInfo
+) -> None:
+    (docker_engine.base / "shared.json").unlink()
+    assert docker_engine.info("shared") is None  # info never guesses
+    assert docker_engine.start("shared") == docker_server
+    assert json.loads((docker_engine.base / "shared.json").read_text())["password"] == docker_server.password
+
+
+@pytest.mark.docker
+def test_killed_cli_leaves_a_server_a_new_engine_finds_beside_another_profile(
+    docker_engine: DockerEngine, docker_server: ServerInfo, docker_pg_image: str
+) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from refresher.engines.docker import DockerEngine
+        engine = DockerEngine(Path(sys.argv[1]), image=sys.argv[2], prefix=sys.argv[3])
+        info = engine.start("killed")
+        print(info.port, flush=True)
+        time.sleep(600)
+        """
+    )
+    args = [
+        sys.executable,
+        "-c",
+        script,
+        str(docker_engine.base.parent),
+        docker_pg_image,
+        docker_engine.prefix,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    fresh = DockerEngine(docker_engine.base.parent, image=docker_pg_image, prefix=docker_engine.prefix)
+    try:
+        statuses = {s.profile: s for s in fresh.status()}
+        assert statuses["killed"].running and statuses["killed"].port == port
+        assert statuses["shared"].running and statuses["shared"].port == docker_server.port
+        info = fresh.info("killed")
+        assert info is not None and info.port != docker_server.port
+        assert query(info, "SELECT current_database()") == "killed"
+        assert query(docker_server, "SELECT current_database()") == "shared"
+    finally:
+        assert fresh.stop("killed")
+
+
+@pytest.mark.docker
+def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down_leaves_nothing(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient
+) -> None:
+    prefix = docker_engine.prefix
+    info = docker_engine.start("gone")
+    with psycopg.connect(info.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+        # synchronous_commit=off: a SIGKILLed server loses its last commits; a checkpoint makes them stick.
+        conn.execute("CHECKPOINT")
+    docker_client.containers.get(f"{prefix}-gone").remove(force=True)
+
+    assert docker_engine.info("gone") is None
+    [status] = docker_engine.status("gone")
+    assert not status.running and "removed behind our back" in status.detail
+
+    again = docker_engine.start("gone")
+    assert again.password == info.password
+    assert query(again, "SELECT x FROM kept") == 7  # same volume, same password
+
+    assert docker_engine.stop("gone") is True
+    assert docker_engine.stop("gone") is False
+    assert docker_engine.status("gone") == []
+    assert not (docker_engine.base / "gone.json").exists()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(f"{prefix}-gone")
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.volumes.get(f"{prefix}-gone-data")
+
+
+# -- bad input and a hostile environment ----------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_missing_image_says_how_to_get_one_and_leaves_nothing(
+    docker_client: docker.DockerClient, docker_prefix: str, tmp_path: Path
+) -> None:
+    engine = DockerEngine(
+        tmp_path, image="refresher/no-such-image:0", client=docker_client, prefix=docker_prefix
+    )
+    with pytest.raises(EngineUnavailable, match=r"make image.*\$REFRESHER_PG_IMAGE"):
+        engine.start("noimage")
+    assert not (tmp_path / "docker" / "noimage.json").exists()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(f"{docker_prefix}-noimage")
+
+
+@pytest.mark.docker
+def test_pinned_port_taken_is_a_clear_error_and_leaves_no_container(
+    docker_client: docker.DockerClient, docker_pg_image: str, tmp_path: Path
+) -> None:
+    prefix = f"rtestport{os.getpid()}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        engine = DockerEngine(tmp_path, image=docker_pg_image, client=docker_client, port=port, prefix=prefix)
+        try:
+            with pytest.raises(EngineUnavailable, match=f"port {port} on 127.0.0.1 is already in use"):
+                engine.start("taken")
+            with pytest.raises(docker.errors.NotFound):
+                docker_client.containers.get(f"{prefix}-taken")
+        finally:
+            remove_prefixed(docker_client, prefix)
+
+
+def test_docker_not_running_is_engine_unavailable(tmp_path: Path) -> None:
+    dead = f"unix://{tmp_path}/no-docker.sock"
+    assert docker_available(dead) is False
+    engine = DockerEngine(tmp_path, base_url=dead)
+    for call in (lambda: engine.start("dead"), lambda: engine.status(), lambda: engine.stop("dead")):
+        with pytest.raises(EngineUnavailable, match="Docker is not running or not reachable at unix://"):
+            call()
+    assert not (tmp_path / "docker" / "dead.json").exists()
+
+
+def test_profile_names_are_validated_before_docker_is_asked(tmp_path: Path) -> None:
+    engine = DockerEngine(tmp_path, base_url=f"unix://{tmp_path}/no-docker.sock")
+    with pytest.raises(ProfileError, match="profile"):
+        engine.start("../Evil")
+
+
+@pytest.mark.docker
+def test_a_container_that_dies_fails_the_wait_with_its_log_tail(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
+) -> None:
+    # The image refuses to initialise without a password: the entrypoint exits, and the wait must say why.
+    container = docker_client.containers.run(
+        docker_pg_image, detach=True, name=f"{docker_prefix}-dies", labels={PREFIX_LABEL: docker_prefix}
+    )
+    try:
+        info = ServerInfo("docker", "dies", "127.0.0.1", 9, "refresher", "x", "dies")
+        engine = DockerEngine(Path("/nonexistent"), client=docker_client, ready_timeout=30)
+        with pytest.raises(EngineUnavailable, match=r"(?s)not ready.*superuser password is not specified"):
+            engine._wait_ready(container, info)
+    finally:
+        container.remove(force=True, v=True)
