@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import functools
 import hashlib
 import inspect
 import math
@@ -130,11 +131,19 @@ def _canonical(value: Any, where: str) -> bytes:
 def function_identity(func: Callable[..., Any], version: str | None = None) -> tuple[str, str]:
     """(qualified name, version) of a compute function; the version is a hash of its source unless given."""
     target = inspect.unwrap(func)
-    name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+    bound = b""
+    if isinstance(target, functools.partial):
+        # Bound arguments are part of what is computed: hashed like config.
+        bound = _canonical([list(target.args), dict(target.keywords)], "compute_func arguments")
+        target = inspect.unwrap(target.func)
+    if not callable(target) or not hasattr(target, "__qualname__"):
+        # A callable instance: its class names and versions it (state belongs in config or version=).
+        target = type(target)
+    name = f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
     if version is not None:
-        return name, f"v:{version}"
+        return name, f"v:{version}" + (":" + hashlib.sha256(bound).hexdigest() if bound else "")
     try:
-        source = inspect.getsource(target).encode()
+        source = inspect.getsource(target).encode() + bound
     except (OSError, TypeError):
         code = getattr(target, "__code__", None)
         if code is None:
@@ -142,7 +151,7 @@ def function_identity(func: Callable[..., Any], version: str | None = None) -> t
                 "compute_func", name, "source unavailable: pass version= to name its version"
             ) from None
         # No source file (defined in a REPL or exec): the bytecode and constants stand in for it.
-        source = code.co_code + repr(code.co_consts).encode()
+        source = code.co_code + repr(code.co_consts).encode() + bound
     return name, "src:" + hashlib.sha256(source).hexdigest()
 
 

@@ -155,8 +155,11 @@ class FeatureStore:
                 name, key, f"returned {type(result).__name__}, not a DataFrame or pyarrow Table"
             )
         meta = {"func": name, "func_version": fkey.func_version, "config_hash": fkey.config_hash}
+        table = _files.as_stored(table)
         self._store([(key, table, symbol, meta)], kind=kind, entry_kind="features", misses=1)
-        return result
+        # What a later hit will return, so a miss and a hit are indistinguishable (e.g. an index's freq is
+        # not stored by Parquet; returning ``result`` as is would differ from every hit after it).
+        return self._present(_files.Stored(table, {"kind": kind}, 0, 0))
 
     def warm_cache(
         self,

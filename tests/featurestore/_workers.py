@@ -1,0 +1,94 @@
+"""Module-level functions run in child processes by the concurrency tests (spawn needs importable targets)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from featurestore import FeatureStore
+from tests.featurestore.conftest import make_bars
+
+
+def rolling_features(raw: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
+    """A compute function that leaves one marker file per call, so the tests can count computations."""
+    markers = Path(config["markers"])
+    markers.mkdir(parents=True, exist_ok=True)
+    (markers / f"{config['window']}-{config['seed']}-{uuid.uuid4().hex}").touch()
+    time.sleep(0.05)  # widen the window in which other processes ask for the same key
+    out = pd.DataFrame(index=raw.index)
+    out["mean"] = raw["close"].rolling(config["window"]).mean()
+    out["vol"] = raw["close"].pct_change().rolling(config["window"]).std()
+    return out
+
+
+def job_inputs(markers: str) -> list[tuple[str, pd.DataFrame, dict[str, Any]]]:
+    """Six distinct (symbol, raw, config) jobs that every worker asks for, in its own order."""
+    jobs = []
+    for seed in (1, 2, 3):
+        for window in (5, 20):
+            config = {"window": window, "seed": seed, "markers": markers}
+            jobs.append((f"SYM{seed}", make_bars(400, seed=seed), config))
+    return jobs
+
+
+def mixed_worker(root: str, markers: str, worker: int, rounds: int) -> tuple[int, list[str]]:
+    """Ask for every job ``rounds`` times in a shuffled order; return (mismatches, error messages)."""
+    store = FeatureStore(root)
+    rng = random.Random(worker)
+    jobs = job_inputs(markers)
+    mismatches = 0
+    errors: list[str] = []
+    for _ in range(rounds):
+        rng.shuffle(jobs)
+        for symbol, raw, config in jobs:
+            try:
+                got = store.get_or_compute(symbol, raw, config, rolling_features)
+                expected = _direct(raw, config)
+                if not got.equals(expected):
+                    mismatches += 1
+            except Exception as exc:  # reported to the parent, which asserts there were none
+                errors.append(f"{type(exc).__name__}: {exc}")
+    return mismatches, errors
+
+
+def _direct(raw: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
+    out = pd.DataFrame(index=raw.index)
+    out["mean"] = raw["close"].rolling(config["window"]).mean()
+    out["vol"] = raw["close"].pct_change().rolling(config["window"]).std()
+    return out
+
+
+def segment(i: int, rows: int) -> pa.Table:
+    """A deterministic raw segment; large enough that writing it takes a while."""
+    rng = np.random.default_rng(i)
+    ts = pa.array(np.arange(rows, dtype=np.int64) * 60_000_000 + i * 10**12, pa.int64()).cast(
+        pa.timestamp("us", tz="UTC")
+    )
+    return pa.table({"ts": ts, "close": rng.random(rows), "volume": rng.integers(0, 10**6, rows)})
+
+
+def write_forever(root: str) -> None:
+    """Write segments (single puts, batches, computed features, evictions) until killed."""
+    store = FeatureStore(root)
+    i = int.from_bytes(os.urandom(2), "little")
+    print("ready", flush=True)
+    while True:
+        i += 1
+        store.put(f"seg-{i % 50}", segment(i, 20_000), symbol=f"S{i % 7}")
+        store.put_many([(f"batch-{(i + j) % 40}", segment(i + j, 5_000), "B") for j in range(8)])
+        store.get_or_compute(f"S{i % 5}", make_bars(300, seed=i % 11), {"window": 5, "seed": i, "markers": root + "/m"}, rolling_features)
+        if i % 9 == 0:
+            store.clear_cache(symbol=f"S{i % 7}")
+
+
+if __name__ == "__main__":
+    write_forever(sys.argv[1])

@@ -1,0 +1,246 @@
+"""FeatureStore against real files and a real DuckDB manifest: hits, misses, put/get, stats, clear, corruption."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featurestore import ComputeError, FeatureStore, FeatureStoreError, feature_key
+from tests.featurestore.conftest import make_bars
+
+CONFIG = {"window": 5}
+
+
+class Counting:
+    """A compute function that counts its calls."""
+
+    def __init__(self, as_arrow: bool = False) -> None:
+        self.calls = 0
+        self.as_arrow = as_arrow
+
+    def __call__(self, raw: pd.DataFrame, config: dict[str, Any]) -> Any:
+        self.calls += 1
+        out = raw.rolling(config["window"]).mean()
+        return pa.Table.from_pandas(out) if self.as_arrow else out
+
+
+def data_files(store: FeatureStore) -> list[Path]:
+    return sorted((store.root / "data").glob("*/*.parquet"))
+
+
+def segment(values: list[float]) -> pa.Table:
+    ts = pa.array(range(len(values)), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return pa.table({"ts": ts, "close": values})
+
+
+def test_miss_then_hit_never_recomputes(store: FeatureStore, bars: pd.DataFrame) -> None:
+    compute = Counting()
+    first = store.get_or_compute("AAPL", bars, CONFIG, compute)
+    second = store.get_or_compute("AAPL", bars, dict(CONFIG), compute)
+    again = FeatureStore(store.root).get_or_compute("AAPL", bars, CONFIG, compute)
+    assert compute.calls == 1
+    pd.testing.assert_frame_equal(first, second)
+    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(second, bars.rolling(5).mean(), check_freq=False)
+    assert len(data_files(store)) == 1
+
+
+def test_arrow_results_come_back_as_arrow(store: FeatureStore, bars: pd.DataFrame) -> None:
+    compute = Counting(as_arrow=True)
+    first = store.get_or_compute("AAPL", bars, CONFIG, compute)
+    second = store.get_or_compute("AAPL", bars, CONFIG, compute)
+    assert isinstance(second, pa.Table) and second.equals(first)
+    assert compute.calls == 1
+
+
+def test_different_inputs_are_different_entries(store: FeatureStore, bars: pd.DataFrame) -> None:
+    compute = Counting()
+    store.get_or_compute("AAPL", bars, CONFIG, compute)
+    store.get_or_compute("MSFT", bars, CONFIG, compute)
+    store.get_or_compute("AAPL", bars, {"window": 6}, compute)
+    store.get_or_compute("AAPL", bars.tz_convert("America/New_York"), CONFIG, compute)
+    assert compute.calls == 4
+    assert store.get_cache_stats().entries == 4
+
+
+def test_stats_count_hits_misses_and_bytes(store: FeatureStore, bars: pd.DataFrame) -> None:
+    compute = Counting()
+    for _ in range(3):
+        store.get_or_compute("AAPL", bars, CONFIG, compute)
+    store.get("no-such-key")
+    stats = store.get_cache_stats()
+    assert (stats.entries, stats.hits, stats.misses) == (1, 2, 2)
+    assert stats.hit_rate == 0.5
+    assert stats.bytes == sum(p.stat().st_size for p in data_files(store))
+    assert stats.hash_methods == {"xxh3": 1}
+
+
+def test_manifest_row_describes_the_entry(store: FeatureStore, bars: pd.DataFrame) -> None:
+    store.get_or_compute("AAPL", bars, CONFIG, Counting())
+    key = feature_key("AAPL", bars, CONFIG, Counting.__call__).key  # identity differs: look the row up instead
+    assert key not in store.lookup([key])
+    (entry,) = store.lookup([p.stem for p in data_files(store)]).values()
+    assert entry.symbol == "AAPL" and entry.rows == len(bars) and entry.hash_method == "xxh3"
+    assert entry.start_ts is not None and entry.end_ts is not None
+    assert entry.file_size_bytes == entry.path.stat().st_size
+    assert pq.read_metadata(entry.path).row_group(0).column(0).compression == "ZSTD"
+
+
+def test_hits_update_last_accessed(store: FeatureStore) -> None:
+    entry = store.put("k1", segment([1.0, 2.0]))
+    with duckdb.connect(str(store.manifest.path)) as con:
+        con.execute("UPDATE entries SET last_accessed_ts = last_accessed_ts - INTERVAL 30 DAY")
+    old = store.lookup(["k1"])["k1"].last_accessed_ts
+    assert store.get("k1") is not None
+    assert store.lookup(["k1"])["k1"].last_accessed_ts > old
+    assert store.lookup(["k1"])["k1"].created_ts == entry.created_ts
+
+
+def test_put_get_roundtrip_and_same_content_is_a_no_op(store: FeatureStore) -> None:
+    table = segment([1.0, 2.0, 3.0])
+    first = store.put("seg-a", table, symbol="AAPL", meta={"source": "synthetic"})
+    mtime = first.path.stat().st_mtime_ns
+    second = store.put("seg-a", segment([1.0, 2.0, 3.0]), symbol="AAPL")
+    assert second == first and first.path.stat().st_mtime_ns == mtime
+    got = store.get("seg-a")
+    assert got is not None and got.equals(table)
+    replaced = store.put("seg-a", segment([9.0]), symbol="AAPL")
+    assert replaced.content_hash != first.content_hash and replaced.rows == 1
+    assert store.get("seg-a") == segment([9.0])
+
+
+def test_put_many_get_many_lookup(store: FeatureStore) -> None:
+    items = [(f"seg-{i}", segment([float(i)] * (i + 1)), "SYM") for i in range(20)]
+    entries = store.put_many(items)
+    assert [e.key for e in entries] == [k for k, _t, _s in items]
+    found = store.lookup([f"seg-{i}" for i in range(25)])
+    assert set(found) == {k for k, _t, _s in items}
+    assert found["seg-3"] == entries[3]
+    os.unlink(found["seg-4"].path)  # lookup reads the manifest only, never the files
+    assert "seg-4" in store.lookup(["seg-4"])
+    got = store.get_many(["seg-1", "seg-4", "missing"])
+    assert set(got) == {"seg-1"} and got["seg-1"].equals(segment([1.0, 1.0]))
+
+
+def test_bad_keys_and_tables_are_rejected(store: FeatureStore) -> None:
+    for bad in ("../escape", ".hidden", "", "a/b"):
+        with pytest.raises(FeatureStoreError, match="key="):
+            store.put(bad, segment([1.0]))
+    with pytest.raises(FeatureStoreError, match="table="):
+        store.put("ok", [1, 2, 3])  # type: ignore[arg-type]
+
+
+def test_clear_cache_by_symbol_and_all(store: FeatureStore, bars: pd.DataFrame) -> None:
+    compute = Counting()
+    store.get_or_compute("AAPL", bars, CONFIG, compute)
+    store.get_or_compute("MSFT", bars, CONFIG, compute)
+    assert store.clear_cache(symbol="AAPL") == 1
+    assert [e.symbol for e in store.lookup([p.stem for p in data_files(store)]).values()] == ["MSFT"]
+    assert len(data_files(store)) == 1
+    assert store.clear_cache() == 1
+    assert data_files(store) == [] and store.get_cache_stats().entries == 0
+    store.get_or_compute("AAPL", bars, CONFIG, compute)
+    assert compute.calls == 3
+
+
+def test_failing_compute_caches_nothing(store: FeatureStore, bars: pd.DataFrame) -> None:
+    def boom(raw: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
+        raise ZeroDivisionError("bad window")
+
+    with pytest.raises(ZeroDivisionError, match="bad window") as info:
+        store.get_or_compute("AAPL", bars, CONFIG, boom)
+    assert any("nothing cached" in note for note in info.value.__notes__)
+
+    def wrong(raw: pd.DataFrame, config: dict[str, Any]) -> Any:
+        return [1, 2, 3]
+
+    with pytest.raises(ComputeError, match="returned list"):
+        store.get_or_compute("AAPL", bars, CONFIG, wrong)
+    assert data_files(store) == [] and store.get_cache_stats().entries == 0
+    assert list((store.root / "data").glob("*/.*")) == []  # no temporary left behind either
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_file_is_evicted_and_recomputed(store: FeatureStore, damage: str) -> None:
+    bars = make_bars(20_000)
+    compute = Counting()
+    expected = store.get_or_compute("AAPL", bars, CONFIG, compute)
+    (path,) = data_files(store)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    got = store.get_or_compute("AAPL", bars, CONFIG, compute)
+    assert compute.calls == 2
+    pd.testing.assert_frame_equal(got, expected)
+    assert store.validate_cache_integrity().ok
+    assert store.get(path.stem) is not None
+
+
+def test_corrupt_segment_get_returns_none_and_evicts(store: FeatureStore) -> None:
+    entry = store.put("seg", segment([1.0] * 1000))
+    entry.path.write_bytes(entry.path.read_bytes()[:-100])
+    report = store.validate_cache_integrity()
+    assert report.corrupt == ("seg",) and not report.ok
+    assert store.get("seg") is None
+    assert store.lookup(["seg"]) == {} and not entry.path.exists()
+
+
+def test_validate_reports_missing_files_and_orphans(store: FeatureStore) -> None:
+    entry = store.put("seg", segment([1.0]))
+    store.put("other", segment([2.0]))
+    entry.path.unlink()
+    (store.root / "data" / "zz").mkdir()
+    (store.root / "data" / "zz" / "zzorphan.parquet").write_bytes(b"x")
+    report = store.validate_cache_integrity()
+    assert report.missing == ("seg",) and report.corrupt == () and not report.ok
+    assert [p.name for p in report.orphans] == ["zzorphan.parquet"]
+
+
+def test_rebuild_manifest_restores_rows_from_files(store: FeatureStore, bars: pd.DataFrame) -> None:
+    store.put_many([(f"seg-{i}", segment([float(i)]), "SYM") for i in range(5)])
+    store.get_or_compute("AAPL", bars, CONFIG, Counting())
+    before = store.lookup([p.stem for p in data_files(store)])
+    store.manifest.path.unlink()
+    assert store.lookup(list(before)) == {}
+    assert store.rebuild_manifest() == 6
+    after = store.lookup(list(before))
+    assert {k: (e.symbol, e.rows, e.content_hash, e.start_ts) for k, e in after.items()} == {
+        k: (e.symbol, e.rows, e.content_hash, e.start_ts) for k, e in before.items()
+    }
+
+
+def test_footer_hashing_is_explicit(tmp_path: Path, bars: pd.DataFrame) -> None:
+    store = FeatureStore(tmp_path / "footer", hash_method="footer")
+    compute = Counting()
+    store.get_or_compute("AAPL", bars, CONFIG, compute)
+    store.get_or_compute("AAPL", bars, CONFIG, compute)
+    assert compute.calls == 1 and store.get_cache_stats().hash_methods == {"footer": 1}
+    with pytest.raises(FeatureStoreError, match="hash_method='sha1'"):
+        FeatureStore(tmp_path / "x", hash_method="sha1")  # type: ignore[arg-type]
+
+
+def test_root_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATURE_STORE_PATH", str(tmp_path / "from-env"))
+    assert FeatureStore().root == tmp_path / "from-env"
+    monkeypatch.delenv("FEATURE_STORE_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert FeatureStore().root == tmp_path / "home" / ".feature_cache"
+
+
+def test_warm_cache_computes_only_missing(store: FeatureStore, bars: pd.DataFrame) -> None:
+    compute = Counting()
+    store.get_or_compute("AAPL", bars, CONFIG, compute)
+    report = store.warm_cache([("AAPL", bars, CONFIG), ("MSFT", bars, CONFIG)], compute)
+    assert (report.requested, report.computed, report.hits) == (2, 1, 1)
+    store.get_or_compute("MSFT", bars, CONFIG, compute)
+    assert compute.calls == 2
