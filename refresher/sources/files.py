@@ -85,6 +85,15 @@ class FilesSource:
             else self.root / pattern
         )
 
+    def close(self) -> None:
+        """Nothing to release; present so every source can be used the same way (``with`` / ``close``)."""
+
+    def __enter__(self) -> FilesSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def version(self, segment: Segment) -> str:
         path = self.file_for(segment)
         try:

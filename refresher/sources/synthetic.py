@@ -198,6 +198,15 @@ class SyntheticSource:
                 f"{segment}: symbol not in profile {self.profile.name!r}", segment=str(segment)
             ) from exc
 
+    def close(self) -> None:
+        """Nothing to release; present so every source can be used the same way (``with`` / ``close``)."""
+
+    def __enter__(self) -> SyntheticSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def version(self, segment: Segment) -> str:
         import exchange_calendars
 

@@ -1,0 +1,152 @@
+"""The files source: column mapping, csv / csv.gz / parquet, per-symbol or shared files, bad rows reported."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from refresher.errors import SourceError
+from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
+from refresher.segments import Segment
+from refresher.sources import make_source
+from refresher.sources.files import FilesSource
+
+from .conftest import MakeProfile
+
+NOV = dt.date(2024, 11, 1)
+
+DAILY_CSV = """\
+Ticker,Date,Open,High,Low,Close,Volume,Adj Close
+AAPL,2024-11-26,10,11,9,10.5,1000,10.4
+AAPL,2024-11-27,10.5,12,10,11,2000.0,10.9
+AAPL,2024-11-28,11,12,10,11,5,11
+AAPL,2024-11-30,11,12,10,11,5,11
+MSFT,2024-11-27,400,410,390,405,300,405
+AAPL,2024-10-31,9,10,8,9,100,9
+"""
+
+
+def profile_body(source: str) -> str:
+    return f"""\
+universe: {{symbols: [AAPL, MSFT, "7203"], exchanges: {{"7203": XTKS}}}}
+start: 2024-10-01
+end: 2024-11-30
+source:
+{source}
+"""
+
+
+def test_single_csv_with_mapping_reports_non_sessions(tmp_path: Path, make_profile: MakeProfile) -> None:
+    (tmp_path / "all.csv").write_text(DAILY_CSV)
+    src = FilesSource(
+        make_profile(
+            profile_body(
+                f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  columns: {{close: Adj Close}}"
+            )
+        )
+    )
+    assert isinstance(src, FilesSource)
+    table = src.fetch(Segment("AAPL", "1d", NOV))
+    assert table.schema.equals(DAILY_SCHEMA)
+    df = table.to_pandas()
+    assert list(df["date"]) == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+    assert list(df["close"]) == [10.4, 10.9]  # the mapping picked Adj Close
+    assert list(df["volume"]) == [1000, 2000]
+    [report] = src.reports
+    assert report.rows == 2 and "2024-11-28" in str(report) and "session" in report.reason
+    assert src.fetch(Segment("MSFT", "1d", NOV)).num_rows == 1
+    assert src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1))).num_rows == 1
+
+
+def minute_rows(symbol: str, local: list[str], tz: str) -> pd.DataFrame:
+    ts = pd.to_datetime(local).tz_localize(tz)
+    n = len(ts)
+    return pd.DataFrame(
+        {
+            "SYMBOL": symbol,
+            "Timestamp": ts.tz_convert("UTC"),
+            "o": [100.0] * n,
+            "h": [101.0] * n,
+            "l": [99.0] * n,
+            "c": [100.5] * n,
+            "v": [10] * n,
+        }
+    )
+
+
+def test_per_symbol_parquet_minutes_with_tokyo_lunch(tmp_path: Path, make_profile: MakeProfile) -> None:
+    (tmp_path / "minute").mkdir()
+    rows = minute_rows(
+        "7203",
+        [
+            "2024-11-05 09:00",
+            "2024-11-05 11:29",
+            "2024-11-05 11:45",
+            "2024-11-05 15:29",
+            "2024-11-05 15:30",
+            "2024-11-04 10:00",
+        ],
+        "Asia/Tokyo",
+    )
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "minute" / "7203.parquet")
+    body = f"  kind: files\n  path: {tmp_path}\n  minute: 'minute/{{symbol}}.parquet'\n  columns: {{open: o, high: h, low: l, close: c, volume: v}}"
+    src = FilesSource(make_profile(profile_body(body)))
+    table = src.fetch(Segment("7203", "1m", NOV))
+    assert table.schema.equals(MINUTE_SCHEMA)
+    local = table.to_pandas()["ts"].dt.tz_convert("Asia/Tokyo").dt.strftime("%d %H:%M").tolist()
+    assert local == ["05 09:00", "05 11:29", "05 15:29"]
+    [report] = src.reports  # lunch break, after the 15:30 close, and a holiday (Culture Day observed)
+    assert report.rows == 3
+
+
+def test_csv_gz_naive_local_times_right_labelled(tmp_path: Path, make_profile: MakeProfile) -> None:
+    (tmp_path / "m").mkdir()
+    text = "symbol,datetime,open,high,low,close,volume\nAAPL,2024-11-29 09:31:00,1,2,0.5,1.5,7\nAAPL,2024-11-29 13:00:00,1,2,0.5,1.5,7\nAAPL,2024-11-29 13:05:00,1,2,0.5,1.5,7\n"
+    with gzip.open(tmp_path / "m" / "AAPL.csv.gz", "wt") as fh:
+        fh.write(text)
+    body = f"  kind: files\n  path: {tmp_path}\n  minute: 'm/{{symbol}}.csv.gz'\n  label: right"
+    src = FilesSource(make_profile(profile_body(body)))
+    df = src.fetch(Segment("AAPL", "1m", NOV)).to_pandas()
+    # right-labelled 09:31 covers 09:30-09:31 -> our left label 09:30; 13:00 is the last bar of the early close
+    local = df["ts"].dt.tz_convert("America/New_York").dt.strftime("%H:%M").tolist()
+    assert local == ["09:30", "12:59"]
+    assert [r.rows for r in src.reports] == [1]
+
+
+def test_version_tracks_file_changes(tmp_path: Path, make_profile: MakeProfile) -> None:
+    (tmp_path / "daily").mkdir()
+    f = tmp_path / "daily" / "AAPL.csv"
+    f.write_text(DAILY_CSV)
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}")))
+    seg = Segment("AAPL", "1d", NOV)
+    v1 = src.version(seg)
+    assert src.version(seg) == v1
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert src.version(seg) != v1
+    remapped = make_source(
+        make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  columns: {{close: Adj Close}}"))
+    )
+    assert remapped.version(seg) != src.version(seg)
+
+
+def test_missing_file_is_reported_and_empty(tmp_path: Path, make_profile: MakeProfile) -> None:
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}")))
+    assert src.fetch(Segment("MSFT", "1d", NOV)).num_rows == 0
+    assert "no such file" in str(src.reports[0])
+
+
+def test_missing_column_names_file_field_value(tmp_path: Path, make_profile: MakeProfile) -> None:
+    (tmp_path / "all.csv").write_text(DAILY_CSV)
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  columns: {{volume: Vol}}"
+    src = FilesSource(make_profile(profile_body(body)))
+    with pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert "all.csv" in str(info.value) and "columns.volume" in str(info.value) and "Vol" in str(info.value)

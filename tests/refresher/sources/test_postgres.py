@@ -1,0 +1,103 @@
+"""The postgres source against a real upstream server: mapping, ranges, naive timestamps, versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+import pytest
+
+from refresher.errors import SourceError
+from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
+from refresher.segments import Segment
+from refresher.sources import make_source
+from refresher.sources.postgres import PostgresSource
+
+from .conftest import MakeProfile
+
+pytestmark = pytest.mark.postgres
+NOV = dt.date(2024, 11, 1)
+
+SETUP = """
+CREATE SCHEMA prod;
+CREATE TABLE prod."Daily Bars" (ticker text, day date, o numeric, h numeric, l numeric, c numeric, vol numeric);
+CREATE TABLE prod.minute_bars (ticker text, "time" timestamp, o numeric, h numeric, l numeric, c numeric, vol bigint);
+INSERT INTO prod."Daily Bars" VALUES
+  ('AAPL', '2024-10-31', 9, 10, 8, 9.5, 100),
+  ('AAPL', '2024-11-26', 10, 11, 9, 10.5, 1000.4),
+  ('AAPL', '2024-11-27', 10.5, 12, 10, 11, 2000),
+  ('MSFT', '2024-11-27', 400, 410, 390, 405, 300),
+  ('AAPL', '2024-12-02', 11, 12, 10, 11.5, 10);
+-- naive New York wall-clock minutes
+INSERT INTO prod.minute_bars VALUES
+  ('AAPL', '2024-11-29 09:30', 1, 2, 0.5, 1.5, 7),
+  ('AAPL', '2024-11-29 12:59', 1, 2, 0.5, 1.5, 8),
+  ('AAPL', '2024-12-02 09:30', 1, 2, 0.5, 1.5, 9);
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream(upstream_dsn: str) -> str:
+    with psycopg.connect(upstream_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS prod CASCADE")
+        conn.execute(SETUP)
+    return upstream_dsn
+
+
+def body(dsn: str, extra: str = "") -> str:
+    return f"""\
+universe: {{symbols: [AAPL, MSFT]}}
+start: 2024-10-01
+end: 2024-11-30
+source:
+  kind: postgres
+  dsn: "{dsn}"
+  daily_table: prod.Daily Bars
+  minute_table: prod.minute_bars
+  tz: America/New_York
+  columns: {{symbol: ticker, date: day, ts: time, open: o, high: h, low: l, close: c, volume: vol}}
+{extra}"""
+
+
+def test_fetch_daily_and_minute(upstream: str, make_profile: MakeProfile) -> None:
+    with PostgresSource(make_profile(body(upstream))) as src:
+        assert isinstance(make_source(src.profile), PostgresSource)
+        daily = src.fetch(Segment("AAPL", "1d", NOV))
+        assert daily.schema.equals(DAILY_SCHEMA)
+        assert daily.column("date").to_pylist() == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+        assert daily.column("volume").to_pylist() == [1000, 2000]
+        assert src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1))).num_rows == 1
+        minute = src.fetch(Segment("AAPL", "1m", NOV))
+        assert minute.schema.equals(MINUTE_SCHEMA)
+        utc = [t.isoformat() for t in minute.column("ts").to_pylist()]
+        assert utc == ["2024-11-29T14:30:00+00:00", "2024-11-29T17:59:00+00:00"]
+        assert src.fetch(Segment("MSFT", "1m", NOV)).num_rows == 0
+
+
+def test_version_changes_with_upstream_rows(upstream: str, make_profile: MakeProfile) -> None:
+    with PostgresSource(make_profile(body(upstream))) as src:
+        seg, other = Segment("MSFT", "1d", NOV), Segment("AAPL", "1d", NOV)
+        v_seg, v_other = src.version(seg), src.version(other)
+        with psycopg.connect(upstream, autocommit=True) as conn:
+            conn.execute("""INSERT INTO prod."Daily Bars" VALUES ('MSFT', '2024-11-26', 1, 2, 0.5, 1, 5)""")
+        assert src.version(seg) != v_seg
+        assert src.version(other) == v_other
+        assert src.fetch(seg).num_rows == 2
+    pinned = make_source(
+        make_profile(body(upstream, '  version: "v1"\n  version_query: false\n'), name="pinned")
+    )
+    bumped = make_source(
+        make_profile(body(upstream, '  version: "v2"\n  version_query: false\n'), name="bumped")
+    )
+    assert pinned.version(seg) != bumped.version(seg)
+
+
+def test_bad_table_and_unreachable_server_are_source_errors(upstream: str, make_profile: MakeProfile) -> None:
+    with PostgresSource(make_profile(body(upstream).replace("prod.minute_bars", "prod.nope"))) as src:
+        with pytest.raises(SourceError, match="nope"):
+            src.fetch(Segment("AAPL", "1m", NOV))
+        # the connection survives a failed query (autocommit): the next segment still loads
+        assert src.fetch(Segment("AAPL", "1d", NOV)).num_rows == 2
+    dead = PostgresSource(make_profile(body("host=127.0.0.1 port=1 user=x dbname=x")))
+    with dead, pytest.raises(SourceError, match="cannot connect"):
+        dead.fetch(Segment("AAPL", "1d", NOV))

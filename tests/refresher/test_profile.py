@@ -1,0 +1,194 @@
+"""Profiles: the shipped four load; every bad field is one line naming file, field and value."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from refresher.errors import ProfileError
+from refresher.profile import list_profiles, load_profile
+from refresher.settings import BUILTIN_PROFILES
+
+AS_OF = dt.date(2025, 6, 13)
+DIRS = [BUILTIN_PROFILES]
+
+GOOD = """\
+description: test profile
+universe:
+  symbols: [AAPL, MSFT, "7203"]
+  exchanges: {"7203": XTKS}
+exchange: XNYS
+months: 2
+timeframes: [1d, 1m]
+features: [dashboard_data]
+seed: 3
+seeds: {MSFT: 9}
+reset_target_seconds: 5
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "count", "months", "features", "target"),
+    [
+        ("patterns", 50, 6, ("high_low_detection", "trend_analysis"), 25.0),
+        ("backtesting", 100, 12, ("full_analysis", "performance_metrics"), 45.0),
+        ("ui_testing", 20, 3, ("websocket_testing", "dashboard_data"), 15.0),
+        ("etf_analysis", 40, 12, ("etf_metadata", "correlation_analysis"), 30.0),
+    ],
+)
+def test_shipped_profiles_load(
+    name: str, count: int, months: int, features: tuple[str, ...], target: float
+) -> None:
+    p = load_profile(name, DIRS, as_of=AS_OF)
+    assert p.name == name
+    assert len(p.listings) == count == len({lst.symbol for lst in p.listings})
+    assert len(p.months) == months
+    assert p.months[-1] == dt.date(2025, 6, 1) and p.end == AS_OF and p.start == p.months[0]
+    assert p.features == features
+    assert p.timeframes == ("1d", "1m")
+    assert p.reset_target_seconds == target
+    assert p.source.kind == "synthetic"
+    assert all(lst.exchange in ("XNYS", "XNAS") for lst in p.listings)
+
+
+def test_etf_profile_holds_only_etfs() -> None:
+    p = load_profile("etf_analysis", DIRS, as_of=AS_OF)
+    assert {lst.asset_class for lst in p.listings} == {"etf"}
+
+
+def test_list_profiles_finds_the_four() -> None:
+    names = [p.name for p in list_profiles(DIRS, as_of=AS_OF)]
+    assert names == ["backtesting", "etf_analysis", "patterns", "ui_testing"]
+
+
+def test_as_of_defaults_to_last_completed_session() -> None:
+    p = load_profile("ui_testing", DIRS)
+    assert p.end <= dt.date.today()
+    assert p.end.weekday() < 5
+
+
+def test_user_dir_shadows_builtin_and_adds_profiles(tmp_path: Path) -> None:
+    write(tmp_path, "patterns", GOOD)
+    write(tmp_path, "mine", GOOD)
+    assert load_profile("patterns", [tmp_path, *DIRS], as_of=AS_OF).description == "test profile"
+    assert load_profile("patterns", [*DIRS, tmp_path], as_of=AS_OF).description != "test profile"
+    names = {p.name for p in list_profiles([tmp_path, *DIRS], as_of=AS_OF)}
+    assert {"mine", "patterns", "ui_testing"} <= names
+
+
+def test_per_symbol_seeds_and_exchanges(tmp_path: Path) -> None:
+    p = load_profile(str(write(tmp_path, "mine", GOOD)), [], as_of=AS_OF)
+    assert [(lst.symbol, lst.exchange, lst.seed) for lst in p.listings] == [
+        ("AAPL", "XNYS", 3),
+        ("MSFT", "XNYS", 9),
+        ("7203", "XTKS", 3),
+    ]
+    assert p.listing("7203").exchange == "XTKS"
+    with pytest.raises(ProfileError, match="NOPE"):
+        p.listing("NOPE")
+
+
+def test_explicit_start_end(tmp_path: Path) -> None:
+    text = GOOD.replace("months: 2", "start: 2024-11-15\nend: 2025-01-10")
+    p = load_profile(str(write(tmp_path, "mine", text)), [])
+    assert (p.start, p.end) == (dt.date(2024, 11, 15), dt.date(2025, 1, 10))
+    assert p.months == (dt.date(2024, 11, 1), dt.date(2024, 12, 1), dt.date(2025, 1, 1))
+
+
+def test_universe_file_next_to_profile_with_exchange_column(tmp_path: Path) -> None:
+    (tmp_path / "u.csv").write_text(
+        "Symbol,Exchange,Asset_Class\nSAP,XETR,equity\nVOD,XLON,equity\nX,XNYS,etf\n"
+    )
+    text = GOOD.replace(
+        'universe:\n  symbols: [AAPL, MSFT, "7203"]\n  exchanges: {"7203": XTKS}',
+        "universe:\n  file: u.csv\n  asset_class: equity",
+    )
+    text = text.replace("seeds: {MSFT: 9}", "seeds: {VOD: 1}")
+    p = load_profile(str(write(tmp_path, "mine", text)), [], as_of=AS_OF)
+    assert [(lst.symbol, lst.exchange) for lst in p.listings] == [("SAP", "XETR"), ("VOD", "XLON")]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "value"),
+    [
+        ("months: 2", "months: 0", "months", "0"),
+        ("exchange: XNYS", "exchange: XPAR", "exchange", "XPAR"),
+        ("timeframes: [1d, 1m]", "timeframes: [1d, 5m]", "timeframes.1", "5m"),
+        ("features: [dashboard_data]", "features: [dashbord_data]", "features.0", "dashbord_data"),
+        ("seed: 3", "seed: three", "seed", "three"),
+        ("seed: 3", "sede: 3", "sede", "3"),
+        ("seeds: {MSFT: 9}", "seeds: {TSLA: 9}", "seeds.TSLA", "9"),
+        ('exchanges: {"7203": XTKS}', 'exchanges: {"7203": TYO}', "universe.exchanges.7203", "TYO"),
+        ("[AAPL, MSFT", "[AAPL, 'MS FT'", "universe.symbols.1", "MS FT"),
+        ("reset_target_seconds: 5", "reset_target_seconds: -1", "reset_target_seconds", "-1"),
+        ("reset_target_seconds: 5", "reset_target_seconds: 5\nsource: {kind: ftp}", "source.kind", "ftp"),
+        ("reset_target_seconds: 5", "reset_target_seconds: 5\nsource: {kind: files}", "source.path", "None"),
+        ("reset_target_seconds: 5", "reset_target_seconds: 5\nsource: {dsn: x}", "source.dsn", "x"),
+        ("months: 2", "months: 2\nstart: 2024-01-01", "start", "2024-01-01"),
+        ("description: test profile", "name: other", "name", "other"),
+    ],
+)
+def test_bad_field_is_one_line_naming_file_field_value(
+    tmp_path: Path, old: str, new: str, field: str, value: str
+) -> None:
+    assert old in GOOD
+    path = write(tmp_path, "mine", GOOD.replace(old, new))
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(path), [], as_of=AS_OF)
+    err = info.value
+    message = str(err)
+    assert "\n" not in message
+    assert str(path) in message
+    assert err.field == field
+    assert f"{field}=" in message and value in message
+
+
+def test_unsafe_profile_names_rejected(tmp_path: Path) -> None:
+    write(tmp_path, "Bad-Name", GOOD)
+    with pytest.raises(ProfileError) as info:
+        load_profile("Bad-Name", [tmp_path])
+    assert info.value.field == "profile"
+    with pytest.raises(ProfileError, match="name"):
+        load_profile(str(tmp_path / "Bad-Name.yaml"), [])
+
+
+def test_unknown_profile_lists_the_known(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError) as info:
+        load_profile("nosuch", DIRS)
+    assert "nosuch" in str(info.value) and "patterns" in str(info.value)
+
+
+def test_invalid_yaml_and_listing_skips_it(tmp_path: Path) -> None:
+    write(tmp_path, "broken", "universe: [unclosed\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile("broken", [tmp_path])
+    assert "broken.yaml" in str(info.value) and "\n" not in str(info.value)
+    errors: list[ProfileError] = []
+    assert list_profiles([tmp_path], errors=errors) == []
+    assert len(errors) == 1
+
+
+def test_universe_count_larger_than_file(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'symbols: [AAPL, MSFT, "7203"]\n  exchanges: {"7203": XTKS}', "file: us_etfs.csv\n  count: 999"
+    )
+    text = text.replace("seeds: {MSFT: 9}\n", "")
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(write(tmp_path, "mine", text)), [], as_of=AS_OF)
+    assert info.value.field == "universe.count" and info.value.value == 999
+
+
+def test_files_source_path_resolved_against_profile(tmp_path: Path) -> None:
+    text = GOOD + "source:\n  kind: files\n  path: data\n  columns: {symbol: Ticker}\n"
+    p = load_profile(str(write(tmp_path, "mine", text)), [], as_of=AS_OF)
+    assert p.source.kind == "files"
+    assert p.source.options["path"] == str((tmp_path / "data").resolve())
+    assert p.source.options["columns"]["symbol"] == "Ticker"
