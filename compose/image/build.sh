@@ -120,7 +120,7 @@ build_image() {
   cp "$HERE/entrypoint.sh" "$stage/entrypoint.sh"
   { printf 'FROM scratch\nADD rootfs.tar /\n'; printf '%s\n' "$@"; } >"$stage/Dockerfile"
   log "building $tag"
-  docker build -q -t "$tag" "$stage" >/dev/null 2> >(grep -v -e DEPRECATED -e 'legacy builder' -e BuildKit -e 'environment-variable' >&2) \
+  docker build -q -t "$tag" "$stage" >/dev/null 2> >(grep -v -e DEPRECATED -e 'legacy builder' -e BuildKit -e 'environment-variable' -e '^$' >&2) \
     || die "docker build of $tag failed"
 }
 
