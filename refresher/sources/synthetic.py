@@ -21,7 +21,7 @@ import pyarrow as pa
 import xxhash
 
 from refresher.calendar import ExchangeCalendar, get_calendar, minutes_by_session
-from refresher.errors import SourceError
+from refresher.errors import ProfileError, SourceError
 from refresher.profile import Listing, Profile
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA, empty_table
 from refresher.segments import Segment
@@ -193,7 +193,7 @@ class SyntheticSource:
     def _listing(self, segment: Segment) -> Listing:
         try:
             return self.profile.listing(segment.symbol)
-        except Exception as exc:
+        except ProfileError as exc:
             raise SourceError(
                 f"{segment}: symbol not in profile {self.profile.name!r}", segment=str(segment)
             ) from exc
