@@ -1,0 +1,170 @@
+"""The local engine against real embedded PostgreSQL servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from refresher.engines import _pgctl
+from refresher.engines.base import Engine
+from refresher.engines.local import LocalEngine, Postmaster
+from refresher.errors import EngineUnavailable, ProfileError
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def engine(local_state_dir: Path) -> Iterator[LocalEngine]:
+    """The session's state dir, and every profile a test starts stopped after it."""
+    engine = LocalEngine(local_state_dir)
+    before = {s.profile for s in engine.status()}
+    yield engine
+    for status in engine.status():
+        if status.profile not in before:
+            engine.stop(status.profile)
+
+
+def _kill_server_keep_data(engine: LocalEngine, profile: str) -> None:
+    """What a reboot does: the server is gone, its data stays."""
+    pgdata = engine.base / profile / "pgdata"
+    result = _pgctl.run(engine.bin_dir, "pg_ctl", ["stop", "-D", str(pgdata), "-m", "fast", "-w"],
+                        _pgctl.OsUser.for_server(), cwd=pgdata.parent)  # fmt: skip
+    assert result.returncode == 0, result.output
+
+
+def test_implements_the_engine_protocol(engine: LocalEngine) -> None:
+    assert isinstance(engine, Engine)
+
+
+def test_start_serves_a_database_named_after_the_profile(engine: LocalEngine) -> None:
+    info = engine.start("lc_basic")
+    with psycopg.connect(info.dsn()) as conn:
+        row = conn.execute("SELECT current_database(), current_user, current_setting('fsync')").fetchone()
+    assert row == ("lc_basic", info.user, "off")
+    assert info.host == "127.0.0.1" and info.dbname == "lc_basic"
+    state = json.loads((engine.base / "lc_basic" / "server.json").read_text())
+    assert state["port"] == info.port and state["password"] == info.password
+    assert (engine.base / "lc_basic" / "server.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_start_is_idempotent_and_reuses_the_running_server(engine: LocalEngine) -> None:
+    first = engine.start("lc_idem")
+    pid = Postmaster.read(engine.base / "lc_idem" / "pgdata")
+    again = engine.start("lc_idem")
+    assert again == first
+    assert Postmaster.read(engine.base / "lc_idem" / "pgdata") == pid
+
+
+def test_status_and_info_survive_a_cli_restart(engine: LocalEngine) -> None:
+    info = engine.start("lc_restart")
+    fresh = LocalEngine(engine.base.parent)  # a new CLI process would build exactly this
+    assert fresh.info("lc_restart") == info
+    [status] = fresh.status("lc_restart")
+    assert status.running and status.port == info.port
+    assert "lc_restart" in {s.profile for s in fresh.status()}
+
+
+def test_the_server_outlives_the_process_that_started_it(engine: LocalEngine) -> None:
+    code = (
+        "import sys; from pathlib import Path; from refresher.engines.local import LocalEngine;"
+        "print(LocalEngine(Path(sys.argv[1])).start('lc_child').port)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(engine.base.parent)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    info = engine.info("lc_child")
+    assert info is not None and info.port == int(done.stdout)
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_stop_removes_the_server_and_its_data(engine: LocalEngine) -> None:
+    info = engine.start("lc_stop")
+    assert engine.stop("lc_stop") is True
+    assert not (engine.base / "lc_stop").exists()
+    assert engine.info("lc_stop") is None and engine.status("lc_stop") == []
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(info.dsn(), connect_timeout=2).close()
+    assert engine.stop("lc_stop") is False
+
+
+def test_a_stopped_server_restarts_with_its_data_and_moves_off_a_taken_port(engine: LocalEngine) -> None:
+    info = engine.start("lc_reboot")
+    with psycopg.connect(info.dsn()) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    _kill_server_keep_data(engine, "lc_reboot")
+    [status] = engine.status("lc_reboot")
+    assert not status.running and "data kept" in status.detail
+    assert engine.info("lc_reboot") is None
+    # Something else grabbed the remembered port meanwhile: the engine must retry on another one.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", info.port))
+        squatter.listen()
+        again = engine.start("lc_reboot")
+    assert again.port != info.port and again.password == info.password
+    with psycopg.connect(again.dsn()) as conn:
+        assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+
+
+def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine) -> None:
+    engine.start("lc_stale")
+    pgdata = engine.base / "lc_stale" / "pgdata"
+    _kill_server_keep_data(engine, "lc_stale")
+    child = subprocess.Popen(["true"])
+    child.wait()  # a pid that surely is not running any more
+    (pgdata / "postmaster.pid").write_text(f"{child.pid}\n{pgdata}\n0\n5432\n\n127.0.0.1\n0 0\nready\n")
+    [status] = engine.status("lc_stale")
+    assert not status.running and "stale" in status.detail
+    info = engine.start("lc_stale")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_pinned_port_that_is_taken_is_a_one_line_error(local_state_dir: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        pinned = LocalEngine(local_state_dir, port=port)
+        try:
+            with pytest.raises(EngineUnavailable, match=f"port {port} .* already in use") as caught:
+                pinned.start("lc_pinned")
+            assert "\n" not in str(caught.value)
+        finally:
+            pinned.stop("lc_pinned")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another OS user")
+def test_as_root_the_server_runs_as_the_unprivileged_user(engine: LocalEngine) -> None:
+    engine.start("lc_root")
+    postmaster = Postmaster.read(engine.base / "lc_root" / "pgdata")
+    assert postmaster is not None
+    assert Path(f"/proc/{postmaster.pid}").stat().st_uid == _pgctl.OsUser.for_server().uid != 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another OS user")
+def test_an_untraversable_state_dir_names_the_directory_to_fix(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    locked = Path("/tmp") / f"refresher-locked-{os.getpid()}"
+    locked.mkdir(mode=0o700)
+    try:
+        with pytest.raises(EngineUnavailable, match=f"{locked}: .*chmod o\\+x {locked}"):
+            LocalEngine(locked / "state").start("lc_locked")
+    finally:
+        subprocess.run(["rm", "-rf", str(locked)], check=True)
+
+
+@pytest.mark.parametrize("bad", ["Bad", "1abc", "a-b", "a" * 42, "../x", ""])
+def test_profile_names_are_validated(engine: LocalEngine, bad: str) -> None:
+    with pytest.raises(ProfileError, match="profile"):
+        engine.start(bad)
