@@ -19,7 +19,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from featurestore import FeatureStore
-from refresher.features import FeatureSpec, get_feature
+from refresher.features import FeatureSpec, equal_weight_index, get_feature
 from refresher.plan import GapPlan
 from refresher.profile import Profile
 from refresher.segments import Segment
@@ -132,21 +132,35 @@ def refresh_features(
         )
     }
     specs = [get_feature(name) for name in profile.features]
+    hashes = {
+        symbol: [entries[plan.keys[s]].content_hash for s in segments] for symbol, segments in daily.items()
+    }
+    universe_hashes = [h for symbol in sorted(hashes) for h in (symbol, *hashes[symbol])]
     frames: dict[str, pd.DataFrame] = {}
+
+    def frame_of(symbol: str) -> pd.DataFrame:
+        if symbol not in frames:
+            tables = store.get_many([plan.keys[s] for s in daily[symbol]])
+            frames[symbol] = _daily_frame([tables[plan.keys[s]] for s in daily[symbol]])
+        return frames[symbol]
+
     counts = {"desired": 0, "loaded": 0, "computed": 0, "rows": 0}
-    for symbol, segments in sorted(daily.items()):
-        hashes = [entries[plan.keys[s]].content_hash for s in segments]
-        for spec in specs:
+    for spec in specs:
+        benchmark: pd.Series | None = None
+        for symbol in sorted(daily):
             counts["desired"] += 1
-            input_hash = _input_hash(spec, hashes)
+            # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
+            inputs = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
+            input_hash = _input_hash(spec, inputs)
             if loaded.get((spec.name, symbol)) == input_hash:
                 continue
-            if symbol not in frames:
-                tables = store.get_many([plan.keys[s] for s in segments])
-                frames[symbol] = _daily_frame([tables[plan.keys[s]] for s in segments])
-            raw = frames[symbol]
+            raw = frame_of(symbol)
             if raw.empty:
                 continue
+            if spec.needs_universe:
+                if benchmark is None:
+                    benchmark = equal_weight_index({sym: frame_of(sym) for sym in sorted(daily)})
+                raw = raw.assign(benchmark=benchmark.reindex(raw.index))
             before = store.get_cache_stats().misses
             result = store.get_or_compute(
                 symbol, raw, {"feature": spec.name}, spec.compute, version=spec.version

@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +67,8 @@ class RefreshReport:
     features: FeatureCounts
     snapshot: str
     phases: dict[str, float] = field(default_factory=dict)
+    # What the source noticed and did not load (rows outside sessions, missing files).
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,16 +130,16 @@ def plan_refresh(
     profile: Profile, engine: Engine, store: FeatureStore, *, verify: bool = False
 ) -> PlanReport:
     """The plan against the profile's running server, touching nothing (no server is started)."""
-    source = make_source(profile)
     server = engine.info(profile.name)
-    if server is None:
-        return PlanReport(profile.name, engine.name, False, compute_plan(profile, source, store, None))
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        if not database.schema_exists(conn):
-            return PlanReport(profile.name, engine.name, True, compute_plan(profile, source, store, None))
-        return PlanReport(
-            profile.name, engine.name, True, compute_plan(profile, source, store, conn, verify=verify)
-        )
+    with closing(make_source(profile)) as source:
+        if server is None:
+            return PlanReport(profile.name, engine.name, False, compute_plan(profile, source, store, None))
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            if not database.schema_exists(conn):
+                return PlanReport(profile.name, engine.name, True, compute_plan(profile, source, store, None))
+            return PlanReport(
+                profile.name, engine.name, True, compute_plan(profile, source, store, conn, verify=verify)
+            )
 
 
 class _Fetcher(threading.Thread):
@@ -219,10 +222,9 @@ def refresh(
 
     server: ServerInfo = engine.start(profile.name)
     mark = lap("engine", started)
-    source = make_source(profile)
     tz_of = _timezones(profile)
     rows_loaded = loaded_count = pruned = fetched = 0
-    with psycopg.connect(server.dsn()) as conn:
+    with closing(make_source(profile)) as source, psycopg.connect(server.dsn()) as conn:
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
         plan = compute_plan(profile, source, store, conn, verify=verify)
@@ -262,6 +264,7 @@ def refresh(
 
         features = refresh_features(conn, profile, store, plan)
         mark = lap("features", mark)
+        notes = [str(r) for r in getattr(source, "reports", [])]
 
     changed = bool(loaded_count or pruned or features.loaded)
     snapshot_state = "unchanged"
@@ -287,4 +290,5 @@ def refresh(
         features=features,
         snapshot=snapshot_state,
         phases=phases,
+        notes=notes,
     )

@@ -60,6 +60,10 @@ def refresh_report(report: Any) -> None:
     table.add_row("snapshot", report.snapshot)
     table.add_row("time", f"{report.seconds:.2f} s")
     out.print(table)
+    for note in report.notes[:20]:
+        err.print(f"[yellow]not loaded:[/yellow] {note}")
+    if len(report.notes) > 20:
+        err.print(f"[yellow]... and {len(report.notes) - 20} more (see --json)[/yellow]")
     out.print(f"DSN: [bold]{report.dsn}[/bold]")
     out.print(f"with password: [bold]refresher url --profile {report.profile}[/bold]")
 

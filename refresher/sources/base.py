@@ -35,6 +35,10 @@ class Source(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Release connections and files; the refresher calls it when the refresh ends."""
+        ...
+
 
 @dataclass(frozen=True)
 class SourceReport:
