@@ -1,0 +1,105 @@
+"""The target schema and the refresher_segments ledger, on a real server."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import psycopg
+import pytest
+
+from refresher.database import (
+    LoadedSegment,
+    count_rows,
+    ensure_schema,
+    read_loaded_segments,
+    segment_range,
+    upsert_symbols,
+)
+from refresher.errors import LoadError
+from refresher.load import load_segment
+from refresher.schema import SCHEMA_OF
+from refresher.segments import TABLE_OF, Segment
+from tests.fixtures_postgres import daily_bars, minute_bars
+
+pytestmark = pytest.mark.postgres
+NY = "America/New_York"
+JAN = dt.date(2024, 1, 1)
+FEB = dt.date(2024, 2, 1)
+
+
+def test_segment_range_of_minutes_is_the_exchange_local_month() -> None:
+    lo, hi = segment_range(Segment("AAPL", "1m", JAN), NY)
+    assert lo == dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC)
+    assert hi == dt.datetime(2024, 2, 1, 5, tzinfo=dt.UTC)
+    assert segment_range(Segment("AAPL", "1d", JAN), NY) == (JAN, FEB)
+
+
+def test_unknown_time_zone_is_a_load_error() -> None:
+    with pytest.raises(LoadError, match="Mars/Olympus"):
+        segment_range(Segment("AAPL", "1m", JAN), "Mars/Olympus")
+
+
+def test_schema_columns_match_the_arrow_schemas_in_order(pg_conn: psycopg.Connection[Any]) -> None:
+    ensure_schema(pg_conn)
+    ensure_schema(pg_conn)  # idempotent
+    for timeframe, table in TABLE_OF.items():
+        rows = pg_conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position",
+            (table,),
+        ).fetchall()
+        assert [r[0] for r in rows] == SCHEMA_OF[timeframe].names
+    pk = pg_conn.execute(
+        "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_constraint c "
+        "CROSS JOIN unnest(c.conkey) WITH ORDINALITY k(attnum, n) "
+        "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum "
+        "WHERE c.conrelid = 'refresher_segments'::regclass AND c.contype = 'p'"
+    ).fetchone()
+    assert pk == (["symbol", "timeframe", "month"],)
+
+
+def test_read_loaded_segments_before_and_after_loading(pg_conn: psycopg.Connection[Any]) -> None:
+    assert read_loaded_segments(pg_conn) == {}  # no schema yet: nothing loaded, no error
+    ensure_schema(pg_conn)
+    segment = Segment("AAPL", "1d", JAN)
+    load_segment(pg_conn, segment, daily_bars("AAPL", JAN, 20), "hash-a", tz=NY)
+    loaded = read_loaded_segments(pg_conn)
+    assert list(loaded) == [segment]
+    assert isinstance(loaded[segment], LoadedSegment)
+    assert (loaded[segment].content_hash, loaded[segment].rows) == ("hash-a", 20)
+    assert loaded[segment].loaded_at.tzinfo is not None
+
+
+def test_count_rows_counts_what_is_really_there(pg_conn: psycopg.Connection[Any]) -> None:
+    ensure_schema(pg_conn)
+    jan_m, feb_m = Segment("AAPL", "1m", JAN), Segment("AAPL", "1m", FEB)
+    jan_d, msft_d = Segment("AAPL", "1d", JAN), Segment("MSFT", "1d", JAN)
+    load_segment(
+        pg_conn, jan_m, minute_bars("AAPL", dt.datetime(2024, 1, 2, 14, 30, tzinfo=dt.UTC), 390), "h", tz=NY
+    )
+    load_segment(
+        pg_conn, feb_m, minute_bars("AAPL", dt.datetime(2024, 2, 1, 14, 30, tzinfo=dt.UTC), 100), "h", tz=NY
+    )
+    load_segment(pg_conn, jan_d, daily_bars("AAPL", JAN, 21), "h", tz=NY)
+    # A bar at 03:00 UTC on Feb 1st is still January 31st in New York: it belongs to the January segment.
+    pg_conn.execute("INSERT INTO ohlcv_1min VALUES ('AAPL', '2024-02-01 03:00+00', 1, 1, 1, 1, 1)")
+    pg_conn.execute("DELETE FROM ohlcv_daily WHERE date = '2024-01-05'")  # drift the ledger cannot see
+    pg_conn.commit()
+    counts = count_rows(pg_conn, [jan_m, feb_m, jan_d, msft_d], tz={"AAPL": NY, "MSFT": NY})
+    assert counts == {jan_m: 391, feb_m: 100, jan_d: 20, msft_d: 0}
+    assert count_rows(pg_conn, [jan_m], tz="UTC") == {jan_m: 390}  # in UTC the extra bar is February's
+
+
+def test_count_rows_of_minutes_needs_a_time_zone(pg_conn: psycopg.Connection[Any]) -> None:
+    ensure_schema(pg_conn)
+    assert count_rows(pg_conn, [Segment("AAPL", "1d", JAN)]) == {Segment("AAPL", "1d", JAN): 0}
+    with pytest.raises(LoadError, match="time zone"):
+        count_rows(pg_conn, [Segment("AAPL", "1m", JAN)])
+
+
+def test_upsert_symbols(pg_conn: psycopg.Connection[Any]) -> None:
+    ensure_schema(pg_conn)
+    assert upsert_symbols(pg_conn, [("AAPL", "XNAS", "equity"), ("ES", None, "future")]) == 2
+    upsert_symbols(pg_conn, [("AAPL", "XNYS", "equity")])
+    rows = pg_conn.execute("SELECT * FROM symbols ORDER BY symbol").fetchall()
+    assert rows == [("AAPL", "XNYS", "equity"), ("ES", None, "future")]
