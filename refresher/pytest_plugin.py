@@ -1,1 +1,243 @@
-"""pytest fixtures that hand each test a loaded PostgreSQL database (filled in by the plugin issue)."""
+"""pytest fixtures that hand each test its own PostgreSQL database loaded with a profile's market data.
+
+``refresher_postgres`` (session) is a server loaded once per run; ``refresher_db`` (function) is a fresh clone
+of its pristine snapshot for each test, taken from a warm pool, so a test may write, truncate and drop freely.
+Under pytest-xdist all workers share one loaded server per profile (``refresher._pytest_share``).
+
+Fixture factories build more of them, in the pytest-postgresql style::
+
+    from refresher.pytest_plugin import refresher_database, refresher_proc
+
+    backtest_postgres = refresher_proc("backtesting", as_of="2024-06-28")
+    backtest_db = refresher_database("backtest_postgres")
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+from psycopg.rows import TupleRow
+
+from refresher import snapshot
+from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
+from refresher._pytest_servers import LoadedServer, build_server, choose_engine
+from refresher._pytest_share import PoolRefiller, SharedServers, server_key
+
+if TYPE_CHECKING:
+    import sqlalchemy
+
+RUN_DIR_INPUT = "refresher_run_dir"
+_STATE = pytest.StashKey["_PluginState"]()
+
+
+class _PluginState:
+    """Per-process plugin state: the run's shared servers and the resolved options (both made lazily)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.worker: str = getattr(config, "workerinput", {}).get("workerid", "master")
+        given = getattr(config, "workerinput", {}).get(RUN_DIR_INPUT)
+        self._run_dir = Path(given) if given else None
+        self._owner = given is None
+        self._servers: SharedServers | None = None
+        self._options: PluginOptions | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="refresher-pytest-"))
+        return self._run_dir
+
+    @property
+    def options(self) -> PluginOptions:
+        if self._options is None:
+            self._options = PluginOptions.from_config(self.config)
+        return self._options
+
+    @property
+    def servers(self) -> SharedServers:
+        if self._servers is None:
+            self._servers = SharedServers(self.run_dir, owner=self._owner)
+        return self._servers
+
+    def close(self) -> None:
+        if self._servers is not None:
+            self._servers.close()
+        elif self._owner and self._run_dir is not None:
+            # The xdist controller made a run directory for its workers but never used it itself.
+            SharedServers(self._run_dir, owner=True).close()
+
+
+# -- hooks ------------------------------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(name): load this profile (name or YAML path) for refresher_db instead of the default",
+    )
+    config.stash[_STATE] = _PluginState(config)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistController(config.stash[_STATE]), "refresher-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None:
+        state.close()
+
+
+class _XdistController:
+    """Hands every xdist worker the controller's run directory, so they share servers the controller stops."""
+
+    def __init__(self, state: _PluginState) -> None:
+        self.state = state
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[RUN_DIR_INPUT] = str(self.state.run_dir)
+
+
+# -- public objects ---------------------------------------------------------------------------------------------
+class RefresherServers:
+    """The session's loaded servers, one per (profile, engine, as_of), built on first request."""
+
+    def __init__(self, state: _PluginState) -> None:
+        self._state = state
+
+    @property
+    def options(self) -> PluginOptions:
+        return self._state.options
+
+    def get(
+        self, profile: str | None = None, *, engine: str | None = None, as_of: dt.date | str | None = None
+    ) -> LoadedServer:
+        options = self._state.options
+        profile = profile or options.profile
+        engine = engine or options.engine
+        day = parse_as_of(as_of) if isinstance(as_of, str) else as_of or options.as_of
+        key = server_key(profile, engine, day.isoformat() if day else "")
+
+        def build() -> LoadedServer:
+            chosen = choose_engine(engine, options.settings)
+            labels = {"io.refresher.pytest.run": self._state.run_dir.name}
+            return build_server(profile, chosen, options.settings, as_of=day, labels=labels)
+
+        return self._state.servers.get(key, build)
+
+    def refiller(self, server: LoadedServer) -> PoolRefiller:
+        return self._state.servers.refiller(server)
+
+
+class RefresherDatabase:
+    """One test's own database: a fresh clone of the loaded profile, dropped after the test."""
+
+    def __init__(self, server: LoadedServer, dbname: str, dsn: str) -> None:
+        self.server = server
+        self.dbname = dbname
+        self.dsn = dsn
+        self._cleanups: list[Callable[[], None]] = []
+
+    @property
+    def profile(self) -> str:
+        return self.server.profile
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[TupleRow]:
+        """A psycopg connection to this database (closed at teardown if the test did not close it)."""
+        conn = psycopg.connect(self.dsn, **kwargs)
+        self._cleanups.append(conn.close)
+        return conn
+
+    def sqlalchemy_engine(self, **kwargs: Any) -> sqlalchemy.Engine:
+        """A SQLAlchemy engine (``postgresql+psycopg``) on this database, disposed at teardown."""
+        import sqlalchemy
+
+        info = self.server.info
+        url = sqlalchemy.URL.create(
+            "postgresql+psycopg", info.user, info.password, info.host, info.port, self.dbname
+        )
+        engine = sqlalchemy.create_engine(url, **kwargs)
+        self._cleanups.append(engine.dispose)
+        return engine
+
+    def close(self) -> None:
+        while self._cleanups:
+            self._cleanups.pop()()
+
+    def __repr__(self) -> str:
+        return f"<RefresherDatabase {self.dbname} of {self.server.profile} on {self.server.engine}>"
+
+
+# -- fixture factories --------------------------------------------------------------------------------------------
+def refresher_proc(
+    profile: str | None = None, *, engine: str | None = None, as_of: dt.date | str | None = None
+) -> Any:
+    """A session fixture: the server loaded with ``profile`` (default: the options'), shared across workers."""
+
+    @pytest.fixture(scope="session")
+    def proc_fixture(refresher_servers: RefresherServers) -> LoadedServer:
+        return refresher_servers.get(profile, engine=engine, as_of=as_of)
+
+    return proc_fixture
+
+
+def refresher_database(proc_fixture_name: str) -> Any:
+    """A function fixture: a fresh clone of ``proc_fixture_name``'s database for each test.
+
+    A ``@pytest.mark.refresher_profile("name")`` on the test (or its class/module) picks that profile instead.
+    """
+
+    @pytest.fixture
+    def database_fixture(
+        request: pytest.FixtureRequest, refresher_servers: RefresherServers
+    ) -> Iterator[RefresherDatabase]:
+        marked = marker_profile(request.node)
+        server: LoadedServer = (
+            refresher_servers.get(marked) if marked else request.getfixturevalue(proc_fixture_name)
+        )
+        worker = request.config.stash[_STATE].worker
+        # 63 bytes at most: profile names are <= 41, "__test_" 7, the worker id <= 6, the random part 8.
+        name = f"{server.info.dbname}__test_{worker[:6]}_{secrets.token_hex(4)}"
+        refiller = refresher_servers.refiller(server)
+        dsn = snapshot.checkout_clone(server.info, name, refill=False)
+        refiller.poke()
+        database = RefresherDatabase(server, name, dsn)
+        try:
+            yield database
+        finally:
+            try:
+                database.close()
+            finally:
+                snapshot.drop_clone(server.info, name)
+
+    return database_fixture
+
+
+# -- the named fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def refresher_servers(request: pytest.FixtureRequest) -> RefresherServers:
+    """Loaded servers by profile: ``refresher_servers.get("backtesting")``."""
+    return RefresherServers(request.config.stash[_STATE])
+
+
+refresher_postgres = refresher_proc()
+refresher_db = refresher_database("refresher_postgres")
+
+__all__ = [
+    "LoadedServer",
+    "RefresherDatabase",
+    "RefresherServers",
+    "refresher_database",
+    "refresher_db",
+    "refresher_postgres",
+    "refresher_proc",
+    "refresher_servers",
+]

@@ -1,0 +1,139 @@
+"""One loaded server per profile for a whole test run, shared by every xdist worker.
+
+The run directory holds, per server key, a lock file and the ``LoadedServer`` JSON. The first process to need a
+server builds it while holding the lock; the others wait on the lock, then read the JSON. The process that owns
+the run directory (the xdist controller, or the only process without xdist) stops every recorded server when
+the run ends: it outlives all workers, so a server is never stopped while a slower worker still needs it, and a
+crashed worker cannot leak one.
+
+Each process keeps its clone pools full from one background thread per server (``PoolRefiller``) instead of
+spawning a refill process per checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from refresher import snapshot
+from refresher._pytest_servers import LoadedServer, stop_server
+from refresher.engines.base import ServerInfo
+from refresher.errors import SnapshotError
+
+
+def server_key(profile: str, engine: str, as_of: str) -> str:
+    """A file-name-safe key for one (profile spec, requested engine, as_of) combination."""
+    readable = re.sub(r"[^a-z0-9_]+", "_", Path(profile).stem.lower())[:40]
+    digest = hashlib.sha256(f"{profile}\0{engine}\0{as_of}".encode()).hexdigest()[:12]
+    return f"{readable}-{digest}"
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive lock that the kernel releases if the holder dies (a killed worker never wedges the run)."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class PoolRefiller:
+    """Keeps one server's warm clone pool full from a background thread of this process."""
+
+    def __init__(self, server: ServerInfo) -> None:
+        self.server = server
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def poke(self) -> None:
+        if self.error is not None:
+            raise SnapshotError(f"refilling the clone pool of {self.server.dbname} failed: {self.error}")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="refresher-pool-refill", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing.is_set():
+                return
+            try:
+                snapshot.refill_pool(self.server)
+            except Exception as exc:  # reported on the next checkout, by the test thread
+                self.error = exc
+                return
+
+    def close(self) -> None:
+        self._closing.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+
+
+class SharedServers:
+    """The loaded servers of one test run, as seen from one process (a worker, or the only process)."""
+
+    def __init__(self, run_dir: Path, *, owner: bool) -> None:
+        self.run_dir = run_dir
+        self.owner = owner
+        self._seen: dict[str, LoadedServer] = {}
+        self._refillers: dict[ServerInfo, PoolRefiller] = {}
+
+    def get(self, key: str, build: Callable[[], LoadedServer]) -> LoadedServer:
+        """The server recorded under ``key``, built by this process if no process has built it yet."""
+        if key in self._seen:
+            return self._seen[key]
+        record_path = self.run_dir / f"{key}.json"
+        with _flock(self.run_dir / f"{key}.lock"):
+            if record_path.exists():
+                server = LoadedServer.from_json(record_path.read_text(encoding="utf-8"))
+            else:
+                server = build()
+                tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a password
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(server.to_json())
+                os.replace(tmp, record_path)
+        self._seen[key] = server
+        return server
+
+    def refiller(self, server: LoadedServer) -> PoolRefiller:
+        """This process's refill thread for ``server``'s clone pool."""
+        if server.info not in self._refillers:
+            self._refillers[server.info] = PoolRefiller(server.info)
+        return self._refillers[server.info]
+
+    def close(self) -> None:
+        """Stop this process's refill threads; the owner also stops every server of the run."""
+        for refiller in self._refillers.values():
+            refiller.close()
+        self._refillers.clear()
+        if not self.owner:
+            return
+        errors: list[BaseException] = []
+        for record_path in sorted(self.run_dir.glob("*.json")):
+            with _flock(record_path.with_suffix(".lock")):
+                try:
+                    stop_server(LoadedServer.from_json(record_path.read_text(encoding="utf-8")))
+                except Exception as exc:  # stop the others anyway, then report
+                    errors.append(exc)
+                record_path.unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+
+__all__ = ["PoolRefiller", "SharedServers", "server_key"]

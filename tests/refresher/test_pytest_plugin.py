@@ -1,0 +1,357 @@
+"""The pytest plugin, exercised the way users meet it: example test projects run through ``pytester``.
+
+Every example runs in a subprocess against a real server (embedded Postgres, and a Docker container when a
+daemon answers) loaded with a tiny profile written here: 3 symbols, one month, daily and minute bars.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import textwrap
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import exchange_calendars as xcals
+import psycopg
+import pytest
+
+pytest_plugins = ["pytester"]
+
+AS_OF = dt.date(2024, 3, 28)
+TINY = """\
+description: three symbols, one month, for the pytest plugin's tests
+universe:
+  symbols: [AAA, BBB, CCC]
+exchange: XNYS
+months: 1
+timeframes: [1d, 1m]
+seed: 11
+"""
+TINY_TWO = TINY.replace("[AAA, BBB, CCC]", "[XXX, YYY]").replace("seed: 11", "seed: 12")
+INNER_INI = """\
+[pytest]
+addopts = -p no:cacheprovider
+filterwarnings = error
+{extra}
+"""
+SUBPROCESS_TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a database loaded with a profile of ``symbols`` symbols over [start, end] must hold."""
+
+    symbols: int
+    daily: int
+    minute: int
+
+
+def expected_counts(symbols: int, start: dt.date, end: dt.date) -> Expected:
+    """Counted from exchange_calendars directly, not through refresher: one bar per session and per minute."""
+    with warnings.catch_warnings():
+        # exchange_calendars trips a pandas deprecation warning of its own (not ours to fix here).
+        warnings.simplefilter("ignore")
+        cal = xcals.get_calendar("XNYS")
+        sessions = cal.sessions_in_range(start.isoformat(), end.isoformat())
+        minutes = sum(
+            int((cal.session_close(s) - cal.session_open(s)).total_seconds() // 60) for s in sessions
+        )
+    return Expected(symbols, symbols * len(sessions), symbols * minutes)
+
+
+TINY_EXPECTED = expected_counts(3, AS_OF.replace(day=1), AS_OF)
+TINY_TWO_EXPECTED = expected_counts(2, AS_OF.replace(day=1), AS_OF)
+
+
+@dataclass(frozen=True)
+class PluginEnv:
+    root: Path
+    profiles: Path
+    store: Path
+    state: Path
+
+    def args(self, engine: str, *more: str) -> list[str]:
+        return [
+            f"--refresher-profiles-dir={self.profiles}",
+            f"--refresher-store={self.store}",
+            f"--refresher-state-dir={self.state}",
+            f"--refresher-engine={engine}",
+            f"--refresher-as-of={AS_OF.isoformat()}",
+            "--refresher-profile=tiny",
+            *more,
+        ]
+
+
+@pytest.fixture(scope="module")
+def plugin_env() -> Iterator[PluginEnv]:
+    # Under /tmp and world-traversable: as root the embedded server runs as another user (pytest's own
+    # tmp_path is 0700). One store for the module, so only the first example pays for generating the data.
+    root = Path(tempfile.mkdtemp(prefix="refresher-plugin-test-"))
+    root.chmod(0o755)
+    env = PluginEnv(root, root / "profiles", root / "store", root / "state")
+    for d in (env.profiles, env.store, env.state):
+        d.mkdir(mode=0o755)
+    (env.profiles / "tiny.yaml").write_text(TINY)
+    (env.profiles / "tiny_two.yaml").write_text(TINY_TWO)
+    yield env
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def docker_or_skip() -> None:
+    from refresher.engines.docker import docker_available
+
+    if docker_available():
+        return
+    if os.environ.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"):
+        pytest.fail("REFRESHER_REQUIRE_DOCKER is set but no Docker daemon answers")
+    pytest.skip("no Docker daemon answers")
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "docker":
+        docker_or_skip()
+    return str(request.param)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _checkout_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The example runs in a subprocess whose cwd is pytester's directory: put this checkout first on its path,
+    # so it tests these sources whatever state the venv's editable install is in.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+def write_project(pytester: pytest.Pytester, source: str, *, ini_extra: str = "") -> None:
+    pytester.makeini(INNER_INI.format(extra=ini_extra))
+    pytester.makepyfile(test_example=textwrap.dedent(source))
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*args, timeout=SUBPROCESS_TIMEOUT)
+
+
+def assert_server_gone(record: dict[str, object]) -> None:
+    """After the run, the plugin's server no longer answers and its data or container is gone."""
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            host=str(record["host"]), port=int(str(record["port"])), user="x", dbname="x", connect_timeout=3
+        ).close()
+    if record.get("state_dir"):
+        assert not Path(str(record["state_dir"])).exists()
+    if record.get("container_id"):
+        import docker
+        import docker.errors
+
+        client = docker.from_env()
+        try:
+            with pytest.raises(docker.errors.NotFound):
+                client.containers.get(str(record["container_id"]))
+        finally:
+            client.close()
+
+
+RECORD_SERVER = """
+import json, os
+
+def record(path, server):
+    info = server.info
+    row = {"pid": os.getpid(), "worker": os.environ.get("PYTEST_XDIST_WORKER", "master"),
+           "host": info.host, "port": info.port, "engine": info.engine, "profile": server.profile,
+           "state_dir": server.state_dir, "container_id": server.container_id}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\\n")
+"""
+
+
+def read_records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_refresher_db_is_loaded_with_the_profile(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, engine: str
+) -> None:
+    out = pytester.path / "servers.jsonl"
+    e = TINY_EXPECTED
+    write_project(
+        pytester,
+        RECORD_SERVER
+        + f"""
+import sqlalchemy
+
+def test_counts(refresher_db, refresher_postgres):
+    record({str(out)!r}, refresher_postgres)
+    assert refresher_postgres.profile == "tiny"
+    assert refresher_db.dbname != refresher_postgres.info.dbname
+    with refresher_db.connect() as conn:
+        counts = [conn.execute(f"SELECT count(*) FROM {{t}}").fetchone()[0]
+                  for t in ("symbols", "ohlcv_daily", "ohlcv_1min")]
+    assert counts == [{e.symbols}, {e.daily}, {e.minute}]
+
+def test_sqlalchemy(refresher_db):
+    engine = refresher_db.sqlalchemy_engine()
+    assert engine.url.drivername == "postgresql+psycopg"
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT count(DISTINCT symbol) FROM ohlcv_1min")).scalar() == 3
+        assert conn.execute(sqlalchemy.text("SELECT current_database()")).scalar() == refresher_db.dbname
+""",
+    )
+    result = run(pytester, *plugin_env.args(engine))
+    result.assert_outcomes(passed=2)
+    [server] = read_records(out)
+    assert server["engine"] == engine
+    assert_server_gone(server)
+
+
+@pytest.mark.slow
+def test_every_test_gets_a_full_database_whatever_the_previous_one_did(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, engine: str
+) -> None:
+    e = TINY_EXPECTED
+    write_project(
+        pytester,
+        f"""
+import pytest
+
+@pytest.mark.parametrize("i", range(20))
+def test_delete_everything(refresher_db, i):
+    with refresher_db.connect() as conn:
+        for table, expected in (("ohlcv_1min", {e.minute}), ("ohlcv_daily", {e.daily})):
+            assert conn.execute(f"SELECT count(*) FROM {{table}}").fetchone()[0] == expected
+            conn.execute(f"DELETE FROM {{table}}")
+        conn.execute("DELETE FROM refresher_segments")
+""",
+    )
+    run(pytester, *plugin_env.args(engine)).assert_outcomes(passed=20)
+
+
+@pytest.mark.slow
+def test_marker_selects_another_profile(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    write_project(
+        pytester,
+        f"""
+import pytest
+
+def count(db):
+    with db.connect() as conn:
+        return conn.execute("SELECT count(*) FROM symbols").fetchone()[0], conn.execute(
+            "SELECT count(*) FROM ohlcv_daily").fetchone()[0]
+
+def test_default(refresher_db):
+    assert refresher_db.profile == "tiny"
+    assert count(refresher_db) == ({TINY_EXPECTED.symbols}, {TINY_EXPECTED.daily})
+
+@pytest.mark.refresher_profile("tiny_two")
+def test_marked(refresher_db):
+    assert refresher_db.profile == "tiny_two"
+    assert count(refresher_db) == ({TINY_TWO_EXPECTED.symbols}, {TINY_TWO_EXPECTED.daily})
+
+@pytest.mark.refresher_profile("tiny_two")
+class TestMarkedClass:
+    def test_inherits(self, refresher_db):
+        assert refresher_db.profile == "tiny_two"
+""",
+    )
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=3)
+
+
+@pytest.mark.slow
+def test_ini_options_choose_profile_engine_and_as_of(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    as_of = dt.date(2024, 2, 29)
+    e = expected_counts(2, as_of.replace(day=1), as_of)
+    ini = f"""\
+refresher_profile = tiny_two
+refresher_engine = local
+refresher_as_of = {as_of.isoformat()}
+refresher_store = {plugin_env.store}
+refresher_state_dir = {plugin_env.state}
+refresher_profiles_dir = {plugin_env.profiles}
+"""
+    write_project(
+        pytester,
+        f"""
+import datetime as dt
+
+def test_from_ini(refresher_db, refresher_postgres):
+    assert refresher_postgres.profile == "tiny_two"
+    assert refresher_postgres.engine == "local"
+    assert refresher_postgres.end == dt.date.fromisoformat({as_of.isoformat()!r})
+    with refresher_db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()[0] == {e.daily}
+        assert conn.execute("SELECT max(date) FROM ohlcv_daily").fetchone()[0] <= {as_of!r}
+""",
+        ini_extra=ini,
+    )
+    run(pytester).assert_outcomes(passed=1)
+
+
+@pytest.mark.slow
+def test_xdist_workers_share_one_server(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, engine: str
+) -> None:
+    out = pytester.path / "servers.jsonl"
+    write_project(
+        pytester,
+        RECORD_SERVER
+        + f"""
+import pytest, time
+
+@pytest.mark.parametrize("i", range(8))
+def test_uses_server(refresher_db, refresher_postgres, i):
+    record({str(out)!r}, refresher_postgres)
+    with refresher_db.connect() as conn:
+        conn.execute("DELETE FROM ohlcv_daily")
+        assert conn.execute("SELECT count(*) FROM symbols").fetchone()[0] == {TINY_EXPECTED.symbols}
+    time.sleep(0.2)  # keeps both workers busy, so each of them runs tests
+""",
+    )
+    run(pytester, "-n", "2", *plugin_env.args(engine)).assert_outcomes(passed=8)
+    records = read_records(out)
+    assert {r["worker"] for r in records} == {"gw0", "gw1"}
+    assert len({r["pid"] for r in records}) == 2
+    servers = {(r["host"], r["port"], r["state_dir"], r["container_id"]) for r in records}
+    assert len(servers) == 1, servers
+    assert_server_gone(records[0])
+
+
+def test_bad_option_values_fail_with_one_line(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n")
+    result = run(pytester, *plugin_env.args("local", "--refresher-as-of=yesterday"))
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*--refresher-as-of: as_of='yesterday': not a date (want YYYY-MM-DD)*"])
+    result = run(pytester, *plugin_env.args("sideways"))
+    result.stdout.fnmatch_lines(["*--refresher-engine='sideways': choose one of auto, docker, local*"])
+
+
+def test_unknown_marker_profile_names_the_choices(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    write_project(
+        pytester,
+        """
+import pytest
+
+@pytest.mark.refresher_profile("no_such_profile")
+def test_x(refresher_db):
+    pass
+""",
+    )
+    result = run(pytester, *plugin_env.args("local"))
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*profile='no_such_profile': no such profile (known: *tiny*"])
+
+
+def test_plugin_registers_its_options_and_marker(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "--help")
+    result.stdout.fnmatch_lines(["*--refresher-profile=*", "*--refresher-engine=*", "*refresher_store*"])
+    result = run(pytester, "--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.refresher_profile(name)*"])
