@@ -55,17 +55,21 @@ def time_range(table: pa.Table) -> tuple[int, int] | None:
     column = _time_column(table)
     if column is None or table.num_rows == 0:
         return None
-    kind = column.type
-    if pa.types.is_date(kind):
-        column = column.cast(pa.timestamp("ns"))
-    elif kind.unit != "ns":
-        column = column.cast(pa.timestamp("ns", tz=kind.tz))
     bounds = pc.min_max(column)
     low, high = bounds["min"].value, bounds["max"].value
     if low is None or high is None:
         return None
-    # Arrow stores tz-aware timestamps as UTC instants already: .value is UTC for both aware and naive.
-    return int(low), int(high)
+    # Scale in Python integers: a cast to timestamp[ns] would overflow for instants past 2262.
+    # Arrow stores tz-aware timestamps as UTC instants already, so .value is UTC for aware and naive alike.
+    scale = _NANOS_PER_UNIT[str(column.type.unit)] if pa.types.is_timestamp(column.type) else 0
+    if pa.types.is_date32(column.type):
+        scale = 86_400 * 10**9
+    elif pa.types.is_date64(column.type):
+        scale = 10**6
+    return int(low) * scale, int(high) * scale
+
+
+_NANOS_PER_UNIT = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
 
 
 def _time_column(table: pa.Table) -> pa.ChunkedArray | None:

@@ -245,10 +245,11 @@ class Manifest:
         hits: dict[str, int] = {}
         misses = 0
         for path in pending:
-            for line in path.read_text(errors="replace").splitlines():
+            # Only newline-terminated lines count: the last one may be cut short by a killed writer.
+            for line in path.read_text(errors="replace").split("\n")[:-1]:
                 parts = line.split("\t")
                 if len(parts) != 3 or not parts[2].isdigit():
-                    continue  # a line cut short by a killed writer
+                    continue
                 tag, key, micros = parts[0], parts[1], int(parts[2])
                 if tag == "H":
                     latest[key] = max(latest.get(key, 0), micros)

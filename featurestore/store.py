@@ -202,6 +202,7 @@ class FeatureStore:
     def get_many(self, keys: Iterable[str]) -> dict[str, pa.Table]:
         """The verified tables of every present key; absent or corrupt keys are left out."""
         found: dict[str, pa.Table] = {}
+        hits: list[str] = []
         misses = 0
         for key in keys:
             stored = self._read(_files.check_key(key))
@@ -209,7 +210,8 @@ class FeatureStore:
                 misses += 1
             else:
                 found[key] = stored.table
-        self.manifest.record_access(list(found), misses=misses)
+                hits.append(key)
+        self.manifest.record_access(hits, misses=misses)
         return found
 
     def lookup(self, keys: Sequence[str]) -> dict[str, Entry]:

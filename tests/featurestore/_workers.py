@@ -70,9 +70,9 @@ def _direct(raw: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
 def segment(i: int, rows: int) -> pa.Table:
     """A deterministic raw segment; large enough that writing it takes a while."""
     rng = np.random.default_rng(i)
-    ts = pa.array(np.arange(rows, dtype=np.int64) * 60_000_000 + i * 10**12, pa.int64()).cast(
-        pa.timestamp("us", tz="UTC")
-    )
+    ts = pa.array(
+        np.arange(rows, dtype=np.int64) * 60_000_000 + 1_700_000_000_000_000 + i * 10**9, pa.int64()
+    ).cast(pa.timestamp("us", tz="UTC"))
     return pa.table({"ts": ts, "close": rng.random(rows), "volume": rng.integers(0, 10**6, rows)})
 
 
@@ -85,7 +85,12 @@ def write_forever(root: str) -> None:
         i += 1
         store.put(f"seg-{i % 50}", segment(i, 20_000), symbol=f"S{i % 7}")
         store.put_many([(f"batch-{(i + j) % 40}", segment(i + j, 5_000), "B") for j in range(8)])
-        store.get_or_compute(f"S{i % 5}", make_bars(300, seed=i % 11), {"window": 5, "seed": i, "markers": root + "/m"}, rolling_features)
+        store.get_or_compute(
+            f"S{i % 5}",
+            make_bars(300, seed=i % 11),
+            {"window": 5, "seed": i, "markers": root + "/m"},
+            rolling_features,
+        )
         if i % 9 == 0:
             store.clear_cache(symbol=f"S{i % 7}")
 

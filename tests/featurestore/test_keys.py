@@ -66,10 +66,10 @@ def test_one_value_anywhere_changes_the_key() -> None:
     base = key(raw=bars)
     for row in (0, 999, 1999):
         changed = bars.copy()
-        changed.iloc[row, 0] += 1e-9
+        changed.iat[row, 0] = bars["close"].to_numpy()[row] + 1e-9
         assert key(raw=changed) != base
     volume = bars.copy()
-    volume.iloc[1000, 1] += 1
+    volume.iat[1000, 1] = bars["volume"].to_numpy()[1000] + 1
     assert key(raw=volume) != base
 
 

@@ -84,7 +84,9 @@ def test_stats_count_hits_misses_and_bytes(store: FeatureStore, bars: pd.DataFra
 
 def test_manifest_row_describes_the_entry(store: FeatureStore, bars: pd.DataFrame) -> None:
     store.get_or_compute("AAPL", bars, CONFIG, Counting())
-    key = feature_key("AAPL", bars, CONFIG, Counting.__call__).key  # identity differs: look the row up instead
+    key = feature_key(
+        "AAPL", bars, CONFIG, Counting.__call__
+    ).key  # identity differs: look the row up instead
     assert key not in store.lookup([key])
     (entry,) = store.lookup([p.stem for p in data_files(store)]).values()
     assert entry.symbol == "AAPL" and entry.rows == len(bars) and entry.hash_method == "xxh3"

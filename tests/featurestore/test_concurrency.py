@@ -1,0 +1,97 @@
+"""Many processes and threads on one root: single-flight computation, no errors, and crash consistency."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from featurestore import FeatureStore, collect_garbage
+from tests.featurestore import _workers
+
+REPO = Path(__file__).resolve().parents[2]
+PROCESSES = 8
+
+
+def assert_consistent(store: FeatureStore) -> None:
+    report = store.validate_cache_integrity(deep=True)
+    assert report.ok, report
+    entries = store.lookup([p.stem for p in (store.root / "data").glob("*/*.parquet")])
+    for entry in entries.values():
+        assert store.get(entry.key) is not None
+
+
+def computations(markers: Path) -> Counter[str]:
+    return Counter(path.name.rsplit("-", 1)[0] for path in markers.iterdir())
+
+
+@pytest.mark.slow
+def test_processes_compute_each_key_once(tmp_path: Path) -> None:
+    root, markers = tmp_path / "cache", tmp_path / "markers"
+    FeatureStore(root)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(PROCESSES) as pool:
+        args = [(str(root), str(markers), worker, 3) for worker in range(PROCESSES)]
+        results = pool.starmap(_workers.mixed_worker, args)
+    assert [errors for _m, errors in results] == [[]] * PROCESSES
+    assert [mismatches for mismatches, _e in results] == [0] * PROCESSES
+    jobs = _workers.job_inputs(str(markers))
+    assert computations(markers) == Counter({f"{c['window']}-{c['seed']}": 1 for _s, _r, c in jobs})
+    store = FeatureStore(root)
+    stats = store.get_cache_stats()
+    assert stats.entries == len(jobs) == len(list((root / "data").glob("*/*.parquet")))
+    assert stats.misses == len(jobs) and stats.hits == PROCESSES * 3 * len(jobs) - len(jobs)
+    assert_consistent(store)
+    assert store.validate_cache_integrity().temporaries == ()
+
+
+def test_threads_compute_each_key_once(tmp_path: Path) -> None:
+    root, markers = tmp_path / "cache", tmp_path / "markers"
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda w: _workers.mixed_worker(str(root), str(markers), w, 2), range(8)))
+    assert results == [(0, [])] * 8
+    assert set(computations(markers).values()) == {1} and len(computations(markers)) == 6
+    assert_consistent(FeatureStore(root))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = FeatureStore(root)
+    rng = random.Random(7)
+    for _ in range(6):
+        with subprocess.Popen(
+            [sys.executable, "-m", "tests.featurestore._workers", str(root)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as writer:
+            try:
+                assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+                time.sleep(rng.uniform(0.2, 1.5))
+                alive = writer.poll() is None
+            finally:
+                writer.send_signal(signal.SIGKILL)
+                _out, err = writer.communicate()
+            assert alive, err
+        assert writer.returncode == -signal.SIGKILL
+        assert_consistent(store)
+    assert store.get_cache_stats().entries > 0
+    # What a crash may leave is only strays (temporaries, unrecorded files); GC removes them.
+    collect_garbage(store, retention=_weeks(4), grace=_weeks(0))
+    report = store.validate_cache_integrity()
+    assert report.ok and report.orphans == () and report.temporaries == ()
+
+
+def _weeks(n: int) -> dt.timedelta:
+    return dt.timedelta(weeks=n)

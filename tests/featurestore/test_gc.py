@@ -1,0 +1,153 @@
+"""Garbage collection: expiry by last access, orphans, broken rows, dry runs and the command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from featurestore import FeatureStore, collect_garbage
+
+REPO = Path(__file__).resolve().parents[2]
+FEATURESTORE = str(Path(sys.executable).with_name("featurestore"))
+
+
+def table(n: int = 100, offset: int = 0) -> pa.Table:
+    ts = pa.array(range(offset, offset + n), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return pa.table({"ts": ts, "v": [float(i) for i in range(n)]})
+
+
+def age(store: FeatureStore, key: str, weeks: int) -> None:
+    with duckdb.connect(str(store.manifest.path)) as con:
+        con.execute(
+            "UPDATE entries SET last_accessed_ts = last_accessed_ts - to_weeks(?) WHERE key = ?", [weeks, key]
+        )
+
+
+def make_old(path: Path, hours: float = 2) -> None:
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))
+
+
+def test_expired_entries_go_fresh_ones_stay(store: FeatureStore) -> None:
+    old = store.put("old", table())
+    fresh = store.put("fresh", table(offset=1))
+    age(store, "old", 5)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4))
+    assert report.expired == 1 and report.expired_bytes == old.file_size_bytes
+    assert report.bytes_freed == old.file_size_bytes
+    assert set(store.lookup(["old", "fresh"])) == {"fresh"}
+    assert not old.path.exists() and fresh.path.exists()
+    assert store.validate_cache_integrity().ok
+
+
+def test_recent_access_saves_an_old_entry(store: FeatureStore) -> None:
+    store.put("k", table())
+    age(store, "k", 5)
+    assert store.get("k") is not None  # journaled, folded by GC's own transaction before it decides
+    assert collect_garbage(store, retention=dt.timedelta(weeks=4)).expired == 0
+    assert "k" in store.lookup(["k"])
+
+
+def test_orphans_and_temporaries_respect_the_grace_period(store: FeatureStore) -> None:
+    shard = store.root / "data" / "ab"
+    shard.mkdir()
+    old_orphan, young_orphan = shard / "abold.parquet", shard / "abyoung.parquet"
+    old_temp, young_temp = shard / ".abx.parquet.1.aa.tmp", shard / ".aby.parquet.2.bb.tmp"
+    for path in (old_orphan, young_orphan, old_temp, young_temp):
+        path.write_bytes(b"x" * 10)
+    make_old(old_orphan)
+    make_old(old_temp)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4))
+    assert (report.orphans, report.temporaries, report.orphan_bytes) == (1, 1, 10)
+    assert not old_orphan.exists() and not old_temp.exists()
+    assert young_orphan.exists() and young_temp.exists()
+
+
+def test_rows_with_missing_or_corrupt_files_are_removed(store: FeatureStore) -> None:
+    gone = store.put("gone", table())
+    bad = store.put("bad", table(offset=5))
+    good = store.put("good", table(offset=9))
+    gone.path.unlink()
+    bad.path.write_bytes(bad.path.read_bytes()[:50])
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4))
+    assert (report.missing, report.corrupt, report.entries_after) == (1, 1, 1)
+    assert set(store.lookup(["gone", "bad", "good"])) == {"good"} and not bad.path.exists()
+    assert good.path.exists()
+
+
+def test_dry_run_removes_nothing(store: FeatureStore) -> None:
+    entry = store.put("old", table())
+    age(store, "old", 10)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4), dry_run=True)
+    assert report.expired == 1 and report.dry_run
+    assert entry.path.exists() and "old" in store.lookup(["old"])
+
+
+def test_cleanup_old_entries_in_days(store: FeatureStore) -> None:
+    store.put("k", table())
+    age(store, "k", 2)
+    assert store.cleanup_old_entries(20).expired == 0
+    assert store.cleanup_old_entries(7).expired == 1
+
+
+def run_cli(*args: str, command: tuple[str, ...] = (FEATURESTORE, "gc")) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_cli_collects_and_writes_json(store: FeatureStore, tmp_path: Path) -> None:
+    store.put("old", table())
+    store.put("new", table(offset=3))
+    age(store, "old", 9)
+    out = tmp_path / "report.json"
+    result = run_cli(
+        "--cache-root", str(store.root), "--retention-weeks", "8", "--verbose", "--output-json", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "remove entry old" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["expired"] == 1 and report["bytes_freed"] > 0 and report["entries_after"] == 1
+    assert set(store.lookup(["old", "new"])) == {"new"}
+
+
+def test_module_entry_point_overview_only(store: FeatureStore, tmp_path: Path) -> None:
+    store.put("k", table())
+    age(store, "k", 9)
+    out = tmp_path / "o.json"
+    module = (sys.executable, "-m", "featurestore.gc")
+    result = run_cli(
+        "--cache-root", str(store.root), "--overview-only", "--output-json", str(out), command=module
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["entries"] == 1 and "k" in store.lookup(["k"])
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--retention-weeks", "abc"], "--retention-weeks='abc'"),
+        (["--retention-weeks", "-1"], "--retention-weeks='-1'"),
+        (["--cache-root", "/no/such/dir"], "--cache-root='/no/such/dir'"),
+        (["--output-json", "/no/such/dir/x.json"], "--output-json='/no/such/dir/x.json'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(store: FeatureStore, args: list[str], field: str) -> None:
+    if "--cache-root" not in args:
+        args = ["--cache-root", str(store.root), *args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert field in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_command(store: FeatureStore) -> None:
+    result = run_cli(command=(FEATURESTORE, "frobnicate"))
+    assert result.returncode == 2 and "command='frobnicate'" in result.stderr

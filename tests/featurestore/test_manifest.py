@@ -1,0 +1,90 @@
+"""The DuckDB manifest: short transactions, the access journal, and never holding the file open."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from featurestore import Entry, FeatureStore
+from featurestore.manifest import Manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def table(n: int = 3) -> pa.Table:
+    ts = pa.array(range(n), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return pa.table({"ts": ts, "v": [float(i) for i in range(n)]})
+
+
+def test_schema_has_the_documented_columns(store: FeatureStore) -> None:
+    with duckdb.connect(str(store.manifest.path), read_only=True) as con:
+        columns = {row[0] for row in con.execute("DESCRIBE entries").fetchall()}
+    assert {
+        "key", "path", "symbol", "start_ts", "end_ts", "rows", "file_size_bytes", "hash_method",
+        "created_ts", "last_accessed_ts", "content_hash",
+    } <= columns  # fmt: skip
+
+
+def test_entry_is_frozen_and_path_is_absolute(store: FeatureStore) -> None:
+    entry = store.put("k", table())
+    assert isinstance(entry, Entry) and entry.path.is_absolute()
+    with pytest.raises(AttributeError):
+        entry.rows = 5  # type: ignore[misc]
+    with duckdb.connect(str(store.manifest.path), read_only=True) as con:
+        (stored_path,) = con.execute("SELECT path FROM entries").fetchone() or ("",)
+    assert not Path(stored_path).is_absolute()  # relative: the root can move
+
+
+def test_manifest_is_closed_between_calls(store: FeatureStore) -> None:
+    store.put("k", table())
+    store.get("k")
+    store.lookup(["k"])
+    # Another process can open it for writing: it would fail if this process still held it.
+    code = f"import duckdb; duckdb.connect({str(store.manifest.path)!r}).execute('SELECT 1').fetchall()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_hits_are_journaled_then_folded(store: FeatureStore) -> None:
+    store.put("k", table())
+    store.get_many(["k", "k", "nope"])
+    journal = store.root / "access.journal"
+    assert journal.read_text().count("\tk\t") == 2
+    stats = store.get_cache_stats()  # any manifest access folds the journal first
+    assert (stats.hits, stats.misses) == (2, 1)
+    assert not journal.exists() or journal.stat().st_size == 0
+    assert list(store.root.glob("access.journal.*.folding")) == []
+
+
+def test_torn_journal_lines_are_skipped(store: FeatureStore) -> None:
+    store.put("k", table())
+    (store.root / "access.journal").write_text("H\tk\t17000000000000\nH\tk\t17")  # killed mid-line
+    assert store.get_cache_stats().hits == 1
+
+
+def test_leftover_folding_file_is_folded(store: FeatureStore) -> None:
+    store.put("k", table())
+    (store.root / "access.journal.dead.folding").write_text("H\tk\t1700000000000000\nM\t-\t1\n")
+    stats = store.get_cache_stats()
+    assert (stats.hits, stats.misses) == (1, 1)
+    assert not (store.root / "access.journal.dead.folding").exists()
+
+
+def test_failed_transaction_rolls_back(store: FeatureStore) -> None:
+    store.put("k", table())
+    manifest = Manifest(store.root)
+    with pytest.raises(RuntimeError), manifest.write() as txn:
+        txn.con.execute("DELETE FROM entries")
+        raise RuntimeError("abort")
+    assert "k" in store.lookup(["k"])
+
+
+def test_lookup_of_thousands_of_keys_is_one_query(store: FeatureStore) -> None:
+    store.put_many([(f"seg-{i:04d}", table(1), "S") for i in range(2400)])
+    found = store.lookup([f"seg-{i:04d}" for i in range(0, 4800, 2)])
+    assert len(found) == 1200
+    assert all(e.rows == 1 for e in found.values())
