@@ -1,0 +1,182 @@
+"""Loader and reset numbers: binary COPY (pgpq) against CSV COPY and pandas ``to_sql``; reset by pool rename
+against a template clone.
+
+Every contender does the same work per segment on the same fresh embedded server: delete the segment's range,
+load its rows into ``ohlcv_1min`` (primary key in place), write its ``refresher_segments`` row, commit. Encoding
+time (Arrow -> binary, Arrow -> CSV) counts. ``to_sql`` runs on a slice and is reported as rows/s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from refresher import snapshot
+from refresher.database import ensure_schema, segment_range
+from refresher.engines.base import ServerInfo
+from refresher.engines.local import LocalEngine
+from refresher.load import load_segment
+from refresher.schema import MINUTE_SCHEMA
+from refresher.segments import Segment
+
+TZ = "America/New_York"
+MONTH = dt.date(2024, 1, 1)
+ROWS_PER_SEGMENT = 40_000  # < 44,640 minutes in January
+
+
+def _segments(total_rows: int) -> list[tuple[Segment, pa.Table]]:
+    rng = np.random.default_rng(7)
+    first = np.datetime64("2024-01-01T05:00", "us")
+    out = []
+    for k, offset in enumerate(range(0, total_rows, ROWS_PER_SEGMENT)):
+        n = min(ROWS_PER_SEGMENT, total_rows - offset)
+        close = 100 + rng.standard_normal(n).cumsum()
+        ts = pa.array(first + np.arange(n).astype("timedelta64[m]"), pa.timestamp("us", tz="UTC"))
+        table = pa.table(
+            [
+                pa.array([f"S{k:04d}"] * n),
+                ts,
+                close,
+                close + 0.5,
+                close - 0.5,
+                close,
+                rng.integers(1, 10_000, n),
+            ],
+            schema=MINUTE_SCHEMA,
+        )
+        out.append((Segment(f"S{k:04d}", "1m", MONTH), table))
+    return out
+
+
+def _fresh_db(server: ServerInfo, name: str) -> ServerInfo:
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    target = replace(server, dbname=name)
+    with psycopg.connect(target.dsn()) as conn:
+        ensure_schema(conn)
+    return target
+
+
+def _binary_rate(server: ServerInfo, segments: list[tuple[Segment, pa.Table]]) -> float:
+    target = _fresh_db(server, "bench_binary")
+    rows = sum(t.num_rows for _, t in segments)
+    with psycopg.connect(target.dsn()) as conn:
+        started = time.perf_counter()
+        for segment, table in segments:
+            load_segment(conn, segment, table, "h", tz=TZ)
+        return rows / (time.perf_counter() - started)
+
+
+def _csv_rate(server: ServerInfo, segments: list[tuple[Segment, pa.Table]]) -> float:
+    target = _fresh_db(server, "bench_csv")
+    rows = sum(t.num_rows for _, t in segments)
+    with psycopg.connect(target.dsn()) as conn:
+        started = time.perf_counter()
+        for segment, table in segments:
+            buffer = io.BytesIO()
+            pacsv.write_csv(table, buffer, pacsv.WriteOptions(include_header=False))
+            lo, hi = segment_range(segment, TZ)
+            with conn.transaction():
+                conn.execute(
+                    "DELETE FROM ohlcv_1min WHERE symbol = %s AND ts >= %s AND ts < %s",
+                    (segment.symbol, lo, hi),
+                )
+                with conn.cursor().copy("COPY ohlcv_1min FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(buffer.getvalue())
+                conn.execute(
+                    "INSERT INTO refresher_segments VALUES (%s, %s, %s, 'h', %s, now())",
+                    (segment.symbol, segment.timeframe, segment.month, table.num_rows),
+                )
+        return rows / (time.perf_counter() - started)
+
+
+def _to_sql_rate(server: ServerInfo, table: pa.Table) -> float:
+    from sqlalchemy import create_engine
+
+    target = _fresh_db(server, "bench_to_sql")
+    engine = create_engine(target.dsn().replace("postgresql://", "postgresql+psycopg://"))
+    frame = table.to_pandas()
+    try:
+        started = time.perf_counter()
+        frame.to_sql("ohlcv_1min", engine, if_exists="append", index=False, method="multi", chunksize=5_000)
+        return table.num_rows / (time.perf_counter() - started)
+    finally:
+        engine.dispose()
+
+
+def _reset_latencies(
+    server: ServerInfo, segments: list[tuple[Segment, pa.Table]], repeat: int
+) -> dict[str, float]:
+    target = _fresh_db(server, "bench_reset")
+    with psycopg.connect(target.dsn()) as conn:
+        for segment, table in segments:
+            load_segment(conn, segment, table, "h", tz=TZ)
+    snapshot.save_pristine(target, pool_size=1)
+    pool, template = [], []
+    for _ in range(repeat):
+        snapshot.refill_pool(target)
+        report = snapshot.restore_pristine(target, refill=False)
+        assert report.method == "pool"
+        pool.append(report.seconds)
+        report = snapshot.restore_pristine(target, refill=False)  # the pool is empty now
+        assert report.method == "template"
+        template.append(report.seconds)
+    snapshot.drop_snapshot(target)
+    return {"pool": statistics.median(pool), "template": statistics.median(template)}
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    total = 300_000 if quick else 2_000_000
+    reset_rows = 300_000 if quick else 1_000_000
+    work = Path(tempfile.mkdtemp(prefix="refresher-bench-load-", dir="/tmp"))
+    work.chmod(0o755)  # the embedded server runs as another user when we are root
+    engine = LocalEngine(work)
+    try:
+        server = engine.start("bench_load")
+        segments = _segments(total)
+        rows = sum(t.num_rows for _, t in segments)
+        binary = _binary_rate(server, segments)
+        csv = _csv_rate(server, segments)
+        to_sql = _to_sql_rate(server, segments[0][1].slice(0, 20_000))
+        resets = _reset_latencies(server, _segments(reset_rows), repeat=3 if quick else 5)
+    finally:
+        engine.stop("bench_load")
+        shutil.rmtree(work, ignore_errors=True)
+    return [
+        {"benchmark": f"load {rows:,} minute bars: binary COPY vs CSV COPY", "ours": binary, "baseline": csv,
+         "unit": "rows/s", "ratio": binary / csv},
+        {"benchmark": "load minute bars: binary COPY vs pandas to_sql (20k-row slice)", "ours": binary,
+         "baseline": to_sql, "unit": "rows/s", "ratio": binary / to_sql},
+        {"benchmark": f"reset a {reset_rows:,}-row database: pool rename vs template clone",
+         "ours": resets["pool"] * 1000, "baseline": resets["template"] * 1000, "unit": "ms (median)",
+         "ratio": resets["template"] / resets["pool"]},
+    ]  # fmt: skip
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| benchmark | ours | baseline | unit | ratio |", "|---|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['benchmark']} | {r['ours']:,.1f} | {r['baseline']:,.1f} | {r['unit']} | {r['ratio']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(_markdown(run(quick="--quick" in sys.argv)))
