@@ -192,7 +192,7 @@ class DockerEngine:
             # Nobody knows the password this volume was initialised with: start it over.
             with contextlib.suppress(docker.errors.NotFound):
                 client.volumes.get(volume_name).remove(force=True)
-        image = resolve_image(client, self.image or (state.image if state else None))
+        image = resolve_image(client, self.image)
         state = ContainerState(
             container=self._container_name(profile),
             volume=volume_name,
