@@ -60,11 +60,14 @@ gc: $(STAMP) ## Garbage-collect the feature store (RETENTION_WEEKS=4)
 image: ## Build the air-gapped Postgres image from Debian packages (no registry needed)
 	bash compose/image/build.sh
 
-up: ## docker compose up: Postgres and Redis for people who prefer compose
-	docker compose -f compose/docker-compose.yml up -d --wait
+# Compose v2 (`docker compose`) where installed, else Debian's docker-compose v1.
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-compose-down: ## docker compose down
-	docker compose -f compose/docker-compose.yml down -v
+up: ## docker compose up: Postgres and Redis for people who prefer compose
+	$(COMPOSE) -f compose/docker-compose.yml up -d
+
+compose-down: ## docker compose down (removes the volumes)
+	$(COMPOSE) -f compose/docker-compose.yml down -v
 
 clean: ## Remove .venv and local state (not the feature store)
 	rm -rf $(VENV) .refresher
