@@ -73,7 +73,7 @@ def _fresh_db(server: ServerInfo, name: str) -> ServerInfo:
 
 def _binary_rate(server: ServerInfo, segments: list[tuple[Segment, pa.Table]]) -> float:
     target = _fresh_db(server, "bench_binary")
-    rows = sum(t.num_rows for _, t in segments)
+    rows: int = sum(t.num_rows for _, t in segments)
     with psycopg.connect(target.dsn()) as conn:
         started = time.perf_counter()
         for segment, table in segments:
@@ -83,7 +83,7 @@ def _binary_rate(server: ServerInfo, segments: list[tuple[Segment, pa.Table]]) -
 
 def _csv_rate(server: ServerInfo, segments: list[tuple[Segment, pa.Table]]) -> float:
     target = _fresh_db(server, "bench_csv")
-    rows = sum(t.num_rows for _, t in segments)
+    rows: int = sum(t.num_rows for _, t in segments)
     with psycopg.connect(target.dsn()) as conn:
         started = time.perf_counter()
         for segment, table in segments:
@@ -113,7 +113,7 @@ def _to_sql_rate(server: ServerInfo, table: pa.Table) -> float:
     try:
         started = time.perf_counter()
         frame.to_sql("ohlcv_1min", engine, if_exists="append", index=False, method="multi", chunksize=5_000)
-        return table.num_rows / (time.perf_counter() - started)
+        return float(table.num_rows) / (time.perf_counter() - started)
     finally:
         engine.dispose()
 
@@ -148,7 +148,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     try:
         server = engine.start("bench_load")
         segments = _segments(total)
-        rows = sum(t.num_rows for _, t in segments)
+        rows: int = sum(t.num_rows for _, t in segments)
         binary = _binary_rate(server, segments)
         csv = _csv_rate(server, segments)
         to_sql = _to_sql_rate(server, segments[0][1].slice(0, 20_000))

@@ -86,7 +86,7 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         # CREATE TABLE IF NOT EXISTS is not race-free across sessions; the lock makes it so.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('refresher.ensure_schema'))")
         for statement in DDL:
-            conn.execute(statement)  # type: ignore[arg-type]  # constant DDL, no user input
+            conn.execute(statement)  # constant DDL, no user input
 
 
 def data_columns(segment: Segment) -> list[str]:

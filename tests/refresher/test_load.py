@@ -37,7 +37,7 @@ def conn(pg_conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
 def _rows(conn: psycopg.Connection[Any], table: str, symbol: str) -> list[tuple[Any, ...]]:
     order = "ts" if table == "ohlcv_1min" else "date"
     query = f"SELECT * FROM {table} WHERE symbol = %s ORDER BY {order}"
-    return conn.execute(query, (symbol,)).fetchall()  # type: ignore[arg-type]
+    return conn.execute(query, (symbol,)).fetchall()
 
 
 def _as_tuples(table: pa.Table) -> list[tuple[Any, ...]]:
