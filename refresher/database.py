@@ -128,18 +128,20 @@ def read_loaded_segments(conn: psycopg.Connection[Any]) -> dict[Segment, LoadedS
 
 
 def count_rows(
-    conn: psycopg.Connection[Any], segments: Iterable[Segment], *, tz: TzArg = None
+    conn: psycopg.Connection[Any], segments: Iterable[Segment], *, timezones: TzArg = None
 ) -> dict[Segment, int]:
     """Actual rows per segment in the data tables, for ``--verify``: one query per table, index range counts.
 
-    ``tz`` is the exchange time zone of minute segments: one name for all symbols, or a symbol -> zone map.
+    ``timezones`` bounds minute segments: one zone for all symbols, or a symbol -> zone map. A symbol missing
+    from the map (a stale segment of a symbol the profile dropped) is counted by the UTC month: at worst its
+    count is off at the month's edges and verify reloads a segment that is about to be pruned anyway.
     """
     by_table: dict[str, list[Segment]] = {}
     for segment in segments:
         by_table.setdefault(segment.table, []).append(segment)
     counts: dict[Segment, int] = {}
     for table, group in by_table.items():
-        bounds = [segment_range(s, _tz_for(s, tz)) for s in group]
+        bounds = [segment_range(s, _tz_for(s, timezones)) for s in group]
         column = sql.Identifier(TIME_COLUMN[table])
         element = "date" if table == "ohlcv_daily" else "timestamptz"
         # A correlated count per (symbol, range) row uses the primary key's range scan: cost follows the
@@ -165,9 +167,11 @@ def _tz_for(segment: Segment, tz: TzArg) -> str:
         return "UTC"  # unused: daily ranges are dates
     if isinstance(tz, str):
         return tz
-    if tz is not None and segment.symbol in tz:
-        return tz[segment.symbol]
-    raise LoadError(f"{segment}: minute segments need the exchange time zone (tz=)", segment=str(segment))
+    if tz is not None:
+        return tz.get(segment.symbol, "UTC")
+    raise LoadError(
+        f"{segment}: minute segments need the exchange time zone (timezones=)", segment=str(segment)
+    )
 
 
 def upsert_symbols(conn: psycopg.Connection[Any], rows: Iterable[tuple[str, str | None, str | None]]) -> int:

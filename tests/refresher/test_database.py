@@ -85,9 +85,9 @@ def test_count_rows_counts_what_is_really_there(pg_conn: psycopg.Connection[Any]
     pg_conn.execute("INSERT INTO ohlcv_1min VALUES ('AAPL', '2024-02-01 03:00+00', 1, 1, 1, 1, 1)")
     pg_conn.execute("DELETE FROM ohlcv_daily WHERE date = '2024-01-05'")  # drift the ledger cannot see
     pg_conn.commit()
-    counts = count_rows(pg_conn, [jan_m, feb_m, jan_d, msft_d], tz={"AAPL": NY, "MSFT": NY})
+    counts = count_rows(pg_conn, [jan_m, feb_m, jan_d, msft_d], timezones={"AAPL": NY, "MSFT": NY})
     assert counts == {jan_m: 391, feb_m: 100, jan_d: 20, msft_d: 0}
-    assert count_rows(pg_conn, [jan_m], tz="UTC") == {jan_m: 390}  # in UTC the extra bar is February's
+    assert count_rows(pg_conn, [jan_m], timezones="UTC") == {jan_m: 390}  # in UTC the extra bar is February's
 
 
 def test_count_rows_of_minutes_needs_a_time_zone(pg_conn: psycopg.Connection[Any]) -> None:

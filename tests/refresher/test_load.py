@@ -73,7 +73,7 @@ def test_reloading_replaces_the_segment_and_leaves_its_neighbours(conn: psycopg.
     load_segment(conn, Segment("MSFT", "1m", JAN), minute_bars("MSFT", OPEN_JAN_2, 70), "m", tz=NY)
     new = minute_bars("AAPL", dt.datetime(2024, 1, 3, 14, 30, tzinfo=dt.UTC), 300, seed=9)
     load_segment(conn, jan, new, "new", tz=NY)
-    counts = count_rows(conn, [jan, feb, Segment("MSFT", "1m", JAN)], tz=NY)
+    counts = count_rows(conn, [jan, feb, Segment("MSFT", "1m", JAN)], timezones=NY)
     assert list(counts.values()) == [300, 50, 70]
     jan_rows = [
         r for r in _rows(conn, "ohlcv_1min", "AAPL") if r[1] < dt.datetime(2024, 2, 1, 5, tzinfo=dt.UTC)
@@ -142,7 +142,9 @@ def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: Se
     with psycopg.connect(pg_database.dsn()) as conn:
         segment = Segment("AAPL", "1m", JAN)
         assert (
-            count_rows(conn, [segment], tz=NY)[segment] == read_loaded_segments(conn)[segment].rows == 44_000
+            count_rows(conn, [segment], timezones=NY)[segment]
+            == read_loaded_segments(conn)[segment].rows
+            == 44_000
         )
 
 
