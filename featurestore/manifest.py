@@ -144,6 +144,7 @@ class Manifest:
 
     def __init__(self, root: Path, *, lock_timeout: float | None = 600.0) -> None:
         self.root = root
+        self._root_prefix = str(root) + os.sep
         self.path = root / MANIFEST_FILE
         self._lock_path = root / _LOCK_FILE
         self._journal = root / _JOURNAL_FILE
@@ -347,7 +348,7 @@ class Manifest:
     def _entry(self, row: tuple[Any, ...]) -> Entry:
         return Entry(
             key=row[0],
-            path=self.root / row[1],
+            path=Path(self._root_prefix + row[1]),  # one parse, not a join: lookups build thousands
             symbol=row[2],
             start_ts=_aware(row[3]),
             end_ts=_aware(row[4]),

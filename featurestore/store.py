@@ -128,7 +128,9 @@ class FeatureStore:
         key = fkey.key
         stored = self._read(key)
         if stored is None:
-            with file_lock(self._key_lock(key), timeout=self.lock_timeout):
+            # No timeout: waiting for the key is waiting for its computation, however long that takes; a
+            # computing process that dies releases the lock with its descriptors.
+            with file_lock(self._key_lock(key)):
                 stored = self._read(key)  # another process may have computed it while we waited
                 if stored is None:
                     return self._compute_and_store(fkey.key, symbol, raw, config, compute_func, fkey)
