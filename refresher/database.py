@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
@@ -112,10 +112,15 @@ def zone_of(tz: str) -> ZoneInfo:
         raise LoadError(f"tz={tz!r}: unknown time zone", field="tz", value=tz) from exc
 
 
+def schema_exists(conn: psycopg.Connection[Any]) -> bool:
+    """Whether ``ensure_schema`` ever ran here (the ledger table exists); never creates anything."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (SEGMENTS_TABLE,)).fetchone()
+    return bool(row and row[0])
+
+
 def read_loaded_segments(conn: psycopg.Connection[Any]) -> dict[Segment, LoadedSegment]:
     """Everything ``refresher_segments`` says is loaded; empty when the schema does not exist yet."""
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (SEGMENTS_TABLE,)).fetchone()
-    if not exists or not exists[0]:
+    if not schema_exists(conn):
         return {}
     rows = conn.execute(
         "SELECT symbol, timeframe, month, content_hash, rows, loaded_at FROM refresher_segments"
@@ -174,9 +179,22 @@ def _tz_for(segment: Segment, tz: TzArg) -> str:
     )
 
 
-def upsert_symbols(conn: psycopg.Connection[Any], rows: Iterable[tuple[str, str | None, str | None]]) -> int:
-    """Insert or update ``(symbol, exchange, asset_class)`` rows; returns how many were given."""
-    data = list(rows)
+class SymbolRow(Protocol):
+    """Anything with a symbol, its exchange and asset class (``refresher.profile.Listing`` is one)."""
+
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def asset_class(self) -> str | None: ...
+
+
+def upsert_symbols(
+    conn: psycopg.Connection[Any], rows: Iterable[SymbolRow | tuple[str, str | None, str | None]]
+) -> int:
+    """Insert or update symbols, given as listings or ``(symbol, exchange, asset_class)``; returns how many."""
+    data = [r if isinstance(r, tuple) else (r.symbol, r.exchange, r.asset_class) for r in rows]
     if not data:
         return 0
     with conn.transaction(), conn.cursor() as cur:
@@ -192,10 +210,12 @@ __all__ = [
     "DDL",
     "SEGMENTS_TABLE",
     "LoadedSegment",
+    "SymbolRow",
     "count_rows",
     "data_columns",
     "ensure_schema",
     "read_loaded_segments",
+    "schema_exists",
     "segment_range",
     "upsert_symbols",
 ]

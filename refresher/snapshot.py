@@ -154,6 +154,12 @@ def drop_snapshot(server: ServerInfo) -> None:
         _drop_snapshot(conn, db)
 
 
+def has_pristine(server: ServerInfo) -> bool:
+    """Whether ``save_pristine`` has run for ``server.dbname`` (and its snapshot was not dropped since)."""
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        return _has_pristine(conn, server.dbname)
+
+
 def pool_status(server: ServerInfo) -> PoolStatus:
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         return PoolStatus(_has_pristine(conn, server.dbname), tuple(_ready_clones(conn, server.dbname)),
@@ -378,6 +384,7 @@ __all__ = [
     "checkout_clone",
     "drop_clone",
     "drop_snapshot",
+    "has_pristine",
     "pool_name",
     "pool_status",
     "pristine_name",

@@ -13,11 +13,13 @@ from refresher.database import (
     count_rows,
     ensure_schema,
     read_loaded_segments,
+    schema_exists,
     segment_range,
     upsert_symbols,
 )
 from refresher.errors import LoadError
 from refresher.load import load_segment
+from refresher.profile import Listing
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
 from tests.fixtures_postgres import daily_bars, minute_bars
@@ -60,7 +62,9 @@ def test_schema_columns_match_the_arrow_schemas_in_order(pg_conn: psycopg.Connec
 
 def test_read_loaded_segments_before_and_after_loading(pg_conn: psycopg.Connection[Any]) -> None:
     assert read_loaded_segments(pg_conn) == {}  # no schema yet: nothing loaded, no error
+    assert not schema_exists(pg_conn)
     ensure_schema(pg_conn)
+    assert schema_exists(pg_conn)
     segment = Segment("AAPL", "1d", JAN)
     load_segment(pg_conn, segment, daily_bars("AAPL", JAN, 20), "hash-a", tz=NY)
     loaded = read_loaded_segments(pg_conn)
@@ -100,6 +104,6 @@ def test_count_rows_of_minutes_needs_a_time_zone(pg_conn: psycopg.Connection[Any
 def test_upsert_symbols(pg_conn: psycopg.Connection[Any]) -> None:
     ensure_schema(pg_conn)
     assert upsert_symbols(pg_conn, [("AAPL", "XNAS", "equity"), ("ES", None, "future")]) == 2
-    upsert_symbols(pg_conn, [("AAPL", "XNYS", "equity")])
+    upsert_symbols(pg_conn, [Listing("AAPL", "XNYS", "equity", 0)])
     rows = pg_conn.execute("SELECT * FROM symbols ORDER BY symbol").fetchall()
     assert rows == [("AAPL", "XNYS", "equity"), ("ES", None, "future")]

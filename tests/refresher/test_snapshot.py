@@ -17,6 +17,7 @@ from refresher.segments import Segment
 from refresher.snapshot import (
     checkout_clone,
     drop_clone,
+    has_pristine,
     pool_status,
     pristine_name,
     restore_pristine,
@@ -58,7 +59,9 @@ def test_without_a_pristine_snapshot_reset_says_to_refresh_first(loaded: ServerI
 
 
 def test_save_makes_a_template_and_a_full_pool(loaded: ServerInfo) -> None:
+    assert not has_pristine(loaded)
     info = save_pristine(loaded, pool_size=3)
+    assert has_pristine(loaded)
     assert info.pristine == pristine_name(loaded.dbname) and len(info.pool) == 3
     assert set(info.pool) | {info.pristine} <= _databases(loaded)
     with psycopg.connect(loaded.dsn("postgres")) as conn:
