@@ -49,6 +49,10 @@ class SnapshotInfo:
     pool: tuple[str, ...]
     seconds: float
 
+    def to_json(self) -> dict[str, Any]:
+        return {"database": self.database, "pristine": self.pristine, "pool": list(self.pool),
+                "seconds": round(self.seconds, 6)}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class RestoreReport:
@@ -56,6 +60,9 @@ class RestoreReport:
 
     seconds: float
     method: Literal["pool", "template"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seconds": round(self.seconds, 6), "method": self.method}
 
 
 @dataclass(frozen=True)

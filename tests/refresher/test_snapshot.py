@@ -101,6 +101,7 @@ def test_reset_falls_back_to_the_template_when_the_pool_is_empty(loaded: ServerI
         conn.execute("TRUNCATE ohlcv_daily")
     report = restore_pristine(loaded, refill=False)
     assert report.method == "template"
+    assert report.to_json()["method"] == "template"
     assert _count(loaded.dsn()) == 21
 
 
