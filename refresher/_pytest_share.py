@@ -47,16 +47,23 @@ def _flock(path: Path) -> Iterator[None]:
 
 
 class PoolRefiller:
-    """Keeps one server's warm clone pool full from a background thread of this process."""
+    """Drops used clones and keeps one server's warm pool full, from a background thread of this process.
+
+    Both are off the test's critical path: a checkout is a rename (about 10 ms), while dropping a clone (about
+    25 ms) and cloning the template again (about 120 ms for ui_testing on ext4) run while the next test does.
+    """
 
     def __init__(self, server: ServerInfo) -> None:
         self.server = server
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._to_drop: list[str] = []
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def poke(self) -> None:
+        """Refill the pool soon (after a checkout)."""
         if self.error is not None:
             raise SnapshotError(f"refilling the clone pool of {self.server.dbname} failed: {self.error}")
         if self._thread is None:
@@ -64,23 +71,41 @@ class PoolRefiller:
             self._thread.start()
         self._wake.set()
 
+    def discard(self, name: str) -> None:
+        """Drop the clone ``name`` soon; ``close`` waits until it is gone."""
+        with self._lock:
+            self._to_drop.append(name)
+        self.poke()
+
+    def _drop_pending(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_drop:
+                    return
+                name = self._to_drop.pop(0)
+            snapshot.drop_clone(self.server, name)
+
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if self._closing.is_set():
-                return
             try:
+                self._drop_pending()
+                if self._closing.is_set():
+                    return
                 snapshot.refill_pool(self.server)
-            except Exception as exc:  # reported on the next checkout, by the test thread
+            except Exception as exc:  # reported by the next poke, in the test thread
                 self.error = exc
                 return
 
     def close(self) -> None:
+        """Finish pending drops and stop the thread; raises what the thread failed with."""
         self._closing.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=120)
+        if self.error is not None:
+            raise SnapshotError(f"dropping clones of {self.server.dbname} failed: {self.error}")
 
 
 class SharedServers:
@@ -118,12 +143,17 @@ class SharedServers:
 
     def close(self) -> None:
         """Stop this process's refill threads; the owner also stops every server of the run."""
+        errors: list[BaseException] = []
         for refiller in self._refillers.values():
-            refiller.close()
+            try:
+                refiller.close()
+            except Exception as exc:
+                errors.append(exc)
         self._refillers.clear()
         if not self.owner:
+            if errors:
+                raise errors[0]
             return
-        errors: list[BaseException] = []
         for record_path in sorted(self.run_dir.glob("*.json")):
             with _flock(record_path.with_suffix(".lock")):
                 try:

@@ -216,7 +216,7 @@ def refresher_database(proc_fixture_name: str) -> Any:
             try:
                 database.close()
             finally:
-                snapshot.drop_clone(server.info, name)
+                refiller.discard(name)  # dropped by the refill thread, before the session ends
 
     return database_fixture
 

@@ -289,7 +289,8 @@ def test_from_ini(refresher_db, refresher_postgres):
     assert refresher_postgres.end == dt.date.fromisoformat({as_of.isoformat()!r})
     with refresher_db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()[0] == {e.daily}
-        assert conn.execute("SELECT max(date) FROM ohlcv_daily").fetchone()[0] <= {as_of!r}
+        last = conn.execute("SELECT max(date) FROM ohlcv_daily").fetchone()[0]
+    assert last <= dt.date.fromisoformat({as_of.isoformat()!r})
 """,
         ini_extra=ini,
     )
