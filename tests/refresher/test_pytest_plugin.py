@@ -356,3 +356,28 @@ def test_plugin_registers_its_options_and_marker(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines(["*--refresher-profile=*", "*--refresher-engine=*", "*refresher_store*"])
     result = run(pytester, "--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.refresher_profile(name)*"])
+
+
+@pytest.mark.slow
+def test_fixture_factories_make_more_fixtures(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    pytester.makeconftest(
+        """
+from refresher.pytest_plugin import refresher_database, refresher_proc
+
+two_postgres = refresher_proc("tiny_two", engine="local", as_of="2024-02-29")
+two_db = refresher_database("two_postgres")
+"""
+    )
+    write_project(
+        pytester,
+        f"""
+import datetime as dt
+
+def test_factory(two_db, two_postgres):
+    assert two_postgres.profile == "tiny_two" and two_postgres.end == dt.date(2024, 2, 29)
+    assert two_db.profile == "tiny_two"
+    with two_db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM symbols").fetchone()[0] == {TINY_TWO_EXPECTED.symbols}
+""",
+    )
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=1)
