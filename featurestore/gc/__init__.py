@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -149,6 +150,8 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad input as one line and exit status 2, never usage text or a traceback."""
 
     def error(self, message: str) -> NoReturn:
+        # Our type checkers already name the option and value; drop argparse's "argument --x: " in front.
+        message = re.sub(r"^argument [^:]+: (?=--)", "", message)
         self.exit(2, f"{self.prog}: {message}\n")
 
 
