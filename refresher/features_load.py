@@ -19,6 +19,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from featurestore import FeatureStore
+from featurestore.keys import function_identity
 from refresher.features import FeatureSpec, equal_weight_index, get_feature
 from refresher.plan import GapPlan
 from refresher.profile import Profile
@@ -48,9 +49,24 @@ def feature_table(name: str) -> str:
     return f"features_{name}"
 
 
+class _Compute:
+    """Adapts a FeatureSpec to the store's ``compute_func(raw, config)`` calling convention."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, raw: pd.DataFrame, config: Any) -> pd.DataFrame:
+        return self.spec.compute(raw)
+
+
+def _version(spec: FeatureSpec) -> str:
+    """The declared version plus a hash of the function's source: editing a feature recomputes it."""
+    return f"{spec.version}/{function_identity(spec.compute)[1]}"
+
+
 def _input_hash(spec: FeatureSpec, content_hashes: Sequence[str]) -> str:
     digest = hashlib.sha256()
-    for part in (spec.name, spec.version, *content_hashes):
+    for part in (spec.name, _version(spec), *content_hashes):
         raw = part.encode()
         digest.update(len(raw).to_bytes(8, "big"))
         digest.update(raw)
@@ -163,7 +179,7 @@ def refresh_features(
                 raw = raw.assign(benchmark=benchmark.reindex(raw.index))
             before = store.get_cache_stats().misses
             result = store.get_or_compute(
-                symbol, raw, {"feature": spec.name}, spec.compute, version=spec.version
+                symbol, raw, {"feature": spec.name}, _Compute(spec), version=_version(spec)
             )
             counts["computed"] += store.get_cache_stats().misses - before
             frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
