@@ -224,7 +224,9 @@ def refresh(
     mark = lap("engine", started)
     tz_of = _timezones(profile)
     rows_loaded = loaded_count = pruned = fetched = 0
-    with closing(make_source(profile)) as source, psycopg.connect(server.dsn()) as conn:
+    # autocommit: each load_segment's transaction() is then a real BEGIN/COMMIT, not a savepoint inside one
+    # long implicit transaction, so every finished segment survives a kill -9.
+    with closing(make_source(profile)) as source, psycopg.connect(server.dsn(), autocommit=True) as conn:
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
         plan = compute_plan(profile, source, store, conn, verify=verify)

@@ -1,0 +1,266 @@
+"""End to end, through the real CLI and a real server of each engine: refresh, no-op, --verify, seed change,
+kill -9 mid-load, reset. Expected counts come from exchange_calendars, not from refresher."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import exchange_calendars as xcals
+import psycopg
+import pytest
+
+from tests.fixtures_postgres import world_traversable_tmp
+
+AS_OF = dt.date(2025, 3, 31)
+START = dt.date(2025, 2, 1)
+SYMBOLS = ["AAPL", "MSFT", "KO"]
+
+PROFILE_YAML = """\
+description: end-to-end test profile
+universe:
+  symbols: [{symbols}]
+exchange: XNYS
+months: {months}
+as_of: {as_of}
+timeframes: [1d, 1m]
+features: [dashboard_data]
+seed: 11
+{seeds}reset_target_seconds: 5
+"""
+
+CHECKSUMS = """
+SELECT 'd', symbol, to_char(date, 'YYYY-MM'),
+       md5(string_agg(concat_ws(',', date, open, high, low, close, volume), ';' ORDER BY date))
+FROM ohlcv_daily GROUP BY 1, 2, 3
+UNION ALL
+SELECT 'm', symbol, to_char(ts AT TIME ZONE 'America/New_York', 'YYYY-MM'),
+       md5(string_agg(concat_ws(',', ts, open, high, low, close, volume), ';' ORDER BY ts))
+FROM ohlcv_1min GROUP BY 1, 2, 3
+"""
+
+
+def expected_rows(symbols: int, start: dt.date, end: dt.date) -> tuple[int, int]:
+    """(daily, minute) rows for ``symbols`` XNYS symbols over [start, end], from exchange_calendars itself."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = xcals.get_calendar("XNYS", start="2024-01-01", end="2026-01-01")
+        sessions = cal.sessions_in_range(start.isoformat(), end.isoformat())
+        minutes = sum(len(cal.session_minutes(s)) for s in sessions)
+    return symbols * len(sessions), symbols * minutes
+
+
+@dataclass
+class Workspace:
+    """A state dir, a store and a profiles dir, driven through the real `refresher` command."""
+
+    root: Path
+    engine: str
+    profile: str
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REFRESHER_STATE_DIR": str(self.root / "state"),
+            "FEATURE_STORE_PATH": str(self.root / "store"),
+            "REFRESHER_PROFILES": str(self.root / "profiles"),
+        }
+
+    def write_profile(
+        self, name: str | None = None, *, symbols: list[str] = SYMBOLS, months: int = 2, seeds: str = ""
+    ) -> str:
+        name = name or self.profile
+        self.written.append(name)
+        (self.root / "profiles").mkdir(exist_ok=True)
+        text = PROFILE_YAML.format(
+            symbols=", ".join(symbols), months=months, as_of=AS_OF.isoformat(), seeds=seeds
+        )
+        (self.root / "profiles" / f"{name}.yaml").write_text(text)
+        return name
+
+    def down(self) -> None:
+        # By name, never `all`: other tests' servers (and the developer's own) share the Docker engine.
+        for name in {self.profile, *self.written}:
+            subprocess.run(
+                self.command("down", "--profile", name), env=self.env, capture_output=True, timeout=120
+            )
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "refresher.cli", *args, "--engine", self.engine]
+
+    def run(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == expect, done.stderr
+        return done
+
+    def refresh(self, *extra: str, profile: str | None = None) -> dict[str, Any]:
+        done = self.run("refresh", "--profile", profile or self.profile, "--json", *extra)
+        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def dsn(self, profile: str | None = None) -> str:
+        return self.run("url", "--profile", profile or self.profile).stdout.strip()
+
+    def checksums(self, profile: str | None = None) -> dict[tuple[str, str, str], str]:
+        with psycopg.connect(self.dsn(profile)) as conn:
+            return {(kind, sym, month): digest for kind, sym, month, digest in conn.execute(CHECKSUMS)}
+
+    def scalar(self, query: str, profile: str | None = None) -> Any:
+        with psycopg.connect(self.dsn(profile)) as conn:
+            row = conn.execute(query).fetchone()
+            assert row is not None
+            return row[0]
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def workspace(request: pytest.FixtureRequest) -> Iterator[Workspace]:
+    if request.param == "docker":
+        request.getfixturevalue("docker_pg_image")  # skips (or fails in CI) without a Docker engine
+    root = world_traversable_tmp("refresher-e2e-")
+    ws = Workspace(root, request.param, f"e2e_{uuid.uuid4().hex[:8]}")
+    ws.write_profile()
+    try:
+        yield ws
+    finally:
+        ws.down()
+
+
+@pytest.mark.slow
+def test_refresh_loads_everything_then_a_second_run_loads_nothing(workspace: Workspace) -> None:
+    first = workspace.refresh()
+    daily, minute = expected_rows(len(SYMBOLS), START, AS_OF)
+    assert first["segments"]["desired"] == len(SYMBOLS) * 2 * 2
+    assert first["segments"]["loaded"] == first["segments"]["desired"]
+    assert first["rows_loaded"] == daily + minute
+    assert first["features"]["loaded"] == len(SYMBOLS)
+    assert workspace.scalar("SELECT count(*) FROM ohlcv_daily") == daily
+    assert workspace.scalar("SELECT count(*) FROM ohlcv_1min") == minute
+    assert workspace.scalar("SELECT count(*) FROM features_dashboard_data") == daily
+    assert workspace.scalar("SELECT count(DISTINCT symbol) FROM symbols") == len(SYMBOLS)
+
+    second = workspace.refresh()
+    assert second["segments"]["loaded"] == 0
+    assert second["segments"]["present"] == second["segments"]["desired"]
+    assert second["rows_loaded"] == 0
+    assert second["store"] == {"hits": second["segments"]["desired"], "misses": 0}
+    assert second["features"]["loaded"] == 0
+    assert "password" not in json.dumps(second) and workspace.dsn().split("@")[0] not in second["dsn"]
+
+
+@pytest.mark.slow
+def test_verify_reloads_exactly_the_segment_deleted_by_hand(workspace: Workspace) -> None:
+    workspace.refresh()
+    before = workspace.checksums()
+    with psycopg.connect(workspace.dsn()) as conn:
+        conn.execute(
+            "DELETE FROM ohlcv_1min WHERE symbol = 'MSFT' AND ts >= '2025-02-10' AND ts < '2025-02-20'"
+        )
+    assert workspace.refresh()["segments"]["loaded"] == 0  # the ledger alone cannot see it
+
+    plan = json.loads(workspace.run("plan", "--profile", workspace.profile, "--verify", "--json").stdout)
+    assert plan["to_load"] == ["MSFT/1m/2025-02"]
+
+    report = workspace.refresh("--verify")
+    assert report["segments"]["loaded"] == 1
+    assert workspace.checksums() == before
+
+
+@pytest.mark.slow
+def test_changing_one_symbols_seed_reloads_exactly_that_symbol(workspace: Workspace) -> None:
+    workspace.refresh()
+    before = workspace.checksums()
+    workspace.write_profile(seeds="seeds: {MSFT: 99}\n")
+
+    report = workspace.refresh()
+    assert report["segments"]["loaded"] == 4  # MSFT x {1d, 1m} x {Feb, Mar}
+    after = workspace.checksums()
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {key for key in before if key[1] == "MSFT"}
+
+
+@pytest.mark.slow
+def test_reset_restores_a_dropped_table_and_deleted_rows(workspace: Workspace) -> None:
+    workspace.refresh()
+    before = workspace.checksums()
+    with psycopg.connect(workspace.dsn()) as conn:
+        conn.execute("DROP TABLE ohlcv_daily")
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'KO'")
+        conn.execute("UPDATE ohlcv_1min SET close = 0")
+    reset = json.loads(workspace.run("reset", "--profile", workspace.profile, "--json").stdout)
+    assert reset["seconds"] < 60  # a sanity bound only: speed is measured by `make bench`
+    assert workspace.checksums() == before
+    # Twice in a row: the pool was refilled (or the template fallback works).
+    with psycopg.connect(workspace.dsn()) as conn:
+        conn.execute("DELETE FROM ohlcv_1min")
+    workspace.run("reset", "--profile", workspace.profile)
+    assert workspace.checksums() == before
+
+
+@pytest.mark.slow
+def test_kill_9_mid_load_then_rerun_equals_a_clean_load(workspace: Workspace) -> None:
+    many = [f"S{i:03d}" for i in range(40)]
+    # Load March first, so the server and its DSN exist before the run we kill (which adds Jan and Feb).
+    victim = workspace.write_profile(symbols=many, months=1)
+    first = workspace.refresh(profile=victim)["segments"]["loaded"]
+    dsn = workspace.dsn(victim)
+    workspace.write_profile(victim, symbols=many, months=3)
+    clean = workspace.write_profile(f"{victim}_clean", symbols=many, months=3)
+
+    proc = subprocess.Popen(
+        workspace.command("refresh", "--profile", victim, "--json"),
+        env=workspace.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    loaded = 0
+    deadline = time.monotonic() + 300
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while time.monotonic() < deadline and proc.poll() is None:
+                row = conn.execute("SELECT count(*) FROM refresher_segments").fetchone()
+                loaded = row[0] if row else 0
+                if loaded >= first + 5:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the refresh finished before it could be killed mid-load"
+    total = len(many) * 3 * 2
+    assert first + 5 <= loaded < total
+
+    resumed = workspace.refresh(profile=victim)
+    assert resumed["segments"]["loaded"] + resumed["segments"]["present"] == total
+    assert resumed["segments"]["present"] >= loaded  # nothing committed before the kill was redone
+    workspace.refresh(profile=clean)
+    assert workspace.checksums(victim) == workspace.checksums(clean)
+    assert workspace.scalar("SELECT count(*) FROM refresher_segments", victim) == total
+
+
+@pytest.mark.slow
+def test_refresh_ui_testing_profile_as_shipped(tmp_path: Path) -> None:
+    root = world_traversable_tmp("refresher-ui-")
+    ws = Workspace(root, "local", "ui_testing")
+    as_of = "2025-06-30"
+    try:
+        report = ws.refresh("--as-of", as_of)
+        daily, minute = expected_rows(20, dt.date(2025, 4, 1), dt.date(2025, 6, 30))
+        assert report["rows_loaded"] == daily + minute
+        assert report["segments"]["desired"] == 20 * 3 * 2
+        assert ws.refresh("--as-of", as_of)["segments"]["loaded"] == 0
+        assert ws.scalar("SELECT count(*) FROM features_websocket_testing") == daily
+    finally:
+        ws.down()
