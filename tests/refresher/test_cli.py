@@ -1,0 +1,74 @@
+"""The CLI's promises about bad input: one line naming file, field and value, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refresher.cli import main
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "refresher.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_unknown_profile_is_one_line_exit_2(tmp_path: Path) -> None:
+    line = one_line_error(run_cli("plan", "--profile", "no_such_profile", "--state-dir", str(tmp_path)))
+    assert "no_such_profile" in line and "ui_testing" in line  # names the value and the choices
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value"),
+    [
+        ("universe: {symbols: [AAA]}\nexchange: XNYZ\nmonths: 1\n", "exchange", "XNYZ"),
+        ("universe: {symbols: [AAA]}\nmonths: 1\nfeatures: [dashbord_data]\n", "features", "dashbord_data"),
+        ("universe: {symbols: [AAA]}\nmonths: -3\n", "months", "-3"),
+        ("universe: {symbols: [AAA]}\nmonths: 1\ntimeframes: [5m]\n", "timeframes", "5m"),
+        ("universe: {symbols: [AAA]}\nmonths: 1\ncolour: blue\n", "colour", "blue"),
+    ],
+)
+def test_bad_profile_field_names_file_field_and_value(
+    tmp_path: Path, text: str, field: str, value: str
+) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    line = one_line_error(run_cli("plan", "--profile", str(path), "--state-dir", str(tmp_path / "state")))
+    assert str(path) in line and field in line and value in line
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("pgdata"))
+
+
+def test_market_status_json_and_bad_exchange(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["market", "status", "--exchange", "XNYS", "--at", "2025-07-03T16:59:00Z", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["is_open"] is True  # the early close of 3 July 2025 is 13:00 New York = 17:00 UTC
+    assert main(["market", "status", "--exchange", "XNYS", "--at", "2025-07-03T17:00:00Z", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["is_open"] is False
+    line = one_line_error(run_cli("market", "status", "--exchange", "XXXX"))
+    assert "XXXX" in line
+
+
+def test_reset_without_a_server_says_to_refresh_first(tmp_path: Path) -> None:
+    line = one_line_error(
+        run_cli("reset", "--profile", "ui_testing", "--engine", "local", "--state-dir", str(tmp_path))
+    )
+    assert "refresher refresh --profile ui_testing" in line
+
+
+def test_profiles_lists_the_shipped_four(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profiles", "--json"]) == 0
+    names = {p["name"] for p in json.loads(capsys.readouterr().out)["profiles"]}
+    assert {"patterns", "backtesting", "ui_testing", "etf_analysis"} <= names
