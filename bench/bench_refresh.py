@@ -91,31 +91,69 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
         # Baselines on a slice of the very bars we loaded, extrapolated to the cold load's row count.
         with psycopg.connect(dsn) as conn:
-            cur = conn.execute("SELECT * FROM ohlcv_1min ORDER BY symbol, ts LIMIT %s", (200_000 if quick else 1_000_000,))
+            cur = conn.execute(
+                "SELECT * FROM ohlcv_1min ORDER BY symbol, ts LIMIT %s", (200_000 if quick else 1_000_000,)
+            )
             names = [d.name for d in cur.description or []]
             slice_table = pa.Table.from_pylist([dict(zip(names, r, strict=True)) for r in cur.fetchall()])
         csv_rate = _csv_copy_rate(dsn, slice_table)
         to_sql_rate = _to_sql_rate(dsn, slice_table.slice(0, 20_000))
         total = cold.rows_loaded
-        rows.append({"benchmark": f"{profile_name} cold refresh ({total:,} rows)", "ours": cold.seconds,
-                     "baseline": total / csv_rate, "unit": "s", "ratio": total / csv_rate / cold.seconds,
-                     "note": f"baseline: CSV COPY of the same rows, load only; {note}"})
-        rows.append({"benchmark": f"{profile_name} cold refresh vs pandas to_sql", "ours": cold.seconds,
-                     "baseline": total / to_sql_rate, "unit": "s", "ratio": total / to_sql_rate / cold.seconds,
-                     "note": "baseline: to_sql on 20k rows, extrapolated"})
+        rows.append(
+            {
+                "benchmark": f"{profile_name} cold refresh ({total:,} rows)",
+                "ours": cold.seconds,
+                "baseline": total / csv_rate,
+                "unit": "s",
+                "ratio": total / csv_rate / cold.seconds,
+                "note": f"baseline: CSV COPY of the same rows, load only; {note}",
+            }
+        )
+        rows.append(
+            {
+                "benchmark": f"{profile_name} cold refresh vs pandas to_sql",
+                "ours": cold.seconds,
+                "baseline": total / to_sql_rate,
+                "unit": "s",
+                "ratio": total / to_sql_rate / cold.seconds,
+                "note": "baseline: to_sql on 20k rows, extrapolated",
+            }
+        )
 
         noop_times = []
         for _ in range(3):
             report = refresh(profile, engine, FeatureStore(settings.store_root))
             assert report.segments.loaded == 0
             noop_times.append(report.seconds)
-        rows.append({"benchmark": "no-op refresh (library, median of 3)", "ours": statistics.median(noop_times),
-                     "unit": "s", "note": "target <= 0.5 s"})
-        env = {**os.environ, "REFRESHER_STATE_DIR": str(settings.state_dir),
-               "FEATURE_STORE_PATH": str(settings.store_root)}
-        cli = _cli_seconds(["refresh", "--profile", profile_name, "--engine", "local", "--json",
-                            "--as-of", AS_OF.isoformat()], env)
-        rows.append({"benchmark": "no-op refresh (CLI wall time, incl. interpreter start)", "ours": cli, "unit": "s"})
+        rows.append(
+            {
+                "benchmark": "no-op refresh (library, median of 3)",
+                "ours": statistics.median(noop_times),
+                "unit": "s",
+                "note": "target <= 0.5 s",
+            }
+        )
+        env = {
+            **os.environ,
+            "REFRESHER_STATE_DIR": str(settings.state_dir),
+            "FEATURE_STORE_PATH": str(settings.store_root),
+        }
+        cli = _cli_seconds(
+            [
+                "refresh",
+                "--profile",
+                profile_name,
+                "--engine",
+                "local",
+                "--json",
+                "--as-of",
+                AS_OF.isoformat(),
+            ],
+            env,
+        )
+        rows.append(
+            {"benchmark": "no-op refresh (CLI wall time, incl. interpreter start)", "ours": cli, "unit": "s"}
+        )
 
         resets = []
         clone_times = []
@@ -129,10 +167,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             conn.execute(f'CREATE DATABASE bench_template_clone TEMPLATE "{profile.name}__pristine"')
             clone_times.append(time.perf_counter() - template_started)
             conn.execute("DROP DATABASE bench_template_clone")
-        rows.append({"benchmark": "reset (median of 5)", "ours": statistics.median(resets) * 1000,
-                     "baseline": clone_times[0] * 1000, "unit": "ms",
-                     "ratio": clone_times[0] / statistics.median(resets),
-                     "note": "baseline: plain CREATE DATABASE ... TEMPLATE; target <= 1000 ms"})
+        rows.append(
+            {
+                "benchmark": "reset (median of 5)",
+                "ours": statistics.median(resets) * 1000,
+                "baseline": clone_times[0] * 1000,
+                "unit": "ms",
+                "ratio": clone_times[0] / statistics.median(resets),
+                "note": "baseline: plain CREATE DATABASE ... TEMPLATE; target <= 1000 ms",
+            }
+        )
 
         # Incremental: a second server and store, first one month short, then the full range.
         inc_settings = Settings.from_env(state_dir=work / "state-inc", store_root=work / "store-inc")
@@ -141,9 +185,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             short = load_profile(profile_name, inc_settings.profiles_dirs, as_of=PREVIOUS_MONTH_END)
             refresh(short, inc_engine, FeatureStore(inc_settings.store_root))
             report = refresh(profile, inc_engine, FeatureStore(inc_settings.store_root), prune=True)
-            rows.append({"benchmark": "incremental refresh (+1 month, --prune)", "ours": report.seconds, "unit": "s",
-                         "note": f"{report.segments.loaded} segments, {report.rows_loaded:,} rows loaded, "
-                         f"{report.segments.pruned} pruned"})
+            rows.append(
+                {
+                    "benchmark": "incremental refresh (+1 month, --prune)",
+                    "ours": report.seconds,
+                    "unit": "s",
+                    "note": f"{report.segments.loaded} segments, {report.rows_loaded:,} rows loaded, "
+                    f"{report.segments.pruned} pruned",
+                }
+            )
         finally:
             inc_engine.stop(profile.name)
     finally:

@@ -75,7 +75,7 @@ def _input_hash(spec: FeatureSpec, content_hashes: Sequence[str]) -> str:
 
 def _daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:
     """A symbol's daily bars as the frame feature functions take: DatetimeIndex of session dates."""
-    frame = pa.concat_tables(tables).to_pandas()
+    frame: pd.DataFrame = pa.concat_tables(tables).to_pandas()
     frame = frame.drop(columns=["symbol"]).sort_values("date")
     frame.index = pd.DatetimeIndex(pd.to_datetime(frame.pop("date")), name="date")
     return frame

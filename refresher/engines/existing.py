@@ -28,4 +28,6 @@ class ExistingServerEngine:
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile not in (None, self.server.profile):
             return []
-        return [ServerStatus(self.name, self.server.profile, True, self.server.host, self.server.port, "external")]
+        return [
+            ServerStatus(self.name, self.server.profile, True, self.server.host, self.server.port, "external")
+        ]
