@@ -194,13 +194,16 @@ def _build_docker(
         dbname=profile.name,
         driver=None,
     )
+    # Loopback only, like the docker engine: a test database is nobody else's business.
+    # (with_bind_ports takes no host address; the docker SDK's (ip, port) form goes straight through.)
+    container.ports[str(CONTAINER_PORT)] = ("127.0.0.1", None)  # type: ignore[assignment]
     container.with_command(["postgres", *SERVER_ARGS])
     container.with_kwargs(labels={PYTEST_LABEL: "1", **labels})
     with _ryuk_disabled():
         container.start()
     try:
         info = ServerInfo(
-            "docker", profile.name, container.get_container_host_ip(),
+            "docker", profile.name, "127.0.0.1",
             int(container.get_exposed_port(CONTAINER_PORT)), CONTAINER_USER, password, profile.name,
         )  # fmt: skip
         report = refresh(profile, ExistingServerEngine(info), store)
