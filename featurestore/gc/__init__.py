@@ -21,12 +21,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from featurestore import _files
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import utc_now
 from featurestore.store import DEFAULT_ROOT, ROOT_ENV, FeatureStore
+
+T = TypeVar("T", int, float)
 
 DEFAULT_GRACE = dt.timedelta(hours=1)
 
@@ -155,24 +157,23 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def _weeks(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--retention-weeks={text!r}: not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--retention-weeks={text!r}: must be >= 0")
-    return value
+def _non_negative(flag: str, kind: Callable[[str], T], noun: str) -> Callable[[str], T]:
+    """An argparse type: ``kind(text)`` that must be >= 0, else one line naming the flag and the value."""
+
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}={text!r}: not {noun}") from None
+        if value < 0:  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"{flag}={text!r}: must be >= 0")
+        return value
+
+    return parse
 
 
-def _hours(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--grace-hours={text!r}: not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--grace-hours={text!r}: must be >= 0")
-    return value
+_weeks = _non_negative("--retention-weeks", int, "an integer")
+_hours = _non_negative("--grace-hours", float, "a number")
 
 
 def build_parser(prog: str = "featurestore gc") -> argparse.ArgumentParser:
