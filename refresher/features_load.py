@@ -54,8 +54,10 @@ class _Compute:
 
     def __init__(self, spec: FeatureSpec) -> None:
         self.spec = spec
+        self.calls = 0
 
     def __call__(self, raw: pd.DataFrame, config: Any) -> pd.DataFrame:
+        self.calls += 1
         return self.spec.compute(raw)
 
 
@@ -64,9 +66,9 @@ def _version(spec: FeatureSpec) -> str:
     return f"{spec.version}/{function_identity(spec.compute)[1]}"
 
 
-def _input_hash(spec: FeatureSpec, content_hashes: Sequence[str]) -> str:
+def _input_hash(spec: FeatureSpec, version: str, content_hashes: Sequence[str]) -> str:
     digest = hashlib.sha256()
-    for part in (spec.name, _version(spec), *content_hashes):
+    for part in (spec.name, version, *content_hashes):
         raw = part.encode()
         digest.update(len(raw).to_bytes(8, "big"))
         digest.update(raw)
@@ -163,11 +165,12 @@ def refresh_features(
     counts = {"desired": 0, "loaded": 0, "computed": 0, "rows": 0}
     for spec in specs:
         benchmark: pd.Series | None = None
+        version = _version(spec)
         for symbol in sorted(daily):
             counts["desired"] += 1
             # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
             inputs = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
-            input_hash = _input_hash(spec, inputs)
+            input_hash = _input_hash(spec, version, inputs)
             if loaded.get((spec.name, symbol)) == input_hash:
                 continue
             raw = frame_of(symbol)
@@ -177,11 +180,9 @@ def refresh_features(
                 if benchmark is None:
                     benchmark = equal_weight_index({sym: frame_of(sym) for sym in sorted(daily)})
                 raw = raw.assign(benchmark=benchmark.reindex(raw.index))
-            before = store.get_cache_stats().misses
-            result = store.get_or_compute(
-                symbol, raw, {"feature": spec.name}, _Compute(spec), version=_version(spec)
-            )
-            counts["computed"] += store.get_cache_stats().misses - before
+            compute = _Compute(spec)
+            result = store.get_or_compute(symbol, raw, {"feature": spec.name}, compute, version=version)
+            counts["computed"] += compute.calls
             frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
             counts["rows"] += _load_feature(conn, spec.name, symbol, frame, input_hash)
             counts["loaded"] += 1

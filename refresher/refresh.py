@@ -271,7 +271,9 @@ def refresh(
     changed = bool(loaded_count or pruned or features.loaded)
     snapshot_state = "unchanged"
     if changed or not snapshot.has_pristine(server):
-        snapshot.save_pristine(server)
+        # The template is made now; its warm clones are made by a detached process while the user starts work.
+        snapshot.save_pristine(server, fill_pool=False)
+        snapshot.spawn_refill(server)
         snapshot_state = "saved"
     lap("snapshot", mark)
     return RefreshReport(
