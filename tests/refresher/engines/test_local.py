@@ -107,6 +107,8 @@ def test_a_stopped_server_restarts_with_its_data_and_moves_off_a_taken_port(engi
     assert engine.info("lc_reboot") is None
     # Something else grabbed the remembered port meanwhile: the engine must retry on another one.
     with socket.socket() as squatter:
+        # The killed server's connections may leave the port in TIME_WAIT; a listener still blocks Postgres.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", info.port))
         squatter.listen()
         again = engine.start("lc_reboot")
