@@ -9,6 +9,7 @@ access; they never wait for the manifest. A per-key flock makes computation sing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -137,9 +138,60 @@ class FeatureStore:
         self.manifest.record_access([key])
         return self._present(stored)
 
-    def _compute_and_store(
+    def get_or_compute_many(
+        self,
+        jobs: Sequence[tuple[str, Raw, Any]],
+        compute_func: ComputeFunc,
+        *,
+        version: str | None = None,
+    ) -> list[Features]:
+        """``get_or_compute`` for many (symbol, raw, config) at once, results in the order of ``jobs``.
+
+        Same keys, same single-flight guarantee, but every miss is recorded in ONE manifest transaction: a
+        DuckDB open costs about 20 ms here, so 200 features computed one by one spent 5 s on the manifest alone.
+        """
+        fkeys = [
+            feature_key(symbol, raw, config, compute_func, version=version, hash_method=self.hash_method)
+            for symbol, raw, config in jobs
+        ]
+        results: dict[str, Features] = {}
+        for fkey in fkeys:
+            stored = self._read(fkey.key)
+            if stored is not None:
+                results[fkey.key] = self._present(stored)
+        computed: set[str] = set()
+        if len(results) < len({f.key for f in fkeys}):
+            # Lock files are shared by key prefix: take each once, in sorted order, so that two batches
+            # with overlapping keys cannot deadlock.
+            locks = sorted({self._key_lock(f.key) for f in fkeys if f.key not in results})
+            with contextlib.ExitStack() as held:
+                for lock in locks:
+                    held.enter_context(file_lock(lock))
+                fresh: list[tuple[str, pa.Table, str | None, dict[str, Any]]] = []
+                kinds: dict[str, str] = {}
+                for fkey, (symbol, raw, config) in zip(fkeys, jobs, strict=True):
+                    if fkey.key in results or fkey.key in kinds:
+                        continue
+                    stored = self._read(fkey.key)  # another process may have computed it while we waited
+                    if stored is not None:
+                        results[fkey.key] = self._present(stored)
+                        continue
+                    table, kind, meta = self._compute(fkey.key, symbol, raw, config, compute_func, fkey)
+                    fresh.append((fkey.key, table, symbol, meta))
+                    kinds[fkey.key] = kind
+                for kind in sorted(set(kinds.values())):
+                    batch = [item for item in fresh if kinds[item[0]] == kind]
+                    self._store(batch, kind=kind, entry_kind="features", misses=len(batch))
+                for key, table, _symbol, _meta in fresh:
+                    results[key] = self._present(_files.Stored(table, {"kind": kinds[key]}, 0, 0))
+                computed = set(kinds)
+        self.manifest.record_access([f.key for f in fkeys if f.key not in computed])
+        return [results[f.key] for f in fkeys]
+
+    def _compute(
         self, key: str, symbol: str, raw: Raw, config: Any, compute_func: ComputeFunc, fkey: Any
-    ) -> Features:
+    ) -> tuple[pa.Table, str, dict[str, Any]]:
+        """Run ``compute_func`` and check its result: (table as stored, "pandas"|"arrow", file metadata)."""
         name = fkey.func_name
         try:
             result = compute_func(raw, config)
@@ -157,7 +209,12 @@ class FeatureStore:
                 name, key, f"returned {type(result).__name__}, not a DataFrame or pyarrow Table"
             )
         meta = {"func": name, "func_version": fkey.func_version, "config_hash": fkey.config_hash}
-        table = _files.as_stored(table)
+        return _files.as_stored(table), kind, meta
+
+    def _compute_and_store(
+        self, key: str, symbol: str, raw: Raw, config: Any, compute_func: ComputeFunc, fkey: Any
+    ) -> Features:
+        table, kind, meta = self._compute(key, symbol, raw, config, compute_func, fkey)
         self._store([(key, table, symbol, meta)], kind=kind, entry_kind="features", misses=1)
         # What a later hit will return, so a miss and a hit are indistinguishable (e.g. an index's freq is
         # not stored by Parquet; returning ``result`` as is would differ from every hit after it).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +132,11 @@ def _load_feature(
 
 
 def refresh_features(
-    conn: psycopg.Connection[Any], profile: Profile, store: FeatureStore, plan: GapPlan
+    conn: psycopg.Connection[Any],
+    profile: Profile,
+    store: FeatureStore,
+    plan: GapPlan,
+    known: Mapping[Segment, pa.Table] | None = None,
 ) -> FeatureCounts:
     """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded."""
     if not profile.features or "1d" not in profile.timeframes:
@@ -158,14 +162,19 @@ def refresh_features(
 
     def frame_of(symbol: str) -> pd.DataFrame:
         if symbol not in frames:
-            tables = store.get_many([plan.keys[s] for s in daily[symbol]])
-            frames[symbol] = _daily_frame([tables[plan.keys[s]] for s in daily[symbol]])
+            # Daily tables this refresh just fetched are in memory (``known``); read only the others.
+            have = known or {}
+            tables = store.get_many([plan.keys[s] for s in daily[symbol] if s not in have])
+            frames[symbol] = _daily_frame(
+                [have[s] if s in have else tables[plan.keys[s]] for s in daily[symbol]]
+            )
         return frames[symbol]
 
     counts = {"desired": 0, "loaded": 0, "computed": 0, "rows": 0}
     for spec in specs:
         benchmark: pd.Series | None = None
         version = _version(spec)
+        todo: list[tuple[str, pd.DataFrame, str]] = []
         for symbol in sorted(daily):
             counts["desired"] += 1
             # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
@@ -180,9 +189,16 @@ def refresh_features(
                 if benchmark is None:
                     benchmark = equal_weight_index({sym: frame_of(sym) for sym in sorted(daily)})
                 raw = raw.assign(benchmark=benchmark.reindex(raw.index))
-            compute = _Compute(spec)
-            result = store.get_or_compute(symbol, raw, {"feature": spec.name}, compute, version=version)
-            counts["computed"] += compute.calls
+            todo.append((symbol, raw, input_hash))
+        if not todo:
+            continue
+        # One batch per feature: the store records every miss in one manifest transaction.
+        compute = _Compute(spec)
+        config = {"feature": spec.name}
+        jobs = [(symbol, raw, config) for symbol, raw, _hash in todo]
+        results = store.get_or_compute_many(jobs, compute, version=version)
+        counts["computed"] += compute.calls
+        for (symbol, _raw, input_hash), result in zip(todo, results, strict=True):
             frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
             counts["rows"] += _load_feature(conn, spec.name, symbol, frame, input_hash)
             counts["loaded"] += 1

@@ -32,7 +32,7 @@ from refresher.sources.base import Source
 
 # Segments per store write: one manifest transaction per batch keeps the lock short and the count of
 # DuckDB connects low (about 2,400 segments in a cold backtesting run).
-STORE_BATCH = 48
+STORE_BATCH = 200
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -240,11 +240,14 @@ def refresh(
                 load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
                 pruned += 1
 
+        daily_tables: dict[Segment, pa.Table] = {}  # what features need, kept from the fetch
         fetcher = _Fetcher(source, store, plan)
         fetcher.start()
         try:
             for segment, table, content_hash in fetcher.results():
                 fetched += 1
+                if segment.timeframe == "1d":
+                    daily_tables[segment] = table
                 done += 1
                 if loaded_hashes.get(segment) != content_hash:
                     rows_loaded += load.load_segment(
@@ -264,7 +267,7 @@ def refresh(
             fetcher.join(timeout=5)
         mark = lap("segments", mark)
 
-        features = refresh_features(conn, profile, store, plan)
+        features = refresh_features(conn, profile, store, plan, daily_tables)
         mark = lap("features", mark)
         notes = [str(r) for r in getattr(source, "reports", [])]
 

@@ -246,3 +246,36 @@ def test_warm_cache_computes_only_missing(store: FeatureStore, bars: pd.DataFram
     assert (report.requested, report.computed, report.hits) == (2, 1, 1)
     store.get_or_compute("MSFT", bars, CONFIG, compute)
     assert compute.calls == 2
+
+
+def test_get_or_compute_many_matches_one_by_one_and_shares_its_keys(store: FeatureStore) -> None:
+    frames = {f"S{i}": make_bars(200, seed=i) for i in range(5)}
+    jobs = [(symbol, frame, CONFIG) for symbol, frame in frames.items()]
+    jobs.append(("S0", frames["S0"], dict(CONFIG)))  # the same key twice in one batch: computed once
+    compute = Counting()
+    results = store.get_or_compute_many(jobs, compute)
+    assert compute.calls == 5
+    for (symbol, frame, _config), result in zip(jobs, results, strict=True):
+        pd.testing.assert_frame_equal(result, frame.rolling(5).mean(), check_freq=False)
+    # One by one finds what the batch stored (same keys), and a second batch computes nothing.
+    one = store.get_or_compute("S3", frames["S3"], CONFIG, compute)
+    pd.testing.assert_frame_equal(one, results[3])
+    store.get_or_compute_many(jobs, compute)
+    assert compute.calls == 5
+    stats = store.get_cache_stats()
+    assert (stats.entries, stats.misses) == (5, 5)
+    assert store.validate_cache_integrity().ok
+
+
+def test_get_or_compute_many_caches_nothing_when_a_computation_fails(store: FeatureStore) -> None:
+    calls = Counting()
+
+    def failing_on_s2(raw: pd.DataFrame, config: dict[str, Any]) -> Any:
+        if len(raw) == 120:
+            raise ValueError("boom")
+        return calls(raw, config)
+
+    jobs = [("S1", make_bars(100), CONFIG), ("S2", make_bars(120), CONFIG)]
+    with pytest.raises(ValueError, match="boom"):
+        store.get_or_compute_many(jobs, failing_on_s2)
+    assert store.get_cache_stats().entries == 0 and data_files(store) == []
