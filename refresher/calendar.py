@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
+import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,13 +124,69 @@ def check_exchange(exchange: str) -> str:
     return exchange
 
 
+_ARRAYS = ("sessions", "opens", "closes", "break_starts", "break_ends")
+_cache_dir: Path | None = None
+
+
+def use_cache_dir(path: Path | None) -> None:
+    """Keep compiled calendars in ``path`` between processes (the CLI sets it from its settings; None: off).
+
+    Building a calendar with exchange_calendars costs 0.2-0.4 s (pandas holiday rules); reading the arrays
+    back costs about a millisecond, which is most of what a no-op ``refresher refresh`` would otherwise spend.
+    """
+    global _cache_dir
+    _cache_dir = path
+    get_calendar.cache_clear()
+
+
+def _cache_file(exchange: str, last: dt.date) -> Path | None:
+    if _cache_dir is None:
+        return None
+    from importlib.metadata import version
+
+    # The library's version is in the name: an upgrade may change holidays, so it must not reuse old arrays.
+    return _cache_dir / f"{exchange}-xc{version('exchange_calendars')}-{CALENDAR_START}-{last}.npz"
+
+
+def _read_cached(path: Path, exchange: str, last: dt.date) -> ExchangeCalendar | None:
+    try:
+        # Our own handle: np.load leaks the one it opens when the file is not a valid archive.
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as saved:
+            arrays = {name: np.asarray(saved[name], dtype=np.int64) for name in _ARRAYS}
+            tz = str(saved["tz"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None  # missing, or torn by a crash: rebuild it
+    return ExchangeCalendar(exchange=exchange, tz=tz, first=CALENDAR_START, last=last, **arrays)
+
+
+def _write_cached(path: Path, cal: ExchangeCalendar) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+            np.savez(handle, tz=np.array(cal.tz), **{name: getattr(cal, name) for name in _ARRAYS})
+        os.replace(handle.name, path)  # atomic: a reader sees the old file, the new one, or none
+    except OSError:
+        pass  # a read-only or full cache only costs speed
+
+
 @functools.cache
 def get_calendar(exchange: str) -> ExchangeCalendar:
     """The exchange's calendar from 2000-01-01 to a year from today, loaded once per process."""
-    import exchange_calendars as xc
-
     check_exchange(exchange)
     last = dt.date.today() + dt.timedelta(days=366)
+    path = _cache_file(exchange, last)
+    cached = _read_cached(path, exchange, last) if path is not None else None
+    if cached is not None:
+        return cached
+    cal = _build_calendar(exchange, last)
+    if path is not None:
+        _write_cached(path, cal)
+    return cal
+
+
+def _build_calendar(exchange: str, last: dt.date) -> ExchangeCalendar:
+    import exchange_calendars as xc
+
     with warnings.catch_warnings():
         # exchange_calendars 4.x calls Series.values on tz-aware data, deprecated by pandas 3; harmless here
         # because we only read UTC instants. Scoped to this call so our own code stays warning-clean.

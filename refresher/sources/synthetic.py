@@ -14,6 +14,8 @@ takes about a millisecond, so there is no separate daily model to keep consisten
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib.metadata
 
 import numpy as np
 import numpy.typing as npt
@@ -182,6 +184,12 @@ def _minute_columns(
     return minutes, open_, high, low, close, volume, counts
 
 
+@functools.cache
+def _calendar_library_version() -> str:
+    # From the package metadata: importing exchange_calendars costs 60 ms a no-op refresh need not pay.
+    return importlib.metadata.version("exchange_calendars")
+
+
 class SyntheticSource:
     """The default source: deterministic bars for any listing, no external data needed."""
 
@@ -208,14 +216,12 @@ class SyntheticSource:
         self.close()
 
     def version(self, segment: Segment) -> str:
-        import exchange_calendars
-
         listing = self._listing(segment)
         rng = effective_range(self.profile, segment)
         span = f"{rng[0]}..{rng[1]}" if rng else "empty"
         # the calendar library's version decides holidays, hence which bars exist
         return (
-            f"synthetic/g{GENERATOR_VERSION}/xc{exchange_calendars.__version__}"
+            f"synthetic/g{GENERATOR_VERSION}/xc{_calendar_library_version()}"
             f"/seed{listing.seed}/{listing.exchange}/{span}"
         )
 

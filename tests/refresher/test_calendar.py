@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -122,3 +123,23 @@ def test_no_synthetic_bar_outside_sessions(exchange: str) -> None:
         lib = xc.get_calendar(exchange, start="2024-01-01", end="2025-12-31")
         sample = table.column("ts").to_pandas().iloc[:: max(1, table.num_rows // 200)]
         assert all(lib.is_trading_minute(ts) for ts in sample)
+
+
+def test_compiled_calendars_are_cached_between_processes(tmp_path: Path) -> None:
+    from refresher import calendar
+
+    try:
+        calendar.use_cache_dir(tmp_path)
+        built = calendar.get_calendar("XTKS")
+        [cached_file] = tmp_path.glob("XTKS-*.npz")
+        calendar.get_calendar.cache_clear()
+        cached = calendar.get_calendar("XTKS")
+        assert cached is not built and cached.tz == built.tz == "Asia/Tokyo"
+        for name in ("sessions", "opens", "closes", "break_starts", "break_ends"):
+            assert np.array_equal(getattr(cached, name), getattr(built, name))
+        # A torn file (a crash mid-write) is rebuilt, never trusted.
+        cached_file.write_bytes(b"PK\x03\x04 torn")
+        calendar.get_calendar.cache_clear()
+        assert np.array_equal(calendar.get_calendar("XTKS").closes, built.closes)
+    finally:
+        calendar.use_cache_dir(None)
