@@ -264,3 +264,69 @@ def test_refresh_ui_testing_profile_as_shipped(tmp_path: Path) -> None:
         assert ws.scalar("SELECT count(*) FROM features_websocket_testing") == daily
     finally:
         ws.down()
+
+
+FILES_PROFILE = """\
+description: user files, one symbol missing
+universe:
+  symbols: [AAPL, MSFT]
+exchange: XNYS
+start: 2025-02-01
+end: 2025-02-28
+timeframes: [1d, 1m]
+source:
+  kind: files
+  path: data
+  daily: "{symbol}_daily.csv.gz"
+  minute: "{symbol}_1m.parquet"
+  columns: {symbol: Ticker, date: Date, close: Adj Close}
+"""
+
+
+@pytest.mark.slow
+def test_refresh_from_user_files_records_empty_segments_and_reports_off_session_rows() -> None:
+    import gzip
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from refresher.profile import load_profile
+    from refresher.segments import Segment
+    from refresher.sources import make_source
+
+    root = world_traversable_tmp("refresher-files-")
+    ws = Workspace(root, "local", "user_files")
+    (root / "profiles" / "data").mkdir(parents=True)
+    (root / "profiles" / "user_files.yaml").write_text(FILES_PROFILE)
+    # AAPL's files are made from the synthetic market; MSFT has none (before its "listing").
+    reference = root / "reference.yaml"
+    reference.write_text(FILES_PROFILE.split("source:")[0])  # the same profile on the synthetic source
+    source = make_source(load_profile(str(reference), []))
+    month = dt.date(2025, 2, 1)
+    daily = source.fetch(Segment("AAPL", "1d", month)).to_pandas()
+    minute = source.fetch(Segment("AAPL", "1m", month))
+    frame = daily.rename(columns={"symbol": "Ticker", "date": "Date", "close": "Adj Close"})
+    holiday = frame.iloc[[0]].assign(Date=dt.date(2025, 2, 17))  # Presidents' Day: not a session
+    with gzip.open(root / "profiles" / "data" / "AAPL_daily.csv.gz", "wt") as handle:
+        pd.concat([frame, holiday]).to_csv(handle, index=False)
+    theirs = minute.rename_columns(["Ticker", "ts", "open", "high", "low", "Adj Close", "volume"])
+    pq.write_table(theirs, root / "profiles" / "data" / "AAPL_1m.parquet")
+    try:
+        report = ws.refresh()
+        assert report["segments"]["loaded"] == 4  # AAPL x 2, and MSFT x 2 recorded as empty
+        assert report["rows_loaded"] == len(daily) + minute.num_rows
+        assert any("AAPL/1d/2025-02" in note and "2025-02-17" in note for note in report["notes"])
+        assert any("MSFT" in note for note in report["notes"])
+        with psycopg.connect(ws.dsn()) as conn:
+            rows = conn.execute("SELECT symbol, timeframe, rows FROM refresher_segments").fetchall()
+        ledger = {(sym, tf): count for sym, tf, count in rows}
+        assert ledger == {
+            ("AAPL", "1d"): len(daily),
+            ("AAPL", "1m"): minute.num_rows,
+            ("MSFT", "1d"): 0,
+            ("MSFT", "1m"): 0,
+        }
+        again = ws.refresh()
+        assert again["segments"]["loaded"] == 0 and again["segments"]["present"] == 4
+    finally:
+        ws.down()
