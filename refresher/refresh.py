@@ -150,7 +150,8 @@ class _Fetcher(threading.Thread):
     def __init__(self, source: Source, store: FeatureStore, plan: GapPlan) -> None:
         super().__init__(name="refresher-fetch", daemon=True)
         self.source, self.store, self.plan = source, store, plan
-        self.out: queue.Queue[Any] = queue.Queue(maxsize=4)
+        # Two batches ahead at most: enough to keep the loader busy, bounded memory (~400 segments).
+        self.out: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.cancelled = threading.Event()
 
     def run(self) -> None:
