@@ -255,7 +255,7 @@ def test_get_or_compute_many_matches_one_by_one_and_shares_its_keys(store: Featu
     compute = Counting()
     results = store.get_or_compute_many(jobs, compute)
     assert compute.calls == 5
-    for (symbol, frame, _config), result in zip(jobs, results, strict=True):
+    for (_symbol, frame, _config), result in zip(jobs, results, strict=True):
         pd.testing.assert_frame_equal(result, frame.rolling(5).mean(), check_freq=False)
     # One by one finds what the batch stored (same keys), and a second batch computes nothing.
     one = store.get_or_compute("S3", frames["S3"], CONFIG, compute)
