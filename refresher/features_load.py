@@ -8,7 +8,6 @@ the content hashes of the symbol's daily segments, all known from the store's ma
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from psycopg import sql
 from featurestore import FeatureStore
 from featurestore.keys import function_identity
 from refresher.features import FeatureSpec, equal_weight_index, get_feature
-from refresher.plan import GapPlan
+from refresher.plan import GapPlan, digest_parts
 from refresher.profile import Profile
 from refresher.segments import Segment
 
@@ -67,12 +66,7 @@ def _version(spec: FeatureSpec) -> str:
 
 
 def _input_hash(spec: FeatureSpec, version: str, content_hashes: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for part in (spec.name, version, *content_hashes):
-        raw = part.encode()
-        digest.update(len(raw).to_bytes(8, "big"))
-        digest.update(raw)
-    return digest.hexdigest()
+    return digest_parts(spec.name, version, *content_hashes)
 
 
 def _daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:

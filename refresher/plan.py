@@ -15,24 +15,20 @@ from refresher.segments import Segment
 SEGMENT_KEY_FORMAT = "refresher-segment-v1"
 
 
-def segment_key(segment: Segment, source_kind: str, source_version: str) -> str:
-    """The feature-store key of a segment's bars as one source version produces them.
-
-    Length-prefixed so that no two different tuples can encode to the same bytes.
-    """
+def digest_parts(*parts: str) -> str:
+    """SHA-256 hex of ``parts``, each length-prefixed so no two different lists encode to the same bytes."""
     digest = hashlib.sha256()
-    for part in (
-        SEGMENT_KEY_FORMAT,
-        source_kind,
-        segment.symbol,
-        segment.timeframe,
-        segment.month_label,
-        source_version,
-    ):
+    for part in parts:
         raw = part.encode()
         digest.update(len(raw).to_bytes(8, "big"))
         digest.update(raw)
-    return f"seg-{digest.hexdigest()}"
+    return digest.hexdigest()
+
+
+def segment_key(segment: Segment, source_kind: str, source_version: str) -> str:
+    """The feature-store key of a segment's bars as one source version produces them."""
+    parts = (SEGMENT_KEY_FORMAT, source_kind, segment.symbol, segment.timeframe, segment.month_label)
+    return f"seg-{digest_parts(*parts, source_version)}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +63,9 @@ class GapPlan:
     # In the database but no longer desired; deleted only with --prune.
     stale: tuple[Segment, ...]
     reasons: Mapping[Segment, str] = field(default_factory=dict)
+    # The state the plan was made from, so the refresh need not read it again.
+    stored: Mapping[str, StoredSegment] = field(default_factory=dict)
+    loaded: Mapping[Segment, DatabaseSegment] = field(default_factory=dict)
 
     @property
     def is_noop(self) -> bool:
@@ -129,4 +128,6 @@ def plan_gaps(
         to_fetch=tuple(to_fetch),
         stale=tuple(stale),
         reasons=reasons,
+        stored=dict(stored),
+        loaded=dict(loaded),
     )

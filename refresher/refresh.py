@@ -196,11 +196,10 @@ def _stored_tables(
         batch = segments[start : start + STORE_BATCH]
         keys = [plan.keys[s] for s in batch]
         tables = store.get_many(keys)
-        entries = store.lookup(keys)
         for segment, key in zip(batch, keys, strict=True):
             if key not in tables:
                 raise LoadError(f"segment {segment}: store entry {key} vanished or is corrupt; run again")
-            yield segment, tables[key], entries[key].content_hash
+            yield segment, tables[key], plan.stored[key].content_hash
 
 
 def refresh(
@@ -232,7 +231,6 @@ def refresh(
         database.upsert_symbols(conn, profile.listings)
         plan = compute_plan(profile, source, store, conn, verify=verify)
         mark = lap("plan", mark)
-        loaded_hashes = {s: row.content_hash for s, row in database.read_loaded_segments(conn).items()}
         total = len(plan.to_load) + len(plan.to_fetch)
         done = 0
 
@@ -250,7 +248,8 @@ def refresh(
                 if segment.timeframe == "1d":
                     daily_tables[segment] = table
                 done += 1
-                if loaded_hashes.get(segment) != content_hash:
+                in_db = plan.loaded.get(segment)
+                if in_db is None or in_db.content_hash != content_hash:
                     rows_loaded += load.load_segment(
                         conn, segment, table, content_hash, tz=tz_of[segment.symbol]
                     )
