@@ -10,22 +10,42 @@ import argparse
 import datetime as dt
 import errno
 import json
+import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from refresher.errors import RefresherError
 from refresher.settings import Settings
 
 EXIT_USER_ERROR = 2
+ENGINE_CHOICES = ("auto", "local", "docker", "compose")
 
 
-def _common(json_flag: bool = True) -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--engine", choices=("auto", "local", "docker"), default=None, help="server engine")
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the option and the value, not five lines of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _common(json_flag: bool = True) -> _OneLineParser:
+    common = _OneLineParser(add_help=False)
     common.add_argument(
-        "--state-dir", type=Path, default=None, help="where servers keep state ($REFRESHER_STATE_DIR)"
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=None,
+        help="server engine: auto (default, $REFRESHER_ENGINE), local, docker, or compose (the `make up` Postgres)",
+    )
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where servers keep state ($REFRESHER_STATE_DIR; default: the nearest .refresher up from here, "
+        "else one at the checkout's root)",
     )
     common.add_argument("--store", type=Path, default=None, help="feature store root ($FEATURE_STORE_PATH)")
     common.add_argument(
@@ -42,7 +62,7 @@ def _common(json_flag: bool = True) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="refresher",
         description="Isolated PostgreSQL databases loaded with exactly the market data a task needs.",
     )
@@ -56,28 +76,55 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = profile_cmd("refresh", "Load the profile's data into its isolated Postgres and print the DSN.")
     refresh.add_argument("--prune", action="store_true", help="delete segments the profile no longer wants")
     refresh.add_argument("--verify", action="store_true", help="also check row counts in the database")
-    refresh.add_argument("--as-of", type=dt.date.fromisoformat, default=None, help="end date (YYYY-MM-DD)")
-    plan = profile_cmd("plan", "Print what a refresh would fetch, load and prune, touching nothing.")
+    refresh.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
+    plan = profile_cmd(
+        "plan",
+        "Print what a refresh would fetch and load, and which segments are stale (a refresh --prune deletes "
+        "them), touching nothing.",
+    )
     plan.add_argument("--verify", action="store_true", help="also check row counts in the database")
-    plan.add_argument("--as-of", type=dt.date.fromisoformat, default=None, help="end date (YYYY-MM-DD)")
+    plan.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
     profile_cmd("reset", "Bring the profile's database back to its pristine snapshot.")
     profile_cmd("status", "Show running servers.", profile_required=False)
     profile_cmd("url", "Print the profile's DSN, password included.")
     profile_cmd("down", "Stop the profile's server and remove its data (--profile all: every server).")
-    sub.add_parser("profiles", parents=[common], help="List the profiles refresher can find.")
+    sub.add_parser(
+        "profiles", parents=[common], help="List the profiles refresher can find, invalid ones too."
+    )
     market = sub.add_parser("market", help="Market calendar queries.")
     market_sub = market.add_subparsers(dest="market_command", required=True, metavar="QUERY")
     status = market_sub.add_parser("status", parents=[_common()], help="Is an exchange open, and when next?")
-    status.add_argument("--exchange", "-x", required=True, help="XNYS, XNAS, XTKS, XLON or XETR")
-    status.add_argument("--at", type=_parse_time, default=None, help="ISO time (default: now)")
+    status.add_argument(
+        "--exchange", "-x", required=True, type=str.upper, help="XNYS, XNAS, XTKS, XLON or XETR (any case)"
+    )
+    status.add_argument(
+        "--at",
+        type=_parse_time,
+        default=None,
+        help="ISO time, e.g. 2025-07-03T16:59:00-04:00; without a zone it is UTC (default: now)",
+    )
     return parser
+
+
+AS_OF_HELP = (
+    "pin the data window's end date (YYYY-MM-DD); by default the window ends at the last session before today, "
+    "so it moves with the date"
+)
+
+
+def _parse_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        # argparse prefixes "argument --as-of: "; the message names only the value.
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from exc
 
 
 def _parse_time(text: str) -> dt.datetime:
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--at: not an ISO time: {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
@@ -101,13 +148,29 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], render: Callable[[]
         render()
 
 
+def _url_hint(args: argparse.Namespace) -> str:
+    """A `refresher url` command that works in the user's shell, which may not have .venv/bin on its PATH."""
+    where = f" --state-dir {shlex.quote(str(args.state_dir.absolute()))}" if args.state_dir else ""
+    tail = f"url --profile {shlex.quote(args.profile)}{where}"
+    if os.environ.get("MAKELEVEL") and not where:
+        return f"make url PROFILE={shlex.quote(args.profile)}"  # run by `make refresh`: stay with make
+    script = Path(sys.argv[0])
+    if script.name == "refresher" and script.exists():
+        on_path = shutil.which("refresher")
+        if on_path and Path(on_path).resolve() == script.resolve():
+            return f"refresher {tail}"
+        return f"{shlex.quote(str(script.absolute()))} {tail}"
+    return f"{shlex.quote(sys.executable)} -m refresher.cli {tail}"
+
+
 def run(args: argparse.Namespace) -> int:
     from refresher import calendar, commands, render
 
     settings = _settings(args)
     calendar.use_cache_dir(settings.cache_dir / "calendars" if settings.cache_dir else None)
     if args.command == "refresh":
-        with render.progress(enabled=not args.json and sys.stderr.isatty()) as on_progress:
+        mode = "off" if args.json else "bar" if sys.stderr.isatty() else "lines"
+        with render.progress(mode) as on_progress:
             report = commands.refresh(
                 settings,
                 args.profile,
@@ -116,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                 as_of=args.as_of,
                 progress=on_progress,
             )
-        _emit(args, report.to_json(), lambda: render.refresh_report(report))
+        _emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
     elif args.command == "plan":
         plan = commands.plan(settings, args.profile, verify=args.verify, as_of=args.as_of)
         _emit(args, plan.to_json(), lambda: render.plan_report(plan))
@@ -127,21 +190,18 @@ def run(args: argparse.Namespace) -> int:
         statuses = commands.status(settings, args.profile)
         _emit(
             args,
-            {"servers": [render.status_json(s) for s in statuses]},
-            lambda: render.status_table(statuses),
+            {"state_dir": str(settings.state_dir), "servers": [render.status_json(s) for s in statuses]},
+            lambda: render.status_table(statuses, settings.state_dir),
         )
     elif args.command == "url":
-        print(commands.url(settings, args.profile))
+        dsn = commands.url(settings, args.profile)
+        _emit(args, {"profile": args.profile, "dsn": dsn}, lambda: print(dsn))
     elif args.command == "down":
         stopped = commands.down(settings, args.profile)
         _emit(args, {"stopped": stopped}, lambda: render.down_report(stopped))
     elif args.command == "profiles":
-        profiles = commands.profiles(settings)
-        _emit(
-            args,
-            {"profiles": [render.profile_json(p) for p in profiles]},
-            lambda: render.profiles_table(profiles),
-        )
+        listing = commands.profiles(settings)
+        _emit(args, render.profiles_json(listing), lambda: render.profiles_table(listing))
     elif args.command == "market":
         from refresher.calendar import market_status
 

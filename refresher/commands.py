@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import psycopg
 
 from featurestore import FeatureStore
+from featurestore.manifest import MANIFEST_FILE
 from refresher import snapshot
 from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
-from refresher.errors import EngineStateError, SnapshotError
+from refresher.errors import EngineStateError, ProfileError, SnapshotError
 from refresher.profile import Profile, list_profiles, load_profile
-from refresher.refresh import PlanReport, RefreshReport
+from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
 from refresher.refresh import plan_refresh as _plan_refresh
 from refresher.refresh import refresh as _refresh
 from refresher.settings import Settings
@@ -44,7 +47,7 @@ def refresh(
     prune: bool = False,
     verify: bool = False,
     as_of: dt.date | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> RefreshReport:
     profile = _profile(settings, name, as_of)
     engine = select_engine(settings.engine, settings, profile.name)
@@ -57,8 +60,14 @@ def refresh(
 def plan(settings: Settings, name: str, *, verify: bool = False, as_of: dt.date | None = None) -> PlanReport:
     profile = _profile(settings, name, as_of)
     engine = select_engine(settings.engine, settings, profile.name)
-    with _database_errors(profile.name):
-        return _plan_refresh(profile, engine, FeatureStore(settings.store_root), verify=verify)
+    with _database_errors(profile.name), ExitStack() as stack:
+        if (settings.store_root / MANIFEST_FILE).exists():
+            store = FeatureStore(settings.store_root)
+        else:
+            # A missing store is an empty one; plan against a throwaway empty store rather than create the
+            # user's root and manifest: `plan` promises to touch nothing.
+            store = FeatureStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="refresher-plan-")))
+        return _plan_refresh(profile, engine, store, verify=verify)
 
 
 def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
@@ -106,5 +115,15 @@ def down(settings: Settings, name: str) -> list[str]:
     return stopped
 
 
-def profiles(settings: Settings) -> list[Profile]:
-    return list_profiles(settings.profiles_dirs)
+@dataclass(frozen=True)
+class ProfileListing:
+    """The profiles refresher can find: the loadable ones, and the invalid ones with their one-line error."""
+
+    profiles: list[Profile]
+    invalid: list[ProfileError]
+
+
+def profiles(settings: Settings) -> ProfileListing:
+    invalid: list[ProfileError] = []
+    found = list_profiles(settings.profiles_dirs, errors=invalid)
+    return ProfileListing(found, invalid)

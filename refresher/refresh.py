@@ -10,10 +10,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import pyarrow as pa
@@ -34,7 +34,11 @@ from refresher.sources.base import Source
 # DuckDB connects low (about 2,400 segments in a cold backtesting run).
 STORE_BATCH = 200
 
-ProgressCallback = Callable[[str, int, int], None]
+
+class ProgressCallback(Protocol):
+    """Told after each segment: the phase, segments done of total, and rows loaded so far."""
+
+    def __call__(self, phase: str, done: int, total: int, rows: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -255,13 +259,13 @@ def refresh(
                     )
                     loaded_count += 1
                 if progress:
-                    progress("load", done, total)
+                    progress("load", done, total, rows_loaded)
             for segment, table, content_hash in _stored_tables(store, plan, plan.to_load):
                 rows_loaded += load.load_segment(conn, segment, table, content_hash, tz=tz_of[segment.symbol])
                 loaded_count += 1
                 done += 1
                 if progress:
-                    progress("load", done, total)
+                    progress("load", done, total, rows_loaded)
         finally:
             fetcher.cancelled.set()
             fetcher.join(timeout=5)

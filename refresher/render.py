@@ -2,27 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from refresher.engines.base import ServerStatus
 from refresher.profile import Profile
 
+if TYPE_CHECKING:
+    from refresher.refresh import ProgressCallback
+
 out = Console()
 err = Console(stderr=True)
 
 
 @contextmanager
-def progress(*, enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress bar on stderr fed by the refresh's callback; nothing when output is not a terminal."""
-    if not enabled:
+def progress(mode: str) -> Iterator[ProgressCallback | None]:
+    """Refresh progress on stderr: a bar on a terminal ("bar"), periodic plain lines otherwise ("lines").
+
+    Piped and CI runs used to show nothing for the whole load; a line every few seconds (phase, done/total,
+    rows/s) tells them it is alive and how far it got, without the bar's control characters in a log.
+    """
+    if mode == "bar":
+        with _bar() as update:
+            yield update
+    elif mode == "lines":
+        yield ProgressLines(err)
+    else:
         yield None
-        return
+
+
+@contextmanager
+def _bar() -> Iterator[ProgressCallback]:
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -33,7 +51,7 @@ def progress(*, enabled: bool) -> Iterator[Callable[[str, int, int], None] | Non
     ) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(phase: str, done: int, total: int) -> None:
+        def update(phase: str, done: int, total: int, rows: int = 0) -> None:
             if phase not in tasks:
                 tasks[phase] = bar.add_task(f"{phase} segments", total=total)
             bar.update(tasks[phase], completed=done, total=total)
@@ -41,7 +59,33 @@ def progress(*, enabled: bool) -> Iterator[Callable[[str, int, int], None] | Non
         yield update
 
 
-def refresh_report(report: Any) -> None:
+class ProgressLines:
+    """A progress callback printing one plain line per phase start, every ``every`` seconds, and at the end."""
+
+    def __init__(self, console: Console, every: float = 2.0) -> None:
+        self.console = console
+        self.every = every
+        self.phase = ""
+        self.started = self.last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int, rows: int = 0) -> None:
+        now = time.monotonic()
+        if phase != self.phase:
+            self.phase, self.started, self.last = phase, now, float("-inf")
+        if now - self.last < self.every and done < total:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        percent = f" ({100 * done // total}%)" if total else ""
+        self.console.print(
+            f"refresher: {phase} {done}/{total} segments{percent}, {rows:,} rows, "
+            f"{rows / elapsed:,.0f} rows/s, {elapsed:.0f} s",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def refresh_report(report: Any, *, url_hint: str) -> None:
     seg = report.segments
     table = Table(title=f"refresher: {report.profile} on {report.engine}", show_header=False, box=None)
     table.add_row(
@@ -65,7 +109,7 @@ def refresh_report(report: Any) -> None:
     if len(report.notes) > 20:
         err.print(f"[yellow]... and {len(report.notes) - 20} more (see --json)[/yellow]")
     out.print(f"DSN: [bold]{report.dsn}[/bold]")
-    out.print(f"with password: [bold]refresher url --profile {report.profile}[/bold]")
+    out.print(f"with password: [bold]{escape(url_hint)}[/bold]", soft_wrap=True)
 
 
 def plan_report(plan: Any) -> None:
@@ -103,7 +147,8 @@ def status_json(status: ServerStatus) -> dict[str, Any]:
     }
 
 
-def status_table(statuses: list[ServerStatus]) -> None:
+def status_table(statuses: list[ServerStatus], state_dir: Path) -> None:
+    out.print(f"state dir: {state_dir}", highlight=False, soft_wrap=True)
     if not statuses:
         out.print("no servers")
         return
@@ -133,9 +178,19 @@ def profile_json(profile: Profile) -> dict[str, Any]:
     }
 
 
-def profiles_table(profiles: list[Profile]) -> None:
+def profiles_json(listing: Any) -> dict[str, Any]:
+    return {
+        "profiles": [profile_json(p) for p in listing.profiles],
+        "invalid": [{"path": e.file, "error": e.message} for e in listing.invalid],
+    }
+
+
+def profiles_table(listing: Any) -> None:
     table = Table("profile", "symbols", "range", "timeframes", "features", "reset target")
-    for p in profiles:
+    # Names are what the user types next: never truncate or wrap them, however narrow the terminal.
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = max((len(p.name) for p in listing.profiles), default=7)
+    for p in listing.profiles:
         table.add_row(
             p.name,
             str(len(p.listings)),
@@ -145,6 +200,8 @@ def profiles_table(profiles: list[Profile]) -> None:
             f"{p.reset_target_seconds:g} s",
         )
     out.print(table)
+    for error in listing.invalid:
+        out.print(f"[red]invalid:[/red] {escape(error.message)}", soft_wrap=True)
 
 
 def market_status(state: Any) -> None:

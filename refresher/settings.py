@@ -11,6 +11,25 @@ from typing import Any
 # The official image's major version we pin; `make image` builds a look-alike under this tag for air gaps.
 DEFAULT_PG_IMAGE = "postgres:15"
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+STATE_DIR_NAME = ".refresher"
+
+
+def find_state_dir(start: Path) -> Path:
+    """The state directory for ``start``, found the way git finds ``.git``.
+
+    Walk up from ``start`` to the nearest directory holding ``.refresher``; without one, the checkout's root
+    (the nearest directory holding ``.git``) gets it; outside any checkout, ``start`` itself. One state dir per
+    checkout means `refresher url` from ``tests/`` finds the server `refresh` started from the root, instead of
+    reporting "no server" or starting a second one.
+    """
+    start = start.absolute()
+    for directory in (start, *start.parents):
+        if (directory / STATE_DIR_NAME).is_dir():
+            return directory / STATE_DIR_NAME
+    for directory in (start, *start.parents):
+        if (directory / ".git").exists():
+            return directory / STATE_DIR_NAME
+    return start / STATE_DIR_NAME
 
 
 @dataclass(frozen=True)
@@ -36,7 +55,11 @@ class Settings:
         profiles.append(BUILTIN_PROFILES)
         store = env.get("FEATURE_STORE_PATH") or str(Path.home() / ".feature_cache")
         settings = cls(
-            state_dir=Path(env.get("REFRESHER_STATE_DIR") or ".refresher").absolute(),
+            state_dir=(
+                Path(env["REFRESHER_STATE_DIR"]).expanduser().absolute()
+                if env.get("REFRESHER_STATE_DIR")
+                else find_state_dir(Path.cwd())
+            ),
             store_root=Path(store).expanduser().absolute(),
             profiles_dirs=tuple(profiles),
             engine=env.get("REFRESHER_ENGINE") or "auto",

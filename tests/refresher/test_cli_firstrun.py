@@ -1,0 +1,118 @@
+"""A first refresh as a new user runs it: piped output still shows progress, and the printed hint works."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_postgres import world_traversable_tmp
+
+PROFILE = """\
+universe:
+  symbols: [AAPL, KO]
+exchange: XNYS
+months: 2
+as_of: 2025-03-31
+timeframes: [1d, 1m]
+features: []
+"""
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "refresher"
+
+
+@pytest.fixture
+def workspace() -> Iterator[Path]:
+    root = world_traversable_tmp("refresher-firstrun-")
+    (root / "profiles").mkdir()
+    (root / "profiles" / "firstrun.yaml").write_text(PROFILE)
+    try:
+        yield root
+    finally:
+        subprocess.run(
+            [
+                CONSOLE_SCRIPT,
+                "down",
+                "--profile",
+                "all",
+                "--state-dir",
+                str(root / "state"),
+                "--engine",
+                "local",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+
+
+@pytest.mark.slow
+def test_piped_refresh_prints_progress_lines_and_a_hint_that_works_in_a_clean_shell(workspace: Path) -> None:
+    # The user's shell: no .venv/bin on PATH, not run by make.
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(workspace),
+        "FEATURE_STORE_PATH": str(workspace / "store"),
+        "REFRESHER_PROFILES": str(workspace / "profiles"),
+    }
+    done = subprocess.run(
+        [
+            CONSOLE_SCRIPT,
+            "refresh",
+            "-p",
+            "firstrun",
+            "--engine",
+            "local",
+            "--state-dir",
+            str(workspace / "state"),
+        ],
+        env=env,
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("refresher: load ")]
+    assert progress, done.stderr
+    assert progress[-1].startswith("refresher: load 8/8 segments (100%)"), (
+        progress
+    )  # 2 symbols x 2 months x 2
+    assert "rows/s" in progress[-1]
+    assert "\x1b[" not in done.stderr  # plain lines for a log, no terminal control sequences
+
+    hint = next(line for line in done.stdout.splitlines() if line.startswith("with password: "))
+    command = hint.removeprefix("with password: ")
+    assert shlex.split(command)[0] == str(CONSOLE_SCRIPT)  # not on PATH here, so the full path
+    clean = subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={workspace}", "sh", "-c", command + " --json"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert clean.returncode == 0, clean.stderr
+    url = json.loads(clean.stdout)
+    assert url["profile"] == "firstrun"
+    assert url["dsn"].startswith("postgresql://") and ":" in url["dsn"].split("@")[0].removeprefix(
+        "postgresql://"
+    )
+
+
+def test_json_output_of_url_is_an_object_or_a_one_line_error(tmp_path: Path) -> None:
+    name = f"nothing_{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", "url", "-p", name, "--json", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=120,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"refresher refresh --profile {name}" in done.stderr

@@ -1,0 +1,107 @@
+"""What a new user reads: every usage error is one line, help says what the code does, plan touches nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from refresher.cli import main
+from refresher.settings import STATE_DIR_NAME, Settings, find_state_dir
+from tests.refresher.test_cli import one_line_error, run_cli
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["plan", "--profile", "ui_testing", "--as-of", "yesterday"], ["--as-of", "'yesterday'"]),
+        (["plan", "--profile", "ui_testing", "--engine", "bogus"], ["--engine", "'bogus'", "compose"]),
+        (["refresh"], ["--profile"]),
+        (["market", "status", "-x", "XNYS", "--at", "tomorrow"], ["--at", "'tomorrow'"]),
+        (["no-such-command"], ["'no-such-command'"]),
+    ],
+)
+def test_usage_errors_are_one_line_naming_option_and_value(args: list[str], names: list[str]) -> None:
+    line = one_line_error(run_cli(*args))
+    assert all(name in line for name in names), line
+    assert "usage:" not in line
+    assert line.count("--at") <= 1  # once: argparse names the option, the message does not repeat it
+
+
+def test_lowercase_exchange_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["market", "status", "-x", "xnys", "--at", "2025-07-03T16:59:00Z", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exchange"] == "XNYS"
+
+
+def test_help_states_that_a_naive_time_is_utc_and_what_plan_calls_stale() -> None:
+    market = run_cli("market", "status", "--help").stdout
+    assert "without a zone it is UTC" in " ".join(market.split())
+    plan = " ".join(run_cli("plan", "--help").stdout.split())
+    assert "stale" in plan and "--prune" in plan
+    # The plan table's columns are the words the help uses.
+    assert "prune" not in plan.split("stale")[0].split("Print what")[1]
+
+
+def test_naive_time_is_utc(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["market", "status", "-x", "XNYS", "--at", "2025-07-03T16:59:00", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["at"] == "2025-07-03T16:59:00+00:00"
+
+
+def test_plan_creates_no_store_and_no_state(tmp_path: Path) -> None:
+    store, state = tmp_path / "store", tmp_path / "state"
+    done = run_cli(
+        "plan", "-p", "ui_testing", "--engine", "local", "--store", str(store), "--state-dir", str(state)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "to_fetch" in done.stdout
+    assert not store.exists() and not state.exists()
+
+
+def test_profiles_lists_invalid_ones_with_their_error_and_full_names(tmp_path: Path) -> None:
+    long_name = "a_profile_name_long_enough_to_be_truncate"  # 41 characters, the most a name may have
+    (tmp_path / f"{long_name}.yaml").write_text("universe: {symbols: [AAA]}\nmonths: 1\n")
+    (tmp_path / "broken.yaml").write_text("universe: {symbols: [AAA]}\nmonths: -3\n")
+    env = {"COLUMNS": "80", "PATH": "/usr/bin:/bin", "REFRESHER_PROFILES": str(tmp_path)}
+    done = run_cli("profiles", env=env)
+    assert done.returncode == 0, done.stderr
+    assert long_name in done.stdout
+    invalid = [line for line in done.stdout.splitlines() if "broken.yaml" in line]
+    assert len(invalid) == 1 and "months" in invalid[0] and "-3" in invalid[0]
+    listing = json.loads(run_cli("profiles", "--json", env=env).stdout)
+    assert [e["path"] for e in listing["invalid"]] == [str(tmp_path / "broken.yaml")]
+    assert long_name in {p["name"] for p in listing["profiles"]}
+
+
+def test_state_dir_is_found_like_git_finds_dot_git(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    deep = checkout / "tests" / "unit"
+    deep.mkdir(parents=True)
+    assert find_state_dir(deep) == checkout / STATE_DIR_NAME  # none yet: the checkout's root
+    (checkout / "tests" / STATE_DIR_NAME).mkdir()
+    assert find_state_dir(deep) == checkout / "tests" / STATE_DIR_NAME  # the nearest existing one wins
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    assert find_state_dir(outside) == outside / STATE_DIR_NAME
+    env = {"REFRESHER_STATE_DIR": str(tmp_path / "pinned")}
+    assert Settings.from_env(env).state_dir == tmp_path / "pinned"
+
+
+def test_status_prints_the_state_dir_found_from_a_subdirectory(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / "docs").mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [*run_cli_argv(), "status", "--json"], cwd=checkout / "docs", env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state_dir"] == str(checkout / STATE_DIR_NAME)
+
+
+def run_cli_argv() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "refresher.cli"]
