@@ -8,7 +8,7 @@ ENGINE ?= auto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install refresh plan reset status url down test lint format bench gc image up compose-down clean
+.PHONY: help install refresh plan reset status url down test lint format bench mutation gc image up compose-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 
 bench: $(STAMP) ## Run the benchmarks and write bench/results.md
 	$(BIN)/python -m bench --output bench/results.md
+
+mutation: $(STAMP) ## Mutation-test the pure core with mutmut (slow: one niced worker) and write bench/mutation.md
+	nice -n 19 $(BIN)/python -m bench.mutation --output bench/mutation.md $(if $(MODULES),--modules $(MODULES))
 
 gc: $(STAMP) ## Garbage-collect the feature store (RETENTION_WEEKS=4)
 	$(BIN)/featurestore gc --retention-weeks $(or $(RETENTION_WEEKS),4) --verbose
