@@ -23,7 +23,7 @@ from refresher import database, load, snapshot
 from refresher.calendar import get_calendar
 from refresher.engines.base import Engine, ServerInfo
 from refresher.errors import LoadError
-from refresher.features_load import FeatureCounts, refresh_features
+from refresher.features import FeatureCounts, refresh_features
 from refresher.plan import DatabaseSegment, GapPlan, StoredSegment, plan_gaps, segment_key
 from refresher.profile import Profile
 from refresher.segments import Segment, desired_segments

@@ -19,7 +19,8 @@ from psycopg import sql
 
 from featurestore import FeatureStore
 from featurestore.keys import function_identity
-from refresher.features import FeatureSpec, equal_weight_index, get_feature
+from refresher.features.compute import equal_weight_index
+from refresher.features.registry import FeatureSpec, get_feature
 from refresher.plan import GapPlan, digest_parts
 from refresher.profile import Profile
 from refresher.segments import Segment
@@ -38,6 +39,8 @@ CREATE TABLE IF NOT EXISTS refresher_features (
 
 @dataclass(frozen=True)
 class FeatureCounts:
+    """What one refresh did with features: (feature, symbol) pairs desired, loaded, computed; rows written."""
+
     desired: int = 0
     loaded: int = 0
     computed: int = 0
@@ -45,6 +48,7 @@ class FeatureCounts:
 
 
 def feature_table(name: str) -> str:
+    """The database table holding feature ``name``'s rows."""
     return f"features_{name}"
 
 
@@ -164,13 +168,12 @@ def refresh_features(
             )
         return frames[symbol]
 
-    counts = {"desired": 0, "loaded": 0, "computed": 0, "rows": 0}
+    loaded_pairs = computed = rows = 0
     for spec in specs:
         benchmark: pd.Series | None = None
         version = _version(spec)
         todo: list[tuple[str, pd.DataFrame, str]] = []
         for symbol in sorted(daily):
-            counts["desired"] += 1
             # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
             inputs = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
             input_hash = _input_hash(spec, version, inputs)
@@ -191,9 +194,11 @@ def refresh_features(
         config = {"feature": spec.name}
         jobs = [(symbol, raw, config) for symbol, raw, _hash in todo]
         results = store.get_or_compute_many(jobs, compute, version=version)
-        counts["computed"] += compute.calls
+        computed += compute.calls
         for (symbol, _raw, input_hash), result in zip(todo, results, strict=True):
             frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
-            counts["rows"] += _load_feature(conn, spec.name, symbol, frame, input_hash)
-            counts["loaded"] += 1
-    return FeatureCounts(counts["desired"], counts["loaded"], counts["computed"], counts["rows"])
+            rows += _load_feature(conn, spec.name, symbol, frame, input_hash)
+            loaded_pairs += 1
+    return FeatureCounts(
+        desired=len(specs) * len(daily), loaded=loaded_pairs, computed=computed, rows_loaded=rows
+    )

@@ -1,34 +1,19 @@
-"""Named feature computations over one symbol's daily bars, the ``features:`` of a profile.
+"""The named daily feature computations: one symbol's bars in, float columns on the same index out.
 
-Every feature takes a DataFrame indexed by session date with open/high/low/close/volume columns and returns a
-DataFrame on the same index with float columns. ``version`` is part of the feature-store key: bump it when the
-numbers a feature produces change. ``correlation_analysis`` needs the whole universe: call
-``compute_universe`` with every symbol's bars, or pass a ``benchmark`` close column yourself.
+Every function takes a DataFrame indexed by session date with open/high/low/close/volume columns and returns a
+DataFrame on the same index with float columns. Rows before a window fills are NULL (NaN here, NULL in the
+database): each docstring states the window and how many leading rows stay NULL on a symbol's first bars.
+Windows count sessions, not calendar days.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
-from refresher.errors import ProfileError
-
-Compute = Callable[[pd.DataFrame], pd.DataFrame]
 TRADING_DAYS = 252
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """A named, versioned feature computation; ``needs_universe`` features read a ``benchmark`` column."""
-
-    name: str
-    version: str
-    compute: Compute
-    needs_universe: bool = False
 
 
 def _sma(s: pd.Series, n: int) -> pd.Series:
@@ -50,6 +35,15 @@ def _true_range(df: pd.DataFrame) -> pd.Series:
 
 
 def high_low_detection(df: pd.DataFrame) -> pd.DataFrame:
+    """20-session channel and breakouts from it.
+
+    - ``high_20d``, ``low_20d``: highest high and lowest low of the last 20 sessions, today included
+      (first 19 rows NULL).
+    - ``breakout_up``, ``breakout_down``: 1.0 when today's close is above yesterday's ``high_20d`` (below
+      yesterday's ``low_20d``), else 0.0 (first 20 rows NULL).
+    - ``range_position``: where the close sits in today's channel, 0 at ``low_20d`` and 1 at ``high_20d``
+      (first 19 rows NULL; NULL when the channel is flat).
+    """
     high20 = df["high"].rolling(20, min_periods=20).max()
     low20 = df["low"].rolling(20, min_periods=20).min()
     prev_high, prev_low = high20.shift(1), low20.shift(1)
@@ -66,6 +60,13 @@ def high_low_detection(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def trend_analysis(df: pd.DataFrame) -> pd.DataFrame:
+    """Moving-average trend and Wilder's trend strength.
+
+    - ``sma_20``, ``sma_50``: simple moving averages of the close (first 19 / 49 rows NULL).
+    - ``sma_20_slope``: ``sma_20``'s average change per session over the last 5 sessions (first 24 rows NULL).
+    - ``trend_up``: 1.0 while ``sma_20`` is above ``sma_50``, else 0.0 (first 49 rows NULL).
+    - ``adx_14``: Wilder's average directional index, 0-100, smoothing 14 (first 26 rows NULL).
+    """
     close = df["close"]
     sma20, sma50 = _sma(close, 20), _sma(close, 50)
     # Wilder's directional movement, the "ADX-ish" trend strength
@@ -89,6 +90,17 @@ def trend_analysis(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def full_analysis(df: pd.DataFrame) -> pd.DataFrame:
+    """Returns, volatility, RSI, MACD and Bollinger bands of the close.
+
+    - ``return_1d``, ``log_return_1d``: simple and log return from the previous close (first row NULL).
+    - ``volatility_20d``: standard deviation of ``return_1d`` over 20 sessions, annualised by sqrt(252)
+      (first 20 rows NULL).
+    - ``rsi_14``: Wilder's relative strength index, 0-100, smoothing 14 (first 14 rows NULL).
+    - ``macd``: EMA(12) - EMA(26) of the close; ``macd_signal``: EMA(9) of ``macd``. Both start at the first
+      bar (no NULLs) and settle after about 35 sessions.
+    - ``bollinger_mid``, ``bollinger_upper``, ``bollinger_lower``: 20-session SMA and it +/- 2 sample standard
+      deviations (first 19 rows NULL).
+    """
     close = df["close"]
     ret = close.pct_change()
     ema12, ema26 = close.ewm(span=12, adjust=False).mean(), close.ewm(span=26, adjust=False).mean()
@@ -111,6 +123,14 @@ def full_analysis(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def performance_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """Performance of holding the symbol from its first bar in the frame.
+
+    - ``cumulative_return``: close / first close - 1 (no NULLs).
+    - ``drawdown``: distance below the running peak of the close, <= 0 (no NULLs).
+    - ``max_drawdown``: the worst ``drawdown`` so far, never increasing (no NULLs).
+    - ``rolling_sharpe_63d``: mean / standard deviation of daily returns over up to 63 sessions, annualised by
+      sqrt(252), zero risk-free rate; needs 20 returns (first 20 rows NULL).
+    """
     close = df["close"]
     ret = close.pct_change()
     growth = close / close.iloc[0] if len(close) else close
@@ -128,7 +148,14 @@ def performance_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def websocket_testing(df: pd.DataFrame) -> pd.DataFrame:
-    # Daily bars carry no ticks; a deterministic proxy (volume in round lots) keeps the UI test data stable.
+    """A stable stand-in for a live feed, for UI tests (daily bars carry no ticks).
+
+    - ``last_price``: the close.
+    - ``spread_proxy``: (high - low) / close.
+    - ``tick_count``: volume in round lots of 100, rounded up.
+
+    No window, no NULLs.
+    """
     return pd.DataFrame(
         {
             "last_price": df["close"].astype(float),
@@ -140,6 +167,12 @@ def websocket_testing(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def dashboard_data(df: pd.DataFrame) -> pd.DataFrame:
+    """The numbers a quote dashboard shows.
+
+    - ``daily_change``: close - previous close (first row NULL).
+    - ``pct_change``: the same in percent of the previous close (first row NULL).
+    - ``volume_ratio_20d``: volume / its 20-session average, today included (first 19 rows NULL).
+    """
     close, volume = df["close"], df["volume"].astype(float)
     return pd.DataFrame(
         {
@@ -152,13 +185,19 @@ def dashboard_data(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def etf_metadata(df: pd.DataFrame) -> pd.DataFrame:
+    """Liquidity and tracking proxies for ETFs, from their own bars (no NAV or holdings data).
+
+    - ``avg_dollar_volume_20d``: 20-session mean of close x volume (first 19 rows NULL).
+    - ``tracking_proxy``: close / 20-session SMA - 1, in units of the 20-session standard deviation of daily
+      returns: how far the price strays from its own mean (first 20 rows NULL).
+    - ``premium_proxy``: overnight gap, open / previous close - 1 (first row NULL).
+    """
     close = df["close"]
     ret = close.pct_change()
     dollar_volume = close * df["volume"].astype(float)
     return pd.DataFrame(
         {
             "avg_dollar_volume_20d": _sma(dollar_volume, 20),
-            # tracking proxy: how far the close strays from its own 20-day mean, in daily-volatility units
             "tracking_proxy": (close / _sma(close, 20) - 1) / ret.rolling(20, min_periods=20).std(),
             "premium_proxy": (df["open"] - close.shift(1)) / close.shift(1),
         },
@@ -167,6 +206,14 @@ def etf_metadata(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def correlation_analysis(df: pd.DataFrame) -> pd.DataFrame:
+    """Co-movement with the universe's equal-weight index (a ``benchmark`` close column, see
+    ``equal_weight_index``).
+
+    - ``corr_60d``: Pearson correlation of daily returns with the benchmark's over up to 60 sessions, -1..1.
+    - ``beta_60d``: covariance of those returns / the benchmark's return variance over the same window.
+
+    Both need 20 return pairs (first 20 rows NULL).
+    """
     if "benchmark" not in df.columns:
         raise ValueError("correlation_analysis needs a 'benchmark' close column: use compute_universe()")
     ret, bench = df["close"].pct_change(), df["benchmark"].pct_change()
@@ -180,33 +227,6 @@ def correlation_analysis(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(
-    {
-        spec.name: spec
-        for spec in (
-            FeatureSpec("high_low_detection", "1", high_low_detection),
-            FeatureSpec("trend_analysis", "1", trend_analysis),
-            FeatureSpec("full_analysis", "1", full_analysis),
-            FeatureSpec("performance_metrics", "1", performance_metrics),
-            FeatureSpec("websocket_testing", "1", websocket_testing),
-            FeatureSpec("dashboard_data", "1", dashboard_data),
-            FeatureSpec("etf_metadata", "1", etf_metadata),
-            FeatureSpec("correlation_analysis", "1", correlation_analysis, needs_universe=True),
-        )
-    }
-)
-
-
-def get_feature(name: str) -> FeatureSpec:
-    """The feature called ``name``, or ProfileError naming it and the choices."""
-    try:
-        return FEATURES[name]
-    except KeyError:
-        raise ProfileError(
-            "(features)", "features", name, f"unknown feature (choices: {', '.join(FEATURES)})"
-        ) from None
-
-
 def equal_weight_index(bars: Mapping[str, pd.DataFrame]) -> pd.Series:
     """The equal-weight index of the universe's closes (each symbol rebased to 1 on its first day)."""
     closes = pd.DataFrame({sym: df["close"] for sym, df in bars.items()}).sort_index()
@@ -214,13 +234,14 @@ def equal_weight_index(bars: Mapping[str, pd.DataFrame]) -> pd.Series:
     return (1 + rets).cumprod().rename("benchmark")
 
 
-def compute_universe(name: str, bars: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Feature ``name`` for every symbol of a universe; universe features see the equal-weight benchmark."""
-    spec = get_feature(name)
-    if not spec.needs_universe:
-        return {sym: spec.compute(df) for sym, df in bars.items()}
-    bench = equal_weight_index(bars)
-    return {sym: spec.compute(df.assign(benchmark=bench.reindex(df.index))) for sym, df in bars.items()}
-
-
-__all__ = ["FEATURES", "FeatureSpec", "compute_universe", "equal_weight_index", "get_feature"]
+__all__ = [
+    "correlation_analysis",
+    "dashboard_data",
+    "equal_weight_index",
+    "etf_metadata",
+    "full_analysis",
+    "high_low_detection",
+    "performance_metrics",
+    "trend_analysis",
+    "websocket_testing",
+]
