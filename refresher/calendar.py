@@ -277,6 +277,27 @@ def sessions_between(exchange: str, start: dt.date, end: dt.date) -> list[dt.dat
     return [_date(int(d)) for d in cal.sessions[cal.session_slice(start, end)]]
 
 
+def days_since_epoch(day: dt.date) -> int:
+    """The date as days since 1970-01-01: the unit of ``ExchangeCalendar.sessions`` and of Arrow's date32."""
+    return _days(day)
+
+
+def is_session_day(cal: ExchangeCalendar, days: I64) -> npt.NDArray[np.bool_]:
+    """Which of ``days`` (days since 1970-01-01) are sessions of ``cal``; vectorised."""
+    return np.isin(days, cal.sessions)
+
+
+def is_trading_minute(cal: ExchangeCalendar, minutes: I64) -> npt.NDArray[np.bool_]:
+    """Which of ``minutes`` (UTC ns, left-labelled bar starts) are whole trading minutes of ``cal``.
+
+    A minute trades when it lies in a session's [open, close), outside its break, on a minute boundary.
+    """
+    i = np.clip(np.searchsorted(cal.opens, minutes, side="right") - 1, 0, len(cal.opens) - 1)
+    inside = (minutes >= cal.opens[i]) & (minutes < cal.closes[i])
+    on_break = (minutes >= cal.break_starts[i]) & (minutes < cal.break_ends[i])
+    return np.asarray(inside & ~on_break & (minutes % _NS_PER_MIN == 0), dtype=np.bool_)
+
+
 def minutes_by_session(cal: ExchangeCalendar, start: dt.date, end: dt.date) -> tuple[slice, I64, I64]:
     """Every trading minute (UTC ns, left-labelled) of the sessions in [start, end].
 
@@ -310,7 +331,10 @@ __all__ = [
     "ExchangeCalendar",
     "MarketStatus",
     "check_exchange",
+    "days_since_epoch",
     "get_calendar",
+    "is_session_day",
+    "is_trading_minute",
     "last_completed_session",
     "market_status",
     "minutes_by_session",

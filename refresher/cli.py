@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--prune", action="store_true", help="delete segments the profile no longer wants")
     refresh.add_argument("--verify", action="store_true", help="also check row counts in the database")
     refresh.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
+    refresh.add_argument(
+        "--on-bad-rows",
+        choices=("fail", "skip", "quarantine"),
+        default=None,
+        help="rows that fail validation: stop (fail), leave out (skip), or leave out and keep in "
+        "refresher_rejects (quarantine); default: the profile's source.on_bad_rows, else fail",
+    )
     plan = profile_cmd(
         "plan",
         "Print what a refresh would fetch and load, and which segments are stale (a refresh --prune deletes "
@@ -178,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
                 verify=args.verify,
                 as_of=args.as_of,
                 progress=on_progress,
+                on_bad_rows=args.on_bad_rows,
             )
         _emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
     elif args.command == "plan":

@@ -16,7 +16,7 @@ from refresher import snapshot
 from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, ProfileError, SnapshotError
-from refresher.profile import Profile, list_profiles, load_profile
+from refresher.profile import BadRowPolicy, Profile, list_profiles, load_profile, with_source_policy
 from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
 from refresher.refresh import plan_refresh as _plan_refresh
 from refresher.refresh import refresh as _refresh
@@ -36,8 +36,11 @@ def _database_errors(profile: str) -> Iterator[None]:
         ) from exc
 
 
-def _profile(settings: Settings, name: str, as_of: dt.date | None = None) -> Profile:
-    return load_profile(name, settings.profiles_dirs, as_of=as_of)
+def _profile(
+    settings: Settings, name: str, as_of: dt.date | None = None, on_bad_rows: BadRowPolicy | None = None
+) -> Profile:
+    profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
+    return with_source_policy(profile, on_bad_rows=on_bad_rows)
 
 
 def refresh(
@@ -48,8 +51,9 @@ def refresh(
     verify: bool = False,
     as_of: dt.date | None = None,
     progress: ProgressCallback | None = None,
+    on_bad_rows: BadRowPolicy | None = None,
 ) -> RefreshReport:
-    profile = _profile(settings, name, as_of)
+    profile = _profile(settings, name, as_of, on_bad_rows)
     engine = select_engine(settings.engine, settings, profile.name)
     with _database_errors(profile.name):
         return _refresh(

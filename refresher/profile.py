@@ -8,16 +8,16 @@ naming the file, the dotted field and the value, in one line.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from refresher.calendar import EXCHANGES, last_completed_session
 from refresher.errors import CalendarError, ProfileError
@@ -27,11 +27,9 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 # Symbols reach file names (files source) and SQL parameters; keep them to what tickers actually use.
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")
 DATA_DIR = Path(__file__).resolve().parent / "data"
-_SOURCE_OPTIONS: dict[str, set[str]] = {
-    "synthetic": set(),
-    "files": {"path", "daily", "minute", "format", "columns", "tz", "label"},
-    "postgres": {"dsn", "daily_table", "minute_table", "columns", "tz", "version", "version_query"},
-}
+SOURCE_KINDS = ("synthetic", "files", "postgres")
+BadRowPolicy = Literal["fail", "skip", "quarantine"]
+TargetColumn = Literal["symbol", "date", "ts", "open", "high", "low", "close", "volume"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +40,6 @@ class Listing:
     exchange: str
     asset_class: str
     seed: int
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """Which source produces the bars, and its validated options (paths already resolved)."""
-
-    kind: str = "synthetic"
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -96,22 +86,63 @@ class _Universe(_Strict):
     exchanges: dict[str, str] = Field(default_factory=dict)
 
 
-class _Source(_Strict):
-    kind: Literal["synthetic", "files", "postgres"] = "synthetic"
-    # files
-    path: str | None = None
-    daily: str | None = None
-    minute: str | None = None
+class _SourceBase(_Strict):
+    """What every source shares: what to do with rows that fail validation, and with shrinking segments."""
+
+    on_bad_rows: BadRowPolicy = "fail"
+    allow_shrink: bool = False
+
+
+class SyntheticSourceSpec(_SourceBase):
+    """Deterministic generated bars (the default); no options of its own."""
+
+    kind: Literal["synthetic"] = "synthetic"
+
+
+class FilesSourceSpec(_SourceBase):
+    """User files under ``path`` (resolved against the profile's directory); see ``refresher.sources.files``."""
+
+    kind: Literal["files"]
+    path: Path
+    daily: str = "daily/{symbol}.csv"
+    minute: str = "minute/{symbol}.csv"
     format: Literal["auto", "csv", "parquet"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)
+    columns: dict[TargetColumn, str] = Field(default_factory=dict)
     tz: str | None = None
     label: Literal["left", "right"] = "left"
-    # postgres
-    dsn: str | None = None
-    daily_table: str | None = None
-    minute_table: str | None = None
-    version: str | None = None
+
+
+class PostgresSourceSpec(_SourceBase):
+    """An upstream PostgreSQL; see ``refresher.sources.postgres``."""
+
+    kind: Literal["postgres"]
+    dsn: str
+    daily_table: str = "ohlcv_daily"
+    minute_table: str = "ohlcv_1min"
+    columns: dict[TargetColumn, str] = Field(default_factory=dict)
+    tz: str = "UTC"
+    version: str = ""
     version_query: bool = True
+    # timeframe -> a SELECT with %(symbol)s, %(start)s, %(end)s placeholders, sent with them as parameters
+    queries: dict[Timeframe, str] = Field(default_factory=dict)
+
+
+def _source_kind(value: Any) -> str | None:
+    # A source without ``kind`` is synthetic, as it always was; an unknown kind matches no tag (one error).
+    kind = value.get("kind", "synthetic") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in SOURCE_KINDS else None
+
+
+SourceSpec = Annotated[
+    Annotated[SyntheticSourceSpec, Tag("synthetic")]
+    | Annotated[FilesSourceSpec, Tag("files")]
+    | Annotated[PostgresSourceSpec, Tag("postgres")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message=f"unknown source kind (choices: {', '.join(SOURCE_KINDS)})",
+    ),
+]
 
 
 class _Profile(_Strict):
@@ -128,12 +159,20 @@ class _Profile(_Strict):
     seed: int = 0
     seeds: dict[str, int] = Field(default_factory=dict)
     reset_target_seconds: float = Field(default=30.0, gt=0)
-    source: _Source = Field(default_factory=_Source)
+    source: SourceSpec = Field(default_factory=SyntheticSourceSpec)
 
 
 def _first_error(path: Path, err: ValidationError) -> ProfileError:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+    parts = [str(p) for p in e["loc"]]
+    if parts[:1] == ["source"] and parts[1:2] and parts[1] in SOURCE_KINDS:
+        parts.pop(1)  # the union's tag: the user wrote source.path, not source.files.path
+    if e["type"] == "source_kind":
+        parts.append("kind")
+        e["input"] = e["input"].get("kind") if isinstance(e["input"], dict) else e["input"]
+    if e["type"] == "missing":
+        e["input"] = None  # pydantic gives the enclosing mapping; the user's value is "nothing"
+    loc = ".".join(parts) or "(root)"
     more = len(err.errors()) - 1
     reason = e["msg"] + (f" (+{more} more error{'s' * (more > 1)})" if more else "")
     return ProfileError(path, loc, e.get("input"), reason)
@@ -270,26 +309,11 @@ def _date_range(path: Path, p: _Profile, as_of: dt.date | None) -> tuple[dt.date
     return start, end
 
 
-def _source(path: Path, s: _Source) -> SourceSpec:
-    opts: dict[str, Any] = s.model_dump(exclude={"kind"}, exclude_defaults=True)
-    if s.kind == "files":
-        if s.path is None:
-            raise ProfileError(path, "source.path", None, "the files source needs a path")
-        root = Path(s.path).expanduser()
-        opts["path"] = str(root if root.is_absolute() else (path.parent / root).resolve())
-        opts.setdefault("daily", "daily/{symbol}.csv")
-        opts.setdefault("minute", "minute/{symbol}.csv")
-    elif s.kind == "postgres" and s.dsn is None:
-        raise ProfileError(path, "source.dsn", None, "the postgres source needs a dsn")
-    for key, val in opts.get("columns", {}).items():
-        if key not in {"symbol", "date", "ts", "open", "high", "low", "close", "volume"}:
-            raise ProfileError(path, f"source.columns.{key}", val, "unknown target column")
-    allowed = _SOURCE_OPTIONS[s.kind]
-    for key in sorted(set(opts) - allowed):
-        raise ProfileError(path, f"source.{key}", opts[key], f"not an option of the {s.kind} source")
-    if "columns" in opts:
-        opts["columns"] = MappingProxyType(dict(opts["columns"]))
-    return SourceSpec(s.kind, MappingProxyType(opts))
+def _source(path: Path, s: SourceSpec) -> SourceSpec:
+    if isinstance(s, FilesSourceSpec):
+        root = s.path.expanduser()
+        return s.model_copy(update={"path": root if root.is_absolute() else (path.parent / root).resolve()})
+    return s
 
 
 def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
@@ -337,6 +361,20 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
     )
 
 
+def with_source_policy(
+    profile: Profile, *, on_bad_rows: BadRowPolicy | None = None, allow_shrink: bool | None = None
+) -> Profile:
+    """The profile with the command line's ``--on-bad-rows`` / ``--allow-shrink`` over its ``source:``."""
+    update: dict[str, Any] = {}
+    if on_bad_rows is not None:
+        update["on_bad_rows"] = on_bad_rows
+    if allow_shrink is not None:
+        update["allow_shrink"] = allow_shrink
+    if not update:
+        return profile
+    return dataclasses.replace(profile, source=profile.source.model_copy(update=update))
+
+
 def _profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
     """name -> file; the first directory wins, so user directories shadow the built-in profiles."""
     found: dict[str, Path] = {}
@@ -378,11 +416,16 @@ def list_profiles(
 
 
 __all__ = [
+    "BadRowPolicy",
+    "FilesSourceSpec",
     "Listing",
+    "PostgresSourceSpec",
     "Profile",
     "SourceSpec",
+    "SyntheticSourceSpec",
     "list_profiles",
     "load_profile",
     "months_covering",
     "profile_from_file",
+    "with_source_policy",
 ]

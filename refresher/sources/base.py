@@ -1,10 +1,11 @@
-"""The Source protocol: anything that can produce one segment's bars as an Arrow table."""
+"""What every source is: a ``Source`` produces one segment's bars as an Arrow table, and says what it left out."""
 
 from __future__ import annotations
 
 import datetime as dt
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import pyarrow as pa
 
@@ -12,47 +13,66 @@ from refresher.segments import Segment
 
 if TYPE_CHECKING:
     from refresher.profile import Profile
-
-
-@runtime_checkable
-class Source(Protocol):
-    """Produces segments. Implementations: synthetic (default), files, postgres."""
-
-    kind: str
-
-    def version(self, segment: Segment) -> str:
-        """A cheap token that changes whenever the data this source would return for ``segment`` changes.
-
-        It is part of the segment's store key, so a changed token means "fetch again". It must not require
-        producing the data (the no-op refresh computes it for every desired segment).
-        """
-        ...
-
-    def fetch(self, segment: Segment) -> pa.Table:
-        """The segment's bars with exactly ``refresher.schema.SCHEMA_OF[segment.timeframe]``, sorted by time.
-
-        Zero rows when the source has no data for it (before a listing, a closed month...).
-        """
-        ...
-
-    def close(self) -> None:
-        """Release connections and files; the refresher calls it when the refresh ends."""
-        ...
+    from refresher.sources.validate import Reject
 
 
 @dataclass(frozen=True)
 class SourceReport:
-    """Something a source noticed and did not load (rows outside sessions, a missing file...)."""
+    """Rows a source did not load, by reason: ``dropped`` (outside sessions, missing file), ``rejected`` or
+    ``quarantined`` (failed validation under ``on_bad_rows: skip`` / ``quarantine``)."""
 
     segment: Segment
     file: str
     reason: str
     rows: int = 0
     examples: tuple[str, ...] = ()
+    action: str = "dropped"
 
     def __str__(self) -> str:
         shown = f" (e.g. {', '.join(self.examples)})" if self.examples else ""
-        return f"{self.segment}: {self.file}: {self.rows} rows {self.reason}{shown}"
+        return f"{self.segment}: {self.file}: {self.rows} rows {self.action}: {self.reason}{shown}"
+
+
+class Source(ABC):
+    """Produces segments. Implementations: synthetic (default), files, postgres.
+
+    A source is a context manager (``with make_source(profile) as source:``) and releases what it holds in
+    ``close``, on every path. ``reports`` and ``rejects`` collect, per fetched segment, what was left out.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.reports: list[SourceReport] = []
+        # quarantined rows per segment, for the loader to write into ``refresher_rejects``
+        self.rejects: dict[Segment, list[Reject]] = {}
+
+    @abstractmethod
+    def version(self, segment: Segment) -> str:
+        """A cheap token that changes whenever the data this source would return for ``segment`` changes.
+
+        It is part of the segment's store key, so a changed token means "fetch again". It must not require
+        producing the data (the no-op refresh computes it for every desired segment).
+        """
+
+    @abstractmethod
+    def fetch(self, segment: Segment) -> pa.Table:
+        """The segment's validated bars with exactly ``refresher.schema.SCHEMA_OF[segment.timeframe]``.
+
+        Zero rows when the source has no data for it (before a listing, a closed month...). Rows that break
+        a rule of ``refresher.sources.validate`` raise ``BadRowsError`` or are left out, by the profile's
+        ``source.on_bad_rows``.
+        """
+
+    def close(self) -> None:  # noqa: B027 -- optional: most sources hold nothing to release
+        """Release connections and files; the refresher calls it when the refresh ends."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def effective_range(profile: Profile, segment: Segment) -> tuple[dt.date, dt.date] | None:

@@ -6,12 +6,12 @@ relative to it; ``{symbol}`` makes them per-symbol, otherwise the file has a sym
 (auto from the extension), ``tz`` (zone of naive minute timestamps; default the listing's exchange) and
 ``label`` (``right`` if their minute bars are stamped with the interval end).
 
-Rows outside the exchange's sessions are not loaded: they are dropped and described in ``reports``.
+Every row is validated (``refresher.sources.validate``); rows outside the exchange's sessions are dropped
+and described in ``reports``. Messages name a CSV row by its line number in the file (the header is line 1).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping
@@ -21,15 +21,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from refresher.calendar import ExchangeCalendar, get_calendar
+from refresher.calendar import ExchangeCalendar, days_since_epoch, get_calendar
 from refresher.errors import SourceError
-from refresher.profile import Profile
-from refresher.schema import SCHEMA_OF, empty_table
+from refresher.profile import FilesSourceSpec, Profile
+from refresher.schema import empty_table
 from refresher.segments import Segment
-from refresher.sources.base import SourceReport, effective_range
+from refresher.sources.base import Source, SourceReport, effective_range
+from refresher.sources.validate import F64, I64, VALUE_COLUMNS, Bars, Mask, bars_table, screen
 
 # Names tried, in order, when the mapping does not name a column.
 DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
@@ -51,30 +53,27 @@ def _read(path: Path, fmt: str) -> pa.Table:
     try:
         if fmt == "parquet":
             return pq.read_table(path)
-        # pyarrow detects gzip from the .gz suffix; timestamps stay strings so we parse them in one place
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(timestamp_parsers=[]))
+        # pyarrow detects gzip from the .gz suffix; timestamps stay strings so we parse them in one place;
+        # only an empty cell is null, so a literal NaN stays NaN and messages show what the file says
+        options = pacsv.ConvertOptions(timestamp_parsers=[], null_values=[""], strings_can_be_null=True)
+        return pacsv.read_csv(path, convert_options=options)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"{path}: cannot read as {fmt}: {exc}", file=str(path)) from exc
 
 
-class FilesSource:
+class FilesSource(Source):
     """Segments cut from user files; see the module docstring for the options."""
 
     kind = "files"
 
     def __init__(self, profile: Profile) -> None:
-        self.profile = profile
-        opts = profile.source.options
-        self.root = Path(str(opts["path"]))
-        self.patterns: dict[str, str] = {
-            "1d": str(opts.get("daily", "daily/{symbol}.csv")),
-            "1m": str(opts.get("minute", "minute/{symbol}.csv")),
-        }
-        self.columns: Mapping[str, str] = dict(opts.get("columns", {}))
-        self.format = str(opts.get("format", "auto"))
-        self.tz: str | None = opts.get("tz")
-        self.label = str(opts.get("label", "left"))
-        self.reports: list[SourceReport] = []
+        super().__init__(profile)
+        spec = profile.source
+        assert isinstance(spec, FilesSourceSpec)
+        self.spec = spec
+        self.root = spec.path
+        self.patterns: dict[str, str] = {"1d": spec.daily, "1m": spec.minute}
+        self.columns: Mapping[str, str] = dict(spec.columns.items())
         self._cache: dict[tuple[Path, int, int], pa.Table] = {}
 
     def file_for(self, segment: Segment) -> Path:
@@ -85,15 +84,6 @@ class FilesSource:
             else self.root / pattern
         )
 
-    def close(self) -> None:
-        """Nothing to release; present so every source can be used the same way (``with`` / ``close``)."""
-
-    def __enter__(self) -> FilesSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def version(self, segment: Segment) -> str:
         path = self.file_for(segment)
         try:
@@ -103,24 +93,30 @@ class FilesSource:
             ident = [str(path), "missing"]
         rng = effective_range(self.profile, segment)
         listing = self.profile.listing(segment.symbol)
+        spec = self.spec
         blob = json.dumps(
             [
                 ident,
                 sorted(self.columns.items()),
-                self.format,
-                self.tz,
-                self.label,
+                spec.format,
+                spec.tz,
+                spec.label,
                 listing.exchange,
                 str(rng),
             ]
         )
+        # the policy decides which rows a segment holds, so it is part of what the store keys on
+        if spec.on_bad_rows != "fail":
+            blob += spec.on_bad_rows
         return "files/" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def _load(self, path: Path) -> pa.Table:
         st = path.stat()
         key = (path, st.st_size, st.st_mtime_ns)
         if key not in self._cache:
-            self._cache = {key: _read(path, self.format)}  # one file at a time: shared files are read once
+            self._cache = {
+                key: _read(path, self.spec.format)
+            }  # one file at a time: shared files are read once
         return self._cache[key]
 
     def _column(self, table: pa.Table, path: Path, target: str, required: bool = True) -> str | None:
@@ -146,104 +142,89 @@ class FilesSource:
         if not self.root.is_dir():
             raise SourceError(f"source.path={str(self.root)!r}: no such directory", value=str(self.root))
         if not path.is_file():
-            self.reports.append(SourceReport(segment, str(path), "not loaded: no such file"))
+            self.reports.append(SourceReport(segment, str(path), "no such file"))
             return empty_table(segment.timeframe)
         table = self._load(path)
-        frame = self._frame(table, path, segment)
-        listing = self.profile.listing(segment.symbol)
-        cal = get_calendar(listing.exchange)
-        if segment.timeframe == "1d":
-            frame = self._daily(frame, path, segment, cal, rng)
-        else:
-            frame = self._minute(frame, path, segment, cal, rng)
-        frame = frame.drop_duplicates(subset=["when"], keep="last").sort_values("when")
-        return self._to_arrow(frame, segment)
+        frame, names = self._frame(table, path, segment)
+        cal = get_calendar(self.profile.listing(segment.symbol).exchange)
+        when, when_ok = self._when(frame["when"], segment, cal)
+        # A row belongs to this segment when its (exchange-local) date is in the range; a row whose date does
+        # not parse belongs to no month, so it is charged to the symbol's first segment (never dropped).
+        day = when if segment.timeframe == "1d" else _local_days(when, cal.tz)
+        ours = when_ok & (day >= days_since_epoch(rng[0])) & (day <= days_since_epoch(rng[1]))
+        if segment.month == self.profile.months[0]:
+            ours |= ~when_ok
+        frame, when, when_ok = frame[ours], when[ours], when_ok[ours]
+        raw = frame.rename(columns={"when": "date" if segment.timeframe == "1d" else "ts"})
+        values = {name: _numbers(frame[name]) for name in VALUE_COLUMNS}
+        rows = frame.index.to_numpy(np.int64) + (2 if _is_csv(path, self.spec.format) else 1)
+        bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows)
+        verdict = screen(segment, bars, source=str(path), policy=self.spec.on_bad_rows, cal=cal, names=names)
+        self.reports.extend(verdict.reports)
+        if verdict.rejects:
+            self.rejects[segment] = list(verdict.rejects)
+        keep = verdict.keep
+        return bars_table(segment, when[keep], {k: v[keep] for k, v in values.items()})
 
-    def _frame(self, table: pa.Table, path: Path, segment: Segment) -> pd.DataFrame:
+    def _frame(self, table: pa.Table, path: Path, segment: Segment) -> tuple[pd.DataFrame, dict[str, str]]:
+        """The segment's symbol's rows with our column names (index: row position in the file)."""
         when_target = "date" if segment.timeframe == "1d" else "ts"
-        names = {t: self._column(table, path, t) for t in ("open", "high", "low", "close", "volume")}
-        names["when"] = self._column(table, path, when_target)
+        names = {t: str(self._column(table, path, t)) for t in VALUE_COLUMNS}
+        names["when"] = str(self._column(table, path, when_target))
         sym_col = self._column(
             table, path, "symbol", required="{symbol}" not in self.patterns[segment.timeframe]
         )
-        frame = pd.DataFrame({t: table.column(str(n)).to_pandas() for t, n in names.items()})
         if sym_col is not None:
-            frame = frame[table.column(sym_col).to_pandas().astype(str).str.strip() == segment.symbol]
-        return frame
-
-    def _report(self, segment: Segment, path: Path, bad: pd.Series, when: pd.Series, why: str) -> None:
-        if bad.any():
-            examples = tuple(str(w) for w in when[bad].head(3))
-            self.reports.append(SourceReport(segment, str(path), why, int(bad.sum()), examples))
-
-    def _daily(
-        self,
-        frame: pd.DataFrame,
-        path: Path,
-        segment: Segment,
-        cal: ExchangeCalendar,
-        rng: tuple[dt.date, dt.date],
-    ) -> pd.DataFrame:
-        when = pd.to_datetime(frame["when"], errors="coerce")
-        if getattr(when.dt, "tz", None) is not None:
-            when = when.dt.tz_localize(None)
-        days = when.to_numpy(dtype="datetime64[D]").astype(np.int64)
-        lo, hi = rng[0].toordinal() - 719163, rng[1].toordinal() - 719163  # days since 1970-01-01
-        in_range = pd.Series((days >= lo) & (days <= hi), index=frame.index) & when.notna()
-        frame, days, when = frame[in_range], days[in_range.to_numpy()], when[in_range]
-        is_session = pd.Series(np.isin(days, cal.sessions), index=frame.index)
-        self._report(segment, path, ~is_session, when.dt.date, f"dropped: not a {cal.exchange} session")
-        out = frame[is_session].copy()
-        out["when"] = when[is_session].dt.date
-        return out
-
-    def _minute(
-        self,
-        frame: pd.DataFrame,
-        path: Path,
-        segment: Segment,
-        cal: ExchangeCalendar,
-        rng: tuple[dt.date, dt.date],
-    ) -> pd.DataFrame:
-        when = pd.to_datetime(frame["when"], errors="coerce")
-        if getattr(when.dt, "tz", None) is None:
-            when = when.dt.tz_localize(self.tz or cal.tz, ambiguous="NaT", nonexistent="NaT")
-        when = when.dt.tz_convert("UTC")
-        t = when.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
-        if self.label == "right":
-            t = t - _NS_PER_MIN
-        parsed = when.notna().to_numpy()
-        # a minute row belongs to this segment when its exchange-local date is in the range (no session of
-        # ours crosses local midnight); rows of other months are simply not ours, not errors
-        local_day = pd.Series(pd.to_datetime(t, utc=True), index=frame.index).dt.tz_convert(cal.tz).dt.date
-        in_range = (parsed & local_day.between(rng[0], rng[1]).to_numpy()).astype(bool)
-        i = np.clip(np.searchsorted(cal.opens, t, side="right") - 1, 0, len(cal.opens) - 1)
-        trading = (
-            (t >= cal.opens[i])
-            & (t < cal.closes[i])
-            & ~((t >= cal.break_starts[i]) & (t < cal.break_ends[i]))
-            & (t % _NS_PER_MIN == 0)
-        )
-        keep = in_range & trading
-        bad = pd.Series(in_range & ~trading, index=frame.index)
-        self._report(segment, path, bad, when, f"dropped: outside {cal.exchange} trading minutes")
-        out: pd.DataFrame = frame[keep].copy()
-        out["when"] = t[keep]
-        return out
-
-    def _to_arrow(self, frame: pd.DataFrame, segment: Segment) -> pa.Table:
-        schema = SCHEMA_OF[segment.timeframe]
-        if segment.timeframe == "1d":
-            when = pa.array(frame["when"].tolist(), pa.date32())
+            mine = pc.equal(pc.utf8_trim_whitespace(table.column(sym_col).cast(pa.string())), segment.symbol)
+            table = table.filter(pc.fill_null(mine, False))
+            positions = np.flatnonzero(pc.fill_null(mine, False).to_numpy(zero_copy_only=False))
         else:
-            when = pa.array(frame["when"].to_numpy(np.int64) // 1000, pa.timestamp("us", tz="UTC"))
-        try:
-            prices = [pa.array(frame[c].to_numpy(np.float64)) for c in ("open", "high", "low", "close")]
-            volume = pa.array(np.rint(frame["volume"].to_numpy(np.float64)).astype(np.int64))
-        except (TypeError, ValueError) as exc:
-            raise SourceError(f"{segment}: non-numeric price or volume: {exc}", segment=str(segment)) from exc
-        symbols = pa.array([segment.symbol] * len(frame), pa.string())
-        return pa.Table.from_arrays([symbols, when, *prices, volume], schema=schema)
+            positions = np.arange(table.num_rows)
+        frame = pd.DataFrame({t: _raw_column(table.column(n)) for t, n in names.items()})
+        frame.index = pd.Index(positions)
+        names[when_target] = names.pop("when")
+        return frame, names
+
+    def _when(self, raw: pd.Series, segment: Segment, cal: ExchangeCalendar) -> tuple[I64, Mask]:
+        """Parsed dates (days since 1970-01-01) or UTC bar starts (ns), and which rows parsed."""
+        when = pd.to_datetime(raw, errors="coerce", format="mixed" if raw.dtype == object else None)
+        if segment.timeframe == "1d":
+            if getattr(when.dt, "tz", None) is not None:
+                when = when.dt.tz_localize(None)
+            ok = when.notna().to_numpy()
+            days = when.to_numpy(dtype="datetime64[D]").astype(np.int64)
+            return np.where(ok, days, 0), ok
+        if getattr(when.dt, "tz", None) is None:
+            when = when.dt.tz_localize(self.spec.tz or cal.tz, ambiguous="NaT", nonexistent="NaT")
+        when = when.dt.tz_convert("UTC")
+        ok = when.notna().to_numpy()
+        t = when.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        if self.spec.label == "right":
+            t = t - _NS_PER_MIN
+        return np.where(ok, t, 0), ok
+
+
+def _raw_column(column: pa.ChunkedArray) -> pd.Series:
+    """The column as pandas, an empty cell kept as None (not NaN), so a message can tell the two apart."""
+    series: pd.Series = column.to_pandas()
+    if column.null_count and series.dtype.kind == "f":
+        series = series.astype(object).where(~column.is_null().to_numpy(zero_copy_only=False), None)
+    return series
+
+
+def _is_csv(path: Path, fmt: str) -> bool:
+    return fmt == "csv" or (fmt == "auto" and path.suffix not in (".parquet", ".pq"))
+
+
+def _numbers(column: pd.Series) -> F64:
+    """The column as float64; anything that is not a number (null, text) becomes NaN, for the rules to see."""
+    return np.asarray(pd.to_numeric(column, errors="coerce"), dtype=np.float64)
+
+
+def _local_days(utc_ns: I64, tz: str) -> I64:
+    """Exchange-local calendar dates of UTC instants (no session of ours crosses local midnight)."""
+    local = pd.DatetimeIndex(utc_ns.view("datetime64[ns]"), tz="UTC").tz_convert(tz).tz_localize(None)
+    return np.asarray(local.to_numpy(dtype="datetime64[D]").astype(np.int64))
 
 
 __all__ = ["DEFAULT_NAMES", "FilesSource"]

@@ -3,7 +3,10 @@
 Options: ``dsn``, ``daily_table`` and ``minute_table`` (``schema.table`` allowed), ``columns`` (our column ->
 theirs, as for the files source), ``tz`` (zone of a naive ``timestamp`` column; default UTC), ``version``
 (a string you bump to force a re-fetch) and ``version_query`` (default true: the version also includes the
-segment's row count and latest timestamp upstream, one indexed aggregate per segment).
+segment's row count and latest timestamp upstream, one indexed aggregate per segment), and ``queries``
+(timeframe -> your own SELECT returning ``date``/``ts``, ``open``, ``high``, ``low``, ``close``, ``volume``,
+with ``%(symbol)s``, ``%(start)s`` and ``%(end)s`` placeholders; bounds are half-open [start, end)).
+Every row is validated like any source's (``refresher.sources.validate``).
 
 Table and column names reach SQL only as ``sql.Identifier``; the symbol and dates are parameters.
 """
@@ -18,16 +21,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 import psycopg
 import pyarrow as pa
 from psycopg import sql
 
 from refresher.calendar import get_calendar
 from refresher.errors import SourceError
-from refresher.profile import Profile
-from refresher.schema import SCHEMA_OF, empty_table
+from refresher.profile import PostgresSourceSpec, Profile
+from refresher.schema import empty_table
 from refresher.segments import Segment
-from refresher.sources.base import effective_range
+from refresher.sources.base import Source, effective_range
+from refresher.sources.validate import I64, VALUE_COLUMNS, Bars, Mask, bars_table, screen
 
 _DEFAULT_COLUMNS = {
     "symbol": "symbol",
@@ -45,23 +50,20 @@ def _table_ident(name: str) -> sql.Identifier:
     return sql.Identifier(*name.split(".", 1))
 
 
-class PostgresSource:
+class PostgresSource(Source):
     """Segments selected from an upstream database, one query per segment."""
 
     kind = "postgres"
 
     def __init__(self, profile: Profile) -> None:
-        self.profile = profile
-        opts = profile.source.options
-        self.dsn = str(opts["dsn"])
-        self.tables = {
-            "1d": opts.get("daily_table", "ohlcv_daily"),
-            "1m": opts.get("minute_table", "ohlcv_1min"),
-        }
-        self.columns: Mapping[str, str] = {**_DEFAULT_COLUMNS, **dict(opts.get("columns", {}))}
-        self.tz = str(opts.get("tz", "UTC"))
-        self.user_version = str(opts.get("version", ""))
-        self.version_query = bool(opts.get("version_query", True))
+        super().__init__(profile)
+        spec = profile.source
+        assert isinstance(spec, PostgresSourceSpec)
+        self.spec = spec
+        self.dsn = spec.dsn
+        self.tables = {"1d": spec.daily_table, "1m": spec.minute_table}
+        self.columns: Mapping[str, str] = {**_DEFAULT_COLUMNS, **dict(spec.columns.items())}
+        self.tz = spec.tz
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     @contextmanager
@@ -87,12 +89,6 @@ class PostgresSource:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> PostgresSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _bounds(self, segment: Segment) -> tuple[object, ...] | None:
         """Half-open [lo, hi) on the time column: session dates for daily, session instants for minute."""
         rng = effective_range(self.profile, segment)
@@ -110,24 +106,51 @@ class PostgresSource:
             return tuple(dt.datetime.fromtimestamp(ns / 1e9, zone).replace(tzinfo=None) for ns in (lo, hi))
         return dt.datetime.fromtimestamp(lo / 1e9, dt.UTC), dt.datetime.fromtimestamp(hi / 1e9, dt.UTC)
 
-    def _where(self, segment: Segment) -> sql.Composed:
-        when = self.columns["date" if segment.timeframe == "1d" else "ts"]
-        return sql.SQL("FROM {table} WHERE {sym} = %s AND {when} >= %s AND {when} < %s").format(
-            table=_table_ident(str(self.tables[segment.timeframe])),
-            sym=sql.Identifier(self.columns["symbol"]),
-            when=sql.Identifier(when),
+    def _query(self, segment: Segment) -> sql.SQL | sql.Composed:
+        """The segment's rows as (date|ts, open, high, low, close, volume), named so; the user's query if any.
+
+        The symbol and bounds are always parameters (``%(symbol)s``, ``%(start)s``, ``%(end)s``), never text.
+        """
+        key = "date" if segment.timeframe == "1d" else "ts"
+        custom = self.spec.queries.get(segment.timeframe)
+        if custom is not None:
+            return sql.SQL(custom)  # type: ignore[arg-type]  # the profile's own text, not user data
+        c = self.columns
+        when = sql.Identifier(c[key])
+        return sql.SQL(
+            "SELECT {when_out} AS {key}, {o}::float8 AS open, {h}::float8 AS high, {l}::float8 AS low, "
+            "{c}::float8 AS close, {v}::float8 AS volume FROM {table} "
+            "WHERE {sym} = %(symbol)s AND {when} >= %(start)s AND {when} < %(end)s ORDER BY {when}"
+        ).format(
+            when_out=sql.SQL("{}::date" if key == "date" else "{}").format(when),
+            key=sql.Identifier(key),
+            o=sql.Identifier(c["open"]),
+            h=sql.Identifier(c["high"]),
+            l=sql.Identifier(c["low"]),
+            c=sql.Identifier(c["close"]),
+            v=sql.Identifier(c["volume"]),
+            table=_table_ident(self.tables[segment.timeframe]),
+            sym=sql.Identifier(c["symbol"]),
+            when=when,
         )
+
+    def _params(self, segment: Segment, bounds: tuple[object, ...]) -> dict[str, object]:
+        return {"symbol": segment.symbol, "start": bounds[0], "end": bounds[1]}
 
     def version(self, segment: Segment) -> str:
         listing = self.profile.listing(segment.symbol)
-        config = [self.dsn, self.tables, sorted(self.columns.items()), self.tz, self.user_version]
+        spec = self.spec
+        config = [self.dsn, self.tables, sorted(self.columns.items()), self.tz, spec.version]
+        config += [sorted(spec.queries.items()), spec.on_bad_rows]
         parts: list[object] = [config, listing.exchange, str(effective_range(self.profile, segment))]
         bounds = self._bounds(segment)
-        if self.version_query and bounds is not None:
-            when = self.columns["date" if segment.timeframe == "1d" else "ts"]
-            query = sql.SQL("SELECT count(*), max({when})::text ").format(when=sql.Identifier(when))
+        if spec.version_query and bounds is not None:
+            key = sql.Identifier("date" if segment.timeframe == "1d" else "ts")
+            query = sql.SQL("SELECT count(*), max({key})::text FROM ({rows}) AS segment_rows").format(
+                key=key, rows=self._query(segment)
+            )
             with self._cursor() as cur:
-                cur.execute(query + self._where(segment), (segment.symbol, *bounds))
+                cur.execute(query, self._params(segment, bounds))
                 parts.append(list(cur.fetchone() or ()))
         # sha256 so a password in the DSN never appears in a version token
         return "postgres/" + hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
@@ -136,37 +159,52 @@ class PostgresSource:
         bounds = self._bounds(segment)
         if bounds is None:
             return empty_table(segment.timeframe)
-        c = self.columns
-        when = c["date" if segment.timeframe == "1d" else "ts"]
-        cast_when = sql.SQL("{}::date") if segment.timeframe == "1d" else sql.SQL("{}")
-        select = sql.SQL(
-            "SELECT {when}, {o}::float8, {h}::float8, {l}::float8, {c}::float8, round({v})::int8 "
-        ).format(
-            when=cast_when.format(sql.Identifier(when)),
-            o=sql.Identifier(c["open"]),
-            h=sql.Identifier(c["high"]),
-            l=sql.Identifier(c["low"]),
-            c=sql.Identifier(c["close"]),
-            v=sql.Identifier(c["volume"]),
-        )
-        order = sql.SQL(" ORDER BY {}").format(sql.Identifier(when))
+        key = "date" if segment.timeframe == "1d" else "ts"
         with self._cursor() as cur:
-            cur.execute(select + self._where(segment) + order, (segment.symbol, *bounds))
+            cur.execute(self._query(segment), self._params(segment, bounds))
+            names = [d.name for d in cur.description or ()]
             rows = cur.fetchall()
+        missing = [n for n in (key, *VALUE_COLUMNS) if n not in names]
+        if missing:
+            raise SourceError(
+                f"source.queries.{segment.timeframe}: the query returns no column {missing[0]!r} "
+                f"(it returns {', '.join(names)}; name them {key}, {', '.join(VALUE_COLUMNS)})",
+                field=f"source.queries.{segment.timeframe}",
+                value=missing[0],
+            )
         if not rows:
             return empty_table(segment.timeframe)
-        cols = list(zip(*rows, strict=True))
+        columns = dict(zip(names, zip(*rows, strict=True), strict=False))
+        raw = pd.DataFrame({n: list(columns[n]) for n in (key, *VALUE_COLUMNS)})
+        when, when_ok = self._when(raw[key], segment)
+        values = {n: pd.to_numeric(raw[n], errors="coerce").to_numpy(np.float64) for n in VALUE_COLUMNS}
+        bars = Bars(when, when_ok, values, raw)
+        where = f"postgres:{self.tables[segment.timeframe]}"
+        if segment.timeframe in self.spec.queries:
+            where = f"postgres:source.queries.{segment.timeframe}"
+        cal = get_calendar(self.profile.listing(segment.symbol).exchange)
+        verdict = screen(segment, bars, source=where, policy=self.spec.on_bad_rows, cal=cal)
+        self.reports.extend(verdict.reports)
+        if verdict.rejects:
+            self.rejects[segment] = list(verdict.rejects)
+        keep = verdict.keep
+        return bars_table(segment, when[keep], {k: v[keep] for k, v in values.items()})
+
+    def _when(self, column: pd.Series, segment: Segment) -> tuple[I64, Mask]:
+        """Days since 1970-01-01 (daily) or UTC ns (minute), and which rows have one."""
         if segment.timeframe == "1d":
-            when_arr = pa.array(cols[0], pa.date32())
-        else:
-            zone = dt.UTC if self.tz == "UTC" else zoneinfo.ZoneInfo(self.tz)
-            # timestamptz arrives aware; a naive timestamp column is in the configured zone
-            utc = [(w if w.tzinfo else w.replace(tzinfo=zone)).astimezone(dt.UTC) for w in cols[0]]  # type: ignore[attr-defined]
-            when_arr = pa.array(utc, pa.timestamp("us", tz="UTC"))
-        prices = [pa.array(np.asarray(col, dtype=np.float64)) for col in cols[1:5]]
-        volume = pa.array(np.asarray(cols[5], dtype=np.int64))
-        symbols = pa.array([segment.symbol] * len(rows), pa.string())
-        return pa.Table.from_arrays([symbols, when_arr, *prices, volume], schema=SCHEMA_OF[segment.timeframe])
+            days = pd.to_datetime(column, errors="coerce")
+            ok = days.notna().to_numpy()
+            return np.where(ok, days.to_numpy(dtype="datetime64[D]").astype(np.int64), 0), ok
+        zone = dt.UTC if self.tz == "UTC" else zoneinfo.ZoneInfo(self.tz)
+        # timestamptz arrives aware; a naive timestamp column is in the configured zone
+        utc = [
+            None if w is None else (w if w.tzinfo else w.replace(tzinfo=zone)).astimezone(dt.UTC)
+            for w in column
+        ]
+        ts = pd.to_datetime(pd.Series(utc, dtype=object), utc=True, errors="coerce")
+        ok = ts.notna().to_numpy()
+        return np.where(ok, ts.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64), 0), ok
 
 
 __all__ = ["PostgresSource"]

@@ -24,10 +24,10 @@ import xxhash
 
 from refresher.calendar import ExchangeCalendar, get_calendar, minutes_by_session
 from refresher.errors import ProfileError, SourceError
-from refresher.profile import Listing, Profile
+from refresher.profile import Listing
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA, empty_table
 from refresher.segments import Segment
-from refresher.sources.base import effective_range
+from refresher.sources.base import Source, effective_range
 
 # Bump whenever the numbers this module produces change: it is part of every synthetic segment's version.
 GENERATOR_VERSION = "1"
@@ -190,13 +190,10 @@ def _calendar_library_version() -> str:
     return importlib.metadata.version("exchange_calendars")
 
 
-class SyntheticSource:
+class SyntheticSource(Source):
     """The default source: deterministic bars for any listing, no external data needed."""
 
     kind = "synthetic"
-
-    def __init__(self, profile: Profile) -> None:
-        self.profile = profile
 
     def _listing(self, segment: Segment) -> Listing:
         try:
@@ -205,15 +202,6 @@ class SyntheticSource:
             raise SourceError(
                 f"{segment}: symbol not in profile {self.profile.name!r}", segment=str(segment)
             ) from exc
-
-    def close(self) -> None:
-        """Nothing to release; present so every source can be used the same way (``with`` / ``close``)."""
-
-    def __enter__(self) -> SyntheticSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def version(self, segment: Segment) -> str:
         listing = self._listing(segment)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from refresher.errors import ProfileError
-from refresher.profile import list_profiles, load_profile
+from refresher.profile import FilesSourceSpec, list_profiles, load_profile
 from refresher.settings import BUILTIN_PROFILES
 
 AS_OF = dt.date(2025, 6, 13)
@@ -190,5 +190,7 @@ def test_files_source_path_resolved_against_profile(tmp_path: Path) -> None:
     text = GOOD + "source:\n  kind: files\n  path: data\n  columns: {symbol: Ticker}\n"
     p = load_profile(str(write(tmp_path, "mine", text)), [], as_of=AS_OF)
     assert p.source.kind == "files"
-    assert p.source.options["path"] == str((tmp_path / "data").resolve())
-    assert p.source.options["columns"]["symbol"] == "Ticker"
+    assert isinstance(p.source, FilesSourceSpec)
+    assert p.source.path == (tmp_path / "data").resolve()
+    assert p.source.columns["symbol"] == "Ticker"
+    assert p.source.on_bad_rows == "fail"
