@@ -7,7 +7,6 @@ the content hashes of the symbol's daily segments, all known from the store's ma
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +14,15 @@ from typing import Any
 import pandas as pd
 import psycopg
 import pyarrow as pa
+from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
 from featurestore import FeatureStore
 from featurestore.keys import function_identity
+from refresher.errors import LoadError
 from refresher.features.compute import equal_weight_index
 from refresher.features.registry import FeatureSpec, get_feature
+from refresher.load import BATCH_ROWS
 from refresher.plan import GapPlan, digest_parts
 from refresher.profile import Profile
 from refresher.segments import Segment
@@ -105,28 +107,56 @@ def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Seq
     )
 
 
+def feature_rows(symbol: str, frame: pd.DataFrame) -> pa.Table:
+    """One symbol's feature frame as the Arrow rows of its table: symbol, date, then the metrics; NaN -> NULL."""
+    dates = pd.DatetimeIndex(frame.index).to_numpy().astype("datetime64[D]")
+    columns = {
+        "symbol": pa.array([symbol] * len(frame), pa.string()),
+        "date": pa.array(dates, pa.date32()),
+    }
+    for name in frame.columns:
+        columns[str(name)] = pa.array(frame[name].to_numpy(dtype="float64"), pa.float64(), from_pandas=True)
+    return pa.table(columns)
+
+
 def _load_feature(
-    conn: psycopg.Connection[Any], name: str, symbol: str, frame: pd.DataFrame, input_hash: str
+    conn: psycopg.Connection[Any], name: str, parts: Sequence[tuple[str, pa.Table, str]]
 ) -> int:
-    """Replace one symbol's rows of one feature, in one transaction with its refresher_features row."""
-    metrics = [str(c) for c in frame.columns]
-    with conn.transaction():
-        _ensure_feature_table(conn, name, metrics)
-        table = sql.Identifier(feature_table(name))
-        conn.execute(sql.SQL("DELETE FROM {} WHERE symbol = %s").format(table), (symbol,))
-        columns = sql.SQL(", ").join(sql.Identifier(c) for c in ["symbol", "date", *metrics])
-        dates: list[dt.date] = [ts.date() for ts in pd.DatetimeIndex(frame.index)]
-        values = frame.astype("float64").to_numpy()
-        with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, columns)) as copy:
-            for day, row in zip(dates, values, strict=True):
-                copy.write_row([symbol, day, *(None if v != v else float(v) for v in row)])
-        conn.execute(
-            "INSERT INTO refresher_features (feature, symbol, input_hash, rows) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (feature, symbol) DO UPDATE SET input_hash = EXCLUDED.input_hash, "
-            "rows = EXCLUDED.rows, loaded_at = now()",
-            (name, symbol, input_hash, len(frame)),
-        )
-    return len(frame)
+    """Replace the rows of every (symbol, rows, input hash) in ``parts`` of feature ``name``; returns rows written.
+
+    One transaction and one binary COPY per feature: a crash or Ctrl-C leaves each symbol's rows and its
+    ``refresher_features`` row either all old or all new, so the next refresh redoes exactly what did not commit.
+    """
+    data = pa.concat_tables([rows for _symbol, rows, _hash in parts])
+    metrics = data.column_names[2:]
+    table = sql.Identifier(feature_table(name))
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, data.column_names))
+    )
+    try:
+        with conn.transaction():
+            _ensure_feature_table(conn, name, metrics)
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE symbol = ANY(%s)").format(table),
+                ([symbol for symbol, _rows, _hash in parts],),
+            )
+            encoder = ArrowToPostgresBinaryEncoder(data.schema)
+            # An exception here (Ctrl-C included) makes psycopg send CopyFail, and the transaction rolls back.
+            with conn.cursor() as cur:
+                with cur.copy(statement) as copy:
+                    copy.write(encoder.write_header())
+                    for batch in data.to_batches(max_chunksize=BATCH_ROWS):
+                        copy.write(encoder.write_batch(batch))
+                    copy.write(encoder.finish())
+                cur.executemany(
+                    "INSERT INTO refresher_features (feature, symbol, input_hash, rows) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (feature, symbol) DO UPDATE SET input_hash = EXCLUDED.input_hash, "
+                    "rows = EXCLUDED.rows, loaded_at = now()",
+                    [(name, symbol, input_hash, rows.num_rows) for symbol, rows, input_hash in parts],
+                )
+    except psycopg.Error as exc:
+        raise LoadError(f"feature {name}: loading failed: {exc}".rstrip(), field=name) from exc
+    return int(data.num_rows)
 
 
 def refresh_features(
@@ -195,10 +225,16 @@ def refresh_features(
         jobs = [(symbol, raw, config) for symbol, raw, _hash in todo]
         results = store.get_or_compute_many(jobs, compute, version=version)
         computed += compute.calls
-        for (symbol, _raw, input_hash), result in zip(todo, results, strict=True):
-            frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
-            rows += _load_feature(conn, spec.name, symbol, frame, input_hash)
-            loaded_pairs += 1
+        parts = [
+            (
+                symbol,
+                feature_rows(symbol, result if isinstance(result, pd.DataFrame) else result.to_pandas()),
+                h,
+            )
+            for (symbol, _raw, h), result in zip(todo, results, strict=True)
+        ]
+        rows += _load_feature(conn, spec.name, parts)
+        loaded_pairs += len(parts)
     return FeatureCounts(
         desired=len(specs) * len(daily), loaded=loaded_pairs, computed=computed, rows_loaded=rows
     )

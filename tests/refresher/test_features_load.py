@@ -1,0 +1,114 @@
+"""Features into a real database: one binary COPY per feature, exact values, NULL warm-up, all or nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from featurestore import FeatureStore
+from refresher.engines.base import ServerInfo
+from refresher.errors import LoadError
+from refresher.features import FeatureCounts, get_feature, refresh_features
+from refresher.features.load import _daily_frame
+from refresher.plan import GapPlan
+from refresher.profile import Profile, profile_from_file
+from refresher.refresh import compute_plan
+from refresher.sources import make_source
+
+pytestmark = pytest.mark.postgres
+AS_OF = dt.date(2024, 6, 28)
+
+PROFILE = """\
+universe:
+  symbols: [{symbols}]
+exchange: XNYS
+months: 4
+timeframes: [1d]
+features: [{features}]
+seed: {seed}
+"""
+
+
+@pytest.fixture
+def conn(pg_database: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
+    # autocommit, as refresh() connects: each feature's transaction is a real BEGIN/COMMIT.
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    return FeatureStore(tmp_path / "store")
+
+
+def write_profile(
+    tmp_path: Path, symbols: str = "AAA, BBB, CCC", features: str = "dashboard_data", seed: int = 3
+) -> Profile:
+    path = tmp_path / "profiles" / "feat.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(PROFILE.format(symbols=symbols, features=features, seed=seed))
+    return profile_from_file(path, as_of=AS_OF)
+
+
+def stored_plan(profile: Profile, store: FeatureStore) -> GapPlan:
+    """The profile's plan with every segment in the store (features read their bars from there)."""
+    with closing(make_source(profile)) as source:
+        plan = compute_plan(profile, source, store, None)
+        store.put_many((plan.keys[s], source.fetch(s), s.symbol) for s in plan.to_fetch)
+        return compute_plan(profile, source, store, None)
+
+
+def run(conn: psycopg.Connection[Any], profile: Profile, store: FeatureStore) -> FeatureCounts:
+    return refresh_features(conn, profile, store, stored_plan(profile, store))
+
+
+def table_rows(conn: psycopg.Connection[Any], table: str, symbol: str) -> list[tuple[Any, ...]]:
+    return conn.execute(f"SELECT * FROM {table} WHERE symbol = %s ORDER BY date", (symbol,)).fetchall()
+
+
+def test_rows_equal_the_computation_with_nulls_for_the_warm_up(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    profile = write_profile(tmp_path)
+    plan = stored_plan(profile, store)
+    counts = refresh_features(conn, profile, store, plan)
+    assert counts == FeatureCounts(desired=3, loaded=3, computed=3, rows_loaded=counts.rows_loaded)
+    for symbol in ("AAA", "BBB", "CCC"):
+        bars = _daily_frame(
+            list(store.get_many([plan.keys[s] for s in plan.desired if s.symbol == symbol]).values())
+        )
+        expected = get_feature("dashboard_data").compute(bars)
+        got = table_rows(conn, "features_dashboard_data", symbol)
+        assert [r[1] for r in got] == [ts.date() for ts in expected.index]
+        for row, (_day, values) in zip(got, expected.iterrows(), strict=True):
+            for have, want in zip(row[2:], values, strict=True):
+                assert have is None if math.isnan(want) else have == pytest.approx(want, rel=1e-12)
+        assert got[0][2] is None and got[18][4] is None and got[19][4] is not None
+    ledger = conn.execute("SELECT symbol, rows FROM refresher_features ORDER BY symbol").fetchall()
+    assert ledger == [(s, len(table_rows(conn, "features_dashboard_data", s))) for s in ("AAA", "BBB", "CCC")]
+    assert sum(rows for _s, rows in ledger) == counts.rows_loaded
+    assert run(conn, profile, store).loaded == 0
+
+
+def test_a_failed_copy_leaves_the_feature_as_it_was(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    run(conn, write_profile(tmp_path, "AAA, BBB"), store)
+    before = conn.execute("SELECT * FROM features_dashboard_data ORDER BY symbol, date").fetchall()
+    ledger = conn.execute("SELECT feature, symbol, input_hash FROM refresher_features ORDER BY 2").fetchall()
+    # New bars for every symbol, and the last symbol's rows refused mid-COPY: nothing of the feature may change.
+    conn.execute("ALTER TABLE features_dashboard_data ADD CONSTRAINT no_ccc CHECK (symbol <> 'CCC')")
+    with pytest.raises(LoadError, match=r"feature dashboard_data: loading failed.*no_ccc"):
+        run(conn, write_profile(tmp_path, "AAA, BBB, CCC", seed=4), store)
+    assert conn.execute("SELECT * FROM features_dashboard_data ORDER BY symbol, date").fetchall() == before
+    assert (
+        conn.execute("SELECT feature, symbol, input_hash FROM refresher_features ORDER BY 2").fetchall()
+        == ledger
+    )
