@@ -103,17 +103,9 @@ def _fill_nulls(chunk: pa.Array) -> pa.Array:
 
 
 def _zero_of(kind: pa.DataType) -> pa.Scalar:
-    if pa.types.is_fixed_size_binary(kind):
-        return pa.scalar(b"\x00" * kind.byte_width, kind)
-    if pa.types.is_decimal(kind):
-        return pa.scalar(0, pa.int64()).cast(kind)
-    if pa.types.is_timestamp(kind) or pa.types.is_duration(kind) or pa.types.is_time(kind):
-        return pa.scalar(0, pa.int64()).cast(kind)
-    if pa.types.is_date32(kind):
-        return pa.scalar(0, pa.int32()).cast(kind)
-    if pa.types.is_date64(kind):
-        return pa.scalar(0, pa.int64()).cast(kind)
-    return pa.scalar(0, pa.int8()).cast(kind)
+    # The all-zero bytes of one value, built from a buffer rather than cast from an integer: a cast fails for
+    # a decimal narrower than int64 (decimal128(10, 2)), for time32 and for intervals.
+    return pa.Array.from_buffers(kind, 1, [None, pa.py_buffer(bytes(_byte_width(kind)))])[0]
 
 
 def _byte_width(kind: pa.DataType) -> int:
@@ -131,7 +123,10 @@ Feeder = Callable[["xxhash.xxh3_128", "xxhash.xxh3_128", pa.Array], None]
 def _feeder(kind: pa.DataType) -> Feeder:
     if pa.types.is_dictionary(kind):
         inner = _feeder(kind.value_type)
-        return lambda h, n, chunk: inner(h, n, chunk.dictionary_decode())
+        # A chunk with nulls arrives decoded already (_fill_nulls decodes it to fill the nulls).
+        return lambda h, n, chunk: inner(
+            h, n, chunk.dictionary_decode() if pa.types.is_dictionary(chunk.type) else chunk
+        )
     width = _byte_width(kind)
     if width:
         return lambda h, n, chunk: _feed_fixed(h, chunk, width)
