@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import functools
+import hashlib
 import importlib.util
+import inspect
+import math
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featurestore import FeatureStoreError, config_hash, feature_key, fingerprint_table
-from featurestore.keys import time_range, to_arrow
+from featurestore.keys import KEY_FORMAT_VERSION, TIME_COLUMNS, function_identity, time_range, to_arrow
 from tests.featurestore.conftest import make_bars
 
 
@@ -151,3 +161,343 @@ def test_footer_method_is_opt_in_and_blind_to_the_middle() -> None:
     assert fingerprint_table(table, "footer") == fingerprint_table(changed, "footer")
     with pytest.raises(FeatureStoreError, match="hash_method="):
         fingerprint_table(table, "md5")  # type: ignore[arg-type]
+
+
+# --- Pinned formats: a change must be deliberate (bump KEY_FORMAT_VERSION and update the pins together) ----
+
+
+class Side(enum.Enum):
+    BUY = 1
+    SELL = 2
+
+
+class OtherSide(enum.Enum):
+    BUY = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    size: int
+    centered: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    size: int
+    centered: bool
+
+
+# One value of every type the canonical encoding knows, so a change to any branch moves the pinned hash.
+EVERY_TYPE: dict[str, Any] = {
+    "none": None,
+    "flag": True,
+    "off": False,
+    "int": 7,
+    "float": 0.1,
+    "nan": math.nan,
+    "text": "close",
+    "bytes": b"\x00\x01",
+    "decimal": decimal.Decimal("1.50"),
+    "when": dt.datetime(2025, 1, 2, 3, 4, 5),
+    "day": dt.date(2025, 1, 2),
+    "clock": dt.time(9, 30),
+    "span": dt.timedelta(minutes=5),
+    "stamp": pd.Timestamp("2025-01-02 03:04:05", tz="UTC"),
+    "path": PurePosixPath("a/b.csv"),
+    "side": Side.BUY,
+    "nested": {"list": [1, "a"], "tuple": (2.5,)},
+    "set": {3, 1, 2},
+    "window": Window(5, False),
+}
+
+
+def test_config_hash_is_pinned() -> None:
+    assert KEY_FORMAT_VERSION == "featurestore-key-v1"
+    assert config_hash(EVERY_TYPE) == "781f2096cd1171842881bd6fca647afd5fa636f5035b279889a984a6fb7b1eaf"
+    # The documented layout of the smallest configs: a one-byte tag, an 8-byte big-endian length, the body.
+    assert config_hash(None) == hashlib.sha256(b"N" + bytes(8)).hexdigest()
+    assert config_hash("ab") == hashlib.sha256(b"S" + (2).to_bytes(8, "big") + b"ab").hexdigest()
+
+
+def test_feature_key_is_pinned() -> None:
+    raw = pa.table(
+        {
+            "ts": pa.array([0, 60_000_000_000], pa.timestamp("ns", tz="UTC")),
+            "close": pa.array([1.5, 2.5]),
+        }
+    )
+    got = feature_key("AAPL", raw, {"window": 5}, features, version="1")
+    assert got.key == "8443617b9f38be95ae503f60700c999231c739b8f974e84ad3b85ebf4ca229d0"
+    assert (got.symbol, got.start_ns, got.end_ns) == ("AAPL", 0, 60_000_000_000)
+    assert got.config_hash == config_hash({"window": 5})
+    assert got.func_name == "tests.featurestore.test_keys.features" and got.func_version == "v:1"
+    assert got.data_fingerprint == fingerprint_table(raw)
+    parts = [KEY_FORMAT_VERSION, "AAPL", "0", "60000000000", got.config_hash, got.func_name, "v:1"]
+    manual = hashlib.sha256()
+    for part in [*parts, got.data_fingerprint]:
+        manual.update(len(part.encode()).to_bytes(8, "big") + part.encode())
+    assert got.key == manual.hexdigest()
+
+
+# --- The config encoding: every type changes the key, equal values never do --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (True, False),
+        (0, 1),
+        (0.1, 0.2),
+        (0.0, -0.0),
+        (math.inf, -math.inf),
+        ("a", "b"),
+        ("a", b"a"),
+        (b"a", b"b"),
+        (decimal.Decimal("1.5"), decimal.Decimal("2.5")),
+        (decimal.Decimal("1"), 1),
+        (dt.date(2025, 1, 1), dt.date(2025, 1, 2)),
+        (dt.date(2025, 1, 1), dt.datetime(2025, 1, 1)),
+        (dt.datetime(2025, 1, 1), pd.Timestamp("2025-01-01")),
+        (dt.time(9, 30), dt.time(9, 31)),
+        (dt.timedelta(1), dt.timedelta(2)),
+        (PurePosixPath("a"), PurePosixPath("b")),
+        (PurePosixPath("a"), "a"),
+        (Side.BUY, Side.SELL),
+        (Side.BUY, OtherSide.BUY),
+        (Side.BUY, "Side.BUY"),
+        ({"a": 1}, {"b": 1}),
+        ({"a": 1}, {"a": 2}),
+        ({"a": 1}, {"a": 1, "b": 1}),
+        ([1], [1, 1]),
+        ([1, 2], {1, 2}),
+        ({1, 2}, {1, 3}),
+        ({"a": 1}, [["a", 1]]),
+        (Window(5, False), Window(6, False)),
+        (Window(5, False), Span(5, False)),
+        (Window(5, False), {"size": 5, "centered": False}),
+        (None, ""),
+        (None, []),
+        ([], {}),
+        (["aS", "b"], ["a", "Sb"]),
+    ],
+)
+def test_each_config_type_changes_the_key(one: Any, other: Any) -> None:
+    assert config_hash(one) != config_hash(other)
+    assert config_hash({"w": one}) != config_hash({"w": other})
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (np.bool_(True), True),
+        (np.int64(5), 5),
+        (np.float32(0.5), 0.5),
+        (math.nan, float("nan")),
+        ({"a": 1, "b": 2}, {"b": 2, "a": 1}),
+        ({3, 1, 2}, frozenset({2, 3, 1})),
+        ([1, 2], (1, 2)),
+        (PurePosixPath("a/b"), PurePosixPath("a") / "b"),
+        (Window(5, False), Window(5, False)),
+    ],
+)
+def test_equal_configs_share_a_key(one: Any, other: Any) -> None:
+    assert config_hash(one) == config_hash(other)
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with each scalar tagged by its type, the identity config_hash promises to respect."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    # -0.0 == 0.0 in Python, yet the encoding tells them apart (a sign can matter to a computation).
+    return (type(value).__name__, repr(value))
+
+
+@settings(max_examples=60, deadline=None)
+@given(json_like, json_like)
+def test_config_hash_equal_exactly_when_configs_are_equal(one: Any, other: Any) -> None:
+    assert (config_hash(one) == config_hash(other)) == (_typed(one) == _typed(other))
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"f": [1, object()]}, r"config\['f'\]\[1\]="),
+        ({object(): 1}, r"config key="),
+        ({"s": frozenset({object()})}, r"config\['s'\] item="),
+        ({"d": {"e": object()}}, r"config\['d'\]\['e'\]="),
+    ],
+)
+def test_unsupported_config_value_names_its_place(config: Any, where: str) -> None:
+    with pytest.raises(FeatureStoreError, match=where) as info:
+        config_hash(config)
+    assert "unsupported config type object (use plain data)" in str(info.value)
+
+
+# --- The compute function's identity -------------------------------------------------------------------------
+
+
+def _windowed(raw: pd.DataFrame, config: Any, window: int = 1) -> pd.DataFrame:
+    return raw.rolling(window).mean()
+
+
+def test_partial_arguments_are_part_of_the_function() -> None:
+    five, twenty = functools.partial(_windowed, window=5), functools.partial(_windowed, window=20)
+    assert key(func=five) != key(func=twenty)
+    assert key(func=five) == key(func=functools.partial(_windowed, window=5))
+    assert key(func=functools.partial(_windowed, 1)) != key(func=functools.partial(_windowed, 2))
+    assert key(func=five) != key(func=_windowed)
+    # With an explicit version the bound arguments still count, and no bound arguments adds nothing.
+    assert key(func=five, version="1") != key(func=twenty, version="1")
+    assert key(func=five, version="1") == key(func=functools.partial(_windowed, window=5), version="1")
+    name, version = function_identity(five, "1")
+    assert name == "tests.featurestore.test_keys._windowed"
+    bound = config_hash([[], {"window": 5}])
+    assert version == f"v:1:{bound}"
+    assert function_identity(_windowed, "1") == (name, "v:1")
+
+
+def test_function_version_hashes_its_source() -> None:
+    name, version = function_identity(features)
+    source = inspect.getsource(features).encode()
+    assert (name, version) == (
+        "tests.featurestore.test_keys.features",
+        "src:" + hashlib.sha256(source).hexdigest(),
+    )
+
+
+def test_wrapped_functions_are_identified_by_what_they_wrap() -> None:
+    @functools.wraps(features)
+    def wrapper(raw: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
+        return features(raw, config)
+
+    assert function_identity(wrapper) == function_identity(features)
+
+
+class Scaler:
+    def __call__(self, raw: pd.DataFrame, config: Any) -> pd.DataFrame:
+        return raw * 2
+
+
+def test_callable_instances_are_named_and_versioned_by_their_class() -> None:
+    name, version = function_identity(Scaler())
+    assert name == "tests.featurestore.test_keys.Scaler"
+    assert version == "src:" + hashlib.sha256(inspect.getsource(Scaler).encode()).hexdigest()
+
+
+def test_functions_without_source_use_their_bytecode() -> None:
+    namespace: dict[str, Any] = {}
+    exec("def compute(raw, config):\n    return raw * 2\n", namespace)  # no file: no source
+    exec("def other(raw, config):\n    return raw * 3\n", namespace)
+    compute, other = namespace["compute"], namespace["other"]
+    name, version = function_identity(compute)
+    code = compute.__code__
+    expected = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()
+    assert version == f"src:{expected}" and name.endswith(".compute")
+    assert function_identity(other)[1] != version
+    bound = function_identity(functools.partial(compute, 1))[1]
+    assert bound != version and bound.startswith("src:")
+
+
+def test_function_without_source_or_bytecode_needs_a_version() -> None:
+    with pytest.raises(FeatureStoreError, match="pass version= to name its version") as info:
+        function_identity(len)
+    assert "compute_func=" in str(info.value) and "builtins.len" in str(info.value)
+    assert function_identity(len, "7") == ("builtins.len", "v:7")
+
+
+# --- The key's own arguments ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symbol", ["", None, 5])
+def test_symbol_must_be_a_non_empty_string(symbol: Any) -> None:
+    with pytest.raises(FeatureStoreError, match="symbol=") as info:
+        key(symbol=symbol)
+    assert "must be a non-empty string" in str(info.value)
+
+
+def test_unknown_hash_method_is_rejected_with_the_choices() -> None:
+    with pytest.raises(FeatureStoreError, match="hash_method=") as info:
+        key(hash_method="md5")
+    assert "xxh3, footer" in str(info.value)
+
+
+def test_hash_method_is_part_of_the_key() -> None:
+    got = feature_key("AAPL", make_bars(), {"window": 5}, features, hash_method="footer")
+    assert got.data_fingerprint.startswith("footer:") and got.key != key()
+
+
+def test_raw_of_another_type_is_rejected() -> None:
+    with pytest.raises(FeatureStoreError, match="raw=") as info:
+        to_arrow([1, 2])  # type: ignore[arg-type]
+    assert "list" in str(info.value) and "must be a pandas DataFrame or a pyarrow Table" in str(info.value)
+
+
+def test_a_time_column_of_nulls_keys_without_a_range() -> None:
+    raw = pa.table({"ts": pa.array([None, None], pa.timestamp("ns")), "x": [1, 2]})
+    got = feature_key("AAPL", raw, {}, features, version="1")
+    assert (got.start_ns, got.end_ns) == (None, None)
+    assert got.key != feature_key("AAPL", raw.slice(1), {}, features, version="1").key
+
+
+# --- The time column and its range ---------------------------------------------------------------------------
+
+
+def test_to_arrow_keeps_a_datetime_index_and_drops_a_range_index() -> None:
+    bars = make_bars(3)
+    assert to_arrow(bars).column_names == ["close", "volume", "__index_level_0__"]
+    assert to_arrow(bars.reset_index(drop=True)).column_names == ["close", "volume"]
+    table = pa.table({"x": [1]})
+    assert to_arrow(table) is table
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "nanos"),
+    [
+        (pa.timestamp("s"), 3, 3 * 10**9),
+        (pa.timestamp("ms"), 3, 3 * 10**6),
+        (pa.timestamp("us"), 3, 3 * 10**3),
+        (pa.timestamp("ns"), 3, 3),
+        (pa.timestamp("s", tz="Asia/Tokyo"), 3, 3 * 10**9),
+        (pa.date32(), 2, 2 * 86_400 * 10**9),
+        (pa.date64(), 86_400_000, 86_400 * 10**9),
+        # Past 2262 a cast to timestamp[ns] would overflow; Python integers do not.
+        (pa.timestamp("s"), 40_000_000_000, 40_000_000_000 * 10**9),
+    ],
+)
+def test_time_range_in_utc_nanoseconds(kind: pa.DataType, value: int, nanos: int) -> None:
+    storage = pa.int32() if kind == pa.date32() else pa.int64()
+    when = pa.array([value, 0, None], storage).view(kind)
+    table = pa.table({"when": when, "x": [1, 2, 3]})
+    assert time_range(table) == (0, nanos)
+
+
+def test_time_range_is_none_without_rows_or_values() -> None:
+    assert time_range(pa.table({"x": [1]})) is None
+    assert time_range(pa.table({"ts": pa.array([], pa.timestamp("ns"))})) is None
+    assert time_range(pa.table({"ts": pa.array([None], pa.timestamp("ns"))})) is None
+
+
+def test_time_column_preference() -> None:
+    def stamps(value: int) -> pa.Array:
+        return pa.array([value], pa.timestamp("s"))
+
+    # A named time column first, in TIME_COLUMNS order, then the pandas index, then any temporal column.
+    table = pa.table({"other": stamps(1), "__index_level_0__": stamps(2), "date": stamps(3), "ts": stamps(4)})
+    assert time_range(table) == (4 * 10**9, 4 * 10**9)
+    assert time_range(table.drop_columns(["ts"])) == (3 * 10**9, 3 * 10**9)
+    assert time_range(table.drop_columns(["ts", "date"])) == (2 * 10**9, 2 * 10**9)
+    assert time_range(table.select(["other"])) == (10**9, 10**9)
+    assert TIME_COLUMNS == ("ts", "timestamp", "time", "datetime", "date")
+    assert time_range(pa.table({"x": [1], "time": stamps(5), "timestamp": stamps(6)})) == (
+        6 * 10**9,
+        6 * 10**9,
+    )
