@@ -1,14 +1,24 @@
-"""Errors of the feature store, under refresher's one error tree so a CLI prints them as one line."""
+"""Errors of the feature store: one small tree of its own, so the store installs and imports without refresher.
+
+Every error a caller can fix carries a one-line message naming the argument and the value at fault, the fields as
+attributes, and the exit status a command line should use (2). refresher prints these as one line too: it lists
+``FeatureStoreError`` among the errors its CLI reports (``refresher.errors.USER_ERRORS``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from refresher.errors import RefresherError
 
-
-class FeatureStoreError(RefresherError):
+class FeatureStoreError(Exception):
     """The feature store was asked something it cannot do (bad argument, unsupported input)."""
+
+    #: The exit status a command line uses for it: the caller can fix the input.
+    exit_code = 2
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)  # str(error) is the one line
+        self.message, self.fields = message, fields
 
 
 class ComputeError(FeatureStoreError):
@@ -30,9 +40,19 @@ class StoreLockTimeout(FeatureStoreError):
         super().__init__(f"lock={path}: not acquired within {timeout:g}s", path=path, timeout=timeout)
 
 
+class ManifestBusy(FeatureStoreError):
+    """Something outside the store (a DuckDB shell, another tool) holds the manifest file open."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(
+            f"manifest={path}: held open by another program ({detail}); close it and run again",
+            path=path,
+        )
+
+
 def bad_value(field: str, value: Any, reason: str) -> FeatureStoreError:
     """One-line error naming the argument and the value at fault."""
     return FeatureStoreError(f"{field}={value!r}: {reason}", field=field, value=value)
 
 
-__all__ = ["ComputeError", "FeatureStoreError", "StoreLockTimeout", "bad_value"]
+__all__ = ["ComputeError", "FeatureStoreError", "ManifestBusy", "StoreLockTimeout", "bad_value"]

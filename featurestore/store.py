@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -21,12 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import pandas as pd
 import pyarrow as pa
 
-from featurestore import _files
+from featurestore import _files, maintenance
 from featurestore._locks import file_lock
 from featurestore.errors import ComputeError, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
 from featurestore.keys import Raw, feature_key, time_range, to_arrow
-from featurestore.manifest import Entry, Manifest, Row, Txn, utc_now
+from featurestore.maintenance import IntegrityReport
+from featurestore.manifest import Entry, Manifest, Row, Txn, ns_to_utc, utc_now
 
 if TYPE_CHECKING:
     from featurestore.gc import GCReport
@@ -34,14 +36,45 @@ if TYPE_CHECKING:
 DEFAULT_ROOT = Path("~/.feature_cache")
 ROOT_ENV = "FEATURE_STORE_PATH"
 _LOCK_DIR = "locks"
+# The manifest's ``kind`` column says "features" for computed entries; users read "feature".
+_KIND_NAMES = {"features": "feature"}
 
 Features: TypeAlias = pd.DataFrame | pa.Table
 ComputeFunc = Callable[[Any, Any], Features]
 
 
 @dataclasses.dataclass(frozen=True)
+class AccessCounts:
+    """Hits and misses: the one definition both the store's stats and a caller's report use.
+
+    Every key a caller asks the store for counts once per request: ``lookup(count=True)``, ``get``, ``get_many``
+    and ``get_or_compute(_many)``. A hit is a key the store could serve (present, and sound when its file is
+    read); a miss is one it could not (absent, or evicted as corrupt), which the caller then fetches or computes.
+    ``put`` and manifest-only ``lookup`` (the default) count nothing.
+    """
+
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    def __sub__(self, other: AccessCounts) -> AccessCounts:
+        return AccessCounts(self.hits - other.hits, self.misses - other.misses)
+
+
+@dataclasses.dataclass(frozen=True)
+class KindStats:
+    """Entries and bytes of one kind of entry: ``segment`` (raw tables by key) or ``feature`` (computed)."""
+
+    entries: int
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CacheStats:
-    """What the store holds and how it has been used (hits and misses across every process)."""
+    """What the store holds and how it has been used (hits and misses across every process, ``AccessCounts``)."""
 
     root: Path
     entries: int
@@ -50,21 +83,10 @@ class CacheStats:
     misses: int
     hit_rate: float
     hash_methods: Mapping[str, int]
+    kinds: Mapping[str, KindStats] = dataclasses.field(default_factory=dict)
 
-
-@dataclasses.dataclass(frozen=True)
-class IntegrityReport:
-    """Result of ``validate_cache_integrity``: clean when no manifest row lacks a sound file."""
-
-    checked: int
-    missing: tuple[str, ...]
-    corrupt: tuple[str, ...]
-    orphans: tuple[Path, ...]
-    temporaries: tuple[Path, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.missing and not self.corrupt
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "root": str(self.root)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +96,6 @@ class WarmReport:
     requested: int
     computed: int
     hits: int
-
-
-def _ns_to_datetime(value: int | None) -> dt.datetime | None:
-    return None if value is None else pd.Timestamp(value, tz="UTC").to_pydatetime(warn=False)
 
 
 class FeatureStore:
@@ -101,10 +119,10 @@ class FeatureStore:
         self.lock_timeout = lock_timeout
         (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
         (self.root / _LOCK_DIR).mkdir(exist_ok=True)
-        self.manifest = Manifest(self.root, lock_timeout=lock_timeout)
-        if not self.manifest.path.exists():
-            with self.manifest.write():
-                pass
+        self.manifest = Manifest(self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows)
+        self._session = AccessCounts()
+        self._session_lock = threading.Lock()
+        self._ensure_manifest()
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r})"
@@ -127,6 +145,7 @@ class FeatureStore:
         """
         fkey = feature_key(symbol, raw, config, compute_func, version=version, hash_method=self.hash_method)
         key = fkey.key
+        self._ensure_manifest()
         stored = self._read(key)
         if stored is None:
             # No timeout: waiting for the key is waiting for its computation, however long that takes; a
@@ -135,7 +154,7 @@ class FeatureStore:
                 stored = self._read(key)  # another process may have computed it while we waited
                 if stored is None:
                     return self._compute_and_store(fkey.key, symbol, raw, config, compute_func, fkey)
-        self.manifest.record_access([key])
+        self._record([key])
         return self._present(stored)
 
     def get_or_compute_many(
@@ -155,6 +174,7 @@ class FeatureStore:
             for symbol, raw, config in jobs
         ]
         results: dict[str, Features] = {}
+        self._ensure_manifest()
         for fkey in fkeys:
             stored = self._read(fkey.key)
             if stored is not None:
@@ -185,7 +205,7 @@ class FeatureStore:
                 for key, table, _symbol, _meta in fresh:
                     results[key] = self._present(_files.Stored(table, {"kind": kinds[key]}, 0, 0))
                 computed = set(kinds)
-        self.manifest.record_access([f.key for f in fkeys if f.key not in computed])
+        self._record([f.key for f in fkeys if f.key not in computed])
         return [results[f.key] for f in fkeys]
 
     def _compute(
@@ -258,11 +278,16 @@ class FeatureStore:
         """The verified table stored under ``key``, or None (absent, or corrupt and now evicted)."""
         return self.get_many([key]).get(key)
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, pa.Table]:
-        """The verified tables of every present key; absent or corrupt keys are left out."""
+    def get_many(self, keys: Iterable[str], *, count: bool = True) -> dict[str, pa.Table]:
+        """The verified tables of every present key; absent or corrupt keys (now evicted) are left out.
+
+        The keys missing from the result are exactly the ones the caller must fetch again. ``count=False`` for
+        keys the caller already counted (with ``lookup(count=True)``), so one request counts once.
+        """
         found: dict[str, pa.Table] = {}
         hits: list[str] = []
         misses = 0
+        self._ensure_manifest()
         for key in keys:
             stored = self._read(_files.check_key(key))
             if stored is None:
@@ -270,26 +295,51 @@ class FeatureStore:
             else:
                 found[key] = stored.table
                 hits.append(key)
-        self.manifest.record_access(hits, misses=misses)
+        if count:
+            self._record(hits, misses=misses)
         return found
 
-    def lookup(self, keys: Sequence[str]) -> dict[str, Entry]:
-        """Manifest rows of the keys present, in one query and without reading any file."""
+    def lookup(self, keys: Sequence[str], *, count: bool = False) -> dict[str, Entry]:
+        """Manifest rows of the keys present, in one query and without reading any file.
+
+        ``count=True`` when the lookup is the request (a planner deciding what to fetch): present keys count as
+        hits (and as accesses, which keeps them from expiring), absent ones as misses.
+        """
         with self.manifest.read() as con:
-            return self.manifest.select(con, list(keys))
+            found = self.manifest.select(con, list(keys))
+        if count:
+            self._record(list(found), misses=len(set(keys) - set(found)))
+        return found
+
+    def session_counts(self) -> AccessCounts:
+        """The hits and misses this FeatureStore object has added to the store's counters so far."""
+        with self._session_lock:
+            return self._session
 
     # -- maintenance ------------------------------------------------------------------------------------------
 
     def get_cache_stats(self) -> CacheStats:
-        """Entries, bytes, cross-process hit and miss counts, and the hash methods in use."""
+        """Entries and bytes (in all and per kind), hits and misses of every process, hash methods in use."""
         with self.manifest.read() as con:
-            row = con.execute("SELECT count(*), coalesce(sum(file_size_bytes), 0) FROM entries").fetchone()
+            per_kind = con.execute(
+                "SELECT kind, count(*), coalesce(sum(file_size_bytes), 0) FROM entries GROUP BY 1 ORDER BY 1"
+            ).fetchall()
             methods = dict(con.execute("SELECT hash_method, count(*) FROM entries GROUP BY 1").fetchall())
             counters = self.manifest.counters(con)
-        entries, size = (int(row[0]), int(row[1])) if row else (0, 0)
-        hits, misses = counters.get("hits", 0), counters.get("misses", 0)
-        rate = hits / (hits + misses) if hits + misses else 0.0
-        return CacheStats(self.root, entries, size, hits, misses, rate, methods)
+        kinds = {_KIND_NAMES.get(kind, kind): KindStats(int(n), int(size)) for kind, n, size in per_kind}
+        for kind in ("segment", "feature"):
+            kinds.setdefault(kind, KindStats(0, 0))
+        access = AccessCounts(counters.get("hits", 0), counters.get("misses", 0))
+        return CacheStats(
+            root=self.root,
+            entries=sum(k.entries for k in kinds.values()),
+            bytes=sum(k.bytes for k in kinds.values()),
+            hits=access.hits,
+            misses=access.misses,
+            hit_rate=round(access.hit_rate, 4),
+            hash_methods=methods,
+            kinds=dict(sorted(kinds.items())),
+        )
 
     def clear_cache(self, symbol: str | None = None) -> int:
         """Remove every entry (or every entry of ``symbol``), rows first, then files; returns the count."""
@@ -308,48 +358,29 @@ class FeatureStore:
 
     def validate_cache_integrity(self, *, deep: bool = True) -> IntegrityReport:
         """Check that every manifest row has a sound file (content hash when ``deep``, else footer and size)."""
-        missing: list[str] = []
-        corrupt: list[str] = []
-        with self.manifest.read() as con:
-            entries = self.manifest.select(con)
-            for key, entry in entries.items():
-                try:
-                    if deep:
-                        _files.read_verified(entry.path)
-                    else:
-                        _files.read_footer_meta(entry.path)
-                        if entry.path.stat().st_size != entry.file_size_bytes:
-                            raise _files.CorruptFile(entry.path, "size differs from the manifest", None)
-                except FileNotFoundError:
-                    missing.append(key)
-                except _files.CorruptFile:
-                    corrupt.append(key)
-            orphans, temporaries = self._strays(set(entries))
-        return IntegrityReport(
-            len(entries), tuple(missing), tuple(corrupt), tuple(orphans), tuple(temporaries)
-        )
+        return maintenance.check_integrity(self.manifest, deep=deep)
 
     def rebuild_manifest(self) -> int:
         """Recreate every manifest row from the files' own metadata (after a lost or damaged manifest)."""
-        with self.manifest.write() as txn:
-            previous = self.manifest.select(txn.con)
-            rows: list[Row] = []
-            for path in sorted((self.root / _files.DATA_DIR).glob("*/*.parquet")):
-                key = _files.key_of(path)
-                if key is None:
-                    continue
-                try:
-                    meta, count = _files.read_footer_meta(path)
-                except _files.CorruptFile:
-                    continue
-                if meta.get("key") != key or "content_hash" not in meta:
-                    continue
-                rows.append(self._row_from_meta(path, meta, count, previous.get(key)))
-            txn.con.execute("DELETE FROM entries")
-            self.manifest.upsert(txn.con, rows)
-        return len(rows)
+        return maintenance.rebuild(self.manifest)
 
     # -- internals --------------------------------------------------------------------------------------------
+
+    def _ensure_manifest(self) -> None:
+        # Hits read files, not the manifest; if the manifest was deleted, restore it before serving any, so
+        # no file is served while it has no row (it would be an orphan GC deletes under a reader).
+        if not self.manifest.path.exists():
+            with self.manifest.write():
+                pass
+
+    def _record(self, hits: Sequence[str], *, misses: int = 0) -> None:
+        """Count per ``AccessCounts``: journal the accesses and add them to this object's session counts."""
+        self.manifest.record_access(hits, misses=misses)
+        self._tally(len(hits), misses)
+
+    def _tally(self, hits: int, misses: int) -> None:
+        with self._session_lock:
+            self._session = AccessCounts(self._session.hits + hits, self._session.misses + misses)
 
     def _key_lock(self, key: str) -> Path:
         # A fixed set of 4,096 striped lock files: bounded on disk and never deleted, so no process can lock a
@@ -414,6 +445,7 @@ class FeatureStore:
                 with self.manifest.write() as txn:
                     self._publish(txn, temps)
                     self.manifest.add_counters(txn.con, misses=misses)
+                self._tally(0, misses)
         finally:
             for temp, _row in temps.values():
                 temp.unlink(missing_ok=True)
@@ -448,7 +480,7 @@ class FeatureStore:
         }
         temp = _files.write_temp(path, table, file_meta, compression_level=self.compression_level)
         entry = Entry(
-            key, path, symbol, _ns_to_datetime(start), _ns_to_datetime(end), table.num_rows, 0, content,
+            key, path, symbol, ns_to_utc(start), ns_to_utc(end), table.num_rows, 0, content,
             self.hash_method, now, now,
         )  # fmt: skip
         return temp, Row(entry, entry_kind, file_meta["meta"])
@@ -464,27 +496,6 @@ class FeatureStore:
             temps[key] = (temp, rows[-1])
         self.manifest.upsert(txn.con, rows)
 
-    def _row_from_meta(self, path: Path, meta: dict[str, str], count: int, previous: Entry | None) -> Row:
-        created = dt.datetime.fromisoformat(meta["created_ts"]) if meta.get("created_ts") else utc_now()
-        start = int(meta["start_ns"]) if meta.get("start_ns") else None
-        end = int(meta["end_ns"]) if meta.get("end_ns") else None
-        entry = Entry(
-            meta["key"], path, meta.get("symbol") or None, _ns_to_datetime(start), _ns_to_datetime(end), count,
-            path.stat().st_size, meta["content_hash"], meta.get("hash_method", "xxh3"), created,
-            previous.last_accessed_ts if previous else created,
-        )  # fmt: skip
-        return Row(entry, meta.get("entry_kind", "segment"), meta.get("meta"))
-
-    def _strays(self, known: set[str]) -> tuple[list[Path], list[Path]]:
-        orphans: list[Path] = []
-        temporaries: list[Path] = []
-        for path in (self.root / _files.DATA_DIR).glob("*/*"):
-            if path.name.endswith(_files.TEMP_SUFFIX):
-                temporaries.append(path)
-            elif (key := _files.key_of(path)) is None or key not in known:
-                orphans.append(path)
-        return orphans, temporaries
-
 
 class _Named:
     """A compute function wrapper that keeps the wrapped function's identity for the key."""
@@ -497,4 +508,4 @@ class _Named:
         return self._call(raw, config)
 
 
-__all__ = ["CacheStats", "FeatureStore", "IntegrityReport", "WarmReport"]
+__all__ = ["AccessCounts", "CacheStats", "FeatureStore", "IntegrityReport", "KindStats", "WarmReport"]

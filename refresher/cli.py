@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from refresher.errors import RefresherError
+from refresher.errors import USER_ERRORS
 from refresher.settings import Settings
 
 EXIT_USER_ERROR = 2
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except RefresherError as exc:
+    except USER_ERRORS as exc:
         print(f"refresher: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

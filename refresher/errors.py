@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from featurestore.errors import FeatureStoreError
+
 
 class RefresherError(Exception):
     """Base of every error refresher raises on purpose."""
@@ -69,7 +71,12 @@ class JobError(RefresherError):
     """The distributed job queue failed in a way the user can act on."""
 
 
+# The feature store stands alone (it never imports refresher), so its errors are not RefresherErrors; this is the
+# one list of errors a user can fix, each printed by the CLI as one line with its ``exit_code``.
+USER_ERRORS: tuple[type[RefresherError] | type[FeatureStoreError], ...] = (RefresherError, FeatureStoreError)
+
 __all__ = [
+    "USER_ERRORS",
     "CalendarError",
     "EngineStateError",
     "EngineUnavailable",

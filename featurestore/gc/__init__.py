@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from featurestore import _files
+from featurestore import _files, maintenance
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import utc_now
 from featurestore.store import DEFAULT_ROOT, ROOT_ENV, FeatureStore
@@ -89,9 +89,9 @@ def collect_garbage(
             else:
                 continue
             say(f"{'would remove' if dry_run else 'remove'} entry {key} ({entry.path})")
-        orphans, temporaries = store._strays(set(entries))
-        orphans = [p for p in orphans if _mtime(p) < stray_cutoff]
-        temporaries = [p for p in temporaries if _mtime(p) < stray_cutoff]
+        strays = maintenance.find_strays(store.root, set(entries))
+        orphans = [p for p in strays.orphans if _mtime(p) < stray_cutoff]
+        temporaries = [p for p in strays.temporaries if _mtime(p) < stray_cutoff]
         for path in orphans + temporaries:
             say(f"{'would remove' if dry_run else 'remove'} stray file {path}")
         doomed = expired + missing + corrupt

@@ -1,0 +1,144 @@
+"""Store maintenance that both the store and GC use: strays, integrity checks, and the manifest rebuilt from files.
+
+The Parquet files are the truth: each carries its key, symbol, range, content hash and kind in its own metadata,
+so the manifest can always be restored from them (``restore_rows``). The manifest calls that when it has to create
+its file (first use, deleted, or moved aside because it was unreadable), under its exclusive lock, so two
+processes that find the damage at once rebuild it exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Set
+from pathlib import Path
+
+import duckdb
+
+from featurestore import _files
+from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrityReport:
+    """Result of ``check_integrity``: clean when no manifest row lacks a sound file."""
+
+    checked: int
+    missing: tuple[str, ...]
+    corrupt: tuple[str, ...]
+    orphans: tuple[Path, ...]
+    temporaries: tuple[Path, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+
+@dataclasses.dataclass(frozen=True)
+class Strays:
+    """Files under ``data/`` that no manifest row names: orphans (complete files) and write temporaries."""
+
+    orphans: list[Path]
+    temporaries: list[Path]
+
+
+def find_strays(root: Path, known: Set[str]) -> Strays:
+    """Files of the store's data directory that are temporaries, or whose key is not in ``known``."""
+    strays = Strays([], [])
+    for path in (root / _files.DATA_DIR).glob("*/*"):
+        if path.name.endswith(_files.TEMP_SUFFIX):
+            strays.temporaries.append(path)
+        elif (key := _files.key_of(path)) is None or key not in known:
+            strays.orphans.append(path)
+    return strays
+
+
+def check_integrity(manifest: Manifest, *, deep: bool = True) -> IntegrityReport:
+    """Check that every manifest row has a sound file (content hash when ``deep``, else footer and size)."""
+    missing: list[str] = []
+    corrupt: list[str] = []
+    with manifest.read() as con:
+        entries = manifest.select(con)
+        for key, entry in entries.items():
+            try:
+                if deep:
+                    _files.read_verified(entry.path)
+                else:
+                    _files.read_footer_meta(entry.path)
+                    if entry.path.stat().st_size != entry.file_size_bytes:
+                        raise _files.CorruptFile(entry.path, "size differs from the manifest", None)
+            except FileNotFoundError:
+                missing.append(key)
+            except _files.CorruptFile:
+                corrupt.append(key)
+        strays = find_strays(manifest.root, set(entries))
+    return IntegrityReport(
+        len(entries), tuple(missing), tuple(corrupt), tuple(strays.orphans), tuple(strays.temporaries)
+    )
+
+
+def rows_from_files(root: Path, previous: Mapping[str, Entry]) -> list[Row]:
+    """A manifest row for every sound data file, from the file's own metadata (footer reads only).
+
+    Files whose footer is unreadable or whose metadata names another key are left out (GC removes them as
+    orphans); the access time of a key already in ``previous`` is kept so a rebuild does not reset expiry.
+    """
+    rows: list[Row] = []
+    for path in sorted((root / _files.DATA_DIR).glob("*/*.parquet")):
+        key = _files.key_of(path)
+        if key is None:
+            continue
+        try:
+            meta, count = _files.read_footer_meta(path)
+            size = path.stat().st_size
+        except (_files.CorruptFile, FileNotFoundError):
+            continue
+        if meta.get("key") != key or "content_hash" not in meta:
+            continue
+        rows.append(_row_from_meta(path, meta, count, size, previous.get(key)))
+    return rows
+
+
+def restore_rows(manifest: Manifest, con: duckdb.DuckDBPyConnection) -> int:
+    """Replace every row of the manifest (inside the caller's exclusive transaction) by the files' own rows."""
+    rows = rows_from_files(manifest.root, manifest.select(con))
+    con.execute("DELETE FROM entries")
+    manifest.upsert(con, rows)
+    return len(rows)
+
+
+def rebuild(manifest: Manifest) -> int:
+    """Recreate every manifest row from the files; returns the number of entries."""
+    with manifest.write() as txn:
+        return restore_rows(manifest, txn.con)
+
+
+def _row_from_meta(path: Path, meta: dict[str, str], count: int, size: int, previous: Entry | None) -> Row:
+    created = dt.datetime.fromisoformat(meta["created_ts"]) if meta.get("created_ts") else utc_now()
+    start = int(meta["start_ns"]) if meta.get("start_ns") else None
+    end = int(meta["end_ns"]) if meta.get("end_ns") else None
+    entry = Entry(
+        key=meta["key"],
+        path=path,
+        symbol=meta.get("symbol") or None,
+        start_ts=ns_to_utc(start),
+        end_ts=ns_to_utc(end),
+        rows=count,
+        file_size_bytes=size,
+        content_hash=meta["content_hash"],
+        hash_method=meta.get("hash_method", "xxh3"),
+        created_ts=created,
+        last_accessed_ts=previous.last_accessed_ts if previous else created,
+    )
+    return Row(entry, meta.get("entry_kind", "segment"), meta.get("meta"))
+
+
+__all__ = [
+    "IntegrityReport",
+    "Strays",
+    "check_integrity",
+    "find_strays",
+    "rebuild",
+    "restore_rows",
+    "rows_from_files",
+]

@@ -1,0 +1,127 @@
+"""A store that heals itself: the Parquet files are the truth, an unreadable or lost manifest is rebuilt from them."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from featurestore import FeatureStore
+from tests.featurestore import _workers
+
+DAMAGES: dict[str, Callable[[bytes], bytes]] = {
+    "garbage": lambda data: b"this is not a duckdb file\n" * 200,
+    "empty": lambda data: b"",
+    "truncated-header": lambda data: data[:100],
+    "truncated-half": lambda data: data[: len(data) // 2],
+    "zeroed-block": lambda data: data[:8192] + bytes(4096) + data[8192 + 4096 :],
+}
+
+
+def filled(root: Path) -> tuple[FeatureStore, dict[str, pa.Table], pd.DataFrame]:
+    store = FeatureStore(root)
+    tables = {f"seg-{i}": pa.table({"x": list(range(i, i + 50))}) for i in range(20)}
+    store.put_many([(key, table, "SYM") for key, table in tables.items()])
+    feature = store.get_or_compute("AAPL", _bars(), {"w": 3}, _rolling)
+    assert isinstance(feature, pd.DataFrame)
+    return store, tables, feature
+
+
+def _bars() -> pd.DataFrame:
+    index = pd.date_range("2024-01-02", periods=30, freq="D", tz="UTC")
+    return pd.DataFrame({"close": [float(i) for i in range(30)]}, index=index)
+
+
+COMPUTED: list[int] = []  # one item per call of _rolling, in this process
+
+
+def _rolling(raw: pd.DataFrame, config: dict[str, int]) -> pd.DataFrame:
+    COMPUTED.append(config["w"])
+    return raw.rolling(config["w"]).mean()
+
+
+def damage(store: FeatureStore, how: str) -> None:
+    path = store.manifest.path
+    path.write_bytes(DAMAGES[how](path.read_bytes()))
+
+
+def assert_healed(store: FeatureStore, tables: dict[str, pa.Table]) -> None:
+    report = store.validate_cache_integrity()
+    assert report.ok and report.checked == len(tables) + 1 and report.orphans == ()
+    found = store.get_many(list(tables))
+    assert {key: t.column("x").to_pylist() for key, t in found.items()} == {
+        key: t.column("x").to_pylist() for key, t in tables.items()
+    }
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGES))
+def test_damaged_manifest_is_set_aside_and_rebuilt_with_one_line(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, tables, feature = filled(tmp_path / "cache")
+    damage(store, how)
+    with caplog.at_level(logging.WARNING, logger="featurestore"):
+        fresh = FeatureStore(store.root)
+        assert_healed(fresh, tables)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "featurestore"]
+    if how != "truncated-half":  # DuckDB reads a manifest cut after its last used block as whole
+        assert len(warnings) == 1 and "\n" not in warnings[0]
+        assert "unreadable" in warnings[0] and "rebuilt from the data files" in warnings[0]
+        assert len(list(store.root.glob("manifest.duckdb.damaged-*"))) == 1
+    # The feature's row came back from its file: a hit, not a recomputation.
+    computed = len(COMPUTED)
+    pd.testing.assert_frame_equal(fresh.get_or_compute("AAPL", _bars(), {"w": 3}, _rolling), feature)
+    assert len(COMPUTED) == computed
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated-header", "zeroed-block"])
+def test_validate_and_rebuild_never_raise_on_a_damaged_manifest(tmp_path: Path, how: str) -> None:
+    store, tables, _feature = filled(tmp_path / "cache")
+    damage(store, how)
+    assert store.validate_cache_integrity().ok
+    damage(store, how)
+    assert store.rebuild_manifest() == len(tables) + 1
+    assert_healed(store, tables)
+
+
+def test_deleted_manifest_is_rebuilt_on_first_use_and_files_are_not_orphans(tmp_path: Path) -> None:
+    store, tables, _feature = filled(tmp_path / "cache")
+    stats = store.get_cache_stats()
+    store.manifest.path.unlink()
+    # The same object, still open: its next read restores the rows before serving any file.
+    assert set(store.lookup(list(tables))) == set(tables)
+    assert store.get_cache_stats().entries == stats.entries
+    assert_healed(store, tables)
+    store.manifest.path.unlink()
+    assert FeatureStore(store.root).validate_cache_integrity().orphans == ()
+
+
+def test_a_hit_after_the_manifest_was_deleted_has_a_row(tmp_path: Path) -> None:
+    store, _tables, _feature = filled(tmp_path / "cache")
+    store.manifest.path.unlink()
+    computed = len(COMPUTED)
+    store.get_or_compute("AAPL", _bars(), {"w": 3}, _rolling)
+    assert len(COMPUTED) == computed  # served from its file...
+    assert store.manifest.path.exists()  # ...and only after the manifest was restored, so it has a row
+    assert store.validate_cache_integrity().orphans == ()
+
+
+@pytest.mark.slow
+def test_two_processes_finding_the_damage_at_once_heal_it_once(tmp_path: Path) -> None:
+    store, tables, _feature = filled(tmp_path / "cache")
+    damage(store, "garbage")
+    start_at = time.time() + 1.5  # both children past their imports, then they open the store together
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        found = pool.starmap(
+            _workers.heal_and_read, [(str(store.root), start_at, list(tables)) for _ in range(4)]
+        )
+    assert found == [len(tables)] * 4
+    assert len(list(store.root.glob("manifest.duckdb.damaged-*"))) == 1
+    assert_healed(store, tables)
