@@ -8,13 +8,17 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from refresher import calendar
 from refresher.calendar import (
+    CALENDAR_START,
     EXCHANGES,
     get_calendar,
     last_completed_session,
     market_status,
+    minutes_by_session,
     session_minutes,
     sessions_between,
 )
@@ -143,3 +147,321 @@ def test_compiled_calendars_are_cached_between_processes(tmp_path: Path) -> None
         assert np.array_equal(calendar.get_calendar("XTKS").closes, built.closes)
     finally:
         calendar.use_cache_dir(None)
+
+
+# --- The edges of the loaded calendar ------------------------------------------------------------------------
+
+UTC = dt.UTC
+
+
+def test_before_the_first_open_is_out_of_range() -> None:
+    # XNYS's first session in the loaded range: Monday 2000-01-03, 09:30 EST = 14:30 UTC.
+    first_open = dt.datetime(2000, 1, 3, 14, 30, tzinfo=UTC)
+    with pytest.raises(CalendarError, match="outside the loaded calendar 2000-01-01") as info:
+        market_status("XNYS", first_open - dt.timedelta(microseconds=1))
+    assert info.value.fields == {"exchange": "XNYS", "value": "2000-01-03T14:29:59.999999+00:00"}
+    assert market_status("XNYS", first_open).is_open
+
+
+def test_after_the_last_loaded_open_is_out_of_range() -> None:
+    cal = get_calendar("XNYS")
+    last_open = dt.datetime.fromtimestamp(int(cal.opens[-1]) // 10**9, tz=UTC)
+    with pytest.raises(CalendarError, match="outside the loaded calendar"):
+        market_status("XNYS", last_open)  # the last session has no next open to report
+    assert market_status("XNYS", last_open - dt.timedelta(days=7)).next_open <= last_open
+
+
+def test_no_completed_session_before_the_first_close() -> None:
+    first_close = dt.datetime(2000, 1, 3, 21, 0, tzinfo=UTC)
+    with pytest.raises(CalendarError, match="XNYS: no completed session before 2000-01-03 20:59") as info:
+        last_completed_session("XNYS", first_close - dt.timedelta(minutes=1))
+    assert info.value.fields["exchange"] == "XNYS"
+    assert last_completed_session("XNYS", first_close) == dt.date(2000, 1, 3)
+
+
+def test_session_slice_guards_both_ends_inclusively() -> None:
+    cal = get_calendar("XNYS")
+    assert cal.first == CALENDAR_START == dt.date(2000, 1, 1)
+    assert cal.last == dt.date.today() + dt.timedelta(days=366)
+    assert sessions_between("XNYS", cal.first, dt.date(2000, 1, 4)) == [
+        dt.date(2000, 1, 3),
+        dt.date(2000, 1, 4),
+    ]
+    assert sessions_between("XNYS", cal.last, cal.last) in ([], [cal.last])
+    with pytest.raises(CalendarError) as early:
+        cal.session_slice(cal.first - dt.timedelta(days=1), dt.date(2000, 2, 1))
+    assert early.value.fields == {"exchange": "XNYS", "value": "1999-12-31..2000-02-01"}
+    with pytest.raises(
+        CalendarError, match=rf"range 2000-01-01..{cal.last + dt.timedelta(days=1)} is outside"
+    ):
+        cal.session_slice(cal.first, cal.last + dt.timedelta(days=1))
+
+
+def test_sessions_between_includes_both_ends_and_skips_closed_days() -> None:
+    days = sessions_between("XNYS", dt.date(2024, 11, 25), dt.date(2024, 11, 29))
+    assert days == [dt.date(2024, 11, d) for d in (25, 26, 27, 29)]  # Thanksgiving (28th) closed
+    assert sessions_between("XNYS", dt.date(2024, 11, 30), dt.date(2024, 12, 1)) == []  # a weekend
+    assert sessions_between("XNYS", dt.date(2024, 11, 29), dt.date(2024, 11, 25)) == []  # reversed: empty
+
+
+# --- market_status at and around every boundary --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("local", "is_open", "on_break", "next_open", "next_close"),
+    [
+        # Before the session: closed, the next stop is the lunch break, not the close.
+        (
+            dt.datetime(2025, 3, 3, 8, 0),
+            False,
+            False,
+            dt.datetime(2025, 3, 3, 9, 0),
+            dt.datetime(2025, 3, 3, 11, 30),
+        ),
+        (
+            dt.datetime(2025, 3, 3, 9, 0),
+            True,
+            False,
+            dt.datetime(2025, 3, 4, 9, 0),
+            dt.datetime(2025, 3, 3, 11, 30),
+        ),
+        (
+            dt.datetime(2025, 3, 3, 11, 30),
+            False,
+            True,
+            dt.datetime(2025, 3, 3, 12, 30),
+            dt.datetime(2025, 3, 3, 15, 30),
+        ),
+        (
+            dt.datetime(2025, 3, 3, 12, 30),
+            True,
+            False,
+            dt.datetime(2025, 3, 4, 9, 0),
+            dt.datetime(2025, 3, 3, 15, 30),
+        ),
+        (
+            dt.datetime(2025, 3, 3, 15, 30),
+            False,
+            False,
+            dt.datetime(2025, 3, 4, 9, 0),
+            dt.datetime(2025, 3, 4, 11, 30),
+        ),
+    ],
+)
+def test_tokyo_boundaries(
+    local: dt.datetime, is_open: bool, on_break: bool, next_open: dt.datetime, next_close: dt.datetime
+) -> None:
+    s = market_status("XTKS", local.replace(tzinfo=TOKYO))
+    assert (s.is_open, s.on_break) == (is_open, on_break)
+    assert s.next_open == next_open.replace(tzinfo=TOKYO)
+    assert s.next_close == next_close.replace(tzinfo=TOKYO)
+    assert s.session == (dt.date(2025, 3, 3) if is_open or on_break else None)
+
+
+def test_new_york_before_the_open_next_closes_at_the_close() -> None:
+    s = market_status("XNYS", dt.datetime(2024, 11, 26, 8, 0, tzinfo=NY))
+    assert not s.is_open and not s.on_break and s.session is None
+    assert s.next_open == dt.datetime(2024, 11, 26, 9, 30, tzinfo=NY)
+    assert s.next_close == dt.datetime(2024, 11, 26, 16, 0, tzinfo=NY)
+
+
+def test_naive_datetimes_are_utc() -> None:
+    naive = market_status("XNYS", dt.datetime(2024, 11, 26, 15, 0))
+    aware = market_status("XNYS", dt.datetime(2024, 11, 26, 15, 0, tzinfo=UTC))
+    assert naive == aware and naive.at.tzinfo is UTC and naive.is_open
+    assert last_completed_session("XNYS", dt.datetime(2024, 11, 26, 21, 0)) == dt.date(2024, 11, 26)
+    assert last_completed_session("XNYS", dt.datetime(2024, 11, 26, 20, 59)) == dt.date(2024, 11, 25)
+
+
+def test_default_instant_is_now() -> None:
+    before = dt.datetime.now(UTC)
+    s = market_status("XLON")
+    assert before <= s.at <= dt.datetime.now(UTC) and s.at.tzinfo is not None
+    assert s.next_open > before or s.is_open
+    assert last_completed_session("XLON") <= before.date()
+    assert last_completed_session("XLON") == last_completed_session("XLON", before)
+
+
+def test_status_to_json_has_every_field() -> None:
+    s = market_status("XTKS", dt.datetime(2025, 3, 3, 12, 0, tzinfo=TOKYO))
+    assert s.to_json() == {
+        "exchange": "XTKS",
+        "at": "2025-03-03T12:00:00+09:00",
+        "is_open": False,
+        "on_break": True,
+        "session": "2025-03-03",
+        "next_open": "2025-03-03T03:30:00+00:00",
+        "next_close": "2025-03-03T06:30:00+00:00",
+        "tz": "Asia/Tokyo",
+    }
+    closed = market_status("XTKS", dt.datetime(2025, 3, 1, 12, 0, tzinfo=TOKYO)).to_json()
+    assert closed["session"] is None and closed["is_open"] is False
+
+
+def test_instants_convert_to_utc_nanoseconds_exactly() -> None:
+    assert calendar._ns(dt.datetime(1970, 1, 2, 0, 0, 1, 5, tzinfo=UTC)) == 86_401_000_005_000
+    assert calendar._ns(dt.datetime(1970, 1, 1, 9, 0, tzinfo=TOKYO)) == 0
+    assert calendar._ns(dt.datetime(1969, 12, 31, 23, 59, 59, 999_999)) == -1_000
+    assert calendar._utc(1_999_999_999) == dt.datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+
+
+def test_unknown_exchange_error_fields() -> None:
+    with pytest.raises(CalendarError) as info:
+        market_status("XPAR", dt.datetime(2025, 1, 6, tzinfo=UTC))
+    assert str(info.value) == "exchange='XPAR': unknown exchange (choices: XNYS, XNAS, XTKS, XLON, XETR)"
+    assert info.value.fields == {"field": "exchange", "value": "XPAR"}
+    for call in (
+        lambda: last_completed_session("xnys"),
+        lambda: sessions_between("", dt.date(2024, 1, 1), dt.date(2024, 1, 2)),
+    ):
+        with pytest.raises(CalendarError, match="unknown exchange"):
+            call()
+    with pytest.raises(CalendarError, match="unknown exchange"):
+        session_minutes("XPAR", dt.date(2024, 1, 2), dt.date(2024, 1, 2))
+
+
+# --- Minutes of sessions ---------------------------------------------------------------------------------------
+
+
+def test_minutes_by_session_counts_and_skips_the_break() -> None:
+    cal = get_calendar("XTKS")
+    sl, minutes, counts = minutes_by_session(cal, dt.date(2025, 2, 28), dt.date(2025, 3, 3))
+    assert [calendar._date(d) for d in cal.sessions[sl]] == [dt.date(2025, 2, 28), dt.date(2025, 3, 3)]
+    assert counts.tolist() == [330, 330] and len(minutes) == 660
+    local = pd.DatetimeIndex(minutes.view("datetime64[ns]")).tz_localize("UTC").tz_convert(TOKYO)
+    first_day = local[:330]
+    assert first_day[0].time() == dt.time(9, 0) and first_day[-1].time() == dt.time(15, 29)
+    assert first_day[149].time() == dt.time(11, 29) and first_day[150].time() == dt.time(12, 30)
+    assert (np.diff(minutes[:150]) == 60 * 10**9).all()
+
+
+def test_minutes_of_a_range_without_sessions_are_empty() -> None:
+    sl, minutes, counts = minutes_by_session(
+        get_calendar("XNYS"), dt.date(2024, 11, 30), dt.date(2024, 12, 1)
+    )
+    assert sl.stop == sl.start and len(minutes) == 0 and counts.shape == (0,)
+    assert session_minutes("XNYS", dt.date(2024, 11, 30), dt.date(2024, 12, 1)).dtype == np.dtype(
+        "datetime64[ns]"
+    )
+
+
+def test_zero_minute_sessions_have_no_bars() -> None:
+    # Sessions whose open equals their close (a halted day): counted, each with zero minutes.
+    day = 86_400 * 10**9
+    opens = np.array([0, day], np.int64)
+    cal = calendar.ExchangeCalendar(
+        exchange="TEST",
+        tz="UTC",
+        first=dt.date(1970, 1, 1),
+        last=dt.date(1970, 1, 10),
+        sessions=np.array([0, 1], np.int64),
+        opens=opens,
+        closes=opens.copy(),
+        break_starts=opens.copy(),
+        break_ends=opens.copy(),
+    )
+    sl, minutes, counts = minutes_by_session(cal, dt.date(1970, 1, 1), dt.date(1970, 1, 2))
+    assert (sl.start, sl.stop) == (0, 2)
+    assert minutes.dtype == np.int64 and len(minutes) == 0
+    assert counts.dtype == np.int64 and counts.tolist() == [0, 0]
+
+
+def test_session_minutes_are_utc_instants() -> None:
+    minutes = session_minutes("XNYS", dt.date(2024, 11, 26), dt.date(2024, 11, 26))
+    assert minutes.dtype == np.dtype("datetime64[ns]") and len(minutes) == 390
+    assert minutes[0] == np.datetime64("2024-11-26T14:30")
+    assert minutes[-1] == np.datetime64("2024-11-26T20:59")
+
+
+# --- Building and caching the compiled calendars ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exchange", "tz"),
+    [
+        ("XNYS", "America/New_York"),
+        ("XTKS", "Asia/Tokyo"),
+        ("XLON", "Europe/London"),
+        ("XETR", "Europe/Berlin"),
+    ],
+)
+def test_built_calendar_matches_exchange_calendars(exchange: str, tz: str) -> None:
+    import warnings
+
+    import exchange_calendars as xc
+
+    last = dt.date(2025, 12, 31)
+    built = calendar._build_calendar(exchange, last)  # a fresh build, not the process-wide cache
+    assert (built.exchange, built.tz, built.first, built.last) == (exchange, tz, CALENDAR_START, last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = xc.get_calendar(exchange, start="2000-01-01", end="2025-12-31").schedule
+    assert len(built.sessions) == len(sched)
+    assert calendar._date(int(built.sessions[0])) == sched.index[0].date()
+    assert calendar._date(int(built.sessions[-1])) == sched.index[-1].date()
+    for i in (0, len(sched) // 2, len(sched) - 1):
+        assert int(built.opens[i]) == sched["open"].iloc[i].value
+        assert int(built.closes[i]) == sched["close"].iloc[i].value
+    has_break = built.break_starts < built.closes
+    assert (built.break_ends[~has_break] == built.closes[~has_break]).all()
+    assert has_break.any() == (exchange == "XTKS")
+    if exchange == "XTKS":
+        i = len(sched) - 1
+        assert int(built.break_starts[i]) == sched["break_start"].iloc[i].value
+        assert int(built.break_ends[i]) == sched["break_end"].iloc[i].value
+
+
+def test_the_disk_cache_is_read(tmp_path: Path) -> None:
+    try:
+        calendar.use_cache_dir(tmp_path / "calendars")  # created on first write
+        built = calendar.get_calendar("XNYS")
+        assert calendar.get_calendar("XNYS") is built  # once per process
+        [cached_file] = (tmp_path / "calendars").iterdir()
+        from importlib.metadata import version
+
+        today_plus = dt.date.today() + dt.timedelta(days=366)
+        assert cached_file.name == f"XNYS-xc{version('exchange_calendars')}-2000-01-01-{today_plus}.npz"
+        # Doctor the file: a calendar read back from it must carry the doctored values.
+        arrays = {name: getattr(built, name) for name in ("sessions", "opens", "break_starts", "break_ends")}
+        with cached_file.open("wb") as handle:
+            np.savez(handle, tz=np.array("Doctored/Zone"), closes=built.closes + 1, **arrays)
+        calendar.use_cache_dir(tmp_path / "calendars")  # also forgets the in-process calendar
+        read = calendar.get_calendar("XNYS")
+        assert read.tz == "Doctored/Zone" and np.array_equal(read.closes, built.closes + 1)
+        assert (read.first, read.last) == (CALENDAR_START, today_plus)
+        assert read.closes.dtype == np.int64
+    finally:
+        calendar.use_cache_dir(None)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip at all", b"PK\x03\x04 torn", "missing-array"])
+def test_an_unreadable_cache_file_is_rebuilt(tmp_path: Path, content: bytes | str) -> None:
+    try:
+        calendar.use_cache_dir(tmp_path)
+        built = calendar.get_calendar("XLON")
+        [cached_file] = tmp_path.glob("XLON-*.npz")
+        if content == "missing-array":
+            with cached_file.open("wb") as handle:
+                np.savez(handle, tz=np.array("Europe/London"), sessions=built.sessions)
+        else:
+            assert isinstance(content, bytes)
+            cached_file.write_bytes(content)
+        calendar.use_cache_dir(tmp_path)
+        rebuilt = calendar.get_calendar("XLON")
+        assert np.array_equal(rebuilt.closes, built.closes) and rebuilt.tz == "Europe/London"
+        # and the rebuilt calendar replaced the bad file, leaving no temporary behind
+        assert [p.name for p in tmp_path.iterdir()] == [cached_file.name]
+        assert np.load(cached_file)["closes"].shape == built.closes.shape
+    finally:
+        calendar.use_cache_dir(None)
+
+
+def test_an_unwritable_cache_only_costs_speed(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    try:
+        calendar.use_cache_dir(blocker / "calendars")
+        assert calendar.get_calendar("XETR").tz == "Europe/Berlin"
+    finally:
+        calendar.use_cache_dir(None)
+    assert calendar.get_calendar("XETR").tz == "Europe/Berlin"
