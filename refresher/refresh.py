@@ -1,44 +1,31 @@
-"""One refresh: profile -> plan -> fetch what the store lacks -> load what the database lacks -> snapshot.
+"""One refresh: profile -> plan -> run the segment jobs with an executor -> features -> snapshot.
 
-Fetching (source + store write) runs in a producer thread while the main thread loads into Postgres, so the
-two cores overlap generation/compression with COPY. Each segment loads in its own transaction together with its
-``refresher_segments`` row, so an interrupted refresh resumes exactly where it stopped.
+The segment jobs (``refresher.jobs``) fetch what the store lacks and load what the database lacks, each segment
+in its own transaction together with its ``refresher_segments`` row, so an interrupted refresh resumes exactly
+where it stopped.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
-import pyarrow as pa
 
 from featurestore import FeatureStore
 from refresher import database, load, snapshot
 from refresher.calendar import get_calendar
 from refresher.engines.base import Engine, ServerInfo
-from refresher.errors import LoadError
 from refresher.features import FeatureCounts, refresh_features
+from refresher.jobs import InProcessExecutor, jobs_of_plan
+from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
 from refresher.plan import DatabaseSegment, GapPlan, StoredSegment, plan_gaps, segment_key
 from refresher.profile import Profile
 from refresher.segments import Segment, desired_segments
 from refresher.sources import make_source
 from refresher.sources.base import Source
-
-# Segments per store write: one manifest transaction per batch keeps the lock short and the count of
-# DuckDB connects low (about 2,400 segments in a cold backtesting run).
-STORE_BATCH = 200
-
-
-class ProgressCallback(Protocol):
-    """Told after each segment: the phase, segments done of total, and rows loaded so far."""
-
-    def __call__(self, phase: str, done: int, total: int, rows: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -146,66 +133,6 @@ def plan_refresh(
             )
 
 
-class _Fetcher(threading.Thread):
-    """Produces (segment, table, content_hash) for segments the store lacks, storing each batch first."""
-
-    _DONE = object()
-
-    def __init__(self, source: Source, store: FeatureStore, plan: GapPlan) -> None:
-        super().__init__(name="refresher-fetch", daemon=True)
-        self.source, self.store, self.plan = source, store, plan
-        # Two batches ahead at most: enough to keep the loader busy, bounded memory (~400 segments).
-        self.out: queue.Queue[Any] = queue.Queue(maxsize=2)
-        self.cancelled = threading.Event()
-
-    def run(self) -> None:
-        try:
-            todo = list(self.plan.to_fetch)
-            for start in range(0, len(todo), STORE_BATCH):
-                if self.cancelled.is_set():
-                    return
-                batch = todo[start : start + STORE_BATCH]
-                tables = [self.source.fetch(s) for s in batch]
-                entries = self.store.put_many(
-                    (self.plan.keys[s], t, s.symbol) for s, t in zip(batch, tables, strict=True)
-                )
-                self._put([(s, t, e.content_hash) for s, t, e in zip(batch, tables, entries, strict=True)])
-        except BaseException as exc:  # handed to the loading thread, which re-raises it
-            self._put(exc)
-        finally:
-            self._put(self._DONE)
-
-    def _put(self, item: Any) -> None:
-        while not self.cancelled.is_set():
-            try:
-                self.out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def results(self) -> Iterator[tuple[Segment, pa.Table, str]]:
-        while True:
-            item = self.out.get()
-            if item is self._DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-
-
-def _stored_tables(
-    store: FeatureStore, plan: GapPlan, segments: Sequence[Segment]
-) -> Iterator[tuple[Segment, pa.Table, str]]:
-    for start in range(0, len(segments), STORE_BATCH):
-        batch = segments[start : start + STORE_BATCH]
-        keys = [plan.keys[s] for s in batch]
-        tables = store.get_many(keys)
-        for segment, key in zip(batch, keys, strict=True):
-            if key not in tables:
-                raise LoadError(f"segment {segment}: store entry {key} vanished or is corrupt; run again")
-            yield segment, tables[key], plan.stored[key].content_hash
-
-
 def refresh(
     profile: Profile,
     engine: Engine,
@@ -227,55 +154,25 @@ def refresh(
     server: ServerInfo = engine.start(profile.name)
     mark = lap("engine", started)
     tz_of = _timezones(profile)
-    rows_loaded = loaded_count = pruned = fetched = 0
-    # autocommit: each load_segment's transaction() is then a real BEGIN/COMMIT, not a savepoint inside one
-    # long implicit transaction, so every finished segment survives a kill -9.
+    pruned = 0
+    # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
+    # implicit transaction, so every finished segment survives a kill -9.
     with closing(make_source(profile)) as source, psycopg.connect(server.dsn(), autocommit=True) as conn:
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
         plan = compute_plan(profile, source, store, conn, verify=verify)
         mark = lap("plan", mark)
-        total = len(plan.to_load) + len(plan.to_fetch)
-        done = 0
-
         if prune:
             for segment in plan.stale:
                 load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
                 pruned += 1
-
-        daily_tables: dict[Segment, pa.Table] = {}  # what features need, kept from the fetch
-        fetcher = _Fetcher(source, store, plan)
-        fetcher.start()
-        try:
-            for segment, table, content_hash in fetcher.results():
-                fetched += 1
-                if segment.timeframe == "1d":
-                    daily_tables[segment] = table
-                done += 1
-                in_db = plan.loaded.get(segment)
-                if in_db is None or in_db.content_hash != content_hash:
-                    rows_loaded += load.load_segment(
-                        conn, segment, table, content_hash, tz=tz_of[segment.symbol]
-                    )
-                    loaded_count += 1
-                if progress:
-                    progress("load", done, total, rows_loaded)
-            for segment, table, content_hash in _stored_tables(store, plan, plan.to_load):
-                rows_loaded += load.load_segment(conn, segment, table, content_hash, tz=tz_of[segment.symbol])
-                loaded_count += 1
-                done += 1
-                if progress:
-                    progress("load", done, total, rows_loaded)
-        finally:
-            fetcher.cancelled.set()
-            fetcher.join(timeout=5)
+        totals = InProcessExecutor(source, store, conn).run(jobs_of_plan(plan, tz_of), progress)
         mark = lap("segments", mark)
-
-        features = refresh_features(conn, profile, store, plan, daily_tables)
+        features = refresh_features(conn, profile, store, plan, totals.daily_tables)
         mark = lap("features", mark)
         notes = [str(r) for r in getattr(source, "reports", [])]
 
-    changed = bool(loaded_count or pruned or features.loaded)
+    changed = bool(totals.loaded or pruned or features.loaded)
     snapshot_state = "unchanged"
     if changed or not snapshot.has_pristine(server):
         # The template is made now; its warm clones are made by a detached process while the user starts work.
@@ -290,12 +187,12 @@ def refresh(
         segments=SegmentCounts(
             desired=len(plan.desired),
             present=len(plan.present),
-            loaded=loaded_count,
+            loaded=totals.loaded,
             pruned=pruned,
-            fetched=fetched,
+            fetched=totals.fetched,
             stale=len(plan.stale) - pruned,
         ),
-        rows_loaded=rows_loaded,
+        rows_loaded=totals.rows_loaded,
         seconds=round(time.perf_counter() - started, 3),
         store=StoreCounts(hits=len(plan.desired) - len(plan.to_fetch), misses=len(plan.to_fetch)),
         features=features,

@@ -1,0 +1,188 @@
+"""The one segment job: produce a segment's table (store hit, or source then store) and load it once.
+
+Both executors call this module, the in-process one (``refresher.jobs.inprocess``) and the Redis worker, so
+there is one load path. Producing works on batches because the store records a batch in one manifest
+transaction; loading is one transaction per segment (``refresher.load.load_segment``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+
+from featurestore import FeatureStore
+from refresher import load
+from refresher.errors import LoadError
+from refresher.plan import GapPlan
+from refresher.segments import Segment
+from refresher.sources.base import Source
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """One segment to bring into a database, with what the plan knew of it."""
+
+    segment: Segment
+    key: str
+    tz: str
+    # The store's content hash when the plan was made; None: the source must produce the segment.
+    stored_hash: str | None = None
+    # The database's ledger hash when the plan was made; None: not loaded.
+    loaded_hash: str | None = None
+    # Load even if the ledger holds this content: ``--verify`` found the rows differ from the ledger.
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentOutcome:
+    """What one segment job did."""
+
+    segment: Segment
+    content_hash: str
+    rows_loaded: int
+    fetched: bool
+    loaded: bool
+
+
+@dataclass
+class SegmentTotals:
+    """Counters of a set of segment jobs, added up as outcomes arrive."""
+
+    done: int = 0
+    fetched: int = 0
+    loaded: int = 0
+    rows_loaded: int = 0
+    # Daily tables fetched from the source, kept for the features step so it need not read them again.
+    daily_tables: dict[Segment, pa.Table] = field(default_factory=dict)
+
+    def add(self, outcome: SegmentOutcome, table: pa.Table | None = None) -> None:
+        self.done += 1
+        self.fetched += outcome.fetched
+        self.loaded += outcome.loaded
+        self.rows_loaded += outcome.rows_loaded
+        if outcome.fetched and table is not None and outcome.segment.timeframe == "1d":
+            self.daily_tables[outcome.segment] = table
+
+
+def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str]) -> list[SegmentJob]:
+    """The plan's segment jobs: first those the source must produce, then those the store holds."""
+    jobs: list[SegmentJob] = []
+    for segment in (*plan.to_fetch, *plan.to_load):
+        key = plan.keys[segment]
+        stored = plan.stored.get(key)
+        in_db = plan.loaded.get(segment)
+        jobs.append(
+            SegmentJob(
+                segment,
+                key,
+                tz_of[segment.symbol],
+                stored_hash=stored.content_hash if stored else None,
+                loaded_hash=in_db.content_hash if in_db else None,
+                force=bool(stored and in_db and stored.content_hash == in_db.content_hash),
+            )
+        )
+    return jobs
+
+
+def fetch_tables(
+    jobs: Sequence[SegmentJob], source: Source, store: FeatureStore
+) -> list[tuple[pa.Table, str]]:
+    """Produce each job's table from the source and store the batch in one manifest transaction."""
+    tables = [source.fetch(job.segment) for job in jobs]
+    entries = store.put_many((job.key, t, job.segment.symbol) for job, t in zip(jobs, tables, strict=True))
+    return [(t, e.content_hash) for t, e in zip(tables, entries, strict=True)]
+
+
+def stored_tables(jobs: Sequence[SegmentJob], store: FeatureStore) -> list[tuple[pa.Table, str]]:
+    """Read each job's table from the store; a vanished entry fails the job (the next run re-plans)."""
+    tables = store.get_many([job.key for job in jobs])
+    out: list[tuple[pa.Table, str]] = []
+    for job in jobs:
+        if job.key not in tables or job.stored_hash is None:
+            raise LoadError(
+                f"segment {job.segment}: store entry {job.key} vanished or is corrupt; run again",
+                segment=str(job.segment),
+            )
+        out.append((tables[job.key], job.stored_hash))
+    return out
+
+
+def load_table(
+    conn: psycopg.Connection[Any],
+    job: SegmentJob,
+    table: pa.Table,
+    content_hash: str,
+    *,
+    check_ledger: bool = False,
+) -> SegmentOutcome:
+    """Load ``table`` unless the database already holds exactly that content; one transaction.
+
+    ``check_ledger`` reads the ledger row inside the transaction, under an advisory lock on the segment,
+    instead of trusting the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at
+    once (a reclaimed job whose first worker was only slow), and the second must then be a no-op. The
+    in-process refresh made its plan moments ago on the only connection that writes, so it skips the query.
+    """
+    fetched = job.stored_hash is None
+    if not check_ledger:
+        if job.loaded_hash == content_hash and not job.force:
+            return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
+        rows = load.load_segment(conn, job.segment, table, content_hash, tz=job.tz)
+        return SegmentOutcome(job.segment, content_hash, rows, fetched, True)
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(job.segment),))
+            row = conn.execute(
+                "SELECT content_hash FROM refresher_segments "
+                "WHERE symbol = %s AND timeframe = %s AND month = %s",
+                (job.segment.symbol, job.segment.timeframe, job.segment.month),
+            ).fetchone()
+            if row is not None and row[0] == content_hash and not job.force:
+                return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
+            rows = load.load_segment(conn, job.segment, table, content_hash, tz=job.tz)
+    except psycopg.Error as exc:
+        raise LoadError(f"{job.segment}: loading failed: {exc}".rstrip(), segment=str(job.segment)) from exc
+    return SegmentOutcome(job.segment, content_hash, rows, fetched, True)
+
+
+def run_segment_job(
+    job: SegmentJob, source: Source, store: FeatureStore, conn: psycopg.Connection[Any]
+) -> SegmentOutcome:
+    """Run one job from a queue: the store is asked again (another attempt may have filled it since the
+    plan), and the load checks the ledger so a redelivered job changes nothing."""
+    entry = store.lookup([job.key]).get(job.key)
+    job = replace(job, stored_hash=entry.content_hash if entry else None)
+    if job.stored_hash is None:
+        [(table, content_hash)] = fetch_tables([job], source, store)
+    else:
+        try:
+            [(table, content_hash)] = stored_tables([job], store)
+        except LoadError:  # evicted between lookup and read: produce it again
+            job = replace(job, stored_hash=None)
+            [(table, content_hash)] = fetch_tables([job], source, store)
+    return load_table(conn, job, table, content_hash, check_ledger=True)
+
+
+def _lock_id(segment: Segment) -> int:
+    """A stable 63-bit advisory lock id for a segment (crc32 of each part; collisions only serialise)."""
+    parts = (segment.symbol, segment.timeframe, str(segment.month))
+    value = 0
+    for part in parts:
+        value = (value << 21) ^ zlib.crc32(part.encode())
+    return value & 0x7FFF_FFFF_FFFF_FFFF
+
+
+__all__ = [
+    "SegmentJob",
+    "SegmentOutcome",
+    "SegmentTotals",
+    "fetch_tables",
+    "jobs_of_plan",
+    "load_table",
+    "run_segment_job",
+    "stored_tables",
+]
