@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from refresher.calendar import EXCHANGES, last_completed_session
 from refresher.errors import CalendarError, ProfileError
 from refresher.segments import TIMEFRAMES, Timeframe
+
+if TYPE_CHECKING:
+    from refresher.features.registry import FeatureUse
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 # Symbols reach file names (files source) and SQL parameters; keep them to what tickers actually use.
@@ -54,7 +57,7 @@ class Profile:
     start: dt.date
     end: dt.date
     months: tuple[dt.date, ...]
-    features: tuple[str, ...]
+    features: tuple[FeatureUse, ...]
     seed: int
     reset_target_seconds: float
     source: SourceSpec
@@ -145,6 +148,21 @@ SourceSpec = Annotated[
 ]
 
 
+class _FeatureEntry(_Strict):
+    """A feature with a table name of its own (``as``) and parameters, validated by ``features.registry``."""
+
+    name: str
+    as_: str | None = Field(default=None, alias="as")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+# A plain name or a mapping; tagged so an error in a mapping is reported against the mapping, not the string.
+FeatureEntry = Annotated[
+    Annotated[str, Tag("plain")] | Annotated[_FeatureEntry, Tag("entry")],
+    Discriminator(lambda value: "plain" if isinstance(value, str) else "entry"),
+]
+
+
 class _Profile(_Strict):
     name: str | None = None
     description: str = ""
@@ -155,7 +173,7 @@ class _Profile(_Strict):
     start: dt.date | None = None
     end: dt.date | None = None
     timeframes: list[str] = Field(default_factory=lambda: ["1d", "1m"], min_length=1)
-    features: list[str] = Field(default_factory=list)
+    features: list[FeatureEntry] = Field(default_factory=list)
     seed: int = 0
     seeds: dict[str, int] = Field(default_factory=dict)
     reset_target_seconds: float = Field(default=30.0, gt=0)
@@ -167,6 +185,8 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
     parts = [str(p) for p in e["loc"]]
     if parts[:1] == ["source"] and parts[1:2] and parts[1] in SOURCE_KINDS:
         parts.pop(1)  # the union's tag: the user wrote source.path, not source.files.path
+    if parts[:1] == ["features"] and parts[2:3] in (["plain"], ["entry"]):
+        parts.pop(2)  # the same for features.1.params, not features.1.entry.params
     if e["type"] == "source_kind":
         parts.append("kind")
         e["input"] = e["input"].get("kind") if isinstance(e["input"], dict) else e["input"]
@@ -318,7 +338,7 @@ def _source(path: Path, s: SourceSpec) -> SourceSpec:
 
 def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
     """Read, validate and resolve one profile file."""
-    from refresher.features import FEATURES
+    from refresher.features.registry import resolve_feature
 
     path = Path(path)
     data = _read_yaml(path)
@@ -337,11 +357,16 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
             raise ProfileError(
                 path, f"timeframes.{i}", tf, f"unknown timeframe (choices: {', '.join(TIMEFRAMES)})"
             )
-    for i, feat in enumerate(p.features):
-        if feat not in FEATURES:
-            raise ProfileError(
-                path, f"features.{i}", feat, f"unknown feature (choices: {', '.join(FEATURES)})"
-            )
+    features = [
+        resolve_feature(path, f"features.{i}", feat)
+        if isinstance(feat, str)
+        else resolve_feature(path, f"features.{i}", feat.name, feat.as_, feat.params)
+        for i, feat in enumerate(p.features)
+    ]
+    for i, use in enumerate(features):
+        earlier = next((e for e in features[:i] if e.name == use.name), use)
+        if earlier != use:
+            raise ProfileError(path, f"features.{i}", use.name, "named twice: give one of them another `as:`")
     listings = _listings(path, p)
     start, end = _date_range(path, p, as_of)
     return Profile(
@@ -353,7 +378,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         start=start,
         end=end,
         months=months_covering(start, end),
-        features=tuple(dict.fromkeys(p.features)),
+        features=tuple(dict.fromkeys(features)),
         seed=p.seed,
         reset_target_seconds=p.reset_target_seconds,
         source=_source(path, p.source),

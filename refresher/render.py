@@ -173,7 +173,7 @@ def profile_json(profile: Profile) -> dict[str, Any]:
         "end": str(profile.end),
         "months": len(profile.months),
         "timeframes": list(profile.timeframes),
-        "features": list(profile.features),
+        "features": [use.name for use in profile.features],
         "reset_target_seconds": profile.reset_target_seconds,
     }
 
@@ -196,7 +196,7 @@ def profiles_table(listing: Any) -> None:
             str(len(p.listings)),
             f"{p.start} .. {p.end}",
             ",".join(p.timeframes),
-            ",".join(p.features),
+            ",".join(use.name for use in p.features),
             f"{p.reset_target_seconds:g} s",
         )
     out.print(table)

@@ -4,16 +4,27 @@ Every function takes a DataFrame indexed by session date with open/high/low/clos
 DataFrame on the same index with float columns. Rows before a window fills are NULL (NaN here, NULL in the
 database): each docstring states the window and how many leading rows stay NULL on a symbol's first bars.
 Windows count sessions, not calendar days.
+
+Parameters are keyword-only with their defaults in the signature; a profile overrides them per entry
+(``{name: trend_analysis, as: trend_fast, params: {fast: 10, slow: 30}}``) and ``registry`` validates them
+from these annotations. Column names carry the window (``sma_20``), so a table never claims a window it was
+not computed with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 TRADING_DAYS = 252
+
+# A window in sessions: at least 2, since a one-session standard deviation or channel means nothing.
+Window = Annotated[int, Field(ge=2, le=10_000)]
+Positive = Annotated[float, Field(gt=0)]
 
 
 def _sma(s: pd.Series, n: int) -> pd.Series:
@@ -34,8 +45,8 @@ def _true_range(df: pd.DataFrame) -> pd.Series:
     return ranges.max(axis=1)
 
 
-def high_low_detection(df: pd.DataFrame) -> pd.DataFrame:
-    """20-session channel and breakouts from it.
+def high_low_detection(df: pd.DataFrame, *, window: Window = 20) -> pd.DataFrame:
+    """A ``window``-session channel (default 20, the window in the names below) and breakouts from it.
 
     - ``high_20d``, ``low_20d``: highest high and lowest low of the last 20 sessions, today included
       (first 19 rows NULL).
@@ -44,13 +55,13 @@ def high_low_detection(df: pd.DataFrame) -> pd.DataFrame:
     - ``range_position``: where the close sits in today's channel, 0 at ``low_20d`` and 1 at ``high_20d``
       (first 19 rows NULL; NULL when the channel is flat).
     """
-    high20 = df["high"].rolling(20, min_periods=20).max()
-    low20 = df["low"].rolling(20, min_periods=20).min()
+    high20 = df["high"].rolling(window, min_periods=window).max()
+    low20 = df["low"].rolling(window, min_periods=window).min()
     prev_high, prev_low = high20.shift(1), low20.shift(1)
     return pd.DataFrame(
         {
-            "high_20d": high20,
-            "low_20d": low20,
+            f"high_{window}d": high20,
+            f"low_{window}d": low20,
             "breakout_up": (df["close"] > prev_high).astype(float).where(prev_high.notna()),
             "breakout_down": (df["close"] < prev_low).astype(float).where(prev_low.notna()),
             "range_position": (df["close"] - low20) / (high20 - low20).replace(0.0, np.nan),
@@ -59,8 +70,11 @@ def high_low_detection(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def trend_analysis(df: pd.DataFrame) -> pd.DataFrame:
-    """Moving-average trend and Wilder's trend strength.
+def trend_analysis(
+    df: pd.DataFrame, *, fast: Window = 20, slow: Window = 50, slope: Window = 5, adx: Window = 14
+) -> pd.DataFrame:
+    """Moving-average trend and Wilder's trend strength; defaults fast=20, slow=50 (fast < slow), slope=5,
+    adx=14, and the column names below at those defaults.
 
     - ``sma_20``, ``sma_50``: simple moving averages of the close (first 19 / 49 rows NULL).
     - ``sma_20_slope``: ``sma_20``'s average change per session over the last 5 sessions (first 24 rows NULL).
@@ -68,29 +82,40 @@ def trend_analysis(df: pd.DataFrame) -> pd.DataFrame:
     - ``adx_14``: Wilder's average directional index, 0-100, smoothing 14 (first 26 rows NULL).
     """
     close = df["close"]
-    sma20, sma50 = _sma(close, 20), _sma(close, 50)
+    sma20, sma50 = _sma(close, fast), _sma(close, slow)
     # Wilder's directional movement, the "ADX-ish" trend strength
     up, down = df["high"].diff(), -df["low"].diff()
     plus_dm = up.where((up > down) & (up > 0), 0.0)
     minus_dm = down.where((down > up) & (down > 0), 0.0)
-    atr = _true_range(df).ewm(alpha=1 / 14, adjust=False, min_periods=14).mean()
-    plus_di = 100 * plus_dm.ewm(alpha=1 / 14, adjust=False, min_periods=14).mean() / atr
-    minus_di = 100 * minus_dm.ewm(alpha=1 / 14, adjust=False, min_periods=14).mean() / atr
+    atr = _true_range(df).ewm(alpha=1 / adx, adjust=False, min_periods=adx).mean()
+    plus_di = 100 * plus_dm.ewm(alpha=1 / adx, adjust=False, min_periods=adx).mean() / atr
+    minus_di = 100 * minus_dm.ewm(alpha=1 / adx, adjust=False, min_periods=adx).mean() / atr
     dx = 100 * (plus_di - minus_di).abs() / (plus_di + minus_di).replace(0.0, np.nan)
     return pd.DataFrame(
         {
-            "sma_20": sma20,
-            "sma_50": sma50,
-            "sma_20_slope": sma20.diff(5) / 5,
+            f"sma_{fast}": sma20,
+            f"sma_{slow}": sma50,
+            f"sma_{fast}_slope": sma20.diff(slope) / slope,
             "trend_up": (sma20 > sma50).astype(float).where(sma50.notna()),
-            "adx_14": dx.ewm(alpha=1 / 14, adjust=False, min_periods=14).mean(),
+            f"adx_{adx}": dx.ewm(alpha=1 / adx, adjust=False, min_periods=adx).mean(),
         },
         index=df.index,
     )
 
 
-def full_analysis(df: pd.DataFrame) -> pd.DataFrame:
-    """Returns, volatility, RSI, MACD and Bollinger bands of the close.
+def full_analysis(
+    df: pd.DataFrame,
+    *,
+    volatility: Window = 20,
+    rsi: Window = 14,
+    macd_fast: Window = 12,
+    macd_slow: Window = 26,
+    macd_signal: Window = 9,
+    bollinger: Window = 20,
+    bollinger_k: Positive = 2.0,
+) -> pd.DataFrame:
+    """Returns, volatility, RSI, MACD and Bollinger bands of the close; the windows below are the defaults
+    (``volatility``, ``rsi``, ``macd_fast`` < ``macd_slow``, ``macd_signal``, ``bollinger``, ``bollinger_k``).
 
     - ``return_1d``, ``log_return_1d``: simple and log return from the previous close (first row NULL).
     - ``volatility_20d``: standard deviation of ``return_1d`` over 20 sessions, annualised by sqrt(252)
@@ -103,27 +128,29 @@ def full_analysis(df: pd.DataFrame) -> pd.DataFrame:
     """
     close = df["close"]
     ret = close.pct_change()
-    ema12, ema26 = close.ewm(span=12, adjust=False).mean(), close.ewm(span=26, adjust=False).mean()
-    macd = ema12 - ema26
-    mid, sd = _sma(close, 20), close.rolling(20, min_periods=20).std()
+    ema_fast = close.ewm(span=macd_fast, adjust=False).mean()
+    ema_slow = close.ewm(span=macd_slow, adjust=False).mean()
+    macd = ema_fast - ema_slow
+    mid, sd = _sma(close, bollinger), close.rolling(bollinger, min_periods=bollinger).std()
     return pd.DataFrame(
         {
             "return_1d": ret,
             "log_return_1d": np.log(close).diff(),
-            "volatility_20d": ret.rolling(20, min_periods=20).std() * np.sqrt(TRADING_DAYS),
-            "rsi_14": _rsi(close),
+            f"volatility_{volatility}d": ret.rolling(volatility, min_periods=volatility).std()
+            * np.sqrt(TRADING_DAYS),
+            f"rsi_{rsi}": _rsi(close, rsi),
             "macd": macd,
-            "macd_signal": macd.ewm(span=9, adjust=False).mean(),
+            "macd_signal": macd.ewm(span=macd_signal, adjust=False).mean(),
             "bollinger_mid": mid,
-            "bollinger_upper": mid + 2 * sd,
-            "bollinger_lower": mid - 2 * sd,
+            "bollinger_upper": mid + bollinger_k * sd,
+            "bollinger_lower": mid - bollinger_k * sd,
         },
         index=df.index,
     )
 
 
-def performance_metrics(df: pd.DataFrame) -> pd.DataFrame:
-    """Performance of holding the symbol from its first bar in the frame.
+def performance_metrics(df: pd.DataFrame, *, sharpe: Window = 63, min_returns: Window = 20) -> pd.DataFrame:
+    """Performance of holding the symbol from its first bar in the frame; defaults sharpe=63, min_returns=20.
 
     - ``cumulative_return``: close / first close - 1 (no NULLs).
     - ``drawdown``: distance below the running peak of the close, <= 0 (no NULLs).
@@ -135,24 +162,25 @@ def performance_metrics(df: pd.DataFrame) -> pd.DataFrame:
     ret = close.pct_change()
     growth = close / close.iloc[0] if len(close) else close
     peak = growth.cummax()
-    mean, sd = ret.rolling(63, min_periods=20).mean(), ret.rolling(63, min_periods=20).std()
+    mean = ret.rolling(sharpe, min_periods=min(min_returns, sharpe)).mean()
+    sd = ret.rolling(sharpe, min_periods=min(min_returns, sharpe)).std()
     return pd.DataFrame(
         {
             "cumulative_return": growth - 1,
             "drawdown": growth / peak - 1,
             "max_drawdown": (growth / peak - 1).cummin(),
-            "rolling_sharpe_63d": mean / sd.replace(0.0, np.nan) * np.sqrt(TRADING_DAYS),
+            f"rolling_sharpe_{sharpe}d": mean / sd.replace(0.0, np.nan) * np.sqrt(TRADING_DAYS),
         },
         index=df.index,
     )
 
 
-def websocket_testing(df: pd.DataFrame) -> pd.DataFrame:
+def websocket_testing(df: pd.DataFrame, *, lot: Annotated[int, Field(ge=1)] = 100) -> pd.DataFrame:
     """A stable stand-in for a live feed, for UI tests (daily bars carry no ticks).
 
     - ``last_price``: the close.
     - ``spread_proxy``: (high - low) / close.
-    - ``tick_count``: volume in round lots of 100, rounded up.
+    - ``tick_count``: volume in round lots of ``lot`` shares (default 100), rounded up.
 
     No window, no NULLs.
     """
@@ -160,14 +188,14 @@ def websocket_testing(df: pd.DataFrame) -> pd.DataFrame:
         {
             "last_price": df["close"].astype(float),
             "spread_proxy": (df["high"] - df["low"]) / df["close"],
-            "tick_count": np.ceil(df["volume"].astype(float) / 100.0),
+            "tick_count": np.ceil(df["volume"].astype(float) / float(lot)),
         },
         index=df.index,
     )
 
 
-def dashboard_data(df: pd.DataFrame) -> pd.DataFrame:
-    """The numbers a quote dashboard shows.
+def dashboard_data(df: pd.DataFrame, *, volume_window: Window = 20) -> pd.DataFrame:
+    """The numbers a quote dashboard shows; default volume_window=20.
 
     - ``daily_change``: close - previous close (first row NULL).
     - ``pct_change``: the same in percent of the previous close (first row NULL).
@@ -178,14 +206,14 @@ def dashboard_data(df: pd.DataFrame) -> pd.DataFrame:
         {
             "daily_change": close.diff(),
             "pct_change": close.pct_change() * 100,
-            "volume_ratio_20d": volume / _sma(volume, 20),
+            f"volume_ratio_{volume_window}d": volume / _sma(volume, volume_window),
         },
         index=df.index,
     )
 
 
-def etf_metadata(df: pd.DataFrame) -> pd.DataFrame:
-    """Liquidity and tracking proxies for ETFs, from their own bars (no NAV or holdings data).
+def etf_metadata(df: pd.DataFrame, *, window: Window = 20) -> pd.DataFrame:
+    """Liquidity and tracking proxies for ETFs, from their own bars (no NAV or holdings data); window=20.
 
     - ``avg_dollar_volume_20d``: 20-session mean of close x volume (first 19 rows NULL).
     - ``tracking_proxy``: close / 20-session SMA - 1, in units of the 20-session standard deviation of daily
@@ -197,17 +225,18 @@ def etf_metadata(df: pd.DataFrame) -> pd.DataFrame:
     dollar_volume = close * df["volume"].astype(float)
     return pd.DataFrame(
         {
-            "avg_dollar_volume_20d": _sma(dollar_volume, 20),
-            "tracking_proxy": (close / _sma(close, 20) - 1) / ret.rolling(20, min_periods=20).std(),
+            f"avg_dollar_volume_{window}d": _sma(dollar_volume, window),
+            "tracking_proxy": (close / _sma(close, window) - 1)
+            / ret.rolling(window, min_periods=window).std(),
             "premium_proxy": (df["open"] - close.shift(1)) / close.shift(1),
         },
         index=df.index,
     )
 
 
-def correlation_analysis(df: pd.DataFrame) -> pd.DataFrame:
+def correlation_analysis(df: pd.DataFrame, *, window: Window = 60, min_pairs: Window = 20) -> pd.DataFrame:
     """Co-movement with the universe's equal-weight index (a ``benchmark`` close column, see
-    ``equal_weight_index``).
+    ``equal_weight_index``); defaults window=60, min_pairs=20.
 
     - ``corr_60d``: Pearson correlation of daily returns with the benchmark's over up to 60 sessions, -1..1.
     - ``beta_60d``: covariance of those returns / the benchmark's return variance over the same window.
@@ -217,11 +246,12 @@ def correlation_analysis(df: pd.DataFrame) -> pd.DataFrame:
     if "benchmark" not in df.columns:
         raise ValueError("correlation_analysis needs a 'benchmark' close column: use compute_universe()")
     ret, bench = df["close"].pct_change(), df["benchmark"].pct_change()
-    cov = ret.rolling(60, min_periods=20).cov(bench)
+    need = min(min_pairs, window)
+    cov = ret.rolling(window, min_periods=need).cov(bench)
     return pd.DataFrame(
         {
-            "corr_60d": ret.rolling(60, min_periods=20).corr(bench),
-            "beta_60d": cov / bench.rolling(60, min_periods=20).var(),
+            f"corr_{window}d": ret.rolling(window, min_periods=need).corr(bench),
+            f"beta_{window}d": cov / bench.rolling(window, min_periods=need).var(),
         },
         index=df.index,
     )

@@ -1,7 +1,8 @@
 """Compute the profile's features through the feature store and load them, one table per feature.
 
-A feature is recomputed only when its inputs changed: its input hash covers the feature's name and version and
-the content hashes of the symbol's daily segments, all known from the store's manifest without reading data.
+A feature is recomputed only when its inputs changed: its input hash covers the feature's name, version and
+parameters and the content hashes of the symbol's daily segments, all known from the store's manifest without
+reading data. Changing one parameter of one entry therefore reloads that entry's table and nothing else.
 ``refresher_features`` in the target database records which input hash each (feature, symbol) was loaded from.
 """
 
@@ -21,7 +22,7 @@ from featurestore import FeatureStore
 from featurestore.keys import function_identity
 from refresher.errors import LoadError
 from refresher.features.compute import equal_weight_index
-from refresher.features.registry import FeatureSpec, get_feature
+from refresher.features.registry import FeatureSpec, FeatureUse
 from refresher.load import BATCH_ROWS
 from refresher.plan import GapPlan, digest_parts
 from refresher.profile import Profile
@@ -55,15 +56,19 @@ def feature_table(name: str) -> str:
 
 
 class _Compute:
-    """Adapts a FeatureSpec to the store's ``compute_func(raw, config)`` calling convention."""
+    """Adapts a feature use to the store's ``compute_func(raw, config)`` calling convention; ``config`` (part of
+    the store key) names the feature and its parameters, so the key covers what the computation reads."""
 
-    def __init__(self, spec: FeatureSpec) -> None:
-        self.spec = spec
+    def __init__(self, use: FeatureUse) -> None:
+        self.use = use
         self.calls = 0
+
+    def config(self) -> dict[str, Any]:
+        return {"feature": self.use.feature, "params": dict(self.use.params)}
 
     def __call__(self, raw: pd.DataFrame, config: Any) -> pd.DataFrame:
         self.calls += 1
-        return self.spec.compute(raw)
+        return self.use.compute(raw)
 
 
 def _version(spec: FeatureSpec) -> str:
@@ -71,8 +76,8 @@ def _version(spec: FeatureSpec) -> str:
     return f"{spec.version}/{function_identity(spec.compute)[1]}"
 
 
-def _input_hash(spec: FeatureSpec, version: str, content_hashes: Sequence[str]) -> str:
-    return digest_parts(spec.name, version, *content_hashes)
+def _input_hash(use: FeatureUse, version: str, content_hashes: Sequence[str]) -> str:
+    return digest_parts(use.name, use.feature, version, use.params_json, *content_hashes)
 
 
 def _daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:
@@ -181,7 +186,6 @@ def refresh_features(
             "SELECT feature, symbol, input_hash FROM refresher_features"
         )
     }
-    specs = [get_feature(name) for name in profile.features]
     hashes = {
         symbol: [entries[plan.keys[s]].content_hash for s in segments] for symbol, segments in daily.items()
     }
@@ -199,15 +203,16 @@ def refresh_features(
         return frames[symbol]
 
     loaded_pairs = computed = rows = 0
-    for spec in specs:
+    for use in profile.features:
+        spec = use.spec
         benchmark: pd.Series | None = None
         version = _version(spec)
         todo: list[tuple[str, pd.DataFrame, str]] = []
         for symbol in sorted(daily):
             # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
             inputs = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
-            input_hash = _input_hash(spec, version, inputs)
-            if loaded.get((spec.name, symbol)) == input_hash:
+            input_hash = _input_hash(use, version, inputs)
+            if loaded.get((use.name, symbol)) == input_hash:
                 continue
             raw = frame_of(symbol)
             if raw.empty:
@@ -220,9 +225,8 @@ def refresh_features(
         if not todo:
             continue
         # One batch per feature: the store records every miss in one manifest transaction.
-        compute = _Compute(spec)
-        config = {"feature": spec.name}
-        jobs = [(symbol, raw, config) for symbol, raw, _hash in todo]
+        compute = _Compute(use)
+        jobs = [(symbol, raw, compute.config()) for symbol, raw, _hash in todo]
         results = store.get_or_compute_many(jobs, compute, version=version)
         computed += compute.calls
         parts = [
@@ -233,8 +237,8 @@ def refresh_features(
             )
             for (symbol, _raw, h), result in zip(todo, results, strict=True)
         ]
-        rows += _load_feature(conn, spec.name, parts)
+        rows += _load_feature(conn, use.name, parts)
         loaded_pairs += len(parts)
     return FeatureCounts(
-        desired=len(specs) * len(daily), loaded=loaded_pairs, computed=computed, rows_loaded=rows
+        desired=len(profile.features) * len(daily), loaded=loaded_pairs, computed=computed, rows_loaded=rows
     )

@@ -1,17 +1,30 @@
-"""The features a profile can name: each a versioned computation, looked up by name."""
+"""The features a profile can name, and how one entry of ``features:`` becomes a validated ``FeatureUse``.
+
+A feature's parameters are the keyword-only arguments of its function; their annotations and defaults are the
+one definition pydantic validates against, so a default documented in the signature is the default used.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import re
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from refresher.errors import ProfileError
 from refresher.features import compute
 
-Compute = Callable[[pd.DataFrame], pd.DataFrame]
+Compute = Callable[..., pd.DataFrame]
+# A feature's name becomes a table name (features_<name>, at most 63 bytes in PostgreSQL).
+FEATURE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 
 
 @dataclass(frozen=True)
@@ -19,12 +32,64 @@ class FeatureSpec:
     """A named, versioned feature computation; ``needs_universe`` features read a ``benchmark`` column.
 
     ``version`` is part of the feature-store key: bump it when the numbers a feature produces change.
+    ``ordered`` lists parameter pairs that must be strictly increasing (a fast window below a slow one).
     """
 
     name: str
     version: str
     compute: Compute
     needs_universe: bool = False
+    ordered: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def params_model(self) -> type[BaseModel]:
+        return _params_model(self.compute)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every parameter with its default value."""
+        return self.params_model().model_dump()
+
+
+@dataclass(frozen=True)
+class FeatureUse:
+    """One entry of a profile's ``features:``: a registered feature, the name its table and ledger rows go
+    under (``as:``, the feature's own name by default), and its parameters, validated with defaults filled in.
+    """
+
+    name: str
+    feature: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FEATURES[self.feature]
+
+    @property
+    def params_json(self) -> str:
+        """The parameters canonically: part of the store key and of ``refresher_features.input_hash``."""
+        return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"))
+
+    def compute(self, bars: pd.DataFrame) -> pd.DataFrame:
+        return self.spec.compute(bars, **dict(self.params))
+
+
+_MODELS: dict[Compute, type[BaseModel]] = {}
+
+
+def _params_model(func: Compute) -> type[BaseModel]:
+    """A strict pydantic model of ``func``'s keyword-only parameters: no coercion ("10" is not 10), no extras."""
+    if func not in _MODELS:
+        hints = typing.get_type_hints(func, include_extras=True)
+        fields: dict[str, Any] = {
+            p.name: (hints[p.name], p.default)
+            for p in inspect.signature(func).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        _MODELS[func] = create_model(
+            f"{func.__name__}_params", __config__=ConfigDict(extra="forbid", strict=True), **fields
+        )
+    return _MODELS[func]
 
 
 FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(
@@ -32,8 +97,8 @@ FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(
         spec.name: spec
         for spec in (
             FeatureSpec("high_low_detection", "1", compute.high_low_detection),
-            FeatureSpec("trend_analysis", "1", compute.trend_analysis),
-            FeatureSpec("full_analysis", "1", compute.full_analysis),
+            FeatureSpec("trend_analysis", "1", compute.trend_analysis, ordered=(("fast", "slow"),)),
+            FeatureSpec("full_analysis", "1", compute.full_analysis, ordered=(("macd_fast", "macd_slow"),)),
             FeatureSpec("performance_metrics", "1", compute.performance_metrics),
             FeatureSpec("websocket_testing", "1", compute.websocket_testing),
             FeatureSpec("dashboard_data", "1", compute.dashboard_data),
@@ -54,13 +119,56 @@ def get_feature(name: str) -> FeatureSpec:
         ) from None
 
 
-def compute_universe(name: str, bars: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def resolve_feature(
+    path: Path | str, field: str, name: str, alias: str | None = None, params: Mapping[str, Any] | None = None
+) -> FeatureUse:
+    """The validated use of feature ``name`` as written at ``field`` of profile ``path``; ProfileError naming
+    the file, the field (down to the parameter) and the value otherwise."""
+    if name not in FEATURES:
+        where = f"{field}.name" if alias is not None or params else field
+        raise ProfileError(path, where, name, f"unknown feature (choices: {', '.join(FEATURES)})")
+    table_name = name if alias is None else alias
+    if not FEATURE_NAME_RE.match(table_name):
+        raise ProfileError(
+            path, f"{field}.as", table_name, f"feature names must match {FEATURE_NAME_RE.pattern}"
+        )
+    spec = FEATURES[name]
+    try:
+        model = spec.params_model.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(str(p) for p in error["loc"])
+        given = (params or {}).get(str(error["loc"][0])) if error["loc"] else params
+        reason = error["msg"]
+        if error["type"] == "extra_forbidden":
+            reason = f"not a parameter of {name} (parameters: {', '.join(spec.defaults)})"
+        raise ProfileError(path, f"{field}.params.{loc}", given, reason) from None
+    values = model.model_dump()
+    for low, high in spec.ordered:
+        if not values[low] < values[high]:
+            raise ProfileError(
+                path, f"{field}.params.{low}", values[low], f"must be below {high}={values[high]!r}"
+            )
+    return FeatureUse(table_name, name, tuple(sorted(values.items())))
+
+
+def compute_universe(
+    name: str, bars: Mapping[str, pd.DataFrame], params: Mapping[str, Any] | None = None
+) -> dict[str, pd.DataFrame]:
     """Feature ``name`` for every symbol of a universe; universe features see the equal-weight benchmark."""
-    spec = get_feature(name)
-    if not spec.needs_universe:
-        return {sym: spec.compute(df) for sym, df in bars.items()}
+    use = resolve_feature("(features)", "features", name, None, params)
+    if not use.spec.needs_universe:
+        return {sym: use.compute(df) for sym, df in bars.items()}
     bench = compute.equal_weight_index(bars)
-    return {sym: spec.compute(df.assign(benchmark=bench.reindex(df.index))) for sym, df in bars.items()}
+    return {sym: use.compute(df.assign(benchmark=bench.reindex(df.index))) for sym, df in bars.items()}
 
 
-__all__ = ["FEATURES", "Compute", "FeatureSpec", "compute_universe", "get_feature"]
+__all__ = [
+    "FEATURES",
+    "Compute",
+    "FeatureSpec",
+    "FeatureUse",
+    "compute_universe",
+    "get_feature",
+    "resolve_feature",
+]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +15,7 @@ import pytest
 from refresher.calendar import get_calendar
 from refresher.errors import ProfileError
 from refresher.features import FEATURES, compute_universe, equal_weight_index, get_feature
-from refresher.profile import Listing
+from refresher.profile import Listing, profile_from_file
 from refresher.sources.synthetic import generate_daily
 
 
@@ -79,3 +83,96 @@ def test_unknown_feature_names_the_value() -> None:
     with pytest.raises(ProfileError) as info:
         get_feature("nope")
     assert info.value.value == "nope" and "high_low_detection" in str(info.value)
+
+
+# --- parameters in the profile -------------------------------------------------------------------------------
+
+PARAM_PROFILE = """\
+universe: {{symbols: [AAA]}}
+months: 1
+timeframes: [1d]
+features: {features}
+"""
+
+
+def profile_with(tmp_path: Path, features: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAM_PROFILE.format(features=features))
+    return path
+
+
+def test_entries_take_parameters_and_a_table_name(tmp_path: Path, universe: dict[str, pd.DataFrame]) -> None:
+    path = profile_with(
+        tmp_path, "[trend_analysis, {name: trend_analysis, as: trend_fast, params: {fast: 10, slow: 30}}]"
+    )
+    plain, fast = profile_from_file(path, as_of=dt.date(2024, 6, 28)).features
+    assert (plain.name, plain.feature, dict(plain.params)) == (
+        "trend_analysis",
+        "trend_analysis",
+        {"fast": 20, "slow": 50, "slope": 5, "adx": 14},
+    )
+    assert (fast.name, fast.feature, dict(fast.params)) == (
+        "trend_fast",
+        "trend_analysis",
+        {"fast": 10, "slow": 30, "slope": 5, "adx": 14},
+    )
+    assert plain.params_json != fast.params_json
+    df = universe["AAA"]
+    out = fast.compute(df)
+    assert list(out.columns) == ["sma_10", "sma_30", "sma_10_slope", "trend_up", "adx_14"]
+    assert out["sma_10"].iloc[40] == pytest.approx(df["close"].iloc[31:41].mean())
+    assert out["sma_30"].iloc[:29].isna().all() and out["sma_30"].iloc[29:].notna().all()
+    # At the defaults a feature computes exactly what it always did.
+    pd.testing.assert_frame_equal(plain.compute(df), get_feature("trend_analysis").compute(df))
+
+
+def test_every_parameter_has_a_documented_default() -> None:
+    for spec in FEATURES.values():
+        assert spec.defaults, spec.name
+        doc = inspect.getdoc(spec.compute) or ""
+        assert "NULL" in doc and "``" in doc, spec.name
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "value"),
+    [
+        ("{name: trend_analysis, params: {fast: 1}}", "features.0.params.fast", "1"),
+        ("{name: trend_analysis, params: {fast: '10'}}", "features.0.params.fast", "'10'"),
+        ("{name: trend_analysis, params: {fats: 10}}", "features.0.params.fats", "10"),
+        ("{name: trend_analysis, params: {fast: 60}}", "features.0.params.fast", "60"),
+        ("{name: full_analysis, params: {bollinger_k: -2}}", "features.0.params.bollinger_k", "-2"),
+        ("{name: trend_analysis, as: Trend-Fast}", "features.0.as", "Trend-Fast"),
+        ("{name: trend_analysys, as: t}", "features.0.name", "trend_analysys"),
+        ("{name: trend_analysis, parms: {fast: 10}}", "features.0.parms", "fast"),
+        ("[trend_analysis, {name: trend_analysis, params: {fast: 10}}]", "features.1", "trend_analysis"),
+    ],
+)
+def test_a_bad_entry_names_file_field_and_value(tmp_path: Path, entry: str, field: str, value: str) -> None:
+    path = profile_with(tmp_path, entry if entry.startswith("[") else f"[{entry}]")
+    with pytest.raises(ProfileError) as info:
+        profile_from_file(path, as_of=dt.date(2024, 6, 28))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert info.value.field == field and value in message, message
+
+
+def test_a_bad_parameter_on_the_cli_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = profile_with(tmp_path, "[{name: trend_analysis, as: trend_fast, params: {fast: 0}}]")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refresher.cli",
+            "plan",
+            "--profile",
+            str(path),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"{path}: features.0.params.fast=0: " in done.stderr

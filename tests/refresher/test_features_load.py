@@ -112,3 +112,42 @@ def test_a_failed_copy_leaves_the_feature_as_it_was(
         conn.execute("SELECT feature, symbol, input_hash FROM refresher_features ORDER BY 2").fetchall()
         == ledger
     )
+
+
+def loaded_at(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], Any]:
+    rows = conn.execute("SELECT feature, symbol, loaded_at FROM refresher_features").fetchall()
+    return {(feature, symbol): at for feature, symbol, at in rows}
+
+
+def test_changing_one_parameter_reloads_exactly_that_feature(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    entries = "trend_analysis, {{name: trend_analysis, as: trend_fast, params: {{fast: {fast}, slow: 30}}}}, etf_metadata"
+    profile = write_profile(tmp_path, features=entries.format(fast=10))
+    first = run(conn, profile, store)
+    assert (first.desired, first.loaded, first.computed) == (9, 9, 9)
+    before = loaded_at(conn)
+    fast_columns = (
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'features_trend_fast'"
+    )
+    assert ("sma_10",) in conn.execute(fast_columns).fetchall()
+
+    changed = write_profile(tmp_path, features=entries.format(fast=12))
+    hits_before = store.get_cache_stats().hits
+    second = run(conn, changed, store)
+    assert (second.desired, second.loaded, second.computed) == (9, 3, 3)
+    after = loaded_at(conn)
+    assert {key for key in after if after[key] != before[key]} == {
+        ("trend_fast", s) for s in ("AAA", "BBB", "CCC")
+    }
+    columns = [c for (c,) in conn.execute(fast_columns).fetchall()]
+    assert "sma_12" in columns and "sma_10" not in columns
+    plain = conn.execute(
+        "SELECT sma_20 FROM features_trend_analysis WHERE symbol = 'AAA' ORDER BY date"
+    ).fetchall()
+    assert plain[19][0] is not None and plain[18][0] is None
+
+    # Back to the first value: the store still holds those rows, so nothing is computed, one table reloads.
+    third = run(conn, profile, store)
+    assert (third.loaded, third.computed) == (3, 0)
+    assert store.get_cache_stats().hits > hits_before

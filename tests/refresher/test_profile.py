@@ -52,7 +52,7 @@ def test_shipped_profiles_load(
     assert len(p.listings) == count == len({lst.symbol for lst in p.listings})
     assert len(p.months) == months
     assert p.months[-1] == dt.date(2025, 6, 1) and p.end == AS_OF and p.start == p.months[0]
-    assert p.features == features
+    assert tuple(use.name for use in p.features) == features
     assert p.timeframes == ("1d", "1m")
     assert p.reset_target_seconds == target
     assert p.source.kind == "synthetic"
