@@ -172,9 +172,9 @@ def refresh(
         mark = lap("features", mark)
         notes = [str(r) for r in getattr(source, "reports", [])]
 
-    changed = bool(totals.loaded or pruned or features.loaded)
     snapshot_state = "unchanged"
-    if changed or not snapshot.has_pristine(server):
+    # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.
+    if not snapshot.is_current(server):
         # The template is made now; its warm clones are made by a detached process while the user starts work.
         snapshot.save_pristine(server, fill_pool=False)
         snapshot.spawn_refill(server)

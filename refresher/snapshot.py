@@ -2,26 +2,36 @@
 
 Pure SQL over a ``ServerInfo``, so every engine shares it. For a database ``<db>``:
 
-* ``<db>__pristine`` is a template copy taken after a refresh (``datistemplate``, connections disallowed);
-* ``<db>__pool_<n>`` are ready clones of it. A reset renames ``<db>`` to ``<db>__trash_<hex>`` and a clone
-  into its place (catalog updates: milliseconds whatever the size); a detached process then drops the trash
-  and refills the pool.
+* ``<db>__pristine`` is a template copy taken after a refresh (``datistemplate``, connections disallowed). Its
+  comment says what it holds: ``ledger=`` the digest of its own ``refresher_segments`` + ``refresher_features``
+  (computed from the copy, not the original, so it cannot lie) and ``generation=`` a random id of this copy;
+* ``<db>__pool_<n>`` are ready clones of it, each commented ``clone_of=<generation>``. A clone whose mark is
+  missing (its maker died between CREATE and COMMENT) or names another generation is never handed out;
+* a reset renames ``<db>`` to ``<db>__trash_<hex>`` and a clone into its place (catalog updates: milliseconds
+  whatever the size); a detached process then drops the trash and refills the pool.
+
+Replacing the snapshot never leaves a moment without a complete one: the new copy is built as
+``<db>__building_<hex>``, marked, then swapped in by two renames in ONE transaction (ALTER DATABASE RENAME is
+transactional; CREATE/DROP DATABASE are not). Whatever a kill -9 leaves behind (a connectable half-copy, an
+unmarked clone, trash) is recognised by its name or missing mark and dropped by the next save or refill.
 
 Two advisory locks per database, always taken in this order, make this safe for many processes (xdist workers):
-``REFILL`` (one refiller at a time; ``save_pristine`` holds it while it rebuilds) and ``TAKE`` (choosing and
-renaming a clone). Clones being created are invisible to takers until their CREATE DATABASE commits.
+``REFILL`` (one maker at a time: ``save_pristine`` holds it while it rebuilds, the refiller while it clones, and
+only its holder may drop leftovers) and ``TAKE`` (choosing and renaming a clone, and the swap itself, so a taker
+never picks a clone of the copy being replaced).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import re
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +47,19 @@ TAKE = 1
 REFILL = 2
 DEFAULT_POOL_SIZE = 2
 TRASH_INFIX = "__trash_"
-_POOL_COMMENT = re.compile(r"refresher pool_size=(\d+)")
+BUILDING_INFIX = "__building_"
+_PRISTINE_MARK = re.compile(r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) generation=([0-9a-f]{16})$")
+_CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
+
+# The ledger tables and the columns that say what a database holds, in a stable order.
+_LEDGERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("refresher_segments", ("symbol", "timeframe", "month", "content_hash", "rows")),
+    ("refresher_features", ("feature", "symbol", "input_hash", "rows")),
+)
+
+# Tests only: called after every statement this module sends, so a test can kill -9 the process between any
+# two steps (see tests/refresher/test_snapshot_crash.py). Never set in the product.
+_after_statement: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,10 +70,11 @@ class SnapshotInfo:
     pristine: str
     pool: tuple[str, ...]
     seconds: float
+    ledger: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"database": self.database, "pristine": self.pristine, "pool": list(self.pool),
-                "seconds": round(self.seconds, 6)}  # fmt: skip
+                "seconds": round(self.seconds, 6), "ledger": self.ledger}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,12 +97,44 @@ class PoolStatus:
     target: int
 
 
+@dataclass(frozen=True)
+class _Mark:
+    """What a complete pristine copy says about itself (its database comment)."""
+
+    pool_size: int
+    ledger: str
+    generation: str
+
+
 def pristine_name(db: str) -> str:
     return f"{db}__pristine"
 
 
 def pool_name(db: str, n: int) -> str:
     return f"{db}__pool_{n}"
+
+
+def ledger_digest(conn: psycopg.Connection[Any]) -> str | None:
+    """The digest of the ledger tables of ``conn``'s database; None when it has no ``refresher_segments``.
+
+    A missing ``refresher_features`` counts as empty (a profile without features never creates it).
+    """
+    digest = hashlib.sha256()
+    for table, columns in _LEDGERS:
+        present = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+        if not (present and present[0]):
+            if table == _LEDGERS[0][0]:
+                return None
+            continue
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        key = sql.SQL(", ").join(sql.Identifier(c) for c in columns[:-2])
+        row = conn.execute(
+            sql.SQL(
+                "SELECT md5(coalesce(string_agg(concat_ws('|', {}), E'\\n' ORDER BY {}), '')) FROM {}"
+            ).format(cols, key, sql.Identifier(table))
+        ).fetchone()
+        digest.update(f"{table}={row[0] if row else ''};".encode())
+    return digest.hexdigest()
 
 
 def save_pristine(
@@ -92,17 +147,31 @@ def save_pristine(
     1 GB database costs about 2 s that a refresh need not wait for.
     """
     db, started = server.dbname, time.perf_counter()
-    with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL), _advisory(conn, db, TAKE):
-        _drop_snapshot(conn, db)
-        _create_from(conn, db, pristine_name(db), terminate=True)
-        ident = sql.Identifier(pristine_name(db))
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident))
-        note = sql.Literal(f"refresher pool_size={pool_size}")
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, note))
-        pool = tuple(pool_name(db, n) for n in range(pool_size)) if fill_pool else ()
-        for name in pool:
-            _create_from(conn, pristine_name(db), name)
-    return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started)
+    building = f"{db}{BUILDING_INFIX}{secrets.token_hex(4)}"
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL):
+        _drop_leftovers(conn, db)
+        _create_from(conn, db, building, terminate=True)
+        # The mark is computed from the copy itself: it says what the copy holds, whatever happened to <db>.
+        with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
+            ledger = ledger_digest(copy) or hashlib.sha256(b"no ledger").hexdigest()
+        ident = sql.Identifier(building)
+        _execute(
+            conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident)
+        )
+        mark = f"refresher pool_size={pool_size} ledger={ledger} generation={secrets.token_hex(8)}"
+        _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark)))
+        with _advisory(conn, db, TAKE):
+            _swap_in(conn, db, building)
+        _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
+        pool = tuple(_make_clone(conn, db, n) for n in range(pool_size)) if fill_pool else ()
+    return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started, ledger)
+
+
+def is_current(server: ServerInfo) -> bool:
+    """Whether a complete pristine copy exists and holds what ``server.dbname``'s ledger says."""
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        mark = _pristine_mark(conn, server.dbname)
+    return mark is not None and mark.ledger == _live_ledger(server)
 
 
 def restore_pristine(
@@ -110,13 +179,22 @@ def restore_pristine(
 ) -> RestoreReport:
     """Put the pristine copy back as ``server.dbname``; its open connections are terminated.
 
-    Returns as soon as the database is back; the pool is refilled by a detached process (``refill=False`` to
-    skip, e.g. when the caller refills itself).
+    Refuses when the database's ledger names other data than the copy holds (a refresh was interrupted before
+    its snapshot): restoring would silently bring back older data. A database whose ledger is gone or empty (the
+    user dropped or truncated it) is restored: only the copy can tell what it held. Returns as soon as the database is
+    back; the pool is refilled by a detached process (``refill=False`` to skip).
     """
     db, started = server.dbname, time.perf_counter()
     method: Literal["pool", "template"]
+    live = _live_ledger(server, empty_is_unknown=True)
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        _require_pristine(conn, db)
+        mark = _require_pristine(conn, db)
+        if live is not None and live != mark.ledger:
+            raise SnapshotError(
+                f"{db}: the pristine snapshot predates the database's ledger (a refresh stopped before its "
+                "snapshot); run `refresher refresh` to rebuild it",
+                database=db,
+            )
         with _advisory(conn, db, TAKE):
             ready = _ready_clones(conn, db)
             _move_to_trash(conn, db)
@@ -155,26 +233,29 @@ def drop_clone(server: ServerInfo, name: str) -> None:
     if name in (server.dbname, pristine_name(server.dbname), MAINTENANCE_DB):
         raise SnapshotError(f"drop_clone: refusing to drop {name!r}, which is not a clone", name=name)
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def drop_snapshot(server: ServerInfo) -> None:
-    """Remove the pristine copy and the pool of ``server.dbname``."""
+    """Remove the pristine copy, the pool and any leftovers of ``server.dbname``."""
     db = server.dbname
     with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL), _advisory(conn, db, TAKE):
-        _drop_snapshot(conn, db)
+        for name in [*_pool_databases(conn, db), pristine_name(db)]:
+            _drop_database(conn, name)
+        _drop_leftovers(conn, db)
 
 
 def has_pristine(server: ServerInfo) -> bool:
-    """Whether ``save_pristine`` has run for ``server.dbname`` (and its snapshot was not dropped since)."""
+    """Whether a complete pristine copy of ``server.dbname`` exists (a half-made one does not count)."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        return _has_pristine(conn, server.dbname)
+        return _pristine_mark(conn, server.dbname) is not None
 
 
 def pool_status(server: ServerInfo) -> PoolStatus:
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        return PoolStatus(_has_pristine(conn, server.dbname), tuple(_ready_clones(conn, server.dbname)),
-                          _pool_target(conn, server.dbname))  # fmt: skip
+        mark = _pristine_mark(conn, server.dbname)
+        return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)),
+                          mark.pool_size if mark else DEFAULT_POOL_SIZE)  # fmt: skip
 
 
 def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
@@ -222,17 +303,29 @@ def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
 def _refill(admin_dsn: str, db: str) -> int:
     created = 0
     with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL):
-        _empty_trash(conn, db)
+        _drop_leftovers(conn, db)
         # Waiting (not try-lock) for a running refiller: it may have counted before our caller took a clone.
-        while _has_pristine(conn, db):
-            ready = _ready_clones(conn, db)
-            if len(ready) >= _pool_target(conn, db):
+        while (mark := _pristine_mark(conn, db)) is not None:
+            taken = set(_pool_databases(conn, db))
+            if len(_ready_clones(conn, db)) >= mark.pool_size:
                 break
-            free = next(n for n in range(len(ready) + 1) if pool_name(db, n) not in ready)
+            free = next(n for n in range(len(taken) + 1) if pool_name(db, n) not in taken)
             with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                _create_from(conn, pristine_name(db), pool_name(db, free))
+                _make_clone(conn, db, free)
                 created += 1
     return created
+
+
+def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
+    """Clone the pristine copy as pool slot ``n``; it becomes visible to takers only once marked."""
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        raise SnapshotError(f"{db}: the pristine snapshot vanished while filling the pool", database=db)
+    name = pool_name(db, n)
+    _create_from(conn, pristine_name(db), name)
+    note = sql.Literal(f"refresher clone_of={mark.generation}")
+    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), note))
+    return name
 
 
 @contextlib.contextmanager
@@ -245,6 +338,13 @@ def _admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+def _execute(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+    cursor = conn.execute(query, params)
+    if _after_statement is not None:
+        _after_statement()
+    return cursor
+
+
 @contextlib.contextmanager
 def _advisory(conn: psycopg.Connection[Any], db: str, which: int) -> Iterator[None]:
     conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (db, which))
@@ -255,45 +355,97 @@ def _advisory(conn: psycopg.Connection[Any], db: str, which: int) -> Iterator[No
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
 
 
-def _has_pristine(conn: psycopg.Connection[Any], db: str) -> bool:
-    row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (pristine_name(db),)).fetchone()
-    return row is not None
+def _live_ledger(server: ServerInfo, *, empty_is_unknown: bool = False) -> str | None:
+    """The ledger digest of the working database; None when it or its ledger does not exist (or is empty, with
+    ``empty_is_unknown``).
+
+    For a reset, an emptied ledger is a user's clean slate (TRUNCATE of every table), which is what a reset is for; a
+    refresh never empties it without snapshotting.
+    """
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
+            digest = ledger_digest(conn)
+            if digest is None or not empty_is_unknown:
+                return digest
+            row = conn.execute(
+                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(_LEDGERS[0][0]))
+            ).fetchone()
+            return digest if row and row[0] else None
+    except psycopg.errors.InvalidCatalogName:  # an interrupted reset, between its two renames
+        return None
+    except psycopg.OperationalError as exc:
+        if "does not exist" in str(exc):
+            return None
+        raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
 
 
-def _require_pristine(conn: psycopg.Connection[Any], db: str) -> None:
-    if not _has_pristine(conn, db):
+def _comment(conn: psycopg.Connection[Any], name: str) -> tuple[bool, str] | None:
+    """(is a template, comment) of database ``name``, or None when it does not exist."""
+    row = conn.execute(
+        "SELECT datistemplate, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+        " WHERE datname = %s",
+        (name,),
+    ).fetchone()
+    return (bool(row[0]), str(row[1])) if row else None
+
+
+def _pristine_mark(conn: psycopg.Connection[Any], db: str) -> _Mark | None:
+    """The mark of the complete pristine copy; None when there is none (or only a half-made one)."""
+    found = _comment(conn, pristine_name(db))
+    match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
+    return _Mark(int(match.group(1)), match.group(2), match.group(3)) if match else None
+
+
+def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:
+    mark = _pristine_mark(conn, db)
+    if mark is None:
         raise SnapshotError(
             f"{db}: no pristine snapshot; run `refresher refresh` first",
             database=db,
             missing=pristine_name(db),
         )
+    return mark
 
 
-def _pool_target(conn: psycopg.Connection[Any], db: str) -> int:
-    row = conn.execute(
-        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-        (pristine_name(db),),
-    ).fetchone()
-    match = _POOL_COMMENT.search(row[0] or "") if row else None
-    return int(match.group(1)) if match else DEFAULT_POOL_SIZE
-
-
-def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
+def _pool_databases(conn: psycopg.Connection[Any], db: str) -> list[str]:
+    """Every database named like a pool slot of ``db``, marked or not, in slot order."""
     prefix = pool_name(db, 0)[:-1]
     rows = conn.execute(
-        "SELECT datname FROM pg_database WHERE starts_with(datname, %s) AND NOT datistemplate", (prefix,)
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
     ).fetchall()
     names = [r[0] for r in rows if r[0][len(prefix) :].isdigit()]
     return sorted(names, key=lambda name: int(name[len(prefix) :]))
 
 
+def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
+    """The pool clones of the current pristine copy: marked with its generation (so finished, and not stale)."""
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        return []
+    ready = []
+    for name in _pool_databases(conn, db):
+        found = _comment(conn, name)
+        match = _CLONE_MARK.match(found[1]) if found and not found[0] else None
+        if match and match.group(1) == mark.generation:
+            ready.append(name)
+    return ready
+
+
 def _rename(conn: psycopg.Connection[Any], old: str, new: str) -> None:
     try:
-        conn.execute(
-            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+        _execute(
+            conn, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
         )
     except psycopg.errors.DuplicateDatabase as exc:
         raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
+
+
+def _swap_in(conn: psycopg.Connection[Any], db: str, building: str) -> None:
+    """Replace the pristine copy by ``building`` atomically: both renames commit together or not at all."""
+    with conn.transaction():
+        if _comment(conn, pristine_name(db)) is not None:
+            _rename(conn, pristine_name(db), f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
+        _rename(conn, building, pristine_name(db))
 
 
 def _create_from(
@@ -327,13 +479,13 @@ def _execute_create(
 ) -> None:
     if file_copy is not None:
         try:
-            conn.execute(file_copy)
+            _execute(conn, file_copy)
             return
         except (psycopg.errors.ObjectInUse, psycopg.errors.DuplicateDatabase, psycopg.errors.QueryCanceled):
             raise
         except psycopg.Error:
             pass  # e.g. file_copy_method=clone on a filesystem that cannot clone: the default strategy works
-    conn.execute(base)
+    _execute(conn, base)
 
 
 def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
@@ -341,7 +493,7 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
 
     DROP DATABASE of a 1 M-row database measured ~100 ms (unlinking its files); a rename is a catalog update.
     """
-    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone() is None:
+    if _comment(conn, db) is None:
         return  # an earlier reset was interrupted between the two renames
     conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -351,21 +503,30 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
     _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
 
 
-def _empty_trash(conn: psycopg.Connection[Any], db: str) -> None:
+def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    found = _comment(conn, name)
+    if found is None:
+        return
+    ident = sql.Identifier(name)
+    if found[0]:  # a template cannot be dropped
+        _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
+    _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
+    """Drop what a crash or a replaced copy left: trash, half-built copies, a half-made pristine copy, and pool
+    databases that are not marked clones of the current copy. Only the holder of REFILL may call this."""
     rows = conn.execute(
-        "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (f"{db}{TRASH_INFIX}",)
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s) OR starts_with(datname, %s)",
+        (f"{db}{TRASH_INFIX}", f"{db}{BUILDING_INFIX}"),
     ).fetchall()
-    for (name,) in rows:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def _drop_snapshot(conn: psycopg.Connection[Any], db: str) -> None:
-    _empty_trash(conn, db)
-    for name in [*_ready_clones(conn, db), pristine_name(db)]:
-        ident = sql.Identifier(name)
-        if name == pristine_name(db) and _has_pristine(conn, db):
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    doomed = [r[0] for r in rows]
+    if _pristine_mark(conn, db) is None:
+        doomed.append(pristine_name(db))
+    ready = set(_ready_clones(conn, db))
+    doomed += [name for name in _pool_databases(conn, db) if name not in ready]
+    for name in doomed:
+        _drop_database(conn, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,6 +557,8 @@ __all__ = [
     "drop_clone",
     "drop_snapshot",
     "has_pristine",
+    "is_current",
+    "ledger_digest",
     "pool_name",
     "pool_status",
     "pristine_name",

@@ -9,10 +9,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from refresher.database import ensure_schema, read_loaded_segments
+from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
-from refresher.load import load_segment
 from refresher.segments import Segment
 from refresher.snapshot import (
     checkout_clone,
@@ -24,19 +23,9 @@ from refresher.snapshot import (
     save_pristine,
     wait_for_pool,
 )
-from tests.fixtures_postgres import daily_bars
 
 pytestmark = pytest.mark.postgres
 JAN = dt.date(2024, 1, 1)
-
-
-@pytest.fixture
-def loaded(pg_database: ServerInfo) -> ServerInfo:
-    """A database holding one loaded segment: 21 daily bars."""
-    with psycopg.connect(pg_database.dsn()) as conn:
-        ensure_schema(conn)
-        load_segment(conn, Segment("AAPL", "1d", JAN), daily_bars("AAPL", JAN, 21), "h", tz="UTC")
-    return pg_database
 
 
 def _count(dsn: str) -> int:

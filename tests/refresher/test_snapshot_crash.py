@@ -1,0 +1,150 @@
+"""Snapshots that cannot lie: kill -9 between any two statements of a snapshot replacement, then reset."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from refresher.database import read_loaded_segments
+from refresher.engines.base import ServerInfo
+from refresher.errors import SnapshotError
+from refresher.load import delete_segment, load_segment
+from refresher.segments import Segment
+from refresher.snapshot import (
+    has_pristine,
+    is_current,
+    pool_name,
+    pool_status,
+    pristine_name,
+    refill_pool,
+    restore_pristine,
+    save_pristine,
+)
+from tests.fixtures_postgres import daily_bars
+
+pytestmark = pytest.mark.postgres
+JAN, FEB = dt.date(2024, 1, 1), dt.date(2024, 2, 1)
+
+# Runs save_pristine in a child that SIGKILLs itself right after its N-th SQL statement.
+_KILLER = """
+import json, os, signal, sys
+from refresher import snapshot
+from refresher.engines.base import ServerInfo
+server = ServerInfo(**json.loads(sys.stdin.read()))
+step, count = int(sys.argv[1]), 0
+def after_statement():
+    global count
+    count += 1
+    if count == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+snapshot._after_statement = after_statement
+snapshot.save_pristine(server, pool_size=1)
+"""
+
+
+def _save_killed_after(server: ServerInfo, step: int) -> bool:
+    """True when save_pristine finished before its ``step``-th statement; False when it was killed."""
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLER, str(step)], input=json.dumps(asdict(server)), text=True, timeout=120
+    )
+    assert done.returncode in (0, -signal.SIGKILL), done
+    return done.returncode == 0
+
+
+def _state(dsn: str) -> tuple[int, list[Segment]]:
+    """What the database holds: its row count and its ledger."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()
+        assert row is not None
+        return int(row[0]), sorted(read_loaded_segments(conn))
+
+
+def _databases(server: ServerInfo) -> set[str]:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (server.dbname,)
+        )
+        return {r[0] for r in rows.fetchall()}
+
+
+def _toggle_february(server: ServerInfo) -> None:
+    """Change the database and its ledger: load February when absent, else delete it."""
+    feb = Segment("AAPL", "1d", FEB)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        if feb in read_loaded_segments(conn):
+            delete_segment(conn, feb, tz="UTC")
+        else:
+            load_segment(conn, feb, daily_bars("AAPL", FEB, 20), "feb", tz="UTC")
+
+
+def test_kill_9_after_any_statement_of_a_snapshot_replacement_never_lets_reset_lie(
+    loaded: ServerInfo,
+) -> None:
+    save_pristine(loaded, pool_size=1)
+    step, finished = 0, False
+    while not finished:
+        step += 1
+        assert step < 40, "save_pristine never finished"
+        _toggle_february(loaded)
+        expected = _state(loaded.dsn())
+        finished = _save_killed_after(loaded, step)
+
+        # Before any re-run, a reset either refuses in one line or gives exactly what the ledger said.
+        try:
+            restore_pristine(loaded, refill=False)
+        except SnapshotError as exc:
+            assert "run `refresher refresh`" in str(exc) and "\n" not in str(exc)
+        else:
+            assert _state(loaded.dsn()) == expected, f"step {step}: reset restored other data"
+
+        # The re-run (what refresh does) rebuilds only when needed and cleans what the kill left behind.
+        if not is_current(loaded):
+            save_pristine(loaded, pool_size=1, fill_pool=False)
+        refill_pool(loaded)
+        db = loaded.dbname
+        assert _databases(loaded) == {db, pristine_name(db), pool_name(db, 0)}, f"step {step}"
+        assert pool_status(loaded).ready == (pool_name(db, 0),)
+
+        with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+            conn.execute("TRUNCATE ohlcv_daily, refresher_segments")
+        assert restore_pristine(loaded, refill=False).method == "pool"
+        assert _state(loaded.dsn()) == expected, f"step {step}"
+    assert step > 5  # the kill really landed between the steps of a replacement
+
+
+def test_a_half_made_pristine_copy_is_not_a_snapshot_and_is_cleaned(loaded: ServerInfo) -> None:
+    """What kill -9 during CREATE DATABASE left with older versions: an ordinary, connectable ``__pristine``."""
+    db = loaded.dbname
+    with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as conn:
+        for name in (pristine_name(db), pool_name(db, 0)):
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(db))
+            )
+    assert not has_pristine(loaded) and not is_current(loaded)
+    with pytest.raises(SnapshotError, match="no pristine snapshot"):
+        restore_pristine(loaded, refill=False)
+    save_pristine(loaded, pool_size=1)
+    assert is_current(loaded)
+    assert _databases(loaded) == {db, pristine_name(db), pool_name(db, 0)}
+    assert restore_pristine(loaded, refill=False).method == "pool"
+
+
+def test_reset_refuses_when_the_ledger_moved_past_the_snapshot(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=1)
+    _toggle_february(loaded)  # a refresh loaded February, then died before its snapshot
+    before = _state(loaded.dsn())
+    assert not is_current(loaded)
+    with pytest.raises(SnapshotError, match="predates the database's ledger"):
+        restore_pristine(loaded, refill=False)
+    assert _state(loaded.dsn()) == before  # refused before touching anything
+    save_pristine(loaded, pool_size=1)
+    assert is_current(loaded)
+    assert _state(loaded.dsn()) == before
