@@ -8,16 +8,20 @@ ENGINE ?= auto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install refresh plan reset status url down test lint format bench mutation gc image up compose-down clean
+.PHONY: help install refresh plan reset status url down test lint format bench mutation gc image up compose-ps compose-down clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+# pip's full output is hundreds of lines; -q is a minute of silence. Show one line per package it fetches.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	@echo "== installing refresher and its test extras into $(VENV) (about a minute the first time)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@set -o pipefail; $(BIN)/python -m pip install -e '.[test]' 2>&1 \
+		| { grep --line-buffered -E '^(Collecting|Successfully installed|ERROR|error)' || true; } | cut -c1-120
 	@touch $(STAMP)
+	@echo "== done: the CLI is $(CURDIR)/$(BIN)/refresher (source $(BIN)/activate to put it on your PATH)"
 
 install: $(STAMP) ## Create .venv and install refresher with its test extras
 
@@ -60,17 +64,26 @@ mutation: $(STAMP) ## Mutation-test the pure core with mutmut (slow: one niced w
 gc: $(STAMP) ## Garbage-collect the feature store (RETENTION_WEEKS=4)
 	$(BIN)/featurestore gc --retention-weeks $(or $(RETENTION_WEEKS),4) --verbose
 
-image: ## Build the air-gapped Postgres image from Debian packages (no registry needed)
-	bash compose/image/build.sh
+image: ## Build the air-gapped images (refresher/postgres:15, refresher/redis:7; WITH_REDIS=0: Postgres only)
+	WITH_REDIS=$(or $(WITH_REDIS),1) bash compose/image/build.sh
 
-# Compose v2 (`docker compose`) where installed, else Debian's docker-compose v1.
-COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+# Compose v2 (`docker compose`) where installed, else Debian's docker-compose v1; empty when neither is.
+COMPOSE := $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; \
+	elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; fi)
+# One project per checkout (refresher computes the same name for --engine compose): checkouts sharing a Docker
+# daemon never touch each other's services.
+COMPOSE_PROJECT ?= refresher-$(shell printf '%s' '$(realpath $(CURDIR))' | sha256sum | cut -c1-10)
+NO_COMPOSE := no Docker Compose found: install one (Debian: apt-get install docker-compose; or Docker's compose plugin)
+COMPOSE_SH = $(if $(COMPOSE),COMPOSE='$(COMPOSE)' COMPOSE_PROJECT=$(COMPOSE_PROJECT) bash compose/compose.sh,$(error $(NO_COMPOSE)))
 
-up: ## docker compose up: Postgres and Redis for people who prefer compose
-	$(COMPOSE) -f compose/docker-compose.yml up -d
+up: ## Start Postgres and Redis with compose (builds missing images offline; refresher --engine compose uses them)
+	@$(COMPOSE_SH) up
 
-compose-down: ## docker compose down (removes the volumes)
-	$(COMPOSE) -f compose/docker-compose.yml down -v
+compose-ps: ## Show where this checkout's compose Postgres and Redis listen
+	@$(COMPOSE_SH) ps
+
+compose-down: ## Stop this checkout's compose services and remove their volumes
+	@$(COMPOSE_SH) down
 
 clean: ## Remove .venv and local state (not the feature store)
 	rm -rf $(VENV) .refresher

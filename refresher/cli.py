@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from refresher.engines import ENGINE_NAMES
 from refresher.errors import USER_ERRORS
 from refresher.settings import Settings
 
 EXIT_USER_ERROR = 2
-ENGINE_CHOICES = ("auto", "local", "docker", "compose")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -36,7 +36,7 @@ def _common(json_flag: bool = True) -> _OneLineParser:
     common = _OneLineParser(add_help=False)
     common.add_argument(
         "--engine",
-        choices=ENGINE_CHOICES,
+        choices=ENGINE_NAMES,
         default=None,
         help="server engine: auto (default, $REFRESHER_ENGINE), local, docker, or compose (the `make up` Postgres)",
     )

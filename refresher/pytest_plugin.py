@@ -29,6 +29,7 @@ from refresher import snapshot
 from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
 from refresher._pytest_servers import LoadedServer, build_server, choose_engine
 from refresher._pytest_share import PoolRefiller, SharedServers, server_key
+from refresher.errors import RefresherError
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -131,7 +132,11 @@ class RefresherServers:
             labels = {"io.refresher.pytest.run": self._state.run_dir.name}
             return build_server(profile, chosen, options.settings, as_of=day, labels=labels)
 
-        return self._state.servers.get(key, build)
+        try:
+            return self._state.servers.get(key, build)
+        except RefresherError as exc:
+            # Bad input (a profile, an option) is the user's to fix: one line, not a 45-line traceback.
+            pytest.fail(f"refresher: {exc}", pytrace=False)
 
     def refiller(self, server: LoadedServer) -> PoolRefiller:
         return self._state.servers.refiller(server)

@@ -75,11 +75,12 @@ class ProgressLines:
         if now - self.last < self.every and done < total:
             return
         self.last = now
-        elapsed = max(now - self.started, 1e-6)
+        elapsed = now - self.started
         percent = f" ({100 * done // total}%)" if total else ""
+        # A rate over the first few milliseconds says nothing (one segment in 1 ms is not 21M rows/s).
+        rate = f", {rows / elapsed:,.0f} rows/s" if elapsed >= 1 else ""
         self.console.print(
-            f"refresher: {phase} {done}/{total} segments{percent}, {rows:,} rows, "
-            f"{rows / elapsed:,.0f} rows/s, {elapsed:.0f} s",
+            f"refresher: {phase} {done}/{total} segments{percent}, {rows:,} rows{rate}, {elapsed:.0f} s",
             highlight=False,
             soft_wrap=True,
         )

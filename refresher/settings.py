@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -12,6 +13,14 @@ from typing import Any
 DEFAULT_PG_IMAGE = "postgres:15"
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 STATE_DIR_NAME = ".refresher"
+# The checkout this refresher runs from (an editable install): `make up` starts the compose project of it.
+CHECKOUT = BUILTIN_PROFILES.parent
+
+
+def compose_project(checkout: Path) -> str:
+    """The compose project of a checkout, unique per path; the Makefile computes the same (sha256, 10 hex)."""
+    digest = hashlib.sha256(str(checkout.resolve()).encode()).hexdigest()[:10]
+    return f"refresher-{digest}"
 
 
 def find_state_dir(start: Path) -> Path:
@@ -45,6 +54,10 @@ class Settings:
     require_docker: bool = False
     # Derived data that is safe to lose (compiled calendars): $XDG_CACHE_HOME/refresher.
     cache_dir: Path | None = None
+    # `make up`'s project for --engine compose and the jobs' default Redis ($REFRESHER_COMPOSE_PROJECT).
+    compose_project: str = ""
+    # The jobs' queue ($REFRESHER_REDIS_URL); None: the compose Redis when `make up` runs it, else localhost.
+    redis_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -66,5 +79,7 @@ class Settings:
             pg_image_override=env.get("REFRESHER_PG_IMAGE") or None,
             require_docker=env.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"),
             cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refresher",
+            compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
+            redis_url=env.get("REFRESHER_REDIS_URL") or None,
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -10,7 +10,7 @@ from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineUnavailable
 from refresher.settings import Settings
 
-ENGINE_NAMES = ("auto", "local", "docker")
+ENGINE_NAMES = ("auto", "local", "docker", "compose")
 
 
 def make_engine(name: str, settings: Settings) -> Engine:
@@ -23,6 +23,10 @@ def make_engine(name: str, settings: Settings) -> Engine:
         from refresher.engines.docker import DockerEngine
 
         return DockerEngine(settings.state_dir, image=settings.pg_image_override)
+    if name == "compose":
+        from refresher.engines.compose import ComposeEngine
+
+        return ComposeEngine(settings.compose_project)
     raise EngineUnavailable(f"--engine: unknown engine {name!r} (choose from {', '.join(ENGINE_NAMES)})")
 
 
@@ -44,12 +48,17 @@ def select_engine(name: str, settings: Settings, profile: str | None = None) -> 
 
 
 def engine_serving(profile: str, settings: Settings) -> Engine | None:
-    """The engine that has state for ``profile`` in the state directory, running or not."""
+    """The engine that has state for ``profile`` in the state directory (running or not), or the compose
+    Postgres of this checkout when it holds the profile's database."""
     for name in ("local", "docker"):
         if (settings.state_dir / name).exists():
             engine = make_engine(name, settings) if name == "local" or docker_answers() else None
             if engine is not None and engine.status(profile):
                 return engine
+    if docker_answers():
+        compose = make_engine("compose", settings)
+        if compose.status(profile):
+            return compose
     return None
 
 
@@ -58,6 +67,7 @@ def all_statuses(settings: Settings) -> list[ServerStatus]:
     statuses = list(make_engine("local", settings).status())
     if docker_answers():
         statuses += make_engine("docker", settings).status()
+        statuses += make_engine("compose", settings).status()
     return statuses
 
 

@@ -105,3 +105,22 @@ def run_cli_argv() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "refresher.cli"]
+
+
+def test_pytest_fixture_bad_profile_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "test_bad.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.refresher_profile('no_such_profile')\n"
+        "def test_it(refresher_db):\n"
+        "    pass\n"
+    )
+    done = subprocess.run(
+        [*run_cli_argv()[:1], "-m", "pytest", "-q", str(tmp_path / "test_bad.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "Traceback" not in done.stdout and "raise " not in done.stdout, done.stdout
+    assert "refresher: " in done.stdout and "no_such_profile" in done.stdout

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# `make up`, `make compose-down`, `make compose-ps`: this checkout's compose project, air-gapped.
+#
+# The Makefile passes COMPOSE (the compose command it found) and COMPOSE_PROJECT (refresher-<sha256 of the
+# checkout path, 10 hex>, the same name refresher computes for --engine compose). Every command touches only
+# that project, so checkouts sharing a Docker daemon never stop each other's services.
+#
+#   up      build the refresher/* images the compose file names when they are missing (offline, like
+#           `make image`), start the services, wait until both are healthy, print their addresses.
+#           Running it again changes nothing.
+#   down    remove the project's containers, network and volumes. Running it again changes nothing.
+#   ps      print the addresses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${COMPOSE:?COMPOSE is set by the Makefile}" "${COMPOSE_PROJECT:?COMPOSE_PROJECT is set by the Makefile}"
+read -r -a compose <<<"$COMPOSE"
+compose+=(-p "$COMPOSE_PROJECT" -f compose/docker-compose.yml)
+PG_IMAGE=${REFRESHER_PG_IMAGE:-refresher/postgres:15}
+REDIS_IMAGE=${REFRESHER_REDIS_IMAGE:-refresher/redis:7}
+WAIT_SECONDS=${WAIT_SECONDS:-90}
+
+die() { printf 'compose.sh: %s\n' "$*" >&2; exit 1; }
+
+image_missing() { ! docker image inspect "$1" >/dev/null 2>&1; }
+
+build_missing_images() {
+  local redis=0
+  # Only our own tags are built here; any other image is the registry's business.
+  if [[ $REDIS_IMAGE == refresher/redis:7 ]] && image_missing "$REDIS_IMAGE"; then redis=1; fi
+  if [[ $redis == 1 ]] || { [[ $PG_IMAGE == refresher/postgres:15 ]] && image_missing "$PG_IMAGE"; }; then
+    printf '== building the missing images from Debian packages (no registry needed)\n' >&2
+    WITH_REDIS=$redis bash compose/image/build.sh
+  fi
+}
+
+addresses() {
+  local pg redis
+  pg=$("${compose[@]}" port postgres 5432 2>/dev/null | tail -n1)
+  redis=$("${compose[@]}" port redis 6379 2>/dev/null | tail -n1)
+  [[ -n $pg ]] || { printf 'compose project %s is not running (make up)\n' "$COMPOSE_PROJECT"; return; }
+  printf 'compose project %s\n' "$COMPOSE_PROJECT"
+  printf '  postgres  %s  (refresher refresh --profile ui_testing --engine compose)\n' "$pg"
+  printf '  redis     redis://%s/0  (the jobs'"'"' default queue while it runs)\n' "$redis"
+}
+
+wait_healthy() {
+  local ids id state deadline=$((SECONDS + WAIT_SECONDS))
+  mapfile -t ids < <("${compose[@]}" ps -q)
+  ((${#ids[@]})) || die "no containers after up"
+  for id in "${ids[@]}"; do
+    while :; do
+      state=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id")
+      [[ $state == healthy ]] && break
+      if [[ $state == unhealthy || $state == exited || $state == dead ]] || ((SECONDS >= deadline)); then
+        docker logs --tail 30 "$id" >&2 || true
+        die "container $(docker inspect -f '{{.Name}}' "$id") is $state after ${WAIT_SECONDS}s (log tail above)"
+      fi
+      sleep 1
+    done
+  done
+}
+
+case ${1:-} in
+  up)
+    build_missing_images
+    "${compose[@]}" up -d
+    wait_healthy
+    addresses
+    ;;
+  down)
+    "${compose[@]}" down -v --remove-orphans
+    ;;
+  ps)
+    addresses
+    ;;
+  *)
+    die "usage: compose.sh up|down|ps"
+    ;;
+esac

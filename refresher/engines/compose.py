@@ -1,0 +1,223 @@
+"""The compose engine: the Postgres that `make up` runs, one database per profile on that shared server.
+
+`make up` names its compose project after the checkout (``refresher-<hash of the checkout path>``) and lets
+Docker choose the published ports, so two checkouts on one Docker daemon never meet. This engine finds that
+project's containers by compose's own labels and reads the port and credentials from the running container:
+nobody copies a DSN by hand. Starting and stopping the server is compose's business (`make up`,
+`make compose-down`); ``start`` only creates the profile's database and ``stop`` drops it with its snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+import psycopg
+from docker.models.containers import Container
+from psycopg import sql
+
+from refresher.engines.base import ServerInfo, ServerStatus
+from refresher.engines.docker import API_TIMEOUT, HOST, _connect, _docker_errors, _log_tail
+from refresher.engines.local import validate_profile
+from refresher.errors import EngineStateError, EngineUnavailable
+from refresher.settings import Settings
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+MAINTENANCE_DB = "postgres"
+# Databases on the compose server that are not profiles: the image's own, and snapshot/pool copies.
+_NOT_PROFILES = ("postgres", "template0", "template1")
+
+
+@dataclass(frozen=True)
+class ComposeService:
+    """A running service of the project: where it is published on the host, and its environment."""
+
+    name: str
+    host: str
+    port: int
+    env: dict[str, str]
+
+
+def find_service(
+    project: str, service: str, container_port: int, client: docker.DockerClient | None = None
+) -> ComposeService | None:
+    """The project's running ``service`` and its published ``container_port``, or None when it is not up."""
+    with _client(client) as docker_client:
+        container = _container(docker_client, project, service)
+        if container is None:
+            return None
+        bindings = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(
+            f"{container_port}/tcp"
+        )
+        port = next((int(b["HostPort"]) for b in bindings or [] if b.get("HostPort")), None)
+        if port is None:
+            raise EngineStateError(f"container {container.name} publishes no port for {container_port}")
+        env = dict(e.split("=", 1) for e in container.attrs["Config"].get("Env") or [] if "=" in e)
+        return ComposeService(service, HOST, port, env)
+
+
+def compose_redis_url(project: str, client: docker.DockerClient | None = None) -> str | None:
+    """``redis://`` URL of the project's compose Redis when `make up` runs it, else None."""
+    try:
+        redis = find_service(project, "redis", 6379, client)
+    except EngineUnavailable:
+        return None
+    return f"redis://{redis.host}:{redis.port}/0" if redis else None
+
+
+def default_redis_url(settings: Settings) -> str:
+    """The jobs' queue: $REFRESHER_REDIS_URL, else the compose Redis of this checkout when up, else localhost."""
+    return settings.redis_url or compose_redis_url(settings.compose_project) or "redis://127.0.0.1:6379/0"
+
+
+class ComposeEngine:
+    """Serves each profile as a database on the Postgres of one compose project (`make up`)."""
+
+    name = "compose"
+
+    def __init__(
+        self, project: str, *, client: docker.DockerClient | None = None, ready_timeout: float = 60.0
+    ) -> None:
+        self.project = project
+        self.ready_timeout = ready_timeout
+        self._client_arg = client
+
+    def start(self, profile: str) -> ServerInfo:
+        validate_profile(profile)
+        server = self._server(profile)
+        if server is None:
+            raise EngineUnavailable(
+                f"no compose Postgres runs for this checkout (project {self.project}); run `make up` first",
+                project=self.project,
+            )
+        self._wait_ready(server)
+        with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
+            if not _database_exists(conn, profile):
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # a concurrent start made it
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(profile)))
+        return server
+
+    def info(self, profile: str) -> ServerInfo | None:
+        validate_profile(profile)
+        server = self._server(profile)
+        if server is None:
+            return None
+        try:
+            with psycopg.connect(server.dsn(MAINTENANCE_DB), connect_timeout=5) as conn:
+                return server if _database_exists(conn, profile) else None
+        except psycopg.OperationalError:
+            return None
+
+    def stop(self, profile: str) -> bool:
+        """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
+        from refresher.snapshot import drop_snapshot
+
+        server = self.info(profile)
+        if server is None:
+            return False
+        drop_snapshot(server)
+        with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(profile)))
+        return True
+
+    def status(self, profile: str | None = None) -> list[ServerStatus]:
+        server = self._server(profile or MAINTENANCE_DB)
+        if server is None:
+            return []
+        try:
+            with psycopg.connect(server.dsn(MAINTENANCE_DB), connect_timeout=5) as conn:
+                names = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datname <> ALL(%s) "
+                        "AND position('__' in datname) = 0 ORDER BY 1",
+                        [list(_NOT_PROFILES)],
+                    )
+                ]
+        except psycopg.OperationalError:
+            return []
+        detail = f"compose project {self.project} (`make compose-down` stops it)"
+        return [
+            ServerStatus(self.name, name, True, server.host, server.port, detail)
+            for name in names
+            if profile in (None, name) and name != server.env_db
+        ]
+
+    # -- small pieces --------------------------------------------------------------------------------------
+    def _server(self, profile: str) -> _ComposeServer | None:
+        with _client(self._client_arg) as client:
+            postgres = find_service(self.project, "postgres", 5432, client)
+        if postgres is None:
+            return None
+        return _ComposeServer(
+            self.name,
+            profile,
+            postgres.host,
+            postgres.port,
+            postgres.env.get("POSTGRES_USER", "postgres"),
+            postgres.env.get("POSTGRES_PASSWORD", ""),
+            profile,
+            env_db=postgres.env.get("POSTGRES_DB", ""),
+        )
+
+    def _wait_ready(self, server: ServerInfo) -> None:
+        """`make up` returns before the server accepts connections; poll with a real query."""
+        deadline = time.monotonic() + self.ready_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(server.dsn(MAINTENANCE_DB), connect_timeout=3) as conn:
+                    conn.execute("SELECT 1")
+                    return
+            except psycopg.OperationalError as exc:
+                if exc.sqlstate == "28P01":
+                    raise EngineStateError(
+                        f"compose Postgres of {self.project} refused the password in its container's "
+                        "environment (its volume was made with another); run `make compose-down` and `make up`"
+                    ) from exc
+                last = exc
+            time.sleep(0.2)
+        with _client(self._client_arg) as client:
+            container = _container(client, self.project, "postgres")
+            tail = _log_tail(container) if container is not None else "(container gone)"
+        raise EngineUnavailable(
+            f"compose Postgres of {self.project} on {server.host}:{server.port} is not ready after "
+            f"{self.ready_timeout:.0f}s ({last}); log tail:\n{tail}"
+        )
+
+
+@dataclass(frozen=True)
+class _ComposeServer(ServerInfo):
+    env_db: str = ""  # the image's POSTGRES_DB: the server's own database, never a profile
+
+
+@contextlib.contextmanager
+def _client(client: docker.DockerClient | None) -> Iterator[docker.DockerClient]:
+    if client is not None:
+        with _docker_errors(None):
+            yield client
+        return
+    own = _connect(None, API_TIMEOUT)
+    try:
+        with _docker_errors(None):
+            yield own
+    finally:
+        own.close()
+
+
+def _container(client: docker.DockerClient, project: str, service: str) -> Container | None:
+    filters = {"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={service}"], "status": "running"}
+    running = client.containers.list(filters=filters)
+    return running[0] if running else None
+
+
+def _database_exists(conn: psycopg.Connection[tuple[object, ...]], name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+
+
+__all__ = ["ComposeEngine", "ComposeService", "compose_redis_url", "default_redis_url", "find_service"]

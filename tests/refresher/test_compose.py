@@ -1,0 +1,162 @@
+"""`make up` / `--engine compose` / `make compose-down` against the real Docker daemon and compose.
+
+Each test run uses its own compose project (COMPOSE_PROJECT / REFRESHER_COMPOSE_PROJECT), so the developer's own
+`make up` of this checkout is never touched, and removes it whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import psycopg
+import pytest
+import redis
+
+from refresher.engines.compose import PROJECT_LABEL, default_redis_url
+from refresher.settings import CHECKOUT, Settings, compose_project
+
+pytestmark = pytest.mark.docker
+
+TINY = """\
+universe:
+  symbols: [AAPL, KO]
+exchange: XNYS
+months: 1
+as_of: 2025-03-31
+timeframes: [1d, 1m]
+features: []
+"""
+
+
+def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(CHECKOUT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+def make_variable(name: str) -> str:
+    return make("-s", f"--eval=print-var: ; @echo $({name})", "print-var").stdout.strip()
+
+
+def leftovers(client: docker.DockerClient, project: str) -> list[str]:
+    label = {"label": f"{PROJECT_LABEL}={project}"}
+    containers = [c.name or c.id for c in client.containers.list(all=True, filters=label)]
+    volumes = [v.name for v in client.volumes.list(filters=label)]
+    return [*containers, *volumes]
+
+
+@pytest.fixture
+def project(docker_client: docker.DockerClient, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    if not make_variable("COMPOSE"):
+        if Settings.from_env().require_docker:
+            pytest.fail(
+                "REFRESHER_REQUIRE_DOCKER=1 but no compose implementation is installed", pytrace=False
+            )
+        pytest.skip("no compose implementation (apt-get install docker-compose)")
+    name = f"refresher-test-{secrets.token_hex(4)}"
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "compose_tiny.yaml").write_text(TINY)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "MAKELEVEL"},
+        "COMPOSE_PROJECT": name,
+        "REFRESHER_COMPOSE_PROJECT": name,
+        "REFRESHER_STATE_DIR": str(tmp_path / "state"),
+        "FEATURE_STORE_PATH": str(tmp_path / "store"),
+        "REFRESHER_PROFILES": str(tmp_path / "profiles"),
+    }
+    try:
+        yield name, env
+    finally:
+        make("compose-down", env=env)
+
+
+def refresher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_up_refresh_reset_down(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+) -> None:
+    name, env = project
+    up = make("up", env=env)
+    assert up.returncode == 0, up.stderr
+    assert "postgres  127.0.0.1:" in up.stdout
+    label = {"label": f"{PROJECT_LABEL}={name}"}
+    first = {c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters=label)}
+    assert len(first) == 2  # postgres and redis, healthy (make up waits)
+
+    again = make("up", env=env)  # a no-op: the same containers, not restarted
+    assert again.returncode == 0, again.stderr
+    assert {
+        c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters=label)
+    } == first
+
+    report = json.loads(
+        refresher("refresh", "-p", "compose_tiny", "--engine", "compose", "--json", env=env).stdout
+    )
+    assert report["engine"] == "compose" and report["rows_loaded"] > 0
+    dsn = json.loads(refresher("url", "-p", "compose_tiny", "--json", env=env).stdout)["dsn"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone()
+        conn.execute("DELETE FROM ohlcv_1min")
+    # Without --engine: auto finds the profile on the compose Postgres that serves it.
+    refresher("reset", "-p", "compose_tiny", env=env)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == rows
+    status = json.loads(refresher("status", "--json", env=env).stdout)["servers"]
+    assert {"engine": "compose", "profile": "compose_tiny"}.items() <= next(
+        s for s in status if s["engine"] == "compose"
+    ).items()
+
+    queue = default_redis_url(Settings.from_env(env))
+    assert queue.startswith("redis://127.0.0.1:") and queue != "redis://127.0.0.1:6379/0"
+    with redis.Redis.from_url(queue) as client:
+        assert client.ping()
+
+    for _ in range(2):  # down twice: the second is a no-op
+        down = make("compose-down", env=env)
+        assert down.returncode == 0, down.stderr
+        assert leftovers(docker_client, name) == []
+    assert default_redis_url(Settings.from_env(env)) == "redis://127.0.0.1:6379/0"
+
+
+def test_up_without_compose_is_a_one_line_hint(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "sha256sum", "cut"):  # everything but a compose implementation
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    make_bin = shutil.which("make")
+    assert make_bin
+    done = subprocess.run(
+        [make_bin, "--no-print-directory", "-C", str(CHECKOUT), "up"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "apt-get install docker-compose" in lines[0], done.stderr
+
+
+def test_compose_project_is_unique_per_checkout_and_matches_the_makefile() -> None:
+    assert make_variable("COMPOSE_PROJECT") == compose_project(CHECKOUT)
+    assert compose_project(CHECKOUT / "elsewhere") != compose_project(CHECKOUT)
