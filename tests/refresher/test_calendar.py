@@ -208,54 +208,24 @@ def test_sessions_between_includes_both_ends_and_skips_closed_days() -> None:
 
 
 @pytest.mark.parametrize(
-    ("local", "is_open", "on_break", "next_open", "next_close"),
+    ("local", "state", "next_open", "next_close"),
     [
-        # Before the session: closed, the next stop is the lunch break, not the close.
-        (
-            dt.datetime(2025, 3, 3, 8, 0),
-            False,
-            False,
-            dt.datetime(2025, 3, 3, 9, 0),
-            dt.datetime(2025, 3, 3, 11, 30),
-        ),
-        (
-            dt.datetime(2025, 3, 3, 9, 0),
-            True,
-            False,
-            dt.datetime(2025, 3, 4, 9, 0),
-            dt.datetime(2025, 3, 3, 11, 30),
-        ),
-        (
-            dt.datetime(2025, 3, 3, 11, 30),
-            False,
-            True,
-            dt.datetime(2025, 3, 3, 12, 30),
-            dt.datetime(2025, 3, 3, 15, 30),
-        ),
-        (
-            dt.datetime(2025, 3, 3, 12, 30),
-            True,
-            False,
-            dt.datetime(2025, 3, 4, 9, 0),
-            dt.datetime(2025, 3, 3, 15, 30),
-        ),
-        (
-            dt.datetime(2025, 3, 3, 15, 30),
-            False,
-            False,
-            dt.datetime(2025, 3, 4, 9, 0),
-            dt.datetime(2025, 3, 4, 11, 30),
-        ),
+        # Before the session: closed, and the next stop is the lunch break, not the close.
+        ("03 08:00", "closed", "03 09:00", "03 11:30"),
+        ("03 09:00", "open", "04 09:00", "03 11:30"),
+        ("03 11:30", "break", "03 12:30", "03 15:30"),
+        ("03 12:30", "open", "04 09:00", "03 15:30"),
+        ("03 15:30", "closed", "04 09:00", "04 11:30"),
     ],
 )
-def test_tokyo_boundaries(
-    local: dt.datetime, is_open: bool, on_break: bool, next_open: dt.datetime, next_close: dt.datetime
-) -> None:
-    s = market_status("XTKS", local.replace(tzinfo=TOKYO))
-    assert (s.is_open, s.on_break) == (is_open, on_break)
-    assert s.next_open == next_open.replace(tzinfo=TOKYO)
-    assert s.next_close == next_close.replace(tzinfo=TOKYO)
-    assert s.session == (dt.date(2025, 3, 3) if is_open or on_break else None)
+def test_tokyo_boundaries(local: str, state: str, next_open: str, next_close: str) -> None:
+    def tokyo(day_time: str) -> dt.datetime:  # "DD HH:MM" in March 2025, Tokyo time
+        return dt.datetime.fromisoformat(f"2025-03-{day_time}").replace(tzinfo=TOKYO)
+
+    s = market_status("XTKS", tokyo(local))
+    assert (s.is_open, s.on_break) == (state == "open", state == "break")
+    assert (s.next_open, s.next_close) == (tokyo(next_open), tokyo(next_close))
+    assert s.session == (None if state == "closed" else dt.date(2025, 3, 3))
 
 
 def test_new_york_before_the_open_next_closes_at_the_close() -> None:
