@@ -41,9 +41,28 @@ STATUS = {
 
 # Survivors that cannot change behaviour, keyed by module and the mutated line as `mutmut show` prints it
 # (after the "+"). Keyed by text rather than mutant number so the notes survive edits elsewhere in the module.
+_SIGNED = "a signed and an unsigned 8-byte big-endian length are the same bytes below 2**63"
+_MODULE_DEFAULT = (
+    "unreachable default: the target is a function, a builtin or a class by then, and each has a `__module__` "
+    "attribute (None at worst)"
+)
 EQUIVALENT: dict[str, dict[str, str]] = {
     "refresher/plan.py": {
         "digest.update(len(raw).to_bytes(8, ))": "`int.to_bytes` defaults to big-endian since Python 3.11",
+    },
+    "featurestore/keys.py": {
+        'return tag + struct.pack(">q", len(body)) + body': _SIGNED,
+        'digest.update(struct.pack(">q", len(encoded)))': _SIGNED,
+        'return tagged(b"F", b"nan" if (math.isnan(number)) and False else number.hex().encode())': (
+            "`float.hex()` of every NaN, either sign, is already 'nan': the branch only states the intent"
+        ),
+        "name = f\"{getattr(target, '__module__', None)}.{target.__qualname__}\"": _MODULE_DEFAULT,
+        "name = f\"{getattr(target, '__module__', )}.{target.__qualname__}\"": _MODULE_DEFAULT,
+        "name = f\"{getattr(target, '__module__', 'XX?XX')}.{target.__qualname__}\"": _MODULE_DEFAULT,
+        "if low is None and high is None:": "`min_max` of one column gives both bounds or neither",
+        "scale = _NANOS_PER_UNIT[str(column.type.unit)] if pa.types.is_timestamp(column.type) else 1": (
+            "the else value is always overwritten: a time column is a timestamp, date32 or date64"
+        ),
     },
 }
 
