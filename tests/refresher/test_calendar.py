@@ -435,3 +435,33 @@ def test_an_unwritable_cache_only_costs_speed(tmp_path: Path) -> None:
     finally:
         calendar.use_cache_dir(None)
     assert calendar.get_calendar("XETR").tz == "Europe/Berlin"
+
+
+def test_is_session_day() -> None:
+    cal = get_calendar("XNYS")
+    days = np.array([calendar._days(dt.date(2024, 11, d)) for d in (27, 28, 29, 30)], np.int64)
+    assert calendar.is_session_day(cal, days).tolist() == [True, False, True, False]  # Thanksgiving, Saturday
+
+
+def test_is_trading_minute_at_every_edge() -> None:
+    cal = get_calendar("XTKS")
+
+    def ns(hour: int, minute: int, second: int = 0, day: int = 3) -> int:
+        return calendar._ns(dt.datetime(2025, 3, day, hour, minute, second, tzinfo=TOKYO))
+
+    cases = {
+        ns(8, 59): False,  # before the open
+        ns(9, 0): True,  # the open
+        ns(9, 0, 30): False,  # not on a minute boundary
+        ns(11, 29): True,
+        ns(11, 30): False,  # the break starts
+        ns(12, 29): False,
+        ns(12, 30): True,  # the break ends
+        ns(15, 29): True,
+        ns(15, 30): False,  # the close is exclusive
+        ns(10, 0, day=1): False,  # a Saturday
+        calendar._ns(dt.datetime(1999, 6, 1, tzinfo=UTC)): False,  # before the loaded calendar
+        int(cal.closes[-1]) + 10**12: False,  # after it
+    }
+    got = calendar.is_trading_minute(cal, np.array(list(cases), np.int64))
+    assert got.dtype == np.bool_ and got.tolist() == list(cases.values())
