@@ -91,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--verify", action="store_true", help="also check row counts in the database")
     plan.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
-    profile_cmd("reset", "Bring the profile's database back to its pristine snapshot.")
+    reset = profile_cmd("reset", "Bring the profile's database back to its pristine snapshot.")
+    for cmd in (refresh, reset):
+        cmd.add_argument(
+            "--no-wait",
+            action="store_true",
+            help="fail at once if another refresh or reset of the profile is running (default: wait)",
+        )
     profile_cmd("status", "Show running servers.", profile_required=False)
     profile_cmd("url", "Print the profile's DSN, password included.")
     profile_cmd("down", "Stop the profile's server and remove its data (--profile all: every server).")
@@ -148,6 +154,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _say(message: str) -> None:
+    print(f"refresher: {message}", file=sys.stderr, flush=True)
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], render: Callable[[], None]) -> None:
     if getattr(args, "json", False):
         print(json.dumps(payload, default=str))
@@ -186,13 +196,15 @@ def run(args: argparse.Namespace) -> int:
                 as_of=args.as_of,
                 progress=on_progress,
                 on_bad_rows=args.on_bad_rows,
+                wait=not args.no_wait,
+                on_wait=_say,
             )
         _emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
     elif args.command == "plan":
         plan = commands.plan(settings, args.profile, verify=args.verify, as_of=args.as_of)
         _emit(args, plan.to_json(), lambda: render.plan_report(plan))
     elif args.command == "reset":
-        restored = commands.reset(settings, args.profile)
+        restored = commands.reset(settings, args.profile, wait=not args.no_wait, on_wait=_say)
         _emit(args, restored.to_json(), lambda: render.reset_report(restored))
     elif args.command == "status":
         statuses = commands.status(settings, args.profile)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -17,6 +17,7 @@ from refresher.engines import all_statuses, engine_serving, make_engine, select_
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, ProfileError, SnapshotError
 from refresher.profile import BadRowPolicy, Profile, list_profiles, load_profile, with_source_policy
+from refresher.profile_lock import hold_profile
 from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
 from refresher.refresh import plan_refresh as _plan_refresh
 from refresher.refresh import refresh as _refresh
@@ -52,10 +53,15 @@ def refresh(
     as_of: dt.date | None = None,
     progress: ProgressCallback | None = None,
     on_bad_rows: BadRowPolicy | None = None,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
 ) -> RefreshReport:
     profile = _profile(settings, name, as_of, on_bad_rows)
     engine = select_engine(settings.engine, settings, profile.name)
-    with _database_errors(profile.name):
+    with (
+        hold_profile(settings.state_dir, profile.name, wait=wait, on_wait=on_wait),
+        _database_errors(profile.name),
+    ):
         return _refresh(
             profile, engine, FeatureStore(settings.store_root), prune=prune, verify=verify, progress=progress
         )
@@ -93,10 +99,13 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
     return engine, server
 
 
-def reset(settings: Settings, name: str) -> snapshot.RestoreReport:
-    _engine, server = _serving(settings, name)
-    with _database_errors(name):
-        return snapshot.restore_pristine(server)
+def reset(
+    settings: Settings, name: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> snapshot.RestoreReport:
+    with hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
+        _engine, server = _serving(settings, name)
+        with _database_errors(name):
+            return snapshot.restore_pristine(server)
 
 
 def url(settings: Settings, name: str) -> str:

@@ -67,6 +67,19 @@ class SnapshotError(RefresherError):
     """No pristine snapshot exists, or it cannot be restored."""
 
 
+class ProfileBusy(RefresherError):
+    """Another refresh or reset of the same profile holds its lock (and the caller chose not to wait)."""
+
+    @classmethod
+    def held(cls, profile: str, lock: Path) -> ProfileBusy:
+        return cls(
+            f"profile {profile}: another refresh or reset is running (lock {lock}); "
+            "run again without --no-wait to wait for it",
+            profile=profile,
+            lock=str(lock),
+        )
+
+
 class JobError(RefresherError):
     """The distributed job queue failed in a way the user can act on."""
 
@@ -82,6 +95,7 @@ __all__ = [
     "EngineUnavailable",
     "JobError",
     "LoadError",
+    "ProfileBusy",
     "ProfileError",
     "RefresherError",
     "SnapshotError",
