@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows that fail validation: stop (fail), leave out (skip), or leave out and keep in "
         "refresher_rejects (quarantine); default: the profile's source.on_bad_rows, else fail",
     )
+    refresh.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        default=None,
+        help="let a loaded segment become empty when the source now has no rows for it (default: refuse)",
+    )
     plan = profile_cmd(
         "plan",
         "Print what a refresh would fetch and load, and which segments are stale (a refresh --prune deletes "
@@ -198,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 on_bad_rows=args.on_bad_rows,
                 wait=not args.no_wait,
                 on_wait=_say,
+                allow_shrink=args.allow_shrink,
             )
         _emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
     elif args.command == "plan":

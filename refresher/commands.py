@@ -38,10 +38,14 @@ def _database_errors(profile: str) -> Iterator[None]:
 
 
 def _profile(
-    settings: Settings, name: str, as_of: dt.date | None = None, on_bad_rows: BadRowPolicy | None = None
+    settings: Settings,
+    name: str,
+    as_of: dt.date | None = None,
+    on_bad_rows: BadRowPolicy | None = None,
+    allow_shrink: bool | None = None,
 ) -> Profile:
     profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
-    return with_source_policy(profile, on_bad_rows=on_bad_rows)
+    return with_source_policy(profile, on_bad_rows=on_bad_rows, allow_shrink=allow_shrink)
 
 
 def refresh(
@@ -55,8 +59,9 @@ def refresh(
     on_bad_rows: BadRowPolicy | None = None,
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
+    allow_shrink: bool | None = None,
 ) -> RefreshReport:
-    profile = _profile(settings, name, as_of, on_bad_rows)
+    profile = _profile(settings, name, as_of, on_bad_rows, allow_shrink)
     engine = select_engine(settings.engine, settings, profile.name)
     with (
         hold_profile(settings.state_dir, profile.name, wait=wait, on_wait=on_wait),

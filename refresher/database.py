@@ -62,6 +62,19 @@ DDL: tuple[str, ...] = (
         loaded_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (symbol, timeframe, month)
     )""",
+    # Rows a source quarantined (``on_bad_rows: quarantine``), replaced with their segment on every load.
+    """CREATE TABLE IF NOT EXISTS refresher_rejects (
+        symbol text NOT NULL,
+        timeframe text NOT NULL,
+        month date NOT NULL,
+        source text NOT NULL,
+        row bigint,
+        rule text NOT NULL,
+        "column" text NOT NULL,
+        raw jsonb NOT NULL,
+        rejected_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    "CREATE INDEX IF NOT EXISTS refresher_rejects_segment ON refresher_rejects (symbol, timeframe, month)",
 )
 
 # The column that places a row in its segment, per table.

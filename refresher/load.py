@@ -12,7 +12,8 @@ B-tree grows at its right edge, while the rebuild sorts everything again.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pyarrow as pa
@@ -25,26 +26,68 @@ from refresher.errors import LoadError
 from refresher.schema import SCHEMA_OF
 from refresher.segments import Segment
 
+if TYPE_CHECKING:
+    from refresher.sources.validate import Reject
+
 # Rows per COPY message batch: big enough to amortise the per-call cost, small enough to keep memory flat.
 BATCH_ROWS = 128 * 1024
 
 
+class ShrinkError(LoadError):
+    """Segments that hold rows would be replaced by empty ones (a header-only file, a symbol gone upstream)."""
+
+    emptied: list[tuple[Segment, int]]
+
+    @classmethod
+    def refused(cls, emptied: Sequence[tuple[Segment, int]]) -> ShrinkError:
+        by_symbol: dict[tuple[str, str], list[str]] = {}
+        for segment, _ in emptied:
+            by_symbol.setdefault((segment.symbol, segment.timeframe), []).append(f"{segment.month:%Y-%m}")
+        named = "; ".join(
+            f"{sym} {tf} {', '.join(months)}" for (sym, tf), months in sorted(by_symbol.items())
+        )
+        lost = sum(rows for _, rows in emptied)
+        error = cls(
+            f"refusing to empty {len(emptied)} loaded segment{'s' * (len(emptied) != 1)} ({lost} rows) that "
+            f"the source now returns no rows for: {named}; pass --allow-shrink (or source.allow_shrink: true) "
+            "to accept",
+            segments=[str(s) for s, _ in emptied],
+        )
+        error.emptied = list(emptied)
+        return error
+
+
 def load_segment(
-    conn: psycopg.Connection[Any], segment: Segment, table: pa.Table, content_hash: str, *, tz: str
+    conn: psycopg.Connection[Any],
+    segment: Segment,
+    table: pa.Table,
+    content_hash: str,
+    *,
+    tz: str,
+    allow_shrink: bool = True,
+    rejects: Sequence[Reject] | None = None,
 ) -> int:
     """Replace the segment's rows with ``table`` and record it in ``refresher_segments``; returns the row count.
 
     Runs in one transaction (a savepoint if the caller already has one open). ``tz`` is the exchange's time
-    zone, which bounds a minute segment (see ``refresher.database``).
+    zone, which bounds a minute segment (see ``refresher.database``). Without ``allow_shrink``, an empty
+    ``table`` for a segment the ledger says holds rows raises ``ShrinkError`` and changes nothing. ``rejects``
+    (when given) replace the segment's rows in ``refresher_rejects``, in the same transaction.
     """
     data = conform(segment, table, tz)
     rows: int = data.num_rows
     lo, hi = segment_range(segment, tz)
     try:
         with conn.transaction():
+            if rows == 0 and not allow_shrink:
+                held = _ledger_rows(conn, segment)
+                if held:
+                    raise ShrinkError.refused([(segment, held)])
             _delete_rows(conn, segment, lo, hi)
             _copy(conn, segment, data)
             _record(conn, segment, content_hash, rows)
+            if rejects is not None:
+                _quarantine(conn, segment, rejects)
     except psycopg.Error as exc:
         raise LoadError(f"{segment}: loading failed: {exc}".rstrip(), segment=str(segment)) from exc
     return rows
@@ -59,6 +102,7 @@ def delete_segment(conn: psycopg.Connection[Any], segment: Segment, *, tz: str) 
             "DELETE FROM refresher_segments WHERE symbol = %s AND timeframe = %s AND month = %s",
             (segment.symbol, segment.timeframe, segment.month),
         )
+        _quarantine(conn, segment, ())
     return deleted
 
 
@@ -118,6 +162,26 @@ def _copy(conn: psycopg.Connection[Any], segment: Segment, data: pa.Table) -> No
         copy.write(encoder.finish())
 
 
+def _ledger_rows(conn: psycopg.Connection[Any], segment: Segment) -> int:
+    row = conn.execute(
+        "SELECT rows FROM refresher_segments WHERE symbol = %s AND timeframe = %s AND month = %s",
+        (segment.symbol, segment.timeframe, segment.month),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _quarantine(conn: psycopg.Connection[Any], segment: Segment, rejects: Sequence[Reject]) -> None:
+    key = (segment.symbol, segment.timeframe, segment.month)
+    conn.execute("DELETE FROM refresher_rejects WHERE symbol = %s AND timeframe = %s AND month = %s", key)
+    if rejects:
+        with conn.cursor() as cur:
+            cur.executemany(
+                'INSERT INTO refresher_rejects (symbol, timeframe, month, source, row, rule, "column", raw) '
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)",
+                [(*key, r.source, r.row, r.rule, r.column, r.raw) for r in rejects],
+            )
+
+
 def _record(conn: psycopg.Connection[Any], segment: Segment, content_hash: str, rows: int) -> None:
     conn.execute(
         "INSERT INTO refresher_segments (symbol, timeframe, month, content_hash, rows, loaded_at) "
@@ -127,4 +191,4 @@ def _record(conn: psycopg.Connection[Any], segment: Segment, content_hash: str, 
     )
 
 
-__all__ = ["BATCH_ROWS", "conform", "delete_segment", "load_segment"]
+__all__ = ["BATCH_ROWS", "ShrinkError", "conform", "delete_segment", "load_segment"]

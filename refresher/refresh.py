@@ -166,7 +166,8 @@ def refresh(
             for segment in plan.stale:
                 load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
                 pruned += 1
-        totals = InProcessExecutor(source, store, conn).run(jobs_of_plan(plan, tz_of), progress)
+        jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
+        totals = InProcessExecutor(source, store, conn).run(jobs, progress)
         mark = lap("segments", mark)
         features = refresh_features(conn, profile, store, plan, totals.daily_tables)
         mark = lap("features", mark)

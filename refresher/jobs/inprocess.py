@@ -17,7 +17,9 @@ import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
+from refresher import load
 from refresher.jobs.segment import SegmentJob, SegmentTotals, fetch_tables, load_table, stored_tables
+from refresher.segments import Segment
 from refresher.sources.base import Source
 
 # Segments per store write: one manifest transaction per batch keeps the lock short and the count of
@@ -93,6 +95,7 @@ class InProcessExecutor:
 
     def run(self, jobs: Sequence[SegmentJob], progress: ProgressCallback | None = None) -> SegmentTotals:
         totals = SegmentTotals()
+        emptied: list[tuple[Segment, int]] = []
         to_fetch = [job for job in jobs if job.stored_hash is None]
         in_store = [job for job in jobs if job.stored_hash is not None]
         fetcher = _Fetcher(self.source, self.store, to_fetch)
@@ -103,12 +106,20 @@ class InProcessExecutor:
             for job, table, content_hash in itertools.chain(
                 fetcher.results(), _from_store(self.store, in_store)
             ):
-                totals.add(load_table(self.conn, job, table, content_hash), table)
+                # a fresh fetch replaces the segment's quarantined rows; a stored table leaves them be
+                rejects = self.source.rejects.pop(job.segment, []) if job.stored_hash is None else None
+                try:
+                    totals.add(load_table(self.conn, job, table, content_hash, rejects=rejects), table)
+                except load.ShrinkError as exc:
+                    emptied.extend(exc.emptied)  # load the rest; one error naming all of them at the end
+                    totals.done += 1
                 if progress:
                     progress("load", totals.done, len(jobs), totals.rows_loaded)
         finally:
             fetcher.cancelled.set()
             fetcher.join(timeout=5)
+        if emptied:
+            raise load.ShrinkError.refused(emptied)
         return totals
 
 

@@ -21,6 +21,7 @@ from refresher.errors import LoadError
 from refresher.plan import GapPlan
 from refresher.segments import Segment
 from refresher.sources.base import Source
+from refresher.sources.validate import Reject
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class SegmentJob:
     loaded_hash: str | None = None
     # Load even if the ledger holds this content: ``--verify`` found the rows differ from the ledger.
     force: bool = False
+    # Let an empty table replace a segment that holds rows (``--allow-shrink``); else ``load.ShrinkError``.
+    allow_shrink: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class SegmentTotals:
             self.daily_tables[outcome.segment] = table
 
 
-def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str]) -> list[SegmentJob]:
+def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str], *, allow_shrink: bool = False) -> list[SegmentJob]:
     """The plan's segment jobs: first those the source must produce, then those the store holds."""
     jobs: list[SegmentJob] = []
     for segment in (*plan.to_fetch, *plan.to_load):
@@ -84,6 +87,7 @@ def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str]) -> list[SegmentJob]:
                 stored_hash=stored.content_hash if stored else None,
                 loaded_hash=in_db.content_hash if in_db else None,
                 force=bool(stored and in_db and stored.content_hash == in_db.content_hash),
+                allow_shrink=allow_shrink,
             )
         )
     return jobs
@@ -119,6 +123,7 @@ def load_table(
     content_hash: str,
     *,
     check_ledger: bool = False,
+    rejects: Sequence[Reject] | None = None,
 ) -> SegmentOutcome:
     """Load ``table`` unless the database already holds exactly that content; one transaction.
 
@@ -126,12 +131,16 @@ def load_table(
     instead of trusting the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at
     once (a reclaimed job whose first worker was only slow), and the second must then be a no-op. The
     in-process refresh made its plan moments ago on the only connection that writes, so it skips the query.
+    ``rejects`` (what the source quarantined when it just produced ``table``) replace the segment's rows in
+    ``refresher_rejects``; None leaves them as they are (a table read back from the store).
     """
     fetched = job.stored_hash is None
     if not check_ledger:
         if job.loaded_hash == content_hash and not job.force:
             return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
-        rows = load.load_segment(conn, job.segment, table, content_hash, tz=job.tz)
+        rows = load.load_segment(
+            conn, job.segment, table, content_hash, tz=job.tz, allow_shrink=job.allow_shrink, rejects=rejects
+        )
         return SegmentOutcome(job.segment, content_hash, rows, fetched, True)
     try:
         with conn.transaction():
@@ -143,7 +152,15 @@ def load_table(
             ).fetchone()
             if row is not None and row[0] == content_hash and not job.force:
                 return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
-            rows = load.load_segment(conn, job.segment, table, content_hash, tz=job.tz)
+            rows = load.load_segment(
+                conn,
+                job.segment,
+                table,
+                content_hash,
+                tz=job.tz,
+                allow_shrink=job.allow_shrink,
+                rejects=rejects,
+            )
     except psycopg.Error as exc:
         raise LoadError(f"{job.segment}: loading failed: {exc}".rstrip(), segment=str(job.segment)) from exc
     return SegmentOutcome(job.segment, content_hash, rows, fetched, True)
@@ -164,7 +181,8 @@ def run_segment_job(
         except LoadError:  # evicted between lookup and read: produce it again
             job = replace(job, stored_hash=None)
             [(table, content_hash)] = fetch_tables([job], source, store)
-    return load_table(conn, job, table, content_hash, check_ledger=True)
+    rejects = source.rejects.pop(job.segment, []) if job.stored_hash is None else None
+    return load_table(conn, job, table, content_hash, check_ledger=True, rejects=rejects)
 
 
 def _lock_id(segment: Segment) -> int:

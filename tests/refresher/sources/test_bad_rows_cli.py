@@ -1,0 +1,202 @@
+"""Bad rows and shrinking files through the real CLI and a real server: under ``fail`` the database is byte for
+byte what it was; ``skip`` and ``quarantine`` load the rest; an emptied segment is refused unless allowed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from refresher.calendar import sessions_between
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_refresh_e2e import Workspace
+
+pytestmark = pytest.mark.slow
+
+START, END = dt.date(2024, 10, 1), dt.date(2024, 11, 29)
+PROFILE = """\
+universe: {{symbols: [AAPL, MSFT]}}
+start: {start}
+end: {end}
+timeframes: [1d]
+source:
+  kind: files
+  path: data
+  daily: bars.csv
+  columns: {{symbol: Ticker}}
+"""
+# Everything the database holds for the data and the ledger, loaded_at included: "unchanged" means unchanged.
+CHECKSUM = """
+SELECT (SELECT md5(coalesce(string_agg(concat_ws(',', symbol, date, open, high, low, close, volume), ';'
+                                      ORDER BY symbol, date), '')) FROM ohlcv_daily),
+       (SELECT md5(coalesce(string_agg(concat_ws(',', symbol, timeframe, month, content_hash, rows, loaded_at),
+                                      ';' ORDER BY symbol, timeframe, month), '')) FROM refresher_segments)
+"""
+
+
+def clean_lines() -> list[str]:
+    lines = ["Ticker,Date,Open,High,Low,Close,Volume"]
+    for i, day in enumerate(sessions_between("XNYS", START, END)):
+        for symbol, base in (("AAPL", 100.0), ("MSFT", 400.0)):
+            o, c = base + i, base + i + 0.5
+            lines.append(f"{symbol},{day},{o},{c + 1},{o - 1},{c},{1000 + i}")
+    return lines
+
+
+CLEAN = clean_lines()
+SESSIONS = len(CLEAN) // 2
+BAD_LINE = 50  # 1-based line in the file: an AAPL row in November
+assert CLEAN[BAD_LINE - 1].startswith("AAPL,2024-11")
+
+
+def with_line(text: str) -> list[str]:
+    return [*CLEAN[: BAD_LINE - 1], text, *CLEAN[BAD_LINE:]]
+
+
+def aapl(day: str, o: str, h: str, lo: str, c: str, v: str) -> str:
+    return f"AAPL,{day},{o},{h},{lo},{c},{v}"
+
+
+DAY = CLEAN[BAD_LINE - 1].split(",")[1]
+# (the file's lines, column named, value shown, rule)
+BAD = {
+    "high below low": (
+        with_line(aapl(DAY, "10", "8", "9", "10", "5")),
+        "High",
+        "8",
+        "high >= max(open, close)",
+    ),
+    "negative volume": (with_line(aapl(DAY, "10", "11", "9", "10", "-5")), "Volume", "-5", "volume >= 0"),
+    "NaN close": (
+        with_line(aapl(DAY, "10", "11", "9", "NaN", "5")),
+        "Close",
+        "nan",
+        "close is a finite number",
+    ),
+    "empty close": (
+        with_line(aapl(DAY, "10", "11", "9", "", "5")),
+        "Close",
+        "None",
+        "close is a finite number",
+    ),
+    "duplicate date": (
+        [*CLEAN[:BAD_LINE], aapl(DAY, "10", "11", "9", "10", "5"), *CLEAN[BAD_LINE:]],
+        "Date",
+        DAY,
+        "(symbol, date) is unique",
+    ),
+    "unparseable date": (
+        with_line(aapl("2024-1O-15", "10", "11", "9", "10", "5")),
+        "Date",
+        "2024-1O-15",
+        "date parses as a date",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def ws() -> Iterator[Workspace]:
+    root = world_traversable_tmp("refresher-badrows-")
+    workspace = Workspace(root, "local", f"bad_rows_{uuid.uuid4().hex[:8]}")
+    (root / "profiles" / "data").mkdir(parents=True)
+    (root / "profiles" / f"{workspace.profile}.yaml").write_text(PROFILE.format(start=START, end=END))
+    try:
+        yield workspace
+    finally:
+        workspace.down()
+
+
+def write(ws: Workspace, lines: list[str]) -> Path:
+    path = ws.root / "profiles" / "data" / "bars.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def state(ws: Workspace) -> tuple[str, str]:
+    with psycopg.connect(ws.dsn()) as conn:
+        row = conn.execute(CHECKSUM).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+
+def scalar(ws: Workspace, query: str) -> object:
+    return ws.scalar(query)
+
+
+AAPL_CLOSES = "SELECT md5(string_agg(close::text, ',' ORDER BY date)) FROM ohlcv_daily WHERE symbol = 'AAPL'"
+
+
+def refresh_clean(ws: Workspace) -> tuple[str, str]:
+    write(ws, CLEAN)
+    ws.refresh()
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS
+    return state(ws)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_fail_is_one_line_and_leaves_the_database_unchanged(ws: Workspace, case: str) -> None:
+    before = refresh_clean(ws)
+    lines, column, value, rule = BAD[case]
+    path = write(ws, lines)
+    done = ws.run("refresh", "--profile", ws.profile, "--json", expect=2)
+    message = done.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert f"{path}: line {BAD_LINE}: {column}=" in message
+    assert value in message and rule in message
+    assert state(ws) == before
+
+
+@pytest.mark.parametrize("policy", ["skip", "quarantine"])
+def test_skip_and_quarantine_load_the_good_rows(ws: Workspace, policy: str) -> None:
+    refresh_clean(ws)
+    lines, _, _, rule = BAD["high below low"]
+    write(ws, lines)
+    report = ws.refresh("--on-bad-rows", policy)
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS - 1
+    action = "quarantined" if policy == "quarantine" else "rejected"
+    assert [n for n in report["notes"] if action in n and rule in n], report["notes"]
+    rejects = ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule, raw)) FROM refresher_rejects")
+    if policy == "skip":
+        assert rejects is None
+    else:
+        [[symbol, row, got_rule, raw]] = rejects  # type: ignore[misc]
+        assert (symbol, row, got_rule) == ("AAPL", BAD_LINE, rule)
+        assert float(raw["high"]) == 8 and raw["date"] == DAY
+    write(ws, CLEAN)  # the fixed file reloads the segment and clears its rejects
+    ws.refresh("--on-bad-rows", policy)
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
+
+
+def test_header_only_file_is_refused_then_accepted_with_allow_shrink(ws: Workspace) -> None:
+    before = refresh_clean(ws)
+    write(ws, CLEAN[:1])
+    done = ws.run("refresh", "--profile", ws.profile, "--json", expect=2)
+    message = done.stderr.strip()
+    assert "\n" not in message
+    assert "AAPL 1d 2024-10, 2024-11" in message and "MSFT 1d 2024-10, 2024-11" in message
+    assert "--allow-shrink" in message
+    assert state(ws) == before
+    ws.run("refresh", "--profile", ws.profile, "--json", expect=2)  # refused again, now served from the store
+    assert state(ws) == before
+    ws.refresh("--allow-shrink")
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 0
+
+
+def test_symbol_missing_from_a_shared_file_is_refused(ws: Workspace) -> None:
+    refresh_clean(ws)
+    aapl_before = scalar(ws, AAPL_CLOSES)
+    write(ws, [line for line in CLEAN if not line.startswith("MSFT")])
+    done = ws.run("refresh", "--profile", ws.profile, "--json", expect=2)
+    assert "MSFT 1d 2024-10, 2024-11" in done.stderr and "AAPL" not in done.stderr.split(":", 1)[1]
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily WHERE symbol = 'MSFT'") == SESSIONS
+    assert scalar(ws, AAPL_CLOSES) == aapl_before
+    report = ws.refresh("--allow-shrink")
+    assert report["segments"]["loaded"] == 2
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily WHERE symbol = 'MSFT'") == 0
+    assert json.dumps(report)  # the report is still plain JSON
