@@ -26,6 +26,8 @@ MODULES = (
     "refresher/calendar.py",
     "featurestore/keys.py",
     "featurestore/fingerprint.py",
+    # added by this wave: the validation rules at the source edge
+    "refresher/sources/validate.py",
 )
 GOAL = 0.90
 KILLED = {1, 3, 37}
@@ -41,7 +43,10 @@ STATUS = {
 
 # Survivors that cannot change behaviour, keyed by module and the mutated line as `mutmut show` prints it
 # (after the "+"). Keyed by text rather than mutant number so the notes survive edits elsewhere in the module.
-_SIGNED = "a signed and an unsigned 8-byte big-endian length are the same bytes below 2**63"
+_SIGNED = "a signed and an unsigned 8-byte length or count are the same bytes below 2**63"
+_ZERO_COPY = (
+    "the array has no nulls and a primitive type, so a zero-copy view always succeeds: same numpy array"
+)
 _MODULE_DEFAULT = (
     "unreachable default: the target is a function, a builtin or a class by then, and each has a `__module__` "
     "attribute (None at worst)"
@@ -62,6 +67,30 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "if low is None and high is None:": "`min_max` of one column gives both bounds or neither",
         "scale = _NANOS_PER_UNIT[str(column.type.unit)] if pa.types.is_timestamp(column.type) else 1": (
             "the else value is always overwritten: a time column is a timestamp, date32 or date64"
+        ),
+    },
+    "featurestore/fingerprint.py": {
+        "return bits // 8 if (bits % 8 == 0 and not pa.types.is_boolean(kind)) or True else 0": (
+            "bool is the only fixed-width type whose bit width is not a multiple of 8, and 1 // 8 is 0 anyway"
+        ),
+        "return bits // 8 if bits % 8 == 0 or not pa.types.is_boolean(kind) else 0": (
+            "bool is the only fixed-width type whose bit width is not a multiple of 8: both tests agree on it"
+        ),
+        "where = pc.indices_nonzero(chunk.is_null()).to_numpy(zero_copy_only=None).astype(np.int64)": _ZERO_COPY,
+        "where = pc.indices_nonzero(chunk.is_null()).to_numpy(zero_copy_only=True).astype(np.int64)": _ZERO_COPY,
+        "chunk.cast(pa.uint8()).to_numpy(zero_copy_only=None).astype(np.uint8).tobytes()": _ZERO_COPY,
+        "chunk.cast(pa.uint8()).to_numpy(zero_copy_only=True).astype(np.uint8).tobytes()": _ZERO_COPY,
+        'h.update(struct.pack("<Q", len(text)))': _SIGNED,
+        'digest.update(struct.pack("<Q", table.num_rows))': _SIGNED,
+        'outer.update(struct.pack("<Q", table.num_rows))': _SIGNED,
+        "if data is not None or offsets[-1] > offsets[0]:": (
+            "a chunk without a data buffer has only empty strings, and feeding zero bytes is a no-op"
+        ),
+        "if data is not None and offsets[-1] >= offsets[0]:": "feeding zero bytes is a no-op",
+        "return lambda h, n, chunk: 0": "a feeder's return value is ignored",
+        "return chunk.fill_null(None)": (
+            "pyarrow's fill_null rebuilds the array and writes zeros under nulls even for a null fill value "
+            "(pyarrow 26): the bytes fed are the same"
         ),
     },
 }

@@ -160,6 +160,12 @@ def test_dictionary_columns_hash_their_values_not_their_codes() -> None:
     assert fingerprint_table(pa.table({"x": one})) == fingerprint_table(pa.table({"x": two}))
     three = pa.DictionaryArray.from_arrays(pa.array([0, 0, None], pa.int32()), pa.array(["buy", "sell"]))
     assert fingerprint_table(pa.table({"x": one})) != fingerprint_table(pa.table({"x": three}))
+    # Without nulls too (the chunk then reaches the feeder still encoded).
+    full_one, full_two = one.slice(0, 2), two.slice(0, 2)
+    assert full_one.null_count == full_two.null_count == 0
+    assert fingerprint_table(pa.table({"x": full_one})) == fingerprint_table(pa.table({"x": full_two}))
+    plain = pa.table({"x": pa.array(["buy", "sell"]).dictionary_encode().cast(kind)})
+    assert fingerprint_table(pa.table({"x": full_one})) == fingerprint_table(plain)
 
 
 def test_slices_hash_as_their_values() -> None:
