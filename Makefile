@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install refresher with its test extras
 
-refresh: $(STAMP) ## Load PROFILE into an isolated Postgres (ENGINE=auto|local|docker) and print its DSN
-	$(BIN)/refresher refresh --profile $(PROFILE) --engine $(ENGINE)
+refresh: $(STAMP) ## Load PROFILE into an isolated Postgres (ENGINE=auto|local|docker|compose, AS_OF=date) and print its DSN
+	$(BIN)/refresher refresh --profile $(PROFILE) --engine $(ENGINE) $(if $(AS_OF),--as-of $(AS_OF))
 
 plan: $(STAMP) ## Show what a refresh of PROFILE would do, touching nothing
-	$(BIN)/refresher plan --profile $(PROFILE) --engine $(ENGINE)
+	$(BIN)/refresher plan --profile $(PROFILE) --engine $(ENGINE) $(if $(AS_OF),--as-of $(AS_OF))
 
 reset: $(STAMP) ## Bring PROFILE's database back to its pristine snapshot
 	$(BIN)/refresher reset --profile $(PROFILE)
