@@ -84,7 +84,7 @@ def load_segment(
                 if held:
                     raise ShrinkError.refused([(segment, held)])
             _delete_rows(conn, segment, lo, hi)
-            _copy(conn, segment, data)
+            copy_arrow(conn, segment.table, data_columns(segment), data)
             _record(conn, segment, content_hash, rows)
             if rejects is not None:
                 _quarantine(conn, segment, rejects)
@@ -149,9 +149,10 @@ def _delete_rows(
     return int(conn.execute(query, (segment.symbol, lo, hi)).rowcount)
 
 
-def _copy(conn: psycopg.Connection[Any], segment: Segment, data: pa.Table) -> None:
+def copy_arrow(conn: psycopg.Connection[Any], table: str, columns: Sequence[str], data: pa.Table) -> None:
+    """Binary COPY of ``data`` into ``columns`` of ``table``, inside the caller's transaction."""
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        sql.Identifier(segment.table), sql.SQL(", ").join(map(sql.Identifier, data_columns(segment)))
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
     )
     encoder = ArrowToPostgresBinaryEncoder(data.schema)
     # An exception here (Ctrl-C included) makes psycopg send CopyFail, and the transaction rolls back.
@@ -191,4 +192,4 @@ def _record(conn: psycopg.Connection[Any], segment: Segment, content_hash: str, 
     )
 
 
-__all__ = ["BATCH_ROWS", "ShrinkError", "conform", "delete_segment", "load_segment"]
+__all__ = ["BATCH_ROWS", "ShrinkError", "conform", "copy_arrow", "delete_segment", "load_segment"]

@@ -169,7 +169,7 @@ def refresh(
         jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
         totals = InProcessExecutor(source, store, conn).run(jobs, progress)
         mark = lap("segments", mark)
-        features = refresh_features(conn, profile, store, plan, totals.daily_tables)
+        features = refresh_features(conn, profile, store, plan, totals.daily_tables, prune=prune)
         mark = lap("features", mark)
         notes = [str(r) for r in getattr(source, "reports", [])]
 

@@ -100,7 +100,9 @@ def refresh_report(report: Any, *, url_hint: str) -> None:
     feats = report.features
     if feats.desired:
         table.add_row(
-            "features", f"{feats.desired} desired, {feats.loaded} loaded, {feats.computed} computed"
+            "features",
+            f"{feats.desired} desired, {feats.loaded} loaded, {feats.computed} computed"
+            + (f", {feats.pruned} pruned" if feats.pruned else ""),
         )
     table.add_row("snapshot", report.snapshot)
     table.add_row("time", f"{report.seconds:.2f} s")

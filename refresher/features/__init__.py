@@ -1,14 +1,17 @@
 """Features: named computations over a symbol's bars (``compute``), the names a profile may use
-(``registry``), and their loading into the profile's database through the feature store (``load``)."""
+(``registry``), their loading into the profile's database through the feature store (``load``), and the
+tables and ledger they land in (``tables``)."""
 
 from refresher.features.compute import equal_weight_index
-from refresher.features.load import FeatureCounts, feature_table, refresh_features
-from refresher.features.registry import FEATURES, FeatureSpec, compute_universe, get_feature
+from refresher.features.load import FeatureCounts, refresh_features
+from refresher.features.registry import FEATURES, FeatureSpec, FeatureUse, compute_universe, get_feature
+from refresher.features.tables import feature_table
 
 __all__ = [
     "FEATURES",
     "FeatureCounts",
     "FeatureSpec",
+    "FeatureUse",
     "compute_universe",
     "equal_weight_index",
     "feature_table",

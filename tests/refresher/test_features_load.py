@@ -20,6 +20,7 @@ from refresher.features.load import _daily_frame
 from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import compute_plan
+from refresher.schema import empty_table
 from refresher.sources import make_source
 
 pytestmark = pytest.mark.postgres
@@ -151,3 +152,58 @@ def test_changing_one_parameter_reloads_exactly_that_feature(
     third = run(conn, profile, store)
     assert (third.loaded, third.computed) == (3, 0)
     assert store.get_cache_stats().hits > hits_before
+
+
+def ledger_symbols(conn: psycopg.Connection[Any], feature: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT symbol FROM refresher_features WHERE feature = %s AND rows > 0 ORDER BY 1", (feature,)
+    )
+    return [symbol for (symbol,) in rows]
+
+
+def feature_symbols(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    return [s for (s,) in conn.execute(f"SELECT DISTINCT symbol FROM {table} ORDER BY 1").fetchall()]
+
+
+def test_rows_go_when_a_symbols_bars_become_empty(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    profile = write_profile(tmp_path, features="dashboard_data, correlation_analysis")
+    run(conn, profile, store)
+    assert feature_symbols(conn, "features_dashboard_data") == ["AAA", "BBB", "CCC"]
+    # The same profile, but the source now has no bars for CCC (a store of its own, so the entries are new).
+    emptied = FeatureStore(tmp_path / "store2")
+    with closing(make_source(profile)) as source:
+        plan = compute_plan(profile, source, emptied, None)
+        emptied.put_many(
+            (plan.keys[s], empty_table("1d") if s.symbol == "CCC" else source.fetch(s), s.symbol)
+            for s in plan.desired
+        )
+        plan = compute_plan(profile, source, emptied, None)
+    counts = refresh_features(conn, profile, emptied, plan)
+    # dashboard_data: only CCC changed; correlation_analysis: every symbol's benchmark changed.
+    assert (counts.loaded, counts.pruned) == (2, 2)
+    for table in ("dashboard_data", "correlation_analysis"):
+        assert feature_symbols(conn, f"features_{table}") == ["AAA", "BBB"]
+        assert ledger_symbols(conn, table) == ["AAA", "BBB"]
+    assert refresh_features(conn, profile, emptied, plan) == FeatureCounts(desired=6)
+
+
+def test_prune_removes_symbols_and_features_that_left_the_profile(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    run(conn, write_profile(tmp_path, features="dashboard_data, etf_metadata"), store)
+    smaller = write_profile(tmp_path, "AAA, BBB", features="dashboard_data")
+    plan = stored_plan(smaller, store)
+    # Without --prune the bars of CCC stay in the database, and so do its features (counted as nothing done).
+    assert refresh_features(conn, smaller, store, plan) == FeatureCounts(desired=2)
+    assert feature_symbols(conn, "features_dashboard_data") == ["AAA", "BBB", "CCC"]
+    assert feature_symbols(conn, "features_etf_metadata") == ["AAA", "BBB", "CCC"]
+
+    counts = refresh_features(conn, smaller, store, plan, prune=True)
+    assert (counts.loaded, counts.pruned) == (0, 1 + 3)
+    assert feature_symbols(conn, "features_dashboard_data") == ["AAA", "BBB"]
+    assert ledger_symbols(conn, "dashboard_data") == ["AAA", "BBB"]
+    assert conn.execute("SELECT to_regclass('features_etf_metadata')").fetchone() == (None,)
+    assert ledger_symbols(conn, "etf_metadata") == []
+    assert refresh_features(conn, smaller, store, plan, prune=True) == FeatureCounts(desired=2)
