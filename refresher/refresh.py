@@ -40,6 +40,8 @@ class SegmentCounts:
 
 @dataclass(frozen=True)
 class StoreCounts:
+    """This run's store hits and misses, as ``featurestore.AccessCounts`` defines them."""
+
     hits: int
     misses: int
 
@@ -97,13 +99,18 @@ def compute_plan(
     conn: psycopg.Connection[Any] | None,
     *,
     verify: bool = False,
+    count: bool = False,
 ) -> GapPlan:
-    """The gap plan for ``profile``; ``conn`` None means "no database yet" (everything is to load)."""
+    """The gap plan for ``profile``; ``conn`` None means "no database yet" (everything is to load).
+
+    ``count``: a refresh's plan is its one request to the store for each segment (hits and misses, see
+    ``featurestore.AccessCounts``); ``refresher plan`` only looks.
+    """
     desired = desired_segments(profile)
     keys = {s: segment_key(s, source.kind, source.version(s)) for s in desired}
     stored = {
         key: StoredSegment(key, entry.content_hash, entry.rows)
-        for key, entry in store.lookup(sorted(set(keys.values()))).items()
+        for key, entry in store.lookup(sorted(set(keys.values())), count=count).items()
     }
     loaded: dict[Segment, DatabaseSegment] = {}
     verified: dict[Segment, int] | None = None
@@ -155,12 +162,15 @@ def refresh(
     mark = lap("engine", started)
     tz_of = _timezones(profile)
     pruned = 0
+    # The report's store counts are what this run added to the store's own counters (one definition, one
+    # source: ``featurestore stats`` shows the same numbers summed over every run).
+    store_before = store.session_counts()
     # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
     # implicit transaction, so every finished segment survives a kill -9.
     with closing(make_source(profile)) as source, psycopg.connect(server.dsn(), autocommit=True) as conn:
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
-        plan = compute_plan(profile, source, store, conn, verify=verify)
+        plan = compute_plan(profile, source, store, conn, verify=verify, count=True)
         mark = lap("plan", mark)
         if prune:
             for segment in plan.stale:
@@ -172,6 +182,9 @@ def refresh(
         features = refresh_features(conn, profile, store, plan, totals.daily_tables, prune=prune)
         mark = lap("features", mark)
         notes = [str(r) for r in getattr(source, "reports", [])]
+        if totals.fetched > len(plan.to_fetch):
+            lost = totals.fetched - len(plan.to_fetch)
+            notes.append(f"store: {lost} segment files were missing or corrupt; fetched them again")
 
     snapshot_state = "unchanged"
     # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.
@@ -181,6 +194,7 @@ def refresh(
         snapshot.spawn_refill(server)
         snapshot_state = "saved"
     lap("snapshot", mark)
+    store_spent = store.session_counts() - store_before
     return RefreshReport(
         profile=profile.name,
         engine=engine.name,
@@ -195,7 +209,7 @@ def refresh(
         ),
         rows_loaded=totals.rows_loaded,
         seconds=round(time.perf_counter() - started, 3),
-        store=StoreCounts(hits=len(plan.desired) - len(plan.to_fetch), misses=len(plan.to_fetch)),
+        store=StoreCounts(hits=store_spent.hits, misses=store_spent.misses),
         features=features,
         snapshot=snapshot_state,
         phases=phases,

@@ -15,18 +15,18 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from featurestore import _files, maintenance
+from featurestore._cli import OneLineParser, add_root_option, open_store
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import utc_now
-from featurestore.store import DEFAULT_ROOT, ROOT_ENV, FeatureStore
+from featurestore.render import render_stats
+from featurestore.store import FeatureStore
 
 T = TypeVar("T", int, float)
 
@@ -148,15 +148,6 @@ def _mtime(path: Path) -> float:
 # -- command line ---------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line and exit status 2, never usage text or a traceback."""
-
-    def error(self, message: str) -> NoReturn:
-        # Our type checkers already name the option and value; drop argparse's "argument --x: " in front.
-        message = re.sub(r"^argument [^:]+: (?=--)", "", message)
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def _non_negative(flag: str, kind: Callable[[str], T], noun: str) -> Callable[[str], T]:
     """An argparse type: ``kind(text)`` that must be >= 0, else one line naming the flag and the value."""
 
@@ -176,11 +167,21 @@ _weeks = _non_negative("--retention-weeks", int, "an integer")
 _hours = _non_negative("--grace-hours", float, "a number")
 
 
+DESCRIPTION = (
+    "Remove entries not accessed for N weeks, rows whose file is missing or broken, orphan files and abandoned"
+    " temporaries, in one exclusive manifest transaction; then compact the manifest."
+)
+
+
 def build_parser(prog: str = "featurestore gc") -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description="Garbage-collect a feature store.")
-    parser.add_argument(
-        "--cache-root", type=Path, default=None, help=f"store root (default ${ROOT_ENV}, else {DEFAULT_ROOT})"
-    )
+    parser = OneLineParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``featurestore gc`` (shared by ``python -m featurestore.gc``)."""
+    add_root_option(parser)
     parser.add_argument(
         "--retention-weeks", type=_weeks, default=4, help="remove entries not accessed for N weeks"
     )
@@ -195,24 +196,24 @@ def build_parser(prog: str = "featurestore gc") -> argparse.ArgumentParser:
     parser.add_argument(
         "--overview-only", action="store_true", help="print the store's overview, collect nothing"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "featurestore gc") -> int:
     """Entry point: parse, call the library, print. Returns the exit status."""
-    args = build_parser(prog).parse_args(argv)
+    return run(build_parser(prog).parse_args(argv), prog)
+
+
+def run(args: argparse.Namespace, prog: str = "featurestore gc") -> int:
+    """Run a parsed ``gc`` command line; bad input is one line on stderr and exit status 2."""
     try:
-        root = args.cache_root or Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser()
-        if not root.is_dir():
-            raise FeatureStoreError(f"--cache-root={str(root)!r}: no such directory")
         if args.output_json is not None and not args.output_json.parent.expanduser().absolute().is_dir():
             raise FeatureStoreError(f"--output-json={str(args.output_json)!r}: its directory does not exist")
-        store = FeatureStore(root)
+        store = open_store(args.cache_root)
         result: dict[str, Any]
         if args.overview_only:
             stats = store.get_cache_stats()
-            result = {**dataclasses.asdict(stats), "root": str(stats.root)}
-            print(_render(result, "overview"))
+            result = stats.to_json()
+            print(render_stats(stats))
         else:
             report = collect_garbage(
                 store,
@@ -237,4 +238,4 @@ def _render(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_GRACE", "GCReport", "build_parser", "collect_garbage", "main"]
+__all__ = ["DEFAULT_GRACE", "GCReport", "add_arguments", "build_parser", "collect_garbage", "main", "run"]

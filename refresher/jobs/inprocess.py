@@ -79,11 +79,9 @@ class _Fetcher(threading.Thread):
             yield from item
 
 
-def _from_store(store: FeatureStore, jobs: Sequence[SegmentJob]) -> Iterator[Produced]:
+def _from_store(store: FeatureStore, source: Source, jobs: Sequence[SegmentJob]) -> Iterator[Produced]:
     for start in range(0, len(jobs), STORE_BATCH):
-        batch = jobs[start : start + STORE_BATCH]
-        for job, (table, content_hash) in zip(batch, stored_tables(batch, store), strict=True):
-            yield job, table, content_hash
+        yield from stored_tables(jobs[start : start + STORE_BATCH], store, source)
 
 
 class InProcessExecutor:
@@ -104,7 +102,7 @@ class InProcessExecutor:
             # The store reads start only once the fetcher is drained, as before: reading both at once
             # would make the two threads compete for the core the loader needs.
             for job, table, content_hash in itertools.chain(
-                fetcher.results(), _from_store(self.store, in_store)
+                fetcher.results(), _from_store(self.store, self.source, in_store)
             ):
                 # a fresh fetch replaces the segment's quarantined rows; a stored table leaves them be
                 rejects = self.source.rejects.pop(job.segment, []) if job.stored_hash is None else None

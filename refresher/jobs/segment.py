@@ -102,17 +102,25 @@ def fetch_tables(
     return [(t, e.content_hash) for t, e in zip(tables, entries, strict=True)]
 
 
-def stored_tables(jobs: Sequence[SegmentJob], store: FeatureStore) -> list[tuple[pa.Table, str]]:
-    """Read each job's table from the store; a vanished entry fails the job (the next run re-plans)."""
-    tables = store.get_many([job.key for job in jobs])
-    out: list[tuple[pa.Table, str]] = []
+def stored_tables(
+    jobs: Sequence[SegmentJob], store: FeatureStore, source: Source
+) -> list[tuple[SegmentJob, pa.Table, str]]:
+    """Read each job's table from the store. A file the read finds missing or corrupt (the store evicts it) is
+    produced again from the source and stored, in this run; its job comes back with ``stored_hash=None``, so
+    it counts as fetched."""
+    tables = store.get_many([job.key for job in jobs], count=False)  # the plan's lookup counted these
+    lost = [
+        replace(job, stored_hash=None) for job in jobs if job.key not in tables or job.stored_hash is None
+    ]
+    again = (
+        dict(zip([job.key for job in lost], fetch_tables(lost, source, store), strict=True)) if lost else {}
+    )
+    out: list[tuple[SegmentJob, pa.Table, str]] = []
     for job in jobs:
-        if job.key not in tables or job.stored_hash is None:
-            raise LoadError(
-                f"segment {job.segment}: store entry {job.key} vanished or is corrupt; run again",
-                segment=str(job.segment),
-            )
-        out.append((tables[job.key], job.stored_hash))
+        if job.key in again:
+            out.append((replace(job, stored_hash=None), *again[job.key]))
+        else:
+            out.append((job, tables[job.key], job.stored_hash or ""))
     return out
 
 
@@ -176,11 +184,7 @@ def run_segment_job(
     if job.stored_hash is None:
         [(table, content_hash)] = fetch_tables([job], source, store)
     else:
-        try:
-            [(table, content_hash)] = stored_tables([job], store)
-        except LoadError:  # evicted between lookup and read: produce it again
-            job = replace(job, stored_hash=None)
-            [(table, content_hash)] = fetch_tables([job], source, store)
+        [(job, table, content_hash)] = stored_tables([job], store, source)
     rejects = source.rejects.pop(job.segment, []) if job.stored_hash is None else None
     return load_table(conn, job, table, content_hash, check_ledger=True, rejects=rejects)
 

@@ -1,0 +1,104 @@
+"""The ``featurestore`` command through its console script: subcommands, help, JSON, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from featurestore import FeatureStore
+from tests.featurestore.test_gc import FEATURESTORE, REPO
+
+COMMANDS = ["gc", "stats", "verify", "rebuild"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FEATURESTORE, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def rolling(raw: pd.DataFrame, config: dict[str, int]) -> pd.DataFrame:
+    return raw.rolling(config["w"]).mean()
+
+
+@pytest.fixture
+def used(store: FeatureStore, bars: pd.DataFrame) -> FeatureStore:
+    """Two segments and one feature; 2 hits and 2 misses by the definition in ``AccessCounts``."""
+    store.put_many([("seg-a", pa.table({"x": [1, 2]}), "A"), ("seg-b", pa.table({"x": [3]}), "B")])
+    store.lookup(["seg-a", "seg-c"], count=True)  # 1 hit, 1 miss
+    store.get_or_compute("AAPL", bars, {"w": 3}, rolling)  # 1 miss
+    store.get_or_compute("AAPL", bars, {"w": 3}, rolling)  # 1 hit
+    return store
+
+
+def test_help_lists_every_subcommand_and_each_has_its_own_help() -> None:
+    top = cli("--help")
+    assert top.returncode == 0
+    for command in COMMANDS:
+        assert f"    {command} " in top.stdout
+        sub = cli(command, "--help")
+        assert (
+            sub.returncode == 0 and "--cache-root" in sub.stdout and f"featurestore {command}" in sub.stdout
+        )
+
+
+def test_stats_json_has_hits_misses_rate_bytes_and_entries_per_kind(used: FeatureStore) -> None:
+    done = cli("stats", "--cache-root", str(used.root), "--json")
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (2, 2, 0.5)
+    assert stats["kinds"]["segment"]["entries"] == 2 and stats["kinds"]["feature"]["entries"] == 1
+    assert stats["entries"] == 3 and stats["bytes"] == sum(k["bytes"] for k in stats["kinds"].values())
+    assert stats["bytes"] == sum(p.stat().st_size for p in (used.root / "data").glob("*/*.parquet"))
+    text = cli("stats", "--cache-root", str(used.root)).stdout
+    assert "hit rate  50.0%" in text and "segment 2" in text and "feature 1" in text
+
+
+def test_session_counts_are_what_stats_adds(used: FeatureStore) -> None:
+    session = used.session_counts()
+    stats = used.get_cache_stats()
+    assert (session.hits, session.misses) == (stats.hits, stats.misses) == (2, 2)
+    other = FeatureStore(used.root)
+    other.get_many(["seg-a", "seg-b", "nope"])
+    assert (other.session_counts().hits, other.session_counts().misses) == (2, 1)
+    assert (used.get_cache_stats().hits, used.get_cache_stats().misses) == (4, 3)
+    other.get_many(["seg-a"], count=False)
+    other.lookup(["seg-a"])  # manifest-only lookups count nothing
+    assert used.get_cache_stats().hits == 4
+
+
+def test_verify_exits_0_when_sound_and_1_naming_the_damaged_keys(used: FeatureStore) -> None:
+    sound = cli("verify", "--cache-root", str(used.root), "--json")
+    assert sound.returncode == 0 and json.loads(sound.stdout)["ok"] is True
+    path = next(e.path for e in used.lookup(["seg-b"]).values())
+    path.write_bytes(path.read_bytes()[:50])
+    damaged = cli("verify", "--cache-root", str(used.root))
+    assert damaged.returncode == 1 and "corrupt file: seg-b" in damaged.stdout
+    assert cli("verify", "--quick", "--cache-root", str(used.root)).returncode == 1
+
+
+def test_rebuild_restores_the_rows_from_the_files(used: FeatureStore) -> None:
+    (used.root / "manifest.duckdb").write_bytes(b"garbage" * 100)
+    done = cli("rebuild", "--cache-root", str(used.root), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entries"] == 3
+    # One warning line for the damaged manifest, never a traceback.
+    assert len(done.stderr.strip().splitlines()) == 1 and "rebuilt from the data files" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["stats", "verify", "rebuild", "gc"])
+def test_bad_input_is_one_line_naming_the_value_and_exit_2(command: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-store")
+    done = cli(command, "--cache-root", missing)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"featurestore {command}: --cache-root={missing!r}: no such directory"
+    assert not Path(missing).exists()  # nothing created by a typo
+    unknown = cli(command, "--bogus", "1")
+    assert (
+        unknown.returncode == 2
+        and len(unknown.stderr.strip().splitlines()) == 1
+        and "--bogus" in unknown.stderr
+    )
