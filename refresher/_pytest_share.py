@@ -12,18 +12,19 @@ spawning a refill process per checkout.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import os
+import json
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+
 from refresher import snapshot
-from refresher._pytest_servers import LoadedServer, stop_server
+from refresher._pytest_servers import LoadedServer
+from refresher.engines import write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 
@@ -35,15 +36,9 @@ def server_key(profile: str, engine: str, as_of: str) -> str:
     return f"{readable}-{digest}"
 
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def _lock(path: Path) -> FileLock:
     """An exclusive lock that the kernel releases if the holder dies (a killed worker never wedges the run)."""
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(path, thread_local=False)
 
 
 class PoolRefiller:
@@ -111,9 +106,11 @@ class PoolRefiller:
 class SharedServers:
     """The loaded servers of one test run, as seen from one process (a worker, or the only process)."""
 
-    def __init__(self, run_dir: Path, *, owner: bool) -> None:
+    def __init__(self, run_dir: Path, *, owner: bool, stop: Callable[[LoadedServer], None]) -> None:
+        """``stop`` stops one recorded server; the owner calls it for each when the run ends."""
         self.run_dir = run_dir
         self.owner = owner
+        self._stop = stop
         self._seen: dict[str, LoadedServer] = {}
         self._refillers: dict[ServerInfo, PoolRefiller] = {}
 
@@ -122,16 +119,12 @@ class SharedServers:
         if key in self._seen:
             return self._seen[key]
         record_path = self.run_dir / f"{key}.json"
-        with _flock(self.run_dir / f"{key}.lock"):
+        with _lock(self.run_dir / f"{key}.lock"):
             if record_path.exists():
                 server = LoadedServer.from_json(record_path.read_text(encoding="utf-8"))
             else:
                 server = build()
-                tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a password
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(server.to_json())
-                os.replace(tmp, record_path)
+                write_private_json(record_path, json.loads(server.to_json()))  # it holds a password
         self._seen[key] = server
         return server
 
@@ -155,9 +148,9 @@ class SharedServers:
                 raise errors[0]
             return
         for record_path in sorted(self.run_dir.glob("*.json")):
-            with _flock(record_path.with_suffix(".lock")):
+            with _lock(record_path.with_suffix(".lock")):
                 try:
-                    stop_server(LoadedServer.from_json(record_path.read_text(encoding="utf-8")))
+                    self._stop(LoadedServer.from_json(record_path.read_text(encoding="utf-8")))
                 except Exception as exc:  # stop the others anyway, then report
                     errors.append(exc)
                 record_path.unlink(missing_ok=True)

@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="fail at once if another refresh or reset of the profile is running (default: wait)",
         )
-    profile_cmd("status", "Show running servers.", profile_required=False)
+    status_cmd = profile_cmd("status", "Show this state dir's servers.", profile_required=False)
+    status_cmd.add_argument(
+        "--all-checkouts",
+        action="store_true",
+        help="also list every refresher container on the Docker daemon, whichever checkout made it (read-only)",
+    )
     profile_cmd("url", "Print the profile's DSN, password included.")
     profile_cmd("down", "Stop the profile's server and remove its data (--profile all: every server).")
     sub.add_parser(
@@ -214,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         restored = commands.reset(settings, args.profile, wait=not args.no_wait, on_wait=_say)
         _emit(args, restored.to_json(), lambda: render.reset_report(restored))
     elif args.command == "status":
-        statuses = commands.status(settings, args.profile)
+        statuses = commands.status(settings, args.profile, all_checkouts=args.all_checkouts)
         _emit(
             args,
             {"state_dir": str(settings.state_dir), "servers": [render.status_json(s) for s in statuses]},

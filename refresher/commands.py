@@ -117,8 +117,9 @@ def url(settings: Settings, name: str) -> str:
     return _serving(settings, name)[1].dsn()
 
 
-def status(settings: Settings, name: str | None = None) -> list[ServerStatus]:
-    statuses = all_statuses(settings)
+def status(settings: Settings, name: str | None = None, *, all_checkouts: bool = False) -> list[ServerStatus]:
+    """This state dir's servers; ``all_checkouts`` adds every refresher container on the Docker daemon."""
+    statuses = all_statuses(settings, all_checkouts=all_checkouts)
     return [s for s in statuses if name is None or s.profile == name]
 
 

@@ -20,13 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from refresher.calendar import EXCHANGES, last_completed_session
+from refresher.engines import validate_profile
 from refresher.errors import CalendarError, ProfileError
 from refresher.segments import TIMEFRAMES, Timeframe
 
 if TYPE_CHECKING:
     from refresher.features.registry import FeatureUse
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 # Symbols reach file names (files source) and SQL parameters; keep them to what tickers actually use.
 SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -347,8 +347,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
     except ValidationError as exc:
         raise _first_error(path, exc) from None
     name = p.name or path.stem
-    if not NAME_RE.match(name):
-        raise ProfileError(path, "name", name, f"profile names must match {NAME_RE.pattern}")
+    validate_profile(name, file=path, field="name")
     if p.name is not None and p.name != path.stem:
         raise ProfileError(path, "name", p.name, f"must equal the file name {path.stem!r}")
     _exchange(path, "exchange", p.exchange)
@@ -418,8 +417,7 @@ def load_profile(name_or_path: str, dirs: Sequence[Path], *, as_of: dt.date | No
         if not candidate.is_file():
             raise ProfileError(candidate, "(file)", name_or_path, "no such profile file")
         return profile_from_file(candidate, as_of=as_of)
-    if not NAME_RE.match(name_or_path):
-        raise ProfileError("(command line)", "profile", name_or_path, f"must match {NAME_RE.pattern}")
+    validate_profile(name_or_path, file="(command line)")
     files = _profile_files(dirs)
     if name_or_path not in files:
         raise ProfileError.unknown(name_or_path, list(dirs), list(files))

@@ -15,6 +15,7 @@ Fixture factories build more of them, in the pytest-postgresql style::
 from __future__ import annotations
 
 import datetime as dt
+import os
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from psycopg.rows import TupleRow
 
 from refresher import snapshot
 from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
-from refresher._pytest_servers import LoadedServer, build_server, choose_engine
+from refresher._pytest_servers import LoadedServer, build_server, stop_server, sweep
 from refresher._pytest_share import PoolRefiller, SharedServers, server_key
 from refresher.errors import RefresherError
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import sqlalchemy
 
 RUN_DIR_INPUT = "refresher_run_dir"
+OWNER_PID_INPUT = "refresher_owner_pid"
 _STATE = pytest.StashKey["_PluginState"]()
 
 
@@ -44,11 +46,15 @@ class _PluginState:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.worker: str = getattr(config, "workerinput", {}).get("workerid", "master")
-        given = getattr(config, "workerinput", {}).get(RUN_DIR_INPUT)
+        workerinput = getattr(config, "workerinput", {})
+        given = workerinput.get(RUN_DIR_INPUT)
         self._run_dir = Path(given) if given else None
         self._owner = given is None
+        # The process that stops the run's servers (the xdist controller): their owner in labels.
+        self.owner_pid: int = int(workerinput.get(OWNER_PID_INPUT, os.getpid()))
         self._servers: SharedServers | None = None
         self._options: PluginOptions | None = None
+        self._swept = False
 
     @property
     def run_dir(self) -> Path:
@@ -65,15 +71,24 @@ class _PluginState:
     @property
     def servers(self) -> SharedServers:
         if self._servers is None:
-            self._servers = SharedServers(self.run_dir, owner=self._owner)
+            self._servers = SharedServers(self.run_dir, owner=self._owner, stop=self._stop)
         return self._servers
+
+    def sweep_once(self) -> None:
+        """Before this process builds its first server, remove what killed runs left behind."""
+        if not self._swept:
+            self._swept = True
+            sweep(self.options.settings)
+
+    def _stop(self, server: LoadedServer) -> None:
+        stop_server(server, self.options.settings)
 
     def close(self) -> None:
         if self._servers is not None:
             self._servers.close()
         elif self._owner and self._run_dir is not None:
             # The xdist controller made a run directory for its workers but never used it itself.
-            SharedServers(self._run_dir, owner=True).close()
+            SharedServers(self._run_dir, owner=True, stop=self._stop).close()
 
 
 # -- hooks ------------------------------------------------------------------------------------------------------
@@ -105,6 +120,7 @@ class _XdistController:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[RUN_DIR_INPUT] = str(self.state.run_dir)
+        node.workerinput[OWNER_PID_INPUT] = self.state.owner_pid
 
 
 # -- public objects ---------------------------------------------------------------------------------------------
@@ -128,9 +144,15 @@ class RefresherServers:
         key = server_key(profile, engine, day.isoformat() if day else "")
 
         def build() -> LoadedServer:
-            chosen = choose_engine(engine, options.settings)
-            labels = {"io.refresher.pytest.run": self._state.run_dir.name}
-            return build_server(profile, chosen, options.settings, as_of=day, labels=labels)
+            self._state.sweep_once()
+            return build_server(
+                profile,
+                engine,
+                options.settings,
+                as_of=day,
+                run=self._state.run_dir.name,
+                owner_pid=self._state.owner_pid,
+            )
 
         try:
             return self._state.servers.get(key, build)

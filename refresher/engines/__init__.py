@@ -1,11 +1,16 @@
-"""Engines start servers; this module picks one.
+"""Engines start servers; this module picks one, and is the one door to them for the CLI and the pytest plugin.
 
 ``auto`` prefers a server that already runs for the profile (whichever engine started it), then Docker when a
-daemon answers, then the embedded local engine, which needs nothing but the pip-installed binaries.
+daemon answers, then the embedded local engine, which needs nothing but the pip-installed binaries, unless
+``Settings.require_docker`` forbids that fallback (CI sets it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from refresher.engines._common import validate_profile, write_private_json
+from refresher.engines._owner import owner_gone, owner_labels
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineUnavailable
 from refresher.settings import Settings
@@ -13,8 +18,12 @@ from refresher.settings import Settings
 ENGINE_NAMES = ("auto", "local", "docker", "compose")
 
 
-def make_engine(name: str, settings: Settings) -> Engine:
-    """The engine called ``name`` (not ``auto``), configured from settings."""
+def make_engine(name: str, settings: Settings, *, labels: Mapping[str, str] | None = None) -> Engine:
+    """The engine called ``name`` (not ``auto``), configured from settings.
+
+    ``labels`` mark what the engine creates where it can carry labels (Docker containers and volumes): the
+    pytest plugin marks its throwaway servers with ``owner_labels`` so ``sweep_abandoned`` can find them.
+    """
     if name == "local":
         from refresher.engines.local import LocalEngine
 
@@ -22,7 +31,7 @@ def make_engine(name: str, settings: Settings) -> Engine:
     if name == "docker":
         from refresher.engines.docker import DockerEngine
 
-        return DockerEngine(settings.state_dir, image=settings.pg_image_override)
+        return DockerEngine(settings.state_dir, image=settings.pg_image_override, labels=labels)
     if name == "compose":
         from refresher.engines.compose import ComposeEngine
 
@@ -36,15 +45,28 @@ def docker_answers() -> bool:
     return docker_available()
 
 
-def select_engine(name: str, settings: Settings, profile: str | None = None) -> Engine:
-    """Resolve ``--engine``; ``auto`` keeps a profile on the engine that already serves it."""
+def select_engine(
+    name: str, settings: Settings, profile: str | None = None, *, labels: Mapping[str, str] | None = None
+) -> Engine:
+    """Resolve ``--engine``; ``auto`` keeps a profile on the engine that already serves it.
+
+    The one place ``require_docker`` is decided: with it, ``auto`` never falls back to the local engine.
+    """
     if name != "auto":
-        return make_engine(name, settings)
+        return make_engine(name, settings, labels=labels)
     if profile is not None:
         owner = engine_serving(profile, settings)
         if owner is not None:
             return owner
-    return make_engine("docker" if docker_answers() else "local", settings)
+    if docker_answers():
+        return make_engine("docker", settings, labels=labels)
+    if settings.require_docker:
+        raise EngineUnavailable(
+            "--engine auto: no Docker daemon answers and REFRESHER_REQUIRE_DOCKER is set "
+            "(start dockerd, or unset it to fall back to the local engine)",
+            engine=name,
+        )
+    return make_engine("local", settings, labels=labels)
 
 
 def engine_serving(profile: str, settings: Settings) -> Engine | None:
@@ -62,13 +84,27 @@ def engine_serving(profile: str, settings: Settings) -> Engine | None:
     return None
 
 
-def all_statuses(settings: Settings) -> list[ServerStatus]:
-    """Every server every engine knows of; an engine that cannot answer contributes nothing."""
+def all_statuses(settings: Settings, *, all_checkouts: bool = False) -> list[ServerStatus]:
+    """Every server of this state dir (``all_checkouts``: plus every refresher container on the daemon)."""
     statuses = list(make_engine("local", settings).status())
     if docker_answers():
-        statuses += make_engine("docker", settings).status()
+        if all_checkouts:
+            from refresher.engines.docker import statuses_everywhere
+
+            statuses += statuses_everywhere()
+        else:
+            statuses += make_engine("docker", settings).status()
         statuses += make_engine("compose", settings).status()
     return statuses
+
+
+def sweep_abandoned(marker_label: str) -> list[str]:
+    """Remove Docker containers and volumes marked ``marker_label`` whose owner process is gone."""
+    if not docker_answers():
+        return []
+    from refresher.engines.docker import remove_abandoned
+
+    return remove_abandoned(marker_label)
 
 
 __all__ = [
@@ -80,5 +116,10 @@ __all__ = [
     "docker_answers",
     "engine_serving",
     "make_engine",
+    "owner_gone",
+    "owner_labels",
     "select_engine",
+    "sweep_abandoned",
+    "validate_profile",
+    "write_private_json",
 ]

@@ -8,7 +8,6 @@ volume stays). So ``<state_dir>/docker/<profile>.json`` keeps it, mode 0600, wri
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import docker
 import docker.errors
 import requests
 
+from refresher.engines._common import write_private_json
 from refresher.errors import EngineStateError, EngineUnavailable
 
 # Tried in order when no image is asked for: the official image when someone could pull it, then the
@@ -48,18 +48,7 @@ class ContainerState:
 
     def write(self, path: Path) -> None:
         """Atomically, and never readable by others: the file holds the database password."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(asdict(self), f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_private_json(path, asdict(self))
 
 
 def resolve_image(client: docker.DockerClient, requested: str | None) -> str:

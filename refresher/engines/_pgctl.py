@@ -7,15 +7,18 @@ file the server touches is chowned to it.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import importlib.util
 import os
 import pwd
 import re
+import select
 import stat
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -89,6 +92,11 @@ class OsUser:
         if not self.is_current:
             os.chown(path, self.uid, self.gid)
 
+    def give_fd(self, fd: int) -> None:
+        """Like ``give``, for an open file descriptor (a pipe)."""
+        if not self.is_current:
+            os.fchown(fd, self.uid, self.gid)
+
     def check_traversable(self, path: Path) -> None:
         """Raise unless this user can reach ``path``: every parent needs the x bit that applies to the user.
 
@@ -125,12 +133,20 @@ class CommandResult:
 
 
 def run(
-    bin_dir: Path, program: str, args: list[str], user: OsUser, *, cwd: Path, timeout: float | None = None
+    bin_dir: Path,
+    program: str,
+    args: list[str],
+    user: OsUser,
+    *,
+    cwd: Path,
+    timeout: float | None = None,
+    stdin_text: str | None = None,
 ) -> CommandResult:
     """Run one PostgreSQL program as ``user``; output goes through a temporary file, never a pipe.
 
     A pipe would be inherited by the postmaster that ``pg_ctl start`` forks, and reading it would then block
-    until the server exits.
+    until the server exits. ``stdin_text`` (a secret, for ``--pwfile=/dev/stdin``) goes through a pipe instead of
+    a file, so a killed CLI leaves no copy of it on disk.
     """
     exe = bin_dir / program
     if not exe.is_file():
@@ -139,11 +155,14 @@ def run(
         )
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "HOME": str(cwd)}
     other = not user.is_current
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+    with (
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out,
+        _stdin(stdin_text, user) as stdin,
+    ):
         try:
             proc = subprocess.run(
                 [str(exe), *args],
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
@@ -163,6 +182,29 @@ def run(
             ) from exc
         out.seek(0)
         return CommandResult(proc.returncode, out.read())
+
+
+@contextlib.contextmanager
+def _stdin(text: str | None, user: OsUser) -> Iterator[int]:
+    """The read end of a pipe holding ``text`` (or /dev/null), owned by ``user`` so it may open /dev/stdin."""
+    if text is None:
+        yield subprocess.DEVNULL
+        return
+    data = text.encode()
+    if len(data) > select.PIPE_BUF:
+        raise ValueError("stdin_text must fit in one pipe write")
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, data)
+        os.close(write_end)
+        write_end = -1
+        # /dev/stdin is reopened by path: as another OS user that needs the pipe to be that user's.
+        user.give_fd(read_end)
+        yield read_end
+    finally:
+        os.close(read_end)
+        if write_end != -1:
+            os.close(write_end)
 
 
 def server_version(bin_dir: Path, user: OsUser, cwd: Path) -> str:

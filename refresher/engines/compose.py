@@ -10,7 +10,6 @@ nobody copies a DSN by hand. Starting and stopping the server is compose's busin
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,9 +19,9 @@ import psycopg
 from docker.models.containers import Container
 from psycopg import sql
 
+from refresher.engines._common import HOST, validate_profile, wait_ready
 from refresher.engines.base import ServerInfo, ServerStatus
-from refresher.engines.docker import API_TIMEOUT, HOST, _connect, _docker_errors, _log_tail
-from refresher.engines.local import validate_profile
+from refresher.engines.docker import API_TIMEOUT, _connect, _docker_errors, _log_tail
 from refresher.errors import EngineStateError, EngineUnavailable
 from refresher.settings import Settings
 
@@ -167,28 +166,28 @@ class ComposeEngine:
 
     def _wait_ready(self, server: ServerInfo) -> None:
         """`make up` returns before the server accepts connections; poll with a real query."""
-        deadline = time.monotonic() + self.ready_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(server.dsn(MAINTENANCE_DB), connect_timeout=3) as conn:
-                    conn.execute("SELECT 1")
-                    return
-            except psycopg.OperationalError as exc:
-                if exc.sqlstate == "28P01":
-                    raise EngineStateError(
-                        f"compose Postgres of {self.project} refused the password in its container's "
-                        "environment (its volume was made with another); run `make compose-down` and `make up`"
-                    ) from exc
-                last = exc
-            time.sleep(0.2)
-        with _client(self._client_arg) as client:
-            container = _container(client, self.project, "postgres")
-            tail = _log_tail(container) if container is not None else "(container gone)"
-        raise EngineUnavailable(
-            f"compose Postgres of {self.project} on {server.host}:{server.port} is not ready after "
-            f"{self.ready_timeout:.0f}s ({last}); log tail:\n{tail}"
-        )
+
+        def log_tail() -> str:
+            with _client(self._client_arg) as client:
+                container = _container(client, self.project, "postgres")
+                return _log_tail(container) if container is not None else "(container gone)"
+
+        try:
+            wait_ready(
+                server.dsn(MAINTENANCE_DB),
+                what=f"compose Postgres of {self.project} on {server.host}:{server.port}",
+                timeout=self.ready_timeout,
+                alive=lambda: True,  # compose restarts it; only the timeout ends the wait
+                log_tail=log_tail,
+                interval=0.2,
+            )
+        except EngineUnavailable as exc:
+            if exc.fields.get("sqlstate") == "28P01":
+                raise EngineStateError(
+                    f"compose Postgres of {self.project} refused the password in its container's "
+                    "environment (its volume was made with another); run `make compose-down` and `make up`"
+                ) from exc
+            raise
 
 
 @dataclass(frozen=True)

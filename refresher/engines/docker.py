@@ -1,9 +1,11 @@
 """The Docker engine: one PostgreSQL container per profile, found again by its labels after a CLI restart.
 
-Per profile (``<prefix>`` is ``refresher`` unless a test namespaces it):
+Per profile (``<prefix>`` is ``refresher`` unless a test namespaces it; ``<scope>`` is a hash of the state dir's
+resolved path, so two checkouts on one daemon never share, list or remove each other's servers):
 
-    container  <prefix>-<profile>         labels io.refresher.project=refresher, io.refresher.profile=<profile>
-    volume     <prefix>-<profile>-data    the same labels; PGDATA lives here, not in the container
+    container  <prefix>-<scope>-<profile>       labels io.refresher.project=refresher, io.refresher.profile,
+                                                io.refresher.state=<scope>, io.refresher.state-path=<state dir>
+    volume     <prefix>-<scope>-<profile>-data  the same labels; PGDATA lives here, not in the container
     state      <state_dir>/docker/<profile>.json   image, port and the password (0600, atomic)
 
 The port is published on 127.0.0.1 only; Docker picks it unless one is pinned. The password is random per
@@ -16,11 +18,10 @@ throwaway copy that ``refresher refresh`` rebuilds from the feature store).
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import secrets
 import socket
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,34 +30,42 @@ import docker
 import docker.constants
 import docker.errors
 import docker.utils
-import psycopg
 import requests
 from docker.models.containers import Container
 
+from refresher.engines._common import (
+    DB_SUPERUSER,
+    HOST,
+    RETRYABLE_SQLSTATES,
+    TUNING,
+    is_disk_full,
+    locked,
+    validate_profile,
+    wait_ready,
+)
 from refresher.engines._docker_state import ContainerState, resolve_image
+from refresher.engines._owner import OWNER_LABELS, owner_gone
 from refresher.engines.base import ServerInfo, ServerStatus
-from refresher.engines.local import TUNING, validate_profile
 from refresher.errors import EngineStateError, EngineUnavailable
 
-HOST = "127.0.0.1"
-DB_SUPERUSER = "refresher"
 PGDATA = "/var/lib/postgresql/data"
 PROJECT_LABEL = "io.refresher.project"
 PROFILE_LABEL = "io.refresher.profile"
 PREFIX_LABEL = "io.refresher.prefix"
+STATE_LABEL = "io.refresher.state"
+STATE_PATH_LABEL = "io.refresher.state-path"
 LOG_TAIL_LINES = 40
 # Docker API calls that may pull or wait on a slow disk; a ping uses its own short timeout.
 API_TIMEOUT = 120
 
-# The same bulk-load tuning as the local engine (throwaway dev data: durability buys nothing), passed as
-# server arguments. Listening is the image's business: all interfaces inside the container, which Docker
-# publishes on 127.0.0.1 only.
-SERVER_ARGS: tuple[str, ...] = tuple(
-    arg
-    for key, value in TUNING.items()
-    if key not in ("listen_addresses", "unix_socket_directories")
-    for arg in ("-c", f"{key}={value}")
-)
+# The same bulk-load tuning as the local engine, passed as server arguments. Listening is the image's business:
+# all interfaces inside the container, which Docker publishes on 127.0.0.1 only.
+SERVER_ARGS: tuple[str, ...] = tuple(arg for key, value in TUNING.items() for arg in ("-c", f"{key}={value}"))
+
+
+def state_scope(state_dir: Path) -> str:
+    """A short, stable name for a state dir: the hash of its resolved path (a checkout's own servers)."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
 
 
 def docker_available(base_url: str | None = None, timeout: float = 2.0) -> bool:
@@ -88,13 +97,19 @@ class DockerEngine:
         port: int | None = None,
         prefix: str = "refresher",
         ready_timeout: float = 60.0,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         """``client`` (owned by the caller) or ``base_url`` pick the daemon; else the SDK's DOCKER_HOST rules.
 
         ``image`` None resolves postgres:15, then refresher/postgres:15. ``port`` pins the host port.
-        ``prefix`` namespaces container and volume names (tests use their own so they never touch yours).
+        ``prefix`` namespaces container and volume names (tests use their own so they never touch yours); the
+        state dir scopes them further. ``labels`` go on every container and volume made (the pytest plugin
+        marks its throwaway servers with their owner process).
         """
-        self.base = Path(state_dir).absolute() / "docker"
+        self.state_dir = Path(state_dir).absolute()
+        self.base = self.state_dir / "docker"
+        self.scope = state_scope(self.state_dir)
+        self.extra_labels = dict(labels or {})
         self.image = image
         self.pinned_port = port
         self.prefix = prefix
@@ -105,7 +120,7 @@ class DockerEngine:
     # -- the Engine protocol ------------------------------------------------------------------------------
     def start(self, profile: str) -> ServerInfo:
         validate_profile(profile)
-        with self._client() as client, self._locked(profile):
+        with self._client() as client, locked(self._lock_path(profile)):
             state = ContainerState.read(self._state_path(profile))
             container = self._container(client, profile)
             if container is not None and state is None:
@@ -133,7 +148,7 @@ class DockerEngine:
 
     def stop(self, profile: str) -> bool:
         validate_profile(profile)
-        with self._client() as client, self._locked(profile):
+        with self._client() as client, locked(self._lock_path(profile)):
             existed = False
             container = self._container(client, profile)
             if container is not None:
@@ -154,7 +169,11 @@ class DockerEngine:
             validate_profile(profile)
         with self._client() as client:
             filters: dict[str, Any] = {
-                "label": [f"{PROJECT_LABEL}=refresher", f"{PREFIX_LABEL}={self.prefix}"]
+                "label": [
+                    f"{PROJECT_LABEL}=refresher",
+                    f"{PREFIX_LABEL}={self.prefix}",
+                    f"{STATE_LABEL}={self.scope}",
+                ]
             }
             if profile is not None:
                 filters["label"].append(f"{PROFILE_LABEL}={profile}")
@@ -257,32 +276,36 @@ class DockerEngine:
 
     def _wait_ready(self, container: Container, info: ServerInfo) -> None:
         """Poll with a real query until the server answers; fail fast if the container exits."""
-        deadline = time.monotonic() + self.ready_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(info.dsn(), connect_timeout=3) as conn:
-                    conn.execute("SELECT 1")
-                    return
-            except psycopg.OperationalError as exc:
-                # None: refused or reset by Docker's proxy while the server (or its init) starts;
-                # 57P03: "the database system is starting up" / "shutting down" between init and start.
-                if exc.sqlstate == "28P01":
-                    raise EngineStateError(
-                        f"volume {self._volume_name(info.profile)} was initialised with another password; "
-                        f"run `refresher down --profile {info.profile}`"
-                    ) from exc
-                if exc.sqlstate not in (None, "57P03", "3D000"):
-                    raise EngineUnavailable(f"container {container.name} refused us: {exc}") from exc
-                last = exc
+
+        def alive() -> bool:
             container.reload()
-            if container.status != "running":
-                break
-            time.sleep(0.1)
-        raise EngineUnavailable(
-            f"container {container.name} on {HOST}:{info.port} is not ready after {self.ready_timeout:.0f}s "
-            f"(status {container.status}; {last}); log tail:\n{_log_tail(container)}"
-        )
+            return bool(container.status == "running")
+
+        try:
+            wait_ready(
+                info.dsn(),
+                what=f"container {container.name} on {HOST}:{info.port}",
+                timeout=self.ready_timeout,
+                alive=alive,
+                log_tail=lambda: _log_tail(container),
+                # 3D000: the image creates POSTGRES_DB after a first, socket-only start.
+                retryable=RETRYABLE_SQLSTATES | {"3D000"},
+                interval=0.1,
+            )
+        except EngineUnavailable as exc:
+            if exc.fields.get("sqlstate") == "28P01":
+                raise EngineStateError(
+                    f"volume {self._volume_name(info.profile)} was initialised with another password; "
+                    f"run `refresher down --profile {info.profile}`"
+                ) from exc
+            if is_disk_full(_log_tail(container)):
+                raise EngineUnavailable(
+                    f"disk full: container {container.name} could not initialise its volume "
+                    f"{self._volume_name(info.profile)} (Docker's data root {_docker_root(container)}); "
+                    "free some space there and run the command again",
+                    path=_docker_root(container),
+                ) from exc
+            raise
 
     # -- small pieces --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -299,16 +322,9 @@ class DockerEngine:
         finally:
             client.close()
 
-    @contextlib.contextmanager
-    def _locked(self, profile: str) -> Iterator[None]:
-        """Two CLIs starting or stopping the same profile take turns; the lock dies with its process."""
-        self.base.mkdir(parents=True, exist_ok=True)
-        with (self.base / f".{profile}.lock").open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _lock_path(self, profile: str) -> Path:
+        """Two CLIs starting or stopping the same profile take turns."""
+        return self.base / f".{profile}.lock"
 
     def _container(self, client: docker.DockerClient, profile: str) -> Container | None:
         try:
@@ -322,19 +338,74 @@ class DockerEngine:
         return container
 
     def _labels(self, profile: str) -> dict[str, str]:
-        return {PROJECT_LABEL: "refresher", PROFILE_LABEL: profile, PREFIX_LABEL: self.prefix}
+        return {
+            **self.extra_labels,
+            PROJECT_LABEL: "refresher",
+            PROFILE_LABEL: profile,
+            PREFIX_LABEL: self.prefix,
+            STATE_LABEL: self.scope,
+            STATE_PATH_LABEL: str(self.state_dir.resolve()),
+        }
 
     def _container_name(self, profile: str) -> str:
-        return f"{self.prefix}-{profile}"
+        return f"{self.prefix}-{self.scope}-{profile}"
 
     def _volume_name(self, profile: str) -> str:
-        return f"{self.prefix}-{profile}-data"
+        return f"{self.prefix}-{self.scope}-{profile}-data"
 
     def _state_path(self, profile: str) -> Path:
         return self.base / f"{profile}.json"
 
     def _info(self, profile: str, state: ContainerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
+
+
+def statuses_everywhere(base_url: str | None = None) -> list[ServerStatus]:
+    """Every refresher container on the daemon, whichever state dir made it (read-only; for ``status``)."""
+    client = _connect(base_url, API_TIMEOUT)
+    try:
+        with _docker_errors(base_url):
+            containers = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}=refresher"})
+            statuses = []
+            for c in sorted(containers, key=lambda c: c.name or ""):
+                owner = c.labels.get(STATE_PATH_LABEL) or "unknown state dir (made before state scoping)"
+                running = c.status == "running"
+                port = _host_port(c) if running else None
+                detail = f"container {c.name} {c.status}, state dir {owner}"
+                profile = c.labels.get(PROFILE_LABEL, "?")
+                statuses.append(
+                    ServerStatus("docker", profile, running, HOST if running else None, port, detail)
+                )
+            return statuses
+    finally:
+        client.close()
+
+
+def remove_abandoned(marker_label: str, base_url: str | None = None) -> list[str]:
+    """Remove containers and volumes labelled ``marker_label`` whose owner process is gone; their names.
+
+    Only what carries owner labels naming a process on this host (and pid namespace) that no longer runs:
+    another checkout's live run on the same daemon is never touched, nor anything made on another machine.
+    """
+    removed: list[str] = []
+    client = _connect(base_url, API_TIMEOUT)
+    try:
+        with _docker_errors(base_url):
+            wanted = {"label": [marker_label, *OWNER_LABELS]}
+            for container in client.containers.list(all=True, filters=wanted):
+                if owner_gone(container.labels):
+                    with contextlib.suppress(docker.errors.NotFound):
+                        container.remove(force=True, v=True)
+                        removed.append(container.name or container.id or "?")
+            for volume in client.volumes.list(filters=wanted):
+                if owner_gone(volume.attrs.get("Labels") or {}):
+                    # A volume still mounted by a container (a live run's) refuses removal: leave it.
+                    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                        volume.remove(force=True)
+                        removed.append(volume.name or "?")
+    finally:
+        client.close()
+    return removed
 
 
 def _connect(base_url: str | None, timeout: float) -> docker.DockerClient:
@@ -393,6 +464,13 @@ def _image_name(container: Container) -> str:
     return str(container.attrs.get("Config", {}).get("Image") or container.image.id)
 
 
+def _docker_root(container: Container) -> str:
+    try:
+        return str(container.client.info().get("DockerRootDir", "?")) if container.client else "?"
+    except docker.errors.APIError:
+        return "?"
+
+
 def _log_tail(container: Container) -> str:
     try:
         raw = container.logs(tail=LOG_TAIL_LINES)
@@ -401,4 +479,4 @@ def _log_tail(container: Container) -> str:
     return raw.decode("utf-8", errors="replace").rstrip() if isinstance(raw, bytes) else str(raw)
 
 
-__all__ = ["DockerEngine", "docker_available"]
+__all__ = ["DockerEngine", "docker_available", "remove_abandoned", "state_scope", "statuses_everywhere"]

@@ -14,14 +14,11 @@ Layout under ``<state_dir>/local/``::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,39 +27,26 @@ import psycopg
 from psycopg import sql
 
 from refresher.engines import _pgctl
+from refresher.engines._common import (
+    DB_SUPERUSER,
+    HOST,
+    PROFILE_NAME,
+    TUNING,
+    disk_error,
+    disk_full,
+    is_disk_full,
+    locked,
+    validate_profile,
+    wait_ready,
+    write_private_json,
+)
 from refresher.engines.base import ServerInfo, ServerStatus
-from refresher.errors import EngineStateError, EngineUnavailable, ProfileError
+from refresher.errors import EngineStateError, EngineUnavailable
 
-PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
-DB_SUPERUSER = "refresher"
-HOST = "127.0.0.1"
 START_ATTEMPTS = 5
-
-# A throwaway dev database whose every row can be rebuilt from the feature store: durability buys nothing here,
-# and turning it off roughly doubles COPY throughput. A crash may corrupt the cluster; `refresher down` and
-# `refresher refresh` rebuild it. wal_level=minimal also lets COPY into a table created or truncated in the same
-# transaction skip WAL entirely.
-TUNING: dict[str, str] = {
-    "listen_addresses": f"'{HOST}'",
-    "unix_socket_directories": "''",
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-    "wal_level": "minimal",
-    "max_wal_senders": "0",
-    "checkpoint_timeout": "1h",
-    "max_wal_size": "8GB",
-    "shared_buffers": "256MB",
-    "maintenance_work_mem": "256MB",
-    "work_mem": "32MB",
-}
-
-
-def validate_profile(profile: str) -> str:
-    """Profile names reach file paths and database names, so they are checked once, here."""
-    if not PROFILE_NAME.match(profile):
-        raise ProfileError("--profile", "profile", profile, f"must match {PROFILE_NAME.pattern}")
-    return profile
+INIT_PREFIX = "pgdata.init-"
+# The local server listens on loopback TCP only: no Unix socket to collide with another cluster's.
+LISTEN: dict[str, str] = {"listen_addresses": f"'{HOST}'", "unix_socket_directories": "''"}
 
 
 @dataclass(frozen=True)
@@ -87,13 +71,7 @@ class ServerState:
             raise EngineStateError(f"{path}: unreadable server state ({exc}); run `refresher down`") from exc
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private_json(path, asdict(self))
 
 
 @dataclass(frozen=True)
@@ -159,25 +137,31 @@ class LocalEngine:
     # -- the Engine protocol ------------------------------------------------------------------------------
     def start(self, profile: str) -> ServerInfo:
         paths = self._paths(validate_profile(profile))
-        with self._locked(paths):
-            state = ServerState.read(paths.state)
-            initialized = (paths.pgdata / "PG_VERSION").exists()
-            if initialized and state is None:
-                raise EngineStateError(
-                    f"{paths.pgdata} exists without {paths.state.name}; run `refresher down --profile {profile}`"
-                )
-            if state is None or not initialized:
-                state = self._init_cluster(paths)
-            running = Postmaster.read(paths.pgdata)
-            if running is not None and running.alive():
-                state = replace(state, port=running.port, pid=running.pid)
-            else:
-                state = self._start_cluster(paths, state)
-            self._wait_ready(paths, state)
-            state.write(paths.state)
-            info = self._info(profile, state)
-            _ensure_database(info)
-            return info
+        try:
+            with locked(paths.lock):
+                return self._start_locked(profile, paths)
+        except OSError as exc:
+            raise disk_error(paths.root, exc) from exc
+
+    def _start_locked(self, profile: str, paths: _Paths) -> ServerInfo:
+        state = ServerState.read(paths.state)
+        initialized = (paths.pgdata / "PG_VERSION").exists()
+        if initialized and state is None:
+            # The password this cluster was made with is lost; its data is a throwaway copy: start over.
+            self._discard_cluster(paths)
+            initialized = False
+        if state is None or not initialized:
+            state = self._init_cluster(paths)
+        running = Postmaster.read(paths.pgdata)
+        if running is not None and running.alive():
+            state = replace(state, port=running.port, pid=running.pid)
+        else:
+            state = self._start_cluster(paths, state)
+        self._wait_ready(paths, state)
+        state.write(paths.state)
+        info = self._info(profile, state)
+        _ensure_database(info)
+        return info
 
     def info(self, profile: str) -> ServerInfo | None:
         paths = self._paths(validate_profile(profile))
@@ -189,18 +173,10 @@ class LocalEngine:
 
     def stop(self, profile: str) -> bool:
         paths = self._paths(validate_profile(profile))
-        with self._locked(paths):
+        with locked(paths.lock):
             if not paths.root.exists():
                 return False
-            state = ServerState.read(paths.state)
-            running = Postmaster.read(paths.pgdata)
-            if running is not None and running.alive():
-                bin_dir = Path(state.bin_dir) if state else self.bin_dir
-                user = _pgctl.OsUser.for_server()
-                for mode in ("fast", "immediate"):
-                    args = ["stop", "-D", str(paths.pgdata), "-m", mode, "-w", "-t", "60"]
-                    if _pgctl.run(bin_dir, "pg_ctl", args, user, cwd=paths.root).returncode == 0:
-                        break
+            self._stop_postmaster(paths, ("fast", "immediate"))
             shutil.rmtree(paths.root)
             return True
 
@@ -220,50 +196,54 @@ class LocalEngine:
             if running is not None and running.alive():
                 statuses.append(ServerStatus(self.name, name, True, HOST, running.port, f"pid {running.pid}"))
             else:
-                detail = "stopped (data kept; `refresher refresh` restarts it)"
-                if running is not None:
-                    detail = f"stopped (stale postmaster.pid names dead pid {running.pid})"
-                statuses.append(ServerStatus(self.name, name, False, detail=detail))
+                statuses.append(ServerStatus(self.name, name, False, detail=_stopped_detail(paths, running)))
         return statuses
 
     # -- cluster lifecycle ----------------------------------------------------------------------------------
     def _init_cluster(self, paths: _Paths) -> ServerState:
+        """initdb into a fresh directory, renamed to ``pgdata`` only once complete (with server.json written).
+
+        A CLI killed during initdb leaves only a ``pgdata.init-*`` directory, which the next start removes; the
+        password reaches initdb through a pipe, so no secret file is ever left behind.
+        """
         user = _pgctl.OsUser.for_server()
         paths.root.mkdir(parents=True, exist_ok=True)
         user.check_traversable(paths.root)
         user.give(paths.root)
-        if paths.pgdata.exists():  # a half-made cluster from an interrupted initdb
-            shutil.rmtree(paths.pgdata)
-        paths.pgdata.mkdir(mode=0o700)
-        user.give(paths.pgdata)
+        self._discard_cluster(paths)
+        building = paths.root / f"{INIT_PREFIX}{secrets.token_hex(4)}"
+        building.mkdir(mode=0o700)
+        user.give(building)
         version = _pgctl.server_version(self.bin_dir, user, paths.root)
         password = secrets.token_urlsafe(24)
-        pwfile = paths.root / ".pwfile"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(password + "\n")
-        user.give(pwfile)
-        try:
-            args = [
-                "-D", str(paths.pgdata), "-U", DB_SUPERUSER, f"--pwfile={pwfile}",
-                "--auth-host=scram-sha-256", "--auth-local=scram-sha-256",
-                "--encoding=UTF8", "--locale=C", "--no-instructions", "--no-sync",
-            ]  # fmt: skip
-            result = _pgctl.run(self.bin_dir, "initdb", args, user, cwd=paths.root)
-        finally:
-            pwfile.unlink(missing_ok=True)
+        args = [
+            "-D",
+            str(building),
+            "-U",
+            DB_SUPERUSER,
+            "--pwfile=/dev/stdin",
+            "--auth-host=scram-sha-256",
+            "--auth-local=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+            "--no-sync",
+        ]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
+        result = _pgctl.run(self.bin_dir, "initdb", args, user, cwd=paths.root, stdin_text=password + "\n")
         if result.returncode != 0:
-            shutil.rmtree(paths.pgdata, ignore_errors=True)
-            raise EngineUnavailable(f"initdb failed in {paths.pgdata}: {result.output.strip()[-1500:]}")
-        tuning = dict(TUNING)
+            shutil.rmtree(building, ignore_errors=True)
+            if is_disk_full(result.output):
+                raise disk_full(paths.root)
+            raise EngineUnavailable(f"initdb failed in {building}: {result.output.strip()[-1500:]}")
+        tuning = {**LISTEN, **TUNING}
         if _pgctl.major_version(version) >= 18:
             # Lets CREATE DATABASE ... STRATEGY FILE_COPY reflink on btrfs/xfs/APFS; refresher.snapshot falls
             # back to a plain copy where the filesystem cannot clone.
             tuning["file_copy_method"] = "clone"
-        conf = paths.pgdata / "refresher.conf"
+        conf = building / "refresher.conf"
         conf.write_text("".join(f"{k} = {v}\n" for k, v in tuning.items()), encoding="utf-8")
         user.give(conf)
-        with (paths.pgdata / "postgresql.conf").open("a", encoding="utf-8") as f:
+        with (building / "postgresql.conf").open("a", encoding="utf-8") as f:
             f.write("\ninclude 'refresher.conf'\n")
         paths.log.touch()
         user.give(paths.log)
@@ -271,7 +251,28 @@ class LocalEngine:
             port=0, user=DB_SUPERUSER, password=password, bin_dir=str(self.bin_dir), version=version
         )
         state.write(paths.state)
+        building.rename(paths.pgdata)
         return state
+
+    def _discard_cluster(self, paths: _Paths) -> None:
+        """Remove a cluster nobody can log into (or half-made ones), stopping a server still running on it."""
+        self._stop_postmaster(paths, ("immediate",))
+        for leftover in paths.root.glob(f"{INIT_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if paths.pgdata.exists():
+            shutil.rmtree(paths.pgdata)
+
+    def _stop_postmaster(self, paths: _Paths, modes: tuple[str, ...]) -> None:
+        running = Postmaster.read(paths.pgdata)
+        if running is None or not running.alive():
+            return
+        state = ServerState.read(paths.state) if paths.state.exists() else None
+        bin_dir = Path(state.bin_dir) if state else self.bin_dir
+        user = _pgctl.OsUser.for_server()
+        for mode in modes:
+            args = ["stop", "-D", str(paths.pgdata), "-m", mode, "-w", "-t", "60"]
+            if _pgctl.run(bin_dir, "pg_ctl", args, user, cwd=paths.root).returncode == 0:
+                return
 
     def _start_cluster(self, paths: _Paths, state: ServerState) -> ServerState:
         user = _pgctl.OsUser.for_server()
@@ -292,6 +293,8 @@ class LocalEngine:
                 running = Postmaster.read(paths.pgdata)
                 return replace(state, port=port, pid=running.pid if running else None)
             new_log = _read_from(paths.log, log_offset)
+            if is_disk_full(new_log):
+                raise disk_full(paths.root)
             if "Address already in use" not in new_log:
                 raise EngineUnavailable(
                     f"the local server for {paths.root.name} did not start: {result.output.strip()[-500:]}\n"
@@ -303,27 +306,16 @@ class LocalEngine:
         raise EngineUnavailable(f"no free port on {HOST} after {START_ATTEMPTS} attempts")
 
     def _wait_ready(self, paths: _Paths, state: ServerState) -> None:
-        """Poll with a real login until the server answers; fail fast if the postmaster died."""
-        deadline = time.monotonic() + self.ready_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(self._info(paths.root.name, state).dsn("postgres"), connect_timeout=3):
-                    return
-            except psycopg.OperationalError as exc:
-                # None: refused/reset while starting; 57P03: "the database system is starting up".
-                if exc.sqlstate not in (None, "57P03"):
-                    raise EngineUnavailable(
-                        f"the local server for {paths.root.name} refused us: {exc}"
-                    ) from exc
-                last = exc
+        def alive() -> bool:
             running = Postmaster.read(paths.pgdata)
-            if running is None or not running.alive():
-                break
-            time.sleep(0.05)
-        raise EngineUnavailable(
-            f"the local server for {paths.root.name} on port {state.port} is not ready after "
-            f"{self.ready_timeout:.0f}s ({last}); server log ({paths.log}):\n{_pgctl.log_tail(paths.log)}"
+            return running is not None and running.alive()
+
+        wait_ready(
+            self._info(paths.root.name, state).dsn("postgres"),
+            what=f"the local server for {paths.root.name} on port {state.port}",
+            timeout=self.ready_timeout,
+            alive=alive,
+            log_tail=lambda: f"({paths.log})\n{_pgctl.log_tail(paths.log)}",
         )
 
     # -- small pieces --------------------------------------------------------------------------------------------
@@ -332,17 +324,6 @@ class LocalEngine:
         return _Paths(
             root, root / "pgdata", root / "server.log", root / "server.json", self.base / f".{profile}.lock"
         )
-
-    @contextlib.contextmanager
-    def _locked(self, paths: _Paths) -> Iterator[None]:
-        """Two CLIs starting or stopping the same profile take turns; the lock dies with its process."""
-        self.base.mkdir(parents=True, exist_ok=True)
-        with paths.lock.open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _info(self, profile: str, state: ServerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
@@ -355,6 +336,17 @@ def _ensure_database(info: ServerInfo) -> None:
         if exists is None:
             with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another CLI won the race
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(info.dbname)))
+
+
+def _stopped_detail(paths: _Paths, running: Postmaster | None) -> str:
+    """What ``status`` says of a profile whose server does not run, including a start that was interrupted."""
+    if not (paths.pgdata / "PG_VERSION").exists():
+        return "start interrupted before the cluster was complete (the next `refresher refresh` starts over)"
+    if not paths.state.exists():
+        return "server state lost (the next `refresher refresh` recreates the cluster)"
+    if running is not None:
+        return f"stopped (stale postmaster.pid names dead pid {running.pid})"
+    return "stopped (data kept; `refresher refresh` restarts it)"
 
 
 def _port_candidates(pinned: int | None, remembered: int) -> Iterator[int]:

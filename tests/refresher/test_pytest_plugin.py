@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
 import tempfile
 import textwrap
 import warnings
@@ -145,16 +146,16 @@ def assert_server_gone(record: dict[str, object]) -> None:
         psycopg.connect(
             host=str(record["host"]), port=int(str(record["port"])), user="x", dbname="x", connect_timeout=3
         ).close()
-    if record.get("state_dir"):
-        assert not Path(str(record["state_dir"])).exists()
-    if record.get("container_id"):
+    state_dir = Path(str(record["state_dir"]))
+    assert not state_dir.exists()
+    if record["engine"] == "docker":
         import docker
-        import docker.errors
 
         client = docker.from_env()
         try:
-            with pytest.raises(docker.errors.NotFound):
-                client.containers.get(str(record["container_id"]))
+            label = {"label": f"io.refresher.state-path={state_dir.resolve()}"}
+            assert client.containers.list(all=True, filters=label) == []
+            assert client.volumes.list(filters=label) == []
         finally:
             client.close()
 
@@ -162,14 +163,21 @@ def assert_server_gone(record: dict[str, object]) -> None:
 RECORD_SERVER = """
 import json, os
 
-def record(path, server):
+def record(server, path=OUT_PATH):
     info = server.info
     row = {"pid": os.getpid(), "worker": os.environ.get("PYTEST_XDIST_WORKER", "master"),
            "host": info.host, "port": info.port, "engine": info.engine, "profile": server.profile,
-           "state_dir": server.state_dir, "container_id": server.container_id}
+           "state_dir": server.state_dir}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\\n")
 """
+
+
+def write_recording_project(pytester: pytest.Pytester, source: str) -> Path:
+    """A project whose tests may call ``record(server)``; returns the JSON-lines file it appends to."""
+    out = pytester.path / "servers.jsonl"
+    write_project(pytester, RECORD_SERVER.replace("OUT_PATH", repr(str(out))) + textwrap.dedent(source))
+    return out
 
 
 def read_records(path: Path) -> list[dict[str, object]]:
@@ -180,16 +188,14 @@ def read_records(path: Path) -> list[dict[str, object]]:
 def test_refresher_db_is_loaded_with_the_profile(
     pytester: pytest.Pytester, plugin_env: PluginEnv, engine: str
 ) -> None:
-    out = pytester.path / "servers.jsonl"
     e = TINY_EXPECTED
-    write_project(
+    out = write_recording_project(
         pytester,
-        RECORD_SERVER
-        + f"""
+        f"""
 import sqlalchemy
 
 def test_counts(refresher_db, refresher_postgres):
-    record({str(out)!r}, refresher_postgres)
+    record(refresher_postgres)
     assert refresher_postgres.profile == "tiny"
     assert refresher_db.dbname != refresher_postgres.info.dbname
     with refresher_db.connect() as conn:
@@ -301,16 +307,14 @@ def test_from_ini(refresher_db, refresher_postgres):
 def test_xdist_workers_share_one_server(
     pytester: pytest.Pytester, plugin_env: PluginEnv, engine: str
 ) -> None:
-    out = pytester.path / "servers.jsonl"
-    write_project(
+    out = write_recording_project(
         pytester,
-        RECORD_SERVER
-        + f"""
+        f"""
 import pytest, time
 
 @pytest.mark.parametrize("i", range(8))
 def test_uses_server(refresher_db, refresher_postgres, i):
-    record({str(out)!r}, refresher_postgres)
+    record(refresher_postgres)
     with refresher_db.connect() as conn:
         conn.execute("DELETE FROM ohlcv_daily")
         assert conn.execute("SELECT count(*) FROM symbols").fetchone()[0] == {TINY_EXPECTED.symbols}
@@ -321,7 +325,7 @@ def test_uses_server(refresher_db, refresher_postgres, i):
     records = read_records(out)
     assert {r["worker"] for r in records} == {"gw0", "gw1"}
     assert len({r["pid"] for r in records}) == 2
-    servers = {(r["host"], r["port"], r["state_dir"], r["container_id"]) for r in records}
+    servers = {(r["host"], r["port"], r["state_dir"]) for r in records}
     assert len(servers) == 1, servers
     assert_server_gone(records[0])
 
@@ -381,3 +385,27 @@ def test_factory(two_db, two_postgres):
 """,
     )
     run(pytester, *plugin_env.args("local")).assert_outcomes(passed=1)
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_servers_the_next_run_removes(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, engine: str
+) -> None:
+    out = write_recording_project(
+        pytester,
+        """
+import os, signal
+
+def test_dies(refresher_postgres):
+    record(refresher_postgres)
+    os.kill(os.getpid(), signal.SIGKILL)  # no teardown: the server is left running
+""",
+    )
+    run(pytester, *plugin_env.args(engine))
+    [left] = read_records(out)
+    assert Path(str(left["state_dir"])).exists()
+    socket.create_connection((str(left["host"]), int(str(left["port"]))), timeout=5).close()  # still serving
+
+    write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
+    run(pytester, *plugin_env.args(engine)).assert_outcomes(passed=1)
+    assert_server_gone(left)

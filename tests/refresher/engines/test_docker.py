@@ -125,13 +125,13 @@ def test_start_serves_the_profile_database_and_is_idempotent(
     assert query(info, "SHOW synchronous_commit") == "off"
     assert docker_engine.start("shared") == info
     assert docker_engine.info("shared") == info
-    container = docker_client.containers.get(f"{docker_engine.prefix}-shared")
+    container = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-shared")
     assert container.labels[PROJECT_LABEL] == "refresher"
     assert container.labels[PROFILE_LABEL] == "shared"
     # Published on loopback only.
     bindings = container.attrs["NetworkSettings"]["Ports"]["5432/tcp"]
     assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
-    volume = docker_client.volumes.get(f"{docker_engine.prefix}-shared-data")
+    volume = docker_client.volumes.get(f"{docker_engine.prefix}-{docker_engine.scope}-shared-data")
     assert volume.attrs["Labels"][PROFILE_LABEL] == "shared"
     [status] = docker_engine.status("shared")
     assert (status.running, status.port) == (True, info.port)
@@ -214,7 +214,7 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
         conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
         # synchronous_commit=off: a SIGKILLed server loses its last commits; a checkpoint makes them stick.
         conn.execute("CHECKPOINT")
-    docker_client.containers.get(f"{prefix}-gone").remove(force=True)
+    docker_client.containers.get(f"{prefix}-{docker_engine.scope}-gone").remove(force=True)
 
     assert docker_engine.info("gone") is None
     [status] = docker_engine.status("gone")
@@ -229,9 +229,9 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
     assert docker_engine.status("gone") == []
     assert not (docker_engine.base / "gone.json").exists()
     with pytest.raises(docker.errors.NotFound):
-        docker_client.containers.get(f"{prefix}-gone")
+        docker_client.containers.get(f"{prefix}-{docker_engine.scope}-gone")
     with pytest.raises(docker.errors.NotFound):
-        docker_client.volumes.get(f"{prefix}-gone-data")
+        docker_client.volumes.get(f"{prefix}-{docker_engine.scope}-gone-data")
 
 
 # -- bad input and a hostile environment ----------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_missing_image_says_how_to_get_one_and_leaves_nothing(
         engine.start("noimage")
     assert not (tmp_path / "docker" / "noimage.json").exists()
     with pytest.raises(docker.errors.NotFound):
-        docker_client.containers.get(f"{docker_prefix}-noimage")
+        docker_client.containers.get(f"{docker_prefix}-{engine.scope}-noimage")
 
 
 @pytest.mark.docker
@@ -265,7 +265,7 @@ def test_pinned_port_taken_is_a_clear_error_and_leaves_no_container(
             with pytest.raises(EngineUnavailable, match=f"port {port} on 127.0.0.1 is already in use"):
                 engine.start("taken")
             with pytest.raises(docker.errors.NotFound):
-                docker_client.containers.get(f"{prefix}-taken")
+                docker_client.containers.get(f"{prefix}-{engine.scope}-taken")
         finally:
             remove_prefixed(docker_client, prefix)
 
@@ -301,3 +301,87 @@ def test_a_container_that_dies_fails_the_wait_with_its_log_tail(
             engine._wait_ready(container, info)
     finally:
         container.remove(force=True, v=True)
+
+
+# -- servers scoped to their state dir ------------------------------------------------------------------------
+
+
+def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REFRESHER_STATE_DIR": str(state_dir), "REFRESHER_ENGINE": "auto"}
+    return subprocess.run(
+        [sys.executable, "-m", "refresher.cli", *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_two_state_dirs_on_one_daemon_never_see_or_remove_each_other(
+    docker_client: docker.DockerClient, docker_pg_image: str, tmp_path: Path
+) -> None:
+    # The real names the CLI uses (prefix "refresher"), in two checkouts' state dirs, one profile name.
+    mine, theirs = tmp_path / "mine" / ".refresher", tmp_path / "theirs" / ".refresher"
+    engines = [DockerEngine(d, image=docker_pg_image, client=docker_client) for d in (mine, theirs)]
+    try:
+        a, b = (engine.start("shared_name") for engine in engines)
+        assert a.port != b.port
+        assert engines[0].status() != engines[1].status()
+
+        listed = _cli(mine, "status", "--json")
+        assert listed.returncode == 0, listed.stderr
+        [server] = [s for s in json.loads(listed.stdout)["servers"] if s["engine"] == "docker"]
+        assert server["port"] == a.port
+
+        everywhere = _cli(mine, "status", "--all-checkouts", "--json")
+        assert everywhere.returncode == 0, everywhere.stderr
+        details = " ".join(s["detail"] for s in json.loads(everywhere.stdout)["servers"])
+        assert str(mine.resolve()) in details and str(theirs.resolve()) in details
+
+        down = _cli(mine, "down", "--profile", "all")
+        assert down.returncode == 0, down.stderr
+        assert query(b, "SELECT 1") == 1  # the other checkout's server still answers
+        assert engines[1].status("shared_name")[0].running
+        assert engines[0].status() == []
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(a.dsn(), connect_timeout=3).close()
+    finally:
+        for engine in engines:
+            engine.stop("shared_name")
+
+
+def _labels_of_a_process_that_then_dies() -> dict[str, str]:
+    from refresher.engines import owner_labels
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        return owner_labels(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.docker
+def test_sweep_removes_only_what_a_dead_owner_left(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
+) -> None:
+    from refresher.engines import owner_labels
+    from refresher.engines.docker import remove_abandoned
+
+    marker = f"io.refresher.test-{docker_prefix}"
+    dead, alive = _labels_of_a_process_that_then_dies(), owner_labels(os.getpid())
+    elsewhere = {**dead, "io.refresher.owner.host": "another-machine"}
+    made = {}
+    for name, owner in (("dead", dead), ("alive", alive), ("elsewhere", elsewhere)):
+        labels = {marker: "1", PREFIX_LABEL: docker_prefix, **owner}
+        made[name] = docker_client.containers.create(
+            docker_pg_image, name=f"{docker_prefix}-{name}", labels=labels
+        )
+        docker_client.volumes.create(f"{docker_prefix}-{name}-data", labels=labels)
+
+    removed = remove_abandoned(marker)
+
+    assert sorted(removed) == sorted([f"{docker_prefix}-dead", f"{docker_prefix}-dead-data"])
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(made["dead"].id)
+    for kept in ("alive", "elsewhere"):
+        docker_client.containers.get(made[kept].id)
+        docker_client.volumes.get(f"{docker_prefix}-{kept}-data")

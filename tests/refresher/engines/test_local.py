@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,3 +173,69 @@ def test_an_untraversable_state_dir_names_the_directory_to_fix(
 def test_profile_names_are_validated(engine: LocalEngine, bad: str) -> None:
     with pytest.raises(ProfileError, match="profile"):
         engine.start(bad)
+
+
+# -- a start that survives a crash, and a full disk -------------------------------------------------------------
+
+
+def test_kill_9_during_initdb_then_the_next_start_cleans_up_and_serves(engine: LocalEngine) -> None:
+    code = "import sys; from pathlib import Path; from refresher.engines.local import LocalEngine;" + (
+        "LocalEngine(Path(sys.argv[1])).start('lc_killed')"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(engine.base.parent)])
+    root = engine.base / "lc_killed"
+    deadline = time.monotonic() + 120
+    while not any(p.is_dir() and any(p.iterdir()) for p in root.glob("pgdata.init-*")):
+        assert child.poll() is None, "the start finished before initdb could be interrupted"
+        assert time.monotonic() < deadline, "initdb never began"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+    [status] = engine.status("lc_killed")
+    assert not status.running and "start interrupted" in status.detail
+    assert engine.info("lc_killed") is None
+    secrets_left = [p for p in root.rglob("*") if "pw" in p.name.lower()]
+    assert secrets_left == []
+
+    info = engine.start("lc_killed")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("lc_killed",)
+    assert list(root.glob("pgdata.init-*")) == []
+    assert engine.status("lc_killed")[0].running
+
+
+@pytest.fixture
+def tiny_disk() -> Iterator[Path]:
+    """A 16 MB tmpfs: too small for initdb (about 40 MB). Needs root, as the server's OS user switch does."""
+    path = Path(tempfile.mkdtemp(prefix="refresher-full-", dir="/tmp"))
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        path.rmdir()
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
+
+
+def test_a_full_disk_during_initdb_is_one_line_naming_the_path_and_space(tiny_disk: Path) -> None:
+    engine = LocalEngine(tiny_disk)
+    with pytest.raises(EngineUnavailable) as caught:
+        engine.start("full")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"disk full: {tiny_disk / 'local' / 'full'} has ")
+    assert "needs at least 64 MB" in message
+    assert caught.value.exit_code == 2
+    # Nothing half-made that a later start would trust.
+    root = tiny_disk / "local" / "full"
+    assert not (root / "pgdata").exists() and not (root / "server.json").exists()
+    assert list(root.glob("pgdata.init-*")) == []

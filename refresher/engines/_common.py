@@ -1,0 +1,170 @@
+"""What every engine shares: the profile-name rule, server tuning, state files, locks and the readiness wait.
+
+Private to ``refresher.engines``: other packages reach these through the engines' public names (``Engine``,
+``make_engine``, ``validate_profile``), never by importing this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import filelock
+import psycopg
+
+from refresher.errors import EngineUnavailable, ProfileError
+
+HOST = "127.0.0.1"
+DB_SUPERUSER = "refresher"
+PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+# A throwaway dev database whose every row can be rebuilt from the feature store: durability buys nothing here,
+# and turning it off roughly doubles COPY throughput. A crash may corrupt the cluster; `refresher down` and
+# `refresher refresh` rebuild it. wal_level=minimal also lets COPY into a table created or truncated in the same
+# transaction skip WAL entirely. Listening is each engine's business (loopback for local, the container's
+# interfaces behind a loopback-only published port for Docker).
+TUNING: dict[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "checkpoint_timeout": "1h",
+    "max_wal_size": "8GB",
+    "shared_buffers": "256MB",
+    "maintenance_work_mem": "256MB",
+    "work_mem": "32MB",
+}
+
+# None: refused or reset while the server (or Docker's port proxy) starts; 57P03: "the database system is
+# starting up" / "shutting down" between the image's init and the real start.
+RETRYABLE_SQLSTATES: frozenset[str | None] = frozenset({None, "57P03"})
+# What initdb and a first start need on disk (a PG 15-18 cluster with our settings is about 40 MB).
+INIT_BYTES_NEEDED = 64 * 1024 * 1024
+
+
+def validate_profile(profile: str, *, file: Path | str = "--profile", field: str = "profile") -> str:
+    """Profile names reach file paths, container names and database names: this is the one rule for them.
+
+    ``file`` and ``field`` say where the name came from (a profile's YAML, the command line) for the error.
+    """
+    if not PROFILE_NAME.match(profile):
+        raise ProfileError(file, field, profile, f"profile names must match {PROFILE_NAME.pattern}")
+    return profile
+
+
+def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically and readable by the owner only (state files hold passwords).
+
+    A crash leaves either the old file or the new one, never half of either, and never a world-readable copy.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(path, exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(path, thread_local=False):
+        yield
+
+
+def is_disk_full(text: str) -> bool:
+    """Whether a program's output (initdb, the server log) says the disk ran out of space."""
+    return "No space left on device" in text or "could not extend file" in text
+
+
+def disk_full(path: Path, needed: int = INIT_BYTES_NEEDED) -> EngineUnavailable:
+    """The one-line error for a full disk: which path, how much is free, how much is needed."""
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = 0
+    return EngineUnavailable(
+        f"disk full: {path} has {_mb(free)} free, the server needs at least {_mb(needed)}; "
+        "free some space (or point REFRESHER_STATE_DIR elsewhere) and run the command again",
+        path=str(path),
+        free=free,
+        needed=needed,
+    )
+
+
+def disk_error(path: Path, exc: OSError) -> OSError | EngineUnavailable:
+    """ENOSPC/EDQUOT as the one-line disk-full error; any other OSError unchanged."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(path)
+    return exc
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB"
+
+
+def wait_ready(
+    dsn: str,
+    *,
+    what: str,
+    timeout: float,
+    alive: Callable[[], bool],
+    log_tail: Callable[[], str],
+    query: str = "SELECT 1",
+    retryable: frozenset[str | None] = RETRYABLE_SQLSTATES,
+    interval: float = 0.05,
+) -> None:
+    """Poll ``dsn`` with a real query until the server answers (the testcontainers/pytest-postgresql wait).
+
+    Errors whose SQLSTATE is in ``retryable`` are retried until ``timeout``; any other is raised at once with
+    its SQLSTATE in ``fields``. ``alive`` false (the process or container exited) stops the wait early. On
+    failure the server's log tail goes into the error, since that is where the reason is.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(dsn, connect_timeout=3) as conn:
+                conn.execute(query.encode())
+                return
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate not in retryable:
+                raise EngineUnavailable(f"{what} refused us: {exc}", sqlstate=exc.sqlstate) from exc
+            last = exc
+        if not alive():
+            break
+        time.sleep(interval)
+    tail = log_tail()
+    if is_disk_full(tail):
+        raise EngineUnavailable(f"{what} ran out of disk space while starting: {_last_line(tail)}")
+    raise EngineUnavailable(
+        f"{what} is not ready after {timeout:.0f}s ({last or 'it exited'}); log tail:\n{tail}",
+        sqlstate=getattr(last, "sqlstate", None),
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if is_disk_full(line)), lines[-1] if lines else "")

