@@ -28,12 +28,7 @@ OWNED_IMPORTS: dict[str, tuple[str, ...]] = {
 }
 
 # Edges between top-level packages that close a cycle today, with the issue that removes them.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    (
-        "featurestore",
-        "refresher",
-    ): "issue 7: featurestore stands alone (featurestore.errors -> refresher.errors)",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
