@@ -67,11 +67,15 @@ def first_party_imports() -> Iterator[Import]:
 
 
 def _owner_of_private(target: str) -> str | None:
-    """The package a private name belongs to (``a.b`` for ``a.b._c`` or ``a.b._c.d``), or None if public."""
+    """The package a private name belongs to, or None if public.
+
+    ``a.b`` for the module ``a.b._c``, for ``a.b._c.d``, and for ``a.b.mod._helper``: modules of one package
+    may share their private helpers; nothing outside the package may use them.
+    """
     parts = target.split(".")
     for i, part in enumerate(parts):
         if part.startswith("_") and not part.startswith("__"):
-            return ".".join(parts[:i])
+            return _package_of(".".join(parts[:i]))
     return None
 
 
@@ -129,3 +133,5 @@ def test_the_rules_catch_what_they_are_for() -> None:
     assert not _within(_package_of("refresher._pytest_servers"), "refresher.engines")
     assert _within(_package_of("refresher.engines.docker"), "refresher.engines")
     assert _owner_of_private("refresher.engines.docker.SERVER_ARGS") is None
+    assert _owner_of_private("refresher.engines.docker._log_tail") == "refresher.engines"
+    assert _owner_of_private("refresher._pytest_servers.LoadedServer") == "refresher"
