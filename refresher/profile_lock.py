@@ -14,14 +14,13 @@ from pathlib import Path
 
 import filelock
 
-from refresher.errors import ProfileBusy, ProfileError
-from refresher.profile import NAME_RE
+from refresher.engines import validate_profile
+from refresher.errors import ProfileBusy
 
 
 def lock_path(state_dir: Path, profile: str) -> Path:
     """Where the lock of ``profile`` lives; only a valid profile name ever reaches the file system."""
-    if not NAME_RE.match(profile):
-        raise ProfileError("(command line)", "profile", profile, f"must match {NAME_RE.pattern}")
+    validate_profile(profile, file="(command line)")
     return state_dir / "locks" / f"{profile}.lock"
 
 
