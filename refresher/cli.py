@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ISO time, e.g. 2025-07-03T16:59:00-04:00; without a zone it is UTC (default: now)",
     )
+    from refresher.jobs import cli as jobs_cli
+
+    jobs_cli.add_commands(sub, common)
     return parser
 
 
@@ -196,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     calendar.use_cache_dir(settings.cache_dir / "calendars" if settings.cache_dir else None)
+    if args.command in ("jobs", "worker"):
+        from refresher.jobs import cli as jobs_cli
+
+        return jobs_cli.run(args, settings, _emit)
     if args.command == "refresh":
         mode = "off" if args.json else "bar" if sys.stderr.isatty() else "lines"
         with render.progress(mode) as on_progress:

@@ -88,7 +88,7 @@ class PlanReport:
         }
 
 
-def _timezones(profile: Profile) -> dict[str, str]:
+def exchange_timezones(profile: Profile) -> dict[str, str]:
     return {listing.symbol: str(get_calendar(listing.exchange).tz) for listing in profile.listings}
 
 
@@ -120,7 +120,7 @@ def compute_plan(
             for s, row in database.read_loaded_segments(conn).items()
         }
         if verify:
-            verified = database.count_rows(conn, list(loaded), timezones=_timezones(profile))
+            verified = database.count_rows(conn, list(loaded), timezones=exchange_timezones(profile))
     return plan_gaps(desired, keys, stored, loaded, verified_rows=verified)
 
 
@@ -160,7 +160,7 @@ def refresh(
 
     server: ServerInfo = engine.start(profile.name)
     mark = lap("engine", started)
-    tz_of = _timezones(profile)
+    tz_of = exchange_timezones(profile)
     pruned = 0
     # The report's store counts are what this run added to the store's own counters (one definition, one
     # source: ``featurestore stats`` shows the same numbers summed over every run).

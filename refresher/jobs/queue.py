@@ -1,0 +1,323 @@
+"""The Redis side of segment jobs: key names, the four priority streams, and the scripts that move a job.
+
+Layout (every key under ``refresher:``):
+
+- ``jobs:{tier}``: one stream per priority tier, consumer group ``workers``; an entry is one job (JSON).
+- ``dead``: the dead-letter stream (job, error text, attempts).
+- ``retry``: sorted set of jobs waiting out a backoff, scored by when they are due.
+- ``run:{id}``: a hash with the run's spec and counters; ``run:{id}:done`` the set of finished segments (a
+  segment counts once however often it is delivered); ``run:{id}:inflight`` message id -> consumer;
+  ``run:{id}:held`` the jobs of a held run; ``runs`` sorted set of run ids by submit time; ``features-due``
+  runs whose segments are all loaded and whose features no worker has computed yet.
+
+Every state change of a job (ack + counters, ack + retry, ack + dead letter, promotion) is one Lua script, so a
+Redis restart between two commands cannot leave a job both acknowledged and uncounted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
+
+from refresher.errors import JobError
+
+PREFIX = "refresher:"
+GROUP = "workers"
+TIERS = ("critical", "high", "normal", "low")
+# Reads per tier in one round of the weighted round robin: a critical backlog goes first, low still moves.
+WEIGHTS = {"critical": 10, "high": 5, "normal": 2, "low": 1}
+RUNS = PREFIX + "runs"
+DEAD = PREFIX + "dead"
+RETRY = PREFIX + "retry"
+FEATURES_DUE = PREFIX + "features-due"
+HELD = PREFIX + "held"
+
+
+def text(value: Any) -> str:
+    """A Redis reply as text (replies are bytes; the client's stubs admit str too)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def stream_key(tier: str) -> str:
+    return f"{PREFIX}jobs:{tier}"
+
+
+def run_key(run_id: str, part: str = "") -> str:
+    return f"{PREFIX}run:{run_id}" + (f":{part}" if part else "")
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that retries a dropped connection a few times with jittered backoff (a Redis restart)."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=8),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            socket_connect_timeout=5,
+            health_check_interval=10,
+        )
+    except ValueError as exc:
+        raise JobError(f"--queue={url!r}: not a Redis URL ({exc})", field="queue", value=url) from exc
+    return client
+
+
+def ensure_groups(client: redis.Redis) -> None:
+    for tier in TIERS:
+        try:
+            client.xgroup_create(stream_key(tier), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job handed to a consumer: where it came from (to acknowledge it) and what it says."""
+
+    tier: str
+    message_id: str
+    job: dict[str, Any]
+
+    @classmethod
+    def parse(cls, stream: bytes | str, message_id: bytes | str, fields: dict[bytes, bytes]) -> Delivery:
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        mid = message_id.decode() if isinstance(message_id, bytes) else message_id
+        return cls(name.rsplit(":", 1)[1], mid, json.loads(fields[b"job"]))
+
+
+_FINISH = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
+if redis.call('SADD', KEYS[3], ARGV[3]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'done', 1)
+redis.call('HINCRBY', KEYS[2], 'rows', ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'loaded', ARGV[5])
+redis.call('HSET', KEYS[2], 'last_done_at', ARGV[6])
+local done = tonumber(redis.call('HGET', KEYS[2], 'done'))
+if done >= tonumber(redis.call('HGET', KEYS[2], 'total')) then
+  redis.call('HSET', KEYS[2], 'state', 'loaded')
+  redis.call('SADD', KEYS[5], ARGV[7])
+  return 2
+end
+return 1
+"""
+
+_RETRY = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'retrying', 1)
+return 1
+"""
+
+_DEAD = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'run', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
+redis.call('HINCRBY', KEYS[2], 'dead', 1)
+return 1
+"""
+
+_DROP = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Due retries go back to their tier's stream; keys are derived inside (one Redis, not a cluster).
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, payload in ipairs(due) do
+  local job = cjson.decode(payload)
+  redis.call('XADD', ARGV[3] .. 'jobs:' .. job['tier'], '*', 'job', payload)
+  redis.call('HINCRBY', ARGV[3] .. 'run:' .. job['run'], 'retrying', -1)
+  redis.call('ZREM', KEYS[1], payload)
+end
+return #due
+"""
+
+# A held run whose hold has passed: its jobs enter the stream in one step, so none is released twice.
+_RELEASE = """
+if redis.call('HGET', KEYS[2], 'state') ~= 'held' then return 0 end
+if tonumber(redis.call('HGET', KEYS[2], 'held_until_ts')) > tonumber(ARGV[1]) then return 0 end
+local jobs = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, payload in ipairs(jobs) do
+  redis.call('XADD', KEYS[3], '*', 'job', payload)
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[4], ARGV[2])
+redis.call('HSET', KEYS[2], 'state', 'queued')
+return #jobs
+"""
+
+
+class JobQueue:
+    """The operations a worker performs on the streams; each is one round trip."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._finish = client.register_script(_FINISH)
+        self._retry = client.register_script(_RETRY)
+        self._dead = client.register_script(_DEAD)
+        self._drop = client.register_script(_DROP)
+        self._promote = client.register_script(_PROMOTE)
+        self._release = client.register_script(_RELEASE)
+        self._credit = dict.fromkeys(TIERS, 0)
+
+    # -- taking jobs ----------------------------------------------------------------------------------------
+
+    def _tier_order(self) -> list[str]:
+        """Smooth weighted round robin: the tier whose turn it is first, then the rest by priority."""
+        total = sum(WEIGHTS.values())
+        for tier in TIERS:
+            self._credit[tier] += WEIGHTS[tier]
+        pick = max(TIERS, key=lambda t: self._credit[t])
+        self._credit[pick] -= total
+        return [pick, *(t for t in TIERS if t != pick)]
+
+    def read(self, consumer: str, block_ms: int) -> list[Delivery]:
+        """At most one new job, from the tier whose turn it is, else the next non-empty tier; blocks when
+        every stream is empty."""
+        for tier in self._tier_order():
+            got = self.client.xreadgroup(GROUP, consumer, {stream_key(tier): ">"}, count=1)
+            if got:
+                return self._deliveries(got)
+        if block_ms <= 0:
+            return []
+        got = self.client.xreadgroup(
+            GROUP, consumer, {stream_key(t): ">" for t in TIERS}, count=1, block=block_ms
+        )
+        return self._deliveries(got) if got else []
+
+    @staticmethod
+    def _deliveries(got: Any) -> list[Delivery]:
+        return [Delivery.parse(stream, mid, fields) for stream, entries in got for mid, fields in entries]
+
+    def reclaim(self, consumer: str, min_idle_ms: int) -> list[tuple[Delivery, int]]:
+        """Take over one job per tier whose consumer went quiet (died) for ``min_idle_ms``; with its delivery
+        count, so a job that keeps killing workers can be dead-lettered."""
+        out: list[tuple[Delivery, int]] = []
+        for tier in TIERS:
+            reply = self.client.xautoclaim(stream_key(tier), GROUP, consumer, min_idle_ms, "0-0", count=1)
+            for mid, fields in reply[1]:
+                if fields is None:  # deleted while pending (Redis < 7 reports these)
+                    continue
+                delivery = Delivery.parse(stream_key(tier), mid, fields)
+                info = self.client.xpending_range(stream_key(tier), GROUP, mid, mid, 1)
+                out.append((delivery, int(info[0]["times_delivered"]) if info else 1))
+        return out
+
+    def extend(self, delivery: Delivery, consumer: str) -> None:
+        """Reset the job's idle time so no one reclaims it while this worker is still on it (JUSTID: the
+        delivery count stays)."""
+        self.client.xclaim(stream_key(delivery.tier), GROUP, consumer, 0, [delivery.message_id], justid=True)
+
+    def started(self, delivery: Delivery, consumer: str, now: float) -> str | None:
+        """Record the job as in flight; returns the run's state (a cancelled run's jobs are dropped)."""
+        run = delivery.job["run"]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(run_key(run, "inflight"), delivery.message_id, consumer)
+        pipe.hsetnx(run_key(run), "started_at", now)
+        pipe.hget(run_key(run), "state")
+        state = pipe.execute()[-1]
+        return state.decode() if state else None
+
+    # -- settling jobs --------------------------------------------------------------------------------------
+
+    def finish(self, delivery: Delivery, rows: int, loaded: bool, now: float) -> bool:
+        """Acknowledge after the commit and count the segment once; True when it was the run's last."""
+        run = delivery.job["run"]
+        result = self._finish(
+            keys=[
+                stream_key(delivery.tier),
+                run_key(run),
+                run_key(run, "done"),
+                run_key(run, "inflight"),
+                FEATURES_DUE,
+            ],
+            args=[GROUP, delivery.message_id, delivery.job["seg"], rows, int(loaded), now, run],
+        )
+        return int(result) == 2
+
+    def retry_later(self, delivery: Delivery, due: float) -> None:
+        job = {**delivery.job, "attempt": int(delivery.job.get("attempt", 0)) + 1}
+        self._retry(
+            keys=[stream_key(delivery.tier), run_key(job["run"]), RETRY, run_key(job["run"], "inflight")],
+            args=[GROUP, delivery.message_id, json.dumps(job, sort_keys=True), due],
+        )
+
+    def dead_letter(self, delivery: Delivery, error: str, attempts: int) -> None:
+        run = delivery.job["run"]
+        self._dead(
+            keys=[stream_key(delivery.tier), run_key(run), DEAD, run_key(run, "inflight")],
+            args=[GROUP, delivery.message_id, run, json.dumps(delivery.job, sort_keys=True), error, attempts],
+        )
+
+    def drop(self, delivery: Delivery) -> None:
+        """Acknowledge a job of a cancelled run without running it."""
+        self._drop(
+            keys=[stream_key(delivery.tier), run_key(delivery.job["run"], "inflight")],
+            args=[GROUP, delivery.message_id],
+        )
+
+    # -- housekeeping ---------------------------------------------------------------------------------------
+
+    def promote_due(self, now: float, limit: int = 1000) -> int:
+        return int(self._promote(keys=[RETRY], args=[now, limit, PREFIX]))
+
+    def release_held(self, now: float) -> int:
+        """Release every held run whose hold has passed; returns the jobs released."""
+        released = 0
+        for member in self.client.smembers(HELD):
+            run = text(member)
+            tier = text(self.client.hget(run_key(run), "priority") or b"normal")
+            released += int(
+                self._release(
+                    keys=[run_key(run, "held"), run_key(run), stream_key(tier), HELD], args=[now, run]
+                )
+            )
+        return released
+
+
+def enqueue(client: redis.Redis, tier: str, payloads: Sequence[str], *, chunk: int = 5000) -> list[float]:
+    """XADD ``payloads`` to a tier's stream, pipelined by ``chunk``; returns seconds per chunk."""
+    timings: list[float] = []
+    for start in range(0, len(payloads), chunk):
+        began = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for payload in payloads[start : start + chunk]:
+            pipe.xadd(stream_key(tier), {"job": payload})
+        pipe.execute()
+        timings.append(time.perf_counter() - began)
+    return timings
+
+
+__all__ = [
+    "DEAD",
+    "FEATURES_DUE",
+    "GROUP",
+    "HELD",
+    "RETRY",
+    "RUNS",
+    "TIERS",
+    "WEIGHTS",
+    "Delivery",
+    "JobQueue",
+    "connect",
+    "enqueue",
+    "ensure_groups",
+    "run_key",
+    "stream_key",
+    "text",
+]

@@ -1,0 +1,288 @@
+"""Runs: a submitted set of segment jobs, its spec and counters in one Redis hash, read in one round trip.
+
+``jobs status`` reads the run hash plus a few lengths, never the jobs themselves, so it answers in
+milliseconds whether the run has 10 or 120,000 segments.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from refresher.errors import JobError
+from refresher.jobs.queue import (
+    DEAD,
+    FEATURES_DUE,
+    GROUP,
+    HELD,
+    RUNS,
+    TIERS,
+    WEIGHTS,
+    enqueue,
+    ensure_groups,
+    run_key,
+    stream_key,
+    text,
+)
+from refresher.jobs.segment import SegmentJob
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What workers need to run a run's jobs; names the target without its password."""
+
+    profile: str
+    profile_path: str
+    as_of: str
+    target: str
+    # The target is the profile's own server: a worker on that machine takes the password from its state dir.
+    own_server: bool
+    priority: str = "normal"
+    when_closed: str | None = None
+    held_until: str | None = None
+
+
+def job_payload(run_id: str, tier: str, job: SegmentJob) -> str:
+    return json.dumps(
+        {
+            "run": run_id,
+            "tier": tier,
+            "seg": str(job.segment),
+            "key": job.key,
+            "tz": job.tz,
+            "force": job.force,
+            "attempt": 0,
+        },
+        sort_keys=True,
+    )
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """``jobs submit``: the run id and how the submission went."""
+
+    run_id: str
+    jobs: int
+    priority: str
+    held_until: str | None
+    seconds: float
+    # Seconds per pipelined chunk of XADDs, for the benchmark's per-job latencies.
+    chunk_seconds: list[float] = field(default_factory=list)
+    chunk_size: int = 5000
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["chunk_seconds"], out["chunk_size"]
+        return out
+
+
+def new_run_id(now: dt.datetime) -> str:
+    return f"{now.astimezone(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def submit_jobs(
+    client: redis.Redis,
+    spec: RunSpec,
+    jobs: Sequence[SegmentJob],
+    *,
+    now: dt.datetime,
+    held_until_ts: float | None = None,
+    chunk: int = 5000,
+) -> Submitted:
+    """Record the run, then enqueue its jobs (or park them while the run is held)."""
+    began = time.perf_counter()
+    ensure_groups(client)
+    run_id = new_run_id(now)
+    payloads = [job_payload(run_id, spec.priority, job) for job in jobs]
+    state = "held" if held_until_ts is not None else ("queued" if payloads else "loaded")
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(
+        run_key(run_id),
+        mapping={
+            "spec": json.dumps(asdict(spec), sort_keys=True),
+            "priority": spec.priority,
+            "total": len(payloads),
+            "done": 0,
+            "rows": 0,
+            "loaded": 0,
+            "dead": 0,
+            "retrying": 0,
+            "state": state,
+            "submitted_at": now.timestamp(),
+            "held_until_ts": held_until_ts if held_until_ts is not None else 0,
+        },
+    )
+    pipe.zadd(RUNS, {run_id: now.timestamp()})
+    if state == "loaded":
+        pipe.sadd(FEATURES_DUE, run_id)
+    pipe.execute()
+    timings: list[float] = []
+    if state == "held":
+        for start in range(0, len(payloads), chunk):
+            t0 = time.perf_counter()
+            client.rpush(run_key(run_id, "held"), *payloads[start : start + chunk])
+            timings.append(time.perf_counter() - t0)
+        client.sadd(HELD, run_id)
+    else:
+        timings = enqueue(client, spec.priority, payloads, chunk=chunk)
+    return Submitted(
+        run_id,
+        len(payloads),
+        spec.priority,
+        spec.held_until,
+        round(time.perf_counter() - began, 4),
+        timings,
+        chunk,
+    )
+
+
+@dataclass(frozen=True)
+class TierStatus:
+    tier: str
+    weight: int
+    queued: int
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """``jobs status``: where a run stands, from its counters."""
+
+    run_id: str
+    profile: str
+    target: str
+    priority: str
+    state: str
+    total: int
+    done: int
+    pending: int
+    in_flight: int
+    retrying: int
+    dead: int
+    held: int
+    rows_loaded: int
+    segments_loaded: int
+    rows_per_second: float | None
+    eta_seconds: float | None
+    held_until: str | None
+    features: dict[str, Any] | None
+    tiers: list[TierStatus]
+    read_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int(raw: dict[bytes, bytes], name: str) -> int:
+    return int(raw.get(name.encode(), b"0"))
+
+
+def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) -> RunStatus:
+    began = time.perf_counter()
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(run_key(run_id))
+    pipe.hlen(run_key(run_id, "inflight"))
+    pipe.llen(run_key(run_id, "held"))
+    for tier in TIERS:
+        pipe.xlen(stream_key(tier))
+        pipe.xpending(stream_key(tier), GROUP)
+    replies = pipe.execute(raise_on_error=False)
+    raw = replies[0]
+    if not raw:
+        raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+    in_flight, held = int(replies[1]), int(replies[2])
+    tiers = []
+    for i, tier in enumerate(TIERS):
+        length, pending = replies[3 + 2 * i], replies[4 + 2 * i]
+        busy = int(pending["pending"]) if isinstance(pending, dict) else 0
+        queued = int(length) - busy if isinstance(length, int) else 0
+        tiers.append(TierStatus(tier, WEIGHTS[tier], queued, busy))
+    spec = json.loads(raw[b"spec"])
+    total, done, dead, retrying = (_int(raw, n) for n in ("total", "done", "dead", "retrying"))
+    rows = _int(raw, "rows")
+    started = float(raw.get(b"started_at", b"0"))
+    last = float(raw.get(b"last_done_at", b"0"))
+    rate = rows / (last - started) if started and last > started else None
+    seg_rate = done / (last - started) if started and last > started else None
+    remaining = total - done - dead
+    state = raw[b"state"].decode()
+    features = json.loads(raw[b"features"]) if b"features" in raw else None
+    return RunStatus(
+        run_id=run_id,
+        profile=spec["profile"],
+        target=spec["target"],
+        priority=spec["priority"],
+        state=state,
+        total=total,
+        done=done,
+        pending=max(remaining - in_flight - retrying - held, 0),
+        in_flight=in_flight,
+        retrying=retrying,
+        dead=dead,
+        held=held,
+        rows_loaded=rows,
+        segments_loaded=_int(raw, "loaded"),
+        rows_per_second=round(rate, 1) if rate else None,
+        eta_seconds=round(remaining / seg_rate, 1) if seg_rate and state != "cancelled" else None,
+        held_until=spec.get("held_until") if state == "held" else None,
+        features=features,
+        tiers=tiers,
+        read_ms=round((time.perf_counter() - began) * 1000, 3),
+    )
+
+
+def list_runs(client: redis.Redis, limit: int = 50) -> list[RunStatus]:
+    ids = [text(m) for m in client.zrevrange(RUNS, 0, limit - 1)]
+    return [run_status(client, run_id) for run_id in ids]
+
+
+def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
+    """Stop a run: workers acknowledge its remaining jobs without running them; loaded segments stay."""
+    if not client.exists(run_key(run_id)):
+        raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(run_key(run_id), "state", "cancelled")
+    pipe.delete(run_key(run_id, "held"))
+    pipe.srem(HELD, run_id)
+    pipe.execute()
+    return run_status(client, run_id)
+
+
+def retry_dead(client: redis.Redis, run_id: str) -> int:
+    """Put a run's dead-lettered jobs back on their stream with a fresh attempt count; returns how many."""
+    if not client.exists(run_key(run_id)):
+        raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+    moved = 0
+    entries: Any = client.xrange(DEAD)
+    for entry_id, fields in entries:
+        if text(fields.get(b"run", b"")) != run_id:
+            continue
+        job = {**json.loads(fields[b"job"]), "attempt": 0}
+        pipe = client.pipeline(transaction=True)
+        pipe.xadd(stream_key(job["tier"]), {"job": json.dumps(job, sort_keys=True)})
+        pipe.xdel(DEAD, entry_id)
+        pipe.hincrby(run_key(run_id), "dead", -1)
+        pipe.hset(run_key(run_id), "state", "queued")
+        pipe.execute()
+        moved += 1
+    return moved
+
+
+__all__ = [
+    "RunSpec",
+    "RunStatus",
+    "Submitted",
+    "cancel_run",
+    "job_payload",
+    "list_runs",
+    "retry_dead",
+    "run_status",
+    "submit_jobs",
+]

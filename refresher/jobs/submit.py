@@ -1,0 +1,97 @@
+"""``refresher jobs submit``: the same gap plan as ``refresh``, made against the target, enqueued as jobs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from contextlib import closing
+from zoneinfo import ZoneInfo
+
+import psycopg
+import redis
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from featurestore import FeatureStore
+from refresher import database
+from refresher.calendar import market_status
+from refresher.engines import select_engine
+from refresher.errors import JobError
+from refresher.jobs.queue import TIERS, connect
+from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
+from refresher.jobs.segment import jobs_of_plan
+from refresher.profile import load_profile
+from refresher.refresh import compute_plan, exchange_timezones
+from refresher.settings import Settings
+from refresher.sources import make_source
+
+
+def without_password(dsn: str) -> str:
+    """The DSN as it may travel through Redis: everything but the password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise JobError(f"--target: not a PostgreSQL DSN ({exc})", field="target") from exc
+    params.pop("password", None)
+    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+
+
+def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:
+    """When a run submitted at ``now`` with ``--when-closed exchange`` may start: None if it is closed now."""
+    state = market_status(exchange, now)
+    if not state.is_open:
+        return None
+    local = state.next_close.astimezone(ZoneInfo(state.tz))
+    return state.next_close.timestamp(), f"{local:%Y-%m-%d %H:%M} {state.tz}"
+
+
+def submit_run(
+    settings: Settings,
+    profile_name: str,
+    queue_url: str,
+    *,
+    target: str | None = None,
+    priority: str = "normal",
+    when_closed: str | None = None,
+    as_of: dt.date | None = None,
+    now: dt.datetime | None = None,
+) -> Submitted:
+    """Plan the profile against the target and enqueue one job per segment to load; returns the run id."""
+    if priority not in TIERS:
+        raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
+    now = now or dt.datetime.now(dt.UTC)
+    profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
+    held = hold_until(when_closed, now) if when_closed else None
+    if target is None:
+        server = select_engine(settings.engine, settings, profile.name).start(profile.name)
+        dsn, public = server.dsn(), server.dsn(with_password=False)
+    else:
+        dsn, public = target, without_password(target)
+    store = FeatureStore(settings.store_root)
+    with closing(make_source(profile)) as source, psycopg.connect(dsn, autocommit=True) as conn:
+        database.ensure_schema(conn)
+        database.upsert_symbols(conn, profile.listings)
+        plan = compute_plan(profile, source, store, conn)
+    spec = RunSpec(
+        profile=profile.name,
+        profile_path=str(profile.path),
+        # Pinned, so every worker computes the same months whatever day it runs.
+        as_of=profile.end.isoformat(),
+        target=public,
+        own_server=target is None,
+        priority=priority,
+        when_closed=when_closed,
+        held_until=held[1] if held else None,
+    )
+    client = connect(queue_url)
+    try:
+        return submit_jobs(
+            client,
+            spec,
+            jobs_of_plan(plan, exchange_timezones(profile)),
+            now=now,
+            held_until_ts=held[0] if held else None,
+        )
+    except redis.ConnectionError as exc:
+        raise JobError(f"--queue={queue_url}: cannot reach Redis ({exc})", field="queue") from exc
+
+
+__all__ = ["hold_until", "submit_run", "without_password"]

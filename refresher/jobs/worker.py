@@ -1,0 +1,311 @@
+"""``refresher worker``: pull segment jobs from Redis, run them, acknowledge after the database commit.
+
+At-least-once delivery, exactly-once effect: a job is acknowledged only after its transaction committed, so a
+worker that dies in between leaves the job pending; whoever runs it again finds the ledger row already holding
+that content hash and changes nothing (``refresher.jobs.segment.load_table``). A job whose worker went quiet for
+the visibility timeout is reclaimed (XAUTOCLAIM) by a live worker; a live worker on a long job extends its claim
+every third of the timeout so it is not taken from under it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from featurestore import FeatureStore
+from refresher.engines import select_engine
+from refresher.features import refresh_features
+from refresher.jobs.queue import (
+    FEATURES_DUE,
+    RETRY,
+    TIERS,
+    Delivery,
+    JobQueue,
+    connect,
+    run_key,
+    stream_key,
+    text,
+)
+from refresher.jobs.retry import backoff_seconds, is_transient
+from refresher.jobs.segment import SegmentJob, run_segment_job
+from refresher.plan import segment_key
+from refresher.profile import Profile, load_profile
+from refresher.refresh import compute_plan
+from refresher.segments import Segment
+from refresher.settings import Settings
+from refresher.sources import make_source
+from refresher.sources.base import Source
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    name: str
+    concurrency: int = 1
+    burst: bool = False
+    visibility_timeout: float = 60.0
+    # Attempts before a job goes to the dead-letter stream: transient failures, permanent ones, and
+    # deliveries that never finished (the worker died on it each time).
+    max_attempts: int = 6
+    poison_attempts: int = 3
+    backoff_base: float = 0.5
+    backoff_cap: float = 60.0
+    block_ms: int = 1000
+
+
+@dataclass
+class WorkerReport:
+    """What a worker did before it stopped."""
+
+    name: str
+    done: int = 0
+    loaded: int = 0
+    rows_loaded: int = 0
+    retried: int = 0
+    dead: int = 0
+    features: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "lock"}
+
+
+def parse_segment(text: str) -> Segment:
+    symbol, timeframe, month = text.split("/")
+    return Segment(symbol, timeframe, dt.date.fromisoformat(f"{month}-01"))  # type: ignore[arg-type]
+
+
+class _RunContext:
+    """A run's profile, source, store and target connection, opened once per worker thread."""
+
+    def __init__(self, settings: Settings, spec: dict[str, Any]) -> None:
+        path = Path(spec["profile_path"])
+        as_of = dt.date.fromisoformat(spec["as_of"])
+        # The submitter's file when this machine has it, else the profile of that name here.
+        name = str(path) if path.is_file() else spec["profile"]
+        self.profile: Profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
+        self.store = FeatureStore(settings.store_root)
+        self.source: Source = make_source(self.profile)
+        self.conn = psycopg.connect(_credentials(settings, spec), autocommit=True)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.conn.close()
+        with suppress(Exception):
+            self.source.close()
+
+
+def _credentials(settings: Settings, spec: dict[str, Any]) -> str:
+    """The target with a password from this machine: the profile's state dir when this machine serves it,
+    else libpq's own sources (PGPASSWORD, .pgpass, service files) apply to the DSN as given."""
+    if spec["own_server"]:
+        with suppress(Exception):
+            server = select_engine(settings.engine, settings, spec["profile"]).info(spec["profile"])
+            if server is not None and server.dsn(with_password=False) == spec["target"]:
+                return server.dsn()
+    return str(spec["target"])
+
+
+class Worker:
+    """Runs ``options.concurrency`` consumer loops (threads) until stopped, or until idle with ``burst``."""
+
+    def __init__(
+        self,
+        queue_url: str,
+        settings: Settings,
+        options: WorkerOptions,
+        *,
+        clock: Clock = time.time,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.queue_url, self.settings, self.options, self.clock = queue_url, settings, options, clock
+        self.stop = stop or threading.Event()
+        self.report = WorkerReport(options.name)
+        self._rng = random.Random()
+
+    def run(self) -> WorkerReport:
+        threads = [
+            threading.Thread(target=self._loop, args=(f"{self.options.name}-{i}",), daemon=True)
+            for i in range(self.options.concurrency)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.2)
+        return self.report
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def _loop(self, consumer: str) -> None:
+        queue = JobQueue(connect(self.queue_url))
+        contexts: dict[str, _RunContext] = {}
+        failures = 0
+        last_sweep = 0.0
+        try:
+            while not self.stop.is_set():
+                try:
+                    if time.monotonic() - last_sweep > 0.5:
+                        self._housekeeping(queue, contexts)
+                        last_sweep = time.monotonic()
+                    work = queue.reclaim(consumer, int(self.options.visibility_timeout * 1000))
+                    if not work:
+                        block = 0 if self.options.burst else self.options.block_ms
+                        work = [(d, 1) for d in queue.read(consumer, block)]
+                    if not work:
+                        if self.options.burst and self._drained(queue):
+                            return
+                        if self.options.burst:
+                            self.stop.wait(0.2)
+                        continue
+                    for delivery, delivered in work:
+                        self._handle(queue, consumer, delivery, delivered, contexts)
+                    failures = 0
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    # Redis is restarting: wait with capped, jittered backoff and carry on; nothing is lost,
+                    # an unacknowledged job stays pending and is reclaimed after the visibility timeout.
+                    failures += 1
+                    self.stop.wait(backoff_seconds(failures, base=0.1, cap=5.0, rng=self._rng))
+        finally:
+            for ctx in contexts.values():
+                ctx.close()
+
+    def _drained(self, queue: JobQueue) -> bool:
+        pipe = queue.client.pipeline(transaction=False)
+        for tier in TIERS:
+            pipe.xlen(stream_key(tier))
+        pipe.zcard(RETRY)
+        pipe.scard(FEATURES_DUE)
+        return not any(int(n) for n in pipe.execute())
+
+    def _context(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> _RunContext:
+        if run not in contexts:
+            raw = queue.client.hget(run_key(run), "spec")
+            if raw is None:
+                raise LookupError(f"run {run}: no spec in Redis")
+            contexts[run] = _RunContext(self.settings, json.loads(raw))
+        return contexts[run]
+
+    def _handle(
+        self,
+        queue: JobQueue,
+        consumer: str,
+        delivery: Delivery,
+        delivered: int,
+        contexts: dict[str, _RunContext],
+    ) -> None:
+        if delivered > self.options.max_attempts:
+            queue.dead_letter(delivery, f"delivered {delivered} times without finishing", delivered)
+            self._count(dead=1)
+            return
+        if queue.started(delivery, consumer, self.clock()) == "cancelled":
+            queue.drop(delivery)
+            return
+        run = delivery.job["run"]
+        try:
+            with _Heartbeat(queue, delivery, consumer, self.options.visibility_timeout / 3):
+                ctx = self._context(queue, contexts, run)
+                outcome = self._run(ctx, delivery)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            if run in contexts and (is_transient(exc) or contexts[run].conn.closed):
+                contexts.pop(run).close()  # reconnect on the next attempt
+            self._failed(queue, delivery, exc)
+            return
+        last = queue.finish(delivery, outcome.rows_loaded, outcome.loaded, self.clock())
+        self._count(done=1, loaded=int(outcome.loaded), rows_loaded=outcome.rows_loaded)
+        if last:
+            self._features(queue, contexts, run)
+
+    def _run(self, ctx: _RunContext, delivery: Delivery) -> Any:
+        segment = parse_segment(delivery.job["seg"])
+        # The source may have changed since the plan (a fixed file before `retry-dead`): use its key now.
+        key = segment_key(segment, ctx.source.kind, ctx.source.version(segment))
+        job = SegmentJob(segment, key, delivery.job["tz"], force=bool(delivery.job.get("force")))
+        return run_segment_job(job, ctx.source, ctx.store, ctx.conn)
+
+    def _failed(self, queue: JobQueue, delivery: Delivery, exc: BaseException) -> None:
+        attempt = int(delivery.job.get("attempt", 0)) + 1
+        transient = is_transient(exc)
+        limit = self.options.max_attempts if transient else self.options.poison_attempts
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if attempt >= limit:
+            kind = "transient" if transient else "permanent"
+            queue.dead_letter(delivery, f"{kind}: {text}", attempt)
+            self._count(dead=1)
+        else:
+            wait = backoff_seconds(
+                attempt, base=self.options.backoff_base, cap=self.options.backoff_cap, rng=self._rng
+            )
+            queue.retry_later(delivery, self.clock() + wait)
+            self._count(retried=1)
+
+    # -- housekeeping ---------------------------------------------------------------------------------------
+
+    def _housekeeping(self, queue: JobQueue, contexts: dict[str, _RunContext]) -> None:
+        now = self.clock()
+        queue.promote_due(now)
+        queue.release_held(now)
+        for member in queue.client.smembers(FEATURES_DUE):
+            self._features(queue, contexts, text(member))
+
+    def _features(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
+        """Compute a run's features once all its segments are loaded; one worker does it (a lock that
+        expires, so a worker dying here hands the task to the next sweep)."""
+        lock = run_key(run, "features-lock")
+        if not queue.client.set(lock, self.options.name, nx=True, ex=600):
+            return
+        try:
+            ctx = self._context(queue, contexts, run)
+            plan = compute_plan(ctx.profile, ctx.source, ctx.store, ctx.conn)
+            counts = refresh_features(ctx.conn, ctx.profile, ctx.store, plan)
+            pipe = queue.client.pipeline(transaction=True)
+            pipe.hset(run_key(run), mapping={"features": json.dumps(vars(counts)), "state": "complete"})
+            pipe.srem(FEATURES_DUE, run)
+            pipe.execute()
+            self._count(features=1)
+        finally:
+            queue.client.delete(lock)
+
+    def _count(self, **deltas: int) -> None:
+        with self.report.lock:
+            for name, delta in deltas.items():
+                setattr(self.report, name, getattr(self.report, name) + delta)
+
+
+class _Heartbeat:
+    """Extends a job's claim while it runs, so a long job is not reclaimed from a live worker."""
+
+    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, every: float) -> None:
+        self.queue, self.delivery, self.consumer, self.every = queue, delivery, consumer, max(every, 0.05)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every):
+            with suppress(redis.RedisError):
+                self.queue.extend(self.delivery, self.consumer)
+
+
+__all__ = ["Worker", "WorkerOptions", "WorkerReport", "parse_segment"]

@@ -1,0 +1,191 @@
+"""Segment jobs through a real Redis, real worker processes and a real embedded Postgres."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from refresher.jobs.queue import JobQueue, connect
+from refresher.jobs.worker import parse_segment
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.jobs.conftest import RedisServer
+from tests.refresher.test_refresh_e2e import Workspace
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+SYMBOLS = ["AAPL", "MSFT", "KO", "PEP"]
+
+
+@pytest.fixture
+def workspace() -> Iterator[Workspace]:
+    root = world_traversable_tmp("refresher-jobs-")
+    ws = Workspace(root, "local", f"jobs_{uuid.uuid4().hex[:8]}")
+    ws.write_profile(symbols=SYMBOLS, months=3)
+    try:
+        yield ws
+    finally:
+        ws.down()
+
+
+def submit(ws: Workspace, redis_url: str, *extra: str, profile: str | None = None) -> dict[str, Any]:
+    done = ws.run(
+        "jobs", "submit", "--profile", profile or ws.profile, "--queue", redis_url, "--json", *extra
+    )
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def status(ws: Workspace, redis_url: str, run_id: str) -> dict[str, Any]:
+    done = ws.run("jobs", "status", run_id, "--queue", redis_url, "--json")
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def start_worker(ws: Workspace, redis_url: str, name: str, *extra: str) -> subprocess.Popen[str]:
+    args = ["worker", "--queue", redis_url, "--name", name, "--visibility-timeout", "3", *extra]
+    with (ws.root / f"worker-{name}.log").open("w") as log:
+        return subprocess.Popen(
+            ws.command(*args), env=ws.env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+
+
+def worker_log(ws: Workspace, name: str) -> str:
+    return (ws.root / f"worker-{name}.log").read_text()
+
+
+def wait_for(
+    ws: Workspace, redis_url: str, run_id: str, predicate: Any, timeout: float = 300
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = status(ws, redis_url, run_id)
+        if predicate(state):
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} never got there: {state}")
+
+
+def stop(workers: list[subprocess.Popen[str]]) -> None:
+    for proc in workers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in workers:
+        proc.wait(timeout=120)
+
+
+def ledger(ws: Workspace, profile: str | None = None) -> dict[str, tuple[str, int]]:
+    with psycopg.connect(ws.dsn(profile)) as conn:
+        rows = conn.execute(
+            "SELECT symbol || '/' || timeframe || '/' || to_char(month, 'YYYY-MM'), content_hash, rows "
+            "FROM refresher_segments"
+        )
+        return {seg: (h, n) for seg, h, n in rows}
+
+
+def test_three_workers_one_killed_load_exactly_what_an_in_process_refresh_does(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url = workspace, redis_server.url
+    run = submit(ws, url)
+    assert run["jobs"] == len(SYMBOLS) * 3 * 2
+    secret = psycopg.conninfo.conninfo_to_dict(ws.dsn()).get("password")
+    workers = [start_worker(ws, url, f"w{i}") for i in range(3)]
+    try:
+        wait_for(ws, url, run["run_id"], lambda s: s["done"] >= 3)
+        workers[0].send_signal(signal.SIGKILL)  # mid-run, maybe mid-COPY: its transaction rolls back
+        final = wait_for(ws, url, run["run_id"], lambda s: s["state"] == "complete")
+    finally:
+        stop(workers)
+    assert [w.returncode for w in workers[1:]] == [0, 0]
+    assert final["done"] == final["total"] == run["jobs"] and final["dead"] == 0
+    assert final["features"]["desired"] == len(SYMBOLS)
+    # Secrets never travel through Redis.
+    client = redis_server.client()
+    assert secret
+    dump = b"".join(
+        repr(client.dump(key)).encode() for key in client.scan_iter("refresher:*") if client.dump(key)
+    )
+    assert secret.encode() not in dump
+
+    reference = ws.write_profile(f"{ws.profile}_ref", symbols=SYMBOLS, months=3)
+    ws.refresh(profile=reference)
+    assert ws.checksums() == ws.checksums(reference)
+    assert set(ledger(ws).values()) == set(ledger(ws, reference).values())
+    count = "SELECT count(*) FROM features_dashboard_data"
+    assert ws.scalar(count) == ws.scalar(count, reference) > 0
+
+
+def test_a_job_committed_but_never_acknowledged_is_redone_as_a_no_op(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """A worker that commits and dies before XACK: the job is redelivered and changes nothing."""
+    from featurestore import FeatureStore
+    from refresher.jobs.segment import SegmentJob, run_segment_job
+    from refresher.plan import segment_key
+    from refresher.profile import load_profile
+    from refresher.sources import make_source
+
+    ws, url = workspace, redis_server.url
+    run = submit(ws, url)
+    queue = JobQueue(connect(url))
+    [delivery] = queue.read("doomed", block_ms=0)
+    segment = parse_segment(delivery.job["seg"])
+    profile = load_profile(ws.profile, [ws.root / "profiles"], as_of=dt_of(ws))
+    source = make_source(profile)
+    store = FeatureStore(ws.root / "store")
+    key = segment_key(segment, source.kind, source.version(segment))
+    with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+        first = run_segment_job(SegmentJob(segment, key, delivery.job["tz"]), source, store, conn)
+    assert first.loaded and first.rows_loaded > 0  # committed; "doomed" dies here, before acknowledging
+
+    worker = start_worker(ws, url, "survivor", "--burst")
+    assert worker.wait(timeout=600) == 0, worker_log(ws, "survivor")
+    final = status(ws, url, run["run_id"])
+    assert final["done"] == final["total"] == run["jobs"]
+    assert final["state"] == "complete"
+    # The redelivered job loaded nothing: rows equal the ledger, and the run counted its rows once.
+    table = "ohlcv_daily" if segment.timeframe == "1d" else "ohlcv_1min"
+    assert ledger(ws)[str(segment)][1] == first.rows_loaded
+    assert final["segments_loaded"] == run["jobs"] - 1
+    assert ws.scalar(f"SELECT count(*) FROM {table} WHERE symbol = '{segment.symbol}'") > 0
+    assert ws.scalar("SELECT sum(rows) FROM refresher_segments") == (
+        ws.scalar("SELECT count(*) FROM ohlcv_daily") + ws.scalar("SELECT count(*) FROM ohlcv_1min")
+    )
+
+
+def dt_of(ws: Workspace) -> Any:
+    from tests.refresher.test_refresh_e2e import AS_OF
+
+    return AS_OF
+
+
+def test_redis_restarted_mid_run_the_run_completes(workspace: Workspace, redis_server: RedisServer) -> None:
+    ws, url = workspace, redis_server.url
+    run = submit(ws, url)
+    workers = [start_worker(ws, url, f"w{i}") for i in range(2)]
+    try:
+        wait_for(ws, url, run["run_id"], lambda s: s["done"] >= 2)
+        redis_server.stop()
+        time.sleep(2)  # workers see connection refused and back off
+        redis_server.start()  # the AOF brings back streams, groups, pending entries and counters
+        final = wait_for(ws, url, run["run_id"], lambda s: s["state"] == "complete")
+    finally:
+        stop(workers)
+    assert [w.returncode for w in workers] == [0, 0]
+    assert final["done"] == final["total"] == run["jobs"]
+    assert len(ledger(ws)) == run["jobs"]
+    assert ws.scalar("SELECT sum(rows) FROM refresher_segments") == (
+        ws.scalar("SELECT count(*) FROM ohlcv_daily") + ws.scalar("SELECT count(*) FROM ohlcv_1min")
+    )
+
+
+def test_bad_queue_url_is_one_line_and_exit_2(workspace: Workspace) -> None:
+    done = workspace.run("jobs", "status", "nope", "--queue", "redis://127.0.0.1:1/0", expect=2)
+    assert done.stderr.count("\n") == 1 and "--queue=redis://127.0.0.1:1/0" in done.stderr
+    assert "Traceback" not in done.stderr
