@@ -7,7 +7,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import filelock
 import psycopg
 
 from featurestore import FeatureStore
@@ -17,7 +19,7 @@ from refresher.engines import all_statuses, engine_serving, make_engine, select_
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, ProfileError, SnapshotError
 from refresher.profile import BadRowPolicy, Profile, list_profiles, load_profile, with_source_policy
-from refresher.profile_lock import hold_profile
+from refresher.profile_lock import hold_profile, lock_path
 from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
 from refresher.refresh import plan_refresh as _plan_refresh
 from refresher.refresh import refresh as _refresh
@@ -131,7 +133,33 @@ def down(settings: Settings, name: str) -> list[str]:
             engine = make_engine(server.engine, settings)
             if engine.stop(server.profile):
                 stopped.append(f"{server.engine}:{server.profile}")
+    for profile in {entry.split(":", 1)[1] for entry in stopped}:
+        _remove_lock_files(settings.state_dir, profile)
     return stopped
+
+
+def _remove_lock_files(state_dir: Path, profile: str) -> None:
+    """Remove a stopped profile's empty lock files (the refresh lock, the engines' start/stop locks).
+
+    Each is unlinked while held: filelock's acquire sees an unlinked inode (st_nlink 0) and retries on the new
+    file, so a process that opened the old one meanwhile never believes it holds the lock. One in use stays.
+    """
+    for path in (
+        lock_path(state_dir, profile),
+        state_dir / "local" / f".{profile}.lock",
+        state_dir / "docker" / f".{profile}.lock",
+    ):
+        if not path.exists():
+            continue
+        lock = filelock.FileLock(path, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            continue  # a refresh or start holds it: it is not ours to remove
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            lock.release()
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,8 @@ def workspace() -> Iterator[Path]:
         yield root
     finally:
         subprocess.run(
-            [
-                CONSOLE_SCRIPT,
-                "down",
-                "--profile",
-                "all",
-                "--state-dir",
-                str(root / "state"),
-                "--engine",
-                "local",
-            ],
+            # By name, never `all`: that would reach other checkouts' Docker servers on this daemon.
+            [CONSOLE_SCRIPT, "down", "--profile", "firstrun", "--state-dir", str(root / "state")],
             capture_output=True,
             timeout=120,
         )
@@ -103,6 +95,18 @@ def test_piped_refresh_prints_progress_lines_and_a_hint_that_works_in_a_clean_sh
     assert url["dsn"].startswith("postgresql://") and ":" in url["dsn"].split("@")[0].removeprefix(
         "postgresql://"
     )
+
+    state = workspace / "state"
+    assert list(state.rglob("*.lock"))  # the refresh and the engine took their locks
+    down = subprocess.run(
+        [CONSOLE_SCRIPT, "down", "--profile", "firstrun", "--state-dir", str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert down.returncode == 0 and "firstrun" in down.stdout, down.stderr
+    assert list(state.rglob("*.lock")) == []  # no empty lock files left behind
 
 
 def test_json_output_of_url_is_an_object_or_a_one_line_error(tmp_path: Path) -> None:
