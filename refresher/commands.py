@@ -46,7 +46,7 @@ def _profile(
     on_bad_rows: BadRowPolicy | None = None,
     allow_shrink: bool | None = None,
 ) -> Profile:
-    profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
+    profile = load_profile(name, settings.profiles_dirs, as_of=as_of, private_dirs=(settings.state_dir,))
     return with_source_policy(profile, on_bad_rows=on_bad_rows, allow_shrink=allow_shrink)
 
 

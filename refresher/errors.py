@@ -11,6 +11,8 @@ from typing import Any
 
 from featurestore.errors import FeatureStoreError
 
+_MAX_SHOWN = 120
+
 
 class RefresherError(Exception):
     """Base of every error refresher raises on purpose."""
@@ -30,7 +32,10 @@ class ProfileError(RefresherError):
     """A profile file is missing, unreadable or invalid."""
 
     def __init__(self, file: Path | str, field: str, value: Any, reason: str) -> None:
-        super().__init__(f"{file}: {field}={value!r}: {reason}", file=str(file), field=field, value=value)
+        shown = repr(value)
+        if len(shown) > _MAX_SHOWN:  # one line, and never a whole document pasted back at the user
+            shown = f"{shown[: _MAX_SHOWN - 3]}..."
+        super().__init__(f"{file}: {field}={shown}: {reason}", file=str(file), field=field, value=value)
         self.file = str(file)
         self.field = field
         self.value = value

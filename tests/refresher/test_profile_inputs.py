@@ -1,0 +1,100 @@
+"""Inputs that cannot leak: --profile reads only profiles, errors never echo a file, the universe has a limit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from refresher.cli import main
+from refresher.errors import ProfileError
+from refresher.profile import DEFAULT_MAX_SYMBOLS, load_profile
+
+SECRET = "s3cret-Pa55word"
+
+
+def _plan(profile: str, state: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(["plan", "--profile", profile, "--state-dir", str(state), "--store", str(state / "store")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A state dir holding what engines keep there: a server record with its password."""
+    record = tmp_path / "state" / "local" / "dev" / "server.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"port": 5432, "user": "refresher", "password": SECRET}))
+    return tmp_path / "state"
+
+
+def test_a_system_file_is_not_read_as_a_profile(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _plan("/etc/passwd", state, capsys)
+    assert "root:" not in err and "not a profile name or a .yaml/.yml file" in err
+
+
+def test_nothing_of_the_state_dir_is_ever_echoed(
+    state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = state / "local" / "dev" / "server.json"
+    assert SECRET not in _plan(str(record), state, capsys)
+    disguised = tmp_path / "innocent.yaml"  # a symlink with a profile's name does not get around it
+    disguised.symlink_to(record)
+    err = _plan(str(disguised), state, capsys)
+    assert SECRET not in err and "state dir" in err
+
+
+def test_a_yaml_file_that_is_no_profile_is_named_not_pasted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = Path("/etc/passwd").read_text()
+    (tmp_path / "copied.yaml").write_text(json.dumps(text))  # valid YAML: one long string
+    err = _plan(str(tmp_path / "copied.yaml"), tmp_path / "state", capsys)
+    assert "root:" not in err and "(root)='str': a profile must be a mapping" in err
+
+
+def test_a_universe_file_header_is_not_echoed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "u.csv").write_text(f"user,password\nrefresher,{SECRET}\n")
+    (tmp_path / "p.yaml").write_text("universe:\n  file: u.csv\n")
+    err = _plan(str(tmp_path / "p.yaml"), tmp_path / "state", capsys)
+    assert SECRET not in err and "password" not in err and "needs a 'symbol' column" in err
+    (tmp_path / "q.yaml").write_text("universe:\n  file: ../../etc/passwd\n")
+    assert "must be a .csv file" in _plan(str(tmp_path / "q.yaml"), tmp_path / "state", capsys)
+
+
+def test_a_long_value_is_shortened_to_one_short_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "p.yaml").write_text(f"universe:\n  symbols: [AAPL]\ndescription: [{'x' * 5000}]\n")
+    err = _plan(str(tmp_path / "p.yaml"), tmp_path / "state", capsys)
+    assert "description" in err and len(err) < 400
+
+
+def _universe(path: Path, symbols: int, extra: str = "") -> Path:
+    names = ", ".join(f"S{i:05d}" for i in range(symbols))
+    path.write_text(f"universe:\n  symbols: [{names}]\n{extra}months: 1\ntimeframes: [1d]\n")
+    return path
+
+
+def test_a_universe_over_the_limit_is_refused_at_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = _universe(tmp_path / "big.yaml", DEFAULT_MAX_SYMBOLS + 1)
+    err = _plan(str(big), tmp_path / "state", capsys)
+    assert f"universe='{DEFAULT_MAX_SYMBOLS + 1} symbols'" in err and "universe.max_symbols=5000" in err
+    with pytest.raises(ProfileError, match="max_symbols"):
+        load_profile(str(_universe(tmp_path / "huge.yaml", 1_000_000)), [])
+    assert len(load_profile(str(_universe(tmp_path / "fine.yaml", DEFAULT_MAX_SYMBOLS)), []).listings) == 5000
+
+
+def test_a_profile_may_raise_its_own_limit(tmp_path: Path) -> None:
+    path = tmp_path / "wide.yaml"
+    path.write_text(
+        "universe:\n  max_symbols: 6000\n  symbols: ["
+        + ", ".join(f"S{i:05d}" for i in range(5001))
+        + "]\nmonths: 1\ntimeframes: [1d]\n"
+    )
+    assert len(load_profile(str(path), []).listings) == 5001
