@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import redis
 
-from refresher.engines.compose import PROJECT_LABEL, default_redis_url
+from refresher.engines.compose import PROJECT_LABEL, default_redis_url, find_service
 from refresher.settings import CHECKOUT, Settings, compose_project
 
 pytestmark = pytest.mark.docker
@@ -160,3 +160,23 @@ def test_up_without_compose_is_a_one_line_hint(tmp_path: Path) -> None:
 def test_compose_project_is_unique_per_checkout_and_matches_the_makefile() -> None:
     assert make_variable("COMPOSE_PROJECT") == compose_project(CHECKOUT)
     assert compose_project(CHECKOUT / "elsewhere") != compose_project(CHECKOUT)
+
+
+def test_two_checkouts_run_side_by_side_and_down_touches_only_its_own(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+) -> None:
+    name, env = project
+    other = f"refresher-test-{secrets.token_hex(4)}"
+    other_env = {**env, "COMPOSE_PROJECT": other, "REFRESHER_COMPOSE_PROJECT": other}
+    try:
+        for e in (env, other_env):
+            up = make("up", env=e)
+            assert up.returncode == 0, up.stderr
+        ports = {p: find_service(p, "postgres", 5432) for p in (name, other)}  # ports Docker chose
+        assert ports[name] and ports[other] and ports[name].port != ports[other].port
+        down = make("compose-down", env=other_env)
+        assert down.returncode == 0, down.stderr
+        assert leftovers(docker_client, other) == []
+        assert len(docker_client.containers.list(filters={"label": f"{PROJECT_LABEL}={name}"})) == 2
+    finally:
+        make("compose-down", env=other_env)
