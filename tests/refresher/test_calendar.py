@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tempfile
+import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -169,13 +171,15 @@ def test_after_the_last_loaded_open_is_out_of_range() -> None:
     with pytest.raises(CalendarError, match="outside the loaded calendar"):
         market_status("XNYS", last_open)  # the last session has no next open to report
     assert market_status("XNYS", last_open - dt.timedelta(days=7)).next_open <= last_open
+    before_last = dt.datetime.fromtimestamp(int(cal.opens[-2]) // 10**9, tz=UTC)
+    assert market_status("XNYS", before_last).next_open == last_open
 
 
 def test_no_completed_session_before_the_first_close() -> None:
     first_close = dt.datetime(2000, 1, 3, 21, 0, tzinfo=UTC)
     with pytest.raises(CalendarError, match="XNYS: no completed session before 2000-01-03 20:59") as info:
         last_completed_session("XNYS", first_close - dt.timedelta(minutes=1))
-    assert info.value.fields["exchange"] == "XNYS"
+    assert info.value.fields == {"exchange": "XNYS", "value": "2000-01-03 20:59:00+00:00"}
     assert last_completed_session("XNYS", first_close) == dt.date(2000, 1, 3)
 
 
@@ -315,25 +319,37 @@ def test_minutes_of_a_range_without_sessions_are_empty() -> None:
     )
 
 
-def test_zero_minute_sessions_have_no_bars() -> None:
-    # Sessions whose open equals their close (a halted day): counted, each with zero minutes.
-    day = 86_400 * 10**9
-    opens = np.array([0, day], np.int64)
-    cal = calendar.ExchangeCalendar(
+def toy_calendar(opens: list[int], closes: list[int]) -> calendar.ExchangeCalendar:
+    """A UTC calendar of one session a day from 1970-01-01, without breaks, for shapes no exchange has."""
+    return calendar.ExchangeCalendar(
         exchange="TEST",
         tz="UTC",
         first=dt.date(1970, 1, 1),
         last=dt.date(1970, 1, 10),
-        sessions=np.array([0, 1], np.int64),
-        opens=opens,
-        closes=opens.copy(),
-        break_starts=opens.copy(),
-        break_ends=opens.copy(),
+        sessions=np.arange(len(opens), dtype=np.int64),
+        opens=np.array(opens, np.int64),
+        closes=np.array(closes, np.int64),
+        break_starts=np.array(closes, np.int64),
+        break_ends=np.array(closes, np.int64),
     )
+
+
+DAY, MINUTE = 86_400 * 10**9, 60 * 10**9
+
+
+def test_zero_minute_sessions_have_no_bars() -> None:
+    # Sessions whose open equals their close (a halted day): counted, each with zero minutes.
+    cal = toy_calendar([0, DAY], [0, DAY])
     sl, minutes, counts = minutes_by_session(cal, dt.date(1970, 1, 1), dt.date(1970, 1, 2))
     assert (sl.start, sl.stop) == (0, 2)
     assert minutes.dtype == np.int64 and len(minutes) == 0
     assert counts.dtype == np.int64 and counts.tolist() == [0, 0]
+
+
+def test_a_one_minute_session_has_its_minute() -> None:
+    cal = toy_calendar([0, DAY], [MINUTE, DAY])  # one minute, then a halted day
+    _, minutes, counts = minutes_by_session(cal, dt.date(1970, 1, 1), dt.date(1970, 1, 2))
+    assert minutes.tolist() == [0] and counts.tolist() == [1, 0]
 
 
 def test_session_minutes_are_utc_instants() -> None:
@@ -363,6 +379,8 @@ def test_built_calendar_matches_exchange_calendars(exchange: str, tz: str) -> No
     last = dt.date(2025, 12, 31)
     built = calendar._build_calendar(exchange, last)  # a fresh build, not the process-wide cache
     assert (built.exchange, built.tz, built.first, built.last) == (exchange, tz, CALENDAR_START, last)
+    for name in ("sessions", "opens", "closes", "break_starts", "break_ends"):
+        assert getattr(built, name).dtype == np.int64, name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sched = xc.get_calendar(exchange, start="2000-01-01", end="2025-12-31").schedule
@@ -383,23 +401,34 @@ def test_built_calendar_matches_exchange_calendars(exchange: str, tz: str) -> No
 
 def test_the_disk_cache_is_read(tmp_path: Path) -> None:
     try:
-        calendar.use_cache_dir(tmp_path / "calendars")  # created on first write
+        cache = tmp_path / "state" / "calendars"
+        calendar.use_cache_dir(cache)  # created, parents too, on first write
         built = calendar.get_calendar("XNYS")
         assert calendar.get_calendar("XNYS") is built  # once per process
-        [cached_file] = (tmp_path / "calendars").iterdir()
+        [cached_file] = cache.iterdir()
+        with np.load(cached_file, allow_pickle=False) as saved:  # plain arrays, nothing pickled
+            assert str(saved["tz"]) == "America/New_York"
+            assert sorted(saved.files) == sorted(
+                ["tz", "sessions", "opens", "closes", "break_starts", "break_ends"]
+            )
+            assert np.array_equal(saved["opens"], built.opens)
         from importlib.metadata import version
 
         today_plus = dt.date.today() + dt.timedelta(days=366)
         assert cached_file.name == f"XNYS-xc{version('exchange_calendars')}-2000-01-01-{today_plus}.npz"
         # Doctor the file: a calendar read back from it must carry the doctored values.
-        arrays = {name: getattr(built, name) for name in ("sessions", "opens", "break_starts", "break_ends")}
+        arrays = {name: getattr(built, name) for name in ("opens", "break_starts", "break_ends")}
         with cached_file.open("wb") as handle:
-            np.savez(handle, tz=np.array("Doctored/Zone"), closes=built.closes + 1, **arrays)
-        calendar.use_cache_dir(tmp_path / "calendars")  # also forgets the in-process calendar
+            sessions = built.sessions.astype(np.int32)  # read back as int64 whatever was written
+            np.savez(
+                handle, tz=np.array("Doctored/Zone"), closes=built.closes + 1, sessions=sessions, **arrays
+            )
+        calendar.use_cache_dir(cache)  # also forgets the in-process calendar
         read = calendar.get_calendar("XNYS")
         assert read.tz == "Doctored/Zone" and np.array_equal(read.closes, built.closes + 1)
-        assert (read.first, read.last) == (CALENDAR_START, today_plus)
-        assert read.closes.dtype == np.int64
+        assert (read.exchange, read.first, read.last) == ("XNYS", CALENDAR_START, today_plus)
+        assert read.sessions.dtype == read.closes.dtype == np.int64
+        assert np.array_equal(read.sessions, built.sessions)
     finally:
         calendar.use_cache_dir(None)
 
@@ -465,3 +494,40 @@ def test_is_trading_minute_at_every_edge() -> None:
     }
     got = calendar.is_trading_minute(cal, np.array(list(cases), np.int64))
     assert got.dtype == np.bool_ and got.tolist() == list(cases.values())
+
+
+def test_the_cache_is_written_next_to_its_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The temporary must be made in the cache's own directory: os.replace cannot move a file across
+    # filesystems, so a temporary in the system temp dir would leave the cache silently unwritten.
+    elsewhere = Path("/dev/shm")
+    if not elsewhere.is_dir() or elsewhere.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a system temp dir on another filesystem than tmp_path")
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    try:
+        calendar.use_cache_dir(tmp_path)
+        calendar.get_calendar("XNAS")
+        assert [p.name for p in tmp_path.glob("XNAS-*.npz")]
+    finally:
+        calendar.use_cache_dir(None)
+
+
+def test_now_is_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        before = dt.datetime.now(UTC)
+        status = market_status("XNYS")
+        assert before - dt.timedelta(seconds=5) <= status.at <= dt.datetime.now(UTC)
+        # The session that last closed 9 hours ago (Tokyo's offset) must not count as just completed.
+        assert last_completed_session("XNYS") == last_completed_session("XNYS", dt.datetime.now(UTC))
+        probe = dt.datetime.now(UTC)
+        assert market_status("XNYS").next_open == market_status("XNYS", probe).next_open
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_trading_minutes_in_the_first_and_last_loaded_sessions() -> None:
+    cal = get_calendar("XNYS")
+    edges = np.array([cal.opens[0], cal.opens[0] + 60 * 10**9, cal.opens[-1], cal.closes[-1] - 60 * 10**9])
+    assert calendar.is_trading_minute(cal, edges.astype(np.int64)).tolist() == [True, True, True, True]
