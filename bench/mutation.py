@@ -88,10 +88,6 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "return _cache_dir / f\"{exchange}-xc{version('EXCHANGE_CALENDARS')}-{CALENDAR_START}-{last}.npz\"": (
             "importlib.metadata normalises distribution names: the same version"
         ),
-        "arrays = {name: np.asarray(saved[name], dtype=None) for name in _ARRAYS}": (
-            "killed only by an archive written with other dtypes; ours are int64 (the test writing int32 "
-            "sessions kills the other dtype mutants)"
-        ),
         'with path.open("rb") as handle, np.load(handle, allow_pickle=None) as saved:': (
             "None is falsy: pickles stay refused"
         ),
