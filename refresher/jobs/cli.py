@@ -119,7 +119,7 @@ def _jobs(args: argparse.Namespace, settings: Settings, emit: Callable[..., None
             _watch(client, args.run_id)
             return 0
         state = run_status(client, args.run_id)
-        emit(args, state.to_json(), lambda: out.print(_status_table(state)))
+        emit(args, state.to_json(), lambda: _print_status(state))
     elif action == "list":
         runs = list_runs(client)
         emit(args, {"runs": [r.to_json() for r in runs]}, lambda: out.print(_list_table(runs)))
@@ -159,6 +159,13 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
     report = Worker(args.queue, settings, options, clock=clock, stop=stop).run()
     emit(args, report.to_json(), lambda: print(json.dumps(report.to_json())))
     return 0
+
+
+def _print_status(state: RunStatus) -> None:
+    # The one-line summary is plain text, so a narrow terminal never wraps "held until ..." apart.
+    held = f" until {state.held_until}" if state.held_until else ""
+    print(f"{state.run_id}: {state.state}{held}, {state.done}/{state.total} done, {state.dead} dead")
+    out.print(_status_table(state))
 
 
 def _status_table(state: RunStatus) -> Table:

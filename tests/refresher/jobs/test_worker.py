@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -189,3 +190,80 @@ def test_bad_queue_url_is_one_line_and_exit_2(workspace: Workspace) -> None:
     done = workspace.run("jobs", "status", "nope", "--queue", "redis://127.0.0.1:1/0", expect=2)
     assert done.stderr.count("\n") == 1 and "--queue=redis://127.0.0.1:1/0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def daily_csv(symbol: str, *, bad_day: str | None = None) -> str:
+    lines = ["symbol,date,open,high,low,close,volume"]
+    day = dt.date(2024, 10, 1)
+    while day <= dt.date(2024, 11, 29):
+        if day.weekday() < 5:
+            close = "-5" if day.isoformat() == bad_day else "10.5"
+            lines.append(f"{symbol},{day},10,11,9,{close},1000")
+        day += dt.timedelta(days=1)
+    return "\n".join(lines) + "\n"
+
+
+FILES_PROFILE = """\
+universe: {{symbols: [AAPL, MSFT, KO]}}
+start: 2024-10-01
+end: 2024-11-29
+timeframes: [1d]
+source:
+  kind: files
+  path: {path}
+  daily: 'daily/{{symbol}}.csv'
+"""
+
+
+def test_a_poison_job_is_dead_lettered_the_others_complete_and_retry_dead_finishes_the_run(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url = workspace, redis_server.url
+    data = ws.root / "data" / "daily"
+    data.mkdir(parents=True)
+    for symbol in ("AAPL", "MSFT"):
+        (data / f"{symbol}.csv").write_text(daily_csv(symbol))
+    (data / "KO.csv").write_text(daily_csv("KO", bad_day="2024-10-15"))  # a negative close in October
+    (ws.root / "profiles" / f"{ws.profile}.yaml").write_text(FILES_PROFILE.format(path=ws.root / "data"))
+    run = submit(ws, url)
+    assert run["jobs"] == 6
+
+    worker = start_worker(ws, url, "w1", "--burst")
+    assert worker.wait(timeout=600) == 0, worker_log(ws, "w1")
+    state = status(ws, url, run["run_id"])
+    assert (state["done"], state["dead"], state["state"]) == (5, 1, "queued")
+    [(_, entry)] = redis_server.client().xrange("refresher:dead")
+    assert json.loads(entry[b"job"])["seg"] == "KO/1d/2024-10"
+    assert entry[b"attempts"] == b"3" and b"permanent" in entry[b"error"] and b"close" in entry[b"error"]
+    assert "KO/1d/2024-10" not in ledger(ws)
+
+    (data / "KO.csv").write_text(daily_csv("KO"))  # the source is fixed
+    requeued = json.loads(ws.run("jobs", "retry-dead", run["run_id"], "--queue", url, "--json").stdout)
+    assert requeued["requeued"] == 1
+    worker = start_worker(ws, url, "w2", "--burst")
+    assert worker.wait(timeout=600) == 0, worker_log(ws, "w2")
+    state = status(ws, url, run["run_id"])
+    assert (state["done"], state["dead"], state["state"]) == (6, 0, "complete")
+    assert len(ledger(ws)) == 6
+
+
+def test_when_closed_holds_the_run_while_the_exchange_trades_and_releases_it_after_the_close(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url = workspace, redis_server.url
+    open_now, after_close = "2025-07-02T11:00:00-04:00", "2025-07-02T16:01:00-04:00"
+    run = submit(ws, url, "--when-closed", "xnys", "--now", open_now)
+    assert run["held_until"] == "2025-07-02 16:00 America/New_York"
+    human = ws.run("jobs", "status", run["run_id"], "--queue", url).stdout
+    assert "held until 2025-07-02 16:00 America/New_York" in " ".join(human.split())
+
+    still_open = start_worker(ws, url, "early", "--burst", "--now", "2025-07-02T15:59:00-04:00")
+    assert still_open.wait(timeout=300) == 0, worker_log(ws, "early")
+    state = status(ws, url, run["run_id"])
+    assert (state["state"], state["done"], state["held"]) == ("held", 0, run["jobs"])
+    assert not ledger(ws)
+
+    closed = start_worker(ws, url, "late", "--burst", "--now", after_close)
+    assert closed.wait(timeout=600) == 0, worker_log(ws, "late")
+    state = status(ws, url, run["run_id"])
+    assert (state["state"], state["done"], state["held"]) == ("complete", run["jobs"], 0)

@@ -1,0 +1,91 @@
+"""The Redis side alone (real redis-server, no database): weighted priority reads, counting once, status."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from refresher.jobs.queue import JobQueue, connect
+from refresher.jobs.runs import RunSpec, cancel_run, run_status, submit_jobs
+from refresher.jobs.segment import SegmentJob
+from refresher.segments import Segment
+from tests.refresher.jobs.conftest import RedisServer
+
+pytestmark = pytest.mark.redis
+
+NOW = dt.datetime(2025, 7, 2, 20, 30, tzinfo=dt.UTC)
+
+
+def jobs(symbol: str, n: int) -> list[SegmentJob]:
+    months = [dt.date(2000 + i // 12, i % 12 + 1, 1) for i in range(n)]
+    return [SegmentJob(Segment(symbol, "1d", m), f"seg-{symbol}-{m}", "America/New_York") for m in months]
+
+
+def spec(priority: str) -> RunSpec:
+    return RunSpec("p", "/nowhere/p.yaml", "2025-03-31", "host=db user=u dbname=d", False, priority)
+
+
+def test_a_critical_run_submitted_behind_a_low_backlog_finishes_first_and_low_still_moves(
+    redis_server: RedisServer,
+) -> None:
+    client = connect(redis_server.url)
+    low = submit_jobs(client, spec("low"), jobs("LOW", 40), now=NOW)
+    critical = submit_jobs(client, spec("critical"), jobs("CRIT", 20), now=NOW)
+    queue = JobQueue(client)
+    low_done_when_critical_finished = None
+    for _ in range(60):
+        [delivery] = queue.read("w", block_ms=0)
+        queue.finish(delivery, rows=1, loaded=True, now=NOW.timestamp())
+        if low_done_when_critical_finished is None and run_status(client, critical.run_id).done == 20:
+            low_done_when_critical_finished = run_status(client, low.run_id).done
+    assert low_done_when_critical_finished is not None
+    # 10:1 weights: about two low jobs ran while twenty critical ones did; low was not starved.
+    assert 1 <= low_done_when_critical_finished <= 4
+    assert run_status(client, low.run_id).done == 40
+    assert queue.read("w", block_ms=0) == []
+    weights = {t.tier: t.weight for t in run_status(client, low.run_id).tiers}
+    assert weights == {"critical": 10, "high": 5, "normal": 2, "low": 1}
+
+
+def test_a_job_delivered_twice_counts_once(redis_server: RedisServer) -> None:
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("normal"), jobs("AAA", 2), now=NOW)
+    queue = JobQueue(client)
+    [first] = queue.read("dies", block_ms=0)
+    # "dies" never acknowledges; a live worker reclaims the job once it has been idle long enough.
+    assert queue.reclaim("live", min_idle_ms=60_000) == []
+    [(again, delivered)] = queue.reclaim("live", min_idle_ms=0)
+    assert again.job == first.job and delivered == 2
+    assert queue.finish(again, rows=10, loaded=True, now=NOW.timestamp()) is False
+    assert queue.finish(first, rows=10, loaded=True, now=NOW.timestamp()) is False  # the late ack of "dies"
+    state = run_status(client, run.run_id)
+    assert (state.done, state.rows_loaded, state.pending) == (1, 10, 1)
+    [second] = queue.read("live", block_ms=0)
+    assert queue.finish(second, rows=5, loaded=True, now=NOW.timestamp()) is True  # the run's last
+    assert run_status(client, run.run_id).state == "loaded"
+
+
+def test_a_cancelled_run_reports_cancelled(redis_server: RedisServer) -> None:
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("high"), jobs("BBB", 3), now=NOW)
+    assert cancel_run(client, run.run_id).state == "cancelled"
+    queue = JobQueue(client)
+    [delivery] = queue.read("w", block_ms=0)
+    assert queue.started(delivery, "w", NOW.timestamp()) == "cancelled"
+
+
+def test_status_of_120_000_jobs_reads_in_milliseconds_whatever_the_run_size(
+    redis_server: RedisServer,
+) -> None:
+    client = connect(redis_server.url)
+    many = [
+        SegmentJob(Segment(f"S{i:04d}", tf, dt.date(2020 + m // 12, m % 12 + 1, 1)), f"k{i}{tf}{m}", "UTC")  # type: ignore[arg-type]
+        for i in range(1000)
+        for m in range(60)
+        for tf in ("1d", "1m")
+    ]
+    run = submit_jobs(client, spec("normal"), many, now=NOW)
+    assert run.jobs == 120_000 and client.xlen("refresher:jobs:normal") == 120_000
+    state = run_status(client, run.run_id)
+    assert state.total == state.pending == 120_000
