@@ -44,10 +44,15 @@ def _common(json_flag: bool = True) -> _OneLineParser:
         "--state-dir",
         type=Path,
         default=None,
-        help="where servers keep state ($REFRESHER_STATE_DIR; default: the nearest .refresher up from here, "
-        "else one at the checkout's root)",
+        help="where servers keep state ($REFRESHER_STATE_DIR; default: found like git finds .git, walking up "
+        "to the first .refresher or checkout root; `refresher status` prints it)",
     )
-    common.add_argument("--store", type=Path, default=None, help="feature store root ($FEATURE_STORE_PATH)")
+    common.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="feature store root ($FEATURE_STORE_PATH, default ~/.feature_cache)",
+    )
     common.add_argument(
         "--profiles-dir",
         type=Path,

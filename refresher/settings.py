@@ -26,17 +26,15 @@ def compose_project(checkout: Path) -> str:
 def find_state_dir(start: Path) -> Path:
     """The state directory for ``start``, found the way git finds ``.git``.
 
-    Walk up from ``start`` to the nearest directory holding ``.refresher``; without one, the checkout's root
-    (the nearest directory holding ``.git``) gets it; outside any checkout, ``start`` itself. One state dir per
-    checkout means `refresher url` from ``tests/`` finds the server `refresh` started from the root, instead of
-    reporting "no server" or starting a second one.
+    Walk up from ``start``: the first directory holding ``.refresher`` wins; reaching a checkout's root (a
+    directory holding ``.git``) first, its ``.refresher`` is the one, created later by whoever needs it; outside
+    any checkout, ``start/.refresher``. One state dir per checkout means `refresher url` from ``tests/`` finds the
+    server `refresh` started from the root, instead of reporting "no server" or starting a second one; and a
+    ``~/.refresher`` never captures a checkout below it.
     """
     start = start.absolute()
     for directory in (start, *start.parents):
-        if (directory / STATE_DIR_NAME).is_dir():
-            return directory / STATE_DIR_NAME
-    for directory in (start, *start.parents):
-        if (directory / ".git").exists():
+        if (directory / STATE_DIR_NAME).is_dir() or (directory / ".git").exists():
             return directory / STATE_DIR_NAME
     return start / STATE_DIR_NAME
 

@@ -82,9 +82,11 @@ def test_state_dir_is_found_like_git_finds_dot_git(tmp_path: Path) -> None:
     assert find_state_dir(deep) == checkout / STATE_DIR_NAME  # none yet: the checkout's root
     (checkout / "tests" / STATE_DIR_NAME).mkdir()
     assert find_state_dir(deep) == checkout / "tests" / STATE_DIR_NAME  # the nearest existing one wins
+    (tmp_path / STATE_DIR_NAME).mkdir()  # above the checkout: not the checkout's
+    assert find_state_dir(checkout / "docs") == checkout / STATE_DIR_NAME
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    assert find_state_dir(outside) == outside / STATE_DIR_NAME
+    assert find_state_dir(outside) == tmp_path / STATE_DIR_NAME  # outside a checkout the nearest one wins
     env = {"REFRESHER_STATE_DIR": str(tmp_path / "pinned")}
     assert Settings.from_env(env).state_dir == tmp_path / "pinned"
 
