@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--verify", action="store_true", help="also check row counts in the database")
     plan.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
+    warm = profile_cmd(
+        "warm",
+        "Fill the store with the profile's segments and features without starting any database (a nightly job: "
+        "the next refresh only loads).",
+    )
+    warm.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
     reset = profile_cmd("reset", "Bring the profile's database back to its pristine snapshot.")
     for cmd in (refresh, reset):
         cmd.add_argument(
@@ -227,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "plan":
         plan = commands.plan(settings, args.profile, verify=args.verify, as_of=args.as_of)
         _emit(args, plan.to_json(), lambda: render.plan_report(plan))
+    elif args.command == "warm":
+        warmed = commands.warm(settings, args.profile, as_of=args.as_of)
+        _emit(args, warmed.to_json(), lambda: render.warm_report(warmed))
     elif args.command == "reset":
         restored = commands.reset(settings, args.profile, wait=not args.no_wait, on_wait=_say)
         _emit(args, restored.to_json(), lambda: render.reset_report(restored))

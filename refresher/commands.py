@@ -24,6 +24,8 @@ from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
 from refresher.refresh import plan_refresh as _plan_refresh
 from refresher.refresh import refresh as _refresh
 from refresher.settings import Settings
+from refresher.warm import WarmReport
+from refresher.warm import warm as _warm
 
 
 @contextmanager
@@ -85,6 +87,11 @@ def plan(settings: Settings, name: str, *, verify: bool = False, as_of: dt.date 
             # user's root and manifest: `plan` promises to touch nothing.
             store = FeatureStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="refresher-plan-")))
         return _plan_refresh(profile, engine, store, verify=verify)
+
+
+def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> WarmReport:
+    """``refresher warm``: the profile's segments and features into the store; no engine is even chosen."""
+    return _warm(_profile(settings, name, as_of), FeatureStore(settings.store_root))
 
 
 def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:

@@ -115,6 +115,14 @@ def refresh_report(report: Any, *, url_hint: str) -> None:
     out.print(f"with password: [bold]{escape(url_hint)}[/bold]", soft_wrap=True)
 
 
+def warm_report(report: Any) -> None:
+    out.print(
+        f"warmed [bold]{report.profile}[/bold]: {report.segments} segments ({report.fetched} fetched), "
+        f"{report.features} (feature, symbol) pairs ({report.computed} computed) in {report.seconds:.2f} s; "
+        "no database touched"
+    )
+
+
 def plan_report(plan: Any) -> None:
     summary = plan.plan.summary()
     where = "running server" if plan.server_running else "no server yet"

@@ -16,7 +16,7 @@ from featurestore import FeatureStore
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
 from refresher.features import FeatureCounts, get_feature, refresh_features
-from refresher.features.load import _daily_frame
+from refresher.features.cached import daily_frame
 from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import compute_plan
@@ -82,7 +82,7 @@ def test_rows_equal_the_computation_with_nulls_for_the_warm_up(
     counts = refresh_features(conn, profile, store, plan)
     assert counts == FeatureCounts(desired=3, loaded=3, computed=3, rows_loaded=counts.rows_loaded)
     for symbol in ("AAA", "BBB", "CCC"):
-        bars = _daily_frame(
+        bars = daily_frame(
             list(store.get_many([plan.keys[s] for s in plan.desired if s.symbol == symbol]).values())
         )
         expected = get_feature("dashboard_data").compute(bars)
