@@ -211,7 +211,7 @@ def _client(client: docker.DockerClient | None) -> Iterator[docker.DockerClient]
 
 def _container(client: docker.DockerClient, project: str, service: str) -> Container | None:
     filters = {"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={service}"], "status": "running"}
-    running = client.containers.list(filters=filters)
+    running = client.containers.list(filters=filters, ignore_removed=True)
     return running[0] if running else None
 
 

@@ -178,7 +178,8 @@ class DockerEngine:
             if profile is not None:
                 filters["label"].append(f"{PROFILE_LABEL}={profile}")
             containers = {
-                c.labels[PROFILE_LABEL]: c for c in client.containers.list(all=True, filters=filters)
+                c.labels[PROFILE_LABEL]: c
+                for c in client.containers.list(all=True, filters=filters, ignore_removed=True)
             }
             recorded = {p.stem for p in self.base.glob("*.json")} if self.base.is_dir() else set()
             if profile is not None:
@@ -187,10 +188,7 @@ class DockerEngine:
             for name in sorted(containers.keys() | recorded):
                 container = containers.get(name)
                 if container is None:
-                    detail = (
-                        "container removed behind our back (volume kept; `refresher refresh` recreates it)"
-                    )
-                    statuses.append(ServerStatus(self.name, name, False, detail=detail))
+                    statuses.append(ServerStatus(self.name, name, False, detail=self._missing(client, name)))
                 elif container.status == "running":
                     detail = f"container {container.name} ({_image_name(container)})"
                     statuses.append(ServerStatus(self.name, name, True, HOST, _host_port(container), detail))
@@ -200,6 +198,16 @@ class DockerEngine:
                     )
                     statuses.append(ServerStatus(self.name, name, False, detail=detail))
             return statuses
+
+    def _missing(self, client: docker.DockerClient, profile: str) -> str:
+        """What ``status`` says of a profile with a state file but no container."""
+        try:
+            client.volumes.get(self._volume_name(profile))
+        except docker.errors.NotFound:
+            return (
+                "start interrupted before its container was made (the next `refresher refresh` starts over)"
+            )
+        return "container removed behind our back (volume kept; `refresher refresh` recreates it)"
 
     # -- container lifecycle --------------------------------------------------------------------------------
     def _create(
@@ -365,7 +373,9 @@ def statuses_everywhere(base_url: str | None = None) -> list[ServerStatus]:
     client = _connect(base_url, API_TIMEOUT)
     try:
         with _docker_errors(base_url):
-            containers = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}=refresher"})
+            containers = client.containers.list(
+                all=True, filters={"label": f"{PROJECT_LABEL}=refresher"}, ignore_removed=True
+            )
             statuses = []
             for c in sorted(containers, key=lambda c: c.name or ""):
                 owner = c.labels.get(STATE_PATH_LABEL) or "unknown state dir (made before state scoping)"
@@ -392,7 +402,7 @@ def remove_abandoned(marker_label: str, base_url: str | None = None) -> list[str
     try:
         with _docker_errors(base_url):
             wanted = {"label": [marker_label, *OWNER_LABELS]}
-            for container in client.containers.list(all=True, filters=wanted):
+            for container in client.containers.list(all=True, filters=wanted, ignore_removed=True):
                 if owner_gone(container.labels):
                     with contextlib.suppress(docker.errors.NotFound):
                         container.remove(force=True, v=True)

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import docker
@@ -385,3 +386,33 @@ def test_sweep_removes_only_what_a_dead_owner_left(
     for kept in ("alive", "elsewhere"):
         docker_client.containers.get(made[kept].id)
         docker_client.volumes.get(f"{docker_prefix}-{kept}-data")
+
+
+@pytest.mark.docker
+def test_kill_9_while_the_container_initialises_then_the_next_start_serves(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, docker_pg_image: str
+) -> None:
+    script = (
+        "import sys; from pathlib import Path; from refresher.engines.docker import DockerEngine;"
+        "DockerEngine(Path(sys.argv[1]), image=sys.argv[2], prefix=sys.argv[3]).start('halfway')"
+    )
+    args = [sys.executable, "-c", script, str(docker_engine.state_dir), docker_pg_image, docker_engine.prefix]
+    child = subprocess.Popen(args, cwd=REPO)
+    name = f"{docker_engine.prefix}-{docker_engine.scope}-halfway"
+    try:
+        deadline = time.monotonic() + 120
+        while not docker_client.containers.list(all=True, filters={"name": name}, sparse=True):
+            assert child.poll() is None, "the start finished before it could be interrupted"
+            assert time.monotonic() < deadline, "the container was never made"
+            time.sleep(0.01)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    try:
+        assert len(docker_engine.status("halfway")) == 1  # whatever moment it died at, status names it
+        info = docker_engine.start("halfway")
+        assert query(info, "SELECT current_database()") == "halfway"
+        assert docker_engine.status("halfway")[0].running
+    finally:
+        docker_engine.stop("halfway")
+    assert docker_client.containers.list(all=True, filters={"name": name}, sparse=True) == []
