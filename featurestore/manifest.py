@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 
 from featurestore._locks import file_lock, thread_lock
-from featurestore.errors import ManifestBusy
+from featurestore.errors import FeatureStoreError, ManifestBusy
 
 log = logging.getLogger("featurestore")
 
@@ -221,11 +221,12 @@ class Manifest:
                 con = self._open(read_only=True)
                 if not isinstance(con, duckdb.Error):
                     try:
-                        yield con
+                        if self._filled(con):
+                            yield con
+                            return
                     finally:
                         con.close()
-                    return
-        # A journal to fold, no manifest, or one that would not open: the write path folds and heals.
+        # A journal to fold, no manifest, one that would not open or was never filled: the write path heals.
         with self.write() as txn:
             yield txn.con
 
@@ -260,7 +261,10 @@ class Manifest:
             aside = self._set_aside()
             opened = self._open(read_only=False)
             if isinstance(opened, duckdb.Error):  # a fresh file that will not open: the disk is at fault
-                raise ManifestBusy(str(self.path), _first_line(opened))
+                raise FeatureStoreError(
+                    f"manifest={str(self.path)!r}: cannot create a fresh manifest ({_first_line(opened)})",
+                    path=str(self.path),
+                )
             log.warning(
                 "featurestore: manifest %s unreadable (%s); moved to %s and rebuilt from the data files",
                 self.path,

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore
+from featurestore import manifest as manifest_module
 from tests.featurestore import _workers
 
 DAMAGES: dict[str, Callable[[bytes], bytes]] = {
@@ -125,3 +131,36 @@ def test_two_processes_finding_the_damage_at_once_heal_it_once(tmp_path: Path) -
     assert found == [len(tables)] * 4
     assert len(list(store.root.glob("manifest.duckdb.damaged-*"))) == 1
     assert_healed(store, tables)
+
+
+def test_a_manifest_created_but_never_filled_is_filled_by_the_next_writer(tmp_path: Path) -> None:
+    store, tables, _feature = filled(tmp_path / "cache")
+    store.manifest.path.unlink()
+    # What a process killed between creating the file and committing its rows leaves: the tables, no rows.
+    con = duckdb.connect(str(store.manifest.path))
+    con.execute(manifest_module._SCHEMA)
+    con.close()
+    assert_healed(FeatureStore(store.root), tables)
+
+
+_HEAL_CHILD = "import sys; from featurestore import FeatureStore; FeatureStore(sys.argv[1]); print('healed')"
+
+
+@pytest.mark.slow
+def test_sigkill_while_healing_leaves_a_store_the_next_process_heals(tmp_path: Path) -> None:
+    store, tables, _feature = filled(tmp_path / "cache")
+    more = {f"more-{i}": pa.table({"x": list(range(i, i + 50))}) for i in range(300)}
+    store.put_many([(key, table, "SYM") for key, table in more.items()])
+    tables.update(more)
+    rng = random.Random(3)
+    for _ in range(5):
+        damage(store, "garbage")
+        with subprocess.Popen(
+            [sys.executable, "-c", _HEAL_CHILD, str(store.root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as child:
+            time.sleep(rng.uniform(0.3, 2.0))  # before, during or after the rebuild
+            child.send_signal(signal.SIGKILL)
+            child.communicate()
+    assert_healed(FeatureStore(store.root), tables)
