@@ -8,6 +8,7 @@ import hashlib
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from refresher import plan as plan_module
 from refresher.plan import (
     SEGMENT_KEY_FORMAT,
     DatabaseSegment,
@@ -139,6 +140,7 @@ def test_segment_key_is_pinned() -> None:
     # A known-good value: if this fails, the key format changed. Make it deliberate: bump SEGMENT_KEY_FORMAT
     # (every stored segment is then re-fetched) and update the value here in the same commit.
     assert SEGMENT_KEY_FORMAT == "refresher-segment-v1"
+    plan_module._key_prefix.cache_clear()  # computed afresh here, not remembered from an earlier test
     key = segment_key(Segment("AAPL", "1m", dt.date(2025, 1, 1)), "synthetic", "seed=1")
     assert key == "seg-1644df9dbe27fc819d6b97f53935a28da7d4e37cb2383f1519d74f7333ede918"
     parts = (SEGMENT_KEY_FORMAT, "synthetic", "AAPL", "1m", "2025-01", "seed=1")
@@ -148,6 +150,15 @@ def test_segment_key_is_pinned() -> None:
 def test_segment_key_prefix_separates_symbol_from_timeframe() -> None:
     # ("x", "AB") and ("xA", "B") concatenate alike: the pair a missing length prefix would collide.
     assert segment_key(seg(symbol="AB"), "x", "1") != segment_key(seg(symbol="B"), "xA", "1")
+
+
+def test_segment_keys_of_two_source_kinds_never_mix() -> None:
+    # Each source kind's prefix is hashed once and copied: keys made in any order must not leak into each other.
+    first = [segment_key(seg(), kind, "v") for kind in ("files", "synthetic", "files")]
+    plan_module._key_prefix.cache_clear()
+    assert first == [segment_key(seg(), kind, "v") for kind in ("files", "synthetic", "files")]
+    assert first[0] == first[2] != first[1]
+    assert first[0] == "seg-" + digest_parts(SEGMENT_KEY_FORMAT, "files", "AAA", "1d", "2025-01", "v")
 
 
 # --- The plan's partition and its reasons -----------------------------------------------------------------
