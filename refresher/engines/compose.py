@@ -97,7 +97,8 @@ class ComposeEngine:
         self._wait_ready(server)
         with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
             if not _database_exists(conn, profile):
-                with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # a concurrent start made it
+                # A concurrent start may win the race: either error means the database now exists.
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(profile)))
         return server
 

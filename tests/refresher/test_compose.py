@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
@@ -20,7 +21,7 @@ import psycopg
 import pytest
 import redis
 
-from refresher.engines.compose import PROJECT_LABEL, default_redis_url, find_service
+from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_redis_url, find_service
 from refresher.settings import CHECKOUT, Settings, compose_project
 
 pytestmark = pytest.mark.docker
@@ -106,6 +107,13 @@ def test_up_refresh_reset_down(
     assert {
         c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters=label)
     } == first
+
+    engine = ComposeEngine(name)
+    with ThreadPoolExecutor(2) as pool:  # two starts at once both get the one new database
+        servers = list(pool.map(lambda _: engine.start("compose_twice"), range(2)))
+    assert servers[0] == servers[1] and engine.info("compose_twice") is not None
+    assert engine.stop("compose_twice") and engine.info("compose_twice") is None
+    assert not engine.stop("compose_twice")
 
     report = json.loads(
         refresher("refresh", "-p", "compose_tiny", "--engine", "compose", "--json", env=env).stdout
