@@ -36,6 +36,7 @@ from docker.models.containers import Container
 from refresher.engines._common import (
     DB_SUPERUSER,
     HOST,
+    INIT_BYTES_NEEDED,
     RETRYABLE_SQLSTATES,
     TUNING,
     is_disk_full,
@@ -307,11 +308,13 @@ class DockerEngine:
                     f"run `refresher down --profile {info.profile}`"
                 ) from exc
             if is_disk_full(_log_tail(container)):
+                volume = self._volume_name(info.profile)
                 raise EngineUnavailable(
-                    f"disk full: container {container.name} could not initialise its volume "
-                    f"{self._volume_name(info.profile)} (Docker's data root {_docker_root(container)}); "
-                    "free some space there and run the command again",
-                    path=_docker_root(container),
+                    f"disk full: Docker volume {volume} ({_volume_path(container)}) ran out of space while "
+                    f"the server initialised it; it needs at least {INIT_BYTES_NEEDED // 2**20} MB free; "
+                    f"free some space and run `refresher down --profile {info.profile}`, then the command again",
+                    path=_volume_path(container),
+                    needed=INIT_BYTES_NEEDED,
                 ) from exc
             raise
 
@@ -474,11 +477,12 @@ def _image_name(container: Container) -> str:
     return str(container.attrs.get("Config", {}).get("Image") or container.image.id)
 
 
-def _docker_root(container: Container) -> str:
-    try:
-        return str(container.client.info().get("DockerRootDir", "?")) if container.client else "?"
-    except docker.errors.APIError:
-        return "?"
+def _volume_path(container: Container) -> str:
+    """Where the data volume lives on the Docker host (its mountpoint), for a disk-full message."""
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Destination") == PGDATA:
+            return str(mount.get("Source") or mount.get("Name") or "?")
+    return "?"
 
 
 def _log_tail(container: Container) -> str:

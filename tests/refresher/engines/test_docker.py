@@ -416,3 +416,31 @@ def test_kill_9_while_the_container_initialises_then_the_next_start_serves(
     finally:
         docker_engine.stop("halfway")
     assert docker_client.containers.list(all=True, filters={"name": name}, sparse=True) == []
+
+
+@pytest.mark.docker
+def test_a_full_volume_during_initdb_is_one_line_naming_it_and_the_space(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, docker_pg_image: str
+) -> None:
+    from refresher.engines._docker_state import ContainerState
+
+    profile = "fullvol"
+    volume = f"{docker_engine.prefix}-{docker_engine.scope}-{profile}-data"
+    # A state file names the volume's password, so the engine keeps the (tiny, tmpfs-backed) volume we made.
+    ContainerState(f"{docker_engine.prefix}-{docker_engine.scope}-{profile}", volume, docker_pg_image,
+                   "refresher", "pw-for-the-test").write(docker_engine.base / f"{profile}.json")  # fmt: skip
+    docker_client.volumes.create(
+        volume,
+        driver="local",
+        driver_opts={"type": "tmpfs", "device": "tmpfs", "o": "size=8m"},
+        labels={PREFIX_LABEL: docker_engine.prefix},
+    )
+    try:
+        with pytest.raises(EngineUnavailable) as caught:
+            docker_engine.start(profile)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert message.startswith(f"disk full: Docker volume {volume} (")
+        assert "needs at least 64 MB free" in message
+    finally:
+        docker_engine.stop(profile)
