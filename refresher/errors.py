@@ -68,6 +68,17 @@ class LoadError(RefresherError):
     """A segment could not be loaded into the target database."""
 
 
+class FeatureError(RefresherError):
+    """A feature function raised, or returned something that is not one float row per bar."""
+
+    def __init__(self, feature: str, symbol: str, reason: str) -> None:
+        super().__init__(
+            f"feature {feature}, symbol {symbol}: {reason}; nothing of {feature} was loaded",
+            feature=feature,
+            symbol=symbol,
+        )
+
+
 class SnapshotError(RefresherError):
     """No pristine snapshot exists, or it cannot be restored."""
 
@@ -98,6 +109,7 @@ __all__ = [
     "CalendarError",
     "EngineStateError",
     "EngineUnavailable",
+    "FeatureError",
     "JobError",
     "LoadError",
     "ProfileBusy",

@@ -165,6 +165,9 @@ class _FeatureEntry(_Strict):
     name: str
     as_: str | None = Field(default=None, alias="as")
     params: dict[str, Any] = Field(default_factory=dict)
+    # A user's function, ``module.path:function``, loaded under ``name``.
+    function: str | None = None
+    timeframe: str = "1d"
 
 
 # A plain name or a mapping; tagged so an error in a mapping is reported against the mapping, not the string.
@@ -387,7 +390,15 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
     features = [
         resolve_feature(path, f"features.{i}", feat)
         if isinstance(feat, str)
-        else resolve_feature(path, f"features.{i}", feat.name, feat.as_, feat.params)
+        else resolve_feature(
+            path,
+            f"features.{i}",
+            feat.name,
+            feat.as_,
+            feat.params,
+            function=feat.function,
+            timeframe=feat.timeframe,
+        )
         for i, feat in enumerate(p.features)
     ]
     for i, use in enumerate(features):

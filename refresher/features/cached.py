@@ -8,6 +8,7 @@ feature and its parameters, so a database that lost them, a second checkout or `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,16 @@ import pyarrow as pa
 
 from featurestore import FeatureStore
 from featurestore.keys import function_identity
+from refresher.errors import FeatureError
 from refresher.features.compute import equal_weight_index
 from refresher.features.registry import FeatureSpec, FeatureUse
 from refresher.features.tables import FeaturePart, feature_rows
 from refresher.plan import GapPlan, digest_parts
 from refresher.profile import Profile
 from refresher.segments import Segment
+
+# Metric columns become column names next to ``symbol`` and ``date``.
+COLUMN_RE = re.compile(r"^(?!symbol$|date$)[a-z_][a-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,15 @@ class FeatureBatch:
 
 class _Compute:
     """Adapts a feature use to the store's ``compute_func(raw, config)`` calling convention; ``config`` (part of
-    the store key) names the feature and its parameters, so the key covers what the computation reads."""
+    the store key) names the feature and its parameters, so the key covers what the computation reads.
 
-    def __init__(self, use: FeatureUse) -> None:
+    A function that raises or returns anything but one row of float columns per bar becomes a ``FeatureError``
+    naming the entry and the symbol (``symbols`` maps each raw frame, by identity, to its symbol).
+    """
+
+    def __init__(self, use: FeatureUse, symbols: Mapping[int, str]) -> None:
         self.use = use
+        self.symbols = symbols
         self.calls = 0
 
     def config(self) -> dict[str, Any]:
@@ -48,7 +58,34 @@ class _Compute:
 
     def __call__(self, raw: pd.DataFrame, config: Any) -> pd.DataFrame:
         self.calls += 1
-        return self.use.compute(raw)
+        symbol = self.symbols.get(id(raw), "?")
+        try:
+            result = self.use.compute(raw)
+        except Exception as exc:  # a user's function: whatever it raises is reported, in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise FeatureError(self.use.name, symbol, f"{type(exc).__name__}: {first}".rstrip(": ")) from exc
+        problem = _shape_problem(raw, result)
+        if problem:
+            raise FeatureError(self.use.name, symbol, problem)
+        return result
+
+
+def _shape_problem(raw: pd.DataFrame, result: Any) -> str | None:
+    """Why ``result`` cannot be a feature's rows for ``raw``: None when it is one float row per bar."""
+    if not isinstance(result, pd.DataFrame):
+        return f"returned {type(result).__name__}, not a pandas DataFrame"
+    if not result.index.equals(raw.index):
+        return f"returned {len(result)} rows on another index, not one per bar ({len(raw)}, by date)"
+    if result.columns.empty:
+        return "returned no columns"
+    for column in result.columns:
+        if not isinstance(column, str) or not COLUMN_RE.match(column):
+            return f"column {column!r} is not a lower-case name (letters, digits, _)"
+        if not pd.api.types.is_numeric_dtype(result[column]):
+            return f"column {column!r} is {result[column].dtype}, not numeric"
+    if result.columns.has_duplicates:
+        return "returned a column name twice"
+    return None
 
 
 def _version(spec: FeatureSpec) -> str:
@@ -107,6 +144,7 @@ def compute_features(
             )
         return frames[symbol]
 
+    failures: list[FeatureError] = []
     for use in profile.features:
         spec = use.spec
         benchmark: pd.Series | None = None
@@ -131,9 +169,14 @@ def compute_features(
         if not todo and not empty:
             continue
         # One batch per feature: the store records every miss in one manifest transaction.
-        compute = _Compute(use)
+        compute = _Compute(use, {id(raw): symbol for symbol, raw, _hash in todo})
         jobs = [(symbol, raw, compute.config()) for symbol, raw, _hash in todo]
-        results = store.get_or_compute_many(jobs, compute, version=version) if jobs else []
+        try:
+            results = store.get_or_compute_many(jobs, compute, version=version) if jobs else []
+        except FeatureError as exc:
+            # This entry loads nothing; the others still load, then the first failure is reported.
+            failures.append(exc)
+            continue
         parts = [
             FeaturePart(
                 symbol,
@@ -143,6 +186,8 @@ def compute_features(
             for (symbol, _raw, h), result in zip(todo, results, strict=True)
         ]
         yield FeatureBatch(use, parts + empty, compute.calls)
+    if failures:
+        raise failures[0]
 
 
 __all__ = ["FeatureBatch", "compute_features", "daily_frame", "daily_segments"]

@@ -6,6 +6,7 @@ one definition pydantic validates against, so a default documented in the signat
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -58,12 +59,13 @@ class FeatureUse:
     """
 
     name: str
-    feature: str
+    spec: FeatureSpec
     params: tuple[tuple[str, Any], ...] = ()
 
     @property
-    def spec(self) -> FeatureSpec:
-        return FEATURES[self.feature]
+    def feature(self) -> str:
+        """The registered name, or ``module:function`` for a user's function."""
+        return self.spec.name
 
     @property
     def params_json(self) -> str:
@@ -80,14 +82,24 @@ _MODELS: dict[Compute, type[BaseModel]] = {}
 def _params_model(func: Compute) -> type[BaseModel]:
     """A strict pydantic model of ``func``'s keyword-only parameters: no coercion ("10" is not 10), no extras."""
     if func not in _MODELS:
-        hints = typing.get_type_hints(func, include_extras=True)
+        try:
+            hints = typing.get_type_hints(func, include_extras=True)
+        except Exception:  # a user's function with annotations that do not resolve: take values as given
+            hints = {}
+        parameters = inspect.signature(func).parameters.values()
         fields: dict[str, Any] = {
-            p.name: (hints[p.name], p.default)
-            for p in inspect.signature(func).parameters.values()
+            p.name: (hints.get(p.name, Any), ... if p.default is inspect.Parameter.empty else p.default)
+            for p in parameters
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
+        # A function taking **kwargs accepts any parameter; otherwise an unknown one is a typo.
+        extra: Literal["allow", "forbid"] = (
+            "allow" if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) else "forbid"
+        )
         _MODELS[func] = create_model(
-            f"{func.__name__}_params", __config__=ConfigDict(extra="forbid", strict=True), **fields
+            f"{getattr(func, '__name__', 'feature')}_params",
+            __config__=ConfigDict(extra=extra, strict=True),
+            **fields,
         )
     return _MODELS[func]
 
@@ -119,20 +131,52 @@ def get_feature(name: str) -> FeatureSpec:
         ) from None
 
 
+def user_feature(path: Path | str, field: str, function: str) -> FeatureSpec:
+    """The user's ``module:function`` as a feature; ProfileError when it cannot be imported or called."""
+    module_name, _, attr = function.partition(":")
+    if not module_name or not attr:
+        raise ProfileError(path, field, function, "write the function as module.path:function_name")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: any import-time error is theirs to see, in one line
+        raise ProfileError(path, field, function, f"cannot import {module_name}: {exc}") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise ProfileError(path, field, function, f"{module_name} has no function {attr}")
+    return FeatureSpec(function, "user", func)
+
+
 def resolve_feature(
-    path: Path | str, field: str, name: str, alias: str | None = None, params: Mapping[str, Any] | None = None
+    path: Path | str,
+    field: str,
+    name: str,
+    alias: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    *,
+    function: str | None = None,
+    timeframe: str = "1d",
 ) -> FeatureUse:
-    """The validated use of feature ``name`` as written at ``field`` of profile ``path``; ProfileError naming
-    the file, the field (down to the parameter) and the value otherwise."""
-    if name not in FEATURES:
-        where = f"{field}.name" if alias is not None or params else field
+    """The validated use of feature ``name`` (or of the user's ``function``, loaded under ``name``) as written
+    at ``field`` of profile ``path``; ProfileError naming the file, the field (down to the parameter) and the
+    value otherwise."""
+    mapping = alias is not None or params or function is not None
+    if timeframe != "1d":
+        raise ProfileError(
+            path, f"{field}.timeframe", timeframe, "features compute over daily bars (1d) only"
+        )
+    if function is not None:
+        if alias is not None:
+            raise ProfileError(path, f"{field}.as", alias, "a function's table is its name: drop `as`")
+        spec = user_feature(path, f"{field}.function", function)
+    elif name in FEATURES:
+        spec = FEATURES[name]
+    else:
+        where = f"{field}.name" if mapping else field
         raise ProfileError(path, where, name, f"unknown feature (choices: {', '.join(FEATURES)})")
     table_name = name if alias is None else alias
     if not FEATURE_NAME_RE.match(table_name):
-        raise ProfileError(
-            path, f"{field}.as", table_name, f"feature names must match {FEATURE_NAME_RE.pattern}"
-        )
-    spec = FEATURES[name]
+        where = f"{field}.as" if alias is not None else f"{field}.name"
+        raise ProfileError(path, where, table_name, f"feature names must match {FEATURE_NAME_RE.pattern}")
     try:
         model = spec.params_model.model_validate(dict(params or {}))
     except ValidationError as exc:
@@ -141,7 +185,7 @@ def resolve_feature(
         given = (params or {}).get(str(error["loc"][0])) if error["loc"] else params
         reason = error["msg"]
         if error["type"] == "extra_forbidden":
-            reason = f"not a parameter of {name} (parameters: {', '.join(spec.defaults)})"
+            reason = f"not a parameter of {spec.name} (parameters: {', '.join(spec.params_model.model_fields) or 'none'})"
         raise ProfileError(path, f"{field}.params.{loc}", given, reason) from None
     values = model.model_dump()
     for low, high in spec.ordered:
@@ -149,7 +193,7 @@ def resolve_feature(
             raise ProfileError(
                 path, f"{field}.params.{low}", values[low], f"must be below {high}={values[high]!r}"
             )
-    return FeatureUse(table_name, name, tuple(sorted(values.items())))
+    return FeatureUse(table_name, spec, tuple(sorted(values.items())))
 
 
 def compute_universe(

@@ -1,0 +1,145 @@
+"""A user's own feature function from the profile: loaded like a built-in, or refused in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from featurestore import FeatureStore
+from refresher.errors import FeatureError, ProfileError
+from refresher.features import refresh_features
+from refresher.profile import Profile
+from tests.refresher.test_features_load import conn, run, store, stored_plan, table_rows, write_profile
+
+pytestmark = pytest.mark.postgres
+__all__ = ["conn", "store"]  # fixtures, imported to be found
+
+SIGNALS = '''
+import pandas as pd
+
+def compute(df, *, window: int = 5, scale: float = 1.0):
+    """Close over its mean of the last ``window`` bars, times ``scale``."""
+    return pd.DataFrame({"ratio": df["close"] / df["close"].rolling(window).mean() * scale}, index=df.index)
+
+def raises(df):
+    raise ZeroDivisionError("no edge in\\nthis market")
+
+def short(df):
+    return pd.DataFrame({"x": df["close"].iloc[:-1]})
+
+def text(df):
+    return pd.DataFrame({"label": "up"}, index=df.index)
+
+def a_list(df):
+    return list(df["close"])
+'''
+
+
+@pytest.fixture
+def module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"signals_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(SIGNALS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def profile_of(tmp_path: Path, entries: str) -> Profile:
+    return write_profile(tmp_path, "AAA, BBB", features=entries)
+
+
+def test_a_user_function_loads_with_its_parameters(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    entries = f'dashboard_data, {{name: my_signal, function: "{module}:compute", params: {{window: 3}}, timeframe: 1d}}'
+    profile = profile_of(tmp_path, entries)
+    counts = run(conn, profile, store)
+    assert (counts.loaded, counts.computed) == (4, 4)
+    rows = table_rows(conn, "features_my_signal", "AAA")
+    assert [r[2] is None for r in rows[:3]] == [True, True, False]
+    assert all(0.5 < r[2] < 1.5 for r in rows[2:])
+    # Another parameter value reloads that entry only.
+    again = run(conn, profile_of(tmp_path, entries.replace("window: 3", "window: 4")), store)
+    assert (again.loaded, again.computed) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("function", "reason"),
+    [
+        ("raises", "ZeroDivisionError: no edge in"),
+        ("short", "returned 82 rows on another index, not one per bar (83, by date)"),
+        ("text", "column 'label' is str, not numeric"),
+        ("a_list", "returned list, not a pandas DataFrame"),
+    ],
+)
+def test_a_failing_function_is_one_line_and_loads_nothing_of_its_own(
+    tmp_path: Path,
+    module: str,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    function: str,
+    reason: str,
+) -> None:
+    profile = profile_of(tmp_path, f'[{{name: bad, function: "{module}:{function}"}}, dashboard_data]'[1:-1])
+    with pytest.raises(FeatureError) as info:
+        refresh_features(conn, profile, store, stored_plan(profile, store))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("feature bad, symbol AAA: ") and reason in message, message
+    assert info.value.fields == {"feature": "bad", "symbol": "AAA"}
+    # Nothing of the failing entry; the other feature loaded in full.
+    assert conn.execute("SELECT to_regclass('features_bad')").fetchone() == (None,)
+    ledger = conn.execute("SELECT feature, count(*) FROM refresher_features GROUP BY 1").fetchall()
+    assert ledger == [("dashboard_data", 2)]
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "value"),
+    [
+        ('{name: s, function: "no_such_module_xyz:f"}', "features.0.function", "no_such_module_xyz:f"),
+        ('{name: s, function: "{module}:nope"}', "features.0.function", ":nope"),
+        ('{name: s, function: "{module}"}', "features.0.function", "signals_"),
+        ('{name: s, function: "{module}:compute", params: {windw: 3}}', "features.0.params.windw", "3"),
+        ('{name: s, function: "{module}:compute", params: {window: "3"}}', "features.0.params.window", "'3'"),
+        ('{name: s, function: "{module}:compute", timeframe: 1m}', "features.0.timeframe", "1m"),
+        ('{name: S-1, function: "{module}:compute"}', "features.0.name", "S-1"),
+    ],
+)
+def test_a_bad_function_entry_names_file_field_and_value(
+    tmp_path: Path, module: str, entry: str, field: str, value: str
+) -> None:
+    with pytest.raises(ProfileError) as info:
+        profile_of(tmp_path, entry.replace("{module}", module))
+    assert info.value.field == field and value in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path, module: str) -> None:
+    profile = write_profile(tmp_path, "AAA", features=f'{{name: bad, function: "{module}:raises"}}')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FEATURE_STORE_PATH": str(tmp_path / "store")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refresher.cli",
+            "warm",
+            "--profile",
+            str(profile.path),
+            "--as-of",
+            "2024-06-28",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "refresher: feature bad, symbol AAA: ZeroDivisionError: no edge in; nothing of bad was loaded"
+    ]
