@@ -263,16 +263,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave_now(status: int) -> None:
+    """Exit without interpreter finalization, after an interrupt.
+
+    Tearing down pyarrow, pandas and DuckDB took ~2 s on a busy 2-core machine after a Ctrl-C that had already
+    been handled in 0.2 s. Every ``with`` has run by now (transactions rolled back, connections closed, the
+    profile lock released); what is skipped is what a kill -9 skips, which every step is built to survive.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; the one place errors become exit codes."""
-    args = build_parser().parse_args(argv)
     try:
+        # Inside the try: building the parser imports the jobs package, seconds of work on a busy machine
+        # during which a Ctrl-C must still end in one line.
+        args = build_parser().parse_args(argv)
         return run(args)
     except USER_ERRORS as exc:
         print(f"refresher: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("refresher: interrupted; every finished segment is kept, run again to resume", file=sys.stderr)
+        if argv is None:  # the console script, not a caller in-process: leave now
+            _leave_now(130)
         return 130
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -98,6 +98,7 @@ class InProcessExecutor:
         in_store = [job for job in jobs if job.stored_hash is not None]
         fetcher = _Fetcher(self.source, self.store, to_fetch)
         fetcher.start()
+        finished = False
         try:
             # The store reads start only once the fetcher is drained, as before: reading both at once
             # would make the two threads compete for the core the loader needs.
@@ -113,9 +114,12 @@ class InProcessExecutor:
                     totals.done += 1
                 if progress:
                     progress("load", totals.done, len(jobs), totals.rows_loaded)
+            finished = True
         finally:
             fetcher.cancelled.set()
-            fetcher.join(timeout=5)
+            # On Ctrl-C or an error, do not wait for the batch the fetcher is producing (seconds of work): it
+            # is a daemon thread, and what it stores is written crash-safe like any kill -9 would leave it.
+            fetcher.join(timeout=5 if finished else 0.2)
         if emptied:
             raise load.ShrinkError.refused(emptied)
         return totals

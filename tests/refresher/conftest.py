@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -27,3 +30,15 @@ def loaded(pg_database: ServerInfo) -> ServerInfo:
             tz="UTC",
         )
     return pg_database
+
+
+@pytest.fixture
+def cpu_load() -> Iterator[None]:
+    """Two spinning processes: the machine is as busy as a full test run makes it."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()

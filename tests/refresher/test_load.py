@@ -113,6 +113,7 @@ def test_ctrl_c_mid_load_rolls_back_and_leaves_the_connection_usable(
     assert read_loaded_segments(conn) == {}
 
 
+@pytest.mark.usefixtures("cpu_load")
 def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: ServerInfo) -> None:
     with psycopg.connect(pg_database.dsn()) as conn:
         ensure_schema(conn)
@@ -130,7 +131,12 @@ def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: Se
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", child, pg_database.dsn()], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", child, pg_database.dsn()],
+        stdout=subprocess.PIPE,
+        text=True,
+        # A parent started in the background may ignore SIGINT, and Python then never raises
+        # KeyboardInterrupt (the two-minute hang once seen in a full run): restore the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
     proc.stdout.close()
@@ -138,7 +144,7 @@ def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: Se
         while not read_loaded_segments(conn):
             conn.execute("SELECT pg_sleep(0.05)")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) != 0
+    assert proc.wait(timeout=10) != 0  # a deadline, not a timing: it stops in well under a second
     with psycopg.connect(pg_database.dsn()) as conn:
         segment = Segment("AAPL", "1m", JAN)
         assert (
