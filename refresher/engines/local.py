@@ -232,6 +232,8 @@ class LocalEngine:
         result = _pgctl.run(self.bin_dir, "initdb", args, user, cwd=paths.root, stdin_text=password + "\n")
         if result.returncode != 0:
             shutil.rmtree(building, ignore_errors=True)
+            with contextlib.suppress(OSError):  # nothing else in it: leave no profile behind for `status`
+                paths.root.rmdir()
             if is_disk_full(result.output):
                 raise disk_full(paths.root)
             raise EngineUnavailable(f"initdb failed in {building}: {result.output.strip()[-1500:]}")

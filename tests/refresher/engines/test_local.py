@@ -236,6 +236,18 @@ def test_a_full_disk_during_initdb_is_one_line_naming_the_path_and_space(tiny_di
     assert "needs at least 64 MB" in message
     assert caught.value.exit_code == 2
     # Nothing half-made that a later start would trust.
-    root = tiny_disk / "local" / "full"
-    assert not (root / "pgdata").exists() and not (root / "server.json").exists()
-    assert list(root.glob("pgdata.init-*")) == []
+    assert not (tiny_disk / "local" / "full").exists()
+    assert engine.status() == []
+
+
+def test_refresh_on_a_full_disk_is_one_line_and_exit_2(tiny_disk: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "FEATURE_STORE_PATH": str(tmp_path / "store")}
+    args = ["refresh", "--profile", "ui_testing", "--engine", "local", "--state-dir", str(tiny_disk)]
+    done = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"disk full: {tiny_disk / 'local' / 'ui_testing'} has " in line
+    assert "needs at least 64 MB" in line
