@@ -186,11 +186,11 @@ class JobQueue:
         self._credit[pick] -= total
         return [pick, *(t for t in TIERS if t != pick)]
 
-    def read(self, consumer: str, block_ms: int) -> list[Delivery]:
-        """At most one new job, from the tier whose turn it is, else the next non-empty tier; blocks when
-        every stream is empty."""
+    def read(self, consumer: str, block_ms: int, count: int = 1) -> list[Delivery]:
+        """Up to ``count`` new jobs from the tier whose turn it is, else from the next non-empty tier; blocks
+        when every stream is empty."""
         for tier in self._tier_order():
-            got = self.client.xreadgroup(GROUP, consumer, {stream_key(tier): ">"}, count=1)
+            got = self.client.xreadgroup(GROUP, consumer, {stream_key(tier): ">"}, count=count)
             if got:
                 return self._deliveries(got)
         if block_ms <= 0:
@@ -218,10 +218,13 @@ class JobQueue:
                 out.append((delivery, int(info[0]["times_delivered"]) if info else 1))
         return out
 
-    def extend(self, delivery: Delivery, consumer: str) -> None:
-        """Reset the job's idle time so no one reclaims it while this worker is still on it (JUSTID: the
+    def extend(self, deliveries: Sequence[Delivery], consumer: str) -> None:
+        """Reset the jobs' idle time so no one reclaims them while this worker is still on them (JUSTID: the
         delivery count stays)."""
-        self.client.xclaim(stream_key(delivery.tier), GROUP, consumer, 0, [delivery.message_id], justid=True)
+        pipe = self.client.pipeline(transaction=False)
+        for d in deliveries:
+            pipe.xclaim(stream_key(d.tier), GROUP, consumer, 0, [d.message_id], justid=True)
+        pipe.execute()
 
     def started(self, delivery: Delivery, consumer: str, now: float) -> str | None:
         """Record the job as in flight; returns the run's state (a cancelled run's jobs are dropped)."""

@@ -174,19 +174,40 @@ def load_table(
     return SegmentOutcome(job.segment, content_hash, rows, fetched, True)
 
 
+def produce_tables(
+    jobs: Sequence[SegmentJob], source: Source, store: FeatureStore
+) -> list[tuple[SegmentJob, pa.Table, str]]:
+    """Each job's table, asking the store again first (another attempt may have filled it since the plan):
+    hits are read, misses produced by the source and stored in one manifest transaction for the batch."""
+    entries = store.lookup([job.key for job in jobs])
+    jobs = [replace(j, stored_hash=entries[j.key].content_hash if j.key in entries else None) for j in jobs]
+    misses = [j for j in jobs if j.stored_hash is None]
+    hits = [j for j in jobs if j.stored_hash is not None]
+    out: dict[Segment, tuple[SegmentJob, pa.Table, str]] = {}
+    if misses:
+        for job, (table, content_hash) in zip(misses, fetch_tables(misses, source, store), strict=True):
+            out[job.segment] = (job, table, content_hash)
+    if hits:
+        for job, table, content_hash in stored_tables(hits, store, source):
+            out[job.segment] = (job, table, content_hash)
+    return [out[job.segment] for job in jobs]
+
+
+def load_produced(
+    conn: psycopg.Connection[Any], source: Source, job: SegmentJob, table: pa.Table, content_hash: str
+) -> SegmentOutcome:
+    """Load a table ``produce_tables`` made, checking the ledger (a queue may deliver a job twice)."""
+    rejects = source.rejects.pop(job.segment, []) if job.stored_hash is None else None
+    return load_table(conn, job, table, content_hash, check_ledger=True, rejects=rejects)
+
+
 def run_segment_job(
     job: SegmentJob, source: Source, store: FeatureStore, conn: psycopg.Connection[Any]
 ) -> SegmentOutcome:
     """Run one job from a queue: the store is asked again (another attempt may have filled it since the
     plan), and the load checks the ledger so a redelivered job changes nothing."""
-    entry = store.lookup([job.key]).get(job.key)
-    job = replace(job, stored_hash=entry.content_hash if entry else None)
-    if job.stored_hash is None:
-        [(table, content_hash)] = fetch_tables([job], source, store)
-    else:
-        [(job, table, content_hash)] = stored_tables([job], store, source)
-    rejects = source.rejects.pop(job.segment, []) if job.stored_hash is None else None
-    return load_table(conn, job, table, content_hash, check_ledger=True, rejects=rejects)
+    [(job, table, content_hash)] = produce_tables([job], source, store)
+    return load_produced(conn, source, job, table, content_hash)
 
 
 def _lock_id(segment: Segment) -> int:
@@ -204,7 +225,9 @@ __all__ = [
     "SegmentTotals",
     "fetch_tables",
     "jobs_of_plan",
+    "load_produced",
     "load_table",
+    "produce_tables",
     "run_segment_job",
     "stored_tables",
 ]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,13 @@ from refresher.jobs.queue import (
     text,
 )
 from refresher.jobs.retry import backoff_seconds, is_transient
-from refresher.jobs.segment import SegmentJob, run_segment_job
+from refresher.jobs.segment import (
+    SegmentJob,
+    SegmentOutcome,
+    load_produced,
+    produce_tables,
+    run_segment_job,
+)
 from refresher.plan import segment_key
 from refresher.profile import Profile, load_profile
 from refresher.refresh import compute_plan
@@ -63,6 +70,8 @@ class WorkerOptions:
     backoff_base: float = 0.5
     backoff_cap: float = 60.0
     block_ms: int = 1000
+    # Jobs taken per read and produced together: the store records a batch in one manifest transaction.
+    batch: int = 16
 
 
 @dataclass
@@ -160,18 +169,19 @@ class Worker:
                     if time.monotonic() - last_sweep > 0.5:
                         self._housekeeping(queue, contexts)
                         last_sweep = time.monotonic()
-                    work = queue.reclaim(consumer, int(self.options.visibility_timeout * 1000))
-                    if not work:
-                        block = 0 if self.options.burst else self.options.block_ms
-                        work = [(d, 1) for d in queue.read(consumer, block)]
-                    if not work:
+                    reclaimed = queue.reclaim(consumer, int(self.options.visibility_timeout * 1000))
+                    for delivery, delivered in reclaimed:
+                        self._handle(queue, consumer, [delivery], contexts, delivered=delivered)
+                    block = 0 if (self.options.burst or reclaimed) else self.options.block_ms
+                    work = queue.read(consumer, block, count=self.options.batch)
+                    if work:
+                        self._handle(queue, consumer, work, contexts)
+                    elif not reclaimed:
                         if self.options.burst and self._drained(queue):
                             return
                         if self.options.burst:
                             self.stop.wait(0.2)
                         continue
-                    for delivery, delivered in work:
-                        self._handle(queue, consumer, delivery, delivered, contexts)
                     failures = 0
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     # Redis is restarting: wait with capped, jittered backoff and carry on; nothing is lost,
@@ -202,22 +212,55 @@ class Worker:
         self,
         queue: JobQueue,
         consumer: str,
-        delivery: Delivery,
-        delivered: int,
+        deliveries: list[Delivery],
         contexts: dict[str, _RunContext],
+        *,
+        delivered: int = 1,
     ) -> None:
+        """Run a batch of jobs: their tables are produced together (one store transaction for the batch, as
+        in-process), then each loads in its own transaction and is acknowledged on its own."""
         if delivered > self.options.max_attempts:
-            queue.dead_letter(delivery, f"delivered {delivered} times without finishing", delivered)
-            self._count(dead=1)
+            for delivery in deliveries:
+                queue.dead_letter(delivery, f"delivered {delivered} times without finishing", delivered)
+                self._count(dead=1)
             return
-        if queue.started(delivery, consumer, self.clock()) == "cancelled":
-            queue.drop(delivery)
-            return
+        live = []
+        for delivery in deliveries:
+            if queue.started(delivery, consumer, self.clock()) == "cancelled":
+                queue.drop(delivery)
+            else:
+                live.append(delivery)
+        by_run: dict[str, list[Delivery]] = {}
+        for delivery in live:
+            by_run.setdefault(delivery.job["run"], []).append(delivery)
+        every = self.options.visibility_timeout / 3
+        for run, group in by_run.items():
+            with _Heartbeat(queue, group, consumer, every):
+                try:
+                    ctx = self._context(queue, contexts, run)
+                    produced = produce_tables([self._job(ctx, d) for d in group], ctx.source, ctx.store)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    raise
+                except Exception:
+                    # Which job failed? Run each alone, so the error lands on that job only.
+                    for delivery in group:
+                        alone = partial(self._run_alone, contexts, queue, delivery)
+                        self._settle(queue, delivery, contexts, alone)
+                    continue
+                for delivery, (job, table, content_hash) in zip(group, produced, strict=True):
+                    load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
+                    self._settle(queue, delivery, contexts, load)
+
+    def _settle(
+        self,
+        queue: JobQueue,
+        delivery: Delivery,
+        contexts: dict[str, _RunContext],
+        action: Callable[[], SegmentOutcome],
+    ) -> None:
         run = delivery.job["run"]
         try:
-            with _Heartbeat(queue, delivery, consumer, self.options.visibility_timeout / 3):
-                ctx = self._context(queue, contexts, run)
-                outcome = self._run(ctx, delivery)
+            outcome = action()
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as exc:
@@ -230,12 +273,18 @@ class Worker:
         if last:
             self._features(queue, contexts, run)
 
-    def _run(self, ctx: _RunContext, delivery: Delivery) -> Any:
+    @staticmethod
+    def _job(ctx: _RunContext, delivery: Delivery) -> SegmentJob:
         segment = parse_segment(delivery.job["seg"])
         # The source may have changed since the plan (a fixed file before `retry-dead`): use its key now.
         key = segment_key(segment, ctx.source.kind, ctx.source.version(segment))
-        job = SegmentJob(segment, key, delivery.job["tz"], force=bool(delivery.job.get("force")))
-        return run_segment_job(job, ctx.source, ctx.store, ctx.conn)
+        return SegmentJob(segment, key, delivery.job["tz"], force=bool(delivery.job.get("force")))
+
+    def _run_alone(
+        self, contexts: dict[str, _RunContext], queue: JobQueue, delivery: Delivery
+    ) -> SegmentOutcome:
+        ctx = self._context(queue, contexts, delivery.job["run"])
+        return run_segment_job(self._job(ctx, delivery), ctx.source, ctx.store, ctx.conn)
 
     def _failed(self, queue: JobQueue, delivery: Delivery, exc: BaseException) -> None:
         attempt = int(delivery.job.get("attempt", 0)) + 1
@@ -289,8 +338,8 @@ class Worker:
 class _Heartbeat:
     """Extends a job's claim while it runs, so a long job is not reclaimed from a live worker."""
 
-    def __init__(self, queue: JobQueue, delivery: Delivery, consumer: str, every: float) -> None:
-        self.queue, self.delivery, self.consumer, self.every = queue, delivery, consumer, max(every, 0.05)
+    def __init__(self, queue: JobQueue, deliveries: list[Delivery], consumer: str, every: float) -> None:
+        self.queue, self.deliveries, self.consumer, self.every = queue, deliveries, consumer, max(every, 0.05)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -305,7 +354,7 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self._done.wait(self.every):
             with suppress(redis.RedisError):
-                self.queue.extend(self.delivery, self.consumer)
+                self.queue.extend(self.deliveries, self.consumer)
 
 
 __all__ = ["Worker", "WorkerOptions", "WorkerReport", "parse_segment"]

@@ -89,3 +89,18 @@ def test_status_of_120_000_jobs_reads_in_milliseconds_whatever_the_run_size(
     assert run.jobs == 120_000 and client.xlen("refresher:jobs:normal") == 120_000
     state = run_status(client, run.run_id)
     assert state.total == state.pending == 120_000
+
+
+def test_a_live_worker_extending_its_claim_keeps_its_job(redis_server: RedisServer) -> None:
+    import time
+
+    client = connect(redis_server.url)
+    submit_jobs(client, spec("normal"), jobs("LONG", 1), now=NOW)
+    queue = JobQueue(client)
+    assert len(queue.read("slow", block_ms=0)) == 1
+    time.sleep(1.0)
+    assert len(queue.reclaim("other", min_idle_ms=900)) == 1  # silent for longer than the timeout: taken
+    [(taken, _)] = queue.reclaim("slow", min_idle_ms=0)  # back to "slow" for the second half
+    time.sleep(1.0)
+    queue.extend([taken], "slow")  # the heartbeat of a worker still on the job
+    assert queue.reclaim("other", min_idle_ms=900) == []
