@@ -54,8 +54,8 @@ class Settings:
     cache_dir: Path | None = None
     # `make up`'s project for --engine compose and the jobs' default Redis ($REFRESHER_COMPOSE_PROJECT).
     compose_project: str = ""
-    # The jobs' queue ($REFRESHER_REDIS_URL); None: the compose Redis when `make up` runs it, else localhost.
-    redis_url: str | None = None
+    # The jobs' queue ($REFRESHER_QUEUE); None: the compose Redis of this checkout when `make up` runs it.
+    queue_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -78,6 +78,6 @@ class Settings:
             require_docker=env.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"),
             cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refresher",
             compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
-            redis_url=env.get("REFRESHER_REDIS_URL") or None,
+            queue_url=env.get("REFRESHER_QUEUE") or None,
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

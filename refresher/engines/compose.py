@@ -69,9 +69,9 @@ def compose_redis_url(project: str, client: docker.DockerClient | None = None) -
     return f"redis://{redis.host}:{redis.port}/0" if redis else None
 
 
-def default_redis_url(settings: Settings) -> str:
-    """The jobs' queue: $REFRESHER_REDIS_URL, else the compose Redis of this checkout when up, else localhost."""
-    return settings.redis_url or compose_redis_url(settings.compose_project) or "redis://127.0.0.1:6379/0"
+def default_queue_url(settings: Settings) -> str | None:
+    """The jobs' queue: $REFRESHER_QUEUE, else this checkout's compose Redis while `make up` runs it, else None."""
+    return settings.queue_url or compose_redis_url(settings.compose_project)
 
 
 class ComposeEngine:
@@ -220,4 +220,4 @@ def _database_exists(conn: psycopg.Connection[tuple[object, ...]], name: str) ->
     return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
 
 
-__all__ = ["ComposeEngine", "ComposeService", "compose_redis_url", "default_redis_url", "find_service"]
+__all__ = ["ComposeEngine", "ComposeService", "compose_redis_url", "default_queue_url", "find_service"]

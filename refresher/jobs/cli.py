@@ -29,10 +29,10 @@ out = Console()
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``jobs`` and ``worker`` on the main parser's subcommands."""
-    queue_help = "Redis URL, e.g. redis://HOST:6379/0 ($REFRESHER_QUEUE)"
+    queue_help = "Redis URL, e.g. redis://HOST:6379/0 ($REFRESHER_QUEUE; default: the Redis of `make up`)"
 
     def queue_arg(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("--queue", default=os.environ.get("REFRESHER_QUEUE"), help=queue_help)
+        cmd.add_argument("--queue", default=None, help=queue_help)
         # The clock, injectable so tests can say "the market is open now" (--when-closed).
         cmd.add_argument("--now", type=_parse_time, default=None, help=argparse.SUPPRESS)
 
@@ -86,7 +86,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
     """Run a ``jobs``/``worker`` command; errors are RefresherErrors, which the CLI prints as one line."""
     if not args.queue:
-        raise JobError("--queue: give the Redis URL (or set REFRESHER_QUEUE)", field="queue")
+        from refresher.engines.compose import default_queue_url
+
+        args.queue = default_queue_url(settings)  # $REFRESHER_QUEUE, else the Redis of `make up`
+    if not args.queue:
+        raise JobError(
+            "--queue: give the Redis URL (or set REFRESHER_QUEUE, or run `make up`)", field="queue"
+        )
     try:
         if args.command == "worker":
             return _worker(args, settings, emit)

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import redis
 
-from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_redis_url, find_service
+from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_queue_url, find_service
 from refresher.settings import CHECKOUT, Settings, compose_project
 
 pytestmark = pytest.mark.docker
@@ -132,16 +132,22 @@ def test_up_refresh_reset_down(
         s for s in status if s["engine"] == "compose"
     ).items()
 
-    queue = default_redis_url(Settings.from_env(env))
-    assert queue.startswith("redis://127.0.0.1:") and queue != "redis://127.0.0.1:6379/0"
+    queue = default_queue_url(Settings.from_env(env))
+    assert queue and queue.startswith("redis://127.0.0.1:")
     with redis.Redis.from_url(queue) as client:
         assert client.ping()
+    refresher(
+        "jobs", "list", env={k: v for k, v in env.items() if k != "REFRESHER_QUEUE"}
+    )  # no --queue needed
 
     for _ in range(2):  # down twice: the second is a no-op
         down = make("compose-down", env=env)
         assert down.returncode == 0, down.stderr
         assert leftovers(docker_client, name) == []
-    assert default_redis_url(Settings.from_env(env)) == "redis://127.0.0.1:6379/0"
+    assert default_queue_url(Settings.from_env(env)) is None
+    assert default_queue_url(Settings.from_env({**env, "REFRESHER_QUEUE": "redis://elsewhere:1/0"})) == (
+        "redis://elsewhere:1/0"
+    )
 
 
 def test_up_without_compose_is_a_one_line_hint(tmp_path: Path) -> None:
