@@ -8,11 +8,13 @@ where it stopped.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 
 from featurestore import FeatureStore
 from refresher import database, load, snapshot
@@ -21,6 +23,7 @@ from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs import InProcessExecutor, jobs_of_plan
 from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
+from refresher.jobs.segment import SegmentJob, stored_tables
 from refresher.plan import DatabaseSegment, GapPlan, StoredSegment, plan_gaps, segment_key
 from refresher.profile import Profile
 from refresher.segments import Segment, desired_segments
@@ -140,6 +143,35 @@ def plan_refresh(
             )
 
 
+class _DailyTables(Mapping[Segment, pa.Table]):
+    """The daily tables the features step reads: those this run fetched, the others from the store on first
+    use, where a file found missing or corrupt is fetched again from the source, as a segment job does."""
+
+    def __init__(self, fetched: Mapping[Segment, pa.Table], plan: GapPlan, store: FeatureStore, source: Source):
+        self._tables = dict(fetched)
+        self._plan, self._store, self._source = plan, store, source
+        self._daily = [s for s in plan.desired if s.timeframe == "1d"]
+        self.refetched = 0
+
+    def __getitem__(self, segment: Segment) -> pa.Table:
+        if segment not in self._tables:
+            if segment.timeframe != "1d" or segment not in self._plan.keys:
+                raise KeyError(segment)
+            key = self._plan.keys[segment]
+            stored = self._plan.stored.get(key)
+            job = SegmentJob(segment, key, "UTC", stored_hash=stored.content_hash if stored else None)
+            [(read, table, _hash)] = stored_tables([job], self._store, self._source)
+            self.refetched += read.stored_hash is None
+            self._tables[segment] = table
+        return self._tables[segment]
+
+    def __iter__(self) -> Iterator[Segment]:
+        return iter(self._daily)
+
+    def __len__(self) -> int:
+        return len(self._daily)
+
+
 def refresh(
     profile: Profile,
     engine: Engine,
@@ -179,11 +211,12 @@ def refresh(
         jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
         totals = InProcessExecutor(source, store, conn).run(jobs, progress)
         mark = lap("segments", mark)
-        features = refresh_features(conn, profile, store, plan, totals.daily_tables, prune=prune)
+        daily = _DailyTables(totals.daily_tables, plan, store, source)
+        features = refresh_features(conn, profile, store, plan, daily, prune=prune)
         mark = lap("features", mark)
         notes = [str(r) for r in getattr(source, "reports", [])]
-        if totals.fetched > len(plan.to_fetch):
-            lost = totals.fetched - len(plan.to_fetch)
+        if totals.fetched + daily.refetched > len(plan.to_fetch):
+            lost = totals.fetched + daily.refetched - len(plan.to_fetch)
             notes.append(f"store: {lost} segment files were missing or corrupt; fetched them again")
 
     snapshot_state = "unchanged"

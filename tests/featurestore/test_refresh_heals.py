@@ -139,3 +139,21 @@ def test_refresh_report_and_featurestore_stats_count_the_same(
     stats = stats_cli(store_root)
     assert stats["hits"] == cold.store.hits + noop.store.hits
     assert stats["misses"] == cold.store.misses + noop.store.misses
+
+
+def test_a_damaged_daily_file_the_features_need_is_fetched_again_in_the_same_run(
+    profile: Profile, pg_database: ServerInfo, store_root: Path
+) -> None:
+    first = run(profile, pg_database, store_root)
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM refresher_features")  # the features must be computed again, not the bars
+    store = FeatureStore(store_root)
+    with store.manifest.read() as con:
+        entries = store.manifest.select(con)
+    daily = next(e for e in entries.values() if entry_kind(e.path) == "segment" and e.rows < 100)
+    daily.path.write_bytes(daily.path.read_bytes()[:100])
+
+    report = run(profile, pg_database, store_root)
+    assert report.segments.loaded == 0 and report.features.loaded == first.features.loaded
+    assert any("1 segment files were missing or corrupt" in note for note in report.notes), report.notes
+    assert FeatureStore(store_root).validate_cache_integrity().ok
