@@ -147,7 +147,9 @@ class _DailyTables(Mapping[Segment, pa.Table]):
     """The daily tables the features step reads: those this run fetched, the others from the store on first
     use, where a file found missing or corrupt is fetched again from the source, as a segment job does."""
 
-    def __init__(self, fetched: Mapping[Segment, pa.Table], plan: GapPlan, store: FeatureStore, source: Source):
+    def __init__(
+        self, fetched: Mapping[Segment, pa.Table], plan: GapPlan, store: FeatureStore, source: Source
+    ):
         self._tables = dict(fetched)
         self._plan, self._store, self._source = plan, store, source
         self._daily = [s for s in plan.desired if s.timeframe == "1d"]
