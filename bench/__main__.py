@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-MODULES = ("bench_featurestore", "bench_jobs", "bench_load", "bench_plan", "bench_refresh")
+MODULES = ("bench_featurestore", "bench_features", "bench_jobs", "bench_load", "bench_plan", "bench_refresh")
 
 
 def _fmt(value: Any) -> str:
