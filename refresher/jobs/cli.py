@@ -20,7 +20,7 @@ from rich.table import Table
 
 from refresher.cli import _parse_time
 from refresher.errors import JobError
-from refresher.jobs.queue import TIERS, connect
+from refresher.jobs.queue import TIERS, connect, unreachable
 from refresher.jobs.runs import RunStatus, cancel_run, list_runs, retry_dead, run_status
 from refresher.settings import Settings
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None])
             return _worker(args, settings, emit)
         return _jobs(args, settings, emit)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise JobError(f"--queue={args.queue}: cannot reach Redis ({exc})", field="queue") from exc
+        raise unreachable(args.queue, exc) from exc
 
 
 def _jobs(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:

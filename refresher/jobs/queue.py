@@ -68,6 +68,12 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
+def unreachable(url: str, exc: Exception) -> JobError:
+    """The one-line error for a Redis that does not answer."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return JobError(f"--queue={url}: cannot reach Redis ({reason})", field="queue", value=url)
+
+
 def ensure_groups(client: redis.Redis) -> None:
     for tier in TIERS:
         try:
@@ -253,8 +259,10 @@ class JobQueue:
         )
         return int(result) == 2
 
-    def retry_later(self, delivery: Delivery, due: float) -> None:
-        job = {**delivery.job, "attempt": int(delivery.job.get("attempt", 0)) + 1}
+    def retry_later(self, delivery: Delivery, due: float, *, failed: bool = True) -> None:
+        """Acknowledge the job and put it back on its stream at ``due``; ``failed=False`` hands back a job
+        this worker never started (it is stopping) without spending an attempt."""
+        job = {**delivery.job, "attempt": int(delivery.job.get("attempt", 0)) + int(failed)}
         self._retry(
             keys=[stream_key(delivery.tier), run_key(job["run"]), RETRY, run_key(job["run"], "inflight")],
             args=[GROUP, delivery.message_id, json.dumps(job, sort_keys=True), due],
@@ -323,4 +331,5 @@ __all__ = [
     "run_key",
     "stream_key",
     "text",
+    "unreachable",
 ]

@@ -15,7 +15,7 @@ from refresher import database
 from refresher.calendar import market_status
 from refresher.engines import select_engine
 from refresher.errors import JobError
-from refresher.jobs.queue import TIERS, connect
+from refresher.jobs.queue import TIERS, connect, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
 from refresher.profile import load_profile
@@ -29,7 +29,8 @@ def without_password(dsn: str) -> str:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
-        raise JobError(f"--target: not a PostgreSQL DSN ({exc})", field="target") from exc
+        reason = " ".join(str(exc).split())  # libpq's message spans lines
+        raise JobError(f"--target: not a PostgreSQL DSN ({reason})", field="target") from exc
     params.pop("password", None)
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
@@ -59,6 +60,11 @@ def submit_run(
         raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
     now = now or dt.datetime.now(dt.UTC)
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
+    client = connect(queue_url)
+    try:
+        client.ping()  # before planning, which can take a while
+    except redis.ConnectionError as exc:
+        raise unreachable(queue_url, exc) from exc
     held = hold_until(when_closed, now) if when_closed else None
     if target is None:
         server = select_engine(settings.engine, settings, profile.name).start(profile.name)
@@ -66,7 +72,12 @@ def submit_run(
     else:
         dsn, public = target, without_password(target)
     store = FeatureStore(settings.store_root)
-    with closing(make_source(profile)) as source, psycopg.connect(dsn, autocommit=True) as conn:
+    try:
+        conn = psycopg.connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc
+    with closing(make_source(profile)) as source, conn:
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
         plan = compute_plan(profile, source, store, conn)
@@ -81,7 +92,6 @@ def submit_run(
         when_closed=when_closed,
         held_until=held[1] if held else None,
     )
-    client = connect(queue_url)
     try:
         return submit_jobs(
             client,
@@ -91,7 +101,7 @@ def submit_run(
             held_until_ts=held[0] if held else None,
         )
     except redis.ConnectionError as exc:
-        raise JobError(f"--queue={queue_url}: cannot reach Redis ({exc})", field="queue") from exc
+        raise unreachable(queue_url, exc) from exc
 
 
 __all__ = ["hold_until", "submit_run", "without_password"]

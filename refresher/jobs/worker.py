@@ -248,6 +248,9 @@ class Worker:
                         self._settle(queue, delivery, contexts, alone)
                     continue
                 for delivery, (job, table, content_hash) in zip(group, produced, strict=True):
+                    if self.stop.is_set():  # SIGTERM: hand the rest back now rather than after a timeout
+                        queue.retry_later(delivery, self.clock(), failed=False)
+                        continue
                     load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
                     self._settle(queue, delivery, contexts, load)
 

@@ -267,3 +267,23 @@ def test_when_closed_holds_the_run_while_the_exchange_trades_and_releases_it_aft
     assert closed.wait(timeout=600) == 0, worker_log(ws, "late")
     state = status(ws, url, run["run_id"])
     assert (state["state"], state["done"], state["held"]) == ("complete", run["jobs"], 0)
+
+
+def test_bad_submissions_are_one_line_exit_2_and_enqueue_nothing(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url = workspace, redis_server.url
+    closed = f"host=127.0.0.1 port={redis_server.port + 1 if redis_server.port < 65535 else 1} "
+    cases = [
+        (["--target", closed + "user=x password=hunter2 dbname=x connect_timeout=3"], "--target="),
+        (["--target", "this is = not a dsn ="], "--target"),
+        (["--when-closed", "NOPE"], "NOPE"),
+        (["--priority", "urgent"], "urgent"),
+    ]
+    for extra, named in cases:
+        done = ws.run("jobs", "submit", "--profile", ws.profile, "--queue", url, *extra, expect=2)
+        assert done.stderr.count("\n") == 1 and named in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+    done = ws.run("worker", "--queue", url, "--concurrency", "0", expect=2)
+    assert done.stderr.count("\n") == 1 and "--concurrency=0" in done.stderr
+    assert redis_server.client().zcard("refresher:runs") == 0
