@@ -83,6 +83,10 @@ class SnapshotError(RefresherError):
     """No pristine snapshot exists, or it cannot be restored."""
 
 
+class DiskFull(RefresherError):
+    """The disk under the server or the state dir filled up; nothing was half-written."""
+
+
 class ProfileBusy(RefresherError):
     """Another refresh or reset of the same profile holds its lock (and the caller chose not to wait)."""
 
@@ -107,6 +111,7 @@ USER_ERRORS: tuple[type[RefresherError] | type[FeatureStoreError], ...] = (Refre
 __all__ = [
     "USER_ERRORS",
     "CalendarError",
+    "DiskFull",
     "EngineStateError",
     "EngineUnavailable",
     "FeatureError",

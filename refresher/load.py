@@ -22,6 +22,7 @@ from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
 from refresher.database import TIME_COLUMN, data_columns, segment_range
+from refresher.diskfull import server_disk_full
 from refresher.errors import LoadError
 from refresher.schema import SCHEMA_OF
 from refresher.segments import Segment
@@ -88,6 +89,9 @@ def load_segment(
             _record(conn, segment, content_hash, rows)
             if rejects is not None:
                 _quarantine(conn, segment, rejects)
+    except psycopg.errors.DiskFull as exc:
+        # rows, their primary-key index and the WAL: measured about three times the Arrow size
+        raise server_disk_full(conn, exc, needed=3 * data.nbytes, what=f"loading {segment}") from exc
     except psycopg.Error as exc:
         raise LoadError(f"{segment}: loading failed: {exc}".rstrip(), segment=str(segment)) from exc
     return rows

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
+from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 
@@ -150,6 +151,11 @@ def save_pristine(
     building = f"{db}{BUILDING_INFIX}{secrets.token_hex(4)}"
     with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL):
         _drop_leftovers(conn, db)
+        row = conn.execute("SELECT pg_database_size(%s)", (db,)).fetchone()
+        if server.engine == "local":  # only its data directory is a path on this host
+            require_room(
+                conn, needed=(int(row[0]) if row else 0) + COPY_SLACK, what=f"copying {db} for the snapshot"
+            )
         _create_from(conn, db, building, terminate=True)
         # The mark is computed from the copy itself: it says what the copy holds, whatever happened to <db>.
         with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
@@ -468,6 +474,12 @@ def _create_from(
         try:
             _execute_create(conn, base, file_copy)
             return
+        except psycopg.errors.DiskFull as exc:
+            # The server removed the partial copy itself; the previous snapshot is untouched.
+            row = conn.execute("SELECT pg_database_size(%s)", (template,)).fetchone()
+            raise server_disk_full(
+                conn, exc, needed=int(row[0]) if row else 0, what=f"copying {template} for the snapshot"
+            ) from exc
         except psycopg.errors.ObjectInUse as exc:  # a session (re)connected to the template: evict it again
             if attempt == attempts - 1:
                 raise SnapshotError(f"cannot copy {template}: {exc}", database=template) from exc
@@ -481,10 +493,17 @@ def _execute_create(
         try:
             _execute(conn, file_copy)
             return
-        except (psycopg.errors.ObjectInUse, psycopg.errors.DuplicateDatabase, psycopg.errors.QueryCanceled):
+        except (
+            psycopg.errors.ObjectInUse,
+            psycopg.errors.DuplicateDatabase,
+            psycopg.errors.QueryCanceled,
+            psycopg.errors.DiskFull,
+        ):
             raise
-        except psycopg.Error:
-            pass  # e.g. file_copy_method=clone on a filesystem that cannot clone: the default strategy works
+        except psycopg.Error as exc:
+            if conn.closed:
+                raise
+            _ = exc  # e.g. file_copy_method=clone on a filesystem that cannot clone: the default strategy works
     _execute(conn, base)
 
 

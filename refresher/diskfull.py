@@ -1,0 +1,82 @@
+"""The one-line error when the server's disk fills up under a load or a snapshot copy.
+
+Postgres reports it as SQLSTATE 53100 with a HINT and a CONTEXT (three lines that name neither the directory
+nor how much is missing). The transaction has rolled back by then, so nothing is half-written; what the user
+needs is where the space ran out and roughly how much more it takes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from refresher.errors import DiskFull
+
+MB = 2**20
+
+
+# A database copy also writes WAL and a checkpoint; one WAL segment of slack.
+COPY_SLACK = 16 * MB
+
+
+def require_room(conn: psycopg.Connection[Any], *, needed: int, what: str) -> None:
+    """Raise ``DiskFull`` before ``what`` when the server's disk visibly lacks ``needed`` bytes.
+
+    Measured: CREATE DATABASE on a full disk can make the server PANIC (its WAL write fails) rather than
+    fail the statement, so a copy is checked first. Only a server whose data directory this host can see
+    (the local engine) is checked; others are left to the statement's own error.
+    """
+    path, free = _free_space(conn)
+    if free is not None and free < needed:
+        raise _disk_full(path, free, needed, what, sqlstate=None)
+
+
+def server_disk_full(
+    conn: psycopg.Connection[Any], exc: psycopg.errors.DiskFull, *, needed: int, what: str
+) -> DiskFull:
+    """``DiskFull`` naming the server's data directory, its free space when this host can see it, and
+    ``needed`` (an estimate in bytes) for ``what`` ("loading AAPL/1m/2024-01")."""
+    path, free = _free_space(conn)
+    return _disk_full(path, free, needed, what, sqlstate=exc.sqlstate)
+
+
+def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:
+    path = _data_directory(conn)
+    if path is None or not Path(path).is_dir():  # a container's path is not ours to measure
+        return path, None
+    try:
+        return path, shutil.disk_usage(path).free
+    except OSError:
+        return path, None
+
+
+def _disk_full(
+    path: str | None, free: int | None, needed: int, what: str, *, sqlstate: str | None
+) -> DiskFull:
+    where = path or "the server's data directory"
+    has = f" has {_mb(free)} free," if free is not None else " is full;"
+    return DiskFull(
+        f"disk full: {where}{has} {what} needs about {_mb(max(needed, MB))}; free some space and run again",
+        path=where,
+        free=free,
+        needed=needed,
+        sqlstate=sqlstate,
+    )
+
+
+def _data_directory(conn: psycopg.Connection[Any]) -> str | None:
+    try:
+        row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
+    except psycopg.Error:
+        return None  # the connection did not survive the error, or we may not read the setting
+    return str(row[0]) if row and row[0] else None
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:,.0f} MB"
+
+
+__all__ = ["require_room", "server_disk_full"]

@@ -1,0 +1,80 @@
+"""A full disk under the server, while loading or while copying the snapshot: one line, nothing half-made."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from refresher.database import count_rows, ensure_schema, read_loaded_segments
+from refresher.engines.base import ServerInfo
+from refresher.engines.local import LocalEngine
+from refresher.errors import DiskFull
+from refresher.load import load_segment
+from refresher.segments import Segment
+from refresher.snapshot import has_pristine, is_current, save_pristine
+from tests.fixtures_postgres import minute_bars
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture
+def server_on_a_small_disk() -> Iterator[tuple[ServerInfo, Path]]:
+    """A local server whose state dir is a 100 MB tmpfs: about 60 MB left after initdb."""
+    path = Path(tempfile.mkdtemp(prefix="refresher-small-", dir="/tmp"))
+    command = ["mount", "-t", "tmpfs", "-o", "size=100m,mode=0755", "tmpfs", str(path)]
+    if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+        path.rmdir()
+        pytest.skip("mounting a small tmpfs needs root")
+    engine = LocalEngine(path)
+    try:
+        yield engine.start("small"), path / "local" / "small" / "pgdata"
+    finally:
+        engine.stop("small")
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
+
+
+def _assert_one_line_naming(error: DiskFull, pgdata: Path) -> None:
+    message = str(error)
+    assert "\n" not in message and error.exit_code == 2
+    assert message.startswith(f"disk full: {pgdata} has ") and " needs about " in message, message
+
+
+def test_a_full_disk_is_one_line_and_leaves_every_segment_whole_and_the_old_snapshot(
+    server_on_a_small_disk: tuple[ServerInfo, Path],
+) -> None:
+    server, pgdata = server_on_a_small_disk
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        first = Segment("S0", "1m", dt.date(2024, 1, 1))
+        load_segment(
+            conn, first, minute_bars("S0", dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC), 20_000), "h", tz="UTC"
+        )
+    save_pristine(server, pool_size=0)  # terminates the sessions on the database: connect again
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        with pytest.raises(DiskFull) as loading:
+            for i in range(1, 40):
+                segment = Segment(f"S{i}", "1m", dt.date(2024, 1, 1))
+                bars = minute_bars(f"S{i}", dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC), 40_000)
+                load_segment(conn, segment, bars, "h", tz="UTC")
+        _assert_one_line_naming(loading.value, pgdata)
+        assert "loading S" in str(loading.value)
+        ledger = read_loaded_segments(conn)
+        assert {s: r.rows for s, r in ledger.items()} == count_rows(conn, list(ledger), timezones="UTC")
+
+    with pytest.raises(DiskFull) as copying:
+        save_pristine(server, pool_size=0)
+    _assert_one_line_naming(copying.value, pgdata)
+    assert "for the snapshot" in str(copying.value)
+    # The replacement failed before its swap: the previous snapshot is still whole, and known to be stale.
+    assert has_pristine(server) and not is_current(server)
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    assert not [name for name in names if "__building_" in name]
