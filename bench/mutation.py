@@ -10,6 +10,10 @@ is a missing test. Too slow for ``make test`` (minutes per module on a busy 2-co
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import difflib
+import functools
 import json
 import os
 import shutil
@@ -162,72 +166,111 @@ def _exit_codes(path: str) -> dict[str, int | None]:
     return codes
 
 
-def _mutated_line(mutant: str) -> str:
-    diff = _mutmut("show", mutant).stdout.splitlines()
+@functools.cache
+def _mutant_functions(path: str) -> dict[str, str]:
+    source = (ROOT / "mutants" / path).read_text()
+    return {
+        node.name: ast.get_source_segment(source, node) or ""
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef)
+    }
+
+
+def _mutated_line(path: str, mutant: str) -> str:
+    """The line(s) a mutant changes, as `mutmut show` would print them after the "+"."""
+    # Read from mutmut's own mutated copy (each mutant is a function beside its ``__mutmut_orig``): a `mutmut
+    # show` per survivor costs seconds on a busy machine, this costs nothing. Falls back to `mutmut show`.
+    functions = _mutant_functions(path)
+    short = mutant.rsplit(".", 1)[-1]
+    original = functions.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+    if original is None or short not in functions:
+        diff = _mutmut("show", mutant).stdout.splitlines()
+    else:
+        # Drop the def lines: they differ by name only.
+        diff = list(difflib.unified_diff(original.splitlines()[1:], functions[short].splitlines()[1:], n=0))
     added = [line[1:].strip() for line in diff if line.startswith("+") and not line.startswith("+++")]
     return " / ".join(added) or "(line removed)"
 
 
-def run_module(path: str) -> dict[str, object]:
+@dataclasses.dataclass(frozen=True)
+class Survivor:
+    name: str
+    status: str
+    line: str
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleScore:
+    """One module's mutation result: counts by status and every mutant not killed."""
+
+    path: str
+    statuses: Counter[str]
+    survivors: tuple[Survivor, ...]
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def score(self) -> float:
+        return self.statuses["killed"] / self.total if self.total else 1.0
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "not checked"
+    return "killed" if code in KILLED else STATUS.get(code, "suspicious")
+
+
+def run_module(path: str) -> ModuleScore:
     """Mutate one module and return its counts and survivors."""
     started = time.monotonic()
     result = _mutmut("run", "--max-children", "1", f"{_module_name(path)}.*")
     if not (ROOT / "mutants" / f"{path}.meta").exists():
         raise SystemExit(f"mutmut run failed for {path}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     codes = _exit_codes(path)
-    statuses = Counter("killed" if c in KILLED else STATUS.get(c, "suspicious") for c in codes.values())
-    survivors = sorted(name for name, c in codes.items() if c not in KILLED)
     notes = EQUIVALENT.get(path, {})
-    listed = []
-    for name in survivors:
-        line = _mutated_line(name)
-        status = STATUS.get(codes[name], "suspicious") if codes[name] is not None else "not checked"
-        listed.append((name, status, line, notes.get(line, "UNEXPLAINED: a missing test")))
-    return {
-        "path": path,
-        "total": len(codes),
-        "killed": statuses["killed"],
-        "statuses": dict(statuses),
-        "survivors": listed,
-        "seconds": time.monotonic() - started,
-    }
+    survivors = []
+    for name in sorted(name for name, code in codes.items() if _status(code) != "killed"):
+        line = _mutated_line(path, name)
+        why = notes.get(line, "UNEXPLAINED: a missing test")
+        survivors.append(Survivor(name.rsplit(".", 1)[-1], _status(codes[name]), line, why))
+    statuses = Counter(_status(code) for code in codes.values())
+    return ModuleScore(path, statuses, tuple(survivors), time.monotonic() - started)
 
 
-def render(results: list[dict[str, object]]) -> str:
+def render(results: list[ModuleScore]) -> str:
     lines = [
         "# Mutation score of the pure core",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with mutmut, one worker, `nice -n 19`, the fast tests of "
-        "`[tool.mutmut]` in pyproject.toml. Reproduce: `make mutation` (or `MODULES=refresher/plan.py make "
-        f"mutation` for one). Goal: >= {GOAL:.0%} killed per module; every survivor is explained below.",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with mutmut, one worker, `nice -n 19`, the "
+        "fast tests of `[tool.mutmut]` in pyproject.toml. Reproduce: `make mutation` (or `make mutation "
+        f"MODULES=refresher/plan.py` for one). Goal: >= {GOAL:.0%} killed per module; every survivor is listed "
+        "with why it cannot change behaviour, or as UNEXPLAINED (a missing test).",
         "",
         "| module | mutants | killed | score | survived | no tests | timeout | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        statuses = r["statuses"]
-        assert isinstance(statuses, dict)
-        total, killed = int(str(r["total"])), int(str(r["killed"]))
-        score = killed / total if total else 1.0
         lines.append(
-            f"| `{r['path']}` | {total} | {killed} | {score:.1%} | {statuses.get('survived', 0)} | "
-            f"{statuses.get('no tests', 0)} | {statuses.get('timeout', 0)} | {float(str(r['seconds'])):.0f} |"
+            f"| `{r.path}` | {r.total} | {r.statuses['killed']} | {r.score:.1%} | {r.statuses['survived']} | "
+            f"{r.statuses['no tests']} | {r.statuses['timeout']} | {r.seconds:.0f} |"
         )
     for r in results:
-        survivors = r["survivors"]
-        assert isinstance(survivors, list)
-        if not survivors:
+        if not r.survivors:
             continue
         lines += [
             "",
-            f"## Survivors in `{r['path']}`",
+            f"## Survivors in `{r.path}`",
             "",
             "| mutant | status | mutated line | why |",
             "|---|---|---|---|",
         ]
-        for name, status, line, why in survivors:
-            short, escaped = name.split(".")[-1], line.replace("|", "\\|")
-            lines.append(f"| `{short}` | {status} | `{escaped}` | {why} |")
+        for survivor in r.survivors:
+            escaped = survivor.line.replace("|", "\\|")
+            lines.append(f"| `{survivor.name}` | {survivor.status} | `{escaped}` | {survivor.why} |")
     return "\n".join(lines) + "\n"
 
 
@@ -245,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.modules:
         print(f"mutating {path} ...", flush=True)
         results.append(run_module(path))
-        print(f"  {results[-1]['killed']}/{results[-1]['total']} killed", flush=True)
+        print(f"  {results[-1].statuses['killed']}/{results[-1].total} killed", flush=True)
     args.output.write_text(render(results))
     print(f"wrote {args.output}")
     return 0

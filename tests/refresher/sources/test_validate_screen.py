@@ -223,3 +223,16 @@ def test_daily_table_and_a_stable_sort() -> None:
     ]
     assert table.column("open").to_pylist() == [2.0, 1.0, 3.0]  # equal dates keep their order
     assert table.column("symbol").to_pylist() == ["AAPL"] * 3
+
+
+def test_fail_message_uses_our_column_name_when_the_source_has_no_other() -> None:
+    bars = minute_bars([OPEN, NEXT], rows=[2, 3])
+    bars.values["high"][1] = 1.0
+    with pytest.raises(BadRowsError) as info:
+        screen(
+            MINUTES, bars, source="f.csv", policy="fail", cal=get_calendar("XNYS"), names={"close": "Close"}
+        )
+    assert str(info.value).startswith(
+        "f.csv: line 3: high='11.0': breaks the rule high >= max(open, close) ("
+    )
+    assert info.value.fields["field"] == "high"
