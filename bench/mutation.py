@@ -214,8 +214,13 @@ class ModuleScore:
         return sum(self.statuses.values())
 
     @property
+    def detected(self) -> int:
+        # A mutant that makes the tests time out changed behaviour as surely as one that fails them.
+        return self.statuses["killed"] + self.statuses["timeout"]
+
+    @property
     def score(self) -> float:
-        return self.statuses["killed"] / self.total if self.total else 1.0
+        return self.detected / self.total if self.total else 1.0
 
 
 def _status(code: int | None) -> str:
@@ -224,21 +229,31 @@ def _status(code: int | None) -> str:
     return "killed" if code in KILLED else STATUS.get(code, "suspicious")
 
 
-def run_module(path: str) -> ModuleScore:
-    """Mutate one module and return its counts and survivors."""
+SECONDS = ROOT / "mutants" / "seconds.json"
+
+
+def run_module(path: str) -> None:
+    """Mutate one module (its results land in mutmut's ``mutants/`` tree)."""
     started = time.monotonic()
     result = _mutmut("run", "--max-children", "1", f"{_module_name(path)}.*")
     if not (ROOT / "mutants" / f"{path}.meta").exists():
         raise SystemExit(f"mutmut run failed for {path}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    seconds = json.loads(SECONDS.read_text()) if SECONDS.exists() else {}
+    SECONDS.write_text(json.dumps({**seconds, path: time.monotonic() - started}))
+
+
+def score_module(path: str) -> ModuleScore:
+    """A mutated module's counts, and its survivors with the reason each is equivalent."""
+    seconds = json.loads(SECONDS.read_text()).get(path, 0.0) if SECONDS.exists() else 0.0
     codes = _exit_codes(path)
     notes = EQUIVALENT.get(path, {})
     survivors = []
-    for name in sorted(name for name, code in codes.items() if _status(code) != "killed"):
+    for name in sorted(name for name, code in codes.items() if _status(code) not in ("killed", "timeout")):
         line = _mutated_line(path, name)
         why = notes.get(line, "UNEXPLAINED: a missing test")
         survivors.append(Survivor(name.rsplit(".", 1)[-1], _status(codes[name]), line, why))
     statuses = Counter(_status(code) for code in codes.values())
-    return ModuleScore(path, statuses, tuple(survivors), time.monotonic() - started)
+    return ModuleScore(path, statuses, tuple(survivors), seconds)
 
 
 def render(results: list[ModuleScore]) -> str:
@@ -248,15 +263,16 @@ def render(results: list[ModuleScore]) -> str:
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with mutmut, one worker, `nice -n 19`, the "
         "fast tests of `[tool.mutmut]` in pyproject.toml. Reproduce: `make mutation` (or `make mutation "
         f"MODULES=refresher/plan.py` for one). Goal: >= {GOAL:.0%} killed per module; every survivor is listed "
-        "with why it cannot change behaviour, or as UNEXPLAINED (a missing test).",
+        "with why it cannot change behaviour, or as UNEXPLAINED (a missing test). Score = (killed + timeout) / "
+        "mutants: a mutant that hangs the tests is detected.",
         "",
-        "| module | mutants | killed | score | survived | no tests | timeout | seconds |",
+        "| module | mutants | killed | timeout | score | survived | no tests | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| `{r.path}` | {r.total} | {r.statuses['killed']} | {r.score:.1%} | {r.statuses['survived']} | "
-            f"{r.statuses['no tests']} | {r.statuses['timeout']} | {r.seconds:.0f} |"
+            f"| `{r.path}` | {r.total} | {r.statuses['killed']} | {r.statuses['timeout']} | {r.score:.1%} | "
+            f"{r.statuses['survived']} | {r.statuses['no tests']} | {r.seconds:.0f} |"
         )
     for r in results:
         if not r.survivors:
@@ -279,16 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "mutation.md")
     parser.add_argument("--modules", nargs="*", default=list(MODULES))
     parser.add_argument("--keep", action="store_true", help="reuse mutants/ from an earlier run")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from mutants/")
     args = parser.parse_args(argv)
-    if not args.keep:
+    if not (args.keep or args.report_only):
         # A fresh tree: results cached across source or test edits are the ones a mutation report must not trust.
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    results = []
-    for path in args.modules:
+    for path in [] if args.report_only else args.modules:
         print(f"mutating {path} ...", flush=True)
-        results.append(run_module(path))
-        print(f"  {results[-1].statuses['killed']}/{results[-1].total} killed", flush=True)
+        run_module(path)
+        print(f"  {score_module(path).score:.1%} detected", flush=True)
+    results = [score_module(path) for path in args.modules]
     args.output.write_text(render(results))
     print(f"wrote {args.output}")
     return 0
