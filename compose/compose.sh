@@ -61,6 +61,9 @@ wait_healthy() {
   done
 }
 
+command -v docker >/dev/null 2>&1 || die "docker is not installed (Debian: apt-get install docker.io)"
+docker info >/dev/null 2>&1 || die "no Docker engine answers (start one: dockerd, or systemctl start docker)"
+
 case ${1:-} in
   up)
     build_missing_images

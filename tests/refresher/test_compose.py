@@ -194,3 +194,16 @@ def test_two_checkouts_run_side_by_side_and_down_touches_only_its_own(
         assert len(docker_client.containers.list(filters={"label": f"{PROJECT_LABEL}={name}"})) == 2
     finally:
         make("compose-down", env=other_env)
+
+
+def test_up_without_a_docker_engine_says_so(tmp_path: Path) -> None:
+    if not make_variable("COMPOSE"):
+        pytest.skip("no compose implementation")
+    env = {
+        **os.environ,
+        "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock",
+        "COMPOSE_PROJECT": "refresher-test-none",
+    }
+    done = make("up", env=env)
+    assert done.returncode != 0
+    assert "no Docker engine answers" in done.stderr and "Traceback" not in done.stderr
