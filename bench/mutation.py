@@ -30,8 +30,9 @@ MODULES = (
     "refresher/calendar.py",
     "featurestore/keys.py",
     "featurestore/fingerprint.py",
-    # added by this wave: the validation rules at the source edge
+    # added by this wave: the validation rules at the source edge, the job queue's retry classification
     "refresher/sources/validate.py",
+    "refresher/jobs/retry.py",
 )
 GOAL = 0.90
 KILLED = {1, 3, 37}
