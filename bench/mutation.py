@@ -64,6 +64,11 @@ _INT64_ALREADY = "the values are int64 (or datetime64[ns]) already: the same arr
 _TEMP_NAME = "the temporary's name is never read: it is renamed over the target"
 _NO_BREAK = "a day without a break stores break_start = break_end = close, so both branches give the close"
 _CLIP = "searchsorted(...) - 1 lies in [-1, len - 1]; a -1 left unclipped indexes the last session, whose open is later"
+_FROM_ARRAYS = "`Table.from_arrays(..., schema=)` casts each array to the schema's type: the same column"
+_BOOL_ALREADY = "the mask is bool already"
+_MASKED = "the placeholder stands where `when_ok` is False, and those rows are masked out afterwards"
+_UNIQUE = "bars_table gets validated rows, whose times are unique: every sort gives the same order"
+_STRICT = "both sides have one entry per bad row: `strict` never decides"
 EQUIVALENT: dict[str, dict[str, str]] = {
     "refresher/plan.py": {
         "digest.update(len(raw).to_bytes(8, ))": "`int.to_bytes` defaults to big-endian since Python 3.11",
@@ -124,6 +129,46 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "within = np.arange(total, ) - np.repeat(run_offset, run_len)": "arange of an int is int64 on Linux",
         "counts = run_len.reshape(-2, 2).sum(axis=1)": "numpy takes any negative size as the one inferred dimension",
         "lo = int(np.searchsorted(self.sessions, _days(start), ))": "searchsorted's side defaults to 'left'",
+    },
+    "refresher/sources/validate.py": {
+        "return np.asarray(inside & bars.when_ok, dtype=None)": _BOOL_ALREADY,
+        "return np.asarray(inside & bars.when_ok, )": _BOOL_ALREADY,
+        "when = np.where(bars.when_ok, bars.when, 1)": _MASKED,
+        "keyed = pd.Series(np.where(bars.when_ok, bars.when, None))": _MASKED,
+        'with np.errstate(invalid=None):  # NaN compares False: those rows are charged to "finite" already': (
+            "numpy raises no floating-point warning for comparisons with NaN, so the errstate never decides"
+        ),
+        "when_array = pa.array(when[order].astype(np.int32), None)": _FROM_ARRAYS,
+        "when_array = pa.array(when[order].astype(np.int32), )": _FROM_ARRAYS,
+        "when_array = pa.array(when[order] // 1000, None)": _FROM_ARRAYS,
+        "when_array = pa.array(when[order] // 1000, )": _FROM_ARRAYS,
+        'when_array = pa.array(when[order] // 1000, pa.timestamp("us", tz=None))': _FROM_ARRAYS,
+        'when_array = pa.array(when[order] // 1000, pa.timestamp("us", ))': _FROM_ARRAYS,
+        'when_array = pa.array(when[order] // 1000, pa.timestamp("us", tz="XXUTCXX"))': _FROM_ARRAYS,
+        'when_array = pa.array(when[order] // 1000, pa.timestamp("us", tz="utc"))': _FROM_ARRAYS,
+        'volume = pa.array(np.rint(values["volume"][order]).astype(None))': (
+            _FROM_ARRAYS + " (the rounded floats are whole numbers, so the cast is exact)"
+        ),
+        "symbols = pa.array(np.full(len(when), segment.symbol, dtype=object), None)": _FROM_ARRAYS,
+        "symbols = pa.array(np.full(len(when), segment.symbol, dtype=object), )": _FROM_ARRAYS,
+        "symbols = pa.array(np.full(len(when), segment.symbol, dtype=None), pa.string())": (
+            "a numpy unicode array converts to the same Arrow strings"
+        ),
+        "symbols = pa.array(np.full(len(when), segment.symbol, ), pa.string())": (
+            "a numpy unicode array converts to the same Arrow strings"
+        ),
+        "order = np.argsort(when, kind=None)": _UNIQUE,
+        "order = np.argsort(when, )": _UNIQUE,
+        'order = np.argsort(when, kind="STABLE")': "numpy reads the sort kind case-insensitively",
+        'records = bars.raw.iloc[positions].astype(str).to_dict("RECORDS")': (
+            "pandas reads the orient case-insensitively"
+        ),
+        "for p, record in zip(positions.tolist(), records, strict=None):": _STRICT,
+        "for p, record in zip(positions.tolist(), records, ):": _STRICT,
+        "for p, record in zip(positions.tolist(), records, strict=False):": _STRICT,
+        "examples = tuple(_where(None, bars, int(p), key, short=True) for p in hit[:_EXAMPLES])": (
+            "the short form of a place leaves the source out"
+        ),
     },
     "featurestore/fingerprint.py": {
         "return bits // 8 if (bits % 8 == 0 and not pa.types.is_boolean(kind)) or True else 0": (
