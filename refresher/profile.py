@@ -167,7 +167,7 @@ class _FeatureEntry(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     # A user's function, ``module.path:function``, loaded under ``name``.
     function: str | None = None
-    timeframe: str = "1d"
+    timeframe: str | None = None
 
 
 # A plain name or a mapping; tagged so an error in a mapping is reported against the mapping, not the string.
@@ -402,6 +402,8 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         for i, feat in enumerate(p.features)
     ]
     for i, use in enumerate(features):
+        if use.spec.timeframe == "1m" and "1m" not in p.timeframes:
+            raise ProfileError(path, f"features.{i}", use.name, f"needs {use.spec.timeframe} in timeframes")
         earlier = next((e for e in features[:i] if e.name == use.name), use)
         if earlier != use:
             raise ProfileError(path, f"features.{i}", use.name, "named twice: give one of them another `as:`")

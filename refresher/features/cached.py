@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from featurestore import FeatureStore
 from featurestore.keys import function_identity
+from refresher.calendar import get_calendar
 from refresher.errors import FeatureError
 from refresher.features.compute import equal_weight_index
 from refresher.features.registry import FeatureSpec, FeatureUse
@@ -74,7 +75,11 @@ def _shape_problem(raw: pd.DataFrame, result: Any) -> str | None:
     """Why ``result`` cannot be a feature's rows for ``raw``: None when it is one float row per bar."""
     if not isinstance(result, pd.DataFrame):
         return f"returned {type(result).__name__}, not a pandas DataFrame"
-    if not result.index.equals(raw.index):
+    if "session" in raw.columns:  # intraday: one row per session
+        sessions = pd.DatetimeIndex(raw["session"].unique())
+        if not (result.index.is_unique and result.index.isin(sessions).all()):
+            return "returned rows that are not one per session of the bars"
+    elif not result.index.equals(raw.index):
         return f"returned {len(result)} rows on another index, not one per bar ({len(raw)}, by date)"
     if result.columns.empty:
         return "returned no columns"
@@ -105,14 +110,24 @@ def daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:
     return frame
 
 
-def daily_segments(profile: Profile, plan: GapPlan) -> dict[str, list[Segment]]:
-    """Each symbol's desired daily segments: the input of every daily feature."""
-    daily: dict[str, list[Segment]] = {}
-    if "1d" in profile.timeframes:
+def daily_segments(profile: Profile, plan: GapPlan, timeframe: str = "1d") -> dict[str, list[Segment]]:
+    """Each symbol's desired segments of ``timeframe``: the input of every feature of that timeframe."""
+    segments: dict[str, list[Segment]] = {}
+    if timeframe in profile.timeframes:
         for segment in plan.desired:
-            if segment.timeframe == "1d":
-                daily.setdefault(segment.symbol, []).append(segment)
-    return daily
+            if segment.timeframe == timeframe:
+                segments.setdefault(segment.symbol, []).append(segment)
+    return segments
+
+
+def minute_frame(table: pa.Table, tz: str) -> pd.DataFrame:
+    """One month of a symbol's minute bars as intraday features take them: indexed by UTC bar start, with the
+    exchange-local ``session`` date (the exchanges refresher knows hold each session within one local day)."""
+    frame: pd.DataFrame = table.to_pandas().drop(columns=["symbol"]).sort_values("ts")
+    index = pd.DatetimeIndex(frame.pop("ts"), name="ts")
+    frame.index = index
+    frame["session"] = index.tz_convert(tz).tz_localize(None).normalize()
+    return frame
 
 
 def compute_features(
@@ -125,10 +140,14 @@ def compute_features(
     """The rows of every (entry, symbol) of the profile whose input hash differs from ``loaded``'s, one batch per
     entry; the profile's daily segments must be in the store (or in ``known``, tables already in memory)."""
     daily = daily_segments(profile, plan)
-    if not profile.features or not daily:
+    minute = (
+        daily_segments(profile, plan, "1m") if any(u.spec.timeframe == "1m" for u in profile.features) else {}
+    )
+    if not profile.features or not (daily or minute):
         return
     loaded = loaded or {}
-    entries = store.lookup(sorted({plan.keys[s] for segs in daily.values() for s in segs}))
+    wanted = [plan.keys[s] for segs in (*daily.values(), *minute.values()) for s in segs]
+    entries = store.lookup(sorted(set(wanted)))
     hashes = {
         symbol: [entries[plan.keys[s]].content_hash for s in segments] for symbol, segments in daily.items()
     }
@@ -147,6 +166,15 @@ def compute_features(
     failures: list[FeatureError] = []
     for use in profile.features:
         spec = use.spec
+        if spec.timeframe == "1m":
+            try:
+                batch = _intraday_batch(use, profile, store, plan, minute, entries, loaded)
+            except FeatureError as exc:
+                failures.append(exc)
+                continue
+            if batch.parts:
+                yield batch
+            continue
         benchmark: pd.Series | None = None
         version = _version(spec)
         todo: list[tuple[str, pd.DataFrame, str]] = []
@@ -188,6 +216,39 @@ def compute_features(
         yield FeatureBatch(use, parts + empty, compute.calls)
     if failures:
         raise failures[0]
+
+
+def _intraday_batch(
+    use: FeatureUse,
+    profile: Profile,
+    store: FeatureStore,
+    plan: GapPlan,
+    minute: Mapping[str, list[Segment]],
+    entries: Mapping[str, Any],
+    loaded: Mapping[tuple[str, str], str],
+) -> FeatureBatch:
+    """An intraday entry's rows: computed per (symbol, month), so a month whose bars did not change is a store
+    hit, and loaded per symbol (a handful of rows per session). One symbol's minute bars in memory at a time."""
+    version = _version(use.spec)
+    parts: list[FeaturePart] = []
+    computed = 0
+    for symbol in sorted(minute):
+        segments = minute[symbol]
+        input_hash = _input_hash(use, version, [entries[plan.keys[s]].content_hash for s in segments])
+        if loaded.get((use.name, symbol)) == input_hash:
+            continue
+        tz = str(get_calendar(profile.listing(symbol).exchange).tz)
+        tables = store.get_many([plan.keys[s] for s in segments])
+        months = [minute_frame(tables[plan.keys[s]], tz) for s in segments]
+        months = [frame for frame in months if not frame.empty]
+        compute = _Compute(use, {id(frame): symbol for frame in months})
+        jobs = [(symbol, frame, compute.config()) for frame in months]
+        results = store.get_or_compute_many(jobs, compute, version=version) if jobs else []
+        computed += compute.calls
+        frames = [r if isinstance(r, pd.DataFrame) else r.to_pandas() for r in results]
+        rows = feature_rows(symbol, pd.concat(frames)) if frames else pa.table({})
+        parts.append(FeaturePart(symbol, rows, input_hash))
+    return FeatureBatch(use, parts, computed)
 
 
 __all__ = ["FeatureBatch", "compute_features", "daily_frame", "daily_segments"]

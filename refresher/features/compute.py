@@ -176,22 +176,30 @@ def performance_metrics(df: pd.DataFrame, *, sharpe: Window = 63, min_returns: W
 
 
 def websocket_testing(df: pd.DataFrame, *, lot: Annotated[int, Field(ge=1)] = 100) -> pd.DataFrame:
-    """A stable stand-in for a live feed, for UI tests (daily bars carry no ticks).
+    """What a live feed would have shown by each session's close, from its minute bars (``df`` as
+    ``intraday_session`` takes it), for UI and websocket tests.
 
-    - ``last_price``: the close.
-    - ``spread_proxy``: (high - low) / close.
-    - ``tick_count``: volume in round lots of ``lot`` shares (default 100), rounded up.
+    - ``last_price``: the session's last minute close.
+    - ``spread_proxy``: the median over the session's minutes of (high - low) / close.
+    - ``tick_count``: trades in round lots of ``lot`` shares (default 100): the sum over minutes of
+      volume / lot rounded up.
 
-    No window, no NULLs.
+    One row per session, each from that session's bars only; no NULLs.
     """
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
-            "last_price": df["close"].astype(float),
-            "spread_proxy": (df["high"] - df["low"]) / df["close"],
-            "tick_count": np.ceil(df["volume"].astype(float) / float(lot)),
-        },
-        index=df.index,
+            "session": df["session"],
+            "close": df["close"].astype(float),
+            "spread": (df["high"] - df["low"]) / df["close"],
+            "lots": np.ceil(df["volume"].astype(float) / float(lot)),
+        }
     )
+    g = frame.groupby("session", sort=True)
+    out = pd.DataFrame(
+        {"last_price": g["close"].last(), "spread_proxy": g["spread"].median(), "tick_count": g["lots"].sum()}
+    )
+    out.index = pd.DatetimeIndex(pd.to_datetime(out.index), name="date")
+    return out
 
 
 def dashboard_data(df: pd.DataFrame, *, volume_window: Window = 20) -> pd.DataFrame:
@@ -271,7 +279,61 @@ __all__ = [
     "etf_metadata",
     "full_analysis",
     "high_low_detection",
+    "intraday_session",
     "performance_metrics",
     "trend_analysis",
     "websocket_testing",
 ]
+
+
+def intraday_session(
+    df: pd.DataFrame, *, opening_range: Annotated[int, Field(ge=1, le=600)] = 30
+) -> pd.DataFrame:
+    """One row per session from its minute bars (``df``: indexed by each bar's UTC start, with a ``session``
+    column holding the exchange-local session date; a Tokyo session spans its lunch break).
+
+    - ``vwap``: sum(close x volume) / sum(volume) over the session's bars; NULL when nothing traded.
+    - ``intraday_return``: the last close / the first open - 1.
+    - ``realized_vol``: sqrt of the sum of squared log returns between adjacent minutes of the session; a return
+      across a gap (Tokyo's lunch break, a missing bar) or across sessions is never counted.
+    - ``opening_range_high``, ``opening_range_low``: highest high and lowest low of the bars starting within
+      ``opening_range`` minutes (default 30) of the session's first bar.
+    - ``dollar_volume``: sum(close x volume).
+    - ``minutes``: the number of bars.
+
+    Every value is computed within one session (no window crosses a session boundary), so there is no warm-up:
+    no NULLs except ``vwap`` on a session without volume.
+    """
+    session = df["session"]
+    close, volume = df["close"].astype(float), df["volume"].astype(float)
+    ts = pd.Series(df.index, index=df.index)
+    adjacent = (ts.diff() == pd.Timedelta(minutes=1)) & session.eq(session.shift(1))
+    log_ret = pd.Series(np.log(close / close.shift(1)), index=df.index).where(adjacent)
+    opening = ts < ts.groupby(session).transform("min") + pd.Timedelta(minutes=opening_range)
+    frame = pd.DataFrame(
+        {
+            "session": session,
+            "pv": close * volume,
+            "volume": volume,
+            "open": df["open"].astype(float),
+            "close": close,
+            "sq": log_ret**2,
+            "or_high": df["high"].astype(float).where(opening),
+            "or_low": df["low"].astype(float).where(opening),
+        }
+    )
+    g = frame.groupby("session", sort=True)
+    sums = g[["pv", "volume", "sq"]].sum(min_count=0)
+    out = pd.DataFrame(
+        {
+            "vwap": sums["pv"] / sums["volume"].replace(0.0, np.nan),
+            "intraday_return": g["close"].last() / g["open"].first() - 1,
+            "realized_vol": np.sqrt(sums["sq"]),
+            "opening_range_high": g["or_high"].max(),
+            "opening_range_low": g["or_low"].min(),
+            "dollar_volume": sums["pv"],
+            "minutes": g.size().astype(float),
+        }
+    )
+    out.index = pd.DatetimeIndex(pd.to_datetime(out.index), name="date")
+    return out

@@ -54,7 +54,7 @@ def refresh_features(
     features the profile no longer names: feature rows never outlive the bars they were computed from.
     """
     ledger = read_ledger(conn)
-    symbols = set(daily_segments(profile, plan))
+    symbols = set(daily_segments(profile, plan)) | set(daily_segments(profile, plan, "1m"))
     pruned = _prune(conn, ledger, profile, symbols) if prune else 0
     desired = len(profile.features) * len(symbols) if symbols else 0
     loaded = emptied = computed = rows = 0

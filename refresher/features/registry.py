@@ -41,6 +41,8 @@ class FeatureSpec:
     compute: Compute
     needs_universe: bool = False
     ordered: tuple[tuple[str, str], ...] = ()
+    # "1m": computed per (symbol, month) from minute bars, one row per session; "1d": from daily bars.
+    timeframe: str = "1d"
 
     @property
     def params_model(self) -> type[BaseModel]:
@@ -112,10 +114,11 @@ FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(
             FeatureSpec("trend_analysis", "1", compute.trend_analysis, ordered=(("fast", "slow"),)),
             FeatureSpec("full_analysis", "1", compute.full_analysis, ordered=(("macd_fast", "macd_slow"),)),
             FeatureSpec("performance_metrics", "1", compute.performance_metrics),
-            FeatureSpec("websocket_testing", "1", compute.websocket_testing),
+            FeatureSpec("websocket_testing", "2", compute.websocket_testing, timeframe="1m"),
             FeatureSpec("dashboard_data", "1", compute.dashboard_data),
             FeatureSpec("etf_metadata", "1", compute.etf_metadata),
             FeatureSpec("correlation_analysis", "1", compute.correlation_analysis, needs_universe=True),
+            FeatureSpec("intraday_session", "1", compute.intraday_session, timeframe="1m"),
         )
     }
 )
@@ -154,15 +157,15 @@ def resolve_feature(
     params: Mapping[str, Any] | None = None,
     *,
     function: str | None = None,
-    timeframe: str = "1d",
+    timeframe: str | None = None,
 ) -> FeatureUse:
     """The validated use of feature ``name`` (or of the user's ``function``, loaded under ``name``) as written
     at ``field`` of profile ``path``; ProfileError naming the file, the field (down to the parameter) and the
     value otherwise."""
     mapping = alias is not None or params or function is not None
-    if timeframe != "1d":
+    if function is not None and timeframe not in (None, "1d"):
         raise ProfileError(
-            path, f"{field}.timeframe", timeframe, "features compute over daily bars (1d) only"
+            path, f"{field}.timeframe", timeframe, "a function computes over daily bars (1d) only"
         )
     if function is not None:
         if alias is not None:
@@ -173,6 +176,10 @@ def resolve_feature(
     else:
         where = f"{field}.name" if mapping else field
         raise ProfileError(path, where, name, f"unknown feature (choices: {', '.join(FEATURES)})")
+    if function is None and timeframe not in (None, spec.timeframe):
+        raise ProfileError(
+            path, f"{field}.timeframe", timeframe, f"{name} computes from {spec.timeframe} bars"
+        )
     table_name = name if alias is None else alias
     if not FEATURE_NAME_RE.match(table_name):
         where = f"{field}.as" if alias is not None else f"{field}.name"
