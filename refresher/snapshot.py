@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +50,9 @@ REFILL = 2
 DEFAULT_POOL_SIZE = 2
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
-_PRISTINE_MARK = re.compile(r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) generation=([0-9a-f]{16})$")
+_PRISTINE_MARK = re.compile(
+    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})$"
+)
 _CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
 
 # The ledger tables and the columns that say what a database holds, in a stable order.
@@ -104,6 +107,7 @@ class _Mark:
 
     pool_size: int
     ledger: str
+    stamp: str
     generation: str
 
 
@@ -138,6 +142,32 @@ def ledger_digest(conn: psycopg.Connection[Any]) -> str | None:
     return digest.hexdigest()
 
 
+def ledger_stamp(conn: psycopg.Connection[Any]) -> str | None:
+    """A cheap fingerprint of the ledger: each table's row count and latest ``loaded_at``; None when there is no
+    ledger or it is empty.
+
+    What a reset compares, in place of the full digest (300 ms at 120,000 segments against a 10 ms reset):
+    every load stamps ``loaded_at = now()`` and every prune removes a row, so any refresh that stopped before
+    its snapshot changes it.
+    """
+    parts = []
+    for table, _ in _LEDGERS:
+        present = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+        if not (present and present[0]):
+            if table == _LEDGERS[0][0]:
+                return None
+            continue
+        row = conn.execute(
+            sql.SQL("SELECT count(*), extract(epoch FROM max(loaded_at))::text FROM {}").format(
+                sql.Identifier(table)
+            )
+        ).fetchone()
+        if row is None or (table == _LEDGERS[0][0] and row[0] == 0):
+            return None
+        parts.append(f"{table}={row[0]}@{row[1]}")
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
+
+
 def save_pristine(
     server: ServerInfo, *, pool_size: int = DEFAULT_POOL_SIZE, fill_pool: bool = True
 ) -> SnapshotInfo:
@@ -160,11 +190,14 @@ def save_pristine(
         # The mark is computed from the copy itself: it says what the copy holds, whatever happened to <db>.
         with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
             ledger = ledger_digest(copy) or hashlib.sha256(b"no ledger").hexdigest()
+            stamp = ledger_stamp(copy) or "none"
         ident = sql.Identifier(building)
         _execute(
             conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident)
         )
-        mark = f"refresher pool_size={pool_size} ledger={ledger} generation={secrets.token_hex(8)}"
+        mark = (
+            f"refresher pool_size={pool_size} ledger={ledger} stamp={stamp} generation={secrets.token_hex(8)}"
+        )
         _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark)))
         with _advisory(conn, db, TAKE):
             _swap_in(conn, db, building)
@@ -177,7 +210,7 @@ def is_current(server: ServerInfo) -> bool:
     """Whether a complete pristine copy exists and holds what ``server.dbname``'s ledger says."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         mark = _pristine_mark(conn, server.dbname)
-    return mark is not None and mark.ledger == _live_ledger(server)
+    return mark is not None and mark.ledger == _live(server, ledger_digest)
 
 
 def restore_pristine(
@@ -186,34 +219,47 @@ def restore_pristine(
     """Put the pristine copy back as ``server.dbname``; its open connections are terminated.
 
     Refuses when the database's ledger names other data than the copy holds (a refresh was interrupted before
-    its snapshot): restoring would silently bring back older data. A database whose ledger is gone or empty (the
-    user dropped or truncated it) is restored: only the copy can tell what it held. Returns as soon as the database is
-    back; the pool is refilled by a detached process (``refill=False`` to skip).
+    its snapshot): restoring would silently bring back older data. It compares ``ledger_stamp`` (cheap), not
+    the full digest. A database whose ledger is gone or empty (the user dropped or truncated it) is restored:
+    only the copy can tell what it held. Returns as soon as the database is back; the pool is refilled by a
+    detached process (``refill=False`` to skip).
     """
     db, started = server.dbname, time.perf_counter()
-    method: Literal["pool", "template"]
-    live = _live_ledger(server, empty_is_unknown=True)
-    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        mark = _require_pristine(conn, db)
-        if live is not None and live != mark.ledger:
-            raise SnapshotError(
-                f"{db}: the pristine snapshot predates the database's ledger (a refresh stopped before its "
-                "snapshot); run `refresher refresh` to rebuild it",
-                database=db,
-            )
-        with _advisory(conn, db, TAKE):
-            ready = _ready_clones(conn, db)
-            _move_to_trash(conn, db)
-            if ready:
-                _rename(conn, ready[0], db)
-                method = "pool"
-            else:
-                _create_from(conn, pristine_name(db), db)
-                method = "template"
+    # The two connections are made at once: each costs 10-30 ms on a busy machine, most of a reset.
+    with ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(_live_with_pid, server, ledger_stamp)
+        with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+            live, reader = checking.result()
+            method = _restore_checked(conn, db, live, reader)
     seconds = time.perf_counter() - started
     if refill:
         spawn_refill(server, log=refill_log)
     return RestoreReport(seconds, method)
+
+
+def _restore_checked(
+    conn: psycopg.Connection[Any], db: str, live: str | None, reader: int | None
+) -> Literal["pool", "template"]:
+    """The body of ``restore_pristine`` once the live ledger stamp is known."""
+    method: Literal["pool", "template"]
+    _wait_gone(conn, reader)
+    mark = _require_pristine(conn, db)
+    if live is not None and live != mark.stamp:
+        raise SnapshotError(
+            f"{db}: the pristine snapshot predates the database's ledger (a refresh stopped before its "
+            "snapshot); run `refresher refresh` to rebuild it",
+            database=db,
+        )
+    with _advisory(conn, db, TAKE):
+        ready = _ready_clones(conn, db)
+        _move_to_trash(conn, db)
+        if ready:
+            _rename(conn, ready[0], db)
+            method = "pool"
+        else:
+            _create_from(conn, pristine_name(db), db)
+            method = "template"
+    return method
 
 
 def checkout_clone(
@@ -361,28 +407,37 @@ def _advisory(conn: psycopg.Connection[Any], db: str, which: int) -> Iterator[No
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
 
 
-def _live_ledger(server: ServerInfo, *, empty_is_unknown: bool = False) -> str | None:
-    """The ledger digest of the working database; None when it or its ledger does not exist (or is empty, with
-    ``empty_is_unknown``).
+def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:
+    """``measure`` (``ledger_digest`` or ``ledger_stamp``) of the working database; None when it does not exist."""
+    return _live_with_pid(server, measure)[0]
 
-    For a reset, an emptied ledger is a user's clean slate (TRUNCATE of every table), which is what a reset is for; a
-    refresh never empties it without snapshotting.
-    """
+
+def _live_with_pid(
+    server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]
+) -> tuple[str | None, int | None]:
+    """``_live``, and the server process that served it (gone soon after; see ``_wait_gone``)."""
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
-            digest = ledger_digest(conn)
-            if digest is None or not empty_is_unknown:
-                return digest
-            row = conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(_LEDGERS[0][0]))
-            ).fetchone()
-            return digest if row and row[0] else None
+            return measure(conn), conn.info.backend_pid
     except psycopg.errors.InvalidCatalogName:  # an interrupted reset, between its two renames
-        return None
+        return None, None
     except psycopg.OperationalError as exc:
         if "does not exist" in str(exc):
-            return None
+            return None, None
         raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+
+
+def _wait_gone(conn: psycopg.Connection[Any], pid: int | None) -> None:
+    """Wait (1 s at most) for a closed session's server process to exit.
+
+    A rename of the database waits for every session on it, polling every 100 ms: the ledger check's own
+    just-closed session, still exiting, made resets 10 ms -> 55 ms. Polling for it here takes a millisecond.
+    """
+    deadline = time.monotonic() + 1.0
+    while pid is not None and time.monotonic() < deadline:
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+            return
+        time.sleep(0.001)
 
 
 def _comment(conn: psycopg.Connection[Any], name: str) -> tuple[bool, str] | None:
@@ -399,7 +454,7 @@ def _pristine_mark(conn: psycopg.Connection[Any], db: str) -> _Mark | None:
     """The mark of the complete pristine copy; None when there is none (or only a half-made one)."""
     found = _comment(conn, pristine_name(db))
     match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
-    return _Mark(int(match.group(1)), match.group(2), match.group(3)) if match else None
+    return _Mark(int(match.group(1)), match.group(2), match.group(3), match.group(4)) if match else None
 
 
 def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:
@@ -578,6 +633,7 @@ __all__ = [
     "has_pristine",
     "is_current",
     "ledger_digest",
+    "ledger_stamp",
     "pool_name",
     "pool_status",
     "pristine_name",
