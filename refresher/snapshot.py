@@ -124,13 +124,11 @@ def ledger_digest(conn: psycopg.Connection[Any]) -> str | None:
 
     A missing ``refresher_features`` counts as empty (a profile without features never creates it).
     """
+    tables = _present_ledgers(conn)
+    if tables is None:
+        return None
     digest = hashlib.sha256()
-    for table, columns in _LEDGERS:
-        present = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
-        if not (present and present[0]):
-            if table == _LEDGERS[0][0]:
-                return None
-            continue
+    for table, columns in tables:
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
         key = sql.SQL(", ").join(sql.Identifier(c) for c in columns[:-2])
         row = conn.execute(
@@ -142,6 +140,19 @@ def ledger_digest(conn: psycopg.Connection[Any]) -> str | None:
     return digest.hexdigest()
 
 
+def _present_ledgers(conn: psycopg.Connection[Any]) -> list[tuple[str, tuple[str, ...]]] | None:
+    """The ledger tables that exist in ``conn``'s database; None without ``refresher_segments``."""
+    names = [table for table, _ in _LEDGERS]
+    row = conn.execute(
+        "SELECT array_agg(to_regclass(t) IS NOT NULL ORDER BY n) FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)",
+        (names,),
+    ).fetchone()
+    present = row[0] if row else []
+    if not present or not present[0]:
+        return None
+    return [ledger for ledger, exists in zip(_LEDGERS, present, strict=True) if exists]
+
+
 def ledger_stamp(conn: psycopg.Connection[Any]) -> str | None:
     """A cheap fingerprint of the ledger: each table's row count and latest ``loaded_at``; None when there is no
     ledger or it is empty.
@@ -150,13 +161,11 @@ def ledger_stamp(conn: psycopg.Connection[Any]) -> str | None:
     every load stamps ``loaded_at = now()`` and every prune removes a row, so any refresh that stopped before
     its snapshot changes it.
     """
+    tables = _present_ledgers(conn)
+    if tables is None:
+        return None
     parts = []
-    for table, _ in _LEDGERS:
-        present = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
-        if not (present and present[0]):
-            if table == _LEDGERS[0][0]:
-                return None
-            continue
+    for table, _ in tables:
         row = conn.execute(
             sql.SQL("SELECT count(*), extract(epoch FROM max(loaded_at))::text FROM {}").format(
                 sql.Identifier(table)
