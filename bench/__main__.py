@@ -15,7 +15,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-MODULES = ("bench_featurestore", "bench_features", "bench_jobs", "bench_load", "bench_plan", "bench_refresh")
+MODULES = (
+    "bench_featurestore",
+    "bench_features",
+    "bench_jobs",
+    "bench_load",
+    "bench_plan",
+    "bench_refresh",
+    "bench_validation",
+)
 
 
 def _fmt(value: Any) -> str:

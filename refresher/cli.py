@@ -83,13 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--verify", action="store_true", help="also check row counts in the database")
     refresh.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
     refresh.add_argument(
-        "--on-bad-rows",
-        choices=("fail", "skip", "quarantine"),
-        default=None,
-        help="rows that fail validation: stop (fail), leave out (skip), or leave out and keep in "
-        "refresher_rejects (quarantine); default: the profile's source.on_bad_rows, else fail",
-    )
-    refresh.add_argument(
         "--allow-shrink",
         action="store_true",
         default=None,
@@ -108,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the next refresh only loads).",
     )
     warm.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
+    for cmd in (refresh, plan):
+        cmd.add_argument(
+            "--on-bad-rows",
+            choices=("fail", "skip", "quarantine"),
+            default=None,
+            help="rows that fail validation: stop (fail), leave out (skip), or leave out and keep in "
+            "refresher_rejects (quarantine); default: the profile's source.on_bad_rows, else fail",
+        )
     reset = profile_cmd("reset", "Bring the profile's database back to its pristine snapshot.")
     for cmd in (refresh, reset):
         cmd.add_argument(
@@ -231,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
             )
         _emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
     elif args.command == "plan":
-        plan = commands.plan(settings, args.profile, verify=args.verify, as_of=args.as_of)
+        plan = commands.plan(
+            settings, args.profile, verify=args.verify, as_of=args.as_of, on_bad_rows=args.on_bad_rows
+        )
         _emit(args, plan.to_json(), lambda: render.plan_report(plan))
     elif args.command == "warm":
         warmed = commands.warm(settings, args.profile, as_of=args.as_of)

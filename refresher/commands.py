@@ -76,8 +76,15 @@ def refresh(
         )
 
 
-def plan(settings: Settings, name: str, *, verify: bool = False, as_of: dt.date | None = None) -> PlanReport:
-    profile = _profile(settings, name, as_of)
+def plan(
+    settings: Settings,
+    name: str,
+    *,
+    verify: bool = False,
+    as_of: dt.date | None = None,
+    on_bad_rows: BadRowPolicy | None = None,
+) -> PlanReport:
+    profile = _profile(settings, name, as_of, on_bad_rows)
     engine = select_engine(settings.engine, settings, profile.name)
     with _database_errors(profile.name), ExitStack() as stack:
         if (settings.store_root / MANIFEST_FILE).exists():

@@ -29,6 +29,7 @@ from refresher.profile import Profile
 from refresher.segments import Segment, desired_segments
 from refresher.sources import make_source
 from refresher.sources.base import Source
+from refresher.sources.reports import rows_by_reason, stored_reports
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ class RefreshReport:
     features: FeatureCounts
     snapshot: str
     phases: dict[str, float] = field(default_factory=dict)
-    # What the source noticed and did not load (rows outside sessions, missing files).
+    # What the source left out of the desired segments (rows outside sessions, bad rows, missing files), read
+    # back from the store, so a run served from the cache says it again; and those rows per reason.
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +81,8 @@ class PlanReport:
     engine: str
     server_running: bool
     plan: GapPlan
+    # What the source left out of segments the store already holds (see ``RefreshReport.notes``).
+    notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +93,7 @@ class PlanReport:
             "to_fetch": [str(s) for s in self.plan.to_fetch],
             "to_load": [str(s) for s in self.plan.to_load],
             "stale": [str(s) for s in self.plan.stale],
+            "notes": list(self.notes),
         }
 
 
@@ -134,13 +140,13 @@ def plan_refresh(
     server = engine.info(profile.name)
     with closing(make_source(profile)) as source:
         if server is None:
-            return PlanReport(profile.name, engine.name, False, compute_plan(profile, source, store, None))
-        with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            if not database.schema_exists(conn):
-                return PlanReport(profile.name, engine.name, True, compute_plan(profile, source, store, None))
-            return PlanReport(
-                profile.name, engine.name, True, compute_plan(profile, source, store, conn, verify=verify)
-            )
+            plan = compute_plan(profile, source, store, None)
+        else:
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                known = database.schema_exists(conn)
+                plan = compute_plan(profile, source, store, conn if known else None, verify=verify)
+    notes = tuple(str(r) for r in stored_reports(store, plan.keys))
+    return PlanReport(profile.name, engine.name, server is not None, plan, notes)
 
 
 class _DailyTables(Mapping[Segment, pa.Table]):
@@ -216,7 +222,8 @@ def refresh(
         daily = _DailyTables(totals.daily_tables, plan, store, source)
         features = refresh_features(conn, profile, store, plan, daily, prune=prune)
         mark = lap("features", mark)
-        notes = [str(r) for r in getattr(source, "reports", [])]
+        left_out = stored_reports(store, plan.keys)
+        notes = [str(r) for r in left_out]
         if totals.fetched + daily.refetched > len(plan.to_fetch):
             lost = totals.fetched + daily.refetched - len(plan.to_fetch)
             notes.append(f"store: {lost} segment files were missing or corrupt; fetched them again")
@@ -249,4 +256,5 @@ def refresh(
         snapshot=snapshot_state,
         phases=phases,
         notes=notes,
+        left_out=rows_by_reason(left_out),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,13 +104,12 @@ def refresh_report(report: Any, *, url_hint: str) -> None:
             f"{feats.desired} desired, {feats.loaded} loaded, {feats.computed} computed"
             + (f", {feats.pruned} pruned" if feats.pruned else ""),
         )
+    for reason, rows in report.left_out.items():  # per reason: dropped / rejected / quarantined
+        table.add_row("rows left out", f"{rows:,} {escape(reason)}")
     table.add_row("snapshot", report.snapshot)
     table.add_row("time", f"{report.seconds:.2f} s")
     out.print(table)
-    for note in report.notes[:20]:
-        err.print(f"[yellow]not loaded:[/yellow] {note}")
-    if len(report.notes) > 20:
-        err.print(f"[yellow]... and {len(report.notes) - 20} more (see --json)[/yellow]")
+    _notes(report.notes)
     out.print(f"DSN: [bold]{report.dsn}[/bold]")
     out.print(f"with password: [bold]{escape(url_hint)}[/bold]", soft_wrap=True)
 
@@ -141,6 +140,15 @@ def plan_report(plan: Any) -> None:
         if segments:
             more = f" (+{len(segments) - 8} more)" if len(segments) > 8 else ""
             out.print(f"  {label}: {shown}{more}")
+    _notes(plan.notes)
+
+
+def _notes(notes: Sequence[str], shown: int = 20) -> None:
+    """What the source left out of segments, on stderr (the first ``shown``; ``--json`` has them all)."""
+    for note in notes[:shown]:
+        err.print(f"[yellow]not loaded:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    if len(notes) > shown:
+        err.print(f"[yellow]... and {len(notes) - shown} more (see --json)[/yellow]")
 
 
 def reset_report(report: Any) -> None:

@@ -21,6 +21,7 @@ from refresher.errors import LoadError
 from refresher.plan import GapPlan
 from refresher.segments import Segment
 from refresher.sources.base import Source
+from refresher.sources.reports import notes_key, notes_table
 from refresher.sources.validate import Reject
 
 
@@ -96,9 +97,18 @@ def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str], *, allow_shrink: bool = F
 def fetch_tables(
     jobs: Sequence[SegmentJob], source: Source, store: FeatureStore
 ) -> list[tuple[pa.Table, str]]:
-    """Produce each job's table from the source and store the batch in one manifest transaction."""
-    tables = [source.fetch(job.segment) for job in jobs]
-    entries = store.put_many((job.key, t, job.segment.symbol) for job, t in zip(jobs, tables, strict=True))
+    """Produce each job's table from the source and store the batch, with what the source left out of each
+    segment (``refresher.sources.reports``), in one manifest transaction."""
+    tables: list[pa.Table] = []
+    notes: list[tuple[str, pa.Table, str | None]] = []
+    for job in jobs:
+        before = len(source.reports)
+        tables.append(source.fetch(job.segment))
+        left_out = source.reports[before:]
+        if left_out:  # stored with the segment, so a run served from the store reports them again
+            notes.append((notes_key(job.key), notes_table(left_out), job.segment.symbol))
+    items = [(job.key, t, job.segment.symbol) for job, t in zip(jobs, tables, strict=True)]
+    entries = store.put_many([*items, *notes])[: len(items)]
     return [(t, e.content_hash) for t, e in zip(tables, entries, strict=True)]
 
 

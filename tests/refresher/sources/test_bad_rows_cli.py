@@ -160,6 +160,17 @@ def test_skip_and_quarantine_load_the_good_rows(ws: Workspace, policy: str) -> N
     assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS - 1
     action = "quarantined" if policy == "quarantine" else "rejected"
     assert [n for n in report["notes"] if action in n and rule in n], report["notes"]
+    assert report["left_out"] == {f"{action}: {rule}": 1}
+    # reports that stick: a run served from the cache, and the plan, say it again
+    again = ws.refresh("--on-bad-rows", policy)
+    assert again["segments"]["loaded"] == 0 and again["store"]["misses"] == 0
+    assert again["left_out"] == report["left_out"] and again["notes"] == report["notes"]
+    plan = json.loads(
+        ws.run("plan", "--profile", ws.profile, "--on-bad-rows", policy, "--json")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert plan["notes"] == report["notes"]
     rejects = ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule, raw)) FROM refresher_rejects")
     if policy == "skip":
         assert rejects is None

@@ -1,0 +1,97 @@
+"""Reports that stick: what a source left out of a segment is stored with the segment, not only printed.
+
+When a source produces a segment it may drop rows (outside sessions), reject or quarantine them (validation)
+or find no file. Those ``SourceReport`` rows go into the feature store next to the segment's table, under the
+segment's key plus ``.notes``, in the same manifest transaction. A run served from the cache reads them back,
+so it reports exactly what the run that fetched the data reported, and ``refresher plan`` can show them
+without fetching anything. A segment re-fetched under a new version has a new key, so stale notes never
+outlive the data they describe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+
+from featurestore import FeatureStore
+from refresher.segments import Segment
+from refresher.sources.base import SourceReport
+
+NOTES_SCHEMA = pa.schema(
+    [
+        pa.field("symbol", pa.string()),
+        pa.field("timeframe", pa.string()),
+        pa.field("month", pa.date32()),
+        pa.field("file", pa.string()),
+        pa.field("action", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("rows", pa.int64()),
+        # a JSON list: the store's content hash does not round-trip nested (list) columns
+        pa.field("examples", pa.string()),
+    ]
+)
+
+
+def notes_key(segment_key: str) -> str:
+    """The store key of a segment's notes (a valid store key whenever the segment's is)."""
+    return f"{segment_key}.notes"
+
+
+def notes_table(reports: Sequence[SourceReport]) -> pa.Table:
+    """Reports as an Arrow table of ``NOTES_SCHEMA``."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "symbol": r.segment.symbol,
+                "timeframe": r.segment.timeframe,
+                "month": r.segment.month,
+                "file": r.file,
+                "action": r.action,
+                "reason": r.reason,
+                "rows": r.rows,
+                "examples": json.dumps(list(r.examples)),
+            }
+            for r in reports
+        ],
+        schema=NOTES_SCHEMA,
+    )
+
+
+def reports_of(table: pa.Table) -> list[SourceReport]:
+    """The reports a notes table holds."""
+    return [
+        SourceReport(
+            Segment(row["symbol"], row["timeframe"], row["month"]),
+            row["file"],
+            row["reason"],
+            int(row["rows"]),
+            tuple(json.loads(row["examples"] or "[]")),
+            action=row["action"],
+        )
+        for row in table.to_pylist()
+    ]
+
+
+def stored_reports(store: FeatureStore, keys: Mapping[Segment, str]) -> list[SourceReport]:
+    """Every report stored for the segments of ``keys`` (segment -> its store key), in segment order."""
+    wanted = {notes_key(key): segment for segment, key in keys.items()}
+    present = store.lookup(sorted(wanted))
+    if not present:
+        return []
+    tables = store.get_many(sorted(present))
+    ordered = sorted(tables, key=lambda k: wanted[k])
+    return [report for key in ordered for report in reports_of(tables[key])]
+
+
+def rows_by_reason(reports: Sequence[SourceReport]) -> dict[str, int]:
+    """Rows left out, per ``action: reason`` (e.g. ``rejected: volume >= 0``), most first."""
+    counts: Counter[str] = Counter()
+    for r in reports:
+        counts[f"{r.action}: {r.reason}"] += r.rows
+    return dict(counts.most_common())
+
+
+__all__ = ["NOTES_SCHEMA", "notes_key", "notes_table", "reports_of", "rows_by_reason", "stored_reports"]
