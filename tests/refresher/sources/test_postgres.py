@@ -101,3 +101,50 @@ def test_bad_table_and_unreachable_server_are_source_errors(upstream: str, make_
     dead = PostgresSource(make_profile(body("host=127.0.0.1 port=1 user=x dbname=x")))
     with dead, pytest.raises(SourceError, match="cannot connect"):
         dead.fetch(Segment("AAPL", "1d", NOV))
+
+
+BAD_SETUP = """
+DROP TABLE IF EXISTS prod.bad_bars;
+CREATE TABLE prod.bad_bars (ticker text, day date, o float8, h float8, l float8, c float8, vol float8);
+INSERT INTO prod.bad_bars VALUES
+  ('AAPL', '2024-11-25', 10, 11, 9, 10.5, 1000),
+  ('AAPL', '2024-11-26', 10, 8, 9, 10.5, 1000),
+  ('AAPL', '2024-11-27', 10, 11, 9, NULL, 1000);
+"""
+QUERY = (
+    "SELECT day AS date, o AS open, h AS high, l AS low, c AS close, vol AS volume FROM prod.bad_bars "
+    "WHERE ticker = %(symbol)s AND day >= %(start)s AND day < %(end)s ORDER BY day"
+)
+
+
+def test_upstream_rows_are_validated_under_each_policy(upstream: str, make_profile: MakeProfile) -> None:
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute(BAD_SETUP)
+    extra = f'  queries: {{1d: "{QUERY}"}}\n'
+    source = make_source(make_profile(body(upstream, extra)))
+    with source, pytest.raises(SourceError) as info:
+        source.fetch(Segment("AAPL", "1d", NOV))
+    message = str(info.value)
+    assert "postgres:source.queries.1d: row date=2024-11-26: high=8.0" in message
+    assert "high >= max(open, close)" in message and "2 bad rows" in message
+    with make_source(make_profile(body(upstream, extra + "  on_bad_rows: quarantine\n"))) as source:
+        table = source.fetch(Segment("AAPL", "1d", NOV))
+        assert table.column("date").to_pylist() == [dt.date(2024, 11, 25)]
+        rules = sorted(r.rule for r in source.rejects[Segment("AAPL", "1d", NOV)])
+        assert rules == ["close is a finite number", "high >= max(open, close)"]
+
+
+def test_custom_query_gets_its_values_as_parameters(upstream: str, make_profile: MakeProfile) -> None:
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute(BAD_SETUP)
+        conn.execute("DELETE FROM prod.bad_bars WHERE day > '2024-11-25'")
+    # a symbol that would break a formatted query is just a value here
+    extra = f'  queries: {{1d: "{QUERY}"}}\n'
+    with make_source(make_profile(body(upstream, extra))) as source:
+        assert source.fetch(Segment("AAPL", "1d", NOV)).num_rows == 1
+        assert source.fetch(Segment("MSFT", "1d", NOV)).num_rows == 0
+        assert source.version(Segment("AAPL", "1d", NOV)).startswith("postgres/")
+    bad = extra.replace("vol AS volume", "vol AS vol")
+    source = make_source(make_profile(body(upstream, bad)))
+    with source, pytest.raises(SourceError, match=r"source.queries.1d: the query returns no column 'volume'"):
+        source.fetch(Segment("AAPL", "1d", NOV))
