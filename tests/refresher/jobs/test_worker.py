@@ -287,3 +287,29 @@ def test_bad_submissions_are_one_line_exit_2_and_enqueue_nothing(
     done = ws.run("worker", "--queue", url, "--concurrency", "0", expect=2)
     assert done.stderr.count("\n") == 1 and "--concurrency=0" in done.stderr
     assert redis_server.client().zcard("refresher:runs") == 0
+
+
+def test_sigterm_finishes_the_job_in_hand_hands_back_the_rest_and_exits_0(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    from refresher.jobs.runs import run_status
+
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=[*SYMBOLS, "IBM", "XOM", "CVX", "JPM", "BAC", "WMT", "HD", "DIS"], months=3)
+    run = submit(ws, url)
+    client = connect(url)
+    # A long visibility timeout: jobs left pending by the stopping worker would stay stuck for ten minutes.
+    worker = start_worker(ws, url, "stopping", "--visibility-timeout", "600")
+    deadline = time.monotonic() + 300
+    while run_status(client, run["run_id"]).done < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=300) == 0, worker_log(ws, "stopping")
+    state = status(ws, url, run["run_id"])
+    assert state["in_flight"] == 0 and 1 <= state["done"] < state["total"]
+    assert state["done"] < 16  # the worker's first read took 16 jobs; those it had not started went back
+    assert redis_server.client().xpending("refresher:jobs:normal", "workers")["pending"] == 0
+    finisher = start_worker(ws, url, "finisher", "--burst", "--visibility-timeout", "600")
+    assert finisher.wait(timeout=600) == 0, worker_log(ws, "finisher")
+    assert status(ws, url, run["run_id"])["state"] == "complete"
+    assert len(ledger(ws)) == run["jobs"]
