@@ -15,6 +15,7 @@ import psycopg
 from featurestore import FeatureStore
 from featurestore.manifest import MANIFEST_FILE
 from refresher import snapshot
+from refresher.diskfull import store_disk_full
 from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, ProfileError, SnapshotError
@@ -70,6 +71,7 @@ def refresh(
     with (
         hold_profile(settings.state_dir, profile.name, wait=wait, on_wait=on_wait),
         _database_errors(profile.name),
+        store_disk_full(settings.store_root),
     ):
         return _refresh(
             profile, engine, FeatureStore(settings.store_root), prune=prune, verify=verify, progress=progress

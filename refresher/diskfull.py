@@ -7,7 +7,10 @@ needs is where the space ran out and roughly how much more it takes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,29 @@ def server_disk_full(
     ``needed`` (an estimate in bytes) for ``what`` ("loading AAPL/1m/2024-01")."""
     path, free = _free_space(conn)
     return _disk_full(path, free, needed, what, sqlstate=exc.sqlstate)
+
+
+@contextlib.contextmanager
+def store_disk_full(root: Path) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT under the feature store into one ``DiskFull`` line naming ``root`` and its free space.
+
+    The store's writers (Parquet, DuckDB) often raise it without a file name ("disk full writing data").
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = 0
+        raise DiskFull(
+            f"disk full: {root} has {_mb(free)} free, not enough for the segments this refresh stores there; "
+            "free some space (or point FEATURE_STORE_PATH elsewhere) and run again",
+            path=str(root),
+            free=free,
+        ) from exc
 
 
 def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:
@@ -79,4 +105,4 @@ def _mb(n: int) -> str:
     return f"{n / MB:,.0f} MB"
 
 
-__all__ = ["require_room", "server_disk_full"]
+__all__ = ["require_room", "server_disk_full", "store_disk_full"]

@@ -19,7 +19,8 @@ from refresher.errors import DiskFull
 from refresher.load import load_segment
 from refresher.segments import Segment
 from refresher.snapshot import has_pristine, is_current, save_pristine
-from tests.fixtures_postgres import minute_bars
+from tests.fixtures_postgres import minute_bars, world_traversable_tmp
+from tests.refresher.test_refresh_e2e import Workspace
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -78,3 +79,29 @@ def test_a_full_disk_is_one_line_and_leaves_every_segment_whole_and_the_old_snap
     with psycopg.connect(server.dsn("postgres")) as conn:
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
     assert not [name for name in names if "__building_" in name]
+
+
+def test_a_full_feature_store_is_one_line_naming_it_and_its_free_space(tmp_path: Path) -> None:
+    store = Path(tempfile.mkdtemp(prefix="refresher-small-store-", dir="/tmp"))
+    command = ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(store)]
+    if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+        store.rmdir()
+        pytest.skip("mounting a small tmpfs needs root")
+    ws = Workspace(world_traversable_tmp("refresher-storefull-"), "local", "storefull")
+    ws.write_profile(symbols=[f"S{i:02d}" for i in range(12)], months=3)
+    env = {**ws.env, "FEATURE_STORE_PATH": str(store / "store")}
+    try:
+        done = subprocess.run(
+            ws.command("refresh", "--profile", ws.profile),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        ws.down()
+        subprocess.run(["umount", "-l", str(store)], check=False)
+        store.rmdir()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"refresher: disk full: {store / 'store'} has "), done.stderr
