@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,20 @@ def _disk_full(
     )
 
 
+# Per connection: a load asks before every segment, and the answer never changes while it is open.
+_DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], str | None] = weakref.WeakKeyDictionary()
+
+
 def _data_directory(conn: psycopg.Connection[Any]) -> str | None:
+    if conn in _DATA_DIRECTORY:
+        return _DATA_DIRECTORY[conn]
     try:
         row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
     except psycopg.Error:
         return None  # the connection did not survive the error, or we may not read the setting
-    return str(row[0]) if row and row[0] else None
+    path = str(row[0]) if row and row[0] else None
+    _DATA_DIRECTORY[conn] = path
+    return path
 
 
 def _mb(n: int) -> str:

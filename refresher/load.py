@@ -22,7 +22,7 @@ from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
 from refresher.database import TIME_COLUMN, data_columns, segment_range
-from refresher.diskfull import server_disk_full
+from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
 from refresher.errors import LoadError
 from refresher.schema import SCHEMA_OF
 from refresher.segments import Segment
@@ -78,6 +78,10 @@ def load_segment(
     data = conform(segment, table, tz)
     rows: int = data.num_rows
     lo, hi = segment_range(segment, tz)
+    # Rows, their primary-key index and the WAL: measured about three times the Arrow size. Checked first
+    # because a full disk under the WAL makes the server PANIC instead of failing the statement.
+    needed = 3 * data.nbytes
+    require_room(conn, needed=needed + COPY_SLACK, what=f"loading {segment}")
     try:
         with conn.transaction():
             if rows == 0 and not allow_shrink:
@@ -90,8 +94,7 @@ def load_segment(
             if rejects is not None:
                 _quarantine(conn, segment, rejects)
     except psycopg.errors.DiskFull as exc:
-        # rows, their primary-key index and the WAL: measured about three times the Arrow size
-        raise server_disk_full(conn, exc, needed=3 * data.nbytes, what=f"loading {segment}") from exc
+        raise server_disk_full(conn, exc, needed=needed, what=f"loading {segment}") from exc
     except psycopg.Error as exc:
         raise LoadError(f"{segment}: loading failed: {exc}".rstrip(), segment=str(segment)) from exc
     return rows
