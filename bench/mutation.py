@@ -143,6 +143,8 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "return np.asarray(inside & bars.when_ok, dtype=None)": _BOOL_ALREADY,
         "return np.asarray(inside & bars.when_ok, )": _BOOL_ALREADY,
         "when = np.where(bars.when_ok, bars.when, 1)": _MASKED,
+        "when = np.where(bars.when_ok, bars.when, None)": _MASKED
+        + " (as an object array: slower, same values)",
         "keyed = pd.Series(np.where(bars.when_ok, bars.when, None))": _MASKED,
         'with np.errstate(invalid=None):  # NaN compares False: those rows are charged to "finite" already': (
             "numpy raises no floating-point warning for comparisons with NaN, so the errstate never decides"
