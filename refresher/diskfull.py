@@ -101,9 +101,16 @@ _DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], str | None] 
 def _data_directory(conn: psycopg.Connection[Any]) -> str | None:
     if conn in _DATA_DIRECTORY:
         return _DATA_DIRECTORY[conn]
+    # An idle connection stays idle: the caller's next ``conn.transaction()`` must be a real transaction
+    # that commits, not a savepoint inside one this query opened.
+    was_idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     try:
         row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
+        if was_idle and not conn.autocommit:
+            conn.rollback()
     except psycopg.Error:
+        if was_idle and not conn.closed and not conn.autocommit:
+            conn.rollback()
         return None  # the connection did not survive the error, or we may not read the setting
     path = str(row[0]) if row and row[0] else None
     _DATA_DIRECTORY[conn] = path

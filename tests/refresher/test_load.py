@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Any
 
 import psycopg
@@ -98,6 +99,18 @@ def test_a_failing_copy_rolls_back_the_whole_segment(conn: psycopg.Connection[An
     assert _rows(conn, "ohlcv_1min", "MSFT") == [] and fresh not in read_loaded_segments(conn)
 
 
+def test_each_segment_commits_on_its_own_even_on_an_idle_connection(pg_database: ServerInfo) -> None:
+    with (
+        psycopg.connect(pg_database.dsn()) as conn,
+        psycopg.connect(pg_database.dsn(), autocommit=True) as other,
+    ):
+        ensure_schema(conn)
+        conn.commit()
+        load_segment(conn, Segment("AAPL", "1m", JAN), minute_bars("AAPL", OPEN_JAN_2, 10), "h", tz=NY)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert set(read_loaded_segments(other)) == {Segment("AAPL", "1m", JAN)}  # seen before conn ends
+
+
 def test_ctrl_c_mid_load_rolls_back_and_leaves_the_connection_usable(
     conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,8 +153,11 @@ def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: Se
     )
     assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
     proc.stdout.close()
-    with psycopg.connect(pg_database.dsn()) as conn:  # let at least one load commit
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:  # let at least one load commit
+        deadline = time.monotonic() + 120
         while not read_loaded_segments(conn):
+            assert proc.poll() is None, "the loading process died before its first commit"
+            assert time.monotonic() < deadline, "no segment committed in 120 s: one transaction per segment?"
             conn.execute("SELECT pg_sleep(0.05)")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) != 0  # a deadline, not a timing: it stops in well under a second
