@@ -1,7 +1,9 @@
 """pytest fixtures that hand each test its own PostgreSQL database loaded with a profile's market data.
 
 ``refresher_postgres`` (session) is a server loaded once per run; ``refresher_db`` (function) is a fresh clone
-of its pristine snapshot for each test, taken from a warm pool, so a test may write, truncate and drop freely.
+of its pristine snapshot for each test, taken from a warm pool, so a test may write, truncate and drop freely;
+``refresher_tx`` (function) is one connection to the shared loaded database inside a transaction that is rolled
+back after the test (DDL included), for tests that need nothing but that one connection.
 Under pytest-xdist all workers share one loaded server per profile (``refresher._pytest_share``).
 
 Fixture factories build more of them, in the pytest-postgresql style::
@@ -10,6 +12,7 @@ Fixture factories build more of them, in the pytest-postgresql style::
 
     backtest_postgres = refresher_proc("backtesting", as_of="2024-06-28")
     backtest_db = refresher_database("backtest_postgres")
+    backtest_tx = refresher_transaction("backtest_postgres")
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from refresher import snapshot
 from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
 from refresher._pytest_servers import LoadedServer, build_server, stop_server, sweep
 from refresher._pytest_share import PoolRefiller, SharedServers, server_key
+from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError
 
 if TYPE_CHECKING:
@@ -53,6 +58,9 @@ class _PluginState:
         # The process that stops the run's servers (the xdist controller): their owner in labels.
         self.owner_pid: int = int(workerinput.get(OWNER_PID_INPUT, os.getpid()))
         self._servers: SharedServers | None = None
+        # One connection per loaded server for refresher_tx, kept for the session: connecting costs 10-30 ms
+        # here, BEGIN and ROLLBACK well under one.
+        self.tx_connections: dict[ServerInfo, psycopg.Connection[TupleRow]] = {}
         self._options: PluginOptions | None = None
         self._swept = False
 
@@ -84,6 +92,8 @@ class _PluginState:
         stop_server(server, self.options.settings)
 
     def close(self) -> None:
+        while self.tx_connections:
+            self.tx_connections.popitem()[1].close()
         if self._servers is not None:
             self._servers.close()
         elif self._owner and self._run_dir is not None:
@@ -163,6 +173,14 @@ class RefresherServers:
     def refiller(self, server: LoadedServer) -> PoolRefiller:
         return self._state.servers.refiller(server)
 
+    def tx_connection(self, server: LoadedServer) -> psycopg.Connection[TupleRow]:
+        """This process's connection to ``server``'s loaded database for ``refresher_tx``, idle between tests."""
+        conn = self._state.tx_connections.get(server.info)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(server.dsn, connect_timeout=10)
+            self._state.tx_connections[server.info] = conn
+        return conn
+
 
 class RefresherDatabase:
     """One test's own database: a fresh clone of the loaded profile, dropped after the test."""
@@ -226,10 +244,7 @@ def refresher_database(proc_fixture_name: str) -> Any:
     def database_fixture(
         request: pytest.FixtureRequest, refresher_servers: RefresherServers
     ) -> Iterator[RefresherDatabase]:
-        marked = marker_profile(request.node)
-        server: LoadedServer = (
-            refresher_servers.get(marked) if marked else request.getfixturevalue(proc_fixture_name)
-        )
+        server = _server_for(request, refresher_servers, proc_fixture_name)
         worker = request.config.stash[_STATE].worker
         # 63 bytes at most: profile names are <= 41, "__test_" 7, the worker id <= 6, the random part 8.
         name = f"{server.info.dbname}__test_{worker[:6]}_{secrets.token_hex(4)}"
@@ -248,6 +263,50 @@ def refresher_database(proc_fixture_name: str) -> Any:
     return database_fixture
 
 
+def refresher_transaction(proc_fixture_name: str) -> Any:
+    """A function fixture: a psycopg connection to ``proc_fixture_name``'s loaded database, inside a transaction
+    that is rolled back after the test.
+
+    About a millisecond a test instead of a clone, for tests that use this one connection: every change,
+    DDL included (PostgreSQL's DDL is transactional), is undone. ``conn.commit()`` and ``conn.autocommit``
+    raise inside it; a raw ``COMMIT`` statement fails the test at teardown (and ends the session's use of
+    this connection). A ``@pytest.mark.refresher_profile`` marker picks the profile as for ``refresher_db``.
+    """
+
+    @pytest.fixture
+    def transaction_fixture(
+        request: pytest.FixtureRequest, refresher_servers: RefresherServers
+    ) -> Iterator[psycopg.Connection[TupleRow]]:
+        server = _server_for(request, refresher_servers, proc_fixture_name)
+        conn = refresher_servers.tx_connection(server)
+        committed = False
+        try:
+            with conn.transaction(force_rollback=True):
+                yield conn
+                committed = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+        except psycopg.OperationalError:
+            if not conn.closed:
+                raise  # closing the connection rolled the transaction back: nothing to undo
+        if committed:
+            conn.close()  # the next test gets a new connection
+            pytest.fail(
+                "refresher_tx: the test committed its transaction (a COMMIT statement?), so its changes stay "
+                f"in {server.info.dbname} for the rest of the run; use refresher_db for tests that commit",
+                pytrace=False,
+            )
+
+    return transaction_fixture
+
+
+def _server_for(
+    request: pytest.FixtureRequest, servers: RefresherServers, proc_fixture_name: str
+) -> LoadedServer:
+    """The marker's profile if the test has one, else the server of ``proc_fixture_name``."""
+    marked = marker_profile(request.node)
+    server: LoadedServer = servers.get(marked) if marked else request.getfixturevalue(proc_fixture_name)
+    return server
+
+
 # -- the named fixtures ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def refresher_servers(request: pytest.FixtureRequest) -> RefresherServers:
@@ -257,6 +316,7 @@ def refresher_servers(request: pytest.FixtureRequest) -> RefresherServers:
 
 refresher_postgres = refresher_proc()
 refresher_db = refresher_database("refresher_postgres")
+refresher_tx = refresher_transaction("refresher_postgres")
 
 __all__ = [
     "LoadedServer",
@@ -267,4 +327,6 @@ __all__ = [
     "refresher_postgres",
     "refresher_proc",
     "refresher_servers",
+    "refresher_transaction",
+    "refresher_tx",
 ]

@@ -409,3 +409,55 @@ def test_dies(refresher_postgres):
     write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
     run(pytester, *plugin_env.args(engine)).assert_outcomes(passed=1)
     assert_server_gone(left)
+
+
+@pytest.mark.slow
+def test_refresher_tx_leaves_no_trace(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    e = TINY_EXPECTED
+    write_project(
+        pytester,
+        f"""
+import psycopg, pytest
+
+def state(conn):
+    return (
+        conn.execute("SELECT count(*) FROM symbols").fetchone()[0],
+        conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()[0],
+        conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone()[0],
+        conn.execute("SELECT sum(close) FROM ohlcv_daily").fetchone()[0],
+        conn.execute("SELECT to_regclass('scratch') IS NULL").fetchone()[0],
+    )
+
+PRISTINE = []
+
+@pytest.mark.parametrize("i", range(6))
+def test_writes_then_the_next_sees_nothing(refresher_tx, refresher_postgres, i):
+    assert refresher_tx.execute("SELECT current_database()").fetchone()[0] == refresher_postgres.info.dbname
+    now = state(refresher_tx)
+    assert now[:3] == ({e.symbols}, {e.daily}, {e.minute}) and now[4]
+    PRISTINE.append(now)
+    assert PRISTINE[0] == now
+    refresher_tx.execute("INSERT INTO symbols (symbol) VALUES ('ZZZ')")
+    refresher_tx.execute("UPDATE ohlcv_daily SET close = close + 1")
+    refresher_tx.execute("CREATE TABLE scratch (x int)")
+    refresher_tx.execute("TRUNCATE ohlcv_1min")
+    assert state(refresher_tx)[2] == 0
+    if i % 2:
+        refresher_tx.execute("SELECT 1/0")  # a failed statement: the rollback still undoes everything
+
+def test_commit_is_refused(refresher_tx):
+    with pytest.raises(psycopg.ProgrammingError):
+        refresher_tx.commit()
+
+def test_raw_commit_fails_the_test(refresher_tx):
+    refresher_tx.execute("CREATE TABLE committed_by_mistake (x int)")
+    refresher_tx.execute("COMMIT")
+
+def test_clones_are_untouched(refresher_db):
+    with refresher_db.connect() as conn:
+        assert state(conn)[:3] == ({e.symbols}, {e.daily}, {e.minute})
+""",
+    )
+    result = run(pytester, *plugin_env.args("local"))
+    result.assert_outcomes(passed=6, failed=3, errors=1)
+    result.stdout.fnmatch_lines(["*refresher_tx: the test committed its transaction*use refresher_db*"])
