@@ -16,7 +16,6 @@ import docker
 import docker.errors
 import pytest
 
-from refresher.engines._docker_state import resolve_image
 from refresher.engines.base import ServerInfo
 from refresher.engines.docker import PREFIX_LABEL, DockerEngine, docker_available
 from refresher.errors import EngineUnavailable
@@ -43,10 +42,13 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture(scope="session")
-def docker_pg_image(docker_client: docker.DockerClient) -> str:
+def docker_pg_image(docker_client: docker.DockerClient, docker_state_dir: Path) -> str:
     """The PostgreSQL image the engine would run here: $REFRESHER_PG_IMAGE, postgres:15 or the `make image` build."""
     try:
-        return resolve_image(docker_client, Settings.from_env().pg_image_override)
+        engine = DockerEngine(
+            docker_state_dir, image=Settings.from_env().pg_image_override, client=docker_client
+        )
+        return engine.resolved_image()
     except EngineUnavailable as exc:
         _unavailable(str(exc))
         raise  # unreachable: _unavailable always raises

@@ -48,8 +48,8 @@ def _module_name(path: Path) -> tuple[str, str]:
     return name, name.rsplit(".", 1)[0]
 
 
-def first_party_imports() -> Iterator[Import]:
-    for top in FIRST_PARTY:
+def first_party_imports(tops: tuple[str, ...] = FIRST_PARTY) -> Iterator[Import]:
+    for top in tops:
         for path in sorted((ROOT / top).rglob("*.py")):
             module, package = _module_name(path)
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
@@ -101,6 +101,28 @@ def test_no_private_imports_across_package_boundaries() -> None:
     assert stale == set(), "exceptions no longer needed: remove them"
 
 
+def _tested_package(module: str) -> str:
+    """The package a test or benchmark module stands for: ``tests.refresher.engines.test_local`` tests
+    ``refresher.engines`` (tests mirror the package, and a package's own tests may reach its private helpers);
+    anything else (shared fixtures, ``bench``) stands for no package and gets the public names only."""
+    parts = module.split(".")
+    if parts[0] == "tests" and len(parts) > 2 and parts[1] in FIRST_PARTY:
+        return _package_of(".".join(parts[1:]))
+    return module
+
+
+def test_tests_and_bench_use_only_public_names_of_other_packages() -> None:
+    """Shared fixtures and benchmarks go through the same doors as users (issue 7: the Engine protocol)."""
+    found = sorted(
+        f"{imp.module}:{imp.line} {imp.target}"
+        for imp in first_party_imports(("tests", "bench"))
+        if imp.target.split(".")[0] in FIRST_PARTY
+        and (owner := _owner_of_private(imp.target)) is not None
+        and not _within(_tested_package(imp.module), owner)
+    )
+    assert found == [], "private names reached from outside their package's own tests"
+
+
 @pytest.mark.parametrize("library", sorted(OWNED_IMPORTS))
 def test_outside_systems_are_reached_through_their_one_door(library: str) -> None:
     allowed = OWNED_IMPORTS[library]
@@ -135,3 +157,6 @@ def test_the_rules_catch_what_they_are_for() -> None:
     assert _owner_of_private("refresher.engines.docker.SERVER_ARGS") is None
     assert _owner_of_private("refresher.engines.docker._log_tail") == "refresher.engines"
     assert _owner_of_private("refresher._pytest_servers.LoadedServer") == "refresher"
+    assert _within(_tested_package("tests.refresher.engines.test_local"), "refresher.engines")
+    assert not _within(_tested_package("tests.fixtures_docker"), "refresher.engines")
+    assert not _within(_tested_package("bench.bench_load"), "refresher")

@@ -118,6 +118,15 @@ class DockerEngine:
         self._client_arg = client
         self._base_url = base_url
 
+    def resolved_image(self) -> str:
+        """The image this engine runs: the one asked for, else the first default present locally or pullable.
+
+        EngineUnavailable (naming `make image`) when none is. Tests ask it to run their own containers from
+        the same image the engine would use.
+        """
+        with self._client() as client:
+            return resolve_image(client, self.image)
+
     # -- the Engine protocol ------------------------------------------------------------------------------
     def start(self, profile: str) -> ServerInfo:
         validate_profile(profile)
