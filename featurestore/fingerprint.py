@@ -50,7 +50,28 @@ def fingerprint_table(table: pa.Table, method: HashMethod = "xxh3") -> str:
 def _schema_bytes(schema: pa.Schema) -> bytes:
     # Names and types only: schema metadata (pandas' bookkeeping, writer versions) is not data, and field
     # nullability is a declaration the values themselves already answer.
-    return repr([(field.name, str(field.type)) for field in schema]).encode()
+    return repr([(field.name, str(_canonical_type(field.type))) for field in schema]).encode()
+
+
+def _canonical_type(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with the names of list items made ``item`` and inner nullability dropped, at every depth.
+
+    Parquet writes a list's item as ``element`` and reads it back so, while Arrow's default is ``item``; Arrow
+    calls the two types equal, so the store's cast to the stored schema leaves them be, and a ``str`` of the
+    type would make a list column's hash change on the way through a file. The name is layout, not data.
+    Types without nesting render exactly as before, so no stored hash of theirs changes.
+    """
+    if pa.types.is_list(kind):
+        return pa.list_(_canonical_type(kind.value_type))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(_canonical_type(kind.value_type))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_canonical_type(kind.value_type), kind.list_size)
+    if pa.types.is_map(kind):
+        return pa.map_(_canonical_type(kind.key_type), _canonical_type(kind.item_type), kind.keys_sorted)
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(f.name, _canonical_type(f.type)) for f in kind])
+    return kind
 
 
 def _full_digest(table: pa.Table) -> str:

@@ -29,8 +29,7 @@ NOTES_SCHEMA = pa.schema(
         pa.field("action", pa.string()),
         pa.field("reason", pa.string()),
         pa.field("rows", pa.int64()),
-        # a JSON list: the store's content hash does not round-trip nested (list) columns
-        pa.field("examples", pa.string()),
+        pa.field("examples", pa.list_(pa.string())),
     ]
 )
 
@@ -52,7 +51,7 @@ def notes_table(reports: Sequence[SourceReport]) -> pa.Table:
                 "action": r.action,
                 "reason": r.reason,
                 "rows": r.rows,
-                "examples": json.dumps(list(r.examples)),
+                "examples": list(r.examples),
             }
             for r in reports
         ],
@@ -68,11 +67,18 @@ def reports_of(table: pa.Table) -> list[SourceReport]:
             row["file"],
             row["reason"],
             int(row["rows"]),
-            tuple(json.loads(row["examples"] or "[]")),
+            _examples(row["examples"]),
             action=row["action"],
         )
         for row in table.to_pylist()
     ]
+
+
+def _examples(value: list[str] | str | None) -> tuple[str, ...]:
+    # Notes stored before nested columns hashed alike after a Parquet round trip hold a JSON list string.
+    if isinstance(value, str):
+        return tuple(json.loads(value))
+    return tuple(value or ())
 
 
 def stored_reports(store: FeatureStore, keys: Mapping[Segment, str]) -> list[SourceReport]:

@@ -253,3 +253,18 @@ def test_footer_of_a_short_table_sees_every_row() -> None:
 def test_unknown_method_names_the_choices() -> None:
     with pytest.raises(FeatureStoreError, match=r"hash_method='md5': unknown \(choose one of xxh3, footer\)"):
         fingerprint_table(pa.table({"x": [1]}), "md5")  # type: ignore[arg-type]
+
+
+def test_names_of_list_items_are_layout_not_content() -> None:
+    """What Parquet gives back (``element``) hashes as what went in (``item``); a changed value still shows."""
+    values = [[1, 2], [], None]
+    arrow = pa.table({"x": pa.array(values, pa.list_(pa.int64()))})
+    parquet = arrow.cast(pa.schema([("x", pa.list_(pa.field("element", pa.int64())))]))
+    assert str(parquet.schema) != str(arrow.schema)
+    assert fingerprint_table(parquet) == fingerprint_table(arrow)
+    assert fingerprint_table(pa.table({"x": pa.array([[1, 3], [], None], pa.list_(pa.int64()))})) != (
+        fingerprint_table(arrow)
+    )
+    assert fingerprint_table(pa.table({"x": pa.array(values, pa.large_list(pa.int64()))})) != (
+        fingerprint_table(arrow)
+    )

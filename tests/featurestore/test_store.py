@@ -118,6 +118,25 @@ def test_put_get_roundtrip_and_same_content_is_a_no_op(store: FeatureStore) -> N
     assert store.get("seg-a") == segment([9.0])
 
 
+def test_nested_columns_survive_the_content_hash_check(store: FeatureStore) -> None:
+    """Parquet reads a list's item back as ``element`` (Arrow writes ``item``): the read must still verify."""
+    table = pa.table(
+        {
+            "examples": pa.array([["line 3", "line 9"], [], None], pa.list_(pa.string())),
+            "fixed": pa.array([[1, 2], [3, 4], [5, 6]], pa.list_(pa.int64(), 2)),
+            "nested": pa.array(
+                [[{"a": [1]}], [], [{"a": None}]], pa.list_(pa.struct([("a", pa.list_(pa.int64()))]))
+            ),
+            "tags": pa.array([[("k", 1)], [], None], pa.map_(pa.string(), pa.int64())),
+        }
+    )
+    entry = store.put("seg-nested", table, symbol="AAPL")
+    got = store.get("seg-nested")
+    assert got is not None and got.to_pylist() == table.to_pylist()
+    assert store.lookup(["seg-nested"])["seg-nested"].content_hash == entry.content_hash  # not evicted
+    assert store.validate_cache_integrity().ok
+
+
 def test_put_many_get_many_lookup(store: FeatureStore) -> None:
     items = [(f"seg-{i}", segment([float(i)] * (i + 1)), "SYM") for i in range(20)]
     entries = store.put_many(items)

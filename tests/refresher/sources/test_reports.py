@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pyarrow as pa
+
 from featurestore import FeatureStore
 from refresher.segments import Segment
 from refresher.sources.base import SourceReport
@@ -28,3 +30,12 @@ def test_notes_round_trip_through_the_store_and_count_per_reason(tmp_path: Path)
     assert back == [*octo, *nov]
     assert rows_by_reason(back) == {"rejected: volume >= 0": 3, "dropped: not a XNYS session": 1}
     assert stored_reports(store, {OCT: "seg-other"}) == []
+
+
+def test_notes_stored_with_json_examples_still_read(tmp_path: Path) -> None:
+    """Notes written when ``examples`` was a JSON string (before nested columns survived the store)."""
+    store = FeatureStore(tmp_path)
+    report = SourceReport(NOV, "bars.csv", "volume >= 0", 2, ("line 5",), action="rejected")
+    old = notes_table([report]).drop_columns(["examples"])
+    store.put(notes_key("seg-nov"), old.append_column("examples", pa.array(['["line 5"]'])), symbol="AAPL")
+    assert stored_reports(store, {NOV: "seg-nov"}) == [report]
