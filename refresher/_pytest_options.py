@@ -26,6 +26,7 @@ class _Option:
     name: str  # the flag without dashes; the ini key is the same with underscores
     help: str
     multiple: bool = False
+    switch: bool = False  # a flag without a value; its ini key is a bool
 
     @property
     def flag(self) -> str:
@@ -47,6 +48,11 @@ OPTIONS = (
     _Option(
         "refresher-state-dir", "where local-engine servers live (default $REFRESHER_STATE_DIR or .refresher)"
     ),
+    _Option(
+        "refresher-reuse",
+        "keep the loaded server running after the run for the next one (per checkout; not for CI)",
+        switch=True,
+    ),
 )
 
 
@@ -56,6 +62,9 @@ def add_options(parser: pytest.Parser) -> None:
         if opt.multiple:
             group.addoption(opt.flag, action="append", dest=opt.ini, default=None, help=opt.help)
             parser.addini(opt.ini, opt.help, type="paths")
+        elif opt.switch:
+            group.addoption(opt.flag, action="store_true", dest=opt.ini, default=None, help=opt.help)
+            parser.addini(opt.ini, opt.help, type="bool", default=False)
         else:
             group.addoption(opt.flag, action="store", dest=opt.ini, default=None, help=opt.help)
             parser.addini(opt.ini, opt.help, default=None)
@@ -69,6 +78,7 @@ class PluginOptions:
     engine: str
     as_of: dt.date | None
     settings: Settings
+    reuse: bool = False
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> PluginOptions:
@@ -106,6 +116,7 @@ class PluginOptions:
             engine=settings.engine,
             as_of=parse_as_of(value("refresher_as_of")),
             settings=settings,
+            reuse=bool(config.getoption("refresher_reuse") or config.getini("refresher_reuse")),
         )
 
 

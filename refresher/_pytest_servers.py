@@ -48,6 +48,8 @@ class LoadedServer:
     state_dir: str
     rows_loaded: int = 0
     load_seconds: float = 0.0
+    # Kept running after the run for the next one (--refresher-reuse): the run's end does not stop it.
+    kept: bool = False
 
     @property
     def engine(self) -> str:
@@ -72,11 +74,18 @@ class LoadedServer:
 
 
 def build_server(
-    name_or_path: str, engine: str, settings: Settings, *, as_of: dt.date | None, run: str, owner_pid: int
+    name_or_path: str,
+    engine: str,
+    settings: Settings,
+    *,
+    as_of: dt.date | None,
+    run: str,
+    owner_pid: int | None,
 ) -> LoadedServer:
     """Start a new server for the profile with ``engine`` (auto, local or docker) and load the profile into it.
 
-    ``run`` names the test run and ``owner_pid`` the process that will stop the server (the xdist controller).
+    ``run`` names the test run and ``owner_pid`` the process that will stop the server (the xdist controller);
+    None for a server kept between runs, which the sweep of abandoned servers must never remove.
     """
     from featurestore import FeatureStore
     from refresher.engines import owner_labels, select_engine
@@ -85,7 +94,7 @@ def build_server(
 
     profile = load_profile(name_or_path, settings.profiles_dirs, as_of=as_of)
     store = FeatureStore(settings.store_root)
-    owner = owner_labels(owner_pid)
+    owner = owner_labels(owner_pid) if owner_pid is not None else {}
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix=THROWAWAY_PREFIX, dir=settings.state_dir))
     # The embedded server runs as another OS user when we are root; it must be able to traverse the directory.

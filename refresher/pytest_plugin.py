@@ -32,6 +32,7 @@ from psycopg.rows import TupleRow
 
 from refresher import snapshot
 from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
+from refresher._pytest_reuse import drop_kept, fingerprint, kept_or_built, record_path
 from refresher._pytest_servers import LoadedServer, build_server, stop_server, sweep
 from refresher._pytest_share import PoolRefiller, SharedServers, server_key
 from refresher.engines.base import ServerInfo
@@ -89,7 +90,8 @@ class _PluginState:
             sweep(self.options.settings)
 
     def _stop(self, server: LoadedServer) -> None:
-        stop_server(server, self.options.settings)
+        if not server.kept:
+            stop_server(server, self.options.settings)
 
     def close(self) -> None:
         while self.tx_connections:
@@ -153,7 +155,7 @@ class RefresherServers:
         day = parse_as_of(as_of) if isinstance(as_of, str) else as_of or options.as_of
         key = server_key(profile, engine, day.isoformat() if day else "")
 
-        def build() -> LoadedServer:
+        def build(*, kept: bool = False) -> LoadedServer:
             self._state.sweep_once()
             return build_server(
                 profile,
@@ -161,11 +163,21 @@ class RefresherServers:
                 options.settings,
                 as_of=day,
                 run=self._state.run_dir.name,
-                owner_pid=self._state.owner_pid,
+                owner_pid=None if kept else self._state.owner_pid,
             )
 
+        def reuse_or_build() -> LoadedServer:
+            kept_at = record_path(options.settings, self._state.config.rootpath, key)
+            if not options.reuse:
+                drop_kept(kept_at, options.settings)
+                return build()
+            mark = fingerprint(
+                profile, options.settings.profiles_dirs, engine=engine, as_of=day, today=dt.date.today()
+            )
+            return kept_or_built(kept_at, options.settings, mark, lambda: build(kept=True))
+
         try:
-            return self._state.servers.get(key, build)
+            return self._state.servers.get(key, reuse_or_build)
         except RefresherError as exc:
             # Bad input (a profile, an option) is the user's to fix: one line, not a 45-line traceback.
             pytest.fail(f"refresher: {exc}", pytrace=False)

@@ -461,3 +461,73 @@ def test_clones_are_untouched(refresher_db):
     result = run(pytester, *plugin_env.args("local"))
     result.assert_outcomes(passed=6, failed=3, errors=1)
     result.stdout.fnmatch_lines(["*refresher_tx: the test committed its transaction*use refresher_db*"])
+
+
+REUSE_PROBE = """
+import json, os
+
+def test_probe(refresher_postgres, refresher_db, refresher_tx):
+    with refresher_db.connect() as conn:
+        started = str(conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0])
+        counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("symbols", "ohlcv_1min")]
+        conn.execute("DELETE FROM ohlcv_1min")
+    counts.append(refresher_tx.execute("SELECT count(*) FROM ohlcv_daily").fetchone()[0])
+    refresher_tx.execute("DELETE FROM ohlcv_daily")
+    row = {"started": started, "counts": counts, "port": refresher_postgres.info.port, "host": "127.0.0.1",
+           "engine": refresher_postgres.engine, "state_dir": refresher_postgres.state_dir}
+    with open(OUT_PATH, "a") as f:
+        f.write(json.dumps(row) + "\\n")
+"""
+
+
+@pytest.mark.slow
+def test_reuse_keeps_the_loaded_server_for_the_next_run(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    out = pytester.path / "probe.jsonl"
+    write_project(pytester, REUSE_PROBE.replace("OUT_PATH", repr(str(out))))
+    args = plugin_env.args("local")
+    e = TINY_EXPECTED
+    pristine = [e.symbols, e.minute, e.daily]
+
+    run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
+    run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
+    first, second = read_records(out)
+    assert first["counts"] == second["counts"] == pristine
+    assert (first["started"], first["port"]) == (
+        second["started"],
+        second["port"],
+    )  # not restarted or reloaded
+
+    # A killed server is detected and rebuilt.
+    [pidfile] = Path(str(second["state_dir"])).rglob("postmaster.pid")
+    os.kill(int(pidfile.read_text().split()[0]), 9)
+    run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
+    third = read_records(out)[2]
+    assert third["counts"] == pristine and third["started"] != second["started"]
+    assert not Path(str(second["state_dir"])).exists()
+
+    # A run without the flag stops the kept server (and its own one) when it ends.
+    write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
+    run(pytester, *args).assert_outcomes(passed=1)
+    assert_server_gone(third)
+
+
+@pytest.mark.slow
+def test_reuse_ini_key_and_edited_profile_rebuilds(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    out = pytester.path / "probe.jsonl"
+    write_project(
+        pytester, REUSE_PROBE.replace("OUT_PATH", repr(str(out))), ini_extra="refresher_reuse = true"
+    )
+    profiles = pytester.mkdir("profiles")
+    (profiles / "tiny.yaml").write_text(TINY)
+    args = [a for a in plugin_env.args("local") if not a.startswith("--refresher-profiles-dir")]
+    args.append(f"--refresher-profiles-dir={profiles}")
+    run(pytester, *args).assert_outcomes(passed=1)
+    (profiles / "tiny.yaml").write_text(TINY.replace("seed: 11", "seed: 13"))  # other data: must not reuse
+    run(pytester, *args).assert_outcomes(passed=1)
+    first, second = read_records(out)
+    assert first["started"] != second["started"]
+    assert not Path(str(first["state_dir"])).exists()
+    run(pytester, *args, "-o", "refresher_reuse=false").assert_outcomes(passed=1)
+    assert_server_gone(second)

@@ -1,0 +1,121 @@
+"""Loaded servers kept between pytest runs (``--refresher-reuse``), one per checkout and profile.
+
+A kept server is recorded as ``<state dir>/pytest-reuse/<checkout>-<server key>.json`` (the ``LoadedServer``
+plus a fingerprint of what it was loaded from), next to a lock file. Both are scoped by the checkout (pytest's
+rootdir) as well as by the state dir, so two checkouts on one machine, even sharing ``$REFRESHER_STATE_DIR``,
+never hand each other a server.
+
+A record is trusted only when its server still answers, still has its pristine snapshot, and was loaded from
+the same profile file, ``as_of``, engine and refresher version (without a fixed ``as_of``, on the same day):
+anything else (a killed or rebooted server, an edited profile) is stopped and rebuilt. The lock is held from
+reading the record to writing the new one, so two runs of one checkout never build two servers.
+
+A kept server has no owner process (``owner_pid=None``): the sweep of abandoned servers never removes it. A run
+without ``--refresher-reuse`` stops the checkout's kept server for its key, as pytest-django's ``--reuse-db``
+does without the flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+from filelock import FileLock
+
+from refresher import __version__, snapshot
+from refresher._pytest_servers import LoadedServer, stop_server
+from refresher.engines import write_private_json
+from refresher.errors import SnapshotError
+from refresher.settings import Settings
+
+REUSE_DIR = "pytest-reuse"
+PROFILE_SUFFIXES = (".yaml", ".yml")
+
+
+def record_path(settings: Settings, rootdir: Path, key: str) -> Path:
+    """Where the kept server of ``key`` for the checkout at ``rootdir`` is recorded."""
+    checkout = hashlib.sha256(str(rootdir.resolve()).encode()).hexdigest()[:10]
+    return settings.state_dir / REUSE_DIR / f"{checkout}-{key}.json"
+
+
+def fingerprint(
+    profile: str, dirs: Sequence[Path], *, engine: str, as_of: dt.date | None, today: dt.date
+) -> str:
+    """What a kept server must have been loaded from to be reused: the profile file's bytes and the options."""
+    found = _profile_file(profile, dirs)
+    content = found.read_bytes() if found is not None else b""
+    day = as_of.isoformat() if as_of else f"today={today.isoformat()}"
+    digest = hashlib.sha256(content)
+    digest.update(f"\0{profile}\0{engine}\0{day}\0{__version__}".encode())
+    return digest.hexdigest()
+
+
+def _profile_file(profile: str, dirs: Sequence[Path]) -> Path | None:
+    """The file ``load_profile`` would read (first directory wins); None when there is none (it will say so)."""
+    candidate = Path(profile).expanduser()
+    if candidate.suffix in PROFILE_SUFFIXES:
+        return candidate if candidate.is_file() else None
+    for directory in dirs:
+        for suffix in PROFILE_SUFFIXES:
+            path = Path(directory) / f"{profile}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def kept_or_built(
+    path: Path, settings: Settings, mark: str, build: Callable[[], LoadedServer]
+) -> LoadedServer:
+    """The kept server recorded at ``path`` if it is alive and loaded from ``mark``; else a new one, kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock"), thread_local=False):
+        kept = _read(path)
+        if kept is not None and kept[1] == mark and _serving(kept[0]):
+            return kept[0]
+        _stop_recorded(path, settings)
+        server = replace(build(), kept=True)
+        write_private_json(path, {"fingerprint": mark, "server": json.loads(server.to_json())})
+        return server
+
+
+def drop_kept(path: Path, settings: Settings) -> None:
+    """Stop the kept server recorded at ``path``, if any (a run without ``--refresher-reuse``)."""
+    if not path.exists():
+        return
+    with FileLock(path.with_suffix(".lock"), thread_local=False):
+        _stop_recorded(path, settings)
+
+
+def _stop_recorded(path: Path, settings: Settings) -> None:
+    kept = _read(path)
+    if kept is not None:
+        with contextlib.suppress(Exception):  # already gone (a reboot, a removed state dir): nothing to stop
+            stop_server(kept[0], settings)
+    path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> tuple[LoadedServer, str] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LoadedServer.from_json(json.dumps(data["server"])), str(data["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _serving(server: LoadedServer) -> bool:
+    """Whether the server answers and still has its pristine snapshot (what every clone is made from)."""
+    try:
+        with psycopg.connect(server.dsn, connect_timeout=3, autocommit=True):
+            pass
+        return snapshot.has_pristine(server.info)
+    except (psycopg.Error, SnapshotError):
+        return False
+
+
+__all__ = ["drop_kept", "fingerprint", "kept_or_built", "record_path"]
