@@ -18,6 +18,7 @@ from typing import Any
 MODULES = (
     "bench_featurestore",
     "bench_features",
+    "bench_fixtures",
     "bench_jobs",
     "bench_load",
     "bench_plan",

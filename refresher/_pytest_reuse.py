@@ -92,6 +92,18 @@ def drop_kept(path: Path, settings: Settings) -> None:
         _stop_recorded(path, settings)
 
 
+def kept_servers(state_dir: Path) -> list[LoadedServer]:
+    """Every kept server recorded under ``state_dir``, of any checkout."""
+    found = (_read(path) for path in sorted((state_dir / REUSE_DIR).glob("*.json")))
+    return [kept[0] for kept in found if kept is not None]
+
+
+def stop_all_kept(settings: Settings) -> None:
+    """Stop every kept server recorded under the state dir (a benchmark's or a test's clean-up)."""
+    for path in sorted((settings.state_dir / REUSE_DIR).glob("*.json")):
+        drop_kept(path, settings)
+
+
 def _stop_recorded(path: Path, settings: Settings) -> None:
     kept = _read(path)
     if kept is not None:
@@ -118,4 +130,4 @@ def _serving(server: LoadedServer) -> bool:
         return False
 
 
-__all__ = ["drop_kept", "fingerprint", "kept_or_built", "record_path"]
+__all__ = ["drop_kept", "fingerprint", "kept_or_built", "kept_servers", "record_path", "stop_all_kept"]

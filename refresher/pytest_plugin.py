@@ -32,7 +32,14 @@ from psycopg.rows import TupleRow
 
 from refresher import snapshot
 from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
-from refresher._pytest_reuse import drop_kept, fingerprint, kept_or_built, record_path
+from refresher._pytest_reuse import (
+    drop_kept,
+    fingerprint,
+    kept_or_built,
+    kept_servers,
+    record_path,
+    stop_all_kept,
+)
 from refresher._pytest_servers import LoadedServer, build_server, stop_server, sweep
 from refresher._pytest_share import PoolRefiller, SharedServers, server_key
 from refresher.engines.base import ServerInfo
@@ -334,6 +341,7 @@ __all__ = [
     "LoadedServer",
     "RefresherDatabase",
     "RefresherServers",
+    "kept_servers",
     "refresher_database",
     "refresher_db",
     "refresher_postgres",
@@ -341,4 +349,5 @@ __all__ = [
     "refresher_servers",
     "refresher_transaction",
     "refresher_tx",
+    "stop_all_kept",
 ]

@@ -1,0 +1,210 @@
+"""The pytest fixtures' cost per test, against pytest-postgresql's own per-test template clone of the same data.
+
+Each measurement is a real ``pytest`` run in a subprocess over a generated project: ``N`` tests alternating a
+destructive statement (``DELETE FROM ohlcv_daily``) and a read, each through one fixture:
+
+* ``refresher_db``: a private clone from the warm pool (a rename), dropped and refilled in the background;
+* ``refresher_tx``: one connection to the shared loaded database, BEGIN ... ROLLBACK around each test;
+* the baseline, pytest-postgresql 10's ``postgresql`` fixture over the same loaded server
+  (``postgresql_noproc(depends_on=...)``): it copies the loaded database into its template once, then runs
+  ``CREATE DATABASE ... TEMPLATE`` before each test and ``DROP DATABASE`` after it, as its users get it.
+
+All runs use ``--refresher-reuse``, so the profile is loaded once: the first run pays for it, and the second run's
+start (session start to the end of its first test) is the reuse row. The cost per test is throughput: the
+wall time from the first test after each worker's first one to the last test's end, divided by their number (a
+worker's first test includes the server load or the wait for it, and pytest-postgresql's template copy).
+
+``BENCH_FIXTURES_DIR`` puts the state (and so the data directory) on another filesystem, e.g. an XFS mount
+made with ``mkfs.xfs -m reflink=1`` to measure reflink clones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+AS_OF = "2025-06-30"
+PROFILE = "ui_testing"
+
+CONFTEST = """
+import json, os, time
+from types import SimpleNamespace
+
+import pytest
+from pytest_postgresql import factories
+
+TIMES = os.environ["BENCH_TIMES"]
+
+
+def _write(row):
+    with open(TIMES, "a") as f:
+        f.write(json.dumps(row) + "\\n")
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):
+        _write({"session": time.time()})
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.time()
+    yield
+    _write({"worker": os.environ.get("PYTEST_XDIST_WORKER", "master"), "start": start, "end": time.time()})
+
+
+@pytest.fixture(scope="session")
+def refresher_loaded(refresher_postgres):
+    # What pytest-postgresql's noproc factory needs of a "base" process fixture: our loaded database as the
+    # template of its own template database.
+    info = refresher_postgres.info
+    return SimpleNamespace(host=info.host, port=info.port, user=info.user, password=info.password, options="",
+                           maintenance_dbname="postgres", template_dbname=info.dbname)
+
+
+postgresql_noproc = factories.postgresql_noproc(depends_on="refresher_loaded", dbname="bench")
+postgresql = factories.postgresql("postgresql_noproc")
+"""
+
+TESTS = """
+import os
+import pytest
+
+FIXTURE = os.environ["BENCH_FIXTURE"]
+
+
+@pytest.fixture
+def conn(request):
+    if FIXTURE == "refresher_db":
+        with request.getfixturevalue("refresher_db").connect() as c:
+            yield c
+    else:
+        yield request.getfixturevalue(FIXTURE)
+
+
+@pytest.mark.parametrize("i", range(int(os.environ["BENCH_TESTS"])))
+def test_one(conn, i):
+    if i % 2:
+        conn.execute("DELETE FROM ohlcv_daily")
+    else:
+        assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()[0] > 0
+"""
+
+
+def _pytest(project: Path, state: Path, fixture: str, tests: int, *extra: str) -> list[dict[str, Any]]:
+    """Run the project once; the timing rows its conftest wrote."""
+    times = project / f"times-{fixture}-{len(list(project.glob('times-*')))}.jsonl"
+    env = {**os.environ, "BENCH_TIMES": str(times), "BENCH_FIXTURE": fixture, "BENCH_TESTS": str(tests)}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    args += [f"--refresher-state-dir={state}", f"--refresher-store={state.parent / 'store'}"]
+    args += [f"--refresher-profile={PROFILE}", f"--refresher-as-of={AS_OF}", "--refresher-engine=local"]
+    args += ["--refresher-reuse", *extra]
+    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"pytest {fixture} {extra} failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+        )
+    return [json.loads(line) for line in times.read_text().splitlines()]
+
+
+def per_test_ms(rows: list[dict[str, Any]]) -> float:
+    """Milliseconds per test at steady state: each worker's first test (load, wait, template copy) left out."""
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "worker" in row:
+            by_worker.setdefault(row["worker"], []).append(row)
+    steady = [r for tests in by_worker.values() for r in sorted(tests, key=lambda r: r["start"])[1:]]
+    span = max(r["end"] for r in steady) - min(r["start"] for r in steady)
+    return span / len(steady) * 1000
+
+
+def start_seconds(rows: list[dict[str, Any]]) -> float:
+    """From the session's start to the end of its first test."""
+    session = next(r["session"] for r in rows if "session" in r)
+    return min(r["end"] for r in rows if "worker" in r) - session
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    from refresher.pytest_plugin import stop_all_kept
+    from refresher.settings import Settings
+
+    tests = 40 if quick else 200
+    base = Path(os.environ.get("BENCH_FIXTURES_DIR") or "/tmp")
+    # World-traversable: the embedded server runs as another user when we are root.
+    work = Path(tempfile.mkdtemp(prefix="refresher-bench-fixtures-", dir=base))
+    work.chmod(0o755)
+    project, state = work / "project", work / "state"
+    project.mkdir()
+    (project / "conftest.py").write_text(textwrap.dedent(CONFTEST))
+    (project / "test_bench.py").write_text(textwrap.dedent(TESTS))
+    (project / "pytest.ini").write_text("[pytest]\n")
+    rows: list[dict[str, Any]] = []
+    try:
+        first = _pytest(project, state, "refresher_tx", 2)
+        again = _pytest(project, state, "refresher_tx", 2)
+        rows.append(
+            {
+                "benchmark": "run start to first test done, --refresher-reuse",
+                "ours": start_seconds(again),
+                "baseline": start_seconds(first),
+                "unit": "s",
+                "ratio": start_seconds(first) / start_seconds(again),
+                "note": f"baseline: the same run starting and loading {PROFILE} (warm feature store); goal < 1 s",
+            }
+        )
+        for workers in ((), ("-n", "2")):
+            label = "serial" if not workers else "-n 2"
+            anchor = per_test_ms(_pytest(project, state, "postgresql", tests, *workers))
+            for fixture in ("refresher_db", "refresher_tx"):
+                ours = per_test_ms(_pytest(project, state, fixture, tests, *workers))
+                rows.append(
+                    {
+                        "benchmark": f"{fixture} per test, {label} ({tests} tests, {PROFILE})",
+                        "ours": ours,
+                        "baseline": anchor,
+                        "unit": "ms",
+                        "ratio": anchor / ours,
+                        "note": "baseline: pytest-postgresql's per-test CREATE DATABASE ... TEMPLATE of the same data",
+                    }
+                )
+        rows.append(_disk_row(state))
+    finally:
+        stop_all_kept(Settings.from_env(state_dir=state))
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _disk_row(state: Path) -> dict[str, Any]:
+    """Disk of the loaded server's state (data directory: working database, pristine copy, pool) vs the database."""
+    import psycopg
+
+    from refresher.pytest_plugin import kept_servers
+
+    [server] = kept_servers(state)
+    with psycopg.connect(server.info.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_database_size(%s)", (server.info.dbname,)).fetchone()
+    database = int(row[0]) if row else 1
+    used = _used_bytes(Path(server.state_dir))
+    return {
+        "benchmark": f"disk per loaded {PROFILE} (data directory / database)",
+        "ours": used / database,
+        "unit": "x",
+        "note": f"{used / 1e6:.0f} MB for a {database / 1e6:.0f} MB database; goal <= 2.5x; "
+        "du counts reflinked extents once per file",
+    }
+
+
+def _used_bytes(path: Path) -> int:
+    result = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[0])
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
