@@ -531,3 +531,41 @@ def test_reuse_ini_key_and_edited_profile_rebuilds(pytester: pytest.Pytester, pl
     assert not Path(str(first["state_dir"])).exists()
     run(pytester, *args, "-o", "refresher_reuse=false").assert_outcomes(passed=1)
     assert_server_gone(second)
+
+
+@pytest.mark.slow
+def test_xdist_hundred_tests_each_get_a_private_pristine_database(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    e = TINY_EXPECTED
+    dbs = pytester.path / "databases.jsonl"
+    out = write_recording_project(
+        pytester,
+        f"""
+import json, pytest
+
+DBS = {str(dbs)!r}
+
+@pytest.mark.parametrize("i", range(100))
+def test_alternating(refresher_db, refresher_postgres, i):
+    record(refresher_postgres)
+    with refresher_db.connect() as conn:
+        counts = [conn.execute(f"SELECT count(*) FROM {{t}}").fetchone()[0]
+                  for t in ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments")]
+        assert counts[:3] == [{e.symbols}, {e.daily}, {e.minute}] and counts[3] > 0
+        if i % 2:
+            conn.execute("DELETE FROM ohlcv_1min")
+            conn.execute("DROP TABLE ohlcv_daily")
+            conn.execute("TRUNCATE refresher_segments")
+            conn.commit()
+    with open(DBS, "a") as f:
+        f.write(json.dumps({{"db": refresher_db.dbname, "server": refresher_db.server.info.port}}) + "\\n")
+""",
+    )
+    run(pytester, "-n", "2", *plugin_env.args("local")).assert_outcomes(passed=100)
+    records = read_records(out)
+    assert {r["worker"] for r in records} == {"gw0", "gw1"}
+    assert len({(r["host"], r["port"], r["state_dir"]) for r in records}) == 1  # one server for both workers
+    databases = read_records(dbs)
+    assert len({d["db"] for d in databases}) == 100  # a private database each
+    assert_server_gone(records[0])
