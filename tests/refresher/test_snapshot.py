@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -139,3 +140,26 @@ def test_a_new_pristine_replaces_the_old_pool(loaded: ServerInfo) -> None:
         conn.execute("TRUNCATE ohlcv_daily")
     assert restore_pristine(loaded, refill=False).method == "pool"
     assert _count(loaded.dsn()) == 15
+
+
+def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    from refresher import snapshot
+
+    save_pristine(loaded, pool_size=2, fill_pool=False)
+    seen: list[int] = []
+    with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as observer:
+
+        def note_refiller_priority() -> None:
+            # After each statement the refill's session is still open: its server process is the one copying.
+            rows = observer.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'postgres' AND backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchall()
+            seen.extend(os.getpriority(os.PRIO_PROCESS, r[0]) for r in rows)
+
+        monkeypatch.setattr(snapshot, "_after_statement", note_refiller_priority)
+        assert snapshot.refill_pool(loaded) == 2
+        # The server's other processes keep the priority the server started with (this run's, maybe niced).
+        normal = os.getpriority(os.PRIO_PROCESS, observer.info.backend_pid)
+    assert seen and min(seen) == min(normal + 10, 19) > normal
+    assert len(pool_status(loaded).ready) == 2
