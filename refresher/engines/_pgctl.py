@@ -8,15 +8,19 @@ file the server touches is chowned to it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import grp
 import importlib.util
 import os
 import pwd
 import re
 import select
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +28,8 @@ from pathlib import Path
 from types import ModuleType
 
 from refresher.errors import EngineUnavailable
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 SERVER_OS_USER = "embedded_postgres"
 # Enough for initdb on a slow shared disk; pg_ctl waits carry their own -t.
@@ -141,12 +147,15 @@ def run(
     cwd: Path,
     timeout: float | None = None,
     stdin_text: str | None = None,
+    die_with_parent: bool = False,
 ) -> CommandResult:
     """Run one PostgreSQL program as ``user``; output goes through a temporary file, never a pipe.
 
     A pipe would be inherited by the postmaster that ``pg_ctl start`` forks, and reading it would then block
     until the server exits. ``stdin_text`` (a secret, for ``--pwfile=/dev/stdin``) goes through a pipe instead of
-    a file, so a killed CLI leaves no copy of it on disk.
+    a file, so a killed CLI leaves no copy of it on disk. ``die_with_parent`` (initdb, never ``pg_ctl start``):
+    on Linux the program is killed with the CLI, so a kill -9 leaves no orphan writing into a directory the next
+    start removes.
     """
     exe = bin_dir / program
     if not exe.is_file():
@@ -174,6 +183,7 @@ def run(
                 user=user.uid if other else None,
                 group=user.gid if other else None,
                 extra_groups=[] if other else None,
+                preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
             )
         except subprocess.TimeoutExpired as exc:
             out.seek(0)
@@ -182,6 +192,51 @@ def run(
             ) from exc
         out.seek(0)
         return CommandResult(proc.returncode, out.read())
+
+
+def _die_with_parent() -> None:
+    """In the forked child, after its user switch (which would clear it): SIGKILL when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
+    """SIGKILL every process working in ``path`` (its ``-D`` argument, ``PGDATA`` or current directory), then
+    wait for them to go: what an initdb orphaned by a killed CLI (on a system without PDEATHSIG) still runs."""
+    target = str(path)
+    victims = [pid for pid in _pids() if _works_in(pid, target)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while victims and time.monotonic() < deadline:
+        victims = [pid for pid in victims if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+        time.sleep(0.01)
+
+
+def _pids() -> list[int]:
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    return [int(p.name) for p in proc.iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+
+
+def _works_in(pid: int, target: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:  # gone, or not ours to read
+        return False
+    wanted = target.encode()
+    return wanted in cmdline or b"PGDATA=" + wanted in environ or cwd == target
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextlib.contextmanager

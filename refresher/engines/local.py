@@ -229,7 +229,15 @@ class LocalEngine:
             "--no-instructions",
             "--no-sync",
         ]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
-        result = _pgctl.run(self.bin_dir, "initdb", args, user, cwd=paths.root, stdin_text=password + "\n")
+        result = _pgctl.run(
+            self.bin_dir,
+            "initdb",
+            args,
+            user,
+            cwd=paths.root,
+            stdin_text=password + "\n",
+            die_with_parent=True,
+        )
         if result.returncode != 0:
             shutil.rmtree(building, ignore_errors=True)
             with contextlib.suppress(OSError):  # nothing else in it: leave no profile behind for `status`
@@ -260,6 +268,7 @@ class LocalEngine:
         """Remove a cluster nobody can log into (or half-made ones), stopping a server still running on it."""
         self._stop_postmaster(paths, ("immediate",))
         for leftover in paths.root.glob(f"{INIT_PREFIX}*"):
+            _pgctl.kill_processes_in(leftover)  # an initdb orphaned by a kill -9 still writes there
             shutil.rmtree(leftover, ignore_errors=True)
         if paths.pgdata.exists():
             shutil.rmtree(paths.pgdata)
