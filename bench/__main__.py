@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MODULES = (
+    "bench_cli",
     "bench_featurestore",
     "bench_features",
     "bench_fixtures",

@@ -18,31 +18,46 @@ import hashlib
 import inspect
 import math
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import PurePath
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurestore.errors import bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 # Bump when the meaning or encoding of any key part changes: every key changes with it.
 KEY_FORMAT_VERSION = "featurestore-key-v1"
 # Columns taken as the time index of a table, in this order, before any other timestamp or date column.
 TIME_COLUMNS = ("ts", "timestamp", "time", "datetime", "date")
 
-Raw: TypeAlias = pd.DataFrame | pa.Table
+Raw: TypeAlias = "pd.DataFrame | pa.Table"
+
+
+def is_dataframe(value: object) -> bool:
+    """Whether ``value`` is a pandas DataFrame, asked without importing pandas.
+
+    A DataFrame exists only once something imported pandas; a caller that works in Arrow alone (refresher's
+    no-op refresh, say) never pays pandas' import for the question.
+    """
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(value, pandas.DataFrame)
 
 
 def to_arrow(data: Raw) -> pa.Table:
     """The Arrow table of a DataFrame (its DatetimeIndex kept as a column) or the table itself."""
     if isinstance(data, pa.Table):
         return data
-    if isinstance(data, pd.DataFrame):
+    if is_dataframe(data):
+        import pandas as pd
+
         return pa.Table.from_pandas(data, preserve_index=isinstance(data.index, pd.DatetimeIndex))
     raise bad_value("raw", type(data).__name__, "must be a pandas DataFrame or a pyarrow Table")
 
@@ -111,7 +126,7 @@ def _canonical(value: Any, where: str) -> bytes:
         return tagged(b"Y", value)
     if isinstance(value, decimal.Decimal):
         return tagged(b"D", str(value).encode())
-    if isinstance(value, dt.datetime | dt.date | dt.time | dt.timedelta | pd.Timestamp):
+    if isinstance(value, dt.datetime | dt.date | dt.time | dt.timedelta):
         return tagged(b"T", (type(value).__name__ + ":" + str(value)).encode())
     if isinstance(value, PurePath):
         return tagged(b"P", str(value).encode())

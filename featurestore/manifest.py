@@ -366,19 +366,15 @@ class Manifest:
                 elif tag == "M":
                     misses += 1
         if latest:
-            touched = pa.table(
-                {
-                    "key": pa.array(list(latest), pa.string()),
-                    "ts": pa.array(list(latest.values()), pa.timestamp("us")),
-                    "n": pa.array([hits[k] for k in latest], pa.int64()),
-                }
-            )
-            con.register("touched", touched)
+            # As list parameters, not a registered Arrow table: building any pyarrow array imports pandas (to
+            # ask whether the input is a Series), a second of imports here in a refresh that has nothing to do.
             con.execute(
                 "UPDATE entries SET last_accessed_ts = greatest(entries.last_accessed_ts, touched.ts),"
-                " hits = entries.hits + touched.n FROM touched WHERE entries.key = touched.key"
+                " hits = entries.hits + touched.n"
+                " FROM (SELECT unnest($key) AS key, make_timestamp(unnest($ts)) AS ts, unnest($n) AS n) touched"
+                " WHERE entries.key = touched.key",
+                {"key": list(latest), "ts": list(latest.values()), "n": [hits[k] for k in latest]},
             )
-            con.unregister("touched")
         self.add_counters(con, hits=sum(hits.values()), misses=misses)
         return pending
 

@@ -19,18 +19,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-import pandas as pd
 import pyarrow as pa
 
 from featurestore import _files, maintenance
 from featurestore._locks import file_lock
 from featurestore.errors import ComputeError, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
-from featurestore.keys import Raw, feature_key, time_range, to_arrow
+from featurestore.keys import Raw, feature_key, is_dataframe, time_range, to_arrow
 from featurestore.maintenance import IntegrityReport
 from featurestore.manifest import Entry, Manifest, Row, Txn, ns_to_utc, utc_now
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from featurestore.gc import GCReport
 
 DEFAULT_ROOT = Path("~/.feature_cache")
@@ -39,7 +40,7 @@ _LOCK_DIR = "locks"
 # The manifest's ``kind`` column says "features" for computed entries; users read "feature".
 _KIND_NAMES = {"features": "feature"}
 
-Features: TypeAlias = pd.DataFrame | pa.Table
+Features: TypeAlias = "pd.DataFrame | pa.Table"
 ComputeFunc = Callable[[Any, Any], Features]
 
 
@@ -220,7 +221,7 @@ class FeatureStore:
                 f"featurestore: compute_func {name} failed for {symbol} (key {key[:16]}...); nothing cached"
             )
             raise
-        if isinstance(result, pd.DataFrame):
+        if is_dataframe(result):
             table, kind = pa.Table.from_pandas(result), "pandas"
         elif isinstance(result, pa.Table):
             table, kind = result, "arrow"
@@ -425,7 +426,7 @@ class FeatureStore:
         latest: dict[str, tuple[pa.Table, str | None, dict[str, Any], str]] = {}
         for key, table, symbol, meta in items:
             _files.check_key(key)
-            if not isinstance(table, pa.Table | pd.DataFrame):
+            if not (isinstance(table, pa.Table) or is_dataframe(table)):
                 raise bad_value("table", type(table).__name__, f"must be a pyarrow Table (key {key})")
             stored = _files.as_stored(to_arrow(table))
             latest[key] = (stored, symbol, meta, fingerprint_table(stored, self.hash_method))

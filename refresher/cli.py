@@ -18,9 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from refresher.engines import ENGINE_NAMES
 from refresher.errors import USER_ERRORS
-from refresher.settings import Settings
+from refresher.settings import ENGINE_NAMES, Settings
 
 EXIT_USER_ERROR = 2
 
@@ -139,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ISO time, e.g. 2025-07-03T16:59:00-04:00; without a zone it is UTC (default: now)",
     )
-    from refresher.jobs import cli as jobs_cli
+    from refresher.jobs.parser import add_commands
 
-    jobs_cli.add_commands(sub, common)
+    add_commands(sub, common)
     return parser
 
 
@@ -207,10 +206,18 @@ def _url_hint(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refresher import calendar, commands, render
+    # Imported here, and the command's own modules inside each library function: a command pays only for the
+    # imports it uses (tests/refresher/test_cli_imports.py holds each to its list).
+    from refresher import calendar, render
 
     settings = _settings(args)
     calendar.use_cache_dir(settings.cache_dir / "calendars" if settings.cache_dir else None)
+    if args.command == "market":
+        state = calendar.market_status(args.exchange, args.at)
+        _emit(args, state.to_json(), lambda: render.market_status(state))
+        return 0
+    from refresher import commands
+
     if args.command in ("jobs", "worker"):
         from refresher.jobs import cli as jobs_cli
 
@@ -258,11 +265,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "profiles":
         listing = commands.profiles(settings)
         _emit(args, render.profiles_json(listing), lambda: render.profiles_table(listing))
-    elif args.command == "market":
-        from refresher.calendar import market_status
-
-        state = market_status(args.exchange, args.at)
-        _emit(args, state.to_json(), lambda: render.market_status(state))
     return 0
 
 

@@ -8,25 +8,26 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import filelock
 import psycopg
 
-from featurestore import FeatureStore
-from featurestore.manifest import MANIFEST_FILE
 from refresher import snapshot
 from refresher.diskfull import store_disk_full
 from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, ProfileError, SnapshotError
-from refresher.profile import BadRowPolicy, Profile, list_profiles, load_profile, with_source_policy
 from refresher.profile_lock import hold_profile, lock_path
-from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
-from refresher.refresh import plan_refresh as _plan_refresh
-from refresher.refresh import refresh as _refresh
 from refresher.settings import Settings
-from refresher.warm import WarmReport
-from refresher.warm import warm as _warm
+
+# Each command imports what it alone needs, inside it: `refresher url` must not pay for pyarrow, pandas and
+# DuckDB (about a second on this machine), which only refresh, plan and warm use. tests/refresher/test_cli_imports.py
+# holds each command to the modules it may import.
+if TYPE_CHECKING:
+    from refresher.profile import BadRowPolicy, Profile
+    from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
+    from refresher.warm import WarmReport
 
 
 @contextmanager
@@ -49,6 +50,8 @@ def _profile(
     on_bad_rows: BadRowPolicy | None = None,
     allow_shrink: bool | None = None,
 ) -> Profile:
+    from refresher.profile import load_profile, with_source_policy
+
     profile = load_profile(name, settings.profiles_dirs, as_of=as_of, private_dirs=(settings.state_dir,))
     return with_source_policy(profile, on_bad_rows=on_bad_rows, allow_shrink=allow_shrink)
 
@@ -66,6 +69,9 @@ def refresh(
     on_wait: Callable[[str], None] | None = None,
     allow_shrink: bool | None = None,
 ) -> RefreshReport:
+    from featurestore import FeatureStore
+    from refresher.refresh import refresh as _refresh
+
     profile = _profile(settings, name, as_of, on_bad_rows, allow_shrink)
     engine = select_engine(settings.engine, settings, profile.name)
     with (
@@ -86,6 +92,10 @@ def plan(
     as_of: dt.date | None = None,
     on_bad_rows: BadRowPolicy | None = None,
 ) -> PlanReport:
+    from featurestore import FeatureStore
+    from featurestore.manifest import MANIFEST_FILE
+    from refresher.refresh import plan_refresh
+
     profile = _profile(settings, name, as_of, on_bad_rows)
     engine = select_engine(settings.engine, settings, profile.name)
     with _database_errors(profile.name), ExitStack() as stack:
@@ -95,11 +105,14 @@ def plan(
             # A missing store is an empty one; plan against a throwaway empty store rather than create the
             # user's root and manifest: `plan` promises to touch nothing.
             store = FeatureStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="refresher-plan-")))
-        return _plan_refresh(profile, engine, store, verify=verify)
+        return plan_refresh(profile, engine, store, verify=verify)
 
 
 def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> WarmReport:
     """``refresher warm``: the profile's segments and features into the store; no engine is even chosen."""
+    from featurestore import FeatureStore
+    from refresher.warm import warm as _warm
+
     return _warm(_profile(settings, name, as_of), FeatureStore(settings.store_root))
 
 
@@ -187,6 +200,8 @@ class ProfileListing:
 
 
 def profiles(settings: Settings) -> ProfileListing:
+    from refresher.profile import list_profiles
+
     invalid: list[ProfileError] = []
     found = list_profiles(settings.profiles_dirs, errors=invalid)
     return ProfileListing(found, invalid)

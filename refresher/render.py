@@ -13,10 +13,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from refresher.engines.base import ServerStatus
-from refresher.profile import Profile
-
 if TYPE_CHECKING:
+    from refresher.engines.base import ServerStatus
+    from refresher.profile import Profile
     from refresher.refresh import ProgressCallback
 
 out = Console()

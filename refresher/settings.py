@@ -13,6 +13,9 @@ from typing import Any
 DEFAULT_PG_IMAGE = "postgres:15"
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 STATE_DIR_NAME = ".refresher"
+# The values of --engine / $REFRESHER_ENGINE; `refresher.engines` makes each (here so the CLI's parser names
+# them without importing the engines, which import psycopg).
+ENGINE_NAMES = ("auto", "local", "docker", "compose")
 # The checkout this refresher runs from (an editable install): `make up` starts the compose project of it.
 CHECKOUT = BUILTIN_PROFILES.parent
 

@@ -13,9 +13,8 @@ from refresher.engines._common import validate_profile, write_private_json
 from refresher.engines._owner import owner_gone, owner_labels
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineUnavailable
+from refresher.settings import ENGINE_NAMES as ENGINE_NAMES
 from refresher.settings import Settings
-
-ENGINE_NAMES = ("auto", "local", "docker", "compose")
 
 
 def make_engine(name: str, settings: Settings, *, labels: Mapping[str, str] | None = None) -> Engine:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 
 from featurestore import FeatureStore
 from featurestore.keys import function_identity
+from refresher._lazy import LazyModule
 from refresher.calendar import get_calendar
 from refresher.errors import FeatureError
 from refresher.features.compute import equal_weight_index
@@ -26,6 +26,11 @@ from refresher.features.tables import FeaturePart, feature_rows
 from refresher.plan import GapPlan, digest_parts
 from refresher.profile import Profile
 from refresher.segments import Segment
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")  # imported at the first computation: a no-op refresh computes nothing
 
 # Metric columns become column names next to ``symbol`` and ``date``.
 COLUMN_RE = re.compile(r"^(?!symbol$|date$)[a-z_][a-z0-9_]{0,62}$")

@@ -14,16 +14,18 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal
+from types import MappingProxyType, SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from refresher.errors import ProfileError
 from refresher.features import compute
 
-Compute = Callable[..., pd.DataFrame]
+if TYPE_CHECKING:
+    import pandas as pd
+
+Compute = Callable[..., "pd.DataFrame"]
 # A feature's name becomes a table name (features_<name>, at most 63 bytes in PostgreSQL).
 FEATURE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 
@@ -84,11 +86,22 @@ _MODELS: dict[Compute, type[BaseModel]] = {}
 def _params_model(func: Compute) -> type[BaseModel]:
     """A strict pydantic model of ``func``'s keyword-only parameters: no coercion ("10" is not 10), no extras."""
     if func not in _MODELS:
+        parameters = inspect.signature(func).parameters.values()
+        # Only the keyword-only parameters' annotations are resolved: the others name pandas (a DataFrame in
+        # and out), which loading a profile must not import.
+        annotated = SimpleNamespace(
+            __annotations__={
+                p.name: p.annotation
+                for p in parameters
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.annotation is not inspect.Parameter.empty
+            }
+        )
         try:
-            hints = typing.get_type_hints(func, include_extras=True)
+            hints = typing.get_type_hints(
+                annotated, globalns=getattr(func, "__globals__", {}), include_extras=True
+            )
         except Exception:  # a user's function with annotations that do not resolve: take values as given
             hints = {}
-        parameters = inspect.signature(func).parameters.values()
         fields: dict[str, Any] = {
             p.name: (hints.get(p.name, Any), ... if p.default is inspect.Parameter.empty else p.default)
             for p in parameters

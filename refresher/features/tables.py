@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from refresher._lazy import LazyModule
 from refresher.errors import LoadError
 from refresher.load import copy_arrow
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")  # imported at the first computation: a no-op refresh computes nothing
 
 FEATURES_DDL = """
 CREATE TABLE IF NOT EXISTS refresher_features (

@@ -1,13 +1,13 @@
-"""``refresher jobs ...`` and ``refresher worker``: parse, call the library, render (rich, or ``--json``)."""
+"""``refresher jobs ...`` and ``refresher worker``: call the library, render (rich, or ``--json``).
+
+Their arguments are declared in ``refresher.jobs.parser``, which the main parser imports without redis or rich.
+"""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,69 +18,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from refresher.cli import _parse_time
 from refresher.errors import JobError
-from refresher.jobs.queue import TIERS, connect, unreachable
+from refresher.jobs.queue import connect, unreachable
 from refresher.jobs.runs import RunStatus, cancel_run, list_runs, retry_dead, run_status
 from refresher.settings import Settings
 
 out = Console()
-
-
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``jobs`` and ``worker`` on the main parser's subcommands."""
-    queue_help = "Redis URL, e.g. redis://HOST:6379/0 ($REFRESHER_QUEUE; default: the Redis of `make up`)"
-
-    def queue_arg(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("--queue", default=None, help=queue_help)
-        # The clock, injectable so tests can say "the market is open now" (--when-closed).
-        cmd.add_argument("--now", type=_parse_time, default=None, help=argparse.SUPPRESS)
-
-    jobs = sub.add_parser("jobs", help="Segment jobs on Redis Streams: submit, status, list, retry, cancel.")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    submit = jobs_sub.add_parser(
-        "submit",
-        parents=[common],
-        help="Plan the profile against the target and enqueue one job per segment.",
-    )
-    submit.add_argument("--profile", "-p", required=True, help="profile name or YAML path")
-    submit.add_argument("--target", default=None, help="DSN to load (default: the profile's own server)")
-    submit.add_argument("--priority", choices=TIERS, default="normal", help="queue tier (default normal)")
-    submit.add_argument(
-        "--when-closed",
-        type=str.upper,
-        default=None,
-        metavar="EXCHANGE",
-        help="hold the jobs until that exchange is closed, e.g. XNYS",
-    )
-    submit.add_argument("--as-of", type=dt.date.fromisoformat, default=None, help="pin the data window's end")
-    queue_arg(submit)
-    status = jobs_sub.add_parser("status", parents=[common], help="Progress of a run, in milliseconds.")
-    status.add_argument("run_id", metavar="RUN_ID")
-    status.add_argument("--watch", action="store_true", help="a live view until the run completes")
-    queue_arg(status)
-    for name, text in (
-        ("list", "Recent runs."),
-        ("retry-dead", "Put a run's dead-lettered jobs back on the queue."),
-        ("cancel", "Stop a run; loaded segments stay."),
-    ):
-        cmd = jobs_sub.add_parser(name, parents=[common], help=text)
-        if name != "list":
-            cmd.add_argument("run_id", metavar="RUN_ID")
-        queue_arg(cmd)
-
-    worker = sub.add_parser("worker", parents=[common], help="Run segment jobs from Redis until stopped.")
-    queue_arg(worker)
-    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once (threads; default 1)")
-    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    worker.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer name")
-    worker.add_argument(
-        "--visibility-timeout",
-        type=float,
-        default=60.0,
-        help="seconds a silent worker keeps its job before others reclaim it (default 60)",
-    )
-    worker.add_argument("--max-attempts", type=int, default=6, help="attempts before a dead letter")
 
 
 def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
@@ -216,4 +159,4 @@ def _watch(client: redis.Redis, run_id: str) -> None:
             time.sleep(0.5)
 
 
-__all__ = ["add_commands", "run"]
+__all__ = ["run"]

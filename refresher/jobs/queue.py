@@ -27,12 +27,11 @@ from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from refresher.errors import JobError
+from refresher.jobs.tiers import TIERS as TIERS
+from refresher.jobs.tiers import WEIGHTS as WEIGHTS
 
 PREFIX = "refresher:"
 GROUP = "workers"
-TIERS = ("critical", "high", "normal", "low")
-# Reads per tier in one round of the weighted round robin: a critical backlog goes first, low still moves.
-WEIGHTS = {"critical": 10, "high": 5, "normal": 2, "low": 1}
 RUNS = PREFIX + "runs"
 DEAD = PREFIX + "dead"
 RETRY = PREFIX + "retry"

@@ -25,19 +25,24 @@ import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 import pyarrow as pa
 
+from refresher._lazy import LazyModule
 from refresher.calendar import ExchangeCalendar, is_session_day, is_trading_minute
 from refresher.errors import SourceError
 from refresher.profile import BadRowPolicy
 from refresher.schema import SCHEMA_OF
 from refresher.segments import Segment
 from refresher.sources.base import SourceReport
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")  # imported at the first computation: a no-op refresh validates nothing
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

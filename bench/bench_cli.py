@@ -1,0 +1,85 @@
+"""The CLI's wall time where a developer feels it: `market status` and a no-op `refresh` (issue 13).
+
+Each command runs in a fresh interpreter, five times; the row is the median. Two baselines measured in the same
+run: the interpreter alone (``python -c pass``, the floor no command can beat) and the eager imports every
+command paid before the CLI imported only what it uses (pandas, pyarrow, DuckDB, psycopg and the refresh
+pipeline): the floor the old CLI could not go below, before doing any work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RUNS = 5
+AS_OF = dt.date(2025, 10, 31)
+EAGER = "import pandas, pyarrow, duckdb, psycopg, refresher.refresh, refresher.render, refresher.jobs.cli"
+
+
+def _median_seconds(argv: list[str], env: dict[str, str]) -> float:
+    times = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        subprocess.run(argv, check=True, env=env, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "refresher.cli", *args]
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    work = Path(tempfile.mkdtemp(prefix="refresher-bench-cli-", dir="/tmp"))
+    work.chmod(0o755)  # the embedded server runs as another user when we are root
+    env = {
+        **os.environ,
+        "REFRESHER_STATE_DIR": str(work / "state"),
+        "FEATURE_STORE_PATH": str(work / "store"),
+        "XDG_CACHE_HOME": str(work / "cache"),
+    }
+    floor = _median_seconds([sys.executable, "-c", "pass"], env)
+    eager = _median_seconds([sys.executable, "-c", EAGER], env)
+    rows: list[dict[str, Any]] = []
+
+    market = _cli("market", "status", "--exchange", "XNYS")
+    subprocess.run(market, check=True, env=env, capture_output=True)  # compiles the calendar cache once
+    ours = _median_seconds(market, env)
+    rows.append(
+        {
+            "benchmark": f"market status (CLI wall time, median of {RUNS})",
+            "ours": ours,
+            "baseline": eager,
+            "unit": "s",
+            "ratio": eager / ours,
+            "note": f"goal <= 0.2 s; baseline: the old eager imports alone; interpreter alone {floor:.3f} s",
+        }
+    )
+
+    profile = "ui_testing"
+    refresh = _cli(
+        "refresh", "--profile", profile, "--engine", "local", "--json", "--as-of", AS_OF.isoformat()
+    )
+    try:
+        subprocess.run(refresh, check=True, env=env, capture_output=True)  # cold: loads everything
+        ours = _median_seconds(refresh, env)
+        rows.append(
+            {
+                "benchmark": f"no-op refresh, {profile} (CLI wall time, median of {RUNS})",
+                "ours": ours,
+                "baseline": eager,
+                "unit": "s",
+                "ratio": eager / ours,
+                "note": f"goal <= 0.3 s; baseline: the old eager imports alone; interpreter alone {floor:.3f} s",
+            }
+        )
+    finally:
+        subprocess.run(_cli("down", "--profile", profile, "--engine", "local"), env=env, capture_output=True)
+    return rows

@@ -1,0 +1,123 @@
+"""The import budget of the quick commands (issue 13): which modules each command imports, read from
+``python -X importtime``, never how long it took.
+
+pandas, pyarrow, DuckDB and exchange_calendars cost about a second of imports on this machine; `market status`,
+`status`, `url`, `reset` and `profiles` use none of them, and a no-op refresh uses only pyarrow and DuckDB (the
+store's manifest). Each command runs in a fresh interpreter against a real local server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_refresh_e2e import Workspace
+
+HEAVY = frozenset({"pandas", "pyarrow", "duckdb", "exchange_calendars"})
+
+
+def imported_by(
+    args: list[str], env: dict[str, str]
+) -> tuple[frozenset[str], subprocess.CompletedProcess[str]]:
+    """The top-level packages ``refresher ARGS`` imported, per ``-X importtime``, and the finished process."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "refresher.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # "import time: <self us> | <cumulative us> | <indent><dotted name>"
+    names = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+    assert names, "no -X importtime output: the parse below would pass vacuously"
+    return frozenset(names), done
+
+
+@pytest.fixture(scope="module")
+def checkout() -> Iterator[Workspace]:
+    """A profile refreshed once on the local engine, through the CLI; the calendar cache is warm after it."""
+    ws = Workspace(world_traversable_tmp("refresher-imports-"), "local", f"imp_{uuid.uuid4().hex[:8]}")
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    try:
+        ws.refresh()
+        yield ws
+    finally:
+        ws.down()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["url", "--profile", "{profile}"],
+        ["reset", "--profile", "{profile}"],
+        ["profiles"],
+        ["market", "status", "--exchange", "XNYS"],
+    ],
+    ids=lambda c: " ".join(c[:2]),
+)
+def test_quick_commands_import_no_data_library(checkout: Workspace, command: list[str]) -> None:
+    args = [part.format(profile=checkout.profile) for part in command]
+    names, done = imported_by([*args, "--json"], checkout.env)
+    assert json.loads(done.stdout)  # it answered, from what it imported
+    assert names & HEAVY == set()
+    assert "refresher" in names  # the parse saw our own modules: a broken parse cannot pass
+
+
+def test_a_noop_refresh_imports_the_store_but_not_pandas(checkout: Workspace) -> None:
+    names, done = imported_by(
+        ["refresh", "--profile", checkout.profile, "--engine", "local", "--json"], checkout.env
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["segments"]["loaded"] == 0 and report["features"]["computed"] == 0
+    # The manifest (DuckDB, Arrow) answers "is it all there?"; nothing is computed, so no pandas.
+    assert names & HEAVY == {"pyarrow", "duckdb"}
+
+
+def test_market_status_from_the_cache_agrees_with_exchange_calendars(checkout: Workspace) -> None:
+    import exchange_calendars as xcals
+
+    instants = [
+        "2024-11-26T15:00:00+00:00",  # New York, open
+        "2024-11-28T17:00:00+00:00",  # Thanksgiving
+        "2024-11-29T18:30:00+00:00",  # after the early close
+        "2024-11-30T12:00:00+00:00",  # Saturday
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = xcals.get_calendar("XNYS", start="2024-01-01", end="2025-12-31")
+        for at in instants:
+            names, done = imported_by(["market", "status", "-x", "XNYS", "--at", at, "--json"], checkout.env)
+            assert names & HEAVY == set()
+            state = json.loads(done.stdout)
+            minute = dt.datetime.fromisoformat(at)
+            assert state["is_open"] == bool(cal.is_open_on_minute(minute)), at
+            assert dt.datetime.fromisoformat(state["next_open"]) == cal.next_open(minute).to_pydatetime(), at
+            assert dt.datetime.fromisoformat(state["next_close"]) == cal.next_close(minute).to_pydatetime(), (
+                at
+            )
+
+
+def test_market_status_with_a_cold_cache_builds_it_then_needs_no_pandas(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    at = ["--at", "2025-07-03T16:59:00-04:00", "--json"]
+    cold, first = imported_by(["market", "status", "-x", "XTKS", *at], env)
+    assert "exchange_calendars" in cold  # the first answer compiles the calendar
+    warm, second = imported_by(["market", "status", "-x", "XTKS", *at], env)
+    assert warm & HEAVY == set()
+    assert json.loads(second.stdout) == json.loads(first.stdout)
