@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,4 +83,5 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         )
     finally:
         subprocess.run(_cli("down", "--profile", profile, "--engine", "local"), env=env, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
     return rows
