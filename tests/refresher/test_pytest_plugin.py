@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -569,3 +571,30 @@ def test_alternating(refresher_db, refresher_postgres, i):
     databases = read_records(dbs)
     assert len({d["db"] for d in databases}) == 100  # a private database each
     assert_server_gone(records[0])
+
+
+@pytest.mark.slow
+def test_two_reuse_runs_at_once_share_one_kept_server(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    out = pytester.path / "probe.jsonl"
+    write_project(pytester, REUSE_PROBE.replace("OUT_PATH", repr(str(out))))
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        *plugin_env.args("local"),
+        "--refresher-reuse",
+    ]
+    runs = [pytester.popen(args, stdin=subprocess.DEVNULL) for _ in range(2)]
+    for proc in runs:
+        stdout, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert proc.returncode == 0, stdout.decode()[-3000:]
+    first, second = read_records(out)
+    pristine = [TINY_EXPECTED.symbols, TINY_EXPECTED.minute, TINY_EXPECTED.daily]
+    assert first["counts"] == second["counts"] == pristine
+    assert (first["started"], first["port"]) == (second["started"], second["port"])  # built once
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=1)  # a plain run stops the kept server
+    assert_server_gone(first)
