@@ -480,17 +480,24 @@ def test_probe(refresher_postgres, refresher_db, refresher_tx):
     with open(OUT_PATH, "a") as f:
         f.write(json.dumps(row) + "\\n")
 """
+# What REUSE_PROBE counts in a pristine database: symbols, ohlcv_1min, ohlcv_daily.
+PROBE_PRISTINE = [TINY_EXPECTED.symbols, TINY_EXPECTED.minute, TINY_EXPECTED.daily]
+
+
+def write_reuse_probe(pytester: pytest.Pytester) -> Path:
+    """A project whose one test records the server's start time and what it sees; returns the JSON-lines file."""
+    out = pytester.path / "probe.jsonl"
+    write_project(pytester, REUSE_PROBE.replace("OUT_PATH", repr(str(out))))
+    return out
 
 
 @pytest.mark.slow
 def test_reuse_keeps_the_loaded_server_for_the_next_run(
     pytester: pytest.Pytester, plugin_env: PluginEnv
 ) -> None:
-    out = pytester.path / "probe.jsonl"
-    write_project(pytester, REUSE_PROBE.replace("OUT_PATH", repr(str(out))))
+    out = write_reuse_probe(pytester)
     args = plugin_env.args("local")
-    e = TINY_EXPECTED
-    pristine = [e.symbols, e.minute, e.daily]
+    pristine = PROBE_PRISTINE
 
     run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
     run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
@@ -577,8 +584,7 @@ def test_alternating(refresher_db, refresher_postgres, i):
 def test_two_reuse_runs_at_once_share_one_kept_server(
     pytester: pytest.Pytester, plugin_env: PluginEnv
 ) -> None:
-    out = pytester.path / "probe.jsonl"
-    write_project(pytester, REUSE_PROBE.replace("OUT_PATH", repr(str(out))))
+    out = write_reuse_probe(pytester)
     args = [
         sys.executable,
         "-m",
@@ -593,8 +599,7 @@ def test_two_reuse_runs_at_once_share_one_kept_server(
         stdout, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
         assert proc.returncode == 0, stdout.decode()[-3000:]
     first, second = read_records(out)
-    pristine = [TINY_EXPECTED.symbols, TINY_EXPECTED.minute, TINY_EXPECTED.daily]
-    assert first["counts"] == second["counts"] == pristine
+    assert first["counts"] == second["counts"] == PROBE_PRISTINE
     assert (first["started"], first["port"]) == (second["started"], second["port"])  # built once
     run(pytester, *plugin_env.args("local")).assert_outcomes(passed=1)  # a plain run stops the kept server
     assert_server_gone(first)
