@@ -186,6 +186,115 @@ def _throughput(url: str, work: Path, profile_name: str) -> list[dict[str, Any]]
     return rows
 
 
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident set so far (VmHWM), in MB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _scale_profiles(work: Path, symbols: int) -> Path:
+    """Two profiles over one synthetic universe: 5 years of daily bars, and its last month of minute bars."""
+    folder = work / f"profiles-{symbols}"
+    folder.mkdir()
+    names = ", ".join(f"Z{i:04d}" for i in range(symbols))
+    for name, months, timeframe in (("scale_daily", 60, "1d"), ("scale_minute", 1, "1m")):
+        (folder / f"{name}.yaml").write_text(
+            f"universe:\n  symbols: [{names}]\nmonths: {months}\ntimeframes: [{timeframe}]\nfeatures: []\n"
+        )
+    return folder
+
+
+def _scale_run(url: str, work: Path, symbols: int, workers: int = 2) -> dict[str, Any]:
+    """Submit the two scale profiles into one target database, drain with ``workers`` processes, and record
+    rows, seconds and each worker's peak RSS (sampled from /proc while it runs)."""
+    profiles = _scale_profiles(work, symbols)
+    state, store = work / f"state-scale-{symbols}", work / f"store-scale-{symbols}"
+    env = {
+        **os.environ,
+        "REFRESHER_STATE_DIR": str(state),
+        "FEATURE_STORE_PATH": str(store),
+        "REFRESHER_PROFILES": str(profiles),
+    }
+    engine = LocalEngine(state)
+    info = engine.start("scale")
+    target = info.dsn()
+    # Jobs carry the target without its password; workers take it from libpq's environment (docs/jobs.md).
+    env["PGPASSWORD"] = info.password
+    cli = [sys.executable, "-m", "refresher.cli"]
+    common = ["--engine", "local", "--queue", url]
+    try:
+        began = time.perf_counter()
+        run_ids = []
+        as_of = ["--as-of", AS_OF.isoformat()]
+        for name in ("scale_daily", "scale_minute"):
+            out = subprocess.run(
+                [*cli, "jobs", "submit", "--profile", name, "--target", target, "--json", *common, *as_of],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            run_ids.append(json.loads(out.stdout)["run_id"])
+        procs = [
+            subprocess.Popen(
+                [*cli, "worker", "--burst", "--name", f"scale{i}", *common],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(workers)
+        ]
+        peaks = [0.0] * workers
+        while any(proc.poll() is None for proc in procs):
+            for i, proc in enumerate(procs):
+                peaks[i] = max(peaks[i], _peak_rss_mb(proc.pid) or 0.0)
+            time.sleep(0.2)
+        seconds = time.perf_counter() - began
+        client = connect(url)
+        statuses = [run_status(client, run_id) for run_id in run_ids]
+        if any(proc.returncode != 0 for proc in procs) or any(s.done != s.total for s in statuses):
+            raise RuntimeError(f"scale run with {symbols} symbols did not complete: {statuses}")
+        return {
+            "symbols": symbols,
+            "jobs": sum(s.total for s in statuses),
+            "rows": sum(s.rows_loaded for s in statuses),
+            "seconds": seconds,
+            "peak_mb": max(peaks),
+        }
+    finally:
+        engine.stop("scale")
+
+
+def _scale_rows(url: str, work: Path, quick: bool) -> list[dict[str, Any]]:
+    """The run grows 4x in symbols; a worker's peak RSS should not (jobs are streamed, never held whole)."""
+    # The issue's size is 500 symbols (about 30,500 jobs); BENCH_SCALE_SYMBOLS=small,large changes it.
+    default = "10,40" if quick else "125,500"
+    small, large = (int(n) for n in os.environ.get("BENCH_SCALE_SYMBOLS", default).split(","))
+    runs = [_scale_run(url, work, n) for n in (small, large)]
+    big = runs[-1]
+    return [
+        {
+            "benchmark": f"scale run through the queue, {big['symbols']} symbols x 5 y daily + 1 month of minutes",
+            "ours": big["rows"] / big["seconds"],
+            "unit": "rows/s",
+            "note": f"{big['rows']:,} rows, {big['jobs']:,} jobs in {big['seconds']:.0f} s, 2 worker processes",
+        },
+        {
+            "benchmark": f"scale run: peak RSS per worker, {big['symbols']} vs {runs[0]['symbols']} symbols",
+            "ours": big["peak_mb"],
+            "baseline": runs[0]["peak_mb"],
+            "unit": "MB",
+            "ratio": runs[0]["peak_mb"] / big["peak_mb"],
+            "note": f"goal: flat as the run grows 4x (ratio near 1); {runs[0]['jobs']:,} vs {big['jobs']:,} jobs",
+        },
+    ]
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="refresher-bench-jobs-", dir="/tmp"))
     work.chmod(0o755)
@@ -194,6 +303,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         rows = _submit_rows(url)
         redis.Redis.from_url(url).flushall()
         rows += _throughput(url, work, "ui_testing" if quick else "backtesting")
+        redis.Redis.from_url(url).flushall()
+        rows += _scale_rows(url, work, quick)
         return rows
     finally:
         proc.terminate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -294,16 +295,24 @@ class Worker:
         transient = is_transient(exc)
         limit = self.options.max_attempts if transient else self.options.poison_attempts
         text = " ".join(str(exc).split()) or type(exc).__name__
+        kind = "transient" if transient else "permanent"
         if attempt >= limit:
-            kind = "transient" if transient else "permanent"
             queue.dead_letter(delivery, f"{kind}: {text}", attempt)
             self._count(dead=1)
+            self._say(f"{delivery.job['seg']}: dead-lettered after {attempt} attempt(s): {kind}: {text}")
         else:
             wait = backoff_seconds(
                 attempt, base=self.options.backoff_base, cap=self.options.backoff_cap, rng=self._rng
             )
             queue.retry_later(delivery, self.clock() + wait)
             self._count(retried=1)
+            self._say(
+                f"{delivery.job['seg']}: attempt {attempt} failed ({kind}), retry in {wait:.1f} s: {text}"
+            )
+
+    def _say(self, message: str) -> None:
+        """One line on stderr per failed attempt: an operator sees why jobs retry or die without reading Redis."""
+        print(f"refresher worker {self.options.name}: {message}", file=sys.stderr, flush=True)
 
     # -- housekeeping ---------------------------------------------------------------------------------------
 
