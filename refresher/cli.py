@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the next refresh only loads).",
     )
     warm.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
-    for cmd in (refresh, plan):
+    status_cmd = profile_cmd("status", "Show this state dir's servers.", profile_required=False)
+    for cmd in (refresh, plan, status_cmd):
         cmd.add_argument(
             "--on-bad-rows",
             choices=("fail", "skip", "quarantine"),
@@ -115,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="fail at once if another refresh or reset of the profile is running (default: wait)",
         )
-    status_cmd = profile_cmd("status", "Show this state dir's servers.", profile_required=False)
     status_cmd.add_argument(
         "--all-checkouts",
         action="store_true",
@@ -251,10 +251,17 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, restored.to_json(), lambda: render.reset_report(restored))
     elif args.command == "status":
         statuses = commands.status(settings, args.profile, all_checkouts=args.all_checkouts)
+        notes = (
+            commands.left_out(settings, args.profile, on_bad_rows=args.on_bad_rows) if args.profile else ()
+        )
         _emit(
             args,
-            {"state_dir": str(settings.state_dir), "servers": [render.status_json(s) for s in statuses]},
-            lambda: render.status_table(statuses, settings.state_dir),
+            {
+                "state_dir": str(settings.state_dir),
+                "servers": [render.status_json(s) for s in statuses],
+                **({"notes": list(notes)} if args.profile else {}),
+            },
+            lambda: render.status_table(statuses, settings.state_dir, notes),
         )
     elif args.command == "url":
         dsn = commands.url(settings, args.profile)

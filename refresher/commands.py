@@ -154,6 +154,26 @@ def status(settings: Settings, name: str | None = None, *, all_checkouts: bool =
     return [s for s in statuses if name is None or s.profile == name]
 
 
+def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None = None) -> tuple[str, ...]:
+    """What the source left out of the profile's segments, as stored with them (``status --profile P``).
+
+    Read from the store alone: nothing is fetched, no server asked, and a missing store is not created.
+    """
+    from featurestore import FeatureStore
+    from featurestore.manifest import MANIFEST_FILE
+    from refresher.plan import segment_key
+    from refresher.segments import desired_segments
+    from refresher.sources import make_source
+    from refresher.sources.reports import stored_reports
+
+    if not (settings.store_root / MANIFEST_FILE).exists():
+        return ()
+    profile = _profile(settings, name, on_bad_rows=on_bad_rows)
+    with make_source(profile) as source:
+        keys = {s: segment_key(s, source.kind, source.version(s)) for s in desired_segments(profile)}
+    return tuple(str(r) for r in stored_reports(FeatureStore(settings.store_root), keys))
+
+
 def down(settings: Settings, name: str) -> list[str]:
     """Stop and remove ``name``'s server ("all": every server); returns the profiles stopped."""
     stopped: list[str] = []

@@ -165,16 +165,17 @@ def status_json(status: ServerStatus) -> dict[str, Any]:
     }
 
 
-def status_table(statuses: list[ServerStatus], state_dir: Path) -> None:
+def status_table(statuses: list[ServerStatus], state_dir: Path, notes: Sequence[str] = ()) -> None:
     out.print(f"state dir: {state_dir}", highlight=False, soft_wrap=True)
     if not statuses:
         out.print("no servers")
-        return
-    table = Table("profile", "engine", "state", "address", "detail")
-    for s in statuses:
-        address = f"{s.host}:{s.port}" if s.port else ""
-        table.add_row(s.profile, s.engine, "running" if s.running else "stopped", address, s.detail)
-    out.print(table)
+    else:
+        table = Table("profile", "engine", "state", "address", "detail")
+        for s in statuses:
+            address = f"{s.host}:{s.port}" if s.port else ""
+            table.add_row(s.profile, s.engine, "running" if s.running else "stopped", address, s.detail)
+        out.print(table)
+    _notes(notes)
 
 
 def down_report(stopped: list[str]) -> None:

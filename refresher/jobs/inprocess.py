@@ -105,8 +105,8 @@ class InProcessExecutor:
             for job, table, content_hash in itertools.chain(
                 fetcher.results(), _from_store(self.store, self.source, in_store)
             ):
-                # a fresh fetch replaces the segment's quarantined rows; a stored table leaves them be
-                rejects = self.source.rejects.pop(job.segment, []) if job.stored_hash is None else None
+                # the rows quarantined when the table was produced (by this run or the one that stored it)
+                rejects = self.source.rejects.pop(job.segment, [])
                 try:
                     totals.add(load_table(self.conn, job, table, content_hash, rejects=rejects), table)
                 except load.ShrinkError as exc:

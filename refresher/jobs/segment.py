@@ -21,7 +21,7 @@ from refresher.errors import LoadError
 from refresher.plan import GapPlan
 from refresher.segments import Segment
 from refresher.sources.base import Source
-from refresher.sources.reports import notes_key, notes_table
+from refresher.sources.reports import notes_key, notes_table, rejects_key, rejects_of, rejects_table
 from refresher.sources.validate import Reject
 
 
@@ -98,7 +98,7 @@ def fetch_tables(
     jobs: Sequence[SegmentJob], source: Source, store: FeatureStore
 ) -> list[tuple[pa.Table, str]]:
     """Produce each job's table from the source and store the batch, with what the source left out of each
-    segment (``refresher.sources.reports``), in one manifest transaction."""
+    segment and the rows it quarantined (``refresher.sources.reports``), in one manifest transaction."""
     tables: list[pa.Table] = []
     notes: list[tuple[str, pa.Table, str | None]] = []
     for job in jobs:
@@ -107,6 +107,10 @@ def fetch_tables(
         left_out = source.reports[before:]
         if left_out:  # stored with the segment, so a run served from the store reports them again
             notes.append((notes_key(job.key), notes_table(left_out), job.segment.symbol))
+        if source.rejects.get(job.segment):  # the loader writes them; a later load from the store, too
+            notes.append(
+                (rejects_key(job.key), rejects_table(source.rejects[job.segment]), job.segment.symbol)
+            )
     items = [(job.key, t, job.segment.symbol) for job, t in zip(jobs, tables, strict=True)]
     entries = store.put_many([*items, *notes])[: len(items)]
     return [(t, e.content_hash) for t, e in zip(tables, entries, strict=True)]
@@ -117,8 +121,10 @@ def stored_tables(
 ) -> list[tuple[SegmentJob, pa.Table, str]]:
     """Read each job's table from the store. A file the read finds missing or corrupt (the store evicts it) is
     produced again from the source and stored, in this run; its job comes back with ``stored_hash=None``, so
-    it counts as fetched."""
+    it counts as fetched. The rows the source quarantined when it produced a table are read with it, into
+    ``source.rejects``, where the loader takes them from as after a fetch."""
     tables = store.get_many([job.key for job in jobs], count=False)  # the plan's lookup counted these
+    quarantined = store.get_many([rejects_key(job.key) for job in jobs if job.key in tables], count=False)
     lost = [
         replace(job, stored_hash=None) for job in jobs if job.key not in tables or job.stored_hash is None
     ]
@@ -130,6 +136,8 @@ def stored_tables(
         if job.key in again:
             out.append((replace(job, stored_hash=None), *again[job.key]))
         else:
+            kept = quarantined.get(rejects_key(job.key))
+            source.rejects[job.segment] = [] if kept is None else rejects_of(job.segment, kept)
             out.append((job, tables[job.key], job.stored_hash or ""))
     return out
 
@@ -149,8 +157,8 @@ def load_table(
     instead of trusting the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at
     once (a reclaimed job whose first worker was only slow), and the second must then be a no-op. The
     in-process refresh made its plan moments ago on the only connection that writes, so it skips the query.
-    ``rejects`` (what the source quarantined when it just produced ``table``) replace the segment's rows in
-    ``refresher_rejects``; None leaves them as they are (a table read back from the store).
+    ``rejects`` (what the source quarantined when it produced ``table``, fetched or read back from the store)
+    replace the segment's rows in ``refresher_rejects``; None leaves them as they are.
     """
     fetched = job.stored_hash is None
     if not check_ledger:
@@ -207,7 +215,7 @@ def load_produced(
     conn: psycopg.Connection[Any], source: Source, job: SegmentJob, table: pa.Table, content_hash: str
 ) -> SegmentOutcome:
     """Load a table ``produce_tables`` made, checking the ledger (a queue may deliver a job twice)."""
-    rejects = source.rejects.pop(job.segment, []) if job.stored_hash is None else None
+    rejects = source.rejects.pop(job.segment, [])
     return load_table(conn, job, table, content_hash, check_ledger=True, rejects=rejects)
 
 

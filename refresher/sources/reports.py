@@ -3,9 +3,12 @@
 When a source produces a segment it may drop rows (outside sessions), reject or quarantine them (validation)
 or find no file. Those ``SourceReport`` rows go into the feature store next to the segment's table, under the
 segment's key plus ``.notes``, in the same manifest transaction. A run served from the cache reads them back,
-so it reports exactly what the run that fetched the data reported, and ``refresher plan`` can show them
-without fetching anything. A segment re-fetched under a new version has a new key, so stale notes never
-outlive the data they describe.
+so it reports exactly what the run that fetched the data reported, and ``refresher plan`` and ``refresher
+status --profile P`` can show them without fetching anything. A segment re-fetched under a new version has a
+new key, so stale notes never outlive the data they describe.
+
+Quarantined rows themselves (``on_bad_rows: quarantine``) go under the key plus ``.rejects``: a segment loaded
+from the store into a new database writes the same ``refresher_rejects`` rows as the run that fetched it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pyarrow as pa
 from featurestore import FeatureStore
 from refresher.segments import Segment
 from refresher.sources.base import SourceReport
+from refresher.sources.validate import Reject
 
 NOTES_SCHEMA = pa.schema(
     [
@@ -81,6 +85,41 @@ def _examples(value: list[str] | str | None) -> tuple[str, ...]:
     return tuple(value or ())
 
 
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("rule", pa.string()),
+        pa.field("column", pa.string()),
+        pa.field("raw", pa.string()),  # the JSON object ``refresher_rejects.raw`` holds
+    ]
+)
+
+
+def rejects_key(segment_key: str) -> str:
+    """The store key of a segment's quarantined rows."""
+    return f"{segment_key}.rejects"
+
+
+def rejects_table(rejects: Sequence[Reject]) -> pa.Table:
+    """Quarantined rows of one segment as an Arrow table of ``REJECTS_SCHEMA``."""
+    return pa.Table.from_pylist(
+        [
+            {"source": r.source, "row": r.row, "rule": r.rule, "column": r.column, "raw": r.raw}
+            for r in rejects
+        ],
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def rejects_of(segment: Segment, table: pa.Table) -> list[Reject]:
+    """The quarantined rows a rejects table holds for ``segment``."""
+    return [
+        Reject(segment, row["source"], row["row"], row["rule"], row["column"], row["raw"])
+        for row in table.to_pylist()
+    ]
+
+
 def stored_reports(store: FeatureStore, keys: Mapping[Segment, str]) -> list[SourceReport]:
     """Every report stored for the segments of ``keys`` (segment -> its store key), in segment order."""
     wanted = {notes_key(key): segment for segment, key in keys.items()}
@@ -100,4 +139,15 @@ def rows_by_reason(reports: Sequence[SourceReport]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-__all__ = ["NOTES_SCHEMA", "notes_key", "notes_table", "reports_of", "rows_by_reason", "stored_reports"]
+__all__ = [
+    "NOTES_SCHEMA",
+    "REJECTS_SCHEMA",
+    "notes_key",
+    "notes_table",
+    "rejects_key",
+    "rejects_of",
+    "rejects_table",
+    "reports_of",
+    "rows_by_reason",
+    "stored_reports",
+]

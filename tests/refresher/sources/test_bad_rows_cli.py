@@ -211,3 +211,27 @@ def test_symbol_missing_from_a_shared_file_is_refused(ws: Workspace) -> None:
     assert report["segments"]["loaded"] == 2
     assert scalar(ws, "SELECT count(*) FROM ohlcv_daily WHERE symbol = 'MSFT'") == 0
     assert json.dumps(report)  # the report is still plain JSON
+
+
+REJECTS = "SELECT json_agg(json_build_array(symbol, month, source, row, rule, raw) ORDER BY row) FROM refresher_rejects"
+
+
+def test_quarantine_served_from_the_store_fills_a_new_database(ws: Workspace) -> None:
+    """A cached run into a database that never saw the fetch writes the same ``refresher_rejects`` rows, and
+    ``status --profile`` shows what was quarantined."""
+    lines, _, _, rule = BAD["negative volume"]
+    write(ws, lines)
+    first = ws.refresh("--on-bad-rows", "quarantine")
+    quarantined = ws.scalar(REJECTS)
+    assert quarantined is not None and len(quarantined) == 1  # type: ignore[arg-type]
+    ws.down()  # the database goes; the store stays
+    again = ws.refresh("--on-bad-rows", "quarantine")
+    assert again["store"]["misses"] == 0 and again["segments"]["loaded"] > 0
+    assert again["notes"] == first["notes"]
+    assert ws.scalar(REJECTS) == quarantined
+    status = ws.run("status", "--profile", ws.profile, "--on-bad-rows", "quarantine", "--json")
+    assert json.loads(status.stdout)["notes"] == first["notes"]
+    human = ws.run("status", "--profile", ws.profile, "--on-bad-rows", "quarantine")
+    assert "quarantined" in human.stderr and rule in human.stderr
+    # under another policy the rows are not the ones loaded: status shows that policy's notes (none stored)
+    assert json.loads(ws.run("status", "--profile", ws.profile, "--json").stdout)["notes"] == []
