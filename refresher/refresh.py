@@ -149,7 +149,7 @@ def plan_refresh(
     return PlanReport(profile.name, engine.name, server is not None, plan, notes)
 
 
-class _DailyTables(Mapping[Segment, pa.Table]):
+class DailyTables(Mapping[Segment, pa.Table]):
     """The daily tables the features step reads: those this run fetched, the others from the store on first
     use, where a file found missing or corrupt is fetched again from the source, as a segment job does."""
 
@@ -219,7 +219,7 @@ def refresh(
         jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
         totals = InProcessExecutor(source, store, conn).run(jobs, progress)
         mark = lap("segments", mark)
-        daily = _DailyTables(totals.daily_tables, plan, store, source)
+        daily = DailyTables(totals.daily_tables, plan, store, source)
         features = refresh_features(conn, profile, store, plan, daily, prune=prune)
         mark = lap("features", mark)
         left_out = stored_reports(store, plan.keys)

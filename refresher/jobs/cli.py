@@ -58,6 +58,7 @@ def _jobs(args: argparse.Namespace, settings: Settings, emit: Callable[..., None
             when_closed=args.when_closed,
             as_of=args.as_of,
             now=args.now,
+            prune=args.prune,
         )
         hold = f", held until {done.held_until}" if done.held_until else ""
         emit(args, done.to_json(), lambda: print(f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold})"))

@@ -42,6 +42,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="hold the jobs until that exchange is closed, e.g. XNYS",
     )
     submit.add_argument("--as-of", type=dt.date.fromisoformat, default=None, help="pin the data window's end")
+    submit.add_argument(
+        "--prune",
+        action="store_true",
+        help="when the run's segments are loaded, delete its stale segments and their feature rows (as refresh)",
+    )
     queue_arg(submit)
     status = jobs_sub.add_parser("status", parents=[common], help="Progress of a run, in milliseconds.")
     status.add_argument("run_id", metavar="RUN_ID")

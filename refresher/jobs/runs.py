@@ -47,6 +47,8 @@ class RunSpec:
     priority: str = "normal"
     when_closed: str | None = None
     held_until: str | None = None
+    # ``--prune``: when the run's segments are loaded, its stale segments and their feature rows go too.
+    prune: bool = False
 
 
 def job_payload(run_id: str, tier: str, job: SegmentJob) -> str:

@@ -54,6 +54,7 @@ def submit_run(
     when_closed: str | None = None,
     as_of: dt.date | None = None,
     now: dt.datetime | None = None,
+    prune: bool = False,
 ) -> Submitted:
     """Plan the profile against the target and enqueue one job per segment to load; returns the run id."""
     if priority not in TIERS:
@@ -91,6 +92,7 @@ def submit_run(
         priority=priority,
         when_closed=when_closed,
         held_until=held[1] if held else None,
+        prune=prune,
     )
     try:
         return submit_jobs(

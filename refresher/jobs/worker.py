@@ -23,11 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import redis
 
 from featurestore import FeatureStore
+from refresher import load, snapshot
 from refresher.engines import select_engine
-from refresher.features import refresh_features
+from refresher.engines.base import ServerInfo
+from refresher.errors import ProfileBusy
+from refresher.features import FeatureCounts, refresh_features
+from refresher.jobs.inprocess import STORE_BATCH
 from refresher.jobs.queue import (
     FEATURES_DUE,
     RETRY,
@@ -43,13 +48,15 @@ from refresher.jobs.retry import backoff_seconds, is_transient
 from refresher.jobs.segment import (
     SegmentJob,
     SegmentOutcome,
+    fetch_tables,
     load_produced,
     produce_tables,
     run_segment_job,
 )
 from refresher.plan import segment_key
 from refresher.profile import Profile, load_profile
-from refresher.refresh import compute_plan
+from refresher.profile_lock import hold_profile
+from refresher.refresh import DailyTables, compute_plan, exchange_timezones
 from refresher.segments import Segment
 from refresher.settings import Settings
 from refresher.sources import make_source
@@ -105,6 +112,7 @@ class _RunContext:
         as_of = dt.date.fromisoformat(spec["as_of"])
         # The submitter's file when this machine has it, else the profile of that name here.
         name = str(path) if path.is_file() else spec["profile"]
+        self.spec = spec
         self.profile: Profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
         self.store = FeatureStore(settings.store_root)
         self.source: Source = make_source(self.profile)
@@ -117,15 +125,53 @@ class _RunContext:
             self.source.close()
 
 
-def _credentials(settings: Settings, spec: dict[str, Any]) -> str:
-    """The target with a password from this machine: the profile's state dir when this machine serves it,
-    else libpq's own sources (PGPASSWORD, .pgpass, service files) apply to the DSN as given."""
+def _own_server(settings: Settings, spec: dict[str, Any]) -> ServerInfo | None:
+    """The run's target when it is the profile's own server and this machine serves it, else None."""
     if spec["own_server"]:
         with suppress(Exception):
             server = select_engine(settings.engine, settings, spec["profile"]).info(spec["profile"])
             if server is not None and server.dsn(with_password=False) == spec["target"]:
-                return server.dsn()
-    return str(spec["target"])
+                return server
+    return None
+
+
+def _credentials(settings: Settings, spec: dict[str, Any]) -> str:
+    """The target with a password from this machine: the profile's state dir when this machine serves it,
+    else libpq's own sources (PGPASSWORD, .pgpass, service files) apply to the DSN as given."""
+    server = _own_server(settings, spec)
+    return server.dsn() if server is not None else str(spec["target"])
+
+
+def run_features(
+    conn: psycopg.Connection[Any],
+    profile: Profile,
+    store: FeatureStore,
+    source: Source,
+    *,
+    prune: bool = False,
+) -> FeatureCounts:
+    """The end of a queue run, as ``refresh`` ends: with ``prune`` the stale segments go, then the features.
+
+    Features read their input segments from this worker's store, which may lack some: a worker on another
+    machine with its own store loaded them, or a file was found missing. Those are produced from the source
+    here and stored, so the features step never asks the store for a key it does not hold.
+    """
+    plan = compute_plan(profile, source, store, conn)
+    tz_of = exchange_timezones(profile)
+    if prune:
+        for segment in plan.stale:
+            load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
+    read = {use.spec.timeframe for use in profile.features}
+    jobs = [SegmentJob(s, plan.keys[s], tz_of[s.symbol]) for s in plan.to_fetch if s.timeframe in read]
+    fetched: dict[Segment, pa.Table] = {}
+    for start in range(0, len(jobs), STORE_BATCH):
+        batch = jobs[start : start + STORE_BATCH]
+        for job, (table, _hash) in zip(batch, fetch_tables(batch, source, store), strict=True):
+            source.rejects.pop(job.segment, None)  # not loaded here: the segment job loaded it
+            if job.segment.timeframe == "1d":
+                fetched[job.segment] = table
+    daily = DailyTables(fetched, plan, store, source)
+    return refresh_features(conn, profile, store, plan, daily, prune=prune)
 
 
 class Worker:
@@ -331,15 +377,40 @@ class Worker:
             return
         try:
             ctx = self._context(queue, contexts, run)
-            plan = compute_plan(ctx.profile, ctx.source, ctx.store, ctx.conn)
-            counts = refresh_features(ctx.conn, ctx.profile, ctx.store, plan)
+            prune = bool(ctx.spec.get("prune"))
+            counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune)
+            saved = self._snapshot(contexts, run)
             pipe = queue.client.pipeline(transaction=True)
-            pipe.hset(run_key(run), mapping={"features": json.dumps(vars(counts)), "state": "complete"})
+            pipe.hset(
+                run_key(run),
+                mapping={"features": json.dumps(vars(counts)), "snapshot": saved, "state": "complete"},
+            )
             pipe.srem(FEATURES_DUE, run)
             pipe.execute()
             self._count(features=1)
         finally:
             queue.client.delete(lock)
+
+    def _snapshot(self, contexts: dict[str, _RunContext], run: str) -> str:
+        """Save the pristine snapshot ``refresher reset`` restores, as a refresh does, when the run loaded the
+        profile's own server and this machine serves it (another machine cannot: ``refresh`` saves it there).
+
+        Not while a refresh or reset of the profile runs (it saves or restores one itself): never waits."""
+        spec = contexts[run].spec
+        server = _own_server(self.settings, spec)
+        if server is None:
+            return "not this machine's server"
+        # A template copy terminates every session on the database: close ours first, reconnect later.
+        contexts.pop(run).close()
+        try:
+            with hold_profile(self.settings.state_dir, spec["profile"], wait=False):
+                if snapshot.is_current(server):
+                    return "unchanged"
+                snapshot.save_pristine(server, fill_pool=False)
+                snapshot.spawn_refill(server)
+                return "saved"
+        except ProfileBusy:
+            return "skipped: a refresh or reset of the profile is running"
 
     def _count(self, **deltas: int) -> None:
         with self.report.lock:
