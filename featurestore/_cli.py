@@ -18,8 +18,8 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # Our type checkers already name the option and value; drop argparse's "argument --x: " in front.
         message = re.sub(r"^argument [^:]+: (?=--)", "", message)
-        message = re.sub(r"^argument COMMAND: invalid choice: '([^']*)' \(choose from (.*)\)$",
-                         r"command='\1': unknown (known: \2)", message)  # fmt: skip
+        unknown_command = r"^argument COMMAND: invalid choice: '([^']*)' \(choose from (.*)\)$"
+        message = re.sub(unknown_command, r"command='\1': unknown (known: \2)", message)
         self.exit(2, f"{self.prog}: {message}\n")
 
 

@@ -14,9 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from refresher.calendar import MarketStatus
+    from refresher.commands import ProfileListing
     from refresher.engines.base import ServerStatus
     from refresher.profile import Profile
-    from refresher.refresh import ProgressCallback
+    from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
+    from refresher.snapshot import RestoreReport
+    from refresher.warm import WarmReport
 
 out = Console()
 err = Console(stderr=True)
@@ -48,7 +54,7 @@ def _bar() -> Iterator[ProgressCallback]:
         console=err,
         transient=True,
     ) as bar:
-        tasks: dict[str, Any] = {}
+        tasks: dict[str, TaskID] = {}
 
         def update(phase: str, done: int, total: int, rows: int = 0) -> None:
             if phase not in tasks:
@@ -85,7 +91,7 @@ class ProgressLines:
         )
 
 
-def refresh_report(report: Any, *, url_hint: str) -> None:
+def refresh_report(report: RefreshReport, *, url_hint: str) -> None:
     seg = report.segments
     table = Table(title=f"refresher: {report.profile} on {report.engine}", show_header=False, box=None)
     table.add_row(
@@ -113,7 +119,7 @@ def refresh_report(report: Any, *, url_hint: str) -> None:
     out.print(f"with password: [bold]{escape(url_hint)}[/bold]", soft_wrap=True)
 
 
-def warm_report(report: Any) -> None:
+def warm_report(report: WarmReport) -> None:
     out.print(
         f"warmed [bold]{report.profile}[/bold]: {report.segments} segments ({report.fetched} fetched), "
         f"{report.features} (feature, symbol) pairs ({report.computed} computed) in {report.seconds:.2f} s; "
@@ -121,7 +127,7 @@ def warm_report(report: Any) -> None:
     )
 
 
-def plan_report(plan: Any) -> None:
+def plan_report(plan: PlanReport) -> None:
     summary = plan.plan.summary()
     where = "running server" if plan.server_running else "no server yet"
     out.print(f"plan for [bold]{plan.profile}[/bold] ({plan.engine}, {where}):")
@@ -150,7 +156,7 @@ def _notes(notes: Sequence[str], shown: int = 20) -> None:
         err.print(f"[yellow]... and {len(notes) - shown} more (see --json)[/yellow]")
 
 
-def reset_report(report: Any) -> None:
+def reset_report(report: RestoreReport) -> None:
     out.print(f"reset in {report.seconds * 1000:.0f} ms ({report.method})")
 
 
@@ -197,14 +203,14 @@ def profile_json(profile: Profile) -> dict[str, Any]:
     }
 
 
-def profiles_json(listing: Any) -> dict[str, Any]:
+def profiles_json(listing: ProfileListing) -> dict[str, Any]:
     return {
         "profiles": [profile_json(p) for p in listing.profiles],
         "invalid": [{"path": e.file, "error": e.message} for e in listing.invalid],
     }
 
 
-def profiles_table(listing: Any) -> None:
+def profiles_table(listing: ProfileListing) -> None:
     table = Table("profile", "symbols", "range", "timeframes", "features", "reset target")
     # Names are what the user types next: never truncate or wrap them, however narrow the terminal.
     table.columns[0].no_wrap = True
@@ -223,7 +229,7 @@ def profiles_table(listing: Any) -> None:
         out.print(f"[red]invalid:[/red] {escape(error.message)}", soft_wrap=True)
 
 
-def market_status(state: Any) -> None:
+def market_status(state: MarketStatus) -> None:
     payload = state.to_json()
     table = Table(show_header=False, box=None)
     for key, value in payload.items():

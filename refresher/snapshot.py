@@ -79,8 +79,13 @@ class SnapshotInfo:
     ledger: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"database": self.database, "pristine": self.pristine, "pool": list(self.pool),
-                "seconds": round(self.seconds, 6), "ledger": self.ledger}  # fmt: skip
+        return {
+            "database": self.database,
+            "pristine": self.pristine,
+            "pool": list(self.pool),
+            "seconds": round(self.seconds, 6),
+            "ledger": self.ledger,
+        }
 
 
 @dataclass(frozen=True)
@@ -317,8 +322,8 @@ def has_pristine(server: ServerInfo) -> bool:
 def pool_status(server: ServerInfo) -> PoolStatus:
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         mark = _pristine_mark(conn, server.dbname)
-        return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)),
-                          mark.pool_size if mark else DEFAULT_POOL_SIZE)  # fmt: skip
+        size = mark.pool_size if mark else DEFAULT_POOL_SIZE
+        return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)), size)
 
 
 def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
