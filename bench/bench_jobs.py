@@ -58,6 +58,22 @@ def _redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("redis-server did not start")
 
 
+def _burst_workers(
+    n: int, prefix: str, common: list[str], env: dict[str, str]
+) -> list[subprocess.Popen[bytes]]:
+    """``n`` worker processes that drain the queue and exit."""
+    cli = [sys.executable, "-m", "refresher.cli", "worker", "--burst"]
+    return [
+        subprocess.Popen(
+            [*cli, "--name", f"{prefix}{i}", *common],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(n)
+    ]
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -158,15 +174,7 @@ def _throughput(url: str, work: Path, profile_name: str) -> list[dict[str, Any]]
             text=True,
         )
         run_id = json.loads(submitted.stdout)["run_id"]
-        procs = [
-            subprocess.Popen(
-                [*cli, "worker", "--burst", "--name", f"bench{i}", *common],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for i in range(workers)
-        ]
+        procs = _burst_workers(workers, "bench", common, env)
         for proc in procs:
             proc.wait()
         seconds = time.perf_counter() - began
@@ -240,15 +248,7 @@ def _scale_run(url: str, work: Path, symbols: int, workers: int = 2) -> dict[str
                 text=True,
             )
             run_ids.append(json.loads(out.stdout)["run_id"])
-        procs = [
-            subprocess.Popen(
-                [*cli, "worker", "--burst", "--name", f"scale{i}", *common],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for i in range(workers)
-        ]
+        procs = _burst_workers(workers, "scale", common, env)
         peaks = [0.0] * workers
         while any(proc.poll() is None for proc in procs):
             for i, proc in enumerate(procs):
