@@ -370,26 +370,31 @@ class Worker:
             self._features(queue, contexts, text(member))
 
     def _features(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
-        """Compute a run's features once all its segments are loaded; one worker does it (a lock that
-        expires, so a worker dying here hands the task to the next sweep)."""
-        lock = run_key(run, "features-lock")
-        if not queue.client.set(lock, self.options.name, nx=True, ex=600):
+        """Compute a run's features once all its segments are loaded; one worker does it, under a lock that
+        lives one visibility timeout and is renewed while the work goes on: a worker killed here hands the
+        task to the next sweep of another within that timeout, a slow live one keeps it."""
+        ttl = max(self.options.visibility_timeout, 1.0)
+        lock = queue.client.lock(
+            run_key(run, "features-lock"), timeout=ttl, blocking=False, thread_local=False
+        )
+        if not lock.acquire():
             return
-        try:
-            ctx = self._context(queue, contexts, run)
-            prune = bool(ctx.spec.get("prune"))
-            counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune)
-            saved = self._snapshot(contexts, run)
-            pipe = queue.client.pipeline(transaction=True)
-            pipe.hset(
-                run_key(run),
-                mapping={"features": json.dumps(vars(counts)), "snapshot": saved, "state": "complete"},
-            )
-            pipe.srem(FEATURES_DUE, run)
-            pipe.execute()
-            self._count(features=1)
-        finally:
-            queue.client.delete(lock)
+        with _Renew(lock, every=ttl / 3):
+            self._features_locked(queue, contexts, run)
+
+    def _features_locked(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
+        ctx = self._context(queue, contexts, run)
+        prune = bool(ctx.spec.get("prune"))
+        counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune)
+        saved = self._snapshot(contexts, run)
+        pipe = queue.client.pipeline(transaction=True)
+        pipe.hset(
+            run_key(run),
+            mapping={"features": json.dumps(vars(counts)), "snapshot": saved, "state": "complete"},
+        )
+        pipe.srem(FEATURES_DUE, run)
+        pipe.execute()
+        self._count(features=1)
 
     def _snapshot(self, contexts: dict[str, _RunContext], run: str) -> str:
         """Save the pristine snapshot ``refresher reset`` restores, as a refresh does, when the run loaded the
@@ -416,6 +421,30 @@ class Worker:
         with self.report.lock:
             for name, delta in deltas.items():
                 setattr(self.report, name, getattr(self.report, name) + delta)
+
+
+class _Renew:
+    """Keeps a redis-py lock alive while a block runs, and releases it after (only if still ours)."""
+
+    def __init__(self, lock: redis.lock.Lock, every: float) -> None:
+        self.lock, self.every = lock, max(every, 0.05)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+
+    def __enter__(self) -> _Renew:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        with suppress(redis.RedisError, redis.exceptions.LockError):
+            self.lock.release()
+
+    def _renew(self) -> None:
+        while not self._done.wait(self.every):
+            with suppress(redis.RedisError, redis.exceptions.LockError):
+                self.lock.reacquire()
 
 
 class _Heartbeat:

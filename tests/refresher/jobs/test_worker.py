@@ -237,7 +237,9 @@ def test_a_poison_job_is_dead_lettered_the_others_complete_and_retry_dead_finish
     assert entry[b"attempts"] == b"3" and b"permanent" in entry[b"error"] and b"close" in entry[b"error"]
     assert "KO/1d/2024-10" not in ledger(ws)
     said = [line for line in worker_log(ws, "w1").splitlines() if "KO/1d/2024-10" in line]
-    assert len(said) == 3 and "dead-lettered after 3 attempt(s): permanent" in said[-1]  # one line per attempt
+    assert (
+        len(said) == 3 and "dead-lettered after 3 attempt(s): permanent" in said[-1]
+    )  # one line per attempt
 
     (data / "KO.csv").write_text(daily_csv("KO"))  # the source is fixed
     requeued = json.loads(ws.run("jobs", "retry-dead", run["run_id"], "--queue", url, "--json").stdout)
