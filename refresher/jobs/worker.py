@@ -15,8 +15,8 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -282,7 +282,7 @@ class Worker:
             by_run.setdefault(delivery.job["run"], []).append(delivery)
         every = self.options.visibility_timeout / 3
         for run, group in by_run.items():
-            with _Heartbeat(queue, group, consumer, every):
+            with _Every(partial(queue.extend, group, consumer), every):
                 try:
                     ctx = self._context(queue, contexts, run)
                     produced = produce_tables([self._job(ctx, d) for d in group], ctx.source, ctx.store)
@@ -379,7 +379,7 @@ class Worker:
         )
         if not lock.acquire():
             return
-        with _Renew(lock, every=ttl / 3):
+        with _held(lock, every=ttl / 3):
             self._features_locked(queue, contexts, run)
 
     def _features_locked(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
@@ -423,50 +423,38 @@ class Worker:
                 setattr(self.report, name, getattr(self.report, name) + delta)
 
 
-class _Renew:
-    """Keeps a redis-py lock alive while a block runs, and releases it after (only if still ours)."""
+class _Every:
+    """Calls ``beat`` every ``every`` seconds on a thread while a block runs (Redis errors are left to the next
+    beat): extends a job's claim so a long job is not reclaimed from a live worker, or renews a lock."""
 
-    def __init__(self, lock: redis.lock.Lock, every: float) -> None:
-        self.lock, self.every = lock, max(every, 0.05)
+    def __init__(self, beat: Callable[[], object], every: float) -> None:
+        self.beat, self.every = beat, max(every, 0.05)
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _Renew:
+    def __enter__(self) -> _Every:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join(timeout=5)
-        with suppress(redis.RedisError, redis.exceptions.LockError):
-            self.lock.release()
 
-    def _renew(self) -> None:
+    def _run(self) -> None:
         while not self._done.wait(self.every):
             with suppress(redis.RedisError, redis.exceptions.LockError):
-                self.lock.reacquire()
+                self.beat()
 
 
-class _Heartbeat:
-    """Extends a job's claim while it runs, so a long job is not reclaimed from a live worker."""
-
-    def __init__(self, queue: JobQueue, deliveries: list[Delivery], consumer: str, every: float) -> None:
-        self.queue, self.deliveries, self.consumer, self.every = queue, deliveries, consumer, max(every, 0.05)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.every):
-            with suppress(redis.RedisError):
-                self.queue.extend(self.deliveries, self.consumer)
+@contextmanager
+def _held(lock: redis.lock.Lock, every: float) -> Iterator[None]:
+    """Keeps an acquired redis-py lock alive while a block runs, and releases it after (only if still ours)."""
+    try:
+        with _Every(lock.reacquire, every):
+            yield
+    finally:
+        with suppress(redis.RedisError, redis.exceptions.LockError):
+            lock.release()
 
 
 __all__ = ["Worker", "WorkerOptions", "WorkerReport", "parse_segment"]
