@@ -1,13 +1,13 @@
 """The one segment job: produce a segment's table (store hit, or source then store) and load it once.
 
 Both executors call this module, the in-process one (``refresher.jobs.inprocess``) and the Redis worker, so
-there is one load path. Producing works on batches because the store records a batch in one manifest
-transaction; loading is one transaction per segment (``refresher.load.load_segment``).
+there is one load path (``refresher.load.load_segments``). Producing works on batches because the store records
+a batch in one manifest transaction; the in-process executor loads a batch in one transaction too, the Redis
+worker one segment per transaction (each job is acknowledged on its own).
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -142,35 +142,59 @@ def stored_tables(
     return out
 
 
+def load_tables(
+    conn: psycopg.Connection[Any],
+    produced: Sequence[tuple[SegmentJob, pa.Table, str, Sequence[Reject] | None]],
+    *,
+    allow_shrink: bool = False,
+) -> tuple[list[SegmentOutcome], list[tuple[Segment, int]]]:
+    """Load a batch of produced tables in one transaction (``refresher.load.load_segments``), skipping those
+    the plan saw loaded with exactly that content; the outcomes, and the segments refused as emptied.
+
+    The in-process refresh made its plan moments ago on the only connection that writes (the profile lock
+    keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again.
+    """
+    items: list[load.SegmentLoad] = []
+    jobs: list[SegmentJob] = []
+    outcomes: dict[Segment, SegmentOutcome] = {}
+    for job, table, content_hash, rejects in produced:
+        if job.loaded_hash == content_hash and not job.force:
+            outcomes[job.segment] = SegmentOutcome(
+                job.segment, content_hash, 0, job.stored_hash is None, False
+            )
+            continue
+        jobs.append(job)
+        items.append(load.SegmentLoad(job.segment, table, content_hash, job.tz, rejects, not job.force))
+    batch = load.load_segments(conn, items, allow_shrink=allow_shrink)
+    refused = {segment for segment, _ in batch.emptied}
+    for job, item, rows in zip(jobs, items, batch.rows, strict=True):
+        loaded = job.segment not in refused
+        outcomes[job.segment] = SegmentOutcome(
+            job.segment, item.content_hash, rows, job.stored_hash is None, loaded
+        )
+    return [outcomes[job.segment] for job, *_ in produced], list(batch.emptied)
+
+
 def load_table(
     conn: psycopg.Connection[Any],
     job: SegmentJob,
     table: pa.Table,
     content_hash: str,
     *,
-    check_ledger: bool = False,
     rejects: Sequence[Reject] | None = None,
 ) -> SegmentOutcome:
-    """Load ``table`` unless the database already holds exactly that content; one transaction.
+    """Load one table from a queue: unless the database already holds exactly that content, one transaction.
 
-    ``check_ledger`` reads the ledger row inside the transaction, under an advisory lock on the segment,
-    instead of trusting the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at
-    once (a reclaimed job whose first worker was only slow), and the second must then be a no-op. The
-    in-process refresh made its plan moments ago on the only connection that writes, so it skips the query.
-    ``rejects`` (what the source quarantined when it produced ``table``, fetched or read back from the store)
-    replace the segment's rows in ``refresher_rejects``; None leaves them as they are.
+    The ledger row is read inside the transaction, under an advisory lock on the segment, instead of trusting
+    the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at once (a reclaimed job
+    whose first worker was only slow), and the second must then be a no-op. ``rejects`` (what the source
+    quarantined when it produced ``table``, fetched or read back from the store) replace the segment's rows in
+    ``refresher_rejects``; None leaves them as they are.
     """
     fetched = job.stored_hash is None
-    if not check_ledger:
-        if job.loaded_hash == content_hash and not job.force:
-            return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
-        rows = load.load_segment(
-            conn, job.segment, table, content_hash, tz=job.tz, allow_shrink=job.allow_shrink, rejects=rejects
-        )
-        return SegmentOutcome(job.segment, content_hash, rows, fetched, True)
     try:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(job.segment),))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (load.segment_lock_id(job.segment),))
             row = conn.execute(
                 "SELECT content_hash FROM refresher_segments "
                 "WHERE symbol = %s AND timeframe = %s AND month = %s",
@@ -186,6 +210,7 @@ def load_table(
                 tz=job.tz,
                 allow_shrink=job.allow_shrink,
                 rejects=rejects,
+                may_append=not job.force,
             )
     except psycopg.Error as exc:
         raise LoadError(f"{job.segment}: loading failed: {exc}".rstrip(), segment=str(job.segment)) from exc
@@ -216,7 +241,7 @@ def load_produced(
 ) -> SegmentOutcome:
     """Load a table ``produce_tables`` made, checking the ledger (a queue may deliver a job twice)."""
     rejects = source.rejects.pop(job.segment, [])
-    return load_table(conn, job, table, content_hash, check_ledger=True, rejects=rejects)
+    return load_table(conn, job, table, content_hash, rejects=rejects)
 
 
 def run_segment_job(
@@ -228,15 +253,6 @@ def run_segment_job(
     return load_produced(conn, source, job, table, content_hash)
 
 
-def _lock_id(segment: Segment) -> int:
-    """A stable 63-bit advisory lock id for a segment (crc32 of each part; collisions only serialise)."""
-    parts = (segment.symbol, segment.timeframe, str(segment.month))
-    value = 0
-    for part in parts:
-        value = (value << 21) ^ zlib.crc32(part.encode())
-    return value & 0x7FFF_FFFF_FFFF_FFFF
-
-
 __all__ = [
     "SegmentJob",
     "SegmentOutcome",
@@ -245,6 +261,7 @@ __all__ = [
     "jobs_of_plan",
     "load_produced",
     "load_table",
+    "load_tables",
     "produce_tables",
     "run_segment_job",
     "stored_tables",

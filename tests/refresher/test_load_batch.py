@@ -1,0 +1,186 @@
+"""Many segments per transaction, and appending a segment's new sessions: on a real server, each compared with a
+clean load by per-segment checksums."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+from psycopg import sql
+
+from featurestore.fingerprint import fingerprint_table
+from refresher.database import ensure_schema, read_loaded_segments
+from refresher.engines.base import ServerInfo
+from refresher.errors import LoadError
+from refresher.load import SegmentLoad, load_segments
+from refresher.segments import Segment
+from tests.fixtures_postgres import daily_bars
+
+pytestmark = pytest.mark.postgres
+MONTHS = [dt.date(2024, m, 1) for m in range(1, 7)]
+
+CHECKSUMS = """
+SELECT symbol, to_char(date, 'YYYY-MM'),
+       md5(string_agg(concat_ws(',', date, open, high, low, close, volume), ';' ORDER BY date))
+FROM ohlcv_daily GROUP BY 1, 2
+"""
+
+
+def _item(symbol: str, month: dt.date, days: int = 21, *, seed: int = 0) -> SegmentLoad:
+    # The first ``days`` of one month-long series: a shorter item's rows are a prefix of a longer one's.
+    table = daily_bars(symbol, month, 28, seed=seed).slice(0, days)
+    return SegmentLoad(Segment(symbol, "1d", month), table, fingerprint_table(table), "UTC")
+
+
+def _batch(symbols: str = "ABCDEFGH", days: int = 21) -> list[SegmentLoad]:
+    return [_item(symbol, month, days) for symbol in symbols for month in MONTHS]
+
+
+def _state(conn: psycopg.Connection[Any]) -> tuple[dict[Any, str], dict[Segment, tuple[str, int]]]:
+    sums = {(symbol, month): digest for symbol, month, digest in conn.execute(CHECKSUMS)}
+    ledger = {s: (row.content_hash, row.rows) for s, row in read_loaded_segments(conn).items()}
+    return sums, ledger
+
+
+@pytest.fixture
+def conn(pg_conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    ensure_schema(pg_conn)
+    pg_conn.commit()
+    return pg_conn
+
+
+@pytest.fixture
+def clean(pg_server: ServerInfo) -> Iterator[Callable[[list[SegmentLoad]], Any]]:
+    """The state a fresh database (one per call) holds after one clean load of the given items."""
+    names: list[str] = []
+
+    def load_clean(items: list[SegmentLoad]) -> Any:
+        names.append(f"t_{secrets.token_hex(6)}")
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(names[-1])))
+        with psycopg.connect(replace(pg_server, dbname=names[-1]).dsn()) as other:
+            ensure_schema(other)
+            load_segments(other, items)
+            return _state(other)
+
+    yield load_clean
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        for name in names:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_batch_loads_every_segment_with_its_own_ledger_row(conn: psycopg.Connection[Any]) -> None:
+    items = _batch()
+    outcome = load_segments(conn, items)
+    assert outcome.rows == (21,) * len(items) and not outcome.appended and not outcome.emptied
+    sums, ledger = _state(conn)
+    assert ledger == {item.segment: (item.content_hash, 21) for item in items}
+    assert len(sums) == len(items)
+
+
+def test_a_bad_segment_leaves_nothing_of_its_batch(conn: psycopg.Connection[Any]) -> None:
+    load_segments(conn, _batch("AB"))
+    before = _state(conn)
+    items = _batch("ABCD", days=22)
+    bad = items[len(items) // 2]
+    items[len(items) // 2] = SegmentLoad(
+        bad.segment, bad.table.set_column(2, "open", pa.array([None] * 22, pa.float64())), "h", "UTC"
+    )
+    with pytest.raises(LoadError, match=f"^{bad.segment}: column open has nulls"):
+        load_segments(conn, items)
+    assert _state(conn) == before  # neither the new segments nor the changed old ones
+
+
+def test_a_failing_statement_rolls_back_the_whole_batch(conn: psycopg.Connection[Any]) -> None:
+    items = _batch("AB")
+    duplicate = items[3]
+    twice = pa.concat_tables([duplicate.table, duplicate.table.slice(0, 1)])
+    items[3] = SegmentLoad(duplicate.segment, twice, "h", "UTC")  # a primary-key violation inside the COPY
+    with pytest.raises(LoadError, match=r"\(and 11 more in its batch\): loading failed"):
+        load_segments(conn, items)
+    assert _state(conn) == ({}, {})
+
+
+def test_appending_new_sessions_equals_a_clean_load(conn: psycopg.Connection[Any], clean: Any) -> None:
+    load_segments(conn, _batch(days=20))
+    grown = _batch(days=21)  # every month one session longer, as a daily refresh sees its current month
+    outcome = load_segments(conn, grown)
+    assert outcome.appended == {item.segment for item in grown}
+    assert outcome.rows == (1,) * len(grown)  # only the new session's row was copied
+    assert _state(conn) == clean(grown)
+
+
+def test_a_back_fill_inside_the_month_reloads_the_segment(conn: psycopg.Connection[Any], clean: Any) -> None:
+    load_segments(conn, [_item("A", MONTHS[0], 20), _item("B", MONTHS[0], 20)])
+    back_filled = [_item("A", MONTHS[0], 21, seed=1), _item("B", MONTHS[0], 21)]  # A changed inside
+    outcome = load_segments(conn, back_filled)
+    assert outcome.appended == {back_filled[1].segment} and outcome.rows == (21, 1)
+    assert _state(conn) == clean(back_filled)
+
+
+def test_no_append_where_the_ledger_is_not_to_be_trusted(conn: psycopg.Connection[Any]) -> None:
+    first = _item("A", MONTHS[0], 20)
+    load_segments(conn, [first])
+    conn.execute("DELETE FROM ohlcv_daily WHERE date = %s", (MONTHS[0],))  # by hand: --verify's case
+    conn.commit()
+    longer = _item("A", MONTHS[0], 21)
+    forced = SegmentLoad(longer.segment, longer.table, longer.content_hash, "UTC", may_append=False)
+    assert load_segments(conn, [forced]).rows == (21,)
+    assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone() == (21,)
+
+
+def test_kill_9_mid_batch_then_rerun_equals_a_clean_load(
+    pg_database: ServerInfo, conn: psycopg.Connection[Any], clean: Any
+) -> None:
+    # The child loads the first batch, then dies by SIGKILL inside the second: after its COPY, before its
+    # ledger rows, the worst moment. The second batch appends to some segments and adds others.
+    child = textwrap.dedent(
+        """
+        import os, signal, sys, psycopg
+        import refresher.load
+        from tests.refresher.test_load_batch import _batch
+        with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+            refresher.load.load_segments(conn, _batch("ABCD", days=20))
+            refresher.load._record = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+            refresher.load.load_segments(conn, _batch("ABCDEFGH", days=21))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child, pg_database.dsn()], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+    after_first = clean(_batch("ABCD", days=20))
+    assert _state(conn) == after_first  # nothing of the killed batch
+    load_segments(conn, _batch("ABCDEFGH", days=21))  # the re-run
+    assert _state(conn) == clean(_batch("ABCDEFGH", days=21))
+
+
+def test_two_overlapping_batches_at_once_take_turns(pg_database: ServerInfo, clean: Any) -> None:
+    def load(symbols: str) -> None:
+        with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+            for days in (19, 20, 21):  # appends and reloads, racing the other thread's
+                load_segments(conn, _batch(symbols, days=days))
+
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(load, ["ABCDEF", "FEDCBA"]))
+        assert _state(conn) == clean(_batch("ABCDEF", days=21))
+
+
+def test_an_emptied_segment_is_refused_and_the_rest_of_its_batch_loads(conn: psycopg.Connection[Any]) -> None:
+    load_segments(conn, [_item("A", MONTHS[0]), _item("B", MONTHS[0])])
+    empty = daily_bars("A", MONTHS[0], 0)
+    items = [SegmentLoad(Segment("A", "1d", MONTHS[0]), empty, "e", "UTC"), _item("B", MONTHS[0], 22)]
+    outcome = load_segments(conn, items, allow_shrink=False)
+    assert outcome.emptied == ((items[0].segment, 21),)
+    ledger = _state(conn)[1]
+    assert ledger[items[0].segment][1] == 21 and ledger[items[1].segment] == (items[1].content_hash, 22)
