@@ -1,0 +1,98 @@
+"""A refresh loads segments in batches: the daily refresh appends its new session, a bad row stops the run with
+nothing of its batch loaded, and both end exactly where a clean load ends (per-segment checksums)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from featurestore import FeatureStore
+from refresher.engines.local import LocalEngine
+from refresher.jobs import inprocess
+from refresher.profile import Profile, load_profile
+from refresher.refresh import refresh
+from refresher.segments import Segment
+from refresher.sources import synthetic
+from refresher.sources.validate import BadRowsError
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_refresh_e2e import CHECKSUMS
+
+pytestmark = pytest.mark.postgres
+THURSDAY, FRIDAY = dt.date(2025, 3, 27), dt.date(2025, 3, 28)
+PROFILE = "universe:\n  symbols: [AAPL, KO, MSFT]\nmonths: 2\ntimeframes: [1d, 1m]\nseed: 5\n"
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = world_traversable_tmp("refresher-batches-")
+    (path / "p.yaml").write_text(PROFILE)
+    engine = LocalEngine(path / "state")
+    try:
+        yield path
+    finally:
+        for status in engine.status():
+            engine.stop(status.profile)
+
+
+def _profile(root: Path, name: str, as_of: dt.date) -> Profile:
+    (root / f"{name}.yaml").write_text(PROFILE)
+    return load_profile(str(root / f"{name}.yaml"), [], as_of=as_of)
+
+
+def _checksums(engine: LocalEngine, profile: Profile) -> dict[tuple[str, str, str], str]:
+    with psycopg.connect(engine.start(profile.name).dsn()) as conn:
+        return {(kind, sym, month): digest for kind, sym, month, digest in conn.execute(CHECKSUMS)}
+
+
+def test_a_daily_refresh_appends_one_session_and_equals_a_clean_load(root: Path) -> None:
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    refresh(_profile(root, "daily", THURSDAY), engine, store)
+    report = refresh(_profile(root, "daily", FRIDAY), engine, store)
+    # The three symbols' March segments of both timeframes, each by one session: 1 daily bar and 390 minutes.
+    assert report.segments.loaded == 6
+    assert report.rows_loaded == 3 * (1 + 390)
+    clean = refresh(_profile(root, "clean", FRIDAY), engine, FeatureStore(root / "store-clean"))
+    assert clean.rows_loaded > 10 * report.rows_loaded
+    assert _checksums(engine, _profile(root, "daily", FRIDAY)) == _checksums(
+        engine, _profile(root, "clean", FRIDAY)
+    )
+
+
+def test_a_bad_row_stops_the_refresh_with_nothing_of_its_batch_loaded(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches of 2 segments: the bad segment (KO's second month) is the 4th of 12, in the second batch.
+    monkeypatch.setattr(inprocess, "STORE_BATCH", 2)
+    bad = Segment("KO", "1d", dt.date(2025, 3, 1))
+    fetch = synthetic.SyntheticSource.fetch
+
+    def failing(self: synthetic.SyntheticSource, segment: Segment) -> pa.Table:
+        if segment == bad:
+            raise BadRowsError.first_of(segment, "upstream line 7", "close", -1.0, "close > 0", 1)
+        return fetch(self, segment)
+
+    monkeypatch.setattr(synthetic.SyntheticSource, "fetch", failing)
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    profile = _profile(root, "bad", FRIDAY)
+    with pytest.raises(BadRowsError, match=r"close=-1\.0"):
+        refresh(profile, engine, store)
+    with psycopg.connect(engine.start(profile.name).dsn()) as conn:
+        ledger = {
+            (s, tf, str(m))
+            for s, tf, m in conn.execute("SELECT symbol, timeframe, month FROM refresher_segments")
+        }
+        held = conn.execute("SELECT count(*) FROM ohlcv_daily WHERE symbol = 'KO'").fetchone()
+    # Jobs run by symbol and month: the first batch (AAPL 1d Feb, Mar) loaded, the bad one's batch did not.
+    assert ("AAPL", "1d", "2025-02-01") in ledger and ("KO", "1d", "2025-03-01") not in ledger
+    assert ("KO", "1d", "2025-02-01") not in ledger and held == (0,)
+
+    monkeypatch.setattr(synthetic.SyntheticSource, "fetch", fetch)  # the source fixed: the re-run completes
+    refresh(profile, engine, store)
+    clean = refresh(_profile(root, "clean", FRIDAY), engine, FeatureStore(root / "store-clean"))
+    assert clean.segments.loaded == 12
+    assert _checksums(engine, profile) == _checksums(engine, _profile(root, "clean", FRIDAY))
