@@ -23,6 +23,7 @@ MODULES = (
     "bench_jobs",
     "bench_load",
     "bench_plan",
+    "bench_production",
     "bench_refresh",
     "bench_validation",
 )
