@@ -37,13 +37,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render(sections: dict[str, list[dict[str, Any]]], seconds: float) -> str:
+def render(sections: dict[str, list[dict[str, Any]]], seconds: float, *, quick: bool = False) -> str:
+    how = (
+        "`python -m bench --quick` (smaller sizes; `make bench` runs the full ones)"
+        if quick
+        else "`make bench`"
+    )
     lines = [
         "# Benchmarks",
         "",
         f"Run: {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}; total {seconds:.0f} s. Ratio = how many times better ours is than the "
-        "baseline measured in the same run. Reproduce: `make bench`.",
+        f"baseline measured in the same run. Reproduce: {how}.",
         "",
         "| section | benchmark | ours | baseline | unit | ratio | note |",
         "|---|---|---:|---:|---|---:|---|",
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             traceback.print_exc()
             sections[name.removeprefix("bench_")] = [{"benchmark": "FAILED", "note": "see stderr"}]
-    text = render(sections, time.perf_counter() - started)
+    text = render(sections, time.perf_counter() - started, quick=args.quick)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(text)
