@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from featurestore.keys import function_identity
+from featurestore.keys import feature_key, function_identity
 from refresher._lazy import LazyModule
 from refresher.calendar import get_calendar
 from refresher.errors import FeatureError
@@ -34,6 +35,9 @@ else:
 
 # Metric columns become column names next to ``symbol`` and ``date``.
 COLUMN_RE = re.compile(r"^(?!symbol$|date$)[a-z_][a-z0-9_]{0,62}$")
+# Minute bars per store request of an intraday feature: about 60 MB of frames, 20 symbols x 3 months of a
+# 390-minute session.
+INTRADAY_GROUP_ROWS = 500_000
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,16 @@ class _Compute:
     naming the entry and the symbol (``symbols`` maps each raw frame, by identity, to its symbol).
     """
 
-    def __init__(self, use: FeatureUse, symbols: Mapping[int, str]) -> None:
+    def __init__(
+        self, use: FeatureUse, symbols: Mapping[int, str], frames: Sequence[pd.DataFrame] | None = None
+    ) -> None:
         self.use = use
         self.symbols = symbols
         self.calls = 0
+        # A registered daily feature computes every frame of ``frames`` in one pass at its first miss (see
+        # ``bulk``); the store then asks for them one by one and gets the same rows the per-symbol path makes.
+        self._pending = list(frames) if frames is not None and use.feature in _bulk().BULK else []
+        self._bulk: dict[int, pd.DataFrame] = {}
 
     def config(self) -> dict[str, Any]:
         return {"feature": self.use.feature, "params": dict(self.use.params)}
@@ -65,8 +75,13 @@ class _Compute:
     def __call__(self, raw: pd.DataFrame, config: Any) -> pd.DataFrame:
         self.calls += 1
         symbol = self.symbols.get(id(raw), "?")
+        if self._pending and not self._bulk:
+            frames, self._pending = self._pending, []
+            names = [self.symbols.get(id(frame), "?") for frame in frames]
+            results = _bulk().compute_bulk(self.use.feature, dict(self.use.params), names, frames)
+            self._bulk = {id(frame): result for frame, result in zip(frames, results, strict=True)}
         try:
-            result = self.use.compute(raw)
+            result = self._bulk[id(raw)] if id(raw) in self._bulk else self.use.compute(raw)
         except Exception as exc:  # a user's function: whatever it raises is reported, in one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise FeatureError(self.use.name, symbol, f"{type(exc).__name__}: {first}".rstrip(": ")) from exc
@@ -74,6 +89,13 @@ class _Compute:
         if problem:
             raise FeatureError(self.use.name, symbol, problem)
         return result
+
+
+def _bulk() -> Any:
+    """``refresher.features.bulk``, imported at the first computation: it needs pandas, a no-op refresh does not."""
+    from refresher.features import bulk
+
+    return bulk
 
 
 def _shape_problem(raw: pd.DataFrame, result: Any) -> str | None:
@@ -101,6 +123,15 @@ def _shape_problem(raw: pd.DataFrame, result: Any) -> str | None:
 def _version(spec: FeatureSpec) -> str:
     """The declared version plus a hash of the function's source: editing a feature recomputes it."""
     return f"{spec.version}/{function_identity(spec.compute)[1]}"
+
+
+def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFrame) -> str:
+    """The key under which ``store`` caches ``use``'s rows of ``symbol`` computed from the bars ``raw``."""
+    compute = _Compute(use, {})
+    version = _version(use.spec)
+    return feature_key(
+        symbol, raw, compute.config(), compute, version=version, hash_method=store.hash_method
+    ).key
 
 
 def _input_hash(use: FeatureUse, version: str, content_hashes: Sequence[str]) -> str:
@@ -202,7 +233,9 @@ def compute_features(
         if not todo and not empty:
             continue
         # One batch per feature: the store records every miss in one manifest transaction.
-        compute = _Compute(use, {id(raw): symbol for symbol, raw, _hash in todo})
+        compute = _Compute(
+            use, {id(raw): symbol for symbol, raw, _hash in todo}, [raw for _s, raw, _h in todo]
+        )
         jobs = [(symbol, raw, compute.config()) for symbol, raw, _hash in todo]
         try:
             results = store.get_or_compute_many(jobs, compute, version=version) if jobs else []
@@ -233,10 +266,32 @@ def _intraday_batch(
     loaded: Mapping[tuple[str, str], str],
 ) -> FeatureBatch:
     """An intraday entry's rows: computed per (symbol, month), so a month whose bars did not change is a store
-    hit, and loaded per symbol (a handful of rows per session). One symbol's minute bars in memory at a time."""
+    hit, and loaded per symbol (a handful of rows per session).
+
+    Symbols go to the store in groups of up to ``INTRADAY_GROUP_ROWS`` minute bars, one request per group: the
+    misses of a group are recorded in one manifest transaction (about 20 ms each, once per symbol before), and
+    memory holds one group's bars, not the profile's."""
     version = _version(use.spec)
     parts: list[FeaturePart] = []
     computed = 0
+    group: list[tuple[str, str, list[pd.DataFrame]]] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal computed, held
+        compute = _Compute(use, {id(frame): symbol for symbol, _h, months in group for frame in months})
+        jobs = [(symbol, frame, compute.config()) for symbol, _h, months in group for frame in months]
+        results = iter(store.get_or_compute_many(jobs, compute, version=version) if jobs else [])
+        for symbol, input_hash, months in group:
+            frames = [
+                r if isinstance(r, pd.DataFrame) else r.to_pandas() for r in islice(results, len(months))
+            ]
+            rows = feature_rows(symbol, pd.concat(frames)) if frames else pa.table({})
+            parts.append(FeaturePart(symbol, rows, input_hash))
+        computed += compute.calls
+        group.clear()
+        held = 0
+
     for symbol in sorted(minute):
         segments = minute[symbol]
         input_hash = _input_hash(use, version, [entries[plan.keys[s]].content_hash for s in segments])
@@ -245,15 +300,12 @@ def _intraday_batch(
         tz = str(get_calendar(profile.listing(symbol).exchange).tz)
         tables = store.get_many([plan.keys[s] for s in segments])
         months = [minute_frame(tables[plan.keys[s]], tz) for s in segments]
-        months = [frame for frame in months if not frame.empty]
-        compute = _Compute(use, {id(frame): symbol for frame in months})
-        jobs = [(symbol, frame, compute.config()) for frame in months]
-        results = store.get_or_compute_many(jobs, compute, version=version) if jobs else []
-        computed += compute.calls
-        frames = [r if isinstance(r, pd.DataFrame) else r.to_pandas() for r in results]
-        rows = feature_rows(symbol, pd.concat(frames)) if frames else pa.table({})
-        parts.append(FeaturePart(symbol, rows, input_hash))
+        group.append((symbol, input_hash, [frame for frame in months if not frame.empty]))
+        held += sum(len(frame) for frame in months)
+        if held >= INTRADAY_GROUP_ROWS:
+            flush()
+    flush()
     return FeatureBatch(use, parts, computed)
 
 
-__all__ = ["FeatureBatch", "compute_features", "daily_frame", "daily_segments"]
+__all__ = ["FeatureBatch", "compute_features", "daily_frame", "daily_segments", "store_key"]
