@@ -7,7 +7,12 @@ the run ends: it outlives all workers, so a server is never stopped while a slow
 crashed worker cannot leak one.
 
 Each process keeps its clone pools full from one background thread per server (``PoolRefiller``) instead of
-spawning a refill process per checkout.
+spawning a refill process per checkout. The workers' refillers fill different pool slots at once (a lock per
+slot in ``refresher.snapshot``), and the pool is sized for the number of workers.
+
+Every test's clone is marked with the process that took it (``clone_note``): a ``--refresher-reuse`` run killed
+with -9 leaves its clones on the kept server, and the next run drops those whose owner is provably gone
+(``drop_abandoned_clones``), never a live concurrent run's.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from filelock import FileLock
 
 from refresher import snapshot
 from refresher._pytest_servers import LoadedServer
-from refresher.engines import write_private_json
+from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 
@@ -34,6 +39,38 @@ def server_key(profile: str, engine: str, as_of: str) -> str:
     readable = re.sub(r"[^a-z0-9_]+", "_", Path(profile).stem.lower())[:40]
     digest = hashlib.sha256(f"{profile}\0{engine}\0{as_of}".encode()).hexdigest()[:12]
     return f"{readable}-{digest}"
+
+
+TEST_INFIX = "__test_"
+_NOTE_PREFIX = "refresher test_clone owner="
+# Clones each worker keeps ready: a test takes one while the one before it is dropped and the next is copied.
+CLONES_PER_WORKER = 2
+
+
+def per_test_clone_prefix(server: ServerInfo) -> str:
+    """How the names of the per-test clones of ``server``'s database begin."""
+    return f"{server.dbname}{TEST_INFIX}"
+
+
+def clone_note(pid: int) -> str:
+    """The database comment of a test's clone taken by process ``pid``."""
+    return _NOTE_PREFIX + json.dumps(owner_labels(pid), sort_keys=True)
+
+
+def drop_abandoned_clones(server: ServerInfo) -> list[str]:
+    """Drop the per-test clones whose owner process is gone (a run killed with -9); returns their names."""
+    dropped = []
+    for name, note in snapshot.clone_notes(server, per_test_clone_prefix(server)).items():
+        if not note.startswith(_NOTE_PREFIX):
+            continue  # not ours to judge
+        try:
+            labels = json.loads(note.removeprefix(_NOTE_PREFIX))
+        except ValueError:
+            continue
+        if isinstance(labels, dict) and owner_gone(labels):
+            snapshot.drop_clone(server, name)
+            dropped.append(name)
+    return dropped
 
 
 def _lock(path: Path) -> FileLock:
@@ -48,8 +85,10 @@ class PoolRefiller:
     25 ms) and cloning the template again (about 120 ms for ui_testing on ext4) run while the next test does.
     """
 
-    def __init__(self, server: ServerInfo) -> None:
+    def __init__(self, server: ServerInfo, *, pool_size: int | None = None) -> None:
+        """``pool_size``: clones to keep ready (default: what the snapshot recorded)."""
         self.server = server
+        self.pool_size = pool_size
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -88,7 +127,7 @@ class PoolRefiller:
                 self._drop_pending()
                 if self._closing.is_set():
                     return
-                snapshot.refill_pool(self.server)
+                snapshot.refill_pool(self.server, size=self.pool_size)
             except Exception as exc:  # reported by the next poke, in the test thread
                 self.error = exc
                 return
@@ -128,10 +167,12 @@ class SharedServers:
         self._seen[key] = server
         return server
 
-    def refiller(self, server: LoadedServer) -> PoolRefiller:
-        """This process's refill thread for ``server``'s clone pool."""
+    def refiller(self, server: LoadedServer, *, workers: int = 1) -> PoolRefiller:
+        """This process's refill thread for ``server``'s clone pool, sized for ``workers`` processes taking
+        clones from it."""
         if server.info not in self._refillers:
-            self._refillers[server.info] = PoolRefiller(server.info)
+            size = max(snapshot.DEFAULT_POOL_SIZE, CLONES_PER_WORKER * workers)
+            self._refillers[server.info] = PoolRefiller(server.info, pool_size=size)
         return self._refillers[server.info]
 
     def close(self) -> None:
@@ -159,4 +200,11 @@ class SharedServers:
             raise errors[0]
 
 
-__all__ = ["PoolRefiller", "SharedServers", "server_key"]
+__all__ = [
+    "PoolRefiller",
+    "SharedServers",
+    "clone_note",
+    "drop_abandoned_clones",
+    "per_test_clone_prefix",
+    "server_key",
+]

@@ -70,6 +70,12 @@ def store_disk_full(root: Path) -> Iterator[None]:
         ) from exc
 
 
+def data_directory(conn: psycopg.Connection[Any]) -> Path | None:
+    """The server's data directory when this host can see it (the local engine); None for a container's."""
+    path = _data_directory(conn)
+    return Path(path) if path is not None and Path(path).is_dir() else None
+
+
 def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:
     path = _data_directory(conn)
     if path is None or not Path(path).is_dir():  # a container's path is not ours to measure
@@ -94,31 +100,25 @@ def _disk_full(
     )
 
 
-# Per connection: a load asks before every segment, and the answer never changes while it is open.
+# Per connection: a load asks before every batch, and the answer never changes while it is open.
 _DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], str | None] = weakref.WeakKeyDictionary()
 
 
 def _data_directory(conn: psycopg.Connection[Any]) -> str | None:
-    if conn in _DATA_DIRECTORY:
-        return _DATA_DIRECTORY[conn]
-    # An idle connection stays idle: the caller's next ``conn.transaction()`` must be a real transaction
-    # that commits, not a savepoint inside one this query opened.
-    was_idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    try:
-        row = conn.execute("SELECT current_setting('data_directory', true)").fetchone()
-        if was_idle and not conn.autocommit:
-            conn.rollback()
-    except psycopg.Error:
-        if was_idle and not conn.closed and not conn.autocommit:
-            conn.rollback()
-        return None  # the connection did not survive the error, or we may not read the setting
-    path = str(row[0]) if row and row[0] else None
-    _DATA_DIRECTORY[conn] = path
-    return path
+    """Asked once per connection, by the first caller: a load asks inside its own transaction, a snapshot on
+    its autocommit connection, so this never opens a transaction of its own on the caller's connection.
+
+    ``pg_settings`` rather than ``current_setting``: for a role that may not read the setting it has no row
+    instead of raising, which would abort the caller's transaction.
+    """
+    if conn not in _DATA_DIRECTORY:
+        row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'data_directory'").fetchone()
+        _DATA_DIRECTORY[conn] = str(row[0]) if row and row[0] else None
+    return _DATA_DIRECTORY[conn]
 
 
 def _mb(n: int) -> str:
     return f"{n / MB:,.0f} MB"
 
 
-__all__ = ["require_room", "server_disk_full", "store_disk_full"]
+__all__ = ["data_directory", "require_room", "server_disk_full", "store_disk_full"]

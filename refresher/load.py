@@ -115,9 +115,9 @@ def load_segments(
     # Rows, their primary-key index and the WAL: measured about three times the Arrow size. Checked first
     # because a full disk under the WAL makes the server PANIC instead of failing the statement.
     needed = 3 * sum(data.nbytes for data in datas)
-    require_room(conn, needed=needed + COPY_SLACK, what=what)
     try:
         with conn.transaction():
+            require_room(conn, needed=needed + COPY_SLACK, what=what)
             return _write_batch(conn, items, datas, allow_shrink=allow_shrink)
     except psycopg.errors.DiskFull as exc:
         raise server_disk_full(conn, exc, needed=needed, what=what) from exc

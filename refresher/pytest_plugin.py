@@ -41,7 +41,14 @@ from refresher._pytest_reuse import (
     stop_all_kept,
 )
 from refresher._pytest_servers import LoadedServer, build_server, stop_server, sweep
-from refresher._pytest_share import PoolRefiller, SharedServers, server_key
+from refresher._pytest_share import (
+    PoolRefiller,
+    SharedServers,
+    clone_note,
+    drop_abandoned_clones,
+    per_test_clone_prefix,
+    server_key,
+)
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError
 
@@ -58,8 +65,9 @@ class _PluginState:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.worker: str = getattr(config, "workerinput", {}).get("workerid", "master")
         workerinput = getattr(config, "workerinput", {})
+        self.worker: str = workerinput.get("workerid", "master")
+        self.workers: int = int(workerinput.get("workercount", 1))
         given = workerinput.get(RUN_DIR_INPUT)
         self._run_dir = Path(given) if given else None
         self._owner = given is None
@@ -181,7 +189,9 @@ class RefresherServers:
             mark = fingerprint(
                 profile, options.settings.profiles_dirs, engine=engine, as_of=day, today=dt.date.today()
             )
-            return kept_or_built(kept_at, options.settings, mark, lambda: build(kept=True))
+            server = kept_or_built(kept_at, options.settings, mark, lambda: build(kept=True))
+            drop_abandoned_clones(server.info)  # what a run killed with -9 left on the kept server
+            return server
 
         try:
             return self._state.servers.get(key, reuse_or_build)
@@ -190,7 +200,7 @@ class RefresherServers:
             pytest.fail(f"refresher: {exc}", pytrace=False)
 
     def refiller(self, server: LoadedServer) -> PoolRefiller:
-        return self._state.servers.refiller(server)
+        return self._state.servers.refiller(server, workers=self._state.workers)
 
     def tx_connection(self, server: LoadedServer) -> psycopg.Connection[TupleRow]:
         """This process's connection to ``server``'s loaded database for ``refresher_tx``, idle between tests."""
@@ -266,9 +276,9 @@ def refresher_database(proc_fixture_name: str) -> Any:
         server = _server_for(request, refresher_servers, proc_fixture_name)
         worker = request.config.stash[_STATE].worker
         # 63 bytes at most: profile names are <= 41, "__test_" 7, the worker id <= 6, the random part 8.
-        name = f"{server.info.dbname}__test_{worker[:6]}_{secrets.token_hex(4)}"
+        name = f"{per_test_clone_prefix(server.info)}{worker[:6]}_{secrets.token_hex(4)}"
         refiller = refresher_servers.refiller(server)
-        dsn = snapshot.checkout_clone(server.info, name, refill=False)
+        dsn = snapshot.checkout_clone(server.info, name, refill=False, note=clone_note(os.getpid()))
         refiller.poke()
         database = RefresherDatabase(server, name, dsn)
         try:

@@ -15,10 +15,15 @@ Replacing the snapshot never leaves a moment without a complete one: the new cop
 transactional; CREATE/DROP DATABASE are not). Whatever a kill -9 leaves behind (a connectable half-copy, an
 unmarked clone, trash) is recognised by its name or missing mark and dropped by the next save or refill.
 
-Two advisory locks per database, always taken in this order, make this safe for many processes (xdist workers):
-``REFILL`` (one maker at a time: ``save_pristine`` holds it while it rebuilds, the refiller while it clones, and
-only its holder may drop leftovers) and ``TAKE`` (choosing and renaming a clone, and the swap itself, so a taker
-never picks a clone of the copy being replaced).
+Advisory locks per database, always taken in this order, make this safe for many processes (xdist workers):
+``REFILL``, held exclusively by ``save_pristine`` and ``drop_snapshot`` (they rebuild or remove everything, and
+may drop any leftover) and shared by refillers and template checkouts; then one lock per pool slot (only its
+holder creates or drops that slot's database, so refillers in many processes fill different slots at once);
+then ``TAKE`` (choosing and renaming a clone, and the swap itself, so a taker never picks a clone of the copy
+being replaced). A refiller also holds one of a few ``COPIER`` tokens while it copies: how many copies run at
+once on the server is bounded by its machine (``refill_concurrency``), however many processes refill.
+
+How many clones the pool keeps is bounded by the free space of the server's disk (``pool_size_for_disk``).
 """
 
 from __future__ import annotations
@@ -42,14 +47,22 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
+from refresher.diskfull import COPY_SLACK, data_directory, require_room, server_disk_full
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 
 MAINTENANCE_DB = "postgres"
 TAKE = 1
 REFILL = 2
+SWEEP = 3  # dropping trash and half-built copies: one sweeper at a time, the others skip it
+COPIER = 100  # COPIER + k, k < the refill concurrency: tokens for copying at once
+SLOT = 1000  # SLOT + n: the maker of pool slot n
+# Slots a template checkout copies into before renaming its copy: never pool slots, so refillers skip them, but
+# named like one so a copy whose maker was killed is recognised (unmarked) and dropped by the next refill.
+PRIVATE_SLOTS = range(10_000, 100_000)
 DEFAULT_POOL_SIZE = 2
+MAX_REFILL_CONCURRENCY = 4
+GB = 2**30
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
 _PRISTINE_MARK = re.compile(
@@ -279,21 +292,41 @@ def _restore_checked(
 
 
 def checkout_clone(
-    server: ServerInfo, name: str, *, refill: bool = True, refill_log: Path | None = None
+    server: ServerInfo,
+    name: str,
+    *,
+    refill: bool = True,
+    refill_log: Path | None = None,
+    note: str | None = None,
 ) -> str:
-    """A fresh copy of the pristine database under ``name`` (a pool clone when ready); returns its DSN."""
+    """A fresh copy of the pristine database under ``name`` (a pool clone when ready); returns its DSN.
+
+    ``note`` becomes the copy's database comment in the same transaction as its rename, so a copy is never
+    seen under ``name`` without it (the pytest plugin names its owner there, to drop what a killed run left).
+    """
     db = server.dbname
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         _require_pristine(conn, db)
         with _advisory(conn, db, TAKE):
             ready = _ready_clones(conn, db)
             if ready:
-                _rename(conn, ready[0], name)
+                _take(conn, ready[0], name, note)
         if not ready:  # cloning is slow; other takers need not wait for it
-            _create_from(conn, pristine_name(db), name)
+            _copy_and_take(conn, db, name, note)
     if refill:
         spawn_refill(server, log=refill_log)
     return server.dsn(name)
+
+
+def clone_notes(server: ServerInfo, prefix: str) -> dict[str, str]:
+    """The comment of every database whose name starts with ``prefix`` ("" for none)."""
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        rows = conn.execute(
+            "SELECT datname, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+            " WHERE starts_with(datname, %s)",
+            (prefix,),
+        ).fetchall()
+    return {str(name): str(note) for name, note in rows}
 
 
 def drop_clone(server: ServerInfo, name: str) -> None:
@@ -340,13 +373,46 @@ def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
         time.sleep(0.1)
 
 
-def refill_pool(server: ServerInfo) -> int:
-    """Create the missing pool clones now, in this process; returns how many were made.
+def refill_pool(server: ServerInfo, *, size: int | None = None, concurrency: int | None = None) -> int:
+    """Create the missing pool clones now, from this process; returns how many it made.
 
-    The server process doing the copies runs at low CPU and I/O priority where it is a process of this host (the
-    local engine): a refill is background work, and the tests or queries running beside it are not.
+    ``size`` asks for a pool of that many clones instead of the size the snapshot recorded. Either way the
+    pool never holds more than the free space of the server's disk allows (``pool_size_for_disk``). Up to
+    ``concurrency`` slots are copied at once (default: ``refill_concurrency`` of this machine), counting the
+    copies of every other process refilling the same pool.
+
+    The server processes doing the copies run at low CPU and I/O priority where they are processes of this
+    host (the local engine): a refill is background work, and the tests or queries running beside it are not.
     """
-    return _refill(server.dsn(MAINTENANCE_DB), server.dbname, background=server.engine == "local")
+    local = server.engine == "local"
+    return _refill(
+        server.dsn(MAINTENANCE_DB), server.dbname, background=local, size=size, concurrency=concurrency
+    )
+
+
+def refill_concurrency(cpus: int, *, rotational: bool) -> int:
+    """How many pool copies to run at once on a machine with ``cpus`` cores.
+
+    A copy keeps one server process busy (a core with fsync off, the page cache taking the writes), so one
+    per core, at most ``MAX_REFILL_CONCURRENCY``; a spinning disk seeks between parallel copies, so half that.
+    """
+    per_core = max(1, min(cpus, MAX_REFILL_CONCURRENCY))
+    return max(1, per_core // 2) if rotational else per_core
+
+
+def pool_size_for_disk(wanted: int, *, ready: int, clone_bytes: int, free: int, total: int) -> int:
+    """How many warm clones to keep: ``wanted``, but only as many more than the ``ready`` ones as fit in
+    ``free`` bytes less a reserve, and never fewer than one.
+
+    The reserve is a tenth of the filesystem (``total``), at least 1 GB: the server's WAL and the tests'
+    own writes need room too, and a copy onto a full disk can make Postgres PANIC. One clone costs its
+    database's size plus a WAL segment (``clone_bytes`` as measured on the pristine copy, before the slack).
+    The floor of one keeps a checkout a rename even on a tight disk, as before the pool had this bound.
+    """
+    reserve = max(total // 10, GB)
+    each = max(clone_bytes, 0) + COPY_SLACK
+    more = max(0, (free - reserve) // each)
+    return max(1, min(wanted, ready + more))
 
 
 def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
@@ -374,22 +440,204 @@ def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
 
 
 # -- the work, on an autocommit connection to the maintenance database --------------------------------------------
-def _refill(admin_dsn: str, db: str, *, background: bool = False) -> int:
-    created = 0
-    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL):
+def _refill(admin_dsn: str, db: str, *, background: bool, size: int | None, concurrency: int | None) -> int:
+    """Sweep leftovers, then fill the pool's missing slots from up to ``concurrency`` sessions at once."""
+    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+        _sweep(conn, db)
+        machine = _Machine.of(conn)
+        width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
+        missing = _missing(conn, db, size, machine)
+        if missing <= 0:
+            return 0
         if background:
             _lower_priority(conn.info.backend_pid)
-        _drop_leftovers(conn, db)
-        # Waiting (not try-lock) for a running refiller: it may have counted before our caller took a clone.
-        while (mark := _pristine_mark(conn, db)) is not None:
-            taken = set(_pool_databases(conn, db))
-            if len(_ready_clones(conn, db)) >= mark.pool_size:
-                break
-            free = next(n for n in range(len(taken) + 1) if pool_name(db, n) not in taken)
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                _make_clone(conn, db, free)
+        helpers = min(width, missing) - 1
+        if helpers <= 0:
+            return _fill(conn, db, size, machine, width)
+        with ThreadPoolExecutor(helpers) as pool:
+            extra = [
+                pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
+                for _ in range(helpers)
+            ]
+            created = _fill(conn, db, size, machine, width)
+            return created + sum(f.result() for f in extra)
+
+
+def _fill_from_new_session(
+    admin_dsn: str, db: str, size: int | None, machine: _Machine, width: int, background: bool
+) -> int:
+    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+        if background:
+            _lower_priority(conn.info.backend_pid)
+        return _fill(conn, db, size, machine, width)
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """What this host can see of the server's disk: its data directory (None for a container's) and kind."""
+
+    data_directory: Path | None
+    rotational: bool
+
+    @classmethod
+    def of(cls, conn: psycopg.Connection[Any]) -> _Machine:
+        path = data_directory(conn)
+        return cls(path, path is not None and _is_rotational(path))
+
+    def usage(self) -> tuple[int, int] | None:
+        """(free, total) bytes of the data directory's filesystem; None when this host cannot see it."""
+        if self.data_directory is None:
+            return None
+        try:
+            usage = shutil.disk_usage(self.data_directory)
+        except OSError:
+            return None
+        return usage.free, usage.total
+
+
+def _is_rotational(path: Path) -> bool:
+    """Whether the block device under ``path`` says it spins (a partition's answer is its disk's)."""
+    st_dev = path.stat().st_dev
+    device = Path(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}")
+    for flag in (device / "queue" / "rotational", device / ".." / "queue" / "rotational"):
+        with contextlib.suppress(OSError):
+            return flag.read_text().strip() == "1"
+    return False
+
+
+def _target(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, ready: int) -> int:
+    """The pool size now: the requested or recorded size, bounded by the disk when this host can see it."""
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        return 0
+    wanted = mark.pool_size if size is None else size
+    usage = machine.usage()
+    if usage is None or wanted <= 1:
+        return wanted
+    row = conn.execute("SELECT pg_database_size(%s)", (pristine_name(db),)).fetchone()
+    free, total = usage
+    return pool_size_for_disk(
+        wanted, ready=ready, clone_bytes=int(row[0]) if row else 0, free=free, total=total
+    )
+
+
+def _missing(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine) -> int:
+    ready = len(_ready_clones(conn, db))
+    return _target(conn, db, size, machine, ready) - ready
+
+
+def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, width: int) -> int:
+    """Make clones in free slots until the pool is full or every missing slot has a maker."""
+    created = 0
+    while True:
+        ready = _ready_clones(conn, db)
+        target = _target(conn, db, size, machine, len(ready))
+        if len(ready) >= target:
+            return created
+        # Slots 0..target-1 that hold no ready clone number at least the missing ones: if another maker holds
+        # each of them, the pool fills without us.
+        slot = _claim_slot(conn, db, [n for n in range(target) if pool_name(db, n) not in ready])
+        if slot is None:
+            return created
+        try:
+            with _copier(conn, db, width):
+                _drop_database(conn, pool_name(db, slot))  # what a killed maker or an older copy left there
+                _make_clone(conn, db, slot)
                 created += 1
-    return created
+        finally:
+            _unlock(conn, db, SLOT + slot)
+
+
+def _claim_slot(conn: psycopg.Connection[Any], db: str, slots: list[int]) -> int | None:
+    """The first of ``slots`` nobody is making and that holds no ready clone, locked for us; None if none."""
+    for n in slots:
+        if _try_lock(conn, db, SLOT + n):
+            if pool_name(db, n) not in _ready_clones(conn, db):  # another maker finished it meanwhile
+                return n
+            _unlock(conn, db, SLOT + n)
+    return None
+
+
+@contextlib.contextmanager
+def _copier(conn: psycopg.Connection[Any], db: str, width: int) -> Iterator[None]:
+    """Hold one of ``width`` copy tokens of ``db`` (waiting for one when every token is in use)."""
+    token = next((k for k in range(width) if _try_lock(conn, db, COPIER + k)), None)
+    if token is None:
+        token = conn.info.backend_pid % width
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (db, COPIER + token))
+    try:
+        yield
+    finally:
+        _unlock(conn, db, COPIER + token)
+
+
+def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str | None) -> None:
+    """Copy the pristine database into a private slot, then rename it to ``name`` with ``note``.
+
+    Copied under a slot's name, unmarked, so a copy whose maker is killed is a leftover the next refill drops
+    (an unmarked pool database), never a database nobody knows to remove.
+    """
+    with _advisory(conn, db, REFILL, shared=True):
+        slot = _claim_private_slot(conn, db)
+        private = pool_name(db, slot)
+        try:
+            _create_from(conn, pristine_name(db), private)
+            _take(conn, private, name, note)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                if not conn.closed:
+                    _drop_database(conn, private)
+            raise
+        finally:
+            if not conn.closed:
+                _unlock(conn, db, SLOT + slot)
+
+
+def _claim_private_slot(conn: psycopg.Connection[Any], db: str) -> int:
+    for _ in range(100):
+        n = PRIVATE_SLOTS.start + secrets.randbelow(len(PRIVATE_SLOTS))
+        if _try_lock(conn, db, SLOT + n):
+            if _comment(conn, pool_name(db, n)) is None:
+                return n
+            _unlock(conn, db, SLOT + n)
+    raise SnapshotError(f"{db}: no free slot to copy the pristine database into", database=db)
+
+
+def _take(conn: psycopg.Connection[Any], old: str, new: str, note: str | None) -> None:
+    """Rename ``old`` to ``new`` and set its comment to ``note``, in one transaction."""
+    with conn.transaction():
+        _rename(conn, old, new)
+        if note is not None:
+            _execute(
+                conn,
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(new), sql.Literal(note)),
+            )
+
+
+def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
+    """Drop what killed makers left, without disturbing live ones (the caller holds REFILL shared).
+
+    Trash and half-built copies: only ``save_pristine`` builds, under REFILL exclusive, so under shared any
+    is a leftover; one sweeper drops them, the others skip. An unmarked or stale pool database: only after
+    taking its slot's lock (its maker, if alive, holds it).
+    """
+    if _try_lock(conn, db, SWEEP):
+        try:
+            for name in _derelicts(conn, db):
+                _drop_database(conn, name)
+        finally:
+            _unlock(conn, db, SWEEP)
+    prefix = pool_name(db, 0)[:-1]
+    for name in _pool_databases(conn, db):
+        if name in _ready_clones(conn, db):
+            continue
+        slot = int(name[len(prefix) :])
+        if _try_lock(conn, db, SLOT + slot):
+            try:
+                if name not in _ready_clones(conn, db):
+                    _drop_database(conn, name)
+            finally:
+                _unlock(conn, db, SLOT + slot)
 
 
 def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
@@ -437,13 +685,23 @@ def _execute(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> p
 
 
 @contextlib.contextmanager
-def _advisory(conn: psycopg.Connection[Any], db: str, which: int) -> Iterator[None]:
-    conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (db, which))
+def _advisory(conn: psycopg.Connection[Any], db: str, which: int, *, shared: bool = False) -> Iterator[None]:
+    mode = "_shared" if shared else ""
+    conn.execute(f"SELECT pg_advisory_lock{mode}(hashtext(%s), %s)", (db, which))
     try:
         yield
     finally:
         if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
+            conn.execute(f"SELECT pg_advisory_unlock{mode}(hashtext(%s), %s)", (db, which))
+
+
+def _try_lock(conn: psycopg.Connection[Any], db: str, which: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), %s)", (db, which)).fetchone()
+    return bool(row and row[0])
+
+
+def _unlock(conn: psycopg.Connection[Any], db: str, which: int) -> None:
+    conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
 
 
 def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:
@@ -626,9 +884,8 @@ def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
     _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
-def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
-    """Drop what a crash or a replaced copy left: trash, half-built copies, a half-made pristine copy, and pool
-    databases that are not marked clones of the current copy. Only the holder of REFILL may call this."""
+def _derelicts(conn: psycopg.Connection[Any], db: str) -> list[str]:
+    """Trash, half-built copies and a half-made pristine copy of ``db``."""
     rows = conn.execute(
         "SELECT datname FROM pg_database WHERE starts_with(datname, %s) OR starts_with(datname, %s)",
         (f"{db}{TRASH_INFIX}", f"{db}{BUILDING_INFIX}"),
@@ -636,6 +893,13 @@ def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
     doomed = [r[0] for r in rows]
     if _pristine_mark(conn, db) is None:
         doomed.append(pristine_name(db))
+    return doomed
+
+
+def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
+    """Drop what a crash or a replaced copy left: trash, half-built copies, a half-made pristine copy, and pool
+    databases that are not marked clones of the current copy. Only the holder of REFILL may call this."""
+    doomed = _derelicts(conn, db)
     ready = set(_ready_clones(conn, db))
     doomed += [name for name in _pool_databases(conn, db) if name not in ready]
     for name in doomed:
@@ -657,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
     started = time.perf_counter()
-    created = _refill(args.dsn, args.database, background=args.background)
+    created = _refill(args.dsn, args.database, background=args.background, size=None, concurrency=None)
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
     return 0
 
@@ -671,6 +935,7 @@ __all__ = [
     "RestoreReport",
     "SnapshotInfo",
     "checkout_clone",
+    "clone_notes",
     "drop_clone",
     "drop_snapshot",
     "has_pristine",
@@ -678,8 +943,10 @@ __all__ = [
     "ledger_digest",
     "ledger_stamp",
     "pool_name",
+    "pool_size_for_disk",
     "pool_status",
     "pristine_name",
+    "refill_concurrency",
     "refill_pool",
     "restore_pristine",
     "save_pristine",

@@ -24,6 +24,10 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
+from refresher._pytest_share import clone_note, drop_abandoned_clones, per_test_clone_prefix
+from refresher.engines.base import ServerInfo
+from refresher.snapshot import checkout_clone, save_pristine
+
 pytest_plugins = ["pytester"]
 
 AS_OF = dt.date(2024, 3, 28)
@@ -603,3 +607,92 @@ def test_two_reuse_runs_at_once_share_one_kept_server(
     assert (first["started"], first["port"]) == (second["started"], second["port"])  # built once
     run(pytester, *plugin_env.args("local")).assert_outcomes(passed=1)  # a plain run stops the kept server
     assert_server_gone(first)
+
+
+@pytest.mark.slow
+def test_xdist_three_workers_each_test_gets_its_own_pristine_clone(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """Three workers take clones from one pool while their refillers fill it: no clone is handed out twice
+    (each test marks its database and must find no other test's mark), and each is pristine."""
+    e = TINY_EXPECTED
+    dbs = pytester.path / "databases.jsonl"
+    out = write_recording_project(
+        pytester,
+        f"""
+import json, time, pytest
+
+@pytest.mark.parametrize("i", range(36))
+def test_claims_a_private_database(refresher_db, refresher_postgres, i):
+    record(refresher_postgres)
+    with refresher_db.connect() as conn:
+        counts = [conn.execute(f"SELECT count(*) FROM {{t}}").fetchone()[0]
+                  for t in ("symbols", "ohlcv_daily", "ohlcv_1min")]
+        assert counts == [{e.symbols}, {e.daily}, {e.minute}]
+        assert conn.execute("SELECT to_regclass('claimed')").fetchone()[0] is None
+        conn.execute("CREATE TABLE claimed (test int)")
+        conn.execute("INSERT INTO claimed VALUES (%s)", (i,))
+        conn.execute("DELETE FROM ohlcv_daily")
+        conn.commit()
+        oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+        time.sleep(0.05)  # another test holding this database would write its mark now
+        assert conn.execute("SELECT array_agg(test) FROM claimed").fetchone()[0] == [i]
+    with open({str(dbs)!r}, "a") as f:
+        f.write(json.dumps({{"db": refresher_db.dbname, "oid": oid}}) + "\\n")
+""",
+    )
+    run(pytester, "-n", "3", *plugin_env.args("local")).assert_outcomes(passed=36)
+    records = read_records(out)
+    assert {r["worker"] for r in records} == {"gw0", "gw1", "gw2"}
+    assert len({(r["host"], r["port"], r["state_dir"]) for r in records}) == 1  # one server for all
+    databases = read_records(dbs)
+    assert len({d["db"] for d in databases}) == len({d["oid"] for d in databases}) == 36
+    assert_server_gone(records[0])
+
+
+@pytest.mark.slow
+def test_a_reuse_run_killed_mid_test_leaves_its_clone_for_the_next_run_to_drop(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    out = pytester.path / "clones.jsonl"
+    write_project(
+        pytester,
+        f"""
+import json, os, signal
+
+def test_dies_holding_a_clone(refresher_db, refresher_postgres):
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps({{"db": refresher_db.dbname, "admin": refresher_postgres.info.dsn("postgres")}}))
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no teardown drops the clone
+""",
+    )
+    args = plugin_env.args("local")
+    killed = run(pytester, *args, "--refresher-reuse")
+    assert killed.ret not in (0, 1)
+    left = json.loads(out.read_text())
+
+    def databases() -> set[str]:
+        with psycopg.connect(left["admin"], connect_timeout=10) as conn:
+            return {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
+
+    assert left["db"] in databases()  # left on the kept server
+    write_project(pytester, "def test_ok(refresher_db):\n    pass\n")
+    run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
+    assert left["db"] not in databases()
+    assert not [name for name in databases() if "__test_" in name]
+    run(pytester, *args).assert_outcomes(passed=1)  # a plain run stops the kept server
+
+
+def test_abandoned_clones_are_those_of_dead_owners_only(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=0)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_note = clone_note(exited.pid)  # labels naming it while it runs (its start time)
+    exited.wait()
+    prefix = per_test_clone_prefix(loaded)
+    checkout_clone(loaded, f"{prefix}live", refill=False, note=clone_note(os.getpid()))
+    checkout_clone(loaded, f"{prefix}dead", refill=False, note=dead_note)
+    checkout_clone(loaded, f"{prefix}other", refill=False, note="someone else's")
+    assert drop_abandoned_clones(loaded) == [f"{prefix}dead"]
+    with psycopg.connect(loaded.dsn("postgres")) as conn:
+        names = {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
+    assert {f"{prefix}live", f"{prefix}other"} <= names and f"{prefix}dead" not in names

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import psycopg
@@ -20,6 +26,7 @@ from refresher.snapshot import (
     has_pristine,
     pool_status,
     pristine_name,
+    refill_pool,
     restore_pristine,
     save_pristine,
     wait_for_pool,
@@ -163,3 +170,131 @@ def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pyte
         normal = os.getpriority(os.PRIO_PROCESS, observer.info.backend_pid)
     assert seen and min(seen) == min(normal + 10, 19) > normal
     assert len(pool_status(loaded).ready) == 2
+
+
+def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_at_least_one() -> None:
+    from refresher.snapshot import GB, pool_size_for_disk
+
+    total, clone = 100 * GB, 2 * GB  # reserve: a tenth of the filesystem, 10 GB
+    assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=50 * GB, total=total) == 6
+    # 15 GB free: 5 GB past the reserve holds two more 2 GB clones (each plus a WAL segment).
+    assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=15 * GB, total=total) == 2
+    assert pool_size_for_disk(6, ready=3, clone_bytes=clone, free=15 * GB, total=total) == 5
+    assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=5 * GB, total=total) == 1  # the floor
+    assert pool_size_for_disk(6, ready=4, clone_bytes=clone, free=GB, total=total) == 4  # none dropped
+    # A small filesystem keeps at least 1 GB free.
+    assert pool_size_for_disk(6, ready=0, clone_bytes=GB // 2, free=2 * GB, total=4 * GB) == 1
+    assert pool_size_for_disk(0, ready=0, clone_bytes=clone, free=50 * GB, total=total) == 1
+
+
+def test_refill_concurrency_follows_the_cores_and_the_disk() -> None:
+    from refresher.snapshot import MAX_REFILL_CONCURRENCY, refill_concurrency
+
+    assert refill_concurrency(1, rotational=False) == 1
+    assert refill_concurrency(2, rotational=False) == 2
+    assert refill_concurrency(64, rotational=False) == MAX_REFILL_CONCURRENCY
+    assert refill_concurrency(2, rotational=True) == 1
+    assert refill_concurrency(8, rotational=True) == MAX_REFILL_CONCURRENCY // 2
+
+
+def test_a_full_disk_shrinks_the_pool_the_refill_makes(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refresher import snapshot
+
+    save_pristine(loaded, pool_size=4, fill_pool=False)
+    with psycopg.connect(loaded.dsn("postgres")) as conn:
+        row = conn.execute("SELECT pg_database_size(%s)", (pristine_name(loaded.dbname),)).fetchone()
+        assert row is not None
+    each = int(row[0]) + snapshot.COPY_SLACK
+    # The server's disk as this host sees it: 4 GB, with room past the 1 GB reserve for one clone and a half
+    # before the refill; each clone made takes its share.
+    free = snapshot.GB + each * 3 // 2
+
+    def usage(self: object) -> tuple[int, int]:
+        return free - each * len(pool_status(loaded).ready), 4 * snapshot.GB
+
+    monkeypatch.setattr(snapshot._Machine, "usage", usage)
+    monkeypatch.setattr(snapshot, "data_directory", lambda conn: Path("/"))
+    assert snapshot.refill_pool(loaded) == 1
+    assert len(pool_status(loaded).ready) == 1
+
+
+def test_refills_of_different_slots_run_at_once(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two refillers (two xdist workers) copy two slots at the same time instead of queueing on one lock."""
+    from refresher import snapshot
+
+    save_pristine(loaded, pool_size=2, fill_pool=False)
+    both_copying = threading.Barrier(2, timeout=60)
+    make_clone = snapshot._make_clone
+
+    def meet_then_make(conn: psycopg.Connection[object], db: str, n: int) -> str:
+        both_copying.wait()  # broken (an error) unless the other refiller reaches its copy meanwhile
+        return make_clone(conn, db, n)
+
+    monkeypatch.setattr(snapshot, "_make_clone", meet_then_make)
+    with ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda _: snapshot.refill_pool(loaded, concurrency=2), range(2)))
+    assert sorted(made) == [1, 1]
+    assert pool_status(loaded).ready == (
+        snapshot.pool_name(loaded.dbname, 0),
+        snapshot.pool_name(loaded.dbname, 1),
+    )
+
+
+def test_two_takers_racing_for_the_last_clone_get_different_databases(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=1)
+    start = threading.Barrier(2, timeout=60)
+    names = [f"{loaded.dbname}_r{i}" for i in range(2)]
+
+    def take(name: str) -> str:
+        start.wait()
+        return checkout_clone(loaded, name, refill=False)
+
+    try:
+        for _ in range(5):
+            with ThreadPoolExecutor(2) as pool:
+                dsns = list(pool.map(take, names))
+            oids = set()
+            for dsn in dsns:
+                with psycopg.connect(dsn) as conn:
+                    row = conn.execute(
+                        "SELECT oid FROM pg_database WHERE datname = current_database()"
+                    ).fetchone()
+                    assert row is not None
+                    oids.add(row[0])
+                    conn.execute("DELETE FROM ohlcv_daily")  # private: the other taker must not see it
+                    conn.commit()
+            assert len(oids) == 2
+            assert [_count(dsn) for dsn in dsns] == [0, 0]
+            assert [n for n in _databases(loaded) if "__pool_" in n] == []  # the copy was renamed whole
+            for name in names:
+                drop_clone(loaded, name)
+            assert refill_pool(loaded) == 1
+    finally:
+        for name in names:
+            drop_clone(loaded, name)
+
+
+_KILL_MID_CHECKOUT = """
+import json, os, signal, sys
+from refresher import snapshot
+from refresher.engines.base import ServerInfo
+server = ServerInfo(**json.loads(sys.stdin.read()))
+def after_statement():
+    os.kill(os.getpid(), signal.SIGKILL)  # right after the copy, before its rename
+snapshot._after_statement = after_statement
+snapshot.checkout_clone(server, server.dbname + "_killed", refill=False)
+"""
+
+
+def test_a_checkout_killed_mid_copy_leaves_a_slot_the_next_refill_drops(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=0)  # empty pool: the checkout copies the template itself
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_MID_CHECKOUT], input=json.dumps(asdict(loaded)), text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL
+    left = {n for n in _databases(loaded) if n.startswith(loaded.dbname + "__pool_")}
+    assert len(left) == 1 and f"{loaded.dbname}_killed" not in _databases(loaded)
+    assert refill_pool(loaded) == 0
+    assert not left & _databases(loaded)
