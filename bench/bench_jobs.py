@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,31 +30,9 @@ from refresher.profile import load_profile
 from refresher.refresh import refresh
 from refresher.segments import Segment
 from refresher.settings import Settings
+from tests.redis_server import RedisServer
 
 AS_OF = dt.date(2025, 10, 31)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work)]
-    args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            if redis.Redis(port=port).ping():
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def _burst_workers(
@@ -298,7 +275,8 @@ def _scale_rows(url: str, work: Path, quick: bool) -> list[dict[str, Any]]:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="refresher-bench-jobs-", dir="/tmp"))
     work.chmod(0o755)
-    proc, url = _redis(work)
+    server = RedisServer.started(work)
+    url = server.url
     try:
         rows = _submit_rows(url)
         redis.Redis.from_url(url).flushall()
@@ -307,6 +285,5 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         rows += _scale_rows(url, work, quick)
         return rows
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)

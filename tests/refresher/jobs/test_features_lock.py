@@ -7,7 +7,7 @@ import time
 import pytest
 
 from refresher.jobs.worker import _held
-from tests.refresher.jobs.conftest import RedisServer
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

@@ -10,7 +10,7 @@ from refresher.jobs.queue import JobQueue, connect
 from refresher.jobs.runs import RunSpec, cancel_run, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
 from refresher.segments import Segment
-from tests.refresher.jobs.conftest import RedisServer
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

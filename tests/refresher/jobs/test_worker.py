@@ -17,7 +17,7 @@ import pytest
 from refresher.jobs.queue import JobQueue, connect
 from refresher.jobs.worker import parse_segment
 from tests.fixtures_postgres import world_traversable_tmp
-from tests.refresher.jobs.conftest import RedisServer
+from tests.redis_server import RedisServer
 from tests.refresher.test_refresh_e2e import Workspace
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]

@@ -10,7 +10,7 @@ import pytest
 
 from featurestore import FeatureStore
 from refresher.jobs.queue import FEATURES_DUE, run_key
-from tests.refresher.jobs.conftest import RedisServer
+from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_worker import SYMBOLS, start_worker, status, submit, workspace
 from tests.refresher.test_refresh_e2e import Workspace
 
