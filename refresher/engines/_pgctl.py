@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import psutil
+
 from refresher.errors import EngineUnavailable
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
@@ -204,39 +206,31 @@ def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
     """SIGKILL every process working in ``path`` (its ``-D`` argument, ``PGDATA`` or current directory), then
     wait for them to go: what an initdb orphaned by a killed CLI (on a system without PDEATHSIG) still runs."""
     target = str(path)
-    victims = [pid for pid in _pids() if _works_in(pid, target)]
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    victims = [proc for proc in psutil.process_iter() if proc.pid != os.getpid() and _works_in(proc, target)]
+    for proc in victims:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
     deadline = time.monotonic() + timeout
-    while victims and time.monotonic() < deadline:
-        victims = [pid for pid in victims if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+    # Polled rather than psutil.wait_procs: they are not our children, and a zombie nobody reaps yet (no init
+    # in a container) is as good as gone but would keep wait_procs waiting out its timeout.
+    while (victims := [proc for proc in victims if _running(proc)]) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
-def _pids() -> list[int]:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    return [int(p.name) for p in proc.iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
-
-
-def _works_in(pid: int, target: str) -> bool:
+def _works_in(proc: psutil.Process, target: str) -> bool:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:  # gone, or not ours to read
+        return bool(
+            target in proc.cmdline() or proc.environ().get("PGDATA") == target or proc.cwd() == target
+        )
+    except psutil.Error:  # gone, or not ours to read
         return False
-    wanted = target.encode()
-    return wanted in cmdline or b"PGDATA=" + wanted in environ or cwd == target
 
 
-def _is_zombie(pid: int) -> bool:
+def _running(proc: psutil.Process) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 @contextlib.contextmanager
