@@ -184,3 +184,19 @@ def test_an_emptied_segment_is_refused_and_the_rest_of_its_batch_loads(conn: psy
     assert outcome.emptied == ((items[0].segment, 21),)
     ledger = _state(conn)[1]
     assert ledger[items[0].segment][1] == 21 and ledger[items[1].segment] == (items[1].content_hash, 22)
+
+
+def test_a_reload_that_is_not_longer_never_hashes_for_an_append(
+    conn: psycopg.Connection[Any], clean: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefix hash costs a pass over the old rows: only a table longer than the loaded one can be an
+    append, so an equal-length change (a corrected bar) or a shorter one reloads without it."""
+    from refresher import load
+
+    load_segments(conn, [_item("A", MONTHS[0], 21), _item("B", MONTHS[0], 21)])
+    hashed: list[int] = []
+    monkeypatch.setattr(load, "fingerprint_table", lambda table, *a: hashed.append(table.num_rows) or "")
+    changed = [_item("A", MONTHS[0], 21, seed=1), _item("B", MONTHS[0], 20)]  # same length, then shorter
+    assert load_segments(conn, changed).rows == (21, 20)
+    assert hashed == []
+    assert _state(conn) == clean(changed)
