@@ -56,7 +56,7 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 bench: $(STAMP) ## Run the benchmarks and write bench/results.md
-	@$(BIN)/python -c 'import pytest_postgresql' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]'
+	@$(BIN)/python -c 'import pytest_postgresql, taskiq_redis' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench --output bench/results.md
 
 mutation: $(STAMP) ## Mutation-test the pure core with mutmut (slow: one niced worker) and write bench/mutation.md

@@ -24,6 +24,7 @@ MODULES = (
     "bench_load",
     "bench_plan",
     "bench_production",
+    "bench_queue_library",
     "bench_refresh",
     "bench_validation",
 )
