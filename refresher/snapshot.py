@@ -443,14 +443,14 @@ def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
 def _refill(admin_dsn: str, db: str, *, background: bool, size: int | None, concurrency: int | None) -> int:
     """Sweep leftovers, then fill the pool's missing slots from up to ``concurrency`` sessions at once."""
     with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+        if background:
+            _lower_priority(conn.info.backend_pid)
         _sweep(conn, db)
         machine = _Machine.of(conn)
         width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
         missing = _missing(conn, db, size, machine)
         if missing <= 0:
             return 0
-        if background:
-            _lower_priority(conn.info.backend_pid)
         helpers = min(width, missing) - 1
         if helpers <= 0:
             return _fill(conn, db, size, machine, width)
