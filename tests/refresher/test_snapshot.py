@@ -221,7 +221,8 @@ def test_a_full_disk_shrinks_the_pool_the_refill_makes(
 
 
 def test_refills_of_different_slots_run_at_once(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two refillers (two xdist workers) copy two slots at the same time instead of queueing on one lock."""
+    """Two refillers (two xdist workers) asking at once get two slots copied at the same time instead of
+    queueing on one lock (the first may make both, from two sessions, before the second looks)."""
     from refresher import snapshot
 
     save_pristine(loaded, pool_size=2, fill_pool=False)
@@ -235,7 +236,7 @@ def test_refills_of_different_slots_run_at_once(loaded: ServerInfo, monkeypatch:
     monkeypatch.setattr(snapshot, "_make_clone", meet_then_make)
     with ThreadPoolExecutor(2) as pool:
         made = list(pool.map(lambda _: snapshot.refill_pool(loaded, concurrency=2), range(2)))
-    assert sorted(made) == [1, 1]
+    assert sum(made) == 2
     assert pool_status(loaded).ready == (
         snapshot.pool_name(loaded.dbname, 0),
         snapshot.pool_name(loaded.dbname, 1),
