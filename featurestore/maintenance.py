@@ -1,7 +1,8 @@
 """Store maintenance that both the store and GC use: strays, integrity checks, and the manifest rebuilt from files.
 
-The Parquet files are the truth: each carries its key, symbol, range, content hash and kind in its own metadata,
-so the manifest can always be restored from them (``restore_rows``). The manifest calls that when it has to create
+The Parquet files are the truth: each carries its key, symbol, range, content hash and kind in its own metadata
+(a pack: the same for each of its keys, in its index), so the manifest can always be restored from them
+(``restore_rows``). The manifest calls that when it has to create
 its file (first use, deleted, or moved aside because it was unreadable), under its exclusive lock, so two
 processes that find the damage at once rebuild it exactly once.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 
-from featurestore import _files
+from featurestore import _files, _packs
 from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
 
 
@@ -42,13 +43,18 @@ class Strays:
     temporaries: list[Path]
 
 
-def find_strays(root: Path, known: Set[str]) -> Strays:
-    """Files of the store's data directory that are temporaries, or whose key is not in ``known``."""
+def find_strays(root: Path, entries: Mapping[str, Entry]) -> Strays:
+    """Files of the store's data directory that are temporaries, or that no entry names (a pack: none of its keys;
+    a key's own file: its key is absent, or its row names a pack)."""
     strays = Strays([], [])
+    named: Set[Path] = {entry.path for entry in entries.values()}
     for path in (root / _files.DATA_DIR).glob("*/*"):
         if path.name.endswith(_files.TEMP_SUFFIX):
             strays.temporaries.append(path)
-        elif (key := _files.key_of(path)) is None or key not in known:
+        elif _packs.is_pack(path) or _files.key_of(path) is not None:
+            if path not in named:
+                strays.orphans.append(path)
+        else:
             strays.orphans.append(path)
     return strays
 
@@ -59,7 +65,11 @@ def check_integrity(manifest: Manifest, *, deep: bool = True) -> IntegrityReport
     corrupt: list[str] = []
     with manifest.read() as con:
         entries = manifest.select(con)
+        packs: dict[Path, list[Entry]] = {}
         for key, entry in entries.items():
+            if entry.pack_offset is not None:
+                packs.setdefault(entry.path, []).append(entry)
+                continue
             try:
                 if deep:
                     _files.read_verified(entry.path)
@@ -71,10 +81,36 @@ def check_integrity(manifest: Manifest, *, deep: bool = True) -> IntegrityReport
                 missing.append(key)
             except _files.CorruptFile:
                 corrupt.append(key)
-        strays = find_strays(manifest.root, set(entries))
+        for pack, packed in packs.items():
+            bad = check_pack(pack, packed, deep=deep)
+            if bad is None:
+                missing.extend(sorted(entry.key for entry in packed))
+            else:
+                corrupt.extend(bad)
+        strays = find_strays(manifest.root, entries)
     return IntegrityReport(
         len(entries), tuple(missing), tuple(corrupt), tuple(strays.orphans), tuple(strays.temporaries)
     )
+
+
+def check_pack(pack: Path, entries: list[Entry], *, deep: bool) -> list[str] | None:
+    """The keys of ``entries`` (all in ``pack``) that the pack cannot serve soundly; None if it is missing.
+
+    Deep: every key's rows are decoded and hashed, so one damaged row group costs only the keys in it. Quick:
+    the footer and its index must parse, name every key, and the size must be what was published.
+    """
+    keys = [entry.key for entry in entries]
+    try:
+        if deep:
+            return sorted(_packs.read_parts(pack, keys).corrupt)
+        index, _rows = _packs.read_footer_index(pack)
+        if pack.stat().st_size != entries[0].pack_bytes:
+            return sorted(keys)
+        return sorted(key for key in keys if key not in index)
+    except FileNotFoundError:
+        return None
+    except _files.CorruptFile:
+        return sorted(keys)
 
 
 def rows_from_files(root: Path, previous: Mapping[str, Entry]) -> list[Row]:
@@ -83,8 +119,19 @@ def rows_from_files(root: Path, previous: Mapping[str, Entry]) -> list[Row]:
     Files whose footer is unreadable or whose metadata names another key are left out (GC removes them as
     orphans); the access time of a key already in ``previous`` is kept so a rebuild does not reset expiry.
     """
-    rows: list[Row] = []
+    rows: dict[str, Row] = {}
+
+    def keep(row: Row) -> None:
+        # A key found twice (a pack written by a put that a later put superseded, not yet collected): the newest.
+        held = rows.get(row.entry.key)
+        if held is None or held.entry.created_ts <= row.entry.created_ts:
+            rows[row.entry.key] = row
+
     for path in sorted((root / _files.DATA_DIR).glob("*/*.parquet")):
+        if _packs.is_pack(path):
+            for row in _rows_of_pack(path, previous):
+                keep(row)
+            continue
         key = _files.key_of(path)
         if key is None:
             continue
@@ -95,7 +142,23 @@ def rows_from_files(root: Path, previous: Mapping[str, Entry]) -> list[Row]:
             continue
         if meta.get("key") != key or "content_hash" not in meta:
             continue
-        rows.append(_row_from_meta(path, meta, count, size, previous.get(key)))
+        keep(_row_from_meta(path, meta, count, size, previous.get(key)))
+    return [rows[key] for key in sorted(rows)]
+
+
+def _rows_of_pack(path: Path, previous: Mapping[str, Entry]) -> list[Row]:
+    """A row per key of a pack, from its index; each key's share of the pack's bytes is by rows, as published."""
+    try:
+        index, _total = _packs.read_footer_index(path)
+        size = path.stat().st_size
+    except (_files.CorruptFile, FileNotFoundError):
+        return []
+    parts = sorted(index.values(), key=lambda p: p.offset)
+    rows: list[Row] = []
+    for part, share in zip(parts, _packs.shares(size, [p.rows for p in parts]), strict=True):
+        row = _row_from_meta(path, part.meta, part.rows, share, previous.get(part.key))
+        entry = dataclasses.replace(row.entry, pack_offset=part.offset, pack_bytes=size)
+        rows.append(dataclasses.replace(row, entry=entry))
     return rows
 
 

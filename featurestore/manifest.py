@@ -67,7 +67,15 @@ CREATE TABLE IF NOT EXISTS entries (
     meta VARCHAR
 );
 CREATE TABLE IF NOT EXISTS counters (name VARCHAR NOT NULL, value BIGINT NOT NULL);
+ALTER TABLE entries ADD COLUMN IF NOT EXISTS pack_offset BIGINT;
+ALTER TABLE entries ADD COLUMN IF NOT EXISTS pack_bytes BIGINT;
 """
+# Store format: 1 = one Parquet file per key (no row in ``counters``); 2 = packs beside single files
+# (``pack_offset``: the key's first row in the pack named by ``path``; ``pack_bytes``: that pack's size, while
+# ``file_size_bytes`` is the key's share of it). A format-1 manifest is migrated by its first write (two
+# nullable columns: every old row stays a single file) and format-1 files are read as before.
+STORE_FORMAT = 2
+_FORMAT = "store_format"
 # No PRIMARY KEY: uniqueness of `key` is kept by delete-then-insert under the exclusive lock, which avoids DuckDB's
 # over-eager index checks on delete+insert of one key inside a transaction; scans of a manifest are milliseconds.
 _COLUMNS = (
@@ -85,6 +93,8 @@ _COLUMNS = (
     "kind",
     "hits",
     "meta",
+    "pack_offset",
+    "pack_bytes",
 )
 _ARROW_SCHEMA = pa.schema(
     [
@@ -102,6 +112,8 @@ _ARROW_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("hits", pa.int64()),
         ("meta", pa.string()),
+        ("pack_offset", pa.int64()),
+        ("pack_bytes", pa.int64()),
     ]
 )
 
@@ -121,6 +133,9 @@ class Entry:
     hash_method: str
     created_ts: dt.datetime
     last_accessed_ts: dt.datetime
+    # Set when the key rides in a pack (``path``): its first row there, and the whole pack's size.
+    pack_offset: int | None = None
+    pack_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -221,7 +236,7 @@ class Manifest:
                 con = self._open(read_only=True)
                 if not isinstance(con, duckdb.Error):
                     try:
-                        if self._filled(con):
+                        if self._filled(con) and self._format(con) == STORE_FORMAT:
                             yield con
                             return
                     finally:
@@ -273,6 +288,9 @@ class Manifest:
             )
         con = opened
         try:
+            if self._format(con) != STORE_FORMAT:  # _open has added the columns; say so once
+                con.execute("DELETE FROM counters WHERE name = ?", [_FORMAT])
+                con.execute("INSERT INTO counters VALUES (?, ?)", [_FORMAT, STORE_FORMAT])
             # "New" is a marker row, not a check for the file: a process killed between creating the file and
             # filling it leaves a file without the marker, which the next writer fills again.
             if not self._filled(con):
@@ -289,6 +307,12 @@ class Manifest:
     @staticmethod
     def _filled(con: duckdb.DuckDBPyConnection) -> bool:
         return bool(con.execute("SELECT count(*) FROM counters WHERE name = ?", [_FILLED]).fetchall()[0][0])
+
+    @staticmethod
+    def _format(con: duckdb.DuckDBPyConnection) -> int:
+        """The manifest's store format: 1 for a manifest from before packs, which has no row for it."""
+        row = con.execute("SELECT max(value) FROM counters WHERE name = ?", [_FORMAT]).fetchall()
+        return int(row[0][0]) if row and row[0][0] is not None else 1
 
     @staticmethod
     def _mark_filled(con: duckdb.DuckDBPyConnection) -> None:
@@ -425,6 +449,8 @@ class Manifest:
             "kind": row.kind,
             "hits": 0,
             "meta": row.meta,
+            "pack_offset": entry.pack_offset,
+            "pack_bytes": entry.pack_bytes,
         }
 
     @staticmethod
@@ -439,7 +465,7 @@ class Manifest:
         query = (
             "SELECT key, path, symbol, start_ts, end_ts, rows, file_size_bytes, content_hash, hash_method,"
         )
-        query += " created_ts, last_accessed_ts FROM entries"
+        query += " created_ts, last_accessed_ts, pack_offset, pack_bytes FROM entries"
         params: list[Any] = []
         if keys is not None:
             query += " WHERE key IN (SELECT unnest(?::VARCHAR[]))"
@@ -462,7 +488,29 @@ class Manifest:
             hash_method=row[8],
             created_ts=_aware(row[9]) or utc_now(),
             last_accessed_ts=_aware(row[10]) or utc_now(),
+            pack_offset=row[11],
+            pack_bytes=row[12],
         )
+
+    def unreferenced(self, con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> list[Path]:
+        """Those of ``paths`` that no row names any more (a pack goes only when none of its keys is left)."""
+        wanted = {path.relative_to(self.root).as_posix(): path for path in paths}
+        if not wanted:
+            return []
+        named = con.execute(
+            "SELECT DISTINCT path FROM entries WHERE path IN (SELECT unnest(?::VARCHAR[]))", [list(wanted)]
+        ).fetchall()
+        left = {row[0] for row in named}
+        return [path for rel, path in wanted.items() if rel not in left]
+
+    def delete_at(self, con: duckdb.DuckDBPyConnection, keys: Iterable[str], path: Path) -> None:
+        """Delete the rows of ``keys`` that still name ``path`` (a newer put may have moved a key elsewhere)."""
+        keys = list(keys)
+        if keys:
+            con.execute(
+                "DELETE FROM entries WHERE key IN (SELECT unnest(?::VARCHAR[])) AND path = ?",
+                [keys, path.relative_to(self.root).as_posix()],
+            )
 
 
 # Per process: the (inode, size, mtime) of each manifest last seen whole, so the full read runs once per version.
@@ -481,4 +529,4 @@ def _first_line(exc: object) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-__all__ = ["MANIFEST_FILE", "Entry", "Manifest", "Row", "Txn", "ns_to_utc", "utc_now"]
+__all__ = ["MANIFEST_FILE", "STORE_FORMAT", "Entry", "Manifest", "Row", "Txn", "ns_to_utc", "utc_now"]

@@ -1,10 +1,12 @@
 """FeatureStore: get_or_compute over a content-addressed directory of Parquet files and a DuckDB manifest.
 
-Files are the truth. A file is named by its key and appears only by atomic rename, inside the same exclusive
-manifest transaction that records its row; deletions remove the row, commit, then unlink. So a process killed at
-any instant leaves at worst an orphan file (collected by GC, or adopted by ``rebuild_manifest``), never a row that
-points at a missing or partial file. Reads go straight to the file, verify its content hash, and journal the
-access; they never wait for the manifest. A per-key flock makes computation single-flight across processes.
+Files are the truth. A key lives in a file named by the key, or (small tables written in a batch) in a pack shared
+with the rest of its batch (``featurestore._packs``). Either appears only by atomic rename, inside the same
+exclusive manifest transaction that records its rows; deletions remove the rows, commit, then unlink a file no
+row names any more. So a process killed at any instant leaves at worst an orphan file (collected by GC, or adopted
+by ``rebuild_manifest``), never a row that points at a partial file. Reads try the key's own file first, without
+the manifest; keys without one are looked up once per call and read from their packs. Every read verifies the
+content hash and journals the access. A per-key flock makes computation single-flight across processes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pyarrow as pa
 
-from featurestore import _files, maintenance
+from featurestore import _files, _packs, maintenance
 from featurestore._locks import file_lock
 from featurestore.errors import ComputeError, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
@@ -147,12 +149,12 @@ class FeatureStore:
         fkey = feature_key(symbol, raw, config, compute_func, version=version, hash_method=self.hash_method)
         key = fkey.key
         self._ensure_manifest()
-        stored = self._read(key)
+        stored = self._read_many([key]).get(key)
         if stored is None:
             # No timeout: waiting for the key is waiting for its computation, however long that takes; a
             # computing process that dies releases the lock with its descriptors.
             with file_lock(self._key_lock(key)):
-                stored = self._read(key)  # another process may have computed it while we waited
+                stored = self._read_many([key]).get(key)  # another process may have computed it meanwhile
                 if stored is None:
                     return self._compute_and_store(fkey.key, symbol, raw, config, compute_func, fkey)
         self._record([key])
@@ -176,10 +178,8 @@ class FeatureStore:
         ]
         results: dict[str, Features] = {}
         self._ensure_manifest()
-        for fkey in fkeys:
-            stored = self._read(fkey.key)
-            if stored is not None:
-                results[fkey.key] = self._present(stored)
+        for key, stored in self._read_many([f.key for f in fkeys]).items():
+            results[key] = self._present(stored)
         computed: set[str] = set()
         if len(results) < len({f.key for f in fkeys}):
             # Lock files are shared by key prefix: take each once, in sorted order, so that two batches
@@ -188,14 +188,15 @@ class FeatureStore:
             with contextlib.ExitStack() as held:
                 for lock in locks:
                     held.enter_context(file_lock(lock))
+                # another process may have computed some while we waited
+                again = self._read_many(sorted({f.key for f in fkeys if f.key not in results}))
                 fresh: list[tuple[str, pa.Table, str | None, dict[str, Any]]] = []
                 kinds: dict[str, str] = {}
                 for fkey, (symbol, raw, config) in zip(fkeys, jobs, strict=True):
                     if fkey.key in results or fkey.key in kinds:
                         continue
-                    stored = self._read(fkey.key)  # another process may have computed it while we waited
-                    if stored is not None:
-                        results[fkey.key] = self._present(stored)
+                    if fkey.key in again:
+                        results[fkey.key] = self._present(again[fkey.key])
                         continue
                     table, kind, meta = self._compute(fkey.key, symbol, raw, config, compute_func, fkey)
                     fresh.append((fkey.key, table, symbol, meta))
@@ -285,17 +286,12 @@ class FeatureStore:
         The keys missing from the result are exactly the ones the caller must fetch again. ``count=False`` for
         keys the caller already counted (with ``lookup(count=True)``), so one request counts once.
         """
-        found: dict[str, pa.Table] = {}
-        hits: list[str] = []
-        misses = 0
         self._ensure_manifest()
-        for key in keys:
-            stored = self._read(_files.check_key(key))
-            if stored is None:
-                misses += 1
-            else:
-                found[key] = stored.table
-                hits.append(key)
+        wanted = [_files.check_key(key) for key in keys]
+        read = self._read_many(list(dict.fromkeys(wanted)))
+        found = {key: read[key].table for key in wanted if key in read}
+        hits = [key for key in wanted if key in read]
+        misses = len(wanted) - len(hits)
         if count:
             self._record(hits, misses=misses)
         return found
@@ -347,8 +343,8 @@ class FeatureStore:
         with self.manifest.write() as txn:
             doomed = self.manifest.select(txn.con, symbol=symbol)
             self.manifest.delete(txn.con, doomed)
-            for entry in doomed.values():
-                txn.after_commit(functools.partial(entry.path.unlink, missing_ok=True))
+            for path in self.manifest.unreferenced(txn.con, {entry.path for entry in doomed.values()}):
+                txn.after_commit(functools.partial(path.unlink, missing_ok=True))
         return len(doomed)
 
     def cleanup_old_entries(self, days_old: float) -> GCReport:
@@ -388,15 +384,41 @@ class FeatureStore:
         # file another has just unlinked. Two keys sharing a stripe merely serialise their computations.
         return self.root / _LOCK_DIR / f"{key[:3]}.lock"
 
-    def _read(self, key: str) -> _files.Stored | None:
-        path = _files.data_path(self.root, key)
-        try:
-            return _files.read_verified(path)
-        except FileNotFoundError:
-            return None
-        except _files.CorruptFile as corrupt:
-            self._evict(key, path, corrupt.inode)
-            return None
+    def _read_many(self, keys: Sequence[str]) -> dict[str, _files.Stored]:
+        """The verified contents of those ``keys`` the store can serve; corrupt ones are evicted on the way."""
+        found: dict[str, _files.Stored] = {}
+        elsewhere: list[str] = []
+        for key in keys:
+            path = _files.data_path(self.root, key)
+            try:
+                found[key] = _files.read_verified(path)
+            except FileNotFoundError:
+                elsewhere.append(key)
+            except _files.CorruptFile as corrupt:
+                self._evict(key, path, corrupt.inode)
+                elsewhere.append(key)  # gone with its row, unless that row names a pack
+        # Keys without a file of their own: one manifest lookup names their packs. A pack that vanished since
+        # (a newer put of all its keys, or GC) is asked about again: the rows have moved on with the keys.
+        for _attempt in range(3):
+            if not elsewhere:
+                break
+            with self.manifest.read() as con:
+                entries = self.manifest.select(con, elsewhere)
+            by_pack: dict[Path, list[str]] = {}
+            for key, entry in entries.items():
+                if entry.pack_offset is not None:
+                    by_pack.setdefault(entry.path, []).append(key)
+            elsewhere = []
+            for pack, pack_keys in by_pack.items():
+                try:
+                    result = _packs.read_parts(pack, pack_keys)
+                except FileNotFoundError:
+                    elsewhere.extend(pack_keys)
+                    continue
+                found.update(result.found)
+                if result.corrupt:
+                    self._evict_packed(pack, list(result.corrupt), result.inode)
+        return found
 
     def _evict(self, key: str, path: Path, inode: int | None) -> None:
         with self.manifest.write() as txn:
@@ -405,8 +427,15 @@ class FeatureStore:
             except FileNotFoundError:
                 replaced = False
             if not replaced:  # a newer, good file took its place meanwhile: keep both it and its row
-                self.manifest.delete(txn.con, [key])
+                self.manifest.delete_at(txn.con, [key], path)
                 txn.after_commit(lambda: _files.remove_if_same(path, inode))
+
+    def _evict_packed(self, pack: Path, keys: list[str], inode: int) -> None:
+        """Evict the damaged keys of a pack; the pack itself goes only once no row names it."""
+        with self.manifest.write() as txn:
+            self.manifest.delete_at(txn.con, keys, pack)
+            if self.manifest.unreferenced(txn.con, [pack]):
+                txn.after_commit(lambda: _files.remove_if_same(pack, inode))
 
     @staticmethod
     def _present(stored: _files.Stored) -> Features:
@@ -430,30 +459,54 @@ class FeatureStore:
                 raise bad_value("table", type(table).__name__, f"must be a pyarrow Table (key {key})")
             stored = _files.as_stored(to_arrow(table))
             latest[key] = (stored, symbol, meta, fingerprint_table(stored, self.hash_method))
-        existing = self.lookup(list(latest)) if entry_kind == "segment" and latest else {}
+        existing = self.lookup(list(latest)) if latest else {}
         done = {
             key: existing[key]
             for key, (_t, _s, _m, content) in latest.items()
             if key in existing and existing[key].content_hash == content and existing[key].path.exists()
         }
-        temps: dict[str, tuple[Path, Row]] = {}
+        singles: dict[str, tuple[Path, Row]] = {}
+        packs: list[_PendingPack] = []
         try:
             now = utc_now()
-            for key, (table, symbol, meta, content) in latest.items():
-                if key not in done:
-                    temps[key] = self._write_temp(key, table, symbol, meta, content, kind, entry_kind, now)
-            if temps:
+            todo = {key: value for key, value in latest.items() if key not in done}
+            for group in self._pack_groups(todo):
+                packs.append(self._write_pack([(key, *todo[key]) for key in group], kind, entry_kind, now))
+            for key, (table, symbol, meta, content) in todo.items():
+                if not any(key in pack.rows for pack in packs):
+                    singles[key] = self._write_temp(key, table, symbol, meta, content, kind, entry_kind, now)
+            if singles or packs:
                 with self.manifest.write() as txn:
-                    self._publish(txn, temps)
+                    moved = self.manifest.select(txn.con, list(todo))
+                    rows = self._publish(txn, singles) + [
+                        r for p in packs for r in self._publish_pack(txn, p)
+                    ]
+                    self.manifest.upsert(txn.con, rows)
+                    # A pack whose every key has now moved elsewhere is no longer named by any row.
+                    stale = {entry.path for entry in moved.values() if entry.pack_offset is not None}
+                    for path in self.manifest.unreferenced(txn.con, stale):
+                        txn.after_commit(functools.partial(path.unlink, missing_ok=True))
                     self.manifest.add_counters(txn.con, misses=misses)
                 self._tally(0, misses)
+                done.update({row.entry.key: row.entry for row in rows})
         finally:
-            for temp, _row in temps.values():
+            for temp in [temp for temp, _row in singles.values()] + [pack.temp for pack in packs]:
                 temp.unlink(missing_ok=True)
-        done.update({key: row.entry for key, (_temp, row) in temps.items()})
         return [done[key] for key, _t, _s, _m in items]
 
-    def _write_temp(
+    def _pack_groups(self, todo: Mapping[str, tuple[pa.Table, Any, Any, str]]) -> list[list[str]]:
+        """Keys that ride together in packs: small tables of one schema, two or more of them.
+
+        A key that has a file of its own (written before packs, or large) keeps it: its new content replaces
+        that file atomically, where a pack could not (readers try the key's own file first).
+        """
+        groups: dict[bytes, list[str]] = {}
+        for key, (table, *_rest) in todo.items():
+            if table.num_rows < _packs.PACK_MAX_ROWS and not _files.data_path(self.root, key).exists():
+                groups.setdefault(_packs.schema_group(table), []).append(key)
+        return [keys for keys in groups.values() if len(keys) > 1]
+
+    def _file_meta(
         self,
         key: str,
         table: pa.Table,
@@ -463,10 +516,10 @@ class FeatureStore:
         kind: str,
         entry_kind: str,
         now: dt.datetime,
-    ) -> tuple[Path, Row]:
+    ) -> tuple[dict[str, str], Entry]:
+        """A key's own metadata (footer of its file, or its pack's index) and its manifest entry."""
         bounds = time_range(table)
         start, end = bounds if bounds is not None else (None, None)
-        path = _files.data_path(self.root, key)
         file_meta = {
             "key": key,
             "symbol": symbol or "",
@@ -479,23 +532,79 @@ class FeatureStore:
             "created_ts": now.isoformat(),
             "meta": _files.dump_meta(meta),
         }
-        temp = _files.write_temp(path, table, file_meta, compression_level=self.compression_level)
         entry = Entry(
-            key, path, symbol, ns_to_utc(start), ns_to_utc(end), table.num_rows, 0, content,
-            self.hash_method, now, now,
+            key, _files.data_path(self.root, key), symbol, ns_to_utc(start), ns_to_utc(end), table.num_rows, 0,
+            content, self.hash_method, now, now,
         )  # fmt: skip
+        return file_meta, entry
+
+    def _write_temp(
+        self,
+        key: str,
+        table: pa.Table,
+        symbol: str | None,
+        meta: dict[str, Any],
+        content: str,
+        kind: str,
+        entry_kind: str,
+        now: dt.datetime,
+    ) -> tuple[Path, Row]:
+        file_meta, entry = self._file_meta(key, table, symbol, meta, content, kind, entry_kind, now)
+        temp = _files.write_temp(entry.path, table, file_meta, compression_level=self.compression_level)
         return temp, Row(entry, entry_kind, file_meta["meta"])
 
-    def _publish(self, txn: Txn, temps: dict[str, tuple[Path, Row]]) -> None:
+    def _write_pack(
+        self,
+        items: list[tuple[str, pa.Table, str | None, dict[str, Any], str]],
+        kind: str,
+        entry_kind: str,
+        now: dt.datetime,
+    ) -> _PendingPack:
+        rows: dict[str, Row] = {}
+        parts: list[tuple[str, pa.Table, dict[str, str]]] = []
+        for key, table, symbol, meta, content in items:
+            file_meta, entry = self._file_meta(key, table, symbol, meta, content, kind, entry_kind, now)
+            rows[key] = Row(entry, entry_kind, file_meta["meta"])
+            parts.append((key, table, file_meta))
+        temp, final, placed = _packs.write_temp(
+            self.root, parts, compression_level=self.compression_level, created=now.isoformat()
+        )
+        return _PendingPack(temp, final, placed, rows)
+
+    def _publish(self, txn: Txn, temps: dict[str, tuple[Path, Row]]) -> list[Row]:
         # Renames happen inside the exclusive transaction so that no deleter can run between a file appearing
         # and its row being recorded; a crash before COMMIT leaves only an orphan file.
         rows: list[Row] = []
-        for key, (temp, row) in temps.items():
+        for temp, row in temps.values():
             size = _files.publish(temp, row.entry.path)
-            entry = dataclasses.replace(row.entry, file_size_bytes=size)
+            rows.append(dataclasses.replace(row, entry=dataclasses.replace(row.entry, file_size_bytes=size)))
+        return rows
+
+    def _publish_pack(self, txn: Txn, pack: _PendingPack) -> list[Row]:
+        """Rename a pack into place (same transaction rule as ``_publish``); its keys' rows, each with its share
+        of the pack's bytes (by rows, summing to the pack's size) so that stats and GC add up."""
+        size = _files.publish(pack.temp, pack.final)
+        rows: list[Row] = []
+        for part, share in zip(pack.parts, _packs.shares(size, [p.rows for p in pack.parts]), strict=True):
+            row = pack.rows[part.key]
+            entry = dataclasses.replace(
+                row.entry, path=pack.final, file_size_bytes=share, pack_offset=part.offset, pack_bytes=size
+            )
             rows.append(dataclasses.replace(row, entry=entry))
-            temps[key] = (temp, rows[-1])
-        self.manifest.upsert(txn.con, rows)
+            # Another process put this key as a file of its own since we looked: that file would shadow the
+            # pack for readers. Removed before COMMIT: a crash in between costs a miss, never stale data.
+            _files.data_path(self.root, part.key).unlink(missing_ok=True)
+        return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingPack:
+    """A pack written and fsynced but not yet published: its temporary, final path, parts and their rows."""
+
+    temp: Path
+    final: Path
+    parts: list[_packs.Part]
+    rows: dict[str, Row]
 
 
 class _Named:

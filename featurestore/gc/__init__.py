@@ -4,7 +4,9 @@ One exclusive manifest transaction decides everything, so no writer can publish 
 accessed for the retention period (access comes from the store's own journal, never from file atimes), rows whose
 file is missing or fails the footer-and-size check, files without a row (orphans) and abandoned temporaries. Rows
 go first, files after COMMIT. Orphans and temporaries younger than the grace period are left alone, so a write in
-flight in another process is never deleted. Afterwards a CHECKPOINT compacts the manifest (DuckDB's VACUUM
+flight in another process is never deleted. A pack (many keys in one file) is removed only when none of its keys is
+left: packs are not rewritten to drop dead keys, because a pack holds one batch of a refresh, whose keys are
+written, read and expire together (a pack with some keys expired is rare and small). Afterwards a CHECKPOINT compacts the manifest (DuckDB's VACUUM
 reclaims nothing).
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from featurestore import _files, maintenance
+from featurestore import _files, _packs, maintenance
 from featurestore._cli import OneLineParser, add_root_option, open_store
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import utc_now
@@ -79,17 +81,20 @@ def collect_garbage(
     with store.manifest.write() as txn:
         entries = store.manifest.select(txn.con)
         expired, missing, corrupt = [], [], []
+        sound: dict[Path, bool | None] = {}  # per file: a pack is checked once for all its keys
         for key, entry in entries.items():
+            if entry.path not in sound:
+                sound[entry.path] = _sound(entry.path, entry.pack_bytes or entry.file_size_bytes)
             if entry.last_accessed_ts < cutoff:
                 expired.append(entry)
-            elif not entry.path.exists():
+            elif sound[entry.path] is None:
                 missing.append(entry)
-            elif not _sound(entry.path, entry.file_size_bytes):
+            elif not sound[entry.path]:
                 corrupt.append(entry)
             else:
                 continue
             say(f"{'would remove' if dry_run else 'remove'} entry {key} ({entry.path})")
-        strays = maintenance.find_strays(store.root, set(entries))
+        strays = maintenance.find_strays(store.root, entries)
         orphans = [p for p in strays.orphans if _mtime(p) < stray_cutoff]
         temporaries = [p for p in strays.temporaries if _mtime(p) < stray_cutoff]
         for path in orphans + temporaries:
@@ -98,7 +103,8 @@ def collect_garbage(
         sizes = {path: _size(path) for path in orphans + temporaries}
         if not dry_run:
             store.manifest.delete(txn.con, [entry.key for entry in doomed])
-            for path in [entry.path for entry in expired + corrupt] + orphans + temporaries:
+            released = store.manifest.unreferenced(txn.con, {entry.path for entry in expired + corrupt})
+            for path in released + orphans + temporaries:
                 txn.after_commit(functools.partial(path.unlink, missing_ok=True))
     if not dry_run:
         store.manifest.checkpoint()
@@ -122,12 +128,21 @@ def collect_garbage(
     )
 
 
-def _sound(path: Path, expected_size: int) -> bool:
-    """Cheap check (footer parses, size matches the row): GC must not read every byte under the lock."""
+def _sound(path: Path, expected_size: int) -> bool | None:
+    """Cheap check (footer parses, size matches the row): GC must not read every byte under the lock.
+
+    None when the file is missing."""
+    if not path.exists():
+        return None
     try:
-        _files.read_footer_meta(path)
+        if _packs.is_pack(path):
+            _packs.read_footer_index(path)
+        else:
+            _files.read_footer_meta(path)
         return path.stat().st_size == expected_size
-    except (_files.CorruptFile, FileNotFoundError):
+    except FileNotFoundError:
+        return None
+    except _files.CorruptFile:
         return False
 
 

@@ -144,10 +144,12 @@ def test_put_many_get_many_lookup(store: FeatureStore) -> None:
     found = store.lookup([f"seg-{i}" for i in range(25)])
     assert set(found) == {k for k, _t, _s in items}
     assert found["seg-3"] == entries[3]
-    os.unlink(found["seg-4"].path)  # lookup reads the manifest only, never the files
-    assert "seg-4" in store.lookup(["seg-4"])
     got = store.get_many(["seg-1", "seg-4", "missing"])
-    assert set(got) == {"seg-1"} and got["seg-1"].equals(segment([1.0, 1.0]))
+    assert set(got) == {"seg-1", "seg-4"} and got["seg-1"].equals(segment([1.0, 1.0]))
+    [pack] = {entry.path for entry in entries}  # small tables of one batch: one file
+    os.unlink(pack)  # lookup reads the manifest only, never the files
+    assert "seg-4" in store.lookup(["seg-4"])
+    assert store.get_many(["seg-1", "seg-4", "missing"]) == {}
 
 
 def test_bad_keys_and_tables_are_rejected(store: FeatureStore) -> None:
@@ -230,13 +232,15 @@ def test_validate_reports_missing_files_and_orphans(store: FeatureStore) -> None
 def test_rebuild_manifest_restores_rows_from_files(store: FeatureStore, bars: pd.DataFrame) -> None:
     store.put_many([(f"seg-{i}", segment([float(i)]), "SYM") for i in range(5)])
     store.get_or_compute("AAPL", bars, CONFIG, Counting())
-    before = store.lookup([p.stem for p in data_files(store)])
-    assert len(before) == 6
+    own_files = [p.stem for p in data_files(store) if p.parent.name != "packs"]
+    before = store.lookup([f"seg-{i}" for i in range(5)] + own_files)
+    assert len(before) == 6 and len(own_files) == 1  # the five segments ride in one pack
     store.manifest.path.unlink()
 
     def described(entries: dict[str, Any]) -> dict[str, Any]:
         return {
-            k: (e.symbol, e.rows, e.content_hash, e.start_ts, e.file_size_bytes) for k, e in entries.items()
+            k: (e.symbol, e.rows, e.content_hash, e.start_ts, e.file_size_bytes, e.path, e.pack_offset)
+            for k, e in entries.items()
         }
 
     # A deleted manifest is restored from the files on first use, then rebuilt again on demand.
