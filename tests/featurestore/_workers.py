@@ -107,3 +107,40 @@ def heal_and_read(root: str, start_at: float, keys: list[str]) -> int:
     found = store.lookup(keys)
     assert store.validate_cache_integrity(deep=False).ok
     return len(found)
+
+
+def daily(key: str, rows: int = 21) -> pa.Table:
+    """A small table whose content depends on ``key`` alone: any process writing ``key`` writes the same."""
+    seed = int.from_bytes(key.encode()[-4:].rjust(4, b"\0"), "little")
+    rng = np.random.default_rng(seed)
+    ts = pa.array(np.arange(rows, dtype=np.int64) * 86_400_000_000 + seed * 10**6, pa.int64())
+    return pa.table({"ts": ts.cast(pa.timestamp("us", tz="UTC")), "close": rng.random(rows)})
+
+
+def put_overlapping_batches(root: str, start_at: float, first: int, rounds: int) -> list[str]:
+    """Put batches of 30 keys starting at ``first``, shifted each round; returns error messages."""
+    while time.time() < start_at:
+        time.sleep(0.001)
+    store = FeatureStore(root)
+    errors: list[str] = []
+    for r in range(rounds):
+        keys = [f"d-{(first + r * 7 + j) % 90:03d}" for j in range(30)]
+        try:
+            store.put_many([(key, daily(key), "S") for key in keys])
+            got = store.get_many(keys)
+            if sorted(got) != sorted(keys) or any(not got[k].equals(daily(k)) for k in keys):
+                errors.append(f"round {r}: read back {len(got)} of {len(keys)} or different content")
+        except Exception as exc:  # reported to the parent, which asserts there were none
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return errors
+
+
+def die_before_commit(root: str) -> None:
+    """Write a pack, then SIGKILL this process after its rename, before the manifest transaction commits."""
+    from featurestore.manifest import Manifest
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        os.kill(os.getpid(), 9)
+
+    Manifest.upsert = killed  # type: ignore[method-assign]
+    FeatureStore(root).put_many([(f"k-{i}", daily(f"k-{i}"), "S") for i in range(10)])

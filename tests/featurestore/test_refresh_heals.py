@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pyarrow.parquet as pq
 import pytest
 
-from featurestore import FeatureStore
+from featurestore import Entry, FeatureStore
 from refresher.engines.base import ServerInfo
 from refresher.engines.existing import ExistingServerEngine
 from refresher.profile import Profile, profile_from_file
@@ -59,9 +58,16 @@ def run(profile: Profile, server: ServerInfo, root: Path) -> RefreshReport:
     return refresh(profile, ExistingServerEngine(server), FeatureStore(root))
 
 
-def entry_kind(path: Path) -> str:
-    meta = pq.read_metadata(path).schema.to_arrow_schema().metadata
-    return meta[b"featurestore.entry_kind"].decode()
+def segment_entries(store: FeatureStore) -> list[Entry]:
+    """The manifest's segment entries (``kind`` column), those in packs first."""
+    with store.manifest.read() as con:
+        entries = store.manifest.select(con)
+        segments = {
+            key for (key,) in con.execute("SELECT key FROM entries WHERE kind = 'segment'").fetchall()
+        }
+    return sorted(
+        (e for e in entries.values() if e.key in segments), key=lambda e: (e.pack_offset is None, e.key)
+    )
 
 
 def checksums(server: ServerInfo) -> dict[str, str]:
@@ -108,15 +114,13 @@ def test_damaged_segment_files_are_fetched_again_in_the_same_run(
     before = checksums(pg_database)
     with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM refresher_segments")  # the database forgets: every segment is to load
-    store = FeatureStore(store_root)
-    with store.manifest.read() as con:
-        entries = sorted(store.manifest.select(con).values(), key=lambda e: e.key)
-    segments = [e for e in entries if entry_kind(e.path) == "segment"][:3]
-    segments[0].path.write_bytes(segments[0].path.read_bytes()[:200])  # truncated
-    data = bytearray(segments[1].path.read_bytes())
+    files = list(dict.fromkeys(e.path for e in segment_entries(FeatureStore(store_root))))[:3]
+    assert files[0].parent.name == "packs"  # the daily segments of a batch share one file
+    files[0].write_bytes(files[0].read_bytes()[:200])  # truncated
+    data = bytearray(files[1].read_bytes())
     data[len(data) // 3] ^= 0xFF  # one flipped bit in a data page
-    segments[1].path.write_bytes(bytes(data))
-    segments[2].path.unlink()  # gone
+    files[1].write_bytes(bytes(data))
+    files[2].unlink()  # gone
 
     report = run(profile, pg_database, store_root)
     assert report.segments.loaded == DESIRED
@@ -147,13 +151,14 @@ def test_a_damaged_daily_file_the_features_need_is_fetched_again_in_the_same_run
     first = run(profile, pg_database, store_root)
     with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM refresher_features")  # the features must be computed again, not the bars
-    store = FeatureStore(store_root)
-    with store.manifest.read() as con:
-        entries = store.manifest.select(con)
-    daily = next(e for e in entries.values() if entry_kind(e.path) == "segment" and e.rows < 100)
+    entries = segment_entries(FeatureStore(store_root))
+    daily = next(e for e in entries if e.rows < 100)
+    damaged = sum(e.path == daily.path for e in entries)  # every daily segment of its pack
     daily.path.write_bytes(daily.path.read_bytes()[:100])
 
     report = run(profile, pg_database, store_root)
     assert report.segments.loaded == 0 and report.features.loaded == first.features.loaded
-    assert any("1 segment files were missing or corrupt" in note for note in report.notes), report.notes
+    assert any(f"{damaged} segment files were missing or corrupt" in note for note in report.notes), (
+        report.notes
+    )
     assert FeatureStore(store_root).validate_cache_integrity().ok

@@ -1,0 +1,212 @@
+"""Packs: small tables of one batch share one file; every promise of single files still holds for them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from featurestore import FeatureStore, collect_garbage
+from featurestore._packs import PACK_MAX_ROWS
+from featurestore.manifest import STORE_FORMAT
+from tests.featurestore._workers import daily
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def batch(prefix: str, n: int = 12) -> list[tuple[str, pa.Table, str]]:
+    return [(f"{prefix}-{i:02d}", daily(f"{prefix}-{i:02d}"), f"S{i % 3}") for i in range(n)]
+
+
+def packs(store: FeatureStore) -> list[Path]:
+    return sorted((store.root / "data" / "packs").glob("*.parquet"))
+
+
+def own_files(store: FeatureStore) -> list[Path]:
+    return sorted(p for p in (store.root / "data").glob("*/*.parquet") if p.parent.name != "packs")
+
+
+def test_a_batch_of_small_tables_is_one_file_read_back_exactly(store: FeatureStore) -> None:
+    items = batch("a")
+    entries = store.put_many(items)
+    [pack] = packs(store)
+    assert own_files(store) == [] and {e.path for e in entries} == {pack}
+    assert [e.pack_offset for e in entries] == [21 * i for i in range(12)]
+    assert sum(e.file_size_bytes for e in entries) == pack.stat().st_size == entries[0].pack_bytes
+    got = store.get_many([k for k, _t, _s in items])
+    assert all(got[k].equals(t) for k, t, _s in items)
+    assert store.get("a-05") == items[5][1]
+    stats = store.get_cache_stats()
+    assert (stats.entries, stats.bytes) == (12, pack.stat().st_size)
+    assert store.validate_cache_integrity().ok and store.validate_cache_integrity(deep=False).ok
+
+
+def test_large_tables_and_lone_schemas_keep_files_of_their_own(store: FeatureStore) -> None:
+    large = daily("large", rows=PACK_MAX_ROWS)
+    lone = pa.table({"other": [1, 2, 3]})
+    entries = store.put_many([*batch("b", 3), ("large", large, "S"), ("lone", lone, "S")])
+    assert [e.pack_offset is None for e in entries] == [False, False, False, True, True]
+    assert [p.stem for p in own_files(store)] == ["large", "lone"] and len(packs(store)) == 1
+    assert store.get("large") == large and store.get("lone") == lone
+
+
+def test_a_damaged_pack_costs_only_its_own_keys(store: FeatureStore) -> None:
+    store.put_many(batch("good"))
+    store.put_many(batch("bad"))
+    bad_pack = store.lookup(["bad-00"])["bad-00"].path
+    data = bytearray(bad_pack.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)  # zeroes in the data pages, footer intact
+    bad_pack.write_bytes(bytes(data))
+    report = store.validate_cache_integrity()
+    assert report.missing == () and set(report.corrupt) == {f"bad-{i:02d}" for i in range(12)}
+    keys = [k for k, _t, _s in batch("good") + batch("bad")]
+    got = store.get_many(keys)
+    assert sorted(got) == sorted(k for k in keys if k.startswith("good"))
+    assert store.lookup(keys).keys() == got.keys()  # the damaged keys are evicted, the others kept
+    assert not bad_pack.exists()  # no key named it any more
+    assert store.validate_cache_integrity().ok
+    store.put_many(batch("bad"))  # fetched again, as a refresh would
+    assert len(store.get_many(keys)) == 24
+
+
+def test_a_pack_whose_keys_all_moved_on_is_removed(store: FeatureStore) -> None:
+    store.put_many(batch("c", 6))
+    [first] = packs(store)
+    changed = [(k, t.slice(0, 20), s) for k, t, s in batch("c", 4)]  # four keys get new content
+    store.put_many(changed)
+    assert first.exists() and len(packs(store)) == 2  # c-04, c-05 still live in the first pack
+    store.put_many([(k, t.slice(0, 19), s) for k, t, s in batch("c", 6)])
+    assert not first.exists() and len(packs(store)) == 1
+    assert all(store.get(k) == t.slice(0, 19) for k, t, _s in batch("c", 6))
+    assert store.validate_cache_integrity().orphans == ()
+
+
+def test_rebuild_from_files_alone_keeps_the_newest_copy_of_each_key(store: FeatureStore) -> None:
+    store.put_many(batch("r", 6))
+    store.put_many([(k, t.slice(0, 10), s) for k, t, s in batch("r", 3)])  # r-00..r-02 move to a new pack
+    before = store.lookup([k for k, _t, _s in batch("r", 6)])
+    store.manifest.path.unlink()
+    assert store.rebuild_manifest() == 6
+    after = store.lookup(list(before))
+    fields = ("path", "pack_offset", "pack_bytes", "rows", "content_hash", "file_size_bytes", "symbol")
+    assert {k: [getattr(e, f) for f in fields] for k, e in after.items()} == {
+        k: [getattr(e, f) for f in fields] for k, e in before.items()
+    }
+    assert store.get("r-01") == daily("r-01").slice(0, 10) and store.get("r-05") == daily("r-05")
+
+
+def age_all(store: FeatureStore, keys: list[str], weeks: int) -> None:
+    with duckdb.connect(str(store.manifest.path)) as con:
+        con.execute(
+            "UPDATE entries SET last_accessed_ts = last_accessed_ts - to_weeks(?) WHERE key IN "
+            "(SELECT unnest(?::VARCHAR[]))",
+            [weeks, keys],
+        )
+
+
+def test_gc_removes_a_pack_only_when_none_of_its_keys_is_left(store: FeatureStore) -> None:
+    store.put_many(batch("g", 4))
+    [pack] = packs(store)
+    age_all(store, ["g-00", "g-01"], 5)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4))
+    assert (report.expired, report.orphans, report.entries_after) == (2, 0, 2) and pack.exists()
+    assert store.get("g-03") == daily("g-03") and store.get("g-00") is None
+    age_all(store, ["g-02", "g-03"], 5)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4))
+    assert report.expired == 2 and not pack.exists() and store.get_cache_stats().entries == 0
+
+
+def test_sigkill_between_the_pack_and_the_commit_leaves_no_key_and_a_rerun_completes(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    FeatureStore(root)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from tests.featurestore._workers import die_before_commit as d; d({str(root)!r})",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -9, child.stderr
+    store = FeatureStore(root)
+    keys = [f"k-{i}" for i in range(10)]
+    [orphan] = packs(store)  # renamed into place, never recorded
+    assert store.lookup(keys) == {} and store.get_many(keys) == {}
+    assert store.validate_cache_integrity().orphans == (orphan,)
+    store.put_many([(k, daily(k), "S") for k in keys])  # the re-run
+    assert (
+        all(t.equals(daily(k)) for k, t in store.get_many(keys).items()) and len(store.get_many(keys)) == 10
+    )
+    collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
+    report = store.validate_cache_integrity()
+    assert report.ok and report.orphans == () and not orphan.exists()
+
+
+def test_two_processes_putting_overlapping_batches(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    FeatureStore(root)
+    start_at = time.time() + 1.5  # both spawned interpreters have imported by then
+    context = multiprocessing.get_context("spawn")
+    from tests.featurestore import _workers
+
+    with context.Pool(2) as pool:
+        errors = pool.starmap(
+            _workers.put_overlapping_batches, [(str(root), start_at, 0, 8), (str(root), start_at, 10, 8)]
+        )
+    assert errors == [[], []]
+    store = FeatureStore(root)
+    keys = sorted(
+        {f"d-{(first + r * 7 + j) % 90:03d}" for first in (0, 10) for r in range(8) for j in range(30)}
+    )
+    got = store.get_many(keys)
+    assert sorted(got) == keys and all(got[k].equals(daily(k)) for k in keys)
+    report = store.validate_cache_integrity()
+    assert report.ok and report.orphans == () and report.temporaries == ()
+
+
+def old_layout(store: FeatureStore) -> None:
+    """Make ``store``'s manifest one written before packs: no pack columns, no format row."""
+    with duckdb.connect(str(store.manifest.path)) as con:
+        con.execute("ALTER TABLE entries DROP COLUMN pack_offset")
+        con.execute("ALTER TABLE entries DROP COLUMN pack_bytes")
+        con.execute("DELETE FROM counters WHERE name = 'store_format'")
+
+
+def test_a_store_in_the_old_layout_keeps_working(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = FeatureStore(root)
+    old = {k: t for k, t, _s in batch("old", 3)}
+    for key, table in old.items():
+        store.put(key, table, symbol="S")  # one file per key, as before packs
+    old_layout(store)
+    store = FeatureStore(root)
+    assert store.get_many(list(old)) == old
+    assert set(store.lookup(list(old))) == set(old)
+    with duckdb.connect(str(store.manifest.path), read_only=True) as con:
+        assert con.execute("SELECT value FROM counters WHERE name = 'store_format'").fetchall() == [
+            (STORE_FORMAT,)
+        ]
+    # A rewrite of old keys replaces their own files (no pack can shadow them); new keys ride in a pack.
+    store.put_many([("old-00", old["old-00"].slice(0, 5), "S"), *batch("new", 3)])
+    assert [p.stem for p in own_files(store)] == list(old) and len(packs(store)) == 1
+    assert store.get("old-00") == old["old-00"].slice(0, 5) and store.get("new-01") == daily("new-01")
+    assert store.validate_cache_integrity().ok
+
+
+@pytest.mark.parametrize("deep", [True, False])
+def test_a_truncated_pack_reports_its_keys(store: FeatureStore, deep: bool) -> None:
+    store.put_many(batch("t", 5))
+    [pack] = packs(store)
+    pack.write_bytes(pack.read_bytes()[:100])
+    report = store.validate_cache_integrity(deep=deep)
+    assert sorted(report.corrupt) == [f"t-{i:02d}" for i in range(5)] and report.orphans == ()
