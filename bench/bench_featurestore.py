@@ -1,4 +1,5 @@
-"""Feature store benchmarks: fingerprint throughput, hit latency, manifest lookup and 8-process throughput.
+"""Feature store benchmarks: fingerprint throughput, hit latency, manifest lookup, 8-process throughput, packs
+against one file per key, and Zstandard level 3 (the store's default) against level 1.
 
 Baselines are measured in the same run: the seed fingerprinted a frame by writing it to Parquet in memory and
 hashing the bytes with SHA-256, and looked entries up the same way before reading the file with pandas.
@@ -123,6 +124,66 @@ def bench_lookup(root: Path) -> dict[str, Any]:
             "ratio": None}  # fmt: skip
 
 
+def _daily_segments(count: int, rows: int) -> list[tuple[str, pa.Table, str]]:
+    """``count`` daily-bar-like segments of ``rows`` rows (symbol, date, prices, volume), as a source makes."""
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(count):
+        close = 100 + rng.standard_normal(rows).cumsum()
+        table = pa.table(
+            {
+                "symbol": pa.array([f"S{i % 40:03d}"] * rows),
+                "date": pa.array(np.arange(rows, dtype=np.int32) + 19_000 + 31 * (i // 40), pa.date32()),
+                "open": np.round(close + rng.random(rows), 2),
+                "high": np.round(close + 1 + rng.random(rows), 2),
+                "low": np.round(close - 1 - rng.random(rows), 2),
+                "close": np.round(close, 2),
+                "volume": rng.integers(1, 10**6, rows),
+            }
+        )
+        out.append((f"seg-{rows}-{i:04d}", table, f"S{i % 40:03d}"))
+    return out
+
+
+def _write_and_read(
+    root: Path, items: list[tuple[str, pa.Table, str]], **options: Any
+) -> tuple[float, float, int]:
+    """(put_many seconds, get_many seconds, bytes on disk) for ``items`` in a fresh store."""
+    store = FeatureStore(root, **options)
+    start = time.perf_counter()
+    store.put_many(items)
+    wrote = time.perf_counter() - start
+    start = time.perf_counter()
+    store.get_many([key for key, _t, _s in items])
+    read = time.perf_counter() - start
+    return wrote, read, sum(p.stat().st_size for p in (root / "data").rglob("*.parquet"))
+
+
+def bench_packs(root: Path) -> list[dict[str, Any]]:
+    """One batch of 200 month-of-daily-bars segments (21 rows): packs vs one file per key, as the refresh stores
+    them (``STORE_BATCH``); then Zstandard level 3 vs 1, on such packs and on single minute-bar segments."""
+    daily = _daily_segments(200, 21)
+    ours = _write_and_read(root / "packs", daily)
+    single = _write_and_read(root / "single", daily, pack_max_rows=0)
+    rows = [
+        {**_row("put_many of 200 daily segments: packs", ours[0], single[0], "s", higher_is_better=False),
+         "note": f"baseline: one file and fsync per key; size {ours[2] / 1e3:,.0f} kB vs {single[2] / 1e3:,.0f} kB"
+                 f" ({single[2] / ours[2]:.1f}x smaller); get_many of the 200: {ours[1] * 1e3:.0f} ms vs"
+                 f" {single[1] * 1e3:.0f} ms"},
+    ]  # fmt: skip
+    minute = _daily_segments(20, 8_190)
+    for name, items in (("200 daily segments in a pack", daily), ("20 minute segments, own files", minute)):
+        level3 = _write_and_read(root / f"z3-{len(items)}", items, compression_level=3)
+        level1 = _write_and_read(root / f"z1-{len(items)}", items, compression_level=1)
+        row = _row(f"Zstandard level 3 vs 1: {name}", level3[0], level1[0], "s", higher_is_better=False)
+        row["note"] = (
+            f"write time; size {level3[2] / 1e3:,.0f} kB vs {level1[2] / 1e3:,.0f} kB;"
+            f" read {level3[1] * 1e3:.0f} ms vs {level1[1] * 1e3:.0f} ms"
+        )
+        rows.append(row)
+    return rows
+
+
 def _worker(root: str, worker: int, operations: int, go: Event, ready: Any) -> None:
     store = FeatureStore(root)
     inputs = [(f"S{i}", frame(8 * 9 * 2_000, seed=i), {"window": 10 + i % 3}) for i in range(12)]
@@ -177,6 +238,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         root = Path(tmp)
         rows.append(bench_hit_latency(root))
         rows.append(bench_lookup(root))
+        rows.extend(bench_packs(root))
         rows.append(bench_processes(root, quick))
     return rows
 

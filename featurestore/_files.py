@@ -95,7 +95,14 @@ def _stored_schema(schema: pa.Schema) -> pa.Schema:
         return _stored_schema_cached.__wrapped__(schema)
 
 
-def write_temp(final: Path, table: pa.Table, meta: dict[str, str], *, compression_level: int) -> Path:
+def write_temp(
+    final: Path,
+    table: pa.Table,
+    meta: dict[str, str],
+    *,
+    compression_level: int,
+    row_group_size: int | None = None,
+) -> Path:
     """Write ``table`` to a fsynced temporary beside ``final``; the caller publishes it with ``publish``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
@@ -108,6 +115,7 @@ def write_temp(final: Path, table: pa.Table, meta: dict[str, str], *, compressio
                 handle,
                 compression="zstd",
                 compression_level=compression_level,
+                row_group_size=row_group_size,
             )
             handle.flush()
             os.fsync(handle.fileno())

@@ -31,9 +31,9 @@ from featurestore.fingerprint import HashMethod, fingerprint_table
 
 PACK_DIR = "packs"
 PACK_FORMAT = "pack-1"
-_INDEX_KEY = _files.META_PREFIX + "pack"
-_INDEX_SIZE_KEY = _files.META_PREFIX + "pack_index_bytes"
-_FORMAT_KEY = _files.META_PREFIX + "format"
+_INDEX_KEY = "pack"
+_INDEX_SIZE_KEY = "pack_index_bytes"
+_FORMAT_KEY = "format"
 # Tables of fewer rows than this ride in packs; larger ones (a month of minute bars is ~8,200 rows) stay single
 # files: packing 50 of them halved their size but a single key's read grew from ~3 ms to ~60 ms (a whole shared
 # row group decoded for one key), and their files were never the problem (one fsync per ~150 kB).
@@ -80,25 +80,13 @@ def write_temp(
         parts.append(Part(key, offset, table.num_rows, meta))
         offset += table.num_rows
     final = pack_dir(root) / f"{uuid.uuid4().hex}.parquet"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.concat_tables([t for _k, t, _m in items])
-    schema_meta = dict(table.schema.metadata or {})
-    schema_meta.update(_encode_index(parts, created))
-    temp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_files.TEMP_SUFFIX}"
-    try:
-        with open(temp, "wb") as handle:
-            pq.write_table(
-                table.replace_schema_metadata(schema_meta),
-                handle,
-                compression="zstd",
-                compression_level=compression_level,
-                row_group_size=ROW_GROUP_ROWS,
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    temp = _files.write_temp(
+        final,
+        pa.concat_tables([t for _k, t, _m in items]),
+        _encode_index(parts, created),
+        compression_level=compression_level,
+        row_group_size=ROW_GROUP_ROWS,
+    )
     return temp, final, parts
 
 
@@ -115,7 +103,8 @@ def shares(size: int, rows: list[int]) -> list[int]:
     return out
 
 
-def _encode_index(parts: list[Part], created: str) -> dict[bytes, bytes]:
+def _encode_index(parts: list[Part], created: str) -> dict[str, str]:
+    """The footer entries of a pack (``_files.write_temp`` prefixes them with ``featurestore.``)."""
     index: dict[str, Any] = {
         "format": PACK_FORMAT,
         "created_ts": created,
@@ -128,18 +117,18 @@ def _encode_index(parts: list[Part], created: str) -> dict[bytes, bytes]:
     raw = json.dumps(index, separators=(",", ":")).encode()
     packed = pa.compress(raw, codec="zstd", asbytes=True)
     return {
-        _INDEX_KEY.encode(): base64.b64encode(packed),
-        _INDEX_SIZE_KEY.encode(): str(len(raw)).encode(),
-        _FORMAT_KEY.encode(): PACK_FORMAT.encode(),
+        _INDEX_KEY: base64.b64encode(packed).decode(),
+        _INDEX_SIZE_KEY: str(len(raw)),
+        _FORMAT_KEY: PACK_FORMAT,
     }
 
 
-def read_index(metadata: dict[bytes, bytes] | None) -> dict[str, Part]:
+def read_index(schema: pa.Schema) -> dict[str, Part]:
     """The parts a pack's footer records, by key; ValueError if the footer holds no sound index."""
-    metadata = metadata or {}
+    metadata = _files.own_meta(schema)
     try:
-        packed = base64.b64decode(metadata[_INDEX_KEY.encode()], validate=True)
-        size = int(metadata[_INDEX_SIZE_KEY.encode()])
+        packed = base64.b64decode(metadata[_INDEX_KEY], validate=True)
+        size = int(metadata[_INDEX_SIZE_KEY])
         index = json.loads(bytes(pa.decompress(packed, size, codec="zstd", asbytes=True)))
         created = str(index["created_ts"])
         parts: dict[str, Part] = {}
@@ -157,7 +146,7 @@ def read_footer_index(path: Path) -> tuple[dict[str, Part], int]:
     """The index and total rows of a pack from its footer alone; CorruptFile when it cannot be read."""
     try:
         metadata = pq.read_metadata(path)
-        return read_index(metadata.metadata), metadata.num_rows
+        return read_index(metadata.schema.to_arrow_schema()), metadata.num_rows
     except (pa.ArrowException, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
@@ -184,7 +173,7 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
         status = os.fstat(handle.fileno())
         try:
             reader = pq.ParquetFile(handle)
-            parts = read_index(reader.schema_arrow.metadata)
+            parts = read_index(reader.schema_arrow)
         except (pa.ArrowException, OSError, ValueError) as exc:
             return PackRead({}, dict.fromkeys(keys, f"unreadable pack: {exc}"), status.st_ino)
         starts = [0]

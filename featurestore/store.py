@@ -29,7 +29,7 @@ from featurestore.errors import ComputeError, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
 from featurestore.keys import Raw, feature_key, is_dataframe, time_range, to_arrow
 from featurestore.maintenance import IntegrityReport
-from featurestore.manifest import Entry, Manifest, Row, Txn, ns_to_utc, utc_now
+from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -111,7 +111,9 @@ class FeatureStore:
         hash_method: HashMethod = "xxh3",
         compression_level: int = 3,
         lock_timeout: float | None = 600.0,
+        pack_max_rows: int = _packs.PACK_MAX_ROWS,
     ) -> None:
+        """``pack_max_rows``: tables of fewer rows written in one batch share a pack file (0: never)."""
         if root is None:
             root = os.environ.get(ROOT_ENV) or DEFAULT_ROOT
         if hash_method not in HASH_METHODS:
@@ -120,6 +122,7 @@ class FeatureStore:
         self.hash_method: HashMethod = hash_method
         self.compression_level = compression_level
         self.lock_timeout = lock_timeout
+        self.pack_max_rows = pack_max_rows
         (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
         (self.root / _LOCK_DIR).mkdir(exist_ok=True)
         self.manifest = Manifest(self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows)
@@ -459,7 +462,7 @@ class FeatureStore:
                 raise bad_value("table", type(table).__name__, f"must be a pyarrow Table (key {key})")
             stored = _files.as_stored(to_arrow(table))
             latest[key] = (stored, symbol, meta, fingerprint_table(stored, self.hash_method))
-        existing = self.lookup(list(latest)) if latest else {}
+        existing = self.lookup(list(latest)) if entry_kind == "segment" and latest else {}
         done = {
             key: existing[key]
             for key, (_t, _s, _m, content) in latest.items()
@@ -470,17 +473,21 @@ class FeatureStore:
         try:
             now = utc_now()
             todo = {key: value for key, value in latest.items() if key not in done}
+            described = {
+                key: (table, *self._file_meta(key, table, symbol, meta, content, kind, entry_kind, now))
+                for key, (table, symbol, meta, content) in todo.items()
+            }
             for group in self._pack_groups(todo):
-                packs.append(self._write_pack([(key, *todo[key]) for key in group], kind, entry_kind, now))
-            for key, (table, symbol, meta, content) in todo.items():
-                if not any(key in pack.rows for pack in packs):
-                    singles[key] = self._write_temp(key, table, symbol, meta, content, kind, entry_kind, now)
+                packs.append(self._write_pack([(key, *described.pop(key)) for key in group], entry_kind, now))
+            for key, (table, file_meta, entry) in described.items():
+                temp = _files.write_temp(
+                    entry.path, table, file_meta, compression_level=self.compression_level
+                )
+                singles[key] = (temp, Row(entry, entry_kind, file_meta["meta"]))
             if singles or packs:
                 with self.manifest.write() as txn:
                     moved = self.manifest.select(txn.con, list(todo))
-                    rows = self._publish(txn, singles) + [
-                        r for p in packs for r in self._publish_pack(txn, p)
-                    ]
+                    rows = self._publish(singles) + [r for p in packs for r in self._publish_pack(p)]
                     self.manifest.upsert(txn.con, rows)
                     # A pack whose every key has now moved elsewhere is no longer named by any row.
                     stale = {entry.path for entry in moved.values() if entry.pack_offset is not None}
@@ -502,7 +509,7 @@ class FeatureStore:
         """
         groups: dict[bytes, list[str]] = {}
         for key, (table, *_rest) in todo.items():
-            if table.num_rows < _packs.PACK_MAX_ROWS and not _files.data_path(self.root, key).exists():
+            if table.num_rows < self.pack_max_rows and not _files.data_path(self.root, key).exists():
                 groups.setdefault(_packs.schema_group(table), []).append(key)
         return [keys for keys in groups.values() if len(keys) > 1]
 
@@ -538,40 +545,17 @@ class FeatureStore:
         )  # fmt: skip
         return file_meta, entry
 
-    def _write_temp(
-        self,
-        key: str,
-        table: pa.Table,
-        symbol: str | None,
-        meta: dict[str, Any],
-        content: str,
-        kind: str,
-        entry_kind: str,
-        now: dt.datetime,
-    ) -> tuple[Path, Row]:
-        file_meta, entry = self._file_meta(key, table, symbol, meta, content, kind, entry_kind, now)
-        temp = _files.write_temp(entry.path, table, file_meta, compression_level=self.compression_level)
-        return temp, Row(entry, entry_kind, file_meta["meta"])
-
     def _write_pack(
-        self,
-        items: list[tuple[str, pa.Table, str | None, dict[str, Any], str]],
-        kind: str,
-        entry_kind: str,
-        now: dt.datetime,
+        self, items: list[tuple[str, pa.Table, dict[str, str], Entry]], entry_kind: str, now: dt.datetime
     ) -> _PendingPack:
-        rows: dict[str, Row] = {}
-        parts: list[tuple[str, pa.Table, dict[str, str]]] = []
-        for key, table, symbol, meta, content in items:
-            file_meta, entry = self._file_meta(key, table, symbol, meta, content, kind, entry_kind, now)
-            rows[key] = Row(entry, entry_kind, file_meta["meta"])
-            parts.append((key, table, file_meta))
+        rows = {key: Row(entry, entry_kind, file_meta["meta"]) for key, _t, file_meta, entry in items}
+        parts = [(key, table, file_meta) for key, table, file_meta, _e in items]
         temp, final, placed = _packs.write_temp(
             self.root, parts, compression_level=self.compression_level, created=now.isoformat()
         )
         return _PendingPack(temp, final, placed, rows)
 
-    def _publish(self, txn: Txn, temps: dict[str, tuple[Path, Row]]) -> list[Row]:
+    def _publish(self, temps: dict[str, tuple[Path, Row]]) -> list[Row]:
         # Renames happen inside the exclusive transaction so that no deleter can run between a file appearing
         # and its row being recorded; a crash before COMMIT leaves only an orphan file.
         rows: list[Row] = []
@@ -580,7 +564,7 @@ class FeatureStore:
             rows.append(dataclasses.replace(row, entry=dataclasses.replace(row.entry, file_size_bytes=size)))
         return rows
 
-    def _publish_pack(self, txn: Txn, pack: _PendingPack) -> list[Row]:
+    def _publish_pack(self, pack: _PendingPack) -> list[Row]:
         """Rename a pack into place (same transaction rule as ``_publish``); its keys' rows, each with its share
         of the pack's bytes (by rows, summing to the pack's size) so that stats and GC add up."""
         size = _files.publish(pack.temp, pack.final)
