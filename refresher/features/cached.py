@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from featurestore.keys import feature_key, function_identity
 from refresher._lazy import LazyModule
 from refresher.calendar import get_calendar
 from refresher.errors import FeatureError
+from refresher.features.appends import first_changed, inputs_record, kept_rows
 from refresher.features.compute import equal_weight_index
 from refresher.features.registry import FeatureSpec, FeatureUse
 from refresher.features.tables import FeaturePart, feature_rows
@@ -134,8 +135,13 @@ def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFra
     ).key
 
 
+def _config(use: FeatureUse, version: str) -> tuple[str, ...]:
+    """What, besides its input bars, a feature's rows depend on."""
+    return (use.name, use.feature, version, use.params_json)
+
+
 def _input_hash(use: FeatureUse, version: str, content_hashes: Sequence[str]) -> str:
-    return digest_parts(use.name, use.feature, version, use.params_json, *content_hashes)
+    return digest_parts(*_config(use, version), *content_hashes)
 
 
 def daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:
@@ -153,6 +159,8 @@ def daily_segments(profile: Profile, plan: GapPlan, timeframe: str = "1d") -> di
         for segment in plan.desired:
             if segment.timeframe == timeframe:
                 segments.setdefault(segment.symbol, []).append(segment)
+    for months in segments.values():
+        months.sort(key=lambda segment: segment.month)
     return segments
 
 
@@ -172,9 +180,13 @@ def compute_features(
     plan: GapPlan,
     known: Mapping[Segment, pa.Table] | None = None,
     loaded: Mapping[tuple[str, str], str] | None = None,
+    inputs: Mapping[tuple[str, str], str] | None = None,
 ) -> Iterator[FeatureBatch]:
     """The rows of every (entry, symbol) of the profile whose input hash differs from ``loaded``'s, one batch per
-    entry; the profile's daily segments must be in the store (or in ``known``, tables already in memory)."""
+    entry; the profile's daily segments must be in the store (or in ``known``, tables already in memory).
+
+    ``inputs``: the ledger's record of what the loaded rows came from; where the new input only extends it
+    (see ``appends``), a part carries only the rows from the first new date on."""
     daily = daily_segments(profile, plan)
     minute = (
         daily_segments(profile, plan, "1m") if any(u.spec.timeframe == "1m" for u in profile.features) else {}
@@ -189,14 +201,18 @@ def compute_features(
     }
     universe_hashes = [h for symbol in sorted(hashes) for h in (symbol, *hashes[symbol])]
     frames: dict[str, pd.DataFrame] = {}
+    tables: dict[str, list[pa.Table]] = {}
+
+    def tables_of(symbol: str) -> list[pa.Table]:
+        if symbol not in tables:
+            have = known or {}
+            read = store.get_many([plan.keys[s] for s in daily[symbol] if s not in have])
+            tables[symbol] = [have[s] if s in have else read[plan.keys[s]] for s in daily[symbol]]
+        return tables[symbol]
 
     def frame_of(symbol: str) -> pd.DataFrame:
         if symbol not in frames:
-            have = known or {}
-            tables = store.get_many([plan.keys[s] for s in daily[symbol] if s not in have])
-            frames[symbol] = daily_frame(
-                [have[s] if s in have else tables[plan.keys[s]] for s in daily[symbol]]
-            )
+            frames[symbol] = daily_frame(tables_of(symbol))
         return frames[symbol]
 
     failures: list[FeatureError] = []
@@ -204,7 +220,7 @@ def compute_features(
         spec = use.spec
         if spec.timeframe == "1m":
             try:
-                batch = _intraday_batch(use, profile, store, plan, minute, entries, loaded)
+                batch = _intraday_batch(use, profile, store, plan, minute, entries, loaded, inputs or {})
             except FeatureError as exc:
                 failures.append(exc)
                 continue
@@ -215,10 +231,13 @@ def compute_features(
         version = _version(spec)
         todo: list[tuple[str, pd.DataFrame, str]] = []
         empty: list[FeaturePart] = []
+        # Only a registered feature is known to be causal, and a universe feature moves with every symbol.
+        appendable = use.feature in _bulk().BULK and not spec.needs_universe
+        records: dict[str, tuple[str | None, int]] = {}
         for symbol in sorted(daily):
             # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
-            inputs = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
-            input_hash = _input_hash(use, version, inputs)
+            content = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
+            input_hash = _input_hash(use, version, content)
             if loaded.get((use.name, symbol)) == input_hash:
                 continue
             raw = frame_of(symbol)
@@ -230,6 +249,12 @@ def compute_features(
                     benchmark = equal_weight_index({sym: frame_of(sym) for sym in sorted(daily)})
                 raw = raw.assign(benchmark=benchmark.reindex(raw.index))
             todo.append((symbol, raw, input_hash))
+            if appendable:
+                record = inputs_record(
+                    _config(use, version), daily[symbol], [entries[plan.keys[s]] for s in daily[symbol]]
+                )
+                before = (inputs or {}).get((use.name, symbol))
+                records[symbol] = (record, kept_rows(before, record, tables_of(symbol)))
         if not todo and not empty:
             continue
         # One batch per feature: the store records every miss in one manifest transaction.
@@ -243,14 +268,18 @@ def compute_features(
             # This entry loads nothing; the others still load, then the first failure is reported.
             failures.append(exc)
             continue
-        parts = [
-            FeaturePart(
-                symbol,
-                feature_rows(symbol, result if isinstance(result, pd.DataFrame) else result.to_pandas()),
-                h,
-            )
-            for (symbol, _raw, h), result in zip(todo, results, strict=True)
-        ]
+        parts = []
+        for (symbol, raw, h), result in zip(todo, results, strict=True):
+            frame = result if isinstance(result, pd.DataFrame) else result.to_pandas()
+            recorded, kept = records.get(symbol, (None, 0))
+            if kept:
+                since = raw.index[kept].date()
+                based_on = loaded.get((use.name, symbol))
+                parts.append(
+                    FeaturePart(symbol, feature_rows(symbol, frame.iloc[kept:]), h, recorded, since, based_on)
+                )
+            else:
+                parts.append(FeaturePart(symbol, feature_rows(symbol, frame), h, recorded))
         yield FeatureBatch(use, parts + empty, compute.calls)
     if failures:
         raise failures[0]
@@ -264,9 +293,11 @@ def _intraday_batch(
     minute: Mapping[str, list[Segment]],
     entries: Mapping[str, Any],
     loaded: Mapping[tuple[str, str], str],
+    inputs: Mapping[tuple[str, str], str],
 ) -> FeatureBatch:
     """An intraday entry's rows: computed per (symbol, month), so a month whose bars did not change is a store
-    hit, and loaded per symbol (a handful of rows per session).
+    hit, and loaded per symbol (a handful of rows per session). Months before the first one whose bars changed
+    since the rows were loaded (``appends.first_changed``) are not read at all: their rows stay.
 
     Symbols go to the store in groups of up to ``INTRADAY_GROUP_ROWS`` minute bars, one request per group: the
     misses of a group are recorded in one manifest transaction (about 20 ms each, once per symbol before), and
@@ -274,20 +305,20 @@ def _intraday_batch(
     version = _version(use.spec)
     parts: list[FeaturePart] = []
     computed = 0
-    group: list[tuple[str, str, list[pd.DataFrame]]] = []
+    group: list[tuple[FeaturePart, list[pd.DataFrame]]] = []
     held = 0
 
     def flush() -> None:
         nonlocal computed, held
-        compute = _Compute(use, {id(frame): symbol for symbol, _h, months in group for frame in months})
-        jobs = [(symbol, frame, compute.config()) for symbol, _h, months in group for frame in months]
+        compute = _Compute(use, {id(frame): part.symbol for part, months in group for frame in months})
+        jobs = [(part.symbol, frame, compute.config()) for part, months in group for frame in months]
         results = iter(store.get_or_compute_many(jobs, compute, version=version) if jobs else [])
-        for symbol, input_hash, months in group:
+        for part, months in group:
             frames = [
                 r if isinstance(r, pd.DataFrame) else r.to_pandas() for r in islice(results, len(months))
             ]
-            rows = feature_rows(symbol, pd.concat(frames)) if frames else pa.table({})
-            parts.append(FeaturePart(symbol, rows, input_hash))
+            rows = feature_rows(part.symbol, pd.concat(frames)) if frames else pa.table({})
+            parts.append(replace(part, rows=rows))
         computed += compute.calls
         group.clear()
         held = 0
@@ -297,10 +328,15 @@ def _intraday_batch(
         input_hash = _input_hash(use, version, [entries[plan.keys[s]].content_hash for s in segments])
         if loaded.get((use.name, symbol)) == input_hash:
             continue
+        record = inputs_record(_config(use, version), segments, [entries[plan.keys[s]] for s in segments])
+        start = first_changed(inputs.get((use.name, symbol)), record)
+        part = FeaturePart(symbol, pa.table({}), input_hash, record)
+        if start:
+            part = replace(part, since=segments[start].month, based_on=loaded.get((use.name, symbol)))
         tz = str(get_calendar(profile.listing(symbol).exchange).tz)
-        tables = store.get_many([plan.keys[s] for s in segments])
-        months = [minute_frame(tables[plan.keys[s]], tz) for s in segments]
-        group.append((symbol, input_hash, [frame for frame in months if not frame.empty]))
+        tables = store.get_many([plan.keys[s] for s in segments[start:]])
+        months = [minute_frame(tables[plan.keys[s]], tz) for s in segments[start:]]
+        group.append((part, [frame for frame in months if not frame.empty]))
         held += sum(len(frame) for frame in months)
         if held >= INTRADAY_GROUP_ROWS:
             flush()

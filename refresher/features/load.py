@@ -8,16 +8,18 @@ reloads that entry's table and nothing else.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from refresher.features.cached import compute_features, daily_segments
+from refresher.features.cached import FeatureBatch, compute_features, daily_segments
 from refresher.features.tables import (
+    StaleFeature,
     read_ledger,
+    read_ledger_inputs,
     remove_feature_rows,
     replace_feature_rows,
 )
@@ -36,6 +38,8 @@ class FeatureCounts:
     computed: int = 0
     rows_loaded: int = 0
     pruned: int = 0
+    # Of ``loaded``, the pairs whose older rows stayed and only rows from a date on were replaced.
+    appended: int = 0
 
 
 def refresh_features(
@@ -57,15 +61,34 @@ def refresh_features(
     symbols = set(daily_segments(profile, plan)) | set(daily_segments(profile, plan, "1m"))
     pruned = _prune(conn, ledger, profile, symbols) if prune else 0
     desired = len(profile.features) * len(symbols) if symbols else 0
-    loaded = emptied = computed = rows = 0
-    for batch in compute_features(profile, store, plan, known, ledger):
-        rows += replace_feature_rows(conn, batch.use.name, batch.parts)
+    loaded = appended = emptied = computed = rows = 0
+    for batch in compute_features(profile, store, plan, known, ledger, read_ledger_inputs(conn)):
+        try:
+            rows += replace_feature_rows(conn, batch.use.name, batch.parts)
+        except StaleFeature:
+            # Another refresh loaded this feature while these rows were computed to extend the old ones: load
+            # it whole, against the ledger as it is now (nothing, if the other one loaded the same).
+            again = replace(profile, features=(batch.use,))
+            batch = next(
+                compute_features(again, store, plan, known, read_ledger(conn)), FeatureBatch(batch.use, [], 0)
+            )
+            rows += replace_feature_rows(conn, batch.use.name, batch.parts)
         computed += batch.computed
-        loaded += sum(1 for part in batch.parts if part.rows.num_rows)
+        loaded += sum(1 for part in batch.parts if part.rows.num_rows or part.since is not None)
+        appended += sum(1 for part in batch.parts if part.since is not None)
         # Only pairs that had rows count as emptied; a symbol that never had any is merely recorded.
-        emptied += sum(1 for p in batch.parts if not p.rows.num_rows and (batch.use.name, p.symbol) in ledger)
+        emptied += sum(
+            1
+            for p in batch.parts
+            if not p.rows.num_rows and p.since is None and (batch.use.name, p.symbol) in ledger
+        )
     return FeatureCounts(
-        desired=desired, loaded=loaded, computed=computed, rows_loaded=rows, pruned=pruned + emptied
+        desired=desired,
+        loaded=loaded,
+        computed=computed,
+        rows_loaded=rows,
+        pruned=pruned + emptied,
+        appended=appended,
     )
 
 

@@ -2,10 +2,17 @@
 
 Every change to a feature's rows happens in one transaction with its ledger rows, so the ledger can be trusted
 by the next refresh: a crash, a failed COPY or a Ctrl-C leaves the feature as it was, never half of it.
+
+The ledger's ``inputs`` says which segments (month, content hash, rows) a symbol's rows came from, so a daily
+refresh can replace only the rows from a date on (``FeaturePart.since``) when the older input did not change.
+Such a part is applied only if the ledger still holds the input hash it was computed against (``based_on``),
+read under the feature's lock inside the transaction; otherwise ``StaleFeature`` and nothing changes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,9 +37,14 @@ CREATE TABLE IF NOT EXISTS refresher_features (
     input_hash text NOT NULL,
     rows bigint NOT NULL,
     loaded_at timestamptz NOT NULL DEFAULT now(),
+    inputs text,
     PRIMARY KEY (feature, symbol)
 )
 """
+
+
+class StaleFeature(LoadError):
+    """Rows meant to extend a feature's loaded rows found other rows loaded meanwhile (another refresh)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,12 @@ class FeaturePart:
     symbol: str
     rows: pa.Table
     input_hash: str
+    # What the ledger's ``inputs`` records for these rows (None: nothing, the next refresh reloads them whole).
+    inputs: str | None = None
+    # Set: ``rows`` are the symbol's rows dated ``since`` or later, to replace only those; the older rows stay
+    # and must have come from the input hash ``based_on``.
+    since: dt.date | None = None
+    based_on: str | None = None
 
 
 def feature_table(name: str) -> str:
@@ -69,31 +87,120 @@ def read_ledger(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
     return {(feature, symbol): input_hash for feature, symbol, input_hash in rows}
 
 
+def _has_inputs(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the ledger has its ``inputs`` column (a database loaded before it existed has not)."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM information_schema.columns "
+            "WHERE table_name = 'refresher_features' AND column_name = 'inputs'"
+        ).fetchone()
+        is not None
+    )
+
+
+def _ensure_ledger(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(FEATURES_DDL)
+    # Only when missing: ALTER TABLE locks the ledger against every reader until the transaction ends.
+    if not _has_inputs(conn):
+        conn.execute("ALTER TABLE refresher_features ADD COLUMN IF NOT EXISTS inputs text")
+
+
+def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
+    """(feature, symbol) -> the ``inputs`` its rows were loaded from, where the ledger records them."""
+    if conn.execute("SELECT to_regclass('refresher_features')").fetchone() == (None,) or not _has_inputs(
+        conn
+    ):
+        return {}
+    rows = conn.execute("SELECT feature, symbol, inputs FROM refresher_features WHERE inputs IS NOT NULL")
+    return {(feature, symbol): inputs for feature, symbol, inputs in rows}
+
+
+def feature_lock_id(name: str) -> int:
+    """The advisory lock two loads of feature ``name`` take turns on."""
+    return zlib.crc32(f"refresher.features:{name}".encode())
+
+
 def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> int:
     """Replace feature ``name``'s rows of every symbol in ``parts``; returns the rows written.
 
     One transaction and one binary COPY per feature. A part with no rows (its symbol's bars are empty) deletes
     the symbol's old rows and records the empty load, so the next refresh does not look again.
     """
-    filled = [part.rows for part in parts if part.rows.num_rows]
     try:
         with conn.transaction():
-            conn.execute(FEATURES_DDL)
+            _ensure_ledger(conn)
+            # Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second
+            # reads the ledger after the first committed: no COPY races another's uncommitted rows.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id(name),))
+            parts = _still_needed(conn, name, parts)
+            filled = [part.rows for part in parts if part.rows.num_rows]
             if filled:
                 data = pa.concat_tables(filled)
-                _ensure_feature_table(conn, name, data.column_names[2:])
-            _delete_symbols(conn, name, [part.symbol for part in parts])
+                if _ensure_feature_table(conn, name, data.column_names[2:]) and any(p.since for p in parts):
+                    raise StaleFeature(f"feature {name}: its table was rebuilt; load it whole", feature=name)
+            whole = [part.symbol for part in parts if part.since is None]
+            _delete_symbols(conn, name, whole)
+            _delete_since(conn, name, [part for part in parts if part.since is not None])
             if filled:
                 copy_arrow(conn, feature_table(name), data.column_names, data)
             conn.cursor().executemany(
-                "INSERT INTO refresher_features (feature, symbol, input_hash, rows) VALUES (%s, %s, %s, %s) "
+                "INSERT INTO refresher_features (feature, symbol, input_hash, rows, inputs) "
+                "VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (feature, symbol) DO UPDATE SET input_hash = EXCLUDED.input_hash, "
-                "rows = EXCLUDED.rows, loaded_at = now()",
-                [(name, part.symbol, part.input_hash, part.rows.num_rows) for part in parts],
+                "rows = EXCLUDED.rows, inputs = EXCLUDED.inputs, loaded_at = now()",
+                [(name, p.symbol, p.input_hash, p.rows.num_rows, p.inputs) for p in parts],
             )
+            _count_rows(conn, name, [part.symbol for part in parts if part.since is not None])
     except psycopg.Error as exc:
         raise LoadError(f"feature {name}: loading failed: {exc}".rstrip(), feature=name) from exc
     return sum(table.num_rows for table in filled)
+
+
+def _still_needed(
+    conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]
+) -> list[FeaturePart]:
+    """``parts`` less those the ledger already holds; StaleFeature if a partial one's base is gone."""
+    held = dict(
+        conn.execute(
+            "SELECT symbol, input_hash FROM refresher_features WHERE feature = %s AND symbol = ANY(%s)",
+            (name, [part.symbol for part in parts]),
+        ).fetchall()
+    )
+    needed = [part for part in parts if held.get(part.symbol) != part.input_hash]
+    for part in needed:
+        if part.since is not None and held.get(part.symbol) != part.based_on:
+            raise StaleFeature(
+                f"feature {name}, symbol {part.symbol}: other rows were loaded while these were computed",
+                feature=name,
+                symbol=part.symbol,
+            )
+    return needed
+
+
+def _delete_since(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> None:
+    if not parts:
+        return
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {} AS t USING unnest(%s::text[], %s::date[]) AS u(symbol, since) "
+            "WHERE t.symbol = u.symbol AND t.date >= u.since"
+        ).format(sql.Identifier(feature_table(name))),
+        ([part.symbol for part in parts], [part.since for part in parts]),
+    )
+
+
+def _count_rows(conn: psycopg.Connection[Any], name: str, symbols: Sequence[str]) -> None:
+    """Set the ledger's row count of ``symbols``, whose rows were partly kept, from the table itself."""
+    if not symbols:
+        return
+    conn.execute(
+        sql.SQL(
+            "UPDATE refresher_features AS l SET rows = c.n FROM "
+            "(SELECT symbol, count(*) AS n FROM {} WHERE symbol = ANY(%s) GROUP BY symbol) AS c "
+            "WHERE l.feature = %s AND l.symbol = c.symbol"
+        ).format(sql.Identifier(feature_table(name))),
+        (list(symbols), name),
+    )
 
 
 def remove_feature_rows(
@@ -129,8 +236,9 @@ def _delete_symbols(conn: psycopg.Connection[Any], name: str, symbols: Sequence[
     )
 
 
-def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Sequence[str]) -> None:
-    """Create the feature's table; if its metric columns changed, rebuild it and forget what was loaded."""
+def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Sequence[str]) -> bool:
+    """Create the feature's table; if its metric columns changed, rebuild it and forget what was loaded.
+    True when a table holding rows was dropped."""
     table = feature_table(name)
     current = [
         row[0]
@@ -141,7 +249,7 @@ def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Seq
         )
     ]
     if current == list(metrics):
-        return
+        return False
     if current:
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table)))
         conn.execute("DELETE FROM refresher_features WHERE feature = %s", (name,))
@@ -151,14 +259,17 @@ def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Seq
             "CREATE TABLE {} (symbol text NOT NULL, date date NOT NULL, {}, PRIMARY KEY (symbol, date))"
         ).format(sql.Identifier(table), columns)
     )
+    return bool(current)
 
 
 __all__ = [
     "FEATURES_DDL",
     "FeaturePart",
+    "StaleFeature",
     "feature_rows",
     "feature_table",
     "read_ledger",
+    "read_ledger_inputs",
     "remove_feature_rows",
     "replace_feature_rows",
 ]
