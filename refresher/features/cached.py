@@ -232,7 +232,7 @@ def compute_features(
         todo: list[tuple[str, pd.DataFrame, str]] = []
         empty: list[FeaturePart] = []
         # Only a registered feature is known to be causal, and a universe feature moves with every symbol.
-        appendable = use.feature in _bulk().BULK and not spec.needs_universe
+        appendable = not spec.needs_universe and spec.version != "user"
         records: dict[str, tuple[str | None, int]] = {}
         for symbol in sorted(daily):
             # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
@@ -249,7 +249,7 @@ def compute_features(
                     benchmark = equal_weight_index({sym: frame_of(sym) for sym in sorted(daily)})
                 raw = raw.assign(benchmark=benchmark.reindex(raw.index))
             todo.append((symbol, raw, input_hash))
-            if appendable:
+            if appendable and use.feature in _bulk().BULK:  # asked here: ``bulk`` imports pandas
                 record = inputs_record(
                     _config(use, version), daily[symbol], [entries[plan.keys[s]] for s in daily[symbol]]
                 )
