@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pyarrow as pa
 
-from featurestore import _files, _packs, maintenance
+from featurestore import _files, _packs, _writes, maintenance
 from featurestore._locks import file_lock
 from featurestore.errors import ComputeError, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
-from featurestore.keys import Raw, feature_key, is_dataframe, time_range, to_arrow
+from featurestore.keys import Raw, feature_key, is_dataframe, to_arrow
 from featurestore.maintenance import IntegrityReport
-from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
+from featurestore.manifest import Entry, Manifest, utc_now
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -468,26 +468,29 @@ class FeatureStore:
             for key, (_t, _s, _m, content) in latest.items()
             if key in existing and existing[key].content_hash == content and existing[key].path.exists()
         }
-        singles: dict[str, tuple[Path, Row]] = {}
-        packs: list[_PendingPack] = []
+        written = _writes.Written()
         try:
             now = utc_now()
             todo = {key: value for key, value in latest.items() if key not in done}
-            described = {
-                key: (table, *self._file_meta(key, table, symbol, meta, content, kind, entry_kind, now))
+            describe = functools.partial(
+                _writes.describe, hash_method=self.hash_method, kind=kind, entry_kind=entry_kind, now=now
+            )
+            incoming = [
+                describe(self.root, key, table, symbol, meta, content)
                 for key, (table, symbol, meta, content) in todo.items()
-            }
-            for group in self._pack_groups(todo):
-                packs.append(self._write_pack([(key, *described.pop(key)) for key in group], entry_kind, now))
-            for key, (table, file_meta, entry) in described.items():
-                temp = _files.write_temp(
-                    entry.path, table, file_meta, compression_level=self.compression_level
-                )
-                singles[key] = (temp, Row(entry, entry_kind, file_meta["meta"]))
-            if singles or packs:
+            ]
+            _writes.write(
+                self.root,
+                incoming,
+                written,
+                compression_level=self.compression_level,
+                pack_max_rows=self.pack_max_rows,
+                created=now.isoformat(),
+            )
+            if incoming:
                 with self.manifest.write() as txn:
                     moved = self.manifest.select(txn.con, list(todo))
-                    rows = self._publish(singles) + [r for p in packs for r in self._publish_pack(p)]
+                    rows = written.publish(self.root)
                     self.manifest.upsert(txn.con, rows)
                     # A pack whose every key has now moved elsewhere is no longer named by any row.
                     stale = {entry.path for entry in moved.values() if entry.pack_offset is not None}
@@ -497,98 +500,8 @@ class FeatureStore:
                 self._tally(0, misses)
                 done.update({row.entry.key: row.entry for row in rows})
         finally:
-            for temp in [temp for temp, _row in singles.values()] + [pack.temp for pack in packs]:
-                temp.unlink(missing_ok=True)
+            written.discard()
         return [done[key] for key, _t, _s, _m in items]
-
-    def _pack_groups(self, todo: Mapping[str, tuple[pa.Table, Any, Any, str]]) -> list[list[str]]:
-        """Keys that ride together in packs: small tables of one schema, two or more of them.
-
-        A key that has a file of its own (written before packs, or large) keeps it: its new content replaces
-        that file atomically, where a pack could not (readers try the key's own file first).
-        """
-        groups: dict[bytes, list[str]] = {}
-        for key, (table, *_rest) in todo.items():
-            if table.num_rows < self.pack_max_rows and not _files.data_path(self.root, key).exists():
-                groups.setdefault(_packs.schema_group(table), []).append(key)
-        return [keys for keys in groups.values() if len(keys) > 1]
-
-    def _file_meta(
-        self,
-        key: str,
-        table: pa.Table,
-        symbol: str | None,
-        meta: dict[str, Any],
-        content: str,
-        kind: str,
-        entry_kind: str,
-        now: dt.datetime,
-    ) -> tuple[dict[str, str], Entry]:
-        """A key's own metadata (footer of its file, or its pack's index) and its manifest entry."""
-        bounds = time_range(table)
-        start, end = bounds if bounds is not None else (None, None)
-        file_meta = {
-            "key": key,
-            "symbol": symbol or "",
-            "start_ns": "" if start is None else str(start),
-            "end_ns": "" if end is None else str(end),
-            "content_hash": content,
-            "hash_method": self.hash_method,
-            "kind": kind,
-            "entry_kind": entry_kind,
-            "created_ts": now.isoformat(),
-            "meta": _files.dump_meta(meta),
-        }
-        entry = Entry(
-            key, _files.data_path(self.root, key), symbol, ns_to_utc(start), ns_to_utc(end), table.num_rows, 0,
-            content, self.hash_method, now, now,
-        )  # fmt: skip
-        return file_meta, entry
-
-    def _write_pack(
-        self, items: list[tuple[str, pa.Table, dict[str, str], Entry]], entry_kind: str, now: dt.datetime
-    ) -> _PendingPack:
-        rows = {key: Row(entry, entry_kind, file_meta["meta"]) for key, _t, file_meta, entry in items}
-        parts = [(key, table, file_meta) for key, table, file_meta, _e in items]
-        temp, final, placed = _packs.write_temp(
-            self.root, parts, compression_level=self.compression_level, created=now.isoformat()
-        )
-        return _PendingPack(temp, final, placed, rows)
-
-    def _publish(self, temps: dict[str, tuple[Path, Row]]) -> list[Row]:
-        # Renames happen inside the exclusive transaction so that no deleter can run between a file appearing
-        # and its row being recorded; a crash before COMMIT leaves only an orphan file.
-        rows: list[Row] = []
-        for temp, row in temps.values():
-            size = _files.publish(temp, row.entry.path)
-            rows.append(dataclasses.replace(row, entry=dataclasses.replace(row.entry, file_size_bytes=size)))
-        return rows
-
-    def _publish_pack(self, pack: _PendingPack) -> list[Row]:
-        """Rename a pack into place (same transaction rule as ``_publish``); its keys' rows, each with its share
-        of the pack's bytes (by rows, summing to the pack's size) so that stats and GC add up."""
-        size = _files.publish(pack.temp, pack.final)
-        rows: list[Row] = []
-        for part, share in zip(pack.parts, _packs.shares(size, [p.rows for p in pack.parts]), strict=True):
-            row = pack.rows[part.key]
-            entry = dataclasses.replace(
-                row.entry, path=pack.final, file_size_bytes=share, pack_offset=part.offset, pack_bytes=size
-            )
-            rows.append(dataclasses.replace(row, entry=entry))
-            # Another process put this key as a file of its own since we looked: that file would shadow the
-            # pack for readers. Removed before COMMIT: a crash in between costs a miss, never stale data.
-            _files.data_path(self.root, part.key).unlink(missing_ok=True)
-        return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class _PendingPack:
-    """A pack written and fsynced but not yet published: its temporary, final path, parts and their rows."""
-
-    temp: Path
-    final: Path
-    parts: list[_packs.Part]
-    rows: dict[str, Row]
 
 
 class _Named:
