@@ -43,8 +43,6 @@ def server_key(profile: str, engine: str, as_of: str) -> str:
 
 TEST_INFIX = "__test_"
 _NOTE_PREFIX = "refresher test_clone owner="
-# Clones each worker keeps ready: a test takes one while the one before it is dropped and the next is copied.
-CLONES_PER_WORKER = 2
 
 
 def per_test_clone_prefix(server: ServerInfo) -> str:
@@ -171,7 +169,10 @@ class SharedServers:
         """This process's refill thread for ``server``'s clone pool, sized for ``workers`` processes taking
         clones from it."""
         if server.info not in self._refillers:
-            size = max(snapshot.DEFAULT_POOL_SIZE, CLONES_PER_WORKER * workers)
+            # One ready for each worker's next test, and one more for whichever comes back first: the pool's
+            # depth helps only bursts (steady state is bounded by how fast clones are copied), and each clone
+            # is a full copy of the database on disk.
+            size = max(snapshot.DEFAULT_POOL_SIZE, workers + 1)
             self._refillers[server.info] = PoolRefiller(server.info, pool_size=size)
         return self._refillers[server.info]
 

@@ -628,8 +628,9 @@ def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
         finally:
             _unlock(conn, db, SWEEP)
     prefix = pool_name(db, 0)[:-1]
+    ready = set(_ready_clones(conn, db))
     for name in _pool_databases(conn, db):
-        if name in _ready_clones(conn, db):
+        if name in ready:
             continue
         slot = int(name[len(prefix) :])
         if _try_lock(conn, db, SLOT + slot):
@@ -767,12 +768,21 @@ def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:
 
 def _pool_databases(conn: psycopg.Connection[Any], db: str) -> list[str]:
     """Every database named like a pool slot of ``db``, marked or not, in slot order."""
+    return [name for name, _, _ in _pool_comments(conn, db)]
+
+
+def _pool_comments(conn: psycopg.Connection[Any], db: str) -> list[tuple[str, bool, str]]:
+    """(name, is a template, comment) of every database named like a pool slot of ``db``, in slot order: one
+    query, as the refill asks it for every clone it makes."""
     prefix = pool_name(db, 0)[:-1]
     rows = conn.execute(
-        "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
+        "SELECT datname, datistemplate, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+        " WHERE starts_with(datname, %s)",
+        (prefix,),
     ).fetchall()
-    names = [r[0] for r in rows if r[0][len(prefix) :].isdigit()]
-    return sorted(names, key=lambda name: int(name[len(prefix) :]))
+    slots = [(str(name), bool(template), str(note)) for name, template, note in rows]
+    slots = [slot for slot in slots if slot[0][len(prefix) :].isdigit()]
+    return sorted(slots, key=lambda slot: int(slot[0][len(prefix) :]))
 
 
 def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
@@ -781,9 +791,8 @@ def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
     if mark is None:
         return []
     ready = []
-    for name in _pool_databases(conn, db):
-        found = _comment(conn, name)
-        match = _CLONE_MARK.match(found[1]) if found and not found[0] else None
+    for name, template, note in _pool_comments(conn, db):
+        match = _CLONE_MARK.match(note) if not template else None
         if match and match.group(1) == mark.generation:
             ready.append(name)
     return ready
