@@ -27,6 +27,15 @@ import numpy.typing as npt
 from refresher.errors import CalendarError
 
 EXCHANGES: tuple[str, ...] = ("XNYS", "XNAS", "XTKS", "XLON", "XETR")
+# Each exchange's time zone, as exchange_calendars names it (tests/refresher/test_calendar.py holds them equal):
+# a no-op refresh needs the zones but not the sessions, and building a calendar costs 0.4-2 s.
+EXCHANGE_TZ: dict[str, str] = {
+    "XNYS": "America/New_York",
+    "XNAS": "America/New_York",
+    "XTKS": "Asia/Tokyo",
+    "XLON": "Europe/London",
+    "XETR": "Europe/Berlin",
+}
 CALENDAR_START = dt.date(2000, 1, 1)
 _NS_PER_MIN = 60_000_000_000
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
@@ -111,6 +120,11 @@ def _ns(at: dt.datetime) -> int:
         at = at.replace(tzinfo=dt.UTC)
     delta = at - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+def exchange_tz(exchange: str) -> str:
+    """The exchange's time zone name, without loading its calendar."""
+    return EXCHANGE_TZ[check_exchange(exchange)]
 
 
 def check_exchange(exchange: str) -> str:
@@ -334,10 +348,12 @@ def session_minutes(exchange: str, start: dt.date, end: dt.date) -> npt.NDArray[
 
 __all__ = [
     "EXCHANGES",
+    "EXCHANGE_TZ",
     "ExchangeCalendar",
     "MarketStatus",
     "check_exchange",
     "days_since_epoch",
+    "exchange_tz",
     "get_calendar",
     "is_session_day",
     "is_trading_minute",

@@ -5,10 +5,11 @@ Pure: it reads state handed to it and decides; fetching, storing and loading bel
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,36 @@ def segment_key(segment: Segment, source_kind: str, source_version: str) -> str:
     return f"seg-{_digest_onto(_key_prefix(source_kind).copy(), parts).hexdigest()}"
 
 
+def segment_keys(segments: Sequence[Segment], source_kind: str, versions: Sequence[str]) -> list[str]:
+    """``segment_key`` of each segment with its version, in order: the same digests, computed in bulk.
+
+    The hash state after (format, kind, symbol, timeframe) is made once per symbol and timeframe, and each
+    month's label and each distinct version are encoded once; per segment there is one copy, one update and
+    one hexdigest (about 1 us, against 15 us for ``segment_key``'s generic path).
+    """
+    prefix = _key_prefix(source_kind)
+    heads: dict[tuple[str, str], Any] = {}
+    tails: dict[tuple[dt.date, str], bytes] = {}
+    out: list[str] = []
+    for segment, version in zip(segments, versions, strict=True):
+        head = heads.get((segment.symbol, segment.timeframe))
+        if head is None:
+            head = _digest_onto(prefix.copy(), (segment.symbol, segment.timeframe))
+            heads[segment.symbol, segment.timeframe] = head
+        tail = tails.get((segment.month, version))
+        if tail is None:
+            tail = tails[segment.month, version] = _length_prefixed(segment.month_label, version)
+        digest = head.copy()
+        digest.update(tail)
+        out.append("seg-" + digest.hexdigest())
+    return out
+
+
+def _length_prefixed(*parts: str) -> bytes:
+    encoded = [part.encode() for part in parts]
+    return b"".join(len(raw).to_bytes(8, "big") + raw for raw in encoded)
+
+
 @dataclass(frozen=True)
 class StoredSegment:
     """What the store's manifest says of one segment's key, without reading the file."""
@@ -62,6 +93,34 @@ class DatabaseSegment:
 
     content_hash: str
     rows: int
+
+
+# A segment as plain data, (symbol, timeframe, month): hashed and compared in C, unlike Segment's dataclass
+# methods, which is what lets 60,000 of them be compared in bulk.
+SegmentId = tuple[str, str, dt.date]
+
+
+class LedgerView(Mapping[Segment, DatabaseSegment]):
+    """The database's ledger as read in one query, keyed by ``SegmentId``, seen as segments.
+
+    Made from the query's rows without a Segment or a DatabaseSegment per row: a no-op plan at production
+    scale compares 60,000 rows and only the few that differ ever become objects.
+    """
+
+    def __init__(self, rows: Mapping[SegmentId, tuple[str, int]]) -> None:
+        self.rows = rows
+
+    def __getitem__(self, segment: Segment) -> DatabaseSegment:
+        found = self.rows.get((segment.symbol, segment.timeframe, segment.month))
+        if found is None:
+            raise KeyError(segment)
+        return DatabaseSegment(*found)
+
+    def __iter__(self) -> Iterator[Segment]:
+        return (Segment(*ident) for ident in self.rows)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 @dataclass(frozen=True)
@@ -109,31 +168,38 @@ def plan_gaps(
 
     ``verified_rows`` (from ``--verify``) holds the rows actually present per segment; a segment whose count
     differs from what ``refresher_segments`` recorded is reloaded (a developer deleted rows by hand).
+
+    In bulk: the desired segments become ``SegmentId`` tuples once, the database side is looked up by them
+    (a ``LedgerView`` is used as it is), and Segment objects are made only for what is stale.
     """
-    wanted = sorted(set(desired), key=_ORDER)
+    wanted = _sorted_unique(desired)
+    ids: list[SegmentId] = list(map(_ORDER, wanted))
+    in_db = loaded.rows if isinstance(loaded, LedgerView) else _rows_by_id(loaded)
+    db_rows = list(map(in_db.get, ids))
+    in_store = list(map(stored.get, map(keys.__getitem__, wanted)))
+    verified = None if verified_rows is None else [verified_rows.get(s, 0) for s in wanted]
     present: list[Segment] = []
     to_load: list[Segment] = []
     to_fetch: list[Segment] = []
     reasons: dict[Segment, str] = {}
-    for segment in wanted:
-        in_store = stored.get(keys[segment])
-        in_db = loaded.get(segment)
-        if in_store is None:
+    for i, (segment, entry, row) in enumerate(zip(wanted, in_store, db_rows, strict=True)):
+        if entry is None:
             to_fetch.append(segment)
             reasons[segment] = "not in store"
-        elif in_db is None:
+        elif row is None:
             to_load.append(segment)
             reasons[segment] = "not in database"
-        elif in_db.content_hash != in_store.content_hash:
+        elif row[0] != entry.content_hash:
             to_load.append(segment)
             reasons[segment] = "content changed"
-        elif verified_rows is not None and verified_rows.get(segment, 0) != in_db.rows:
+        elif verified is not None and verified[i] != row[1]:
             to_load.append(segment)
-            reasons[segment] = f"row count {verified_rows.get(segment, 0)} != recorded {in_db.rows}"
+            reasons[segment] = f"row count {verified[i]} != recorded {row[1]}"
         else:
             present.append(segment)
-    wanted_set = set(wanted)
-    stale = sorted((s for s in loaded if s not in wanted_set), key=_ORDER)
+    wanted_ids = set(ids)
+    stale_ids = sorted(ident for ident in in_db if ident not in wanted_ids)
+    stale = [Segment(*ident) for ident in stale_ids]  # type: ignore[arg-type]
     for segment in stale:
         reasons[segment] = "no longer desired"
     return GapPlan(
@@ -145,5 +211,19 @@ def plan_gaps(
         stale=tuple(stale),
         reasons=reasons,
         stored=dict(stored),
-        loaded=dict(loaded),
+        loaded=loaded if isinstance(loaded, LedgerView) else dict(loaded),
     )
+
+
+def _sorted_unique(desired: Iterable[Segment]) -> list[Segment]:
+    """``desired`` in Segment order without repeats; a list that already is so (``desired_segments``) is
+    checked in one C-level pass over its SegmentIds rather than hashed and sorted again."""
+    segments = list(desired)
+    ids = list(map(_ORDER, segments))
+    if all(map(operator.lt, ids, ids[1:])):
+        return segments
+    return sorted(set(segments), key=_ORDER)
+
+
+def _rows_by_id(loaded: Mapping[Segment, DatabaseSegment]) -> dict[SegmentId, tuple[str, int]]:
+    return {(s.symbol, s.timeframe, s.month): (row.content_hash, row.rows) for s, row in loaded.items()}

@@ -18,13 +18,13 @@ import pyarrow as pa
 
 from featurestore import FeatureStore
 from refresher import database, load, snapshot
-from refresher.calendar import get_calendar
+from refresher.calendar import exchange_tz
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs import InProcessExecutor, jobs_of_plan
 from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
 from refresher.jobs.segment import SegmentJob, stored_tables
-from refresher.plan import DatabaseSegment, GapPlan, StoredSegment, plan_gaps, segment_key
+from refresher.plan import GapPlan, LedgerView, StoredSegment, plan_gaps, segment_keys
 from refresher.profile import Profile
 from refresher.segments import Segment, desired_segments
 from refresher.sources import make_source
@@ -98,7 +98,7 @@ class PlanReport:
 
 
 def exchange_timezones(profile: Profile) -> dict[str, str]:
-    return {listing.symbol: str(get_calendar(listing.exchange).tz) for listing in profile.listings}
+    return {listing.symbol: exchange_tz(listing.exchange) for listing in profile.listings}
 
 
 def compute_plan(
@@ -116,18 +116,15 @@ def compute_plan(
     ``featurestore.AccessCounts``); ``refresher plan`` only looks.
     """
     desired = desired_segments(profile)
-    keys = {s: segment_key(s, source.kind, source.version(s)) for s in desired}
+    keys = dict(zip(desired, segment_keys(desired, source.kind, source.versions(desired)), strict=True))
     stored = {
         key: StoredSegment(key, entry.content_hash, entry.rows)
-        for key, entry in store.lookup(sorted(set(keys.values())), count=count).items()
+        for key, entry in store.lookup(list(keys.values()), count=count).items()
     }
-    loaded: dict[Segment, DatabaseSegment] = {}
+    loaded = LedgerView({})
     verified: dict[Segment, int] | None = None
     if conn is not None:
-        loaded = {
-            s: DatabaseSegment(row.content_hash, row.rows)
-            for s, row in database.read_loaded_segments(conn).items()
-        }
+        loaded = LedgerView(database.read_ledger_rows(conn))
         if verify:
             verified = database.count_rows(conn, list(loaded), timezones=exchange_timezones(profile))
     return plan_gaps(desired, keys, stored, loaded, verified_rows=verified)

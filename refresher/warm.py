@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from refresher.calendar import get_calendar
+from refresher.calendar import exchange_tz
 from refresher.features.cached import compute_features
 from refresher.jobs.inprocess import STORE_BATCH
 from refresher.jobs.segment import fetch_tables, jobs_of_plan
@@ -44,7 +44,7 @@ class WarmReport:
 def warm(profile: Profile, store: FeatureStore, *, progress: ProgressCallback | None = None) -> WarmReport:
     """Store every segment and feature the profile wants that the store lacks; touches no database."""
     started = time.perf_counter()
-    tz_of = {listing.symbol: str(get_calendar(listing.exchange).tz) for listing in profile.listings}
+    tz_of = {listing.symbol: exchange_tz(listing.exchange) for listing in profile.listings}
     with closing(make_source(profile)) as source:
         plan = compute_plan(profile, source, store, None)
         jobs = [job for job in jobs_of_plan(plan, tz_of) if job.stored_hash is None]

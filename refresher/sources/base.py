@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Self
 
@@ -56,6 +57,10 @@ class Source(ABC):
         producing the data (the no-op refresh computes it for every desired segment).
         """
 
+    def versions(self, segments: Sequence[Segment]) -> list[str]:
+        """``version`` of each segment, in order; a source overrides it when a batch is cheaper than a loop."""
+        return [self.version(segment) for segment in segments]
+
     @abstractmethod
     def fetch(self, segment: Segment) -> pa.Table:
         """The segment's validated bars with exactly ``refresher.schema.SCHEMA_OF[segment.timeframe]``.
@@ -64,6 +69,11 @@ class Source(ABC):
         a rule of ``refresher.sources.validate`` raise ``BadRowsError`` or are left out, by the profile's
         ``source.on_bad_rows``.
         """
+
+    def fetch_many(self, segments: Sequence[Segment]) -> list[pa.Table]:
+        """``fetch`` of each segment, in order; a source overrides it when producing a batch costs less than a
+        loop (the synthetic source computes a batch of months at once). Reports name their segment."""
+        return [self.fetch(segment) for segment in segments]
 
     def close(self) -> None:  # noqa: B027 -- optional: most sources hold nothing to release
         """Release connections and files; the refresher calls it when the refresh ends."""

@@ -16,7 +16,9 @@ import pytest
 from refresher import calendar
 from refresher.calendar import (
     CALENDAR_START,
+    EXCHANGE_TZ,
     EXCHANGES,
+    exchange_tz,
     get_calendar,
     last_completed_session,
     market_status,
@@ -531,3 +533,10 @@ def test_trading_minutes_in_the_first_and_last_loaded_sessions() -> None:
     cal = get_calendar("XNYS")
     edges = np.array([cal.opens[0], cal.opens[0] + 60 * 10**9, cal.opens[-1], cal.closes[-1] - 60 * 10**9])
     assert calendar.is_trading_minute(cal, edges.astype(np.int64)).tolist() == [True, True, True, True]
+
+
+def test_the_static_time_zones_are_those_of_exchange_calendars() -> None:
+    # A no-op refresh takes the zones from EXCHANGE_TZ instead of building calendars; they must agree.
+    assert set(EXCHANGE_TZ) == set(EXCHANGES)
+    for exchange in EXCHANGES:
+        assert exchange_tz(exchange) == get_calendar(exchange).tz, exchange

@@ -12,6 +12,7 @@ from refresher.database import (
     LoadedSegment,
     count_rows,
     ensure_schema,
+    read_ledger_rows,
     read_loaded_segments,
     schema_exists,
     segment_range,
@@ -72,6 +73,18 @@ def test_read_loaded_segments_before_and_after_loading(pg_conn: psycopg.Connecti
     assert isinstance(loaded[segment], LoadedSegment)
     assert (loaded[segment].content_hash, loaded[segment].rows) == ("hash-a", 20)
     assert loaded[segment].loaded_at.tzinfo is not None
+
+
+def test_read_ledger_rows_is_the_ledger_by_segment_id(pg_conn: psycopg.Connection[Any]) -> None:
+    assert read_ledger_rows(pg_conn) == {}  # no schema yet
+    ensure_schema(pg_conn)
+    load_segment(pg_conn, Segment("AAPL", "1d", JAN), daily_bars("AAPL", JAN, 20), "hash-a", tz=NY)
+    load_segment(pg_conn, Segment("KO", "1d", JAN), daily_bars("KO", JAN, 0), "hash-e", tz=NY)
+    # a row from a future version with another timeframe is not ours, for either reader
+    pg_conn.execute("INSERT INTO refresher_segments VALUES ('AAPL', '1w', %s, 'w', 4)", (JAN,))
+    rows = read_ledger_rows(pg_conn)
+    assert rows == {("AAPL", "1d", JAN): ("hash-a", 20), ("KO", "1d", JAN): ("hash-e", 0)}
+    assert {(s.symbol, s.timeframe, s.month) for s in read_loaded_segments(pg_conn)} == set(rows)
 
 
 def test_count_rows_counts_what_is_really_there(pg_conn: psycopg.Connection[Any]) -> None:
