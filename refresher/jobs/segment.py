@@ -20,7 +20,7 @@ from refresher import load
 from refresher.errors import LoadError
 from refresher.plan import GapPlan
 from refresher.segments import Segment
-from refresher.sources.base import Source
+from refresher.sources.base import Source, SourceReport
 from refresher.sources.reports import notes_key, notes_table, rejects_key, rejects_of, rejects_table
 from refresher.sources.validate import Reject
 
@@ -99,12 +99,14 @@ def fetch_tables(
 ) -> list[tuple[pa.Table, str]]:
     """Produce each job's table from the source and store the batch, with what the source left out of each
     segment and the rows it quarantined (``refresher.sources.reports``), in one manifest transaction."""
-    tables: list[pa.Table] = []
+    before = len(source.reports)
+    tables = source.fetch_many([job.segment for job in jobs])
+    reported: dict[Segment, list[SourceReport]] = {}
+    for report in source.reports[before:]:
+        reported.setdefault(report.segment, []).append(report)
     notes: list[tuple[str, pa.Table, str | None]] = []
     for job in jobs:
-        before = len(source.reports)
-        tables.append(source.fetch(job.segment))
-        left_out = source.reports[before:]
+        left_out = reported.get(job.segment)
         if left_out:  # stored with the segment, so a run served from the store reports them again
             notes.append((notes_key(job.key), notes_table(left_out), job.segment.symbol))
         if source.rejects.get(job.segment):  # the loader writes them; a later load from the store, too
