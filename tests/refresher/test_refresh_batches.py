@@ -4,7 +4,7 @@ nothing of its batch loaded, and both end exactly where a clean load ends (per-s
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -69,14 +69,14 @@ def test_a_bad_row_stops_the_refresh_with_nothing_of_its_batch_loaded(
     # Batches of 2 segments: the bad segment (KO's second month) is the 4th of 12, in the second batch.
     monkeypatch.setattr(inprocess, "STORE_BATCH", 2)
     bad = Segment("KO", "1d", dt.date(2025, 3, 1))
-    fetch = synthetic.SyntheticSource.fetch
+    fetch_many = synthetic.SyntheticSource.fetch_many  # what the refresh asks, a store batch at a time
 
-    def failing(self: synthetic.SyntheticSource, segment: Segment) -> pa.Table:
-        if segment == bad:
-            raise BadRowsError.first_of(segment, "upstream line 7", "close", -1.0, "close > 0", 1)
-        return fetch(self, segment)
+    def failing(self: synthetic.SyntheticSource, segments: Sequence[Segment]) -> list[pa.Table]:
+        if bad in segments:
+            raise BadRowsError.first_of(bad, "upstream line 7", "close", -1.0, "close > 0", 1)
+        return fetch_many(self, segments)
 
-    monkeypatch.setattr(synthetic.SyntheticSource, "fetch", failing)
+    monkeypatch.setattr(synthetic.SyntheticSource, "fetch_many", failing)
     engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
     profile = _profile(root, "bad", FRIDAY)
     with pytest.raises(BadRowsError, match=r"close=-1\.0"):
@@ -91,7 +91,9 @@ def test_a_bad_row_stops_the_refresh_with_nothing_of_its_batch_loaded(
     assert ("AAPL", "1d", "2025-02-01") in ledger and ("KO", "1d", "2025-03-01") not in ledger
     assert ("KO", "1d", "2025-02-01") not in ledger and held == (0,)
 
-    monkeypatch.setattr(synthetic.SyntheticSource, "fetch", fetch)  # the source fixed: the re-run completes
+    monkeypatch.setattr(
+        synthetic.SyntheticSource, "fetch_many", fetch_many
+    )  # the source fixed: the re-run completes
     refresh(profile, engine, store)
     clean = refresh(_profile(root, "clean", FRIDAY), engine, FeatureStore(root / "store-clean"))
     assert clean.segments.loaded == 12
