@@ -285,6 +285,19 @@ def last_completed_session(exchange: str, at: dt.datetime | None = None) -> dt.d
     return _date(int(cal.sessions[i]))
 
 
+def next_close(exchange: str, at: dt.datetime) -> dt.datetime:
+    """The first session close of ``exchange`` after ``at``: until then its last completed session stays."""
+    cal = get_calendar(check_exchange(exchange))
+    i = int(np.searchsorted(cal.closes, _ns(at), side="right"))
+    if i >= len(cal.closes):
+        raise CalendarError(
+            f"{exchange}: no session close after {at} in the loaded calendar",
+            exchange=exchange,
+            value=str(at),
+        )
+    return _utc(int(cal.closes[i]))
+
+
 def sessions_between(exchange: str, start: dt.date, end: dt.date) -> list[dt.date]:
     """The session dates of ``exchange`` in [start, end], inclusive."""
     cal = get_calendar(check_exchange(exchange))
@@ -360,6 +373,7 @@ __all__ = [
     "last_completed_session",
     "market_status",
     "minutes_by_session",
+    "next_close",
     "session_minutes",
     "sessions_between",
 ]

@@ -223,6 +223,11 @@ def run(args: argparse.Namespace) -> int:
 
         return jobs_cli.run(args, settings, _emit)
     if args.command == "refresh":
+        plain = not (args.prune or args.verify or args.as_of or args.on_bad_rows or args.allow_shrink)
+        noop = commands.refresh_if_noop(settings, args.profile) if plain else None
+        if noop is not None:
+            _emit(args, noop, lambda: render.refresh_summary(noop, url_hint=_url_hint(args)))
+            return 0
         mode = "off" if args.json else "bar" if sys.stderr.isatty() else "lines"
         with render.progress(mode) as on_progress:
             report = commands.refresh(

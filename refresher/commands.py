@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import filelock
 import psycopg
 
-from refresher import snapshot
+from refresher import snapshot, stamp
 from refresher.diskfull import store_disk_full
 from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
-from refresher.errors import EngineStateError, ProfileError, SnapshotError
+from refresher.errors import EngineStateError, ProfileError, RefresherError, SnapshotError
 from refresher.profile_lock import hold_profile, lock_path
 from refresher.settings import Settings
 
@@ -79,9 +80,27 @@ def refresh(
         _database_errors(profile.name),
         store_disk_full(settings.store_root),
     ):
-        return _refresh(
+        stamp.clear(settings.state_dir, profile.name)
+        report = _refresh(
             profile, engine, FeatureStore(settings.store_root), prune=prune, verify=verify, progress=progress
         )
+        server = engine.info(profile.name)
+        if server is not None:
+            # no stamp only costs the next no-op its speed
+            with contextlib.suppress(OSError, psycopg.Error, RefresherError):
+                stamp.write(settings.state_dir, settings.store_root, profile, server, report.to_json())
+        return report
+
+
+def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
+    """The report of a ``refresh`` (without flags) that the profile's stamp proves has nothing to do, found with
+    psycopg alone (``refresher.stamp``); None when it must run in full."""
+    profile = _profile(settings, name)
+    engine = select_engine(settings.engine, settings, profile.name)
+    server = engine.info(profile.name)
+    if server is None:
+        return None
+    return stamp.check(settings.state_dir, settings.store_root, profile, server)
 
 
 def plan(

@@ -92,30 +92,34 @@ class ProgressLines:
 
 
 def refresh_report(report: RefreshReport, *, url_hint: str) -> None:
-    seg = report.segments
-    table = Table(title=f"refresher: {report.profile} on {report.engine}", show_header=False, box=None)
+    refresh_summary(report.to_json(), url_hint=url_hint)
+
+
+def refresh_summary(report: dict[str, Any], *, url_hint: str) -> None:
+    """A refresh report in its JSON form: what ``--json`` prints, whichever path (full, or the stamp) made it."""
+    seg, store, feats = report["segments"], report["store"], report["features"]
+    table = Table(title=f"refresher: {report['profile']} on {report['engine']}", show_header=False, box=None)
     table.add_row(
         "segments",
-        f"{seg.desired} desired, {seg.present} already present, {seg.loaded} loaded"
-        + (f", {seg.pruned} pruned" if seg.pruned else "")
-        + (f", {seg.stale} stale (use --prune)" if seg.stale else ""),
+        f"{seg['desired']} desired, {seg['present']} already present, {seg['loaded']} loaded"
+        + (f", {seg['pruned']} pruned" if seg["pruned"] else "")
+        + (f", {seg['stale']} stale (use --prune)" if seg["stale"] else ""),
     )
-    table.add_row("rows loaded", f"{report.rows_loaded:,}")
-    table.add_row("store", f"{report.store.hits} hits, {report.store.misses} misses")
-    feats = report.features
-    if feats.desired:
+    table.add_row("rows loaded", f"{report['rows_loaded']:,}")
+    table.add_row("store", f"{store['hits']} hits, {store['misses']} misses")
+    if feats["desired"]:
         table.add_row(
             "features",
-            f"{feats.desired} desired, {feats.loaded} loaded, {feats.computed} computed"
-            + (f", {feats.pruned} pruned" if feats.pruned else ""),
+            f"{feats['desired']} desired, {feats['loaded']} loaded, {feats['computed']} computed"
+            + (f", {feats['pruned']} pruned" if feats["pruned"] else ""),
         )
-    for reason, rows in report.left_out.items():  # per reason: dropped / rejected / quarantined
+    for reason, rows in report["left_out"].items():  # per reason: dropped / rejected / quarantined
         table.add_row("rows left out", f"{rows:,} {escape(reason)}")
-    table.add_row("snapshot", report.snapshot)
-    table.add_row("time", f"{report.seconds:.2f} s")
+    table.add_row("snapshot", report["snapshot"])
+    table.add_row("time", f"{report['seconds']:.2f} s")
     out.print(table)
-    _notes(report.notes)
-    out.print(f"DSN: [bold]{report.dsn}[/bold]")
+    _notes(report["notes"])
+    out.print(f"DSN: [bold]{report['dsn']}[/bold]")
     out.print(f"with password: [bold]{escape(url_hint)}[/bold]", soft_wrap=True)
 
 

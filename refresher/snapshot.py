@@ -237,9 +237,15 @@ def save_pristine(
 
 def is_current(server: ServerInfo) -> bool:
     """Whether a complete pristine copy exists and holds what ``server.dbname``'s ledger says."""
+    pristine = pristine_ledger(server)
+    return pristine is not None and pristine == _live(server, ledger_digest)
+
+
+def pristine_ledger(server: ServerInfo) -> str | None:
+    """The ledger digest the complete pristine copy of ``server.dbname`` records; None when there is none."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         mark = _pristine_mark(conn, server.dbname)
-    return mark is not None and mark.ledger == _live(server, ledger_digest)
+    return mark.ledger if mark else None
 
 
 def restore_pristine(
@@ -954,6 +960,7 @@ __all__ = [
     "pool_name",
     "pool_size_for_disk",
     "pool_status",
+    "pristine_ledger",
     "pristine_name",
     "refill_concurrency",
     "refill_pool",

@@ -1,10 +1,11 @@
-"""Fixtures shared by the snapshot tests."""
+"""Fixtures shared by the snapshot tests and the CLI tests."""
 
 from __future__ import annotations
 
 import datetime as dt
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -14,7 +15,8 @@ from refresher.database import ensure_schema
 from refresher.engines.base import ServerInfo
 from refresher.load import load_segment
 from refresher.segments import Segment
-from tests.fixtures_postgres import daily_bars
+from tests.fixtures_postgres import daily_bars, world_traversable_tmp
+from tests.refresher.test_refresh_e2e import Workspace
 
 
 @pytest.fixture
@@ -42,3 +44,16 @@ def cpu_load() -> Iterator[None]:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+@pytest.fixture(scope="module")
+def checkout() -> Iterator[Workspace]:
+    """A profile (two symbols, one month) refreshed once through the CLI on the local engine; the calendar cache
+    is warm after it, and the refresh stamp written."""
+    ws = Workspace(world_traversable_tmp("refresher-cli-"), "local", f"cli_{uuid.uuid4().hex[:8]}")
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    try:
+        ws.refresh()
+        yield ws
+    finally:
+        ws.down()

@@ -2,8 +2,9 @@
 ``python -X importtime``, never how long it took.
 
 pandas, pyarrow, DuckDB and exchange_calendars cost about a second of imports on this machine; `market status`,
-`status`, `url`, `reset` and `profiles` use none of them, and a no-op refresh uses only pyarrow and DuckDB (the
-store's manifest). Each command runs in a fresh interpreter against a real local server.
+`status`, `url`, `reset` and `profiles` use none of them, nor does a no-op refresh the stamp answers; past the
+stamp, a no-op refresh uses only pyarrow and DuckDB (the store's manifest). Each command runs in a fresh
+interpreter against a real local server.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures_postgres import world_traversable_tmp
-from tests.refresher.test_refresh_e2e import Workspace
+from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 
 HEAVY = frozenset({"pandas", "pyarrow", "duckdb", "exchange_calendars"})
 
@@ -48,18 +46,6 @@ def imported_by(
     return frozenset(names), done
 
 
-@pytest.fixture(scope="module")
-def checkout() -> Iterator[Workspace]:
-    """A profile refreshed once on the local engine, through the CLI; the calendar cache is warm after it."""
-    ws = Workspace(world_traversable_tmp("refresher-imports-"), "local", f"imp_{uuid.uuid4().hex[:8]}")
-    ws.write_profile(symbols=["AAPL", "KO"], months=1)
-    try:
-        ws.refresh()
-        yield ws
-    finally:
-        ws.down()
-
-
 @pytest.mark.parametrize(
     "command",
     [
@@ -79,13 +65,36 @@ def test_quick_commands_import_no_data_library(checkout: Workspace, command: lis
     assert "refresher" in names  # the parse saw our own modules: a broken parse cannot pass
 
 
-def test_a_noop_refresh_imports_the_store_but_not_pandas(checkout: Workspace) -> None:
-    names, done = imported_by(
-        ["refresh", "--profile", checkout.profile, "--engine", "local", "--json"], checkout.env
-    )
+def test_a_noop_refresh_imports_no_data_library(checkout: Workspace) -> None:
+    refresh = ["refresh", "--profile", checkout.profile, "--engine", "local", "--json"]
+    imported_by(
+        refresh, checkout.env
+    )  # had anything since the fixture's refresh voided the stamp: re-stamped
+    names, done = imported_by(refresh, checkout.env)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["segments"]["loaded"] == 0 and report["features"]["computed"] == 0
-    # The manifest (DuckDB, Arrow) answers "is it all there?"; nothing is computed, so no pandas.
+    # The stamp (refresher.stamp) answers "is it all there?" with psycopg alone.
+    assert set(report["phases"]) == {"stamp"}
+    assert names & HEAVY == set()
+
+
+def test_a_noop_refresh_past_the_stamp_imports_the_store_but_not_pandas(checkout: Workspace) -> None:
+    # --as-of skips the stamp: the manifest (DuckDB, Arrow) answers; nothing is computed, so no pandas.
+    names, done = imported_by(
+        [
+            "refresh",
+            "--profile",
+            checkout.profile,
+            "--engine",
+            "local",
+            "--json",
+            "--as-of",
+            AS_OF.isoformat(),
+        ],
+        checkout.env,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["segments"]["loaded"] == 0 and "plan" in report["phases"]
     assert names & HEAVY == {"pyarrow", "duckdb"}
 
 

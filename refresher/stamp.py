@@ -1,0 +1,213 @@
+"""The refresh stamp: the proof, checked with psycopg alone, that a CLI ``refresh`` has nothing to do.
+
+A no-op ``refresh`` through the full path imports pyarrow and DuckDB (about a second) to re-plan what nothing
+changed. After each refresh that finished, the CLI writes a stamp into the state dir (atomically): the resolved
+profile's hash (its dates included, so a new session or an ``--as-of`` changes it), the code's (the source
+files' sizes and times), until when the as-of stays the answer (the next session close of the profile's
+exchanges), where the data went (engine, DSN, the store's manifest file) and what the database held then (the
+ledger digest the pristine snapshot records, a digest of ``symbols``, every table present), and the report. A
+later ``refresh`` without flags checks each of them against the running server and answers with that report,
+or falls through to the full refresh on any difference or doubt: a changed profile or code, an edited ledger,
+a dropped table, a missing snapshot, a store another run wrote to, a passed session close, any error.
+
+Only synthetic sources are stamped: files and Postgres sources change outside anything checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from refresher import snapshot
+from refresher.calendar import next_close
+from refresher.engines.base import ServerInfo
+from refresher.errors import SnapshotError
+from refresher.profile import Profile, SyntheticSourceSpec
+
+# Bump when a field is added or its meaning changes: an older stamp then proves nothing.
+STAMP_FORMAT = 2
+# What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
+TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
+# ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
+MANIFEST_FILE = "manifest.duckdb"
+_PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "featurestore")
+
+_SYMBOLS_DIGEST = (
+    "SELECT md5(coalesce(string_agg(concat_ws('|', symbol, exchange, asset_class), E'\\n' ORDER BY symbol), ''))"
+    " FROM symbols"
+)
+
+
+def stamp_path(state_dir: Path, profile: str) -> Path:
+    return state_dir / "stamps" / f"{profile}.json"
+
+
+def profile_hash(profile: Profile) -> str | None:
+    """A digest of everything in the resolved profile that decides the data; None when it cannot be stamped
+    (a source that can change outside the profile, or a user's feature function whose file may change)."""
+    if not isinstance(profile.source, SyntheticSourceSpec):
+        return None
+    if any(":" in use.spec.name for use in profile.features):
+        return None
+    parts = {
+        "name": profile.name,
+        "path": str(profile.path),
+        "listings": [dataclasses.astuple(listing) for listing in profile.listings],
+        "timeframes": list(profile.timeframes),
+        "range": [profile.start.isoformat(), profile.end.isoformat()],
+        "features": [
+            [use.name, use.spec.name, use.spec.version, use.spec.timeframe, use.params_json]
+            for use in profile.features
+        ],
+        "seed": profile.seed,
+        "exchange": profile.exchange,
+        "source": profile.source.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """Size and modification time of every source file of refresher and featurestore (about 1 ms): an edit to
+    the generator or the loader must not be answered by a stamp the old code wrote."""
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        for path in sorted(package.rglob("*.py")):
+            status = path.stat()
+            digest.update(f"{path}:{status.st_size}:{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _store_identity(store_root: Path) -> list[Any]:
+    try:
+        status = (store_root / MANIFEST_FILE).stat()
+    except OSError:
+        return [str(store_root), None]
+    return [str(store_root), status.st_ino, status.st_size, status.st_mtime_ns]
+
+
+def _database_state(conn: psycopg.Connection[Any]) -> list[str | None] | None:
+    """[ledger digest, symbols digest] of the database; None when a table is missing."""
+    row = conn.execute(
+        "SELECT count(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
+        (list(TABLES),),
+    ).fetchone()
+    if row is None or row[0] != len(TABLES):
+        return None
+    symbols = conn.execute(_SYMBOLS_DIGEST).fetchone()
+    return [snapshot.ledger_digest(conn), symbols[0] if symbols else None]
+
+
+def _valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:
+    exchanges = {profile.exchange, *(listing.exchange for listing in profile.listings)}
+    return min(next_close(exchange, now) for exchange in sorted(exchanges))
+
+
+def clear(state_dir: Path, profile: str) -> None:
+    """Forget the stamp: a refresh is about to change the database."""
+    stamp_path(state_dir, profile).unlink(missing_ok=True)
+
+
+def write(
+    state_dir: Path, store_root: Path, profile: Profile, server: ServerInfo, report: dict[str, Any]
+) -> bool:
+    """Stamp a refresh that just finished (under the profile lock); False when it cannot be stamped."""
+    digest = profile_hash(profile)
+    if digest is None:
+        return False
+    now = dt.datetime.now(dt.UTC)
+    with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
+        state = _database_state(conn)
+    if state is None or state[0] is None or snapshot.pristine_ledger(server) != state[0]:
+        return False  # no consistent snapshot of what the database holds: nothing to vouch for
+    stamp = {
+        "format": STAMP_FORMAT,
+        "profile": profile.name,
+        "profile_hash": digest,
+        "code": code_fingerprint(),
+        "valid_until": _valid_until(profile, now).isoformat(),
+        "engine": server.engine,
+        "dsn": server.dsn(with_password=False),
+        "store": _store_identity(store_root),
+        "database": state,
+        "report": report,
+    }
+    path = stamp_path(state_dir, profile.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(stamp, handle)
+    os.replace(handle.name, path)  # a reader sees the old stamp, the new one, or none
+    return True
+
+
+def check(state_dir: Path, store_root: Path, profile: Profile, server: ServerInfo) -> dict[str, Any] | None:
+    """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full."""
+    started = time.perf_counter()
+    try:
+        stamp = json.loads(stamp_path(state_dir, profile.name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT:
+        return None
+    try:
+        valid_until = dt.datetime.fromisoformat(stamp["valid_until"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    dsn = server.dsn(with_password=False)
+    expected = {
+        "profile": profile.name,
+        "engine": server.engine,
+        "dsn": dsn,
+        "store": _store_identity(store_root),
+    }
+    if dt.datetime.now(dt.UTC) >= valid_until or any(stamp.get(k) != v for k, v in expected.items()):
+        return None
+    if stamp.get("profile_hash") != profile_hash(profile) or stamp.get("code") != code_fingerprint():
+        return None
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
+            state = _database_state(conn)
+        if state is None or state != stamp.get("database") or snapshot.pristine_ledger(server) != state[0]:
+            return None
+    except (psycopg.Error, SnapshotError):
+        return None  # whatever it is, the full refresh meets it and says it properly
+    return _noop_report(stamp["report"], dsn, time.perf_counter() - started)
+
+
+def _noop_report(stamped: dict[str, Any], dsn: str, seconds: float) -> dict[str, Any]:
+    """The stamped refresh's report as the full path would give it for a run that does nothing."""
+    segments, features = dict(stamped["segments"]), dict(stamped["features"])
+    segments.update(present=segments["desired"], loaded=0, pruned=0, fetched=0)
+    features.update(loaded=0, computed=0, rows_loaded=0, pruned=0)
+    return {
+        **stamped,
+        "dsn": dsn,
+        "segments": segments,
+        "rows_loaded": 0,
+        "seconds": round(seconds, 3),
+        "store": {"hits": 0, "misses": 0},  # the store was not asked
+        "features": features,
+        "snapshot": "unchanged",
+        "phases": {"stamp": round(seconds, 4)},
+        "notes": [note for note in stamped.get("notes", []) if not note.startswith("store:")],
+    }
+
+
+__all__ = [
+    "MANIFEST_FILE",
+    "STAMP_FORMAT",
+    "TABLES",
+    "check",
+    "clear",
+    "code_fingerprint",
+    "profile_hash",
+    "write",
+]

@@ -1,0 +1,190 @@
+"""The refresh stamp (``refresher.stamp``): a CLI ``refresh`` with nothing to do answers from it, and anything
+that makes work falls through to the full refresh. Through the real CLI against a real local server.
+
+Which path answered is in the report: the stamp's has the single phase ``stamp``, the full path ``plan`` etc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from refresher import database, stamp
+from refresher.snapshot import MAINTENANCE_DB, pristine_name
+from tests.refresher.test_refresh_e2e import AS_OF, Workspace
+
+
+@pytest.fixture
+def ws(checkout: Workspace) -> Workspace:
+    return checkout
+
+
+def stamped(report: dict[str, Any]) -> bool:
+    return set(report["phases"]) == {"stamp"}
+
+
+def stamp_file(ws: Workspace) -> Path:
+    return stamp.stamp_path(ws.root / "state", ws.profile)
+
+
+def settle(ws: Workspace) -> dict[str, Any]:
+    """Refresh until the stamp answers (at most one full run), so each test starts from a stamped state."""
+    report = ws.refresh()
+    if not stamped(report):
+        report = ws.refresh()
+    assert stamped(report), report
+    return report
+
+
+def execute(ws: Workspace, query: str, dbname: str | None = None) -> None:
+    dsn = ws.dsn()
+    if dbname is not None:
+        dsn = dsn.rsplit("/", 1)[0] + "/" + dbname
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(query)
+
+
+def test_a_noop_refresh_answers_from_the_stamp_with_the_full_paths_report(ws: Workspace) -> None:
+    fast = settle(ws)
+    stamp_file(ws).unlink()
+    full = ws.refresh()
+    assert not stamped(full) and full["segments"]["loaded"] == 0  # the full path's own no-op
+    assert stamped(ws.refresh())  # and it stamped again
+    for report in (fast, full):
+        report.pop("seconds"), report.pop("phases"), report.pop("store")
+    assert fast == full
+
+
+def test_the_human_output_is_the_same_summary(ws: Workspace) -> None:
+    settle(ws)
+    text = ws.run("refresh", "--profile", ws.profile).stdout
+    assert "4 desired, 4 already present, 0 loaded" in text, text
+    assert re.search(r"DSN: postgresql://\S+/" + ws.profile, text), text
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["profile", "ledger", "dropped table", "snapshot", "session close", "store", "code", "torn stamp"],
+)
+def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspace, change: str) -> None:
+    settle(ws)
+    dbname = ws.profile
+    if change == "profile":  # another seed for KO: its segments must be fetched and loaded again
+        ws.write_profile(symbols=["AAPL", "KO"], months=1, seeds="seeds: {KO: 5}\n")
+    elif change == "ledger":
+        execute(
+            ws,
+            "UPDATE refresher_segments SET content_hash = 'edited' WHERE symbol = 'AAPL' AND timeframe = '1d'",
+        )
+    elif change == "dropped table":
+        execute(ws, "DROP TABLE refresher_rejects")
+    elif change == "snapshot":
+        execute(ws, f'ALTER DATABASE "{pristine_name(dbname)}" IS_TEMPLATE false', MAINTENANCE_DB)
+        execute(ws, f'DROP DATABASE "{pristine_name(dbname)}" WITH (FORCE)', MAINTENANCE_DB)
+    else:
+        path = stamp_file(ws)
+        if change == "torn stamp":
+            path.write_text(path.read_text()[:40])
+        elif change == "store":  # another profile's refresh wrote to the shared store
+            manifest = ws.root / "store" / stamp.MANIFEST_FILE
+            os.utime(manifest, ns=(time.time_ns(), time.time_ns()))
+        else:
+            field, value = {
+                "session close": ("valid_until", "2000-01-01T00:00:00+00:00"),
+                "code": ("code", "old"),
+            }[change]
+            path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    report = ws.refresh()
+    assert not stamped(report), change
+    if change in ("profile", "ledger"):
+        assert report["segments"]["loaded"] >= 1
+    if change == "dropped table":
+        with psycopg.connect(ws.dsn()) as conn:
+            assert database.schema_exists(conn)
+            assert conn.execute("SELECT to_regclass('refresher_rejects') IS NOT NULL").fetchone() == (True,)
+    if change == "snapshot":
+        assert report["snapshot"] == "saved"
+    assert stamped(ws.refresh())  # the full run stamped what it did
+    if change == "profile":
+        ws.write_profile(symbols=["AAPL", "KO"], months=1)
+
+
+def test_any_flag_falls_through(ws: Workspace) -> None:
+    for flags in (["--as-of", AS_OF.isoformat()], ["--verify"], ["--prune"], ["--on-bad-rows", "fail"]):
+        settle(ws)
+        assert not stamped(ws.refresh(*flags)), flags
+
+
+def test_reset_brings_back_what_the_stamp_vouches_for(ws: Workspace) -> None:
+    settle(ws)
+    before = ws.checksums()
+    # A test run dirties the data (not the ledger, which reset would refuse to overwrite); reset restores it
+    # from the pristine copy, whose ledger is the stamped one: the stamp holds again, rightly.
+    execute(ws, "DELETE FROM ohlcv_daily WHERE symbol = 'KO'")
+    ws.run("reset", "--profile", ws.profile)
+    report = ws.refresh()
+    assert stamped(report)  # the pristine copy is what the stamped refresh left
+    assert ws.checksums() == before
+    execute(ws, "DELETE FROM refresher_segments WHERE symbol = 'KO' AND timeframe = '1d'")
+    report = ws.refresh()
+    assert not stamped(report) and report["segments"]["loaded"] == 1
+    assert ws.checksums() == before
+
+
+def test_two_noop_refreshes_at_once_both_answer(ws: Workspace) -> None:
+    settle(ws)
+    runs = [
+        subprocess.Popen(
+            ws.command("refresh", "--profile", ws.profile, "--json"),
+            env=ws.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    reports = [json.loads(run.communicate(timeout=300)[0].strip().splitlines()[-1]) for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert all(stamped(r) and r["segments"]["loaded"] == 0 for r in reports)
+
+
+def test_a_refresh_killed_midway_leaves_no_stamp_behind(ws: Workspace) -> None:
+    settle(ws)
+    ws.write_profile(symbols=["AAPL", "KO", "MSFT", "IBM"], months=3)
+    run = subprocess.Popen(
+        ws.command("refresh", "--profile", ws.profile, "--json"),
+        env=ws.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while stamp_file(ws).exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.01)
+        assert not stamp_file(ws).exists()  # cleared before the first load
+        os.kill(run.pid, signal.SIGKILL)
+    finally:
+        run.wait(timeout=60)
+    report = ws.refresh()
+    assert not stamped(report) and report["segments"]["desired"] == 4 * 2 * 3
+    assert stamped(ws.refresh())
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    ws.refresh("--prune")
+
+
+def test_the_names_the_stamp_keeps_are_those_of_the_modules_it_avoids_importing() -> None:
+    from featurestore.manifest import MANIFEST_FILE
+
+    created = {
+        m.group(1) for m in (re.search(r"CREATE TABLE IF NOT EXISTS (\w+)", ddl) for ddl in database.DDL) if m
+    }
+    assert set(stamp.TABLES) == created
+    assert stamp.MANIFEST_FILE == MANIFEST_FILE
