@@ -64,23 +64,31 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         }
     )
 
-    profile = "ui_testing"
-    refresh = _cli(
-        "refresh", "--profile", profile, "--engine", "local", "--json", "--as-of", AS_OF.isoformat()
-    )
+    # ui_testing with its as-of pinned in the file: a no-op without flags is answered by the refresh stamp, and
+    # the same no-op with --as-of goes the full way (plan against the store's manifest and the ledger).
+    profile = "ui_testing_pinned"
+    (work / "profiles").mkdir()
+    packaged = Path(__file__).resolve().parents[1] / "profiles" / "ui_testing.yaml"
+    (work / "profiles" / f"{profile}.yaml").write_text(packaged.read_text() + f"as_of: {AS_OF.isoformat()}\n")
+    env["REFRESHER_PROFILES"] = str(work / "profiles")
+    refresh = _cli("refresh", "--profile", profile, "--engine", "local", "--json")
     try:
         subprocess.run(refresh, check=True, env=env, capture_output=True)  # cold: loads everything
-        ours = _median_seconds(refresh, env)
-        rows.append(
-            {
-                "benchmark": f"no-op refresh, {profile} (CLI wall time, median of {RUNS})",
-                "ours": ours,
-                "baseline": eager,
-                "unit": "s",
-                "ratio": eager / ours,
-                "note": f"goal <= 0.3 s; baseline: the old eager imports alone; interpreter alone {floor:.3f} s",
-            }
-        )
+        for label, argv, goal in (
+            ("answered by the refresh stamp", refresh, "goal <= 0.3 s"),
+            ("past the stamp (--as-of)", [*refresh, "--as-of", AS_OF.isoformat()], "the full path"),
+        ):
+            ours = _median_seconds(argv, env)
+            rows.append(
+                {
+                    "benchmark": f"no-op refresh, ui_testing, {label} (CLI wall time, median of {RUNS})",
+                    "ours": ours,
+                    "baseline": eager,
+                    "unit": "s",
+                    "ratio": eager / ours,
+                    "note": f"{goal}; baseline: the old eager imports alone; interpreter alone {floor:.3f} s",
+                }
+            )
     finally:
         subprocess.run(_cli("down", "--profile", profile, "--engine", "local"), env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -151,13 +151,17 @@ def test_refresh_loads_everything_then_a_second_run_loads_nothing(workspace: Wor
     assert workspace.scalar("SELECT count(*) FROM features_dashboard_data") == daily
     assert workspace.scalar("SELECT count(DISTINCT symbol) FROM symbols") == len(SYMBOLS)
 
-    second = workspace.refresh()
-    assert second["segments"]["loaded"] == 0
-    assert second["segments"]["present"] == second["segments"]["desired"]
-    assert second["rows_loaded"] == 0
+    # Answered by the refresh stamp (refresher.stamp), then the full way (--as-of skips the stamp): the same.
+    stamped, second = workspace.refresh(), workspace.refresh("--as-of", AS_OF.isoformat())
+    assert set(stamped["phases"]) == {"stamp"} and "plan" in second["phases"]
+    for report in (stamped, second):
+        assert report["segments"]["loaded"] == 0
+        assert report["segments"]["present"] == report["segments"]["desired"]
+        assert report["rows_loaded"] == 0
+        assert report["features"]["loaded"] == 0
+        assert "password" not in json.dumps(report) and workspace.dsn().split("@")[0] not in report["dsn"]
     assert second["store"] == {"hits": second["segments"]["desired"], "misses": 0}
-    assert second["features"]["loaded"] == 0
-    assert "password" not in json.dumps(second) and workspace.dsn().split("@")[0] not in second["dsn"]
+    assert stamped["store"] == {"hits": 0, "misses": 0}  # the stamp answers without asking the store
 
 
 @pytest.mark.slow
