@@ -170,6 +170,11 @@ class DailyTables(Mapping[Segment, pa.Table]):
             self._tables[segment] = table
         return self._tables[segment]
 
+    def __contains__(self, segment: object) -> bool:
+        """Whether the table is in memory: the features step reads the others in one store request, then asks
+        here for the ones the store could not serve."""
+        return segment in self._tables
+
     def __iter__(self) -> Iterator[Segment]:
         return iter(self._daily)
 

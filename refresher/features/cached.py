@@ -135,6 +135,22 @@ def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFra
     ).key
 
 
+def _daily_tables(
+    store: FeatureStore,
+    plan: GapPlan,
+    known: Mapping[Segment, pa.Table],
+    segments: Mapping[str, Sequence[Segment]],
+) -> dict[str, list[pa.Table]]:
+    """Each symbol's daily tables: those ``known`` holds in memory, the others from the store in one request;
+    a key the store cannot serve is asked of ``known`` again (a refresh's mapping fetches it from the source)."""
+    wanted = [s for segs in segments.values() for s in segs if s not in known]
+    read = store.get_many([plan.keys[s] for s in wanted])
+    return {
+        symbol: [known[s] if s in known or plan.keys[s] not in read else read[plan.keys[s]] for s in segs]
+        for symbol, segs in segments.items()
+    }
+
+
 def _config(use: FeatureUse, version: str) -> tuple[str, ...]:
     """What, besides its input bars, a feature's rows depend on."""
     return (use.name, use.feature, version, use.params_json)
@@ -202,12 +218,29 @@ def compute_features(
     universe_hashes = [h for symbol in sorted(hashes) for h in (symbol, *hashes[symbol])]
     frames: dict[str, pd.DataFrame] = {}
     tables: dict[str, list[pa.Table]] = {}
+    versions = {use.name: _version(use.spec) for use in profile.features}
+
+    def input_hash_of(use: FeatureUse, symbol: str) -> str:
+        # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
+        content = [symbol, *universe_hashes] if use.spec.needs_universe else hashes[symbol]
+        return _input_hash(use, versions[use.name], content)
+
+    stale = {
+        (use, symbol)
+        for use in profile.features
+        if use.spec.timeframe == "1d"
+        for symbol in daily
+        if loaded.get((use.name, symbol)) != input_hash_of(use, symbol)
+    }
+    needed = sorted(
+        set(daily) if any(use.spec.needs_universe for use, _symbol in stale) else {sym for _use, sym in stale}
+    )
 
     def tables_of(symbol: str) -> list[pa.Table]:
         if symbol not in tables:
-            have = known or {}
-            read = store.get_many([plan.keys[s] for s in daily[symbol] if s not in have])
-            tables[symbol] = [have[s] if s in have else read[plan.keys[s]] for s in daily[symbol]]
+            # Every symbol a daily entry will compute, in one store request: a request opens the manifest.
+            symbols = [sym for sym in needed if sym not in tables] or [symbol]
+            tables.update(_daily_tables(store, plan, known or {}, {sym: daily[sym] for sym in symbols}))
         return tables[symbol]
 
     def frame_of(symbol: str) -> pd.DataFrame:
@@ -235,10 +268,8 @@ def compute_features(
         appendable = not spec.needs_universe and spec.version != "user"
         records: dict[str, tuple[str | None, int]] = {}
         for symbol in sorted(daily):
-            # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.
-            content = [symbol, *universe_hashes] if spec.needs_universe else hashes[symbol]
-            input_hash = _input_hash(use, version, content)
-            if loaded.get((use.name, symbol)) == input_hash:
+            input_hash = input_hash_of(use, symbol)
+            if (use, symbol) not in stale:
                 continue
             raw = frame_of(symbol)
             if raw.empty:
@@ -305,24 +336,33 @@ def _intraday_batch(
     version = _version(use.spec)
     parts: list[FeaturePart] = []
     computed = 0
-    group: list[tuple[FeaturePart, list[pd.DataFrame]]] = []
+    group: list[tuple[FeaturePart, list[Segment]]] = []
     held = 0
 
     def flush() -> None:
         nonlocal computed, held
-        compute = _Compute(use, {id(frame): part.symbol for part, months in group for frame in months})
-        jobs = [(part.symbol, frame, compute.config()) for part, months in group for frame in months]
+        # One store request for the group's minute bars and one for its features: each opens the manifest.
+        read = store.get_many([plan.keys[s] for _part, segments in group for s in segments])
+        months = [
+            [minute_frame(read[plan.keys[s]], tz_of[part.symbol]) for s in segments]
+            for part, segments in group
+        ]
+        months = [[frame for frame in frames if not frame.empty] for frames in months]
+        symbol_of = {
+            id(f): part.symbol for (part, _s), frames in zip(group, months, strict=True) for f in frames
+        }
+        compute = _Compute(use, symbol_of)
+        jobs = [(symbol_of[id(frame)], frame, compute.config()) for frames in months for frame in frames]
         results = iter(store.get_or_compute_many(jobs, compute, version=version) if jobs else [])
-        for part, months in group:
-            frames = [
-                r if isinstance(r, pd.DataFrame) else r.to_pandas() for r in islice(results, len(months))
-            ]
-            rows = feature_rows(part.symbol, pd.concat(frames)) if frames else pa.table({})
+        for (part, _segments), frames in zip(group, months, strict=True):
+            done = [r if isinstance(r, pd.DataFrame) else r.to_pandas() for r in islice(results, len(frames))]
+            rows = feature_rows(part.symbol, pd.concat(done)) if done else pa.table({})
             parts.append(replace(part, rows=rows))
         computed += compute.calls
         group.clear()
         held = 0
 
+    tz_of = {symbol: str(get_calendar(profile.listing(symbol).exchange).tz) for symbol in minute}
     for symbol in sorted(minute):
         segments = minute[symbol]
         input_hash = _input_hash(use, version, [entries[plan.keys[s]].content_hash for s in segments])
@@ -333,11 +373,8 @@ def _intraday_batch(
         part = FeaturePart(symbol, pa.table({}), input_hash, record)
         if start:
             part = replace(part, since=segments[start].month, based_on=loaded.get((use.name, symbol)))
-        tz = str(get_calendar(profile.listing(symbol).exchange).tz)
-        tables = store.get_many([plan.keys[s] for s in segments[start:]])
-        months = [minute_frame(tables[plan.keys[s]], tz) for s in segments[start:]]
-        group.append((part, [frame for frame in months if not frame.empty]))
-        held += sum(len(frame) for frame in months)
+        group.append((part, segments[start:]))
+        held += sum(entries[plan.keys[s]].rows for s in segments[start:])
         if held >= INTRADAY_GROUP_ROWS:
             flush()
     flush()
