@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -39,6 +40,7 @@ STAMP_FORMAT = 2
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
 # ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
 MANIFEST_FILE = "manifest.duckdb"
+_VALUE_LIBRARIES = ("exchange_calendars", "numpy")
 _PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "featurestore")
 
 _SYMBOLS_DIGEST = (
@@ -76,9 +78,12 @@ def profile_hash(profile: Profile) -> str | None:
 
 
 def code_fingerprint() -> str:
-    """Size and modification time of every source file of refresher and featurestore (about 1 ms): an edit to
-    the generator or the loader must not be answered by a stamp the old code wrote."""
+    """Size and modification time of every source file of refresher and featurestore (about 1 ms), and the
+    versions of the libraries that decide values (exchange_calendars: holidays, hence which bars exist; numpy:
+    the generator's arithmetic): an edit or an upgrade must not be answered by a stamp the old code wrote."""
     digest = hashlib.sha256()
+    for library in _VALUE_LIBRARIES:
+        digest.update(f"{library}=={importlib.metadata.version(library)}\n".encode())
     for package in _PACKAGES:
         for path in sorted(package.rglob("*.py")):
             status = path.stat()

@@ -188,3 +188,16 @@ def test_the_names_the_stamp_keeps_are_those_of_the_modules_it_avoids_importing(
     }
     assert set(stamp.TABLES) == created
     assert stamp.MANIFEST_FILE == MANIFEST_FILE
+
+
+def test_the_code_fingerprint_follows_the_libraries_that_decide_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = stamp.code_fingerprint()
+    real = stamp.importlib.metadata.version
+    monkeypatch.setattr(
+        stamp.importlib.metadata,
+        "version",
+        lambda name: "9.9" if name == "exchange_calendars" else real(name),
+    )
+    assert stamp.code_fingerprint() != before  # an upgrade may move holidays: the stamp must not answer
