@@ -29,6 +29,7 @@ from refresher.database import ensure_schema, segment_range
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from refresher.load import load_segment
+from refresher.pool import refill_pool
 from refresher.schema import MINUTE_SCHEMA
 from refresher.segments import Segment
 
@@ -128,7 +129,7 @@ def _reset_latencies(
     snapshot.save_pristine(target, pool_size=1)
     pool, template = [], []
     for _ in range(repeat):
-        snapshot.refill_pool(target)
+        refill_pool(target)
         report = snapshot.restore_pristine(target, refill=False)
         assert report.method == "pool"
         pool.append(report.seconds)

@@ -8,7 +8,7 @@ crashed worker cannot leak one.
 
 Each process keeps its clone pools full from one background thread per server (``PoolRefiller``) instead of
 spawning a refill process per checkout. The workers' refillers fill different pool slots at once (a lock per
-slot in ``refresher.snapshot``), and the pool is sized for the number of workers.
+slot in ``refresher.pool``), and the pool is sized for the number of workers.
 
 Every test's clone is marked with the process that took it (``clone_note``): a ``--refresher-reuse`` run killed
 with -9 leaves its clones on the kept server, and the next run drops those whose owner is provably gone
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from refresher import snapshot
+from refresher import pool
 from refresher._pytest_servers import LoadedServer
 from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
@@ -58,7 +58,7 @@ def clone_note(pid: int) -> str:
 def drop_abandoned_clones(server: ServerInfo) -> list[str]:
     """Drop the per-test clones whose owner process is gone (a run killed with -9); returns their names."""
     dropped = []
-    for name, note in snapshot.clone_notes(server, per_test_clone_prefix(server)).items():
+    for name, note in pool.clone_notes(server, per_test_clone_prefix(server)).items():
         if not note.startswith(_NOTE_PREFIX):
             continue  # not ours to judge
         try:
@@ -66,7 +66,7 @@ def drop_abandoned_clones(server: ServerInfo) -> list[str]:
         except ValueError:
             continue
         if isinstance(labels, dict) and owner_gone(labels):
-            snapshot.drop_clone(server, name)
+            pool.drop_clone(server, name)
             dropped.append(name)
     return dropped
 
@@ -115,7 +115,7 @@ class PoolRefiller:
                 if not self._to_drop:
                     return
                 name = self._to_drop.pop(0)
-            snapshot.drop_clone(self.server, name)
+            pool.drop_clone(self.server, name)
 
     def _run(self) -> None:
         while True:
@@ -125,7 +125,7 @@ class PoolRefiller:
                 self._drop_pending()
                 if self._closing.is_set():
                     return
-                snapshot.refill_pool(self.server, size=self.pool_size)
+                pool.refill_pool(self.server, size=self.pool_size)
             except Exception as exc:  # reported by the next poke, in the test thread
                 self.error = exc
                 return
@@ -172,7 +172,7 @@ class SharedServers:
             # One ready for each worker's next test, and one more for whichever comes back first: the pool's
             # depth helps only bursts (steady state is bounded by how fast clones are copied), and each clone
             # is a full copy of the database on disk.
-            size = max(snapshot.DEFAULT_POOL_SIZE, workers + 1)
+            size = max(pool.DEFAULT_POOL_SIZE, workers + 1)
             self._refillers[server.info] = PoolRefiller(server.info, pool_size=size)
         return self._refillers[server.info]
 

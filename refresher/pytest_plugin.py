@@ -30,7 +30,7 @@ import pytest
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
-from refresher import snapshot
+from refresher import pool
 from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
 from refresher._pytest_reuse import (
     drop_kept,
@@ -278,7 +278,7 @@ def refresher_database(proc_fixture_name: str) -> Any:
         # 63 bytes at most: profile names are <= 41, "__test_" 7, the worker id <= 6, the random part 8.
         name = f"{per_test_clone_prefix(server.info)}{worker[:6]}_{secrets.token_hex(4)}"
         refiller = refresher_servers.refiller(server)
-        dsn = snapshot.checkout_clone(server.info, name, refill=False, note=clone_note(os.getpid()))
+        dsn = pool.checkout_clone(server.info, name, refill=False, note=clone_note(os.getpid()))
         refiller.poke()
         database = RefresherDatabase(server, name, dsn)
         try:

@@ -17,7 +17,7 @@ import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from refresher import database, load, snapshot
+from refresher import database, load, pool, snapshot
 from refresher.calendar import exchange_tz
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
@@ -235,7 +235,7 @@ def refresh(
     if not snapshot.is_current(server):
         # The template is made now; its warm clones are made by a detached process while the user starts work.
         snapshot.save_pristine(server, fill_pool=False)
-        snapshot.spawn_refill(server)
+        pool.spawn_refill(server)
         snapshot_state = "saved"
     lap("snapshot", mark)
     store_spent = store.session_counts() - store_before

@@ -27,7 +27,7 @@ import pyarrow as pa
 import redis
 
 from featurestore import FeatureStore
-from refresher import load, snapshot
+from refresher import load, pool, snapshot
 from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
 from refresher.errors import ProfileBusy
@@ -412,7 +412,7 @@ class Worker:
                 if snapshot.is_current(server):
                     return "unchanged"
                 snapshot.save_pristine(server, fill_pool=False)
-                snapshot.spawn_refill(server)
+                pool.spawn_refill(server)
                 return "saved"
         except ProfileBusy:
             return "skipped: a refresh or reset of the profile is running"

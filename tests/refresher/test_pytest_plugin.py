@@ -26,7 +26,8 @@ import pytest
 
 from refresher._pytest_share import clone_note, drop_abandoned_clones, per_test_clone_prefix
 from refresher.engines.base import ServerInfo
-from refresher.snapshot import checkout_clone, save_pristine
+from refresher.pool import checkout_clone
+from refresher.snapshot import save_pristine
 
 pytest_plugins = ["pytester"]
 

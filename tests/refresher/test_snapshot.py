@@ -17,20 +17,12 @@ import psycopg
 import pytest
 
 from refresher.database import read_loaded_segments
+from refresher.diskfull import COPY_SLACK
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
+from refresher.pool import checkout_clone, drop_clone, pool_status, refill_pool, wait_for_pool
 from refresher.segments import Segment
-from refresher.snapshot import (
-    checkout_clone,
-    drop_clone,
-    has_pristine,
-    pool_status,
-    pristine_name,
-    refill_pool,
-    restore_pristine,
-    save_pristine,
-    wait_for_pool,
-)
+from refresher.snapshot import has_pristine, pristine_name, restore_pristine, save_pristine
 
 pytestmark = pytest.mark.postgres
 JAN = dt.date(2024, 1, 1)
@@ -150,7 +142,7 @@ def test_a_new_pristine_replaces_the_old_pool(loaded: ServerInfo) -> None:
 
 
 def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
-    from refresher import snapshot
+    from refresher import _snapshot_sql, pool
 
     save_pristine(loaded, pool_size=2, fill_pool=False)
     seen: list[int] = []
@@ -164,8 +156,8 @@ def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pyte
             ).fetchall()
             seen.extend(os.getpriority(os.PRIO_PROCESS, r[0]) for r in rows)
 
-        monkeypatch.setattr(snapshot, "_after_statement", note_refiller_priority)
-        assert snapshot.refill_pool(loaded) == 2
+        monkeypatch.setattr(_snapshot_sql, "_after_statement", note_refiller_priority)
+        assert pool.refill_pool(loaded) == 2
         # The server's other processes keep the priority the server started with (this run's, maybe niced).
         normal = os.getpriority(os.PRIO_PROCESS, observer.info.backend_pid)
     assert seen and min(seen) == min(normal + 10, 19) > normal
@@ -173,7 +165,7 @@ def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pyte
 
 
 def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_at_least_one() -> None:
-    from refresher.snapshot import GB, pool_size_for_disk
+    from refresher.pool import GB, pool_size_for_disk
 
     total, clone = 100 * GB, 2 * GB  # reserve: a tenth of the filesystem, 10 GB
     assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=50 * GB, total=total) == 6
@@ -188,7 +180,7 @@ def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_at_least_one() 
 
 
 def test_refill_concurrency_follows_the_cores_and_the_disk() -> None:
-    from refresher.snapshot import MAX_REFILL_CONCURRENCY, refill_concurrency
+    from refresher.pool import MAX_REFILL_CONCURRENCY, refill_concurrency
 
     assert refill_concurrency(1, rotational=False) == 1
     assert refill_concurrency(2, rotational=False) == 2
@@ -200,46 +192,46 @@ def test_refill_concurrency_follows_the_cores_and_the_disk() -> None:
 def test_a_full_disk_shrinks_the_pool_the_refill_makes(
     loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from refresher import snapshot
+    from refresher import pool
 
     save_pristine(loaded, pool_size=4, fill_pool=False)
     with psycopg.connect(loaded.dsn("postgres")) as conn:
         row = conn.execute("SELECT pg_database_size(%s)", (pristine_name(loaded.dbname),)).fetchone()
         assert row is not None
-    each = int(row[0]) + snapshot.COPY_SLACK
+    each = int(row[0]) + COPY_SLACK
     # The server's disk as this host sees it: 4 GB, with room past the 1 GB reserve for one clone and a half
     # before the refill; each clone made takes its share.
-    free = snapshot.GB + each * 3 // 2
+    free = pool.GB + each * 3 // 2
 
     def usage(self: object) -> tuple[int, int]:
-        return free - each * len(pool_status(loaded).ready), 4 * snapshot.GB
+        return free - each * len(pool_status(loaded).ready), 4 * pool.GB
 
-    monkeypatch.setattr(snapshot._Machine, "usage", usage)
-    monkeypatch.setattr(snapshot, "data_directory", lambda conn: Path("/"))
-    assert snapshot.refill_pool(loaded) == 1
+    monkeypatch.setattr(pool._Machine, "usage", usage)
+    monkeypatch.setattr(pool, "data_directory", lambda conn: Path("/"))
+    assert pool.refill_pool(loaded) == 1
     assert len(pool_status(loaded).ready) == 1
 
 
 def test_refills_of_different_slots_run_at_once(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two refillers (two xdist workers) asking at once get two slots copied at the same time instead of
     queueing on one lock (the first may make both, from two sessions, before the second looks)."""
-    from refresher import snapshot
+    from refresher import pool as clone_pool
 
     save_pristine(loaded, pool_size=2, fill_pool=False)
     both_copying = threading.Barrier(2, timeout=60)
-    make_clone = snapshot._make_clone
+    make_clone = clone_pool._make_clone
 
     def meet_then_make(conn: psycopg.Connection[object], db: str, n: int) -> str:
         both_copying.wait()  # broken (an error) unless the other refiller reaches its copy meanwhile
         return make_clone(conn, db, n)
 
-    monkeypatch.setattr(snapshot, "_make_clone", meet_then_make)
+    monkeypatch.setattr(clone_pool, "_make_clone", meet_then_make)
     with ThreadPoolExecutor(2) as pool:
-        made = list(pool.map(lambda _: snapshot.refill_pool(loaded, concurrency=2), range(2)))
+        made = list(pool.map(lambda _: clone_pool.refill_pool(loaded, concurrency=2), range(2)))
     assert sum(made) == 2
     assert pool_status(loaded).ready == (
-        snapshot.pool_name(loaded.dbname, 0),
-        snapshot.pool_name(loaded.dbname, 1),
+        clone_pool.pool_name(loaded.dbname, 0),
+        clone_pool.pool_name(loaded.dbname, 1),
     )
 
 
@@ -279,13 +271,13 @@ def test_two_takers_racing_for_the_last_clone_get_different_databases(loaded: Se
 
 _KILL_MID_CHECKOUT = """
 import json, os, signal, sys
-from refresher import snapshot
+from refresher import _snapshot_sql, pool
 from refresher.engines.base import ServerInfo
 server = ServerInfo(**json.loads(sys.stdin.read()))
 def after_statement():
     os.kill(os.getpid(), signal.SIGKILL)  # right after the copy, before its rename
-snapshot._after_statement = after_statement
-snapshot.checkout_clone(server, server.dbname + "_killed", refill=False)
+_snapshot_sql._after_statement = after_statement
+pool.checkout_clone(server, server.dbname + "_killed", refill=False)
 """
 
 

@@ -17,17 +17,9 @@ from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 from refresher.load import delete_segment, load_segment
+from refresher.pool import pool_name, pool_status, refill_pool
 from refresher.segments import Segment
-from refresher.snapshot import (
-    has_pristine,
-    is_current,
-    pool_name,
-    pool_status,
-    pristine_name,
-    refill_pool,
-    restore_pristine,
-    save_pristine,
-)
+from refresher.snapshot import has_pristine, is_current, pristine_name, restore_pristine, save_pristine
 from tests.fixtures_postgres import daily_bars
 
 pytestmark = pytest.mark.postgres
@@ -36,7 +28,7 @@ JAN, FEB = dt.date(2024, 1, 1), dt.date(2024, 2, 1)
 # Runs save_pristine in a child that SIGKILLs itself right after its N-th SQL statement.
 _KILLER = """
 import json, os, signal, sys
-from refresher import snapshot
+from refresher import _snapshot_sql, snapshot
 from refresher.engines.base import ServerInfo
 server = ServerInfo(**json.loads(sys.stdin.read()))
 step, count = int(sys.argv[1]), 0
@@ -45,7 +37,7 @@ def after_statement():
     count += 1
     if count == step:
         os.kill(os.getpid(), signal.SIGKILL)
-snapshot._after_statement = after_statement
+_snapshot_sql._after_statement = after_statement
 snapshot.save_pristine(server, pool_size=1)
 """
 

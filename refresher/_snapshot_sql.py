@@ -1,0 +1,241 @@
+"""The SQL both the snapshot and the pool are made of: names, marks, advisory locks, copies and renames.
+
+Private to ``refresher.snapshot`` and ``refresher.pool`` (see the former for the layout of a database's copies
+and the order its locks are taken in). Every statement that changes the catalog goes through ``_execute``, so a
+test can kill the process between any two of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from refresher.diskfull import server_disk_full
+from refresher.errors import SnapshotError
+
+MAINTENANCE_DB = "postgres"
+TAKE = 1
+REFILL = 2
+SWEEP = 3  # dropping trash and half-built copies: one sweeper at a time, the others skip it
+COPIER = 100  # COPIER + k, k < the refill concurrency: tokens for copying at once
+SLOT = 1000  # SLOT + n: the maker of pool slot n
+# Slots a template checkout copies into before renaming its copy: never pool slots, so refillers skip them, but
+# named like one so a copy whose maker was killed is recognised (unmarked) and dropped by the next refill.
+PRIVATE_SLOTS = range(10_000, 100_000)
+DEFAULT_POOL_SIZE = 2
+TRASH_INFIX = "__trash_"
+BUILDING_INFIX = "__building_"
+_PRISTINE_MARK = re.compile(
+    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})$"
+)
+_CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
+
+# Tests only: called after every statement sent through ``_execute``, so a test can kill -9 the process between
+# any two steps (see tests/refresher/test_snapshot_crash.py). Never set in the product.
+_after_statement: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """What a complete pristine copy says about itself (its database comment)."""
+
+    pool_size: int
+    ledger: str
+    stamp: str
+    generation: str
+
+
+def pristine_name(db: str) -> str:
+    return f"{db}__pristine"
+
+
+def pool_name(db: str, n: int) -> str:
+    return f"{db}__pool_{n}"
+
+
+@contextlib.contextmanager
+def _admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+    with conn:
+        yield conn
+
+
+def _execute(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+    cursor = conn.execute(query, params)
+    if _after_statement is not None:
+        _after_statement()
+    return cursor
+
+
+@contextlib.contextmanager
+def _advisory(conn: psycopg.Connection[Any], db: str, which: int, *, shared: bool = False) -> Iterator[None]:
+    mode = "_shared" if shared else ""
+    conn.execute(f"SELECT pg_advisory_lock{mode}(hashtext(%s), %s)", (db, which))
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute(f"SELECT pg_advisory_unlock{mode}(hashtext(%s), %s)", (db, which))
+
+
+def _try_lock(conn: psycopg.Connection[Any], db: str, which: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), %s)", (db, which)).fetchone()
+    return bool(row and row[0])
+
+
+def _unlock(conn: psycopg.Connection[Any], db: str, which: int) -> None:
+    conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
+
+
+def _comment(conn: psycopg.Connection[Any], name: str) -> tuple[bool, str] | None:
+    """(is a template, comment) of database ``name``, or None when it does not exist."""
+    row = conn.execute(
+        "SELECT datistemplate, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+        " WHERE datname = %s",
+        (name,),
+    ).fetchone()
+    return (bool(row[0]), str(row[1])) if row else None
+
+
+def _pristine_mark(conn: psycopg.Connection[Any], db: str) -> _Mark | None:
+    """The mark of the complete pristine copy; None when there is none (or only a half-made one)."""
+    found = _comment(conn, pristine_name(db))
+    match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
+    return _Mark(int(match.group(1)), match.group(2), match.group(3), match.group(4)) if match else None
+
+
+def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        raise SnapshotError(
+            f"{db}: no pristine snapshot; run `refresher refresh` first",
+            database=db,
+            missing=pristine_name(db),
+        )
+    return mark
+
+
+def _pool_databases(conn: psycopg.Connection[Any], db: str) -> list[str]:
+    """Every database named like a pool slot of ``db``, marked or not, in slot order."""
+    return [name for name, _, _ in _pool_comments(conn, db)]
+
+
+def _pool_comments(conn: psycopg.Connection[Any], db: str) -> list[tuple[str, bool, str]]:
+    """(name, is a template, comment) of every database named like a pool slot of ``db``, in slot order: one
+    query, as the refill asks it for every clone it makes."""
+    prefix = pool_name(db, 0)[:-1]
+    rows = conn.execute(
+        "SELECT datname, datistemplate, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+        " WHERE starts_with(datname, %s)",
+        (prefix,),
+    ).fetchall()
+    slots = [(str(name), bool(template), str(note)) for name, template, note in rows]
+    slots = [slot for slot in slots if slot[0][len(prefix) :].isdigit()]
+    return sorted(slots, key=lambda slot: int(slot[0][len(prefix) :]))
+
+
+def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
+    """The pool clones of the current pristine copy: marked with its generation (so finished, and not stale)."""
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        return []
+    ready = []
+    for name, template, note in _pool_comments(conn, db):
+        match = _CLONE_MARK.match(note) if not template else None
+        if match and match.group(1) == mark.generation:
+            ready.append(name)
+    return ready
+
+
+def _rename(conn: psycopg.Connection[Any], old: str, new: str) -> None:
+    try:
+        _execute(
+            conn, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+        )
+    except psycopg.errors.DuplicateDatabase as exc:
+        raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
+
+
+def _create_from(
+    conn: psycopg.Connection[Any], template: str, target: str, *, terminate: bool = False
+) -> None:
+    """CREATE DATABASE target TEMPLATE template, by file copy where the server supports it.
+
+    FILE_COPY (PG 15+) measured ~3x faster than the default WAL_LOG here: with fsync off its checkpoint is
+    cheap, and on PG 18 with file_copy_method=clone it reflinks on filesystems that can.
+    """
+    base = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(target), sql.Identifier(template))
+    file_copy = base + sql.SQL(" STRATEGY FILE_COPY") if conn.info.server_version >= 150000 else None
+    attempts = 20 if terminate else 1
+    for attempt in range(attempts):
+        if terminate:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (template,),
+            )
+        try:
+            _execute_create(conn, base, file_copy)
+            return
+        except psycopg.errors.DiskFull as exc:
+            # The server removed the partial copy itself; the previous snapshot is untouched.
+            row = conn.execute("SELECT pg_database_size(%s)", (template,)).fetchone()
+            raise server_disk_full(
+                conn, exc, needed=int(row[0]) if row else 0, what=f"copying {template} for the snapshot"
+            ) from exc
+        except psycopg.errors.ObjectInUse as exc:  # a session (re)connected to the template: evict it again
+            if attempt == attempts - 1:
+                raise SnapshotError(f"cannot copy {template}: {exc}", database=template) from exc
+            time.sleep(0.05)
+
+
+def _execute_create(
+    conn: psycopg.Connection[Any], base: sql.Composed, file_copy: sql.Composed | None
+) -> None:
+    if file_copy is not None:
+        try:
+            _execute(conn, file_copy)
+            return
+        except (
+            psycopg.errors.ObjectInUse,
+            psycopg.errors.DuplicateDatabase,
+            psycopg.errors.QueryCanceled,
+            psycopg.errors.DiskFull,
+        ):
+            raise
+        except psycopg.Error as exc:
+            if conn.closed:
+                raise
+            _ = exc  # e.g. file_copy_method=clone on a filesystem that cannot clone: the default strategy works
+    _execute(conn, base)
+
+
+def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    found = _comment(conn, name)
+    if found is None:
+        return
+    ident = sql.Identifier(name)
+    if found[0]:  # a template cannot be dropped
+        _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
+    _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def _derelicts(conn: psycopg.Connection[Any], db: str) -> list[str]:
+    """Trash, half-built copies and a half-made pristine copy of ``db``."""
+    rows = conn.execute(
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s) OR starts_with(datname, %s)",
+        (f"{db}{TRASH_INFIX}", f"{db}{BUILDING_INFIX}"),
+    ).fetchall()
+    doomed = [r[0] for r in rows]
+    if _pristine_mark(conn, db) is None:
+        doomed.append(pristine_name(db))
+    return doomed

@@ -1,0 +1,489 @@
+"""The warm pool of clones of a pristine copy: refill, slots, checkout, and dropping what killed makers left.
+
+For a database ``<db>`` (see ``refresher.snapshot`` for the pristine copy), ``<db>__pool_<n>`` are ready clones
+of ``<db>__pristine``, each commented ``clone_of=<generation>``. A clone whose mark is missing (its maker died
+between CREATE and COMMENT) or names another generation is never handed out, and the next refill drops it.
+
+Advisory locks per database, always taken in this order, make this safe for many processes (xdist workers):
+``REFILL``, held exclusively by ``save_pristine`` and ``drop_snapshot`` (they rebuild or remove everything, and
+may drop any leftover) and shared by refillers and template checkouts; then one lock per pool slot (only its
+holder creates or drops that slot's database, so refillers in many processes fill different slots at once);
+then ``TAKE`` (choosing and renaming a clone, and the swap itself, so a taker never picks a clone of the copy
+being replaced). A refiller also holds one of a few ``COPIER`` tokens while it copies: how many copies run at
+once on the server is bounded by its machine (``refill_concurrency``), however many processes refill.
+
+How many clones the pool keeps is bounded by the free space of the server's disk (``pool_size_for_disk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from refresher._snapshot_sql import (
+    COPIER,
+    DEFAULT_POOL_SIZE,
+    MAINTENANCE_DB,
+    PRIVATE_SLOTS,
+    REFILL,
+    SLOT,
+    SWEEP,
+    TAKE,
+    _admin,
+    _advisory,
+    _comment,
+    _create_from,
+    _derelicts,
+    _drop_database,
+    _execute,
+    _pool_databases,
+    _pristine_mark,
+    _ready_clones,
+    _rename,
+    _require_pristine,
+    _try_lock,
+    _unlock,
+    pool_name,
+    pristine_name,
+)
+from refresher.diskfull import COPY_SLACK, data_directory
+from refresher.engines.base import ServerInfo
+from refresher.errors import SnapshotError
+
+MAX_REFILL_CONCURRENCY = 4
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """The pristine copy and the clones ready right now."""
+
+    pristine: bool
+    ready: tuple[str, ...]
+    target: int
+
+
+def checkout_clone(
+    server: ServerInfo,
+    name: str,
+    *,
+    refill: bool = True,
+    refill_log: Path | None = None,
+    note: str | None = None,
+) -> str:
+    """A fresh copy of the pristine database under ``name`` (a pool clone when ready); returns its DSN.
+
+    ``note`` becomes the copy's database comment in the same transaction as its rename, so a copy is never
+    seen under ``name`` without it (the pytest plugin names its owner there, to drop what a killed run left).
+    """
+    db = server.dbname
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        _require_pristine(conn, db)
+        with _advisory(conn, db, TAKE):
+            ready = _ready_clones(conn, db)
+            if ready:
+                _take(conn, ready[0], name, note)
+        if not ready:  # cloning is slow; other takers need not wait for it
+            _copy_and_take(conn, db, name, note)
+    if refill:
+        spawn_refill(server, log=refill_log)
+    return server.dsn(name)
+
+
+def clone_notes(server: ServerInfo, prefix: str) -> dict[str, str]:
+    """The comment of every database whose name starts with ``prefix`` ("" for none)."""
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        rows = conn.execute(
+            "SELECT datname, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+            " WHERE starts_with(datname, %s)",
+            (prefix,),
+        ).fetchall()
+    return {str(name): str(note) for name, note in rows}
+
+
+def drop_clone(server: ServerInfo, name: str) -> None:
+    """Drop a database made by ``checkout_clone`` (terminating its sessions); no error if it is gone."""
+    if name in (server.dbname, pristine_name(server.dbname), MAINTENANCE_DB):
+        raise SnapshotError(f"drop_clone: refusing to drop {name!r}, which is not a clone", name=name)
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def pool_status(server: ServerInfo) -> PoolStatus:
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        mark = _pristine_mark(conn, server.dbname)
+        size = mark.pool_size if mark else DEFAULT_POOL_SIZE
+        return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)), size)
+
+
+def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
+    """Wait until the pool is full again (after a reset or checkout); raise SnapshotError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = pool_status(server)
+        if len(status.ready) >= status.target:
+            return status
+        if time.monotonic() > deadline:
+            raise SnapshotError(
+                f"{server.dbname}: pool has {len(status.ready)}/{status.target} clones after {timeout:.0f}s"
+            )
+        time.sleep(0.1)
+
+
+def refill_pool(server: ServerInfo, *, size: int | None = None, concurrency: int | None = None) -> int:
+    """Create the missing pool clones now, from this process; returns how many it made.
+
+    ``size`` asks for a pool of that many clones instead of the size the snapshot recorded. Either way the
+    pool never holds more than the free space of the server's disk allows (``pool_size_for_disk``). Up to
+    ``concurrency`` slots are copied at once (default: ``refill_concurrency`` of this machine), counting the
+    copies of every other process refilling the same pool.
+
+    The server processes doing the copies run at low CPU and I/O priority where they are processes of this
+    host (the local engine): a refill is background work, and the tests or queries running beside it are not.
+    """
+    local = server.engine == "local"
+    return _refill(
+        server.dsn(MAINTENANCE_DB), server.dbname, background=local, size=size, concurrency=concurrency
+    )
+
+
+def refill_concurrency(cpus: int, *, rotational: bool) -> int:
+    """How many pool copies to run at once on a machine with ``cpus`` cores.
+
+    A copy keeps one server process busy (a core with fsync off, the page cache taking the writes), so one
+    per core, at most ``MAX_REFILL_CONCURRENCY``; a spinning disk seeks between parallel copies, so half that.
+    """
+    per_core = max(1, min(cpus, MAX_REFILL_CONCURRENCY))
+    return max(1, per_core // 2) if rotational else per_core
+
+
+def pool_size_for_disk(wanted: int, *, ready: int, clone_bytes: int, free: int, total: int) -> int:
+    """How many warm clones to keep: ``wanted``, but only as many more than the ``ready`` ones as fit in
+    ``free`` bytes less a reserve, and never fewer than one.
+
+    The reserve is a tenth of the filesystem (``total``), at least 1 GB: the server's WAL and the tests'
+    own writes need room too, and a copy onto a full disk can make Postgres PANIC. One clone costs its
+    database's size plus a WAL segment (``clone_bytes`` as measured on the pristine copy, before the slack).
+    The floor of one keeps a checkout a rename even on a tight disk, as before the pool had this bound.
+    """
+    reserve = max(total // 10, GB)
+    each = max(clone_bytes, 0) + COPY_SLACK
+    more = max(0, (free - reserve) // each)
+    return max(1, min(wanted, ready + more))
+
+
+def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
+    """Refill the pool in a detached process, so the caller (the CLI) can exit at once.
+
+    ``sh ... &`` double-forks: the refiller is reparented to init, so no zombie or still-running Popen is left
+    with the caller. The password travels in the environment, never on a command line.
+    """
+    command = [sys.executable, "-m", "refresher.pool", "refill"]
+    command += ["--dsn", server.dsn(MAINTENANCE_DB, with_password=False), "--database", server.dbname]
+    if server.engine == "local":
+        command.append("--background")
+    env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
+        subprocess.run(
+            ["/bin/sh", "-c", '"$@" &', "sh", *command],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            check=True,
+        )
+
+
+# -- the work, on an autocommit connection to the maintenance database --------------------------------------------
+def _refill(admin_dsn: str, db: str, *, background: bool, size: int | None, concurrency: int | None) -> int:
+    """Sweep leftovers, then fill the pool's missing slots from up to ``concurrency`` sessions at once."""
+    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+        if background:
+            _lower_priority(conn.info.backend_pid)
+        _sweep(conn, db)
+        machine = _Machine.of(conn)
+        width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
+        missing = _missing(conn, db, size, machine)
+        if missing <= 0:
+            return 0
+        helpers = min(width, missing) - 1
+        if helpers <= 0:
+            return _fill(conn, db, size, machine, width)
+        with ThreadPoolExecutor(helpers) as pool:
+            extra = [
+                pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
+                for _ in range(helpers)
+            ]
+            created = _fill(conn, db, size, machine, width)
+            return created + sum(f.result() for f in extra)
+
+
+def _fill_from_new_session(
+    admin_dsn: str, db: str, size: int | None, machine: _Machine, width: int, background: bool
+) -> int:
+    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+        if background:
+            _lower_priority(conn.info.backend_pid)
+        return _fill(conn, db, size, machine, width)
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """What this host can see of the server's disk: its data directory (None for a container's) and kind."""
+
+    data_directory: Path | None
+    rotational: bool
+
+    @classmethod
+    def of(cls, conn: psycopg.Connection[Any]) -> _Machine:
+        path = data_directory(conn)
+        return cls(path, path is not None and _is_rotational(path))
+
+    def usage(self) -> tuple[int, int] | None:
+        """(free, total) bytes of the data directory's filesystem; None when this host cannot see it."""
+        if self.data_directory is None:
+            return None
+        try:
+            usage = shutil.disk_usage(self.data_directory)
+        except OSError:
+            return None
+        return usage.free, usage.total
+
+
+def _is_rotational(path: Path) -> bool:
+    """Whether the block device under ``path`` says it spins (a partition's answer is its disk's)."""
+    st_dev = path.stat().st_dev
+    device = Path(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}")
+    for flag in (device / "queue" / "rotational", device / ".." / "queue" / "rotational"):
+        with contextlib.suppress(OSError):
+            return flag.read_text().strip() == "1"
+    return False
+
+
+def _target(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, ready: int) -> int:
+    """The pool size now: the requested or recorded size, bounded by the disk when this host can see it."""
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        return 0
+    wanted = mark.pool_size if size is None else size
+    usage = machine.usage()
+    if usage is None or wanted <= 1:
+        return wanted
+    row = conn.execute("SELECT pg_database_size(%s)", (pristine_name(db),)).fetchone()
+    free, total = usage
+    return pool_size_for_disk(
+        wanted, ready=ready, clone_bytes=int(row[0]) if row else 0, free=free, total=total
+    )
+
+
+def _missing(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine) -> int:
+    ready = len(_ready_clones(conn, db))
+    return _target(conn, db, size, machine, ready) - ready
+
+
+def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, width: int) -> int:
+    """Make clones in free slots until the pool is full or every missing slot has a maker."""
+    created = 0
+    while True:
+        ready = _ready_clones(conn, db)
+        target = _target(conn, db, size, machine, len(ready))
+        if len(ready) >= target:
+            return created
+        # Slots 0..target-1 that hold no ready clone number at least the missing ones: if another maker holds
+        # each of them, the pool fills without us.
+        slot = _claim_slot(conn, db, [n for n in range(target) if pool_name(db, n) not in ready])
+        if slot is None:
+            return created
+        try:
+            with _copier(conn, db, width):
+                _drop_database(conn, pool_name(db, slot))  # what a killed maker or an older copy left there
+                _make_clone(conn, db, slot)
+                created += 1
+        finally:
+            _unlock(conn, db, SLOT + slot)
+
+
+def _claim_slot(conn: psycopg.Connection[Any], db: str, slots: list[int]) -> int | None:
+    """The first of ``slots`` nobody is making and that holds no ready clone, locked for us; None if none."""
+    for n in slots:
+        if _try_lock(conn, db, SLOT + n):
+            if pool_name(db, n) not in _ready_clones(conn, db):  # another maker finished it meanwhile
+                return n
+            _unlock(conn, db, SLOT + n)
+    return None
+
+
+@contextlib.contextmanager
+def _copier(conn: psycopg.Connection[Any], db: str, width: int) -> Iterator[None]:
+    """Hold one of ``width`` copy tokens of ``db`` (waiting for one when every token is in use)."""
+    token = next((k for k in range(width) if _try_lock(conn, db, COPIER + k)), None)
+    if token is None:
+        token = conn.info.backend_pid % width
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (db, COPIER + token))
+    try:
+        yield
+    finally:
+        _unlock(conn, db, COPIER + token)
+
+
+def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str | None) -> None:
+    """Copy the pristine database into a private slot, then rename it to ``name`` with ``note``.
+
+    Copied under a slot's name, unmarked, so a copy whose maker is killed is a leftover the next refill drops
+    (an unmarked pool database), never a database nobody knows to remove.
+    """
+    with _advisory(conn, db, REFILL, shared=True):
+        slot = _claim_private_slot(conn, db)
+        private = pool_name(db, slot)
+        try:
+            _create_from(conn, pristine_name(db), private)
+            _take(conn, private, name, note)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                if not conn.closed:
+                    _drop_database(conn, private)
+            raise
+        finally:
+            if not conn.closed:
+                _unlock(conn, db, SLOT + slot)
+
+
+def _claim_private_slot(conn: psycopg.Connection[Any], db: str) -> int:
+    for _ in range(100):
+        n = PRIVATE_SLOTS.start + secrets.randbelow(len(PRIVATE_SLOTS))
+        if _try_lock(conn, db, SLOT + n):
+            if _comment(conn, pool_name(db, n)) is None:
+                return n
+            _unlock(conn, db, SLOT + n)
+    raise SnapshotError(f"{db}: no free slot to copy the pristine database into", database=db)
+
+
+def _take(conn: psycopg.Connection[Any], old: str, new: str, note: str | None) -> None:
+    """Rename ``old`` to ``new`` and set its comment to ``note``, in one transaction."""
+    with conn.transaction():
+        _rename(conn, old, new)
+        if note is not None:
+            _execute(
+                conn,
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(new), sql.Literal(note)),
+            )
+
+
+def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
+    """Drop what killed makers left, without disturbing live ones (the caller holds REFILL shared).
+
+    Trash and half-built copies: only ``save_pristine`` builds, under REFILL exclusive, so under shared any
+    is a leftover; one sweeper drops them, the others skip. An unmarked or stale pool database: only after
+    taking its slot's lock (its maker, if alive, holds it).
+    """
+    if _try_lock(conn, db, SWEEP):
+        try:
+            for name in _derelicts(conn, db):
+                _drop_database(conn, name)
+        finally:
+            _unlock(conn, db, SWEEP)
+    prefix = pool_name(db, 0)[:-1]
+    ready = set(_ready_clones(conn, db))
+    for name in _pool_databases(conn, db):
+        if name in ready:
+            continue
+        slot = int(name[len(prefix) :])
+        if _try_lock(conn, db, SLOT + slot):
+            try:
+                if name not in _ready_clones(conn, db):
+                    _drop_database(conn, name)
+            finally:
+                _unlock(conn, db, SLOT + slot)
+
+
+def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
+    """Clone the pristine copy as pool slot ``n``; it becomes visible to takers only once marked."""
+    mark = _pristine_mark(conn, db)
+    if mark is None:
+        raise SnapshotError(f"{db}: the pristine snapshot vanished while filling the pool", database=db)
+    name = pool_name(db, n)
+    _create_from(conn, pristine_name(db), name)
+    note = sql.Literal(f"refresher clone_of={mark.generation}")
+    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), note))
+    return name
+
+
+def _lower_priority(pid: int) -> None:
+    """Lower the CPU (nice +10) and I/O (best-effort, lowest level) priority of server process ``pid``.
+
+    A clone is copied by the server process of the session that asks for it, so lowering the refiller itself
+    would not help: the copy of a 1 GB database kept a core and the disk busy for seconds after a refresh
+    returned. Best-effort rather than idle I/O: on a busy disk an idle-class refill would never finish, and a
+    test would then wait for a template clone. Where we may not (another user's server), it runs as it is.
+    """
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, pid) + 10, 19))
+    ionice = shutil.which("ionice")
+    if ionice is not None:
+        subprocess.run([ionice, "-c", "2", "-n", "7", "-p", str(pid)], capture_output=True, check=False)
+
+
+def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
+    """Drop what a crash or a replaced copy left: trash, half-built copies, a half-made pristine copy, and pool
+    databases that are not marked clones of the current copy. Only the holder of REFILL may call this."""
+    doomed = _derelicts(conn, db)
+    ready = set(_ready_clones(conn, db))
+    doomed += [name for name in _pool_databases(conn, db) if name not in ready]
+    for name in doomed:
+        _drop_database(conn, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m refresher.pool refill --dsn DSN --database DB``: the detached pool refiller."""
+    parser = argparse.ArgumentParser(prog="python -m refresher.pool")
+    sub = parser.add_subparsers(dest="command", required=True)
+    refill = sub.add_parser("refill", help="create the missing pool clones of a database")
+    refill.add_argument(
+        "--dsn", required=True, help="the maintenance database's DSN (password via PGPASSWORD)"
+    )
+    refill.add_argument("--database", required=True)
+    refill.add_argument(
+        "--background", action="store_true", help="lower the priority of the server process that copies"
+    )
+    args = parser.parse_args(argv)
+    os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
+    started = time.perf_counter()
+    created = _refill(args.dsn, args.database, background=args.background, size=None, concurrency=None)
+    print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "PoolStatus",
+    "checkout_clone",
+    "clone_notes",
+    "drop_clone",
+    "pool_name",
+    "pool_size_for_disk",
+    "pool_status",
+    "refill_concurrency",
+    "refill_pool",
+    "spawn_refill",
+    "wait_for_pool",
+]
