@@ -311,6 +311,17 @@ class FeatureStore:
             self._record(list(found), misses=len(set(keys) - set(found)))
         return found
 
+    def lookup_hashes(self, keys: Sequence[str], *, count: bool = False) -> dict[str, tuple[str, int]]:
+        """``lookup`` for a planner: (content hash, rows) of the keys present, nothing else, in one query.
+
+        Leaves the access journal to the next write (no access time is shown); ``count`` as for ``lookup``.
+        """
+        with self.manifest.read(fold=False) as con:
+            found = self.manifest.hashes(con, keys)
+        if count:
+            self._record(list(found), misses=len(set(keys) - set(found)))
+        return found
+
     def session_counts(self) -> AccessCounts:
         """The hits and misses this FeatureStore object has added to the store's counters so far."""
         with self._session_lock:
@@ -405,7 +416,7 @@ class FeatureStore:
         for _attempt in range(3):
             if not elsewhere:
                 break
-            with self.manifest.read() as con:
+            with self.manifest.read(fold=False) as con:  # locations only: the journal waits for a write
                 entries = self.manifest.select(con, elsewhere)
             by_pack: dict[Path, list[str]] = {}
             for key, entry in entries.items():
@@ -462,7 +473,10 @@ class FeatureStore:
                 raise bad_value("table", type(table).__name__, f"must be a pyarrow Table (key {key})")
             stored = _files.as_stored(to_arrow(table))
             latest[key] = (stored, symbol, meta, fingerprint_table(stored, self.hash_method))
-        existing = self.lookup(list(latest)) if entry_kind == "segment" and latest else {}
+        existing: dict[str, Entry] = {}
+        if entry_kind == "segment" and latest:
+            with self.manifest.read(fold=False) as con:
+                existing = self.manifest.select(con, list(latest))
         done = {
             key: existing[key]
             for key, (_t, _s, _m, content) in latest.items()

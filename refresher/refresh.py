@@ -118,8 +118,8 @@ def compute_plan(
     desired = desired_segments(profile)
     keys = dict(zip(desired, segment_keys(desired, source.kind, source.versions(desired)), strict=True))
     stored = {
-        key: StoredSegment(key, entry.content_hash, entry.rows)
-        for key, entry in store.lookup(list(keys.values()), count=count).items()
+        key: StoredSegment(key, content_hash, rows)
+        for key, (content_hash, rows) in store.lookup_hashes(list(keys.values()), count=count).items()
     }
     loaded = LedgerView({})
     verified: dict[Segment, int] | None = None

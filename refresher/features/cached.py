@@ -25,7 +25,7 @@ from refresher.features.appends import first_changed, inputs_record, kept_rows
 from refresher.features.compute import equal_weight_index
 from refresher.features.registry import FeatureSpec, FeatureUse
 from refresher.features.tables import FeaturePart, feature_rows
-from refresher.plan import GapPlan, digest_parts
+from refresher.plan import GapPlan, StoredSegment, digest_parts
 from refresher.profile import Profile
 from refresher.segments import Segment
 
@@ -211,7 +211,10 @@ def compute_features(
         return
     loaded = loaded or {}
     wanted = [plan.keys[s] for segs in (*daily.values(), *minute.values()) for s in segs]
-    entries = store.lookup(sorted(set(wanted)))
+    entries = {
+        key: StoredSegment(key, content_hash, rows)
+        for key, (content_hash, rows) in store.lookup_hashes(sorted(set(wanted))).items()
+    }
     hashes = {
         symbol: [entries[plan.keys[s]].content_hash for s in segments] for symbol, segments in daily.items()
     }
@@ -322,7 +325,7 @@ def _intraday_batch(
     store: FeatureStore,
     plan: GapPlan,
     minute: Mapping[str, list[Segment]],
-    entries: Mapping[str, Any],
+    entries: Mapping[str, StoredSegment],
     loaded: Mapping[tuple[str, str], str],
     inputs: Mapping[tuple[str, str], str],
 ) -> FeatureBatch:

@@ -224,8 +224,8 @@ def produce_tables(
 ) -> list[tuple[SegmentJob, pa.Table, str]]:
     """Each job's table, asking the store again first (another attempt may have filled it since the plan):
     hits are read, misses produced by the source and stored in one manifest transaction for the batch."""
-    entries = store.lookup([job.key for job in jobs])
-    jobs = [replace(j, stored_hash=entries[j.key].content_hash if j.key in entries else None) for j in jobs]
+    entries = store.lookup_hashes([job.key for job in jobs])
+    jobs = [replace(j, stored_hash=entries[j.key][0] if j.key in entries else None) for j in jobs]
     misses = [j for j in jobs if j.stored_hash is None]
     hits = [j for j in jobs if j.stored_hash is not None]
     out: dict[Segment, tuple[SegmentJob, pa.Table, str]] = {}

@@ -123,7 +123,7 @@ def rejects_of(segment: Segment, table: pa.Table) -> list[Reject]:
 def stored_reports(store: FeatureStore, keys: Mapping[Segment, str]) -> list[SourceReport]:
     """Every report stored for the segments of ``keys`` (segment -> its store key), in segment order."""
     wanted = {notes_key(key): segment for segment, key in keys.items()}
-    present = store.lookup(sorted(wanted))
+    present = store.lookup_hashes(sorted(wanted))
     if not present:
         return []
     tables = store.get_many(sorted(present))

@@ -95,8 +95,12 @@ class _Manifest:
     def __init__(self, entries: Mapping[str, StoredSegment]) -> None:
         self.entries = entries
 
-    def lookup(self, keys: Sequence[str], *, count: bool = False) -> dict[str, StoredSegment]:
-        return {key: self.entries[key] for key in keys if key in self.entries}
+    def lookup_hashes(self, keys: Sequence[str], *, count: bool = False) -> dict[str, tuple[str, int]]:
+        return {
+            key: (self.entries[key].content_hash, self.entries[key].rows)
+            for key in keys
+            if key in self.entries
+        }
 
 
 def reference_keys(source: Source, desired: Sequence[Segment]) -> dict[Segment, str]:
