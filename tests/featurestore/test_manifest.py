@@ -10,7 +10,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from featurestore import Entry, FeatureStore
+from featurestore import AccessCounts, Entry, FeatureStore
 from featurestore.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,10 +54,45 @@ def test_hits_are_journaled_then_folded(store: FeatureStore) -> None:
     store.get_many(["k", "k", "nope"])
     journal = store.root / "access.journal"
     assert journal.read_text().count("\tk\t") == 2
-    stats = store.get_cache_stats()  # any manifest access folds the journal first
+    stats = store.get_cache_stats()  # a read that shows counters or access times folds the journal first
     assert (stats.hits, stats.misses) == (2, 1)
     assert not journal.exists() or journal.stat().st_size == 0
     assert list(store.root.glob("access.journal.*.folding")) == []
+
+
+def test_warm_reads_leave_the_journal_to_the_next_write(store: FeatureStore) -> None:
+    """A pack lookup only locates files: it opens the manifest read-only, so a warm read writes nothing."""
+    store.put_many([("a", table(), "S"), ("b", table(), "S")])  # small: one pack, read through the manifest
+    journal = store.root / "access.journal"
+    before = store.manifest.path.stat().st_mtime_ns
+    store.get_many(["a", "b"])
+    store.get_many(["a", "b"])
+    assert journal.read_text().count("\n") == 4  # not folded by the second read
+    assert store.manifest.path.stat().st_mtime_ns == before
+    assert store.lookup_hashes(["a"]) and journal.stat().st_size > 0  # hashes show no access time
+    store.lookup(["a"])  # lookup shows access times: it folds first
+    assert not journal.exists() or journal.stat().st_size == 0
+    assert store.get_cache_stats().hits == 4
+
+
+def test_a_large_journal_is_folded_by_any_read(store: FeatureStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("featurestore.manifest._JOURNAL_FOLD_BYTES", 10)
+    store.put_many([("a", table(), "S"), ("b", table(), "S")])
+    store.get_many(["a", "b"])  # journals ~40 bytes
+    store.get_many(["a", "b"])  # its pack lookup finds the journal past the limit: folds it, then appends
+    assert store.get_cache_stats().hits == 4
+    assert store.lookup_hashes(["a"]) == {"a": (store.lookup(["a"])["a"].content_hash, 3)}
+
+
+def test_lookup_hashes_answers_as_lookup_does(store: FeatureStore) -> None:
+    store.put_many([(f"k{i}", table(i + 1), "S") for i in range(5)])
+    keys = [f"k{i}" for i in range(7)]
+    entries = store.lookup(keys)
+    assert store.lookup_hashes(keys) == {k: (e.content_hash, e.rows) for k, e in entries.items()}
+    assert store.lookup_hashes([]) == {}
+    before = store.session_counts()
+    store.lookup_hashes(keys, count=True)
+    assert store.session_counts() - before == AccessCounts(5, 2)
 
 
 def test_torn_journal_lines_are_skipped(store: FeatureStore) -> None:
