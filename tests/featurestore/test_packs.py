@@ -103,6 +103,8 @@ def test_rebuild_from_files_alone_keeps_the_newest_copy_of_each_key(store: Featu
 
 
 def age_all(store: FeatureStore, keys: list[str], weeks: int) -> None:
+    # Fold the accesses journaled so far first (stats fold): weeks pass after them, not before.
+    store.get_cache_stats()
     with duckdb.connect(str(store.manifest.path)) as con:
         con.execute(
             "UPDATE entries SET last_accessed_ts = last_accessed_ts - to_weeks(?) WHERE key IN "
