@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import secrets
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -244,23 +245,36 @@ class DockerEngine:
             client.volumes.get(volume_name)
         except docker.errors.NotFound:
             client.volumes.create(volume_name, labels=labels)
-        container = client.containers.create(
-            image,
-            command=["postgres", *SERVER_ARGS],
-            name=state.container,
-            labels=labels,
-            environment={
-                "POSTGRES_USER": state.user,
-                "POSTGRES_PASSWORD": state.password,
-                "POSTGRES_DB": profile,
-            },
-            volumes={volume_name: {"bind": PGDATA, "mode": "rw"}},
-            ports={"5432/tcp": (HOST, self.pinned_port)},
-            # Parallel query workers share memory through /dev/shm; Docker's default 64 MB is too small.
-            shm_size="256m",
-            detach=True,
-        )
-        return container, state
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            try:
+                container = client.containers.create(
+                    image,
+                    command=["postgres", *SERVER_ARGS],
+                    name=state.container,
+                    labels=labels,
+                    environment={
+                        "POSTGRES_USER": state.user,
+                        "POSTGRES_PASSWORD": state.password,
+                        "POSTGRES_DB": profile,
+                    },
+                    volumes={volume_name: {"bind": PGDATA, "mode": "rw"}},
+                    ports={"5432/tcp": (HOST, self.pinned_port)},
+                    # Parallel query workers share memory through /dev/shm; Docker's default 64 MB is too small.
+                    shm_size="256m",
+                    detach=True,
+                )
+                return container, state
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409 or time.monotonic() > deadline:
+                    raise
+            # The name is taken by a create still in flight in the daemon: one whose client was killed
+            # mid-request finishes (or rolls back) after its client is gone. Take it over once it exists.
+            existing = self._container(client, profile)
+            if existing is not None:
+                state = self._adopt(existing, profile)
+                return existing, state
+            time.sleep(0.2)
 
     def _run(self, container: Container, profile: str) -> None:
         try:

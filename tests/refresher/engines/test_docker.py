@@ -20,6 +20,7 @@ import pytest
 
 from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.docker import (
+    PGDATA,
     PREFIX_LABEL,
     PROFILE_LABEL,
     PROJECT_LABEL,
@@ -416,6 +417,50 @@ def test_kill_9_while_the_container_initialises_then_the_next_start_serves(
     finally:
         docker_engine.stop("halfway")
     assert docker_client.containers.list(all=True, filters={"name": name}, sparse=True) == []
+
+
+@pytest.mark.docker
+def test_a_create_still_in_flight_for_a_killed_start_is_taken_over_not_a_conflict(
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A start killed mid-request leaves its create running in the daemon: the next start's look-up finds no
+    # container, then its own create meets the name taken (409). Here the first look-up misses and the
+    # killed start's container appears right after, made as that start would have made it.
+    profile = "inflight"
+    first = docker_engine.start(profile)
+    made = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-{profile}")
+    config = made.attrs["Config"]
+    made.remove(force=True)
+    look_up = docker_engine._container
+    missed: list[bool] = []
+
+    def late(client: docker.DockerClient, name: str) -> object:
+        if not missed:
+            missed.append(True)
+            docker_client.containers.create(
+                docker_pg_image,
+                command=config["Cmd"],
+                name=made.name,
+                labels=config["Labels"],
+                environment=config["Env"],
+                volumes={f"{made.name}-data": {"bind": PGDATA, "mode": "rw"}},
+                ports={"5432/tcp": ("127.0.0.1", None)},
+                detach=True,
+            )
+            return None
+        return look_up(client, name)
+
+    monkeypatch.setattr(docker_engine, "_container", late)
+    try:
+        info = docker_engine.start(profile)
+        assert missed and query(info, "SELECT current_database()") == profile
+        assert info.password == first.password
+    finally:
+        monkeypatch.undo()
+        docker_engine.stop(profile)
 
 
 @pytest.mark.docker
