@@ -52,17 +52,7 @@ from refresher._snapshot_sql import (
 from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
-from refresher.pool import (
-    PoolStatus,
-    _drop_leftovers,
-    _make_clone,
-    checkout_clone,
-    drop_clone,
-    pool_status,
-    refill_pool,
-    spawn_refill,
-    wait_for_pool,
-)
+from refresher.pool import _drop_leftovers, _make_clone, spawn_refill
 
 # The ledger tables and the columns that say what a database holds, in a stable order.
 _LEDGERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -331,25 +321,17 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
     _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
 
 
-# With the pool's half of the API docs/engines.md lists under ``refresher.snapshot`` (it lives in ``refresher.pool``).
 __all__ = [
     "MAINTENANCE_DB",
-    "PoolStatus",
     "RestoreReport",
     "SnapshotInfo",
-    "checkout_clone",
-    "drop_clone",
     "drop_snapshot",
     "has_pristine",
     "is_current",
     "ledger_digest",
     "ledger_stamp",
-    "pool_status",
     "pristine_ledger",
     "pristine_name",
-    "refill_pool",
     "restore_pristine",
     "save_pristine",
-    "spawn_refill",
-    "wait_for_pool",
 ]
