@@ -40,7 +40,7 @@ TUNING: dict[str, str] = {
     "checkpoint_timeout": "1h",
     "max_wal_size": "8GB",
     # After a checkpoint (every CREATE DATABASE ... FILE_COPY of a snapshot takes one), remove the WAL a load
-    # wrote instead of keeping it as recycled segments: a 1 GB load otherwise leaves ~1 GB of them on disk.
+    # wrote instead of keeping it as recycled segments (about as many as the load wrote, up to max_wal_size).
     "wal_recycle": "off",
     "min_wal_size": "32MB",
     "wal_init_zero": "off",  # new segments are sparse: with fsync off, zero-filling them buys nothing
