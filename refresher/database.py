@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from refresher.errors import LoadError
+from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
 
@@ -97,9 +98,10 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     """Create the tables when missing; idempotent, and safe for two loaders racing on a fresh database."""
     with conn.transaction():
         # CREATE TABLE IF NOT EXISTS is not race-free across sessions; the lock makes it so.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('refresher.ensure_schema'))")
+        conn.execute(SCHEMA_LOCK)
         for statement in DDL:
             conn.execute(statement)  # constant DDL, no user input
+        ensure_ledger_counter(conn, SEGMENTS_TABLE)
 
 
 def data_columns(segment: Segment) -> list[str]:

@@ -5,7 +5,7 @@ changed. After each refresh that finished, the CLI writes a stamp into the state
 profile's hash (its dates included, so a new session or an ``--as-of`` changes it), the code's (the source
 files' sizes and times), until when the as-of stays the answer (the next session close of the profile's
 exchanges), where the data went (engine, DSN, the store's manifest file) and what the database held then (the
-ledger digest the pristine snapshot records, a digest of ``symbols``, every table present), and the report. A
+ledger version the pristine snapshot records, a digest of ``symbols``, every table present), and the report. A
 later ``refresh`` without flags checks each of them against the running server and answers with that report,
 or falls through to the full refresh on any difference or doubt: a changed profile or code, an edited ledger,
 a dropped table, a missing snapshot, a store another run wrote to, a passed session close, any error.
@@ -35,7 +35,7 @@ from refresher.errors import SnapshotError
 from refresher.profile import Profile, SyntheticSourceSpec
 
 # Bump when a field is added or its meaning changes: an older stamp then proves nothing.
-STAMP_FORMAT = 2
+STAMP_FORMAT = 3
 # What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
 # ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
@@ -100,7 +100,7 @@ def _store_identity(store_root: Path) -> list[Any]:
 
 
 def _database_state(conn: psycopg.Connection[Any]) -> list[str | None] | None:
-    """[ledger digest, symbols digest] of the database; None when a table is missing."""
+    """[ledger version, symbols digest] of the database; None when a table is missing."""
     row = conn.execute(
         "SELECT count(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
         (list(TABLES),),
@@ -108,7 +108,7 @@ def _database_state(conn: psycopg.Connection[Any]) -> list[str | None] | None:
     if row is None or row[0] != len(TABLES):
         return None
     symbols = conn.execute(_SYMBOLS_DIGEST).fetchone()
-    return [snapshot.ledger_digest(conn), symbols[0] if symbols else None]
+    return [snapshot.ledger_version(conn), symbols[0] if symbols else None]
 
 
 def _valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:

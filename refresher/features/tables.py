@@ -23,6 +23,7 @@ from psycopg import sql
 
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
+from refresher.ledger_counter import ensure_ledger_counter
 from refresher.load import copy_arrow
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def _has_inputs(conn: psycopg.Connection[Any]) -> bool:
 
 def _ensure_ledger(conn: psycopg.Connection[Any]) -> None:
     conn.execute(FEATURES_DDL)
+    ensure_ledger_counter(conn, "refresher_features")
     # Only when missing: ALTER TABLE locks the ledger against every reader until the transaction ends.
     if not _has_inputs(conn):
         conn.execute("ALTER TABLE refresher_features ADD COLUMN IF NOT EXISTS inputs text")
