@@ -2,8 +2,10 @@
 
 Holidays, early closes, Tokyo's lunch break and time zones all come from exchange_calendars; nothing here
 knows a holiday. We load each calendar once (lazily, 2000-01-01 .. today + 1 year) and keep its opens,
-closes and break times as int64 nanosecond arrays, so a status query is two ``searchsorted`` calls instead of
-the library's per-call pandas machinery (which costs ~100 us and warns under pandas 3).
+closes and break times as int64 nanosecond arrays, so a status query is a bisect or two instead of the
+library's per-call pandas machinery (which costs ~100 us and warns under pandas 3). The status queries
+(``market_status``, ``last_completed_session``, ``next_close``) read the compiled calendar as plain ints and
+never import numpy or pandas once it is cached; the vectorised ones (sessions, minutes) use numpy.
 
 Bars are left-labelled (see ``refresher.schema``): a session open at 09:30 and close at 16:00 has minute bars
 09:30 .. 15:59; a lunch break [11:30, 12:30) has no bar stamped 11:30 .. 12:29.
@@ -13,18 +15,31 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
+import sys
 import tempfile
 import warnings
-import zipfile
+from array import array
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
+from refresher._installed import installed_version
+from refresher._lazy import LazyModule
 from refresher.errors import CalendarError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    I64 = npt.NDArray[np.int64]
+else:
+    # `market status`, `profiles` and a stamped no-op refresh ask only when sessions open and close: a bisect
+    # over the cached arrays read as plain ints (``_session_times``), which must not pay numpy's import.
+    np = LazyModule("numpy")
 
 EXCHANGES: tuple[str, ...] = ("XNYS", "XNAS", "XTKS", "XLON", "XETR")
 # Each exchange's time zone, as exchange_calendars names it (tests/refresher/test_calendar.py holds them equal):
@@ -39,8 +54,6 @@ EXCHANGE_TZ: dict[str, str] = {
 CALENDAR_START = dt.date(2000, 1, 1)
 _NS_PER_MIN = 60_000_000_000
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
-
-I64 = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +152,22 @@ def check_exchange(exchange: str) -> str:
 
 
 _ARRAYS = ("sessions", "opens", "closes", "break_starts", "break_ends")
+# The cache file: this line, one JSON line (tz, length, array names), then the arrays as little-endian int64,
+# one after the other. Read back as plain ints without numpy (``array``), or by numpy without a copy.
+_CACHE_MAGIC = b"refresher-calendar 1"
 _cache_dir: Path | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _SessionTimes:
+    """One exchange's session times (UTC ns) as plain int sequences: what a status query bisects."""
+
+    tz: str
+    sessions: Sequence[int]
+    opens: Sequence[int]
+    closes: Sequence[int]
+    break_starts: Sequence[int]
+    break_ends: Sequence[int]
 
 
 def use_cache_dir(path: Path | None) -> None:
@@ -151,51 +179,84 @@ def use_cache_dir(path: Path | None) -> None:
     global _cache_dir
     _cache_dir = path
     get_calendar.cache_clear()
+    _session_times.cache_clear()
 
 
 def _cache_file(exchange: str, last: dt.date) -> Path | None:
     if _cache_dir is None:
         return None
-    from importlib.metadata import version
-
     # The library's version is in the name: an upgrade may change holidays, so it must not reuse old arrays.
-    return _cache_dir / f"{exchange}-xc{version('exchange_calendars')}-{CALENDAR_START}-{last}.npz"
+    return _cache_dir / f"{exchange}-xc{installed_version('exchange_calendars')}-{CALENDAR_START}-{last}.i64"
 
 
-def _read_cached(path: Path, exchange: str, last: dt.date) -> ExchangeCalendar | None:
+def _read_cached(path: Path) -> tuple[str, dict[str, array[int]]] | None:
+    """(time zone, arrays) from a cache file; None when it is missing, torn by a crash, or not ours."""
     try:
-        # Our own handle: np.load leaks the one it opens when the file is not a valid archive.
-        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as saved:
-            arrays = {name: np.asarray(saved[name], dtype=np.int64) for name in _ARRAYS}
-            tz = str(saved["tz"])
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        return None  # missing, or torn by a crash: rebuild it
-    return ExchangeCalendar(exchange=exchange, tz=tz, first=CALENDAR_START, last=last, **arrays)
+        magic, header, body = path.read_bytes().split(b"\n", 2)
+        meta = json.loads(header)
+        tz, length = str(meta["tz"]), int(meta["length"])
+        names = meta["arrays"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (
+        magic != _CACHE_MAGIC
+        or names != list(_ARRAYS)
+        or length < 0
+        or len(body) != 8 * length * len(_ARRAYS)
+    ):
+        return None
+    values = array("q")
+    values.frombytes(body)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return tz, {name: values[i * length : (i + 1) * length] for i, name in enumerate(_ARRAYS)}
 
 
 def _write_cached(path: Path, cal: ExchangeCalendar) -> None:
+    header = {"tz": cal.tz, "length": len(cal.sessions), "arrays": list(_ARRAYS)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-            np.savez(handle, tz=np.array(cal.tz), **{name: getattr(cal, name) for name in _ARRAYS})
+            handle.write(_CACHE_MAGIC + b"\n" + json.dumps(header).encode() + b"\n")
+            for name in _ARRAYS:
+                handle.write(np.asarray(getattr(cal, name), dtype="<i8").tobytes())
         os.replace(handle.name, path)  # atomic: a reader sees the old file, the new one, or none
     except OSError:
         pass  # a read-only or full cache only costs speed
+
+
+def _calendar_last() -> dt.date:
+    return dt.date.today() + dt.timedelta(days=366)
 
 
 @functools.cache
 def get_calendar(exchange: str) -> ExchangeCalendar:
     """The exchange's calendar from 2000-01-01 to a year from today, loaded once per process."""
     check_exchange(exchange)
-    last = dt.date.today() + dt.timedelta(days=366)
+    last = _calendar_last()
     path = _cache_file(exchange, last)
-    cached = _read_cached(path, exchange, last) if path is not None else None
+    cached = _read_cached(path) if path is not None else None
     if cached is not None:
-        return cached
+        tz, arrays = cached
+        columns = {name: np.frombuffer(values, dtype=np.int64) for name, values in arrays.items()}
+        return ExchangeCalendar(exchange=exchange, tz=tz, first=CALENDAR_START, last=last, **columns)
     cal = _build_calendar(exchange, last)
     if path is not None:
         _write_cached(path, cal)
     return cal
+
+
+@functools.cache
+def _session_times(exchange: str) -> _SessionTimes:
+    """The exchange's session times from the cache file, without numpy; built (with it) when not cached."""
+    check_exchange(exchange)
+    path = _cache_file(exchange, _calendar_last())
+    cached = _read_cached(path) if path is not None else None
+    if cached is not None:
+        tz, arrays = cached
+        return _SessionTimes(tz=tz, **arrays)
+    cal = get_calendar(exchange)
+    return _SessionTimes(tz=cal.tz, **{name: getattr(cal, name).tolist() for name in _ARRAYS})
 
 
 def _build_calendar(exchange: str, last: dt.date) -> ExchangeCalendar:
@@ -240,13 +301,13 @@ def _build_calendar(exchange: str, last: dt.date) -> ExchangeCalendar:
 
 def market_status(exchange: str, at: dt.datetime | None = None) -> MarketStatus:
     """Is ``exchange`` trading at ``at`` (default: now)? Naive datetimes are taken as UTC."""
-    cal = get_calendar(check_exchange(exchange))
+    cal = _session_times(check_exchange(exchange))
     at = dt.datetime.now(dt.UTC) if at is None else at
     t = _ns(at)
-    i = int(np.searchsorted(cal.opens, t, side="right")) - 1  # last session opened at or before t
+    i = bisect_right(cal.opens, t) - 1  # last session opened at or before t
     if i + 1 >= len(cal.opens) or i < 0:
         raise CalendarError(
-            f"{exchange}: {at.isoformat()} is outside the loaded calendar {cal.first}..{cal.last}",
+            f"{exchange}: {at.isoformat()} is outside the loaded calendar {CALENDAR_START}..{_calendar_last()}",
             exchange=exchange,
             value=at.isoformat(),
         )
@@ -277,9 +338,9 @@ def market_status(exchange: str, at: dt.datetime | None = None) -> MarketStatus:
 
 def last_completed_session(exchange: str, at: dt.datetime | None = None) -> dt.date:
     """The latest session of ``exchange`` whose close is at or before ``at`` (default: now)."""
-    cal = get_calendar(check_exchange(exchange))
+    cal = _session_times(check_exchange(exchange))
     t = _ns(dt.datetime.now(dt.UTC) if at is None else at)
-    i = int(np.searchsorted(cal.closes, t, side="right")) - 1
+    i = bisect_right(cal.closes, t) - 1
     if i < 0:
         raise CalendarError(f"{exchange}: no completed session before {at}", exchange=exchange, value=str(at))
     return _date(int(cal.sessions[i]))
@@ -287,8 +348,8 @@ def last_completed_session(exchange: str, at: dt.datetime | None = None) -> dt.d
 
 def next_close(exchange: str, at: dt.datetime) -> dt.datetime:
     """The first session close of ``exchange`` after ``at``: until then its last completed session stays."""
-    cal = get_calendar(check_exchange(exchange))
-    i = int(np.searchsorted(cal.closes, _ns(at), side="right"))
+    cal = _session_times(check_exchange(exchange))
+    i = bisect_right(cal.closes, _ns(at))
     if i >= len(cal.closes):
         raise CalendarError(
             f"{exchange}: no session close after {at} in the loaded calendar",

@@ -94,13 +94,19 @@ def refresh(
 
 def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
     """The report of a ``refresh`` (without flags) that the profile's stamp proves has nothing to do, found with
-    psycopg alone (``refresher.stamp``); None when it must run in full."""
-    profile = _profile(settings, name)
-    engine = select_engine(settings.engine, settings, profile.name)
-    server = engine.info(profile.name)
+    psycopg alone and without parsing the profile (``refresher.stamp``); None when it must run in full."""
+    from refresher.profile_files import find_profile_file, validate_profile
+
+    try:
+        path = find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+        profile = validate_profile(path.stem)
+    except ProfileError:
+        return None  # the full path reads the profile and says what is wrong with it
+    engine = select_engine(settings.engine, settings, profile)
+    server = engine.info(profile)
     if server is None:
         return None
-    return stamp.check(settings.state_dir, settings.store_root, profile, server)
+    return stamp.check(settings.state_dir, settings.store_root, path, server)
 
 
 def plan(

@@ -11,6 +11,8 @@ import csv
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from refresher.calendar import EXCHANGES, last_completed_session
-from refresher.engines import validate_profile
 from refresher.errors import CalendarError, ProfileError
+from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
+from refresher.profile_files import find_profile_file, profile_files, validate_profile
 from refresher.segments import TIMEFRAMES, Timeframe
 
 if TYPE_CHECKING:
@@ -33,7 +36,6 @@ SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")
 # A profile larger than this is a typo or a runaway generator more often than a real need; a profile that
 # really wants more says so with ``universe.max_symbols`` (plan measured ~2 s per 120,000 segments).
 DEFAULT_MAX_SYMBOLS = 5000
-PROFILE_SUFFIXES = (".yaml", ".yml")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SOURCE_KINDS = ("synthetic", "files", "postgres")
 BadRowPolicy = Literal["fail", "skip", "quarantine"]
@@ -67,6 +69,10 @@ class Profile:
     reset_target_seconds: float
     source: SourceSpec
     exchange: str = "XNYS"
+    # The files read to resolve it, absolute as named when read, each with the sha256 of the bytes read (None:
+    # looked for, absent): the profile file first, then the universe file's candidates up to the one found.
+    # With the code and the date they decide every field above (the refresh stamp compares them).
+    inputs: tuple[tuple[Path, str | None], ...] = ()
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -216,9 +222,17 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_input(path: Path, inputs: list[tuple[Path, str | None]]) -> str:
+    """The text of a file the profile is resolved from, its digest appended to ``inputs``: the digest is of
+    the very bytes parsed, so a file edited during a refresh cannot be vouched for by the stamp it writes."""
+    raw = path.read_bytes()
+    inputs.append((path.absolute(), hashlib.sha256(raw).hexdigest()))
+    return raw.decode("utf-8")
+
+
+def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_input(path, inputs)
     except OSError as exc:
         raise ProfileError(path, "(file)", str(path), f"cannot read: {exc.strerror or exc}") from exc
     try:
@@ -248,14 +262,22 @@ def _symbol(path: Path, fld: str, value: str) -> str:
     return value
 
 
-def _universe_file(path: Path, name: str) -> Path:
-    for candidate in (path.parent / name, DATA_DIR / name):
+def _universe_candidates(path: Path, name: str) -> tuple[Path, Path]:
+    """Where ``universe.file: name`` is looked for, in order: next to the profile, then our data."""
+    return path.parent / name, DATA_DIR / name
+
+
+def _universe_file(path: Path, name: str, inputs: list[tuple[Path, str | None]]) -> Path:
+    for candidate in _universe_candidates(path, name):
         if candidate.is_file():
             return candidate
+        inputs.append((candidate.absolute(), None))  # one appearing here later would be read instead
     raise ProfileError(path, "universe.file", name, f"no such file next to the profile or in {DATA_DIR}")
 
 
-def _universe_rows(path: Path, u: _Universe, default_exchange: str) -> list[tuple[str, str, str]]:
+def _universe_rows(
+    path: Path, u: _Universe, default_exchange: str, inputs: list[tuple[Path, str | None]]
+) -> list[tuple[str, str, str]]:
     """(symbol, exchange, asset_class) rows, in universe order."""
     if (u.symbols is None) == (u.file is None):
         raise ProfileError(path, "universe", None, "give exactly one of universe.symbols or universe.file")
@@ -267,8 +289,8 @@ def _universe_rows(path: Path, u: _Universe, default_exchange: str) -> list[tupl
     assert u.file is not None
     if not u.file.endswith(".csv"):
         raise ProfileError(path, "universe.file", u.file, "must be a .csv file")
-    ufile = _universe_file(path, u.file)
-    with ufile.open(newline="", encoding="utf-8") as fh:
+    ufile = _universe_file(path, u.file, inputs)
+    with io.StringIO(_read_input(ufile, inputs), newline="") as fh:
         reader = csv.DictReader(fh)
         cols = {c.lower(): c for c in reader.fieldnames or []}
         if "symbol" not in cols:
@@ -289,8 +311,8 @@ def _universe_rows(path: Path, u: _Universe, default_exchange: str) -> list[tupl
     return rows
 
 
-def _listings(path: Path, p: _Profile) -> tuple[Listing, ...]:
-    rows = _universe_rows(path, p.universe, p.exchange)
+def _listings(path: Path, p: _Profile, inputs: list[tuple[Path, str | None]]) -> tuple[Listing, ...]:
+    rows = _universe_rows(path, p.universe, p.exchange, inputs)
     if len(rows) > p.universe.max_symbols:
         raise ProfileError(
             path,
@@ -372,7 +394,8 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
     from refresher.features.registry import resolve_feature
 
     path = Path(path)
-    data = _read_yaml(path)
+    inputs: list[tuple[Path, str | None]] = []
+    data = _read_yaml(path, inputs)
     try:
         p = _Profile.model_validate(data)
     except ValidationError as exc:
@@ -407,7 +430,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         earlier = next((e for e in features[:i] if e.name == use.name), use)
         if earlier != use:
             raise ProfileError(path, f"features.{i}", use.name, "named twice: give one of them another `as:`")
-    listings = _listings(path, p)
+    listings = _listings(path, p, inputs)
     start, end = _date_range(path, p, as_of)
     return Profile(
         name=name,
@@ -423,6 +446,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         reset_target_seconds=p.reset_target_seconds,
         source=_source(path, p.source),
         exchange=p.exchange,
+        inputs=tuple(inputs),
     )
 
 
@@ -440,17 +464,6 @@ def with_source_policy(
     return dataclasses.replace(profile, source=profile.source.model_copy(update=update))
 
 
-def _profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
-    """name -> file; the first directory wins, so user directories shadow the built-in profiles."""
-    found: dict[str, Path] = {}
-    for d in dirs:
-        if not Path(d).is_dir():
-            continue
-        for f in sorted([*Path(d).glob("*.yaml"), *Path(d).glob("*.yml")]):
-            found.setdefault(f.stem, f)
-    return found
-
-
 def load_profile(
     name_or_path: str,
     dirs: Sequence[Path],
@@ -463,25 +476,8 @@ def load_profile(
     Nothing else is ever read: not a file of another kind (``/etc/passwd``), not a file under ``private_dirs``
     (the state dir, where server passwords live), even through a symlink.
     """
-    candidate = Path(name_or_path).expanduser()
-    if candidate.suffix in PROFILE_SUFFIXES or "/" in name_or_path or candidate.is_file():
-        if candidate.suffix not in PROFILE_SUFFIXES:
-            raise ProfileError(
-                "(command line)", "profile", name_or_path, "not a profile name or a .yaml/.yml file"
-            )
-        if not candidate.is_file():
-            raise ProfileError(candidate, "(file)", name_or_path, "no such profile file")
-        real = candidate.resolve()
-        if any(real.is_relative_to(Path(d).resolve()) for d in private_dirs):
-            raise ProfileError(
-                "(command line)", "profile", name_or_path, "is inside the state dir, not a profile"
-            )
-        return profile_from_file(candidate, as_of=as_of)
-    validate_profile(name_or_path, file="(command line)")
-    files = _profile_files(dirs)
-    if name_or_path not in files:
-        raise ProfileError.unknown(name_or_path, list(dirs), list(files))
-    return profile_from_file(files[name_or_path], as_of=as_of)
+    path = find_profile_file(name_or_path, dirs, private_dirs=private_dirs)
+    return profile_from_file(path, as_of=as_of)
 
 
 def list_profiles(
@@ -489,7 +485,7 @@ def list_profiles(
 ) -> list[Profile]:
     """Every loadable profile in ``dirs`` sorted by name; invalid ones are skipped and appended to ``errors``."""
     out = []
-    for _, f in sorted(_profile_files(dirs).items()):
+    for _, f in sorted(profile_files(dirs).items()):
         try:
             out.append(profile_from_file(f, as_of=as_of))
         except ProfileError as exc:

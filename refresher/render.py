@@ -1,21 +1,19 @@
-"""Human output of the CLI (rich); the JSON output is the report objects themselves."""
+"""Human output of the CLI: plain aligned text; the JSON output is the report objects themselves.
+
+Plain ``print`` rather than rich: rich costs 30-60 ms of imports, a third of what `market status` or a stamped
+no-op refresh may take in all (issue 13). Only the progress bar of a refresh on a terminal imports it.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from rich.progress import TaskID
-
     from refresher.calendar import MarketStatus
     from refresher.commands import ProfileListing
     from refresher.engines.base import ServerStatus
@@ -24,8 +22,26 @@ if TYPE_CHECKING:
     from refresher.snapshot import RestoreReport
     from refresher.warm import WarmReport
 
-out = Console()
-err = Console(stderr=True)
+
+def _out(line: str = "") -> None:
+    print(line, file=sys.stdout)
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _columns(rows: Sequence[Sequence[str]], *, header: Sequence[str] | None = None, indent: str = "") -> None:
+    """Rows as left-aligned columns two spaces apart (the last column unpadded); never truncated or wrapped,
+    so a name can be copied from any terminal width."""
+    lines = [list(header)] if header else []
+    lines += [list(row) for row in rows]
+    if not lines:
+        return
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    for line in lines:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)] + line[len(widths) :]
+        _out(indent + "  ".join(cells).rstrip())
 
 
 @contextmanager
@@ -39,19 +55,22 @@ def progress(mode: str) -> Iterator[ProgressCallback | None]:
         with _bar() as update:
             yield update
     elif mode == "lines":
-        yield ProgressLines(err)
+        yield ProgressLines(sys.stderr)
     else:
         yield None
 
 
 @contextmanager
 def _bar() -> Iterator[ProgressCallback]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=Console(stderr=True),
         transient=True,
     ) as bar:
         tasks: dict[str, TaskID] = {}
@@ -67,8 +86,8 @@ def _bar() -> Iterator[ProgressCallback]:
 class ProgressLines:
     """A progress callback printing one plain line per phase start, every ``every`` seconds, and at the end."""
 
-    def __init__(self, console: Console, every: float = 2.0) -> None:
-        self.console = console
+    def __init__(self, stream: TextIO, every: float = 2.0) -> None:
+        self.stream = stream
         self.every = every
         self.phase = ""
         self.started = self.last = 0.0
@@ -84,10 +103,10 @@ class ProgressLines:
         percent = f" ({100 * done // total}%)" if total else ""
         # A rate over the first few milliseconds says nothing (one segment in 1 ms is not 21M rows/s).
         rate = f", {rows / elapsed:,.0f} rows/s" if elapsed >= 1 else ""
-        self.console.print(
+        print(
             f"refresher: {phase} {done}/{total} segments{percent}, {rows:,} rows{rate}, {elapsed:.0f} s",
-            highlight=False,
-            soft_wrap=True,
+            file=self.stream,
+            flush=True,
         )
 
 
@@ -98,34 +117,37 @@ def refresh_report(report: RefreshReport, *, url_hint: str) -> None:
 def refresh_summary(report: dict[str, Any], *, url_hint: str) -> None:
     """A refresh report in its JSON form: what ``--json`` prints, whichever path (full, or the stamp) made it."""
     seg, store, feats = report["segments"], report["store"], report["features"]
-    table = Table(title=f"refresher: {report['profile']} on {report['engine']}", show_header=False, box=None)
-    table.add_row(
-        "segments",
-        f"{seg['desired']} desired, {seg['present']} already present, {seg['loaded']} loaded"
-        + (f", {seg['pruned']} pruned" if seg["pruned"] else "")
-        + (f", {seg['stale']} stale (use --prune)" if seg["stale"] else ""),
-    )
-    table.add_row("rows loaded", f"{report['rows_loaded']:,}")
-    table.add_row("store", f"{store['hits']} hits, {store['misses']} misses")
+    rows = [
+        (
+            "segments",
+            f"{seg['desired']} desired, {seg['present']} already present, {seg['loaded']} loaded"
+            + (f", {seg['pruned']} pruned" if seg["pruned"] else "")
+            + (f", {seg['stale']} stale (use --prune)" if seg["stale"] else ""),
+        ),
+        ("rows loaded", f"{report['rows_loaded']:,}"),
+        ("store", f"{store['hits']} hits, {store['misses']} misses"),
+    ]
     if feats["desired"]:
-        table.add_row(
-            "features",
-            f"{feats['desired']} desired, {feats['loaded']} loaded, {feats['computed']} computed"
-            + (f", {feats['pruned']} pruned" if feats["pruned"] else ""),
+        rows.append(
+            (
+                "features",
+                f"{feats['desired']} desired, {feats['loaded']} loaded, {feats['computed']} computed"
+                + (f", {feats['pruned']} pruned" if feats["pruned"] else ""),
+            )
         )
-    for reason, rows in report["left_out"].items():  # per reason: dropped / rejected / quarantined
-        table.add_row("rows left out", f"{rows:,} {escape(reason)}")
-    table.add_row("snapshot", report["snapshot"])
-    table.add_row("time", f"{report['seconds']:.2f} s")
-    out.print(table)
+    # per reason: dropped / rejected / quarantined
+    rows += [("rows left out", f"{count:,} {reason}") for reason, count in report["left_out"].items()]
+    rows += [("snapshot", report["snapshot"]), ("time", f"{report['seconds']:.2f} s")]
+    _out(f"refresher: {report['profile']} on {report['engine']}")
+    _columns(rows, indent="  ")
     _notes(report["notes"])
-    out.print(f"DSN: [bold]{report['dsn']}[/bold]")
-    out.print(f"with password: [bold]{escape(url_hint)}[/bold]", soft_wrap=True)
+    _out(f"DSN: {report['dsn']}")
+    _out(f"with password: {url_hint}")
 
 
 def warm_report(report: WarmReport) -> None:
-    out.print(
-        f"warmed [bold]{report.profile}[/bold]: {report.segments} segments ({report.fetched} fetched), "
+    _out(
+        f"warmed {report.profile}: {report.segments} segments ({report.fetched} fetched), "
         f"{report.features} (feature, symbol) pairs ({report.computed} computed) in {report.seconds:.2f} s; "
         "no database touched"
     )
@@ -134,12 +156,9 @@ def warm_report(report: WarmReport) -> None:
 def plan_report(plan: PlanReport) -> None:
     summary = plan.plan.summary()
     where = "running server" if plan.server_running else "no server yet"
-    out.print(f"plan for [bold]{plan.profile}[/bold] ({plan.engine}, {where}):")
-    table = Table(show_header=True)
-    for column in ("desired", "present", "to_load", "to_fetch", "stale"):
-        table.add_column(column, justify="right")
-    table.add_row(*(str(summary[c]) for c in ("desired", "present", "to_load", "to_fetch", "stale")))
-    out.print(table)
+    _out(f"plan for {plan.profile} ({plan.engine}, {where}):")
+    columns = ("desired", "present", "to_load", "to_fetch", "stale")
+    _columns([[str(summary[c]) for c in columns]], header=columns, indent="  ")
     for label, segments in (
         ("fetch", plan.plan.to_fetch),
         ("load", plan.plan.to_load),
@@ -148,20 +167,20 @@ def plan_report(plan: PlanReport) -> None:
         shown = ", ".join(str(s) for s in segments[:8])
         if segments:
             more = f" (+{len(segments) - 8} more)" if len(segments) > 8 else ""
-            out.print(f"  {label}: {shown}{more}")
+            _out(f"  {label}: {shown}{more}")
     _notes(plan.notes)
 
 
 def _notes(notes: Sequence[str], shown: int = 20) -> None:
     """What the source left out of segments, on stderr (the first ``shown``; ``--json`` has them all)."""
     for note in notes[:shown]:
-        err.print(f"[yellow]not loaded:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+        _err(f"not loaded: {note}")
     if len(notes) > shown:
-        err.print(f"[yellow]... and {len(notes) - shown} more (see --json)[/yellow]")
+        _err(f"... and {len(notes) - shown} more (see --json)")
 
 
 def reset_report(report: RestoreReport) -> None:
-    out.print(f"reset in {report.seconds * 1000:.0f} ms ({report.method})")
+    _out(f"reset in {report.seconds * 1000:.0f} ms ({report.method})")
 
 
 def status_json(status: ServerStatus) -> dict[str, Any]:
@@ -176,20 +195,28 @@ def status_json(status: ServerStatus) -> dict[str, Any]:
 
 
 def status_table(statuses: list[ServerStatus], state_dir: Path, notes: Sequence[str] = ()) -> None:
-    out.print(f"state dir: {state_dir}", highlight=False, soft_wrap=True)
+    _out(f"state dir: {state_dir}")
     if not statuses:
-        out.print("no servers")
+        _out("no servers")
     else:
-        table = Table("profile", "engine", "state", "address", "detail")
-        for s in statuses:
-            address = f"{s.host}:{s.port}" if s.port else ""
-            table.add_row(s.profile, s.engine, "running" if s.running else "stopped", address, s.detail)
-        out.print(table)
+        _columns(
+            [
+                (
+                    s.profile,
+                    s.engine,
+                    "running" if s.running else "stopped",
+                    f"{s.host}:{s.port}" if s.port else "",
+                    s.detail,
+                )
+                for s in statuses
+            ],
+            header=("profile", "engine", "state", "address", "detail"),
+        )
     _notes(notes)
 
 
 def down_report(stopped: list[str]) -> None:
-    out.print("stopped " + ", ".join(stopped) if stopped else "nothing to stop")
+    _out("stopped " + ", ".join(stopped) if stopped else "nothing to stop")
 
 
 def profile_json(profile: Profile) -> dict[str, Any]:
@@ -215,27 +242,23 @@ def profiles_json(listing: ProfileListing) -> dict[str, Any]:
 
 
 def profiles_table(listing: ProfileListing) -> None:
-    table = Table("profile", "symbols", "range", "timeframes", "features", "reset target")
-    # Names are what the user types next: never truncate or wrap them, however narrow the terminal.
-    table.columns[0].no_wrap = True
-    table.columns[0].min_width = max((len(p.name) for p in listing.profiles), default=7)
-    for p in listing.profiles:
-        table.add_row(
-            p.name,
-            str(len(p.listings)),
-            f"{p.start} .. {p.end}",
-            ",".join(p.timeframes),
-            ",".join(use.name for use in p.features),
-            f"{p.reset_target_seconds:g} s",
-        )
-    out.print(table)
+    _columns(
+        [
+            (
+                p.name,
+                str(len(p.listings)),
+                f"{p.start} .. {p.end}",
+                ",".join(p.timeframes),
+                ",".join(use.name for use in p.features),
+                f"{p.reset_target_seconds:g} s",
+            )
+            for p in listing.profiles
+        ],
+        header=("profile", "symbols", "range", "timeframes", "features", "reset target"),
+    )
     for error in listing.invalid:
-        out.print(f"[red]invalid:[/red] {escape(error.message)}", soft_wrap=True)
+        _out(f"invalid: {error.message}")
 
 
 def market_status(state: MarketStatus) -> None:
-    payload = state.to_json()
-    table = Table(show_header=False, box=None)
-    for key, value in payload.items():
-        table.add_row(str(key), str(value))
-    out.print(table)
+    _columns([(key, str(value)) for key, value in state.to_json().items()])

@@ -1,46 +1,56 @@
 """The refresh stamp: the proof, checked with psycopg alone, that a CLI ``refresh`` has nothing to do.
 
 A no-op ``refresh`` through the full path imports pyarrow and DuckDB (about a second) to re-plan what nothing
-changed. After each refresh that finished, the CLI writes a stamp into the state dir (atomically): the resolved
-profile's hash (its dates included, so a new session or an ``--as-of`` changes it), the code's (the source
-files' sizes and times), until when the as-of stays the answer (the next session close of the profile's
-exchanges), where the data went (engine, DSN, the store's manifest file) and what the database held then (the
-ledger version the pristine snapshot records, a digest of ``symbols``, every table present), and the report. A
-later ``refresh`` without flags checks each of them against the running server and answers with that report,
-or falls through to the full refresh on any difference or doubt: a changed profile or code, an edited ledger,
-a dropped table, a missing snapshot, a store another run wrote to, a passed session close, any error.
+changed. After each refresh that finished, the CLI writes a stamp into the state dir (atomically): the digest
+of every file the profile was resolved from (the profile's own bytes, and its universe file's, found or not),
+the code's (the source files' sizes and times, and the versions of the libraries that decide values or parse
+the profile), until when the as-of stays the answer (the next session close of the profile's exchanges, so the
+dates a profile resolves to cannot have moved before it), where the data went (engine, DSN, the store's
+manifest file) and what the database held then (the ledger version the pristine snapshot records, a digest of
+``symbols``, every table present), and the report. A later ``refresh`` without flags checks each of them
+against the running server and answers with that report, or falls through to the full refresh on any
+difference or doubt: a changed profile file or code, an edited ledger, a dropped table, a missing snapshot, a
+store another run wrote to, a passed session close, any error.
+
+The check reads the profile's bytes, never parses them: the same bytes, code and libraries before the same
+session close resolve to the same profile, and parsing costs pydantic, YAML and the feature registry (about as
+long as the rest of the check).
 
 Only synthetic sources are stamped: files and Postgres sources change outside anything checked here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from refresher import snapshot
+from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
-from refresher.profile import Profile, SyntheticSourceSpec
+
+if TYPE_CHECKING:
+    from refresher.profile import Profile
 
 # Bump when a field is added or its meaning changes: an older stamp then proves nothing.
-STAMP_FORMAT = 3
+STAMP_FORMAT = 4
 # What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
 # ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
 MANIFEST_FILE = "manifest.duckdb"
-_VALUE_LIBRARIES = ("exchange_calendars", "numpy")
+# exchange_calendars: holidays, hence which bars exist; numpy: the generator's arithmetic; pydantic and PyYAML:
+# what the profile's bytes resolve to, which the check takes on trust from the stamp.
+_VALUE_LIBRARIES = ("exchange_calendars", "numpy", "pydantic", "pydantic_core", "pyyaml")
 _PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "featurestore")
 
 _SYMBOLS_DIGEST = (
@@ -53,37 +63,35 @@ def stamp_path(state_dir: Path, profile: str) -> Path:
     return state_dir / "stamps" / f"{profile}.json"
 
 
-def profile_hash(profile: Profile) -> str | None:
-    """A digest of everything in the resolved profile that decides the data; None when it cannot be stamped
-    (a source that can change outside the profile, or a user's feature function whose file may change)."""
-    if not isinstance(profile.source, SyntheticSourceSpec):
+def stampable(profile: Profile) -> bool:
+    """Whether what the stamp checks decides the profile's data: not a files or Postgres source (they change
+    outside anything checked here), nor a user's feature function (its module may change)."""
+    from refresher.profile import SyntheticSourceSpec
+
+    return isinstance(profile.source, SyntheticSourceSpec) and not any(
+        ":" in use.spec.name for use in profile.features
+    )
+
+
+def _file_digest(path: Path) -> str | None:
+    """The sha256 of the file's bytes; None when no file is there. An unreadable one raises OSError."""
+    if not path.is_file():
         return None
-    if any(":" in use.spec.name for use in profile.features):
-        return None
-    parts = {
-        "name": profile.name,
-        "path": str(profile.path),
-        "listings": [dataclasses.astuple(listing) for listing in profile.listings],
-        "timeframes": list(profile.timeframes),
-        "range": [profile.start.isoformat(), profile.end.isoformat()],
-        "features": [
-            [use.name, use.spec.name, use.spec.version, use.spec.timeframe, use.params_json]
-            for use in profile.features
-        ],
-        "seed": profile.seed,
-        "exchange": profile.exchange,
-        "source": profile.source.model_dump(mode="json"),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def input_digests(paths: Iterable[Path]) -> list[list[str | None]]:
+    """[path, digest or None] of each file now, as ``Profile.inputs`` recorded them when the profile was read."""
+    return [[str(path), _file_digest(path)] for path in paths]
 
 
 def code_fingerprint() -> str:
     """Size and modification time of every source file of refresher and featurestore (about 1 ms), and the
-    versions of the libraries that decide values (exchange_calendars: holidays, hence which bars exist; numpy:
-    the generator's arithmetic): an edit or an upgrade must not be answered by a stamp the old code wrote."""
+    versions of the libraries that decide values or how a profile parses (``_VALUE_LIBRARIES``): an edit or an
+    upgrade must not be answered by a stamp the old code wrote."""
     digest = hashlib.sha256()
     for library in _VALUE_LIBRARIES:
-        digest.update(f"{library}=={importlib.metadata.version(library)}\n".encode())
+        digest.update(f"{library}=={installed_version(library)}\n".encode())
     for package in _PACKAGES:
         for path in sorted(package.rglob("*.py")):
             status = path.stat()
@@ -125,9 +133,9 @@ def write(
     state_dir: Path, store_root: Path, profile: Profile, server: ServerInfo, report: dict[str, Any]
 ) -> bool:
     """Stamp a refresh that just finished (under the profile lock); False when it cannot be stamped."""
-    digest = profile_hash(profile)
-    if digest is None:
+    if not stampable(profile) or not profile.inputs:
         return False
+    inputs = [[str(path), digest] for path, digest in profile.inputs]
     now = dt.datetime.now(dt.UTC)
     with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
         state = _database_state(conn)
@@ -136,7 +144,7 @@ def write(
     stamp = {
         "format": STAMP_FORMAT,
         "profile": profile.name,
-        "profile_hash": digest,
+        "inputs": inputs,
         "code": code_fingerprint(),
         "valid_until": _valid_until(profile, now).isoformat(),
         "engine": server.engine,
@@ -153,29 +161,41 @@ def write(
     return True
 
 
-def check(state_dir: Path, store_root: Path, profile: Profile, server: ServerInfo) -> dict[str, Any] | None:
-    """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full."""
+def check(state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo) -> dict[str, Any] | None:
+    """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full.
+
+    ``profile_file`` is the file the command's ``--profile`` names (``profile_files.find_profile_file``); the
+    profile is ``server``'s, named after the file.
+    """
     started = time.perf_counter()
+    name = profile_file.stem
     try:
-        stamp = json.loads(stamp_path(state_dir, profile.name).read_text())
+        stamp = json.loads(stamp_path(state_dir, name).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT:
         return None
     try:
         valid_until = dt.datetime.fromisoformat(stamp["valid_until"])
-    except (KeyError, TypeError, ValueError):
+        inputs = stamp["inputs"]
+        # The file the name finds now must be the one the stamped profile was read from, and every input
+        # must hold the same bytes (or still be absent).
+        if inputs[0][0] != str(profile_file.absolute()):
+            return None
+        if input_digests(Path(path) for path, _ in inputs) != inputs:
+            return None
+    except (KeyError, TypeError, ValueError, IndexError, OSError):
         return None
     dsn = server.dsn(with_password=False)
     expected = {
-        "profile": profile.name,
+        "profile": name,
         "engine": server.engine,
         "dsn": dsn,
         "store": _store_identity(store_root),
     }
     if dt.datetime.now(dt.UTC) >= valid_until or any(stamp.get(k) != v for k, v in expected.items()):
         return None
-    if stamp.get("profile_hash") != profile_hash(profile) or stamp.get("code") != code_fingerprint():
+    if stamp.get("code") != code_fingerprint():
         return None
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
@@ -213,6 +233,7 @@ __all__ = [
     "check",
     "clear",
     "code_fingerprint",
-    "profile_hash",
+    "input_digests",
+    "stampable",
     "write",
 ]

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,11 +19,12 @@ from typing import Any
 import filelock
 import psycopg
 
-from refresher.errors import EngineUnavailable, ProfileError
+from refresher.errors import EngineUnavailable
+from refresher.profile_files import PROFILE_NAME as PROFILE_NAME
+from refresher.profile_files import validate_profile as validate_profile
 
 HOST = "127.0.0.1"
 DB_SUPERUSER = "refresher"
-PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 # A throwaway dev database whose every row can be rebuilt from the feature store: durability buys nothing here,
 # and turning it off roughly doubles COPY throughput. A crash may corrupt the cluster; `refresher down` and
@@ -54,16 +54,6 @@ TUNING: dict[str, str] = {
 RETRYABLE_SQLSTATES: frozenset[str | None] = frozenset({None, "57P03"})
 # What initdb and a first start need on disk (a PG 15-18 cluster with our settings is about 40 MB).
 INIT_BYTES_NEEDED = 64 * 1024 * 1024
-
-
-def validate_profile(profile: str, *, file: Path | str = "--profile", field: str = "profile") -> str:
-    """Profile names reach file paths, container names and database names: this is the one rule for them.
-
-    ``file`` and ``field`` say where the name came from (a profile's YAML, the command line) for the error.
-    """
-    if not PROFILE_NAME.match(profile):
-        raise ProfileError(file, field, profile, f"profile names must match {PROFILE_NAME.pattern}")
-    return profile
 
 
 def write_private_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -26,10 +26,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import psutil
-
+from refresher._lazy import LazyModule
 from refresher.errors import EngineUnavailable
+
+if TYPE_CHECKING:
+    import psutil
+else:
+    psutil = LazyModule("psutil")  # only a stop that kills leftover processes needs it, not `url` or `reset`
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 

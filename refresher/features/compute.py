@@ -16,15 +16,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 from pydantic import Field
 
 from refresher._lazy import LazyModule
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 else:
     # Imported at the first computation, not with the signatures `registry` reads when a profile loads.
+    np = LazyModule("numpy")
     pd = LazyModule("pandas")
 
 TRADING_DAYS = 252

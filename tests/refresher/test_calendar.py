@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -31,6 +32,8 @@ from refresher.profile import Listing
 from refresher.sources.synthetic import generate_minutes
 
 NY, TOKYO = ZoneInfo("America/New_York"), ZoneInfo("Asia/Tokyo")
+# The arrays of a compiled calendar, in the order the cache file holds them.
+ARRAYS = ("sessions", "opens", "closes", "break_starts", "break_ends")
 
 
 def test_open_session() -> None:
@@ -139,14 +142,14 @@ def test_compiled_calendars_are_cached_between_processes(tmp_path: Path) -> None
     try:
         calendar.use_cache_dir(tmp_path)
         built = calendar.get_calendar("XTKS")
-        [cached_file] = tmp_path.glob("XTKS-*.npz")
+        [cached_file] = tmp_path.glob("XTKS-*.i64")
         calendar.get_calendar.cache_clear()
         cached = calendar.get_calendar("XTKS")
         assert cached is not built and cached.tz == built.tz == "Asia/Tokyo"
         for name in ("sessions", "opens", "closes", "break_starts", "break_ends"):
             assert np.array_equal(getattr(cached, name), getattr(built, name))
         # A torn file (a crash mid-write) is rebuilt, never trusted.
-        cached_file.write_bytes(b"PK\x03\x04 torn")
+        cached_file.write_bytes(cached_file.read_bytes()[:-8])
         calendar.get_calendar.cache_clear()
         assert np.array_equal(calendar.get_calendar("XTKS").closes, built.closes)
     finally:
@@ -408,51 +411,64 @@ def test_the_disk_cache_is_read(tmp_path: Path) -> None:
         built = calendar.get_calendar("XNYS")
         assert calendar.get_calendar("XNYS") is built  # once per process
         [cached_file] = cache.iterdir()
-        with np.load(cached_file, allow_pickle=False) as saved:  # plain arrays, nothing pickled
-            assert str(saved["tz"]) == "America/New_York"
-            assert sorted(saved.files) == sorted(
-                ["tz", "sessions", "opens", "closes", "break_starts", "break_ends"]
-            )
-            assert np.array_equal(saved["opens"], built.opens)
-        from importlib.metadata import version
-
+        magic, header, body = cached_file.read_bytes().split(b"\n", 2)  # plain arrays, nothing pickled
+        meta = json.loads(header)
+        assert meta == {"tz": "America/New_York", "length": len(built.sessions), "arrays": list(ARRAYS)}
+        columns = np.frombuffer(body, dtype="<i8").reshape(len(ARRAYS), -1)
+        assert np.array_equal(columns[ARRAYS.index("opens")], built.opens)
         today_plus = dt.date.today() + dt.timedelta(days=366)
-        assert cached_file.name == f"XNYS-xc{version('exchange_calendars')}-2000-01-01-{today_plus}.npz"
-        # Doctor the file: a calendar read back from it must carry the doctored values.
-        arrays = {name: getattr(built, name) for name in ("opens", "break_starts", "break_ends")}
-        with cached_file.open("wb") as handle:
-            sessions = built.sessions.astype(np.int32)  # read back as int64 whatever was written
-            np.savez(
-                handle, tz=np.array("Doctored/Zone"), closes=built.closes + 1, sessions=sessions, **arrays
-            )
+        assert cached_file.name == f"XNYS-xc{version('exchange_calendars')}-2000-01-01-{today_plus}.i64"
+        # Doctor the file: a calendar read back from it must carry the doctored values, through both readers.
+        columns = columns.copy()
+        columns[ARRAYS.index("closes")] += 1
+        cached_file.write_bytes(
+            b"\n".join([magic, json.dumps({**meta, "tz": "Doctored/Zone"}).encode(), columns.tobytes()])
+        )
         calendar.use_cache_dir(cache)  # also forgets the in-process calendar
         read = calendar.get_calendar("XNYS")
         assert read.tz == "Doctored/Zone" and np.array_equal(read.closes, built.closes + 1)
         assert (read.exchange, read.first, read.last) == ("XNYS", CALENDAR_START, today_plus)
+        at = dt.datetime(2025, 7, 3, 12, tzinfo=UTC)
+        assert calendar.next_close("XNYS", at) == calendar._utc(
+            int(built.closes[built.closes > calendar._ns(at)][0]) + 1
+        )
         assert read.sessions.dtype == read.closes.dtype == np.int64
         assert np.array_equal(read.sessions, built.sessions)
     finally:
         calendar.use_cache_dir(None)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a zip at all", b"PK\x03\x04 torn", "missing-array"])
-def test_an_unreadable_cache_file_is_rebuilt(tmp_path: Path, content: bytes | str) -> None:
+@pytest.mark.parametrize("content", ["empty", "not ours", "torn", "missing-array", "other magic"])
+def test_an_unreadable_cache_file_is_rebuilt(tmp_path: Path, content: str) -> None:
     try:
         calendar.use_cache_dir(tmp_path)
         built = calendar.get_calendar("XLON")
-        [cached_file] = tmp_path.glob("XLON-*.npz")
-        if content == "missing-array":
-            with cached_file.open("wb") as handle:
-                np.savez(handle, tz=np.array("Europe/London"), sessions=built.sessions)
-        else:
-            assert isinstance(content, bytes)
-            cached_file.write_bytes(content)
-        calendar.use_cache_dir(tmp_path)
-        rebuilt = calendar.get_calendar("XLON")
-        assert np.array_equal(rebuilt.closes, built.closes) and rebuilt.tz == "Europe/London"
+        [cached_file] = tmp_path.glob("XLON-*.i64")
+        good = cached_file.read_bytes()
+        magic, header, body = good.split(b"\n", 2)
+        meta = json.loads(header)
+        cached_file.write_bytes(
+            {
+                "empty": b"",
+                "not ours": b"PK\x03\x04 a zip, say",
+                "torn": good[: len(good) // 2],  # a crash mid-write
+                "missing-array": b"\n".join(
+                    [
+                        magic,
+                        json.dumps({**meta, "arrays": list(ARRAYS[:-1])}).encode(),
+                        body[: -len(body) // 5],
+                    ]
+                ),
+                "other magic": b"\n".join([b"refresher-calendar 0", header, body]),
+            }[content]
+        )
+        for reader in (calendar.get_calendar, calendar._session_times):
+            calendar.use_cache_dir(tmp_path)
+            rebuilt = reader("XLON")
+            assert list(rebuilt.closes) == built.closes.tolist() and rebuilt.tz == "Europe/London"
         # and the rebuilt calendar replaced the bad file, leaving no temporary behind
         assert [p.name for p in tmp_path.iterdir()] == [cached_file.name]
-        assert np.load(cached_file)["closes"].shape == built.closes.shape
+        assert cached_file.read_bytes() == good
     finally:
         calendar.use_cache_dir(None)
 
@@ -508,7 +524,7 @@ def test_the_cache_is_written_next_to_its_target(tmp_path: Path, monkeypatch: py
     try:
         calendar.use_cache_dir(tmp_path)
         calendar.get_calendar("XNAS")
-        assert [p.name for p in tmp_path.glob("XNAS-*.npz")]
+        assert [p.name for p in tmp_path.glob("XNAS-*.i64")]
     finally:
         calendar.use_cache_dir(None)
 

@@ -1,10 +1,11 @@
 """The import budget of the quick commands (issue 13): which modules each command imports, read from
 ``python -X importtime``, never how long it took.
 
-pandas, pyarrow, DuckDB and exchange_calendars cost about a second of imports on this machine; `market status`,
-`status`, `url`, `reset` and `profiles` use none of them, nor does a no-op refresh the stamp answers; past the
-stamp, a no-op refresh uses only pyarrow and DuckDB (the store's manifest). Each command runs in a fresh
-interpreter against a real local server.
+pandas, pyarrow, DuckDB, exchange_calendars and numpy cost about a second of imports on this machine;
+`market status`, `status`, `url`, `reset` and `profiles` use none of them, nor does a no-op refresh the stamp
+answers; past the stamp, a no-op refresh uses only pyarrow and DuckDB (the store's manifest). Parsing a profile
+(pydantic, YAML) is for `profiles` and the full refresh; rich draws only the progress bar of a refresh on a
+terminal. Each command runs in a fresh interpreter against a real local server.
 """
 
 from __future__ import annotations
@@ -22,28 +23,48 @@ import pytest
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 
 HEAVY = frozenset({"pandas", "pyarrow", "duckdb", "exchange_calendars"})
+# What none of the quick commands may import, the profile's parser aside for `profiles`.
+DATA = HEAVY | {"numpy"}
+PARSER = frozenset({"pydantic", "pydantic_core", "yaml"})
+OUTSIDE_QUICK = DATA | PARSER | {"rich"}
+# Modules (dotted, beyond the interpreter's own start) a command may import: about 10% above what each took
+# when the budget was set (market status 68, a stamped no-op refresh 291), against 265 and 513 before issue 13.
+# A count, not a time: it does not move with the machine's load, and every module costs its import.
+BUDGET = {"market status": 80, "stamped no-op refresh": 330}
+
+
+def modules_imported(
+    argv: list[str], env: dict[str, str]
+) -> tuple[frozenset[str], subprocess.CompletedProcess[str]]:
+    """The dotted modules ``python -X importtime ARGV`` imported, and the finished process."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # "import time: <self us> | <cumulative us> | <indent><dotted name>"
+    names = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+    names.discard("imported package")  # the header line
+    assert names, "no -X importtime output: the parse below would pass vacuously"
+    return frozenset(names), done
 
 
 def imported_by(
     args: list[str], env: dict[str, str]
 ) -> tuple[frozenset[str], subprocess.CompletedProcess[str]]:
     """The top-level packages ``refresher ARGS`` imported, per ``-X importtime``, and the finished process."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "refresher.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    # "import time: <self us> | <cumulative us> | <indent><dotted name>"
-    names = {
-        line.rsplit("|", 1)[1].strip().split(".")[0]
-        for line in done.stderr.splitlines()
-        if line.startswith("import time:") and line.count("|") == 2
-    }
-    assert names, "no -X importtime output: the parse below would pass vacuously"
-    return frozenset(names), done
+    names, done = modules_imported(["-m", "refresher.cli", *args], env)
+    return frozenset(name.split(".")[0] for name in names), done
+
+
+def beyond_the_interpreter(args: list[str], env: dict[str, str]) -> frozenset[str]:
+    """The modules ``refresher ARGS`` imported that a bare interpreter start (site, sitecustomize) does not."""
+    bare, _ = modules_imported(["-c", "pass"], env)
+    names, _ = modules_imported(["-m", "refresher.cli", *args], env)
+    return names - bare
 
 
 @pytest.mark.parametrize(
@@ -61,7 +82,9 @@ def test_quick_commands_import_no_data_library(checkout: Workspace, command: lis
     args = [part.format(profile=checkout.profile) for part in command]
     names, done = imported_by([*args, "--json"], checkout.env)
     assert json.loads(done.stdout)  # it answered, from what it imported
-    assert names & HEAVY == set()
+    assert names & (DATA | {"rich"}) == set()
+    if command[0] != "profiles":  # which parses every profile
+        assert names & PARSER == set()
     assert "refresher" in names  # the parse saw our own modules: a broken parse cannot pass
 
 
@@ -73,9 +96,22 @@ def test_a_noop_refresh_imports_no_data_library(checkout: Workspace) -> None:
     names, done = imported_by(refresh, checkout.env)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["segments"]["loaded"] == 0 and report["features"]["computed"] == 0
-    # The stamp (refresher.stamp) answers "is it all there?" with psycopg alone.
+    # The stamp (refresher.stamp) answers "is it all there?" with psycopg alone, the profile's file unparsed.
     assert set(report["phases"]) == {"stamp"}
-    assert names & HEAVY == set()
+    assert names & OUTSIDE_QUICK == set()
+    assert "psycopg" in names
+
+
+def test_the_quick_paths_stay_within_their_module_budget(checkout: Workspace) -> None:
+    refresh = ["refresh", "--profile", checkout.profile, "--engine", "local", "--json"]
+    imported_by(refresh, checkout.env)  # stamped, whatever happened since the fixture's refresh
+    for label, args in (
+        ("market status", ["market", "status", "--exchange", "XNYS", "--json"]),
+        ("stamped no-op refresh", refresh),
+    ):
+        extra = beyond_the_interpreter(args, checkout.env)
+        assert any(name.startswith("refresher.") for name in extra), label  # the count saw our modules
+        assert len(extra) <= BUDGET[label], (label, len(extra), sorted(extra))
 
 
 def test_a_noop_refresh_past_the_stamp_imports_the_store_but_not_pandas(checkout: Workspace) -> None:
@@ -112,7 +148,7 @@ def test_market_status_from_the_cache_agrees_with_exchange_calendars(checkout: W
         cal = xcals.get_calendar("XNYS", start="2024-01-01", end="2025-12-31")
         for at in instants:
             names, done = imported_by(["market", "status", "-x", "XNYS", "--at", at, "--json"], checkout.env)
-            assert names & HEAVY == set()
+            assert names & OUTSIDE_QUICK == set()
             state = json.loads(done.stdout)
             minute = dt.datetime.fromisoformat(at)
             assert state["is_open"] == bool(cal.is_open_on_minute(minute)), at
@@ -128,5 +164,5 @@ def test_market_status_with_a_cold_cache_builds_it_then_needs_no_pandas(tmp_path
     cold, first = imported_by(["market", "status", "-x", "XTKS", *at], env)
     assert "exchange_calendars" in cold  # the first answer compiles the calendar
     warm, second = imported_by(["market", "status", "-x", "XTKS", *at], env)
-    assert warm & HEAVY == set()
+    assert warm & OUTSIDE_QUICK == set()
     assert json.loads(second.stdout) == json.loads(first.stdout)

@@ -194,10 +194,69 @@ def test_the_code_fingerprint_follows_the_libraries_that_decide_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     before = stamp.code_fingerprint()
-    real = stamp.importlib.metadata.version
-    monkeypatch.setattr(
-        stamp.importlib.metadata,
-        "version",
-        lambda name: "9.9" if name == "exchange_calendars" else real(name),
-    )
-    assert stamp.code_fingerprint() != before  # an upgrade may move holidays: the stamp must not answer
+    real = stamp.installed_version
+    for library in ("exchange_calendars", "numpy", "pydantic", "pyyaml"):
+        # exchange_calendars may move holidays, numpy the generator's numbers, pydantic or PyYAML what the
+        # profile's unchanged bytes resolve to: the stamp must not answer after an upgrade of any.
+        monkeypatch.setattr(
+            stamp, "installed_version", lambda name, lib=library: "9.9" if name == lib else real(name)
+        )
+        assert stamp.code_fingerprint() != before, library
+
+
+def test_installed_versions_are_those_importlib_metadata_reads() -> None:
+    from importlib.metadata import version
+
+    from refresher._installed import installed_version
+
+    for library in (
+        "exchange_calendars",
+        "numpy",
+        "pydantic",
+        "pydantic_core",
+        "pyyaml",
+        "PyYAML",
+        "psycopg",
+    ):
+        assert installed_version(library) == version(library), library
+
+
+def _with_universe_file(ws: Workspace, file: str) -> None:
+    path = ws.root / "profiles" / f"{ws.profile}.yaml"
+    path.write_text(path.read_text().replace("  symbols: [AAPL, KO]", f"  file: {file}\n  count: 2"))
+
+
+@pytest.mark.parametrize("change", ["universe file edited", "universe file shadowed", "another file"])
+def test_every_file_the_profile_was_read_from_is_checked(ws: Workspace, change: str) -> None:
+    """The check compares bytes, not the parsed profile: each file resolution read must be the same."""
+    profiles = ws.root / "profiles"
+    try:
+        if change == "universe file edited":
+            (profiles / "mine.csv").write_text("symbol\nAAPL\nKO\n")
+            _with_universe_file(ws, "mine.csv")
+            settle(ws)
+            (profiles / "mine.csv").write_text("symbol\nAAPL\nMSFT\n")  # another symbol, same profile file
+            report = ws.refresh()
+        elif change == "universe file shadowed":
+            _with_universe_file(ws, "us_equities.csv")  # found in refresher/data until one appears next to it
+            settle(ws)
+            (profiles / "us_equities.csv").write_text("symbol\nKO\nMSFT\n")
+            report = ws.refresh()
+        else:  # the same bytes in another directory: its universe file would be looked for there
+            settle(ws)
+            copy = ws.root / "elsewhere" / f"{ws.profile}.yaml"
+            copy.parent.mkdir()
+            copy.write_bytes((profiles / f"{ws.profile}.yaml").read_bytes())
+            report = ws.refresh(profile=str(copy))
+            assert not stamped(report) and report["segments"]["loaded"] == 0
+            assert stamped(ws.refresh(profile=str(copy)))
+            report = ws.refresh()  # the stamp now names the copy, not the file the name finds
+            assert not stamped(report) and report["segments"]["loaded"] == 0
+            return
+        assert not stamped(report) and report["segments"]["loaded"] >= 1, change
+        assert stamped(ws.refresh())
+    finally:
+        for leftover in ("mine.csv", "us_equities.csv"):
+            (profiles / leftover).unlink(missing_ok=True)
+        ws.write_profile(symbols=["AAPL", "KO"], months=1)
+        ws.refresh("--prune")

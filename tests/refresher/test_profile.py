@@ -194,3 +194,29 @@ def test_files_source_path_resolved_against_profile(tmp_path: Path) -> None:
     assert p.source.path == (tmp_path / "data").resolve()
     assert p.source.columns["symbol"] == "Ticker"
     assert p.source.on_bad_rows == "fail"
+
+
+def test_a_profile_records_the_bytes_it_was_read_from(tmp_path: Path) -> None:
+    """``Profile.inputs``: every file resolution read (or looked for), with the digest of the bytes parsed."""
+    import hashlib
+
+    from refresher.profile import DATA_DIR, profile_from_file
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    (tmp_path / "mine.csv").write_bytes(universe := b"symbol\nAAPL\n")
+    path = tmp_path / "p.yaml"
+    path.write_bytes(text := b"universe: {file: mine.csv}\nmonths: 1\nas_of: 2025-03-31\n")
+    profile = profile_from_file(path)
+    path.write_text("edited after the read")  # a refresh's stamp must vouch for what was parsed, not this
+    assert profile.inputs == ((path, sha(text)), (tmp_path / "mine.csv", sha(universe)))
+    shipped = tmp_path / "shipped.yaml"
+    shipped.write_bytes(
+        text := b"universe: {file: us_equities.csv, count: 1}\nmonths: 1\nas_of: 2025-03-31\n"
+    )
+    assert profile_from_file(shipped).inputs == (
+        (shipped, sha(text)),
+        (tmp_path / "us_equities.csv", None),  # looked for first: one appearing here would be read instead
+        (DATA_DIR / "us_equities.csv", sha((DATA_DIR / "us_equities.csv").read_bytes())),
+    )

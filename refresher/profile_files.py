@@ -1,0 +1,68 @@
+"""Which file a ``--profile`` argument names, and the one rule for profile names; no YAML is read here.
+
+Apart from ``refresher.profile`` so a stamped no-op refresh can find the profile's file (and compare its bytes
+with the stamp's) without importing pydantic and YAML to parse it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from refresher.errors import ProfileError
+
+PROFILE_SUFFIXES = (".yaml", ".yml")
+# Profile names reach file paths, container names and database names.
+PROFILE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+def validate_profile(profile: str, *, file: Path | str = "--profile", field: str = "profile") -> str:
+    """Profile names reach file paths, container names and database names: this is the one rule for them.
+
+    ``file`` and ``field`` say where the name came from (a profile's YAML, the command line) for the error.
+    """
+    if not PROFILE_NAME.match(profile):
+        raise ProfileError(file, field, profile, f"profile names must match {PROFILE_NAME.pattern}")
+    return profile
+
+
+def profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
+    """name -> file; the first directory wins, so user directories shadow the built-in profiles."""
+    found: dict[str, Path] = {}
+    for d in dirs:
+        if not Path(d).is_dir():
+            continue
+        for f in sorted([*Path(d).glob("*.yaml"), *Path(d).glob("*.yml")]):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def find_profile_file(name_or_path: str, dirs: Sequence[Path], *, private_dirs: Sequence[Path] = ()) -> Path:
+    """The file of a profile named ``name_or_path`` (searched in ``dirs``, first wins), or the path itself.
+
+    Nothing else is ever named: not a file of another kind (``/etc/passwd``), not a file under ``private_dirs``
+    (the state dir, where server passwords live), even through a symlink.
+    """
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in PROFILE_SUFFIXES or "/" in name_or_path or candidate.is_file():
+        if candidate.suffix not in PROFILE_SUFFIXES:
+            raise ProfileError(
+                "(command line)", "profile", name_or_path, "not a profile name or a .yaml/.yml file"
+            )
+        if not candidate.is_file():
+            raise ProfileError(candidate, "(file)", name_or_path, "no such profile file")
+        real = candidate.resolve()
+        if any(real.is_relative_to(Path(d).resolve()) for d in private_dirs):
+            raise ProfileError(
+                "(command line)", "profile", name_or_path, "is inside the state dir, not a profile"
+            )
+        return candidate
+    validate_profile(name_or_path, file="(command line)")
+    files = profile_files(dirs)
+    if name_or_path not in files:
+        raise ProfileError.unknown(name_or_path, list(dirs), list(files))
+    return files[name_or_path]
+
+
+__all__ = ["PROFILE_NAME", "PROFILE_SUFFIXES", "find_profile_file", "profile_files", "validate_profile"]
