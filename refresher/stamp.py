@@ -139,7 +139,8 @@ def write(
     now = dt.datetime.now(dt.UTC)
     with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
         state = _database_state(conn)
-    if state is None or state[0] is None or snapshot.pristine_ledger(server) != state[0]:
+        pristine = snapshot.pristine_ledger(server, conn)
+    if state is None or state[0] is None or pristine != state[0]:
         return False  # no consistent snapshot of what the database holds: nothing to vouch for
     stamp = {
         "format": STAMP_FORMAT,
@@ -200,7 +201,8 @@ def check(state_dir: Path, store_root: Path, profile_file: Path, server: ServerI
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
             state = _database_state(conn)
-        if state is None or state != stamp.get("database") or snapshot.pristine_ledger(server) != state[0]:
+            pristine = snapshot.pristine_ledger(server, conn)
+        if state is None or state != stamp.get("database") or pristine != state[0]:
             return None
     except (psycopg.Error, SnapshotError):
         return None  # whatever it is, the full refresh meets it and says it properly
