@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import warnings
 from array import array
 from bisect import bisect_right
@@ -213,6 +212,8 @@ def _read_cached(path: Path) -> tuple[str, dict[str, array[int]]] | None:
 
 
 def _write_cached(path: Path, cal: ExchangeCalendar) -> None:
+    import tempfile  # here: with shutil, bz2 and lzma it is most of what `market status` would import
+
     header = {"tz": cal.tz, "length": len(cal.sessions), "arrays": list(_ARRAYS)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

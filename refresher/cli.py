@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import shlex
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -198,6 +197,8 @@ def _url_hint(args: argparse.Namespace) -> str:
         return f"make url PROFILE={shlex.quote(args.profile)}"  # run by `make refresh`: stay with make
     script = Path(sys.argv[0])
     if script.name == "refresher" and script.exists():
+        import shutil  # here, not for every command: it brings bz2 and lzma
+
         on_path = shutil.which("refresher")
         if on_path and Path(on_path).resolve() == script.resolve():
             return f"refresher {tail}"

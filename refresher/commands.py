@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import filelock
-import psycopg
-
-from refresher import snapshot, stamp
-from refresher.diskfull import store_disk_full
-from refresher.engines import all_statuses, engine_serving, make_engine, select_engine
-from refresher.engines.base import Engine, ServerInfo, ServerStatus
+from refresher._lazy import LazyModule
 from refresher.errors import EngineStateError, ProfileError, RefresherError, SnapshotError
-from refresher.profile_lock import hold_profile, lock_path
 from refresher.settings import Settings
 
 # Each command imports what it alone needs, inside it: `refresher url` must not pay for pyarrow, pandas and
-# DuckDB (about a second on this machine), which only refresh, plan and warm use. tests/refresher/test_cli_imports.py
-# holds each command to the modules it may import.
+# DuckDB (about a second on this machine), which only refresh, plan and warm use, nor `refresher profiles`,
+# which asks no server, for psycopg and the engines (LazyModule: imported on first use).
+# tests/refresher/test_cli_imports.py holds each command to the modules it may import.
 if TYPE_CHECKING:
+    import filelock
+    import psycopg
+
+    from refresher import diskfull, engines, profile_lock, snapshot, stamp
+    from refresher.engines.base import Engine, ServerInfo, ServerStatus
     from refresher.profile import BadRowPolicy, Profile
     from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
     from refresher.warm import WarmReport
+else:
+    filelock = LazyModule("filelock")
+    psycopg = LazyModule("psycopg")
+    diskfull = LazyModule("refresher.diskfull")
+    engines = LazyModule("refresher.engines")
+    profile_lock = LazyModule("refresher.profile_lock")
+    snapshot = LazyModule("refresher.snapshot")
+    stamp = LazyModule("refresher.stamp")
 
 
 @contextmanager
@@ -74,11 +80,11 @@ def refresh(
     from refresher.refresh import refresh as _refresh
 
     profile = _profile(settings, name, as_of, on_bad_rows, allow_shrink)
-    engine = select_engine(settings.engine, settings, profile.name)
+    engine = engines.select_engine(settings.engine, settings, profile.name)
     with (
-        hold_profile(settings.state_dir, profile.name, wait=wait, on_wait=on_wait),
+        profile_lock.hold_profile(settings.state_dir, profile.name, wait=wait, on_wait=on_wait),
         _database_errors(profile.name),
-        store_disk_full(settings.store_root),
+        diskfull.store_disk_full(settings.store_root),
     ):
         stamp.clear(settings.state_dir, profile.name)
         report = _refresh(
@@ -102,7 +108,7 @@ def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
         profile = validate_profile(path.stem)
     except ProfileError:
         return None  # the full path reads the profile and says what is wrong with it
-    engine = select_engine(settings.engine, settings, profile)
+    engine = engines.select_engine(settings.engine, settings, profile)
     server = engine.info(profile)
     if server is None:
         return None
@@ -117,12 +123,14 @@ def plan(
     as_of: dt.date | None = None,
     on_bad_rows: BadRowPolicy | None = None,
 ) -> PlanReport:
+    import tempfile
+
     from featurestore import FeatureStore
     from featurestore.manifest import MANIFEST_FILE
     from refresher.refresh import plan_refresh
 
     profile = _profile(settings, name, as_of, on_bad_rows)
-    engine = select_engine(settings.engine, settings, profile.name)
+    engine = engines.select_engine(settings.engine, settings, profile.name)
     with _database_errors(profile.name), ExitStack() as stack:
         if (settings.store_root / MANIFEST_FILE).exists():
             store = FeatureStore(settings.store_root)
@@ -144,9 +152,9 @@ def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> Warm
 def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
     """The engine and running server of a profile; a stopped server (after a reboot) is started again."""
     engine = (
-        engine_serving(name, settings)
+        engines.engine_serving(name, settings)
         if settings.engine == "auto"
-        else make_engine(settings.engine, settings)
+        else engines.make_engine(settings.engine, settings)
     )
     if engine is None:
         raise SnapshotError(f"profile {name}: no server; run `refresher refresh --profile {name}` first")
@@ -163,7 +171,7 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
 def reset(
     settings: Settings, name: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
 ) -> snapshot.RestoreReport:
-    with hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
+    with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
         _engine, server = _serving(settings, name)
         with _database_errors(name):
             return snapshot.restore_pristine(server)
@@ -175,7 +183,7 @@ def url(settings: Settings, name: str) -> str:
 
 def status(settings: Settings, name: str | None = None, *, all_checkouts: bool = False) -> list[ServerStatus]:
     """This state dir's servers; ``all_checkouts`` adds every refresher container on the Docker daemon."""
-    statuses = all_statuses(settings, all_checkouts=all_checkouts)
+    statuses = engines.all_statuses(settings, all_checkouts=all_checkouts)
     return [s for s in statuses if name is None or s.profile == name]
 
 
@@ -202,9 +210,9 @@ def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None 
 def down(settings: Settings, name: str) -> list[str]:
     """Stop and remove ``name``'s server ("all": every server); returns the profiles stopped."""
     stopped: list[str] = []
-    for server in all_statuses(settings):
+    for server in engines.all_statuses(settings):
         if name in ("all", server.profile):
-            engine = make_engine(server.engine, settings)
+            engine = engines.make_engine(server.engine, settings)
             if engine.stop(server.profile):
                 stopped.append(f"{server.engine}:{server.profile}")
     for profile in {entry.split(":", 1)[1] for entry in stopped}:
@@ -219,7 +227,7 @@ def _remove_lock_files(state_dir: Path, profile: str) -> None:
     file, so a process that opened the old one meanwhile never believes it holds the lock. One in use stays.
     """
     for path in (
-        lock_path(state_dir, profile),
+        profile_lock.lock_path(state_dir, profile),
         state_dir / "local" / f".{profile}.lock",
         state_dir / "docker" / f".{profile}.lock",
     ):

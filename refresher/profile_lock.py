@@ -11,11 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import filelock
-
+from refresher._lazy import LazyModule
 from refresher.engines import validate_profile
 from refresher.errors import ProfileBusy
+
+if TYPE_CHECKING:
+    import filelock
+else:
+    # imported by the first lock a refresh or reset takes (a stamped no-op takes none), not with the module
+    filelock = LazyModule("filelock")
 
 
 def lock_path(state_dir: Path, profile: str) -> Path:

@@ -14,14 +14,20 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import filelock
 import psycopg
 
+from refresher._lazy import LazyModule
 from refresher.errors import EngineUnavailable
 from refresher.profile_files import PROFILE_NAME as PROFILE_NAME
 from refresher.profile_files import validate_profile as validate_profile
+
+if TYPE_CHECKING:
+    import filelock
+else:
+    # taken around a server's start and stop only: `url` and a stamped no-op refresh take no lock
+    filelock = LazyModule("filelock")
 
 HOST = "127.0.0.1"
 DB_SUPERUSER = "refresher"
