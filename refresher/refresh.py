@@ -26,6 +26,7 @@ from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
 from refresher.jobs.segment import SegmentJob, stored_tables
 from refresher.plan import GapPlan, LedgerView, StoredSegment, plan_gaps, segment_keys
 from refresher.profile import Profile
+from refresher.replay import RefreshWrites
 from refresher.segments import Segment, desired_segments
 from refresher.sources import make_source
 from refresher.sources.base import Source
@@ -182,6 +183,19 @@ class DailyTables(Mapping[Segment, pa.Table]):
         return len(self._daily)
 
 
+def _writes_to_replay(
+    server: ServerInfo, conn: psycopg.Connection[Any], profile: Profile, *, prune: bool
+) -> RefreshWrites | None:
+    """Where to keep this run's writes for ``snapshot.advance_pristine``: only when the pristine copy holds
+    what the database holds now (its clones then need exactly these writes) and nothing will be pruned."""
+    if prune:
+        return None
+    base = snapshot.pristine_ledger(server)
+    if base is None or base != snapshot.ledger_version(conn):
+        return None
+    return RefreshWrites(profile, base)
+
+
 def refresh(
     profile: Profile,
     engine: Engine,
@@ -212,6 +226,7 @@ def refresh(
     with closing(make_source(profile)) as source, psycopg.connect(server.dsn(), autocommit=True) as conn:
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
+        writes = _writes_to_replay(server, conn, profile, prune=prune)
         plan = compute_plan(profile, source, store, conn, verify=verify, count=True)
         mark = lap("plan", mark)
         if prune:
@@ -219,10 +234,21 @@ def refresh(
                 load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
                 pruned += 1
         jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
-        totals = InProcessExecutor(source, store, conn).run(jobs, progress)
+        executor = InProcessExecutor(
+            source, store, conn, on_loaded=writes.loaded_segments if writes else None
+        )
+        totals = executor.run(jobs, progress)
         mark = lap("segments", mark)
         daily = DailyTables(totals.daily_tables, plan, store, source)
-        features = refresh_features(conn, profile, store, plan, daily, prune=prune)
+        features = refresh_features(
+            conn,
+            profile,
+            store,
+            plan,
+            daily,
+            prune=prune,
+            on_loaded=writes.loaded_features if writes else None,
+        )
         mark = lap("features", mark)
         left_out = stored_reports(store, plan.keys)
         notes = [str(r) for r in left_out]
@@ -233,8 +259,14 @@ def refresh(
     snapshot_state = "unchanged"
     # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.
     if not snapshot.is_current(server):
-        # The template is made now; its warm clones are made by a detached process while the user starts work.
-        snapshot.save_pristine(server, fill_pool=False)
+        # The template is made now (by writing this run's rows again into a clone of the old one where it can,
+        # else by a copy); its warm clones are made by a detached process while the user starts work.
+        if (
+            writes is None
+            or not writes.complete
+            or not snapshot.advance_pristine(server, writes.base, writes.apply)
+        ):
+            snapshot.save_pristine(server, fill_pool=False)
         pool.spawn_refill(server)
         snapshot_state = "saved"
     lap("snapshot", mark)

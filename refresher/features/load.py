@@ -7,7 +7,7 @@ reloads that entry's table and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +17,7 @@ import pyarrow as pa
 from featurestore import FeatureStore
 from refresher.features.cached import FeatureBatch, compute_features, daily_segments
 from refresher.features.tables import (
+    FeaturePart,
     StaleFeature,
     read_ledger,
     read_ledger_inputs,
@@ -50,8 +51,10 @@ def refresh_features(
     known: Mapping[Segment, pa.Table] | None = None,
     *,
     prune: bool = False,
+    on_loaded: Callable[[str, Sequence[FeaturePart]], None] | None = None,
 ) -> FeatureCounts:
-    """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded.
+    """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded;
+    ``on_loaded(name, parts)`` is told each load committed (``refresher.replay``).
 
     A symbol whose bars are empty loses its feature rows. With ``prune`` (``refresh --prune``, which removes
     the bars of symbols that left the profile), the feature rows of those symbols go too, and so do whole
@@ -64,7 +67,7 @@ def refresh_features(
     loaded = appended = emptied = computed = rows = 0
     for batch in compute_features(profile, store, plan, known, ledger, read_ledger_inputs(conn)):
         try:
-            rows += replace_feature_rows(conn, batch.use.name, batch.parts)
+            rows += _replace(conn, batch, on_loaded)
         except StaleFeature:
             # Another refresh loaded this feature while these rows were computed to extend the old ones: load
             # it whole, against the ledger as it is now (nothing, if the other one loaded the same).
@@ -72,7 +75,7 @@ def refresh_features(
             batch = next(
                 compute_features(again, store, plan, known, read_ledger(conn)), FeatureBatch(batch.use, [], 0)
             )
-            rows += replace_feature_rows(conn, batch.use.name, batch.parts)
+            rows += _replace(conn, batch, on_loaded)
         computed += batch.computed
         loaded += sum(1 for part in batch.parts if part.rows.num_rows or part.since is not None)
         appended += sum(1 for part in batch.parts if part.since is not None)
@@ -90,6 +93,17 @@ def refresh_features(
         pruned=pruned + emptied,
         appended=appended,
     )
+
+
+def _replace(
+    conn: psycopg.Connection[Any],
+    batch: FeatureBatch,
+    on_loaded: Callable[[str, Sequence[FeaturePart]], None] | None,
+) -> int:
+    rows = replace_feature_rows(conn, batch.use.name, batch.parts)
+    if on_loaded is not None:
+        on_loaded(batch.use.name, batch.parts)
+    return rows
 
 
 def _prune(

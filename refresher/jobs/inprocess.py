@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -109,8 +109,16 @@ class InProcessExecutor:
     """Runs segment jobs against one connection; the connection must be in autocommit mode so that each
     segment's transaction is a real BEGIN/COMMIT and every finished segment survives a kill -9."""
 
-    def __init__(self, source: Source, store: FeatureStore, conn: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self,
+        source: Source,
+        store: FeatureStore,
+        conn: psycopg.Connection[Any],
+        *,
+        on_loaded: Callable[[Sequence[load.SegmentLoad], bool], None] | None = None,
+    ) -> None:
         self.source, self.store, self.conn = source, store, conn
+        self.on_loaded = on_loaded  # told each committed batch (see ``load_tables``)
 
     def run(self, jobs: Sequence[SegmentJob], progress: ProgressCallback | None = None) -> SegmentTotals:
         totals = SegmentTotals()
@@ -131,7 +139,9 @@ class InProcessExecutor:
                     loads = [
                         (job, table, content_hash, self._rejects(job)) for job, table, content_hash in batch
                     ]
-                    outcomes, refused = load_tables(self.conn, loads, allow_shrink=_allow_shrink(batch))
+                    outcomes, refused = load_tables(
+                        self.conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self.on_loaded
+                    )
                     emptied.extend(refused)  # load the rest; one error naming all of them at the end
                     for outcome, (_job, table, _hash) in zip(outcomes, batch, strict=True):
                         totals.add(outcome, table)

@@ -8,7 +8,7 @@ worker one segment per transaction (each job is acknowledged on its own).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -149,9 +149,11 @@ def load_tables(
     produced: Sequence[tuple[SegmentJob, pa.Table, str, Sequence[Reject] | None]],
     *,
     allow_shrink: bool = False,
+    on_loaded: Callable[[Sequence[load.SegmentLoad], bool], None] | None = None,
 ) -> tuple[list[SegmentOutcome], list[tuple[Segment, int]]]:
     """Load a batch of produced tables in one transaction (``refresher.load.load_segments``), skipping those
     the plan saw loaded with exactly that content; the outcomes, and the segments refused as emptied.
+    ``on_loaded(items, allow_shrink)`` is told what was committed (``refresher.replay``).
 
     The in-process refresh made its plan moments ago on the only connection that writes (the profile lock
     keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again.
@@ -168,6 +170,8 @@ def load_tables(
         jobs.append(job)
         items.append(load.SegmentLoad(job.segment, table, content_hash, job.tz, rejects, not job.force))
     batch = load.load_segments(conn, items, allow_shrink=allow_shrink)
+    if on_loaded is not None and items:
+        on_loaded(items, allow_shrink)
     refused = {segment for segment, _ in batch.emptied}
     for job, item, rows in zip(jobs, items, batch.rows, strict=True):
         loaded = job.segment not in refused

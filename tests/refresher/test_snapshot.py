@@ -141,6 +141,36 @@ def test_a_new_pristine_replaces_the_old_pool(loaded: ServerInfo) -> None:
     assert _count(loaded.dsn()) == 15
 
 
+def test_a_background_save_leaves_the_old_copies_to_the_refill_and_never_hands_them_out(
+    loaded: ServerInfo,
+) -> None:
+    from refresher import pool
+
+    save_pristine(loaded, pool_size=2)
+    old_clones = set(pool_status(loaded).ready)
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_daily WHERE date > '2024-01-15'")
+    # A refresh's save: the replaced copy (now trash) and its clones are still there when it returns...
+    save_pristine(loaded, pool_size=2, fill_pool=False)
+    left = _databases(loaded)
+    assert old_clones <= left and any("__trash_" in name for name in left)
+    # ...but no reset takes one: they are clones of the replaced copy.
+    assert pool_status(loaded).ready == ()
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("TRUNCATE ohlcv_daily")
+    assert restore_pristine(loaded, refill=False).method == "template"
+    assert _count(loaded.dsn()) == 15
+    # The refill drops them, then makes the new clones.
+    assert pool.refill_pool(loaded) == 2
+    left = _databases(loaded)
+    assert not any("__trash_" in name for name in left)
+    assert {name for name in left if "__pool_" in name} == set(pool_status(loaded).ready)
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("TRUNCATE ohlcv_daily")
+    assert restore_pristine(loaded, refill=False).method == "pool"
+    assert _count(loaded.dsn()) == 15
+
+
 def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     from refresher import _snapshot_sql, pool
 
