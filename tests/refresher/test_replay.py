@@ -20,7 +20,7 @@ from featurestore import FeatureStore
 from refresher import snapshot
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
-from refresher.pool import wait_for_pool
+from refresher.pool import pool_status, refill_pool, wait_for_pool
 from refresher.profile import Profile, load_profile
 from refresher.refresh import refresh
 from tests.refresher.test_refresh_batches import root
@@ -92,6 +92,9 @@ def test_a_daily_refresh_advances_the_copy_without_copying_and_it_equals_the_dat
     monkeypatch.setattr(snapshot, "save_pristine", _no_copy)
     report = refresh(_profile(root, FRIDAY), engine, store)
     assert report.snapshot == "saved" and report.features.appended == 9
+    # The advanced copy is current: the same refresh again has nothing to snapshot.
+    assert snapshot.is_current(server)
+    assert refresh(_profile(root, FRIDAY), engine, store).snapshot == "unchanged"
     live = _contents(server.dsn())
     assert _pristine_contents(server) == live
     # A reset database is a faithful copy: its ledger stamp is the copy's, so the next reset is allowed too.
@@ -99,7 +102,7 @@ def test_a_daily_refresh_advances_the_copy_without_copying_and_it_equals_the_dat
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'KO'")
     assert _pristine_contents(server) == live
     # And again the next session, from the clones the refill made of the advanced copy.
-    wait_for_pool(server, timeout=120)
+    refill_pool(server)  # the resets took clones and asked no refill
     refresh(_profile(root, MONDAY), engine, store)
     assert _pristine_contents(server) == _contents(server.dsn())
 
@@ -107,11 +110,11 @@ def test_a_daily_refresh_advances_the_copy_without_copying_and_it_equals_the_dat
 def test_without_a_ready_clone_or_after_a_prune_the_snapshot_is_a_copy(root: Path) -> None:
     engine, store, server = _loaded(root)
     with psycopg.connect(server.dsn("postgres"), autocommit=True) as admin:
-        for name in snapshot.pool_status(server).ready:
+        for name in pool_status(server).ready:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
     refresh(_profile(root, FRIDAY), engine, store)
     assert _pristine_contents(server) == _contents(server.dsn())
-    wait_for_pool(server, timeout=120)
+    refill_pool(server)  # the resets took clones and asked no refill
     refresh(_profile(root, MONDAY), engine, store, prune=True)
     assert _pristine_contents(server) == _contents(server.dsn())
 
@@ -126,9 +129,9 @@ def test_a_copy_that_would_differ_from_the_database_is_not_published(root: Path)
     assert snapshot.advance_pristine(server, base, lambda conn: None) is None
     assert snapshot.pristine_ledger(server) == base and _half_built(server) == []
     # A base the copy does not hold is refused before any clone is taken.
-    ready = snapshot.pool_status(server).ready
+    ready = pool_status(server).ready
     assert snapshot.advance_pristine(server, "0" * 64, lambda conn: None) is None
-    assert snapshot.pool_status(server).ready == ready
+    assert pool_status(server).ready == ready
 
 
 def test_two_advances_at_once_publish_one_copy(root: Path) -> None:
@@ -179,5 +182,5 @@ def test_kill_9_while_writing_into_the_clone_then_rerun_equals_the_database(root
     report = refresh(_profile(root, FRIDAY), engine, store)  # loads nothing, snapshots by a copy
     assert report.rows_loaded == 0 and report.snapshot == "saved"
     assert _pristine_contents(server) == _contents(server.dsn())
-    wait_for_pool(server, timeout=120)
+    refill_pool(server)  # its sweep drops the half-built clone
     assert _half_built(server) == []
