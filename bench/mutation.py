@@ -104,13 +104,9 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "days as float64 and back to int64 are the same integers"
         ),
         "no_break = (b_start == nat) & (b_end == nat)": "a schedule's break start and end are NaT together",
-        "return _cache_dir / f\"{exchange}-xc{version('EXCHANGE_CALENDARS')}-{CALENDAR_START}-{last}.npz\"": (
-            "importlib.metadata normalises distribution names: the same version"
+        "return _cache_dir / f\"{exchange}-xc{installed_version('EXCHANGE_CALENDARS')}-{CALENDAR_START}-{last}.i64\"": (
+            "installed_version normalises distribution names: the same version"
         ),
-        'with path.open("rb") as handle, np.load(handle, allow_pickle=None) as saved:': (
-            "None is falsy: pickles stay refused"
-        ),
-        'with path.open("rb") as handle, np.load(handle, ) as saved:': "allow_pickle defaults to False",
         "with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:": _TEMP_NAME,
         'with tempfile.NamedTemporaryFile(dir=path.parent, suffix="XX.tmpXX", delete=False) as handle:': _TEMP_NAME,
         'with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".TMP", delete=False) as handle:': _TEMP_NAME,
