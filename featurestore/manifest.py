@@ -490,8 +490,17 @@ class Manifest:
         """(content hash, rows) of those ``keys`` present: no ``Entry`` per key (its path and four datetimes
         were ~70% of a no-op plan over 60,000 segments)."""
         rows = con.execute(
-            "SELECT key, content_hash, rows FROM entries WHERE key IN (SELECT unnest(?::VARCHAR[]))",
+            # A join, not ``key IN (...)``: 60 ms against 85-130 ms for 60,000 keys.
+            "SELECT key, e.content_hash, e.rows FROM entries e JOIN (SELECT unnest(?::VARCHAR[]) AS key) k USING (key)",
             [list(keys)],
+        ).fetchall()
+        return {key: (content_hash, int(n)) for key, content_hash, n in rows}
+
+    @staticmethod
+    def hashes_ending(con: duckdb.DuckDBPyConnection, suffix: str) -> dict[str, tuple[str, int]]:
+        """(content hash, rows) of every key ending with ``suffix``."""
+        rows = con.execute(
+            "SELECT key, content_hash, rows FROM entries WHERE ends_with(key, ?)", [suffix]
         ).fetchall()
         return {key: (content_hash, int(n)) for key, content_hash, n in rows}
 

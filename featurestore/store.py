@@ -322,6 +322,15 @@ class FeatureStore:
             self._record(list(found), misses=len(set(keys) - set(found)))
         return found
 
+    def lookup_hashes_ending(self, suffix: str) -> dict[str, tuple[str, int]]:
+        """(content hash, rows) of every key that ends with ``suffix``: one scan of the manifest's keys.
+
+        For entries that are few among many, such as the notes a source left with some of 60,000 segments:
+        about 4 ms, where ``lookup_hashes`` of every candidate key took 95 ms. Counts nothing.
+        """
+        with self.manifest.read(fold=False) as con:
+            return self.manifest.hashes_ending(con, suffix)
+
     def session_counts(self) -> AccessCounts:
         """The hits and misses this FeatureStore object has added to the store's counters so far."""
         with self._session_lock:

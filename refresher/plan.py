@@ -123,6 +123,29 @@ class LedgerView(Mapping[Segment, DatabaseSegment]):
         return len(self.rows)
 
 
+class StoreView(Mapping[str, StoredSegment]):
+    """The store's answer to the plan's look-up, (content hash, rows) by key, seen as ``StoredSegment``s.
+
+    Like ``LedgerView``: made from the look-up's rows as they are, so a no-op plan at production scale makes
+    no object per segment (60,000 of them cost about 0.1 s).
+    """
+
+    def __init__(self, rows: Mapping[str, tuple[str, int]]) -> None:
+        self.rows = rows
+
+    def __getitem__(self, key: str) -> StoredSegment:
+        found = self.rows.get(key)
+        if found is None:
+            raise KeyError(key)
+        return StoredSegment(key, *found)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 @dataclass(frozen=True)
 class GapPlan:
     """What a refresh must do. Every desired segment is in exactly one of present, to_load or to_fetch."""
@@ -170,13 +193,15 @@ def plan_gaps(
     differs from what ``refresher_segments`` recorded is reloaded (a developer deleted rows by hand).
 
     In bulk: the desired segments become ``SegmentId`` tuples once, the database side is looked up by them
-    (a ``LedgerView`` is used as it is), and Segment objects are made only for what is stale.
+    (a ``LedgerView`` and a ``StoreView`` are used as they are), and Segment objects are made only for what is
+    stale.
     """
     wanted = _sorted_unique(desired)
     ids: list[SegmentId] = list(map(_ORDER, wanted))
     in_db = loaded.rows if isinstance(loaded, LedgerView) else _rows_by_id(loaded)
     db_rows = list(map(in_db.get, ids))
-    in_store = list(map(stored.get, map(keys.__getitem__, wanted)))
+    by_key = stored.rows if isinstance(stored, StoreView) else _rows_by_key(stored)
+    in_store = list(map(by_key.get, map(keys.__getitem__, wanted)))
     verified = None if verified_rows is None else [verified_rows.get(s, 0) for s in wanted]
     present: list[Segment] = []
     to_load: list[Segment] = []
@@ -189,7 +214,7 @@ def plan_gaps(
         elif row is None:
             to_load.append(segment)
             reasons[segment] = "not in database"
-        elif row[0] != entry.content_hash:
+        elif row[0] != entry[0]:
             to_load.append(segment)
             reasons[segment] = "content changed"
         elif verified is not None and verified[i] != row[1]:
@@ -210,7 +235,7 @@ def plan_gaps(
         to_fetch=tuple(to_fetch),
         stale=tuple(stale),
         reasons=reasons,
-        stored=dict(stored),
+        stored=stored if isinstance(stored, StoreView) else dict(stored),
         loaded=loaded if isinstance(loaded, LedgerView) else dict(loaded),
     )
 
@@ -223,6 +248,10 @@ def _sorted_unique(desired: Iterable[Segment]) -> list[Segment]:
     if all(map(operator.lt, ids, ids[1:])):
         return segments
     return sorted(set(segments), key=_ORDER)
+
+
+def _rows_by_key(stored: Mapping[str, StoredSegment]) -> dict[str, tuple[str, int]]:
+    return {key: (entry.content_hash, entry.rows) for key, entry in stored.items()}
 
 
 def _rows_by_id(loaded: Mapping[Segment, DatabaseSegment]) -> dict[SegmentId, tuple[str, int]]:

@@ -24,7 +24,7 @@ from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs import InProcessExecutor, jobs_of_plan
 from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
 from refresher.jobs.segment import SegmentJob, stored_tables
-from refresher.plan import GapPlan, LedgerView, StoredSegment, plan_gaps, segment_keys
+from refresher.plan import GapPlan, LedgerView, StoreView, plan_gaps, segment_keys
 from refresher.profile import Profile
 from refresher.replay import RefreshWrites
 from refresher.segments import Segment, desired_segments
@@ -118,10 +118,7 @@ def compute_plan(
     """
     desired = desired_segments(profile)
     keys = dict(zip(desired, segment_keys(desired, source.kind, source.versions(desired)), strict=True))
-    stored = {
-        key: StoredSegment(key, content_hash, rows)
-        for key, (content_hash, rows) in store.lookup_hashes(list(keys.values()), count=count).items()
-    }
+    stored = StoreView(store.lookup_hashes(list(keys.values()), count=count))
     loaded = LedgerView({})
     verified: dict[Segment, int] | None = None
     if conn is not None:

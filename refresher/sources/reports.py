@@ -38,9 +38,12 @@ NOTES_SCHEMA = pa.schema(
 )
 
 
+NOTES_SUFFIX = ".notes"
+
+
 def notes_key(segment_key: str) -> str:
     """The store key of a segment's notes (a valid store key whenever the segment's is)."""
-    return f"{segment_key}.notes"
+    return f"{segment_key}{NOTES_SUFFIX}"
 
 
 def notes_table(reports: Sequence[SourceReport]) -> pa.Table:
@@ -123,7 +126,8 @@ def rejects_of(segment: Segment, table: pa.Table) -> list[Reject]:
 def stored_reports(store: FeatureStore, keys: Mapping[Segment, str]) -> list[SourceReport]:
     """Every report stored for the segments of ``keys`` (segment -> its store key), in segment order."""
     wanted = {notes_key(key): segment for segment, key in keys.items()}
-    present = store.lookup_hashes(sorted(wanted))
+    # Notes are few (a source that left nothing out stores none): scan for them rather than ask for each key.
+    present = [key for key in store.lookup_hashes_ending(NOTES_SUFFIX) if key in wanted]
     if not present:
         return []
     tables = store.get_many(sorted(present))
@@ -141,6 +145,7 @@ def rows_by_reason(reports: Sequence[SourceReport]) -> dict[str, int]:
 
 __all__ = [
     "NOTES_SCHEMA",
+    "NOTES_SUFFIX",
     "REJECTS_SCHEMA",
     "notes_key",
     "notes_table",

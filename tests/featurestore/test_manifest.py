@@ -95,6 +95,22 @@ def test_lookup_hashes_answers_as_lookup_does(store: FeatureStore) -> None:
     assert store.session_counts() - before == AccessCounts(5, 2)
 
 
+def test_lookup_hashes_ending_finds_every_key_with_the_suffix_and_counts_nothing(store: FeatureStore) -> None:
+    store.put_many(
+        [
+            ("a", table(1), "S"),
+            ("a.notes", table(2), "S"),
+            ("b.notes", table(3), "S"),
+            ("notes", table(), "S"),
+        ]
+    )
+    expected = {k: (e.content_hash, e.rows) for k, e in store.lookup(["a.notes", "b.notes"]).items()}
+    before = store.session_counts()
+    assert store.lookup_hashes_ending(".notes") == expected and len(expected) == 2
+    assert store.lookup_hashes_ending(".rejects") == {}
+    assert store.session_counts() == before
+
+
 def test_torn_journal_lines_are_skipped(store: FeatureStore) -> None:
     store.put("k", table())
     (store.root / "access.journal").write_text("H\tk\t17000000000000\nH\tk\t17")  # killed mid-line

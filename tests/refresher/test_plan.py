@@ -12,7 +12,9 @@ from refresher import plan as plan_module
 from refresher.plan import (
     SEGMENT_KEY_FORMAT,
     DatabaseSegment,
+    LedgerView,
     StoredSegment,
+    StoreView,
     digest_parts,
     plan_gaps,
     segment_key,
@@ -220,6 +222,29 @@ def test_desired_set_is_deduplicated_and_sorted_and_state_is_kept() -> None:
     assert plan.to_fetch == (b,) and plan.present == (a,)
     assert plan.keys == keys and plan.stored == stored and plan.loaded == loaded
     assert plan.reasons == {b: "not in store"}
+
+
+def test_the_views_of_the_raw_look_ups_plan_as_the_objects_do() -> None:
+    a, b, c, d = (seg(symbol=s) for s in "ABCD")
+    keys = keys_for(a, b, c, d)
+    stored = {keys[s]: StoredSegment(keys[s], h, 3) for s, h in ((a, "h"), (b, "h"), (c, "new"))}
+    loaded = {
+        a: DatabaseSegment("h", 3),
+        c: DatabaseSegment("h", 3),
+        seg(symbol="E"): DatabaseSegment("h", 1),
+    }
+    store_view = StoreView({key: (entry.content_hash, entry.rows) for key, entry in stored.items()})
+    ledger_view = LedgerView(
+        {(s.symbol, s.timeframe, s.month): (r.content_hash, r.rows) for s, r in loaded.items()}
+    )
+    assert dict(store_view) == stored and dict(ledger_view) == loaded
+    viewed, plain = (
+        plan_gaps([a, b, c, d], keys, store_view, ledger_view),
+        plan_gaps([a, b, c, d], keys, stored, loaded),
+    )
+    assert viewed == plain
+    assert (viewed.present, viewed.to_load, viewed.to_fetch) == ((a,), (b, c), (d,))
+    assert viewed.stored is store_view  # kept as it is: no object per stored segment
 
 
 def test_is_noop_only_when_nothing_is_to_load_or_fetch() -> None:
