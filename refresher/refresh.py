@@ -232,7 +232,11 @@ def refresh(
                 pruned += 1
         jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
         executor = InProcessExecutor(
-            source, store, conn, on_loaded=writes.loaded_segments if writes else None
+            source,
+            store,
+            conn,
+            on_loaded=writes.loaded_segments if writes else None,
+            keep_daily=bool(profile.features),
         )
         totals = executor.run(jobs, progress)
         mark = lap("segments", mark)

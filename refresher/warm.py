@@ -18,7 +18,7 @@ import pyarrow as pa
 from featurestore import FeatureStore
 from refresher.calendar import exchange_tz
 from refresher.features.cached import compute_features
-from refresher.jobs.inprocess import STORE_BATCH
+from refresher.jobs.inprocess import store_batches
 from refresher.jobs.segment import fetch_tables, jobs_of_plan
 from refresher.profile import Profile
 from refresher.refresh import ProgressCallback, compute_plan
@@ -49,13 +49,14 @@ def warm(profile: Profile, store: FeatureStore, *, progress: ProgressCallback | 
         plan = compute_plan(profile, source, store, None)
         jobs = [job for job in jobs_of_plan(plan, tz_of) if job.stored_hash is None]
         daily: dict[Segment, pa.Table] = {}
-        for start in range(0, len(jobs), STORE_BATCH):
-            batch = jobs[start : start + STORE_BATCH]
+        done = 0
+        for batch in store_batches(jobs):
+            done += len(batch)
             for job, (table, _hash) in zip(batch, fetch_tables(batch, source, store), strict=True):
                 if job.segment.timeframe == "1d":
                     daily[job.segment] = table
             if progress:
-                progress("fetch", start + len(batch), len(jobs))
+                progress("fetch", done, len(jobs))
         stored = compute_plan(profile, source, store, None) if jobs else plan
     pairs = computed = 0
     for feature in compute_features(profile, store, stored, daily):

@@ -68,6 +68,7 @@ def test_a_bad_row_stops_the_refresh_with_nothing_of_its_batch_loaded(
 ) -> None:
     # Batches of 2 segments: the bad segment (KO's second month) is the 4th of 12, in the second batch.
     monkeypatch.setattr(inprocess, "STORE_BATCH", 2)
+    monkeypatch.setattr(inprocess, "DAILY_SHARE", 1)
     bad = Segment("KO", "1d", dt.date(2025, 3, 1))
     fetch_many = synthetic.SyntheticSource.fetch_many  # what the refresh asks, a store batch at a time
 
