@@ -29,6 +29,7 @@ from refresher.errors import ProfileError, SourceError
 from refresher.profile import Listing
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA, empty_table
 from refresher.segments import Segment, Timeframe
+from refresher.sources._pcg64_seeds import pcg64_states
 from refresher.sources.base import Source, effective_range
 
 # Bump whenever the numbers this module produces change: it is part of every synthetic segment's version.
@@ -196,20 +197,26 @@ def _minute_columns(requests: Sequence[Request], *, with_minutes: bool) -> list[
     keys = np.repeat(np.array([params[requests[i].listing].key for i in live], dtype=np.uint64), sessions_of)
     total = int(seg_counts.sum())
 
-    # One Generator per session keeps any session reproducible on its own; the draws are all we loop for.
+    # One PCG64 stream per session keeps any session reproducible on its own. Each session's generator is the
+    # state PCG64(its key) starts from, computed for all sessions at once (``pcg64_states``): seeding one by one
+    # cost more than the draws. The draws are all we loop for.
+    session_keys: list[int] = []
+    for i in live:
+        listing = requests[i].listing
+        first_day = len(session_keys)
+        for day in days[first_day : first_day + len(counts[i])].tolist():
+            session_keys.append(_key("session", listing.seed, listing.symbol, day))
+    bits = np.random.PCG64()
+    rng = np.random.Generator(bits)
     z = np.empty((4, total))
     gap = np.empty(len(days))
     offset = 0
-    session = 0
-    for i in live:
-        listing = requests[i].listing
-        for day, n in zip(days[session : session + len(counts[i])].tolist(), counts[i].tolist(), strict=True):
-            rng = np.random.Generator(np.random.PCG64(_key("session", listing.seed, listing.symbol, day)))
-            draws = rng.standard_normal(4 * n + 1)
-            gap[session] = draws[0]
-            z[:, offset : offset + n] = draws[1:].reshape(4, n)
-            offset += n
-            session += 1
+    for session, (state, n) in enumerate(zip(pcg64_states(session_keys), seg_counts.tolist(), strict=True)):
+        bits.state = state
+        draws = rng.standard_normal(4 * n + 1)
+        gap[session] = draws[0]
+        z[:, offset : offset + n] = draws[1:].reshape(4, n)
+        offset += n
 
     starts = np.cumsum(seg_counts) - seg_counts
     n_of = np.repeat(seg_counts, seg_counts).astype(np.float64)
