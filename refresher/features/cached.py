@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from featurestore import FeatureStore
@@ -168,6 +169,29 @@ def daily_frame(tables: Sequence[pa.Table]) -> pd.DataFrame:
     return frame
 
 
+def daily_frames(tables: Mapping[str, Sequence[pa.Table]]) -> dict[str, pd.DataFrame]:
+    """``daily_frame`` of every symbol in ``tables``, from one Arrow -> pandas conversion: one per symbol cost
+    about 0.35 s of a backtesting daily refresh (100 symbols, pandas' metadata handling each time)."""
+    symbols = [symbol for symbol in tables if any(t.num_rows for t in tables[symbol])]
+    frames = {symbol: daily_frame(tables[symbol]) for symbol in tables if symbol not in symbols}
+    if not symbols:
+        return frames
+    lengths = np.array([sum(t.num_rows for t in tables[symbol]) for symbol in symbols], dtype=np.int64)
+    whole: pd.DataFrame = pa.concat_tables([t for symbol in symbols for t in tables[symbol]]).to_pandas()
+    whole = whole.drop(columns=["symbol"])
+    dates = pd.to_datetime(whole.pop("date")).to_numpy()
+    # By symbol (as concatenated), then date: each symbol's rows in daily_frame's order (dates are unique).
+    order = np.lexsort((dates, np.repeat(np.arange(len(symbols)), lengths)))
+    whole = whole.take(order)
+    whole.index = pd.DatetimeIndex(dates[order], name="date")
+    ends = np.cumsum(lengths)
+    for symbol, end, length in zip(symbols, ends, lengths, strict=True):
+        frames[symbol] = whole.iloc[
+            end - length : end
+        ].copy()  # its own frame: a user function may write to it
+    return frames
+
+
 def daily_segments(profile: Profile, plan: GapPlan, timeframe: str = "1d") -> dict[str, list[Segment]]:
     """Each symbol's desired segments of ``timeframe``: the input of every feature of that timeframe."""
     segments: dict[str, list[Segment]] = {}
@@ -248,7 +272,9 @@ def compute_features(
 
     def frame_of(symbol: str) -> pd.DataFrame:
         if symbol not in frames:
-            frames[symbol] = daily_frame(tables_of(symbol))
+            # Every symbol a daily entry will compute, in one conversion, as ``tables_of`` reads them.
+            symbols = [sym for sym in needed if sym not in frames] or [symbol]
+            frames.update(daily_frames({sym: tables_of(sym) for sym in symbols}))
         return frames[symbol]
 
     failures: list[FeatureError] = []
@@ -393,4 +419,4 @@ def _intraday_batch(
     return FeatureBatch(use, parts, computed)
 
 
-__all__ = ["FeatureBatch", "compute_features", "daily_frame", "daily_segments", "store_key"]
+__all__ = ["FeatureBatch", "compute_features", "daily_frame", "daily_frames", "daily_segments", "store_key"]

@@ -15,7 +15,7 @@ from featurestore import FeatureStore
 from refresher.calendar import get_calendar
 from refresher.features import equal_weight_index, get_feature
 from refresher.features.bulk import BULK, compute_bulk
-from refresher.features.cached import compute_features, daily_frame, store_key
+from refresher.features.cached import compute_features, daily_frame, daily_frames, store_key
 from refresher.profile import Listing, profile_from_file
 from refresher.refresh import compute_plan
 from refresher.sources import make_source
@@ -119,3 +119,24 @@ def test_bulk_results_are_stored_under_the_per_symbol_keys(tmp_path: Path) -> No
             )
     # A second pass finds every entry: nothing is computed again.
     assert [b.computed for b in compute_features(profile, store, plan)] == [0, 0]
+
+
+def test_daily_frames_of_many_symbols_equal_each_symbols_own() -> None:
+    tables = {}
+    for seed, symbol in enumerate(SYMBOLS):
+        months = [
+            generate_daily(Listing(symbol, "XNYS", "equity", seed), get_calendar("XNYS"), start, end)
+            for start, end in [
+                (dt.date(2024, 2, 1), dt.date(2024, 2, 29)),
+                (dt.date(2024, 1, 1), dt.date(2024, 1, 31)),
+            ]
+        ]
+        tables[symbol] = months[::-1] if seed % 2 else months  # months out of order: the frame sorts them
+    tables["EMPTY"] = [tables["AAA"][0].slice(0, 0)]
+    together = daily_frames(tables)
+    assert set(together) == set(tables)
+    for symbol, parts in tables.items():
+        pd.testing.assert_frame_equal(together[symbol], daily_frame(parts), check_exact=True)
+    # Each is its own frame: writing to one leaves the others (and no pandas warning about a copy).
+    together["AAA"]["close"] = 0.0
+    assert (together["BBB"]["close"] != 0.0).all()
