@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurestore import FeatureStore
-from refresher import database, load
+from refresher import database, load, snapshot
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from refresher.pool import wait_for_pool
