@@ -187,7 +187,7 @@ def _writes_to_replay(
     what the database holds now (its clones then need exactly these writes) and nothing will be pruned."""
     if prune:
         return None
-    base = snapshot.pristine_ledger(server)
+    base = snapshot.pristine_ledger(server, conn)  # the mark is in the shared catalog: no second connection
     if base is None or base != snapshot.ledger_version(conn):
         return None
     return RefreshWrites(profile, base)
