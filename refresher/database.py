@@ -53,7 +53,7 @@ DDL: tuple[str, ...] = (
         close float8 NOT NULL,
         volume int8 NOT NULL,
         CONSTRAINT ohlcv_1min_pkey PRIMARY KEY (symbol, ts)
-    )""",
+    ) PARTITION BY RANGE (ts)""",
     """CREATE TABLE IF NOT EXISTS refresher_segments (
         symbol text NOT NULL,
         timeframe text NOT NULL,
@@ -78,6 +78,15 @@ DDL: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS refresher_rejects_segment ON refresher_rejects (symbol, timeframe, month)",
 )
 
+# Month partitions are made by the loader (refresher.partitions); the default one takes the rest. A database
+# made before partitions keeps its plain ohlcv_1min, and gets no default partition. Not in DDL: not a table of
+# its own to the stamp (refresher.stamp.TABLES), which checks the tables DDL creates.
+DEFAULT_PARTITION = """DO $$ BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = 'ohlcv_1min'::regclass) = 'p' THEN
+        CREATE TABLE IF NOT EXISTS ohlcv_1min_default PARTITION OF ohlcv_1min DEFAULT;
+    END IF;
+END $$"""
+
 # The column that places a row in its segment, per table.
 TIME_COLUMN: dict[str, str] = {"ohlcv_daily": "date", "ohlcv_1min": "ts"}
 
@@ -99,7 +108,7 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         # CREATE TABLE IF NOT EXISTS is not race-free across sessions; the lock makes it so.
         conn.execute(SCHEMA_LOCK)
-        for statement in DDL:
+        for statement in (*DDL, DEFAULT_PARTITION):
             conn.execute(statement)  # constant DDL, no user input
         ensure_ledger_counter(conn, SEGMENTS_TABLE)
 

@@ -33,6 +33,7 @@ from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
 from featurestore.fingerprint import fingerprint_table
+from refresher import partitions
 from refresher.database import TIME_COLUMN, segment_range
 from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
 from refresher.errors import LoadError
@@ -180,9 +181,12 @@ def _write_batch(
         copies.setdefault(item.segment.table, []).append(data.slice(start))
         rows.append(data.num_rows - start)
         written.append((item, data.num_rows))
+    rows_of = {table: pa.concat_tables(parts) for table, parts in copies.items()}
+    # Before the DELETE, which may touch the default partition a creator must then take exclusively.
+    creating = {table: partitions.lock_for_new_months(conn, table, data) for table, data in rows_of.items()}
     _delete_rows(conn, reload)
-    for table, parts in copies.items():
-        copy_arrow(conn, table, list(parts[0].schema.names), pa.concat_tables(parts))
+    for table, data in rows_of.items():
+        partitions.copy_by_month(conn, table, data.schema.names, data, copy_arrow, creating=creating[table])
     _record(conn, written)
     _quarantine(conn, [(item.segment, item.rejects) for item, _ in written if item.rejects is not None])
     return BatchOutcome(tuple(rows), frozenset(appended), tuple(emptied))
@@ -329,21 +333,28 @@ def _delete_rows(conn: psycopg.Connection[Any], items: Sequence[SegmentLoad]) ->
         bounds = [segment_range(item.segment, item.tz) for item in group]
         query = sql.SQL(
             "DELETE FROM {table} d USING unnest(%s::text[], %s::{arr}, %s::{arr}) AS s(symbol, lo, hi) "
-            "WHERE d.symbol = s.symbol AND d.{col} >= s.lo AND d.{col} < s.hi"
+            "WHERE d.symbol = s.symbol AND d.{col} >= s.lo AND d.{col} < s.hi AND d.{col} >= %s AND d.{col} < %s"
         ).format(
             table=sql.Identifier(table),
             col=sql.Identifier(TIME_COLUMN[table]),
             arr=sql.SQL(_TIME_ARRAY[table]),
         )
-        conn.execute(
-            query, ([item.segment.symbol for item in group], [b[0] for b in bounds], [b[1] for b in bounds])
-        )
+        # The batch's whole range, as plain parameters: a month-partitioned table is pruned to the partitions
+        # it touches when the statement starts (the join's bounds prune nothing; measured 30 s of a 48 s cold
+        # backtesting load scanning every partition per segment).
+        los, his = [b[0] for b in bounds], [b[1] for b in bounds]
+        conn.execute(query, ([item.segment.symbol for item in group], los, his, min(los), max(his)))
 
 
-def copy_arrow(conn: psycopg.Connection[Any], table: str, columns: Sequence[str], data: pa.Table) -> None:
-    """Binary COPY of ``data`` into ``columns`` of ``table``, inside the caller's transaction."""
-    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
+def copy_arrow(
+    conn: psycopg.Connection[Any], table: str, columns: Sequence[str], data: pa.Table, *, freeze: bool = False
+) -> None:
+    """Binary COPY of ``data`` into ``columns`` of ``table``, inside the caller's transaction; ``freeze`` for a
+    table created in that same transaction (see ``refresher.partitions``)."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY{})").format(
+        sql.Identifier(table),
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", FREEZE" if freeze else ""),
     )
     encoder = ArrowToPostgresBinaryEncoder(data.schema)
     # An exception here (Ctrl-C included) makes psycopg send CopyFail, and the transaction rolls back.

@@ -7,6 +7,7 @@ the store records a batch in one manifest transaction.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import queue
 import threading
@@ -33,6 +34,10 @@ DAILY_SHARE = 10
 # Rows per load transaction: a batch of small segments commits once (a month of daily bars is ~21 rows, and a
 # transaction per segment cost ~5 ms), while minute segments (~8,000 rows each) still commit every few dozen.
 LOAD_ROWS = 256 * 1024
+# Minute segments commit a month at a time (the jobs come month by month), up to this many rows: the transaction
+# that creates a month's partition fills it with COPY FREEZE (no WAL), so the month's other segments should ride
+# in it rather than follow with plain COPYs (``refresher.partitions``). A kill loses at most the month in flight.
+MONTH_ROWS = 2 * 1024 * 1024
 
 
 class ProgressCallback(Protocol):
@@ -106,12 +111,18 @@ def _from_store(store: FeatureStore, source: Source, jobs: Sequence[SegmentJob])
 
 
 def _load_batches(produced: Sequence[Produced]) -> Iterator[Sequence[Produced]]:
-    """``produced`` cut into load transactions of at most ``LOAD_ROWS`` rows (one segment at least)."""
+    """``produced`` cut into load transactions (one segment at least): minute segments of one month up to
+    ``MONTH_ROWS`` rows, other runs of segments up to ``LOAD_ROWS``."""
     start = rows = 0
-    for end, (_job, table, _hash) in enumerate(produced):
-        if rows and rows + table.num_rows > LOAD_ROWS:
+    group: tuple[str, dt.date | None] | None = None
+    for end, (job, table, _hash) in enumerate(produced):
+        segment = job.segment
+        this = (segment.timeframe, segment.month if segment.timeframe == "1m" else None)
+        limit = MONTH_ROWS if this[1] is not None else LOAD_ROWS
+        if rows and (this != group or rows + table.num_rows > limit):
             yield produced[start:end]
             start, rows = end, 0
+        group = this
         rows += table.num_rows
     if start < len(produced):
         yield produced[start:]
@@ -181,4 +192,4 @@ class InProcessExecutor:
         return self.source.rejects.pop(job.segment, [])
 
 
-__all__ = ["DAILY_SHARE", "LOAD_ROWS", "STORE_BATCH", "InProcessExecutor", "store_batches"]
+__all__ = ["DAILY_SHARE", "LOAD_ROWS", "MONTH_ROWS", "STORE_BATCH", "InProcessExecutor", "store_batches"]

@@ -77,9 +77,11 @@ class SegmentTotals:
 
 
 def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str], *, allow_shrink: bool = False) -> list[SegmentJob]:
-    """The plan's segment jobs: first those the source must produce, then those the store holds."""
+    """The plan's segment jobs: first those the source must produce, then those the store holds; in each, daily
+    segments in the plan's order, then minute segments month by month, so that a month's segments can share the
+    transaction that creates its partition (``refresher.partitions``)."""
     jobs: list[SegmentJob] = []
-    for segment in (*plan.to_fetch, *plan.to_load):
+    for segment in (*_month_major(plan.to_fetch), *_month_major(plan.to_load)):
         key = plan.keys[segment]
         stored = plan.stored.get(key)
         in_db = plan.loaded.get(segment)
@@ -95,6 +97,11 @@ def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str], *, allow_shrink: bool = F
             )
         )
     return jobs
+
+
+def _month_major(segments: Sequence[Segment]) -> list[Segment]:
+    minutes = sorted((s for s in segments if s.timeframe == "1m"), key=lambda s: (s.month, s.symbol))
+    return [s for s in segments if s.timeframe != "1m"] + minutes
 
 
 def fetch_tables(

@@ -1,0 +1,48 @@
+"""How the in-process executor orders segment jobs and cuts them into load transactions (pure, no server)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+
+from refresher.jobs.inprocess import LOAD_ROWS, MONTH_ROWS, _load_batches
+from refresher.jobs.segment import SegmentJob, _month_major
+from refresher.segments import Segment
+
+MONTHS = [dt.date(2024, m, 1) for m in (1, 2, 3)]
+
+
+def _produced(segments: list[Segment], rows: int) -> list[tuple[SegmentJob, pa.Table, str]]:
+    table = pa.table({"x": pa.array([0] * rows)})
+    return [(SegmentJob(s, f"k{s}", "America/New_York"), table, "h") for s in segments]
+
+
+def test_minute_jobs_come_month_by_month_after_the_daily_ones() -> None:
+    planned = [Segment(sym, tf, m) for sym in ("AAPL", "MSFT") for tf in ("1d", "1m") for m in MONTHS]
+    ordered = _month_major(planned)
+    assert ordered[:6] == [s for s in planned if s.timeframe == "1d"]
+    assert [(s.month, s.symbol) for s in ordered[6:]] == [
+        (m, sym) for m in MONTHS for sym in ("AAPL", "MSFT")
+    ]
+
+
+def test_a_months_minute_segments_share_one_transaction_and_months_do_not() -> None:
+    symbols = [f"S{k:02d}" for k in range(30)]
+    minutes = [Segment(sym, "1m", m) for m in MONTHS for sym in symbols]
+    batches = list(_load_batches(_produced(minutes, 20_000)))  # 600,000 rows a month: above LOAD_ROWS
+    assert LOAD_ROWS < 30 * 20_000
+    assert [{job.segment.month for job, _, _ in batch} for batch in batches] == [{m} for m in MONTHS]
+    assert all(len(batch) == 30 for batch in batches)
+
+
+def test_a_month_larger_than_month_rows_is_cut() -> None:
+    minutes = [Segment(f"S{k:03d}", "1m", MONTHS[0]) for k in range(300)]
+    batches = list(_load_batches(_produced(minutes, 10_000)))
+    assert len(batches) > 1 and all(sum(t.num_rows for _, t, _ in b) <= MONTH_ROWS for b in batches)
+
+
+def test_daily_segments_still_batch_by_rows_across_months() -> None:
+    daily = [Segment(f"S{k:03d}", "1d", m) for k in range(100) for m in MONTHS]
+    batches = list(_load_batches(_produced(daily, 21)))
+    assert len(batches) == 1
