@@ -235,12 +235,16 @@ def upsert_symbols(
     data = [r if isinstance(r, tuple) else (r.symbol, r.exchange, r.asset_class) for r in rows]
     if not data:
         return 0
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO symbols (symbol, exchange, asset_class) VALUES (%s, %s, %s) "
-            "ON CONFLICT (symbol) DO UPDATE SET exchange = EXCLUDED.exchange, asset_class = EXCLUDED.asset_class",
-            data,
-        )
+    latest = list({row[0]: row for row in data}.values())  # one row per symbol, the last given, as before
+    # One statement, and rows that did not change are not rewritten: every refresh upserts the profile's
+    # symbols (1,000 rows in 40 ms, each a new row version, through executemany).
+    conn.execute(
+        "INSERT INTO symbols (symbol, exchange, asset_class) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]) "
+        "ON CONFLICT (symbol) DO UPDATE SET exchange = EXCLUDED.exchange, asset_class = EXCLUDED.asset_class "
+        "WHERE (symbols.exchange, symbols.asset_class) IS DISTINCT FROM (EXCLUDED.exchange, EXCLUDED.asset_class)",
+        ([row[0] for row in latest], [row[1] for row in latest], [row[2] for row in latest]),
+    )
     return len(data)
 
 

@@ -120,3 +120,9 @@ def test_upsert_symbols(pg_conn: psycopg.Connection[Any]) -> None:
     upsert_symbols(pg_conn, [Listing("AAPL", "XNYS", "equity", 0)])
     rows = pg_conn.execute("SELECT * FROM symbols ORDER BY symbol").fetchall()
     assert rows == [("AAPL", "XNYS", "equity"), ("ES", None, "future")]
+    versions = pg_conn.execute("SELECT symbol, xmin::text FROM symbols ORDER BY symbol").fetchall()
+    pg_conn.commit()
+    assert upsert_symbols(pg_conn, [("ES", None, "future"), ("AAPL", "XNYS", "equity")]) == 2
+    assert pg_conn.execute("SELECT symbol, xmin::text FROM symbols ORDER BY symbol").fetchall() == versions
+    upsert_symbols(pg_conn, [("KO", "XNYS", "equity"), ("KO", "XNAS", "equity")])  # the last one given wins
+    assert pg_conn.execute("SELECT exchange FROM symbols WHERE symbol = 'KO'").fetchone() == ("XNAS",)
