@@ -1,14 +1,13 @@
 """The in-process executor: runs a plan's segment jobs in this process, fetching while it loads.
 
-Fetching (source + store write) runs in a producer thread while the calling thread loads into Postgres, so
-two cores overlap generation/compression with COPY. Jobs are produced in batches (``store_batches``) because
+Fetching (source + store write, or a warm store's reads) runs in a producer thread while the calling thread
+loads into Postgres, so two cores overlap generation/compression/decompression with COPY. Jobs are produced in batches (``store_batches``) because
 the store records a batch in one manifest transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -50,13 +49,17 @@ Produced = tuple[SegmentJob, pa.Table, str]
 
 
 class _Fetcher(threading.Thread):
-    """Produces (job, table, content_hash) for jobs the store lacks, storing each batch first."""
+    """Produces (job, table, content_hash): first for the jobs the store lacks, storing each batch first, then
+    for those it holds, read ahead of the loader (a warm store's reads overlap the COPYs instead of taking turns
+    with them on the loading thread)."""
 
     _DONE = object()
 
-    def __init__(self, source: Source, store: FeatureStore, jobs: Sequence[SegmentJob]) -> None:
+    def __init__(
+        self, source: Source, store: FeatureStore, jobs: Sequence[SegmentJob], in_store: Sequence[SegmentJob]
+    ) -> None:
         super().__init__(name="refresher-fetch", daemon=True)
-        self.source, self.store, self.jobs = source, store, jobs
+        self.source, self.store, self.jobs, self.in_store = source, store, jobs, in_store
         # Two batches ahead at most: enough to keep the loader busy, bounded memory (~400 segments).
         self.out: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.cancelled = threading.Event()
@@ -68,6 +71,11 @@ class _Fetcher(threading.Thread):
                     return
                 produced = fetch_tables(batch, self.source, self.store)
                 self._put([(job, t, h) for job, (t, h) in zip(batch, produced, strict=True)])
+            # Only once the fetches are done: reading both at once would compete for the core the loader needs.
+            for batch in store_batches(self.in_store):
+                if self.cancelled.is_set():
+                    return
+                self._put(stored_tables(batch, self.store, self.source))
         except BaseException as exc:  # handed to the loading thread, which re-raises it
             self._put(exc)
         finally:
@@ -103,11 +111,6 @@ def store_batches(jobs: Sequence[SegmentJob]) -> Iterator[Sequence[SegmentJob]]:
         weight += share
     if start < len(jobs):
         yield jobs[start:]
-
-
-def _from_store(store: FeatureStore, source: Source, jobs: Sequence[SegmentJob]) -> Iterator[list[Produced]]:
-    for batch in store_batches(jobs):
-        yield stored_tables(batch, store, source)
 
 
 def _load_batches(produced: Sequence[Produced]) -> Iterator[Sequence[Produced]]:
@@ -156,15 +159,11 @@ class InProcessExecutor:
         emptied: list[tuple[Segment, int]] = []
         to_fetch = [job for job in jobs if job.stored_hash is None]
         in_store = [job for job in jobs if job.stored_hash is not None]
-        fetcher = _Fetcher(self.source, self.store, to_fetch)
+        fetcher = _Fetcher(self.source, self.store, to_fetch, in_store)
         fetcher.start()
         finished = False
         try:
-            # The store reads start only once the fetcher is drained, as before: reading both at once
-            # would make the two threads compete for the core the loader needs.
-            for produced in itertools.chain(
-                fetcher.results(), _from_store(self.store, self.source, in_store)
-            ):
+            for produced in fetcher.results():
                 for batch in _load_batches(produced):
                     # the rows quarantined when the table was produced (by this run or the one that stored it)
                     loads = [

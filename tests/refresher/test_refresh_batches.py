@@ -4,6 +4,7 @@ nothing of its batch loaded, and both end exactly where a clean load ends (per-s
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -99,3 +100,24 @@ def test_a_bad_row_stops_the_refresh_with_nothing_of_its_batch_loaded(
     clean = refresh(_profile(root, "clean", FRIDAY), engine, FeatureStore(root / "store-clean"))
     assert clean.segments.loaded == 12
     assert _checksums(engine, profile) == _checksums(engine, _profile(root, "clean", FRIDAY))
+
+
+def test_a_warm_stores_reads_run_ahead_of_the_loader_and_load_what_a_cold_run_loads(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    cold = _profile(root, "cold", FRIDAY)
+    refresh(cold, engine, store)
+    read = inprocess.stored_tables
+    threads: list[str] = []
+
+    def reading(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return read(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inprocess, "stored_tables", reading)
+    warm = _profile(root, "warm", FRIDAY)  # another database, the same store
+    report = refresh(warm, engine, store)
+    assert (report.segments.fetched, report.segments.loaded) == (0, 12)
+    assert threads and set(threads) == {"refresher-fetch"}  # not the loading thread
+    assert _checksums(engine, warm) == _checksums(engine, cold)
