@@ -85,7 +85,7 @@ def _stored_schema_cached(schema: pa.Schema) -> pa.Schema:
     sink = io.BytesIO()
     pq.write_table(schema.empty_table(), sink)
     sink.seek(0)
-    return pq.read_table(sink).schema.with_metadata(schema.metadata)
+    return pq.ParquetFile(sink).schema_arrow.with_metadata(schema.metadata)
 
 
 def _stored_schema(schema: pa.Schema) -> pa.Schema:
@@ -146,7 +146,8 @@ def read_verified(path: Path) -> Stored:
         status = os.fstat(handle.fileno())
         data = handle.read()
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # ParquetFile, not pq.read_table: no dataset scanner threads left to abort a short process at exit
+            table = pq.ParquetFile(pa.BufferReader(data)).read()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CorruptFile(path, f"unreadable: {exc}", status.st_ino) from None
     meta = own_meta(table.schema)

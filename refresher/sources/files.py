@@ -52,7 +52,10 @@ def _read(path: Path, fmt: str) -> pa.Table:
         fmt = "parquet" if path.suffix in (".parquet", ".pq") else "csv"
     try:
         if fmt == "parquet":
-            return pq.read_table(path)
+            # Not pq.read_table: its dataset scanner's threads can outlive a short CLI and abort it at exit
+            # ("terminate called without an active exception", apache/arrow#39862); one file needs no scanner.
+            with pq.ParquetFile(path) as reader:
+                return reader.read()
         # pyarrow detects gzip from the .gz suffix; timestamps stay strings so we parse them in one place;
         # only an empty cell is null, so a literal NaN stays NaN and messages show what the file says
         options = pacsv.ConvertOptions(timestamp_parsers=[], null_values=[""], strings_can_be_null=True)
