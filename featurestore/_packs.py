@@ -173,7 +173,10 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
         status = os.fstat(handle.fileno())
         try:
             reader = pq.ParquetFile(handle)
-            parts = read_index(reader.schema_arrow)
+            schema = (
+                reader.schema_arrow
+            )  # a conversion of the whole footer per call: 0.3 ms, once per key before
+            parts = read_index(schema)
         except (pa.ArrowException, OSError, ValueError) as exc:
             return PackRead({}, dict.fromkeys(keys, f"unreadable pack: {exc}"), status.st_ino)
         starts = [0]
@@ -195,7 +198,7 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
             if any(t is None for t in tables):
                 corrupt[key] = "a row group does not decode"
                 continue
-            table = _slice(tables, starts[wanted[0]] if wanted else 0, part, reader.schema_arrow)
+            table = _slice(tables, starts[wanted[0]] if wanted else 0, part, schema)
             method: HashMethod = "footer" if part.meta.get("hash_method") == "footer" else "xxh3"
             actual = fingerprint_table(table, method)
             if actual != part.meta.get("content_hash"):
