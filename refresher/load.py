@@ -237,7 +237,7 @@ def conform(segment: Segment, table: pa.Table, tz: str) -> pa.Table:
 
 def _field_bytes(field: pa.Field) -> int:
     try:
-        return max(1, field.type.bit_width // 8)
+        return max(1, int(field.type.bit_width) // 8)
     except ValueError:  # variable width: a symbol, generously
         return 24
 
