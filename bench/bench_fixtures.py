@@ -20,6 +20,7 @@ made with ``mkfs.xfs -m reflink=1`` to measure reflink clones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,8 +28,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from refresher.engines.base import ServerInfo
 
 AS_OF = "2025-06-30"
 PROFILE = "ui_testing"
@@ -212,14 +218,11 @@ def _disk_row(state: Path) -> dict[str, Any]:
 LATENCY_QUERY = "SELECT symbol, avg(close), max(high) FROM ohlcv_1min WHERE symbol = %s GROUP BY symbol"
 
 
-def _latency_after_refresh(work: Path) -> dict[str, Any]:
-    """A test query's median latency in the first 5 s after ``refresh`` returns (its detached pool refill copying
-    two clones) against 30 s later, when the refill is long done."""
+@contextlib.contextmanager
+def _refreshed(state_dir: Path, store_root: Path) -> Iterator[tuple[ServerInfo, float]]:
+    """``PROFILE`` refreshed with the local engine in ``state_dir``: its server and the monotonic time the
+    refresh returned at; the server is stopped (and its state removed) on the way out."""
     import datetime as dt
-    import statistics
-    import time
-
-    import psycopg
 
     from featurestore import FeatureStore
     from refresher.engines import make_engine
@@ -227,28 +230,40 @@ def _latency_after_refresh(work: Path) -> dict[str, Any]:
     from refresher.refresh import refresh
     from refresher.settings import Settings
 
-    settings = Settings.from_env(state_dir=work / "refresh-state", store_root=work / "store")
+    settings = Settings.from_env(state_dir=state_dir, store_root=store_root)
     engine = make_engine("local", settings)
     profile = load_profile(PROFILE, settings.profiles_dirs, as_of=dt.date.fromisoformat(AS_OF))
     try:
         refresh(profile, engine, FeatureStore(settings.store_root))
         returned = time.monotonic()
-        info = engine.start(profile.name)
-        with psycopg.connect(info.dsn(), autocommit=True) as conn:
-
-            def median_ms(until: float) -> float:
-                times = []
-                while time.monotonic() < until:
-                    started = time.perf_counter()
-                    conn.execute(LATENCY_QUERY, ("AAPL",)).fetchall()
-                    times.append(time.perf_counter() - started)
-                return statistics.median(times) * 1000
-
-            early = median_ms(returned + 5)
-            time.sleep(max(0.0, returned + 30 - time.monotonic()))
-            late = median_ms(time.monotonic() + 5)
+        yield engine.start(profile.name), returned
     finally:
         engine.stop(profile.name)
+
+
+def _latency_after_refresh(work: Path) -> dict[str, Any]:
+    """A test query's median latency in the first 5 s after ``refresh`` returns (its detached pool refill copying
+    two clones) against 30 s later, when the refill is long done."""
+    import statistics
+
+    import psycopg
+
+    with (
+        _refreshed(work / "refresh-state", work / "store") as (info, returned),
+        psycopg.connect(info.dsn(), autocommit=True) as conn,
+    ):
+
+        def median_ms(until: float) -> float:
+            times = []
+            while time.monotonic() < until:
+                started = time.perf_counter()
+                conn.execute(LATENCY_QUERY, ("AAPL",)).fetchall()
+                times.append(time.perf_counter() - started)
+            return statistics.median(times) * 1000
+
+        early = median_ms(returned + 5)
+        time.sleep(max(0.0, returned + 30 - time.monotonic()))
+        late = median_ms(time.monotonic() + 5)
     return {
         "benchmark": f"test query in the first 5 s after a refresh returns ({PROFILE})",
         "ours": early,
@@ -263,16 +278,9 @@ def _disk_on_reflink(work: Path) -> dict[str, Any]:
     """Disk a loaded profile costs on a reflink filesystem: an XFS loop device (``mkfs.xfs -m reflink=1``) made
     for the run, holding only the server's state. ``du`` counts each reflinked file in full, so the measure is
     the filesystem's own used space after the refresh and its pool refill, less what it used empty."""
-    import datetime as dt
-
     import psycopg
 
-    from featurestore import FeatureStore
-    from refresher.engines import make_engine
     from refresher.pool import wait_for_pool
-    from refresher.profile import load_profile
-    from refresher.refresh import refresh
-    from refresher.settings import Settings
 
     benchmark = f"disk per loaded {PROFILE} on XFS with reflink (filesystem used / database)"
     tools = [shutil.which(tool) for tool in ("mkfs.xfs", "mount", "umount")]
@@ -287,12 +295,7 @@ def _disk_on_reflink(work: Path) -> dict[str, Any]:
     try:
         mount.chmod(0o755)
         empty = _fs_used(mount)
-        settings = Settings.from_env(state_dir=mount / "state", store_root=work / "store")
-        engine = make_engine("local", settings)
-        profile = load_profile(PROFILE, settings.profiles_dirs, as_of=dt.date.fromisoformat(AS_OF))
-        try:
-            refresh(profile, engine, FeatureStore(settings.store_root))
-            info = engine.start(profile.name)
+        with _refreshed(mount / "state", work / "store") as (info, _returned):
             wait_for_pool(info, timeout=300)
             with psycopg.connect(info.dsn(), autocommit=True) as conn:
                 conn.execute("CHECKPOINT")
@@ -300,8 +303,6 @@ def _disk_on_reflink(work: Path) -> dict[str, Any]:
             database = int(row[0]) if row else 1
             used = _fs_used(mount) - empty
             counted = _used_bytes(mount)
-        finally:
-            engine.stop(profile.name)
     finally:
         subprocess.run(["umount", str(mount)], check=False)
         image.unlink(missing_ok=True)
