@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from refresher.errors import ProfileError, RefresherError
-from refresher.settings import Settings
+from refresher.settings import Settings, parse_pool_size
 
 DEFAULT_PROFILE = "ui_testing"
 ENGINES = ("auto", "docker", "local")
@@ -47,6 +47,11 @@ OPTIONS = (
     _Option("refresher-profiles-dir", "extra directory searched for profile YAML files", multiple=True),
     _Option(
         "refresher-state-dir", "where local-engine servers live (default $REFRESHER_STATE_DIR or .refresher)"
+    ),
+    _Option(
+        "refresher-pool-size",
+        "warm clones kept per loaded server (default $REFRESHER_POOL_SIZE, else one per xdist worker plus one, "
+        "at least 2); 0 keeps none: each refresher_db is then a copy of the database, not a rename",
     ),
     _Option(
         "refresher-reuse",
@@ -95,6 +100,7 @@ class PluginOptions:
         base = Settings.from_env(
             state_dir=Path(state_dir).expanduser().absolute() if state_dir else None,
             store_root=Path(store).expanduser().absolute() if store else None,
+            pool_size=_pool_size(value("refresher_pool_size")),
         )
         settings = Settings(
             state_dir=base.state_dir,
@@ -104,6 +110,7 @@ class PluginOptions:
             engine=value("refresher_engine") or base.engine,
             pg_image_override=base.pg_image_override,
             require_docker=base.require_docker,
+            pool_size=base.pool_size,
         )
         if settings.engine not in ENGINES:
             raise RefresherError(
@@ -127,6 +134,15 @@ def parse_as_of(text: str | None) -> dt.date | None:
         return dt.date.fromisoformat(text.strip())
     except ValueError:
         raise ProfileError("--refresher-as-of", "as_of", text, "not a date (want YYYY-MM-DD)") from None
+
+
+def _pool_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_pool_size(text)
+    except ValueError as exc:
+        raise RefresherError(f"--refresher-pool-size={text!r}: {str(exc).split(':', 1)[0]}") from None
 
 
 def marker_profile(item: pytest.Item) -> str | None:

@@ -81,11 +81,13 @@ def build_server(
     as_of: dt.date | None,
     run: str,
     owner_pid: int | None,
+    pool_size: int,
 ) -> LoadedServer:
     """Start a new server for the profile with ``engine`` (auto, local or docker) and load the profile into it.
 
     ``run`` names the test run and ``owner_pid`` the process that will stop the server (the xdist controller);
-    None for a server kept between runs, which the sweep of abandoned servers must never remove.
+    None for a server kept between runs, which the sweep of abandoned servers must never remove. ``pool_size``:
+    the warm clones its snapshot records (the pool the run's refillers keep).
     """
     from featurestore import FeatureStore
     from refresher.engines import owner_labels, select_engine
@@ -103,7 +105,7 @@ def build_server(
     throwaway = replace(settings, state_dir=state)
     try:
         server = select_engine(engine, throwaway, labels={PYTEST_LABEL: run, **owner})
-        report = refresh(profile, server, store)
+        report = refresh(profile, server, store, pool_size=pool_size)
         info = server.info(profile.name)
         if info is None:
             raise EngineUnavailable(

@@ -8,7 +8,8 @@ crashed worker cannot leak one.
 
 Each process keeps its clone pools full from one background thread per server (``PoolRefiller``) instead of
 spawning a refill process per checkout. The workers' refillers fill different pool slots at once (a lock per
-slot in ``refresher.pool``), and the pool is sized for the number of workers.
+slot in ``refresher.pool``), and the pool is sized for the number of workers (``pool_size_for_workers``) unless
+the user chose its size.
 
 Every test's clone is marked with the process that took it (``clone_note``): a ``--refresher-reuse`` run killed
 with -9 leaves its clones on the kept server, and the next run drops those whose owner is provably gone
@@ -32,6 +33,7 @@ from refresher._pytest_servers import LoadedServer
 from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
+from refresher.settings import DEFAULT_POOL_SIZE
 
 
 def server_key(profile: str, engine: str, as_of: str) -> str:
@@ -69,6 +71,16 @@ def drop_abandoned_clones(server: ServerInfo) -> list[str]:
             pool.drop_clone(server, name)
             dropped.append(name)
     return dropped
+
+
+def pool_size_for_workers(chosen: int | None, workers: int) -> int:
+    """The clones a run keeps per server: ``chosen`` ($REFRESHER_POOL_SIZE, --refresher-pool-size), else one
+    ready for each worker's next test and one more for whichever comes back first.
+
+    The pool's depth helps only bursts (steady state is bounded by how fast clones are copied), and each clone
+    is a full copy of the database on disk without reflinks: a user short of disk chooses fewer, or 0.
+    """
+    return max(DEFAULT_POOL_SIZE, workers + 1) if chosen is None else chosen
 
 
 def _lock(path: Path) -> FileLock:
@@ -165,15 +177,10 @@ class SharedServers:
         self._seen[key] = server
         return server
 
-    def refiller(self, server: LoadedServer, *, workers: int = 1) -> PoolRefiller:
-        """This process's refill thread for ``server``'s clone pool, sized for ``workers`` processes taking
-        clones from it."""
+    def refiller(self, server: LoadedServer, *, pool_size: int) -> PoolRefiller:
+        """This process's refill thread for ``server``'s clone pool of ``pool_size`` clones."""
         if server.info not in self._refillers:
-            # One ready for each worker's next test, and one more for whichever comes back first: the pool's
-            # depth helps only bursts (steady state is bounded by how fast clones are copied), and each clone
-            # is a full copy of the database on disk.
-            size = max(pool.DEFAULT_POOL_SIZE, workers + 1)
-            self._refillers[server.info] = PoolRefiller(server.info, pool_size=size)
+            self._refillers[server.info] = PoolRefiller(server.info, pool_size=pool_size)
         return self._refillers[server.info]
 
     def close(self) -> None:
@@ -207,5 +214,6 @@ __all__ = [
     "clone_note",
     "drop_abandoned_clones",
     "per_test_clone_prefix",
+    "pool_size_for_workers",
     "server_key",
 ]

@@ -29,7 +29,6 @@ SLOT = 1000  # SLOT + n: the maker of pool slot n
 # Slots a template checkout copies into before renaming its copy: never pool slots, so refillers skip them, but
 # named like one so a copy whose maker was killed is recognised (unmarked) and dropped by the next refill.
 PRIVATE_SLOTS = range(10_000, 100_000)
-DEFAULT_POOL_SIZE = 2
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
 _PRISTINE_MARK = re.compile(
@@ -50,6 +49,13 @@ class _Mark:
     ledger: str
     stamp: str
     generation: str
+
+    def text(self) -> str:
+        """The comment that says it (``_PRISTINE_MARK`` reads it back)."""
+        return (
+            f"refresher pool_size={self.pool_size} ledger={self.ledger} stamp={self.stamp} "
+            f"generation={self.generation}"
+        )
 
 
 def pristine_name(db: str) -> str:
@@ -128,6 +134,11 @@ def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:
 def _pool_databases(conn: psycopg.Connection[Any], db: str) -> list[str]:
     """Every database named like a pool slot of ``db``, marked or not, in slot order."""
     return [name for name, _, _ in _pool_comments(conn, db)]
+
+
+def _slot_of(db: str, name: str) -> int:
+    """The slot number of ``name``, one of ``_pool_databases(conn, db)``."""
+    return int(name[len(pool_name(db, 0)) - 1 :])
 
 
 def _pool_comments(conn: psycopg.Connection[Any], db: str) -> list[tuple[str, bool, str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from refresher.errors import USER_ERRORS
-from refresher.settings import ENGINE_NAMES, Settings
+from refresher.settings import DEFAULT_POOL_SIZE, ENGINE_NAMES, POOL_SIZE_ENV, Settings, parse_pool_size
 
 EXIT_USER_ERROR = 2
 
@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="let a loaded segment become empty when the source now has no rows for it (default: refuse)",
+    )
+    refresh.add_argument(
+        "--pool-size",
+        type=_parse_pool_size,
+        default=None,
+        metavar="N",
+        help=f"warm clones to keep for reset (${POOL_SIZE_ENV}, default {DEFAULT_POOL_SIZE}, bounded by free disk): "
+        "each a full copy of the database without reflinks (ext4); 0 keeps none and a reset copies the database",
     )
     plan = profile_cmd(
         "plan",
@@ -157,6 +165,13 @@ def _parse_date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from exc
 
 
+def _parse_pool_size(text: str) -> int:
+    try:
+        return parse_pool_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _parse_time(text: str) -> dt.datetime:
     try:
         moment = dt.datetime.fromisoformat(text)
@@ -170,6 +185,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         state_dir=args.state_dir.absolute() if args.state_dir else None,
         store_root=args.store.absolute() if args.store else None,
         engine=args.engine,
+        pool_size=vars(args).get("pool_size"),  # refresh's flag, over $REFRESHER_POOL_SIZE
     )
     if args.profiles_dir:
         from dataclasses import replace
@@ -257,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, restored.to_json(), lambda: render.reset_report(restored))
     elif args.command == "status":
         statuses = commands.status(settings, args.profile, all_checkouts=args.all_checkouts)
+        pools = commands.pools(settings, statuses)
         notes = (
             commands.left_out(settings, args.profile, on_bad_rows=args.on_bad_rows) if args.profile else ()
         )
@@ -264,10 +281,10 @@ def run(args: argparse.Namespace) -> int:
             args,
             {
                 "state_dir": str(settings.state_dir),
-                "servers": [render.status_json(s) for s in statuses],
+                "servers": [render.status_json(s, p) for s, p in zip(statuses, pools, strict=True)],
                 **({"notes": list(notes)} if args.profile else {}),
             },
-            lambda: render.status_table(statuses, settings.state_dir, notes),
+            lambda: render.status_table(statuses, settings.state_dir, notes, pools),
         )
     elif args.command == "url":
         dsn = commands.url(settings, args.profile)

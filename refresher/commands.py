@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from refresher._lazy import LazyModule
 from refresher.errors import EngineStateError, ProfileError, RefresherError, SnapshotError
-from refresher.settings import Settings
+from refresher.settings import DEFAULT_POOL_SIZE, Settings
 
 # Each command imports what it alone needs, inside it: `refresher url` must not pay for pyarrow, pandas and
 # DuckDB (about a second on this machine), which only refresh, plan and warm use, nor `refresher profiles`,
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     import filelock
     import psycopg
 
-    from refresher import diskfull, engines, profile_lock, snapshot, stamp
+    from refresher import diskfull, engines, pool, profile_lock, snapshot, stamp
     from refresher.engines.base import Engine, ServerInfo, ServerStatus
+    from refresher.pool import PoolStatus
     from refresher.profile import BadRowPolicy, Profile
     from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
     from refresher.warm import WarmReport
@@ -32,6 +33,7 @@ else:
     psycopg = LazyModule("psycopg")
     diskfull = LazyModule("refresher.diskfull")
     engines = LazyModule("refresher.engines")
+    pool = LazyModule("refresher.pool")
     profile_lock = LazyModule("refresher.profile_lock")
     snapshot = LazyModule("refresher.snapshot")
     stamp = LazyModule("refresher.stamp")
@@ -76,6 +78,7 @@ def refresh(
     on_wait: Callable[[str], None] | None = None,
     allow_shrink: bool | None = None,
 ) -> RefreshReport:
+    """``refresher refresh``; the pool keeps ``settings.pool_size`` warm clones (None: ``DEFAULT_POOL_SIZE``)."""
     from featurestore import FeatureStore
     from refresher.refresh import refresh as _refresh
 
@@ -88,7 +91,13 @@ def refresh(
     ):
         stamp.clear(settings.state_dir, profile.name)
         report = _refresh(
-            profile, engine, FeatureStore(settings.store_root), prune=prune, verify=verify, progress=progress
+            profile,
+            engine,
+            FeatureStore(settings.store_root),
+            prune=prune,
+            verify=verify,
+            progress=progress,
+            pool_size=_pool_size(settings),
         )
         server = engine.info(profile.name)
         if server is not None:
@@ -112,7 +121,11 @@ def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
     server = engine.info(profile)
     if server is None:
         return None
-    return stamp.check(settings.state_dir, settings.store_root, path, server)
+    return stamp.check(settings.state_dir, settings.store_root, path, server, pool_size=_pool_size(settings))
+
+
+def _pool_size(settings: Settings) -> int:
+    return DEFAULT_POOL_SIZE if settings.pool_size is None else settings.pool_size
 
 
 def plan(
@@ -185,6 +198,25 @@ def status(settings: Settings, name: str | None = None, *, all_checkouts: bool =
     """This state dir's servers; ``all_checkouts`` adds every refresher container on the Docker daemon."""
     statuses = engines.all_statuses(settings, all_checkouts=all_checkouts)
     return [s for s in statuses if name is None or s.profile == name]
+
+
+def pools(settings: Settings, statuses: list[ServerStatus]) -> list[PoolStatus | None]:
+    """The warm pool of each of ``statuses`` (``refresher status``): its size, the clones ready, and so whether a
+    reset renames or copies. None for a server that is stopped, not this state dir's, or does not answer."""
+    found: list[PoolStatus | None] = []
+    for listed in statuses:
+        server = None
+        if listed.running:
+            with contextlib.suppress(RefresherError, psycopg.Error):
+                server = engines.make_engine(listed.engine, settings).info(listed.profile)
+        if server is None or server.port != listed.port:  # another checkout's server of the same profile
+            found.append(None)
+            continue
+        try:
+            found.append(pool.pool_status(server))
+        except (RefresherError, psycopg.Error):
+            found.append(None)
+    return found
 
 
 def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None = None) -> tuple[str, ...]:

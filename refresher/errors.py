@@ -48,6 +48,15 @@ class ProfileError(RefresherError):
         return cls(where, "profile", name, f"no such profile (known: {choices})")
 
 
+class SettingError(RefresherError):
+    """An environment variable holds a value refresher cannot use."""
+
+    def __init__(self, name: str, value: str, reason: str) -> None:
+        super().__init__(f"{name}={value!r}: {reason}", name=name, value=value)
+        self.name = name
+        self.value = value
+
+
 class CalendarError(RefresherError):
     """An exchange or a time the calendar cannot answer for."""
 
@@ -120,6 +129,7 @@ __all__ = [
     "ProfileBusy",
     "ProfileError",
     "RefresherError",
+    "SettingError",
     "SnapshotError",
     "SourceError",
 ]

@@ -12,7 +12,9 @@ then ``TAKE`` (choosing and renaming a clone, and the swap itself, so a taker ne
 being replaced). A refiller also holds one of a few ``COPIER`` tokens while it copies: how many copies run at
 once on the server is bounded by its machine (``refill_concurrency``), however many processes refill.
 
-How many clones the pool keeps is bounded by the free space of the server's disk (``pool_size_for_disk``).
+How many clones the pool keeps is what the pristine copy's mark records (``pool_size=``, set by the refresh from
+$REFRESHER_POOL_SIZE or ``--pool-size``; ``resize_pool`` changes it), bounded by the free space of the server's
+disk (``pool_size_for_disk``). A pool of 0 keeps no clone: a reset or checkout then copies the pristine one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,13 @@ from psycopg import sql
 
 from refresher._snapshot_sql import (
     COPIER,
-    DEFAULT_POOL_SIZE,
     MAINTENANCE_DB,
     PRIVATE_SLOTS,
     REFILL,
     SLOT,
     SWEEP,
     TAKE,
+    TRASH_INFIX,
     _admin,
     _advisory,
     _comment,
@@ -55,6 +57,7 @@ from refresher._snapshot_sql import (
     _ready_clones,
     _rename,
     _require_pristine,
+    _slot_of,
     _try_lock,
     _unlock,
     pool_name,
@@ -63,6 +66,7 @@ from refresher._snapshot_sql import (
 from refresher.diskfull import COPY_SLACK, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
+from refresher.settings import DEFAULT_POOL_SIZE
 
 MAX_REFILL_CONCURRENCY = 4
 GB = 2**30
@@ -70,11 +74,19 @@ GB = 2**30
 
 @dataclass(frozen=True)
 class PoolStatus:
-    """The pristine copy and the clones ready right now."""
+    """The pristine copy, the clones ready right now, and how many the pool keeps (``target``, as recorded)."""
 
     pristine: bool
     ready: tuple[str, ...]
     target: int
+
+    @property
+    def reset(self) -> str:
+        """What a reset does now: "rename" a ready clone into place, or "copy" the pristine database."""
+        return "rename" if self.ready else "copy"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.target, "ready": len(self.ready), "reset": self.reset}
 
 
 def checkout_clone(
@@ -130,6 +142,45 @@ def pool_status(server: ServerInfo) -> PoolStatus:
         return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)), size)
 
 
+def recorded_pool_size(server: ServerInfo, conn: psycopg.Connection[Any]) -> int | None:
+    """The pool size the pristine copy's mark records; None when there is no complete copy. ``conn``: open on
+    any database of the server (the mark is in the shared catalog)."""
+    mark = _pristine_mark(conn, server.dbname)
+    return mark.pool_size if mark else None
+
+
+def resize_pool(server: ServerInfo, size: int) -> bool:
+    """Make ``size`` the pool's size: drop the ready clones of slots ``size`` and up (their disk is given back),
+    then record ``size`` in the pristine copy's mark. False when the mark says so already, or there is no copy.
+
+    The refill (``spawn_refill``) then fills the pool to the new size. Under REFILL exclusive, as every mark
+    write: no refiller or template checkout runs meanwhile, so none can make a clone the new mark does not
+    count, and two resizes at once leave the last one's size with no more clones than it says. The mark is the
+    last statement: a kill before it leaves the old mark over a pool short of clones (the next refill makes
+    them again), a kill after it the new one; a COMMENT is all or nothing.
+    """
+    db = server.dbname
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL):
+        mark = _pristine_mark(conn, db)
+        if mark is None or mark.pool_size == size:
+            return False
+        # Out of takers' reach in one transaction of renames (a DROP under TAKE would hold up resets).
+        with _advisory(conn, db, TAKE), conn.transaction():
+            doomed = [name for name in _ready_clones(conn, db) if _slot_of(db, name) >= size]
+            trash = [f"{db}{TRASH_INFIX}{secrets.token_hex(4)}" for _ in doomed]
+            for name, out in zip(doomed, trash, strict=True):
+                _rename(conn, name, out)
+        for out in trash:
+            _drop_database(conn, out)
+        _execute(
+            conn,
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(pristine_name(db)), sql.Literal(replace(mark, pool_size=size).text())
+            ),
+        )
+    return True
+
+
 def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
     """Wait until the pool is full again (after a reset or checkout); raise SnapshotError on timeout."""
     deadline = time.monotonic() + timeout
@@ -173,17 +224,18 @@ def refill_concurrency(cpus: int, *, rotational: bool) -> int:
 
 def pool_size_for_disk(wanted: int, *, ready: int, clone_bytes: int, free: int, total: int) -> int:
     """How many warm clones to keep: ``wanted``, but only as many more than the ``ready`` ones as fit in
-    ``free`` bytes less a reserve, and never fewer than one.
+    ``free`` bytes less a reserve, and never fewer than one unless ``wanted`` is 0.
 
     The reserve is a tenth of the filesystem (``total``), at least 1 GB: the server's WAL and the tests'
     own writes need room too, and a copy onto a full disk can make Postgres PANIC. One clone costs its
     database's size plus a WAL segment (``clone_bytes`` as measured on the pristine copy, before the slack).
-    The floor of one keeps a checkout a rename even on a tight disk, as before the pool had this bound.
+    The floor of one keeps a checkout a rename even on a tight disk, as before the pool had this bound; a
+    pool of 0 is the user's choice of disk over reset speed, and stays 0.
     """
     reserve = max(total // 10, GB)
     each = max(clone_bytes, 0) + COPY_SLACK
     more = max(0, (free - reserve) // each)
-    return max(1, min(wanted, ready + more))
+    return max(min(1, wanted), min(wanted, ready + more))
 
 
 def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
@@ -398,12 +450,11 @@ def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
                 _drop_database(conn, name)
         finally:
             _unlock(conn, db, SWEEP)
-    prefix = pool_name(db, 0)[:-1]
     ready = set(_ready_clones(conn, db))
     for name in _pool_databases(conn, db):
         if name in ready:
             continue
-        slot = int(name[len(prefix) :])
+        slot = _slot_of(db, name)
         if _try_lock(conn, db, SLOT + slot):
             try:
                 if name not in _ready_clones(conn, db):
@@ -482,8 +533,10 @@ __all__ = [
     "pool_name",
     "pool_size_for_disk",
     "pool_status",
+    "recorded_pool_size",
     "refill_concurrency",
     "refill_pool",
+    "resize_pool",
     "spawn_refill",
     "wait_for_pool",
 ]

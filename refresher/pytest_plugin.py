@@ -47,6 +47,7 @@ from refresher._pytest_share import (
     clone_note,
     drop_abandoned_clones,
     per_test_clone_prefix,
+    pool_size_for_workers,
     server_key,
 )
 from refresher.engines.base import ServerInfo
@@ -179,6 +180,7 @@ class RefresherServers:
                 as_of=day,
                 run=self._state.run_dir.name,
                 owner_pid=None if kept else self._state.owner_pid,
+                pool_size=self.pool_size,
             )
 
         def reuse_or_build() -> LoadedServer:
@@ -191,6 +193,7 @@ class RefresherServers:
             )
             server = kept_or_built(kept_at, options.settings, mark, lambda: build(kept=True))
             drop_abandoned_clones(server.info)  # what a run killed with -9 left on the kept server
+            pool.resize_pool(server.info, self.pool_size)  # an earlier run may have kept another size
             return server
 
         try:
@@ -199,8 +202,13 @@ class RefresherServers:
             # Bad input (a profile, an option) is the user's to fix: one line, not a 45-line traceback.
             pytest.fail(f"refresher: {exc}", pytrace=False)
 
+    @property
+    def pool_size(self) -> int:
+        """The warm clones kept per loaded server in this run (``pool_size_for_workers``)."""
+        return pool_size_for_workers(self._state.options.settings.pool_size, self._state.workers)
+
     def refiller(self, server: LoadedServer) -> PoolRefiller:
-        return self._state.servers.refiller(server, workers=self._state.workers)
+        return self._state.servers.refiller(server, pool_size=self.pool_size)
 
     def tx_connection(self, server: LoadedServer) -> psycopg.Connection[TupleRow]:
         """This process's connection to ``server``'s loaded database for ``refresher_tx``, idle between tests."""

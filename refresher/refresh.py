@@ -28,6 +28,7 @@ from refresher.plan import GapPlan, LedgerView, StoreView, plan_gaps, segment_ke
 from refresher.profile import Profile
 from refresher.replay import RefreshWrites
 from refresher.segments import Segment, desired_segments
+from refresher.settings import DEFAULT_POOL_SIZE
 from refresher.sources import make_source
 from refresher.sources.base import Source
 from refresher.sources.reports import rows_by_reason, stored_reports
@@ -69,6 +70,8 @@ class RefreshReport:
     # back from the store, so a run served from the cache says it again; and those rows per reason.
     notes: list[str] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)
+    # The warm clones the pool keeps (what the snapshot's mark records): 0, and a reset copies the database.
+    pool_size: int = DEFAULT_POOL_SIZE
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,8 +204,10 @@ def refresh(
     prune: bool = False,
     verify: bool = False,
     progress: ProgressCallback | None = None,
+    pool_size: int = DEFAULT_POOL_SIZE,
 ) -> RefreshReport:
-    """Bring the profile's database to exactly the desired segments and features, then snapshot it."""
+    """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
+    pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``)."""
     started = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -265,11 +270,13 @@ def refresh(
         if (
             writes is None
             or not writes.complete
-            or not snapshot.advance_pristine(server, writes.base, writes.apply)
+            or not snapshot.advance_pristine(server, writes.base, writes.apply, pool_size=pool_size)
         ):
-            snapshot.save_pristine(server, fill_pool=False)
+            snapshot.save_pristine(server, pool_size=pool_size, fill_pool=False)
         pool.spawn_refill(server)
         snapshot_state = "saved"
+    elif pool.resize_pool(server, pool_size):
+        pool.spawn_refill(server)
     lap("snapshot", mark)
     store_spent = store.session_counts() - store_before
     return RefreshReport(
@@ -292,4 +299,5 @@ def refresh(
         phases=phases,
         notes=notes,
         left_out=rows_by_reason(left_out),
+        pool_size=pool_size,
     )

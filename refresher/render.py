@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from refresher.calendar import MarketStatus
     from refresher.commands import ProfileListing
     from refresher.engines.base import ServerStatus
+    from refresher.pool import PoolStatus
     from refresher.profile import Profile
     from refresher.refresh import PlanReport, ProgressCallback, RefreshReport
     from refresher.snapshot import RestoreReport
@@ -137,7 +138,11 @@ def refresh_summary(report: dict[str, Any], *, url_hint: str) -> None:
         )
     # per reason: dropped / rejected / quarantined
     rows += [("rows left out", f"{count:,} {reason}") for reason, count in report["left_out"].items()]
-    rows += [("snapshot", report["snapshot"]), ("time", f"{report['seconds']:.2f} s")]
+    rows += [
+        ("snapshot", report["snapshot"]),
+        ("pool", _pool_size_line(report["pool_size"])),
+        ("time", f"{report['seconds']:.2f} s"),
+    ]
     _out(f"refresher: {report['profile']} on {report['engine']}")
     _columns(rows, indent="  ")
     _notes(report["notes"])
@@ -183,7 +188,13 @@ def reset_report(report: RestoreReport) -> None:
     _out(f"reset in {report.seconds * 1000:.0f} ms ({report.method})")
 
 
-def status_json(status: ServerStatus) -> dict[str, Any]:
+def _pool_size_line(size: int) -> str:
+    if size == 0:
+        return "no warm clones: a reset copies the database (--pool-size, $REFRESHER_POOL_SIZE)"
+    return f"{size} warm clone{'s' if size > 1 else ''}: a reset renames one into place"
+
+
+def status_json(status: ServerStatus, pool: PoolStatus | None = None) -> dict[str, Any]:
     return {
         "engine": status.engine,
         "profile": status.profile,
@@ -191,14 +202,30 @@ def status_json(status: ServerStatus) -> dict[str, Any]:
         "host": status.host,
         "port": status.port,
         "detail": status.detail,
+        "pool": pool.to_json() if pool is not None and pool.pristine else None,
     }
 
 
-def status_table(statuses: list[ServerStatus], state_dir: Path, notes: Sequence[str] = ()) -> None:
+def _pool_cell(pool: PoolStatus | None) -> str:
+    if pool is None:
+        return ""
+    if not pool.pristine:
+        return "no snapshot"
+    return f"{len(pool.ready)}/{pool.target} ready, reset: {pool.reset}"
+
+
+def status_table(
+    statuses: list[ServerStatus],
+    state_dir: Path,
+    notes: Sequence[str] = (),
+    pools: Sequence[PoolStatus | None] = (),
+) -> None:
+    """``pools``: each server's warm pool (None where it is not running or not ours to ask)."""
     _out(f"state dir: {state_dir}")
     if not statuses:
         _out("no servers")
     else:
+        shown = [*pools, *[None] * (len(statuses) - len(pools))]
         _columns(
             [
                 (
@@ -206,11 +233,12 @@ def status_table(statuses: list[ServerStatus], state_dir: Path, notes: Sequence[
                     s.engine,
                     "running" if s.running else "stopped",
                     f"{s.host}:{s.port}" if s.port else "",
+                    _pool_cell(pool),
                     s.detail,
                 )
-                for s in statuses
+                for s, pool in zip(statuses, shown, strict=True)
             ],
-            header=("profile", "engine", "state", "address", "detail"),
+            header=("profile", "engine", "state", "address", "pool", "detail"),
         )
     _notes(notes)
 

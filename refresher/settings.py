@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from refresher.errors import SettingError
+
 # The official image's major version we pin; `make image` builds a look-alike under this tag for air gaps.
 DEFAULT_PG_IMAGE = "postgres:15"
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -18,12 +20,27 @@ STATE_DIR_NAME = ".refresher"
 ENGINE_NAMES = ("auto", "local", "docker", "compose")
 # The checkout this refresher runs from (an editable install): `make up` starts the compose project of it.
 CHECKOUT = BUILTIN_PROFILES.parent
+# Warm clones kept per loaded profile (refresher.pool): a reset renames one into place. Each is a full copy of
+# the database on a filesystem without reflinks (ext4); 0 keeps none, and a reset then copies the pristine one.
+DEFAULT_POOL_SIZE = 2
+# Pool slots at and above 10,000 are private copies (refresher._snapshot_sql.PRIVATE_SLOTS); past the disk bound
+# a bigger pool only makes a refill try copies that cannot fit.
+MAX_POOL_SIZE = 100
+POOL_SIZE_ENV = "REFRESHER_POOL_SIZE"
 
 
 def compose_project(checkout: Path) -> str:
     """The compose project of a checkout, unique per path; the Makefile computes the same (sha256, 10 hex)."""
     digest = hashlib.sha256(str(checkout.resolve()).encode()).hexdigest()[:10]
     return f"refresher-{digest}"
+
+
+def parse_pool_size(text: str) -> int:
+    """A pool size as typed: a whole number from 0 to ``MAX_POOL_SIZE``; ValueError saying what is wrong."""
+    value = text.strip()
+    if not value.isascii() or not value.isdigit() or int(value) > MAX_POOL_SIZE:
+        raise ValueError(f"not a whole number from 0 to {MAX_POOL_SIZE}: {text!r}")
+    return int(value)
 
 
 def find_state_dir(start: Path) -> Path:
@@ -59,6 +76,9 @@ class Settings:
     compose_project: str = ""
     # The jobs' queue ($REFRESHER_QUEUE); None: the compose Redis of this checkout when `make up` runs it.
     queue_url: str | None = None
+    # Warm clones per loaded profile ($REFRESHER_POOL_SIZE, `refresh --pool-size`). None: DEFAULT_POOL_SIZE for
+    # the CLI, and one per xdist worker plus one (at least DEFAULT_POOL_SIZE) for the pytest plugin.
+    pool_size: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -82,5 +102,17 @@ class Settings:
             cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refresher",
             compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
             queue_url=env.get("REFRESHER_QUEUE") or None,
+            # An override (the CLI flag) wins, and then a bad variable is not an error: it is not used.
+            pool_size=None if overrides.get("pool_size") is not None else _pool_size_from(env),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _pool_size_from(env: Mapping[str, str]) -> int | None:
+    text = env.get(POOL_SIZE_ENV) or ""
+    if not text.strip():
+        return None
+    try:
+        return parse_pool_size(text)
+    except ValueError as exc:
+        raise SettingError(POOL_SIZE_ENV, text, str(exc).split(":", 1)[0]) from None

@@ -31,7 +31,6 @@ from psycopg import sql
 
 from refresher._snapshot_sql import (
     BUILDING_INFIX,
-    DEFAULT_POOL_SIZE,
     MAINTENANCE_DB,
     REFILL,
     TAKE,
@@ -42,6 +41,7 @@ from refresher._snapshot_sql import (
     _create_from,
     _drop_database,
     _execute,
+    _Mark,
     _pool_databases,
     _pristine_mark,
     _ready_clones,
@@ -54,6 +54,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
 from refresher.pool import _drop_leftovers, _make_clone, spawn_refill
+from refresher.settings import DEFAULT_POOL_SIZE
 
 # The ledger tables and the columns that say what a database holds, in a stable order.
 _LEDGERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -209,7 +210,7 @@ def save_pristine(
         with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
             ledger = ledger_version(copy) or hashlib.sha256(b"no ledger").hexdigest()
             stamp = ledger_stamp(copy) or "none"
-        _publish(conn, db, building, f"pool_size={pool_size} ledger={ledger} stamp={stamp}")
+        _publish(conn, db, building, _Mark(pool_size, ledger, stamp, secrets.token_hex(8)))
         pool: tuple[str, ...] = ()
         if fill_pool:
             _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
@@ -218,11 +219,16 @@ def save_pristine(
 
 
 def advance_pristine(
-    server: ServerInfo, base: str, apply: Callable[[psycopg.Connection[Any]], None]
+    server: ServerInfo,
+    base: str,
+    apply: Callable[[psycopg.Connection[Any]], None],
+    *,
+    pool_size: int | None = None,
 ) -> SnapshotInfo | None:
     """Bring the pristine copy up to what ``server.dbname`` holds without copying it: run ``apply`` (the writes
     of the refresh that just ran, see ``refresher.replay``) in a ready clone of the copy, then swap that clone
     in as the new copy. Its old clones are left to the refill, as ``save_pristine(fill_pool=False)`` leaves them.
+    The new copy records ``pool_size`` (None: the size the old one recorded).
 
     ``base``: the working database's ``ledger_version`` before those writes, which the copy must still hold. None,
     leaving the copy as it was, when this cannot be done (no ready clone, the copy moved on, ``apply`` failed,
@@ -269,7 +275,8 @@ def advance_pristine(
             _drop_database(conn, building)
             return None
         _wait_gone(conn, copier)
-        _publish(conn, db, building, f"pool_size={mark.pool_size} ledger={version} stamp={stamp or 'none'}")
+        size = mark.pool_size if pool_size is None else pool_size
+        _publish(conn, db, building, _Mark(size, version, stamp or "none", secrets.token_hex(8)))
     return SnapshotInfo(db, pristine_name(db), (), time.perf_counter() - started, version)
 
 
@@ -304,12 +311,11 @@ def _match_load_times(copy: psycopg.Connection[Any], live: psycopg.Connection[An
             copy.execute("DROP TABLE load_times")
 
 
-def _publish(conn: psycopg.Connection[Any], db: str, building: str, holds: str) -> None:
-    """Make ``building`` the pristine copy: a template, marked with what it ``holds`` and a new generation."""
+def _publish(conn: psycopg.Connection[Any], db: str, building: str, mark: _Mark) -> None:
+    """Make ``building`` the pristine copy: a template, with ``mark`` (what it holds, a new generation)."""
     ident = sql.Identifier(building)
     _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident))
-    mark = f"refresher {holds} generation={secrets.token_hex(8)}"
-    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark)))
+    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark.text())))
     with _advisory(conn, db, TAKE):
         _swap_in(conn, db, building)
 

@@ -7,7 +7,8 @@ the code's (the source files' sizes and times, and the versions of the libraries
 the profile), until when the as-of stays the answer (the next session close of the profile's exchanges, so the
 dates a profile resolves to cannot have moved before it), where the data went (engine, DSN, the store's
 manifest file) and what the database held then (the ledger version the pristine snapshot records, a digest of
-``symbols``, every table present), and the report. A later ``refresh`` without flags checks each of them
+``symbols``, every table present), and the report. The pool size asked for is compared with the one the
+pristine snapshot's mark records (a changed ``--pool-size`` or $REFRESHER_POOL_SIZE is work to do). A later ``refresh`` without flags checks each of them
 against the running server and answers with that report, or falls through to the full refresh on any
 difference or doubt: a changed profile file or code, an edited ledger, a dropped table, a missing snapshot, a
 store another run wrote to, a passed session close, any error.
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from refresher import snapshot
+from refresher import pool, snapshot
 from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines.base import ServerInfo
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from refresher.profile import Profile
 
 # Bump when a field is added or its meaning changes: an older stamp then proves nothing.
-STAMP_FORMAT = 4
+STAMP_FORMAT = 5
 # What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
 # ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
@@ -162,11 +163,14 @@ def write(
     return True
 
 
-def check(state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo) -> dict[str, Any] | None:
+def check(
+    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int
+) -> dict[str, Any] | None:
     """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full.
 
     ``profile_file`` is the file the command's ``--profile`` names (``profile_files.find_profile_file``); the
-    profile is ``server``'s, named after the file.
+    profile is ``server``'s, named after the file. ``pool_size``: the pool the refresh asks for; another than
+    the pristine copy's mark records is work (``pool.resize_pool``).
     """
     started = time.perf_counter()
     name = profile_file.stem
@@ -202,7 +206,8 @@ def check(state_dir: Path, store_root: Path, profile_file: Path, server: ServerI
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
             state = _database_state(conn)
             pristine = snapshot.pristine_ledger(server, conn)
-        if state is None or state != stamp.get("database") or pristine != state[0]:
+            recorded = pool.recorded_pool_size(server, conn)
+        if state is None or state != stamp.get("database") or pristine != state[0] or recorded != pool_size:
             return None
     except (psycopg.Error, SnapshotError):
         return None  # whatever it is, the full refresh meets it and says it properly

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,14 @@ def test_profiles_lists_the_shipped_four(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["profiles", "--json"]) == 0
     names = {p["name"] for p in json.loads(capsys.readouterr().out)["profiles"]}
     assert {"patterns", "backtesting", "ui_testing", "etf_analysis"} <= names
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5", "101"])
+def test_a_bad_pool_size_is_one_line_exit_2_naming_the_flag_or_variable(tmp_path: Path, value: str) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    line = one_line_error(run_cli("refresh", "--profile", "ui_testing", *state, f"--pool-size={value}"))
+    assert "--pool-size" in line and repr(value) in line
+    env = {**os.environ, "REFRESHER_POOL_SIZE": value}
+    line = one_line_error(run_cli("refresh", "--profile", "ui_testing", *state, env=env))
+    assert line == f"refresher: REFRESHER_POOL_SIZE={value!r}: not a whole number from 0 to 100"
+    assert not (tmp_path / "state").exists()  # refused before anything started

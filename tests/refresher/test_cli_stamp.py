@@ -260,3 +260,63 @@ def test_every_file_the_profile_was_read_from_is_checked(ws: Workspace, change: 
             (profiles / leftover).unlink(missing_ok=True)
         ws.write_profile(symbols=["AAPL", "KO"], months=1)
         ws.refresh("--prune")
+
+
+def pool_databases(ws: Workspace) -> list[str]:
+    with psycopg.connect(ws.dsn()) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname",
+            (f"{ws.profile}__pool_",),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def wait_for_pool_databases(ws: Workspace, count: int, timeout: float = 120) -> list[str]:
+    """The pool's databases once the detached refill made ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while len(names := pool_databases(ws)) != count:
+        assert time.monotonic() < deadline, names
+        time.sleep(0.2)
+    return names
+
+
+def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> None:
+    settle(ws)
+    before = ws.checksums()
+    try:
+        report = ws.refresh("--pool-size", "0")
+        assert not stamped(report) and report["pool_size"] == 0
+        assert report["segments"]["loaded"] == 0 and report["snapshot"] == "unchanged"
+        assert pool_databases(ws) == []  # dropped before the refresh returned
+        assert stamped(ws.refresh("--pool-size", "0"))  # the same size again: nothing to do
+        status = json.loads(ws.run("status", "--json").stdout)["servers"]
+        assert [s["pool"] for s in status] == [{"size": 0, "ready": 0, "reset": "copy"}]
+        assert "0/0 ready, reset: copy" in ws.run("status").stdout
+        execute(ws, "DELETE FROM ohlcv_daily")
+        reset = json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)
+        assert reset["method"] == "template" and ws.checksums() == before
+
+        one = {**ws.env, "REFRESHER_POOL_SIZE": "1"}
+        done = subprocess.run(
+            ws.command("refresh", "--profile", ws.profile, "--json"), env=one, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert not stamped(report) and report["pool_size"] == 1
+        assert wait_for_pool_databases(ws, 1) == [f"{ws.profile}__pool_0"]
+        flag_wins = {**ws.env, "REFRESHER_POOL_SIZE": "not a number"}
+        done = subprocess.run(
+            ws.command("refresh", "--profile", ws.profile, "--json", "--pool-size", "1"),
+            env=flag_wins,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and stamped(json.loads(done.stdout.strip().splitlines()[-1])), done.stderr
+        status = json.loads(ws.run("status", "--json").stdout)["servers"]
+        assert [s["pool"] for s in status] == [{"size": 1, "ready": 1, "reset": "rename"}]
+    finally:
+        report = ws.refresh()  # the default again: two clones
+    assert not stamped(report) and report["pool_size"] == 2
+    wait_for_pool_databases(ws, 2)
+    assert stamped(ws.refresh())
+    assert ws.checksums() == before

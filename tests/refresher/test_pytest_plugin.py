@@ -697,3 +697,44 @@ def test_abandoned_clones_are_those_of_dead_owners_only(loaded: ServerInfo) -> N
     with psycopg.connect(loaded.dsn("postgres")) as conn:
         names = {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
     assert {f"{prefix}live", f"{prefix}other"} <= names and f"{prefix}dead" not in names
+
+
+POOL_PROBE = """
+import psycopg
+import pytest
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_each_gets_a_full_copy(refresher_db, refresher_postgres, i):
+    with refresher_db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()[0] == DAILY
+        conn.execute("DELETE FROM ohlcv_daily")
+    info = refresher_postgres.info
+    with psycopg.connect(info.dsn("postgres")) as conn:
+        pools = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (info.dbname + "__pool_",)
+        ).fetchall()
+        mark = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+            (info.dbname + "__pristine",),
+        ).fetchone()[0]
+    assert "pool_size=SIZE " in mark
+    assert {name for (name,) in pools} <= {info.dbname + f"__pool_{n}" for n in range(SIZE)}
+"""
+
+
+@pytest.mark.slow
+def test_the_pool_size_comes_from_the_environment_or_the_option(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REFRESHER_POOL_SIZE", "0")  # no clone at all: each refresher_db is a template copy
+    daily = str(TINY_EXPECTED.daily)
+    write_project(pytester, POOL_PROBE.replace("DAILY", daily).replace("SIZE", "0"))
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=4)
+    write_project(pytester, POOL_PROBE.replace("DAILY", daily).replace("SIZE", "1"))
+    run(pytester, *plugin_env.args("local", "--refresher-pool-size=1")).assert_outcomes(passed=4)
+    result = run(pytester, *plugin_env.args("local", "--refresher-pool-size=-1"))
+    result.stdout.fnmatch_lines(["*--refresher-pool-size='-1': not a whole number from 0 to 100*"])
+    monkeypatch.setenv("REFRESHER_POOL_SIZE", "lots")
+    result = run(pytester, *plugin_env.args("local"))
+    result.stdout.fnmatch_lines(["*REFRESHER_POOL_SIZE='lots': not a whole number from 0 to 100*"])

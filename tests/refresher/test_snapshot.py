@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,15 @@ from refresher.database import read_loaded_segments
 from refresher.diskfull import COPY_SLACK
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
-from refresher.pool import checkout_clone, drop_clone, pool_status, refill_pool, wait_for_pool
+from refresher.pool import (
+    checkout_clone,
+    drop_clone,
+    pool_name,
+    pool_status,
+    refill_pool,
+    resize_pool,
+    wait_for_pool,
+)
 from refresher.segments import Segment
 from refresher.snapshot import has_pristine, pristine_name, restore_pristine, save_pristine
 
@@ -206,7 +215,8 @@ def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_at_least_one() 
     assert pool_size_for_disk(6, ready=4, clone_bytes=clone, free=GB, total=total) == 4  # none dropped
     # A small filesystem keeps at least 1 GB free.
     assert pool_size_for_disk(6, ready=0, clone_bytes=GB // 2, free=2 * GB, total=4 * GB) == 1
-    assert pool_size_for_disk(0, ready=0, clone_bytes=clone, free=50 * GB, total=total) == 1
+    assert pool_size_for_disk(0, ready=0, clone_bytes=clone, free=50 * GB, total=total) == 0  # chosen: none
+    assert pool_size_for_disk(1, ready=0, clone_bytes=clone, free=GB, total=total) == 1
 
 
 def test_refill_concurrency_follows_the_cores_and_the_disk() -> None:
@@ -321,3 +331,81 @@ def test_a_checkout_killed_mid_copy_leaves_a_slot_the_next_refill_drops(loaded: 
     assert len(left) == 1 and f"{loaded.dbname}_killed" not in _databases(loaded)
     assert refill_pool(loaded) == 0
     assert not left & _databases(loaded)
+
+
+def _copies(server: ServerInfo) -> set[str]:
+    """Every database of ``server.dbname`` but itself: the pristine copy, pool slots, trash, half-built ones."""
+    return {name for name in _databases(server) if name.startswith(f"{server.dbname}__")}
+
+
+def _pool(server: ServerInfo, size: int) -> set[str]:
+    return {pristine_name(server.dbname), *(pool_name(server.dbname, n) for n in range(size))}
+
+
+def test_a_pool_of_zero_keeps_no_clone_and_reset_copies_the_pristine_database(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=0)
+    assert refill_pool(loaded) == 0  # the floor of one is for disk bounds, not for a chosen 0
+    assert _copies(loaded) == {pristine_name(loaded.dbname)}
+    status = pool_status(loaded)
+    assert (status.target, status.ready, status.reset) == (0, (), "copy")
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_daily WHERE date > '2024-01-10'")
+    report = restore_pristine(loaded, refill=False)
+    assert report.method == "template"
+    assert _count(loaded.dsn()) == 21
+    refill_pool(loaded)  # drops the reset's trash, makes nothing
+    assert _copies(loaded) == {pristine_name(loaded.dbname)}
+
+
+def test_resizing_a_current_snapshot_drops_and_makes_clones_and_the_mark_follows(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=2)
+    assert _copies(loaded) == _pool(loaded, 2)
+    generation = _mark(loaded).split("generation=")[1]
+    for size in (0, 1, 3, 1):
+        assert resize_pool(loaded, size)
+        assert pool_status(loaded).target == size
+        assert f"pool_size={size} " in _mark(loaded)
+        assert len(pool_status(loaded).ready) <= size  # dropped before the call returns: disk given back
+        refill_pool(loaded)
+        assert _copies(loaded) == _pool(loaded, size), size
+        assert len(wait_for_pool(loaded, timeout=10).ready) == size
+    assert not resize_pool(loaded, 1)  # the mark says so already
+    assert _mark(loaded).endswith(f"generation={generation}")  # the same copy: its clones stay valid
+    assert restore_pristine(loaded, refill=False).method == "pool"
+
+
+def _mark(server: ServerInfo) -> str:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        row = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+            (pristine_name(server.dbname),),
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_resizes_and_refills_at_once_never_leave_more_clones_than_the_mark_says(loaded: ServerInfo) -> None:
+    """Two refreshes asking for different sizes while refillers run: whichever mark wins, no clone it does not
+    count (disk it would lie about), and the next refill brings the pool to exactly what it says."""
+    save_pristine(loaded, pool_size=2)
+    actions: list[Callable[[], object]] = [
+        lambda: resize_pool(loaded, 0),
+        lambda: resize_pool(loaded, 2),
+        lambda: refill_pool(loaded),
+        lambda: refill_pool(loaded),
+    ]
+    for _ in range(3):
+        barrier = threading.Barrier(len(actions))
+
+        def together(action: Callable[[], object], barrier: threading.Barrier = barrier) -> object:
+            barrier.wait()
+            return action()
+
+        with ThreadPoolExecutor(len(actions)) as pool:
+            for future in [pool.submit(together, action) for action in actions]:
+                future.result(timeout=120)
+        status = pool_status(loaded)
+        assert status.target in (0, 2)
+        assert len(status.ready) <= status.target
+        refill_pool(loaded)
+        assert _copies(loaded) == _pool(loaded, pool_status(loaded).target)

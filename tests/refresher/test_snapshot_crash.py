@@ -17,7 +17,7 @@ from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 from refresher.load import delete_segment, load_segment
-from refresher.pool import pool_name, pool_status, refill_pool
+from refresher.pool import pool_name, pool_status, refill_pool, resize_pool
 from refresher.segments import Segment
 from refresher.snapshot import has_pristine, is_current, pristine_name, restore_pristine, save_pristine
 from tests.fixtures_postgres import daily_bars
@@ -25,10 +25,10 @@ from tests.fixtures_postgres import daily_bars
 pytestmark = pytest.mark.postgres
 JAN, FEB = dt.date(2024, 1, 1), dt.date(2024, 2, 1)
 
-# Runs save_pristine in a child that SIGKILLs itself right after its N-th SQL statement.
+# Runs CALL (on ``server``) in a child that SIGKILLs itself right after its N-th SQL statement.
 _KILLER = """
 import json, os, signal, sys
-from refresher import _snapshot_sql, snapshot
+from refresher import _snapshot_sql, pool, snapshot
 from refresher.engines.base import ServerInfo
 server = ServerInfo(**json.loads(sys.stdin.read()))
 step, count = int(sys.argv[1]), 0
@@ -38,17 +38,24 @@ def after_statement():
     if count == step:
         os.kill(os.getpid(), signal.SIGKILL)
 _snapshot_sql._after_statement = after_statement
-snapshot.save_pristine(server, pool_size=1)
+CALL
 """
 
 
-def _save_killed_after(server: ServerInfo, step: int) -> bool:
-    """True when save_pristine finished before its ``step``-th statement; False when it was killed."""
+def _killed_after(server: ServerInfo, step: int, call: str) -> bool:
+    """True when ``call`` finished before its ``step``-th statement; False when it was killed."""
     done = subprocess.run(
-        [sys.executable, "-c", _KILLER, str(step)], input=json.dumps(asdict(server)), text=True, timeout=120
+        [sys.executable, "-c", _KILLER.replace("CALL", call), str(step)],
+        input=json.dumps(asdict(server)),
+        text=True,
+        timeout=120,
     )
     assert done.returncode in (0, -signal.SIGKILL), done
     return done.returncode == 0
+
+
+def _save_killed_after(server: ServerInfo, step: int) -> bool:
+    return _killed_after(server, step, "snapshot.save_pristine(server, pool_size=1)")
 
 
 def _state(dsn: str) -> tuple[int, list[Segment]]:
@@ -140,3 +147,33 @@ def test_reset_refuses_when_the_ledger_moved_past_the_snapshot(loaded: ServerInf
     save_pristine(loaded, pool_size=1)
     assert is_current(loaded)
     assert _state(loaded.dsn()) == before
+
+
+def test_kill_9_during_a_resize_leaves_the_old_or_the_new_mark_and_a_pool_that_heals(
+    loaded: ServerInfo,
+) -> None:
+    save_pristine(loaded, pool_size=2)
+    kills = 0
+    for step in range(1, 20):
+        finished = _killed_after(loaded, step, "pool.resize_pool(server, 0)")
+        kills += not finished
+        status = pool_status(loaded)
+        assert status.pristine, f"step {step}: no valid mark"
+        assert status.target in (2, 0), f"step {step}"
+        assert len(status.ready) <= 2
+        # Whichever mark it left, a reset restores the data, and the refill brings the pool to what it says.
+        expected = _state(loaded.dsn())
+        with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+            conn.execute("TRUNCATE ohlcv_daily")
+        assert restore_pristine(loaded, refill=False).method == ("pool" if status.ready else "template")
+        assert _state(loaded.dsn()) == expected
+        refill_pool(loaded)
+        db, slots = loaded.dbname, range(status.target)
+        assert _databases(loaded) == {db, pristine_name(db), *map(lambda n: pool_name(db, n), slots)}, step
+        if status.target == 0:
+            assert resize_pool(loaded, 2)  # back to the start for the next step
+            refill_pool(loaded)
+        assert len(pool_status(loaded).ready) == 2
+        if finished:
+            break
+    assert finished and kills > 3  # the kill really landed between the steps of a resize
