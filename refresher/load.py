@@ -12,9 +12,10 @@ new table's first ``rows`` rows the way the store hashed the old content, in the
 ledger row and writes the new one, so an append is exactly a full reload or is not done.
 
 Binary COPY through pgpq beats CSV COPY (numbers in bench/bench_load.py). There is no "drop the primary key,
-load, re-add it" fast path for cold loads: measured on 2 M minute bars (50 segments) it was slower (0.39 M rows/s
-vs 0.55 M rows/s), because rows arrive in key order and the B-tree grows at its right edge, while the rebuild
-sorts everything again.
+load, re-add it" fast path for a table that already holds rows: measured on 2 M minute bars (50 segments) it was
+slower (0.39 M rows/s vs 0.55 M rows/s), because rows arrive in key order and the B-tree grows at its right edge,
+while the rebuild sorts everything again. A new month partition does get its key after its rows
+(``refresher.partitions``): there the build covers only the rows just copied, in the same unlogged transaction.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ Layout: ``ohlcv_1min`` is ``PARTITION BY RANGE (ts)``, one partition per UTC cal
 Segments are exchange-local months (``refresher.database``), partitions UTC months: a segment's rows may fall
 in two partitions, which routing handles; the loader still deletes and copies by segment.
 
-A new partition is a plain table with the month's CHECK constraint and the primary key, filled with COPY
-FREEZE, then attached. ``ATTACH PARTITION`` takes SHARE UPDATE EXCLUSIVE on the parent (readers and writers of
-other months go on) and, thanks to the CHECK constraint, scans nothing but the default partition, which holds
+A new partition is a plain table with the month's CHECK constraint, filled with COPY FREEZE, given its
+primary key (one sorted build), then attached. ``ATTACH PARTITION`` takes SHARE UPDATE EXCLUSIVE on the parent
+(readers and writers of other months go on) and, thanks to the CHECK constraint, scans nothing but the default partition, which holds
 no rows of that month (else the month's rows are routed into it as before). Creators take one transaction-scoped
 advisory lock before their batch's DELETE: two creators then take turns instead of deadlocking on the default
 partition (each deleting from it, then each wanting it exclusively to attach).
@@ -67,9 +67,7 @@ def is_partitioned(conn: psycopg.Connection[Any], table: str) -> bool:
 
 def months_of(data: pa.Table, column: str) -> list[dt.date]:
     """The UTC months the rows of ``data`` fall in, ascending."""
-    if data.num_rows == 0:
-        return []
-    return [_month(int(code)) for code in np.unique(_month_codes(data.column(column)))]
+    return [_month(code) for code in _by_month(data.column(column))]
 
 
 def existing_months(conn: psycopg.Connection[Any], table: str) -> set[dt.date]:
@@ -120,17 +118,19 @@ def copy_by_month(
         copy(conn, table, columns, data)
         return []
     column = PARTITIONED[table]
-    codes = _month_codes(data.column(column))
     have = existing_months(conn, table)
     created: list[dt.date] = []
-    routed = np.ones(len(codes), dtype=bool)
-    for code in np.unique(codes):
-        month = _month(int(code))
+    routed = np.ones(data.num_rows, dtype=bool)
+    for code, picked in _by_month(data.column(column)).items():
+        month = _month(code)
         if month in have or _default_holds(conn, table, column, month):
             continue
-        picked = codes == code
-        _create_filled(conn, table, column, columns, month, data.filter(pa.array(picked)), copy)
-        routed &= ~picked
+        if picked is None:
+            _create_filled(conn, table, column, columns, month, data, copy)
+            routed[:] = False
+        else:
+            _create_filled(conn, table, column, columns, month, data.filter(pa.array(picked)), copy)
+            routed &= ~picked
         created.append(month)
     if routed.any():
         copy(conn, table, columns, data if routed.all() else data.filter(pa.array(routed)))
@@ -152,18 +152,25 @@ def _create_filled(
     conn.execute(
         sql.SQL(
             "CREATE TABLE {leaf} (LIKE {parent} INCLUDING DEFAULTS, CONSTRAINT {check} CHECK ({col} >= {lo} "
-            "AND {col} < {hi}), CONSTRAINT {pkey} PRIMARY KEY (symbol, {col}))"
+            "AND {col} < {hi}))"
         ).format(
             leaf=ident,
             parent=sql.Identifier(table),
             check=sql.Identifier(f"{name}_month"),
-            pkey=sql.Identifier(f"{name}_pkey"),
             col=col,
             lo=sql.Literal(lo),
             hi=sql.Literal(hi),
         )
     )
     copy(conn, name, columns, rows, freeze=True)
+    # The key after the rows: one sorted build (the rows come in key order, so the sort is a pass) instead of
+    # a B-tree insert per row, and like the rows it writes no WAL in the table's own transaction. Measured on
+    # a month of backtesting bars (741,000 rows): 0.64-0.67 s vs 0.82-0.90 s with the key made first.
+    conn.execute(
+        sql.SQL("ALTER TABLE {leaf} ADD CONSTRAINT {pkey} PRIMARY KEY (symbol, {col})").format(
+            leaf=ident, pkey=sql.Identifier(f"{name}_pkey"), col=col
+        )
+    )
     conn.execute(
         sql.SQL("ALTER TABLE {parent} ATTACH PARTITION {leaf} FOR VALUES FROM ({lo}) TO ({hi})").format(
             parent=sql.Identifier(table), leaf=ident, lo=sql.Literal(lo), hi=sql.Literal(hi)
@@ -184,11 +191,24 @@ def _default_holds(conn: psycopg.Connection[Any], table: str, column: str, month
     return bool(row and row[0])
 
 
-def _month_codes(values: pa.ChunkedArray | pa.Array) -> np.ndarray[Any, np.dtype[np.int64]]:
-    """Each timestamp's UTC month as ``year * 12 + month - 1``."""
-    micros = values.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+def _by_month(values: pa.ChunkedArray | pa.Array) -> dict[int, np.ndarray[Any, np.dtype[np.bool_]] | None]:
+    """Each UTC month the timestamps fall in, ascending, as ``year * 12 + month - 1``, with the mask of its
+    rows (None: every row). The first and last instant decide first: a load batch is nearly always one month,
+    and the month of every row costs more (about 0.5 s of a cold backtesting load)."""
+    if len(values) == 0:
+        return {}
+    micros = np.asarray(values.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(), dtype=np.int64)
+    first, last = _month_codes(np.array([micros.min(), micros.max()]))
+    if first == last:
+        return {int(first): None}
+    codes = _month_codes(micros)
+    return {int(code): codes == code for code in np.unique(codes)}
+
+
+def _month_codes(micros: np.ndarray[Any, np.dtype[np.int64]]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Each UTC instant's (microseconds since the epoch) month as ``year * 12 + month - 1``."""
     # numpy's month arithmetic on the UTC instants; pyarrow's pc.month converts each value through the zone
-    months = np.asarray(micros.to_numpy(), dtype=np.int64).astype("datetime64[us]").astype("datetime64[M]")
+    months = micros.astype("datetime64[us]").astype("datetime64[M]")
     return months.astype(np.int64) + 1970 * 12
 
 

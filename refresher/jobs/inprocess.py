@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -113,22 +113,36 @@ def store_batches(jobs: Sequence[SegmentJob]) -> Iterator[Sequence[SegmentJob]]:
         yield jobs[start:]
 
 
-def _load_batches(produced: Sequence[Produced]) -> Iterator[Sequence[Produced]]:
-    """``produced`` cut into load transactions (one segment at least): minute segments of one month up to
-    ``MONTH_ROWS`` rows, other runs of segments up to ``LOAD_ROWS``."""
-    start = rows = 0
+def _load_batches(chunks: Iterable[Sequence[Produced]]) -> Iterator[list[Produced]]:
+    """The fetcher's chunks re-cut into load transactions (one segment at least): minute segments of one month
+    up to ``MONTH_ROWS`` rows, other runs of segments up to ``LOAD_ROWS``.
+
+    A transaction may span chunks: store batches do not fall on month boundaries (the daily segments come
+    first), and a month cut in two would load its second part through the parent, a B-tree insert per row,
+    instead of into the partition its first part creates (``refresher.partitions``). So the last group of a
+    chunk waits for the next chunk, or for the end; or for a failed fetch, which still gets what came before it
+    loaded before it is raised (as when every chunk was loaded on its own)."""
+    pending: list[Produced] = []
+    rows = 0
     group: tuple[str, dt.date | None] | None = None
-    for end, (job, table, _hash) in enumerate(produced):
-        segment = job.segment
-        this = (segment.timeframe, segment.month if segment.timeframe == "1m" else None)
-        limit = MONTH_ROWS if this[1] is not None else LOAD_ROWS
-        if rows and (this != group or rows + table.num_rows > limit):
-            yield produced[start:end]
-            start, rows = end, 0
-        group = this
-        rows += table.num_rows
-    if start < len(produced):
-        yield produced[start:]
+    try:
+        for chunk in chunks:
+            for item in chunk:
+                segment = item[0].segment
+                this = (segment.timeframe, segment.month if segment.timeframe == "1m" else None)
+                limit = MONTH_ROWS if this[1] is not None else LOAD_ROWS
+                if pending and (this != group or rows + item[1].num_rows > limit):
+                    yield pending
+                    pending, rows = [], 0
+                group = this
+                rows += item[1].num_rows
+                pending.append(item)
+    except Exception:
+        if pending:
+            yield pending
+        raise
+    if pending:
+        yield pending
 
 
 def _allow_shrink(batch: Sequence[Produced]) -> bool:
@@ -163,20 +177,17 @@ class InProcessExecutor:
         fetcher.start()
         finished = False
         try:
-            for produced in fetcher.results():
-                for batch in _load_batches(produced):
-                    # the rows quarantined when the table was produced (by this run or the one that stored it)
-                    loads = [
-                        (job, table, content_hash, self._rejects(job)) for job, table, content_hash in batch
-                    ]
-                    outcomes, refused = load_tables(
-                        self.conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self.on_loaded
-                    )
-                    emptied.extend(refused)  # load the rest; one error naming all of them at the end
-                    for outcome, (_job, table, _hash) in zip(outcomes, batch, strict=True):
-                        totals.add(outcome, table)
-                    if progress:
-                        progress("load", totals.done, len(jobs), totals.rows_loaded)
+            for batch in _load_batches(fetcher.results()):
+                # the rows quarantined when the table was produced (by this run or the one that stored it)
+                loads = [(job, table, content_hash, self._rejects(job)) for job, table, content_hash in batch]
+                outcomes, refused = load_tables(
+                    self.conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self.on_loaded
+                )
+                emptied.extend(refused)  # load the rest; one error naming all of them at the end
+                for outcome, (_job, table, _hash) in zip(outcomes, batch, strict=True):
+                    totals.add(outcome, table)
+                if progress:
+                    progress("load", totals.done, len(jobs), totals.rows_loaded)
             finished = True
         finally:
             fetcher.cancelled.set()

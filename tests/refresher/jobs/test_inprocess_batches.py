@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 
 import pyarrow as pa
+import pytest
 
 from refresher.jobs.inprocess import LOAD_ROWS, MONTH_ROWS, _load_batches
 from refresher.jobs.segment import SegmentJob, _month_major
@@ -30,7 +32,7 @@ def test_minute_jobs_come_month_by_month_after_the_daily_ones() -> None:
 def test_a_months_minute_segments_share_one_transaction_and_months_do_not() -> None:
     symbols = [f"S{k:02d}" for k in range(30)]
     minutes = [Segment(sym, "1m", m) for m in MONTHS for sym in symbols]
-    batches = list(_load_batches(_produced(minutes, 20_000)))  # 600,000 rows a month: above LOAD_ROWS
+    batches = list(_load_batches([_produced(minutes, 20_000)]))  # 600,000 rows a month: above LOAD_ROWS
     assert LOAD_ROWS < 30 * 20_000
     assert [{job.segment.month for job, _, _ in batch} for batch in batches] == [{m} for m in MONTHS]
     assert all(len(batch) == 30 for batch in batches)
@@ -38,11 +40,35 @@ def test_a_months_minute_segments_share_one_transaction_and_months_do_not() -> N
 
 def test_a_month_larger_than_month_rows_is_cut() -> None:
     minutes = [Segment(f"S{k:03d}", "1m", MONTHS[0]) for k in range(300)]
-    batches = list(_load_batches(_produced(minutes, 10_000)))
+    batches = list(_load_batches([_produced(minutes, 10_000)]))
     assert len(batches) > 1 and all(sum(t.num_rows for _, t, _ in b) <= MONTH_ROWS for b in batches)
 
 
 def test_daily_segments_still_batch_by_rows_across_months() -> None:
     daily = [Segment(f"S{k:03d}", "1d", m) for k in range(100) for m in MONTHS]
-    batches = list(_load_batches(_produced(daily, 21)))
+    batches = list(_load_batches([_produced(daily, 21)]))
     assert len(batches) == 1
+
+
+def test_a_month_cut_by_the_fetchers_batches_is_still_one_transaction() -> None:
+    symbols = [f"S{k:02d}" for k in range(30)]
+    daily = _produced([Segment(sym, "1d", MONTHS[0]) for sym in symbols], 21)
+    minutes = _produced([Segment(sym, "1m", m) for m in MONTHS for sym in symbols], 20_000)
+    # store batches as the fetcher yields them: the daily segments, then a month and a half, then the rest
+    chunks = [daily + minutes[:10], minutes[10:45], minutes[45:]]
+    batches = list(_load_batches(chunks))
+    assert [len(b) for b in batches] == [30, 30, 30, 30]
+    assert [{job.segment.month for job, _, _ in b} for b in batches[1:]] == [{m} for m in MONTHS]
+
+
+def test_what_came_before_a_failed_fetch_is_still_handed_to_the_loader() -> None:
+    held = _produced([Segment(f"S{k:02d}", "1m", MONTHS[0]) for k in range(3)], 10)
+
+    def chunks() -> Iterator[list[tuple[SegmentJob, pa.Table, str]]]:
+        yield held
+        raise RuntimeError("the source failed")
+
+    batches = _load_batches(chunks())
+    assert next(batches) == held  # the month is not complete, but nothing more will come
+    with pytest.raises(RuntimeError, match="the source failed"):
+        next(batches)
