@@ -187,6 +187,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     }
                 )
         rows.append(_disk_row(state))
+        rows += _pool_size_trade_off(work, resets=5 if quick else 15)
         rows.append(_latency_after_refresh(work))
         rows.append(_disk_on_reflink(work))
     finally:
@@ -215,13 +216,84 @@ def _disk_row(state: Path) -> dict[str, Any]:
     }
 
 
+def _pool_size_trade_off(work: Path, *, resets: int) -> list[dict[str, Any]]:
+    """What $REFRESHER_POOL_SIZE=0 trades: the disk of a loaded profile against its reset time, both against the
+    default pool of 2 on the same server in the same run (refreshed with 0, then resized to 2 as a refresh with
+    the other size does). The disk is the state dir's, after the refill and a checkpoint; a reset's time is
+    ``restore_pristine``'s own (the median of ``resets``; the pool refilled untimed between two)."""
+    import statistics
+
+    from refresher.pool import refill_pool, resize_pool
+    from refresher.snapshot import restore_pristine
+
+    state = work / "pool-size-state"
+
+    def settled_disk(info: ServerInfo) -> tuple[int, int, int]:
+        """(state dir, the profile's databases: itself, its pristine copy and clones, the database alone)"""
+        import psycopg
+
+        refill_pool(info)  # in this process: the trash dropped and the pool full before measuring
+        with psycopg.connect(info.dsn(), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")  # the WAL of the copies removed, as after any snapshot
+            row = conn.execute(
+                "SELECT sum(pg_database_size(oid)) FILTER (WHERE starts_with(datname, current_database())),"
+                " pg_database_size(current_database()) FROM pg_database"
+            ).fetchone()
+        assert row is not None
+        return _used_bytes(state), int(row[0]), int(row[1])
+
+    def reset_ms(info: ServerInfo) -> tuple[float, str]:
+        times, methods = [], set()
+        for _ in range(resets):
+            report = restore_pristine(info, refill=False)
+            times.append(report.seconds * 1000)
+            methods.add(report.method)
+            refill_pool(info)
+        return statistics.median(times), "/".join(sorted(methods))
+
+    with _refreshed(state, work / "store", pool_size=0) as (info, _returned):
+        reflink = _can_reflink(state)
+        zero_disk, copies, database = settled_disk(info)
+        zero_reset, zero_method = reset_ms(info)
+        resize_pool(info, 2)
+        two_disk, _, _ = settled_disk(info)
+        two_reset, two_method = reset_ms(info)
+    per_gb = zero_reset / 1000 / (database / 1e9)
+    where = "reflink here: copies share extents" if reflink else "ext4 here: full copies"
+    return [
+        {
+            "benchmark": f"disk per loaded {PROFILE}, REFRESHER_POOL_SIZE=0 (ext4, no reflink)",
+            "ours": zero_disk / database,
+            "baseline": two_disk / database,
+            "unit": "x",
+            "ratio": two_disk / zero_disk,
+            "note": f"state dir / database: {zero_disk / 1e6:.0f} MB for a {database / 1e6:.0f} MB database, "
+            f"of which the database and its pristine copy {copies / database:.2f}x and the cluster's own "
+            f"{(zero_disk - copies) / 1e6:.0f} MB (system databases, WAL: the same for any size); goal <= 2.5x; "
+            f"baseline: the default pool of 2 on the same server ({two_disk / 1e6:.0f} MB); {where}",
+        },
+        {
+            "benchmark": f"reset {PROFILE}, REFRESHER_POOL_SIZE=0 vs 2 (median of {resets})",
+            "ours": zero_reset,
+            "baseline": two_reset,
+            "unit": "ms",
+            "ratio": two_reset / zero_reset,
+            "note": f"the price of the row above: a reset copies the pristine database ({zero_method}, "
+            f"{per_gb:.1f} s per GB) instead of renaming a warm clone ({two_method})",
+        },
+    ]
+
+
 LATENCY_QUERY = "SELECT symbol, avg(close), max(high) FROM ohlcv_1min WHERE symbol = %s GROUP BY symbol"
 
 
 @contextlib.contextmanager
-def _refreshed(state_dir: Path, store_root: Path) -> Iterator[tuple[ServerInfo, float]]:
-    """``PROFILE`` refreshed with the local engine in ``state_dir``: its server and the monotonic time the
-    refresh returned at; the server is stopped (and its state removed) on the way out."""
+def _refreshed(
+    state_dir: Path, store_root: Path, *, pool_size: int = 2
+) -> Iterator[tuple[ServerInfo, float]]:
+    """``PROFILE`` refreshed with the local engine in ``state_dir`` (a pool of ``pool_size`` clones): its server
+    and the monotonic time the refresh returned at; the server is stopped (and its state removed) on the way
+    out."""
     import datetime as dt
 
     from featurestore import FeatureStore
@@ -234,7 +306,7 @@ def _refreshed(state_dir: Path, store_root: Path) -> Iterator[tuple[ServerInfo, 
     engine = make_engine("local", settings)
     profile = load_profile(PROFILE, settings.profiles_dirs, as_of=dt.date.fromisoformat(AS_OF))
     try:
-        refresh(profile, engine, FeatureStore(settings.store_root))
+        refresh(profile, engine, FeatureStore(settings.store_root), pool_size=pool_size)
         returned = time.monotonic()
         yield engine.start(profile.name), returned
     finally:
