@@ -18,6 +18,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +103,34 @@ def write_temp(
     *,
     compression_level: int,
     row_group_size: int | None = None,
+    footer_only: dict[str, str] | None = None,
+    use_dictionary: bool | list[str] = True,
 ) -> Path:
-    """Write ``table`` to a fsynced temporary beside ``final``; the caller publishes it with ``publish``."""
+    """Write ``table`` to a fsynced temporary beside ``final``; the caller publishes it with ``publish``.
+
+    ``meta`` goes into the table's Arrow schema metadata, ``footer_only`` into the Parquet footer's key-value
+    metadata alone (both prefixed ``featurestore.``). pyarrow writes the schema metadata into the footer twice:
+    as its own entries and again inside the base64 Arrow schema (``ARROW:schema``), so a large entry (a pack's
+    index) belongs in ``footer_only``; those entries are read from ``ParquetFile.metadata.metadata``, not from the
+    Arrow schema.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     schema_meta = dict(table.schema.metadata or {})
     schema_meta.update({(META_PREFIX + k).encode(): v.encode() for k, v in meta.items()})
+    stored = table.replace_schema_metadata(schema_meta)
     try:
         with open(temp, "wb") as handle:
-            pq.write_table(
-                table.replace_schema_metadata(schema_meta),
+            with pq.ParquetWriter(
                 handle,
+                stored.schema,
                 compression="zstd",
                 compression_level=compression_level,
-                row_group_size=row_group_size,
-            )
+                use_dictionary=use_dictionary,
+            ) as writer:
+                writer.write_table(stored, row_group_size=row_group_size)
+                if footer_only:
+                    writer.add_key_value_metadata({META_PREFIX + k: v for k, v in footer_only.items()})
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
@@ -150,7 +164,7 @@ def read_verified(path: Path) -> Stored:
             table = pq.ParquetFile(pa.BufferReader(data)).read()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CorruptFile(path, f"unreadable: {exc}", status.st_ino) from None
-    meta = own_meta(table.schema)
+    meta = own_meta(table.schema.metadata)
     expected = meta.get("content_hash")
     method: HashMethod = "footer" if meta.get("hash_method") == "footer" else "xxh3"
     if expected is None:
@@ -167,11 +181,12 @@ def read_footer_meta(path: Path) -> tuple[dict[str, str], int]:
         metadata = pq.read_metadata(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorruptFile(path, f"unreadable footer: {exc}", None) from None
-    return own_meta(metadata.schema.to_arrow_schema()), metadata.num_rows
+    return own_meta(metadata.metadata), metadata.num_rows
 
 
-def own_meta(schema: pa.Schema) -> dict[str, str]:
-    raw = schema.metadata or {}
+def own_meta(raw: Mapping[bytes, bytes] | None) -> dict[str, str]:
+    """The store's own entries (prefix removed) of Arrow schema or Parquet footer key-value metadata."""
+    raw = raw or {}
     prefix = META_PREFIX.encode()
     return {k[len(prefix) :].decode(): v.decode() for k, v in raw.items() if k.startswith(prefix)}
 
@@ -209,6 +224,7 @@ __all__ = [
     "data_path",
     "dump_meta",
     "key_of",
+    "own_meta",
     "publish",
     "read_footer_meta",
     "read_verified",

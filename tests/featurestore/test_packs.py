@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -11,10 +13,12 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from featurestore import FeatureStore, collect_garbage
+from featurestore import FeatureStore, _files, _writes, collect_garbage
 from featurestore._packs import PACK_MAX_ROWS
+from featurestore.fingerprint import fingerprint_table
 from featurestore.manifest import STORE_FORMAT
 from tests.featurestore._workers import daily
 
@@ -62,7 +66,8 @@ def test_a_damaged_pack_costs_only_its_own_keys(store: FeatureStore) -> None:
     store.put_many(batch("bad"))
     bad_pack = store.lookup(["bad-00"])["bad-00"].path
     data = bytearray(bad_pack.read_bytes())
-    data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)  # zeroes in the data pages, footer intact
+    footer = int.from_bytes(data[-8:-4], "little") + 8  # the Parquet footer, its length and the magic
+    data[4 : len(data) - footer] = bytes(len(data) - footer - 4)  # every data page zeroed, footer intact
     bad_pack.write_bytes(bytes(data))
     report = store.validate_cache_integrity()
     assert report.missing == () and set(report.corrupt) == {f"bad-{i:02d}" for i in range(12)}
@@ -212,3 +217,62 @@ def test_a_truncated_pack_reports_its_keys(store: FeatureStore, deep: bool) -> N
     pack.write_bytes(pack.read_bytes()[:100])
     report = store.validate_cache_integrity(deep=deep)
     assert sorted(report.corrupt) == [f"t-{i:02d}" for i in range(5)] and report.orphans == ()
+
+
+def write_pack_1(root: Path, items: list[tuple[str, pa.Table, str]]) -> Path:
+    """A pack as layout ``pack-1`` wrote it (stores on users' disks): the index, offsets included, in the Arrow
+    schema metadata (so also inside ``ARROW:schema``), every column dictionary-encoded."""
+    created = dt.datetime.now(dt.UTC)
+    index: dict[str, list[object] | str] = {"format": "pack-1", "created_ts": created.isoformat()}
+    fields = ("content_hash", "hash_method", "symbol", "start_ns", "end_ns", "kind", "entry_kind", "meta")
+    columns: dict[str, list[object]] = {name: [] for name in ("key", "offset", "rows", *fields)}
+    offset = 0
+    for key, table, symbol in items:
+        meta = _writes.describe(
+            root, key, table, symbol, {}, fingerprint_table(table, "xxh3"),
+            hash_method="xxh3", kind="arrow", entry_kind="segment", now=created,
+        ).meta  # fmt: skip
+        for name, value in (("key", key), ("offset", offset), ("rows", table.num_rows)):
+            columns[name].append(value)
+        for name in fields:
+            columns[name].append(meta[name])
+        offset += table.num_rows
+    raw = json.dumps({**index, **columns}, separators=(",", ":")).encode()
+    schema_meta = {
+        "featurestore.pack": base64.b64encode(pa.compress(raw, codec="zstd", asbytes=True)).decode(),
+        "featurestore.pack_index_bytes": str(len(raw)),
+        "featurestore.format": "pack-1",
+    }
+    path = root / "data" / "packs" / "0123456789abcdef0123456789abcdef.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    whole = pa.concat_tables([t for _k, t, _s in items]).replace_schema_metadata(schema_meta)
+    pq.write_table(whole, path, compression="zstd", compression_level=3, row_group_size=64 * 1024)
+    return path
+
+
+def test_a_pack_in_layout_pack_1_is_read_checked_rebuilt_and_collected(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    items = batch("v1", 5)
+    pack = write_pack_1(root, items)
+    assert b"featurestore.pack" in (pq.ParquetFile(pack).schema_arrow.metadata or {})  # really the old layout
+    store = FeatureStore(root)
+    assert store.rebuild_manifest() == 5
+    entries = store.lookup([k for k, _t, _s in items])
+    assert [entries[k].pack_offset for k, _t, _s in items] == [21 * i for i in range(5)]
+    assert {e.path for e in entries.values()} == {pack} and entries["v1-03"].symbol == "S0"
+    assert store.get_many(list(entries)) == {k: t for k, t, _s in items}
+    assert store.validate_cache_integrity().ok and store.validate_cache_integrity(deep=False).ok
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
+    assert (report.expired, report.orphans, report.entries_after) == (0, 0, 5) and pack.exists()
+    store.put_many([(k, t.slice(0, 7), s) for k, t, s in items])  # moved to a new pack, in the new layout
+    assert not pack.exists() and all(store.get(k) == t.slice(0, 7) for k, t, _s in items)
+
+
+def test_a_pack_carries_its_index_once_in_the_footer_not_in_the_arrow_schema(store: FeatureStore) -> None:
+    store.put_many(batch("once", 40))
+    [pack] = packs(store)
+    footer = pq.read_metadata(pack).metadata
+    assert _files.own_meta(footer)["format"] == "pack-2"
+    index = footer[b"featurestore.pack"]
+    assert all(b"featurestore" not in key for key in pq.ParquetFile(pack).schema_arrow.metadata or {})
+    assert pack.read_bytes().count(index) == 1 and len(footer[b"ARROW:schema"]) < len(index)
