@@ -18,7 +18,8 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from featurestore.errors import bad_value
 from featurestore.fingerprint import HashMethod, fingerprint_table
 
 DATA_DIR = "data"
+# Threads of ``fsync_paths``: enough to put a batch's fsyncs into a few journal commits.
+FSYNC_THREADS = 16
 TEMP_SUFFIX = ".tmp"
 META_PREFIX = "featurestore."
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
@@ -105,6 +108,7 @@ def write_temp(
     row_group_size: int | None = None,
     footer_only: dict[str, str] | None = None,
     use_dictionary: bool | list[str] = True,
+    sync: bool = True,
 ) -> Path:
     """Write ``table`` to a fsynced temporary beside ``final``; the caller publishes it with ``publish``.
 
@@ -112,7 +116,8 @@ def write_temp(
     metadata alone (both prefixed ``featurestore.``). pyarrow writes the schema metadata into the footer twice:
     as its own entries and again inside the base64 Arrow schema (``ARROW:schema``), so a large entry (a pack's
     index) belongs in ``footer_only``; those entries are read from ``ParquetFile.metadata.metadata``, not from the
-    Arrow schema.
+    Arrow schema. ``sync=False`` leaves the fsync to the caller, who must ``fsync_paths`` the temporary before
+    publishing it (a batch's files then share journal commits).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
@@ -132,7 +137,8 @@ def write_temp(
                 if footer_only:
                     writer.add_key_value_metadata({META_PREFIX + k: v for k, v in footer_only.items()})
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -146,7 +152,31 @@ def publish(temp: Path, final: Path) -> int:
     return final.stat().st_size
 
 
+def publish_many(moves: Sequence[tuple[Path, Path]]) -> list[int]:
+    """``publish`` of many (temporary, final) pairs: every rename, then each directory's fsync once."""
+    for temp, final in moves:
+        os.replace(temp, final)
+    fsync_paths([final.parent for _temp, final in moves])
+    return [final.stat().st_size for _temp, final in moves]
+
+
+def fsync_paths(paths: Iterable[Path]) -> None:
+    """fsync each file or directory of ``paths`` once, many at a time.
+
+    Why threads: fsyncs issued one by one each wait for a journal commit of their own, while concurrent ones
+    share commits. 200 segment files and their directories on this machine's ext4: 0.80 s one by one, 0.05 s
+    on 16 threads; a cold backtesting run writes 2,400 such files."""
+    unique = list(dict.fromkeys(paths))
+    if len(unique) < 2:
+        for path in unique:
+            fsync_dir(path)
+        return
+    with ThreadPoolExecutor(max_workers=min(FSYNC_THREADS, len(unique))) as pool:
+        list(pool.map(fsync_dir, unique))
+
+
 def fsync_dir(directory: Path) -> None:
+    """fsync a directory (or a file: the same call)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -54,8 +54,8 @@ class Written:
         so that no deleter can run between a file appearing and its row being recorded (a crash before COMMIT
         leaves only an orphan file)."""
         rows: list[Row] = []
-        for temp, row in self.singles:
-            size = _files.publish(temp, row.entry.path)
+        sizes = _files.publish_many([(temp, row.entry.path) for temp, row in self.singles])
+        for (_temp, row), size in zip(self.singles, sizes, strict=True):
             rows.append(dataclasses.replace(row, entry=dataclasses.replace(row.entry, file_size_bytes=size)))
         for pack in self.packs:
             rows.extend(_publish_pack(root, pack))
@@ -124,8 +124,12 @@ def write(
     for item in incoming:
         if item.key not in packed:
             path = item.row.entry.path
-            temp = _files.write_temp(path, item.table, item.meta, compression_level=compression_level)
+            temp = _files.write_temp(
+                path, item.table, item.meta, compression_level=compression_level, sync=False
+            )
             written.singles.append((temp, item.row))
+    # All at once, before anything is published (``_files.fsync_paths``).
+    _files.fsync_paths([temp for temp, _row in written.singles])
 
 
 def _pack_groups(root: Path, incoming: list[Incoming], pack_max_rows: int) -> list[list[Incoming]]:

@@ -307,3 +307,36 @@ def test_get_or_compute_many_caches_nothing_when_a_computation_fails(store: Feat
     with pytest.raises(ValueError, match="boom"):
         store.get_or_compute_many(jobs, failing_on_s2)
     assert store.get_cache_stats().entries == 0 and data_files(store) == []
+
+
+def test_put_many_fsyncs_every_file_before_any_is_published_and_every_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsyncs of a batch run together (``_files.fsync_paths``), but in the order a crash needs: each file's
+    data before any rename makes a file visible, each directory after its renames, all before the manifest row."""
+    store = FeatureStore(tmp_path / "cache", pack_max_rows=0)  # every table in a file of its own
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: Any, dst: Any) -> None:
+        events.append(("rename", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    keys = [f"seg-{symbol}" for symbol in ("AAPL", "KO", "MSFT", "NVDA")]
+    store.put_many([(key, segment([1.0, 2.0, float(k)]), None) for k, key in enumerate(keys)])
+    monkeypatch.undo()
+
+    files = [entry.path for entry in store.lookup(keys).values()]
+    renamed = [i for i, (kind, path) in enumerate(events) if kind == "rename" and Path(path) in files]
+    assert len(renamed) == len(files)
+    synced_temps = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and path.endswith(".tmp")]
+    assert len(synced_temps) == len(files) and max(synced_temps) < min(renamed)
+    for directory in {path.parent for path in files}:
+        synced = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and Path(path) == directory]
+        assert synced and max(synced) > max(renamed)
