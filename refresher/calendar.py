@@ -76,6 +76,14 @@ class ExchangeCalendar:
         hi = int(np.searchsorted(self.sessions, _days(end), side="right"))
         return slice(lo, max(lo, hi))
 
+    def session_bounds(self, starts: Sequence[dt.date], ends: Sequence[dt.date]) -> tuple[I64, I64]:
+        """``session_slice`` of many ranges at once: each range's first session index and the one past its last."""
+        for start, end in zip(starts, ends, strict=True):
+            self._check_range(start, end)
+        lo = np.searchsorted(self.sessions, [_days(d) for d in starts], side="left")
+        hi = np.searchsorted(self.sessions, [_days(d) for d in ends], side="right")
+        return lo.astype(np.int64), np.maximum(lo, hi).astype(np.int64)
+
     def _check_range(self, start: dt.date, end: dt.date) -> None:
         if start < self.first or end > self.last:
             raise CalendarError(

@@ -1,4 +1,4 @@
-"""The synthetic source: deterministic, well-formed, calendar-true bars; daily == aggregate(minute)."""
+"""The synthetic source: deterministic, well-formed, calendar-true bars; daily == aggregate(minute), exactly."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import datetime as dt
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from refresher.calendar import get_calendar
+from refresher.calendar import EXCHANGES, get_calendar
 from refresher.profile import Listing
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
 from refresher.segments import Segment, desired_segments
-from refresher.sources import make_source
-from refresher.sources.synthetic import SyntheticSource, generate_minutes
+from refresher.sources import make_source, synthetic
+from refresher.sources.synthetic import (
+    Request,
+    SyntheticSource,
+    generate_daily,
+    generate_many,
+    generate_minutes,
+)
 
 from .conftest import MakeProfile
 
@@ -59,21 +64,67 @@ def test_ohlc_invariants(make_profile: MakeProfile) -> None:
             assert when.is_monotonic_increasing and when.is_unique
 
 
-def test_daily_is_the_aggregate_of_minutes(make_profile: MakeProfile) -> None:
-    src = make_source(make_profile(BODY))
-    for sym in ("AAPL", "7203", "SAP"):
-        cal = get_calendar(src.profile.listing(sym).exchange)  # type: ignore[attr-defined]
-        minutes = src.fetch(Segment(sym, "1m", NOV)).to_pandas()
-        minutes["date"] = minutes["ts"].dt.tz_convert(cal.tz).dt.date
-        agg = minutes.groupby("date").agg(
-            open=("open", "first"),
-            high=("high", "max"),
-            low=("low", "min"),
-            close=("close", "last"),
-            volume=("volume", "sum"),
+def test_daily_is_exactly_the_aggregate_of_minutes() -> None:
+    """Over 40 symbols on every exchange, two year ends with their half days and Tokyo's lunch breaks: first
+    open, highest high, lowest low, last close and summed volume of each session's minutes are its daily bar,
+    to the bit."""
+    requests = [
+        Request(Listing(f"S{i:02d}", exchange, "equity", i % 3), get_calendar(exchange), start, end)
+        for i, exchange in enumerate(EXCHANGES * 8)
+        for start, end in (
+            (dt.date(2023, 11, 20), dt.date(2024, 1, 5)),
+            (dt.date(2024, 11, 25), dt.date(2024, 12, 31)),
         )
-        daily = src.fetch(Segment(sym, "1d", NOV)).to_pandas().set_index("date")
-        pd.testing.assert_frame_equal(daily.drop(columns="symbol"), agg, check_names=False)
+    ]
+    half_days = 0
+    for request, minutes, daily in zip(
+        requests, generate_many(requests, "1m"), generate_many(requests, "1d"), strict=True
+    ):
+        cal = request.cal
+        day = minutes.column("ts").to_pandas().dt.tz_convert(cal.tz).dt.date.to_numpy()
+        starts = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])
+        ends = np.r_[starts[1:], len(day)] - 1
+        col = {name: minutes.column(name).to_numpy() for name in ("open", "high", "low", "close", "volume")}
+        assert daily.column("date").to_pylist() == day[starts].tolist()
+        assert np.array_equal(daily.column("open").to_numpy(), col["open"][starts])
+        assert np.array_equal(daily.column("high").to_numpy(), np.maximum.reduceat(col["high"], starts))
+        assert np.array_equal(daily.column("low").to_numpy(), np.minimum.reduceat(col["low"], starts))
+        assert np.array_equal(daily.column("close").to_numpy(), col["close"][ends])
+        assert np.array_equal(daily.column("volume").to_numpy(), np.add.reduceat(col["volume"], starts))
+        half_days += int((np.diff(np.r_[starts, len(day)]) < np.diff(np.r_[starts, len(day)]).max()).sum())
+    assert half_days >= 8 * 6  # Black Friday, Christmas Eve, New Year's Eve... on several exchanges
+
+
+def test_each_session_is_the_same_generated_alone() -> None:
+    """A session's daily bar and minute bars do not depend on the range asked for: alone, or in a month."""
+    listing, cal = Listing("AAPL", "XNYS", "equity", 3), get_calendar("XNYS")
+    month_daily = generate_daily(listing, cal, dt.date(2024, 11, 1), dt.date(2024, 11, 30))
+    month_minutes = generate_minutes(listing, cal, dt.date(2024, 11, 1), dt.date(2024, 11, 30))
+    ny = month_minutes.column("ts").to_pandas().dt.tz_convert(cal.tz).dt.date.to_numpy()
+    for day in (dt.date(2024, 11, 1), dt.date(2024, 11, 14), dt.date(2024, 11, 29)):  # the 29th closes early
+        alone = generate_daily(listing, cal, day, day)
+        index = month_daily.column("date").to_pylist().index(day)
+        assert alone.equals(month_daily.slice(index, 1))
+        rows = np.flatnonzero(ny == day)
+        minutes = generate_minutes(listing, cal, day, day)
+        assert minutes.equals(month_minutes.slice(int(rows[0]), len(rows)))
+
+
+def test_daily_bars_never_compute_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_minutes(*args: object) -> None:
+        raise AssertionError("daily bars asked for minutes")
+
+    expected = generate_daily(
+        Listing("AAPL", "XNYS", "equity", 1), get_calendar("XNYS"), NOV, dt.date(2024, 11, 30)
+    )
+    monkeypatch.setattr(synthetic, "minute_bars", no_minutes)
+    monkeypatch.setattr(synthetic, "minutes_by_session", no_minutes)
+    got = generate_daily(
+        Listing("AAPL", "XNYS", "equity", 1), get_calendar("XNYS"), NOV, dt.date(2024, 11, 30)
+    )
+    assert got.equals(expected) and got.num_rows == 20
+    with pytest.raises(AssertionError, match="asked for minutes"):
+        generate_minutes(Listing("AAPL", "XNYS", "equity", 1), get_calendar("XNYS"), NOV, NOV)
 
 
 def test_volume_is_u_shaped(make_profile: MakeProfile) -> None:

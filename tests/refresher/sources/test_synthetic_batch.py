@@ -1,6 +1,6 @@
-"""A batch of synthetic segments is, segment for segment, exactly what the generator produced one call at a
-time before batching: pinned content hashes (the store's keys and every stored file depend on them), and a
-batch equal to its segments fetched alone, across exchanges, timeframes, partial months and empty ones."""
+"""A batch of synthetic segments is, segment for segment, exactly what the generator produces one call at a
+time: pinned content hashes (the store's keys and every stored file depend on them), and a batch equal to its
+segments fetched alone, across exchanges, timeframes, partial months and empty ones."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 from featurestore.fingerprint import fingerprint_table
 from refresher.segments import Segment, desired_segments
 from refresher.sources import make_source
-from refresher.sources.synthetic import BATCH_MINUTES
+from refresher.sources.synthetic import BATCH_MINUTES, GENERATOR_VERSION
 
 from .conftest import MakeProfile
 
@@ -36,11 +36,12 @@ as_of: 2025-03-12
 timeframes: [1d]
 seed: 5
 """
-# sha256 over the segments' fingerprints in desired order, computed with the one-segment-per-call generator
-# (GENERATOR_VERSION 1) before batching: a change here changes every stored synthetic segment.
+# sha256 over the segments' fingerprints in desired order, computed one segment per call (``fetch``) with
+# GENERATOR_VERSION 2 (daily bars drawn directly, minutes fitted to them): a change here changes every stored
+# synthetic segment, so it goes with a new GENERATOR_VERSION.
 PINNED = {
-    "varied": (36, "ef2f3a662279176e51d4dc30b3bbf09ee847041b2c7dc1f7a97ec4557d2603ba"),
-    "many": (420, "4ab4afc19b836302c0328e93c0b9a120493ba358dc4fc883eb02def859b7fd5f"),
+    "varied": (36, "553358cadbafd64537194c65cdf817a543df8f5cc6478ddceaae4056be760043"),
+    "many": (420, "5b2fc741fcd68e3c162aaa4f6cae550bf629f29e666759e7e6ed91d2feebafef"),
 }
 
 
@@ -55,6 +56,7 @@ def test_a_batch_holds_the_pinned_content_of_every_segment(make_profile: MakePro
         segments = desired_segments(profile)
         with make_source(profile) as source:
             assert (len(segments), _digest(source.fetch_many(segments))) == PINNED[name], name
+    assert GENERATOR_VERSION == "2"  # new pins go with a new version: stores must not mix the two
 
 
 def test_a_batch_equals_its_segments_fetched_alone_in_any_order(make_profile: MakeProfile) -> None:
