@@ -108,6 +108,7 @@ def write_temp(
     row_group_size: int | None = None,
     footer_only: dict[str, str] | None = None,
     use_dictionary: bool | list[str] = True,
+    column_encoding: dict[str, str] | None = None,
     sync: bool = True,
 ) -> Path:
     """Write ``table`` to a fsynced temporary beside ``final``; the caller publishes it with ``publish``.
@@ -132,6 +133,7 @@ def write_temp(
                 compression="zstd",
                 compression_level=compression_level,
                 use_dictionary=use_dictionary,
+                column_encoding=column_encoding,
             ) as writer:
                 writer.write_table(stored, row_group_size=row_group_size)
                 if footer_only:

@@ -19,6 +19,7 @@ so both are read the same way; ``pack-1`` also records each key's offset, which 
 (the keys' rows are contiguous, in index order). Only string-like columns are dictionary-encoded: prices and
 volumes are mostly distinct across a pack's symbols and months, and their dictionary cost more than it saved
 (2,000 daily segments: 811 kB of data pages with dictionaries, 643 kB without, and faster to write and read).
+Integer, date and timestamp columns are delta-encoded (volumes drift, dates step): 631 kB -> 614 kB, at no cost.
 """
 
 from __future__ import annotations
@@ -102,14 +103,22 @@ def write_temp(
         row_group_size=ROW_GROUP_ROWS,
         footer_only=_encode_index(parts, created),
         use_dictionary=_dictionary_columns(table.schema),
+        column_encoding=_delta_columns(table.schema),
     )
     return temp, final, parts
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns worth a Parquet dictionary: strings and binaries (a symbol per row), and Arrow dictionaries."""
+    """The columns worth a Parquet dictionary: strings and binaries (a symbol per row), and Arrow dictionaries; the
+    others are plain or delta-encoded (see the module docstring)."""
     kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
     return [f.name for f in schema if pa.types.is_dictionary(f.type) or any(k(f.type) for k in kinds)]
+
+
+def _delta_columns(schema: pa.Schema) -> dict[str, str]:
+    """Integers, dates and timestamps, delta-encoded: volumes drift, dates and times step."""
+    kinds = (pa.types.is_integer, pa.types.is_date, pa.types.is_timestamp)
+    return {f.name: "DELTA_BINARY_PACKED" for f in schema if any(k(f.type) for k in kinds)}
 
 
 def shares(size: int, rows: list[int]) -> list[int]:

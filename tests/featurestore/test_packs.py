@@ -276,3 +276,31 @@ def test_a_pack_carries_its_index_once_in_the_footer_not_in_the_arrow_schema(sto
     index = footer[b"featurestore.pack"]
     assert all(b"featurestore" not in key for key in pq.ParquetFile(pack).schema_arrow.metadata or {})
     assert pack.read_bytes().count(index) == 1 and len(footer[b"ARROW:schema"]) < len(index)
+
+
+def test_a_pack_encodes_by_column_kind_and_reads_every_kind_back(store: FeatureStore) -> None:
+    n = 30
+    mixed = pa.table(
+        {
+            "symbol": ["AAA", "BBB"] * 15,
+            "ts": pa.array(range(n), pa.timestamp("ns", tz="UTC")),
+            "day": pa.array(range(19_000, 19_000 + n), pa.date32()),
+            "big": pa.array([2**64 - 1 - 7 * i for i in range(n)], pa.uint64()),
+            "signed": pa.array([(-1) ** i * 2**62 for i in range(n)], pa.int64()),
+            "maybe": pa.array([None if i % 3 else i for i in range(n)], pa.int32()),
+            "close": [i / 7 for i in range(n)],
+            "kind": pa.array(["x", "y", "z"] * 10).dictionary_encode(),
+            "flag": [True, False] * 15,
+            "pair": [[i, i + 1] for i in range(n)],
+        }
+    )
+    items = [(f"mix-{i}", mixed.slice(i, n - i), "S") for i in range(3)]
+    store.put_many(items)
+    [pack] = packs(store)
+    group = pq.read_metadata(pack).row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    assert {name for name, used in encodings.items() if "RLE_DICTIONARY" in used} == {"symbol", "kind"}
+    assert {name for name, used in encodings.items() if "DELTA_BINARY_PACKED" in used} == {
+        "ts", "day", "big", "signed", "maybe"
+    }  # fmt: skip
+    assert store.get_many([k for k, _t, _s in items]) == {k: t for k, t, _s in items}
