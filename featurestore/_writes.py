@@ -124,8 +124,15 @@ def write(
     for item in incoming:
         if item.key not in packed:
             path = item.row.entry.path
+            # Dictionaries for strings only, as in packs: a minute segment's prices are nearly all distinct, and
+            # 200 of them wrote in 0.34 s and 21.5 MB without price dictionaries, 0.45-0.53 s and 26.2 MB with.
             temp = _files.write_temp(
-                path, item.table, item.meta, compression_level=compression_level, sync=False
+                path,
+                item.table,
+                item.meta,
+                compression_level=compression_level,
+                use_dictionary=_packs._dictionary_columns(item.table.schema),
+                sync=False,
             )
             written.singles.append((temp, item.row))
     # All at once, before anything is published (``_files.fsync_paths``).

@@ -340,3 +340,16 @@ def test_put_many_fsyncs_every_file_before_any_is_published_and_every_directory_
     for directory in {path.parent for path in files}:
         synced = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and Path(path) == directory]
         assert synced and max(synced) > max(renamed)
+
+
+def test_a_file_of_its_own_has_dictionaries_for_strings_only(tmp_path: Path) -> None:
+    """As in packs: prices are nearly all distinct, a dictionary for them costs time and bytes."""
+    store = FeatureStore(tmp_path / "cache", pack_max_rows=0)
+    table = pa.table({"symbol": ["AAPL"] * 100, "close": [float(i) for i in range(100)]})
+    store.put("seg-AAPL", table)
+    [entry] = store.lookup(["seg-AAPL"]).values()
+    columns = pq.ParquetFile(entry.path).metadata.row_group(0)
+    encodings = {columns.column(i).path_in_schema: columns.column(i).encodings for i in range(2)}
+    assert any("DICTIONARY" in e for e in encodings["symbol"])
+    assert not any("DICTIONARY" in e for e in encodings["close"])
+    assert store.get("seg-AAPL") == table
