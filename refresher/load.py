@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 # Rows per COPY message batch: big enough to amortise the per-call cost, small enough to keep memory flat.
 BATCH_ROWS = 128 * 1024
+# Chunks of fewer rows than this on average are combined before a COPY (minute segments, ~8,000 rows, are not).
+_SMALL_CHUNK_ROWS = 1024
 # The array type of each table's time column, for the statements that take one bound per segment.
 _TIME_ARRAY = {"ohlcv_daily": "date[]", "ohlcv_1min": "timestamptz[]"}
 
@@ -369,6 +371,10 @@ def copy_arrow(
         sql.SQL(", ").join(map(sql.Identifier, columns)),
         sql.SQL(", FREEZE" if freeze else ""),
     )
+    if data.num_columns and data.num_rows < _SMALL_CHUNK_ROWS * data.column(0).num_chunks:
+        # A batch of small segments holds one chunk per segment (a month of daily bars is ~21 rows) and pgpq
+        # pays about 55 us a batch: 3.3 s for the production profile's 60,000 segments, ~0.1 s combined.
+        data = data.combine_chunks()
     encoder = ArrowToPostgresBinaryEncoder(data.schema)
     # An exception here (Ctrl-C included) makes psycopg send CopyFail, and the transaction rolls back.
     with conn.cursor() as cur, cur.copy(statement) as copy:
