@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from featurestore import ComputeError, FeatureStore, FeatureStoreError, feature_key
+from featurestore import ComputeError, FeatureStore, FeatureStoreError, _files, feature_key
 from tests.featurestore.conftest import make_bars
 
 CONFIG = {"window": 5}
@@ -353,3 +353,24 @@ def test_a_file_of_its_own_has_dictionaries_for_strings_only(tmp_path: Path) -> 
     assert any("DICTIONARY" in e for e in encodings["symbol"])
     assert not any("DICTIONARY" in e for e in encodings["close"])
     assert store.get("seg-AAPL") == table
+
+
+def test_a_failed_write_in_a_batch_leaves_no_temporary_of_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's files are written on several threads: when one fails, the others' temporaries (written or
+    not yet) are still removed, and nothing of the batch is recorded."""
+    store = FeatureStore(tmp_path / "cache", pack_max_rows=0)
+    write_temp = _files.write_temp
+
+    def failing(final: Path, table: pa.Table, *args: Any, **kwargs: Any) -> Path:
+        if "KO" in final.name:
+            raise OSError(28, "No space left on device")
+        return write_temp(final, table, *args, **kwargs)
+
+    monkeypatch.setattr(_files, "write_temp", failing)
+    keys = [f"seg-{symbol}" for symbol in ("AAPL", "KO", "MSFT", "NVDA", "XOM")]
+    with pytest.raises(OSError, match="No space left"):
+        store.put_many([(key, segment([1.0, float(k)]), None) for k, key in enumerate(keys)])
+    assert list((store.root / "data").rglob("*.tmp")) == []
+    assert store.lookup(keys) == {}
