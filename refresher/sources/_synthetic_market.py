@@ -8,7 +8,7 @@ from the open to the close over the session's length (a half day is shorter), dr
 distribution, P(max >= m) = exp(-2 (m - open)(m - close) / variance) in log prices, and the volume is lognormal
 around the symbol's level. Every daily draw is a counter-based hash of (symbol key, draw, date): a session is
 an elementwise function of its own inputs, so a daily bar never touches a minute and any batch of sessions is
-computed at once, 1.26 M of them in about a second.
+computed at once, 1.26 M of them in about two seconds.
 
 Minutes are derived. A session's minute path comes from its own ``PCG64`` stream seeded from (seed, symbol,
 date): a random walk pinned as a Brownian bridge between the open and the close, wicks and a U-shaped volume.
