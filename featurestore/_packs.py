@@ -28,7 +28,7 @@ import base64
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
 from featurestore import _files
 from featurestore.fingerprint import HashMethod, fingerprint_table
@@ -95,13 +96,19 @@ def write_temp(
         offset += table.num_rows
     final = pack_dir(root) / f"{uuid.uuid4().hex}.parquet"
     table = pa.concat_tables([t for _k, t, _m in items])
+    # Parquet cuts the table into row groups of exactly ROW_GROUP_ROWS (the last one shorter).
+    starts = [*range(0, table.num_rows, ROW_GROUP_ROWS), table.num_rows]
+    groups = [
+        _group_digest(table.slice(starts[g], starts[g + 1] - starts[g]), parts, starts[g], starts[g + 1])
+        for g in range(len(starts) - 1)
+    ]
     temp = _files.write_temp(
         final,
         table,
         {},
         compression_level=compression_level,
         row_group_size=ROW_GROUP_ROWS,
-        footer_only=_encode_index(parts, created),
+        footer_only=_encode_index(parts, created, groups),
         use_dictionary=_dictionary_columns(table.schema),
         column_encoding=_delta_columns(table.schema),
     )
@@ -134,13 +141,26 @@ def shares(size: int, rows: list[int]) -> list[int]:
     return out
 
 
-def _encode_index(parts: list[Part], created: str) -> dict[str, str]:
+def _group_digest(table: pa.Table, parts: Iterable[Part], start: int, end: int) -> str:
+    """The checksum of one row group: its whole content and the index entries of the keys it holds (key, rows,
+    offset, content hash), so that one hash of the group vouches for every slice the index cuts from it."""
+    digest = xxhash.xxh3_128(fingerprint_table(table).encode())
+    for part in parts:
+        if part.rows and part.offset < end and part.offset + part.rows > start:
+            digest.update(
+                f"\n{part.key}\t{part.offset}\t{part.rows}\t{part.meta.get('content_hash', '')}".encode()
+            )
+    return "xxh3:" + digest.hexdigest()
+
+
+def _encode_index(parts: list[Part], created: str, groups: list[str]) -> dict[str, str]:
     """The footer entries of a pack (``_files.write_temp`` prefixes them with ``featurestore.``)."""
     index: dict[str, Any] = {
         "format": PACK_FORMAT,
         "created_ts": created,
         "key": [p.key for p in parts],
         "rows": [p.rows for p in parts],
+        "group_hash": groups,
     }
     for name in _FIELDS:
         index[name] = [p.meta.get(name, "") for p in parts]
@@ -159,6 +179,11 @@ def read_index(footer: Mapping[bytes, bytes] | None) -> dict[str, Part]:
     ``footer`` is ``FileMetaData.metadata``, which holds the index in both layouts (``pack-1`` put it in the Arrow
     schema, which pyarrow also writes there), never the Arrow schema's metadata (without it in ``pack-2``).
     """
+    return _parse_index(footer)[0]
+
+
+def _parse_index(footer: Mapping[bytes, bytes] | None) -> tuple[dict[str, Part], list[str]]:
+    """``read_index``, and the checksum of each row group (none in packs written before them)."""
     metadata = _files.own_meta(footer)
     try:
         packed = base64.b64decode(metadata[_INDEX_KEY], validate=True)
@@ -174,9 +199,10 @@ def read_index(footer: Mapping[bytes, bytes] | None) -> dict[str, Part]:
             meta["created_ts"] = created
             meta["key"] = key
             parts[key] = Part(key, offsets[i], rows[i], meta)
+        groups = [str(digest) for digest in index.get("group_hash", [])]
     except (KeyError, IndexError, TypeError, ValueError, pa.ArrowException) as exc:
         raise ValueError(f"no sound pack index ({type(exc).__name__}: {exc})") from None
-    return parts
+    return parts, groups
 
 
 def read_footer_index(path: Path) -> tuple[dict[str, Part], int]:
@@ -202,21 +228,25 @@ class PackRead:
 def read_parts(path: Path, keys: list[str]) -> PackRead:
     """Read and verify ``keys`` from the pack at ``path``, decoding only the row groups that hold them.
 
-    FileNotFoundError if the pack is gone. A key the pack does not index, whose row groups do not decode, or
-    whose slice does not match its recorded hash is reported in ``corrupt`` (with the reason); the others of the
-    same pack are still served.
+    FileNotFoundError if the pack is gone. A row group whose content and index entries match its recorded
+    checksum vouches for every key it holds: one hash per group, not one per key (2,000 daily segments: one
+    fingerprint of 42,000 rows instead of 2,000 of 21). A group without a checksum (an older pack) or one that
+    does not match has each of its keys verified against its own content hash, so damage still costs only the
+    keys it touches. A key the pack does not index, whose row groups do not decode, or whose slice does not
+    match its recorded hash is reported in ``corrupt`` (with the reason); the others of the same pack are served.
     """
     with open(path, "rb") as handle:
         status = os.fstat(handle.fileno())
         try:
             reader = pq.ParquetFile(handle)
-            parts = read_index(reader.metadata.metadata)
+            parts, checksums = _parse_index(reader.metadata.metadata)
         except (pa.ArrowException, OSError, ValueError) as exc:
             return PackRead({}, dict.fromkeys(keys, f"unreadable pack: {exc}"), status.st_ino)
         starts = [0]
         for i in range(reader.metadata.num_row_groups):
             starts.append(starts[-1] + reader.metadata.row_group(i).num_rows)
         groups: dict[int, pa.Table | None] = {}
+        sound: dict[int, bool] = {}
         found: dict[str, _files.Stored] = {}
         corrupt: dict[str, str] = {}
         for key in keys:
@@ -227,17 +257,24 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
             wanted = _groups_of(starts, part)
             for group in wanted:
                 if group not in groups:
-                    groups[group] = _read_group(reader, group)
-            tables = [groups[g] for g in wanted]
-            if any(t is None for t in tables):
+                    table = groups[group] = _read_group(reader, group)
+                    sound[group] = (
+                        table is not None
+                        and group < len(checksums)
+                        and checksums[group]
+                        == _group_digest(table, parts.values(), starts[group], starts[group + 1])
+                    )
+            tables = [table for g in wanted if (table := groups[g]) is not None]
+            if len(tables) < len(wanted):
                 corrupt[key] = "a row group does not decode"
                 continue
             table = _slice(reader, tables, starts[wanted[0]] if wanted else 0, part)
-            method: HashMethod = "footer" if part.meta.get("hash_method") == "footer" else "xxh3"
-            actual = fingerprint_table(table, method)
-            if actual != part.meta.get("content_hash"):
-                corrupt[key] = f"content hash {actual} != recorded {part.meta.get('content_hash')}"
-                continue
+            if not (wanted and all(sound[g] for g in wanted)):
+                method: HashMethod = "footer" if part.meta.get("hash_method") == "footer" else "xxh3"
+                actual = fingerprint_table(table, method)
+                if actual != part.meta.get("content_hash"):
+                    corrupt[key] = f"content hash {actual} != recorded {part.meta.get('content_hash')}"
+                    continue
             found[key] = _files.Stored(table, part.meta, status.st_ino, status.st_size)
     return PackRead(found, corrupt, status.st_ino)
 
@@ -248,17 +285,18 @@ def _groups_of(starts: list[int], part: Part) -> list[int]:
 
 
 def _read_group(reader: pq.ParquetFile, group: int) -> pa.Table | None:
+    """A row group without the store's metadata (stripped once here, not from each key's slice)."""
     try:
-        return reader.read_row_group(group)
+        return _files.strip_meta(reader.read_row_group(group))
     except (pa.ArrowException, OSError, ValueError):
         return None
 
 
-def _slice(reader: pq.ParquetFile, tables: list[pa.Table | None], first_row: int, part: Part) -> pa.Table:
+def _slice(reader: pq.ParquetFile, tables: list[pa.Table], first_row: int, part: Part) -> pa.Table:
     if not tables:  # a key of no rows has no row group
         return _files.strip_meta(reader.schema_arrow.empty_table())
-    whole = pa.concat_tables([t for t in tables if t is not None])
-    return _files.strip_meta(whole.slice(part.offset - first_row, part.rows))
+    whole = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    return whole.slice(part.offset - first_row, part.rows)
 
 
 __all__ = [

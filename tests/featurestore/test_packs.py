@@ -81,6 +81,58 @@ def test_a_damaged_pack_costs_only_its_own_keys(store: FeatureStore) -> None:
     assert len(store.get_many(keys)) == 24
 
 
+def rewrite_pack(pack: Path, change_table: object = None, change_index: object = None) -> None:
+    """Write ``pack`` again with its table and/or its index changed, its recorded checksums left as they were."""
+    reader = pq.ParquetFile(pack)
+    table, footer = reader.read(), _files.own_meta(reader.metadata.metadata)
+    raw = pa.decompress(
+        base64.b64decode(footer["pack"]), int(footer["pack_index_bytes"]), "zstd", asbytes=True
+    )
+    index = json.loads(raw)
+    if change_table is not None:
+        table = change_table(table)
+    if change_index is not None:
+        change_index(index)
+        raw = json.dumps(index).encode()
+        footer["pack"] = base64.b64encode(pa.compress(raw, "zstd", asbytes=True)).decode()
+        footer["pack_index_bytes"] = str(len(raw))
+    temp = _files.write_temp(pack, table, {}, compression_level=3, footer_only=footer)
+    temp.replace(pack)
+
+
+def test_one_changed_value_in_a_pack_costs_only_the_key_that_holds_it(store: FeatureStore) -> None:
+    items = batch("v")
+    store.put_many(items)
+    [pack] = packs(store)
+
+    def change(table: pa.Table) -> pa.Table:
+        column = table.schema.get_field_index("close")
+        values = table["close"].to_pylist()
+        values[3 * 21 + 5] += 1.0  # a row of v-03
+        return table.set_column(column, "close", pa.array(values, table.schema.field("close").type))
+
+    rewrite_pack(pack, change_table=change)
+    got = store.get_many([k for k, _t, _s in items])
+    assert sorted(got) == sorted(k for k, _t, _s in items if k != "v-03")
+    assert all(got[k].equals(t) for k, t, _s in items if k != "v-03")
+
+
+def test_the_pack_checksum_covers_its_index(store: FeatureStore) -> None:
+    # Moving one row from v-00 to v-01 in the index, data unchanged: the row group's checksum no longer matches,
+    # so each key is checked on its own and exactly the two whose slices changed are evicted.
+    items = batch("i")
+    store.put_many(items)
+    [pack] = packs(store)
+
+    def change(index: dict[str, list[int]]) -> None:
+        index["rows"][0] -= 1
+        index["rows"][1] += 1
+
+    rewrite_pack(pack, change_index=change)
+    got = store.get_many([k for k, _t, _s in items])
+    assert sorted(got) == [k for k, _t, _s in items][2:]
+
+
 def test_a_pack_whose_keys_all_moved_on_is_removed(store: FeatureStore) -> None:
     store.put_many(batch("c", 6))
     [first] = packs(store)
