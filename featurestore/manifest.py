@@ -434,7 +434,30 @@ class Manifest:
     def upsert(self, con: duckdb.DuckDBPyConnection, rows: Sequence[Row]) -> None:
         if not rows:
             return
-        table = pa.Table.from_pylist([self._row_dict(row) for row in rows], schema=_ARROW_SCHEMA)
+        entries = [row.entry for row in rows]
+        skip = len(self._root_prefix)
+        paths: dict[Path, str] = {}  # a pack's keys share its path: one relative form per path
+        columns: dict[str, list[Any]] = {
+            "key": [e.key for e in entries],
+            "path": [
+                paths.get(e.path) or paths.setdefault(e.path, self._relative(e.path, skip)) for e in entries
+            ],
+            "symbol": [e.symbol for e in entries],
+            "start_ts": [_naive(e.start_ts) for e in entries],
+            "end_ts": [_naive(e.end_ts) for e in entries],
+            "rows": [e.rows for e in entries],
+            "file_size_bytes": [e.file_size_bytes for e in entries],
+            "content_hash": [e.content_hash for e in entries],
+            "hash_method": [e.hash_method for e in entries],
+            "created_ts": [_naive(e.created_ts) for e in entries],
+            "last_accessed_ts": [_naive(e.last_accessed_ts) for e in entries],
+            "kind": [row.kind for row in rows],
+            "hits": [0] * len(rows),
+            "meta": [row.meta for row in rows],
+            "pack_offset": [e.pack_offset for e in entries],
+            "pack_bytes": [e.pack_bytes for e in entries],
+        }
+        table = pa.table(columns, schema=_ARROW_SCHEMA)
         con.register("incoming", table)
         try:
             con.execute("DELETE FROM entries WHERE key IN (SELECT key FROM incoming)")
@@ -442,26 +465,12 @@ class Manifest:
         finally:
             con.unregister("incoming")
 
-    def _row_dict(self, row: Row) -> dict[str, Any]:
-        entry = row.entry
-        return {
-            "key": entry.key,
-            "path": entry.path.relative_to(self.root).as_posix(),
-            "symbol": entry.symbol,
-            "start_ts": _naive(entry.start_ts),
-            "end_ts": _naive(entry.end_ts),
-            "rows": entry.rows,
-            "file_size_bytes": entry.file_size_bytes,
-            "content_hash": entry.content_hash,
-            "hash_method": entry.hash_method,
-            "created_ts": _naive(entry.created_ts),
-            "last_accessed_ts": _naive(entry.last_accessed_ts),
-            "kind": row.kind,
-            "hits": 0,
-            "meta": row.meta,
-            "pack_offset": entry.pack_offset,
-            "pack_bytes": entry.pack_bytes,
-        }
+    def _relative(self, path: Path, skip: int) -> str:
+        """``path`` relative to the root, as the manifest records it (POSIX separators)."""
+        text = str(path)
+        if text.startswith(self._root_prefix):
+            return text[skip:].replace(os.sep, "/")
+        return path.relative_to(self.root).as_posix()  # raises for a path outside the store, as before
 
     @staticmethod
     def delete(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> None:

@@ -27,8 +27,8 @@ import pyarrow as pa
 from featurestore import _files, _packs, _writes, maintenance
 from featurestore._locks import file_lock
 from featurestore.errors import ComputeError, bad_value
-from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
-from featurestore.keys import Raw, feature_key, is_dataframe, to_arrow
+from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_many
+from featurestore.keys import Raw, feature_key, is_dataframe, time_ranges, to_arrow
 from featurestore.maintenance import IntegrityReport
 from featurestore.manifest import Entry, Manifest, utc_now
 
@@ -492,13 +492,18 @@ class FeatureStore:
         *,
         misses: int = 0,
     ) -> list[Entry]:
-        latest: dict[str, tuple[pa.Table, str | None, dict[str, Any], str]] = {}
+        checked: list[tuple[str, pa.Table, str | None, dict[str, Any]]] = []
         for key, table, symbol, meta in items:
             _files.check_key(key)
             if not (isinstance(table, pa.Table) or is_dataframe(table)):
                 raise bad_value("table", type(table).__name__, f"must be a pyarrow Table (key {key})")
-            stored = _files.as_stored(to_arrow(table))
-            latest[key] = (stored, symbol, meta, fingerprint_table(stored, self.hash_method))
+            checked.append((key, _files.as_stored(to_arrow(table)), symbol, meta))
+        # The batch's content hashes together: a batch of small tables shares its columns' work.
+        contents = fingerprint_many([stored for _k, stored, _s, _m in checked], self.hash_method)
+        latest: dict[str, tuple[pa.Table, str | None, dict[str, Any], str]] = {
+            key: (stored, symbol, meta, content)
+            for (key, stored, symbol, meta), content in zip(checked, contents, strict=True)
+        }
         existing: dict[str, Entry] = {}
         if entry_kind == "segment" and latest:
             with self.manifest.read(fold=False) as con:
@@ -515,9 +520,10 @@ class FeatureStore:
             describe = functools.partial(
                 _writes.describe, hash_method=self.hash_method, kind=kind, entry_kind=entry_kind, now=now
             )
+            bounds = time_ranges([table for table, _s, _m, _c in todo.values()])
             incoming = [
-                describe(self.root, key, table, symbol, meta, content)
-                for key, (table, symbol, meta, content) in todo.items()
+                describe(self.root, key, table, symbol, meta, content, span)
+                for (key, (table, symbol, meta, content)), span in zip(todo.items(), bounds, strict=True)
             ]
             _writes.write(
                 self.root,

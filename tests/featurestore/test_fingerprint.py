@@ -268,3 +268,19 @@ def test_names_of_list_items_are_layout_not_content() -> None:
     assert fingerprint_table(pa.table({"x": pa.array(values, pa.large_list(pa.int64()))})) != (
         fingerprint_table(arrow)
     )
+
+
+def test_a_batch_hashes_each_table_exactly_as_alone() -> None:
+    # Batchable kinds (fixed-width, strings, binaries), sliced, chunked, empty; beside them tables the batch path
+    # leaves to fingerprint_table: nulls, booleans and nested types, a schema seen once, one of no rows.
+    names = [n for n in KINDS if n not in ("bool", "dictionary", "list", "struct")]
+    whole = pa.table({n: column(n, [KINDS[n][1][i % 3] for i in range(40)]) for n in names})
+    chunked = pa.concat_tables([whole.slice(0, 7), whole.slice(7, 0), whole.slice(7, 13)])
+    tables = [whole.slice(3, 10), chunked, whole.slice(40), whole.slice(1, 1), whole.slice(5, 30)]
+    tables += [every_kind_table(), every_kind_table().slice(1), pa.table({"x": [1, None, 3]})]
+    tables += [pa.table({"x": [1, 2, 3]}), whole.select(names[:3]).slice(2, 5)]
+    assert fp.fingerprint_many(tables) == [fingerprint_table(t) for t in tables]
+    with_null = pa.table({"s": pa.array(["a", None], pa.string())})
+    batch = [pa.table({"s": pa.array(["a", "b"], pa.string())}), with_null]
+    assert fp.fingerprint_many(batch) == [fingerprint_table(t) for t in batch]
+    assert fp.fingerprint_many(tables, "footer") == [fingerprint_table(t, "footer") for t in tables]

@@ -24,7 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurestore import FeatureStoreError, config_hash, feature_key, fingerprint_table
-from featurestore.keys import KEY_FORMAT_VERSION, TIME_COLUMNS, function_identity, time_range, to_arrow
+from featurestore.keys import (
+    KEY_FORMAT_VERSION,
+    TIME_COLUMNS,
+    function_identity,
+    time_range,
+    time_ranges,
+    to_arrow,
+)
 from tests.featurestore.conftest import make_bars
 
 
@@ -530,3 +537,30 @@ def test_time_column_preference() -> None:
         6 * 10**9,
         6 * 10**9,
     )
+
+
+def test_time_ranges_of_a_batch_are_each_tables_time_range() -> None:
+    def bars(first: int, rows: int, kind: pa.DataType | None = None) -> pa.Table:
+        kind = kind or pa.timestamp("us", tz="UTC")
+        ts = pa.array(np.arange(first, first + rows, dtype=np.int64) * 86_400_000_000).cast(kind)
+        return pa.table({"ts": ts, "close": np.arange(rows, dtype=np.float64)})
+
+    days = pa.table({"date": pa.array([dt.date(2024, 1, 2), dt.date(2023, 5, 1)], pa.date32()), "x": [1, 2]})
+    with_null = pa.table({"ts": pa.array([None, 5], pa.timestamp("s")), "close": [1.0, 2.0]})
+    tables = [
+        bars(3, 21),
+        bars(0, 0),
+        bars(50, 1),
+        bars(7, 5).slice(2),
+        pa.concat_tables([bars(1, 2), bars(9, 3)]),
+    ]
+    tables += [
+        days,
+        days.slice(1),
+        pa.table({"x": [1]}),
+        pa.table({"x": [2]}),
+        with_null,
+        with_null.slice(0, 1),
+    ]
+    tables += [bars(2, 4, pa.timestamp("ns")), bars(4, 2, pa.timestamp("ns"))]
+    assert time_ranges(tables) == [time_range(t) for t in tables]

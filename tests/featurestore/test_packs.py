@@ -19,6 +19,7 @@ import pytest
 from featurestore import FeatureStore, _files, _writes, collect_garbage
 from featurestore._packs import PACK_MAX_ROWS
 from featurestore.fingerprint import fingerprint_table
+from featurestore.keys import time_range
 from featurestore.manifest import STORE_FORMAT
 from tests.featurestore._workers import daily
 
@@ -281,7 +282,7 @@ def write_pack_1(root: Path, items: list[tuple[str, pa.Table, str]]) -> Path:
     offset = 0
     for key, table, symbol in items:
         meta = _writes.describe(
-            root, key, table, symbol, {}, fingerprint_table(table, "xxh3"),
+            root, key, table, symbol, {}, fingerprint_table(table, "xxh3"), time_range(table),
             hash_method="xxh3", kind="arrow", entry_kind="segment", now=created,
         ).meta  # fmt: skip
         for name, value in (("key", key), ("offset", offset), ("rows", table.num_rows)):
