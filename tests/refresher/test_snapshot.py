@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -89,7 +90,12 @@ def test_reset_undoes_deletes_and_dropped_tables_and_refills_in_the_background(
         assert list(read_loaded_segments(conn)) == [Segment("AAPL", "1d", JAN)]
     # Nobody in this process refills: only the detached refiller can bring the pool back to two.
     assert len(wait_for_pool(loaded, timeout=120).ready) == 2
-    assert "refill" in (tmp_path / "refill.log").read_text()
+    # The refiller prints its line after its session ends, just after it marked the last clone ready.
+    log = tmp_path / "refill.log"
+    deadline = time.monotonic() + 30
+    while "refill" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "refill" in log.read_text()
     assert not any("__trash_" in name for name in _databases(loaded))
 
 
