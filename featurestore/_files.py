@@ -68,6 +68,30 @@ def data_path(root: Path, key: str) -> Path:
     return Path(f"{root}{os.sep}{DATA_DIR}{os.sep}{key[:2]}{os.sep}{key}.parquet")
 
 
+def with_own_files(root: Path, keys: Iterable[str]) -> set[str]:
+    """Those of ``keys`` that have a file of their own now: one directory listing per key prefix shared by many
+    keys, not a stat per key (a batch of 2,000 packed segments has none, and asked 2,000 times)."""
+    by_dir: dict[str, list[str]] = {}
+    for key in keys:
+        by_dir.setdefault(key[:2], []).append(key)
+    found: set[str] = set()
+    for prefix, members in by_dir.items():
+        directory = f"{root}{os.sep}{DATA_DIR}{os.sep}{prefix}"
+        if len(members) < _LIST_FROM:
+            found.update(key for key in members if os.path.exists(f"{directory}{os.sep}{key}.parquet"))
+            continue
+        try:
+            names = set(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found.update(key for key in members if f"{key}.parquet" in names)
+    return found
+
+
+# Keys of one prefix from which a directory listing beats a stat per key.
+_LIST_FROM = 8
+
+
 def key_of(path: Path) -> str | None:
     """The key a data file is named by, None for anything else (temporaries, strays)."""
     if path.name.startswith(".") or path.suffix != ".parquet":
@@ -274,5 +298,6 @@ __all__ = [
     "read_footer_meta",
     "read_verified",
     "remove_if_same",
+    "with_own_files",
     "write_temp",
 ]

@@ -161,9 +161,10 @@ def _pack_groups(root: Path, incoming: list[Incoming], pack_max_rows: int) -> li
     A key that has a file of its own (written before packs, or large) keeps it: its new content replaces that
     file atomically, where a pack could not (readers try the key's own file first).
     """
+    own = _files.with_own_files(root, [item.key for item in incoming])
     groups: dict[bytes, list[Incoming]] = {}
     for item in incoming:
-        if item.table.num_rows < pack_max_rows and not item.row.entry.path.exists():
+        if item.table.num_rows < pack_max_rows and item.key not in own:
             groups.setdefault(_packs.schema_group(item.table), []).append(item)
     return [group for group in groups.values() if len(group) > 1]
 
@@ -181,9 +182,10 @@ def _publish_pack(root: Path, pack: PendingPack) -> list[Row]:
             e.created_ts, e.last_accessed_ts, part.offset, size,
         )  # fmt: skip
         rows.append(Row(entry, row.kind, row.meta))
-        # Another process put this key as a file of its own since we looked: that file would shadow the pack
-        # for readers. Removed before COMMIT: a crash in between costs a miss, never stale data.
-        _files.data_path(root, part.key).unlink(missing_ok=True)
+    # Another process put one of these keys as a file of its own since we looked: that file would shadow the pack
+    # for a single key's read. Removed before COMMIT: a crash in between costs a miss, never stale data.
+    for key in _files.with_own_files(root, [part.key for part in pack.parts]):
+        _files.data_path(root, key).unlink(missing_ok=True)
     return rows
 
 

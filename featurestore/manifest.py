@@ -487,7 +487,8 @@ class Manifest:
         query += " created_ts, last_accessed_ts, pack_offset, pack_bytes FROM entries"
         params: list[Any] = []
         if keys is not None:
-            query += " WHERE key IN (SELECT unnest(?::VARCHAR[]))"
+            # A join, not ``key IN (...)``, as in ``hashes``.
+            query += " JOIN (SELECT DISTINCT unnest(?::VARCHAR[]) AS key) wanted USING (key)"
             params.append(list(keys))
         elif symbol is not None:
             query += " WHERE symbol = ?"
@@ -543,6 +544,15 @@ class Manifest:
             pack_offset=row[11],
             pack_bytes=row[12],
         )
+
+    def packs_of(self, con: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> set[Path]:
+        """The packs that hold any of ``keys``: one row per pack, not an ``Entry`` per key."""
+        rows = con.execute(
+            "SELECT DISTINCT e.path FROM entries e JOIN (SELECT DISTINCT unnest(?::VARCHAR[]) AS key) k USING (key)"
+            " WHERE e.pack_offset IS NOT NULL",
+            [list(keys)],
+        ).fetchall()
+        return {Path(self._root_prefix + path) for (path,) in rows}
 
     def unreferenced(self, con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> list[Path]:
         """Those of ``paths`` that no row names any more (a pack goes only when none of its keys is left)."""

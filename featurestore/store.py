@@ -535,11 +535,10 @@ class FeatureStore:
             )
             if incoming:
                 with self.manifest.write() as txn:
-                    moved = self.manifest.select(txn.con, list(todo))
+                    stale = self.manifest.packs_of(txn.con, list(todo))
                     rows = written.publish(self.root)
                     self.manifest.upsert(txn.con, rows)
                     # A pack whose every key has now moved elsewhere is no longer named by any row.
-                    stale = {entry.path for entry in moved.values() if entry.pack_offset is not None}
                     for path in self.manifest.unreferenced(txn.con, stale):
                         txn.after_commit(functools.partial(path.unlink, missing_ok=True))
                     self.manifest.add_counters(txn.con, misses=misses)

@@ -263,6 +263,24 @@ def test_a_store_in_the_old_layout_keeps_working(tmp_path: Path) -> None:
     assert store.validate_cache_integrity().ok
 
 
+@pytest.mark.parametrize("n", [5, 12])  # a stat per key, or one listing of the keys' directory
+def test_a_file_of_its_own_put_meanwhile_never_shadows_the_newer_pack(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    items = batch("m", n)
+    write = _writes.write
+
+    def write_then_another_puts(*args: object, **kwargs: object) -> None:
+        write(*args, **kwargs)  # type: ignore[arg-type]
+        monkeypatch.setattr(_writes, "write", write)
+        FeatureStore(store.root).put("m-03", daily("m-03").slice(0, 4))  # a file of its own, committed first
+
+    monkeypatch.setattr(_writes, "write", write_then_another_puts)
+    store.put_many(items)
+    assert own_files(store) == [] and len(packs(store)) == 1
+    assert store.get("m-03") == daily("m-03") and store.get_many(["m-03", "m-04"])["m-03"] == daily("m-03")
+
+
 @pytest.mark.parametrize("deep", [True, False])
 def test_a_truncated_pack_reports_its_keys(store: FeatureStore, deep: bool) -> None:
     store.put_many(batch("t", 5))
