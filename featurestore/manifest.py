@@ -436,6 +436,14 @@ class Manifest:
             return
         entries = [row.entry for row in rows]
         skip = len(self._root_prefix)
+        seen: dict[dt.datetime | None, dt.datetime | None] = {}
+
+        def naive(value: dt.datetime | None) -> dt.datetime | None:
+            # A batch shares its times (one ``now``; months across symbols): each converted once.
+            if value not in seen:
+                seen[value] = _naive(value)
+            return seen[value]
+
         paths: dict[Path, str] = {}  # a pack's keys share its path: one relative form per path
         columns: dict[str, list[Any]] = {
             "key": [e.key for e in entries],
@@ -443,14 +451,14 @@ class Manifest:
                 paths.get(e.path) or paths.setdefault(e.path, self._relative(e.path, skip)) for e in entries
             ],
             "symbol": [e.symbol for e in entries],
-            "start_ts": [_naive(e.start_ts) for e in entries],
-            "end_ts": [_naive(e.end_ts) for e in entries],
+            "start_ts": [naive(e.start_ts) for e in entries],
+            "end_ts": [naive(e.end_ts) for e in entries],
             "rows": [e.rows for e in entries],
             "file_size_bytes": [e.file_size_bytes for e in entries],
             "content_hash": [e.content_hash for e in entries],
             "hash_method": [e.hash_method for e in entries],
-            "created_ts": [_naive(e.created_ts) for e in entries],
-            "last_accessed_ts": [_naive(e.last_accessed_ts) for e in entries],
+            "created_ts": [naive(e.created_ts) for e in entries],
+            "last_accessed_ts": [naive(e.last_accessed_ts) for e in entries],
             "kind": [row.kind for row in rows],
             "hits": [0] * len(rows),
             "meta": [row.meta for row in rows],
