@@ -112,12 +112,9 @@ def _batch_digests(
         if column.null_count:
             return None
         if width:
-            start = column.offset * width
-            values = memoryview(column.buffers()[1])[start : start + len(column) * width]
+            values = _value_bytes(column, width)
             for digests, low, high in zip(per_table, bounds, bounds[1:], strict=False):
-                digests.append(
-                    xxhash.xxh3_128_digest(values[low * width : high * width]) + _NOTHING + _NOTHING
-                )
+                digests.append(_values_only_digest(values[low * width : high * width]))
             continue
         _validity, offsets_buffer, data = column.buffers()
         offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[
@@ -227,8 +224,17 @@ def _fixed_digest(chunk: pa.Array, width: int) -> bytes:
     was most of a 21-row table's fingerprint."""
     if len(chunk) == 0:
         return _NOTHING * 3
+    return _values_only_digest(_value_bytes(chunk, width))
+
+
+def _value_bytes(chunk: pa.Array, width: int) -> memoryview:
+    """The bytes of a fixed-width array's values (its data buffer, from its offset for its length)."""
     start = chunk.offset * width
-    values = memoryview(chunk.buffers()[1])[start : start + len(chunk) * width]
+    return memoryview(chunk.buffers()[1])[start : start + len(chunk) * width]
+
+
+def _values_only_digest(values: memoryview) -> bytes:
+    """A column's three stream digests when only its values stream is fed (no lengths, no nulls)."""
     return xxhash.xxh3_128_digest(values) + _NOTHING + _NOTHING
 
 

@@ -76,15 +76,20 @@ def time_range(table: pa.Table) -> tuple[int, int] | None:
         return None
     # Scale in Python integers: a cast to timestamp[ns] would overflow for instants past 2262.
     # Arrow stores tz-aware timestamps as UTC instants already, so .value is UTC for aware and naive alike.
-    scale = _NANOS_PER_UNIT[str(column.type.unit)] if pa.types.is_timestamp(column.type) else 0
-    if pa.types.is_date32(column.type):
-        scale = 86_400 * 10**9
-    elif pa.types.is_date64(column.type):
-        scale = 10**6
+    scale = _nanos_per_value(column.type)
     return int(low) * scale, int(high) * scale
 
 
 _NANOS_PER_UNIT = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
+
+
+def _nanos_per_value(kind: pa.DataType) -> int:
+    """Nanoseconds per stored unit of a time column's type: a timestamp's unit, a date32's day, a date64's ms."""
+    if pa.types.is_date32(kind):
+        return 86_400 * 10**9
+    if pa.types.is_date64(kind):
+        return 10**6
+    return _NANOS_PER_UNIT[str(kind.unit)] if pa.types.is_timestamp(kind) else 0
 
 
 def time_ranges(tables: Sequence[pa.Table]) -> list[tuple[int, int] | None]:
@@ -112,11 +117,7 @@ def _run_ranges(tables: Sequence[pa.Table]) -> list[tuple[int, int] | None]:
     if name is None:
         return [None] * len(tables)
     kind = tables[0].schema.field(name).type
-    scale = _NANOS_PER_UNIT[str(kind.unit)] if pa.types.is_timestamp(kind) else 0
-    if pa.types.is_date32(kind):
-        scale, raw = 86_400 * 10**9, pa.int32()
-    else:
-        scale, raw = (10**6 if pa.types.is_date64(kind) else scale), pa.int64()
+    scale, raw = _nanos_per_value(kind), pa.int32() if pa.types.is_date32(kind) else pa.int64()
     whole = pa.chunked_array(
         [chunk for table in tables for chunk in table[name].chunks], kind
     ).combine_chunks()
