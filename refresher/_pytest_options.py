@@ -142,7 +142,7 @@ def _pool_size(text: str | None) -> int | None:
     try:
         return parse_pool_size(text)
     except ValueError as exc:
-        raise RefresherError(f"--refresher-pool-size={text!r}: {str(exc).split(':', 1)[0]}") from None
+        raise RefresherError(f"--refresher-pool-size={text!r}: {exc}") from None
 
 
 def marker_profile(item: pytest.Item) -> str | None:

@@ -169,7 +169,7 @@ def _parse_pool_size(text: str) -> int:
     try:
         return parse_pool_size(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        raise argparse.ArgumentTypeError(f"{exc}: {text!r}") from exc
 
 
 def _parse_time(text: str) -> dt.datetime:

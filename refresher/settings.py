@@ -36,10 +36,11 @@ def compose_project(checkout: Path) -> str:
 
 
 def parse_pool_size(text: str) -> int:
-    """A pool size as typed: a whole number from 0 to ``MAX_POOL_SIZE``; ValueError saying what is wrong."""
+    """A pool size as typed: a whole number from 0 to ``MAX_POOL_SIZE``; ValueError saying what is wrong (the
+    caller names the value: a variable, a flag or an option)."""
     value = text.strip()
     if not value.isascii() or not value.isdigit() or int(value) > MAX_POOL_SIZE:
-        raise ValueError(f"not a whole number from 0 to {MAX_POOL_SIZE}: {text!r}")
+        raise ValueError(f"not a whole number from 0 to {MAX_POOL_SIZE}")
     return int(value)
 
 
@@ -115,4 +116,4 @@ def _pool_size_from(env: Mapping[str, str]) -> int | None:
     try:
         return parse_pool_size(text)
     except ValueError as exc:
-        raise SettingError(POOL_SIZE_ENV, text, str(exc).split(":", 1)[0]) from None
+        raise SettingError(POOL_SIZE_ENV, text, str(exc)) from None
