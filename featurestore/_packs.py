@@ -76,11 +76,6 @@ def is_pack(path: Path) -> bool:
     return path.parent.name == PACK_DIR
 
 
-def schema_group(table: pa.Table) -> bytes:
-    """Tables that may share a pack: same names, types and schema metadata (pandas' index bookkeeping)."""
-    return bytes(table.schema.serialize().to_pybytes())
-
-
 def write_temp(
     root: Path, items: list[tuple[str, pa.Table, dict[str, str]]], *, compression_level: int, created: str
 ) -> tuple[Path, Path, list[Part]]:
@@ -312,7 +307,6 @@ __all__ = [
     "read_footer_index",
     "read_index",
     "read_parts",
-    "schema_group",
     "shares",
     "write_temp",
 ]

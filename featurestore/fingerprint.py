@@ -61,16 +61,7 @@ def fingerprint_many(tables: Sequence[pa.Table], method: HashMethod = "xxh3") ->
     """
     found: list[str | None] = [None] * len(tables)
     if method == "xxh3":
-        # Grouped by equal schemas (metadata aside), compared with the groups' first schemas: hashing a schema
-        # for a dict costs more than comparing it, and a batch has one or a few.
-        groups: list[tuple[pa.Schema, list[int]]] = []
-        for i, table in enumerate(tables):
-            group = next((g for schema, g in groups if schema.equals(table.schema)), None)
-            if group is None:
-                groups.append((table.schema, [i]))
-            else:
-                group.append(i)
-        for schema, members in groups:
+        for schema, members in schema_groups(tables):
             kinds = _batch_kinds(schema)
             if len(members) < 2 or kinds is None:
                 continue
@@ -78,6 +69,26 @@ def fingerprint_many(tables: Sequence[pa.Table], method: HashMethod = "xxh3") ->
             for i, digest in zip(members, digests or [], strict=False):
                 found[i] = "xxh3:" + digest
     return [digest or fingerprint_table(table, method) for digest, table in zip(found, tables, strict=True)]
+
+
+def schema_groups(
+    tables: Sequence[pa.Table], *, check_metadata: bool = False
+) -> list[tuple[pa.Schema, list[int]]]:
+    """The positions of ``tables`` grouped by equal schemas (their metadata too with ``check_metadata``), in
+    order of first appearance, with each group's schema.
+
+    Compared with the groups' first schemas: hashing or serialising a schema for a dict key costs more than
+    comparing it, and a batch has one or a few.
+    """
+    groups: list[tuple[pa.Schema, list[int]]] = []
+    for i, table in enumerate(tables):
+        schema = table.schema
+        group = next((g for first, g in groups if first.equals(schema, check_metadata=check_metadata)), None)
+        if group is None:
+            groups.append((schema, [i]))
+        else:
+            group.append(i)
+    return groups
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,9 +117,10 @@ def _batch_digests(
     bounds = [0, *accumulate(table.num_rows for table in tables)]
     per_table: list[list[bytes]] = [[] for _ in tables]
     # One table of every row: the logical content is what is hashed, so where its chunks break does not matter.
-    whole = pa.concat_tables(tables)
+    # Combined as a table, not column by column: 2,000 daily tables of 7 columns 1.5 ms against 7 ms.
+    whole = pa.concat_tables(tables).combine_chunks()
     for j, (width, offset_type) in enumerate(kinds):
-        column = whole.column(j).combine_chunks()
+        column = whole.column(j).combine_chunks()  # one chunk already: no copy
         if column.null_count:
             return None
         if width:
@@ -347,4 +359,4 @@ def _footer_digest(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["HASH_METHODS", "HashMethod", "fingerprint_many", "fingerprint_table"]
+__all__ = ["HASH_METHODS", "HashMethod", "fingerprint_many", "fingerprint_table", "schema_groups"]

@@ -26,9 +26,9 @@ from refresher.sources.validate import Reject
 # Minute segments per store write: one manifest transaction per batch keeps the lock short and the count of
 # DuckDB connects low (about 2,400 segments in a cold backtesting run).
 STORE_BATCH = 200
-# Daily segments per minute segment in a store batch (2,000 a batch): a batch's fixed part (two manifest opens,
-# a pack file, an fsync: about 0.2 s) was paid by 200 daily segments of ~21 rows, half the store's time in a
-# cold run of the production daily profile.
+# Daily segments per minute segment in a store batch (2,000 a batch): a batch's fixed part (then two manifest
+# opens, now one; a pack file, an fsync: about 0.2 s) was paid by 200 daily segments of ~21 rows, half the
+# store's time in a cold run of the production daily profile.
 DAILY_SHARE = 10
 # Rows per load transaction: a batch of small segments commits once (a month of daily bars is ~21 rows, and a
 # transaction per segment cost ~5 ms), while minute segments (~8,000 rows each) still commit every few dozen.

@@ -146,6 +146,21 @@ def test_a_pack_whose_keys_all_moved_on_is_removed(store: FeatureStore) -> None:
     assert store.validate_cache_integrity().orphans == ()
 
 
+def test_a_batch_again_with_some_keys_unchanged_leaves_those_where_they_are(store: FeatureStore) -> None:
+    [old] = [e.path for e in {e.path: e for e in store.put_many(batch("u", 4))}.values()]
+    inode = old.stat().st_ino
+    changed = ("u-01", daily("u-01").slice(0, 5), "S1")
+    entries = store.put_many([*batch("u", 4)[:1], changed, *batch("u", 4)[2:], *batch("v", 2)])
+    # The unchanged keys keep their rows and their pack, untouched; the changed and new ones ride a new pack.
+    assert [e.path == old for e in entries] == [True, False, True, True, False, False]
+    assert old.stat().st_ino == inode and len(packs(store)) == 2
+    again = store.put_many(batch("u", 4)[:1])  # nothing new: no file of its own, no temporary left behind
+    assert again[0].path == old and len(packs(store)) == 2 and own_files(store) == []
+    assert list(store.root.rglob(f"*{_files.TEMP_SUFFIX}")) == []
+    assert store.get("u-01") == changed[1] and store.get("u-02") == daily("u-02")
+    assert store.validate_cache_integrity().ok
+
+
 def test_rebuild_from_files_alone_keeps_the_newest_copy_of_each_key(store: FeatureStore) -> None:
     store.put_many(batch("r", 6))
     store.put_many([(k, t.slice(0, 10), s) for k, t, s in batch("r", 3)])  # r-00..r-02 move to a new pack
@@ -300,7 +315,7 @@ def write_pack_1(root: Path, items: list[tuple[str, pa.Table, str]]) -> Path:
     offset = 0
     for key, table, symbol in items:
         meta = _writes.describe(
-            root, key, table, symbol, {}, fingerprint_table(table, "xxh3"), time_range(table),
+            key, table, symbol, {}, fingerprint_table(table, "xxh3"), time_range(table),
             hash_method="xxh3", kind="arrow", entry_kind="segment", now=created,
         ).meta  # fmt: skip
         for name, value in (("key", key), ("offset", offset), ("rows", table.num_rows)):
