@@ -553,15 +553,6 @@ class Manifest:
             pack_bytes=row[12],
         )
 
-    def packs_of(self, con: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> set[Path]:
-        """The packs that hold any of ``keys``: one row per pack, not an ``Entry`` per key."""
-        rows = con.execute(
-            "SELECT DISTINCT e.path FROM entries e JOIN (SELECT DISTINCT unnest(?::VARCHAR[]) AS key) k USING (key)"
-            " WHERE e.pack_offset IS NOT NULL",
-            [list(keys)],
-        ).fetchall()
-        return {Path(self._root_prefix + path) for (path,) in rows}
-
     def unreferenced(self, con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> list[Path]:
         """Those of ``paths`` that no row names any more (a pack goes only when none of its keys is left)."""
         wanted = {path.relative_to(self.root).as_posix(): path for path in paths}

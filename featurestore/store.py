@@ -33,7 +33,6 @@ from featurestore.maintenance import IntegrityReport
 from featurestore.manifest import Entry, Manifest, ns_to_utc, utc_now
 
 if TYPE_CHECKING:
-    import duckdb
     import pandas as pd
 
     from featurestore.gc import GCReport
@@ -537,10 +536,10 @@ class FeatureStore:
                 # batch of 2,000 daily segments). The price is a put of content already stored: its files are
                 # written and then discarded unpublished, which leaves the stored file and row as they were.
                 with self.manifest.write() as txn:
+                    held = self.manifest.select(txn.con, list(latest))
                     if entry_kind == "segment":
-                        done = self._unchanged(txn.con, latest)
-                    todo = [key for key in latest if key not in done]
-                    stale = self.manifest.packs_of(txn.con, todo)
+                        done = _unchanged(held, latest)
+                    stale = {e.path for e in held.values() if e.pack_offset is not None and e.key not in done}
                     rows = written.publish(self.root, unchanged=done.keys())
                     self.manifest.upsert(txn.con, rows)
                     # A pack whose every key has now moved elsewhere is no longer named by any row.
@@ -553,20 +552,15 @@ class FeatureStore:
             written.discard()
         return [done[key] for key, _t, _s, _m in items]
 
-    def _unchanged(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        latest: Mapping[str, tuple[pa.Table, str | None, dict[str, Any], str]],
-    ) -> dict[str, Entry]:
-        """The rows of those keys the manifest already records with the content in ``latest``, whose file is
-        there (one ``stat`` per file: a pack's keys share theirs)."""
-        same = {
-            key: entry
-            for key, entry in self.manifest.select(con, list(latest)).items()
-            if entry.content_hash == latest[key][3]
-        }
-        there = {path: path.exists() for path in {entry.path for entry in same.values()}}
-        return {key: entry for key, entry in same.items() if there[entry.path]}
+
+def _unchanged(
+    held: Mapping[str, Entry], latest: Mapping[str, tuple[pa.Table, str | None, dict[str, Any], str]]
+) -> dict[str, Entry]:
+    """The rows ``held`` of those keys the manifest already records with the content in ``latest``, whose file
+    is there (one ``stat`` per file: a pack's keys share theirs)."""
+    same = {key: entry for key, entry in held.items() if entry.content_hash == latest[key][3]}
+    there = {path: path.exists() for path in {entry.path for entry in same.values()}}
+    return {key: entry for key, entry in same.items() if there[entry.path]}
 
 
 class _Named:
