@@ -49,6 +49,27 @@ def test_manifest_is_closed_between_calls(store: FeatureStore) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+def test_manifest_is_closed_after_failed_calls_too(store: FeatureStore) -> None:
+    store.put("k", table())
+    manifest = Manifest(store.root)
+    with pytest.raises(RuntimeError), manifest.write() as txn:
+        txn.con.execute("DELETE FROM entries")
+        raise RuntimeError("abort")
+    # A transaction left open in a read makes closing the file fail: the process's DuckDB is dropped instead.
+    with pytest.raises(RuntimeError), manifest.read(fold=False) as con:
+        con.execute("BEGIN TRANSACTION")
+        raise RuntimeError("abort")
+    code = f"import duckdb; duckdb.connect({str(store.manifest.path)!r}).execute('SELECT 1').fetchall()"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    assert "k" in store.lookup(["k"]) and store.get("k") == table()
+
+
+def test_a_root_whose_path_holds_a_quote(tmp_path: Path) -> None:
+    store = FeatureStore(tmp_path / "it's")
+    store.put("k", table())
+    assert store.lookup(["k"])["k"].rows == 3 and store.get("k") == table()
+
+
 def test_hits_are_journaled_then_folded(store: FeatureStore) -> None:
     store.put("k", table())
     store.get_many(["k", "k", "nope"])
