@@ -38,6 +38,7 @@ from refresher.engines._common import (
     DB_SUPERUSER,
     HOST,
     INIT_BYTES_NEEDED,
+    INITDB_ARGS,
     RETRYABLE_SQLSTATES,
     TUNING,
     is_disk_full,
@@ -257,6 +258,8 @@ class DockerEngine:
                         "POSTGRES_USER": state.user,
                         "POSTGRES_PASSWORD": state.password,
                         "POSTGRES_DB": profile,
+                        # Read by the image's initdb only, on an empty volume: a kept volume keeps its layout.
+                        "POSTGRES_INITDB_ARGS": " ".join(INITDB_ARGS),
                     },
                     volumes={volume_name: {"bind": PGDATA, "mode": "rw"}},
                     ports={"5432/tcp": (HOST, self.pinned_port)},

@@ -30,6 +30,7 @@ from refresher.engines import _pgctl
 from refresher.engines._common import (
     DB_SUPERUSER,
     HOST,
+    INITDB_ARGS,
     PROFILE_NAME,
     TUNING,
     disk_error,
@@ -228,6 +229,7 @@ class LocalEngine:
             "--locale=C",
             "--no-instructions",
             "--no-sync",
+            *INITDB_ARGS,
         ]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
         result = _pgctl.run(
             self.bin_dir,

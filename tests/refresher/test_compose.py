@@ -122,6 +122,7 @@ def test_up_refresh_reset_down(
     dsn = json.loads(refresher("url", "-p", "compose_tiny", "--json", env=env).stdout)["dsn"]
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone()
+        assert conn.execute("SHOW wal_segment_size").fetchone() == ("1MB",)
         conn.execute("DELETE FROM ohlcv_1min")
     # Without --engine: auto finds the profile on the compose Postgres that serves it.
     refresher("reset", "-p", "compose_tiny", env=env)

@@ -18,6 +18,7 @@ import docker.errors
 import psycopg
 import pytest
 
+from refresher.engines import docker as docker_engine_module
 from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.docker import (
     PGDATA,
@@ -125,6 +126,7 @@ def test_start_serves_the_profile_database_and_is_idempotent(
     assert query(info, "SELECT current_user || '@' || current_database()") == "refresher@shared"
     assert query(info, "SHOW fsync") == "off"
     assert query(info, "SHOW synchronous_commit") == "off"
+    assert query(info, "SHOW wal_segment_size") == "1MB"  # INITDB_ARGS reached the image's initdb
     assert docker_engine.start("shared") == info
     assert docker_engine.info("shared") == info
     container = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-shared")
@@ -234,6 +236,27 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
         docker_client.containers.get(f"{prefix}-{docker_engine.scope}-gone")
     with pytest.raises(docker.errors.NotFound):
         docker_client.volumes.get(f"{prefix}-{docker_engine.scope}-gone-data")
+
+
+@pytest.mark.docker
+def test_a_volume_made_with_16mb_wal_segments_keeps_them_when_its_container_is_made_again(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:
+        before.setattr(docker_engine_module, "INITDB_ARGS", ())  # the container as versions before made it
+        info = docker_engine.start("wal16")
+    try:
+        assert query(info, "SHOW wal_segment_size") == "16MB"
+        with psycopg.connect(info.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept AS SELECT 7 AS x")
+            conn.execute("CHECKPOINT")
+        docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-wal16").remove(force=True)
+        # A new container on the volume, with today's POSTGRES_INITDB_ARGS: initdb does not run again.
+        again = docker_engine.start("wal16")
+        assert query(again, "SHOW wal_segment_size") == "16MB"
+        assert query(again, "SELECT x FROM kept") == 7
+    finally:
+        docker_engine.stop("wal16")
 
 
 # -- bad input and a hostile environment ----------------------------------------------------------------------

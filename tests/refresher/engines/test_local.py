@@ -12,14 +12,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from refresher.engines import _pgctl
-from refresher.engines.base import Engine
+from refresher.engines import _pgctl, local
+from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.local import LocalEngine, Postmaster
 from refresher.errors import EngineUnavailable, ProfileError
+from refresher.snapshot import restore_pristine, save_pristine
 
 pytestmark = pytest.mark.postgres
 
@@ -35,10 +37,10 @@ def engine(local_state_dir: Path) -> Iterator[LocalEngine]:
             engine.stop(status.profile)
 
 
-def _kill_server_keep_data(engine: LocalEngine, profile: str) -> None:
-    """What a reboot does: the server is gone, its data stays."""
+def _kill_server_keep_data(engine: LocalEngine, profile: str, mode: str = "fast") -> None:
+    """What a reboot does: the server is gone, its data stays (``immediate``: as a crash leaves it, to recover)."""
     pgdata = engine.base / profile / "pgdata"
-    result = _pgctl.run(engine.bin_dir, "pg_ctl", ["stop", "-D", str(pgdata), "-m", "fast", "-w"],
+    result = _pgctl.run(engine.bin_dir, "pg_ctl", ["stop", "-D", str(pgdata), "-m", mode, "-w"],
                         _pgctl.OsUser.for_server(), cwd=pgdata.parent)  # fmt: skip
     assert result.returncode == 0, result.output
 
@@ -169,6 +171,77 @@ def test_an_untraversable_state_dir_names_the_directory_to_fix(
         subprocess.run(["rm", "-rf", str(locked)], check=True)
 
 
+# -- the cluster's layout: 1 MB WAL segments, and the 16 MB of a cluster made before kept ---------------------------
+
+
+def _query(info: ServerInfo, text: str) -> Any:
+    with psycopg.connect(info.dsn()) as conn:
+        row = conn.execute(text.encode()).fetchone()
+    return row[0] if row else None
+
+
+def test_a_new_cluster_has_1mb_wal_segments(engine: LocalEngine) -> None:
+    info = engine.start("lc_wal")
+    assert _query(info, "SHOW wal_segment_size") == "1MB"
+
+
+def test_a_cluster_made_with_16mb_segments_keeps_them_and_its_data_without_a_new_initdb(
+    engine: LocalEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as before:
+        before.setattr(local, "INITDB_ARGS", ())  # initdb as the versions before 1 MB segments ran it
+        info = engine.start("lc_wal16")
+    assert _query(info, "SHOW wal_segment_size") == "16MB"
+    with psycopg.connect(info.dsn()) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    _kill_server_keep_data(engine, "lc_wal16")
+    again = engine.start("lc_wal16")
+    assert again.password == info.password
+    assert _query(again, "SHOW wal_segment_size") == "16MB"
+    assert _query(again, "SELECT answer FROM kept") == 42
+
+
+def test_crash_recovery_and_resets_are_exact_across_many_small_wal_segments(engine: LocalEngine) -> None:
+    info = engine.start("lc_walcrash")
+    digest = "SELECT md5(string_agg(id || ':' || price, ',' ORDER BY id)) FROM bars"
+    with psycopg.connect(info.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bars AS SELECT g AS id, g * 1.5 AS price FROM generate_series(1, 60000) g")
+        conn.execute("ALTER TABLE bars ADD PRIMARY KEY (id)")
+    pristine = _query(info, digest)
+    save_pristine(info, pool_size=1)
+    with psycopg.connect(info.dsn(), autocommit=True) as conn:
+        start = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        conn.execute("UPDATE bars SET price = price + 1")
+        conn.execute("DELETE FROM bars WHERE id % 3 = 0")
+        conn.execute("SET synchronous_commit = on")  # this commit's WAL, and all before it, reaches the files
+        conn.execute("UPDATE bars SET price = -price WHERE id % 7 = 0")
+        row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", start).fetchone()
+        assert row is not None and row[0] > 5 * 2**20, "fewer segments than this test is about"
+    changed = _query(info, digest)
+    _kill_server_keep_data(engine, "lc_walcrash", "immediate")  # no checkpoint: the start replays the WAL
+    info = engine.start("lc_walcrash")
+    assert _query(info, digest) == changed
+    assert restore_pristine(info, refill=False).method == "pool"
+    assert _query(info, digest) == pristine
+    with psycopg.connect(info.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE bars SET price = 0")
+    assert restore_pristine(info, refill=False).method == "template"
+    assert _query(info, digest) == pristine
+
+
+def test_snapshots_and_resets_add_nothing_to_the_server_log(engine: LocalEngine) -> None:
+    info = engine.start("lc_quietlog")
+    with psycopg.connect(info.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bars AS SELECT g AS id FROM generate_series(1, 1000) g")
+    log = engine.base / "lc_quietlog" / "server.log"
+    before = log.stat().st_size
+    # Three copies, two checkpoints each: the snapshot and its clone, then the second reset's (the pool is empty).
+    save_pristine(info, pool_size=1)
+    restore_pristine(info, refill=False)
+    restore_pristine(info, refill=False)
+    assert log.read_bytes()[before:].decode() == ""
+
+
 @pytest.mark.parametrize("bad", ["Bad", "1abc", "a-b", "a" * 42, "../x", ""])
 def test_profile_names_are_validated(engine: LocalEngine, bad: str) -> None:
     with pytest.raises(ProfileError, match="profile"):
@@ -207,7 +280,7 @@ def test_kill_9_during_initdb_then_the_next_start_cleans_up_and_serves(engine: L
 
 @pytest.fixture
 def tiny_disk() -> Iterator[Path]:
-    """A 16 MB tmpfs: too small for initdb (about 40 MB). Needs root, as the server's OS user switch does."""
+    """A 16 MB tmpfs: too small for initdb (about 31 MB). Needs root, as the server's OS user switch does."""
     path = Path(tempfile.mkdtemp(prefix="refresher-full-", dir="/tmp"))
     mounted = (
         os.geteuid() == 0
