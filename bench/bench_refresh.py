@@ -28,6 +28,7 @@ from featurestore import FeatureStore
 from refresher import snapshot
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
+from refresher.jobs.inprocess import LOADERS
 from refresher.pool import wait_for_pool
 from refresher.profile import load_profile
 from refresher.refresh import refresh
@@ -225,6 +226,25 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 "note": "goal <= 5 s (backtesting); baseline: the cold refresh above; "
                 + ", ".join(f"{k} {v:.2f}s" for k, v in warm.phases.items())
                 + f"; a plain CREATE DATABASE ... TEMPLATE of the loaded database right after: {copy:.2f}s",
+            },
+        )
+        # The same again with one loader: two months fill at once on two connections (``refresher.partitions``),
+        # the server's COPY FREEZE and key build being one core's work a month.
+        one_engine = LocalEngine(work / "state-one-loader")
+        try:
+            one = refresh(profile, one_engine, FeatureStore(settings.store_root), loaders=1)
+        finally:
+            one_engine.stop(profile.name)
+        rows.insert(
+            2,
+            {
+                "benchmark": f"{profile_name} warm store, new database: segments phase, {LOADERS} loaders",
+                "ours": warm.phases["segments"],
+                "baseline": one.phases["segments"],
+                "unit": "s",
+                "ratio": one.phases["segments"] / warm.phases["segments"],
+                "note": "goal: more than 1 (a second core for the server); baseline: the same with one loader, "
+                f"right after (whole refresh {one.seconds:.2f} s)",
             },
         )
 

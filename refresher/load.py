@@ -126,7 +126,9 @@ def load_segments(
     except psycopg.errors.DiskFull as exc:
         raise server_disk_full(conn, exc, needed=needed, what=what) from exc
     except psycopg.Error as exc:
-        raise LoadError(f"{named}: loading failed: {exc}".rstrip(), segment=str(items[0].segment)) from exc
+        # One line, as every error the CLI prints: the server's DETAIL (which row) follows on the same line.
+        said = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+        raise LoadError(f"{named}: loading failed: {said}".rstrip(), segment=str(items[0].segment)) from exc
 
 
 def load_segment(
@@ -184,12 +186,20 @@ def _write_batch(
         copies.setdefault(item.segment.table, []).append(data.slice(start))
         rows.append(data.num_rows - start)
         written.append((item, data.num_rows))
-    rows_of = {table: pa.concat_tables(parts) for table, parts in copies.items()}
-    # Before the DELETE, which may touch the default partition a creator must then take exclusively.
-    creating = {table: partitions.lock_for_new_months(conn, table, data) for table, data in rows_of.items()}
+    rows_of = {table: pa.concat_tables(parts) for table, parts in sorted(copies.items())}
+    # The lock order (``refresher.partitions``): segments, then new months, then, having filled the new months'
+    # partitions, the creators' lock before the first statement on a parent (the DELETE may touch the default
+    # partition, which a creator's ATTACH takes exclusively).
+    months = {table: partitions.lock_new_months(conn, table, data) for table, data in rows_of.items()}
+    fills = [
+        partitions.fill_new_months(conn, table, data.schema.names, data, copy_arrow, months[table])
+        for table, data in rows_of.items()
+    ]
+    if any(months.values()):
+        partitions.lock_creators(conn)
     _delete_rows(conn, reload)
-    for table, data in rows_of.items():
-        partitions.copy_by_month(conn, table, data.schema.names, data, copy_arrow, creating=creating[table])
+    for fill in fills:
+        partitions.attach_and_copy(conn, fill, copy_arrow)
     _record(conn, written)
     _quarantine(conn, [(item.segment, item.rejects) for item, _ in written if item.rejects is not None])
     return BatchOutcome(tuple(rows), frozenset(appended), tuple(emptied))

@@ -12,13 +12,28 @@ in two partitions, which routing handles; the loader still deletes and copies by
 
 A new partition is a plain table with the month's CHECK constraint, filled with COPY FREEZE, given its
 primary key (one sorted build), then attached. ``ATTACH PARTITION`` takes SHARE UPDATE EXCLUSIVE on the parent
-(readers and writers of other months go on) and, thanks to the CHECK constraint, scans nothing but the default partition, which holds
-no rows of that month (else the month's rows are routed into it as before). Creators take one transaction-scoped
-advisory lock before their batch's DELETE: two creators then take turns instead of deadlocking on the default
-partition (each deleting from it, then each wanting it exclusively to attach). So two loaders that create months
-at once run one after the other; that is why two COPY streams into new months gained nothing. Without the lock
-(four backtesting months, two connections, leaf tables only) they gained 1.25-1.33x on this 2-core machine, before
-the fetcher's share of the cores: not worth a second lock order yet.
+(readers and writers of other months go on, but a second ATTACH waits for the first's commit) and ACCESS
+EXCLUSIVE on the default partition, which it scans (thanks to the CHECK constraint, the new table is not); the
+default holds no rows of that month (else the month's rows are routed into it as before). The same on PG 12 and
+later, so on both engines (15 and 18).
+
+Two loaders fill two new months at once; the lock order that keeps them from deadlocking, in every loader:
+
+1. the segments' advisory locks (``refresher.load``), ascending;
+2. each new month's advisory lock (``lock_new_months``), ascending; then the months without a partition are
+   read again: two loaders of one month take turns, and the second finds it made;
+3. fill: CREATE TABLE, COPY FREEZE, primary key (``fill_new_months``). This touches only the new table (and the
+   parent's definition, ACCESS SHARE, for ``LIKE``), so the bulk of the work runs beside another loader's;
+4. the creators' advisory lock (``lock_creators``), only a batch that filled a partition;
+5. the batch's DELETE through the parent, the default partition's check, ATTACH, the other rows' COPY through
+   the parent, the ledger rows; commit.
+
+No loader holds a lock on the default partition before step 4 (the check that reads it is in step 5), and
+only one is past step 4 at a time, so a creator's ATTACH waits at most for loaders without new months (whose
+DELETE or COPY may touch the default); those take nothing but their own segments' rows and ROW EXCLUSIVE on the
+tables, which the ATTACH's locks let through or make wait, never the other way round.
+Before, the creators' lock was taken first (before the DELETE) and held through the fill, so two loaders that
+created months ran one after the other.
 
 A database made before partitions (``ohlcv_1min`` a plain table) keeps working: its rows are copied as before.
 """
@@ -27,6 +42,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -94,50 +110,104 @@ def existing_months(conn: psycopg.Connection[Any], table: str) -> set[dt.date]:
     return months
 
 
-def lock_for_new_months(conn: psycopg.Connection[Any], table: str, data: pa.Table) -> bool:
-    """Before the batch deletes anything: whether ``data`` needs a partition that does not exist yet, and if so
-    the creators' lock, held until the transaction ends (see the module docstring)."""
+def lock_new_months(conn: psycopg.Connection[Any], table: str, data: pa.Table) -> list[dt.date]:
+    """Before anything else of the batch's table is touched: the months of ``data`` without a partition, each
+    under its month's lock (ascending), read again once the locks are held (another loader may have made one).
+
+    Two loaders of one new month take turns here; of two different months, both go on (see the module
+    docstring for the lock order)."""
     column = PARTITIONED.get(table)
     if column is None or not is_partitioned(conn, table):
-        return False
-    if not set(months_of(data, column)) - existing_months(conn, table):
-        return False
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_CREATE_LOCK,))
-    return True
+        return []
+    wanted = set(months_of(data, column)) - existing_months(conn, table)
+    if not wanted:
+        return []
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(%s), code) FROM (SELECT unnest(%s::int[]) AS code ORDER BY 1) c",
+        (f"{_CREATE_LOCK}.{table}", sorted(_code(month) for month in wanted)),
+    )
+    return sorted(wanted - existing_months(conn, table))
 
 
-def copy_by_month(
+@dataclass(frozen=True)
+class MonthFill:
+    """A batch's rows of one table: the partitions of its new months made and filled (not attached yet), and
+    which rows still go through the parent."""
+
+    table: str
+    columns: Sequence[str]
+    data: pa.Table
+    # Each new month's partition, with the mask of its rows (None: every row of ``data``).
+    filled: dict[dt.date, np.ndarray[Any, np.dtype[np.bool_]] | None]
+    # The rows of months that already have a partition (or no partitions at all).
+    routed: np.ndarray[Any, np.dtype[np.bool_]]
+
+
+def fill_new_months(
     conn: psycopg.Connection[Any],
     table: str,
     columns: Sequence[str],
     data: pa.Table,
     copy: Copy,
-    *,
-    creating: bool,
-) -> list[dt.date]:
-    """COPY ``data`` into ``table``; with ``creating`` (``lock_for_new_months`` said so), the rows of each month
-    without a partition go into a new one filled with COPY FREEZE. Returns the months created."""
-    if not creating:
-        copy(conn, table, columns, data)
-        return []
-    column = PARTITIONED[table]
-    have = existing_months(conn, table)
-    created: list[dt.date] = []
+    months: Sequence[dt.date],
+) -> MonthFill:
+    """Make each of ``months`` (``lock_new_months``) a partition of its own and fill it with COPY FREEZE and its
+    primary key: the bulk of a cold load, done before the creators' lock, touching no table another loader
+    uses."""
     routed = np.ones(data.num_rows, dtype=bool)
-    for code, picked in _by_month(data.column(column)).items():
-        month = _month(code)
-        if month in have or _default_holds(conn, table, column, month):
+    filled: dict[dt.date, np.ndarray[Any, np.dtype[np.bool_]] | None] = {}
+    if months:
+        wanted = set(months)
+        for code, picked in _by_month(data.column(PARTITIONED[table])).items():
+            month = _month(code)
+            if month not in wanted:
+                continue
+            rows = data if picked is None else data.filter(pa.array(picked))
+            _create_filled(conn, table, PARTITIONED[table], columns, month, rows, copy)
+            filled[month] = picked
+            if picked is None:
+                routed[:] = False
+            else:
+                routed &= ~picked
+    return MonthFill(table, columns, data, filled, routed)
+
+
+def lock_creators(conn: psycopg.Connection[Any]) -> None:
+    """The creators' lock, until the transaction ends: taken after a batch filled its new partitions and before
+    it touches the parent (its DELETE, the default partition, the ATTACH); see the module docstring."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_CREATE_LOCK,))
+
+
+def attach_and_copy(conn: psycopg.Connection[Any], fill: MonthFill, copy: Copy) -> list[dt.date]:
+    """Under the creators' lock (when ``fill`` made partitions) and after the batch's DELETE: attach each filled
+    partition, then COPY the other rows through the parent. Returns the months attached.
+
+    A month the default partition holds rows of (a row inserted by hand) cannot have a partition: its filled
+    table is dropped and its rows go through the parent into the default, as they always did. That is known
+    only here, because reading the default earlier would hold a lock the ATTACH of another loader waits for."""
+    routed = fill.routed.copy()
+    attached: list[dt.date] = []
+    column = PARTITIONED.get(fill.table, "")
+    for month, picked in fill.filled.items():
+        leaf = sql.Identifier(partition_name(fill.table, month))
+        if _default_holds(conn, fill.table, column, month):
+            conn.execute(sql.SQL("DROP TABLE {}").format(leaf))
+            if picked is None:
+                routed[:] = True
+            else:
+                routed |= picked
             continue
-        if picked is None:
-            _create_filled(conn, table, column, columns, month, data, copy)
-            routed[:] = False
-        else:
-            _create_filled(conn, table, column, columns, month, data.filter(pa.array(picked)), copy)
-            routed &= ~picked
-        created.append(month)
+        lo, hi = month_bounds(month)
+        conn.execute(
+            sql.SQL("ALTER TABLE {parent} ATTACH PARTITION {leaf} FOR VALUES FROM ({lo}) TO ({hi})").format(
+                parent=sql.Identifier(fill.table), leaf=leaf, lo=sql.Literal(lo), hi=sql.Literal(hi)
+            )
+        )
+        attached.append(month)
     if routed.any():
-        copy(conn, table, columns, data if routed.all() else data.filter(pa.array(routed)))
-    return created
+        data = fill.data if routed.all() else fill.data.filter(pa.array(routed))
+        copy(conn, fill.table, fill.columns, data)
+    return attached
 
 
 def _create_filled(
@@ -172,11 +242,6 @@ def _create_filled(
     conn.execute(
         sql.SQL("ALTER TABLE {leaf} ADD CONSTRAINT {pkey} PRIMARY KEY (symbol, {col})").format(
             leaf=ident, pkey=sql.Identifier(f"{name}_pkey"), col=col
-        )
-    )
-    conn.execute(
-        sql.SQL("ALTER TABLE {parent} ATTACH PARTITION {leaf} FOR VALUES FROM ({lo}) TO ({hi})").format(
-            parent=sql.Identifier(table), leaf=ident, lo=sql.Literal(lo), hi=sql.Literal(hi)
         )
     )
 
@@ -219,12 +284,19 @@ def _month(code: int) -> dt.date:
     return dt.date(code // 12, code % 12 + 1, 1)
 
 
+def _code(month: dt.date) -> int:
+    return month.year * 12 + month.month - 1
+
+
 __all__ = [
     "PARTITIONED",
-    "copy_by_month",
+    "MonthFill",
+    "attach_and_copy",
     "existing_months",
+    "fill_new_months",
     "is_partitioned",
-    "lock_for_new_months",
+    "lock_creators",
+    "lock_new_months",
     "month_bounds",
     "months_of",
     "partition_name",

@@ -22,6 +22,7 @@ from refresher.calendar import exchange_tz
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs import InProcessExecutor, jobs_of_plan
+from refresher.jobs.inprocess import LOADERS
 from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
 from refresher.jobs.segment import SegmentJob, stored_tables
 from refresher.plan import GapPlan, LedgerView, StoreView, plan_gaps, segment_keys
@@ -205,9 +206,11 @@ def refresh(
     verify: bool = False,
     progress: ProgressCallback | None = None,
     pool_size: int = DEFAULT_POOL_SIZE,
+    loaders: int = LOADERS,
 ) -> RefreshReport:
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
-    pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``)."""
+    pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``); the
+    segments are loaded on ``loaders`` connections at once (``InProcessExecutor``)."""
     started = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -242,6 +245,8 @@ def refresh(
             conn,
             on_loaded=writes.loaded_segments if writes else None,
             keep_daily=bool(profile.features),
+            connect=lambda: psycopg.connect(server.dsn(), autocommit=True),
+            loaders=loaders,
         )
         totals = executor.run(jobs, progress)
         mark = lap("segments", mark)

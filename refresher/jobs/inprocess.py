@@ -21,7 +21,6 @@ from refresher import load
 from refresher.jobs.segment import SegmentJob, SegmentTotals, fetch_tables, load_tables, stored_tables
 from refresher.segments import Segment
 from refresher.sources.base import Source
-from refresher.sources.validate import Reject
 
 # Minute segments per store write: one manifest transaction per batch keeps the lock short and the count of
 # DuckDB connects low (about 2,400 segments in a cold backtesting run).
@@ -41,6 +40,9 @@ LOAD_ROWS = 64 * 1024
 # that creates a month's partition fills it with COPY FREEZE (no WAL), so the month's other segments should ride
 # in it rather than follow with plain COPYs (``refresher.partitions``). A kill loses at most the month in flight.
 MONTH_ROWS = 2 * 1024 * 1024
+# Load transactions at once, each on its own connection (``InProcessExecutor``): the server's share of a new
+# month (COPY FREEZE and the key build) is one core's work, and the machines we measure on have two.
+LOADERS = 2
 
 
 class ProgressCallback(Protocol):
@@ -95,7 +97,14 @@ class _Fetcher(threading.Thread):
 
     def results(self) -> Iterator[list[Produced]]:
         while True:
-            item = self.out.get()
+            try:
+                item = self.out.get(timeout=0.1)
+            except queue.Empty:
+                if (
+                    self.cancelled.is_set()
+                ):  # then no _DONE may come (``_put`` gives up): a loader must not wait
+                    return
+                continue
             if item is self._DONE:
                 return
             if isinstance(item, BaseException):
@@ -155,8 +164,14 @@ def _allow_shrink(batch: Sequence[Produced]) -> bool:
 
 
 class InProcessExecutor:
-    """Runs segment jobs against one connection; the connection must be in autocommit mode so that each
-    segment's transaction is a real BEGIN/COMMIT and every finished segment survives a kill -9."""
+    """Runs segment jobs against one connection, or ``loaders`` connections at once (``connect`` opens the
+    others); each must be in autocommit mode so that each batch's transaction is a real BEGIN/COMMIT and every
+    finished batch survives a kill -9.
+
+    Several loaders take the load transactions in turn from one queue, each a whole batch (a month of minute
+    segments): the server fills a new month's partition at about 0.9 us a row on one core, so two months at
+    once use both cores (``refresher.partitions`` says why they do not deadlock). A failed batch rolls back
+    alone; the other loaders finish the batch they hold, take no other, and the first error is raised."""
 
     def __init__(
         self,
@@ -166,44 +181,124 @@ class InProcessExecutor:
         *,
         on_loaded: Callable[[Sequence[load.SegmentLoad], bool], None] | None = None,
         keep_daily: bool = True,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        loaders: int = 1,
     ) -> None:
         """``keep_daily=False``: no features step will read the fetched daily tables (``SegmentTotals``)."""
         self.source, self.store, self.conn = source, store, conn
         self.on_loaded = on_loaded  # told each committed batch (see ``load_tables``)
         self.keep_daily = keep_daily
+        self.connect = connect
+        self.loaders = loaders if connect is not None else 1
 
     def run(self, jobs: Sequence[SegmentJob], progress: ProgressCallback | None = None) -> SegmentTotals:
-        totals = SegmentTotals(keep_daily=self.keep_daily)
-        emptied: list[tuple[Segment, int]] = []
         to_fetch = [job for job in jobs if job.stored_hash is None]
         in_store = [job for job in jobs if job.stored_hash is not None]
         fetcher = _Fetcher(self.source, self.store, to_fetch, in_store)
+        run = _LoadRun(self, _load_batches(fetcher.results()), len(jobs), progress)
         fetcher.start()
+        helpers: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
         finished = False
         try:
-            for batch in _load_batches(fetcher.results()):
-                # the rows quarantined when the table was produced (by this run or the one that stored it)
-                loads = [(job, table, content_hash, self._rejects(job)) for job, table, content_hash in batch]
-                outcomes, refused = load_tables(
-                    self.conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self.on_loaded
+            for k in range(1, self.loaders):
+                assert self.connect is not None  # loaders is 1 without it
+                conn = self.connect()
+                thread = threading.Thread(
+                    target=run.drain, args=(conn,), name=f"refresher-load-{k}", daemon=True
                 )
-                emptied.extend(refused)  # load the rest; one error naming all of them at the end
-                for outcome, (_job, table, _hash) in zip(outcomes, batch, strict=True):
-                    totals.add(outcome, table)
-                if progress:
-                    progress("load", totals.done, len(jobs), totals.rows_loaded)
+                helpers.append((thread, conn))
+                thread.start()
+            run.drain(self.conn, reraise=True)
+            for thread, _ in helpers:
+                thread.join()
             finished = True
         finally:
+            run.stop.set()
             fetcher.cancelled.set()
+            if not finished:
+                # Ctrl-C or an error here: the other loaders' statements are cancelled (their batches roll back
+                # whole) rather than waited for.
+                for thread, conn in helpers:
+                    if thread.is_alive():
+                        conn.cancel_safe(timeout=2)
+                for thread, _ in helpers:
+                    thread.join(timeout=5)
+            for thread, conn in helpers:
+                if not thread.is_alive():  # else it still uses it; the process's exit closes it
+                    conn.close()
             # On Ctrl-C or an error, do not wait for the batch the fetcher is producing (seconds of work): it
             # is a daemon thread, and what it stores is written crash-safe like any kill -9 would leave it.
             fetcher.join(timeout=5 if finished else 0.2)
-        if emptied:
-            raise load.ShrinkError.refused(emptied)
-        return totals
+        if run.error is not None:
+            raise run.error
+        if run.emptied:
+            raise load.ShrinkError.refused(run.emptied)
+        return run.totals
 
-    def _rejects(self, job: SegmentJob) -> list[Reject] | None:
-        return self.source.rejects.pop(job.segment, [])
+
+class _LoadRun:
+    """What the loaders of one ``InProcessExecutor.run`` share: the batches to take, the totals, the first
+    error; one lock around all of it (the loads themselves run outside it)."""
+
+    def __init__(
+        self,
+        executor: InProcessExecutor,
+        batches: Iterator[list[Produced]],
+        total: int,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.executor, self.batches, self.total, self.progress = executor, batches, total, progress
+        self.totals = SegmentTotals(keep_daily=executor.keep_daily)
+        self.emptied: list[tuple[Segment, int]] = []  # load the rest; one error naming all of them at the end
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def drain(self, conn: psycopg.Connection[Any], *, reraise: bool = False) -> None:
+        """Load batches on ``conn`` until there are none, or one loader failed; ``reraise``: the calling
+        thread's own error (Ctrl-C included) is raised here, as well as kept as the run's error."""
+        try:
+            while True:
+                with self.lock:
+                    if self.stop.is_set():
+                        return
+                    batch = next(self.batches, None)
+                    if batch is None:
+                        return
+                    # the rows quarantined when the table was produced (by this run or the one that stored it)
+                    rejects = self.executor.source.rejects
+                    loads = [
+                        (job, table, digest, rejects.pop(job.segment, [])) for job, table, digest in batch
+                    ]
+                outcomes, refused = load_tables(
+                    conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self._on_loaded
+                )
+                with self.lock:
+                    self.emptied.extend(refused)
+                    for outcome, (_job, table, _hash) in zip(outcomes, batch, strict=True):
+                        self.totals.add(outcome, table)
+                    if self.progress:
+                        self.progress("load", self.totals.done, self.total, self.totals.rows_loaded)
+        except BaseException as exc:
+            with self.lock:
+                if self.error is None and not self.stop.is_set():
+                    self.error = exc
+                self.stop.set()
+            if reraise:
+                raise
+
+    def _on_loaded(self, items: Sequence[load.SegmentLoad], allow_shrink: bool) -> None:
+        if self.executor.on_loaded is not None:
+            with self.lock:
+                self.executor.on_loaded(items, allow_shrink)
 
 
-__all__ = ["DAILY_SHARE", "LOAD_ROWS", "MONTH_ROWS", "STORE_BATCH", "InProcessExecutor", "store_batches"]
+__all__ = [
+    "DAILY_SHARE",
+    "LOADERS",
+    "LOAD_ROWS",
+    "MONTH_ROWS",
+    "STORE_BATCH",
+    "InProcessExecutor",
+    "store_batches",
+]

@@ -1,0 +1,255 @@
+"""Two loaders fill two new month partitions at once (``refresher.partitions``' lock order): one does not wait
+for the other's fill, neither deadlocks, a kill -9 mid-way resumes exactly, and a failed month rolls back alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from refresher import partitions
+from refresher.database import count_rows, ensure_schema, read_loaded_segments
+from refresher.engines.base import ServerInfo
+from refresher.load import SegmentLoad, copy_arrow, load_segments
+from refresher.segments import Segment
+from tests.fixtures_postgres import minute_bars, world_traversable_tmp
+from tests.refresher.test_refresh_e2e import Workspace
+from tests.refresher.test_refresh_e2e import workspace as workspace  # the fixture: each engine
+
+pytestmark = pytest.mark.postgres
+NY = "America/New_York"
+JAN, FEB, MAR = dt.date(2024, 1, 1), dt.date(2024, 2, 1), dt.date(2024, 3, 1)
+OPEN = {
+    JAN: dt.datetime(2024, 1, 2, 14, 30, tzinfo=dt.UTC),
+    FEB: dt.datetime(2024, 2, 1, 14, 30, tzinfo=dt.UTC),
+    MAR: dt.datetime(2024, 3, 1, 14, 30, tzinfo=dt.UTC),
+}
+# The tables named like partitions that are not attached: a fill whose transaction was lost would leave one.
+STRAY = (
+    "SELECT count(*) FROM pg_class c WHERE c.relname ~ '^ohlcv_1min_[0-9]{4}_[0-9]{2}$' AND c.relkind = 'r' "
+    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)"
+)
+
+
+@pytest.fixture
+def dsn(pg_database: ServerInfo) -> str:
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+    return pg_database.dsn()
+
+
+def _month(month: dt.date, symbols: list[str], n: int = 2_000, *, seed: int = 0) -> list[SegmentLoad]:
+    return [
+        SegmentLoad(Segment(s, "1m", month), minute_bars(s, OPEN[month], n, seed=seed + k), f"h{seed}", NY)
+        for k, s in enumerate(symbols)
+    ]
+
+
+def test_a_second_month_is_made_while_the_first_is_still_filling(dsn: str) -> None:
+    """The point: the fill (COPY FREEZE and the key build) runs without the creators' lock, so another loader
+    makes, fills, attaches and commits its month meanwhile. With the lock taken before the fill (as before),
+    February's load would wait for January's commit, and this test would time out."""
+    jan = _month(JAN, ["AAPL", "MSFT"])
+    data = jan[0].table.combine_chunks()
+    with psycopg.connect(dsn, autocommit=True) as first, first.transaction():
+        months = partitions.lock_new_months(first, "ohlcv_1min", data)
+        assert months == [JAN]
+        fill = partitions.fill_new_months(first, "ohlcv_1min", data.schema.names, data, copy_arrow, months)
+        done = threading.Event()
+
+        def second() -> None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                load_segments(conn, _month(FEB, ["AAPL", "MSFT"]))
+            done.set()
+
+        thread = threading.Thread(target=second, daemon=True)
+        thread.start()
+        assert done.wait(timeout=60), "February waited for January's fill"
+        thread.join()
+        partitions.lock_creators(first)  # then January ends as a load does
+        assert partitions.attach_and_copy(first, fill, copy_arrow) == [JAN]
+    with psycopg.connect(dsn) as conn:
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
+        assert conn.execute(STRAY).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == (6_000,)
+
+
+def test_two_loaders_over_the_same_months_in_opposite_orders_never_deadlock(dsn: str) -> None:
+    """New months, reloads of existing ones and the default partition, two connections at once, each in its
+    own order: every load commits (a deadlock would fail one), and the end is what one loader would leave."""
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a row by hand: March's rows stay in the default
+        conn.execute("INSERT INTO ohlcv_1min VALUES ('ZZZ', '2024-03-20 15:00+00', 1, 1, 1, 1, 1)")
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def loader(months: list[dt.date], symbols: list[str]) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                start.wait()
+                for round_ in range(3):
+                    for month in months:
+                        load_segments(conn, _month(month, symbols, 3_000, seed=round_))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=loader, args=([JAN, FEB, MAR], ["AAPL", "MSFT"])),
+        threading.Thread(target=loader, args=([MAR, FEB, JAN], ["KO", "NVDA"])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    with psycopg.connect(dsn) as conn:
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
+        assert conn.execute(STRAY).fetchone() == (0,)
+        ledger = read_loaded_segments(conn)
+        assert len(ledger) == 12
+        counts = count_rows(conn, list(ledger), timezones=NY)
+        assert set(counts.values()) == {3_000}
+
+
+def _two_copies_at_once(dsn: str, proc: subprocess.Popen[Any], deadline: float) -> bool:
+    """Wait until two backends fill a new partition at the same moment."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline and proc.poll() is None:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'COPY%%FREEZE%%' AND state = 'active'"
+            ).fetchone()
+            if row and row[0] >= 2:
+                return True
+            time.sleep(0.005)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_9_while_two_months_fill_at_once_then_rerun_equals_a_clean_load(workspace: Workspace) -> None:
+    many = [f"S{i:03d}" for i in range(40)]
+    # The clean load first: it fills the store, so the victim's loads are fed as fast as they run and both
+    # loaders are soon filling a month each.
+    clean = workspace.write_profile(f"{workspace.profile}_clean", symbols=many, months=4)
+    workspace.refresh(profile=clean)
+    victim = workspace.write_profile(symbols=many, months=1)  # the server and its DSN exist before the kill
+    first = workspace.refresh(profile=victim)["segments"]["loaded"]
+    dsn = workspace.dsn(victim)
+    workspace.write_profile(victim, symbols=many, months=4)
+
+    proc = subprocess.Popen(
+        workspace.command("refresh", "--profile", victim),
+        env=workspace.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        both = _two_copies_at_once(dsn, proc, time.monotonic() + 300)
+        if both:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=120)
+    assert both and proc.returncode == -signal.SIGKILL, "the refresh never filled two months at once"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 30
+        while conn.execute(  # the server ends the killed client's backends (and rolls their months back)
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> "
+            "pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the server kept the killed refresh's transactions"
+            time.sleep(0.05)
+        assert conn.execute(STRAY).fetchone() == (0,)
+        loaded = conn.execute("SELECT count(*) FROM refresher_segments").fetchone()[0]
+    total = len(many) * 4 * 2
+    assert first <= loaded < total
+
+    resumed = workspace.refresh(profile=victim)
+    assert resumed["segments"]["present"] >= loaded  # nothing committed before the kill was redone
+    assert resumed["segments"]["loaded"] + resumed["segments"]["present"] == total
+    assert workspace.checksums(victim) == workspace.checksums(clean)
+    assert workspace.scalar("SELECT count(*) FROM refresher_segments", victim) == total
+
+
+# A refresh whose source gives one symbol's December minutes a duplicated bar: the key build of December's new
+# partition fails in whichever loader took it.
+_DUPLICATE_ONE_MONTH = """
+import sys
+import pyarrow as pa
+from refresher.sources import synthetic
+
+fetch_many = synthetic.SyntheticSource.fetch_many
+
+def duplicating(self, segments):
+    tables = fetch_many(self, segments)
+    return [
+        pa.concat_tables([t, t.slice(0, 1)]) if (s.symbol, s.timeframe, s.month.month) == ("S003", "1m", 12)
+        else t
+        for s, t in zip(segments, tables)
+    ]
+
+synthetic.SyntheticSource.fetch_many = duplicating
+from refresher.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_month_that_fails_to_load_rolls_back_alone_and_the_refresh_fails_in_one_line() -> None:
+    ws = Workspace(world_traversable_tmp("refresher-months-"), "local", f"pm_{uuid.uuid4().hex[:8]}")
+    try:
+        many = [f"S{i:03d}" for i in range(20)]
+        ws.write_profile(symbols=many, months=4)
+        args = [*ws.command("refresh", "--profile", ws.profile)[3:]]
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(_DUPLICATE_ONE_MONTH), *args],
+            env=ws.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 2, done.stderr
+        *progress, line = done.stderr.strip().splitlines()
+        assert all(p.startswith("refresher: load ") for p in progress)  # progress lines, then the error
+        assert line.startswith("refresher: S000/1m/2024-12 ") and "loading failed" in line and "S003" in line
+        with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('ohlcv_1min_2024_12')").fetchone() == (None,)
+            assert conn.execute(STRAY).fetchone() == (0,)
+            months = {
+                month
+                for (month,) in conn.execute(
+                    "SELECT DISTINCT month FROM refresher_segments WHERE timeframe = '1m'"
+                )
+            }
+            assert dt.date(2024, 12, 1) not in months
+            ledger = read_loaded_segments(conn)
+            minutes = [s for s in ledger if s.timeframe == "1m"]
+            # every month that committed did so whole: all its segments, each with its rows
+            for month in months:
+                assert len([s for s in minutes if s.month == month]) == len(many)
+            counts = count_rows(conn, minutes, timezones=NY)
+            assert all(counts[s] == ledger[s].rows for s in minutes)
+        # the source fixed (and a store without the bad table): the re-run loads what is missing and ends as a
+        # clean load does
+        fixed = {**ws.env, "FEATURE_STORE_PATH": str(ws.root / "store-fixed")}
+        clean = ws.write_profile(f"{ws.profile}_clean", symbols=many, months=4)
+        for name in (ws.profile, clean):
+            again = subprocess.run(
+                ws.command("refresh", "--profile", name),
+                env=fixed,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert again.returncode == 0, again.stderr
+        assert ws.checksums() == ws.checksums(clean)
+    finally:
+        ws.down()
