@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 from collections.abc import Callable, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,12 +118,18 @@ def describe(
         "hash_method": hash_method,
         "kind": kind,
         "entry_kind": entry_kind,
-        "created_ts": now.isoformat(),
+        "created_ts": _isoformat(now),
         "meta": _files.dump_meta(meta),
     }
     return Incoming(
         key, table, file_meta, symbol, times(start), times(end), content, hash_method, now, entry_kind
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _isoformat(moment: dt.datetime) -> str:
+    # A batch shares one ``now``: formatted once, not once per key (60,000 times in a production-scale refresh).
+    return moment.isoformat()
 
 
 def write(

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -115,7 +115,9 @@ def _batch_digests(
     """The xxh3 digests of ``tables`` (one schema, ``kinds``), the bytes ``_full_digest`` feeds, or None when a
     column holds nulls. A column's three streams are (values, lengths, nulls); an empty stream is ``_NOTHING``."""
     bounds = [0, *accumulate(table.num_rows for table in tables)]
-    per_table: list[list[bytes]] = [[] for _ in tables]
+    # Each column's digests for every table, one list per column, joined per table at the end: a comprehension
+    # per column rather than an append per (table, column), which was most of a 2,000-table batch's time.
+    per_column: list[list[bytes]] = []
     # One table of every row: the logical content is what is hashed, so where its chunks break does not matter.
     # Combined as a table, not column by column: 2,000 daily tables of 7 columns 1.5 ms against 7 ms.
     whole = pa.concat_tables(tables).combine_chunks()
@@ -125,8 +127,13 @@ def _batch_digests(
             return None
         if width:
             values = _value_bytes(column, width)
-            for digests, low, high in zip(per_table, bounds, bounds[1:], strict=False):
-                digests.append(_values_only_digest(values[low * width : high * width]))
+            cuts = [row * width for row in bounds]
+            per_column.append(
+                [
+                    xxhash.xxh3_128_digest(values[low:high]) + _NO_LENGTHS_NO_NULLS
+                    for low, high in pairwise(cuts)
+                ]
+            )
             continue
         _validity, offsets_buffer, data = column.buffers()
         offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[
@@ -135,16 +142,18 @@ def _batch_digests(
         lengths = memoryview(np.diff(offsets).astype(np.int64).tobytes())
         places = offsets.tolist()
         content = memoryview(data) if data is not None else memoryview(b"")
-        for digests, low, high in zip(per_table, bounds, bounds[1:], strict=False):
-            digests.append(
+        per_column.append(
+            [
                 xxhash.xxh3_128_digest(content[places[low] : places[high]])
                 + xxhash.xxh3_128_digest(lengths[low * 8 : high * 8])
                 + _NOTHING
-            )
+                for low, high in pairwise(bounds)
+            ]
+        )
     head = _FINGERPRINT_FORMAT + _schema_bytes(schema)
     return [
         xxhash.xxh3_128_hexdigest(head + struct.pack("<q", table.num_rows) + b"".join(digests))
-        for table, digests in zip(tables, per_table, strict=True)
+        for table, digests in zip(tables, zip(*per_column, strict=True), strict=True)
     ]
 
 
@@ -228,6 +237,7 @@ def _column_digest(column: pa.ChunkedArray) -> bytes:
 
 # The digest of a stream fed nothing: the lengths and nulls of a fixed-width column without nulls.
 _NOTHING = xxhash.xxh3_128().digest()
+_NO_LENGTHS_NO_NULLS = _NOTHING + _NOTHING
 
 
 def _fixed_digest(chunk: pa.Array, width: int) -> bytes:
@@ -247,7 +257,7 @@ def _value_bytes(chunk: pa.Array, width: int) -> memoryview:
 
 def _values_only_digest(values: memoryview) -> bytes:
     """A column's three stream digests when only its values stream is fed (no lengths, no nulls)."""
-    return xxhash.xxh3_128_digest(values) + _NOTHING + _NOTHING
+    return xxhash.xxh3_128_digest(values) + _NO_LENGTHS_NO_NULLS
 
 
 @_memoised
