@@ -255,8 +255,10 @@ class _LoadRun:
         self.lock = threading.Lock()
 
     def drain(self, conn: psycopg.Connection[Any], *, reraise: bool = False) -> None:
-        """Load batches on ``conn`` until there are none, or one loader failed; ``reraise``: the calling
-        thread's own error (Ctrl-C included) is raised here, as well as kept as the run's error."""
+        """Load batches on ``conn`` until there are none, or one loader failed. An error (a load's, or a fetch's
+        that ``next`` raises) becomes the run's, and the other loaders finish the batch they hold: what came
+        before a failed fetch is loaded, as with one loader. ``reraise``: the calling thread's Ctrl-C is raised
+        here at once, and the run cancels the others."""
         try:
             while True:
                 with self.lock:
@@ -284,7 +286,7 @@ class _LoadRun:
                 if self.error is None and not self.stop.is_set():
                     self.error = exc
                 self.stop.set()
-            if reraise:
+            if reraise and not isinstance(exc, Exception):
                 raise
 
     def _on_loaded(self, items: Sequence[load.SegmentLoad], allow_shrink: bool) -> None:
