@@ -23,7 +23,7 @@ from refresher.segments import Segment
 from refresher.sources.base import Source
 
 # Minute segments per store write: one manifest transaction per batch keeps the lock short and the count of
-# DuckDB connects low (about 2,400 segments in a cold backtesting run).
+# manifest transactions (each a checkpoint of the file) low (about 2,400 segments in a cold backtesting run).
 STORE_BATCH = 200
 # Daily segments per minute segment in a store batch (2,000 a batch): a batch's fixed part (then two manifest
 # opens, now one; a pack file, an fsync: about 0.2 s) was paid by 200 daily segments of ~21 rows, half the
