@@ -27,7 +27,7 @@ from psycopg import sql
 from featurestore import FeatureStore
 from refresher import snapshot
 from refresher.engines.base import ServerInfo
-from refresher.engines.local import LocalEngine
+from refresher.engines.local import TEMPLATES, LocalEngine
 from refresher.jobs.inprocess import LOADERS
 from refresher.pool import wait_for_pool
 from refresher.profile import load_profile
@@ -101,7 +101,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     work = _workdir()
     rows: list[dict[str, Any]] = []
     settings = Settings.from_env(state_dir=work / "state", store_root=work / "store")
-    engine = LocalEngine(settings.state_dir)
+    # New clusters copy the user's cached initdb template, as the CLI's do (the first run of a machine builds it).
+    templates = settings.cache_dir / TEMPLATES if settings.cache_dir is not None else None
+    engine = LocalEngine(settings.state_dir, template_dir=templates)
     try:
         profile = load_profile(profile_name, settings.profiles_dirs, as_of=AS_OF)
         cold = refresh(profile, engine, FeatureStore(settings.store_root))
@@ -208,7 +210,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         # the first server goes down first: its autovacuum (a vacuum and analyze of every loaded month, about a
         # minute after its load) and its pool's refills would otherwise share the two cores with this row.
         engine.stop(profile.name)
-        warm_engine = LocalEngine(work / "state-warm")
+        warm_engine = LocalEngine(work / "state-warm", template_dir=templates)
         try:
             warm = refresh(profile, warm_engine, FeatureStore(settings.store_root))
             copy = _plain_copy_seconds(warm_engine.start(profile.name))
@@ -230,7 +232,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         )
         # The same again with one loader: two months fill at once on two connections (``refresher.partitions``),
         # the server's COPY FREEZE and key build being one core's work a month.
-        one_engine = LocalEngine(work / "state-one-loader")
+        one_engine = LocalEngine(work / "state-one-loader", template_dir=templates)
         try:
             one = refresh(profile, one_engine, FeatureStore(settings.store_root), loaders=1)
         finally:
@@ -250,7 +252,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
         # Incremental: a second server and store, first one month short, then the full range.
         inc_settings = Settings.from_env(state_dir=work / "state-inc", store_root=work / "store-inc")
-        inc_engine = LocalEngine(inc_settings.state_dir)
+        inc_engine = LocalEngine(inc_settings.state_dir, template_dir=templates)
         try:
             short = load_profile(profile_name, inc_settings.profiles_dirs, as_of=PREVIOUS_MONTH_END)
             refresh(short, inc_engine, FeatureStore(inc_settings.store_root))

@@ -24,9 +24,10 @@ def make_engine(name: str, settings: Settings, *, labels: Mapping[str, str] | No
     pytest plugin marks its throwaway servers with ``owner_labels`` so ``sweep_abandoned`` can find them.
     """
     if name == "local":
-        from refresher.engines.local import LocalEngine
+        from refresher.engines.local import TEMPLATES, LocalEngine
 
-        return LocalEngine(settings.state_dir)
+        templates = settings.cache_dir / TEMPLATES if settings.cache_dir is not None else None
+        return LocalEngine(settings.state_dir, template_dir=templates)
     if name == "docker":
         from refresher.engines.docker import DockerEngine
 

@@ -190,7 +190,7 @@ def run(
                 user=user.uid if other else None,
                 group=user.gid if other else None,
                 extra_groups=[] if other else None,
-                preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+                preexec_fn=kill_with_parent if die_with_parent and sys.platform == "linux" else None,
             )
         except subprocess.TimeoutExpired as exc:
             out.seek(0)
@@ -201,7 +201,7 @@ def run(
         return CommandResult(proc.returncode, out.read())
 
 
-def _die_with_parent() -> None:
+def kill_with_parent() -> None:
     """In the forked child, after its user switch (which would clear it): SIGKILL when the parent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

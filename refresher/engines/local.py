@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from refresher.engines import _pgctl
+from refresher.engines import _pgctl, _pgtemplate
 from refresher.engines._common import (
     DB_SUPERUSER,
     HOST,
@@ -46,8 +47,22 @@ from refresher.errors import EngineStateError, EngineUnavailable
 
 START_ATTEMPTS = 5
 INIT_PREFIX = "pgdata.init-"
+# Where under the settings' cache directory (``$XDG_CACHE_HOME/refresher``) new clusters' templates live.
+TEMPLATES = "pg-templates"
 # The local server listens on loopback TCP only: no Unix socket to collide with another cluster's.
 LISTEN: dict[str, str] = {"listen_addresses": f"'{HOST}'", "unix_socket_directories": "''"}
+# initdb's arguments besides -D and --pwfile; the template cache's key includes them exactly.
+INITDB_OPTIONS = [
+    "-U",
+    DB_SUPERUSER,
+    "--auth-host=scram-sha-256",
+    "--auth-local=scram-sha-256",
+    "--encoding=UTF8",
+    "--locale=C",
+    "--no-instructions",
+    "--no-sync",
+    *INITDB_ARGS,
+]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
 
 
 @dataclass(frozen=True)
@@ -129,8 +144,11 @@ class LocalEngine:
         bin_dir: Path | None = None,
         port: int | None = None,
         ready_timeout: float = 60.0,
+        template_dir: Path | None = None,
     ) -> None:
         self.base = Path(state_dir).absolute() / "local"
+        # Where initdb's output is cached for new clusters (see _pgtemplate); None: initdb for each one.
+        self.template_dir = Path(template_dir).absolute() if template_dir is not None else None
         self.bin_dir = Path(bin_dir) if bin_dir is not None else _pgctl.embedded_bin_dir()
         self.pinned_port = port
         self.ready_timeout = ready_timeout
@@ -217,36 +235,15 @@ class LocalEngine:
         user.give(building)
         version = _pgctl.server_version(self.bin_dir, user, paths.root)
         password = secrets.token_urlsafe(24)
-        args = [
-            "-D",
-            str(building),
-            "-U",
-            DB_SUPERUSER,
-            "--pwfile=/dev/stdin",
-            "--auth-host=scram-sha-256",
-            "--auth-local=scram-sha-256",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-instructions",
-            "--no-sync",
-            *INITDB_ARGS,
-        ]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
-        result = _pgctl.run(
-            self.bin_dir,
-            "initdb",
-            args,
-            user,
-            cwd=paths.root,
-            stdin_text=password + "\n",
-            die_with_parent=True,
-        )
-        if result.returncode != 0:
-            shutil.rmtree(building, ignore_errors=True)
-            with contextlib.suppress(OSError):  # nothing else in it: leave no profile behind for `status`
-                paths.root.rmdir()
-            if is_disk_full(result.output):
-                raise disk_full(paths.root)
-            raise EngineUnavailable(f"initdb failed in {building}: {result.output.strip()[-1500:]}")
+        if not self._from_template(building, version, user, password):
+            result = self._initdb(building, user, password)
+            if result.returncode != 0:
+                shutil.rmtree(building, ignore_errors=True)
+                with contextlib.suppress(OSError):  # nothing else in it: leave no profile behind for `status`
+                    paths.root.rmdir()
+                if is_disk_full(result.output):
+                    raise disk_full(paths.root)
+                raise EngineUnavailable(f"initdb failed in {building}: {result.output.strip()[-1500:]}")
         tuning = {**LISTEN, **TUNING}
         if _pgctl.major_version(version) >= 18:
             # Lets CREATE DATABASE ... STRATEGY FILE_COPY reflink on btrfs/xfs/APFS; refresher.snapshot falls
@@ -265,6 +262,46 @@ class LocalEngine:
         state.write(paths.state)
         building.rename(paths.pgdata)
         return state
+
+    def _initdb(self, building: Path, user: _pgctl.OsUser, password: str) -> _pgctl.CommandResult:
+        """initdb into the empty directory ``building``; the password goes through a pipe, never a file."""
+        args = ["-D", str(building), "--pwfile=/dev/stdin", *INITDB_OPTIONS]
+        return _pgctl.run(
+            self.bin_dir,
+            "initdb",
+            args,
+            user,
+            cwd=building.parent,
+            stdin_text=password + "\n",
+            die_with_parent=True,
+        )
+
+    def _from_template(self, building: Path, version: str, user: _pgctl.OsUser, password: str) -> bool:
+        """Fill ``building`` with a copy of the cached template cluster, given ``password``; False: run initdb.
+
+        The first use of a template runs initdb with a password nobody keeps and copies the result into the cache.
+        Whatever goes wrong here (no cache directory, no ``cp``, a full cache disk) leaves ``building`` empty and
+        falls back to a plain initdb, which reports its own errors.
+        """
+        if self.template_dir is None or sys.platform != "linux":
+            return False
+        try:
+            key = _pgtemplate.template_key(self.bin_dir, version, INITDB_OPTIONS, user)
+            with _pgtemplate.template_for(self.template_dir, key) as template:
+                if template is None:
+                    result = self._initdb(building, user, secrets.token_urlsafe(24))
+                    if result.returncode != 0:
+                        raise EngineUnavailable(result.output)
+                    _pgtemplate.keep(self.template_dir, key, building)
+                else:
+                    _pgtemplate.copy_cluster(template, building)
+            _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)
+            return True
+        except (OSError, EngineUnavailable):
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(mode=0o700)
+            user.give(building)
+            return False
 
     def _discard_cluster(self, paths: _Paths) -> None:
         """Remove a cluster nobody can log into (or half-made ones), stopping a server still running on it."""

@@ -1,0 +1,160 @@
+"""A cache of initdb's output: one never-started cluster per server binary and initdb argument list.
+
+A new local cluster is a copy of it (``cp --reflink=auto``: a reflink where the filesystem clones, a plain copy
+elsewhere) instead of an initdb run, and gets its own superuser password in single-user mode before its first
+start: single-user mode listens on nothing, so no moment exists in which anyone could log in with the
+template's password (a random one, never stored, that nobody knows).
+
+Layout under the cache directory (``$XDG_CACHE_HOME/refresher/pg-templates``)::
+
+    <key>/pgdata       the template cluster (owned by the server's OS user)
+    <key>/complete     the key, written (and everything above fsynced) before ``<key>`` gets its name
+    <key>.tmp-*        a template being copied in; a kill -9 leaves it for the next builder to remove
+    .<key>.lock        flock held while a template is checked, built or copied from
+
+``<key>`` hashes the postgres binary (path, size, mtime), its version, the exact initdb arguments and the
+files' owner, so a new server build or a new initdb flag makes a new template rather than reusing a stale one.
+The copies share the template's system identifier, which only replication and backup tools read; a local
+cluster has neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from refresher.engines import _pgctl
+from refresher.engines._common import locked
+from refresher.errors import EngineUnavailable
+
+MARKER = "complete"
+PGDATA = "pgdata"
+# What the single-user ALTER ROLE may carry unquoted (secrets.token_urlsafe's alphabet).
+PASSWORD_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def template_key(bin_dir: Path, version: str, initdb_args: list[str], owner: _pgctl.OsUser) -> str:
+    """The cache key of a template: the binary as found on disk, its version, initdb's arguments and the OS
+    user owning the files (a cache shared by root and a user must not hand one the other's unreadable copy)."""
+    exe = (bin_dir / "postgres").resolve()
+    st = exe.stat()
+    raw = json.dumps([str(exe), st.st_size, st.st_mtime_ns, version, initdb_args, owner.uid])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def template_for(cache: Path, key: str) -> Iterator[Path | None]:
+    """Hold the template ``key``'s lock and yield its cluster directory, or None when it does not exist yet.
+
+    With None the caller runs initdb and may ``keep`` the result while still holding the lock, so two processes
+    at once run initdb once and the second copies the first's result.
+    """
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with locked(cache / f".{key}.lock"):
+        for leftover in cache.glob(f"{key}.tmp-*"):  # a copy a killed builder left half done
+            _pgctl.kill_processes_in(leftover / PGDATA)  # its cp may not have received its SIGKILL yet
+            shutil.rmtree(leftover, ignore_errors=True)
+        final = cache / key
+        if _complete(final, key):
+            yield final / PGDATA
+            return
+        if final.exists():  # a marker someone damaged: never copy from it
+            shutil.rmtree(final)
+        yield None
+
+
+def keep(cache: Path, key: str, cluster: Path) -> None:
+    """Copy ``cluster`` (fresh from initdb, never started) in as the template ``key``; call with its lock held.
+
+    All or nothing: the copy is fsynced and marked under a temporary name, then renamed, so a kill -9 or a power
+    loss leaves no template or a complete one.
+    """
+    tmp = cache / f"{key}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir(mode=0o700)
+    try:
+        (tmp / PGDATA).mkdir(mode=0o700)
+        copy_cluster(cluster, tmp / PGDATA)
+        _fsync_tree(tmp)
+        _write_synced(tmp / MARKER, key)
+        tmp.rename(cache / key)
+        _fsync_path(cache)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_cluster(source: Path, target: Path) -> None:
+    """Copy the contents of ``source`` into the existing directory ``target``, owners and modes kept."""
+    result = subprocess.run(
+        ["cp", "--reflink=auto", "--sparse=always", "-a", "--", f"{source}/.", str(target)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_pgctl.kill_with_parent,  # a kill -9 of the CLI stops the copy too
+    )
+    if result.returncode != 0:
+        raise OSError(f"cp {source} -> {target} failed: {result.stderr.strip()[-500:]}")
+
+
+def set_password(bin_dir: Path, pgdata: Path, user: _pgctl.OsUser, role: str, password: str) -> None:
+    """Give ``role`` of the never-started cluster ``pgdata`` a new password, in single-user mode (no listener).
+
+    The password reaches the backend through a pipe and is hashed there (password_encryption=scram-sha-256).
+    """
+    if not PASSWORD_CHARS.fullmatch(password) or not PASSWORD_CHARS.fullmatch(role):
+        raise ValueError("password and role must be URL-safe base64 characters")
+    result = _pgctl.run(
+        bin_dir,
+        "postgres",
+        ["--single", "-D", str(pgdata), "-c", "fsync=off", "postgres"],
+        user,
+        cwd=pgdata.parent,
+        stdin_text=f"ALTER ROLE \"{role}\" PASSWORD '{password}';\n",
+        die_with_parent=True,
+        timeout=120,
+    )
+    failed = re.search(r"^(?:.*\s)?(ERROR|FATAL|PANIC):", result.output, re.MULTILINE)
+    if result.returncode != 0 or failed:
+        output = result.output.replace(password, "***")  # an error echoes the statement
+        raise EngineUnavailable(f"setting the new cluster's password failed: {output.strip()[-1000:]}")
+
+
+def _complete(final: Path, key: str) -> bool:
+    try:
+        marked = (final / MARKER).read_text(encoding="utf-8") == key
+    except OSError:
+        return False
+    return marked and (final / PGDATA / "PG_VERSION").is_file()
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: initdb ran with --no-sync and cp does not sync."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

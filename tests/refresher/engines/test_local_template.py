@@ -1,0 +1,149 @@
+"""New local clusters copied from the cached initdb template, against real embedded PostgreSQL servers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from refresher.engines import _pgtemplate
+from refresher.engines.base import ServerInfo
+from refresher.engines.local import LocalEngine
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(sys.platform != "linux", reason="the template cache is used on Linux only"),
+]
+
+START = (
+    "import sys; from pathlib import Path; from refresher.engines.local import LocalEngine;"
+    "print(LocalEngine(Path(sys.argv[1]), template_dir=Path(sys.argv[2])).start(sys.argv[3]).password)"
+)
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Path:
+    return tmp_path / "pg-templates"
+
+
+@pytest.fixture
+def engine(local_state_dir: Path, templates: Path) -> Iterator[LocalEngine]:
+    engine = LocalEngine(local_state_dir, template_dir=templates)
+    before = {s.profile for s in engine.status()}
+    yield engine
+    for status in engine.status():
+        if status.profile not in before:
+            engine.stop(status.profile)
+
+
+def _complete_templates(templates: Path) -> list[Path]:
+    return [p for p in templates.iterdir() if p.is_dir() and (p / _pgtemplate.MARKER).is_file()]
+
+
+def _rejects(info: ServerInfo, password: str) -> bool:
+    try:
+        psycopg.connect(info.dsn().replace(info.password, password), connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        return "password authentication failed" in str(exc)
+    return False
+
+
+def test_two_clusters_from_the_template_each_have_their_own_password(
+    engine: LocalEngine, templates: Path
+) -> None:
+    first = engine.start("lt_first")  # builds the template
+    [template] = _complete_templates(templates)
+    second = engine.start("lt_second")  # copies it
+    assert _complete_templates(templates) == [template]
+    assert first.password != second.password
+    for info in (first, second):
+        with psycopg.connect(info.dsn()) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (info.dbname,)
+    assert _rejects(first, second.password) and _rejects(second, first.password)
+    # The template's own password was never kept anywhere: nothing in the cache names either cluster's.
+    cached = b"".join(p.read_bytes() for p in templates.rglob("*") if p.is_file())
+    assert first.password.encode() not in cached and second.password.encode() not in cached
+
+
+def test_a_damaged_template_is_never_copied(engine: LocalEngine, templates: Path) -> None:
+    engine.start("lt_damaged_a")
+    [template] = _complete_templates(templates)
+    (template / _pgtemplate.MARKER).write_text("half")
+    (template / "pgdata" / "global" / "pg_control").unlink()
+    info = engine.start("lt_damaged_b")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert (template / _pgtemplate.MARKER).read_text() == template.name
+    assert (template / "pgdata" / "global" / "pg_control").is_file()
+
+
+def test_without_a_usable_cache_directory_initdb_still_makes_the_cluster(
+    local_state_dir: Path, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    engine = LocalEngine(local_state_dir, template_dir=blocked / "pg-templates")
+    try:
+        info = engine.start("lt_fallback")
+        with psycopg.connect(info.dsn()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        engine.stop("lt_fallback")
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        pytest.param("*.lock", id="during-the-template-initdb"),
+        pytest.param("*.tmp-*", id="while-copying-into-the-cache"),
+    ],
+)
+def test_kill_9_while_the_template_is_built_leaves_no_template_or_a_complete_one(
+    engine: LocalEngine, templates: Path, moment: str
+) -> None:
+    state = engine.base.parent
+    child = subprocess.Popen([sys.executable, "-c", START, str(state), str(templates), "lt_killed"])
+    deadline = time.monotonic() + 120
+    while not (templates.is_dir() and any(templates.glob(moment))) and child.poll() is None:
+        assert time.monotonic() < deadline, "the template build never began"
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    for built in _complete_templates(templates):  # the kill came too late: then the template is whole
+        assert (built / "pgdata" / "PG_VERSION").is_file()
+
+    info = engine.start("lt_killed")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("lt_killed",)
+    assert len(_complete_templates(templates)) == 1
+    assert list(templates.glob("*.tmp-*")) == []
+    again = engine.start("lt_after_kill")
+    assert _rejects(again, info.password) and _rejects(info, again.password)
+
+
+def test_two_processes_at_once_build_one_template_and_two_clusters(
+    engine: LocalEngine, templates: Path
+) -> None:
+    state = engine.base.parent
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", START, str(state), str(templates), name], stdout=subprocess.PIPE, text=True
+        )
+        for name in ("lt_race_a", "lt_race_b")
+    ]
+    passwords = []
+    for child in children:
+        out, _ = child.communicate(timeout=300)
+        assert child.returncode == 0
+        passwords.append(out.strip())
+    assert len(_complete_templates(templates)) == 1
+    a, b = (engine.info(name) for name in ("lt_race_a", "lt_race_b"))
+    assert a is not None and b is not None and [a.password, b.password] == passwords
+    assert a.password != b.password
+    assert _rejects(a, b.password) and _rejects(b, a.password)
