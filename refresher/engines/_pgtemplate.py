@@ -29,6 +29,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from refresher.engines import _pgctl
@@ -39,6 +40,7 @@ MARKER = "complete"
 PGDATA = "pgdata"
 # What the single-user ALTER ROLE may carry unquoted (secrets.token_urlsafe's alphabet).
 PASSWORD_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+FSYNC_THREADS = 16
 
 
 def template_key(bin_dir: Path, version: str, initdb_args: list[str], owner: _pgctl.OsUser) -> str:
@@ -137,11 +139,18 @@ def _complete(final: Path, key: str) -> bool:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``: initdb ran with --no-sync and cp does not sync."""
+    """fsync every file and directory under ``root``: initdb ran with --no-sync and cp does not sync.
+
+    On threads: concurrent fsyncs share the filesystem's journal commits (a template's ~1,000 files, same session
+    on the loaded dev machine: 0.54 s one by one, 0.21-0.36 s on 16 threads). Only the first use of a template
+    pays it.
+    """
+    paths = []
     for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+        paths += [Path(dirpath) / name for name in files]
+        paths.append(Path(dirpath))
+    with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
+        list(pool.map(_fsync_path, paths))
 
 
 def _fsync_path(path: Path) -> None:

@@ -51,18 +51,6 @@ INIT_PREFIX = "pgdata.init-"
 TEMPLATES = "pg-templates"
 # The local server listens on loopback TCP only: no Unix socket to collide with another cluster's.
 LISTEN: dict[str, str] = {"listen_addresses": f"'{HOST}'", "unix_socket_directories": "''"}
-# initdb's arguments besides -D and --pwfile; the template cache's key includes them exactly.
-INITDB_OPTIONS = [
-    "-U",
-    DB_SUPERUSER,
-    "--auth-host=scram-sha-256",
-    "--auth-local=scram-sha-256",
-    "--encoding=UTF8",
-    "--locale=C",
-    "--no-instructions",
-    "--no-sync",
-    *INITDB_ARGS,
-]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
 
 
 @dataclass(frozen=True)
@@ -265,7 +253,7 @@ class LocalEngine:
 
     def _initdb(self, building: Path, user: _pgctl.OsUser, password: str) -> _pgctl.CommandResult:
         """initdb into the empty directory ``building``; the password goes through a pipe, never a file."""
-        args = ["-D", str(building), "--pwfile=/dev/stdin", *INITDB_OPTIONS]
+        args = ["-D", str(building), "--pwfile=/dev/stdin", *_initdb_options()]
         return _pgctl.run(
             self.bin_dir,
             "initdb",
@@ -286,7 +274,7 @@ class LocalEngine:
         if self.template_dir is None or sys.platform != "linux":
             return False
         try:
-            key = _pgtemplate.template_key(self.bin_dir, version, INITDB_OPTIONS, user)
+            key = _pgtemplate.template_key(self.bin_dir, version, _initdb_options(), user)
             with _pgtemplate.template_for(self.template_dir, key) as template:
                 if template is None:
                     result = self._initdb(building, user, secrets.token_urlsafe(24))
@@ -377,6 +365,21 @@ class LocalEngine:
 
     def _info(self, profile: str, state: ServerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
+
+
+def _initdb_options() -> list[str]:
+    """initdb's arguments besides -D and --pwfile (the template cache's key includes them exactly)."""
+    return [
+        "-U",
+        DB_SUPERUSER,
+        "--auth-host=scram-sha-256",
+        "--auth-local=scram-sha-256",
+        "--encoding=UTF8",
+        "--locale=C",
+        "--no-instructions",
+        "--no-sync",
+        *INITDB_ARGS,
+    ]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
 
 
 def _ensure_database(info: ServerInfo) -> None:

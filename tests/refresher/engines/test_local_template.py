@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from refresher.engines import _pgtemplate
+from refresher.engines import _pgtemplate, local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 
@@ -147,3 +147,18 @@ def test_two_processes_at_once_build_one_template_and_two_clusters(
     assert a is not None and b is not None and [a.password, b.password] == passwords
     assert a.password != b.password
     assert _rejects(a, b.password) and _rejects(b, a.password)
+
+
+def test_other_initdb_arguments_make_another_template(
+    engine: LocalEngine, templates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = engine.start("lt_args_a")
+    with monkeypatch.context() as other:
+        other.setattr(local, "INITDB_ARGS", ())  # e.g. 16 MB WAL segments instead of 1 MB
+        second = engine.start("lt_args_b")
+    assert len(_complete_templates(templates)) == 2
+    sizes = []
+    for info in (first, second):
+        with psycopg.connect(info.dsn()) as conn:
+            sizes.append(conn.execute("SHOW wal_segment_size").fetchone())
+    assert sizes == [("1MB",), ("16MB",)]
