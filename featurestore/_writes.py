@@ -170,13 +170,15 @@ def write(
 
 def _write_single(root: Path, item: Incoming, compression_level: int) -> Path:
     # Dictionaries for strings only, as in packs: a minute segment's prices are nearly all distinct, and 200 of
-    # them wrote in 0.34 s and 21.5 MB without price dictionaries, 0.45-0.53 s and 26.2 MB with.
+    # them wrote in 0.34 s and 21.5 MB without price dictionaries, 0.45-0.53 s and 26.2 MB with. Integers and
+    # times delta-encoded, as in packs: 50 minute segments 5.26 MB -> 3.87 MB and 104 -> 83 ms (best of 5).
     return _files.write_temp(
         _files.data_path(root, item.key),
         item.table,
         item.meta,
         compression_level=compression_level,
         use_dictionary=_packs._dictionary_columns(item.table.schema),
+        column_encoding=_packs._delta_columns(item.table.schema),
         sync=False,
     )
 

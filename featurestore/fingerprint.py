@@ -35,6 +35,10 @@ _FINGERPRINT_FORMAT = b"featurestore-fingerprint-v1"
 _PIECE = 64 << 20
 # Rows at each end hashed by the unsafe footer method.
 _FOOTER_EDGE_ROWS = 1024
+# Tables of more rows than this on average are hashed one by one (from their own buffers, no copy) rather than
+# from a batch's concatenation: 50 minute segments of 8,190 rows 4 ms one by one against 18 ms concatenated
+# (160 ms in freshly mapped memory, as a refresh's batches are), while 2,000 daily tables of 21 rows gain 4x.
+_BATCH_MAX_MEAN_ROWS = 1024
 
 
 def fingerprint_table(table: pa.Table, method: HashMethod = "xxh3") -> str:
@@ -57,13 +61,16 @@ def fingerprint_many(tables: Sequence[pa.Table], method: HashMethod = "xxh3") ->
     Tables of one schema whose columns are fixed-width or strings/binaries without nulls (a batch of daily bars)
     have each column concatenated once and every table's digests taken from slices of it: a 21-row daily table
     cost ~30 us alone, mostly Python per column; in a batch of 2,000 it costs a few. Anything else (nulls,
-    booleans, nested types, one table of its schema, the ``footer`` method) is fingerprinted table by table.
+    booleans, nested types, one table of its schema, tables of ``_BATCH_MAX_MEAN_ROWS`` rows or more on average,
+    the ``footer`` method) is fingerprinted table by table.
     """
     found: list[str | None] = [None] * len(tables)
     if method == "xxh3":
         for schema, members in schema_groups(tables):
             kinds = _batch_kinds(schema)
             if len(members) < 2 or kinds is None:
+                continue
+            if sum(tables[i].num_rows for i in members) >= _BATCH_MAX_MEAN_ROWS * len(members):
                 continue
             digests = _batch_digests(schema, [tables[i] for i in members], kinds)
             for i, digest in zip(members, digests or [], strict=False):
