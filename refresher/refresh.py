@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from featurestore import FeatureStore
 from refresher import database, load, pool, snapshot
-from refresher.calendar import exchange_tz
+from refresher.calendar import exchange_tz, load_in_background
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs import InProcessExecutor, jobs_of_plan
@@ -219,7 +219,17 @@ def refresh(
         phases[name] = round(now - since, 4)
         return now
 
+    # A server to start is a second or more of waiting (on a cold run, on the critical path): the calendars the
+    # fetches will need are built meanwhile rather than on the first fetch (0.4-0.6 s without the CLI's cache).
+    # Not when it runs already: a no-op refresh needs no calendar, and would pay for one alongside its plan.
+    calendars = (
+        None
+        if engine.info(profile.name)
+        else load_in_background([listing.exchange for listing in profile.listings])
+    )
     server: ServerInfo = engine.start(profile.name)
+    if calendars is not None:
+        calendars.join()  # before anything asks for a calendar (``load_in_background``)
     mark = lap("engine", started)
     tz_of = exchange_timezones(profile)
     pruned = 0

@@ -556,3 +556,15 @@ def test_the_static_time_zones_are_those_of_exchange_calendars() -> None:
     assert set(EXCHANGE_TZ) == set(EXCHANGES)
     for exchange in EXCHANGES:
         assert exchange_tz(exchange) == get_calendar(exchange).tz, exchange
+
+
+def test_calendars_loaded_in_the_background_are_the_ones_get_calendar_returns() -> None:
+    calendar.get_calendar.cache_clear()
+    # Twice the same exchange is built once; an unknown one is left to the caller's own get_calendar to raise.
+    calendar.load_in_background(["XLON", "XLON", "XPAR"]).join()
+    before = calendar.get_calendar.cache_info()
+    cal = calendar.get_calendar("XLON")
+    assert calendar.get_calendar.cache_info().hits == before.hits + 1  # no second build
+    assert cal.tz == "Europe/London" and len(cal.sessions) > 6000
+    with pytest.raises(CalendarError, match="XPAR"):
+        calendar.get_calendar("XPAR")

@@ -121,3 +121,25 @@ def test_a_warm_stores_reads_run_ahead_of_the_loader_and_load_what_a_cold_run_lo
     assert (report.segments.fetched, report.segments.loaded) == (0, 12)
     assert threads and set(threads) == {"refresher-fetch"}  # not the loading thread
     assert _checksums(engine, warm) == _checksums(engine, cold)
+
+
+def test_calendars_are_built_while_a_stopped_server_starts_and_not_for_a_running_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refresher import refresh as refresh_module
+
+    started: list[list[str]] = []
+    real = refresh_module.load_in_background
+
+    def recording(exchanges: Sequence[str]) -> threading.Thread:
+        started.append(list(exchanges))
+        return real(exchanges)
+
+    monkeypatch.setattr(refresh_module, "load_in_background", recording)
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    profile = _profile(root, "calendars", FRIDAY)
+    first = refresh(profile, engine, store)
+    assert started == [["XNYS", "XNYS", "XNYS"]]
+    again = refresh(profile, engine, store)  # the server runs: a no-op needs no calendar
+    assert started == [["XNYS", "XNYS", "XNYS"]] and again.segments.loaded == 0
+    assert first.segments.loaded == 12
