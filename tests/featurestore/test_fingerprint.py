@@ -284,3 +284,31 @@ def test_a_batch_hashes_each_table_exactly_as_alone() -> None:
     batch = [pa.table({"s": pa.array(["a", "b"], pa.string())}), with_null]
     assert fp.fingerprint_many(batch) == [fingerprint_table(t) for t in batch]
     assert fp.fingerprint_many(tables, "footer") == [fingerprint_table(t, "footer") for t in tables]
+
+
+def test_large_tables_of_a_batch_are_hashed_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``_BATCH_MAX_MEAN_ROWS`` rows a table on average the batch is not concatenated; the strings are the
+    same either way (sliced and chunked tables included)."""
+    whole = pa.table(
+        {"p": pa.array(range(40), pa.float64()), "s": pa.array([f"s{i % 3}" for i in range(40)])}
+    )
+    tables = [
+        whole.slice(0, 20),
+        pa.concat_tables([whole.slice(20, 5), whole.slice(25, 15)]),
+        whole.slice(3, 30),
+    ]
+    batched = fp.fingerprint_many(tables)
+    calls: list[int] = []
+    batch_digests = fp._batch_digests
+
+    def counted(*args: Any) -> list[str] | None:
+        calls.append(1)
+        return batch_digests(*args)
+
+    monkeypatch.setattr(fp, "_batch_digests", counted)
+    monkeypatch.setattr(fp, "_BATCH_MAX_MEAN_ROWS", 8)
+    assert fp.fingerprint_many(tables) == batched == [fingerprint_table(t) for t in tables]
+    assert not calls
+    monkeypatch.setattr(fp, "_BATCH_MAX_MEAN_ROWS", 1024)
+    assert fp.fingerprint_many(tables) == batched
+    assert calls
