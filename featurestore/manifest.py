@@ -57,6 +57,7 @@ _DAMAGED_SUFFIX = ".damaged-"
 _FILLED = "restored_from_files"
 # DuckDB's message when another program holds the file: not damage, the file must not be moved aside.
 _HELD_ELSEWHERE = "Could not set lock"
+_INTERRUPTED = "Query interrupted"  # DuckDB's RuntimeError after it took a SIGINT (see ``_interrupts_kept``)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -219,6 +220,7 @@ class Manifest:
         writer can publish the same key between the commit and the unlink.
         """
         with (
+            _interrupts_kept(),
             self._thread_lock,
             file_lock(self._lock_path, timeout=self._lock_timeout),
             self._open_healed() as con,
@@ -245,7 +247,11 @@ class Manifest:
         write (unless past ``_JOURNAL_FOLD_BYTES``), so the read opens the manifest read-only.
         """
         if not self._journal_pending(0 if fold else _JOURNAL_FOLD_BYTES) and self.path.exists():
-            with self._thread_lock, file_lock(self._lock_path, shared=True, timeout=self._lock_timeout):
+            with (
+                _interrupts_kept(),
+                self._thread_lock,
+                file_lock(self._lock_path, shared=True, timeout=self._lock_timeout),
+            ):
                 con = self._open(read_only=True)
                 if not isinstance(con, duckdb.Error):
                     try:
@@ -270,6 +276,7 @@ class Manifest:
             con.execute(f"USE {_ALIAS}")
         except duckdb.Error as exc:
             self._detach(con)
+            _raise_if_interrupt(exc)
             if _HELD_ELSEWHERE in str(exc):
                 raise ManifestBusy(str(self.path), _first_line(exc)) from None
             return exc
@@ -284,6 +291,7 @@ class Manifest:
                 _SOUND[self.path] = _identity(self.path)
         except duckdb.Error as exc:
             self._detach(con)
+            _raise_if_interrupt(exc)
             return exc
         return con
 
@@ -379,7 +387,7 @@ class Manifest:
 
     def checkpoint(self) -> None:
         """Compact the file (DuckDB's VACUUM reclaims nothing; CHECKPOINT rewrites and frees blocks)."""
-        with self._thread_lock, file_lock(self._lock_path, timeout=self._lock_timeout):
+        with _interrupts_kept(), self._thread_lock, file_lock(self._lock_path, timeout=self._lock_timeout):
             con = self._host()
             try:
                 con.execute(f"ATTACH {_literal(str(self.path))} AS {_ALIAS}")
@@ -613,6 +621,26 @@ _SOUND: dict[Path, tuple[int, int, int] | None] = {}
 # and the name it is attached under.
 _HOSTS: dict[tuple[int, Path], duckdb.DuckDBPyConnection] = {}
 _ALIAS = "manifest"
+
+
+@contextmanager
+def _interrupts_kept() -> Iterator[None]:
+    """A Ctrl-C during a DuckDB query raised as KeyboardInterrupt, as everywhere else.
+
+    DuckDB's Python client takes the signal itself, cancels the query and raises RuntimeError("Query
+    interrupted"): the KeyboardInterrupt is gone, and a CLI would end in a traceback instead of its one line.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        _raise_if_interrupt(exc)
+        raise
+
+
+def _raise_if_interrupt(exc: Exception) -> None:
+    """KeyboardInterrupt if ``exc`` is DuckDB's word for a Ctrl-C (never taken for a damaged manifest)."""
+    if isinstance(exc, duckdb.InterruptException) or (type(exc) is RuntimeError and str(exc) == _INTERRUPTED):
+        raise KeyboardInterrupt from exc
 
 
 def _literal(text: str) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import duckdb
@@ -11,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from featurestore import AccessCounts, Entry, FeatureStore
-from featurestore.manifest import Manifest
+from featurestore.manifest import Manifest, Txn
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,6 +152,25 @@ def test_failed_transaction_rolls_back(store: FeatureStore) -> None:
         txn.con.execute("DELETE FROM entries")
         raise RuntimeError("abort")
     assert "k" in store.lookup(["k"])
+
+
+@pytest.mark.parametrize("access", ["write", "read"])
+def test_ctrl_c_in_a_query_is_a_keyboard_interrupt_and_damages_nothing(
+    store: FeatureStore, access: str
+) -> None:
+    # DuckDB takes the SIGINT itself and raises RuntimeError("Query interrupted"); a CLI must see Ctrl-C.
+    store.put("k", table())
+    manifest = Manifest(store.root)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    opening = manifest.write() if access == "write" else manifest.read()
+    with pytest.raises(KeyboardInterrupt) as caught, opening as opened:
+        con = opened.con if isinstance(opened, Txn) else opened
+        timer.start()
+        con.execute("SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3").fetchall()
+    timer.join()
+    assert "Query interrupted" in str(caught.value.__cause__)
+    assert "k" in store.lookup(["k"])
+    assert sorted(p.name for p in store.root.iterdir() if "aside" in p.name or "damaged" in p.name) == []
 
 
 def test_lookup_of_thousands_of_keys_is_one_query(store: FeatureStore) -> None:
