@@ -116,6 +116,12 @@ class LedgerView(Mapping[Segment, DatabaseSegment]):
             raise KeyError(segment)
         return DatabaseSegment(*found)
 
+    def get(self, segment: Segment, default: Any = None) -> Any:
+        # ``Mapping.get`` raises and catches a KeyError per miss: 3 us, 60,000 times in a cold production
+        # refresh's ``jobs_of_plan``, on the main thread before the first fetch.
+        found = self.rows.get((segment.symbol, segment.timeframe, segment.month))
+        return default if found is None else DatabaseSegment(*found)
+
     def __iter__(self) -> Iterator[Segment]:
         return (Segment(*ident) for ident in self.rows)  # type: ignore[arg-type]
 
@@ -138,6 +144,11 @@ class StoreView(Mapping[str, StoredSegment]):
         if found is None:
             raise KeyError(key)
         return StoredSegment(key, *found)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        # as ``LedgerView.get``: a miss without an exception
+        found = self.rows.get(key)
+        return default if found is None else StoredSegment(key, *found)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.rows)

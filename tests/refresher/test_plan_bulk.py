@@ -18,6 +18,7 @@ from refresher.plan import (
     GapPlan,
     LedgerView,
     StoredSegment,
+    StoreView,
     plan_gaps,
     segment_key,
     segment_keys,
@@ -169,3 +170,14 @@ def test_a_ledger_view_is_the_mapping_of_segments_it_stands_for() -> None:
     assert view.get(Segment("A", "1m", a.month)) is None and b in view
     with pytest.raises(KeyError):
         view[Segment("C", "1d", a.month)]
+
+
+def test_the_views_get_answers_as_a_mapping_would() -> None:
+    month = dt.date(2025, 1, 1)
+    ledger = LedgerView({("AAPL", "1d", month): ("h1", 21)})
+    store = StoreView({"seg-a": ("h2", 20)})
+    here, absent = Segment("AAPL", "1d", month), Segment("KO", "1d", month)
+    assert ledger.get(here) == Mapping.get(ledger, here) == DatabaseSegment("h1", 21)
+    assert ledger.get(absent) is None and ledger.get(absent, "none") == "none"
+    assert store.get("seg-a") == Mapping.get(store, "seg-a") == StoredSegment("seg-a", "h2", 20)
+    assert store.get("seg-b") is None and store.get("seg-b", 0) == 0
