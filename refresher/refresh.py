@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from featurestore import FeatureStore
 from refresher import database, load, pool, snapshot
+from refresher._gc import fewer_collections
 from refresher.calendar import exchange_tz, load_in_background
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
@@ -238,7 +239,11 @@ def refresh(
     store_before = store.session_counts()
     # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
     # implicit transaction, so every finished segment survives a kill -9.
-    with closing(make_source(profile)) as source, psycopg.connect(server.dsn(), autocommit=True) as conn:
+    with (
+        fewer_collections(),
+        closing(make_source(profile)) as source,
+        psycopg.connect(server.dsn(), autocommit=True) as conn,
+    ):
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
         writes = _writes_to_replay(server, conn, profile, prune=prune)
