@@ -14,9 +14,8 @@ import datetime as dt
 from collections.abc import Mapping, Set
 from pathlib import Path
 
-import duckdb
-
 from featurestore import _files, _packs
+from featurestore._duckdb import duckdb
 from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
 
 

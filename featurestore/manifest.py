@@ -37,9 +37,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
+from featurestore._duckdb import duckdb
 from featurestore._locks import file_lock, thread_lock
 from featurestore.errors import FeatureStoreError, ManifestBusy
 
