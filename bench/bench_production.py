@@ -71,7 +71,7 @@ def _profile_file(root: Path, name: str, symbols: int) -> Path:
 def _child_refresh(work: Path, profile_path: Path, store: Path) -> dict[str, Any]:
     """One refresh in a fresh interpreter: its report, wall time and peak RSS (MB)."""
     code = (
-        "import json, resource, sys, time\n"
+        "import json, sys, time\n"
         "from pathlib import Path\n"
         "from featurestore import FeatureStore\n"
         "from refresher.engines.local import LocalEngine\n"
@@ -80,9 +80,13 @@ def _child_refresh(work: Path, profile_path: Path, store: Path) -> dict[str, Any
         "profile = load_profile(sys.argv[2], [])\n"
         "started = time.perf_counter()\n"
         "report = refresh(profile, LocalEngine(Path(sys.argv[1])), FeatureStore(sys.argv[3]))\n"
-        "out = {'seconds': time.perf_counter() - started, 'phases': report.phases,\n"
+        "seconds = time.perf_counter() - started\n"
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the
+        # bench's own peak (2 GB after the earlier sections of a full run) instead of its own.
+        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+        "out = {'seconds': seconds, 'phases': report.phases,\n"
         "       'rows': report.rows_loaded, 'loaded': report.segments.loaded,\n"
-        "       'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}\n"
+        "       'rss_mb': int(hwm.split()[1]) / 1024}\n"
         "print(json.dumps(out))\n"
     )
     done = subprocess.run(
