@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ PRIVATE_SLOTS = range(10_000, 100_000)
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
 _PRISTINE_MARK = re.compile(
-    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})$"
+    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})( analyzed)?$"
 )
 _CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
 
@@ -49,12 +50,15 @@ class _Mark:
     ledger: str
     stamp: str
     generation: str
+    # Whether its loaded tables' planner statistics are current (``refresher._planner_stats``): a copy made by a
+    # refresh is not, until the refill has analyzed it (``refresher.pool``).
+    analyzed: bool = False
 
     def text(self) -> str:
         """The comment that says it (``_PRISTINE_MARK`` reads it back)."""
         return (
             f"refresher pool_size={self.pool_size} ledger={self.ledger} stamp={self.stamp} "
-            f"generation={self.generation}"
+            f"generation={self.generation}" + " analyzed" * self.analyzed
         )
 
 
@@ -117,7 +121,9 @@ def _pristine_mark(conn: psycopg.Connection[Any], db: str) -> _Mark | None:
     """The mark of the complete pristine copy; None when there is none (or only a half-made one)."""
     found = _comment(conn, pristine_name(db))
     match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
-    return _Mark(int(match.group(1)), match.group(2), match.group(3), match.group(4)) if match else None
+    if match is None:
+        return None
+    return _Mark(int(match.group(1)), match.group(2), match.group(3), match.group(4), bool(match.group(5)))
 
 
 def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:
@@ -250,3 +256,33 @@ def _derelicts(conn: psycopg.Connection[Any], db: str) -> list[str]:
     if _pristine_mark(conn, db) is None:
         doomed.append(pristine_name(db))
     return doomed
+
+
+def _publish(conn: psycopg.Connection[Any], db: str, building: str, mark: _Mark) -> None:
+    """Make ``building`` the pristine copy: a template, with ``mark`` (what it holds, a new generation)."""
+    ident = sql.Identifier(building)
+    _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident))
+    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark.text())))
+    with _advisory(conn, db, TAKE):
+        _swap_in(conn, db, building)
+
+
+def _swap_in(conn: psycopg.Connection[Any], db: str, building: str) -> None:
+    """Replace the pristine copy by ``building`` atomically: both renames commit together or not at all."""
+    with conn.transaction():
+        if _comment(conn, pristine_name(db)) is not None:
+            _rename(conn, pristine_name(db), f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
+        _rename(conn, building, pristine_name(db))
+
+
+def _wait_gone(conn: psycopg.Connection[Any], pid: int | None) -> None:
+    """Wait (1 s at most) for a closed session's server process to exit.
+
+    A rename of the database waits for every session on it, polling every 100 ms: the ledger check's own
+    just-closed session, still exiting, made resets 10 ms -> 55 ms. Polling for it here takes a millisecond.
+    """
+    deadline = time.monotonic() + 1.0
+    while pid is not None and time.monotonic() < deadline:
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+            return
+        time.sleep(0.001)

@@ -27,16 +27,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import conninfo, sql
 
+from refresher._planner_stats import analyze_stale, stale_tables
 from refresher._snapshot_sql import (
+    BUILDING_INFIX,
     COPIER,
     MAINTENANCE_DB,
     PRIVATE_SLOTS,
@@ -54,18 +56,20 @@ from refresher._snapshot_sql import (
     _execute,
     _pool_databases,
     _pristine_mark,
+    _publish,
     _ready_clones,
     _rename,
     _require_pristine,
     _slot_of,
     _try_lock,
     _unlock,
+    _wait_gone,
     pool_name,
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, data_directory
 from refresher.engines.base import ServerInfo
-from refresher.errors import SnapshotError
+from refresher.errors import RefresherError, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE
 
 MAX_REFILL_CONCURRENCY = 4
@@ -264,26 +268,124 @@ def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
 
 # -- the work, on an autocommit connection to the maintenance database --------------------------------------------
 def _refill(admin_dsn: str, db: str, *, background: bool, size: int | None, concurrency: int | None) -> int:
-    """Sweep leftovers, then fill the pool's missing slots from up to ``concurrency`` sessions at once."""
-    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+    """Bring planner statistics up to date (the working database's beside the rest, the pristine copy's before
+    any clone is made of it), sweep leftovers, then fill the pool's missing slots from up to ``concurrency``
+    sessions at once."""
+    with _admin(admin_dsn) as conn, ThreadPoolExecutor(1) as beside:
         if background:
             _lower_priority(conn.info.backend_pid)
-        _sweep(conn, db)
-        machine = _Machine.of(conn)
-        width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
-        missing = _missing(conn, db, size, machine)
-        if missing <= 0:
-            return 0
-        helpers = min(width, missing) - 1
-        if helpers <= 0:
-            return _fill(conn, db, size, machine, width)
-        with ThreadPoolExecutor(helpers) as pool:
-            extra = [
-                pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
-                for _ in range(helpers)
-            ]
-            created = _fill(conn, db, size, machine, width)
-            return created + sum(f.result() for f in extra)
+        working = _open_working(admin_dsn, db, background)
+        changed = _stale_names(working)
+        if working is not None:
+            beside.submit(_analyze_working, working, changed)
+        mark = _pristine_mark(conn, db)
+        if mark is not None and not mark.analyzed:
+            with _advisory(conn, db, REFILL):
+                _analyze_pristine(conn, admin_dsn, db, background, also=changed)
+        with _advisory(conn, db, REFILL, shared=True):
+            return _sweep_and_fill(conn, admin_dsn, db, background, size, concurrency)
+
+
+def _sweep_and_fill(
+    conn: psycopg.Connection[Any],
+    admin_dsn: str,
+    db: str,
+    background: bool,
+    size: int | None,
+    concurrency: int | None,
+) -> int:
+    """The refill proper, under REFILL shared."""
+    _sweep(conn, db)
+    machine = _Machine.of(conn)
+    width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
+    missing = _missing(conn, db, size, machine)
+    if missing <= 0:
+        return 0
+    helpers = min(width, missing) - 1
+    if helpers <= 0:
+        return _fill(conn, db, size, machine, width)
+    with ThreadPoolExecutor(helpers) as pool:
+        extra = [
+            pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
+            for _ in range(helpers)
+        ]
+        created = _fill(conn, db, size, machine, width)
+        return created + sum(f.result() for f in extra)
+
+
+def _open_working(admin_dsn: str, db: str, background: bool) -> psycopg.Connection[Any] | None:
+    """A session on the working database, at low priority when ``background``; None when it is gone or going
+    (a reset renames it away and ends its sessions): its statistics are then the clone's that replaced it."""
+    try:
+        live = psycopg.connect(
+            conninfo.make_conninfo(admin_dsn, dbname=db), autocommit=True, connect_timeout=10
+        )
+    except psycopg.Error:
+        return None
+    if background:
+        _lower_priority(live.info.backend_pid)
+    return live
+
+
+def _stale_names(live: psycopg.Connection[Any] | None) -> list[str]:
+    """What the working database's counters say changed since its last ANALYZE: the pristine copy, a copy of
+    it or a replay of the same writes, changed the same (its own zeroed counters cannot say)."""
+    if live is None:
+        return []
+    try:
+        return [name for name, _ in stale_tables(live)]
+    except psycopg.Error:
+        live.close()
+        return []
+
+
+def _analyze_working(live: psycopg.Connection[Any], names: list[str]) -> None:
+    """ANALYZE ``names`` and whatever else is out of date in the working database, then close ``live``.
+
+    Best effort, beside the refill: a reset or a refresh may end the session; autovacuum would get there later.
+    """
+    with contextlib.suppress(psycopg.Error), live:
+        analyze_stale(live, also=names)
+
+
+def _analyze_pristine(
+    conn: psycopg.Connection[Any], admin_dsn: str, db: str, background: bool, *, also: Collection[str] = ()
+) -> None:
+    """Replace a pristine copy whose mark does not say ``analyzed`` by an analyzed copy of it, before the refill
+    clones it: every clone, reset and test database then plans with statistics. The caller holds REFILL
+    exclusively.
+
+    Not in place: a template takes no connections, and a reset copying it (under TAKE alone) fails while one is
+    open. So a copy of it (a ready clone when there is one, else a new copy) is analyzed, then swapped in
+    under a new generation, as ``advance_pristine`` does; the copy and its clones it replaces are dropped. Best
+    effort: on an error the pristine copy stays as it was, and the refill clones it without statistics.
+    ``also``: tables to analyze whatever the copy's catalog says (``_planner_stats``).
+    """
+    mark = _pristine_mark(conn, db)
+    if mark is None or mark.analyzed:
+        return
+    building = f"{db}{BUILDING_INFIX}{secrets.token_hex(4)}"
+    with _advisory(conn, db, TAKE):
+        ready = _ready_clones(conn, db)
+        if ready:  # named as a half-built copy from here on: if we die, the next save or refill drops it
+            _rename(conn, ready[0], building)
+    try:
+        if not ready:
+            _create_from(conn, pristine_name(db), building)
+        dsn = conninfo.make_conninfo(admin_dsn, dbname=building)
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as copy:
+            if background:
+                _lower_priority(copy.info.backend_pid)
+            analyze_stale(copy, also=also)
+            analyzer = copy.info.backend_pid
+        _wait_gone(conn, analyzer)
+        _publish(conn, db, building, replace(mark, generation=secrets.token_hex(8), analyzed=True))
+    except (psycopg.Error, RefresherError):
+        if conn.closed:
+            raise
+        _drop_database(conn, building)
+        return
+    _drop_leftovers(conn, db)
 
 
 def _fill_from_new_session(

@@ -40,20 +40,21 @@ from refresher._snapshot_sql import (
     _comment,
     _create_from,
     _drop_database,
-    _execute,
     _Mark,
     _pool_databases,
     _pristine_mark,
+    _publish,
     _ready_clones,
     _rename,
     _require_pristine,
+    _wait_gone,
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
-from refresher.pool import _drop_leftovers, _make_clone, spawn_refill
+from refresher.pool import _analyze_pristine, _drop_leftovers, _make_clone, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
 
 # The ledger tables and the columns that say what a database holds, in a stable order.
@@ -213,6 +214,7 @@ def save_pristine(
         _publish(conn, db, building, _Mark(pool_size, ledger, stamp, secrets.token_hex(8)))
         pool: tuple[str, ...] = ()
         if fill_pool:
+            _analyze_pristine(conn, server.dsn(MAINTENANCE_DB), db, background=False)
             _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
             pool = tuple(_make_clone(conn, db, n) for n in range(pool_size))
     return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started, ledger)
@@ -309,15 +311,6 @@ def _match_load_times(copy: psycopg.Connection[Any], live: psycopg.Connection[An
                 ).format(sql.Identifier(table), matched)
             )
             copy.execute("DROP TABLE load_times")
-
-
-def _publish(conn: psycopg.Connection[Any], db: str, building: str, mark: _Mark) -> None:
-    """Make ``building`` the pristine copy: a template, with ``mark`` (what it holds, a new generation)."""
-    ident = sql.Identifier(building)
-    _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident))
-    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark.text())))
-    with _advisory(conn, db, TAKE):
-        _swap_in(conn, db, building)
 
 
 def is_current(server: ServerInfo) -> bool:
@@ -423,27 +416,6 @@ def _live_with_pid(
         if "does not exist" in str(exc):
             return None, None
         raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
-
-
-def _wait_gone(conn: psycopg.Connection[Any], pid: int | None) -> None:
-    """Wait (1 s at most) for a closed session's server process to exit.
-
-    A rename of the database waits for every session on it, polling every 100 ms: the ledger check's own
-    just-closed session, still exiting, made resets 10 ms -> 55 ms. Polling for it here takes a millisecond.
-    """
-    deadline = time.monotonic() + 1.0
-    while pid is not None and time.monotonic() < deadline:
-        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
-            return
-        time.sleep(0.001)
-
-
-def _swap_in(conn: psycopg.Connection[Any], db: str, building: str) -> None:
-    """Replace the pristine copy by ``building`` atomically: both renames commit together or not at all."""
-    with conn.transaction():
-        if _comment(conn, pristine_name(db)) is not None:
-            _rename(conn, pristine_name(db), f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
-        _rename(conn, building, pristine_name(db))
 
 
 def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
