@@ -91,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_pool_size,
         default=None,
         metavar="N",
-        help=f"warm clones to keep for reset (${POOL_SIZE_ENV}, default {DEFAULT_POOL_SIZE}, bounded by free disk): "
-        "each a full copy of the database without reflinks (ext4); 0 keeps none and a reset copies the database",
+        help=f"warm clones to keep for reset, bounded by free disk; remembered by the server: a later refresh "
+        f"without it (nor ${POOL_SIZE_ENV}, which it overrides) keeps this size (default {DEFAULT_POOL_SIZE}). "
+        "Each clone is a full copy of the database without reflinks (ext4); 0 keeps none and a reset copies "
+        "the database",
     )
     plan = profile_cmd(
         "plan",

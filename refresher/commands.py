@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from refresher._lazy import LazyModule
 from refresher.errors import EngineStateError, ProfileError, RefresherError, SnapshotError
-from refresher.settings import DEFAULT_POOL_SIZE, Settings
+from refresher.settings import Settings
 
 # Each command imports what it alone needs, inside it: `refresher url` must not pay for pyarrow, pandas and
 # DuckDB (about a second on this machine), which only refresh, plan and warm use, nor `refresher profiles`,
@@ -78,7 +78,8 @@ def refresh(
     on_wait: Callable[[str], None] | None = None,
     allow_shrink: bool | None = None,
 ) -> RefreshReport:
-    """``refresher refresh``; the pool keeps ``settings.pool_size`` warm clones (None: ``DEFAULT_POOL_SIZE``)."""
+    """``refresher refresh``; the pool keeps ``settings.pool_size`` warm clones (None: the size the server's
+    snapshot records, else ``DEFAULT_POOL_SIZE``)."""
     from featurestore import FeatureStore
     from refresher.refresh import refresh as _refresh
 
@@ -97,7 +98,7 @@ def refresh(
             prune=prune,
             verify=verify,
             progress=progress,
-            pool_size=_pool_size(settings),
+            pool_size=settings.pool_size,
         )
         server = engine.info(profile.name)
         if server is not None:
@@ -121,11 +122,7 @@ def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
     server = engine.info(profile)
     if server is None:
         return None
-    return stamp.check(settings.state_dir, settings.store_root, path, server, pool_size=_pool_size(settings))
-
-
-def _pool_size(settings: Settings) -> int:
-    return DEFAULT_POOL_SIZE if settings.pool_size is None else settings.pool_size
+    return stamp.check(settings.state_dir, settings.store_root, path, server, pool_size=settings.pool_size)
 
 
 def plan(

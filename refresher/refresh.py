@@ -206,12 +206,13 @@ def refresh(
     prune: bool = False,
     verify: bool = False,
     progress: ProgressCallback | None = None,
-    pool_size: int = DEFAULT_POOL_SIZE,
+    pool_size: int | None = None,
     loaders: int = LOADERS,
 ) -> RefreshReport:
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
-    pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``); the
-    segments are loaded on ``loaders`` connections at once (``InProcessExecutor``)."""
+    pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``; None: the
+    size the snapshot records, so a size given once sticks, else ``DEFAULT_POOL_SIZE``); the segments are
+    loaded on ``loaders`` connections at once (``InProcessExecutor``)."""
     started = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -244,6 +245,9 @@ def refresh(
         closing(make_source(profile)) as source,
         psycopg.connect(server.dsn(), autocommit=True) as conn,
     ):
+        if pool_size is None:
+            recorded = pool.recorded_pool_size(server, conn)  # the mark is in the shared catalog
+            pool_size = DEFAULT_POOL_SIZE if recorded is None else recorded
         database.ensure_schema(conn)
         database.upsert_symbols(conn, profile.listings)
         writes = _writes_to_replay(server, conn, profile, prune=prune)

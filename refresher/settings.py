@@ -77,8 +77,9 @@ class Settings:
     compose_project: str = ""
     # The jobs' queue ($REFRESHER_QUEUE); None: the compose Redis of this checkout when `make up` runs it.
     queue_url: str | None = None
-    # Warm clones per loaded profile ($REFRESHER_POOL_SIZE, `refresh --pool-size`). None: DEFAULT_POOL_SIZE for
-    # the CLI, and one per xdist worker plus one (at least DEFAULT_POOL_SIZE) for the pytest plugin.
+    # Warm clones per loaded profile ($REFRESHER_POOL_SIZE, `refresh --pool-size`, which wins). None: for the CLI,
+    # the size the server's pristine snapshot records (a size given once sticks), else DEFAULT_POOL_SIZE; for the
+    # pytest plugin, one per xdist worker plus one (at least DEFAULT_POOL_SIZE).
     pool_size: int | None = None
 
     @classmethod

@@ -187,9 +187,12 @@ def ledger_stamp(conn: psycopg.Connection[Any]) -> str | None:
 
 
 def save_pristine(
-    server: ServerInfo, *, pool_size: int = DEFAULT_POOL_SIZE, fill_pool: bool = True
+    server: ServerInfo, *, pool_size: int | None = None, fill_pool: bool = True
 ) -> SnapshotInfo:
     """Snapshot ``server.dbname`` as its pristine template and fill the clone pool (replacing older ones).
+
+    The new copy records ``pool_size`` (None: the size the old one recorded, else ``DEFAULT_POOL_SIZE``: a size
+    chosen once sticks, whoever saves next).
 
     Other sessions on the database are terminated: a template copy needs it idle. ``fill_pool=False`` only
     records the pool size; the caller then fills it in the background (``spawn_refill``): each clone of a
@@ -211,6 +214,9 @@ def save_pristine(
         with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
             ledger = ledger_version(copy) or hashlib.sha256(b"no ledger").hexdigest()
             stamp = ledger_stamp(copy) or "none"
+        if pool_size is None:
+            old = _pristine_mark(conn, db)
+            pool_size = old.pool_size if old is not None else DEFAULT_POOL_SIZE
         _publish(conn, db, building, _Mark(pool_size, ledger, stamp, secrets.token_hex(8)))
         pool: tuple[str, ...] = ()
         if fill_pool:

@@ -8,7 +8,8 @@ the profile), until when the as-of stays the answer (the next session close of t
 dates a profile resolves to cannot have moved before it), where the data went (engine, DSN, the store's
 manifest file) and what the database held then (the ledger version the pristine snapshot records, a digest of
 ``symbols``, every table present), and the report. The pool size asked for is compared with the one the
-pristine snapshot's mark records (a changed ``--pool-size`` or $REFRESHER_POOL_SIZE is work to do). A later ``refresh`` without flags checks each of them
+pristine snapshot's mark records (a changed ``--pool-size`` or $REFRESHER_POOL_SIZE is work to do; neither
+given asks for the recorded size). A later ``refresh`` without flags checks each of them
 against the running server and answers with that report, or falls through to the full refresh on any
 difference or doubt: a changed profile file or code, an edited ledger, a dropped table, a missing snapshot, a
 store another run wrote to, a passed session close, any error.
@@ -164,13 +165,13 @@ def write(
 
 
 def check(
-    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int
+    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int | None
 ) -> dict[str, Any] | None:
     """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full.
 
     ``profile_file`` is the file the command's ``--profile`` names (``profile_files.find_profile_file``); the
     profile is ``server``'s, named after the file. ``pool_size``: the pool the refresh asks for; another than
-    the pristine copy's mark records is work (``pool.resize_pool``).
+    the pristine copy's mark records is work (``pool.resize_pool``). None asks for what the mark records.
     """
     started = time.perf_counter()
     name = profile_file.stem
@@ -207,7 +208,12 @@ def check(
             state = _database_state(conn)
             pristine = snapshot.pristine_ledger(server, conn)
             recorded = pool.recorded_pool_size(server, conn)
-        if state is None or state != stamp.get("database") or pristine != state[0] or recorded != pool_size:
+        if (
+            state is None
+            or state != stamp.get("database")
+            or pristine != state[0]
+            or (pool_size is not None and recorded != pool_size)
+        ):
             return None
     except (psycopg.Error, SnapshotError):
         return None  # whatever it is, the full refresh meets it and says it properly

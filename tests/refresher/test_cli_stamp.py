@@ -315,8 +315,45 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
         assert [s["pool"] for s in status] == [{"size": 1, "ready": 1, "reset": "rename"}]
     finally:
-        report = ws.refresh()  # the default again: two clones
+        report = ws.refresh("--pool-size", "2")  # the default again: two clones
     assert not stamped(report) and report["pool_size"] == 2
     wait_for_pool_databases(ws, 2)
     assert stamped(ws.refresh())
+    assert ws.checksums() == before
+
+
+def test_a_pool_size_given_once_sticks_and_the_flag_then_the_variable_win_over_it(ws: Workspace) -> None:
+    settle(ws)
+    before = ws.checksums()
+    try:
+        assert ws.refresh("--pool-size", "1")["pool_size"] == 1
+        assert wait_for_pool_databases(ws, 1) == [f"{ws.profile}__pool_0"]
+        # Neither the flag nor $REFRESHER_POOL_SIZE: the stamped no-op and the full path keep the size...
+        report = ws.refresh()
+        assert stamped(report) and report["pool_size"] == 1
+        stamp_file(ws).unlink()
+        report = ws.refresh()
+        assert not stamped(report) and report["pool_size"] == 1
+        # ...and so does a refresh that loads and takes a new snapshot.
+        execute(ws, "DELETE FROM ohlcv_daily WHERE symbol = 'KO'")
+        report = ws.refresh("--verify")
+        assert report["segments"]["loaded"] > 0 and report["snapshot"] == "saved" and report["pool_size"] == 1
+        assert wait_for_pool_databases(ws, 1) == [f"{ws.profile}__pool_0"]
+        status = json.loads(ws.run("status", "--json").stdout)["servers"]
+        assert [s["pool"]["size"] for s in status] == [1]
+
+        # The variable wins over the remembered size, the flag over both; each is then remembered.
+        env = {**ws.env, "REFRESHER_POOL_SIZE": "0"}
+        refresh = ws.command("refresh", "--profile", ws.profile, "--json")
+        done = subprocess.run(refresh, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1])["pool_size"] == 0
+        assert ws.refresh()["pool_size"] == 0 and pool_databases(ws) == []
+        done = subprocess.run([*refresh, "--pool-size", "1"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1])["pool_size"] == 1
+        assert ws.refresh()["pool_size"] == 1
+    finally:
+        ws.refresh("--pool-size", "2")
+    wait_for_pool_databases(ws, 2)
     assert ws.checksums() == before
