@@ -7,6 +7,7 @@ where it stopped.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing
@@ -23,7 +24,7 @@ from refresher.calendar import exchange_tz, load_in_background
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs import InProcessExecutor, jobs_of_plan
-from refresher.jobs.inprocess import LOADERS
+from refresher.jobs.inprocess import LOADERS, Fetcher, fetch_ahead
 from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
 from refresher.jobs.segment import SegmentJob, stored_tables
 from refresher.plan import GapPlan, LedgerView, StoreView, plan_gaps, segment_keys
@@ -198,6 +199,30 @@ def _writes_to_replay(
     return RefreshWrites(profile, base)
 
 
+class _EngineStart(threading.Thread):
+    """``engine.start(profile)`` on a thread of its own, while the calling thread plans and starts fetching."""
+
+    def __init__(self, engine: Engine, profile: str) -> None:
+        super().__init__(name="refresher-engine-start", daemon=True)
+        self.engine, self.profile = engine, profile
+        self.server: ServerInfo | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.server = self.engine.start(self.profile)
+        except BaseException as exc:  # raised again on the calling thread, as if it had started the server
+            self.error = exc
+
+    def result(self) -> ServerInfo:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.server is not None
+        return self.server
+
+
 def refresh(
     profile: Profile,
     engine: Engine,
@@ -212,79 +237,118 @@ def refresh(
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
     pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``; None: the
     size the snapshot records, so a size given once sticks, else ``DEFAULT_POOL_SIZE``); the segments are
-    loaded on ``loaders`` connections at once (``InProcessExecutor``)."""
+    loaded on ``loaders`` connections at once (``InProcessExecutor``).
+
+    ``RefreshReport.phases`` are consecutive stretches of this thread's wall time (docs/architecture.md,
+    "Refresh phases"): ``engine`` the wait for the server, ``plan`` the plan (with the schema and the
+    ledger), ``segments``, ``features``, ``snapshot``. For a new server the plan comes first and the engine's
+    start runs behind it and behind the first fetches, so ``engine`` is only what they did not hide.
+    """
     started = time.perf_counter()
     phases: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
-        phases[name] = round(now - since, 4)
+        phases[name] = round(phases.get(name, 0.0) + now - since, 4)
         return now
 
-    # A server to start is a second or more of waiting (on a cold run, on the critical path): the calendars the
-    # fetches will need are built meanwhile rather than on the first fetch (0.4-0.6 s without the CLI's cache).
-    # Not when it runs already: a no-op refresh needs no calendar, and would pay for one alongside its plan.
-    calendars = (
-        None
-        if engine.info(profile.name)
-        else load_in_background([listing.exchange for listing in profile.listings])
-    )
-    server: ServerInfo = engine.start(profile.name)
-    if calendars is not None:
-        calendars.join()  # before anything asks for a calendar (``load_in_background``)
-    mark = lap("engine", started)
+    exchanges = [listing.exchange for listing in profile.listings]
     tz_of = exchange_timezones(profile)
     pruned = 0
     # The report's store counts are what this run added to the store's own counters (one definition, one
     # source: ``featurestore stats`` shows the same numbers summed over every run).
     store_before = store.session_counts()
-    # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
-    # implicit transaction, so every finished segment survives a kill -9.
-    with (
-        fewer_collections(),
-        closing(make_source(profile)) as source,
-        psycopg.connect(server.dsn(), autocommit=True) as conn,
-    ):
-        if pool_size is None:
-            recorded = pool.recorded_pool_size(server, conn)  # the mark is in the shared catalog
-            pool_size = DEFAULT_POOL_SIZE if recorded is None else recorded
-        database.ensure_schema(conn)
-        database.upsert_symbols(conn, profile.listings)
-        writes = _writes_to_replay(server, conn, profile, prune=prune)
-        plan = compute_plan(profile, source, store, conn, verify=verify, count=True)
-        mark = lap("plan", mark)
-        if prune:
-            for segment in plan.stale:
-                load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
-                pruned += 1
-        jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
-        executor = InProcessExecutor(
-            source,
-            store,
-            conn,
-            on_loaded=writes.loaded_segments if writes else None,
-            keep_daily=bool(profile.features),
-            connect=lambda: psycopg.connect(server.dsn(), autocommit=True),
-            loaders=loaders,
-        )
-        totals = executor.run(jobs, progress)
-        mark = lap("segments", mark)
-        daily = DailyTables(totals.daily_tables, plan, store, source)
-        features = refresh_features(
-            conn,
-            profile,
-            store,
-            plan,
-            daily,
-            prune=prune,
-            on_loaded=writes.loaded_features if writes else None,
-        )
-        mark = lap("features", mark)
-        left_out = stored_reports(store, plan.keys)
-        notes = [str(r) for r in left_out]
-        if totals.fetched + daily.refetched > len(plan.to_fetch):
-            lost = totals.fetched + daily.refetched - len(plan.to_fetch)
-            notes.append(f"store: {lost} segment files were missing or corrupt; fetched them again")
+    starting: _EngineStart | None = None
+    ahead: Fetcher | None = None
+    mark = started
+    with fewer_collections(), closing(make_source(profile)) as source:
+        try:
+            calendars: threading.Thread | None
+            if engine.is_new(profile.name):
+                # The server is made from nothing (template copy, password, pg_ctl start, CREATE DATABASE: 0.5-1
+                # s locally, an initdb in Docker): its ledger will be empty, so the plan needs only the store,
+                # and the fetcher starts into its bounded queue while the server starts on a thread of its own.
+                # The calendars the fetches need are built meanwhile too (``load_in_background``).
+                starting = _EngineStart(engine, profile.name)
+                calendars = load_in_background(exchanges)
+                plan = compute_plan(profile, source, store, None, count=True)
+                jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
+                calendars.join()  # before anything asks for a calendar
+                ahead = fetch_ahead(source, store, jobs)
+                mark = lap("plan", mark)
+                server = starting.result()
+            else:
+                # A server to start is a second or more of waiting: the calendars are built meanwhile rather
+                # than on the first fetch (0.4-0.6 s without the CLI's cache). Not when it runs already: a no-op
+                # refresh needs no calendar, and would pay for one alongside its plan.
+                calendars = None if engine.info(profile.name) else load_in_background(exchanges)
+                server = engine.start(profile.name)
+                if calendars is not None:
+                    calendars.join()
+            mark = lap("engine", mark)
+            # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
+            # implicit transaction, so every finished segment survives a kill -9.
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                if pool_size is None:
+                    recorded = pool.recorded_pool_size(server, conn)  # the mark is in the shared catalog
+                    pool_size = DEFAULT_POOL_SIZE if recorded is None else recorded
+                database.ensure_schema(conn)
+                database.upsert_symbols(conn, profile.listings)
+                writes = _writes_to_replay(server, conn, profile, prune=prune)
+                if ahead is not None and database.read_ledger_rows(conn):
+                    # Not the empty database planned for (another process made the server between the look
+                    # and the start, and loaded into it): plan again against what it holds. What the fetcher
+                    # stored stays valid; the store's requests were counted by the first plan.
+                    ahead.stop()
+                    ahead = None
+                    plan = compute_plan(profile, source, store, conn, verify=verify)
+                    jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
+                elif ahead is None:
+                    plan = compute_plan(profile, source, store, conn, verify=verify, count=True)
+                    jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
+                # else: an empty ledger, the plan's one database input, and nothing to verify: the plan made
+                # ahead is the plan this database gives.
+                mark = lap("plan", mark)
+                if prune:
+                    for segment in plan.stale:
+                        load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
+                        pruned += 1
+                executor = InProcessExecutor(
+                    source,
+                    store,
+                    conn,
+                    on_loaded=writes.loaded_segments if writes else None,
+                    keep_daily=bool(profile.features),
+                    connect=lambda: psycopg.connect(server.dsn(), autocommit=True),
+                    loaders=loaders,
+                )
+                totals = executor.run(jobs, progress, ahead=ahead)
+                mark = lap("segments", mark)
+                daily = DailyTables(totals.daily_tables, plan, store, source)
+                features = refresh_features(
+                    conn,
+                    profile,
+                    store,
+                    plan,
+                    daily,
+                    prune=prune,
+                    on_loaded=writes.loaded_features if writes else None,
+                )
+                mark = lap("features", mark)
+                left_out = stored_reports(store, plan.keys)
+                notes = [str(r) for r in left_out]
+                if totals.fetched + daily.refetched > len(plan.to_fetch):
+                    lost = totals.fetched + daily.refetched - len(plan.to_fetch)
+                    notes.append(f"store: {lost} segment files were missing or corrupt; fetched them again")
+        except BaseException as exc:
+            if ahead is not None:  # a fetcher still producing for loads that will not come
+                ahead.cancelled.set()
+            if starting is not None and isinstance(exc, Exception):
+                # Not a server appearing after the error, behind the caller's back (a test's teardown would
+                # stop nothing, then the start make it). Ctrl-C does not wait: the engine survives a start
+                # cut short anywhere, as it does a kill -9.
+                starting.join()
+            raise
 
     snapshot_state = "unchanged"
     # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.

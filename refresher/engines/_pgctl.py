@@ -201,10 +201,15 @@ def run(
         return CommandResult(proc.returncode, out.read())
 
 
+# Looked up here, in the parent: a dlopen in the forked child would wait forever on the loader's lock if another
+# thread held it at the fork (a refresh fetches and builds calendars while its server starts).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
 def kill_with_parent() -> None:
     """In the forked child, after its user switch (which would clear it): SIGKILL when the parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:

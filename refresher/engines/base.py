@@ -54,6 +54,13 @@ class Engine(Protocol):
         """The running server of ``profile``, or None when there is none. Never starts anything."""
         ...
 
+    def is_new(self, profile: str) -> bool:
+        """True when nothing of the profile's server exists yet (no cluster, no container or volume), so that
+        ``start`` would make it from nothing, with an empty database. A cheap look that starts nothing; a hint,
+        not a promise (another process may make the server meanwhile): a refresh plans and fetches during the
+        start on its strength, then checks the real database (``refresher.refresh``). False when unsure."""
+        ...
+
     def stop(self, profile: str) -> bool:
         """Stop the server and remove everything it owns (data, container, volume). True if one existed."""
         ...

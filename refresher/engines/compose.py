@@ -113,6 +113,9 @@ class ComposeEngine:
         except psycopg.OperationalError:
             return None
 
+    def is_new(self, profile: str) -> bool:
+        return False  # the compose server runs already (`make up`): a start is a quick CREATE DATABASE
+
     def stop(self, profile: str) -> bool:
         """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
         from refresher.snapshot import drop_snapshot

@@ -158,6 +158,17 @@ class DockerEngine:
                 return None
             return self._info(profile, replace(state, port=_host_port(container)))
 
+    def is_new(self, profile: str) -> bool:
+        validate_profile(profile)
+        with self._client() as client:
+            if self._container(client, profile) is not None:
+                return False
+            try:
+                client.volumes.get(self._volume_name(profile))
+            except docker.errors.NotFound:
+                return True
+            return False  # a kept volume: ``start`` makes a container over it, data and all
+
     def stop(self, profile: str) -> bool:
         validate_profile(profile)
         with self._client() as client, locked(self._lock_path(profile)):

@@ -22,6 +22,9 @@ class ExistingServerEngine:
     def info(self, profile: str) -> ServerInfo | None:
         return self.server if profile == self.server.profile else None
 
+    def is_new(self, profile: str) -> bool:
+        return False  # someone else's server: whatever it holds is there already
+
     def stop(self, profile: str) -> bool:
         return False
 

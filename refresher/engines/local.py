@@ -178,6 +178,11 @@ class LocalEngine:
             return None
         return self._info(profile, replace(state, port=running.port, pid=running.pid))
 
+    def is_new(self, profile: str) -> bool:
+        # As ``_start_locked`` decides: no complete cluster, or one whose password is lost (it is discarded).
+        paths = self._paths(validate_profile(profile))
+        return not (paths.pgdata / "PG_VERSION").exists() or not paths.state.exists()
+
     def stop(self, profile: str) -> bool:
         paths = self._paths(validate_profile(profile))
         with locked(paths.lock):

@@ -54,7 +54,7 @@ class ProgressCallback(Protocol):
 Produced = tuple[SegmentJob, pa.Table, str]
 
 
-class _Fetcher(threading.Thread):
+class Fetcher(threading.Thread):
     """Produces (job, table, content_hash): first for the jobs the store lacks, storing each batch first, then
     for those it holds, read ahead of the loader (a warm store's reads overlap the COPYs instead of taking turns
     with them on the loading thread)."""
@@ -95,6 +95,12 @@ class _Fetcher(threading.Thread):
             except queue.Full:
                 continue
 
+    def stop(self) -> None:
+        """Stop after the batch in hand and wait for it: what it stored stays (store writes are atomic and
+        content-addressed), what it produced is dropped. Then nothing else uses the source."""
+        self.cancelled.set()
+        self.join()
+
     def results(self) -> Iterator[list[Produced]]:
         while True:
             try:
@@ -110,6 +116,20 @@ class _Fetcher(threading.Thread):
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def fetch_ahead(source: Source, store: FeatureStore, jobs: Sequence[SegmentJob]) -> Fetcher:
+    """Start producing ``jobs``' tables before there is a database to load them into (a refresh does so while
+    its server starts), for ``InProcessExecutor.run(jobs, ahead=...)``; at most two store batches wait in
+    memory for the loaders. ``stop()`` it when they will not come."""
+    fetcher = Fetcher(
+        source,
+        store,
+        [job for job in jobs if job.stored_hash is None],
+        [job for job in jobs if job.stored_hash is not None],
+    )
+    fetcher.start()
+    return fetcher
 
 
 def store_batches(jobs: Sequence[SegmentJob]) -> Iterator[Sequence[SegmentJob]]:
@@ -191,12 +211,16 @@ class InProcessExecutor:
         self.connect = connect
         self.loaders = loaders if connect is not None else 1
 
-    def run(self, jobs: Sequence[SegmentJob], progress: ProgressCallback | None = None) -> SegmentTotals:
-        to_fetch = [job for job in jobs if job.stored_hash is None]
-        in_store = [job for job in jobs if job.stored_hash is not None]
-        fetcher = _Fetcher(self.source, self.store, to_fetch, in_store)
+    def run(
+        self,
+        jobs: Sequence[SegmentJob],
+        progress: ProgressCallback | None = None,
+        *,
+        ahead: Fetcher | None = None,
+    ) -> SegmentTotals:
+        """Run ``jobs``; ``ahead``: their fetcher, started earlier by ``fetch_ahead`` (for these very jobs)."""
+        fetcher = ahead if ahead is not None else fetch_ahead(self.source, self.store, jobs)
         run = _LoadRun(self, _load_batches(fetcher.results()), len(jobs), progress)
-        fetcher.start()
         helpers: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
         finished = False
         try:
@@ -301,6 +325,8 @@ __all__ = [
     "LOAD_ROWS",
     "MONTH_ROWS",
     "STORE_BATCH",
+    "Fetcher",
     "InProcessExecutor",
+    "fetch_ahead",
     "store_batches",
 ]

@@ -213,7 +213,9 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
     docker_engine: DockerEngine, docker_client: docker.DockerClient
 ) -> None:
     prefix = docker_engine.prefix
+    assert docker_engine.is_new("gone")
     info = docker_engine.start("gone")
+    assert not docker_engine.is_new("gone")
     with psycopg.connect(info.dsn(), autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
         # synchronous_commit=off: a SIGKILLed server loses its last commits; a checkpoint makes them stick.
@@ -221,6 +223,7 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
     docker_client.containers.get(f"{prefix}-{docker_engine.scope}-gone").remove(force=True)
 
     assert docker_engine.info("gone") is None
+    assert not docker_engine.is_new("gone")  # its volume, and the data in it, stay
     [status] = docker_engine.status("gone")
     assert not status.running and "removed behind our back" in status.detail
 
@@ -230,6 +233,7 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
 
     assert docker_engine.stop("gone") is True
     assert docker_engine.stop("gone") is False
+    assert docker_engine.is_new("gone")
     assert docker_engine.status("gone") == []
     assert not (docker_engine.base / "gone.json").exists()
     with pytest.raises(docker.errors.NotFound):

@@ -60,6 +60,20 @@ def test_start_serves_a_database_named_after_the_profile(engine: LocalEngine) ->
     assert (engine.base / "lc_basic" / "server.json").stat().st_mode & 0o777 == 0o600
 
 
+def test_is_new_until_a_cluster_exists_and_again_once_it_is_gone_or_its_password_lost(
+    engine: LocalEngine,
+) -> None:
+    assert engine.is_new("lc_new")
+    engine.start("lc_new")
+    assert not engine.is_new("lc_new")
+    _kill_server_keep_data(engine, "lc_new")
+    assert not engine.is_new("lc_new")  # stopped, data kept: a start restarts it
+    (engine.base / "lc_new" / "server.json").unlink()
+    assert engine.is_new("lc_new")  # a start discards a cluster nobody can log into
+    engine.stop("lc_new")
+    assert engine.is_new("lc_new")
+
+
 def test_start_is_idempotent_and_reuses_the_running_server(engine: LocalEngine) -> None:
     first = engine.start("lc_idem")
     pid = Postmaster.read(engine.base / "lc_idem" / "pgdata")

@@ -235,3 +235,24 @@ def test_quarantine_served_from_the_store_fills_a_new_database(ws: Workspace) ->
     assert "quarantined" in human.stderr and rule in human.stderr
     # under another policy the rows are not the ones loaded: status shows that policy's notes (none stored)
     assert json.loads(ws.run("status", "--profile", ws.profile, "--json").stdout)["notes"] == []
+
+
+def test_fail_into_a_new_server_is_one_line_and_loads_nothing() -> None:
+    # A new server: the file is read while the server starts (``refresher.refresh``), before any database.
+    root = world_traversable_tmp("refresher-badrows-new-")
+    new = Workspace(root, "local", f"bad_rows_new_{uuid.uuid4().hex[:8]}")
+    (root / "profiles" / "data").mkdir(parents=True)
+    (root / "profiles" / f"{new.profile}.yaml").write_text(PROFILE.format(start=START, end=END))
+    try:
+        lines, column, _value, rule = BAD["negative volume"]
+        path = write(new, lines)
+        done = new.run("refresh", "--profile", new.profile, "--json", expect=2)
+        message = done.stderr.strip()
+        assert "\n" not in message and "Traceback" not in message
+        assert f"{path}: line {BAD_LINE}: {column}=" in message and rule in message
+        assert new.scalar("SELECT count(*) FROM refresher_segments") == 0
+        assert new.scalar("SELECT count(*) FROM ohlcv_daily") == 0
+        write(new, CLEAN)
+        assert new.refresh()["segments"]["loaded"] == 4
+    finally:
+        new.down()
