@@ -94,17 +94,45 @@ def keep(cache: Path, key: str, cluster: Path) -> None:
 
 
 def copy_cluster(source: Path, target: Path) -> None:
-    """Copy the contents of ``source`` into the existing directory ``target``, owners and modes kept."""
-    result = subprocess.run(
-        ["cp", "--reflink=auto", "--sparse=always", "-a", "--", f"{source}/.", str(target)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-        preexec_fn=_pgctl.kill_with_parent,  # a kill -9 of the CLI stops the copy too
-    )
-    if result.returncode != 0:
-        raise OSError(f"cp {source} -> {target} failed: {result.stderr.strip()[-500:]}")
+    """Copy the contents of ``source`` into the existing directory ``target``, owners and modes kept.
+
+    One ``cp`` per database directory under ``base/`` (about 300 files each) and one for the rest, all at once:
+    the copy is nearly all kernel time creating ~1,000 files, which one process does on one core (on the 2-core
+    dev machine, alternating: 0.55-0.60 s one ``cp``, 0.29-0.31 s four). Each runs in ``target``, so
+    ``_pgctl.kill_processes_in(target)`` finds them, and dies with the CLI.
+    """
+    base = source / "base"
+    (target / "base").mkdir()
+    shutil.copystat(base, target / "base")
+    st = base.stat()
+    os.chown(target / "base", st.st_uid, st.st_gid)
+    rest = [str(entry) for entry in sorted(source.iterdir()) if entry.name != "base"]
+    jobs = [(rest, ".")] + [([str(db)], "base") for db in sorted(base.iterdir())]
+    procs = [
+        subprocess.Popen(
+            ["cp", "--reflink=auto", "--sparse=always", "-a", "--", *sources, destination],
+            cwd=target,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_pgctl.kill_with_parent,  # a kill -9 of the CLI stops the copy too
+        )
+        for sources, destination in jobs
+    ]
+    errors = []
+    try:
+        for proc in procs:
+            _, stderr = proc.communicate()
+            if proc.returncode != 0:
+                errors.append(stderr.strip()[-500:])
+    finally:
+        for proc in procs:  # Ctrl-C: stop the others too, before the caller removes ``target``
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if errors:
+        raise OSError(f"cp {source} -> {target} failed: {'; '.join(errors)}")
 
 
 def set_password(bin_dir: Path, pgdata: Path, user: _pgctl.OsUser, role: str, password: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -162,3 +163,67 @@ def test_other_initdb_arguments_make_another_template(
         with psycopg.connect(info.dsn()) as conn:
             sizes.append(conn.execute("SHOW wal_segment_size").fetchone())
     assert sizes == [("1MB",), ("16MB",)]
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """Every path under ``root``: mode, owner, group and contents (directories: none)."""
+    return {
+        str(p.relative_to(root)): (
+            p.stat().st_mode, p.stat().st_uid, p.stat().st_gid, p.read_bytes() if p.is_file() else b""
+        )
+        for p in root.rglob("*")
+    }  # fmt: skip
+
+
+def test_a_copy_of_the_template_is_the_template_file_for_file(
+    engine: LocalEngine, templates: Path, tmp_path: Path
+) -> None:
+    engine.start("lt_copy")
+    [template] = _complete_templates(templates)
+    target = tmp_path / "copy"
+    target.mkdir(mode=0o700)
+    _pgtemplate.copy_cluster(template / "pgdata", target)
+    assert _tree(target) == _tree(template / "pgdata")
+    assert len(_tree(target)) > 900
+
+
+def test_a_copy_that_fails_is_an_oserror_naming_why(
+    engine: LocalEngine, templates: Path, tmp_path: Path
+) -> None:
+    engine.start("lt_copyfail")  # builds the template
+    [template] = _complete_templates(templates)
+    small = tmp_path / "small"
+    small.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        with pytest.raises(OSError, match="No space left on device"):  # the caller falls back to initdb
+            _pgtemplate.copy_cluster(template / "pgdata", small)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_kill_9_while_a_cluster_is_copied_from_the_template_leaves_nothing_a_start_trusts(
+    engine: LocalEngine, templates: Path
+) -> None:
+    engine.start("lt_copykill_a")  # builds the template
+    state = engine.base.parent
+    root = engine.base / "lt_copykill"
+    child = subprocess.Popen([sys.executable, "-c", START, str(state), str(templates), "lt_copykill"])
+    deadline = time.monotonic() + 120
+    while not any((p / "base").is_dir() for p in root.glob("pgdata.init-*")):
+        assert child.poll() is None, "the start finished before the copy could be interrupted"
+        assert time.monotonic() < deadline, "the copy never began"
+        time.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (root / "pgdata").exists()
+    assert engine.info("lt_copykill") is None
+
+    info = engine.start("lt_copykill")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("lt_copykill",)
+    assert list(root.glob("pgdata.init-*")) == []
