@@ -66,6 +66,12 @@ TUNING: dict[str, str] = {
 # COPY FREEZE), a cold backtesting refresh about 40 MB, a daily one about 10 MB. Fixed at initdb: a cluster made
 # before keeps its 16 MB segments and works as before.
 INITDB_ARGS: tuple[str, ...] = ("--wal-segsize=1",)
+# What the local engine adds where its initdb lists it (PG 18, whose initdb turned page checksums on by
+# default): no checksums. With fsync and full_page_writes off a torn page is not detected or repaired anyway,
+# and every page written pays the checksum (pg_checksum_page, about 4% of the server's CPU in a month load).
+# Not in INITDB_ARGS: the Docker image's PG 15 initdb rejects the flag, and makes no checksums without it. Fixed
+# at initdb: a cluster made with checksums keeps them and works as before.
+NO_CHECKSUMS = "--no-data-checksums"
 
 # None: refused or reset while the server (or Docker's port proxy) starts; 57P03: "the database system is
 # starting up" / "shutting down" between the image's init and the real start.

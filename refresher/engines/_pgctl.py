@@ -275,6 +275,13 @@ def server_version(bin_dir: Path, user: OsUser, cwd: Path) -> str:
     return match.group(0)
 
 
+def initdb_accepts(bin_dir: Path, option: str, user: OsUser, cwd: Path) -> bool:
+    """Whether this initdb lists ``option`` in its ``--help``: flags come with majors, and a flag initdb does not
+    know is an error, not a no-op."""
+    result = run(bin_dir, "initdb", ["--help"], user, cwd=cwd, timeout=30)
+    return result.returncode == 0 and option in result.output.split()
+
+
 def major_version(version: str) -> int:
     return int(version.split(".")[0])
 

@@ -32,6 +32,7 @@ from refresher.engines._common import (
     DB_SUPERUSER,
     HOST,
     INITDB_ARGS,
+    NO_CHECKSUMS,
     PROFILE_NAME,
     TUNING,
     disk_error,
@@ -227,9 +228,10 @@ class LocalEngine:
         building.mkdir(mode=0o700)
         user.give(building)
         version = _pgctl.server_version(self.bin_dir, user, paths.root)
+        options = _initdb_options(self.bin_dir, user, paths.root)
         password = secrets.token_urlsafe(24)
-        if not self._from_template(building, version, user, password):
-            result = self._initdb(building, user, password)
+        if not self._from_template(building, version, options, user, password):
+            result = self._initdb(building, options, user, password)
             if result.returncode != 0:
                 shutil.rmtree(building, ignore_errors=True)
                 with contextlib.suppress(OSError):  # nothing else in it: leave no profile behind for `status`
@@ -256,9 +258,11 @@ class LocalEngine:
         building.rename(paths.pgdata)
         return state
 
-    def _initdb(self, building: Path, user: _pgctl.OsUser, password: str) -> _pgctl.CommandResult:
+    def _initdb(
+        self, building: Path, options: list[str], user: _pgctl.OsUser, password: str
+    ) -> _pgctl.CommandResult:
         """initdb into the empty directory ``building``; the password goes through a pipe, never a file."""
-        args = ["-D", str(building), "--pwfile=/dev/stdin", *_initdb_options()]
+        args = ["-D", str(building), "--pwfile=/dev/stdin", *options]
         return _pgctl.run(
             self.bin_dir,
             "initdb",
@@ -269,7 +273,9 @@ class LocalEngine:
             die_with_parent=True,
         )
 
-    def _from_template(self, building: Path, version: str, user: _pgctl.OsUser, password: str) -> bool:
+    def _from_template(
+        self, building: Path, version: str, options: list[str], user: _pgctl.OsUser, password: str
+    ) -> bool:
         """Fill ``building`` with a copy of the cached template cluster, given ``password``; False: run initdb.
 
         The first use of a template runs initdb with a password nobody keeps and copies the result into the cache.
@@ -279,10 +285,10 @@ class LocalEngine:
         if self.template_dir is None or sys.platform != "linux":
             return False
         try:
-            key = _pgtemplate.template_key(self.bin_dir, version, _initdb_options(), user)
+            key = _pgtemplate.template_key(self.bin_dir, version, options, user)
             with _pgtemplate.template_for(self.template_dir, key) as template:
                 if template is None:
-                    result = self._initdb(building, user, secrets.token_urlsafe(24))
+                    result = self._initdb(building, options, user, secrets.token_urlsafe(24))
                     if result.returncode != 0:
                         raise EngineUnavailable(result.output)
                     _pgtemplate.keep(self.template_dir, key, building)
@@ -372,8 +378,9 @@ class LocalEngine:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
 
 
-def _initdb_options() -> list[str]:
+def _initdb_options(bin_dir: Path, user: _pgctl.OsUser, cwd: Path) -> list[str]:
     """initdb's arguments besides -D and --pwfile (the template cache's key includes them exactly)."""
+    no_checksums = [NO_CHECKSUMS] if _pgctl.initdb_accepts(bin_dir, NO_CHECKSUMS, user, cwd) else []
     return [
         "-U",
         DB_SUPERUSER,
@@ -383,6 +390,7 @@ def _initdb_options() -> list[str]:
         "--locale=C",
         "--no-instructions",
         "--no-sync",
+        *no_checksums,
         *INITDB_ARGS,
     ]  # fmt: skip  (initdb's own pairing of flags reads better than one per line)
 

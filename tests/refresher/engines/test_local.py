@@ -199,20 +199,56 @@ def test_a_new_cluster_has_1mb_wal_segments(engine: LocalEngine) -> None:
     assert _query(info, "SHOW wal_segment_size") == "1MB"
 
 
-def test_a_cluster_made_with_16mb_segments_keeps_them_and_its_data_without_a_new_initdb(
-    engine: LocalEngine, monkeypatch: pytest.MonkeyPatch
+def test_a_new_cluster_has_no_page_checksums(engine: LocalEngine) -> None:
+    info = engine.start("lc_nocsum")
+    assert _query(info, "SHOW data_checksums") == "off"  # PG 18's initdb turns them on unless told not to
+
+
+@pytest.mark.parametrize(
+    ("initdb_args", "setting", "value"),
+    [
+        pytest.param((), "wal_segment_size", "16MB", id="16mb-wal-segments"),
+        # initdb takes the last of --no-data-checksums and --data-checksums
+        pytest.param((*local.INITDB_ARGS, "--data-checksums"), "data_checksums", "on", id="page-checksums"),
+    ],
+)
+def test_a_cluster_made_by_an_older_initdb_keeps_its_layout_and_data_without_a_new_initdb(
+    engine: LocalEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    initdb_args: tuple[str, ...],
+    setting: str,
+    value: str,
 ) -> None:
     with monkeypatch.context() as before:
-        before.setattr(local, "INITDB_ARGS", ())  # initdb as the versions before 1 MB segments ran it
-        info = engine.start("lc_wal16")
-    assert _query(info, "SHOW wal_segment_size") == "16MB"
+        before.setattr(local, "INITDB_ARGS", initdb_args)  # initdb as the versions before ran it
+        info = engine.start("lc_older")
+    assert _query(info, f"SHOW {setting}") == value
     with psycopg.connect(info.dsn()) as conn:
-        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
-    _kill_server_keep_data(engine, "lc_wal16")
-    again = engine.start("lc_wal16")
+        conn.execute("CREATE TABLE kept AS SELECT g AS id FROM generate_series(1, 50000) g")
+    _kill_server_keep_data(engine, "lc_older")
+    again = engine.start("lc_older")
     assert again.password == info.password
-    assert _query(again, "SHOW wal_segment_size") == "16MB"
-    assert _query(again, "SELECT answer FROM kept") == 42
+    assert _query(again, f"SHOW {setting}") == value
+    with psycopg.connect(again.dsn()) as conn:
+        conn.execute("UPDATE kept SET id = -id")  # its pages written again, checksummed where it has them
+    assert _query(again, "SELECT sum(id) FROM kept") == -(50000 * 50001 // 2)
+
+
+PG15 = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.mark.skipif(not (PG15 / "initdb").is_file(), reason="no PostgreSQL 15 binaries (Debian's) here")
+def test_an_initdb_without_the_no_checksums_flag_still_makes_the_cluster(local_state_dir: Path) -> None:
+    pg15 = LocalEngine(local_state_dir, bin_dir=PG15)
+    user = _pgctl.OsUser.for_server()
+    assert not _pgctl.initdb_accepts(PG15, local.NO_CHECKSUMS, user, local_state_dir)
+    assert _pgctl.initdb_accepts(PG15, "--data-checksums", user, local_state_dir)
+    try:
+        info = pg15.start("lc_pg15")
+        assert str(_query(info, "SHOW server_version")).startswith("15.")
+        assert _query(info, "SHOW data_checksums") == "off"  # PG 15's default
+    finally:
+        pg15.stop("lc_pg15")
 
 
 def test_crash_recovery_and_resets_are_exact_across_many_small_wal_segments(engine: LocalEngine) -> None:
