@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -47,6 +48,8 @@ from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, EngineUnavailable
 
 START_ATTEMPTS = 5
+# What a postmaster logs when it gives up starting (messages are in English: programs run with LC_ALL=C).
+START_FAILED = re.compile(r"^(?:.*\s)?(?:FATAL|PANIC):", re.MULTILINE)
 INIT_PREFIX = "pgdata.init-"
 # Where under the settings' cache directory (``$XDG_CACHE_HOME/refresher``) new clusters' templates live.
 TEMPLATES = "pg-templates"
@@ -163,9 +166,9 @@ class LocalEngine:
         running = Postmaster.read(paths.pgdata)
         if running is not None and running.alive():
             state = replace(state, port=running.port, pid=running.pid)
+            self._wait_ready(paths, state)
         else:
             state = self._start_cluster(paths, state)
-        self._wait_ready(paths, state)
         state.write(paths.state)
         info = self._info(profile, state)
         _ensure_database(info)
@@ -324,6 +327,12 @@ class LocalEngine:
                 return
 
     def _start_cluster(self, paths: _Paths, state: ServerState) -> ServerState:
+        """Start the postmaster and wait until it answers a login; retry another port if ours was taken.
+
+        ``pg_ctl start -W`` returns once the postmaster is forked, and our wait polls a login every 10 ms:
+        ``pg_ctl``'s own wait looks every 100 ms, so a new cluster, ready about 40 ms after the fork, was found
+        ready only after 100 ms (0.12 s -> 0.05 s per start measured).
+        """
         user = _pgctl.OsUser.for_server()
         user.check_traversable(paths.pgdata)
         bin_dir = Path(state.bin_dir)
@@ -333,38 +342,46 @@ class LocalEngine:
         for attempt in range(START_ATTEMPTS):
             port = next(ports)
             log_offset = paths.log.stat().st_size if paths.log.exists() else 0
-            args = ["start", "-D", str(paths.pgdata), "-l", str(paths.log), "-o", f"-p {port}", "-w"]
-            args += ["-t", str(int(self.ready_timeout))]
+            args = ["start", "-W", "-D", str(paths.pgdata), "-l", str(paths.log), "-o", f"-p {port}"]
             result = _pgctl.run(
                 bin_dir, "pg_ctl", args, user, cwd=paths.root, timeout=self.ready_timeout + 30
             )
+            started = replace(state, port=port, pid=None)
+            failure: EngineUnavailable
             if result.returncode == 0:
-                running = Postmaster.read(paths.pgdata)
-                return replace(state, port=port, pid=running.pid if running else None)
-            new_log = _read_from(paths.log, log_offset)
-            if is_disk_full(new_log):
-                raise disk_full(paths.root)
-            if "Address already in use" not in new_log:
-                raise EngineUnavailable(
+                try:
+                    self._wait_ready(paths, started, _launched(paths, log_offset))
+                    running = Postmaster.read(paths.pgdata)
+                    return replace(started, pid=running.pid if running else None)
+                except EngineUnavailable as exc:
+                    failure = exc
+            else:
+                failure = EngineUnavailable(
                     f"the local server for {paths.root.name} did not start: {result.output.strip()[-500:]}\n"
                     f"server log ({paths.log}):\n{_pgctl.log_tail(paths.log)}"
                 )
+            new_log = _read_from(paths.log, log_offset)
+            if is_disk_full(new_log):
+                raise disk_full(paths.root) from failure
+            if "Address already in use" not in new_log:
+                raise failure
             if self.pinned_port is not None:
                 raise EngineUnavailable(f"port {port} on {HOST} is already in use; choose another port")
             del attempt  # the port was taken between picking and binding: try another
         raise EngineUnavailable(f"no free port on {HOST} after {START_ATTEMPTS} attempts")
 
-    def _wait_ready(self, paths: _Paths, state: ServerState) -> None:
-        def alive() -> bool:
-            running = Postmaster.read(paths.pgdata)
-            return running is not None and running.alive()
+    def _wait_ready(self, paths: _Paths, state: ServerState, alive: Callable[[], bool] | None = None) -> None:
+        def running() -> bool:
+            postmaster = Postmaster.read(paths.pgdata)
+            return postmaster is not None and postmaster.alive()
 
         wait_ready(
             self._info(paths.root.name, state).dsn("postgres"),
             what=f"the local server for {paths.root.name} on port {state.port}",
             timeout=self.ready_timeout,
-            alive=alive,
+            alive=alive or running,
             log_tail=lambda: f"({paths.log})\n{_pgctl.log_tail(paths.log)}",
+            interval=0.01,
         )
 
     # -- small pieces --------------------------------------------------------------------------------------------
@@ -396,12 +413,37 @@ def _initdb_options(bin_dir: Path, user: _pgctl.OsUser, cwd: Path) -> list[str]:
 
 
 def _ensure_database(info: ServerInfo) -> None:
-    """The working database is named after the profile; create it on first start."""
+    """The working database is named after the profile; create it on first start.
+
+    By file copy where the server has it (PG 15+): its checkpoints cost nothing on a new cluster with fsync off,
+    while the default WAL_LOG writes all of template1 through the WAL (0.37 -> 0.27 s median on a new cluster,
+    alternating, loaded dev machine).
+    """
     with psycopg.connect(info.dsn("postgres"), autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (info.dbname,)).fetchone()
         if exists is None:
+            create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(info.dbname))
+            if conn.info.server_version >= 150000:
+                create += sql.SQL(" STRATEGY FILE_COPY")
             with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another CLI won the race
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(info.dbname)))
+                conn.execute(create)
+
+
+def _launched(paths: _Paths, log_offset: int) -> Callable[[], bool]:
+    """Whether a postmaster that ``pg_ctl start -W`` forked may still come up.
+
+    It writes ``postmaster.pid`` a few milliseconds after the fork and removes it when it exits: no file is either
+    "not yet" or "gone". A start that fails (a taken port, a full disk, a bad setting) logs a FATAL line before it
+    exits; one that dies some other way before writing the file is waited for until the readiness timeout.
+    """
+
+    def alive() -> bool:
+        running = Postmaster.read(paths.pgdata)
+        if running is not None:
+            return running.alive()
+        return START_FAILED.search(_read_from(paths.log, log_offset)) is None
+
+    return alive
 
 
 def _stopped_detail(paths: _Paths, running: Postmaster | None) -> str:

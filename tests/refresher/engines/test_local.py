@@ -136,6 +136,24 @@ def test_a_stopped_server_restarts_with_its_data_and_moves_off_a_taken_port(engi
         assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
 
 
+def test_a_server_that_fails_to_start_is_an_error_with_its_log_at_once(local_state_dir: Path) -> None:
+    patient = LocalEngine(local_state_dir, ready_timeout=600)
+    try:
+        patient.start("lc_badconf")
+        _kill_server_keep_data(patient, "lc_badconf")
+        with (patient.base / "lc_badconf" / "pgdata" / "refresher.conf").open("a") as conf:
+            conf.write("shared_buffers = 'lots'\n")
+        started = time.monotonic()
+        with pytest.raises(
+            EngineUnavailable, match=r'(?s)not ready.*invalid value for parameter "shared_buffers"'
+        ):
+            patient.start("lc_badconf")
+        # pg_ctl start -W does not wait: the postmaster's FATAL line ends our wait, not the 600 s timeout
+        assert time.monotonic() - started < 300
+    finally:
+        patient.stop("lc_badconf")
+
+
 def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine) -> None:
     engine.start("lc_stale")
     pgdata = engine.base / "lc_stale" / "pgdata"
