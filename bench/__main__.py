@@ -17,6 +17,7 @@ from typing import Any
 
 MODULES = (
     "bench_cli",
+    "bench_engine",
     "bench_featurestore",
     "bench_features",
     "bench_fixtures",

@@ -1,0 +1,91 @@
+"""A new local cluster: ``LocalEngine.start`` of a new profile from the cached template against initdb, and the
+template copy the start makes, parallel against one ``cp``.
+
+Each way alternates with the other in one process, each start followed by ``stop`` (as ``refresher down`` then
+``refresh`` does): on a busy filesystem the inodes the last stop freed slow the next copy, so both ways meet the
+same state. The template is the user's (``$XDG_CACHE_HOME/refresher/pg-templates``), as the CLI's clusters use.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from refresher.engines.local import TEMPLATES, LocalEngine
+from refresher.settings import Settings
+
+CP = ["cp", "--reflink=auto", "--sparse=always", "-a", "--"]
+
+
+def _one_cp(source: Path, target: Path) -> None:
+    subprocess.run([*CP, f"{source}/.", str(target)], check=True)
+
+
+def _cp_per_database(source: Path, target: Path) -> None:
+    """What the engine runs: one cp per database directory under ``base/`` and one for the rest, at once."""
+    (target / "base").mkdir()
+    rest = [str(p) for p in source.iterdir() if p.name != "base"]
+    jobs = [[*CP, *rest, str(target)]] + [
+        [*CP, str(db), str(target / "base")] for db in (source / "base").iterdir()
+    ]
+    for proc in [subprocess.Popen(job) for job in jobs]:
+        if proc.wait() != 0:
+            raise OSError(f"{proc.args} failed")
+
+
+def _template(cache: Path) -> Path:
+    """The newest complete template cluster in the cache (the one the starts above just used)."""
+    clusters = [p / "pgdata" for p in cache.iterdir() if (p / "complete").is_file()]
+    return max(clusters, key=lambda p: (p.parent / "complete").stat().st_mtime)
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    repeat = 4 if quick else 10
+    work = Path(tempfile.mkdtemp(prefix="refresher-bench-engine-", dir="/tmp"))
+    work.chmod(0o755)  # the embedded server runs as another user when we are root
+    cache_dir = Settings.from_env().cache_dir
+    cache = cache_dir / TEMPLATES if cache_dir is not None else work / TEMPLATES
+    engines = {"template": LocalEngine(work / "a", template_dir=cache), "initdb": LocalEngine(work / "b")}
+    starts: dict[str, list[float]] = {way: [] for way in engines}
+    copies: dict[str, list[float]] = {"parallel": [], "one": []}
+    try:
+        for engine in engines.values():  # the first start of a machine builds the template: not timed
+            engine.start("bench_engine")
+            engine.stop("bench_engine")
+        for _ in range(repeat):
+            for way, engine in engines.items():
+                started = time.perf_counter()
+                engine.start("bench_engine")
+                starts[way].append(time.perf_counter() - started)
+                engine.stop("bench_engine")
+        template = _template(cache)
+        files = sum(1 for _ in template.rglob("*"))
+        for _ in range(repeat):
+            for way, copy in (("parallel", _cp_per_database), ("one", _one_cp)):
+                target = work / "copy"
+                target.mkdir()
+                started = time.perf_counter()
+                copy(template, target)
+                copies[way].append(time.perf_counter() - started)
+                shutil.rmtree(target)
+    finally:
+        for engine in engines.values():
+            engine.stop("bench_engine")
+        shutil.rmtree(work, ignore_errors=True)
+    ours, initdb = statistics.median(starts["template"]), statistics.median(starts["initdb"])
+    parallel, one = statistics.median(copies["parallel"]), statistics.median(copies["one"])
+    return [
+        {"benchmark": f"start of a new profile's local cluster (median of {repeat}, alternating)", "ours": ours,
+         "baseline": initdb, "unit": "s", "ratio": initdb / ours,
+         "note": "ours: template copy, password in single-user mode, pg_ctl start -W and a 10 ms login poll, the "
+         "profile's database by FILE_COPY; baseline: the same start running initdb; each start followed by stop"},
+        {"benchmark": f"copy of the cluster template ({files:,} files and directories, median of {repeat})",
+         "ours": parallel, "baseline": one, "unit": "s", "ratio": one / parallel,
+         "note": "one cp per database directory and one for the rest, at once, vs one cp; nearly all kernel time "
+         "creating files, so it varies with the filesystem's state and the machine's load"},
+    ]  # fmt: skip
