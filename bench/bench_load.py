@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import psycopg
@@ -26,6 +27,7 @@ from psycopg import sql
 
 from refresher import snapshot
 from refresher.database import ensure_schema, segment_range
+from refresher.engines import local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from refresher.load import SegmentLoad, copy_arrow, load_segment, load_segments
@@ -216,6 +218,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     engine = LocalEngine(work)
     try:
         server = engine.start("bench_load")
+        # The baseline of the checksum row: a cluster as initdb made them before --no-data-checksums (initdb
+        # takes the last of the two flags).
+        with mock.patch.object(local, "INITDB_ARGS", (*local.INITDB_ARGS, "--data-checksums")):
+            checksummed = engine.start("bench_load_checksums")
         segments = _segments(total)
         rows: int = sum(t.num_rows for _, t in segments)
         binary = _binary_rate(server, segments)
@@ -228,7 +234,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         plain_s = min(_month_load_seconds(server, months, plain=True) for _ in range(2))
         partitioned_s = min(_month_load_seconds(server, months, plain=False) for _ in range(2))
         key_first_s = min(_key_first_seconds(server, months) for _ in range(2))
+        no_checksums, checksums = [], []
+        for _ in range(3):
+            no_checksums.append(_month_load_seconds(server, months, plain=False))
+            checksums.append(_month_load_seconds(checksummed, months, plain=False))
     finally:
+        engine.stop("bench_load_checksums")
         engine.stop("bench_load")
         shutil.rmtree(work, ignore_errors=True)
     return [
@@ -248,6 +259,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
          "unit": "rows/s", "ratio": key_first_s / partitioned_s,
          "note": "ours: the loader (delete, COPY FREEZE, ADD PRIMARY KEY, attach, ledger); baseline: the key made "
          "with the table, then COPY FREEZE and attach; goal: > 1x"},
+        {"benchmark": f"load {month_rows:,} minute bars into new month partitions: page checksums off vs on",
+         "ours": month_rows / min(no_checksums), "baseline": month_rows / min(checksums), "unit": "rows/s",
+         "ratio": min(checksums) / min(no_checksums),
+         "note": "ours: a new local cluster (initdb --no-data-checksums, PG 18); baseline: a second one made with "
+         "checksums (PG 18's default), alternating, best of 3; goal: >= 1x (the server computes no page checksums)"},
     ]  # fmt: skip
 
 
