@@ -15,6 +15,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+# Before any bench module imports pyarrow: the rows run in this process get Arrow's memory pool as a user's
+# refresh does (featurestore/__init__.py chooses it, docs/engines.md "Arrow's memory pool").
+import featurestore  # noqa: F401
+
 MODULES = (
     "bench_cli",
     "bench_engine",

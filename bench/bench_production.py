@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench._child import child_refresh
 from featurestore import FeatureStore
 from refresher import database, load, snapshot
 from refresher.engines.base import ServerInfo
@@ -66,37 +66,6 @@ def _profile_file(root: Path, name: str, symbols: int) -> Path:
         f"universe:\n  symbols: [{listed}]\nmonths: {MONTHS}\nas_of: {AS_OF}\ntimeframes: [1d]\nfeatures: []\n"
     )
     return path
-
-
-def _child_refresh(work: Path, profile_path: Path, store: Path) -> dict[str, Any]:
-    """One refresh in a fresh interpreter: its report, wall time and peak RSS (MB)."""
-    code = (
-        "import json, sys, time\n"
-        "from pathlib import Path\n"
-        "from featurestore import FeatureStore\n"
-        "from refresher.engines.local import LocalEngine\n"
-        "from refresher.profile import load_profile\n"
-        "from refresher.refresh import refresh\n"
-        "profile = load_profile(sys.argv[2], [])\n"
-        "started = time.perf_counter()\n"
-        "report = refresh(profile, LocalEngine(Path(sys.argv[1])), FeatureStore(sys.argv[3]))\n"
-        "seconds = time.perf_counter() - started\n"
-        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the
-        # bench's own peak (2 GB after the earlier sections of a full run) instead of its own.
-        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-        "out = {'seconds': seconds, 'phases': report.phases,\n"
-        "       'rows': report.rows_loaded, 'loaded': report.segments.loaded,\n"
-        "       'rss_mb': int(hwm.split()[1]) / 1024}\n"
-        "print(json.dumps(out))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(work / "state"), str(profile_path), str(store)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def _phases(result: dict[str, Any]) -> str:
@@ -185,9 +154,11 @@ def production(quick: bool) -> list[dict[str, Any]]:
     store = work / "store"
     rows: list[dict[str, Any]] = []
     try:
-        quarter = _child_refresh(work, _profile_file(work, "prod_quarter", symbols // 4), work / "store-q")
+        quarter = child_refresh(
+            work / "state", _profile_file(work, "prod_quarter", symbols // 4), work / "store-q"
+        )
         path = _profile_file(work, "prod", symbols)
-        cold = _child_refresh(work, path, store)
+        cold = child_refresh(work / "state", path, store)
         segments = symbols * MONTHS
         label = f"production daily, {symbols:,} symbols x {MONTHS} months ({segments:,} segments)"
         server = engine.start("prod")
@@ -207,7 +178,7 @@ def production(quick: bool) -> list[dict[str, Any]]:
         )
         # The median of a few: each no-op also folds the store's access journal the one before left.
         noops = sorted(
-            (_child_refresh(work, path, store) for _ in range(NOOP_RUNS)), key=lambda r: r["seconds"]
+            (child_refresh(work / "state", path, store) for _ in range(NOOP_RUNS)), key=lambda r: r["seconds"]
         )
         noop = noops[len(noops) // 2]
         assert all(r["loaded"] == 0 for r in noops)
@@ -222,7 +193,7 @@ def production(quick: bool) -> list[dict[str, Any]]:
         )
         rows.append(_ledger_check_row(server, label))
         warm_path = _profile_file(work, "prod_warm", symbols)
-        warm = _child_refresh(work, warm_path, store)
+        warm = child_refresh(work / "state", warm_path, store)
         assert warm["loaded"] == segments
         rows.append(
             {

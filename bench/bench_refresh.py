@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from bench._child import child_refresh
 from featurestore import FeatureStore
 from refresher import snapshot
 from refresher.engines.base import ServerInfo
@@ -35,6 +36,10 @@ from refresher.refresh import refresh
 from refresher.settings import Settings
 
 AS_OF = dt.date(2025, 10, 31)
+# The Arrow pool row: a warm store of this many symbols x months of minute bars into new databases, each pool
+# this many times, alternating.
+POOL_SYMBOLS, POOL_MONTHS, POOL_RUNS = 100, 2, 3
+POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
 PREVIOUS_MONTH_END = dt.date(2025, 9, 30)
 
 
@@ -94,6 +99,47 @@ def _cli_seconds(args: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "refresher.cli", *args], check=True, env=env, capture_output=True)
     return time.perf_counter() - started
+
+
+def _arrow_pool_row(work: Path) -> dict[str, Any]:
+    """A warm store into new databases (fresh interpreters, alternating): the pool refresher chooses
+    (``featurestore/__init__.py``) against pyarrow's own default, mimalloc."""
+    listed = ", ".join(f"P{i:03d}" for i in range(POOL_SYMBOLS))
+    path = work / "arrow_pool.yaml"
+    path.write_text(
+        f"universe:\n  symbols: [{listed}]\nmonths: {POOL_MONTHS}\nas_of: {AS_OF}\ntimeframes: [1m]\nfeatures: []\n"
+    )
+    store = work / "store-arrow-pool"
+    ours_env = {k: v for k, v in os.environ.items() if k != POOL_VARIABLE}  # as a user who chose none
+    envs = {"ours": ours_env, "mimalloc": {**ours_env, POOL_VARIABLE: "mimalloc"}}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in envs}
+    for k in range(1 + POOL_RUNS * len(envs)):
+        name = "fill" if k == 0 else list(envs)[(k - 1) % len(envs)]
+        state = work / f"state-arrow-pool-{k}"
+        try:
+            result = child_refresh(state, path, store, envs.get(name, ours_env))
+        finally:
+            LocalEngine(state).stop(path.stem)  # its server and the pool refill it started leave the cores
+        if name != "fill":
+            assert result["loaded"] > 0 and result["pool"] == ("system" if name == "ours" else name)
+            runs[name].append(result)
+    ours, base = (statistics.median(r["phases"]["segments"] for r in runs[n]) for n in envs)
+
+    def cpu(name: str) -> str:
+        return ", ".join(f"{r['user']:.2f}/{r['sys']:.2f}" for r in runs[name])
+
+    return {
+        "benchmark": f"warm store, new database: Arrow's pool, glibc malloc vs mimalloc ({runs['ours'][0]['rows']:,} "
+        "minute bars)",
+        "ours": ours,
+        "baseline": base,
+        "unit": "s",
+        "ratio": base / ours,
+        "note": f"goal >= 1 with less client kernel time; segments phase, median of {POOL_RUNS} each, alternating; "
+        f"baseline: ARROW_DEFAULT_MEMORY_POOL=mimalloc (pyarrow's default); client CPU user/sys s: ours {cpu('ours')}, "
+        f"mimalloc {cpu('mimalloc')}; peak RSS MB: ours {max(r['rss_mb'] for r in runs['ours']):.0f}, mimalloc "
+        f"{max(r['rss_mb'] for r in runs['mimalloc']):.0f}",
+    }
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -268,6 +314,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             )
         finally:
             inc_engine.stop(profile.name)
+        rows.append(_arrow_pool_row(work))
     finally:
         engine.stop(profile_name)
         shutil.rmtree(work, ignore_errors=True)

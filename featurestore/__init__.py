@@ -8,9 +8,21 @@ on this 2-core machine that ``refresher market status`` or ``refresher url`` nev
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from featurestore.errors import ComputeError, FeatureStoreError, ManifestBusy, StoreLockTimeout
+
+# Arrow's memory pool for every process that runs the store or refresher (whose errors import ours, so this runs
+# before any refresher module imports pyarrow: the CLI, the library, the jobs workers, the pytest plugin). Set
+# here because pyarrow reads the variable once, at its import; nothing is imported for it. On Linux, pyarrow's
+# default (mimalloc) maps its arena with MADV_HUGEPAGE, and a warm-store refresh kept faulting in fresh 2 MB
+# pages: the kernel clearing them was ~10% of the machine's samples, the client's kernel time 1.5-2.6 s against
+# 0.8 s with glibc malloc ("system"), whose peak RSS is also lower (docs/engines.md, "Arrow's memory pool"). A
+# user's own ARROW_DEFAULT_MEMORY_POOL wins, and so does a pyarrow imported before us (its pool is fixed then).
+if sys.platform == "linux" and "pyarrow" not in sys.modules:
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 if TYPE_CHECKING:
     from featurestore.fingerprint import HASH_METHODS, HashMethod
