@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from featurestore import FeatureStore
+from refresher._gc import fewer_collections
 from refresher.calendar import exchange_tz
 from refresher.features.cached import compute_features
 from refresher.jobs.inprocess import store_batches
@@ -42,26 +43,30 @@ class WarmReport:
 
 
 def warm(profile: Profile, store: FeatureStore, *, progress: ProgressCallback | None = None) -> WarmReport:
-    """Store every segment and feature the profile wants that the store lacks; touches no database."""
+    """Store every segment and feature the profile wants that the store lacks; touches no database.
+
+    With the cyclic collector held back, as a refresh holds it (``refresher._gc``): the same plan, jobs and
+    tables, the same millions of short-lived objects."""
     started = time.perf_counter()
     tz_of = {listing.symbol: exchange_tz(listing.exchange) for listing in profile.listings}
-    with closing(make_source(profile)) as source:
-        plan = compute_plan(profile, source, store, None)
-        jobs = [job for job in jobs_of_plan(plan, tz_of) if job.stored_hash is None]
-        daily: dict[Segment, pa.Table] = {}
-        done = 0
-        for batch in store_batches(jobs):
-            done += len(batch)
-            for job, (table, _hash) in zip(batch, fetch_tables(batch, source, store), strict=True):
-                if job.segment.timeframe == "1d":
-                    daily[job.segment] = table
-            if progress:
-                progress("fetch", done, len(jobs))
-        stored = compute_plan(profile, source, store, None) if jobs else plan
-    pairs = computed = 0
-    for feature in compute_features(profile, store, stored, daily):
-        pairs += len(feature.parts)
-        computed += feature.computed
+    with fewer_collections():
+        with closing(make_source(profile)) as source:
+            plan = compute_plan(profile, source, store, None)
+            jobs = [job for job in jobs_of_plan(plan, tz_of) if job.stored_hash is None]
+            daily: dict[Segment, pa.Table] = {}
+            done = 0
+            for batch in store_batches(jobs):
+                done += len(batch)
+                for job, (table, _hash) in zip(batch, fetch_tables(batch, source, store), strict=True):
+                    if job.segment.timeframe == "1d":
+                        daily[job.segment] = table
+                if progress:
+                    progress("fetch", done, len(jobs))
+            stored = compute_plan(profile, source, store, None) if jobs else plan
+        pairs = computed = 0
+        for feature in compute_features(profile, store, stored, daily):
+            pairs += len(feature.parts)
+            computed += feature.computed
     return WarmReport(
         profile=profile.name,
         segments=len(plan.desired),

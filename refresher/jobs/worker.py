@@ -28,6 +28,7 @@ import redis
 
 from featurestore import FeatureStore
 from refresher import load, pool, snapshot
+from refresher._gc import fewer_collections
 from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
 from refresher.errors import ProfileBusy
@@ -265,7 +266,22 @@ class Worker:
         delivered: int = 1,
     ) -> None:
         """Run a batch of jobs: their tables are produced together (one store transaction for the batch, as
-        in-process), then each loads in its own transaction and is acknowledged on its own."""
+        in-process), then each loads in its own transaction and is acknowledged on its own.
+
+        With the cyclic collector held back, as a refresh holds it (``refresher._gc``), and given back when the
+        batch ends, whatever way: a worker runs for hours, and between batches it collects as usual."""
+        with fewer_collections():
+            self._handle_batch(queue, consumer, deliveries, contexts, delivered=delivered)
+
+    def _handle_batch(
+        self,
+        queue: JobQueue,
+        consumer: str,
+        deliveries: list[Delivery],
+        contexts: dict[str, _RunContext],
+        *,
+        delivered: int,
+    ) -> None:
         if delivered > self.options.max_attempts:
             for delivery in deliveries:
                 queue.dead_letter(delivery, f"delivered {delivered} times without finishing", delivered)

@@ -80,3 +80,39 @@ def test_warm_as_of_and_a_bad_profile(workspace: Workspace, tmp_path: Path) -> N
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert f"{bad}: features.0.params.slow=1:" in done.stderr
     assert not (workspace.root / "store").exists() or not any((workspace.root / "store").rglob("*.arrow"))
+
+
+def test_warm_holds_the_collector_back_and_gives_it_back_even_when_a_fetch_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from featurestore import FeatureStore
+    from refresher import warm as warm_module
+    from refresher._gc import YOUNG_THRESHOLD
+    from refresher.jobs.segment import fetch_tables
+    from refresher.profile import load_profile
+
+    (tmp_path / "p.yaml").write_text(
+        "universe:\n  symbols: [AAPL]\nmonths: 2\ntimeframes: [1d]\nfeatures: []\n"
+    )
+    profile = load_profile("p", (tmp_path,))
+    before = gc.get_threshold()
+    seen: list[tuple[int, int]] = []
+    fail = False
+
+    def observed(*args: object) -> object:
+        seen.append((gc.get_threshold()[0], gc.get_freeze_count()))
+        if fail:
+            raise OSError("the store's disk went away")
+        return fetch_tables(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(warm_module, "fetch_tables", observed)
+    assert warm_module.warm(profile, FeatureStore(tmp_path / "store")).fetched > 0
+    fail = True
+    with pytest.raises(OSError, match="went away"):
+        warm_module.warm(profile, FeatureStore(tmp_path / "other-store"))
+    assert len(seen) == 2 and all(
+        young == max(before[0], YOUNG_THRESHOLD) and frozen > 0 for young, frozen in seen
+    )
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, 0)
