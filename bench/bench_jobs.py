@@ -171,6 +171,69 @@ def _throughput(url: str, work: Path, profile_name: str) -> list[dict[str, Any]]
     return rows
 
 
+def _collector_seconds(url: str, work: Path, profile_name: str, *, held: bool) -> tuple[float, int, float]:
+    """(seconds in cyclic collections, collections, wall seconds) of an in-process burst worker draining a run of
+    ``profile_name`` into a fresh server and a cold store; ``held=False`` runs it without holding the collector
+    back per batch (the worker as it was)."""
+    import contextlib
+    import gc
+    from unittest import mock
+
+    from refresher.jobs import worker as worker_module
+
+    tag = "held" if held else "plain"
+    state, store = work / f"state-gc-{tag}", work / f"store-gc-{tag}"
+    env = {**os.environ, "REFRESHER_STATE_DIR": str(state), "FEATURE_STORE_PATH": str(store)}
+    engine = LocalEngine(state)
+    engine.start(profile_name)
+    spent, count, began = [0.0], [0], [0.0]
+
+    def timed(phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - began[0]
+            count[0] += 1
+
+    submit = [sys.executable, "-m", "refresher.cli", "jobs", "submit", "--profile", profile_name]
+    submit += ["--as-of", AS_OF.isoformat(), "--engine", "local", "--queue", url]
+    # The baseline: the worker as it was, its batches run with the collector as Python sets it.
+    unheld = mock.patch.object(worker_module, "fewer_collections", contextlib.nullcontext)
+    try:
+        subprocess.run(submit, env=env, check=True, capture_output=True)
+        if not held:
+            unheld.start()
+        settings = Settings.from_env(env, engine="local")
+        gc.collect()
+        gc.callbacks.append(timed)
+        started = time.perf_counter()
+        worker_module.Worker(url, settings, worker_module.WorkerOptions("gc", burst=True)).run()
+        wall = time.perf_counter() - started
+    finally:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(timed)
+        if not held:
+            unheld.stop()
+        engine.stop(profile_name)
+    return spent[0], count[0], wall
+
+
+def _collector_row(url: str, work: Path, profile_name: str) -> dict[str, Any]:
+    plain = _collector_seconds(url, work, profile_name, held=False)
+    redis.Redis.from_url(url).flushall()
+    ours = _collector_seconds(url, work, profile_name, held=True)
+    return {
+        "benchmark": f"{profile_name}: an in-process worker's time in cyclic garbage collections",
+        "ours": ours[0],
+        "baseline": plain[0],
+        "unit": "s",
+        "ratio": plain[0] / max(ours[0], 1e-6),
+        "note": f"goal: fewer pauses, the worker's memory flat; ours: the collector held back per job batch "
+        f"({ours[1]} collections, drained in {ours[2]:.1f} s); baseline: the same run without "
+        f"({plain[1]} collections, {plain[2]:.1f} s); a worker's live set is small, so collections cost it little",
+    }
+
+
 def _peak_rss_mb(pid: int) -> float | None:
     """The process's peak resident set so far (VmHWM), in MB; None once it is gone."""
     try:
@@ -281,6 +344,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         rows = _submit_rows(url)
         redis.Redis.from_url(url).flushall()
         rows += _throughput(url, work, "ui_testing" if quick else "backtesting")
+        redis.Redis.from_url(url).flushall()
+        rows.append(_collector_row(url, work, "ui_testing"))
         redis.Redis.from_url(url).flushall()
         rows += _scale_rows(url, work, quick)
         return rows
