@@ -17,6 +17,7 @@ unmarked clone, trash) is recognised by its name or missing mark and dropped by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import time
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
+from refresher._planner_stats import analyze_stale
 from refresher._snapshot_sql import (
     BUILDING_INFIX,
     MAINTENANCE_DB,
@@ -54,7 +56,7 @@ from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
-from refresher.pool import _analyze_pristine, _drop_leftovers, _make_clone, spawn_refill
+from refresher.pool import _drop_leftovers, _make_clone, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
 
 # The ledger tables and the columns that say what a database holds, in a stable order.
@@ -211,16 +213,25 @@ def save_pristine(
             )
         _create_from(conn, db, building, terminate=True)
         # The mark is computed from the copy itself: it says what the copy holds, whatever happened to <db>.
+        # With ``fill_pool`` the clones are made here, now: the copy is analyzed before it becomes the template
+        # (``refresher._planner_stats``), rather than copied once more to be analyzed after (the refill's way,
+        # which cannot connect to a template). Best effort, as there: a failed analysis leaves it unmarked.
+        analyzed = False
         with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
             ledger = ledger_version(copy) or hashlib.sha256(b"no ledger").hexdigest()
             stamp = ledger_stamp(copy) or "none"
+            if fill_pool:
+                with contextlib.suppress(psycopg.Error):
+                    analyze_stale(copy)
+                    analyzed = True
+            session = copy.info.backend_pid
+        _wait_gone(conn, session)
         if pool_size is None:
             old = _pristine_mark(conn, db)
             pool_size = old.pool_size if old is not None else DEFAULT_POOL_SIZE
-        _publish(conn, db, building, _Mark(pool_size, ledger, stamp, secrets.token_hex(8)))
+        _publish(conn, db, building, _Mark(pool_size, ledger, stamp, secrets.token_hex(8), analyzed))
         pool: tuple[str, ...] = ()
         if fill_pool:
-            _analyze_pristine(conn, server.dsn(MAINTENANCE_DB), db, background=False)
             _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
             pool = tuple(_make_clone(conn, db, n) for n in range(pool_size))
     return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started, ledger)
