@@ -289,6 +289,7 @@ class LocalEngine:
             return False
         try:
             key = _pgtemplate.template_key(self.bin_dir, version, options, user)
+            copied = None
             with _pgtemplate.template_for(self.template_dir, key) as template:
                 if template is None:
                     result = self._initdb(building, options, user, secrets.token_urlsafe(24))
@@ -296,8 +297,14 @@ class LocalEngine:
                         raise EngineUnavailable(result.output)
                     _pgtemplate.keep(self.template_dir, key, building)
                 else:
+                    copied = _pgtemplate.identity(template)
                     _pgtemplate.copy_cluster(template, building)
-            _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)
+            try:
+                _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)
+            except EngineUnavailable:
+                if copied is not None:  # e.g. another major version's files: the server refuses them
+                    _pgtemplate.discard(self.template_dir, key, copied)
+                raise
             return True
         except (OSError, EngineUnavailable):
             shutil.rmtree(building, ignore_errors=True)

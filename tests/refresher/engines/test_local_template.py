@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,7 +81,7 @@ def test_a_damaged_template_is_never_copied(engine: LocalEngine, templates: Path
     info = engine.start("lt_damaged_b")
     with psycopg.connect(info.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert (template / _pgtemplate.MARKER).read_text() == template.name
+    assert json.loads((template / _pgtemplate.MARKER).read_text())["key"] == template.name
     assert (template / "pgdata" / "global" / "pg_control").is_file()
 
 
@@ -227,3 +228,31 @@ def test_kill_9_while_a_cluster_is_copied_from_the_template_leaves_nothing_a_sta
     with psycopg.connect(info.dsn()) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("lt_copykill",)
     assert list(root.glob("pgdata.init-*")) == []
+
+
+def test_a_template_missing_a_file_is_built_again_not_copied(engine: LocalEngine, templates: Path) -> None:
+    # What a cache cleaner or a half-finished `rm -r` leaves: the marker whole, a catalog of template1 gone.
+    # Copied, it made clusters whose every new database failed at login ("could not open file base/.../1259").
+    engine.start("lt_holed_a")
+    [template] = _complete_templates(templates)
+    (template / "pgdata" / "base" / "1" / "1259").unlink()  # pg_class
+    info = engine.start("lt_holed_b")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT count(*) > 0 FROM pg_class").fetchone() == (True,)
+    assert _complete_templates(templates) == [template]
+    assert (template / "pgdata" / "base" / "1" / "1259").is_file()
+
+
+def test_a_template_the_server_refuses_is_replaced_not_tried_again(
+    engine: LocalEngine, templates: Path
+) -> None:
+    # A template another major version made (as though copied in under this key): the server refuses its files,
+    # the start falls back to initdb, and the template goes, so the next new cluster does not pay both again.
+    engine.start("lt_major_a")
+    [template] = _complete_templates(templates)
+    real = (template / "pgdata" / "PG_VERSION").read_text()
+    (template / "pgdata" / "PG_VERSION").write_text("15\n" if real.strip() != "15" else "16\n")
+    info = engine.start("lt_major_b")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert [(t / "pgdata" / "PG_VERSION").read_text() for t in _complete_templates(templates)] in ([], [real])
