@@ -198,7 +198,7 @@ def _collector_seconds(url: str, work: Path, profile_name: str, *, held: bool) -
     submit = [sys.executable, "-m", "refresher.cli", "jobs", "submit", "--profile", profile_name]
     submit += ["--as-of", AS_OF.isoformat(), "--engine", "local", "--queue", url]
     # The baseline: the worker as it was, its batches run with the collector as Python sets it.
-    unheld = mock.patch.object(worker_module, "fewer_collections", contextlib.nullcontext)
+    unheld = mock.patch.object(worker_module, "fewer_collections", lambda **_: contextlib.nullcontext())
     try:
         subprocess.run(submit, env=env, check=True, capture_output=True)
         if not held:

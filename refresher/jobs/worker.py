@@ -269,8 +269,10 @@ class Worker:
         in-process), then each loads in its own transaction and is acknowledged on its own.
 
         With the cyclic collector held back, as a refresh holds it (``refresher._gc``), and given back when the
-        batch ends, whatever way: a worker runs for hours, and between batches it collects as usual."""
-        with fewer_collections():
+        batch ends, whatever way: a worker runs for hours, and between batches it collects as usual. Nothing is
+        frozen: with ``--concurrency`` above 1 the batches of the threads overlap, so a freeze could last for
+        hours and keep whatever garbage the worker had when it began."""
+        with fewer_collections(freeze=False):
             self._handle_batch(queue, consumer, deliveries, contexts, delivered=delivered)
 
     def _handle_batch(
