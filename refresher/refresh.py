@@ -341,9 +341,15 @@ def refresh(
                     lost = totals.fetched + daily.refetched - len(plan.to_fetch)
                     notes.append(f"store: {lost} segment files were missing or corrupt; fetched them again")
         except BaseException as exc:
+            waits = isinstance(exc, Exception)
             if ahead is not None:  # a fetcher still producing for loads that will not come
-                ahead.cancelled.set()
-            if starting is not None and isinstance(exc, Exception):
+                # Waited for, as the start is below: not a batch stored after the error, behind the caller's back,
+                # from the source closed on the way out (a test's teardown removes the store meanwhile).
+                if waits:
+                    ahead.stop()
+                else:
+                    ahead.cancelled.set()
+            if starting is not None and waits:
                 # Not a server appearing after the error, behind the caller's back (a test's teardown would
                 # stop nothing, then the start make it). Ctrl-C does not wait: the engine survives a start
                 # cut short anywhere, as it does a kill -9.

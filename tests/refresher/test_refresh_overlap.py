@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from featurestore import FeatureStore
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine, Postmaster
+from refresher.errors import EngineUnavailable
 from refresher.jobs import inprocess
 from refresher.profile import Profile, load_profile
 from refresher.refresh import refresh
@@ -241,3 +243,42 @@ def test_a_bad_row_fetched_while_the_server_starts_stops_the_refresh_with_nothin
     again = refresh(profile, engine, store)
     assert again.segments.loaded == 12
     assert _checksums(engine.start(profile.name)) == _clean_load(root)
+
+
+class _FailingEngine(LocalEngine):
+    """Fails to start once ``before`` is set: a pinned port taken, a full disk, a Docker daemon gone."""
+
+    def __init__(self, state_dir: Path, before: threading.Event) -> None:
+        super().__init__(state_dir)
+        self.before = before
+
+    def start(self, profile: str) -> ServerInfo:
+        self.before.wait(WAIT)
+        raise EngineUnavailable("the server did not start")
+
+
+def test_a_start_that_fails_while_fetching_leaves_no_fetch_running_behind_the_error(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller gets the error and goes on (a test's teardown removes the store, the plugin tries again): the
+    # fetcher must not still be producing into the store, from a source the refresh has closed.
+    fetching, raised = threading.Event(), threading.Event()
+    after_the_error: list[int] = []
+    fetch_many = synthetic.SyntheticSource.fetch_many
+
+    def slow(self: synthetic.SyntheticSource, segments: Sequence[Segment]) -> list[pa.Table]:
+        fetching.set()
+        time.sleep(0.5)  # the batch in hand when the start fails
+        if raised.is_set():
+            after_the_error.append(len(segments))
+        return fetch_many(self, segments)
+
+    monkeypatch.setattr(synthetic.SyntheticSource, "fetch_many", slow)
+    with pytest.raises(EngineUnavailable, match="did not start"):
+        refresh(
+            _profile(root, "nostart"), _FailingEngine(root / "state", fetching), FeatureStore(root / "store")
+        )
+    raised.set()
+    assert not [t for t in threading.enumerate() if t.name == "refresher-fetch" and t.is_alive()]
+    time.sleep(0.6)
+    assert after_the_error == []
