@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from refresher.engines import _pgtemplate, local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
+from tests.fixtures_postgres import world_traversable_tmp
 
 pytestmark = [
     pytest.mark.postgres,
@@ -129,26 +131,36 @@ def test_kill_9_while_the_template_is_built_leaves_no_template_or_a_complete_one
     assert _rejects(again, info.password) and _rejects(info, again.password)
 
 
+@pytest.mark.parametrize("state_dirs", ["one state dir", "two state dirs"])
 def test_two_processes_at_once_build_one_template_and_two_clusters(
-    engine: LocalEngine, templates: Path
+    engine: LocalEngine, templates: Path, state_dirs: str
 ) -> None:
-    state = engine.base.parent
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", START, str(state), str(templates), name], stdout=subprocess.PIPE, text=True
-        )
-        for name in ("lt_race_a", "lt_race_b")
-    ]
-    passwords = []
-    for child in children:
-        out, _ = child.communicate(timeout=300)
-        assert child.returncode == 0
-        passwords.append(out.strip())
-    assert len(_complete_templates(templates)) == 1
-    a, b = (engine.info(name) for name in ("lt_race_a", "lt_race_b"))
-    assert a is not None and b is not None and [a.password, b.password] == passwords
-    assert a.password != b.password
-    assert _rejects(a, b.password) and _rejects(b, a.password)
+    # Two state dirs: two checkouts of one user, nothing shared but the template cache and its locks.
+    other = engine if state_dirs == "one state dir" else LocalEngine(world_traversable_tmp("lt-other-"))
+    try:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", START, str(owner.base.parent), str(templates), name],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for owner, name in ((engine, "lt_race_a"), (other, "lt_race_b"))
+        ]
+        passwords = []
+        for child in children:
+            out, _ = child.communicate(timeout=300)
+            assert child.returncode == 0
+            passwords.append(out.strip())
+        assert len(_complete_templates(templates)) == 1
+        assert list(templates.glob("*.tmp-*")) == []
+        a, b = engine.info("lt_race_a"), other.info("lt_race_b")
+        assert a is not None and b is not None and [a.password, b.password] == passwords
+        assert a.password != b.password
+        assert _rejects(a, b.password) and _rejects(b, a.password)
+    finally:
+        if other is not engine:
+            other.stop("lt_race_b")
+            shutil.rmtree(other.base.parent, ignore_errors=True)
 
 
 def test_other_initdb_arguments_make_another_template(
