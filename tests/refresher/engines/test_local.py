@@ -346,6 +346,45 @@ def test_kill_9_during_initdb_then_the_next_start_cleans_up_and_serves(engine: L
     assert engine.status("lc_killed")[0].running
 
 
+KILLED_AT = (
+    "import os, signal, sys; from pathlib import Path; from refresher.engines import local;"
+    "step = getattr(local, sys.argv[2]);"
+    "setattr(local, sys.argv[2], lambda *a, **k: (step(*a, **k), os.kill(os.getpid(), signal.SIGKILL)));"
+    "local.LocalEngine(Path(sys.argv[1])).start(sys.argv[3])"
+)
+
+
+@pytest.mark.parametrize(
+    ("step", "profile"),
+    [
+        pytest.param("_launched", "lc_kill_login", id="after-pg_ctl-start-before-the-first-login"),
+        pytest.param("_ensure_database", "lc_kill_created", id="after-create-database-before-server-json"),
+    ],
+)
+def test_kill_9_after_the_postmaster_started_then_the_next_start_serves_it(
+    engine: LocalEngine, step: str, profile: str
+) -> None:
+    # The CLI dies with the postmaster forked (and maybe still starting): the next start must find that server,
+    # not start a second one on the same data, and serve the profile's database.
+    child = subprocess.run([sys.executable, "-c", KILLED_AT, str(engine.base.parent), step, profile])
+    assert child.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while (
+        orphan := Postmaster.read(engine.base / profile / "pgdata")
+    ) is None:  # written just after the fork
+        assert time.monotonic() < deadline, "the orphaned postmaster never wrote postmaster.pid"
+        time.sleep(0.005)
+    assert orphan.alive()
+
+    info = engine.start(profile)
+    assert info.port == orphan.port
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (profile,)
+    running = Postmaster.read(engine.base / profile / "pgdata")
+    assert running is not None and running.pid == orphan.pid
+    assert engine.info(profile) == info
+
+
 @pytest.fixture
 def tiny_disk() -> Iterator[Path]:
     """A 16 MB tmpfs: too small for initdb (about 31 MB). Needs root, as the server's OS user switch does."""
