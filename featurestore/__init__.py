@@ -20,9 +20,14 @@ from featurestore.errors import ComputeError, FeatureStoreError, ManifestBusy, S
 # default (mimalloc) maps its arena with MADV_HUGEPAGE, and a warm-store refresh kept faulting in fresh 2 MB
 # pages: the kernel clearing them was ~10% of the machine's samples, the client's kernel time 1.5-2.6 s against
 # 0.8 s with glibc malloc ("system"), whose peak RSS is also lower (docs/engines.md, "Arrow's memory pool"). A
-# user's own ARROW_DEFAULT_MEMORY_POOL wins, and so does a pyarrow imported before us (its pool is fixed then).
-if sys.platform == "linux" and "pyarrow" not in sys.modules:
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+# user's own ARROW_DEFAULT_MEMORY_POOL wins (a blank one is no choice: pyarrow reads it as unset), and so does a
+# pyarrow imported before us (its pool is fixed then).
+if (
+    sys.platform == "linux"
+    and "pyarrow" not in sys.modules
+    and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL")
+):
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
 
 if TYPE_CHECKING:
     from featurestore.fingerprint import HASH_METHODS, HashMethod

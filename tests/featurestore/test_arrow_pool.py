@@ -64,6 +64,12 @@ def test_a_pool_the_user_chose_is_kept() -> None:
     assert _pool_after("import refresher.refresh", _env(**{VARIABLE: "mimalloc"})) == "mimalloc"
 
 
+def test_an_empty_variable_is_no_choice() -> None:
+    # `export ARROW_DEFAULT_MEMORY_POOL=` (a Makefile's or a shell profile's blank) chooses nothing; pyarrow reads
+    # it as unset and took mimalloc, so the blank silently cost the gain.
+    assert _pool_after("import refresher.refresh", _env(**{VARIABLE: ""})) == "system"
+
+
 def test_a_pyarrow_imported_first_is_left_alone() -> None:
     # Its pool is fixed already; setting the variable now would only change the user's child processes.
     code = "import os, pyarrow, refresher.refresh\nassert 'ARROW_DEFAULT_MEMORY_POOL' not in os.environ"
