@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.local import LocalEngine, Postmaster
 from refresher.errors import EngineUnavailable, ProfileError
 from refresher.snapshot import restore_pristine, save_pristine
+from tests.fixtures_postgres import world_traversable_tmp
 
 pytestmark = pytest.mark.postgres
 
@@ -134,6 +136,37 @@ def test_a_stopped_server_restarts_with_its_data_and_moves_off_a_taken_port(engi
     assert again.port != info.port and again.password == info.password
     with psycopg.connect(again.dsn()) as conn:
         assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+
+
+@pytest.mark.parametrize("auth", ["scram-sha-256", "trust"])
+def test_a_postgres_on_the_remembered_port_is_never_taken_for_ours(engine: LocalEngine, auth: str) -> None:
+    # Another Postgres took the port while ours was down (another checkout's server, a container published on a
+    # random port). Our login poll reached it before our postmaster failed to bind: with a password it was an
+    # error ("password authentication failed") instead of a move to another port; with trust it was taken for
+    # ours, and the profile's database made (and loaded, snapshotted) on the other server.
+    profile = f"lc_moved_{auth[:5]}"
+    info = engine.start(profile)
+    with psycopg.connect(info.dsn()) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    _kill_server_keep_data(engine, profile)
+    other = LocalEngine(world_traversable_tmp("lc-squatter-"), port=info.port)
+    try:
+        squatter = other.start("lc_squatter")
+        if auth == "trust":
+            hba = other.base / "lc_squatter" / "pgdata" / "pg_hba.conf"
+            hba.write_text(f"host all all 127.0.0.1/32 trust\n{hba.read_text()}")
+            with psycopg.connect(squatter.dsn("postgres"), autocommit=True) as conn:
+                conn.execute("SELECT pg_reload_conf()")
+        again = engine.start(profile)
+        assert again.port != info.port and again.password == info.password
+        with psycopg.connect(again.dsn()) as conn:
+            assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+        with psycopg.connect(squatter.dsn("postgres")) as conn:
+            names = {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
+        assert profile not in names
+    finally:
+        other.stop("lc_squatter")
+        shutil.rmtree(other.base.parent, ignore_errors=True)
 
 
 def test_a_server_that_fails_to_start_is_an_error_with_its_log_at_once(local_state_dir: Path) -> None:
