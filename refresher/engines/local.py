@@ -167,6 +167,7 @@ class LocalEngine:
         running = Postmaster.read(paths.pgdata)
         if running is not None and running.alive():
             state = replace(state, port=running.port, pid=running.pid)
+            self._wait_bound(paths, state, running.alive)  # one a killed CLI launched may still be binding
             self._wait_ready(paths, state)
         else:
             state = self._start_cluster(paths, state)
