@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +83,18 @@ def docker_engine(
 def docker_server(docker_engine: DockerEngine) -> ServerInfo:
     """One running container shared by the tests that only read from it (profile ``shared``)."""
     return docker_engine.start("shared")
+
+
+def labels_of_a_dead_process() -> dict[str, str]:
+    """Owner labels naming a process of this host that has exited: what a killed test run leaves on its servers."""
+    from refresher.engines import owner_labels
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        return owner_labels(child.pid)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def remove_prefixed(client: docker.DockerClient, prefix: str) -> None:

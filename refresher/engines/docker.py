@@ -176,7 +176,7 @@ class DockerEngine:
             container = self._container(client, profile)
             if container is not None:
                 # Throwaway data: no clean shutdown needed, and force=True also takes a running container.
-                container.remove(force=True, v=True)
+                _remove_container(client, container)
                 existed = True
             with contextlib.suppress(docker.errors.NotFound):
                 client.volumes.get(self._volume_name(profile)).remove(force=True)
@@ -443,10 +443,9 @@ def remove_abandoned(marker_label: str, base_url: str | None = None) -> list[str
         with _docker_errors(base_url):
             wanted = {"label": [marker_label, *OWNER_LABELS]}
             for container in client.containers.list(all=True, filters=wanted, ignore_removed=True):
-                if owner_gone(container.labels):
-                    with contextlib.suppress(docker.errors.NotFound):
-                        container.remove(force=True, v=True)
-                        removed.append(container.name or container.id or "?")
+                # Every checkout's run sweeps: another may be removing this one right now.
+                if owner_gone(container.labels) and _remove_container(client, container):
+                    removed.append(container.name or container.id or "?")
             for volume in client.volumes.list(filters=wanted):
                 if owner_gone(volume.attrs.get("Labels") or {}):
                     # A volume still mounted by a container (a live run's) refuses removal: leave it.
@@ -456,6 +455,37 @@ def remove_abandoned(marker_label: str, base_url: str | None = None) -> list[str
     finally:
         client.close()
     return removed
+
+
+def _remove_container(client: docker.DockerClient, container: Container) -> bool:
+    """Remove ``container`` (forced, with its anonymous volumes) and return once it is gone, whoever removed it.
+
+    True when this call removed it, False when it was already gone or another process's removal finished it.
+    Several processes may remove one container at once (each checkout's test run sweeps what killed runs left;
+    a ``stop`` meets such a sweep): the daemon answers all but the first 409 "removal of container ... is
+    already in progress", and the container, still holding its volume, exists until that removal ends. So wait
+    for it, rather than fail, or go on to a volume that is still in use.
+    """
+    try:
+        container.remove(force=True, v=True)
+        return True
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409 or "already in progress" not in str(exc.explanation or exc):
+            raise
+        conflict = exc
+    deadline = time.monotonic() + API_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            client.containers.get(container.id)
+        except docker.errors.NotFound:
+            return False
+        time.sleep(0.1)
+    raise EngineUnavailable(
+        f"container {container.name} is still being removed after {API_TIMEOUT} s by another process "
+        f"({conflict.explanation}); run the command again once it is gone"
+    ) from conflict
 
 
 def _connect(base_url: str | None, timeout: float) -> docker.DockerClient:

@@ -29,7 +29,7 @@ from refresher.engines.docker import (
     docker_available,
 )
 from refresher.errors import EngineUnavailable, ProfileError
-from tests.fixtures_docker import remove_prefixed
+from tests.fixtures_docker import labels_of_a_dead_process, remove_prefixed
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -377,17 +377,6 @@ def test_two_state_dirs_on_one_daemon_never_see_or_remove_each_other(
             engine.stop("shared_name")
 
 
-def _labels_of_a_process_that_then_dies() -> dict[str, str]:
-    from refresher.engines import owner_labels
-
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        return owner_labels(child.pid)
-    finally:
-        child.kill()
-        child.wait()
-
-
 @pytest.mark.docker
 def test_sweep_removes_only_what_a_dead_owner_left(
     docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
@@ -396,7 +385,7 @@ def test_sweep_removes_only_what_a_dead_owner_left(
     from refresher.engines.docker import remove_abandoned
 
     marker = f"io.refresher.test-{docker_prefix}"
-    dead, alive = _labels_of_a_process_that_then_dies(), owner_labels(os.getpid())
+    dead, alive = labels_of_a_dead_process(), owner_labels(os.getpid())
     elsewhere = {**dead, "io.refresher.owner.host": "another-machine"}
     made = {}
     for name, owner in (("dead", dead), ("alive", alive), ("elsewhere", elsewhere)):

@@ -1,0 +1,136 @@
+"""Several checkouts on one Docker daemon, at the same moment: what one removes, the others may be removing too.
+
+Each test starts real processes that wait for one signal, then call the engine at once against the real daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from refresher.engines.docker import PGDATA, PREFIX_LABEL, DockerEngine
+from tests.fixtures_docker import labels_of_a_dead_process
+
+REPO = Path(__file__).resolve().parents[3]
+
+# Each child imports the engine, says it is ready, waits for the go file, then runs its call once and prints
+# {"result": ...} or {"error": "..."}: the calls meet in the daemon within a millisecond or two.
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from refresher.engines.docker import DockerEngine, remove_abandoned
+
+    go, call, args = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.001)
+    try:
+        if call == "sweep":
+            result = remove_abandoned(args["marker"])
+        else:
+            result = DockerEngine(Path(args["state_dir"]), prefix=args["prefix"]).stop(args["profile"])
+        print(json.dumps({"result": result}), flush=True)
+    except Exception as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    """
+)
+
+
+def at_once(tmp_path: Path, calls: list[tuple[str, dict[str, str]]]) -> list[Any]:
+    """Run each (call, args) in its own process, all released together; their results in order."""
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(go), call, json.dumps(args)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for call, args in calls
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        go.touch()
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    answers = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    errors = [a["error"] for a in answers if "error" in a]
+    assert errors == [], errors
+    return [a["result"] for a in answers]
+
+
+def leftovers(client: docker.DockerClient, marker: str) -> list[str]:
+    label = {"label": marker}
+    return [c.name or "?" for c in client.containers.list(all=True, filters=label)] + [
+        v.name or "?" for v in client.volumes.list(filters=label)
+    ]
+
+
+@pytest.mark.docker
+def test_three_checkouts_sweeping_the_same_abandoned_servers_at_once_all_succeed(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # Every checkout's test run sweeps what killed runs left on the daemon; they may all start together. The
+    # later removals of a container meet the daemon's 409 "removal ... already in progress".
+    marker = f"io.refresher.test-{docker_prefix}-sweep"
+    labels = {marker: "1", PREFIX_LABEL: docker_prefix, **labels_of_a_dead_process()}
+    names = [f"{docker_prefix}-abandoned{n}" for n in range(2)]
+    for name in names:
+        docker_client.volumes.create(f"{name}-data", labels=labels)
+        docker_client.containers.run(
+            docker_pg_image,
+            name=name,
+            labels=labels,
+            environment={"POSTGRES_PASSWORD": "x"},
+            volumes={f"{name}-data": {"bind": PGDATA, "mode": "rw"}},
+            detach=True,
+        )
+
+    results = at_once(tmp_path, [("sweep", {"marker": marker})] * 3)
+
+    removed = [name for result in results for name in result]
+    assert sorted(removed) == sorted([*names, *(f"{n}-data" for n in names)])  # each once, by one of them
+    assert leftovers(docker_client, marker) == []
+
+
+@pytest.mark.docker
+def test_a_stop_that_meets_other_checkouts_sweeping_its_server_succeeds_and_leaves_nothing(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # A run's own sweep stops the servers of its killed runs by their state dir (engine.stop) while other
+    # checkouts' sweeps remove the same containers by their labels.
+    marker = f"io.refresher.test-{docker_prefix}-stop"
+    state_dir = tmp_path / "state"
+    engine = DockerEngine(
+        state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix,
+        labels={marker: "1", **labels_of_a_dead_process()},
+    )  # fmt: skip
+    engine.start("swept")
+    stop = {"state_dir": str(state_dir), "prefix": docker_prefix, "profile": "swept"}
+
+    results = at_once(
+        tmp_path, [("stop", stop), ("sweep", {"marker": marker}), ("sweep", {"marker": marker})]
+    )
+
+    assert results[0] is True
+    assert leftovers(docker_client, marker) == []
+    assert engine.status() == []
+    assert not (state_dir / "docker" / "swept.json").exists()
+    # Still a working engine afterwards: the next start makes the server anew.
+    try:
+        assert engine.start("swept").port > 0
+    finally:
+        engine.stop("swept")
