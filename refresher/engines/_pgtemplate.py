@@ -65,7 +65,7 @@ def template_for(cache: Path, key: str) -> Iterator[Path | None]:
     with locked(cache / f".{key}.lock"):
         for leftover in cache.glob(f"{key}.tmp-*"):  # a copy a killed builder left half done
             _pgctl.kill_processes_in(leftover / PGDATA)  # its cp may not have received its SIGKILL yet
-            shutil.rmtree(leftover, ignore_errors=True)
+            _delete(leftover)
         final = cache / key
         if _complete(final, key):
             yield final / PGDATA
@@ -93,7 +93,15 @@ def _remove(cache: Path, key: str) -> None:
     # Renamed out of the key first: a kill -9 during the removal leaves a ``.tmp-`` leftover, not a template.
     dead = cache / f"{key}.tmp-{secrets.token_hex(4)}"
     (cache / key).rename(dead)
-    shutil.rmtree(dead, ignore_errors=True)
+    _delete(dead)
+
+
+def _delete(path: Path) -> None:
+    """Remove a directory tree, or whatever else took its name (a file someone wrote there)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def keep(cache: Path, key: str, cluster: Path) -> None:

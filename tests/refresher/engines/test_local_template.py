@@ -87,6 +87,21 @@ def test_a_damaged_template_is_never_copied(engine: LocalEngine, templates: Path
     assert (template / "pgdata" / "global" / "pg_control").is_file()
 
 
+def test_a_file_in_the_templates_place_is_removed_and_the_template_built(
+    engine: LocalEngine, templates: Path
+) -> None:
+    engine.start("lt_file_a")
+    [template] = _complete_templates(templates)
+    shutil.rmtree(template)
+    template.write_text("not a template")
+    (templates / f"{template.name}.tmp-0000").write_text("nor this")
+    info = engine.start("lt_file_b")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert _complete_templates(templates) == [template]
+    assert list(templates.glob("*.tmp-*")) == []
+
+
 def test_without_a_usable_cache_directory_initdb_still_makes_the_cluster(
     local_state_dir: Path, tmp_path: Path
 ) -> None:
