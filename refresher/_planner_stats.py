@@ -11,8 +11,9 @@ Out of date: a table written since its last ANALYZE by this database's activity 
 (``n_mod_since_analyze``); one whose size in pages is not what its last ANALYZE, VACUUM or key build recorded in
 ``pg_class.relpages`` (rows appended, a segment reloaded); or one with rows and no statistics. A copy of a
 database starts with zeroed counters, so in the pristine copy only the catalog speaks, and a change within a
-table's last page (a small table's reload) goes unseen: the refill adds what the working database's counters
-said (``also``). A partitioned table's own statistics (of the whole, ``stainherit``) are out of date when any of
+table's last page (a small table's reload) goes unseen: those the copy's mark records (``pending``: the working
+database's counters when it was copied, or the tables a replay wrote), and the refill adds what the working
+database's counters say now (``also``). A partitioned table's own statistics (of the whole, ``stainherit``) are out of date when any of
 its partitions is, or when it has none.
 """
 
@@ -57,9 +58,15 @@ def stale_tables(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> l
     return [(name, False) for name, _ in leaves] + [(name, True) for name in sorted(parents)]
 
 
+def stale_names(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
+    """The names of ``stale_tables(conn)``: what a copy of ``conn``'s database taken now must analyze."""
+    return tuple(name for name, _ in stale_tables(conn))
+
+
 def analyze_stale(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> list[str]:
     """ANALYZE the loaded tables whose statistics are missing or out of date (``conn`` in autocommit: each its
-    own transaction); returns their names. A table dropped meanwhile (a prune, a concurrent refresh) is skipped."""
+    own transaction); returns their names. A table dropped meanwhile (a prune, a concurrent refresh) is skipped,
+    and so is one whose lock does not come within the session's ``lock_timeout`` (a user's DDL holds it)."""
     only = sql.SQL("ONLY ") if conn.info.server_version >= 180000 else sql.SQL("")
     done = []
     for name, partitioned in stale_tables(conn, also):
@@ -67,10 +74,10 @@ def analyze_stale(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> 
             conn.execute(
                 sql.SQL("ANALYZE {}{}").format(only if partitioned else sql.SQL(""), sql.Identifier(name))
             )
-        except psycopg.errors.UndefinedTable:
+        except (psycopg.errors.UndefinedTable, psycopg.errors.LockNotAvailable):
             continue
         done.append(name)
     return done
 
 
-__all__ = ["analyze_stale", "stale_tables"]
+__all__ = ["analyze_stale", "stale_names", "stale_tables"]

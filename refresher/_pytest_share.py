@@ -25,6 +25,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from filelock import FileLock
 
@@ -34,6 +35,8 @@ from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE
+
+_T = TypeVar("_T")
 
 
 def server_key(profile: str, engine: str, as_of: str) -> str:
@@ -103,6 +106,7 @@ class PoolRefiller:
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._to_drop: list[str] = []
+        self._to_analyze: list[pool.HandedOut] = []
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -115,6 +119,13 @@ class PoolRefiller:
             self._thread.start()
         self._wake.set()
 
+    def analyze(self, handed: pool.HandedOut) -> None:
+        """Analyze ``handed`` soon, before refilling: a clone checked out while the pristine copy had no
+        statistics yet (``pool.checkout_clone``)."""
+        with self._lock:
+            self._to_analyze.append(handed)
+        self.poke()
+
     def discard(self, name: str) -> None:
         """Drop the clone ``name`` soon; ``close`` waits until it is gone."""
         with self._lock:
@@ -122,12 +133,16 @@ class PoolRefiller:
         self.poke()
 
     def _drop_pending(self) -> None:
-        while True:
-            with self._lock:
-                if not self._to_drop:
-                    return
-                name = self._to_drop.pop(0)
+        while (name := self._next(self._to_drop)) is not None:
             pool.drop_clone(self.server, name)
+
+    def _analyze_pending(self) -> None:
+        while (handed := self._next(self._to_analyze)) is not None:
+            pool.analyze_handed_out(self.server, handed)
+
+    def _next(self, queue: list[_T]) -> _T | None:
+        with self._lock:
+            return queue.pop(0) if queue else None
 
     def _run(self) -> None:
         while True:
@@ -137,6 +152,7 @@ class PoolRefiller:
                 self._drop_pending()
                 if self._closing.is_set():
                     return
+                self._analyze_pending()
                 pool.refill_pool(self.server, size=self.pool_size)
             except Exception as exc:  # reported by the next poke, in the test thread
                 self.error = exc

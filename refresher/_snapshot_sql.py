@@ -25,6 +25,7 @@ MAINTENANCE_DB = "postgres"
 TAKE = 1
 REFILL = 2
 SWEEP = 3  # dropping trash and half-built copies: one sweeper at a time, the others skip it
+STATS = 4  # analyzing the pristine copy (``refresher.pool``): one analyzer at a time, under REFILL shared
 COPIER = 100  # COPIER + k, k < the refill concurrency: tokens for copying at once
 SLOT = 1000  # SLOT + n: the maker of pool slot n
 # Slots a template checkout copies into before renaming its copy: never pool slots, so refillers skip them, but
@@ -33,8 +34,10 @@ PRIVATE_SLOTS = range(10_000, 100_000)
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
 _PRISTINE_MARK = re.compile(
-    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})( analyzed)?$"
+    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})"
+    r"( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
 )
+_PENDING_NAME = re.compile(r"^[a-z0-9_]+$")
 _CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
 
 # Tests only: called after every statement sent through ``_execute``, so a test can kill -9 the process between
@@ -53,12 +56,20 @@ class _Mark:
     # Whether its loaded tables' planner statistics are current (``refresher._planner_stats``): a copy made by a
     # refresh is not, until the refill has analyzed it (``refresher.pool``).
     analyzed: bool = False
+    # Tables of a copy not analyzed yet whose statistics are out of date though its catalog cannot tell (a change
+    # within a small table's last page): what the working database's activity counters said when the copy was
+    # taken, or what a replay wrote (``refresher.snapshot``). Born with the copy, in the same COMMENT, so no kill
+    # can lose them; cleared only by the analyzed copy that replaces it.
+    pending: tuple[str, ...] = ()
 
     def text(self) -> str:
-        """The comment that says it (``_PRISTINE_MARK`` reads it back)."""
+        """The comment that says it (``_PRISTINE_MARK`` reads it back). Pending names other than the loaded
+        tables' lowercase ones are left out (a user's own table is autovacuum's)."""
+        pending = sorted({name for name in self.pending if _PENDING_NAME.match(name)})
         return (
             f"refresher pool_size={self.pool_size} ledger={self.ledger} stamp={self.stamp} "
-            f"generation={self.generation}" + " analyzed" * self.analyzed
+            f"generation={self.generation}"
+            + (" analyzed" if self.analyzed else f" pending={','.join(pending)}" if pending else "")
         )
 
 
@@ -123,7 +134,11 @@ def _pristine_mark(conn: psycopg.Connection[Any], db: str) -> _Mark | None:
     match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
     if match is None:
         return None
-    return _Mark(int(match.group(1)), match.group(2), match.group(3), match.group(4), bool(match.group(5)))
+    tail = match.group(5) or ""
+    pending = tuple(tail.removeprefix(" pending=").split(",")) if tail.startswith(" pending=") else ()
+    return _Mark(
+        int(match.group(1)), match.group(2), match.group(3), match.group(4), tail == " analyzed", pending
+    )
 
 
 def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:

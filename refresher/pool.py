@@ -5,12 +5,14 @@ of ``<db>__pristine``, each commented ``clone_of=<generation>``. A clone whose m
 between CREATE and COMMENT) or names another generation is never handed out, and the next refill drops it.
 
 Advisory locks per database, always taken in this order, make this safe for many processes (xdist workers):
-``REFILL``, held exclusively by ``save_pristine`` and ``drop_snapshot`` (they rebuild or remove everything, and
-may drop any leftover) and shared by refillers and template checkouts; then one lock per pool slot (only its
-holder creates or drops that slot's database, so refillers in many processes fill different slots at once);
-then ``TAKE`` (choosing and renaming a clone, and the swap itself, so a taker never picks a clone of the copy
-being replaced). A refiller also holds one of a few ``COPIER`` tokens while it copies: how many copies run at
-once on the server is bounded by its machine (``refill_concurrency``), however many processes refill.
+``REFILL``, held exclusively by ``save_pristine``, ``advance_pristine``, ``resize_pool`` and ``drop_snapshot``
+(they rebuild, rewrite the mark or remove everything, and may drop any leftover) and shared by refillers and
+template checkouts; then ``STATS`` (one refiller at a time analyzes the pristine copy, under REFILL shared: a
+reset or checkout never waits for it); then one lock per pool slot (only its holder creates or drops that slot's
+database, so refillers in many processes fill different slots at once); then ``TAKE`` (choosing and renaming a
+clone, and the swap itself, so a taker never picks a clone of the copy being replaced). A refiller also holds
+one of a few ``COPIER`` tokens while it copies: how many copies run at once on the server is bounded by its
+machine (``refill_concurrency``), however many processes refill.
 
 How many clones the pool keeps is what the pristine copy's mark records (``pool_size=``, set by the refresh from
 $REFRESHER_POOL_SIZE or ``--pool-size``; ``resize_pool`` changes it), bounded by the free space of the server's
@@ -27,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,14 +38,14 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from refresher._planner_stats import analyze_stale, stale_tables
+from refresher._planner_stats import analyze_stale, stale_names
 from refresher._snapshot_sql import (
-    BUILDING_INFIX,
     COPIER,
     MAINTENANCE_DB,
     PRIVATE_SLOTS,
     REFILL,
     SLOT,
+    STATS,
     SWEEP,
     TAKE,
     TRASH_INFIX,
@@ -54,6 +56,7 @@ from refresher._snapshot_sql import (
     _derelicts,
     _drop_database,
     _execute,
+    _Mark,
     _pool_databases,
     _pristine_mark,
     _publish,
@@ -93,6 +96,20 @@ class PoolStatus:
         return {"size": self.target, "ready": len(self.ready), "reset": self.reset}
 
 
+@dataclass(frozen=True)
+class HandedOut:
+    """A database a reset or checkout handed out from a pristine copy not analyzed yet: it is analyzed in the
+    background (``pending``: what the copy's mark said to analyze besides what its catalog says)."""
+
+    name: str
+    pending: tuple[str, ...]
+
+    @classmethod
+    def of(cls, mark: _Mark, name: str) -> HandedOut | None:
+        """What to analyze in ``name``, a copy of the pristine copy marked ``mark``; None when it has statistics."""
+        return None if mark.analyzed else cls(name, mark.pending)
+
+
 def checkout_clone(
     server: ServerInfo,
     name: str,
@@ -100,24 +117,42 @@ def checkout_clone(
     refill: bool = True,
     refill_log: Path | None = None,
     note: str | None = None,
+    analyze: Callable[[HandedOut], None] | None = None,
 ) -> str:
     """A fresh copy of the pristine database under ``name`` (a pool clone when ready); returns its DSN.
 
     ``note`` becomes the copy's database comment in the same transaction as its rename, so a copy is never
     seen under ``name`` without it (the pytest plugin names its owner there, to drop what a killed run left).
+
+    A copy of a pristine copy the refill has not analyzed yet (in the seconds after a refresh) is handed out at
+    once and analyzed after, never waited for: by ``analyze`` when given (the pytest plugin's refill thread, see
+    ``analyze_handed_out``), else by a detached process (the refill when ``refill``).
     """
     db = server.dbname
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        _require_pristine(conn, db)
+        # Read before the copy: a swap to an analyzed copy may come before it (an analysis for nothing), never
+        # after it (the swap's rename waits for the copy).
+        mark = _require_pristine(conn, db)
         with _advisory(conn, db, TAKE):
             ready = _ready_clones(conn, db)
             if ready:
+                mark = _require_pristine(conn, db)
                 _take(conn, ready[0], name, note)
         if not ready:  # cloning is slow; other takers need not wait for it
             _copy_and_take(conn, db, name, note)
-    if refill:
-        spawn_refill(server, log=refill_log)
+    handed = HandedOut.of(mark, name)
+    if handed is not None and analyze is not None:
+        analyze(handed)
+        handed = None
+    if refill or handed is not None:
+        spawn_refill(server, log=refill_log, analyze=handed, fill=refill)
     return server.dsn(name)
+
+
+def analyze_handed_out(server: ServerInfo, handed: HandedOut) -> None:
+    """ANALYZE what is out of date in ``handed``, a database a checkout handed out (best effort, see
+    ``checkout_clone``), from this process."""
+    _analyze_handed_out(server.dsn(MAINTENANCE_DB), handed, background=server.engine == "local")
 
 
 def clone_notes(server: ServerInfo, prefix: str) -> dict[str, str]:
@@ -158,7 +193,8 @@ def resize_pool(server: ServerInfo, size: int) -> bool:
     then record ``size`` in the pristine copy's mark. False when the mark says so already, or there is no copy.
 
     The refill (``spawn_refill``) then fills the pool to the new size. Under REFILL exclusive, as every mark
-    write: no refiller or template checkout runs meanwhile, so none can make a clone the new mark does not
+    write but the analyzed copy's (REFILL shared and STATS): no refiller, analysis or template checkout runs
+    meanwhile, so none can make a clone the new mark does not
     count, and two resizes at once leave the last one's size with no more clones than it says. The mark is the
     last statement: a kill before it leaves the old mark over a pool short of clones (the next refill makes
     them again), a kill after it the new one; a COMMENT is all or nothing.
@@ -242,8 +278,11 @@ def pool_size_for_disk(wanted: int, *, ready: int, clone_bytes: int, free: int, 
     return max(min(1, wanted), min(wanted, ready + more))
 
 
-def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
-    """Refill the pool in a detached process, so the caller (the CLI) can exit at once.
+def spawn_refill(
+    server: ServerInfo, *, log: Path | None = None, analyze: HandedOut | None = None, fill: bool = True
+) -> None:
+    """Refill the pool in a detached process, so the caller (the CLI) can exit at once; first analyze
+    ``analyze``, a database just handed out. ``fill=False``: only that.
 
     ``sh ... &`` double-forks: the refiller is reparented to init, so no zombie or still-running Popen is left
     with the caller. The password travels in the environment, never on a command line.
@@ -252,6 +291,10 @@ def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
     command += ["--dsn", server.dsn(MAINTENANCE_DB, with_password=False), "--database", server.dbname]
     if server.engine == "local":
         command.append("--background")
+    if analyze is not None:
+        command += ["--analyze", analyze.name, "--also", ",".join(analyze.pending)]
+    if not fill:
+        command.append("--no-fill")
     env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
@@ -267,22 +310,35 @@ def spawn_refill(server: ServerInfo, *, log: Path | None = None) -> None:
 
 
 # -- the work, on an autocommit connection to the maintenance database --------------------------------------------
-def _refill(admin_dsn: str, db: str, *, background: bool, size: int | None, concurrency: int | None) -> int:
-    """Bring planner statistics up to date (the working database's beside the rest, the pristine copy's before
-    any clone is made of it), sweep leftovers, then fill the pool's missing slots from up to ``concurrency``
-    sessions at once."""
+def _refill(
+    admin_dsn: str,
+    db: str,
+    *,
+    background: bool,
+    size: int | None,
+    concurrency: int | None,
+    handed: HandedOut | None = None,
+    fill: bool = True,
+) -> int:
+    """Bring planner statistics up to date (a database just ``handed`` out first, the working database's beside
+    the rest, the pristine copy's before any clone is made of it), sweep leftovers, then fill the pool's missing
+    slots from up to ``concurrency`` sessions at once. ``fill=False``: only analyze ``handed``."""
     with _admin(admin_dsn) as conn, ThreadPoolExecutor(1) as beside:
         if background:
             _lower_priority(conn.info.backend_pid)
+        if handed is not None and (handed.name != db or not fill):
+            beside.submit(_analyze_handed_out, admin_dsn, handed, background)
+        if not fill:
+            return 0
+        also = (
+            handed.pending if handed is not None and handed.name == db else ()
+        )  # analyzed as the working one
         working = _open_working(admin_dsn, db, background)
         changed = _stale_names(working)
         if working is not None:
-            beside.submit(_analyze_working, working, changed)
-        mark = _pristine_mark(conn, db)
-        if mark is not None and not mark.analyzed:
-            with _advisory(conn, db, REFILL):
-                _analyze_pristine(conn, admin_dsn, db, background, also=changed)
+            beside.submit(_analyze_working, working, [*changed, *also])
         with _advisory(conn, db, REFILL, shared=True):
+            _analyze_pristine(conn, admin_dsn, db, background, also=changed)
             return _sweep_and_fill(conn, admin_dsn, db, background, size, concurrency)
 
 
@@ -294,7 +350,7 @@ def _sweep_and_fill(
     size: int | None,
     concurrency: int | None,
 ) -> int:
-    """The refill proper, under REFILL shared."""
+    """The refill proper, under REFILL shared (the caller holds it)."""
     _sweep(conn, db)
     machine = _Machine.of(conn)
     width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
@@ -327,65 +383,90 @@ def _open_working(admin_dsn: str, db: str, background: bool) -> psycopg.Connecti
     return live
 
 
-def _stale_names(live: psycopg.Connection[Any] | None) -> list[str]:
-    """What the working database's counters say changed since its last ANALYZE: the pristine copy, a copy of
-    it or a replay of the same writes, changed the same (its own zeroed counters cannot say)."""
+def _stale_names(live: psycopg.Connection[Any] | None) -> tuple[str, ...]:
+    """What the working database's counters say changed since its last ANALYZE, for a pristine copy whose mark
+    records none (taken by an older version): a copy of the database, or a replay of the same writes, changed the
+    same (its own zeroed counters cannot say)."""
     if live is None:
-        return []
+        return ()
     try:
-        return [name for name, _ in stale_tables(live)]
+        return stale_names(live)
     except psycopg.Error:
         live.close()
-        return []
+        return ()
 
 
-def _analyze_working(live: psycopg.Connection[Any], names: list[str]) -> None:
+def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> None:
     """ANALYZE ``names`` and whatever else is out of date in the working database, then close ``live``.
 
     Best effort, beside the refill: a reset or a refresh may end the session; autovacuum would get there later.
     """
     with contextlib.suppress(psycopg.Error), live:
+        live.execute("SET lock_timeout = '1s'")  # the user's DDL on a table goes first; it is skipped
         analyze_stale(live, also=names)
+
+
+def _analyze_handed_out(admin_dsn: str, handed: HandedOut, background: bool) -> None:
+    """ANALYZE what is out of date in a database a reset or checkout just handed out (its user may be running
+    tests in it: each table's lock is waited for a second at most). Best effort: a test's teardown may drop it."""
+    with contextlib.suppress(psycopg.Error):
+        live = psycopg.connect(
+            conninfo.make_conninfo(admin_dsn, dbname=handed.name), autocommit=True, connect_timeout=10
+        )
+        if background:
+            _lower_priority(live.info.backend_pid)
+        _analyze_working(live, handed.pending)
 
 
 def _analyze_pristine(
     conn: psycopg.Connection[Any], admin_dsn: str, db: str, background: bool, *, also: Collection[str] = ()
 ) -> None:
     """Replace a pristine copy whose mark does not say ``analyzed`` by an analyzed copy of it, before the refill
-    clones it: every clone, reset and test database then plans with statistics. The caller holds REFILL
-    exclusively.
+    clones it: every clone, reset and test database then plans with statistics. The caller holds REFILL shared,
+    as takers do: a reset or checkout meanwhile copies the copy as it was, at once (and has its copy analyzed
+    after, ``HandedOut``); no mark changes under us, since every other writer of one holds REFILL exclusively.
 
     Not in place: a template takes no connections, and a reset copying it (under TAKE alone) fails while one is
-    open. So a copy of it (a ready clone when there is one, else a new copy) is analyzed, then swapped in
-    under a new generation, as ``advance_pristine`` does; the copy and its clones it replaces are dropped. Best
-    effort: on an error the pristine copy stays as it was, and the refill clones it without statistics.
-    ``also``: tables to analyze whatever the copy's catalog says (``_planner_stats``).
+    open. So a copy of it (a ready clone when there is one, else a new copy) is made in a private slot (its lock
+    ours: a sweep leaves it, and the next refill drops it if we die), analyzed, then swapped in under a new
+    generation, as ``advance_pristine`` does; the copy and its clones it replaces are left to the sweep. One
+    analyzer at a time (STATS); a second one waits, then finds the mark analyzed. Best effort: on an error the
+    pristine copy stays as it was, and the refill clones it without statistics. Analyzed: what the copy's
+    catalog says is out of date, what its mark records (``pending``) and ``also``.
     """
     mark = _pristine_mark(conn, db)
     if mark is None or mark.analyzed:
         return
-    building = f"{db}{BUILDING_INFIX}{secrets.token_hex(4)}"
-    with _advisory(conn, db, TAKE):
-        ready = _ready_clones(conn, db)
-        if ready:  # named as a half-built copy from here on: if we die, the next save or refill drops it
-            _rename(conn, ready[0], building)
-    try:
-        if not ready:
-            _create_from(conn, pristine_name(db), building)
-        dsn = conninfo.make_conninfo(admin_dsn, dbname=building)
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as copy:
-            if background:
-                _lower_priority(copy.info.backend_pid)
-            analyze_stale(copy, also=also)
-            analyzer = copy.info.backend_pid
-        _wait_gone(conn, analyzer)
-        _publish(conn, db, building, replace(mark, generation=secrets.token_hex(8), analyzed=True))
-    except (psycopg.Error, RefresherError):
-        if conn.closed:
-            raise
-        _drop_database(conn, building)
-        return
-    _drop_leftovers(conn, db)
+    with _advisory(conn, db, STATS):
+        mark = _pristine_mark(conn, db)
+        if mark is None or mark.analyzed:  # another refiller analyzed it meanwhile
+            return
+        slot = _claim_private_slot(conn, db)
+        building = pool_name(db, slot)
+        try:
+            with _advisory(conn, db, TAKE):
+                ready = _ready_clones(conn, db)
+                if ready:  # unmarked from here on (a clone's mark would hand it out)
+                    _take(conn, ready[0], building, "")
+            if not ready:
+                _create_from(conn, pristine_name(db), building)
+            dsn = conninfo.make_conninfo(admin_dsn, dbname=building)
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as copy:
+                if background:
+                    _lower_priority(copy.info.backend_pid)
+                analyze_stale(copy, also={*also, *mark.pending})
+                analyzer = copy.info.backend_pid
+            _wait_gone(conn, analyzer)
+            _publish(
+                conn, db, building, replace(mark, generation=secrets.token_hex(8), analyzed=True, pending=())
+            )
+        except (psycopg.Error, RefresherError):
+            if conn.closed:
+                raise
+            _drop_database(conn, building)
+        finally:
+            if not conn.closed:
+                _unlock(conn, db, SLOT + slot)
 
 
 def _fill_from_new_session(
@@ -614,10 +695,26 @@ def main(argv: list[str] | None = None) -> int:
     refill.add_argument(
         "--background", action="store_true", help="lower the priority of the server process that copies"
     )
+    refill.add_argument("--analyze", help="a database just handed out from a pristine copy not analyzed yet")
+    refill.add_argument(
+        "--also", default="", help="its tables to analyze whatever its catalog says (a,b,...)"
+    )
+    refill.add_argument("--no-fill", action="store_true", help="only analyze --analyze")
     args = parser.parse_args(argv)
     os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
     started = time.perf_counter()
-    created = _refill(args.dsn, args.database, background=args.background, size=None, concurrency=None)
+    handed = None
+    if args.analyze:
+        handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
+    created = _refill(
+        args.dsn,
+        args.database,
+        background=args.background,
+        size=None,
+        concurrency=None,
+        handed=handed,
+        fill=not args.no_fill,
+    )
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
     return 0
 
@@ -628,7 +725,9 @@ if __name__ == "__main__":
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
+    "HandedOut",
     "PoolStatus",
+    "analyze_handed_out",
     "checkout_clone",
     "clone_notes",
     "drop_clone",

@@ -286,7 +286,9 @@ def refresher_database(proc_fixture_name: str) -> Any:
         # 63 bytes at most: profile names are <= 41, "__test_" 7, the worker id <= 6, the random part 8.
         name = f"{per_test_clone_prefix(server.info)}{worker[:6]}_{secrets.token_hex(4)}"
         refiller = refresher_servers.refiller(server)
-        dsn = pool.checkout_clone(server.info, name, refill=False, note=clone_note(os.getpid()))
+        dsn = pool.checkout_clone(
+            server.info, name, refill=False, note=clone_note(os.getpid()), analyze=refiller.analyze
+        )
         refiller.poke()
         database = RefresherDatabase(server, name, dsn)
         try:

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg import sql
 
-from refresher._planner_stats import analyze_stale
+from refresher._planner_stats import analyze_stale, stale_names
 from refresher._snapshot_sql import (
     BUILDING_INFIX,
     MAINTENANCE_DB,
@@ -56,8 +56,10 @@ from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
-from refresher.pool import _drop_leftovers, _make_clone, spawn_refill
+from refresher.pool import HandedOut, _drop_leftovers, _make_clone, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
+
+_T = TypeVar("_T")
 
 # The ledger tables and the columns that say what a database holds, in a stable order.
 _LEDGERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -206,6 +208,8 @@ def save_pristine(
     building = f"{db}{BUILDING_INFIX}{secrets.token_hex(4)}"
     with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL):
         _drop_leftovers(conn, db)
+        pending, reader = _live_with_pid(server, stale_names)
+        _wait_gone(conn, reader)
         row = conn.execute("SELECT pg_database_size(%s)", (db,)).fetchone()
         if server.engine == "local":  # only its data directory is a path on this host
             require_room(
@@ -216,20 +220,25 @@ def save_pristine(
         # With ``fill_pool`` the clones are made here, now: the copy is analyzed before it becomes the template
         # (``refresher._planner_stats``), rather than copied once more to be analyzed after (the refill's way,
         # which cannot connect to a template). Best effort, as there: a failed analysis leaves it unmarked.
+        # ``pending``, the working database's counters read just before the copy (the copy's own start at zero),
+        # goes into the mark of a copy not analyzed: no kill of the refill can lose it.
         analyzed = False
         with psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy:
             ledger = ledger_version(copy) or hashlib.sha256(b"no ledger").hexdigest()
             stamp = ledger_stamp(copy) or "none"
             if fill_pool:
                 with contextlib.suppress(psycopg.Error):
-                    analyze_stale(copy)
+                    analyze_stale(copy, also=pending or ())
                     analyzed = True
             session = copy.info.backend_pid
         _wait_gone(conn, session)
         if pool_size is None:
             old = _pristine_mark(conn, db)
             pool_size = old.pool_size if old is not None else DEFAULT_POOL_SIZE
-        _publish(conn, db, building, _Mark(pool_size, ledger, stamp, secrets.token_hex(8), analyzed))
+        mark = _Mark(
+            pool_size, ledger, stamp, secrets.token_hex(8), analyzed, () if analyzed else pending or ()
+        )
+        _publish(conn, db, building, mark)
         pool: tuple[str, ...] = ()
         if fill_pool:
             _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
@@ -277,6 +286,7 @@ def advance_pristine(
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
                 apply(copy)
+                written = _written_tables(copy)
                 # A reset compares the live ledger's stamp (its latest load time) with the copy's mark, and a
                 # reset database's stamp with the copy's own: the replayed loads take the live load times.
                 _match_load_times(copy, live)
@@ -295,8 +305,21 @@ def advance_pristine(
             return None
         _wait_gone(conn, copier)
         size = mark.pool_size if pool_size is None else pool_size
-        _publish(conn, db, building, _Mark(size, version, stamp or "none", secrets.token_hex(8)))
+        # The clone had the old copy's statistics: what the replay wrote, and what the old copy still had to
+        # analyze, are the new one's to analyze.
+        pending = (*written, *mark.pending)
+        _publish(
+            conn, db, building, _Mark(size, version, stamp or "none", secrets.token_hex(8), pending=pending)
+        )
     return SnapshotInfo(db, pristine_name(db), (), time.perf_counter() - started, version)
+
+
+def _written_tables(copy: psycopg.Connection[Any]) -> tuple[str, ...]:
+    """The tables of ``copy``'s database out of date after the replay: its counters say what the replay wrote
+    (flushed first: a session reports them when idle, at most once a second otherwise)."""
+    if copy.info.server_version >= 150000:
+        copy.execute("SELECT pg_stat_force_next_flush()")
+    return stale_names(copy)
 
 
 def _match_write_counter(copy: psycopg.Connection[Any], live: psycopg.Connection[Any]) -> None:
@@ -368,17 +391,20 @@ def restore_pristine(
         checking = pool.submit(_live_with_pid, server, ledger_stamp)
         with _admin(server.dsn(MAINTENANCE_DB)) as conn:
             live, reader = checking.result()
-            method = _restore_checked(conn, db, live, reader)
+            method, mark = _restore_checked(conn, db, live, reader)
     seconds = time.perf_counter() - started
-    if refill:
-        spawn_refill(server, log=refill_log)
+    # A copy of a pristine copy not analyzed yet (a reset in the seconds after a refresh) is analyzed after.
+    handed = HandedOut.of(mark, db)
+    if refill or handed is not None:
+        spawn_refill(server, log=refill_log, analyze=handed, fill=refill)
     return RestoreReport(seconds, method)
 
 
 def _restore_checked(
     conn: psycopg.Connection[Any], db: str, live: str | None, reader: int | None
-) -> Literal["pool", "template"]:
-    """The body of ``restore_pristine`` once the live ledger stamp is known."""
+) -> tuple[Literal["pool", "template"], _Mark]:
+    """The body of ``restore_pristine`` once the live ledger stamp is known; returns the mark of the copy it
+    restored from."""
     method: Literal["pool", "template"]
     _wait_gone(conn, reader)
     mark = _require_pristine(conn, db)
@@ -389,6 +415,7 @@ def _restore_checked(
             database=db,
         )
     with _advisory(conn, db, TAKE):
+        mark = _require_pristine(conn, db)  # as of the copy or clone taken: a swap needs TAKE
         ready = _ready_clones(conn, db)
         _move_to_trash(conn, db)
         if ready:
@@ -397,7 +424,7 @@ def _restore_checked(
         else:
             _create_from(conn, pristine_name(db), db)
             method = "template"
-    return method
+    return method, mark
 
 
 def drop_snapshot(server: ServerInfo) -> None:
@@ -421,8 +448,8 @@ def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str |
 
 
 def _live_with_pid(
-    server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]
-) -> tuple[str | None, int | None]:
+    server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], _T]
+) -> tuple[_T | None, int | None]:
     """``_live``, and the server process that served it (gone soon after; see ``_wait_gone``)."""
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:

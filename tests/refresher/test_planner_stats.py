@@ -4,20 +4,18 @@ and kept current for what a later refresh changed. On a real server."""
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from typing import Any
 
 import psycopg
 import pytest
 
 from refresher._planner_stats import stale_tables
-from refresher.database import ensure_schema
 from refresher.engines.base import ServerInfo
-from refresher.load import load_segment
 from refresher.pool import checkout_clone, drop_clone, pool_name, pool_status, refill_pool, wait_for_pool
 from refresher.segments import Segment
 from refresher.snapshot import pristine_name, restore_pristine, save_pristine
 from tests.fixtures_postgres import daily_bars, minute_bars
+from tests.refresher.conftest import load_now as _load
 from tests.refresher.test_refresh_e2e import Workspace
 
 pytestmark = pytest.mark.postgres
@@ -36,23 +34,6 @@ def _stats(dsn: str, table: str) -> set[str]:
 def _stale(dsn: str) -> list[tuple[str, bool]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return stale_tables(conn)
-
-
-def _load(server: ServerInfo, segment: Segment, table: Any) -> None:
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        ensure_schema(conn)
-        load_segment(conn, segment, table, uuid.uuid4().hex, tz="UTC")
-        # Its activity counters reach the server now, not at the session's exit a moment after this returns.
-        conn.execute("SELECT pg_stat_force_next_flush()")
-
-
-@pytest.fixture
-def bars(pg_database: ServerInfo) -> ServerInfo:
-    """A database holding January 2024 of AAPL: 21 daily bars and 2,000 minute bars (its own month partition)."""
-    _load(pg_database, Segment("AAPL", "1d", JAN), daily_bars("AAPL", JAN, 21))
-    first = dt.datetime(2024, 1, 2, 14, 30, tzinfo=dt.UTC)
-    _load(pg_database, Segment("AAPL", "1m", JAN), minute_bars("AAPL", first, 2000))
-    return pg_database
 
 
 def test_a_new_partition_has_row_counts_but_no_statistics_until_the_refill(bars: ServerInfo) -> None:
