@@ -48,6 +48,12 @@ docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# Two checkouts' `make image` (or `make up`) at once take turns, one lock per cache dir: they would write the
+# same .part files in the cache, and both build the tag. The second finds the tag the first built.
+mkdir -p "$CACHE_DIR"
+exec 9>"$CACHE_DIR/build.lock"
+flock 9
+
 # rootfs_tar NAME PACKAGES...: sets ROOTFS_TAR to a trimmed minbase root filesystem tarball, cached by name.
 rootfs_tar() {
   local name=$1; shift

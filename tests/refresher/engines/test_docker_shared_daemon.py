@@ -5,7 +5,10 @@ Each test starts real processes that wait for one signal, then call the engine a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -134,3 +137,39 @@ def test_a_stop_that_meets_other_checkouts_sweeping_its_server_succeeds_and_leav
         assert engine.start("swept").port > 0
     finally:
         engine.stop("swept")
+
+
+@pytest.mark.docker
+def test_two_image_builds_at_once_take_turns(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # `make image` in two checkouts at once wrote the same .part files in the cache and built the tag twice (the
+    # loser's 151 MB image left dangling). build.sh takes a lock per cache dir: here another build holds it.
+    repo = f"refresher/{docker_prefix}-pg"
+    docker_client.images.get(docker_pg_image).tag(repo, "15")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "IMAGE": repo, "REFRESHER_CACHE_DIR": str(cache), "WITH_REDIS": "0"}
+    try:
+        with open(cache / "build.lock", "w") as other_build:
+            fcntl.flock(other_build, fcntl.LOCK_EX)
+            build = subprocess.Popen(
+                ["bash", str(REPO / "compose" / "image" / "build.sh")],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                with pytest.raises(subprocess.TimeoutExpired):
+                    build.wait(timeout=5)  # on its own it is done in well under a second: it waits its turn
+            except BaseException:
+                build.kill()
+                build.communicate()
+                raise
+        _, err = build.communicate(timeout=120)
+        assert build.returncode == 0, err
+        assert f"{repo}:15 already exists" in err  # the first build's tag, found once it had its turn
+    finally:
+        for tag in ("15", "latest"):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(f"{repo}:{tag}")
