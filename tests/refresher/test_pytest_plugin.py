@@ -719,7 +719,9 @@ def test_each_gets_a_full_copy(refresher_db, refresher_postgres, i):
             (info.dbname + "__pristine",),
         ).fetchone()[0]
     assert "pool_size=SIZE " in mark
-    assert {name for (name,) in pools} <= {info.dbname + f"__pool_{n}" for n in range(SIZE)}
+    # Private slots (10000 and up) hold a copy on its way elsewhere (a checkout's, the template's analysis).
+    kept = {name for (name,) in pools if int(name.rsplit("_", 1)[1]) < 10000}
+    assert kept <= {info.dbname + f"__pool_{n}" for n in range(SIZE)}
 """
 
 
