@@ -38,5 +38,38 @@ def _interrupts_held() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+@contextmanager
+def interrupts_noted() -> Iterator[None]:
+    """Inside the block, a SIGINT runs the handler as before and is also noted; if the block then ends without a
+    KeyboardInterrupt (something inside caught it), one is raised (main thread, Python's own handler only: a
+    handler of the caller's has run once, as before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield
+        return
+    noted: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        noted.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        if noted:
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if noted:
+        raise KeyboardInterrupt
+
+
 with _interrupts_held():
     import duckdb as duckdb

@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from featurestore._duckdb import duckdb
+from featurestore._duckdb import duckdb, interrupts_noted
 from featurestore._locks import file_lock, thread_lock
 from featurestore.errors import FeatureStoreError, ManifestBusy
 
@@ -232,7 +232,10 @@ class Manifest:
                 yield txn
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                # None may be left to roll back: a Ctrl-C during COMMIT ends it ("Query interrupted"), and an
+                # error here would be raised over the one that matters.
+                with contextlib.suppress(duckdb.TransactionException):
+                    con.execute("ROLLBACK")
                 raise
             for path in folded:
                 path.unlink(missing_ok=True)
@@ -629,12 +632,16 @@ def _interrupts_kept() -> Iterator[None]:
 
     DuckDB's Python client takes the signal itself, cancels the query and raises RuntimeError("Query
     interrupted"): the KeyboardInterrupt is gone, and a CLI would end in a traceback instead of its one line.
+    And one it raises no error for is lost outright: a KeyboardInterrupt raised in a module import DuckDB makes
+    from C++ (waiting on the import lock of a module another thread is importing) is taken for a missing module.
+    So a SIGINT during the block is also noted (``interrupts_noted``) and raised when the block ends.
     """
-    try:
-        yield
-    except RuntimeError as exc:
-        _raise_if_interrupt(exc)
-        raise
+    with interrupts_noted():
+        try:
+            yield
+        except RuntimeError as exc:
+            _raise_if_interrupt(exc)
+            raise
 
 
 def _raise_if_interrupt(exc: Exception) -> None:
