@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -15,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from featurestore import AccessCounts, Entry, FeatureStore
-from featurestore.manifest import Manifest, Txn
+from featurestore.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,6 +157,17 @@ def test_failed_transaction_rolls_back(store: FeatureStore) -> None:
     assert "k" in store.lookup(["k"])
 
 
+@contextlib.contextmanager
+def _connection(manifest: Manifest, access: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The manifest's connection inside a ``write`` (its transaction's) or a ``read``."""
+    if access == "write":
+        with manifest.write() as txn:
+            yield txn.con
+    else:
+        with manifest.read() as con:
+            yield con
+
+
 @pytest.mark.parametrize("access", ["write", "read"])
 def test_ctrl_c_in_a_query_is_a_keyboard_interrupt_and_damages_nothing(
     store: FeatureStore, access: str
@@ -163,9 +176,7 @@ def test_ctrl_c_in_a_query_is_a_keyboard_interrupt_and_damages_nothing(
     store.put("k", table())
     manifest = Manifest(store.root)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    opening = manifest.write() if access == "write" else manifest.read()
-    with pytest.raises(KeyboardInterrupt) as caught, opening as opened:
-        con = opened.con if isinstance(opened, Txn) else opened
+    with pytest.raises(KeyboardInterrupt) as caught, _connection(manifest, access) as con:
         timer.start()
         con.execute("SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3").fetchall()
     timer.join()
@@ -205,9 +216,7 @@ def test_ctrl_c_that_something_inside_swallowed_is_raised_when_the_access_ends(
     # a Ctrl-C during its plan (2 of 8 tries) and ran on to exit 0.
     store.put("k", table())
     manifest = Manifest(store.root)
-    opening = manifest.write() if access == "write" else manifest.read()
-    with pytest.raises(KeyboardInterrupt), opening as opened:
-        con = opened.con if isinstance(opened, Txn) else opened
+    with pytest.raises(KeyboardInterrupt), _connection(manifest, access) as con:
         try:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the handler's KeyboardInterrupt comes first
