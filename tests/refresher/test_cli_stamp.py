@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from refresher import database, stamp
+from refresher._snapshot_sql import PRIVATE_SLOTS
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 
@@ -263,12 +264,14 @@ def test_every_file_the_profile_was_read_from_is_checked(ws: Workspace, change: 
 
 
 def pool_databases(ws: Workspace) -> list[str]:
+    """The pool's slots that hold a database (not the private ones: a copy on its way elsewhere, such as the
+    template's analysis copy)."""
     with psycopg.connect(ws.dsn()) as conn:
         rows = conn.execute(
             "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname",
             (f"{ws.profile}__pool_",),
         ).fetchall()
-    return [r[0] for r in rows]
+    return [r[0] for r in rows if int(r[0].rsplit("_", 1)[1]) < PRIVATE_SLOTS.start]
 
 
 def wait_for_pool_databases(ws: Workspace, count: int, timeout: float = 120) -> list[str]:
