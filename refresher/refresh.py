@@ -23,6 +23,7 @@ from refresher._gc import fewer_collections
 from refresher.calendar import exchange_tz, load_in_background
 from refresher.engines.base import Engine, ServerInfo
 from refresher.features import FeatureCounts, refresh_features
+from refresher.features.ahead import FeaturesAhead
 from refresher.jobs import InProcessExecutor, jobs_of_plan
 from refresher.jobs.inprocess import LOADERS, Fetcher, fetch_ahead
 from refresher.jobs.inprocess import ProgressCallback as ProgressCallback
@@ -260,6 +261,7 @@ def refresh(
     store_before = store.session_counts()
     starting: _EngineStart | None = None
     ahead: Fetcher | None = None
+    features_ahead: FeaturesAhead | None = None
     mark = started
     with fewer_collections(), closing(make_source(profile)) as source:
         try:
@@ -275,6 +277,10 @@ def refresh(
                 jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
                 calendars.join()  # before anything asks for a calendar
                 ahead = fetch_ahead(source, store, jobs)
+                if profile.features and all(use.spec.timeframe == "1d" for use in profile.features):
+                    # Its feature ledger will be empty too: the features are computed from the store once the
+                    # fetcher is done, on the core it leaves free while the loaders finish (``features.ahead``).
+                    features_ahead = FeaturesAhead(profile, store, plan, ahead.finished)
                 mark = lap("plan", mark)
                 server = starting.result()
             else:
@@ -301,6 +307,9 @@ def refresh(
                     # stored stays valid; the store's requests were counted by the first plan.
                     ahead.stop()
                     ahead = None
+                    if features_ahead is not None:
+                        features_ahead.cancel()
+                        features_ahead = None
                     plan = compute_plan(profile, source, store, conn, verify=verify)
                     jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
                 elif ahead is None:
@@ -333,6 +342,7 @@ def refresh(
                     daily,
                     prune=prune,
                     on_loaded=writes.loaded_features if writes else None,
+                    ahead=features_ahead.batches() if features_ahead is not None else None,
                 )
                 mark = lap("features", mark)
                 left_out = stored_reports(store, plan.keys)
@@ -349,6 +359,10 @@ def refresh(
                     ahead.stop()
                 else:
                     ahead.cancelled.set()
+            if features_ahead is not None:  # the same for the features it computes (and caches) ahead
+                features_ahead.cancel()
+                if waits:
+                    features_ahead.join()
             if starting is not None and waits:
                 # Not a server appearing after the error, behind the caller's back (a test's teardown would
                 # stop nothing, then the start make it). Ctrl-C does not wait: the engine survives a start

@@ -7,7 +7,7 @@ reloads that entry's table and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,6 +15,7 @@ import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
+from refresher.errors import FeatureError
 from refresher.features.cached import FeatureBatch, compute_features, daily_segments
 from refresher.features.tables import (
     FeaturePart,
@@ -52,9 +53,13 @@ def refresh_features(
     *,
     prune: bool = False,
     on_loaded: Callable[[str, Sequence[FeaturePart]], None] | None = None,
+    ahead: tuple[Sequence[FeatureBatch], FeatureError | None] | None = None,
 ) -> FeatureCounts:
     """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded;
     ``on_loaded(name, parts)`` is told each load committed (``refresher.replay``).
+
+    ``ahead``: the batches ``compute_features`` makes against an empty ledger, and its failure, computed
+    earlier (``refresher.features.ahead``); used only when the database's ledger is empty still.
 
     A symbol whose bars are empty loses its feature rows. With ``prune`` (``refresh --prune``, which removes
     the bars of symbols that left the profile), the feature rows of those symbols go too, and so do whole
@@ -65,7 +70,12 @@ def refresh_features(
     pruned = _prune(conn, ledger, profile, symbols) if prune else 0
     desired = len(profile.features) * len(symbols) if symbols else 0
     loaded = appended = emptied = computed = rows = 0
-    for batch in compute_features(profile, store, plan, known, ledger, read_ledger_inputs(conn)):
+    batches: Iterable[FeatureBatch]
+    if ahead is not None and not ledger:
+        batches = _then_raise(*ahead)
+    else:
+        batches = compute_features(profile, store, plan, known, ledger, read_ledger_inputs(conn))
+    for batch in batches:
         try:
             rows += _replace(conn, batch, on_loaded)
         except StaleFeature:
@@ -93,6 +103,12 @@ def refresh_features(
         pruned=pruned + emptied,
         appended=appended,
     )
+
+
+def _then_raise(batches: Sequence[FeatureBatch], failure: FeatureError | None) -> Iterator[FeatureBatch]:
+    yield from batches
+    if failure is not None:
+        raise failure
 
 
 def _replace(

@@ -69,6 +69,9 @@ class Fetcher(threading.Thread):
         # Two batches ahead at most: enough to keep the loader busy, bounded memory (~400 segments).
         self.out: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.cancelled = threading.Event()
+        # Set when this thread ends, whatever way: every table it was to make is stored and produced (or it
+        # failed, and the refresh with it). From then on its core is free while the loaders finish.
+        self.finished = threading.Event()
 
     def run(self) -> None:
         try:
@@ -85,6 +88,7 @@ class Fetcher(threading.Thread):
         except BaseException as exc:  # handed to the loading thread, which re-raises it
             self._put(exc)
         finally:
+            self.finished.set()
             self._put(self._DONE)
 
     def _put(self, item: Any) -> None:
