@@ -45,9 +45,10 @@ def root() -> Iterator[Path]:
     try:
         yield path
     finally:
-        engine = LocalEngine(path / "state")
-        for status in engine.status():
-            engine.stop(status.profile)
+        for state in sorted(path.glob("state*")):  # "state", and any other a test made ("state-clean")
+            engine = LocalEngine(state)
+            for status in engine.status():
+                engine.stop(status.profile)
 
 
 def _profile(root: Path, name: str, months: int = 2, where: str = "profiles") -> Profile:
