@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from refresher.errors import USER_ERRORS
+from refresher.errors import USER_ERRORS, SettingError
 from refresher.settings import DEFAULT_POOL_SIZE, ENGINE_NAMES, POOL_SIZE_ENV, Settings, parse_pool_size
 
 EXIT_USER_ERROR = 2
@@ -182,8 +182,17 @@ def _parse_time(text: str) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+# The commands that use the pool size: a bad $REFRESHER_POOL_SIZE is their error (exit 2). Every other command
+# warns and goes on: one who mistyped the variable can still see the status, get the url and tear down.
+_USE_POOL_SIZE = ("refresh", "reset")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
+    def ignored(exc: SettingError) -> None:
+        _say(f"warning: {exc} (ignored: `{args.command}` does not use it)")
+
     settings = Settings.from_env(
+        on_bad_pool_size=None if args.command in _USE_POOL_SIZE else ignored,
         state_dir=args.state_dir.absolute() if args.state_dir else None,
         store_root=args.store.absolute() if args.store else None,
         engine=args.engine,

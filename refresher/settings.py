@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,19 @@ class Settings:
     pool_size: int | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        on_bad_pool_size: Callable[[SettingError], None] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Settings from ``env`` (default: the process environment), then ``overrides`` (None: not given).
+
+        A bad $REFRESHER_POOL_SIZE raises SettingError, unless ``on_bad_pool_size`` is given: it is then handed
+        the error and the pool size is left unset (a command that never uses it, such as `refresher down`,
+        warns and goes on: a mistyped variable must not keep a user from tearing down).
+        """
         env = os.environ if env is None else env
         profiles: list[Path] = []
         if env.get("REFRESHER_PROFILES"):
@@ -105,16 +117,22 @@ class Settings:
             compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
             queue_url=env.get("REFRESHER_QUEUE") or None,
             # An override (the CLI flag) wins, and then a bad variable is not an error: it is not used.
-            pool_size=None if overrides.get("pool_size") is not None else _pool_size_from(env),
+            pool_size=None
+            if overrides.get("pool_size") is not None
+            else _pool_size_from(env, on_bad_pool_size),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _pool_size_from(env: Mapping[str, str]) -> int | None:
+def _pool_size_from(env: Mapping[str, str], on_bad: Callable[[SettingError], None] | None) -> int | None:
     text = env.get(POOL_SIZE_ENV) or ""
     if not text.strip():
         return None
     try:
         return parse_pool_size(text)
     except ValueError as exc:
-        raise SettingError(POOL_SIZE_ENV, text, str(exc)) from None
+        error = SettingError(POOL_SIZE_ENV, text, str(exc))
+    if on_bad is None:
+        raise error
+    on_bad(error)
+    return None
