@@ -155,32 +155,36 @@ def wait_ready(
     query: str = "SELECT 1",
     retryable: frozenset[str | None] = RETRYABLE_SQLSTATES,
     interval: float = 0.05,
+    listening: Callable[[], bool] | None = None,
 ) -> None:
     """Poll ``dsn`` with a real query until the server answers (the testcontainers/pytest-postgresql wait).
 
     Errors whose SQLSTATE is in ``retryable`` are retried until ``timeout``; any other is raised at once with
-    its SQLSTATE in ``fields``. ``alive`` false (the process or container exited) stops the wait early. On
-    failure the server's log tail goes into the error, since that is where the reason is.
+    its SQLSTATE in ``fields``. ``alive`` false (the process or container exited) stops the wait early. No login
+    is tried before ``listening`` says our server holds the port: until then another server may, and would answer.
+    On failure the server's log tail goes into the error, since that is where the reason is.
     """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
-        try:
-            with psycopg.connect(dsn, connect_timeout=3) as conn:
-                conn.execute(query.encode())
-                return
-        except psycopg.OperationalError as exc:
-            if exc.sqlstate not in retryable:
-                raise EngineUnavailable(f"{what} refused us: {exc}", sqlstate=exc.sqlstate) from exc
-            last = exc
+        if listening is None or listening():
+            try:
+                with psycopg.connect(dsn, connect_timeout=3) as conn:
+                    conn.execute(query.encode())
+                    return
+            except psycopg.OperationalError as exc:
+                if exc.sqlstate not in retryable:
+                    raise EngineUnavailable(f"{what} refused us: {exc}", sqlstate=exc.sqlstate) from exc
+                last = exc
         if not alive():
             break
         time.sleep(interval)
+    reason = "it exited" if time.monotonic() < deadline else "it never opened the port"
     tail = log_tail()
     if is_disk_full(tail):
         raise EngineUnavailable(f"{what} ran out of disk space while starting: {_last_line(tail)}")
     raise EngineUnavailable(
-        f"{what} is not ready after {timeout:.0f}s ({last or 'it exited'}); log tail:\n{tail}",
+        f"{what} is not ready after {timeout:.0f}s ({last or reason}); log tail:\n{tail}",
         sqlstate=getattr(last, "sqlstate", None),
     )
 

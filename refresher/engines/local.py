@@ -21,7 +21,6 @@ import secrets
 import shutil
 import socket
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -167,8 +166,7 @@ class LocalEngine:
         running = Postmaster.read(paths.pgdata)
         if running is not None and running.alive():
             state = replace(state, port=running.port, pid=running.pid)
-            self._wait_bound(paths, state, running.alive)  # one a killed CLI launched may still be binding
-            self._wait_ready(paths, state)
+            self._wait_ready(paths, state, running.alive)  # one a killed CLI launched may still be binding
         else:
             state = self._start_cluster(paths, state)
         state.write(paths.state)
@@ -359,9 +357,7 @@ class LocalEngine:
             failure: EngineUnavailable
             if result.returncode == 0:
                 try:
-                    launched = _launched(paths, log_offset)
-                    self._wait_bound(paths, started, launched)
-                    self._wait_ready(paths, started, launched)
+                    self._wait_ready(paths, started, _launched(paths, log_offset))
                     running = Postmaster.read(paths.pgdata)
                     return replace(started, pid=running.pid if running else None)
                 except EngineUnavailable as exc:
@@ -381,41 +377,27 @@ class LocalEngine:
             del attempt  # the port was taken between picking and binding: try another
         raise EngineUnavailable(f"no free port on {HOST} after {START_ATTEMPTS} attempts")
 
-    def _wait_bound(self, paths: _Paths, state: ServerState, alive: Callable[[], bool]) -> None:
-        """Wait until the postmaster just launched has bound ``state.port``: its ``postmaster.pid`` has a status
-        line, which it writes after its listen sockets (a bind that fails ends in FATAL before it).
+    def _wait_ready(self, paths: _Paths, state: ServerState, alive: Callable[[], bool]) -> None:
+        """Poll a login on ``state.port`` once our postmaster has bound it: its ``postmaster.pid`` shows that port
+        and a status line, which it writes after its listen sockets (a bind that fails ends in FATAL before it).
 
-        Only then may the login poll begin: until then the port may belong to another Postgres (another
-        checkout's server, a container published on a random port, on the port ours had before a reboot), which
-        would answer the poll: with a password error, or with trust as though it were ours. Reading the file
-        every 5 ms costs the start nothing: the bind comes well before the server is ready.
+        Until then the port may belong to another Postgres (another checkout's server, a container published on a
+        random port, on the port ours had before a reboot), which would answer the poll: with a password error,
+        or with trust as though it were ours.
         """
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            running = Postmaster.read(paths.pgdata)
-            if running is not None and running.status and running.port == state.port:
-                return
-            if not alive():
-                break
-            time.sleep(0.005)
-        what = "it exited" if time.monotonic() < deadline else f"after {self.ready_timeout:.0f}s"
-        raise EngineUnavailable(
-            f"the local server for {paths.root.name} on port {state.port} is not ready ({what} before it opened"
-            f" the port); log tail ({paths.log}):\n{_pgctl.log_tail(paths.log)}"
-        )
 
-    def _wait_ready(self, paths: _Paths, state: ServerState, alive: Callable[[], bool] | None = None) -> None:
-        def running() -> bool:
+        def bound() -> bool:
             postmaster = Postmaster.read(paths.pgdata)
-            return postmaster is not None and postmaster.alive()
+            return postmaster is not None and bool(postmaster.status) and postmaster.port == state.port
 
         wait_ready(
             self._info(paths.root.name, state).dsn("postgres"),
             what=f"the local server for {paths.root.name} on port {state.port}",
             timeout=self.ready_timeout,
-            alive=alive or running,
+            alive=alive,
             log_tail=lambda: f"({paths.log})\n{_pgctl.log_tail(paths.log)}",
             interval=0.01,
+            listening=bound,
         )
 
     # -- small pieces --------------------------------------------------------------------------------------------
