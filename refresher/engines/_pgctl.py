@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -212,11 +212,21 @@ def kill_with_parent() -> None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
-    """SIGKILL every process working in ``path`` (its ``-D`` argument, ``PGDATA`` or current directory), then
-    wait for them to go: what an initdb orphaned by a killed CLI (on a system without PDEATHSIG) still runs."""
+def processes_in(path: Path, *, programs: Collection[str] = ()) -> list[psutil.Process]:
+    """Every other process working in ``path`` (its ``-D`` argument, ``PGDATA`` or current directory); with
+    ``programs``, only those running one of them (a shell someone left in the directory is none of ours)."""
     target = str(path)
-    victims = [proc for proc in psutil.process_iter() if proc.pid != os.getpid() and _works_in(proc, target)]
+    return [
+        proc
+        for proc in psutil.process_iter()
+        if proc.pid != os.getpid() and _works_in(proc, target) and (not programs or _name(proc) in programs)
+    ]
+
+
+def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
+    """SIGKILL every process working in ``path``, then wait for them to go: what an initdb orphaned by a killed
+    CLI (on a system without PDEATHSIG) still runs."""
+    victims = processes_in(path)
     for proc in victims:
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -234,6 +244,13 @@ def _works_in(proc: psutil.Process, target: str) -> bool:
         )
     except psutil.Error:  # gone, or not ours to read
         return False
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return str(proc.name())
+    except psutil.Error:
+        return ""
 
 
 def _running(proc: psutil.Process) -> bool:

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +52,8 @@ START_ATTEMPTS = 5
 # What a postmaster logs when it gives up starting (messages are in English: programs run with LC_ALL=C).
 START_FAILED = re.compile(r"^(?:.*\s)?(?:FATAL|PANIC):", re.MULTILINE)
 INIT_PREFIX = "pgdata.init-"
+# What may run in a cluster's data directory while its postmaster.pid is not (yet, or any more) a live server's.
+SERVER_PROGRAMS = frozenset({"postgres", "pg_ctl"})
 # Where under the settings' cache directory (``$XDG_CACHE_HOME/refresher``) new clusters' templates live.
 TEMPLATES = "pg-templates"
 # The local server listens on loopback TCP only: no Unix socket to collide with another cluster's.
@@ -99,18 +102,21 @@ class Postmaster:
             return None
 
     def alive(self) -> bool:
-        """The pid exists and is a postgres process (a stale file after a reboot may name a reused pid)."""
+        """The pid exists and is a postgres process (a stale file after a reboot may name a reused pid), not a
+        zombie: a killed postmaster stays one until its children have gone (about 1.5 s here), no longer serving.
+        """
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             pass  # someone else's process: alive; /proc below tells whether it is ours
-        comm = Path(f"/proc/{self.pid}/comm")
-        if comm.parent.exists():
+        stat = Path(f"/proc/{self.pid}/stat")  # "pid (comm) state ..."
+        if stat.parent.exists():
             try:
-                return comm.read_text().strip().startswith("postgres")
-            except OSError:
+                head, _, rest = stat.read_text().rpartition(")")
+                return head.partition("(")[2].startswith("postgres") and rest.split()[0] != "Z"
+            except (OSError, IndexError):
                 return False
         return True
 
@@ -163,8 +169,8 @@ class LocalEngine:
             initialized = False
         if state is None or not initialized:
             state = self._init_cluster(paths)
-        running = Postmaster.read(paths.pgdata)
-        if running is not None and running.alive():
+        running = self._postmaster(paths)
+        if running is not None:
             state = replace(state, port=running.port, pid=running.pid)
             self._wait_ready(paths, state, running.alive)  # one a killed CLI launched may still be binding
         else:
@@ -322,8 +328,7 @@ class LocalEngine:
             shutil.rmtree(paths.pgdata)
 
     def _stop_postmaster(self, paths: _Paths, modes: tuple[str, ...]) -> None:
-        running = Postmaster.read(paths.pgdata)
-        if running is None or not running.alive():
+        if self._postmaster(paths) is None:
             return
         state = ServerState.read(paths.state) if paths.state.exists() else None
         bin_dir = Path(state.bin_dir) if state else self.bin_dir
@@ -332,6 +337,34 @@ class LocalEngine:
             args = ["stop", "-D", str(paths.pgdata), "-m", mode, "-w", "-t", "60"]
             if _pgctl.run(bin_dir, "pg_ctl", args, user, cwd=paths.root).returncode == 0:
                 return
+
+    def _postmaster(self, paths: _Paths) -> Postmaster | None:
+        """The postmaster running the cluster, or None once none does (its stale ``postmaster.pid`` removed).
+
+        A crash or reboot leaves ``postmaster.pid`` behind; postgres copes, but a reused pid can confuse it. Yet a
+        postmaster creates the file empty and writes it a moment later (one a killed CLI's ``pg_ctl start`` forked
+        may be doing so now), and a killed postmaster's children outlive it a moment: a file empty, cut short or
+        naming a dead pid is stale only once no PostgreSQL program works in the data directory. Removed before
+        that, a second postmaster would start on the same data. Called with the profile's lock held, so no start
+        of ours begins meanwhile; only such a file costs the process scan (about 10 ms).
+        """
+        pid_file = paths.pgdata / "postmaster.pid"
+        deadline = time.monotonic() + self.ready_timeout
+        while (running := Postmaster.read(paths.pgdata)) is None or not running.alive():
+            if not pid_file.exists():
+                return None
+            busy = _pgctl.processes_in(paths.pgdata, programs=SERVER_PROGRAMS)
+            if not busy:
+                pid_file.unlink(missing_ok=True)
+                return None
+            if time.monotonic() > deadline:
+                pids = ", ".join(str(proc.pid) for proc in busy)
+                raise EngineUnavailable(
+                    f"{pid_file} names no running server, but PostgreSQL processes still work in"
+                    f" {paths.pgdata} after {self.ready_timeout:.0f}s (pids {pids}); stop them, then run the command again"
+                )
+            time.sleep(0.01)
+        return running
 
     def _start_cluster(self, paths: _Paths, state: ServerState) -> ServerState:
         """Start the postmaster and wait until it answers a login; retry another port if ours was taken.
@@ -343,8 +376,6 @@ class LocalEngine:
         user = _pgctl.OsUser.for_server()
         user.check_traversable(paths.pgdata)
         bin_dir = Path(state.bin_dir)
-        # A crash or reboot leaves postmaster.pid behind; postgres copes, but a reused pid can confuse it.
-        (paths.pgdata / "postmaster.pid").unlink(missing_ok=True)
         ports = _port_candidates(self.pinned_port, state.port)
         for attempt in range(START_ATTEMPTS):
             port = next(ports)

@@ -187,18 +187,124 @@ def test_a_server_that_fails_to_start_is_an_error_with_its_log_at_once(local_sta
         patient.stop("lc_badconf")
 
 
-def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine) -> None:
-    engine.start("lc_stale")
-    pgdata = engine.base / "lc_stale" / "pgdata"
-    _kill_server_keep_data(engine, "lc_stale")
+@pytest.mark.parametrize("left", ["a dead pid", "nothing"])
+def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine, left: str) -> None:
+    profile = f"lc_stale_{left.split()[-1]}"
+    engine.start(profile)
+    pgdata = engine.base / profile / "pgdata"
+    _kill_server_keep_data(engine, profile)
     child = subprocess.Popen(["true"])
     child.wait()  # a pid that surely is not running any more
-    (pgdata / "postmaster.pid").write_text(f"{child.pid}\n{pgdata}\n0\n5432\n\n127.0.0.1\n0 0\nready\n")
-    [status] = engine.status("lc_stale")
-    assert not status.running and "stale" in status.detail
-    info = engine.start("lc_stale")
+    if left == "nothing":  # a crash between creating the file and writing it
+        (pgdata / "postmaster.pid").write_text("")
+    else:
+        (pgdata / "postmaster.pid").write_text(f"{child.pid}\n{pgdata}\n0\n5432\n\n127.0.0.1\n0 0\nready\n")
+        [status] = engine.status(profile)
+        assert not status.running and "stale" in status.detail
+    info = engine.start(profile)
     with psycopg.connect(info.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_kill_9_of_the_postmaster_leaves_its_pid_file_and_the_next_start_serves_the_data(
+    engine: LocalEngine,
+) -> None:
+    info = engine.start("lc_crashed")
+    with psycopg.connect(info.dsn()) as conn:
+        conn.execute("SET synchronous_commit = on")  # its WAL written at commit: the crash cannot lose it
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    pgdata = engine.base / "lc_crashed" / "pgdata"
+    crashed = Postmaster.read(pgdata)
+    assert crashed is not None
+    os.kill(crashed.pid, signal.SIGKILL)
+    while _state(crashed.pid) not in ("Z", "gone"):  # a zombie until its children have gone (1-2 s)
+        time.sleep(0.001)
+    again = engine.start("lc_crashed")
+    running = Postmaster.read(pgdata)
+    assert running is not None and running.pid != crashed.pid
+    with psycopg.connect(again.dsn()) as conn:
+        assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+# A postmaster's first moment, frozen: it has created postmaster.pid (empty, O_EXCL, as postgres does) and not yet
+# written it; after argv[3] seconds it gives up and removes the file, saying whether it was still its own.
+FIRST_MOMENT = """
+import os, sys, time
+pid_file = os.path.join(sys.argv[2], "postmaster.pid")
+fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+print("created", flush=True)
+time.sleep(float(sys.argv[3]))
+try:
+    kept = os.stat(pid_file).st_ino == os.fstat(fd).st_ino
+except FileNotFoundError:
+    kept = False
+if kept:
+    os.unlink(pid_file)
+print("kept" if kept else "removed under it", flush=True)
+"""
+
+
+def _starting_postmaster(pgdata: Path, seconds: float, bin_dir: Path) -> subprocess.Popen[str]:
+    """A process named postgres, ``-D pgdata`` in its command line, caught between creating and writing its file."""
+    postgres = bin_dir / "postgres"
+    postgres.symlink_to(Path(sys.executable).resolve())  # the kernel names a process after the file it runs
+    args = [str(postgres), "-c", FIRST_MOMENT, "-D", str(pgdata), str(seconds)]
+    child = subprocess.Popen(args, cwd=pgdata, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "created\n"
+    return child
+
+
+@pytest.mark.parametrize("action", ["start", "stop"])
+def test_a_postmaster_pid_still_being_written_is_waited_for_never_removed(
+    engine: LocalEngine, tmp_path: Path, action: str
+) -> None:
+    # A start (or `refresher down`) that took the empty file for stale removed it, and a second postmaster could
+    # start on the same data beside the first (a CLI killed just after `pg_ctl start`, then the next command).
+    profile = f"lc_writing_{action}"
+    info = engine.start(profile)
+    with psycopg.connect(info.dsn()) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    _kill_server_keep_data(engine, profile)
+    pgdata = engine.base / profile / "pgdata"
+    child = _starting_postmaster(pgdata, 1.5, tmp_path)
+    try:
+        if action == "stop":
+            assert engine.stop(profile)
+        else:
+            again = engine.start(profile)
+            with psycopg.connect(again.dsn()) as conn:
+                assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+    finally:
+        out, _ = child.communicate(timeout=60)
+    assert out == "kept\n"
+
+
+def test_a_postmaster_pid_that_stays_empty_while_postgres_works_there_is_an_error_not_removed(
+    local_state_dir: Path, tmp_path: Path
+) -> None:
+    impatient = LocalEngine(local_state_dir, ready_timeout=0.5)
+    try:
+        impatient.start("lc_stuck")
+        _kill_server_keep_data(impatient, "lc_stuck")
+        pgdata = impatient.base / "lc_stuck" / "pgdata"
+        child = _starting_postmaster(pgdata, 60, tmp_path)
+        try:
+            with pytest.raises(EngineUnavailable, match=f"PostgreSQL processes still work in .*{child.pid}"):
+                impatient.start("lc_stuck")
+            assert (pgdata / "postmaster.pid").exists()
+        finally:
+            child.kill()
+            child.communicate()
+    finally:
+        (impatient.base / "lc_stuck" / "pgdata" / "postmaster.pid").unlink(missing_ok=True)
+        impatient.stop("lc_stuck")
 
 
 def test_a_pinned_port_that_is_taken_is_a_one_line_error(local_state_dir: Path) -> None:
