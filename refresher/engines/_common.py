@@ -111,6 +111,21 @@ def locked(path: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def try_locked(path: Path) -> Iterator[bool]:
+    """Like ``locked``, without waiting: yields whether the lock was free, and holds it for the block if it was."""
+    lock = filelock.FileLock(path, thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
 def is_disk_full(text: str) -> bool:
     """Whether a program's output (initdb, the server log) says the disk ran out of space."""
     return "No space left on device" in text or "could not extend file" in text

@@ -8,14 +8,16 @@ template's password (a random one, never stored, that nobody knows).
 Layout under the cache directory (``$XDG_CACHE_HOME/refresher/pg-templates``)::
 
     <key>/pgdata       the template cluster (owned by the server's OS user)
-    <key>/complete     the key and the template's listing (every path and file size), written (and everything
-                       above fsynced) before ``<key>`` gets its name; a template that no longer matches its
-                       listing (a cache cleaner, a half-done ``rm -r``) is built again, never copied
-    <key>.tmp-*        a template being copied in; a kill -9 leaves it for the next builder to remove
-    .<key>.lock        flock held while a template is checked, built or copied from
+    <key>/complete     the key, the postgres build it hashes and the template's listing (every path and file
+                       size), written (and everything above fsynced) before ``<key>`` gets its name; a template
+                       that no longer matches its listing (a cache cleaner, a half-done ``rm -r``) is built
+                       again, never copied
+    <key>.tmp-*        a template being copied in or removed; a kill -9 leaves it for the next builder to remove
+    .<key>.lock        flock held while a template is checked, built, copied from or removed
 
 ``<key>`` hashes the postgres binary (path, size, mtime), its version, the exact initdb arguments and the
 files' owner, so a new server build or a new initdb flag makes a new template rather than reusing a stale one.
+Each new template ends its build by removing those of builds gone from disk (``prune``).
 The copies share the template's system identifier, which only replication and backup tools read; a local
 cluster has neither.
 """
@@ -32,10 +34,11 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from refresher.engines import _pgctl
-from refresher.engines._common import locked
+from refresher.engines._common import locked, try_locked
 from refresher.errors import EngineUnavailable
 
 MARKER = "complete"
@@ -43,36 +46,55 @@ PGDATA = "pgdata"
 # What the single-user ALTER ROLE may carry unquoted (secrets.token_urlsafe's alphabet).
 PASSWORD_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 FSYNC_THREADS = 16
+KEY_NAME = re.compile(r"[0-9a-f]{32}")
 
 
-def template_key(bin_dir: Path, version: str, initdb_args: list[str], owner: _pgctl.OsUser) -> str:
+@dataclass(frozen=True)
+class TemplateKey:
+    """Which template a new cluster may be copied from: ``name`` in the cache, and the build it was made by."""
+
+    name: str
+    build: tuple[str, int, int]  # the postgres binary as found: resolved path, size, mtime (ns)
+
+
+def template_key(bin_dir: Path, version: str, initdb_args: list[str], owner: _pgctl.OsUser) -> TemplateKey:
     """The cache key of a template: the binary as found on disk, its version, initdb's arguments and the OS
     user owning the files (a cache shared by root and a user must not hand one the other's unreadable copy)."""
-    exe = (bin_dir / "postgres").resolve()
+    build = _build(bin_dir / "postgres")
+    raw = json.dumps([*build, version, initdb_args, owner.uid])
+    return TemplateKey(hashlib.sha256(raw.encode()).hexdigest()[:32], build)
+
+
+def _build(postgres: Path) -> tuple[str, int, int]:
+    exe = postgres.resolve()
     st = exe.stat()
-    raw = json.dumps([str(exe), st.st_size, st.st_mtime_ns, version, initdb_args, owner.uid])
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return str(exe), st.st_size, st.st_mtime_ns
 
 
 @contextlib.contextmanager
-def template_for(cache: Path, key: str) -> Iterator[Path | None]:
+def template_for(cache: Path, key: TemplateKey) -> Iterator[Path | None]:
     """Hold the template ``key``'s lock and yield its cluster directory, or None when it does not exist yet.
 
     With None the caller runs initdb and may ``keep`` the result while still holding the lock, so two processes
     at once run initdb once and the second copies the first's result.
     """
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with locked(cache / f".{key}.lock"):
-        for leftover in cache.glob(f"{key}.tmp-*"):  # a copy a killed builder left half done
-            _pgctl.kill_processes_in(leftover / PGDATA)  # its cp may not have received its SIGKILL yet
-            _delete(leftover)
-        final = cache / key
-        if _complete(final, key):
+    with locked(cache / f".{key.name}.lock"):
+        _remove_leftovers(cache, key.name)
+        final = cache / key.name
+        if _complete(final, key.name):
             yield final / PGDATA
             return
         if final.exists():  # damaged (its marker, or files its listing names): never copy from it
-            _remove(cache, key)
+            _remove(cache, key.name)
         yield None
+
+
+def _remove_leftovers(cache: Path, name: str) -> None:
+    """Remove what a killed builder (a half copy) or remover left of the template ``name``; call with its lock."""
+    for leftover in cache.glob(f"{name}.tmp-*"):
+        _pgctl.kill_processes_in(leftover / PGDATA)  # a builder's cp may not have received its SIGKILL yet
+        _delete(leftover)
 
 
 def identity(template: Path) -> int:
@@ -80,19 +102,19 @@ def identity(template: Path) -> int:
     return (template.parent / MARKER).stat().st_ino
 
 
-def discard(cache: Path, key: str, built: int) -> None:
+def discard(cache: Path, key: TemplateKey, built: int) -> None:
     """Remove the template ``key`` if it is still the build ``built`` (``identity``): a cluster copied from it was
     refused by the server, so the next new cluster builds it again instead of copying it and failing the same way.
     """
-    with locked(cache / f".{key}.lock"), contextlib.suppress(FileNotFoundError):
-        if identity(cache / key / PGDATA) == built:
-            _remove(cache, key)
+    with locked(cache / f".{key.name}.lock"), contextlib.suppress(FileNotFoundError):
+        if identity(cache / key.name / PGDATA) == built:
+            _remove(cache, key.name)
 
 
-def _remove(cache: Path, key: str) -> None:
+def _remove(cache: Path, name: str) -> None:
     # Renamed out of the key first: a kill -9 during the removal leaves a ``.tmp-`` leftover, not a template.
-    dead = cache / f"{key}.tmp-{secrets.token_hex(4)}"
-    (cache / key).rename(dead)
+    dead = cache / f"{name}.tmp-{secrets.token_hex(4)}"
+    (cache / name).rename(dead)
     _delete(dead)
 
 
@@ -104,24 +126,57 @@ def _delete(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def keep(cache: Path, key: str, cluster: Path) -> None:
+def keep(cache: Path, key: TemplateKey, cluster: Path) -> None:
     """Copy ``cluster`` (fresh from initdb, never started) in as the template ``key``; call with its lock held.
 
     All or nothing: the copy is fsynced and marked under a temporary name, then renamed, so a kill -9 or a power
-    loss leaves no template or a complete one.
+    loss leaves no template or a complete one. Then ``prune``: a new template is when a build may have gone.
     """
-    tmp = cache / f"{key}.tmp-{secrets.token_hex(4)}"
+    tmp = cache / f"{key.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)
     try:
         (tmp / PGDATA).mkdir(mode=0o700)
         copy_cluster(cluster, tmp / PGDATA)
         _fsync_tree(tmp)
-        _write_synced(tmp / MARKER, json.dumps({"key": key, "listing": _listing(tmp / PGDATA)}))
-        tmp.rename(cache / key)
+        marker = {"key": key.name, "postgres": key.build, "listing": _listing(tmp / PGDATA)}
+        _write_synced(tmp / MARKER, json.dumps(marker))
+        tmp.rename(cache / key.name)
         _fsync_path(cache)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune(cache, key)
+
+
+def prune(cache: Path, current: TemplateKey) -> None:
+    """Remove the templates (and leftovers) of postgres builds no longer on disk: no key can name them again.
+
+    A build gone is a binary whose path is gone or holds another file (an upgraded wheel, a removed venv or
+    install); a template made before markers named their build counts as gone too, and is built again on its next
+    use. Templates of builds still on disk stay, whichever is ``current``: another venv or checkout may use them.
+    Each is taken by its lock without waiting, so one that another process copies from, builds or checks right
+    now is left for a later prune; it is renamed away before its files go (``_remove``). Never raises OSError: a
+    prune that fails leaves what it could not remove. Cheap: a marker read and a stat per template, at each build.
+    """
+    with contextlib.suppress(OSError):
+        names = {entry.name.partition(".tmp-")[0] for entry in cache.iterdir()}
+        for name in sorted(n for n in names if KEY_NAME.fullmatch(n) and n != current.name):
+            with contextlib.suppress(OSError), try_locked(cache / f".{name}.lock") as ours:
+                if not ours:
+                    continue
+                _remove_leftovers(cache, name)
+                if (cache / name).exists() and not _build_on_disk(cache / name):
+                    _remove(cache, name)
+
+
+def _build_on_disk(final: Path) -> bool:
+    """Whether the postgres binary the template ``final`` was made by is still on disk, unchanged."""
+    try:
+        marker = json.loads((final / MARKER).read_text(encoding="utf-8"))
+        path, size, mtime_ns = marker["postgres"]
+        return _build(Path(path)) == (path, size, mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def copy_cluster(source: Path, target: Path) -> None:

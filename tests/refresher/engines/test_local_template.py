@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -283,3 +285,131 @@ def test_a_template_the_server_refuses_is_replaced_not_tried_again(
     with psycopg.connect(info.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert [(t / "pgdata" / "PG_VERSION").read_text() for t in _complete_templates(templates)] in ([], [real])
+
+
+# -- pruning: the templates of postgres builds gone from disk go once a new template is made -------------------
+
+
+def _made_by(templates: Path, build: list[Any] | None) -> Path:
+    """A template (a small stand-in: pruning reads only the marker) made by ``build``, or before markers named it."""
+    final = templates / secrets.token_hex(16)
+    (final / "pgdata").mkdir(parents=True)
+    (final / "pgdata" / "PG_VERSION").write_text("17\n")
+    marker: dict[str, Any] = {"key": final.name, "listing": {"PG_VERSION": 3}}
+    if build is not None:
+        marker["postgres"] = build
+    (final / _pgtemplate.MARKER).write_text(json.dumps(marker))
+    return final
+
+
+def _build_of(template: Path) -> list[Any]:
+    return list(json.loads((template / _pgtemplate.MARKER).read_text())["postgres"])
+
+
+def _current_and_gone(engine: LocalEngine, templates: Path, profile: str) -> tuple[Path, Path]:
+    """The template the start of ``profile`` builds, and one of a build gone from disk."""
+    engine.start(profile)
+    [current] = _complete_templates(templates)
+    return current, _made_by(templates, ["/nowhere/bin/postgres", 1, 1])
+
+
+def _start_with_a_new_template(
+    engine: LocalEngine, profile: str, initdb_args: tuple[str, ...] = ()
+) -> ServerInfo:
+    """Start ``profile`` with other initdb arguments: a new key, so a new template is built (and the cache pruned)."""
+    with pytest.MonkeyPatch.context() as other:
+        other.setattr(local, "INITDB_ARGS", initdb_args)
+        return engine.start(profile)
+
+
+def test_templates_of_builds_gone_are_pruned_once_a_new_template_is_made(
+    engine: LocalEngine, templates: Path
+) -> None:
+    engine.start("lt_prune_a")
+    [current] = _complete_templates(templates)
+    path, size, mtime = _build_of(current)
+    gone = _made_by(templates, ["/nowhere/bin/postgres", size, mtime])  # a removed venv or install
+    upgraded = _made_by(templates, [path, size + 1, mtime])  # the same path, now another build
+    unnamed = _made_by(templates, None)  # made before markers named their build
+    in_use = _made_by(templates, [path, size, mtime])  # the build on disk, other initdb arguments
+    half = templates / f"{upgraded.name}.tmp-dead"  # what a killed prune or builder left
+    (half / "pgdata").mkdir(parents=True)
+    strangers = [templates / "notes.txt", templates / "someone-elses"]
+    strangers[0].write_text("not ours")
+    strangers[1].mkdir()
+    engine.start("lt_prune_b")  # copies the template: no pruning
+    assert gone.is_dir() and upgraded.is_dir() and unnamed.is_dir()
+
+    info = _start_with_a_new_template(engine, "lt_prune_c")
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    [new] = [t for t in _complete_templates(templates) if t not in (current, in_use)]
+    left = {p for p in templates.iterdir() if not p.name.startswith(".")}
+    assert left == {current, in_use, new, *strangers}
+    assert _build_of(new) == [path, size, mtime]
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from refresher.engines._common import locked
+with locked(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_template_another_process_holds_is_not_pruned(engine: LocalEngine, templates: Path) -> None:
+    current, held = _current_and_gone(engine, templates, "lt_held_a")
+    # Another process copying from it (or building, or checking it) holds its lock, as template_for does.
+    lock = templates / f".{held.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        _start_with_a_new_template(engine, "lt_held_b")
+        assert (held / "pgdata" / "PG_VERSION").is_file() and (held / _pgtemplate.MARKER).is_file()
+    finally:
+        holder.kill()
+        holder.communicate()
+    _start_with_a_new_template(engine, "lt_held_c", ("--wal-segsize=2",))  # released: the next prune takes it
+    assert not held.exists()
+    assert current in _complete_templates(templates)
+
+
+# The start of a cluster with a new key (so a new template, then a prune), killed once the first stale template is
+# renamed away and before its files are removed.
+KILLED_PRUNING = """
+import os, signal, sys
+from pathlib import Path
+from refresher.engines import _pgtemplate, local
+delete = _pgtemplate._delete
+def killed(path):
+    if path.name.startswith(sys.argv[4] + ".tmp-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    delete(path)
+_pgtemplate._delete = killed
+local.INITDB_ARGS = ()
+local.LocalEngine(Path(sys.argv[1]), template_dir=Path(sys.argv[2])).start(sys.argv[3])
+"""
+
+
+def test_kill_9_while_pruning_leaves_the_cache_usable_and_the_next_prune_finishes(
+    engine: LocalEngine, templates: Path
+) -> None:
+    current, stale = _current_and_gone(engine, templates, "lt_prunekill_a")
+    args = [str(engine.base.parent), str(templates), "lt_prunekill_b", stale.name]
+    child = subprocess.run([sys.executable, "-c", KILLED_PRUNING, *args])
+    assert child.returncode == -signal.SIGKILL
+    assert not stale.exists() and list(templates.glob(f"{stale.name}.tmp-*")) != []  # renamed, not removed
+    # The new template is whole (made before the prune); the stale one's files wait under a .tmp- name.
+    [new] = [t for t in _complete_templates(templates) if t != current and ".tmp-" not in t.name]
+    # The cache serves new clusters from both templates meanwhile.
+    info = engine.start("lt_prunekill_c")
+    from_new = _start_with_a_new_template(engine, "lt_prunekill_d")  # the key the killed start built
+    for server in (info, from_new):
+        with psycopg.connect(server.dsn()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert {t for t in _complete_templates(templates) if ".tmp-" not in t.name} == {current, new}
+    _start_with_a_new_template(engine, "lt_prunekill_e", ("--wal-segsize=2",))  # its prune takes the leftover
+    assert list(templates.glob("*.tmp-*")) == []
+    assert {current, new} <= set(_complete_templates(templates))
