@@ -239,6 +239,11 @@ def _create_filled(
     # The key after the rows: one sorted build (the rows come in key order, so the sort is a pass) instead of
     # a B-tree insert per row, and like the rows it writes no WAL in the table's own transaction. Measured on
     # a month of backtesting bars (741,000 rows): 0.64-0.67 s vs 0.82-0.90 s with the key made first.
+    # Built by this backend alone: the loaders already fill two months at once, one core each, and a parallel
+    # build (the server's choice for a month this size: two workers) only adds its own work: each worker sorts
+    # its share to tape, the leader maps 256 MB of tape buffers and merges them. Warm backtesting load: the
+    # server's CPU 9.3 -> 8.2 s (docs/architecture.md, "Where the load's CPU goes").
+    conn.execute("SET LOCAL max_parallel_maintenance_workers = 0")
     conn.execute(
         sql.SQL("ALTER TABLE {leaf} ADD CONSTRAINT {pkey} PRIMARY KEY (symbol, {col})").format(
             leaf=ident, pkey=sql.Identifier(f"{name}_pkey"), col=col

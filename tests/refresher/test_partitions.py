@@ -81,6 +81,21 @@ def test_a_new_months_rows_are_frozen_and_write_next_to_no_wal(conn: psycopg.Con
     assert pages[0] > 0 and pages[1] > 0.9 * pages[0]
 
 
+def test_a_new_months_key_is_built_without_parallel_workers(conn: psycopg.Connection[Any]) -> None:
+    """The loaders fill months side by side; a parallel key build would only add its workers' own sorts."""
+    sorts: list[str] = []
+    conn.add_notice_handler(lambda notice: sorts.append(notice.message_primary or ""))
+    conn.execute("SET max_parallel_maintenance_workers = 4")  # even where the session allows them
+    conn.execute("SET trace_sort = on")  # each sort says how it ran, parallel or not
+    conn.execute("SET client_min_messages = log")
+    # About 13 MB of heap: past min_parallel_table_scan_size (8 MB), where the server would use a worker
+    load_segments(conn, _month_load([f"S{k:02d}" for k in range(5)], JAN, OPEN_JAN_2, 30_000))
+    conn.execute("RESET client_min_messages")
+    assert conn.execute("SELECT pg_relation_size('ohlcv_1min_2024_01')").fetchone()[0] > 8 * 2**20
+    assert any("internal sort" in message for message in sorts)
+    assert not [message for message in sorts if "parallel" in message]
+
+
 def test_segments_reload_and_delete_across_partitions(conn: psycopg.Connection[Any]) -> None:
     # A New York January segment's last evening is February in UTC: its rows span two partitions.
     late_jan = dt.datetime(2024, 1, 31, 23, 0, tzinfo=dt.UTC)
