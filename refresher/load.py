@@ -297,29 +297,43 @@ def _cast(item: SegmentLoad) -> pa.Table:
 
 
 def _check_rows(items: Sequence[SegmentLoad], datas: Sequence[pa.Table]) -> None:
-    """No nulls, only the segment's symbol, only times inside the segment: for every row of the batch."""
+    """No nulls, only the segment's symbol, only times inside the segment: for every row of the batch.
+
+    Per segment, not per row, wherever that is enough: a segment holds only its symbol when its first row does
+    and the symbol changes nowhere inside it, and only its times when its least and greatest do. Columns of
+    each row's expected symbol and bounds cost 0.19-0.55 s of CPU for backtesting's 12 months of minute bars,
+    these checks 0.06 s. The error names the first segment at fault, as a row-by-row check would."""
     counts = np.array([data.num_rows for data in datas])
-    owner = np.repeat(np.arange(len(items)), counts)  # the item each row of ``rows`` belongs to
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     rows = pa.concat_tables(datas)
     for name in rows.column_names:
         column = rows.column(name)
         if column.null_count:
-            first = int(owner[pc.index(pc.is_null(column), True).as_py()])
-            segment = items[first].segment
+            segment = items[_owner(starts, pc.index(pc.is_null(column), True).as_py())].segment
             raise LoadError(f"{segment}: column {name} has nulls", segment=str(segment), field=name)
-    symbols = pa.array([item.segment.symbol for item in items]).take(pa.array(owner))
-    bad_symbol = pc.not_equal(rows.column("symbol"), symbols).to_numpy(zero_copy_only=False)
+    symbol = rows.column("symbol")
+    heads = symbol.take(pa.array(starts))
+    bad_symbol = pc.not_equal(heads, pa.array([item.segment.symbol for item in items])).to_numpy(
+        zero_copy_only=False
+    )
+    if len(symbol) > 1:
+        after = symbol.slice(1)
+        changes = pc.not_equal(after, symbol.slice(0, len(after))).to_numpy(zero_copy_only=False)
+        inside = np.flatnonzero(changes) + 1  # rows whose symbol differs from the row before
+        inside = inside[~np.isin(inside, starts)]  # where a segment starts, the symbol may change
+        if len(inside):
+            bad_symbol[_owner(starts, int(inside[0]))] = True
     if bad_symbol.any():
-        segment = items[int(owner[np.argmax(bad_symbol)])].segment
+        segment = items[int(np.argmax(bad_symbol))].segment
         raise LoadError(f"{segment}: rows of other symbols in the table", segment=str(segment))
     column = rows.column(TIME_COLUMN[items[0].segment.table])
     bounds = [segment_range(item.segment, item.tz) for item in items]
-    lo = _as_numbers(pa.array([b[0] for b in bounds], column.type))[owner]
-    hi = _as_numbers(pa.array([b[1] for b in bounds], column.type))[owner]
+    lo = _as_numbers(pa.array([b[0] for b in bounds], column.type))
+    hi = _as_numbers(pa.array([b[1] for b in bounds], column.type))
     when = _as_numbers(column)
-    outside = (when < lo) | (when >= hi)
+    outside = (np.minimum.reduceat(when, starts) < lo) | (np.maximum.reduceat(when, starts) >= hi)
     if outside.any():
-        index = int(owner[np.argmax(outside)])
+        index = int(np.argmax(outside))
         segment, (start, end) = items[index].segment, bounds[index]
         extent = pc.min_max(datas[index].column(TIME_COLUMN[segment.table]))
         raise LoadError(
@@ -327,6 +341,11 @@ def _check_rows(items: Sequence[SegmentLoad], datas: Sequence[pa.Table]) -> None
             f"segment [{start}, {end})",
             segment=str(segment),
         )
+
+
+def _owner(starts: np.ndarray[Any, np.dtype[np.int64]], row: int) -> int:
+    """The index of the segment whose rows include ``row`` (``starts``: each segment's first row, ascending)."""
+    return int(np.searchsorted(starts, row, side="right")) - 1
 
 
 def _as_numbers(values: pa.Array | pa.ChunkedArray) -> np.ndarray[Any, np.dtype[np.int64]]:

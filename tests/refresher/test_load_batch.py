@@ -22,7 +22,7 @@ from featurestore.fingerprint import fingerprint_table
 from refresher.database import ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
-from refresher.load import SegmentLoad, load_segments
+from refresher.load import SegmentLoad, conform_many, load_segments
 from refresher.segments import Segment
 from tests.fixtures_postgres import daily_bars
 
@@ -99,6 +99,27 @@ def test_a_bad_segment_leaves_nothing_of_its_batch(conn: psycopg.Connection[Any]
     with pytest.raises(LoadError, match=f"^{bad.segment}: column open has nulls"):
         load_segments(conn, items)
     assert _state(conn) == before  # neither the new segments nor the changed old ones
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [("symbol", "B", "rows of other symbols"), ("date", dt.date(2024, 12, 2), "fall outside the segment")],
+)
+def test_one_wrong_row_inside_a_batch_is_refused_naming_its_segment(
+    column: str, value: Any, message: str
+) -> None:
+    """Checked per segment (its first row's symbol, where the symbol changes, its least and greatest time):
+    a row in the middle of a segment in the middle of a batch is found, and its segment named."""
+    items = _batch("AB")
+    bad = items[3]  # neither the first segment nor, below, its first or last row
+    values = bad.table.column(column).to_pylist()
+    values[10] = value
+    field = bad.table.schema.get_field_index(column)
+    table = bad.table.set_column(field, column, pa.array(values, bad.table.schema.field(field).type))
+    items[3] = replace(bad, table=table)
+    with pytest.raises(LoadError, match=f"^{bad.segment}: .*{message}"):
+        conform_many(items)
+    assert len(conform_many(_batch("AB"))) == len(items)
 
 
 def test_a_failing_statement_rolls_back_the_whole_batch(conn: psycopg.Connection[Any]) -> None:
