@@ -215,11 +215,13 @@ def kill_with_parent() -> None:
 def processes_in(path: Path, *, programs: Collection[str] = ()) -> list[psutil.Process]:
     """Every other process working in ``path`` (its ``-D`` argument, ``PGDATA`` or current directory); with
     ``programs``, only those running one of them (a shell someone left in the directory is none of ours)."""
-    target = str(path)
+    target, resolved = str(path), os.path.realpath(path)
     return [
         proc
         for proc in psutil.process_iter()
-        if proc.pid != os.getpid() and _works_in(proc, target) and (not programs or _name(proc) in programs)
+        if proc.pid != os.getpid()
+        and _works_in(proc, target, resolved)
+        and (not programs or _name(proc) in programs)
     ]
 
 
@@ -237,10 +239,12 @@ def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def _works_in(proc: psutil.Process, target: str) -> bool:
+def _works_in(proc: psutil.Process, target: str, resolved: str) -> bool:
     try:
         return bool(
-            target in proc.cmdline() or proc.environ().get("PGDATA") == target or proc.cwd() == target
+            target in proc.cmdline()
+            or proc.environ().get("PGDATA") == target
+            or proc.cwd() in (target, resolved)  # the kernel's has its symlinks resolved
         )
     except psutil.Error:  # gone, or not ours to read
         return False

@@ -87,23 +87,25 @@ class ServerState:
 
 @dataclass(frozen=True)
 class Postmaster:
-    """The first lines of ``postmaster.pid``: who runs the cluster and on which port."""
+    """The first lines of ``pgdata/postmaster.pid``: who runs the cluster and on which port."""
 
     pid: int
     port: int
     status: str
+    pgdata: Path
 
     @classmethod
     def read(cls, pgdata: Path) -> Postmaster | None:
         try:
             lines = (pgdata / "postmaster.pid").read_text(encoding="utf-8").splitlines()
-            return cls(int(lines[0]), int(lines[3]), lines[7].strip() if len(lines) > 7 else "")
+            return cls(int(lines[0]), int(lines[3]), lines[7].strip() if len(lines) > 7 else "", pgdata)
         except (OSError, ValueError, IndexError):
             return None
 
     def alive(self) -> bool:
-        """The pid exists and is a postgres process (a stale file after a reboot may name a reused pid), not a
-        zombie: a killed postmaster stays one until its children have gone (about 1.5 s here), no longer serving.
+        """The pid is a postgres process working in ``pgdata`` (a stale file after a reboot may name a reused pid,
+        even another cluster's postmaster), not a zombie: a killed postmaster stays one until its children have
+        gone (about 1.5 s here), no longer serving.
         """
         try:
             os.kill(self.pid, 0)
@@ -111,14 +113,21 @@ class Postmaster:
             return False
         except PermissionError:
             pass  # someone else's process: alive; /proc below tells whether it is ours
-        stat = Path(f"/proc/{self.pid}/stat")  # "pid (comm) state ..."
-        if stat.parent.exists():
-            try:
-                head, _, rest = stat.read_text().rpartition(")")
-                return head.partition("(")[2].startswith("postgres") and rest.split()[0] != "Z"
-            except (OSError, IndexError):
+        proc = Path(f"/proc/{self.pid}")
+        if not proc.exists():
+            return True
+        try:
+            head, _, rest = (proc / "stat").read_text().rpartition(")")  # "pid (comm) state ..."
+            if not head.partition("(")[2].startswith("postgres") or rest.split()[0] == "Z":
                 return False
-        return True
+        except (OSError, IndexError):
+            return False
+        try:  # a postmaster works in its data directory, with symlinks resolved
+            return os.readlink(proc / "cwd") == os.path.realpath(self.pgdata)
+        except PermissionError:
+            return True  # not ours to look into: a postgres process, as far as we can tell
+        except OSError:
+            return False
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,32 @@ def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_a_stale_postmaster_pid_naming_another_clusters_postmaster_is_not_taken_for_ours(
+    engine: LocalEngine,
+) -> None:
+    # After a reboot the pid in the file may belong to anything, even another cluster's postmaster: a postgres
+    # process, alive, but not ours (it works in another data directory).
+    info = engine.start("lc_reused")
+    with psycopg.connect(info.dsn()) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    _kill_server_keep_data(engine, "lc_reused")
+    engine.start("lc_reuser")
+    theirs = Postmaster.read(engine.base / "lc_reuser" / "pgdata")
+    assert theirs is not None
+    pgdata = engine.base / "lc_reused" / "pgdata"
+    (pgdata / "postmaster.pid").write_text(
+        f"{theirs.pid}\n{pgdata}\n0\n{info.port}\n\n127.0.0.1\n0 0\nready\n"
+    )
+    [status] = engine.status("lc_reused")
+    assert not status.running and f"dead pid {theirs.pid}" in status.detail
+    again = engine.start("lc_reused")
+    ours = Postmaster.read(pgdata)
+    assert ours is not None and ours.pid != theirs.pid and ours.alive()
+    with psycopg.connect(again.dsn()) as conn:
+        assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+    assert engine.info("lc_reuser") is not None  # theirs untouched
+
+
 def test_kill_9_of_the_postmaster_leaves_its_pid_file_and_the_next_start_serves_the_data(
     engine: LocalEngine,
 ) -> None:
