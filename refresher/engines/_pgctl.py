@@ -215,12 +215,16 @@ def kill_with_parent() -> None:
 def processes_in(path: Path, *, programs: Collection[str] = ()) -> list[psutil.Process]:
     """Every other process working in ``path`` (its ``-D`` argument, ``PGDATA`` or current directory); with
     ``programs``, only those running one of them (a shell someone left in the directory is none of ours)."""
-    target, resolved = str(path), os.path.realpath(path)
+    target = str(path)
+    try:
+        here: tuple[int, int] | None = directory_identity(path)
+    except OSError:
+        here = None
     return [
         proc
         for proc in psutil.process_iter()
         if proc.pid != os.getpid()
-        and _works_in(proc, target, resolved)
+        and _works_in(proc, target, here)
         and (not programs or _name(proc) in programs)
     ]
 
@@ -239,15 +243,30 @@ def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def _works_in(proc: psutil.Process, target: str, resolved: str) -> bool:
+def _works_in(proc: psutil.Process, target: str, here: tuple[int, int] | None) -> bool:
     try:
         return bool(
             target in proc.cmdline()
             or proc.environ().get("PGDATA") == target
-            or proc.cwd() in (target, resolved)  # the kernel's has its symlinks resolved
+            or (here is not None and here == _cwd_identity(proc))
         )
     except psutil.Error:  # gone, or not ours to read
         return False
+
+
+def directory_identity(path: Path | str) -> tuple[int, int]:
+    """Which directory ``path`` is (device, inode), whichever path reached it: the kernel names a process's cwd by
+    the path it entered through, a symlink resolved but a bind mount's path kept (a dev container's workspace, a
+    home mounted twice), so comparing paths calls the server in our data directory someone else's."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _cwd_identity(proc: psutil.Process) -> tuple[int, int] | None:
+    try:  # /proc/<pid>/cwd is the kernel's own reference: no path to look up, even in another mount namespace
+        return directory_identity(f"/proc/{proc.pid}/cwd" if sys.platform == "linux" else proc.cwd())
+    except OSError:  # gone, a zombie, or not ours to look into
+        return None
 
 
 def _name(proc: psutil.Process) -> str:

@@ -122,10 +122,14 @@ class Postmaster:
                 return False
         except (OSError, IndexError):
             return False
-        try:  # a postmaster works in its data directory, with symlinks resolved
-            return os.readlink(proc / "cwd") == os.path.realpath(self.pgdata)
+        try:  # a postmaster works in its data directory, by whichever path it reached it
+            theirs = _pgctl.directory_identity(proc / "cwd")
         except PermissionError:
             return True  # not ours to look into: a postgres process, as far as we can tell
+        except OSError:
+            return False
+        try:
+            return theirs == _pgctl.directory_identity(self.pgdata)
         except OSError:
             return False
 
