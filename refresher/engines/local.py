@@ -45,6 +45,7 @@ from refresher.engines._common import (
     wait_ready,
     write_private_json,
 )
+from refresher.engines._placement import spread_subdirectories
 from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, EngineUnavailable
 
@@ -243,6 +244,9 @@ class LocalEngine:
         """
         user = _pgctl.OsUser.for_server()
         paths.root.mkdir(parents=True, exist_ok=True)
+        # The randomly named directory below lands in a block group of its own, not in the one the last cluster
+        # just freed: on ext4 without a journal each new file would scan every inode freed there (_placement).
+        spread_subdirectories(paths.root)
         user.check_traversable(paths.root)
         user.give(paths.root)
         self._discard_cluster(paths)
