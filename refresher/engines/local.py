@@ -108,6 +108,8 @@ class Postmaster:
         even another cluster's postmaster), not a zombie: a killed postmaster stays one until its children have
         gone (about 1.5 s here), no longer serving.
         """
+        if self.pid <= 0:  # a damaged file: kill(pid, 0) would ask about our process group or every process
+            return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:

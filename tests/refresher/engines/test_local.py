@@ -187,18 +187,20 @@ def test_a_server_that_fails_to_start_is_an_error_with_its_log_at_once(local_sta
         patient.stop("lc_badconf")
 
 
-@pytest.mark.parametrize("left", ["a dead pid", "nothing"])
+@pytest.mark.parametrize("left", ["a dead pid", "nothing", "pid 0", "pid -1"])
 def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine, left: str) -> None:
-    profile = f"lc_stale_{left.split()[-1]}"
+    profile = f"lc_stale_{left.split()[-1].replace('-', 'minus')}"
     engine.start(profile)
     pgdata = engine.base / profile / "pgdata"
     _kill_server_keep_data(engine, profile)
     child = subprocess.Popen(["true"])
     child.wait()  # a pid that surely is not running any more
+    # A damaged file may say 0 or -1, which kill(pid, 0) takes for our process group or every process.
+    pid = int(left.split()[-1]) if left.startswith("pid") else child.pid
     if left == "nothing":  # a crash between creating the file and writing it
         (pgdata / "postmaster.pid").write_text("")
     else:
-        (pgdata / "postmaster.pid").write_text(f"{child.pid}\n{pgdata}\n0\n5432\n\n127.0.0.1\n0 0\nready\n")
+        (pgdata / "postmaster.pid").write_text(f"{pid}\n{pgdata}\n0\n5432\n\n127.0.0.1\n0 0\nready\n")
         [status] = engine.status(profile)
         assert not status.running and "stale" in status.detail
     info = engine.start(profile)
