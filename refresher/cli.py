@@ -183,8 +183,9 @@ def _parse_time(text: str) -> dt.datetime:
 
 
 # The commands that use the pool size: a bad $REFRESHER_POOL_SIZE is their error (exit 2). Every other command
-# warns and goes on: one who mistyped the variable can still see the status, get the url and tear down.
-_USE_POOL_SIZE = ("refresh", "reset")
+# warns and goes on: one who mistyped the variable can still see the status, get the url, reset and tear down
+# (a reset refills the pool to the size the server remembers, whatever the variable says).
+_USE_POOL_SIZE = ("refresh",)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
