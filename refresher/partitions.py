@@ -238,7 +238,8 @@ def _create_filled(
     copy(conn, name, columns, rows, freeze=True)
     # The key after the rows: one sorted build (the rows come in key order, so the sort is a pass) instead of
     # a B-tree insert per row, and like the rows it writes no WAL in the table's own transaction. Measured on
-    # a month of backtesting bars (741,000 rows): 0.64-0.67 s vs 0.82-0.90 s with the key made first.
+    # a month of backtesting bars (741,000 rows): 0.64-0.67 s vs 0.82-0.90 s with the key made first; the warm
+    # backtesting load's server CPU 8.3 vs 11.4 s (docs/architecture.md, "Where the load's CPU goes").
     # Built by this backend alone: the loaders already fill two months at once, one core each, and a parallel
     # build (the server's choice for a month this size: two workers) only adds its own work: each worker sorts
     # its share to tape, the leader maps 256 MB of tape buffers and merges them. Warm backtesting load: the
