@@ -15,10 +15,21 @@ table's last page (a small table's reload) goes unseen: those the copy's mark re
 database's counters when it was copied, or the tables a replay wrote), and the refill adds what the working
 database's counters say now (``also``). A partitioned table's own statistics (of the whole, ``stainherit``) are out of date when any of
 its partitions is, or when it has none.
+
+A database a reset or checkout hands out from a pristine copy not analyzed yet is analyzed after, in the
+background, by a process that may be killed. So the handout records it, in the same transaction as the rename
+that hands the database out (``record_pending``): a setting of that database, ``refresher.analyze_pending``
+(``ALTER DATABASE ... SET``: a row of the shared catalog ``pg_db_role_setting``, keyed by the database's oid,
+transactional, never copied by ``CREATE DATABASE ... TEMPLATE``), whose value names the tables to analyze
+whatever the catalog says. Whoever comes next (the detached analyzer, the pytest plugin's refill thread, any
+refill) finds every record in one query (``recorded``) and finishes it (``finish_recorded``): each table's
+ANALYZE commits in one transaction with the record's update that drops it, the last one's with the record's
+removal, so a kill -9 anywhere loses nothing and redoes at most one table. One finisher per database at a time.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -67,17 +78,114 @@ def analyze_stale(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> 
     """ANALYZE the loaded tables whose statistics are missing or out of date (``conn`` in autocommit: each its
     own transaction); returns their names. A table dropped meanwhile (a prune, a concurrent refresh) is skipped,
     and so is one whose lock does not come within the session's ``lock_timeout`` (a user's DDL holds it)."""
-    only = sql.SQL("ONLY ") if conn.info.server_version >= 180000 else sql.SQL("")
     done = []
     for name, partitioned in stale_tables(conn, also):
         try:
-            conn.execute(
-                sql.SQL("ANALYZE {}{}").format(only if partitioned else sql.SQL(""), sql.Identifier(name))
-            )
+            conn.execute(_analyze(conn, name, partitioned))
         except (psycopg.errors.UndefinedTable, psycopg.errors.LockNotAvailable):
             continue
         done.append(name)
     return done
 
 
-__all__ = ["analyze_stale", "stale_names", "stale_tables"]
+# The setting a handed-out database carries while its analysis is pending (see the module docstring), and the
+# advisory lock (of that database: their keys are per database) its one finisher holds.
+PENDING_SETTING = "refresher.analyze_pending"
+_RECORD = sql.SQL("ALTER DATABASE {} SET refresher.analyze_pending = {}")
+_CLEAR = sql.SQL("ALTER DATABASE {} RESET refresher.analyze_pending")
+_SETTINGS = (
+    "SELECT d.datname, substr(c, length(%(p)s) + 1) FROM pg_db_role_setting s "
+    "JOIN pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) AS u(c) "
+    "WHERE s.setrole = 0 AND starts_with(c, %(p)s) AND d.datallowconn AND NOT d.datistemplate"
+)
+_PENDING_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+def record_pending(name: str, tables: Collection[str]) -> sql.Composed:
+    """The statement that records database ``name``'s analysis as pending, ``tables`` to be analyzed whatever its
+    catalog says: run it in the transaction that hands ``name`` out. Only the loaded tables' lowercase names are
+    kept (a user's own table is autovacuum's)."""
+    return _RECORD.format(sql.Identifier(name), sql.Literal(_joined(tables)))
+
+
+def recorded(conn: psycopg.Connection[Any]) -> dict[str, tuple[str, ...]]:
+    """Every database of ``conn``'s server whose analysis is recorded as pending, with the tables it names
+    (``conn``: on any database; the settings are in the shared catalog)."""
+    rows = conn.execute(_SETTINGS, {"p": f"{PENDING_SETTING}="}).fetchall()
+    return {str(name): _split(str(value)) for name, value in rows}
+
+
+def finish_recorded(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> list[str] | None:
+    """Finish the pending analysis recorded on ``conn``'s database (``conn`` in autocommit): ANALYZE what is out
+    of date, what the record names and ``also``, each table in one transaction with the record's update that
+    drops it. Returns the tables analyzed; [] when another finisher holds the database (it does the work; if it
+    dies, the record stays for the next); None when nothing is recorded. A table dropped meanwhile is skipped;
+    one whose lock does not come within the session's ``lock_timeout`` stays in the record, for the next."""
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (PENDING_SETTING,)).fetchone()
+    if not (row and row[0]):
+        return []
+    try:
+        return _finish_locked(conn, also)
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (PENDING_SETTING,))
+
+
+def _finish_locked(conn: psycopg.Connection[Any], also: Collection[str]) -> list[str] | None:
+    row = conn.execute(
+        "SELECT (SELECT substr(c, length(%(p)s) + 1) FROM pg_db_role_setting s, unnest(s.setconfig) AS u(c) "
+        "WHERE s.setrole = 0 AND s.setdatabase = d.oid AND starts_with(c, %(p)s)), d.datname "
+        "FROM pg_database d WHERE d.datname = current_database()",
+        {"p": f"{PENDING_SETTING}="},
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    # The name cannot change under us: a rename waits for every session on the database to end.
+    database = sql.Identifier(str(row[1]))
+    plan = stale_tables(conn, also={*_split(str(row[0])), *also})
+    left = [name for name, _ in plan]
+    done: list[str] = []
+    cleared = False
+    for name, partitioned in plan:
+        rest = [other for other in left if other != name]
+        try:
+            with conn.transaction():
+                conn.execute(_analyze(conn, name, partitioned))
+                conn.execute(
+                    _RECORD.format(database, sql.Literal(_joined(rest))) if rest else _CLEAR.format(database)
+                )
+        except psycopg.errors.UndefinedTable:
+            left = rest
+            continue
+        except psycopg.errors.LockNotAvailable:
+            continue
+        left, cleared = rest, not rest
+        done.append(name)
+    if not left and not cleared:  # nothing was out of date, or the last tables were dropped meanwhile
+        conn.execute(_CLEAR.format(database))
+    return done
+
+
+def _analyze(conn: psycopg.Connection[Any], name: str, partitioned: bool) -> sql.Composed:
+    """ANALYZE ``name``; a partitioned table's own statistics only, where the server can (PostgreSQL 18)."""
+    only = partitioned and conn.info.server_version >= 180000
+    return sql.SQL("ANALYZE {}{}").format(sql.SQL("ONLY " if only else ""), sql.Identifier(name))
+
+
+def _joined(tables: Collection[str]) -> str:
+    return ",".join(sorted({name for name in tables if _PENDING_NAME.match(name)}))
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(name for name in value.split(",") if name)
+
+
+__all__ = [
+    "PENDING_SETTING",
+    "analyze_stale",
+    "finish_recorded",
+    "record_pending",
+    "recorded",
+    "stale_names",
+    "stale_tables",
+]

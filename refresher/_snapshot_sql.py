@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from refresher._planner_stats import _PENDING_NAME
 from refresher.diskfull import server_disk_full
 from refresher.errors import SnapshotError
 
@@ -37,7 +38,6 @@ _PRISTINE_MARK = re.compile(
     r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})"
     r"( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
 )
-_PENDING_NAME = re.compile(r"^[a-z0-9_]+$")
 _CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
 
 # Tests only: called after every statement sent through ``_execute``, so a test can kill -9 the process between

@@ -38,7 +38,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from refresher._planner_stats import analyze_stale, stale_names
+from refresher._planner_stats import analyze_stale, finish_recorded, record_pending, recorded, stale_names
 from refresher._snapshot_sql import (
     COPIER,
     MAINTENANCE_DB,
@@ -99,7 +99,9 @@ class PoolStatus:
 @dataclass(frozen=True)
 class HandedOut:
     """A database a reset or checkout handed out from a pristine copy not analyzed yet: it is analyzed in the
-    background (``pending``: what the copy's mark said to analyze besides what its catalog says)."""
+    background (``pending``: what the copy's mark said to analyze besides what its catalog says). The handout
+    records it on the database itself (``refresher._planner_stats.record_pending``), so an analysis killed
+    midway is finished by whoever comes next: any refill finishes every recorded one."""
 
     name: str
     pending: tuple[str, ...]
@@ -126,20 +128,18 @@ def checkout_clone(
 
     A copy of a pristine copy the refill has not analyzed yet (in the seconds after a refresh) is handed out at
     once and analyzed after, never waited for: by ``analyze`` when given (the pytest plugin's refill thread, see
-    ``analyze_handed_out``), else by a detached process (the refill when ``refill``).
+    ``analyze_handed_out``), else by a detached process (the refill when ``refill``). Its rename records the
+    pending analysis on it in the same transaction (``HandedOut``): a killed analyzer loses nothing.
     """
     db = server.dbname
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        # Read before the copy: a swap to an analyzed copy may come before it (an analysis for nothing), never
-        # after it (the swap's rename waits for the copy).
-        mark = _require_pristine(conn, db)
         with _advisory(conn, db, TAKE):
             ready = _ready_clones(conn, db)
-            if ready:
+            if ready:  # the mark as of the clone taken: a swap needs TAKE
                 mark = _require_pristine(conn, db)
-                _take(conn, ready[0], name, note)
+                _take(conn, ready[0], name, note, mark)
         if not ready:  # cloning is slow; other takers need not wait for it
-            _copy_and_take(conn, db, name, note)
+            mark = _copy_and_take(conn, db, name, note)
     handed = HandedOut.of(mark, name)
     if handed is not None and analyze is not None:
         analyze(handed)
@@ -186,6 +186,14 @@ def recorded_pool_size(server: ServerInfo, conn: psycopg.Connection[Any]) -> int
     any database of the server (the mark is in the shared catalog)."""
     mark = _pristine_mark(conn, server.dbname)
     return mark.pool_size if mark else None
+
+
+def unfinished_analyses(conn: psycopg.Connection[Any]) -> list[str]:
+    """The databases of ``conn``'s server whose handout recorded an analysis not finished yet (``HandedOut``: its
+    analyzer is at it, or was killed). A command that starts no refill (a stamped no-op refresh) starts a
+    detached analyzer for them (``spawn_refill(server, fill=False)``), which leaves alone one being analyzed.
+    ``conn``: open on any database of the server (the records are in the shared catalog)."""
+    return _recorded(conn)
 
 
 def resize_pool(server: ServerInfo, size: int) -> bool:
@@ -282,7 +290,8 @@ def spawn_refill(
     server: ServerInfo, *, log: Path | None = None, analyze: HandedOut | None = None, fill: bool = True
 ) -> None:
     """Refill the pool in a detached process, so the caller (the CLI) can exit at once; first analyze
-    ``analyze``, a database just handed out. ``fill=False``: only that.
+    ``analyze``, a database just handed out, and every other whose analysis a handout recorded. ``fill=False``:
+    only those.
 
     ``sh ... &`` double-forks: the refiller is reparented to init, so no zombie or still-running Popen is left
     with the caller. The password travels in the environment, never on a command line.
@@ -320,19 +329,26 @@ def _refill(
     handed: HandedOut | None = None,
     fill: bool = True,
 ) -> int:
-    """Bring planner statistics up to date (a database just ``handed`` out first, the working database's beside
-    the rest, the pristine copy's before any clone is made of it), sweep leftovers, then fill the pool's missing
-    slots from up to ``concurrency`` sessions at once. ``fill=False``: only analyze ``handed``."""
+    """Bring planner statistics up to date (a database just ``handed`` out first, then every other one whose
+    analysis a handout recorded and no finisher holds, the working database's beside the rest, the pristine
+    copy's before any clone is made of it), sweep leftovers, then fill the pool's missing slots from up to
+    ``concurrency`` sessions at once. ``fill=False``: only the handed-out and recorded ones."""
     with _admin(admin_dsn) as conn, ThreadPoolExecutor(1) as beside:
         if background:
             _lower_priority(conn.info.backend_pid)
-        if handed is not None and (handed.name != db or not fill):
-            beside.submit(_analyze_handed_out, admin_dsn, handed, background)
+        first = [handed] if handed is not None and (handed.name != db or not fill) else []
+        skip = {each.name for each in first} | ({db} if fill else set())  # the working one: analyzed below
+        others = [HandedOut(name, ()) for name in _recorded(conn) if name not in skip]
+        for each in [*first, *others]:
+            beside.submit(_analyze_handed_out, admin_dsn, each, background)
         if not fill:
             return 0
-        also = (
-            handed.pending if handed is not None and handed.name == db else ()
-        )  # analyzed as the working one
+        also = handed.pending if handed is not None and handed.name == db else ()
+        mark = _pristine_mark(conn, db)
+        if mark is not None and not mark.analyzed:
+            # A reset copying the pristine copy records its analysis only after the copy (CREATE DATABASE is no
+            # transaction): a kill in between loses the record, not what the mark says the copy must analyze.
+            also = (*also, *mark.pending)
         working = _open_working(admin_dsn, db, background)
         changed = _stale_names(working)
         if working is not None:
@@ -396,14 +412,22 @@ def _stale_names(live: psycopg.Connection[Any] | None) -> tuple[str, ...]:
         return ()
 
 
-def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> None:
-    """ANALYZE ``names`` and whatever else is out of date in the working database, then close ``live``.
+def _recorded(conn: psycopg.Connection[Any]) -> list[str]:
+    """The databases whose analysis a handout recorded as pending (trash aside: the sweep drops it)."""
+    return [name for name in recorded(conn) if TRASH_INFIX not in name]
 
-    Best effort, beside the refill: a reset or a refresh may end the session; autovacuum would get there later.
+
+def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> None:
+    """ANALYZE ``names`` and whatever else is out of date in ``live``'s database (the working one, or one handed
+    out), then close ``live``; the analysis recorded on it, if any, is finished and cleared as it goes.
+
+    Best effort, beside the refill: a reset or a refresh may end the session; autovacuum would get there later,
+    and the next refill to a recorded one.
     """
     with contextlib.suppress(psycopg.Error), live:
         live.execute("SET lock_timeout = '1s'")  # the user's DDL on a table goes first; it is skipped
-        analyze_stale(live, also=names)
+        if finish_recorded(live, also=names) is None:
+            analyze_stale(live, also=names)
 
 
 def _analyze_handed_out(admin_dsn: str, handed: HandedOut, background: bool) -> None:
@@ -577,18 +601,21 @@ def _copier(conn: psycopg.Connection[Any], db: str, width: int) -> Iterator[None
         _unlock(conn, db, COPIER + token)
 
 
-def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str | None) -> None:
-    """Copy the pristine database into a private slot, then rename it to ``name`` with ``note``.
+def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str | None) -> _Mark:
+    """Copy the pristine database into a private slot, then rename it to ``name`` with ``note``; returns the
+    mark of the copy it copied.
 
     Copied under a slot's name, unmarked, so a copy whose maker is killed is a leftover the next refill drops
     (an unmarked pool database), never a database nobody knows to remove.
     """
     with _advisory(conn, db, REFILL, shared=True):
+        # Under REFILL shared no swap to a copy not analyzed comes before the copy (see ``_take``).
+        mark = _require_pristine(conn, db)
         slot = _claim_private_slot(conn, db)
         private = pool_name(db, slot)
         try:
             _create_from(conn, pristine_name(db), private)
-            _take(conn, private, name, note)
+            _take(conn, private, name, note, mark)
         except BaseException:
             with contextlib.suppress(psycopg.Error):
                 if not conn.closed:
@@ -597,6 +624,7 @@ def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str 
         finally:
             if not conn.closed:
                 _unlock(conn, db, SLOT + slot)
+    return mark
 
 
 def _claim_private_slot(conn: psycopg.Connection[Any], db: str) -> int:
@@ -609,8 +637,14 @@ def _claim_private_slot(conn: psycopg.Connection[Any], db: str) -> int:
     raise SnapshotError(f"{db}: no free slot to copy the pristine database into", database=db)
 
 
-def _take(conn: psycopg.Connection[Any], old: str, new: str, note: str | None) -> None:
-    """Rename ``old`` to ``new`` and set its comment to ``note``, in one transaction."""
+def _take(
+    conn: psycopg.Connection[Any], old: str, new: str, note: str | None, mark: _Mark | None = None
+) -> None:
+    """Rename ``old`` to ``new`` and set its comment to ``note``, in one transaction; with ``mark`` (that of the
+    pristine copy ``old`` is a copy of) not analyzed, the analysis ``new`` needs is recorded on it in the same
+    transaction (``HandedOut``). A copy analyzed meanwhile (``_analyze_pristine`` swaps under REFILL shared)
+    only costs an analysis for nothing; a swap to a copy not analyzed needs REFILL exclusive, which the caller
+    excludes (TAKE or REFILL shared held since ``mark`` was read)."""
     with conn.transaction():
         _rename(conn, old, new)
         if note is not None:
@@ -618,6 +652,8 @@ def _take(conn: psycopg.Connection[Any], old: str, new: str, note: str | None) -
                 conn,
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(new), sql.Literal(note)),
             )
+        if mark is not None and not mark.analyzed:
+            _execute(conn, record_pending(new, mark.pending))
 
 
 def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
@@ -739,5 +775,6 @@ __all__ = [
     "refill_pool",
     "resize_pool",
     "spawn_refill",
+    "unfinished_analyses",
     "wait_for_pool",
 ]

@@ -298,6 +298,7 @@ def refresh(
                 if pool_size is None:
                     recorded = pool.recorded_pool_size(server, conn)  # the mark is in the shared catalog
                     pool_size = DEFAULT_POOL_SIZE if recorded is None else recorded
+                unfinished = pool.unfinished_analyses(conn)
                 database.ensure_schema(conn)
                 database.upsert_symbols(conn, profile.listings)
                 writes = _writes_to_replay(server, conn, profile, prune=prune)
@@ -385,6 +386,8 @@ def refresh(
         snapshot_state = "saved"
     elif pool.resize_pool(server, pool_size):
         pool.spawn_refill(server)
+    elif unfinished:  # a reset's analyzer was killed: finish it (a refill above does too)
+        pool.spawn_refill(server, fill=False)
     lap("snapshot", mark)
     store_spent = store.session_counts() - store_before
     return RefreshReport(

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from psycopg import sql
 
-from refresher._planner_stats import analyze_stale, stale_names
+from refresher._planner_stats import analyze_stale, record_pending, stale_names
 from refresher._snapshot_sql import (
     BUILDING_INFIX,
     MAINTENANCE_DB,
@@ -42,6 +42,7 @@ from refresher._snapshot_sql import (
     _comment,
     _create_from,
     _drop_database,
+    _execute,
     _Mark,
     _pool_databases,
     _pristine_mark,
@@ -56,7 +57,7 @@ from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
-from refresher.pool import HandedOut, _drop_leftovers, _make_clone, spawn_refill
+from refresher.pool import HandedOut, _drop_leftovers, _make_clone, _take, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
 
 _T = TypeVar("_T")
@@ -418,11 +419,17 @@ def _restore_checked(
         mark = _require_pristine(conn, db)  # as of the copy or clone taken: a swap needs TAKE
         ready = _ready_clones(conn, db)
         _move_to_trash(conn, db)
+        # A copy of a copy not analyzed yet carries the record of its pending analysis (``HandedOut``): a
+        # clone's is written in the transaction of its rename; a new copy's right after it (CREATE DATABASE
+        # is no transaction), and a kill in between is covered by the refill, which analyzes the working
+        # database with what the mark says is pending.
         if ready:
-            _rename(conn, ready[0], db)
+            _take(conn, ready[0], db, None, mark)
             method = "pool"
         else:
             _create_from(conn, pristine_name(db), db)
+            if not mark.analyzed:
+                _execute(conn, record_pending(db, mark.pending))
             method = "template"
     return method, mark
 

@@ -208,6 +208,7 @@ def check(
             state = _database_state(conn)
             pristine = snapshot.pristine_ledger(server, conn)
             recorded = pool.recorded_pool_size(server, conn)
+            unfinished = pool.unfinished_analyses(conn)
         if (
             state is None
             or state != stamp.get("database")
@@ -217,6 +218,8 @@ def check(
             return None
     except (psycopg.Error, SnapshotError):
         return None  # whatever it is, the full refresh meets it and says it properly
+    if unfinished:  # a reset's analyzer was killed (or is still at it): the next command finishes it
+        pool.spawn_refill(server, fill=False)
     return _noop_report(stamp["report"], dsn, time.perf_counter() - started)
 
 

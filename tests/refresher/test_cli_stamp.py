@@ -360,3 +360,39 @@ def test_a_pool_size_given_once_sticks_and_the_flag_then_the_variable_win_over_i
         ws.refresh("--pool-size", "2")
     wait_for_pool_databases(ws, 2)
     assert ws.checksums() == before
+
+
+def _analysis_left(dsn: str) -> tuple[bool, int]:
+    """Whether the working database still carries the record of a pending analysis of ``ohlcv_daily``, and how many
+    times ``ohlcv_daily`` was analyzed."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+            "WHERE d.datname = current_database() AND 'refresher.analyze_pending=ohlcv_daily' = ANY(s.setconfig)), "
+            "(SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'ohlcv_daily')"
+        ).fetchone()
+    assert row is not None
+    return bool(row[0]), int(row[1])
+
+
+def test_a_refresh_with_nothing_to_do_finishes_an_analysis_a_killed_analyzer_left(ws: Workspace) -> None:
+    settle(ws)
+    dsn = ws.dsn()
+    for full in (False, True):
+        # What a reset from a copy not analyzed leaves when its detached analyzer is killed: the record.
+        execute(
+            ws,
+            f"ALTER DATABASE \"{ws.profile}\" SET refresher.analyze_pending = 'ohlcv_daily'",
+            MAINTENANCE_DB,
+        )
+        recorded, before = _analysis_left(dsn)
+        assert recorded
+        if full:
+            stamp_file(ws).unlink()
+        assert stamped(ws.refresh()) is not full
+        deadline = time.monotonic() + 60
+        while _analysis_left(dsn) != (False, before + 1):
+            assert time.monotonic() < deadline, (
+                f"the analysis the record names was never finished: {_analysis_left(dsn)}"
+            )
+            time.sleep(0.1)
