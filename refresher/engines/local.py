@@ -53,6 +53,8 @@ START_ATTEMPTS = 5
 # What a postmaster logs when it gives up starting (messages are in English: programs run with LC_ALL=C).
 START_FAILED = re.compile(r"^(?:.*\s)?(?:FATAL|PANIC):", re.MULTILINE)
 INIT_PREFIX = "pgdata.init-"
+# ``.<profile>.removing-*`` beside the profiles: a cluster a ``stop`` is removing (a leading dot: never a profile).
+REMOVING_INFIX = ".removing-"
 # What may run in a cluster's data directory while its postmaster.pid is not (yet, or any more) a live server's.
 SERVER_PROGRAMS = frozenset({"postgres", "pg_ctl"})
 # Where under the settings' cache directory (``$XDG_CACHE_HOME/refresher``) new clusters' templates live.
@@ -177,6 +179,7 @@ class LocalEngine:
             raise disk_error(paths.root, exc) from exc
 
     def _start_locked(self, profile: str, paths: _Paths) -> ServerInfo:
+        self._remove_leftovers(paths)
         state = ServerState.read(paths.state)
         initialized = (paths.pgdata / "PG_VERSION").exists()
         if initialized and state is None:
@@ -212,11 +215,22 @@ class LocalEngine:
     def stop(self, profile: str) -> bool:
         paths = self._paths(validate_profile(profile))
         with locked(paths.lock):
+            self._remove_leftovers(paths)
             if not paths.root.exists():
                 return False
             self._stop_postmaster(paths, ("fast", "immediate"))
-            shutil.rmtree(paths.root)
+            # Out of the profile's name first: a kill -9 or Ctrl-C during the removal leaves a hidden leftover, which
+            # the profile's next start or stop removes, never a half-removed cluster that a start would try to run.
+            removing = self.base / f".{paths.root.name}{REMOVING_INFIX}{secrets.token_hex(4)}"
+            paths.root.rename(removing)
+            shutil.rmtree(removing)
             return True
+
+    def _remove_leftovers(self, paths: _Paths) -> None:
+        """Remove what a ``stop`` killed while removing the profile's cluster left; call with the profile's lock."""
+        for leftover in self.base.glob(f".{paths.root.name}{REMOVING_INFIX}*"):
+            _pgctl.kill_processes_in(leftover / "pgdata")  # a server a failed pg_ctl stop left running there
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:

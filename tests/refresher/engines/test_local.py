@@ -118,6 +118,37 @@ def test_stop_removes_the_server_and_its_data(engine: LocalEngine) -> None:
     assert engine.stop("lc_stop") is False
 
 
+# A `down` killed (or interrupted) while removing the cluster: everything of pgdata gone but PG_VERSION, and the
+# profile's server.json, as a removal in directory order can leave them.
+KILLED_REMOVING = (
+    "import os, shutil, signal, sys; from pathlib import Path; from refresher.engines import local\n"
+    "def interrupted(path, *args, **kwargs):\n"
+    "    for leftover in Path(path).rglob('*'):\n"
+    "        if leftover.is_file() and leftover.name not in ('PG_VERSION', 'server.json'):\n"
+    "            leftover.unlink()\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "shutil.rmtree = interrupted\n"
+    "local.LocalEngine(Path(sys.argv[1])).stop(sys.argv[2])\n"
+)
+
+
+def test_kill_9_while_down_removes_the_cluster_then_the_next_start_makes_a_new_one(
+    engine: LocalEngine,
+) -> None:
+    # It found a half-removed cluster under the profile's name and tried to run it: the postmaster exited
+    # (no postgresql.conf) and the start waited out its timeout, at every refresh, until another `down`.
+    engine.start("lc_kill_down")
+    done = subprocess.run([sys.executable, "-c", KILLED_REMOVING, str(engine.base.parent), "lc_kill_down"])
+    assert done.returncode == -signal.SIGKILL
+    assert engine.status("lc_kill_down") == []  # gone at once, as far as anyone can see
+    info = engine.start("lc_kill_down")
+    with psycopg.connect(info.dsn(), connect_timeout=5) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("lc_kill_down",)
+    assert [
+        p.name for p in engine.base.iterdir() if "lc_kill_down" in p.name and p.name != ".lc_kill_down.lock"
+    ] == ["lc_kill_down"]  # the leftover removed too
+
+
 def test_a_stopped_server_restarts_with_its_data_and_moves_off_a_taken_port(engine: LocalEngine) -> None:
     info = engine.start("lc_reboot")
     with psycopg.connect(info.dsn()) as conn:
