@@ -50,8 +50,14 @@ from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, EngineUnavailable
 
 START_ATTEMPTS = 5
-# What a postmaster logs when it gives up starting (messages are in English: programs run with LC_ALL=C).
-START_FAILED = re.compile(r"^(?:.*\s)?(?:FATAL|PANIC):", re.MULTILINE)
+# What a postmaster logs when it gives up starting (messages are in English: programs run with LC_ALL=C): a FATAL
+# or PANIC line, or, before its logging starts, one of the reasons it writes bare to stderr on its way out (a
+# cluster missing its configuration or pg_control: the wait saw no FATAL and lasted the whole readiness timeout).
+START_FAILED = re.compile(
+    r"^(?:(?:.*\s)?(?:FATAL|PANIC):"
+    r"|postgres: could not (?:access the server configuration file|find the database system))",
+    re.MULTILINE,
+)
 INIT_PREFIX = "pgdata.init-"
 # ``.<profile>.removing-*`` beside the profiles: a cluster a ``stop`` is removing (a leading dot: never a profile).
 REMOVING_INFIX = ".removing-"

@@ -218,6 +218,30 @@ def test_a_server_that_fails_to_start_is_an_error_with_its_log_at_once(local_sta
         patient.stop("lc_badconf")
 
 
+@pytest.mark.parametrize(
+    ("lost", "says"),
+    [
+        ("postgresql.conf", "could not access the server configuration file"),
+        ("global/pg_control", "could not find the database system"),
+    ],
+)
+def test_a_server_that_exits_before_its_logging_starts_ends_the_wait_at_once(
+    local_state_dir: Path, lost: str, says: str
+) -> None:
+    # Such a postmaster writes its reason to stderr, with no FATAL: the wait lasted the whole readiness timeout
+    # and blamed the port ("it never opened the port").
+    profile = f"lc_lost_{lost.split('/')[0].split('.')[0]}"
+    slow = LocalEngine(local_state_dir, ready_timeout=20)
+    try:
+        slow.start(profile)
+        _kill_server_keep_data(slow, profile)
+        (slow.base / profile / "pgdata" / lost).unlink()
+        with pytest.raises(EngineUnavailable, match=rf"(?s)not ready after 20s \(it exited\).*{says}"):
+            slow.start(profile)
+    finally:
+        slow.stop(profile)
+
+
 @pytest.mark.parametrize("left", ["a dead pid", "nothing", "pid 0", "pid -1"])
 def test_a_stale_postmaster_pid_is_not_mistaken_for_a_server(engine: LocalEngine, left: str) -> None:
     profile = f"lc_stale_{left.split()[-1].replace('-', 'minus')}"
