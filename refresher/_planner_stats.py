@@ -70,8 +70,12 @@ def stale_tables(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> l
 
 
 def stale_names(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
-    """The names of ``stale_tables(conn)``: what a copy of ``conn``'s database taken now must analyze."""
-    return tuple(name for name, _ in stale_tables(conn))
+    """The names of ``stale_tables(conn)``: what a copy of ``conn``'s database taken now must analyze, the
+    tables the analysis recorded on it names included (a handout's not finished yet: the copy does not carry
+    the record, and its catalog cannot tell what the record is for)."""
+    row = _own_record(conn)
+    also = _split(row[0]) if row is not None and row[0] is not None else ()
+    return tuple(name for name, _ in stale_tables(conn, also))
 
 
 def analyze_stale(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> list[str]:
@@ -132,12 +136,7 @@ def finish_recorded(conn: psycopg.Connection[Any], also: Collection[str] = ()) -
 
 
 def _finish_locked(conn: psycopg.Connection[Any], also: Collection[str]) -> list[str] | None:
-    row = conn.execute(
-        "SELECT (SELECT substr(c, length(%(p)s) + 1) FROM pg_db_role_setting s, unnest(s.setconfig) AS u(c) "
-        "WHERE s.setrole = 0 AND s.setdatabase = d.oid AND starts_with(c, %(p)s)), d.datname "
-        "FROM pg_database d WHERE d.datname = current_database()",
-        {"p": f"{PENDING_SETTING}="},
-    ).fetchone()
+    row = _own_record(conn)
     if row is None or row[0] is None:
         return None
     # The name cannot change under us: a rename waits for every session on the database to end.
@@ -164,6 +163,17 @@ def _finish_locked(conn: psycopg.Connection[Any], also: Collection[str]) -> list
     if not left and not cleared:  # nothing was out of date, or the last tables were dropped meanwhile
         conn.execute(_CLEAR.format(database))
     return done
+
+
+def _own_record(conn: psycopg.Connection[Any]) -> tuple[str | None, str] | None:
+    """The analysis recorded on ``conn``'s database (None: none) and the database's name."""
+    row = conn.execute(
+        "SELECT (SELECT substr(c, length(%(p)s) + 1) FROM pg_db_role_setting s, unnest(s.setconfig) AS u(c) "
+        "WHERE s.setrole = 0 AND s.setdatabase = d.oid AND starts_with(c, %(p)s)), d.datname "
+        "FROM pg_database d WHERE d.datname = current_database()",
+        {"p": f"{PENDING_SETTING}="},
+    ).fetchone()
+    return None if row is None else (None if row[0] is None else str(row[0]), str(row[1]))
 
 
 def _analyze(conn: psycopg.Connection[Any], name: str, partitioned: bool) -> sql.Composed:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import psycopg
 import pytest
 
-from refresher import pool
+from refresher import pool, snapshot
 from refresher._planner_stats import PENDING_SETTING, recorded
 from refresher._snapshot_sql import _pristine_mark
 from refresher.engines.base import ServerInfo
@@ -219,3 +219,23 @@ def test_two_finishers_at_once_neither_fail_nor_analyze_a_table_twice(bars: Serv
         assert counts["ohlcv_1min_2024_01"] == 1 and max(counts.values()) == 1, counts
     finally:
         drop_clone(bars, name)
+
+
+@pytest.mark.parametrize("fill_pool", [True, False])
+def test_a_snapshot_of_a_database_whose_recorded_analysis_is_unfinished_analyzes_what_the_record_names(
+    bars: ServerInfo, fill_pool: bool
+) -> None:
+    """The record is never copied: a snapshot of the database must take over what it names, or the copy is
+    marked analyzed with the old statistics, and so is every reset and clone after it."""
+    _analyzed_everywhere(bars)
+    _out_of_date(bars, 3000.0)
+    save_pristine(bars, pool_size=0, fill_pool=False)
+    # A reset from the copy not analyzed, its analyzer killed before it began: the record alone says what to do.
+    with psycopg.connect(bars.dsn("postgres"), autocommit=True) as conn:
+        snapshot._restore_checked(conn, bars.dbname, None, None)
+    assert "ohlcv_daily" in _records(bars)[bars.dbname]
+    save_pristine(bars, pool_size=1, fill_pool=fill_pool)  # a refresh copying the database, before the finisher
+    refill_pool(bars)
+    restore_pristine(bars, refill=False)
+    _eventually(lambda: bars.dbname not in _records(bars), "the reset's analysis never finished")
+    assert _max_close(bars.dsn()) == 3000.0
