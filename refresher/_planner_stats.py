@@ -41,12 +41,16 @@ _LOADED = sql.SQL(
     "(c.relname IN ('symbols', 'ohlcv_daily', 'ohlcv_1min') OR starts_with(c.relname, 'ohlcv_1min_') "
     "OR starts_with(c.relname, 'features_') OR starts_with(c.relname, 'refresher_'))"
 )
+# Statistics through the pg_stats view, not pg_statistic: that catalog is a superuser's only, the view shows a
+# role the columns it may read (a managed server's admin role owning the database, docs/engines.md).
 _STALE = sql.SQL(
     "SELECT c.relname, c.relkind = 'p', p.relname, "
     "c.relkind = 'r' AND (c.relname = ANY(%s) OR pg_stat_get_mod_since_analyze(c.oid) > 0 "
     "  OR pg_relation_size(c.oid) / current_setting('block_size')::int <> c.relpages "
-    "  OR (c.reltuples > 0 AND NOT EXISTS (SELECT 1 FROM pg_statistic s WHERE s.starelid = c.oid))), "
-    "c.relkind = 'p' AND NOT EXISTS (SELECT 1 FROM pg_statistic s WHERE s.starelid = c.oid AND s.stainherit) "
+    "  OR (c.reltuples > 0 AND NOT EXISTS (SELECT 1 FROM pg_stats s "
+    "    WHERE s.schemaname = current_schema() AND s.tablename = c.relname))), "
+    "c.relkind = 'p' AND NOT EXISTS (SELECT 1 FROM pg_stats s "
+    "  WHERE s.schemaname = current_schema() AND s.tablename = c.relname AND s.inherited) "
     "FROM pg_class c LEFT JOIN pg_inherits i ON i.inhrelid = c.oid LEFT JOIN pg_class p ON p.oid = i.inhparent "
     "WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p') AND {} ORDER BY 1"
 ).format(_LOADED)
@@ -110,6 +114,21 @@ def record_pending(name: str, tables: Collection[str]) -> sql.Composed:
     catalog says: run it in the transaction that hands ``name`` out. Only the loaded tables' lowercase names are
     kept (a user's own table is autovacuum's)."""
     return _RECORD.format(sql.Identifier(name), sql.Literal(_joined(tables)))
+
+
+def may_record(conn: psycopg.Connection[Any]) -> bool:
+    """Whether ``conn``'s role may run ``record_pending``: a superuser (known without a query: the server reports
+    ``is_superuser``), or from PostgreSQL 15 a role granted ``SET ON PARAMETER refresher.analyze_pending``. Any
+    other role (a managed server's admin role owning its database) may not set the placeholder: its handouts go
+    unrecorded, and their analysis is best effort (a killed analyzer leaves it to autovacuum, docs/engines.md)."""
+    if conn.info.parameter_status("is_superuser") == "on":
+        return True
+    if conn.info.server_version < 150000:
+        return False
+    row = conn.execute(
+        "SELECT has_parameter_privilege(current_user, %s, 'SET')", (PENDING_SETTING,)
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def recorded(conn: psycopg.Connection[Any]) -> dict[str, tuple[str, ...]]:
@@ -194,6 +213,7 @@ __all__ = [
     "PENDING_SETTING",
     "analyze_stale",
     "finish_recorded",
+    "may_record",
     "record_pending",
     "recorded",
     "stale_names",

@@ -189,6 +189,23 @@ def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
     return ready
 
 
+# The other sessions on a database (``%s``: its name, or NULL for the session's own) that this role may end.
+# A superuser ends them all. Any other role only those of roles whose privileges it has, or of any role but a
+# superuser as a member of pg_signal_backend; never a process without a role (an autovacuum worker: a rename or
+# copy of the database ends those itself). pg_terminate_backend fails the statement on any other.
+_TERMINATE_OTHERS = (
+    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid "
+    "WHERE a.datname = coalesce(%s, current_database()) AND a.pid <> pg_backend_pid() "
+    "AND (current_setting('is_superuser')::bool OR (NOT r.rolsuper "
+    "AND (pg_has_role(r.oid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE'))))"
+)
+
+
+def _terminate_others(conn: psycopg.Connection[Any], db: str | None) -> None:
+    """End the other sessions on database ``db`` (None: ``conn``'s own) that this role may end."""
+    conn.execute(_TERMINATE_OTHERS, (db,))
+
+
 def _rename(conn: psycopg.Connection[Any], old: str, new: str) -> None:
     try:
         _execute(
@@ -196,6 +213,22 @@ def _rename(conn: psycopg.Connection[Any], old: str, new: str) -> None:
         )
     except psycopg.errors.DuplicateDatabase as exc:
         raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
+    except psycopg.errors.ObjectInUse as exc:
+        raise _in_use(conn, old, exc) from exc
+
+
+def _in_use(conn: psycopg.Connection[Any], db: str, exc: psycopg.Error) -> SnapshotError:
+    """The error for database ``db`` still in use after its sessions were ended: a session this role may not end
+    (``_TERMINATE_OTHERS``) is on it, or one (re)connected meanwhile."""
+    hint = "close the other sessions on it and run again"
+    if conn.info.parameter_status("is_superuser") != "on":
+        hint = (
+            f"role {conn.info.user!r} may not end another role's session on it (it needs to be a member of "
+            "pg_signal_backend, or a superuser); " + hint
+        )
+    return SnapshotError(
+        f"cannot rename or copy {db}: {exc.diag.message_primary or exc}; {hint}", database=db
+    )
 
 
 def _create_from(
@@ -211,10 +244,7 @@ def _create_from(
     attempts = 20 if terminate else 1
     for attempt in range(attempts):
         if terminate:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (template,),
-            )
+            _terminate_others(conn, template)
         try:
             _execute_create(conn, base, file_copy)
             return
@@ -226,7 +256,7 @@ def _create_from(
             ) from exc
         except psycopg.errors.ObjectInUse as exc:  # a session (re)connected to the template: evict it again
             if attempt == attempts - 1:
-                raise SnapshotError(f"cannot copy {template}: {exc}", database=template) from exc
+                raise _in_use(conn, template, exc) from exc
             time.sleep(0.05)
 
 

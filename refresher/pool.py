@@ -38,7 +38,14 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from refresher._planner_stats import analyze_stale, finish_recorded, record_pending, recorded, stale_names
+from refresher._planner_stats import (
+    analyze_stale,
+    finish_recorded,
+    may_record,
+    record_pending,
+    recorded,
+    stale_names,
+)
 from refresher._snapshot_sql import (
     COPIER,
     MAINTENANCE_DB,
@@ -642,9 +649,10 @@ def _take(
 ) -> None:
     """Rename ``old`` to ``new`` and set its comment to ``note``, in one transaction; with ``mark`` (that of the
     pristine copy ``old`` is a copy of) not analyzed, the analysis ``new`` needs is recorded on it in the same
-    transaction (``HandedOut``). A copy analyzed meanwhile (``_analyze_pristine`` swaps under REFILL shared)
+    transaction (``HandedOut``), when the role ``may_record``. A copy analyzed meanwhile (``_analyze_pristine`` swaps under REFILL shared)
     only costs an analysis for nothing; a swap to a copy not analyzed needs REFILL exclusive, which the caller
     excludes (TAKE or REFILL shared held since ``mark`` was read)."""
+    record = mark is not None and not mark.analyzed and may_record(conn)
     with conn.transaction():
         _rename(conn, old, new)
         if note is not None:
@@ -652,7 +660,7 @@ def _take(
                 conn,
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(new), sql.Literal(note)),
             )
-        if mark is not None and not mark.analyzed:
+        if record and mark is not None:
             _execute(conn, record_pending(new, mark.pending))
 
 

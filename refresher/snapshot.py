@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from psycopg import sql
 
-from refresher._planner_stats import analyze_stale, record_pending, stale_names
+from refresher._planner_stats import analyze_stale, may_record, record_pending, stale_names
 from refresher._snapshot_sql import (
     BUILDING_INFIX,
     MAINTENANCE_DB,
@@ -50,6 +50,7 @@ from refresher._snapshot_sql import (
     _ready_clones,
     _rename,
     _require_pristine,
+    _terminate_others,
     _wait_gone,
     pristine_name,
 )
@@ -282,10 +283,7 @@ def advance_pristine(
             ):
                 # Nothing may commit to the database between what is compared below and the version recorded:
                 # its other sessions end, as they do for the copy this replaces.
-                live.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
+                _terminate_others(live, None)
                 apply(copy)
                 written = _written_tables(copy)
                 # A reset compares the live ledger's stamp (its latest load time) with the copy's mark, and a
@@ -428,7 +426,7 @@ def _restore_checked(
             method = "pool"
         else:
             _create_from(conn, pristine_name(db), db)
-            if not mark.analyzed:
+            if not mark.analyzed and may_record(conn):
                 _execute(conn, record_pending(db, mark.pending))
             method = "template"
     return method, mark
@@ -476,10 +474,7 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
     """
     if _comment(conn, db) is None:
         return  # an earlier reset was interrupted between the two renames
-    conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-        (db,),
-    )
+    _terminate_others(conn, db)
     # The rename waits (up to 5 s, in the server) for the terminated sessions to exit.
     _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
 

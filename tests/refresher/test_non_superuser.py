@@ -1,0 +1,192 @@
+"""A server someone else runs, where refresher's role is no superuser: CREATEDB, and the owner of its database
+(a managed Postgres's admin role). The whole path as that role: refresh (cold, no-op, a day later), reset
+(template and pool), checkout, the detached refill and its analysis. On a real server."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from featurestore import FeatureStore
+from refresher import pool, snapshot
+from refresher._snapshot_sql import _pristine_mark
+from refresher.engines.base import ServerInfo
+from refresher.engines.existing import ExistingServerEngine
+from refresher.errors import SnapshotError
+from refresher.pool import checkout_clone, drop_clone, pool_status, wait_for_pool
+from refresher.profile import Profile, profile_from_file
+from refresher.refresh import RefreshReport, refresh
+from refresher.snapshot import drop_snapshot, restore_pristine
+from tests.featurestore.test_refresh_heals import CHECKSUMS
+from tests.refresher.test_planner_stats import _stale
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+PROFILE = """\
+description: refreshed by a role that is no superuser
+universe:
+  symbols: [AAPL, MSFT]
+exchange: XNYS
+months: 2
+as_of: {as_of}
+timeframes: [1d, 1m]
+seed: 5
+"""
+
+
+@pytest.fixture
+def plain(pg_server: ServerInfo) -> Iterator[ServerInfo]:
+    """A role with CREATEDB and no superuser, owning a fresh database; its ServerInfo as an existing server."""
+    role, password = f"plain_{secrets.token_hex(4)}", secrets.token_hex(8)
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(role))
+        )
+    server = replace(pg_server, engine="existing", user=role, password=password, dbname=name)
+    try:
+        yield server
+    finally:
+        drop_snapshot(replace(pg_server, dbname=name))
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+            owned = admin.execute(
+                "SELECT datname FROM pg_database WHERE datdba = %s::regrole", (role,)
+            ).fetchall()
+            for (db,) in owned:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _profile(tmp_path: Path, as_of: str) -> Profile:
+    path = tmp_path / "plain.yaml"
+    path.write_text(PROFILE.format(as_of=as_of))
+    return profile_from_file(path)
+
+
+def _run(profile: Profile, server: ServerInfo, root: Path) -> RefreshReport:
+    return refresh(profile, ExistingServerEngine(server), FeatureStore(root), pool_size=1)
+
+
+def _checksums(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        return {name: digest for name, digest in conn.execute(CHECKSUMS)}
+
+
+def _damage(server: ServerInfo) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_daily WHERE symbol = 'AAPL'")
+
+
+def _eventually(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 90
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def _not_superuser(server: ServerInfo) -> None:
+    with psycopg.connect(server.dsn()) as conn:
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    assert row == (False,)
+
+
+def _pristine_analyzed(server: ServerInfo) -> bool:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        mark = _pristine_mark(conn, server.dbname)
+    assert mark is not None
+    return mark.analyzed
+
+
+def test_the_whole_path_as_a_createdb_role_owning_its_database(
+    plain: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _not_superuser(plain)
+    root, log = tmp_path / "store", tmp_path / "refill.log"
+    with monkeypatch.context() as held:  # the refresh's refill held back: the reset below is surely before it
+        held.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
+        _run(_profile(tmp_path, "2025-03-28"), plain, root)
+    pristine = _checksums(plain.dsn())
+    assert pristine
+
+    # A reset right after the refresh (a copy of the pristine copy: no pool yet), not analyzed yet.
+    assert not _pristine_analyzed(plain)
+    _damage(plain)
+    assert restore_pristine(plain, refill_log=log).method == "template"
+    assert _checksums(plain.dsn()) == pristine
+    name = f"{plain.dbname}_c"
+    dsn = checkout_clone(plain, name, refill_log=log)
+    assert _checksums(dsn) == pristine
+    # The detached refill analyzes what was handed out and fills the pool.
+    _eventually(lambda: _stale(plain.dsn()) == [] and _stale(dsn) == [], "the handouts were never analyzed")
+    wait_for_pool(plain, timeout=90)
+    assert _pristine_analyzed(plain)
+    assert _stale(plain.dsn(pool_status(plain).ready[0])) == []
+    drop_clone(plain, name)
+
+    # A reset after the analysis, from the pool.
+    _damage(plain)
+    assert restore_pristine(plain, refill_log=log).method == "pool"
+    assert _checksums(plain.dsn()) == pristine
+    wait_for_pool(plain, timeout=90)
+
+    # A no-op refresh, then a day later.
+    assert _run(_profile(tmp_path, "2025-03-28"), plain, root).rows_loaded == 0
+    assert _checksums(plain.dsn()) == pristine
+    advanced: list[object] = []
+    real_advance = snapshot.advance_pristine
+
+    def watched_advance(*args: Any, **kwargs: Any) -> Any:
+        advanced.append(real_advance(*args, **kwargs))
+        return advanced[-1]
+
+    with monkeypatch.context() as watched:  # the new day's rows replayed into a clone, not a copy of it all
+        watched.setattr(snapshot, "advance_pristine", watched_advance)
+        _run(_profile(tmp_path, "2025-03-31"), plain, root)
+    assert len(advanced) == 1 and advanced[0] is not None
+    later = _checksums(plain.dsn())
+    assert later != pristine
+    _damage(plain)
+    restore_pristine(plain, refill_log=log)
+    assert _checksums(plain.dsn()) == later
+    dsn = checkout_clone(plain, name, refill_log=log)
+    assert _checksums(dsn) == later
+    _eventually(lambda: _stale(dsn) == [], "the checked-out clone was never analyzed")
+    drop_clone(plain, name)
+    wait_for_pool(plain, timeout=90)
+    assert "Error" not in log.read_text()
+
+
+def test_a_session_the_role_may_not_end_fails_a_reset_in_one_line_and_leaves_the_database(
+    plain: ServerInfo, pg_server: ServerInfo, tmp_path: Path
+) -> None:
+    _run(_profile(tmp_path, "2025-03-28"), plain, tmp_path / "store")
+    wait_for_pool(plain, timeout=90)
+    pristine = _checksums(plain.dsn())
+    # The role's own sessions it ends, as a superuser would.
+    with psycopg.connect(plain.dsn(), autocommit=True) as own:
+        _damage(plain)
+        assert restore_pristine(plain, refill=False).method == "pool"
+        with pytest.raises(psycopg.OperationalError, match="terminating connection"):
+            own.execute("SELECT 1")
+    assert _checksums(plain.dsn()) == pristine
+    # A superuser's session it may not end: one line saying what the role lacks, the database as it was.
+    with psycopg.connect(pg_server.dsn(plain.dbname), autocommit=True) as other:
+        _damage(plain)
+        with pytest.raises(SnapshotError, match="pg_signal_backend"):
+            restore_pristine(plain, refill=False)
+        assert other.execute("SELECT count(*) FROM ohlcv_daily WHERE symbol = 'AAPL'").fetchone() == (0,)
+    restore_pristine(plain, refill=False)
+    assert _checksums(plain.dsn()) == pristine
