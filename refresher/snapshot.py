@@ -441,6 +441,30 @@ def drop_snapshot(server: ServerInfo) -> None:
         _drop_leftovers(conn, db)
 
 
+def require_privileges(conn: psycopg.Connection[Any]) -> None:
+    """Raise SnapshotError, before a refresh loads anything, when ``conn``'s role cannot snapshot its database:
+    the pristine copy and the pool are databases it creates (``CREATEDB``), and a reset renames the database
+    (its owner). A superuser can (known without a query: the server reports ``is_superuser``)."""
+    if conn.info.parameter_status("is_superuser") == "on":
+        return
+    row = conn.execute(
+        "SELECT r.rolcreatedb, pg_has_role(d.datdba, 'USAGE') FROM pg_roles r, pg_database d "
+        "WHERE r.rolname = current_user AND d.datname = current_database()"
+    ).fetchone()
+    createdb, owner = row if row is not None else (False, False)
+    missing = [
+        *([] if createdb else ["CREATEDB"]),
+        *([] if owner else [f"to own database {conn.info.dbname} (or be a member of its owner)"]),
+    ]
+    if missing:
+        raise SnapshotError(
+            f"role {conn.info.user!r} cannot snapshot {conn.info.dbname}: it needs {' and '.join(missing)} "
+            "(the pristine copy and the pool are databases it creates, a reset renames the database; "
+            "see docs/engines.md, 'A server someone else runs')",
+            database=conn.info.dbname,
+        )
+
+
 def has_pristine(server: ServerInfo) -> bool:
     """Whether a complete pristine copy of ``server.dbname`` exists (a half-made one does not count)."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
@@ -492,6 +516,7 @@ __all__ = [
     "ledger_version",
     "pristine_ledger",
     "pristine_name",
+    "require_privileges",
     "restore_pristine",
     "save_pristine",
 ]

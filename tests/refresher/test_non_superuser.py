@@ -17,11 +17,12 @@ from psycopg import sql
 
 from featurestore import FeatureStore
 from refresher import pool, snapshot
+from refresher._planner_stats import recorded
 from refresher._snapshot_sql import _pristine_mark
 from refresher.engines.base import ServerInfo
 from refresher.engines.existing import ExistingServerEngine
 from refresher.errors import SnapshotError
-from refresher.pool import checkout_clone, drop_clone, pool_status, wait_for_pool
+from refresher.pool import checkout_clone, drop_clone, pool_status, refill_pool, wait_for_pool
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import RefreshReport, refresh
 from refresher.snapshot import drop_snapshot, restore_pristine
@@ -65,7 +66,7 @@ def plain(pg_server: ServerInfo) -> Iterator[ServerInfo]:
             owned = admin.execute(
                 "SELECT datname FROM pg_database WHERE datdba = %s::regrole", (role,)
             ).fetchall()
-            for (db,) in owned:
+            for db in {name, *(db for (db,) in owned)}:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
@@ -190,3 +191,56 @@ def test_a_session_the_role_may_not_end_fails_a_reset_in_one_line_and_leaves_the
         assert other.execute("SELECT count(*) FROM ohlcv_daily WHERE symbol = 'AAPL'").fetchone() == (0,)
     restore_pristine(plain, refill=False)
     assert _checksums(plain.dsn()) == pristine
+
+
+def test_a_role_granted_set_on_the_placeholder_records_its_handouts(
+    plain: ServerInfo, pg_server: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("GRANT SET ON PARAMETER refresher.analyze_pending TO {}").format(
+                sql.Identifier(plain.user)
+            )
+        )
+    try:
+        monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
+        monkeypatch.setattr(snapshot, "spawn_refill", lambda *args, **kwargs: None)  # the analyzer "killed"
+        _run(_profile(tmp_path, "2025-03-28"), plain, tmp_path / "store")
+        _damage(plain)
+        assert restore_pristine(plain).method == "template"
+        with psycopg.connect(plain.dsn("postgres")) as conn:
+            assert plain.dbname in recorded(conn)
+        refill_pool(plain)  # whoever comes next finishes it
+        with psycopg.connect(plain.dsn("postgres")) as conn:
+            assert plain.dbname not in recorded(conn)
+        assert _stale(plain.dsn()) == []
+    finally:
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("REVOKE SET ON PARAMETER refresher.analyze_pending FROM {}").format(
+                    sql.Identifier(plain.user)
+                )
+            )
+
+
+@pytest.mark.parametrize(
+    ("createdb", "owner", "missing"),
+    [(False, True, "it needs CREATEDB \\("), (True, False, "it needs to own database")],
+)
+def test_a_role_that_cannot_snapshot_fails_the_refresh_in_one_line_before_it_loads(
+    plain: ServerInfo, pg_server: ServerInfo, tmp_path: Path, createdb: bool, owner: bool, missing: str
+) -> None:
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        role = sql.Identifier(plain.user)
+        if not createdb:
+            admin.execute(sql.SQL("ALTER ROLE {} NOCREATEDB").format(role))
+        if not owner:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(plain.dbname), sql.Identifier(pg_server.user)
+                )
+            )
+    with pytest.raises(SnapshotError, match=missing):
+        _run(_profile(tmp_path, "2025-03-28"), plain, tmp_path / "store")
+    with psycopg.connect(plain.dsn()) as conn:
+        assert conn.execute("SELECT to_regclass('ohlcv_daily')").fetchone() == (None,)
