@@ -302,6 +302,10 @@ def spawn_refill(
 
     ``sh ... &`` double-forks: the refiller is reparented to init, so no zombie or still-running Popen is left
     with the caller. The password travels in the environment, never on a command line.
+
+    Best effort: it runs after the caller's work is done (a reset handed out, a refresh committed), so a refill
+    that cannot start (its log not writable, no process to be had: EAGAIN, ENOMEM) is one line on stderr, not
+    that work's failure; the next refresh fills the pool, and a reset meanwhile copies.
     """
     command = [sys.executable, "-m", "refresher.pool", "refill"]
     command += ["--dsn", server.dsn(MAINTENANCE_DB, with_password=False), "--database", server.dbname]
@@ -312,16 +316,21 @@ def spawn_refill(
     if not fill:
         command.append("--no-fill")
     env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
-        subprocess.run(
-            ["/bin/sh", "-c", '"$@" &', "sh", *command],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            check=True,
+    try:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
+            subprocess.run(
+                ["/bin/sh", "-c", '"$@" &', "sh", *command],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                check=True,
+            )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(
+            f"refresher: the pool's refill did not start ({exc}); the next refresh fills it", file=sys.stderr
         )
 
 

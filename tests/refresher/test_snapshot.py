@@ -99,6 +99,22 @@ def test_reset_undoes_deletes_and_dropped_tables_and_refills_in_the_background(
     assert not any("__trash_" in name for name in _databases(loaded))
 
 
+def test_a_refill_that_cannot_start_is_one_line_not_the_resets_failure(
+    loaded: ServerInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_pristine(loaded, pool_size=1)
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("TRUNCATE ohlcv_daily")
+    unwritable = tmp_path / "gone" / "refill.log"  # its directory does not exist: the spawn fails for real
+    report = restore_pristine(loaded, refill_log=unwritable)
+    assert report.method == "pool"
+    assert _count(loaded.dsn()) == 21
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the pool's refill did not start" in err[0] and str(unwritable) in err[0]
+    refill_pool(loaded)  # the next refresh's refill fills it
+    assert len(pool_status(loaded).ready) == 1
+
+
 def test_reset_falls_back_to_the_template_when_the_pool_is_empty(loaded: ServerInfo) -> None:
     save_pristine(loaded, pool_size=0)
     with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
