@@ -295,9 +295,8 @@ def refresh(
             # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
             # implicit transaction, so every finished segment survives a kill -9.
             with psycopg.connect(server.dsn(), autocommit=True) as conn:
-                snapshot.require_privileges(
-                    conn
-                )  # someone else's server: its role may lack what a reset needs
+                # Someone else's server: its role may lack what a reset needs.
+                snapshot.require_privileges(conn)
                 if pool_size is None:
                     recorded = pool.recorded_pool_size(server, conn)  # the mark is in the shared catalog
                     pool_size = DEFAULT_POOL_SIZE if recorded is None else recorded

@@ -234,7 +234,8 @@ def test_a_snapshot_of_a_database_whose_recorded_analysis_is_unfinished_analyzes
     with psycopg.connect(bars.dsn("postgres"), autocommit=True) as conn:
         snapshot._restore_checked(conn, bars.dbname, None, None)
     assert "ohlcv_daily" in _records(bars)[bars.dbname]
-    save_pristine(bars, pool_size=1, fill_pool=fill_pool)  # a refresh copying the database, before the finisher
+    # A refresh copying the database, before the finisher.
+    save_pristine(bars, pool_size=1, fill_pool=fill_pool)
     refill_pool(bars)
     restore_pristine(bars, refill=False)
     _eventually(lambda: bars.dbname not in _records(bars), "the reset's analysis never finished")
