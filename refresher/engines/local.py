@@ -41,6 +41,7 @@ from refresher.engines._common import (
     disk_full,
     is_disk_full,
     locked,
+    try_locked,
     validate_profile,
     wait_ready,
     write_private_json,
@@ -233,10 +234,17 @@ class LocalEngine:
             return True
 
     def _remove_leftovers(self, paths: _Paths) -> None:
-        """Remove what a ``stop`` killed while removing the profile's cluster left; call with the profile's lock."""
-        for leftover in self.base.glob(f".{paths.root.name}{REMOVING_INFIX}*"):
-            _pgctl.kill_processes_in(leftover / "pgdata")  # a server a failed pg_ctl stop left running there
-            shutil.rmtree(leftover, ignore_errors=True)
+        """Remove what a ``stop`` killed while removing a cluster left: the profile's (call with its lock), and
+        any other profile's whose lock is free this moment (one whose owner never comes back would keep its
+        gigabytes, hidden, for good; one whose lock is held is left for later, never waited for)."""
+        for leftover in self.base.glob(f".*{REMOVING_INFIX}*"):
+            profile = leftover.name[1:].partition(REMOVING_INFIX)[0]
+            if profile == paths.root.name:
+                _remove_leftover(leftover)
+            elif PROFILE_NAME.match(profile):
+                with try_locked(self._paths(profile).lock) as free:
+                    if free:
+                        _remove_leftover(leftover)
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:
@@ -479,6 +487,11 @@ class LocalEngine:
 
     def _info(self, profile: str, state: ServerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
+
+
+def _remove_leftover(leftover: Path) -> None:
+    _pgctl.kill_processes_in(leftover / "pgdata")  # a server a failed pg_ctl stop left running there
+    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _initdb_options(bin_dir: Path, user: _pgctl.OsUser, cwd: Path) -> list[str]:

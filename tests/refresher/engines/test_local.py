@@ -20,7 +20,7 @@ import pytest
 
 from refresher.engines import _pgctl, local
 from refresher.engines.base import Engine, ServerInfo
-from refresher.engines.local import LocalEngine, Postmaster
+from refresher.engines.local import REMOVING_INFIX, LocalEngine, Postmaster
 from refresher.errors import EngineUnavailable, ProfileError
 from refresher.snapshot import restore_pristine, save_pristine
 from tests.fixtures_postgres import world_traversable_tmp
@@ -147,6 +147,46 @@ def test_kill_9_while_down_removes_the_cluster_then_the_next_start_makes_a_new_o
     assert [
         p.name for p in engine.base.iterdir() if "lc_kill_down" in p.name and p.name != ".lc_kill_down.lock"
     ] == ["lc_kill_down"]  # the leftover removed too
+
+
+def test_a_killed_downs_leftover_goes_at_any_profiles_start_or_down_unless_its_profile_is_busy(
+    engine: LocalEngine,
+) -> None:
+    # Its profile is never used again: its hidden leftover (a cluster's gigabytes) stayed for good.
+    def leftovers() -> list[str]:
+        return sorted(
+            p.name.partition(REMOVING_INFIX)[0] for p in engine.base.iterdir() if REMOVING_INFIX in p.name
+        )
+
+    # What the kill above leaves (see the test before), for two profiles: a killed down's next step would be
+    # a rmtree of the other's leftover.
+    for profile in ("lc_gone_a", "lc_gone_b"):
+        leftover = engine.base / f".{profile}{REMOVING_INFIX}0123abcd" / "pgdata"
+        leftover.mkdir(parents=True)
+        (leftover / "PG_VERSION").write_text("18\n")
+    assert leftovers() == [".lc_gone_a", ".lc_gone_b"]
+    # Another process holds lc_gone_b's lock (its own start or down): its leftover is left, never waited for.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(engine.base / ".lc_gone_b.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert engine.stop("lc_other") is False  # a down of a profile that has no cluster
+        assert leftovers() == [".lc_gone_b"]
+    finally:
+        holder.kill()
+        holder.communicate()
+    engine.start("lc_other")
+    assert leftovers() == []
+    engine.stop("lc_other")
+
+
+HOLD_LOCK = (
+    "import sys, time, filelock\n"
+    "lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)\n"
+)
 
 
 def test_a_stopped_server_restarts_with_its_data_and_moves_off_a_taken_port(engine: LocalEngine) -> None:
