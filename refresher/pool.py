@@ -199,8 +199,9 @@ def unfinished_analyses(conn: psycopg.Connection[Any]) -> list[str]:
     """The databases of ``conn``'s server whose handout recorded an analysis not finished yet (``HandedOut``: its
     analyzer is at it, or was killed). A command that starts no refill (a stamped no-op refresh) starts a
     detached analyzer for them (``spawn_refill(server, fill=False)``), which leaves alone one being analyzed.
-    ``conn``: open on any database of the server (the records are in the shared catalog)."""
-    return _recorded(conn)
+    ``conn``: open on any database of the server (the records are in the shared catalog); trash aside (the sweep
+    drops it)."""
+    return [name for name in recorded(conn) if TRASH_INFIX not in name]
 
 
 def resize_pool(server: ServerInfo, size: int) -> bool:
@@ -354,7 +355,7 @@ def _refill(
             _lower_priority(conn.info.backend_pid)
         first = [handed] if handed is not None and (handed.name != db or not fill) else []
         skip = {each.name for each in first} | ({db} if fill else set())  # the working one: analyzed below
-        others = [HandedOut(name, ()) for name in _recorded(conn) if name not in skip]
+        others = [HandedOut(name, ()) for name in unfinished_analyses(conn) if name not in skip]
         for each in [*first, *others]:
             beside.submit(_analyze_handed_out, admin_dsn, each, background)
         if not fill:
@@ -426,11 +427,6 @@ def _stale_names(live: psycopg.Connection[Any] | None) -> tuple[str, ...]:
     except psycopg.Error:
         live.close()
         return ()
-
-
-def _recorded(conn: psycopg.Connection[Any]) -> list[str]:
-    """The databases whose analysis a handout recorded as pending (trash aside: the sweep drops it)."""
-    return [name for name in recorded(conn) if TRASH_INFIX not in name]
 
 
 def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> None:
