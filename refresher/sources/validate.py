@@ -4,7 +4,7 @@ Rules, checked in this order (a row is charged to the first one it breaks):
 
 - the date / timestamp parses (an unparseable date is a bad row, never a silently dropped one);
 - open, high, low, close and volume are finite numbers (no null, NaN or text);
-- high >= max(open, close); low <= min(open, close); low > 0; volume >= 0;
+- high >= max(open, close); low <= min(open, close); low > 0; volume >= 0; volume < 2**63 (a bigint);
 - (symbol, date) / (symbol, ts) is unique: every row of a repeated key is bad, since we cannot know which
   one is right.
 
@@ -49,6 +49,7 @@ I64 = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
 _EXAMPLES = 3
+_BIGINT_END = float(2**63)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def _rules(bars: Bars, key: str) -> list[tuple[str, str, Mask]]:
             ("low <= min(open, close)", "low", lo > np.minimum(o, c)),
             ("low > 0", "low", lo <= 0),
             ("volume >= 0", "volume", vol < 0),
+            # the volume column is a bigint: a larger float cast to int64 wraps to -2**63, a silent lie
+            ("volume < 2**63", "volume", vol >= _BIGINT_END),
         ]
     checks.append((f"(symbol, {key}) is unique", key, _repeated(bars)))
     return checks

@@ -36,6 +36,7 @@ GOOD_LINE = "AAPL,2024-11-26,10.5,12,10,11,2000"
 BAD_INPUTS = {
     "high below low": ("AAPL,2024-11-26,10.5,9,10,11,2000", "High", "9", "high >= max(open, close)"),
     "negative volume": ("AAPL,2024-11-26,10.5,12,10,11,-5", "Volume", "-5", "volume >= 0"),
+    "volume past bigint": ("AAPL,2024-11-26,10.5,12,10,11,1e20", "Volume", "1e+20", "volume < 2**63"),
     "NaN close": ("AAPL,2024-11-26,10.5,12,10,NaN,2000", "Close", "nan", "close is a finite number"),
     "empty close": ("AAPL,2024-11-26,10.5,12,10,,2000", "Close", "None", "close is a finite number"),
     "text close": ("AAPL,2024-11-26,10.5,12,10,eleven,2000", "Close", "eleven", "close is a finite number"),
