@@ -45,6 +45,7 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
     "volume": ("volume",),
 }
 _NS_PER_MIN = 60_000_000_000
+_EXAMPLES = 3
 
 
 def _read(path: Path, fmt: str) -> pa.Table:
@@ -179,8 +180,13 @@ class FilesSource(Source):
         )
         if sym_col is not None:
             mine = pc.equal(pc.utf8_trim_whitespace(table.column(sym_col).cast(pa.string())), segment.symbol)
-            table = table.filter(pc.fill_null(mine, False))
             positions = np.flatnonzero(pc.fill_null(mine, False).to_numpy(zero_copy_only=False))
+            if not len(positions) and table.num_rows:
+                # a symbol spelled otherwise in the file (aapl, AAPL.O) loaded nothing and said nothing
+                seen = pc.unique(table.column(sym_col).cast(pa.string())).to_pylist()[:_EXAMPLES]
+                reason = f"no row has {sym_col}={segment.symbol!r} (it has e.g. {', '.join(map(repr, seen))})"
+                self.reports.append(SourceReport(segment, str(path), reason))
+            table = table.filter(pc.fill_null(mine, False))
         else:
             positions = np.arange(table.num_rows)
         frame = pd.DataFrame({t: _raw_column(table.column(n)) for t, n in names.items()})
@@ -190,6 +196,11 @@ class FilesSource(Source):
 
     def _when(self, raw: pd.Series, segment: Segment, cal: ExchangeCalendar) -> tuple[I64, Mask]:
         """Parsed dates (days since 1970-01-01) or UTC bar starts (ns), and which rows parsed."""
+        if raw.dtype.kind in "iuf":
+            # pandas reads a number as nanoseconds since 1970: 20241126 fell outside every month and its rows
+            # vanished unreported. As text it parses as the YYYYMMDD it is, and anything else (epoch seconds)
+            # fails the timestamp rule with its value shown.
+            raw = raw.astype(str)
         when = pd.to_datetime(raw, errors="coerce", format="mixed" if raw.dtype == object else None)
         if segment.timeframe == "1d":
             if getattr(when.dt, "tz", None) is not None:

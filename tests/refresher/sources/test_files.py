@@ -150,3 +150,32 @@ def test_missing_column_names_file_field_value(tmp_path: Path, make_profile: Mak
     with pytest.raises(SourceError) as info:
         src.fetch(Segment("AAPL", "1d", NOV))
     assert "all.csv" in str(info.value) and "columns.volume" in str(info.value) and "Vol" in str(info.value)
+
+
+def test_yyyymmdd_numbers_are_dates(tmp_path: Path, make_profile: MakeProfile) -> None:
+    # read as numbers, pandas took 20241126 for nanoseconds after 1970: every row fell outside the
+    # profile's months and the segment loaded empty without a word
+    (tmp_path / "all.csv").write_text(DAILY_CSV.replace("2024-11-", "202411").replace("2024-10-", "202410"))
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.csv")))
+    dates = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
+    assert dates == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+
+
+def test_epoch_seconds_fail_the_timestamp_rule_showing_the_value(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    (tmp_path / "m.csv").write_text("symbol,ts,open,high,low,close,volume\nAAPL,1732631400,1,2,0.5,1.5,7\n")
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  minute: m.csv")))
+    with pytest.raises(SourceError, match=r"m\.csv: line 2: ts=1732631400: breaks the rule ts parses"):
+        src.fetch(Segment("AAPL", "1m", dt.date(2024, 10, 1)))
+
+
+def test_a_symbol_absent_from_a_shared_file_is_reported(tmp_path: Path, make_profile: MakeProfile) -> None:
+    (tmp_path / "all.csv").write_text(DAILY_CSV.replace("AAPL,", "aapl,"))
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.csv")))
+    assert src.fetch(Segment("AAPL", "1d", NOV)).num_rows == 0
+    [report] = src.reports
+    assert "no row has Ticker='AAPL' (it has e.g. 'aapl', 'MSFT')" in str(report)
+    src.reports.clear()
+    assert src.fetch(Segment("MSFT", "1d", dt.date(2024, 10, 1))).num_rows == 0  # in the file, not this month
+    assert src.reports == []
