@@ -116,7 +116,8 @@ def rows_from_files(root: Path, previous: Mapping[str, Entry]) -> list[Row]:
     """A manifest row for every sound data file, from the file's own metadata (footer reads only).
 
     Files whose footer is unreadable or whose metadata names another key are left out (GC removes them as
-    orphans); the access time of a key already in ``previous`` is kept so a rebuild does not reset expiry.
+    orphans); the access time of a key already in ``previous`` is kept so a rebuild does not reset expiry, and
+    any other key counts as accessed now, so its retention starts at the rebuild.
     """
     rows: dict[str, Row] = {}
 
@@ -190,7 +191,9 @@ def _row_from_meta(path: Path, meta: dict[str, str], count: int, size: int, prev
         content_hash=meta["content_hash"],
         hash_method=meta.get("hash_method", "xxh3"),
         created_ts=created,
-        last_accessed_ts=previous.last_accessed_ts if previous else created,
+        # Without a previous row (the manifest was lost or damaged) when the key was last read is unknown:
+        # its creation time made the next GC expire every key older than the retention, in use or not.
+        last_accessed_ts=previous.last_accessed_ts if previous else utc_now(),
     )
     return Row(entry, meta.get("entry_kind", "segment"), meta.get("meta"))
 

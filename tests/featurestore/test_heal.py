@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import multiprocessing
 import random
@@ -17,8 +18,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from featurestore import FeatureStore
+from featurestore import FeatureStore, collect_garbage
 from featurestore import manifest as manifest_module
+from featurestore import store as store_module
 from tests.featurestore import _workers
 
 DAMAGES: dict[str, Callable[[bytes], bytes]] = {
@@ -164,3 +166,25 @@ def test_sigkill_while_healing_leaves_a_store_the_next_process_heals(tmp_path: P
             child.send_signal(signal.SIGKILL)
             child.communicate()
     assert_healed(FeatureStore(store.root), tables)
+
+
+@pytest.mark.parametrize("loss", ["damaged", "deleted"])
+def test_a_rebuilt_manifest_does_not_expire_keys_in_use(
+    tmp_path: Path, loss: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Access times live only in the manifest. A rebuild took each file's creation time for its last access, so
+    # the first nightly GC after a heal deleted every key written more than the retention ago, in use or not.
+    store = FeatureStore(tmp_path / "cache")
+    written = manifest_module.utc_now() - dt.timedelta(weeks=8)
+    monkeypatch.setattr(store_module, "utc_now", lambda: written)
+    store.put_many([("old-but-used", pa.table({"x": [1, 2]}), "SYM")])
+    monkeypatch.undo()
+    assert store.get("old-but-used") is not None
+    store.lookup(["old-but-used"])  # folds the hit into the manifest
+    if loss == "damaged":
+        damage(store, "garbage")
+    else:
+        store.manifest.path.unlink()
+    report = collect_garbage(FeatureStore(store.root), retention=dt.timedelta(weeks=4))
+    assert report.expired == 0
+    assert FeatureStore(store.root).get("old-but-used") is not None
