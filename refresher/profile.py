@@ -227,7 +227,14 @@ def _read_input(path: Path, inputs: list[tuple[Path, str | None]]) -> str:
     the very bytes parsed, so a file edited during a refresh cannot be vouched for by the stamp it writes."""
     raw = path.read_bytes()
     inputs.append((path.absolute(), hashlib.sha256(raw).hexdigest()))
-    return raw.decode("utf-8")
+    try:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would else be part of
+        # the first column's name (the universe's 'symbol' column then was not found)
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        byte = raw[exc.start : exc.start + 1]
+        raise ProfileError(path, f"line {line}", byte, "not UTF-8 text: save the file as UTF-8") from None
 
 
 def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, Any]:
@@ -300,6 +307,12 @@ def _universe_rows(
             )
         rows = []
         for rec in reader:
+            if not any((cell or "").strip() for cell in rec.values() if isinstance(cell, str)):
+                continue  # a line of blanks, like an empty line
+            if not (rec[cols["symbol"]] or "").strip():
+                raise ProfileError(
+                    ufile, f"line {reader.line_num}", rec[cols["symbol"]], "no symbol in this row"
+                )
             exchange = rec.get(cols.get("exchange", ""), "") or default_exchange
             asset_class = rec.get(cols.get("asset_class", ""), "") or "equity"
             if u.asset_class is None or asset_class == u.asset_class:

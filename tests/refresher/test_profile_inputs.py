@@ -98,3 +98,34 @@ def test_a_profile_may_raise_its_own_limit(tmp_path: Path) -> None:
         + "]\nmonths: 1\ntimeframes: [1d]\n"
     )
     assert len(load_profile(str(path), []).listings) == 5001
+
+
+def test_a_spreadsheets_utf8_universe_with_a_byte_order_mark_and_blank_lines_loads(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts with a BOM: the header read as '\ufeffsymbol', and the profile failed with
+    # "universe file needs a 'symbol' column" on a file that has one
+    (tmp_path / "u.csv").write_bytes(b"\xef\xbb\xbfsymbol,exchange\r\nAAPL,XNYS\r\n , \r\nSAP,XETR\r\n")
+    (tmp_path / "p.yaml").write_text("universe: {file: u.csv}\nmonths: 1\nas_of: 2025-03-31\n")
+    listings = load_profile(str(tmp_path / "p.yaml"), []).listings
+    assert [(lst.symbol, lst.exchange) for lst in listings] == [("AAPL", "XNYS"), ("SAP", "XETR")]
+
+
+def test_a_universe_row_without_its_symbol_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "u.csv").write_text("exchange,symbol\nXNYS,AAPL\nXNAS\n")  # was a traceback, exit 1
+    (tmp_path / "p.yaml").write_text("universe: {file: u.csv}\nmonths: 1\nas_of: 2025-03-31\n")
+    err = _plan(str(tmp_path / "p.yaml"), tmp_path / "state", capsys)
+    assert f"{tmp_path / 'u.csv'}: line 3=None: no symbol in this row" in err
+
+
+@pytest.mark.parametrize("name", ["p.yaml", "u.csv"])
+def test_a_file_that_is_not_utf8_is_one_line_naming_its_line(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "u.csv").write_bytes(b"symbol\nAAPL\n")
+    (tmp_path / "p.yaml").write_bytes(b"universe: {file: u.csv}\nmonths: 1\nas_of: 2025-03-31\n")
+    latin1 = (tmp_path / name).read_bytes() + b"# caf\xe9\n"  # was a UnicodeDecodeError traceback, exit 1
+    (tmp_path / name).write_bytes(latin1)
+    err = _plan(str(tmp_path / "p.yaml"), tmp_path / "state", capsys)
+    line = latin1.count(b"\n")
+    assert f"{tmp_path / name}: line {line}=b'\\xe9': not UTF-8 text" in err
