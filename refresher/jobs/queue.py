@@ -115,7 +115,21 @@ end
 return 1
 """
 
-_RETRY = """
+# A delivery that fails after another delivery of the same job finished it (a worker paused past the visibility
+# timeout, its job reclaimed and loaded meanwhile) is only acknowledged: counted dead or retrying, the loaded
+# segment showed as dead, and `jobs retry-dead` set the run queued for good (its no-op rerun counts nothing).
+_SETTLED = """
+if redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 1 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  return 0
+end
+"""
+
+_RETRY = (
+    _SETTLED
+    + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
@@ -123,8 +137,11 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'retrying', 1)
 return 1
 """
+)
 
-_DEAD = """
+_DEAD = (
+    _SETTLED
+    + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
@@ -132,6 +149,7 @@ redis.call('XADD', KEYS[3], '*', 'run', ARGV[3], 'job', ARGV[4], 'error', ARGV[5
 redis.call('HINCRBY', KEYS[2], 'dead', 1)
 return 1
 """
+)
 
 _DROP = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -262,16 +280,37 @@ class JobQueue:
         """Acknowledge the job and put it back on its stream at ``due``; ``failed=False`` hands back a job
         this worker never started (it is stopping) without spending an attempt."""
         job = {**delivery.job, "attempt": int(delivery.job.get("attempt", 0)) + int(failed)}
+        run = job["run"]
         self._retry(
-            keys=[stream_key(delivery.tier), run_key(job["run"]), RETRY, run_key(job["run"], "inflight")],
-            args=[GROUP, delivery.message_id, json.dumps(job, sort_keys=True), due],
+            keys=[
+                stream_key(delivery.tier),
+                run_key(run),
+                RETRY,
+                run_key(run, "inflight"),
+                run_key(run, "done"),
+            ],
+            args=[GROUP, delivery.message_id, json.dumps(job, sort_keys=True), due, "", "", job["seg"]],
         )
 
     def dead_letter(self, delivery: Delivery, error: str, attempts: int) -> None:
         run = delivery.job["run"]
         self._dead(
-            keys=[stream_key(delivery.tier), run_key(run), DEAD, run_key(run, "inflight")],
-            args=[GROUP, delivery.message_id, run, json.dumps(delivery.job, sort_keys=True), error, attempts],
+            keys=[
+                stream_key(delivery.tier),
+                run_key(run),
+                DEAD,
+                run_key(run, "inflight"),
+                run_key(run, "done"),
+            ],
+            args=[
+                GROUP,
+                delivery.message_id,
+                run,
+                json.dumps(delivery.job, sort_keys=True),
+                error,
+                attempts,
+                delivery.job["seg"],
+            ],
         )
 
     def drop(self, delivery: Delivery) -> None:

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from refresher.jobs.queue import JobQueue, connect
-from refresher.jobs.runs import RunSpec, cancel_run, run_status, submit_jobs
+from refresher.jobs.runs import RunSpec, cancel_run, retry_dead, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
 from refresher.segments import Segment
 from tests.redis_server import RedisServer
@@ -104,3 +104,27 @@ def test_a_live_worker_extending_its_claim_keeps_its_job(redis_server: RedisServ
     time.sleep(1.0)
     queue.extend([taken], "slow")  # the heartbeat of a worker still on the job
     assert queue.reclaim("other", min_idle_ms=900) == []
+
+
+@pytest.mark.parametrize("late", ["dead", "retry"])
+def test_a_late_failure_of_a_job_another_delivery_finished_only_acknowledges_it(
+    redis_server: RedisServer, late: str
+) -> None:
+    # A worker paused past the visibility timeout fails (its connection died meanwhile) after the job it held was
+    # reclaimed and loaded: counted dead, the loaded segment showed as dead, and retry-dead left the run queued
+    # for good, its no-op rerun counting nothing.
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("normal"), jobs("AAA", 1), now=NOW)
+    queue = JobQueue(client)
+    [paused] = queue.read("paused", block_ms=0)
+    [(again, _)] = queue.reclaim("live", min_idle_ms=0)
+    assert queue.finish(again, rows=10, loaded=True, now=NOW.timestamp()) is True
+    if late == "dead":
+        queue.dead_letter(paused, "permanent: connection lost", 3)
+    else:
+        queue.retry_later(paused, NOW.timestamp())
+    state = run_status(client, run.run_id)
+    assert (state.state, state.done, state.dead, state.retrying) == ("loaded", 1, 0, 0)
+    assert client.xlen("refresher:dead") == 0 and client.zcard("refresher:retry") == 0
+    assert retry_dead(client, run.run_id) == 0
+    assert run_status(client, run.run_id).state == "loaded"
