@@ -57,12 +57,29 @@ def _read(path: Path, fmt: str) -> pa.Table:
             # ("terminate called without an active exception", apache/arrow#39862); one file needs no scanner.
             with pq.ParquetFile(path) as reader:
                 return reader.read()
-        # pyarrow detects gzip from the .gz suffix; timestamps stay strings so we parse them in one place;
-        # only an empty cell is null, so a literal NaN stays NaN and messages show what the file says
-        options = pacsv.ConvertOptions(timestamp_parsers=[], null_values=[""], strings_can_be_null=True)
-        return pacsv.read_csv(path, convert_options=options)
+        # pyarrow detects gzip from the .gz suffix; only an empty cell is null, so a literal NaN stays NaN and
+        # messages show what the file says
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(**_CSV_CELLS))
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"{path}: cannot read as {fmt}: {exc}", file=str(path)) from exc
+
+
+_CSV_CELLS: dict[str, Any] = {"null_values": [""], "strings_can_be_null": True}
+
+
+def _with_written_dates(table: pa.Table, path: Path, name: str) -> pa.Table:
+    """Column ``name`` as the calendar date each cell's text starts with.
+
+    pyarrow reads an ISO 8601 time with an offset as its UTC instant (there is no option to keep it as text), so
+    '2024-11-26T00:00:00+09:00', a Tokyo daily bar, became 2024-11-25 15:00 UTC and loaded a day early. The
+    date the file wrote is the first ten characters of what pyarrow accepted as ISO 8601.
+    """
+    options = pacsv.ConvertOptions(include_columns=[name], column_types={name: pa.string()}, **_CSV_CELLS)
+    try:
+        text = pacsv.read_csv(path, convert_options=options).column(name)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SourceError(f"{path}: cannot read as csv: {exc}", file=str(path)) from exc
+    return table.set_column(table.column_names.index(name), name, pc.utf8_slice_codeunits(text, 0, 10))
 
 
 class FilesSource(Source):
@@ -114,14 +131,21 @@ class FilesSource(Source):
             blob += spec.on_bad_rows
         return "files/" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def _load(self, path: Path) -> pa.Table:
+    def _load(self, path: Path, *, dates: str | None = None) -> pa.Table:
+        """The file as a table, read once while it is unchanged; ``dates`` names a daily column whose zoned
+        times a CSV reader turned into UTC instants, to be read back as the dates the file wrote."""
         st = path.stat()
         key = (path, st.st_size, st.st_mtime_ns)
         if key not in self._cache:
             self._cache = {
                 key: _read(path, self.spec.format)
             }  # one file at a time: shared files are read once
-        return self._cache[key]
+        table = self._cache[key]
+        if dates is not None and _is_csv(path, self.spec.format):
+            kind = table.column(dates).type
+            if pa.types.is_timestamp(kind) and kind.tz is not None:
+                table = self._cache[key] = _with_written_dates(table, path, dates)
+        return table
 
     def _column(self, table: pa.Table, path: Path, target: str, required: bool = True) -> str | None:
         by_lower: dict[str, str] = {str(name).lower(): str(name) for name in table.column_names}
@@ -175,6 +199,8 @@ class FilesSource(Source):
         when_target = "date" if segment.timeframe == "1d" else "ts"
         names = {t: str(self._column(table, path, t)) for t in VALUE_COLUMNS}
         names["when"] = str(self._column(table, path, when_target))
+        if segment.timeframe == "1d":
+            table = self._load(path, dates=names["when"])
         sym_col = self._column(
             table, path, "symbol", required="{symbol}" not in self.patterns[segment.timeframe]
         )

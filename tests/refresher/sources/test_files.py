@@ -179,3 +179,21 @@ def test_a_symbol_absent_from_a_shared_file_is_reported(tmp_path: Path, make_pro
     src.reports.clear()
     assert src.fetch(Segment("MSFT", "1d", dt.date(2024, 10, 1))).num_rows == 0  # in the file, not this month
     assert src.reports == []
+
+
+def test_daily_times_with_offsets_keep_the_dates_the_file_wrote(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # pyarrow read '2024-11-26T00:00:00+09:00' as 2024-11-25 15:00 UTC: every Tokyo bar loaded a day early
+    (tmp_path / "all.csv").write_text(
+        "Ticker,Date,Open,High,Low,Close,Volume\n"
+        "7203,2024-11-26T00:00:00+09:00,10,11,9,10.5,1000\n"
+        "7203,2024-11-27T00:00:00+09:00,10,11,9,10.5,1000\n"
+        "AAPL,2024-11-26T23:00:00-05:00,10,11,9,10.5,1000\n"
+        "AAPL,2024-11-27T04:00:00Z,10,11,9,10.5,1000\n"
+    )
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.csv")))
+    tokyo = src.fetch(Segment("7203", "1d", NOV)).column("date").to_pylist()
+    assert tokyo == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+    new_york = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
+    assert new_york == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]  # the same instant, two written dates
