@@ -134,12 +134,16 @@ class FilesSource(Source):
     def _load(self, path: Path, *, dates: str | None = None) -> pa.Table:
         """The file as a table, read once while it is unchanged; ``dates`` names a daily column whose zoned
         times a CSV reader turned into UTC instants, to be read back as the dates the file wrote."""
-        st = path.stat()
-        key = (path, st.st_size, st.st_mtime_ns)
+        key = _identity(path)
         if key not in self._cache:
-            self._cache = {
-                key: _read(path, self.spec.format)
-            }  # one file at a time: shared files are read once
+            table = _read(path, self.spec.format)
+            if _identity(path) != key:
+                # Written to while we read it (an export still running): its last rows may be cut mid-number,
+                # a volume of 1000 read as 10 and loaded as if whole.
+                raise SourceError(
+                    f"{path}: changed while it was read; run again once it is written", file=str(path)
+                )
+            self._cache = {key: table}  # one file at a time: shared files are read once
         table = self._cache[key]
         if dates is not None and _is_csv(path, self.spec.format):
             kind = table.column(dates).type
@@ -250,6 +254,11 @@ def _raw_column(column: pa.ChunkedArray) -> pd.Series:
     if column.null_count and series.dtype.kind == "f":
         series = series.astype(object).where(~column.is_null().to_numpy(zero_copy_only=False), None)
     return series
+
+
+def _identity(path: Path) -> tuple[Path, int, int]:
+    st = path.stat()
+    return path, st.st_size, st.st_mtime_ns
 
 
 def _is_csv(path: Path, fmt: str) -> bool:

@@ -15,6 +15,7 @@ import pytest
 from refresher.errors import SourceError
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
 from refresher.segments import Segment
+from refresher.sources import files as files_module
 from refresher.sources import make_source
 from refresher.sources.files import FilesSource
 
@@ -197,3 +198,28 @@ def test_daily_times_with_offsets_keep_the_dates_the_file_wrote(
     assert tokyo == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
     new_york = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
     assert new_york == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]  # the same instant, two written dates
+
+
+def test_a_file_written_to_while_it_is_read_is_refused_not_loaded_cut(
+    tmp_path: Path, make_profile: MakeProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An export still appending: the read saw "...,10" of a close of 10.9 and loaded it as a whole row.
+    path = tmp_path / "all.csv"
+    path.write_text("\n".join(DAILY_CSV.splitlines()[:3])[:-2])
+    read = files_module._read
+
+    def read_then_the_export_goes_on(file: Path, fmt: str) -> pa.Table:
+        table = read(file, fmt)
+        with file.open("a") as out:
+            out.write(".9\n")  # the cut row's end
+        return table
+
+    monkeypatch.setattr(files_module, "_read", read_then_the_export_goes_on)
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  columns: {{close: Adj Close}}"
+    src = FilesSource(make_profile(profile_body(body)))
+    with pytest.raises(
+        SourceError, match=r"all\.csv: changed while it was read; run again once it is written"
+    ):
+        src.fetch(Segment("AAPL", "1d", NOV))
+    monkeypatch.undo()
+    assert src.fetch(Segment("AAPL", "1d", NOV)).column("close").to_pylist() == [10.4, 10.9]
