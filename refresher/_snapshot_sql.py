@@ -282,13 +282,45 @@ def _execute_create(
 
 
 def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    """Drop database ``name``, ending its sessions; no error if it is gone. SnapshotError, in one line naming the
+    sessions, when one this role may not end is on it (see ``_TERMINATE_OTHERS``)."""
+    held = _drop_unless_held(conn, name)
+    if held is not None:
+        raise held
+
+
+def _drop_unless_held(conn: psycopg.Connection[Any], name: str) -> SnapshotError | None:
+    """``_drop_database``, returning the error instead of raising it: what a sweep of leftovers calls, which leaves
+    a held one where it is for a later sweep (another role's session on an old clone must not stop a refill or a
+    refresh)."""
     found = _comment(conn, name)
     if found is None:
-        return
+        return None
     ident = sql.Identifier(name)
     if found[0]:  # a template cannot be dropped
         _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
-    _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    try:
+        _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ObjectInUse) as exc:
+        if conn.closed:
+            raise
+        return _held(conn, name, exc)
+    return None
+
+
+def _held(conn: psycopg.Connection[Any], name: str, exc: psycopg.Error) -> SnapshotError:
+    """The error for database ``name`` that a DROP ... WITH (FORCE) could not take: who is on it, and what to do."""
+    rows = conn.execute(
+        "SELECT usename, pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() ORDER BY pid",
+        (name,),
+    ).fetchall()
+    sessions = ", ".join(f"role {user!r} (pid {pid})" for user, pid in rows) or "another session"
+    return SnapshotError(
+        f"cannot drop {name}: a session of {sessions} is on it, which role {conn.info.user!r} may not end "
+        f"({exc.diag.message_primary or exc}); close it, or have a superuser end it "
+        "(pg_terminate_backend), and run again",
+        database=name,
+    )
 
 
 def _derelicts(conn: psycopg.Connection[Any], db: str) -> list[str]:

@@ -62,6 +62,7 @@ from refresher._snapshot_sql import (
     _create_from,
     _derelicts,
     _drop_database,
+    _drop_unless_held,
     _execute,
     _Mark,
     _pool_databases,
@@ -178,7 +179,7 @@ def drop_clone(server: ServerInfo, name: str) -> None:
     if name in (server.dbname, pristine_name(server.dbname), MAINTENANCE_DB):
         raise SnapshotError(f"drop_clone: refusing to drop {name!r}, which is not a clone", name=name)
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        _execute(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        _drop_database(conn, name)
 
 
 def pool_status(server: ServerInfo) -> PoolStatus:
@@ -361,11 +362,6 @@ def _refill(
         if not fill:
             return 0
         also = handed.pending if handed is not None and handed.name == db else ()
-        mark = _pristine_mark(conn, db)
-        if mark is not None and not mark.analyzed:
-            # A reset copying the pristine copy records its analysis only after the copy (CREATE DATABASE is no
-            # transaction): a kill in between loses the record, not what the mark says the copy must analyze.
-            also = (*also, *mark.pending)
         working = _open_working(admin_dsn, db, background)
         changed = _stale_names(working)
         if working is not None:
@@ -571,6 +567,7 @@ def _missing(conn: psycopg.Connection[Any], db: str, size: int | None, machine: 
 def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, width: int) -> int:
     """Make clones in free slots until the pool is full or every missing slot has a maker."""
     created = 0
+    held: set[int] = set()  # slots whose old database a session this role may not end is on: one further each
     while True:
         ready = _ready_clones(conn, db)
         target = _target(conn, db, size, machine, len(ready))
@@ -578,12 +575,16 @@ def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Ma
             return created
         # Slots 0..target-1 that hold no ready clone number at least the missing ones: if another maker holds
         # each of them, the pool fills without us.
-        slot = _claim_slot(conn, db, [n for n in range(target) if pool_name(db, n) not in ready])
+        free = [n for n in range(target + len(held)) if n not in held and pool_name(db, n) not in ready]
+        slot = _claim_slot(conn, db, free)
         if slot is None:
             return created
         try:
             with _copier(conn, db, width):
-                _drop_database(conn, pool_name(db, slot))  # what a killed maker or an older copy left there
+                # What a killed maker or an older copy left there.
+                if not _drop_leftover(conn, pool_name(db, slot)):
+                    held.add(slot)
+                    continue
                 _make_clone(conn, db, slot)
                 created += 1
         finally:
@@ -623,20 +624,28 @@ def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str 
     with _advisory(conn, db, REFILL, shared=True):
         # Under REFILL shared no swap to a copy not analyzed comes before the copy (see ``_take``).
         mark = _require_pristine(conn, db)
-        slot = _claim_private_slot(conn, db)
-        private = pool_name(db, slot)
-        try:
-            _create_from(conn, pristine_name(db), private)
-            _take(conn, private, name, note, mark)
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):
-                if not conn.closed:
-                    _drop_database(conn, private)
-            raise
-        finally:
-            if not conn.closed:
-                _unlock(conn, db, SLOT + slot)
+        _copy_in(conn, db, name, note, mark)
     return mark
+
+
+def _copy_in(conn: psycopg.Connection[Any], db: str, name: str, note: str | None, mark: _Mark) -> None:
+    """Copy the pristine database (marked ``mark``) into a private slot, then rename it to ``name`` with ``note``
+    and, when ``mark`` is not analyzed, the record of its pending analysis, in one transaction (``_take``): a
+    kill anywhere leaves either no ``name`` or one that says what it lacks, never a copy nobody analyzes. The
+    caller holds what keeps the mark as read (TAKE, or REFILL shared)."""
+    slot = _claim_private_slot(conn, db)
+    private = pool_name(db, slot)
+    try:
+        _create_from(conn, pristine_name(db), private)
+        _take(conn, private, name, note, mark)
+    except BaseException:
+        with contextlib.suppress(psycopg.Error):
+            if not conn.closed:
+                _drop_database(conn, private)
+        raise
+    finally:
+        if not conn.closed:
+            _unlock(conn, db, SLOT + slot)
 
 
 def _claim_private_slot(conn: psycopg.Connection[Any], db: str) -> int:
@@ -679,7 +688,7 @@ def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
     if _try_lock(conn, db, SWEEP):
         try:
             for name in _derelicts(conn, db):
-                _drop_database(conn, name)
+                _drop_leftover(conn, name)
         finally:
             _unlock(conn, db, SWEEP)
     ready = set(_ready_clones(conn, db))
@@ -690,7 +699,7 @@ def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
         if _try_lock(conn, db, SLOT + slot):
             try:
                 if name not in _ready_clones(conn, db):
-                    _drop_database(conn, name)
+                    _drop_leftover(conn, name)
             finally:
                 _unlock(conn, db, SLOT + slot)
 
@@ -725,11 +734,33 @@ def _lower_priority(pid: int) -> None:
 def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
     """Drop what a crash or a replaced copy left: trash, half-built copies, a half-made pristine copy, and pool
     databases that are not marked clones of the current copy. Only the holder of REFILL may call this."""
-    doomed = _derelicts(conn, db)
+    for name in _derelicts(conn, db):
+        _drop_leftover(conn, name)
     ready = set(_ready_clones(conn, db))
-    doomed += [name for name in _pool_databases(conn, db) if name not in ready]
-    for name in doomed:
-        _drop_database(conn, name)
+    for name in _pool_databases(conn, db):
+        # A private slot's copy a reset is making (it holds TAKE, not REFILL) is left to it: its slot is locked.
+        if name not in ready and _try_lock(conn, db, SLOT + _slot_of(db, name)):
+            try:
+                _drop_leftover(conn, name)
+            finally:
+                _unlock(conn, db, SLOT + _slot_of(db, name))
+
+
+def _drop_leftover(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Drop ``name``, a leftover; False, and one line on stderr, when a session this role may not end is on it:
+    it stays for a later sweep, and what needs its name (a pool slot) takes another."""
+    held = _drop_unless_held(conn, name)
+    if held is not None:
+        print(f"refresher: left for a later refill: {held}", file=sys.stderr, flush=True)
+    return held is None
+
+
+def _make_clones(conn: psycopg.Connection[Any], db: str, size: int) -> tuple[str, ...]:
+    """Clone the pristine copy into the first ``size`` pool slots no database holds (after ``_drop_leftovers``:
+    one a session this role may not end is on), under REFILL exclusive."""
+    taken = set(_pool_databases(conn, db))
+    free = [n for n in range(size + len(taken)) if pool_name(db, n) not in taken]
+    return tuple(_make_clone(conn, db, n) for n in free[:size])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from psycopg import sql
 
-from refresher._planner_stats import analyze_stale, may_record, record_pending, stale_names
+from refresher._planner_stats import analyze_stale, stale_names
 from refresher._snapshot_sql import (
     BUILDING_INFIX,
     MAINTENANCE_DB,
@@ -42,7 +42,6 @@ from refresher._snapshot_sql import (
     _comment,
     _create_from,
     _drop_database,
-    _execute,
     _Mark,
     _pool_databases,
     _pristine_mark,
@@ -58,7 +57,7 @@ from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
-from refresher.pool import HandedOut, _drop_leftovers, _make_clone, _take, spawn_refill
+from refresher.pool import HandedOut, _copy_in, _drop_leftovers, _make_clones, _take, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
 
 _T = TypeVar("_T")
@@ -244,7 +243,7 @@ def save_pristine(
         pool: tuple[str, ...] = ()
         if fill_pool:
             _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
-            pool = tuple(_make_clone(conn, db, n) for n in range(pool_size))
+            pool = _make_clones(conn, db, pool_size)
     return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started, ledger)
 
 
@@ -417,17 +416,15 @@ def _restore_checked(
         mark = _require_pristine(conn, db)  # as of the copy or clone taken: a swap needs TAKE
         ready = _ready_clones(conn, db)
         _move_to_trash(conn, db)
-        # A copy of a copy not analyzed yet carries the record of its pending analysis (``HandedOut``): a
-        # clone's is written in the transaction of its rename; a new copy's right after it (CREATE DATABASE
-        # is no transaction), and a kill in between is covered by the refill, which analyzes the working
-        # database with what the mark says is pending.
+        # A copy of a copy not analyzed yet carries the record of its pending analysis (``HandedOut``), written
+        # in the transaction of the rename that puts it in place: a new copy is made under a private slot's name
+        # first (CREATE DATABASE is no transaction; a rename and a record are), so a kill after the copy leaves
+        # no database under ``db`` (the next reset makes one) rather than one nobody knows to analyze.
         if ready:
             _take(conn, ready[0], db, None, mark)
             method = "pool"
         else:
-            _create_from(conn, pristine_name(db), db)
-            if not mark.analyzed and may_record(conn):
-                _execute(conn, record_pending(db, mark.pending))
+            _copy_in(conn, db, db, None, mark)
             method = "template"
     return method, mark
 

@@ -244,3 +244,39 @@ def test_a_role_that_cannot_snapshot_fails_the_refresh_in_one_line_before_it_loa
         _run(_profile(tmp_path, "2025-03-28"), plain, tmp_path / "store")
     with psycopg.connect(plain.dsn()) as conn:
         assert conn.execute("SELECT to_regclass('ohlcv_daily')").fetchone() == (None,)
+
+
+def test_a_clone_another_roles_session_holds_is_named_in_one_line_or_left_for_later(
+    plain: ServerInfo, pg_server: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
+    _run(_profile(tmp_path, "2025-03-28"), plain, tmp_path / "store")
+    refill_pool(plain, size=2)
+    name = f"{plain.dbname}_c"
+    checkout_clone(plain, name, refill=False)
+    held = pool_status(plain).ready[0]
+    with (
+        psycopg.connect(pg_server.dsn(name), autocommit=True),
+        psycopg.connect(pg_server.dsn(held), autocommit=True),
+    ):
+        # Dropping what a superuser's session holds: one line naming the session and what to do.
+        with pytest.raises(SnapshotError, match=f"cannot drop {name}: a session of role '{pg_server.user}'"):
+            drop_clone(plain, name)
+        # A new snapshot, then its refill, leave the held old clone for later and make the pool they need.
+        _damage(plain)
+        snapshot.save_pristine(plain, pool_size=2, fill_pool=False)
+        assert refill_pool(plain) == 2
+        assert held in _databases_of(plain) and held not in pool_status(plain).ready
+        snapshot.save_pristine(plain, pool_size=2, fill_pool=True)
+        assert len(pool_status(plain).ready) == 2 and held not in pool_status(plain).ready
+    drop_clone(plain, name)
+    refill_pool(plain)
+    assert len(pool_status(plain).ready) == 2
+
+
+def _databases_of(server: ServerInfo) -> set[str]:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (server.dbname,)
+        )
+        return {str(name) for (name,) in rows.fetchall()}

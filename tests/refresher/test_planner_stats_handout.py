@@ -18,7 +18,7 @@ import pytest
 
 from refresher import pool, snapshot
 from refresher._planner_stats import PENDING_SETTING, recorded
-from refresher._snapshot_sql import _pristine_mark
+from refresher._snapshot_sql import REFILL, _advisory, _pristine_mark
 from refresher.engines.base import ServerInfo
 from refresher.pool import checkout_clone, drop_clone, refill_pool
 from refresher.snapshot import restore_pristine, save_pristine
@@ -177,13 +177,23 @@ def test_kill_9_anywhere_in_the_analysis_of_a_checkout_then_the_next_refill_fini
     assert _steps_until_finished(bars, 1000.0, attempt) > 8
 
 
+@pytest.mark.parametrize("analyzed_meanwhile", [False, True])
 def test_kill_9_anywhere_in_a_reset_from_a_copy_not_analyzed_then_the_next_refill_analyzes_it(
-    bars: ServerInfo,
+    bars: ServerInfo, analyzed_meanwhile: bool
 ) -> None:
+    """``analyzed_meanwhile``: the pristine copy's analysis finished after the kill by a refill that started
+    before the reset (its mark then says analyzed: the next refill adds nothing for the working database), as when
+    a reset's copy and a refresh's refill overlap."""
     db = bars.dbname
 
     def attempt(step: int, close: float) -> bool:
         finished = _killed_after(bars, step, "snapshot.restore_pristine(server, refill=False)")
+        if analyzed_meanwhile:
+            with (
+                psycopg.connect(bars.dsn("postgres"), autocommit=True) as conn,
+                _advisory(conn, db, REFILL, shared=True),
+            ):
+                pool._analyze_pristine(conn, bars.dsn("postgres"), db, False)
         if db not in _databases(bars):  # killed between the reset's renames: the next reset puts it back
             restore_pristine(bars, refill=False)
         refill_pool(bars)
