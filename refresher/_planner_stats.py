@@ -29,8 +29,9 @@ removal, so a kill -9 anywhere loses nothing and redoes at most one table. One f
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import psycopg
@@ -106,6 +107,12 @@ _SETTINGS = (
     "JOIN pg_database d ON d.oid = s.setdatabase, unnest(s.setconfig) AS u(c) "
     "WHERE s.setrole = 0 AND starts_with(c, %(p)s) AND d.datallowconn AND NOT d.datistemplate"
 )
+# A database whose finisher is at it: its advisory lock (one bigint key: the high and low halves of the key in
+# classid and objid, objsubid 1) is granted to a session there.
+_FINISHING = (
+    " AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = d.oid AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%(s)s))"
+)
 _PENDING_NAME = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -131,11 +138,26 @@ def may_record(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
-def recorded(conn: psycopg.Connection[Any]) -> dict[str, tuple[str, ...]]:
+def recorded(conn: psycopg.Connection[Any], *, unattended: bool = False) -> dict[str, tuple[str, ...]]:
     """Every database of ``conn``'s server whose analysis is recorded as pending, with the tables it names
-    (``conn``: on any database; the settings are in the shared catalog)."""
-    rows = conn.execute(_SETTINGS, {"p": f"{PENDING_SETTING}="}).fetchall()
+    (``conn``: on any database; the settings are in the shared catalog). ``unattended``: only those no finisher
+    is at (``finishing``)."""
+    query = _SETTINGS + (_FINISHING if unattended else "")
+    rows = conn.execute(query, {"p": f"{PENDING_SETTING}=", "s": PENDING_SETTING}).fetchall()
     return {str(name): _split(str(value)) for name, value in rows}
+
+
+@contextlib.contextmanager
+def finishing(conn: psycopg.Connection[Any]) -> Iterator[bool]:
+    """Be the one analyzer of ``conn``'s database while the block runs: yields False at once when another one
+    is (its session holds the database's advisory lock), True with the lock held (released after)."""
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (PENDING_SETTING,)).fetchone()
+    ours = bool(row and row[0])
+    try:
+        yield ours
+    finally:
+        if ours and not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (PENDING_SETTING,))
 
 
 def finish_recorded(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> list[str] | None:
@@ -144,14 +166,8 @@ def finish_recorded(conn: psycopg.Connection[Any], also: Collection[str] = ()) -
     drops it. Returns the tables analyzed; [] when another finisher holds the database (it does the work; if it
     dies, the record stays for the next); None when nothing is recorded. A table dropped meanwhile is skipped;
     one whose lock does not come within the session's ``lock_timeout`` stays in the record, for the next."""
-    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (PENDING_SETTING,)).fetchone()
-    if not (row and row[0]):
-        return []
-    try:
-        return _finish_locked(conn, also)
-    finally:
-        if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (PENDING_SETTING,))
+    with finishing(conn) as ours:
+        return _finish_locked(conn, also) if ours else []
 
 
 def _finish_locked(conn: psycopg.Connection[Any], also: Collection[str]) -> list[str] | None:
@@ -213,6 +229,7 @@ __all__ = [
     "PENDING_SETTING",
     "analyze_stale",
     "finish_recorded",
+    "finishing",
     "may_record",
     "record_pending",
     "recorded",

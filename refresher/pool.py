@@ -41,6 +41,7 @@ from psycopg import conninfo, sql
 from refresher._planner_stats import (
     analyze_stale,
     finish_recorded,
+    finishing,
     may_record,
     record_pending,
     recorded,
@@ -199,10 +200,11 @@ def recorded_pool_size(server: ServerInfo, conn: psycopg.Connection[Any]) -> int
 def unfinished_analyses(conn: psycopg.Connection[Any]) -> list[str]:
     """The databases of ``conn``'s server whose handout recorded an analysis not finished yet (``HandedOut``: its
     analyzer is at it, or was killed). A command that starts no refill (a stamped no-op refresh) starts a
-    detached analyzer for them (``spawn_refill(server, fill=False)``), which leaves alone one being analyzed.
+    detached analyzer for them (``spawn_refill(server, fill=False)``); one a finisher is at is left out (no
+    second analyzer is started for it), and so is left alone by a refill.
     ``conn``: open on any database of the server (the records are in the shared catalog); trash aside (the sweep
     drops it)."""
-    return [name for name in recorded(conn) if TRASH_INFIX not in name]
+    return [name for name in recorded(conn, unattended=True) if TRASH_INFIX not in name]
 
 
 def resize_pool(server: ServerInfo, size: int) -> bool:
@@ -361,7 +363,7 @@ def _refill(
             beside.submit(_analyze_handed_out, admin_dsn, each, background)
         if not fill:
             return 0
-        also = handed.pending if handed is not None and handed.name == db else ()
+        also = handed.pending if handed is not None and handed.name == db and not may_record(conn) else ()
         working = _open_working(admin_dsn, db, background)
         changed = _stale_names(working)
         if working is not None:
@@ -432,7 +434,9 @@ def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> N
     Best effort, beside the refill: a reset or a refresh may end the session; autovacuum would get there later,
     and the next refill to a recorded one.
     """
-    with contextlib.suppress(psycopg.Error), live:
+    with contextlib.suppress(psycopg.Error), live, finishing(live) as ours:
+        if not ours:  # another analyzer is at this database: it does the work, and if it dies the next refill
+            return
         live.execute("SET lock_timeout = '1s'")  # the user's DDL on a table goes first; it is skipped
         if finish_recorded(live, also=names) is None:
             analyze_stale(live, also=names)
@@ -447,7 +451,9 @@ def _analyze_handed_out(admin_dsn: str, handed: HandedOut, background: bool) -> 
         )
         if background:
             _lower_priority(live.info.backend_pid)
-        _analyze_working(live, handed.pending)
+        # Its handout recorded what it lacks where the role may record: the record is the whole truth, and a
+        # finisher that came first cleared it (``handed.pending`` again would analyze those tables twice).
+        _analyze_working(live, () if may_record(live) else handed.pending)
 
 
 def _analyze_pristine(

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import psycopg
 import pytest
@@ -250,3 +251,41 @@ def test_a_snapshot_of_a_database_whose_recorded_analysis_is_unfinished_analyzes
     restore_pristine(bars, refill=False)
     _eventually(lambda: bars.dbname not in _records(bars), "the reset's analysis never finished")
     assert _max_close(bars.dsn()) == 3000.0
+
+
+def _analyzer(server: ServerInfo, *args: str) -> None:
+    """The detached analyzer, run to its end: ``spawn_refill(server, fill=False)`` with ``args`` added."""
+    command = [sys.executable, "-m", "refresher.pool", "refill", "--dsn", server.dsn("postgres")]
+    subprocess.run([*command, "--database", server.dbname, "--no-fill", *args], check=True, timeout=120)
+
+
+def test_one_analysis_per_handout_however_many_analyzers_are_started(bars: ServerInfo) -> None:
+    """A no-op refresh starts an analyzer when it finds a record; the handout's own was started too, and may be
+    at it or done: either way each table is analyzed once."""
+    save_pristine(bars, pool_size=0, fill_pool=False)
+    mark = _pristine_mark_of(bars)
+    name = f"{bars.dbname}_t"
+    checkout_clone(bars, name, refill=False, analyze=_no_analysis)
+    try:
+        # Its analyzer at it: a no-op refresh finds no record to start another for.
+        with psycopg.connect(bars.dsn(name), autocommit=True) as analyzer:
+            analyzer.execute("SELECT pg_advisory_lock(hashtext(%s))", (PENDING_SETTING,))
+            with psycopg.connect(bars.dsn("postgres")) as conn:
+                assert name not in pool.unfinished_analyses(conn)
+                assert name in _records(bars)
+        with psycopg.connect(bars.dsn("postgres")) as conn:
+            assert name in pool.unfinished_analyses(conn)
+        _analyzer(bars)  # the no-op refresh's, first
+        assert name not in _records(bars)
+        _analyzer(bars, "--analyze", name, "--also", ",".join(mark.pending))  # the handout's own, late
+        counts = _analyze_counts(bars, name)
+        assert counts["ohlcv_daily"] == 1 and max(counts.values()) == 1, counts
+    finally:
+        drop_clone(bars, name)
+
+
+def _pristine_mark_of(server: ServerInfo) -> Any:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        mark = _pristine_mark(conn, server.dbname)
+    assert mark is not None and "ohlcv_daily" in mark.pending
+    return mark
