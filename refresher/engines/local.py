@@ -64,6 +64,8 @@ INIT_PREFIX = "pgdata.init-"
 REMOVING_INFIX = ".removing-"
 # What may run in a cluster's data directory while its postmaster.pid is not (yet, or any more) a live server's.
 SERVER_PROGRAMS = frozenset({"postgres", "pg_ctl"})
+# postmaster.pid's status line while the postmaster shuts down (it refuses logins, then exits).
+STOPPING = "stopping"
 # Where under the settings' cache directory (``$XDG_CACHE_HOME/refresher``) new clusters' templates live.
 TEMPLATES = "pg-templates"
 # The local server listens on loopback TCP only: no Unix socket to collide with another cluster's.
@@ -196,6 +198,8 @@ class LocalEngine:
         if state is None or not initialized:
             state = self._init_cluster(paths)
         running = self._postmaster(paths)
+        if running is not None and running.status == STOPPING:
+            running = self._after_shutdown(paths, running)
         if running is not None:
             state = replace(state, port=running.port, pid=running.pid)
             self._wait_ready(paths, state, running.alive)  # one a killed CLI launched may still be binding
@@ -412,6 +416,20 @@ class LocalEngine:
                 )
             time.sleep(0.01)
         return running
+
+    def _after_shutdown(self, paths: _Paths, stopping: Postmaster) -> Postmaster | None:
+        """Wait for a postmaster that is shutting down to exit (a ``down`` killed during its ``pg_ctl stop``, a
+        stop by hand); then what runs the cluster, normally nothing. Taken for the running server, it refused
+        every login ("shutting down"), then exited, and the start failed instead of starting it again."""
+        deadline = time.monotonic() + self.ready_timeout
+        while stopping.alive():
+            if time.monotonic() > deadline:
+                raise EngineUnavailable(
+                    f"the local server for {paths.root.name} (pid {stopping.pid}) is still shutting down after"
+                    f" {self.ready_timeout:.0f}s; log tail ({paths.log}):\n{_pgctl.log_tail(paths.log)}"
+                )
+            time.sleep(0.01)
+        return self._postmaster(paths)
 
     def _start_cluster(self, paths: _Paths, state: ServerState) -> ServerState:
         """Start the postmaster and wait until it answers a login; retry another port if ours was taken.

@@ -28,17 +28,6 @@ from tests.fixtures_postgres import world_traversable_tmp
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-def engine(local_state_dir: Path) -> Iterator[LocalEngine]:
-    """The session's state dir, and every profile a test starts stopped after it."""
-    engine = LocalEngine(local_state_dir)
-    before = {s.profile for s in engine.status()}
-    yield engine
-    for status in engine.status():
-        if status.profile not in before:
-            engine.stop(status.profile)
-
-
 def _kill_server_keep_data(engine: LocalEngine, profile: str, mode: str = "fast") -> None:
     """What a reboot does: the server is gone, its data stays (``immediate``: as a crash leaves it, to recover)."""
     pgdata = engine.base / profile / "pgdata"
