@@ -381,8 +381,10 @@ class LocalEngine:
     def _stop_postmaster(self, paths: _Paths, modes: tuple[str, ...]) -> None:
         if self._postmaster(paths) is None:
             return
-        state = ServerState.read(paths.state) if paths.state.exists() else None
-        bin_dir = Path(state.bin_dir) if state else self.bin_dir
+        state = None
+        with contextlib.suppress(EngineStateError):  # that error tells the user to run `down`: this
+            state = ServerState.read(paths.state)
+        bin_dir = self._bin_dir_of(state)
         user = _pgctl.OsUser.for_server()
         for mode in modes:
             args = ["stop", "-D", str(paths.pgdata), "-m", mode, "-w", "-t", "60"]
@@ -431,6 +433,16 @@ class LocalEngine:
             time.sleep(0.01)
         return self._postmaster(paths)
 
+    def _bin_dir_of(self, state: ServerState | None) -> Path:
+        """The install that made the cluster, or ours once that one is gone (a moved checkout, a removed venv):
+        every start and stop failed on its missing ``pg_ctl``, so the cluster could neither run nor be stopped.
+        A cluster of another major than ours is refused by our server, which says so in its log."""
+        if state is not None and all(
+            (Path(state.bin_dir) / program).is_file() for program in ("pg_ctl", "postgres")
+        ):
+            return Path(state.bin_dir)
+        return self.bin_dir
+
     def _start_cluster(self, paths: _Paths, state: ServerState) -> ServerState:
         """Start the postmaster and wait until it answers a login; retry another port if ours was taken.
 
@@ -440,7 +452,8 @@ class LocalEngine:
         """
         user = _pgctl.OsUser.for_server()
         user.check_traversable(paths.pgdata)
-        bin_dir = Path(state.bin_dir)
+        bin_dir = self._bin_dir_of(state)
+        state = replace(state, bin_dir=str(bin_dir))
         ports = _port_candidates(self.pinned_port, state.port)
         for attempt in range(START_ATTEMPTS):
             port = next(ports)

@@ -1,4 +1,5 @@
-"""The local engine after what users do around it: a server caught shutting down."""
+"""The local engine after what users do around it: a server caught shutting down, the install that made a cluster
+moved away, a damaged server.json."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
 
+from refresher.engines import _pgctl
 from refresher.engines.local import STOPPING, LocalEngine, Postmaster
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.engines.test_local import _kill_server_keep_data
 
 pytestmark = pytest.mark.postgres
 
@@ -51,3 +56,51 @@ def test_a_start_while_the_server_shuts_down_waits_for_it_then_starts_it_again(e
     assert _kept(again.dsn()) == 42
     running = Postmaster.read(pgdata)
     assert running is not None and running.pid != postmaster.pid and running.alive()
+
+
+def _serving(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie nobody reaps in a container without an init does not)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def moved_install() -> Path:
+    """A path to the embedded PostgreSQL install that a test may remove (a checkout's venv, moved away)."""
+    path = world_traversable_tmp("lr-install-") / "old-venv-bin"
+    path.symlink_to(_pgctl.embedded_bin_dir())
+    return path
+
+
+def test_a_cluster_whose_install_is_gone_starts_and_stops_with_ours(
+    engine: LocalEngine, moved_install: Path
+) -> None:
+    # server.json names the bin dir that made the cluster; a moved checkout or a removed venv takes it away.
+    # Every start failed ("pg_ctl: no such program"), and so did `down` of a running server, left running.
+    before = LocalEngine(engine.base.parent, bin_dir=moved_install)
+    for profile in ("lr_moved_stopped", "lr_moved_running"):
+        with psycopg.connect(before.start(profile).dsn()) as conn:
+            conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    _kill_server_keep_data(engine, "lr_moved_stopped")
+    running = Postmaster.read(engine.base / "lr_moved_running" / "pgdata")
+    assert running is not None
+    moved_install.unlink()
+
+    again = engine.start("lr_moved_stopped")
+    assert _kept(again.dsn()) == 42
+    _kill_server_keep_data(engine, "lr_moved_stopped")  # server.json now names ours
+    assert _kept(engine.start("lr_moved_stopped").dsn()) == 42
+    assert engine.stop("lr_moved_running")
+    assert not _serving(running.pid)
+
+
+def test_down_of_a_running_server_whose_state_file_is_damaged_stops_it(engine: LocalEngine) -> None:
+    # The start's error says to run `refresher down`, which failed with that same error while the server ran.
+    engine.start("lr_damaged")
+    running = Postmaster.read(engine.base / "lr_damaged" / "pgdata")
+    assert running is not None
+    (engine.base / "lr_damaged" / "server.json").write_text("{half")
+    assert engine.stop("lr_damaged")
+    assert not _serving(running.pid)
