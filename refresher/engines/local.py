@@ -66,6 +66,9 @@ REMOVING_INFIX = ".removing-"
 SERVER_PROGRAMS = frozenset({"postgres", "pg_ctl"})
 # postmaster.pid's status line while the postmaster shuts down (it refuses logins, then exits).
 STOPPING = "stopping"
+# pg_ctl starts the postmaster through /bin/sh with every path in double quotes: these would be expanded or end the
+# quoting, and the server would never start (nor log why: its log's own path is mangled).
+SHELL_SPECIAL = re.compile(r'["$`]')
 # Where under the settings' cache directory (``$XDG_CACHE_HOME/refresher``) new clusters' templates live.
 TEMPLATES = "pg-templates"
 # The local server listens on loopback TCP only: no Unix socket to collide with another cluster's.
@@ -181,6 +184,8 @@ class LocalEngine:
     # -- the Engine protocol ------------------------------------------------------------------------------
     def start(self, profile: str) -> ServerInfo:
         paths = self._paths(validate_profile(profile))
+        _check_shell_safe(paths.root, "point REFRESHER_STATE_DIR elsewhere")
+        _check_shell_safe(self.bin_dir, "install PostgreSQL under a plainer path")
         try:
             with locked(paths.lock):
                 return self._start_locked(profile, paths)
@@ -523,6 +528,17 @@ class LocalEngine:
 def _remove_leftover(leftover: Path) -> None:
     _pgctl.kill_processes_in(leftover / "pgdata")  # a server a failed pg_ctl stop left running there
     shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_shell_safe(path: Path, fix: str) -> None:
+    """Refuse a path ``pg_ctl start`` would mangle (``SHELL_SPECIAL``): the start waited out its whole readiness
+    timeout on a server that never ran, its log empty."""
+    if found := sorted(set(SHELL_SPECIAL.findall(str(path)))):
+        raise EngineUnavailable(
+            f"{path}: the local engine cannot run a server under a path containing {' '.join(found)}"
+            f" (pg_ctl passes paths through /bin/sh); {fix}",
+            path=str(path),
+        )
 
 
 def _initdb_options(bin_dir: Path, user: _pgctl.OsUser, cwd: Path) -> list[str]:

@@ -1,5 +1,5 @@
 """The local engine after what users do around it: a server caught shutting down, the install that made a cluster
-moved away, a damaged server.json."""
+moved away, a damaged server.json, a state dir under a path pg_ctl's shell would mangle."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from refresher.engines import _pgctl
 from refresher.engines.local import STOPPING, LocalEngine, Postmaster
+from refresher.errors import EngineUnavailable
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.engines.test_local import _kill_server_keep_data
 
@@ -104,3 +105,23 @@ def test_down_of_a_running_server_whose_state_file_is_damaged_stops_it(engine: L
     (engine.base / "lr_damaged" / "server.json").write_text("{half")
     assert engine.stop("lr_damaged")
     assert not _serving(running.pid)
+
+
+@pytest.mark.parametrize("special", ['"', "$", "`"])
+def test_a_state_dir_pg_ctl_would_mangle_is_refused_at_once_naming_it(special: str) -> None:
+    # pg_ctl starts the server through /bin/sh, each path in double quotes: the server never ran, its log stayed
+    # empty, and the start waited out its whole readiness timeout ("it never opened the port").
+    state = world_traversable_tmp("lr-shell-") / f"my{special}checkout" / ".refresher"
+    engine = LocalEngine(state, ready_timeout=5)
+    with pytest.raises(EngineUnavailable, match=rf"cannot run a server under a path containing \{special}"):
+        engine.start("lr_shell")
+    assert not state.exists()  # nothing made that a later start would trust
+
+
+def test_a_state_dir_with_spaces_quotes_or_unicode_serves() -> None:
+    fine = LocalEngine(world_traversable_tmp("lr-plain-") / "my checkout's ünïcødé \\ dir" / ".refresher")
+    try:
+        with psycopg.connect(fine.start("lr_plain").dsn(), connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        fine.stop("lr_plain")
