@@ -239,7 +239,9 @@ def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None 
 def down(settings: Settings, name: str) -> list[str]:
     """Stop and remove ``name``'s server ("all": every server); returns the profiles stopped."""
     stopped: list[str] = []
-    for server in engines.all_statuses(settings):
+    # The second list: a `down` interrupted while removing a local cluster left its files hidden, where only
+    # another `down` (or a start) looks; the user's retry found "nothing to stop" and the files stayed.
+    for server in [*engines.all_statuses(settings), *engines.interrupted_removals(settings)]:
         if name in ("all", server.profile):
             engine = engines.make_engine(server.engine, settings)
             if engine.stop(server.profile):

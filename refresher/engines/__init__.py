@@ -98,6 +98,14 @@ def all_statuses(settings: Settings, *, all_checkouts: bool = False) -> list[Ser
     return statuses
 
 
+def interrupted_removals(settings: Settings) -> list[ServerStatus]:
+    """Local clusters a ``down`` was interrupted removing, which ``all_statuses`` does not list: for ``down``."""
+    from refresher.engines.local import LocalEngine
+
+    engine = make_engine("local", settings)
+    return engine.interrupted_removals() if isinstance(engine, LocalEngine) else []
+
+
 def sweep_abandoned(marker_label: str) -> list[str]:
     """Remove Docker containers and volumes marked ``marker_label`` whose owner process is gone."""
     if not docker_answers():
@@ -115,6 +123,7 @@ __all__ = [
     "all_statuses",
     "docker_answers",
     "engine_serving",
+    "interrupted_removals",
     "make_engine",
     "owner_gone",
     "owner_labels",

@@ -231,9 +231,9 @@ class LocalEngine:
     def stop(self, profile: str) -> bool:
         paths = self._paths(validate_profile(profile))
         with locked(paths.lock):
-            self._remove_leftovers(paths)
             if not paths.root.exists():
-                return False
+                return self._remove_leftovers(paths)
+            self._remove_leftovers(paths)
             self._stop_postmaster(paths, ("fast", "immediate"))
             # Out of the profile's name first: a kill -9 or Ctrl-C during the removal leaves a hidden leftover, which
             # the profile's next start or stop removes, never a half-removed cluster that a start would try to run.
@@ -242,18 +242,36 @@ class LocalEngine:
             shutil.rmtree(removing)
             return True
 
-    def _remove_leftovers(self, paths: _Paths) -> None:
+    def _remove_leftovers(self, paths: _Paths) -> bool:
         """Remove what a ``stop`` killed while removing a cluster left: the profile's (call with its lock), and
         any other profile's whose lock is free this moment (one whose owner never comes back would keep its
-        gigabytes, hidden, for good; one whose lock is held is left for later, never waited for)."""
+        gigabytes, hidden, for good; one whose lock is held is left for later, never waited for). True if the
+        profile had one."""
+        own = False
         for leftover in self.base.glob(f".*{REMOVING_INFIX}*"):
             profile = leftover.name[1:].partition(REMOVING_INFIX)[0]
             if profile == paths.root.name:
                 _remove_leftover(leftover)
+                own = True
             elif PROFILE_NAME.match(profile):
                 with try_locked(self._paths(profile).lock) as free:
                     if free:
                         _remove_leftover(leftover)
+        return own
+
+    def interrupted_removals(self) -> list[ServerStatus]:
+        """The profiles whose cluster a ``stop`` was interrupted removing: hidden (``status`` lists none, and a
+        start makes a new cluster), yet holding its files until a start or ``stop`` of any profile removes them;
+        for ``refresher down``, which stops only what it is shown."""
+        names = {
+            leftover.name[1:].partition(REMOVING_INFIX)[0]
+            for leftover in self.base.glob(f".*{REMOVING_INFIX}*")
+        }
+        return [
+            ServerStatus(self.name, name, False, detail="removal interrupted")
+            for name in sorted(names)
+            if PROFILE_NAME.fullmatch(name)
+        ]
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:

@@ -1,10 +1,12 @@
 """The local engine after what users do around it: a server caught shutting down, the install that made a cluster
-moved away, a damaged server.json, a state dir under a path pg_ctl's shell would mangle."""
+moved away, a damaged server.json, a state dir under a path pg_ctl's shell would mangle, a ``down`` killed while removing."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,10 +16,10 @@ import psycopg
 import pytest
 
 from refresher.engines import _pgctl
-from refresher.engines.local import STOPPING, LocalEngine, Postmaster
+from refresher.engines.local import REMOVING_INFIX, STOPPING, LocalEngine, Postmaster
 from refresher.errors import EngineUnavailable
 from tests.fixtures_postgres import world_traversable_tmp
-from tests.refresher.engines.test_local import _kill_server_keep_data
+from tests.refresher.engines.test_local import KILLED_REMOVING, _kill_server_keep_data
 
 pytestmark = pytest.mark.postgres
 
@@ -125,3 +127,27 @@ def test_a_state_dir_with_spaces_quotes_or_unicode_serves() -> None:
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         fine.stop("lr_plain")
+
+
+@pytest.mark.parametrize("named", ["the-profile", "all"])
+def test_down_again_after_a_down_killed_while_removing_finishes_the_removal(named: str) -> None:
+    # The killed down left the cluster's files under a hidden name, which `status` does not list: the user's
+    # retry (`refresher down`, to free the disk) said "nothing to stop" and the files stayed.
+    state = world_traversable_tmp("lr-down-")
+    engine = LocalEngine(state)
+    engine.start("lr_redown")
+    killed = subprocess.run([sys.executable, "-c", KILLED_REMOVING, str(state), "lr_redown"])
+    assert killed.returncode == -signal.SIGKILL
+    assert [p for p in engine.base.iterdir() if REMOVING_INFIX in p.name] != []
+    env = {**os.environ, "REFRESHER_STATE_DIR": str(state)}
+    profile = "lr_redown" if named == "the-profile" else "all"
+    down = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", "down", "--profile", profile],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == "stopped local:lr_redown"
+    assert [p.name for p in engine.base.iterdir()] == []  # its lock file too, as after any down
