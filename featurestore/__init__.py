@@ -12,7 +12,13 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from featurestore.errors import ComputeError, FeatureStoreError, ManifestBusy, StoreLockTimeout
+from featurestore.errors import (
+    ComputeError,
+    FeatureStoreError,
+    ManifestBusy,
+    StoreLockTimeout,
+    StoreNotWritable,
+)
 
 # Arrow's memory pool for every process that runs the store or refresher (whose errors import ours, so this runs
 # before any refresher module imports pyarrow: the CLI, the library, the jobs workers, the pytest plugin). Set
@@ -80,6 +86,7 @@ __all__ = [
     "KindStats",
     "ManifestBusy",
     "StoreLockTimeout",
+    "StoreNotWritable",
     "WarmReport",
     "collect_garbage",
     "config_hash",

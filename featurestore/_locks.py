@@ -7,6 +7,7 @@ locks when the kernel closes its descriptors, so a crash can never leave the sto
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from featurestore.errors import StoreLockTimeout
+from featurestore.errors import StoreLockTimeout, StoreNotWritable
 
 _POLL_SECONDS = 0.005
 _THREAD_LOCKS: dict[str, threading.RLock] = {}
@@ -31,7 +32,12 @@ def thread_lock(path: Path) -> threading.RLock:
 @contextmanager
 def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a traceback from every command, before
+            raise StoreNotWritable(str(path), exc.strerror or str(exc)) from None
+        raise
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if timeout is None:

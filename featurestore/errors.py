@@ -50,9 +50,29 @@ class ManifestBusy(FeatureStoreError):
         )
 
 
+class StoreNotWritable(FeatureStoreError):
+    """The store's directory cannot be written (a read-only mount, another user's directory): even a read takes
+    a lock file there."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"store lock={path}: cannot be opened for writing ({reason}); the store needs a directory this user "
+            "can write: point the store elsewhere (--store, FEATURE_STORE_PATH, --cache-root)",
+            path=path,
+            reason=reason,
+        )
+
+
 def bad_value(field: str, value: Any, reason: str) -> FeatureStoreError:
     """One-line error naming the argument and the value at fault."""
     return FeatureStoreError(f"{field}={value!r}: {reason}", field=field, value=value)
 
 
-__all__ = ["ComputeError", "FeatureStoreError", "ManifestBusy", "StoreLockTimeout", "bad_value"]
+__all__ = [
+    "ComputeError",
+    "FeatureStoreError",
+    "ManifestBusy",
+    "StoreLockTimeout",
+    "StoreNotWritable",
+    "bad_value",
+]

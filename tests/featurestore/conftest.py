@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore
@@ -27,3 +31,23 @@ def make_bars(rows: int = 500, *, seed: int = 0, tz: str = "UTC") -> pd.DataFram
 @pytest.fixture
 def bars() -> pd.DataFrame:
     return make_bars()
+
+
+@pytest.fixture
+def read_only_store(tmp_path: Path) -> Iterator[Path]:
+    """A filled store reached through a read-only bind mount; skipped where mounting is not allowed."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    real, mounted = tmp_path / "real", tmp_path / "read-only"
+    store = FeatureStore(real)
+    store.put_many([("seg-a", pa.table({"x": [1, 2]}), "A")])
+    mounted.mkdir()
+    done = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(real), str(mounted)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"mount --bind -o ro is not allowed here: {done.stderr.strip()}")
+    try:
+        yield mounted
+    finally:
+        subprocess.run(["umount", "-l", str(mounted)], check=False)

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from featurestore import FeatureStore
+from featurestore import FeatureStore, StoreNotWritable
 from tests.featurestore.test_gc import FEATURESTORE, REPO
 
 COMMANDS = ["gc", "stats", "verify", "rebuild"]
@@ -102,3 +102,16 @@ def test_bad_input_is_one_line_naming_the_value_and_exit_2(command: str, tmp_pat
         and len(unknown.stderr.strip().splitlines()) == 1
         and "--bogus" in unknown.stderr
     )
+
+
+def test_a_read_only_store_is_one_line_and_exit_2(read_only_store: Path) -> None:
+    # Even a read takes a lock file in the store: every command was an OSError traceback, exit 1.
+    with pytest.raises(StoreNotWritable, match="Read-only file system"):
+        FeatureStore(read_only_store).get("seg-a")
+    for command in ("stats", "verify"):
+        done = cli(command, "--cache-root", str(read_only_store))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert (
+            f"store lock={read_only_store}/" in done.stderr and "cannot be opened for writing" in done.stderr
+        )
