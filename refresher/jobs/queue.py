@@ -133,8 +133,10 @@ _RETRY = (
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'retrying', 1)
+-- two deliveries of one job failing at the same attempt make one member: counted twice, promoted once
+if redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'retrying', 1)
+end
 return 1
 """
 )

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+import redis
 
-from refresher.jobs.queue import JobQueue, connect
-from refresher.jobs.runs import RunSpec, cancel_run, retry_dead, run_status, submit_jobs
+from refresher.jobs.queue import Delivery, JobQueue, connect
+from refresher.jobs.runs import RunSpec, Submitted, cancel_run, retry_dead, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
 from refresher.segments import Segment
 from tests.redis_server import RedisServer
@@ -106,6 +107,16 @@ def test_a_live_worker_extending_its_claim_keeps_its_job(redis_server: RedisServ
     assert queue.reclaim("other", min_idle_ms=900) == []
 
 
+def two_deliveries(redis_server: RedisServer) -> tuple[redis.Redis, Submitted, JobQueue, Delivery, Delivery]:
+    """A one-job run whose job a worker holds ("paused") and another reclaimed ("live")."""
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("normal"), jobs("AAA", 1), now=NOW)
+    queue = JobQueue(client)
+    [paused] = queue.read("paused", block_ms=0)
+    [(again, _)] = queue.reclaim("live", min_idle_ms=0)
+    return client, run, queue, paused, again
+
+
 @pytest.mark.parametrize("late", ["dead", "retry"])
 def test_a_late_failure_of_a_job_another_delivery_finished_only_acknowledges_it(
     redis_server: RedisServer, late: str
@@ -113,11 +124,7 @@ def test_a_late_failure_of_a_job_another_delivery_finished_only_acknowledges_it(
     # A worker paused past the visibility timeout fails (its connection died meanwhile) after the job it held was
     # reclaimed and loaded: counted dead, the loaded segment showed as dead, and retry-dead left the run queued
     # for good, its no-op rerun counting nothing.
-    client = connect(redis_server.url)
-    run = submit_jobs(client, spec("normal"), jobs("AAA", 1), now=NOW)
-    queue = JobQueue(client)
-    [paused] = queue.read("paused", block_ms=0)
-    [(again, _)] = queue.reclaim("live", min_idle_ms=0)
+    client, run, queue, paused, again = two_deliveries(redis_server)
     assert queue.finish(again, rows=10, loaded=True, now=NOW.timestamp()) is True
     if late == "dead":
         queue.dead_letter(paused, "permanent: connection lost", 3)
@@ -128,3 +135,17 @@ def test_a_late_failure_of_a_job_another_delivery_finished_only_acknowledges_it(
     assert client.xlen("refresher:dead") == 0 and client.zcard("refresher:retry") == 0
     assert retry_dead(client, run.run_id) == 0
     assert run_status(client, run.run_id).state == "loaded"
+
+
+def test_two_deliveries_of_a_job_failing_at_the_same_attempt_wait_as_one_retry(
+    redis_server: RedisServer,
+) -> None:
+    client, run, queue, paused, again = two_deliveries(redis_server)
+    queue.retry_later(again, NOW.timestamp())
+    queue.retry_later(paused, NOW.timestamp())
+    assert run_status(client, run.run_id).retrying == 1  # was 2, and 1 for good after the promotion
+    assert queue.promote_due(NOW.timestamp()) == 1
+    assert run_status(client, run.run_id).retrying == 0
+    [retried] = queue.read("live", block_ms=0)
+    assert queue.finish(retried, rows=1, loaded=True, now=NOW.timestamp()) is True
+    assert (run_status(client, run.run_id).state, run_status(client, run.run_id).retrying) == ("loaded", 0)
