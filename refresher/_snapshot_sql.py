@@ -232,9 +232,10 @@ def _in_use(conn: psycopg.Connection[Any], db: str, exc: psycopg.Error) -> Snaps
 
 
 def _create_from(
-    conn: psycopg.Connection[Any], template: str, target: str, *, terminate: bool = False
+    conn: psycopg.Connection[Any], template: str, target: str, *, terminate: bool = False, what: str = ""
 ) -> None:
-    """CREATE DATABASE target TEMPLATE template, by file copy where the server supports it.
+    """CREATE DATABASE target TEMPLATE template, by file copy where the server supports it. ``what``: what a
+    full disk's error says the copy was for (default: the snapshot).
 
     FILE_COPY (PG 15+) measured ~3x faster than the default WAL_LOG here: with fsync off its checkpoint is
     cheap, and on PG 18 with file_copy_method=clone it reflinks on filesystems that can.
@@ -252,7 +253,10 @@ def _create_from(
             # The server removed the partial copy itself; the previous snapshot is untouched.
             row = conn.execute("SELECT pg_database_size(%s)", (template,)).fetchone()
             raise server_disk_full(
-                conn, exc, needed=int(row[0]) if row else 0, what=f"copying {template} for the snapshot"
+                conn,
+                exc,
+                needed=int(row[0]) if row else 0,
+                what=what or f"copying {template} for the snapshot",
             ) from exc
         except psycopg.errors.ObjectInUse as exc:  # a session (re)connected to the template: evict it again
             if attempt == attempts - 1:

@@ -634,15 +634,19 @@ def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str 
     return mark
 
 
-def _copy_in(conn: psycopg.Connection[Any], db: str, name: str, note: str | None, mark: _Mark) -> None:
+def _copy_in(
+    conn: psycopg.Connection[Any], db: str, name: str, note: str | None, mark: _Mark, *, what: str = ""
+) -> None:
     """Copy the pristine database (marked ``mark``) into a private slot, then rename it to ``name`` with ``note``
     and, when ``mark`` is not analyzed, the record of its pending analysis, in one transaction (``_take``): a
     kill anywhere leaves either no ``name`` or one that says what it lacks, never a copy nobody analyzes. The
-    caller holds what keeps the mark as read (TAKE, or REFILL shared)."""
+    caller holds what keeps the mark as read (TAKE, or REFILL shared). ``what``: as ``_create_from``'s."""
     slot = _claim_private_slot(conn, db)
     private = pool_name(db, slot)
     try:
-        _create_from(conn, pristine_name(db), private)
+        _create_from(
+            conn, pristine_name(db), private, what=what or f"copying {pristine_name(db)} into {name}"
+        )
         _take(conn, private, name, note, mark)
     except BaseException:
         with contextlib.suppress(psycopg.Error):

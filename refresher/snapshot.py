@@ -35,12 +35,14 @@ from refresher._snapshot_sql import (
     BUILDING_INFIX,
     MAINTENANCE_DB,
     REFILL,
+    SWEEP,
     TAKE,
     TRASH_INFIX,
     _admin,
     _advisory,
     _comment,
     _create_from,
+    _derelicts,
     _drop_database,
     _Mark,
     _pool_databases,
@@ -55,7 +57,7 @@ from refresher._snapshot_sql import (
 )
 from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
-from refresher.errors import RefresherError, SnapshotError
+from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
 from refresher.pool import HandedOut, _copy_in, _drop_leftovers, _make_clones, _take, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
@@ -424,9 +426,29 @@ def _restore_checked(
             _take(conn, ready[0], db, None, mark)
             method = "pool"
         else:
-            _copy_in(conn, db, db, None, mark)
+            _copy_replacing(conn, db, mark)
             method = "template"
     return method, mark
+
+
+def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None:
+    """Copy the pristine copy into place as ``db`` (whose old database is in the trash), under TAKE.
+
+    On a full disk the copy is tried once more after dropping ``db``'s trash: the database this reset replaces
+    holds its disk until the refill drops it, so on a disk with room for one copy and not two, a reset failed and
+    left no database at all, every time (the next reset trashed nothing new and copied onto the same disk).
+    """
+    what = f"resetting {db} (a copy of {pristine_name(db)})"
+    try:
+        _copy_in(conn, db, db, None, mark, what=what)
+    except DiskFull:
+        with _advisory(conn, db, SWEEP):  # a sweeper holds it while dropping trash (never TAKE meanwhile)
+            trash = [name for name in _derelicts(conn, db) if TRASH_INFIX in name]
+            for name in trash:
+                _drop_database(conn, name)
+        if not trash:
+            raise
+        _copy_in(conn, db, db, None, mark, what=what)
 
 
 def drop_snapshot(server: ServerInfo) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
@@ -18,7 +20,7 @@ from refresher.engines.local import LocalEngine
 from refresher.errors import DiskFull
 from refresher.load import load_segment
 from refresher.segments import Segment
-from refresher.snapshot import has_pristine, is_current, save_pristine
+from refresher.snapshot import has_pristine, is_current, restore_pristine, save_pristine
 from tests.fixtures_postgres import minute_bars, world_traversable_tmp
 from tests.refresher.test_refresh_e2e import Workspace
 
@@ -105,3 +107,40 @@ def test_a_full_feature_store_is_one_line_naming_it_and_its_free_space(tmp_path:
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"refresher: disk full: {store / 'store'} has "), done.stderr
+
+
+def test_a_reset_on_a_disk_with_room_for_one_copy_drops_what_it_replaces_first(
+    server_on_a_small_disk: tuple[ServerInfo, Path],
+) -> None:
+    """No pool: a reset copies the pristine copy, while the database it replaces (renamed to the trash) still
+    holds its disk. With room for that copy only once the trash is gone, the reset resets."""
+    server, pgdata = server_on_a_small_disk
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        for i in range(5):
+            segment = Segment(f"S{i}", "1m", dt.date(2024, 1, 1))
+            bars = minute_bars(f"S{i}", dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC), 25_000)
+            load_segment(conn, segment, bars, "h", tz="UTC")
+    save_pristine(server, pool_size=0)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'S0'")
+        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    assert size is not None
+    # Less free than a copy needs, more than it needs once the replaced database's disk is given back.
+    free = shutil.disk_usage(pgdata).free
+    filler = pgdata.parents[2] / "filler"
+    filler.write_bytes(b"\0" * (free - size[0] // 2))
+    assert restore_pristine(server, refill=False).method == "template"
+    with psycopg.connect(server.dsn()) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'").fetchone() == (25_000,)
+        names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    assert not [name for name in names if "__trash_" in name or "__pool_" in name]
+    # With no room even then (the database dropped by hand: nothing to give back): one line, saying what for.
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(server.dbname)))
+    filler.unlink()
+    filler.write_bytes(b"\0" * (shutil.disk_usage(pgdata).free - 2 * 2**20))
+    with pytest.raises(DiskFull) as resetting:
+        restore_pristine(server, refill=False)
+    _assert_one_line_naming(resetting.value, pgdata)
+    assert f"resetting {server.dbname} (a copy of {server.dbname}__pristine)" in str(resetting.value)
