@@ -215,6 +215,18 @@ def _rename(conn: psycopg.Connection[Any], old: str, new: str) -> None:
         raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
     except psycopg.errors.ObjectInUse as exc:
         raise _in_use(conn, old, exc) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise _not_allowed(conn, f"rename {old}", exc) from exc
+
+
+def _not_allowed(conn: psycopg.Connection[Any], doing: str, exc: psycopg.Error) -> SnapshotError:
+    """The error for a rename or copy of a database the role may not make (its CREATEDB revoked since the
+    refresh that checked it, ``snapshot.require_privileges``; or the database given to another owner)."""
+    return SnapshotError(
+        f"cannot {doing}: {exc.diag.message_primary or exc}; role {conn.info.user!r} needs CREATEDB, and to own "
+        "the database it resets (see docs/engines.md, 'A server someone else runs')",
+        role=conn.info.user,
+    )
 
 
 def _in_use(conn: psycopg.Connection[Any], db: str, exc: psycopg.Error) -> SnapshotError:
@@ -262,6 +274,8 @@ def _create_from(
             if attempt == attempts - 1:
                 raise _in_use(conn, template, exc) from exc
             time.sleep(0.05)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _not_allowed(conn, f"copy {template} to {target}", exc) from exc
 
 
 def _execute_create(
@@ -276,6 +290,7 @@ def _execute_create(
             psycopg.errors.DuplicateDatabase,
             psycopg.errors.QueryCanceled,
             psycopg.errors.DiskFull,
+            psycopg.errors.InsufficientPrivilege,
         ):
             raise
         except psycopg.Error as exc:

@@ -98,6 +98,13 @@ def _eventually(check: Callable[[], bool], what: str) -> None:
         time.sleep(0.2)
 
 
+def _refreshed_with_its_pool(server: ServerInfo, tmp_path: Path) -> dict[str, str]:
+    """Refresh ``server``'s database, wait for its pool; returns what the database holds."""
+    _run(_profile(tmp_path, "2025-03-28"), server, tmp_path / "store")
+    wait_for_pool(server, timeout=90)
+    return _checksums(server.dsn())
+
+
 def _not_superuser(server: ServerInfo) -> None:
     with psycopg.connect(server.dsn()) as conn:
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
@@ -173,9 +180,7 @@ def test_the_whole_path_as_a_createdb_role_owning_its_database(
 def test_a_session_the_role_may_not_end_fails_a_reset_in_one_line_and_leaves_the_database(
     plain: ServerInfo, pg_server: ServerInfo, tmp_path: Path
 ) -> None:
-    _run(_profile(tmp_path, "2025-03-28"), plain, tmp_path / "store")
-    wait_for_pool(plain, timeout=90)
-    pristine = _checksums(plain.dsn())
+    pristine = _refreshed_with_its_pool(plain, tmp_path)
     # The role's own sessions it ends, as a superuser would.
     with psycopg.connect(plain.dsn(), autocommit=True) as own:
         _damage(plain)
@@ -280,3 +285,21 @@ def _databases_of(server: ServerInfo) -> set[str]:
             "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (server.dbname,)
         )
         return {str(name) for (name,) in rows.fetchall()}
+
+
+def test_a_role_that_lost_createdb_fails_a_reset_and_a_checkout_in_one_line(
+    plain: ServerInfo, pg_server: ServerInfo, tmp_path: Path
+) -> None:
+    pristine = _refreshed_with_its_pool(plain, tmp_path)
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} NOCREATEDB").format(sql.Identifier(plain.user)))
+    _damage(plain)
+    with pytest.raises(SnapshotError, match=f"role '{plain.user}' needs CREATEDB"):
+        restore_pristine(plain, refill=False)
+    with pytest.raises(SnapshotError, match=f"role '{plain.user}' needs CREATEDB"):
+        checkout_clone(plain, f"{plain.dbname}_c", refill=False)
+    assert _checksums(plain.dsn()) != pristine  # left as it was
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(plain.user)))
+    restore_pristine(plain, refill=False)
+    assert _checksums(plain.dsn()) == pristine
