@@ -152,11 +152,25 @@ class FilesSource(Source):
         return table
 
     def _column(self, table: pa.Table, path: Path, target: str, required: bool = True) -> str | None:
-        by_lower: dict[str, str] = {str(name).lower(): str(name) for name in table.column_names}
-        wanted = (self.columns[target],) if target in self.columns else DEFAULT_NAMES[target]
+        names = [str(name) for name in table.column_names]
+        mapped = target in self.columns
+        wanted = (self.columns[target],) if mapped else DEFAULT_NAMES[target]
         for name in wanted:
-            if name.lower() in by_lower:
-                return by_lower[name.lower()]
+            matches = [column for column in names if column.lower() == name.lower()]
+            if mapped and names.count(name) == 1:
+                matches = [name]  # the mapping's exact spelling settles 'Close' beside 'close'
+            if len(matches) > 1:
+                # the last of them was taken silently (or a traceback, for two of one spelling)
+                raise SourceError(
+                    f"{path}: columns.{target}={name!r}: {len(matches)} columns match "
+                    f"({', '.join(map(repr, matches))}); keep one in the file, or name it, spelled exactly, "
+                    "in source.columns",
+                    file=str(path),
+                    field=f"columns.{target}",
+                    value=name,
+                )
+            if matches:
+                return matches[0]
         if required:
             raise SourceError(
                 f"{path}: columns.{target}={wanted[0]!r}: no such column (has: {', '.join(table.column_names)})",
@@ -209,11 +223,20 @@ class FilesSource(Source):
             table, path, "symbol", required="{symbol}" not in self.patterns[segment.timeframe]
         )
         if sym_col is not None:
-            mine = pc.equal(pc.utf8_trim_whitespace(table.column(sym_col).cast(pa.string())), segment.symbol)
+            try:
+                symbols = table.column(sym_col).cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # a struct or list column
+                raise SourceError(
+                    f"{path}: columns.symbol={sym_col!r}: holds {table.column(sym_col).type}, not text ({exc})",
+                    file=str(path),
+                    field="columns.symbol",
+                    value=sym_col,
+                ) from None
+            mine = pc.equal(pc.utf8_trim_whitespace(symbols), segment.symbol)
             positions = np.flatnonzero(pc.fill_null(mine, False).to_numpy(zero_copy_only=False))
             if not len(positions) and table.num_rows:
                 # a symbol spelled otherwise in the file (aapl, AAPL.O) loaded nothing and said nothing
-                seen = pc.unique(table.column(sym_col).cast(pa.string())).to_pylist()[:_EXAMPLES]
+                seen = pc.unique(symbols).to_pylist()[:_EXAMPLES]
                 reason = f"no row has {sym_col}={segment.symbol!r} (it has e.g. {', '.join(map(repr, seen))})"
                 self.reports.append(SourceReport(segment, str(path), reason))
             table = table.filter(pc.fill_null(mine, False))

@@ -223,3 +223,34 @@ def test_a_file_written_to_while_it_is_read_is_refused_not_loaded_cut(
         src.fetch(Segment("AAPL", "1d", NOV))
     monkeypatch.undo()
     assert src.fetch(Segment("AAPL", "1d", NOV)).column("close").to_pylist() == [10.4, 10.9]
+
+
+@pytest.mark.parametrize("second", ["close", "Close"])
+def test_two_columns_matching_one_name_are_refused_unless_the_mapping_spells_one(
+    tmp_path: Path, make_profile: MakeProfile, second: str
+) -> None:
+    # 'Close' beside 'close': the last one was loaded silently; two named 'Close': a KeyError traceback
+    (tmp_path / "all.csv").write_text(
+        f"Ticker,Date,Open,High,Low,Close,Volume,{second}\nAAPL,2024-11-26,10,11,9,10.5,1000,10.4\n"
+    )
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.csv")))
+    with pytest.raises(SourceError, match=rf"columns.close='close': 2 columns match \('Close', '{second}'\)"):
+        src.fetch(Segment("AAPL", "1d", NOV))
+    if second == "close":
+        body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  columns: {{close: Close}}"
+        mapped = FilesSource(make_profile(profile_body(body)))
+        assert mapped.fetch(Segment("AAPL", "1d", NOV)).column("close").to_pylist() == [10.5]
+
+
+def test_a_symbol_column_that_is_not_text_is_one_line(tmp_path: Path, make_profile: MakeProfile) -> None:
+    table = pa.table(
+        {
+            "Ticker": pa.array([{"id": "AAPL"}]),  # an ArrowNotImplementedError traceback before
+            "Date": [dt.date(2024, 11, 26)],
+            **{name: [10.0] for name in ("Open", "High", "Low", "Close", "Volume")},
+        }
+    )
+    pq.write_table(table, tmp_path / "all.parquet")
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet")))
+    with pytest.raises(SourceError, match=r"all\.parquet: columns.symbol='Ticker': holds struct<id: string>"):
+        src.fetch(Segment("AAPL", "1d", NOV))
