@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -241,6 +242,24 @@ def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
     # in a container) is as good as gone but would keep wait_procs waiting out its timeout.
     while (victims := [proc for proc in victims if _running(proc)]) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def remove_leftover(root: Path, *, pgdata: Path | None = None) -> None:
+    """Remove ``root``, what a killed or failed command left of a cluster (a half initdb or copy, a half-removed
+    cluster or template), once nothing works in its data directory ``pgdata`` (``root`` itself by default): an
+    initdb or ``cp`` that missed its PDEATHSIG, or a server a failed ``pg_ctl stop`` left running, would write on
+    while its files go. Call with the lock that keeps any new command of ours out of it."""
+    kill_processes_in(pgdata or root)
+    remove_tree(root)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree, or whatever else took its name (a file someone wrote there); what cannot be
+    removed stays."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _works_in(proc: psutil.Process, target: str, here: tuple[int, int] | None) -> bool:

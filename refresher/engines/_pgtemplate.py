@@ -93,8 +93,7 @@ def template_for(cache: Path, key: TemplateKey) -> Iterator[Path | None]:
 def _remove_leftovers(cache: Path, name: str) -> None:
     """Remove what a killed builder (a half copy) or remover left of the template ``name``; call with its lock."""
     for leftover in cache.glob(f"{name}.tmp-*"):
-        _pgctl.kill_processes_in(leftover / PGDATA)  # a builder's cp may not have received its SIGKILL yet
-        _delete(leftover)
+        _pgctl.remove_leftover(leftover, pgdata=leftover / PGDATA)  # a builder's cp may still run there
 
 
 def identity(template: Path) -> int:
@@ -118,12 +117,7 @@ def _remove(cache: Path, name: str) -> None:
     _delete(dead)
 
 
-def _delete(path: Path) -> None:
-    """Remove a directory tree, or whatever else took its name (a file someone wrote there)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+_delete = _pgctl.remove_tree  # a directory tree, or whatever else took its name (a file someone wrote there)
 
 
 def keep(cache: Path, key: TemplateKey, cluster: Path) -> None:

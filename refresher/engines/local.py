@@ -251,12 +251,12 @@ class LocalEngine:
         for leftover in self.base.glob(f".*{REMOVING_INFIX}*"):
             profile = leftover.name[1:].partition(REMOVING_INFIX)[0]
             if profile == paths.root.name:
-                _remove_leftover(leftover)
+                _pgctl.remove_leftover(leftover, pgdata=leftover / "pgdata")
                 own = True
             elif PROFILE_NAME.match(profile):
                 with try_locked(self._paths(profile).lock) as free:
                     if free:
-                        _remove_leftover(leftover)
+                        _pgctl.remove_leftover(leftover, pgdata=leftover / "pgdata")
         return own
 
     def interrupted_removals(self) -> list[ServerStatus]:
@@ -396,8 +396,7 @@ class LocalEngine:
         """Remove a cluster nobody can log into (or half-made ones), stopping a server still running on it."""
         self._stop_postmaster(paths, ("immediate",))
         for leftover in paths.root.glob(f"{INIT_PREFIX}*"):
-            _pgctl.kill_processes_in(leftover)  # an initdb orphaned by a kill -9 still writes there
-            shutil.rmtree(leftover, ignore_errors=True)
+            _pgctl.remove_leftover(leftover)  # an initdb orphaned by a kill -9 may still write there
         if paths.pgdata.exists():
             shutil.rmtree(paths.pgdata)
 
@@ -541,11 +540,6 @@ class LocalEngine:
 
     def _info(self, profile: str, state: ServerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
-
-
-def _remove_leftover(leftover: Path) -> None:
-    _pgctl.kill_processes_in(leftover / "pgdata")  # a server a failed pg_ctl stop left running there
-    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_shell_safe(path: Path, fix: str) -> None:
