@@ -17,7 +17,8 @@ Layout under the cache directory (``$XDG_CACHE_HOME/refresher/pg-templates``)::
 
 ``<key>`` hashes the postgres binary (path, size, mtime), its version, the exact initdb arguments and the
 files' owner, so a new server build or a new initdb flag makes a new template rather than reusing a stale one.
-Each new template ends its build by removing those of builds gone from disk (``prune``).
+Each new template ends its build by removing those of builds gone from disk, and those of its own build made
+with older initdb arguments (``prune``).
 The copies share the template's system identifier, which only replication and backup tools read; a local
 cluster has neither.
 """
@@ -143,34 +144,41 @@ def keep(cache: Path, key: TemplateKey, cluster: Path) -> None:
 
 
 def prune(cache: Path, current: TemplateKey) -> None:
-    """Remove the templates (and leftovers) of postgres builds no longer on disk: no key can name them again.
+    """Remove the templates (and leftovers) no new cluster will be copied from again (``_superseded``).
 
-    A build gone is a binary whose path is gone or holds another file (an upgraded wheel, a removed venv or
-    install); a template made before markers named their build counts as gone too, and is built again on its next
-    use. Templates of builds still on disk stay, whichever is ``current``: another venv or checkout may use them.
+    Templates of other builds still on disk stay, whichever is ``current``: another venv or checkout may use them.
     Each is taken by its lock without waiting, so one that another process copies from, builds or checks right
     now is left for a later prune; it is renamed away before its files go (``_remove``). Never raises OSError: a
     prune that fails leaves what it could not remove. Cheap: a marker read and a stat per template, at each build.
     """
     with contextlib.suppress(OSError):
+        owner = (cache / current.name / PGDATA / "PG_VERSION").stat().st_uid
         names = {entry.name.partition(".tmp-")[0] for entry in cache.iterdir()}
         for name in sorted(n for n in names if KEY_NAME.fullmatch(n) and n != current.name):
             with contextlib.suppress(OSError), try_locked(cache / f".{name}.lock") as ours:
                 if not ours:
                     continue
                 _remove_leftovers(cache, name)
-                if (cache / name).exists() and not _build_on_disk(cache / name):
+                if (cache / name).exists() and _superseded(cache / name, current, owner):
                     _remove(cache, name)
 
 
-def _build_on_disk(final: Path) -> bool:
-    """Whether the postgres binary the template ``final`` was made by is still on disk, unchanged."""
+def _superseded(final: Path, current: TemplateKey, owner: int) -> bool:
+    """Whether no key can name the template ``final`` again: the postgres binary it was made by is gone or holds
+    another file (an upgraded wheel, a removed venv or install; a marker from before markers named their build
+    counts as gone), or it is ``current``'s build for the same owner (``owner``, its files' uid) with other initdb
+    arguments, those of a refresher before this one: kept, it stayed for good. Two refresher versions that differ
+    in them and share one install (two checkouts on one venv) each build their template again after the other's
+    build: an initdb then, never a wrong copy."""
     try:
         marker = json.loads((final / MARKER).read_text(encoding="utf-8"))
         path, size, mtime_ns = marker["postgres"]
-        return _build(Path(path)) == (path, size, mtime_ns)
+        build = (path, size, mtime_ns)
+        if _build(Path(path)) != build:
+            return True
+        return build == current.build and (final / PGDATA / "PG_VERSION").stat().st_uid == owner
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return True
 
 
 def copy_cluster(source: Path, target: Path) -> None:
