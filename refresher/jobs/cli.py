@@ -66,8 +66,8 @@ def _jobs(args: argparse.Namespace, settings: Settings, emit: Callable[..., None
     client = connect(args.queue)
     if action == "status":
         if args.watch and not args.json:
-            _watch(client, args.run_id)
-            return 0
+            # a run that ends with dead-lettered jobs fails the command, so a script waiting on it can tell
+            return 1 if _watch(client, args.run_id) == "incomplete" else 0
         state = run_status(client, args.run_id)
         emit(args, state.to_json(), lambda: _print_status(state))
     elif action == "list":
@@ -150,13 +150,14 @@ def _list_table(runs: list[RunStatus]) -> Table:
     return table
 
 
-def _watch(client: redis.Redis, run_id: str) -> None:
+def _watch(client: redis.Redis, run_id: str) -> str:
+    """Show the run until nothing of it is left to run; its final state."""
     with Live(_status_table(run_status(client, run_id)), console=out, refresh_per_second=4) as live:
         while True:
             state = run_status(client, run_id)
             live.update(_status_table(state))
-            if state.state in ("complete", "cancelled"):
-                return
+            if state.state in ("complete", "cancelled", "incomplete"):
+                return state.state
             time.sleep(0.5)
 
 

@@ -97,7 +97,18 @@ class Delivery:
         return cls(name.rsplit(":", 1)[1], mid, json.loads(fields[b"job"]))
 
 
-_FINISH = """
+# Every job settled, some dead-lettered: nothing is left to run until `jobs retry-dead`. The run stayed 'queued',
+# so `jobs status` said it was waiting and `jobs status --watch` never returned.
+_INCOMPLETE = """
+local run = redis.call('HMGET', KEYS[2], 'done', 'dead', 'total', 'state')
+if run[4] == 'queued' and tonumber(run[1]) + tonumber(run[2]) >= tonumber(run[3]) then
+  redis.call('HSET', KEYS[2], 'state', 'incomplete')
+end
+return 1
+"""
+
+_FINISH = (
+    """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
@@ -112,8 +123,10 @@ if done >= tonumber(redis.call('HGET', KEYS[2], 'total')) then
   redis.call('SADD', KEYS[5], ARGV[7])
   return 2
 end
-return 1
 """
+    + _INCOMPLETE
+)
+
 
 # A delivery that fails after another delivery of the same job finished it (a worker paused past the visibility
 # timeout, its job reclaimed and loaded meanwhile) is only acknowledged: counted dead or retrying, the loaded
@@ -149,8 +162,8 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
 redis.call('XADD', KEYS[3], '*', 'run', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
 redis.call('HINCRBY', KEYS[2], 'dead', 1)
-return 1
 """
+    + _INCOMPLETE
 )
 
 _DROP = """

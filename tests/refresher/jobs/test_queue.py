@@ -149,3 +149,25 @@ def test_two_deliveries_of_a_job_failing_at_the_same_attempt_wait_as_one_retry(
     [retried] = queue.read("live", block_ms=0)
     assert queue.finish(retried, rows=1, loaded=True, now=NOW.timestamp()) is True
     assert (run_status(client, run.run_id).state, run_status(client, run.run_id).retrying) == ("loaded", 0)
+
+
+@pytest.mark.parametrize("dead_first", [True, False])
+def test_a_run_whose_jobs_all_settled_with_dead_letters_is_incomplete_until_retried(
+    redis_server: RedisServer, dead_first: bool
+) -> None:
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("normal"), jobs("AAA", 2), now=NOW)
+    queue = JobQueue(client)
+    first, second = queue.read("w", block_ms=0, count=2)
+    poison, fine = (first, second) if dead_first else (second, first)
+    for delivery in (first, second):
+        if delivery is poison:
+            queue.dead_letter(poison, "permanent: bad row", 3)
+        else:
+            assert queue.finish(fine, rows=1, loaded=True, now=NOW.timestamp()) is False
+    assert run_status(client, run.run_id).state == "incomplete"  # was 'queued' for good
+    assert retry_dead(client, run.run_id) == 1
+    assert run_status(client, run.run_id).state == "queued"
+    [again] = queue.read("w", block_ms=0)
+    assert queue.finish(again, rows=1, loaded=True, now=NOW.timestamp()) is True
+    assert run_status(client, run.run_id).state == "loaded"

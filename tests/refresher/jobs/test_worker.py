@@ -231,7 +231,9 @@ def test_a_poison_job_is_dead_lettered_the_others_complete_and_retry_dead_finish
     worker = start_worker(ws, url, "w1", "--burst")
     assert worker.wait(timeout=600) == 0, worker_log(ws, "w1")
     state = status(ws, url, run["run_id"])
-    assert (state["done"], state["dead"], state["state"]) == (5, 1, "queued")
+    # every job settled, one dead: 'queued' before, and `jobs status --watch` never returned
+    assert (state["done"], state["dead"], state["state"]) == (5, 1, "incomplete")
+    ws.run("jobs", "status", run["run_id"], "--watch", "--queue", url, expect=1)
     [(_, entry)] = redis_server.client().xrange("refresher:dead")
     assert json.loads(entry[b"job"])["seg"] == "KO/1d/2024-10"
     assert entry[b"attempts"] == b"3" and b"permanent" in entry[b"error"] and b"close" in entry[b"error"]
