@@ -409,7 +409,9 @@ def copy_arrow(
     with conn.cursor() as cur, cur.copy(statement) as copy:
         copy.write(encoder.write_header())
         for batch in data.to_batches(max_chunksize=BATCH_ROWS):
-            copy.write(encoder.write_batch(batch))
+            # A view, not the bytes: psycopg cuts a buffer over 128 KB into pieces before libpq, and a piece of
+            # bytes is a copy where a piece of a memoryview is not (the whole COPY stream, 0.8 GB for backtesting).
+            copy.write(memoryview(encoder.write_batch(batch)))
         copy.write(encoder.finish())
 
 

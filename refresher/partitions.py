@@ -48,6 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import sql
 
 # The tables that are partitioned by month when a database is created, and their time column.
@@ -271,11 +272,14 @@ def _by_month(values: pa.ChunkedArray | pa.Array) -> dict[int, np.ndarray[Any, n
     and the month of every row costs more (about 0.5 s of a cold backtesting load)."""
     if len(values) == 0:
         return {}
-    micros = np.asarray(values.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(), dtype=np.int64)
-    first, last = _month_codes(np.array([micros.min(), micros.max()]))
+    numbers = values.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    # The extremes from Arrow, over the chunks where they lie: the column as one numpy array is a copy of the
+    # batch's times (a month of backtesting bars, 6 MB into fresh pages), needed only when two months share it.
+    extremes = pc.min_max(numbers)
+    first, last = _month_codes(np.array([extremes["min"].as_py(), extremes["max"].as_py()], dtype=np.int64))
     if first == last:
         return {int(first): None}
-    codes = _month_codes(micros)
+    codes = _month_codes(np.asarray(numbers.to_numpy(), dtype=np.int64))
     return {int(code): codes == code for code in np.unique(codes)}
 
 

@@ -51,6 +51,16 @@ def test_minute_bars_round_trip_exactly(conn: psycopg.Connection[Any]) -> None:
     assert _rows(conn, "ohlcv_1min", "AAPL") == _as_tuples(bars)
 
 
+def test_a_copy_message_larger_than_psycopgs_pieces_round_trips_exactly(
+    conn: psycopg.Connection[Any],
+) -> None:
+    # 6,000 bars are one encoded batch of about half a megabyte, which psycopg sends in 128 KB pieces: of the
+    # view ``copy_arrow`` hands it, not of a copy. Every row must arrive, in order, with every value exact.
+    bars = minute_bars("AAPL", OPEN_JAN_2, 6_000, seed=3)
+    assert load_segment(conn, Segment("AAPL", "1m", JAN), bars, "h1", tz=NY) == 6_000
+    assert _rows(conn, "ohlcv_1min", "AAPL") == _as_tuples(bars)
+
+
 def test_daily_bars_round_trip_exactly(conn: psycopg.Connection[Any]) -> None:
     bars = daily_bars("MSFT", JAN, 22, seed=2)
     assert load_segment(conn, Segment("MSFT", "1d", JAN), bars, "h1", tz=NY) == 22

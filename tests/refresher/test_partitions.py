@@ -13,12 +13,13 @@ import time
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.load import SegmentLoad, delete_segment, load_segment, load_segments
-from refresher.partitions import existing_months, is_partitioned
+from refresher.partitions import _by_month, existing_months, is_partitioned
 from refresher.segments import Segment
 from tests.fixtures_postgres import minute_bars
 
@@ -94,6 +95,19 @@ def test_a_new_months_key_is_built_without_parallel_workers(conn: psycopg.Connec
     assert conn.execute("SELECT pg_relation_size('ohlcv_1min_2024_01')").fetchone()[0] > 8 * 2**20
     assert any("internal sort" in message for message in sorts)
     assert not [message for message in sorts if "parallel" in message]
+
+
+def test_the_months_of_a_batch_are_found_whichever_chunk_holds_its_extremes() -> None:
+    late_jan = minute_bars("MSFT", dt.datetime(2024, 1, 31, 23, 58, tzinfo=dt.UTC), 4).column("ts")
+    feb = minute_bars("AAPL", OPEN_FEB_1, 3).column("ts")
+    jan, february = 2024 * 12, 2024 * 12 + 1
+    assert _by_month(pa.chunked_array([*feb.chunks, *feb.chunks])) == {february: None}
+    # The earliest instant in the last chunk, the latest in the first: each row's month, in order.
+    months = _by_month(pa.chunked_array([*feb.chunks, *late_jan.chunks]))
+    assert list(months) == [jan, february]
+    in_jan, in_feb = months[jan], months[february]
+    assert in_jan is not None and in_jan.tolist() == [False] * 3 + [True, True, False, False]
+    assert in_feb is not None and in_feb.tolist() == [True] * 3 + [False, False, True, True]
 
 
 def test_segments_reload_and_delete_across_partitions(conn: psycopg.Connection[Any]) -> None:
