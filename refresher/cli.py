@@ -344,6 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_USER_ERROR
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
+            # A state dir on a read-only mount, or another user's: the first lock file was a traceback.
+            print(
+                f"refresher: {exc.filename}: {exc.strerror}; point REFRESHER_STATE_DIR (or the path named)"
+                " at a directory this user can write",
+                file=sys.stderr,
+            )
+            return EXIT_USER_ERROR
         raise
 
 

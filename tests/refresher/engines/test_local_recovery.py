@@ -129,6 +129,15 @@ def test_a_state_dir_with_spaces_quotes_or_unicode_serves() -> None:
         fine.stop("lr_plain")
 
 
+def _cli(state: Path, *args: str, store: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real ``refresher`` command on the state dir ``state``."""
+    env = {**os.environ, "REFRESHER_STATE_DIR": str(state)}
+    if store is not None:
+        env["FEATURE_STORE_PATH"] = str(store)
+    command = [sys.executable, "-m", "refresher.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("named", ["the-profile", "all"])
 def test_down_again_after_a_down_killed_while_removing_finishes_the_removal(named: str) -> None:
     # The killed down left the cluster's files under a hidden name, which `status` does not list: the user's
@@ -139,15 +148,27 @@ def test_down_again_after_a_down_killed_while_removing_finishes_the_removal(name
     killed = subprocess.run([sys.executable, "-c", KILLED_REMOVING, str(state), "lr_redown"])
     assert killed.returncode == -signal.SIGKILL
     assert [p for p in engine.base.iterdir() if REMOVING_INFIX in p.name] != []
-    env = {**os.environ, "REFRESHER_STATE_DIR": str(state)}
     profile = "lr_redown" if named == "the-profile" else "all"
-    down = subprocess.run(
-        [sys.executable, "-m", "refresher.cli", "down", "--profile", profile],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    down = _cli(state, "down", "--profile", profile)
     assert down.returncode == 0, down.stderr
     assert down.stdout.strip() == "stopped local:lr_redown"
     assert [p.name for p in engine.base.iterdir()] == []  # its lock file too, as after any down
+
+
+def test_refresh_with_a_read_only_state_dir_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    state = world_traversable_tmp("lr-ro-") / "state"
+    state.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "--bind", "-o", "ro", str(state), str(state)]).returncode
+    ):
+        pytest.skip("a read-only bind mount needs root")
+    try:
+        done = _cli(
+            state, "refresh", "--profile", "ui_testing", "--engine", "local", store=tmp_path / "store"
+        )
+    finally:
+        subprocess.run(["umount", str(state)], check=False)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()  # a traceback from the profile's lock file before
+    assert line.startswith(f"refresher: {state}/") and "Read-only file system" in line
