@@ -168,13 +168,15 @@ def load_tables(
     ``on_loaded(items, allow_shrink)`` is told what was committed (``refresher.replay``).
 
     The in-process refresh made its plan moments ago on the only connection that writes (the profile lock
-    keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again.
+    keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again. A segment
+    with quarantined rows loads even so: its rows may be the ones loaded under ``skip``, but its rejects are
+    not in ``refresher_rejects`` yet (rare, and it goes through the ledger and the snapshot's replay as any load).
     """
     items: list[load.SegmentLoad] = []
     jobs: list[SegmentJob] = []
     outcomes: dict[Segment, SegmentOutcome] = {}
     for job, table, content_hash, rejects in produced:
-        if job.loaded_hash == content_hash and not job.force:
+        if job.loaded_hash == content_hash and not job.force and not rejects:
             outcomes[job.segment] = SegmentOutcome(
                 job.segment, content_hash, 0, job.stored_hash is None, False
             )
@@ -205,7 +207,8 @@ def load_table(
 
     The ledger row is read inside the transaction, under an advisory lock on the segment, instead of trusting
     the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at once (a reclaimed job
-    whose first worker was only slow), and the second must then be a no-op. ``rejects`` (what the source
+    whose first worker was only slow), and the second must then be a no-op, unless it has ``rejects`` (the
+    rows may be those loaded under another ``on_bad_rows``, the rejects not). ``rejects`` (what the source
     quarantined when it produced ``table``, fetched or read back from the store) replace the segment's rows in
     ``refresher_rejects``; None leaves them as they are.
     """
@@ -218,7 +221,7 @@ def load_table(
                 "WHERE symbol = %s AND timeframe = %s AND month = %s",
                 (job.segment.symbol, job.segment.timeframe, job.segment.month),
             ).fetchone()
-            if row is not None and row[0] == content_hash and not job.force:
+            if row is not None and row[0] == content_hash and not job.force and not rejects:
                 return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
             rows = load.load_segment(
                 conn,

@@ -256,3 +256,17 @@ def test_fail_into_a_new_server_is_one_line_and_loads_nothing() -> None:
         assert new.refresh()["segments"]["loaded"] == 4
     finally:
         new.down()
+
+
+def test_switching_to_quarantine_fills_the_rejects_of_segments_already_loaded(ws: Workspace) -> None:
+    # The good rows are the same under skip and quarantine: the segment's content matched the ledger, its load
+    # was skipped as a no-op, and the rows the user switched to quarantine to see never reached the table.
+    lines, _, _, rule = BAD["high below low"]
+    write(ws, lines)
+    ws.refresh("--on-bad-rows", "skip")
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
+    ws.refresh("--on-bad-rows", "quarantine")
+    rejects = ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule)) FROM refresher_rejects")
+    assert rejects == [["AAPL", BAD_LINE, rule]]
+    ws.run("reset", "--profile", ws.profile)  # in the pristine copy too
+    assert ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule)) FROM refresher_rejects") == rejects
