@@ -75,7 +75,10 @@ def collect_garbage(
     """Remove expired entries, broken rows, orphan files and stale temporaries; then compact the manifest."""
     say = log or (lambda _line: None)
     now = utc_now()
-    cutoff = now - retention
+    try:
+        cutoff = now - retention
+    except OverflowError:  # a retention reaching before year 1 (--retention-weeks 200000): nothing expires
+        cutoff = dt.datetime.min.replace(tzinfo=dt.UTC)
     stray_cutoff = time.time() - grace.total_seconds()
     manifest_before = _size(store.manifest.path)
     with store.manifest.write() as txn:
@@ -163,8 +166,9 @@ def _mtime(path: Path) -> float:
 # -- command line ---------------------------------------------------------------------------------------------
 
 
-def _non_negative(flag: str, kind: Callable[[str], T], noun: str) -> Callable[[str], T]:
-    """An argparse type: ``kind(text)`` that must be >= 0, else one line naming the flag and the value."""
+def _non_negative(flag: str, kind: Callable[[str], T], noun: str, unit: str) -> Callable[[str], T]:
+    """An argparse type: ``kind(text)`` that must be >= 0 and a span of ``unit`` a timedelta holds, else one
+    line naming the flag and the value."""
 
     def parse(text: str) -> T:
         try:
@@ -173,13 +177,19 @@ def _non_negative(flag: str, kind: Callable[[str], T], noun: str) -> Callable[[s
             raise argparse.ArgumentTypeError(f"{flag}={text!r}: not {noun}") from None
         if value < 0:  # type: ignore[operator]
             raise argparse.ArgumentTypeError(f"{flag}={text!r}: must be >= 0")
+        try:
+            dt.timedelta(**{unit: value})
+        except (OverflowError, ValueError):  # nan, 1e30: a traceback when the collection began, before
+            raise argparse.ArgumentTypeError(
+                f"{flag}={text!r}: not a number of {unit} up to 2.7 million years"
+            ) from None
         return value
 
     return parse
 
 
-_weeks = _non_negative("--retention-weeks", int, "an integer")
-_hours = _non_negative("--grace-hours", float, "a number")
+_weeks = _non_negative("--retention-weeks", int, "an integer", "weeks")
+_hours = _non_negative("--grace-hours", float, "a number", "hours")
 
 
 DESCRIPTION = (

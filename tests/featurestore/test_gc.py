@@ -130,11 +130,21 @@ def test_module_entry_point_overview_only(store: FeatureStore, tmp_path: Path) -
     assert json.loads(out.read_text())["entries"] == 1 and "k" in store.lookup(["k"])
 
 
+def test_a_retention_reaching_before_year_one_expires_nothing(store: FeatureStore) -> None:
+    store.put("k", table())
+    result = run_cli("--cache-root", str(store.root), "--retention-weeks", "200000")
+    assert result.returncode == 0, result.stderr  # an OverflowError traceback before
+    assert "k" in store.lookup(["k"])
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [
         (["--retention-weeks", "abc"], "--retention-weeks='abc'"),
         (["--retention-weeks", "-1"], "--retention-weeks='-1'"),
+        (["--retention-weeks", "99999999999"], "--retention-weeks='99999999999'"),
+        (["--grace-hours", "nan"], "--grace-hours='nan'"),
+        (["--grace-hours", "1e30"], "--grace-hours='1e30'"),
         (["--cache-root", "/no/such/dir"], "--cache-root='/no/such/dir'"),
         (["--output-json", "/no/such/dir/x.json"], "--output-json='/no/such/dir/x.json'"),
     ],
