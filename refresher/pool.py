@@ -66,6 +66,7 @@ from refresher._snapshot_sql import (
     _drop_unless_held,
     _execute,
     _Mark,
+    _move_to_trash,
     _pool_databases,
     _pristine_mark,
     _publish,
@@ -635,19 +636,27 @@ def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str 
 
 
 def _copy_in(
-    conn: psycopg.Connection[Any], db: str, name: str, note: str | None, mark: _Mark, *, what: str = ""
+    conn: psycopg.Connection[Any],
+    db: str,
+    name: str,
+    note: str | None,
+    mark: _Mark,
+    *,
+    what: str = "",
+    replacing: bool = False,
 ) -> None:
     """Copy the pristine database (marked ``mark``) into a private slot, then rename it to ``name`` with ``note``
     and, when ``mark`` is not analyzed, the record of its pending analysis, in one transaction (``_take``): a
     kill anywhere leaves either no ``name`` or one that says what it lacks, never a copy nobody analyzes. The
-    caller holds what keeps the mark as read (TAKE, or REFILL shared). ``what``: as ``_create_from``'s."""
+    caller holds what keeps the mark as read (TAKE, or REFILL shared). ``what``: as ``_create_from``'s;
+    ``replacing``: as ``_take``'s."""
     slot = _claim_private_slot(conn, db)
     private = pool_name(db, slot)
     try:
         _create_from(
             conn, pristine_name(db), private, what=what or f"copying {pristine_name(db)} into {name}"
         )
-        _take(conn, private, name, note, mark)
+        _take(conn, private, name, note, mark, replacing=replacing)
     except BaseException:
         with contextlib.suppress(psycopg.Error):
             if not conn.closed:
@@ -669,15 +678,24 @@ def _claim_private_slot(conn: psycopg.Connection[Any], db: str) -> int:
 
 
 def _take(
-    conn: psycopg.Connection[Any], old: str, new: str, note: str | None, mark: _Mark | None = None
+    conn: psycopg.Connection[Any],
+    old: str,
+    new: str,
+    note: str | None,
+    mark: _Mark | None = None,
+    *,
+    replacing: bool = False,
 ) -> None:
     """Rename ``old`` to ``new`` and set its comment to ``note``, in one transaction; with ``mark`` (that of the
     pristine copy ``old`` is a copy of) not analyzed, the analysis ``new`` needs is recorded on it in the same
     transaction (``HandedOut``), when the role ``may_record``. A copy analyzed meanwhile (``_analyze_pristine`` swaps under REFILL shared)
     only costs an analysis for nothing; a swap to a copy not analyzed needs REFILL exclusive, which the caller
-    excludes (TAKE or REFILL shared held since ``mark`` was read)."""
+    excludes (TAKE or REFILL shared held since ``mark`` was read). ``replacing``: ``new`` exists, and goes to
+    the trash in the same transaction (a reset; ``_move_to_trash``)."""
     record = mark is not None and not mark.analyzed and may_record(conn)
     with conn.transaction():
+        if replacing:
+            _move_to_trash(conn, new, taking=old)
         _rename(conn, old, new)
         if note is not None:
             _execute(

@@ -6,8 +6,8 @@ Pure SQL over a ``ServerInfo``, so every engine shares it. For a database ``<db>
   comment says what it holds: ``ledger=`` its own ``ledger_version`` (read from the copy, not the original, so
   it cannot lie) and ``generation=`` a random id of this copy;
 * ``<db>__pool_<n>`` are ready clones of it (``refresher.pool``: the warm pool, its refill and its locks);
-* a reset renames ``<db>`` to ``<db>__trash_<hex>`` and a clone into its place (catalog updates: milliseconds
-  whatever the size); a detached process then drops the trash and refills the pool.
+* a reset renames ``<db>`` to ``<db>__trash_<hex>`` and a clone into its place in one transaction (catalog
+  updates: milliseconds whatever the size); a detached process then drops the trash and refills the pool.
 
 Replacing the snapshot never leaves a moment without a complete one: the new copy is built as
 ``<db>__building_<hex>``, marked, then swapped in by two renames in ONE transaction (ALTER DATABASE RENAME is
@@ -417,13 +417,12 @@ def _restore_checked(
     with _advisory(conn, db, TAKE):
         mark = _require_pristine(conn, db)  # as of the copy or clone taken: a swap needs TAKE
         ready = _ready_clones(conn, db)
-        _move_to_trash(conn, db)
-        # A copy of a copy not analyzed yet carries the record of its pending analysis (``HandedOut``), written
-        # in the transaction of the rename that puts it in place: a new copy is made under a private slot's name
-        # first (CREATE DATABASE is no transaction; a rename and a record are), so a kill after the copy leaves
-        # no database under ``db`` (the next reset makes one) rather than one nobody knows to analyze.
+        # The old database goes to the trash in the transaction of the rename that puts the copy in its place,
+        # and a copy of a copy not analyzed yet carries the record of its pending analysis (``HandedOut``) in
+        # the same one: a new copy is made under a private slot's name first (CREATE DATABASE is no
+        # transaction), so a kill anywhere leaves the old database, or the new one with its record.
         if ready:
-            _take(conn, ready[0], db, None, mark)
+            _take(conn, ready[0], db, None, mark, replacing=True)
             method = "pool"
         else:
             _copy_replacing(conn, db, mark)
@@ -432,23 +431,25 @@ def _restore_checked(
 
 
 def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None:
-    """Copy the pristine copy into place as ``db`` (whose old database is in the trash), under TAKE.
+    """Copy the pristine copy into place as ``db``, its old database to the trash, under TAKE.
 
-    On a full disk the copy is tried once more after dropping ``db``'s trash: the database this reset replaces
-    holds its disk until the refill drops it, so on a disk with room for one copy and not two, a reset failed and
-    left no database at all, every time (the next reset trashed nothing new and copied onto the same disk).
+    On a full disk the copy is tried once more after dropping the old database and ``db``'s trash: they hold their
+    disk until the refill drops them, so on a disk with room for one copy and not two, a reset failed every time
+    (it left no database at all while the old one went to the trash before the copy). The reset discards the old
+    database anyway; if even then the copy does not fit, ``db`` is left missing (the next reset makes it).
     """
     what = f"resetting {db} (a copy of {pristine_name(db)})"
     try:
-        _copy_in(conn, db, db, None, mark, what=what)
+        _copy_in(conn, db, db, None, mark, what=what, replacing=True)
     except DiskFull:
         with _advisory(conn, db, SWEEP):  # a sweeper holds it while dropping trash (never TAKE meanwhile)
-            trash = [name for name in _derelicts(conn, db) if TRASH_INFIX in name]
-            for name in trash:
+            doomed = [name for name in [db, *_derelicts(conn, db)] if name == db or TRASH_INFIX in name]
+            doomed = [name for name in doomed if _comment(conn, name) is not None]
+            for name in doomed:
                 _drop_database(conn, name)
-        if not trash:
+        if not doomed:
             raise
-        _copy_in(conn, db, db, None, mark, what=what)
+        _copy_in(conn, db, db, None, mark, what=what, replacing=True)
 
 
 def drop_snapshot(server: ServerInfo) -> None:
@@ -502,24 +503,12 @@ def _live_with_pid(
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
             return measure(conn), conn.info.backend_pid
-    except psycopg.errors.InvalidCatalogName:  # an interrupted reset, between its two renames
+    except psycopg.errors.InvalidCatalogName:  # dropped by hand, or a reset that failed on a full disk
         return None, None
     except psycopg.OperationalError as exc:
         if "does not exist" in str(exc):
             return None, None
         raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
-
-
-def _move_to_trash(conn: psycopg.Connection[Any], db: str) -> None:
-    """Rename ``db`` out of the way for the refiller to drop later.
-
-    DROP DATABASE of a 1 M-row database measured ~100 ms (unlinking its files); a rename is a catalog update.
-    """
-    if _comment(conn, db) is None:
-        return  # an earlier reset was interrupted between the two renames
-    _terminate_others(conn, db)
-    # The rename waits (up to 5 s, in the server) for the terminated sessions to exit.
-    _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
 
 
 __all__ = [

@@ -112,8 +112,8 @@ def test_a_full_feature_store_is_one_line_naming_it_and_its_free_space(tmp_path:
 def test_a_reset_on_a_disk_with_room_for_one_copy_drops_what_it_replaces_first(
     server_on_a_small_disk: tuple[ServerInfo, Path],
 ) -> None:
-    """No pool: a reset copies the pristine copy, while the database it replaces (renamed to the trash) still
-    holds its disk. With room for that copy only once the trash is gone, the reset resets."""
+    """No pool: a reset copies the pristine copy while the database it replaces still holds its disk. With room
+    for that copy only once that database is gone, the reset resets."""
     server, pgdata = server_on_a_small_disk
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         ensure_schema(conn)

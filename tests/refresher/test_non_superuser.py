@@ -267,8 +267,13 @@ def test_a_clone_another_roles_session_holds_is_named_in_one_line_or_left_for_la
         # Dropping what a superuser's session holds: one line naming the session and what to do.
         with pytest.raises(SnapshotError, match=f"cannot drop {name}: a session of role '{pg_server.user}'"):
             drop_clone(plain, name)
-        # A new snapshot, then its refill, leave the held old clone for later and make the pool they need.
+        # A reset that would take the held clone fails in one line and leaves the database as it was.
         _damage(plain)
+        damaged = _checksums(plain.dsn())
+        with pytest.raises(SnapshotError, match=f"cannot rename or copy {held}"):
+            restore_pristine(plain, refill=False)
+        assert _checksums(plain.dsn()) == damaged
+        # A new snapshot, then its refill, leave the held old clone for later and make the pool they need.
         snapshot.save_pristine(plain, pool_size=2, fill_pool=False)
         assert refill_pool(plain) == 2
         assert held in _databases_of(plain) and held not in pool_status(plain).ready

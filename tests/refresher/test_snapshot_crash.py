@@ -177,3 +177,18 @@ def test_kill_9_during_a_resize_leaves_the_old_or_the_new_mark_and_a_pool_that_h
         if finished:
             break
     assert finished and kills > 3  # the kill really landed between the steps of a resize
+
+
+def test_a_session_left_on_a_pool_clone_neither_fails_a_reset_nor_costs_it_the_servers_wait(
+    loaded: ServerInfo,
+) -> None:
+    """A psql or a database browser connected to a ready clone: the reset's rename of it waited the server's 5 s
+    and failed, the database already moved to the trash (none left). Now its session ends with the database's."""
+    save_pristine(loaded, pool_size=1)
+    clone = pool_status(loaded).ready[0]
+    with psycopg.connect(loaded.dsn(clone), autocommit=True) as browser:
+        report = restore_pristine(loaded, refill=False)
+        assert report.method == "pool"
+        with pytest.raises(psycopg.OperationalError):
+            browser.execute("SELECT 1")
+    assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
