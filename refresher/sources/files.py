@@ -96,6 +96,13 @@ class FilesSource(Source):
         self.patterns: dict[str, str] = {"1d": spec.daily, "1m": spec.minute}
         self.columns: Mapping[str, str] = dict(spec.columns.items())
         self._cache: dict[tuple[Path, int, int], pa.Table] = {}
+        if spec.tz is not None:
+            try:  # pandas' own resolver: it takes more than zoneinfo ('+03:00', 'dateutil/...')
+                pd.Timestamp(0).tz_localize(spec.tz)
+            except Exception as exc:  # found at the first minute segment, a traceback mid-refresh before
+                raise SourceError(
+                    f"source.tz={spec.tz!r}: unknown time zone ({exc})", field="source.tz", value=spec.tz
+                ) from None
 
     def file_for(self, segment: Segment) -> Path:
         pattern = self.patterns[segment.timeframe]

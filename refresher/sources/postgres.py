@@ -64,6 +64,12 @@ class PostgresSource(Source):
         self.tables = {"1d": spec.daily_table, "1m": spec.minute_table}
         self.columns: Mapping[str, str] = {**_DEFAULT_COLUMNS, **dict(spec.columns.items())}
         self.tz = spec.tz
+        try:
+            zoneinfo.ZoneInfo(self.tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:  # a traceback mid-refresh before
+            raise SourceError(
+                f"source.tz={self.tz!r}: unknown time zone ({exc})", field="source.tz", value=self.tz
+            ) from None
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     @contextmanager

@@ -254,3 +254,14 @@ def test_a_symbol_column_that_is_not_text_is_one_line(tmp_path: Path, make_profi
     src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet")))
     with pytest.raises(SourceError, match=r"all\.parquet: columns.symbol='Ticker': holds struct<id: string>"):
         src.fetch(Segment("AAPL", "1d", NOV))
+
+
+def test_an_unknown_time_zone_is_refused_before_anything_is_read(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # found at the first minute segment before: a ZoneInfoNotFoundError traceback in the middle of a refresh
+    with pytest.raises(SourceError, match=r"^source.tz='Mars/Base': unknown time zone"):
+        FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  tz: Mars/Base")))
+    FilesSource(
+        make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  tz: '+09:00'"))
+    )  # as pandas takes it

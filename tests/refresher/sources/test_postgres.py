@@ -148,3 +148,9 @@ def test_custom_query_gets_its_values_as_parameters(upstream: str, make_profile:
     source = make_source(make_profile(body(upstream, bad)))
     with source, pytest.raises(SourceError, match=r"source.queries.1d: the query returns no column 'volume'"):
         source.fetch(Segment("AAPL", "1d", NOV))
+
+
+def test_an_unknown_time_zone_is_refused_before_connecting(make_profile: MakeProfile) -> None:
+    body = "universe: {symbols: [AAPL]}\nmonths: 1\nas_of: 2024-11-29\nsource:\n  kind: postgres\n"
+    with pytest.raises(SourceError, match=r"^source.tz='Mars/Base': unknown time zone"):
+        PostgresSource(make_profile(body + "  dsn: host=nowhere.invalid\n  tz: Mars/Base\n"))
