@@ -230,10 +230,10 @@ def processes_in(path: Path, *, programs: Collection[str] = ()) -> list[psutil.P
     ]
 
 
-def kill_processes_in(path: Path, *, timeout: float = 10.0) -> None:
-    """SIGKILL every process working in ``path``, then wait for them to go: what an initdb orphaned by a killed
-    CLI (on a system without PDEATHSIG) still runs."""
-    victims = processes_in(path)
+def kill_processes_in(path: Path, *, programs: Collection[str] = (), timeout: float = 10.0) -> None:
+    """SIGKILL every process working in ``path`` (with ``programs``, those running one of them), then wait for
+    them to go: what an initdb orphaned by a killed CLI (on a system without PDEATHSIG) still runs."""
+    victims = processes_in(path, programs=programs)
     for proc in victims:
         with contextlib.suppress(psutil.Error):
             proc.kill()

@@ -401,6 +401,9 @@ class LocalEngine:
             shutil.rmtree(paths.pgdata)
 
     def _stop_postmaster(self, paths: _Paths, modes: tuple[str, ...]) -> None:
+        """Stop the server running the cluster, trying ``modes`` in turn; called before its files go, so one that
+        ``pg_ctl`` cannot stop (its wait ran out on a hung shutdown, a server it may not signal) is killed: it
+        served on without its files, for good, with nothing left to find it by."""
         if self._postmaster(paths) is None:
             return
         state = None
@@ -412,6 +415,7 @@ class LocalEngine:
             args = ["stop", "-D", str(paths.pgdata), "-m", mode, "-w", "-t", "60"]
             if _pgctl.run(bin_dir, "pg_ctl", args, user, cwd=paths.root).returncode == 0:
                 return
+        _pgctl.kill_processes_in(paths.pgdata, programs=SERVER_PROGRAMS)  # not a shell someone left there
 
     def _postmaster(self, paths: _Paths) -> Postmaster | None:
         """The postmaster running the cluster, or None once none does (its stale ``postmaster.pid`` removed).

@@ -172,3 +172,23 @@ def test_refresh_with_a_read_only_state_dir_is_one_line_and_exit_2(tmp_path: Pat
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()  # a traceback from the profile's lock file before
     assert line.startswith(f"refresher: {state}/") and "Read-only file system" in line
+
+
+def test_down_kills_a_server_pg_ctl_could_not_stop_instead_of_leaving_it_running_without_its_files(
+    engine: LocalEngine,
+) -> None:
+    # pg_ctl stop fails (its 60 s wait ran out on a hung shutdown; a server it may not signal): down removed the
+    # files under the running server, which served on for good, with nothing left to find it by.
+    info = engine.start("lr_unstoppable")
+    running = Postmaster.read(engine.base / "lr_unstoppable" / "pgdata")
+    assert running is not None
+    failing = world_traversable_tmp("lr-failing-")
+    (failing / "pg_ctl").write_text("#!/bin/sh\necho 'pg_ctl: server does not shut down' >&2\nexit 1\n")
+    (failing / "pg_ctl").chmod(0o755)
+    (failing / "postgres").symlink_to(engine.bin_dir / "postgres")
+    state_file = engine.base / "lr_unstoppable" / "server.json"
+    state_file.write_text(state_file.read_text().replace(str(engine.bin_dir), str(failing)))
+    assert engine.stop("lr_unstoppable")
+    assert not _serving(running.pid)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(info.dsn(), connect_timeout=2).close()
