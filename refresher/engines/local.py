@@ -403,7 +403,8 @@ class LocalEngine:
     def _stop_postmaster(self, paths: _Paths, modes: tuple[str, ...]) -> None:
         """Stop the server running the cluster, trying ``modes`` in turn; called before its files go, so one that
         ``pg_ctl`` cannot stop (its wait ran out on a hung shutdown, a server it may not signal) is killed: it
-        served on without its files, for good, with nothing left to find it by."""
+        served on without its files, holding its port and writing under the removal, until its own once-a-minute
+        check of ``postmaster.pid`` shut it down."""
         if self._postmaster(paths) is None:
             return
         state = None

@@ -178,7 +178,7 @@ def test_down_kills_a_server_pg_ctl_could_not_stop_instead_of_leaving_it_running
     engine: LocalEngine,
 ) -> None:
     # pg_ctl stop fails (its 60 s wait ran out on a hung shutdown; a server it may not signal): down removed the
-    # files under the running server, which served on for good, with nothing left to find it by.
+    # files under the running server, which served on until its once-a-minute check of postmaster.pid.
     info = engine.start("lr_unstoppable")
     running = Postmaster.read(engine.base / "lr_unstoppable" / "pgdata")
     assert running is not None
