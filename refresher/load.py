@@ -428,6 +428,22 @@ def _record(conn: psycopg.Connection[Any], written: Sequence[tuple[SegmentLoad, 
     )
 
 
+def quarantined(conn: psycopg.Connection[Any], segments: Sequence[Segment]) -> set[Segment]:
+    """Those of ``segments`` with rows in ``refresher_rejects``: their load writes the table again even when
+    their content is unchanged (quarantine switched to skip leaves the same good rows)."""
+    if not segments:
+        return set()
+    with conn.transaction():  # never leaves a transaction open on the caller's connection
+        rows = conn.execute(
+            "SELECT DISTINCT r.symbol, r.timeframe, r.month FROM refresher_rejects r "
+            "JOIN unnest(%s::text[], %s::text[], %s::date[]) AS s(symbol, timeframe, month) "
+            "ON r.symbol = s.symbol AND r.timeframe = s.timeframe AND r.month = s.month",
+            _keys(segments),
+        ).fetchall()
+    held = {(symbol, timeframe, month) for symbol, timeframe, month in rows}
+    return {s for s in segments if (s.symbol, s.timeframe, s.month) in held}
+
+
 def _quarantine(conn: psycopg.Connection[Any], segments: Sequence[tuple[Segment, Sequence[Reject]]]) -> None:
     """Replace each segment's rows in ``refresher_rejects`` with its rejects."""
     if not segments:
@@ -462,5 +478,6 @@ __all__ = [
     "delete_segment",
     "load_segment",
     "load_segments",
+    "quarantined",
     "segment_lock_id",
 ]

@@ -170,13 +170,25 @@ def load_tables(
     The in-process refresh made its plan moments ago on the only connection that writes (the profile lock
     keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again. A segment
     with quarantined rows loads even so: its rows may be the ones loaded under ``skip``, but its rejects are
-    not in ``refresher_rejects`` yet (rare, and it goes through the ledger and the snapshot's replay as any load).
+    not in ``refresher_rejects`` yet; and so does one without, whose rejects of an earlier quarantine are (rare,
+    and it goes through the ledger and the snapshot's replay as any load).
     """
     items: list[load.SegmentLoad] = []
     jobs: list[SegmentJob] = []
     outcomes: dict[Segment, SegmentOutcome] = {}
+    unchanged = {
+        job.segment
+        for job, _table, content_hash, rejects in produced
+        if job.loaded_hash == content_hash and not job.force and not rejects
+    }
+    # An unchanged segment with no rejects now whose old ones are in the table (quarantine switched back to
+    # skip) loads too: a segment's rejects describe its current load. None leaves them as they are.
+    cleared = [
+        job.segment for job, *_, rejects in produced if job.segment in unchanged and rejects is not None
+    ]
+    unchanged -= load.quarantined(conn, cleared) if cleared else set()
     for job, table, content_hash, rejects in produced:
-        if job.loaded_hash == content_hash and not job.force and not rejects:
+        if job.segment in unchanged:
             outcomes[job.segment] = SegmentOutcome(
                 job.segment, content_hash, 0, job.stored_hash is None, False
             )
@@ -207,8 +219,8 @@ def load_table(
 
     The ledger row is read inside the transaction, under an advisory lock on the segment, instead of trusting
     the plan's ``loaded_hash``: a queue may deliver a job twice, or to two workers at once (a reclaimed job
-    whose first worker was only slow), and the second must then be a no-op, unless it has ``rejects`` (the
-    rows may be those loaded under another ``on_bad_rows``, the rejects not). ``rejects`` (what the source
+    whose first worker was only slow), and the second must then be a no-op, unless its ``rejects`` differ
+    from those in the table (the rows may be those loaded under another ``on_bad_rows``, the rejects not). ``rejects`` (what the source
     quarantined when it produced ``table``, fetched or read back from the store) replace the segment's rows in
     ``refresher_rejects``; None leaves them as they are.
     """
@@ -221,7 +233,13 @@ def load_table(
                 "WHERE symbol = %s AND timeframe = %s AND month = %s",
                 (job.segment.symbol, job.segment.timeframe, job.segment.month),
             ).fetchone()
-            if row is not None and row[0] == content_hash and not job.force and not rejects:
+            if (
+                row is not None
+                and row[0] == content_hash
+                and not job.force
+                and not rejects
+                and not (rejects is not None and load.quarantined(conn, [job.segment]))
+            ):
                 return SegmentOutcome(job.segment, content_hash, 0, fetched, False)
             rows = load.load_segment(
                 conn,

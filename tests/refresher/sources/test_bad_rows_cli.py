@@ -271,3 +271,24 @@ def test_switching_to_quarantine_fills_the_rejects_of_segments_already_loaded(ws
     assert rejects == [["AAPL", BAD_LINE, rule]]
     ws.run("reset", "--profile", ws.profile)  # in the pristine copy too
     assert ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule)) FROM refresher_rejects") == rejects
+
+
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_switching_back_from_quarantine_clears_the_rejects(ws: Workspace, policy: str) -> None:
+    # The good rows are the same under quarantine and skip: the segment's load was skipped as a no-op and its
+    # quarantined rows stayed in refresher_rejects, describing a load the database no longer holds.
+    refresh_clean(ws)
+    lines, _, _, _rule = BAD["high below low"]
+    write(ws, lines)
+    ws.refresh("--on-bad-rows", "quarantine")
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 1
+    if policy == "fail":  # refused, nothing loaded: the rejects still describe the segment's load
+        ws.run("refresh", "--profile", ws.profile, "--on-bad-rows", "fail", "--json", expect=2)
+        assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 1
+        write(ws, CLEAN)
+        ws.refresh("--on-bad-rows", "fail")
+    else:
+        ws.refresh("--on-bad-rows", "skip")
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
+    ws.run("reset", "--profile", ws.profile)  # in the pristine copy too
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
