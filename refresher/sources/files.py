@@ -200,7 +200,7 @@ class FilesSource(Source):
         table = self._load(path)
         frame, names = self._frame(table, path, segment)
         cal = get_calendar(self.profile.listing(segment.symbol).exchange)
-        when, when_ok = self._when(frame["when"], segment, cal)
+        when, when_ok = self._when(frame["when"], segment, cal, path, names)
         # A row belongs to this segment when its (exchange-local) date is in the range; a row whose date does
         # not parse belongs to no month, so it is charged to the symbol's first segment (never dropped).
         day = when if segment.timeframe == "1d" else _local_days(when, cal.tz)
@@ -254,14 +254,16 @@ class FilesSource(Source):
         names[when_target] = names.pop("when")
         return frame, names
 
-    def _when(self, raw: pd.Series, segment: Segment, cal: ExchangeCalendar) -> tuple[I64, Mask]:
+    def _when(
+        self, raw: pd.Series, segment: Segment, cal: ExchangeCalendar, path: Path, names: Mapping[str, str]
+    ) -> tuple[I64, Mask]:
         """Parsed dates (days since 1970-01-01) or UTC bar starts (ns), and which rows parsed."""
         if raw.dtype.kind in "iuf":
             # pandas reads a number as nanoseconds since 1970: 20241126 fell outside every month and its rows
             # vanished unreported. As text it parses as the YYYYMMDD it is, and anything else (epoch seconds)
             # fails the timestamp rule with its value shown.
             raw = raw.astype(str)
-        when = pd.to_datetime(raw, errors="coerce", format="mixed" if raw.dtype == object else None)
+        when = _parsed_times(raw, segment, path, names["date" if segment.timeframe == "1d" else "ts"])
         if segment.timeframe == "1d":
             if getattr(when.dt, "tz", None) is not None:
                 when = when.dt.tz_localize(None)
@@ -276,6 +278,46 @@ class FilesSource(Source):
         if self.spec.label == "right":
             t = t - _NS_PER_MIN
         return np.where(ok, t, 0), ok
+
+
+# A time of day followed by an offset: '09:30Z', '09:30:00-05:00', '09:30:00.5 +0900'.
+_OFFSET = r"\d:\d\d(?::\d\d(?:\.\d*)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$"
+
+
+def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str) -> pd.Series:
+    """The column's times as pandas parses them (NaT where one does not parse).
+
+    Times as text with an offset and without, in one column, are refused: pandas parsed the kind of the first
+    and made the other kind NaT, a '09:32:00-05:00' said not to parse. Text offsets that differ (the two sides
+    of a DST change) are one instant each (pandas raised 'Mixed timezones detected', a traceback).
+    """
+    when: pd.Series | None = None
+    try:
+        when = pd.to_datetime(raw, errors="coerce", format="mixed" if raw.dtype == object else None)
+        if raw.dtype.kind == "M" or not (when.isna() & raw.notna()).any():
+            return when
+    except ValueError:  # offsets that differ
+        pass
+    text = raw.astype(str).where(raw.notna(), "")
+    offset = text.str.contains(_OFFSET, regex=True)
+    zoned = pd.to_datetime(text[offset], errors="coerce", format="mixed", utc=True)
+    naive = pd.to_datetime(text[~offset & raw.notna()], errors="coerce", format="mixed")
+    if zoned.notna().any() and naive.notna().any():
+        with_offset, without = text[offset][zoned.notna()].iloc[0], text[~offset][naive.notna()].iloc[0]
+        field = f"columns.{'date' if segment.timeframe == '1d' else 'ts'}"
+        raise SourceError(
+            f"{path}: {field}={column!r}: mixes times with and without a UTC offset (e.g. {with_offset!r} "
+            f"and {without!r}); write every time with its offset, or none (times without one are read in "
+            "source.tz, default the exchange's)",
+            file=str(path),
+            field=field,
+            value=column,
+        )
+    if when is not None:  # of one kind: what did not parse is a bad row, its value shown
+        return when
+    if segment.timeframe == "1d":  # the date each one wrote, whatever its offset
+        return pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="mixed")
+    return pd.to_datetime(text, errors="coerce", format="mixed", utc=True)
 
 
 def _raw_column(column: pa.ChunkedArray) -> pd.Series:

@@ -265,3 +265,39 @@ def test_an_unknown_time_zone_is_refused_before_anything_is_read(
     FilesSource(
         make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  tz: '+09:00'"))
     )  # as pandas takes it
+
+
+@pytest.mark.parametrize("naive_first", [True, False])
+def test_minute_times_with_and_without_an_offset_are_one_line(
+    tmp_path: Path, make_profile: MakeProfile, naive_first: bool
+) -> None:
+    # pandas parsed the kind of the first time and made the other NaT: "ts=...-05:00: breaks the rule ts parses"
+    rows = ["AAPL,2024-11-29 09:31:00,1,2,0.5,1.5,7", "AAPL,2024-11-29T09:32:00-05:00,1,2,0.5,1.5,7"]
+    rows = rows if naive_first else rows[::-1]
+    (tmp_path / "m.csv").write_text("\n".join(["symbol,Time,open,high,low,close,volume", *rows]) + "\n")
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  minute: m.csv")))
+    with pytest.raises(SourceError) as caught:
+        src.fetch(Segment("AAPL", "1m", NOV))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{tmp_path / 'm.csv'}: columns.ts='Time': mixes times with and without a UTC offset"
+    )
+    assert "'2024-11-29T09:32:00-05:00'" in message and "'2024-11-29 09:31:00'" in message
+
+
+def test_minute_text_times_whose_offsets_differ_are_each_their_instant(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # text pyarrow leaves as text (a space before the offset), across the DST change: pandas raised 'Mixed
+    # timezones detected', a traceback ('garbage' keeps the column text whatever pyarrow would make of it)
+    (tmp_path / "m.csv").write_text(
+        "symbol,ts,open,high,low,close,volume\n"
+        "AAPL,2024-11-01 09:30:00 -04:00,1,2,0.5,1.5,7\n"
+        "AAPL,2024-11-04 09:30:00 -05:00,1,2,0.5,1.5,7\n"
+        "AAPL,garbage,1,2,0.5,1.5,7\n"
+    )
+    body = f"  kind: files\n  path: {tmp_path}\n  minute: m.csv\n  on_bad_rows: skip"
+    src = FilesSource(make_profile(profile_body(body)))
+    ts = src.fetch(Segment("AAPL", "1m", NOV)).column("ts").to_pylist()
+    assert [t.astimezone(dt.UTC).strftime("%d %H:%M") for t in ts] == ["01 13:30", "04 14:30"]
