@@ -74,6 +74,7 @@ from refresher._snapshot_sql import (
     _rename,
     _require_pristine,
     _slot_of,
+    _terminate_others,
     _try_lock,
     _unlock,
     _wait_gone,
@@ -694,8 +695,12 @@ def _take(
     the trash in the same transaction (a reset; ``_move_to_trash``)."""
     record = mark is not None and not mark.analyzed and may_record(conn)
     with conn.transaction():
+        # A session left on a clone (a psql, a database browser that connects to every database) made its
+        # rename wait the server's 5 s and fail: it ends (with those on ``new`` when replacing: one query).
         if replacing:
             _move_to_trash(conn, new, taking=old)
+        else:
+            _terminate_others(conn, old)
         _rename(conn, old, new)
         if note is not None:
             _execute(

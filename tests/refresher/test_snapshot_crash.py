@@ -17,7 +17,7 @@ from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
 from refresher.load import delete_segment, load_segment
-from refresher.pool import pool_name, pool_status, refill_pool, resize_pool
+from refresher.pool import checkout_clone, drop_clone, pool_name, pool_status, refill_pool, resize_pool
 from refresher.segments import Segment
 from refresher.snapshot import has_pristine, is_current, pristine_name, restore_pristine, save_pristine
 from tests.fixtures_postgres import daily_bars
@@ -192,3 +192,14 @@ def test_a_session_left_on_a_pool_clone_neither_fails_a_reset_nor_costs_it_the_s
         with pytest.raises(psycopg.OperationalError):
             browser.execute("SELECT 1")
     assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
+
+
+def test_a_session_left_on_a_pool_clone_does_not_fail_a_checkout(loaded: ServerInfo) -> None:
+    save_pristine(loaded, pool_size=1)
+    name = f"{loaded.dbname}_c"
+    with psycopg.connect(loaded.dsn(pool_status(loaded).ready[0]), autocommit=True):
+        dsn = checkout_clone(loaded, name, refill=False)
+    try:
+        assert _state(dsn) == (21, [Segment("AAPL", "1d", JAN)])
+    finally:
+        drop_clone(loaded, name)
