@@ -14,6 +14,7 @@ Layout under the cache directory (``$XDG_CACHE_HOME/refresher/pg-templates``)::
                        again, never copied
     <key>.tmp-*        a template being copied in or removed; a kill -9 leaves it for the next builder to remove
     .<key>.lock        flock held while a template is checked, built, copied from or removed
+    <key>.spare*       a ready-made copy of the template for the next new cluster (``_pgspare``), removed with it
 
 ``<key>`` hashes the postgres binary (path, size, mtime), its version, the exact initdb arguments and the
 files' owner, so a new server build or a new initdb flag makes a new template rather than reusing a stale one.
@@ -44,6 +45,7 @@ from refresher.errors import EngineUnavailable
 
 MARKER = "complete"
 PGDATA = "pgdata"
+TMP_INFIX = ".tmp-"
 # What the single-user ALTER ROLE may carry unquoted (secrets.token_urlsafe's alphabet).
 PASSWORD_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 FSYNC_THREADS = 16
@@ -80,7 +82,7 @@ def template_for(cache: Path, key: TemplateKey) -> Iterator[Path | None]:
     at once run initdb once and the second copies the first's result.
     """
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with locked(cache / f".{key.name}.lock"):
+    with locked(template_lock(cache, key.name)):
         _remove_leftovers(cache, key.name)
         final = cache / key.name
         if _complete(final, key.name):
@@ -88,13 +90,51 @@ def template_for(cache: Path, key: TemplateKey) -> Iterator[Path | None]:
             return
         if final.exists():  # damaged (its marker, or files its listing names): never copy from it
             _remove(cache, key.name)
+        remove_spare(cache, key.name)  # a copy of a template gone: the one about to be built replaces it
         yield None
 
 
+def template_lock(cache: Path, name: str) -> Path:
+    return cache / f".{name}.lock"
+
+
+def spare_of(cache: Path, name: str) -> Path:
+    """Where the template ``name``'s spare copy waits (``_pgspare``)."""
+    return cache / f"{name}.spare"
+
+
+def spare_lock(cache: Path, name: str) -> Path:
+    """The lock the one maker of the template ``name``'s spare holds for the whole copy (``_pgspare.make``)."""
+    return cache / f".{name}.spare.lock"
+
+
 def _remove_leftovers(cache: Path, name: str) -> None:
-    """Remove what a killed builder (a half copy) or remover left of the template ``name``; call with its lock."""
-    for leftover in cache.glob(f"{name}.tmp-*"):
+    """Remove what a killed builder (a half copy), remover or spare maker left of the template ``name``; call
+    with its lock. A spare maker's half copy only while no maker holds the spare lock: one may be copying now."""
+    for leftover in cache.glob(f"{name}{TMP_INFIX}*"):
         _pgctl.remove_leftover(leftover, pgdata=leftover / PGDATA)  # a builder's cp may still run there
+    if any(cache.glob(f"{spare_of(cache, name).name}{TMP_INFIX}*")):
+        with try_locked(spare_lock(cache, name)) as free:
+            if free:
+                sweep_spare_leftovers(cache, name)
+
+
+def sweep_spare_leftovers(cache: Path, name: str) -> None:
+    """Remove the half-made spares of the template ``name``; call with its spare lock (so no maker is alive)."""
+    for leftover in cache.glob(f"{spare_of(cache, name).name}{TMP_INFIX}*"):
+        _pgctl.remove_leftover(leftover)  # a killed maker's cp may still run there
+
+
+def remove_spare(cache: Path, name: str) -> None:
+    """Remove the template ``name``'s spare, if any; call with the template's lock. Renamed away first, as
+    templates are: a kill -9 during the removal leaves a half-made spare's name, which is swept, never used."""
+    spare = spare_of(cache, name)
+    dead = cache / f"{spare.name}{TMP_INFIX}{secrets.token_hex(4)}"
+    try:
+        spare.rename(dead)
+    except FileNotFoundError:
+        return
+    _delete(dead)
 
 
 def identity(template: Path) -> int:
@@ -106,14 +146,16 @@ def discard(cache: Path, key: TemplateKey, built: int) -> None:
     """Remove the template ``key`` if it is still the build ``built`` (``identity``): a cluster copied from it was
     refused by the server, so the next new cluster builds it again instead of copying it and failing the same way.
     """
-    with locked(cache / f".{key.name}.lock"), contextlib.suppress(FileNotFoundError):
+    with locked(template_lock(cache, key.name)), contextlib.suppress(FileNotFoundError):
         if identity(cache / key.name / PGDATA) == built:
             _remove(cache, key.name)
 
 
 def _remove(cache: Path, name: str) -> None:
+    """Remove the template ``name`` and its spare (first: a kill -9 between leaves a template without one)."""
+    remove_spare(cache, name)
     # Renamed out of the key first: a kill -9 during the removal leaves a ``.tmp-`` leftover, not a template.
-    dead = cache / f"{name}.tmp-{secrets.token_hex(4)}"
+    dead = cache / f"{name}{TMP_INFIX}{secrets.token_hex(4)}"
     (cache / name).rename(dead)
     _delete(dead)
 
@@ -127,16 +169,16 @@ def keep(cache: Path, key: TemplateKey, cluster: Path) -> None:
     All or nothing: the copy is fsynced and marked under a temporary name, then renamed, so a kill -9 or a power
     loss leaves no template or a complete one. Then ``prune``: a new template is when a build may have gone.
     """
-    tmp = cache / f"{key.name}.tmp-{secrets.token_hex(4)}"
+    tmp = cache / f"{key.name}{TMP_INFIX}{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)
     try:
         (tmp / PGDATA).mkdir(mode=0o700)
         copy_cluster(cluster, tmp / PGDATA)
-        _fsync_tree(tmp)
-        marker = {"key": key.name, "postgres": key.build, "listing": _listing(tmp / PGDATA)}
+        fsync_tree(tmp)
+        marker = {"key": key.name, "postgres": key.build, "listing": listing(tmp / PGDATA)}
         _write_synced(tmp / MARKER, json.dumps(marker))
         tmp.rename(cache / key.name)
-        _fsync_path(cache)
+        fsync_path(cache)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -148,18 +190,21 @@ def prune(cache: Path, current: TemplateKey) -> None:
 
     Templates of other builds still on disk stay, whichever is ``current``: another venv or checkout may use them.
     Each is taken by its lock without waiting, so one that another process copies from, builds or checks right
-    now is left for a later prune; it is renamed away before its files go (``_remove``). Never raises OSError: a
-    prune that fails leaves what it could not remove. Cheap: a marker read and a stat per template, at each build.
+    now is left for a later prune; it is renamed away before its files go (``_remove``), its spare with it, as is
+    a spare whose template is gone. Never raises OSError: a prune that fails leaves what it could not remove.
+    Cheap: a marker read and a stat per template, at each build.
     """
     with contextlib.suppress(OSError):
         owner = (cache / current.name / PGDATA / "PG_VERSION").stat().st_uid
-        names = {entry.name.partition(".tmp-")[0] for entry in cache.iterdir()}
+        names = {entry.name.partition(".")[0] for entry in cache.iterdir()}
         for name in sorted(n for n in names if KEY_NAME.fullmatch(n) and n != current.name):
-            with contextlib.suppress(OSError), try_locked(cache / f".{name}.lock") as ours:
+            with contextlib.suppress(OSError), try_locked(template_lock(cache, name)) as ours:
                 if not ours:
                     continue
                 _remove_leftovers(cache, name)
-                if (cache / name).exists() and _superseded(cache / name, current, owner):
+                if not (cache / name).exists():
+                    remove_spare(cache, name)
+                elif _superseded(cache / name, current, owner):
                     _remove(cache, name)
 
 
@@ -255,13 +300,21 @@ def _complete(final: Path, key: str) -> bool:
         return (
             isinstance(marker, dict)
             and marker.get("key") == key
-            and marker.get("listing") == _listing(final / PGDATA)
+            and marker.get("listing") == listing(final / PGDATA)
         )
     except (OSError, ValueError):
         return False
 
 
-def _listing(pgdata: Path) -> dict[str, int]:
+def marked_listing(final: Path) -> dict[str, int]:
+    """The listing the template ``final``'s marker records (``listing`` of its pgdata when it was made)."""
+    recorded = json.loads((final / MARKER).read_text(encoding="utf-8"))["listing"]
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{final / MARKER}: no listing")
+    return recorded
+
+
+def listing(pgdata: Path) -> dict[str, int]:
     """Every path under ``pgdata``: a file's size, -1 for a directory (an empty one counts: pg_tblspc, ...)."""
     listing: dict[str, int] = {}
     for dirpath, dirs, files in os.walk(pgdata):
@@ -273,7 +326,7 @@ def _listing(pgdata: Path) -> dict[str, int]:
     return listing
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root``: initdb ran with --no-sync and cp does not sync.
 
     On threads: concurrent fsyncs share the filesystem's journal commits (a template's ~1,000 files, same session
@@ -285,10 +338,10 @@ def _fsync_tree(root: Path) -> None:
         paths += [Path(dirpath) / name for name in files]
         paths.append(Path(dirpath))
     with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
-        list(pool.map(_fsync_path, paths))
+        list(pool.map(fsync_path, paths))
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

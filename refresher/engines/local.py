@@ -29,7 +29,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from refresher.engines import _pgctl, _pgtemplate
+from refresher.engines import _pgctl, _pgspare, _pgtemplate
 from refresher.engines._common import (
     DB_SUPERUSER,
     HOST,
@@ -173,10 +173,13 @@ class LocalEngine:
         port: int | None = None,
         ready_timeout: float = 60.0,
         template_dir: Path | None = None,
+        spare: bool = True,
     ) -> None:
         self.base = Path(state_dir).absolute() / "local"
         # Where initdb's output is cached for new clusters (see _pgtemplate); None: initdb for each one.
         self.template_dir = Path(template_dir).absolute() if template_dir is not None else None
+        # Keep a spare copy of the template made in the background, for the next new cluster (_pgspare).
+        self.spare = spare
         self.bin_dir = Path(bin_dir) if bin_dir is not None else _pgctl.embedded_bin_dir()
         self.pinned_port = port
         self.ready_timeout = ready_timeout
@@ -362,6 +365,7 @@ class LocalEngine:
         """Fill ``building`` with a copy of the cached template cluster, given ``password``; False: run initdb.
 
         The first use of a template runs initdb with a password nobody keeps and copies the result into the cache.
+        A spare copy made in the background since the last use (``_pgspare``) is taken by a rename instead.
         Whatever goes wrong here (no cache directory, no ``cp``, a full cache disk) leaves ``building`` empty and
         falls back to a plain initdb, which reports its own errors.
         """
@@ -378,7 +382,10 @@ class LocalEngine:
                     _pgtemplate.keep(self.template_dir, key, building)
                 else:
                     copied = _pgtemplate.identity(template)
-                    _pgtemplate.copy_cluster(template, building)
+                    if not (self.spare and _pgspare.claim(self.template_dir, key.name, building)):
+                        _pgtemplate.copy_cluster(template, building)
+            if self.spare:  # for the next new cluster, made while this one starts and is loaded
+                _pgspare.request(self.template_dir, key.name, user, near=building)
             try:
                 _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)
             except EngineUnavailable:

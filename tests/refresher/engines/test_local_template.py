@@ -29,7 +29,7 @@ pytestmark = [
 
 START = (
     "import sys; from pathlib import Path; from refresher.engines.local import LocalEngine;"
-    "print(LocalEngine(Path(sys.argv[1]), template_dir=Path(sys.argv[2])).start(sys.argv[3]).password)"
+    "print(LocalEngine(Path(sys.argv[1]), template_dir=Path(sys.argv[2]), spare=False).start(sys.argv[3]).password)"
 )
 
 
@@ -38,14 +38,20 @@ def templates(tmp_path: Path) -> Path:
     return tmp_path / "pg-templates"
 
 
-@pytest.fixture
-def engine(local_state_dir: Path, templates: Path) -> Iterator[LocalEngine]:
-    engine = LocalEngine(local_state_dir, template_dir=templates)
+def _cache_engine(state: Path, templates: Path, *, spare: bool) -> Iterator[LocalEngine]:
+    """An engine on the cache ``templates`` that stops the profiles it started once the test is done."""
+    engine = LocalEngine(state, template_dir=templates, spare=spare)
     before = {s.profile for s in engine.status()}
     yield engine
     for status in engine.status():
         if status.profile not in before:
             engine.stop(status.profile)
+
+
+@pytest.fixture
+def engine(local_state_dir: Path, templates: Path) -> Iterator[LocalEngine]:
+    # Without spares (test_local_spare.py has them): no background copy then appears in the cache these tests list.
+    yield from _cache_engine(local_state_dir, templates, spare=False)
 
 
 def _complete_templates(templates: Path) -> list[Path]:
@@ -239,6 +245,17 @@ def test_a_copy_that_fails_is_an_oserror_naming_why(
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
+def _kill_9_once_copying(child: subprocess.Popen[Any], parent: Path, pattern: str) -> None:
+    """SIGKILL ``child`` once its copy of a cluster has begun: a directory ``parent/pattern`` holds ``base``."""
+    deadline = time.monotonic() + 120
+    while not any((p / "base").is_dir() for p in parent.glob(pattern)):
+        assert child.poll() is None, "the copy was done before it could be interrupted"
+        assert time.monotonic() < deadline, "the copy never began"
+        time.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
 def test_kill_9_while_a_cluster_is_copied_from_the_template_leaves_nothing_a_start_trusts(
     engine: LocalEngine, templates: Path
 ) -> None:
@@ -246,13 +263,7 @@ def test_kill_9_while_a_cluster_is_copied_from_the_template_leaves_nothing_a_sta
     state = engine.base.parent
     root = engine.base / "lt_copykill"
     child = subprocess.Popen([sys.executable, "-c", START, str(state), str(templates), "lt_copykill"])
-    deadline = time.monotonic() + 120
-    while not any((p / "base").is_dir() for p in root.glob("pgdata.init-*")):
-        assert child.poll() is None, "the start finished before the copy could be interrupted"
-        assert time.monotonic() < deadline, "the copy never began"
-        time.sleep(0.001)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    _kill_9_once_copying(child, root, "pgdata.init-*")
     assert not (root / "pgdata").exists()
     assert engine.info("lt_copykill") is None
 
@@ -392,7 +403,7 @@ def killed(path):
     delete(path)
 _pgtemplate._delete = killed
 local.INITDB_ARGS = ()
-local.LocalEngine(Path(sys.argv[1]), template_dir=Path(sys.argv[2])).start(sys.argv[3])
+local.LocalEngine(Path(sys.argv[1]), template_dir=Path(sys.argv[2]), spare=False).start(sys.argv[3])
 """
 
 
