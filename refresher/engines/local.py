@@ -276,6 +276,17 @@ class LocalEngine:
             if PROFILE_NAME.fullmatch(name)
         ]
 
+    def spare_ready(self) -> bool:
+        """Whether a spare copy of this build's template waits for the next new cluster (``_pgspare``): what a
+        benchmark waits for to time a start as a user's next one runs."""
+        if self.template_dir is None or not self.template_dir.is_dir():
+            return False
+        user = _pgctl.OsUser.for_server()
+        version = _pgctl.server_version(self.bin_dir, user, self.template_dir)
+        options = _initdb_options(self.bin_dir, user, self.template_dir)
+        key = _pgtemplate.template_key(self.bin_dir, version, options, user)
+        return _pgtemplate.spare_of(self.template_dir, key.name).is_dir()
+
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:
             names = [validate_profile(profile)]

@@ -88,6 +88,7 @@ def test_the_next_new_cluster_is_the_spare_renamed_and_another_spare_is_made(
 ) -> None:
     first = engine.start("ls_first")  # builds the template, then asks for a spare
     spare = _wait_for_spare(templates)
+    assert engine.spare_ready()
     template = _template(templates)
     # Exactly a copy: no password, no port, no configuration of ours.
     assert _tree(spare) == _tree(template / "pgdata")
