@@ -249,6 +249,15 @@ class FilesSource(Source):
             table = table.filter(pc.fill_null(mine, False))
         else:
             positions = np.arange(table.num_rows)
+        for target in VALUE_COLUMNS:
+            kind = table.column(names[target]).type
+            if not _may_be_numbers(kind):  # pandas made booleans 0/1 and durations nanoseconds, silently
+                raise SourceError(
+                    f"{path}: columns.{target}={names[target]!r}: holds {kind}, not numbers",
+                    file=str(path),
+                    field=f"columns.{target}",
+                    value=names[target],
+                )
         frame = pd.DataFrame({t: _raw_column(table.column(n)) for t, n in names.items()})
         frame.index = pd.Index(positions)
         names[when_target] = names.pop("when")
@@ -326,6 +335,14 @@ def _raw_column(column: pa.ChunkedArray) -> pd.Series:
     if column.null_count and series.dtype.kind == "f":
         series = series.astype(object).where(~column.is_null().to_numpy(zero_copy_only=False), None)
     return series
+
+
+def _may_be_numbers(kind: pa.DataType) -> bool:
+    """Numbers, or text and nulls whose cells the rules check one by one (a CSV's 'n/a' is a bad row)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_string)
+    return any(bool(is_kind(kind)) for is_kind in (*kinds, pa.types.is_large_string, pa.types.is_null))
 
 
 def _identity(path: Path) -> tuple[Path, int, int]:

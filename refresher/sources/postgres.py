@@ -19,6 +19,7 @@ import json
 import zoneinfo
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from decimal import Decimal
 
 import numpy as np
 import pandas as pd
@@ -181,13 +182,23 @@ class PostgresSource(Source):
         if not rows:
             return empty_table(segment.timeframe)
         columns = dict(zip(names, zip(*rows, strict=True), strict=False))
+        where = f"postgres:{self.tables[segment.timeframe]}"
+        if segment.timeframe in self.spec.queries:
+            where = f"postgres:source.queries.{segment.timeframe}"
+        for name in VALUE_COLUMNS:
+            # a column has one type: its first value tells it. pandas made booleans 0/1 and intervals
+            # nanoseconds, silently
+            value = next((v for v in columns[name] if v is not None), None)
+            if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str | None):
+                raise SourceError(
+                    f"{where}: column {name!r} holds {type(value).__name__} values, not numbers",
+                    field=name,
+                    value=type(value).__name__,
+                )
         raw = pd.DataFrame({n: list(columns[n]) for n in (key, *VALUE_COLUMNS)})
         when, when_ok = self._when(raw[key], segment)
         values = {n: pd.to_numeric(raw[n], errors="coerce").to_numpy(np.float64) for n in VALUE_COLUMNS}
         bars = Bars(when, when_ok, values, raw)
-        where = f"postgres:{self.tables[segment.timeframe]}"
-        if segment.timeframe in self.spec.queries:
-            where = f"postgres:source.queries.{segment.timeframe}"
         cal = get_calendar(self.profile.listing(segment.symbol).exchange)
         verdict = screen(segment, bars, source=where, policy=self.spec.on_bad_rows, cal=cal)
         self.reports.extend(verdict.reports)

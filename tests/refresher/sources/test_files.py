@@ -301,3 +301,53 @@ def test_minute_text_times_whose_offsets_differ_are_each_their_instant(
     src = FilesSource(make_profile(profile_body(body)))
     ts = src.fetch(Segment("AAPL", "1m", NOV)).column("ts").to_pylist()
     assert [t.astimezone(dt.UTC).strftime("%d %H:%M") for t in ts] == ["01 13:30", "04 14:30"]
+
+
+@pytest.mark.parametrize(
+    ("volume", "kind"),
+    [
+        (pa.array([True]), "bool"),
+        (pa.array([dt.timedelta(seconds=5)], pa.duration("s")), "duration[s]"),
+        (pa.array([dt.date(2024, 11, 26)]), "date32[day]"),
+        (pa.array([b"7"]), "binary"),
+    ],
+)
+def test_a_value_column_that_is_not_numbers_is_one_line(
+    tmp_path: Path, make_profile: MakeProfile, volume: pa.Array, kind: str
+) -> None:
+    # pandas turned True into a volume of 1 and 5 s into 5e9, loaded silently
+    table = pa.table(
+        {
+            "Ticker": ["AAPL"],
+            "Date": [dt.date(2024, 11, 26)],
+            **{name: [10.0] for name in ("Open", "High", "Low", "Close")},
+            "Volume": volume,
+        }
+    )
+    pq.write_table(table, tmp_path / "all.parquet")
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet")))
+    with pytest.raises(SourceError) as caught:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert (
+        str(caught.value) == f"{tmp_path / 'all.parquet'}: columns.volume='Volume': holds {kind}, not numbers"
+    )
+
+
+def test_value_columns_of_numbers_of_any_width_and_text_load(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    table = pa.table(
+        {
+            "Ticker": pa.array(["AAPL"]).dictionary_encode(),
+            "Date": [dt.date(2024, 11, 26)],
+            "Open": pa.array([10], pa.int16()),
+            "High": pa.array([11.0], pa.float32()),
+            "Low": pa.array(["9"], pa.large_string()),
+            "Close": pa.array([10], pa.decimal128(5, 2)),
+            "Volume": pa.array([7], pa.uint32()).dictionary_encode(),
+        }
+    )
+    pq.write_table(table, tmp_path / "all.parquet")
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet")))
+    row = src.fetch(Segment("AAPL", "1d", NOV)).to_pylist()[0]
+    assert (row["open"], row["high"], row["low"], row["close"], row["volume"]) == (10, 11, 9, 10, 7)

@@ -154,3 +154,22 @@ def test_an_unknown_time_zone_is_refused_before_connecting(make_profile: MakePro
     body = "universe: {symbols: [AAPL]}\nmonths: 1\nas_of: 2024-11-29\nsource:\n  kind: postgres\n"
     with pytest.raises(SourceError, match=r"^source.tz='Mars/Base': unknown time zone"):
         PostgresSource(make_profile(body + "  dsn: host=nowhere.invalid\n  tz: Mars/Base\n"))
+
+
+@pytest.mark.parametrize(
+    ("volume", "kind"), [("vol > 0", "bool"), ("make_interval(secs => vol)", "timedelta")]
+)
+def test_a_value_column_that_is_not_numbers_is_one_line(
+    upstream: str, make_profile: MakeProfile, volume: str, kind: str
+) -> None:
+    # pandas turned true into a volume of 1 and an interval into nanoseconds, loaded silently
+    query = (
+        f'SELECT day AS date, o AS open, h AS high, l AS low, c AS close, {volume} AS volume FROM prod."Daily Bars" '
+        "WHERE ticker = %(symbol)s AND day >= %(start)s AND day < %(end)s"
+    )
+    source = make_source(make_profile(body(upstream, f"  queries: {{1d: '{query}'}}\n")))
+    with source, pytest.raises(SourceError) as caught:
+        source.fetch(Segment("AAPL", "1d", NOV))
+    assert (
+        str(caught.value) == f"postgres:source.queries.1d: column 'volume' holds {kind} values, not numbers"
+    )
