@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from refresher.calendar import EXCHANGES, last_completed_session
+from refresher.calendar import EXCHANGES, last_completed_session, sessions_between
 from refresher.errors import CalendarError, ProfileError
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
 from refresher.profile_files import find_profile_file, profile_files, validate_profile
@@ -367,7 +367,9 @@ def months_covering(start: dt.date, end: dt.date) -> tuple[dt.date, ...]:
     return tuple(out)
 
 
-def _date_range(path: Path, p: _Profile, as_of: dt.date | None) -> tuple[dt.date, dt.date]:
+def _date_range(
+    path: Path, p: _Profile, as_of: dt.date | None, exchanges: Sequence[str]
+) -> tuple[dt.date, dt.date]:
     """Inclusive [start, end]: ``months`` whole calendar months ending with as_of's (partial) month, or start/end.
 
     Counting whole months (rather than as_of minus N months) keeps every month but the last stable from one
@@ -383,6 +385,8 @@ def _date_range(path: Path, p: _Profile, as_of: dt.date | None) -> tuple[dt.date
             end = last_completed_session(p.exchange)
         except CalendarError as exc:
             raise ProfileError(path, "as_of", None, exc.message) from exc
+    else:
+        _require_closed(path, "end" if as_of is None and p.end else "as_of", end, exchanges)
     if p.months is not None:
         start = _add_months(end.replace(day=1), -(p.months - 1))
     else:
@@ -393,6 +397,25 @@ def _date_range(path: Path, p: _Profile, as_of: dt.date | None) -> tuple[dt.date
     if start.year < 2000:
         raise ProfileError(path, "start", start.isoformat(), "calendars start on 2000-01-01")
     return start, end
+
+
+def _require_closed(path: Path, field: str, end: dt.date, exchanges: Sequence[str]) -> None:
+    """Refuse an end with a session up to it that has not closed: the synthetic source made up its bars (a
+    market that has not traded), the files and postgres sources found none or part of a day; no source can
+    load it whole. A weekend or holiday after the last closed session is fine."""
+    for exchange in dict.fromkeys(exchanges):
+        try:
+            last = last_completed_session(exchange)
+        except CalendarError as exc:
+            raise ProfileError(path, field, end.isoformat(), exc.message) from exc
+        if end > last and (unclosed := sessions_between(exchange, last + dt.timedelta(days=1), end)):
+            raise ProfileError(
+                path,
+                field,
+                end.isoformat(),
+                f"{exchange}'s session of {unclosed[0]} has not closed yet (its last closed session: {last}); "
+                "leave as_of out to end at the last closed session",
+            )
 
 
 def _source(path: Path, s: SourceSpec) -> SourceSpec:
@@ -444,7 +467,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         if earlier != use:
             raise ProfileError(path, f"features.{i}", use.name, "named twice: give one of them another `as:`")
     listings = _listings(path, p, inputs)
-    start, end = _date_range(path, p, as_of)
+    start, end = _date_range(path, p, as_of, [listing.exchange for listing in listings])
     return Profile(
         name=name,
         path=path.resolve(),

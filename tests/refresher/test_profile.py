@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
 
+from refresher.calendar import last_completed_session, sessions_between
 from refresher.errors import ProfileError
 from refresher.profile import FilesSourceSpec, list_profiles, load_profile
 from refresher.settings import BUILTIN_PROFILES
@@ -220,3 +222,23 @@ def test_a_profile_records_the_bytes_it_was_read_from(tmp_path: Path) -> None:
         (tmp_path / "us_equities.csv", None),  # looked for first: one appearing here would be read instead
         (DATA_DIR / "us_equities.csv", sha((DATA_DIR / "us_equities.csv").read_bytes())),
     )
+
+
+def test_an_as_of_with_a_session_not_closed_yet_is_refused(tmp_path: Path) -> None:
+    # The synthetic source made up bars for sessions that had not happened; files and postgres found none
+    last = last_completed_session("XNYS")
+    unclosed = sessions_between("XNYS", last + dt.timedelta(days=1), last + dt.timedelta(days=10))[0]
+    write(tmp_path, "mine", "universe: {symbols: [AAPL]}\nmonths: 2\n")
+    assert load_profile("mine", [tmp_path], as_of=last).end == last
+    message = re.escape(f"{unclosed} has not closed yet (its last closed session: {last})")
+    with pytest.raises(ProfileError, match=rf"mine\.yaml: as_of='{unclosed}': XNYS's session of {message}"):
+        load_profile("mine", [tmp_path], as_of=unclosed)
+    write(
+        tmp_path, "ranged", f"universe: {{symbols: [AAPL]}}\nstart: {last.replace(day=1)}\nend: {unclosed}\n"
+    )
+    with pytest.raises(ProfileError, match=rf"ranged\.yaml: end='{unclosed}': XNYS's session of {message}"):
+        load_profile("ranged", [tmp_path])
+    far = dt.date(last.year + 1, 1, 15)
+    write(tmp_path, "pinned", f"universe: {{symbols: [AAPL]}}\nmonths: 2\nas_of: {far}\n")
+    with pytest.raises(ProfileError, match=r"pinned\.yaml: as_of=.*has not closed yet"):
+        load_profile("pinned", [tmp_path])
