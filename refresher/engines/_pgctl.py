@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import grp
+import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import re
@@ -325,20 +327,66 @@ def _stdin(text: str | None, user: OsUser) -> Iterator[int]:
             os.close(write_end)
 
 
-def server_version(bin_dir: Path, user: OsUser, cwd: Path) -> str:
-    """``18.6`` from ``postgres --version``."""
-    result = run(bin_dir, "postgres", ["--version"], user, cwd=cwd, timeout=30)
+def server_version(bin_dir: Path, user: OsUser, cwd: Path, *, cache: Path | None = None) -> str:
+    """``18.6`` from ``postgres --version`` (its answer kept in ``cache``: ``answer``)."""
+    result = answer(bin_dir, "postgres", "--version", user, cwd=cwd, cache=cache)
     match = re.search(r"(\d+)(?:\.(\d+))?", result.output)
     if result.returncode != 0 or match is None:
         raise EngineUnavailable(f"{bin_dir}/postgres --version failed: {result.output.strip()[-500:]}")
     return match.group(0)
 
 
-def initdb_accepts(bin_dir: Path, option: str, user: OsUser, cwd: Path) -> bool:
+def initdb_accepts(bin_dir: Path, option: str, user: OsUser, cwd: Path, *, cache: Path | None = None) -> bool:
     """Whether this initdb lists ``option`` in its ``--help``: flags come with majors, and a flag initdb does not
-    know is an error, not a no-op."""
-    result = run(bin_dir, "initdb", ["--help"], user, cwd=cwd, timeout=30)
+    know is an error, not a no-op. The answer is kept in ``cache`` (``answer``)."""
+    result = answer(bin_dir, "initdb", "--help", user, cwd=cwd, cache=cache)
     return result.returncode == 0 and option in result.output.split()
+
+
+def answer(
+    bin_dir: Path, program: str, flag: str, user: OsUser, *, cwd: Path, cache: Path | None
+) -> CommandResult:
+    """What ``program flag`` prints (``--version``, ``--help``), asked once per binary: kept in the directory
+    ``cache`` (the template cache) under the binary's path and stat (device, inode, size, mtime), so a replaced or
+    upgraded binary is asked again.
+
+    Every new cluster asked both (25-95 ms each on the loaded dev machine, a process start of a 10 MB binary).
+    Only successful answers are kept, written to a temporary file and renamed: two processes at once both ask and
+    both write a whole file. An entry that cannot be read or does not parse is asked again and rewritten.
+    """
+    exe = bin_dir / program
+    try:
+        st = exe.stat()
+    except OSError:
+        return run(bin_dir, program, [flag], user, cwd=cwd, timeout=30)  # run says what is missing
+    identity = [str(exe.absolute()), flag, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    entry = None
+    if cache is not None:
+        digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+        # A leading dot: the template cache's prune takes only names starting with a template key.
+        entry = cache / f".answer-{program}-{digest}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(entry.read_text(encoding="utf-8"))
+            if kept["identity"] == identity and isinstance(kept["output"], str):
+                return CommandResult(0, kept["output"])
+    result = run(bin_dir, program, [flag], user, cwd=cwd, timeout=30)
+    if entry is not None and result.returncode == 0:
+        with contextlib.suppress(OSError):
+            _write_atomically(entry, json.dumps({"identity": identity, "output": result.output}))
+    return result
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary file in its directory, renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def major_version(version: str) -> int:

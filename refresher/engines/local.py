@@ -283,8 +283,8 @@ class LocalEngine:
         if self.template_dir is None or not self.template_dir.is_dir():
             return False
         user = _pgctl.OsUser.for_server()
-        version = _pgctl.server_version(self.bin_dir, user, self.template_dir)
-        options = _initdb_options(self.bin_dir, user, self.template_dir)
+        version = _pgctl.server_version(self.bin_dir, user, self.template_dir, cache=self.template_dir)
+        options = _initdb_options(self.bin_dir, user, self.template_dir, cache=self.template_dir)
         key = _pgtemplate.template_key(self.bin_dir, version, options, user)
         return _pgtemplate.spare_of(self.template_dir, key.name).is_dir()
 
@@ -325,8 +325,9 @@ class LocalEngine:
         building = paths.root / f"{INIT_PREFIX}{secrets.token_hex(4)}"
         building.mkdir(mode=0o700)
         user.give(building)
-        version = _pgctl.server_version(self.bin_dir, user, paths.root)
-        options = _initdb_options(self.bin_dir, user, paths.root)
+        # Both answers kept in the template cache (without one, asked at each new cluster).
+        version = _pgctl.server_version(self.bin_dir, user, paths.root, cache=self.template_dir)
+        options = _initdb_options(self.bin_dir, user, paths.root, cache=self.template_dir)
         password = secrets.token_urlsafe(24)
         if not self._from_template(building, version, options, user, password):
             result = self._initdb(building, options, user, password)
@@ -577,9 +578,10 @@ def _check_shell_safe(path: Path, fix: str) -> None:
         )
 
 
-def _initdb_options(bin_dir: Path, user: _pgctl.OsUser, cwd: Path) -> list[str]:
+def _initdb_options(bin_dir: Path, user: _pgctl.OsUser, cwd: Path, *, cache: Path | None) -> list[str]:
     """initdb's arguments besides -D and --pwfile (the template cache's key includes them exactly)."""
-    no_checksums = [NO_CHECKSUMS] if _pgctl.initdb_accepts(bin_dir, NO_CHECKSUMS, user, cwd) else []
+    accepts = _pgctl.initdb_accepts(bin_dir, NO_CHECKSUMS, user, cwd, cache=cache)
+    no_checksums = [NO_CHECKSUMS] if accepts else []
     return [
         "-U",
         DB_SUPERUSER,
