@@ -1,9 +1,10 @@
 """A spare copy of a template cluster, made in the background, so the next new cluster is a rename, not a copy.
 
 A new local cluster costs a copy of the template (``_pgtemplate``): about 1,000 files created, 0.15-0.7 s on
-the loaded 2-core dev machine, on the critical path of a refresh into a new database. After a start has used
-the template, ``request`` starts a detached, low-priority process (``python -m refresher.engines._pgspare``) that
-copies the template once more into the cache; the next start takes that copy by renaming it onto its empty
+the loaded 2-core dev machine, on the critical path of a refresh into a new database. Once a start that used
+the template has its server answering (not before: the maker's start and copy slowed that server's start),
+``request`` starts a detached, low-priority process (``python -m refresher.engines._pgspare``) that copies the
+template once more into the cache; the next start takes that copy by renaming it onto its empty
 ``pgdata.init-*`` directory (``claim``) and then goes on exactly as after a copy: its password, its
 ``refresher.conf`` and its port are written after the claim, never into the spare.
 

@@ -203,8 +203,9 @@ class LocalEngine:
             # The password this cluster was made with is lost; its data is a throwaway copy: start over.
             self._discard_cluster(paths)
             initialized = False
+        spare_for = None
         if state is None or not initialized:
-            state = self._init_cluster(paths)
+            state, spare_for = self._init_cluster(paths)
         running = self._postmaster(paths)
         if running is not None and running.status == STOPPING:
             running = self._after_shutdown(paths, running)
@@ -216,6 +217,10 @@ class LocalEngine:
         state.write(paths.state)
         info = self._info(profile, state)
         _ensure_database(info)
+        if spare_for is not None and self.template_dir is not None:
+            # For the next new cluster. Only now: its maker's start (a Python process importing refresher, then a
+            # copy at nice 19) competed with this cluster's password change and server start on a 2-core machine.
+            _pgspare.request(self.template_dir, spare_for, _pgctl.OsUser.for_server(), near=paths.root)
         return info
 
     def info(self, profile: str) -> ServerInfo | None:
@@ -308,8 +313,9 @@ class LocalEngine:
         return statuses
 
     # -- cluster lifecycle ----------------------------------------------------------------------------------
-    def _init_cluster(self, paths: _Paths) -> ServerState:
-        """initdb into a fresh directory, renamed to ``pgdata`` only once complete (with server.json written).
+    def _init_cluster(self, paths: _Paths) -> tuple[ServerState, str | None]:
+        """initdb into a fresh directory, renamed to ``pgdata`` only once complete (with server.json written); and
+        the name of the template it was copied from, whose spare to make once the server runs (None: none).
 
         A CLI killed during initdb leaves only a ``pgdata.init-*`` directory, which the next start removes; the
         password reaches initdb through a pipe, so no secret file is ever left behind.
@@ -329,7 +335,8 @@ class LocalEngine:
         version = _pgctl.server_version(self.bin_dir, user, paths.root, cache=self.template_dir)
         options = _initdb_options(self.bin_dir, user, paths.root, cache=self.template_dir)
         password = secrets.token_urlsafe(24)
-        if not self._from_template(building, version, options, user, password):
+        spare_for = self._from_template(building, version, options, user, password)
+        if spare_for is None:
             result = self._initdb(building, options, user, password)
             if result.returncode != 0:
                 shutil.rmtree(building, ignore_errors=True)
@@ -355,7 +362,7 @@ class LocalEngine:
         )
         state.write(paths.state)
         building.rename(paths.pgdata)
-        return state
+        return state, spare_for if self.spare else None
 
     def _initdb(
         self, building: Path, options: list[str], user: _pgctl.OsUser, password: str
@@ -374,8 +381,9 @@ class LocalEngine:
 
     def _from_template(
         self, building: Path, version: str, options: list[str], user: _pgctl.OsUser, password: str
-    ) -> bool:
-        """Fill ``building`` with a copy of the cached template cluster, given ``password``; False: run initdb.
+    ) -> str | None:
+        """Fill ``building`` with a copy of the cached template cluster, given ``password``; the template's name, or
+        None: run initdb.
 
         The first use of a template runs initdb with a password nobody keeps and copies the result into the cache.
         A spare copy made in the background since the last use (``_pgspare``) is taken by a rename instead.
@@ -383,7 +391,7 @@ class LocalEngine:
         falls back to a plain initdb, which reports its own errors.
         """
         if self.template_dir is None or sys.platform != "linux":
-            return False
+            return None
         try:
             key = _pgtemplate.template_key(self.bin_dir, version, options, user)
             copied = None
@@ -397,20 +405,18 @@ class LocalEngine:
                     copied = _pgtemplate.identity(template)
                     if not (self.spare and _pgspare.claim(self.template_dir, key.name, building)):
                         _pgtemplate.copy_cluster(template, building)
-            if self.spare:  # for the next new cluster, made while this one starts and is loaded
-                _pgspare.request(self.template_dir, key.name, user, near=building)
             try:
                 _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)
             except EngineUnavailable:
                 if copied is not None:  # e.g. another major version's files: the server refuses them
                     _pgtemplate.discard(self.template_dir, key, copied)
                 raise
-            return True
+            return key.name
         except (OSError, EngineUnavailable):
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir(mode=0o700)
             user.give(building)
-            return False
+            return None
 
     def _discard_cluster(self, paths: _Paths) -> None:
         """Remove a cluster nobody can log into (or half-made ones), stopping a server still running on it."""
