@@ -120,7 +120,8 @@ class Postmaster:
     def alive(self) -> bool:
         """The pid is a postgres process working in ``pgdata`` (a stale file after a reboot may name a reused pid,
         even another cluster's postmaster), not a zombie: a killed postmaster stays one until its children have
-        gone (about 1.5 s here), no longer serving.
+        gone (about 1.5 s here), no longer serving. A process whose directory we may not read (another user's,
+        when we are not root) is ours only if it runs as the data directory's owner.
         """
         if self.pid <= 0:  # a damaged file: kill(pid, 0) would ask about our process group or every process
             return False
@@ -142,7 +143,12 @@ class Postmaster:
         try:  # a postmaster works in its data directory, by whichever path it reached it
             theirs = _pgctl.directory_identity(proc / "cwd")
         except PermissionError:
-            return True  # not ours to look into: a postgres process, as far as we can tell
+            # Another user's process (we are not root): its cwd is not ours to read. Ours runs as the data
+            # directory's owner; anyone else's postgres is another cluster's.
+            try:
+                return proc.stat().st_uid == self.pgdata.stat().st_uid
+            except OSError:
+                return False
         except OSError:
             return False
         try:

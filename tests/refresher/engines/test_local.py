@@ -321,6 +321,78 @@ def test_a_stale_postmaster_pid_naming_another_clusters_postmaster_is_not_taken_
     assert engine.info("lc_reuser") is not None  # theirs untouched
 
 
+def _unused_ids(count: int) -> list[int]:
+    """Uids (and gids of the same number) no account or group has: users made up for one test, nothing to clean."""
+    import grp
+    import pwd
+
+    def unused(number: int) -> bool:
+        try:
+            pwd.getpwuid(number)
+        except KeyError:
+            try:
+                grp.getgrgid(number)
+            except KeyError:
+                return True
+        return False
+
+    return [number for number in range(61_000, 65_000) if unused(number)][:count]
+
+
+def _as_user(uid: int, check: Any) -> bool:
+    """``check()`` in a forked child that has become ``uid`` (no capabilities, no groups): a CLI not run as root."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            code = 0 if check() else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 1), f"the check failed: status {status}"
+    return os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run processes as two other users")
+def test_a_stale_pid_file_naming_another_users_postgres_is_ours_only_if_that_user_owns_the_data() -> None:
+    # A CLI not run as root may not read another user's /proc/<pid>/cwd; such a postgres process counted as our
+    # server, so a stale postmaster.pid naming one (its pid reused after a reboot) showed the profile running.
+    them, us = _unused_ids(2)
+    work = Path(tempfile.mkdtemp(prefix="refresher-foreign-"))
+    try:
+        work.chmod(0o755)
+        program = work / "postgres"  # a postgres process by its name, as alive() tells one
+        shutil.copy("/bin/sleep", program)
+        program.chmod(0o755)
+        for name, owner in (("elsewhere", them), ("ours", us), ("theirs", them)):
+            (work / name).mkdir()
+            os.chown(work / name, owner, owner)
+        foreign = subprocess.Popen(
+            [str(program), "60"], cwd=work / "elsewhere", user=them, group=them, extra_groups=[]
+        )
+        try:
+
+            def unreadable() -> bool:
+                try:
+                    os.stat(f"/proc/{foreign.pid}/cwd")
+                except PermissionError:
+                    return True
+                return False
+
+            assert _as_user(us, unreadable)  # the case under test, for real
+            assert not _as_user(us, Postmaster(foreign.pid, 5432, "ready", work / "ours").alive)
+            # Run by the owner of the data directory, it may be ours: we cannot tell, and the pid file says so.
+            assert _as_user(us, Postmaster(foreign.pid, 5432, "ready", work / "theirs").alive)
+        finally:
+            foreign.kill()
+            foreign.wait()
+    finally:
+        shutil.rmtree(work)
+
+
 def test_kill_9_of_the_postmaster_leaves_its_pid_file_and_the_next_start_serves_the_data(
     engine: LocalEngine,
 ) -> None:
