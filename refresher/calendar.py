@@ -376,6 +376,17 @@ def last_completed_session(exchange: str, at: dt.datetime | None = None) -> dt.d
     return _date(int(cal.sessions[i]))
 
 
+def first_unclosed_session(exchange: str, at: dt.datetime | None = None) -> dt.date:
+    """The first session of ``exchange`` whose close is after ``at`` (default: now): trading, or still to come."""
+    cal = _session_times(check_exchange(exchange))
+    i = bisect_right(cal.closes, _ns(dt.datetime.now(dt.UTC) if at is None else at))
+    if i >= len(cal.closes):
+        raise CalendarError(
+            f"{exchange}: no session close after {at} in the loaded calendar", exchange=exchange
+        )
+    return _date(int(cal.sessions[i]))
+
+
 def next_close(exchange: str, at: dt.datetime) -> dt.datetime:
     """The first session close of ``exchange`` after ``at``: until then its last completed session stays."""
     cal = _session_times(check_exchange(exchange))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from refresher.calendar import EXCHANGES, last_completed_session, sessions_between
+from refresher.calendar import EXCHANGES, first_unclosed_session, last_completed_session, sessions_between
 from refresher.errors import CalendarError, ProfileError
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
 from refresher.profile_files import find_profile_file, profile_files, validate_profile
@@ -381,10 +381,7 @@ def _date_range(
         raise ProfileError(path, "months", None, "give months (counted back from as_of) or start/end")
     end = as_of or p.end or p.as_of
     if end is None:
-        try:
-            end = last_completed_session(p.exchange)
-        except CalendarError as exc:
-            raise ProfileError(path, "as_of", None, exc.message) from exc
+        end = _last_closed(path, p.exchange, exchanges)
     else:
         _require_closed(path, "end" if as_of is None and p.end else "as_of", end, exchanges)
     if p.months is not None:
@@ -397,6 +394,20 @@ def _date_range(
     if start.year < 2000:
         raise ProfileError(path, "start", start.isoformat(), "calendars start on 2000-01-01")
     return start, end
+
+
+def _last_closed(path: Path, exchange: str, exchanges: Sequence[str]) -> dt.date:
+    """The default end: ``exchange``'s last closed session, or the universe's other exchange's last closed one
+    when that exchange has a session up to it still to close (Tokyo's closed day, New York's still trading).
+    Read from the cached session times, without numpy: a no-op refresh asks this too."""
+    try:
+        end = last_completed_session(exchange)
+        for other in dict.fromkeys(exchanges):
+            if first_unclosed_session(other) <= end:
+                end = last_completed_session(other)
+    except CalendarError as exc:
+        raise ProfileError(path, "as_of", None, exc.message) from exc
+    return end
 
 
 def _require_closed(path: Path, field: str, end: dt.date, exchanges: Sequence[str]) -> None:

@@ -252,6 +252,18 @@ def test_naive_datetimes_are_utc() -> None:
     assert last_completed_session("XNYS", dt.datetime(2024, 11, 26, 20, 59)) == dt.date(2024, 11, 25)
 
 
+def test_the_first_unclosed_session_follows_the_last_completed_one() -> None:
+    # 12:00 UTC on Wednesday 2025-06-11: Tokyo's Wednesday closed at 06:30, New York's opens at 13:30.
+    at = dt.datetime(2025, 6, 11, 12, 0, tzinfo=UTC)
+    assert calendar.first_unclosed_session("XTKS", at) == dt.date(2025, 6, 12)
+    assert calendar.first_unclosed_session("XNYS", at) == dt.date(2025, 6, 11)
+    # a close itself ends the session: Friday's close, then Monday (the weekend has none)
+    assert calendar.first_unclosed_session("XNYS", dt.datetime(2025, 6, 13, 20, 0, tzinfo=UTC)) == dt.date(
+        2025, 6, 16
+    )
+    assert calendar.first_unclosed_session("XNYS") > last_completed_session("XNYS")
+
+
 def test_default_instant_is_now() -> None:
     before = dt.datetime.now(UTC)
     s = market_status("XLON")

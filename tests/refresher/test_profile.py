@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from pathlib import Path
 
 import pytest
 
-from refresher.calendar import last_completed_session, sessions_between
+from refresher import profile
+from refresher.calendar import first_unclosed_session, last_completed_session, sessions_between
 from refresher.errors import ProfileError
 from refresher.profile import FilesSourceSpec, list_profiles, load_profile
 from refresher.settings import BUILTIN_PROFILES
@@ -242,3 +244,40 @@ def test_an_as_of_with_a_session_not_closed_yet_is_refused(tmp_path: Path) -> No
     write(tmp_path, "pinned", f"universe: {{symbols: [AAPL]}}\nmonths: 2\nas_of: {far}\n")
     with pytest.raises(ProfileError, match=r"pinned\.yaml: as_of=.*has not closed yet"):
         load_profile("pinned", [tmp_path])
+
+
+def test_a_universe_of_two_exchanges_ends_where_both_have_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Now is frozen at chosen instants: the profile asks the calendar's sessions closed and not, at that instant.
+    def freeze(at: dt.datetime) -> None:
+        for query in (last_completed_session, first_unclosed_session):
+            monkeypatch.setattr(profile, query.__name__, functools.partial(query, at=at))
+
+    new_york = 'universe: {symbols: [AAPL, "7203"], exchanges: {"7203": XTKS}}\nmonths: 2\n'
+    tokyo = 'universe: {symbols: [AAPL, "7203"], exchanges: {AAPL: XNYS}}\nexchange: XTKS\nmonths: 2\n'
+    write(tmp_path, "new_york", new_york)  # the universe's calendar is New York's, Toyota trades in Tokyo
+    write(tmp_path, "tokyo", tokyo)  # the universe's calendar is Tokyo's, Apple trades in New York
+    tuesday, wednesday, thursday = dt.date(2025, 6, 10), dt.date(2025, 6, 11), dt.date(2025, 6, 12)
+    unclosed = r"{}'s session of {} has not closed yet \(its last closed session: {}\)"
+
+    # 12:00 UTC on Wednesday: Tokyo's Wednesday closed at 06:30; New York's opens at 13:30.
+    freeze(dt.datetime(2025, 6, 11, 12, 0, tzinfo=dt.UTC))
+    assert load_profile("new_york", [tmp_path]).end == tuesday
+    # Tokyo's last closed session, but New York's of that day is still to come: the day before both closed
+    assert load_profile("tokyo", [tmp_path]).end == tuesday
+    for name in ("new_york", "tokyo"):
+        with pytest.raises(ProfileError, match=unclosed.format("XNYS", wednesday, tuesday)):
+            load_profile(name, [tmp_path], as_of=wednesday)
+    write(tmp_path, "ranged", new_york.replace("months: 2", f"start: 2025-05-01\nend: {wednesday}"))
+    with pytest.raises(ProfileError, match=r"ranged\.yaml: end='2025-06-11': XNYS's session of 2025-06-11"):
+        load_profile("ranged", [tmp_path])
+
+    # 03:00 UTC on Thursday: New York's Wednesday has closed; Tokyo's Thursday is trading.
+    freeze(dt.datetime(2025, 6, 12, 3, 0, tzinfo=dt.UTC))
+    assert load_profile("new_york", [tmp_path]).end == wednesday
+    assert load_profile("tokyo", [tmp_path]).end == wednesday
+    for name in ("new_york", "tokyo"):
+        assert load_profile(name, [tmp_path], as_of=wednesday).end == wednesday
+        with pytest.raises(ProfileError, match=f"session of {thursday} has not closed yet"):  # both exchanges
+            load_profile(name, [tmp_path], as_of=thursday)
