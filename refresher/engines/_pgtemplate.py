@@ -34,7 +34,7 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,16 +75,27 @@ def _build(postgres: Path) -> tuple[str, int, int]:
 
 
 @contextlib.contextmanager
-def template_for(cache: Path, key: TemplateKey) -> Iterator[Path | None]:
+def template_for(
+    cache: Path, key: TemplateKey, *, claim: Callable[[], bool] | None = None
+) -> Iterator[Path | None]:
     """Hold the template ``key``'s lock and yield its cluster directory, or None when it does not exist yet.
 
     With None the caller runs initdb and may ``keep`` the result while still holding the lock, so two processes
     at once run initdb once and the second copies the first's result.
+
+    ``claim`` (taking the template's spare, ``_pgspare.claim``) is tried first, under the lock, when the marker
+    names ``key``: once it returns True the template's own listing is not walked (about 1,000 stats, 25-85 ms on
+    the loaded dev machine). The claim checks the spare against the marker's listing, so what it took is a whole
+    copy of the template as built, whatever happened to the template since; a damaged template is found and
+    built again at the next start that copies it, and no spare is made of it (``_pgspare.make`` checks its copy).
     """
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     with locked(template_lock(cache, key.name)):
         _remove_leftovers(cache, key.name)
         final = cache / key.name
+        if claim is not None and _marked(final, key.name) and claim():
+            yield final / PGDATA
+            return
         if _complete(final, key.name):
             yield final / PGDATA
             return
@@ -289,6 +300,15 @@ def set_password(bin_dir: Path, pgdata: Path, user: _pgctl.OsUser, role: str, pa
     if result.returncode != 0 or failed:
         output = result.output.replace(password, "***")  # an error echoes the statement
         raise EngineUnavailable(f"setting the new cluster's password failed: {output.strip()[-1000:]}")
+
+
+def _marked(final: Path, key: str) -> bool:
+    """Whether the template ``final``'s marker names ``key`` (its listing not checked: ``_complete``)."""
+    try:
+        marker = json.loads((final / MARKER).read_text(encoding="utf-8"))
+        return isinstance(marker, dict) and marker.get("key") == key
+    except (OSError, ValueError):
+        return False
 
 
 def _complete(final: Path, key: str) -> bool:

@@ -401,15 +401,23 @@ class LocalEngine:
         try:
             key = _pgtemplate.template_key(self.bin_dir, version, options, user)
             copied = None
-            with _pgtemplate.template_for(self.template_dir, key) as template:
+            cache = self.template_dir
+            claimed = False
+
+            def claim() -> bool:
+                nonlocal claimed
+                claimed = _pgspare.claim(cache, key.name, building)
+                return claimed
+
+            with _pgtemplate.template_for(cache, key, claim=claim if self.spare else None) as template:
                 if template is None:
                     result = self._initdb(building, options, user, secrets.token_urlsafe(24))
                     if result.returncode != 0:
                         raise EngineUnavailable(result.output)
-                    _pgtemplate.keep(self.template_dir, key, building)
+                    _pgtemplate.keep(cache, key, building)
                 else:
                     copied = _pgtemplate.identity(template)
-                    if not (self.spare and _pgspare.claim(self.template_dir, key.name, building)):
+                    if not claimed:
                         _pgtemplate.copy_cluster(template, building)
             try:
                 _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)

@@ -209,14 +209,32 @@ def test_a_spare_missing_a_file_is_never_used(engine: LocalEngine, templates: Pa
     assert _answers(info)
 
 
-def test_a_spare_goes_with_its_template(engine: LocalEngine, templates: Path) -> None:
+def test_a_spare_goes_with_its_template(engine: LocalEngine, plain: LocalEngine, templates: Path) -> None:
     engine.start("ls_rebuilt_a")
     spare = _wait_for_spare(templates)
     made = spare.stat().st_ino
     template = _template(templates)
-    (template / "pgdata" / "PG_VERSION").unlink()  # damaged: built again, and its spare is no copy of that
+    built = _pgtemplate.identity(template / "pgdata")
+    (template / "pgdata" / "PG_VERSION").unlink()  # damaged after its spare was made
+    # The spare, checked against the marker's listing, is a whole copy of the template as built: it is taken
+    # without walking the template; no spare is made of the damaged template.
     info = engine.start("ls_rebuilt_b")
-    assert _pgdata_inode(engine, "ls_rebuilt_b") != made
+    assert _pgdata_inode(engine, "ls_rebuilt_b") == made
+    assert _answers(info)
+    # The next start that copies checks the template: built again, never copied.
+    info = plain.start("ls_rebuilt_c")
+    assert _answers(info)
+    assert _pgtemplate.identity(_template(templates) / "pgdata") != built
+    assert not spare.exists() or spare.stat().st_ino != made
+
+
+def test_a_spare_goes_with_a_template_built_again(engine: LocalEngine, templates: Path) -> None:
+    engine.start("ls_remade_a")
+    spare = _wait_for_spare(templates)
+    made = spare.stat().st_ino
+    (_template(templates) / _pgtemplate.MARKER).unlink()  # no marker: built again, its spare with it
+    info = engine.start("ls_remade_b")
+    assert _pgdata_inode(engine, "ls_remade_b") != made
     assert _answers(info)
     assert not spare.exists() or spare.stat().st_ino != made
 
