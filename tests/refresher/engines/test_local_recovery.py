@@ -41,9 +41,7 @@ def test_a_start_while_the_server_shuts_down_waits_for_it_then_starts_it_again(e
     assert postmaster is not None
     # The shutdown checkpoint holds the shutdown open until the checkpointer runs again.
     [checkpointer] = [
-        child
-        for child in psutil.Process(postmaster.pid).children()
-        if "checkpointer" in " ".join(child.cmdline())
+        child for child in psutil.Process(postmaster.pid).children() if "checkpointer" in _cmdline(child)
     ]
     checkpointer.suspend()
     os.kill(postmaster.pid, signal.SIGINT)  # what `pg_ctl stop -m fast` sends
@@ -59,6 +57,14 @@ def test_a_start_while_the_server_shuts_down_waits_for_it_then_starts_it_again(e
     assert _kept(again.dsn()) == 42
     running = Postmaster.read(pgdata)
     assert running is not None and running.pid != postmaster.pid and running.alive()
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    """A postmaster child's command line; "" for one gone or a zombie (a backend just exited, not yet reaped)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _serving(pid: int) -> bool:
