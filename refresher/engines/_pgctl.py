@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from refresher._lazy import LazyModule
+from refresher.engines._common import write_private_json
 from refresher.errors import EngineUnavailable
 
 if TYPE_CHECKING:
@@ -370,23 +371,10 @@ def answer(
             if kept["identity"] == identity and isinstance(kept["output"], str):
                 return CommandResult(0, kept["output"])
     result = run(bin_dir, program, [flag], user, cwd=cwd, timeout=30)
-    if entry is not None and result.returncode == 0:
-        with contextlib.suppress(OSError):
-            _write_atomically(entry, json.dumps({"identity": identity, "output": result.output}))
+    if entry is not None and result.returncode == 0 and entry.parent.is_dir():  # never makes the cache
+        with contextlib.suppress(OSError, EngineUnavailable):  # a full disk: asked again next time
+            write_private_json(entry, {"identity": identity, "output": result.output})
     return result
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file in its directory, renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def major_version(version: str) -> int:
