@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from refresher.calendar import EXCHANGES, first_unclosed_session, last_completed_session, sessions_between
+from refresher.calendar import EXCHANGES, first_unclosed_session, last_completed_session
 from refresher.errors import CalendarError, ProfileError
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
 from refresher.profile_files import find_profile_file, profile_files, validate_profile
@@ -417,14 +417,15 @@ def _require_closed(path: Path, field: str, end: dt.date, exchanges: Sequence[st
     for exchange in dict.fromkeys(exchanges):
         try:
             last = last_completed_session(exchange)
+            unclosed = first_unclosed_session(exchange) if end > last else None
         except CalendarError as exc:
             raise ProfileError(path, field, end.isoformat(), exc.message) from exc
-        if end > last and (unclosed := sessions_between(exchange, last + dt.timedelta(days=1), end)):
+        if unclosed is not None and unclosed <= end:
             raise ProfileError(
                 path,
                 field,
                 end.isoformat(),
-                f"{exchange}'s session of {unclosed[0]} has not closed yet (its last closed session: {last}); "
+                f"{exchange}'s session of {unclosed} has not closed yet (its last closed session: {last}); "
                 "leave as_of out to end at the last closed session",
             )
 
