@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from refresher import pool
@@ -318,23 +317,43 @@ def refresher_transaction(proc_fixture_name: str) -> Any:
     ) -> Iterator[psycopg.Connection[TupleRow]]:
         server = _server_for(request, refresher_servers, proc_fixture_name)
         conn = refresher_servers.tx_connection(server)
-        committed = False
         try:
             with conn.transaction(force_rollback=True):
+                # Gone at teardown only if the transaction ended in the test: a raw COMMIT, even one followed
+                # by more statements (they run in a new transaction, which alone the rollback would undo).
+                conn.execute("SAVEPOINT refresher_tx")
                 yield conn
-                committed = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+                ended = _transaction_ended(conn)
+            # What a rollback leaves: session advisory locks (another worker's test would wait for them
+            # forever), prepared statements, settings. DISCARD ALL cannot run inside a transaction block.
+            conn.autocommit = True
+            try:
+                conn.execute("DISCARD ALL")
+            finally:
+                conn.autocommit = False
         except psycopg.OperationalError:
             if not conn.closed:
                 raise  # closing the connection rolled the transaction back: nothing to undo
-        if committed:
+            return
+        if ended:
             conn.close()  # the next test gets a new connection
             pytest.fail(
-                "refresher_tx: the test committed its transaction (a COMMIT statement?), so its changes stay "
-                f"in {server.info.dbname} for the rest of the run; use refresher_db for tests that commit",
+                "refresher_tx: the test ended its transaction (a COMMIT or ROLLBACK statement?), so what it "
+                f"committed stays in {server.info.dbname} for the rest of the run; use refresher_db for tests "
+                "that commit",
                 pytrace=False,
             )
 
     return transaction_fixture
+
+
+def _transaction_ended(conn: psycopg.Connection[TupleRow]) -> bool:
+    """Whether the transaction ``refresher_tx`` began is over (its savepoint gone); else back to the savepoint."""
+    try:  # also leaves the aborted state of a statement that failed
+        conn.execute("ROLLBACK TO SAVEPOINT refresher_tx")
+    except psycopg.errors.InvalidSavepointSpecification:
+        return True
+    return False
 
 
 def _server_for(

@@ -467,7 +467,7 @@ def test_clones_are_untouched(refresher_db):
     )
     result = run(pytester, *plugin_env.args("local"))
     result.assert_outcomes(passed=6, failed=3, errors=1)
-    result.stdout.fnmatch_lines(["*refresher_tx: the test committed its transaction*use refresher_db*"])
+    result.stdout.fnmatch_lines(["*refresher_tx: the test ended its transaction*use refresher_db*"])
 
 
 REUSE_PROBE = """
@@ -740,3 +740,62 @@ def test_the_pool_size_comes_from_the_environment_or_the_option(
     monkeypatch.setenv("REFRESHER_POOL_SIZE", "lots")
     result = run(pytester, *plugin_env.args("local"))
     result.stdout.fnmatch_lines(["*REFRESHER_POOL_SIZE='lots': not a whole number from 0 to 100*"])
+
+
+@pytest.mark.slow
+def test_refresher_tx_a_commit_followed_by_more_statements_still_fails_the_test(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """A script that commits (a migration's COMMIT) and a query after it: the query opens a new transaction,
+    which the teardown rolls back, but the committed table stays for every later test; the test must fail."""
+    write_project(
+        pytester,
+        """
+def test_a_runs_a_script_that_commits(refresher_tx):
+    refresher_tx.execute("CREATE TABLE leaked (x int); INSERT INTO leaked VALUES (1); COMMIT")
+    assert refresher_tx.execute("SELECT count(*) FROM leaked").fetchone()[0] == 1
+
+def test_b_a_rolled_back_error_after_a_commit(refresher_tx):
+    refresher_tx.execute("CREATE TABLE leaked_too (x int); COMMIT")
+    try:
+        refresher_tx.execute("SELECT 1/0")
+    except Exception:
+        pass
+
+def test_c_next(refresher_tx):
+    pass
+""",
+    )
+    result = run(pytester, *plugin_env.args("local"))
+    result.assert_outcomes(passed=3, errors=2)
+    result.stdout.fnmatch_lines(["*refresher_tx: the test ended its transaction*use refresher_db*"] * 2)
+
+
+@pytest.mark.slow
+def test_refresher_tx_session_state_does_not_outlive_the_test(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """What a rollback does not undo: a session advisory lock (another xdist worker's test asking for it would
+    wait forever), a prepared statement, a session-level setting made outside any transaction."""
+    write_project(
+        pytester,
+        """
+def test_a_leaves_session_state(refresher_tx):
+    refresher_tx.execute("SELECT pg_advisory_lock(42)")
+    refresher_tx.execute("PREPARE leftover AS SELECT 1")
+
+def test_b_finds_a_clean_session(refresher_tx):
+    locks = refresher_tx.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    ).fetchone()[0]
+    prepared = refresher_tx.execute("SELECT array_agg(name) FROM pg_prepared_statements").fetchone()[0]
+    assert (locks, prepared) == (0, None)
+    for _ in range(6):  # psycopg prepares a query it runs five times: it still works after the clean-up
+        refresher_tx.execute("SELECT count(*) FROM symbols WHERE symbol = %s", ("AAA",)).fetchone()
+
+def test_c_psycopg_prepared_statements_still_work(refresher_tx):
+    for _ in range(6):
+        refresher_tx.execute("SELECT count(*) FROM symbols WHERE symbol = %s", ("AAA",)).fetchone()
+""",
+    )
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=3)
