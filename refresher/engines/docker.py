@@ -409,13 +409,16 @@ class DockerEngine:
 
 
 def statuses_everywhere(base_url: str | None = None) -> list[ServerStatus]:
-    """Every refresher container on the daemon, whichever state dir made it (read-only; for ``status``)."""
+    """Every refresher container on the daemon, whichever state dir made it (read-only; for ``status``).
+
+    Only the Docker engine's (they carry a profile label): `make up`'s compose containers are labelled
+    ``io.refresher.project=refresher`` too, and its Redis publishes no Postgres port.
+    """
     client = _connect(base_url, API_TIMEOUT)
     try:
         with _docker_errors(base_url):
-            containers = client.containers.list(
-                all=True, filters={"label": f"{PROJECT_LABEL}=refresher"}, ignore_removed=True
-            )
+            ours = {"label": [f"{PROJECT_LABEL}=refresher", PROFILE_LABEL]}
+            containers = client.containers.list(all=True, filters=ours, ignore_removed=True)
             statuses = []
             for c in sorted(containers, key=lambda c: c.name or ""):
                 owner = c.labels.get(STATE_PATH_LABEL) or "unknown state dir (made before state scoping)"

@@ -197,6 +197,18 @@ def test_two_checkouts_run_side_by_side_and_down_touches_only_its_own(
         make("compose-down", env=other_env)
 
 
+def test_status_of_all_checkouts_lists_docker_servers_while_a_make_up_runs(
+    project: tuple[str, dict[str, str]],
+) -> None:
+    # `make up`'s containers carry io.refresher.project=refresher too; its Redis publishes no 5432. The listing
+    # of every checkout's Docker servers failed on it: "container ..._redis_1 publishes no port for 5432".
+    name, env = project
+    assert make("up", env=env).returncode == 0
+    listed = refresher("status", "--all-checkouts", "--json", env=env)
+    details = " ".join(s["detail"] for s in json.loads(listed.stdout)["servers"] if s["engine"] == "docker")
+    assert name not in details  # compose's containers are `make compose-ps`'s, not Docker engine servers
+
+
 def test_up_without_a_docker_engine_says_so(tmp_path: Path) -> None:
     if not make_variable("COMPOSE"):
         pytest.skip("no compose implementation")
