@@ -3,7 +3,8 @@
 Options: ``dsn``, ``daily_table`` and ``minute_table`` (``schema.table`` allowed), ``columns`` (our column ->
 theirs, as for the files source), ``tz`` (zone of a naive ``timestamp`` column; default UTC), ``version``
 (a string you bump to force a re-fetch) and ``version_query`` (default true: the version also includes the
-segment's row count and latest timestamp upstream, one indexed aggregate per segment), and ``queries``
+segment's row count, latest timestamp and the sum of its rows' hashes upstream, one aggregate per segment, so a
+corrected value is fetched again; PostgreSQL 14 or later upstream), and ``queries``
 (timeframe -> your own SELECT returning ``date``/``ts``, ``open``, ``high``, ``low``, ``close``, ``volume``,
 with ``%(symbol)s``, ``%(start)s`` and ``%(end)s`` placeholders; bounds are half-open [start, end)).
 Every row is validated like any source's (``refresher.sources.validate``).
@@ -153,9 +154,13 @@ class PostgresSource(Source):
         bounds = self._bounds(segment)
         if spec.version_query and bounds is not None:
             key = sql.Identifier("date" if segment.timeframe == "1d" else "ts")
-            query = sql.SQL("SELECT count(*), max({key})::text FROM ({rows}) AS segment_rows").format(
-                key=key, rows=self._query(segment)
-            )
+            # The sum of each row's hash (the binary values, no text made) sees a corrected value too; count and
+            # latest time alone did not. It reads the rows' heap where count(*) and max() read only the index:
+            # 100 symbols x a month of 1-minute bars, about 20x count/max's time and half a fetch's.
+            query = sql.SQL(
+                "SELECT count(*), max({key})::text, sum(hash_record_extended(segment_rows, 0))::text "
+                "FROM ({rows}) AS segment_rows"
+            ).format(key=key, rows=self._query(segment))
             with self._cursor() as cur:
                 cur.execute(query, self._params(segment, bounds))
                 parts.append(list(cur.fetchone() or ()))

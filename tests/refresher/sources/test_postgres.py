@@ -7,11 +7,16 @@ import datetime as dt
 import psycopg
 import pytest
 
+from featurestore import FeatureStore
+from refresher.engines.local import LocalEngine
 from refresher.errors import SourceError
+from refresher.profile import load_profile
+from refresher.refresh import refresh
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
 from refresher.segments import Segment
 from refresher.sources import make_source
 from refresher.sources.postgres import PostgresSource
+from tests.fixtures_postgres import world_traversable_tmp
 
 from .conftest import MakeProfile
 
@@ -173,3 +178,38 @@ def test_a_value_column_that_is_not_numbers_is_one_line(
     assert (
         str(caught.value) == f"postgres:source.queries.1d: column 'volume' holds {kind} values, not numbers"
     )
+
+
+def test_a_corrected_close_upstream_reloads_exactly_its_segment(upstream: str) -> None:
+    # Same rows, same latest date, one changed close: count(*) and max(date) alone did not see it, so the
+    # old value stayed until the profile's `version:` was bumped.
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS prod.corrected")
+        conn.execute('CREATE TABLE prod.corrected (LIKE prod."Daily Bars")')
+        conn.execute("""INSERT INTO prod.corrected SELECT * FROM prod."Daily Bars" WHERE ticker = 'AAPL'""")
+        conn.execute("INSERT INTO prod.corrected VALUES ('MSFT', '2024-11-27', 400, 410, 390, 405, 300)")
+    root = world_traversable_tmp("refresher-pg-source-")
+    (root / "corrected.yaml").write_text(
+        body(upstream).replace("prod.Daily Bars", "prod.corrected") + "timeframes: [1d]\n"
+    )
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    try:
+        profile = load_profile(str(root / "corrected.yaml"), [])
+        first = refresh(profile, engine, store)
+        assert first.segments.loaded == 4  # AAPL and MSFT, October and November
+        with psycopg.connect(upstream, autocommit=True) as conn:
+            conn.execute("UPDATE prod.corrected SET c = 10.75 WHERE ticker = 'AAPL' AND day = '2024-11-26'")
+        again = refresh(profile, engine, store)
+        assert (again.segments.loaded, again.rows_loaded) == (1, 2)  # AAPL's November, nothing else
+        with psycopg.connect(engine.start(profile.name).dsn()) as conn:
+            closes = conn.execute(
+                "SELECT date, close FROM ohlcv_daily WHERE symbol = 'AAPL' ORDER BY date"
+            ).fetchall()
+        assert closes == [
+            (dt.date(2024, 10, 31), 9.5),
+            (NOV.replace(day=26), 10.75),
+            (NOV.replace(day=27), 11.0),
+        ]
+    finally:
+        for status in engine.status():
+            engine.stop(status.profile)
