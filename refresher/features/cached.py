@@ -82,8 +82,11 @@ class _Compute:
             names = [self.symbols.get(id(frame), "?") for frame in frames]
             results = _bulk().compute_bulk(self.use.feature, dict(self.use.params), names, frames)
             self._bulk = {id(frame): result for frame, result in zip(frames, results, strict=True)}
+        # A user's function gets a copy: the frame is every entry's input, and one that writes to it (a column
+        # scaled in place, a ``dropna(inplace=True)``) would change what the entries after it read.
+        own = raw.copy() if self.use.spec.is_user else raw
         try:
-            result = self._bulk[id(raw)] if id(raw) in self._bulk else self.use.compute(raw)
+            result = self._bulk[id(raw)] if id(raw) in self._bulk else self.use.compute(own)
         except Exception as exc:  # a user's function: whatever it raises is reported, in one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise FeatureError(self.use.name, symbol, f"{type(exc).__name__}: {first}".rstrip(": ")) from exc
@@ -294,7 +297,7 @@ def compute_features(
         todo: list[tuple[str, pd.DataFrame, str]] = []
         empty: list[FeaturePart] = []
         # Only a registered feature is known to be causal, and a universe feature moves with every symbol.
-        appendable = not spec.needs_universe and spec.version != "user"
+        appendable = not spec.needs_universe and not spec.is_user
         records: dict[str, tuple[str | None, int]] = {}
         for symbol in sorted(daily):
             input_hash = input_hash_of(use, symbol)

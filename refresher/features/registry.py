@@ -47,6 +47,11 @@ class FeatureSpec:
     timeframe: str = "1d"
 
     @property
+    def is_user(self) -> bool:
+        """A user's ``module:function`` (``user_feature``): nothing is known of what it reads or writes."""
+        return self.version == "user"
+
+    @property
     def params_model(self) -> type[BaseModel]:
         return _params_model(self.compute)
 

@@ -16,6 +16,7 @@ import pytest
 from featurestore import FeatureStore
 from refresher.errors import FeatureError, ProfileError
 from refresher.features import refresh_features
+from refresher.features.cached import daily_frame
 from refresher.profile import Profile
 from tests.refresher.test_features_load import conn, run, store, stored_plan, table_rows, write_profile
 
@@ -40,6 +41,10 @@ def text(df):
 
 def a_list(df):
     return list(df["close"])
+
+def scales_in_place(df):
+    df["close"] *= 1000.0
+    return pd.DataFrame({"thousands": df["close"]}, index=df.index)
 '''
 
 
@@ -68,6 +73,27 @@ def test_a_user_function_loads_with_its_parameters(
     # Another parameter value reloads that entry only.
     again = run(conn, profile_of(tmp_path, entries.replace("window: 3", "window: 4")), store)
     assert (again.loaded, again.computed) == (2, 2)
+
+
+def test_a_function_writing_to_its_input_changes_no_other_features_rows(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    # The user's entry comes first and scales the close it is given in place; the entries after it read the
+    # same symbol's bars.
+    entries = f'{{name: mine, function: "{module}:scales_in_place"}}, dashboard_data, {{name: again, function: "{module}:compute"}}'
+    profile = profile_of(tmp_path, entries)
+    plan = stored_plan(profile, store)
+    refresh_features(conn, profile, store, plan)
+    bars = daily_frame(
+        list(store.get_many([plan.keys[s] for s in plan.desired if s.symbol == "AAA"]).values())
+    )
+    assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
+        list(bars["close"] * 1000)
+    )
+    changes = [r[2] for r in table_rows(conn, "features_dashboard_data", "AAA")]
+    assert changes[1:] == pytest.approx(list(bars["close"].diff()[1:]), rel=1e-12)
+    ratios = [r[2] for r in table_rows(conn, "features_again", "AAA")][4:]
+    assert ratios == pytest.approx(list((bars["close"] / bars["close"].rolling(5).mean())[4:]), rel=1e-12)
 
 
 @pytest.mark.parametrize(
