@@ -8,6 +8,8 @@ feature and its parameters, so a database that lost them, a second checkout or `
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -126,8 +128,21 @@ def _shape_problem(raw: pd.DataFrame, result: Any) -> str | None:
 
 
 def _version(spec: FeatureSpec) -> str:
-    """The declared version plus a hash of the function's source: editing a feature recomputes it."""
-    return f"{spec.version}/{function_identity(spec.compute)[1]}"
+    """The declared version plus a hash of the function's source: editing a feature recomputes it. A user's
+    function is versioned by its whole module's source too: a helper or a constant beside it is part of what
+    it computes, and no version number is bumped when one is edited."""
+    version = f"{spec.version}/{function_identity(spec.compute)[1]}"
+    return f"{version}/{_module_digest(spec.compute)}" if spec.is_user else version
+
+
+def _module_digest(func: Any) -> str:
+    """A hash of the source file of ``func``'s module; "none" when it has none (a module built in memory)."""
+    module = inspect.getmodule(inspect.unwrap(func))
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    return hashlib.sha256(source.encode()).hexdigest()[:32] if source else "none"
 
 
 def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFrame) -> str:

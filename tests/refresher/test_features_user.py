@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -45,6 +46,14 @@ def a_list(df):
 def scales_in_place(df):
     df["close"] *= 1000.0
     return pd.DataFrame({"thousands": df["close"]}, index=df.index)
+
+SCALE = 2.0
+
+def _scaled(close):
+    return close * SCALE
+
+def scaled(df):
+    return pd.DataFrame({"scaled": _scaled(df["close"])}, index=df.index)
 '''
 
 
@@ -94,6 +103,30 @@ def test_a_function_writing_to_its_input_changes_no_other_features_rows(
     assert changes[1:] == pytest.approx(list(bars["close"].diff()[1:]), rel=1e-12)
     ratios = [r[2] for r in table_rows(conn, "features_again", "AAA")][4:]
     assert ratios == pytest.approx(list((bars["close"] / bars["close"].rolling(5).mean())[4:]), rel=1e-12)
+
+
+def test_editing_a_helper_beside_the_function_recomputes_it(
+    tmp_path: Path,
+    module: str,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each run a fresh process: the source as it is now
+    entries = f'{{name: mine, function: "{module}:scaled"}}, dashboard_data'
+    first = run(conn, profile_of(tmp_path, entries), store)
+    assert first.loaded == 4
+    closes = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
+    # The function's own lines are the same; the constant its helper reads is not.
+    source = tmp_path / f"{module}.py"
+    source.write_text(source.read_text().replace("SCALE = 2.0", "SCALE = 3.0"))
+    monkeypatch.delitem(sys.modules, module)
+    importlib.invalidate_caches()
+    second = run(conn, profile_of(tmp_path, entries), store)
+    assert (second.loaded, second.computed) == (2, 2)
+    assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
+        [c * 1.5 for c in closes]
+    )
 
 
 @pytest.mark.parametrize(
