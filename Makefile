@@ -72,8 +72,9 @@ image: ## Build the air-gapped images (refresher/postgres:15, refresher/redis:7;
 COMPOSE := $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; \
 	elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; fi)
 # One project per checkout (refresher computes the same name for --engine compose): checkouts sharing a Docker
-# daemon never touch each other's services.
-COMPOSE_PROJECT ?= refresher-$(shell printf '%s' '$(realpath $(CURDIR))' | sha256sum | cut -c1-10)
+# daemon never touch each other's services. The shell's `pwd -P`, as Python's Path.resolve(): make's $(realpath)
+# splits a path holding spaces into words, and every such checkout hashed "" into one shared project.
+COMPOSE_PROJECT ?= refresher-$(shell printf '%s' "$$(pwd -P)" | sha256sum | cut -c1-10)
 NO_COMPOSE := no Docker Compose found: install one (Debian: apt-get install docker-compose; or Docker's compose plugin)
 COMPOSE_SH = $(if $(COMPOSE),COMPOSE='$(COMPOSE)' COMPOSE_PROJECT=$(COMPOSE_PROJECT) bash compose/compose.sh,$(error $(NO_COMPOSE)))
 

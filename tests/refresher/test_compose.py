@@ -37,9 +37,11 @@ features: []
 """
 
 
-def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def make(
+    *args: str, env: dict[str, str] | None = None, checkout: Path = CHECKOUT
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["make", "--no-print-directory", "-C", str(CHECKOUT), *args],
+        ["make", "--no-print-directory", "-C", str(checkout), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -47,8 +49,8 @@ def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def make_variable(name: str) -> str:
-    return make("-s", f"--eval=print-var: ; @echo $({name})", "print-var").stdout.strip()
+def make_variable(name: str, checkout: Path = CHECKOUT) -> str:
+    return make("-s", f"--eval=print-var: ; @echo $({name})", "print-var", checkout=checkout).stdout.strip()
 
 
 def leftovers(client: docker.DockerClient, project: str) -> list[str]:
@@ -175,6 +177,21 @@ def test_up_without_compose_is_a_one_line_hint(tmp_path: Path) -> None:
 def test_compose_project_is_unique_per_checkout_and_matches_the_makefile() -> None:
     assert make_variable("COMPOSE_PROJECT") == compose_project(CHECKOUT)
     assert compose_project(CHECKOUT / "elsewhere") != compose_project(CHECKOUT)
+
+
+def test_checkouts_whose_paths_hold_spaces_get_their_own_project_the_one_refresher_computes(
+    tmp_path: Path,
+) -> None:
+    # make's $(realpath) splits its argument on spaces: every such checkout hashed "" to one shared project
+    # (`make compose-down` in one removed the other's volumes), and --engine compose looked for another one.
+    projects = []
+    for name in ("my checkout", "other checkout", "it's here"):
+        checkout = tmp_path / name
+        checkout.mkdir()
+        shutil.copy(CHECKOUT / "Makefile", checkout / "Makefile")
+        projects.append(make_variable("COMPOSE_PROJECT", checkout))
+        assert projects[-1] == compose_project(checkout)
+    assert len(set(projects)) == 3
 
 
 def test_two_checkouts_run_side_by_side_and_down_touches_only_its_own(
