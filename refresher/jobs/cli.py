@@ -114,7 +114,8 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
 def _print_status(state: RunStatus) -> None:
     # The one-line summary is plain text, so a narrow terminal never wraps "held until ..." apart.
     held = f" until {state.held_until}" if state.held_until else ""
-    print(f"{state.run_id}: {state.state}{held}, {state.done}/{state.total} done, {state.dead} dead")
+    error = f" ({state.error})" if state.error else ""
+    print(f"{state.run_id}: {state.state}{held}, {state.done}/{state.total} done, {state.dead} dead{error}")
     out.print(_status_table(state))
 
 

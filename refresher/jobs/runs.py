@@ -177,6 +177,8 @@ class RunStatus:
     features: dict[str, Any] | None
     tiers: list[TierStatus]
     read_ms: float
+    # Why an 'incomplete' run with nothing dead stopped: its features failed every attempt.
+    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,6 +239,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
         features=features,
         tiers=tiers,
         read_ms=round((time.perf_counter() - began) * 1000, 3),
+        error=raw[b"error"].decode() if b"error" in raw else None,
     )
 
 
@@ -258,7 +261,8 @@ def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
 
 
 def retry_dead(client: redis.Redis, run_id: str) -> int:
-    """Put a run's dead-lettered jobs back on their stream with a fresh attempt count; returns how many."""
+    """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
+    they failed; returns how many jobs."""
     if not client.exists(run_key(run_id)):
         raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
     moved = 0
@@ -274,6 +278,12 @@ def retry_dead(client: redis.Redis, run_id: str) -> int:
         pipe.hset(run_key(run_id), "state", "queued")
         pipe.execute()
         moved += 1
+    if not moved and client.hexists(run_key(run_id), "error"):  # its features failed: again, fresh attempts
+        pipe = client.pipeline(transaction=True)
+        pipe.hdel(run_key(run_id), "error", "features_attempts")
+        pipe.hset(run_key(run_id), "state", "loaded")
+        pipe.sadd(FEATURES_DUE, run_id)
+        pipe.execute()
     return moved
 
 

@@ -41,6 +41,7 @@ from refresher.jobs.queue import (
     Delivery,
     JobQueue,
     connect,
+    ensure_groups,
     run_key,
     stream_key,
     text,
@@ -211,9 +212,16 @@ class Worker:
         contexts: dict[str, _RunContext] = {}
         failures = 0
         last_sweep = 0.0
+        groups = False
         try:
             while not self.stop.is_set():
                 try:
+                    if not groups:
+                        # A worker may start before any run was submitted, or find a group deleted by hand
+                        # (or its stream): made again from the stream's first entry, whatever is left in it
+                        # runs (a redelivered job is a no-op by the ledger).
+                        ensure_groups(queue.client)
+                        groups = True
                     if time.monotonic() - last_sweep > 0.5:
                         self._housekeeping(queue, contexts)
                         last_sweep = time.monotonic()
@@ -236,6 +244,10 @@ class Worker:
                     # an unacknowledged job stays pending and is reclaimed after the visibility timeout.
                     failures += 1
                     self.stop.wait(backoff_seconds(failures, base=0.1, cap=5.0, rng=self._rng))
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    groups = False
         finally:
             for ctx in contexts.values():
                 ctx.close()
@@ -397,8 +409,45 @@ class Worker:
         )
         if not lock.acquire():
             return
-        with _held(lock, every=ttl / 3):
-            self._features_locked(queue, contexts, run)
+        try:
+            with _held(lock, every=ttl / 3):
+                self._features_locked(queue, contexts, run)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            # The target dropped or unreachable, the profile gone from this machine: it killed the worker's
+            # thread, and every worker's after it (each sweep tried again), and a --burst worker never drained.
+            self._features_failed(queue, contexts, run, exc)
+
+    def _features_failed(
+        self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, exc: Exception
+    ) -> None:
+        """Count a failed features attempt on the run; wait out a backoff (a lock no one holds, expiring in
+        Redis's own time), or after the last attempt end the run 'incomplete' with the error."""
+        if run in contexts:
+            contexts.pop(run).close()  # reconnect on the next attempt
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not queue.client.hexists(run_key(run), "spec"):  # the run was deleted by hand
+            queue.client.srem(FEATURES_DUE, run)
+            self._say(f"run {run}: features not computed, the run is gone from Redis: {text}")
+            return
+        attempt = int(queue.client.hincrby(run_key(run), "features_attempts", 1))
+        transient = is_transient(exc)
+        kind = "transient" if transient else "permanent"
+        if attempt >= (self.options.max_attempts if transient else self.options.poison_attempts):
+            pipe = queue.client.pipeline(transaction=True)
+            pipe.hset(run_key(run), mapping={"state": "incomplete", "error": f"features: {kind}: {text}"})
+            pipe.srem(FEATURES_DUE, run)
+            pipe.execute()
+            self._say(
+                f"run {run}: features failed after {attempt} attempt(s), run incomplete: {kind}: {text}"
+            )
+            return
+        wait = backoff_seconds(
+            attempt, base=self.options.backoff_base, cap=self.options.backoff_cap, rng=self._rng
+        )
+        queue.client.set(run_key(run, "features-lock"), "backoff", px=max(int(wait * 1000), 1), nx=True)
+        self._say(f"run {run}: features attempt {attempt} failed ({kind}), retry in {wait:.1f} s: {text}")
 
     def _features_locked(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
         ctx = self._context(queue, contexts, run)

@@ -1,0 +1,109 @@
+"""Faults a production queue meets, through real Redis, real workers and a real embedded Postgres: a worker
+started before any run, a consumer group deleted by hand, a target database dropped before the run's features.
+Row counts are checked in Postgres exactly: nothing lost, nothing loaded twice."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from refresher.jobs import worker as worker_module
+from refresher.jobs.queue import FEATURES_DUE, GROUP, run_key, stream_key
+from refresher.jobs.worker import Worker, WorkerOptions
+from refresher.settings import Settings
+from tests.redis_server import RedisServer
+from tests.refresher.jobs.test_worker import (
+    SYMBOLS,
+    ledger,
+    start_worker,
+    status,
+    stop,
+    submit,
+    wait_for,
+    worker_log,
+    workspace,
+)
+from tests.refresher.test_refresh_e2e import AS_OF, Workspace, expected_rows
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+__all__ = ["workspace"]  # the fixture, shared with test_worker
+
+
+def assert_loaded_exactly(ws: Workspace, symbols: list[str], months: int) -> None:
+    """Every segment of ``symbols`` in the ledger, each table holding exactly the rows the calendar says, and
+    the ledger's row counts matching the tables: no segment lost, no row loaded twice."""
+    first = AS_OF.year * 12 + AS_OF.month - months  # the window's first month, counted from year 0
+    start = dt.date(first // 12, first % 12 + 1, 1)
+    daily, minute = expected_rows(len(symbols), start, AS_OF)
+    names = ", ".join(f"'{s}'" for s in symbols)
+    assert ws.scalar(f"SELECT count(*) FROM ohlcv_daily WHERE symbol IN ({names})") == daily
+    assert ws.scalar(f"SELECT count(*) FROM ohlcv_1min WHERE symbol IN ({names})") == minute
+    segments = {seg: rows for seg, (_hash, rows) in ledger(ws).items() if seg.split("/")[0] in symbols}
+    assert len(segments) == len(symbols) * months * 2
+    assert sum(segments.values()) == daily + minute
+
+
+def test_a_worker_started_before_any_run_and_a_group_deleted_mid_run_lose_nothing(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url = workspace, redis_server.url
+    # On an empty Redis the streams and their group do not exist yet: XAUTOCLAIM said NOGROUP, the worker's
+    # thread died with a traceback and the process exited 0, running nothing.
+    early = start_worker(ws, url, "early")
+    try:
+        time.sleep(2)
+        assert early.poll() is None, worker_log(ws, "early")
+        run = submit(ws, url)
+        wait_for(ws, url, run["run_id"], lambda s: s["done"] >= 2)
+        # An operator deletes the group by hand, pending entries and all; the worker makes it again.
+        redis_server.client().xgroup_destroy(stream_key("normal"), GROUP)
+        final = wait_for(ws, url, run["run_id"], lambda s: s["state"] == "complete")
+        assert early.poll() is None, worker_log(ws, "early")
+    finally:
+        stop([early])
+    assert early.returncode == 0 and "Traceback" not in worker_log(ws, "early"), worker_log(ws, "early")
+    assert final["done"] == final["total"] == run["jobs"] and final["dead"] == 0
+    assert_loaded_exactly(ws, SYMBOLS, 3)
+
+
+def test_features_failing_on_a_dropped_database_end_the_run_incomplete_and_the_worker_lives(
+    workspace: Workspace, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws, url = workspace, redis_server.url
+    run = submit(ws, url)["run_id"]
+    dsn = ws.dsn()
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    admin = psycopg.conninfo.make_conninfo(dsn, dbname="postgres")
+    real = worker_module.run_features
+
+    def dropped_first(*args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "run_features", dropped_first)
+    settings = Settings.from_env(ws.env, engine="local")
+    options = WorkerOptions("drop", burst=True, visibility_timeout=2, backoff_base=0.01, backoff_cap=0.05)
+    report = Worker(url, settings, options).run()  # --burst: returns once nothing is left to try
+
+    state = status(ws, url, run)
+    assert (report.done, report.features) == (state["total"], 0)
+    assert state["state"] == "incomplete" and state["done"] == state["total"] and state["dead"] == 0
+    assert dbname in state["error"] and state["error"].startswith("features: ")
+    client = redis_server.client()
+    assert not client.sismember(FEATURES_DUE, run)
+    assert int(client.hget(run_key(run), "features_attempts") or 0) == options.max_attempts
+    human = ws.run("jobs", "status", run, "--queue", url).stdout
+    assert "incomplete" in human and dbname in human
+    ws.run("jobs", "status", run, "--watch", "--queue", url, expect=1)
+
+    # retry-dead makes its features due again, with fresh attempts.
+    ws.run("jobs", "retry-dead", run, "--queue", url)
+    state = status(ws, url, run)
+    assert (state["state"], state["error"]) == ("loaded", None) and client.sismember(FEATURES_DUE, run)
