@@ -10,7 +10,8 @@ the same profile file, ``as_of``, engine and refresher version (without a fixed 
 anything else (a killed or rebooted server, an edited profile) is stopped and rebuilt. The lock is held from
 reading the record to writing the new one, so two runs of one checkout never build two servers.
 
-A kept server has no owner process (``owner_pid=None``): the sweep of abandoned servers never removes it. A run
+A kept server has no owner process once recorded (``mark_kept``): the sweep of abandoned servers never removes
+it; until then its directory names the run building it, so a run killed mid-build leaves nothing for good. A run
 without ``--refresher-reuse`` stops the checkout's kept server for its key, as pytest-django's ``--reuse-db``
 does without the flag.
 """
@@ -22,14 +23,13 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 from filelock import FileLock
 
 from refresher import __version__, snapshot
-from refresher._pytest_servers import LoadedServer, stop_server
+from refresher._pytest_servers import LoadedServer, mark_kept, stop_server
 from refresher.engines import write_private_json
 from refresher.errors import SnapshotError
 from refresher.settings import Settings
@@ -72,15 +72,17 @@ def _profile_file(profile: str, dirs: Sequence[Path]) -> Path | None:
 def kept_or_built(
     path: Path, settings: Settings, mark: str, build: Callable[[], LoadedServer]
 ) -> LoadedServer:
-    """The kept server recorded at ``path`` if it is alive and loaded from ``mark``; else a new one, kept."""
+    """The kept server recorded at ``path`` if it is alive and loaded from ``mark``; else ``build()``'s (a
+    server built ``kept``), recorded, then marked kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_suffix(".lock"), thread_local=False):
         kept = _read(path)
         if kept is not None and kept[1] == mark and _serving(kept[0]):
             return kept[0]
         _stop_recorded(path, settings)
-        server = replace(build(), kept=True)
+        server = build()
         write_private_json(path, {"fingerprint": mark, "server": json.loads(server.to_json())})
+        mark_kept(server)
         return server
 
 

@@ -80,14 +80,16 @@ def build_server(
     *,
     as_of: dt.date | None,
     run: str,
-    owner_pid: int | None,
+    owner_pid: int,
+    kept: bool = False,
     pool_size: int,
 ) -> LoadedServer:
     """Start a new server for the profile with ``engine`` (auto, local or docker) and load the profile into it.
 
-    ``run`` names the test run and ``owner_pid`` the process that will stop the server (the xdist controller);
-    None for a server kept between runs, which the sweep of abandoned servers must never remove. ``pool_size``:
-    the warm clones its snapshot records (the pool the run's refillers keep).
+    ``run`` names the test run and ``owner_pid`` the process that will stop the server (the xdist controller).
+    A server to keep between runs (``kept``) carries no owner labels, and its directory names ``owner_pid`` only
+    until ``mark_kept`` (once it is recorded for reuse): a run killed while building it leaves a server the
+    sweep removes, where nothing would ever stop it. ``pool_size``: the warm clones its snapshot records.
     """
     from featurestore import FeatureStore
     from refresher.engines import owner_labels, select_engine
@@ -96,7 +98,7 @@ def build_server(
 
     profile = load_profile(name_or_path, settings.profiles_dirs, as_of=as_of)
     store = FeatureStore(settings.store_root)
-    owner = owner_labels(owner_pid) if owner_pid is not None else {}
+    owner = owner_labels(owner_pid)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix=THROWAWAY_PREFIX, dir=settings.state_dir))
     # The embedded server runs as another OS user when we are root; it must be able to traverse the directory.
@@ -104,7 +106,8 @@ def build_server(
     (state / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
     throwaway = replace(settings, state_dir=state)
     try:
-        server = select_engine(engine, throwaway, labels={PYTEST_LABEL: run, **owner})
+        labels = {PYTEST_LABEL: run} if kept else {PYTEST_LABEL: run, **owner}
+        server = select_engine(engine, throwaway, labels=labels)
         report = refresh(profile, server, store, pool_size=pool_size)
         info = server.info(profile.name)
         if info is None:
@@ -113,7 +116,7 @@ def build_server(
             )
     except BaseException:
         with contextlib.suppress(Exception):
-            _stop_everything(throwaway)
+            stop_everything(throwaway)
         raise
     return LoadedServer(
         profile.name,
@@ -123,7 +126,15 @@ def build_server(
         state_dir=str(state),
         rows_loaded=report.rows_loaded,
         load_seconds=report.seconds,
+        kept=kept,
     )
+
+
+def mark_kept(server: LoadedServer) -> None:
+    """``server`` is recorded for reuse now: it has no owner process any more, and no sweep removes it."""
+    from refresher.engines import write_private_json
+
+    write_private_json(Path(server.state_dir) / OWNER_FILE, {})
 
 
 def stop_server(record: LoadedServer, settings: Settings) -> None:
@@ -149,12 +160,12 @@ def sweep(settings: Settings) -> list[str]:
         except (OSError, ValueError):
             continue  # being made right now, or not ours to judge
         if isinstance(owner, dict) and owner_gone(owner):
-            _stop_everything(replace(settings, state_dir=state))
+            stop_everything(replace(settings, state_dir=state))
             removed.append(str(state))
     return removed
 
 
-def _stop_everything(throwaway: Settings) -> None:
+def stop_everything(throwaway: Settings) -> None:
     """Stop every server any engine has in the throwaway state dir, then remove the dir."""
     from refresher.engines import docker_answers, make_engine
 
@@ -168,4 +179,14 @@ def _stop_everything(throwaway: Settings) -> None:
     shutil.rmtree(throwaway.state_dir, ignore_errors=True)
 
 
-__all__ = ["PYTEST_LABEL", "LoadedServer", "build_server", "stop_server", "sweep"]
+__all__ = [
+    "OWNER_FILE",
+    "PYTEST_LABEL",
+    "THROWAWAY_PREFIX",
+    "LoadedServer",
+    "build_server",
+    "mark_kept",
+    "stop_everything",
+    "stop_server",
+    "sweep",
+]

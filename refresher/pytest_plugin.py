@@ -178,7 +178,8 @@ class RefresherServers:
                 options.settings,
                 as_of=day,
                 run=self._state.run_dir.name,
-                owner_pid=None if kept else self._state.owner_pid,
+                owner_pid=self._state.owner_pid,
+                kept=kept,
                 pool_size=self.pool_size,
             )
 

@@ -24,9 +24,11 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
+from refresher._pytest_servers import OWNER_FILE, THROWAWAY_PREFIX, stop_everything
 from refresher._pytest_share import clone_note, drop_abandoned_clones, per_test_clone_prefix
 from refresher.engines.base import ServerInfo
 from refresher.pool import checkout_clone
+from refresher.settings import Settings
 from refresher.snapshot import save_pristine
 
 pytest_plugins = ["pytester"]
@@ -799,3 +801,52 @@ def test_c_psycopg_prepared_statements_still_work(refresher_tx):
 """,
     )
     run(pytester, *plugin_env.args("local")).assert_outcomes(passed=3)
+
+
+KILLED_IN_THE_LOAD = """
+import os, signal
+import refresher.refresh
+
+_refresh = refresher.refresh.refresh
+
+def _refresh_then_die(profile, engine, *args, **kwargs):
+    _refresh(profile, engine, *args, **kwargs)  # the server runs, loaded; its record is not written yet
+    os.kill(os.getpid(), signal.SIGKILL)
+
+refresher.refresh.refresh = _refresh_then_die
+"""
+
+
+@pytest.mark.slow
+def test_a_reuse_run_killed_while_building_leaves_nothing_the_next_run_keeps(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """kill -9 (a CI timeout, a closed terminal) while a --refresher-reuse run loads its server: the server
+    is not recorded for reuse yet, so nothing would ever stop it unless the sweep knows whose it is."""
+    state = plugin_env.root / "state-killed-build"
+    state.mkdir(mode=0o755)
+    args = [*plugin_env.args("local"), f"--refresher-state-dir={state}", "--refresher-reuse"]
+    pytester.makeconftest(KILLED_IN_THE_LOAD)
+    write_project(pytester, "def test_ok(refresher_db):\n    pass\n")
+    try:
+        assert run(pytester, *args).ret not in (0, 1)
+        [left] = throwaway_dirs(state)
+        [pidfile] = left.rglob("postmaster.pid")
+        port = int(pidfile.read_text().splitlines()[3])
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # still serving
+
+        (pytester.path / "conftest.py").unlink()
+        run(pytester, *args).assert_outcomes(passed=1)  # builds the server it keeps
+        run(pytester, *args[:-1]).assert_outcomes(passed=1)  # a plain run: stops the kept one, and its own
+        assert not left.exists()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert throwaway_dirs(state) == []
+    finally:
+        for directory in throwaway_dirs(state):
+            stop_everything(Settings.from_env(state_dir=directory))
+
+
+def throwaway_dirs(state: Path) -> list[Path]:
+    """The plugin's throwaway server directories under ``state``."""
+    return sorted(d.parent for d in state.glob(f"{THROWAWAY_PREFIX}*/{OWNER_FILE}"))
