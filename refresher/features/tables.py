@@ -23,7 +23,7 @@ from psycopg import sql
 
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
-from refresher.ledger_counter import ensure_ledger_counter
+from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
 from refresher.load import copy_arrow
 
 if TYPE_CHECKING:
@@ -100,11 +100,17 @@ def _has_inputs(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _ensure_ledger(conn: psycopg.Connection[Any]) -> None:
-    conn.execute(FEATURES_DDL)
+    """Create the ledger (or add its ``inputs`` column) when missing, in a transaction of its own under the
+    schema lock: CREATE TABLE IF NOT EXISTS is not race-free, and two features' first loads into a new database
+    (a refresh beside a worker) each take only their own feature's lock."""
+    if not _has_inputs(conn):  # also when the table is missing
+        with conn.transaction():
+            conn.execute(SCHEMA_LOCK)
+            conn.execute(FEATURES_DDL)
+            # Only when missing: ALTER TABLE locks the ledger against every reader until the transaction ends.
+            if not _has_inputs(conn):
+                conn.execute("ALTER TABLE refresher_features ADD COLUMN IF NOT EXISTS inputs text")
     ensure_ledger_counter(conn, "refresher_features")
-    # Only when missing: ALTER TABLE locks the ledger against every reader until the transaction ends.
-    if not _has_inputs(conn):
-        conn.execute("ALTER TABLE refresher_features ADD COLUMN IF NOT EXISTS inputs text")
 
 
 def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
@@ -129,8 +135,8 @@ def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequen
     the symbol's old rows and records the empty load, so the next refresh does not look again.
     """
     try:
+        _ensure_ledger(conn)
         with conn.transaction():
-            _ensure_ledger(conn)
             # Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second
             # reads the ledger after the first committed: no COPY races another's uncommitted rows.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id(name),))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore
@@ -17,6 +20,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
 from refresher.features import FeatureCounts, get_feature, refresh_features
 from refresher.features.cached import daily_frame
+from refresher.features.tables import FeaturePart, replace_feature_rows
 from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import compute_plan
@@ -207,3 +211,23 @@ def test_prune_removes_symbols_and_features_that_left_the_profile(
     assert conn.execute("SELECT to_regclass('features_etf_metadata')").fetchone() == (None,)
     assert ledger_symbols(conn, "etf_metadata") == []
     assert refresh_features(conn, smaller, store, plan, prune=True) == FeatureCounts(desired=2)
+
+
+def test_first_loads_of_several_features_into_a_new_database_at_once_all_commit(
+    pg_database: ServerInfo,
+) -> None:
+    # No ledger yet: each load takes only its own feature's lock, and all of them create the ledger.
+    rows = pa.table({"symbol": ["AAA"], "date": pa.array([dt.date(2024, 6, 3)], pa.date32()), "x": [1.0]})
+    names = [f"first_{i}" for i in range(4)]
+    start = threading.Barrier(len(names))
+
+    def load(name: str) -> int:
+        with psycopg.connect(pg_database.dsn(), autocommit=True) as own:
+            start.wait()
+            return replace_feature_rows(own, name, [FeaturePart("AAA", rows, "h")])
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        assert list(pool.map(load, names)) == [1] * len(names)
+    with psycopg.connect(pg_database.dsn()) as check:
+        ledger = check.execute("SELECT feature, rows FROM refresher_features ORDER BY 1").fetchall()
+    assert ledger == [(name, 1) for name in names]
