@@ -5,6 +5,9 @@ Row counts are checked in Postgres exactly: nothing lost, nothing loaded twice."
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -17,6 +20,7 @@ from refresher.jobs.queue import FEATURES_DUE, GROUP, run_key, stream_key
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.settings import Settings
 from tests.redis_server import RedisServer
+from tests.refresher.jobs.killed_worker import STEPS
 from tests.refresher.jobs.test_worker import (
     SYMBOLS,
     ledger,
@@ -107,3 +111,35 @@ def test_features_failing_on_a_dropped_database_end_the_run_incomplete_and_the_w
     ws.run("jobs", "retry-dead", run, "--queue", url)
     state = status(ws, url, run)
     assert (state["state"], state["error"]) == ("loaded", None) and client.sismember(FEATURES_DUE, run)
+
+
+def test_a_worker_killed_after_any_step_of_a_job_loses_nothing_and_loads_nothing_twice(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """SIGKILL right after each step (claim, in-flight mark, store write, COPY, commit, ack, features,
+    snapshot); a second worker finishes the run: every row there once, the run counted once, complete."""
+
+    ws, url = workspace, redis_server.url
+    for step in STEPS:
+        symbols = [f"{step[:3].upper()}A", f"{step[:3].upper()}B"]
+        ws.write_profile(symbols=symbols, months=2)
+        run = submit(ws, url)
+        assert run["jobs"] == 8, step
+        args = ws.command("worker", "--queue", url, "--name", f"dies-{step}", "--visibility-timeout", "1")
+        killed = subprocess.run(
+            [sys.executable, "-m", "tests.refresher.jobs.killed_worker", step, *args[3:]],
+            env=ws.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
+        survivor = start_worker(ws, url, f"after-{step}", "--burst", "--visibility-timeout", "1")
+        assert survivor.wait(timeout=600) == 0, worker_log(ws, f"after-{step}")
+        assert "Traceback" not in worker_log(ws, f"after-{step}"), step
+        final = status(ws, url, run["run_id"])
+        assert (final["state"], final["done"], final["dead"]) == ("complete", 8, 0), (step, final)
+        assert_loaded_exactly(ws, symbols, 2)
+        names = ", ".join(f"'{s}'" for s in symbols)
+        daily = ws.scalar(f"SELECT count(*) FROM ohlcv_daily WHERE symbol IN ({names})")
+        assert ws.scalar(f"SELECT count(*) FROM features_dashboard_data WHERE symbol IN ({names})") == daily
