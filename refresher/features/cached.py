@@ -122,8 +122,24 @@ def _shape_problem(raw: pd.DataFrame, result: Any) -> str | None:
             return f"column {column!r} is not a lower-case name (letters, digits, _)"
         if not pd.api.types.is_numeric_dtype(result[column]):
             return f"column {column!r} is {result[column].dtype}, not numeric"
+        if pd.api.types.is_complex_dtype(
+            result[column]
+        ):  # numeric to pandas; a double column holds no such value
+            return f"column {column!r} is {result[column].dtype}, not real numbers"
     if result.columns.has_duplicates:
         return "returned a column name twice"
+    return None
+
+
+def _other_columns(use: FeatureUse, parts: Sequence[FeaturePart]) -> FeatureError | None:
+    """The error naming the first symbol whose rows have other columns than the first symbol's (a user's function
+    whose columns depend on the data): one table holds every symbol's rows."""
+    filled = [part for part in parts if part.rows.num_rows]
+    for part in filled[1:]:
+        if part.rows.column_names != filled[0].rows.column_names:
+            theirs, first = part.rows.column_names[2:], filled[0].rows.column_names[2:]
+            reason = f"returned columns {theirs}, {filled[0].symbol} {first}: every symbol needs the same, in order"
+            return FeatureError(use.name, part.symbol, reason)
     return None
 
 
@@ -367,6 +383,10 @@ def compute_features(
                 since, based_on = raw.index[kept].date(), loaded.get((use.name, symbol))
                 rows = feature_rows(symbol, frame.iloc[kept:])
                 parts.append(FeaturePart(symbol, rows, h, recorded, since, based_on))
+        mismatch = _other_columns(use, parts)
+        if mismatch is not None:
+            failures.append(mismatch)  # the entry's table cannot hold them all; the other entries still load
+            continue
         yield FeatureBatch(use, parts + empty, compute.calls + len(extend))
     if failures:
         raise failures[0]

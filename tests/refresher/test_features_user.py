@@ -43,6 +43,15 @@ def text(df):
 def a_list(df):
     return list(df["close"])
 
+def complex_(df):
+    return pd.DataFrame({"z": df["close"] + 1j}, index=df.index)
+
+CALLS = []
+
+def data_dependent(df):
+    CALLS.append(1)  # the first symbol gets one column, the others two
+    return pd.DataFrame({"a": df["close"], **({"b": df["open"]} if len(CALLS) > 1 else {})}, index=df.index)
+
 def scales_in_place(df):
     df["close"] *= 1000.0
     return pd.DataFrame({"thousands": df["close"]}, index=df.index)
@@ -136,6 +145,7 @@ def test_editing_a_helper_beside_the_function_recomputes_it(
         ("short", "returned 82 rows on another index, not one per bar (83, by date)"),
         ("text", "column 'label' is str, not numeric"),
         ("a_list", "returned list, not a pandas DataFrame"),
+        ("complex_", "column 'z' is complex128, not real numbers"),
     ],
 )
 def test_a_failing_function_is_one_line_and_loads_nothing_of_its_own(
@@ -154,6 +164,21 @@ def test_a_failing_function_is_one_line_and_loads_nothing_of_its_own(
     assert message.startswith("feature bad, symbol AAA: ") and reason in message, message
     assert info.value.fields == {"feature": "bad", "symbol": "AAA"}
     # Nothing of the failing entry; the other feature loaded in full.
+    assert conn.execute("SELECT to_regclass('features_bad')").fetchone() == (None,)
+    ledger = conn.execute("SELECT feature, count(*) FROM refresher_features GROUP BY 1").fetchall()
+    assert ledger == [("dashboard_data", 2)]
+
+
+def test_a_function_whose_columns_differ_by_symbol_is_one_line_and_loads_nothing_of_its_own(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    profile = profile_of(tmp_path, f'{{name: bad, function: "{module}:data_dependent"}}, dashboard_data')
+    with pytest.raises(FeatureError) as info:
+        refresh_features(conn, profile, store, stored_plan(profile, store))
+    assert str(info.value) == (
+        "feature bad, symbol BBB: returned columns ['a', 'b'], AAA ['a']: every symbol needs the same, in order; "
+        "nothing of bad was loaded"
+    )
     assert conn.execute("SELECT to_regclass('features_bad')").fetchone() == (None,)
     ledger = conn.execute("SELECT feature, count(*) FROM refresher_features GROUP BY 1").fetchall()
     assert ledger == [("dashboard_data", 2)]
