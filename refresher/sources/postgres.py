@@ -28,7 +28,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from refresher.calendar import get_calendar
+from refresher.calendar import exchange_tz, get_calendar
 from refresher.errors import SourceError
 from refresher.profile import PostgresSourceSpec, Profile
 from refresher.schema import empty_table
@@ -73,20 +73,35 @@ class PostgresSource(Source):
                 f"source.tz={self.tz!r}: unknown time zone ({exc})", field="source.tz", value=self.tz
             ) from None
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._session_zone = ""
+
+    def _zone(self, segment: Segment) -> str:
+        """The upstream session's TimeZone for the segment's queries.
+
+        Minute bars: UTC, so aware UTC parameters compare correctly with naive UTC ``timestamp`` columns too.
+        Daily bars: the exchange's zone, so a ``timestamptz`` day (a Tokyo bar at local midnight, the day before
+        in UTC) is cast to, and bounded by, the exchange's local date; ``date`` and naive columns are unaffected.
+        """
+        return (
+            exchange_tz(self.profile.listing(segment.symbol).exchange) if segment.timeframe == "1d" else "UTC"
+        )
 
     @contextmanager
-    def _cursor(self) -> Iterator[psycopg.Cursor[tuple[object, ...]]]:
+    def _cursor(self, segment: Segment) -> Iterator[psycopg.Cursor[tuple[object, ...]]]:
         # One connection for the source's lifetime: a no-op refresh asks for hundreds of versions.
         if self._conn is None or self._conn.closed:
             try:
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
-                # aware UTC parameters then compare correctly with naive UTC `timestamp` columns too
-                self._conn.execute("SET TIME ZONE 'UTC'")
+                self._session_zone = ""
             except psycopg.OperationalError as exc:
                 raise SourceError(
                     f"source.dsn: cannot connect to the upstream database: {exc}".strip()
                 ) from exc
         try:
+            zone = self._zone(segment)
+            if zone != self._session_zone:  # one round trip when it changes, not one per query
+                self._conn.execute("SELECT set_config('TimeZone', %s, false)", [zone])
+                self._session_zone = zone
             with self._conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
@@ -161,7 +176,7 @@ class PostgresSource(Source):
                 "SELECT count(*), max({key})::text, sum(hash_record_extended(segment_rows, 0))::text "
                 "FROM ({rows}) AS segment_rows"
             ).format(key=key, rows=self._query(segment))
-            with self._cursor() as cur:
+            with self._cursor(segment) as cur:
                 cur.execute(query, self._params(segment, bounds))
                 parts.append(list(cur.fetchone() or ()))
         # sha256 so a password in the DSN never appears in a version token
@@ -172,7 +187,7 @@ class PostgresSource(Source):
         if bounds is None:
             return empty_table(segment.timeframe)
         key = "date" if segment.timeframe == "1d" else "ts"
-        with self._cursor() as cur:
+        with self._cursor(segment) as cur:
             cur.execute(self._query(segment), self._params(segment, bounds))
             names = [d.name for d in cur.description or ()]
             rows = cur.fetchall()
@@ -215,7 +230,9 @@ class PostgresSource(Source):
     def _when(self, column: pd.Series, segment: Segment) -> tuple[I64, Mask]:
         """Days since 1970-01-01 (daily) or UTC ns (minute), and which rows have one."""
         if segment.timeframe == "1d":
-            days = pd.to_datetime(column, errors="coerce")
+            # a custom query's timestamptz arrives aware in the exchange's zone (``_zone``): its local date
+            dates = column.map(lambda w: w.date() if isinstance(w, dt.datetime) else w)
+            days = pd.to_datetime(dates, errors="coerce")
             ok = days.notna().to_numpy()
             return np.where(ok, days.to_numpy(dtype="datetime64[D]").astype(np.int64), 0), ok
         zone = dt.UTC if self.tz == "UTC" else zoneinfo.ZoneInfo(self.tz)

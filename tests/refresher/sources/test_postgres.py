@@ -213,3 +213,46 @@ def test_a_corrected_close_upstream_reloads_exactly_its_segment(upstream: str) -
     finally:
         for status in engine.status():
             engine.stop(status.profile)
+
+
+TZ_SETUP = """
+DROP TABLE IF EXISTS prod.daily_tz;
+CREATE TABLE prod.daily_tz (ticker text, day timestamptz, o float8, h float8, l float8, c float8, vol float8);
+INSERT INTO prod.daily_tz VALUES
+  ('7203', '2024-10-31 00:00 Asia/Tokyo', 1, 2, 0.5, 1.5, 10),
+  ('7203', '2024-11-01 00:00 Asia/Tokyo', 1, 2, 0.5, 1.5, 11),
+  ('7203', '2024-11-29 00:00 Asia/Tokyo', 1, 2, 0.5, 1.5, 12),
+  ('AAPL', '2024-11-01 00:00 America/New_York', 1, 2, 0.5, 1.5, 20),
+  ('AAPL', '2024-11-29 20:00 America/New_York', 1, 2, 0.5, 1.5, 21);
+"""
+TZ_QUERY = QUERY.replace("prod.bad_bars", "prod.daily_tz")
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["table", "query"])
+@pytest.mark.parametrize(
+    ("exchange", "symbol", "dates"),
+    [("XTKS", "7203", [NOV, NOV.replace(day=29)]), ("XNYS", "AAPL", [NOV, NOV.replace(day=29)])],
+)
+def test_a_timestamptz_daily_column_is_dated_in_the_exchanges_zone(
+    upstream: str, make_profile: MakeProfile, exchange: str, symbol: str, dates: list[dt.date], custom: bool
+) -> None:
+    # A bar at Tokyo's midnight is the previous day in UTC: it was dated a day early, or fell out of its month.
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute(TZ_SETUP)
+    source = (
+        f'source:\n  kind: postgres\n  dsn: "{upstream}"\n  daily_table: prod.daily_tz\n'
+        "  minute_table: prod.minute_bars\n"
+        "  columns: {symbol: ticker, date: day, ts: time, open: o, high: h, low: l, close: c, volume: vol}\n"
+    )
+    if custom:
+        source += f'  queries: {{1d: "{TZ_QUERY}"}}\n'
+    profile = make_profile(
+        f"universe: {{symbols: ['{symbol}']}}\nexchange: {exchange}\nstart: 2024-10-01\nend: 2024-11-30\n"
+        f"timeframes: [1d]\n{source}"
+    )
+    with PostgresSource(profile) as src:
+        november = Segment(symbol, "1d", NOV)
+        assert src.fetch(november).column("date").to_pylist() == dates
+        version = src.version(november)
+        assert src.fetch(Segment(symbol, "1m", NOV)).num_rows == 0  # a minute query between the two
+        assert src.version(november) == version
