@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from refresher.errors import ProfileError, RefresherError
+from refresher.profile_files import find_profile_file
 from refresher.settings import Settings, parse_pool_size
 
 DEFAULT_PROFILE = "ui_testing"
@@ -127,6 +129,26 @@ class PluginOptions:
         )
 
 
+def options_given(config: pytest.Config) -> bool:
+    """Whether any refresher option is set by a flag or an ini key (the environment alone does not count)."""
+    return any(config.getoption(opt.ini) is not None or config.getini(opt.ini) for opt in OPTIONS)
+
+
+def check_options(config: pytest.Config, options: Callable[[], PluginOptions]) -> None:
+    """Bad refresher options are pytest's one-line usage error, before any test runs.
+
+    Only when a flag or ini key is set: a project that merely has refresher installed must not fail over an
+    environment variable meant for the CLI (its fixtures, if used, then fail with the same one line).
+    """
+    if not options_given(config) or config.getoption("help", False):
+        return
+    try:
+        resolved = options()
+        find_profile_file(resolved.profile, resolved.settings.profiles_dirs)  # the file only: no YAML read
+    except RefresherError as exc:
+        raise pytest.UsageError(f"refresher: {exc}") from None
+
+
 def parse_as_of(text: str | None) -> dt.date | None:
     if text is None:
         return None
@@ -158,4 +180,13 @@ def marker_profile(item: pytest.Item) -> str | None:
     return os.fspath(args[0])
 
 
-__all__ = ["DEFAULT_PROFILE", "ENGINES", "MARKER", "PluginOptions", "add_options", "marker_profile"]
+__all__ = [
+    "DEFAULT_PROFILE",
+    "ENGINES",
+    "MARKER",
+    "PluginOptions",
+    "add_options",
+    "check_options",
+    "marker_profile",
+    "options_given",
+]

@@ -23,14 +23,21 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
 from refresher import pool
-from refresher._pytest_options import MARKER, PluginOptions, add_options, marker_profile, parse_as_of
+from refresher._pytest_options import (
+    MARKER,
+    PluginOptions,
+    add_options,
+    check_options,
+    marker_profile,
+    parse_as_of,
+)
 from refresher._pytest_reuse import (
     drop_kept,
     fingerprint,
@@ -58,6 +65,7 @@ if TYPE_CHECKING:
 RUN_DIR_INPUT = "refresher_run_dir"
 OWNER_PID_INPUT = "refresher_owner_pid"
 _STATE = pytest.StashKey["_PluginState"]()
+_T = TypeVar("_T")
 
 
 class _PluginState:
@@ -128,7 +136,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}(name): load this profile (name or YAML path) for refresher_db instead of the default",
     )
-    config.stash[_STATE] = _PluginState(config)
+    state = config.stash[_STATE] = _PluginState(config)
+    check_options(config, lambda: state.options)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistController(config.stash[_STATE]), "refresher-xdist")
 
@@ -164,6 +173,9 @@ class RefresherServers:
     def get(
         self, profile: str | None = None, *, engine: str | None = None, as_of: dt.date | str | None = None
     ) -> LoadedServer:
+        return _or_fail(lambda: self._get(profile, engine=engine, as_of=as_of))
+
+    def _get(self, profile: str | None, *, engine: str | None, as_of: dt.date | str | None) -> LoadedServer:
         options = self._state.options
         profile = profile or options.profile
         engine = engine or options.engine
@@ -196,11 +208,7 @@ class RefresherServers:
             pool.resize_pool(server.info, self.pool_size)  # an earlier run may have kept another size
             return server
 
-        try:
-            return self._state.servers.get(key, reuse_or_build)
-        except RefresherError as exc:
-            # Bad input (a profile, an option) is the user's to fix: one line, not a 45-line traceback.
-            pytest.fail(f"refresher: {exc}", pytrace=False)
+        return self._state.servers.get(key, reuse_or_build)
 
     @property
     def pool_size(self) -> int:
@@ -357,11 +365,21 @@ def _transaction_ended(conn: psycopg.Connection[TupleRow]) -> bool:
     return False
 
 
+def _or_fail(get: Callable[[], _T]) -> _T:
+    """``get()``; bad input (a profile, an option) is the user's to fix: the test fails with one line, not a
+    45-line traceback (and not the chained one ``pytest.fail`` inside the ``except`` would print)."""
+    try:
+        return get()
+    except RefresherError as exc:
+        message = f"refresher: {exc}"
+    pytest.fail(message, pytrace=False)
+
+
 def _server_for(
     request: pytest.FixtureRequest, servers: RefresherServers, proc_fixture_name: str
 ) -> LoadedServer:
     """The marker's profile if the test has one, else the server of ``proc_fixture_name``."""
-    marked = marker_profile(request.node)
+    marked = _or_fail(lambda: marker_profile(request.node))
     server: LoadedServer = servers.get(marked) if marked else request.getfixturevalue(proc_fixture_name)
     return server
 

@@ -339,13 +339,62 @@ def test_uses_server(refresher_db, refresher_postgres, i):
     assert_server_gone(records[0])
 
 
-def test_bad_option_values_fail_with_one_line(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
-    write_project(pytester, "def test_x(refresher_db):\n    pass\n")
+def assert_one_line_usage_error(result: pytest.RunResult, message: str) -> None:
+    """The run stopped before collecting, with pytest's one-line usage error and no traceback."""
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()[-2000:]
+    assert [line for line in result.errlines if line.strip()] == [f"ERROR: refresher: {message}"]
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_bad_option_values_are_one_line_usage_errors(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n\ndef test_y(refresher_db):\n    pass\n")
     result = run(pytester, *plugin_env.args("local", "--refresher-as-of=yesterday"))
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*--refresher-as-of: as_of='yesterday': not a date (want YYYY-MM-DD)*"])
+    assert_one_line_usage_error(result, "--refresher-as-of: as_of='yesterday': not a date (want YYYY-MM-DD)")
     result = run(pytester, *plugin_env.args("sideways"))
-    result.stdout.fnmatch_lines(["*--refresher-engine='sideways': choose one of auto, docker, local*"])
+    assert_one_line_usage_error(result, "--refresher-engine='sideways': choose one of auto, docker, local")
+    result = run(pytester, *plugin_env.args("local", "--refresher-profile=no_such_profile"))
+    assert_one_line_usage_error(
+        result,
+        f"{plugin_env.profiles}, {REPO / 'profiles'}: profile='no_such_profile': no such profile (known: "
+        "backtesting, etf_analysis, patterns, tiny, tiny_two, ui_testing)",
+    )
+    pytester.makeini(INNER_INI.format(extra="refresher_engine = nowhere"))
+    result = run(pytester)
+    assert_one_line_usage_error(result, "--refresher-engine='nowhere': choose one of auto, docker, local")
+
+
+def test_a_bad_environment_alone_fails_the_fixtures_in_one_line(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No refresher option given: a project that merely has refresher installed still runs its other tests,
+    and the ones asking for a database fail with one line each."""
+    monkeypatch.setenv("REFRESHER_ENGINE", "sideways")
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n\ndef test_plain():\n    pass\n")
+    result = run(pytester)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["refresher: --refresher-engine='sideways': choose one of auto, docker, local"]
+    )
+    assert "Traceback" not in result.stdout.str() and "raise " not in result.stdout.str()
+
+
+def test_a_bad_marker_fails_its_test_in_one_line(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    write_project(
+        pytester,
+        """
+import pytest
+
+@pytest.mark.refresher_profile()
+def test_x(refresher_db):
+    pass
+""",
+    )
+    result = run(pytester, *plugin_env.args("local"))
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*@pytest.mark.refresher_profile*takes exactly one profile name or path"])
+    assert "Traceback" not in result.stdout.str() and "raise " not in result.stdout.str()
 
 
 def test_unknown_marker_profile_names_the_choices(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
@@ -362,6 +411,7 @@ def test_x(refresher_db):
     result = run(pytester, *plugin_env.args("local"))
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*profile='no_such_profile': no such profile (known: *tiny*"])
+    assert "During handling" not in result.stdout.str()
 
 
 def test_plugin_registers_its_options_and_marker(pytester: pytest.Pytester) -> None:
@@ -738,10 +788,10 @@ def test_the_pool_size_comes_from_the_environment_or_the_option(
     write_project(pytester, POOL_PROBE.replace("DAILY", daily).replace("SIZE", "1"))
     run(pytester, *plugin_env.args("local", "--refresher-pool-size=1")).assert_outcomes(passed=4)
     result = run(pytester, *plugin_env.args("local", "--refresher-pool-size=-1"))
-    result.stdout.fnmatch_lines(["*--refresher-pool-size='-1': not a whole number from 0 to 100*"])
+    assert_one_line_usage_error(result, "--refresher-pool-size='-1': not a whole number from 0 to 100")
     monkeypatch.setenv("REFRESHER_POOL_SIZE", "lots")
     result = run(pytester, *plugin_env.args("local"))
-    result.stdout.fnmatch_lines(["*REFRESHER_POOL_SIZE='lots': not a whole number from 0 to 100*"])
+    result.stderr.fnmatch_lines(["ERROR: refresher: *REFRESHER_POOL_SIZE='lots': not a whole number*"])
 
 
 @pytest.mark.slow
