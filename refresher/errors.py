@@ -14,6 +14,12 @@ from featurestore.errors import FeatureStoreError
 _MAX_SHOWN = 120
 
 
+def exception_line(exc: BaseException) -> str:
+    """What a user's code raised, in one line: ``Type: first line of its message``, or ``Type`` alone."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class RefresherError(Exception):
     """Base of every error refresher raises on purpose."""
 
@@ -132,4 +138,5 @@ __all__ = [
     "SettingError",
     "SnapshotError",
     "SourceError",
+    "exception_line",
 ]

@@ -23,7 +23,7 @@ from featurestore import FeatureStore
 from featurestore.keys import feature_key, function_identity
 from refresher._lazy import LazyModule
 from refresher.calendar import get_calendar
-from refresher.errors import FeatureError
+from refresher.errors import FeatureError, exception_line
 from refresher.features.appends import first_changed, inputs_record, kept_rows
 from refresher.features.compute import equal_weight_index
 from refresher.features.registry import FeatureSpec, FeatureUse
@@ -89,9 +89,10 @@ class _Compute:
         own = raw.copy() if self.use.spec.is_user else raw
         try:
             result = self._bulk[id(raw)] if id(raw) in self._bulk else self.use.compute(own)
-        except Exception as exc:  # a user's function: whatever it raises is reported, in one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise FeatureError(self.use.name, symbol, f"{type(exc).__name__}: {first}".rstrip(": ")) from exc
+        # A user's function: whatever it raises is reported, in one line; a sys.exit() in it too, which would
+        # otherwise end the refresh with its status (0: success) and the other entries not loaded.
+        except (Exception, SystemExit) as exc:
+            raise FeatureError(self.use.name, symbol, exception_line(exc)) from exc
         problem = _shape_problem(raw, result)
         if problem:
             raise FeatureError(self.use.name, symbol, problem)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from refresher.errors import ProfileError
+from refresher.errors import ProfileError, exception_line
 from refresher.features import compute
 
 if TYPE_CHECKING:
@@ -159,8 +159,12 @@ def user_feature(path: Path | str, field: str, function: str) -> FeatureSpec:
         raise ProfileError(path, field, function, "write the function as module.path:function_name")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module: any import-time error is theirs to see, in one line
-        raise ProfileError(path, field, function, f"cannot import {module_name}: {exc}") from None
+    # The user's module: any import-time error is theirs to see, in one line; a sys.exit() at its top level (a
+    # script's argument parsing) too, which would otherwise end refresher with that status and no word.
+    except (Exception, SystemExit) as exc:
+        raise ProfileError(
+            path, field, function, f"cannot import {module_name}: {exception_line(exc)}"
+        ) from None
     func = getattr(module, attr, None)
     if not callable(func):
         raise ProfileError(path, field, function, f"{module_name} has no function {attr}")

@@ -43,6 +43,9 @@ def text(df):
 def a_list(df):
     return list(df["close"])
 
+def exits(df):
+    raise SystemExit(0)
+
 def complex_(df):
     return pd.DataFrame({"z": df["close"] + 1j}, index=df.index)
 
@@ -146,6 +149,7 @@ def test_editing_a_helper_beside_the_function_recomputes_it(
         ("text", "column 'label' is str, not numeric"),
         ("a_list", "returned list, not a pandas DataFrame"),
         ("complex_", "column 'z' is complex128, not real numbers"),
+        ("exits", "SystemExit: 0"),
     ],
 )
 def test_a_failing_function_is_one_line_and_loads_nothing_of_its_own(
@@ -202,6 +206,18 @@ def test_a_bad_function_entry_names_file_field_and_value(
     with pytest.raises(ProfileError) as info:
         profile_of(tmp_path, entry.replace("{module}", module))
     assert info.value.field == field and value in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_module_that_exits_when_imported_names_file_field_and_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"script_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("import sys\nsys.exit(2)  # a script's argument parsing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ProfileError) as info:
+        profile_of(tmp_path, f'{{name: s, function: "{name}:compute"}}')
+    assert info.value.field == "features.0.function"
+    assert str(info.value).endswith(f"cannot import {name}: SystemExit: 2")
 
 
 def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path, module: str) -> None:
