@@ -126,9 +126,14 @@ def load_segments(
     except psycopg.errors.DiskFull as exc:
         raise server_disk_full(conn, exc, needed=needed, what=what) from exc
     except psycopg.Error as exc:
-        # One line, as every error the CLI prints: the server's DETAIL (which row) follows on the same line.
-        said = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-        raise LoadError(f"{named}: loading failed: {said}".rstrip(), segment=str(items[0].segment)) from exc
+        raise LoadError(
+            f"{named}: loading failed: {server_said(exc)}".rstrip(), segment=str(items[0].segment)
+        ) from exc
+
+
+def server_said(exc: psycopg.Error) -> str:
+    """The server's error in one line, as every error the CLI prints: its DETAIL (which row) on the same line."""
+    return "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
 
 
 def load_segment(
@@ -480,4 +485,5 @@ __all__ = [
     "load_segments",
     "quarantined",
     "segment_lock_id",
+    "server_said",
 ]

@@ -24,7 +24,7 @@ from psycopg import sql
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
 from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
-from refresher.load import copy_arrow
+from refresher.load import copy_arrow, server_said
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -160,7 +160,7 @@ def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequen
             )
             _count_rows(conn, name, [part.symbol for part in parts if part.since is not None])
     except psycopg.Error as exc:
-        raise LoadError(f"feature {name}: loading failed: {exc}".rstrip(), feature=name) from exc
+        raise LoadError(f"feature {name}: loading failed: {server_said(exc)}".rstrip(), feature=name) from exc
     return sum(table.num_rows for table in filled)
 
 
@@ -232,7 +232,10 @@ def remove_feature_rows(
                 )
             return int(cur.rowcount)
     except psycopg.Error as exc:
-        raise LoadError(f"feature {name}: removing stale rows failed: {exc}".rstrip(), feature=name) from exc
+        reason = server_said(exc)
+        raise LoadError(
+            f"feature {name}: removing stale rows failed: {reason}".rstrip(), feature=name
+        ) from exc
 
 
 def _delete_symbols(conn: psycopg.Connection[Any], name: str, symbols: Sequence[str]) -> None:

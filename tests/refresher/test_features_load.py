@@ -110,8 +110,9 @@ def test_a_failed_copy_leaves_the_feature_as_it_was(
     ledger = conn.execute("SELECT feature, symbol, input_hash FROM refresher_features ORDER BY 2").fetchall()
     # New bars for every symbol, and the last symbol's rows refused mid-COPY: nothing of the feature may change.
     conn.execute("ALTER TABLE features_dashboard_data ADD CONSTRAINT no_ccc CHECK (symbol <> 'CCC')")
-    with pytest.raises(LoadError, match=r"feature dashboard_data: loading failed.*no_ccc"):
+    with pytest.raises(LoadError, match=r"feature dashboard_data: loading failed.*no_ccc") as info:
         run(conn, write_profile(tmp_path, "AAA, BBB, CCC", seed=4), store)
+    assert "\n" not in str(info.value) and "; DETAIL:  Failing row contains (CCC," in str(info.value)
     assert conn.execute("SELECT * FROM features_dashboard_data ORDER BY symbol, date").fetchall() == before
     assert (
         conn.execute("SELECT feature, symbol, input_hash FROM refresher_features ORDER BY 2").fetchall()
