@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import errno
 import json
 import os
 import shlex
@@ -17,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from refresher.errors import USER_ERRORS, SettingError
+from refresher.errors import USER_ERRORS, SettingError, os_error_message
 from refresher.settings import DEFAULT_POOL_SIZE, ENGINE_NAMES, POOL_SIZE_ENV, Settings, parse_pool_size
 
 EXIT_USER_ERROR = 2
@@ -338,21 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _leave_now(130)
         return 130
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(
-                f"refresher: disk full writing {exc.filename or 'data'}: free space and run again",
-                file=sys.stderr,
-            )
-            return EXIT_USER_ERROR
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
-            # A state dir on a read-only mount, or another user's: the first lock file was a traceback.
-            print(
-                f"refresher: {exc.filename}: {exc.strerror}; point REFRESHER_STATE_DIR (or the path named)"
-                " at a directory this user can write",
-                file=sys.stderr,
-            )
-            return EXIT_USER_ERROR
-        raise
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        print(f"refresher: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The CLI turns a ``RefresherError`` into ``refresher: <message>`` and exit status
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,21 @@ class JobError(RefresherError):
 # one list of errors a user can fix, each printed by the CLI as one line with its ``exit_code``.
 USER_ERRORS: tuple[type[RefresherError] | type[FeatureStoreError], ...] = (RefresherError, FeatureStoreError)
 
+
+def os_error_message(exc: OSError) -> str | None:
+    """The one line for an OSError the user can fix (a full disk; a read-only mount or another user's directory,
+    named), or None: anything else is a bug and keeps its traceback."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {exc.filename or 'data'}: free space and run again"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
+        # A state dir or store on a read-only mount, or another user's: the first lock file was a traceback.
+        return (
+            f"{exc.filename}: {exc.strerror}; point REFRESHER_STATE_DIR (or the path named) at a directory this "
+            "user can write"
+        )
+    return None
+
+
 __all__ = [
     "USER_ERRORS",
     "CalendarError",
@@ -139,4 +155,5 @@ __all__ = [
     "SnapshotError",
     "SourceError",
     "exception_line",
+    "os_error_message",
 ]

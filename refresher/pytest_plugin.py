@@ -57,7 +57,7 @@ from refresher._pytest_share import (
     server_key,
 )
 from refresher.engines.base import ServerInfo
-from refresher.errors import RefresherError
+from refresher.errors import USER_ERRORS, os_error_message
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -370,8 +370,12 @@ def _or_fail(get: Callable[[], _T]) -> _T:
     45-line traceback (and not the chained one ``pytest.fail`` inside the ``except`` would print)."""
     try:
         return get()
-    except RefresherError as exc:
+    except USER_ERRORS as exc:
         message = f"refresher: {exc}"
+    except OSError as exc:  # a read-only or full store or state dir
+        if (reason := os_error_message(exc)) is None:
+            raise
+        message = f"refresher: {reason}"
     pytest.fail(message, pytrace=False)
 
 

@@ -900,3 +900,31 @@ def test_a_reuse_run_killed_while_building_leaves_nothing_the_next_run_keeps(
 def throwaway_dirs(state: Path) -> list[Path]:
     """The plugin's throwaway server directories under ``state``."""
     return sorted(d.parent for d in state.glob(f"{THROWAWAY_PREFIX}*/{OWNER_FILE}"))
+
+
+@pytest.fixture
+def read_only_dir() -> Iterator[Path]:
+    """An empty directory on a read-only mount (as root, a mode-555 directory is still writable)."""
+    path = Path(tempfile.mkdtemp(prefix="refresher-ro-"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        path.rmdir()
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
+
+
+def test_a_read_only_store_or_state_dir_fails_in_one_line(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, read_only_dir: Path
+) -> None:
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n\ndef test_y(refresher_tx):\n    pass\n")
+    for option in ("--refresher-store", "--refresher-state-dir"):
+        result = run(pytester, *plugin_env.args("local"), f"{option}={read_only_dir}")
+        result.assert_outcomes(errors=2)
+        result.stdout.fnmatch_lines([f"refresher: {read_only_dir}*: Read-only file system*"] * 2)
+        assert "Traceback" not in result.stdout.str() and "raise " not in result.stdout.str()
