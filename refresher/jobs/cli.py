@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from refresher.errors import JobError
-from refresher.jobs.queue import connect, unreachable
+from refresher.jobs.queue import open_queue, unreachable
 from refresher.jobs.runs import RunStatus, cancel_run, list_runs, retry_dead, run_status
 from refresher.settings import Settings
 
@@ -39,31 +40,34 @@ def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None])
     try:
         if args.command == "worker":
             return _worker(args, settings, emit)
-        return _jobs(args, settings, emit)
+        if args.jobs_command == "submit":
+            return _submit(args, settings, emit)
+        return _jobs(args, open_queue(args.queue), emit)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(args.queue, exc) from exc
 
 
-def _jobs(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
-    action = args.jobs_command
-    if action == "submit":
-        from refresher.jobs.submit import submit_run
+def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
+    from refresher.jobs.submit import submit_run
 
-        done = submit_run(
-            settings,
-            args.profile,
-            args.queue,
-            target=args.target,
-            priority=args.priority,
-            when_closed=args.when_closed,
-            as_of=args.as_of,
-            now=args.now,
-            prune=args.prune,
-        )
-        hold = f", held until {done.held_until}" if done.held_until else ""
-        emit(args, done.to_json(), lambda: print(f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold})"))
-        return 0
-    client = connect(args.queue)
+    done = submit_run(
+        settings,
+        args.profile,
+        args.queue,
+        target=args.target,
+        priority=args.priority,
+        when_closed=args.when_closed,
+        as_of=args.as_of,
+        now=args.now,
+        prune=args.prune,
+    )
+    hold = f", held until {done.held_until}" if done.held_until else ""
+    emit(args, done.to_json(), lambda: print(f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold})"))
+    return 0
+
+
+def _jobs(args: argparse.Namespace, client: redis.Redis, emit: Callable[..., None]) -> int:
+    action = args.jobs_command
     if action == "status":
         if args.watch and not args.json:
             # a run that ends with dead-lettered jobs fails the command, so a script waiting on it can tell
@@ -91,6 +95,16 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
 
     if args.concurrency < 1:
         raise JobError(f"--concurrency={args.concurrency}: must be at least 1", field="concurrency")
+    if args.max_attempts < 1:
+        raise JobError(f"--max-attempts={args.max_attempts}: must be at least 1", field="max_attempts")
+    if not 0 < args.visibility_timeout < math.inf:  # nan too: a negative timeout was a traceback
+        raise JobError(
+            f"--visibility-timeout={args.visibility_timeout}: must be a number of seconds above 0",
+            field="visibility_timeout",
+        )
+    # Not there or not a Redis: one line now, rather than a worker backing off in silence for good. Once it
+    # runs, a Redis that goes away is waited for (a restart).
+    open_queue(args.queue).close()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

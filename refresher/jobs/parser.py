@@ -6,12 +6,11 @@ Every ``refresher`` command builds the whole parser; the commands themselves liv
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import socket
 from typing import Any
 
-from refresher.cli import _parse_time
+from refresher.cli import _parse_date, _parse_time
 from refresher.jobs.tiers import TIERS
 
 
@@ -41,7 +40,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="EXCHANGE",
         help="hold the jobs until that exchange is closed, e.g. XNYS",
     )
-    submit.add_argument("--as-of", type=dt.date.fromisoformat, default=None, help="pin the data window's end")
+    submit.add_argument("--as-of", type=_parse_date, default=None, help="pin the data window's end")
     submit.add_argument(
         "--prune",
         action="store_true",

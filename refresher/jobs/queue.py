@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import EqualJitterBackoff
@@ -52,25 +53,54 @@ def run_key(run_id: str, part: str = "") -> str:
     return f"{PREFIX}run:{run_id}" + (f":{part}" if part else "")
 
 
-def connect(url: str) -> redis.Redis:
+def public_url(url: str) -> str:
+    """The queue URL as it may be printed: its password hidden."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def connect(url: str, *, retries: int = 8) -> redis.Redis:
     """A client that retries a dropped connection a few times with jittered backoff (a Redis restart)."""
     try:
         client = redis.Redis.from_url(
             url,
-            retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=8),
+            retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             socket_connect_timeout=5,
             health_check_interval=10,
         )
     except ValueError as exc:
-        raise JobError(f"--queue={url!r}: not a Redis URL ({exc})", field="queue", value=url) from exc
+        shown = public_url(url)
+        raise JobError(f"--queue={shown!r}: not a Redis URL ({exc})", field="queue", value=shown) from exc
     return client
 
 
 def unreachable(url: str, exc: Exception) -> JobError:
     """The one-line error for a Redis that does not answer."""
     reason = " ".join(str(exc).split()) or type(exc).__name__
-    return JobError(f"--queue={url}: cannot reach Redis ({reason})", field="queue", value=url)
+    shown = public_url(url)
+    return JobError(f"--queue={shown}: cannot reach Redis ({reason})", field="queue", value=shown)
+
+
+def open_queue(url: str) -> redis.Redis:
+    """A client (``connect``) whose Redis was asked once, with one retry: not there, not a Redis server, or
+    refusing us (a password, a database number out of range) is one line at once, not a traceback, nor
+    seconds of retries before the first word."""
+    probe = connect(url, retries=1)
+    try:
+        probe.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise unreachable(url, exc) from exc
+    except redis.RedisError as exc:  # InvalidResponse: something else answers there; ResponseError: refused
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        shown = public_url(url)
+        raise JobError(f"--queue={shown}: not a usable Redis ({reason})", field="queue", value=shown) from exc
+    finally:
+        probe.close()
+    return connect(url)
 
 
 def ensure_groups(client: redis.Redis) -> None:
@@ -381,6 +411,8 @@ __all__ = [
     "connect",
     "enqueue",
     "ensure_groups",
+    "open_queue",
+    "public_url",
     "run_key",
     "stream_key",
     "text",

@@ -15,7 +15,7 @@ from refresher import database
 from refresher.calendar import market_status
 from refresher.engines import select_engine
 from refresher.errors import JobError
-from refresher.jobs.queue import TIERS, connect, unreachable
+from refresher.jobs.queue import TIERS, open_queue, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
 from refresher.profile import load_profile
@@ -61,11 +61,7 @@ def submit_run(
         raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
     now = now or dt.datetime.now(dt.UTC)
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
-    client = connect(queue_url)
-    try:
-        client.ping()  # before planning, which can take a while
-    except redis.ConnectionError as exc:
-        raise unreachable(queue_url, exc) from exc
+    client = open_queue(queue_url)  # before planning, which can take a while
     held = hold_until(when_closed, now) if when_closed else None
     if target is None:
         server = select_engine(settings.engine, settings, profile.name).start(profile.name)
@@ -102,7 +98,7 @@ def submit_run(
             now=now,
             held_until_ts=held[0] if held else None,
         )
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(queue_url, exc) from exc
 
 

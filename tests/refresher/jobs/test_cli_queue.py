@@ -1,0 +1,118 @@
+"""Every ``jobs``/``worker`` command facing a queue it cannot use, or bad worker options: one line naming the
+option and the value, exit status 2, no traceback, no password; against a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.redis
+
+PROFILE = "universe: {symbols: [AAPL]}\nexchange: XNYS\nmonths: 1\nas_of: 2025-03-31\ntimeframes: [1d]\n"
+
+
+@pytest.fixture
+def not_redis() -> Iterator[str]:
+    """A loopback port where something else answers (an HTTP server, say)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.close()
+
+
+def refresher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "profiles").mkdir(exist_ok=True)
+    (tmp_path / "profiles" / "q.yaml").write_text(PROFILE)
+    env = {
+        **os.environ,
+        "REFRESHER_STATE_DIR": str(tmp_path / "state"),
+        "FEATURE_STORE_PATH": str(tmp_path / "store"),
+        "REFRESHER_PROFILES": str(tmp_path / "profiles"),
+    }
+    env.pop("REFRESHER_QUEUE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "refresher.cli", *args, "--engine", "local"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+COMMANDS = [
+    ["jobs", "status", "r1"],
+    ["jobs", "status", "r1", "--watch"],
+    ["jobs", "list"],
+    ["jobs", "retry-dead", "r1"],
+    ["jobs", "cancel", "r1"],
+    ["jobs", "submit", "--profile", "q"],
+    ["worker", "--burst"],
+]
+
+
+def one_line(done: subprocess.CompletedProcess[str], *named: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    for text in named:
+        assert text in done.stderr, done.stderr
+
+
+def test_a_queue_that_is_not_a_usable_redis_is_one_line_for_every_command(
+    tmp_path: Path, redis_server: RedisServer, not_redis: str
+) -> None:
+    client = redis_server.client()
+    client.config_set("requirepass", "s3cret")
+    port = redis_server.port
+    queues = [
+        (not_redis, [not_redis, "not a usable Redis"]),  # was a traceback (InvalidResponse)
+        (f"redis://:s3cret@127.0.0.1:{port}/99", [f"127.0.0.1:{port}/99"]),  # DB index out of range
+        (f"redis://:wrong@127.0.0.1:{port}/0", [f"redis://:***@127.0.0.1:{port}/0"]),
+        (f"redis://127.0.0.1:{free_port()}/0", ["cannot reach Redis"]),
+    ]
+    for queue, named in queues:
+        for command in COMMANDS:
+            done = refresher(tmp_path, *command, "--queue", queue)
+            one_line(done, *named)
+            assert "s3cret" not in done.stderr and "wrong" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--visibility-timeout", "-1"),
+        ("--visibility-timeout", "0"),
+        ("--visibility-timeout", "nan"),
+        ("--max-attempts", "0"),
+    ],
+)
+def test_bad_worker_options_are_one_line(
+    tmp_path: Path, redis_server: RedisServer, option: str, value: str
+) -> None:
+    done = refresher(tmp_path, "worker", "--burst", "--queue", redis_server.url, option, value)
+    one_line(done, f"{option}=")  # -1 and nan were a traceback in the worker's thread, and exit status 0
