@@ -8,6 +8,8 @@ volume stays). So ``<state_dir>/docker/<profile>.json`` keeps it, mode 0600, wri
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from refresher.errors import EngineStateError, EngineUnavailable
 # Tried in order when no image is asked for: the official image when someone could pull it, then the
 # look-alike `make image` builds from Debian packages for machines without a registry.
 DEFAULT_IMAGES = ("postgres:15", "refresher/postgres:15")
+# Not ``*.json``: those are the profiles' state files.
+CHECKOUT_ID_FILE = "checkout-id"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,36 @@ class ContainerState:
     def write(self, path: Path) -> None:
         """Atomically, and never readable by others: the file holds the database password."""
         write_private_json(path, asdict(self))
+
+
+def checkout_id(base: Path, *, create: bool) -> str | None:
+    """This state dir's own random name, kept in ``<base>/checkout-id``; None when it has none and not ``create``.
+
+    Container and volume names come from the state dir's path, which another checkout shares when it sits at
+    the same path on another machine or container using this Docker daemon (dev containers mounting
+    /workspaces/<repo>): the id, written on everything made, tells the two apart. Made once and never replaced:
+    two first starts at once keep whichever was linked into place first.
+    """
+    path = base / CHECKOUT_ID_FILE
+    if not path.exists():
+        if not create:
+            return None
+        tmp = base / f".{CHECKOUT_ID_FILE}.{os.getpid()}.tmp"
+        write_private_json(tmp, {"checkout": secrets.token_hex(8)})
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["checkout"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EngineStateError(
+            f"{path}: unreadable ({exc}); remove this state dir's containers and volumes by hand (`refresher "
+            "status --all-checkouts` lists them), then the file",
+            path=str(path),
+        ) from exc
 
 
 def resolve_image(client: docker.DockerClient, requested: str | None) -> str:
@@ -85,4 +119,4 @@ def _first_line(exc: BaseException) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
 
 
-__all__ = ["DEFAULT_IMAGES", "ContainerState", "resolve_image"]
+__all__ = ["CHECKOUT_ID_FILE", "DEFAULT_IMAGES", "ContainerState", "checkout_id", "resolve_image"]

@@ -33,6 +33,7 @@ import docker.errors
 import docker.utils
 import requests
 from docker.models.containers import Container
+from docker.models.volumes import Volume
 
 from refresher.engines._common import (
     DB_SUPERUSER,
@@ -46,7 +47,7 @@ from refresher.engines._common import (
     validate_profile,
     wait_ready,
 )
-from refresher.engines._docker_state import ContainerState, resolve_image
+from refresher.engines._docker_state import ContainerState, checkout_id, resolve_image
 from refresher.engines._owner import OWNER_LABELS, owner_gone
 from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, EngineUnavailable
@@ -57,6 +58,7 @@ PROFILE_LABEL = "io.refresher.profile"
 PREFIX_LABEL = "io.refresher.prefix"
 STATE_LABEL = "io.refresher.state"
 STATE_PATH_LABEL = "io.refresher.state-path"
+CHECKOUT_LABEL = "io.refresher.checkout"
 LOG_TAIL_LINES = 40
 # Docker API calls that may pull or wait on a slow disk; a ping uses its own short timeout.
 API_TIMEOUT = 120
@@ -133,6 +135,7 @@ class DockerEngine:
     def start(self, profile: str) -> ServerInfo:
         validate_profile(profile)
         with self._client() as client, locked(self._lock_path(profile)):
+            checkout_id(self.base, create=True)  # before anything is looked at or labelled
             state = ContainerState.read(self._state_path(profile))
             container = self._container(client, profile)
             if container is not None and state is None:
@@ -153,7 +156,7 @@ class DockerEngine:
         if state is None:
             return None
         with self._client() as client:
-            container = self._container(client, profile)
+            container = self._container(client, profile, strict=False)
             if container is None or container.status != "running":
                 return None
             return self._info(profile, replace(state, port=_host_port(container)))
@@ -161,26 +164,25 @@ class DockerEngine:
     def is_new(self, profile: str) -> bool:
         validate_profile(profile)
         with self._client() as client:
-            if self._container(client, profile) is not None:
+            if self._container(client, profile, strict=False) is not None:
                 return False
-            try:
-                client.volumes.get(self._volume_name(profile))
-            except docker.errors.NotFound:
-                return True
-            return False  # a kept volume: ``start`` makes a container over it, data and all
+            return self._volume(client, profile, strict=False) is None  # a kept volume keeps its data
 
     def stop(self, profile: str) -> bool:
         validate_profile(profile)
         with self._client() as client, locked(self._lock_path(profile)):
             existed = False
-            container = self._container(client, profile)
+            # Another checkout's container or volume under our name (one at the same path elsewhere) stays.
+            container = self._container(client, profile, strict=False)
             if container is not None:
                 # Throwaway data: no clean shutdown needed, and force=True also takes a running container.
                 _remove_container(client, container)
                 existed = True
-            with contextlib.suppress(docker.errors.NotFound):
-                client.volumes.get(self._volume_name(profile)).remove(force=True)
-                existed = True
+            volume = self._volume(client, profile, strict=False)
+            if volume is not None:
+                with contextlib.suppress(docker.errors.NotFound):
+                    volume.remove(force=True)
+                    existed = True
             path = self._state_path(profile)
             if path.exists():
                 path.unlink()
@@ -200,9 +202,11 @@ class DockerEngine:
             }
             if profile is not None:
                 filters["label"].append(f"{PROFILE_LABEL}={profile}")
+            checkout = checkout_id(self.base, create=False)
             containers = {
                 c.labels[PROFILE_LABEL]: c
                 for c in client.containers.list(all=True, filters=filters, ignore_removed=True)
+                if self._ours(c.labels, checkout)
             }
             recorded = {p.stem for p in self.base.glob("*.json")} if self.base.is_dir() else set()
             if profile is not None:
@@ -225,8 +229,10 @@ class DockerEngine:
     def _missing(self, client: docker.DockerClient, profile: str) -> str:
         """What ``status`` says of a profile with a state file but no container."""
         try:
-            client.volumes.get(self._volume_name(profile))
-        except docker.errors.NotFound:
+            self._container(client, profile)
+        except EngineStateError as exc:
+            return str(exc)
+        if self._volume(client, profile, strict=False) is None:
             return (
                 "start interrupted before its container was made (the next `refresher refresh` starts over)"
             )
@@ -238,10 +244,11 @@ class DockerEngine:
     ) -> tuple[Container, ContainerState]:
         """A new container over the kept volume (with the kept password), or over a fresh one."""
         volume_name = self._volume_name(profile)
-        if state is None:
+        volume = self._volume(client, profile)
+        if state is None and volume is not None:
             # Nobody knows the password this volume was initialised with: start it over.
             with contextlib.suppress(docker.errors.NotFound):
-                client.volumes.get(volume_name).remove(force=True)
+                volume.remove(force=True)
         image = resolve_image(client, self.image)
         state = ContainerState(
             container=self._container_name(profile),
@@ -374,16 +381,55 @@ class DockerEngine:
         """Two CLIs starting or stopping the same profile take turns."""
         return self.base / f".{profile}.lock"
 
-    def _container(self, client: docker.DockerClient, profile: str) -> Container | None:
+    def _container(
+        self, client: docker.DockerClient, profile: str, *, strict: bool = True
+    ) -> Container | None:
+        """The profile's container, None when there is none; one under its name that this state dir did not
+        make raises EngineStateError (``strict=False``: counts as none, for the calls that only look or remove)."""
         try:
             container: Container = client.containers.get(self._container_name(profile))
         except docker.errors.NotFound:
             return None
-        if container.labels.get(PROJECT_LABEL) != "refresher":
-            raise EngineStateError(
-                f"a container named {container.name} exists but refresher did not make it; remove or rename it"
+        if self._ours(container.labels, checkout_id(self.base, create=False)):
+            return container
+        if not strict:
+            return None
+        raise self._not_ours("container", container.name or "?", container.labels, profile)
+
+    def _volume(self, client: docker.DockerClient, profile: str, *, strict: bool = True) -> Volume | None:
+        """The profile's data volume, None when there is none; one this state dir did not make as ``_container``."""
+        try:
+            volume: Volume = client.volumes.get(self._volume_name(profile))
+        except docker.errors.NotFound:
+            return None
+        labels = volume.attrs.get("Labels") or {}
+        if self._ours(labels, checkout_id(self.base, create=False)):
+            return volume
+        if not strict:
+            return None
+        raise self._not_ours("volume", volume.name or "?", labels, profile)
+
+    def _ours(self, labels: Mapping[str, str], checkout: str | None) -> bool:
+        """Whether labels name this state dir (and its checkout id, on what was made since ids exist)."""
+        return (
+            labels.get(PROJECT_LABEL) == "refresher"
+            and labels.get(PREFIX_LABEL) == self.prefix
+            and labels.get(STATE_LABEL) == self.scope
+            and labels.get(CHECKOUT_LABEL, checkout) == checkout
+        )
+
+    def _not_ours(self, kind: str, name: str, labels: Mapping[str, str], profile: str) -> EngineStateError:
+        if labels.get(PROJECT_LABEL) != "refresher":
+            return EngineStateError(
+                f"{kind} {name} exists but refresher did not make it; remove or rename it"
             )
-        return container
+        made_by = labels.get(STATE_PATH_LABEL) or "an unknown state dir"
+        return EngineStateError(
+            f"{kind} {name} has profile {profile}'s name but belongs to another checkout (made by state dir "
+            f"{made_by} of another machine or container on this Docker daemon, or of this path before its "
+            f"state dir was removed); refresher leaves it alone: set REFRESHER_STATE_DIR to another path, or "
+            f"remove it with `docker rm -f -v` / `docker volume rm` once you know it is yours"
+        )
 
     def _labels(self, profile: str) -> dict[str, str]:
         return {
@@ -393,6 +439,7 @@ class DockerEngine:
             PREFIX_LABEL: self.prefix,
             STATE_LABEL: self.scope,
             STATE_PATH_LABEL: str(self.state_dir.resolve()),
+            CHECKOUT_LABEL: str(checkout_id(self.base, create=True)),
         }
 
     def _container_name(self, profile: str) -> str:

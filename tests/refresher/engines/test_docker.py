@@ -494,7 +494,7 @@ def test_a_full_volume_during_initdb_is_one_line_naming_it_and_the_space(
         volume,
         driver="local",
         driver_opts={"type": "tmpfs", "device": "tmpfs", "o": "size=8m"},
-        labels={PREFIX_LABEL: docker_engine.prefix},
+        labels=docker_engine._labels(profile),  # as the engine makes its volumes
     )
     try:
         with pytest.raises(EngineUnavailable) as caught:

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,11 @@ from typing import Any
 
 import docker
 import docker.errors
+import psycopg
 import pytest
 
 from refresher.engines.docker import PGDATA, PREFIX_LABEL, DockerEngine
+from refresher.errors import EngineStateError
 from tests.fixtures_docker import labels_of_a_dead_process
 
 REPO = Path(__file__).resolve().parents[3]
@@ -173,3 +176,65 @@ def test_two_image_builds_at_once_take_turns(
         for tag in ("15", "latest"):
             with contextlib.suppress(docker.errors.ImageNotFound):
                 docker_client.images.remove(f"{repo}:{tag}")
+
+
+# -- a container or volume with our name that another checkout made ----------------------------------------------
+
+
+@pytest.mark.docker
+def test_a_checkout_at_the_same_path_elsewhere_never_adopts_or_removes_the_others_server(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # Two dev containers mounting their checkouts at the same path (/workspaces/<repo>) over one host's Docker
+    # socket: same state dir path, same names. The second adopted the first's container (its password read back
+    # from the environment), loaded into its database, and `down` removed it with its volume.
+    state_dir = tmp_path / "workspace" / ".refresher"
+    first = DockerEngine(state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix)
+    theirs = first.start("same_path")
+    (state_dir / "docker").rename(
+        tmp_path / "first-machine"
+    )  # what the other machine's checkout has: nothing
+    second = DockerEngine(state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix)
+    try:
+        with pytest.raises(EngineStateError, match=r"belongs to another checkout") as refused:
+            second.start("same_path")
+        assert "\n" not in str(refused.value) and theirs.password not in str(refused.value)
+        assert second.info("same_path") is None
+        assert second.status() == []
+        assert second.stop("same_path") is False
+        down = subprocess.run(
+            [sys.executable, "-m", "refresher.cli", "down", "--profile", "all"],
+            capture_output=True, text=True, cwd=REPO,
+            env={**os.environ, "REFRESHER_STATE_DIR": str(state_dir), "REFRESHER_ENGINE": "auto"},
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        with psycopg.connect(theirs.dsn(), connect_timeout=10) as conn:  # still there, still theirs
+            assert conn.execute("SELECT current_database()").fetchone() == ("same_path",)
+    finally:
+        shutil.rmtree(state_dir / "docker", ignore_errors=True)
+        (tmp_path / "first-machine").rename(state_dir / "docker")
+        first.stop("same_path")
+
+
+@pytest.mark.docker
+def test_a_volume_with_our_name_that_we_did_not_make_is_never_removed(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # No state file and no container: the engine took the volume for one of its own whose password was lost,
+    # and removed it, whoever made it.
+    engine = DockerEngine(
+        tmp_path / "state", image=docker_pg_image, client=docker_client, prefix=docker_prefix
+    )
+    name = f"{docker_prefix}-{engine.scope}-volume"
+    volume = docker_client.volumes.create(f"{name}-data", labels={PREFIX_LABEL: docker_prefix})
+    try:
+        with pytest.raises(EngineStateError, match=rf"volume {name}-data .*refresher did not make it"):
+            engine.start("volume")
+        assert engine.stop("volume") is False
+        assert docker_client.volumes.get(volume.id).attrs["CreatedAt"] == volume.attrs["CreatedAt"]
+        assert docker_client.containers.list(all=True, filters={"name": name}) == []
+    finally:
+        for container in docker_client.containers.list(all=True, filters={"name": name}):
+            container.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.volumes.get(volume.id).remove(force=True)
