@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,7 @@ from refresher._snapshot_sql import (
     _wait_gone,
     pristine_name,
 )
-from refresher.diskfull import COPY_SLACK, require_room
+from refresher.diskfull import COPY_SLACK, data_directory, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
@@ -433,23 +434,61 @@ def _restore_checked(
 def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None:
     """Copy the pristine copy into place as ``db``, its old database to the trash, under TAKE.
 
-    On a full disk the copy is tried once more after dropping the old database and ``db``'s trash: they hold their
-    disk until the refill drops them, so on a disk with room for one copy and not two, a reset failed every time
-    (it left no database at all while the old one went to the trash before the copy). The reset discards the old
-    database anyway; if even then the copy does not fit, ``db`` is left missing (the next reset makes it).
+    On a full disk the copy is tried once more after dropping ``db``'s trash, then after dropping the old
+    database itself: they hold their disk until the refill drops them, so on a disk with room for one copy and
+    not two, a reset failed every time. The reset discards the old database anyway, but only when its disk makes
+    room for the copy (``_replaced``): dropping it for a copy that still did not fit left no database until the
+    next reset or refresh. Else the old database stays as it was, and the error says so.
     """
     what = f"resetting {db} (a copy of {pristine_name(db)})"
     try:
         _copy_in(conn, db, db, None, mark, what=what, replacing=True)
-    except DiskFull:
-        with _advisory(conn, db, SWEEP):  # a sweeper holds it while dropping trash (never TAKE meanwhile)
-            doomed = [name for name in [db, *_derelicts(conn, db)] if name == db or TRASH_INFIX in name]
-            doomed = [name for name in doomed if _comment(conn, name) is not None]
-            for name in doomed:
-                _drop_database(conn, name)
-        if not doomed:
-            raise
+        return
+    except DiskFull as full:
+        error = full
+    if _sweep(conn, db, [name for name in _derelicts(conn, db) if TRASH_INFIX in name]):
+        try:
+            _copy_in(conn, db, db, None, mark, what=what, replacing=True)
+            return
+        except DiskFull as full:
+            error = full
+    if not _sweep(conn, db, _replaced(conn, db, error)):
+        raise error
+    try:
         _copy_in(conn, db, db, None, mark, what=what, replacing=True)
+    except DiskFull as full:  # the estimate was short: what the message must not hide
+        note = f" ({db} was dropped to make room: the next reset makes it)"
+        raise DiskFull(f"{full}{note}", **full.fields) from full
+
+
+def _sweep(conn: psycopg.Connection[Any], db: str, names: list[str]) -> bool:
+    """Drop those of ``names`` that exist, under SWEEP (a sweeper holds it while dropping trash, never TAKE
+    meanwhile); whether there were any."""
+    with _advisory(conn, db, SWEEP):
+        names = [name for name in names if _comment(conn, name) is not None]
+        for name in names:
+            _drop_database(conn, name)
+    return bool(names)
+
+
+def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[str]:
+    """``[db]`` when dropping it makes room for a copy of the pristine copy (its size: a FILE_COPY logs a record,
+    not the files), or when this host cannot tell (a container's disk); else DiskFull ``full`` saying ``db``
+    stays as it was. A missing ``db``: nothing."""
+    path = data_directory(conn)
+    if path is None:
+        return [db]
+    sizes = dict(
+        conn.execute(
+            "SELECT datname, pg_database_size(oid) FROM pg_database WHERE datname = ANY(%s)",
+            ([db, pristine_name(db)],),
+        ).fetchall()
+    )
+    if db not in sizes:
+        return []
+    if shutil.disk_usage(path).free + sizes[db] >= sizes.get(pristine_name(db), 0):
+        return [db]
+    raise DiskFull(f"{full} ({db} is left as it was, not reset)", **full.fields) from full
 
 
 def drop_snapshot(server: ServerInfo) -> None:

@@ -109,19 +109,24 @@ def test_a_full_feature_store_is_one_line_naming_it_and_its_free_space(tmp_path:
     assert done.stderr.startswith(f"refresher: disk full: {store / 'store'} has "), done.stderr
 
 
+def _load_and_save(server: ServerInfo, *, symbols: int) -> None:
+    """25,000 minute bars of each of ``symbols`` symbols, then the pristine copy, with no pool."""
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        for i in range(symbols):
+            segment = Segment(f"S{i}", "1m", dt.date(2024, 1, 1))
+            bars = minute_bars(f"S{i}", dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC), 25_000)
+            load_segment(conn, segment, bars, "h", tz="UTC")
+    save_pristine(server, pool_size=0)
+
+
 def test_a_reset_on_a_disk_with_room_for_one_copy_drops_what_it_replaces_first(
     server_on_a_small_disk: tuple[ServerInfo, Path],
 ) -> None:
     """No pool: a reset copies the pristine copy while the database it replaces still holds its disk. With room
     for that copy only once that database is gone, the reset resets."""
     server, pgdata = server_on_a_small_disk
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        ensure_schema(conn)
-        for i in range(5):
-            segment = Segment(f"S{i}", "1m", dt.date(2024, 1, 1))
-            bars = minute_bars(f"S{i}", dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC), 25_000)
-            load_segment(conn, segment, bars, "h", tz="UTC")
-    save_pristine(server, pool_size=0)
+    _load_and_save(server, symbols=5)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'S0'")
         size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
@@ -144,3 +149,26 @@ def test_a_reset_on_a_disk_with_room_for_one_copy_drops_what_it_replaces_first(
         restore_pristine(server, refill=False)
     _assert_one_line_naming(resetting.value, pgdata)
     assert f"resetting {server.dbname} (a copy of {server.dbname}__pristine)" in str(resetting.value)
+
+
+def test_a_reset_that_does_not_fit_even_without_the_database_leaves_it_as_it_was(
+    server_on_a_small_disk: tuple[ServerInfo, Path],
+) -> None:
+    """No pool, and no room for the copy even with the database it replaces gone: dropping it left no database
+    at all until the next reset or refresh. It stays, as the user left it, and the error says so."""
+    server, pgdata = server_on_a_small_disk
+    _load_and_save(server, symbols=3)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("TRUNCATE ohlcv_1min")  # its disk is given back: dropping it now gives back little
+    filler = pgdata.parents[2] / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(pgdata).free - 2 * 2**20))
+    with pytest.raises(DiskFull) as resetting:
+        restore_pristine(server, refill=False)
+    _assert_one_line_naming(resetting.value, pgdata)
+    assert str(resetting.value).endswith(f"({server.dbname} is left as it was, not reset)")
+    with psycopg.connect(server.dsn()) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == (0,)
+    filler.unlink()
+    assert restore_pristine(server, refill=False).method == "template"
+    with psycopg.connect(server.dsn()) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == (75_000,)
