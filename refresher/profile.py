@@ -219,7 +219,18 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
 
 
 # libyaml when available: a 20,000-symbol profile parses in milliseconds instead of seconds.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """A date that looks like one but is not (``as_of: 2025-02-30``) stays text, for the field's own check to
+    name it: PyYAML's ValueError was a traceback."""
+
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError:
+            return self.construct_scalar(node)
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:timestamp", _YamlLoader.construct_yaml_timestamp)
 
 
 def _read_input(path: Path, inputs: list[tuple[Path, str | None]]) -> str:
@@ -243,7 +254,7 @@ def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, A
     except OSError as exc:
         raise ProfileError(path, "(file)", str(path), f"cannot read: {exc.strerror or exc}") from exc
     try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
+        data = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"

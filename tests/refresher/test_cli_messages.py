@@ -126,3 +126,24 @@ def test_pytest_fixture_bad_profile_is_one_line_not_a_traceback(tmp_path: Path) 
     assert done.returncode == 1, done.stdout
     assert "Traceback" not in done.stdout and "raise " not in done.stdout, done.stdout
     assert "refresher: " in done.stdout and "no_such_profile" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ("as_of: 2025-02-30\n", ["as_of='2025-02-30'", "day value"]),  # PyYAML's ValueError was a traceback
+        ("start: 2025-13-01\nend: 2025-12-31\n", ["start='2025-13-01'", "month"]),
+        ("months: abc\n", ["months='abc'"]),
+        ("months: 2\nbogus: 1\n", ["bogus=1"]),
+    ],
+)
+def test_a_profile_file_with_a_bad_field_is_one_line_naming_file_field_and_value(
+    tmp_path: Path, body: str, names: list[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("universe: {symbols: [AAA]}\n" + body)
+    line = one_line_error(run_cli("plan", "--profile", str(path), "--state-dir", str(tmp_path / "state")))
+    assert str(path) in line and all(name in line for name in names), line
+    env = {"PATH": "/usr/bin:/bin", "REFRESHER_PROFILES": str(tmp_path)}
+    listing = json.loads(run_cli("profiles", "--json", env=env).stdout)
+    assert [e["path"] for e in listing["invalid"]] == [str(path)]
