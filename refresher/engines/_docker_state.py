@@ -104,7 +104,7 @@ def resolve_image(client: docker.DockerClient, requested: str | None) -> str:
             client.images.pull(name)
             return name
         except (docker.errors.APIError, requests.RequestException) as exc:
-            failures.append(f"{name}: {_first_line(exc)}")
+            failures.append(f"{name}: {first_line(exc)}")
     wanted = " or ".join(candidates)
     raise EngineUnavailable(
         f"no PostgreSQL image {wanted} locally and none could be pulled ({'; '.join(failures)}); "
@@ -114,9 +114,16 @@ def resolve_image(client: docker.DockerClient, requested: str | None) -> str:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = getattr(exc, "explanation", None) or str(exc)
     return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
 
 
-__all__ = ["CHECKOUT_ID_FILE", "DEFAULT_IMAGES", "ContainerState", "checkout_id", "resolve_image"]
+__all__ = [
+    "CHECKOUT_ID_FILE",
+    "DEFAULT_IMAGES",
+    "ContainerState",
+    "checkout_id",
+    "first_line",
+    "resolve_image",
+]

@@ -47,7 +47,7 @@ from refresher.engines._common import (
     validate_profile,
     wait_ready,
 )
-from refresher.engines._docker_state import ContainerState, checkout_id, resolve_image
+from refresher.engines._docker_state import ContainerState, checkout_id, first_line, resolve_image
 from refresher.engines._owner import OWNER_LABELS, owner_gone
 from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.errors import EngineStateError, EngineUnavailable
@@ -331,7 +331,10 @@ class DockerEngine:
         """Poll with a real query until the server answers; fail fast if the container exits."""
 
         def alive() -> bool:
-            container.reload()
+            try:
+                container.reload()
+            except docker.errors.NotFound:
+                return False
             return bool(container.status == "running")
 
         try:
@@ -346,6 +349,11 @@ class DockerEngine:
                 interval=0.1,
             )
         except EngineUnavailable as exc:
+            if _removed(container):
+                raise EngineUnavailable(
+                    f"container {container.name} was removed while it started (`docker rm` or another "
+                    f"process); run the command again to make it anew"
+                ) from exc
             if exc.fields.get("sqlstate") == "28P01":
                 raise EngineStateError(
                     f"volume {self._volume_name(info.profile)} was initialised with another password; "
@@ -567,10 +575,17 @@ def _probe_unix_socket(base_url: str | None) -> None:
 
 @contextlib.contextmanager
 def _docker_errors(base_url: str | None) -> Iterator[None]:
+    """A daemon gone, or a request it refused that nothing above handles, as one line instead of a traceback.
+
+    Refusals come from what others do beside us: a volume mounted by someone's container (409 "in use"), a
+    container removed by hand mid-operation (404), an image untagged between its look-up and the create.
+    """
     try:
         yield
     except requests.ConnectionError as exc:
         raise _not_running(base_url, exc) from exc
+    except docker.errors.APIError as exc:
+        raise EngineUnavailable(f"Docker refused: {first_line(exc)}", status=exc.status_code) from exc
 
 
 def _not_running(base_url: str | None, exc: BaseException) -> EngineUnavailable:
@@ -588,6 +603,15 @@ def _host_port(container: Container) -> int:
         if binding.get("HostIp") in (HOST, "0.0.0.0", "") and binding.get("HostPort"):
             return int(binding["HostPort"])
     raise EngineStateError(f"container {container.name} publishes no port for 5432; run `refresher down`")
+
+
+def _removed(container: Container) -> bool:
+    """Whether ``container`` is gone or being removed (an exited one is not: its log tail says why)."""
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return True
+    return bool(container.status in ("removing", "dead"))
 
 
 def _image_name(container: Container) -> str:

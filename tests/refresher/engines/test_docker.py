@@ -505,3 +505,44 @@ def test_a_full_volume_during_initdb_is_one_line_naming_it_and_the_space(
         assert "needs at least 64 MB free" in message
     finally:
         docker_engine.stop(profile)
+
+
+@pytest.mark.docker
+def test_down_while_another_container_uses_the_volume_is_one_line_and_a_later_down_finishes(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, docker_pg_image: str
+) -> None:
+    # Someone mounted the data volume to look inside (docker run -v refresher-...-data:/x): the volume's
+    # removal is refused (409 "volume is in use"), which was a traceback.
+    info = docker_engine.start("inuse")
+    volume = f"{docker_engine.prefix}-{docker_engine.scope}-inuse-data"
+    looker = docker_client.containers.run(
+        docker_pg_image, entrypoint=["sleep", "300"], volumes={volume: {"bind": "/x", "mode": "ro"}},
+        labels={PREFIX_LABEL: docker_engine.prefix}, detach=True,
+    )  # fmt: skip
+    try:
+        with pytest.raises(EngineUnavailable, match=rf"^Docker refused: .*{volume}.*in use") as refused:
+            docker_engine.stop("inuse")
+        assert "\n" not in str(refused.value) and info.password not in str(refused.value)
+        looker.reload()
+        assert looker.status == "running"  # not ours: untouched
+    finally:
+        looker.remove(force=True)
+    assert docker_engine.stop("inuse") is True  # the rest: the volume and the state file
+    assert docker_engine.status("inuse") == []
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.volumes.get(volume)
+
+
+@pytest.mark.docker
+def test_a_container_removed_by_hand_while_it_starts_ends_the_wait_in_one_line(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient
+) -> None:
+    info = docker_engine.start("rmf")
+    try:
+        container = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-rmf")
+        container.remove(force=True)  # docker rm -f while `start` waits for the server
+        with pytest.raises(EngineUnavailable, match=r"was removed while it started") as ended:
+            docker_engine._wait_ready(container, info)
+        assert "\n" not in str(ended.value)
+    finally:
+        docker_engine.stop("rmf")
