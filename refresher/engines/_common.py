@@ -81,6 +81,10 @@ RETRYABLE_SQLSTATES: frozenset[str | None] = frozenset({None, "57P03"})
 INIT_BYTES_NEEDED = 64 * 1024 * 1024
 
 
+# A temporary file of ``write_private_json`` untouched this long is a killed writer's (``sweep_private_tmps``).
+STALE_TMP_SECONDS = 60.0
+
+
 def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically and readable by the owner only (state files hold passwords).
 
@@ -101,6 +105,18 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sweep_private_tmps(directory: Path, names: str, *, age: float = STALE_TMP_SECONDS) -> None:
+    """Remove what ``write_private_json`` of files named ``names`` (a glob) in ``directory`` left when killed
+    between its write and its rename: temporary files not touched for ``age`` seconds. A writer holds its own for
+    the milliseconds of one small write, so a live one's is never taken (and one taken from a writer stalled that
+    long only makes its rename fail, which it reports as any failed write)."""
+    cutoff = time.time() - age
+    for tmp in directory.glob(f".{names}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone meanwhile: another sweeper, or its writer's rename
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from refresher._lazy import LazyModule
-from refresher.engines._common import write_private_json
+from refresher.engines._common import sweep_private_tmps, write_private_json
 from refresher.errors import EngineUnavailable
 
 if TYPE_CHECKING:
@@ -374,6 +374,7 @@ def answer(
     if entry is not None and result.returncode == 0 and entry.parent.is_dir():  # never makes the cache
         with contextlib.suppress(OSError, EngineUnavailable):  # a full disk: asked again next time
             write_private_json(entry, {"identity": identity, "output": result.output})
+            sweep_private_tmps(entry.parent, ".answer-*.json")  # a kill -9 mid-write left its temporary file
     return result
 
 

@@ -138,3 +138,38 @@ def test_the_real_binaries(tmp_path: Path) -> None:
     assert local._initdb_options(bin_dir, user, cwd, cache=tmp_path) == options
     assert len(list(tmp_path.glob(".answer-*.json"))) == 2
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".answer-")]
+
+
+STUCK = (
+    "import os, sys, time; from pathlib import Path; from refresher.engines import _pgctl;"
+    "os.fsync = lambda fd: (print('writing', flush=True), time.sleep(600));"
+    "_pgctl.server_version(Path(sys.argv[1]), _pgctl.OsUser.for_server(), Path(sys.argv[1]), cache=Path(sys.argv[2]))"
+)
+
+
+def _stuck_writer(bin_dir: Path, cache: Path) -> subprocess.Popen[str]:
+    """A process asking ``bin_dir``'s postgres, stopped in the middle of writing the kept answer."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK, str(bin_dir), str(cache)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_file_the_next_write_sweeps(tmp_path: Path) -> None:
+    killed = _stuck_writer(_bin_dir("18.1"), tmp_path)
+    killed.kill()  # kill -9 between the temporary file's write and its rename
+    killed.communicate()
+    (left,) = tmp_path.glob("..answer-postgres-*.tmp")
+    old = left.stat().st_mtime - 3600
+    os.utime(left, (old, old))
+    writing = _stuck_writer(_bin_dir("17.2"), tmp_path)  # a writer at work now: its file is not a leftover
+    try:
+        (current,) = set(tmp_path.glob("..answer-postgres-*.tmp")) - {left}
+        assert _version(_bin_dir("16.4"), tmp_path) == "16.4"  # writes its own answer, and sweeps
+        assert not left.exists()
+        assert current.exists()
+    finally:
+        writing.kill()
+        writing.communicate()
