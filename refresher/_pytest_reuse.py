@@ -6,8 +6,9 @@ rootdir) as well as by the state dir, so two checkouts on one machine, even shar
 never hand each other a server.
 
 A record is trusted only when its server still answers, still has its pristine snapshot, and was loaded from
-the same profile file, ``as_of``, engine and refresher version (without a fixed ``as_of``, on the same day):
-anything else (a killed or rebooted server, an edited profile) is stopped and rebuilt. The lock is held from
+the same files (the profile's and its universe file's bytes), ``as_of``, engine, refresher version and code (its
+source files' sizes and times, as the CLI's refresh stamp checks them; without a fixed ``as_of``, on the same
+day): anything else (a killed or rebooted server, an edited profile or universe file) is stopped and rebuilt. The lock is held from
 reading the record to writing the new one, so two runs of one checkout never build two servers.
 
 A kept server has no owner process once recorded (``mark_kept``): the sweep of abandoned servers never removes
@@ -33,6 +34,7 @@ from refresher._pytest_servers import LoadedServer, mark_kept, stop_server
 from refresher.engines import write_private_json
 from refresher.errors import SnapshotError
 from refresher.settings import Settings
+from refresher.stamp import code_fingerprint, input_digests
 
 REUSE_DIR = "pytest-reuse"
 PROFILE_SUFFIXES = (".yaml", ".yml")
@@ -52,7 +54,7 @@ def fingerprint(
     content = found.read_bytes() if found is not None else b""
     day = as_of.isoformat() if as_of else f"today={today.isoformat()}"
     digest = hashlib.sha256(content)
-    digest.update(f"\0{profile}\0{engine}\0{day}\0{__version__}".encode())
+    digest.update(f"\0{profile}\0{engine}\0{day}\0{__version__}\0{code_fingerprint()}".encode())
     return digest.hexdigest()
 
 
@@ -77,7 +79,7 @@ def kept_or_built(
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_suffix(".lock"), thread_local=False):
         kept = _read(path)
-        if kept is not None and kept[1] == mark and _serving(kept[0]):
+        if kept is not None and kept[1] == mark and _inputs_unchanged(kept[0]) and _serving(kept[0]):
             return kept[0]
         _stop_recorded(path, settings)
         server = build()
@@ -120,6 +122,12 @@ def _read(path: Path) -> tuple[LoadedServer, str] | None:
         return LoadedServer.from_json(json.dumps(data["server"])), str(data["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _inputs_unchanged(server: LoadedServer) -> bool:
+    """Whether every file the profile was read from (its universe file too) still holds the same bytes."""
+    recorded = [[path, digest] for path, digest in server.inputs]
+    return input_digests(Path(path) for path, _ in server.inputs) == recorded
 
 
 def _serving(server: LoadedServer) -> bool:

@@ -50,6 +50,9 @@ class LoadedServer:
     load_seconds: float = 0.0
     # Kept running after the run for the next one (--refresher-reuse): the run's end does not stop it.
     kept: bool = False
+    # [path, sha256 or None] of every file the profile was read from (``Profile.inputs``): its YAML, its
+    # universe file. A kept server is reused only while they are unchanged.
+    inputs: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def engine(self) -> str:
@@ -70,6 +73,7 @@ class LoadedServer:
         data: dict[str, Any] = json.loads(text)
         data["info"] = ServerInfo(**data["info"])
         data["start"], data["end"] = dt.date.fromisoformat(data["start"]), dt.date.fromisoformat(data["end"])
+        data["inputs"] = tuple((str(path), digest) for path, digest in data.get("inputs", ()))
         return cls(**data)
 
 
@@ -127,6 +131,7 @@ def build_server(
         rows_loaded=report.rows_loaded,
         load_seconds=report.seconds,
         kept=kept,
+        inputs=tuple((str(path), digest) for path, digest in profile.inputs),
     )
 
 

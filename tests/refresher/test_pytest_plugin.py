@@ -928,3 +928,37 @@ def test_a_read_only_store_or_state_dir_fails_in_one_line(
         result.assert_outcomes(errors=2)
         result.stdout.fnmatch_lines([f"refresher: {read_only_dir}*: Read-only file system*"] * 2)
         assert "Traceback" not in result.stdout.str() and "raise " not in result.stdout.str()
+
+
+@pytest.mark.slow
+def test_reuse_rebuilds_when_the_universe_file_changes(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """The profile's bytes are not all it was loaded from: an edited universe file means other symbols, and a
+    kept server loaded from the old one would hand every test the wrong data."""
+    profiles = pytester.mkdir("uni_profiles")
+    profiles.chmod(0o755)
+    (profiles / "tiny.yaml").write_text(TINY.replace("symbols: [AAA, BBB, CCC]", "file: uni.csv"))
+    (profiles / "uni.csv").write_text("symbol,exchange,asset_class\nAAA,XNYS,equity\nBBB,XNYS,equity\n")
+    out = pytester.path / "symbols.jsonl"
+    write_project(
+        pytester,
+        f"""
+import json
+
+def test_symbols(refresher_db):
+    with refresher_db.connect() as conn:
+        symbols = [r[0] for r in conn.execute("SELECT symbol FROM symbols ORDER BY symbol").fetchall()]
+    with open({str(out)!r}, "a") as f:
+        f.write(json.dumps(symbols) + "\\n")
+""",
+    )
+    args = [a for a in plugin_env.args("local") if not a.startswith("--refresher-profiles-dir")]
+    args += [f"--refresher-profiles-dir={profiles}", "--refresher-reuse"]
+    try:
+        run(pytester, *args).assert_outcomes(passed=1)
+        (profiles / "uni.csv").write_text("symbol,exchange,asset_class\nAAA,XNYS,equity\nZZZ,XNYS,equity\n")
+        run(pytester, *args).assert_outcomes(passed=1)
+        assert read_records(out) == [["AAA", "BBB"], ["AAA", "ZZZ"]]
+    finally:
+        run(pytester, *args[:-1]).assert_outcomes(passed=1)  # a plain run stops the kept server
