@@ -344,6 +344,7 @@ def refresh(
                     plan,
                     daily,
                     prune=prune,
+                    verify=verify,
                     on_loaded=writes.loaded_features if writes else None,
                     ahead=features_ahead.batches() if features_ahead is not None else None,
                 )

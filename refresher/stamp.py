@@ -40,6 +40,7 @@ from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
+from refresher.ledger_counter import feature_tables
 
 if TYPE_CHECKING:
     from refresher.profile import Profile
@@ -110,12 +111,12 @@ def _store_identity(store_root: Path) -> list[Any]:
 
 
 def _database_state(conn: psycopg.Connection[Any]) -> list[str | None] | None:
-    """[ledger version, symbols digest] of the database; None when a table is missing."""
+    """[ledger version, symbols digest] of the database; None when a table is missing (a feature's too)."""
     row = conn.execute(
         "SELECT count(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
         (list(TABLES),),
     ).fetchone()
-    if row is None or row[0] != len(TABLES):
+    if row is None or row[0] != len(TABLES) or not all(present for _name, present in feature_tables(conn)):
         return None
     symbols = conn.execute(_SYMBOLS_DIGEST).fetchone()
     return [snapshot.ledger_version(conn), symbols[0] if symbols else None]

@@ -20,6 +20,7 @@ from refresher.features.cached import FeatureBatch, compute_features, daily_segm
 from refresher.features.tables import (
     FeaturePart,
     StaleFeature,
+    doubtful_rows,
     read_ledger,
     read_ledger_inputs,
     remove_feature_rows,
@@ -52,11 +53,15 @@ def refresh_features(
     known: Mapping[Segment, pa.Table] | None = None,
     *,
     prune: bool = False,
+    verify: bool = False,
     on_loaded: Callable[[str, Sequence[FeaturePart]], None] | None = None,
     ahead: tuple[Sequence[FeatureBatch], FeatureError | None] | None = None,
 ) -> FeatureCounts:
     """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded;
     ``on_loaded(name, parts)`` is told each load committed (``refresher.replay``).
+
+    ``verify`` (``refresh --verify``): count each symbol's rows against the ledger and reload those that differ
+    (``tables.doubtful_rows``); a table dropped by hand is reloaded whole without it too.
 
     ``ahead``: the batches ``compute_features`` makes against an empty ledger, and its failure, computed
     earlier (``refresher.features.ahead``); used only when the database's ledger is empty still.
@@ -65,6 +70,10 @@ def refresh_features(
     the bars of symbols that left the profile), the feature rows of those symbols go too, and so do whole
     features the profile no longer names: feature rows never outlive the bars they were computed from.
     """
+    # Rows the ledger vouches for that are not there (a table dropped by hand; with ``verify``, rows deleted) are
+    # forgotten first, so they load whole: never a tail appended to rows that are gone.
+    for name, gone in doubtful_rows(conn, verify=verify).items():
+        remove_feature_rows(conn, name, gone)
     ledger = read_ledger(conn)
     symbols = set(daily_segments(profile, plan)) | set(daily_segments(profile, plan, "1m"))
     pruned = _prune(conn, ledger, profile, symbols) if prune else 0

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
-from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
+from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter, feature_tables
 from refresher.load import copy_arrow, server_said
 
 if TYPE_CHECKING:
@@ -121,6 +121,26 @@ def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], s
         return {}
     rows = conn.execute("SELECT feature, symbol, inputs FROM refresher_features WHERE inputs IS NOT NULL")
     return {(feature, symbol): inputs for feature, symbol, inputs in rows}
+
+
+def doubtful_rows(conn: psycopg.Connection[Any], *, verify: bool = False) -> dict[str, list[str] | None]:
+    """Features whose rows are not what the ledger says, by name: None when the table is gone (dropped by hand)
+    while the ledger records rows in it; with ``verify`` (``refresh --verify``), the symbols whose rows in the
+    table do not number what the ledger records (deleted or added by hand). One catalog query without."""
+    names = feature_tables(conn)
+    doubtful: dict[str, list[str] | None] = {name: None for name, present in names if not present}
+    for name, present in names if verify else ():
+        if not present:
+            continue
+        counted = sql.SQL(
+            "SELECT coalesce(l.symbol, c.symbol) FROM (SELECT symbol, rows FROM refresher_features "
+            "WHERE feature = %s) AS l FULL JOIN (SELECT symbol, count(*) AS rows FROM {} GROUP BY symbol) AS c "
+            "ON c.symbol = l.symbol WHERE coalesce(l.rows, 0) <> coalesce(c.rows, 0) ORDER BY 1"
+        ).format(sql.Identifier(feature_table(name)))
+        symbols = [symbol for (symbol,) in conn.execute(counted, (name,))]
+        if symbols:
+            doubtful[name] = symbols
+    return doubtful
 
 
 def feature_lock_id(name: str) -> int:
@@ -277,6 +297,7 @@ __all__ = [
     "FEATURES_DDL",
     "FeaturePart",
     "StaleFeature",
+    "doubtful_rows",
     "feature_rows",
     "feature_table",
     "read_ledger",

@@ -74,7 +74,17 @@ def test_the_human_output_is_the_same_summary(ws: Workspace) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["profile", "ledger", "dropped table", "snapshot", "session close", "store", "code", "torn stamp"],
+    [
+        "profile",
+        "ledger",
+        "dropped table",
+        "dropped feature table",
+        "snapshot",
+        "session close",
+        "store",
+        "code",
+        "torn stamp",
+    ],
 )
 def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspace, change: str) -> None:
     settle(ws)
@@ -88,6 +98,8 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         )
     elif change == "dropped table":
         execute(ws, "DROP TABLE refresher_rejects")
+    elif change == "dropped feature table":
+        execute(ws, "DROP TABLE features_dashboard_data")
     elif change == "snapshot":
         execute(ws, f'ALTER DATABASE "{pristine_name(dbname)}" IS_TEMPLATE false', MAINTENANCE_DB)
         execute(ws, f'DROP DATABASE "{pristine_name(dbname)}" WITH (FORCE)', MAINTENANCE_DB)
@@ -112,6 +124,11 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         with psycopg.connect(ws.dsn()) as conn:
             assert database.schema_exists(conn)
             assert conn.execute("SELECT to_regclass('refresher_rejects') IS NOT NULL").fetchone() == (True,)
+    if change == "dropped feature table":
+        assert report["features"]["loaded"] == 2
+        with psycopg.connect(ws.dsn()) as conn:
+            count = conn.execute("SELECT count(DISTINCT symbol) FROM features_dashboard_data").fetchone()
+            assert count == (2,)
     if change == "snapshot":
         assert report["snapshot"] == "saved"
     assert stamped(ws.refresh())  # the full run stamped what it did

@@ -238,3 +238,38 @@ def test_rows_computed_against_a_ledger_that_moved_are_refused_then_loaded_whole
     forget_features(conn)
     refresh_features(conn, after, store, plan)
     assert recovered == state(conn)
+
+
+@pytest.mark.parametrize("as_of", [BEFORE, AFTER])
+def test_a_feature_table_dropped_by_hand_is_loaded_whole_again(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore, as_of: dt.date
+) -> None:
+    features = "dashboard_data, websocket_testing"
+    before = profile_at(tmp_path, BEFORE, features)
+    refresh_features(conn, before, store, stored_plan(before, store))
+    conn.execute("DROP TABLE features_dashboard_data")
+    # The ledger still says every symbol's rows are loaded: the same bars again, or one more session to append.
+    profile = profile_at(tmp_path, as_of, features)
+    counts = refresh_features(conn, profile, store, stored_plan(profile, store))
+    assert (counts.loaded, counts.appended) == ((3, 0) if as_of == BEFORE else (6, 3))
+    repaired = state(conn)
+    forget_features(conn)
+    refresh_features(conn, profile, store, stored_plan(profile, store))
+    assert repaired == state(conn)
+
+
+def test_verify_reloads_the_rows_of_a_feature_deleted_by_hand(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    features = "dashboard_data, websocket_testing"
+    before = profile_at(tmp_path, BEFORE, features)
+    plan = stored_plan(before, store)
+    refresh_features(conn, before, store, plan)
+    clean = state(conn)
+    conn.execute("DELETE FROM features_dashboard_data WHERE symbol = 'BBB' AND date > '2024-06-10'")
+    conn.execute("TRUNCATE features_websocket_testing")
+    # Without --verify the ledger is trusted (one query per refresh); with it, every symbol's rows are counted.
+    assert refresh_features(conn, before, store, plan).loaded == 0
+    counts = refresh_features(conn, before, store, plan, verify=True)
+    assert (counts.loaded, counts.computed) == (4, 0)
+    assert state(conn) == clean
