@@ -20,6 +20,7 @@ from refresher.engines.base import ServerInfo
 from refresher.features import FEATURES, refresh_features
 from refresher.features.cached import compute_features
 from refresher.features.tables import StaleFeature, read_ledger, read_ledger_inputs, replace_feature_rows
+from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from tests.refresher.test_features_load import conn, store, stored_plan
 
@@ -69,6 +70,16 @@ def forget_features(conn: psycopg.Connection[Any]) -> None:
     conn.execute("DROP TABLE IF EXISTS refresher_features")
 
 
+def assert_a_clean_load(
+    conn: psycopg.Connection[Any], profile: Profile, store: FeatureStore, plan: GapPlan | None = None
+) -> None:
+    """The features as loaded equal a clean load of ``profile``: every feature table dropped and loaded again."""
+    loaded = state(conn)
+    forget_features(conn)
+    refresh_features(conn, profile, store, plan or stored_plan(profile, store))
+    assert loaded == state(conn)
+
+
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_one_more_session_appends_and_equals_a_clean_load(
     tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore, feature: str
@@ -85,10 +96,7 @@ def test_one_more_session_appends_and_equals_a_clean_load(
     if appends:
         # Daily: the new session's row; intraday: the changed month's rows (June's 14 sessions), May stays.
         assert counts.rows_loaded == (3 if FEATURES[feature].timeframe == "1d" else 3 * 14)
-    appended = state(conn)
-    forget_features(conn)
-    refresh_features(conn, after, store, stored_plan(after, store))
-    assert appended == state(conn)
+    assert_a_clean_load(conn, after, store)
 
 
 def test_a_back_fill_reloads_the_symbol(
@@ -103,10 +111,7 @@ def test_a_back_fill_reloads_the_symbol(
     after = profile_at(tmp_path, AFTER, "full_analysis, websocket_testing")
     counts = refresh_features(conn, after, store, stored_plan(after, store))
     assert (counts.loaded, counts.appended) == (6, 4)
-    appended = state(conn)
-    forget_features(conn)
-    refresh_features(conn, after, store, stored_plan(after, store))
-    assert appended == state(conn)
+    assert_a_clean_load(conn, after, store)
 
 
 CHILD = textwrap.dedent(
@@ -166,10 +171,7 @@ def test_kill_9_while_loading_then_rerun_equals_a_clean_load(
     after = profile_at(tmp_path, AFTER, features)
     counts = refresh_features(conn, after, store, stored_plan(after, store))  # the re-run
     assert counts.appended == (6 if where == "between-features" else 9)
-    rerun = state(conn)
-    forget_features(conn)
-    refresh_features(conn, after, store, stored_plan(after, store))
-    assert rerun == state(conn)
+    assert_a_clean_load(conn, after, store)
 
 
 def test_two_refreshes_at_once_end_as_a_clean_load(
@@ -188,10 +190,7 @@ def test_two_refreshes_at_once_end_as_a_clean_load(
     with ThreadPoolExecutor(2) as pool:
         for future in [pool.submit(one), pool.submit(one)]:
             future.result()
-    both = state(conn)
-    forget_features(conn)
-    refresh_features(conn, after, store, plan)
-    assert both == state(conn)
+    assert_a_clean_load(conn, after, store, plan)
 
 
 def test_rows_computed_against_a_ledger_that_moved_are_refused_then_loaded_whole(
@@ -234,10 +233,7 @@ def test_rows_computed_against_a_ledger_that_moved_are_refused_then_loaded_whole
     monkeypatch.setattr(features_load, "replace_feature_rows", raced)
     counts = refresh_features(conn, after, store, plan)
     assert len(calls) == 2 and (counts.loaded, counts.appended) == (3, 0)
-    recovered = state(conn)
-    forget_features(conn)
-    refresh_features(conn, after, store, plan)
-    assert recovered == state(conn)
+    assert_a_clean_load(conn, after, store, plan)
 
 
 @pytest.mark.parametrize("as_of", [BEFORE, AFTER])
@@ -252,10 +248,7 @@ def test_a_feature_table_dropped_by_hand_is_loaded_whole_again(
     profile = profile_at(tmp_path, as_of, features)
     counts = refresh_features(conn, profile, store, stored_plan(profile, store))
     assert (counts.loaded, counts.appended) == ((3, 0) if as_of == BEFORE else (6, 3))
-    repaired = state(conn)
-    forget_features(conn)
-    refresh_features(conn, profile, store, stored_plan(profile, store))
-    assert repaired == state(conn)
+    assert_a_clean_load(conn, profile, store)
 
 
 def test_verify_reloads_the_rows_of_a_feature_deleted_by_hand(
