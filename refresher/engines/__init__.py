@@ -35,7 +35,7 @@ def make_engine(name: str, settings: Settings, *, labels: Mapping[str, str] | No
     if name == "compose":
         from refresher.engines.compose import ComposeEngine
 
-        return ComposeEngine(settings.compose_project)
+        return ComposeEngine(settings.compose_project, state_dir=settings.state_dir)
     raise EngineUnavailable(f"--engine: unknown engine {name!r} (choose from {', '.join(ENGINE_NAMES)})")
 
 

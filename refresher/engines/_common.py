@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -91,7 +92,8 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
     A crash leaves either the old file or the new one, never half of either, and never a world-readable copy.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Per thread, not only per process: two threads writing one file at once must not share a temporary.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def checkout_id(base: Path, *, create: bool) -> str | None:
     if not path.exists():
         if not create:
             return None
-        tmp = base / f".{CHECKOUT_ID_FILE}.{os.getpid()}.tmp"
+        tmp = base / f".{CHECKOUT_ID_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
         write_private_json(tmp, {"checkout": secrets.token_hex(8)})
         try:
             os.link(tmp, path)

@@ -5,13 +5,19 @@ Docker choose the published ports, so two checkouts on one Docker daemon never m
 project's containers by compose's own labels and reads the port and credentials from the running container:
 nobody copies a DSN by hand. Starting and stopping the server is compose's business (`make up`,
 `make compose-down`); ``start`` only creates the profile's database and ``stop`` drops it with its snapshots.
+
+The server is shared: by every state dir of the checkout (a test run's beside yours), and with databases made by
+hand. So ``start`` records each profile it serves in ``<state_dir>/compose/<profile>.json``, and ``status`` and
+``stop`` (so ``refresher down --profile all``) know only the recorded ones: never another's database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -19,7 +25,7 @@ import psycopg
 from docker.models.containers import Container
 from psycopg import sql
 
-from refresher.engines._common import HOST, validate_profile, wait_ready
+from refresher.engines._common import HOST, validate_profile, wait_ready, write_private_json
 from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.engines.docker import API_TIMEOUT, _connect, _docker_errors, _log_tail
 from refresher.errors import EngineStateError, EngineUnavailable
@@ -80,9 +86,15 @@ class ComposeEngine:
     name = "compose"
 
     def __init__(
-        self, project: str, *, client: docker.DockerClient | None = None, ready_timeout: float = 60.0
+        self,
+        project: str,
+        *,
+        state_dir: Path,
+        client: docker.DockerClient | None = None,
+        ready_timeout: float = 60.0,
     ) -> None:
         self.project = project
+        self.base = Path(state_dir).absolute() / "compose"
         self.ready_timeout = ready_timeout
         self._client_arg = client
 
@@ -100,6 +112,8 @@ class ComposeEngine:
                 # A concurrent start may win the race: either error means the database now exists.
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(profile)))
+        if profile not in self._recorded():
+            write_private_json(self._record_path(profile), {"project": self.project})
         return server
 
     def info(self, profile: str) -> ServerInfo | None:
@@ -120,13 +134,21 @@ class ComposeEngine:
         """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
         from refresher.snapshot import drop_snapshot
 
-        server = self.info(profile)
+        if profile not in self._recorded():
+            return False  # not made by this state dir: another's, or made by hand
+        server = self._server(profile)
         if server is None:
-            return False
-        drop_snapshot(server)
+            return False  # compose is down: the record waits for the database it names
         with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(profile)))
-        return True
+            existed = _database_exists(conn, profile)
+        if existed:
+            drop_snapshot(server)
+            with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(profile))
+                )
+        self._record_path(profile).unlink(missing_ok=True)
+        return existed
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         server = self._server(profile or MAINTENANCE_DB)
@@ -145,13 +167,28 @@ class ComposeEngine:
         except psycopg.OperationalError:
             return []
         detail = f"compose project {self.project} (`make compose-down` stops it)"
+        recorded = self._recorded()
         return [
             ServerStatus(self.name, name, True, server.host, server.port, detail)
             for name in names
-            if profile in (None, name) and name != server.env_db
+            if profile in (None, name) and name != server.env_db and name in recorded
         ]
 
     # -- small pieces --------------------------------------------------------------------------------------
+    def _record_path(self, profile: str) -> Path:
+        return self.base / f"{profile}.json"
+
+    def _recorded(self) -> set[str]:
+        """The profiles this state dir started on this project's server."""
+        recorded = set()
+        for path in self.base.glob("*.json") if self.base.is_dir() else ():
+            try:
+                if json.loads(path.read_text(encoding="utf-8")).get("project") == self.project:
+                    recorded.add(path.stem)
+            except (OSError, ValueError, AttributeError):
+                continue  # half a record is no record: its database is left alone
+        return recorded
+
     def _server(self, profile: str) -> _ComposeServer | None:
         with _client(self._client_arg) as client:
             postgres = find_service(self.project, "postgres", 5432, client)

@@ -110,7 +110,7 @@ def test_up_refresh_reset_down(
         c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters=label)
     } == first
 
-    engine = ComposeEngine(name)
+    engine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
     with ThreadPoolExecutor(2) as pool:  # two starts at once both get the one new database
         servers = list(pool.map(lambda _: engine.start("compose_twice"), range(2)))
     assert servers[0] == servers[1] and engine.info("compose_twice") is not None
@@ -224,6 +224,32 @@ def test_status_of_all_checkouts_lists_docker_servers_while_a_make_up_runs(
     listed = refresher("status", "--all-checkouts", "--json", env=env)
     details = " ".join(s["detail"] for s in json.loads(listed.stdout)["servers"] if s["engine"] == "docker")
     assert name not in details  # compose's containers are `make compose-ps`'s, not Docker engine servers
+
+
+def test_down_all_drops_only_the_databases_its_own_state_dir_made(
+    project: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    # `refresher down --profile all` listed every database of the compose Postgres as a profile: it dropped one
+    # made by hand, and those another state dir of the checkout (a test run's) had loaded.
+    name, env = project
+    assert make("up", env=env).returncode == 0
+    mine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
+    theirs = ComposeEngine(name, state_dir=tmp_path / "other-state")
+    server = mine.start("compose_mine")
+    theirs.start("compose_theirs")
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE by_hand")
+    assert [s.profile for s in mine.status()] == ["compose_mine"]
+
+    down = refresher("down", "--profile", "all", "--json", env=env)
+
+    assert "compose_mine" in down.stdout and "by_hand" not in down.stdout
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    assert {"by_hand", "compose_theirs"} <= names and "compose_mine" not in names
+    assert [s.profile for s in theirs.status()] == ["compose_theirs"]
+    assert mine.stop("by_hand") is False  # never made here: left alone
+    assert theirs.stop("compose_theirs") is True
 
 
 def test_up_without_a_docker_engine_says_so(tmp_path: Path) -> None:
