@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import subprocess
+import sys
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,15 +76,18 @@ def write_bars(
     frame[~frame["date"].isin(halted)].to_csv(path, index=False)
 
 
-def assert_features_from_scratch(dsn: str, symbols: list[str], as_of: dt.date) -> None:
-    """Every daily feature's table equals the feature computed over the profile's bars in the database."""
+def assert_features_from_scratch(
+    dsn: str, symbols: list[str], as_of: dt.date, since: dt.date = dt.date(2024, 3, 1)
+) -> None:
+    """Every daily feature's table equals the feature computed over the profile's bars in the database (those
+    from ``since`` to ``as_of``: a month that left the window stays without ``--prune``)."""
     with psycopg.connect(dsn) as conn:
         bars = {}
         for symbol in symbols:
             rows = conn.execute(
                 "SELECT date, open, high, low, close, volume FROM ohlcv_daily "
-                "WHERE symbol = %s AND date <= %s ORDER BY date",
-                (symbol, as_of),
+                "WHERE symbol = %s AND date BETWEEN %s AND %s ORDER BY date",
+                (symbol, since, as_of),
             ).fetchall()
             frame = pd.DataFrame(rows, columns=["date", "open", "high", "low", "close", "volume"])
             frame.index = pd.DatetimeIndex(pd.to_datetime(frame.pop("date")), name="date")
@@ -130,3 +136,49 @@ def test_daily_refreshes_leave_features_equal_to_a_computation_from_scratch(root
     assert day(dt.date(2024, 7, 8), [*three, "DDD"]).appended == 2 * appending  # BBB whole, DDD new
     day(dt.date(2024, 7, 9), ["AAA", "BBB", "DDD"], prune=True)
     day(dt.date(2024, 6, 28), ["AAA", "BBB", "DDD"])  # the as-of back: July's rows go
+
+
+TWO = """\
+universe:
+  symbols: [{symbols}]
+exchange: XNYS
+months: 3
+timeframes: [1d]
+features: [{features}]
+seed: 4
+"""
+REFRESH = textwrap.dedent(
+    """
+    import datetime as dt, sys
+    from pathlib import Path
+    from featurestore import FeatureStore
+    from refresher.engines.local import LocalEngine
+    from refresher.profile import load_profile
+    from refresher.refresh import refresh
+    root, name, as_of = Path(sys.argv[1]), sys.argv[2], dt.date.fromisoformat(sys.argv[3])
+    profile = load_profile(str(root / f"{name}.yaml"), [], as_of=as_of)
+    print(refresh(profile, LocalEngine(root / "state"), FeatureStore(root / "store")).features.computed)
+    """
+)
+
+
+def test_two_profiles_sharing_symbols_and_features_refreshed_at_once_into_one_store(root: Path) -> None:
+    symbols = {"left": ["AAA", "BBB", "CCC"], "right": ["BBB", "CCC", "DDD"]}
+    for name, listed in symbols.items():
+        (root / f"{name}.yaml").write_text(TWO.format(symbols=", ".join(listed), features=", ".join(DAILY)))
+    for as_of in (dt.date(2024, 6, 27), dt.date(2024, 6, 28)):  # a cold load, then a day's appends
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", REFRESH, str(root), name, as_of.isoformat()],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name in symbols
+        ]
+        for run in runs:
+            _out, err = run.communicate(timeout=600)
+            assert run.returncode == 0, err
+        for name, listed in symbols.items():
+            server = LocalEngine(root / "state").start(name)
+            assert_features_from_scratch(server.dsn(), listed, as_of, since=dt.date(2024, 4, 1))
