@@ -546,3 +546,63 @@ def test_a_container_removed_by_hand_while_it_starts_ends_the_wait_in_one_line(
         assert "\n" not in str(ended.value)
     finally:
         docker_engine.stop("rmf")
+
+
+# A start (or a down) SIGKILLed right after one of its steps: the child runs the real engine against the real
+# daemon and kills itself once the named step returns.
+KILLED_AFTER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from docker.models.containers import ContainerCollection
+    from docker.models.volumes import VolumeCollection
+    from refresher.engines import docker as engine_module
+    from refresher.engines._docker_state import ContainerState
+
+    state_dir, image, prefix, step, call = sys.argv[1:6]
+    owners = {"state": (ContainerState, "write"), "volume": (VolumeCollection, "create"),
+              "create": (ContainerCollection, "create"), "run": (engine_module.DockerEngine, "_run"),
+              "remove": (engine_module, "_remove_container")}
+    owner, name = owners[step]
+    original = getattr(owner, name)
+
+    def then_die(*args, **kwargs):
+        result = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(owner, name, then_die)
+    getattr(engine_module.DockerEngine(Path(state_dir), image=image, prefix=prefix), call)("killed_at")
+    """
+)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("step", "call"),
+    [("state", "start"), ("volume", "start"), ("create", "start"), ("run", "start"), ("remove", "stop")],
+)
+def test_sigkill_after_each_step_leaves_what_the_next_start_and_down_finish(
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    step: str,
+    call: str,
+) -> None:
+    args = [str(docker_engine.state_dir), docker_pg_image, docker_engine.prefix]
+    name = f"{docker_engine.prefix}-{docker_engine.scope}-killed_at"
+    try:
+        if call == "stop":
+            docker_engine.start("killed_at")
+        child = subprocess.run([sys.executable, "-c", KILLED_AFTER, *args, step, call], cwd=REPO, timeout=180)
+        assert child.returncode == -signal.SIGKILL
+        assert len(docker_engine.status("killed_at")) == 1  # status names what was left
+        info = docker_engine.start("killed_at")
+        assert query(info, "SELECT current_database()") == "killed_at"
+    finally:
+        docker_engine.stop("killed_at")
+    assert docker_engine.status("killed_at") == []
+    assert docker_client.containers.list(all=True, filters={"name": name}, sparse=True) == []
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.volumes.get(f"{name}-data")
+    assert not (docker_engine.base / "killed_at.json").exists()

@@ -42,6 +42,11 @@ CHILD = textwrap.dedent(
     try:
         if call == "sweep":
             result = remove_abandoned(args["marker"])
+        elif call == "start":
+            info = DockerEngine(Path(args["state_dir"]), prefix=args["prefix"], image=args["image"]).start(
+                args["profile"]
+            )
+            result = [info.port, info.password]
         else:
             result = DockerEngine(Path(args["state_dir"]), prefix=args["prefix"]).stop(args["profile"])
         print(json.dumps({"result": result}), flush=True)
@@ -238,3 +243,24 @@ def test_a_volume_with_our_name_that_we_did_not_make_is_never_removed(
             container.remove(force=True)
         with contextlib.suppress(docker.errors.NotFound):
             docker_client.volumes.get(volume.id).remove(force=True)
+
+
+@pytest.mark.docker
+def test_two_starts_of_a_new_profile_at_once_serve_one_container(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    start = {
+        "state_dir": str(state_dir),
+        "prefix": docker_prefix,
+        "profile": "twice",
+        "image": docker_pg_image,
+    }
+    engine = DockerEngine(state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix)
+    try:
+        first, second = at_once(tmp_path, [("start", start), ("start", start)])
+        assert first == second  # one server: the same port and password
+        [status] = engine.status()
+        assert status.running and status.port == first[0]
+    finally:
+        engine.stop("twice")
