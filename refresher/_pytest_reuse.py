@@ -14,16 +14,18 @@ reading the record to writing the new one, so two runs of one checkout never bui
 A kept server has no owner process once recorded (``mark_kept``): the sweep of abandoned servers never removes
 it; until then its directory names the run building it, so a run killed mid-build leaves nothing for good. A run
 without ``--refresher-reuse`` stops the checkout's kept server for its key, as pytest-django's ``--reuse-db``
-does without the flag.
+does without the flag, unless a live run of the checkout uses it (each holds a shared lock on ``.inuse``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -71,29 +73,69 @@ def _profile_file(profile: str, dirs: Sequence[Path]) -> Path | None:
     return None
 
 
+class InUse:
+    """A run's shared lock on a kept server's ``.inuse`` file, held while the run may use the server: no other run
+    stops it meanwhile (``_unused``). The kernel drops it when the process dies."""
+
+    def __init__(self, record: Path) -> None:
+        self._fd: int | None = os.open(record.with_suffix(".inuse"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def _unused(record: Path) -> Iterator[bool]:
+    """Whether no run holds the kept server of ``record`` in use; if so, none can start to until the block ends."""
+    fd = os.open(record.with_suffix(".inuse"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
 def kept_or_built(
-    path: Path, settings: Settings, mark: str, build: Callable[[], LoadedServer]
-) -> LoadedServer:
+    path: Path,
+    settings: Settings,
+    mark: str,
+    build: Callable[[], LoadedServer],
+    build_own: Callable[[], LoadedServer],
+) -> tuple[LoadedServer, InUse | None]:
     """The kept server recorded at ``path`` if it is alive and loaded from ``mark``; else ``build()``'s (a
-    server built ``kept``), recorded, then marked kept."""
+    server built ``kept``), recorded, then marked kept. Either comes with this run's ``InUse`` of it, to close
+    when the run ends. An outdated kept server that another live run still uses is left alone: this run then
+    gets ``build_own()``'s server, one of its own that it stops (no ``InUse``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_suffix(".lock"), thread_local=False):
         kept = _read(path)
         if kept is not None and kept[1] == mark and _inputs_unchanged(kept[0]) and _serving(kept[0]):
-            return kept[0]
-        _stop_recorded(path, settings)
-        server = build()
-        write_private_json(path, {"fingerprint": mark, "server": json.loads(server.to_json())})
-        mark_kept(server)
-        return server
+            return kept[0], InUse(path)
+        with _unused(path) as free:
+            if not free:
+                return build_own(), None
+            _stop_recorded(path, settings)
+            server = build()
+            write_private_json(path, {"fingerprint": mark, "server": json.loads(server.to_json())})
+            mark_kept(server)
+        return server, InUse(path)
 
 
 def drop_kept(path: Path, settings: Settings) -> None:
-    """Stop the kept server recorded at ``path``, if any (a run without ``--refresher-reuse``)."""
+    """Stop the kept server recorded at ``path``, if any and if no live run uses it (a run without
+    ``--refresher-reuse``; the next one stops what this one left)."""
     if not path.exists():
         return
-    with FileLock(path.with_suffix(".lock"), thread_local=False):
-        _stop_recorded(path, settings)
+    with FileLock(path.with_suffix(".lock"), thread_local=False), _unused(path) as free:
+        if free:
+            _stop_recorded(path, settings)
 
 
 def kept_servers(state_dir: Path) -> list[LoadedServer]:
@@ -140,4 +182,12 @@ def _serving(server: LoadedServer) -> bool:
         return False
 
 
-__all__ = ["drop_kept", "fingerprint", "kept_or_built", "kept_servers", "record_path", "stop_all_kept"]
+__all__ = [
+    "InUse",
+    "drop_kept",
+    "fingerprint",
+    "kept_or_built",
+    "kept_servers",
+    "record_path",
+    "stop_all_kept",
+]

@@ -39,6 +39,7 @@ from refresher._pytest_options import (
     parse_as_of,
 )
 from refresher._pytest_reuse import (
+    InUse,
     drop_kept,
     fingerprint,
     kept_or_built,
@@ -87,6 +88,8 @@ class _PluginState:
         self.tx_connections: dict[ServerInfo, psycopg.Connection[TupleRow]] = {}
         self._options: PluginOptions | None = None
         self._swept = False
+        # Kept servers (--refresher-reuse) this process uses: no other run stops them until these are closed.
+        self.in_use: list[InUse] = []
 
     @property
     def run_dir(self) -> Path:
@@ -117,13 +120,17 @@ class _PluginState:
             stop_server(server, self.options.settings)
 
     def close(self) -> None:
-        while self.tx_connections:
-            self.tx_connections.popitem()[1].close()
-        if self._servers is not None:
-            self._servers.close()
-        elif self._owner and self._run_dir is not None:
-            # The xdist controller made a run directory for its workers but never used it itself.
-            SharedServers(self._run_dir, owner=True, stop=self._stop).close()
+        try:
+            while self.tx_connections:
+                self.tx_connections.popitem()[1].close()
+            if self._servers is not None:
+                self._servers.close()
+            elif self._owner and self._run_dir is not None:
+                # The xdist controller made a run directory for its workers but never used it itself.
+                SharedServers(self._run_dir, owner=True, stop=self._stop).close()
+        finally:
+            while self.in_use:
+                self.in_use.pop().close()
 
 
 # -- hooks ------------------------------------------------------------------------------------------------------
@@ -203,7 +210,9 @@ class RefresherServers:
             mark = fingerprint(
                 profile, options.settings.profiles_dirs, engine=engine, as_of=day, today=dt.date.today()
             )
-            server = kept_or_built(kept_at, options.settings, mark, lambda: build(kept=True))
+            server, in_use = kept_or_built(kept_at, options.settings, mark, lambda: build(kept=True), build)
+            if in_use is not None:
+                self._state.in_use.append(in_use)
             drop_abandoned_clones(server.info)  # what a run killed with -9 left on the kept server
             pool.resize_pool(server.info, self.pool_size)  # an earlier run may have kept another size
             return server

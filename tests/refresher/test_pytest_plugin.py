@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -962,3 +963,49 @@ def test_symbols(refresher_db):
         assert read_records(out) == [["AAA", "BBB"], ["AAA", "ZZZ"]]
     finally:
         run(pytester, *args[:-1]).assert_outcomes(passed=1)  # a plain run stops the kept server
+
+
+@pytest.mark.slow
+def test_a_plain_run_leaves_a_kept_server_another_live_run_uses(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs of one checkout at once (a terminal with --refresher-reuse, an IDE without): the plain one must
+    not stop the kept server under the other's tests."""
+    started, plain_done = pytester.path / "started", pytester.path / "plain_done"
+    write_project(
+        pytester,
+        f"""
+import os, pathlib, time
+
+def test_1_waits_for_the_plain_run(refresher_db):
+    if os.environ.get("ROLE") != "reuse":
+        return
+    pathlib.Path({str(started)!r}).touch()
+    deadline = time.monotonic() + 300
+    while not pathlib.Path({str(plain_done)!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+def test_2_still_has_its_server(refresher_db):
+    with refresher_db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM symbols").fetchone()[0] == {TINY_EXPECTED.symbols}
+""",
+    )
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *plugin_env.args("local")]
+    monkeypatch.setenv("ROLE", "reuse")  # pytester.popen passes on the environment of the moment
+    reuse = pytester.popen([*base, "--refresher-reuse"], stdin=subprocess.DEVNULL)
+    monkeypatch.delenv("ROLE")
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not started.exists() and reuse.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started.exists()
+        run(pytester, *plugin_env.args("local")).assert_outcomes(passed=2)
+        plain_done.touch()
+        stdout, _ = reuse.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert reuse.returncode == 0, stdout.decode()[-3000:]
+    finally:
+        plain_done.touch()
+        if reuse.poll() is None:
+            reuse.kill()
+            reuse.wait()
+        run(pytester, *plugin_env.args("local")).assert_outcomes(passed=2)  # stops the kept server
