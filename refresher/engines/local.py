@@ -263,8 +263,7 @@ class LocalEngine:
         Never at a start: it removed them under their profiles' locks, so that start, and one of theirs, waited
         for the whole removal (20,000 small files: 2-34 s on the loaded dev machine). True if the profile had one."""
         own = False
-        for leftover in self.base.glob(f".*{REMOVING_INFIX}*"):
-            profile = leftover.name[1:].partition(REMOVING_INFIX)[0]
+        for profile, leftover in self._removal_leftovers():
             if profile == paths.root.name:
                 _pgctl.remove_leftover(leftover, pgdata=leftover / "pgdata")
                 own = True
@@ -278,14 +277,19 @@ class LocalEngine:
         """The profiles whose cluster a ``stop`` was interrupted removing: hidden (``status`` lists none, and a
         start makes a new cluster), yet holding its files until the profile's start or any ``stop`` removes them;
         for ``refresher down``, which stops only what it is shown."""
-        names = {
-            leftover.name[1:].partition(REMOVING_INFIX)[0]
-            for leftover in self.base.glob(f".*{REMOVING_INFIX}*")
-        }
+        names = {profile for profile, _leftover in self._removal_leftovers()}
         return [
             ServerStatus(self.name, name, False, detail="removal interrupted")
             for name in sorted(names)
             if PROFILE_NAME.fullmatch(name)
+        ]
+
+    def _removal_leftovers(self) -> list[tuple[str, Path]]:
+        """Each hidden directory a ``stop`` interrupted while removing it left (``.<profile>.removing-<hex>``), with
+        the name it was removed from (a profile's, unless someone else made it: the callers check)."""
+        return [
+            (leftover.name[1:].partition(REMOVING_INFIX)[0], leftover)
+            for leftover in self.base.glob(f".*{REMOVING_INFIX}*")
         ]
 
     def spare_ready(self) -> bool:
