@@ -378,26 +378,28 @@ def last_completed_session(exchange: str, at: dt.datetime | None = None) -> dt.d
 
 def first_unclosed_session(exchange: str, at: dt.datetime | None = None) -> dt.date:
     """The first session of ``exchange`` whose close is after ``at`` (default: now): trading, or still to come."""
-    cal = _session_times(check_exchange(exchange))
-    i = bisect_right(cal.closes, _ns(dt.datetime.now(dt.UTC) if at is None else at))
-    if i >= len(cal.closes):
-        raise CalendarError(
-            f"{exchange}: no session close after {at} in the loaded calendar", exchange=exchange
-        )
+    cal, i = _first_close_after(exchange, at)
     return _date(int(cal.sessions[i]))
 
 
 def next_close(exchange: str, at: dt.datetime) -> dt.datetime:
     """The first session close of ``exchange`` after ``at``: until then its last completed session stays."""
+    cal, i = _first_close_after(exchange, at)
+    return _utc(int(cal.closes[i]))
+
+
+def _first_close_after(exchange: str, at: dt.datetime | None) -> tuple[_SessionTimes, int]:
+    """``exchange``'s session times and the index of its first close after ``at`` (default: now); CalendarError
+    when the loaded calendar ends before."""
     cal = _session_times(check_exchange(exchange))
-    i = bisect_right(cal.closes, _ns(at))
+    i = bisect_right(cal.closes, _ns(dt.datetime.now(dt.UTC) if at is None else at))
     if i >= len(cal.closes):
         raise CalendarError(
             f"{exchange}: no session close after {at} in the loaded calendar",
             exchange=exchange,
             value=str(at),
         )
-    return _utc(int(cal.closes[i]))
+    return cal, i
 
 
 def sessions_between(exchange: str, start: dt.date, end: dt.date) -> list[dt.date]:
