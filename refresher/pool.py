@@ -583,7 +583,7 @@ def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Ma
             return created
         # Slots 0..target-1 that hold no ready clone number at least the missing ones: if another maker holds
         # each of them, the pool fills without us.
-        free = [n for n in range(target + len(held)) if n not in held and pool_name(db, n) not in ready]
+        free = _free_slots(db, target + len(held), held=held, taken=ready)
         slot = _claim_slot(conn, db, free)
         if slot is None:
             return created
@@ -792,8 +792,15 @@ def _make_clones(conn: psycopg.Connection[Any], db: str, size: int) -> tuple[str
     """Clone the pristine copy into the first ``size`` pool slots no database holds (after ``_drop_leftovers``:
     one a session this role may not end is on), under REFILL exclusive."""
     taken = set(_pool_databases(conn, db))
-    free = [n for n in range(size + len(taken)) if pool_name(db, n) not in taken]
+    free = _free_slots(db, size + len(taken), held=(), taken=taken)
     return tuple(_make_clone(conn, db, n) for n in free[:size])
+
+
+def _free_slots(db: str, span: int, *, held: Collection[int], taken: Collection[str]) -> list[int]:
+    """Pool slots 0..span-1 of ``db`` to make clones in: not ``held`` (a session this role may not end is on the
+    slot's old database) and whose database is not one of ``taken``. The callers widen ``span`` by the slots
+    they skip, so enough remain."""
+    return [n for n in range(span) if n not in held and pool_name(db, n) not in taken]
 
 
 def main(argv: list[str] | None = None) -> int:
