@@ -26,7 +26,7 @@ from refresher.calendar import get_calendar
 from refresher.errors import FeatureError, exception_line
 from refresher.features.appends import first_changed, inputs_record, kept_rows
 from refresher.features.compute import equal_weight_index
-from refresher.features.registry import FeatureSpec, FeatureUse
+from refresher.features.registry import FeatureSpec, FeatureUse, user_code
 from refresher.features.tables import FeaturePart, feature_rows
 from refresher.plan import GapPlan, StoredSegment, digest_parts
 from refresher.profile import Profile
@@ -84,11 +84,16 @@ class _Compute:
             names = [self.symbols.get(id(frame), "?") for frame in frames]
             results = _bulk().compute_bulk(self.use.feature, dict(self.use.params), names, frames)
             self._bulk = {id(frame): result for frame, result in zip(frames, results, strict=True)}
-        # A user's function gets a copy: the frame is every entry's input, and one that writes to it (a column
-        # scaled in place, a ``dropna(inplace=True)``) would change what the entries after it read.
-        own = raw.copy() if self.use.spec.is_user else raw
         try:
-            result = self._bulk[id(raw)] if id(raw) in self._bulk else self.use.compute(own)
+            if id(raw) in self._bulk:
+                result = self._bulk[id(raw)]
+            elif self.use.spec.is_user:
+                # Its own copy: the frame is every entry's input, and one that writes to it (a column scaled in
+                # place, a ``dropna(inplace=True)``) would change what the entries after it read.
+                with user_code():
+                    result = self.use.compute(raw.copy())
+            else:
+                result = self.use.compute(raw)
         # A user's function: whatever it raises is reported, in one line; a sys.exit() in it too, which would
         # otherwise end the refresh with its status (0: success) and the other entries not loaded.
         except (Exception, SystemExit) as exc:

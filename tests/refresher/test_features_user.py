@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -220,26 +221,43 @@ def test_a_module_that_exits_when_imported_names_file_field_and_value(
     assert str(info.value).endswith(f"cannot import {name}: SystemExit: 2")
 
 
-def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path, module: str) -> None:
-    profile = write_profile(tmp_path, "AAA", features=f'{{name: bad, function: "{module}:raises"}}')
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FEATURE_STORE_PATH": str(tmp_path / "store")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "refresher.cli",
-            "warm",
-            "--profile",
-            str(profile.path),
-            "--as-of",
-            "2024-06-28",
-        ],
+def warm(tmp_path: Path, profile: Profile, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``refresher warm`` of ``profile`` in a process of its own, finding the modules written in ``tmp_path``."""
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "FEATURE_STORE_PATH": str(tmp_path / "store")}
+    command = ["warm", "--profile", str(profile.path), "--as-of", "2024-06-28", *flags]
+    return subprocess.run(
+        [sys.executable, "-m", "refresher.cli", *command],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
     )
+
+
+def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path, module: str) -> None:
+    profile = write_profile(tmp_path, "AAA", features=f'{{name: bad, function: "{module}:raises"}}')
+    done = warm(tmp_path, profile)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines() == [
         "refresher: feature bad, symbol AAA: ZeroDivisionError: no edge in; nothing of bad was loaded"
     ]
+
+
+def test_what_a_users_module_prints_goes_to_stderr_never_into_the_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"chatty_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import pandas as pd\n"
+        'print("imported")\n'
+        "def compute(df):\n"
+        '    print("computed", len(df))\n'
+        '    return pd.DataFrame({"x": df["close"]}, index=df.index)\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    profile = write_profile(tmp_path, "AAA", features=f'{{name: chatty, function: "{name}:compute"}}')
+    done = warm(tmp_path, profile, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["computed"] == 1
+    assert "imported" in done.stderr and "computed 83" in done.stderr
