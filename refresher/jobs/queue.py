@@ -137,8 +137,20 @@ end
 return 1
 """
 
+# A run whose hash is gone (deleted by hand, Redis's data lost): its job is only acknowledged. Counting it made a
+# hash without a spec (`jobs list` then failed on it) and the finish script failed comparing nil, which killed
+# the worker's thread, and every worker's the job was delivered to after it.
+_GONE = """
+if redis.call('HEXISTS', KEYS[2], 'spec') == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+"""
+
 _FINISH = (
-    """
+    _GONE
+    + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
@@ -171,7 +183,8 @@ end
 """
 
 _RETRY = (
-    _SETTLED
+    _GONE
+    + _SETTLED
     + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -185,7 +198,8 @@ return 1
 )
 
 _DEAD = (
-    _SETTLED
+    _GONE
+    + _SETTLED
     + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -195,6 +209,13 @@ redis.call('HINCRBY', KEYS[2], 'dead', 1)
 """
     + _INCOMPLETE
 )
+
+_START = """
+if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return false end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+return redis.call('HGET', KEYS[1], 'state')
+"""
 
 _DROP = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -208,8 +229,11 @@ _PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, payload in ipairs(due) do
   local job = cjson.decode(payload)
-  redis.call('XADD', ARGV[3] .. 'jobs:' .. job['tier'], '*', 'job', payload)
-  redis.call('HINCRBY', ARGV[3] .. 'run:' .. job['run'], 'retrying', -1)
+  local run = ARGV[3] .. 'run:' .. job['run']
+  if redis.call('HEXISTS', run, 'spec') == 1 then  -- a run deleted meanwhile: its retry goes
+    redis.call('XADD', ARGV[3] .. 'jobs:' .. job['tier'], '*', 'job', payload)
+    redis.call('HINCRBY', run, 'retrying', -1)
+  end
   redis.call('ZREM', KEYS[1], payload)
 end
 return #due
@@ -235,6 +259,7 @@ class JobQueue:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._retry = client.register_script(_RETRY)
         self._dead = client.register_script(_DEAD)
@@ -295,14 +320,13 @@ class JobQueue:
         pipe.execute()
 
     def started(self, delivery: Delivery, consumer: str, now: float) -> str | None:
-        """Record the job as in flight; returns the run's state (a cancelled run's jobs are dropped)."""
+        """Record the job as in flight; returns the run's state, None when the run is gone (the jobs of a
+        cancelled or gone run are dropped)."""
         run = delivery.job["run"]
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(run_key(run, "inflight"), delivery.message_id, consumer)
-        pipe.hsetnx(run_key(run), "started_at", now)
-        pipe.hget(run_key(run), "state")
-        state = pipe.execute()[-1]
-        return state.decode() if state else None
+        state = self._start(
+            keys=[run_key(run), run_key(run, "inflight")], args=[delivery.message_id, consumer, now]
+        )
+        return text(state) if state else None
 
     # -- settling jobs --------------------------------------------------------------------------------------
 

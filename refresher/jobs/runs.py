@@ -199,7 +199,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
         pipe.xpending(stream_key(tier), GROUP)
     replies = pipe.execute(raise_on_error=False)
     raw = replies[0]
-    if not raw:
+    if b"spec" not in raw:  # none, or what a worker's counter left of a hash deleted by hand
         raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
     in_flight, held = int(replies[1]), int(replies[2])
     tiers = []
@@ -244,13 +244,18 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
 
 
 def list_runs(client: redis.Redis, limit: int = 50) -> list[RunStatus]:
-    ids = [text(m) for m in client.zrevrange(RUNS, 0, limit - 1)]
-    return [run_status(client, run_id) for run_id in ids]
+    runs = []
+    for member in client.zrevrange(RUNS, 0, limit - 1):
+        try:
+            runs.append(run_status(client, text(member)))
+        except JobError:  # its hash deleted by hand, its id left in the index
+            continue
+    return runs
 
 
 def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
     """Stop a run: workers acknowledge its remaining jobs without running them; loaded segments stay."""
-    if not client.exists(run_key(run_id)):
+    if not client.hexists(run_key(run_id), "spec"):
         raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
     pipe = client.pipeline(transaction=True)
     pipe.hset(run_key(run_id), "state", "cancelled")
@@ -263,7 +268,7 @@ def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
 def retry_dead(client: redis.Redis, run_id: str) -> int:
     """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
     they failed; returns how many jobs."""
-    if not client.exists(run_key(run_id)):
+    if not client.hexists(run_key(run_id), "spec"):
         raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
     moved = 0
     entries: Any = client.xrange(DEAD)

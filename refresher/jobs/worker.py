@@ -303,7 +303,7 @@ class Worker:
             return
         live = []
         for delivery in deliveries:
-            if queue.started(delivery, consumer, self.clock()) == "cancelled":
+            if queue.started(delivery, consumer, self.clock()) in ("cancelled", None):
                 queue.drop(delivery)
             else:
                 live.append(delivery)

@@ -7,8 +7,17 @@ import datetime as dt
 import pytest
 import redis
 
+from refresher.errors import JobError
 from refresher.jobs.queue import Delivery, JobQueue, connect
-from refresher.jobs.runs import RunSpec, Submitted, cancel_run, retry_dead, run_status, submit_jobs
+from refresher.jobs.runs import (
+    RunSpec,
+    Submitted,
+    cancel_run,
+    list_runs,
+    retry_dead,
+    run_status,
+    submit_jobs,
+)
 from refresher.jobs.segment import SegmentJob
 from refresher.segments import Segment
 from tests.redis_server import RedisServer
@@ -171,3 +180,23 @@ def test_a_run_whose_jobs_all_settled_with_dead_letters_is_incomplete_until_retr
     [again] = queue.read("w", block_ms=0)
     assert queue.finish(again, rows=1, loaded=True, now=NOW.timestamp()) is True
     assert run_status(client, run.run_id).state == "loaded"
+
+
+def test_the_jobs_of_a_run_deleted_by_hand_are_only_acknowledged(redis_server: RedisServer) -> None:
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("normal"), jobs("GONE", 4), now=NOW)
+    queue = JobQueue(client)
+    first, second, third, fourth = queue.read("w", block_ms=0, count=4)
+    queue.retry_later(fourth, due=0)  # waiting out a backoff when the run goes
+    client.delete(f"refresher:run:{run.run_id}")
+    assert queue.started(first, "w", NOW.timestamp()) is None  # the worker drops it
+    assert queue.finish(second, rows=5, loaded=True, now=NOW.timestamp()) is False  # was a Lua error
+    queue.retry_later(third, due=0)
+    queue.dead_letter(first, "boom", 1)
+    assert queue.promote_due(NOW.timestamp()) == 1  # taken off the retry set, not queued again
+    assert not client.exists(f"refresher:run:{run.run_id}")  # no counters left behind without a spec
+    assert client.xlen("refresher:jobs:normal") == 0 and client.xlen("refresher:dead") == 0
+    assert client.zcard("refresher:retry") == 0
+    assert list_runs(client) == []  # its id is still in the index: `jobs list` failed on KeyError
+    with pytest.raises(JobError, match="no such run"):
+        run_status(client, run.run_id)

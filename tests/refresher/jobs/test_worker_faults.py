@@ -5,6 +5,7 @@ Row counts are checked in Postgres exactly: nothing lost, nothing loaded twice."
 from __future__ import annotations
 
 import datetime as dt
+import json
 import signal
 import subprocess
 import sys
@@ -143,3 +144,36 @@ def test_a_worker_killed_after_any_step_of_a_job_loses_nothing_and_loads_nothing
         names = ", ".join(f"'{s}'" for s in symbols)
         daily = ws.scalar(f"SELECT count(*) FROM ohlcv_daily WHERE symbol IN ({names})")
         assert ws.scalar(f"SELECT count(*) FROM features_dashboard_data WHERE symbol IN ({names})") == daily
+
+
+def test_a_run_deleted_by_hand_mid_run_leaves_the_worker_running_the_next(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url, client = workspace, redis_server.url, redis_server.client()
+    symbols = [*SYMBOLS, "IBM", "XOM", "CVX", "JPM", "BAC", "WMT", "HD", "DIS"]
+    ws.write_profile(symbols=symbols, months=3)
+    gone = submit(ws, url)["run_id"]
+    worker = start_worker(ws, url, "w")
+
+    def alive() -> None:
+        assert worker.poll() is None, worker_log(ws, "w")  # its thread died on the finish script's Lua error
+
+    try:
+        deadline = time.monotonic() + 300
+        while int(client.hget(run_key(gone), "done") or 0) < 2:
+            alive()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        client.delete(run_key(gone))  # an operator cleaning up old runs, too early
+        run = submit(ws, url)  # plans again: what the deleted run had not loaded
+        final = wait_for(ws, url, run["run_id"], lambda s: alive() or s["state"] == "complete")
+        time.sleep(1)
+        alive()
+    finally:
+        stop([worker])
+    assert worker.returncode == 0 and "Traceback" not in worker_log(ws, "w"), worker_log(ws, "w")
+    assert final["done"] == final["total"] == run["jobs"] > 0
+    listed = ws.run("jobs", "list", "--queue", url, "--json").stdout
+    assert [r["run_id"] for r in json.loads(listed)["runs"]] == [run["run_id"]]
+    ws.run("jobs", "status", gone, "--queue", url, expect=2)
+    assert_loaded_exactly(ws, symbols, 3)
