@@ -484,7 +484,8 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         for i, feat in enumerate(p.features)
     ]
     for i, use in enumerate(features):
-        if use.spec.timeframe == "1m" and "1m" not in p.timeframes:
+        # A feature reads its timeframe's bars only: without them it would load nothing, and say nothing.
+        if use.spec.timeframe not in p.timeframes:
             raise ProfileError(path, f"features.{i}", use.name, f"needs {use.spec.timeframe} in timeframes")
         earlier = next((e for e in features[:i] if e.name == use.name), use)
         if earlier != use:

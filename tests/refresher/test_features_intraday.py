@@ -172,3 +172,13 @@ def test_needs_minute_bars_in_the_profile(tmp_path: Path) -> None:
     with pytest.raises(ProfileError) as info:
         write(tmp_path, timeframes="1d")
     assert info.value.field == "features.0" and "needs 1m" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "entry", ["trend_analysis", "{name: trend_analysis, as: trend_fast, params: {fast: 5}}"]
+)
+def test_a_daily_feature_needs_daily_bars_in_the_profile(tmp_path: Path, entry: str) -> None:
+    # Without them it loaded nothing and said nothing: its table never appeared.
+    with pytest.raises(ProfileError) as info:
+        write(tmp_path, features=f"intraday_session, {entry}", timeframes="1m")
+    assert info.value.field == "features.1" and "needs 1d in timeframes" in str(info.value)
