@@ -144,6 +144,8 @@ class DockerEngine:
                 container, state = self._create(client, profile, state)
             if container.status != "running":
                 self._run(container, profile)
+            if container.status != "running":
+                raise self._exited(container, profile)
             state = replace(state, port=_host_port(container))
             state.write(self._state_path(profile))
             info = self._info(profile, state)
@@ -359,16 +361,36 @@ class DockerEngine:
                     f"volume {self._volume_name(info.profile)} was initialised with another password; "
                     f"run `refresher down --profile {info.profile}`"
                 ) from exc
-            if is_disk_full(_log_tail(container)):
-                volume = self._volume_name(info.profile)
-                raise EngineUnavailable(
-                    f"disk full: Docker volume {volume} ({_volume_path(container)}) ran out of space while "
-                    f"the server initialised it; it needs at least {INIT_BYTES_NEEDED // 2**20} MB free; "
-                    f"free some space and run `refresher down --profile {info.profile}`, then the command again",
-                    path=_volume_path(container),
-                    needed=INIT_BYTES_NEEDED,
-                ) from exc
+            if container.status == "exited":  # as _removed left it
+                raise self._exited(container, info.profile) from exc
             raise
+
+    def _exited(self, container: Container, profile: str) -> EngineUnavailable:
+        """Why a container stopped while it started: the volume filled up, or what its log says (an image that
+        is no PostgreSQL 15, as a tag that now names another image).
+
+        The container goes (its volume and the state file stay): restarting it would run the same image again,
+        while the next start makes a new one from the image configured then.
+        """
+        tail = _log_tail(container)
+        error = self._disk_full(container, profile) if is_disk_full(tail) else None
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+        return error or EngineUnavailable(
+            f"container {container.name} (image {_image_name(container)}) exited while it started; its log "
+            f"tail says why (an image that is not PostgreSQL 15? `make image` builds refresher/postgres:15, "
+            f"$REFRESHER_PG_IMAGE names another; the next start makes the container anew):\n{tail}"
+        )
+
+    def _disk_full(self, container: Container, profile: str) -> EngineUnavailable:
+        volume = self._volume_name(profile)
+        return EngineUnavailable(
+            f"disk full: Docker volume {volume} ({_volume_path(container)}) ran out of space while "
+            f"the server initialised it; it needs at least {INIT_BYTES_NEEDED // 2**20} MB free; "
+            f"free some space and run `refresher down --profile {profile}`, then the command again",
+            path=_volume_path(container),
+            needed=INIT_BYTES_NEEDED,
+        )
 
     # -- small pieces --------------------------------------------------------------------------------------------
     @contextlib.contextmanager

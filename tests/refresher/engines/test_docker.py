@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -326,10 +327,13 @@ def test_a_container_that_dies_fails_the_wait_with_its_log_tail(
     try:
         info = ServerInfo("docker", "dies", "127.0.0.1", 9, "refresher", "x", "dies")
         engine = DockerEngine(Path("/nonexistent"), client=docker_client, ready_timeout=30)
-        with pytest.raises(EngineUnavailable, match=r"(?s)not ready.*superuser password is not specified"):
+        with pytest.raises(
+            EngineUnavailable, match=r"(?s)exited while it started.*superuser password is not spec"
+        ):
             engine._wait_ready(container, info)
     finally:
-        container.remove(force=True, v=True)
+        with contextlib.suppress(docker.errors.NotFound):  # the failed start removed it
+            container.remove(force=True, v=True)
 
 
 # -- servers scoped to their state dir ------------------------------------------------------------------------
@@ -606,3 +610,37 @@ def test_sigkill_after_each_step_leaves_what_the_next_start_and_down_finish(
     with pytest.raises(docker.errors.NotFound):
         docker_client.volumes.get(f"{name}-data")
     assert not (docker_engine.base / "killed_at.json").exists()
+
+
+@pytest.mark.docker
+def test_the_image_tag_replaced_by_another_image_is_a_clear_error_and_the_data_waits_for_the_right_one(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # The container was removed (by hand, or a reboot's cleanup) and the tag now names something else: the new
+    # container exited at once, and the error was "publishes no port for 5432; run `refresher down`" (which
+    # would throw the volume away).
+    tag = f"{docker_prefix}/pg:15"
+    docker_client.images.get(docker_pg_image).tag(tag)
+    maker = docker_client.containers.create(docker_pg_image, labels={PREFIX_LABEL: docker_prefix})
+    other = maker.commit(changes=['ENTRYPOINT ["sh", "-c", "echo not PostgreSQL; exit 1"]'])
+    maker.remove()
+    engine = DockerEngine(tmp_path, image=tag, client=docker_client, prefix=docker_prefix, ready_timeout=30)
+    try:
+        info = engine.start("retagged")
+        with psycopg.connect(info.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept AS SELECT 7 AS x")
+            conn.execute("CHECKPOINT")
+        docker_client.containers.get(f"{docker_prefix}-{engine.scope}-retagged").remove(force=True)
+        other.tag(tag)  # not a PostgreSQL image
+        with pytest.raises(
+            EngineUnavailable, match=rf"(?s)\(image {tag}\) exited while it started.*not PostgreSQL$"
+        ) as failed:
+            engine.start("retagged")
+        assert "refresher down" not in str(failed.value)
+        docker_client.images.get(docker_pg_image).tag(tag)
+        assert query(engine.start("retagged"), "SELECT x FROM kept") == 7
+    finally:
+        engine.stop("retagged")
+        for image in (tag, other.id):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(image)
