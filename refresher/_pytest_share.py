@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,32 @@ def server_key(profile: str, engine: str, as_of: str) -> str:
     readable = re.sub(r"[^a-z0-9_]+", "_", Path(profile).stem.lower())[:40]
     digest = hashlib.sha256(f"{profile}\0{engine}\0{as_of}".encode()).hexdigest()[:12]
     return f"{readable}-{digest}"
+
+
+RUN_DIR_PREFIX = "refresher-pytest-"
+# Not *.json: the owner stops every *.json of its run directory as a server record.
+RUN_OWNER_FILE = "owner.labels"
+
+
+def new_run_dir(owner_pid: int) -> Path:
+    """A new run directory under the temporary directory, naming ``owner_pid`` (the process that removes it)."""
+    path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+    write_private_json(path / RUN_OWNER_FILE, owner_labels(owner_pid))
+    return path
+
+
+def sweep_run_dirs() -> list[str]:
+    """Remove the run directories whose owner is gone (a run killed with -9): nothing else ever would."""
+    removed = []
+    for path in sorted(Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*")):
+        try:
+            owner = json.loads((path / RUN_OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # being made right now, or not ours to judge
+        if isinstance(owner, dict) and owner_gone(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
 
 
 TEST_INFIX = "__test_"
@@ -225,11 +252,14 @@ class SharedServers:
 
 
 __all__ = [
+    "RUN_DIR_PREFIX",
     "PoolRefiller",
     "SharedServers",
     "clone_note",
     "drop_abandoned_clones",
+    "new_run_dir",
     "per_test_clone_prefix",
     "pool_size_for_workers",
     "server_key",
+    "sweep_run_dirs",
 ]

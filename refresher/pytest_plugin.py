@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,9 +52,11 @@ from refresher._pytest_share import (
     SharedServers,
     clone_note,
     drop_abandoned_clones,
+    new_run_dir,
     per_test_clone_prefix,
     pool_size_for_workers,
     server_key,
+    sweep_run_dirs,
 )
 from refresher.engines.base import ServerInfo
 from refresher.errors import USER_ERRORS, os_error_message
@@ -94,7 +95,7 @@ class _PluginState:
     @property
     def run_dir(self) -> Path:
         if self._run_dir is None:
-            self._run_dir = Path(tempfile.mkdtemp(prefix="refresher-pytest-"))
+            self._run_dir = new_run_dir(self.owner_pid)
         return self._run_dir
 
     @property
@@ -110,10 +111,11 @@ class _PluginState:
         return self._servers
 
     def sweep_once(self) -> None:
-        """Before this process builds its first server, remove what killed runs left behind."""
+        """Before this process builds or reuses its first server, remove what killed runs left behind."""
         if not self._swept:
             self._swept = True
             sweep(self.options.settings)
+            sweep_run_dirs()
 
     def _stop(self, server: LoadedServer) -> None:
         if not server.kept:
@@ -207,6 +209,7 @@ class RefresherServers:
             if not options.reuse:
                 drop_kept(kept_at, options.settings)
                 return build()
+            self._state.sweep_once()  # a reuse run builds nothing, and would never sweep
             mark = fingerprint(
                 profile, options.settings.profiles_dirs, engine=engine, as_of=day, today=dt.date.today()
             )

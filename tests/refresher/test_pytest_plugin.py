@@ -27,6 +27,7 @@ import pytest
 
 from refresher._pytest_servers import OWNER_FILE, THROWAWAY_PREFIX, stop_everything
 from refresher._pytest_share import clone_note, drop_abandoned_clones, per_test_clone_prefix
+from refresher.engines import owner_labels
 from refresher.engines.base import ServerInfo
 from refresher.pool import checkout_clone
 from refresher.settings import Settings
@@ -1009,3 +1010,32 @@ def test_2_still_has_its_server(refresher_db):
             reuse.kill()
             reuse.wait()
         run(pytester, *plugin_env.args("local")).assert_outcomes(passed=2)  # stops the kept server
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_a_run_directory_the_next_run_removes(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run directory (servers' records with their passwords, lock files) of a run killed with -9, under
+    the temporary directory: nothing else ever removes it. Another live run's is never touched."""
+    tmp = plugin_env.root / "tmp-run-dirs"
+    tmp.mkdir(mode=0o755)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        other = tmp / "refresher-pytest-live"  # a live run's, as its plugin writes it
+        other.mkdir()
+        (other / OWNER_FILE).write_text(json.dumps(owner_labels(live.pid)))
+        write_project(
+            pytester,
+            "import os, signal\n\ndef test_dies(refresher_postgres):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+        )
+        run(pytester, *plugin_env.args("local"))
+        [left] = set(tmp.glob("refresher-pytest-*")) - {other}
+        write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
+        run(pytester, *plugin_env.args("local")).assert_outcomes(passed=1)
+        assert not left.exists()
+        assert list(tmp.glob("refresher-pytest-*")) == [other]
+    finally:
+        live.kill()
+        live.wait()
