@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from featurestore.errors import FeatureStoreError
 from refresher.errors import ProfileError, exception_line
 from refresher.features import compute
 
@@ -82,10 +83,19 @@ class FeatureUse:
     @property
     def params_json(self) -> str:
         """The parameters canonically: part of the store key and of ``refresher_features.input_hash``."""
-        return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"))
+        return json.dumps(dict(self.params), sort_keys=True, separators=(",", ":"), default=_param_json)
 
     def compute(self, bars: pd.DataFrame) -> pd.DataFrame:
         return self.spec.compute(bars, **dict(self.params))
+
+
+def _param_json(value: Any) -> dict[str, str]:
+    """``json.dumps``'s stand-in for a parameter JSON has no form for (a YAML date, a date default of a user's
+    function): the store's hash of it, which tags its type. FeatureStoreError for a type the store cannot key."""
+    # Imported for such a value only: loading a profile must not bring pyarrow.
+    from featurestore.keys import config_hash
+
+    return {"config_hash": config_hash(value)}
 
 
 _MODELS: dict[Compute, type[BaseModel]] = {}
@@ -232,6 +242,14 @@ def resolve_feature(
             reason = f"not a parameter of {spec.name} (parameters: {', '.join(spec.params_model.model_fields) or 'none'})"
         raise ProfileError(path, f"{field}.params.{loc}", given, reason) from None
     values = model.model_dump()
+    for key, value in values.items():
+        try:
+            json.dumps(value, default=_param_json)
+        except (TypeError, ValueError, FeatureStoreError):
+            reason = (
+                f"type {type(value).__name__} cannot be part of the feature's key: use numbers, text or dates"
+            )
+            raise ProfileError(path, f"{field}.params.{key}", value, reason) from None
     for low, high in spec.ordered:
         if not values[low] < values[high]:
             raise ProfileError(

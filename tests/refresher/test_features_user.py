@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import json
 import os
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.postgres
 __all__ = ["conn", "store"]  # fixtures, imported to be found
 
 SIGNALS = '''
+import datetime as dt
 import pandas as pd
 
 def compute(df, *, window: int = 5, scale: float = 1.0):
@@ -43,6 +45,15 @@ def text(df):
 
 def a_list(df):
     return list(df["close"])
+
+def since(df, *, start: dt.date = dt.date(2024, 5, 1)):
+    return pd.DataFrame({"close": df["close"].where(df.index >= pd.Timestamp(start))}, index=df.index)
+
+class Opaque:
+    pass
+
+def opaque(df, *, how=Opaque()):
+    return pd.DataFrame({"close": df["close"]}, index=df.index)
 
 def exits(df):
     raise SystemExit(0)
@@ -95,6 +106,24 @@ def test_a_user_function_loads_with_its_parameters(
     # Another parameter value reloads that entry only.
     again = run(conn, profile_of(tmp_path, entries.replace("window: 3", "window: 4")), store)
     assert (again.loaded, again.computed) == (2, 2)
+
+
+def test_a_date_parameter_loads_and_a_new_date_reloads(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    # YAML reads 2024-06-03 as a date; the function's own default is one too.
+    for params, first in (("", dt.date(2024, 5, 1)), (", params: {start: 2024-06-03}", dt.date(2024, 6, 3))):
+        counts = run(conn, profile_of(tmp_path, f'{{name: mine, function: "{module}:since"{params}}}'), store)
+        assert (counts.loaded, counts.computed) == (2, 2)
+        rows = table_rows(conn, "features_mine", "AAA")
+        assert min(r[1] for r in rows if r[2] is not None) == first
+
+
+def test_a_parameter_the_store_cannot_key_names_file_field_and_value(tmp_path: Path, module: str) -> None:
+    with pytest.raises(ProfileError) as info:
+        profile_of(tmp_path, f'{{name: mine, function: "{module}:opaque"}}')
+    assert info.value.field == "features.0.params.how"
+    assert "type Opaque cannot be part of the feature's key" in str(info.value)
 
 
 def test_a_function_writing_to_its_input_changes_no_other_features_rows(
