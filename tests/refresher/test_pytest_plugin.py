@@ -111,8 +111,17 @@ def plugin_env() -> Iterator[PluginEnv]:
         d.mkdir(mode=0o755)
     (env.profiles / "tiny.yaml").write_text(TINY)
     (env.profiles / "tiny_two.yaml").write_text(TINY_TWO)
-    yield env
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield env
+    finally:
+        stop_leftovers(root)  # what a failed example left running (kept servers too)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_leftovers(root: Path) -> None:
+    """Stop every server the plugin's throwaway directories under ``root`` hold."""
+    for owner in root.rglob(f"{THROWAWAY_PREFIX}*/{OWNER_FILE}"):
+        stop_everything(Settings.from_env(state_dir=owner.parent))
 
 
 def docker_or_skip() -> None:
@@ -895,8 +904,7 @@ def test_a_reuse_run_killed_while_building_leaves_nothing_the_next_run_keeps(
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         assert throwaway_dirs(state) == []
     finally:
-        for directory in throwaway_dirs(state):
-            stop_everything(Settings.from_env(state_dir=directory))
+        stop_leftovers(state)
 
 
 def throwaway_dirs(state: Path) -> list[Path]:
@@ -1039,3 +1047,28 @@ def test_a_killed_run_leaves_a_run_directory_the_next_run_removes(
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.slow
+def test_a_reuse_run_removes_what_a_killed_run_left(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    """A laptop that always runs with --refresher-reuse never builds, so it must sweep on the reuse path too."""
+    args = plugin_env.args("local")
+    write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
+    run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)  # the kept server exists from now on
+    out = write_recording_project(
+        pytester,
+        """
+import os, signal
+
+def test_dies(refresher_postgres):
+    record(refresher_postgres)
+    os.kill(os.getpid(), signal.SIGKILL)
+""",
+    )
+    run(pytester, *args, "--refresher-profile=tiny_two")  # another profile's run, killed with its server up
+    [left] = read_records(out)
+    assert Path(str(left["state_dir"])).exists()
+    write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
+    run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)  # reuses the kept server: no build
+    assert_server_gone(left)
+    run(pytester, *args).assert_outcomes(passed=1)  # a plain run stops the kept server
