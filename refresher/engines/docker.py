@@ -59,6 +59,7 @@ PREFIX_LABEL = "io.refresher.prefix"
 STATE_LABEL = "io.refresher.state"
 STATE_PATH_LABEL = "io.refresher.state-path"
 CHECKOUT_LABEL = "io.refresher.checkout"
+CHECKOUT_HOST_LABEL = "io.refresher.checkout-host"
 LOG_TAIL_LINES = 40
 # Docker API calls that may pull or wait on a slow disk; a ping uses its own short timeout.
 API_TIMEOUT = 120
@@ -121,6 +122,9 @@ class DockerEngine:
         self.ready_timeout = ready_timeout
         self._client_arg = client
         self._base_url = base_url
+        # With the checkout id, tells a checkout at the same path on another machine (or dev container) from
+        # this one after its state dir was removed (`make clean`): only the first is someone else's.
+        self.hostname = socket.gethostname()
 
     def resolved_image(self) -> str:
         """The image this engine runs: the one asked for, else the first default present locally or pullable.
@@ -440,12 +444,16 @@ class DockerEngine:
         raise self._not_ours("volume", volume.name or "?", labels, profile)
 
     def _ours(self, labels: Mapping[str, str], checkout: str | None) -> bool:
-        """Whether labels name this state dir (and its checkout id, on what was made since ids exist)."""
+        """Whether labels name this state dir: its path, and its checkout id or this machine (what was made
+        before ids existed has neither, and is ours)."""
         return (
             labels.get(PROJECT_LABEL) == "refresher"
             and labels.get(PREFIX_LABEL) == self.prefix
             and labels.get(STATE_LABEL) == self.scope
-            and labels.get(CHECKOUT_LABEL, checkout) == checkout
+            and (
+                labels.get(CHECKOUT_LABEL, checkout) == checkout
+                or labels.get(CHECKOUT_HOST_LABEL) == self.hostname
+            )
         )
 
     def _not_ours(self, kind: str, name: str, labels: Mapping[str, str], profile: str) -> EngineStateError:
@@ -454,11 +462,11 @@ class DockerEngine:
                 f"{kind} {name} exists but refresher did not make it; remove or rename it"
             )
         made_by = labels.get(STATE_PATH_LABEL) or "an unknown state dir"
+        host = labels.get(CHECKOUT_HOST_LABEL) or "another machine"
         return EngineStateError(
-            f"{kind} {name} has profile {profile}'s name but belongs to another checkout (made by state dir "
-            f"{made_by} of another machine or container on this Docker daemon, or of this path before its "
-            f"state dir was removed); refresher leaves it alone: set REFRESHER_STATE_DIR to another path, or "
-            f"remove it with `docker rm -f -v` / `docker volume rm` once you know it is yours"
+            f"{kind} {name} has profile {profile}'s name but belongs to another checkout (state dir {made_by} "
+            f"on {host}, sharing this Docker daemon); refresher leaves it alone: set REFRESHER_STATE_DIR to "
+            f"another path, or remove it with `docker rm -f -v` / `docker volume rm` once you know it is yours"
         )
 
     def _labels(self, profile: str) -> dict[str, str]:
@@ -470,6 +478,7 @@ class DockerEngine:
             STATE_LABEL: self.scope,
             STATE_PATH_LABEL: str(self.state_dir.resolve()),
             CHECKOUT_LABEL: str(checkout_id(self.base, create=True)),
+            CHECKOUT_HOST_LABEL: self.hostname,
         }
 
     def _container_name(self, profile: str) -> str:

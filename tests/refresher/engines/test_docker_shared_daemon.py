@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,20 +187,31 @@ def test_two_image_builds_at_once_take_turns(
 # -- a container or volume with our name that another checkout made ----------------------------------------------
 
 
+@pytest.fixture
+def engine_at(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
+) -> Callable[[Path], DockerEngine]:
+    """A Docker engine of the session's image and prefix over a state dir of the test's."""
+    return lambda state_dir: DockerEngine(
+        state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix
+    )
+
+
 @pytest.mark.docker
 def test_a_checkout_at_the_same_path_elsewhere_never_adopts_or_removes_the_others_server(
-    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+    engine_at: Callable[[Path], DockerEngine], tmp_path: Path
 ) -> None:
     # Two dev containers mounting their checkouts at the same path (/workspaces/<repo>) over one host's Docker
     # socket: same state dir path, same names. The second adopted the first's container (its password read back
     # from the environment), loaded into its database, and `down` removed it with its volume.
     state_dir = tmp_path / "workspace" / ".refresher"
-    first = DockerEngine(state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix)
+    first = engine_at(state_dir)
+    first.hostname = "dev-container-1"  # the other machine; this process and its CLI are the second one
     theirs = first.start("same_path")
     (state_dir / "docker").rename(
         tmp_path / "first-machine"
     )  # what the other machine's checkout has: nothing
-    second = DockerEngine(state_dir, image=docker_pg_image, client=docker_client, prefix=docker_prefix)
+    second = engine_at(state_dir)
     try:
         with pytest.raises(EngineStateError, match=r"belongs to another checkout") as refused:
             second.start("same_path")
@@ -219,6 +231,23 @@ def test_a_checkout_at_the_same_path_elsewhere_never_adopts_or_removes_the_other
         shutil.rmtree(state_dir / "docker", ignore_errors=True)
         (tmp_path / "first-machine").rename(state_dir / "docker")
         first.stop("same_path")
+
+
+@pytest.mark.docker
+def test_a_state_dir_removed_and_made_again_on_the_same_machine_adopts_its_running_server(
+    engine_at: Callable[[Path], DockerEngine], tmp_path: Path
+) -> None:
+    # `make clean` (rm -rf .refresher) while a server runs, then `make refresh`: the same machine, the same
+    # path, a new checkout id; the server is still this checkout's own.
+    engine = engine_at(tmp_path / "checkout" / ".refresher")
+    try:
+        before = engine.start("cleaned")
+        shutil.rmtree(engine.state_dir)
+        assert [s.profile for s in engine.status()] == ["cleaned"]
+        assert engine.start("cleaned") == before
+    finally:
+        engine.stop("cleaned")
+    assert engine.status() == []
 
 
 @pytest.mark.docker
