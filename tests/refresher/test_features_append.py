@@ -144,6 +144,18 @@ CHILD = textwrap.dedent(
 )
 
 
+def run_killed(
+    child: str, server: ServerInfo, root: Path, store: FeatureStore, where: str, features: str
+) -> None:
+    """Run ``child`` (a refresh of ``features`` as of AFTER that kills itself ``where`` it says): it died by -9."""
+    done = subprocess.run(
+        [sys.executable, "-c", child, server.dsn(), str(root), str(store.root), where, features],
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == -9, done.stderr.decode()
+
+
 @pytest.mark.parametrize("where", ["computed", "between-features", "after-copy"])
 def test_kill_9_while_loading_then_rerun_equals_a_clean_load(
     tmp_path: Path, pg_database: ServerInfo, conn: psycopg.Connection[Any], store: FeatureStore, where: str
@@ -152,12 +164,7 @@ def test_kill_9_while_loading_then_rerun_equals_a_clean_load(
     before = profile_at(tmp_path, BEFORE, features)
     refresh_features(conn, before, store, stored_plan(before, store))
     loaded_before = state(conn)
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, pg_database.dsn(), str(tmp_path), str(store.root), where, features],
-        capture_output=True,
-        timeout=300,
-    )
-    assert done.returncode == -9, done.stderr.decode()
+    run_killed(CHILD, pg_database, tmp_path, store, where, features)
     killed = state(conn)
     if where == "between-features":
         # The first feature is loaded (appended), the others are as they were: never half of one.
@@ -266,3 +273,43 @@ def test_verify_reloads_the_rows_of_a_feature_deleted_by_hand(
     counts = refresh_features(conn, before, store, plan, verify=True)
     assert (counts.loaded, counts.computed) == (4, 0)
     assert state(conn) == clean
+
+
+FIRST_LOAD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import psycopg
+    import refresher.features.tables as tables
+    from featurestore import FeatureStore
+    from refresher.features.load import refresh_features
+    from tests.refresher.test_features_append import AFTER, profile_at, stored_plan
+
+    def then_die(step):
+        def run(*args, **kwargs):
+            step(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return run
+    # After each step of a first load: the ledger made; the table made; the rows copied (the ledger rows not yet).
+    step = {"ledger": "_ensure_ledger", "table": "_ensure_feature_table", "copy": "copy_arrow"}[sys.argv[4]]
+    setattr(tables, step, then_die(getattr(tables, step)))
+    profile = profile_at(Path(sys.argv[2]), AFTER, sys.argv[5])
+    store = FeatureStore(sys.argv[3])
+    with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+        refresh_features(conn, profile, store, stored_plan(profile, store))
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["ledger", "table", "copy"])
+def test_kill_9_after_each_step_of_a_first_load_then_rerun_equals_a_clean_load(
+    tmp_path: Path, pg_database: ServerInfo, conn: psycopg.Connection[Any], store: FeatureStore, step: str
+) -> None:
+    features = "dashboard_data, websocket_testing"
+    profile = profile_at(tmp_path, AFTER, features)
+    stored_plan(profile, store)  # the bars in the store, as the refresh's segments step leaves them
+    run_killed(FIRST_LOAD, pg_database, tmp_path, store, step, features)
+    assert state(conn) == {"tables": {}, "ledger": []}  # nothing of any feature: an empty ledger
+    counts = refresh_features(conn, profile, store, stored_plan(profile, store))  # the re-run
+    assert (counts.loaded, counts.appended) == (6, 0)
+    assert_a_clean_load(conn, profile, store)
