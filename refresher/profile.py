@@ -268,16 +268,31 @@ def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, A
 # --- resolution --------------------------------------------------------------------------------------------
 
 
-def _exchange(path: Path, fld: str, value: str) -> str:
-    if value not in EXCHANGES:
+def _exchange(path: Path | str, fld: str, value: str) -> str:
+    """The exchange code, in any case (``xnys`` is XNYS, as ``market status`` takes it), or one line naming it."""
+    code = value.strip().upper()
+    if code not in EXCHANGES:
         raise ProfileError(path, fld, value, f"unknown exchange (choices: {', '.join(EXCHANGES)})")
-    return value
+    return code
 
 
-def _symbol(path: Path, fld: str, value: str) -> str:
+def _symbol(path: Path | str, fld: str, value: str) -> str:
     if not SYMBOL_RE.match(value):
         raise ProfileError(path, fld, value, f"not a valid symbol (must match {SYMBOL_RE.pattern})")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One universe row and where it was written, for an error to name that file and line (or field)."""
+
+    symbol: str
+    exchange: str
+    asset_class: str
+    file: Path
+    at: str  # "universe.symbols.3" or "line 4"
+    symbol_field: str
+    exchange_field: str
 
 
 def _universe_candidates(path: Path, name: str) -> tuple[Path, Path]:
@@ -295,39 +310,55 @@ def _universe_file(path: Path, name: str, inputs: list[tuple[Path, str | None]])
 
 def _universe_rows(
     path: Path, u: _Universe, default_exchange: str, inputs: list[tuple[Path, str | None]]
-) -> list[tuple[str, str, str]]:
-    """(symbol, exchange, asset_class) rows, in universe order."""
+) -> list[_Row]:
+    """The universe's rows, in universe order."""
     if (u.symbols is None) == (u.file is None):
         raise ProfileError(path, "universe", None, "give exactly one of universe.symbols or universe.file")
     if u.symbols is not None:
-        rows = [(s, default_exchange, u.asset_class or "equity") for s in u.symbols]
-        if u.count is not None:
-            rows = rows[: u.count]
-        return rows
+        rows = [
+            _Row(s, default_exchange, u.asset_class or "equity", path, f, f, "exchange")
+            for i, s in enumerate(u.symbols)
+            for f in [f"universe.symbols.{i}"]
+        ]
+        return rows if u.count is None else rows[: u.count]
     assert u.file is not None
     if not u.file.endswith(".csv"):
         raise ProfileError(path, "universe.file", u.file, "must be a .csv file")
     ufile = _universe_file(path, u.file, inputs)
     with io.StringIO(_read_input(ufile, inputs), newline="") as fh:
         reader = csv.DictReader(fh)
-        cols = {c.lower(): c for c in reader.fieldnames or []}
+        # A spreadsheet pads cells: "symbol " is the symbol column, as " AAPL " below it is AAPL.
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         if "symbol" not in cols:
             # Not the header itself: the first line of a file that is no universe could be anything.
             raise ProfileError(
                 ufile, "symbol", None, f"universe file needs a 'symbol' column ({len(cols)} found)"
             )
-        rows = []
+        rows, read = [], 0
         for rec in reader:
             if not any((cell or "").strip() for cell in rec.values() if isinstance(cell, str)):
                 continue  # a line of blanks, like an empty line
+            at = f"line {reader.line_num}"
             if not (rec[cols["symbol"]] or "").strip():
-                raise ProfileError(
-                    ufile, f"line {reader.line_num}", rec[cols["symbol"]], "no symbol in this row"
-                )
-            exchange = rec.get(cols.get("exchange", ""), "") or default_exchange
-            asset_class = rec.get(cols.get("asset_class", ""), "") or "equity"
+                raise ProfileError(ufile, at, rec[cols["symbol"]], "no symbol in this row")
+            read += 1
+            exchange = (rec.get(cols.get("exchange", ""), "") or "").strip()
+            asset_class = (rec.get(cols.get("asset_class", ""), "") or "").strip() or "equity"
             if u.asset_class is None or asset_class == u.asset_class:
-                rows.append((rec[cols["symbol"]].strip(), exchange.strip(), asset_class.strip()))
+                exchange_field = f"{at}.exchange" if exchange else "exchange"
+                rows.append(
+                    _Row(
+                        rec[cols["symbol"]].strip(),
+                        exchange or default_exchange,
+                        asset_class,
+                        ufile,
+                        at,
+                        f"{at}.symbol",
+                        exchange_field,
+                    )
+                )
+    if not read:
+        raise ProfileError(ufile, "symbol", None, "no symbols in this universe file")
     if u.count is not None:
         if u.count > len(rows):
             raise ProfileError(path, "universe.count", u.count, f"{ufile.name} has only {len(rows)} symbols")
@@ -344,18 +375,22 @@ def _listings(path: Path, p: _Profile, inputs: list[tuple[Path, str | None]]) ->
             f"{len(rows)} symbols",
             f"more than universe.max_symbols={p.universe.max_symbols}; raise it in the profile if you mean it",
         )
-    seen: set[str] = set()
+    # By upper case: AAPL and aapl are one company twice (and an upstream keyed by one spelling has no other).
+    first_of: dict[str, _Row] = {}
     listings = []
-    for i, (sym, exch, asset_class) in enumerate(rows):
-        _symbol(path, f"universe.symbols.{i}", sym)
-        if sym in seen:
-            raise ProfileError(path, f"universe.symbols.{i}", sym, "duplicate symbol")
-        seen.add(sym)
-        exch = p.universe.exchanges.get(sym, exch)
-        fld = f"universe.exchanges.{sym}" if sym in p.universe.exchanges else "exchange"
-        listings.append(Listing(sym, _exchange(path, fld, exch), asset_class, p.seeds.get(sym, p.seed)))
+    for row in rows:
+        sym = _symbol(row.file, row.symbol_field, row.symbol)
+        first = first_of.setdefault(sym.upper(), row)
+        if first is not row:
+            raise ProfileError(row.file, row.symbol_field, sym, f"duplicate of {first.at} {first.symbol!r}")
+        if sym in p.universe.exchanges:
+            exch = _exchange(path, f"universe.exchanges.{sym}", p.universe.exchanges[sym])
+        else:
+            exch = _exchange(row.file, row.exchange_field, row.exchange)
+        listings.append(Listing(sym, exch, row.asset_class, p.seeds.get(sym, p.seed)))
     if not listings:
         raise ProfileError(path, "universe", None, "the universe is empty")
+    seen = {listing.symbol for listing in listings}
     for table, fld in ((p.seeds, "seeds"), (p.universe.exchanges, "universe.exchanges")):
         for sym in table:
             if sym not in seen:
@@ -463,7 +498,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
     validate_profile(name, file=path, field="name")
     if p.name is not None and p.name != path.stem:
         raise ProfileError(path, "name", p.name, f"must equal the file name {path.stem!r}")
-    _exchange(path, "exchange", p.exchange)
+    p = p.model_copy(update={"exchange": _exchange(path, "exchange", p.exchange)})
     for i, tf in enumerate(p.timeframes):
         if tf not in TIMEFRAMES:
             raise ProfileError(

@@ -281,3 +281,46 @@ def test_a_universe_of_two_exchanges_ends_where_both_have_closed(
         assert load_profile(name, [tmp_path], as_of=wednesday).end == wednesday
         with pytest.raises(ProfileError, match=f"session of {thursday} has not closed yet"):  # both exchanges
             load_profile(name, [tmp_path], as_of=thursday)
+
+
+@pytest.mark.parametrize(
+    ("csv", "field", "value", "reason"),
+    [
+        ("symbol\nAAPL\nMSFT\nAAPL\n", "line 4.symbol", "AAPL", "duplicate of line 2"),
+        ("symbol\nAAPL\naapl\n", "line 3.symbol", "aapl", "duplicate of line 2"),
+        ("symbol,exchange\nAAPL,XNYS\nVOD,LSE\n", "line 3.exchange", "LSE", "unknown exchange"),
+        ("symbol\nAAPL\nMS FT\n", "line 3.symbol", "MS FT", "not a valid symbol"),
+        ("symbol\n", "symbol", None, "no symbols"),
+    ],
+)
+def test_a_bad_universe_file_row_names_the_file_and_its_line(
+    tmp_path: Path, csv: str, field: str, value: str | None, reason: str
+) -> None:
+    """The error of a universe file's row names that file and line, not a field of the profile the user never
+    wrote (``mine.yaml: universe.symbols.2``, ``mine.yaml: exchange='LSE'`` when the profile says XNYS)."""
+    (tmp_path / "u.csv").write_text(csv)
+    path = write(tmp_path, "mine", "universe: {file: u.csv}\nexchange: XNYS\nmonths: 1\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(path), [], as_of=AS_OF)
+    assert (info.value.file, info.value.field, info.value.value) == (str(tmp_path / "u.csv"), field, value)
+    assert reason in info.value.reason and "\n" not in str(info.value)
+
+
+def test_symbols_differing_only_in_case_are_one_symbol_twice(tmp_path: Path) -> None:
+    """``[AAPL, aapl]`` loaded the same company twice under two names (and, for an upstream keyed by one
+    spelling, an empty second one): refused like any duplicate, naming the first spelling."""
+    path = write(tmp_path, "mine", "universe: {symbols: [AAPL, MSFT, aapl]}\nmonths: 1\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(path), [], as_of=AS_OF)
+    assert (info.value.field, info.value.value) == ("universe.symbols.2", "aapl")
+    assert "duplicate of universe.symbols.0 'AAPL'" in info.value.reason
+
+
+def test_a_universe_file_header_with_blanks_and_a_lowercase_exchange_are_read(tmp_path: Path) -> None:
+    """Spreadsheets pad cells: ``symbol , exchange`` is the symbol and exchange columns, as the cells below
+    them are stripped; an exchange code in any case is that exchange, as ``market status`` takes it."""
+    (tmp_path / "u.csv").write_text("symbol , exchange \n AAPL , XNYS \nVOD,xlon\n")
+    path = write(tmp_path, "mine", "universe: {file: u.csv}\nexchange: xnys\nmonths: 1\n")
+    p = load_profile(str(path), [], as_of=AS_OF)
+    assert [(lst.symbol, lst.exchange) for lst in p.listings] == [("AAPL", "XNYS"), ("VOD", "XLON")]
+    assert p.exchange == "XNYS"
