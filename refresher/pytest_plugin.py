@@ -89,6 +89,8 @@ class _PluginState:
         self.tx_connections: dict[ServerInfo, psycopg.Connection[TupleRow]] = {}
         self._options: PluginOptions | None = None
         self._swept = False
+        # Why a server could not be built, by key: every later test fails with it at once, not after a new try.
+        self.failed: dict[str, Exception] = {}
         # Kept servers (--refresher-reuse) this process uses: no other run stops them until these are closed.
         self.in_use: list[InUse] = []
 
@@ -220,7 +222,13 @@ class RefresherServers:
             pool.resize_pool(server.info, self.pool_size)  # an earlier run may have kept another size
             return server
 
-        return self._state.servers.get(key, reuse_or_build)
+        if key in self._state.failed:
+            raise self._state.failed[key]  # a marker's server: pytest caches only a session fixture's error
+        try:
+            return self._state.servers.get(key, reuse_or_build)
+        except (*USER_ERRORS, OSError) as exc:
+            self._state.failed[key] = exc
+            raise
 
     @property
     def pool_size(self) -> int:

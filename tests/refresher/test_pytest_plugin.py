@@ -1072,3 +1072,47 @@ def test_dies(refresher_postgres):
     run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)  # reuses the kept server: no build
     assert_server_gone(left)
     run(pytester, *args).assert_outcomes(passed=1)  # a plain run stops the kept server
+
+
+def test_a_server_that_cannot_be_built_is_tried_once(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """Every later test fails with the first one's line at once, instead of starting (and failing) the whole
+    build again: a missing image or a broken profile cost each of 500 tests a second or more."""
+    calls = pytester.path / "builds"
+    pytester.makeconftest(
+        f"""
+import refresher.pytest_plugin as plugin
+
+_build = plugin.build_server
+
+def counting(*args, **kwargs):
+    with open({str(calls)!r}, "a") as f:
+        f.write("build\\n")
+    return _build(*args, **kwargs)
+
+plugin.build_server = counting
+"""
+    )
+    profiles = pytester.mkdir("broken_profiles")
+    (profiles / "tiny.yaml").write_text(TINY.replace("months: 1", "months: -1"))
+    write_project(
+        pytester,
+        """
+import pytest
+
+@pytest.mark.parametrize("i", range(2))
+def test_x(refresher_db, i):
+    pass
+
+@pytest.mark.refresher_profile("tiny")  # a marker's server is no session fixture, which pytest would cache
+@pytest.mark.parametrize("i", range(2))
+def test_marked(refresher_db, i):
+    pass
+""",
+    )
+    args = [a for a in plugin_env.args("local") if not a.startswith("--refresher-profiles-dir")]
+    result = run(pytester, *args, f"--refresher-profiles-dir={profiles}")
+    result.assert_outcomes(errors=4)
+    result.stdout.fnmatch_lines(["refresher: *tiny.yaml*months*"] * 4)
+    assert calls.read_text().splitlines() == ["build"]
