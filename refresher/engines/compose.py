@@ -28,7 +28,7 @@ from psycopg import sql
 from refresher.engines._common import HOST, validate_profile, wait_ready, write_private_json
 from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.engines.docker import API_TIMEOUT, _connect, _docker_errors, _log_tail
-from refresher.errors import EngineStateError, EngineUnavailable
+from refresher.errors import EngineStateError, EngineUnavailable, ProfileError
 from refresher.settings import Settings
 
 PROJECT_LABEL = "com.docker.compose.project"
@@ -106,6 +106,14 @@ class ComposeEngine:
                 f"no compose Postgres runs for this checkout (project {self.project}); run `make up` first",
                 project=self.project,
             )
+        if _reserved(server, profile):
+            raise ProfileError(
+                "--profile",
+                "profile",
+                profile,
+                f"the compose Postgres of {self.project} keeps a database of that name for itself "
+                f"({', '.join(_NOT_PROFILES)} and its POSTGRES_DB, {server.env_db}); name the profile otherwise",
+            )
         self._wait_ready(server)
         with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
             if not _database_exists(conn, profile):
@@ -119,7 +127,7 @@ class ComposeEngine:
     def info(self, profile: str) -> ServerInfo | None:
         validate_profile(profile)
         server = self._server(profile)
-        if server is None:
+        if server is None or _reserved(server, profile):
             return None
         try:
             with psycopg.connect(server.dsn(MAINTENANCE_DB), connect_timeout=5) as conn:
@@ -254,6 +262,11 @@ def _container(client: docker.DockerClient, project: str, service: str) -> Conta
     filters = {"label": [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={service}"], "status": "running"}
     running = client.containers.list(filters=filters, ignore_removed=True)
     return running[0] if running else None
+
+
+def _reserved(server: _ComposeServer, profile: str) -> bool:
+    """Whether ``profile`` names one of the server's own databases: never a profile's to load into or drop."""
+    return profile in _NOT_PROFILES or profile == server.env_db
 
 
 def _database_exists(conn: psycopg.Connection[tuple[object, ...]], name: str) -> bool:

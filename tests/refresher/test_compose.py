@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_queue_url, find_service
+from refresher.errors import ProfileError
 from refresher.settings import CHECKOUT, Settings, compose_project
 
 pytestmark = pytest.mark.docker
@@ -250,6 +251,23 @@ def test_down_all_drops_only_the_databases_its_own_state_dir_made(
     assert [s.profile for s in theirs.status()] == ["compose_theirs"]
     assert mine.stop("by_hand") is False  # never made here: left alone
     assert theirs.stop("compose_theirs") is True
+
+
+def test_profiles_named_like_the_servers_own_databases_are_refused(
+    project: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    # A refresh of profile "template1" loaded into template1, which every later CREATE DATABASE copies; the
+    # server's own database (POSTGRES_DB) and the maintenance one were taken over the same way.
+    name, env = project
+    assert make("up", env=env).returncode == 0
+    engine = ComposeEngine(name, state_dir=tmp_path / "state")
+    for reserved in ("template1", "postgres", "refresher"):
+        with pytest.raises(
+            ProfileError, match=rf"profile='{reserved}': .* keeps a database of that name for itself"
+        ):
+            engine.start(reserved)
+        assert engine.info(reserved) is None
+    assert engine.status() == [] and not (tmp_path / "state" / "compose").exists()
 
 
 def test_up_without_a_docker_engine_says_so(tmp_path: Path) -> None:
