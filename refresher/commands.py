@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -167,15 +168,33 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
         else engines.make_engine(settings.engine, settings)
     )
     if engine is None:
-        raise SnapshotError(f"profile {name}: no server; run `refresher refresh --profile {name}` first")
+        raise _no_server(settings, name, "no server")
     server = engine.info(name)
     if server is None:
         if not engine.status(name):
-            raise SnapshotError(
-                f"profile {name}: no {engine.name} server; run `refresher refresh --profile {name}`"
-            )
+            raise _no_server(settings, name, f"no {engine.name} server")
         server = engine.start(name)
     return engine, server
+
+
+def _no_server(settings: Settings, name: str, what: str) -> RefresherError:
+    """The error of a command needing ``name``'s server when it has none: a name no profile has is a typo
+    (``make url PROFILE=ui_testin``), which lists the profiles; else how to start it, in the user's words
+    (under ``make``, where ``refresher`` is not on a new user's PATH, the make target)."""
+    from refresher.profile_files import find_profile_file, profile_files
+
+    try:
+        find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+    except ProfileError:
+        return ProfileError.unknown(
+            name, list(settings.profiles_dirs), list(profile_files(settings.profiles_dirs))
+        )
+    start = (
+        f"make refresh PROFILE={name}"
+        if os.environ.get("MAKELEVEL")
+        else f"refresher refresh --profile {name}"
+    )
+    return SnapshotError(f"profile {name}: {what}; run `{start}` first")
 
 
 def reset(
@@ -246,6 +265,10 @@ def down(settings: Settings, name: str) -> list[str]:
             engine = engines.make_engine(server.engine, settings)
             if engine.stop(server.profile):
                 stopped.append(f"{server.engine}:{server.profile}")
+    if not stopped and name != "all":
+        error = _no_server(settings, name, "no server")
+        if isinstance(error, ProfileError):  # a typo; a known profile without a server has nothing to stop
+            raise error
     for profile in {entry.split(":", 1)[1] for entry in stopped}:
         _remove_lock_files(settings.state_dir, profile)
     return stopped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -147,3 +148,28 @@ def test_a_profile_file_with_a_bad_field_is_one_line_naming_file_field_and_value
     env = {"PATH": "/usr/bin:/bin", "REFRESHER_PROFILES": str(tmp_path)}
     listing = json.loads(run_cli("profiles", "--json", env=env).stdout)
     assert [e["path"] for e in listing["invalid"]] == [str(path)]
+
+
+@pytest.mark.parametrize("command", ["url", "reset", "down"])
+def test_a_misspelled_profile_without_a_server_lists_the_known_ones(tmp_path: Path, command: str) -> None:
+    """`make down PROFILE=ui_testin` said "nothing to stop" with status 0 while ui_testing kept running, and
+    `url`/`reset` said to refresh the misspelled name: each is one line listing the profiles, status 2."""
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    line = one_line_error(run_cli(command, "--profile", "ui_testin", "--state-dir", str(tmp_path), env=env))
+    assert "'ui_testin'" in line and "no such profile" in line and "ui_testing" in line, line
+
+
+@pytest.mark.parametrize(
+    ("makelevel", "hint"), [("1", "make refresh PROFILE=ui_testing"), (None, "refresher")]
+)
+def test_url_without_a_server_says_how_to_start_it_in_the_users_words(
+    tmp_path: Path, makelevel: str | None, hint: str
+) -> None:
+    """Under `make url` the hint is the make target (`refresher` is not on a new user's PATH), as refresh's own
+    `with password: make url ...` line is."""
+    env = {k: v for k, v in os.environ.items() if k != "MAKELEVEL"}
+    env["DOCKER_HOST"] = "unix:///nonexistent.sock"
+    if makelevel:
+        env["MAKELEVEL"] = makelevel
+    line = one_line_error(run_cli("url", "--profile", "ui_testing", "--state-dir", str(tmp_path), env=env))
+    assert f"`{hint}" in line, line
