@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import docker
@@ -36,7 +36,7 @@ class ContainerState:
     volume: str
     image: str
     user: str
-    password: str
+    password: str = field(repr=False)  # a repr ends up in logs and test failures
     port: int = 0
 
     @classmethod

@@ -6,7 +6,7 @@ which engine runs it (the pytest-postgresql split of executor and janitor).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import quote
 
@@ -20,7 +20,7 @@ class ServerInfo:
     host: str
     port: int
     user: str
-    password: str
+    password: str = field(repr=False)  # a repr ends up in logs and test failures
     dbname: str
 
     def dsn(self, dbname: str | None = None, *, with_password: bool = True) -> str:

@@ -644,3 +644,18 @@ def test_the_image_tag_replaced_by_another_image_is_a_clear_error_and_the_data_w
         for image in (tag, other.id):
             with contextlib.suppress(docker.errors.ImageNotFound):
                 docker_client.images.remove(image)
+
+
+@pytest.mark.docker
+def test_the_password_never_shows_in_a_servers_repr(
+    docker_engine: DockerEngine, docker_server: ServerInfo
+) -> None:
+    # A failing assertion on a server (pytest -l shows locals), a log line with the object: its repr printed
+    # the password of a server that listens on the machine.
+    from refresher.engines._docker_state import ContainerState
+
+    state = ContainerState.read(docker_engine.base / "shared.json")
+    assert state is not None and state.password == docker_server.password
+    for shown in (docker_server, state):
+        assert docker_server.password not in repr(shown)
+        assert f"port={docker_server.port}" in repr(shown)
