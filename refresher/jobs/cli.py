@@ -119,7 +119,7 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         visibility_timeout=args.visibility_timeout,
         max_attempts=args.max_attempts,
     )
-    clock = (lambda: args.now.timestamp()) if args.now else time.time
+    clock = (lambda: args.now.timestamp()) if args.now else None  # None: Redis's clock
     report = Worker(args.queue, settings, options, clock=clock, stop=stop).run()
     emit(args, report.to_json(), lambda: print(json.dumps(report.to_json())))
     return 0

@@ -176,6 +176,24 @@ def run_features(
     return refresh_features(conn, profile, store, plan, daily, prune=prune)
 
 
+class RedisClock:
+    """Redis's own time, as this machine's clock plus the offset measured at each sweep: the one clock every
+    worker schedules by (retries, held runs, counters), whatever its machine's clock says. A worker whose
+    clock ran an hour ahead released a ``--when-closed`` run an hour early, while the exchange traded, and
+    promoted every retry at once; one behind left the retries it scheduled waiting an hour for the others."""
+
+    def __init__(self, local: Clock = time.time) -> None:
+        self.local, self.offset = local, 0.0
+
+    def sync(self, client: redis.Redis) -> None:
+        before = self.local()
+        seconds, micros = client.time()
+        self.offset = seconds + micros / 1e6 - (before + self.local()) / 2
+
+    def __call__(self) -> float:
+        return self.local() + self.offset
+
+
 class Worker:
     """Runs ``options.concurrency`` consumer loops (threads) until stopped, or until idle with ``burst``."""
 
@@ -185,10 +203,11 @@ class Worker:
         settings: Settings,
         options: WorkerOptions,
         *,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
         stop: threading.Event | None = None,
     ) -> None:
-        self.queue_url, self.settings, self.options, self.clock = queue_url, settings, options, clock
+        self.queue_url, self.settings, self.options = queue_url, settings, options
+        self.clock: Clock = clock or RedisClock()  # an injected clock (--now) is taken as it is
         self.stop = stop or threading.Event()
         self.report = WorkerReport(options.name)
         self._rng = random.Random()
@@ -393,6 +412,8 @@ class Worker:
     # -- housekeeping ---------------------------------------------------------------------------------------
 
     def _housekeeping(self, queue: JobQueue, contexts: dict[str, _RunContext]) -> None:
+        if isinstance(self.clock, RedisClock):
+            self.clock.sync(queue.client)
         now = self.clock()
         queue.promote_due(now)
         queue.release_held(now)
@@ -524,4 +545,4 @@ def _held(lock: redis.lock.Lock, every: float) -> Iterator[None]:
             lock.release()
 
 
-__all__ = ["Worker", "WorkerOptions", "WorkerReport", "parse_segment"]
+__all__ = ["RedisClock", "Worker", "WorkerOptions", "WorkerReport", "parse_segment"]
