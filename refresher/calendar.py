@@ -233,7 +233,22 @@ def _write_cached(path: Path, cal: ExchangeCalendar) -> None:
                 handle.write(np.asarray(getattr(cal, name), dtype="<i8").tobytes())
         os.replace(handle.name, path)  # atomic: a reader sees the old file, the new one, or none
     except OSError:
-        pass  # a read-only or full cache only costs speed
+        return  # a read-only or full cache only costs speed
+    _remove_older(path, cal.last)
+
+
+def _remove_older(path: Path, last: dt.date) -> None:
+    """Remove the cache files of ``path``'s exchange and library version that end before ``last``: the name
+    carries a date a year from today, so each day writes a new one (280 KB per exchange, half a GB a year)."""
+    prefix = path.name.removesuffix(f"{last}.i64")
+    for old in path.parent.glob(f"{prefix}*.i64"):
+        try:
+            ended = dt.date.fromisoformat(old.name.removeprefix(prefix).removesuffix(".i64"))
+        except ValueError:
+            continue
+        if ended < last:
+            with contextlib.suppress(OSError):  # removed by another process meanwhile
+                old.unlink()
 
 
 def _calendar_last() -> dt.date:

@@ -580,3 +580,27 @@ def test_calendars_loaded_in_the_background_are_the_ones_get_calendar_returns() 
     assert cal.tz == "Europe/London" and len(cal.sessions) > 6000
     with pytest.raises(CalendarError, match="XPAR"):
         calendar.get_calendar("XPAR")
+
+
+def test_a_new_days_cache_file_replaces_the_exchanges_older_ones(tmp_path: Path) -> None:
+    """The cache's name carries its last date (today + a year), so each day wrote a new 280 KB file per exchange
+    and none was ever removed: half a gigabyte a year. Writing one removes that exchange's earlier-dated files of
+    the same exchange_calendars version, and nothing else."""
+    xc = version("exchange_calendars")
+    stale = [tmp_path / f"XNYS-xc{xc}-2000-01-01-{day}.i64" for day in ("2026-01-02", "2027-01-03")]
+    kept = [
+        tmp_path / f"XNAS-xc{xc}-2000-01-01-2026-01-02.i64",  # another exchange
+        tmp_path / "XNYS-xc0.1-2000-01-01-2026-01-02.i64",  # another library version: another checkout's
+        tmp_path / f"XNYS-xc{xc}-2000-01-01-2999-01-01.i64",  # a later one (a process whose clock is ahead)
+        tmp_path / "notes.txt",
+    ]
+    for path in (*stale, *kept):
+        path.write_bytes(b"x")
+    try:
+        calendar.use_cache_dir(tmp_path)
+        calendar.get_calendar("XNYS")
+    finally:
+        calendar.use_cache_dir(None)
+    today_plus = dt.date.today() + dt.timedelta(days=366)
+    written = tmp_path / f"XNYS-xc{xc}-2000-01-01-{today_plus}.i64"
+    assert sorted(tmp_path.iterdir()) == sorted([*kept, written])
