@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +55,10 @@ class Opaque:
 
 def opaque(df, *, how=Opaque()):
     return pd.DataFrame({"close": df["close"]}, index=df.index)
+
+def infinite(df):
+    up = (df["close"] > df["open"]).astype(float)
+    return pd.DataFrame({"ratio": up / 0.0}, index=df.index)  # inf where the bar rose, NaN where it did not
 
 def exits(df):
     raise SystemExit(0)
@@ -117,6 +122,14 @@ def test_a_date_parameter_loads_and_a_new_date_reloads(
         assert (counts.loaded, counts.computed) == (2, 2)
         rows = table_rows(conn, "features_mine", "AAA")
         assert min(r[1] for r in rows if r[2] is not None) == first
+
+
+def test_nan_loads_as_null_and_infinity_as_it_is(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    run(conn, profile_of(tmp_path, f'{{name: mine, function: "{module}:infinite"}}'), store)
+    values = {r[2] for r in table_rows(conn, "features_mine", "AAA")}
+    assert values == {None, math.inf}
 
 
 def test_a_parameter_the_store_cannot_key_names_file_field_and_value(tmp_path: Path, module: str) -> None:
