@@ -177,3 +177,36 @@ def test_a_run_deleted_by_hand_mid_run_leaves_the_worker_running_the_next(
     assert [r["run_id"] for r in json.loads(listed)["runs"]] == [run["run_id"]]
     ws.run("jobs", "status", gone, "--queue", url, expect=2)
     assert_loaded_exactly(ws, symbols, 3)
+
+
+def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """Two `jobs submit` of one profile at the same moment make two runs of the same segments; Redis is killed
+    with SIGKILL mid-run (AOF everysec: up to a second of writes lost) and restarted. Both runs complete, and
+    each row is in Postgres once."""
+    ws, url = workspace, redis_server.url
+    args = ws.command("jobs", "submit", "--profile", ws.profile, "--queue", url, "--json")
+    submitters = [subprocess.Popen(args, env=ws.env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [json.loads(p.communicate(timeout=600)[0]) for p in submitters]
+    assert [p.returncode for p in submitters] == [0, 0]
+    assert runs[0]["run_id"] != runs[1]["run_id"] and runs[0]["jobs"] == runs[1]["jobs"] == len(SYMBOLS) * 6
+    workers = [start_worker(ws, url, f"w{i}") for i in range(2)]
+    try:
+        wait_for(ws, url, runs[0]["run_id"], lambda s: s["done"] >= 3)
+        assert redis_server.process is not None
+        redis_server.process.kill()  # no AOF flush: the last second of writes may be gone
+        redis_server.process.wait(timeout=30)
+        redis_server.process = None
+        time.sleep(1)
+        redis_server.start()
+        finals = [wait_for(ws, url, r["run_id"], lambda s: s["state"] == "complete") for r in runs]
+    finally:
+        stop(workers)
+    assert [w.returncode for w in workers] == [0, 0]
+    for final in finals:
+        assert (final["done"], final["dead"]) == (final["total"], 0)
+    assert_loaded_exactly(ws, SYMBOLS, 3)
+    names = ", ".join(f"'{s}'" for s in SYMBOLS)
+    daily = ws.scalar(f"SELECT count(*) FROM ohlcv_daily WHERE symbol IN ({names})")
+    assert ws.scalar(f"SELECT count(*) FROM features_dashboard_data WHERE symbol IN ({names})") == daily
