@@ -8,9 +8,11 @@ feature and its parameters, so a database that lost them, a second checkout or `
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -151,20 +153,27 @@ def _other_columns(use: FeatureUse, parts: Sequence[FeaturePart]) -> FeatureErro
 
 def _version(spec: FeatureSpec) -> str:
     """The declared version plus a hash of the function's source: editing a feature recomputes it. A user's
-    function is versioned by its whole module's source too: a helper or a constant beside it is part of what
-    it computes, and no version number is bumped when one is edited."""
+    function is versioned by its modules' source too (the one the profile names and the one defining it): a helper
+    or a constant beside it is part of what it computes, and no version number is bumped when one is edited."""
     version = f"{spec.version}/{function_identity(spec.compute)[1]}"
-    return f"{version}/{_module_digest(spec.compute)}" if spec.is_user else version
+    return f"{version}/{_modules_digest(spec)}" if spec.is_user else version
 
 
-def _module_digest(func: Any) -> str:
-    """A hash of the source file of ``func``'s module; "none" when it has none (a module built in memory)."""
-    module = inspect.getmodule(inspect.unwrap(func))
-    try:
-        source = inspect.getsource(module) if module is not None else ""
-    except (OSError, TypeError):
-        source = ""
-    return hashlib.sha256(source.encode()).hexdigest()[:32] if source else "none"
+def _modules_digest(spec: FeatureSpec) -> str:
+    """A hash of the source files of the module ``module:function`` names and of the one defining the function
+    (through a ``functools.partial``); "none" when neither has a file (a module built in memory)."""
+    target = inspect.unwrap(spec.compute)
+    if isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    named = sys.modules.get(spec.name.partition(":")[0])
+    digest, sources = hashlib.sha256(), 0
+    for module in dict.fromkeys(m for m in (named, inspect.getmodule(target)) if m is not None):
+        try:
+            digest.update(inspect.getsource(module).encode())
+            sources += 1
+        except (OSError, TypeError):
+            continue
+    return digest.hexdigest()[:32] if sources else "none"
 
 
 def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFrame) -> str:

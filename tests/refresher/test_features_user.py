@@ -29,6 +29,7 @@ __all__ = ["conn", "store"]  # fixtures, imported to be found
 
 SIGNALS = '''
 import datetime as dt
+import functools
 import pandas as pd
 
 def compute(df, *, window: int = 5, scale: float = 1.0):
@@ -83,6 +84,11 @@ def _scaled(close):
 
 def scaled(df):
     return pd.DataFrame({"scaled": _scaled(df["close"])}, index=df.index)
+
+def _times(df, *, k):
+    return pd.DataFrame({"scaled": _scaled(df["close"]) * k}, index=df.index)
+
+scaled_once = functools.partial(_times, k=1.0)
 '''
 
 
@@ -160,15 +166,17 @@ def test_a_function_writing_to_its_input_changes_no_other_features_rows(
     assert ratios == pytest.approx(list((bars["close"] / bars["close"].rolling(5).mean())[4:]), rel=1e-12)
 
 
+@pytest.mark.parametrize("function", ["scaled", "scaled_once"])  # a function, a functools.partial of one
 def test_editing_a_helper_beside_the_function_recomputes_it(
     tmp_path: Path,
     module: str,
     conn: psycopg.Connection[Any],
     store: FeatureStore,
     monkeypatch: pytest.MonkeyPatch,
+    function: str,
 ) -> None:
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each run a fresh process: the source as it is now
-    entries = f'{{name: mine, function: "{module}:scaled"}}, dashboard_data'
+    entries = f'{{name: mine, function: "{module}:{function}"}}, dashboard_data'
     first = run(conn, profile_of(tmp_path, entries), store)
     assert first.loaded == 4
     closes = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
