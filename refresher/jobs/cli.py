@@ -95,6 +95,8 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
 
     if args.concurrency < 1:
         raise JobError(f"--concurrency={args.concurrency}: must be at least 1", field="concurrency")
+    if not args.name.strip():  # an empty consumer name: its jobs pending under "-0", its lines unnamed
+        raise JobError(f"--name={args.name!r}: give the worker a name", field="name", value=args.name)
     if args.max_attempts < 1:
         raise JobError(f"--max-attempts={args.max_attempts}: must be at least 1", field="max_attempts")
     if not 0 < args.visibility_timeout < math.inf:  # nan too: a negative timeout was a traceback

@@ -62,7 +62,7 @@ def submit_run(
     now = now or dt.datetime.now(dt.UTC)
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
     client = open_queue(queue_url)  # before planning, which can take a while
-    held = hold_until(when_closed, now) if when_closed else None
+    held = hold_until(when_closed, now) if when_closed is not None else None  # '' is no exchange either
     if target is None:
         server = select_engine(settings.engine, settings, profile.name).start(profile.name)
         dsn, public = server.dsn(), server.dsn(with_password=False)

@@ -105,6 +105,7 @@ def test_a_queue_that_is_not_a_usable_redis_is_one_line_for_every_command(
 @pytest.mark.parametrize(
     ("option", "value"),
     [
+        ("--name", ""),  # accepted: a consumer named "-0"
         ("--visibility-timeout", "-1"),
         ("--visibility-timeout", "0"),
         ("--visibility-timeout", "nan"),
@@ -116,3 +117,13 @@ def test_bad_worker_options_are_one_line(
 ) -> None:
     done = refresher(tmp_path, "worker", "--burst", "--queue", redis_server.url, option, value)
     one_line(done, f"{option}=")  # -1 and nan were a traceback in the worker's thread, and exit status 0
+
+
+def test_an_empty_when_closed_is_an_unknown_exchange_and_submits_nothing(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    done = refresher(
+        tmp_path, "jobs", "submit", "--profile", "q", "--queue", redis_server.url, "--when-closed", ""
+    )
+    one_line(done, "exchange=''")  # was a run submitted with no hold at all, its server started
+    assert redis_server.client().zcard("refresher:runs") == 0
