@@ -111,11 +111,14 @@ def test_piped_refresh_prints_progress_lines_and_a_hint_that_works_in_a_clean_sh
 
 def test_json_output_of_url_is_an_object_or_a_one_line_error(tmp_path: Path) -> None:
     name = f"nothing_{uuid.uuid4().hex[:6]}"
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / f"{name}.yaml").write_text(PROFILE)  # a profile, without a server
+    args = ["url", "-p", name, "--json", "--state-dir", str(tmp_path / "state")]
     done = subprocess.run(
-        [sys.executable, "-m", "refresher.cli", "url", "-p", name, "--json", "--state-dir", str(tmp_path)],
+        [sys.executable, "-m", "refresher.cli", *args, "--profiles-dir", str(tmp_path / "profiles")],
         capture_output=True,
         text=True,
-        env={**os.environ},
+        env={k: v for k, v in os.environ.items() if k != "MAKELEVEL"},  # `make test`: the hint is refresher's
         timeout=120,
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
