@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     # imports it uses (tests/refresher/test_cli_imports.py holds each to its list).
     from refresher import calendar, render
 
-    settings = _settings(args)
+    settings = args.settings = _settings(args)  # kept: an unwritable path's message names its setting
     calendar.use_cache_dir(settings.cache_dir / "calendars" if settings.cache_dir else None)
     if args.command == "market":
         state = calendar.market_status(args.exchange, args.at)
@@ -321,8 +321,23 @@ def _leave_now(status: int) -> None:
     os._exit(status)
 
 
+def _roots(args: argparse.Namespace | None) -> dict[Path, str]:
+    """Each directory the command's settings name -> how to move it, for an unwritable path's message."""
+    settings: Settings | None = getattr(args, "settings", None)
+    if settings is None:
+        return {}
+    roots = {
+        settings.state_dir: "--state-dir or REFRESHER_STATE_DIR",
+        settings.store_root: "--store or FEATURE_STORE_PATH",
+    }
+    if settings.cache_dir is not None:
+        roots[settings.cache_dir] = "XDG_CACHE_HOME"
+    return roots
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; the one place errors become exit codes."""
+    args: argparse.Namespace | None = None
     try:
         # Inside the try: building the parser imports the jobs package, seconds of work on a busy machine
         # during which a Ctrl-C must still end in one line.
@@ -337,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _leave_now(130)
         return 130
     except OSError as exc:
-        message = os_error_message(exc)
+        message = os_error_message(exc, _roots(args))
         if message is None:
             raise
         print(f"refresher: {message}", file=sys.stderr)

@@ -7,6 +7,8 @@ The CLI turns a ``RefresherError`` into ``refresher: <message>`` and exit status
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +127,19 @@ class JobError(RefresherError):
 USER_ERRORS: tuple[type[RefresherError] | type[FeatureStoreError], ...] = (RefresherError, FeatureStoreError)
 
 
-def os_error_message(exc: OSError) -> str | None:
+def os_error_message(exc: OSError, roots: Mapping[Path, str] | None = None) -> str | None:
     """The one line for an OSError the user can fix (a full disk; a read-only mount or another user's directory,
-    named), or None: anything else is a bug and keeps its traceback."""
+    named), or None: anything else is a bug and keeps its traceback. ``roots`` (a directory -> the setting that
+    moves it) names the setting to change for a path under one of them."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full writing {exc.filename or 'data'}: free space and run again"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
         # A state dir or store on a read-only mount, or another user's: the first lock file was a traceback.
-        return (
-            f"{exc.filename}: {exc.strerror}; point REFRESHER_STATE_DIR (or the path named) at a directory this "
-            "user can write"
-        )
+        # The store's path said "point REFRESHER_STATE_DIR", which does not move the store.
+        path = Path(os.fsdecode(exc.filename)).absolute()
+        under = [(root, name) for root, name in (roots or {}).items() if path.is_relative_to(root)]
+        setting = max(under, key=lambda item: len(item[0].parts))[1] if under else "REFRESHER_STATE_DIR"
+        return f"{exc.filename}: {exc.strerror}; point {setting} (or the path named) at a directory this user can write"
     return None
 
 

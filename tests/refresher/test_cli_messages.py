@@ -12,6 +12,9 @@ import pytest
 from refresher.cli import main
 from refresher.settings import STATE_DIR_NAME, Settings, find_state_dir
 from tests.refresher.test_cli import one_line_error, run_cli
+from tests.refresher.test_pytest_plugin import read_only_dir
+
+__all__ = ["read_only_dir"]  # the fixture, shared with test_pytest_plugin
 
 
 @pytest.mark.parametrize(
@@ -173,3 +176,20 @@ def test_url_without_a_server_says_how_to_start_it_in_the_users_words(
         env["MAKELEVEL"] = makelevel
     line = one_line_error(run_cli("url", "--profile", "ui_testing", "--state-dir", str(tmp_path), env=env))
     assert f"`{hint}" in line, line
+
+
+def test_a_read_only_store_or_state_dir_names_the_setting_that_moves_it(
+    tmp_path: Path, read_only_dir: Path
+) -> None:
+    """The store's path said "point REFRESHER_STATE_DIR", which does not move the store."""
+    store = run_cli("warm", "--profile", "ui_testing", "--as-of", "2025-03-31", "--store", str(read_only_dir))
+    line = one_line_error(store)
+    assert line.startswith(f"refresher: {read_only_dir}") and "FEATURE_STORE_PATH" in line, line
+    assert "REFRESHER_STATE_DIR" not in line
+    state = run_cli(
+        "refresh", "--profile", "ui_testing", "--engine", "local", "--as-of", "2025-03-31",
+        "--state-dir", str(read_only_dir), "--store", str(tmp_path / "store"),
+    )  # fmt: skip
+    line = one_line_error(state)
+    assert line.startswith(f"refresher: {read_only_dir}") and "REFRESHER_STATE_DIR" in line, line
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
