@@ -18,6 +18,7 @@ import docker
 import docker.errors
 import psycopg
 import pytest
+from docker.models.containers import Container
 
 from refresher.engines import docker as docker_engine_module
 from refresher.engines.base import Engine, ServerInfo
@@ -33,6 +34,11 @@ from refresher.errors import EngineUnavailable, ProfileError
 from tests.fixtures_docker import labels_of_a_dead_process, remove_prefixed
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def container_of(client: docker.DockerClient, engine: DockerEngine, profile: str) -> Container:
+    """The profile's container, by the name the engine gives it."""
+    return client.containers.get(f"{engine.prefix}-{engine.scope}-{profile}")
 
 
 def query(info: ServerInfo, text: str) -> object:
@@ -543,7 +549,7 @@ def test_a_container_removed_by_hand_while_it_starts_ends_the_wait_in_one_line(
 ) -> None:
     info = docker_engine.start("rmf")
     try:
-        container = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-rmf")
+        container = container_of(docker_client, docker_engine, "rmf")
         container.remove(force=True)  # docker rm -f while `start` waits for the server
         with pytest.raises(EngineUnavailable, match=r"was removed while it started") as ended:
             docker_engine._wait_ready(container, info)
@@ -659,3 +665,25 @@ def test_the_password_never_shows_in_a_servers_repr(
     for shown in (docker_server, state):
         assert docker_server.password not in repr(shown)
         assert f"port={docker_server.port}" in repr(shown)
+
+
+@pytest.mark.docker
+def test_after_a_reboot_the_exited_container_restarts_on_another_port_when_its_old_one_is_taken(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient
+) -> None:
+    # A reboot (or a daemon restart) leaves the container exited; meanwhile something else took its port.
+    before = docker_engine.start("rebooted")
+    try:
+        container_of(docker_client, docker_engine, "rebooted").kill()
+        [status] = docker_engine.status("rebooted")
+        assert not status.running and "exited" in status.detail
+        assert docker_engine.info("rebooted") is None
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", before.port))
+            taken.listen()
+            after = docker_engine.start("rebooted")
+            assert after.port != before.port and after.password == before.password
+            assert query(after, "SELECT current_database()") == "rebooted"
+            assert json.loads((docker_engine.base / "rebooted.json").read_text())["port"] == after.port
+    finally:
+        docker_engine.stop("rebooted")
