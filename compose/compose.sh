@@ -64,14 +64,26 @@ wait_healthy() {
 command -v docker >/dev/null 2>&1 || die "docker is not installed (Debian: apt-get install docker.io)"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start one: dockerd, or systemctl start docker)"
 
+# Two `make up` (or an up and a down) of one project at once take turns: compose checks what exists, then
+# creates, so both made the services (postgres_1 and postgres_2, two postmasters on one data volume: each PID 1
+# of its own namespace, neither saw the other's postmaster.pid as live) or one failed on the name the other took.
+# The lock lives in the checkout's (git-ignored) .refresher, as the project is the checkout's.
+lock_project() {
+  mkdir -p .refresher
+  exec 8>.refresher/compose.lock
+  flock 8
+}
+
 case ${1:-} in
   up)
+    lock_project
     build_missing_images
     "${compose[@]}" up -d
     wait_healthy
     addresses
     ;;
   down)
+    lock_project
     "${compose[@]}" down -v --remove-orphans
     ;;
   ps)

@@ -154,6 +154,22 @@ def test_up_refresh_reset_down(
     )
 
 
+def test_two_make_ups_at_once_start_one_postgres(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+) -> None:
+    # Two terminals' `make up` at once: compose made postgres_1 and postgres_2, two postmasters on one data
+    # volume (each the PID 1 of its own namespace, so neither saw the other's postmaster.pid as live).
+    name, env = project
+    with ThreadPoolExecutor(2) as pool:
+        ups = list(pool.map(lambda _: make("up", env=env), range(2)))
+    assert [up.returncode for up in ups] == [0, 0], [up.stderr for up in ups]
+    services = [
+        c.labels["com.docker.compose.service"]
+        for c in docker_client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={name}"})
+    ]
+    assert sorted(services) == ["postgres", "redis"]
+
+
 def test_up_without_compose_is_a_one_line_hint(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
