@@ -148,6 +148,8 @@ def refresh_summary(report: dict[str, Any], *, url_hint: str) -> None:
     _notes(report["notes"])
     _out(f"DSN: {report['dsn']}")
     _out(f"with password: {url_hint}")
+    # The DSN above has no password, so psql given it asks for one the user never saw: this line works as is.
+    _out(f'psql: psql "$({url_hint})"')
 
 
 def warm_report(report: WarmReport) -> None:

@@ -53,6 +53,8 @@ def test_piped_refresh_prints_progress_lines_and_a_hint_that_works_in_a_clean_sh
         "HOME": str(workspace),
         "FEATURE_STORE_PATH": str(workspace / "store"),
         "REFRESHER_PROFILES": str(workspace / "profiles"),
+        # the checkout under test, when it is not the one installed
+        **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
     }
     done = subprocess.run(
         [
@@ -90,6 +92,17 @@ def test_piped_refresh_prints_progress_lines_and_a_hint_that_works_in_a_clean_sh
         timeout=120,
     )
     assert clean.returncode == 0, clean.stderr
+    # The DSN printed has no password (psql asked for one the user does not know): the psql line works as is.
+    connect = next(line for line in done.stdout.splitlines() if line.startswith("psql: "))
+    psql = subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={workspace}", "sh", "-c", connect.removeprefix("psql: ")],
+        input="SELECT count(*) FROM symbols;\n",
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert psql.returncode == 0 and " 2\n" in psql.stdout, psql.stderr
     url = json.loads(clean.stdout)
     assert url["profile"] == "firstrun"
     assert url["dsn"].startswith("postgresql://") and ":" in url["dsn"].split("@")[0].removeprefix(
