@@ -8,7 +8,7 @@ never hand each other a server.
 A record is trusted only when its server still answers, still has its pristine snapshot, and was loaded from
 the same files (the profile's and its universe file's bytes), ``as_of``, engine, refresher version and code (its
 source files' sizes and times, as the CLI's refresh stamp checks them; without a fixed ``as_of``, on the same
-day): anything else (a killed or rebooted server, an edited profile or universe file) is stopped and rebuilt. The lock is held from
+day and before the next session close of the profile's exchanges): anything else (a killed or rebooted server, an edited profile or universe file) is stopped and rebuilt. The lock is held from
 reading the record to writing the new one, so two runs of one checkout never build two servers.
 
 A kept server has no owner process once recorded (``mark_kept``): the sweep of abandoned servers never removes
@@ -116,7 +116,7 @@ def kept_or_built(
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_suffix(".lock"), thread_local=False):
         kept = _read(path)
-        if kept is not None and kept[1] == mark and _inputs_unchanged(kept[0]) and _serving(kept[0]):
+        if kept is not None and kept[1] == mark and _current(kept[0]) and _serving(kept[0]):
             return kept[0], InUse(path)
         with _unused(path) as free:
             if not free:
@@ -166,8 +166,15 @@ def _read(path: Path) -> tuple[LoadedServer, str] | None:
         return None
 
 
-def _inputs_unchanged(server: LoadedServer) -> bool:
-    """Whether every file the profile was read from (its universe file too) still holds the same bytes."""
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _current(server: LoadedServer) -> bool:
+    """Whether every file the profile was read from (its universe file too) still holds the same bytes, and,
+    without a fixed as_of, no session close has moved the data's default end since the load."""
+    if server.valid_until is not None and now() >= dt.datetime.fromisoformat(server.valid_until):
+        return False
     recorded = [[path, digest] for path, digest in server.inputs]
     return input_digests(Path(path) for path, _ in server.inputs) == recorded
 

@@ -53,6 +53,8 @@ class LoadedServer:
     # [path, sha256 or None] of every file the profile was read from (``Profile.inputs``): its YAML, its
     # universe file. A kept server is reused only while they are unchanged.
     inputs: tuple[tuple[str, str | None], ...] = ()
+    # Without a fixed as_of: the next session close after the load (ISO, UTC), when the data's default end moves.
+    valid_until: str | None = None
 
     @property
     def engine(self) -> str:
@@ -99,7 +101,9 @@ def build_server(
     from refresher.engines import owner_labels, select_engine
     from refresher.profile import load_profile
     from refresher.refresh import refresh
+    from refresher.stamp import valid_until
 
+    started = dt.datetime.now(dt.UTC)  # the profile resolves its default end from the time now
     profile = load_profile(name_or_path, settings.profiles_dirs, as_of=as_of)
     store = FeatureStore(settings.store_root)
     owner = owner_labels(owner_pid)
@@ -132,6 +136,7 @@ def build_server(
         load_seconds=report.seconds,
         kept=kept,
         inputs=tuple((str(path), digest) for path, digest in profile.inputs),
+        valid_until=None if as_of is not None else valid_until(profile, started).isoformat(),
     )
 
 

@@ -122,7 +122,9 @@ def _database_state(conn: psycopg.Connection[Any]) -> list[str | None] | None:
     return [snapshot.ledger_version(conn), symbols[0] if symbols else None]
 
 
-def _valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:
+def valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:
+    """Until when ``profile`` resolves as it does at ``now``: the next session close of its exchanges (its last
+    completed session, the default end, moves then)."""
     exchanges = {profile.exchange, *(listing.exchange for listing in profile.listings)}
     return min(next_close(exchange, now) for exchange in sorted(exchanges))
 
@@ -150,7 +152,7 @@ def write(
         "profile": profile.name,
         "inputs": inputs,
         "code": code_fingerprint(),
-        "valid_until": _valid_until(profile, now).isoformat(),
+        "valid_until": valid_until(profile, now).isoformat(),
         "engine": server.engine,
         "dsn": server.dsn(with_password=False),
         "store": _store_identity(store_root),

@@ -1116,3 +1116,33 @@ def test_marked(refresher_db, i):
     result.assert_outcomes(errors=4)
     result.stdout.fnmatch_lines(["refresher: *tiny.yaml*months*"] * 4)
     assert calls.read_text().splitlines() == ["build"]
+
+
+@pytest.mark.slow
+def test_reuse_without_as_of_rebuilds_after_the_next_session_close(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """Without a fixed as_of the data end at the last completed session: a server kept in the morning lacks the
+    session that closes in the afternoon, though the date has not changed."""
+    out = write_reuse_probe(pytester)
+    args = [a for a in plugin_env.args("local") if not a.startswith("--refresher-as-of")]
+    args.append("--refresher-reuse")
+    try:
+        run(pytester, *args).assert_outcomes(passed=1)
+        run(pytester, *args).assert_outcomes(passed=1)
+        pytester.makeconftest(
+            """
+import datetime as dt
+import refresher._pytest_reuse as reuse
+from refresher.calendar import next_close
+
+# The moment after the next close of the exchange (the profile's: XNYS), the date unchanged.
+reuse.now = lambda: next_close("XNYS", dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=1)
+"""
+        )
+        run(pytester, *args).assert_outcomes(passed=1)
+        first, second, third = read_records(out)
+        assert first["started"] == second["started"]  # reused within the session
+        assert third["started"] != second["started"]  # rebuilt after the close
+    finally:
+        run(pytester, *args[:-1]).assert_outcomes(passed=1)  # a plain run stops the kept server
