@@ -29,6 +29,8 @@ out = Console()
 
 def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
     """Run a ``jobs``/``worker`` command; errors are RefresherErrors, which the CLI prints as one line."""
+    # Where the URL came from, for its errors: a bad $REFRESHER_QUEUE was reported as --queue.
+    args.queue_label = "--queue" if args.queue or not settings.queue_url else "REFRESHER_QUEUE"
     if not args.queue:
         from refresher.engines.compose import default_queue_url
 
@@ -42,9 +44,9 @@ def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None])
             return _worker(args, settings, emit)
         if args.jobs_command == "submit":
             return _submit(args, settings, emit)
-        return _jobs(args, open_queue(args.queue), emit)
+        return _jobs(args, open_queue(args.queue, args.queue_label), emit)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise unreachable(args.queue, exc) from exc
+        raise unreachable(args.queue, exc, args.queue_label) from exc
 
 
 def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
@@ -60,6 +62,7 @@ def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         as_of=args.as_of,
         now=args.now,
         prune=args.prune,
+        queue_label=args.queue_label,
     )
     hold = f", held until {done.held_until}" if done.held_until else ""
     emit(args, done.to_json(), lambda: print(f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold})"))
@@ -106,7 +109,7 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         )
     # Not there or not a Redis: one line now, rather than a worker backing off in silence for good. Once it
     # runs, a Redis that goes away is waited for (a restart).
-    open_queue(args.queue).close()
+    open_queue(args.queue, args.queue_label).close()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

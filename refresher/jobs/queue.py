@@ -62,8 +62,9 @@ def public_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def connect(url: str, *, retries: int = 8) -> redis.Redis:
-    """A client that retries a dropped connection a few times with jittered backoff (a Redis restart)."""
+def connect(url: str, *, retries: int = 8, label: str = "--queue") -> redis.Redis:
+    """A client that retries a dropped connection a few times with jittered backoff (a Redis restart); ``label``
+    names where the URL came from in an error (``--queue``, ``REFRESHER_QUEUE``)."""
     try:
         client = redis.Redis.from_url(
             url,
@@ -74,30 +75,30 @@ def connect(url: str, *, retries: int = 8) -> redis.Redis:
         )
     except ValueError as exc:
         shown = public_url(url)
-        raise JobError(f"--queue={shown!r}: not a Redis URL ({exc})", field="queue", value=shown) from exc
+        raise JobError(f"{label}={shown!r}: not a Redis URL ({exc})", field="queue", value=shown) from exc
     return client
 
 
-def unreachable(url: str, exc: Exception) -> JobError:
+def unreachable(url: str, exc: Exception, label: str = "--queue") -> JobError:
     """The one-line error for a Redis that does not answer."""
     reason = " ".join(str(exc).split()) or type(exc).__name__
     shown = public_url(url)
-    return JobError(f"--queue={shown}: cannot reach Redis ({reason})", field="queue", value=shown)
+    return JobError(f"{label}={shown}: cannot reach Redis ({reason})", field="queue", value=shown)
 
 
-def open_queue(url: str) -> redis.Redis:
+def open_queue(url: str, label: str = "--queue") -> redis.Redis:
     """A client (``connect``) whose Redis was asked once, with one retry: not there, not a Redis server, or
     refusing us (a password, a database number out of range) is one line at once, not a traceback, nor
     seconds of retries before the first word."""
-    probe = connect(url, retries=1)
+    probe = connect(url, retries=1, label=label)
     try:
         probe.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise unreachable(url, exc) from exc
+        raise unreachable(url, exc, label) from exc
     except redis.RedisError as exc:  # InvalidResponse: something else answers there; ResponseError: refused
         reason = " ".join(str(exc).split()) or type(exc).__name__
         shown = public_url(url)
-        raise JobError(f"--queue={shown}: not a usable Redis ({reason})", field="queue", value=shown) from exc
+        raise JobError(f"{label}={shown}: not a usable Redis ({reason})", field="queue", value=shown) from exc
     finally:
         probe.close()
     return connect(url)

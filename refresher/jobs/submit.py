@@ -55,13 +55,14 @@ def submit_run(
     as_of: dt.date | None = None,
     now: dt.datetime | None = None,
     prune: bool = False,
+    queue_label: str = "--queue",
 ) -> Submitted:
     """Plan the profile against the target and enqueue one job per segment to load; returns the run id."""
     if priority not in TIERS:
         raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
     now = now or dt.datetime.now(dt.UTC)
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
-    client = open_queue(queue_url)  # before planning, which can take a while
+    client = open_queue(queue_url, queue_label)  # before planning, which can take a while
     held = hold_until(when_closed, now) if when_closed is not None else None  # '' is no exchange either
     if target is None:
         server = select_engine(settings.engine, settings, profile.name).start(profile.name)
@@ -99,7 +100,7 @@ def submit_run(
             held_until_ts=held[0] if held else None,
         )
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise unreachable(queue_url, exc) from exc
+        raise unreachable(queue_url, exc, queue_label) from exc
 
 
 __all__ = ["hold_until", "submit_run", "without_password"]

@@ -46,7 +46,8 @@ def not_redis() -> Iterator[str]:
         server.close()
 
 
-def refresher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def refresher(tmp_path: Path, *args: str, queue: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``refresher ARGS`` in a temp state dir and store; ``queue``: its $REFRESHER_QUEUE."""
     (tmp_path / "profiles").mkdir(exist_ok=True)
     (tmp_path / "profiles" / "q.yaml").write_text(PROFILE)
     env = {
@@ -56,6 +57,8 @@ def refresher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         "REFRESHER_PROFILES": str(tmp_path / "profiles"),
     }
     env.pop("REFRESHER_QUEUE", None)
+    if queue is not None:
+        env["REFRESHER_QUEUE"] = queue
     return subprocess.run(
         [sys.executable, "-m", "refresher.cli", *args, "--engine", "local"],
         env=env,
@@ -127,3 +130,11 @@ def test_an_empty_when_closed_is_an_unknown_exchange_and_submits_nothing(
     )
     one_line(done, "exchange=''")  # was a run submitted with no hold at all, its server started
     assert redis_server.client().zcard("refresher:runs") == 0
+
+
+def test_a_bad_refresher_queue_is_named_as_the_variable(tmp_path: Path) -> None:
+    for queue in ("garbage", f"redis://:s3cret@127.0.0.1:{free_port()}/0"):
+        for command in COMMANDS:
+            done = refresher(tmp_path, *command, queue=queue)
+            one_line(done, "REFRESHER_QUEUE=")  # was "--queue=", an option the user never gave
+            assert "--queue" not in done.stderr and "s3cret" not in done.stderr, done.stderr
