@@ -189,12 +189,16 @@ def _no_server(settings: Settings, name: str, what: str) -> RefresherError:
         return ProfileError.unknown(
             name, list(settings.profiles_dirs), list(profile_files(settings.profiles_dirs))
         )
-    start = (
+    return SnapshotError(f"profile {name}: {what}; run `{_refresh_command(name)}` first")
+
+
+def _refresh_command(name: str) -> str:
+    """How the user refreshes ``name``: under ``make`` (``refresher`` not on a new user's PATH) its target."""
+    return (
         f"make refresh PROFILE={name}"
         if os.environ.get("MAKELEVEL")
         else f"refresher refresh --profile {name}"
     )
-    return SnapshotError(f"profile {name}: {what}; run `{start}` first")
 
 
 def reset(
@@ -203,7 +207,17 @@ def reset(
     with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
         _engine, server = _serving(settings, name)
         with _database_errors(name):
-            return snapshot.restore_pristine(server)
+            try:
+                return snapshot.restore_pristine(server)
+            except SnapshotError as exc:
+                if "missing" not in exc.fields:
+                    raise
+                # a first refresh stopped (Ctrl-C) before its snapshot: running it again finishes it
+                raise SnapshotError(
+                    f"profile {name}: no pristine snapshot yet (its refresh has not finished); "
+                    f"run `{_refresh_command(name)}`",
+                    **exc.fields,
+                ) from None
 
 
 def url(settings: Settings, name: str) -> str:

@@ -193,3 +193,24 @@ def test_a_read_only_store_or_state_dir_names_the_setting_that_moves_it(
     line = one_line_error(state)
     assert line.startswith(f"refresher: {read_only_dir}") and "REFRESHER_STATE_DIR" in line, line
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_reset_after_a_refresh_stopped_before_its_snapshot_says_to_finish_it() -> None:
+    """A Ctrl-C'd first refresh leaves a server without a pristine snapshot; reset said "run `refresher
+    refresh` first" with no profile (and no make words under make): it names the profile and the command."""
+    from refresher.engines.local import LocalEngine
+    from tests.fixtures_postgres import world_traversable_tmp
+
+    state = world_traversable_tmp("cli-nosnap-")
+    engine = LocalEngine(state)
+    engine.start("ui_testing")  # a server, as the interrupted refresh left it: nothing loaded, no snapshot
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "MAKELEVEL"}
+        line = one_line_error(run_cli("reset", "-p", "ui_testing", "--state-dir", str(state), env=env))
+        assert "`refresher refresh --profile ui_testing`" in line and "snapshot" in line, line
+        line = one_line_error(
+            run_cli("reset", "-p", "ui_testing", "--state-dir", str(state), env={**env, "MAKELEVEL": "1"})
+        )
+        assert "`make refresh PROFILE=ui_testing`" in line, line
+    finally:
+        engine.stop("ui_testing")
