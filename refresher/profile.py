@@ -425,6 +425,11 @@ def _date_range(
         raise ProfileError(path, "start", p.start.isoformat(), "give either months or start/end, not both")
     if p.months is None and p.start is None:
         raise ProfileError(path, "months", None, "give months (counted back from as_of) or start/end")
+    if p.as_of is not None and p.end is not None and p.as_of != p.end:
+        # both name the last day: with both, `end` won and the user's as_of silently did nothing
+        raise ProfileError(
+            path, "as_of", p.as_of.isoformat(), f"and end={p.end} both name the last day: give one"
+        )
     end = as_of or p.end or p.as_of
     if end is None:
         end = _last_closed(path, p.exchange, exchanges)

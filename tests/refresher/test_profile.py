@@ -324,3 +324,15 @@ def test_a_universe_file_header_with_blanks_and_a_lowercase_exchange_are_read(tm
     p = load_profile(str(path), [], as_of=AS_OF)
     assert [(lst.symbol, lst.exchange) for lst in p.listings] == [("AAPL", "XNYS"), ("VOD", "XLON")]
     assert p.exchange == "XNYS"
+
+
+def test_as_of_and_end_both_given_is_refused(tmp_path: Path) -> None:
+    """Both name the window's last day; with both, ``end`` silently won and ``as_of`` (say the later one) did
+    nothing: the user pinned June and got March. Refused in one line naming both."""
+    text = "universe: {symbols: [AAPL]}\nmonths: 2\nend: 2025-03-31\nas_of: 2025-06-30\n"
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(write(tmp_path, "mine", text)), [])
+    assert (info.value.field, info.value.value) == ("as_of", "2025-06-30")
+    assert "end" in info.value.reason
+    same = text.replace("2025-06-30", "2025-03-31")  # the same day twice says one thing
+    assert load_profile(str(write(tmp_path, "mine", same)), []).end == dt.date(2025, 3, 31)
