@@ -58,8 +58,12 @@ def find_profile_file(name_or_path: str, dirs: Sequence[Path], *, private_dirs: 
                 "(command line)", "profile", name_or_path, "is inside the state dir, not a profile"
             )
         return candidate
-    validate_profile(name_or_path, file="(command line)")
     files = profile_files(dirs)
+    try:
+        validate_profile(name_or_path, file="(command line)")
+    except ProfileError as exc:  # a typo (`UI_testing`) more often than a try at a path: list the profiles
+        known = ", ".join(sorted(files)) or "none"
+        raise ProfileError(exc.file, exc.field, exc.value, f"{exc.reason} (known: {known})") from None
     if name_or_path not in files:
         raise ProfileError.unknown(name_or_path, list(dirs), list(files))
     return files[name_or_path]

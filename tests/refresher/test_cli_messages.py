@@ -214,3 +214,10 @@ def test_reset_after_a_refresh_stopped_before_its_snapshot_says_to_finish_it() -
         assert "`make refresh PROFILE=ui_testing`" in line, line
     finally:
         engine.stop("ui_testing")
+
+
+def test_a_profile_name_in_the_wrong_case_lists_the_known_ones(tmp_path: Path) -> None:
+    """`make refresh PROFILE=UI_testing` said only which pattern names match; a typo's line lists the profiles,
+    as a misspelling's does."""
+    line = one_line_error(run_cli("plan", "--profile", "UI_testing", "--state-dir", str(tmp_path)))
+    assert "'UI_testing'" in line and "ui_testing" in line.replace("'UI_testing'", ""), line
