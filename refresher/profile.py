@@ -320,6 +320,12 @@ def _universe_rows(
             for i, s in enumerate(u.symbols)
             for f in [f"universe.symbols.{i}"]
         ]
+        if not rows:
+            raise ProfileError(path, "universe.symbols", u.symbols, "the universe is empty")
+        if u.count is not None and u.count > len(rows):
+            raise ProfileError(
+                path, "universe.count", u.count, f"universe.symbols has only {len(rows)} symbols"
+            )
         return rows if u.count is None else rows[: u.count]
     assert u.file is not None
     if not u.file.endswith(".csv"):
@@ -359,6 +365,8 @@ def _universe_rows(
                 )
     if not read:
         raise ProfileError(ufile, "symbol", None, "no symbols in this universe file")
+    if not rows:
+        raise ProfileError(path, "universe.asset_class", u.asset_class, f"no row of {ufile.name} has it")
     if u.count is not None:
         if u.count > len(rows):
             raise ProfileError(path, "universe.count", u.count, f"{ufile.name} has only {len(rows)} symbols")
@@ -388,8 +396,6 @@ def _listings(path: Path, p: _Profile, inputs: list[tuple[Path, str | None]]) ->
         else:
             exch = _exchange(row.file, row.exchange_field, row.exchange)
         listings.append(Listing(sym, exch, row.asset_class, p.seeds.get(sym, p.seed)))
-    if not listings:
-        raise ProfileError(path, "universe", None, "the universe is empty")
     seen = {listing.symbol for listing in listings}
     for table, fld in ((p.seeds, "seeds"), (p.universe.exchanges, "universe.exchanges")):
         for sym in table:

@@ -336,3 +336,24 @@ def test_as_of_and_end_both_given_is_refused(tmp_path: Path) -> None:
     assert "end" in info.value.reason
     same = text.replace("2025-06-30", "2025-03-31")  # the same day twice says one thing
     assert load_profile(str(write(tmp_path, "mine", same)), []).end == dt.date(2025, 3, 31)
+
+
+@pytest.mark.parametrize(
+    ("universe", "field", "value", "reason"),
+    [
+        ("{symbols: [AAPL, MSFT], count: 5}", "universe.count", 5, "universe.symbols has only 2 symbols"),
+        ("{symbols: []}", "universe.symbols", [], "the universe is empty"),
+        ("{file: u.csv, asset_class: etf}", "universe.asset_class", "etf", "no row of u.csv"),
+    ],
+)
+def test_an_empty_or_short_universe_names_the_field_that_made_it_so(
+    tmp_path: Path, universe: str, field: str, value: object, reason: str
+) -> None:
+    """A count larger than the symbols listed was ignored (the file case refused it), and an empty universe
+    was `universe=None`: each names the field the user wrote and its value."""
+    (tmp_path / "u.csv").write_text("symbol,asset_class\nAAPL,equity\n")
+    path = write(tmp_path, "mine", f"universe: {universe}\nmonths: 1\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(path), [], as_of=AS_OF)
+    assert (info.value.field, info.value.value) == (field, value)
+    assert reason in info.value.reason
