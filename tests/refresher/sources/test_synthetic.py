@@ -193,3 +193,39 @@ def test_timing_ten_million_minute_bars() -> None:
         ).num_rows
     print(f"\nsynthetic: {rows:,} minute bars in {time.perf_counter() - t0:.2f} s")
     assert rows > 10_000_000
+
+
+@pytest.mark.parametrize(
+    ("exchange", "month"),
+    [
+        ("XNYS", dt.date(2024, 3, 1)),  # New York's spring DST change (10th): opens move 14:30 -> 13:30 UTC
+        ("XNYS", dt.date(2024, 11, 1)),  # autumn (3rd), and the day after Thanksgiving closes at 13:00
+        ("XNYS", dt.date(2024, 7, 1)),  # July 3rd closes at 13:00, July 4th is a holiday
+        ("XNYS", dt.date(2024, 12, 1)),  # Christmas Eve closes at 13:00
+        ("XLON", dt.date(2024, 3, 1)),  # London changes on the 31st, three weeks after New York
+        ("XLON", dt.date(2024, 12, 1)),  # half days on the 24th and 31st
+        ("XETR", dt.date(2024, 10, 1)),
+        ("XTKS", dt.date(2024, 11, 1)),  # the lunch break, and 15:30 closes from the 5th
+    ],
+)
+def test_minute_bars_are_exactly_the_exchange_calendars_minutes(exchange: str, month: dt.date) -> None:
+    """Every session's minute bars, in UTC, are exchange_calendars' own session minutes: the local session
+    across DST changes, 210 bars on a 13:00 close, none on a holiday (checked against the library directly)."""
+    import warnings
+
+    import exchange_calendars as xc
+    import pandas as pd
+
+    end = (pd.Timestamp(month) + pd.offsets.MonthEnd(0)).date()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the library's own pandas deprecations
+        ref = xc.get_calendar(exchange, start="2024-01-02", end="2025-12-31", side="left")
+        sessions = ref.sessions_in_range(month, end)
+        expected = np.concatenate(
+            [ref.session_minutes(s).tz_convert(None).to_numpy().astype("datetime64[ns]") for s in sessions]
+        )
+    listing = Listing("AAA", exchange, "equity", 1)
+    minutes = generate_minutes(listing, get_calendar(exchange), month, end).column("ts").to_numpy()
+    assert np.array_equal(minutes.astype("datetime64[ns]"), expected)
+    daily = generate_daily(listing, get_calendar(exchange), month, end).column("date").to_pylist()
+    assert daily == [s.date() for s in sessions]
