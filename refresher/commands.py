@@ -162,6 +162,7 @@ def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> Warm
 
 def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
     """The engine and running server of a profile; a stopped server (after a reboot) is started again."""
+    _check_name(settings, name)
     engine = (
         engines.engine_serving(name, settings)
         if settings.engine == "auto"
@@ -175,6 +176,15 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
             raise _no_server(settings, name, f"no {engine.name} server")
         server = engine.start(name)
     return engine, server
+
+
+def _check_name(settings: Settings, name: str) -> None:
+    """A name that is no valid profile name (``UI_testing``) is a typo: one line listing the profiles, before
+    an engine or a lock refuses it naming only the pattern."""
+    from refresher.profile_files import PROFILE_NAME, find_profile_file
+
+    if not PROFILE_NAME.match(name):
+        find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
 
 
 def _no_server(settings: Settings, name: str, what: str) -> RefresherError:
@@ -204,6 +214,7 @@ def _refresh_command(name: str) -> str:
 def reset(
     settings: Settings, name: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
 ) -> snapshot.RestoreReport:
+    _check_name(settings, name)
     with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
         _engine, server = _serving(settings, name)
         with _database_errors(name):
@@ -271,6 +282,8 @@ def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None 
 
 def down(settings: Settings, name: str) -> list[str]:
     """Stop and remove ``name``'s server ("all": every server); returns the profiles stopped."""
+    if name != "all":
+        _check_name(settings, name)
     stopped: list[str] = []
     # The second list: a `down` interrupted while removing a local cluster left its files hidden, where only
     # another `down` (or a start) looks; the user's retry found "nothing to stop" and the files stayed.

@@ -221,3 +221,12 @@ def test_a_profile_name_in_the_wrong_case_lists_the_known_ones(tmp_path: Path) -
     as a misspelling's does."""
     line = one_line_error(run_cli("plan", "--profile", "UI_testing", "--state-dir", str(tmp_path)))
     assert "'UI_testing'" in line and "ui_testing" in line.replace("'UI_testing'", ""), line
+
+
+@pytest.mark.parametrize("command", ["url", "reset", "down"])
+def test_url_reset_down_of_a_name_in_the_wrong_case_list_the_known_ones(tmp_path: Path, command: str) -> None:
+    """`make url PROFILE=UI_testing` said only which pattern names match, where plan and refresh list them."""
+    (tmp_path / "local").mkdir()  # a state dir the local engine has used: it is asked first
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    line = one_line_error(run_cli(command, "--profile", "UI_testing", "--state-dir", str(tmp_path), env=env))
+    assert "'UI_testing'" in line and "ui_testing" in line.replace("'UI_testing'", ""), line
