@@ -189,6 +189,9 @@ def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
     return ready
 
 
+# Tries of a rename whose database a session (re)connected to after its sessions were ended (``_rename``).
+RENAME_TRIES = 5
+
 # The other sessions on a database (``%s``: its name, or NULL for the session's own) that this role may end.
 # A superuser ends them all. Any other role only those of roles whose privileges it has, or of any role but a
 # superuser as a member of pg_signal_backend; never a process without a role (an autovacuum worker: a rename or
@@ -201,9 +204,10 @@ _TERMINATE_OTHERS = (
 )
 
 
-def _terminate_others(conn: psycopg.Connection[Any], db: str | None, *more: str) -> None:
-    """End the other sessions on database ``db`` (None: ``conn``'s own) and ``more`` that this role may end."""
-    conn.execute(_TERMINATE_OTHERS, (None if db is None else [db, *more],))
+def _terminate_others(conn: psycopg.Connection[Any], db: str | None, *more: str) -> int:
+    """End the other sessions on database ``db`` (None: ``conn``'s own) and ``more`` that this role may end; how
+    many it ended."""
+    return len(conn.execute(_TERMINATE_OTHERS, (None if db is None else [db, *more],)).fetchall())
 
 
 def _move_to_trash(conn: psycopg.Connection[Any], db: str, *, taking: str) -> None:
@@ -215,24 +219,40 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str, *, taking: str) -> No
     the trash: the reset left no database. DROP DATABASE of a 1 M-row database measured ~100 ms (unlinking its
     files); a rename is a catalog update.
     """
-    _terminate_others(conn, db, taking)
     if _comment(conn, db) is None:
+        _terminate_others(conn, taking)
         return  # dropped by hand, or an older version's reset was interrupted between the two renames
-    # The rename waits (up to 5 s, in the server) for the terminated sessions to exit.
-    _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
+    _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}", ending=(db, taking))
 
 
-def _rename(conn: psycopg.Connection[Any], old: str, new: str) -> None:
-    try:
-        _execute(
-            conn, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
-        )
-    except psycopg.errors.DuplicateDatabase as exc:
-        raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
-    except psycopg.errors.ObjectInUse as exc:
-        raise _in_use(conn, old, exc) from exc
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise _not_allowed(conn, f"rename {old}", exc) from exc
+def _rename(conn: psycopg.Connection[Any], old: str, new: str, *, ending: tuple[str, ...] = ()) -> None:
+    """Rename database ``old`` to ``new``. ``ending``: first end the other sessions on these databases (``old``
+    among them) that this role may end; the rename waits (up to 5 s, in the server) for them to exit. A session
+    that connected between the ending and the rename (a database browser reconnecting, our own analyzer) made
+    a reset fail with "being accessed by other users": such a one is ended in turn and the rename tried again,
+    each try under a savepoint of the caller's transaction, until a try finds none this role may end."""
+    query = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+    in_use: psycopg.Error | None = None
+    for attempt in range(RENAME_TRIES):
+        if ending and attempt > 0:
+            # pg_stat_activity is read once per transaction: without this, the retry saw the sessions as they were.
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+        if ending and _terminate_others(conn, *ending) == 0 and attempt > 0:
+            break  # what is still on it is no session this role may end
+        try:
+            with conn.transaction():
+                _execute(conn, query)
+            return
+        except psycopg.errors.DuplicateDatabase as exc:
+            raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
+        except psycopg.errors.ObjectInUse as exc:
+            in_use = exc
+            if not ending:
+                break
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _not_allowed(conn, f"rename {old}", exc) from exc
+    assert in_use is not None  # only a failed try leaves the loop without returning or raising
+    raise _in_use(conn, old, in_use) from in_use
 
 
 def _not_allowed(conn: psycopg.Connection[Any], doing: str, exc: psycopg.Error) -> SnapshotError:

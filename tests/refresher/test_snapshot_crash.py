@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from refresher import _snapshot_sql
 from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
@@ -191,6 +192,38 @@ def test_a_session_left_on_a_pool_clone_neither_fails_a_reset_nor_costs_it_the_s
         assert report.method == "pool"
         with pytest.raises(psycopg.OperationalError):
             browser.execute("SELECT 1")
+    assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
+
+
+@pytest.mark.parametrize("pool_size", [1, 0])
+def test_a_session_connecting_after_the_reset_ended_the_sessions_does_not_fail_it(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch, pool_size: int
+) -> None:
+    """A session that connected between the reset's ending of the database's sessions and its rename (our own
+    analyzer, a database browser reconnecting) made the rename wait the server's 5 s and fail the reset with
+    "being accessed by other users" (seen in CI). It is ended in turn and the rename tried again."""
+    save_pristine(loaded, pool_size=pool_size)
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_daily")  # a developer's dirt, the ledger untouched
+    late: list[psycopg.Connection[object]] = []
+    real = _snapshot_sql._terminate_others
+
+    def then_one_connects(conn: psycopg.Connection[object], db: str | None, *more: str) -> int:
+        ended = real(conn, db, *more)
+        if not late and db == loaded.dbname:
+            late.append(psycopg.connect(loaded.dsn(), autocommit=True))
+        return ended
+
+    monkeypatch.setattr(_snapshot_sql, "_terminate_others", then_one_connects)
+    try:
+        report = restore_pristine(loaded, refill=False)
+        assert report.method == ("pool" if pool_size else "template")
+        assert late  # the late session was there
+        with pytest.raises(psycopg.OperationalError):
+            late[0].execute("SELECT 1")
+    finally:
+        for conn in late:
+            conn.close()
     assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
 
 
