@@ -219,26 +219,26 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str, *, taking: str) -> No
     the trash: the reset left no database. DROP DATABASE of a 1 M-row database measured ~100 ms (unlinking its
     files); a rename is a catalog update.
     """
+    _terminate_others(conn, db, taking)
     if _comment(conn, db) is None:
-        _terminate_others(conn, taking)
         return  # dropped by hand, or an older version's reset was interrupted between the two renames
     _rename(conn, db, f"{db}{TRASH_INFIX}{secrets.token_hex(4)}", ending=(db, taking))
 
 
 def _rename(conn: psycopg.Connection[Any], old: str, new: str, *, ending: tuple[str, ...] = ()) -> None:
-    """Rename database ``old`` to ``new``. ``ending``: first end the other sessions on these databases (``old``
-    among them) that this role may end; the rename waits (up to 5 s, in the server) for them to exit. A session
-    that connected between the ending and the rename (a database browser reconnecting, our own analyzer) made
+    """Rename database ``old`` to ``new``; the rename waits (up to 5 s, in the server) for sessions the caller
+    ended to exit. ``ending``: the databases (``old`` among them) whose sessions the caller ended just before. A
+    session that connected between that and the rename (a database browser reconnecting, our own analyzer) made
     a reset fail with "being accessed by other users": such a one is ended in turn and the rename tried again,
     each try under a savepoint of the caller's transaction, until a try finds none this role may end."""
     query = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
     in_use: psycopg.Error | None = None
     for attempt in range(RENAME_TRIES):
-        if ending and attempt > 0:
+        if attempt > 0:
             # pg_stat_activity is read once per transaction: without this, the retry saw the sessions as they were.
             conn.execute("SELECT pg_stat_clear_snapshot()")
-        if ending and _terminate_others(conn, *ending) == 0 and attempt > 0:
-            break  # what is still on it is no session this role may end
+            if _terminate_others(conn, *ending) == 0:
+                break  # what is still on it is no session this role may end
         try:
             with conn.transaction():
                 _execute(conn, query)

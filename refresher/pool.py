@@ -74,6 +74,7 @@ from refresher._snapshot_sql import (
     _rename,
     _require_pristine,
     _slot_of,
+    _terminate_others,
     _try_lock,
     _unlock,
     _wait_gone,
@@ -695,10 +696,12 @@ def _take(
     record = mark is not None and not mark.analyzed and may_record(conn)
     with conn.transaction():
         # A session left on a clone (a psql, a database browser that connects to every database) made its
-        # rename wait the server's 5 s and fail: ``_rename`` ends it, and one that connects meanwhile
-        # (``_move_to_trash`` ends those on ``new`` and ``old`` at once).
+        # rename wait the server's 5 s and fail: it ends (with those on ``new`` when replacing: one query), and
+        # ``_rename`` ends one that connects meanwhile.
         if replacing:
             _move_to_trash(conn, new, taking=old)
+        else:
+            _terminate_others(conn, old)
         _rename(conn, old, new, ending=(old,))
         if note is not None:
             _execute(
