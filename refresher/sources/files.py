@@ -267,11 +267,11 @@ class FilesSource(Source):
         self, raw: pd.Series, segment: Segment, cal: ExchangeCalendar, path: Path, names: Mapping[str, str]
     ) -> tuple[I64, Mask]:
         """Parsed dates (days since 1970-01-01) or UTC bar starts (ns), and which rows parsed."""
-        if raw.dtype.kind in "iuf":
+        if raw.dtype.kind in "iuf" or _numbers_with_nulls(raw):
             # pandas reads a number as nanoseconds since 1970: 20241126 fell outside every month and its rows
             # vanished unreported. As text it parses as the YYYYMMDD it is, and anything else (epoch seconds)
             # fails the timestamp rule with its value shown.
-            raw = raw.astype(str)
+            raw = _number_text(raw)
         when = _parsed_times(raw, segment, path, names["date" if segment.timeframe == "1d" else "ts"])
         if segment.timeframe == "1d":
             if getattr(when.dt, "tz", None) is not None:
@@ -335,6 +335,21 @@ def _raw_column(column: pa.ChunkedArray) -> pd.Series:
     if column.null_count and series.dtype.kind == "f":
         series = series.astype(object).where(~column.is_null().to_numpy(zero_copy_only=False), None)
     return series
+
+
+def _numbers_with_nulls(raw: pd.Series) -> bool:
+    """A numeric column with an empty cell, which ``_raw_column`` keeps as None: pandas objects."""
+    return raw.dtype == object and pd.api.types.infer_dtype(raw, skipna=True) in ("integer", "floating")
+
+
+def _number_text(raw: pd.Series) -> pd.Series:
+    """Numbers as the digits they show, None kept: 20241126.0 (a float column: a Parquet double, or a CSV's
+    integers beside an empty cell) as '20241126', not '20241126.0', which parses as no date."""
+    values = np.asarray(pd.to_numeric(raw, errors="coerce"), dtype=np.float64)
+    whole = np.isfinite(values) & (values == np.round(values)) & (np.abs(values) < 2.0**53)
+    text = raw.astype(str)
+    text[whole] = values[whole].astype(np.int64).astype(str)
+    return text.where(raw.notna(), None)
 
 
 def _may_be_numbers(kind: pa.DataType) -> bool:

@@ -351,3 +351,42 @@ def test_value_columns_of_numbers_of_any_width_and_text_load(
     src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet")))
     row = src.fetch(Segment("AAPL", "1d", NOV)).to_pylist()[0]
     assert (row["open"], row["high"], row["low"], row["close"], row["volume"]) == (10, 11, 9, 10, 7)
+
+
+def test_yyyymmdd_numbers_beside_an_empty_date_or_as_floats_are_dates(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # An empty date cell makes the CSV reader's integer column floats (pandas: object with None); a Parquet
+    # writer may store the numbers as doubles. pandas took 20241126(.0) for nanoseconds after 1970 again: the
+    # row fell outside every month and vanished without a word, while under skip the empty one was reported.
+    csv = DAILY_CSV.replace("2024-11-", "202411").replace("2024-10-", "202410")
+    (tmp_path / "all.csv").write_text(csv + "AAPL,,1,2,0.5,1.5,7,1.5\n")
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  on_bad_rows: skip"
+    src = FilesSource(make_profile(profile_body(body)))
+    dates = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
+    assert dates == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+    october = src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1)))
+    assert october.column("date").to_pylist() == [dt.date(2024, 10, 31)]
+    # the empty date is the one bad row (beside the days that are no session, as before)
+    [empty] = [report for report in src.reports if report.reason == "date parses as a date"]
+    assert empty.examples == ("line 8",)
+
+    table = pa.table(
+        {
+            "symbol": ["AAPL", "AAPL", "AAPL"],
+            "date": [20241126.0, 20241127.0, 20241127.5],
+            "open": [10.0, 10.5, 10.0],
+            "high": [11.0, 12.0, 11.0],
+            "low": [9.0, 10.0, 9.0],
+            "close": [10.5, 11.0, 10.5],
+            "volume": [1000, 2000, 5],
+        }
+    )
+    pq.write_table(table, tmp_path / "all.parquet")
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet\n  on_bad_rows: skip"
+    src = FilesSource(make_profile(profile_body(body), name="parquet"))
+    dates = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
+    assert dates == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+    src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1)))
+    [half] = src.reports  # 20241127.5 is no date: a bad row, never a day
+    assert half.reason == "date parses as a date" and half.examples == ("line 3",)
