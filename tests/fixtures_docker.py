@@ -33,14 +33,54 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
-    """A client of the Docker daemon the SDK finds through DOCKER_HOST (or the default socket)."""
+    """A client of the Docker daemon the SDK finds through DOCKER_HOST (or the default socket).
+
+    Every container removed through it must take its anonymous volumes along (``v=True``): the image declares
+    ``VOLUME`` for its data dir, so a container made without a named volume there gets an anonymous one, which a
+    removal without ``v`` leaves on the daemon forever. Such removals are recorded, their volumes removed, and
+    the session ends in an error naming the containers.
+    """
     if not docker_available():
         _unavailable("no Docker engine answers (start dockerd)")
     client = docker.from_env(timeout=120)
+    leaked = _record_leaked_volumes(client)
     try:
         yield client
+        if leaked:
+            for volume in leaked.values():
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    client.volumes.get(volume).remove(force=True)
+            pytest.fail(
+                "containers removed without v=True left their anonymous volumes (removed now): "
+                + ", ".join(sorted(leaked)),
+                pytrace=False,
+            )
     finally:
         client.close()
+
+
+def _record_leaked_volumes(client: docker.DockerClient) -> dict[str, str]:
+    """Wrap ``client``'s container removal: a removal without ``v`` of a container holding an anonymous volume
+    is recorded as {container name: volume name}, which the caller reports (this client only, not others')."""
+    leaked: dict[str, str] = {}
+    remove = client.api.remove_container
+
+    def checked(container: str, v: bool = False, link: bool = False, force: bool = False) -> None:
+        if not v:
+            with contextlib.suppress(docker.errors.NotFound):
+                attrs = client.api.inspect_container(container)
+                for mount in attrs.get("Mounts") or []:
+                    if mount.get("Type") == "volume" and _anonymous(mount.get("Name") or ""):
+                        leaked[str(attrs.get("Name", container)).lstrip("/")] = mount["Name"]
+        remove(container, v=v, link=link, force=force)
+
+    client.api.remove_container = checked  # type: ignore[method-assign]
+    return leaked
+
+
+def _anonymous(volume: str) -> bool:
+    """Whether a volume name is one Docker made up (64 hex digits), not one somebody chose."""
+    return len(volume) == 64 and all(c in "0123456789abcdef" for c in volume)
 
 
 @pytest.fixture(scope="session")

@@ -310,7 +310,7 @@ class DockerEngine:
             text = str(exc.explanation or exc)
             if "already allocated" in text or "address already in use" in text:
                 # Keep state consistent: a container that cannot bind is useless; the volume stays.
-                container.remove(force=True)
+                container.remove(force=True, v=True)
                 raise EngineUnavailable(
                     f"port {self.pinned_port} on {HOST} is already in use; choose another port for {profile}",
                     port=self.pinned_port,
@@ -379,7 +379,7 @@ class DockerEngine:
         tail = _log_tail(container)
         error = self._disk_full(container, profile) if is_disk_full(tail) else None
         with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
         return error or EngineUnavailable(
             f"container {container.name} (image {_image_name(container)}) exited while it started; its log "
             f"tail says why (an image that is not PostgreSQL 15? `make image` builds refresher/postgres:15, "

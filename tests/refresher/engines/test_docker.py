@@ -227,7 +227,7 @@ def test_container_removed_behind_our_back_is_recreated_over_its_volume_and_down
         conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
         # synchronous_commit=off: a SIGKILLed server loses its last commits; a checkpoint makes them stick.
         conn.execute("CHECKPOINT")
-    docker_client.containers.get(f"{prefix}-{docker_engine.scope}-gone").remove(force=True)
+    docker_client.containers.get(f"{prefix}-{docker_engine.scope}-gone").remove(force=True, v=True)
 
     assert docker_engine.info("gone") is None
     assert not docker_engine.is_new("gone")  # its volume, and the data in it, stay
@@ -261,7 +261,9 @@ def test_a_volume_made_with_16mb_wal_segments_keeps_them_when_its_container_is_m
         with psycopg.connect(info.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE kept AS SELECT 7 AS x")
             conn.execute("CHECKPOINT")
-        docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-wal16").remove(force=True)
+        docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-wal16").remove(
+            force=True, v=True
+        )
         # A new container on the volume, with today's POSTGRES_INITDB_ARGS: initdb does not run again.
         again = docker_engine.start("wal16")
         assert query(again, "SHOW wal_segment_size") == "16MB"
@@ -459,7 +461,7 @@ def test_a_create_still_in_flight_for_a_killed_start_is_taken_over_not_a_conflic
     first = docker_engine.start(profile)
     made = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-{profile}")
     config = made.attrs["Config"]
-    made.remove(force=True)
+    made.remove(force=True, v=True)
     look_up = docker_engine._container
     missed: list[bool] = []
 
@@ -536,7 +538,7 @@ def test_down_while_another_container_uses_the_volume_is_one_line_and_a_later_do
         looker.reload()
         assert looker.status == "running"  # not ours: untouched
     finally:
-        looker.remove(force=True)
+        looker.remove(force=True, v=True)
     assert docker_engine.stop("inuse") is True  # the rest: the volume and the state file
     assert docker_engine.status("inuse") == []
     with pytest.raises(docker.errors.NotFound):
@@ -550,7 +552,7 @@ def test_a_container_removed_by_hand_while_it_starts_ends_the_wait_in_one_line(
     info = docker_engine.start("rmf")
     try:
         container = container_of(docker_client, docker_engine, "rmf")
-        container.remove(force=True)  # docker rm -f while `start` waits for the server
+        container.remove(force=True, v=True)  # docker rm -f while `start` waits for the server
         with pytest.raises(EngineUnavailable, match=r"was removed while it started") as ended:
             docker_engine._wait_ready(container, info)
         assert "\n" not in str(ended.value)
@@ -629,14 +631,14 @@ def test_the_image_tag_replaced_by_another_image_is_a_clear_error_and_the_data_w
     docker_client.images.get(docker_pg_image).tag(tag)
     maker = docker_client.containers.create(docker_pg_image, labels={PREFIX_LABEL: docker_prefix})
     other = maker.commit(changes=['ENTRYPOINT ["sh", "-c", "echo not PostgreSQL; exit 1"]'])
-    maker.remove()
+    maker.remove(v=True)
     engine = DockerEngine(tmp_path, image=tag, client=docker_client, prefix=docker_prefix, ready_timeout=30)
     try:
         info = engine.start("retagged")
         with psycopg.connect(info.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE kept AS SELECT 7 AS x")
             conn.execute("CHECKPOINT")
-        docker_client.containers.get(f"{docker_prefix}-{engine.scope}-retagged").remove(force=True)
+        docker_client.containers.get(f"{docker_prefix}-{engine.scope}-retagged").remove(force=True, v=True)
         other.tag(tag)  # not a PostgreSQL image
         with pytest.raises(
             EngineUnavailable, match=rf"(?s)\(image {tag}\) exited while it started.*not PostgreSQL$"

@@ -269,7 +269,7 @@ def test_a_volume_with_our_name_that_we_did_not_make_is_never_removed(
         assert docker_client.containers.list(all=True, filters={"name": name}) == []
     finally:
         for container in docker_client.containers.list(all=True, filters={"name": name}):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
         with contextlib.suppress(docker.errors.NotFound):
             docker_client.volumes.get(volume.id).remove(force=True)
 
