@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +55,7 @@ from refresher._snapshot_sql import (
     _wait_gone,
     pristine_name,
 )
-from refresher.diskfull import COPY_SLACK, data_directory, require_room
+from refresher.diskfull import COPY_SLACK, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
@@ -473,10 +472,12 @@ def _sweep(conn: psycopg.Connection[Any], db: str, names: list[str]) -> bool:
 
 def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[str]:
     """``[db]`` when dropping it makes room for a copy of the pristine copy (its size: a FILE_COPY logs a record,
-    not the files), or when this host cannot tell (a container's disk); else DiskFull ``full`` saying ``db``
-    stays as it was. A missing ``db``: nothing."""
-    path = data_directory(conn)
-    if path is None:
+    not the files), or when this host cannot tell (a container's disk: ``full`` carries no free space); else
+    DiskFull ``full`` saying ``db`` stays as it was. A missing ``db``: nothing.
+
+    The free space is the one ``full`` measured when the copy failed (the server had removed its partial copy)."""
+    free = full.fields.get("free")
+    if free is None:
         return [db]
     sizes = dict(
         conn.execute(
@@ -486,7 +487,7 @@ def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[st
     )
     if db not in sizes:
         return []
-    if shutil.disk_usage(path).free + sizes[db] >= sizes.get(pristine_name(db), 0):
+    if int(free) + sizes[db] >= sizes.get(pristine_name(db), 0):
         return [db]
     raise DiskFull(f"{full} ({db} is left as it was, not reset)", **full.fields) from full
 
