@@ -440,24 +440,29 @@ def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None
     next reset or refresh. Else the old database stays as it was, and the error says so.
     """
     what = f"resetting {db} (a copy of {pristine_name(db)})"
-    try:
-        _copy_in(conn, db, db, None, mark, what=what, replacing=True)
-        return
-    except DiskFull as full:
-        error = full
-    if _sweep(conn, db, [name for name in _derelicts(conn, db) if TRASH_INFIX in name]):
+    error: DiskFull | None = None
+    for making_room in (None, _trash, _replaced):
+        if (
+            error is not None
+            and making_room is not None
+            and not _sweep(conn, db, making_room(conn, db, error))
+        ):
+            continue  # nothing dropped: the copy would fail again
         try:
             _copy_in(conn, db, db, None, mark, what=what, replacing=True)
             return
         except DiskFull as full:
+            if making_room is _replaced:  # the estimate was short: what the message must not hide
+                note = f" ({db} was dropped to make room: the next reset makes it)"
+                raise DiskFull(f"{full}{note}", **full.fields) from full
             error = full
-    if not _sweep(conn, db, _replaced(conn, db, error)):
-        raise error
-    try:
-        _copy_in(conn, db, db, None, mark, what=what, replacing=True)
-    except DiskFull as full:  # the estimate was short: what the message must not hide
-        note = f" ({db} was dropped to make room: the next reset makes it)"
-        raise DiskFull(f"{full}{note}", **full.fields) from full
+    assert error is not None  # only a failed copy leaves the loop without returning
+    raise error
+
+
+def _trash(conn: psycopg.Connection[Any], db: str, _full: DiskFull) -> list[str]:
+    """``db``'s trash: what an earlier reset or swap renamed away and the refill has not dropped yet."""
+    return [name for name in _derelicts(conn, db) if TRASH_INFIX in name]
 
 
 def _sweep(conn: psycopg.Connection[Any], db: str, names: list[str]) -> bool:
