@@ -445,7 +445,7 @@ def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None
         if (
             error is not None
             and making_room is not None
-            and not _sweep(conn, db, making_room(conn, db, error))
+            and not _drop_existing(conn, db, making_room(conn, db, error))
         ):
             continue  # nothing dropped: the copy would fail again
         try:
@@ -465,7 +465,7 @@ def _trash(conn: psycopg.Connection[Any], db: str, _full: DiskFull) -> list[str]
     return [name for name in _derelicts(conn, db) if TRASH_INFIX in name]
 
 
-def _sweep(conn: psycopg.Connection[Any], db: str, names: list[str]) -> bool:
+def _drop_existing(conn: psycopg.Connection[Any], db: str, names: list[str]) -> bool:
     """Drop those of ``names`` that exist, under SWEEP (a sweeper holds it while dropping trash, never TAKE
     meanwhile); whether there were any."""
     with _advisory(conn, db, SWEEP):
