@@ -189,8 +189,9 @@ def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
     return ready
 
 
-# Tries of a rename whose database a session (re)connected to after its sessions were ended (``_rename``).
-RENAME_TRIES = 5
+# Tries of a rename or copy whose database a session (re)connected to after its sessions were ended
+# (``_evicting``): each waits up to the server's 5 s for the sessions on it to exit, so 25 s at worst.
+EVICT_TRIES = 5
 
 # The other sessions on a database (``%s``: its name, or NULL for the session's own) that this role may end.
 # A superuser ends them all. Any other role only those of roles whose privileges it has, or of any role but a
@@ -226,33 +227,45 @@ def _move_to_trash(conn: psycopg.Connection[Any], db: str, *, taking: str) -> No
 
 
 def _rename(conn: psycopg.Connection[Any], old: str, new: str, *, ending: tuple[str, ...] = ()) -> None:
-    """Rename database ``old`` to ``new``; the rename waits (up to 5 s, in the server) for sessions the caller
-    ended to exit. ``ending``: the databases (``old`` among them) whose sessions the caller ended just before. A
-    session that connected between that and the rename (a database browser reconnecting, our own analyzer) made
-    a reset fail with "being accessed by other users": such a one is ended in turn and the rename tried again,
-    each try under a savepoint of the caller's transaction, until a try finds none this role may end."""
+    """Rename database ``old`` to ``new``, each try under a savepoint of the caller's transaction; ``ending``:
+    the databases (``old`` among them) whose sessions the caller ended just before, ended again on a retry
+    (``_evicting``)."""
     query = sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
-    in_use: psycopg.Error | None = None
-    for attempt in range(RENAME_TRIES):
-        if attempt > 0:
+
+    def rename() -> None:
+        with conn.transaction():
+            _execute(conn, query)
+
+    try:
+        _evicting(conn, ending, rename)
+    except psycopg.errors.DuplicateDatabase as exc:
+        raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
+    except psycopg.errors.ObjectInUse as exc:
+        raise _in_use(conn, old, exc) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise _not_allowed(conn, f"rename {old}", exc) from exc
+
+
+def _evicting(
+    conn: psycopg.Connection[Any], ending: tuple[str, ...], run: Callable[[], None], tries: int = EVICT_TRIES
+) -> None:
+    """``run`` a rename or copy of a database that fails with ObjectInUse while another session is on it (the
+    server waits up to 5 s for those the caller ended to exit). A session that connected between the caller's
+    ending of the sessions on ``ending`` and ``run`` (a database browser reconnecting, our own analyzer) made a
+    reset fail with "being accessed by other users": such a one is ended in turn and ``run`` tried again, until
+    a try finds none this role may end, at most ``tries`` times; then the last ObjectInUse is raised. No
+    ``ending``: one try."""
+    for attempt in range(1, tries + 1):
+        try:
+            run()
+            return
+        except psycopg.errors.ObjectInUse:
+            if not ending or attempt == tries:
+                raise
             # pg_stat_activity is read once per transaction: without this, the retry saw the sessions as they were.
             conn.execute("SELECT pg_stat_clear_snapshot()")
             if _terminate_others(conn, *ending) == 0:
-                break  # what is still on it is no session this role may end
-        try:
-            with conn.transaction():
-                _execute(conn, query)
-            return
-        except psycopg.errors.DuplicateDatabase as exc:
-            raise SnapshotError(f"database {new!r} already exists; drop it first", name=new) from exc
-        except psycopg.errors.ObjectInUse as exc:
-            in_use = exc
-            if not ending:
-                break
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise _not_allowed(conn, f"rename {old}", exc) from exc
-    assert in_use is not None  # only a failed try leaves the loop without returning or raising
-    raise _in_use(conn, old, in_use) from in_use
+                raise  # what is still on it is no session this role may end
 
 
 def _not_allowed(conn: psycopg.Connection[Any], doing: str, exc: psycopg.Error) -> SnapshotError:
@@ -285,33 +298,27 @@ def _create_from(
     """CREATE DATABASE target TEMPLATE template, by file copy where the server supports it. ``what``: what a
     full disk's error says the copy was for (default: the snapshot).
 
+    ``terminate``: end the other sessions on ``template`` first, and one connecting meanwhile (``_evicting``).
+
     FILE_COPY (PG 15+) measured ~3x faster than the default WAL_LOG here: with fsync off its checkpoint is
     cheap, and on PG 18 with file_copy_method=clone it reflinks on filesystems that can.
     """
     base = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(target), sql.Identifier(template))
     file_copy = base + sql.SQL(" STRATEGY FILE_COPY") if conn.info.server_version >= 150000 else None
-    attempts = 20 if terminate else 1
-    for attempt in range(attempts):
-        if terminate:
-            _terminate_others(conn, template)
-        try:
-            _execute_create(conn, base, file_copy)
-            return
-        except psycopg.errors.DiskFull as exc:
-            # The server removed the partial copy itself; the previous snapshot is untouched.
-            row = conn.execute("SELECT pg_database_size(%s)", (template,)).fetchone()
-            raise server_disk_full(
-                conn,
-                exc,
-                needed=int(row[0]) if row else 0,
-                what=what or f"copying {template} for the snapshot",
-            ) from exc
-        except psycopg.errors.ObjectInUse as exc:  # a session (re)connected to the template: evict it again
-            if attempt == attempts - 1:
-                raise _in_use(conn, template, exc) from exc
-            time.sleep(0.05)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise _not_allowed(conn, f"copy {template} to {target}", exc) from exc
+    if terminate:
+        _terminate_others(conn, template)
+    try:
+        _evicting(conn, (template,) if terminate else (), lambda: _execute_create(conn, base, file_copy))
+    except psycopg.errors.DiskFull as exc:
+        # The server removed the partial copy itself; the previous snapshot is untouched.
+        row = conn.execute("SELECT pg_database_size(%s)", (template,)).fetchone()
+        raise server_disk_full(
+            conn, exc, needed=int(row[0]) if row else 0, what=what or f"copying {template} for the snapshot"
+        ) from exc
+    except psycopg.errors.ObjectInUse as exc:  # a session this role may not end, or one always reconnecting
+        raise _in_use(conn, template, exc) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise _not_allowed(conn, f"copy {template} to {target}", exc) from exc
 
 
 def _execute_create(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import psycopg
@@ -195,6 +197,29 @@ def test_a_session_left_on_a_pool_clone_neither_fails_a_reset_nor_costs_it_the_s
     assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
 
 
+@contextlib.contextmanager
+def _one_connecting_after_the_ending(server: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A session connects to ``server.dbname`` right after the first ending of its sessions; it must be gone."""
+    late: list[psycopg.Connection[object]] = []
+    real = _snapshot_sql._terminate_others
+
+    def then_one_connects(conn: psycopg.Connection[object], db: str | None, *more: str) -> int:
+        ended = real(conn, db, *more)
+        if not late and db == server.dbname:
+            late.append(psycopg.connect(server.dsn(), autocommit=True))
+        return ended
+
+    monkeypatch.setattr(_snapshot_sql, "_terminate_others", then_one_connects)
+    try:
+        yield
+        assert late  # the late session was there
+        with pytest.raises(psycopg.OperationalError):
+            late[0].execute("SELECT 1")
+    finally:
+        for conn in late:
+            conn.close()
+
+
 @pytest.mark.parametrize("pool_size", [1, 0])
 def test_a_session_connecting_after_the_reset_ended_the_sessions_does_not_fail_it(
     loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch, pool_size: int
@@ -205,25 +230,9 @@ def test_a_session_connecting_after_the_reset_ended_the_sessions_does_not_fail_i
     save_pristine(loaded, pool_size=pool_size)
     with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM ohlcv_daily")  # a developer's dirt, the ledger untouched
-    late: list[psycopg.Connection[object]] = []
-    real = _snapshot_sql._terminate_others
-
-    def then_one_connects(conn: psycopg.Connection[object], db: str | None, *more: str) -> int:
-        ended = real(conn, db, *more)
-        if not late and db == loaded.dbname:
-            late.append(psycopg.connect(loaded.dsn(), autocommit=True))
-        return ended
-
-    monkeypatch.setattr(_snapshot_sql, "_terminate_others", then_one_connects)
-    try:
+    with _one_connecting_after_the_ending(loaded, monkeypatch):
         report = restore_pristine(loaded, refill=False)
         assert report.method == ("pool" if pool_size else "template")
-        assert late  # the late session was there
-        with pytest.raises(psycopg.OperationalError):
-            late[0].execute("SELECT 1")
-    finally:
-        for conn in late:
-            conn.close()
     assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
 
 
@@ -236,3 +245,13 @@ def test_a_session_left_on_a_pool_clone_does_not_fail_a_checkout(loaded: ServerI
         assert _state(dsn) == (21, [Segment("AAPL", "1d", JAN)])
     finally:
         drop_clone(loaded, name)
+
+
+def test_a_session_connecting_after_the_snapshot_ended_the_sessions_does_not_fail_its_copy(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot's copy of the database retries as a reset's rename does (``_evicting``): a session connecting
+    right after its sessions were ended is ended in turn."""
+    with _one_connecting_after_the_ending(loaded, monkeypatch):
+        save_pristine(loaded, pool_size=0)
+    assert is_current(loaded)
