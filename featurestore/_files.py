@@ -182,6 +182,23 @@ def write_temp(
     return temp
 
 
+def writer_alive(temp: Path) -> bool:
+    """Whether the process that named ``temp`` (``write_temp``: ``.<final>.<pid>.<token>.tmp``) still runs here,
+    so its write may still be in flight: GC must leave it, however old (a batch slower than the grace period,
+    or ``--grace-hours 0``, lost its temporaries and ended in a traceback). A process of another machine or
+    container sharing the store is not seen; the grace period is all that guards its writes."""
+    parts = temp.name.rsplit(".", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) <= 0:
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def publish(temp: Path, final: Path) -> int:
     """Atomically move a temporary into place (replacing any older file) and make the rename durable."""
     os.replace(temp, final)
@@ -300,4 +317,5 @@ __all__ = [
     "remove_if_same",
     "with_own_files",
     "write_temp",
+    "writer_alive",
 ]

@@ -3,8 +3,9 @@
 One exclusive manifest transaction decides everything, so no writer can publish while GC looks: entries not
 accessed for the retention period (access comes from the store's own journal, never from file atimes), rows whose
 file is missing or fails the footer-and-size check, files without a row (orphans) and abandoned temporaries. Rows
-go first, files after COMMIT. Orphans and temporaries younger than the grace period are left alone, so a write in
-flight in another process is never deleted. A pack (many keys in one file) is removed only when none of its keys is
+go first, files after COMMIT. Orphans and temporaries younger than the grace period are left alone, and so are the
+temporaries of a process still running on this machine whatever their age, so a write in flight in another
+process is never deleted. A pack (many keys in one file) is removed only when none of its keys is
 left: packs are not rewritten to drop dead keys, because a pack holds one batch of a refresh, whose keys are
 written, read and expire together (a pack with some keys expired is rare and small). Afterwards a CHECKPOINT compacts the manifest (DuckDB's VACUUM
 reclaims nothing).
@@ -99,7 +100,9 @@ def collect_garbage(
             say(f"{'would remove' if dry_run else 'remove'} entry {key} ({entry.path})")
         strays = maintenance.find_strays(store.root, entries)
         orphans = [p for p in strays.orphans if _mtime(p) < stray_cutoff]
-        temporaries = [p for p in strays.temporaries if _mtime(p) < stray_cutoff]
+        temporaries = [
+            p for p in strays.temporaries if _mtime(p) < stray_cutoff and not _files.writer_alive(p)
+        ]
         for path in orphans + temporaries:
             say(f"{'would remove' if dry_run else 'remove'} stray file {path}")
         doomed = expired + missing + corrupt

@@ -61,7 +61,7 @@ def test_orphans_and_temporaries_respect_the_grace_period(store: FeatureStore) -
     shard = store.root / "data" / "ab"
     shard.mkdir()
     old_orphan, young_orphan = shard / "abold.parquet", shard / "abyoung.parquet"
-    old_temp, young_temp = shard / ".abx.parquet.1.aa.tmp", shard / ".aby.parquet.2.bb.tmp"
+    old_temp, young_temp = shard / ".abx.parquet.99999999.aa.tmp", shard / ".aby.parquet.2.bb.tmp"
     for path in (old_orphan, young_orphan, old_temp, young_temp):
         path.write_bytes(b"x" * 10)
     make_old(old_orphan)
@@ -70,6 +70,39 @@ def test_orphans_and_temporaries_respect_the_grace_period(store: FeatureStore) -
     assert (report.orphans, report.temporaries, report.orphan_bytes) == (1, 1, 10)
     assert not old_orphan.exists() and not old_temp.exists()
     assert young_orphan.exists() and young_temp.exists()
+
+
+def test_a_write_in_flight_keeps_its_temporaries_whatever_the_grace(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``featurestore gc --grace-hours 0`` (or a batch slower than the grace) while a refresh wrote: GC removed the
+    # temporaries the writer was about to publish, and the put ended in a FileNotFoundError traceback.
+    from featurestore import _writes
+
+    write = _writes.write
+
+    def write_then_collect(*args: object, **kwargs: object) -> None:
+        write(*args, **kwargs)  # type: ignore[arg-type]
+        temps = list((store.root / "data").rglob("*.tmp"))
+        assert len(temps) == 2  # the pack and the large table's own file, not yet published
+        for temp in temps:
+            make_old(temp)
+        assert collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0)).temporaries == 0
+
+    monkeypatch.setattr(_writes, "write", write_then_collect)
+    items = [("a1", table(5), "S"), ("a2", table(5, 1), "S"), ("big", table(20_000), "S")]
+    store.put_many(items)
+    assert store.get_many(["a1", "a2", "big"]) == {key: t for key, t, _s in items}
+    # A temporary whose writer has ended is removed as before (once older than the grace).
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    left = store.root / "data" / "ab" / f".abz.parquet.{int(ended.stdout)}.cc.tmp"
+    left.parent.mkdir(exist_ok=True)
+    left.write_bytes(b"x")
+    monkeypatch.undo()
+    assert collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0)).temporaries == 1
+    assert not left.exists()
 
 
 def test_rows_with_missing_or_corrupt_files_are_removed(store: FeatureStore) -> None:
