@@ -91,6 +91,31 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
 
     A crash leaves either the old file or the new one, never half of either, and never a world-readable copy.
     """
+    _put_private_json(path, data, os.replace)
+
+
+def create_private_json(path: Path, data: Mapping[str, Any]) -> bool:
+    """Like ``write_private_json``, but only if ``path`` does not exist yet: whether this call made it.
+
+    Of several processes creating one file at once, exactly one wins and the others keep its content: the file
+    is linked into place complete, never replaced.
+    """
+    created = True
+
+    def link(tmp: Path, target: Path) -> None:
+        nonlocal created
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            created = False
+        os.unlink(tmp)
+
+    _put_private_json(path, data, link)
+    return created
+
+
+def _put_private_json(path: Path, data: Mapping[str, Any], put: Callable[[Path, Path], None]) -> None:
+    """Write ``data`` to a private temporary file beside ``path``, then ``put`` it in place (which consumes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Per thread, not only per process: two threads writing one file at once must not share a temporary.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -100,7 +125,7 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
             json.dump(data, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        put(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise disk_error(path, exc) from exc

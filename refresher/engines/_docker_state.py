@@ -8,9 +8,7 @@ volume stays). So ``<state_dir>/docker/<profile>.json`` keeps it, mode 0600, wri
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import docker
 import docker.errors
 import requests
 
-from refresher.engines._common import write_private_json
+from refresher.engines._common import create_private_json, write_private_json
 from refresher.errors import EngineStateError, EngineUnavailable
 
 # Tried in order when no image is asked for: the official image when someone could pull it, then the
@@ -63,27 +61,37 @@ def checkout_id(base: Path, *, create: bool) -> str | None:
     the same path on another machine or container using this Docker daemon (dev containers mounting
     /workspaces/<repo>): the id, written on everything made, tells the two apart. Made once and never replaced:
     two first starts at once keep whichever was linked into place first.
+
+    Read once per file: the cache is keyed by the file's identity (device, inode, modification time), so a
+    state dir removed and made anew (`make clean`) is read again, and a removed one answers None.
     """
     path = base / CHECKOUT_ID_FILE
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        _CHECKOUT_IDS.pop(path, None)
         if not create:
             return None
-        tmp = base / f".{CHECKOUT_ID_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
-        write_private_json(tmp, {"checkout": secrets.token_hex(8)})
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        create_private_json(path, {"checkout": secrets.token_hex(8)})
+        stat = path.stat()
+    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
+    cached = _CHECKOUT_IDS.get(path)
+    if cached is not None and cached[0] == identity:
+        return cached[1]
     try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["checkout"])
+        checkout = str(json.loads(path.read_text(encoding="utf-8"))["checkout"])
     except (ValueError, TypeError, KeyError) as exc:
         raise EngineStateError(
             f"{path}: unreadable ({exc}); remove this state dir's containers and volumes by hand (`refresher "
             "status --all-checkouts` lists them), then the file",
             path=str(path),
         ) from exc
+    _CHECKOUT_IDS[path] = (identity, checkout)
+    return checkout
+
+
+# checkout_id's cache: the file's path to its identity when read and the id it held.
+_CHECKOUT_IDS: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
 
 def resolve_image(client: docker.DockerClient, requested: str | None) -> str:

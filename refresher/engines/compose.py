@@ -120,7 +120,7 @@ class ComposeEngine:
                 # A concurrent start may win the race: either error means the database now exists.
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(profile)))
-        if profile not in self._recorded():
+        if not self._is_recorded(profile):
             write_private_json(self._record_path(profile), {"project": self.project})
         return server
 
@@ -142,7 +142,7 @@ class ComposeEngine:
         """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
         from refresher.snapshot import drop_snapshot
 
-        if profile not in self._recorded():
+        if not self._is_recorded(profile):
             return False  # not made by this state dir: another's, or made by hand
         server = self._server(profile)
         if server is None:
@@ -188,14 +188,19 @@ class ComposeEngine:
 
     def _recorded(self) -> set[str]:
         """The profiles this state dir started on this project's server."""
-        recorded = set()
-        for path in self.base.glob("*.json") if self.base.is_dir() else ():
-            try:
-                if json.loads(path.read_text(encoding="utf-8")).get("project") == self.project:
-                    recorded.add(path.stem)
-            except (OSError, ValueError, AttributeError):
-                continue  # half a record is no record: its database is left alone
-        return recorded
+        paths = self.base.glob("*.json") if self.base.is_dir() else ()
+        return {path.stem for path in paths if self._names_project(path)}
+
+    def _is_recorded(self, profile: str) -> bool:
+        """Whether this state dir started ``profile`` on this project's server (its record alone is read)."""
+        path = self._record_path(profile)
+        return path.parent == self.base and self._names_project(path)  # a name with a slash has none
+
+    def _names_project(self, record: Path) -> bool:
+        try:
+            return bool(json.loads(record.read_text(encoding="utf-8")).get("project") == self.project)
+        except (OSError, ValueError, AttributeError):
+            return False  # none, or half a record, which is no record: its database is left alone
 
     def _server(self, profile: str) -> _ComposeServer | None:
         with _client(self._client_arg) as client:

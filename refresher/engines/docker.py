@@ -22,10 +22,10 @@ import hashlib
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.constants
@@ -63,6 +63,9 @@ CHECKOUT_HOST_LABEL = "io.refresher.checkout-host"
 LOG_TAIL_LINES = 40
 # Docker API calls that may pull or wait on a slow disk; a ping uses its own short timeout.
 API_TIMEOUT = 120
+
+# A container or a volume: what a profile has one of, found again by name and labels.
+_Made = TypeVar("_Made", Container, Volume)
 
 # The same bulk-load tuning as the local engine, passed as server arguments. Listening is the image's business:
 # all interfaces inside the container, which Docker publishes on 127.0.0.1 only.
@@ -420,28 +423,26 @@ class DockerEngine:
     ) -> Container | None:
         """The profile's container, None when there is none; one under its name that this state dir did not
         make raises EngineStateError (``strict=False``: counts as none, for the calls that only look or remove)."""
-        try:
-            container: Container = client.containers.get(self._container_name(profile))
-        except docker.errors.NotFound:
-            return None
-        if self._ours(container.labels, checkout_id(self.base, create=False)):
-            return container
-        if not strict:
-            return None
-        raise self._not_ours("container", container.name or "?", container.labels, profile)
+        return self._owned("container", client.containers.get, self._container_name(profile), profile, strict)
 
     def _volume(self, client: docker.DockerClient, profile: str, *, strict: bool = True) -> Volume | None:
         """The profile's data volume, None when there is none; one this state dir did not make as ``_container``."""
+        return self._owned("volume", client.volumes.get, self._volume_name(profile), profile, strict)
+
+    def _owned(
+        self, kind: str, get: Callable[[str], _Made], name: str, profile: str, strict: bool
+    ) -> _Made | None:
+        """What ``get`` finds under ``name`` when this state dir made it, as ``_container`` describes."""
         try:
-            volume: Volume = client.volumes.get(self._volume_name(profile))
+            found = get(name)
         except docker.errors.NotFound:
             return None
-        labels = volume.attrs.get("Labels") or {}
+        labels = (found.labels if isinstance(found, Container) else found.attrs.get("Labels")) or {}
         if self._ours(labels, checkout_id(self.base, create=False)):
-            return volume
+            return found
         if not strict:
             return None
-        raise self._not_ours("volume", volume.name or "?", labels, profile)
+        raise self._not_ours(kind, found.name or "?", labels, profile)
 
     def _ours(self, labels: Mapping[str, str], checkout: str | None) -> bool:
         """Whether labels name this state dir: its path, and its checkout id or this machine (what was made

@@ -47,6 +47,35 @@ def query(info: ServerInfo, text: str) -> object:
         return row[0] if row else None
 
 
+# -- the state files ----------------------------------------------------------------------------------------
+
+
+def test_create_private_json_makes_the_file_once_and_keeps_the_first(tmp_path: Path) -> None:
+    from refresher.engines._common import create_private_json
+
+    path = tmp_path / "sub" / "id"
+    assert create_private_json(path, {"n": 1}) is True
+    assert create_private_json(path, {"n": 2}) is False
+    assert json.loads(path.read_text()) == {"n": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["id"]  # no temporary left
+
+
+def test_checkout_id_is_kept_and_a_state_dir_made_anew_gets_a_new_one(tmp_path: Path) -> None:
+    from refresher.engines._docker_state import CHECKOUT_ID_FILE, checkout_id
+
+    base = tmp_path / "docker"
+    assert checkout_id(base, create=False) is None
+    first = checkout_id(base, create=True)
+    assert first is not None and checkout_id(base, create=False) == first == checkout_id(base, create=True)
+    (base / CHECKOUT_ID_FILE).unlink()  # `make clean`
+    assert checkout_id(base, create=False) is None
+    second = checkout_id(base, create=True)
+    assert second not in (None, first)
+    assert checkout_id(base, create=False) == second
+    assert sorted(p.name for p in base.iterdir()) == [CHECKOUT_ID_FILE]
+
+
 # -- the image ----------------------------------------------------------------------------------------------
 
 
