@@ -7,12 +7,13 @@ and exit status 2, here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -216,6 +217,47 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], render: Callable[[]
         render()
 
 
+Emit = Callable[[argparse.Namespace, dict[str, Any], Callable[[], None]], None]
+
+
+def _prints_as_it_works(args: argparse.Namespace) -> bool:
+    """Whether the command writes its answer to stdout while it works (``jobs status --watch``'s live view),
+    not once at the end."""
+    return bool(getattr(args, "watch", False)) and not getattr(args, "json", False)
+
+
+@contextlib.contextmanager
+def _stdout_on_stderr() -> Iterator[None]:
+    """While the command works, what anything writes to stdout goes to stderr: a user's feature module printing
+    (``print``, or C code and child processes writing to fd 1), a server tool's chatter. Stdout then carries the
+    command's answer alone (``--json``'s one object), written after this, and the work needs no lock around each
+    call into a user's code. fd 1 is pointed at stderr too where both are open."""
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError):
+        saved = None  # no fd 1 or 2 (closed, an embedding host): Python's own stdout only
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            _flush_c_stdio()  # what C code buffered for fd 1 goes out while it is stderr still
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    """The C library's ``fflush(NULL)``: a C extension's ``printf`` into a pipe sits in libc's buffer, which
+    would otherwise reach fd 1 at exit, after the answer."""
+    import ctypes  # here: the quick commands do without (tests/refresher/test_cli_imports.py)
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)
+
+
 def _url_hint(args: argparse.Namespace) -> str:
     """A `refresher url` command that works in the user's shell, which may not have .venv/bin on its PATH."""
     where = f" --state-dir {shlex.quote(str(args.state_dir.absolute()))}" if args.state_dir else ""
@@ -240,21 +282,36 @@ def run(args: argparse.Namespace) -> int:
 
     settings = args.settings = _settings(args)  # kept: an unwritable path's message names its setting
     calendar.use_cache_dir(settings.cache_dir / "calendars" if settings.cache_dir else None)
-    if args.command == "market":
+    if args.command == "market":  # a calendar's answer: no profile, no user code, no server
         state = calendar.market_status(args.exchange, args.at)
         _emit(args, state.to_json(), lambda: render.market_status(state))
         return 0
-    from refresher import commands
+    if _prints_as_it_works(args):
+        return _run(args, settings, _emit)
+    answers: list[Callable[[], None]] = []
+
+    def emit(args: argparse.Namespace, payload: dict[str, Any], render: Callable[[], None]) -> None:
+        answers.append(lambda: _emit(args, payload, render))
+
+    with _stdout_on_stderr():
+        status = _run(args, settings, emit)
+    for answer in answers:
+        answer()
+    return status
+
+
+def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
+    from refresher import commands, render
 
     if args.command in ("jobs", "worker"):
         from refresher.jobs import cli as jobs_cli
 
-        return jobs_cli.run(args, settings, _emit)
+        return jobs_cli.run(args, settings, emit)
     if args.command == "refresh":
         plain = not (args.prune or args.verify or args.as_of or args.on_bad_rows or args.allow_shrink)
         noop = commands.refresh_if_noop(settings, args.profile) if plain else None
         if noop is not None:
-            _emit(args, noop, lambda: render.refresh_summary(noop, url_hint=_url_hint(args)))
+            emit(args, noop, lambda: render.refresh_summary(noop, url_hint=_url_hint(args)))
             return 0
         mode = "off" if args.json else "bar" if sys.stderr.isatty() else "lines"
         with render.progress(mode) as on_progress:
@@ -270,25 +327,25 @@ def run(args: argparse.Namespace) -> int:
                 on_wait=_say,
                 allow_shrink=args.allow_shrink,
             )
-        _emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
+        emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
     elif args.command == "plan":
         plan = commands.plan(
             settings, args.profile, verify=args.verify, as_of=args.as_of, on_bad_rows=args.on_bad_rows
         )
-        _emit(args, plan.to_json(), lambda: render.plan_report(plan))
+        emit(args, plan.to_json(), lambda: render.plan_report(plan))
     elif args.command == "warm":
         warmed = commands.warm(settings, args.profile, as_of=args.as_of)
-        _emit(args, warmed.to_json(), lambda: render.warm_report(warmed))
+        emit(args, warmed.to_json(), lambda: render.warm_report(warmed))
     elif args.command == "reset":
         restored = commands.reset(settings, args.profile, wait=not args.no_wait, on_wait=_say)
-        _emit(args, restored.to_json(), lambda: render.reset_report(restored))
+        emit(args, restored.to_json(), lambda: render.reset_report(restored))
     elif args.command == "status":
         statuses = commands.status(settings, args.profile, all_checkouts=args.all_checkouts)
         pools = commands.pools(settings, statuses)
         notes = (
             commands.left_out(settings, args.profile, on_bad_rows=args.on_bad_rows) if args.profile else ()
         )
-        _emit(
+        emit(
             args,
             {
                 "state_dir": str(settings.state_dir),
@@ -299,13 +356,13 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.command == "url":
         dsn = commands.url(settings, args.profile)
-        _emit(args, {"profile": args.profile, "dsn": dsn}, lambda: print(dsn))
+        emit(args, {"profile": args.profile, "dsn": dsn}, lambda: print(dsn))
     elif args.command == "down":
         stopped = commands.down(settings, args.profile)
-        _emit(args, {"stopped": stopped}, lambda: render.down_report(stopped))
+        emit(args, {"stopped": stopped}, lambda: render.down_report(stopped))
     elif args.command == "profiles":
         listing = commands.profiles(settings)
-        _emit(args, render.profiles_json(listing), lambda: render.profiles_table(listing))
+        emit(args, render.profiles_json(listing), lambda: render.profiles_table(listing))
     return 0
 
 

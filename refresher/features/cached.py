@@ -28,7 +28,7 @@ from refresher.calendar import get_calendar
 from refresher.errors import FeatureError, exception_line
 from refresher.features.appends import first_changed, inputs_record, kept_rows
 from refresher.features.compute import equal_weight_index
-from refresher.features.registry import FeatureSpec, FeatureUse, user_code
+from refresher.features.registry import FeatureSpec, FeatureUse
 from refresher.features.tables import FeaturePart, feature_rows
 from refresher.plan import GapPlan, StoredSegment, digest_parts
 from refresher.profile import Profile
@@ -92,8 +92,7 @@ class _Compute:
             elif self.use.spec.is_user:
                 # Its own copy: the frame is every entry's input, and one that writes to it (a column scaled in
                 # place, a ``dropna(inplace=True)``) would change what the entries after it read.
-                with user_code():
-                    result = self.use.compute(raw.copy())
+                result = self.use.compute(raw.copy())
             else:
                 result = self.use.compute(raw)
         # A user's function: whatever it raises is reported, in one line; a sys.exit() in it too, which would

@@ -6,15 +6,12 @@ one definition pydantic validates against, so a default documented in the signat
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import json
 import re
-import sys
-import threading
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
@@ -165,25 +162,13 @@ def get_feature(name: str) -> FeatureSpec:
         ) from None
 
 
-_USER_CODE = threading.RLock()
-
-
-@contextlib.contextmanager
-def user_code() -> Iterator[None]:
-    """Around a call into a user's module (its import, its function): what it prints goes to stderr, since stdout
-    carries ``--json``'s one object; one call at a time, since that redirection is the whole process's."""
-    with _USER_CODE, contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
 def user_feature(path: Path | str, field: str, function: str) -> FeatureSpec:
     """The user's ``module:function`` as a feature; ProfileError when it cannot be imported or called."""
     module_name, _, attr = function.partition(":")
     if not module_name or not attr:
         raise ProfileError(path, field, function, "write the function as module.path:function_name")
     try:
-        with user_code():
-            module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     # The user's module: any import-time error is theirs to see, in one line; a sys.exit() at its top level (a
     # script's argument parsing) too, which would otherwise end refresher with that status and no word.
     except (Exception, SystemExit) as exc:
@@ -277,5 +262,4 @@ __all__ = [
     "compute_universe",
     "get_feature",
     "resolve_feature",
-    "user_code",
 ]

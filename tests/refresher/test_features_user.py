@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from featurestore import FeatureStore
 from refresher.errors import FeatureError, ProfileError
 from refresher.features import refresh_features
-from refresher.features.cached import daily_frame
+from refresher.features.cached import compute_features, daily_frame
 from refresher.profile import Profile
 from tests.refresher.test_features_load import conn, run, store, stored_plan, table_rows, write_profile
 
@@ -294,20 +295,54 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path, module: str) ->
     ]
 
 
+@pytest.mark.parametrize("flags", [["--json"], []], ids=["json", "plain"])
 def test_what_a_users_module_prints_goes_to_stderr_never_into_the_json(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str]
 ) -> None:
+    # print(), and below Python's sys.stdout: a write to fd 1, C's buffered printf (a C extension's), a child's echo.
     name = f"chatty_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(
+        "import ctypes, os\n"
         "import pandas as pd\n"
         'print("imported")\n'
+        'os.write(1, b"fd write at import\\n")\n'
         "def compute(df):\n"
         '    print("computed", len(df))\n'
+        '    ctypes.CDLL(None).printf(b"c printf %d\\n", len(df))\n'
+        '    os.system("echo child echo")\n'
         '    return pd.DataFrame({"x": df["close"]}, index=df.index)\n'
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     profile = write_profile(tmp_path, "AAA", features=f'{{name: chatty, function: "{name}:compute"}}')
-    done = warm(tmp_path, profile, "--json")
+    done = warm(tmp_path, profile, *flags)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["computed"] == 1
-    assert "imported" in done.stderr and "computed 83" in done.stderr
+    for line in ("imported", "computed 83", "fd write at import", "c printf 83", "child echo"):
+        assert line in done.stderr and line not in done.stdout, (line, done.stdout)
+    if flags:
+        assert json.loads(done.stdout)["computed"] == 1
+
+
+def test_two_threads_run_users_functions_at_once(tmp_path: Path, module: str) -> None:
+    # A worker's threads each refresh a profile: neither waits for the other's call into a user's function (each
+    # call here waits until both are inside one; a call at a time broke the barrier, a FeatureError).
+    source = tmp_path / f"{module}.py"
+    source.write_text(
+        source.read_text()
+        + "\nimport threading\nBOTH = threading.Barrier(2, timeout=30)\n"
+        + "def together(df):\n    BOTH.wait()\n    return compute(df)\n"
+    )
+    runs = []
+    for n in range(2):
+        (tmp_path / str(n)).mkdir()
+        profile = write_profile(
+            tmp_path / str(n), "AAA", features=f'{{name: mine, function: "{module}:together"}}'
+        )
+        runs.append((profile, FeatureStore(tmp_path / str(n) / "store")))
+    plans = [stored_plan(profile, store) for profile, store in runs]
+    with ThreadPoolExecutor(2) as pool:
+        done = [
+            pool.submit(lambda p, s, plan: list(compute_features(p, s, plan)), profile, store, plan)
+            for (profile, store), plan in zip(runs, plans, strict=True)
+        ]
+        batches = [future.result() for future in done]
+    assert [[part.symbol for b in bs for part in b.parts] for bs in batches] == [["AAA"], ["AAA"]]
