@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from refresher.errors import DiskFull
 
@@ -74,6 +75,32 @@ def data_directory(conn: psycopg.Connection[Any]) -> Path | None:
     """The server's data directory when this host can see it (the local engine); None for a container's."""
     path = _data_directory(conn)
     return Path(path) if path is not None and Path(path).is_dir() else None
+
+
+def has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
+    """Whether the server's data disk has ``needed`` bytes free; None when nobody can tell.
+
+    Measured here when this host sees the data directory (the local engine). Else the server itself is asked,
+    when the role may run programs there (a superuser: the Docker and compose engines'): ``df`` in its data
+    directory, answering through its exit status, which writes nothing on the full disk. A container's free space
+    is not this host's: a guess from here dropped a database for a copy that then did not fit.
+    """
+    _, free = _free_space(conn)
+    if free is not None:
+        return free >= needed
+    if needed <= 0:
+        return True
+    kib = -(-needed // 1024)
+    command = f"test \"$(df -Pk . | awk 'NR == 2 {{print $4}}')\" -ge {kib}"
+    try:
+        with conn.transaction():  # a savepoint inside the caller's transaction: its failure ends only this
+            # No rows: nothing is written to the program, which may exit before reading (a broken pipe).
+            conn.execute(sql.SQL("COPY (SELECT WHERE false) TO PROGRAM {}").format(sql.Literal(command)))
+        return True
+    except psycopg.errors.ExternalRoutineException as exc:
+        return False if (exc.diag.message_detail or "").endswith("exit code 1") else None
+    except psycopg.Error:  # not allowed to run programs (42501), no df in the server's image
+        return None
 
 
 def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:

@@ -55,7 +55,7 @@ from refresher._snapshot_sql import (
     _wait_gone,
     pristine_name,
 )
-from refresher.diskfull import COPY_SLACK, require_room
+from refresher.diskfull import COPY_SLACK, has_room, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
@@ -477,13 +477,13 @@ def _drop_existing(conn: psycopg.Connection[Any], db: str, names: list[str]) -> 
 
 def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[str]:
     """``[db]`` when dropping it makes room for a copy of the pristine copy (its size: a FILE_COPY logs a record,
-    not the files), or when this host cannot tell (a container's disk: ``full`` carries no free space); else
-    DiskFull ``full`` saying ``db`` stays as it was. A missing ``db``: nothing.
+    not the files); else, or when nobody can tell, DiskFull ``full`` saying ``db`` stays as it was. A missing
+    ``db``: nothing.
 
-    The free space is the one ``full`` measured when the copy failed (the server had removed its partial copy)."""
+    The free space is the one ``full`` measured when the copy failed (the server had removed its partial copy);
+    when this host could not see it (a container's disk: ``full`` carries none), the server is asked
+    (``has_room``): a guess from here dropped a database for a copy that then did not fit either."""
     free = full.fields.get("free")
-    if free is None:
-        return [db]
     sizes = dict(
         conn.execute(
             "SELECT datname, pg_database_size(oid) FROM pg_database WHERE datname = ANY(%s)",
@@ -492,7 +492,8 @@ def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[st
     )
     if db not in sizes:
         return []
-    if int(free) + sizes[db] >= sizes.get(pristine_name(db), 0):
+    needed = sizes.get(pristine_name(db), 0) - sizes[db]
+    if (int(free) >= needed) if free is not None else has_room(conn, needed):
         return [db]
     raise DiskFull(f"{full} ({db} is left as it was, not reset)", **full.fields) from full
 

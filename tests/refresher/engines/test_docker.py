@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -28,6 +29,7 @@ from refresher.engines.docker import (
     PROFILE_LABEL,
     PROJECT_LABEL,
     DockerEngine,
+    _log_tail,
     docker_available,
 )
 from refresher.errors import EngineUnavailable, ProfileError
@@ -718,3 +720,79 @@ def test_after_a_reboot_the_exited_container_restarts_on_another_port_when_its_o
             assert json.loads((docker_engine.base / "rebooted.json").read_text())["port"] == after.port
     finally:
         docker_engine.stop("rebooted")
+
+
+# -- a full disk inside the container ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def container_on_a_small_disk(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
+) -> Iterator[tuple[ServerInfo, Container]]:
+    """A server in a container whose data dir is a 100 MB tmpfs: its free space is not this host's to see."""
+    from refresher.engines.docker import SERVER_ARGS
+
+    password = "small-disk"
+    container = docker_client.containers.run(
+        docker_pg_image, command=["postgres", *SERVER_ARGS], detach=True,
+        environment={"POSTGRES_USER": "refresher", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "small"},
+        tmpfs={PGDATA: "size=100m"}, ports={"5432/tcp": ("127.0.0.1", None)}, shm_size="256m",
+        labels={PREFIX_LABEL: docker_prefix},
+    )  # fmt: skip
+    try:
+        container.reload()
+        port = int(container.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+        server = ServerInfo("existing", "small", "127.0.0.1", port, "refresher", password, "small")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                query(server, "SELECT 1")
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, _log_tail(container)
+                time.sleep(0.2)
+        yield server, container
+    finally:
+        container.remove(force=True, v=True)
+
+
+def _fill(container: Container, leave: int) -> None:
+    """Fill the container's data disk up to ``leave`` bytes free (a file beside the cluster's)."""
+    free = int(container.exec_run(["df", "-B1", "--output=avail", PGDATA]).output.split()[-1])
+    filled = container.exec_run(["fallocate", "-l", str(free - leave), f"{PGDATA}/filler"])
+    assert filled.exit_code == 0, filled.output
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
+    container_on_a_small_disk: tuple[ServerInfo, Container],
+) -> None:
+    # No pool, no room for the copy even with the database it replaces gone: the host cannot see the container's
+    # free space, and the reset dropped the database to make room anyway; the copy still failed, leaving none.
+    from refresher.errors import DiskFull
+    from refresher.snapshot import restore_pristine
+    from tests.refresher.test_diskfull import _load_and_save
+
+    server, container = container_on_a_small_disk
+    _load_and_save(server, symbols=3)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'S0'")
+        conn.execute("VACUUM FULL ohlcv_1min")  # its disk is given back: dropping it now gives back little
+    _fill(container, leave=2 * 2**20)
+    with pytest.raises(DiskFull) as resetting:
+        restore_pristine(server, refill=False)
+    message = str(resetting.value)
+    assert "\n" not in message and resetting.value.exit_code == 2
+    assert message.endswith(f"({server.dbname} is left as it was, not reset)"), message
+    assert query(server, "SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'") == 25_000
+    assert container.exec_run(["rm", f"{PGDATA}/filler"]).exit_code == 0
+    assert restore_pristine(server, refill=False).method == "template"
+    assert query(server, "SELECT count(*) FROM ohlcv_1min") == 75_000
+    # With room for the copy once the database it replaces is gone, which the server itself says: it resets.
+    query(server, "DELETE FROM ohlcv_1min WHERE symbol = 'S0' RETURNING 1")
+    size = query(server, "SELECT pg_database_size(current_database())")
+    assert isinstance(size, int)
+    _fill(container, leave=size // 2)
+    assert restore_pristine(server, refill=False).method == "template"
+    assert query(server, "SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'") == 25_000
