@@ -23,6 +23,11 @@ def exception_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line (libpq's and Redis's span several), or its type's name."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class RefresherError(Exception):
     """Base of every error refresher raises on purpose."""
 
@@ -159,5 +164,6 @@ __all__ = [
     "SnapshotError",
     "SourceError",
     "exception_line",
+    "one_line",
     "os_error_message",
 ]

@@ -109,7 +109,7 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         )
     # Not there or not a Redis: one line now, rather than a worker backing off in silence for good. Once it
     # runs, a Redis that goes away is waited for (a restart).
-    open_queue(args.queue, args.queue_label).close()
+    client = open_queue(args.queue, args.queue_label)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -125,7 +125,10 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         max_attempts=args.max_attempts,
     )
     clock = (lambda: args.now.timestamp()) if args.now else None  # None: Redis's clock
-    report = Worker(args.queue, settings, options, clock=clock, stop=stop).run()
+    try:
+        report = Worker(args.queue, settings, options, clock=clock, stop=stop, client=client).run()
+    finally:
+        client.close()
     emit(args, report.to_json(), lambda: print(json.dumps(report.to_json())))
     return 0
 

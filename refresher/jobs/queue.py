@@ -27,7 +27,7 @@ import redis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
-from refresher.errors import JobError
+from refresher.errors import JobError, one_line
 from refresher.jobs.tiers import TIERS as TIERS
 from refresher.jobs.tiers import WEIGHTS as WEIGHTS
 
@@ -53,6 +53,26 @@ def run_key(run_id: str, part: str = "") -> str:
     return f"{PREFIX}run:{run_id}" + (f":{part}" if part else "")
 
 
+def no_such_run(run_id: str) -> JobError:
+    return JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+
+
+def run_spec(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
+    """A run's spec; None when its hash has none: never submitted, or deleted by hand (Redis's data lost), with
+    perhaps what a worker's counter left of it. Every check that a run is still there is this one, or, in the
+    scripts, ``run_gone`` (``_RUN_GONE``)."""
+    raw = client.hget(run_key(run_id), "spec")
+    return json.loads(raw) if raw is not None else None
+
+
+def require_run(client: redis.Redis, run_id: str) -> dict[str, Any]:
+    """A run's spec, or the one line that there is no such run."""
+    spec = run_spec(client, run_id)
+    if spec is None:
+        raise no_such_run(run_id)
+    return spec
+
+
 def public_url(url: str) -> str:
     """The queue URL as it may be printed: its password hidden."""
     parts = urlsplit(url)
@@ -62,13 +82,25 @@ def public_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def connect(url: str, *, retries: int = 8, label: str = "--queue") -> redis.Redis:
+# Tries of a command whose connection dropped (a Redis restart), jittered up to 2 s apart.
+RETRIES = 8
+
+
+def _retry(retries: int) -> Retry:
+    return Retry(
+        EqualJitterBackoff(cap=2.0, base=0.05),
+        retries=retries,
+        supported_errors=(redis.ConnectionError, redis.TimeoutError),
+    )
+
+
+def connect(url: str, *, retries: int = RETRIES, label: str = "--queue") -> redis.Redis:
     """A client that retries a dropped connection a few times with jittered backoff (a Redis restart); ``label``
     names where the URL came from in an error (``--queue``, ``REFRESHER_QUEUE``)."""
     try:
         client = redis.Redis.from_url(
             url,
-            retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=retries),
+            retry=_retry(retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             socket_connect_timeout=5,
             health_check_interval=10,
@@ -81,7 +113,7 @@ def connect(url: str, *, retries: int = 8, label: str = "--queue") -> redis.Redi
 
 def unreachable(url: str, exc: Exception, label: str = "--queue") -> JobError:
     """The one-line error for a Redis that does not answer."""
-    reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = one_line(exc)
     shown = public_url(url)
     return JobError(f"{label}={shown}: cannot reach Redis ({reason})", field="queue", value=shown)
 
@@ -89,19 +121,22 @@ def unreachable(url: str, exc: Exception, label: str = "--queue") -> JobError:
 def open_queue(url: str, label: str = "--queue") -> redis.Redis:
     """A client (``connect``) whose Redis was asked once, with one retry: not there, not a Redis server, or
     refusing us (a password, a database number out of range) is one line at once, not a traceback, nor
-    seconds of retries before the first word."""
-    probe = connect(url, retries=1, label=label)
+    seconds of retries before the first word. The client that asked is the one returned, its connection kept,
+    with ``connect``'s retries from then on."""
+    client = connect(url, retries=1, label=label)
     try:
-        probe.ping()
+        client.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
+        client.close()
         raise unreachable(url, exc, label) from exc
     except redis.RedisError as exc:  # InvalidResponse: something else answers there; ResponseError: refused
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        client.close()
         shown = public_url(url)
-        raise JobError(f"{label}={shown}: not a usable Redis ({reason})", field="queue", value=shown) from exc
-    finally:
-        probe.close()
-    return connect(url)
+        raise JobError(
+            f"{label}={shown}: not a usable Redis ({one_line(exc)})", field="queue", value=shown
+        ) from exc
+    client.set_retry(_retry(RETRIES))
+    return client
 
 
 def ensure_groups(client: redis.Redis) -> None:
@@ -141,13 +176,20 @@ return 1
 # A run whose hash is gone (deleted by hand, Redis's data lost): its job is only acknowledged. Counting it made a
 # hash without a spec (`jobs list` then failed on it) and the finish script failed comparing nil, which killed
 # the worker's thread, and every worker's the job was delivered to after it.
-_GONE = """
-if redis.call('HEXISTS', KEYS[2], 'spec') == 0 then
+_RUN_GONE = """
+local function run_gone(key) return redis.call('HEXISTS', key, 'spec') == 0 end
+"""
+
+_GONE = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[2]) then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[1], ARGV[2])
   return 0
 end
 """
+)
 
 _FINISH = (
     _GONE
@@ -211,12 +253,15 @@ redis.call('HINCRBY', KEYS[2], 'dead', 1)
     + _INCOMPLETE
 )
 
-_START = """
-if redis.call('HEXISTS', KEYS[1], 'spec') == 0 then return false end
+_START = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[1]) then return false end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
 return redis.call('HGET', KEYS[1], 'state')
 """
+)
 
 _DROP = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -226,12 +271,14 @@ return 1
 """
 
 # Due retries go back to their tier's stream; keys are derived inside (one Redis, not a cluster).
-_PROMOTE = """
+_PROMOTE = (
+    _RUN_GONE
+    + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, payload in ipairs(due) do
   local job = cjson.decode(payload)
   local run = ARGV[3] .. 'run:' .. job['run']
-  if redis.call('HEXISTS', run, 'spec') == 1 then  -- a run deleted meanwhile: its retry goes
+  if not run_gone(run) then  -- a run deleted meanwhile: its retry goes
     redis.call('XADD', ARGV[3] .. 'jobs:' .. job['tier'], '*', 'job', payload)
     redis.call('HINCRBY', run, 'retrying', -1)
   end
@@ -239,6 +286,7 @@ for _, payload in ipairs(due) do
 end
 return #due
 """
+)
 
 # A held run whose hold has passed: its jobs enter the stream in one step, so none is released twice.
 _RELEASE = """
@@ -436,9 +484,12 @@ __all__ = [
     "connect",
     "enqueue",
     "ensure_groups",
+    "no_such_run",
     "open_queue",
     "public_url",
+    "require_run",
     "run_key",
+    "run_spec",
     "stream_key",
     "text",
     "unreachable",

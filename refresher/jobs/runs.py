@@ -27,6 +27,8 @@ from refresher.jobs.queue import (
     WEIGHTS,
     enqueue,
     ensure_groups,
+    no_such_run,
+    require_run,
     run_key,
     stream_key,
     text,
@@ -199,8 +201,8 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
         pipe.xpending(stream_key(tier), GROUP)
     replies = pipe.execute(raise_on_error=False)
     raw = replies[0]
-    if b"spec" not in raw:  # none, or what a worker's counter left of a hash deleted by hand
-        raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+    if b"spec" not in raw:  # none, or what a worker's counter left of a hash deleted by hand (``run_spec``)
+        raise no_such_run(run_id)
     in_flight, held = int(replies[1]), int(replies[2])
     tiers = []
     for i, tier in enumerate(TIERS):
@@ -255,8 +257,7 @@ def list_runs(client: redis.Redis, limit: int = 50) -> list[RunStatus]:
 
 def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
     """Stop a run: workers acknowledge its remaining jobs without running them; loaded segments stay."""
-    if not client.hexists(run_key(run_id), "spec"):
-        raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+    require_run(client, run_id)
     pipe = client.pipeline(transaction=True)
     pipe.hset(run_key(run_id), "state", "cancelled")
     pipe.delete(run_key(run_id, "held"))
@@ -268,8 +269,7 @@ def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
 def retry_dead(client: redis.Redis, run_id: str) -> int:
     """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
     they failed; returns how many jobs."""
-    if not client.hexists(run_key(run_id), "spec"):
-        raise JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+    require_run(client, run_id)
     moved = 0
     entries: Any = client.xrange(DEAD)
     for entry_id, fields in entries:

@@ -14,7 +14,7 @@ from featurestore import FeatureStore
 from refresher import database
 from refresher.calendar import market_status
 from refresher.engines import select_engine
-from refresher.errors import JobError
+from refresher.errors import JobError, one_line
 from refresher.jobs.queue import TIERS, open_queue, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
@@ -29,7 +29,7 @@ def without_password(dsn: str) -> str:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
-        reason = " ".join(str(exc).split())  # libpq's message spans lines
+        reason = one_line(exc)  # libpq's message spans lines
         raise JobError(f"--target: not a PostgreSQL DSN ({reason})", field="target") from exc
     params.pop("password", None)
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import random
 import sys
 import threading
@@ -31,7 +32,7 @@ from refresher import load, pool, snapshot
 from refresher._gc import fewer_collections
 from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
-from refresher.errors import ProfileBusy
+from refresher.errors import ProfileBusy, one_line
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs.inprocess import STORE_BATCH
 from refresher.jobs.queue import (
@@ -42,7 +43,9 @@ from refresher.jobs.queue import (
     JobQueue,
     connect,
     ensure_groups,
+    require_run,
     run_key,
+    run_spec,
     stream_key,
     text,
 )
@@ -177,18 +180,27 @@ def run_features(
 
 
 class RedisClock:
-    """Redis's own time, as this machine's clock plus the offset measured at each sweep: the one clock every
-    worker schedules by (retries, held runs, counters), whatever its machine's clock says. A worker whose
-    clock ran an hour ahead released a ``--when-closed`` run an hour early, while the exchange traded, and
-    promoted every retry at once; one behind left the retries it scheduled waiting an hour for the others."""
+    """Redis's own time, as this machine's clock plus the offset measured at most once per ``interval``: the one
+    clock every worker schedules by (retries, held runs, counters), whatever its machine's clock says. A worker
+    whose clock ran an hour ahead released a ``--when-closed`` run an hour early, while the exchange traded, and
+    promoted every retry at once; one behind left the retries it scheduled waiting an hour for the others.
 
-    def __init__(self, local: Clock = time.time) -> None:
-        self.local, self.offset = local, 0.0
+    One per worker process, shared by its threads: the offset drifts by milliseconds an hour, so each thread's
+    sweep asking TIME twice a second was a round trip for nothing."""
+
+    def __init__(self, local: Clock = time.time, interval: float = 30.0) -> None:
+        self.local, self.offset, self.interval = local, 0.0, interval
+        self._synced = -math.inf  # time.monotonic() of the last measure
+        self._lock = threading.Lock()
 
     def sync(self, client: redis.Redis) -> None:
-        before = self.local()
-        seconds, micros = client.time()
-        self.offset = seconds + micros / 1e6 - (before + self.local()) / 2
+        with self._lock:
+            if time.monotonic() - self._synced < self.interval:
+                return
+            before = self.local()
+            seconds, micros = client.time()
+            self.offset = seconds + micros / 1e6 - (before + self.local()) / 2
+            self._synced = time.monotonic()
 
     def __call__(self) -> float:
         return self.local() + self.offset
@@ -205,8 +217,11 @@ class Worker:
         *,
         clock: Clock | None = None,
         stop: threading.Event | None = None,
+        client: redis.Redis | None = None,
     ) -> None:
         self.queue_url, self.settings, self.options = queue_url, settings, options
+        # One client for every thread (its pool gives each a connection): the CLI's, which asked Redis already.
+        self.client = client if client is not None else connect(queue_url)
         self.clock: Clock = clock or RedisClock()  # an injected clock (--now) is taken as it is
         self.stop = stop or threading.Event()
         self.report = WorkerReport(options.name)
@@ -227,7 +242,7 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------------------
 
     def _loop(self, consumer: str) -> None:
-        queue = JobQueue(connect(self.queue_url))
+        queue = JobQueue(self.client)
         contexts: dict[str, _RunContext] = {}
         failures = 0
         last_sweep = 0.0
@@ -281,10 +296,7 @@ class Worker:
 
     def _context(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> _RunContext:
         if run not in contexts:
-            raw = queue.client.hget(run_key(run), "spec")
-            if raw is None:
-                raise LookupError(f"run {run}: no spec in Redis")
-            contexts[run] = _RunContext(self.settings, json.loads(raw))
+            contexts[run] = _RunContext(self.settings, require_run(queue.client, run))
         return contexts[run]
 
     def _handle(
@@ -389,7 +401,7 @@ class Worker:
         attempt = int(delivery.job.get("attempt", 0)) + 1
         transient = is_transient(exc)
         limit = self.options.max_attempts if transient else self.options.poison_attempts
-        text = " ".join(str(exc).split()) or type(exc).__name__
+        text = one_line(exc)
         kind = "transient" if transient else "permanent"
         if attempt >= limit:
             queue.dead_letter(delivery, f"{kind}: {text}", attempt)
@@ -447,8 +459,8 @@ class Worker:
         Redis's own time), or after the last attempt end the run 'incomplete' with the error."""
         if run in contexts:
             contexts.pop(run).close()  # reconnect on the next attempt
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if not queue.client.hexists(run_key(run), "spec"):  # the run was deleted by hand
+        text = one_line(exc)
+        if run_spec(queue.client, run) is None:  # the run was deleted by hand
             queue.client.srem(FEATURES_DUE, run)
             self._say(f"run {run}: features not computed, the run is gone from Redis: {text}")
             return
