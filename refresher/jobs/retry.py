@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Iterator
 
 import psycopg
 import redis
@@ -11,24 +13,64 @@ import redis
 # (query_canceled), too many connections, and the admin shutdown family (a server restarting).
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014", "53300", "57P01", "57P02", "57P03"})
 
+# SQLSTATEs of a server refusing us at the door: a wrong password (28P01), a role missing or pg_hba.conf
+# refusing (28000), a database missing (3D000). No attempt changes that until someone fixes the target.
+REFUSED_SQLSTATES = frozenset({"28P01", "28000", "3D000"})
 
-def is_transient(exc: BaseException) -> bool:
-    """True for failures another attempt may not meet: connection refused/reset, lock or statement timeout,
-    serialization failure, deadlock, Redis unavailable. Everything else (bad source data, a schema mismatch,
-    rows outside their segment) is permanent: retrying gives the same answer."""
+# libpq reports a refused connection without its SQLSTATE (there is no result to read it from), only the
+# server's message: these are the server's words for the refusals above (English messages, lc_messages=C or
+# en; a server speaking another language stays transient), and libpq's own for a password it does not have.
+_REFUSED_WORDS = re.compile(
+    r"FATAL:\s+(?:password authentication failed|\w+ authentication failed|role \".*\" does not exist|"
+    r"database \".*\" does not exist|no pg_hba\.conf entry|pg_hba\.conf rejects connection|"
+    r"permission denied for database)"
+    r"|fe_sendauth: no password supplied"
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (explicit first, else the context), each once."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _refused(error: psycopg.Error) -> bool:
+    if error.sqlstate is not None:
+        return error.sqlstate in REFUSED_SQLSTATES
+    return isinstance(error, psycopg.OperationalError) and _REFUSED_WORDS.search(str(error)) is not None
+
+
+def is_refused(exc: BaseException) -> bool:
+    """True when the target refused us (password, role, database): permanent, and no other attempt of any job of
+    the run can pass until the target or its credentials are fixed, so the job is dead-lettered at once."""
+    for cause in _chain(exc):
+        if isinstance(cause, psycopg.Error):
+            return _refused(cause)
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures another attempt may not meet: connection refused/reset, lock or statement timeout,
+    serialization failure, deadlock, Redis unavailable. Everything else (bad source data, a schema mismatch,
+    rows outside their segment, a password the target refuses) is permanent: retrying gives the same answer."""
+    for cause in _chain(exc):
         if isinstance(cause, redis.ConnectionError | redis.TimeoutError | ConnectionError | TimeoutError):
             return True
         if isinstance(cause, psycopg.Error):
             state = cause.sqlstate
             if state in TRANSIENT_SQLSTATES:
                 return True
-            # No SQLSTATE on an OperationalError: the connection failed or broke (libpq's own error).
-            return isinstance(cause, psycopg.OperationalError) and (state is None or state.startswith("08"))
-        cause = cause.__cause__ or cause.__context__
+            # No SQLSTATE on an OperationalError: the connection failed or broke (libpq's own error), unless
+            # the server refused it (its SQLSTATE lost on the way).
+            return (
+                isinstance(cause, psycopg.OperationalError)
+                and (state is None or state.startswith("08"))
+                and not _refused(cause)
+            )
     return False
 
 
@@ -38,4 +80,4 @@ def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random
     return (rng or random).uniform(0, ceiling)
 
 
-__all__ = ["TRANSIENT_SQLSTATES", "backoff_seconds", "is_transient"]
+__all__ = ["REFUSED_SQLSTATES", "TRANSIENT_SQLSTATES", "backoff_seconds", "is_refused", "is_transient"]

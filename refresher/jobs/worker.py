@@ -32,7 +32,7 @@ from refresher import load, pool, snapshot
 from refresher._gc import fewer_collections
 from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
-from refresher.errors import ProfileBusy, one_line
+from refresher.errors import LoadError, ProfileBusy, one_line
 from refresher.features import FeatureCounts, refresh_features
 from refresher.jobs.inprocess import STORE_BATCH
 from refresher.jobs.queue import (
@@ -49,7 +49,7 @@ from refresher.jobs.queue import (
     stream_key,
     text,
 )
-from refresher.jobs.retry import backoff_seconds, is_transient
+from refresher.jobs.retry import backoff_seconds, is_refused, is_transient
 from refresher.jobs.segment import (
     SegmentJob,
     SegmentOutcome,
@@ -121,7 +121,12 @@ class _RunContext:
         self.profile: Profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
         self.store = FeatureStore(settings.store_root)
         self.source: Source = make_source(self.profile)
-        self.conn = psycopg.connect(_credentials(settings, spec), autocommit=True)
+        try:
+            self.conn = psycopg.connect(_credentials(settings, spec), autocommit=True)
+        except psycopg.OperationalError as exc:
+            # libpq's line names neither the database nor the role: the DSN does, without its password.
+            self.source.close()
+            raise LoadError(f"target {spec['target']}: cannot connect ({one_line(exc)})") from exc
 
     def close(self) -> None:
         with suppress(Exception):
@@ -399,10 +404,8 @@ class Worker:
 
     def _failed(self, queue: JobQueue, delivery: Delivery, exc: BaseException) -> None:
         attempt = int(delivery.job.get("attempt", 0)) + 1
-        transient = is_transient(exc)
-        limit = self.options.max_attempts if transient else self.options.poison_attempts
+        kind, limit = self._attempts(exc)
         text = one_line(exc)
-        kind = "transient" if transient else "permanent"
         if attempt >= limit:
             queue.dead_letter(delivery, f"{kind}: {text}", attempt)
             self._count(dead=1)
@@ -416,6 +419,15 @@ class Worker:
             self._say(
                 f"{delivery.job['seg']}: attempt {attempt} failed ({kind}), retry in {wait:.1f} s: {text}"
             )
+
+    def _attempts(self, exc: BaseException) -> tuple[str, int]:
+        """What kind of failure ``exc`` is, and the attempts its job (or features step) gets. A target that
+        refuses us (password, role, database) gets one: every attempt in the backoff meets the same refusal."""
+        if is_refused(exc):
+            return "permanent", 1
+        if is_transient(exc):
+            return "transient", self.options.max_attempts
+        return "permanent", self.options.poison_attempts
 
     def _say(self, message: str) -> None:
         """One line on stderr per failed attempt: an operator sees why jobs retry or die without reading Redis."""
@@ -465,9 +477,8 @@ class Worker:
             self._say(f"run {run}: features not computed, the run is gone from Redis: {text}")
             return
         attempt = int(queue.client.hincrby(run_key(run), "features_attempts", 1))
-        transient = is_transient(exc)
-        kind = "transient" if transient else "permanent"
-        if attempt >= (self.options.max_attempts if transient else self.options.poison_attempts):
+        kind, limit = self._attempts(exc)
+        if attempt >= limit:
             pipe = queue.client.pipeline(transaction=True)
             pipe.hset(run_key(run), mapping={"state": "incomplete", "error": f"features: {kind}: {text}"})
             pipe.srem(FEATURES_DUE, run)

@@ -9,7 +9,13 @@ import pytest
 import redis
 
 from refresher.errors import LoadError
-from refresher.jobs.retry import TRANSIENT_SQLSTATES, backoff_seconds, is_transient
+from refresher.jobs.retry import (
+    REFUSED_SQLSTATES,
+    TRANSIENT_SQLSTATES,
+    backoff_seconds,
+    is_refused,
+    is_transient,
+)
 
 
 def chained(outer: BaseException, inner: BaseException, *, implicit: bool = False) -> BaseException:
@@ -23,6 +29,40 @@ def chained(outer: BaseException, inner: BaseException, *, implicit: bool = Fals
 @pytest.mark.parametrize("state", sorted(TRANSIENT_SQLSTATES))
 def test_every_transient_sqlstate_is_retried(state: str) -> None:
     assert is_transient(psycopg.errors.lookup(state)())
+
+
+@pytest.mark.parametrize("state", sorted(REFUSED_SQLSTATES))
+def test_every_refusing_sqlstate_is_refused_not_transient(state: str) -> None:
+    error = psycopg.errors.lookup(state)()
+    assert is_refused(error) and not is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'connection to server at "h", port 5 failed: FATAL:  password authentication failed for user "u"',
+        'connection to server at "h", port 5 failed: FATAL:  database "d" does not exist',
+        'connection to server at "h", port 5 failed: FATAL:  role "r" does not exist',
+        'connection to server at "h", port 5 failed: FATAL:  no pg_hba.conf entry for host "h", user "u"',
+        'connection to server at "h", port 5 failed: fe_sendauth: no password supplied',
+    ],
+)
+def test_a_connection_the_server_refused_is_refused_though_libpq_gives_no_sqlstate(message: str) -> None:
+    error = chained(LoadError("target: cannot connect"), psycopg.OperationalError(message))
+    assert is_refused(error) and not is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'connection to server at "h", port 5 failed: Connection refused',
+        'connection to server at "h", port 5 failed: FATAL:  the database system is starting up',
+        'connection to server at "h", port 5 failed: FATAL:  sorry, too many clients already',
+    ],
+)
+def test_a_connection_failing_otherwise_stays_transient(message: str) -> None:
+    error = psycopg.OperationalError(message)
+    assert is_transient(error) and not is_refused(error)
 
 
 @pytest.mark.parametrize(
