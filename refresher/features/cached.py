@@ -293,6 +293,7 @@ def compute_features(
     universe_hashes = [h for symbol in sorted(hashes) for h in (symbol, *hashes[symbol])]
     frames: dict[str, pd.DataFrame] = {}
     tables: dict[str, list[pa.Table]] = {}
+    # Once per entry: a user's function is versioned by reading and hashing its modules' source.
     versions = {use.name: _version(use.spec) for use in profile.features}
 
     def input_hash_of(use: FeatureUse, symbol: str) -> str:
@@ -330,7 +331,9 @@ def compute_features(
         spec = use.spec
         if spec.timeframe == "1m":
             try:
-                batch = _intraday_batch(use, profile, store, plan, minute, entries, loaded, inputs or {})
+                batch = _intraday_batch(
+                    use, versions[use.name], profile, store, plan, minute, entries, loaded, inputs or {}
+                )
             except FeatureError as exc:
                 failures.append(exc)
                 continue
@@ -338,7 +341,7 @@ def compute_features(
                 yield batch
             continue
         benchmark: pd.Series | None = None
-        version = _version(spec)
+        version = versions[use.name]
         todo: list[tuple[str, pd.DataFrame, str]] = []
         empty: list[FeaturePart] = []
         # Only a registered feature is known to be causal, and a universe feature moves with every symbol.
@@ -408,6 +411,7 @@ def compute_features(
 
 def _intraday_batch(
     use: FeatureUse,
+    version: str,
     profile: Profile,
     store: FeatureStore,
     plan: GapPlan,
@@ -422,8 +426,7 @@ def _intraday_batch(
 
     Symbols go to the store in groups of up to ``INTRADAY_GROUP_ROWS`` minute bars, one request per group: the
     misses of a group are recorded in one manifest transaction (about 20 ms each, once per symbol before), and
-    memory holds one group's bars, not the profile's."""
-    version = _version(use.spec)
+    memory holds one group's bars, not the profile's. ``version``: the entry's ``_version``."""
     parts: list[FeaturePart] = []
     computed = 0
     group: list[tuple[FeaturePart, list[Segment]]] = []

@@ -20,7 +20,7 @@ import pytest
 
 from featurestore import FeatureStore
 from refresher.errors import FeatureError, ProfileError
-from refresher.features import refresh_features
+from refresher.features import cached, refresh_features
 from refresher.features.cached import compute_features, daily_frame
 from refresher.profile import Profile
 from tests.refresher.test_features_load import conn, run, store, stored_plan, table_rows, write_profile
@@ -346,3 +346,16 @@ def test_two_threads_run_users_functions_at_once(tmp_path: Path, module: str) ->
         ]
         batches = [future.result() for future in done]
     assert [[part.symbol for b in bs for part in b.parts] for bs in batches] == [["AAA"], ["AAA"]]
+
+
+def test_each_entrys_version_is_computed_once_per_refresh(
+    tmp_path: Path, module: str, store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A user's function is versioned by reading and hashing its modules' source: once per entry, not per use.
+    profile = profile_of(tmp_path, f'{{name: mine, function: "{module}:compute"}}, dashboard_data')
+    plan = stored_plan(profile, store)
+    versioned: list[str] = []
+    version = cached._version
+    monkeypatch.setattr(cached, "_version", lambda spec: versioned.append(spec.name) or version(spec))
+    assert [batch.use.name for batch in compute_features(profile, store, plan)] == ["mine", "dashboard_data"]
+    assert sorted(versioned) == sorted(["dashboard_data", f"{module}:compute"])
