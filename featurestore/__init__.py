@@ -16,6 +16,7 @@ from featurestore.errors import (
     ComputeError,
     FeatureStoreError,
     ManifestBusy,
+    StoreDiskFull,
     StoreLockTimeout,
     StoreNotWritable,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "IntegrityReport",
     "KindStats",
     "ManifestBusy",
+    "StoreDiskFull",
     "StoreLockTimeout",
     "StoreNotWritable",
     "WarmReport",

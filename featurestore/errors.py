@@ -63,6 +63,18 @@ class StoreNotWritable(FeatureStoreError):
         )
 
 
+class StoreDiskFull(FeatureStoreError):
+    """The store's disk (or the user's quota there) is full where the manifest had to be written."""
+
+    def __init__(self, root: str, free: int, detail: str) -> None:
+        super().__init__(
+            f"disk full: {root} has {free / 2**20:,.0f} MB free, not enough to write the store's manifest "
+            f"({detail}); free some space and run again",
+            path=root,
+            free=free,
+        )
+
+
 def bad_value(field: str, value: Any, reason: str) -> FeatureStoreError:
     """One-line error naming the argument and the value at fault."""
     return FeatureStoreError(f"{field}={value!r}: {reason}", field=field, value=value)
@@ -72,6 +84,7 @@ __all__ = [
     "ComputeError",
     "FeatureStoreError",
     "ManifestBusy",
+    "StoreDiskFull",
     "StoreLockTimeout",
     "StoreNotWritable",
     "bad_value",

@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +43,7 @@ import pyarrow as pa
 
 from featurestore._duckdb import duckdb, interrupts_noted
 from featurestore._locks import file_lock, thread_lock
-from featurestore.errors import FeatureStoreError, ManifestBusy
+from featurestore.errors import FeatureStoreError, ManifestBusy, StoreDiskFull
 
 log = logging.getLogger("featurestore")
 
@@ -58,6 +60,8 @@ _FILLED = "restored_from_files"
 # DuckDB's message when another program holds the file: not damage, the file must not be moved aside.
 _HELD_ELSEWHERE = "Could not set lock"
 _INTERRUPTED = "Query interrupted"  # DuckDB's RuntimeError after it took a SIGINT (see ``_interrupts_kept``)
+# DuckDB's words (the C library's) for a write that found the disk or the quota full: not damage either.
+_DISK_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -231,11 +235,13 @@ class Manifest:
                 folded = self._fold_journal(con)
                 yield txn
                 con.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 # None may be left to roll back: a Ctrl-C during COMMIT ends it ("Query interrupted"), and an
                 # error here would be raised over the one that matters.
                 with contextlib.suppress(duckdb.TransactionException):
                     con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.Error):
+                    self._raise_if_disk_full(exc)
                 raise
             for path in folded:
                 path.unlink(missing_ok=True)
@@ -280,6 +286,7 @@ class Manifest:
         except duckdb.Error as exc:
             self._detach(con)
             _raise_if_interrupt(exc)
+            self._raise_if_disk_full(exc)
             if _HELD_ELSEWHERE in str(exc):
                 raise ManifestBusy(str(self.path), _first_line(exc)) from None
             return exc
@@ -295,8 +302,19 @@ class Manifest:
         except duckdb.Error as exc:
             self._detach(con)
             _raise_if_interrupt(exc)
+            self._raise_if_disk_full(exc)
             return exc
         return con
+
+    def _raise_if_disk_full(self, exc: duckdb.Error) -> None:
+        """StoreDiskFull if DuckDB could not write for lack of space: one line, and never taken for damage (a
+        manifest set aside and rebuilt loses every access time and counter)."""
+        if any(words in str(exc) for words in _DISK_FULL):
+            try:
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                free = 0
+            raise StoreDiskFull(str(self.root), free, _first_line(exc)) from None
 
     def _host(self) -> duckdb.DuckDBPyConnection:
         """This process's in-memory DuckDB for this manifest, started on first use.
@@ -408,11 +426,17 @@ class Manifest:
             return
         payload = "".join(lines).encode()
         with file_lock(self._journal_lock, shared=True, timeout=self._lock_timeout):
-            fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, payload)
-            finally:
-                os.close(fd)
+                fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, payload)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                # A full disk must not fail the read that was served (it did, ENOSPC): these accesses go
+                # unrecorded, so their keys may expire a little sooner. A line cut short is never folded.
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
 
     def _journal_pending(self, beyond: int = 0) -> bool:
         """Whether the journal holds more than ``beyond`` bytes (or a dead folder's files wait to be folded)."""
