@@ -358,8 +358,12 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
         dsn = commands.url(settings, args.profile)
         emit(args, {"profile": args.profile, "dsn": dsn}, lambda: print(dsn))
     elif args.command == "down":
-        stopped = commands.down(settings, args.profile)
-        emit(args, {"stopped": stopped}, lambda: render.down_report(stopped))
+        down = commands.down(settings, args.profile)
+        emit(
+            args,
+            {"stopped": down.stopped, "left_alone": down.left_alone},
+            lambda: render.down_report(down.stopped, down.left_alone),
+        )
     elif args.command == "profiles":
         listing = commands.profiles(settings)
         emit(args, render.profiles_json(listing), lambda: render.profiles_table(listing))

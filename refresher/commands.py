@@ -280,25 +280,38 @@ def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None 
     return tuple(str(r) for r in stored_reports(FeatureStore(settings.store_root), keys))
 
 
-def down(settings: Settings, name: str) -> list[str]:
-    """Stop and remove ``name``'s server ("all": every server); returns the profiles stopped."""
+@dataclass(frozen=True)
+class Down:
+    """What ``down`` did: the servers it stopped, and those under a profile's names it left to their owner."""
+
+    stopped: list[str]
+    left_alone: list[str]  # "<engine>:<profile> left alone: <why>"
+
+
+def down(settings: Settings, name: str) -> Down:
+    """Stop and remove ``name``'s server ("all": every server)."""
     if name != "all":
         _check_name(settings, name)
     stopped: list[str] = []
+    left_alone: list[str] = []
     # The second list: a `down` interrupted while removing a local cluster left its files hidden, where only
     # another `down` (or a start) looks; the user's retry found "nothing to stop" and the files stayed.
     for server in [*engines.all_statuses(settings), *engines.interrupted_removals(settings)]:
         if name in ("all", server.profile):
             engine = engines.make_engine(server.engine, settings)
-            if engine.stop(server.profile):
+            # Only what is ours goes (another checkout's server under the profile's names stays): say which.
+            removed = engine.stop(server.profile)
+            if server.left_alone:
+                left_alone.append(f"{server.engine}:{server.profile} left alone: {server.left_alone}")
+            elif removed:
                 stopped.append(f"{server.engine}:{server.profile}")
-    if not stopped and name != "all":
+    if not stopped and not left_alone and name != "all":
         error = _no_server(settings, name, "no server")
         if isinstance(error, ProfileError):  # a typo; a known profile without a server has nothing to stop
             raise error
     for profile in {entry.split(":", 1)[1] for entry in stopped}:
         _remove_lock_files(settings.state_dir, profile)
-    return stopped
+    return Down(stopped, left_alone)
 
 
 def _remove_lock_files(state_dir: Path, profile: str) -> None:

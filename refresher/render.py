@@ -245,8 +245,11 @@ def status_table(
     _notes(notes)
 
 
-def down_report(stopped: list[str]) -> None:
-    _out("stopped " + ", ".join(stopped) if stopped else "nothing to stop")
+def down_report(stopped: list[str], left_alone: list[str]) -> None:
+    if stopped or not left_alone:
+        _out("stopped " + ", ".join(stopped) if stopped else "nothing to stop")
+    for line in left_alone:
+        _out(line)
 
 
 def profile_json(profile: Profile) -> dict[str, Any]:

@@ -38,6 +38,8 @@ class ServerStatus:
     host: str | None = None
     port: int | None = None
     detail: str = ""
+    # Why a server under this profile's names is another checkout's, which this one leaves alone ("" if none).
+    left_alone: str = ""
 
 
 @runtime_checkable

@@ -224,7 +224,9 @@ class DockerEngine:
             for name in sorted(containers.keys() | recorded):
                 container = containers.get(name)
                 if container is None:
-                    statuses.append(ServerStatus(self.name, name, False, detail=self._missing(client, name)))
+                    foreign = self._foreign(client, name)
+                    detail = foreign or self._missing(client, name)
+                    statuses.append(ServerStatus(self.name, name, False, detail=detail, left_alone=foreign))
                 elif container.status == "running":
                     detail = f"container {container.name} ({_image_name(container)})"
                     statuses.append(ServerStatus(self.name, name, True, HOST, _host_port(container), detail))
@@ -235,12 +237,17 @@ class DockerEngine:
                     statuses.append(ServerStatus(self.name, name, False, detail=detail))
             return statuses
 
-    def _missing(self, client: docker.DockerClient, profile: str) -> str:
-        """What ``status`` says of a profile with a state file but no container."""
+    def _foreign(self, client: docker.DockerClient, profile: str) -> str:
+        """Why the container or volume under the profile's names is not ours ("" when none is another's)."""
         try:
             self._container(client, profile)
+            self._volume(client, profile)
         except EngineStateError as exc:
             return str(exc)
+        return ""
+
+    def _missing(self, client: docker.DockerClient, profile: str) -> str:
+        """What ``status`` says of a profile with a state file, no container, and nothing of another's."""
         if self._volume(client, profile, strict=False) is None:
             return (
                 "start interrupted before its container was made (the next `refresher refresh` starts over)"

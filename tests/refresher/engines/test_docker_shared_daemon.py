@@ -234,6 +234,45 @@ def test_a_checkout_at_the_same_path_elsewhere_never_adopts_or_removes_the_other
 
 
 @pytest.mark.docker
+def test_down_all_says_in_one_line_that_another_checkouts_server_under_our_name_was_left_alone(
+    docker_client: docker.DockerClient, docker_pg_image: str, tmp_path: Path
+) -> None:
+    # This checkout started `same_name`, its container and volume were removed behind its back (a reboot's
+    # cleanup), then a checkout at the same path on another machine started its own under the same name. `down
+    # all` rightly left theirs alone but printed "stopped docker:same_name".
+    state_dir = tmp_path / "workspace" / ".refresher"
+    ours = DockerEngine(state_dir, image=docker_pg_image, client=docker_client)  # the CLI's prefix: `down`'s
+    ours.start("same_name")
+    name = f"refresher-{ours.scope}-same_name"
+    docker_client.containers.get(name).remove(force=True, v=True)
+    docker_client.volumes.get(f"{name}-data").remove(force=True)
+    (state_dir / "docker" / "checkout-id").rename(tmp_path / "our-checkout-id")
+    other = DockerEngine(state_dir, image=docker_pg_image, client=docker_client)
+    other.hostname = "dev-container-1"
+    try:
+        theirs = other.start("same_name")
+        (tmp_path / "our-checkout-id").replace(state_dir / "docker" / "checkout-id")
+        down = subprocess.run(
+            [sys.executable, "-m", "refresher.cli", "down", "--profile", "all"],
+            capture_output=True, text=True, cwd=REPO,
+            env={**os.environ, "REFRESHER_STATE_DIR": str(state_dir), "REFRESHER_ENGINE": "auto"},
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        lines = down.stdout.strip().splitlines()
+        assert len(lines) == 1, down.stdout
+        assert "stopped" not in lines[0]
+        assert f"docker:same_name left alone: container {name} " in lines[0]
+        assert "belongs to another checkout" in lines[0] and "dev-container-1" in lines[0]
+        with psycopg.connect(theirs.dsn(), connect_timeout=10) as conn:  # still there, still theirs
+            assert conn.execute("SELECT current_database()").fetchone() == ("same_name",)
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.containers.get(name).remove(force=True, v=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.volumes.get(f"{name}-data").remove(force=True)
+
+
+@pytest.mark.docker
 def test_a_state_dir_removed_and_made_again_on_the_same_machine_adopts_its_running_server(
     engine_at: Callable[[Path], DockerEngine], tmp_path: Path
 ) -> None:
