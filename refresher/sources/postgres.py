@@ -29,7 +29,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from refresher.calendar import exchange_tz, get_calendar
-from refresher.errors import SourceError
+from refresher.errors import SourceError, one_line
 from refresher.profile import PostgresSourceSpec, Profile
 from refresher.schema import empty_table
 from refresher.segments import Segment
@@ -95,8 +95,17 @@ class PostgresSource(Source):
                 self._session_zone = ""
             except psycopg.OperationalError as exc:
                 raise SourceError(
-                    f"source.dsn: cannot connect to the upstream database: {exc}".strip()
+                    f"source.dsn: cannot connect to the upstream database: {one_line(exc)}"
                 ) from exc
+            except psycopg.ProgrammingError:
+                # libpq quotes the text it could not parse, which may be a piece of the password ('missing "="
+                # after "123"' for password=abc 123): a traceback showing it, before
+                raise SourceError(
+                    "source.dsn: not a PostgreSQL connection string (key=value pairs, a value with spaces in "
+                    "single quotes, or a postgresql:// URL with special characters %-escaped); not shown, it "
+                    "may hold a password",
+                    field="source.dsn",
+                ) from None
         try:
             zone = self._zone(segment)
             if zone != self._session_zone:  # one round trip when it changes, not one per query
@@ -105,7 +114,7 @@ class PostgresSource(Source):
             with self._conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
-            raise SourceError(f"upstream query failed: {str(exc).strip()}") from exc
+            raise SourceError(f"upstream query failed: {_one_line(exc)}") from exc
 
     def close(self) -> None:
         if self._conn is not None:
@@ -244,6 +253,15 @@ class PostgresSource(Source):
         ts = pd.to_datetime(pd.Series(utc, dtype=object), utc=True, errors="coerce")
         ok = ts.notna().to_numpy()
         return np.where(ok, ts.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64), 0), ok
+
+
+def _one_line(exc: psycopg.Error) -> str:
+    """The server's own message (and hint) without the LINE and caret lines it adds (a bad table was three
+    lines), else the client's message on one line (a connection lost mid-fetch)."""
+    primary, hint = exc.diag.message_primary, exc.diag.message_hint
+    if primary:
+        return f"{primary} ({hint})" if hint else primary
+    return one_line(exc)
 
 
 __all__ = ["PostgresSource"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -106,6 +108,69 @@ def test_bad_table_and_unreachable_server_are_source_errors(upstream: str, make_
     dead = PostgresSource(make_profile(body("host=127.0.0.1 port=1 user=x dbname=x")))
     with dead, pytest.raises(SourceError, match="cannot connect"):
         dead.fetch(Segment("AAPL", "1d", NOV))
+
+
+def test_upstream_failures_are_one_line_and_never_show_the_password(
+    upstream: str, make_profile: MakeProfile
+) -> None:
+    # The server's message came with its LINE and caret lines (three lines); a connection string libpq could
+    # not parse was a ProgrammingError traceback quoting the piece after the password's space.
+    with PostgresSource(make_profile(body(upstream).replace("prod.minute_bars", "prod.nope"))) as src:
+        for ask in (src.fetch, src.version):
+            with pytest.raises(SourceError) as info:
+                ask(Segment("AAPL", "1m", NOV))
+            assert str(info.value) == 'upstream query failed: relation "prod.nope" does not exist'
+    port = upstream.split("port=")[1].split()[0]
+    unquoted = f"host=127.0.0.1 port={port} user=postgres password=sekrit 123 dbname=postgres"
+    with PostgresSource(make_profile(body(unquoted), name="unquoted")) as src:
+        with pytest.raises(SourceError) as info:
+            src.fetch(Segment("AAPL", "1d", NOV))
+        message = str(info.value)
+        assert message.startswith("source.dsn: not a PostgreSQL connection string") and "\n" not in message
+        assert "sekrit" not in message and "123" not in message
+    # A wrong password (the server asks for one from this role) and a connection ended mid-fetch: one line.
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS pw_check")
+        conn.execute("CREATE ROLE pw_check LOGIN PASSWORD 'right-one'")
+        hba = Path(conn.execute("SHOW hba_file").fetchone()[0])  # type: ignore[index]
+        rules = hba.read_text()
+        hba.write_text(f"host all pw_check 127.0.0.1/32 scram-sha-256\n{rules}")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        wrong = f"postgresql://pw_check:wrong-one@127.0.0.1:{port}/postgres"
+        with PostgresSource(make_profile(body(wrong), name="wrong")) as src:
+            with pytest.raises(SourceError) as info:
+                src.fetch(Segment("AAPL", "1d", NOV))
+            message = str(info.value)
+            assert 'password authentication failed for user "pw_check"' in message and "\n" not in message
+            assert "wrong-one" not in message
+    finally:
+        hba.write_text(rules)
+        with psycopg.connect(upstream, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute("DROP ROLE pw_check")
+    slow = (
+        '  queries: {1d: "SELECT *, pg_sleep(30) FROM (SELECT day AS date, o AS open, h AS high, l AS low,'
+        ' c AS close, vol AS volume FROM prod.\\"Daily Bars\\" WHERE ticker = %(symbol)s AND day >= %(start)s'
+        ' AND day < %(end)s) AS bars"}\n'
+    )
+    with PostgresSource(make_profile(body(upstream, slow), name="slow")) as src:
+        ended = threading.Timer(1.0, _end_sleepers, [upstream])
+        ended.start()
+        try:
+            with pytest.raises(SourceError) as info:
+                src.fetch(Segment("AAPL", "1d", NOV))
+        finally:
+            ended.join()
+        assert str(info.value) == "upstream query failed: terminating connection due to administrator command"
+
+
+def _end_sleepers(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE '%%pg_sleep(30)%%' AND pid <> pg_backend_pid()"
+        )
 
 
 BAD_SETUP = """
