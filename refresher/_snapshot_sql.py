@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -21,6 +21,8 @@ from psycopg import sql
 from refresher._planner_stats import _PENDING_NAME
 from refresher.diskfull import server_disk_full
 from refresher.errors import SnapshotError
+
+_T = TypeVar("_T")
 
 MAINTENANCE_DB = "postgres"
 TAKE = 1
@@ -247,25 +249,31 @@ def _rename(conn: psycopg.Connection[Any], old: str, new: str, *, ending: tuple[
 
 
 def _evicting(
-    conn: psycopg.Connection[Any], ending: tuple[str, ...], run: Callable[[], None], tries: int = EVICT_TRIES
-) -> None:
-    """``run`` a rename or copy of a database that fails with ObjectInUse while another session is on it (the
-    server waits up to 5 s for those the caller ended to exit). A session that connected between the caller's
-    ending of the sessions on ``ending`` and ``run`` (a database browser reconnecting, our own analyzer) made a
-    reset fail with "being accessed by other users": such a one is ended in turn and ``run`` tried again, until
-    a try finds none this role may end, at most ``tries`` times; then the last ObjectInUse is raised. No
-    ``ending``: one try."""
+    conn: psycopg.Connection[Any],
+    ending: tuple[str, ...],
+    run: Callable[[], _T],
+    tries: int = EVICT_TRIES,
+    *,
+    busy: type[psycopg.Error] = psycopg.errors.ObjectInUse,
+) -> _T:
+    """``run`` a rename or copy of a database, which fails with ``busy`` (ObjectInUse) while another session is
+    on it (the server waits up to 5 s for those the caller ended to exit); what it returns. A session that
+    connected between the caller's ending of the sessions on ``ending`` and ``run`` (a database browser
+    reconnecting, our own analyzer) made a reset fail with "being accessed by other users": such a one is ended
+    in turn and ``run`` tried again, until a try finds none this role may end, at most ``tries`` times; then the
+    last ``busy`` error is raised. No ``ending``: one try. (``busy``: LockNotAvailable for a read that waits for
+    a lock an open transaction on the database holds.)"""
     for attempt in range(1, tries + 1):
         try:
-            run()
-            return
-        except psycopg.errors.ObjectInUse:
+            return run()
+        except busy:
             if not ending or attempt == tries:
                 raise
             # pg_stat_activity is read once per transaction: without this, the retry saw the sessions as they were.
             conn.execute("SELECT pg_stat_clear_snapshot()")
             if _terminate_others(conn, *ending) == 0:
                 raise  # what is still on it is no session this role may end
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 def _not_allowed(conn: psycopg.Connection[Any], doing: str, exc: psycopg.Error) -> SnapshotError:

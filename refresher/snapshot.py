@@ -44,6 +44,7 @@ from refresher._snapshot_sql import (
     _create_from,
     _derelicts,
     _drop_database,
+    _evicting,
     _Mark,
     _pool_databases,
     _pristine_mark,
@@ -388,7 +389,7 @@ def restore_pristine(
     db, started = server.dbname, time.perf_counter()
     # The two connections are made at once: each costs 10-30 ms on a busy machine, most of a reset.
     with ThreadPoolExecutor(1) as pool:
-        checking = pool.submit(_live_with_pid, server, ledger_stamp)
+        checking = pool.submit(_live_with_pid, server, _stamp_ending_lockers)
         with _admin(server.dsn(MAINTENANCE_DB)) as conn:
             live, reader = checking.result()
             method, mark = _restore_checked(conn, db, live, reader)
@@ -398,6 +399,24 @@ def restore_pristine(
     if refill or handed is not None:
         spawn_refill(server, log=refill_log, analyze=handed, fill=refill)
     return RestoreReport(seconds, method)
+
+
+def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
+    """``ledger_stamp`` of ``conn``'s database for a reset, which ends every session on it anyway. A session whose
+    open transaction holds a lock on a ledger table (it truncated or locked it, and idles) made the reset wait
+    for it forever: after a second's wait the other sessions on the database end, and the stamp is read again
+    (their uncommitted work was never in the ledger). SnapshotError, one line, when such a session is one this
+    role may not end."""
+    conn.execute("SET lock_timeout = '1s'")
+    db = conn.info.dbname
+    try:
+        return _evicting(conn, (db,), lambda: ledger_stamp(conn), busy=psycopg.errors.LockNotAvailable)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise SnapshotError(
+            f"{db}: cannot read its ledger to reset it: a session's open transaction holds a lock on it, which "
+            f"role {conn.info.user!r} may not end; close that session and run again",
+            database=db,
+        ) from exc
 
 
 def _restore_checked(
