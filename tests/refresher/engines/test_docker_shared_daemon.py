@@ -197,6 +197,17 @@ def engine_at(
     )
 
 
+def down_all(state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`refresher down --profile all` of ``state_dir``, which must succeed."""
+    down = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", "down", "--profile", "all"],
+        capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "REFRESHER_STATE_DIR": str(state_dir), "REFRESHER_ENGINE": "auto"},
+    )  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    return down
+
+
 @pytest.mark.docker
 def test_a_checkout_at_the_same_path_elsewhere_never_adopts_or_removes_the_others_server(
     engine_at: Callable[[Path], DockerEngine], tmp_path: Path
@@ -219,12 +230,7 @@ def test_a_checkout_at_the_same_path_elsewhere_never_adopts_or_removes_the_other
         assert second.info("same_path") is None
         assert second.status() == []
         assert second.stop("same_path") is False
-        down = subprocess.run(
-            [sys.executable, "-m", "refresher.cli", "down", "--profile", "all"],
-            capture_output=True, text=True, cwd=REPO,
-            env={**os.environ, "REFRESHER_STATE_DIR": str(state_dir), "REFRESHER_ENGINE": "auto"},
-        )  # fmt: skip
-        assert down.returncode == 0, down.stderr
+        down_all(state_dir)
         with psycopg.connect(theirs.dsn(), connect_timeout=10) as conn:  # still there, still theirs
             assert conn.execute("SELECT current_database()").fetchone() == ("same_path",)
     finally:
@@ -252,12 +258,7 @@ def test_down_all_says_in_one_line_that_another_checkouts_server_under_our_name_
     try:
         theirs = other.start("same_name")
         (tmp_path / "our-checkout-id").replace(state_dir / "docker" / "checkout-id")
-        down = subprocess.run(
-            [sys.executable, "-m", "refresher.cli", "down", "--profile", "all"],
-            capture_output=True, text=True, cwd=REPO,
-            env={**os.environ, "REFRESHER_STATE_DIR": str(state_dir), "REFRESHER_ENGINE": "auto"},
-        )  # fmt: skip
-        assert down.returncode == 0, down.stderr
+        down = down_all(state_dir)
         lines = down.stdout.strip().splitlines()
         assert len(lines) == 1, down.stdout
         assert "stopped" not in lines[0]
