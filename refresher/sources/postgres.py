@@ -186,6 +186,9 @@ class PostgresSource(Source):
                 "FROM ({rows}) AS segment_rows"
             ).format(key=key, rows=self._query(segment))
             with self._cursor(segment) as cur:
+                refused = _version_query_refused(cur.connection.info.server_version)
+                if refused is not None:
+                    raise refused
                 cur.execute(query, self._params(segment, bounds))
                 parts.append(list(cur.fetchone() or ()))
         # sha256 so a password in the DSN never appears in a version token
@@ -253,6 +256,28 @@ class PostgresSource(Source):
         ts = pd.to_datetime(pd.Series(utc, dtype=object), utc=True, errors="coerce")
         ok = ts.notna().to_numpy()
         return np.where(ok, ts.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64), 0), ok
+
+
+# hash_record_extended, which the version query sums, is PostgreSQL 14's.
+_VERSION_QUERY_SINCE = 140000
+
+
+def _version_query_refused(server_version: int) -> SourceError | None:
+    """The one line for an upstream server too old for the version query (``server_version`` as libpq gives it:
+    130011 is 13.11, 90624 is 9.6.24), else None. Before, the query failed as 'function
+    hash_record_extended(record, integer) does not exist' and a hint to add explicit casts, which casts do not
+    cure."""
+    if server_version >= _VERSION_QUERY_SINCE:
+        return None
+    major = server_version // 10000
+    shown = f"{major}.{server_version % 10000}" if major >= 10 else f"{major}.{server_version // 100 % 100}"
+    return SourceError(
+        f"source.version_query: the upstream server is PostgreSQL {shown}; the version query needs 14 or later "
+        "(hash_record_extended): set source.version_query: false, and bump source.version when upstream rows "
+        "change",
+        field="source.version_query",
+        value=shown,
+    )
 
 
 def _one_line(exc: psycopg.Error) -> str:

@@ -17,7 +17,7 @@ from refresher.refresh import refresh
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
 from refresher.segments import Segment
 from refresher.sources import make_source
-from refresher.sources.postgres import PostgresSource
+from refresher.sources.postgres import PostgresSource, _version_query_refused
 from tests.fixtures_postgres import world_traversable_tmp
 
 from .conftest import MakeProfile
@@ -163,6 +163,17 @@ def test_upstream_failures_are_one_line_and_never_show_the_password(
         finally:
             ended.join()
         assert str(info.value) == "upstream query failed: terminating connection due to administrator command"
+
+
+@pytest.mark.parametrize(("server_version", "shown"), [(130011, "13.11"), (120000, "12.0"), (90624, "9.6")])
+def test_an_upstream_server_before_14_is_one_line_naming_its_version(server_version: int, shown: str) -> None:
+    # No server before 14 here: the version it reports is what decides (PostgreSQL 15 upstream, above, passes).
+    refused = _version_query_refused(server_version)
+    assert refused is not None and str(refused).startswith(
+        f"source.version_query: the upstream server is PostgreSQL {shown}; the version query needs 14 or later"
+    )
+    assert "\n" not in str(refused) and "version_query: false" in str(refused)
+    assert _version_query_refused(140000) is None and _version_query_refused(150004) is None
 
 
 def _end_sleepers(dsn: str) -> None:
