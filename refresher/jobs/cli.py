@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -21,7 +22,16 @@ from rich.table import Table
 
 from refresher.errors import JobError
 from refresher.jobs.queue import open_queue, unreachable
-from refresher.jobs.runs import RunStatus, cancel_run, list_runs, retry_dead, run_status
+from refresher.jobs.runs import (
+    Deleted,
+    RunStatus,
+    cancel_run,
+    delete_run,
+    list_runs,
+    prune_runs,
+    retry_dead,
+    run_status,
+)
 from refresher.settings import Settings
 
 out = Console()
@@ -90,7 +100,38 @@ def _jobs(args: argparse.Namespace, client: redis.Redis, emit: Callable[..., Non
     elif action == "cancel":
         state = cancel_run(client, args.run_id)
         emit(args, state.to_json(), lambda: print(f"{args.run_id}: cancelled ({state.done} done)"))
+    elif action == "delete":
+        gone = delete_run(client, args.run_id, force=args.force)
+        emit(args, gone.to_json(), lambda: _print_deleted(gone))
+    elif action == "prune":
+        age = parse_age(args.older_than)
+        gone = prune_runs(client, age, force=args.force, dry_run=args.dry_run)
+        emit(args, gone.to_json(), lambda: _print_deleted(gone))
     return 0
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(value: str) -> float:
+    """``--older-than``: a number and a unit (s, m, h, d, w), e.g. 7d, 12h, 1.5h."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
+    if match is None:
+        raise JobError(
+            f"--older-than={value!r}: give a number and a unit (s, m, h, d, w), e.g. 7d or 12h",
+            field="older_than",
+            value=value,
+        )
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def _print_deleted(gone: Deleted) -> None:
+    verb = "would delete" if gone.dry_run else "deleted"
+    extra = "" if gone.dry_run else f" ({gone.entries} stream entries, dead letters and retries)"
+    print(f"{verb} {len(gone.deleted)} run(s){extra}: {' '.join(gone.deleted) or '-'}")
+    if gone.running:
+        left = ", ".join(f"{run} ({state})" for run, state in gone.running.items())
+        print(f"left {len(gone.running)} running run(s): {left}; --force removes them too")
 
 
 def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:

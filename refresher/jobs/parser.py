@@ -23,7 +23,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         # The clock, injectable so tests can say "the market is open now" (--when-closed).
         cmd.add_argument("--now", type=_parse_time, default=None, help=argparse.SUPPRESS)
 
-    jobs = sub.add_parser("jobs", help="Segment jobs on Redis Streams: submit, status, list, retry, cancel.")
+    jobs = sub.add_parser(
+        "jobs", help="Segment jobs on Redis Streams: submit, status, list, retry, cancel, delete, prune."
+    )
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     submit = jobs_sub.add_parser(
         "submit",
@@ -59,6 +61,26 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         cmd = jobs_sub.add_parser(name, parents=[common], help=text)
         if name != "list":
             cmd.add_argument("run_id", metavar="RUN_ID")
+        queue_arg(cmd)
+
+    delete = jobs_sub.add_parser(
+        "delete", parents=[common], help="Remove a finished run from Redis: its counters, dead letters, jobs."
+    )
+    delete.add_argument("run_id", metavar="RUN_ID")
+    prune = jobs_sub.add_parser(
+        "prune", parents=[common], help="Remove the finished runs idle longer than --older-than from Redis."
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        metavar="AGE",
+        help="last activity (submit, start, last segment loaded) at least this long ago: 7d, 12h, 30m, 90s",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="name the runs that would go; remove nothing")
+    for cmd in (delete, prune):
+        cmd.add_argument(
+            "--force", action="store_true", help="remove running (queued, held, loaded) runs too"
+        )
         queue_arg(cmd)
 
     worker = sub.add_parser("worker", parents=[common], help="Run segment jobs from Redis until stopped.")

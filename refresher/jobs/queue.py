@@ -303,6 +303,90 @@ return #jobs
 """
 
 
+# A run's features computed: complete, unless the run was deleted meanwhile (`jobs delete --force`, by hand),
+# whose hash this would make again without a spec, a key nobody removes.
+_COMPLETE = (
+    _RUN_GONE
+    + """
+redis.call('SREM', KEYS[2], ARGV[1])
+if run_gone(KEYS[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'features', ARGV[2], 'snapshot', ARGV[3], 'state', 'complete')
+return 1
+"""
+)
+
+# States in which a run still has work out (jobs in a stream, held, retrying, or its features due): deleting it
+# takes --force. Finished: complete, incomplete (every job loaded or dead), cancelled.
+RUNNING_STATES = ("queued", "held", "loaded")
+
+# Remove runs and everything of them, in one step: their hash and sets, their ids in the indexes, their dead
+# letters, their waiting retries, and their jobs still in a stream (acknowledged first, so no consumer keeps a
+# pending entry pointing at nothing). A run whose state says it is running is left, and named, unless ARGV[1]
+# is '1'. A worker on one of its jobs meanwhile finds the run gone (``run_gone``) and only acknowledges.
+# ARGV: force, prefix, group, running states and tiers (comma-separated), run ids...; returns {deleted ids,
+# refused ids, states of the refused, entries removed}.
+DELETE_RUNS = """
+local force, prefix, group = ARGV[1] == '1', ARGV[2], ARGV[3]
+local running, tiers = {}, {}
+for state in string.gmatch(ARGV[4], '[^,]+') do running[state] = true end
+for tier in string.gmatch(ARGV[5], '[^,]+') do table.insert(tiers, tier) end
+local doomed, deleted, refused, states = {}, {}, {}, {}
+for i = 6, #ARGV do
+  local run = ARGV[i]
+  local state = redis.call('HGET', prefix .. 'run:' .. run, 'state')
+  if not force and state and running[state] then
+    table.insert(refused, run)
+    table.insert(states, state)
+  else
+    doomed[run] = true
+    table.insert(deleted, run)
+  end
+end
+if #deleted == 0 then return {deleted, refused, states, 0} end
+local removed = 0
+local function job_of(fields)
+  for j = 1, #fields, 2 do
+    if fields[j] == 'job' then return cjson.decode(fields[j + 1]) end
+  end
+  return nil
+end
+for _, tier in ipairs(tiers) do
+  local stream = prefix .. 'jobs:' .. tier
+  for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
+    local job = job_of(entry[2])
+    if job and doomed[job['run']] then
+      redis.pcall('XACK', stream, group, entry[1])  -- no group yet: nothing pending to acknowledge
+      redis.call('XDEL', stream, entry[1])
+      removed = removed + 1
+    end
+  end
+end
+for _, entry in ipairs(redis.call('XRANGE', prefix .. 'dead', '-', '+')) do
+  local fields = entry[2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'run' and doomed[fields[j + 1]] then
+      redis.call('XDEL', prefix .. 'dead', entry[1])
+      removed = removed + 1
+    end
+  end
+end
+for _, payload in ipairs(redis.call('ZRANGE', prefix .. 'retry', 0, -1)) do
+  if doomed[cjson.decode(payload)['run']] then
+    redis.call('ZREM', prefix .. 'retry', payload)
+    removed = removed + 1
+  end
+end
+for _, run in ipairs(deleted) do
+  local key = prefix .. 'run:' .. run
+  redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock')
+  redis.call('ZREM', prefix .. 'runs', run)
+  redis.call('SREM', prefix .. 'held', run)
+  redis.call('SREM', prefix .. 'features-due', run)
+end
+return {deleted, refused, states, removed}
+"""
+
+
 class JobQueue:
     """The operations a worker performs on the streams; each is one round trip."""
 
@@ -315,6 +399,7 @@ class JobQueue:
         self._drop = client.register_script(_DROP)
         self._promote = client.register_script(_PROMOTE)
         self._release = client.register_script(_RELEASE)
+        self._complete = client.register_script(_COMPLETE)
         self._credit = dict.fromkeys(TIERS, 0)
 
     # -- taking jobs ----------------------------------------------------------------------------------------
@@ -431,6 +516,10 @@ class JobQueue:
             ],
         )
 
+    def complete(self, run: str, features: str, snapshot: str) -> None:
+        """Mark a run complete with its features' counts, and no longer due."""
+        self._complete(keys=[run_key(run), FEATURES_DUE], args=[run, features, snapshot])
+
     def drop(self, delivery: Delivery) -> None:
         """Acknowledge a job of a cancelled run without running it."""
         self._drop(
@@ -472,10 +561,13 @@ def enqueue(client: redis.Redis, tier: str, payloads: Sequence[str], *, chunk: i
 
 __all__ = [
     "DEAD",
+    "DELETE_RUNS",
     "FEATURES_DUE",
     "GROUP",
     "HELD",
+    "PREFIX",
     "RETRY",
+    "RUNNING_STATES",
     "RUNS",
     "TIERS",
     "WEIGHTS",

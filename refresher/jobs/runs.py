@@ -19,9 +19,12 @@ import redis
 from refresher.errors import JobError
 from refresher.jobs.queue import (
     DEAD,
+    DELETE_RUNS,
     FEATURES_DUE,
     GROUP,
     HELD,
+    PREFIX,
+    RUNNING_STATES,
     RUNS,
     TIERS,
     WEIGHTS,
@@ -30,6 +33,7 @@ from refresher.jobs.queue import (
     no_such_run,
     require_run,
     run_key,
+    run_spec,
     stream_key,
     text,
 )
@@ -292,13 +296,86 @@ def retry_dead(client: redis.Redis, run_id: str) -> int:
     return moved
 
 
+@dataclass(frozen=True)
+class Deleted:
+    """``jobs delete`` / ``jobs prune``: the runs removed, those left because they are running, and how many
+    stream entries, dead letters and waiting retries of theirs went with them."""
+
+    deleted: list[str]
+    running: dict[str, str]
+    entries: int
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def delete_runs(client: redis.Redis, run_ids: Sequence[str], *, force: bool = False) -> Deleted:
+    """Remove runs and all their keys in one script (``DELETE_RUNS``); a running one only with ``force``."""
+    if not run_ids:
+        return Deleted([], {}, 0)
+    script = client.register_script(DELETE_RUNS)
+    reply: Any = script(args=[int(force), PREFIX, GROUP, ",".join(RUNNING_STATES), ",".join(TIERS), *run_ids])
+    deleted, refused, states, entries = reply
+    return Deleted(
+        [text(r) for r in deleted],
+        {text(r): text(s) for r, s in zip(refused, states, strict=True)},
+        int(entries),
+    )
+
+
+def delete_run(client: redis.Redis, run_id: str, *, force: bool = False) -> Deleted:
+    """``jobs delete RUN``: a running run is refused in one line unless ``force``."""
+    if run_spec(client, run_id) is None and client.zscore(RUNS, run_id) is None:
+        raise no_such_run(run_id)
+    done = delete_runs(client, [run_id], force=force)
+    if run_id in done.running:
+        state = done.running[run_id]
+        raise JobError(
+            f"run {run_id!r} is {state}: its jobs are still out; `refresher jobs cancel {run_id}` first, "
+            "or --force to delete it running",
+            field="run",
+            value=run_id,
+        )
+    return done
+
+
+def prune_runs(
+    client: redis.Redis, older_than: float, *, force: bool = False, dry_run: bool = False
+) -> Deleted:
+    """``jobs prune``: remove the runs whose last activity (submit, first start, last segment loaded) is more
+    than ``older_than`` seconds ago by Redis's clock; running ones are left and named unless ``force``."""
+    seconds, micros = client.time()
+    cutoff = seconds + micros / 1e6 - older_than
+    submitted = [text(m) for m in client.zrangebyscore(RUNS, "-inf", cutoff)]
+    pipe = client.pipeline(transaction=False)
+    for run in submitted:
+        pipe.hmget(run_key(run), "started_at", "last_done_at", "state")
+    old, running = [], {}
+    for run, (started, last, state) in zip(submitted, pipe.execute(), strict=True):
+        if max(float(started or 0), float(last or 0)) > cutoff:
+            continue
+        if not force and state is not None and text(state) in RUNNING_STATES:
+            running[run] = text(state)
+        else:
+            old.append(run)
+    if dry_run:
+        return Deleted(old, running, 0, dry_run=True)
+    done = delete_runs(client, old, force=force)
+    return Deleted(done.deleted, {**running, **done.running}, done.entries)
+
+
 __all__ = [
+    "Deleted",
     "RunSpec",
     "RunStatus",
     "Submitted",
     "cancel_run",
+    "delete_run",
+    "delete_runs",
     "job_payload",
     "list_runs",
+    "prune_runs",
     "retry_dead",
     "run_status",
     "submit_jobs",

@@ -498,13 +498,7 @@ class Worker:
         prune = bool(ctx.spec.get("prune"))
         counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune)
         saved = self._snapshot(contexts, run)
-        pipe = queue.client.pipeline(transaction=True)
-        pipe.hset(
-            run_key(run),
-            mapping={"features": json.dumps(vars(counts)), "snapshot": saved, "state": "complete"},
-        )
-        pipe.srem(FEATURES_DUE, run)
-        pipe.execute()
+        queue.complete(run, json.dumps(vars(counts)), saved)
         self._count(features=1)
 
     def _snapshot(self, contexts: dict[str, _RunContext], run: str) -> str:

@@ -74,6 +74,8 @@ COMMANDS = [
     ["jobs", "list"],
     ["jobs", "retry-dead", "r1"],
     ["jobs", "cancel", "r1"],
+    ["jobs", "delete", "r1"],
+    ["jobs", "prune", "--older-than", "7d"],
     ["jobs", "submit", "--profile", "q"],
     ["worker", "--burst"],
 ]

@@ -1,0 +1,141 @@
+"""``jobs prune`` and ``jobs delete``: a finished run's keys all go in one step (hash, sets, index entries, dead
+letters, its jobs left in a stream, waiting retries), a running one stays unless --force. Real redis-server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from refresher.errors import JobError
+from refresher.jobs.queue import DEAD, GROUP, RETRY, RUNS, TIERS, JobQueue, connect, stream_key, text
+from refresher.jobs.runs import cancel_run, delete_run, list_runs, prune_runs, run_status, submit_jobs
+from tests.redis_server import RedisServer
+from tests.refresher.jobs.test_cli_queue import one_line, refresher
+from tests.refresher.jobs.test_queue import jobs, spec
+
+pytestmark = pytest.mark.redis
+
+DAY = 86400.0
+
+
+def redis_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def keys_of(client: redis.Redis, run: str) -> list[str]:
+    return sorted(text(k) for k in client.scan_iter(f"refresher:run:{run}*"))
+
+
+def runs_in_streams(client: redis.Redis) -> set[str]:
+    """The runs with an entry in a tier's stream, the dead letters or the retries."""
+    found = set()
+    for tier in TIERS:
+        found |= {json.loads(f[b"job"])["run"] for _, f in client.xrange(stream_key(tier))}
+    found |= {text(f[b"run"]) for _, f in client.xrange(DEAD)}
+    found |= {json.loads(p)["run"] for p in client.zrange(RETRY, 0, -1)}
+    return found
+
+
+def pending(client: redis.Redis) -> int:
+    return sum(int(client.xpending(stream_key(t), GROUP)["pending"]) for t in TIERS)
+
+
+def old_runs(client: redis.Redis) -> dict[str, str]:
+    """Runs submitted ten days ago: one incomplete (two loaded, one dead), one cancelled with jobs left in its
+    stream, one still running (a job pending, one waiting out a retry, one queued); and one finished today."""
+    now = redis_now(client)
+    then = dt.datetime.fromtimestamp(now - 10 * DAY, dt.UTC)
+    queue = JobQueue(client)
+    incomplete = submit_jobs(client, spec("high"), jobs("DEAD", 3), now=then).run_id
+    for i, delivery in enumerate(queue.read("w", block_ms=0, count=3)):
+        if i < 2:
+            queue.finish(delivery, rows=5, loaded=True, now=then.timestamp())
+        else:
+            queue.dead_letter(delivery, "permanent: bad row", 3)
+    recent = submit_jobs(client, spec("normal"), jobs("NEW", 1), now=then + dt.timedelta(days=10)).run_id
+    [delivery] = queue.read("w", block_ms=0)
+    queue.finish(delivery, rows=1, loaded=True, now=now)
+    running = submit_jobs(client, spec("critical"), jobs("RUN", 3), now=then).run_id
+    _first, second = queue.read("w", block_ms=0, count=2)
+    queue.retry_later(second, due=now + 3600)  # the first stays pending, unacknowledged
+    cancelled = submit_jobs(client, spec("low"), jobs("CANC", 4), now=then).run_id
+    cancel_run(client, cancelled)
+    states = {r: run_status(client, r).state for r in (incomplete, cancelled, running, recent)}
+    assert list(states.values()) == ["incomplete", "cancelled", "queued", "loaded"]
+    return {"incomplete": incomplete, "cancelled": cancelled, "running": running, "recent": recent}
+
+
+def test_prune_removes_every_key_of_old_finished_runs_and_leaves_running_and_recent_ones(
+    redis_server: RedisServer,
+) -> None:
+    client = connect(redis_server.url)
+    runs = old_runs(client)
+    assert keys_of(client, runs["incomplete"]) and keys_of(client, runs["cancelled"])
+
+    would = prune_runs(client, 7 * DAY, dry_run=True)
+    assert sorted(would.deleted) == sorted([runs["incomplete"], runs["cancelled"]]) and would.dry_run
+    assert keys_of(client, runs["incomplete"])  # a dry run removes nothing
+
+    gone = prune_runs(client, 7 * DAY)
+    assert sorted(gone.deleted) == sorted([runs["incomplete"], runs["cancelled"]])
+    assert gone.running == {runs["running"]: "queued"}
+    assert gone.entries == 1 + 4  # the dead letter, the cancelled run's four jobs left in its stream
+    for name in ("incomplete", "cancelled"):
+        assert keys_of(client, runs[name]) == [], name
+        assert client.zscore(RUNS, runs[name]) is None
+        with pytest.raises(JobError, match="no such run"):
+            run_status(client, runs[name])
+    assert runs_in_streams(client) == {runs["running"]}
+    assert [r.run_id for r in list_runs(client)] == [runs["recent"], runs["running"]]
+    assert run_status(client, runs["running"]).state == "queued"
+
+    forced = prune_runs(client, 7 * DAY, force=True)
+    assert forced.deleted == [runs["running"]] and forced.running == {}
+    assert forced.entries == 3  # the pending job, the queued one, the retry
+    assert keys_of(client, runs["running"]) == [] and runs_in_streams(client) == set()
+    assert pending(client) == 0  # the pending entry was acknowledged, not left pointing at nothing
+    assert [r.run_id for r in list_runs(client)] == [runs["recent"]]
+    assert keys_of(client, runs["recent"])
+
+
+def test_delete_refuses_a_running_run_unless_forced_and_a_worker_finishing_after_leaves_nothing(
+    redis_server: RedisServer,
+) -> None:
+    client = connect(redis_server.url)
+    runs = old_runs(client)
+    with pytest.raises(JobError, match="is queued"):
+        delete_run(client, runs["running"])
+    assert run_status(client, runs["running"]).state == "queued"
+    queue = JobQueue(client)
+    [late] = queue.read("late", block_ms=0)  # a worker takes the last job, then the run is deleted
+    assert delete_run(client, runs["running"], force=True).deleted == [runs["running"]]
+    queue.started(late, "late", redis_now(client))
+    queue.finish(late, rows=1, loaded=True, now=redis_now(client))  # only acknowledged
+    queue.complete(runs["running"], "{}", "")  # its features too: nothing made again
+    assert keys_of(client, runs["running"]) == [] and pending(client) == 0
+    with pytest.raises(JobError, match="no such run"):
+        delete_run(client, runs["running"])
+
+
+def test_prune_and_delete_through_the_cli(tmp_path: Path, redis_server: RedisServer) -> None:
+    client = connect(redis_server.url)
+    runs = old_runs(client)
+    url = redis_server.url
+    done = refresher(tmp_path, "jobs", "delete", runs["running"], "--queue", url)
+    one_line(done, runs["running"], "queued", "--force")
+    for bad in ("7", "7x", "-1d", "d"):
+        done = refresher(tmp_path, "jobs", "prune", f"--older-than={bad}", "--queue", url)
+        one_line(done, f"--older-than={bad!r}")
+    assert keys_of(client, runs["incomplete"])
+    done = refresher(tmp_path, "jobs", "prune", "--older-than", "7d", "--queue", url)
+    assert done.returncode == 0, done.stderr
+    assert "deleted 2 run(s)" in done.stdout and f"{runs['running']} (queued)" in done.stdout, done.stdout
+    assert keys_of(client, runs["incomplete"]) == [] and keys_of(client, runs["cancelled"]) == []
+    done = refresher(tmp_path, "jobs", "delete", runs["running"], "--force", "--queue", url, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == [runs["running"]], done.stderr
+    assert runs_in_streams(client) == set()
