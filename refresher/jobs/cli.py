@@ -178,7 +178,10 @@ def _print_status(state: RunStatus) -> None:
     # The one-line summary is plain text, so a narrow terminal never wraps "held until ..." apart.
     held = f" until {state.held_until}" if state.held_until else ""
     error = f" ({state.error})" if state.error else ""
-    print(f"{state.run_id}: {state.state}{held}, {state.done}/{state.total} done, {state.dead} dead{error}")
+    lost = f"; {_lost(state)}" if state.lost else ""
+    print(
+        f"{state.run_id}: {state.state}{held}, {state.done}/{state.total} done, {state.dead} dead{error}{lost}"
+    )
     out.print(_status_table(state))
 
 
@@ -214,14 +217,25 @@ def _list_table(runs: list[RunStatus]) -> Table:
     return table
 
 
+def _lost(state: RunStatus) -> str:
+    return (
+        f"{state.lost} job(s) lost: counted submitted but neither in the {state.priority} stream nor done, dead "
+        f"or retrying (the stream trimmed or deleted by hand); `refresher jobs cancel {state.run_id}` and "
+        "submit again: the new plan loads only what is missing"
+    )
+
+
 def _watch(client: redis.Redis, run_id: str) -> str:
-    """Show the run until nothing of it is left to run; its final state."""
+    """Show the run until nothing of it is left to run; its final state. A run that lost jobs never ends: one
+    line and exit status 2 rather than waiting for good."""
     with Live(_status_table(run_status(client, run_id)), console=out, refresh_per_second=4) as live:
         while True:
             state = run_status(client, run_id)
             live.update(_status_table(state))
             if state.state in ("complete", "cancelled", "incomplete"):
                 return state.state
+            if state.lost:
+                raise JobError(f"run {run_id}: {_lost(state)}", field="run", value=run_id)
             time.sleep(0.5)
 
 

@@ -125,6 +125,8 @@ def submit_jobs(
             "state": state,
             "submitted_at": now.timestamp(),
             "held_until_ts": held_until_ts if held_until_ts is not None else 0,
+            # Its jobs are being enqueued: fewer in the stream than counted is no loss yet (``lost``).
+            "submitting": 1,
         },
     )
     pipe.zadd(RUNS, {run_id: now.timestamp()})
@@ -140,6 +142,7 @@ def submit_jobs(
         client.sadd(HELD, run_id)
     else:
         timings = enqueue(client, spec.priority, payloads, chunk=chunk)
+    client.hdel(run_key(run_id), "submitting")
     return Submitted(
         run_id,
         len(payloads),
@@ -185,6 +188,9 @@ class RunStatus:
     read_ms: float
     # Why an 'incomplete' run with nothing dead stopped: its features failed every attempt.
     error: str | None = None
+    # Jobs counted submitted that are neither in the run's stream nor done, dead, retrying or held: the stream
+    # was trimmed or deleted by hand. A lower bound (the stream holds other runs' jobs too); nothing runs them.
+    lost: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,7 +202,9 @@ def _int(raw: dict[bytes, bytes], name: str) -> int:
 
 def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) -> RunStatus:
     began = time.perf_counter()
-    pipe = client.pipeline(transaction=False)
+    # One MULTI: the counters and the streams' lengths from one moment (a job finishing between the two reads
+    # would look lost).
+    pipe = client.pipeline(transaction=True)
     pipe.hgetall(run_key(run_id))
     pipe.hlen(run_key(run_id, "inflight"))
     pipe.llen(run_key(run_id, "held"))
@@ -208,12 +216,12 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
     if b"spec" not in raw:  # none, or what a worker's counter left of a hash deleted by hand (``run_spec``)
         raise no_such_run(run_id)
     in_flight, held = int(replies[1]), int(replies[2])
-    tiers = []
+    tiers, lengths = [], {}
     for i, tier in enumerate(TIERS):
         length, pending = replies[3 + 2 * i], replies[4 + 2 * i]
         busy = int(pending["pending"]) if isinstance(pending, dict) else 0
-        queued = int(length) - busy if isinstance(length, int) else 0
-        tiers.append(TierStatus(tier, WEIGHTS[tier], queued, busy))
+        lengths[tier] = int(length) if isinstance(length, int) else 0
+        tiers.append(TierStatus(tier, WEIGHTS[tier], lengths[tier] - busy, busy))
     spec = json.loads(raw[b"spec"])
     total, done, dead, retrying = (_int(raw, n) for n in ("total", "done", "dead", "retrying"))
     rows = _int(raw, "rows")
@@ -223,6 +231,10 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
     seg_rate = done / (last - started) if started and last > started else None
     remaining = total - done - dead
     state = raw[b"state"].decode()
+    lost = 0
+    if state == "queued" and b"submitting" not in raw:
+        in_stream = remaining - retrying - held  # in flight ones are still stream entries, until acknowledged
+        lost = max(in_stream - lengths[spec["priority"]], 0)
     features = json.loads(raw[b"features"]) if b"features" in raw else None
     return RunStatus(
         run_id=run_id,
@@ -232,7 +244,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
         state=state,
         total=total,
         done=done,
-        pending=max(remaining - in_flight - retrying - held, 0),
+        pending=max(remaining - in_flight - retrying - held - lost, 0),
         in_flight=in_flight,
         retrying=retrying,
         dead=dead,
@@ -246,6 +258,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
         tiers=tiers,
         read_ms=round((time.perf_counter() - began) * 1000, 3),
         error=raw[b"error"].decode() if b"error" in raw else None,
+        lost=lost,
     )
 
 
