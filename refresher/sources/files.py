@@ -195,6 +195,7 @@ class FilesSource(Source):
         if not self.root.is_dir():
             raise SourceError(f"source.path={str(self.root)!r}: no such directory", value=str(self.root))
         if not path.is_file():
+            self._refuse_other_case(path, segment)
             self.reports.append(SourceReport(segment, str(path), "no such file"))
             return empty_table(segment.timeframe)
         table = self._load(path)
@@ -218,6 +219,24 @@ class FilesSource(Source):
             self.rejects[segment] = list(verdict.rejects)
         keep = verdict.keep
         return bars_table(segment, when[keep], {k: v[keep] for k, v in values.items()})
+
+    def _refuse_other_case(self, path: Path, segment: Segment) -> None:
+        """A file named as the symbol's but in another case (aapl.csv for AAPL): one line, exit 2. It loaded
+        an empty segment, reported only as 'no such file' beside the file the user can see."""
+        try:
+            others = [p.name for p in path.parent.iterdir() if p.name.lower() == path.name.lower()]
+        except OSError:  # no such directory: the plain report says enough
+            return
+        if others:
+            field = "source.daily" if segment.timeframe == "1d" else "source.minute"
+            pattern = self.patterns[segment.timeframe]
+            raise SourceError(
+                f"{path}: no such file for {segment.symbol}, but {', '.join(sorted(others))} is there ({field}="
+                f"{pattern!r}; file names are case-sensitive): rename it to {path.name}",
+                file=str(path),
+                field=field,
+                value=pattern,
+            )
 
     def _frame(self, table: pa.Table, path: Path, segment: Segment) -> tuple[pd.DataFrame, dict[str, str]]:
         """The segment's symbol's rows with our column names (index: row position in the file)."""

@@ -390,3 +390,18 @@ def test_yyyymmdd_numbers_beside_an_empty_date_or_as_floats_are_dates(
     src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1)))
     [half] = src.reports  # 20241127.5 is no date: a bad row, never a day
     assert half.reason == "date parses as a date" and half.examples == ("line 3",)
+
+
+def test_a_symbol_file_named_in_another_case_is_one_line(tmp_path: Path, make_profile: MakeProfile) -> None:
+    # aapl.csv for AAPL loaded an empty segment, reported only as 'no such file' beside the file the user sees
+    (tmp_path / "aapl.csv").write_text("Date,Open,High,Low,Close,Volume\n2024-11-26,10,11,9,10.5,1000\n")
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.csv'"
+    src = FilesSource(make_profile(profile_body(body)))
+    with pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value) == (
+        f"{tmp_path / 'AAPL.csv'}: no such file for AAPL, but aapl.csv is there (source.daily='{{symbol}}.csv'; "
+        "file names are case-sensitive): rename it to AAPL.csv"
+    )
+    assert src.fetch(Segment("MSFT", "1d", NOV)).num_rows == 0  # no file in any case: reported, as before
+    assert [report.reason for report in src.reports] == ["no such file"]
