@@ -57,18 +57,6 @@ def ensure_ledger_counter(conn: psycopg.Connection[Any], table: str) -> None:
         conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(ident, trigger))
 
 
-def feature_tables(conn: psycopg.Connection[Any]) -> list[tuple[str, bool]]:
-    """(feature, whether its table exists) of every feature ``refresher_features`` records rows of; none before
-    any feature was loaded. A table dropped by hand is missing while the ledger still vouches for its rows."""
-    if conn.execute("SELECT to_regclass('refresher_features')").fetchone() == (None,):
-        return []
-    rows = conn.execute(
-        "SELECT feature, to_regclass(quote_ident('features_' || feature)) IS NOT NULL FROM refresher_features "
-        "GROUP BY feature HAVING sum(rows) > 0 ORDER BY feature"
-    )
-    return [(name, bool(present)) for name, present in rows]
-
-
 def _counter_armed(conn: psycopg.Connection[Any], table: str) -> bool:
     row = conn.execute(
         "SELECT tgenabled = 'A' FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s",
@@ -77,4 +65,4 @@ def _counter_armed(conn: psycopg.Connection[Any], table: str) -> bool:
     return bool(row and row[0])
 
 
-__all__ = ["LEDGER_TRIGGER", "LEDGER_WRITES", "SCHEMA_LOCK", "ensure_ledger_counter", "feature_tables"]
+__all__ = ["LEDGER_TRIGGER", "LEDGER_WRITES", "SCHEMA_LOCK", "ensure_ledger_counter"]

@@ -29,7 +29,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,13 +40,12 @@ from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
-from refresher.ledger_counter import feature_tables
 
 if TYPE_CHECKING:
     from refresher.profile import Profile
 
 # Bump when a field is added or its meaning changes: an older stamp then proves nothing.
-STAMP_FORMAT = 5
+STAMP_FORMAT = 6
 # What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
 # ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
@@ -56,9 +55,11 @@ MANIFEST_FILE = "manifest.duckdb"
 _VALUE_LIBRARIES = ("exchange_calendars", "numpy", "pydantic", "pydantic_core", "pyyaml")
 _PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "featurestore")
 
-_SYMBOLS_DIGEST = (
-    "SELECT md5(coalesce(string_agg(concat_ws('|', symbol, exchange, asset_class), E'\\n' ORDER BY symbol), ''))"
-    " FROM symbols"
+# How many of the tables named are missing, and the digest of ``symbols`` (UndefinedTable when it is missing).
+_STATE_QUERY = (
+    "SELECT (SELECT count(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(t.name) IS NULL), "
+    "(SELECT md5(coalesce(string_agg(concat_ws('|', symbol, exchange, asset_class), E'\\n' ORDER BY symbol), ''))"
+    " FROM symbols)"
 )
 
 
@@ -110,16 +111,17 @@ def _store_identity(store_root: Path) -> list[Any]:
     return [str(store_root), status.st_ino, status.st_size, status.st_mtime_ns]
 
 
-def _database_state(conn: psycopg.Connection[Any]) -> list[str | None] | None:
-    """[ledger version, symbols digest] of the database; None when a table is missing (a feature's too)."""
-    row = conn.execute(
-        "SELECT count(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
-        (list(TABLES),),
-    ).fetchone()
-    if row is None or row[0] != len(TABLES) or not all(present for _name, present in feature_tables(conn)):
+def _database_state(conn: psycopg.Connection[Any], features: Sequence[str]) -> list[str | None] | None:
+    """[ledger version, symbols digest] of the database; None when a table is missing: one of ``TABLES`` or of
+    ``features``, the feature tables the ledger records rows in (``features.tables.feature_tables``, which the
+    stamp records when written: an equal ledger version then means the same ledger). Two round trips."""
+    try:
+        row = conn.execute(_STATE_QUERY, ([*TABLES, *features],)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None  # ``symbols``
+    if row is None or row[0]:
         return None
-    symbols = conn.execute(_SYMBOLS_DIGEST).fetchone()
-    return [snapshot.ledger_version(conn), symbols[0] if symbols else None]
+    return [snapshot.ledger_version(conn), row[1]]
 
 
 def valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:
@@ -142,8 +144,13 @@ def write(
         return False
     inputs = [[str(path), digest] for path, digest in profile.inputs]
     now = dt.datetime.now(dt.UTC)
+    # Here only: the full refresh that just ran has imported what ``features.tables`` needs (pyarrow).
+    from refresher.features.tables import feature_relation, feature_tables
+
     with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
-        state = _database_state(conn)
+        features = feature_tables(conn)
+        tables = [feature_relation(conn, name) for name, _present in features]
+        state = _database_state(conn, tables) if all(present for _name, present in features) else None
         pristine = snapshot.pristine_ledger(server, conn)
     if state is None or state[0] is None or pristine != state[0]:
         return False  # no consistent snapshot of what the database holds: nothing to vouch for
@@ -157,6 +164,7 @@ def write(
         "dsn": server.dsn(with_password=False),
         "store": _store_identity(store_root),
         "database": state,
+        "feature_tables": tables,
         "report": report,
     }
     path = stamp_path(state_dir, profile.name)
@@ -193,6 +201,7 @@ def check(
             return None
         if input_digests(Path(path) for path, _ in inputs) != inputs:
             return None
+        features = [str(table) for table in stamp["feature_tables"]]
     except (KeyError, TypeError, ValueError, IndexError, OSError):
         return None
     dsn = server.dsn(with_password=False)
@@ -208,7 +217,7 @@ def check(
         return None
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
-            state = _database_state(conn)
+            state = _database_state(conn, features)
             pristine = snapshot.pristine_ledger(server, conn)
             recorded = pool.recorded_pool_size(server, conn)
             unfinished = pool.unfinished_analyses(conn)

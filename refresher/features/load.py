@@ -21,8 +21,8 @@ from refresher.features.tables import (
     FeaturePart,
     StaleFeature,
     doubtful_rows,
+    read_feature_ledger,
     read_ledger,
-    read_ledger_inputs,
     remove_feature_rows,
     replace_feature_rows,
 )
@@ -72,9 +72,13 @@ def refresh_features(
     """
     # Rows the ledger vouches for that are not there (a table dropped by hand; with ``verify``, rows deleted) are
     # forgotten first, so they load whole: never a tail appended to rows that are gone.
-    for name, gone in doubtful_rows(conn, verify=verify).items():
+    recorded = read_feature_ledger(conn)
+    doubtful = doubtful_rows(conn, recorded, verify=verify)
+    for name, gone in doubtful.items():
         remove_feature_rows(conn, name, gone)
-    ledger = read_ledger(conn)
+    if doubtful:
+        recorded = read_feature_ledger(conn)
+    ledger = dict(recorded.hashes)
     symbols = set(daily_segments(profile, plan)) | set(daily_segments(profile, plan, "1m"))
     pruned = _prune(conn, ledger, profile, symbols) if prune else 0
     desired = len(profile.features) * len(symbols) if symbols else 0
@@ -83,7 +87,7 @@ def refresh_features(
     if ahead is not None and not ledger:
         batches = _then_raise(*ahead)
     else:
-        batches = compute_features(profile, store, plan, known, ledger, read_ledger_inputs(conn))
+        batches = compute_features(profile, store, plan, known, ledger, recorded.inputs)
     for batch in batches:
         try:
             rows += _replace(conn, batch, on_loaded)

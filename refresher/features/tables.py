@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from psycopg import sql
 
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
-from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter, feature_tables
+from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
 from refresher.load import copy_arrow, server_said
 
 if TYPE_CHECKING:
@@ -68,6 +68,11 @@ def feature_table(name: str) -> str:
     return f"features_{name}"
 
 
+def feature_relation(conn: psycopg.Connection[Any], name: str) -> str:
+    """``feature_table(name)`` quoted, as ``to_regclass`` reads it."""
+    return sql.Identifier(feature_table(name)).as_string(conn)
+
+
 def feature_rows(symbol: str, frame: pd.DataFrame) -> pa.Table:
     """One symbol's feature frame as the Arrow rows of its table: symbol, date, then the metrics; NaN -> NULL."""
     dates = pd.DatetimeIndex(frame.index).to_numpy().astype("datetime64[D]")
@@ -80,23 +85,70 @@ def feature_rows(symbol: str, frame: pd.DataFrame) -> pa.Table:
     return pa.table(columns)
 
 
+# Whether the ledger has its ``inputs`` column (a database loaded before it existed has not).
+_HAS_INPUTS = (
+    "EXISTS (SELECT FROM information_schema.columns "
+    "WHERE table_name = 'refresher_features' AND column_name = 'inputs')"
+)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """What ``refresher_features`` records: (feature, symbol) -> the input hash its rows were loaded from, their
+    number, and the ``inputs`` they came from where recorded. Empty before any feature was loaded."""
+
+    hashes: Mapping[tuple[str, str], str]
+    rows: Mapping[tuple[str, str], int]
+    inputs: Mapping[tuple[str, str], str]
+
+
+def read_feature_ledger(conn: psycopg.Connection[Any]) -> Ledger:
+    """The ledger as it is now, in two round trips: whether it is there (and has ``inputs``), then its rows."""
+    row = conn.execute(f"SELECT to_regclass('refresher_features') IS NOT NULL, {_HAS_INPUTS}").fetchone()
+    if row is None or not row[0]:
+        return Ledger({}, {}, {})
+    inputs = "inputs" if row[1] else "NULL::text"  # a database loaded before the column existed has none
+    records = conn.execute(f"SELECT feature, symbol, input_hash, rows, {inputs} FROM refresher_features")
+    hashes, rows, recorded = {}, {}, {}
+    for feature, symbol, input_hash, count, inputs_text in records:
+        hashes[feature, symbol], rows[feature, symbol] = input_hash, count
+        if inputs_text is not None:
+            recorded[feature, symbol] = inputs_text
+    return Ledger(hashes, rows, recorded)
+
+
 def read_ledger(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
     """(feature, symbol) -> the input hash its rows were loaded from; empty before any feature was loaded."""
-    if conn.execute("SELECT to_regclass('refresher_features')").fetchone() == (None,):
-        return {}
-    rows = conn.execute("SELECT feature, symbol, input_hash FROM refresher_features")
-    return {(feature, symbol): input_hash for feature, symbol, input_hash in rows}
+    return dict(read_feature_ledger(conn).hashes)
+
+
+def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
+    """(feature, symbol) -> the ``inputs`` its rows were loaded from, where the ledger records them."""
+    return dict(read_feature_ledger(conn).inputs)
+
+
+def feature_tables(conn: psycopg.Connection[Any], ledger: Ledger | None = None) -> list[tuple[str, bool]]:
+    """(feature, whether its table exists) of every feature ``ledger`` (read now when None) records rows of;
+    none before any feature was loaded. A table dropped by hand is missing while the ledger still vouches for
+    its rows. One catalog query."""
+    ledger = read_feature_ledger(conn) if ledger is None else ledger
+    held: dict[str, int] = {}
+    for (feature, _symbol), count in ledger.rows.items():
+        held[feature] = held.get(feature, 0) + count
+    names = sorted(name for name, count in held.items() if count > 0)
+    if not names:
+        return []
+    tables = [feature_relation(conn, name) for name in names]
+    row = conn.execute(
+        "SELECT array_agg(to_regclass(t) IS NOT NULL ORDER BY n) FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)",
+        (tables,),
+    ).fetchone()
+    return list(zip(names, row[0] if row else [False] * len(names), strict=True))
 
 
 def _has_inputs(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the ledger has its ``inputs`` column (a database loaded before it existed has not)."""
-    return (
-        conn.execute(
-            "SELECT 1 FROM information_schema.columns "
-            "WHERE table_name = 'refresher_features' AND column_name = 'inputs'"
-        ).fetchone()
-        is not None
-    )
+    row = conn.execute(f"SELECT {_HAS_INPUTS}").fetchone()
+    return bool(row and row[0])
 
 
 def _ensure_ledger(conn: psycopg.Connection[Any]) -> None:
@@ -113,21 +165,14 @@ def _ensure_ledger(conn: psycopg.Connection[Any]) -> None:
     ensure_ledger_counter(conn, "refresher_features")
 
 
-def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
-    """(feature, symbol) -> the ``inputs`` its rows were loaded from, where the ledger records them."""
-    if conn.execute("SELECT to_regclass('refresher_features')").fetchone() == (None,) or not _has_inputs(
-        conn
-    ):
-        return {}
-    rows = conn.execute("SELECT feature, symbol, inputs FROM refresher_features WHERE inputs IS NOT NULL")
-    return {(feature, symbol): inputs for feature, symbol, inputs in rows}
-
-
-def doubtful_rows(conn: psycopg.Connection[Any], *, verify: bool = False) -> dict[str, list[str] | None]:
-    """Features whose rows are not what the ledger says, by name: None when the table is gone (dropped by hand)
-    while the ledger records rows in it; with ``verify`` (``refresh --verify``), the symbols whose rows in the
-    table do not number what the ledger records (deleted or added by hand). One catalog query without."""
-    names = feature_tables(conn)
+def doubtful_rows(
+    conn: psycopg.Connection[Any], ledger: Ledger, *, verify: bool = False
+) -> dict[str, list[str] | None]:
+    """Features whose rows are not what ``ledger`` (read just before) says, by name: None when the table is gone
+    (dropped by hand) while the ledger records rows in it; with ``verify`` (``refresh --verify``), the symbols
+    whose rows in the table do not number what the ledger records (deleted or added by hand). One catalog query
+    without."""
+    names = feature_tables(conn, ledger)
     doubtful: dict[str, list[str] | None] = {name: None for name, present in names if not present}
     for name, present in names if verify else ():
         if not present:
@@ -259,11 +304,11 @@ def remove_feature_rows(
 
 
 def _delete_symbols(conn: psycopg.Connection[Any], name: str, symbols: Sequence[str]) -> None:
-    table = feature_table(name)
-    if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(table).as_string(conn),)).fetchone() == (None,):
+    if conn.execute("SELECT to_regclass(%s)", (feature_relation(conn, name),)).fetchone() == (None,):
         return
     conn.execute(
-        sql.SQL("DELETE FROM {} WHERE symbol = ANY(%s)").format(sql.Identifier(table)), (list(symbols),)
+        sql.SQL("DELETE FROM {} WHERE symbol = ANY(%s)").format(sql.Identifier(feature_table(name))),
+        (list(symbols),),
     )
 
 
@@ -296,10 +341,14 @@ def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Seq
 __all__ = [
     "FEATURES_DDL",
     "FeaturePart",
+    "Ledger",
     "StaleFeature",
     "doubtful_rows",
+    "feature_relation",
     "feature_rows",
     "feature_table",
+    "feature_tables",
+    "read_feature_ledger",
     "read_ledger",
     "read_ledger_inputs",
     "remove_feature_rows",
