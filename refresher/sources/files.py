@@ -200,6 +200,8 @@ class FilesSource(Source):
             return empty_table(segment.timeframe)
         table = self._load(path)
         frame, names = self._frame(table, path, segment)
+        if not table.num_rows:  # loaded an empty segment without a word, where a missing file is reported
+            self.reports.append(SourceReport(segment, str(path), "the file has no rows (a header alone)"))
         cal = get_calendar(self.profile.listing(segment.symbol).exchange)
         when, when_ok = self._when(frame["when"], segment, cal, path, names)
         # A row belongs to this segment when its (exchange-local) date is in the range; a row whose date does

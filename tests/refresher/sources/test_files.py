@@ -405,3 +405,23 @@ def test_a_symbol_file_named_in_another_case_is_one_line(tmp_path: Path, make_pr
     )
     assert src.fetch(Segment("MSFT", "1d", NOV)).num_rows == 0  # no file in any case: reported, as before
     assert [report.reason for report in src.reports] == ["no such file"]
+
+
+def test_a_file_with_a_header_alone_is_reported(tmp_path: Path, make_profile: MakeProfile) -> None:
+    # an export that wrote its header (or a Parquet schema) and nothing else loaded an empty segment without a
+    # word, where a missing file is reported
+    (tmp_path / "AAPL.csv").write_text("Date,Open,High,Low,Close,Volume\r\n")
+    empty = pa.table(
+        {name: pa.array([], pa.float64()) for name in ("open", "high", "low", "close", "volume")}
+    )
+    pq.write_table(
+        empty.append_column("ts", pa.array([], pa.timestamp("us", tz="UTC"))), tmp_path / "AAPL.pq"
+    )
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.csv'\n  minute: '{{symbol}}.pq'"
+    src = FilesSource(make_profile(profile_body(body)))
+    assert src.fetch(Segment("AAPL", "1d", NOV)).num_rows == 0
+    assert src.fetch(Segment("AAPL", "1m", NOV)).num_rows == 0
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/{timeframe}/2024-11: {tmp_path / name}: 0 rows dropped: the file has no rows (a header alone)"
+        for timeframe, name in (("1d", "AAPL.csv"), ("1m", "AAPL.pq"))
+    ]
