@@ -1,5 +1,6 @@
 """Faults a production queue meets, through real Redis, real workers and a real embedded Postgres: a worker
-started before any run, a consumer group deleted by hand, a target database dropped before the run's features.
+started before any run, a consumer group deleted by hand, a target database dropped before the run's features,
+a worker paused past the visibility timeout, runs pruned and deleted under a working worker.
 Row counts are checked in Postgres exactly: nothing lost, nothing loaded twice."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from psycopg import sql
 
 from refresher.jobs import worker as worker_module
-from refresher.jobs.queue import FEATURES_DUE, GROUP, run_key, stream_key
+from refresher.jobs.queue import DEAD, FEATURES_DUE, GROUP, RETRY, TIERS, run_key, stream_key, text
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.settings import Settings
 from tests.redis_server import RedisServer
@@ -210,3 +211,94 @@ def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
     names = ", ".join(f"'{s}'" for s in SYMBOLS)
     daily = ws.scalar(f"SELECT count(*) FROM ohlcv_daily WHERE symbol IN ({names})")
     assert ws.scalar(f"SELECT count(*) FROM features_dashboard_data WHERE symbol IN ({names})") == daily
+
+
+def test_a_worker_paused_past_the_visibility_timeout_and_the_one_that_reclaimed_its_jobs_load_them_once(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url, client = workspace, redis_server.url, redis_server.client()
+    run = submit(ws, url)
+    paused = start_worker(ws, url, "paused")  # visibility timeout 3 s
+    live = None
+    try:
+        deadline = time.monotonic() + 300
+        while not client.hlen(run_key(run["run_id"], "inflight")):  # its first batch in hand
+            assert paused.poll() is None and time.monotonic() < deadline, worker_log(ws, "paused")
+            time.sleep(0.01)
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            held = client.hgetall(run_key(run["run_id"], "inflight"))
+            live = start_worker(ws, url, "live")
+            time.sleep(8)  # past the timeout: the live worker reclaims the paused one's jobs
+            now = client.hgetall(run_key(run["run_id"], "inflight"))
+            # Taken over (started by the live worker) or already finished by it: the paused one cannot have.
+            taken = [mid for mid in held if now.get(mid) != held[mid]]
+            assert taken, (held, now)
+        finally:
+            paused.send_signal(signal.SIGCONT)  # both now on the same jobs; the segment lock orders them
+        final = wait_for(ws, url, run["run_id"], lambda s: s["state"] == "complete")
+        time.sleep(4)  # the paused worker settles what it held after the run completed
+        assert paused.poll() is None and live.poll() is None
+    finally:
+        stop([paused, *([live] if live else [])])
+    for name in ("paused", "live"):
+        assert "Traceback" not in worker_log(ws, name), worker_log(ws, name)
+    assert paused.returncode == 0 and live is not None and live.returncode == 0
+    assert (final["done"], final["dead"], final["retrying"]) == (run["jobs"], 0, 0)
+    again = wait_for(ws, url, run["run_id"], lambda s: True)
+    assert (again["state"], again["done"], again["in_flight"], again["dead"]) == (
+        "complete",
+        run["jobs"],
+        0,
+        0,
+    )
+    assert sum(int(client.xpending(stream_key(t), GROUP)["pending"]) for t in TIERS) == 0
+    assert_loaded_exactly(ws, SYMBOLS, 3)
+
+
+def test_prune_and_a_forced_delete_while_a_worker_runs_leave_no_key_and_lose_no_row(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    ws, url, client = workspace, redis_server.url, redis_server.client()
+    worker = start_worker(ws, url, "w")
+
+    def alive() -> None:
+        assert worker.poll() is None, worker_log(ws, "w")
+
+    try:
+        first = submit(ws, url)["run_id"]
+        wait_for(ws, url, first, lambda s: alive() or s["state"] == "complete")
+        symbols = [*SYMBOLS, "IBM", "XOM", "CVX", "JPM", "BAC", "WMT", "HD", "DIS"]
+        ws.write_profile(symbols=symbols, months=3)
+        second = submit(ws, url)["run_id"]
+        wait_for(ws, url, second, lambda s: alive() or s["done"] >= 1)
+        # Frozen mid-batch, its claimed jobs in hand (a long COPY, a GC pause), so the run is surely running.
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            state = status(ws, url, second)["state"]
+            assert state in ("queued", "loaded")  # jobs out, or its features due
+            pruned = json.loads(
+                ws.run("jobs", "prune", "--older-than", "0s", "--queue", url, "--json").stdout
+            )
+            assert pruned["deleted"] == [first] and pruned["running"] == {second: state}, pruned
+            refused = ws.run("jobs", "delete", second, "--queue", url, expect=2)
+            assert "--force" in refused.stderr and refused.stderr.count("\n") == 1
+            ws.run("jobs", "delete", second, "--force", "--queue", url)
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        time.sleep(3)  # the worker settles what it held: acknowledged only
+        alive()
+        third = submit(ws, url)  # plans again: what the deleted run had not loaded
+        final = wait_for(ws, url, third["run_id"], lambda s: alive() or s["state"] == "complete")
+    finally:
+        stop([worker])
+    assert worker.returncode == 0 and "Traceback" not in worker_log(ws, "w"), worker_log(ws, "w")
+    assert final["done"] == final["total"] == third["jobs"]
+    left = {text(k).split(":")[2] for k in client.scan_iter("refresher:run:*")}
+    assert left == {third["run_id"]}, left
+    for tier in TIERS:
+        assert client.xlen(stream_key(tier)) == 0
+    assert client.xlen(DEAD) == 0 and client.zcard(RETRY) == 0
+    ws.run("jobs", "status", first, "--queue", url, expect=2)
+    ws.run("jobs", "status", second, "--queue", url, expect=2)
+    assert_loaded_exactly(ws, symbols, 3)
