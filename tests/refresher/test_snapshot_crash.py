@@ -45,16 +45,24 @@ CALL
 """
 
 
-def _killed_after(server: ServerInfo, step: int, call: str) -> bool:
-    """True when ``call`` finished before its ``step``-th statement; False when it was killed."""
+def _killed_after(server: ServerInfo, step: int, call: str, *args: str) -> bool:
+    """True when ``call`` finished before its ``step``-th statement; False when it was killed. ``args``: its
+    ``sys.argv[2:]``."""
     done = subprocess.run(
-        [sys.executable, "-c", _KILLER.replace("CALL", call), str(step)],
+        [sys.executable, "-c", _KILLER.replace("CALL", call), str(step), *args],
         input=json.dumps(asdict(server)),
         text=True,
         timeout=120,
     )
     assert done.returncode in (0, -signal.SIGKILL), done
     return done.returncode == 0
+
+
+def _kill_steps(limit: int, never: str) -> Iterator[int]:
+    """1, 2, ...: the statement after which a loop's body kills a call, until the body breaks (the call finished);
+    fails with ``never`` at ``limit``."""
+    yield from range(1, limit)
+    pytest.fail(never)
 
 
 def _save_killed_after(server: ServerInfo, step: int) -> bool:
