@@ -149,11 +149,17 @@ class PostgresSource(Source):
             return sql.SQL(custom)  # type: ignore[arg-type]  # the profile's own text, not user data
         c = self.columns
         when = sql.Identifier(c[key])
+        # A row whose time is NULL belongs to no month: the symbol's first segment takes it, as the files source
+        # charges a date that does not parse, so it is a bad row (it was never selected, never reported).
+        undated = (
+            sql.SQL(" OR {} IS NULL").format(when) if segment.month == self.profile.months[0] else sql.SQL("")
+        )
         return sql.SQL(
             "SELECT {when_out} AS {key}, {o}::float8 AS open, {h}::float8 AS high, {l}::float8 AS low, "
             "{c}::float8 AS close, {v}::float8 AS volume FROM {table} "
-            "WHERE {sym} = %(symbol)s AND {when} >= %(start)s AND {when} < %(end)s ORDER BY {when}"
+            "WHERE {sym} = %(symbol)s AND ({when} >= %(start)s AND {when} < %(end)s{undated}) ORDER BY {when}"
         ).format(
+            undated=undated,
             when_out=sql.SQL("{}::date" if key == "date" else "{}").format(when),
             key=sql.Identifier(key),
             o=sql.Identifier(c["open"]),

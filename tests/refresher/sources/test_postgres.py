@@ -176,6 +176,36 @@ def test_an_upstream_server_before_14_is_one_line_naming_its_version(server_vers
     assert _version_query_refused(140000) is None and _version_query_refused(150004) is None
 
 
+def test_upstream_rows_without_a_time_are_bad_rows_of_the_first_segment(
+    upstream: str, make_profile: MakeProfile
+) -> None:
+    # A NULL day or time is in no month's range: the row was never selected and never reported, where the
+    # files source charges a date that does not parse to the symbol's first segment as a bad row.
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute("""
+            DROP TABLE IF EXISTS prod.undated_daily, prod.undated_minute;
+            CREATE TABLE prod.undated_daily AS SELECT * FROM prod."Daily Bars";
+            INSERT INTO prod.undated_daily VALUES ('AAPL', NULL, 9, 10, 8, 9.5, 100);
+            CREATE TABLE prod.undated_minute AS SELECT * FROM prod.minute_bars;
+            INSERT INTO prod.undated_minute VALUES ('AAPL', NULL, 1, 2, 0.5, 1.5, 7);
+        """)
+    text = body(upstream).replace("prod.Daily Bars", "prod.undated_daily")
+    text = text.replace("prod.minute_bars", "prod.undated_minute")
+    october = dt.date(2024, 10, 1)
+    with PostgresSource(make_profile(text)) as src:
+        for timeframe, column in (("1d", "date"), ("1m", "ts")):
+            with pytest.raises(SourceError, match=f"{column}=None: breaks the rule {column} parses"):
+                src.fetch(Segment("AAPL", timeframe, october))
+        assert src.fetch(Segment("AAPL", "1d", NOV)).num_rows == 2  # a later month: its own rows only
+    with PostgresSource(make_profile(text + "  on_bad_rows: skip\n", name="skip")) as src:
+        assert src.fetch(Segment("AAPL", "1d", october)).column("date").to_pylist() == [dt.date(2024, 10, 31)]
+        assert src.fetch(Segment("AAPL", "1m", october)).num_rows == 0
+        assert [(r.reason, r.rows) for r in src.reports] == [
+            ("date parses as a date", 1),
+            ("ts parses as a timestamp", 1),
+        ]
+
+
 def _end_sleepers(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
