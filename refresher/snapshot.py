@@ -414,7 +414,8 @@ def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
     except psycopg.errors.LockNotAvailable as exc:
         raise SnapshotError(
             f"{db}: cannot read its ledger to reset it: a session's open transaction holds a lock on it, which "
-            f"role {conn.info.user!r} may not end; close that session and run again",
+            f"role {conn.info.user!r} may not end (it needs to be a member of pg_signal_backend, or a superuser); "
+            "close that session and run again",
             database=db,
         ) from exc
 

@@ -194,6 +194,14 @@ def test_a_session_the_role_may_not_end_fails_a_reset_in_one_line_and_leaves_the
         with pytest.raises(SnapshotError, match="pg_signal_backend"):
             restore_pristine(plain, refill=False)
         assert other.execute("SELECT count(*) FROM ohlcv_daily WHERE symbol = 'AAPL'").fetchone() == (0,)
+    # Its open transaction holding a lock on the ledger: one line, not a reset waiting for it without end.
+    with psycopg.connect(pg_server.dsn(plain.dbname)) as other:
+        other.execute("LOCK TABLE refresher_segments")
+        with pytest.raises(
+            SnapshotError, match=r"open transaction holds a lock on it.*pg_signal_backend"
+        ) as held:
+            restore_pristine(plain, refill=False)
+        assert "\n" not in str(held.value)
     restore_pristine(plain, refill=False)
     assert _checksums(plain.dsn()) == pristine
 
