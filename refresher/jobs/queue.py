@@ -378,7 +378,8 @@ for _, payload in ipairs(redis.call('ZRANGE', prefix .. 'retry', 0, -1)) do
 end
 for _, run in ipairs(deleted) do
   local key = prefix .. 'run:' .. run
-  redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock')
+  redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
+    key .. ':submitting')
   redis.call('ZREM', prefix .. 'runs', run)
   redis.call('SREM', prefix .. 'held', run)
   redis.call('SREM', prefix .. 'features-due', run)
@@ -546,12 +547,22 @@ class JobQueue:
         return released
 
 
-def enqueue(client: redis.Redis, tier: str, payloads: Sequence[str], *, chunk: int = 5000) -> list[float]:
-    """XADD ``payloads`` to a tier's stream, pipelined by ``chunk``; returns seconds per chunk."""
+def enqueue(
+    client: redis.Redis,
+    tier: str,
+    payloads: Sequence[str],
+    *,
+    chunk: int = 5000,
+    alive: tuple[str, int] | None = None,
+) -> list[float]:
+    """XADD ``payloads`` to a tier's stream, pipelined by ``chunk``; returns seconds per chunk. ``alive`` (a key,
+    seconds) is set to expire that long after each chunk: while it lives, the enqueueing is still going on."""
     timings: list[float] = []
     for start in range(0, len(payloads), chunk):
         began = time.perf_counter()
         pipe = client.pipeline(transaction=False)
+        if alive is not None:
+            pipe.set(alive[0], 1, ex=alive[1])
         for payload in payloads[start : start + chunk]:
             pipe.xadd(stream_key(tier), {"job": payload})
         pipe.execute()

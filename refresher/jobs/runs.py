@@ -91,6 +91,10 @@ class Submitted:
         return out
 
 
+# Seconds a submit may pause between two chunks of its jobs before the run's missing jobs count as lost.
+SUBMITTING_TTL = 60
+
+
 def new_run_id(now: dt.datetime) -> str:
     return f"{now.astimezone(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
@@ -125,10 +129,12 @@ def submit_jobs(
             "state": state,
             "submitted_at": now.timestamp(),
             "held_until_ts": held_until_ts if held_until_ts is not None else 0,
-            # Its jobs are being enqueued: fewer in the stream than counted is no loss yet (``lost``).
-            "submitting": 1,
         },
     )
+    # While its jobs are being enqueued, fewer in the stream than counted is no loss (``lost``); a submitter
+    # killed midway (or Redis losing the last second of its writes) lets the key expire, and the loss shows.
+    submitting = (run_key(run_id, "submitting"), SUBMITTING_TTL)
+    pipe.set(submitting[0], 1, ex=submitting[1])
     pipe.zadd(RUNS, {run_id: now.timestamp()})
     if state == "loaded":
         pipe.sadd(FEATURES_DUE, run_id)
@@ -141,8 +147,8 @@ def submit_jobs(
             timings.append(time.perf_counter() - t0)
         client.sadd(HELD, run_id)
     else:
-        timings = enqueue(client, spec.priority, payloads, chunk=chunk)
-    client.hdel(run_key(run_id), "submitting")
+        timings = enqueue(client, spec.priority, payloads, chunk=chunk, alive=submitting)
+    client.delete(submitting[0])
     return Submitted(
         run_id,
         len(payloads),
@@ -208,6 +214,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
     pipe.hgetall(run_key(run_id))
     pipe.hlen(run_key(run_id, "inflight"))
     pipe.llen(run_key(run_id, "held"))
+    pipe.exists(run_key(run_id, "submitting"))
     for tier in TIERS:
         pipe.xlen(stream_key(tier))
         pipe.xpending(stream_key(tier), GROUP)
@@ -218,7 +225,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
     in_flight, held = int(replies[1]), int(replies[2])
     tiers, lengths = [], {}
     for i, tier in enumerate(TIERS):
-        length, pending = replies[3 + 2 * i], replies[4 + 2 * i]
+        length, pending = replies[4 + 2 * i], replies[5 + 2 * i]
         busy = int(pending["pending"]) if isinstance(pending, dict) else 0
         lengths[tier] = int(length) if isinstance(length, int) else 0
         tiers.append(TierStatus(tier, WEIGHTS[tier], lengths[tier] - busy, busy))
@@ -232,7 +239,7 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
     remaining = total - done - dead
     state = raw[b"state"].decode()
     lost = 0
-    if state == "queued" and b"submitting" not in raw:
+    if state == "queued" and not replies[3]:
         in_stream = remaining - retrying - held  # in flight ones are still stream entries, until acknowledged
         lost = max(in_stream - lengths[spec["priority"]], 0)
     features = json.loads(raw[b"features"]) if b"features" in raw else None

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
+from refresher.jobs import runs
 from refresher.jobs.queue import JobQueue, connect, stream_key
-from refresher.jobs.runs import run_status, submit_jobs
+from refresher.jobs.runs import list_runs, run_status, submit_jobs
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_cli_queue import one_line, refresher
 from tests.refresher.jobs.test_queue import jobs, spec
@@ -55,6 +59,29 @@ def test_a_run_being_submitted_or_held_is_not_lost(redis_server: RedisServer) ->
     held = submit_jobs(client, spec("normal"), jobs("HELD", 3), now=now, held_until_ts=now.timestamp() + 3600)
     assert run_status(client, held.run_id).lost == 0
     run = submit_jobs(client, spec("low"), jobs("SUB", 3), now=now).run_id
-    client.hset(f"refresher:run:{run}", "submitting", 1)  # as while its jobs are being added
+    client.set(f"refresher:run:{run}:submitting", 1, ex=60)  # as while its jobs are being added
     client.delete(stream_key("low"))
     assert run_status(client, run).lost == 0
+
+
+def test_a_submit_killed_midway_shows_its_missing_jobs_lost_once_it_stops_enqueueing(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or kill -9) of `jobs submit` after its first chunk of jobs: the run counts five, the stream holds
+    two. It read 'queued, 3 pending' for good, and `--watch` waited for ever."""
+    client = connect(redis_server.url)
+    real = runs.enqueue
+
+    def interrupted(client: redis.Redis, tier: str, payloads: list[str], **kwargs: Any) -> list[float]:
+        real(client, tier, payloads[:2], **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "enqueue", interrupted)
+    monkeypatch.setattr(runs, "SUBMITTING_TTL", 1, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        submit_jobs(client, spec("normal"), jobs("HALF", 5), now=dt.datetime.now(dt.UTC))
+    [run] = [r.run_id for r in list_runs(client)]
+    assert run_status(client, run).lost == 0  # the submitter might still be adding them
+    time.sleep(1.5)
+    state = run_status(client, run)
+    assert (state.state, state.lost, state.pending) == ("queued", 3, 2)
