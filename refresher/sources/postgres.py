@@ -114,7 +114,8 @@ class PostgresSource(Source):
             with self._conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
-            raise SourceError(f"upstream query failed: {_one_line(exc)}") from exc
+            # the table (or query) named: 'invalid input syntax for type double precision: "abc"' said neither
+            raise SourceError(f"{self._where(segment)}: upstream query failed: {_one_line(exc)}") from exc
 
     def close(self) -> None:
         if self._conn is not None:
@@ -172,6 +173,12 @@ class PostgresSource(Source):
             when=when,
         )
 
+    def _where(self, segment: Segment) -> str:
+        """What a message names as the rows' origin: the upstream table, or the profile's own query."""
+        if segment.timeframe in self.spec.queries:
+            return f"postgres:source.queries.{segment.timeframe}"
+        return f"postgres:{self.tables[segment.timeframe]}"
+
     def _params(self, segment: Segment, bounds: tuple[object, ...]) -> dict[str, object]:
         return {"symbol": segment.symbol, "start": bounds[0], "end": bounds[1]}
 
@@ -220,9 +227,7 @@ class PostgresSource(Source):
         if not rows:
             return empty_table(segment.timeframe)
         columns = dict(zip(names, zip(*rows, strict=True), strict=False))
-        where = f"postgres:{self.tables[segment.timeframe]}"
-        if segment.timeframe in self.spec.queries:
-            where = f"postgres:source.queries.{segment.timeframe}"
+        where = self._where(segment)
         for name in VALUE_COLUMNS:
             # a column has one type: its first value tells it. pandas made booleans 0/1 and intervals
             # nanoseconds, silently

@@ -119,7 +119,10 @@ def test_upstream_failures_are_one_line_and_never_show_the_password(
         for ask in (src.fetch, src.version):
             with pytest.raises(SourceError) as info:
                 ask(Segment("AAPL", "1m", NOV))
-            assert str(info.value) == 'upstream query failed: relation "prod.nope" does not exist'
+            assert (
+                str(info.value)
+                == 'postgres:prod.nope: upstream query failed: relation "prod.nope" does not exist'
+            )
     port = upstream.split("port=")[1].split()[0]
     unquoted = f"host=127.0.0.1 port={port} user=postgres password=sekrit 123 dbname=postgres"
     with PostgresSource(make_profile(body(unquoted), name="unquoted")) as src:
@@ -162,7 +165,9 @@ def test_upstream_failures_are_one_line_and_never_show_the_password(
                 src.fetch(Segment("AAPL", "1d", NOV))
         finally:
             ended.join()
-        assert str(info.value) == "upstream query failed: terminating connection due to administrator command"
+        assert str(info.value) == (
+            "postgres:source.queries.1d: upstream query failed: terminating connection due to administrator command"
+        )
 
 
 @pytest.mark.parametrize(("server_version", "shown"), [(130011, "13.11"), (120000, "12.0"), (90624, "9.6")])
@@ -174,6 +179,23 @@ def test_an_upstream_server_before_14_is_one_line_naming_its_version(server_vers
     )
     assert "\n" not in str(refused) and "version_query: false" in str(refused)
     assert _version_query_refused(140000) is None and _version_query_refused(150004) is None
+
+
+def test_an_upstream_value_of_the_wrong_type_names_the_table_and_the_value(
+    upstream: str, make_profile: MakeProfile
+) -> None:
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute("""
+            DROP TABLE IF EXISTS prod.text_bars;
+            CREATE TABLE prod.text_bars (ticker text, day date, o text, h text, l text, c text, vol text);
+            INSERT INTO prod.text_bars VALUES ('AAPL', '2024-11-26', '10', '11', '9', 'abc', '5');
+        """)
+    src = PostgresSource(make_profile(body(upstream).replace("prod.Daily Bars", "prod.text_bars")))
+    with src, pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value) == (
+        'postgres:prod.text_bars: upstream query failed: invalid input syntax for type double precision: "abc"'
+    )
 
 
 def test_upstream_rows_without_a_time_are_bad_rows_of_the_first_segment(
