@@ -8,11 +8,12 @@ resolved path, so two checkouts on one daemon never share, list or remove each o
     volume     <prefix>-<scope>-<profile>-data  the same labels; PGDATA lives here, not in the container
     state      <state_dir>/docker/<profile>.json   image, port and the password (0600, atomic)
 
-The port is published on 127.0.0.1 only; Docker picks it unless one is pinned. The password is random per
-volume: Postgres stores it at initdb time, so it must survive as long as the volume does. If the state file is
-lost while the container exists, the password is read back from the container's environment; if both the state
-file and the container are gone, the volume's password is unknowable and the volume is recreated (its data is a
-throwaway copy that ``refresher refresh`` rebuilds from the feature store).
+The port is published on 127.0.0.1 only; Docker picks it unless one is pinned (Docker does not ask the kernel:
+when another process holds its pick, the container is made again on a port the kernel says is free). The
+password is random per volume: Postgres stores it at initdb time, so it must survive as long as the volume does.
+If the state file is lost while the container exists, the password is read back from the container's
+environment; if both the state file and the container are gone, the volume's password is unknowable and the
+volume is recreated (its data is a throwaway copy that ``refresher refresh`` rebuilds from the feature store).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ STATE_PATH_LABEL = "io.refresher.state-path"
 CHECKOUT_LABEL = "io.refresher.checkout"
 CHECKOUT_HOST_LABEL = "io.refresher.checkout-host"
 LOG_TAIL_LINES = 40
+# Containers made in turn when the port Docker published a new one on is held by another process.
+PORT_TRIES = 5
 # Docker API calls that may pull or wait on a slow disk; a ping uses its own short timeout.
 API_TIMEOUT = 120
 
@@ -149,8 +152,16 @@ class DockerEngine:
                 state = self._adopt(container, profile)
             if container is None or state is None:
                 container, state = self._create(client, profile, state)
-            if container.status != "running":
-                self._run(container, profile)
+            tries = 1
+            while container.status != "running" and not self._run(container, profile):
+                # Docker hands out ports in turn without asking the kernel: its pick was another process's.
+                if tries == PORT_TRIES:
+                    raise EngineUnavailable(
+                        f"container {container.name} could not publish its port: {tries} ports in a row on "
+                        f"{HOST} were held by other processes; run the command again"
+                    )
+                tries += 1
+                container, state = self._create(client, profile, state, port=_free_port())
             if container.status != "running":
                 raise self._exited(container, profile)
             state = replace(state, port=_host_port(container))
@@ -256,9 +267,15 @@ class DockerEngine:
 
     # -- container lifecycle --------------------------------------------------------------------------------
     def _create(
-        self, client: docker.DockerClient, profile: str, state: ContainerState | None
+        self,
+        client: docker.DockerClient,
+        profile: str,
+        state: ContainerState | None,
+        *,
+        port: int | None = None,
     ) -> tuple[Container, ContainerState]:
-        """A new container over the kept volume (with the kept password), or over a fresh one."""
+        """A new container over the kept volume (with the kept password), or over a fresh one; published on
+        ``port``, else the pinned one, else one Docker picks."""
         volume_name = self._volume_name(profile)
         volume = self._volume(client, profile)
         if state is None and volume is not None:
@@ -296,7 +313,7 @@ class DockerEngine:
                         "POSTGRES_INITDB_ARGS": " ".join(INITDB_ARGS),
                     },
                     volumes={volume_name: {"bind": PGDATA, "mode": "rw"}},
-                    ports={"5432/tcp": (HOST, self.pinned_port)},
+                    ports={"5432/tcp": (HOST, port or self.pinned_port)},
                     # Parallel query workers share memory through /dev/shm; Docker's default 64 MB is too small.
                     shm_size="256m",
                     detach=True,
@@ -313,7 +330,8 @@ class DockerEngine:
                 return existing, state
             time.sleep(0.2)
 
-    def _run(self, container: Container, profile: str) -> None:
+    def _run(self, container: Container, profile: str) -> bool:
+        """Start ``container``; False when its port, not pinned, is taken (the container is removed then)."""
         try:
             container.start()
         except docker.errors.APIError as exc:
@@ -321,12 +339,15 @@ class DockerEngine:
             if "already allocated" in text or "address already in use" in text:
                 # Keep state consistent: a container that cannot bind is useless; the volume stays.
                 container.remove(force=True, v=True)
+                if self.pinned_port is None:
+                    return False
                 raise EngineUnavailable(
                     f"port {self.pinned_port} on {HOST} is already in use; choose another port for {profile}",
                     port=self.pinned_port,
                 ) from exc
             raise EngineUnavailable(f"container {container.name} did not start: {text}") from exc
         container.reload()
+        return True
 
     def _adopt(self, container: Container, profile: str) -> ContainerState:
         """Rebuild lost state from a container we made: its environment holds the password it was made with."""
@@ -634,6 +655,13 @@ def _not_running(base_url: str | None, exc: BaseException) -> EngineUnavailable:
         f"Docker is not running or not reachable at {where} ({reason}); start the daemon or use --engine local",
         base_url=base_url,
     )
+
+
+def _free_port() -> int:
+    """A port of HOST that no process holds now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def _host_port(container: Container) -> int:

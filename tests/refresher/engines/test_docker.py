@@ -722,6 +722,38 @@ def test_after_a_reboot_the_exited_container_restarts_on_another_port_when_its_o
         docker_engine.stop("rebooted")
 
 
+@pytest.mark.docker
+def test_a_port_docker_picks_that_another_process_holds_is_skipped_not_a_pinned_port_error(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
+) -> None:
+    # Docker hands out published ports in turn from its own range without asking the kernel; one that a host
+    # process listens on failed the start with "port None on 127.0.0.1 is already in use; choose another port".
+    probe = docker_client.containers.run(
+        docker_pg_image, entrypoint=["sleep", "60"], ports={"5432/tcp": ("127.0.0.1", None)}, detach=True,
+        labels={PREFIX_LABEL: docker_prefix},
+    )  # fmt: skip
+    probe.reload()
+    last = int(probe.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+    probe.remove(force=True, v=True)
+    held = []
+    try:
+        for port in range(
+            last + 1, last + 21
+        ):  # Docker's next picks (other checkouts may take a few meanwhile)
+            with contextlib.suppress(OSError):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        info = docker_engine.start("portheld")
+        assert query(info, "SELECT current_database()") == "portheld"
+        assert json.loads((docker_engine.base / "portheld.json").read_text())["port"] == info.port
+    finally:
+        for sock in held:
+            sock.close()
+        docker_engine.stop("portheld")
+
+
 # -- a full disk inside the container ---------------------------------------------------------------------------
 
 
