@@ -124,8 +124,13 @@ class FeatureStore:
         self.compression_level = compression_level
         self.lock_timeout = lock_timeout
         self.pack_max_rows = pack_max_rows
-        (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
-        (self.root / _LOCK_DIR).mkdir(exist_ok=True)
+        try:
+            (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
+            (self.root / _LOCK_DIR).mkdir(exist_ok=True)
+        except (NotADirectoryError, FileExistsError) as exc:  # FEATURE_STORE_PATH naming a file: a traceback
+            raise bad_value(
+                "root", str(self.root), f"cannot hold a store: {exc.filename} ({exc.strerror})"
+            ) from None
         self.manifest = Manifest(self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows)
         self._session = AccessCounts()
         self._session_lock = threading.Lock()

@@ -374,3 +374,18 @@ def test_a_failed_write_in_a_batch_leaves_no_temporary_of_the_others(
         store.put_many([(key, segment([1.0, float(k)]), None) for k, key in enumerate(keys)])
     assert list((store.root / "data").rglob("*.tmp")) == []
     assert store.lookup(keys) == {}
+
+
+def test_a_root_that_is_a_file_or_under_one_is_one_line(tmp_path: Path) -> None:
+    # FEATURE_STORE_PATH (or --store) naming a file was a NotADirectoryError traceback from every command
+    afile = tmp_path / "store.txt"
+    afile.write_text("")
+    for root, culprit in ((afile, afile / "data"), (afile / "sub", afile / "sub" / "data")):
+        with pytest.raises(FeatureStoreError) as info:
+            FeatureStore(root)
+        assert str(info.value) == f"root={str(root)!r}: cannot hold a store: {culprit} (Not a directory)"
+        assert info.value.exit_code == 2
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "locks").write_text("")  # a file where the store keeps its lock files
+    with pytest.raises(FeatureStoreError, match=r"cannot hold a store: .*locks \(File exists\)"):
+        FeatureStore(tmp_path / "cache")
