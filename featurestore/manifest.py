@@ -14,7 +14,8 @@ journal into ``last_accessed_ts`` and the hit counters. Reads that show access t
 stats, integrity) fold a pending journal first, so the manifest never shows stale access times to a caller; reads
 that only locate files or hashes (``read(fold=False)``: a warm read's pack lookup, a planner's hashes) leave it to
 the next write unless it has grown past ``_JOURNAL_FOLD_BYTES``: folding is a write transaction (~50 ms), and a
-warm grid search that folded on every read spent 6 s of 17 on it. Access tracking never relies on file atimes.
+warm grid search that folded on every read spent 6 s of 17 on it. An append that takes the journal past that size
+folds it too (own-file hits never open the manifest). Access tracking never relies on file atimes.
 
 The manifest heals itself: the Parquet files are the truth. Whenever a write finds no manifest (first use, or
 deleted) or one DuckDB cannot open (garbage, truncated, a checksum error), it moves the damaged file aside as
@@ -425,11 +426,13 @@ class Manifest:
         if not lines:
             return
         payload = "".join(lines).encode()
+        size = 0
         with file_lock(self._journal_lock, shared=True, timeout=self._lock_timeout):
             try:
                 fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
                     os.write(fd, payload)
+                    size = os.fstat(fd).st_size
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -437,6 +440,12 @@ class Manifest:
                 # unrecorded, so their keys may expire a little sooner. A line cut short is never folded.
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
+        if size > _JOURNAL_FOLD_BYTES and self._journal_pending(_JOURNAL_FOLD_BYTES):
+            # Reads of keys with files of their own never open the manifest, so nothing folded their lines: a
+            # read-only workload grew the journal without bound. Past the limit, the reader folds it (a write
+            # transaction per ~13,000 accesses); a manifest it cannot write now leaves that to the next one.
+            with contextlib.suppress(ManifestBusy, StoreDiskFull), self.write():
+                pass
 
     def _journal_pending(self, beyond: int = 0) -> bool:
         """Whether the journal holds more than ``beyond`` bytes (or a dead folder's files wait to be folded)."""
