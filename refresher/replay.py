@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from refresher import database, load
-from refresher.features.tables import FeaturePart, replace_feature_rows
+from refresher.features.tables import FeaturePart, rebuild_feature_rows, replace_feature_rows
 from refresher.profile import Profile
 
 # Rows held for a replay: about 50 MB of minute bars. A daily refresh of backtesting holds 0.7 M (the current
@@ -35,7 +35,7 @@ class RefreshWrites:
     base: str
     limit_rows: int = REPLAY_ROWS
     segments: list[tuple[Sequence[load.SegmentLoad], bool]] = field(default_factory=list)
-    features: list[tuple[str, Sequence[FeaturePart]]] = field(default_factory=list)
+    features: list[tuple[str, Sequence[FeaturePart], bool]] = field(default_factory=list)
     rows: int = 0
     complete: bool = True
 
@@ -45,11 +45,11 @@ class RefreshWrites:
         if self.complete:
             self.segments.append((list(items), allow_shrink))
 
-    def loaded_features(self, name: str, parts: Sequence[FeaturePart]) -> None:
-        """Note a committed ``replace_feature_rows(conn, name, parts)``."""
+    def loaded_features(self, name: str, parts: Sequence[FeaturePart], rebuild: bool = False) -> None:
+        """Note a committed ``replace_feature_rows(conn, name, parts)`` (``rebuild_feature_rows`` if ``rebuild``)."""
         self._hold(sum(part.rows.num_rows for part in parts))
         if self.complete:
-            self.features.append((name, list(parts)))
+            self.features.append((name, list(parts), rebuild))
 
     def give_up(self) -> None:
         """Something was written that is not kept here (a prune): the snapshot must be a copy."""
@@ -67,8 +67,8 @@ class RefreshWrites:
         database.upsert_symbols(conn, self.profile.listings)
         for items, allow_shrink in self.segments:
             load.load_segments(conn, items, allow_shrink=allow_shrink)
-        for name, parts in self.features:
-            replace_feature_rows(conn, name, parts)
+        for name, parts, rebuild in self.features:
+            (rebuild_feature_rows if rebuild else replace_feature_rows)(conn, name, parts)
 
 
 __all__ = ["REPLAY_ROWS", "RefreshWrites"]

@@ -18,11 +18,13 @@ from featurestore import FeatureStore
 from refresher.errors import FeatureError
 from refresher.features.cached import FeatureBatch, compute_features, daily_segments
 from refresher.features.tables import (
+    ColumnsChanged,
     FeaturePart,
     StaleFeature,
     doubtful_rows,
     read_feature_ledger,
     read_ledger,
+    rebuild_feature_rows,
     remove_feature_rows,
     replace_feature_rows,
 )
@@ -54,11 +56,11 @@ def refresh_features(
     *,
     prune: bool = False,
     verify: bool = False,
-    on_loaded: Callable[[str, Sequence[FeaturePart]], None] | None = None,
+    on_loaded: Callable[[str, Sequence[FeaturePart], bool], None] | None = None,
     ahead: tuple[Sequence[FeatureBatch], FeatureError | None] | None = None,
 ) -> FeatureCounts:
     """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded;
-    ``on_loaded(name, parts)`` is told each load committed (``refresher.replay``).
+    ``on_loaded(name, parts, rebuild)`` is told each load committed (``refresher.replay``).
 
     ``verify`` (``refresh --verify``): count each symbol's rows against the ledger and reload those that differ
     (``tables.doubtful_rows``); a table dropped by hand is reloaded whole without it too.
@@ -88,17 +90,26 @@ def refresh_features(
         batches = _then_raise(*ahead)
     else:
         batches = compute_features(profile, store, plan, known, ledger, recorded.inputs)
+    failure: FeatureError | None = None
     for batch in batches:
         try:
             rows += _replace(conn, batch, on_loaded)
-        except StaleFeature:
+        except StaleFeature as stale:
             # Another refresh loaded this feature while these rows were computed to extend the old ones: load
-            # it whole, against the ledger as it is now (nothing, if the other one loaded the same).
+            # it whole, against the ledger as it is now (nothing, if the other one loaded the same). Rows with
+            # new columns (a user's function returning others) rebuild its table: every symbol's rows, at once.
+            rebuild = isinstance(stale, ColumnsChanged)
+            now = read_ledger(conn)
+            if rebuild:
+                computed += batch.computed  # in the store now: the whole batch finds them there
+                now = {pair: input_hash for pair, input_hash in now.items() if pair[0] != batch.use.name}
             again = replace(profile, features=(batch.use,))
-            batch = next(
-                compute_features(again, store, plan, known, read_ledger(conn)), FeatureBatch(batch.use, [], 0)
-            )
-            rows += _replace(conn, batch, on_loaded)
+            try:
+                batch = next(compute_features(again, store, plan, known, now), FeatureBatch(batch.use, [], 0))
+            except FeatureError as exc:  # every symbol's rows cannot share one table: the others still load
+                failure = failure or exc
+                continue
+            rows += _replace(conn, batch, on_loaded, rebuild=rebuild)
         computed += batch.computed
         loaded += sum(1 for part in batch.parts if part.rows.num_rows or part.since is not None)
         appended += sum(1 for part in batch.parts if part.since is not None)
@@ -108,6 +119,8 @@ def refresh_features(
             for p in batch.parts
             if not p.rows.num_rows and p.since is None and (batch.use.name, p.symbol) in ledger
         )
+    if failure is not None:
+        raise failure
     return FeatureCounts(
         desired=desired,
         loaded=loaded,
@@ -127,11 +140,13 @@ def _then_raise(batches: Sequence[FeatureBatch], failure: FeatureError | None) -
 def _replace(
     conn: psycopg.Connection[Any],
     batch: FeatureBatch,
-    on_loaded: Callable[[str, Sequence[FeaturePart]], None] | None,
+    on_loaded: Callable[[str, Sequence[FeaturePart], bool], None] | None,
+    *,
+    rebuild: bool = False,
 ) -> int:
-    rows = replace_feature_rows(conn, batch.use.name, batch.parts)
+    rows = (rebuild_feature_rows if rebuild else replace_feature_rows)(conn, batch.use.name, batch.parts)
     if on_loaded is not None:
-        on_loaded(batch.use.name, batch.parts)
+        on_loaded(batch.use.name, batch.parts, rebuild)
     return rows
 
 

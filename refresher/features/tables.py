@@ -48,6 +48,11 @@ class StaleFeature(LoadError):
     """Rows meant to extend a feature's loaded rows found other rows loaded meanwhile (another refresh)."""
 
 
+class ColumnsChanged(StaleFeature):
+    """A feature's new rows have other columns than its table, which holds rows of symbols they do not cover (or
+    that they were to extend): its table is rebuilt only with every symbol's rows at once (``rebuild=True``)."""
+
+
 @dataclass(frozen=True)
 class FeaturePart:
     """One symbol's new rows of a feature (empty when its bars are), and the input hash they came from."""
@@ -198,19 +203,41 @@ def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequen
 
     One transaction and one binary COPY per feature. A part with no rows (its symbol's bars are empty) deletes
     the symbol's old rows and records the empty load, so the next refresh does not look again.
+
+    Rows with other columns than the table's rebuild it, but only when ``parts`` replace every row it holds,
+    whole: ColumnsChanged otherwise, and nothing changes (``rebuild_feature_rows`` loads every symbol's).
     """
+    return _load_rows(conn, name, parts, rebuild=False)
+
+
+def rebuild_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> int:
+    """``replace_feature_rows`` of every symbol of the profile (``parts``, whole), rebuilding the table when their
+    columns are not its own: it then holds exactly ``parts``' rows, in the same one transaction."""
+    return _load_rows(conn, name, parts, rebuild=True)
+
+
+def _load_rows(
+    conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart], *, rebuild: bool
+) -> int:
     try:
         _ensure_ledger(conn)
         with conn.transaction():
             # Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second
             # reads the ledger after the first committed: no COPY races another's uncommitted rows.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id(name),))
-            parts = _still_needed(conn, name, parts)
+            current = _table_columns(conn, name)
+            metrics = next((part.rows.column_names[2:] for part in parts if part.rows.num_rows), None)
+            rebuilt = bool(current) and metrics is not None and current != metrics
+            if rebuilt and not rebuild and (any(p.since for p in parts) or _rows_beyond(conn, name, parts)):
+                raise ColumnsChanged(
+                    f"feature {name}: its columns changed; load every symbol's rows at once", feature=name
+                )
+            if not rebuilt:  # rebuilt, every part loads: the table is new
+                parts = _still_needed(conn, name, parts)
             filled = [part.rows for part in parts if part.rows.num_rows]
             if filled:
                 data = pa.concat_tables(filled)
-                if _ensure_feature_table(conn, name, data.column_names[2:]) and any(p.since for p in parts):
-                    raise StaleFeature(f"feature {name}: its table was rebuilt; load it whole", feature=name)
+                _ensure_feature_table(conn, name, data.column_names[2:], current)
             whole = [part.symbol for part in parts if part.since is None]
             _delete_symbols(conn, name, whole)
             _delete_since(conn, name, [part for part in parts if part.since is not None])
@@ -227,6 +254,15 @@ def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequen
     except psycopg.Error as exc:
         raise LoadError(f"feature {name}: loading failed: {server_said(exc)}".rstrip(), feature=name) from exc
     return sum(table.num_rows for table in filled)
+
+
+def _rows_beyond(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> bool:
+    """Whether the ledger records rows of feature ``name`` for a symbol ``parts`` do not replace."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM refresher_features WHERE feature = %s AND rows > 0 AND symbol <> ALL(%s))",
+        (name, [part.symbol for part in parts]),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _still_needed(
@@ -312,20 +348,26 @@ def _delete_symbols(conn: psycopg.Connection[Any], name: str, symbols: Sequence[
     )
 
 
-def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Sequence[str]) -> bool:
-    """Create the feature's table; if its metric columns changed, rebuild it and forget what was loaded.
-    True when a table holding rows was dropped."""
-    table = feature_table(name)
-    current = [
+def _table_columns(conn: psycopg.Connection[Any], name: str) -> list[str]:
+    """The metric columns of feature ``name``'s table, in order; none when there is no table."""
+    return [
         row[0]
         for row in conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
             "AND column_name NOT IN ('symbol', 'date') ORDER BY ordinal_position",
-            (table,),
+            (feature_table(name),),
         )
     ]
-    if current == list(metrics):
-        return False
+
+
+def _ensure_feature_table(
+    conn: psycopg.Connection[Any], name: str, metrics: Sequence[str], current: Sequence[str]
+) -> None:
+    """Create the feature's table; if its metric columns (``current``, ``_table_columns``) are not ``metrics``,
+    rebuild it and forget what was loaded."""
+    if list(current) == list(metrics):
+        return
+    table = feature_table(name)
     if current:
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table)))
         conn.execute("DELETE FROM refresher_features WHERE feature = %s", (name,))
@@ -335,11 +377,11 @@ def _ensure_feature_table(conn: psycopg.Connection[Any], name: str, metrics: Seq
             "CREATE TABLE {} (symbol text NOT NULL, date date NOT NULL, {}, PRIMARY KEY (symbol, date))"
         ).format(sql.Identifier(table), columns)
     )
-    return bool(current)
 
 
 __all__ = [
     "FEATURES_DDL",
+    "ColumnsChanged",
     "FeaturePart",
     "Ledger",
     "StaleFeature",
@@ -351,6 +393,7 @@ __all__ = [
     "read_feature_ledger",
     "read_ledger",
     "read_ledger_inputs",
+    "rebuild_feature_rows",
     "remove_feature_rows",
     "replace_feature_rows",
 ]

@@ -23,6 +23,7 @@ from refresher.errors import FeatureError, ProfileError
 from refresher.features import cached, refresh_features
 from refresher.features.cached import compute_features, daily_frame
 from refresher.profile import Profile
+from refresher.replay import RefreshWrites
 from tests.refresher.test_features_load import conn, run, store, stored_plan, table_rows, write_profile
 
 pytestmark = pytest.mark.postgres
@@ -90,6 +91,11 @@ def _times(df, *, k):
     return pd.DataFrame({"scaled": _scaled(df["close"]) * k}, index=df.index)
 
 scaled_once = functools.partial(_times, k=1.0)
+
+def configured(df):
+    """One column per name in $SIGNAL_COLUMNS: what it returns changes with no input of its key changing."""
+    import os
+    return pd.DataFrame({c: df["close"] for c in os.environ["SIGNAL_COLUMNS"].split(",")}, index=df.index)
 '''
 
 
@@ -359,3 +365,84 @@ def test_each_entrys_version_is_computed_once_per_refresh(
     monkeypatch.setattr(cached, "_version", lambda spec: versioned.append(spec.name) or version(spec))
     assert [batch.use.name for batch in compute_features(profile, store, plan)] == ["mine", "dashboard_data"]
     assert sorted(versioned) == sorted(["dashboard_data", f"{module}:compute"])
+
+
+def columns_of(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    query = (
+        "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position"
+    )
+    return [name for (name,) in conn.execute(query, (table,))]
+
+
+def test_new_columns_for_one_new_symbol_reload_every_symbol_into_the_rebuilt_table(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The function now returns two columns; of its inputs only CCC's are new (it joined the profile). Its table is
+    # rebuilt for the new columns: every symbol's rows go into it, in the one transaction, AAA and BBB's too.
+    entry = f'{{name: mine, function: "{module}:configured"}}'
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a")
+    run(conn, write_profile(tmp_path, "AAA, BBB", features=entry), FeatureStore(tmp_path / "store"))
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a,b")
+    # A store without the old rows (another machine's, or collected): computed anew, they have the new columns.
+    counts = run(
+        conn, write_profile(tmp_path, "AAA, BBB, CCC", features=entry), FeatureStore(tmp_path / "new")
+    )
+    assert (counts.loaded, counts.computed) == (3, 3)
+    assert columns_of(conn, "features_mine") == ["symbol", "date", "a", "b"]
+    for symbol in ("AAA", "BBB", "CCC"):
+        rows = table_rows(conn, "features_mine", symbol)
+        assert len(rows) == 83 and all(r[2] == r[3] for r in rows), symbol
+    ledger = conn.execute("SELECT symbol, rows FROM refresher_features ORDER BY 1").fetchall()
+    assert ledger == [("AAA", 83), ("BBB", 83), ("CCC", 83)]
+
+
+def test_new_columns_the_stored_rows_of_other_symbols_lack_load_nothing_and_keep_the_old_table(
+    tmp_path: Path,
+    module: str,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same, with the store still holding AAA and BBB's rows of one column (their key did not change): the
+    # table cannot hold every symbol's rows. Nothing of the feature changes, and the error says why.
+    entry = f'{{name: mine, function: "{module}:configured"}}'
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a")
+    run(conn, write_profile(tmp_path, "AAA, BBB", features=entry), store)
+    before = conn.execute("SELECT * FROM features_mine ORDER BY symbol, date").fetchall()
+    ledger = conn.execute("SELECT * FROM refresher_features ORDER BY symbol").fetchall()
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a,b")
+    with pytest.raises(FeatureError) as info:
+        run(conn, write_profile(tmp_path, "AAA, BBB, CCC", features=entry), store)
+    assert str(info.value) == (
+        "feature mine, symbol CCC: returned columns ['a', 'b'], AAA ['a']: every symbol needs the same, in order; "
+        "nothing of mine was loaded"
+    )
+    assert conn.execute("SELECT * FROM features_mine ORDER BY symbol, date").fetchall() == before
+    assert conn.execute("SELECT * FROM refresher_features ORDER BY symbol").fetchall() == ledger
+
+
+def test_a_rebuild_replays_into_the_pristine_copy_as_a_rebuild(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``refresher.replay`` writes a refresh's loads again into a clone of the database as it was: a rebuild too,
+    # though DDD (gone from the profile, no --prune) has rows in the clone's table that the parts do not replace.
+    entry = f'{{name: mine, function: "{module}:configured"}}'
+    old, new = write_profile(tmp_path, "AAA, BBB, DDD", features=entry), FeatureStore(tmp_path / "new")
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a")
+    run(conn, old, FeatureStore(tmp_path / "store"))
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a,b")
+    profile = write_profile(tmp_path, "AAA, BBB, CCC", features=entry)
+    writes = RefreshWrites(profile, base="")
+    refresh_features(conn, profile, new, stored_plan(profile, new), on_loaded=writes.loaded_features)
+    assert [rebuild for _name, _parts, rebuild in writes.features] == [True]
+    after = conn.execute("SELECT * FROM features_mine ORDER BY symbol, date").fetchall()
+    # The database as it was (the same rows again: its store has them, of one column), then the replay.
+    monkeypatch.setenv("SIGNAL_COLUMNS", "a")
+    run(conn, old, FeatureStore(tmp_path / "store"))
+    assert conn.execute("SELECT DISTINCT symbol FROM features_mine ORDER BY 1").fetchall() == [
+        ("AAA",),
+        ("BBB",),
+        ("DDD",),
+    ]
+    writes.apply(conn)
+    assert conn.execute("SELECT * FROM features_mine ORDER BY symbol, date").fetchall() == after
