@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -150,23 +151,35 @@ def store_batches(jobs: Sequence[SegmentJob]) -> Iterator[Sequence[SegmentJob]]:
         yield jobs[start:]
 
 
-def _load_batches(chunks: Iterable[Sequence[Produced]]) -> Iterator[list[Produced]]:
+Group = tuple[str, dt.date | None]
+
+
+def _group_of(segment: Segment) -> Group:
+    """The load transaction a segment may share: its month's for a minute segment, any for a daily one."""
+    return (segment.timeframe, segment.month if segment.timeframe == "1m" else None)
+
+
+def _load_batches(
+    chunks: Iterable[Sequence[Produced]], jobs: Sequence[SegmentJob] = ()
+) -> Iterator[list[Produced]]:
     """The fetcher's chunks re-cut into load transactions (one segment at least): minute segments of one month
     up to ``MONTH_ROWS`` rows, other runs of segments up to ``LOAD_ROWS``.
 
-    A transaction may span chunks: store batches do not fall on month boundaries (the daily segments come
-    first), and a month cut in two would load its second part through the parent, a B-tree insert per row,
-    instead of into the partition its first part creates (``refresher.partitions``). So the last group of a
-    chunk waits for the next chunk, or for the end; or for a failed fetch, which still gets what came before it
-    loaded before it is raised (as when every chunk was loaded on its own)."""
+    A transaction may span chunks: store batches do not fall on month boundaries, and a month cut in two would
+    load its second part through the parent, a B-tree insert per row, instead of into the partition its first
+    part creates (``refresher.partitions``). So the last group of a chunk waits for the next chunk, or for the
+    end; or for a failed fetch, which still gets what came before it loaded before it is raised (as when every
+    chunk was loaded on its own). Unless ``jobs`` (the run's) say the group is complete: then it is handed over
+    at its last segment, so a loader does not wait for the fetcher's next batch to start a month it holds whole
+    (the second loader's first month, when a store batch holds two)."""
+    left = Counter(_group_of(job.segment) for job in jobs)
     pending: list[Produced] = []
     rows = 0
-    group: tuple[str, dt.date | None] | None = None
+    group: Group | None = None
     try:
         for chunk in chunks:
             for item in chunk:
-                segment = item[0].segment
-                this = (segment.timeframe, segment.month if segment.timeframe == "1m" else None)
+                this = _group_of(item[0].segment)
                 limit = MONTH_ROWS if this[1] is not None else LOAD_ROWS
                 if pending and (this != group or rows + item[1].num_rows > limit):
                     yield pending
@@ -174,6 +187,10 @@ def _load_batches(chunks: Iterable[Sequence[Produced]]) -> Iterator[list[Produce
                 group = this
                 rows += item[1].num_rows
                 pending.append(item)
+                left[this] -= 1
+                if left[this] == 0:  # the group's last segment of the run: nothing more will join it
+                    yield pending
+                    pending, rows = [], 0
     except Exception:
         if pending:
             yield pending
@@ -224,7 +241,7 @@ class InProcessExecutor:
     ) -> SegmentTotals:
         """Run ``jobs``; ``ahead``: their fetcher, started earlier by ``fetch_ahead`` (for these very jobs)."""
         fetcher = ahead if ahead is not None else fetch_ahead(self.source, self.store, jobs)
-        run = _LoadRun(self, _load_batches(fetcher.results()), len(jobs), progress)
+        run = _LoadRun(self, _load_batches(fetcher.results(), jobs), len(jobs), progress)
         helpers: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
         finished = False
         try:

@@ -77,9 +77,14 @@ class SegmentTotals:
 
 
 def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str], *, allow_shrink: bool = False) -> list[SegmentJob]:
-    """The plan's segment jobs: first those the source must produce, then those the store holds; in each, daily
-    segments in the plan's order, then minute segments month by month, so that a month's segments can share the
-    transaction that creates its partition (``refresher.partitions``)."""
+    """The plan's segment jobs: first those the source must produce, then those the store holds; in each, minute
+    segments month by month, so that a month's segments can share the transaction that creates its partition
+    (``refresher.partitions``), then daily segments in the plan's order.
+
+    Minutes first: the loaders start on the first two months as soon as the fetcher has read them, instead of
+    waiting behind the daily segments' reads (a store batch of them and of the first month's start), and the
+    daily segments (one small transaction) load at the end, beside the last month, where a loader has nothing
+    else to take (``refresher.jobs.inprocess``)."""
     jobs: list[SegmentJob] = []
     for segment in (*_month_major(plan.to_fetch), *_month_major(plan.to_load)):
         key = plan.keys[segment]
@@ -101,7 +106,7 @@ def jobs_of_plan(plan: GapPlan, tz_of: dict[str, str], *, allow_shrink: bool = F
 
 def _month_major(segments: Sequence[Segment]) -> list[Segment]:
     minutes = sorted((s for s in segments if s.timeframe == "1m"), key=lambda s: (s.month, s.symbol))
-    return [s for s in segments if s.timeframe != "1m"] + minutes
+    return minutes + [s for s in segments if s.timeframe != "1m"]
 
 
 def fetch_tables(

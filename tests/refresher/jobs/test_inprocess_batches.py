@@ -20,13 +20,13 @@ def _produced(segments: list[Segment], rows: int) -> list[tuple[SegmentJob, pa.T
     return [(SegmentJob(s, f"k{s}", "America/New_York"), table, "h") for s in segments]
 
 
-def test_minute_jobs_come_month_by_month_after_the_daily_ones() -> None:
+def test_minute_jobs_come_month_by_month_before_the_daily_ones() -> None:
     planned = [Segment(sym, tf, m) for sym in ("AAPL", "MSFT") for tf in ("1d", "1m") for m in MONTHS]
     ordered = _month_major(planned)
-    assert ordered[:6] == [s for s in planned if s.timeframe == "1d"]
-    assert [(s.month, s.symbol) for s in ordered[6:]] == [
+    assert [(s.month, s.symbol) for s in ordered[:6]] == [
         (m, sym) for m in MONTHS for sym in ("AAPL", "MSFT")
     ]
+    assert ordered[6:] == [s for s in planned if s.timeframe == "1d"]
 
 
 def test_a_months_minute_segments_share_one_transaction_and_months_do_not() -> None:
@@ -72,3 +72,41 @@ def test_what_came_before_a_failed_fetch_is_still_handed_to_the_loader() -> None
     assert next(batches) == held  # the month is not complete, but nothing more will come
     with pytest.raises(RuntimeError, match="the source failed"):
         next(batches)
+
+
+def test_a_complete_month_is_handed_over_without_waiting_for_the_next_chunk() -> None:
+    symbols = [f"S{k:02d}" for k in range(30)]
+    minutes = _produced([Segment(sym, "1m", m) for m in MONTHS for sym in symbols], 20_000)
+    daily = _produced([Segment(sym, "1d", MONTHS[0]) for sym in symbols], 21)
+    produced = minutes + daily
+    # store batches as the fetcher yields them: two whole months, the third and half the daily, the rest
+    chunks = [produced[:60], produced[60:105], produced[105:]]
+    pulled: list[int] = []
+
+    def fetched() -> Iterator[list[tuple[SegmentJob, pa.Table, str]]]:
+        for k, chunk in enumerate(chunks):
+            pulled.append(k)
+            yield chunk
+
+    batches = _load_batches(fetched(), [job for job, _, _ in produced])
+    # both months of the first chunk go to the loaders before the fetcher's next batch is asked for
+    assert [len(next(batches)), len(next(batches))] == [30, 30] and pulled == [0]
+    assert [len(b) for b in batches] == [30, 30] and pulled == [0, 1, 2]
+
+
+def test_a_month_split_between_fetched_and_stored_jobs_loads_in_parts_as_before() -> None:
+    def minute(sym: str, k: int) -> Segment:
+        return Segment(sym, "1m", MONTHS[k])
+
+    # the source makes two segments of each month, the store holds the others: each month comes twice
+    fetched = _produced([minute("S0", 0), minute("S1", 0), minute("S0", 1), minute("S1", 1)], 10)
+    stored = _produced([minute("S2", 0), minute("S3", 0), minute("S2", 1), minute("S3", 1)], 10)
+    produced = fetched + stored
+    batches = list(_load_batches([fetched, stored], [job for job, _, _ in produced]))
+    assert [b for batch in batches for b in batch] == produced
+    assert [[job.segment for job, _, _ in b] for b in batches] == [
+        [minute("S0", 0), minute("S1", 0)],
+        [minute("S0", 1), minute("S1", 1)],
+        [minute("S2", 0), minute("S3", 0)],
+        [minute("S2", 1), minute("S3", 1)],
+    ]
