@@ -90,10 +90,11 @@ def feature_rows(symbol: str, frame: pd.DataFrame) -> pa.Table:
     return pa.table(columns)
 
 
-# Whether the ledger has its ``inputs`` column (a database loaded before it existed has not).
+# Whether the ledger has its ``inputs`` column (a database loaded before it existed has not). The ledger the
+# statements resolve (the search path), not any table of the name: a schema of the user's may hold another.
 _HAS_INPUTS = (
-    "EXISTS (SELECT FROM information_schema.columns "
-    "WHERE table_name = 'refresher_features' AND column_name = 'inputs')"
+    "EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('refresher_features') "
+    "AND attname = 'inputs' AND NOT attisdropped)"
 )
 
 
@@ -349,13 +350,14 @@ def _delete_symbols(conn: psycopg.Connection[Any], name: str, symbols: Sequence[
 
 
 def _table_columns(conn: psycopg.Connection[Any], name: str) -> list[str]:
-    """The metric columns of feature ``name``'s table, in order; none when there is no table."""
+    """The metric columns of feature ``name``'s table, in order; none when there is no table. The table its
+    statements resolve (the search path): one of the name in another schema is not it."""
     return [
         row[0]
         for row in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
-            "AND column_name NOT IN ('symbol', 'date') ORDER BY ordinal_position",
-            (feature_table(name),),
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+            "AND NOT attisdropped AND attname NOT IN ('symbol', 'date') ORDER BY attnum",
+            (feature_relation(conn, name),),
         )
     ]
 

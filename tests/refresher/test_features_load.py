@@ -232,3 +232,24 @@ def test_first_loads_of_several_features_into_a_new_database_at_once_all_commit(
     with psycopg.connect(pg_database.dsn()) as check:
         ledger = check.execute("SELECT feature, rows FROM refresher_features ORDER BY 1").fetchall()
     assert ledger == [(name, 1) for name in names]
+
+
+def test_tables_of_the_same_names_in_another_schema_change_nothing(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    # A schema of the user's holding a table named like a feature's (other columns) and a copy of the ledger:
+    # the names refresher reads are the ones its statements resolve (the search path), not any table so named.
+    conn.execute(
+        "CREATE SCHEMA other; CREATE TABLE other.features_dashboard_data (symbol text, date date, zzz float); "
+        "CREATE TABLE other.refresher_features (inputs text)"
+    )
+    profile = write_profile(tmp_path, "AAA, BBB")
+    assert run(conn, profile, store).loaded == 2
+    columns = (
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' AND table_name = %s"
+    )
+    assert conn.execute(columns, ("features_dashboard_data",)).fetchone() == (5,)
+    # A ledger from before its ``inputs`` column: added, though the other schema's copy has one.
+    conn.execute("ALTER TABLE refresher_features DROP COLUMN inputs")
+    assert run(conn, write_profile(tmp_path, "AAA, BBB", seed=4), store).loaded == 2
+    assert conn.execute(columns, ("refresher_features",)).fetchone() == (6,)
