@@ -61,6 +61,34 @@ wait_healthy() {
   done
 }
 
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Docker hands out published ports in turn without asking the kernel: when another process listens on its pick,
+# the start fails ("address already in use"). Then each port nobody pinned is one the kernel says is free.
+up_services() {
+  local try output
+  for try in 1 2 3 4 5; do
+    if output=$("${compose[@]}" up -d 2>&1); then
+      printf '%s\n' "$output" >&2
+      return
+    fi
+    if [[ $output != *"already in use"* && $output != *"already allocated"* ]] || ((try == 5)) ||
+      [[ -n $pinned_pg && -n $pinned_redis ]]; then
+      printf '%s\n' "$output" >&2
+      die "the services did not start (output above)"
+    fi
+    [[ -n $pinned_pg ]] || REFRESHER_PG_PORT=$(free_port)
+    [[ -n $pinned_redis ]] || REFRESHER_REDIS_PORT=$(free_port)
+    export REFRESHER_PG_PORT REFRESHER_REDIS_PORT
+    printf '== a port Docker picked is held by another process: trying %s (postgres) and %s (redis)\n' \
+      "$REFRESHER_PG_PORT" "$REFRESHER_REDIS_PORT" >&2
+  done
+}
+pinned_pg=${REFRESHER_PG_PORT:-}
+pinned_redis=${REFRESHER_REDIS_PORT:-}
+
 command -v docker >/dev/null 2>&1 || die "docker is not installed (Debian: apt-get install docker.io)"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start one: dockerd, or systemctl start docker)"
 
@@ -78,7 +106,7 @@ case ${1:-} in
   up)
     lock_project
     build_missing_images
-    "${compose[@]}" up -d
+    up_services
     wait_healthy
     addresses
     ;;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -135,6 +136,31 @@ def labels_of_a_dead_process() -> dict[str, str]:
     finally:
         child.kill()
         child.wait()
+
+
+@contextlib.contextmanager
+def holding_dockers_next_ports(
+    client: docker.DockerClient, image: str, prefix: str, count: int = 20
+) -> Iterator[None]:
+    """Listen on the ports of 127.0.0.1 Docker publishes its next containers on: it hands them out in turn
+    without asking the kernel, so these are what a process that took them would leave it (other checkouts' runs
+    may take a few meanwhile: ``count`` of them)."""
+    probe = client.containers.run(
+        image, entrypoint=["sleep", "60"], ports={"5432/tcp": ("127.0.0.1", None)}, detach=True,
+        labels={PREFIX_LABEL: prefix},
+    )  # fmt: skip
+    try:
+        probe.reload()
+        last = int(probe.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+    finally:
+        probe.remove(force=True, v=True)
+    with contextlib.ExitStack() as held:
+        for port in range(last + 1, last + 1 + count):
+            sock = held.enter_context(socket.socket())
+            with contextlib.suppress(OSError):  # held already: by what we simulate
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        yield
 
 
 def remove_prefixed(client: docker.DockerClient, prefix: str) -> None:

@@ -24,6 +24,7 @@ import redis
 from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_queue_url, find_service
 from refresher.errors import ProfileError
 from refresher.settings import CHECKOUT, Settings, compose_project
+from tests.fixtures_docker import holding_dockers_next_ports
 
 pytestmark = pytest.mark.docker
 
@@ -92,6 +93,29 @@ def refresher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
     )
     assert done.returncode == 0, done.stderr
     return done
+
+
+def test_up_when_the_ports_docker_picks_are_held_by_other_processes(
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    docker_prefix: str,
+    project: tuple[str, dict[str, str]],
+) -> None:
+    # Docker hands out published ports in turn without asking the kernel: `make up` failed with "Error starting
+    # userland proxy: listen tcp4 127.0.0.1:<port>: bind: address already in use" when another process held one.
+    name, env = project
+    with holding_dockers_next_ports(docker_client, docker_pg_image, docker_prefix):
+        up = make("up", env=env)
+    assert up.returncode == 0, up.stderr
+    server = find_service(name, "postgres", 5432, docker_client)
+    assert server is not None
+    with psycopg.connect(
+        f"postgresql://{server.env['POSTGRES_USER']}:{server.env['POSTGRES_PASSWORD']}@{server.host}:{server.port}/"
+        "postgres",
+        connect_timeout=10,
+    ) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert find_service(name, "redis", 6379, docker_client) is not None
 
 
 def test_up_refresh_reset_down(

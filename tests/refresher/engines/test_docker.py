@@ -33,7 +33,7 @@ from refresher.engines.docker import (
     docker_available,
 )
 from refresher.errors import EngineUnavailable, ProfileError
-from tests.fixtures_docker import labels_of_a_dead_process, remove_prefixed
+from tests.fixtures_docker import holding_dockers_next_ports, labels_of_a_dead_process, remove_prefixed
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -728,29 +728,12 @@ def test_a_port_docker_picks_that_another_process_holds_is_skipped_not_a_pinned_
 ) -> None:
     # Docker hands out published ports in turn from its own range without asking the kernel; one that a host
     # process listens on failed the start with "port None on 127.0.0.1 is already in use; choose another port".
-    probe = docker_client.containers.run(
-        docker_pg_image, entrypoint=["sleep", "60"], ports={"5432/tcp": ("127.0.0.1", None)}, detach=True,
-        labels={PREFIX_LABEL: docker_prefix},
-    )  # fmt: skip
-    probe.reload()
-    last = int(probe.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
-    probe.remove(force=True, v=True)
-    held = []
     try:
-        for port in range(
-            last + 1, last + 21
-        ):  # Docker's next picks (other checkouts may take a few meanwhile)
-            with contextlib.suppress(OSError):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-                sock.listen()
-        info = docker_engine.start("portheld")
+        with holding_dockers_next_ports(docker_client, docker_pg_image, docker_prefix):
+            info = docker_engine.start("portheld")
         assert query(info, "SELECT current_database()") == "portheld"
         assert json.loads((docker_engine.base / "portheld.json").read_text())["port"] == info.port
     finally:
-        for sock in held:
-            sock.close()
         docker_engine.stop("portheld")
 
 
