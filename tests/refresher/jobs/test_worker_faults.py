@@ -183,6 +183,11 @@ def test_a_run_deleted_by_hand_mid_run_leaves_the_worker_running_the_next(
     assert_loaded_exactly(ws, symbols, 3)
 
 
+def not_lost_until_complete(state: dict[str, Any]) -> bool:
+    assert state["lost"] == 0, state
+    return bool(state["state"] == "complete")
+
+
 def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
     workspace: Workspace, redis_server: RedisServer
 ) -> None:
@@ -204,7 +209,8 @@ def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
         redis_server.process = None
         time.sleep(1)
         redis_server.start()
-        finals = [wait_for(ws, url, r["run_id"], lambda s: s["state"] == "complete") for r in runs]
+        # Nothing reads lost after the restart: Redis keeps a prefix of its writes, counters and stream agree.
+        finals = [wait_for(ws, url, r["run_id"], not_lost_until_complete) for r in runs]
     finally:
         stop(workers)
     assert [w.returncode for w in workers] == [0, 0]
