@@ -213,6 +213,26 @@ def _terminate_others(conn: psycopg.Connection[Any], db: str | None, *more: str)
     return len(conn.execute(_TERMINATE_OTHERS, (None if db is None else [db, *more],)).fetchall())
 
 
+def _end_waiting_for_me(conn: psycopg.Connection[Any]) -> None:
+    """End the other sessions on ``conn``'s database waiting for a lock ``conn`` holds, that this role may end,
+    and wait (1 s at most) for them to exit: a writer released by our commit must not write first."""
+    pids = [
+        row[0]
+        for row in conn.execute(
+            _TERMINATE_OTHERS.replace("pg_terminate_backend(a.pid)", "a.pid, pg_terminate_backend(a.pid)")
+            + " AND pg_backend_pid() = ANY(pg_blocking_pids(a.pid))",
+            (None,),
+        ).fetchall()
+    ]
+    deadline = time.monotonic() + 1.0
+    while pids and time.monotonic() < deadline:
+        conn.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_activity is read once per transaction
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()
+        if not row or row[0] == 0:
+            return
+        time.sleep(0.001)
+
+
 def _move_to_trash(conn: psycopg.Connection[Any], db: str, *, taking: str) -> None:
     """Rename ``db`` out of the way for the refiller to drop later, in the caller's transaction, before ``taking``
     is renamed into its place in the same one: a kill or a failure between them leaves ``db`` as it was.

@@ -44,6 +44,7 @@ from refresher._snapshot_sql import (
     _create_from,
     _derelicts,
     _drop_database,
+    _end_waiting_for_me,
     _evicting,
     _Mark,
     _pool_databases,
@@ -402,15 +403,37 @@ def restore_pristine(
 
 
 def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
-    """``ledger_stamp`` of ``conn``'s database for a reset, which ends every session on it anyway. A session whose
-    open transaction holds a lock on a ledger table (it truncated or locked it, and idles) made the reset wait
-    for it forever: after a second's wait the other sessions on the database end, and the stamp is read again
-    (their uncommitted work was never in the ledger). SnapshotError, one line, when such a session is one this
-    role may not end."""
+    """``ledger_stamp`` of ``conn``'s database for a reset, read under a SHARE lock of the ledger tables: a writer
+    beside the reset (a jobs worker loads without the profile lock) that committed a segment between the read and
+    the reset's swap lost it to the older copy. Writers waiting for the lock end with it read (their transaction
+    never commits); only a session connecting after that and committing before the swap, milliseconds, could.
+
+    The reset ends every session on the database anyway. One whose open transaction holds a lock on a ledger
+    table (it truncated or locked it and idles, or a writer is mid-transaction) made the reset wait for it
+    forever: after a second's wait the other sessions on the database end, and the lock is asked again. A holder
+    this role may not end (autovacuum's VACUUM, another role's session), or a role that may not take the lock:
+    the stamp is read without it, as before; SnapshotError, one line, when even that waits for such a session.
+    """
     conn.execute("SET lock_timeout = '1s'")
     db = conn.info.dbname
+
+    def read(locking: bool) -> str | None:
+        with conn.transaction():
+            tables = [table for table, _ in _present_ledgers(conn) or []]
+            if locking and tables:
+                names = sql.SQL(", ").join(sql.Identifier(table) for table in tables)
+                conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names))
+            stamp = ledger_stamp(conn)
+            if locking:
+                _end_waiting_for_me(conn)
+            return stamp
+
     try:
-        return _evicting(conn, (db,), lambda: ledger_stamp(conn), busy=psycopg.errors.LockNotAvailable)
+        return _evicting(conn, (db,), lambda: read(True), busy=psycopg.errors.LockNotAvailable)
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege):
+        pass
+    try:
+        return read(False)
     except psycopg.errors.LockNotAvailable as exc:
         raise SnapshotError(
             f"{db}: cannot read its ledger to reset it: a session's open transaction holds a lock on it, which "

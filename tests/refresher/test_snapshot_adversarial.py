@@ -4,16 +4,19 @@ database."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from refresher import snapshot
 from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
-from refresher.errors import SnapshotError
+from refresher.errors import LoadError, SnapshotError
 from refresher.load import delete_segment
 from refresher.pool import pool_name, pool_status, refill_pool
 from refresher.segments import Segment
@@ -239,3 +242,49 @@ def test_a_reset_while_a_client_holds_a_transaction_open_ends_it_and_restores(
         with pytest.raises(psycopg.OperationalError):
             client.execute("SELECT 1")
     assert _state(loaded.dsn()) == expected
+
+
+def test_a_segment_committed_while_the_reset_checks_the_ledger_is_never_lost(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer beside the reset (a jobs worker loads without the profile lock) that committed a segment just after
+    the reset read the ledger's stamp lost it: the reset then swapped in the older copy. A writer must either have
+    its commit refused or keep its segment (the reset refusing)."""
+    save_pristine(loaded, pool_size=1)
+    committed: list[bool] = []
+    real = snapshot.ledger_stamp
+
+    def write_february() -> None:
+        try:
+            _toggle_february(loaded)
+            committed.append(True)
+        except (psycopg.OperationalError, LoadError):  # ended by the reset: nothing committed
+            committed.append(False)
+
+    def then_a_writer_commits(conn: psycopg.Connection[object]) -> str | None:
+        stamp = real(conn)
+        writer = threading.Thread(target=write_february)
+        writer.start()
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
+            for _ in range(500):  # until it committed, or waits for a lock
+                waiting = watch.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+                    (loaded.dbname,),
+                ).fetchone()
+                if committed or waiting:
+                    break
+                time.sleep(0.01)
+        monkeypatch.setattr(snapshot, "ledger_stamp", real)
+        threads.append(writer)
+        return stamp
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(snapshot, "ledger_stamp", then_a_writer_commits)
+    with contextlib.suppress(SnapshotError):  # refused: the ledger moved on
+        restore_pristine(loaded, refill=False)
+    for thread in threads:
+        thread.join(30)
+    assert committed
+    with psycopg.connect(loaded.dsn()) as conn:
+        has_february = Segment("AAPL", "1d", FEB) in read_loaded_segments(conn)
+    assert not committed[0] or has_february, "a committed segment was lost to the reset"
