@@ -229,6 +229,12 @@ def _load_rows(
             current = _table_columns(conn, name)
             metrics = next((part.rows.column_names[2:] for part in parts if part.rows.num_rows), None)
             rebuilt = bool(current) and metrics is not None and current != metrics
+            if rebuilt and not _ours(conn, name):
+                raise LoadError(
+                    f"feature {name}: table {feature_table(name)} holds rows refresher did not load, of other "
+                    "columns: rename or drop it, or give the feature another name (as:)",
+                    feature=name,
+                )
             if rebuilt and not rebuild and (any(p.since for p in parts) or _rows_beyond(conn, name, parts)):
                 raise ColumnsChanged(
                     f"feature {name}: its columns changed; load every symbol's rows at once", feature=name
@@ -255,6 +261,18 @@ def _load_rows(
     except psycopg.Error as exc:
         raise LoadError(f"feature {name}: loading failed: {server_said(exc)}".rstrip(), feature=name) from exc
     return sum(table.num_rows for table in filled)
+
+
+def _ours(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Whether feature ``name``'s table may be dropped: the ledger records the feature, or the table is empty.
+    A table of the user's that a feature is named after is not (only tables the ledger records are dropped)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT EXISTS (SELECT FROM refresher_features WHERE feature = %s) OR NOT EXISTS (SELECT FROM {})"
+        ).format(sql.Identifier(feature_table(name))),
+        (name,),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _rows_beyond(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> bool:

@@ -253,3 +253,21 @@ def test_tables_of_the_same_names_in_another_schema_change_nothing(
     conn.execute("ALTER TABLE refresher_features DROP COLUMN inputs")
     assert run(conn, write_profile(tmp_path, "AAA, BBB", seed=4), store).loaded == 2
     assert conn.execute(columns, ("refresher_features",)).fetchone() == (6,)
+
+
+def test_a_table_of_the_features_name_refresher_did_not_load_is_never_dropped(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    # A table of the user's that a feature of the profile is named after: refresher drops only tables its ledger
+    # records (as --prune does), and says so in one line.
+    conn.execute("CREATE TABLE features_dashboard_data (symbol text, date date, note double precision)")
+    conn.execute("INSERT INTO features_dashboard_data VALUES ('MINE', '2024-01-02', 1.5)")
+    with pytest.raises(LoadError) as info:
+        run(conn, write_profile(tmp_path, "AAA", features="dashboard_data"), store)
+    assert str(info.value) == (
+        "feature dashboard_data: table features_dashboard_data holds rows refresher did not load, of other "
+        "columns: rename or drop it, or give the feature another name (as:)"
+    )
+    assert conn.execute("SELECT * FROM features_dashboard_data").fetchall() == [
+        ("MINE", dt.date(2024, 1, 2), 1.5)
+    ]
