@@ -34,12 +34,12 @@ from filelock import FileLock
 from refresher import __version__, snapshot
 from refresher._pytest_servers import LoadedServer, mark_kept, stop_server
 from refresher.engines import write_private_json
-from refresher.errors import SnapshotError
+from refresher.errors import ProfileError, SnapshotError
+from refresher.profile_files import find_profile_file
 from refresher.settings import Settings
-from refresher.stamp import code_fingerprint, input_digests
+from refresher.stamp import code_fingerprint, unchanged
 
 REUSE_DIR = "pytest-reuse"
-PROFILE_SUFFIXES = (".yaml", ".yml")
 
 
 def record_path(settings: Settings, rootdir: Path, key: str) -> Path:
@@ -61,16 +61,11 @@ def fingerprint(
 
 
 def _profile_file(profile: str, dirs: Sequence[Path]) -> Path | None:
-    """The file ``load_profile`` would read (first directory wins); None when there is none (it will say so)."""
-    candidate = Path(profile).expanduser()
-    if candidate.suffix in PROFILE_SUFFIXES:
-        return candidate if candidate.is_file() else None
-    for directory in dirs:
-        for suffix in PROFILE_SUFFIXES:
-            path = Path(directory) / f"{profile}{suffix}"
-            if path.is_file():
-                return path
-    return None
+    """The file ``load_profile`` would read; None when there is none (building the server will say so)."""
+    try:
+        return find_profile_file(profile, dirs)
+    except ProfileError:
+        return None
 
 
 class InUse:
@@ -173,10 +168,7 @@ def now() -> dt.datetime:
 def _current(server: LoadedServer) -> bool:
     """Whether every file the profile was read from (its universe file too) still holds the same bytes, and,
     without a fixed as_of, no session close has moved the data's default end since the load."""
-    if server.valid_until is not None and now() >= dt.datetime.fromisoformat(server.valid_until):
-        return False
-    recorded = [[path, digest] for path, digest in server.inputs]
-    return input_digests(Path(path) for path, _ in server.inputs) == recorded
+    return unchanged(server.inputs, server.valid_until, now())
 
 
 def _serving(server: LoadedServer) -> bool:

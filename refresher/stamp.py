@@ -89,6 +89,15 @@ def input_digests(paths: Iterable[Path]) -> list[list[str | None]]:
     return [[str(path), _file_digest(path)] for path in paths]
 
 
+def unchanged(inputs: Iterable[Sequence[str | None]], until: str | None, now: dt.datetime) -> bool:
+    """Whether every input still holds the bytes recorded as [path, digest] (or is still absent) and, unless
+    None, ``until`` (ISO; the next session close after the load) has not passed at ``now``."""
+    if until is not None and now >= dt.datetime.fromisoformat(until):
+        return False
+    recorded = [[str(path), digest] for path, digest in inputs]
+    return input_digests(Path(str(path)) for path, _ in recorded) == recorded
+
+
 def code_fingerprint() -> str:
     """Size and modification time of every source file of refresher and featurestore (about 1 ms), and the
     versions of the libraries that decide values or how a profile parses (``_VALUE_LIBRARIES``): an edit or an
@@ -193,13 +202,12 @@ def check(
     if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT:
         return None
     try:
-        valid_until = dt.datetime.fromisoformat(stamp["valid_until"])
         inputs = stamp["inputs"]
-        # The file the name finds now must be the one the stamped profile was read from, and every input
-        # must hold the same bytes (or still be absent).
+        # The file the name finds now must be the one the stamped profile was read from, every input must
+        # hold the same bytes (or still be absent), and the session close the stamp was valid until not passed.
         if inputs[0][0] != str(profile_file.absolute()):
             return None
-        if input_digests(Path(path) for path, _ in inputs) != inputs:
+        if not unchanged(inputs, str(stamp["valid_until"]), dt.datetime.now(dt.UTC)):
             return None
         features = [str(table) for table in stamp["feature_tables"]]
     except (KeyError, TypeError, ValueError, IndexError, OSError):
@@ -211,7 +219,7 @@ def check(
         "dsn": dsn,
         "store": _store_identity(store_root),
     }
-    if dt.datetime.now(dt.UTC) >= valid_until or any(stamp.get(k) != v for k, v in expected.items()):
+    if any(stamp.get(k) != v for k, v in expected.items()):
         return None
     if stamp.get("code") != code_fingerprint():
         return None
@@ -263,5 +271,6 @@ __all__ = [
     "code_fingerprint",
     "input_digests",
     "stampable",
+    "unchanged",
     "write",
 ]
