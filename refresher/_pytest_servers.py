@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -159,19 +160,34 @@ def stop_server(record: LoadedServer, settings: Settings) -> None:
 
 def sweep(settings: Settings) -> list[str]:
     """Remove what killed runs left: throwaway state dirs and containers whose owner process is gone."""
-    from refresher.engines import owner_gone, sweep_abandoned
+    from refresher.engines import sweep_abandoned
 
     removed = sweep_abandoned(PYTEST_LABEL)
-    if not settings.state_dir.is_dir():
-        return removed
-    for state in sorted(settings.state_dir.glob(f"{THROWAWAY_PREFIX}*")):
+    removed += sweep_abandoned_dirs(
+        settings.state_dir,
+        THROWAWAY_PREFIX,
+        OWNER_FILE,
+        lambda state: stop_everything(replace(settings, state_dir=state)),
+    )
+    return removed
+
+
+def sweep_abandoned_dirs(
+    parent: Path, prefix: str, owner_file: str, remove: Callable[[Path], None]
+) -> list[str]:
+    """``remove`` every ``parent/prefix*`` directory whose ``owner_file`` (``owner_labels``) names a process of
+    this host that is gone; returns their paths. One without a readable owner is left alone."""
+    from refresher.engines import owner_gone
+
+    removed = []
+    for path in sorted(parent.glob(f"{prefix}*")):
         try:
-            owner = json.loads((state / OWNER_FILE).read_text(encoding="utf-8"))
+            owner = json.loads((path / owner_file).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # being made right now, or not ours to judge
         if isinstance(owner, dict) and owner_gone(owner):
-            stop_everything(replace(settings, state_dir=state))
-            removed.append(str(state))
+            remove(path)
+            removed.append(str(path))
     return removed
 
 
@@ -199,4 +215,5 @@ __all__ = [
     "stop_everything",
     "stop_server",
     "sweep",
+    "sweep_abandoned_dirs",
 ]

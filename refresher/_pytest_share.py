@@ -31,7 +31,7 @@ from typing import TypeVar
 from filelock import FileLock
 
 from refresher import pool
-from refresher._pytest_servers import LoadedServer
+from refresher._pytest_servers import LoadedServer, sweep_abandoned_dirs
 from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import SnapshotError
@@ -61,16 +61,12 @@ def new_run_dir(owner_pid: int) -> Path:
 
 def sweep_run_dirs() -> list[str]:
     """Remove the run directories whose owner is gone (a run killed with -9): nothing else ever would."""
-    removed = []
-    for path in sorted(Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*")):
-        try:
-            owner = json.loads((path / RUN_OWNER_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # being made right now, or not ours to judge
-        if isinstance(owner, dict) and owner_gone(owner):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(str(path))
-    return removed
+    return sweep_abandoned_dirs(
+        Path(tempfile.gettempdir()),
+        RUN_DIR_PREFIX,
+        RUN_OWNER_FILE,
+        lambda path: shutil.rmtree(path, ignore_errors=True),
+    )
 
 
 TEST_INFIX = "__test_"
