@@ -34,7 +34,7 @@ from refresher import pool
 from refresher._pytest_servers import LoadedServer, sweep_abandoned_dirs
 from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
-from refresher.errors import SnapshotError
+from refresher.errors import USER_ERRORS, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE
 
 _T = TypeVar("_T")
@@ -200,19 +200,29 @@ class SharedServers:
         self.owner = owner
         self._stop = stop
         self._seen: dict[str, LoadedServer] = {}
+        # Why a server could not be built, by key: every later test fails with it at once, not after a new try
+        # (a missing image or a broken profile cost each of 500 tests a second or more).
+        self._failed: dict[str, Exception] = {}
         self._refillers: dict[ServerInfo, PoolRefiller] = {}
 
     def get(self, key: str, build: Callable[[], LoadedServer]) -> LoadedServer:
-        """The server recorded under ``key``, built by this process if no process has built it yet."""
+        """The server recorded under ``key``, built by this process if no process has built it yet. A build
+        that failed with bad input or an OSError is not tried again: each later call raises its error."""
         if key in self._seen:
             return self._seen[key]
+        if key in self._failed:
+            raise self._failed[key]
         record_path = self.run_dir / f"{key}.json"
-        with _lock(self.run_dir / f"{key}.lock"):
-            if record_path.exists():
-                server = LoadedServer.from_json(record_path.read_text(encoding="utf-8"))
-            else:
-                server = build()
-                write_private_json(record_path, json.loads(server.to_json()))  # it holds a password
+        try:
+            with _lock(self.run_dir / f"{key}.lock"):
+                if record_path.exists():
+                    server = LoadedServer.from_json(record_path.read_text(encoding="utf-8"))
+                else:
+                    server = build()
+                    write_private_json(record_path, json.loads(server.to_json()))  # it holds a password
+        except (*USER_ERRORS, OSError) as exc:
+            self._failed[key] = exc
+            raise
         self._seen[key] = server
         return server
 

@@ -89,8 +89,6 @@ class _PluginState:
         self.tx_connections: dict[ServerInfo, psycopg.Connection[TupleRow]] = {}
         self._options: PluginOptions | None = None
         self._swept = False
-        # Why a server could not be built, by key: every later test fails with it at once, not after a new try.
-        self.failed: dict[str, Exception] = {}
         # Kept servers (--refresher-reuse) this process uses: no other run stops them until these are closed.
         self.in_use: list[InUse] = []
 
@@ -222,13 +220,9 @@ class RefresherServers:
             pool.resize_pool(server.info, self.pool_size)  # an earlier run may have kept another size
             return server
 
-        if key in self._state.failed:
-            raise self._state.failed[key]  # a marker's server: pytest caches only a session fixture's error
-        try:
-            return self._state.servers.get(key, reuse_or_build)
-        except (*USER_ERRORS, OSError) as exc:
-            self._state.failed[key] = exc
-            raise
+        # A marker's server is no session fixture (pytest caches only a session fixture's error): a build that
+        # failed fails every later test at once (``SharedServers.get``).
+        return self._state.servers.get(key, reuse_or_build)
 
     @property
     def pool_size(self) -> int:
