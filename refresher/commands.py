@@ -191,14 +191,12 @@ def _no_server(settings: Settings, name: str, what: str) -> RefresherError:
     """The error of a command needing ``name``'s server when it has none: a name no profile has is a typo
     (``make url PROFILE=ui_testin``), which lists the profiles; else how to start it, in the user's words
     (under ``make``, where ``refresher`` is not on a new user's PATH, the make target)."""
-    from refresher.profile_files import find_profile_file, profile_files
+    from refresher.profile_files import find_profile_file
 
     try:
         find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
-    except ProfileError:
-        return ProfileError.unknown(
-            name, list(settings.profiles_dirs), list(profile_files(settings.profiles_dirs))
-        )
+    except ProfileError as exc:  # its own words: which profiles there are (``ProfileError.unknown``)
+        return exc
     return SnapshotError(f"profile {name}: {what}; run `{_refresh_command(name)}` first")
 
 
