@@ -17,6 +17,7 @@ Fixture factories build more of them, in the pytest-postgresql style::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import secrets
@@ -340,20 +341,17 @@ def refresher_transaction(proc_fixture_name: str) -> Any:
     ) -> Iterator[psycopg.Connection[TupleRow]]:
         server = _server_for(request, refresher_servers, proc_fixture_name)
         conn = refresher_servers.tx_connection(server)
+        transaction = conn.transaction(force_rollback=True)
         try:
-            with conn.transaction(force_rollback=True):
+            with contextlib.ExitStack() as stack:
+                # Left by _end_transaction, in its pipeline; by the stack only if the setup fails.
+                stack.enter_context(transaction)
                 # Gone at teardown only if the transaction ended in the test: a raw COMMIT, even one followed
                 # by more statements (they run in a new transaction, which alone the rollback would undo).
                 conn.execute("SAVEPOINT refresher_tx")
                 yield conn
-                ended = _transaction_ended(conn)
-            # What a rollback leaves: session advisory locks (another worker's test would wait for them
-            # forever), prepared statements, settings. DISCARD ALL cannot run inside a transaction block.
-            conn.autocommit = True
-            try:
-                conn.execute("DISCARD ALL")
-            finally:
-                conn.autocommit = False
+                stack.pop_all()
+            ended = _end_transaction(conn, transaction)
         except psycopg.OperationalError:
             if not conn.closed:
                 raise  # closing the connection rolled the transaction back: nothing to undo
@@ -370,11 +368,30 @@ def refresher_transaction(proc_fixture_name: str) -> Any:
     return transaction_fixture
 
 
-def _transaction_ended(conn: psycopg.Connection[TupleRow]) -> bool:
-    """Whether the transaction ``refresher_tx`` began is over (its savepoint gone); else back to the savepoint."""
-    try:  # also leaves the aborted state of a statement that failed
-        conn.execute("ROLLBACK TO SAVEPOINT refresher_tx")
-    except psycopg.errors.InvalidSavepointSpecification:
+def _end_transaction(
+    conn: psycopg.Connection[TupleRow], transaction: contextlib.AbstractContextManager[psycopg.Transaction]
+) -> bool:
+    """Roll ``refresher_tx``'s ``transaction`` back and clean the session, in one round trip (a pipeline); whether
+    the test had ended the transaction itself (its savepoint gone: the connection is then left aborted).
+
+    Back to the savepoint (which also leaves the aborted state of a statement that failed), ROLLBACK, then
+    DISCARD ALL for what a rollback leaves: session advisory locks (another worker's test would wait for them
+    forever), prepared statements, settings. DISCARD ALL cannot run in a transaction block, nor after another
+    statement of the pipeline's implicit transaction: it follows our ROLLBACK, before psycopg leaves its
+    transaction (a second ROLLBACK, a no-op by then, and a DEALLOCATE ALL of its prepared statements).
+    """
+    try:
+        with conn.pipeline():
+            try:
+                conn.execute("ROLLBACK TO SAVEPOINT refresher_tx")
+                conn.execute("ROLLBACK")
+                conn.execute("DISCARD ALL")
+            finally:
+                transaction.__exit__(None, None, None)
+    except (psycopg.errors.InvalidSavepointSpecification, psycopg.errors.PipelineAborted):
+        # PipelineAborted: the statements after a failed one were skipped, and the failure itself (the savepoint's,
+        # the only statement here that fails on a live connection) was met by psycopg leaving its transaction,
+        # which logs and ignores it. Either way the connection is left aborted, to be closed.
         return True
     return False
 
