@@ -6,6 +6,7 @@ daemon answers) loaded with a tiny profile written here: 3 symbols, one month, d
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -588,6 +589,62 @@ def test_reuse_keeps_the_loaded_server_for_the_next_run(
     write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
     run(pytester, *args).assert_outcomes(passed=1)
     assert_server_gone(third)
+
+
+def remove_containers_under(root: Path) -> None:
+    """Remove (volumes too) every container and volume of the plugin whose state dir is under ``root``."""
+    import docker
+    import docker.errors
+
+    from refresher._pytest_servers import PYTEST_LABEL
+    from refresher.engines.docker import STATE_PATH_LABEL
+
+    client = docker.from_env()
+    try:
+        label = {"label": PYTEST_LABEL}
+        under = str(root.resolve())
+        for container in client.containers.list(all=True, filters=label):
+            if container.labels.get(STATE_PATH_LABEL, "").startswith(under):
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True, v=True)
+        for volume in client.volumes.list(filters=label):
+            if (volume.attrs.get("Labels") or {}).get(STATE_PATH_LABEL, "").startswith(under):
+                with contextlib.suppress(docker.errors.NotFound):
+                    volume.remove(force=True)
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_reuse_keeps_the_docker_container_for_the_next_run(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--refresher-reuse with the docker engine: the second run finds the first run's container, still pristine;
+    a plain run removes the container and its volume."""
+    docker_or_skip()
+    monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    state = Path(tempfile.mkdtemp(prefix="reuse-docker-", dir=plugin_env.root))
+    state.chmod(0o755)
+    out = write_reuse_probe(pytester)
+    args = [a for a in plugin_env.args("docker") if not a.startswith("--refresher-state-dir")]
+    args.append(f"--refresher-state-dir={state}")
+    try:
+        run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
+        run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
+        first, second = read_records(out)
+        assert first["engine"] == second["engine"] == "docker"
+        assert first["counts"] == second["counts"] == PROBE_PRISTINE
+        assert (first["started"], first["port"], first["state_dir"]) == (
+            second["started"],
+            second["port"],
+            second["state_dir"],
+        )  # the same container, not restarted or reloaded
+        run(pytester, *args).assert_outcomes(passed=1)  # a plain run stops the kept server
+        assert_server_gone(second)
+    finally:
+        stop_leftovers(state)
+        remove_containers_under(state)
 
 
 @pytest.mark.slow
