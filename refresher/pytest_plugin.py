@@ -340,17 +340,9 @@ def refresher_transaction(proc_fixture_name: str) -> Any:
         request: pytest.FixtureRequest, refresher_servers: RefresherServers
     ) -> Iterator[psycopg.Connection[TupleRow]]:
         server = _server_for(request, refresher_servers, proc_fixture_name)
-        conn = refresher_servers.tx_connection(server)
-        transaction = conn.transaction(force_rollback=True)
+        conn, transaction = _begin(refresher_servers, server)
         try:
-            with contextlib.ExitStack() as stack:
-                # Left by _end_transaction, in its pipeline; by the stack only if the setup fails.
-                stack.enter_context(transaction)
-                # Gone at teardown only if the transaction ended in the test: a raw COMMIT, even one followed
-                # by more statements (they run in a new transaction, which alone the rollback would undo).
-                conn.execute("SAVEPOINT refresher_tx")
-                yield conn
-                stack.pop_all()
+            yield conn
             ended = _end_transaction(conn, transaction)
         except psycopg.OperationalError:
             if not conn.closed:
@@ -366,6 +358,37 @@ def refresher_transaction(proc_fixture_name: str) -> Any:
             )
 
     return transaction_fixture
+
+
+def _begin(
+    servers: RefresherServers, server: LoadedServer
+) -> tuple[psycopg.Connection[TupleRow], contextlib.AbstractContextManager[psycopg.Transaction]]:
+    """This process's ``refresher_tx`` connection to ``server``, in a new transaction, and that transaction.
+
+    A kept connection the server ended while it sat idle between tests (a test on another worker ending the
+    database's sessions, a restart, ``idle_session_timeout``) is replaced by a new one; no round trip is spent
+    checking it first.
+    """
+    conn = servers.tx_connection(server)
+    try:
+        return conn, _savepoint(conn)
+    except psycopg.OperationalError:
+        if not conn.closed:
+            raise
+    conn = servers.tx_connection(server)  # a new connection: the old one is closed
+    return conn, _savepoint(conn)
+
+
+def _savepoint(conn: psycopg.Connection[TupleRow]) -> contextlib.AbstractContextManager[psycopg.Transaction]:
+    """A transaction begun on ``conn`` (left by ``_end_transaction``), at the savepoint ``refresher_tx``."""
+    transaction = conn.transaction(force_rollback=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(transaction)  # left here only if the savepoint fails
+        # Gone at teardown only if the transaction ended in the test: a raw COMMIT, even one followed by more
+        # statements (they run in a new transaction, which alone the rollback would undo).
+        conn.execute("SAVEPOINT refresher_tx")
+        stack.pop_all()
+    return transaction
 
 
 def _end_transaction(

@@ -534,6 +534,35 @@ def test_clones_are_untouched(refresher_db):
     result.stdout.fnmatch_lines(["*refresher_tx: the test ended its transaction*use refresher_db*"])
 
 
+@pytest.mark.slow
+def test_refresher_tx_survives_its_idle_connection_being_ended(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """The connection kept between refresher_tx tests is ended while idle (a test on another worker ending the
+    database's sessions, a server restart, idle_session_timeout): the next test gets a new one, not an error."""
+    write_project(
+        pytester,
+        """
+import psycopg
+
+def test_a_uses_tx(refresher_tx):
+    refresher_tx.execute("SELECT 1")
+
+def test_b_ends_the_other_sessions(refresher_postgres):
+    with psycopg.connect(refresher_postgres.dsn, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert ended >= 1
+
+def test_c_uses_tx_again(refresher_tx):
+    assert refresher_tx.execute("SELECT 1").fetchone()[0] == 1
+""",
+    )
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=3)
+
+
 REUSE_PROBE = """
 import json, os
 
