@@ -20,6 +20,7 @@ import docker.errors
 import psycopg
 import pytest
 from docker.models.containers import Container
+from psycopg import sql
 
 from refresher.engines import docker as docker_engine_module
 from refresher.engines.base import Engine, ServerInfo
@@ -771,10 +772,14 @@ def container_on_a_small_disk(
         container.remove(force=True, v=True)
 
 
+def _free(container: Container) -> int:
+    """Bytes free on the container's data disk, as its own df sees them."""
+    return int(container.exec_run(["df", "-B1", "--output=avail", PGDATA]).output.split()[-1])
+
+
 def _fill(container: Container, leave: int) -> None:
     """Fill the container's data disk up to ``leave`` bytes free (a file beside the cluster's)."""
-    free = int(container.exec_run(["df", "-B1", "--output=avail", PGDATA]).output.split()[-1])
-    filled = container.exec_run(["fallocate", "-l", str(free - leave), f"{PGDATA}/filler"])
+    filled = container.exec_run(["fallocate", "-l", str(_free(container) - leave), f"{PGDATA}/filler"])
     assert filled.exit_code == 0, filled.output
 
 
@@ -785,16 +790,26 @@ def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
 ) -> None:
     # No pool, no room for the copy even with the database it replaces gone: the host cannot see the container's
     # free space, and the reset dropped the database to make room anyway; the copy still failed, leaving none.
+    from refresher.diskfull import data_directory, has_room
     from refresher.errors import DiskFull
-    from refresher.snapshot import restore_pristine
+    from refresher.snapshot import pristine_name, restore_pristine
     from tests.refresher.test_diskfull import _load_and_save
 
     server, container = container_on_a_small_disk
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        # This host cannot see the container's disk; the server answers, in bytes, both ways (an answer of None,
+        # nobody can tell, also left the database as it was below).
+        assert data_directory(conn) is None
+        free = _free(container)
+        assert has_room(conn, 1) is True and has_room(conn, free // 2) is True
+        assert has_room(conn, 2 * free) is False and has_room(conn, 2**40) is False
     _load_and_save(server, symbols=3)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'S0'")
         conn.execute("VACUUM FULL ohlcv_1min")  # its disk is given back: dropping it now gives back little
     _fill(container, leave=2 * 2**20)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        assert has_room(conn, 2**19) is True and has_room(conn, 8 * 2**20) is False
     with pytest.raises(DiskFull) as resetting:
         restore_pristine(server, refill=False)
     message = str(resetting.value)
@@ -805,9 +820,20 @@ def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
     assert restore_pristine(server, refill=False).method == "template"
     assert query(server, "SELECT count(*) FROM ohlcv_1min") == 75_000
     # With room for the copy once the database it replaces is gone, which the server itself says: it resets.
-    query(server, "DELETE FROM ohlcv_1min WHERE symbol = 'S0' RETURNING 1")
-    size = query(server, "SELECT pg_database_size(current_database())")
-    assert isinstance(size, int)
-    _fill(container, leave=size // 2)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'S0'")
+        conn.execute("VACUUM FULL ohlcv_1min")  # smaller than the copy: the server is asked (needed > 0)
+        # The last reset's trash, which the first retry drops and the copy then fits without the server's word.
+        trash = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", [f"{server.dbname}__trash_"]
+        ).fetchall()
+        for (name,) in trash:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+    size, pristine = (
+        query(server, f"SELECT pg_database_size('{name}')")
+        for name in (server.dbname, pristine_name(server.dbname))
+    )
+    assert isinstance(size, int) and isinstance(pristine, int) and pristine > size
+    _fill(container, leave=(pristine - size + pristine) // 2)  # room for the difference, not for the copy
     assert restore_pristine(server, refill=False).method == "template"
     assert query(server, "SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'") == 25_000
