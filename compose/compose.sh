@@ -65,10 +65,26 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# The host port the project's container of service $1 was made with for container port $2: a port an earlier up
+# chose (below) or pinned; empty when Docker picked it, or there is no such container (running or not).
+made_with_port() {
+  local id
+  id=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" \
+    --filter "label=com.docker.compose.service=$1")
+  id=${id%%$'\n'*}
+  [[ -z $id ]] || docker inspect -f "{{range index .HostConfig.PortBindings \"$2/tcp\"}}{{.HostPort}}{{end}}" "$id"
+}
+
 # Docker hands out published ports in turn without asking the kernel: when another process listens on its pick,
 # the start fails ("address already in use"). Then each port nobody pinned is one the kernel says is free.
+# A port nobody pins now is the one the service's container was made with: the compose file with another port
+# is another configuration, and compose would recreate the running services (restarting Postgres and Redis
+# under their sessions, on new ports) for an up that should change nothing.
 up_services() {
   local try output
+  [[ -n $pinned_pg ]] || REFRESHER_PG_PORT=$(made_with_port postgres 5432)
+  [[ -n $pinned_redis ]] || REFRESHER_REDIS_PORT=$(made_with_port redis 6379)
+  export REFRESHER_PG_PORT REFRESHER_REDIS_PORT
   for try in 1 2 3 4 5; do
     if output=$("${compose[@]}" up -d 2>&1); then
       printf '%s\n' "$output" >&2

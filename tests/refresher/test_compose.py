@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,6 +88,18 @@ def project(docker_client: docker.DockerClient, tmp_path: Path) -> Iterator[tupl
         make("compose-down", env=env)
 
 
+def running(client: docker.DockerClient, project: str) -> dict[str, tuple[str, str]]:
+    """The project's running containers: id -> (when it started, the host ports it publishes)."""
+    label = {"label": f"{PROJECT_LABEL}={project}"}
+    return {
+        str(c.id): (
+            c.attrs["State"]["StartedAt"],
+            json.dumps(c.attrs["NetworkSettings"]["Ports"], sort_keys=True),
+        )
+        for c in client.containers.list(filters=label)
+    }
+
+
 def refresher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-m", "refresher.cli", *args], capture_output=True, text=True, env=env, timeout=600
@@ -107,6 +120,7 @@ def test_up_when_the_ports_docker_picks_are_held_by_other_processes(
     with holding_dockers_next_ports(docker_client, docker_pg_image, docker_prefix):
         up = make("up", env=env)
     assert up.returncode == 0, up.stderr
+    assert "a port Docker picked is held by another process" in up.stderr  # the retry ran
     server = find_service(name, "postgres", 5432, docker_client)
     assert server is not None
     with psycopg.connect(
@@ -115,7 +129,35 @@ def test_up_when_the_ports_docker_picks_are_held_by_other_processes(
         connect_timeout=10,
     ) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+        # The next plain `make up` changes nothing: it asked compose for Docker's pick again, another
+        # configuration than the ports the retry chose, and compose recreated both containers (this session
+        # ended, Postgres and Redis on new ports).
+        first = running(docker_client, name)
+        again = make("up", env=env)
+        assert again.returncode == 0, again.stderr
+        assert running(docker_client, name) == first
+        assert conn.execute("SELECT 1").fetchone() == (1,)
     assert find_service(name, "redis", 6379, docker_client) is not None
+
+
+def test_an_unpinned_up_keeps_the_port_an_earlier_up_pinned(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+) -> None:
+    # A plain `make up` after `REFRESHER_PG_PORT=<port> make up` asked compose for Docker's pick: another
+    # configuration, so compose recreated Postgres under its sessions, on another port.
+    name, env = project
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        pinned = probe.getsockname()[1]
+    up = make("up", env={**env, "REFRESHER_PG_PORT": str(pinned)})
+    assert up.returncode == 0, up.stderr
+    first = running(docker_client, name)
+    server = find_service(name, "postgres", 5432, docker_client)
+    assert server is not None and server.port == pinned
+
+    again = make("up", env=env)
+    assert again.returncode == 0, again.stderr
+    assert running(docker_client, name) == first
 
 
 def test_up_refresh_reset_down(
@@ -125,15 +167,12 @@ def test_up_refresh_reset_down(
     up = make("up", env=env)
     assert up.returncode == 0, up.stderr
     assert "postgres  127.0.0.1:" in up.stdout
-    label = {"label": f"{PROJECT_LABEL}={name}"}
-    first = {c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters=label)}
+    first = running(docker_client, name)
     assert len(first) == 2  # postgres and redis, healthy (make up waits)
 
-    again = make("up", env=env)  # a no-op: the same containers, not restarted
+    again = make("up", env=env)  # a no-op: the same containers, not restarted, on the same ports
     assert again.returncode == 0, again.stderr
-    assert {
-        c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters=label)
-    } == first
+    assert running(docker_client, name) == first
 
     engine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
     with ThreadPoolExecutor(2) as pool:  # two starts at once both get the one new database
