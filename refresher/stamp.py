@@ -133,6 +133,17 @@ def _database_state(conn: psycopg.Connection[Any], features: Sequence[str]) -> l
     return [snapshot.ledger_version(conn), row[1]]
 
 
+def _stamped_state(conn: psycopg.Connection[Any]) -> tuple[list[str], list[str | None] | None]:
+    """What ``write`` records of the database: the feature tables the ledger records rows in (quoted) and
+    ``_database_state`` (None when one of them is missing). Four round trips, each of a row, or a row a feature."""
+    # Here only: the full refresh that just ran has imported what ``features.tables`` needs (pyarrow).
+    from refresher.features.tables import feature_tables
+
+    features = feature_tables(conn)
+    tables = [table.relation for table in features]
+    return tables, _database_state(conn, tables) if all(table.present for table in features) else None
+
+
 def valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:
     """Until when ``profile`` resolves as it does at ``now``: the next session close of its exchanges (its last
     completed session, the default end, moves then)."""
@@ -153,13 +164,8 @@ def write(
         return False
     inputs = [[str(path), digest] for path, digest in profile.inputs]
     now = dt.datetime.now(dt.UTC)
-    # Here only: the full refresh that just ran has imported what ``features.tables`` needs (pyarrow).
-    from refresher.features.tables import feature_relation, feature_tables
-
     with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
-        features = feature_tables(conn)
-        tables = [feature_relation(conn, name) for name, _present in features]
-        state = _database_state(conn, tables) if all(present for _name, present in features) else None
+        tables, state = _stamped_state(conn)
         pristine = snapshot.pristine_ledger(server, conn)
     if state is None or state[0] is None or pristine != state[0]:
         return False  # no consistent snapshot of what the database holds: nothing to vouch for

@@ -15,7 +15,7 @@ import datetime as dt
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 import pyarrow as pa
@@ -108,13 +108,15 @@ class Ledger:
     inputs: Mapping[tuple[str, str], str]
 
 
-def read_feature_ledger(conn: psycopg.Connection[Any]) -> Ledger:
-    """The ledger as it is now, in two round trips: whether it is there (and has ``inputs``), then its rows."""
+def read_feature_ledger(conn: psycopg.Connection[Any], *, inputs: bool = True) -> Ledger:
+    """The ledger as it is now, in two round trips: whether it is there (and has ``inputs``), then its rows.
+    ``inputs=False``: without the ``inputs`` (about 1 KB a pair), for a reader of the hashes and rows alone."""
     row = conn.execute(f"SELECT to_regclass('refresher_features') IS NOT NULL, {_HAS_INPUTS}").fetchone()
     if row is None or not row[0]:
         return Ledger({}, {}, {})
-    inputs = "inputs" if row[1] else "NULL::text"  # a database loaded before the column existed has none
-    records = conn.execute(f"SELECT feature, symbol, input_hash, rows, {inputs} FROM refresher_features")
+    # A database loaded before the column existed has none.
+    column = "inputs" if inputs and row[1] else "NULL::text"
+    records = conn.execute(f"SELECT feature, symbol, input_hash, rows, {column} FROM refresher_features")
     hashes, rows, recorded = {}, {}, {}
     for feature, symbol, input_hash, count, inputs_text in records:
         hashes[feature, symbol], rows[feature, symbol] = input_hash, count
@@ -125,7 +127,7 @@ def read_feature_ledger(conn: psycopg.Connection[Any]) -> Ledger:
 
 def read_ledger(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
     """(feature, symbol) -> the input hash its rows were loaded from; empty before any feature was loaded."""
-    return dict(read_feature_ledger(conn).hashes)
+    return dict(read_feature_ledger(conn, inputs=False).hashes)
 
 
 def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
@@ -133,23 +135,42 @@ def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], s
     return dict(read_feature_ledger(conn).inputs)
 
 
-def feature_tables(conn: psycopg.Connection[Any], ledger: Ledger | None = None) -> list[tuple[str, bool]]:
-    """(feature, whether its table exists) of every feature ``ledger`` (read now when None) records rows of;
-    none before any feature was loaded. A table dropped by hand is missing while the ledger still vouches for
-    its rows. One catalog query."""
-    ledger = read_feature_ledger(conn) if ledger is None else ledger
-    held: dict[str, int] = {}
-    for (feature, _symbol), count in ledger.rows.items():
-        held[feature] = held.get(feature, 0) + count
-    names = sorted(name for name, count in held.items() if count > 0)
-    if not names:
-        return []
-    tables = [feature_relation(conn, name) for name in names]
-    row = conn.execute(
-        "SELECT array_agg(to_regclass(t) IS NOT NULL ORDER BY n) FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)",
-        (tables,),
-    ).fetchone()
-    return list(zip(names, row[0] if row else [False] * len(names), strict=True))
+class FeatureTable(NamedTuple):
+    """A feature the ledger records rows of: its name, its table quoted as ``to_regclass`` reads it, and whether
+    that table exists (one dropped by hand is missing while the ledger still vouches for its rows)."""
+
+    name: str
+    relation: str
+    present: bool
+
+
+# The FeatureTable of each name ``n`` of the relation formatted in.
+_FEATURE_TABLES = (
+    "SELECT n, quote_ident('features_' || n), to_regclass(quote_ident('features_' || n)) IS NOT NULL "
+    "FROM {} ORDER BY n"
+)
+
+
+def feature_tables(conn: psycopg.Connection[Any], ledger: Ledger | None = None) -> list[FeatureTable]:
+    """Every feature ``ledger`` records rows of; none before any feature was loaded. One catalog query; ``ledger``
+    None: the ledger as it is now, a row a feature (never its (feature, symbol) rows), in two round trips."""
+    if ledger is None:
+        if conn.execute("SELECT to_regclass('refresher_features')").fetchone() == (None,):
+            return []
+        found = conn.execute(
+            _FEATURE_TABLES.format(
+                "(SELECT feature FROM refresher_features GROUP BY feature HAVING sum(rows) > 0) AS f(n)"
+            )
+        )
+    else:
+        held: dict[str, int] = {}
+        for (feature, _symbol), count in ledger.rows.items():
+            held[feature] = held.get(feature, 0) + count
+        names = [name for name, count in held.items() if count > 0]
+        if not names:
+            return []
+        found = conn.execute(_FEATURE_TABLES.format("unnest(%s::text[]) AS f(n)"), (names,))
+    return [FeatureTable(name, relation, bool(present)) for name, relation, present in found]
 
 
 def _has_inputs(conn: psycopg.Connection[Any]) -> bool:
@@ -179,8 +200,8 @@ def doubtful_rows(
     whose rows in the table do not number what the ledger records (deleted or added by hand). One catalog query
     without."""
     names = feature_tables(conn, ledger)
-    doubtful: dict[str, list[str] | None] = {name: None for name, present in names if not present}
-    for name, present in names if verify else ():
+    doubtful: dict[str, list[str] | None] = {name: None for name, _relation, present in names if not present}
+    for name, _relation, present in names if verify else ():
         if not present:
             continue
         counted = sql.SQL(
@@ -403,6 +424,7 @@ __all__ = [
     "FEATURES_DDL",
     "ColumnsChanged",
     "FeaturePart",
+    "FeatureTable",
     "Ledger",
     "StaleFeature",
     "doubtful_rows",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import threading
@@ -16,11 +17,12 @@ import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore
+from refresher import database, stamp
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
 from refresher.features import FeatureCounts, get_feature, refresh_features
 from refresher.features.cached import daily_frame
-from refresher.features.tables import FeaturePart, replace_feature_rows
+from refresher.features.tables import FeaturePart, read_feature_ledger, read_ledger, replace_feature_rows
 from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import compute_plan
@@ -271,3 +273,46 @@ def test_a_table_of_the_features_name_refresher_did_not_load_is_never_dropped(
     assert conn.execute("SELECT * FROM features_dashboard_data").fetchall() == [
         ("MINE", dt.date(2024, 1, 2), 1.5)
     ]
+
+
+@contextlib.contextmanager
+def counted(conn: psycopg.Connection[Any]) -> Iterator[list[int]]:
+    """[statements, rows received] of what ``conn`` executes inside (``conn.execute``, a cursor's execute)."""
+    counts = [0, 0]
+
+    class Counting(psycopg.Cursor[Any]):
+        def execute(self, *args: Any, **kwargs: Any) -> Any:
+            super().execute(*args, **kwargs)
+            counts[0] += 1
+            counts[1] += self.pgresult.ntuples if self.pgresult is not None else 0
+            return self
+
+    factory, conn.cursor_factory = conn.cursor_factory, Counting
+    try:
+        yield counts
+    finally:
+        conn.cursor_factory = factory
+
+
+def test_a_noop_refresh_and_the_stamp_read_the_ledger_in_few_round_trips_and_rows(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    # Two features of three symbols: six ledger rows, each with its inputs (about 1 KB). A refresh with nothing
+    # to do reads them once; the stamp reads a row a feature, never the ledger's (feature, symbol) rows.
+    database.ensure_schema(conn)
+    profile = write_profile(tmp_path, features="dashboard_data, high_low_detection")
+    plan = stored_plan(profile, store)
+    assert refresh_features(conn, profile, store, plan).loaded == 6
+    with counted(conn) as counts:
+        assert refresh_features(conn, profile, store, plan).loaded == 0
+    # Whether the ledger is there (1 row), its rows (6), which feature tables exist (2).
+    assert counts == [3, 9]
+    with counted(conn) as counts:
+        tables, state = stamp._stamped_state(conn)
+    assert tables == ["features_dashboard_data", "features_high_low_detection"] and state is not None
+    # Whether the ledger is there, a row a feature, then TABLES and the symbols digest, the ledger version.
+    assert counts == [4, 5]
+    # The StaleFeature retry reads hashes alone: no inputs cross the wire.
+    assert len(read_feature_ledger(conn).inputs) == 6
+    assert read_feature_ledger(conn, inputs=False).inputs == {}
+    assert read_ledger(conn) == dict(read_feature_ledger(conn).hashes)
