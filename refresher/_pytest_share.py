@@ -26,6 +26,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TypeVar
 
 from filelock import FileLock
@@ -201,8 +202,9 @@ class SharedServers:
         self._stop = stop
         self._seen: dict[str, LoadedServer] = {}
         # Why a server could not be built, by key: every later test fails with it at once, not after a new try
-        # (a missing image or a broken profile cost each of 500 tests a second or more).
-        self._failed: dict[str, Exception] = {}
+        # (a missing image or a broken profile cost each of 500 tests a second or more). With the traceback it
+        # was first raised with: each raise of the one exception object adds the raising frames to its own.
+        self._failed: dict[str, tuple[Exception, TracebackType | None]] = {}
         self._refillers: dict[ServerInfo, PoolRefiller] = {}
 
     def get(self, key: str, build: Callable[[], LoadedServer]) -> LoadedServer:
@@ -211,7 +213,8 @@ class SharedServers:
         if key in self._seen:
             return self._seen[key]
         if key in self._failed:
-            raise self._failed[key]
+            failure, traceback = self._failed[key]
+            raise failure.with_traceback(traceback)
         record_path = self.run_dir / f"{key}.json"
         try:
             with _lock(self.run_dir / f"{key}.lock"):
@@ -221,7 +224,8 @@ class SharedServers:
                     server = build()
                     write_private_json(record_path, json.loads(server.to_json()))  # it holds a password
         except (*USER_ERRORS, OSError) as exc:
-            self._failed[key] = exc
+            # Less this call's own frame, which each later raise adds back: the same traceback every time.
+            self._failed[key] = (exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
             raise
         self._seen[key] = server
         return server

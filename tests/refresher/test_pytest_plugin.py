@@ -17,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
-from refresher._pytest_servers import OWNER_FILE, THROWAWAY_PREFIX, stop_everything
-from refresher._pytest_share import clone_note, drop_abandoned_clones, per_test_clone_prefix
+from refresher._pytest_servers import OWNER_FILE, THROWAWAY_PREFIX, LoadedServer, stop_everything
+from refresher._pytest_share import SharedServers, clone_note, drop_abandoned_clones, per_test_clone_prefix
 from refresher.engines import owner_labels
 from refresher.engines.base import ServerInfo
+from refresher.errors import ProfileError
 from refresher.pool import checkout_clone
 from refresher.settings import Settings
 from refresher.snapshot import save_pristine
@@ -846,6 +848,26 @@ def test_abandoned_clones_are_those_of_dead_owners_only(loaded: ServerInfo) -> N
     with psycopg.connect(loaded.dsn("postgres")) as conn:
         names = {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
     assert {f"{prefix}live", f"{prefix}other"} <= names and f"{prefix}dead" not in names
+
+
+def test_a_server_that_failed_to_build_fails_each_later_test_with_a_traceback_that_does_not_grow(
+    tmp_path: Path,
+) -> None:
+    # Every later test of the run gets the build's error at once: the one exception object raised again must not
+    # gather the raising frames each time (500 tests: reports ever longer, every frame held).
+    servers = SharedServers(tmp_path, owner=False, stop=lambda _server: None)
+    builds: list[int] = []
+
+    def build() -> LoadedServer:
+        builds.append(1)
+        raise ProfileError("p.yaml", "months", "-3", "must be positive")
+
+    lengths = []
+    for _ in range(4):
+        with pytest.raises(ProfileError) as info:
+            servers.get("key", build)
+        lengths.append(len(traceback.extract_tb(info.value.__traceback__)))
+    assert builds == [1] and lengths == [lengths[0]] * 4, lengths
 
 
 POOL_PROBE = """
