@@ -244,15 +244,24 @@ def _stdout_on_stderr() -> Iterator[None]:
     finally:
         sys.stderr.flush()
         if saved is not None:
-            _flush_c_stdio()  # what C code buffered for fd 1 goes out while it is stderr still
+            if _user_code_ran():
+                _flush_c_stdio()  # what C code buffered for fd 1 goes out while it is stderr still
             os.dup2(saved, 1)
             os.close(saved)
+
+
+def _user_code_ran() -> bool:
+    """Whether the command imported a user's feature module (``features.registry.USER_MODULES``), whose C code
+    may have buffered output for fd 1. A command that parsed no profile has not even imported the registry."""
+    registry = sys.modules.get("refresher.features.registry")
+    return bool(registry is not None and registry.USER_MODULES)
 
 
 def _flush_c_stdio() -> None:
     """The C library's ``fflush(NULL)``: a C extension's ``printf`` into a pipe sits in libc's buffer, which
     would otherwise reach fd 1 at exit, after the answer."""
-    import ctypes  # here: the quick commands do without (tests/refresher/test_cli_imports.py)
+    # Here, after a user's module ran only: no other command imports ctypes (tests/refresher/test_cli_imports.py).
+    import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).fflush(None)

@@ -162,11 +162,17 @@ def get_feature(name: str) -> FeatureSpec:
         ) from None
 
 
+# The user's modules this process imported (``user_feature``): only they run code refresher does not know, such as
+# a C extension's printf into libc's buffer of fd 1 (``cli``'s redirection flushes it when there are any).
+USER_MODULES: set[str] = set()
+
+
 def user_feature(path: Path | str, field: str, function: str) -> FeatureSpec:
     """The user's ``module:function`` as a feature; ProfileError when it cannot be imported or called."""
     module_name, _, attr = function.partition(":")
     if not module_name or not attr:
         raise ProfileError(path, field, function, "write the function as module.path:function_name")
+    USER_MODULES.add(module_name)  # its code runs from here on, even if its import fails midway
     try:
         module = importlib.import_module(module_name)
     # The user's module: any import-time error is theirs to see, in one line; a sys.exit() at its top level (a

@@ -88,6 +88,8 @@ def test_quick_commands_import_no_data_library(checkout: Workspace, command: lis
         assert names & PARSER == set()
     if command[0] in ("profiles", "market"):  # which ask no server
         assert "psycopg" not in names
+        # No user's module ran: nothing of C's stdio to flush (cli._flush_c_stdio).
+        assert "ctypes" not in names
     assert "refresher" in names  # the parse saw our own modules: a broken parse cannot pass
 
 
