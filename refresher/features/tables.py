@@ -267,7 +267,7 @@ def _load_rows(
                 data = pa.concat_tables(filled)
                 _ensure_feature_table(conn, name, data.column_names[2:], current)
             whole = [part.symbol for part in parts if part.since is None]
-            _delete_symbols(conn, name, whole)
+            _delete_symbols(conn, name, whole, exists=bool(current) or bool(filled))
             _delete_since(conn, name, [part for part in parts if part.since is not None])
             if filled:
                 copy_arrow(conn, feature_table(name), data.column_names, data)
@@ -379,8 +379,13 @@ def remove_feature_rows(
         ) from exc
 
 
-def _delete_symbols(conn: psycopg.Connection[Any], name: str, symbols: Sequence[str]) -> None:
-    if conn.execute("SELECT to_regclass(%s)", (feature_relation(conn, name),)).fetchone() == (None,):
+def _delete_symbols(
+    conn: psycopg.Connection[Any], name: str, symbols: Sequence[str], *, exists: bool | None = None
+) -> None:
+    """Delete ``symbols``' rows of feature ``name``; ``exists``: whether its table does (None: ask the catalog)."""
+    if exists is None:
+        exists = conn.execute("SELECT to_regclass(%s)", (feature_relation(conn, name),)).fetchone() != (None,)
+    if not symbols or not exists:
         return
     conn.execute(
         sql.SQL("DELETE FROM {} WHERE symbol = ANY(%s)").format(sql.Identifier(feature_table(name))),

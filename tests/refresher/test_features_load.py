@@ -316,3 +316,19 @@ def test_a_noop_refresh_and_the_stamp_read_the_ledger_in_few_round_trips_and_row
     assert len(read_feature_ledger(conn).inputs) == 6
     assert read_feature_ledger(conn, inputs=False).inputs == {}
     assert read_ledger(conn) == dict(read_feature_ledger(conn).hashes)
+
+
+def test_a_reload_asks_the_catalog_about_the_features_table_once(conn: psycopg.Connection[Any]) -> None:
+    def part(value: float, input_hash: str) -> FeaturePart:
+        rows = pa.table(
+            {"symbol": ["AAA"], "date": pa.array([dt.date(2024, 6, 3)], pa.date32()), "x": [value]}
+        )
+        return FeaturePart("AAA", rows, input_hash)
+
+    assert replace_feature_rows(conn, "mine", [part(1.0, "h1")]) == 1
+    with counted(conn) as counts:
+        assert replace_feature_rows(conn, "mine", [part(2.0, "h2")]) == 1
+    # The ledger's inputs column and its counter, the feature's lock, the table's columns, what the ledger holds of
+    # the symbol, the DELETE of its old rows (the COPY and the ledger's upsert are no execute).
+    assert counts[0] == 6
+    assert conn.execute("SELECT * FROM features_mine").fetchall() == [("AAA", dt.date(2024, 6, 3), 2.0)]
