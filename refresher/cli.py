@@ -233,11 +233,14 @@ def _stdout_on_stderr() -> Iterator[None]:
     command's answer alone (``--json``'s one object), written after this, and the work needs no lock around each
     call into a user's code. fd 1 is pointed at stderr too where both are open."""
     sys.stdout.flush()
+    saved: int | None = None
     try:
-        saved: int | None = os.dup(1)
+        saved = os.dup(1)
         os.dup2(2, 1)
-    except (OSError, ValueError):
-        saved = None  # no fd 1 or 2 (closed, an embedding host): Python's own stdout only
+    except (OSError, ValueError):  # no fd 1 or 2 (closed, an embedding host): Python's own stdout only
+        if saved is not None:
+            os.close(saved)
+            saved = None
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield

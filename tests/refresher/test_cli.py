@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -87,3 +88,27 @@ def test_a_bad_pool_size_is_one_line_exit_2_naming_the_flag_or_variable(tmp_path
     line = one_line_error(run_cli("refresh", "--profile", "ui_testing", *state, env=env))
     assert line == f"refresher: REFRESHER_POOL_SIZE={value!r}: not a whole number from 0 to 100"
     assert not (tmp_path / "state").exists()  # refused before anything started
+
+
+def test_fd_1_not_pointed_at_stderr_leaves_no_copy_of_it_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.dup(1) succeeded and os.dup2(2, 1) failed: the command goes on with Python's stdout alone, and the copy
+    # of fd 1 is closed, not left open for the life of the process (a worker's).
+    from refresher import cli
+
+    copies: list[int] = []
+    real_dup = os.dup
+
+    def dup(fd: int) -> int:
+        copies.append(real_dup(fd))
+        return copies[-1]
+
+    def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
+        raise OSError(errno.EBADF, "refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "dup", dup)
+        patch.setattr(os, "dup2", dup2)
+        with cli._stdout_on_stderr():
+            [copy] = copies
+            with pytest.raises(OSError):
+                os.fstat(copy)
