@@ -130,11 +130,6 @@ def read_ledger(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
     return dict(read_feature_ledger(conn, inputs=False).hashes)
 
 
-def read_ledger_inputs(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], str]:
-    """(feature, symbol) -> the ``inputs`` its rows were loaded from, where the ledger records them."""
-    return dict(read_feature_ledger(conn).inputs)
-
-
 class FeatureTable(NamedTuple):
     """A feature the ledger records rows of: its name, its table quoted as ``to_regclass`` reads it, and whether
     that table exists (one dropped by hand is missing while the ledger still vouches for its rows)."""
@@ -438,7 +433,6 @@ __all__ = [
     "feature_tables",
     "read_feature_ledger",
     "read_ledger",
-    "read_ledger_inputs",
     "rebuild_feature_rows",
     "remove_feature_rows",
     "replace_feature_rows",

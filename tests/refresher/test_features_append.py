@@ -19,7 +19,7 @@ from featurestore import FeatureStore
 from refresher.engines.base import ServerInfo
 from refresher.features import FEATURES, refresh_features
 from refresher.features.cached import compute_features
-from refresher.features.tables import StaleFeature, read_ledger, read_ledger_inputs, replace_feature_rows
+from refresher.features.tables import StaleFeature, read_feature_ledger, read_ledger, replace_feature_rows
 from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from tests.refresher.test_features_load import conn, store, stored_plan
@@ -212,7 +212,7 @@ def test_rows_computed_against_a_ledger_that_moved_are_refused_then_loaded_whole
     after = profile_at(tmp_path, AFTER, "dashboard_data")
     plan = stored_plan(after, store)
     # These extend the rows as of BEFORE; meanwhile another refresh loads LATER.
-    [batch] = compute_features(after, store, plan, None, read_ledger(conn), read_ledger_inputs(conn))
+    [batch] = compute_features(after, store, plan, None, read_ledger(conn), read_feature_ledger(conn).inputs)
     assert all(part.since == AFTER for part in batch.parts)
     later = profile_at(tmp_path, LATER, "dashboard_data")
     later_plan = stored_plan(later, store)
