@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from refresher.cli import main
+from refresher.errors import ProfileError
+from refresher.profile_files import find_profile_file
 from refresher.settings import STATE_DIR_NAME, Settings, find_state_dir
 from tests.refresher.test_cli import one_line_error, run_cli
 from tests.refresher.test_pytest_plugin import read_only_dir
@@ -160,6 +163,29 @@ def test_a_misspelled_profile_without_a_server_lists_the_known_ones(tmp_path: Pa
     env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
     line = one_line_error(run_cli(command, "--profile", "ui_testin", "--state-dir", str(tmp_path), env=env))
     assert "'ui_testin'" in line and "no such profile" in line and "ui_testing" in line, line
+
+
+@pytest.mark.parametrize("command", ["url", "reset"])
+def test_a_profile_without_a_server_is_refused_in_find_profile_files_own_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """`_no_server` hands on the error find_profile_file raised, never another it makes up: with a file named
+    ``ui_testin`` in the working directory the name is neither a profile name nor a .yaml file, which it says,
+    not that no profile is so named."""
+    (tmp_path / "ui_testin").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProfileError) as info:
+        find_profile_file("ui_testin", [])
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    done = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", command, "--profile", "ui_testin", "--state-dir", "state"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert one_line_error(done) == f"refresher: {info.value}"
 
 
 @pytest.mark.parametrize(
