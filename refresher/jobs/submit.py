@@ -8,14 +8,14 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import redis
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from featurestore import FeatureStore
 from refresher import database
+from refresher import dsn as dsn_check
 from refresher.calendar import market_status
 from refresher.engines import select_engine
-from refresher.errors import JobError, one_line
-from refresher.jobs.queue import TIERS, open_queue, unreachable
+from refresher.errors import JobError
+from refresher.jobs.queue import TIERS, open_queue, redis_time, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
 from refresher.profile import load_profile
@@ -25,14 +25,8 @@ from refresher.sources import make_source
 
 
 def without_password(dsn: str) -> str:
-    """The DSN as it may travel through Redis: everything but the password."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        reason = one_line(exc)  # libpq's message spans lines
-        raise JobError(f"--target: not a PostgreSQL DSN ({reason})", field="target") from exc
-    params.pop("password", None)
-    return make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+    """The --target DSN as it may travel through Redis: everything but the password (``refresher.dsn``)."""
+    return dsn_check.without_password(dsn, "--target", JobError)
 
 
 def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:

@@ -29,6 +29,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from refresher.calendar import exchange_tz, get_calendar
+from refresher.dsn import parse_dsn
 from refresher.errors import SourceError, one_line
 from refresher.profile import PostgresSourceSpec, Profile
 from refresher.schema import empty_table
@@ -90,6 +91,8 @@ class PostgresSource(Source):
     def _cursor(self, segment: Segment) -> Iterator[psycopg.Cursor[tuple[object, ...]]]:
         # One connection for the source's lifetime: a no-op refresh asks for hundreds of versions.
         if self._conn is None or self._conn.closed:
+            # Checked first: a password's unescaped '@' became the host, and libpq's message showed it.
+            parse_dsn(self.dsn, "source.dsn", SourceError)
             try:
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
                 self._session_zone = ""
@@ -97,15 +100,6 @@ class PostgresSource(Source):
                 raise SourceError(
                     f"source.dsn: cannot connect to the upstream database: {one_line(exc)}"
                 ) from exc
-            except psycopg.ProgrammingError:
-                # libpq quotes the text it could not parse, which may be a piece of the password ('missing "="
-                # after "123"' for password=abc 123): a traceback showing it, before
-                raise SourceError(
-                    "source.dsn: not a PostgreSQL connection string (key=value pairs, a value with spaces in "
-                    "single quotes, or a postgresql:// URL with special characters %-escaped); not shown, it "
-                    "may hold a password",
-                    field="source.dsn",
-                ) from None
         try:
             zone = self._zone(segment)
             if zone != self._session_zone:  # one round trip when it changes, not one per query

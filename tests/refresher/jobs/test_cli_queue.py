@@ -140,3 +140,23 @@ def test_a_bad_refresher_queue_is_named_as_the_variable(tmp_path: Path) -> None:
             done = refresher(tmp_path, *command, queue=queue)
             one_line(done, "REFRESHER_QUEUE=")  # was "--queue=", an option the user never gave
             assert "--queue" not in done.stderr and "s3cret" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "part"),
+    [
+        ("postgresql://loader:pw@s3cr3t@localhost/x", "host"),  # libpq's host was 's3cr3t@localhost'
+        ("postgresql://loader:pw@s3:cr3t@localhost/x", "port"),  # its port was 'cr3t@localhost'
+    ],
+)
+def test_a_target_whose_password_has_an_unescaped_at_is_refused_without_showing_it(
+    tmp_path: Path, redis_server: RedisServer, target: str, part: str
+) -> None:
+    # The rest of the password, cut by libpq at its first '@', became the host: it was printed in the
+    # 'cannot connect' line (and, had the host resolved, it went into Redis as the run's target).
+    done = refresher(
+        tmp_path, "jobs", "submit", "--profile", "q", "--queue", redis_server.url, "--target", target
+    )
+    one_line(done, "--target", f"its {part} holds an '@'", "%-escape special characters in the password")
+    assert "cr3t" not in done.stderr and "pw" not in done.stderr and "loader" not in done.stderr, done.stderr
+    assert redis_server.client().zcard("refresher:runs") == 0

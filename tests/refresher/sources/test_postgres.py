@@ -170,6 +170,23 @@ def test_upstream_failures_are_one_line_and_never_show_the_password(
         )
 
 
+def test_a_password_with_an_unescaped_at_is_refused_without_showing_it(make_profile: MakeProfile) -> None:
+    # libpq cuts a URL at the password's first '@': the rest became the host, and its 'could not translate host
+    # name "s3cr3t@localhost"' was the message.
+    for dsn in (
+        "postgresql://postgres:pw@s3cr3t@localhost/postgres",
+        "postgresql://postgres:pw@s3:cr3t@localhost/x",
+    ):
+        with PostgresSource(make_profile(body(dsn), name="at")) as src:
+            for ask in (src.fetch, src.version):
+                with pytest.raises(SourceError) as info:
+                    ask(Segment("AAPL", "1d", NOV))
+                message = str(info.value)
+                assert message.startswith("source.dsn: its ") and "\n" not in message, message
+                assert "%-escape special characters in the password" in message, message
+                assert "cr3t" not in message and "pw" not in message, message
+
+
 @pytest.mark.parametrize(("server_version", "shown"), [(130011, "13.11"), (120000, "12.0"), (90624, "9.6")])
 def test_an_upstream_server_before_14_is_one_line_naming_its_version(server_version: int, shown: str) -> None:
     # No server before 14 here: the version it reports is what decides (PostgreSQL 15 upstream, above, passes).
