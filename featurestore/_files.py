@@ -185,18 +185,27 @@ def write_temp(
 def writer_alive(temp: Path) -> bool:
     """Whether the process that named ``temp`` (``write_temp``: ``.<final>.<pid>.<token>.tmp``) still runs here,
     so its write may still be in flight: GC must leave it, however old (a batch slower than the grace period,
-    or ``--grace-hours 0``, lost its temporaries and ended in a traceback). A process of another machine or
-    container sharing the store is not seen; the grace period is all that guards its writes."""
+    or ``--grace-hours 0``, lost its temporaries and ended in a traceback).
+
+    The process with that pid counts as the writer only if it started before the temporary was last written:
+    a killed writer's pid taken since by a newer process (a reused pid, the init of a container started later)
+    kept its temporary forever. psutil's start time (``/proc/<pid>/stat`` field 22 plus the boot time, whole
+    seconds rounded down) is never later than the true one, so a live writer is never taken for a newer process.
+    A process of another machine or pid namespace is not seen: one here with its pid that is older than the
+    temporary keeps it as long as it runs."""
+    import psutil  # gc alone asks (80 ms to import)
+
     parts = temp.name.rsplit(".", 3)
     if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) <= 0:
         return False
     try:
-        os.kill(int(parts[1]), 0)
-    except (ProcessLookupError, OverflowError):
+        written = temp.stat().st_mtime
+        started = psutil.Process(int(parts[1])).create_time()
+    except (FileNotFoundError, psutil.NoSuchProcess, OverflowError, ValueError):  # a zombie is NoSuchProcess
         return False
-    except PermissionError:  # alive, another user's
+    except psutil.AccessDenied:  # alive, and its start unreadable: taken as the writer, as before
         return True
-    return True
+    return bool(started <= written)
 
 
 def publish(temp: Path, final: Path) -> int:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -85,8 +86,9 @@ def test_a_write_in_flight_keeps_its_temporaries_whatever_the_grace(
         write(*args, **kwargs)  # type: ignore[arg-type]
         temps = list((store.root / "data").rglob("*.tmp"))
         assert len(temps) == 2  # the pack and the large table's own file, not yet published
-        for temp in temps:
-            make_old(temp)
+        for temp in temps:  # as old as a temporary of this process can be: written as it started
+            started = psutil.Process().create_time()
+            os.utime(temp, (started, started))
         assert collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0)).temporaries == 0
 
     monkeypatch.setattr(_writes, "write", write_then_collect)
@@ -103,6 +105,27 @@ def test_a_write_in_flight_keeps_its_temporaries_whatever_the_grace(
     monkeypatch.undo()
     assert collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0)).temporaries == 1
     assert not left.exists()
+
+
+def test_a_temporary_whose_pid_a_newer_process_took_is_collected(store: FeatureStore) -> None:
+    # A writer killed two hours ago, its pid since taken by a process that still runs (a reused pid, or the
+    # init of a container started later): that process was taken for the writer and the temporary never went.
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = store.root / "data" / "ab" / f".abz.parquet.{newer.pid}.cc.tmp"
+        left.parent.mkdir(parents=True, exist_ok=True)
+        left.write_bytes(b"x")
+        make_old(left)
+        assert collect_garbage(store, retention=dt.timedelta(weeks=4)).temporaries == 1
+        assert not left.exists()
+        # Its own temporary, written after it started, stays: that process may be writing it.
+        own = left.with_name(f".aby.parquet.{newer.pid}.dd.tmp")
+        own.write_bytes(b"x")
+        assert collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0)).temporaries == 0
+        assert own.exists()
+    finally:
+        newer.kill()
+        newer.wait()
 
 
 def test_rows_with_missing_or_corrupt_files_are_removed(store: FeatureStore) -> None:
