@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ import pyarrow as pa
 
 from featurestore._duckdb import duckdb, interrupts_noted
 from featurestore._locks import file_lock, thread_lock
-from featurestore.errors import FeatureStoreError, ManifestBusy, StoreDiskFull
+from featurestore.errors import FeatureStoreError, ManifestBusy, StoreDiskFull, StoreLockTimeout
 
 log = logging.getLogger("featurestore")
 
@@ -194,6 +195,17 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return None if value is None else value.replace(tzinfo=dt.UTC)
 
 
+@contextmanager
+def _acquired(lock: threading.RLock, wait: bool, path: Path) -> Iterator[None]:
+    """``lock`` held for the block; without ``wait``, StoreLockTimeout at once if another thread holds it."""
+    if not lock.acquire(blocking=wait):
+        raise StoreLockTimeout(str(path), 0)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class Manifest:
     """Short locked transactions over ``<root>/manifest.duckdb``; never holds the file open between calls."""
 
@@ -217,17 +229,18 @@ class Manifest:
     # -- transactions -----------------------------------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[Txn]:
+    def write(self, *, wait: bool = True) -> Iterator[Txn]:
         """An exclusive transaction, committed when the block ends cleanly, rolled back otherwise.
 
         ``txn.after_commit`` actions (file deletions) run after COMMIT but before the locks are released: a row is
         gone before its file, so a crash in between leaves an orphan file, never a row pointing at nothing, and no
-        writer can publish the same key between the commit and the unlink.
+        writer can publish the same key between the commit and the unlink. ``wait=False``: StoreLockTimeout at
+        once if another thread or process holds the manifest.
         """
         with (
             _interrupts_kept(),
-            self._thread_lock,
-            file_lock(self._lock_path, timeout=self._lock_timeout),
+            _acquired(self._thread_lock, wait, self._lock_path),
+            file_lock(self._lock_path, timeout=self._lock_timeout if wait else 0),
             self._open_healed() as con,
         ):
             con.execute("BEGIN TRANSACTION")
@@ -443,8 +456,10 @@ class Manifest:
         if size > _JOURNAL_FOLD_BYTES and self._journal_pending(_JOURNAL_FOLD_BYTES):
             # Reads of keys with files of their own never open the manifest, so nothing folded their lines: a
             # read-only workload grew the journal without bound. Past the limit, the reader folds it (a write
-            # transaction per ~13,000 accesses); a manifest it cannot write now leaves that to the next one.
-            with contextlib.suppress(ManifestBusy, StoreDiskFull), self.write():
+            # transaction per ~13,000 accesses); a manifest it cannot write now leaves that to the next one, and
+            # one a gc or a put holds is not waited for: the read was served (it waited up to lock_timeout, then
+            # raised StoreLockTimeout from a get that had its table).
+            with contextlib.suppress(ManifestBusy, StoreDiskFull, StoreLockTimeout), self.write(wait=False):
                 pass
 
     def _journal_pending(self, beyond: int = 0) -> bool:

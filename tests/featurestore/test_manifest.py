@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -119,6 +120,25 @@ def test_reads_that_never_open_the_manifest_still_fold_a_large_journal(
         store.get("own")
     assert journal.stat().st_size <= 1000 + 100  # a line or so past the limit at most, never 200 lines
     assert store.get_cache_stats().hits == 200  # nothing lost on the way
+
+
+def test_a_read_folding_the_journal_never_waits_for_a_gc_or_a_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read past the journal's limit folded it under the manifest lock with the whole lock_timeout (600 s by
+    # default): a hit during a gc or a put waited for it, then raised StoreLockTimeout though it had its table.
+    monkeypatch.setattr("featurestore.manifest._JOURNAL_FOLD_BYTES", 10)
+    store = FeatureStore(tmp_path / "cache", lock_timeout=1)
+    store.put("own", table(3))
+    journal = store.root / "access.journal"
+    with open(store.root / "manifest.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a gc in another process holds it
+        for _ in range(3):
+            assert store.get("own") == table(3)
+        assert journal.read_text().count("\n") == 3  # nothing folded, nothing lost
+    store.get("own")  # the lock free again: this read folds
+    assert not journal.exists() or journal.stat().st_size == 0
+    assert store.get_cache_stats().hits == 4
 
 
 def test_lookup_hashes_answers_as_lookup_does(store: FeatureStore) -> None:
