@@ -315,76 +315,97 @@ return 1
 """
 )
 
+# A failed features attempt counted: its number, or -1 when the run is gone (then no longer due). After the
+# last attempt (ARGV[2]) the run ends incomplete with the error (ARGV[3]). Checked and counted in one step: a
+# delete between the check and the count made the hash again without a spec, a key prune never finds.
+_FEATURES_FAILED = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[1]) then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return -1
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'features_attempts', 1)
+if attempt >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'incomplete', 'error', ARGV[3])
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+return attempt
+"""
+)
+
+# ``jobs cancel``: 0 when the run is gone; else cancelled, its held jobs dropped.
+CANCEL = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'cancelled')
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+)
+
+# ``jobs retry-dead``, one dead letter (ARGV[1]) back on its stream (KEYS[2]) as ARGV[2]: 0 when the run is gone
+# or the letter was taken already (by another retry-dead), else 1.
+REVIVE = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[3]) or redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'dead', -1)
+redis.call('HSET', KEYS[3], 'state', 'queued')
+return 1
+"""
+)
+
+# ``jobs retry-dead`` of a run whose features failed: due again with fresh attempts; 0 when the run is gone or
+# its features did not fail.
+REVIVE_FEATURES = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[1]) or redis.call('HEXISTS', KEYS[1], 'error') == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'error', 'features_attempts')
+redis.call('HSET', KEYS[1], 'state', 'loaded')
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+)
+
 # States in which a run still has work out (jobs in a stream, held, retrying, or its features due): deleting it
 # takes --force. Finished: complete, incomplete (every job loaded or dead), cancelled.
 RUNNING_STATES = ("queued", "held", "loaded")
 
-# Remove runs and everything of them, in one step: their hash and sets, their ids in the indexes, their dead
-# letters, their waiting retries, and their jobs still in a stream (acknowledged first, so no consumer keeps a
-# pending entry pointing at nothing). A run whose state says it is running is left, and named, unless ARGV[1]
-# is '1'. A worker on one of its jobs meanwhile finds the run gone (``run_gone``) and only acknowledges.
-# ARGV: force, prefix, group, running states and tiers (comma-separated), run ids...; returns {deleted ids,
-# refused ids, states of the refused, entries removed}.
+# Remove runs' own keys in one step: their hash and sets and their ids in the indexes. A run whose state says it
+# is running is left, and named, unless ARGV[1] is '1'. Their jobs still in a stream, dead letters and waiting
+# retries go after, in chunks (``runs.delete_runs``): one script scanning every stream and retry blocked Redis for
+# as long as the whole queue took (past 5 s every worker got BUSY), and a malformed payload stopped it halfway.
+# From here on a worker on one of their jobs finds the run gone (``run_gone``) and only acknowledges it, and
+# nothing retries or dead-letters a job of theirs again.
+# ARGV: force, prefix, running states (comma-separated), run ids...; returns {deleted ids, refused ids, states of
+# the refused}.
 DELETE_RUNS = """
-local force, prefix, group = ARGV[1] == '1', ARGV[2], ARGV[3]
-local running, tiers = {}, {}
-for state in string.gmatch(ARGV[4], '[^,]+') do running[state] = true end
-for tier in string.gmatch(ARGV[5], '[^,]+') do table.insert(tiers, tier) end
-local doomed, deleted, refused, states = {}, {}, {}, {}
-for i = 6, #ARGV do
+local force, prefix = ARGV[1] == '1', ARGV[2]
+local running = {}
+for state in string.gmatch(ARGV[3], '[^,]+') do running[state] = true end
+local deleted, refused, states = {}, {}, {}
+for i = 4, #ARGV do
   local run = ARGV[i]
-  local state = redis.call('HGET', prefix .. 'run:' .. run, 'state')
+  local key = prefix .. 'run:' .. run
+  local state = redis.call('HGET', key, 'state')
   if not force and state and running[state] then
     table.insert(refused, run)
     table.insert(states, state)
   else
-    doomed[run] = true
     table.insert(deleted, run)
+    redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
+      key .. ':submitting')
+    redis.call('ZREM', prefix .. 'runs', run)
+    redis.call('SREM', prefix .. 'held', run)
+    redis.call('SREM', prefix .. 'features-due', run)
   end
 end
-if #deleted == 0 then return {deleted, refused, states, 0} end
-local removed = 0
-local function job_of(fields)
-  for j = 1, #fields, 2 do
-    if fields[j] == 'job' then return cjson.decode(fields[j + 1]) end
-  end
-  return nil
-end
-for _, tier in ipairs(tiers) do
-  local stream = prefix .. 'jobs:' .. tier
-  for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
-    local job = job_of(entry[2])
-    if job and doomed[job['run']] then
-      redis.pcall('XACK', stream, group, entry[1])  -- no group yet: nothing pending to acknowledge
-      redis.call('XDEL', stream, entry[1])
-      removed = removed + 1
-    end
-  end
-end
-for _, entry in ipairs(redis.call('XRANGE', prefix .. 'dead', '-', '+')) do
-  local fields = entry[2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'run' and doomed[fields[j + 1]] then
-      redis.call('XDEL', prefix .. 'dead', entry[1])
-      removed = removed + 1
-    end
-  end
-end
-for _, payload in ipairs(redis.call('ZRANGE', prefix .. 'retry', 0, -1)) do
-  if doomed[cjson.decode(payload)['run']] then
-    redis.call('ZREM', prefix .. 'retry', payload)
-    removed = removed + 1
-  end
-end
-for _, run in ipairs(deleted) do
-  local key = prefix .. 'run:' .. run
-  redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
-    key .. ':submitting')
-  redis.call('ZREM', prefix .. 'runs', run)
-  redis.call('SREM', prefix .. 'held', run)
-  redis.call('SREM', prefix .. 'features-due', run)
-end
-return {deleted, refused, states, removed}
+return {deleted, refused, states}
 """
 
 
@@ -401,6 +422,7 @@ class JobQueue:
         self._promote = client.register_script(_PROMOTE)
         self._release = client.register_script(_RELEASE)
         self._complete = client.register_script(_COMPLETE)
+        self._features_failed = client.register_script(_FEATURES_FAILED)
         self._credit = dict.fromkeys(TIERS, 0)
 
     # -- taking jobs ----------------------------------------------------------------------------------------
@@ -521,6 +543,11 @@ class JobQueue:
         """Mark a run complete with its features' counts, and no longer due."""
         self._complete(keys=[run_key(run), FEATURES_DUE], args=[run, features, snapshot])
 
+    def features_failed(self, run: str, limit: int, error: str) -> int:
+        """Count a failed features attempt; past ``limit`` the run ends incomplete with ``error``. Returns the
+        attempt, or -1 when the run is gone (no longer due; nothing of it made again)."""
+        return int(self._features_failed(keys=[run_key(run), FEATURES_DUE], args=[run, limit, error]))
+
     def drop(self, delivery: Delivery) -> None:
         """Acknowledge a job of a cancelled run without running it."""
         self._drop(
@@ -571,6 +598,7 @@ def enqueue(
 
 
 __all__ = [
+    "CANCEL",
     "DEAD",
     "DELETE_RUNS",
     "FEATURES_DUE",
@@ -578,6 +606,8 @@ __all__ = [
     "HELD",
     "PREFIX",
     "RETRY",
+    "REVIVE",
+    "REVIVE_FEATURES",
     "RUNNING_STATES",
     "RUNS",
     "TIERS",

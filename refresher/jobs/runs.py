@@ -18,12 +18,16 @@ import redis
 
 from refresher.errors import JobError
 from refresher.jobs.queue import (
+    CANCEL,
     DEAD,
     DELETE_RUNS,
     FEATURES_DUE,
     GROUP,
     HELD,
     PREFIX,
+    RETRY,
+    REVIVE,
+    REVIVE_FEATURES,
     RUNNING_STATES,
     RUNS,
     TIERS,
@@ -281,38 +285,28 @@ def list_runs(client: redis.Redis, limit: int = 50) -> list[RunStatus]:
 
 def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
     """Stop a run: workers acknowledge its remaining jobs without running them; loaded segments stay."""
-    require_run(client, run_id)
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(run_key(run_id), "state", "cancelled")
-    pipe.delete(run_key(run_id, "held"))
-    pipe.srem(HELD, run_id)
-    pipe.execute()
+    cancel = client.register_script(CANCEL)  # checked and cancelled in one step (``CANCEL``)
+    if not cancel(keys=[run_key(run_id), run_key(run_id, "held"), HELD], args=[run_id]):
+        raise no_such_run(run_id)
     return run_status(client, run_id)
 
 
 def retry_dead(client: redis.Redis, run_id: str) -> int:
     """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
-    they failed; returns how many jobs."""
+    they failed; returns how many jobs. Each is checked and moved in one step (``REVIVE``): a run deleted
+    meanwhile is not made again as a hash without a spec."""
     require_run(client, run_id)
+    revive = client.register_script(REVIVE)
     moved = 0
     entries: Any = client.xrange(DEAD)
     for entry_id, fields in entries:
         if text(fields.get(b"run", b"")) != run_id:
             continue
         job = {**json.loads(fields[b"job"]), "attempt": 0}
-        pipe = client.pipeline(transaction=True)
-        pipe.xadd(stream_key(job["tier"]), {"job": json.dumps(job, sort_keys=True)})
-        pipe.xdel(DEAD, entry_id)
-        pipe.hincrby(run_key(run_id), "dead", -1)
-        pipe.hset(run_key(run_id), "state", "queued")
-        pipe.execute()
-        moved += 1
-    if not moved and client.hexists(run_key(run_id), "error"):  # its features failed: again, fresh attempts
-        pipe = client.pipeline(transaction=True)
-        pipe.hdel(run_key(run_id), "error", "features_attempts")
-        pipe.hset(run_key(run_id), "state", "loaded")
-        pipe.sadd(FEATURES_DUE, run_id)
-        pipe.execute()
+        keys = [DEAD, stream_key(job["tier"]), run_key(run_id)]
+        moved += int(revive(keys=keys, args=[entry_id, json.dumps(job, sort_keys=True)]))
+    if not moved:  # its features failed: again, fresh attempts
+        client.register_script(REVIVE_FEATURES)(keys=[run_key(run_id), FEATURES_DUE], args=[run_id])
     return moved
 
 
@@ -330,18 +324,60 @@ class Deleted:
         return asdict(self)
 
 
-def delete_runs(client: redis.Redis, run_ids: Sequence[str], *, force: bool = False) -> Deleted:
-    """Remove runs and all their keys in one script (``DELETE_RUNS``); a running one only with ``force``."""
+def delete_runs(
+    client: redis.Redis, run_ids: Sequence[str], *, force: bool = False, chunk: int = 1000
+) -> Deleted:
+    """Remove runs and all their keys (``DELETE_RUNS``), then their entries in the streams, the dead letters and
+    the retries, ``chunk`` at a time; a running one only with ``force``."""
     if not run_ids:
         return Deleted([], {}, 0)
     script = client.register_script(DELETE_RUNS)
-    reply: Any = script(args=[int(force), PREFIX, GROUP, ",".join(RUNNING_STATES), ",".join(TIERS), *run_ids])
-    deleted, refused, states, entries = reply
-    return Deleted(
-        [text(r) for r in deleted],
-        {text(r): text(s) for r, s in zip(refused, states, strict=True)},
-        int(entries),
-    )
+    reply: Any = script(args=[int(force), PREFIX, ",".join(RUNNING_STATES), *run_ids])
+    deleted, refused, states = ([text(r) for r in part] for part in reply)
+    entries = _remove_entries(client, set(deleted), chunk) if deleted else 0
+    return Deleted(deleted, dict(zip(refused, states, strict=True)), entries)
+
+
+def _run_of(raw: bytes | None) -> str | None:
+    """The run of a job's JSON payload; None for one that is not (a payload written by hand is skipped)."""
+    try:
+        job = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return str(job.get("run")) if isinstance(job, dict) else None
+
+
+def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
+    """Remove the jobs of ``runs`` from every stream (acknowledged first, so no consumer keeps a pending entry
+    pointing at nothing), their dead letters and waiting retries; returns how many. Each stream is read ``chunk``
+    entries at a time: Redis answers others between two reads. The runs' hashes are gone already, so no job of
+    theirs is added meanwhile; one read by a worker meanwhile is only acknowledged by it."""
+    removed = 0
+    for stream in [*(stream_key(tier) for tier in TIERS), DEAD]:
+        after = "-"
+        while True:
+            entries: Any = client.xrange(stream, after, "+", count=chunk)
+            if not entries:
+                break
+            after = "(" + text(entries[-1][0])
+            if stream == DEAD:
+                doomed = [mid for mid, fields in entries if text(fields.get(b"run", b"")) in runs]
+            else:
+                doomed = [mid for mid, fields in entries if _run_of(fields.get(b"job")) in runs]
+            if doomed:
+                pipe = client.pipeline(transaction=False)
+                if stream != DEAD:
+                    pipe.xack(stream, GROUP, *doomed)
+                pipe.xdel(stream, *doomed)
+                replies = pipe.execute(raise_on_error=False)
+                for reply in replies:  # no group yet is nothing pending to acknowledge
+                    if isinstance(reply, redis.ResponseError) and "NOGROUP" not in str(reply):
+                        raise reply
+                removed += int(replies[-1])
+    doomed_retries = [p for p in client.zscan_iter(RETRY, count=chunk) if _run_of(p[0]) in runs]
+    for start in range(0, len(doomed_retries), chunk):
+        removed += int(client.zrem(RETRY, *(p[0] for p in doomed_retries[start : start + chunk])))
+    return removed
 
 
 def delete_run(client: redis.Redis, run_id: str, *, force: bool = False) -> Deleted:

@@ -284,9 +284,13 @@ class Worker:
                     failures += 1
                     self.stop.wait(backoff_seconds(failures, base=0.1, cap=5.0, rng=self._rng))
                 except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    if str(exc).startswith("BUSY "):  # another client's long script: it killed this thread
+                        failures += 1
+                        self.stop.wait(backoff_seconds(failures, base=0.1, cap=5.0, rng=self._rng))
+                    elif "NOGROUP" in str(exc):
+                        groups = False
+                    else:
                         raise
-                    groups = False
         finally:
             for ctx in contexts.values():
                 ctx.close()
@@ -472,17 +476,12 @@ class Worker:
         if run in contexts:
             contexts.pop(run).close()  # reconnect on the next attempt
         text = one_line(exc)
-        if run_spec(queue.client, run) is None:  # the run was deleted by hand
-            queue.client.srem(FEATURES_DUE, run)
+        kind, limit = self._attempts(exc)
+        attempt = queue.features_failed(run, limit, f"features: {kind}: {text}")
+        if attempt < 0:  # the run was deleted (by hand, `jobs delete --force`)
             self._say(f"run {run}: features not computed, the run is gone from Redis: {text}")
             return
-        attempt = int(queue.client.hincrby(run_key(run), "features_attempts", 1))
-        kind, limit = self._attempts(exc)
         if attempt >= limit:
-            pipe = queue.client.pipeline(transaction=True)
-            pipe.hset(run_key(run), mapping={"state": "incomplete", "error": f"features: {kind}: {text}"})
-            pipe.srem(FEATURES_DUE, run)
-            pipe.execute()
             self._say(
                 f"run {run}: features failed after {attempt} attempt(s), run incomplete: {kind}: {text}"
             )

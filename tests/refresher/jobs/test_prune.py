@@ -3,6 +3,7 @@ letters, its jobs left in a stream, waiting retries), a running one stays unless
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from pathlib import Path
@@ -11,8 +12,33 @@ import pytest
 import redis
 
 from refresher.errors import JobError
-from refresher.jobs.queue import DEAD, GROUP, RETRY, RUNS, TIERS, JobQueue, connect, stream_key, text
-from refresher.jobs.runs import cancel_run, delete_run, list_runs, prune_runs, run_status, submit_jobs
+from refresher.jobs import runs as runs_module
+from refresher.jobs import worker as worker_module
+from refresher.jobs.queue import (
+    DEAD,
+    FEATURES_DUE,
+    GROUP,
+    RETRY,
+    RUNS,
+    TIERS,
+    JobQueue,
+    connect,
+    run_spec,
+    stream_key,
+    text,
+)
+from refresher.jobs.runs import (
+    cancel_run,
+    delete_run,
+    delete_runs,
+    list_runs,
+    prune_runs,
+    retry_dead,
+    run_status,
+    submit_jobs,
+)
+from refresher.jobs.worker import Worker, WorkerOptions
+from refresher.settings import Settings
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_cli_queue import one_line, refresher
 from tests.refresher.jobs.test_queue import jobs, spec
@@ -122,6 +148,40 @@ def test_delete_refuses_a_running_run_unless_forced_and_a_worker_finishing_after
         delete_run(client, runs["running"])
 
 
+def test_delete_reads_the_queue_in_chunks_and_skips_a_payload_that_is_not_a_job(
+    redis_server: RedisServer,
+) -> None:
+    # One script decoded every payload of every stream and retry: a payload that is not JSON (written by hand, a
+    # tool's) failed the delete halfway, nothing rolled back; and it held Redis for the whole queue's length.
+    client = connect(redis_server.url)
+    queue = JobQueue(client)
+    doomed = submit_jobs(client, spec("normal"), jobs("GO", 7), now=dt.datetime.now(dt.UTC)).run_id
+    kept = submit_jobs(client, spec("normal"), jobs("STAY", 3), now=dt.datetime.now(dt.UTC)).run_id
+    _first, second = queue.read("w", block_ms=0, count=2)
+    queue.retry_later(second, due=redis_now(client) + 3600)  # the first stays pending
+    client.xadd(stream_key("normal"), {"job": "not json"})
+    client.zadd(RETRY, {"{not json either": 1.0})
+    cancel_run(client, doomed)
+    done = delete_runs(client, [doomed], chunk=2)
+    assert done.deleted == [doomed] and done.entries == 7  # five left in the stream, the pending, the retry
+    assert runs_in_streams_or_bad(client) == {kept, "?"}
+    assert pending(client) == 0 and keys_of(client, doomed) == []
+    assert client.zscore(RETRY, "{not json either") == 1.0 and run_status(client, kept).state == "queued"
+
+
+def runs_in_streams_or_bad(client: redis.Redis) -> set[str]:
+    """``runs_in_streams`` with '?' for a payload that is not a job's."""
+
+    def run(raw: bytes) -> str:
+        try:
+            return str(json.loads(raw)["run"])
+        except ValueError:
+            return "?"
+
+    found = {run(f[b"job"]) for tier in TIERS for _, f in client.xrange(stream_key(tier))}
+    return found | {run(p) for p in client.zrange(RETRY, 0, -1)}
+
+
 def test_prune_and_delete_through_the_cli(tmp_path: Path, redis_server: RedisServer) -> None:
     client = connect(redis_server.url)
     runs = old_runs(client)
@@ -139,3 +199,53 @@ def test_prune_and_delete_through_the_cli(tmp_path: Path, redis_server: RedisSer
     done = refresher(tmp_path, "jobs", "delete", runs["running"], "--force", "--queue", url, "--json")
     assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == [runs["running"]], done.stderr
     assert runs_in_streams(client) == set()
+
+
+def test_a_run_deleted_between_a_check_and_a_write_is_not_made_again(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cancel, retry-dead and a worker's failed features step checked the run, then wrote its hash: a delete in
+    # between made the hash again without a spec (state, counters), a key `jobs prune` never finds.
+    client = connect(redis_server.url)
+    runs = old_runs(client)
+    check = runs_module.require_run
+
+    def deleted_after_the_check(client: redis.Redis, run_id: str) -> dict[str, object]:
+        found = check(client, run_id)
+        delete_run(client, run_id, force=True)
+        return found
+
+    monkeypatch.setattr(runs_module, "require_run", deleted_after_the_check)
+    with contextlib.suppress(JobError):
+        cancel_run(client, runs["cancelled"])
+    monkeypatch.undo()
+    assert keys_of(client, runs["cancelled"]) == [] or run_spec(client, runs["cancelled"]) is not None
+    xrange = client.xrange
+
+    def deleted_after_the_read(*args: object, **kwargs: object) -> object:  # retry-dead's read of the letters
+        entries = xrange(*args, **kwargs)  # type: ignore[arg-type]
+        monkeypatch.setattr(client, "xrange", xrange)
+        delete_run(client, runs["incomplete"], force=True)
+        return entries
+
+    monkeypatch.setattr(client, "xrange", deleted_after_the_read)
+    assert retry_dead(client, runs["incomplete"]) == 0  # its dead letter went with it
+    monkeypatch.undo()
+    assert keys_of(client, runs["incomplete"]) == [] and runs["incomplete"] not in runs_in_streams(client)
+
+    # A worker's features step failing on a run deleted meanwhile (before its count, here before the call).
+    settings = Settings.from_env(
+        {"REFRESHER_STATE_DIR": str(tmp_path / "state"), "FEATURE_STORE_PATH": str(tmp_path / "store")},
+        engine="local",
+    )
+    worker = Worker(redis_server.url, settings, WorkerOptions("late"), client=client)
+    checks = worker_module.__dict__.get("run_spec")
+    if checks is not None:  # the check the worker made before its count: the delete comes after it
+        monkeypatch.setattr(
+            worker_module, "run_spec", lambda c, r: (checks(c, r), delete_run(c, r, force=True))[0]
+        )
+    else:
+        delete_run(client, runs["running"], force=True)
+    worker._features_failed(JobQueue(client), {}, runs["running"], RuntimeError("target gone"))
+    assert keys_of(client, runs["running"]) == []
+    assert not client.sismember(FEATURES_DUE, runs["running"])
