@@ -358,7 +358,13 @@ class Worker:
                     produced = produce_tables([self._job(ctx, d) for d in group], ctx.source, ctx.store)
                 except (redis.ConnectionError, redis.TimeoutError):
                     raise
-                except Exception:
+                except Exception as exc:
+                    if is_refused(exc):
+                        # The target (or upstream) refused us: each job alone logged in again, one refusal per
+                        # job; the refusal is every job's, each settled with it (dead-lettered at once).
+                        for delivery in group:
+                            self._failed(queue, delivery, exc)
+                        continue
                     # Which job failed? Run each alone, so the error lands on that job only.
                     for delivery in group:
                         alone = partial(self._run_alone, contexts, queue, delivery)

@@ -12,6 +12,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from refresher.engines.base import ServerInfo
+from refresher.jobs import worker as worker_module
 from refresher.jobs.queue import DEAD, connect, text
 from refresher.jobs.runs import RunSpec, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
@@ -56,7 +57,18 @@ def test_a_target_refusing_the_worker_dead_letters_each_job_at_once(
 
     settings = Settings.from_env(ws.env, engine="local")
     options = WorkerOptions("refused", burst=True, backoff_base=0.01, backoff_cap=0.02)
+    logins: list[str] = []
+    opened = worker_module._RunContext
+
+    class Counted(opened):  # type: ignore[valid-type,misc]  # the real context, its logins counted
+        def __init__(self, settings: Settings, spec: dict[str, object]) -> None:
+            logins.append(str(spec["target"]))
+            super().__init__(settings, spec)
+
+    monkeypatch.setattr(worker_module, "_RunContext", Counted)
     report = Worker(redis_server.url, settings, options).run()
+    # One login refused for the batch of two: each job retried alone logged in again, to be refused again.
+    assert logins == [target], (case, logins)
 
     # Transient before: six attempts each, with their backoff, before the dead letter.
     assert (report.retried, report.dead, report.done) == (0, 2, 0), case
