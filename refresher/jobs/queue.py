@@ -49,6 +49,12 @@ def stream_key(tier: str) -> str:
     return f"{PREFIX}jobs:{tier}"
 
 
+def redis_time(client: redis.Redis) -> float:
+    """Redis's clock (``TIME``), in seconds since the epoch: the one clock of every run's times."""
+    seconds, micros = client.time()
+    return float(seconds + micros / 1e6)
+
+
 def run_key(run_id: str, part: str = "") -> str:
     return f"{PREFIX}run:{run_id}" + (f":{part}" if part else "")
 
@@ -620,6 +626,7 @@ __all__ = [
     "no_such_run",
     "open_queue",
     "public_url",
+    "redis_time",
     "require_run",
     "run_key",
     "run_spec",

@@ -35,6 +35,7 @@ from refresher.jobs.queue import (
     enqueue,
     ensure_groups,
     no_such_run,
+    redis_time,
     require_run,
     run_key,
     run_spec,
@@ -401,8 +402,7 @@ def prune_runs(
 ) -> Deleted:
     """``jobs prune``: remove the runs whose last activity (submit, first start, last segment loaded) is more
     than ``older_than`` seconds ago by Redis's clock; running ones are left and named unless ``force``."""
-    seconds, micros = client.time()
-    cutoff = seconds + micros / 1e6 - older_than
+    cutoff = redis_time(client) - older_than
     submitted = [text(m) for m in client.zrangebyscore(RUNS, "-inf", cutoff)]
     pipe = client.pipeline(transaction=False)
     for run in submitted:

@@ -54,9 +54,14 @@ def submit_run(
     """Plan the profile against the target and enqueue one job per segment to load; returns the run id."""
     if priority not in TIERS:
         raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
-    now = now or dt.datetime.now(dt.UTC)
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
     client = open_queue(queue_url, queue_label)  # before planning, which can take a while
+    # Redis's clock, as workers and `jobs prune` read the run's times: this machine's, off by days, made a run
+    # submitted now look old to prune (its index score) or a --when-closed hold end at the wrong close.
+    try:
+        now = now or dt.datetime.fromtimestamp(redis_time(client), dt.UTC)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise unreachable(queue_url, exc, queue_label) from exc
     held = hold_until(when_closed, now) if when_closed is not None else None  # '' is no exchange either
     if target is None:
         server = select_engine(settings.engine, settings, profile.name).start(profile.name)

@@ -43,9 +43,9 @@ from refresher.jobs.queue import (
     JobQueue,
     connect,
     ensure_groups,
+    redis_time,
     require_run,
     run_key,
-    run_spec,
     stream_key,
     text,
 )
@@ -203,8 +203,7 @@ class RedisClock:
             if time.monotonic() - self._synced < self.interval:
                 return
             before = self.local()
-            seconds, micros = client.time()
-            self.offset = seconds + micros / 1e6 - (before + self.local()) / 2
+            self.offset = redis_time(client) - (before + self.local()) / 2
             self._synced = time.monotonic()
 
     def __call__(self) -> float:
