@@ -14,6 +14,7 @@ Table and column names reach SQL only as ``sql.Identifier``; the symbol and date
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -74,6 +75,7 @@ class PostgresSource(Source):
                 f"source.tz={self.tz!r}: unknown time zone ({exc})", field="source.tz", value=self.tz
             ) from None
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._undated: dict[tuple[str, str], dt.date | None] = {}  # (symbol, timeframe) -> ``_takes_undated``
         self._session_zone = ""
 
     def _zone(self, segment: Segment) -> str:
@@ -146,9 +148,7 @@ class PostgresSource(Source):
         when = sql.Identifier(c[key])
         # A row whose time is NULL belongs to no month: the symbol's first segment takes it, as the files source
         # charges a date that does not parse, so it is a bad row (it was never selected, never reported).
-        undated = (
-            sql.SQL(" OR {} IS NULL").format(when) if segment.month == self.profile.months[0] else sql.SQL("")
-        )
+        undated = sql.SQL(" OR {} IS NULL").format(when) if self._takes_undated(segment) else sql.SQL("")
         return sql.SQL(
             "SELECT {when_out} AS {key}, {o}::float8 AS open, {h}::float8 AS high, {l}::float8 AS low, "
             "{c}::float8 AS close, {v}::float8 AS volume FROM {table} "
@@ -166,6 +166,16 @@ class PostgresSource(Source):
             sym=sql.Identifier(c["symbol"]),
             when=when,
         )
+
+    def _takes_undated(self, segment: Segment) -> bool:
+        """Whether ``segment`` takes its symbol's rows without a time: the first of its segments with bounds.
+        The profile's first month was: one without a session of minute bars (a start on its last weekend) or
+        before the symbol's listing is never queried, and the rows went unreported."""
+        key = (segment.symbol, segment.timeframe)
+        if key not in self._undated:
+            months = (dataclasses.replace(segment, month=m) for m in self.profile.months)
+            self._undated[key] = next((s.month for s in months if self._bounds(s) is not None), None)
+        return segment.month == self._undated[key]
 
     def _where(self, segment: Segment) -> str:
         """What a message names as the rows' origin: the upstream table, or the profile's own query."""
@@ -255,7 +265,10 @@ class PostgresSource(Source):
         zone = dt.UTC if self.tz == "UTC" else zoneinfo.ZoneInfo(self.tz)
         # timestamptz arrives aware; a naive timestamp column is in the configured zone
         utc = [
-            None if w is None else (w if w.tzinfo else w.replace(tzinfo=zone)).astimezone(dt.UTC)
+            # NaT: a NULL beside real times (pandas made the column datetimes), which failed in astimezone
+            None
+            if w is None or w is pd.NaT
+            else (w if w.tzinfo else w.replace(tzinfo=zone)).astimezone(dt.UTC)
             for w in column
         ]
         ts = pd.to_datetime(pd.Series(utc, dtype=object), utc=True, errors="coerce")

@@ -215,11 +215,8 @@ def test_an_upstream_value_of_the_wrong_type_names_the_table_and_the_value(
     )
 
 
-def test_upstream_rows_without_a_time_are_bad_rows_of_the_first_segment(
-    upstream: str, make_profile: MakeProfile
-) -> None:
-    # A NULL day or time is in no month's range: the row was never selected and never reported, where the
-    # files source charges a date that does not parse to the symbol's first segment as a bad row.
+def undated_tables(upstream: str) -> None:
+    """prod.undated_daily and prod.undated_minute: the bars and one AAPL row without a day or time."""
     with psycopg.connect(upstream, autocommit=True) as conn:
         conn.execute("""
             DROP TABLE IF EXISTS prod.undated_daily, prod.undated_minute;
@@ -228,6 +225,14 @@ def test_upstream_rows_without_a_time_are_bad_rows_of_the_first_segment(
             CREATE TABLE prod.undated_minute AS SELECT * FROM prod.minute_bars;
             INSERT INTO prod.undated_minute VALUES ('AAPL', NULL, 1, 2, 0.5, 1.5, 7);
         """)
+
+
+def test_upstream_rows_without_a_time_are_bad_rows_of_the_first_segment(
+    upstream: str, make_profile: MakeProfile
+) -> None:
+    # A NULL day or time is in no month's range: the row was never selected and never reported, where the
+    # files source charges a date that does not parse to the symbol's first segment as a bad row.
+    undated_tables(upstream)
     text = body(upstream).replace("prod.Daily Bars", "prod.undated_daily")
     text = text.replace("prod.minute_bars", "prod.undated_minute")
     october = dt.date(2024, 10, 1)
@@ -243,6 +248,21 @@ def test_upstream_rows_without_a_time_are_bad_rows_of_the_first_segment(
             ("date parses as a date", 1),
             ("ts parses as a timestamp", 1),
         ]
+
+
+def test_rows_without_a_time_go_to_the_first_segment_with_sessions(
+    upstream: str, make_profile: MakeProfile
+) -> None:
+    # A profile starting on November's last day, a Saturday: November's minute segment has no session and is
+    # never queried, and it was the one to take the rows without a time: they vanished unreported.
+    undated_tables(upstream)
+    text = body(upstream).replace("prod.minute_bars", "prod.undated_minute")
+    text = text.replace("start: 2024-10-01\nend: 2024-11-30", "start: 2024-11-30\nend: 2024-12-31")
+    dec = dt.date(2024, 12, 1)
+    with PostgresSource(make_profile(text + "  on_bad_rows: skip\n")) as src:
+        assert src.fetch(Segment("AAPL", "1m", NOV)).num_rows == 0  # no session
+        assert src.fetch(Segment("AAPL", "1m", dec)).num_rows == 1  # 2024-12-02 09:30
+        assert [(r.reason, r.rows) for r in src.reports] == [("ts parses as a timestamp", 1)]
 
 
 def _end_sleepers(dsn: str) -> None:
