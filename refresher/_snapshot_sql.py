@@ -120,19 +120,26 @@ def _unlock(conn: psycopg.Connection[Any], db: str, which: int) -> None:
     conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
 
 
+# (is a template, comment) of a database, by name.
+_COMMENT = (
+    "SELECT datistemplate, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
+    " WHERE datname = %s"
+)
+
+
 def _comment(conn: psycopg.Connection[Any], name: str) -> tuple[bool, str] | None:
     """(is a template, comment) of database ``name``, or None when it does not exist."""
-    row = conn.execute(
-        "SELECT datistemplate, coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database"
-        " WHERE datname = %s",
-        (name,),
-    ).fetchone()
+    row = conn.execute(_COMMENT, (name,)).fetchone()
     return (bool(row[0]), str(row[1])) if row else None
 
 
 def _pristine_mark(conn: psycopg.Connection[Any], db: str) -> _Mark | None:
     """The mark of the complete pristine copy; None when there is none (or only a half-made one)."""
-    found = _comment(conn, pristine_name(db))
+    return _mark_of(_comment(conn, pristine_name(db)))
+
+
+def _mark_of(found: tuple[bool, str] | None) -> _Mark | None:
+    """The mark a pristine copy's (is a template, comment) says; None for none or a half-made one."""
     match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
     if match is None:
         return None
@@ -195,42 +202,29 @@ def _ready_clones(conn: psycopg.Connection[Any], db: str) -> list[str]:
 # (``_evicting``): each waits up to the server's 5 s for the sessions on it to exit, so 25 s at worst.
 EVICT_TRIES = 5
 
-# The other sessions on a database (``%s``: its name, or NULL for the session's own) that this role may end.
+# The other sessions on a database (``%s``: its name, or NULL for the session's own) that this role may end, and
+# meet the condition put in ``{}`` (``_ending``): their pids.
 # A superuser ends them all. Any other role only those of roles whose privileges it has, or of any role but a
 # superuser as a member of pg_signal_backend; never a process without a role (an autovacuum worker: a rename or
 # copy of the database ends those itself). pg_terminate_backend fails the statement on any other.
 _TERMINATE_OTHERS = (
-    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid "
+    "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid "
     "WHERE a.datname = ANY(coalesce(%s::text[], ARRAY[current_database()::text])) AND a.pid <> pg_backend_pid() "
     "AND (current_setting('is_superuser')::bool OR (NOT r.rolsuper "
-    "AND (pg_has_role(r.oid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE'))))"
+    "AND (pg_has_role(r.oid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')))) AND ({})"
 )
+
+
+def _ending(conn: psycopg.Connection[Any], dbs: list[str] | None, where: str = "true") -> list[int]:
+    """End the other sessions on databases ``dbs`` (None: ``conn``'s own) that this role may end and that meet
+    ``where`` (SQL on ``pg_stat_activity a``); their pids."""
+    return [row[0] for row in conn.execute(_TERMINATE_OTHERS.format(where), (dbs,)).fetchall()]
 
 
 def _terminate_others(conn: psycopg.Connection[Any], db: str | None, *more: str) -> int:
     """End the other sessions on database ``db`` (None: ``conn``'s own) and ``more`` that this role may end; how
     many it ended."""
-    return len(conn.execute(_TERMINATE_OTHERS, (None if db is None else [db, *more],)).fetchall())
-
-
-def _end_waiting_for_me(conn: psycopg.Connection[Any]) -> None:
-    """End the other sessions on ``conn``'s database waiting for a lock ``conn`` holds, that this role may end,
-    and wait (1 s at most) for them to exit: a writer released by our commit must not write first."""
-    pids = [
-        row[0]
-        for row in conn.execute(
-            _TERMINATE_OTHERS.replace("pg_terminate_backend(a.pid)", "a.pid, pg_terminate_backend(a.pid)")
-            + " AND pg_backend_pid() = ANY(pg_blocking_pids(a.pid))",
-            (None,),
-        ).fetchall()
-    ]
-    deadline = time.monotonic() + 1.0
-    while pids and time.monotonic() < deadline:
-        conn.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_activity is read once per transaction
-        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()
-        if not row or row[0] == 0:
-            return
-        time.sleep(0.001)
+    return len(_ending(conn, None if db is None else [db, *more]))
 
 
 def _move_to_trash(conn: psycopg.Connection[Any], db: str, *, taking: str) -> None:
@@ -274,7 +268,7 @@ def _evicting(
     run: Callable[[], _T],
     tries: int = EVICT_TRIES,
     *,
-    busy: type[psycopg.Error] = psycopg.errors.ObjectInUse,
+    busy: type[psycopg.Error] | tuple[type[psycopg.Error], ...] = psycopg.errors.ObjectInUse,
 ) -> _T:
     """``run`` a rename or copy of a database, which fails with ``busy`` (ObjectInUse) while another session is
     on it (the server waits up to 5 s for those the caller ended to exit); what it returns. A session that
@@ -291,7 +285,7 @@ def _evicting(
                 raise
             # pg_stat_activity is read once per transaction: without this, the retry saw the sessions as they were.
             conn.execute("SELECT pg_stat_clear_snapshot()")
-            if _terminate_others(conn, *ending) == 0:
+            if not _terminate_others(conn, *ending):
                 raise  # what is still on it is no session this role may end
     raise AssertionError("unreachable: the last try returns or raises")
 
@@ -442,14 +436,17 @@ def _swap_in(conn: psycopg.Connection[Any], db: str, building: str) -> None:
         _rename(conn, building, pristine_name(db))
 
 
-def _wait_gone(conn: psycopg.Connection[Any], pid: int | None) -> None:
-    """Wait (1 s at most) for a closed session's server process to exit.
+def _wait_gone(conn: psycopg.Connection[Any], *pids: int | None) -> None:
+    """Wait (1 s at most) for the server processes ``pids`` (closed or ended sessions; None: none) to exit.
 
     A rename of the database waits for every session on it, polling every 100 ms: the ledger check's own
     just-closed session, still exiting, made resets 10 ms -> 55 ms. Polling for it here takes a millisecond.
     """
+    waiting = [pid for pid in pids if pid is not None]
     deadline = time.monotonic() + 1.0
-    while pid is not None and time.monotonic() < deadline:
-        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+    while waiting and time.monotonic() < deadline:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_activity is read once per transaction
+        if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (waiting,)).fetchone() is None:
             return
         time.sleep(0.001)

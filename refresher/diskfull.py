@@ -77,15 +77,16 @@ def data_directory(conn: psycopg.Connection[Any]) -> Path | None:
     return Path(path) if path is not None and Path(path).is_dir() else None
 
 
-def has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
+def has_room(conn: psycopg.Connection[Any], needed: int, *, here: bool) -> bool | None:
     """Whether the server's data disk has ``needed`` bytes free; None when nobody can tell.
 
-    Measured here when this host sees the data directory (the local engine). Else the server itself is asked,
+    Measured here when ``here`` (the local engine, whose data directory is this host's: a container's path may
+    name another directory of this host) and this host sees the data directory. Else the server itself is asked,
     when the role may run programs there (a superuser: the Docker and compose engines'): ``df`` in its data
     directory, answering through its exit status, which writes nothing on the full disk. A container's free space
     is not this host's: a guess from here dropped a database for a copy that then did not fit.
     """
-    _, free = _free_space(conn)
+    _, free = _free_space(conn) if here else (None, None)
     if free is not None:
         return free >= needed
     if needed <= 0:

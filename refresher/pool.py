@@ -645,18 +645,22 @@ def _copy_in(
     *,
     what: str = "",
     replacing: bool = False,
+    before_take: Callable[[], None] | None = None,
 ) -> None:
     """Copy the pristine database (marked ``mark``) into a private slot, then rename it to ``name`` with ``note``
     and, when ``mark`` is not analyzed, the record of its pending analysis, in one transaction (``_take``): a
     kill anywhere leaves either no ``name`` or one that says what it lacks, never a copy nobody analyzes. The
     caller holds what keeps the mark as read (TAKE, or REFILL shared). ``what``: as ``_create_from``'s;
-    ``replacing``: as ``_take``'s."""
+    ``replacing``: as ``_take``'s. ``before_take``: called between the copy and the rename; what it raises drops
+    the copy."""
     slot = _claim_private_slot(conn, db)
     private = pool_name(db, slot)
     try:
         _create_from(
             conn, pristine_name(db), private, what=what or f"copying {pristine_name(db)} into {name}"
         )
+        if before_take is not None:
+            before_take()
         _take(conn, private, name, note, mark, replacing=replacing)
     except BaseException:
         with contextlib.suppress(psycopg.Error):

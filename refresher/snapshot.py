@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import psycopg
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from refresher._planner_stats import analyze_stale, stale_names
 from refresher._snapshot_sql import (
+    _COMMENT,
     BUILDING_INFIX,
     MAINTENANCE_DB,
     REFILL,
@@ -44,9 +45,10 @@ from refresher._snapshot_sql import (
     _create_from,
     _derelicts,
     _drop_database,
-    _end_waiting_for_me,
+    _ending,
     _evicting,
     _Mark,
+    _mark_of,
     _pool_databases,
     _pristine_mark,
     _publish,
@@ -171,24 +173,32 @@ def _present_ledgers(conn: psycopg.Connection[Any]) -> list[tuple[str, tuple[str
     return [ledger for ledger, exists in zip(_LEDGERS, present, strict=True) if exists]
 
 
-def ledger_stamp(conn: psycopg.Connection[Any]) -> str | None:
+def ledger_stamp(
+    conn: psycopg.Connection[Any], tables: list[tuple[str, tuple[str, ...]]] | None = None
+) -> str | None:
     """A cheap fingerprint of the ledger: each table's row count and latest ``loaded_at``; None when there is no
-    ledger or it is empty.
+    ledger or it is empty. ``tables``: what ``_present_ledgers`` said, when the caller asked it already. Every
+    query is sent before an answer is read: one round trip in a pipeline.
 
     What a reset compares, in place of the full digest (300 ms at 120,000 segments against a 10 ms reset):
     every load stamps ``loaded_at = now()`` and every prune removes a row, so any refresh that stopped before
     its snapshot changes it.
     """
-    tables = _present_ledgers(conn)
+    if tables is None:
+        tables = _present_ledgers(conn)
     if tables is None:
         return None
-    parts = []
-    for table, _ in tables:
-        row = conn.execute(
+    counts = [
+        conn.execute(
             sql.SQL("SELECT count(*), extract(epoch FROM max(loaded_at))::text FROM {}").format(
                 sql.Identifier(table)
             )
-        ).fetchone()
+        )
+        for table, _ in tables
+    ]
+    parts = []
+    for (table, _), cursor in zip(tables, counts, strict=True):
+        row = cursor.fetchone()
         if row is None or (table == _LEDGERS[0][0] and row[0] == 0):
             return None
         parts.append(f"{table}={row[0]}@{row[1]}")
@@ -390,10 +400,21 @@ def restore_pristine(
     db, started = server.dbname, time.perf_counter()
     # The two connections are made at once: each costs 10-30 ms on a busy machine, most of a reset.
     with ThreadPoolExecutor(1) as pool:
-        checking = pool.submit(_live_with_pid, server, _stamp_ending_lockers)
+        checking = pool.submit(_live_with_pid, server, _stamp_ending_lockers, _LEDGER_LOCK_WAIT)
         with _admin(server.dsn(MAINTENANCE_DB)) as conn:
             live, reader = checking.result()
-            method, mark = _restore_checked(conn, db, live, reader)
+
+            def unmoved() -> None:
+                """A copy (no ready clone) takes seconds, in which a writer could commit after the check: the
+                stamp is read again, as at first, just before the swap; refused when it moved."""
+                again, pid = _live_with_pid(server, _stamp_ending_lockers, _LEDGER_LOCK_WAIT)
+                _wait_gone(conn, pid)
+                if again is not None and again != live:
+                    raise _predates(db)
+
+            method, mark = _restore_checked(
+                conn, db, live, reader, unmoved=unmoved, local=server.engine == "local"
+            )
     seconds = time.perf_counter() - started
     # A copy of a pristine copy not analyzed yet (a reset in the seconds after a refresh) is analyzed after.
     handed = HandedOut.of(mark, db)
@@ -402,39 +423,66 @@ def restore_pristine(
     return RestoreReport(seconds, method)
 
 
-def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
-    """``ledger_stamp`` of ``conn``'s database for a reset, read under a SHARE lock of the ledger tables: a writer
-    beside the reset (a jobs worker loads without the profile lock) that committed a segment between the read and
-    the reset's swap lost it to the older copy. Writers waiting for the lock end with it read (their transaction
-    never commits); only a session connecting after that and committing before the swap, milliseconds, could.
+# How long the reset's read of the ledger waits for its lock before ending the holders (a connection option: no
+# round trip of its own). ANALYZE (the refill's, autovacuum's) holds one that conflicts; an ended session exits in
+# milliseconds. Named, so one reset's check never ends another's (two resets at once both restore).
+_CHECKER = "refresher_reset_check"
+_LEDGER_LOCK_WAIT = f"-c lock_timeout=100ms -c application_name={_CHECKER}"
 
-    The reset ends every session on the database anyway. One whose open transaction holds a lock on a ledger
-    table (it truncated or locked it and idles, or a writer is mid-transaction) made the reset wait for it
-    forever: after a second's wait the other sessions on the database end, and the lock is asked again. A holder
+
+def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
+    """``ledger_stamp`` of ``conn``'s database for a reset, read under a SHARE lock of the ledger tables with the
+    pristine copy's mark: a writer beside the reset (a jobs worker loads without the profile lock) that committed
+    a segment between the read and the reset's swap lost it to the older copy. When the stamp says the reset goes
+    on (it matches the mark), every other session on the database (but another reset's check) ends before the
+    lock is released, as the swap ends them anyway: a writer waiting for the lock or mid-transaction never
+    commits, an idle one must connect again. A reset that refuses ends nobody. One pipeline: the lock, the mark and the counts in one round trip.
+
+    One whose open transaction holds a lock on a ledger table (it truncated or locked it and idles, or a writer is
+    mid-transaction, or an ANALYZE) made the reset wait: after ``_LEDGER_LOCK_WAIT`` the other sessions on the
+    database end, unless the stamp read without the lock already refuses, and the lock is asked again. A holder
     this role may not end (autovacuum's VACUUM, another role's session), or a role that may not take the lock:
     the stamp is read without it, as before; SnapshotError, one line, when even that waits for such a session.
     """
-    conn.execute("SET lock_timeout = '1s'")
     db = conn.info.dbname
+    tables = _present_ledgers(conn)
+    if tables is None:
+        return None
+    names = sql.SQL(", ").join(sql.Identifier(table) for table, _ in tables)
+    lock = sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names)
+    # A deadlock: a writer holding refresher_features and waiting for refresher_segments beside our lock of both.
+    busy = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 
-    def read(locking: bool) -> str | None:
-        with conn.transaction():
-            tables = [table for table, _ in _present_ledgers(conn) or []]
-            if locking and tables:
-                names = sql.SQL(", ").join(sql.Identifier(table) for table in tables)
-                conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(names))
-            stamp = ledger_stamp(conn)
+    def read(locking: bool) -> tuple[str | None, bool]:
+        """The stamp, and whether the reset goes on with it."""
+        with conn.pipeline(), conn.transaction():
             if locking:
-                _end_waiting_for_me(conn)
-            return stamp
+                conn.execute(lock)
+            marked = conn.execute(_COMMENT, (pristine_name(db),))
+            stamp = ledger_stamp(conn, tables)
+            mark = _mark_of(marked.fetchone())
+            goes_on = mark is not None and stamp in (None, mark.stamp)
+            if locking and goes_on:
+                _wait_gone(conn, *_ending(conn, None, f"a.application_name <> '{_CHECKER}'"))
+        return stamp, goes_on
+
+    def locked() -> str | None:
+        try:
+            return read(True)[0]
+        except busy:
+            # An exclusive lock's holder (TRUNCATE, LOCK TABLE) makes this wait too: it ends then (``_evicting``).
+            stamp, goes_on = read(False)
+            if not goes_on:
+                return stamp  # refused anyway: nobody is ended for it
+            raise
 
     try:
-        return _evicting(conn, (db,), lambda: read(True), busy=psycopg.errors.LockNotAvailable)
-    except (psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege):
+        return _evicting(conn, (db,), locked, busy=busy)
+    except (*busy, psycopg.errors.InsufficientPrivilege):
         pass
     try:
-        return read(False)
-    except psycopg.errors.LockNotAvailable as exc:
+        return read(False)[0]
+    except busy as exc:
         raise SnapshotError(
             f"{db}: cannot read its ledger to reset it: a session's open transaction holds a lock on it, which "
             f"role {conn.info.user!r} may not end (it needs to be a member of pg_signal_backend, or a superuser); "
@@ -443,20 +491,31 @@ def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
         ) from exc
 
 
+def _predates(db: str) -> SnapshotError:
+    return SnapshotError(
+        f"{db}: the pristine snapshot predates the database's ledger (a refresh stopped before its "
+        "snapshot); run `refresher refresh` to rebuild it",
+        database=db,
+    )
+
+
 def _restore_checked(
-    conn: psycopg.Connection[Any], db: str, live: str | None, reader: int | None
+    conn: psycopg.Connection[Any],
+    db: str,
+    live: str | None,
+    reader: int | None,
+    *,
+    unmoved: Callable[[], None] | None = None,
+    local: bool = False,
 ) -> tuple[Literal["pool", "template"], _Mark]:
     """The body of ``restore_pristine`` once the live ledger stamp is known; returns the mark of the copy it
-    restored from."""
+    restored from. ``unmoved``: called on a copy made before its swap, raises when the ledger moved meanwhile;
+    ``local``: the server's disk is this host's (the local engine)."""
     method: Literal["pool", "template"]
     _wait_gone(conn, reader)
     mark = _require_pristine(conn, db)
     if live is not None and live != mark.stamp:
-        raise SnapshotError(
-            f"{db}: the pristine snapshot predates the database's ledger (a refresh stopped before its "
-            "snapshot); run `refresher refresh` to rebuild it",
-            database=db,
-        )
+        raise _predates(db)
     with _advisory(conn, db, TAKE):
         mark = _require_pristine(conn, db)  # as of the copy or clone taken: a swap needs TAKE
         ready = _ready_clones(conn, db)
@@ -468,13 +527,21 @@ def _restore_checked(
             _take(conn, ready[0], db, None, mark, replacing=True)
             method = "pool"
         else:
-            _copy_replacing(conn, db, mark)
+            _copy_replacing(conn, db, mark, unmoved=unmoved, local=local)
             method = "template"
     return method, mark
 
 
-def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None:
-    """Copy the pristine copy into place as ``db``, its old database to the trash, under TAKE.
+def _copy_replacing(
+    conn: psycopg.Connection[Any],
+    db: str,
+    mark: _Mark,
+    *,
+    unmoved: Callable[[], None] | None = None,
+    local: bool = False,
+) -> None:
+    """Copy the pristine copy into place as ``db``, its old database to the trash, under TAKE; ``unmoved`` and
+    ``local``: as ``_restore_checked``'s.
 
     On a full disk the copy is tried once more after dropping ``db``'s trash, then after dropping the old
     database itself: they hold their disk until the refill drops them, so on a disk with room for one copy and
@@ -488,11 +555,11 @@ def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None
         if (
             error is not None
             and making_room is not None
-            and not _drop_existing(conn, db, making_room(conn, db, error))
+            and not _drop_existing(conn, db, making_room(conn, db, error, local))
         ):
             continue  # nothing dropped: the copy would fail again
         try:
-            _copy_in(conn, db, db, None, mark, what=what, replacing=True)
+            _copy_in(conn, db, db, None, mark, what=what, replacing=True, before_take=unmoved)
             return
         except DiskFull as full:
             if making_room is _replaced:  # the estimate was short: what the message must not hide
@@ -503,7 +570,7 @@ def _copy_replacing(conn: psycopg.Connection[Any], db: str, mark: _Mark) -> None
     raise error
 
 
-def _trash(conn: psycopg.Connection[Any], db: str, _full: DiskFull) -> list[str]:
+def _trash(conn: psycopg.Connection[Any], db: str, _full: DiskFull, _local: bool) -> list[str]:
     """``db``'s trash: what an earlier reset or swap renamed away and the refill has not dropped yet."""
     return [name for name in _derelicts(conn, db) if TRASH_INFIX in name]
 
@@ -518,15 +585,17 @@ def _drop_existing(conn: psycopg.Connection[Any], db: str, names: list[str]) -> 
     return bool(names)
 
 
-def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[str]:
+def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull, local: bool) -> list[str]:
     """``[db]`` when dropping it makes room for a copy of the pristine copy (its size: a FILE_COPY logs a record,
     not the files); else, or when nobody can tell, DiskFull ``full`` saying ``db`` stays as it was. A missing
     ``db``: nothing.
 
     The free space is the one ``full`` measured when the copy failed (the server had removed its partial copy);
     when this host could not see it (a container's disk: ``full`` carries none), the server is asked
-    (``has_room``): a guess from here dropped a database for a copy that then did not fit either."""
-    free = full.fields.get("free")
+    (``has_room``): a guess from here dropped a database for a copy that then did not fit either. Only the local
+    engine's measurement is this host's (``local``): a host with a directory at a container's data directory's
+    path (another server's) measured that one's disk."""
+    free = full.fields.get("free") if local else None
     sizes = dict(
         conn.execute(
             "SELECT datname, pg_database_size(oid) FROM pg_database WHERE datname = ANY(%s)",
@@ -536,7 +605,7 @@ def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[st
     if db not in sizes:
         return []
     needed = sizes.get(pristine_name(db), 0) - sizes[db]
-    if (int(free) >= needed) if free is not None else has_room(conn, needed):
+    if (int(free) >= needed) if free is not None else has_room(conn, needed, here=local):
         return [db]
     raise DiskFull(f"{full} ({db} is left as it was, not reset)", **full.fields) from full
 
@@ -586,11 +655,13 @@ def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str |
 
 
 def _live_with_pid(
-    server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], _T]
+    server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], _T], options: str | None = None
 ) -> tuple[_T | None, int | None]:
-    """``_live``, and the server process that served it (gone soon after; see ``_wait_gone``)."""
+    """``_live``, and the server process that served it (gone soon after; see ``_wait_gone``); ``options``: the
+    connection's (``-c name=value``)."""
+    dsn = server.dsn() if options is None else conninfo.make_conninfo(server.dsn(), options=options)
     try:
-        with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             return measure(conn), conn.info.backend_pid
     except psycopg.errors.InvalidCatalogName:  # dropped by hand, or a reset that failed on a full disk
         return None, None

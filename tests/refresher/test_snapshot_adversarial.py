@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from refresher import snapshot
+from refresher import _snapshot_sql, snapshot
 from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError, SnapshotError
@@ -261,8 +261,8 @@ def test_a_segment_committed_while_the_reset_checks_the_ledger_is_never_lost(
         except (psycopg.OperationalError, LoadError):  # ended by the reset: nothing committed
             committed.append(False)
 
-    def then_a_writer_commits(conn: psycopg.Connection[object]) -> str | None:
-        stamp = real(conn)
+    def then_a_writer_commits(conn: psycopg.Connection[object], *tables: object) -> str | None:
+        stamp = real(conn, *tables)
         writer = threading.Thread(target=write_february)
         writer.start()
         with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
@@ -288,3 +288,51 @@ def test_a_segment_committed_while_the_reset_checks_the_ledger_is_never_lost(
     with psycopg.connect(loaded.dsn()) as conn:
         has_february = Segment("AAPL", "1d", FEB) in read_loaded_segments(conn)
     assert not committed[0] or has_february, "a committed segment was lost to the reset"
+
+
+def test_a_segment_committed_while_the_reset_copies_is_never_lost(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no ready clone the reset copies the pristine copy (seconds for a large one) after its check of the
+    ledger: a writer committing a segment meanwhile lost it to the copy swapped in. The ledger is read again
+    before the swap: the reset refuses, the segment stays."""
+    save_pristine(loaded, pool_size=0)
+    copied: list[bool] = []
+
+    def a_writer_commits_after_the_copy() -> None:  # the first statement of a copying reset: CREATE DATABASE
+        if not copied:
+            copied.append(True)
+            _toggle_february(loaded)
+
+    monkeypatch.setattr(_snapshot_sql, "_after_statement", a_writer_commits_after_the_copy)
+    with pytest.raises(SnapshotError, match="predates the database's ledger") as refused:
+        restore_pristine(loaded, refill=False)
+    assert copied and "\n" not in str(refused.value)
+    with psycopg.connect(loaded.dsn()) as conn:
+        assert Segment("AAPL", "1d", FEB) in read_loaded_segments(conn), "a committed segment was lost"
+    # Nothing of the copy is left behind: a plain reset after the snapshot catches up restores February too.
+    monkeypatch.setattr(_snapshot_sql, "_after_statement", None)
+    assert not [name for name in _databases(loaded) if "__pool_" in name]
+    save_pristine(loaded, pool_size=0)
+    expected = _state(loaded.dsn())
+    _dirty(loaded)
+    assert restore_pristine(loaded, refill=False).method == "template"
+    assert _state(loaded.dsn()) == expected
+
+
+@pytest.mark.parametrize("pool_size", [1, 0])
+def test_a_reset_that_refuses_ends_no_session(loaded: ServerInfo, pool_size: int) -> None:
+    """A reset refused because the ledger moved past the pristine copy ended the sessions holding the ledger's
+    lock first (a writer mid-transaction lost its work): it ends nobody."""
+    save_pristine(loaded, pool_size=pool_size)
+    _toggle_february(loaded)  # the ledger moves on: a reset refuses
+    with (
+        psycopg.connect(loaded.dsn()) as writer,
+        psycopg.connect(loaded.dsn(), autocommit=True) as idle,
+    ):
+        writer.execute("DELETE FROM refresher_segments WHERE false")  # mid-transaction, holding ROW EXCLUSIVE
+        with pytest.raises(SnapshotError, match="predates the database's ledger"):
+            restore_pristine(loaded, refill=False)
+        assert writer.execute("SELECT 1").fetchone() == (1,)
+        writer.commit()
+        assert idle.execute("SELECT 1").fetchone() == (1,)
