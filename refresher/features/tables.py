@@ -242,16 +242,13 @@ def _load_rows(
             # Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second
             # reads the ledger after the first committed: no COPY races another's uncommitted rows.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id(name),))
-            current, recorded = _table_columns(conn, name)
+            current = _table_columns(conn, name)
             metrics = next((part.rows.column_names[2:] for part in parts if part.rows.num_rows), None)
             rebuilt = bool(current) and metrics is not None and current != metrics
-            # The feature's first load (the ledger records nothing of it) finding a table of its name holding
-            # rows: the user's, never loaded into, rows deleted, or dropped. An empty one is taken.
-            if current and not recorded and not _empty(conn, name):
-                other = ", of other columns" if rebuilt else ""
+            if rebuilt and not _ours(conn, name):
                 raise LoadError(
-                    f"feature {name}: table {feature_table(name)} holds rows refresher did not load{other}: "
-                    "rename or drop it, or give the feature another name (as:)",
+                    f"feature {name}: table {feature_table(name)} holds rows refresher did not load, of other "
+                    "columns: rename or drop it, or give the feature another name (as:)",
                     feature=name,
                 )
             if rebuilt and not rebuild and (any(p.since for p in parts) or _rows_beyond(conn, name, parts)):
@@ -282,10 +279,14 @@ def _load_rows(
     return sum(table.num_rows for table in filled)
 
 
-def _empty(conn: psycopg.Connection[Any], name: str) -> bool:
-    """Whether feature ``name``'s table holds no rows."""
+def _ours(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Whether feature ``name``'s table may be dropped: the ledger records the feature, or the table is empty.
+    A table of the user's that a feature is named after is not (only tables the ledger records are dropped)."""
     row = conn.execute(
-        sql.SQL("SELECT NOT EXISTS (SELECT FROM {})").format(sql.Identifier(feature_table(name)))
+        sql.SQL(
+            "SELECT EXISTS (SELECT FROM refresher_features WHERE feature = %s) OR NOT EXISTS (SELECT FROM {})"
+        ).format(sql.Identifier(feature_table(name))),
+        (name,),
     ).fetchone()
     return bool(row and row[0])
 
@@ -387,17 +388,17 @@ def _delete_symbols(
     )
 
 
-def _table_columns(conn: psycopg.Connection[Any], name: str) -> tuple[list[str], bool]:
-    """The metric columns of feature ``name``'s table, in order (none when there is no table), and whether the
-    ledger records the feature. The table its statements resolve (the search path): one of the name in another
-    schema is not it."""
-    row = conn.execute(
-        "SELECT array(SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
-        "AND NOT attisdropped AND attname NOT IN ('symbol', 'date') ORDER BY attnum), "
-        "EXISTS (SELECT FROM refresher_features WHERE feature = %s)",
-        (feature_relation(conn, name), name),
-    ).fetchone()
-    return (list(row[0]), bool(row[1])) if row else ([], False)
+def _table_columns(conn: psycopg.Connection[Any], name: str) -> list[str]:
+    """The metric columns of feature ``name``'s table, in order; none when there is no table. The table its
+    statements resolve (the search path): one of the name in another schema is not it."""
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+            "AND NOT attisdropped AND attname NOT IN ('symbol', 'date') ORDER BY attnum",
+            (feature_relation(conn, name),),
+        )
+    ]
 
 
 def _ensure_feature_table(

@@ -275,34 +275,6 @@ def test_a_table_of_the_features_name_refresher_did_not_load_is_never_dropped(
     ]
 
 
-def test_a_table_of_the_features_name_and_columns_refresher_did_not_load_is_left_alone(
-    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore
-) -> None:
-    # The user's table has the very columns of the feature's, and the ledger records nothing of the feature (its
-    # first load here): it is not loaded into nor are its rows deleted, and the load says so in one line.
-    profile = write_profile(tmp_path, "AAA")
-    run(conn, profile, store)
-    conn.execute(
-        "CREATE TABLE mine AS SELECT * FROM features_dashboard_data WHERE false; "
-        "DROP TABLE features_dashboard_data; DELETE FROM refresher_features; "
-        "ALTER TABLE mine RENAME TO features_dashboard_data"
-    )
-    conn.execute("INSERT INTO features_dashboard_data (symbol, date) VALUES ('MINE', '2024-01-02')")
-    with pytest.raises(LoadError) as info:
-        run(conn, profile, store)
-    assert str(info.value) == (
-        "feature dashboard_data: table features_dashboard_data holds rows refresher did not load: rename or drop "
-        "it, or give the feature another name (as:)"
-    )
-    assert conn.execute("SELECT symbol, date FROM features_dashboard_data").fetchall() == [
-        ("MINE", dt.date(2024, 1, 2))
-    ]
-    assert conn.execute("SELECT count(*) FROM refresher_features").fetchone() == (0,)
-    # Emptied, it is taken.
-    conn.execute("DELETE FROM features_dashboard_data")
-    assert run(conn, profile, store).loaded == 1
-
-
 @contextlib.contextmanager
 def counted(conn: psycopg.Connection[Any]) -> Iterator[list[int]]:
     """[statements, rows received] of what ``conn`` executes inside (``conn.execute``, a cursor's execute)."""
