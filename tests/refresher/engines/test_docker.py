@@ -801,15 +801,15 @@ def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
         # nobody can tell, also left the database as it was below).
         assert data_directory(conn) is None
         free = _free(container)
-        assert has_room(conn, 1) is True and has_room(conn, free // 2) is True
-        assert has_room(conn, 2 * free) is False and has_room(conn, 2**40) is False
+        assert has_room(conn, 1, here=False) is True and has_room(conn, free // 2, here=False) is True
+        assert has_room(conn, 2 * free, here=False) is False and has_room(conn, 2**40, here=False) is False
     _load_and_save(server, symbols=3)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'S0'")
         conn.execute("VACUUM FULL ohlcv_1min")  # its disk is given back: dropping it now gives back little
     _fill(container, leave=2 * 2**20)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        assert has_room(conn, 2**19) is True and has_room(conn, 8 * 2**20) is False
+        assert has_room(conn, 2**19, here=False) is True and has_room(conn, 8 * 2**20, here=False) is False
     with pytest.raises(DiskFull) as resetting:
         restore_pristine(server, refill=False)
     message = str(resetting.value)
