@@ -972,6 +972,72 @@ def test_c_psycopg_prepared_statements_still_work(refresher_tx):
     run(pytester, *plugin_env.args("local")).assert_outcomes(passed=3)
 
 
+@pytest.mark.slow
+def test_refresher_tx_teardown_is_one_round_trip(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
+    """The rollback and session clean-up after each refresher_tx test cost one round trip to the server, whatever
+    the test left (a failed statement, DDL, an advisory lock, statements psycopg prepared): libpq's own trace of
+    the connection, from the end of one test to the next one's BEGIN, holds a single Sync (each statement sent
+    on its own would be one more)."""
+    trace = pytester.path / "trace.txt"
+    write_project(
+        pytester,
+        f"""
+import os
+import pytest
+from psycopg import pq
+
+TRACE = {str(trace)!r}
+TRACED = []
+
+def leave_work_to_undo(conn, *, failed):
+    conn.execute("CREATE TABLE scratch (x int)")
+    conn.execute("SELECT pg_advisory_lock(42)")
+    for _ in range(6):  # psycopg prepares it: the clean-up deallocates it
+        conn.execute("SELECT count(*) FROM symbols WHERE symbol = %s", ("AAA",)).fetchone()
+    if failed:
+        with pytest.raises(Exception):
+            conn.execute("SELECT 1/0")
+    fd = os.open(TRACE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    conn.pgconn.trace(fd)  # libpq line-buffers it
+    conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+    TRACED.append((conn, fd))
+
+def assert_the_teardown_was_one_round_trip(conn):
+    traced, fd = TRACED.pop()
+    assert traced is conn  # the same kept connection: the teardown was traced
+    conn.pgconn.untrace()
+    os.close(fd)
+    with open(TRACE) as f:
+        lines = f.read().splitlines()
+    teardown = lines[: next(i for i, line in enumerate(lines) if '"BEGIN"' in line)]
+    sent = [line.split("\t")[2].strip() for line in teardown if line.startswith("F\t")]
+    assert sent.count("Sync") + sent.count("Query") == 1, teardown
+    assert any("ROLLBACK TO SAVEPOINT refresher_tx" in line for line in teardown)
+    assert any("DISCARD ALL" in line for line in teardown)
+
+def test_1_leaves_work(refresher_tx):
+    leave_work_to_undo(refresher_tx, failed=False)
+
+def test_2_reads_the_trace(refresher_tx):
+    assert_the_teardown_was_one_round_trip(refresher_tx)
+
+def test_3_leaves_work_and_a_failed_statement(refresher_tx):
+    leave_work_to_undo(refresher_tx, failed=True)
+
+def test_4_reads_the_trace(refresher_tx):
+    assert_the_teardown_was_one_round_trip(refresher_tx)
+
+def test_5_finds_a_clean_session(refresher_tx):
+    locks = refresher_tx.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    ).fetchone()[0]
+    assert locks == 0
+    assert refresher_tx.execute("SELECT to_regclass('scratch') IS NULL").fetchone()[0]
+""",
+    )
+    run(pytester, *plugin_env.args("local")).assert_outcomes(passed=5)
+
+
 KILLED_IN_THE_LOAD = """
 import os, signal
 import refresher.refresh
