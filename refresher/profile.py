@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from refresher.calendar import EXCHANGES, first_unclosed_session, last_completed_session
+from refresher.calendar import CALENDAR_START, EXCHANGES, first_unclosed_session, last_completed_session
 from refresher.errors import CalendarError, ProfileError
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
 from refresher.profile_files import find_profile_file, profile_files, validate_profile
@@ -39,6 +39,7 @@ DEFAULT_MAX_SYMBOLS = 5000
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SOURCE_KINDS = ("synthetic", "files", "postgres")
 BadRowPolicy = Literal["fail", "skip", "quarantine"]
+_BEFORE_CALENDARS = f"before {CALENDAR_START}, where the calendars start"
 TargetColumn = Literal["symbol", "date", "ts", "open", "high", "low", "close", "volume"]
 
 
@@ -440,16 +441,26 @@ def _date_range(
     if end is None:
         end = _last_closed(path, p.exchange, exchanges)
     else:
-        _require_closed(path, "end" if as_of is None and p.end else "as_of", end, exchanges)
+        end_field = "end" if as_of is None and p.end else "as_of"
+        if end < CALENDAR_START:  # and counted back from year 1, a year 0 (a ValueError's traceback)
+            raise ProfileError(path, end_field, end.isoformat(), _BEFORE_CALENDARS)
+        _require_closed(path, end_field, end, exchanges)
     if p.months is not None:
         start = _add_months(end.replace(day=1), -(p.months - 1))
+        if start < CALENDAR_START:  # the field the user wrote, not the `start` they did not
+            raise ProfileError(
+                path,
+                "months",
+                p.months,
+                f"counted back from {end} the window starts {start}, {_BEFORE_CALENDARS}",
+            )
     else:
         assert p.start is not None
         start = p.start
     if start > end:
         raise ProfileError(path, "start", start.isoformat(), f"after the end date {end}")
-    if start.year < 2000:
-        raise ProfileError(path, "start", start.isoformat(), "calendars start on 2000-01-01")
+    if start < CALENDAR_START:
+        raise ProfileError(path, "start", start.isoformat(), _BEFORE_CALENDARS)
     return start, end
 
 

@@ -1,0 +1,42 @@
+"""Adversarial profile and calendar edges, each through the real command where the user sees it: one line
+naming the file, the field the user wrote and its value, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.refresher.test_cli import one_line_error, run_cli
+
+
+def plan(tmp_path: Path, profile: Path, *extra: str) -> str:
+    """The one error line of ``plan`` of ``profile``; the state dir and store it names stay unwritten."""
+    state, store = tmp_path / "state", tmp_path / "store"
+    line = one_line_error(
+        run_cli("plan", "--profile", str(profile), "--state-dir", str(state), "--store", str(store), *extra)
+    )
+    assert not state.exists() and not store.exists()
+    return line
+
+
+@pytest.mark.parametrize(
+    ("body", "extra", "named"),
+    [
+        # year 1 counted back 3 months was year 0: ValueError, a traceback with exit status 1
+        ("months: 3\n", ("--as-of", "0001-01-01"), "as_of='0001-01-01'"),
+        ("months: 3\nas_of: 0001-06-30\n", (), "as_of='0001-06-30'"),
+        ("start: 0001-01-01\nend: 0001-02-01\n", (), "end='0001-02-01'"),
+        # the window counted back from a valid day starts before 2000: named `start`, which the user never wrote
+        ("months: 300\nas_of: 2024-02-29\n", (), "months=300"),
+        ("months: 3\n", ("--as-of", "2000-01-31"), "months=3"),
+        ("start: 1999-06-01\nend: 2000-02-01\n", (), "start='1999-06-01'"),
+    ],
+)
+def test_a_window_before_the_calendars_names_the_field_the_user_wrote(
+    tmp_path: Path, body: str, extra: tuple[str, ...], named: str
+) -> None:
+    path = tmp_path / "early.yaml"
+    path.write_text("universe: {symbols: [AAA]}\n" + body)
+    line = plan(tmp_path, path, *extra)
+    assert f"{path}: {named}:" in line and "2000-01-01" in line, line
