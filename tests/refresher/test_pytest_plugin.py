@@ -679,6 +679,91 @@ def test_reuse_keeps_the_docker_container_for_the_next_run(
 
 
 @pytest.mark.slow
+@pytest.mark.docker
+def test_reuse_two_checkouts_at_once_on_one_docker_daemon_keep_their_own_containers(
+    pytester: pytest.Pytester, plugin_env: PluginEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two checkouts sharing one state dir and one Docker daemon run --refresher-reuse at the same time, twice:
+    each gets a container of its own, then finds that same one again; a plain run of one stops its own only."""
+    docker_or_skip()
+    monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    state = Path(tempfile.mkdtemp(prefix="reuse-docker-two-", dir=plugin_env.root))
+    state.chmod(0o755)
+    args = [a for a in plugin_env.args("docker") if not a.startswith("--refresher-state-dir")]
+    args.append(f"--refresher-state-dir={state}")
+    checkouts = {name: pytester.mkdir(name) for name in ("one", "two")}
+    for path in checkouts.values():
+        (path / "pytest.ini").write_text(INNER_INI.format(extra=""))
+        (path / "test_example.py").write_text(
+            REUSE_PROBE.replace("OUT_PATH", repr(str(path / "probe.jsonl")))
+        )
+
+    def run_both(*more: str) -> dict[str, dict[str, object]]:
+        """Both checkouts' runs at once; each one's probe record of this round."""
+        command = [sys.executable, "-m", "pytest", *args, *more]
+        runs = {
+            name: subprocess.Popen(command, cwd=path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            for name, path in checkouts.items()
+        }
+        for proc in runs.values():
+            stdout, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+            assert proc.returncode == 0, stdout.decode()[-3000:]
+        return {name: read_records(path / "probe.jsonl")[-1] for name, path in checkouts.items()}
+
+    def containers(record: dict[str, object]) -> list[str]:
+        """The running containers of the server ``record`` names (by its state dir)."""
+        import docker
+
+        from refresher.engines.docker import STATE_PATH_LABEL
+
+        label = f"{STATE_PATH_LABEL}={Path(str(record['state_dir'])).resolve()}"
+        client = docker.from_env()
+        try:
+            return [c.name or "" for c in client.containers.list(filters={"label": label})]
+        finally:
+            client.close()
+
+    try:
+        first = run_both("--refresher-reuse")
+        one, two = first["one"], first["two"]
+        assert one["counts"] == two["counts"] == PROBE_PRISTINE
+        assert one["engine"] == two["engine"] == "docker"
+        assert one["state_dir"] != two["state_dir"] and one["port"] != two["port"]
+        assert len(containers(one)) == len(containers(two)) == 1
+
+        again = run_both("--refresher-reuse")
+        for name, before in first.items():
+            after = again[name]
+            assert after["counts"] == PROBE_PRISTINE  # the other run's deletes never reached it
+            assert (after["started"], after["port"], after["state_dir"]) == (
+                before["started"],
+                before["port"],
+                before["state_dir"],
+            )  # its own container, not restarted or reloaded, not the other checkout's
+
+        # A plain run of the first checkout stops its kept server, and only its.
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", *args], cwd=checkouts["one"], capture_output=True, check=False
+        )
+        assert result.returncode == 0, result.stdout.decode()[-3000:]
+        assert_server_gone(one)
+        assert containers(two)
+        third = run_both("--refresher-reuse")
+        assert (third["two"]["started"], third["two"]["state_dir"]) == (two["started"], two["state_dir"])
+        assert third["one"]["state_dir"] != one["state_dir"]  # rebuilt
+        for path in checkouts.values():
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", *args], cwd=path, capture_output=True, check=False
+            )
+            assert done.returncode == 0, done.stdout.decode()[-3000:]
+        assert_server_gone(third["one"])
+        assert_server_gone(third["two"])
+    finally:
+        stop_leftovers(state)
+        remove_containers_under(state)
+
+
+@pytest.mark.slow
 def test_reuse_ini_key_and_edited_profile_rebuilds(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
     out = pytester.path / "probe.jsonl"
     write_project(
