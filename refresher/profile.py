@@ -219,6 +219,14 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
     return ProfileError(path, loc, e.get("input"), reason)
 
 
+class _KeyTwice(Exception):
+    """A mapping's key given twice: where (``line N``), the key, and why, for ``_read_yaml``'s ProfileError."""
+
+    def __init__(self, at: str, key: str, reason: str) -> None:
+        super().__init__(at, key, reason)
+        self.at, self.key, self.reason = at, key, reason
+
+
 # libyaml when available: a 20,000-symbol profile parses in milliseconds instead of seconds.
 class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """A date that looks like one but is not (``as_of: 2025-02-30``) stays text, for the field's own check to
@@ -229,6 +237,22 @@ class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
             return super().construct_yaml_timestamp(node)
         except ValueError:
             return self.construct_scalar(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A key given twice in one mapping is an error: PyYAML kept the last, so a forgotten ``months: 1``
+        below the ``months: 3`` just edited silently won. Keys a ``<<`` merge brings are meant to be overridden:
+        only the mapping's own keys are compared, before the merge is flattened into them."""
+        first_at: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            earlier = first_at.setdefault((key.tag, key.value), key)
+            if earlier is not key:
+                first = earlier.start_mark.line + 1
+                raise _KeyTwice(
+                    f"line {key.start_mark.line + 1}", key.value, f"given twice (first on line {first})"
+                )
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
 
 _YamlLoader.add_constructor("tag:yaml.org,2002:timestamp", _YamlLoader.construct_yaml_timestamp)
@@ -256,6 +280,8 @@ def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, A
         raise ProfileError(path, "(file)", str(path), f"cannot read: {exc.strerror or exc}") from exc
     try:
         data = yaml.load(text, Loader=_YamlLoader)
+    except _KeyTwice as exc:
+        raise ProfileError(path, exc.at, exc.key, exc.reason) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"

@@ -40,3 +40,32 @@ def test_a_window_before_the_calendars_names_the_field_the_user_wrote(
     path.write_text("universe: {symbols: [AAA]}\n" + body)
     line = plan(tmp_path, path, *extra)
     assert f"{path}: {named}:" in line and "2000-01-01" in line, line
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "lines"),
+    [
+        # PyYAML keeps the last of two equal keys: `months: 3` edited above, a forgotten `months: 1` below won
+        ("months: 3\ntimeframes: [1d]\nmonths: 1\n", "months", (2, 4)),
+        ("months: 1\nsource:\n  kind: synthetic\n  kind: files\n", "kind", (4, 5)),
+        ("months: 1\nseeds: {AAA: 1, AAA: 2}\n", "AAA", (3, 3)),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(
+    tmp_path: Path, body: str, key: str, lines: tuple[int, int]
+) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("universe: {symbols: [AAA]}\n" + body)
+    line = plan(tmp_path, path, "--as-of", "2024-01-31")
+    first, second = lines
+    assert f"{path}: line {second}='{key}': given twice (first on line {first})" in line, line
+
+
+def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
+    """YAML's ``<<`` merge is meant to be overridden by the mapping's own keys: not a key given twice."""
+    merged = tmp_path / "ok.yaml"
+    merged.write_text("universe: {symbols: [AAA]}\nmonths: 1\nseeds:\n  <<: {AAA: 1}\n  AAA: 2\n")
+    done = run_cli(
+        "plan", "--profile", str(merged), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s")
+    )
+    assert done.returncode == 0, done.stderr
