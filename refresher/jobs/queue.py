@@ -8,7 +8,8 @@ Layout (every key under ``refresher:``):
 - ``run:{id}``: a hash with the run's spec and counters; ``run:{id}:done`` the set of finished segments (a
   segment counts once however often it is delivered); ``run:{id}:inflight`` message id -> consumer;
   ``run:{id}:held`` the jobs of a held run; ``runs`` sorted set of run ids by submit time; ``features-due``
-  runs whose segments are all loaded and whose features no worker has computed yet.
+  runs whose segments are all loaded and whose features no worker has computed yet; ``deleting`` runs removed
+  whose entries in the streams, dead letters and retries may be left (``runs.delete_runs``).
 
 Every state change of a job (ack + counters, ack + retry, ack + dead letter, promotion) is one Lua script, so a
 Redis restart between two commands cannot leave a job both acknowledged and uncounted.
@@ -38,6 +39,9 @@ DEAD = PREFIX + "dead"
 RETRY = PREFIX + "retry"
 FEATURES_DUE = PREFIX + "features-due"
 HELD = PREFIX + "held"
+# Runs whose keys are removed but whose stream entries, dead letters and retries may not be yet: a prune or delete
+# killed between its two steps leaves them here, and the next one removes what is left.
+DELETING = PREFIX + "deleting"
 
 
 def text(value: Any) -> str:
@@ -387,7 +391,8 @@ RUNNING_STATES = ("queued", "held", "loaded")
 # retries go after, in chunks (``runs.delete_runs``): one script scanning every stream and retry blocked Redis for
 # as long as the whole queue took (past 5 s every worker got BUSY), and a malformed payload stopped it halfway.
 # From here on a worker on one of their jobs finds the run gone (``run_gone``) and only acknowledges it, and
-# nothing retries or dead-letters a job of theirs again.
+# nothing retries or dead-letters a job of theirs again. Each deleted run enters the ``deleting`` set in the same
+# step and leaves it once its entries are gone: a process killed in between leaves it there for the next one.
 # ARGV: force, prefix, running states (comma-separated), run ids...; returns {deleted ids, refused ids, states of
 # the refused}.
 DELETE_RUNS = """
@@ -409,6 +414,7 @@ for i = 4, #ARGV do
     redis.call('ZREM', prefix .. 'runs', run)
     redis.call('SREM', prefix .. 'held', run)
     redis.call('SREM', prefix .. 'features-due', run)
+    redis.call('SADD', prefix .. 'deleting', run)
   end
 end
 return {deleted, refused, states}
@@ -607,6 +613,7 @@ __all__ = [
     "CANCEL",
     "DEAD",
     "DELETE_RUNS",
+    "DELETING",
     "FEATURES_DUE",
     "GROUP",
     "HELD",

@@ -21,6 +21,7 @@ from refresher.jobs.queue import (
     CANCEL,
     DEAD,
     DELETE_RUNS,
+    DELETING,
     FEATURES_DUE,
     GROUP,
     HELD,
@@ -329,14 +330,28 @@ def delete_runs(
     client: redis.Redis, run_ids: Sequence[str], *, force: bool = False, chunk: int = 1000
 ) -> Deleted:
     """Remove runs and all their keys (``DELETE_RUNS``), then their entries in the streams, the dead letters and
-    the retries, ``chunk`` at a time; a running one only with ``force``."""
-    if not run_ids:
-        return Deleted([], {}, 0)
+    the retries, ``chunk`` at a time; a running one only with ``force``. The entries of runs an earlier delete or
+    prune removed without finishing (killed between the two steps: ``DELETING``) go too."""
+    deleted: list[str] = []
+    running: dict[str, str] = {}
+    if run_ids:
+        deleted, refused, states = _delete_keys(client, run_ids, force)
+        running = dict(zip(refused, states, strict=True))
+    unfinished = {text(m) for m in client.smembers(DELETING)}  # this one's, and any a killed one left
+    entries = _remove_entries(client, unfinished, chunk) if unfinished else 0
+    if unfinished:
+        client.srem(DELETING, *unfinished)
+    return Deleted(deleted, running, entries)
+
+
+def _delete_keys(
+    client: redis.Redis, run_ids: Sequence[str], force: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """``DELETE_RUNS``: the runs deleted (now in ``DELETING``), those refused, and the states of the refused."""
     script = client.register_script(DELETE_RUNS)
     reply: Any = script(args=[int(force), PREFIX, ",".join(RUNNING_STATES), *run_ids])
     deleted, refused, states = ([text(r) for r in part] for part in reply)
-    entries = _remove_entries(client, set(deleted), chunk) if deleted else 0
-    return Deleted(deleted, dict(zip(refused, states, strict=True)), entries)
+    return deleted, refused, states
 
 
 def _run_of(raw: bytes | None) -> str | None:

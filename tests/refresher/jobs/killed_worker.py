@@ -1,5 +1,6 @@
 """``python -m tests.refresher.jobs.killed_worker STEP ARGS...``: ``refresher ARGS`` (a worker) that kills itself
-with SIGKILL right after STEP of its first job, as a machine losing power there would."""
+with SIGKILL right after STEP of its first job, as a machine losing power there would; or a ``jobs`` command
+killed right after one of its ``COMMAND_STEPS``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from refresher import cli, load, snapshot
-from refresher.jobs import worker
+from refresher.jobs import runs, worker
 from refresher.jobs.queue import JobQueue
 
 # step -> (the object holding the function, its name): the worker dies once that call has returned.
@@ -24,6 +25,11 @@ STEPS: dict[str, tuple[Any, str]] = {
     "ack": (JobQueue, "finish"),  # acknowledged and counted
     "features": (worker, "run_features"),  # the run's features computed, the run not marked complete
     "snapshot": (snapshot, "save_pristine"),  # the pristine snapshot saved, the run not marked complete
+}
+
+# The steps of a `jobs` command (not of a worker's job).
+COMMAND_STEPS: dict[str, tuple[Any, str]] = {
+    "delete-keys": (runs, "_delete_keys"),  # `jobs prune`/`delete`: the runs' keys gone, not their entries
 }
 
 
@@ -39,7 +45,7 @@ def dies_after(call: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def main(step: str, argv: list[str]) -> int:
-    owner, name = STEPS[step]
+    owner, name = {**STEPS, **COMMAND_STEPS}[step]
     setattr(owner, name, dies_after(getattr(owner, name)))
     return cli.main(argv)
 

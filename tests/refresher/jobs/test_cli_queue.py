@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,8 +46,11 @@ def not_redis() -> Iterator[str]:
         server.close()
 
 
-def refresher(tmp_path: Path, *args: str, queue: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``refresher ARGS`` in a temp state dir and store; ``queue``: its $REFRESHER_QUEUE."""
+def refresher(
+    tmp_path: Path, *args: str, queue: str | None = None, module: Sequence[str] = ("refresher.cli",)
+) -> subprocess.CompletedProcess[str]:
+    """``refresher ARGS`` in a temp state dir and store; ``queue``: its $REFRESHER_QUEUE; ``module``: what runs
+    it (``python -m MODULE...``, e.g. ``killed_worker STEP``)."""
     (tmp_path / "profiles").mkdir(exist_ok=True)
     (tmp_path / "profiles" / "q.yaml").write_text(PROFILE)
     env = {
@@ -60,7 +63,7 @@ def refresher(tmp_path: Path, *args: str, queue: str | None = None) -> subproces
     if queue is not None:
         env["REFRESHER_QUEUE"] = queue
     return subprocess.run(
-        [sys.executable, "-m", "refresher.cli", *args, "--engine", "local"],
+        [sys.executable, "-m", *module, *args, "--engine", "local"],
         env=env,
         capture_output=True,
         text=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from refresher.jobs import runs as runs_module
 from refresher.jobs import worker as worker_module
 from refresher.jobs.queue import (
     DEAD,
+    DELETING,
     FEATURES_DUE,
     GROUP,
     RETRY,
@@ -249,3 +251,32 @@ def test_a_run_deleted_between_a_check_and_a_write_is_not_made_again(
     worker._features_failed(JobQueue(client), {}, runs["running"], RuntimeError("target gone"))
     assert keys_of(client, runs["running"]) == []
     assert not client.sismember(FEATURES_DUE, runs["running"])
+
+
+def test_a_prune_killed_between_its_two_steps_is_finished_by_the_next(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """`jobs prune` killed once the runs' keys are gone and before their dead letters and stream entries are:
+    no later prune found them (the runs out of the index), so they stayed for good."""
+    client = connect(redis_server.url)
+    runs = old_runs(client)
+    args = ("jobs", "prune", "--older-than", "7d", "--queue", redis_server.url)
+    module = ("tests.refresher.jobs.killed_worker", "delete-keys")
+    killed = refresher(tmp_path, *args, module=module)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    finished = [runs["incomplete"], runs["cancelled"]]
+    for run in finished:
+        assert keys_of(client, run) == [] and client.zscore(RUNS, run) is None
+    assert runs_in_streams(client) == {*finished, runs["running"]}  # killed between the two steps
+
+    done = refresher(tmp_path, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "deleted": [],
+        "running": {runs["running"]: "queued"},
+        "entries": 1 + 4,  # the dead letter, the cancelled run's four jobs
+        "dry_run": False,
+    }
+    assert runs_in_streams(client) == {runs["running"]}
+    assert client.exists(DELETING) == 0
+    assert run_status(client, runs["running"]).state == "queued"
