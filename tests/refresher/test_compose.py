@@ -100,6 +100,13 @@ def running(client: docker.DockerClient, project: str) -> dict[str, tuple[str, s
     }
 
 
+def make_up(env: dict[str, str]) -> str:
+    """`make up` of the project ``env`` names, which must succeed; its output."""
+    up = make("up", env=env)
+    assert up.returncode == 0, up.stderr
+    return up.stdout
+
+
 def refresher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-m", "refresher.cli", *args], capture_output=True, text=True, env=env, timeout=600
@@ -164,9 +171,7 @@ def test_up_refresh_reset_down(
     docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
 ) -> None:
     name, env = project
-    up = make("up", env=env)
-    assert up.returncode == 0, up.stderr
-    assert "postgres  127.0.0.1:" in up.stdout
+    assert "postgres  127.0.0.1:" in make_up(env)
     first = running(docker_client, name)
     assert len(first) == 2  # postgres and redis, healthy (make up waits)
 
@@ -360,3 +365,40 @@ def test_up_without_a_docker_engine_says_so(tmp_path: Path) -> None:
     done = make("up", env=env)
     assert done.returncode != 0
     assert "no Docker engine answers" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_stopped_stack_restarted_by_make_up_keeps_its_data_and_snapshot(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+) -> None:
+    name, env = project
+    make_up(env)
+    refresher("refresh", "-p", "compose_tiny", "--engine", "compose", env=env)
+    dsn = json.loads(refresher("url", "-p", "compose_tiny", "--json", env=env).stdout)["dsn"]
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone()
+    label = {"label": f"{PROJECT_LABEL}={name}"}
+    for container in docker_client.containers.list(filters=label):
+        container.stop()
+    # Stopped: a refresh says so in one line, and touches nothing.
+    done = subprocess.run(
+        [sys.executable, "-m", "refresher.cli", "refresh", "-p", "compose_tiny", "--engine", "compose"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "make up" in done.stderr
+    make_up(env)
+    assert len(running(docker_client, name)) == 2
+    report = json.loads(
+        refresher("refresh", "-p", "compose_tiny", "--engine", "compose", "--json", env=env).stdout
+    )
+    assert report["rows_loaded"] == 0 and report["snapshot"] == "unchanged"
+    dsn = json.loads(refresher("url", "-p", "compose_tiny", "--json", env=env).stdout)["dsn"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == rows
+        conn.execute("DELETE FROM ohlcv_1min")
+    refresher("reset", "-p", "compose_tiny", env=env)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == rows
