@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +17,22 @@ from refresher.segments import Segment
 if TYPE_CHECKING:
     from refresher.profile import Profile
     from refresher.sources.validate import Reject
+
+
+@functools.cache
+def calendar_library_version() -> str:
+    """exchange_calendars' version: it decides which days and minutes are sessions, hence which rows a source
+    hands over. From the package metadata: importing exchange_calendars costs 60 ms a no-op refresh need not pay."""
+    return importlib.metadata.version("exchange_calendars")
+
+
+def reader_tag(kind: str, reader: int) -> str:
+    """The head of a files or postgres segment's version: its reader's version and the calendar library's.
+
+    A source bumps its ``READER_VERSION`` whenever the rows it hands over for the same input can change (a parse
+    fixed, a row now refused or reported): the version is part of the segment's store key, so a store an older
+    refresher filled is read again, never served to the upgraded one (nor loaded into a new database from it)."""
+    return f"{kind}/r{reader}/xc{calendar_library_version()}/"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from refresher.errors import SourceError
 from refresher.profile import FilesSourceSpec, Profile
 from refresher.schema import empty_table
 from refresher.segments import Segment
-from refresher.sources.base import Source, SourceReport, effective_range
+from refresher.sources.base import Source, SourceReport, effective_range, reader_tag
 from refresher.sources.validate import F64, I64, VALUE_COLUMNS, Bars, Mask, bars_table, screen
 
 # Names tried, in order, when the mapping does not name a column.
@@ -46,6 +46,10 @@ DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
 }
 _NS_PER_MIN = 60_000_000_000
 _EXAMPLES = 3
+# Bump whenever this module hands over other rows for the same file and options (``base.reader_tag``). Versions
+# before 2 had no tag: a YYYYMMDD column read as nanoseconds (segments loaded empty, 850f700), a daily time with
+# an offset dated in UTC (d9960be), a float YYYYMMDD likewise (82861e8).
+READER_VERSION = 2
 
 
 def _read(path: Path, fmt: str) -> pa.Table:
@@ -136,7 +140,7 @@ class FilesSource(Source):
         # the policy decides which rows a segment holds, so it is part of what the store keys on
         if spec.on_bad_rows != "fail":
             blob += spec.on_bad_rows
-        return "files/" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+        return reader_tag(self.kind, READER_VERSION) + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def _load(self, path: Path, *, dates: str | None = None) -> pa.Table:
         """The file as a table, read once while it is unchanged; ``dates`` names a daily column whose zoned

@@ -35,8 +35,13 @@ from refresher.errors import SourceError, one_line
 from refresher.profile import PostgresSourceSpec, Profile
 from refresher.schema import empty_table
 from refresher.segments import Segment
-from refresher.sources.base import Source, effective_range
+from refresher.sources.base import Source, effective_range, reader_tag
 from refresher.sources.validate import I64, VALUE_COLUMNS, Bars, Mask, bars_table, screen
+
+# Bump whenever this module hands over other rows for the same upstream rows and options (``base.reader_tag``).
+# Versions before 2 had no tag: a timestamptz daily column dated in UTC (ec1e023), rows with a NULL day or time
+# never selected nor reported (b855d4c, 37899b6).
+READER_VERSION = 2
 
 _DEFAULT_COLUMNS = {
     "symbol": "symbol",
@@ -209,7 +214,10 @@ class PostgresSource(Source):
                 cur.execute(query, self._params(segment, bounds))
                 parts.append(list(cur.fetchone() or ()))
         # sha256 so a password in the DSN never appears in a version token
-        return "postgres/" + hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+        return (
+            reader_tag(self.kind, READER_VERSION)
+            + hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+        )
 
     def fetch(self, segment: Segment) -> pa.Table:
         bounds = self._bounds(segment)

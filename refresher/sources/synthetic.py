@@ -9,8 +9,6 @@ sessions, cut into tables by slicing, and each table is exactly what generating 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import importlib.metadata
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -27,7 +25,7 @@ from refresher.profile import Listing
 from refresher.schema import SCHEMA_OF, empty_table
 from refresher.segments import Segment, Timeframe
 from refresher.sources._synthetic_market import Sessions, daily_bars, minute_bars, minutes_per_session
-from refresher.sources.base import Source, effective_range
+from refresher.sources.base import Source, calendar_library_version, effective_range
 
 # Bump whenever the numbers this module produces change: it is part of every synthetic segment's version, hence
 # of its store key, so a store holding another version's segments fetches them again rather than mixing them.
@@ -147,12 +145,6 @@ def _generate_chunks(chunks: Sequence[tuple[Timeframe, list[Request]]]) -> list[
     return made
 
 
-@functools.cache
-def _calendar_library_version() -> str:
-    # From the package metadata: importing exchange_calendars costs 60 ms a no-op refresh need not pay.
-    return importlib.metadata.version("exchange_calendars")
-
-
 class SyntheticSource(Source):
     """The default source: deterministic bars for any listing, no external data needed."""
 
@@ -188,7 +180,7 @@ class SyntheticSource(Source):
     def _listing_part(listing: Listing) -> str:
         # the calendar library's version decides holidays, hence which bars exist
         return (
-            f"synthetic/g{GENERATOR_VERSION}/xc{_calendar_library_version()}"
+            f"synthetic/g{GENERATOR_VERSION}/xc{calendar_library_version()}"
             f"/seed{listing.seed}/{listing.exchange}/"
         )
 
