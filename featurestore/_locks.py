@@ -37,6 +37,9 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a traceback from every command, before
             raise StoreNotWritable(str(path), exc.strerror or str(exc)) from None
+        if exc.errno in (errno.EISDIR, errno.ENOTDIR):  # a directory at the path, a file at a parent's
+            reason = (exc.strerror or str(exc)).lower()
+            raise StoreNotWritable(str(path), reason, "move it out of the way and run again") from None
         raise
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX

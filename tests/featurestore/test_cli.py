@@ -115,3 +115,17 @@ def test_a_read_only_store_is_one_line_and_exit_2(read_only_store: Path) -> None
         assert (
             f"store lock={read_only_store}/" in done.stderr and "cannot be opened for writing" in done.stderr
         )
+
+
+@pytest.mark.parametrize("name", ["manifest.lock", "access.journal.lock"])
+def test_a_directory_where_a_lock_file_goes_is_one_line_and_exit_2(used: FeatureStore, name: str) -> None:
+    # os.open of a directory for writing: IsADirectoryError, a traceback from every command, exit 1.
+    lock = used.root / name
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    for command in COMMANDS:
+        done = cli(command, "--cache-root", str(used.root))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"store lock={lock}: " in done.stderr and "is a directory" in done.stderr, done.stderr
+    assert lock.is_dir() and not any(lock.iterdir())  # left as the user left it
