@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,19 +32,23 @@ def require_room(conn: psycopg.Connection[Any], *, needed: int, what: str) -> No
     """Raise ``DiskFull`` before ``what`` when the server's disk visibly lacks ``needed`` bytes.
 
     Measured: CREATE DATABASE on a full disk can make the server PANIC (its WAL write fails) rather than
-    fail the statement, so a copy is checked first. Only a server whose data directory this host can see
-    (the local engine) is checked; others are left to the statement's own error.
+    fail the statement, so a copy is checked first. The disk is measured as ``has_room`` does: from this host
+    when it sees the server's own data directory (the local engine), else by the server (a container's);
+    when nobody can tell, the statement's own error is left to say it.
     """
     path, free = _free_space(conn)
-    if free is not None and free < needed:
-        raise _disk_full(path, free, needed, what, sqlstate=None)
+    if free is not None:
+        if free < needed:
+            raise _disk_full(path, free, needed, what, sqlstate=None)
+    elif _server_has_room(conn, needed) is False:
+        raise _disk_full(path, None, needed, what, sqlstate=None)
 
 
 def server_disk_full(
     conn: psycopg.Connection[Any], exc: psycopg.errors.DiskFull, *, needed: int, what: str
 ) -> DiskFull:
-    """``DiskFull`` naming the server's data directory, its free space when this host can see it, and
-    ``needed`` (an estimate in bytes) for ``what`` ("loading AAPL/1m/2024-01")."""
+    """``DiskFull`` naming the server's data directory, its free space when this host sees it (the local
+    engine's), and ``needed`` (an estimate in bytes) for ``what`` ("loading AAPL/1m/2024-01")."""
     path, free = _free_space(conn)
     return _disk_full(path, free, needed, what, sqlstate=exc.sqlstate)
 
@@ -72,23 +77,27 @@ def store_disk_full(root: Path) -> Iterator[None]:
 
 
 def data_directory(conn: psycopg.Connection[Any]) -> Path | None:
-    """The server's data directory when this host can see it (the local engine); None for a container's."""
-    path = _data_directory(conn)
-    return Path(path) if path is not None and Path(path).is_dir() else None
+    """The server's data directory when this host sees it (the local engine); None for a container's, also when
+    this host has a directory at that path (a host's own Postgres at the image's path, another disk)."""
+    path, own = _data_directory(conn)
+    return Path(path) if path is not None and own else None
 
 
-def has_room(conn: psycopg.Connection[Any], needed: int, *, here: bool) -> bool | None:
+def has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
     """Whether the server's data disk has ``needed`` bytes free; None when nobody can tell.
 
-    Measured here when ``here`` (the local engine, whose data directory is this host's: a container's path may
-    name another directory of this host) and this host sees the data directory. Else the server itself is asked,
-    when the role may run programs there (a superuser: the Docker and compose engines'): ``df`` in its data
-    directory, answering through its exit status, which writes nothing on the full disk. A container's free space
-    is not this host's: a guess from here dropped a database for a copy that then did not fit.
+    Measured here when this host sees the server's own data directory (``data_directory``: the local engine's).
+    Else the server itself is asked, when the role may run programs there (a superuser: the Docker and compose
+    engines'): ``df`` in its data directory, answering through its exit status, which writes nothing on the full
+    disk. A container's free space is not this host's: a guess from here dropped a database for a copy that then
+    did not fit.
     """
-    _, free = _free_space(conn) if here else (None, None)
-    if free is not None:
-        return free >= needed
+    _, free = _free_space(conn)
+    return free >= needed if free is not None else _server_has_room(conn, needed)
+
+
+def _server_has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
+    """``has_room`` as the server's own ``df`` answers it."""
     if needed <= 0:
         return True
     kib = -(-needed // 1024)
@@ -105,8 +114,9 @@ def has_room(conn: psycopg.Connection[Any], needed: int, *, here: bool) -> bool 
 
 
 def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:
-    path = _data_directory(conn)
-    if path is None or not Path(path).is_dir():  # a container's path is not ours to measure
+    """The server's data directory (as the server names it) and its free bytes when this host sees it."""
+    path, own = _data_directory(conn)
+    if path is None or not own:  # a container's path is not ours to measure
         return path, None
     try:
         return path, shutil.disk_usage(path).free
@@ -118,7 +128,10 @@ def _disk_full(
     path: str | None, free: int | None, needed: int, what: str, *, sqlstate: str | None
 ) -> DiskFull:
     where = path or "the server's data directory"
-    has = f" has {_mb(free)} free," if free is not None else " is full;"
+    if free is not None:
+        has = f" has {_mb(free)} free,"
+    else:  # before the statement, the server's own df said it lacks ``needed``; after, its statement failed
+        has = f" has less than {_mb(needed)} free," if sqlstate is None else " is full;"
     return DiskFull(
         f"disk full: {where}{has} {what} needs about {_mb(max(needed, MB))}; free some space and run again",
         path=where,
@@ -129,19 +142,39 @@ def _disk_full(
 
 
 # Per connection: a load asks before every batch, and the answer never changes while it is open.
-_DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], str | None] = weakref.WeakKeyDictionary()
+_DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], tuple[str | None, bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _data_directory(conn: psycopg.Connection[Any]) -> str | None:
-    """Asked once per connection, by the first caller: a load asks inside its own transaction, a snapshot on
-    its autocommit connection, so this never opens a transaction of its own on the caller's connection.
+def _data_directory(conn: psycopg.Connection[Any]) -> tuple[str | None, bool]:
+    """The server's data directory, and whether it is this host's: the cluster there is the server's own (its
+    ``pg_control`` starts with the server's system identifier). A path alone says nothing: a container's data
+    directory may also name a directory of this host, another cluster's or none.
 
+    Asked once per connection, by the first caller: a load asks inside its own transaction, a snapshot on its
+    autocommit connection, so this never opens a transaction of its own on the caller's connection.
     ``pg_settings`` rather than ``current_setting``: for a role that may not read the setting it has no row
-    instead of raising, which would abort the caller's transaction.
+    instead of raising, which would abort the caller's transaction; likewise ``pg_control_system`` is called
+    only when the role may.
     """
     if conn not in _DATA_DIRECTORY:
-        row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'data_directory'").fetchone()
-        _DATA_DIRECTORY[conn] = str(row[0]) if row and row[0] else None
+        row = conn.execute(
+            "SELECT setting, has_function_privilege('pg_control_system()', 'EXECUTE') FROM pg_settings "
+            "WHERE name = 'data_directory'"
+        ).fetchone()
+        path = str(row[0]) if row and row[0] else None
+        own = False
+        if path is not None and row is not None and row[1]:
+            try:
+                with open(Path(path, "global", "pg_control"), "rb") as control:
+                    here = int.from_bytes(control.read(8), sys.byteorder, signed=True)
+            except OSError:  # none at that path on this host, or not ours to read
+                pass
+            else:
+                ident = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+                own = ident is not None and ident[0] == here
+        _DATA_DIRECTORY[conn] = (path, own)
     return _DATA_DIRECTORY[conn]
 
 
@@ -149,4 +182,4 @@ def _mb(n: int) -> str:
     return f"{n / MB:,.0f} MB"
 
 
-__all__ = ["data_directory", "require_room", "server_disk_full", "store_disk_full"]
+__all__ = ["data_directory", "has_room", "require_room", "server_disk_full", "store_disk_full"]

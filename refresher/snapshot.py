@@ -226,10 +226,9 @@ def save_pristine(
         pending, reader = _live_with_pid(server, stale_names)
         _wait_gone(conn, reader)
         row = conn.execute("SELECT pg_database_size(%s)", (db,)).fetchone()
-        if server.engine == "local":  # only its data directory is a path on this host
-            require_room(
-                conn, needed=(int(row[0]) if row else 0) + COPY_SLACK, what=f"copying {db} for the snapshot"
-            )
+        require_room(
+            conn, needed=(int(row[0]) if row else 0) + COPY_SLACK, what=f"copying {db} for the snapshot"
+        )
         _create_from(conn, db, building, terminate=True)
         # The mark is computed from the copy itself: it says what the copy holds, whatever happened to <db>.
         # With ``fill_pool`` the clones are made here, now: the copy is analyzed before it becomes the template
@@ -412,9 +411,7 @@ def restore_pristine(
                 if again is not None and again != live:
                     raise _predates(db)
 
-            method, mark = _restore_checked(
-                conn, db, live, reader, unmoved=unmoved, local=server.engine == "local"
-            )
+            method, mark = _restore_checked(conn, db, live, reader, unmoved=unmoved)
     seconds = time.perf_counter() - started
     # A copy of a pristine copy not analyzed yet (a reset in the seconds after a refresh) is analyzed after.
     handed = HandedOut.of(mark, db)
@@ -506,11 +503,9 @@ def _restore_checked(
     reader: int | None,
     *,
     unmoved: Callable[[], None] | None = None,
-    local: bool = False,
 ) -> tuple[Literal["pool", "template"], _Mark]:
     """The body of ``restore_pristine`` once the live ledger stamp is known; returns the mark of the copy it
-    restored from. ``unmoved``: called on a copy made before its swap, raises when the ledger moved meanwhile;
-    ``local``: the server's disk is this host's (the local engine)."""
+    restored from. ``unmoved``: called on a copy made before its swap, raises when the ledger moved meanwhile."""
     method: Literal["pool", "template"]
     _wait_gone(conn, reader)
     mark = _require_pristine(conn, db)
@@ -527,7 +522,7 @@ def _restore_checked(
             _take(conn, ready[0], db, None, mark, replacing=True)
             method = "pool"
         else:
-            _copy_replacing(conn, db, mark, unmoved=unmoved, local=local)
+            _copy_replacing(conn, db, mark, unmoved=unmoved)
             method = "template"
     return method, mark
 
@@ -538,10 +533,9 @@ def _copy_replacing(
     mark: _Mark,
     *,
     unmoved: Callable[[], None] | None = None,
-    local: bool = False,
 ) -> None:
-    """Copy the pristine copy into place as ``db``, its old database to the trash, under TAKE; ``unmoved`` and
-    ``local``: as ``_restore_checked``'s.
+    """Copy the pristine copy into place as ``db``, its old database to the trash, under TAKE; ``unmoved``: as
+    ``_restore_checked``'s.
 
     On a full disk the copy is tried once more after dropping ``db``'s trash, then after dropping the old
     database itself: they hold their disk until the refill drops them, so on a disk with room for one copy and
@@ -555,7 +549,7 @@ def _copy_replacing(
         if (
             error is not None
             and making_room is not None
-            and not _drop_existing(conn, db, making_room(conn, db, error, local))
+            and not _drop_existing(conn, db, making_room(conn, db, error))
         ):
             continue  # nothing dropped: the copy would fail again
         try:
@@ -570,7 +564,7 @@ def _copy_replacing(
     raise error
 
 
-def _trash(conn: psycopg.Connection[Any], db: str, _full: DiskFull, _local: bool) -> list[str]:
+def _trash(conn: psycopg.Connection[Any], db: str, _full: DiskFull) -> list[str]:
     """``db``'s trash: what an earlier reset or swap renamed away and the refill has not dropped yet."""
     return [name for name in _derelicts(conn, db) if TRASH_INFIX in name]
 
@@ -585,17 +579,17 @@ def _drop_existing(conn: psycopg.Connection[Any], db: str, names: list[str]) -> 
     return bool(names)
 
 
-def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull, local: bool) -> list[str]:
+def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull) -> list[str]:
     """``[db]`` when dropping it makes room for a copy of the pristine copy (its size: a FILE_COPY logs a record,
     not the files); else, or when nobody can tell, DiskFull ``full`` saying ``db`` stays as it was. A missing
     ``db``: nothing.
 
     The free space is the one ``full`` measured when the copy failed (the server had removed its partial copy);
     when this host could not see it (a container's disk: ``full`` carries none), the server is asked
-    (``has_room``): a guess from here dropped a database for a copy that then did not fit either. Only the local
-    engine's measurement is this host's (``local``): a host with a directory at a container's data directory's
-    path (another server's) measured that one's disk."""
-    free = full.fields.get("free") if local else None
+    (``has_room``): a guess from here dropped a database for a copy that then did not fit either. ``full``
+    carries a free space only when this host sees the server's own data directory (``diskfull.data_directory``):
+    a host with a directory at a container's data directory's path (another server's) measured that one's."""
+    free = full.fields.get("free")
     sizes = dict(
         conn.execute(
             "SELECT datname, pg_database_size(oid) FROM pg_database WHERE datname = ANY(%s)",
@@ -605,7 +599,7 @@ def _replaced(conn: psycopg.Connection[Any], db: str, full: DiskFull, local: boo
     if db not in sizes:
         return []
     needed = sizes.get(pristine_name(db), 0) - sizes[db]
-    if (int(free) >= needed) if free is not None else has_room(conn, needed, here=local):
+    if (int(free) >= needed) if free is not None else has_room(conn, needed):
         return [db]
     raise DiskFull(f"{full} ({db} is left as it was, not reset)", **full.fields) from full
 

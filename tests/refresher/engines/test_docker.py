@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -743,16 +745,28 @@ def test_a_port_docker_picks_that_another_process_holds_is_skipped_not_a_pinned_
 
 @pytest.fixture
 def container_on_a_small_disk(
-    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str
+    request: pytest.FixtureRequest,
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    docker_prefix: str,
 ) -> Iterator[tuple[ServerInfo, Container]]:
-    """A server in a container whose data dir is a 100 MB tmpfs: its free space is not this host's to see."""
+    """A server in a container whose data dir is a 100 MB tmpfs: its free space is not this host's to see.
+
+    Parametrized "host dir": the data dir's path is also a directory of this host (on another disk), as a host
+    running its own Postgres at the image's path has."""
     from refresher.engines.docker import SERVER_ARGS
 
     password = "small-disk"
+    host_dir = Path(tempfile.mkdtemp(prefix="refresher-hostdir-")) if getattr(request, "param", "") else None
+    pgdata = str(host_dir / "pgdata") if host_dir else PGDATA
+    if host_dir:
+        (host_dir / "pgdata").mkdir()
     container = docker_client.containers.run(
         docker_pg_image, command=["postgres", *SERVER_ARGS], detach=True,
-        environment={"POSTGRES_USER": "refresher", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "small"},
-        tmpfs={PGDATA: "size=100m"}, ports={"5432/tcp": ("127.0.0.1", None)}, shm_size="256m",
+        environment={
+            "POSTGRES_USER": "refresher", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "small", "PGDATA": pgdata
+        },
+        tmpfs={pgdata: "size=100m"}, ports={"5432/tcp": ("127.0.0.1", None)}, shm_size="256m",
         labels={PREFIX_LABEL: docker_prefix},
     )  # fmt: skip
     try:
@@ -770,17 +784,66 @@ def container_on_a_small_disk(
         yield server, container
     finally:
         container.remove(force=True, v=True)
+        if host_dir:
+            shutil.rmtree(host_dir)
+
+
+def _pgdata(container: Container) -> str:
+    """The container's data directory (its PGDATA)."""
+    env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+    return env.get("PGDATA", PGDATA)
 
 
 def _free(container: Container) -> int:
     """Bytes free on the container's data disk, as its own df sees them."""
-    return int(container.exec_run(["df", "-B1", "--output=avail", PGDATA]).output.split()[-1])
+    return int(container.exec_run(["df", "-B1", "--output=avail", _pgdata(container)]).output.split()[-1])
 
 
 def _fill(container: Container, leave: int) -> None:
     """Fill the container's data disk up to ``leave`` bytes free (a file beside the cluster's)."""
-    filled = container.exec_run(["fallocate", "-l", str(_free(container) - leave), f"{PGDATA}/filler"])
+    filler = f"{_pgdata(container)}/filler"
+    filled = container.exec_run(["fallocate", "-l", str(_free(container) - leave), filler])
     assert filled.exit_code == 0, filled.output
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize("container_on_a_small_disk", ["", "host dir"], indirect=True)
+def test_a_load_into_a_container_without_room_is_refused_before_it_writes(
+    container_on_a_small_disk: tuple[ServerInfo, Container],
+) -> None:
+    # The load's check measured this host's disk at the container's data directory's path: none (no check, the
+    # load went on into the full disk, where a WAL write can PANIC the server) or another disk's (plenty).
+    import datetime as dt
+
+    from refresher.database import ensure_schema
+    from refresher.errors import DiskFull
+    from refresher.load import load_segment
+    from refresher.segments import Segment
+    from tests.fixtures_postgres import minute_bars
+
+    server, container = container_on_a_small_disk
+    start = dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        load_segment(
+            conn, Segment("S0", "1m", dt.date(2024, 1, 1)), minute_bars("S0", start, 20_000), "h", tz="UTC"
+        )
+    _fill(container, leave=4 * 2**20)  # less than a segment's check asks for (its WAL segment of slack alone)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn, pytest.raises(DiskFull) as loading:
+        load_segment(
+            conn, Segment("S1", "1m", dt.date(2024, 1, 1)), minute_bars("S1", start, 40_000), "h", tz="UTC"
+        )
+    message = str(loading.value)
+    assert "\n" not in message and loading.value.exit_code == 2
+    assert message.startswith(f"disk full: {_pgdata(container)} ") and "loading S1/1m/2024-01" in message, (
+        message
+    )
+    # Refused by the check, before the server wrote anything, and with no free space but the container's own.
+    assert loading.value.fields["sqlstate"] is None, message
+    free = loading.value.fields["free"]
+    assert free is None or free <= _free(container), message
+    assert query(server, "SELECT count(*) FROM ohlcv_1min") == 20_000
 
 
 @pytest.mark.docker
@@ -801,15 +864,15 @@ def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
         # nobody can tell, also left the database as it was below).
         assert data_directory(conn) is None
         free = _free(container)
-        assert has_room(conn, 1, here=False) is True and has_room(conn, free // 2, here=False) is True
-        assert has_room(conn, 2 * free, here=False) is False and has_room(conn, 2**40, here=False) is False
+        assert has_room(conn, 1) is True and has_room(conn, free // 2) is True
+        assert has_room(conn, 2 * free) is False and has_room(conn, 2**40) is False
     _load_and_save(server, symbols=3)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'S0'")
         conn.execute("VACUUM FULL ohlcv_1min")  # its disk is given back: dropping it now gives back little
     _fill(container, leave=2 * 2**20)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        assert has_room(conn, 2**19, here=False) is True and has_room(conn, 8 * 2**20, here=False) is False
+        assert has_room(conn, 2**19) is True and has_room(conn, 8 * 2**20) is False
     with pytest.raises(DiskFull) as resetting:
         restore_pristine(server, refill=False)
     message = str(resetting.value)
