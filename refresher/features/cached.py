@@ -36,6 +36,8 @@ from refresher.segments import Segment
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from refresher.features.modules import Seen
 else:
     pd = LazyModule("pandas")  # imported at the first computation: a no-op refresh computes nothing
 
@@ -150,29 +152,31 @@ def _other_columns(use: FeatureUse, parts: Sequence[FeaturePart]) -> FeatureErro
     return None
 
 
-def _version(spec: FeatureSpec) -> str:
+def _version(spec: FeatureSpec, seen: Seen | None = None) -> str:
     """The declared version plus a hash of the function's source: editing a feature recomputes it. A user's
-    function is versioned by its modules' source too (the one the profile names and the one defining it): a helper
-    or a constant beside it is part of what it computes, and no version number is bumped when one is edited."""
+    function is versioned by the source of the user's modules too (see ``modules``): the one the profile names,
+    the one defining it and those they import, transitively: a helper or a constant beside it or in another of
+    the user's modules is part of what it computes, and no version number is bumped when one is edited.
+    ``seen``: the modules an earlier entry of the same refresh read."""
     version = f"{spec.version}/{function_identity(spec.compute)[1]}"
-    return f"{version}/{_modules_digest(spec)}" if spec.is_user else version
+    return f"{version}/{_modules_digest(spec, seen)}" if spec.is_user else version
 
 
-def _modules_digest(spec: FeatureSpec) -> str:
-    """A hash of the source files of the module ``module:function`` names and of the one defining the function
-    (through a ``functools.partial``); "none" when neither has a file (a module built in memory)."""
+def _modules_digest(spec: FeatureSpec, seen: Seen | None) -> str:
+    """A hash of the names and source files of the user's modules ``spec``'s function comes from; "none" when
+    none has a file (a module built in memory)."""
+    from refresher.features.modules import user_modules  # a profile of built-in features never asks
+
     target = inspect.unwrap(spec.compute)
     if isinstance(target, functools.partial):
         target = inspect.unwrap(target.func)
     named = sys.modules.get(spec.name.partition(":")[0])
-    digest, sources = hashlib.sha256(), 0
-    for module in dict.fromkeys(m for m in (named, inspect.getmodule(target)) if m is not None):
-        try:
-            digest.update(inspect.getsource(module).encode())
-            sources += 1
-        except (OSError, TypeError):
-            continue
-    return digest.hexdigest()[:32] if sources else "none"
+    found = user_modules([m for m in (named, inspect.getmodule(target)) if m is not None], seen)
+    digest = hashlib.sha256()
+    for module in found:
+        for part in (module.name.encode(), module.source):
+            digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()[:32] if found else "none"
 
 
 def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFrame) -> str:
@@ -294,7 +298,8 @@ def compute_features(
     frames: dict[str, pd.DataFrame] = {}
     tables: dict[str, list[pa.Table]] = {}
     # Once per entry: a user's function is versioned by reading and hashing its modules' source.
-    versions = {use.name: _version(use.spec) for use in profile.features}
+    seen: Seen = {}
+    versions = {use.name: _version(use.spec, seen) for use in profile.features}
 
     def input_hash_of(use: FeatureUse, symbol: str) -> str:
         # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.

@@ -362,7 +362,9 @@ def test_each_entrys_version_is_computed_once_per_refresh(
     plan = stored_plan(profile, store)
     versioned: list[str] = []
     version = cached._version
-    monkeypatch.setattr(cached, "_version", lambda spec: versioned.append(spec.name) or version(spec))
+    monkeypatch.setattr(
+        cached, "_version", lambda spec, *seen: versioned.append(spec.name) or version(spec, *seen)
+    )
     assert [batch.use.name for batch in compute_features(profile, store, plan)] == ["mine", "dashboard_data"]
     assert sorted(versioned) == sorted(["dashboard_data", f"{module}:compute"])
 
@@ -446,3 +448,63 @@ def test_a_rebuild_replays_into_the_pristine_copy_as_a_rebuild(
     ]
     writes.apply(conn)
     assert conn.execute("SELECT * FROM features_mine ORDER BY symbol, date").fetchall() == after
+
+
+# The user's feature module ``mine`` reads ``FACTOR`` of their module ``helpers`` through each way of importing it.
+MINE = {
+    "from": "from {pkg}.helpers import smooth\n\ndef f(df):\n    return out(df, smooth(df['close']))\n",
+    "import_as": "import {pkg}.helpers as h\n\ndef f(df):\n    return out(df, h.smooth(df['close']))\n",
+    "dotted": "import {pkg}.helpers\n\ndef f(df):\n    return out(df, {pkg}.helpers.smooth(df['close']))\n",
+    "relative": "from . import helpers\n\ndef f(df):\n    return out(df, helpers.smooth(df['close']))\n",
+    "relative_as": "from .helpers import smooth as s\n\ndef f(df):\n    return out(df, s(df['close']))\n",
+    "constant": "from .helpers import FACTOR\n\ndef f(df):\n    return out(df, df['close'] * FACTOR)\n",
+    "in_function": "def f(df):\n    from .helpers import smooth\n    return out(df, smooth(df['close']))\n",
+    # mine -> middle -> helpers, and helpers imports middle back: a cycle.
+    "transitive": "from .middle import smooth\n\ndef f(df):\n    return out(df, smooth(df['close']))\n",
+}
+HELPERS = "FACTOR = 2.0\n\ndef smooth(close):\n    return close * FACTOR\n\nfrom . import middle  # noqa\n"
+
+
+def forget(package: str) -> None:
+    """Drop ``package``'s modules from this process, as a new refresher process starts without them."""
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+@pytest.mark.parametrize("style", list(MINE))
+def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
+    tmp_path: Path,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+    style: str,
+) -> None:
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each run a fresh process: the source as it is now
+    package = f"features_{uuid.uuid4().hex[:8]}"
+    root = tmp_path / "project" / package
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "middle.py").write_text(f"from {package}.helpers import smooth  # noqa\n")
+    helpers = root / "helpers.py"
+    helpers.write_text(HELPERS)
+    out = "import pandas as pd\n\ndef out(df, values):\n    return pd.DataFrame({'v': values}, index=df.index)\n\n"
+    (root / "mine.py").write_text(out + MINE[style].format(pkg=package))
+    monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    entries = f'{{name: mine, function: "{package}.mine:f"}}, dashboard_data'
+    try:
+        assert run(conn, profile_of(tmp_path, entries), store).loaded == 4
+        values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
+        forget(package)
+        # Nothing changed: the version is the same, nothing is computed or loaded again.
+        again = run(conn, profile_of(tmp_path, entries), store)
+        assert (again.loaded, again.computed) == (0, 0)
+        forget(package)
+        helpers.write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
+        edited = run(conn, profile_of(tmp_path, entries), store)
+        assert (edited.loaded, edited.computed) == (2, 2)
+        assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
+            [v * 1.5 for v in values]
+        )
+    finally:
+        forget(package)

@@ -1,0 +1,170 @@
+"""The user's own modules a user feature's code comes from: their source is part of the feature's version.
+
+From the modules a feature's function is named by and defined in, every module their source imports (``import
+x``, ``import x.y as z``, ``from x import y``, ``from . import y``, at the top or inside a function), and the
+modules those import, transitively, cycles included, as long as the module is the user's: a file outside the
+standard library, site-packages and refresher itself. Editing a helper or a constant the function imports from
+another of the user's modules recomputes the feature, as editing one beside it does; a library's code is
+versioned by its install, not read.
+
+Imports are found by parsing the source, and located without importing anything: a module this process already
+imported by its ``__file__``, another through the path finder (a function's lazy import not yet run).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class UserModule:
+    """One of the user's modules: its file, the bytes it holds now, and the modules its source imports."""
+
+    name: str
+    path: str
+    source: bytes
+    imports: frozenset[str]
+
+
+# Per refresh: the user's modules read so far (None: not the user's, or not found), by module name.
+Seen = MutableMapping[str, UserModule | None]
+
+
+def user_modules(roots: Iterable[ModuleType], seen: Seen | None = None) -> list[UserModule]:
+    """``roots`` (wherever their files are: a feature of a package the user installed) and the user's modules they
+    import, transitively, sorted by name; a module without a source file is left out.
+
+    ``seen``: what an earlier call of the same refresh read (entries of one project share their helpers)."""
+    seen = {} if seen is None else seen
+    found = {
+        m.name: m
+        for m in (_read(name, anywhere=True) for name in {r.__name__ for r in roots})
+        if m is not None
+    }
+    todo = [name for module in found.values() for name in module.imports]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        if name not in seen:
+            seen[name] = _read(name)
+        module = seen[name]
+        if module is not None:
+            found[name] = module
+            todo.extend(module.imports - found.keys())
+    return [found[name] for name in sorted(found)]
+
+
+def _read(name: str, *, anywhere: bool = False) -> UserModule | None:
+    """Module ``name`` as read now; None when it has no source file, or it is not the user's (unless ``anywhere``)."""
+    located = _locate(name)
+    if located is None:
+        return None
+    path, is_package = located
+    if not path.endswith(".py") or not (anywhere or _is_users(path)):
+        return None
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+    except OSError:
+        return None
+    package = name if is_package else name.rpartition(".")[0]
+    return UserModule(name, path, source, frozenset(_imports(source, package)))
+
+
+def _locate(name: str) -> tuple[str, bool] | None:
+    """The file of module ``name`` and whether it is a package, importing nothing; None when it has no file."""
+    module = sys.modules.get(name)
+    if module is not None:
+        path = getattr(module, "__file__", None)
+        return (path, hasattr(module, "__path__")) if isinstance(path, str) else None
+    parent, _, _ = name.rpartition(".")
+    search: list[str] | None = None
+    if parent:
+        located = sys.modules.get(parent)
+        if located is not None:
+            search = list(getattr(located, "__path__", None) or []) or None
+        else:
+            spec = _find(parent, None)
+            search = list(spec.submodule_search_locations or []) if spec is not None else None
+        if not search:
+            return None
+    spec = _find(name, search)
+    if spec is None or not spec.has_location or not isinstance(spec.origin, str):
+        return None
+    return spec.origin, spec.submodule_search_locations is not None
+
+
+def _find(name: str, search: list[str] | None) -> importlib.machinery.ModuleSpec | None:
+    """The path finder's spec of ``name`` (searching its parent's ``search`` path), resolving parents it needs."""
+    if search is None and "." in name:
+        parent = _find(name.rpartition(".")[0], None)
+        search = list(parent.submodule_search_locations or []) if parent is not None else None
+        if not search:
+            return None
+    try:
+        return importlib.machinery.PathFinder.find_spec(name, search)
+    except (ImportError, ValueError):
+        return None
+
+
+def _imports(source: bytes, package: str) -> set[str]:
+    """Every module name ``source`` imports (a package's parents too: importing ``a.b`` runs ``a``), and for
+    ``from x import y`` also ``x.y``, which is a module when ``y`` is a submodule (the caller finds out)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()  # not what this process imported (edited since): its bytes are hashed all the same
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            try:
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            except (ImportError, ValueError):
+                continue  # a relative import beyond the top-level package: Python refuses it too
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return {
+        ".".join(parts[:n]) for parts in (name.split(".") for name in names) for n in range(1, len(parts) + 1)
+    }
+
+
+def _is_users(path: str) -> bool:
+    # A library's path is seldom a link: its realpath (some lstat calls) is asked only of what looks the user's.
+    return not os.path.abspath(path).startswith(_not_users()) and not os.path.realpath(path).startswith(
+        _not_users()
+    )
+
+
+@functools.cache
+def _not_users() -> tuple[str, ...]:
+    """The directories whose modules are not the user's: the standard library, site-packages (this environment's,
+    the user's, any on ``sys.path``) and refresher's own packages (an editable install lies outside them)."""
+    import site
+    import sysconfig
+
+    import featurestore
+    import refresher
+
+    paths = sysconfig.get_paths()
+    dirs = {paths[kind] for kind in ("stdlib", "platstdlib", "purelib", "platlib") if kind in paths}
+    dirs.update(site.getsitepackages())
+    dirs.add(site.getusersitepackages())
+    dirs.update(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
+    dirs.update(os.path.dirname(package.__file__ or "") for package in (refresher, featurestore))
+    return tuple(
+        {os.path.join(resolve(d), "") for d in dirs if d for resolve in (os.path.abspath, os.path.realpath)}
+    )
+
+
+__all__ = ["Seen", "UserModule", "user_modules"]
