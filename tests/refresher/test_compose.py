@@ -367,9 +367,11 @@ def test_up_without_a_docker_engine_says_so(tmp_path: Path) -> None:
     assert "no Docker engine answers" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 def test_a_stopped_stack_restarted_by_make_up_keeps_its_data_and_snapshot(
-    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]], how: str
 ) -> None:
+    # `docker stop` (Postgres's fast shutdown), or SIGKILL: a crash its restart recovers from.
     name, env = project
     make_up(env)
     refresher("refresh", "-p", "compose_tiny", "--engine", "compose", env=env)
@@ -378,7 +380,10 @@ def test_a_stopped_stack_restarted_by_make_up_keeps_its_data_and_snapshot(
         rows = conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone()
     label = {"label": f"{PROJECT_LABEL}={name}"}
     for container in docker_client.containers.list(filters=label):
-        container.stop()
+        if how == "stop":
+            container.stop()
+        else:
+            container.kill()
     # Stopped: a refresh says so in one line, and touches nothing.
     done = subprocess.run(
         [sys.executable, "-m", "refresher.cli", "refresh", "-p", "compose_tiny", "--engine", "compose"],
@@ -402,3 +407,33 @@ def test_a_stopped_stack_restarted_by_make_up_keeps_its_data_and_snapshot(
     refresher("reset", "-p", "compose_tiny", env=env)
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == rows
+
+
+def test_make_up_in_two_checkout_directories_then_down_in_one_leaves_the_others_stack(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    # A second checkout in a directory of its own: its Makefile names its project after that directory
+    # (no COMPOSE_PROJECT in its environment), and its lock is its own.
+    name, env = project
+    checkout = tmp_path / "other checkout"
+    checkout.mkdir()
+    shutil.copy(CHECKOUT / "Makefile", checkout / "Makefile")
+    shutil.copytree(CHECKOUT / "compose", checkout / "compose")
+    other = compose_project(checkout)
+    other_env = {k: v for k, v in env.items() if k not in ("COMPOSE_PROJECT", "REFRESHER_COMPOSE_PROJECT")}
+    assert other != name and make_variable("COMPOSE_PROJECT", checkout) == other
+    try:
+        make_up(env)
+        mine = running(docker_client, name)
+        up = make("up", env=other_env, checkout=checkout)
+        assert up.returncode == 0, up.stderr
+        assert f"compose project {other}" in up.stdout
+        assert len(running(docker_client, other)) == 2
+        make_up(env)  # again: nothing of either changes
+        assert running(docker_client, name) == mine and len(running(docker_client, other)) == 2
+        down = make("compose-down", env=other_env, checkout=checkout)
+        assert down.returncode == 0, down.stderr
+        assert leftovers(docker_client, other) == []
+        assert running(docker_client, name) == mine
+    finally:
+        make("compose-down", env=other_env, checkout=checkout)
