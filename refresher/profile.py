@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+)
 
 from refresher.calendar import CALENDAR_START, EXCHANGES, first_unclosed_session, last_completed_session
 from refresher.errors import CalendarError, ProfileError
@@ -94,6 +103,17 @@ class Profile:
 # --- the YAML edge -----------------------------------------------------------------------------------------
 
 
+def _not_a_number(value: Any) -> Any:
+    if isinstance(value, int | float):  # pydantic's lax mode read it as seconds since 1970
+        raise ValueError("a date is written YYYY-MM-DD, not a number")
+    return value
+
+
+# Whole numbers and dates as YAML writes them: lax mode took `months: true` for 1 and `as_of: 0` for 1970-01-01.
+_Int = Annotated[int, Strict()]
+_Date = Annotated[dt.date, BeforeValidator(_not_a_number)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,10 +121,10 @@ class _Strict(BaseModel):
 class _Universe(_Strict):
     symbols: list[str] | None = None
     file: str | None = None
-    count: int | None = Field(default=None, ge=1)
+    count: _Int | None = Field(default=None, ge=1)
     asset_class: str | None = None
     exchanges: dict[str, str] = Field(default_factory=dict)
-    max_symbols: int = Field(default=DEFAULT_MAX_SYMBOLS, ge=1)
+    max_symbols: _Int = Field(default=DEFAULT_MAX_SYMBOLS, ge=1)
 
 
 class _SourceBase(_Strict):
@@ -189,15 +209,15 @@ class _Profile(_Strict):
     description: str = ""
     universe: _Universe
     exchange: str = "XNYS"
-    months: int | None = Field(default=None, ge=1, le=300)
-    as_of: dt.date | None = None
-    start: dt.date | None = None
-    end: dt.date | None = None
+    months: _Int | None = Field(default=None, ge=1, le=300)
+    as_of: _Date | None = None
+    start: _Date | None = None
+    end: _Date | None = None
     timeframes: list[str] = Field(default_factory=lambda: ["1d", "1m"], min_length=1)
     features: list[FeatureEntry] = Field(default_factory=list)
-    seed: int = 0
-    seeds: dict[str, int] = Field(default_factory=dict)
-    reset_target_seconds: float = Field(default=30.0, gt=0)
+    seed: _Int = 0
+    seeds: dict[str, _Int] = Field(default_factory=dict)
+    reset_target_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     source: SourceSpec = Field(default_factory=SyntheticSourceSpec)
 
 
@@ -213,6 +233,8 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
         e["input"] = e["input"].get("kind") if isinstance(e["input"], dict) else e["input"]
     if e["type"] == "missing":
         e["input"] = None  # pydantic gives the enclosing mapping; the user's value is "nothing"
+    if e["type"] == "value_error":
+        e["msg"] = str(e["ctx"]["error"])  # our own check's words, without pydantic's "Value error, "
     loc = ".".join(parts) or "(root)"
     more = len(err.errors()) - 1
     reason = e["msg"] + (f" (+{more} more error{'s' * (more > 1)})" if more else "")

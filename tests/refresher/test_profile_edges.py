@@ -69,3 +69,26 @@ def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
         "plan", "--profile", str(merged), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s")
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        # pydantic's lax mode took a YAML boolean for a number: `months: true` was one month
+        ("months: true\n", "months=True"),
+        ("months: '3'\n", "months='3'"),
+        ("months: 1\nseed: 2.0\n", "seed=2.0"),
+        ("months: 1\nseeds: {AAA: true}\n", "seeds.AAA=True"),
+        ("months: 1\nuniverse: {symbols: [AAA], count: true}\n", "universe.count=True"),
+        # a number for a date was seconds since 1970: `as_of: 1699920000` was 2023-11-14
+        ("months: 1\nas_of: 1699920000\n", "as_of=1699920000"),
+        ("start: 0\nend: 2024-01-31\n", "start=0"),
+        # .inf passed `gt=0`, and `profiles --json` then printed `Infinity`, which is not JSON
+        ("months: 1\nreset_target_seconds: .inf\n", "reset_target_seconds=inf"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(tmp_path: Path, body: str, named: str) -> None:
+    path = tmp_path / "typed.yaml"
+    path.write_text(body if body.startswith("months: 1\nuniverse") else "universe: {symbols: [AAA]}\n" + body)
+    line = plan(tmp_path, path, *(() if "as_of" in body or "end" in body else ("--as-of", "2024-01-31")))
+    assert f"{path}: {named}:" in line, line
