@@ -17,6 +17,7 @@ from featurestore.errors import (
     FeatureStoreError,
     ManifestBusy,
     StoreDiskFull,
+    StoreFormatNewer,
     StoreLockTimeout,
     StoreNotWritable,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "KindStats",
     "ManifestBusy",
     "StoreDiskFull",
+    "StoreFormatNewer",
     "StoreLockTimeout",
     "StoreNotWritable",
     "WarmReport",

@@ -78,6 +78,21 @@ class StoreDiskFull(FeatureStoreError):
         )
 
 
+class StoreFormatNewer(FeatureStoreError):
+    """The manifest records a store format newer than this featurestore writes: a newer version filled the store,
+    and this one would misread its files (and, writing, record its own older format over the newer one)."""
+
+    def __init__(self, path: str, found: int, known: int) -> None:
+        super().__init__(
+            f"manifest={path}: store format {found} was written by a newer featurestore (this one knows formats up "
+            f"to {known}); upgrade refresher/featurestore, or point the store elsewhere (--store, "
+            "FEATURE_STORE_PATH, --cache-root)",
+            path=path,
+            found=found,
+            known=known,
+        )
+
+
 def bad_value(field: str, value: Any, reason: str) -> FeatureStoreError:
     """One-line error naming the argument and the value at fault."""
     return FeatureStoreError(f"{field}={value!r}: {reason}", field=field, value=value)
@@ -88,6 +103,7 @@ __all__ = [
     "FeatureStoreError",
     "ManifestBusy",
     "StoreDiskFull",
+    "StoreFormatNewer",
     "StoreLockTimeout",
     "StoreNotWritable",
     "bad_value",

@@ -45,7 +45,13 @@ import pyarrow as pa
 
 from featurestore._duckdb import duckdb, interrupts_noted
 from featurestore._locks import file_lock, thread_lock
-from featurestore.errors import FeatureStoreError, ManifestBusy, StoreDiskFull, StoreLockTimeout
+from featurestore.errors import (
+    FeatureStoreError,
+    ManifestBusy,
+    StoreDiskFull,
+    StoreFormatNewer,
+    StoreLockTimeout,
+)
 
 log = logging.getLogger("featurestore")
 
@@ -380,7 +386,10 @@ class Manifest:
             )
         con = opened
         try:
-            if self._format(con) != STORE_FORMAT:  # _open has added the columns; say so once
+            found = self._format(con)
+            if found > STORE_FORMAT:  # before anything is written: its layout is not this code's to change
+                raise StoreFormatNewer(str(self.path), found, STORE_FORMAT)
+            if found != STORE_FORMAT:  # _open has added the columns; say so once
                 con.execute("DELETE FROM counters WHERE name = ?", [_FORMAT])
                 con.execute("INSERT INTO counters VALUES (?, ?)", [_FORMAT, STORE_FORMAT])
             # "New" is a marker row, not a check for the file: a process killed between creating the file and

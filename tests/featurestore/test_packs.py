@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from featurestore import FeatureStore, _files, _writes, collect_garbage
+from featurestore import FeatureStore, StoreFormatNewer, _files, _writes, collect_garbage
 from featurestore._packs import PACK_MAX_ROWS
 from featurestore.fingerprint import fingerprint_table
 from featurestore.keys import time_range
 from featurestore.manifest import STORE_FORMAT
 from tests.featurestore._workers import daily
+from tests.featurestore.test_cli import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -276,6 +277,29 @@ def test_a_store_in_the_old_layout_keeps_working(tmp_path: Path) -> None:
     assert [p.stem for p in own_files(store)] == list(old) and len(packs(store)) == 1
     assert store.get("old-00") == old["old-00"].slice(0, 5) and store.get("new-01") == daily("new-01")
     assert store.validate_cache_integrity().ok
+
+
+def test_a_store_a_newer_version_wrote_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """The reverse of the migration above: a manifest recording a later format than ``STORE_FORMAT`` (a newer
+    featurestore's) was taken for this one's: its first write recorded ``STORE_FORMAT`` over it and every read
+    went on reading files whose layout this code does not know (as refresher 9c0c3bf, before packs, took every
+    packed key of a format-2 store for corrupt and evicted it). Each access now refuses in one line, writing
+    nothing."""
+    root = tmp_path / "cache"
+    items = batch("k", 3)
+    FeatureStore(root).put_many(items)
+    with duckdb.connect(str(root / "manifest.duckdb")) as con:
+        con.execute("UPDATE counters SET value = ? WHERE name = 'store_format'", [STORE_FORMAT + 1])
+    before = (root / "manifest.duckdb").read_bytes()
+    store = FeatureStore(root)
+    newer = f"store format {STORE_FORMAT + 1} was written by a newer featurestore"
+    with pytest.raises(StoreFormatNewer, match=newer):
+        store.get_many([key for key, _t, _s in items])
+    with pytest.raises(StoreFormatNewer, match=newer):
+        store.put_many(batch("n", 2))
+    assert (root / "manifest.duckdb").read_bytes() == before
+    done = cli("stats", "--cache-root", str(root))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and newer in done.stderr
 
 
 @pytest.mark.parametrize("n", [5, 12])  # a stat per key, or one listing of the keys' directory
