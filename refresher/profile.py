@@ -46,6 +46,7 @@ SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$")
 # really wants more says so with ``universe.max_symbols`` (plan measured ~2 s per 120,000 segments).
 DEFAULT_MAX_SYMBOLS = 5000
 DATA_DIR = Path(__file__).resolve().parent / "data"
+_UNIVERSE_COLUMNS = ("symbol", "exchange", "asset_class")  # what a universe file's columns are read for
 SOURCE_KINDS = ("synthetic", "files", "postgres")
 BadRowPolicy = Literal["fail", "skip", "quarantine"]
 _BEFORE_CALENDARS = f"before {CALENDAR_START}, where the calendars start"
@@ -383,7 +384,12 @@ def _universe_rows(
     with io.StringIO(_read_input(ufile, inputs), newline="") as fh:
         reader = csv.DictReader(fh)
         # A spreadsheet pads cells: "symbol " is the symbol column, as " AAPL " below it is AAPL.
-        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        cols: dict[str, str] = {}
+        for c in reader.fieldnames or []:
+            name = c.strip().lower()
+            if name in cols and name in _UNIVERSE_COLUMNS:  # DictReader would keep the last one's cells
+                raise ProfileError(ufile, "line 1", c, f"named twice (first as {cols[name]!r})")
+            cols[name] = c
         if "symbol" not in cols:
             # Not the header itself: the first line of a file that is no universe could be anything.
             raise ProfileError(
@@ -573,6 +579,10 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
         if tf not in TIMEFRAMES:
             raise ProfileError(
                 path, f"timeframes.{i}", tf, f"unknown timeframe (choices: {', '.join(TIMEFRAMES)})"
+            )
+        if tf in p.timeframes[:i]:
+            raise ProfileError(
+                path, f"timeframes.{i}", tf, f"named twice (first as timeframes.{p.timeframes.index(tf)})"
             )
     features = [
         resolve_feature(path, f"features.{i}", feat)

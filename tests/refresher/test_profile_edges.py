@@ -92,3 +92,34 @@ def test_a_value_of_the_wrong_type_is_refused_not_coerced(tmp_path: Path, body: 
     path.write_text(body if body.startswith("months: 1\nuniverse") else "universe: {symbols: [AAA]}\n" + body)
     line = plan(tmp_path, path, *(() if "as_of" in body or "end" in body else ("--as-of", "2024-01-31")))
     assert f"{path}: {named}:" in line, line
+
+
+@pytest.mark.parametrize(
+    ("body", "csv", "where", "named"),
+    [
+        # the second 1d was dropped without a word, where a symbol or feature named twice is refused
+        ("universe: {symbols: [AAA]}\ntimeframes: [1d, 1m, 1d]\n", None, "twice.yaml", "timeframes.2='1d'"),
+        # csv.DictReader kept the last of two 'symbol' columns: BBB was loaded, AAA silently not
+        ("universe: {file: u.csv}\n", "symbol,Symbol \nAAA,BBB\n", "u.csv", "line 1='Symbol '"),
+    ],
+)
+def test_a_timeframe_or_a_universe_column_named_twice_is_refused(
+    tmp_path: Path, body: str, csv: str | None, where: str, named: str
+) -> None:
+    if csv is not None:
+        (tmp_path / "u.csv").write_text(csv)
+    path = tmp_path / "twice.yaml"
+    path.write_text(body + "months: 1\n")
+    line = plan(tmp_path, path, "--as-of", "2024-01-31")
+    assert f"{tmp_path / where}: {named}: named twice" in line, line
+
+
+def test_a_universe_file_with_two_blank_or_unread_columns_loads(tmp_path: Path) -> None:
+    """Only the columns read are refused twice: a spreadsheet's trailing empty cells, or two notes, are not."""
+    (tmp_path / "u.csv").write_text("symbol,note,note,,\nAAA,a,b,,\n")
+    path = tmp_path / "blanks.yaml"
+    path.write_text("universe: {file: u.csv}\nmonths: 1\n")
+    done = run_cli(
+        "plan", "-p", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s"), "--json"
+    )
+    assert done.returncode == 0, done.stderr
