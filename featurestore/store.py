@@ -15,9 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import functools
 import os
+import shutil
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -39,7 +42,16 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = Path("~/.feature_cache")
 ROOT_ENV = "FEATURE_STORE_PATH"
-_LOCK_DIR = "locks"
+_LOCK_DIR = "key-locks"
+# Every checkout from before packs (store format 1) makes a directory ``locks`` on opening a store (its per-key
+# locks), and its gc takes each packed row for corrupt (the pack's size is not the key's share) and unlinks the
+# pack. A file there makes that mkdir fail: such code refuses the store before touching it (a FileExistsError
+# naming this file, which says why).
+_FORMAT_MARKER = "locks"
+_MARKER_TEXT = (
+    "featurestore store format 2 (packs): the per-key locks are in key-locks/. This file keeps featurestore code\n"
+    "from before packs (which would delete the packs as corrupt) from opening the store: update that checkout.\n"
+)
 # The manifest's ``kind`` column says "features" for computed entries; users read "feature".
 _KIND_NAMES = {"features": "feature"}
 
@@ -126,7 +138,8 @@ class FeatureStore:
         self.pack_max_rows = pack_max_rows
         try:
             (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
-            (self.root / _LOCK_DIR).mkdir(exist_ok=True)
+            _mkdir_unless_read_only(self.root / _LOCK_DIR)
+            _refuse_code_before_packs(self.root)
         except (NotADirectoryError, FileExistsError) as exc:  # FEATURE_STORE_PATH naming a file: a traceback
             raise bad_value(
                 "root", str(self.root), f"cannot hold a store: {exc.filename} ({exc.strerror})"
@@ -557,6 +570,44 @@ class FeatureStore:
         finally:
             written.discard()
         return [done[key] for key, _t, _s, _m in items]
+
+
+def _mkdir_unless_read_only(path: Path) -> None:
+    """``path`` made if missing; on a store this user cannot write, left to the first lock to say so in one line."""
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+
+
+def _refuse_code_before_packs(root: Path) -> None:
+    """Put the ``_FORMAT_MARKER`` file in place, replacing the ``locks`` directory of a store opened before it
+    (by code from before packs, or since packs but before the marker). Atomic: a temporary renamed over it; an
+    older checkout's mkdir in between (the rename then meets a directory) is moved aside again. The lock files in
+    a moved directory serve only single-flight: two processes may then compute one key twice, never wrongly."""
+    marker = root / _FORMAT_MARKER
+    try:
+        for _ in range(8):
+            if marker.is_dir():
+                aside = root / f".{_FORMAT_MARKER}-{uuid.uuid4().hex}.old"
+                with contextlib.suppress(FileNotFoundError):  # else another process moved it first
+                    os.rename(marker, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+            elif marker.exists():
+                return
+            temporary = root / f".{_FORMAT_MARKER}-{uuid.uuid4().hex}.tmp"
+            try:
+                temporary.write_text(_MARKER_TEXT)
+                os.rename(temporary, marker)  # over nothing, or another process's marker: the same text
+                return
+            except IsADirectoryError:  # an older checkout's mkdir came first: move it aside
+                continue
+            finally:
+                temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only store: no gc runs there
+            raise
 
 
 def _unchanged(

@@ -386,6 +386,6 @@ def test_a_root_that_is_a_file_or_under_one_is_one_line(tmp_path: Path) -> None:
         assert str(info.value) == f"root={str(root)!r}: cannot hold a store: {culprit} (Not a directory)"
         assert info.value.exit_code == 2
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "locks").write_text("")  # a file where the store keeps its lock files
-    with pytest.raises(FeatureStoreError, match=r"cannot hold a store: .*locks \(File exists\)"):
+    (tmp_path / "cache" / "key-locks").write_text("")  # a file where the store keeps its lock files
+    with pytest.raises(FeatureStoreError, match=r"cannot hold a store: .*key-locks \(File exists\)"):
         FeatureStore(tmp_path / "cache")

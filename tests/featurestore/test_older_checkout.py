@@ -1,0 +1,83 @@
+"""A store shared with a checkout whose featurestore predates packs (fbd8ea4~1): that code's gc took every packed
+row for corrupt (the pack's size is not the key's share) and unlinked the packs at once. A store this code opened
+refuses that code before it touches anything."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from featurestore import FeatureStore
+from tests.featurestore.test_gc import REPO
+
+BEFORE_PACKS = "fbd8ea4~1"
+
+
+@pytest.fixture(scope="module")
+def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The featurestore package as it was before packs, from this repository's history."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", BEFORE_PACKS, "featurestore"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:  # a shallow clone without that commit
+        pytest.skip(f"git archive {BEFORE_PACKS}: {archive.stderr.decode().strip()}")
+    where = tmp_path_factory.mktemp("before-packs")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(where, filter="data")
+    assert not (where / "featurestore" / "_packs.py").exists()
+    return where
+
+
+def run_old(old_code: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(old_code)}
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=old_code,
+        timeout=120,
+        check=False,
+    )
+
+
+def packs(root: Path) -> list[Path]:
+    return sorted((root / "data" / "packs").glob("*.parquet"))
+
+
+@pytest.mark.parametrize("made_before_the_marker", [False, True])
+def test_code_from_before_packs_refuses_a_store_with_packs(
+    tmp_path: Path, old_code: Path, made_before_the_marker: bool
+) -> None:
+    root = tmp_path / "store"
+    tables = [(f"k{i}", pa.table({"x": list(range(i + 1))}), "SYM") for i in range(5)]
+    FeatureStore(root).put_many(tables)
+    if made_before_the_marker:  # a store packs were written to before this change: its locks were a directory
+        if not (root / "locks").is_dir():
+            (root / "locks").unlink()
+            (root / "locks").mkdir()
+        (root / "locks" / "abc.lock").write_text("")
+        FeatureStore(root)  # opening it is enough
+    written = packs(root)
+    assert len(written) == 1
+    gc = run_old(old_code, "-m", "featurestore.gc", "--cache-root", str(root), "--grace-hours", "0")
+    assert gc.returncode != 0, gc.stdout
+    assert f"{root / 'locks'}" in gc.stderr, gc.stderr
+    read = run_old(
+        old_code, "-c", f"from featurestore import FeatureStore; FeatureStore({str(root)!r}).get('k0')"
+    )
+    assert read.returncode != 0
+    # Untouched: the pack, and every key as written.
+    assert packs(root) == written
+    assert "format 2" in (root / "locks").read_text()
+    again = FeatureStore(root)
+    assert {key: again.get(key) for key, _, _ in tables} == {key: table for key, table, _ in tables}
