@@ -17,10 +17,22 @@ from featurestore.errors import FeatureStoreError
 _MAX_SHOWN = 120
 
 
+# The most of a user's exception message a line shows: a message holding a whole array or file stays readable.
+EXCEPTION_LINE_CHARS = 200
+
+
 def exception_line(exc: BaseException) -> str:
-    """What a user's code raised, in one line: ``Type: first line of its message``, or ``Type`` alone."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    """What a user's code raised, in one line: ``Type: first line of its message`` (cut at ``EXCEPTION_LINE_CHARS``),
+    or ``Type`` alone; an exception whose message cannot be read (its ``__str__`` raises) says so."""
+    name = type(exc).__name__
+    try:
+        text = str(exc).strip()
+    except Exception as failure:  # the user's __str__: its own error names it, once (no recursion)
+        return f"{name} (its message could not be read: {type(failure).__name__})"
+    line = text.splitlines()[0] if text else ""
+    if len(line) > EXCEPTION_LINE_CHARS:
+        line = line[:EXCEPTION_LINE_CHARS] + "..."
+    return f"{name}: {line}" if line else name
 
 
 def one_line(exc: BaseException) -> str:

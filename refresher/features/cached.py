@@ -104,7 +104,15 @@ class _Compute:
         problem = _shape_problem(raw, result)
         if problem:
             raise FeatureError(self.use.name, symbol, problem)
-        return result
+        return _doubles(result) if self.use.spec.is_user else result
+
+
+def _doubles(result: pd.DataFrame) -> pd.DataFrame:
+    """A user's rows as plain double columns, what its table holds (``feature_rows``): numbers of a pandas
+    extension type (sparse, nullable, Arrow-backed; a missing value becomes NaN) are no column the store's
+    Parquet can write, nor one it reads back as it was written."""
+    columns = {name: result[name].to_numpy(dtype="float64", na_value=np.nan) for name in result.columns}
+    return pd.DataFrame(columns, index=result.index)
 
 
 def _bulk() -> Any:
