@@ -134,19 +134,22 @@ def _params_model(func: Compute) -> type[BaseModel]:
     return _MODELS[func]
 
 
+# Every version one more since 3a3a0a5: before it, a user's function writing to its input frame changed the rows
+# of the entries after it, which were stored and recorded in the ledger as the built-in's: an upgraded refresher
+# would have kept them (a feature's source alone versions it, and that did not change).
 FEATURES: Mapping[str, FeatureSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            FeatureSpec("high_low_detection", "1", compute.high_low_detection),
-            FeatureSpec("trend_analysis", "1", compute.trend_analysis, ordered=(("fast", "slow"),)),
-            FeatureSpec("full_analysis", "1", compute.full_analysis, ordered=(("macd_fast", "macd_slow"),)),
-            FeatureSpec("performance_metrics", "1", compute.performance_metrics),
-            FeatureSpec("websocket_testing", "2", compute.websocket_testing, timeframe="1m"),
-            FeatureSpec("dashboard_data", "1", compute.dashboard_data),
-            FeatureSpec("etf_metadata", "1", compute.etf_metadata),
-            FeatureSpec("correlation_analysis", "1", compute.correlation_analysis, needs_universe=True),
-            FeatureSpec("intraday_session", "1", compute.intraday_session, timeframe="1m"),
+            FeatureSpec("high_low_detection", "2", compute.high_low_detection),
+            FeatureSpec("trend_analysis", "2", compute.trend_analysis, ordered=(("fast", "slow"),)),
+            FeatureSpec("full_analysis", "2", compute.full_analysis, ordered=(("macd_fast", "macd_slow"),)),
+            FeatureSpec("performance_metrics", "2", compute.performance_metrics),
+            FeatureSpec("websocket_testing", "3", compute.websocket_testing, timeframe="1m"),
+            FeatureSpec("dashboard_data", "2", compute.dashboard_data),
+            FeatureSpec("etf_metadata", "2", compute.etf_metadata),
+            FeatureSpec("correlation_analysis", "2", compute.correlation_analysis, needs_universe=True),
+            FeatureSpec("intraday_session", "2", compute.intraday_session, timeframe="1m"),
         )
     }
 )

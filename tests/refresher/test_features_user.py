@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -20,7 +21,7 @@ import pytest
 
 from featurestore import FeatureStore
 from refresher.errors import FeatureError, ProfileError
-from refresher.features import cached, refresh_features
+from refresher.features import cached, refresh_features, registry
 from refresher.features.cached import compute_features, daily_frame
 from refresher.profile import Profile
 from refresher.replay import RefreshWrites
@@ -201,6 +202,40 @@ def test_a_function_writing_to_its_input_changes_no_other_features_rows(
     assert changes[1:] == pytest.approx(list(bars["close"].diff()[1:]), rel=1e-12)
     ratios = [r[2] for r in table_rows(conn, "features_again", "AAA")][4:]
     assert ratios == pytest.approx(list((bars["close"] / bars["close"].rolling(5).mean())[4:]), rel=1e-12)
+
+
+def test_built_in_rows_an_older_version_computed_from_a_written_input_are_computed_again(
+    tmp_path: Path,
+    module: str,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before 3a3a0a5 a user's function writing to its input frame changed the rows of the built-in entries after
+    it, which were stored and recorded in the ledger under the built-ins' version 1: an upgraded refresher found
+    both current and kept the wrong rows. The state is made by hand as that version left it: version 1 (today's
+    functions' source is theirs), the user's function given the shared frame."""
+    entries = f'{{name: mine, function: "{module}:scales_in_place"}}, dashboard_data'
+    with monkeypatch.context() as old:
+        old.setattr(
+            registry,
+            "FEATURES",
+            {name: dataclasses.replace(spec, version="1") for name, spec in registry.FEATURES.items()},
+        )
+        old.setattr(registry.FeatureSpec, "is_user", property(lambda spec: False))  # no copy for anyone
+        run(conn, profile_of(tmp_path, entries), store)
+    plan = stored_plan(profile_of(tmp_path, entries), store)
+    bars = daily_frame(
+        list(store.get_many([plan.keys[s] for s in plan.desired if s.symbol == "AAA"]).values())
+    )
+    assert [r[2] for r in table_rows(conn, "features_dashboard_data", "AAA")][1:] != pytest.approx(
+        list(bars["close"].diff()[1:]), rel=1e-12
+    )  # what the older version loaded
+
+    run(conn, profile_of(tmp_path, entries), store)
+
+    changes = [r[2] for r in table_rows(conn, "features_dashboard_data", "AAA")]
+    assert changes[1:] == pytest.approx(list(bars["close"].diff()[1:]), rel=1e-12)
 
 
 @pytest.mark.parametrize("function", ["scaled", "scaled_once"])  # a function, a functools.partial of one
