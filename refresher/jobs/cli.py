@@ -29,6 +29,7 @@ from refresher.jobs.runs import (
     delete_run,
     list_runs,
     prune_runs,
+    requeue_lost,
     retry_dead,
     run_status,
 )
@@ -90,12 +91,14 @@ def _jobs(args: argparse.Namespace, client: redis.Redis, emit: Callable[..., Non
     elif action == "list":
         runs = list_runs(client)
         emit(args, {"runs": [r.to_json() for r in runs]}, lambda: out.print(_list_table(runs)))
-    elif action == "retry-dead":
-        moved = retry_dead(client, args.run_id)
+    elif action in ("retry-dead", "requeue"):
+        # the dead-lettered jobs, or those lost with their stream
+        which, again = ("dead", retry_dead) if action == "retry-dead" else ("lost", requeue_lost)
+        moved = again(client, args.run_id)
         emit(
             args,
             {"run_id": args.run_id, "requeued": moved},
-            lambda: print(f"{args.run_id}: {moved} dead job(s) back on the queue"),
+            lambda: print(f"{args.run_id}: {moved} {which} job(s) back on the queue"),
         )
     elif action == "cancel":
         state = cancel_run(client, args.run_id)
@@ -220,8 +223,8 @@ def _list_table(runs: list[RunStatus]) -> Table:
 def _lost(state: RunStatus) -> str:
     return (
         f"{state.lost} job(s) lost: counted submitted but neither in the {state.priority} stream nor done, dead "
-        f"or retrying (the stream trimmed or deleted by hand); `refresher jobs cancel {state.run_id}` and "
-        "submit again: the new plan loads only what is missing"
+        f"or retrying (the stream trimmed or deleted by hand); `refresher jobs requeue {state.run_id}` puts them "
+        "back"
     )
 
 

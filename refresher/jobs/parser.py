@@ -24,7 +24,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         cmd.add_argument("--now", type=_parse_time, default=None, help=argparse.SUPPRESS)
 
     jobs = sub.add_parser(
-        "jobs", help="Segment jobs on Redis Streams: submit, status, list, retry, cancel, delete, prune."
+        "jobs",
+        help="Segment jobs on Redis Streams: submit, status, list, retry, requeue, cancel, delete, prune.",
     )
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     submit = jobs_sub.add_parser(
@@ -56,6 +57,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     for name, text in (
         ("list", "Recent runs."),
         ("retry-dead", "Put a run's dead-lettered jobs back on the queue."),
+        ("requeue", "Put a run's lost jobs (its stream trimmed or deleted by hand) back on the queue."),
         ("cancel", "Stop a run; loaded segments stay."),
     ):
         cmd = jobs_sub.add_parser(name, parents=[common], help=text)

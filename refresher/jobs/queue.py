@@ -7,7 +7,8 @@ Layout (every key under ``refresher:``):
 - ``retry``: sorted set of jobs waiting out a backoff, scored by when they are due.
 - ``run:{id}``: a hash with the run's spec and counters; ``run:{id}:done`` the set of finished segments (a
   segment counts once however often it is delivered); ``run:{id}:inflight`` message id -> consumer;
-  ``run:{id}:held`` the jobs of a held run; ``runs`` sorted set of run ids by submit time; ``features-due``
+  ``run:{id}:held`` the jobs of a held run; ``run:{id}:jobs`` every job the run was submitted with (a line each,
+  zlib-compressed, for ``jobs requeue``); ``runs`` sorted set of run ids by submit time; ``features-due``
   runs whose segments are all loaded and whose features no worker has computed yet; ``deleting`` runs removed
   whose entries in the streams, dead letters and retries may be left (``runs.delete_runs``).
 
@@ -369,6 +370,24 @@ return 1
 """
 )
 
+# ``jobs requeue``: lost jobs (ARGV: segment, payload, ...) back on their stream (KEYS[3]), each unless its segment
+# is done meanwhile (KEYS[2]); -1, adding none, unless the run is queued and its submit is over (KEYS[4]).
+REQUEUE = (
+    _RUN_GONE
+    + """
+if run_gone(KEYS[1]) or redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return -1 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+local added = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
+    redis.call('XADD', KEYS[3], '*', 'job', ARGV[i + 1])
+    added = added + 1
+  end
+end
+return added
+"""
+)
+
 # ``jobs retry-dead`` of a run whose features failed: due again with fresh attempts; 0 when the run is gone or
 # its features did not fail.
 REVIVE_FEATURES = (
@@ -410,7 +429,7 @@ for i = 4, #ARGV do
   else
     table.insert(deleted, run)
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
-      key .. ':submitting')
+      key .. ':submitting', key .. ':jobs')
     redis.call('ZREM', prefix .. 'runs', run)
     redis.call('SREM', prefix .. 'held', run)
     redis.call('SREM', prefix .. 'features-due', run)
@@ -618,6 +637,7 @@ __all__ = [
     "GROUP",
     "HELD",
     "PREFIX",
+    "REQUEUE",
     "RETRY",
     "REVIVE",
     "REVIVE_FEATURES",

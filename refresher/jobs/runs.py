@@ -10,7 +10,8 @@ import datetime as dt
 import json
 import secrets
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from refresher.jobs.queue import (
     GROUP,
     HELD,
     PREFIX,
+    REQUEUE,
     RETRY,
     REVIVE,
     REVIVE_FEATURES,
@@ -63,19 +65,28 @@ class RunSpec:
     prune: bool = False
 
 
-def job_payload(run_id: str, tier: str, job: SegmentJob) -> str:
-    return json.dumps(
-        {
-            "run": run_id,
-            "tier": tier,
-            "seg": str(job.segment),
-            "key": job.key,
-            "tz": job.tz,
-            "force": job.force,
-            "attempt": 0,
-        },
-        sort_keys=True,
-    )
+def job_payload(run_id: str, tier: str, job: SegmentJob, segment: str | None = None) -> str:
+    """A job as it goes in a stream; ``segment``: ``str(job.segment)`` when the caller has it already."""
+    return _payload(run_id, tier, segment or str(job.segment), job.key, job.tz, job.force)
+
+
+def _payload(run_id: str, tier: str, segment: str, key: str, tz: str, force: bool) -> str:
+    fields = {"run": run_id, "tier": tier, "seg": segment, "key": key, "tz": tz, "force": force, "attempt": 0}
+    return json.dumps(fields, sort_keys=True)
+
+
+def _job_list(segments: Sequence[str], jobs: Sequence[SegmentJob]) -> bytes:
+    """A run's jobs as ``jobs requeue`` needs them, a line each: segment, time zone, force (not the store key,
+    which a worker computes from the source, and which made the list 15 times larger). 120,000 jobs: 360 KB,
+    and a tenth of the time their payloads take to make."""
+    lines = "\n".join([f"{seg}\t{job.tz}\t{int(job.force)}" for seg, job in zip(segments, jobs, strict=True)])
+    return zlib.compress(lines.encode(), 1)
+
+
+def _jobs_of_list(blob: bytes) -> list[tuple[str, str, bool]]:
+    """``_job_list`` read back: (segment, time zone, force) per job."""
+    lines = zlib.decompress(blob).decode().split("\n")
+    return [(seg, tz, force == "1") for seg, tz, force in (line.split("\t") for line in lines if line)]
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,8 @@ def submit_jobs(
     began = time.perf_counter()
     ensure_groups(client)
     run_id = new_run_id(now)
-    payloads = [job_payload(run_id, spec.priority, job) for job in jobs]
+    segments = [str(job.segment) for job in jobs]
+    payloads = [job_payload(run_id, spec.priority, job, seg) for seg, job in zip(segments, jobs, strict=True)]
     state = "held" if held_until_ts is not None else ("queued" if payloads else "loaded")
     pipe = client.pipeline(transaction=True)
     pipe.hset(
@@ -142,6 +154,7 @@ def submit_jobs(
     submitting = (run_key(run_id, "submitting"), SUBMITTING_TTL)
     pipe.set(submitting[0], 1, ex=submitting[1])
     pipe.zadd(RUNS, {run_id: now.timestamp()})
+    pipe.set(run_key(run_id, "jobs"), _job_list(segments, jobs))
     if state == "loaded":
         pipe.sadd(FEATURES_DUE, run_id)
     pipe.execute()
@@ -312,6 +325,84 @@ def retry_dead(client: redis.Redis, run_id: str) -> int:
     return moved
 
 
+def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000) -> int:
+    """``jobs requeue``: put back on the run's stream its lost jobs (the stream trimmed or deleted by hand, a
+    submit killed midway), fresh attempts; returns how many. Lost: submitted (``run:{id}:jobs``), yet neither in
+    the stream nor done, dead or waiting out a retry. Each source is read once its jobs can only have left for one
+    read after it: the retries, the stream to its end (a retry promoted meanwhile lands there), the retries again,
+    the dead letters, the done set last. A job taken by a worker whose stream entry was trimmed goes back too; its
+    second run is a no-op (the ledger) and counts once (the done set). Run again, it finds nothing lost."""
+    spec = require_run(client, run_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.get(run_key(run_id, "jobs"))
+    pipe.hget(run_key(run_id), "state")
+    pipe.exists(run_key(run_id, "submitting"))
+    blob, state, submitting = pipe.execute()
+    if blob is None:
+        raise JobError(
+            f"run {run_id!r} was submitted without its job list (before `jobs requeue`): "
+            f"`refresher jobs cancel {run_id}` and submit again",
+            field="run",
+            value=run_id,
+        )
+    if submitting:
+        raise JobError(
+            f"run {run_id!r} is still being submitted: requeue it once `jobs submit` has ended (or a minute after "
+            "it was killed)",
+            field="run",
+            value=run_id,
+        )
+    if text(state) != "queued":  # held: its jobs wait in Redis; else every job is settled
+        return 0
+    tier = spec["priority"]
+    known = _segments_of(run_id, _retries(client, chunk))
+    known |= _segments_of(
+        run_id, (fields.get(b"job") for _id, fields in _entries(client, stream_key(tier), chunk))
+    )
+    known |= _segments_of(run_id, _retries(client, chunk))
+    known |= _segments_of(run_id, (fields.get(b"job") for _id, fields in _entries(client, DEAD, chunk)))
+    known |= {text(m) for m in client.sscan_iter(run_key(run_id, "done"), count=chunk)}
+    jobs = _jobs_of_list(blob)
+    lost = [(seg, _payload(run_id, tier, seg, "", tz, force)) for seg, tz, force in jobs if seg not in known]
+    script = client.register_script(REQUEUE)
+    keys = [run_key(run_id), run_key(run_id, "done"), stream_key(tier), run_key(run_id, "submitting")]
+    added = 0
+    for start in range(0, len(lost), chunk):
+        args = [part for pair in lost[start : start + chunk] for part in pair]
+        result = int(script(keys=keys, args=args))
+        if result < 0:  # cancelled, deleted or finished meanwhile
+            break
+        added += result
+    return added
+
+
+def _chunks(client: redis.Redis, stream: str, chunk: int) -> Iterator[list[tuple[Any, dict[bytes, bytes]]]]:
+    """A stream's entries, ``chunk`` at a time (Redis answers others between two reads), to its end: entries
+    added meanwhile are read too."""
+    after = "-"
+    while True:
+        entries: Any = client.xrange(stream, after, "+", count=chunk)
+        if not entries:
+            return
+        yield entries
+        after = "(" + text(entries[-1][0])
+
+
+def _entries(client: redis.Redis, stream: str, chunk: int) -> Iterator[tuple[Any, dict[bytes, bytes]]]:
+    for entries in _chunks(client, stream, chunk):
+        yield from entries
+
+
+def _retries(client: redis.Redis, chunk: int) -> Iterator[bytes]:
+    return (payload for payload, _due in client.zscan_iter(RETRY, count=chunk))
+
+
+def _segments_of(run_id: str, payloads: Iterable[bytes | None]) -> set[str]:
+    """The segments of ``run_id``'s jobs among ``payloads`` (one that is not a job's is skipped)."""
+    jobs = (_job_of(raw) for raw in payloads)
+    return {str(job.get("seg")) for job in jobs if job is not None and job.get("run") == run_id}
+
+
 @dataclass(frozen=True)
 class Deleted:
     """``jobs delete`` / ``jobs prune``: the runs removed, those left because they are running, and how many
@@ -354,13 +445,19 @@ def _delete_keys(
     return deleted, refused, states
 
 
-def _run_of(raw: bytes | None) -> str | None:
-    """The run of a job's JSON payload; None for one that is not (a payload written by hand is skipped)."""
+def _job_of(raw: bytes | None) -> dict[str, Any] | None:
+    """A job's JSON payload; None for one that is not (a payload written by hand is skipped)."""
     try:
         job = json.loads(raw) if raw is not None else None
     except ValueError:
         return None
-    return str(job.get("run")) if isinstance(job, dict) else None
+    return job if isinstance(job, dict) else None
+
+
+def _run_of(raw: bytes | None) -> str | None:
+    """The run of a job's JSON payload; None for one that is not."""
+    job = _job_of(raw)
+    return str(job.get("run")) if job is not None else None
 
 
 def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
@@ -370,12 +467,7 @@ def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
     theirs is added meanwhile; one read by a worker meanwhile is only acknowledged by it."""
     removed = 0
     for stream in [*(stream_key(tier) for tier in TIERS), DEAD]:
-        after = "-"
-        while True:
-            entries: Any = client.xrange(stream, after, "+", count=chunk)
-            if not entries:
-                break
-            after = "(" + text(entries[-1][0])
+        for entries in _chunks(client, stream, chunk):
             if stream == DEAD:
                 doomed = [mid for mid, fields in entries if text(fields.get(b"run", b"")) in runs]
             else:
@@ -390,9 +482,9 @@ def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
                     if isinstance(reply, redis.ResponseError) and "NOGROUP" not in str(reply):
                         raise reply
                 removed += int(replies[-1])
-    doomed_retries = [p for p in client.zscan_iter(RETRY, count=chunk) if _run_of(p[0]) in runs]
+    doomed_retries = [p for p in _retries(client, chunk) if _run_of(p) in runs]
     for start in range(0, len(doomed_retries), chunk):
-        removed += int(client.zrem(RETRY, *(p[0] for p in doomed_retries[start : start + chunk])))
+        removed += int(client.zrem(RETRY, *doomed_retries[start : start + chunk]))
     return removed
 
 
@@ -447,6 +539,7 @@ __all__ = [
     "job_payload",
     "list_runs",
     "prune_runs",
+    "requeue_lost",
     "retry_dead",
     "run_status",
     "submit_jobs",

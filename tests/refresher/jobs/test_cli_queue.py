@@ -76,6 +76,7 @@ COMMANDS = [
     ["jobs", "status", "r1", "--watch"],
     ["jobs", "list"],
     ["jobs", "retry-dead", "r1"],
+    ["jobs", "requeue", "r1"],
     ["jobs", "cancel", "r1"],
     ["jobs", "delete", "r1"],
     ["jobs", "prune", "--older-than", "7d"],

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from refresher.errors import JobError
 from refresher.jobs import runs
 from refresher.jobs.queue import JobQueue, connect, stream_key
 from refresher.jobs.runs import list_runs, run_status, submit_jobs
@@ -48,7 +49,7 @@ def test_jobs_lost_with_their_stream_are_reported_and_watch_ends_with_status_2(
     assert json.loads(as_json.stdout)["lost"] == 4
     # It waited for ever: nothing would ever run those jobs.
     watched = refresher(tmp_path, "jobs", "status", run, "--watch", "--queue", redis_server.url)
-    one_line(watched, run, "4 job(s) lost", "jobs cancel")
+    one_line(watched, run, "4 job(s) lost", f"jobs requeue {run}")
     queue.finish(second, rows=1, loaded=True, now=now.timestamp())  # the worker's job still counts
     assert run_status(client, run).lost == 3
 
@@ -85,3 +86,47 @@ def test_a_submit_killed_midway_shows_its_missing_jobs_lost_once_it_stops_enqueu
     time.sleep(1.5)
     state = run_status(client, run)
     assert (state.state, state.lost, state.pending) == ("queued", 3, 2)
+
+
+def test_requeue_puts_back_exactly_the_lost_jobs_once(redis_server: RedisServer) -> None:
+    """Ten jobs: one done, one dead, one waiting out a retry, one in a worker's hands, six queued; the stream
+    trimmed to its last two entries. Requeue adds the four lost (not the done, dead, retrying, in-flight or
+    remaining ones), again adds none."""
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    other = submit_jobs(client, spec("normal"), jobs("OTHER", 2), now=now).run_id
+    run = submit_jobs(client, spec("normal"), jobs("TRIM", 10), now=now).run_id
+    queue = JobQueue(client)
+    [_o1, _o2, done, dead, retrying, in_hand] = queue.read("w", block_ms=0, count=6)
+    queue.finish(done, rows=1, loaded=True, now=now.timestamp())
+    queue.dead_letter(dead, "permanent: bad row", 3)
+    queue.retry_later(retrying, due=now.timestamp() + 3600)
+    client.xtrim(stream_key("normal"), maxlen=2, approximate=False)  # in_hand and the oldest four queued go
+    assert run_status(client, run).lost == 5
+
+    assert runs.requeue_lost(client, run) == 5  # in_hand too: its entry is gone with the stream's
+    assert runs.requeue_lost(client, run) == 0
+    state = run_status(client, run)
+    assert (state.lost, state.done, state.dead, state.retrying, state.pending) == (0, 1, 1, 1, 7)
+    segments = [json.loads(f[b"job"])["seg"] for _id, f in client.xrange(stream_key("normal"))]
+    assert sorted(segments) == sorted(str(j.segment) for j in jobs("TRIM", 10)[3:])  # each once
+    assert in_hand.job["seg"] in segments and done.job["seg"] not in segments
+    # The other run's two jobs, in a worker's hands, went with the trim too: `jobs status` misses them (a lower
+    # bound: the stream holds the first run's jobs), requeue finds them.
+    assert run_status(client, other).lost == 0 and runs.requeue_lost(client, other) == 2
+
+
+def test_requeue_refuses_a_run_still_submitting_or_without_its_job_list(redis_server: RedisServer) -> None:
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    run = submit_jobs(client, spec("low"), jobs("SUB", 3), now=now).run_id
+    client.set(f"refresher:run:{run}:submitting", 1, ex=60)
+    with pytest.raises(JobError, match="still being submitted"):
+        runs.requeue_lost(client, run)
+    client.delete(f"refresher:run:{run}:submitting", f"refresher:run:{run}:jobs")  # as before requeue existed
+    with pytest.raises(JobError, match="without its job list"):
+        runs.requeue_lost(client, run)
+    held = submit_jobs(client, spec("normal"), jobs("HELD", 3), now=now, held_until_ts=now.timestamp() + 3600)
+    assert runs.requeue_lost(client, held.run_id) == 0
+    with pytest.raises(JobError, match="no such run"):
+        runs.requeue_lost(client, "nope")

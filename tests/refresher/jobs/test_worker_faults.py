@@ -118,6 +118,19 @@ def test_features_failing_on_a_dropped_database_end_the_run_incomplete_and_the_w
     assert (state["state"], state["error"]) == ("loaded", None) and client.sismember(FEATURES_DUE, run)
 
 
+def kill_after(ws: Workspace, url: str, step: str) -> None:
+    """A worker killed with SIGKILL right after ``step`` of its first job (``killed_worker``)."""
+    args = ws.command("worker", "--queue", url, "--name", f"dies-{step}", "--visibility-timeout", "1")
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.refresher.jobs.killed_worker", step, *args[3:]],
+        env=ws.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
+
+
 def test_a_worker_killed_after_any_step_of_a_job_loses_nothing_and_loads_nothing_twice(
     workspace: Workspace, redis_server: RedisServer
 ) -> None:
@@ -130,15 +143,7 @@ def test_a_worker_killed_after_any_step_of_a_job_loses_nothing_and_loads_nothing
         ws.write_profile(symbols=symbols, months=2)
         run = submit(ws, url)
         assert run["jobs"] == 8, step
-        args = ws.command("worker", "--queue", url, "--name", f"dies-{step}", "--visibility-timeout", "1")
-        killed = subprocess.run(
-            [sys.executable, "-m", "tests.refresher.jobs.killed_worker", step, *args[3:]],
-            env=ws.env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
+        kill_after(ws, url, step)
         survivor = start_worker(ws, url, f"after-{step}", "--burst", "--visibility-timeout", "1")
         assert survivor.wait(timeout=600) == 0, worker_log(ws, f"after-{step}")
         assert "Traceback" not in worker_log(ws, f"after-{step}"), step
@@ -311,3 +316,35 @@ def test_prune_and_a_forced_delete_while_a_worker_runs_leave_no_key_and_lose_no_
     ws.run("jobs", "status", first, "--queue", url, expect=2)
     ws.run("jobs", "status", second, "--queue", url, expect=2)
     assert_loaded_exactly(ws, symbols, 3)
+
+
+def test_jobs_lost_with_their_stream_are_requeued_once_and_loaded_once(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """The stream deleted by hand after one job was loaded and counted and another loaded but not acknowledged
+    (its worker killed after the commit): `jobs status` counted the jobs lost, and nothing ever ran them.
+    `jobs requeue` puts back exactly the lost ones (the loaded, uncounted one too: its rerun is a no-op by the
+    ledger), a second requeue none; a worker then finishes the run with every row there once."""
+    ws, url, client = workspace, redis_server.url, redis_server.client()
+    symbols = ["LOSA", "LOSB"]
+    ws.write_profile(symbols=symbols, months=2)
+    run = submit(ws, url)["run_id"]
+    kill_after(ws, url, "ack")  # one job loaded and counted; the worker took the batch, the rest pending
+    kill_after(ws, url, "commit")  # another reclaimed, loaded, not acknowledged
+    assert ws.scalar("SELECT count(*) FROM refresher_segments") == 2
+    client.delete(stream_key("normal"))
+    state = status(ws, url, run)
+    assert (state["state"], state["done"], state["lost"]) == ("queued", 1, 7)
+
+    requeued = json.loads(ws.run("jobs", "requeue", run, "--queue", url, "--json").stdout)
+    assert requeued == {"run_id": run, "requeued": 7}
+    assert status(ws, url, run)["lost"] == 0
+    again = ws.run("jobs", "requeue", run, "--queue", url)
+    assert again.stdout.strip() == f"{run}: 0 lost job(s) back on the queue"
+    assert client.xlen(stream_key("normal")) == 7
+
+    survivor = start_worker(ws, url, "requeued", "--burst")
+    assert survivor.wait(timeout=600) == 0, worker_log(ws, "requeued")
+    final = status(ws, url, run)
+    assert (final["state"], final["done"], final["dead"], final["lost"]) == ("complete", 8, 0, 0), final
+    assert_loaded_exactly(ws, symbols, 2)
