@@ -53,7 +53,6 @@ from refresher._snapshot_sql import (
     _pristine_mark,
     _publish,
     _ready_clones,
-    _rename,
     _require_pristine,
     _terminate_others,
     _wait_gone,
@@ -286,8 +285,14 @@ def advance_pristine(
             ready = _ready_clones(conn, db)
             if not ready:
                 return None
-            # Named as a half-built copy from here on: if we die, the next save or refill drops it.
-            _rename(conn, ready[0], building)
+            # Named as a half-built copy from here on: if we die, the next save or refill drops it. A session left
+            # on the clone (a database browser connects to every database) made the rename wait 5 s and fail the
+            # refresh after its loads: it ends, as a checkout ends it (``pool._take``); one this role may not end
+            # leaves the clone where it is, and the snapshot is a copy.
+            try:
+                _take(conn, ready[0], building, None)
+            except SnapshotError:
+                return None
         try:
             with (
                 psycopg.connect(server.dsn(building), autocommit=True, connect_timeout=10) as copy,

@@ -23,14 +23,14 @@ from featurestore import FeatureStore
 from refresher import snapshot
 from refresher.engines.local import LocalEngine
 from refresher.errors import SnapshotError
-from refresher.pool import refill_pool, wait_for_pool
+from refresher.pool import pool_status, refill_pool, wait_for_pool
 from refresher.profile import Profile, load_profile
 from refresher.refresh import refresh
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_features_sequence import DAILY, PROFILE, write_bars
 from tests.refresher.test_refresh_batches import root
 from tests.refresher.test_refresh_e2e import Workspace
-from tests.refresher.test_replay import _contents, _profile
+from tests.refresher.test_replay import FRIDAY, _contents, _loaded, _profile
 
 __all__ = ["root"]  # a fixture, imported to be found
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -327,3 +327,21 @@ def test_minute_bars_that_are_no_prefix_extension_equal_a_cold_load_and_their_re
     # And back, a session later.
     write("AAPL")
     day(dt.date(2024, 6, 24))
+
+
+def test_a_session_left_on_the_pool_clones_does_not_fail_the_daily_refresh(root: Path) -> None:
+    """A database browser connects to every database, the warm clones among them: the clone the replay takes is
+    renamed all the same (its sessions end, as a reset ends them), and the advanced copy equals the database."""
+    engine, store, server = _loaded(root)
+    clones = pool_status(server).ready
+    assert clones
+    browsers = [psycopg.connect(server.dsn(name), autocommit=True) for name in clones]
+    try:
+        report = refresh(_profile(root, FRIDAY), engine, store)
+    finally:
+        for browser in browsers:
+            browser.close()
+    assert report.snapshot == "saved"
+    live = _contents(server.dsn())
+    assert snapshot.restore_pristine(server, refill=False).method in ("pool", "template")
+    assert _contents(server.dsn()) == live
