@@ -23,11 +23,15 @@ from refresher.settings import DEFAULT_POOL_SIZE, ENGINE_NAMES, POOL_SIZE_ENV, S
 EXIT_USER_ERROR = 2
 
 
+class _UsageError(Exception):
+    """argparse's complaint, as one line for ``main`` to print (under ``--json``, on stdout as JSON too)."""
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the option and the value, not five lines of usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def _common(json_flag: bool = True) -> _OneLineParser:
@@ -416,9 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # during which a Ctrl-C must still end in one line.
         args = build_parser().parse_args(argv)
         return run(args)
+    except _UsageError as exc:
+        return _failed(str(exc), EXIT_USER_ERROR, args, argv)
     except USER_ERRORS as exc:
-        print(f"refresher: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _failed(f"refresher: {exc}", exc.exit_code, args, argv)
     except KeyboardInterrupt:
         print("refresher: interrupted; every finished segment is kept, run again to resume", file=sys.stderr)
         if argv is None:  # the console script, not a caller in-process: leave now
@@ -428,8 +433,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = os_error_message(exc, _roots(args))
         if message is None:
             raise
-        print(f"refresher: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _failed(f"refresher: {message}", EXIT_USER_ERROR, args, argv)
+
+
+def _failed(line: str, status: int, args: argparse.Namespace | None, argv: Sequence[str] | None) -> int:
+    """Print the error's one line on stderr and, under ``--json`` (looked for in the words when they did not
+    parse), as the one JSON object on stdout too: a script reading stdout alone gets JSON, not nothing."""
+    print(line, file=sys.stderr)
+    words = sys.argv[1:] if argv is None else argv
+    if getattr(args, "json", False) if args is not None else "--json" in words:
+        print(json.dumps({"error": line.removeprefix("refresher: "), "exit_code": status}))
+    return status
 
 
 if __name__ == "__main__":
