@@ -225,12 +225,13 @@ def resize_pool(server: ServerInfo, size: int) -> bool:
         mark = _pristine_mark(conn, db)
         if mark is None or mark.pool_size == size:
             return False
-        # Out of takers' reach in one transaction of renames (a DROP under TAKE would hold up resets).
+        # Out of takers' reach in one transaction of renames (a DROP under TAKE would hold up resets), each as a
+        # checkout takes a clone: a session left on it (a database browser) ends rather than failing the rename.
         with _advisory(conn, db, TAKE), conn.transaction():
             doomed = [name for name in _ready_clones(conn, db) if _slot_of(db, name) >= size]
             trash = [f"{db}{TRASH_INFIX}{secrets.token_hex(4)}" for _ in doomed]
             for name, out in zip(doomed, trash, strict=True):
-                _rename(conn, name, out)
+                _take(conn, name, out, None)
         for out in trash:
             _drop_database(conn, out)
         _execute(

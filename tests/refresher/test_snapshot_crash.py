@@ -255,6 +255,22 @@ def test_a_session_left_on_a_pool_clone_does_not_fail_a_checkout(loaded: ServerI
         drop_clone(loaded, name)
 
 
+def test_a_session_left_on_a_pool_clone_does_not_fail_a_smaller_pool(loaded: ServerInfo) -> None:
+    """`refresh --pool-size 0` beside a database browser connected to the clones: the rename of each clone out
+    of the pool waited the server's 5 s and failed the refresh; now its sessions end, as a checkout's do."""
+    save_pristine(loaded, pool_size=2)
+    clones = pool_status(loaded).ready
+    browsers = [psycopg.connect(loaded.dsn(name), autocommit=True) for name in clones]
+    try:
+        assert resize_pool(loaded, 0)
+    finally:
+        for browser in browsers:
+            browser.close()
+    assert pool_status(loaded).ready == ()
+    assert restore_pristine(loaded, refill=False).method == "template"
+    assert _state(loaded.dsn()) == (21, [Segment("AAPL", "1d", JAN)])
+
+
 def test_a_session_connecting_after_the_snapshot_ended_the_sessions_does_not_fail_its_copy(
     loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
