@@ -627,6 +627,13 @@ def _probe_unix_socket(base_url: str | None) -> None:
     try:
         sock.settimeout(2.0)
         sock.connect(path)
+    except PermissionError as exc:
+        # The daemon may well be running: its socket (root:docker, mode 660) is closed to users outside the group.
+        raise EngineUnavailable(
+            f"Docker's socket {path} refuses this user ({exc.strerror}): add the user to the docker group "
+            "(sudo usermod -aG docker $USER, then log in again), or use --engine local",
+            base_url=base_url,
+        ) from exc
     except OSError as exc:
         raise _not_running(base_url, exc) from exc
     finally:
