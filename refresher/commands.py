@@ -236,7 +236,13 @@ def url(settings: Settings, name: str) -> str:
 def status(settings: Settings, name: str | None = None, *, all_checkouts: bool = False) -> list[ServerStatus]:
     """This state dir's servers; ``all_checkouts`` adds every refresher container on the Docker daemon."""
     statuses = engines.all_statuses(settings, all_checkouts=all_checkouts)
-    return [s for s in statuses if name is None or s.profile == name]
+    found = [s for s in statuses if name is None or s.profile == name]
+    if name is not None and not found:
+        from refresher.profile_files import find_profile_file
+
+        # neither a server nor a profile: a typo (`status --profile ui_testin`), which lists the profiles
+        find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+    return found
 
 
 def pools(settings: Settings, statuses: list[ServerStatus]) -> list[PoolStatus | None]:

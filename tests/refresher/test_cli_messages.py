@@ -256,3 +256,15 @@ def test_url_reset_down_of_a_name_in_the_wrong_case_list_the_known_ones(tmp_path
     env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
     line = one_line_error(run_cli(command, "--profile", "UI_testing", "--state-dir", str(tmp_path), env=env))
     assert "'UI_testing'" in line and "ui_testing" in line.replace("'UI_testing'", ""), line
+
+
+def test_status_of_a_misspelled_profile_lists_the_known_ones(tmp_path: Path) -> None:
+    """`refresher status --profile ui_testin` answered an empty table, status 0 (with a store, the profile's
+    parse refused it): a name that is neither a profile nor a server lists the profiles, as url/reset/down do."""
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}
+    state = ["--state-dir", str(tmp_path), "--store", str(tmp_path / "store")]
+    line = one_line_error(run_cli("status", "--profile", "ui_testin", *state, env=env))
+    assert "'ui_testin'" in line and "no such profile" in line and "ui_testing" in line, line
+    done = run_cli("status", "--profile", "ui_testing", "--json", *state, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["servers"] == []
