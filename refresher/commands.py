@@ -322,7 +322,8 @@ def _remove_lock_files(state_dir: Path, profile: str) -> None:
     """Remove a stopped profile's empty lock files (the refresh lock, the engines' start/stop locks).
 
     Each is unlinked while held: filelock's acquire sees an unlinked inode (st_nlink 0) and retries on the new
-    file, so a process that opened the old one meanwhile never believes it holds the lock. One in use stays.
+    file, so a process that opened the old one meanwhile never believes it holds the lock. One in use stays, and
+    so does one this user may not open (root's, in a checkout root and its owner both ran).
     """
     for path in (
         profile_lock.lock_path(state_dir, profile),
@@ -336,6 +337,8 @@ def _remove_lock_files(state_dir: Path, profile: str) -> None:
             lock.acquire(timeout=0)
         except filelock.Timeout:
             continue  # a refresh or start holds it: it is not ours to remove
+        except PermissionError:
+            continue  # another user's (root's docker lock beside this user's local server): not ours either
         try:
             path.unlink(missing_ok=True)
         finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_postgres import world_traversable_tmp
+from tests.unprivileged import as_nobody, nobody_ids
 
 PROFILE = """\
 universe:
@@ -136,3 +137,38 @@ def test_json_output_of_url_is_an_object_or_a_one_line_error(tmp_path: Path) -> 
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"refresher refresh --profile {name}" in done.stderr
+
+
+@pytest.mark.slow
+def test_down_as_a_user_beside_a_lock_file_of_another_user_stops_its_server_and_says_so() -> None:
+    # Root ran `make refresh` in the checkout first (docker, as root may), then its owner, outside the docker
+    # group, refreshed on the local engine: `down` stopped the local server, then failed on root's docker lock
+    # file ("Permission denied; point --state-dir ..."), exit 2, and never said what it had stopped.
+    from refresher import commands
+    from refresher.engines.local import LocalEngine
+    from refresher.settings import Settings
+
+    root = world_traversable_tmp("refresher-down-user-")
+    state = root / "state"
+    state.mkdir()
+    os.chown(state, *nobody_ids())
+    engine = LocalEngine(state)
+
+    def start() -> str:
+        return engine.start("downer").dsn()
+
+    def down() -> str:
+        settings = Settings.from_env(state_dir=state, store_root=root / "store", engine="local")
+        return repr(commands.down(settings, "downer").stopped)
+
+    try:
+        assert as_nobody(start).startswith("postgresql://")
+        theirs = state / "docker"
+        theirs.mkdir()
+        (theirs / ".downer.lock").touch(0o444)  # not openable for writing by this user, as root's 644 is not
+        theirs.chmod(0o555)
+        assert as_nobody(down) == "['local:downer']"
+        assert engine.info("downer") is None
+        assert (theirs / ".downer.lock").exists()  # not this user's to remove
+    finally:
+        as_nobody(lambda: str(engine.stop("downer")))

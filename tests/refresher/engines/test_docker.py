@@ -37,6 +37,7 @@ from refresher.engines.docker import (
 )
 from refresher.errors import EngineUnavailable, ProfileError
 from tests.fixtures_docker import holding_dockers_next_ports, labels_of_a_dead_process, remove_prefixed
+from tests.unprivileged import as_nobody
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -902,12 +903,9 @@ def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
     assert query(server, "SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'") == 25_000
 
 
-def test_a_docker_socket_this_user_may_not_use_says_to_join_the_docker_group(tmp_path: Path) -> None:
+def test_a_docker_socket_this_user_may_not_use_says_to_join_the_docker_group() -> None:
     # Most users are not root: the daemon runs, its socket is root:docker 660, and a user outside the group gets
     # EACCES. "Docker is not running ... start the daemon" sent them after a daemon that was running all along.
-    import multiprocessing
-    import pwd
-
     home = Path(tempfile.mkdtemp(prefix="rtest-docker-sock-"))
     try:
         home.chmod(0o755)  # enterable by the other user, as /var/run is
@@ -915,26 +913,16 @@ def test_a_docker_socket_this_user_may_not_use_says_to_join_the_docker_group(tmp
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
             listening.bind(str(path))
             listening.listen()
-            path.chmod(0o600)  # root's own, like root:docker 660 to a user outside the group
-            context = multiprocessing.get_context("fork")
-            reader, writer = context.Pipe(duplex=False)
+            path.chmod(0o000 if os.geteuid() != 0 else 0o600)  # root's own, as root:docker 660 to an outsider
 
-            def attempt() -> None:
-                if os.geteuid() == 0:  # root passes any mode: ask as an unprivileged user
-                    nobody = pwd.getpwnam("nobody")
-                    os.setgroups([])
-                    os.setgid(nobody.pw_gid)
-                    os.setuid(nobody.pw_uid)
+            def status() -> str:
                 try:
                     DockerEngine(home, base_url=f"unix://{path}").status()
-                    writer.send("no error")
                 except EngineUnavailable as exc:
-                    writer.send(str(exc))
+                    return str(exc)
+                return "no error"
 
-            child = context.Process(target=attempt)
-            child.start()
-            child.join(60)
-            message = reader.recv() if reader.poll(1) else "child sent nothing"
+            message = as_nobody(status)
     finally:
         shutil.rmtree(home)
     assert "Permission denied" in message, message
