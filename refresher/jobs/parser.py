@@ -14,6 +14,18 @@ from refresher.cli import _parse_date, _parse_time
 from refresher.jobs.tiers import TIERS
 
 
+def _parse_exchange(text: str) -> str:
+    """An exchange code in any case, checked here: a bad one was only refused after Redis had been asked (with
+    Redis down, the user heard of Redis and not of the typo)."""
+    from refresher.calendar import check_exchange
+    from refresher.errors import CalendarError
+
+    try:
+        return check_exchange(text.strip().upper())
+    except CalendarError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``jobs`` and ``worker`` on the main parser's subcommands."""
     queue_help = "Redis URL, e.g. redis://HOST:6379/0 ($REFRESHER_QUEUE; default: the Redis of `make up`)"
@@ -38,7 +50,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     submit.add_argument("--priority", choices=TIERS, default="normal", help="queue tier (default normal)")
     submit.add_argument(
         "--when-closed",
-        type=str.upper,
+        type=_parse_exchange,
         default=None,
         metavar="EXCHANGE",
         help="hold the jobs until that exchange is closed, e.g. XNYS",

@@ -36,3 +36,12 @@ def test_a_failing_command_with_json_prints_its_error_as_json_on_stdout(
     done = run_cli(*args, *state, "--json", env=env)
     assert one_line_error(done) == line  # stderr, and the exit status, as without --json
     assert json.loads(done.stdout) == {"error": line.removeprefix("refresher: "), "exit_code": 2}
+
+
+def test_a_bad_when_closed_is_named_before_redis_is_asked(tmp_path: Path) -> None:
+    """With Redis down, `jobs submit --when-closed XXXX` said only that Redis could not be reached: the typo is
+    named first, with no Redis asked (the port here has none)."""
+    queue = "redis://127.0.0.1:1/0"
+    done = run_cli("jobs", "submit", "--profile", "ui_testing", "--when-closed", "xxxx", "--queue", queue)
+    line = one_line_error(done)
+    assert "--when-closed" in line and "exchange='XXXX'" in line and "Redis" not in line, line
