@@ -424,6 +424,9 @@ def _publish(conn: psycopg.Connection[Any], db: str, building: str, mark: _Mark)
     ident = sql.Identifier(building)
     _execute(conn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(ident))
     _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(mark.text())))
+    # A session that connected to the copy while it was made (a database browser lists every database) made its
+    # rename wait 5 s and fail the refresh: no session connects to it now, and those on it end.
+    _terminate_others(conn, building)
     with _advisory(conn, db, TAKE):
         _swap_in(conn, db, building)
 
@@ -433,7 +436,7 @@ def _swap_in(conn: psycopg.Connection[Any], db: str, building: str) -> None:
     with conn.transaction():
         if _comment(conn, pristine_name(db)) is not None:
             _rename(conn, pristine_name(db), f"{db}{TRASH_INFIX}{secrets.token_hex(4)}")
-        _rename(conn, building, pristine_name(db))
+        _rename(conn, building, pristine_name(db), ending=(building,))
 
 
 def _wait_gone(conn: psycopg.Connection[Any], *pids: int | None) -> None:

@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from featurestore import FeatureStore
-from refresher import snapshot
+from refresher import replay, snapshot
 from refresher.engines.local import LocalEngine
 from refresher.errors import SnapshotError
 from refresher.pool import pool_status, refill_pool, wait_for_pool
@@ -30,7 +30,7 @@ from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_features_sequence import DAILY, PROFILE, write_bars
 from tests.refresher.test_refresh_batches import root
 from tests.refresher.test_refresh_e2e import Workspace
-from tests.refresher.test_replay import FRIDAY, _contents, _loaded, _profile
+from tests.refresher.test_replay import FRIDAY, _contents, _loaded, _no_copy, _profile
 
 __all__ = ["root"]  # a fixture, imported to be found
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -342,6 +342,31 @@ def test_a_session_left_on_the_pool_clones_does_not_fail_the_daily_refresh(root:
         for browser in browsers:
             browser.close()
     assert report.snapshot == "saved"
+    live = _contents(server.dsn())
+    assert snapshot.restore_pristine(server, refill=False).method in ("pool", "template")
+    assert _contents(server.dsn()) == live
+
+
+def test_a_session_connecting_to_the_copy_being_written_does_not_fail_the_daily_refresh(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database browser that lists the databases while the rows are written again into the clone connects to
+    it too: the copy is still published (its sessions end when it becomes the template), not a failed refresh."""
+    engine, store, server = _loaded(root)
+    apply, browsers = replay.RefreshWrites.apply, []
+
+    def browsed(self: replay.RefreshWrites, conn: psycopg.Connection[Any]) -> None:
+        apply(self, conn)
+        browsers.append(psycopg.connect(server.dsn(conn.info.dbname), autocommit=True))
+
+    monkeypatch.setattr(replay.RefreshWrites, "apply", browsed)
+    monkeypatch.setattr(snapshot, "save_pristine", _no_copy)
+    try:
+        assert refresh(_profile(root, FRIDAY), engine, store).snapshot == "saved"
+    finally:
+        for browser in browsers:
+            browser.close()
+    assert browsers and snapshot.is_current(server)
     live = _contents(server.dsn())
     assert snapshot.restore_pristine(server, refill=False).method in ("pool", "template")
     assert _contents(server.dsn()) == live
