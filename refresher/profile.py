@@ -378,7 +378,7 @@ def _universe_rows(
             )
         return rows if u.count is None else rows[: u.count]
     assert u.file is not None
-    if not u.file.endswith(".csv"):
+    if not u.file.lower().endswith(".csv"):
         raise ProfileError(path, "universe.file", u.file, "must be a .csv file")
     ufile = _universe_file(path, u.file, inputs)
     with io.StringIO(_read_input(ufile, inputs), newline="") as fh:
