@@ -166,8 +166,13 @@ def _version(spec: FeatureSpec, seen: Seen | None = None) -> str:
     the one defining it and those they import, transitively: a helper or a constant beside it or in another of
     the user's modules is part of what it computes, and no version number is bumped when one is edited.
     ``seen``: the modules an earlier entry of the same refresh read."""
-    version = f"{spec.version}/{function_identity(spec.compute)[1]}"
-    return f"{version}/{_modules_digest(spec, seen)}" if spec.is_user else version
+    if not spec.is_user:
+        return f"{spec.version}/{function_identity(spec.compute)[1]}"
+    modules = _modules_digest(spec, seen)
+    # The modules' source as this process imported it covers the function's own lines, which ``inspect`` reads from
+    # the file as it is now (edited since, in a worker): only a function without a file is versioned by them.
+    identity = function_identity(spec.compute, None if modules == "none" else "its modules")[1]
+    return f"{spec.version}/{identity}/{modules}"
 
 
 def _modules_digest(spec: FeatureSpec, seen: Seen | None) -> str:

@@ -19,6 +19,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import weakref
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -71,13 +72,31 @@ def _read(name: str, *, anywhere: bool = False) -> UserModule | None:
     path, is_package = located
     if not path.endswith(".py") or not (anywhere or _is_users(path)):
         return None
+    source = _source(name, path)
+    if source is None:
+        return None
+    package = name if is_package else name.rpartition(".")[0]
+    return UserModule(name, path, source, frozenset(_imports(source, package)))
+
+
+# The source of each imported module as this process first read it: what its code is, in a process (a worker)
+# that refreshes again after the user edited the file, until it imports the module again.
+_IMPORTED: weakref.WeakKeyDictionary[ModuleType, bytes] = weakref.WeakKeyDictionary()
+
+
+def _source(name: str, path: str) -> bytes | None:
+    """Module ``name``'s source: as first read while the module is the one imported, else the file as it is now."""
+    module = sys.modules.get(name)
+    if module is not None and module in _IMPORTED:
+        return _IMPORTED[module]
     try:
         with open(path, "rb") as file:
             source = file.read()
     except OSError:
         return None
-    package = name if is_package else name.rpartition(".")[0]
-    return UserModule(name, path, source, frozenset(_imports(source, package)))
+    if module is not None:
+        source = _IMPORTED.setdefault(module, source)
+    return source
 
 
 def _locate(name: str) -> tuple[str, bool] | None:

@@ -575,3 +575,45 @@ def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
         )
     finally:
         forget(package)
+
+
+@pytest.mark.parametrize("edited", ["helpers", "mine"])  # a module it imports, the function's own
+def test_a_process_that_imported_the_old_code_versions_what_it_runs(
+    tmp_path: Path,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+    edited: str,
+) -> None:
+    # A worker imports the user's modules once and refreshes again and again: after an edit its function still
+    # runs the code it imported, so that is what its rows are keyed by. Keyed by the file as edited, they were the
+    # old values under the new version: a later process (the new code) took them from the store, stale.
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    package = f"features_{uuid.uuid4().hex[:8]}"
+    root = tmp_path / "project" / package
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "middle.py").write_text(f"from {package}.helpers import smooth  # noqa\n")
+    helpers = root / "helpers.py"
+    helpers.write_text(HELPERS)
+    out = "import pandas as pd\n\ndef out(df, values):\n    return pd.DataFrame({'v': values}, index=df.index)\n\n"
+    (root / "mine.py").write_text(out + MINE["from"].format(pkg=package))
+    monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    entries = f'{{name: mine, function: "{package}.mine:f"}}'
+    try:
+        run(conn, profile_of(tmp_path, entries), store)
+        values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
+        if edited == "helpers":
+            helpers.write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
+        else:
+            mine = root / "mine.py"
+            mine.write_text(mine.read_text().replace("smooth(df['close'])", "smooth(df['close']) * 1.5"))
+        # The same process: the code it runs did not change.
+        assert run(conn, profile_of(tmp_path, entries), store).loaded == 0
+        forget(package)  # a new process: the new code
+        assert run(conn, profile_of(tmp_path, entries), store).computed == 2
+        assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
+            [v * 1.5 for v in values]
+        )
+    finally:
+        forget(package)
