@@ -539,14 +539,9 @@ def forget(package: str) -> None:
     importlib.invalidate_caches()
 
 
-@pytest.mark.parametrize("style", list(MINE))
-def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
-    tmp_path: Path,
-    conn: psycopg.Connection[Any],
-    store: FeatureStore,
-    monkeypatch: pytest.MonkeyPatch,
-    style: str,
-) -> None:
+def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str) -> str:
+    """The package of the user's modules ``mine`` (importing ``helpers`` as ``style``), ``middle`` and ``helpers``
+    under ``tmp_path / "project"``, on the path; its name."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each run a fresh process: the source as it is now
     package = f"features_{uuid.uuid4().hex[:8]}"
     root = tmp_path / "project" / package
@@ -558,6 +553,20 @@ def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
     out = "import pandas as pd\n\ndef out(df, values):\n    return pd.DataFrame({'v': values}, index=df.index)\n\n"
     (root / "mine.py").write_text(out + MINE[style].format(pkg=package))
     monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    return package
+
+
+@pytest.mark.parametrize("style", list(MINE))
+def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
+    tmp_path: Path,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+    style: str,
+) -> None:
+    package = user_project(tmp_path, monkeypatch, style)
+    root = tmp_path / "project" / package
+    helpers = root / "helpers.py"
     entries = f'{{name: mine, function: "{package}.mine:f"}}, dashboard_data'
     try:
         assert run(conn, profile_of(tmp_path, entries), store).loaded == 4
@@ -588,17 +597,9 @@ def test_a_process_that_imported_the_old_code_versions_what_it_runs(
     # A worker imports the user's modules once and refreshes again and again: after an edit its function still
     # runs the code it imported, so that is what its rows are keyed by. Keyed by the file as edited, they were the
     # old values under the new version: a later process (the new code) took them from the store, stale.
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    package = f"features_{uuid.uuid4().hex[:8]}"
+    package = user_project(tmp_path, monkeypatch, "from")
     root = tmp_path / "project" / package
-    root.mkdir(parents=True)
-    (root / "__init__.py").write_text("")
-    (root / "middle.py").write_text(f"from {package}.helpers import smooth  # noqa\n")
     helpers = root / "helpers.py"
-    helpers.write_text(HELPERS)
-    out = "import pandas as pd\n\ndef out(df, values):\n    return pd.DataFrame({'v': values}, index=df.index)\n\n"
-    (root / "mine.py").write_text(out + MINE["from"].format(pkg=package))
-    monkeypatch.syspath_prepend(str(tmp_path / "project"))
     entries = f'{{name: mine, function: "{package}.mine:f"}}'
     try:
         run(conn, profile_of(tmp_path, entries), store)
