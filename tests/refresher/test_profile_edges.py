@@ -130,5 +130,7 @@ def test_a_universe_file_ending_in_upper_case_csv_is_read(tmp_path: Path) -> Non
     (tmp_path / "U.CSV").write_text("symbol\nAAA\n")
     path = tmp_path / "upper.yaml"
     path.write_text("universe: {file: U.CSV}\nmonths: 1\n")
-    done = run_cli("plan", "-p", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s"), "--json")
+    done = run_cli(
+        "plan", "-p", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s"), "--json"
+    )
     assert done.returncode == 0, done.stderr
