@@ -29,11 +29,10 @@ def thread_lock(path: Path) -> threading.RLock:
         return _THREAD_LOCKS.setdefault(str(path), threading.RLock())
 
 
-@contextmanager
-def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[None]:
-    """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path."""
+def open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file ``path``, open for writing (created if missing), or StoreNotWritable."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a traceback from every command, before
             raise StoreNotWritable(str(path), exc.strerror or str(exc)) from None
@@ -41,6 +40,12 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
             reason = (exc.strerror or str(exc)).lower()
             raise StoreNotWritable(str(path), reason, "move it out of the way and run again") from None
         raise
+
+
+@contextmanager
+def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[None]:
+    """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path."""
+    fd = open_lock_file(path)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if timeout is None:
@@ -63,4 +68,4 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
         os.close(fd)
 
 
-__all__ = ["file_lock", "thread_lock"]
+__all__ = ["file_lock", "open_lock_file", "thread_lock"]

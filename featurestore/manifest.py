@@ -232,6 +232,11 @@ class Manifest:
         self._lock_timeout = lock_timeout
         self._thread_lock = thread_lock(self._lock_path)
 
+    @property
+    def lock_path(self) -> Path:
+        """The file every read and write of the manifest locks."""
+        return self._lock_path
+
     # -- transactions -----------------------------------------------------------------------------------------
 
     @contextmanager

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import pyarrow as pa
 
 from featurestore import _files, _packs, _writes, maintenance
-from featurestore._locks import file_lock
+from featurestore._locks import file_lock, open_lock_file
 from featurestore.errors import ComputeError, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_many
 from featurestore.keys import Raw, feature_key, is_dataframe, time_ranges, to_arrow
@@ -351,6 +351,11 @@ class FeatureStore:
         """
         with self.manifest.read(fold=False) as con:
             return self.manifest.hashes_ending(con, suffix)
+
+    def require_writable(self) -> None:
+        """StoreNotWritable now, if this user may not open the manifest's lock file, which every read and write
+        takes: before a caller starts what the store's first use would leave behind (a refresh's new server)."""
+        os.close(open_lock_file(self.manifest.lock_path))
 
     def session_counts(self) -> AccessCounts:
         """The hits and misses this FeatureStore object has added to the store's counters so far."""

@@ -259,6 +259,8 @@ def refresh(
     # The report's store counts are what this run added to the store's own counters (one definition, one
     # source: ``featurestore stats`` shows the same numbers summed over every run).
     store_before = store.session_counts()
+    # The plan's first store read fails on a store this user may not write, but a new server is made beside it.
+    store.require_writable()
     starting: _EngineStart | None = None
     ahead: Fetcher | None = None
     features_ahead: FeaturesAhead | None = None

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 def as_nobody(func: Callable[[], str], timeout: float = 300.0) -> str:
     """``func()``'s string, run by ``nobody`` when this process is root (else by this user), or its error's
-    type and message; "no answer" when the child died or took longer than ``timeout``."""
+    type and message; "no answer" when the child died or took longer than ``timeout``. Import what ``func``
+    needs first: the interpreter's own files may be closed to ``nobody`` (a pyenv Python under /root)."""
     context = multiprocessing.get_context("fork")
     reader, writer = context.Pipe(duplex=False)
 

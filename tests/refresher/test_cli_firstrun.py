@@ -172,3 +172,49 @@ def test_down_as_a_user_beside_a_lock_file_of_another_user_stops_its_server_and_
         assert (theirs / ".downer.lock").exists()  # not this user's to remove
     finally:
         as_nobody(lambda: str(engine.stop("downer")))
+
+
+@pytest.mark.slow
+def test_a_refresh_into_a_store_this_user_cannot_write_starts_no_server() -> None:
+    # A store shared with root (made by a refresh as root): the refresh's one-line error came from its plan,
+    # which runs beside the new server's start, so a Postgres with an empty database stayed running behind it.
+    from featurestore import FeatureStore, StoreNotWritable
+    from refresher import commands
+    from refresher.engines.local import LocalEngine
+    from refresher.settings import Settings
+
+    root = world_traversable_tmp("refresher-store-user-")
+    (root / "profiles").mkdir()
+    (root / "profiles" / "firstrun.yaml").write_text(PROFILE)
+    for mine in ("state", "cache"):
+        (root / mine).mkdir()
+        os.chown(root / mine, *nobody_ids())
+    FeatureStore(root / "store")  # root's (or, not root, made read-only below)
+    if os.geteuid() != 0:
+        for path in (root / "store", *(root / "store").iterdir()):
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    settings = Settings.from_env(
+        state_dir=root / "state",
+        store_root=root / "store",
+        profiles_dirs=(root / "profiles",),
+        engine="local",
+        cache_dir=root / "cache",
+    )
+
+    commands.plan(settings, "firstrun")  # imports what the refresh needs: nobody may not read the stdlib
+
+    def refresh() -> str:
+        try:
+            commands.refresh(settings, "firstrun")
+        except StoreNotWritable as exc:
+            return f"refused: {exc}"
+        return "refreshed"
+
+    engine = LocalEngine(root / "state")
+    try:
+        answer = as_nobody(refresh)
+        assert answer.startswith("refused: ") and "Permission denied" in answer, answer
+        assert engine.info("firstrun") is None
+        assert not (root / "state" / "local" / "firstrun").exists()
+    finally:
+        as_nobody(lambda: str(engine.stop("firstrun")))
