@@ -190,9 +190,6 @@ def test_a_refresh_into_a_store_this_user_cannot_write_starts_no_server() -> Non
         (root / mine).mkdir()
         os.chown(root / mine, *nobody_ids())
     FeatureStore(root / "store")  # root's (or, not root, made read-only below)
-    if os.geteuid() != 0:
-        for path in (root / "store", *(root / "store").iterdir()):
-            path.chmod(0o555 if path.is_dir() else 0o444)
     settings = Settings.from_env(
         state_dir=root / "state",
         store_root=root / "store",
@@ -202,6 +199,10 @@ def test_a_refresh_into_a_store_this_user_cannot_write_starts_no_server() -> Non
     )
 
     commands.plan(settings, "firstrun")  # imports what the refresh needs: nobody may not read the stdlib
+    store_paths = [root / "store", *(root / "store").iterdir()]
+    if os.geteuid() != 0:
+        for path in store_paths:
+            path.chmod(0o555 if path.is_dir() else 0o444)
 
     def refresh() -> str:
         try:
@@ -218,3 +219,5 @@ def test_a_refresh_into_a_store_this_user_cannot_write_starts_no_server() -> Non
         assert not (root / "state" / "local" / "firstrun").exists()
     finally:
         as_nobody(lambda: str(engine.stop("firstrun")))
+        for path in store_paths:  # removable again at the session's end
+            path.chmod(0o755 if path.is_dir() else 0o644)
