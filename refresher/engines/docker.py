@@ -659,7 +659,8 @@ def _not_running(base_url: str | None, exc: BaseException) -> EngineUnavailable:
     where = base_url or "$DOCKER_HOST or the default socket"
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return EngineUnavailable(
-        f"Docker is not running or not reachable at {where} ({reason}); start the daemon or use --engine local",
+        f"Docker is not running or not reachable at {where} ({reason}); "
+        "start it (sudo systemctl start docker) or use --engine local",
         base_url=base_url,
     )
 

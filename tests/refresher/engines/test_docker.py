@@ -348,8 +348,12 @@ def test_docker_not_running_is_engine_unavailable(tmp_path: Path) -> None:
     assert docker_available(dead) is False
     engine = DockerEngine(tmp_path, base_url=dead)
     for call in (lambda: engine.start("dead"), lambda: engine.status(), lambda: engine.stop("dead")):
-        with pytest.raises(EngineUnavailable, match="Docker is not running or not reachable at unix://"):
+        with pytest.raises(
+            EngineUnavailable, match="Docker is not running or not reachable at unix://"
+        ) as raised:
             call()
+        # how to start it, in words a user can paste (a first run on a machine where dockerd is installed)
+        assert "sudo systemctl start docker" in str(raised.value) and "\n" not in str(raised.value)
     assert not (tmp_path / "docker" / "dead.json").exists()
 
 
