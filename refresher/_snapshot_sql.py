@@ -439,6 +439,59 @@ def _swap_in(conn: psycopg.Connection[Any], db: str, building: str) -> None:
         _rename(conn, building, pristine_name(db), ending=(building,))
 
 
+# The server processes starting a session on the database of oid ``%s`` (another than the asker's): a backend
+# holds this lock on its database from before it checks ``datallowconn`` until it shows in pg_stat_activity.
+_STARTING = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'object' AND database = 0 AND classid = 'pg_database'::regclass "
+    "AND objid = %s AND mode = 'RowExclusiveLock' AND granted AND pid <> pg_backend_pid()"
+)
+
+
+def _close_door(conn: psycopg.Connection[Any], db: str, oid: int) -> bool:
+    """Make database ``db`` refuse new sessions (ALLOW_CONNECTIONS false, committed at once); the caller holds
+    TAKE, taken first. False, nothing changed, when ``db`` is no longer the database of ``oid`` (another reset
+    swapped it meanwhile).
+
+    A reset's last read of the ledger calls this before ending the sessions: between that read and its swap no
+    session can connect and commit a segment the swap throws away. Under TAKE, as the swap itself: the state a
+    kill leaves (a closed ``db``, TAKE free) is what ``_reopen_abandoned`` repairs, and no live reset's door is
+    opened by it. The database swapped in is a clone, open; the closed one goes to the trash.
+    """
+    row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (db,)).fetchone()
+    if row is None or row[0] != oid:
+        return False
+    _execute(conn, sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(db)))
+    return True
+
+
+def _open_door(conn: psycopg.Connection[Any], db: str) -> None:
+    """Let database ``db`` take sessions again, if it refuses them (a reset that did not swap, or copies first);
+    the caller holds TAKE."""
+    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)).fetchone()
+    if row is not None and not row[0]:
+        _execute(conn, sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(db)))
+
+
+def _reopen_abandoned(conn: psycopg.Connection[Any], db: str) -> bool:
+    """Whether database ``db`` refused new sessions: a reset closes it from its last read of the ledger to its
+    swap (``_close_door``), under TAKE. Once TAKE is free (the reset swapped, or was killed), one still closed is
+    opened. One query when it is open."""
+    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)).fetchone()
+    if row is None or row[0]:
+        return False
+    with _advisory(conn, db, TAKE):
+        _open_door(conn, db)
+    return True
+
+
+def _wait_started(conn: psycopg.Connection[Any], oid: int) -> None:
+    """Wait (5 s at most) until no session is starting on the database of ``oid``: once it refuses new ones
+    (``_close_door``), one that got past that check before is then in pg_stat_activity, to be ended."""
+    deadline = time.monotonic() + 5.0
+    while conn.execute(_STARTING, (oid,)).fetchone() is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def _wait_gone(conn: psycopg.Connection[Any], *pids: int | None) -> None:
     """Wait (1 s at most) for the server processes ``pids`` (closed or ended sessions; None: none) to exit.
 

@@ -72,6 +72,7 @@ from refresher._snapshot_sql import (
     _publish,
     _ready_clones,
     _rename,
+    _reopen_abandoned,
     _require_pristine,
     _slot_of,
     _terminate_others,
@@ -186,7 +187,10 @@ def drop_clone(server: ServerInfo, name: str) -> None:
 
 
 def pool_status(server: ServerInfo) -> PoolStatus:
+    """The pool of ``server.dbname`` (``refresher status``); a database a killed reset left refusing sessions is
+    opened (``_reopen_abandoned``)."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        _reopen_abandoned(conn, server.dbname)
         mark = _pristine_mark(conn, server.dbname)
         size = mark.pool_size if mark else DEFAULT_POOL_SIZE
         return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)), size)
@@ -359,6 +363,7 @@ def _refill(
     with _admin(admin_dsn) as conn, ThreadPoolExecutor(1) as beside:
         if background:
             _lower_priority(conn.info.backend_pid)
+        _reopen_abandoned(conn, db)  # a reset killed with its door shut: the refill after a refresh opens it
         first = [handed] if handed is not None and (handed.name != db or not fill) else []
         skip = {each.name for each in first} | ({db} if fill else set())  # the working one: analyzed below
         others = [HandedOut(name, ()) for name in unfinished_analyses(conn) if name not in skip]

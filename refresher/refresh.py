@@ -296,7 +296,7 @@ def refresh(
             mark = lap("engine", mark)
             # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
             # implicit transaction, so every finished segment survives a kill -9.
-            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            with snapshot.connect_working(server, autocommit=True) as conn:
                 # Someone else's server: its role may lack what a reset needs.
                 snapshot.require_privileges(conn)
                 if pool_size is None:

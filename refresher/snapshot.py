@@ -18,11 +18,12 @@ unmarked clone, trash) is recognised by its name or missing mark and dropped by 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -34,6 +35,7 @@ from refresher._planner_stats import analyze_stale, stale_names
 from refresher._snapshot_sql import (
     _COMMENT,
     BUILDING_INFIX,
+    EVICT_TRIES,
     MAINTENANCE_DB,
     REFILL,
     SWEEP,
@@ -41,6 +43,7 @@ from refresher._snapshot_sql import (
     TRASH_INFIX,
     _admin,
     _advisory,
+    _close_door,
     _comment,
     _create_from,
     _derelicts,
@@ -49,13 +52,17 @@ from refresher._snapshot_sql import (
     _evicting,
     _Mark,
     _mark_of,
+    _open_door,
     _pool_databases,
     _pristine_mark,
     _publish,
     _ready_clones,
+    _reopen_abandoned,
     _require_pristine,
     _terminate_others,
+    _unlock,
     _wait_gone,
+    _wait_started,
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, has_room, require_room
@@ -400,23 +407,50 @@ def restore_pristine(
     the full digest. A database whose ledger is gone or empty (the user dropped or truncated it) is restored:
     only the copy can tell what it held. Returns as soon as the database is back; the pool is refilled by a
     detached process (``refill=False`` to skip).
+
+    From the last read of the ledger to the swap the database refuses new sessions (``_Door``): one connecting
+    between them committed a segment the swap threw away. A database a killed reset left so is opened by the
+    next reset, refresh or status (``_reopen_abandoned``).
     """
     db, started = server.dbname, time.perf_counter()
+    door = _Door(db)
+    measure = functools.partial(_stamp_ending_lockers, shut=door.shut)
+
+    def check() -> tuple[str | None, int | None]:
+        return _live_with_pid(server, measure, _LEDGER_LOCK_WAIT)
+
     # The two connections are made at once: each costs 10-30 ms on a busy machine, most of a reset.
     with ThreadPoolExecutor(1) as pool:
-        checking = pool.submit(_live_with_pid, server, _stamp_ending_lockers, _LEDGER_LOCK_WAIT)
-        with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-            live, reader = checking.result()
+        checking = pool.submit(check)
+        try:
+            with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+                door.admin.set_result(conn)
+                try:
+                    live, reader = _checked(conn, door, checking.result, check)
 
-            def unmoved() -> None:
-                """A copy (no ready clone) takes seconds, in which a writer could commit after the check: the
-                stamp is read again, as at first, just before the swap; refused when it moved."""
-                again, pid = _live_with_pid(server, _stamp_ending_lockers, _LEDGER_LOCK_WAIT)
-                _wait_gone(conn, pid)
-                if again is not None and again != live:
-                    raise _predates(db)
+                    def unmoved() -> None:
+                        """A copy (no ready clone) takes seconds, in which the database takes sessions (a writer
+                        could commit after the check): the stamp is read again, as at first (the door shut
+                        again), just before the swap; refused when it moved."""
+                        again, pid = _checked(conn, door, check, check)
+                        _wait_gone(conn, pid)
+                        if again is not None and again != live:
+                            raise _predates(db)
 
-            method, mark = _restore_checked(conn, db, live, reader, unmoved=unmoved)
+                    method, mark = _restore_checked(
+                        conn,
+                        db,
+                        live,
+                        reader,
+                        unmoved=unmoved,
+                        opened=door.open,
+                    )
+                    door.release()  # what the swap put in its place is a clone: it takes sessions
+                finally:
+                    door.open()  # a reset that did not swap leaves the database as it was
+        finally:
+            if not door.admin.done():  # the check's shut must not wait for a connection never made
+                door.admin.set_exception(SnapshotError("cannot reach the server for snapshots"))
     seconds = time.perf_counter() - started
     # A copy of a pristine copy not analyzed yet (a reset in the seconds after a refresh) is analyzed after.
     handed = HandedOut.of(mark, db)
@@ -425,26 +459,95 @@ def restore_pristine(
     return RestoreReport(seconds, method)
 
 
+class _Moved(Exception):
+    """The working database was swapped (by another reset) between a check's read and its shutting of the door."""
+
+
+class _Door:
+    """One reset's hold on the working database's door (``_close_door``): shut by the last read of the ledger
+    before the swap, under TAKE, on ``admin`` (the reset's maintenance connection, made beside the check)."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+        self.admin: Future[psycopg.Connection[Any]] = Future()
+        self.held = 0  # the levels of TAKE ``shut`` took
+
+    def shut(self, oid: int) -> bool:
+        """Close the door of the database of ``oid``; False when ``db`` is another database now."""
+        conn = self.admin.result()
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (self.db, TAKE))
+        self.held += 1  # whatever fails from here lets it go (``open``)
+        if _close_door(conn, self.db, oid):
+            return True
+        self.release()
+        return False
+
+    def open(self) -> None:
+        """The database takes sessions again (a copy follows, or the reset stopped) and TAKE goes."""
+        if self.held and not self.admin.result().closed:
+            _open_door(self.admin.result(), self.db)
+            self.release()
+
+    def release(self) -> None:
+        conn = self.admin.result()
+        while self.held and not conn.closed:
+            _unlock(conn, self.db, TAKE)
+            self.held -= 1
+
+
+def _checked(
+    conn: psycopg.Connection[Any],
+    door: _Door,
+    first: Callable[[], tuple[str | None, int | None]],
+    again: Callable[[], tuple[str | None, int | None]],
+) -> tuple[str | None, int | None]:
+    """The reset's check of the ledger, ``first`` and then ``again`` while the database was swapped under it by
+    another reset (``_Moved``), or refused the session: another reset's door (waited for) or a killed one's
+    (opened, ``_reopen_abandoned``)."""
+    attempt = first
+    for _ in range(EVICT_TRIES):
+        try:
+            return attempt()
+        except _Moved:
+            pass
+        except SnapshotError as exc:
+            door.open()
+            if not isinstance(exc.__cause__, psycopg.OperationalError) or not _reopen_abandoned(
+                conn, door.db
+            ):
+                raise
+        attempt = again
+    return attempt()
+
+
 # How long the reset's read of the ledger waits for its lock before ending the holders (a connection option: no
 # round trip of its own). ANALYZE (the refill's, autovacuum's) holds one that conflicts; an ended session exits in
 # milliseconds. Named, so one reset's check never ends another's (two resets at once both restore).
 _CHECKER = "refresher_reset_check"
 _LEDGER_LOCK_WAIT = f"-c lock_timeout=100ms -c application_name={_CHECKER}"
 
+# The oid of the session's database, which no rename can change while it is on it.
+_HERE = "SELECT oid FROM pg_database WHERE datname = current_database()"
 
-def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
+
+def _stamp_ending_lockers(
+    conn: psycopg.Connection[Any], shut: Callable[[int], bool] | None = None
+) -> str | None:
     """``ledger_stamp`` of ``conn``'s database for a reset, read under a SHARE lock of the ledger tables with the
     pristine copy's mark: a writer beside the reset (a jobs worker loads without the profile lock) that committed
     a segment between the read and the reset's swap lost it to the older copy. When the stamp says the reset goes
-    on (it matches the mark), every other session on the database (but another reset's check) ends before the
-    lock is released, as the swap ends them anyway: a writer waiting for the lock or mid-transaction never
-    commits, an idle one must connect again. A reset that refuses ends nobody. One pipeline: the lock, the mark and the counts in one round trip.
+    on (it matches the mark), ``shut`` closes the database to new sessions (given its oid; False raises
+    ``_Moved``), the sessions starting meanwhile are waited for, and every other session on the database (but
+    another reset's check) ends before the lock is released, as the swap ends them anyway: a writer waiting for
+    the lock or mid-transaction never commits, an idle one must connect again, a new one is refused until the
+    swap. A reset that refuses ends nobody. One pipeline: the lock, the mark and the counts in one round trip.
 
     One whose open transaction holds a lock on a ledger table (it truncated or locked it and idles, or a writer is
     mid-transaction, or an ANALYZE) made the reset wait: after ``_LEDGER_LOCK_WAIT`` the other sessions on the
     database end, unless the stamp read without the lock already refuses, and the lock is asked again. A holder
     this role may not end (autovacuum's VACUUM, another role's session), or a role that may not take the lock:
-    the stamp is read without it, as before; SnapshotError, one line, when even that waits for such a session.
+    the stamp is read without it, as before (the door shut all the same); SnapshotError, one line, when even that
+    waits for such a session.
     """
     db = conn.info.dbname
     tables = _present_ledgers(conn)
@@ -455,25 +558,32 @@ def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
     # A deadlock: a writer holding refresher_features and waiting for refresher_segments beside our lock of both.
     busy = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 
-    def read(locking: bool) -> tuple[str | None, bool]:
-        """The stamp, and whether the reset goes on with it."""
+    def read(locking: bool, last: bool) -> tuple[str | None, bool]:
+        """The stamp, and whether the reset goes on with it; ``last``: the door shuts if it does."""
         with conn.pipeline(), conn.transaction():
             if locking:
                 conn.execute(lock)
             marked = conn.execute(_COMMENT, (pristine_name(db),))
+            here = conn.execute(_HERE)
             stamp = ledger_stamp(conn, tables)
             mark = _mark_of(marked.fetchone())
             goes_on = mark is not None and stamp in (None, mark.stamp)
+            if last and goes_on and shut is not None:
+                row = here.fetchone()
+                oid = int(row[0]) if row else 0
+                if not shut(oid):
+                    raise _Moved(db)
+                _wait_started(conn, oid)
             if locking and goes_on:
                 _wait_gone(conn, *_ending(conn, None, f"a.application_name <> '{_CHECKER}'"))
         return stamp, goes_on
 
     def locked() -> str | None:
         try:
-            return read(True)[0]
+            return read(True, True)[0]
         except busy:
             # An exclusive lock's holder (TRUNCATE, LOCK TABLE) makes this wait too: it ends then (``_evicting``).
-            stamp, goes_on = read(False)
+            stamp, goes_on = read(False, False)
             if not goes_on:
                 return stamp  # refused anyway: nobody is ended for it
             raise
@@ -483,7 +593,7 @@ def _stamp_ending_lockers(conn: psycopg.Connection[Any]) -> str | None:
     except (*busy, psycopg.errors.InsufficientPrivilege):
         pass
     try:
-        return read(False)[0]
+        return read(False, True)[0]
     except busy as exc:
         raise SnapshotError(
             f"{db}: cannot read its ledger to reset it: a session's open transaction holds a lock on it, which "
@@ -508,9 +618,11 @@ def _restore_checked(
     reader: int | None,
     *,
     unmoved: Callable[[], None] | None = None,
+    opened: Callable[[], None] | None = None,
 ) -> tuple[Literal["pool", "template"], _Mark]:
     """The body of ``restore_pristine`` once the live ledger stamp is known; returns the mark of the copy it
-    restored from. ``unmoved``: called on a copy made before its swap, raises when the ledger moved meanwhile."""
+    restored from. ``unmoved``: called on a copy made before its swap, raises when the ledger moved meanwhile;
+    ``opened``: called before such a copy (the database takes sessions while it is made)."""
     method: Literal["pool", "template"]
     _wait_gone(conn, reader)
     mark = _require_pristine(conn, db)
@@ -527,6 +639,8 @@ def _restore_checked(
             _take(conn, ready[0], db, None, mark, replacing=True)
             method = "pool"
         else:
+            if opened is not None:
+                opened()
             _copy_replacing(conn, db, mark, unmoved=unmoved)
             method = "template"
     return method, mark
@@ -648,6 +762,22 @@ def has_pristine(server: ServerInfo) -> bool:
         return _pristine_mark(conn, server.dbname) is not None
 
 
+def connect_working(server: ServerInfo, **kwargs: Any) -> psycopg.Connection[Any]:
+    """``psycopg.connect`` to ``server.dbname`` (``kwargs``: its options). A database a reset killed between its
+    last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again."""
+    try:
+        return psycopg.connect(server.dsn(), **kwargs)
+    except psycopg.OperationalError:
+        try:
+            with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+                reopened = _reopen_abandoned(conn, server.dbname)
+        except (psycopg.Error, SnapshotError):
+            reopened = False
+        if not reopened:
+            raise
+    return psycopg.connect(server.dsn(), **kwargs)
+
+
 def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:
     """``measure`` (``ledger_version`` or ``ledger_stamp``) of the working database; None when it does not exist."""
     return _live_with_pid(server, measure)[0]
@@ -675,6 +805,7 @@ __all__ = [
     "RestoreReport",
     "SnapshotInfo",
     "advance_pristine",
+    "connect_working",
     "drop_snapshot",
     "has_pristine",
     "is_current",

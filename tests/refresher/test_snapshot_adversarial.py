@@ -7,17 +7,21 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from refresher import _snapshot_sql, snapshot
+from refresher import pool, snapshot
 from refresher.database import read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError, SnapshotError
-from refresher.load import delete_segment
+from refresher.features.tables import FEATURES_DDL
+from refresher.ledger_counter import ensure_ledger_counter
+from refresher.load import delete_segment, load_segment
 from refresher.pool import pool_name, pool_status, refill_pool
 from refresher.segments import Segment
 from refresher.snapshot import (
@@ -29,6 +33,7 @@ from refresher.snapshot import (
     restore_pristine,
     save_pristine,
 )
+from tests.fixtures_postgres import daily_bars
 from tests.refresher.test_snapshot_crash import (
     FEB,
     _databases,
@@ -39,6 +44,32 @@ from tests.refresher.test_snapshot_crash import (
 )
 
 pytestmark = pytest.mark.postgres
+
+
+def _refusing(server: ServerInfo) -> bool:
+    """Whether ``server.dbname`` exists and refuses new sessions (``ALLOW_CONNECTIONS false``)."""
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        row = conn.execute(
+            "SELECT datallowconn FROM pg_database WHERE datname = %s", (server.dbname,)
+        ).fetchone()
+        return row is not None and not row[0]
+
+
+def _record_commit(committed: list[bool], write: Callable[[], None]) -> None:
+    """Run ``write``, a writer beside a reset, and record whether it committed (False: ended or refused)."""
+    try:
+        write()
+        committed.append(True)
+    except (psycopg.OperationalError, LoadError):
+        committed.append(False)
+
+
+def _kept_if_committed(server: ServerInfo, committed: list[bool]) -> None:
+    """A writer beside a reset either had its commit refused (``committed == [False]``) or keeps February."""
+    assert committed
+    with psycopg.connect(server.dsn()) as conn:
+        has_february = Segment("AAPL", "1d", FEB) in read_loaded_segments(conn)
+    assert not committed[0] or has_february, "a committed segment was lost to the reset"
 
 
 def _dirty(server: ServerInfo) -> None:
@@ -61,7 +92,9 @@ def test_kill_9_after_any_statement_of_a_reset_leaves_a_reset_that_restores_the_
         try:
             state = _state(loaded.dsn())
         except psycopg.OperationalError as exc:  # no database: a reset gives it back
-            pytest.fail(f"step {step}: the killed reset left no database ({exc})")
+            # Killed between its door's closing and its swap: the database refuses sessions, nothing else.
+            assert _refusing(loaded), f"step {step}: the killed reset left no database ({exc})"
+            state = expected
         assert state in (expected, (0, expected[1])), f"step {step}"
         assert restore_pristine(loaded, refill=False).method in ("pool", "template")
         assert _state(loaded.dsn()) == expected, f"step {step}"
@@ -255,11 +288,7 @@ def test_a_segment_committed_while_the_reset_checks_the_ledger_is_never_lost(
     real = snapshot.ledger_stamp
 
     def write_february() -> None:
-        try:
-            _toggle_february(loaded)
-            committed.append(True)
-        except (psycopg.OperationalError, LoadError):  # ended by the reset: nothing committed
-            committed.append(False)
+        _record_commit(committed, lambda: _toggle_february(loaded))
 
     def then_a_writer_commits(conn: psycopg.Connection[object], *tables: object) -> str | None:
         stamp = real(conn, *tables)
@@ -284,10 +313,7 @@ def test_a_segment_committed_while_the_reset_checks_the_ledger_is_never_lost(
         restore_pristine(loaded, refill=False)
     for thread in threads:
         thread.join(30)
-    assert committed
-    with psycopg.connect(loaded.dsn()) as conn:
-        has_february = Segment("AAPL", "1d", FEB) in read_loaded_segments(conn)
-    assert not committed[0] or has_february, "a committed segment was lost to the reset"
+    _kept_if_committed(loaded, committed)
 
 
 def test_a_segment_committed_while_the_reset_copies_is_never_lost(
@@ -298,20 +324,22 @@ def test_a_segment_committed_while_the_reset_copies_is_never_lost(
     before the swap: the reset refuses, the segment stays."""
     save_pristine(loaded, pool_size=0)
     copied: list[bool] = []
+    real = pool._create_from
 
-    def a_writer_commits_after_the_copy() -> None:  # the first statement of a copying reset: CREATE DATABASE
+    def a_writer_commits_after_the_copy(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
         if not copied:
             copied.append(True)
             _toggle_february(loaded)
 
-    monkeypatch.setattr(_snapshot_sql, "_after_statement", a_writer_commits_after_the_copy)
+    monkeypatch.setattr(pool, "_create_from", a_writer_commits_after_the_copy)
     with pytest.raises(SnapshotError, match="predates the database's ledger") as refused:
         restore_pristine(loaded, refill=False)
     assert copied and "\n" not in str(refused.value)
     with psycopg.connect(loaded.dsn()) as conn:
         assert Segment("AAPL", "1d", FEB) in read_loaded_segments(conn), "a committed segment was lost"
     # Nothing of the copy is left behind: a plain reset after the snapshot catches up restores February too.
-    monkeypatch.setattr(_snapshot_sql, "_after_statement", None)
+    monkeypatch.setattr(pool, "_create_from", real)
     assert not [name for name in _databases(loaded) if "__pool_" in name]
     save_pristine(loaded, pool_size=0)
     expected = _state(loaded.dsn())
@@ -336,3 +364,148 @@ def test_a_reset_that_refuses_ends_no_session(loaded: ServerInfo, pool_size: int
         assert writer.execute("SELECT 1").fetchone() == (1,)
         writer.commit()
         assert idle.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("pool_size", [1, 0])
+def test_a_session_connecting_after_the_last_ledger_read_cannot_commit_a_segment_the_reset_throws_away(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch, pool_size: int
+) -> None:
+    """The reset read the ledger's stamp under its lock and ended every session, then renamed: a session that
+    connected in the milliseconds between (a jobs worker loads without the profile lock) committed a segment
+    that went to the trash with the old database, the restored one lacking it, while the writer thought it
+    loaded. Here a writer connects, commits February and disconnects right before the swap: it must be refused
+    (its connection or its commit), or keep February."""
+    save_pristine(loaded, pool_size=pool_size)
+    _dirty(loaded)  # a developer's dirt: the reset goes on
+    committed: list[bool] = []
+    real = pool._take
+
+    def a_writer_commits_then_the_swap(conn: psycopg.Connection[object], *args: object, **kw: object) -> None:
+        if not committed:  # connects, loads February, commits, disconnects
+            _record_commit(committed, lambda: _toggle_february(loaded))
+        real(conn, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pool, "_take", a_writer_commits_then_the_swap)
+    monkeypatch.setattr(snapshot, "_take", a_writer_commits_then_the_swap)
+    with contextlib.suppress(SnapshotError):  # refused: the ledger moved on
+        restore_pristine(loaded, refill=False)
+    _kept_if_committed(loaded, committed)
+
+
+@pytest.mark.parametrize("repair", ["reset", "status", "refresh"])
+def test_a_reset_killed_with_its_door_shut_leaves_a_database_the_next_command_opens(
+    loaded: ServerInfo, repair: str
+) -> None:
+    """From its last read of the ledger to its swap a reset makes the database refuse new sessions: killed there,
+    the next reset, status or refresh (its connection) opens it again, and the data is what it was."""
+    save_pristine(loaded, pool_size=1)
+    expected = _state(loaded.dsn())
+    assert not _killed_after(loaded, 1, "snapshot.restore_pristine(server, refill=False)")  # ALTER DATABASE
+    assert _refusing(loaded)
+    with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+        _state(loaded.dsn())
+    if repair == "reset":
+        assert restore_pristine(loaded, refill=False).method == "pool"
+    elif repair == "status":
+        assert pool_status(loaded).pristine
+    else:
+        with snapshot.connect_working(loaded, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert not _refusing(loaded)
+    assert _state(loaded.dsn()) == expected
+
+
+def test_a_session_starting_when_the_door_shuts_is_ended_before_it_can_commit(loaded: ServerInfo) -> None:
+    """A session past the database's check of ALLOW_CONNECTIONS but not yet in pg_stat_activity (its backend still
+    starting: here held by post_auth_delay) when the reset shuts the door and ends the sessions was not ended: it
+    then committed February, which the swap threw away. The reset waits for such a start, then ends it."""
+    save_pristine(loaded, pool_size=1)
+    _dirty(loaded)
+    committed: list[bool] = []
+
+    def slow_write() -> None:
+        with psycopg.connect(loaded.dsn(), autocommit=True, options="-c post_auth_delay=2") as conn:
+            load_segment(conn, Segment("AAPL", "1d", FEB), daily_bars("AAPL", FEB, 20), "feb", tz="UTC")
+
+    writer = threading.Thread(target=_record_commit, args=(committed, slow_write))
+    writer.start()
+    try:
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
+            for _ in range(1000):  # until its backend holds its database's lock, past the check
+                starting = watch.execute(
+                    "SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.objid WHERE l.locktype = 'object' "
+                    "AND l.classid = 'pg_database'::regclass AND d.datname = %s AND l.granted",
+                    (loaded.dbname,),
+                ).fetchone()
+                if starting:
+                    break
+                time.sleep(0.002)
+            assert starting, "the writer's session never started"
+        with contextlib.suppress(SnapshotError):  # refused: the ledger moved on
+            restore_pristine(loaded, refill=False)
+    finally:
+        writer.join(30)
+    _kept_if_committed(loaded, committed)
+
+
+def test_a_deadlock_with_a_writer_on_the_ledger_ends_the_writer_and_the_reset_restores(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer holding refresher_features, then asking for refresher_segments, beside the reset's lock of both
+    (segments first): a real deadlock, which the server reports to the reset (its deadlock_timeout is the shorter).
+    It read as 'cannot reach the server for snapshots'; it is a busy lock like a lock timeout: the writer ends
+    and the reset restores."""
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute(FEATURES_DDL)
+        ensure_ledger_counter(conn, "refresher_features")
+    save_pristine(loaded, pool_size=1)
+    expected = _state(loaded.dsn())
+    _dirty(loaded)
+    # The reset's wait for the lock is made longer than its deadlock_timeout, so the server reports the deadlock
+    # rather than the lock timeout; the writer's is longer still, so the reset is the one told.
+    monkeypatch.setattr(
+        snapshot,
+        "_LEDGER_LOCK_WAIT",
+        f"-c lock_timeout=20s -c deadlock_timeout=1s -c application_name={snapshot._CHECKER}",
+    )
+    busy: list[type[BaseException]] = []
+    real = snapshot._evicting
+
+    def recording(conn: Any, ending: Any, run: Any, *args: Any, **kwargs: Any) -> Any:
+        def recorded() -> Any:
+            try:
+                return run()
+            except psycopg.Error as exc:
+                busy.append(type(exc))
+                raise
+
+        return real(conn, ending, recorded, *args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "_evicting", recording)
+    with psycopg.connect(loaded.dsn()) as writer:
+        writer.execute("SET deadlock_timeout = '60s'")
+        writer.execute("DELETE FROM refresher_features WHERE false")  # ROW EXCLUSIVE on features, held
+        row = writer.execute("SELECT 'refresher_features'::regclass::oid").fetchone()
+        features = row[0] if row else None
+        with ThreadPoolExecutor(1) as pool_:
+            resetting = pool_.submit(restore_pristine, loaded, refill=False)
+            with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
+                for _ in range(2000):  # until the reset holds segments and waits for features
+                    waiting = watch.execute(
+                        "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
+                        "AND a.application_name = %s AND l.relation = %s",
+                        (snapshot._CHECKER, features),
+                    ).fetchone()
+                    if waiting:
+                        break
+                    time.sleep(0.005)
+                assert waiting, "the reset never waited for the writer's lock"
+            # The deadlock's other side: its statement goes on once the reset's transaction rolled back, or is ended.
+            with contextlib.suppress(psycopg.OperationalError):
+                writer.execute("DELETE FROM refresher_segments WHERE false")
+            assert resetting.result(60).method == "pool"
+        with pytest.raises(psycopg.OperationalError):  # ended by the reset's retry
+            writer.execute("SELECT 1")
+        writer.close()
+    assert psycopg.errors.DeadlockDetected in busy, busy
+    assert _state(loaded.dsn()) == expected

@@ -214,7 +214,8 @@ def _one_connecting_after_the_ending(server: ServerInfo, monkeypatch: pytest.Mon
     def then_one_connects(conn: psycopg.Connection[object], db: str | None, *more: str) -> int:
         ended = real(conn, db, *more)
         if not late and db == server.dbname:
-            late.append(psycopg.connect(server.dsn(), autocommit=True))
+            # The database itself refuses sessions from the reset's last read (its door): one lands on the clone.
+            late.append(psycopg.connect(server.dsn(more[0] if more else db), autocommit=True))
         return ended
 
     monkeypatch.setattr(_snapshot_sql, "_terminate_others", then_one_connects)
