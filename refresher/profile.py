@@ -110,8 +110,11 @@ def _not_a_number(value: Any) -> Any:
     return value
 
 
-# Whole numbers and dates as YAML writes them: lax mode took `months: true` for 1 and `as_of: 0` for 1970-01-01.
+# Numbers, booleans and dates as YAML writes them: lax mode took `months: true` for 1, `as_of: 0` for 1970-01-01,
+# `reset_target_seconds: '30'` for 30.0 and `version_query: 'no'` or 0 for false. A float field takes an int.
 _Int = Annotated[int, Strict()]
+_Float = Annotated[float, Strict()]
+_Bool = Annotated[bool, Strict()]
 _Date = Annotated[dt.date, BeforeValidator(_not_a_number)]
 
 
@@ -132,7 +135,7 @@ class _SourceBase(_Strict):
     """What every source shares: what to do with rows that fail validation, and with shrinking segments."""
 
     on_bad_rows: BadRowPolicy = "fail"
-    allow_shrink: bool = False
+    allow_shrink: _Bool = False
 
 
 class SyntheticSourceSpec(_SourceBase):
@@ -164,7 +167,7 @@ class PostgresSourceSpec(_SourceBase):
     columns: dict[TargetColumn, str] = Field(default_factory=dict)
     tz: str = "UTC"
     version: str = ""
-    version_query: bool = True
+    version_query: _Bool = True
     # timeframe -> a SELECT with %(symbol)s, %(start)s, %(end)s placeholders, sent with them as parameters
     queries: dict[Timeframe, str] = Field(default_factory=dict)
 
@@ -218,7 +221,7 @@ class _Profile(_Strict):
     features: list[FeatureEntry] = Field(default_factory=list)
     seed: _Int = 0
     seeds: dict[str, _Int] = Field(default_factory=dict)
-    reset_target_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    reset_target_seconds: _Float = Field(default=30.0, gt=0, allow_inf_nan=False)
     source: SourceSpec = Field(default_factory=SyntheticSourceSpec)
 
 

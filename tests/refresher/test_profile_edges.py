@@ -85,6 +85,14 @@ def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
         ("start: 0\nend: 2024-01-31\n", "start=0"),
         # .inf passed `gt=0`, and `profiles --json` then printed `Infinity`, which is not JSON
         ("months: 1\nreset_target_seconds: .inf\n", "reset_target_seconds=inf"),
+        # a number field took a YAML boolean or a quoted number: `true` was 1.0 s, `'30'` was 30.0 s
+        ("months: 1\nreset_target_seconds: true\n", "reset_target_seconds=True"),
+        ("months: 1\nreset_target_seconds: '30'\n", "reset_target_seconds='30'"),
+        # a boolean field took words and numbers: `'no'` and 0 were false, 1 was true
+        ("months: 1\nsource: {allow_shrink: 'no'}\n", "source.allow_shrink='no'"),
+        ("months: 1\nsource: {kind: files, path: d, allow_shrink: 1}\n", "source.allow_shrink=1"),
+        ("months: 1\nsource: {kind: postgres, dsn: x, version_query: 'no'}\n", "source.version_query='no'"),
+        ("months: 1\nsource: {kind: postgres, dsn: x, version_query: 0}\n", "source.version_query=0"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_refused_not_coerced(tmp_path: Path, body: str, named: str) -> None:
@@ -132,5 +140,17 @@ def test_a_universe_file_ending_in_upper_case_csv_is_read(tmp_path: Path) -> Non
     path.write_text("universe: {file: U.CSV}\nmonths: 1\n")
     done = run_cli(
         "plan", "-p", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s"), "--json"
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_whole_number_target_and_yaml_booleans_still_load(tmp_path: Path) -> None:
+    """Strict is not stricter than YAML: an int for a float field, and true/false, are what a user writes."""
+    path = tmp_path / "typed.yaml"
+    path.write_text(
+        "universe: {symbols: [AAA]}\nmonths: 1\nreset_target_seconds: 5\nsource: {kind: synthetic, allow_shrink: true}\n"
+    )
+    done = run_cli(
+        "plan", "--profile", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s")
     )
     assert done.returncode == 0, done.stderr
