@@ -34,12 +34,18 @@ def open_lock_file(path: Path) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a traceback from every command, before
-            raise StoreNotWritable(str(path), exc.strerror or str(exc)) from None
-        if exc.errno in (errno.EISDIR, errno.ENOTDIR):  # a directory at the path, a file at a parent's
-            reason = (exc.strerror or str(exc)).lower()
-            raise StoreNotWritable(str(path), reason, "move it out of the way and run again") from None
+        raise_not_writable(path, exc)
         raise
+
+
+def raise_not_writable(path: Path, exc: OSError) -> None:
+    """StoreNotWritable if ``exc``, met opening ``path`` in the store for writing, says the store cannot be
+    written or something else is where the file goes; nothing for any other failure."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a traceback from every command, before
+        raise StoreNotWritable(str(path), exc.strerror or str(exc)) from None
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):  # a directory at the path, a file at a parent's
+        reason = (exc.strerror or str(exc)).lower()
+        raise StoreNotWritable(str(path), reason, "move it out of the way and run again") from None
 
 
 @contextmanager
@@ -68,4 +74,4 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
         os.close(fd)
 
 
-__all__ = ["file_lock", "open_lock_file", "thread_lock"]
+__all__ = ["file_lock", "open_lock_file", "raise_not_writable", "thread_lock"]

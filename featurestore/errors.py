@@ -7,6 +7,7 @@ attributes, and the exit status a command line should use (2). refresher prints 
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 
@@ -71,23 +72,42 @@ class StoreDiskFull(FeatureStoreError):
 
     def __init__(self, root: str, free: int, detail: str) -> None:
         super().__init__(
-            f"disk full: {root} has {free / 2**20:,.0f} MB free, not enough to write the store's manifest "
+            f"disk full: {root} has {free / 2**20:,.0f} MB free, not enough to write to the store "
             f"({detail}); free some space and run again",
             path=root,
             free=free,
         )
 
+    @classmethod
+    def at(cls, root: str, detail: str) -> StoreDiskFull:
+        """The error for ``root``, with the space free there now."""
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = 0
+        return cls(root, free, detail)
+
 
 class StoreFormatNewer(FeatureStoreError):
     """The manifest records a store format newer than this featurestore writes: a newer version filled the store,
-    and this one would misread its files (and, writing, record its own older format over the newer one)."""
+    and this one would misread its files (and, writing, record its own older format over the newer one). Also a
+    manifest in a storage version this DuckDB cannot read (``upgrade`` then names duckdb)."""
 
-    def __init__(self, path: str, found: int, known: int) -> None:
+    def __init__(
+        self, path: str, reason: str, upgrade: str = "refresher/featurestore", **fields: Any
+    ) -> None:
         super().__init__(
-            f"manifest={path}: store format {found} was written by a newer featurestore (this one knows formats up "
-            f"to {known}); upgrade refresher/featurestore, or point the store elsewhere (--store, "
+            f"manifest={path}: {reason}; upgrade {upgrade}, or point the store elsewhere (--store, "
             "FEATURE_STORE_PATH, --cache-root)",
             path=path,
+            **fields,
+        )
+
+    @classmethod
+    def store_format(cls, path: str, found: int, known: int) -> StoreFormatNewer:
+        return cls(
+            path,
+            f"store format {found} was written by a newer featurestore (this one knows formats up to {known})",
             found=found,
             known=known,
         )

@@ -33,7 +33,6 @@ import datetime as dt
 import errno
 import logging
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,7 +43,7 @@ from typing import Any
 import pyarrow as pa
 
 from featurestore._duckdb import duckdb, interrupts_noted
-from featurestore._locks import file_lock, thread_lock
+from featurestore._locks import file_lock, raise_not_writable, thread_lock
 from featurestore.errors import (
     FeatureStoreError,
     ManifestBusy,
@@ -67,6 +66,8 @@ _DAMAGED_SUFFIX = ".damaged-"
 _FILLED = "restored_from_files"
 # DuckDB's message when another program holds the file: not damage, the file must not be moved aside.
 _HELD_ELSEWHERE = "Could not set lock"
+# DuckDB's IOException (also raised for damage) for a file in a storage version it cannot read yet.
+_NEWER_DUCKDB = "newer version of DuckDB"
 _INTERRUPTED = "Query interrupted"  # DuckDB's RuntimeError after it took a SIGINT (see ``_interrupts_kept``)
 # DuckDB's words (the C library's) for a write that found the disk or the quota full: not damage either.
 _DISK_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
@@ -298,6 +299,29 @@ class Manifest:
         with self.write() as txn:
             yield txn.con
 
+    def refuse_newer(self) -> None:
+        """StoreFormatNewer if a newer featurestore (or DuckDB) wrote the manifest, before anything is written:
+        called when a store is opened, as a read of a key with a file of its own never opens the manifest. Once
+        per version of the file in a process; a damaged or missing one is left to the first write."""
+        identity = _identity(self.path)
+        if identity is None or _NOT_NEWER.get(self.path) == identity:
+            return
+        with (
+            _interrupts_kept(),
+            self._thread_lock,
+            file_lock(self._lock_path, shared=True, timeout=self._lock_timeout),
+        ):
+            con = self._open(read_only=True)
+            if isinstance(con, duckdb.Error):
+                return
+            try:
+                found = self._format(con)
+            finally:
+                self._detach(con)
+        if found > STORE_FORMAT:
+            raise StoreFormatNewer.store_format(str(self.path), found, STORE_FORMAT)
+        _NOT_NEWER[self.path] = identity
+
     def _open(self, *, read_only: bool) -> duckdb.DuckDBPyConnection | duckdb.Error:
         """A connection whose tables answer (created when writing), or the error that shows the file damaged.
 
@@ -314,6 +338,14 @@ class Manifest:
             self._raise_if_disk_full(exc)
             if _HELD_ELSEWHERE in str(exc):
                 raise ManifestBusy(str(self.path), _first_line(exc)) from None
+            if _NEWER_DUCKDB in str(
+                exc
+            ):  # not damage: set aside and rebuilt, the newer DuckDB's file is lost
+                raise StoreFormatNewer(
+                    str(self.path),
+                    f"{_first_line(exc)} ({_NEWER_DUCKDB}, this is {duckdb.__version__})",
+                    "duckdb",
+                ) from None
             return exc
         try:
             if not read_only:
@@ -335,11 +367,7 @@ class Manifest:
         """StoreDiskFull if DuckDB could not write for lack of space: one line, and never taken for damage (a
         manifest set aside and rebuilt loses every access time and counter)."""
         if any(words in str(exc) for words in _DISK_FULL):
-            try:
-                free = shutil.disk_usage(self.root).free
-            except OSError:
-                free = 0
-            raise StoreDiskFull(str(self.root), free, _first_line(exc)) from None
+            raise StoreDiskFull.at(str(self.root), _first_line(exc)) from None
 
     def _host(self) -> duckdb.DuckDBPyConnection:
         """This process's in-memory DuckDB for this manifest, started on first use.
@@ -393,7 +421,7 @@ class Manifest:
         try:
             found = self._format(con)
             if found > STORE_FORMAT:  # before anything is written: its layout is not this code's to change
-                raise StoreFormatNewer(str(self.path), found, STORE_FORMAT)
+                raise StoreFormatNewer.store_format(str(self.path), found, STORE_FORMAT)
             if found != STORE_FORMAT:  # _open has added the columns; say so once
                 con.execute("DELETE FROM counters WHERE name = ?", [_FORMAT])
                 con.execute("INSERT INTO counters VALUES (?, ?)", [_FORMAT, STORE_FORMAT])
@@ -466,6 +494,7 @@ class Manifest:
                 # A full disk must not fail the read that was served (it did, ENOSPC): these accesses go
                 # unrecorded, so their keys may expire a little sooner. A line cut short is never folded.
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise_not_writable(self._journal, exc)
                     raise
         if size > _JOURNAL_FOLD_BYTES and self._journal_pending(_JOURNAL_FOLD_BYTES):
             # Reads of keys with files of their own never open the manifest, so nothing folded their lines: a
@@ -487,6 +516,8 @@ class Manifest:
         # Appenders hold the journal lock shared, so renaming under it exclusively never cuts a line in two;
         # files left by a folder that died before committing are folded again (access times are idempotent).
         with file_lock(self._journal_lock, timeout=self._lock_timeout):
+            if self._journal.is_dir():  # made by hand: renamed to .folding, it would fail every write to come
+                raise_not_writable(self._journal, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
             if self._journal.exists() and self._journal.stat().st_size > 0:
                 self._journal.rename(self.root / f"{_JOURNAL_FILE}.{uuid.uuid4().hex}{_FOLDING_SUFFIX}")
         pending = sorted(self.root.glob(_JOURNAL_FILE + ".*" + _FOLDING_SUFFIX))
@@ -682,6 +713,8 @@ class Manifest:
 
 # Per process: the (inode, size, mtime) of each manifest last seen whole, so the full read runs once per version.
 _SOUND: dict[Path, tuple[int, int, int] | None] = {}
+# Per process: the identity of each manifest found no newer than this code (``Manifest.refuse_newer``).
+_NOT_NEWER: dict[Path, tuple[int, int, int]] = {}
 # Per process and manifest: the in-memory DuckDB the file is attached to for each access (``Manifest._host``),
 # and the name it is attached under.
 _HOSTS: dict[tuple[int, Path], duckdb.DuckDBPyConnection] = {}
@@ -720,7 +753,7 @@ def _literal(text: str) -> str:
 def _identity(path: Path) -> tuple[int, int, int] | None:
     try:
         status = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a root under a file: FeatureStore says so in one line
         return None
     return status.st_ino, status.st_size, status.st_mtime_ns
 

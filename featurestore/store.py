@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from featurestore import _files, _packs, _writes, maintenance
 from featurestore._locks import file_lock, open_lock_file
-from featurestore.errors import ComputeError, bad_value
+from featurestore.errors import ComputeError, StoreDiskFull, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_many
 from featurestore.keys import Raw, feature_key, is_dataframe, time_ranges, to_arrow
 from featurestore.maintenance import IntegrityReport
@@ -136,6 +136,8 @@ class FeatureStore:
         self.compression_level = compression_level
         self.lock_timeout = lock_timeout
         self.pack_max_rows = pack_max_rows
+        self.manifest = Manifest(self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows)
+        self.manifest.refuse_newer()  # before anything is written
         try:
             (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)
             _mkdir_unless_read_only(self.root / _LOCK_DIR)
@@ -144,7 +146,6 @@ class FeatureStore:
             raise bad_value(
                 "root", str(self.root), f"cannot hold a store: {exc.filename} ({exc.strerror})"
             ) from None
-        self.manifest = Manifest(self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows)
         self._session = AccessCounts()
         self._session_lock = threading.Lock()
         self._ensure_manifest()
@@ -588,31 +589,47 @@ def _mkdir_unless_read_only(path: Path) -> None:
 
 def _refuse_code_before_packs(root: Path) -> None:
     """Put the ``_FORMAT_MARKER`` file in place, replacing the ``locks`` directory of a store opened before it
-    (by code from before packs, or since packs but before the marker). Atomic: a temporary renamed over it; an
-    older checkout's mkdir in between (the rename then meets a directory) is moved aside again. The lock files in
-    a moved directory serve only single-flight: two processes may then compute one key twice, never wrongly."""
+    (by code from before packs, or since packs but before the marker). The marker's text is written first, the
+    directory moved aside and the marker renamed into its place at once, and only then the old lock files removed
+    (thousands of them): an older checkout's mkdir finds the marker all that while. One meeting a directory again
+    (an older checkout's mkdir in between) moves it aside again. The lock files in a moved directory serve only
+    single-flight: two processes may then compute one key twice, never wrongly."""
     marker = root / _FORMAT_MARKER
+    if marker.is_file():
+        return
+    temporary = root / f".{_FORMAT_MARKER}-{uuid.uuid4().hex}.tmp"
+    asides: list[Path] = []
     try:
+        temporary.write_text(_MARKER_TEXT)
         for _ in range(8):
             if marker.is_dir():
                 aside = root / f".{_FORMAT_MARKER}-{uuid.uuid4().hex}.old"
                 with contextlib.suppress(FileNotFoundError):  # else another process moved it first
                     os.rename(marker, aside)
-                    shutil.rmtree(aside, ignore_errors=True)
+                    asides.append(aside)
             elif marker.exists():
                 return
-            temporary = root / f".{_FORMAT_MARKER}-{uuid.uuid4().hex}.tmp"
             try:
-                temporary.write_text(_MARKER_TEXT)
                 os.rename(temporary, marker)  # over nothing, or another process's marker: the same text
                 return
             except IsADirectoryError:  # an older checkout's mkdir came first: move it aside
                 continue
-            finally:
-                temporary.unlink(missing_ok=True)
+        raise bad_value(
+            "root",
+            str(root),
+            f"{marker} is made again as a directory each time it is replaced (featurestore code from before packs "
+            "opening the store over and over?); stop that code, update its checkout and run again",
+        )
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreDiskFull.at(str(root), f"writing {temporary.name}: {exc.strerror}") from None
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only store: no gc runs there
             raise
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _unchanged(

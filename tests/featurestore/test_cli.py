@@ -117,7 +117,7 @@ def test_a_read_only_store_is_one_line_and_exit_2(read_only_store: Path) -> None
         )
 
 
-@pytest.mark.parametrize("name", ["manifest.lock", "access.journal.lock"])
+@pytest.mark.parametrize("name", ["manifest.lock", "access.journal.lock", "access.journal"])
 def test_a_directory_where_a_lock_file_goes_is_one_line_and_exit_2(used: FeatureStore, name: str) -> None:
     # os.open of a directory for writing: IsADirectoryError, a traceback from every command, exit 1.
     lock = used.root / name

@@ -4,8 +4,10 @@ refuses that code before it touches anything."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from featurestore import FeatureStore
+from featurestore import FeatureStore, FeatureStoreError, StoreDiskFull
 from tests.featurestore.test_gc import REPO
 
 BEFORE_PACKS = "fbd8ea4~1"
@@ -81,3 +83,71 @@ def test_code_from_before_packs_refuses_a_store_with_packs(
     assert "format 2" in (root / "locks").read_text()
     again = FeatureStore(root)
     assert {key: again.get(key) for key, _, _ in tables} == {key: table for key, table, _ in tables}
+
+
+def locks_directory(root: Path) -> Path:
+    """A store opened before the marker: its locks a directory of lock files."""
+    FeatureStore(root)
+    marker = root / "locks"
+    marker.unlink()
+    marker.mkdir()
+    for i in range(20):
+        (marker / f"{i:02d}.lock").write_text("")
+    return marker
+
+
+def test_the_marker_is_in_place_before_the_old_locks_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old locks directory was moved aside, then removed (4,096 files), then the marker written: during the
+    removal an older checkout's mkdir succeeded (and its gc deleted the packs), and a kill left no marker."""
+    root = tmp_path / "store"
+    marker = locks_directory(root)
+    removals: list[object] = []
+
+    def older_checkout_then_kill(path: object, *args: object, **kwargs: object) -> None:
+        removals.append(path)
+        with pytest.raises(FileExistsError):  # an older checkout opening the store meanwhile is refused
+            marker.mkdir(exist_ok=True)
+        raise KeyboardInterrupt  # stands for a kill -9 while the old lock files are being removed
+
+    monkeypatch.setattr(shutil, "rmtree", older_checkout_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureStore(root)
+    assert removals and marker.is_file() and "format 2" in marker.read_text()
+
+
+def test_a_locks_directory_made_again_on_every_try_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop that moves the directory aside gave up silently after 8 tries, leaving no marker."""
+    root = tmp_path / "store"
+    marker = locks_directory(root)
+    rename = os.rename
+
+    def older_checkout_first(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == marker:
+            marker.mkdir(exist_ok=True)  # an older checkout's mkdir, just before each rename
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", older_checkout_first)
+    with pytest.raises(FeatureStoreError, match=f"root={str(root)!r}: .*locks.* is made again") as raised:
+        FeatureStore(root)
+    assert "\n" not in str(raised.value)
+    assert not list(root.glob(".locks-*"))  # nothing left behind
+
+
+def test_a_full_disk_writing_the_marker_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    write_text = Path.write_text
+
+    def full(path: Path, *args: object, **kwargs: object) -> int:
+        if path.name.startswith(".locks-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(StoreDiskFull, match="disk full"):
+        FeatureStore(root)
+    assert not list(root.glob(".locks-*"))

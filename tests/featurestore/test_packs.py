@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import multiprocessing
+import struct
 import subprocess
 import sys
 import time
@@ -283,23 +284,63 @@ def test_a_store_a_newer_version_wrote_is_refused_and_left_as_it_is(tmp_path: Pa
     """The reverse of the migration above: a manifest recording a later format than ``STORE_FORMAT`` (a newer
     featurestore's) was taken for this one's: its first write recorded ``STORE_FORMAT`` over it and every read
     went on reading files whose layout this code does not know (as refresher 9c0c3bf, before packs, took every
-    packed key of a format-2 store for corrupt and evicted it). Each access now refuses in one line, writing
-    nothing."""
+    packed key of a format-2 store for corrupt and evicted it). Opening the store now refuses in one line,
+    writing nothing: a key with a file of its own was served by ``get`` (which never opens the manifest), and
+    recorded in the access journal."""
     root = tmp_path / "cache"
     items = batch("k", 3)
     FeatureStore(root).put_many(items)
+    FeatureStore(root).put("own", daily("own"))
     with duckdb.connect(str(root / "manifest.duckdb")) as con:
         con.execute("UPDATE counters SET value = ? WHERE name = 'store_format'", [STORE_FORMAT + 1])
-    before = (root / "manifest.duckdb").read_bytes()
-    store = FeatureStore(root)
+    before = tree(root)
     newer = f"store format {STORE_FORMAT + 1} was written by a newer featurestore"
     with pytest.raises(StoreFormatNewer, match=newer):
-        store.get_many([key for key, _t, _s in items])
+        FeatureStore(root).get("own")
     with pytest.raises(StoreFormatNewer, match=newer):
-        store.put_many(batch("n", 2))
-    assert (root / "manifest.duckdb").read_bytes() == before
+        FeatureStore(root).put_many(batch("n", 2))
+    assert tree(root) == before
     done = cli("stats", "--cache-root", str(root))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and newer in done.stderr
+    assert tree(root) == before
+
+
+def test_a_manifest_a_newer_duckdb_wrote_is_refused_not_rebuilt(tmp_path: Path) -> None:
+    """A manifest in a DuckDB storage version this DuckDB cannot read was taken for damage: set aside and rebuilt
+    from the files, losing every access time and counter (and the newer DuckDB's file). Now one line."""
+    root = tmp_path / "cache"
+    FeatureStore(root).put("own", daily("own"))
+    manifest = root / "manifest.duckdb"
+    with duckdb.connect(":memory:") as con:  # the file closed, checkpointed: no WAL beside it
+        con.execute(f"ATTACH '{manifest}' AS m")
+    assert not manifest.with_name(manifest.name + ".wal").exists()
+    later_storage_version(manifest)
+    before = tree(root)
+    with pytest.raises(StoreFormatNewer, match="newer version of DuckDB") as raised:
+        FeatureStore(root).get("own")
+    assert "\n" not in str(raised.value) and str(manifest) in str(raised.value)
+    done = cli("stats", "--cache-root", str(root))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert tree(root) == before
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``, with a file's bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+def later_storage_version(path: Path) -> None:
+    """Record a storage version past any this DuckDB reads in both database headers of a DuckDB file (a later
+    DuckDB's file), with each header's checksum (DuckDB's: 5381 xor each 8-byte word times a constant)."""
+    data = bytearray(path.read_bytes())
+    for header in (4096, 8192):
+        struct.pack_into("<Q", data, header + 56, 999_999)  # serialization_compatibility
+        words = struct.unpack_from("<511Q", data, header + 8)
+        checksum = 5381
+        for word in words:
+            checksum ^= (word * 0xBF58476D1CE4E5B9) % 2**64
+        struct.pack_into("<Q", data, header, checksum)
+    path.write_bytes(data)
 
 
 @pytest.mark.parametrize("n", [5, 12])  # a stat per key, or one listing of the keys' directory
