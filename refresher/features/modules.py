@@ -8,7 +8,8 @@ another of the user's modules recomputes the feature, as editing one beside it d
 versioned by its install, not read.
 
 Imports are found by parsing the source, and located without importing anything: a module this process already
-imported by its ``__file__``, another through the path finder (a function's lazy import not yet run).
+imported by its ``__file__``, another through the path finder (a function's lazy import not yet run). A module
+imported is versioned by its source as read when it was imported (``record_imports``), the code this process runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import importlib.util
 import os
 import sys
 import weakref
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -79,24 +80,77 @@ def _read(name: str, *, anywhere: bool = False) -> UserModule | None:
     return UserModule(name, path, source, frozenset(_imports(source, package)))
 
 
-# The source of each imported module as this process first read it: what its code is, in a process (a worker)
-# that refreshes again after the user edited the file, until it imports the module again.
-_IMPORTED: weakref.WeakKeyDictionary[ModuleType, bytes] = weakref.WeakKeyDictionary()
+# The source of each of the user's modules as this process imported it, by the module's spec (one per import: a
+# module imported again has a new one): what its code is, in a process (a worker) that refreshes again after the
+# user edited the file, until it imports the module again. By identity (a spec is not hashable), while it lives.
+_IMPORTED: dict[int, tuple[weakref.ref[object], bytes]] = {}
+
+
+def _remember(key: object, source: bytes) -> bytes:
+    """Record ``source`` as ``key``'s; it."""
+
+    def forget(ref: weakref.ref[object], ident: int = id(key)) -> None:
+        if _IMPORTED.get(ident, (None,))[0] is ref:
+            del _IMPORTED[ident]
+
+    _IMPORTED[id(key)] = (weakref.ref(key, forget), source)
+    return source
+
+
+def _recalled(key: object) -> bytes | None:
+    ref, source = _IMPORTED.get(id(key), (None, None))
+    return source if ref is not None and ref() is key else None
+
+
+class _Recorder:
+    """First on ``sys.meta_path``: finds a module's spec with the finders after it, as the import system would, and
+    reads the source of a module of the user's as it is imported (a helper imported inside the function too)."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        finders = sys.meta_path
+        after = finders[finders.index(self) + 1 :] if self in finders else finders[:]
+        for finder in after:
+            find = getattr(finder, "find_spec", None)
+            spec: importlib.machinery.ModuleSpec | None = (
+                find(name, path, target) if find is not None else None
+            )
+            if spec is not None:
+                break
+        else:
+            return None
+        origin = spec.origin
+        if spec.has_location and isinstance(origin, str) and origin.endswith(".py") and _is_users(origin):
+            try:
+                with open(origin, "rb") as file:
+                    source = file.read()
+            except OSError:
+                return spec  # the loader finds out
+            _remember(spec, source)
+        return spec
+
+
+def record_imports() -> None:
+    """From here on, record the source of the user's modules as this process imports them (idempotent)."""
+    if not any(isinstance(finder, _Recorder) for finder in sys.meta_path):
+        _not_users()  # computed before: it imports
+        sys.meta_path.insert(0, _Recorder())
 
 
 def _source(name: str, path: str) -> bytes | None:
-    """Module ``name``'s source: as first read while the module is the one imported, else the file as it is now."""
+    """Module ``name``'s source: as imported (recorded then, or first read since), else the file as it is now."""
     module = sys.modules.get(name)
-    if module is not None and module in _IMPORTED:
-        return _IMPORTED[module]
+    key = None if module is None else getattr(module, "__spec__", None) or module
+    if key is not None and (recorded := _recalled(key)) is not None:
+        return recorded
     try:
         with open(path, "rb") as file:
             source = file.read()
     except OSError:
         return None
-    if module is not None:
-        source = _IMPORTED.setdefault(module, source)
-    return source
+    # Imported before ``record_imports``: as first read.
+    return source if key is None else _remember(key, source)
 
 
 def _locate(name: str) -> tuple[str, bool] | None:
@@ -186,4 +240,4 @@ def _not_users() -> tuple[str, ...]:
     )
 
 
-__all__ = ["Seen", "UserModule", "user_modules"]
+__all__ = ["Seen", "UserModule", "record_imports", "user_modules"]

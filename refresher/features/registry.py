@@ -176,6 +176,9 @@ def user_feature(path: Path | str, field: str, function: str) -> FeatureSpec:
     if not module_name or not attr:
         raise ProfileError(path, field, function, "write the function as module.path:function_name")
     USER_MODULES.add(module_name)  # its code runs from here on, even if its import fails midway
+    from refresher.features.modules import record_imports, user_modules
+
+    record_imports()  # the source it computes with: the features are versioned later, maybe after an edit
     try:
         module = importlib.import_module(module_name)
     # The user's module: any import-time error is theirs to see, in one line; a sys.exit() at its top level (a
@@ -184,6 +187,7 @@ def user_feature(path: Path | str, field: str, function: str) -> FeatureSpec:
         raise ProfileError(
             path, field, function, f"cannot import {module_name}: {exception_line(exc)}"
         ) from None
+    user_modules([module])  # those imported before ``record_imports``: their source as read now, not later
     func = getattr(module, attr, None)
     if not callable(func):
         raise ProfileError(path, field, function, f"{module_name} has no function {attr}")

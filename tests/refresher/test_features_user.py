@@ -21,7 +21,7 @@ import pytest
 
 from featurestore import FeatureStore
 from refresher.errors import FeatureError, ProfileError
-from refresher.features import cached, refresh_features, registry
+from refresher.features import cached, modules, refresh_features, registry
 from refresher.features.cached import compute_features, daily_frame
 from refresher.profile import Profile
 from refresher.replay import RefreshWrites
@@ -586,18 +586,36 @@ def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
         forget(package)
 
 
-@pytest.mark.parametrize("edited", ["helpers", "mine"])  # a module it imports, the function's own
+def assert_a_new_process_recomputes(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore, package: str, values: list[float]
+) -> None:
+    """A new process (the new code, FACTOR 3 or the function times 1.5) computes ``mine`` again: 1.5 ``values``."""
+    forget(package)
+    assert (
+        run(conn, profile_of(tmp_path, f'{{name: mine, function: "{package}.mine:f"}}'), store).computed == 2
+    )
+    assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
+        [v * 1.5 for v in values]
+    )
+
+
+@pytest.mark.parametrize(
+    ("edited", "style"),
+    # a module it imports, the function's own; a helper it imports when called, after the first refresh versioned it
+    [("helpers", "from"), ("mine", "from"), ("helpers", "in_function")],
+)
 def test_a_process_that_imported_the_old_code_versions_what_it_runs(
     tmp_path: Path,
     conn: psycopg.Connection[Any],
     store: FeatureStore,
     monkeypatch: pytest.MonkeyPatch,
     edited: str,
+    style: str,
 ) -> None:
     # A worker imports the user's modules once and refreshes again and again: after an edit its function still
     # runs the code it imported, so that is what its rows are keyed by. Keyed by the file as edited, they were the
     # old values under the new version: a later process (the new code) took them from the store, stale.
-    package = user_project(tmp_path, monkeypatch, "from")
+    package = user_project(tmp_path, monkeypatch, style)
     root = tmp_path / "project" / package
     helpers = root / "helpers.py"
     entries = f'{{name: mine, function: "{package}.mine:f"}}'
@@ -611,10 +629,36 @@ def test_a_process_that_imported_the_old_code_versions_what_it_runs(
             mine.write_text(mine.read_text().replace("smooth(df['close'])", "smooth(df['close']) * 1.5"))
         # The same process: the code it runs did not change.
         assert run(conn, profile_of(tmp_path, entries), store).loaded == 0
-        forget(package)  # a new process: the new code
-        assert run(conn, profile_of(tmp_path, entries), store).computed == 2
-        assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
-            [v * 1.5 for v in values]
-        )
+        assert_a_new_process_recomputes(tmp_path, conn, store, package, values)
+    finally:
+        forget(package)
+
+
+# Imported by the user's own code (a conftest) before refresher loaded a profile, or by loading it.
+@pytest.mark.parametrize("imported_before", [False, True])
+def test_a_module_edited_after_the_profile_imported_it_is_versioned_as_imported(
+    tmp_path: Path,
+    conn: psycopg.Connection[Any],
+    store: FeatureStore,
+    monkeypatch: pytest.MonkeyPatch,
+    imported_before: bool,
+) -> None:
+    # Loading the profile imports the user's modules (a worker's job context, a CLI refresh before its segments
+    # load); the features are versioned at the end. An edit in between is not what this process computes with: its
+    # rows keyed by the edited file held the old values, which the next process then served.
+    package = user_project(tmp_path, monkeypatch, "from")
+    helpers = tmp_path / "project" / package / "helpers.py"
+    entries = f'{{name: mine, function: "{package}.mine:f"}}'
+    try:
+        if imported_before:  # in a process that never loaded a profile: refresher records no import yet
+            monkeypatch.setattr(
+                sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, modules._Recorder)]
+            )
+            importlib.import_module(f"{package}.mine")
+        profile = profile_of(tmp_path, entries)
+        helpers.write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
+        run(conn, profile, store)
+        values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
+        assert_a_new_process_recomputes(tmp_path, conn, store, package, values)
     finally:
         forget(package)
