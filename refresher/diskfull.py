@@ -14,7 +14,7 @@ import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -79,7 +79,7 @@ def store_disk_full(root: Path) -> Iterator[None]:
 def data_directory(conn: psycopg.Connection[Any]) -> Path | None:
     """The server's data directory when this host sees it (the local engine); None for a container's, also when
     this host has a directory at that path (a host's own Postgres at the image's path, another disk)."""
-    path, own = _data_directory(conn)
+    path, own, _ = _data_directory(conn)
     return Path(path) if path is not None and own else None
 
 
@@ -97,9 +97,14 @@ def has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
 
 
 def _server_has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
-    """``has_room`` as the server's own ``df`` answers it."""
+    """``has_room`` as the server's own ``df`` answers it; None, without asking, when its role may not run
+    programs (``_Server.may_run``) or an earlier answer on ``conn`` was neither yes nor no: a load asks before
+    every batch, and a refused ``COPY TO PROGRAM`` costs a savepoint and an ERROR in the server's log each time."""
     if needed <= 0:
         return True
+    server = _data_directory(conn)
+    if not server.may_run:
+        return None
     kib = -(-needed // 1024)
     command = f"test \"$(df -Pk . | awk 'NR == 2 {{print $4}}')\" -ge {kib}"
     try:
@@ -108,14 +113,17 @@ def _server_has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
             conn.execute(sql.SQL("COPY (SELECT WHERE false) TO PROGRAM {}").format(sql.Literal(command)))
         return True
     except psycopg.errors.ExternalRoutineException as exc:
-        return False if (exc.diag.message_detail or "").endswith("exit code 1") else None
-    except psycopg.Error:  # not allowed to run programs (42501), no df in the server's image
-        return None
+        if (exc.diag.message_detail or "").endswith("exit code 1"):
+            return False
+    except psycopg.Error:  # not allowed after all (42501), no df in the server's image
+        pass
+    _DATA_DIRECTORY[conn] = server._replace(may_run=False)  # it will not answer on this connection
+    return None
 
 
 def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:
     """The server's data directory (as the server names it) and its free bytes when this host sees it."""
-    path, own = _data_directory(conn)
+    path, own, _ = _data_directory(conn)
     if path is None or not own:  # a container's path is not ours to measure
         return path, None
     try:
@@ -141,16 +149,23 @@ def _disk_full(
     )
 
 
+class _Server(NamedTuple):
+    """What a connection's server lets this host know of its disk."""
+
+    path: str | None  # its data directory, as it names it (None: the role may not read it)
+    own: bool  # the directory at ``path`` on this host is the server's own cluster (the local engine's)
+    may_run: bool  # the role may run programs on the server (a superuser, pg_execute_server_program): its df
+
+
 # Per connection: a load asks before every batch, and the answer never changes while it is open.
-_DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], tuple[str | None, bool]] = (
-    weakref.WeakKeyDictionary()
-)
+_DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], _Server] = weakref.WeakKeyDictionary()
 
 
-def _data_directory(conn: psycopg.Connection[Any]) -> tuple[str | None, bool]:
-    """The server's data directory, and whether it is this host's: the cluster there is the server's own (its
-    ``pg_control`` starts with the server's system identifier). A path alone says nothing: a container's data
-    directory may also name a directory of this host, another cluster's or none.
+def _data_directory(conn: psycopg.Connection[Any]) -> _Server:
+    """The server's data directory, whether it is this host's: the cluster there is the server's own (its
+    ``pg_control`` starts with the server's system identifier), and whether its role may run ``df`` there. A
+    path alone says nothing: a container's data directory may also name a directory of this host, another
+    cluster's or none.
 
     Asked once per connection, by the first caller: a load asks inside its own transaction, a snapshot on its
     autocommit connection, so this never opens a transaction of its own on the caller's connection.
@@ -160,12 +175,14 @@ def _data_directory(conn: psycopg.Connection[Any]) -> tuple[str | None, bool]:
     """
     if conn not in _DATA_DIRECTORY:
         row = conn.execute(
-            "SELECT setting, has_function_privilege('pg_control_system()', 'EXECUTE') FROM pg_settings "
-            "WHERE name = 'data_directory'"
+            "SELECT (SELECT setting FROM pg_settings WHERE name = 'data_directory'), "
+            "has_function_privilege('pg_control_system()', 'EXECUTE'), "
+            "pg_has_role('pg_execute_server_program', 'USAGE')"  # true for a superuser too
         ).fetchone()
-        path = str(row[0]) if row and row[0] else None
+        assert row is not None
+        path = str(row[0]) if row[0] else None
         own = False
-        if path is not None and row is not None and row[1]:
+        if path is not None and row[1]:
             try:
                 with open(Path(path, "global", "pg_control"), "rb") as control:
                     here = int.from_bytes(control.read(8), sys.byteorder, signed=True)
@@ -174,7 +191,7 @@ def _data_directory(conn: psycopg.Connection[Any]) -> tuple[str | None, bool]:
             else:
                 ident = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
                 own = ident is not None and ident[0] == here
-        _DATA_DIRECTORY[conn] = (path, own)
+        _DATA_DIRECTORY[conn] = _Server(path, own, bool(row[2]))
     return _DATA_DIRECTORY[conn]
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -19,14 +20,19 @@ from featurestore import FeatureStore
 from refresher import pool, snapshot
 from refresher._planner_stats import recorded
 from refresher._snapshot_sql import _pristine_mark
+from refresher.database import ensure_schema
+from refresher.diskfull import data_directory, has_room
 from refresher.engines.base import ServerInfo
 from refresher.engines.existing import ExistingServerEngine
 from refresher.errors import SnapshotError
+from refresher.load import load_segment
 from refresher.pool import checkout_clone, drop_clone, pool_status, refill_pool, wait_for_pool
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import RefreshReport, refresh
+from refresher.segments import Segment
 from refresher.snapshot import drop_snapshot, restore_pristine
 from tests.featurestore.test_refresh_heals import CHECKSUMS
+from tests.fixtures_postgres import minute_bars
 from tests.refresher.test_planner_stats import _stale
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -316,3 +322,42 @@ def test_a_role_that_lost_createdb_fails_a_reset_and_a_checkout_in_one_line(
         admin.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(sql.Identifier(plain.user)))
     restore_pristine(plain, refill=False)
     assert _checksums(plain.dsn()) == pristine
+
+
+class _Counting(psycopg.Connection[Any]):
+    """A connection that keeps the statements sent through its ``execute``."""
+
+    sent: list[str]
+
+    def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool = False
+    ) -> Any:
+        self.sent.append(query.as_string(self) if isinstance(query, sql.Composable) else str(query))
+        return super().execute(query, params, prepare=prepare, binary=binary)
+
+
+@pytest.mark.parametrize("may_run", [False, True], ids=["plain", "pg_execute_server_program"])
+def test_a_load_asks_the_servers_df_only_when_the_role_may_run_it(
+    plain: ServerInfo, pg_server: ServerInfo, may_run: bool
+) -> None:
+    # Every batch's disk check sent a COPY ... TO PROGRAM the server refused (42501): an ERROR and its statement
+    # in the server's log, and a savepoint, per batch. A role that may run it (not reading data_directory) is
+    # measured by the server's df: each batch asks, the disk's free space changes.
+    if may_run:
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("GRANT pg_execute_server_program TO {}").format(sql.Identifier(plain.user)))
+    start = dt.datetime(2024, 1, 1, 5, tzinfo=dt.UTC)
+    with _Counting.connect(plain.dsn(), autocommit=True) as conn:
+        conn.sent = []
+        ensure_schema(conn)
+        for i in range(2):
+            segment = Segment(f"S{i}", "1m", dt.date(2024, 1, 1))
+            load_segment(conn, segment, minute_bars(f"S{i}", start, 100), "h", tz="UTC")
+        asked = [statement for statement in conn.sent if "TO PROGRAM" in statement]
+        assert len(asked) == (2 if may_run else 0), asked
+        assert data_directory(conn) is None  # not this role's to read: not measured from this host
+        if may_run:
+            assert has_room(conn, 1) is True and has_room(conn, 2**60) is False
+        else:
+            assert has_room(conn, 1) is None
+            assert not [statement for statement in conn.sent if "TO PROGRAM" in statement]
