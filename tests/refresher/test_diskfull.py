@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
+from refresher.diskfull import MB, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from refresher.errors import DiskFull
@@ -45,9 +46,14 @@ def server_on_a_small_disk() -> Iterator[tuple[ServerInfo, Path]]:
 
 
 def _assert_one_line_naming(error: DiskFull, pgdata: Path) -> None:
+    """One line naming the local server's data directory and its free space as this host measures it (the
+    server's own df would say "has less than"; its failed statement, "is full")."""
     message = str(error)
     assert "\n" not in message and error.exit_code == 2
-    assert message.startswith(f"disk full: {pgdata} has ") and " needs about " in message, message
+    free = error.fields["free"]
+    assert isinstance(free, int), message
+    assert message.startswith(f"disk full: {pgdata} has {free / MB:,.0f} MB free, "), message
+    assert " needs about " in message, message
 
 
 def test_a_full_disk_is_one_line_and_leaves_every_segment_whole_and_the_old_snapshot(
@@ -55,6 +61,8 @@ def test_a_full_disk_is_one_line_and_leaves_every_segment_whole_and_the_old_snap
 ) -> None:
     server, pgdata = server_on_a_small_disk
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        # This host sees the server's own cluster there (its pg_control carries the server's system identifier).
+        assert data_directory(conn) == pgdata
         ensure_schema(conn)
         first = Segment("S0", "1m", dt.date(2024, 1, 1))
         load_segment(
