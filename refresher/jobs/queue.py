@@ -19,8 +19,10 @@ Redis restart between two commands cannot leave a job both acknowledged and unco
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -429,7 +431,7 @@ for i = 4, #ARGV do
   else
     table.insert(deleted, run)
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
-      key .. ':submitting', key .. ':jobs')
+      key .. ':submitting', key .. ':jobs', key .. ':requeue-lock')
     redis.call('ZREM', prefix .. 'runs', run)
     redis.call('SREM', prefix .. 'held', run)
     redis.call('SREM', prefix .. 'features-due', run)
@@ -628,6 +630,40 @@ def enqueue(
     return timings
 
 
+class Every:
+    """Calls ``beat`` every ``every`` seconds on a thread while a block runs (Redis errors are left to the next
+    beat): extends a job's claim so a long job is not reclaimed from a live worker, or renews a lock."""
+
+    def __init__(self, beat: Callable[[], object], every: float) -> None:
+        self.beat, self.every = beat, max(every, 0.05)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Every:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every):
+            with suppress(redis.RedisError, redis.exceptions.LockError):
+                self.beat()
+
+
+@contextmanager
+def held_lock(lock: redis.lock.Lock, every: float) -> Iterator[None]:
+    """Keeps an acquired redis-py lock alive while a block runs, and releases it after (only if still ours)."""
+    try:
+        with Every(lock.reacquire, every):
+            yield
+    finally:
+        with suppress(redis.RedisError, redis.exceptions.LockError):
+            lock.release()
+
+
 __all__ = [
     "CANCEL",
     "DEAD",
@@ -646,10 +682,12 @@ __all__ = [
     "TIERS",
     "WEIGHTS",
     "Delivery",
+    "Every",
     "JobQueue",
     "connect",
     "enqueue",
     "ensure_groups",
+    "held_lock",
     "no_such_run",
     "open_queue",
     "public_url",

@@ -12,6 +12,7 @@ import secrets
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from refresher.jobs.queue import (
     WEIGHTS,
     enqueue,
     ensure_groups,
+    held_lock,
     no_such_run,
     redis_time,
     require_run,
@@ -306,22 +308,45 @@ def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
     return run_status(client, run_id)
 
 
+# `jobs requeue` and `jobs retry-dead` of one run exclude each other: two at once (an operator and a cron job), or a
+# dead letter revived between a requeue's stream and dead-letter reads, put the same job on the stream twice.
+# A redis-py lock (SET NX PX with an owner token, released by compare-and-delete), renewed while it runs.
+_REQUEUE_LOCK_TTL = 30.0
+
+
+@contextmanager
+def _requeue_lock(client: redis.Redis, run_id: str, action: str) -> Iterator[None]:
+    lock = client.lock(
+        run_key(run_id, "requeue-lock"), timeout=_REQUEUE_LOCK_TTL, blocking=False, thread_local=False
+    )
+    if not lock.acquire():
+        raise JobError(
+            f"run {run_id!r}: a `jobs requeue` or `jobs retry-dead` of it is running; "
+            f"run `jobs {action} {run_id}` again once it has ended",
+            field="run",
+            value=run_id,
+        )
+    with held_lock(lock, every=_REQUEUE_LOCK_TTL / 3):
+        yield
+
+
 def retry_dead(client: redis.Redis, run_id: str) -> int:
     """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
     they failed; returns how many jobs. Each is checked and moved in one step (``REVIVE``): a run deleted
-    meanwhile is not made again as a hash without a spec."""
+    meanwhile is not made again as a hash without a spec. Never beside a requeue of the run (``_requeue_lock``)."""
     require_run(client, run_id)
-    revive = client.register_script(REVIVE)
-    moved = 0
-    entries: Any = client.xrange(DEAD)
-    for entry_id, fields in entries:
-        if text(fields.get(b"run", b"")) != run_id:
-            continue
-        job = {**json.loads(fields[b"job"]), "attempt": 0}
-        keys = [DEAD, stream_key(job["tier"]), run_key(run_id)]
-        moved += int(revive(keys=keys, args=[entry_id, json.dumps(job, sort_keys=True)]))
-    if not moved:  # its features failed: again, fresh attempts
-        client.register_script(REVIVE_FEATURES)(keys=[run_key(run_id), FEATURES_DUE], args=[run_id])
+    with _requeue_lock(client, run_id, "retry-dead"):
+        revive = client.register_script(REVIVE)
+        moved = 0
+        entries: Any = client.xrange(DEAD)
+        for entry_id, fields in entries:
+            if text(fields.get(b"run", b"")) != run_id:
+                continue
+            job = {**json.loads(fields[b"job"]), "attempt": 0}
+            keys = [DEAD, stream_key(job["tier"]), run_key(run_id)]
+            moved += int(revive(keys=keys, args=[entry_id, json.dumps(job, sort_keys=True)]))
+        if not moved:  # its features failed: again, fresh attempts
+            client.register_script(REVIVE_FEATURES)(keys=[run_key(run_id), FEATURES_DUE], args=[run_id])
     return moved
 
 
@@ -329,10 +354,17 @@ def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000) -> int:
     """``jobs requeue``: put back on the run's stream its lost jobs (the stream trimmed or deleted by hand, a
     submit killed midway), fresh attempts; returns how many. Lost: submitted (``run:{id}:jobs``), yet neither in
     the stream nor done, dead or waiting out a retry. Each source is read once its jobs can only have left for one
-    read after it: the retries, the stream to its end (a retry promoted meanwhile lands there), the retries again,
-    the dead letters, the done set last. A job taken by a worker whose stream entry was trimmed goes back too; its
-    second run is a no-op (the ledger) and counts once (the done set). Run again, it finds nothing lost."""
+    read after it: the retries, the stream to its end, the retries again, the dead letters, the stream's entries
+    added since its read (a retry promoted meanwhile), the done set last. A dead letter moves back only by
+    ``retry_dead``, which the lock keeps out until this ends, as it does a second requeue. A job taken by a worker
+    whose stream entry was trimmed goes back too; its second run is a no-op (the ledger) and counts once (the done
+    set). Run again, it finds nothing lost. A run cancelled or deleted meanwhile stops it with a ``JobError``."""
     spec = require_run(client, run_id)
+    with _requeue_lock(client, run_id, "requeue"):
+        return _requeue_locked(client, run_id, spec, chunk)
+
+
+def _requeue_locked(client: redis.Redis, run_id: str, spec: dict[str, Any], chunk: int) -> int:
     pipe = client.pipeline(transaction=True)
     pipe.get(run_key(run_id, "jobs"))
     pipe.hget(run_key(run_id), "state")
@@ -355,31 +387,48 @@ def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000) -> int:
     if text(state) != "queued":  # held: its jobs wait in Redis; else every job is settled
         return 0
     tier = spec["priority"]
+    stream = stream_key(tier)
     known = _segments_of(run_id, _retries(client, chunk))
-    known |= _segments_of(
-        run_id, (fields.get(b"job") for _id, fields in _entries(client, stream_key(tier), chunk))
-    )
+    in_stream, last = _stream_jobs(client, stream, chunk, "-")
+    known |= _segments_of(run_id, in_stream)
     known |= _segments_of(run_id, _retries(client, chunk))
     known |= _segments_of(run_id, (fields.get(b"job") for _id, fields in _entries(client, DEAD, chunk)))
+    known |= _segments_of(run_id, _stream_jobs(client, stream, chunk, last)[0])
     known |= {text(m) for m in client.sscan_iter(run_key(run_id, "done"), count=chunk)}
     jobs = _jobs_of_list(blob)
     lost = [(seg, _payload(run_id, tier, seg, "", tz, force)) for seg, tz, force in jobs if seg not in known]
     script = client.register_script(REQUEUE)
-    keys = [run_key(run_id), run_key(run_id, "done"), stream_key(tier), run_key(run_id, "submitting")]
+    keys = [run_key(run_id), run_key(run_id, "done"), stream, run_key(run_id, "submitting")]
     added = 0
     for start in range(0, len(lost), chunk):
         args = [part for pair in lost[start : start + chunk] for part in pair]
         result = int(script(keys=keys, args=args))
-        if result < 0:  # cancelled, deleted or finished meanwhile
-            break
+        if result < 0:  # cancelled, deleted or finished meanwhile: it said "K lost job(s) back", exit 0
+            now = client.hget(run_key(run_id), "state") if run_spec(client, run_id) is not None else None
+            why = f"{text(now)} meanwhile" if now is not None else "deleted meanwhile"
+            raise JobError(
+                f"run {run_id!r}: {why}, requeue stopped after {added} of {len(lost)} lost job(s)",
+                field="run",
+                value=run_id,
+            )
         added += result
     return added
 
 
-def _chunks(client: redis.Redis, stream: str, chunk: int) -> Iterator[list[tuple[Any, dict[bytes, bytes]]]]:
-    """A stream's entries, ``chunk`` at a time (Redis answers others between two reads), to its end: entries
-    added meanwhile are read too."""
-    after = "-"
+def _stream_jobs(client: redis.Redis, stream: str, chunk: int, after: str) -> tuple[list[bytes | None], str]:
+    """The job payloads of a stream's entries after ``after`` (``-``: all), and the id to read on from."""
+    payloads: list[bytes | None] = []
+    for entry_id, fields in _entries(client, stream, chunk, after):
+        payloads.append(fields.get(b"job"))
+        after = "(" + text(entry_id)
+    return payloads, after
+
+
+def _chunks(
+    client: redis.Redis, stream: str, chunk: int, after: str = "-"
+) -> Iterator[list[tuple[Any, dict[bytes, bytes]]]]:
+    """A stream's entries after ``after`` (``-``: all), ``chunk`` at a time (Redis answers others between two
+    reads), to its end: entries added meanwhile are read too."""
     while True:
         entries: Any = client.xrange(stream, after, "+", count=chunk)
         if not entries:
@@ -388,8 +437,10 @@ def _chunks(client: redis.Redis, stream: str, chunk: int) -> Iterator[list[tuple
         after = "(" + text(entries[-1][0])
 
 
-def _entries(client: redis.Redis, stream: str, chunk: int) -> Iterator[tuple[Any, dict[bytes, bytes]]]:
-    for entries in _chunks(client, stream, chunk):
+def _entries(
+    client: redis.Redis, stream: str, chunk: int, after: str = "-"
+) -> Iterator[tuple[Any, dict[bytes, bytes]]]:
+    for entries in _chunks(client, stream, chunk, after):
         yield from entries
 
 

@@ -16,8 +16,8 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,9 +40,11 @@ from refresher.jobs.queue import (
     RETRY,
     TIERS,
     Delivery,
+    Every,
     JobQueue,
     connect,
     ensure_groups,
+    held_lock,
     redis_time,
     require_run,
     run_key,
@@ -351,7 +353,7 @@ class Worker:
             by_run.setdefault(delivery.job["run"], []).append(delivery)
         every = self.options.visibility_timeout / 3
         for run, group in by_run.items():
-            with _Every(partial(queue.extend, group, consumer), every):
+            with Every(partial(queue.extend, group, consumer), every):
                 try:
                     ctx = self._context(queue, contexts, run)
                     produced = produce_tables([self._job(ctx, d) for d in group], ctx.source, ctx.store)
@@ -464,7 +466,7 @@ class Worker:
         if not lock.acquire():
             return
         try:
-            with _held(lock, every=ttl / 3):
+            with held_lock(lock, every=ttl / 3):
                 self._features_locked(queue, contexts, run)
         except (redis.ConnectionError, redis.TimeoutError):
             raise
@@ -530,40 +532,6 @@ class Worker:
         with self.report.lock:
             for name, delta in deltas.items():
                 setattr(self.report, name, getattr(self.report, name) + delta)
-
-
-class _Every:
-    """Calls ``beat`` every ``every`` seconds on a thread while a block runs (Redis errors are left to the next
-    beat): extends a job's claim so a long job is not reclaimed from a live worker, or renews a lock."""
-
-    def __init__(self, beat: Callable[[], object], every: float) -> None:
-        self.beat, self.every = beat, max(every, 0.05)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Every:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._done.wait(self.every):
-            with suppress(redis.RedisError, redis.exceptions.LockError):
-                self.beat()
-
-
-@contextmanager
-def _held(lock: redis.lock.Lock, every: float) -> Iterator[None]:
-    """Keeps an acquired redis-py lock alive while a block runs, and releases it after (only if still ours)."""
-    try:
-        with _Every(lock.reacquire, every):
-            yield
-    finally:
-        with suppress(redis.RedisError, redis.exceptions.LockError):
-            lock.release()
 
 
 __all__ = ["RedisClock", "Worker", "WorkerOptions", "WorkerReport", "parse_segment"]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from refresher.jobs.worker import _held
+from refresher.jobs.queue import held_lock
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -19,7 +19,7 @@ def test_a_live_holder_keeps_the_lock_past_its_timeout_and_frees_it_when_done(
     held = client.lock("run:features-lock", timeout=3, blocking=False, thread_local=False)
     other = client.lock("run:features-lock", timeout=3, blocking=False, thread_local=False)
     assert held.acquire()
-    with _held(held, every=0.5):
+    with held_lock(held, every=0.5):
         time.sleep(7)  # well past the 3 s timeout
         assert not other.acquire()
     assert other.acquire()  # released at once, not after a timeout

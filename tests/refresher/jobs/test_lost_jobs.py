@@ -130,3 +130,102 @@ def test_requeue_refuses_a_run_still_submitting_or_without_its_job_list(redis_se
     assert runs.requeue_lost(client, held.run_id) == 0
     with pytest.raises(JobError, match="no such run"):
         runs.requeue_lost(client, "nope")
+
+
+def test_a_second_requeue_or_retry_dead_meanwhile_adds_nothing_twice(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's requeue and a cron job's at once: the second ran its reads between the first's and its adds,
+    and both put the four lost jobs back (eight entries; a copy failing for good counted dead twice, and the run
+    ended 'incomplete' with jobs pending). Now the second, or a retry-dead, is refused in one line while the first
+    runs, and the first adds each lost job once."""
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    run = submit_jobs(client, spec("normal"), jobs("TWICE", 4), now=now).run_id
+    client.delete(stream_key("normal"))
+    real = runs._jobs_of_list
+    inner: list[BaseException | int] = []
+
+    def meanwhile(blob: bytes) -> list[tuple[str, str, bool]]:
+        monkeypatch.setattr(runs, "_jobs_of_list", real)  # the inner requeue reads as usual
+        for again in (runs.requeue_lost, runs.retry_dead):  # between the first's reads and its adds
+            try:
+                inner.append(again(client, run))
+            except JobError as exc:
+                inner.append(exc)
+        return real(blob)
+
+    monkeypatch.setattr(runs, "_jobs_of_list", meanwhile)
+    assert runs.requeue_lost(client, run) == 4
+    assert client.xlen(stream_key("normal")) == 4
+    assert [str(e) for e in inner] == [
+        f"run {run!r}: a `jobs requeue` or `jobs retry-dead` of it is running; run `jobs {action} {run}` again "
+        "once it has ended"
+        for action in ("requeue", "retry-dead")
+    ]
+    assert client.exists(f"refresher:run:{run}:requeue-lock") == 0  # released
+    assert runs.requeue_lost(client, run) == 0
+
+
+def test_a_retry_promoted_after_the_stream_read_is_not_requeued(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's job fails after requeue's first read of the retries and before its stream read reaches it, and
+    is promoted back to the stream's end once that read has ended: seen in neither read, it was added again."""
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    run = submit_jobs(client, spec("normal"), jobs("PROMO", 4), now=now).run_id
+    queue = JobQueue(client)
+    [in_hand] = queue.read("w", block_ms=0, count=1)
+    [(second, _fields)] = client.xrange(stream_key("normal"), "(" + in_hand.message_id, "+", count=1)
+    client.xdel(stream_key("normal"), second)  # one job lost
+    real = runs._entries
+    reads = 0
+
+    def failed_then_promoted(client: redis.Redis, stream: str, chunk: int, *after: str) -> Any:
+        nonlocal reads
+        reads += stream == stream_key("normal")
+        if reads == 1 and stream == stream_key("normal"):
+            queue.retry_later(in_hand, due=now.timestamp() - 1)
+        yield from real(client, stream, chunk, *after)
+        if reads == 1 and stream == stream_key("normal"):
+            assert queue.promote_due(now.timestamp()) == 1
+
+    monkeypatch.setattr(runs, "_entries", failed_then_promoted)
+    assert runs.requeue_lost(client, run) == 1
+    segments = [json.loads(f[b"job"])["seg"] for _id, f in client.xrange(stream_key("normal"))]
+    assert sorted(segments) == sorted(str(j.segment) for j in jobs("PROMO", 4))  # each once
+
+
+@pytest.mark.parametrize("how", ["cancel", "delete"])
+def test_a_requeue_cut_short_by_cancel_or_delete_says_so(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """It said '1 lost job(s) back on the queue' and exit 0 for a run cancelled or deleted between two chunks."""
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    run = submit_jobs(client, spec("normal"), jobs("CUT", 3), now=now).run_id
+    client.delete(stream_key("normal"))
+    real = client.register_script
+
+    def stopped_after_the_first(script: str) -> Any:
+        adds = real(script)
+        if script != runs.REQUEUE:
+            return adds
+
+        def first_then_stop(**kwargs: Any) -> Any:
+            result = adds(**kwargs)
+            if int(result) < 0:
+                return result
+            if how == "cancel":
+                runs.cancel_run(client, run)
+            else:
+                runs.delete_run(client, run, force=True)
+            return result
+
+        return first_then_stop
+
+    monkeypatch.setattr(client, "register_script", stopped_after_the_first)
+    why = "cancelled meanwhile" if how == "cancel" else "deleted meanwhile"
+    with pytest.raises(JobError, match=f"{why}, requeue stopped after 1 of 3 lost job"):
+        runs.requeue_lost(client, run, chunk=1)
