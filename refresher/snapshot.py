@@ -431,9 +431,13 @@ def restore_pristine(
                     def unmoved() -> None:
                         """A copy (no ready clone) takes seconds, in which the database takes sessions (a writer
                         could commit after the check): the stamp is read again, as at first (the door shut
-                        again), just before the swap; refused when it moved."""
+                        again), just before the swap, and before a full disk's reset drops the database for room
+                        (``_copy_replacing``); refused when it moved. A database gone is this reset's drop only
+                        when the door stayed shut since such a read: gone while open, a writer's commit was lost."""
                         again, pid = _checked(conn, door, check, check)
                         _wait_gone(conn, pid)
+                        if pid is None and reader is not None and not door.held:
+                            raise _gone(db)
                         if again is not None and again != live:
                             raise _predates(db)
 
@@ -611,6 +615,13 @@ def _predates(db: str) -> SnapshotError:
     )
 
 
+def _gone(db: str) -> SnapshotError:
+    return SnapshotError(
+        f"{db}: the database was dropped by another session while the reset copied its snapshot; run again",
+        database=db,
+    )
+
+
 def _restore_checked(
     conn: psycopg.Connection[Any],
     db: str,
@@ -660,17 +671,19 @@ def _copy_replacing(
     database itself: they hold their disk until the refill drops them, so on a disk with room for one copy and
     not two, a reset failed every time. The reset discards the old database anyway, but only when its disk makes
     room for the copy (``_replaced``): dropping it for a copy that still did not fit left no database until the
-    next reset or refresh. Else the old database stays as it was, and the error says so.
+    next reset or refresh. Else the old database stays as it was, and the error says so. Before it is dropped its
+    ledger is read again and it is shut (``unmoved``): it took sessions during the failed copies, and a writer's
+    segment committed then was dropped with it while the reset reported success.
     """
     what = f"resetting {db} (a copy of {pristine_name(db)})"
     error: DiskFull | None = None
     for making_room in (None, _trash, _replaced):
-        if (
-            error is not None
-            and making_room is not None
-            and not _drop_existing(conn, db, making_room(conn, db, error))
-        ):
-            continue  # nothing dropped: the copy would fail again
+        if error is not None and making_room is not None:
+            doomed = making_room(conn, db, error)
+            if making_room is _replaced and doomed and unmoved is not None:
+                unmoved()  # its ledger read again, the database shut from here: nothing commits and is dropped
+            if not _drop_existing(conn, db, doomed):
+                continue  # nothing dropped: the copy would fail again
         try:
             _copy_in(conn, db, db, None, mark, what=what, replacing=True, before_take=unmoved)
             return

@@ -9,21 +9,25 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from refresher import pool
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.diskfull import MB, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
-from refresher.errors import DiskFull
+from refresher.errors import DiskFull, SnapshotError
 from refresher.load import load_segment
 from refresher.segments import Segment
 from refresher.snapshot import has_pristine, is_current, restore_pristine, save_pristine
 from tests.fixtures_postgres import minute_bars, world_traversable_tmp
 from tests.refresher.test_refresh_e2e import Workspace
+from tests.refresher.test_snapshot_adversarial import _kept_if_committed, _record_commit
+from tests.refresher.test_snapshot_crash import _toggle_february
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -128,21 +132,27 @@ def _load_and_save(server: ServerInfo, *, symbols: int) -> None:
     save_pristine(server, pool_size=0)
 
 
+def _room_for_one_copy(server: ServerInfo, pgdata: Path) -> Path:
+    """Five symbols saved, S0's rows deleted (the reset restores): less free than a copy needs, more than it needs
+    once the replaced database's disk is given back. The file filling the disk."""
+    _load_and_save(server, symbols=5)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'S0'")
+        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    assert size is not None
+    free = shutil.disk_usage(pgdata).free
+    filler = pgdata.parents[2] / "filler"
+    filler.write_bytes(b"\0" * (free - size[0] // 2))
+    return filler
+
+
 def test_a_reset_on_a_disk_with_room_for_one_copy_drops_what_it_replaces_first(
     server_on_a_small_disk: tuple[ServerInfo, Path],
 ) -> None:
     """No pool: a reset copies the pristine copy while the database it replaces still holds its disk. With room
     for that copy only once that database is gone, the reset resets."""
     server, pgdata = server_on_a_small_disk
-    _load_and_save(server, symbols=5)
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'S0'")
-        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
-    assert size is not None
-    # Less free than a copy needs, more than it needs once the replaced database's disk is given back.
-    free = shutil.disk_usage(pgdata).free
-    filler = pgdata.parents[2] / "filler"
-    filler.write_bytes(b"\0" * (free - size[0] // 2))
+    filler = _room_for_one_copy(server, pgdata)
     assert restore_pristine(server, refill=False).method == "template"
     with psycopg.connect(server.dsn()) as conn:
         assert conn.execute("SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'").fetchone() == (25_000,)
@@ -157,6 +167,33 @@ def test_a_reset_on_a_disk_with_room_for_one_copy_drops_what_it_replaces_first(
         restore_pristine(server, refill=False)
     _assert_one_line_naming(resetting.value, pgdata)
     assert f"resetting {server.dbname} (a copy of {server.dbname}__pristine)" in str(resetting.value)
+
+
+def test_a_segment_committed_while_a_reset_makes_room_for_its_copy_is_never_lost(
+    server_on_a_small_disk: tuple[ServerInfo, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No pool, room for one copy: the database took sessions while the first copy failed (seconds for a large
+    one), and a writer committing a segment then lost it when the reset dropped the database for room, the
+    reset reporting success. The writer keeps its segment, or the reset refuses in one line."""
+    server, pgdata = server_on_a_small_disk
+    filler = _room_for_one_copy(server, pgdata)
+    committed: list[bool] = []
+    real = pool._create_from
+
+    def a_writer_commits_after_a_full_disk(*args: Any, **kwargs: Any) -> None:
+        try:
+            real(*args, **kwargs)
+        except DiskFull:
+            if not committed:  # room for its WAL: another process's file goes
+                os.truncate(filler, filler.stat().st_size - 20 * 2**20)
+                _record_commit(committed, lambda: _toggle_february(server))
+            raise
+
+    monkeypatch.setattr(pool, "_create_from", a_writer_commits_after_a_full_disk)
+    with pytest.raises(SnapshotError, match="predates the database's ledger") as refused:
+        restore_pristine(server, refill=False)
+    assert committed == [True] and "\n" not in str(refused.value)
+    _kept_if_committed(server, committed)
 
 
 def test_a_reset_that_does_not_fit_even_without_the_database_leaves_it_as_it_was(

@@ -348,6 +348,28 @@ def test_a_segment_committed_while_the_reset_copies_is_never_lost(
     assert _state(loaded.dsn()) == expected
 
 
+def test_a_database_dropped_while_the_reset_copies_is_refused_not_taken_for_the_resets_own_drop(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger read again before the swap found no database and let the reset go on: what was committed there
+    while it took sessions was unknown. Only this reset's own drop, its door shut since its last read, goes on."""
+    save_pristine(loaded, pool_size=0)
+    real = pool._create_from
+
+    def dropped_by_hand_meanwhile(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(loaded.dbname)))
+
+    monkeypatch.setattr(pool, "_create_from", dropped_by_hand_meanwhile)
+    with pytest.raises(SnapshotError, match="dropped by another session while the reset copied") as refused:
+        restore_pristine(loaded, refill=False)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setattr(pool, "_create_from", real)
+    assert not [name for name in _databases(loaded) if "__pool_" in name]
+    assert restore_pristine(loaded, refill=False).method == "template"  # no database: the next reset makes it
+
+
 @pytest.mark.parametrize("pool_size", [1, 0])
 def test_a_reset_that_refuses_ends_no_session(loaded: ServerInfo, pool_size: int) -> None:
     """A reset refused because the ledger moved past the pristine copy ended the sessions holding the ledger's
