@@ -274,12 +274,15 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
-def _url_hint(args: argparse.Namespace) -> str:
-    """A `refresher url` command that works in the user's shell, which may not have .venv/bin on its PATH."""
+def _url_hint(args: argparse.Namespace, profile: str) -> str:
+    """A `refresher url` command that works in the user's shell, which may not have .venv/bin on its PATH.
+
+    ``profile`` is the name the refresh resolved, not ``--profile`` as given: `url` takes names only, and
+    refused the hint of a refresh of ``--profile /path/to/mine.yaml``."""
     where = f" --state-dir {shlex.quote(str(args.state_dir.absolute()))}" if args.state_dir else ""
-    tail = f"url --profile {shlex.quote(args.profile)}{where}"
+    tail = f"url --profile {shlex.quote(profile)}{where}"
     if os.environ.get("MAKELEVEL") and not where:
-        return f"make url PROFILE={shlex.quote(args.profile)}"  # run by `make refresh`: stay with make
+        return f"make url PROFILE={shlex.quote(profile)}"  # run by `make refresh`: stay with make
     script = Path(sys.argv[0])
     if script.name == "refresher" and script.exists():
         import shutil  # here, not for every command: it brings bz2 and lzma
@@ -327,7 +330,7 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
         plain = not (args.prune or args.verify or args.as_of or args.on_bad_rows or args.allow_shrink)
         noop = commands.refresh_if_noop(settings, args.profile) if plain else None
         if noop is not None:
-            emit(args, noop, lambda: render.refresh_summary(noop, url_hint=_url_hint(args)))
+            emit(args, noop, lambda: render.refresh_summary(noop, url_hint=_url_hint(args, noop["profile"])))
             return 0
         mode = "off" if args.json else "bar" if sys.stderr.isatty() else "lines"
         with render.progress(mode) as on_progress:
@@ -343,7 +346,11 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
                 on_wait=_say,
                 allow_shrink=args.allow_shrink,
             )
-        emit(args, report.to_json(), lambda: render.refresh_report(report, url_hint=_url_hint(args)))
+        emit(
+            args,
+            report.to_json(),
+            lambda: render.refresh_report(report, url_hint=_url_hint(args, report.profile)),
+        )
     elif args.command == "plan":
         plan = commands.plan(
             settings, args.profile, verify=args.verify, as_of=args.as_of, on_bad_rows=args.on_bad_rows

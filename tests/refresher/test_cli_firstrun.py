@@ -123,6 +123,38 @@ def test_piped_refresh_prints_progress_lines_and_a_hint_that_works_in_a_clean_sh
     assert list(state.rglob("*.lock")) == []  # no empty lock files left behind
 
 
+@pytest.mark.slow
+def test_the_url_hint_of_a_refresh_of_a_profile_given_as_a_path_works(workspace: Path) -> None:
+    # `refresh --profile /tmp/.../pathy.yaml` printed `url --profile /tmp/.../pathy.yaml`, which url refused
+    # ("profile names must match ..."): the hint names the profile, as the server and `url` know it.
+    path = workspace / "elsewhere" / "pathy.yaml"
+    path.parent.mkdir()
+    path.write_text(PROFILE)
+    env = {k: v for k, v in os.environ.items() if k != "MAKELEVEL"}
+    state = workspace / "state"
+    refresh = [CONSOLE_SCRIPT, "refresh", "-p", str(path), "--engine", "local", "--state-dir", str(state)]
+    try:
+        # the full refresh, then the one the stamp proves has nothing to do: each prints the hint
+        for _ in range(2):
+            done = subprocess.run(refresh, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr
+            hint = next(line for line in done.stdout.splitlines() if line.startswith("with password: "))
+            command = hint.removeprefix("with password: ")
+            assert str(path) not in command, command
+            url = subprocess.run(
+                ["sh", "-c", command + " --json"], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert url.returncode == 0, url.stderr
+            assert json.loads(url.stdout)["profile"] == "pathy"
+    finally:
+        subprocess.run(
+            [CONSOLE_SCRIPT, "down", "--profile", "pathy", "--state-dir", str(state)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+
+
 def test_json_output_of_url_is_an_object_or_a_one_line_error(tmp_path: Path) -> None:
     name = f"nothing_{uuid.uuid4().hex[:6]}"
     (tmp_path / "profiles").mkdir()
