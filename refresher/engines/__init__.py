@@ -58,12 +58,16 @@ def select_engine(
         owner = engine_serving(profile, settings)
         if owner is not None:
             return owner
-    if docker_answers():
+    from refresher.engines.docker import docker_refusal
+
+    refusal = docker_refusal()
+    if refusal is None:
         return make_engine("docker", settings, labels=labels)
     if settings.require_docker:
+        # The reason, not just "no daemon": a socket closed to this user needs the docker group, not a dockerd.
         raise EngineUnavailable(
-            "--engine auto: no Docker daemon answers and REFRESHER_REQUIRE_DOCKER is set "
-            "(start dockerd, or unset it to fall back to the local engine)",
+            f"--engine auto: REFRESHER_REQUIRE_DOCKER is set and Docker cannot be used: {refusal} "
+            "(or unset REFRESHER_REQUIRE_DOCKER to fall back to the local engine)",
             engine=name,
         )
     return make_engine("local", settings, labels=labels)

@@ -82,14 +82,22 @@ def state_scope(state_dir: Path) -> str:
 
 def docker_available(base_url: str | None = None, timeout: float = 2.0) -> bool:
     """Whether a Docker daemon answers a ping within ``timeout`` seconds (for ``--engine auto``)."""
+    return docker_refusal(base_url, timeout) is None
+
+
+def docker_refusal(base_url: str | None = None, timeout: float = 2.0) -> EngineUnavailable | None:
+    """Why no Docker daemon answers a ping within ``timeout`` seconds (a socket closed to this user, a daemon
+    not running), or None when one does: what ``--engine auto`` says when it may not fall back."""
     try:
         client = _connect(base_url, timeout)
-    except EngineUnavailable:
-        return False
+    except EngineUnavailable as exc:
+        return exc
     try:
-        return bool(client.ping())
-    except (docker.errors.DockerException, requests.RequestException):
-        return False
+        if client.ping():
+            return None
+        return _not_running(base_url, RuntimeError("the ping was not answered"))
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        return _not_running(base_url, exc)
     finally:
         client.close()
 
@@ -709,4 +717,11 @@ def _log_tail(container: Container) -> str:
     return raw.decode("utf-8", errors="replace").rstrip() if isinstance(raw, bytes) else str(raw)
 
 
-__all__ = ["DockerEngine", "docker_available", "remove_abandoned", "state_scope", "statuses_everywhere"]
+__all__ = [
+    "DockerEngine",
+    "docker_available",
+    "docker_refusal",
+    "remove_abandoned",
+    "state_scope",
+    "statuses_everywhere",
+]

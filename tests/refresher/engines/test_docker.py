@@ -917,9 +917,9 @@ def test_a_reset_on_a_full_disk_in_a_container_leaves_the_database_as_it_was(
     assert query(server, "SELECT count(*) FROM ohlcv_1min WHERE symbol = 'S0'") == 25_000
 
 
-def test_a_docker_socket_this_user_may_not_use_says_to_join_the_docker_group() -> None:
-    # Most users are not root: the daemon runs, its socket is root:docker 660, and a user outside the group gets
-    # EACCES. "Docker is not running ... start the daemon" sent them after a daemon that was running all along.
+@contextlib.contextmanager
+def _socket_closed_to_nobody() -> Iterator[Path]:
+    """A listening Unix socket that ``as_nobody`` may not open, as root:docker 660 is to a user outside the group."""
     home = Path(tempfile.mkdtemp(prefix="rtest-docker-sock-"))
     try:
         home.chmod(0o755)  # enterable by the other user, as /var/run is
@@ -928,17 +928,49 @@ def test_a_docker_socket_this_user_may_not_use_says_to_join_the_docker_group() -
             listening.bind(str(path))
             listening.listen()
             path.chmod(0o000 if os.geteuid() != 0 else 0o600)  # root's own, as root:docker 660 to an outsider
-
-            def status() -> str:
-                try:
-                    DockerEngine(home, base_url=f"unix://{path}").status()
-                except EngineUnavailable as exc:
-                    return str(exc)
-                return "no error"
-
-            message = as_nobody(status)
+            yield path
     finally:
         shutil.rmtree(home)
+
+
+def _assert_says_join_the_docker_group(message: str) -> None:
     assert "Permission denied" in message, message
     assert "docker group" in message and "usermod -aG docker" in message, message
     assert "not running" not in message and "\n" not in message, message
+
+
+def test_a_docker_socket_this_user_may_not_use_says_to_join_the_docker_group() -> None:
+    # Most users are not root: the daemon runs, its socket is root:docker 660, and a user outside the group gets
+    # EACCES. "Docker is not running ... start the daemon" sent them after a daemon that was running all along.
+    with _socket_closed_to_nobody() as path:
+
+        def status() -> str:
+            try:
+                DockerEngine(path.parent, base_url=f"unix://{path}").status()
+            except EngineUnavailable as exc:
+                return str(exc)
+            return "no error"
+
+        message = as_nobody(status)
+    _assert_says_join_the_docker_group(message)
+
+
+def test_engine_auto_requiring_docker_says_to_join_the_docker_group() -> None:
+    # --engine auto only asked whether Docker answers: a refused socket was "no Docker daemon answers ... (start
+    # dockerd ...)" with REFRESHER_REQUIRE_DOCKER set, though the daemon ran and the user lacked the group.
+    from refresher.engines import select_engine
+    from refresher.settings import Settings
+
+    with _socket_closed_to_nobody() as path:
+        settings = Settings.from_env({}, state_dir=path.parent / "state", require_docker=True)
+
+        def auto() -> str:
+            os.environ["DOCKER_HOST"] = f"unix://{path}"  # the forked child's own environment
+            try:
+                return f"chose {select_engine('auto', settings, 'tiny').name}"
+            except EngineUnavailable as exc:
+                return str(exc)
+
+        message = as_nobody(auto)
+    _assert_says_join_the_docker_group(message)
+    assert "REFRESHER_REQUIRE_DOCKER" in message, message
