@@ -269,6 +269,7 @@ def _evicting(
     tries: int = EVICT_TRIES,
     *,
     busy: type[psycopg.Error] | tuple[type[psycopg.Error], ...] = psycopg.errors.ObjectInUse,
+    where: str = "true",
 ) -> _T:
     """``run`` a rename or copy of a database, which fails with ``busy`` (ObjectInUse) while another session is
     on it (the server waits up to 5 s for those the caller ended to exit); what it returns. A session that
@@ -276,7 +277,7 @@ def _evicting(
     reconnecting, our own analyzer) made a reset fail with "being accessed by other users": such a one is ended
     in turn and ``run`` tried again, until a try finds none this role may end, at most ``tries`` times; then the
     last ``busy`` error is raised. No ``ending``: one try. (``busy``: LockNotAvailable for a read that waits for
-    a lock an open transaction on the database holds.)"""
+    a lock an open transaction on the database holds.) ``where``: which sessions end, as ``_ending``'s."""
     for attempt in range(1, tries + 1):
         try:
             return run()
@@ -285,7 +286,7 @@ def _evicting(
                 raise
             # pg_stat_activity is read once per transaction: without this, the retry saw the sessions as they were.
             conn.execute("SELECT pg_stat_clear_snapshot()")
-            if not _terminate_others(conn, *ending):
+            if not _ending(conn, list(ending), where):
                 raise  # what is still on it is no session this role may end
     raise AssertionError("unreachable: the last try returns or raises")
 

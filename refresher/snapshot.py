@@ -529,6 +529,7 @@ def _checked(
 # milliseconds. Named, so one reset's check never ends another's (two resets at once both restore).
 _CHECKER = "refresher_reset_check"
 _LEDGER_LOCK_WAIT = f"-c lock_timeout=100ms -c application_name={_CHECKER}"
+_NOT_A_CHECK = f"a.application_name <> '{_CHECKER}'"  # the sessions a check ends (``_ending``)
 
 # The oid of the session's database, which no rename can change while it is on it.
 _HERE = "SELECT oid FROM pg_database WHERE datname = current_database()"
@@ -548,7 +549,7 @@ def _stamp_ending_lockers(
 
     One whose open transaction holds a lock on a ledger table (it truncated or locked it and idles, or a writer is
     mid-transaction, or an ANALYZE) made the reset wait: after ``_LEDGER_LOCK_WAIT`` the other sessions on the
-    database end, unless the stamp read without the lock already refuses, and the lock is asked again. A holder
+    database (but another reset's check: it used to end, failing that reset) end, unless the stamp read without the lock already refuses, and the lock is asked again. A holder
     this role may not end (autovacuum's VACUUM, another role's session), or a role that may not take the lock:
     the stamp is read without it, as before (the door shut all the same); SnapshotError, one line, when even that
     waits for such a session.
@@ -579,7 +580,7 @@ def _stamp_ending_lockers(
                     raise _Moved(db)
                 _wait_started(conn, oid)
             if locking and goes_on:
-                _wait_gone(conn, *_ending(conn, None, f"a.application_name <> '{_CHECKER}'"))
+                _wait_gone(conn, *_ending(conn, None, _NOT_A_CHECK))
         return stamp, goes_on
 
     def locked() -> str | None:
@@ -593,7 +594,7 @@ def _stamp_ending_lockers(
             raise
 
     try:
-        return _evicting(conn, (db,), locked, busy=busy)
+        return _evicting(conn, (db,), locked, busy=busy, where=_NOT_A_CHECK)
     except (*busy, psycopg.errors.InsufficientPrivilege):
         pass
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from refresher import pool, snapshot
 from refresher.database import read_loaded_segments
@@ -140,6 +140,24 @@ def test_two_resets_at_once_both_restore_and_leave_no_stray_database(loaded: Ser
         refill_pool(loaded)
         db = loaded.dbname
         assert _databases(loaded) == {db, pristine_name(db), pool_name(db, 0)}
+
+
+def test_a_resets_lock_retry_ends_the_lock_holder_but_not_another_resets_check(loaded: ServerInfo) -> None:
+    """A reset whose ledger read waited for a lock ended every session on the database before asking again, another
+    reset's check among them: that reset failed with 'terminating connection due to administrator command' (two
+    resets at once, flaky). Only the holder ends."""
+    save_pristine(loaded, pool_size=1)
+    check = conninfo.make_conninfo(loaded.dsn(), options=snapshot._LEDGER_LOCK_WAIT)
+    with (
+        psycopg.connect(check, autocommit=True) as other_check,
+        psycopg.connect(loaded.dsn()) as holder,
+        psycopg.connect(check, autocommit=True) as conn,
+    ):
+        holder.execute("LOCK TABLE refresher_segments IN EXCLUSIVE MODE")  # idle in transaction, holding it
+        assert snapshot._stamp_ending_lockers(conn) is not None
+        assert other_check.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError):
+            holder.execute("SELECT 1")
 
 
 # Runs in the killer child: brings the pristine copy up to the working database by replaying February into a
