@@ -329,12 +329,16 @@ def test_minute_bars_that_are_no_prefix_extension_equal_a_cold_load_and_their_re
     day(dt.date(2024, 6, 24))
 
 
-def test_a_session_left_on_the_pool_clones_does_not_fail_the_daily_refresh(root: Path) -> None:
+def test_a_session_left_on_the_pool_clones_does_not_fail_the_daily_refresh(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A database browser connects to every database, the warm clones among them: the clone the replay takes is
-    renamed all the same (its sessions end, as a reset ends them), and the advanced copy equals the database."""
+    renamed all the same (its sessions end, as a reset ends them), and the advanced copy equals the database.
+    Never a copy in its place (``_no_copy``): a replay that gave up fell back to one, still 'saved'."""
     engine, store, server = _loaded(root)
     clones = pool_status(server).ready
     assert clones
+    monkeypatch.setattr(snapshot, "save_pristine", _no_copy)
     browsers = [psycopg.connect(server.dsn(name), autocommit=True) for name in clones]
     try:
         report = refresh(_profile(root, FRIDAY), engine, store)
