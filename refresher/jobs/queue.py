@@ -7,7 +7,7 @@ Layout (every key under ``refresher:``):
 - ``retry``: sorted set of jobs waiting out a backoff, scored by when they are due.
 - ``run:{id}``: a hash with the run's spec and counters; ``run:{id}:done`` the set of finished segments (a
   segment counts once however often it is delivered); ``run:{id}:inflight`` message id -> consumer;
-  ``run:{id}:held`` the jobs of a held run; ``run:{id}:jobs`` every job the run was submitted with (a line each,
+  ``run:{id}:held`` the jobs of a held run; ``run:{id}:dead-segs`` its dead-lettered segments (each counted once); ``run:{id}:jobs`` every job the run was submitted with (a line each,
   zlib-compressed, for ``jobs requeue``); ``runs`` sorted set of run ids by submit time; ``features-due``
   runs whose segments are all loaded and whose features no worker has computed yet; ``deleting`` runs removed
   whose entries in the streams, dead letters and retries may be left (``runs.delete_runs``).
@@ -230,12 +230,13 @@ end
 # timeout, its job reclaimed and loaded meanwhile) is only acknowledged: counted dead or retrying, the loaded
 # segment showed as dead, and `jobs retry-dead` set the run queued for good (its no-op rerun counts nothing).
 _SETTLED = """
-if redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 1 then
+local function only_ack()
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[1], ARGV[2])
   redis.call('HDEL', KEYS[4], ARGV[2])
   return 0
 end
+if redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 1 then return only_ack() end
 """
 
 _RETRY = (
@@ -260,6 +261,9 @@ _DEAD = (
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
+-- a second copy of a dead segment (put back twice by hand or an old requeue): acknowledged, not counted again
+-- (counted, 'done + dead >= total' ended the run incomplete with jobs still pending)
+if redis.call('SADD', KEYS[6], ARGV[7]) == 0 then return only_ack() end
 redis.call('XADD', KEYS[3], '*', 'run', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
 redis.call('HINCRBY', KEYS[2], 'dead', 1)
 """
@@ -359,12 +363,14 @@ return 1
 """
 )
 
-# ``jobs retry-dead``, one dead letter (ARGV[1]) back on its stream (KEYS[2]) as ARGV[2]: 0 when the run is gone
+# ``jobs retry-dead``, one dead letter (ARGV[1]) back on its stream (KEYS[2]) as ARGV[2], its segment (ARGV[3]) no
+# longer in the run's dead set (KEYS[4]): 0 when the run is gone
 # or the letter was taken already (by another retry-dead), else 1.
 REVIVE = (
     _RUN_GONE
     + """
 if run_gone(KEYS[3]) or redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[4], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'dead', -1)
 redis.call('HSET', KEYS[3], 'state', 'queued')
@@ -431,7 +437,8 @@ for i = 4, #ARGV do
   else
     table.insert(deleted, run)
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
-      key .. ':submitting', key .. ':jobs', key .. ':requeue-lock')
+      key .. ':submitting', key .. ':jobs', key .. ':requeue-lock',
+      key .. ':dead-segs')
     redis.call('ZREM', prefix .. 'runs', run)
     redis.call('SREM', prefix .. 'held', run)
     redis.call('SREM', prefix .. 'features-due', run)
@@ -560,6 +567,7 @@ class JobQueue:
                 DEAD,
                 run_key(run, "inflight"),
                 run_key(run, "done"),
+                run_key(run, "dead-segs"),
             ],
             args=[
                 GROUP,

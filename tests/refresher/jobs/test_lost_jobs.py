@@ -229,3 +229,24 @@ def test_a_requeue_cut_short_by_cancel_or_delete_says_so(
     why = "cancelled meanwhile" if how == "cancel" else "deleted meanwhile"
     with pytest.raises(JobError, match=f"{why}, requeue stopped after 1 of 3 lost job"):
         runs.requeue_lost(client, run, chunk=1)
+
+
+def test_a_segment_dead_lettered_twice_counts_once(redis_server: RedisServer) -> None:
+    """Two copies of one job (put back twice) both failing for good made dead 2: 'done + dead >= total' ended the
+    run incomplete with a job still pending, and retry-dead revived two copies."""
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    run = submit_jobs(client, spec("normal"), jobs("DUP", 2), now=now).run_id
+    [(_first, fields), _pending] = client.xrange(stream_key("normal"))
+    client.xadd(stream_key("normal"), {"job": fields[b"job"]})  # the first job's copy
+    queue = JobQueue(client)
+    [one, _two, copy] = queue.read("w", block_ms=0, count=3)
+    assert one.job["seg"] == copy.job["seg"]
+    queue.dead_letter(one, "permanent: bad row", 3)
+    queue.dead_letter(copy, "permanent: bad row", 3)
+    state = run_status(client, run)
+    assert (state.state, state.dead, client.xlen("refresher:dead")) == ("queued", 1, 1)
+    assert runs.retry_dead(client, run) == 1
+    [revived] = [d for d in queue.read("w", block_ms=0, count=5) if d.job["seg"] == one.job["seg"]]
+    queue.dead_letter(revived, "permanent: bad row", 3)  # dead again after a retry-dead: counted again
+    assert run_status(client, run).dead == 1
