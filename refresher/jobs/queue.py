@@ -211,6 +211,9 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
 if redis.call('SADD', KEYS[3], ARGV[3]) == 0 then return 0 end
+-- loaded by another copy after one was dead-lettered: no longer dead (done + dead counted it twice); REVIVE
+-- drops its dead letter
+if redis.call('SREM', KEYS[6], ARGV[3]) == 1 then redis.call('HINCRBY', KEYS[2], 'dead', -1) end
 redis.call('HINCRBY', KEYS[2], 'done', 1)
 redis.call('HINCRBY', KEYS[2], 'rows', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'loaded', ARGV[5])
@@ -365,11 +368,13 @@ return 1
 
 # ``jobs retry-dead``, one dead letter (ARGV[1]) back on its stream (KEYS[2]) as ARGV[2], its segment (ARGV[3]) no
 # longer in the run's dead set (KEYS[4]): 0 when the run is gone
-# or the letter was taken already (by another retry-dead), else 1.
+# or the letter was taken already (by another retry-dead), else 1. A letter whose segment another copy loaded
+# since (in the done set, KEYS[5]; ``_FINISH`` uncounted it) is only removed, 0.
 REVIVE = (
     _RUN_GONE
     + """
 if run_gone(KEYS[3]) or redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('SISMEMBER', KEYS[5], ARGV[3]) == 1 then return 0 end
 redis.call('SREM', KEYS[4], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'dead', -1)
@@ -537,6 +542,7 @@ class JobQueue:
                 run_key(run, "done"),
                 run_key(run, "inflight"),
                 FEATURES_DUE,
+                run_key(run, "dead-segs"),
             ],
             args=[GROUP, delivery.message_id, delivery.job["seg"], rows, int(loaded), now, run],
         )

@@ -343,7 +343,13 @@ def retry_dead(client: redis.Redis, run_id: str) -> int:
             if text(fields.get(b"run", b"")) != run_id:
                 continue
             job = {**json.loads(fields[b"job"]), "attempt": 0}
-            keys = [DEAD, stream_key(job["tier"]), run_key(run_id), run_key(run_id, "dead-segs")]
+            keys = [
+                DEAD,
+                stream_key(job["tier"]),
+                run_key(run_id),
+                run_key(run_id, "dead-segs"),
+                run_key(run_id, "done"),
+            ]
             moved += int(revive(keys=keys, args=[entry_id, json.dumps(job, sort_keys=True), job["seg"]]))
         if not moved:  # its features failed: again, fresh attempts
             client.register_script(REVIVE_FEATURES)(keys=[run_key(run_id), FEATURES_DUE], args=[run_id])

@@ -250,3 +250,26 @@ def test_a_segment_dead_lettered_twice_counts_once(redis_server: RedisServer) ->
     [revived] = [d for d in queue.read("w", block_ms=0, count=5) if d.job["seg"] == one.job["seg"]]
     queue.dead_letter(revived, "permanent: bad row", 3)  # dead again after a retry-dead: counted again
     assert run_status(client, run).dead == 1
+
+
+def test_a_segment_dead_then_loaded_by_its_other_copy_counts_done_only(redis_server: RedisServer) -> None:
+    """One copy of a job dead-lettered, then its other copy (a reclaim, a requeue) loaded it: done 1 and dead 1
+    for one segment ended the run incomplete with a job pending, and retry-dead revived the loaded segment,
+    whose no-op rerun counted nothing, so the run stayed queued for good."""
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    run = submit_jobs(client, spec("normal"), jobs("DUP", 3), now=now).run_id
+    [(_first, fields), *_pending] = client.xrange(stream_key("normal"))
+    client.xadd(stream_key("normal"), {"job": fields[b"job"]})  # the first job's copy
+    queue = JobQueue(client)
+    [one, two, three, copy] = queue.read("w", block_ms=0, count=4)
+    assert one.job["seg"] == copy.job["seg"]
+    queue.dead_letter(one, "permanent: bad row", 3)
+    queue.finish(copy, 1, True, time.time())
+    queue.finish(two, 1, True, time.time())
+    state = run_status(client, run)
+    assert (state.state, state.done, state.dead) == ("queued", 2, 0)  # three is still pending
+    assert runs.retry_dead(client, run) == 0
+    assert client.xlen("refresher:dead") == 0
+    assert queue.finish(three, 1, True, time.time())  # the run's last
+    assert run_status(client, run).state == "loaded"
