@@ -551,8 +551,8 @@ def _stamp_ending_lockers(
     mid-transaction, or an ANALYZE) made the reset wait: after ``_LEDGER_LOCK_WAIT`` the other sessions on the
     database (but another reset's check: it used to end, failing that reset) end, unless the stamp read without the lock already refuses, and the lock is asked again. A holder
     this role may not end (autovacuum's VACUUM, another role's session), or a role that may not take the lock:
-    the stamp is read without it, as before (the door shut all the same); SnapshotError, one line, when even that
-    waits for such a session.
+    the stamp is read without it, the door shut, the other sessions (but another reset's check) ended and the stamp
+    read again; SnapshotError, one line, when even that waits for such a session.
     """
     db = conn.info.dbname
     tables = _present_ledgers(conn)
@@ -598,7 +598,13 @@ def _stamp_ending_lockers(
     except (*busy, psycopg.errors.InsufficientPrivilege):
         pass
     try:
-        return read(False, True)[0]
+        stamp, goes_on = read(False, True)
+        if goes_on:
+            # No lock kept a writer out: the sessions connected before the door shut end (one this role may not end
+            # fails the rename, ``_in_use``), then the stamp is read again: one that moved refuses (``_predates``).
+            _wait_gone(conn, *_ending(conn, None, _NOT_A_CHECK))
+            stamp = read(False, False)[0]
+        return stamp
     except busy as exc:
         raise SnapshotError(
             f"{db}: cannot read its ledger to reset it: a session's open transaction holds a lock on it, which "

@@ -549,3 +549,42 @@ def test_a_deadlock_with_a_writer_on_the_ledger_ends_the_writer_and_the_reset_re
         writer.close()
     assert psycopg.errors.DeadlockDetected in busy, busy
     assert _state(loaded.dsn()) == expected
+
+
+@pytest.mark.parametrize("pool_size", [1, 0])
+def test_a_session_connected_before_an_unlocked_ledger_read_cannot_commit_a_segment_the_reset_throws_away(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch, pool_size: int
+) -> None:
+    """A reset whose locked read of the ledger falls back (a role that may not LOCK it, or autovacuum holding it
+    past the lock wait) shut the door but ended nobody: a session already connected (a jobs worker keeps its
+    connection across jobs) committed February before the swap, which threw it away. It is ended with the door
+    shut, so its commit is refused, or the reset refuses and February stays."""
+    save_pristine(loaded, pool_size=pool_size)
+    _dirty(loaded)
+    committed: list[bool] = []
+
+    def no_lock(*args: object, **kwargs: object) -> None:
+        raise psycopg.errors.LockNotAvailable("the ledger's lock is not available (forced)")
+
+    with psycopg.connect(loaded.dsn(), autocommit=True) as worker:
+        worker.execute("SELECT 1")  # connected before the reset, idle between jobs
+
+        def a_worker_commits_then_the_swap(
+            conn: psycopg.Connection[object], *args: object, **kw: object
+        ) -> None:
+            if not committed:
+                _record_commit(
+                    committed,
+                    lambda: load_segment(
+                        worker, Segment("AAPL", "1d", FEB), daily_bars("AAPL", FEB, 20), "feb", tz="UTC"
+                    ),
+                )
+            real(conn, *args, **kw)  # type: ignore[arg-type]
+
+        real = pool._take
+        monkeypatch.setattr(snapshot, "_evicting", no_lock)
+        monkeypatch.setattr(pool, "_take", a_worker_commits_then_the_swap)
+        monkeypatch.setattr(snapshot, "_take", a_worker_commits_then_the_swap)
+        with contextlib.suppress(SnapshotError):  # refused: the ledger moved on
+            restore_pristine(loaded, refill=False)
+    _kept_if_committed(loaded, committed)
