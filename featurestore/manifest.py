@@ -306,18 +306,20 @@ class Manifest:
         identity = _identity(self.path)
         if identity is None or _NOT_NEWER.get(self.path) == identity:
             return
-        with (
-            _interrupts_kept(),
-            self._thread_lock,
-            file_lock(self._lock_path, shared=True, timeout=self._lock_timeout),
-        ):
-            con = self._open(read_only=True)
-            if isinstance(con, duckdb.Error):
-                return
-            try:
-                found = self._format(con)
-            finally:
-                self._detach(con)
+        try:
+            lock = file_lock(self._lock_path, shared=True, timeout=0)
+            with _interrupts_kept(), self._thread_lock, lock:
+                con = self._open(read_only=True)
+                if isinstance(con, duckdb.Error):
+                    return
+                try:
+                    found = self._format(con)
+                finally:
+                    self._detach(con)
+        except StoreLockTimeout:
+            # Held by a writer (or a process stopped while writing): opening a store never waits on it; the
+            # manifest's first read or write checks the format under its own lock (`_open_healed`).
+            return
         if found > STORE_FORMAT:
             raise StoreFormatNewer.store_format(str(self.path), found, STORE_FORMAT)
         _NOT_NEWER[self.path] = identity
