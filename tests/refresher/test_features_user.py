@@ -539,9 +539,9 @@ def forget(package: str) -> None:
     importlib.invalidate_caches()
 
 
-def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str) -> str:
+def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str) -> Path:
     """The package of the user's modules ``mine`` (importing ``helpers`` as ``style``), ``middle`` and ``helpers``
-    under ``tmp_path / "project"``, on the path; its name."""
+    under ``tmp_path / "project"``, on the path; its directory (named as the package)."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each run a fresh process: the source as it is now
     package = f"features_{uuid.uuid4().hex[:8]}"
     root = tmp_path / "project" / package
@@ -553,7 +553,17 @@ def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str) ->
     out = "import pandas as pd\n\ndef out(df, values):\n    return pd.DataFrame({'v': values}, index=df.index)\n\n"
     (root / "mine.py").write_text(out + MINE[style].format(pkg=package))
     monkeypatch.syspath_prepend(str(tmp_path / "project"))
-    return package
+    return root
+
+
+def mine_entry(package: str) -> str:
+    """The profile's entry of the user's feature ``mine``."""
+    return f'{{name: mine, function: "{package}.mine:f"}}'
+
+
+def edit_factor(root: Path) -> None:
+    """The user edits ``helpers.py``: FACTOR 2 becomes 3, so ``mine``'s values are 1.5 times what they were."""
+    (root / "helpers.py").write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
 
 
 @pytest.mark.parametrize("style", list(MINE))
@@ -564,10 +574,9 @@ def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
     monkeypatch: pytest.MonkeyPatch,
     style: str,
 ) -> None:
-    package = user_project(tmp_path, monkeypatch, style)
-    root = tmp_path / "project" / package
-    helpers = root / "helpers.py"
-    entries = f'{{name: mine, function: "{package}.mine:f"}}, dashboard_data'
+    root = user_project(tmp_path, monkeypatch, style)
+    package = root.name
+    entries = f"{mine_entry(package)}, dashboard_data"
     try:
         assert run(conn, profile_of(tmp_path, entries), store).loaded == 4
         values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
@@ -576,7 +585,7 @@ def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
         again = run(conn, profile_of(tmp_path, entries), store)
         assert (again.loaded, again.computed) == (0, 0)
         forget(package)
-        helpers.write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
+        edit_factor(root)
         edited = run(conn, profile_of(tmp_path, entries), store)
         assert (edited.loaded, edited.computed) == (2, 2)
         assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
@@ -591,9 +600,7 @@ def assert_a_new_process_recomputes(
 ) -> None:
     """A new process (the new code, FACTOR 3 or the function times 1.5) computes ``mine`` again: 1.5 ``values``."""
     forget(package)
-    assert (
-        run(conn, profile_of(tmp_path, f'{{name: mine, function: "{package}.mine:f"}}'), store).computed == 2
-    )
+    assert run(conn, profile_of(tmp_path, mine_entry(package)), store).computed == 2
     assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
         [v * 1.5 for v in values]
     )
@@ -615,15 +622,14 @@ def test_a_process_that_imported_the_old_code_versions_what_it_runs(
     # A worker imports the user's modules once and refreshes again and again: after an edit its function still
     # runs the code it imported, so that is what its rows are keyed by. Keyed by the file as edited, they were the
     # old values under the new version: a later process (the new code) took them from the store, stale.
-    package = user_project(tmp_path, monkeypatch, style)
-    root = tmp_path / "project" / package
-    helpers = root / "helpers.py"
-    entries = f'{{name: mine, function: "{package}.mine:f"}}'
+    root = user_project(tmp_path, monkeypatch, style)
+    package = root.name
+    entries = mine_entry(package)
     try:
         run(conn, profile_of(tmp_path, entries), store)
         values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
         if edited == "helpers":
-            helpers.write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
+            edit_factor(root)
         else:
             mine = root / "mine.py"
             mine.write_text(mine.read_text().replace("smooth(df['close'])", "smooth(df['close']) * 1.5"))
@@ -646,9 +652,9 @@ def test_a_module_edited_after_the_profile_imported_it_is_versioned_as_imported(
     # Loading the profile imports the user's modules (a worker's job context, a CLI refresh before its segments
     # load); the features are versioned at the end. An edit in between is not what this process computes with: its
     # rows keyed by the edited file held the old values, which the next process then served.
-    package = user_project(tmp_path, monkeypatch, "from")
-    helpers = tmp_path / "project" / package / "helpers.py"
-    entries = f'{{name: mine, function: "{package}.mine:f"}}'
+    root = user_project(tmp_path, monkeypatch, "from")
+    package = root.name
+    entries = mine_entry(package)
     try:
         if imported_before:  # in a process that never loaded a profile: refresher records no import yet
             monkeypatch.setattr(
@@ -656,7 +662,7 @@ def test_a_module_edited_after_the_profile_imported_it_is_versioned_as_imported(
             )
             importlib.import_module(f"{package}.mine")
         profile = profile_of(tmp_path, entries)
-        helpers.write_text(HELPERS.replace("FACTOR = 2.0", "FACTOR = 3.0"))
+        edit_factor(root)
         run(conn, profile, store)
         values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
         assert_a_new_process_recomputes(tmp_path, conn, store, package, values)

@@ -122,15 +122,27 @@ def test_a_timeframe_or_a_universe_column_named_twice_is_refused(
     assert f"{tmp_path / where}: {named}: named twice" in line, line
 
 
+def plans(tmp_path: Path, profile: Path) -> None:
+    """``plan`` of ``profile`` succeeds."""
+    done = run_cli(
+        "plan",
+        "--profile",
+        str(profile),
+        "--as-of",
+        "2024-01-31",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_universe_file_with_two_blank_or_unread_columns_loads(tmp_path: Path) -> None:
     """Only the columns read are refused twice: a spreadsheet's trailing empty cells, or two notes, are not."""
     (tmp_path / "u.csv").write_text("symbol,note,note,,\nAAA,a,b,,\n")
     path = tmp_path / "blanks.yaml"
     path.write_text("universe: {file: u.csv}\nmonths: 1\n")
-    done = run_cli(
-        "plan", "-p", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s"), "--json"
-    )
-    assert done.returncode == 0, done.stderr
+    plans(tmp_path, path)
 
 
 def test_a_universe_file_ending_in_upper_case_csv_is_read(tmp_path: Path) -> None:
@@ -138,10 +150,7 @@ def test_a_universe_file_ending_in_upper_case_csv_is_read(tmp_path: Path) -> Non
     (tmp_path / "U.CSV").write_text("symbol\nAAA\n")
     path = tmp_path / "upper.yaml"
     path.write_text("universe: {file: U.CSV}\nmonths: 1\n")
-    done = run_cli(
-        "plan", "-p", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s"), "--json"
-    )
-    assert done.returncode == 0, done.stderr
+    plans(tmp_path, path)
 
 
 def test_a_whole_number_target_and_yaml_booleans_still_load(tmp_path: Path) -> None:
@@ -150,7 +159,4 @@ def test_a_whole_number_target_and_yaml_booleans_still_load(tmp_path: Path) -> N
     path.write_text(
         "universe: {symbols: [AAA]}\nmonths: 1\nreset_target_seconds: 5\nsource: {kind: synthetic, allow_shrink: true}\n"
     )
-    done = run_cli(
-        "plan", "--profile", str(path), "--as-of", "2024-01-31", "--state-dir", str(tmp_path / "s")
-    )
-    assert done.returncode == 0, done.stderr
+    plans(tmp_path, path)
