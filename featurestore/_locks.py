@@ -38,10 +38,15 @@ def open_lock_file(path: Path) -> int:
         raise
 
 
+# What opening a store's file for writing answers when the store cannot be written (mounted read-only, not this
+# user's): the store is then read-only, not broken.
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def raise_not_writable(path: Path, exc: OSError) -> None:
     """StoreNotWritable if ``exc``, met opening ``path`` in the store for writing, says the store cannot be
     written or something else is where the file goes; nothing for any other failure."""
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a traceback from every command, before
+    if exc.errno in READ_ONLY_ERRNOS:  # a traceback from every command, before
         raise StoreNotWritable(str(path), exc.strerror or str(exc)) from None
     if exc.errno in (errno.EISDIR, errno.ENOTDIR):  # a directory at the path, a file at a parent's
         reason = (exc.strerror or str(exc)).lower()
@@ -74,4 +79,4 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
         os.close(fd)
 
 
-__all__ = ["file_lock", "open_lock_file", "raise_not_writable", "thread_lock"]
+__all__ = ["READ_ONLY_ERRNOS", "file_lock", "open_lock_file", "raise_not_writable", "thread_lock"]

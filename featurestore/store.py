@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import pyarrow as pa
 
 from featurestore import _files, _packs, _writes, maintenance
-from featurestore._locks import file_lock, open_lock_file
+from featurestore._locks import READ_ONLY_ERRNOS, file_lock, open_lock_file
 from featurestore.errors import ComputeError, StoreDiskFull, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_many
 from featurestore.keys import Raw, feature_key, is_dataframe, time_ranges, to_arrow
@@ -583,7 +583,7 @@ def _mkdir_unless_read_only(path: Path) -> None:
     try:
         path.mkdir(exist_ok=True)
     except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if exc.errno not in READ_ONLY_ERRNOS:
             raise
 
 
@@ -623,7 +623,7 @@ def _refuse_code_before_packs(root: Path) -> None:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreDiskFull.at(str(root), f"writing {temporary.name}: {exc.strerror}") from None
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only store: no gc runs there
+        if exc.errno not in READ_ONLY_ERRNOS:  # a read-only store: no gc runs there
             raise
     finally:
         with contextlib.suppress(OSError):

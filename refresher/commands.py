@@ -112,10 +112,10 @@ def refresh(
 def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
     """The report of a ``refresh`` (without flags) that the profile's stamp proves has nothing to do, found with
     psycopg alone and without parsing the profile (``refresher.stamp``); None when it must run in full."""
-    from refresher.profile_files import find_profile_file, validate_profile
+    from refresher.profile_files import validate_profile
 
     try:
-        path = find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+        path = _find_profile(settings, name)
         profile = validate_profile(path.stem)
     except ProfileError:
         return None  # the full path reads the profile and says what is wrong with it
@@ -178,23 +178,29 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
     return engine, server
 
 
+def _find_profile(settings: Settings, name: str) -> Path:
+    """The file of profile ``name`` in the profiles dirs or this state dir's own; ProfileError listing the
+    profiles when none is."""
+    from refresher.profile_files import find_profile_file
+
+    return find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+
+
 def _check_name(settings: Settings, name: str) -> None:
     """A name that is no valid profile name (``UI_testing``) is a typo: one line listing the profiles, before
     an engine or a lock refuses it naming only the pattern."""
-    from refresher.profile_files import PROFILE_NAME, find_profile_file
+    from refresher.profile_files import PROFILE_NAME
 
     if not PROFILE_NAME.match(name):
-        find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+        _find_profile(settings, name)
 
 
 def _no_server(settings: Settings, name: str, what: str) -> RefresherError:
     """The error of a command needing ``name``'s server when it has none: a name no profile has is a typo
     (``make url PROFILE=ui_testin``), which lists the profiles; else how to start it, in the user's words
     (under ``make``, where ``refresher`` is not on a new user's PATH, the make target)."""
-    from refresher.profile_files import find_profile_file
-
     try:
-        find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+        _find_profile(settings, name)
     except ProfileError as exc:  # its own words: which profiles there are (``ProfileError.unknown``)
         return exc
     return SnapshotError(f"profile {name}: {what}; run `{_refresh_command(name)}` first")
@@ -238,10 +244,8 @@ def status(settings: Settings, name: str | None = None, *, all_checkouts: bool =
     statuses = engines.all_statuses(settings, all_checkouts=all_checkouts)
     found = [s for s in statuses if name is None or s.profile == name]
     if name is not None and not found:
-        from refresher.profile_files import find_profile_file
-
         # neither a server nor a profile: a typo (`status --profile ui_testin`), which lists the profiles
-        find_profile_file(name, settings.profiles_dirs, private_dirs=(settings.state_dir,))
+        _find_profile(settings, name)
     return found
 
 

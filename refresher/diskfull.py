@@ -37,11 +37,9 @@ def require_room(conn: psycopg.Connection[Any], *, needed: int, what: str) -> No
     when nobody can tell, the statement's own error is left to say it.
     """
     path, free = _free_space(conn)
-    if free is not None:
-        if free < needed:
-            raise _disk_full(path, free, needed, what, sqlstate=None)
-    elif _server_has_room(conn, needed) is False:
-        raise _disk_full(path, None, needed, what, sqlstate=None)
+    room = free >= needed if free is not None else _server_has_room(conn, needed)
+    if room is False:
+        raise _disk_full(path, free, needed, what, sqlstate=None)
 
 
 def server_disk_full(

@@ -28,10 +28,9 @@ from types import ModuleType
 
 @dataclass(frozen=True)
 class UserModule:
-    """One of the user's modules: its file, the bytes it holds now, and the modules its source imports."""
+    """One of the user's modules: the bytes of its file, and the modules its source imports."""
 
     name: str
-    path: str
     source: bytes
     imports: frozenset[str]
 
@@ -77,7 +76,7 @@ def _read(name: str, *, anywhere: bool = False) -> UserModule | None:
     if source is None:
         return None
     package = name if is_package else name.rpartition(".")[0]
-    return UserModule(name, path, source, frozenset(_imports(source, package)))
+    return UserModule(name, source, frozenset(_imports(source, package)))
 
 
 # The source of each of the user's modules as this process imported it, by the module's spec (one per import: a

@@ -67,12 +67,8 @@ class RunSpec:
     prune: bool = False
 
 
-def job_payload(run_id: str, tier: str, job: SegmentJob, segment: str | None = None) -> str:
-    """A job as it goes in a stream; ``segment``: ``str(job.segment)`` when the caller has it already."""
-    return _payload(run_id, tier, segment or str(job.segment), job.key, job.tz, job.force)
-
-
 def _payload(run_id: str, tier: str, segment: str, key: str, tz: str, force: bool) -> str:
+    """A job as it goes in a stream."""
     fields = {"run": run_id, "tier": tier, "seg": segment, "key": key, "tz": tz, "force": force, "attempt": 0}
     return json.dumps(fields, sort_keys=True)
 
@@ -132,7 +128,10 @@ def submit_jobs(
     ensure_groups(client)
     run_id = new_run_id(now)
     segments = [str(job.segment) for job in jobs]
-    payloads = [job_payload(run_id, spec.priority, job, seg) for seg, job in zip(segments, jobs, strict=True)]
+    payloads = [
+        _payload(run_id, spec.priority, seg, job.key, job.tz, job.force)
+        for seg, job in zip(segments, jobs, strict=True)
+    ]
     state = "held" if held_until_ts is not None else ("queued" if payloads else "loaded")
     pipe = client.pipeline(transaction=True)
     pipe.hset(
@@ -593,7 +592,6 @@ __all__ = [
     "cancel_run",
     "delete_run",
     "delete_runs",
-    "job_payload",
     "list_runs",
     "prune_runs",
     "requeue_lost",
