@@ -97,7 +97,9 @@ def has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
 def _server_has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
     """``has_room`` as the server's own ``df`` answers it; None, without asking, when its role may not run
     programs (``_Server.may_run``) or an earlier answer on ``conn`` was neither yes nor no: a load asks before
-    every batch, and a refused ``COPY TO PROGRAM`` costs a savepoint and an ERROR in the server's log each time."""
+    every batch, and a refused ``COPY TO PROGRAM`` costs a savepoint and an ERROR in the server's log each time.
+    A probe cut short (the session's ``statement_timeout`` over a slow df, a cancel) is no such answer: None this
+    time, and asked again next time (a long-lived connection, a worker's, stopped checking for good)."""
     if needed <= 0:
         return True
     server = _data_directory(conn)
@@ -111,8 +113,15 @@ def _server_has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
             conn.execute(sql.SQL("COPY (SELECT WHERE false) TO PROGRAM {}").format(sql.Literal(command)))
         return True
     except psycopg.errors.ExternalRoutineException as exc:
-        if (exc.diag.message_detail or "").endswith("exit code 1"):
+        detail = exc.diag.message_detail or ""
+        if detail.endswith("exit code 1"):
             return False
+        if "signal" in detail.lower():
+            # A statement_timeout or a cancel interrupts the backend's process group, the program with it: no
+            # answer this time, asked again next time.
+            return None
+    except psycopg.errors.QueryCanceled:
+        return None  # the same, caught before the program's end
     except psycopg.Error:  # not allowed after all (42501), no df in the server's image
         pass
     _DATA_DIRECTORY[conn] = server._replace(may_run=False)  # it will not answer on this connection

@@ -361,3 +361,19 @@ def test_a_load_asks_the_servers_df_only_when_the_role_may_run_it(
         else:
             assert has_room(conn, 1) is None
             assert not [statement for statement in conn.sent if "TO PROGRAM" in statement]
+
+
+def test_a_df_cut_short_by_a_statement_timeout_is_asked_again_not_taken_for_a_refusal(
+    plain: ServerInfo, pg_server: ServerInfo
+) -> None:
+    # A probe that timed out once (the session's statement_timeout, a slow df) marked the connection as one whose
+    # role may not run programs, for good: a long-lived connection (a worker, the pytest plugin) stopped
+    # checking the server's free disk after one slow df.
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("GRANT pg_execute_server_program TO {}").format(sql.Identifier(plain.user)))
+    with psycopg.connect(plain.dsn(), autocommit=True) as conn:
+        assert data_directory(conn) is None  # asked once per connection: the server's df measures it
+        conn.execute("SET statement_timeout = 1")  # 1 ms: a shell, df and awk take longer to run
+        assert has_room(conn, 1) is None  # nobody can tell this time
+        conn.execute("SET statement_timeout = 0")
+        assert has_room(conn, 1) is True and has_room(conn, 2**60) is False
