@@ -371,10 +371,13 @@ def answer(
             if kept["identity"] == identity and isinstance(kept["output"], str):
                 return CommandResult(0, kept["output"])
     result = run(bin_dir, program, [flag], user, cwd=cwd, timeout=30)
-    if entry is not None and result.returncode == 0 and entry.parent.is_dir():  # never makes the cache
-        with contextlib.suppress(OSError, EngineUnavailable):  # a full disk: asked again next time
-            write_private_json(entry, {"identity": identity, "output": result.output})
-            sweep_private_tmps(entry.parent, ".answer-*.json")  # a kill -9 mid-write left its temporary file
+    if entry is not None and result.returncode == 0:
+        # A full disk, or a cache under a directory this user may not enter: asked again next time.
+        with contextlib.suppress(OSError, EngineUnavailable):
+            if entry.parent.is_dir():  # never makes the cache
+                write_private_json(entry, {"identity": identity, "output": result.output})
+                # A kill -9 mid-write left its temporary file.
+                sweep_private_tmps(entry.parent, ".answer-*.json")
     return result
 
 

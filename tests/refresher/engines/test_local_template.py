@@ -21,6 +21,7 @@ from refresher.engines import _pgtemplate, local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from tests.fixtures_postgres import world_traversable_tmp
+from tests.unprivileged import as_nobody, nobody_ids
 
 pytestmark = [
     pytest.mark.postgres,
@@ -122,6 +123,30 @@ def test_without_a_usable_cache_directory_initdb_still_makes_the_cluster(
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         engine.stop("lt_fallback")
+
+
+@pytest.mark.slow
+def test_a_cache_directory_this_user_cannot_enter_is_skipped_not_a_failed_start() -> None:
+    # A template cache under another user's 0700 directory (a shared XDG_CACHE_HOME, root's cache kept by sudo):
+    # the start failed with a bare PermissionError instead of running initdb without the cache.
+    root = world_traversable_tmp("refresher-cache-closed-")
+    state = root / "state"
+    state.mkdir()
+    os.chown(state, *nobody_ids())
+    closed = root / "closed"
+    closed.mkdir(mode=0o000)  # nobody enters it: not `nobody` under root, not its own user otherwise
+    engine = LocalEngine(state, template_dir=closed / "pg-templates")
+
+    def start() -> str:
+        info = engine.start("lt_closed")
+        with psycopg.connect(info.dsn()) as conn:
+            return str(conn.execute("SELECT current_database()").fetchone())
+
+    try:
+        assert as_nobody(start) == "('lt_closed',)"
+    finally:
+        as_nobody(lambda: str(engine.stop("lt_closed")))
+        closed.chmod(0o700)
 
 
 @pytest.mark.parametrize(
