@@ -193,6 +193,14 @@ _RUN_GONE = """
 local function run_gone(key) return redis.call('HEXISTS', key, 'spec') == 0 end
 """
 
+# The fence of ``jobs requeue`` and ``jobs retry-dead`` (``runs._requeue_lock``): their writes check, in the script
+# that writes, that the run's lock (KEYS[n]) still holds this holder's token (ARGV[n]). A holder stopped past the
+# lock's expiry (SIGSTOP, a suspended laptop: its renewal thread stopped too) while another took the lock wrote the
+# jobs that other one put back a second time.
+_FENCED = """
+local function lock_lost(key, token) return redis.call('GET', key) ~= token end
+"""
+
 _GONE = (
     _RUN_GONE
     + """
@@ -369,11 +377,16 @@ return 1
 # ``jobs retry-dead``, one dead letter (ARGV[1]) back on its stream (KEYS[2]) as ARGV[2], its segment (ARGV[3]) no
 # longer in the run's dead set (KEYS[4]): 0 when the run is gone
 # or the letter was taken already (by another retry-dead), else 1. A letter whose segment another copy loaded
-# since (in the done set, KEYS[5]; ``_FINISH`` uncounted it) is only removed, 0.
+# since (in the done set, KEYS[5]; ``_FINISH`` uncounted it) is only removed, 0. -1, nothing changed, when the
+# run's requeue lock (KEYS[6]) is no longer this retry-dead's (token ARGV[4]; ``_FENCED``; a deleted run's went
+# with it: 0 then).
 REVIVE = (
     _RUN_GONE
+    + _FENCED
     + """
-if run_gone(KEYS[3]) or redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+if run_gone(KEYS[3]) then return 0 end
+if lock_lost(KEYS[6], ARGV[4]) then return -1 end
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 if redis.call('SISMEMBER', KEYS[5], ARGV[3]) == 1 then return 0 end
 redis.call('SREM', KEYS[4], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
@@ -383,15 +396,18 @@ return 1
 """
 )
 
-# ``jobs requeue``: lost jobs (ARGV: segment, payload, ...) back on their stream (KEYS[3]), each unless its segment
-# is done meanwhile (KEYS[2]); -1, adding none, unless the run is queued and its submit is over (KEYS[4]).
+# ``jobs requeue``: lost jobs (ARGV after the first: segment, payload, ...) back on their stream (KEYS[3]), each
+# unless its segment is done meanwhile (KEYS[2]); -1, adding none, unless the run is queued and its submit is over
+# (KEYS[4]); else -2, adding none, when the run's requeue lock (KEYS[5]) is no longer this requeue's (token ARGV[1]).
 REQUEUE = (
     _RUN_GONE
+    + _FENCED
     + """
 if run_gone(KEYS[1]) or redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return -1 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if lock_lost(KEYS[5], ARGV[1]) then return -2 end
 local added = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
     redis.call('XADD', KEYS[3], '*', 'job', ARGV[i + 1])
     added = added + 1
@@ -402,11 +418,13 @@ return added
 )
 
 # ``jobs retry-dead`` of a run whose features failed: due again with fresh attempts; 0 when the run is gone or
-# its features did not fail.
+# its features did not fail; -1 when the run's requeue lock (KEYS[3]) is no longer this one's (token ARGV[2]).
 REVIVE_FEATURES = (
     _RUN_GONE
+    + _FENCED
     + """
 if run_gone(KEYS[1]) or redis.call('HEXISTS', KEYS[1], 'error') == 0 then return 0 end
+if lock_lost(KEYS[3], ARGV[2]) then return -1 end
 redis.call('HDEL', KEYS[1], 'error', 'features_attempts')
 redis.call('HSET', KEYS[1], 'state', 'loaded')
 redis.call('SADD', KEYS[2], ARGV[1])

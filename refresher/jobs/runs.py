@@ -309,15 +309,35 @@ def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
 
 # `jobs requeue` and `jobs retry-dead` of one run exclude each other: two at once (an operator and a cron job), or a
 # dead letter revived between a requeue's stream and dead-letter reads, put the same job on the stream twice.
-# A redis-py lock (SET NX PX with an owner token, released by compare-and-delete), renewed while it runs.
+# A redis-py lock (SET NX PX with an owner token, released by compare-and-delete), renewed while it runs, and a
+# fence: a holder stopped past its expiry (SIGSTOP, a suspended machine; its renewal stopped with it) while another
+# took the lock put the same jobs back again when it went on. Each write checks the token in its own script.
 _REQUEUE_LOCK_TTL = 30.0
 
 
+@dataclass(frozen=True)
+class _Fence:
+    """The run's requeue lock as this holder's writes check it: its key and this holder's token."""
+
+    run_id: str
+    action: str
+    key: str
+    token: bytes
+
+    def lost(self, done: str) -> JobError:
+        return JobError(
+            f"run {self.run_id!r}: this `jobs {self.action}` was held up past its {_REQUEUE_LOCK_TTL:.0f} s lock "
+            f"(stopped, or Redis out of reach), which another may hold now; it stopped after {done}: "
+            f"`refresher jobs status {self.run_id}` shows what is left",
+            field="run",
+            value=self.run_id,
+        )
+
+
 @contextmanager
-def _requeue_lock(client: redis.Redis, run_id: str, action: str) -> Iterator[None]:
-    lock = client.lock(
-        run_key(run_id, "requeue-lock"), timeout=_REQUEUE_LOCK_TTL, blocking=False, thread_local=False
-    )
+def _requeue_lock(client: redis.Redis, run_id: str, action: str) -> Iterator[_Fence]:
+    key = run_key(run_id, "requeue-lock")
+    lock = client.lock(key, timeout=_REQUEUE_LOCK_TTL, blocking=False, thread_local=False)
     if not lock.acquire():
         raise JobError(
             f"run {run_id!r}: a `jobs requeue` or `jobs retry-dead` of it is running; "
@@ -326,15 +346,16 @@ def _requeue_lock(client: redis.Redis, run_id: str, action: str) -> Iterator[Non
             value=run_id,
         )
     with held_lock(lock, every=_REQUEUE_LOCK_TTL / 3):
-        yield
+        yield _Fence(run_id, action, key, lock.local.token)
 
 
 def retry_dead(client: redis.Redis, run_id: str) -> int:
     """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
     they failed; returns how many jobs. Each is checked and moved in one step (``REVIVE``): a run deleted
-    meanwhile is not made again as a hash without a spec. Never beside a requeue of the run (``_requeue_lock``)."""
+    meanwhile is not made again as a hash without a spec. Never beside a requeue of the run (``_requeue_lock``),
+    nor once its lock was lost (``_Fence``)."""
     require_run(client, run_id)
-    with _requeue_lock(client, run_id, "retry-dead"):
+    with _requeue_lock(client, run_id, "retry-dead") as fence:
         revive = client.register_script(REVIVE)
         moved = 0
         entries: Any = client.xrange(DEAD)
@@ -348,10 +369,17 @@ def retry_dead(client: redis.Redis, run_id: str) -> int:
                 run_key(run_id),
                 run_key(run_id, "dead-segs"),
                 run_key(run_id, "done"),
+                fence.key,
             ]
-            moved += int(revive(keys=keys, args=[entry_id, json.dumps(job, sort_keys=True), job["seg"]]))
+            args = [entry_id, json.dumps(job, sort_keys=True), job["seg"], fence.token]
+            result = int(revive(keys=keys, args=args))
+            if result < 0:
+                raise fence.lost(f"{moved} dead job(s) back")
+            moved += result
         if not moved:  # its features failed: again, fresh attempts
-            client.register_script(REVIVE_FEATURES)(keys=[run_key(run_id), FEATURES_DUE], args=[run_id])
+            keys = [run_key(run_id), FEATURES_DUE, fence.key]
+            if int(client.register_script(REVIVE_FEATURES)(keys=keys, args=[run_id, fence.token])) < 0:
+                raise fence.lost("0 dead job(s) back")
     return moved
 
 
@@ -365,11 +393,12 @@ def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000) -> int:
     whose stream entry was trimmed goes back too; its second run is a no-op (the ledger) and counts once (the done
     set). Run again, it finds nothing lost. A run cancelled or deleted meanwhile stops it with a ``JobError``."""
     spec = require_run(client, run_id)
-    with _requeue_lock(client, run_id, "requeue"):
-        return _requeue_locked(client, run_id, spec, chunk)
+    with _requeue_lock(client, run_id, "requeue") as fence:
+        return _requeue_locked(client, fence, spec, chunk)
 
 
-def _requeue_locked(client: redis.Redis, run_id: str, spec: dict[str, Any], chunk: int) -> int:
+def _requeue_locked(client: redis.Redis, fence: _Fence, spec: dict[str, Any], chunk: int) -> int:
+    run_id = fence.run_id
     pipe = client.pipeline(transaction=True)
     pipe.get(run_key(run_id, "jobs"))
     pipe.hget(run_key(run_id), "state")
@@ -403,11 +432,14 @@ def _requeue_locked(client: redis.Redis, run_id: str, spec: dict[str, Any], chun
     jobs = _jobs_of_list(blob)
     lost = [(seg, _payload(run_id, tier, seg, "", tz, force)) for seg, tz, force in jobs if seg not in known]
     script = client.register_script(REQUEUE)
-    keys = [run_key(run_id), run_key(run_id, "done"), stream, run_key(run_id, "submitting")]
+    keys = [run_key(run_id), run_key(run_id, "done"), stream, run_key(run_id, "submitting"), fence.key]
     added = 0
     for start in range(0, len(lost), chunk):
-        args = [part for pair in lost[start : start + chunk] for part in pair]
+        args: list[bytes | str] = [fence.token]
+        args += [part for pair in lost[start : start + chunk] for part in pair]
         result = int(script(keys=keys, args=args))
+        if result == -2:  # stopped past its lock's expiry: another requeue may have put these back already
+            raise fence.lost(f"{added} of {len(lost)} lost job(s)")
         if result < 0:  # cancelled, deleted or finished meanwhile: it said "K lost job(s) back", exit 0
             now = client.hget(run_key(run_id), "state") if run_spec(client, run_id) is not None else None
             why = f"{text(now)} meanwhile" if now is not None else "deleted meanwhile"

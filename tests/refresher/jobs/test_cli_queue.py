@@ -51,6 +51,19 @@ def refresher(
 ) -> subprocess.CompletedProcess[str]:
     """``refresher ARGS`` in a temp state dir and store; ``queue``: its $REFRESHER_QUEUE; ``module``: what runs
     it (``python -m MODULE...``, e.g. ``killed_worker STEP``)."""
+    with start_refresher(tmp_path, *args, queue=queue, module=module) as proc:
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_refresher(
+    tmp_path: Path, *args: str, queue: str | None = None, module: Sequence[str] = ("refresher.cli",)
+) -> subprocess.Popen[str]:
+    """``refresher``, started and left running (its output piped)."""
     (tmp_path / "profiles").mkdir(exist_ok=True)
     (tmp_path / "profiles" / "q.yaml").write_text(PROFILE)
     env = {
@@ -62,12 +75,12 @@ def refresher(
     env.pop("REFRESHER_QUEUE", None)
     if queue is not None:
         env["REFRESHER_QUEUE"] = queue
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", *module, *args, "--engine", "local"],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
     )
 
 

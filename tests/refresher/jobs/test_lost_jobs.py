@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from refresher.jobs import runs
 from refresher.jobs.queue import JobQueue, connect, stream_key
 from refresher.jobs.runs import list_runs, run_status, submit_jobs
 from tests.redis_server import RedisServer
-from tests.refresher.jobs.test_cli_queue import one_line, refresher
+from tests.refresher.jobs.test_cli_queue import one_line, refresher, start_refresher
 from tests.refresher.jobs.test_queue import jobs, spec
 
 pytestmark = pytest.mark.redis
@@ -273,3 +276,61 @@ def test_a_segment_dead_then_loaded_by_its_other_copy_counts_done_only(redis_ser
     assert client.xlen("refresher:dead") == 0
     assert queue.finish(three, 1, True, time.time())  # the run's last
     assert run_status(client, run).state == "loaded"
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP): its state in /proc/PID/stat is T."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+@pytest.mark.parametrize("action", ["requeue", "retry-dead"])
+def test_a_requeue_stopped_past_its_lock_writes_nothing_once_another_holds_the_run(
+    tmp_path: Path, redis_server: RedisServer, action: str
+) -> None:
+    """A requeue (or retry-dead) stopped (SIGSTOP) past its lock's expiry, its renewal stopped with it, while a
+    second requeue took the lock and put the lost jobs back: resumed, it put them back again (eight entries for four
+    jobs). Its writes check the lock is still its own: one line, exit 2, nothing written."""
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec("normal"), jobs("STALL", 4), now=dt.datetime.now(dt.UTC)).run_id
+    lock = f"refresher:run:{run}:requeue-lock"
+    if action == "requeue":
+        client.delete(stream_key("normal"))  # four jobs lost
+    else:
+        for delivery in JobQueue(client).read("w", block_ms=0, count=2):
+            JobQueue(client).dead_letter(delivery, "permanent: bad row", 3)
+    stalled = start_refresher(
+        tmp_path,
+        "jobs",
+        action,
+        run,
+        "--queue",
+        redis_server.url,
+        module=("tests.refresher.jobs.stalled_requeue", "2"),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(stalled.pid) and stalled.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _stopped(stalled.pid), stalled.communicate()
+        while client.exists(lock) and time.monotonic() < deadline:  # its lock expires, in Redis's own time
+            time.sleep(0.05)
+        assert not client.exists(lock)
+        if action == "requeue":
+            second = refresher(tmp_path, "jobs", "requeue", run, "--queue", redis_server.url)
+            assert second.returncode == 0 and "4 lost job(s) back" in second.stdout, second.stderr
+        else:  # another holder: a requeue between its reads, say
+            assert client.lock(lock, timeout=60, thread_local=False).acquire(blocking=False)
+        os.kill(stalled.pid, signal.SIGCONT)
+        out, err = stalled.communicate(timeout=120)
+    finally:
+        if stalled.poll() is None:
+            stalled.kill()
+            stalled.wait()
+    done = subprocess.CompletedProcess(stalled.args, stalled.returncode, out, err)
+    one_line(done, run, f"this `jobs {action}` was held up past its 2 s lock", "stopped after 0 ")
+    if action == "requeue":
+        segments = [json.loads(f[b"job"])["seg"] for _id, f in client.xrange(stream_key("normal"))]
+        assert sorted(segments) == sorted(str(j.segment) for j in jobs("STALL", 4))  # each once
+    else:
+        assert (client.xlen("refresher:dead"), run_status(client, run).dead) == (2, 2)  # none revived
