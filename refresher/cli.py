@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         return _failed(f"refresher: {exc}", exc.exit_code, args, argv)
     except KeyboardInterrupt:
-        print("refresher: interrupted; every finished segment is kept, run again to resume", file=sys.stderr)
+        print(f"refresher: {_interrupted(args)}", file=sys.stderr)
         if argv is None:  # the console script, not a caller in-process: leave now
             _leave_now(130)
         return 130
@@ -441,6 +441,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         return _failed(f"refresher: {message}", EXIT_USER_ERROR, args, argv)
+
+
+# What an interrupted command leaves, in its own words: a reset or a down has no segments to resume (they said
+# "every finished segment is kept, run again to resume", which sent the user looking for a load).
+_INTERRUPTED = {
+    "refresh": "every finished segment is kept, run again to resume",
+    "warm": "every finished segment is kept, run again to resume",
+    "reset": "the database is as it was or already reset; run the reset again",
+    "down": "run the down again to finish removing the server",
+}
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """The line for a Ctrl-C: ``interrupted``, and what to do for the commands that leave work to finish."""
+    done = _INTERRUPTED.get(getattr(args, "command", ""))
+    return f"interrupted; {done}" if done else "interrupted"
 
 
 def _failed(line: str, status: int, args: argparse.Namespace | None, argv: Sequence[str] | None) -> int:

@@ -268,3 +268,27 @@ def test_status_of_a_misspelled_profile_lists_the_known_ones(tmp_path: Path) -> 
     done = run_cli("status", "--profile", "ui_testing", "--json", *state, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["servers"] == []
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [("reset", "run the reset again"), ("down", "run the down again"), ("url", "interrupted")],
+)
+def test_an_interrupted_command_says_what_it_left_in_its_own_words(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    says: str,
+) -> None:
+    """A Ctrl-C of a reset or a down said 'every finished segment is kept, run again to resume': there are no
+    segments to resume, and the user went looking for a load."""
+    from refresher import commands
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, command, interrupted)
+    assert main([command, "--profile", "ui_testing", "--state-dir", str(tmp_path)]) == 130
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("refresher: interrupted") and says in line and "segment" not in line, line
