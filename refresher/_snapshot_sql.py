@@ -100,24 +100,30 @@ def _execute(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> p
     return cursor
 
 
-@contextlib.contextmanager
-def _advisory(conn: psycopg.Connection[Any], db: str, which: int, *, shared: bool = False) -> Iterator[None]:
+def _lock(conn: psycopg.Connection[Any], db: str, which: int, *, shared: bool = False) -> None:
+    """Take advisory lock ``which`` of ``db`` (``shared``: in share mode), waiting for it; ``_unlock`` lets it go."""
     mode = "_shared" if shared else ""
     conn.execute(f"SELECT pg_advisory_lock{mode}(hashtext(%s), %s)", (db, which))
+
+
+def _unlock(conn: psycopg.Connection[Any], db: str, which: int, *, shared: bool = False) -> None:
+    mode = "_shared" if shared else ""
+    conn.execute(f"SELECT pg_advisory_unlock{mode}(hashtext(%s), %s)", (db, which))
+
+
+@contextlib.contextmanager
+def _advisory(conn: psycopg.Connection[Any], db: str, which: int, *, shared: bool = False) -> Iterator[None]:
+    _lock(conn, db, which, shared=shared)
     try:
         yield
     finally:
         if not conn.closed:
-            conn.execute(f"SELECT pg_advisory_unlock{mode}(hashtext(%s), %s)", (db, which))
+            _unlock(conn, db, which, shared=shared)
 
 
 def _try_lock(conn: psycopg.Connection[Any], db: str, which: int) -> bool:
     row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), %s)", (db, which)).fetchone()
     return bool(row and row[0])
-
-
-def _unlock(conn: psycopg.Connection[Any], db: str, which: int) -> None:
-    conn.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (db, which))
 
 
 # (is a template, comment) of a database, by name.

@@ -65,6 +65,7 @@ from refresher._snapshot_sql import (
     _drop_database,
     _drop_unless_held,
     _execute,
+    _lock,
     _Mark,
     _move_to_trash,
     _pool_databases,
@@ -621,7 +622,7 @@ def _copier(conn: psycopg.Connection[Any], db: str, width: int) -> Iterator[None
     token = next((k for k in range(width) if _try_lock(conn, db, COPIER + k)), None)
     if token is None:
         token = conn.info.backend_pid % width
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (db, COPIER + token))
+        _lock(conn, db, COPIER + token)
     try:
         yield
     finally:

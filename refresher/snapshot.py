@@ -50,6 +50,7 @@ from refresher._snapshot_sql import (
     _drop_database,
     _ending,
     _evicting,
+    _lock,
     _Mark,
     _mark_of,
     _open_door,
@@ -479,7 +480,7 @@ class _Door:
     def shut(self, oid: int) -> bool:
         """Close the door of the database of ``oid``; False when ``db`` is another database now."""
         conn = self.admin.result()
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (self.db, TAKE))
+        _lock(conn, self.db, TAKE)
         self.held += 1  # whatever fails from here lets it go (``open``)
         if _close_door(conn, self.db, oid):
             return True
