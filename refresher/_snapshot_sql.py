@@ -471,11 +471,16 @@ def _close_door(conn: psycopg.Connection[Any], db: str, oid: int) -> bool:
     return True
 
 
+def _refuses_sessions(conn: psycopg.Connection[Any], db: str) -> bool:
+    """Whether database ``db`` exists and refuses new sessions (ALLOW_CONNECTIONS false: ``_close_door``)."""
+    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)).fetchone()
+    return row is not None and not row[0]
+
+
 def _open_door(conn: psycopg.Connection[Any], db: str) -> None:
     """Let database ``db`` take sessions again, if it refuses them (a reset that did not swap, or copies first);
     the caller holds TAKE."""
-    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)).fetchone()
-    if row is not None and not row[0]:
+    if _refuses_sessions(conn, db):
         _execute(conn, sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(db)))
 
 
@@ -483,8 +488,7 @@ def _reopen_abandoned(conn: psycopg.Connection[Any], db: str) -> bool:
     """Whether database ``db`` refused new sessions: a reset closes it from its last read of the ledger to its
     swap (``_close_door``), under TAKE. Once TAKE is free (the reset swapped, or was killed), one still closed is
     opened. One query when it is open."""
-    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,)).fetchone()
-    if row is None or row[0]:
+    if not _refuses_sessions(conn, db):
         return False
     with _advisory(conn, db, TAKE):
         _open_door(conn, db)
