@@ -570,11 +570,12 @@ def _stamp_ending_lockers(
             if locking:
                 conn.execute(lock)
             marked = conn.execute(_COMMENT, (pristine_name(db),))
-            here = conn.execute(_HERE)
+            # Asked, in the same round trip, only of the read that may shut the door.
+            here = conn.execute(_HERE) if last and shut is not None else None
             stamp = ledger_stamp(conn, tables)
             mark = _mark_of(marked.fetchone())
             goes_on = mark is not None and stamp in (None, mark.stamp)
-            if last and goes_on and shut is not None:
+            if here is not None and goes_on and shut is not None:
                 row = here.fetchone()
                 oid = int(row[0]) if row else 0
                 if not shut(oid):
