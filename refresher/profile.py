@@ -239,6 +239,13 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
         e["input"] = None  # pydantic gives the enclosing mapping; the user's value is "nothing"
     if e["type"] == "value_error":
         e["msg"] = str(e["ctx"]["error"])  # our own check's words, without pydantic's "Value error, "
+    if e["type"] == "string_type" and isinstance(e["input"], bool | int | float):
+        # `symbols: [AAPL, ON]` read ON as True: "=True: Input should be a valid string" named no ON
+        e["msg"] += (
+            "; YAML reads an unquoted yes, no, on, off, true or false as a boolean: write it in quotes (e.g. 'ON')"
+            if isinstance(e["input"], bool)
+            else f"; YAML read it as a number: write it in quotes ('{e['input']}')"
+        )
     loc = ".".join(parts) or "(root)"
     more = len(err.errors()) - 1
     reason = e["msg"] + (f" (+{more} more error{'s' * (more > 1)})" if more else "")
@@ -312,6 +319,8 @@ def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, A
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
         raise ProfileError(path, where, None, f"invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:  # no YAML document at all: "(root)='NoneType': a profile must be a mapping" said what?
+        raise ProfileError(path, "(root)", None, "the file is empty (a profile needs universe and months)")
     if not isinstance(data, dict):
         # Only the type: the root of a file that is not a profile is the whole file (never echo it).
         raise ProfileError(path, "(root)", type(data).__name__, "a profile must be a mapping")
