@@ -144,7 +144,8 @@ def plan_refresh(
         if server is None:
             plan = compute_plan(profile, source, store, None)
         else:
-            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
+            with snapshot.connect_working(server, autocommit=True) as conn:
                 known = database.schema_exists(conn)
                 plan = compute_plan(profile, source, store, conn if known else None, verify=verify)
     notes = tuple(str(r) for r in stored_reports(store, plan.keys))

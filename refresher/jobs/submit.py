@@ -14,6 +14,7 @@ from refresher import database
 from refresher import dsn as dsn_check
 from refresher.calendar import market_status
 from refresher.engines import select_engine
+from refresher.engines.base import ServerInfo
 from refresher.errors import JobError
 from refresher.jobs.queue import TIERS, open_queue, redis_time, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
@@ -21,6 +22,7 @@ from refresher.jobs.segment import jobs_of_plan
 from refresher.profile import load_profile
 from refresher.refresh import compute_plan, exchange_timezones
 from refresher.settings import Settings
+from refresher.snapshot import connect_working
 from refresher.sources import make_source
 
 
@@ -63,14 +65,19 @@ def submit_run(
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(queue_url, exc, queue_label) from exc
     held = hold_until(when_closed, now) if when_closed is not None else None  # '' is no exchange either
+    server: ServerInfo | None = None
     if target is None:
         server = select_engine(settings.engine, settings, profile.name).start(profile.name)
-        dsn, public = server.dsn(), server.dsn(with_password=False)
+        public = server.dsn(with_password=False)
     else:
-        dsn, public = target, without_password(target)
+        public = without_password(target)
     store = FeatureStore(settings.store_root)
     try:
-        conn = psycopg.connect(dsn, autocommit=True)
+        if server is not None:
+            # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
+            conn = connect_working(server, autocommit=True)
+        else:
+            conn = psycopg.connect(str(target), autocommit=True)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc

@@ -123,8 +123,15 @@ class _RunContext:
         self.profile: Profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
         self.store = FeatureStore(settings.store_root)
         self.source: Source = make_source(self.profile)
+        # The profile's own server, served here: a reset killed with the database's door shut left it refusing
+        # sessions (the worker retried until its jobs went dead), and the one door opens it; else the target as
+        # given, its password from libpq's own sources (PGPASSWORD, .pgpass, service files).
+        server = _own_server(settings, spec)
         try:
-            self.conn = psycopg.connect(_credentials(settings, spec), autocommit=True)
+            if server is not None:
+                self.conn = snapshot.connect_working(server, autocommit=True)
+            else:
+                self.conn = psycopg.connect(str(spec["target"]), autocommit=True)
         except psycopg.OperationalError as exc:
             # libpq's line names neither the database nor the role: the DSN does, without its password.
             self.source.close()
@@ -145,13 +152,6 @@ def _own_server(settings: Settings, spec: dict[str, Any]) -> ServerInfo | None:
             if server is not None and server.dsn(with_password=False) == spec["target"]:
                 return server
     return None
-
-
-def _credentials(settings: Settings, spec: dict[str, Any]) -> str:
-    """The target with a password from this machine: the profile's state dir when this machine serves it,
-    else libpq's own sources (PGPASSWORD, .pgpass, service files) apply to the DSN as given."""
-    server = _own_server(settings, spec)
-    return server.dsn() if server is not None else str(spec["target"])
 
 
 def run_features(

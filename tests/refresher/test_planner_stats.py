@@ -124,16 +124,7 @@ def _every_database_current(ws: Workspace, month: str) -> None:
     """The working database and each pool clone (once the refill is done): no loaded table with stale
     statistics, and the last bar in the statistics of its ``month`` partition and of ``ohlcv_daily`` (every row
     is in the sample here)."""
-    info = psycopg.conninfo.conninfo_to_dict(ws.dsn())
-    server = ServerInfo(
-        "local",
-        ws.profile,
-        str(info["host"]),
-        int(str(info["port"])),
-        str(info["user"]),
-        str(info.get("password", "")),
-        str(info["dbname"]),
-    )
+    server = ws.server()
     wait_for_pool(server, timeout=120)
     for dsn in [server.dsn(), *(server.dsn(name) for name in pool_status(server).ready)]:
         assert _stale(dsn) == [], dsn

@@ -20,6 +20,7 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
+from refresher.engines.base import ServerInfo
 from tests.fixtures_postgres import world_traversable_tmp
 
 AS_OF = dt.date(2025, 3, 31)
@@ -113,6 +114,19 @@ class Workspace:
 
     def dsn(self, profile: str | None = None) -> str:
         return self.run("url", "--profile", profile or self.profile).stdout.strip()
+
+    def server(self) -> ServerInfo:
+        """The profile's server as its engine describes it (to call refresher's functions on it in-process)."""
+        parts = psycopg.conninfo.conninfo_to_dict(self.dsn())
+        return ServerInfo(
+            self.engine,
+            self.profile,
+            str(parts["host"]),
+            int(str(parts["port"])),
+            str(parts["user"]),
+            str(parts.get("password", "")),
+            str(parts["dbname"]),
+        )
 
     def checksums(self, profile: str | None = None) -> dict[tuple[str, str, str], str]:
         with psycopg.connect(self.dsn(profile)) as conn:

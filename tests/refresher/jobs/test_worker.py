@@ -13,12 +13,17 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
+from refresher._snapshot_sql import TAKE
 from refresher.jobs.queue import JobQueue, connect
 from refresher.jobs.worker import parse_segment
+from refresher.pool import wait_for_pool
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.redis_server import RedisServer
 from tests.refresher.test_refresh_e2e import Workspace
+from tests.refresher.test_snapshot_adversarial import _refusing
+from tests.refresher.test_snapshot_crash import _killed_after
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -319,3 +324,72 @@ def test_sigterm_finishes_the_job_in_hand_hands_back_the_rest_and_exits_0(
     assert finisher.wait(timeout=600) == 0, worker_log(ws, "finisher")
     assert status(ws, url, run["run_id"])["state"] == "complete"
     assert len(ledger(ws)) == run["jobs"]
+
+
+@pytest.mark.parametrize("command", ["worker", "plan", "submit"])
+def test_a_reset_killed_with_its_door_shut_leaves_a_database_workers_plan_and_submit_open(
+    workspace: Workspace, request: pytest.FixtureRequest, command: str
+) -> None:
+    """A reset killed between its last read of the ledger and its swap leaves the database refusing sessions; reset,
+    status and refresh opened it, but a worker retried until its jobs went dead, and plan and submit failed."""
+    ws = workspace
+    ws.write_profile(symbols=["AAPL"], months=1)
+    ws.refresh()
+    wait_for_pool(ws.server(), timeout=300)  # the refresh's refill is done: the reset has the server alone
+    url = "" if command == "plan" else request.getfixturevalue("redis_server").url
+    if command == "worker":
+        ws.write_profile(symbols=["AAPL"], months=2)  # February too: jobs for the worker
+        run = submit(ws, url)
+        assert run["jobs"] == 2
+    server = ws.server()
+    assert not _killed_after(server, 1, "snapshot.restore_pristine(server, refill=False)")  # ALTER DATABASE
+    assert _refusing(server)
+    if command == "worker":
+        done = ws.run("worker", "--queue", url, "--name", "door", "--burst", "--max-attempts", "2")
+        state = status(ws, url, run["run_id"])
+        assert (state["state"], state["done"], state["dead"]) == ("complete", 2, 0), done.stderr
+        assert len(ledger(ws)) == 4
+    elif command == "plan":
+        assert json.loads(ws.run("plan", "--profile", ws.profile, "--json").stdout)["server_running"]
+    else:
+        assert submit(ws, url)["jobs"] == 0
+    assert not _refusing(server)
+
+
+def test_plan_leaves_shut_the_door_a_live_reset_holds_and_connects_after_its_swap(
+    workspace: Workspace,
+) -> None:
+    """Only a dead reset's door is opened: a live one (TAKE held, the door shut, as from its last read of the ledger
+    to its swap) is waited for, and the door stays shut until that reset opens it."""
+    ws = workspace
+    ws.write_profile(symbols=["AAPL"], months=1)
+    ws.refresh()
+    server = ws.server()
+    wait_for_pool(server, timeout=300)  # the refresh's refill is done: the plan alone waits for TAKE
+    door = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as reset:
+        reset.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (server.dbname, TAKE))
+        reset.execute(door.format(sql.Identifier(server.dbname), sql.SQL("false")))
+        plan = subprocess.Popen(
+            ws.command("plan", "--profile", ws.profile, "--json"),
+            env={**ws.env, "PGAPPNAME": "door-plan"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'door-plan' AND wait_event = 'advisory'"
+            deadline = time.monotonic() + 300
+            while reset.execute(waiting).fetchone() is None:
+                assert plan.poll() is None and time.monotonic() < deadline, plan.communicate()
+                time.sleep(0.05)
+            assert _refusing(server)  # the plan waits for the reset, its door shut
+            reset.execute(door.format(sql.Identifier(server.dbname), sql.SQL("true")))
+            reset.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (server.dbname, TAKE))
+            out, err = plan.communicate(timeout=300)
+        finally:
+            if plan.poll() is None:
+                plan.kill()
+                plan.wait()
+    assert plan.returncode == 0, err
+    assert json.loads(out)["server_running"]
