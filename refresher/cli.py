@@ -322,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
     from refresher import commands, render
 
+    if args.command != "profiles":  # every other command talks to a server through psycopg
+        _quiet_psycopg()
     if args.command in ("jobs", "worker"):
         from refresher.jobs import cli as jobs_cli
 
@@ -391,6 +393,16 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
         listing = commands.profiles(settings)
         emit(args, render.profiles_json(listing), lambda: render.profiles_table(listing))
     return 0
+
+
+def _quiet_psycopg() -> None:
+    """psycopg logs what it ignored while an error was on its way out ('error ignored terminating
+    <psycopg.Pipeline [BAD]>: ... server closed the connection unexpectedly'), and with no handler configured
+    logging's last resort printed those lines on stderr above the error's one line (a `down` beside a
+    `reset`). The error says it; they are dropped. (``logging`` is imported by psycopg anyway.)"""
+    import logging
+
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
 def _leave_now(status: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from refresher.cli import main
+from refresher.engines.base import ServerInfo
 from refresher.errors import ProfileError
 from refresher.profile_files import find_profile_file
 from refresher.settings import STATE_DIR_NAME, Settings, find_state_dir
@@ -292,3 +293,42 @@ def test_an_interrupted_command_says_what_it_left_in_its_own_words(
     assert main([command, "--profile", "ui_testing", "--state-dir", str(tmp_path)]) == 130
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("refresher: interrupted") and says in line and "segment" not in line, line
+
+
+# A command that loses its server inside a psycopg pipeline, as a `reset` did beside a `down`: run in a process of
+# its own, where logging has no handler but its last resort (pytest's own logging plugin hides it in-process).
+_LOST_MID_PIPELINE = """
+import sys, psycopg
+from refresher import cli, commands
+
+def lost(settings, name):
+    with (
+        commands._database_errors(name),
+        psycopg.connect(sys.argv[1], autocommit=True) as conn,
+        psycopg.connect(sys.argv[1], autocommit=True) as other,
+        conn.pipeline(),
+    ):
+        conn.execute("SELECT 1")
+        other.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
+        conn.execute("SELECT 2")  # queued: the pipeline's exit has it to finish
+        conn.execute("SELECT pg_sleep(1)").fetchone()
+
+commands.url = lost
+sys.exit(cli.main(["url", "--profile", "ui_testing", "--state-dir", sys.argv[2]]))
+"""
+
+
+def test_a_server_lost_mid_pipeline_is_one_line_without_psycopgs_warnings(
+    tmp_path: Path, pg_database: ServerInfo
+) -> None:
+    """A `down` beside a `reset` ended the reset's session in its pipeline: the reset's one line came after four
+    lines of psycopg's logger ('error ignored terminating <psycopg.Pipeline [BAD] ...>: consuming input
+    failed: server closed the connection unexpectedly ...'), printed by logging's last-resort handler."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOST_MID_PIPELINE, pg_database.dsn(), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = one_line_error(done)
+    assert line.startswith("refresher: profile ui_testing: lost the database server"), line
