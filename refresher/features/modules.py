@@ -158,15 +158,10 @@ def _locate(name: str) -> tuple[str, bool] | None:
     if module is not None:
         path = getattr(module, "__file__", None)
         return (path, hasattr(module, "__path__")) if isinstance(path, str) else None
-    parent, _, _ = name.rpartition(".")
-    search: list[str] | None = None
-    if parent:
-        located = sys.modules.get(parent)
-        if located is not None:
-            search = list(getattr(located, "__path__", None) or []) or None
-        else:
-            spec = _find(parent, None)
-            search = list(spec.submodule_search_locations or []) if spec is not None else None
+    parent = name.rpartition(".")[0]
+    search: list[str] | None = None  # a parent not imported: ``_find`` finds it
+    if parent and (imported := sys.modules.get(parent)) is not None:
+        search = list(getattr(imported, "__path__", None) or [])
         if not search:
             return None
     spec = _find(name, search)
