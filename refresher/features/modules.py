@@ -121,12 +121,9 @@ class _Recorder:
             return None
         origin = spec.origin
         if spec.has_location and isinstance(origin, str) and origin.endswith(".py") and _is_users(origin):
-            try:
-                with open(origin, "rb") as file:
-                    source = file.read()
-            except OSError:
-                return spec  # the loader finds out
-            _remember(spec, source)
+            source = _file_bytes(origin)
+            if source is not None:  # else the loader finds out
+                _remember(spec, source)
         return spec
 
 
@@ -143,13 +140,20 @@ def _source(name: str, path: str) -> bytes | None:
     key = None if module is None else getattr(module, "__spec__", None) or module
     if key is not None and (recorded := _recalled(key)) is not None:
         return recorded
-    try:
-        with open(path, "rb") as file:
-            source = file.read()
-    except OSError:
+    source = _file_bytes(path)
+    if source is None:
         return None
     # Imported before ``record_imports``: as first read.
     return source if key is None else _remember(key, source)
+
+
+def _file_bytes(path: str) -> bytes | None:
+    """The bytes of the file at ``path``; None when it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
 
 
 def _locate(name: str) -> tuple[str, bool] | None:
