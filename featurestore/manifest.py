@@ -33,6 +33,7 @@ import datetime as dt
 import errno
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -61,6 +62,8 @@ _JOURNAL_LOCK = "access.journal.lock"
 # A read(fold=False) still folds a journal this large (~20,000 lines): it never grows without bound between writes.
 _JOURNAL_FOLD_BYTES = 1 << 20
 _FOLDING_SUFFIX = ".folding"
+# The errors of a stat that Path.exists and Path.is_dir take for no file there.
+_NO_FILE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 _DAMAGED_SUFFIX = ".damaged-"
 # A counters row written in the same transaction that fills a new manifest from the files.
 _FILLED = "restored_from_files"
@@ -518,9 +521,16 @@ class Manifest:
         # Appenders hold the journal lock shared, so renaming under it exclusively never cuts a line in two;
         # files left by a folder that died before committing are folded again (access times are idempotent).
         with file_lock(self._journal_lock, timeout=self._lock_timeout):
-            if self._journal.is_dir():  # made by hand: renamed to .folding, it would fail every write to come
+            try:
+                journal: os.stat_result | None = self._journal.stat()
+            except OSError as exc:
+                if exc.errno not in _NO_FILE:
+                    raise
+                journal = None
+            if journal is not None and stat.S_ISDIR(journal.st_mode):
+                # Made by hand: renamed to .folding, it would fail every write to come.
                 raise_not_writable(self._journal, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
-            if self._journal.exists() and self._journal.stat().st_size > 0:
+            if journal is not None and journal.st_size > 0:
                 self._journal.rename(self.root / f"{_JOURNAL_FILE}.{uuid.uuid4().hex}{_FOLDING_SUFFIX}")
         pending = sorted(self.root.glob(_JOURNAL_FILE + ".*" + _FOLDING_SUFFIX))
         latest: dict[str, int] = {}
