@@ -212,12 +212,20 @@ end
 """
 )
 
+# A delivery settled: acknowledged, off the stream, and no longer in flight (KEYS[4]).
+_ACK = """
+local function ack()
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('HDEL', KEYS[4], ARGV[2])
+end
+"""
+
 _FINISH = (
     _GONE
+    + _ACK
     + """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[4], ARGV[2])
+ack()
 if redis.call('SADD', KEYS[3], ARGV[3]) == 0 then return 0 end
 -- loaded by another copy after one was dead-lettered: no longer dead (done + dead counted it twice); REVIVE
 -- drops its dead letter
@@ -240,23 +248,21 @@ end
 # A delivery that fails after another delivery of the same job finished it (a worker paused past the visibility
 # timeout, its job reclaimed and loaded meanwhile) is only acknowledged: counted dead or retrying, the loaded
 # segment showed as dead, and `jobs retry-dead` set the run queued for good (its no-op rerun counts nothing).
-_SETTLED = """
-local function only_ack()
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  redis.call('HDEL', KEYS[4], ARGV[2])
+_SETTLED = (
+    _ACK
+    + """
+if redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 1 then
+  ack()
   return 0
 end
-if redis.call('SISMEMBER', KEYS[5], ARGV[7]) == 1 then return only_ack() end
 """
+)
 
 _RETRY = (
     _GONE
     + _SETTLED
     + """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[4], ARGV[2])
+ack()
 -- two deliveries of one job failing at the same attempt make one member: counted twice, promoted once
 if redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'retrying', 1)
@@ -269,12 +275,10 @@ _DEAD = (
     _GONE
     + _SETTLED
     + """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[4], ARGV[2])
+ack()
 -- a second copy of a dead segment (put back twice by hand or an old requeue): acknowledged, not counted again
 -- (counted, 'done + dead >= total' ended the run incomplete with jobs still pending)
-if redis.call('SADD', KEYS[6], ARGV[7]) == 0 then return only_ack() end
+if redis.call('SADD', KEYS[6], ARGV[7]) == 0 then return 0 end
 redis.call('XADD', KEYS[3], '*', 'run', ARGV[3], 'job', ARGV[4], 'error', ARGV[5], 'attempts', ARGV[6])
 redis.call('HINCRBY', KEYS[2], 'dead', 1)
 """
