@@ -12,6 +12,7 @@ and described in ``reports``. Messages name a CSV row by its line number in the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -65,7 +66,36 @@ def _read(path: Path, fmt: str) -> pa.Table:
         # messages show what the file says
         return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(**_CSV_CELLS))
     except (OSError, pa.ArrowInvalid) as exc:
+        if fmt == "csv" and (row := _first_split_error(path)) is not None:
+            raise _split_error(path, row) from None
         raise SourceError(f"{path}: cannot read as {fmt}: {exc}", file=str(path)) from exc
+
+
+def _first_split_error(path: Path) -> pacsv.InvalidRow | None:
+    """The first line of a CSV with more or fewer cells than its header, read again on one thread: pyarrow's
+    error showed the line's text but not its number, and the threaded reader does not know it."""
+    found: list[pacsv.InvalidRow] = []
+
+    def note(row: pacsv.InvalidRow) -> str:
+        found.append(row)
+        return "error"
+
+    options = pacsv.ParseOptions(invalid_row_handler=note)
+    with contextlib.suppress(OSError, pa.ArrowInvalid):
+        pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False), parse_options=options)
+    return found[0] if found else None
+
+
+def _split_error(path: Path, row: pacsv.InvalidRow) -> SourceError:
+    text = row.text if len(row.text) <= 80 else f"{row.text[:77]}..."
+    line = f"line {row.number}" if row.number is not None else "a line"
+    return SourceError(
+        f"{path}: {line}={text!r}: {row.actual_columns} cells where the header has {row.expected_columns}; "
+        "fix or remove the line (source.on_bad_rows leaves out only rows that split into the header's columns)",
+        file=str(path),
+        field=line,
+        value=row.text,
+    )
 
 
 _CSV_CELLS: dict[str, Any] = {"null_values": [""], "strings_can_be_null": True}

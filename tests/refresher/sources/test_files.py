@@ -425,3 +425,23 @@ def test_a_file_with_a_header_alone_is_reported(tmp_path: Path, make_profile: Ma
         f"AAPL/{timeframe}/2024-11: {tmp_path / name}: 0 rows dropped: the file has no rows (a header alone)"
         for timeframe, name in (("1d", "AAPL.csv"), ("1m", "AAPL.pq"))
     ]
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+@pytest.mark.parametrize("name", ["AAPL.csv", "AAPL.csv.gz"])
+def test_a_line_with_more_or_fewer_cells_than_the_header_is_named_by_its_number(
+    tmp_path: Path, make_profile: MakeProfile, policy: str, name: str
+) -> None:
+    # pyarrow's 'CSV parse error: Expected 6 columns, got 5: 2024-11-27,...' named the file and the text but not
+    # the line, in a file of thousands of lines (a volume cut off, a stray comma)
+    raw = b"Date,Open,High,Low,Close,Volume\n2024-11-26,10,11,9,10.5,1000\n2024-11-27,10,11,9,10.5\n"
+    raw += b"2024-11-29,10,11,9,10.5,1000\n2024-11-29,10,11,9,10.5,1000,7\n"
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}{name[4:]}'\n  on_bad_rows: {policy}"
+    src = FilesSource(make_profile(profile_body(body)))
+    with pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value).startswith(
+        f"{tmp_path / name}: line 3='2024-11-27,10,11,9,10.5': 5 cells where the header has 6; "
+    ), info.value
+    assert info.value.fields["field"] == "line 3"
