@@ -169,6 +169,9 @@ def write_temp(
                 compression_level=compression_level,
                 use_dictionary=use_dictionary,
                 column_encoding=column_encoding,
+                # Nothing reads a page's min/max (every read takes whole files, or a pack's row groups by its
+                # index): computing them was a sixth of a minute segment's write (2.5 -> 2.05 ms of CPU a file).
+                write_statistics=False,
             ) as writer:
                 writer.write_table(stored, row_group_size=row_group_size)
                 if footer_only:

@@ -355,6 +355,24 @@ def test_a_file_of_its_own_has_dictionaries_for_strings_only(tmp_path: Path) -> 
     assert store.get("seg-AAPL") == table
 
 
+def test_stored_files_and_packs_carry_no_page_statistics(tmp_path: Path) -> None:
+    """Nothing reads a page's min/max (whole files, or a pack's row groups by its index): not computed."""
+    store = FeatureStore(tmp_path / "cache", pack_max_rows=50)
+    wide = pa.table({"symbol": ["AAPL"] * 100, "close": [float(i) for i in range(100)]})
+    small = [pa.table({"symbol": [s] * 3, "close": [1.0, 2.0, 3.0]}) for s in ("A", "B")]
+    store.put_many([("seg-AAPL", wide, "AAPL"), ("seg-A", small[0], "A"), ("seg-B", small[1], "B")])
+    entries = store.lookup(["seg-AAPL", "seg-A"])
+    assert entries["seg-A"].pack_offset is not None and entries["seg-AAPL"].pack_offset is None
+    for entry in entries.values():
+        group = pq.ParquetFile(entry.path).metadata.row_group(0)
+        assert not any(group.column(i).is_stats_set for i in range(group.num_columns))
+    assert store.get_many(["seg-AAPL", "seg-A", "seg-B"]) == {
+        "seg-AAPL": wide,
+        "seg-A": small[0],
+        "seg-B": small[1],
+    }
+
+
 def test_a_failed_write_in_a_batch_leaves_no_temporary_of_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
