@@ -267,6 +267,7 @@ def refresh(
     features_ahead: FeaturesAhead | None = None
     mark = started
     with fewer_collections(), closing(make_source(profile)) as source:
+        source.preflight()  # before a new server is started beside the first fetch
         try:
             calendars: threading.Thread | None
             if engine.is_new(profile.name):

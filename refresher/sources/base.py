@@ -94,6 +94,10 @@ class Source(ABC):
         loop (the synthetic source computes a batch of months at once). Reports name their segment."""
         return [self.fetch(segment) for segment in segments]
 
+    def preflight(self) -> None:  # noqa: B027 -- optional: most sources have nothing to check up front
+        """Refuse what would fail every fetch (a files source's missing directory) before a refresh starts a
+        server beside its first fetch: the one-line error then leaves no empty server behind."""
+
     def close(self) -> None:  # noqa: B027 -- optional: most sources hold nothing to release
         """Release connections and files; the refresher calls it when the refresh ends."""
 

@@ -146,6 +146,15 @@ class FilesSource(Source):
             else self.root / pattern
         )
 
+    def preflight(self) -> None:
+        if not self.root.is_dir():
+            raise SourceError(
+                f"{self.profile.path}: source.path={str(self.root)!r}: no such directory",
+                file=str(self.profile.path),
+                field="source.path",
+                value=str(self.root),
+            )
+
     def version(self, segment: Segment) -> str:
         path = self.file_for(segment)
         try:
@@ -226,8 +235,7 @@ class FilesSource(Source):
         path = self.file_for(segment)
         if rng is None:
             return empty_table(segment.timeframe)
-        if not self.root.is_dir():
-            raise SourceError(f"source.path={str(self.root)!r}: no such directory", value=str(self.root))
+        self.preflight()
         if not path.is_file():
             self._refuse_other_case(path, segment)
             self.reports.append(SourceReport(segment, str(path), "no such file"))

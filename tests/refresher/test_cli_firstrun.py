@@ -253,3 +253,28 @@ def test_a_refresh_into_a_store_this_user_cannot_write_starts_no_server() -> Non
         as_nobody(lambda: str(engine.stop("firstrun")))
         for path in store_paths:  # removable again at the session's end
             path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.mark.slow
+def test_a_refresh_of_a_files_source_without_its_directory_starts_no_server(workspace: Path) -> None:
+    # source.path misspelled (or the mount not there): the error came from the first fetch, which runs beside a
+    # new server's start, so an empty Postgres stayed running (`status`: no snapshot); nor did it name the profile
+    profile = workspace / "profiles" / "mine.yaml"
+    profile.write_text(PROFILE + "source: {kind: files, path: ../market_dta}\n")
+    where = ["--state-dir", str(workspace / "state")]
+    refresh = ["refresh", "--profile", str(profile), "--engine", "local", "--store", str(workspace / "store")]
+    left = ""
+    try:
+        done = subprocess.run(
+            [CONSOLE_SCRIPT, *refresh, *where],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:  # what the refresh left, if it started a server
+        down = [CONSOLE_SCRIPT, "down", "--profile", "mine", *where]
+        left = subprocess.run(down, capture_output=True, text=True, timeout=120).stdout
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"refresher: {profile}: source.path={str(workspace / 'market_dta')!r}: no such directory"
+    ), done.stderr
+    assert "stopped" not in left, left
