@@ -57,6 +57,10 @@ TUNING: dict[str, str] = {
     "shared_buffers": "256MB",
     "maintenance_work_mem": "256MB",
     "work_mem": "32MB",
+    # The server's messages in English whatever locale its image or initdb chose (an image built with LANG=de_DE,
+    # as the official image's docs show): a refusal at login reaches the client without its SQLSTATE (psycopg
+    # #1188), so its words are all that tell a wrong password or a missing database from a server still starting.
+    "lc_messages": "C",
 }
 
 # initdb options of every cluster an engine makes (the local engine's initdb, the Docker image's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -691,6 +693,52 @@ def test_the_image_tag_replaced_by_another_image_is_a_clear_error_and_the_data_w
         for image in (tag, other.id):
             with contextlib.suppress(docker.errors.ImageNotFound):
                 docker_client.images.remove(image)
+
+
+# PostgreSQL 15's German messages, where this host has them (Debian's postgresql-15): an image speaking German.
+GERMAN_CATALOG = Path("/usr/share/locale/de/LC_MESSAGES/postgres-15.mo")
+
+
+@pytest.mark.docker
+def test_a_server_whose_image_speaks_german_refuses_a_login_in_english(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # A login refusal reaches psycopg without its SQLSTATE (psycopg #1188): its words are all that tell a wrong
+    # password from a server still starting (a job's target, refresher.jobs.retry). An image whose initdb chose
+    # German (LANG=de_DE.utf8, as the official image's docs show; here LANGUAGE=de and the catalog) refused in
+    # German, and the refusal read as transient.
+    if not GERMAN_CATALOG.is_file():
+        pytest.skip(f"no German catalog of PostgreSQL 15 on this host ({GERMAN_CATALOG})")
+    from refresher.jobs.retry import is_refused
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for directory in ("usr/share/locale/de", "usr/share/locale/de/LC_MESSAGES"):
+            entry = tarfile.TarInfo(directory)
+            entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(entry)
+        tar.add(GERMAN_CATALOG, arcname=f"usr/share/locale/de/LC_MESSAGES/{GERMAN_CATALOG.name}")
+    maker = docker_client.containers.create(docker_pg_image, labels={PREFIX_LABEL: docker_prefix})
+    assert maker.put_archive("/", archive.getvalue())
+    german = maker.commit(repository=f"{docker_prefix}/pg-de", tag="15", changes=["ENV LANGUAGE=de"])
+    maker.remove(v=True)
+    engine = DockerEngine(
+        tmp_path, image=f"{docker_prefix}/pg-de:15", client=docker_client, prefix=docker_prefix
+    )
+    try:
+        info = engine.start("german")
+        with psycopg.connect(info.dsn(), autocommit=True) as conn:  # the image does speak German
+            conn.execute("SET lc_messages = 'C.UTF-8'")
+            with pytest.raises(psycopg.errors.UndefinedTable, match="existiert nicht"):
+                conn.execute("SELECT * FROM missing")
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(info.dsn().replace(info.password, "wrong"), connect_timeout=10)
+        assert "password authentication failed" in str(refused.value)
+        assert is_refused(refused.value)
+    finally:
+        engine.stop("german")
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(german.id, force=True)
 
 
 @pytest.mark.docker
