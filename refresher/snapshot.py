@@ -565,24 +565,38 @@ def _stamp_ending_lockers(
     busy = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 
     def read(locking: bool, last: bool) -> tuple[str | None, bool]:
-        """The stamp, and whether the reset goes on with it; ``last``: the door shuts if it does."""
-        with conn.pipeline(), conn.transaction():
-            if locking:
-                conn.execute(lock)
-            marked = conn.execute(_COMMENT, (pristine_name(db),))
-            # Asked, in the same round trip, only of the read that may shut the door.
-            here = conn.execute(_HERE) if last and shut is not None else None
-            stamp = ledger_stamp(conn, tables)
-            mark = _mark_of(marked.fetchone())
+        """The stamp, and whether the reset goes on with it; ``last``: the door shuts if it does.
+
+        The transaction is begun in the pipeline, not by ``conn.transaction()``, and the pipeline ends before
+        ``shut``: that waits for TAKE while another reset swaps, whose swap ends this session, and raising
+        ``_Moved`` through psycopg's pipeline and transaction blocks on it logged six 'error ignored' lines
+        (on a CLI's stderr). Such a session is closed here instead, with nothing to roll back."""
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                if locking:
+                    conn.execute(lock)
+                marked = conn.execute(_COMMENT, (pristine_name(db),))
+                # Asked, in the same round trip, only of the read that may shut the door.
+                here = conn.execute(_HERE) if last and shut is not None else None
+                stamp = ledger_stamp(conn, tables)
+                mark = _mark_of(marked.fetchone())
+                row = here.fetchone() if here is not None else None
             goes_on = mark is not None and stamp in (None, mark.stamp)
             if here is not None and goes_on and shut is not None:
-                row = here.fetchone()
                 oid = int(row[0]) if row else 0
                 if not shut(oid):
+                    conn.close()
                     raise _Moved(db)
                 _wait_started(conn, oid)
             if locking and goes_on:
                 _wait_gone(conn, *_ending(conn, None, _NOT_A_CHECK))
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):  # a session gone: closed by psycopg, quietly
+                    conn.execute("ROLLBACK")
+            raise
         return stamp, goes_on
 
     def locked() -> str | None:
