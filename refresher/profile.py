@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import difflib
 import functools
 import hashlib
 import io
@@ -228,8 +229,9 @@ class _Profile(_Strict):
 def _first_error(path: Path, err: ValidationError) -> ProfileError:
     e = err.errors()[0]
     parts = [str(p) for p in e["loc"]]
+    kind = "synthetic"
     if parts[:1] == ["source"] and parts[1:2] and parts[1] in SOURCE_KINDS:
-        parts.pop(1)  # the union's tag: the user wrote source.path, not source.files.path
+        kind = parts.pop(1)  # the union's tag: the user wrote source.path, not source.files.path
     if parts[:1] == ["features"] and parts[2:3] in (["plain"], ["entry"]):
         parts.pop(2)  # the same for features.1.params, not features.1.entry.params
     if e["type"] == "source_kind":
@@ -246,10 +248,34 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
             if isinstance(e["input"], bool)
             else f"; YAML read it as a number: write it in quotes ('{e['input']}')"
         )
+    if e["type"] == "model_type":  # "a valid dictionary or instance of _Universe" named our private class
+        e["msg"] = "must be a mapping of fields"
+    if e["type"] == "extra_forbidden":  # `month: 3` said only "Extra inputs are not permitted"
+        e["msg"] = _unknown_field(parts, kind)
     loc = ".".join(parts) or "(root)"
     more = len(err.errors()) - 1
     reason = e["msg"] + (f" (+{more} more error{'s' * (more > 1)})" if more else "")
     return ProfileError(path, loc, e.get("input"), reason)
+
+
+def _unknown_field(parts: list[str], kind: str) -> str:
+    """Why a key is refused, with the field it is closest to where the key stands (``month``: months; in
+    ``source:``, among the fields of its ``kind``)."""
+    where, key = tuple(parts[:-1]), parts[-1]
+    sources: dict[str, type[BaseModel]] = {
+        "synthetic": SyntheticSourceSpec,
+        "files": FilesSourceSpec,
+        "postgres": PostgresSourceSpec,
+    }
+    models: dict[tuple[str, ...], type[BaseModel]] = {
+        (): _Profile,
+        ("universe",): _Universe,
+        ("source",): sources[kind],
+    }
+    model = models.get(where, _FeatureEntry if where[:1] == ("features",) and len(where) == 2 else None)
+    names = [f.alias or name for name, f in model.model_fields.items()] if model is not None else []
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f"unknown field (did you mean {close[0]}?)" if close else "unknown field"
 
 
 class _KeyTwice(Exception):

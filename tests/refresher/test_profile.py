@@ -381,3 +381,38 @@ def test_a_value_yaml_did_not_read_as_the_user_meant_says_how(
     assert hint in info.value.reason and "NoneType" not in str(info.value), info.value
     if hint.startswith("as a") or hint.startswith("('"):
         assert "write it in quotes" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        # each said "Extra inputs are not permitted", which a quant reads as a YAML problem, not a typo
+        ("universe: {symbols: [AAPL]}\nmonth: 1\n", "month", "unknown field (did you mean months?)"),
+        (
+            "universe: {symbols: [AAPL], symbol: [X]}\nmonths: 1\n",
+            "universe.symbol",
+            "(did you mean symbols?)",
+        ),
+        (
+            "universe: {symbols: [AAPL]}\nmonths: 1\nsource: {kind: files, path: ., dialy: x.csv}\n",
+            "source.dialy",
+            "(did you mean daily?)",
+        ),
+        (
+            "universe: {symbols: [AAPL]}\nmonths: 1\nfeatures: [{name: dashboard_data, param: {}}]\n",
+            "features.0.param",
+            "(did you mean params?)",
+        ),
+        # among the fields of the source's own kind: a synthetic source has no dsn to suggest
+        ("universe: {symbols: [AAPL]}\nmonths: 1\nsource: {dsn: x}\n", "source.dsn", "unknown field"),
+        # "Input should be a valid dictionary or instance of _Universe" named a private class
+        ("universe:\nmonths: 1\n", "universe", "must be a mapping of fields"),
+    ],
+)
+def test_an_unknown_field_or_a_field_that_is_no_mapping_says_so_in_the_users_words(
+    tmp_path: Path, text: str, field: str, reason: str
+) -> None:
+    with pytest.raises(ProfileError) as info:
+        load_profile(str(write(tmp_path, "mine", text)), [], as_of=AS_OF)
+    assert info.value.field == field and info.value.reason.endswith(reason), info.value
+    assert "_Universe" not in str(info.value) and "Extra inputs" not in str(info.value)
