@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import shutil
+import signal
 import sys
 import weakref
 from collections.abc import Iterator
@@ -77,7 +79,7 @@ def store_disk_full(root: Path) -> Iterator[None]:
 def data_directory(conn: psycopg.Connection[Any]) -> Path | None:
     """The server's data directory when this host sees it (the local engine); None for a container's, also when
     this host has a directory at that path (a host's own Postgres at the image's path, another disk)."""
-    path, own, _ = _data_directory(conn)
+    path, own = _data_directory(conn)[:2]
     return Path(path) if path is not None and own else None
 
 
@@ -98,39 +100,52 @@ def _server_has_room(conn: psycopg.Connection[Any], needed: int) -> bool | None:
     """``has_room`` as the server's own ``df`` answers it; None, without asking, when its role may not run
     programs (``_Server.may_run``) or an earlier answer on ``conn`` was neither yes nor no: a load asks before
     every batch, and a refused ``COPY TO PROGRAM`` costs a savepoint and an ERROR in the server's log each time.
-    A probe cut short (the session's ``statement_timeout`` over a slow df, a cancel) is no such answer: None this
-    time, and asked again next time (a long-lived connection, a worker's, stopped checking for good)."""
+    A probe cut short (the session's ``statement_timeout`` over a slow df, which SIGINTs it, or a cancel) is no
+    such answer: None this time, and asked again next time (a long-lived connection, a worker's, stopped checking
+    for good), unless ``_INTERRUPTED_LIMIT`` probes in a row were cut short (a df always slower than the timeout
+    would make every batch wait it out). Any other end (a df killed by another signal) is no answer either."""
     if needed <= 0:
         return True
     server = _data_directory(conn)
     if not server.may_run:
         return None
     kib = -(-needed // 1024)
-    command = f"test \"$(df -Pk . | awk 'NR == 2 {{print $4}}')\" -ge {kib}"
+    command = _DF_PROBE.format(kib=kib)
     try:
         with conn.transaction():  # a savepoint inside the caller's transaction: its failure ends only this
             # No rows: nothing is written to the program, which may exit before reading (a broken pipe).
             conn.execute(sql.SQL("COPY (SELECT WHERE false) TO PROGRAM {}").format(sql.Literal(command)))
-        return True
     except psycopg.errors.ExternalRoutineException as exc:
         detail = exc.diag.message_detail or ""
         if detail.endswith("exit code 1"):
+            _DATA_DIRECTORY[conn] = server._replace(interrupted=0)
             return False
-        if "signal" in detail.lower():
-            # A statement_timeout or a cancel interrupts the backend's process group, the program with it: no
-            # answer this time, asked again next time.
+        # A statement_timeout or a cancel SIGINTs the backend's process group, the program with it ("child
+        # process was terminated by signal 2: Interrupt"): no answer this time, asked again next time.
+        if re.search(rf"\bsignal {int(signal.SIGINT)}\b", detail):
+            _interrupted(conn, server)
             return None
     except psycopg.errors.QueryCanceled:
-        return None  # the same, caught before the program's end
-    except psycopg.Error:  # not allowed after all (42501), no df in the server's image
+        _interrupted(conn, server)  # the same, caught before the program's end
+        return None
+    except psycopg.Error:  # not allowed after all (42501), no df in the server's image, a df that crashed
         pass
+    else:
+        _DATA_DIRECTORY[conn] = server._replace(interrupted=0)
+        return True
     _DATA_DIRECTORY[conn] = server._replace(may_run=False)  # it will not answer on this connection
     return None
 
 
+def _interrupted(conn: psycopg.Connection[Any], server: _Server) -> None:
+    """A probe cut short: asked again next time, unless it was the ``_INTERRUPTED_LIMIT``-th in a row."""
+    n = server.interrupted + 1
+    _DATA_DIRECTORY[conn] = server._replace(interrupted=n, may_run=n < _INTERRUPTED_LIMIT)
+
+
 def _free_space(conn: psycopg.Connection[Any]) -> tuple[str | None, int | None]:
     """The server's data directory (as the server names it) and its free bytes when this host sees it."""
-    path, own, _ = _data_directory(conn)
+    path, own = _data_directory(conn)[:2]
     if path is None or not own:  # a container's path is not ours to measure
         return path, None
     try:
@@ -162,7 +177,14 @@ class _Server(NamedTuple):
     path: str | None  # its data directory, as it names it (None: the role may not read it)
     own: bool  # the directory at ``path`` on this host is the server's own cluster (the local engine's)
     may_run: bool  # the role may run programs on the server (a superuser, pg_execute_server_program): its df
+    interrupted: int = 0  # df probes in a row cut short (a statement_timeout, a cancel)
 
+
+# The server's df, answering through its exit status (1: less than {kib} KiB free).
+_DF_PROBE = "test \"$(df -Pk . | awk 'NR == 2 {{print $4}}')\" -ge {kib}"
+# df probes in a row cut short after which a connection asks no more: a df always slower than the session's
+# statement_timeout would otherwise make every load batch wait the timeout out.
+_INTERRUPTED_LIMIT = 3
 
 # Per connection: a load asks before every batch, and the answer never changes while it is open.
 _DATA_DIRECTORY: weakref.WeakKeyDictionary[psycopg.Connection[Any], _Server] = weakref.WeakKeyDictionary()

@@ -363,17 +363,55 @@ def test_a_load_asks_the_servers_df_only_when_the_role_may_run_it(
             assert not [statement for statement in conn.sent if "TO PROGRAM" in statement]
 
 
+@pytest.fixture
+def df_conn(plain: ServerInfo, pg_server: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
+    """A connection of a role that may run the server's df (pg_execute_server_program), not a superuser."""
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("GRANT pg_execute_server_program TO {}").format(sql.Identifier(plain.user)))
+    with psycopg.connect(plain.dsn(), autocommit=True) as conn:
+        yield conn
+
+
 def test_a_df_cut_short_by_a_statement_timeout_is_asked_again_not_taken_for_a_refusal(
-    plain: ServerInfo, pg_server: ServerInfo
+    df_conn: psycopg.Connection[Any],
 ) -> None:
     # A probe that timed out once (the session's statement_timeout, a slow df) marked the connection as one whose
     # role may not run programs, for good: a long-lived connection (a worker, the pytest plugin) stopped
     # checking the server's free disk after one slow df.
-    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("GRANT pg_execute_server_program TO {}").format(sql.Identifier(plain.user)))
-    with psycopg.connect(plain.dsn(), autocommit=True) as conn:
-        assert data_directory(conn) is None  # asked once per connection: the server's df measures it
-        conn.execute("SET statement_timeout = 1")  # 1 ms: a shell, df and awk take longer to run
-        assert has_room(conn, 1) is None  # nobody can tell this time
-        conn.execute("SET statement_timeout = 0")
-        assert has_room(conn, 1) is True and has_room(conn, 2**60) is False
+    assert data_directory(df_conn) is None  # asked once per connection: the server's df measures it
+    df_conn.execute("SET statement_timeout = 1")  # 1 ms: a shell, df and awk take longer to run
+    assert has_room(df_conn, 1) is None  # nobody can tell this time
+    df_conn.execute("SET statement_timeout = 0")
+    assert has_room(df_conn, 1) is True and has_room(df_conn, 2**60) is False
+
+
+def test_a_df_always_slower_than_the_statement_timeout_is_given_up_after_three_in_a_row(
+    df_conn: psycopg.Connection[Any],
+) -> None:
+    # Every interrupted probe was asked again: a df always slower than the timeout made every load batch wait it
+    # out (and logged an ERROR each time). Three in a row and the connection asks no more; an answer between
+    # resets the count.
+    assert data_directory(df_conn) is None
+    for _ in range(2):
+        df_conn.execute("SET statement_timeout = 1")
+        assert has_room(df_conn, 1) is None and has_room(df_conn, 1) is None  # two in a row
+        df_conn.execute("SET statement_timeout = 0")
+        assert has_room(df_conn, 1) is True  # an answer: the count starts again
+    df_conn.execute("SET statement_timeout = 1")
+    assert [has_room(df_conn, 1) for _ in range(3)] == [None, None, None]
+    df_conn.execute("SET statement_timeout = 0")
+    assert has_room(df_conn, 1) is None  # given up on this connection
+
+
+def test_a_df_probe_ended_by_another_signal_is_not_asked_again(
+    df_conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any "signal" in the detail was taken for the timeout's SIGINT: a program that crashes (signal 11) was run
+    # again before every batch, an ERROR in the server's log each time.
+    from refresher import diskfull
+
+    monkeypatch.setattr(diskfull, "_DF_PROBE", "kill -SEGV $$ # {kib}")
+    assert data_directory(df_conn) is None
+    assert has_room(df_conn, 1) is None
+    monkeypatch.undo()  # a df that would answer now is not asked: the connection gave up on the first crash
+    assert has_room(df_conn, 1) is None
