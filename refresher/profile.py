@@ -246,7 +246,8 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
         e["msg"] += (
             "; YAML reads an unquoted yes, no, on, off, true or false as a boolean: write it in quotes (e.g. 'ON')"
             if isinstance(e["input"], bool)
-            else f"; YAML read it as a number: write it in quotes ('{e['input']}')"
+            # not the number in quotes: YAML read 0700 as 448 (octal) and 1.50 as 1.5
+            else "; YAML read it as a number: write it in quotes, exactly as in the file (e.g. '0700')"
         )
     if e["type"] == "model_type":  # "a valid dictionary or instance of _Universe" named our private class
         e["msg"] = "must be a mapping of fields"

@@ -365,8 +365,16 @@ def test_an_empty_or_short_universe_names_the_field_that_made_it_so(
         # ON Semiconductor: YAML 1.1 reads ON as true, and the line said `=True: Input should be a valid string`
         ("universe: {symbols: [AAPL, ON]}\nmonths: 1\n", "universe.symbols.1", True, "as a boolean"),
         ("universe: {symbols: [AAPL, NO]}\nmonths: 1\n", "universe.symbols.1", False, "as a boolean"),
-        ("universe: {symbols: [7203]}\nexchange: XTKS\nmonths: 1\n", "universe.symbols.0", 7203, "('7203')"),
-        ("universe: {symbols: [AAPL]}\nmonths: 1\ndescription: 2025\n", "description", 2025, "('2025')"),
+        (
+            "universe: {symbols: [7203]}\nexchange: XTKS\nmonths: 1\n",
+            "universe.symbols.0",
+            7203,
+            "as a number",
+        ),
+        ("universe: {symbols: [AAPL]}\nmonths: 1\ndescription: 2025\n", "description", 2025, "as a number"),
+        # the hint quoted what YAML made of it, not what was written: 0700 (YAML 1.1 octal) said '448', 1.50 '1.5'
+        ("universe: {symbols: [AAPL, 0700]}\nmonths: 1\n", "universe.symbols.1", 448, "as a number"),
+        ("universe: {symbols: [AAPL, 1.50]}\nmonths: 1\n", "universe.symbols.1", 1.5, "as a number"),
         # an empty file, or one of comments alone, said `(root)='NoneType': a profile must be a mapping`
         ("", "(root)", None, "the file is empty"),
         ("# my profile, to be written\n", "(root)", None, "the file is empty"),
@@ -379,8 +387,10 @@ def test_a_value_yaml_did_not_read_as_the_user_meant_says_how(
         load_profile(str(write(tmp_path, "mine", text)), [], as_of=AS_OF)
     assert (info.value.field, info.value.value) == (field, value)
     assert hint in info.value.reason and "NoneType" not in str(info.value), info.value
-    if hint.startswith("as a") or hint.startswith("('"):
+    if hint.startswith("as a"):
         assert "write it in quotes" in info.value.reason
+    if hint == "as a number":
+        assert "exactly as in the file" in info.value.reason and f"'{value}'" not in info.value.reason
 
 
 @pytest.mark.parametrize(
