@@ -26,9 +26,12 @@ from refresher.profile_files import validate_profile as validate_profile
 
 if TYPE_CHECKING:
     import filelock
+
+    from refresher import login
 else:
     # taken around a server's start and stop only: `url` and a stamped no-op refresh take no lock
     filelock = LazyModule("filelock")
+    login = LazyModule("refresher.login")  # read by a start's wait only, not by a stamped no-op refresh
 
 HOST = "127.0.0.1"
 DB_SUPERUSER = "refresher"
@@ -235,8 +238,10 @@ def wait_ready(
                     conn.execute(query.encode())
                     return
             except psycopg.OperationalError as exc:
-                if exc.sqlstate not in retryable:
-                    raise EngineUnavailable(f"{what} refused us: {exc}", sqlstate=exc.sqlstate) from exc
+                # A refusal at login has no SQLSTATE but its words (a wrong password: not a server still starting).
+                state = login.refusal_sqlstate(exc)
+                if state not in retryable:
+                    raise EngineUnavailable(f"{what} refused us: {exc}", sqlstate=state) from exc
                 last = exc
         if not alive():
             break

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterator
 
 import psycopg
 import redis
+
+from refresher.login import refusal_sqlstate
 
 # SQLSTATEs that say "try again": serialization failure, deadlock, lock not available, statement timeout
 # (query_canceled), too many connections, and the admin shutdown family (a server restarting).
@@ -16,16 +17,6 @@ TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014", "53300", "5
 # SQLSTATEs of a server refusing us at the door: a wrong password (28P01), a role missing or pg_hba.conf
 # refusing (28000), a database missing (3D000). No attempt changes that until someone fixes the target.
 REFUSED_SQLSTATES = frozenset({"28P01", "28000", "3D000"})
-
-# libpq reports a refused connection without its SQLSTATE (there is no result to read it from), only the
-# server's message: these are the server's words for the refusals above (English messages, lc_messages=C or
-# en; a server speaking another language stays transient), and libpq's own for a password it does not have.
-_REFUSED_WORDS = re.compile(
-    r"FATAL:\s+(?:password authentication failed|\w+ authentication failed|role \".*\" does not exist|"
-    r"database \".*\" does not exist|no pg_hba\.conf entry|pg_hba\.conf rejects connection|"
-    r"permission denied for database)"
-    r"|fe_sendauth: no password supplied"
-)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -41,7 +32,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def _refused(error: psycopg.Error) -> bool:
     if error.sqlstate is not None:
         return error.sqlstate in REFUSED_SQLSTATES
-    return isinstance(error, psycopg.OperationalError) and _REFUSED_WORDS.search(str(error)) is not None
+    return (
+        refusal_sqlstate(error) is not None
+    )  # the server's words: libpq reports a refusal without its SQLSTATE
 
 
 def is_refused(exc: BaseException) -> bool:
