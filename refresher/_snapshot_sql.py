@@ -21,6 +21,7 @@ from psycopg import sql
 from refresher._planner_stats import _PENDING_NAME
 from refresher.diskfull import server_disk_full
 from refresher.errors import SnapshotError
+from refresher.settings import DEFAULT_POOL_SIZE
 
 _T = TypeVar("_T")
 
@@ -37,8 +38,8 @@ PRIVATE_SLOTS = range(10_000, 100_000)
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
 _PRISTINE_MARK = re.compile(
-    r"^refresher pool_size=(\d+) ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})"
-    r"( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
+    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink)?(?: copy_bps=(\d+))?)? ledger=([0-9a-f]{64}) "
+    r"stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
 )
 _CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
 
@@ -48,10 +49,35 @@ _after_statement: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
+class PoolSizing:
+    """How many warm clones the pool keeps, and why (the pristine copy's mark records it).
+
+    ``chosen``: the user's size ($REFRESHER_POOL_SIZE, ``--pool-size``), which sticks; else the default, decided
+    again at each snapshot (``refresher.pool.default_pool_size``) from ``reflink`` (the server's copies are
+    reflinks: a clone costs almost no disk) and ``copy_bps`` (bytes per second of the last copy of the database
+    measured on this server, the snapshot's: what a reset without a warm clone pays; None: none measured).
+    A mark written before these were recorded says only the size: the old default (DEFAULT_POOL_SIZE) counts as
+    not chosen, any other size as the user's."""
+
+    size: int
+    chosen: bool = True
+    reflink: bool = False
+    copy_bps: int | None = None
+
+    def text(self) -> str:
+        """How the mark says it (``_PRISTINE_MARK`` reads it back)."""
+        return (
+            f"pool_size={self.size} {'chosen' if self.chosen else 'auto'}"
+            + (" reflink" if self.reflink else "")
+            + (f" copy_bps={self.copy_bps}" if self.copy_bps is not None else "")
+        )
+
+
+@dataclass(frozen=True)
 class _Mark:
     """What a complete pristine copy says about itself (its database comment)."""
 
-    pool_size: int
+    pool: PoolSizing
     ledger: str
     stamp: str
     generation: str
@@ -69,10 +95,13 @@ class _Mark:
         tables' lowercase ones are left out (a user's own table is autovacuum's)."""
         pending = sorted({name for name in self.pending if _PENDING_NAME.match(name)})
         return (
-            f"refresher pool_size={self.pool_size} ledger={self.ledger} stamp={self.stamp} "
-            f"generation={self.generation}"
+            f"refresher {self.pool.text()} ledger={self.ledger} stamp={self.stamp} generation={self.generation}"
             + (" analyzed" if self.analyzed else f" pending={','.join(pending)}" if pending else "")
         )
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool.size
 
 
 def pristine_name(db: str) -> str:
@@ -149,11 +178,15 @@ def _mark_of(found: tuple[bool, str] | None) -> _Mark | None:
     match = _PRISTINE_MARK.match(found[1]) if found and found[0] else None
     if match is None:
         return None
-    tail = match.group(5) or ""
-    pending = tuple(tail.removeprefix(" pending=").split(",")) if tail.startswith(" pending=") else ()
-    return _Mark(
-        int(match.group(1)), match.group(2), match.group(3), match.group(4), tail == " analyzed", pending
+    size, chosen, reflink, bps, ledger, stamp, generation, tail = match.groups("")
+    pool = PoolSizing(
+        int(size),
+        chosen == "chosen" if chosen else int(size) != DEFAULT_POOL_SIZE,
+        bool(reflink),
+        int(bps) if bps else None,
     )
+    pending = tuple(tail.removeprefix(" pending=").split(",")) if tail.startswith(" pending=") else ()
+    return _Mark(pool, ledger, stamp, generation, tail == " analyzed", pending)
 
 
 def _require_pristine(conn: psycopg.Connection[Any], db: str) -> _Mark:

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from refresher.errors import USER_ERRORS, SettingError, os_error_message
-from refresher.settings import DEFAULT_POOL_SIZE, ENGINE_NAMES, POOL_SIZE_ENV, Settings, parse_pool_size
+from refresher.settings import (
+    DEFAULT_POOL_SIZE,
+    ENGINE_NAMES,
+    FAST_COPY,
+    POOL_SIZE_ENV,
+    Settings,
+    parse_pool_size,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -96,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help=f"warm clones to keep for reset, bounded by free disk; remembered by the server: a later refresh "
-        f"without it (nor ${POOL_SIZE_ENV}, which it overrides) keeps this size (default {DEFAULT_POOL_SIZE}). "
-        "Each clone is a full copy of the database without reflinks (ext4); 0 keeps none and a reset copies "
-        "the database",
+        f"without it (nor ${POOL_SIZE_ENV}, which it overrides) keeps this size. Default: {DEFAULT_POOL_SIZE}, "
+        "or none where the server's copies are full copies (no reflink, e.g. ext4) and a copy of the database "
+        f"takes at most {FAST_COPY} s there (a reset then copies it); `refresher status` says which and why",
     )
     plan = profile_cmd(
         "plan",

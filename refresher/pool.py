@@ -17,6 +17,10 @@ machine (``refill_concurrency``), however many processes refill.
 How many clones the pool keeps is what the pristine copy's mark records (``pool_size=``, set by the refresh from
 $REFRESHER_POOL_SIZE or ``--pool-size``; ``resize_pool`` changes it), bounded by the free space of the server's
 disk (``pool_size_for_disk``). A pool of 0 keeps no clone: a reset or checkout then copies the pristine one.
+Without a size from the user, each snapshot decides it (``default_pool_size``): none where the server's copies
+are full copies (no reflink) and a copy of the database is measured to take at most ``FAST_COPY`` seconds (a
+reset that copies still answers well under a second, and the disk holds two copies instead of four), else
+``DEFAULT_POOL_SIZE``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +62,7 @@ from refresher._snapshot_sql import (
     SWEEP,
     TAKE,
     TRASH_INFIX,
+    PoolSizing,
     _admin,
     _advisory,
     _comment,
@@ -86,10 +92,12 @@ from refresher._snapshot_sql import (
 from refresher.diskfull import COPY_SLACK, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
-from refresher.settings import DEFAULT_POOL_SIZE
+from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY
 
 MAX_REFILL_CONCURRENCY = 4
 GB = 2**30
+# linux/fs.h: _IOW(0x94, 9, int), a reflink of a whole file.
+FICLONE = 0x40049409
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class PoolStatus:
     pristine: bool
     ready: tuple[str, ...]
     target: int
+    # Why the pool keeps ``target`` clones (``pool_reason``).
+    why: str = ""
 
     @property
     def reset(self) -> str:
@@ -106,7 +116,7 @@ class PoolStatus:
         return "rename" if self.ready else "copy"
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": self.target, "ready": len(self.ready), "reset": self.reset}
+        return {"size": self.target, "ready": len(self.ready), "reset": self.reset, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -193,15 +203,99 @@ def pool_status(server: ServerInfo) -> PoolStatus:
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         _reopen_abandoned(conn, server.dbname)
         mark = _pristine_mark(conn, server.dbname)
-        size = mark.pool_size if mark else DEFAULT_POOL_SIZE
-        return PoolStatus(mark is not None, tuple(_ready_clones(conn, server.dbname)), size)
+        if mark is None:
+            return PoolStatus(False, (), DEFAULT_POOL_SIZE)
+        ready = tuple(_ready_clones(conn, server.dbname))
+        return PoolStatus(
+            True,
+            ready,
+            mark.pool_size,
+            pool_reason(mark.pool, _database_bytes(conn, pristine_name(server.dbname))),
+        )
 
 
-def recorded_pool_size(server: ServerInfo, conn: psycopg.Connection[Any]) -> int | None:
-    """The pool size the pristine copy's mark records; None when there is no complete copy. ``conn``: open on
-    any database of the server (the mark is in the shared catalog)."""
+def recorded_pool(server: ServerInfo, conn: psycopg.Connection[Any]) -> PoolSizing | None:
+    """The pool size the pristine copy's mark records, and whether the user chose it; None when there is no
+    complete copy. ``conn``: open on any database of the server (the mark is in the shared catalog)."""
     mark = _pristine_mark(conn, server.dbname)
-    return mark.pool_size if mark else None
+    return mark.pool if mark else None
+
+
+def default_pool_size(*, reflink: bool, copy_bps: int | None, database_bytes: int) -> int:
+    """The pool a user who chose none gets: ``DEFAULT_POOL_SIZE`` where the server's copies are reflinks (a clone
+    costs almost no disk, and a rename beats even a reflink copy) or no copy was measured yet; else none when a
+    copy of ``database_bytes`` at the measured ``copy_bps`` takes at most ``FAST_COPY`` s (a reset that copies
+    still answers at once, and the disk holds the database and its pristine copy, not two more), else
+    ``DEFAULT_POOL_SIZE`` (bounded by the free disk, ``pool_size_for_disk``)."""
+    if reflink or not copy_bps:
+        return DEFAULT_POOL_SIZE
+    return 0 if database_bytes / copy_bps <= FAST_COPY else DEFAULT_POOL_SIZE
+
+
+def size_pool(
+    conn: psycopg.Connection[Any],
+    db: str,
+    chosen: int | None,
+    old: PoolSizing | None,
+    *,
+    copy_of: str,
+    copy_bps: int | None = None,
+) -> PoolSizing:
+    """What the mark of a new pristine copy ``copy_of`` of ``db`` records about its pool: ``chosen`` (the
+    user's size), else the old mark's when the user chose it (it sticks), else ``default_pool_size`` for this
+    server. ``copy_bps``: the rate of the copy just made (None: none was, the old mark's holds)."""
+    bps = copy_bps if copy_bps is not None else old.copy_bps if old is not None else None
+    if chosen is not None:
+        return PoolSizing(chosen, True, copy_bps=bps)
+    if old is not None and old.chosen:
+        return replace(old, copy_bps=bps)
+    reflink = server_reflinks(conn)
+    size = default_pool_size(reflink=reflink, copy_bps=bps, database_bytes=_database_bytes(conn, copy_of))
+    return PoolSizing(size, False, reflink, bps)
+
+
+def pool_reason(pool: PoolSizing, database_bytes: int) -> str:
+    """Why the pool keeps ``pool.size`` clones (``refresher status``); ``database_bytes``: the pristine copy's."""
+    clones = f"pool {pool.size}"
+    if pool.chosen:
+        return f"{clones}: chosen (--pool-size, $REFRESHER_POOL_SIZE), kept until another is given"
+    if pool.reflink:
+        return f"{clones}: the server's copies are reflinks here, a clone costs almost no disk"
+    if not pool.copy_bps:
+        return f"{clones}: no copy measured on this server yet"
+    seconds = database_bytes / pool.copy_bps
+    if pool.size == 0:
+        return f"{clones}: no reflink here and a copy resets in {seconds:.2f} s"
+    return f"{clones}: no reflink here and a copy would take {seconds:.2f} s (over {FAST_COPY} s)"
+
+
+def server_reflinks(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the copies of databases ``conn``'s server makes are reflinks: PG 18's ``file_copy_method =
+    clone`` (the local engine sets it) on a filesystem that clones (XFS with reflink=1, btrfs), tried in its data
+    directory when this host sees it. False where nobody can tell (a container's disk)."""
+    row = conn.execute("SELECT current_setting('file_copy_method', true)").fetchone()
+    directory = data_directory(conn) if row is not None and row[0] == "clone" else None
+    return directory is not None and _reflinks(directory)
+
+
+def _reflinks(directory: Path) -> bool:
+    """Whether a file in ``directory`` can be cloned (the FICLONE ioctl: what copy_file_range does there)."""
+    try:
+        import fcntl
+
+        with tempfile.TemporaryDirectory(prefix=".refresher-reflink-", dir=directory) as scratch:
+            source, clone = Path(scratch, "a"), Path(scratch, "b")
+            source.write_bytes(bytes(4096))
+            with source.open("rb") as src, clone.open("wb") as dst:
+                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+    except (OSError, ImportError):
+        return False
+    return True
+
+
+def _database_bytes(conn: psycopg.Connection[Any], name: str) -> int:
+    row = conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def unfinished_analyses(conn: psycopg.Connection[Any]) -> list[str]:
@@ -215,8 +309,9 @@ def unfinished_analyses(conn: psycopg.Connection[Any]) -> list[str]:
 
 
 def resize_pool(server: ServerInfo, size: int) -> bool:
-    """Make ``size`` the pool's size: drop the ready clones of slots ``size`` and up (their disk is given back),
-    then record ``size`` in the pristine copy's mark. False when the mark says so already, or there is no copy.
+    """Make ``size`` the pool's size, as the user's choice: drop the ready clones of slots ``size`` and up (their
+    disk is given back), then record ``size`` in the pristine copy's mark. False when the mark says so already, or
+    there is no copy.
 
     The refill (``spawn_refill``) then fills the pool to the new size. Under REFILL exclusive, as every mark
     write but the analyzed copy's (REFILL shared and STATS): no refiller, analysis or template checkout runs
@@ -228,7 +323,7 @@ def resize_pool(server: ServerInfo, size: int) -> bool:
     db = server.dbname
     with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL):
         mark = _pristine_mark(conn, db)
-        if mark is None or mark.pool_size == size:
+        if mark is None or (mark.pool_size, mark.pool.chosen) == (size, True):
             return False
         # Out of takers' reach in one transaction of renames (a DROP under TAKE would hold up resets), each as a
         # checkout takes a clone: a session left on it (a database browser) ends rather than failing the rename.
@@ -242,7 +337,8 @@ def resize_pool(server: ServerInfo, size: int) -> bool:
         _execute(
             conn,
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                sql.Identifier(pristine_name(db)), sql.Literal(replace(mark, pool_size=size).text())
+                sql.Identifier(pristine_name(db)),
+                sql.Literal(replace(mark, pool=replace(mark.pool, size=size, chosen=True)).text()),
             ),
         )
     return True
@@ -567,10 +663,9 @@ def _target(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _
     usage = machine.usage()
     if usage is None or wanted <= 1:
         return wanted
-    row = conn.execute("SELECT pg_database_size(%s)", (pristine_name(db),)).fetchone()
     free, total = usage
     return pool_size_for_disk(
-        wanted, ready=ready, clone_bytes=int(row[0]) if row else 0, free=free, total=total
+        wanted, ready=ready, clone_bytes=_database_bytes(conn, pristine_name(db)), free=free, total=total
     )
 
 
@@ -858,18 +953,23 @@ if __name__ == "__main__":
 __all__ = [
     "DEFAULT_POOL_SIZE",
     "HandedOut",
+    "PoolSizing",
     "PoolStatus",
     "analyze_handed_out",
     "checkout_clone",
     "clone_notes",
+    "default_pool_size",
     "drop_clone",
     "pool_name",
+    "pool_reason",
     "pool_size_for_disk",
     "pool_status",
-    "recorded_pool_size",
+    "recorded_pool",
     "refill_concurrency",
     "refill_pool",
     "resize_pool",
+    "server_reflinks",
+    "size_pool",
     "spawn_refill",
     "unfinished_analyses",
     "wait_for_pool",

@@ -237,8 +237,9 @@ def refresh(
     loaders: int = LOADERS,
 ) -> RefreshReport:
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
-    pool of ``pool_size`` warm clones (a changed size alone resizes the pool: ``pool.resize_pool``; None: the
-    size the snapshot records, so a size given once sticks, else ``DEFAULT_POOL_SIZE``); the segments are
+    pool of ``pool_size`` warm clones, the user's choice (a changed size alone resizes the pool:
+    ``pool.resize_pool``; None: the size the snapshot records when the user chose it, so a size given once
+    sticks, else the default the snapshot decides for this server, ``pool.default_pool_size``); the segments are
     loaded on ``loaders`` connections at once (``InProcessExecutor``).
 
     ``RefreshReport.phases`` are consecutive stretches of this thread's wall time (docs/architecture.md,
@@ -301,9 +302,7 @@ def refresh(
             with snapshot.connect_working(server, autocommit=True) as conn:
                 # Someone else's server: its role may lack what a reset needs.
                 snapshot.require_privileges(conn)
-                if pool_size is None:
-                    recorded = pool.recorded_pool_size(server, conn)  # the mark is in the shared catalog
-                    pool_size = DEFAULT_POOL_SIZE if recorded is None else recorded
+                recorded = pool.recorded_pool(server, conn)  # the mark is in the shared catalog
                 unfinished = pool.unfinished_analyses(conn)
                 database.ensure_schema(conn)
                 database.upsert_symbols(conn, profile.listings)
@@ -379,19 +378,21 @@ def refresh(
             raise
 
     snapshot_state = "unchanged"
+    # What the mark records after this run: the size given, or the one recorded (the unchanged path).
+    pool_kept = recorded.size if recorded is not None and pool_size is None else pool_size
     # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.
     if not snapshot.is_current(server):
         # The template is made now (by writing this run's rows again into a clone of the old one where it can,
         # else by a copy); its warm clones are made by a detached process while the user starts work.
-        if (
-            writes is None
-            or not writes.complete
-            or not snapshot.advance_pristine(server, writes.base, writes.apply, pool_size=pool_size)
-        ):
-            snapshot.save_pristine(server, pool_size=pool_size, fill_pool=False)
+        made = None
+        if writes is not None and writes.complete:
+            made = snapshot.advance_pristine(server, writes.base, writes.apply, pool_size=pool_size)
+        if made is None:
+            made = snapshot.save_pristine(server, pool_size=pool_size, fill_pool=False)
+        pool_kept = made.sizing.size
         pool.spawn_refill(server)
         snapshot_state = "saved"
-    elif pool.resize_pool(server, pool_size):
+    elif pool_size is not None and pool.resize_pool(server, pool_size):
         pool.spawn_refill(server)
     elif unfinished:  # a reset's analyzer was killed: finish it (a refill above does too)
         pool.spawn_refill(server, fill=False)
@@ -417,5 +418,5 @@ def refresh(
         phases=phases,
         notes=notes,
         left_out=rows_by_reason(left_out),
-        pool_size=pool_size,
+        pool_size=DEFAULT_POOL_SIZE if pool_kept is None else pool_kept,
     )

@@ -242,6 +242,9 @@ def status_table(
             ],
             header=("profile", "engine", "state", "address", "pool", "detail"),
         )
+        for s, pool in zip(statuses, shown, strict=True):
+            if pool is not None and pool.why:
+                _out(f"{s.profile}: {pool.why}")
     _notes(notes)
 
 

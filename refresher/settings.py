@@ -23,6 +23,10 @@ CHECKOUT = BUILTIN_PROFILES.parent
 # Warm clones kept per loaded profile (refresher.pool): a reset renames one into place. Each is a full copy of
 # the database on a filesystem without reflinks (ext4); 0 keeps none, and a reset then copies the pristine one.
 DEFAULT_POOL_SIZE = 2
+# Without a size from the user, the pool keeps none where the server's copies are full copies (no reflink) and a
+# copy of the database is measured to take at most this many seconds (refresher.pool.default_pool_size): a reset
+# promises less than a second, and the copy is measured at a busy moment (right after a refresh's loads).
+FAST_COPY = 0.3
 # Pool slots at and above 10,000 are private copies (refresher._snapshot_sql.PRIVATE_SLOTS); past the disk bound
 # a bigger pool only makes a refill try copies that cannot fit.
 MAX_POOL_SIZE = 100
@@ -78,7 +82,8 @@ class Settings:
     # The jobs' queue ($REFRESHER_QUEUE); None: the compose Redis of this checkout when `make up` runs it.
     queue_url: str | None = None
     # Warm clones per loaded profile ($REFRESHER_POOL_SIZE, `refresh --pool-size`, which wins). None: for the CLI,
-    # the size the server's pristine snapshot records (a size given once sticks), else DEFAULT_POOL_SIZE; for the
+    # the size the server's pristine snapshot records as the user's (a size given once sticks), else the default
+    # each snapshot decides (DEFAULT_POOL_SIZE, or 0 where a copy is fast and no reflink: FAST_COPY); for the
     # pytest plugin, one per xdist worker plus one (at least DEFAULT_POOL_SIZE).
     pool_size: int | None = None
 

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -41,6 +41,7 @@ from refresher._snapshot_sql import (
     SWEEP,
     TAKE,
     TRASH_INFIX,
+    PoolSizing,
     _admin,
     _advisory,
     _close_door,
@@ -70,7 +71,7 @@ from refresher.diskfull import COPY_SLACK, has_room, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
-from refresher.pool import HandedOut, _copy_in, _drop_leftovers, _make_clones, _take, spawn_refill
+from refresher.pool import HandedOut, _copy_in, _drop_leftovers, _make_clones, _take, size_pool, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
 
 _T = TypeVar("_T")
@@ -91,6 +92,8 @@ class SnapshotInfo:
     pool: tuple[str, ...]
     seconds: float
     ledger: str = ""
+    # The pool the new copy's mark records.
+    sizing: PoolSizing = field(default_factory=lambda: PoolSizing(DEFAULT_POOL_SIZE))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +102,7 @@ class SnapshotInfo:
             "pool": list(self.pool),
             "seconds": round(self.seconds, 6),
             "ledger": self.ledger,
+            "pool_size": self.sizing.size,
         }
 
 
@@ -217,8 +221,9 @@ def save_pristine(
 ) -> SnapshotInfo:
     """Snapshot ``server.dbname`` as its pristine template and fill the clone pool (replacing older ones).
 
-    The new copy records ``pool_size`` (None: the size the old one recorded, else ``DEFAULT_POOL_SIZE``: a size
-    chosen once sticks, whoever saves next).
+    The new copy records ``pool_size`` as the user's choice (None: the size the old one recorded when the user
+    chose it, which sticks whoever saves next; else the default for this server, ``pool.default_pool_size``, from
+    how long this copy took).
 
     Other sessions on the database are terminated: a template copy needs it idle. ``fill_pool=False`` only
     records the pool size; the caller then fills it in the background (``spawn_refill``): each clone of a
@@ -233,10 +238,18 @@ def save_pristine(
         pending, reader = _live_with_pid(server, stale_names)
         _wait_gone(conn, reader)
         row = conn.execute("SELECT pg_database_size(%s)", (db,)).fetchone()
-        require_room(
-            conn, needed=(int(row[0]) if row else 0) + COPY_SLACK, what=f"copying {db} for the snapshot"
-        )
+        size = int(row[0]) if row else 0
+        require_room(conn, needed=size + COPY_SLACK, what=f"copying {db} for the snapshot")
+        # Its sessions end first, and are waited for here, and the load's writes are flushed (the copy's own
+        # checkpoint would do it), not inside the timed copy: a copy waits 100 ms at a time for the sessions on
+        # its template to exit, which a reset's copy of the pristine one never does, nor flushes a load.
+        _wait_gone(conn, *_ending(conn, [db]))
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):  # a role without pg_checkpoint
+            conn.execute("CHECKPOINT")
+        copying = time.perf_counter()
         _create_from(conn, db, building, terminate=True)
+        # What a reset without a warm clone will pay, measured on this server now (the default pool's size).
+        copy_bps = int(size / max(time.perf_counter() - copying, 1e-6))
         # The mark is computed from the copy itself: it says what the copy holds, whatever happened to <db>.
         # With ``fill_pool`` the clones are made here, now: the copy is analyzed before it becomes the template
         # (``refresher._planner_stats``), rather than copied once more to be analyzed after (the refill's way,
@@ -253,18 +266,17 @@ def save_pristine(
                     analyzed = True
             session = copy.info.backend_pid
         _wait_gone(conn, session)
-        if pool_size is None:
-            old = _pristine_mark(conn, db)
-            pool_size = old.pool_size if old is not None else DEFAULT_POOL_SIZE
-        mark = _Mark(
-            pool_size, ledger, stamp, secrets.token_hex(8), analyzed, () if analyzed else pending or ()
+        old = _pristine_mark(conn, db)
+        sizing = size_pool(
+            conn, db, pool_size, old.pool if old else None, copy_of=building, copy_bps=copy_bps
         )
+        mark = _Mark(sizing, ledger, stamp, secrets.token_hex(8), analyzed, () if analyzed else pending or ())
         _publish(conn, db, building, mark)
         pool: tuple[str, ...] = ()
         if fill_pool:
             _drop_leftovers(conn, db)  # the old copy (now trash) and its clones
-            pool = _make_clones(conn, db, pool_size)
-    return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started, ledger)
+            pool = _make_clones(conn, db, sizing.size)
+    return SnapshotInfo(db, pristine_name(db), pool, time.perf_counter() - started, ledger, sizing)
 
 
 def advance_pristine(
@@ -277,7 +289,7 @@ def advance_pristine(
     """Bring the pristine copy up to what ``server.dbname`` holds without copying it: run ``apply`` (the writes
     of the refresh that just ran, see ``refresher.replay``) in a ready clone of the copy, then swap that clone
     in as the new copy. Its old clones are left to the refill, as ``save_pristine(fill_pool=False)`` leaves them.
-    The new copy records ``pool_size`` (None: the size the old one recorded).
+    The new copy records ``pool_size`` (None: as ``save_pristine``'s, with the copy rate the old one recorded).
 
     ``base``: the working database's ``ledger_version`` before those writes, which the copy must still hold. None,
     leaving the copy as it was, when this cannot be done (no ready clone, the copy moved on, ``apply`` failed,
@@ -328,14 +340,14 @@ def advance_pristine(
             _drop_database(conn, building)
             return None
         _wait_gone(conn, copier)
-        size = mark.pool_size if pool_size is None else pool_size
+        sizing = size_pool(conn, db, pool_size, mark.pool, copy_of=building)
         # The clone had the old copy's statistics: what the replay wrote, and what the old copy still had to
         # analyze, are the new one's to analyze.
         pending = (*written, *mark.pending)
         _publish(
-            conn, db, building, _Mark(size, version, stamp or "none", secrets.token_hex(8), pending=pending)
+            conn, db, building, _Mark(sizing, version, stamp or "none", secrets.token_hex(8), pending=pending)
         )
-    return SnapshotInfo(db, pristine_name(db), (), time.perf_counter() - started, version)
+    return SnapshotInfo(db, pristine_name(db), (), time.perf_counter() - started, version, sizing)
 
 
 def _written_tables(copy: psycopg.Connection[Any]) -> tuple[str, ...]:

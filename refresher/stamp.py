@@ -197,7 +197,8 @@ def check(
 
     ``profile_file`` is the file the command's ``--profile`` names (``profile_files.find_profile_file``); the
     profile is ``server``'s, named after the file. ``pool_size``: the pool the refresh asks for; another than
-    the pristine copy's mark records is work (``pool.resize_pool``). None asks for what the mark records.
+    the pristine copy's mark records as the user's choice is work (``pool.resize_pool``). None asks for what the
+    mark records.
     """
     started = time.perf_counter()
     name = profile_file.stem
@@ -233,13 +234,16 @@ def check(
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
             state = _database_state(conn, features)
             pristine = snapshot.pristine_ledger(server, conn)
-            recorded = pool.recorded_pool_size(server, conn)
+            recorded = pool.recorded_pool(server, conn)
             unfinished = pool.unfinished_analyses(conn)
         if (
             state is None
             or state != stamp.get("database")
             or pristine != state[0]
-            or (pool_size is not None and recorded != pool_size)
+            or (
+                pool_size is not None
+                and (recorded is None or (recorded.size, recorded.chosen) != (pool_size, True))
+            )
         ):
             return None
     except (psycopg.Error, SnapshotError):

@@ -300,6 +300,9 @@ def wait_for_pool_databases(ws: Workspace, count: int, timeout: float = 120) -> 
     return names
 
 
+CHOSEN = "pool {}: chosen (--pool-size, $REFRESHER_POOL_SIZE), kept until another is given"
+
+
 def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> None:
     settle(ws)
     before = ws.checksums()
@@ -310,7 +313,9 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
         assert pool_databases(ws) == []  # dropped before the refresh returned
         assert stamped(ws.refresh("--pool-size", "0"))  # the same size again: nothing to do
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
-        assert [s["pool"] for s in status] == [{"size": 0, "ready": 0, "reset": "copy"}]
+        assert [s["pool"] for s in status] == [
+            {"size": 0, "ready": 0, "reset": "copy", "why": CHOSEN.format(0)}
+        ]
         assert "0/0 ready, reset: copy" in ws.run("status").stdout
         execute(ws, "DELETE FROM ohlcv_daily")
         reset = json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)
@@ -333,9 +338,11 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
         )
         assert done.returncode == 0 and stamped(json.loads(done.stdout.strip().splitlines()[-1])), done.stderr
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
-        assert [s["pool"] for s in status] == [{"size": 1, "ready": 1, "reset": "rename"}]
+        assert [s["pool"] for s in status] == [
+            {"size": 1, "ready": 1, "reset": "rename", "why": CHOSEN.format(1)}
+        ]
     finally:
-        report = ws.refresh("--pool-size", "2")  # the default again: two clones
+        report = ws.refresh("--pool-size", "2")  # two clones again (remembered)
     assert not stamped(report) and report["pool_size"] == 2
     wait_for_pool_databases(ws, 2)
     assert stamped(ws.refresh())

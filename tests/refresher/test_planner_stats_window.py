@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from refresher import pool
-from refresher._snapshot_sql import _Mark, _pristine_mark
+from refresher._snapshot_sql import PoolSizing, _Mark, _pristine_mark
 from refresher.engines.base import ServerInfo
 from refresher.pool import checkout_clone, drop_clone, pool_name, pool_status, refill_pool, wait_for_pool
 from refresher.snapshot import pristine_name, restore_pristine, save_pristine
@@ -26,13 +26,15 @@ pytestmark = pytest.mark.postgres
 def test_a_mark_says_analyzed_or_what_is_pending_and_reads_back() -> None:
     from refresher._snapshot_sql import _PRISTINE_MARK
 
-    base = _Mark(2, "a" * 64, "none", "0123456789abcdef")
-    pending = _Mark(2, "a" * 64, "none", "0123456789abcdef", pending=("ohlcv_daily", "Odd-Name", "symbols"))
+    base = _Mark(PoolSizing(2), "a" * 64, "none", "0123456789abcdef")
+    pending = _Mark(
+        PoolSizing(2), "a" * 64, "none", "0123456789abcdef", pending=("ohlcv_daily", "Odd-Name", "symbols")
+    )
     assert pending.text().endswith(
         " pending=ohlcv_daily,symbols"
     )  # sorted, a name no loaded table has left out
     assert (
-        _Mark(2, "a" * 64, "none", "0123456789abcdef", analyzed=True, pending=("x",))
+        _Mark(PoolSizing(2), "a" * 64, "none", "0123456789abcdef", analyzed=True, pending=("x",))
         .text()
         .endswith(" analyzed")
     )

@@ -40,9 +40,10 @@ def _profile(root: Path, as_of: dt.date) -> Profile:
 
 
 def _loaded(root: Path) -> tuple[LocalEngine, FeatureStore, ServerInfo]:
-    """Thursday's refresh done and its pool refilled, as a day later."""
+    """Thursday's refresh done and its pool refilled, as a day later. A pool of 2 asked for (and remembered): the
+    default keeps none for a database this small on ext4, and a replay needs a ready clone."""
     engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
-    refresh(_profile(root, THURSDAY), engine, store)
+    refresh(_profile(root, THURSDAY), engine, store, pool_size=2)
     server = engine.start("daily")
     wait_for_pool(server, timeout=120)
     return engine, store, server

@@ -141,7 +141,7 @@ def _sessions_after(day: dt.date, count: int) -> list[dt.date]:
 @pytest.mark.timeout(1500)
 def test_kill_9_after_each_step_of_a_replayed_snapshot_then_rerun_equals_a_cold_load(root: Path) -> None:
     engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
-    refresh(_profile(root, START), engine, store)
+    refresh(_profile(root, START), engine, store, pool_size=2)  # a replay needs a clone: remembered from here
     server = engine.start("daily")
     wait_for_pool(server, timeout=120)
     for step, day in zip(STEPS, _sessions_after(START, len(STEPS)), strict=True):
@@ -192,7 +192,7 @@ def test_daily_refreshes_that_are_no_prefix_extension_equal_a_cold_load_and_thei
         (root / "p.yaml").write_text(PROFILE.format(symbols=", ".join(symbols), features=", ".join(DAILY)))
         profile = load_profile(str(root / "p.yaml"), [], as_of=as_of)
         advanced.clear()
-        refresh(profile, engine, store)
+        refresh(profile, engine, store, pool_size=2)  # a replay needs a clone (the default keeps none here)
         # Written again into a clone (none for the first load), and that clone equalled the database.
         assert len(advanced) == replayed and all(advanced), as_of
         server = engine.start("p")
@@ -225,7 +225,8 @@ def test_two_daily_refreshes_and_a_reset_at_once_through_the_cli_end_as_a_cold_l
     ws = Workspace(world_traversable_tmp("refresher-replay-"), "local", f"race_{uuid.uuid4().hex[:8]}")
     ws.write_profile(symbols=["AAPL", "KO"], months=1)
     try:
-        ws.refresh("--as-of", "2025-03-26")
+        # A replay needs a clone (the default keeps none here): remembered from here.
+        ws.refresh("--as-of", "2025-03-26", "--pool-size", "2")
         server = LocalEngine(ws.root / "state").start(ws.profile)
         wait_for_pool(server, timeout=120)
         runs = [
@@ -302,7 +303,7 @@ def test_minute_bars_that_are_no_prefix_extension_equal_a_cold_load_and_their_re
     def day(as_of: dt.date) -> None:
         (root / "p.yaml").write_text(MINUTE_FILES)
         profile = load_profile(str(root / "p.yaml"), [], as_of=as_of)
-        refresh(profile, engine, store)
+        refresh(profile, engine, store, pool_size=2)  # a replay needs a clone (the default keeps none here)
         server = engine.start("p")
         with psycopg.connect(server.dsn()) as conn:  # the as-of's sessions, no later one
             assert conn.execute("SELECT max(ts)::date FROM ohlcv_1min").fetchone() == (as_of,)

@@ -1,0 +1,239 @@
+"""The pool a user who chose no size gets: none on a filesystem without reflinks when a copy of the database
+resets well under a second (predicted from the snapshot's own copy), else the pool as before; a size the user
+gives wins and sticks; on XFS with reflink the pool stays. Against real local servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from refresher._snapshot_sql import PoolSizing, _Mark, _mark_of
+from refresher.engines.base import ServerInfo
+from refresher.pool import default_pool_size, pool_status, refill_pool, server_reflinks
+from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY
+from refresher.snapshot import SnapshotInfo, pristine_name, restore_pristine, save_pristine
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_cli_stamp import pool_databases, wait_for_pool_databases
+from tests.refresher.test_profile_lock import workspace
+from tests.refresher.test_refresh_e2e import Workspace
+from tests.refresher.test_snapshot import _mark
+from tests.refresher.test_snapshot_crash import _killed_after
+
+__all__ = ["workspace"]  # a fixture, imported to be found
+
+LEDGER, GENERATION = "a" * 64, "0123456789abcdef"
+
+
+def test_the_mark_says_whose_size_it_is_and_an_old_mark_keeps_a_size_other_than_the_old_default() -> None:
+    for pool in (PoolSizing(0, False, copy_bps=123), PoolSizing(2, False, True), PoolSizing(3, True)):
+        mark = _Mark(pool, LEDGER, "none", GENERATION)
+        assert _mark_of((True, mark.text())) == mark
+    old = f"refresher pool_size={{}} ledger={LEDGER} stamp=none generation={GENERATION}"
+    # What an older refresher wrote: its default (2) was nobody's choice, any other size was the user's.
+    assert _mark_of((True, old.format(2))) == _Mark(PoolSizing(2, False), LEDGER, "none", GENERATION)
+    assert _mark_of((True, old.format(0))) == _Mark(PoolSizing(0, True), LEDGER, "none", GENERATION)
+
+
+def test_the_default_keeps_no_clone_only_without_reflink_and_with_a_fast_copy() -> None:
+    gb = 2**30
+    fast = int(gb / FAST_COPY) + 1  # bytes per second: a GB in FAST_COPY s
+    assert default_pool_size(reflink=False, copy_bps=fast, database_bytes=gb) == 0
+    assert default_pool_size(reflink=False, copy_bps=fast, database_bytes=2 * gb) == DEFAULT_POOL_SIZE
+    assert default_pool_size(reflink=True, copy_bps=fast, database_bytes=gb) == DEFAULT_POOL_SIZE
+    assert default_pool_size(reflink=False, copy_bps=None, database_bytes=gb) == DEFAULT_POOL_SIZE
+
+
+def _database_bytes(server: ServerInfo, name: str) -> int:
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _snapshot_until_fast(server: ServerInfo, tries: int = 5) -> SnapshotInfo:
+    """``save_pristine`` given no size until its copy measures fast. On a machine other work loads, a copy of
+    even a small database can take over FAST_COPY s (a reset's copy then does too), and the default keeps the
+    pool: each snapshot's decision is checked against its own measurement."""
+    rates = []
+    for _ in range(tries):
+        info = save_pristine(server)
+        assert info.sizing.copy_bps
+        predicted = _database_bytes(server, pristine_name(server.dbname)) / info.sizing.copy_bps
+        assert info.sizing.size == (0 if predicted <= FAST_COPY else DEFAULT_POOL_SIZE), (predicted, info)
+        if info.sizing.size == 0:
+            return info
+        rates.append(round(predicted, 3))
+        time.sleep(1)
+    pytest.fail(
+        f"no copy of a small database took {FAST_COPY} s or less here: {rates} s; too loaded a machine"
+    )
+
+
+@pytest.mark.postgres
+def test_a_snapshot_without_a_size_on_ext4_keeps_no_clone_and_a_reset_copies(loaded: ServerInfo) -> None:
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        assert not server_reflinks(conn)  # the session server's data directory is on ext4 (no reflink)
+        before = conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()
+    info = _snapshot_until_fast(loaded)
+    assert (info.sizing.size, info.sizing.chosen, info.sizing.reflink) == (0, False, False), _mark(loaded)
+    assert info.pool == () and " auto copy_bps=" in _mark(loaded)
+    status = pool_status(loaded)
+    assert (status.target, status.ready) == (0, ())
+    assert status.why.startswith("pool 0: no reflink here and a copy resets in 0.")
+    refill_pool(loaded)
+    with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as conn:
+        pools = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE '%\\_\\_pool\\_%'"
+        ).fetchall()
+    assert pools == []
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_daily")
+    assert restore_pristine(loaded, refill=False).method == "template"
+    with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone() == before
+    # A size given wins, and sticks through a later snapshot that is given none.
+    assert save_pristine(loaded, pool_size=2).pool == (f"{loaded.dbname}__pool_0", f"{loaded.dbname}__pool_1")
+    again = save_pristine(loaded, fill_pool=False)
+    assert (again.sizing.size, again.sizing.chosen) == (2, True)
+    assert pool_status(loaded).why.startswith("pool 2: chosen")
+
+
+@pytest.mark.postgres
+def test_a_snapshot_killed_anywhere_while_the_default_drops_an_old_pool_leaves_a_consistent_one(
+    loaded: ServerInfo,
+) -> None:
+    """A server an older refresher snapshotted with its default pool of 2 (nobody's choice): the next snapshot
+    given no size keeps none. Killed after any of its statements, the pool is the old one or the new one."""
+    save_pristine(loaded, pool_size=2)
+    step = 0
+    while True:
+        step += 1
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as conn:
+            old = re.sub(r" chosen( copy_bps=\d+)?", "", _mark(loaded))  # as an older refresher wrote it
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    sql.Identifier(pristine_name(loaded.dbname)), sql.Literal(old)
+                )
+            )
+        refill_pool(loaded)
+        assert len(pool_status(loaded).ready) == 2
+        done = _killed_after(loaded, step, "snapshot.save_pristine(server, fill_pool=False)")
+        status = pool_status(loaded)
+        assert status.pristine and status.target in (0, 2), status
+        if status.target == 2:
+            assert not status.why.startswith("pool 2: chosen"), status  # the old mark, not anybody's choice
+        refill_pool(loaded)
+        status = pool_status(loaded)
+        assert len(status.ready) == status.target, status
+        with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+            conn.execute("DELETE FROM ohlcv_daily")
+        restore_pristine(loaded, refill=False)
+        with psycopg.connect(loaded.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone() == (21,)
+        if done:  # the default for this server: none when the copy it measured was fast (FAST_COPY)
+            assert not status.why.startswith(f"pool {status.target}: chosen"), status
+            break
+        # Back to the old server for the next step: a chosen 2 is written, then made to look old above.
+        save_pristine(loaded, pool_size=2)
+    assert step > 3
+
+
+def _status_pool(ws: Workspace) -> dict[str, object]:
+    [server] = json.loads(ws.run("status", "--profile", ws.profile, "--json").stdout)["servers"]
+    return server["pool"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.postgres
+def test_the_cli_default_on_ext4_keeps_no_clone_and_a_given_size_is_honoured(workspace: Workspace) -> None:
+    ws = workspace
+    report = ws.refresh()
+    for _ in range(
+        4
+    ):  # a copy measured slow on a loaded machine keeps the pool: measured again by a new snapshot
+        if report["pool_size"] == 0:
+            break
+        assert f"(over {FAST_COPY} s)" in str(_status_pool(ws)["why"]), report
+        with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+            conn.execute("DELETE FROM ohlcv_daily WHERE symbol = 'AAPL'")
+        report = ws.refresh("--verify")
+    assert report["pool_size"] == 0, report
+    before = ws.checksums()
+    pool = _status_pool(ws)
+    assert (pool["size"], pool["ready"], pool["reset"]) == (0, 0, "copy")
+    assert str(pool["why"]).startswith("pool 0: no reflink here and a copy resets in 0.")
+    assert "pool 0: no reflink here" in ws.run("status", "--profile", ws.profile).stdout
+    with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_1min")
+    reset = json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)
+    assert reset["method"] == "template" and ws.checksums() == before
+    time.sleep(1)  # a detached refill, if any, would have made a clone by now: none is wanted
+    assert pool_databases(ws) == []
+
+    # $REFRESHER_POOL_SIZE=2 is honoured on the no-op...
+    two = {**ws.env, "REFRESHER_POOL_SIZE": "2"}
+    done = subprocess.run(
+        ws.command("refresh", "--profile", ws.profile, "--json"), env=two, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["pool_size"] == 2
+    assert len(wait_for_pool_databases(ws, 2)) == 2
+    assert str(_status_pool(ws)["why"]).startswith("pool 2: chosen")
+    # ...and remembered: a refresh without it that takes a new snapshot keeps it.
+    with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_daily WHERE symbol = 'KO'")
+    report = ws.refresh("--verify")
+    assert report["snapshot"] == "saved" and report["pool_size"] == 2, report
+    assert len(wait_for_pool_databases(ws, 2)) == 2
+    assert ws.refresh("--pool-size", "1")["pool_size"] == 1
+    assert len(wait_for_pool_databases(ws, 1)) == 1
+    assert ws.checksums() == before
+
+
+@pytest.fixture
+def xfs_root() -> Iterator[Path]:
+    """A directory on an XFS loop device made with reflink=1 (root and mkfs.xfs only)."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.xfs", "mount", "umount")):
+        pytest.skip("needs root and mkfs.xfs (Debian: xfsprogs) for an XFS loop device")
+    work = world_traversable_tmp("refresher-xfs-")
+    image, mount = work / "xfs.img", work / "xfs"
+    with image.open("wb") as f:
+        f.truncate(2 << 30)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    mount.mkdir()
+    if subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True).returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        pytest.skip("no loop device to mount an XFS image on")
+    try:
+        mount.chmod(0o755)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_on_xfs_with_reflink_the_default_keeps_the_pool(xfs_root: Path) -> None:
+    ws = Workspace(xfs_root, "local", f"xfs_{uuid.uuid4().hex[:8]}")
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    try:
+        report = ws.refresh()
+        assert report["pool_size"] == DEFAULT_POOL_SIZE, report
+        pool = _status_pool(ws)
+        assert pool["size"] == DEFAULT_POOL_SIZE and "reflinks here" in str(pool["why"]), pool
+        assert len(wait_for_pool_databases(ws, DEFAULT_POOL_SIZE)) == DEFAULT_POOL_SIZE
+        reset = json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)
+        assert reset["method"] == "pool"
+    finally:
+        ws.down()
