@@ -66,6 +66,19 @@ TUNING: dict[str, str] = {
     "lc_messages": "C",
 }
 
+# The server's environment (the postmaster's, so every backend's): glibc malloc keeps what a backend freed instead
+# of handing it back to the kernel and faulting it in again. A month's primary-key build sorts about 60 MB of
+# index tuples; by default glibc returns them at the end of the build (its trim threshold follows the largest
+# freed block), so each month's build of a loader's connection faulted its memory in again, page by page: 14,600
+# faults, a fifth of the build's CPU. Blocks up to 32 MB come from the heap and up to 256 MB of free heap is kept:
+# the second build faults 2 pages. Measured on a month of 780,000 minute bars, 8 pairs alternating between two
+# servers: the key build 0.30 -> 0.22 s of backend CPU (lower in 8 of 8), the COPY FREEZE unchanged. A backend's
+# memory then stays at its peak until it exits (a loader's connection lives for one refresh).
+SERVER_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+}
+
 # initdb options of every cluster an engine makes (the local engine's initdb, the Docker image's
 # POSTGRES_INITDB_ARGS). 1 MB WAL segments instead of 16 MB: after a checkpoint a cluster keeps the WAL from the
 # start of the segment its redo point is in, up to a whole segment or two of it (3 to 17 MB measured on a loaded

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -159,13 +159,15 @@ def run(
     timeout: float | None = None,
     stdin_text: str | None = None,
     die_with_parent: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> CommandResult:
     """Run one PostgreSQL program as ``user``; output goes through a temporary file, never a pipe.
 
     A pipe would be inherited by the postmaster that ``pg_ctl start`` forks, and reading it would then block
     until the server exits. ``stdin_text`` (a secret, for ``--pwfile=/dev/stdin``) goes through a pipe instead of
-    a file, so a killed CLI leaves no copy of it on disk. ``die_with_parent`` (initdb, never ``pg_ctl start``):
-    on Linux the program is killed with the CLI, so a kill -9 leaves no orphan writing into a directory the next
+    a file, so a killed CLI leaves no copy of it on disk. ``env``: variables added to the program's (``SERVER_ENV``
+    for ``pg_ctl start``, whose postmaster inherits them). ``die_with_parent`` (initdb, never ``pg_ctl start``): on
+    Linux the program is killed with the CLI, so a kill -9 leaves no orphan writing into a directory the next
     start removes.
     """
     exe = bin_dir / program
@@ -173,7 +175,7 @@ def run(
         raise EngineUnavailable(
             f"{exe}: no such program (is the bin directory {bin_dir} a PostgreSQL install?)"
         )
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "HOME": str(cwd)}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "HOME": str(cwd), **(env or {})}
     other = not user.is_current
     with (
         tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out,

@@ -42,6 +42,7 @@ from refresher.engines._common import (
     INIT_BYTES_NEEDED,
     INITDB_ARGS,
     RETRYABLE_SQLSTATES,
+    SERVER_ENV,
     TUNING,
     is_disk_full,
     locked,
@@ -319,6 +320,7 @@ class DockerEngine:
                         "POSTGRES_DB": profile,
                         # Read by the image's initdb only, on an empty volume: a kept volume keeps its layout.
                         "POSTGRES_INITDB_ARGS": " ".join(INITDB_ARGS),
+                        **SERVER_ENV,
                     },
                     volumes={volume_name: {"bind": PGDATA, "mode": "rw"}},
                     ports={"5432/tcp": (HOST, port or self.pinned_port)},

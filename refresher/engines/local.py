@@ -36,6 +36,7 @@ from refresher.engines._common import (
     INITDB_ARGS,
     NO_CHECKSUMS,
     PROFILE_NAME,
+    SERVER_ENV,
     TUNING,
     disk_error,
     disk_full,
@@ -531,7 +532,7 @@ class LocalEngine:
             log_offset = paths.log.stat().st_size if paths.log.exists() else 0
             args = ["start", "-W", "-D", str(paths.pgdata), "-l", str(paths.log), "-o", f"-p {port}"]
             result = _pgctl.run(
-                bin_dir, "pg_ctl", args, user, cwd=paths.root, timeout=self.ready_timeout + 30
+                bin_dir, "pg_ctl", args, user, cwd=paths.root, timeout=self.ready_timeout + 30, env=SERVER_ENV
             )
             started = replace(state, port=port, pid=None)
             failure: EngineUnavailable

@@ -27,6 +27,7 @@ from docker.models.containers import Container
 from psycopg import sql
 
 from refresher.engines import docker as docker_engine_module
+from refresher.engines._common import SERVER_ENV
 from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.docker import (
     PGDATA,
@@ -176,6 +177,8 @@ def test_start_serves_the_profile_database_and_is_idempotent(
     container = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-shared")
     assert container.labels[PROJECT_LABEL] == "refresher"
     assert container.labels[PROFILE_LABEL] == "shared"
+    # The server's malloc settings (SERVER_ENV) reach the postmaster through the container's environment.
+    assert {f"{k}={v}" for k, v in SERVER_ENV.items()} <= set(container.attrs["Config"]["Env"])
     # Published on loopback only.
     bindings = container.attrs["NetworkSettings"]["Ports"]["5432/tcp"]
     assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
