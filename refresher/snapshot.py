@@ -810,20 +810,40 @@ def has_pristine(server: ServerInfo) -> bool:
         return _pristine_mark(conn, server.dbname) is not None
 
 
+# How long a connection waits for a live reset's door (its TAKE): a reset stopped there (SIGSTOP, Ctrl-Z, a
+# suspended laptop) otherwise hung plan, jobs submit and a worker, which SIGTERM could not stop.
+DOOR_WAIT_SECONDS = 30.0
+
+
 def connect_working(server: ServerInfo, **kwargs: Any) -> psycopg.Connection[Any]:
     """``psycopg.connect`` to ``server.dbname`` (``kwargs``: its options). A database a reset killed between its
-    last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again."""
+    last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again.
+    A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it."""
     try:
         return psycopg.connect(server.dsn(), **kwargs)
     except psycopg.OperationalError:
         try:
             with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, false)", (f"{DOOR_WAIT_SECONDS * 1000:.0f}ms",)
+                )
                 reopened = _reopen_abandoned(conn, server.dbname)
+        except psycopg.errors.LockNotAvailable as exc:
+            raise psycopg.OperationalError(
+                f"database {server.dbname} refuses sessions: a reset of this profile holds it (waited "
+                f"{DOOR_WAIT_SECONDS:g} s); run `refresher reset` again, or wait for it to finish"
+            ) from exc
         except (psycopg.Error, SnapshotError):
             reopened = False
         if not reopened:
             raise
     return psycopg.connect(server.dsn(), **kwargs)
+
+
+def connect_target(server: ServerInfo | None, target: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """``connect_working`` to ``server``, the profile's own (a reset killed with its door shut is opened), else
+    ``psycopg.connect`` to ``target`` as given (a server someone else runs: its door is not ours to open)."""
+    return connect_working(server, **kwargs) if server is not None else psycopg.connect(target, **kwargs)
 
 
 def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:
@@ -853,6 +873,7 @@ __all__ = [
     "RestoreReport",
     "SnapshotInfo",
     "advance_pristine",
+    "connect_target",
     "connect_working",
     "drop_snapshot",
     "has_pristine",

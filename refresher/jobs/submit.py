@@ -22,7 +22,7 @@ from refresher.jobs.segment import jobs_of_plan
 from refresher.profile import load_profile
 from refresher.refresh import compute_plan, exchange_timezones
 from refresher.settings import Settings
-from refresher.snapshot import connect_working
+from refresher.snapshot import connect_target
 from refresher.sources import make_source
 
 
@@ -73,11 +73,8 @@ def submit_run(
         public = without_password(target)
     store = FeatureStore(settings.store_root)
     try:
-        if server is not None:
-            # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
-            conn = connect_working(server, autocommit=True)
-        else:
-            conn = psycopg.connect(str(target), autocommit=True)
+        # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
+        conn = connect_target(server, str(target), autocommit=True)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc

@@ -128,10 +128,7 @@ class _RunContext:
         # given, its password from libpq's own sources (PGPASSWORD, .pgpass, service files).
         server = _own_server(settings, spec)
         try:
-            if server is not None:
-                self.conn = snapshot.connect_working(server, autocommit=True)
-            else:
-                self.conn = psycopg.connect(str(spec["target"]), autocommit=True)
+            self.conn = snapshot.connect_target(server, str(spec["target"]), autocommit=True)
         except psycopg.OperationalError as exc:
             # libpq's line names neither the database nor the role: the DSN does, without its password.
             self.source.close()

@@ -472,6 +472,39 @@ def test_a_reset_killed_with_its_door_shut_leaves_a_database_the_next_command_op
     assert _state(loaded.dsn()) == expected
 
 
+def test_a_reset_stopped_with_its_door_shut_bounds_the_wait_with_one_line(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reset stopped (SIGSTOP, Ctrl-Z, a suspended laptop) between shutting the door and its swap holds TAKE:
+    connect_working (plan, jobs submit, a worker) waited for it with no limit, silently, and a worker could not be
+    stopped. It waits DOOR_WAIT_SECONDS, then one line says a reset holds the database; once TAKE is free, the
+    door opens."""
+    monkeypatch.setattr(snapshot, "DOOR_WAIT_SECONDS", 0.5)
+    # The executor outermost: a connection still waiting when the test gives up goes on once the reset's session
+    # has ended, and the executor's exit does not hang.
+    with ThreadPoolExecutor(1) as pool_:
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as reset:  # the stopped reset's session
+            reset.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (loaded.dbname, snapshot.TAKE))
+            reset.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(loaded.dbname)
+                )
+            )
+            waiting = pool_.submit(snapshot.connect_target, loaded, "unused", autocommit=True)
+            with pytest.raises(psycopg.OperationalError) as info:
+                waiting.result(timeout=30)  # before: still waiting when the test gave up
+        line = str(info.value)
+        assert (
+            "\n" not in line
+            and f"database {loaded.dbname} refuses sessions: a reset of this profile holds it" in line
+        )
+        assert "run `refresher reset` again" in line
+    # the reset's session ended (a kill): TAKE is free, and the next connection opens the door
+    with snapshot.connect_working(loaded, autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert not _refusing(loaded)
+
+
 def test_a_session_starting_when_the_door_shuts_is_ended_before_it_can_commit(loaded: ServerInfo) -> None:
     """A session past the database's check of ALLOW_CONNECTIONS but not yet in pg_stat_activity (its backend still
     starting: here held by post_auth_delay) when the reset shuts the door and ends the sessions was not ended: it
