@@ -20,6 +20,9 @@ _REFUSALS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("42501", re.compile(r"FATAL:\s+permission denied for database")),
 )
 
+# A database that takes no new sessions (ALLOW_CONNECTIONS false: a reset's door, ``snapshot._Door``), 55000.
+_CLOSED = re.compile(r"FATAL:\s+database \".*\" is not currently accepting connections")
+
 
 def refusal_sqlstate(exc: psycopg.Error) -> str | None:
     """``exc``'s SQLSTATE, or the one a login refusal without it stands for, read from its words (a wrong password:
@@ -31,4 +34,10 @@ def refusal_sqlstate(exc: psycopg.Error) -> str | None:
     return next((state for state, words in _REFUSALS if words.search(text)), None)
 
 
-__all__ = ["refusal_sqlstate"]
+def refused_by_door(exc: BaseException) -> bool:
+    """Whether ``exc`` is a login refused because the database takes no new sessions (ALLOW_CONNECTIONS false: a
+    reset's door, open again in milliseconds). Not one of ``refusal_sqlstate``'s: those are permanent."""
+    return isinstance(exc, psycopg.OperationalError) and _CLOSED.search(str(exc)) is not None
+
+
+__all__ = ["refusal_sqlstate", "refused_by_door"]

@@ -18,7 +18,6 @@ unmarked clone, trash) is recognised by its name or missing mark and dropped by 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import secrets
 import time
@@ -71,6 +70,7 @@ from refresher.diskfull import COPY_SLACK, has_room, require_room
 from refresher.engines.base import ServerInfo
 from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
+from refresher.login import refused_by_door
 from refresher.pool import HandedOut, _copy_in, _drop_leftovers, _make_clones, _take, size_pool, spawn_refill
 from refresher.settings import DEFAULT_POOL_SIZE
 
@@ -427,7 +427,15 @@ def restore_pristine(
     """
     db, started = server.dbname, time.perf_counter()
     door = _Door(db)
-    measure = functools.partial(_stamp_ending_lockers, shut=door.shut)
+
+    def measure(conn: psycopg.Connection[Any]) -> str | None:
+        try:
+            return _stamp_ending_lockers(conn, door.shut)
+        except psycopg.OperationalError as exc:
+            if _session_ended(exc):  # by another reset's swap (it ends every session): read the new database
+                conn.close()
+                raise _Moved(db) from exc
+            raise
 
     def check() -> tuple[str | None, int | None]:
         return _live_with_pid(server, measure, _LEDGER_LOCK_WAIT)
@@ -476,8 +484,17 @@ def restore_pristine(
     return RestoreReport(seconds, method)
 
 
+def _session_ended(exc: psycopg.OperationalError) -> bool:
+    """Whether ``exc`` says the session ended (terminated, or the connection lost: no SQLSTATE), not a statement of
+    it failed (a lock wait, a deadlock: the server answered)."""
+    if isinstance(exc, psycopg.errors.AdminShutdown):
+        return True
+    return exc.sqlstate is None and not isinstance(exc, psycopg.errors.PipelineAborted)
+
+
 class _Moved(Exception):
-    """The working database was swapped (by another reset) between a check's read and its shutting of the door."""
+    """The working database was swapped (by another reset) between a check's read and its shutting of the door, or
+    during the read: that swap ended the check's session."""
 
 
 class _Door:
@@ -526,15 +543,23 @@ def _checked(
         try:
             return attempt()
         except _Moved:
-            pass
+            door.open()  # held only when this reset's own door shut before its session was ended
         except SnapshotError as exc:
             door.open()
-            if not isinstance(exc.__cause__, psycopg.OperationalError) or not _reopen_abandoned(
-                conn, door.db
+            if not isinstance(exc.__cause__, psycopg.OperationalError) or not _past_door(
+                conn, door.db, exc.__cause__
             ):
                 raise
         attempt = again
     return attempt()
+
+
+def _past_door(conn: psycopg.Connection[Any], db: str, refusal: psycopg.OperationalError) -> bool:
+    """Whether a session to ``db`` that failed with ``refusal`` may connect again: a door a killed reset left shut
+    is opened (``_reopen_abandoned``: a live reset's TAKE is waited for), and one found open was refused by a live
+    reset that has swapped or opened since (two resets at once: the second's check was refused, then the first
+    swapped before the look, and the reset failed with 'not currently accepting connections')."""
+    return _reopen_abandoned(conn, db) or refused_by_door(refusal)
 
 
 # How long the reset's read of the ledger waits for its lock before ending the holders (a connection option: no
@@ -582,18 +607,34 @@ def _stamp_ending_lockers(
         The transaction is begun in the pipeline, not by ``conn.transaction()``, and the pipeline ends before
         ``shut``: that waits for TAKE while another reset swaps, whose swap ends this session, and raising
         ``_Moved`` through psycopg's pipeline and transaction blocks on it logged six 'error ignored' lines
-        (on a CLI's stderr). Such a session is closed here instead, with nothing to roll back."""
+        (on a CLI's stderr). Such a session is closed here instead, with nothing to roll back. A session that swap
+        ended in the pipeline (its round trip under way) is raised past the pipeline, for the same reason."""
+        ended: psycopg.OperationalError | None = None
         try:
-            with conn.pipeline():
-                conn.execute("BEGIN")
-                if locking:
-                    conn.execute(lock)
-                marked = conn.execute(_COMMENT, (pristine_name(db),))
-                # Asked, in the same round trip, only of the read that may shut the door.
-                here = conn.execute(_HERE) if last and shut is not None else None
-                stamp = ledger_stamp(conn, tables)
-                mark = _mark_of(marked.fetchone())
-                row = here.fetchone() if here is not None else None
+            try:
+                with conn.pipeline():
+                    try:
+                        conn.execute("BEGIN")
+                        if locking:
+                            conn.execute(lock)
+                        marked = conn.execute(_COMMENT, (pristine_name(db),))
+                        # Asked, in the same round trip, only of the read that may shut the door.
+                        here = conn.execute(_HERE) if last and shut is not None else None
+                        stamp = ledger_stamp(conn, tables)
+                        mark = _mark_of(marked.fetchone())
+                        row = here.fetchone() if here is not None else None
+                    except psycopg.OperationalError as exc:
+                        if not _session_ended(exc):
+                            raise
+                        # Closed and raised past the pipeline: through it, and the connection's block, psycopg
+                        # logs its failing end and rollback.
+                        ended = exc
+                        conn.close()
+            except psycopg.OperationalError:
+                if ended is None:
+                    raise
+            if ended is not None:
+                raise _Moved(db) from ended
             goes_on = mark is not None and stamp in (None, mark.stamp)
             if here is not None and goes_on and shut is not None:
                 oid = int(row[0]) if row else 0
@@ -817,17 +858,18 @@ DOOR_WAIT_SECONDS = 30.0
 
 def connect_working(server: ServerInfo, **kwargs: Any) -> psycopg.Connection[Any]:
     """``psycopg.connect`` to ``server.dbname`` (``kwargs``: its options). A database a reset killed between its
-    last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again.
+    last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again; so
+    is one refused by a live reset's door that opened before the look (``_past_door``).
     A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it."""
     try:
         return psycopg.connect(server.dsn(), **kwargs)
-    except psycopg.OperationalError:
+    except psycopg.OperationalError as refusal:
         try:
             with _admin(server.dsn(MAINTENANCE_DB)) as conn:
                 conn.execute(
                     "SELECT set_config('lock_timeout', %s, false)", (f"{DOOR_WAIT_SECONDS * 1000:.0f}ms",)
                 )
-                reopened = _reopen_abandoned(conn, server.dbname)
+                reopened = _past_door(conn, server.dbname, refusal)
         except psycopg.errors.LockNotAvailable as exc:
             raise psycopg.OperationalError(
                 f"database {server.dbname} refuses sessions: a reset of this profile holds it (waited "
@@ -857,15 +899,25 @@ def _live_with_pid(
     """``_live``, and the server process that served it (gone soon after; see ``_wait_gone``); ``options``: the
     connection's (``-c name=value``)."""
     dsn = server.dsn() if options is None else conninfo.make_conninfo(server.dsn(), options=options)
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-            return measure(conn), conn.info.backend_pid
-    except psycopg.errors.InvalidCatalogName:  # dropped by hand, or a reset that failed on a full disk
-        return None, None
-    except psycopg.OperationalError as exc:
-        if "does not exist" in str(exc):
+    for attempt in range(1, EVICT_TRIES + 1):
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                return measure(conn), conn.info.backend_pid
+        except psycopg.errors.InvalidCatalogName:  # dropped by hand, or a reset that failed on a full disk
             return None, None
-        raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            # A session starting while a reset swaps waits for the rename, then finds the name on another database
+            # (the server says so): that one is the database now, not none (a second reset then refused, the
+            # ledger it read again 'moved' from none).
+            if _RENAMED in str(exc) and attempt < EVICT_TRIES:
+                continue
+            if "does not exist" in str(exc):
+                return None, None
+            raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+_RENAMED = "It seems to have just been dropped or renamed"
 
 
 __all__ = [

@@ -159,6 +159,90 @@ def test_two_resets_at_once_log_nothing(loaded: ServerInfo, caplog: pytest.LogCa
     assert [record.getMessage() for record in caplog.records if record.name.startswith("psycopg")] == []
 
 
+@pytest.mark.parametrize("who", ["reset", "connect_working"])
+def test_a_door_refusal_whose_reset_swapped_before_the_look_connects_again(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch, who: str
+) -> None:
+    """A second reset's check (or connect_working) refused by a live reset's shut door looked whether the database
+    still refused sessions: when that reset had swapped in between (the clone in place takes sessions), nothing
+    was closed, and the refusal was raised, 'not currently accepting connections' (two resets at once, under
+    load). Here the first reset's session holds TAKE and shuts the door, and opens it and lets TAKE go right after
+    the refusal, before the look."""
+    save_pristine(loaded, pool_size=1)
+    expected = _state(loaded.dsn())
+    _dirty(loaded)
+    real = snapshot._reopen_abandoned
+    with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as first:  # the first reset's session
+        ident = sql.Identifier(loaded.dbname)
+        first.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (loaded.dbname, snapshot.TAKE))
+        first.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(ident))
+
+        def the_first_swaps_then_the_look(conn: psycopg.Connection[Any], db: str) -> bool:
+            if not first.closed:
+                first.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
+                first.close()  # TAKE goes
+            return real(conn, db)
+
+        monkeypatch.setattr(snapshot, "_reopen_abandoned", the_first_swaps_then_the_look)
+        if who == "reset":
+            assert restore_pristine(loaded, refill=False).method == "pool"  # before: SnapshotError
+        else:
+            with snapshot.connect_working(loaded, autocommit=True) as conn:  # before: OperationalError
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert first.closed and not _refusing(loaded)
+    if who == "reset":
+        assert _state(loaded.dsn()) == expected
+
+
+def test_a_resets_check_ended_mid_read_by_another_resets_swap_reads_again_and_logs_nothing(
+    loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another reset's swap ends every session on the database, a check's among them: one ended in its pipelined
+    read failed the reset ('server closed the connection unexpectedly') and psycopg logged 'error ignored
+    terminating <Pipeline [BAD]>' (two resets at once, under load). Here the check's session is ended from a side
+    connection in the middle of its read, once."""
+    save_pristine(loaded, pool_size=1)
+    expected = _state(loaded.dsn())
+    _dirty(loaded)
+    real = snapshot.ledger_stamp
+    ended: list[int] = []
+
+    def the_swap_ends_it(conn: psycopg.Connection[Any], *args: Any) -> str | None:
+        if not ended:
+            ended.append(conn.info.backend_pid)
+            with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as swap:
+                swap.execute("SELECT pg_terminate_backend(%s)", ended)
+        return real(conn, *args)
+
+    monkeypatch.setattr(snapshot, "ledger_stamp", the_swap_ends_it)
+    with caplog.at_level(logging.WARNING, logger="psycopg"):
+        assert restore_pristine(loaded, refill=False).method == "pool"  # before: SnapshotError
+    assert ended
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("psycopg")] == []
+    assert _state(loaded.dsn()) == expected
+
+
+def test_a_resets_check_connecting_during_another_resets_swap_reads_the_swapped_in_database(
+    loaded: ServerInfo,
+) -> None:
+    """A session starting while another reset renames waits for the renames, then the server says the database
+    'does not exist' ('It seems to have just been dropped or renamed'): the check read that as no database, and the
+    reset, copying (no clone left), refused when its second read found a ledger ('the pristine snapshot predates
+    the database's ledger'). Here the other reset's swap is held uncommitted while the check connects."""
+    save_pristine(loaded, pool_size=1)
+    expected = _state(loaded.dsn())
+    db = loaded.dbname
+    with ThreadPoolExecutor(1) as second, psycopg.connect(loaded.dsn("postgres")) as first:
+        rename = "ALTER DATABASE {} RENAME TO {}"
+        first.execute(sql.SQL(rename).format(sql.Identifier(db), sql.Identifier(f"{db}__trash_f1257")))
+        first.execute(sql.SQL(rename).format(sql.Identifier(pool_name(db, 0)), sql.Identifier(db)))
+        resetting = second.submit(restore_pristine, loaded, refill=False)
+        time.sleep(0.5)  # its check waits for the renames
+        first.commit()
+        assert resetting.result(timeout=120).method == "template"  # before: SnapshotError, 'predates'
+    assert _state(loaded.dsn()) == expected
+
+
 def test_a_resets_lock_retry_ends_the_lock_holder_but_not_another_resets_check(loaded: ServerInfo) -> None:
     """A reset whose ledger read waited for a lock ended every session on the database before asking again, another
     reset's check among them: that reset failed with 'terminating connection due to administrator command' (two
