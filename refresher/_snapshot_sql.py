@@ -54,8 +54,8 @@ class PoolSizing:
 
     ``chosen``: the user's size ($REFRESHER_POOL_SIZE, ``--pool-size``), which sticks; else the default, decided
     again at each snapshot (``refresher.pool.default_pool_size``) from ``reflink`` (the server's copies are
-    reflinks: a clone costs almost no disk) and ``copy_bps`` (bytes per second of the last copy of the database
-    measured on this server, the snapshot's: what a reset without a warm clone pays; None: none measured).
+    reflinks: a clone costs almost no disk) and ``copy_bps`` (bytes per second of the fastest copy of the
+    database measured on this server, by its snapshots: what a reset without a warm clone pays; None: none measured).
     A mark written before these were recorded says only the size: the old default (DEFAULT_POOL_SIZE) counts as
     not chosen, any other size as the user's."""
 

@@ -243,8 +243,11 @@ def size_pool(
 ) -> PoolSizing:
     """What the mark of a new pristine copy ``copy_of`` of ``db`` records about its pool: ``chosen`` (the
     user's size), else the old mark's when the user chose it (it sticks), else ``default_pool_size`` for this
-    server. ``copy_bps``: the rate of the copy just made (None: none was, the old mark's holds)."""
-    bps = copy_bps if copy_bps is not None else old.copy_bps if old is not None else None
+    server. ``copy_bps``: the rate of the copy just made (None: none was). The fastest rate measured on this
+    server is what the mark keeps: other work only ever slows a copy, and a small database's copy is mostly fixed
+    cost near ``FAST_COPY``, so one copy timed under load would otherwise flip the default from 0 to 2 clones,
+    and a daily refresh (which measures no copy) would keep that slow rate for good."""
+    bps = size_pool_rate(copy_bps, old)
     if chosen is not None:
         return PoolSizing(chosen, True, copy_bps=bps)
     if old is not None and old.chosen:
@@ -252,6 +255,12 @@ def size_pool(
     reflink = server_reflinks(conn)
     size = default_pool_size(reflink=reflink, copy_bps=bps, database_bytes=_database_bytes(conn, copy_of))
     return PoolSizing(size, False, reflink, bps)
+
+
+def size_pool_rate(copy_bps: int | None, old: PoolSizing | None) -> int | None:
+    """The copy rate a new mark records: the fastest of the copy just made (``copy_bps``) and the old mark's."""
+    rates = [rate for rate in (copy_bps, old.copy_bps if old is not None else None) if rate]
+    return max(rates) if rates else None
 
 
 def pool_reason(pool: PoolSizing, database_bytes: int) -> str:

@@ -70,13 +70,14 @@ TUNING: dict[str, str] = {
 # of handing it back to the kernel and faulting it in again. A month's primary-key build sorts about 60 MB of
 # index tuples; by default glibc returns them at the end of the build (its trim threshold follows the largest
 # freed block), so each month's build of a loader's connection faulted its memory in again, page by page: 14,600
-# faults, a fifth of the build's CPU. Blocks up to 32 MB come from the heap and up to 256 MB of free heap is kept:
+# faults, a fifth of the build's CPU. Blocks up to 32 MB come from the heap and up to 128 MB of free heap is kept:
 # the second build faults 2 pages. Measured on a month of 780,000 minute bars, 8 pairs alternating between two
 # servers: the key build 0.30 -> 0.22 s of backend CPU (lower in 8 of 8), the COPY FREEZE unchanged. A backend's
-# memory then stays at its peak until it exits (a loader's connection lives for one refresh).
+# memory then stays at its peak, up to 128 MB, until it exits: a loader's connection lives for one refresh, but a
+# user's pooled connection or a worker's keeps it too, hence not 256 MB (maintenance_work_mem) as first set.
 SERVER_ENV: dict[str, str] = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
 }
 
 # initdb options of every cluster an engine makes (the local engine's initdb, the Docker image's
