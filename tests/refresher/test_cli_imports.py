@@ -73,6 +73,7 @@ OURS = {
         "refresher.engines.base",
         "refresher.engines.local",
         "refresher.ledger_counter",
+        "refresher.login",  # snapshot's door refusal (2df5f6e): re and psycopg, both loaded already
         "refresher.pool",
         "refresher.profile_files",
         "refresher.snapshot",
