@@ -117,6 +117,10 @@ def _no_analysis(handed: pool.HandedOut) -> None:
 def test_a_handout_records_its_analysis_with_the_rename_and_one_from_an_analyzed_copy_none(
     bars: ServerInfo,
 ) -> None:
+    # The month out of date whatever autovacuum did since the load (its 60 s naptime passes on a loaded CI
+    # machine: the partition was analyzed and left out of the pending list, its parent not)
+    with psycopg.connect(bars.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE ohlcv_1min_2024_01 SET volume = volume + 1")
     save_pristine(bars, pool_size=1, fill_pool=False)
     with psycopg.connect(bars.dsn("postgres"), autocommit=True) as conn:
         mark = _pristine_mark(conn, bars.dbname)
