@@ -8,6 +8,7 @@ import os
 import pwd
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 
 def as_nobody(func: Callable[[], str], timeout: float = 300.0) -> str:
@@ -43,3 +44,14 @@ def nobody_ids() -> tuple[int, int]:
         return os.geteuid(), os.getegid()
     nobody = pwd.getpwnam("nobody")
     return nobody.pw_uid, nobody.pw_gid
+
+
+def nobody_state(prefix: str) -> tuple[Path, Path]:
+    """A new world-traversable temporary directory and its ``state`` directory, owned by ``nobody``."""
+    from tests.fixtures_postgres import world_traversable_tmp
+
+    root = world_traversable_tmp(prefix)
+    state = root / "state"
+    state.mkdir()
+    os.chown(state, *nobody_ids())
+    return root, state

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_postgres import world_traversable_tmp
-from tests.unprivileged import as_nobody, nobody_ids
+from tests.unprivileged import as_nobody, nobody_ids, nobody_state
 
 PROFILE = """\
 universe:
@@ -180,10 +180,7 @@ def test_down_as_a_user_beside_a_lock_file_of_another_user_stops_its_server_and_
     from refresher.engines.local import LocalEngine
     from refresher.settings import Settings
 
-    root = world_traversable_tmp("refresher-down-user-")
-    state = root / "state"
-    state.mkdir()
-    os.chown(state, *nobody_ids())
+    root, state = nobody_state("refresher-down-user-")
     engine = LocalEngine(state)
 
     def start() -> str:

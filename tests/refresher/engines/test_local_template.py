@@ -21,7 +21,7 @@ from refresher.engines import _pgtemplate, local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from tests.fixtures_postgres import world_traversable_tmp
-from tests.unprivileged import as_nobody, nobody_ids
+from tests.unprivileged import as_nobody, nobody_state
 
 pytestmark = [
     pytest.mark.postgres,
@@ -129,10 +129,7 @@ def test_without_a_usable_cache_directory_initdb_still_makes_the_cluster(
 def test_a_cache_directory_this_user_cannot_enter_is_skipped_not_a_failed_start() -> None:
     # A template cache under another user's 0700 directory (a shared XDG_CACHE_HOME, root's cache kept by sudo):
     # the start failed with a bare PermissionError instead of running initdb without the cache.
-    root = world_traversable_tmp("refresher-cache-closed-")
-    state = root / "state"
-    state.mkdir()
-    os.chown(state, *nobody_ids())
+    root, state = nobody_state("refresher-cache-closed-")
     closed = root / "closed"
     closed.mkdir(mode=0o000)  # nobody enters it: not `nobody` under root, not its own user otherwise
     engine = LocalEngine(state, template_dir=closed / "pg-templates")
