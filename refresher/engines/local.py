@@ -295,14 +295,20 @@ class LocalEngine:
 
     def spare_ready(self) -> bool:
         """Whether a spare copy of this build's template waits for the next new cluster (``_pgspare``): what a
-        benchmark waits for to time a start as a user's next one runs."""
-        if self.template_dir is None or not self.template_dir.is_dir():
+        benchmark waits for to time a start as a user's next one runs. False where this user may not enter the
+        cache (under another user's 0700 directory, or closed itself): no spare there is one it could claim."""
+        if self.template_dir is None:
             return False
-        user = _pgctl.OsUser.for_server()
-        version = _pgctl.server_version(self.bin_dir, user, self.template_dir, cache=self.template_dir)
-        options = _initdb_options(self.bin_dir, user, self.template_dir, cache=self.template_dir)
-        key = _pgtemplate.template_key(self.bin_dir, version, options, user)
-        return _pgtemplate.spare_of(self.template_dir, key.name).is_dir()
+        try:
+            if not self.template_dir.is_dir():
+                return False
+            user = _pgctl.OsUser.for_server()
+            version = _pgctl.server_version(self.bin_dir, user, self.template_dir, cache=self.template_dir)
+            options = _initdb_options(self.bin_dir, user, self.template_dir, cache=self.template_dir)
+            key = _pgtemplate.template_key(self.bin_dir, version, options, user)
+            return _pgtemplate.spare_of(self.template_dir, key.name).is_dir()
+        except OSError:  # also a cache removed meanwhile: its programs' cwd
+            return False
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:

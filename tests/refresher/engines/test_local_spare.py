@@ -17,7 +17,9 @@ import pytest
 from refresher.engines import _pgctl, _pgtemplate
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import INIT_PREFIX, LocalEngine
+from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.engines.test_local_template import _cache_engine, _kill_9_once_copying, _tree
+from tests.unprivileged import as_nobody
 
 pytestmark = [
     pytest.mark.postgres,
@@ -259,3 +261,21 @@ def test_prune_removes_the_spares_of_builds_gone_and_spares_without_a_template(
     assert _answers(plain.start("ls_prune_b"))
     assert not gone.exists()
     assert [path for path in leftovers if path.exists()] == []
+
+
+def test_a_cache_this_user_cannot_enter_has_no_spare_ready_not_a_traceback() -> None:
+    # A template cache under a directory this user may not enter (another user's 0700 home, a shared
+    # XDG_CACHE_HOME), or the cache itself closed: spare_ready raised PermissionError, where a start skips the
+    # cache (c37c0f9) and a benchmark waiting for a spare must hear "none".
+    root = world_traversable_tmp("refresher-spare-closed-")
+    closed = root / "closed"
+    closed.mkdir(mode=0o000)  # nobody enters it: not `nobody` under root, not its own user otherwise
+    shut = root / "pg-templates"
+    shut.mkdir(mode=0o000)
+    try:
+        for cache in (closed / "pg-templates", shut):
+            engine = LocalEngine(root / "state", template_dir=cache)
+            assert as_nobody(lambda engine=engine: str(engine.spare_ready())) == "False", cache
+    finally:
+        closed.chmod(0o700)
+        shut.chmod(0o700)
