@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -854,22 +855,29 @@ def has_pristine(server: ServerInfo) -> bool:
 # How long a connection waits for a live reset's door (its TAKE): a reset stopped there (SIGSTOP, Ctrl-Z, a
 # suspended laptop) otherwise hung plan, jobs submit and a worker, which SIGTERM could not stop.
 DOOR_WAIT_SECONDS = 30.0
+# The wait goes in slices this long (the lock_timeout of each try for TAKE), its stop event looked at between two:
+# a worker told to stop (SIGTERM) while it waited left only after the whole DOOR_WAIT_SECONDS.
+DOOR_WAIT_SLICE = 0.5
 
 
-def connect_working(server: ServerInfo, **kwargs: Any) -> psycopg.Connection[Any]:
+class StoppedWaiting(Exception):
+    """The wait for a reset's door ended early: the caller's stop event was set (a worker's SIGTERM)."""
+
+
+def connect_working(
+    server: ServerInfo, *, stop: threading.Event | None = None, **kwargs: Any
+) -> psycopg.Connection[Any]:
     """``psycopg.connect`` to ``server.dbname`` (``kwargs``: its options). A database a reset killed between its
     last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again; so
     is one refused by a live reset's door that opened before the look (``_past_door``).
-    A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it."""
+    A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it; ``stop``
+    set meanwhile ends the wait within ``DOOR_WAIT_SLICE`` with ``StoppedWaiting``."""
     try:
         return psycopg.connect(server.dsn(), **kwargs)
     except psycopg.OperationalError as refusal:
         try:
             with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-                conn.execute(
-                    "SELECT set_config('lock_timeout', %s, false)", (f"{DOOR_WAIT_SECONDS * 1000:.0f}ms",)
-                )
-                reopened = _past_door(conn, server.dbname, refusal)
+                reopened = _past_door_waiting(conn, server.dbname, refusal, stop)
         except psycopg.errors.LockNotAvailable as exc:
             raise psycopg.OperationalError(
                 f"database {server.dbname} refuses sessions: a reset of this profile holds it (waited "
@@ -882,10 +890,36 @@ def connect_working(server: ServerInfo, **kwargs: Any) -> psycopg.Connection[Any
     return psycopg.connect(server.dsn(), **kwargs)
 
 
-def connect_target(server: ServerInfo | None, target: str, **kwargs: Any) -> psycopg.Connection[Any]:
+def _past_door_waiting(
+    conn: psycopg.Connection[Any],
+    db: str,
+    refusal: psycopg.OperationalError,
+    stop: threading.Event | None,
+) -> bool:
+    """``_past_door``, a live reset's TAKE waited for in slices (``DOOR_WAIT_SLICE``) up to ``DOOR_WAIT_SECONDS``
+    (then ``LockNotAvailable``), ``stop`` looked at between two."""
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{DOOR_WAIT_SLICE * 1000:.0f}ms",))
+    deadline = time.monotonic() + DOOR_WAIT_SECONDS
+    while True:
+        try:
+            return _past_door(conn, db, refusal)
+        except psycopg.errors.LockNotAvailable as exc:
+            if stop is not None and stop.is_set():
+                raise StoppedWaiting(
+                    f"stopped while database {db} refused sessions (a reset holds it)"
+                ) from exc
+            if time.monotonic() >= deadline:
+                raise
+
+
+def connect_target(
+    server: ServerInfo | None, target: str, *, stop: threading.Event | None = None, **kwargs: Any
+) -> psycopg.Connection[Any]:
     """``connect_working`` to ``server``, the profile's own (a reset killed with its door shut is opened), else
     ``psycopg.connect`` to ``target`` as given (a server someone else runs: its door is not ours to open)."""
-    return connect_working(server, **kwargs) if server is not None else psycopg.connect(target, **kwargs)
+    if server is not None:
+        return connect_working(server, stop=stop, **kwargs)
+    return psycopg.connect(target, **kwargs)
 
 
 def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:
@@ -924,6 +958,7 @@ __all__ = [
     "MAINTENANCE_DB",
     "RestoreReport",
     "SnapshotInfo",
+    "StoppedWaiting",
     "advance_pristine",
     "connect_target",
     "connect_working",

@@ -66,6 +66,7 @@ from refresher.profile_lock import hold_profile
 from refresher.refresh import DailyTables, compute_plan, exchange_timezones
 from refresher.segments import Segment
 from refresher.settings import Settings
+from refresher.snapshot import StoppedWaiting
 from refresher.sources import make_source
 from refresher.sources.base import Source
 
@@ -114,7 +115,7 @@ def parse_segment(text: str) -> Segment:
 class _RunContext:
     """A run's profile, source, store and target connection, opened once per worker thread."""
 
-    def __init__(self, settings: Settings, spec: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, spec: dict[str, Any], stop: threading.Event | None = None) -> None:
         path = Path(spec["profile_path"])
         as_of = dt.date.fromisoformat(spec["as_of"])
         # The submitter's file when this machine has it, else the profile of that name here.
@@ -126,13 +127,17 @@ class _RunContext:
         # The profile's own server, served here: a reset killed with the database's door shut left it refusing
         # sessions (the worker retried until its jobs went dead), and the one door opens it; else the target as
         # given, its password from libpq's own sources (PGPASSWORD, .pgpass, service files).
+        # A live reset's door is waited for (``snapshot.DOOR_WAIT_SECONDS``), ``stop`` (SIGTERM) ending the wait.
         server = _own_server(settings, spec)
         try:
-            self.conn = snapshot.connect_target(server, str(spec["target"]), autocommit=True)
+            self.conn = snapshot.connect_target(server, str(spec["target"]), stop=stop, autocommit=True)
         except psycopg.OperationalError as exc:
             # libpq's line names neither the database nor the role: the DSN does, without its password.
             self.source.close()
             raise LoadError(f"target {spec['target']}: cannot connect ({one_line(exc)})") from exc
+        except BaseException:
+            self.source.close()
+            raise
 
     def close(self) -> None:
         with suppress(Exception):
@@ -303,7 +308,7 @@ class Worker:
 
     def _context(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> _RunContext:
         if run not in contexts:
-            contexts[run] = _RunContext(self.settings, require_run(queue.client, run))
+            contexts[run] = _RunContext(self.settings, require_run(queue.client, run), self.stop)
         return contexts[run]
 
     def _handle(
@@ -351,29 +356,49 @@ class Worker:
         every = self.options.visibility_timeout / 3
         for run, group in by_run.items():
             with Every(partial(queue.extend, group, consumer), every):
-                try:
-                    ctx = self._context(queue, contexts, run)
-                    produced = produce_tables([self._job(ctx, d) for d in group], ctx.source, ctx.store)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    raise
-                except Exception as exc:
-                    if is_refused(exc):
-                        # The target (or upstream) refused us: each job alone logged in again, one refusal per
-                        # job; the refusal is every job's, each settled with it (dead-lettered at once).
-                        for delivery in group:
-                            self._failed(queue, delivery, exc)
-                        continue
-                    # Which job failed? Run each alone, so the error lands on that job only.
-                    for delivery in group:
-                        alone = partial(self._run_alone, contexts, queue, delivery)
-                        self._settle(queue, delivery, contexts, alone)
-                    continue
-                for delivery, (job, table, content_hash) in zip(group, produced, strict=True):
-                    if self.stop.is_set():  # SIGTERM: hand the rest back now rather than after a timeout
-                        queue.retry_later(delivery, self.clock(), failed=False)
-                        continue
-                    load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
-                    self._settle(queue, delivery, contexts, load)
+                self._handle_run(queue, group, contexts, run)
+
+    def _handle_run(
+        self, queue: JobQueue, group: list[Delivery], contexts: dict[str, _RunContext], run: str
+    ) -> None:
+        try:
+            ctx = self._context(queue, contexts, run)
+        except StoppedWaiting:  # SIGTERM while a reset's door kept the target shut
+            for delivery in group:
+                self._hand_back(queue, delivery)
+            return
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            # The run's target, profile or source, not any one job: each job alone met it again (and waited
+            # out a reset's door again, DOOR_WAIT_SECONDS each); every job is settled with it.
+            for delivery in group:
+                self._failed(queue, delivery, exc)
+            return
+        try:
+            produced = produce_tables([self._job(ctx, d) for d in group], ctx.source, ctx.store)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            if is_refused(exc):
+                # The target (or upstream) refused us: each job alone logged in again, one refusal per
+                # job; the refusal is every job's, each settled with it (dead-lettered at once).
+                for delivery in group:
+                    self._failed(queue, delivery, exc)
+                return
+            # Which job failed? Run each alone, so the error lands on that job only.
+            for delivery in group:
+                alone = partial(self._run_alone, contexts, queue, delivery)
+                self._settle(queue, delivery, contexts, alone)
+            return
+        for delivery, (job, table, content_hash) in zip(group, produced, strict=True):
+            load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
+            self._settle(queue, delivery, contexts, load)
+
+    def _hand_back(self, queue: JobQueue, delivery: Delivery) -> None:
+        """A job this stopping worker (SIGTERM) will not run, back on its stream now without spending an attempt,
+        rather than after the visibility timeout."""
+        queue.retry_later(delivery, self.clock(), failed=False)
 
     def _settle(
         self,
@@ -383,8 +408,14 @@ class Worker:
         action: Callable[[], SegmentOutcome],
     ) -> None:
         run = delivery.job["run"]
+        if self.stop.is_set():
+            self._hand_back(queue, delivery)
+            return
         try:
             outcome = action()
+        except StoppedWaiting:
+            self._hand_back(queue, delivery)
+            return
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as exc:
@@ -465,6 +496,8 @@ class Worker:
         try:
             with held_lock(lock, every=ttl / 3):
                 self._features_locked(queue, contexts, run)
+        except StoppedWaiting:  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
+            return
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as exc:

@@ -61,9 +61,9 @@ def test_a_target_refusing_the_worker_dead_letters_each_job_at_once(
     opened = worker_module._RunContext
 
     class Counted(opened):  # type: ignore[valid-type,misc]  # the real context, its logins counted
-        def __init__(self, settings: Settings, spec: dict[str, object]) -> None:
+        def __init__(self, settings: Settings, spec: dict[str, object], *rest: object) -> None:
             logins.append(str(spec["target"]))
-            super().__init__(settings, spec)
+            super().__init__(settings, spec, *rest)
 
     monkeypatch.setattr(worker_module, "_RunContext", Counted)
     report = Worker(redis_server.url, settings, options).run()
