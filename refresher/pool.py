@@ -98,6 +98,9 @@ MAX_REFILL_CONCURRENCY = 4
 GB = 2**30
 # linux/fs.h: _IOW(0x94, 9, int), a reflink of a whole file.
 FICLONE = 0x40049409
+# The reflink probe's scratch directories, in the server's data directory (``_scratch``).
+SCRATCH_PREFIX = ".refresher-reflink-"
+SCRATCH_TRIES = 10
 
 
 @dataclass(frozen=True)
@@ -288,11 +291,13 @@ def server_reflinks(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _reflinks(directory: Path) -> bool:
-    """Whether a file in ``directory`` can be cloned (the FICLONE ioctl: what copy_file_range does there)."""
+    """Whether a file in ``directory`` can be cloned (the FICLONE ioctl: what copy_file_range does there); first
+    removes the scratch directories of probes whose process is gone (``_sweep_scratch``)."""
     try:
         import fcntl
 
-        with tempfile.TemporaryDirectory(prefix=".refresher-reflink-", dir=directory) as scratch:
+        _sweep_scratch(directory)
+        with _scratch(directory) as scratch:
             source, clone = Path(scratch, "a"), Path(scratch, "b")
             source.write_bytes(bytes(4096))
             with source.open("rb") as src, clone.open("wb") as dst:
@@ -300,6 +305,61 @@ def _reflinks(directory: Path) -> bool:
     except (OSError, ImportError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def _scratch(directory: Path) -> Iterator[Path]:
+    """A new directory in ``directory`` (``SCRATCH_PREFIX``), removed after the block, and flock'ed (the
+    directory itself) while it exists: the kernel drops the lock when its process dies, however it dies, so a
+    sweep (``_sweep_scratch``) tells the directory a SIGKILL left from a live probe's. A sweep that took one in
+    the instant between its mkdir and its lock removes it: another is made. Where the filesystem has no flock
+    (NFS: no exclusive lock on a directory) it goes unlocked, and no sweep there removes it while it lives."""
+    import fcntl
+
+    for _ in range(SCRATCH_TRIES):
+        path = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=directory))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # a sweep removed it before we opened it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a sweep holds it, and removes it
+            except OSError:
+                pass  # no flock here: unlocked, never swept (see _sweep_scratch)
+            try:
+                if not os.path.samestat(os.stat(path), os.fstat(fd)):
+                    continue
+            except FileNotFoundError:
+                continue  # a sweep removed it before our lock
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+            return
+        finally:
+            os.close(fd)
+    raise OSError(f"{directory}: no scratch directory of our own after {SCRATCH_TRIES} tries")
+
+
+def _sweep_scratch(directory: Path) -> None:
+    """Remove the scratch directories (``_scratch``) in ``directory`` that no live process holds: a probe killed
+    inside it (SIGKILL, a power loss) left one for good, and so did one of a refresher before they were locked.
+    A live probe's is locked and stays, whichever process or checkout made it. Best effort: what this user may
+    not remove stays (and all of it where there is no flock)."""
+    with contextlib.suppress(OSError, ImportError):
+        import fcntl
+
+        for leftover in directory.glob(f"{SCRATCH_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its maker lives
+                    shutil.rmtree(leftover, ignore_errors=True)
+                finally:
+                    os.close(fd)
 
 
 def _database_bytes(conn: psycopg.Connection[Any], name: str) -> int:
@@ -498,6 +558,10 @@ def _sweep_and_fill(
     """The refill proper, under REFILL shared (the caller holds it)."""
     _sweep(conn, db)
     machine = _Machine.of(conn)
+    if machine.data_directory is not None:
+        # A snapshot killed while it probed for reflinks; the probe sweeps too, but a pool size the user chose
+        # makes the snapshots probe no more.
+        _sweep_scratch(machine.data_directory)
     width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
     missing = _missing(conn, db, size, machine)
     if missing <= 0:
