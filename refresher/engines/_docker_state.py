@@ -94,11 +94,11 @@ def checkout_id(base: Path, *, create: bool) -> str | None:
 _CHECKOUT_IDS: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
 
-def resolve_image(client: docker.DockerClient, requested: str | None) -> str:
+def resolve_image(client: docker.DockerClient, requested: str | None, *, pull: bool = True) -> str:
     """The image to run: ``requested`` or the first default present locally, else the first that pulls.
 
-    Pulling is tried last and only once per candidate: on an air-gapped machine it fails within milliseconds
-    (no DNS), and the error then points at `make image`.
+    Pulling is tried last and only once per candidate (never without ``pull``): on an air-gapped machine it fails
+    within milliseconds (no DNS), and the error then points at `make image`.
     """
     candidates = (requested,) if requested else DEFAULT_IMAGES
     for name in candidates:
@@ -108,7 +108,7 @@ def resolve_image(client: docker.DockerClient, requested: str | None) -> str:
         except docker.errors.ImageNotFound:
             continue
     failures = []
-    for name in candidates:
+    for name in candidates if pull else ():
         try:
             client.images.pull(name)
             return name

@@ -14,12 +14,15 @@ password is random per volume: Postgres stores it at initdb time, so it must sur
 If the state file is lost while the container exists, the password is read back from the container's
 environment; if both the state file and the container are gone, the volume's password is unknowable and the
 volume is recreated (its data is a throwaway copy that ``refresher refresh`` rebuilds from the feature store).
+A container made with another image, command or environment than this refresher's (an older refresher's, its
+CONFIG_LABEL another or none) is made again over its volume by the next start, with the same password and port.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import secrets
 import socket
 import time
@@ -62,11 +65,16 @@ STATE_LABEL = "io.refresher.state"
 STATE_PATH_LABEL = "io.refresher.state-path"
 CHECKOUT_LABEL = "io.refresher.checkout"
 CHECKOUT_HOST_LABEL = "io.refresher.checkout-host"
+# A digest of what the container was made to run (image, command, environment but the password): one that differs
+# from what this refresher would make (an older refresher's, before lc_messages=C or SERVER_ENV) is made again.
+CONFIG_LABEL = "io.refresher.config"
 LOG_TAIL_LINES = 40
 # Containers made in turn when the port Docker published a new one on is held by another process.
 PORT_TRIES = 5
 # Docker API calls that may pull or wait on a slow disk; a ping uses its own short timeout.
 API_TIMEOUT = 120
+# A container made again waits this long for its server's fast shutdown (the images' STOPSIGNAL is SIGINT).
+STOP_SECONDS = 60
 
 # A container or a volume: what a profile has one of, found again by name and labels.
 _Made = TypeVar("_Made", Container, Volume)
@@ -157,10 +165,15 @@ class DockerEngine:
             checkout_id(self.base, create=True)  # before anything is looked at or labelled
             state = ContainerState.read(self._state_path(profile))
             container = self._container(client, profile)
-            if container is not None and state is None:
-                state = self._adopt(container, profile)
+            port: int | None = None
+            if container is not None:
+                if state is None:
+                    state = self._adopt(container, profile)
+                if self._outdated(client, container, profile, state):
+                    port = self._retire(client, container, profile, state)
+                    container = None
             if container is None or state is None:
-                container, state = self._create(client, profile, state)
+                container, state = self._create(client, profile, state, port=port)
             tries = 1
             while container.status != "running" and not self._run(container, profile):
                 # Docker hands out ports in turn without asking the kernel: its pick was another process's.
@@ -306,26 +319,17 @@ class DockerEngine:
             client.volumes.get(volume_name)
         except docker.errors.NotFound:
             client.volumes.create(volume_name, labels=labels)
+        config = _server_config(image, state, profile)
+        labels[CONFIG_LABEL] = _config_digest(config)
         deadline = time.monotonic() + self.ready_timeout
         while True:
             try:
                 container = client.containers.create(
-                    image,
-                    command=["postgres", *SERVER_ARGS],
+                    **config,
                     name=state.container,
                     labels=labels,
-                    environment={
-                        "POSTGRES_USER": state.user,
-                        "POSTGRES_PASSWORD": state.password,
-                        "POSTGRES_DB": profile,
-                        # Read by the image's initdb only, on an empty volume: a kept volume keeps its layout.
-                        "POSTGRES_INITDB_ARGS": " ".join(INITDB_ARGS),
-                        **SERVER_ENV,
-                    },
                     volumes={volume_name: {"bind": PGDATA, "mode": "rw"}},
                     ports={"5432/tcp": (HOST, port or self.pinned_port)},
-                    # Parallel query workers share memory through /dev/shm; Docker's default 64 MB is too small.
-                    shm_size="256m",
                     detach=True,
                 )
                 return container, state
@@ -339,6 +343,39 @@ class DockerEngine:
                 state = self._adopt(existing, profile)
                 return existing, state
             time.sleep(0.2)
+
+    def _outdated(
+        self, client: docker.DockerClient, container: Container, profile: str, state: ContainerState
+    ) -> bool:
+        """Whether ``container`` runs another configuration than the one this refresher would make it with (an
+        older refresher's has another digest, or none), and holds its data in the profile's volume, so that it
+        can be made again without losing it. Never when the configured image is not here (no pull for this)."""
+        try:
+            image = resolve_image(client, self.image, pull=False)
+        except EngineUnavailable:
+            return False
+        if container.labels.get(CONFIG_LABEL) == _config_digest(_server_config(image, state, profile)):
+            return False
+        volume = self._volume_name(profile)
+        mounts = container.attrs.get("Mounts") or []
+        return any(m.get("Destination") == PGDATA and m.get("Name") == volume for m in mounts)
+
+    def _retire(
+        self, client: docker.DockerClient, container: Container, profile: str, state: ContainerState
+    ) -> int | None:
+        """Remove an outdated ``container``, its server shut down cleanly first; its volume stays. The port it
+        published, for the new container to keep (None: let Docker pick).
+
+        Each step leaves what a start already finishes: the state file (written first: a kill from here on still
+        knows the volume's password) beside an exited container, or beside the volume alone.
+        """
+        state.write(self._state_path(profile))
+        port = _host_port(container) if container.status == "running" else state.port
+        if container.status in ("running", "restarting", "paused"):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.stop(timeout=STOP_SECONDS)  # fast shutdown: a checkpoint, every commit kept
+        _remove_container(client, container)
+        return port or None
 
     def _run(self, container: Container, profile: str) -> bool:
         """Start ``container``; False when its port, not pinned, is taken (the container is removed then)."""
@@ -583,6 +620,31 @@ def remove_abandoned(marker_label: str, base_url: str | None = None) -> list[str
     finally:
         client.close()
     return removed
+
+
+def _server_config(image: str, state: ContainerState, profile: str) -> dict[str, Any]:
+    """What a profile's container runs: ``containers.create``'s image, command, environment and shm size."""
+    return {
+        "image": image,
+        "command": ["postgres", *SERVER_ARGS],
+        "environment": {
+            "POSTGRES_USER": state.user,
+            "POSTGRES_PASSWORD": state.password,
+            "POSTGRES_DB": profile,
+            # Read by the image's initdb only, on an empty volume: a kept volume keeps its layout.
+            "POSTGRES_INITDB_ARGS": " ".join(INITDB_ARGS),
+            **SERVER_ENV,
+        },
+        # Parallel query workers share memory through /dev/shm; Docker's default 64 MB is too small.
+        "shm_size": "256m",
+    }
+
+
+def _config_digest(config: Mapping[str, Any]) -> str:
+    """The CONFIG_LABEL of a container made with ``config`` (its password left out: labels are no secret)."""
+    environment = {k: v for k, v in config["environment"].items() if k != "POSTGRES_PASSWORD"}
+    text = json.dumps({**config, "environment": environment}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _remove_container(client: docker.DockerClient, container: Container) -> bool:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,9 +28,10 @@ from docker.models.containers import Container
 from psycopg import sql
 
 from refresher.engines import docker as docker_engine_module
-from refresher.engines._common import SERVER_ENV
+from refresher.engines._common import SERVER_ENV, TUNING, wait_ready
 from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.docker import (
+    CONFIG_LABEL,
     PGDATA,
     PREFIX_LABEL,
     PROFILE_LABEL,
@@ -39,7 +41,9 @@ from refresher.engines.docker import (
     docker_available,
 )
 from refresher.errors import EngineStateError, EngineUnavailable, ProfileError
+from refresher.stamp import stamp_path
 from tests.fixtures_docker import holding_dockers_next_ports, labels_of_a_dead_process, remove_prefixed
+from tests.fixtures_postgres import world_traversable_tmp
 from tests.unprivileged import as_nobody
 
 REPO = Path(__file__).resolve().parents[3]
@@ -610,7 +614,7 @@ KILLED_AFTER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from docker.models.containers import ContainerCollection
+    from docker.models.containers import Container, ContainerCollection
     from docker.models.volumes import VolumeCollection
     from refresher.engines import docker as engine_module
     from refresher.engines._docker_state import ContainerState
@@ -618,7 +622,7 @@ KILLED_AFTER = textwrap.dedent(
     state_dir, image, prefix, step, call = sys.argv[1:6]
     owners = {"state": (ContainerState, "write"), "volume": (VolumeCollection, "create"),
               "create": (ContainerCollection, "create"), "run": (engine_module.DockerEngine, "_run"),
-              "remove": (engine_module, "_remove_container")}
+              "remove": (engine_module, "_remove_container"), "stop": (Container, "stop")}
     owner, name = owners[step]
     original = getattr(owner, name)
 
@@ -662,6 +666,122 @@ def test_sigkill_after_each_step_leaves_what_the_next_start_and_down_finish(
     with pytest.raises(docker.errors.NotFound):
         docker_client.volumes.get(f"{name}-data")
     assert not (docker_engine.base / "killed_at.json").exists()
+
+
+# The server arguments of a container refresher made before lc_messages=C (e3d4efd); it had no SERVER_ENV either
+# (d8bff5a) and no CONFIG_LABEL.
+OLD_SERVER_ARGS = tuple(
+    arg for key, value in TUNING.items() if key != "lc_messages" for arg in ("-c", f"{key}={value}")
+)
+
+
+def made_by_an_older_refresher(client: docker.DockerClient, container: Container) -> Container:
+    """``container`` made again (running) as an older refresher made it: without lc_messages=C, SERVER_ENV and
+    CONFIG_LABEL; the same name, labels otherwise, volume, port and password."""
+    config, port = container.attrs["Config"], container.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]
+    container.stop(timeout=60)
+    container.remove(v=True)  # its named volume, and the data in it, stay
+    old = client.containers.run(
+        config["Image"],
+        command=["postgres", *OLD_SERVER_ARGS],
+        name=container.name,
+        labels={k: v for k, v in config["Labels"].items() if k != CONFIG_LABEL},
+        environment=[e for e in config["Env"] if e.split("=", 1)[0] not in SERVER_ENV],
+        volumes={f"{container.name}-data": {"bind": PGDATA, "mode": "rw"}},
+        ports={"5432/tcp": (port["HostIp"], int(port["HostPort"]))},
+        shm_size="256m",
+        detach=True,
+    )
+    assert "lc_messages=C" not in old.attrs["Config"]["Cmd"]
+    return old
+
+
+def _server_env(container: Container) -> set[str]:
+    """SERVER_ENV's entries in ``container``'s environment."""
+    return {f"{k}={v}" for k, v in SERVER_ENV.items()} & set(container.attrs["Config"]["Env"])
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_refresh_brings_a_container_an_older_refresher_made_up_to_date_and_keeps_its_rows(
+    docker_client: docker.DockerClient, docker_pg_image: str, docker_prefix: str, tmp_path: Path
+) -> None:
+    # A container an older refresher made kept its command and environment (no lc_messages=C, no SERVER_ENV)
+    # until `down` and `refresh`, which lost its database: a refresh makes it again over its volume.
+    from tests.refresher.test_refresh_e2e import Workspace
+
+    ws = Workspace(world_traversable_tmp("refresher-renew-"), "docker", f"renew_{secrets.token_hex(4)}")
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    # Another checkout on this daemon with an old container of its own: never touched.
+    theirs = DockerEngine(
+        tmp_path / "theirs", image=docker_pg_image, client=docker_client, prefix=docker_prefix
+    )
+    try:
+        ws.refresh()
+        rows = ws.scalar("SELECT count(*) FROM ohlcv_1min")
+        mine = DockerEngine(ws.root / "state", image=docker_pg_image, client=docker_client)
+        old = made_by_an_older_refresher(docker_client, container_of(docker_client, mine, ws.profile))
+        theirs.start(ws.profile)
+        other = made_by_an_older_refresher(docker_client, container_of(docker_client, theirs, ws.profile))
+        server = ws.server()
+        wait_ready(server.dsn(), what="old", timeout=60, alive=lambda: True, log_tail=str)
+        assert ws.scalar("SHOW lc_messages") == "C.UTF-8"  # the image's, as initdb chose it
+        # The stamp the older refresher wrote does not answer this one (stamp.code_fingerprint).
+        stamp_path(ws.root / "state", ws.profile).unlink()
+
+        report = ws.refresh()
+        assert report["segments"]["loaded"] == 0  # nothing was lost, nothing loaded again
+        assert ws.scalar("SELECT count(*) FROM ohlcv_1min") == rows > 0
+        assert ws.scalar("SHOW lc_messages") == "C"
+        assert ws.server() == server  # the same port and password
+        renewed = container_of(docker_client, mine, ws.profile)
+        assert renewed.id != old.id and _server_env(renewed) and CONFIG_LABEL in renewed.labels
+        # Up to date now: the next start keeps the container.
+        assert mine.start(ws.profile) == server
+        assert container_of(docker_client, mine, ws.profile).id == renewed.id
+
+        other.reload()
+        assert other.status == "running" and not _server_env(other)
+        assert container_of(docker_client, theirs, ws.profile).id == other.id
+    finally:
+        ws.down()
+        theirs.stop(ws.profile)
+        shutil.rmtree(ws.root, ignore_errors=True)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("step", "lost_state"), [("stop", False), ("remove", False), ("remove", True)])
+def test_a_start_killed_while_it_makes_an_outdated_container_again_leaves_what_the_next_start_finishes(
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    lost_state: bool,
+) -> None:
+    # SIGKILL once the old container's server is stopped, or once the container is removed and before the new
+    # one exists (its state file lost before: the password must survive in it all the same).
+    with monkeypatch.context() as before:
+        before.setattr(docker_engine_module, "SERVER_ARGS", OLD_SERVER_ARGS)
+        before.setattr(docker_engine_module, "SERVER_ENV", {})
+        old = docker_engine.start("killed_at")
+    try:
+        with psycopg.connect(old.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept AS SELECT generate_series(1, 1000) AS x")
+        assert query(old, "SHOW lc_messages") == "C.UTF-8"
+        if lost_state:
+            (docker_engine.base / "killed_at.json").unlink()
+        args = [str(docker_engine.state_dir), docker_pg_image, docker_engine.prefix, step, "start"]
+        child = subprocess.run([sys.executable, "-c", KILLED_AFTER, *args], cwd=REPO, timeout=180)
+        assert child.returncode == -signal.SIGKILL
+        assert len(docker_engine.status("killed_at")) == 1  # status names what was left
+        info = docker_engine.start("killed_at")
+        assert info.password == old.password
+        assert query(info, "SHOW lc_messages") == "C"
+        assert query(info, "SELECT count(*) FROM kept") == 1000
+        assert _server_env(container_of(docker_client, docker_engine, "killed_at"))
+    finally:
+        docker_engine.stop("killed_at")
 
 
 @pytest.mark.docker
