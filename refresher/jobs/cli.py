@@ -6,6 +6,7 @@ Their arguments are declared in ``refresher.jobs.parser``, which the main parser
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import re
@@ -161,6 +162,9 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # `kill -USR1 PID`: every thread's stack on stderr, and the worker goes on; what a worker that went quiet is
+    # waiting on, without a debugger on the machine.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     options = WorkerOptions(
         name=args.name,
         concurrency=args.concurrency,

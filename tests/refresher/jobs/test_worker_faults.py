@@ -227,6 +227,14 @@ def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
     assert ws.scalar(f"SELECT count(*) FROM features_dashboard_data WHERE symbol IN ({names})") == daily
 
 
+def _stacks(proc: subprocess.Popen[str], ws: Workspace, name: str) -> str:
+    """The worker's log after it printed every thread's stack (SIGUSR1), or how it ended."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+    return f"{name} (exit {proc.poll()}):\n{worker_log(ws, name)}"
+
+
 def test_a_worker_paused_past_the_visibility_timeout_and_the_one_that_reclaimed_its_jobs_load_them_once(
     workspace: Workspace, redis_server: RedisServer
 ) -> None:
@@ -253,7 +261,8 @@ def test_a_worker_paused_past_the_visibility_timeout_and_the_one_that_reclaimed_
                 if taken or time.monotonic() > deadline or live.poll() is not None:
                     break
                 time.sleep(0.1)
-            assert taken, (held, now, worker_log(ws, "live"))
+            new = {mid: c for mid, c in now.items() if mid not in held}
+            assert taken, f"held {len(held)}, now {len(now)}, new {new}\n{_stacks(live, ws, 'live')}"
         finally:
             paused.send_signal(signal.SIGCONT)  # both now on the same jobs; the segment lock orders them
         final = wait_for(ws, url, run["run_id"], lambda s: s["state"] == "complete")
@@ -354,3 +363,22 @@ def test_jobs_lost_with_their_stream_are_requeued_once_and_loaded_once(
     final = status(ws, url, run)
     assert (final["state"], final["done"], final["dead"], final["lost"]) == ("complete", 8, 0, 0), final
     assert_loaded_exactly(ws, symbols, 2)
+
+
+def test_a_worker_prints_every_threads_stack_on_sigusr1_and_goes_on(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    worker = start_worker(workspace, redis_server.url, "quiet")
+    try:
+        deadline = time.monotonic() + 120
+        while not redis_server.client().exists(stream_key(TIERS[0])):  # its loop made the groups
+            assert worker.poll() is None and time.monotonic() < deadline, worker_log(workspace, "quiet")
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGUSR1)
+        while "_loop" not in worker_log(workspace, "quiet"):
+            assert worker.poll() is None and time.monotonic() < deadline, worker_log(workspace, "quiet")
+            time.sleep(0.1)
+    finally:
+        stop([worker])
+    assert worker.returncode == 0, worker_log(workspace, "quiet")
+    assert 'File "' in worker_log(workspace, "quiet")
