@@ -42,6 +42,7 @@ from refresher.engines._common import (
     disk_full,
     is_disk_full,
     locked,
+    sweep_private_tmps,
     try_locked,
     validate_profile,
     wait_ready,
@@ -204,6 +205,9 @@ class LocalEngine:
 
     def _start_locked(self, profile: str, paths: _Paths) -> ServerInfo:
         self._remove_leftovers(paths, others=False)
+        # server.json's temporary file, holding the password, that a start killed before its rename left: only a
+        # start writes server.json, under this lock, so any there is a dead one's.
+        sweep_private_tmps(paths.root, paths.state.name, age=0)
         state = ServerState.read(paths.state)
         initialized = (paths.pgdata / "PG_VERSION").exists()
         if initialized and state is None:

@@ -711,6 +711,42 @@ def test_kill_9_after_the_postmaster_started_then_the_next_start_serves_it(
     assert engine.info(profile) == info
 
 
+# A start killed between writing server.json's temporary file and renaming it into place, at its WRITE-th write.
+KILLED_WRITING_STATE = """
+import os, signal, sys
+from pathlib import Path
+from refresher.engines.local import LocalEngine
+replace, writes = os.replace, 0
+def killed(src, dst, *args, **kwargs):
+    global writes
+    writes += os.fspath(dst).endswith("server.json")
+    if writes == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+os.replace = killed
+LocalEngine(Path(sys.argv[1])).start(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("write", [1, 2], ids=["before-initdb-is-renamed-in", "after-the-server-started"])
+def test_kill_9_between_writing_server_json_and_its_rename_leaves_no_copy_of_the_password(
+    engine: LocalEngine, write: int
+) -> None:
+    # The temporary file holds the cluster's password: it stayed beside server.json as long as the profile did.
+    profile = f"lc_killjson{write}"
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITING_STATE, str(engine.base.parent), profile, str(write)],
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL
+    root = engine.base / profile
+    assert len(list(root.glob(".server.json.*.tmp"))) == 1  # what the kill left
+    info = engine.start(profile)
+    with psycopg.connect(info.dsn()) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (profile,)
+    assert list(root.glob(".server.json.*.tmp")) == []
+
+
 @pytest.fixture
 def tiny_disk() -> Iterator[Path]:
     """A 16 MB tmpfs: too small for initdb (about 31 MB). Needs root, as the server's OS user switch does."""
