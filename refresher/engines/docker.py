@@ -363,19 +363,22 @@ class DockerEngine:
     def _retire(
         self, client: docker.DockerClient, container: Container, profile: str, state: ContainerState
     ) -> int | None:
-        """Remove an outdated ``container``, its server shut down cleanly first; its volume stays. The port it
-        published, for the new container to keep (None: let Docker pick).
+        """Remove an outdated ``container``, its server shut down cleanly first; its volume stays. The port for
+        the new container: the pinned one, else the one it published, to keep (None: let Docker pick).
 
         Each step leaves what a start already finishes: the state file (written first: a kill from here on still
         knows the volume's password) beside an exited container, or beside the volume alone.
         """
         state.write(self._state_path(profile))
-        port = _host_port(container) if container.status == "running" else state.port
+        port = self.pinned_port or state.port or None
+        if self.pinned_port is None and container.status == "running":
+            with contextlib.suppress(EngineStateError):  # none published: Docker picks one
+                port = _host_port(container)
         if container.status in ("running", "restarting", "paused"):
             with contextlib.suppress(docker.errors.NotFound):
                 container.stop(timeout=STOP_SECONDS)  # fast shutdown: a checkpoint, every commit kept
         _remove_container(client, container)
-        return port or None
+        return port
 
     def _run(self, container: Container, profile: str) -> bool:
         """Start ``container``; False when its port, not pinned, is taken (the container is removed then)."""

@@ -37,6 +37,7 @@ from refresher.engines.docker import (
     PROFILE_LABEL,
     PROJECT_LABEL,
     DockerEngine,
+    _free_port,
     _log_tail,
     docker_available,
 )
@@ -675,6 +676,15 @@ OLD_SERVER_ARGS = tuple(
 )
 
 
+@contextlib.contextmanager
+def as_an_older_refresher(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The engine makes its containers as refresher did before lc_messages=C and SERVER_ENV (with a digest)."""
+    with monkeypatch.context() as before:
+        before.setattr(docker_engine_module, "SERVER_ARGS", OLD_SERVER_ARGS)
+        before.setattr(docker_engine_module, "SERVER_ENV", {})
+        yield
+
+
 def made_by_an_older_refresher(client: docker.DockerClient, container: Container) -> Container:
     """``container`` made again (running) as an older refresher made it: without lc_messages=C, SERVER_ENV and
     CONFIG_LABEL; the same name, labels otherwise, volume, port and password."""
@@ -761,9 +771,7 @@ def test_a_start_killed_while_it_makes_an_outdated_container_again_leaves_what_t
 ) -> None:
     # SIGKILL once the old container's server is stopped, or once the container is removed and before the new
     # one exists (its state file lost before: the password must survive in it all the same).
-    with monkeypatch.context() as before:
-        before.setattr(docker_engine_module, "SERVER_ARGS", OLD_SERVER_ARGS)
-        before.setattr(docker_engine_module, "SERVER_ENV", {})
+    with as_an_older_refresher(monkeypatch):
         old = docker_engine.start("killed_at")
     try:
         with psycopg.connect(old.dsn(), autocommit=True) as conn:
@@ -782,6 +790,28 @@ def test_a_start_killed_while_it_makes_an_outdated_container_again_leaves_what_t
         assert _server_env(container_of(docker_client, docker_engine, "killed_at"))
     finally:
         docker_engine.stop("killed_at")
+
+
+@pytest.mark.docker
+def test_an_outdated_container_is_made_again_on_the_pinned_port_not_its_old_one(
+    docker_engine: DockerEngine, docker_client: docker.DockerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with as_an_older_refresher(monkeypatch):
+        old = docker_engine.start("repinned")
+    try:
+        port = _free_port()
+        pinned = DockerEngine(
+            docker_engine.state_dir,
+            image=docker_engine.image,
+            client=docker_client,
+            prefix=docker_engine.prefix,
+            port=port,
+        )
+        info = pinned.start("repinned")
+        assert (info.port, info.password) == (port, old.password)
+        assert query(info, "SHOW lc_messages") == "C"
+    finally:
+        docker_engine.stop("repinned")
 
 
 @pytest.mark.docker
