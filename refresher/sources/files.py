@@ -12,10 +12,12 @@ and described in ``reports``. Messages name a CSV row by its line number in the 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from refresher.profile import FilesSourceSpec, Profile
 from refresher.schema import empty_table
 from refresher.segments import Segment
 from refresher.sources.base import Source, SourceReport, effective_range, reader_tag
-from refresher.sources.validate import F64, I64, VALUE_COLUMNS, Bars, Mask, bars_table, screen
+from refresher.sources.validate import F64, I64, VALUE_COLUMNS, Bars, Mask, Unsplit, bars_table, screen
 
 # Names tried, in order, when the mapping does not name a column.
 DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
@@ -53,37 +55,63 @@ _EXAMPLES = 3
 READER_VERSION = 2
 
 
-def _read(path: Path, fmt: str) -> pa.Table:
+@dataclass(frozen=True)
+class _Read:
+    """A file as read: its rows, and a CSV's lines left out because they did not split into the header's
+    columns (``on_bad_rows`` skip or quarantine), with then each row's line number (it is no longer its
+    position + 2)."""
+
+    table: pa.Table
+    unsplit: tuple[pacsv.InvalidRow, ...] = ()
+    lines: I64 | None = None
+
+
+def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
+    """The file's rows; a CSV line with more or fewer cells than its header is left out when ``leave_out``,
+    else it stops the read, named by its number."""
     if fmt == "auto":
         fmt = "parquet" if path.suffix in (".parquet", ".pq") else "csv"
+    convert = pacsv.ConvertOptions(**_CSV_CELLS)
     try:
         if fmt == "parquet":
             # Not pq.read_table: its dataset scanner's threads can outlive a short CLI and abort it at exit
             # ("terminate called without an active exception", apache/arrow#39862); one file needs no scanner.
             with pq.ParquetFile(path) as reader:
-                return reader.read()
+                return _Read(reader.read())
         # pyarrow detects gzip from the .gz suffix; only an empty cell is null, so a literal NaN stays NaN and
         # messages show what the file says
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(**_CSV_CELLS))
+        return _Read(pacsv.read_csv(path, convert_options=convert))
     except (OSError, pa.ArrowInvalid) as exc:
-        if fmt == "csv" and (row := _first_split_error(path)) is not None:
-            raise _split_error(path, row) from None
+        if fmt == "csv":
+            table, unsplit = _read_by_line(path, convert, leave_out=leave_out)
+            if unsplit and not leave_out:
+                raise _split_error(path, unsplit[0]) from None
+            if unsplit and table is not None:
+                # pyarrow numbers the lines it reads (the header is 1), as the rows' positions count them
+                numbers = np.arange(2, table.num_rows + len(unsplit) + 2)
+                lines = np.setdiff1d(numbers, [row.number for row in unsplit], assume_unique=True)
+                return _Read(table, tuple(unsplit), lines)
         raise SourceError(f"{path}: cannot read as {fmt}: {exc}", file=str(path)) from exc
 
 
-def _first_split_error(path: Path) -> pacsv.InvalidRow | None:
-    """The first line of a CSV with more or fewer cells than its header, read again on one thread: pyarrow's
-    error showed the line's text but not its number, and the threaded reader does not know it."""
+def _read_by_line(
+    path: Path, convert: pacsv.ConvertOptions, *, leave_out: bool
+) -> tuple[pa.Table | None, list[pacsv.InvalidRow]]:
+    """The CSV read again on one thread, which knows the number of each line with more or fewer cells than the
+    header (pyarrow's threaded error showed the line's text alone): those lines, and the rows without them when
+    ``leave_out`` (None when the file does not read even so), else the first such line stops the read."""
     found: list[pacsv.InvalidRow] = []
 
     def note(row: pacsv.InvalidRow) -> str:
         found.append(row)
-        return "error"
+        return "skip" if leave_out else "error"
 
     options = pacsv.ParseOptions(invalid_row_handler=note)
-    with contextlib.suppress(OSError, pa.ArrowInvalid):
-        pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False), parse_options=options)
-    return found[0] if found else None
+    try:
+        read = pacsv.ReadOptions(use_threads=False)
+        return pacsv.read_csv(path, read_options=read, parse_options=options, convert_options=convert), found
+    except (OSError, pa.ArrowInvalid):
+        return None, found
 
 
 def _split_error(path: Path, row: pacsv.InvalidRow) -> SourceError:
@@ -91,17 +119,32 @@ def _split_error(path: Path, row: pacsv.InvalidRow) -> SourceError:
     line = f"line {row.number}" if row.number is not None else "a line"
     return SourceError(
         f"{path}: {line}={text!r}: {row.actual_columns} cells where the header has {row.expected_columns}; "
-        "fix or remove the line (source.on_bad_rows leaves out only rows that split into the header's columns)",
+        "fix or remove the line, or set source.on_bad_rows or --on-bad-rows to skip or quarantine to load the rest",
         file=str(path),
         field=line,
         value=row.text,
     )
 
 
+def _changed(path: Path) -> SourceError:
+    return SourceError(f"{path}: changed while it was read; run again once it is written", file=str(path))
+
+
+def _cells(text: str, count: int) -> list[str]:
+    """A line's ``count`` cells as the CSV reader splits them (a quoted comma is no separator)."""
+    options = pacsv.ConvertOptions(column_types={f"f{i}": pa.string() for i in range(count)})
+    read = pacsv.ReadOptions(autogenerate_column_names=True, use_threads=False)
+    try:
+        table = pacsv.read_csv(io.BytesIO(f"{text}\n".encode()), read_options=read, convert_options=options)
+    except pa.ArrowInvalid:  # a quote left open: no cell to tell
+        return []
+    return [str(column[0]) for column in table.columns]
+
+
 _CSV_CELLS: dict[str, Any] = {"null_values": [""], "strings_can_be_null": True}
 
 
-def _with_written_dates(table: pa.Table, path: Path, name: str) -> pa.Table:
+def _with_written_dates(read: _Read, path: Path, name: str) -> _Read:
     """Column ``name`` as the calendar date each cell's text starts with.
 
     pyarrow reads an ISO 8601 time with an offset as its UTC instant (there is no option to keep it as text), so
@@ -110,10 +153,17 @@ def _with_written_dates(table: pa.Table, path: Path, name: str) -> pa.Table:
     """
     options = pacsv.ConvertOptions(include_columns=[name], column_types={name: pa.string()}, **_CSV_CELLS)
     try:
-        text = pacsv.read_csv(path, convert_options=options).column(name)
+        if read.unsplit:  # the lines left out of the rows, left out again
+            column, _ = _read_by_line(path, options, leave_out=True)
+            if column is None or column.num_rows != read.table.num_rows:  # written to since
+                raise _changed(path)
+        else:
+            column = pacsv.read_csv(path, convert_options=options)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"{path}: cannot read as csv: {exc}", file=str(path)) from exc
-    return table.set_column(table.column_names.index(name), name, pc.utf8_slice_codeunits(text, 0, 10))
+    text = pc.utf8_slice_codeunits(column.column(name), 0, 10)
+    table = read.table
+    return dataclasses.replace(read, table=table.set_column(table.column_names.index(name), name, text))
 
 
 class FilesSource(Source):
@@ -129,7 +179,7 @@ class FilesSource(Source):
         self.root = spec.path
         self.patterns: dict[str, str] = {"1d": spec.daily, "1m": spec.minute}
         self.columns: Mapping[str, str] = dict(spec.columns.items())
-        self._cache: dict[tuple[Path, int, int], pa.Table] = {}
+        self._cache: dict[tuple[Path, int, int], _Read] = {}
         if spec.tz is not None:
             try:  # pandas' own resolver: it takes more than zoneinfo ('+03:00', 'dateutil/...')
                 pd.Timestamp(0).tz_localize(spec.tz)
@@ -181,25 +231,23 @@ class FilesSource(Source):
             blob += spec.on_bad_rows
         return reader_tag(self.kind, READER_VERSION) + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def _load(self, path: Path, *, dates: str | None = None) -> pa.Table:
-        """The file as a table, read once while it is unchanged; ``dates`` names a daily column whose zoned
-        times a CSV reader turned into UTC instants, to be read back as the dates the file wrote."""
+    def _load(self, path: Path, *, dates: str | None = None) -> _Read:
+        """The file as read once while it is unchanged; ``dates`` names a daily column whose zoned times a CSV
+        reader turned into UTC instants, to be read back as the dates the file wrote."""
         key = _identity(path)
         if key not in self._cache:
-            table = _read(path, self.spec.format)
+            read = _read(path, self.spec.format, leave_out=self.spec.on_bad_rows != "fail")
             if _identity(path) != key:
                 # Written to while we read it (an export still running): its last rows may be cut mid-number,
                 # a volume of 1000 read as 10 and loaded as if whole.
-                raise SourceError(
-                    f"{path}: changed while it was read; run again once it is written", file=str(path)
-                )
-            self._cache = {key: table}  # one file at a time: shared files are read once
-        table = self._cache[key]
+                raise _changed(path)
+            self._cache = {key: read}  # one file at a time: shared files are read once
+        read = self._cache[key]
         if dates is not None and _is_csv(path, self.spec.format):
-            kind = table.column(dates).type
+            kind = read.table.column(dates).type
             if pa.types.is_timestamp(kind) and kind.tz is not None:
-                table = self._cache[key] = _with_written_dates(table, path, dates)
-        return table
+                read = self._cache[key] = _with_written_dates(read, path, dates)
+        return read
 
     def _column(self, table: pa.Table, path: Path, target: str, required: bool = True) -> str | None:
         names = [str(name) for name in table.column_names]
@@ -240,9 +288,11 @@ class FilesSource(Source):
             self._refuse_other_case(path, segment)
             self.reports.append(SourceReport(segment, str(path), "no such file"))
             return empty_table(segment.timeframe)
-        table = self._load(path)
+        read = self._load(path)
+        table = read.table
         frame, names = self._frame(table, path, segment)
-        if not table.num_rows:  # loaded an empty segment without a word, where a missing file is reported
+        if not table.num_rows and not read.unsplit:
+            # a header alone loaded an empty segment without a word, where a missing file is reported
             self.reports.append(SourceReport(segment, str(path), "the file has no rows (a header alone)"))
         cal = get_calendar(self.profile.listing(segment.symbol).exchange)
         when, when_ok = self._when(frame["when"], segment, cal, path, names)
@@ -255,14 +305,45 @@ class FilesSource(Source):
         frame, when, when_ok = frame[ours], when[ours], when_ok[ours]
         raw = frame.rename(columns={"when": "date" if segment.timeframe == "1d" else "ts"})
         values = {name: _numbers(frame[name]) for name in VALUE_COLUMNS}
-        rows = frame.index.to_numpy(np.int64) + (2 if _is_csv(path, self.spec.format) else 1)
+        positions = frame.index.to_numpy(np.int64)
+        if read.lines is not None:
+            rows = read.lines[positions]
+        else:
+            rows = positions + (2 if _is_csv(path, self.spec.format) else 1)
         bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows)
-        verdict = screen(segment, bars, source=str(path), policy=self.spec.on_bad_rows, cal=cal, names=names)
+        verdict = screen(
+            segment,
+            bars,
+            source=str(path),
+            policy=self.spec.on_bad_rows,
+            cal=cal,
+            names=names,
+            unsplit=self._unsplit(read, path, segment),
+        )
         self.reports.extend(verdict.reports)
         if verdict.rejects:
             self.rejects[segment] = list(verdict.rejects)
         keep = verdict.keep
         return bars_table(segment, when[keep], {k: v[keep] for k, v in values.items()})
+
+    def _unsplit(self, read: _Read, path: Path, segment: Segment) -> list[Unsplit]:
+        """The file's lines left out unsplit that this segment answers for. Such a line belongs to no month (as
+        a date that does not parse): to the symbol's first segment; in a shared file, to the symbol its symbol
+        cell names, else (a line cut before it, a symbol not in the profile) to the profile's first symbol."""
+        if not read.unsplit or segment.month != self.profile.months[0]:
+            return []
+        rows = list(read.unsplit)
+        if "{symbol}" not in self.patterns[segment.timeframe]:
+            index = read.table.column_names.index(self._column(read.table, path, "symbol"))
+            symbols = self.profile.symbols
+
+            def owner(row: pacsv.InvalidRow) -> str:
+                cells = _cells(row.text, row.actual_columns)
+                cell = cells[index].strip() if index < len(cells) else ""
+                return cell if cell in symbols else symbols[0]
+
+            rows = [row for row in rows if owner(row) == segment.symbol]
+        return [Unsplit(row.number, row.text, row.actual_columns, row.expected_columns) for row in rows]
 
     def _refuse_other_case(self, path: Path, segment: Segment) -> None:
         """A file named as the symbol's but in another case (aapl.csv for AAPL): one line, exit 2. It loaded
@@ -288,7 +369,7 @@ class FilesSource(Source):
         names = {t: str(self._column(table, path, t)) for t in VALUE_COLUMNS}
         names["when"] = str(self._column(table, path, when_target))
         if segment.timeframe == "1d":
-            table = self._load(path, dates=names["when"])
+            table = self._load(path, dates=names["when"]).table
         sym_col = self._column(
             table, path, "symbol", required="{symbol}" not in self.patterns[segment.timeframe]
         )

@@ -8,6 +8,9 @@ Rules, checked in this order (a row is charged to the first one it breaks):
 - (symbol, date) / (symbol, ts) is unique: every row of a repeated key is bad, since we cannot know which
   one is right.
 
+A CSV line with more or fewer cells than its header (``Unsplit``) has no values to check: under ``skip`` and
+``quarantine`` it is a bad row of its own, charged before the rules; under ``fail`` the file's reader stops at it.
+
 What happens to bad rows is the profile's ``source.on_bad_rows``: ``fail`` (the default) raises
 ``BadRowsError`` naming the file, the row, the column, the value and the rule, so nothing of the segment is
 loaded; ``skip`` leaves them out and reports them; ``quarantine`` also hands them to the loader, which keeps
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -92,6 +95,20 @@ class Reject:
             "column": self.column,
             "raw": json.loads(self.raw),
         }
+
+
+@dataclass(frozen=True)
+class Unsplit:
+    """A file's line that does not split into its header's columns (a cut-off volume, a stray comma)."""
+
+    line: int
+    text: str
+    cells: int
+    header: int  # the header's cells
+
+    @property
+    def rule(self) -> str:
+        return f"the line has the header's {self.header} cells"
 
 
 class BadRowsError(SourceError):
@@ -173,18 +190,20 @@ def screen(
     policy: BadRowPolicy,
     cal: ExchangeCalendar,
     names: Mapping[str, str] | None = None,
+    unsplit: Sequence[Unsplit] = (),
 ) -> Screened:
     """Apply the rules and the policy to one segment's rows; raises ``BadRowsError`` under ``fail``.
 
     ``source`` names where the rows came from (a file, ``postgres:table``); ``names`` maps our column names
-    to the source's own (``close`` -> ``Adj Close``) so messages speak the user's language.
+    to the source's own (``close`` -> ``Adj Close``) so messages speak the user's language. ``unsplit`` are
+    the segment's lines left out under ``skip`` or ``quarantine`` because they did not split into columns:
+    reported (and quarantined with their text) before the rows that broke a rule.
     """
     key: Literal["date", "ts"] = "date" if segment.timeframe == "1d" else "ts"
     names = names or {}
     charged, rules = find_bad_rows(bars, key)
     bad = charged >= 0
-    reports: list[SourceReport] = []
-    rejects: list[Reject] = []
+    reports, rejects = _unsplit_verdict(segment, source, policy, unsplit)
     if bad.any():
         positions = np.flatnonzero(bad)
         if policy == "fail":
@@ -217,6 +236,24 @@ def screen(
         examples = tuple(str(bars.raw[key].iloc[int(p)]) for p in np.flatnonzero(off)[:_EXAMPLES])
         reports.append(SourceReport(segment, source, what, int(off.sum()), examples))
     return Screened(~bad & on_session, tuple(reports), tuple(rejects))
+
+
+def _unsplit_verdict(
+    segment: Segment, source: str, policy: BadRowPolicy, unsplit: Sequence[Unsplit]
+) -> tuple[list[SourceReport], list[Reject]]:
+    """The report, and under ``quarantine`` the rejects (``raw``: the line's text), of lines left out unsplit."""
+    reports: list[SourceReport] = []
+    rejects: list[Reject] = []
+    action = "quarantined" if policy == "quarantine" else "rejected"
+    for rule in dict.fromkeys(u.rule for u in unsplit):  # one header per file: one rule, in practice
+        lines = [u for u in unsplit if u.rule == rule]
+        examples = tuple(f"line {u.line}: {u.cells} cells" for u in lines[:_EXAMPLES])
+        reports.append(SourceReport(segment, source, rule, len(lines), examples, action=action))
+        if policy == "quarantine":
+            rejects += [
+                Reject(segment, source, u.line, rule, "line", json.dumps({"line": u.text})) for u in lines
+            ]
+    return reports, rejects
 
 
 def bars_table(segment: Segment, when: I64, values: Mapping[str, F64]) -> pa.Table:
@@ -260,6 +297,7 @@ __all__ = [
     "Bars",
     "Reject",
     "Screened",
+    "Unsplit",
     "bars_table",
     "find_bad_rows",
     "screen",

@@ -292,3 +292,91 @@ def test_switching_back_from_quarantine_clears_the_rejects(ws: Workspace, policy
     assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
     ws.run("reset", "--profile", ws.profile)  # in the pristine copy too
     assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
+
+
+# Lines with more or fewer cells than the header: under fail the one-line error (056949e); under skip and
+# quarantine bad rows like the others, which keep their counts and line numbers.
+CUT, STRAY, NEGATIVE = BAD_LINE, BAD_LINE + 1, BAD_LINE + 10  # AAPL, MSFT, AAPL in November
+assert [CLEAN[n - 1][:4] for n in (CUT, STRAY, NEGATIVE)] == ["AAPL", "MSFT", "AAPL"]
+LOADED = "SELECT json_agg(json_build_array(symbol, date::text, close) ORDER BY symbol, date) FROM ohlcv_daily"
+
+
+def named(lines: list[str]) -> list[str]:
+    """The lines with a first column of names holding quoted commas (the profile maps Ticker by name)."""
+    return ["Name," + lines[0]] + [f'"{line.split(",")[0]}, Inc.",{line}' for line in lines[1:]]
+
+
+def wrong_width(lines: list[str]) -> list[str]:
+    changed = list(lines)
+    changed[CUT - 1] = lines[CUT - 1].rsplit(",", 1)[0]  # a volume cut off
+    changed[STRAY - 1] = lines[STRAY - 1] + ",000"  # a volume written 1,000
+    changed[NEGATIVE - 1] = lines[NEGATIVE - 1].rsplit(",", 1)[0] + ",-5"  # a bad row of another kind
+    return changed
+
+
+def loaded_rows(lines: list[str]) -> list[list[object]]:
+    """(symbol, date, close) of the clean file's lines, as the database would hold them."""
+    rows = [line.split(",") for line in lines[1:]]
+    return sorted([symbol, day, float(close)] for symbol, day, _o, _h, _l, close, _v in rows)
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain", "quoted-commas"])
+@pytest.mark.parametrize("policy", ["fail", "skip", "quarantine"])
+def test_a_line_with_more_or_fewer_cells_than_the_header(ws: Workspace, policy: str, quoted: bool) -> None:
+    before = refresh_clean(ws)
+    lines = wrong_width(named(CLEAN) if quoted else CLEAN)
+    path = write(ws, lines)
+    cells = 8 if quoted else 7
+    done = ws.run(
+        "refresh", "--profile", ws.profile, "--json", "--on-bad-rows", policy, expect=2 * (policy == "fail")
+    )
+    if policy == "fail":
+        message = done.stderr.strip()
+        assert "\n" not in message and "Traceback" not in message
+        assert message.startswith(
+            f"refresher: {path}: line {CUT}={lines[CUT - 1]!r}: {cells - 1} cells where the header has {cells}; "
+        )
+        assert state(ws) == before
+        return
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    good = [n for n in range(2, len(CLEAN) + 1) if n not in (CUT, STRAY, NEGATIVE)]
+    assert ws.scalar(LOADED) == loaded_rows([CLEAN[0], *(CLEAN[n - 1] for n in good)])
+    action = "quarantined" if policy == "quarantine" else "rejected"
+    width = f"the line has the header's {cells} cells"
+    assert report["left_out"] == {f"{action}: {width}": 2, f"{action}: volume >= 0": 1}
+    # a line split into no columns has no date: charged to its symbol's first month, named by its number
+    assert [n for n in report["notes"] if action in n] == [
+        f"AAPL/1d/2024-10: {path}: 1 rows {action}: {width} (e.g. line {CUT}: {cells - 1} cells)",
+        f"AAPL/1d/2024-11: {path}: 1 rows {action}: volume >= 0 (e.g. line {NEGATIVE})",
+        f"MSFT/1d/2024-10: {path}: 1 rows {action}: {width} (e.g. line {STRAY}: {cells + 1} cells)",
+    ]
+    rejects = ws.scalar(
+        'SELECT json_agg(json_build_array(symbol, month::text, row, rule, "column", raw) ORDER BY row) '
+        "FROM refresher_rejects"
+    )
+    if policy == "skip":
+        assert rejects is None
+    else:
+        assert rejects == [
+            ["AAPL", "2024-10-01", CUT, width, "line", {"line": lines[CUT - 1]}],
+            ["MSFT", "2024-10-01", STRAY, width, "line", {"line": lines[STRAY - 1]}],
+            ["AAPL", "2024-11-01", NEGATIVE, "volume >= 0", "volume", rejects[2][5]],  # type: ignore[index]
+        ]
+    again = ws.refresh("--on-bad-rows", policy)  # reports that stick: served from the store, said again
+    assert again["store"]["misses"] == 0 and again["notes"] == report["notes"]
+
+
+@pytest.mark.parametrize("policy", ["skip", "quarantine"])
+def test_a_file_whose_every_line_has_more_or_fewer_cells_empties_nothing(ws: Workspace, policy: str) -> None:
+    # A header that names a column the lines lack (or a file of another layout): every line is left out, which
+    # would replace each loaded segment by an empty one; refused, as for a header alone, until --allow-shrink.
+    before = refresh_clean(ws)
+    write(ws, [CLEAN[0] + ",Adj Close", *CLEAN[1:]])
+    done = ws.run("refresh", "--profile", ws.profile, "--json", "--on-bad-rows", policy, expect=2)
+    message = done.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert "AAPL 1d 2024-10, 2024-11" in message and "MSFT 1d 2024-10, 2024-11" in message
+    assert "--allow-shrink" in message
+    assert state(ws) == before
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0

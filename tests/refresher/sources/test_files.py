@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from refresher.segments import Segment
 from refresher.sources import files as files_module
 from refresher.sources import make_source
 from refresher.sources.files import FilesSource
+from tests.refresher.sources.test_bad_rows_cli import BAD, CLEAN
 
 from .conftest import MakeProfile
 
@@ -208,11 +210,11 @@ def test_a_file_written_to_while_it_is_read_is_refused_not_loaded_cut(
     path.write_text("\n".join(DAILY_CSV.splitlines()[:3])[:-2])
     read = files_module._read
 
-    def read_then_the_export_goes_on(file: Path, fmt: str) -> pa.Table:
-        table = read(file, fmt)
+    def read_then_the_export_goes_on(file: Path, fmt: str, *, leave_out: bool) -> files_module._Read:
+        done = read(file, fmt, leave_out=leave_out)
         with file.open("a") as out:
             out.write(".9\n")  # the cut row's end
-        return table
+        return done
 
     monkeypatch.setattr(files_module, "_read", read_then_the_export_goes_on)
     body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  columns: {{close: Adj Close}}"
@@ -427,21 +429,147 @@ def test_a_file_with_a_header_alone_is_reported(tmp_path: Path, make_profile: Ma
     ]
 
 
-@pytest.mark.parametrize("policy", ["fail", "skip"])
+def symbol_file(tmp_path: Path, make_profile: MakeProfile, name: str, raw: bytes, policy: str) -> FilesSource:
+    """A files source of one per-symbol file, ``name`` (gzipped when it ends in .gz), holding ``raw``."""
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}{name[4:]}'\n  on_bad_rows: {policy}"
+    return FilesSource(make_profile(profile_body(body)))
+
+
 @pytest.mark.parametrize("name", ["AAPL.csv", "AAPL.csv.gz"])
 def test_a_line_with_more_or_fewer_cells_than_the_header_is_named_by_its_number(
-    tmp_path: Path, make_profile: MakeProfile, policy: str, name: str
+    tmp_path: Path, make_profile: MakeProfile, name: str
 ) -> None:
     # pyarrow's 'CSV parse error: Expected 6 columns, got 5: 2024-11-27,...' named the file and the text but not
     # the line, in a file of thousands of lines (a volume cut off, a stray comma)
     raw = b"Date,Open,High,Low,Close,Volume\n2024-11-26,10,11,9,10.5,1000\n2024-11-27,10,11,9,10.5\n"
     raw += b"2024-11-29,10,11,9,10.5,1000\n2024-11-29,10,11,9,10.5,1000,7\n"
-    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
-    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}{name[4:]}'\n  on_bad_rows: {policy}"
-    src = FilesSource(make_profile(profile_body(body)))
+    src = symbol_file(tmp_path, make_profile, name, raw, "fail")
     with pytest.raises(SourceError) as info:
         src.fetch(Segment("AAPL", "1d", NOV))
     assert str(info.value).startswith(
         f"{tmp_path / name}: line 3='2024-11-27,10,11,9,10.5': 5 cells where the header has 6; "
     ), info.value
+    assert "--on-bad-rows to skip or quarantine" in str(info.value)
     assert info.value.fields["field"] == "line 3"
+
+
+WIDTH = "the line has the header's 6 cells"
+
+
+@pytest.mark.parametrize("policy", ["skip", "quarantine"])
+@pytest.mark.parametrize("name", ["AAPL.csv", "AAPL.csv.gz"])
+def test_under_skip_or_quarantine_a_line_with_more_or_fewer_cells_is_a_bad_row(
+    tmp_path: Path, make_profile: MakeProfile, policy: str, name: str
+) -> None:
+    # it stopped the refresh whatever on_bad_rows said (056949e named it); rows after it keep their line numbers
+    raw = b"Date,Open,High,Low,Close,Volume\n2024-11-26,10,11,9,10.5,1000\n2024-11-27,10,11,9,10.5\n"
+    raw += b"2024-11-27,10,11,9,10.5,1000,7\n2024-11-29,10,11,9,10.5,-5\n2024-11-27,10,11,9,10.5,2000\n"
+    src = symbol_file(tmp_path, make_profile, name, raw, policy)
+    nov = src.fetch(Segment("AAPL", "1d", NOV)).to_pydict()
+    assert (nov["date"], nov["volume"]) == ([dt.date(2024, 11, 26), dt.date(2024, 11, 27)], [1000, 2000])
+    # a line split into no columns has no date: it is charged to the symbol's first segment
+    assert src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1))).num_rows == 0
+    action = "quarantined" if policy == "quarantine" else "rejected"
+    path = tmp_path / name
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/1d/2024-11: {path}: 1 rows {action}: volume >= 0 (e.g. line 5)",
+        f"AAPL/1d/2024-10: {path}: 2 rows {action}: {WIDTH} (e.g. line 3: 5 cells, line 4: 7 cells)",
+    ]
+    rejects = [(str(r.segment), r.row, r.rule, r.column, r.raw) for rs in src.rejects.values() for r in rs]
+    assert rejects == (
+        []
+        if policy == "skip"
+        else [
+            ("AAPL/1d/2024-11", 5, "volume >= 0", "volume", rejects[0][4]),
+            ("AAPL/1d/2024-10", 3, WIDTH, "line", '{"line": "2024-11-27,10,11,9,10.5"}'),
+            ("AAPL/1d/2024-10", 4, WIDTH, "line", '{"line": "2024-11-27,10,11,9,10.5,1000,7"}'),
+        ]
+    )
+
+
+def test_a_line_with_more_or_fewer_cells_in_a_shared_file_is_its_symbols(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # the symbol cell is read as the CSV reader splits the line: a quoted comma before it is no separator
+    (tmp_path / "all.csv").write_text(
+        "Name,Ticker,Date,Open,High,Low,Close,Volume\n"
+        '"Apple, Inc.",AAPL,2024-11-26,10,11,9,10.5,1000\n'
+        '"Microsoft, Corp.",MSFT,2024-11-27,400,410,390,405,300,9\n'
+        '"Microsoft, Corp.",MSFT,2024-11-26,400,410,390,405,300\n'
+        '"Apple, Inc."\n'
+        '"Alphabet, Inc.",GOOG,2024-11-26,10,11,9,10.5\n'
+        '"Apple, Inc.",AAPL,2024-11-27,10,11,9,10.5,1000\n'
+    )
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  on_bad_rows: skip"
+    src = FilesSource(make_profile(profile_body(body)))
+    for symbol, rows in (("AAPL", 2), ("MSFT", 1)):
+        assert src.fetch(Segment(symbol, "1d", NOV)).num_rows == rows
+        assert src.fetch(Segment(symbol, "1d", dt.date(2024, 10, 1))).num_rows == 0
+    # a line cut before its symbol cell, or of a symbol not in the profile: the profile's first symbol's
+    path = tmp_path / "all.csv"
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/1d/2024-10: {path}: 2 rows rejected: the line has the header's 8 cells (e.g. line 5: 1 cells, "
+        "line 6: 7 cells)",
+        f"MSFT/1d/2024-10: {path}: 1 rows rejected: the line has the header's 8 cells (e.g. line 3: 9 cells)",
+    ]
+
+
+def test_a_csv_whose_every_line_has_more_or_fewer_cells_is_no_header_alone(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    raw = b"Date,Open,High,Low,Close,Volume\n2024-11-26,10,11,9,10.5\n2024-11-27,1\n"
+    src = symbol_file(tmp_path, make_profile, "AAPL.csv", raw, "skip")
+    assert src.fetch(Segment("AAPL", "1d", NOV)).num_rows == 0
+    assert src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1))).num_rows == 0
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/1d/2024-10: {tmp_path / 'AAPL.csv'}: 2 rows rejected: {WIDTH} (e.g. line 2: 5 cells, line 3: 2 cells)"
+    ]
+
+
+CUT = 10  # an October AAPL line of test_bad_rows_cli's file, before each of its bad rows
+assert CLEAN[CUT - 1].startswith("AAPL,2024-10")
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_line_with_more_or_fewer_cells_leaves_other_bad_rows_as_they_were(
+    tmp_path: Path, make_profile: MakeProfile, case: str
+) -> None:
+    lines = BAD[case][0]
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: bars.csv\n  columns: {{symbol: Ticker}}\n  on_bad_rows: quarantine"
+    profile = make_profile(profile_body(body))
+    segments = [Segment(s, "1d", m) for s in ("AAPL", "MSFT") for m in profile.months]
+
+    def fetched(lines: list[str]) -> tuple[list[str], list[tuple[str, int | None, str, str, str]]]:
+        (tmp_path / "bars.csv").write_text("\n".join(lines) + "\n")
+        src = FilesSource(profile)
+        for segment in segments:
+            src.fetch(segment)
+        rejects = [
+            (str(r.segment), r.row, r.rule, r.column, r.raw) for rs in src.rejects.values() for r in rs
+        ]
+        return [str(report) for report in src.reports], rejects
+
+    reports, rejects = fetched(lines)
+    cut = lines[CUT - 1].rsplit(",", 1)[0]  # an October AAPL line before the bad row, its volume cut off
+    with_cut, rejects_with_cut = fetched([*lines[: CUT - 1], cut, *lines[CUT:]])
+    path = tmp_path / "bars.csv"
+    width = f"AAPL/1d/2024-10: {path}: 1 rows quarantined: the line has the header's 7 cells (e.g. line {CUT}: 6 cells)"
+    assert sorted(with_cut) == sorted([*reports, width])
+    assert sorted(rejects_with_cut) == sorted(
+        [
+            *rejects,
+            ("AAPL/1d/2024-10", CUT, "the line has the header's 7 cells", "line", json.dumps({"line": cut})),
+        ]
+    )
+
+
+def test_a_line_left_out_unsplit_is_left_out_of_the_dates_read_as_written(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # zoned daily times are read a second time as text (d9960be): that read leaves out the same line
+    raw = b"Date,Open,High,Low,Close,Volume\n2024-11-26T00:00:00+09:00,10,11,9,10.5,1000\n"
+    raw += b"2024-11-27T00:00:00+09:00,10,11,9\n2024-11-28T00:00:00+09:00,10,11,9,10.5,2000\n"
+    src = symbol_file(tmp_path, make_profile, "7203.csv", raw, "skip")
+    table = src.fetch(Segment("7203", "1d", NOV)).to_pydict()
+    assert (table["date"], table["volume"]) == ([dt.date(2024, 11, 26), dt.date(2024, 11, 28)], [1000, 2000])
