@@ -938,11 +938,19 @@ def test_after_a_reboot_the_exited_container_restarts_on_another_port_when_its_o
     # A reboot (or a daemon restart) leaves the container exited; meanwhile something else took its port.
     before = docker_engine.start("rebooted")
     try:
+        # A session the server ended (as a shutdown does) leaves its side, the published port, in TIME_WAIT.
+        with (
+            pytest.raises(psycopg.OperationalError),
+            psycopg.connect(before.dsn(), autocommit=True, connect_timeout=10) as conn,
+        ):
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
         container_of(docker_client, docker_engine, "rebooted").kill()
         [status] = docker_engine.status("rebooted")
         assert not status.running and "exited" in status.detail
         assert docker_engine.info("rebooted") is None
         with socket.socket() as taken:
+            # Bound as servers bind (SO_REUSEADDR): the TIME_WAIT left on the port does not keep it off.
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             taken.bind(("127.0.0.1", before.port))
             taken.listen()
             after = docker_engine.start("rebooted")
