@@ -261,7 +261,7 @@ class DockerEngine:
                     detail = foreign or self._missing(client, name)
                     statuses.append(ServerStatus(self.name, name, False, detail=detail, left_alone=foreign))
                 elif container.status == "running":
-                    detail = f"container {container.name} ({_image_name(container)})"
+                    detail = f"container {container.name} ({_image_name(container)}){self._renewal(client, container)}"
                     statuses.append(ServerStatus(self.name, name, True, HOST, _host_port(container), detail))
                 else:
                     detail = (
@@ -269,6 +269,20 @@ class DockerEngine:
                     )
                     statuses.append(ServerStatus(self.name, name, False, detail=detail))
             return statuses
+
+    def _renewal(self, client: docker.DockerClient, container: Container) -> str:
+        """What ``status`` adds of a container the next start makes again (``_outdated``), else ""."""
+        profile = container.labels[PROFILE_LABEL]
+        try:
+            state = ContainerState.read(self._state_path(profile))
+        except EngineStateError:
+            return ""  # the start says what is wrong with it
+        if state is None or not self._outdated(client, container, profile, state):
+            return ""
+        return (
+            "; made with another configuration (an older refresher's): the next `refresher refresh` makes it "
+            "again over its volume, data kept"
+        )
 
     def _foreign(self, client: docker.DockerClient, profile: str) -> str:
         """Why the container or volume under the profile's names is not ours ("" when none is another's)."""

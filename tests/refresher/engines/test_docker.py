@@ -777,6 +777,8 @@ def test_a_start_killed_while_it_makes_an_outdated_container_again_leaves_what_t
         with psycopg.connect(old.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE kept AS SELECT generate_series(1, 1000) AS x")
         assert query(old, "SHOW lc_messages") == "C.UTF-8"
+        [status] = docker_engine.status("killed_at")
+        assert "(an older refresher's): the next `refresher refresh` makes it again" in status.detail
         if lost_state:
             (docker_engine.base / "killed_at.json").unlink()
         args = [str(docker_engine.state_dir), docker_pg_image, docker_engine.prefix, step, "start"]
@@ -788,6 +790,8 @@ def test_a_start_killed_while_it_makes_an_outdated_container_again_leaves_what_t
         assert query(info, "SHOW lc_messages") == "C"
         assert query(info, "SELECT count(*) FROM kept") == 1000
         assert _server_env(container_of(docker_client, docker_engine, "killed_at"))
+        [status] = docker_engine.status("killed_at")
+        assert status.running and "older refresher" not in status.detail
     finally:
         docker_engine.stop("killed_at")
 
