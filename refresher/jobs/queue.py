@@ -193,10 +193,11 @@ _RUN_GONE = """
 local function run_gone(key) return redis.call('HEXISTS', key, 'spec') == 0 end
 """
 
-# The fence of ``jobs requeue`` and ``jobs retry-dead`` (``runs._requeue_lock``): their writes check, in the script
-# that writes, that the run's lock (KEYS[n]) still holds this holder's token (ARGV[n]). A holder stopped past the
-# lock's expiry (SIGSTOP, a suspended laptop: its renewal thread stopped too) while another took the lock wrote the
-# jobs that other one put back a second time.
+# The fence of ``jobs requeue`` and ``jobs retry-dead`` (``runs._requeue_lock``), and of a worker's features step
+# (its ``features-lock``): their writes check, in the script that writes, that the run's lock (KEYS[n]) still holds
+# this holder's token (ARGV[n]). A holder stopped past the lock's expiry (SIGSTOP, a suspended laptop, a long GC
+# pause: its renewal thread stopped too) while another took the lock wrote the jobs that other one put back a second
+# time, or the run's features and completion over the other worker's.
 _FENCED = """
 local function lock_lost(key, token) return redis.call('GET', key) ~= token end
 """
@@ -336,12 +337,18 @@ return #jobs
 
 
 # A run's features computed: complete, unless the run was deleted meanwhile (`jobs delete --force`, by hand),
-# whose hash this would make again without a spec, a key nobody removes.
+# whose hash this would make again without a spec, a key nobody removes. -1, nothing written, when the run's
+# features lock (KEYS[3]) is no longer this worker's (token ARGV[4]; ``_FENCED``; a deleted run's went with it).
 _COMPLETE = (
     _RUN_GONE
+    + _FENCED
     + """
+if run_gone(KEYS[1]) then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 0
+end
+if lock_lost(KEYS[3], ARGV[4]) then return -1 end
 redis.call('SREM', KEYS[2], ARGV[1])
-if run_gone(KEYS[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'features', ARGV[2], 'snapshot', ARGV[3], 'state', 'complete')
 return 1
 """
@@ -349,14 +356,17 @@ return 1
 
 # A failed features attempt counted: its number, or -1 when the run is gone (then no longer due). After the
 # last attempt (ARGV[2]) the run ends incomplete with the error (ARGV[3]). Checked and counted in one step: a
-# delete between the check and the count made the hash again without a spec, a key prune never finds.
+# delete between the check and the count made the hash again without a spec, a key prune never finds. -2, nothing
+# counted, when the run's features lock (KEYS[3]) is no longer this worker's (token ARGV[4]; ``_FENCED``).
 _FEATURES_FAILED = (
     _RUN_GONE
+    + _FENCED
     + """
 if run_gone(KEYS[1]) then
   redis.call('SREM', KEYS[2], ARGV[1])
   return -1
 end
+if lock_lost(KEYS[3], ARGV[4]) then return -2 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'features_attempts', 1)
 if attempt >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'state', 'incomplete', 'error', ARGV[3])
@@ -608,14 +618,18 @@ class JobQueue:
             ],
         )
 
-    def complete(self, run: str, features: str, snapshot: str) -> None:
-        """Mark a run complete with its features' counts, and no longer due."""
-        self._complete(keys=[run_key(run), FEATURES_DUE], args=[run, features, snapshot])
+    def complete(self, run: str, features: str, snapshot: str, token: bytes) -> bool:
+        """Mark a run complete with its features' counts, and no longer due; False, nothing written, when its
+        features lock no longer holds ``token`` (this worker's: it was held up past the lock, another may hold it)."""
+        keys = [run_key(run), FEATURES_DUE, run_key(run, "features-lock")]
+        return int(self._complete(keys=keys, args=[run, features, snapshot, token])) >= 0
 
-    def features_failed(self, run: str, limit: int, error: str) -> int:
+    def features_failed(self, run: str, limit: int, error: str, token: bytes) -> int:
         """Count a failed features attempt; past ``limit`` the run ends incomplete with ``error``. Returns the
-        attempt, or -1 when the run is gone (no longer due; nothing of it made again)."""
-        return int(self._features_failed(keys=[run_key(run), FEATURES_DUE], args=[run, limit, error]))
+        attempt, or -1 when the run is gone (no longer due; nothing of it made again), -2 (nothing counted) when
+        its features lock no longer holds ``token``."""
+        keys = [run_key(run), FEATURES_DUE, run_key(run, "features-lock")]
+        return int(self._features_failed(keys=keys, args=[run, limit, error, token]))
 
     def drop(self, delivery: Delivery) -> None:
         """Acknowledge a job of a cancelled run without running it."""

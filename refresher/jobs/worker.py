@@ -112,6 +112,10 @@ def parse_segment(text: str) -> Segment:
     return Segment(symbol, timeframe, dt.date.fromisoformat(f"{month}-01"))  # type: ignore[arg-type]
 
 
+class _LockLost(Exception):
+    """A run's features lock is no longer this worker's: it was held up past its expiry, another may hold it."""
+
+
 class _RunContext:
     """A run's profile, source, store and target connection, opened once per worker thread."""
 
@@ -486,55 +490,85 @@ class Worker:
     def _features(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
         """Compute a run's features once all its segments are loaded; one worker does it, under a lock that
         lives one visibility timeout and is renewed while the work goes on: a worker killed here hands the
-        task to the next sweep of another within that timeout, a slow live one keeps it."""
+        task to the next sweep of another within that timeout, a slow live one keeps it.
+
+        The lock is a fence too: a worker held up past it (SIGSTOP, a suspended machine, a long pause; its
+        renewal stopped with it) while another took it wrote the run's completion, or counted a failed attempt,
+        over the other's when it went on. Each of those writes checks the lock still holds this worker's token,
+        in the script that writes (``queue._FENCED``); so does the look before the snapshot."""
         ttl = max(self.options.visibility_timeout, 1.0)
         lock = queue.client.lock(
             run_key(run, "features-lock"), timeout=ttl, blocking=False, thread_local=False
         )
         if not lock.acquire():
             return
-        try:
-            with held_lock(lock, every=ttl / 3):
-                self._features_locked(queue, contexts, run)
-        except StoppedWaiting:  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
-            return
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise
-        except Exception as exc:
-            # The target dropped or unreachable, the profile gone from this machine: it killed the worker's
-            # thread, and every worker's after it (each sweep tried again), and a --burst worker never drained.
-            self._features_failed(queue, contexts, run, exc)
+        backoff = 0.0
+        with held_lock(lock, every=ttl / 3):
+            try:
+                self._features_locked(queue, contexts, run, lock)
+            except (
+                StoppedWaiting
+            ):  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
+                return
+            except _LockLost:
+                self._say(
+                    f"run {run}: features not written: this worker was held up past its {ttl:g} s features "
+                    "lock, which another worker may hold now"
+                )
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:
+                # The target dropped or unreachable, the profile gone from this machine: it killed the worker's
+                # thread, and every worker's after it (each sweep tried again), and a --burst worker never
+                # drained.
+                backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
+        if backoff:  # a lock no one holds, expiring in Redis's own time
+            queue.client.set(
+                run_key(run, "features-lock"), "backoff", px=max(int(backoff * 1000), 1), nx=True
+            )
 
     def _features_failed(
-        self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, exc: Exception
-    ) -> None:
-        """Count a failed features attempt on the run; wait out a backoff (a lock no one holds, expiring in
-        Redis's own time), or after the last attempt end the run 'incomplete' with the error."""
+        self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, exc: Exception, token: bytes
+    ) -> float:
+        """Count a failed features attempt on the run (its features lock holding ``token``); returns the backoff
+        to wait out before the next, or 0 after the last attempt, which ends the run 'incomplete' with the
+        error."""
         if run in contexts:
             contexts.pop(run).close()  # reconnect on the next attempt
         text = one_line(exc)
         kind, limit = self._attempts(exc)
-        attempt = queue.features_failed(run, limit, f"features: {kind}: {text}")
+        attempt = queue.features_failed(run, limit, f"features: {kind}: {text}", token)
+        if attempt == -2:
+            self._say(
+                f"run {run}: features attempt not counted: the features lock is another worker's: {text}"
+            )
+            return 0.0
         if attempt < 0:  # the run was deleted (by hand, `jobs delete --force`)
             self._say(f"run {run}: features not computed, the run is gone from Redis: {text}")
-            return
+            return 0.0
         if attempt >= limit:
             self._say(
                 f"run {run}: features failed after {attempt} attempt(s), run incomplete: {kind}: {text}"
             )
-            return
+            return 0.0
         wait = backoff_seconds(
             attempt, base=self.options.backoff_base, cap=self.options.backoff_cap, rng=self._rng
         )
-        queue.client.set(run_key(run, "features-lock"), "backoff", px=max(int(wait * 1000), 1), nx=True)
         self._say(f"run {run}: features attempt {attempt} failed ({kind}), retry in {wait:.1f} s: {text}")
+        return wait
 
-    def _features_locked(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
+    def _features_locked(
+        self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, lock: redis.lock.Lock
+    ) -> None:
         ctx = self._context(queue, contexts, run)
         prune = bool(ctx.spec.get("prune"))
         counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune)
+        if not lock.owned():  # held up past the lock: no snapshot (it ends the database's sessions) either
+            raise _LockLost
         saved = self._snapshot(contexts, run)
-        queue.complete(run, json.dumps(vars(counts)), saved)
+        if not queue.complete(run, json.dumps(vars(counts)), saved, lock.local.token):
+            raise _LockLost
         self._count(features=1)
 
     def _snapshot(self, contexts: dict[str, _RunContext], run: str) -> str:

@@ -144,7 +144,7 @@ def test_delete_refuses_a_running_run_unless_forced_and_a_worker_finishing_after
     assert delete_run(client, runs["running"], force=True).deleted == [runs["running"]]
     queue.started(late, "late", redis_now(client))
     queue.finish(late, rows=1, loaded=True, now=redis_now(client))  # only acknowledged
-    queue.complete(runs["running"], "{}", "")  # its features too: nothing made again
+    queue.complete(runs["running"], "{}", "", b"token")  # its features too: nothing made again
     assert keys_of(client, runs["running"]) == [] and pending(client) == 0
     with pytest.raises(JobError, match="no such run"):
         delete_run(client, runs["running"])
@@ -248,7 +248,7 @@ def test_a_run_deleted_between_a_check_and_a_write_is_not_made_again(
         )
     else:
         delete_run(client, runs["running"], force=True)
-    worker._features_failed(JobQueue(client), {}, runs["running"], RuntimeError("target gone"))
+    worker._features_failed(JobQueue(client), {}, runs["running"], RuntimeError("target gone"), b"token")
     assert keys_of(client, runs["running"]) == []
     assert not client.sismember(FEATURES_DUE, runs["running"])
 
