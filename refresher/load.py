@@ -167,7 +167,7 @@ def _write_batch(
     # reads the ledger after the first commits, so it appends to or replaces what is really there. In id order,
     # so two overlapping batches cannot deadlock.
     conn.execute(
-        "SELECT pg_advisory_xact_lock(id) FROM (SELECT DISTINCT unnest(%s::bigint[]) AS id ORDER BY 1) ids",
+        "SELECT pg_advisory_xact_lock(id) FROM (SELECT DISTINCT unnest(%b::bigint[]) AS id ORDER BY 1) ids",
         ([segment_lock_id(item.segment) for item in items],),
     )
     ledger = _ledger_of(conn, [item.segment for item in items])
@@ -362,14 +362,17 @@ def _as_numbers(values: pa.Array | pa.ChunkedArray) -> np.ndarray[Any, np.dtype[
 def _ledger_of(conn: psycopg.Connection[Any], segments: Sequence[Segment]) -> dict[Segment, tuple[str, int]]:
     """The ledger's (content hash, rows) of each segment that has a row, in one query."""
     rows = conn.execute(
-        "SELECT s.i, l.content_hash, l.rows FROM refresher_segments l JOIN unnest(%s::text[], %s::text[], "
-        "%s::date[]) WITH ORDINALITY AS s(symbol, timeframe, month, i) USING (symbol, timeframe, month)",
+        "SELECT s.i, l.content_hash, l.rows FROM refresher_segments l JOIN unnest(%b::text[], %b::text[], "
+        "%b::date[]) WITH ORDINALITY AS s(symbol, timeframe, month, i) USING (symbol, timeframe, month)",
         _keys(segments),
     ).fetchall()
     return {segments[int(i) - 1]: (content_hash, int(n)) for i, content_hash, n in rows}
 
 
 def _keys(segments: Sequence[Segment]) -> tuple[list[str], list[str], list[dt.date]]:
+    """The segments' keys as three arrays. The statements here bind such arrays with ``%b`` (binary): psycopg
+    dumps a text-format array element by element in Python, 7-11 ms for 3,000 dates or names against about 2 ms
+    in binary, and a batch of the production profile's 3,000 daily segments binds 17 of them."""
     return [s.symbol for s in segments], [s.timeframe for s in segments], [s.month for s in segments]
 
 
@@ -382,7 +385,7 @@ def _delete_rows(conn: psycopg.Connection[Any], items: Sequence[SegmentLoad]) ->
         bounds = [segment_range(item.segment, item.tz) for item in group]
         los, his = [b[0] for b in bounds], [b[1] for b in bounds]
         params: tuple[Any, ...] = ([item.segment.symbol for item in group], los, his)
-        query = "DELETE FROM {table} d USING unnest(%s::text[], %s::{arr}, %s::{arr}) AS s(symbol, lo, hi) "
+        query = "DELETE FROM {table} d USING unnest(%b::text[], %b::{arr}, %b::{arr}) AS s(symbol, lo, hi) "
         query += "WHERE d.symbol = s.symbol AND d.{col} >= s.lo AND d.{col} < s.hi"
         if table in partitions.PARTITIONED:
             # The batch's whole range, as plain parameters: a month-partitioned table is pruned to the partitions
@@ -432,7 +435,7 @@ def _record(conn: psycopg.Connection[Any], written: Sequence[tuple[SegmentLoad, 
     symbols, timeframes, months = _keys([item.segment for item, _ in written])
     conn.execute(
         "INSERT INTO refresher_segments (symbol, timeframe, month, content_hash, rows, loaded_at) "
-        "SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::date[], %s::text[], %s::bigint[]) "
+        "SELECT *, now() FROM unnest(%b::text[], %b::text[], %b::date[], %b::text[], %b::bigint[]) "
         "ON CONFLICT (symbol, timeframe, month) DO UPDATE SET "
         "content_hash = EXCLUDED.content_hash, rows = EXCLUDED.rows, loaded_at = EXCLUDED.loaded_at",
         (symbols, timeframes, months, [item.content_hash for item, _ in written], [n for _, n in written]),
@@ -447,7 +450,7 @@ def quarantined(conn: psycopg.Connection[Any], segments: Sequence[Segment]) -> s
     with conn.transaction():  # never leaves a transaction open on the caller's connection
         rows = conn.execute(
             "SELECT DISTINCT r.symbol, r.timeframe, r.month FROM refresher_rejects r "
-            "JOIN unnest(%s::text[], %s::text[], %s::date[]) AS s(symbol, timeframe, month) "
+            "JOIN unnest(%b::text[], %b::text[], %b::date[]) AS s(symbol, timeframe, month) "
             "ON r.symbol = s.symbol AND r.timeframe = s.timeframe AND r.month = s.month",
             _keys(segments),
         ).fetchall()
@@ -460,7 +463,7 @@ def _quarantine(conn: psycopg.Connection[Any], segments: Sequence[tuple[Segment,
     if not segments:
         return
     conn.execute(
-        "DELETE FROM refresher_rejects r USING unnest(%s::text[], %s::text[], %s::date[]) AS s(symbol, "
+        "DELETE FROM refresher_rejects r USING unnest(%b::text[], %b::text[], %b::date[]) AS s(symbol, "
         "timeframe, month) WHERE r.symbol = s.symbol AND r.timeframe = s.timeframe AND r.month = s.month",
         _keys([segment for segment, _ in segments]),
     )
