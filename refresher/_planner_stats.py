@@ -142,9 +142,13 @@ def recorded(conn: psycopg.Connection[Any], *, unattended: bool = False) -> dict
     """Every database of ``conn``'s server whose analysis is recorded as pending, with the tables it names
     (``conn``: on any database; the settings are in the shared catalog). ``unattended``: only those no finisher
     is at (``finishing``)."""
-    query = _SETTINGS + (_FINISHING if unattended else "")
-    rows = conn.execute(query, {"p": f"{PENDING_SETTING}=", "s": PENDING_SETTING}).fetchall()
+    rows = conn.execute(*recorded_query(unattended=unattended)).fetchall()
     return {str(name): _split(str(value)) for name, value in rows}
+
+
+def recorded_query(*, unattended: bool = False) -> tuple[str, dict[str, str]]:
+    """The query ``recorded`` runs, and its parameters: rows of (database, what its record says)."""
+    return _SETTINGS + (_FINISHING if unattended else ""), {"p": f"{PENDING_SETTING}=", "s": PENDING_SETTING}
 
 
 @contextlib.contextmanager

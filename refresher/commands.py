@@ -111,7 +111,8 @@ def refresh(
 
 def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
     """The report of a ``refresh`` (without flags) that the profile's stamp proves has nothing to do, found with
-    psycopg alone and without parsing the profile (``refresher.stamp``); None when it must run in full."""
+    the server's psql (psycopg where that cannot tell) and without parsing the profile (``refresher.stamp``); None
+    when it must run in full."""
     from refresher.profile_files import validate_profile
 
     try:

@@ -169,6 +169,12 @@ def ledger_version(conn: psycopg.Connection[Any]) -> str | None:
     segments, features, writes, armed = row
     if not armed:
         return ledger_digest(conn)
+    return counter_version(segments, features, writes)
+
+
+def counter_version(segments: int, features: int | None, writes: int | None) -> str:
+    """``ledger_version`` of an armed counter, from what ``_VERSION_QUERY`` reads: the ledger tables' oids and
+    the write counter's last value."""
     return hashlib.sha256(f"counter:{segments}:{features}:{writes}".encode()).hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""The refresh stamp: the proof, checked with psycopg alone, that a CLI ``refresh`` has nothing to do.
+"""The refresh stamp: the proof, checked with the server's psql (or psycopg), that a CLI ``refresh`` has nothing
+to do.
 
 A no-op ``refresh`` through the full path imports pyarrow and DuckDB (about a second) to re-plan what nothing
 changed. After each refresh that finished, the CLI writes a stamp into the state dir (atomically): the digest
@@ -19,6 +20,17 @@ session close resolve to the same profile, and parsing costs pydantic, YAML and 
 long as the rest of the check).
 
 Only synthetic sources are stamped: files and Postgres sources change outside anything checked here.
+
+The server's answer, without psycopg: importing psycopg is about 0.2 s of CPU, two thirds of a stamped no-op
+(issue 13). Whenever the server's state has been checked against the stamp with psycopg (the stamp's write, a
+check through psycopg), one statement (``_probe_sql``: the very queries the check runs, their parameters merged
+by psycopg, each query's rows as JSON) is run on the same connection, the stamp's own fields are checked against
+its rows alone (``_vouched``), and the statement and those rows are kept in the stamp. A later check runs the
+statement through the server's own psql (``ServerInfo.psql``, the local engine's), a process of a few
+milliseconds, and answers when the rows are the same, no analysis is left unfinished and the pool asked for is
+the one recorded: the same rows the psycopg check would read, which vouched for the stamp. Any difference, no
+psql (Docker, compose), a psql that fails or an older stamp: the check through psycopg, which records the
+statement's rows again when it answers (an analysis finished since, say).
 """
 
 from __future__ import annotations
@@ -27,21 +39,21 @@ import datetime as dt
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-
-from refresher import pool, snapshot
 from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines.base import ServerInfo
-from refresher.errors import SnapshotError
 
 if TYPE_CHECKING:
+    # At call time only, past the psql probe: psycopg and the snapshot and pool modules (which import it).
+    import psycopg
+
     from refresher.profile import Profile
 
 # Bump when a field is added or its meaning changes: an older stamp then proves nothing.
@@ -124,6 +136,10 @@ def _database_state(conn: psycopg.Connection[Any], features: Sequence[str]) -> l
     """[ledger version, symbols digest] of the database; None when a table is missing: one of ``TABLES`` or of
     ``features``, the feature tables the ledger records rows in (``features.tables.feature_tables``, which the
     stamp records when written: an equal ledger version then means the same ledger). Two round trips."""
+    import psycopg
+
+    from refresher import snapshot
+
     try:
         row = conn.execute(_STATE_QUERY, ([*TABLES, *features],)).fetchone()
     except psycopg.errors.UndefinedTable:
@@ -131,6 +147,108 @@ def _database_state(conn: psycopg.Connection[Any], features: Sequence[str]) -> l
     if row is None or row[0]:
         return None
     return [snapshot.ledger_version(conn), row[1]]
+
+
+def _probe_sql(conn: psycopg.Connection[Any], server: ServerInfo, features: Sequence[str]) -> str:
+    """One statement of the queries the check runs on ``conn`` (``_database_state``'s, ``ledger_version``'s,
+    the pristine mark's and ``pool.unfinished_analyses``'), their parameters merged by psycopg, and the server's
+    system identifier (a new cluster is another server): a JSON array of each query's rows."""
+    from psycopg import ClientCursor
+
+    from refresher import _planner_stats, _snapshot_sql, snapshot
+
+    merge = ClientCursor(conn).mogrify
+    queries = (
+        merge(_STATE_QUERY, ([*TABLES, *features],)),
+        snapshot._VERSION_QUERY.as_string(conn),
+        merge(_snapshot_sql._COMMENT, (_snapshot_sql.pristine_name(server.dbname),)),
+        merge(*_planner_stats.recorded_query(unattended=True)),
+        "SELECT system_identifier FROM pg_control_system()",
+    )
+    rows = ", ".join(
+        f"(SELECT coalesce(json_agg(row_to_json(ROW(q.*))), '[]') FROM ({q}) q)" for q in queries
+    )
+    return f"SELECT json_build_array({rows})"
+
+
+def _vouched(rows: Any, stamp: dict[str, Any]) -> list[Any] | None:
+    """The pool (size, chosen) the mark in ``_probe_sql``'s ``rows`` records, when those rows alone say what
+    the check through psycopg would of ``stamp``: every table there, the counter armed, the ledger version and
+    ``symbols`` as stamped, the pristine copy's mark on that version. None otherwise."""
+    from refresher import _snapshot_sql, snapshot
+
+    try:
+        (state,), (version,), (comment,), _unfinished, _server = rows
+        segments, features, writes, armed = (version[f"f{n}"] for n in range(1, 5))
+        if state["f1"] != 0 or segments is None or not armed:
+            return None
+        ledger = snapshot.counter_version(segments, features, writes)
+        mark = _snapshot_sql._mark_of((bool(comment["f1"]), str(comment["f2"])))
+    except (TypeError, ValueError, KeyError):
+        return None  # no row where one is expected (a missing pristine copy), or another shape
+    if mark is None or mark.ledger != ledger or stamp.get("database") != [ledger, state["f2"]]:
+        return None
+    return [mark.pool.size, mark.pool.chosen]
+
+
+def _record_probe(conn: psycopg.Connection[Any], server: ServerInfo, stamp: dict[str, Any]) -> dict[str, Any]:
+    """The probe fields of ``stamp`` (``probe``, ``fingerprint``, ``pool``) from ``conn``'s server now; none
+    when its rows do not vouch for the stamp (``_vouched``) or the statement fails."""
+    import psycopg
+
+    try:
+        probe = _probe_sql(conn, server, [str(table) for table in stamp["feature_tables"]])
+        row = conn.execute(probe).fetchone()
+    except psycopg.Error:
+        return {}
+    if row is None or (pool_sizing := _vouched(row[0], stamp)) is None:
+        return {}
+    return {"probe": probe, "fingerprint": _fingerprint(row[0]), "pool": pool_sizing}
+
+
+def _fingerprint(rows: list[Any]) -> list[Any]:
+    """What of ``_probe_sql``'s rows must be as recorded: all but the unfinished analyses (a side job's)."""
+    return [rows[0], rows[1], rows[2], rows[4]]
+
+
+def _probed(stamp: dict[str, Any], server: ServerInfo, pool_size: int | None) -> bool:
+    """Whether the server's psql reads the rows the stamp recorded (``_record_probe``), no analysis unfinished,
+    and ``pool_size`` (None: any) is the size the recorded mark says the user chose. False on any doubt."""
+    probe, recorded, pool_sizing = stamp.get("probe"), stamp.get("fingerprint"), stamp.get("pool")
+    if server.psql is None or not isinstance(probe, str) or recorded is None:
+        return False
+    if pool_size is not None and pool_sizing != [pool_size, True]:
+        return False
+    argv = [
+        server.psql,
+        "-X",
+        "-q",
+        "-w",
+        "-A",
+        "-t",
+        "-h",
+        server.host,
+        "-p",
+        str(server.port),
+        "-U",
+        server.user,
+    ]
+    # The password in the environment (a command line is readable by every user); libpq reads the rest of the
+    # environment as psycopg's connect does.
+    env = {**os.environ, "PGPASSWORD": server.password, "PGCONNECT_TIMEOUT": "10", "PGCLIENTENCODING": "UTF8"}
+    try:
+        done = subprocess.run(
+            [*argv, "-d", server.dbname, "-c", probe],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        rows = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return False
+    return isinstance(rows, list) and len(rows) == 5 and not rows[3] and _fingerprint(rows) == recorded
 
 
 def _stamped_state(conn: psycopg.Connection[Any]) -> tuple[list[str], list[str | None] | None]:
@@ -162,32 +280,42 @@ def write(
     """Stamp a refresh that just finished (under the profile lock); False when it cannot be stamped."""
     if not stampable(profile) or not profile.inputs:
         return False
+    import psycopg
+
+    from refresher import snapshot
+
     inputs = [[str(path), digest] for path, digest in profile.inputs]
     now = dt.datetime.now(dt.UTC)
     with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
         tables, state = _stamped_state(conn)
         pristine = snapshot.pristine_ledger(server, conn)
-    if state is None or state[0] is None or pristine != state[0]:
-        return False  # no consistent snapshot of what the database holds: nothing to vouch for
-    stamp = {
-        "format": STAMP_FORMAT,
-        "profile": profile.name,
-        "inputs": inputs,
-        "code": code_fingerprint(),
-        "valid_until": valid_until(profile, now).isoformat(),
-        "engine": server.engine,
-        "dsn": server.dsn(with_password=False),
-        "store": _store_identity(store_root),
-        "database": state,
-        "feature_tables": tables,
-        "report": report,
-    }
+        if state is None or state[0] is None or pristine != state[0]:
+            return False  # no consistent snapshot of what the database holds: nothing to vouch for
+        stamp = {
+            "format": STAMP_FORMAT,
+            "profile": profile.name,
+            "inputs": inputs,
+            "code": code_fingerprint(),
+            "valid_until": valid_until(profile, now).isoformat(),
+            "engine": server.engine,
+            "dsn": server.dsn(with_password=False),
+            "store": _store_identity(store_root),
+            "database": state,
+            "feature_tables": tables,
+            "report": report,
+        }
+        if server.psql is not None:  # no psql, no probe to record (Docker, compose)
+            stamp.update(_record_probe(conn, server, stamp))
     path = stamp_path(state_dir, profile.name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, stamp)
+    return True
+
+
+def _save(path: Path, stamp: dict[str, Any]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
         json.dump(stamp, handle)
     os.replace(handle.name, path)  # a reader sees the old stamp, the new one, or none
-    return True
 
 
 def check(
@@ -202,8 +330,10 @@ def check(
     """
     started = time.perf_counter()
     name = profile_file.stem
+    path = stamp_path(state_dir, name)
     try:
-        stamp = json.loads(stamp_path(state_dir, name).read_text())
+        text = path.read_text()
+        stamp = json.loads(text)
     except (OSError, ValueError):
         return None
     if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT:
@@ -230,12 +360,20 @@ def check(
         return None
     if stamp.get("code") != code_fingerprint():
         return None
+    if _probed(stamp, server, pool_size):
+        return _noop_report(stamp["report"], dsn, time.perf_counter() - started)
+    import psycopg
+
+    from refresher import pool, snapshot
+    from refresher.errors import SnapshotError
+
     try:
         with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
             state = _database_state(conn, features)
             pristine = snapshot.pristine_ledger(server, conn)
             recorded = pool.recorded_pool(server, conn)
             unfinished = pool.unfinished_analyses(conn)
+            probe = _record_probe(conn, server, stamp) if server.psql is not None else {}
         if (
             state is None
             or state != stamp.get("database")
@@ -250,7 +388,20 @@ def check(
         return None  # whatever it is, the full refresh meets it and says it properly
     if unfinished:  # a reset's analyzer was killed (or is still at it): the next command finishes it
         pool.spawn_refill(server, fill=False)
+    if probe and any(stamp.get(k) != v for k, v in probe.items()):
+        _record_again(path, text, {**stamp, **probe})
     return _noop_report(stamp["report"], dsn, time.perf_counter() - started)
+
+
+def _record_again(path: Path, text: str, stamp: dict[str, Any]) -> None:
+    """Save ``stamp`` (read as ``text``, its probe fields recorded again) unless another command replaced or
+    cleared it meanwhile. A stamp a refresh replaced in the instant between is lost, never wrong: the recorded
+    rows vouch for what the server held (``_record_probe``), and a later change makes them differ."""
+    try:
+        if path.read_text() == text:
+            _save(path, stamp)
+    except OSError:
+        pass  # read-only state dir: the check through psycopg answers next time too
 
 
 def _noop_report(stamped: dict[str, Any], dsn: str, seconds: float) -> dict[str, Any]:

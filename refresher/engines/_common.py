@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psycopg
-
 from refresher._lazy import LazyModule
 from refresher.errors import EngineUnavailable
 from refresher.profile_files import PROFILE_NAME as PROFILE_NAME
@@ -26,12 +24,16 @@ from refresher.profile_files import validate_profile as validate_profile
 
 if TYPE_CHECKING:
     import filelock
+    import psycopg
 
     from refresher import login
 else:
     # taken around a server's start and stop only: `url` and a stamped no-op refresh take no lock
     filelock = LazyModule("filelock")
     login = LazyModule("refresher.login")  # read by a start's wait only, not by a stamped no-op refresh
+    psycopg = LazyModule(
+        "psycopg"
+    )  # likewise: a stamped no-op asks its server through psql (refresher.stamp)
 
 HOST = "127.0.0.1"
 DB_SUPERUSER = "refresher"

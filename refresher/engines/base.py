@@ -22,6 +22,9 @@ class ServerInfo:
     user: str
     password: str = field(repr=False)  # a repr ends up in logs and test failures
     dbname: str
+    # A psql that reaches the server from this machine (the local engine's own installation's), or None. The
+    # stamped no-op asks it its one question (``refresher.stamp``): a process costs less than importing psycopg.
+    psql: str | None = None
 
     def dsn(self, dbname: str | None = None, *, with_password: bool = True) -> str:
         secret = f":{quote(self.password, safe='')}" if with_password and self.password else ""

@@ -26,9 +26,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
-
 from refresher.engines import _pgctl, _pgspare, _pgtemplate
 from refresher.engines._common import (
     DB_SUPERUSER,
@@ -599,7 +596,10 @@ class LocalEngine:
         )
 
     def _info(self, profile: str, state: ServerState) -> ServerInfo:
-        return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)
+        psql = str(Path(state.bin_dir) / "psql")
+        return ServerInfo(
+            self.name, profile, HOST, state.port, state.user, state.password, profile, psql=psql
+        )
 
 
 def _check_shell_safe(path: Path, fix: str) -> None:
@@ -638,6 +638,9 @@ def _ensure_database(info: ServerInfo) -> None:
     while the default WAL_LOG writes all of template1 through the WAL (0.37 -> 0.27 s median on a new cluster,
     alternating, loaded dev machine).
     """
+    import psycopg
+    from psycopg import sql
+
     with psycopg.connect(info.dsn("postgres"), autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (info.dbname,)).fetchone()
         if exists is None:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ import pytest
 
 from refresher import database, stamp
 from refresher._snapshot_sql import PRIVATE_SLOTS
+from refresher.engines import make_engine
+from refresher.engines.base import ServerInfo
+from refresher.settings import Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 
@@ -38,12 +42,26 @@ def stamp_file(ws: Workspace) -> Path:
 
 
 def settle(ws: Workspace) -> dict[str, Any]:
-    """Refresh until the stamp answers (at most one full run), so each test starts from a stamped state."""
+    """Refresh until the stamp answers through psql (at most one full run, then a check through psycopg records
+    the rows of an analysis finished since), so each test starts from a stamped state the probe vouches for."""
     report = ws.refresh()
-    if not stamped(report):
+    deadline = time.monotonic() + 120
+    while not (stamped(report) and probe_answers(ws)):
+        assert time.monotonic() < deadline, report
         report = ws.refresh()
-    assert stamped(report), report
     return report
+
+
+def local_server(ws: Workspace) -> ServerInfo:
+    """The profile's server as the local engine describes it, its psql included."""
+    server = make_engine("local", Settings.from_env(ws.env)).info(ws.profile)
+    assert server is not None and server.psql is not None
+    return server
+
+
+def probe_answers(ws: Workspace, server: ServerInfo | None = None, pool_size: int | None = None) -> bool:
+    """Whether the stamp's psql probe (``stamp._probed``) says nothing to do, psycopg not asked."""
+    return stamp._probed(json.loads(stamp_file(ws).read_text()), server or local_server(ws), pool_size)
 
 
 def execute(ws: Workspace, query: str, dbname: str | None = None) -> None:
@@ -80,6 +98,7 @@ def test_the_human_output_is_the_same_summary(ws: Workspace) -> None:
         "dropped table",
         "dropped feature table",
         "snapshot",
+        "disarmed counter",
         "session close",
         "store",
         "code",
@@ -89,6 +108,13 @@ def test_the_human_output_is_the_same_summary(ws: Workspace) -> None:
 def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspace, change: str) -> None:
     settle(ws)
     dbname = ws.profile
+    in_database = change in (
+        "ledger",
+        "dropped table",
+        "dropped feature table",
+        "snapshot",
+        "disarmed counter",
+    )
     if change == "profile":  # another seed for KO: its segments must be fetched and loaded again
         ws.write_profile(symbols=["AAPL", "KO"], months=1, seeds="seeds: {KO: 5}\n")
     elif change == "ledger":
@@ -103,6 +129,11 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
     elif change == "snapshot":
         execute(ws, f'ALTER DATABASE "{pristine_name(dbname)}" IS_TEMPLATE false', MAINTENANCE_DB)
         execute(ws, f'DROP DATABASE "{pristine_name(dbname)}" WITH (FORCE)', MAINTENANCE_DB)
+    elif (
+        change == "disarmed counter"
+    ):  # a ledger write the counter does not see: only the full digest can tell
+        execute(ws, "ALTER TABLE refresher_segments DISABLE TRIGGER USER")
+        execute(ws, "UPDATE refresher_segments SET rows = rows WHERE symbol = 'AAPL' AND timeframe = '1d'")
     else:
         path = stamp_file(ws)
         if change == "torn stamp":
@@ -116,6 +147,8 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
                 "code": ("code", "old"),
             }[change]
             path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    if in_database:  # the server's answer differs: psql's probe must not say nothing to do
+        assert not probe_answers(ws), change
     report = ws.refresh()
     assert not stamped(report), change
     if change in ("profile", "ledger"):
@@ -134,6 +167,46 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
     assert stamped(ws.refresh())  # the full run stamped what it did
     if change == "profile":
         ws.write_profile(symbols=["AAPL", "KO"], months=1)
+
+
+def test_without_the_probe_the_check_asks_through_psycopg_and_records_the_probe_again(ws: Workspace) -> None:
+    settle(ws)
+    server = local_server(ws)
+    args = (ws.root / "state", ws.root / "store", ws.root / "profiles" / f"{ws.profile}.yaml")
+    # No psql (a Docker server), one that is gone or fails, one that answers no JSON: psycopg answers.
+    for psql in (None, str(ws.root / "no-such-psql"), "/bin/false", "/bin/echo"):
+        assert not stamp._probed(json.loads(stamp_file(ws).read_text()), replace(server, psql=psql), None)
+        assert stamp.check(*args, replace(server, psql=psql), pool_size=None) is not None, psql
+    # A pool size other than the recorded user's choice is work (the mark records the default: not chosen).
+    assert not probe_answers(ws, pool_size=json.loads(stamp_file(ws).read_text())["pool"][0])
+    # Rows recorded for another state (the mark of an analysis since finished, say): psycopg's check answers and
+    # records the server's rows again, and psql answers the next time.
+    recorded = json.loads(stamp_file(ws).read_text())
+    stamp_file(ws).write_text(json.dumps({**recorded, "fingerprint": [*recorded["fingerprint"][:3], []]}))
+    assert not probe_answers(ws)
+    assert stamp.check(*args, server, pool_size=None) is not None
+    assert json.loads(stamp_file(ws).read_text()) == recorded
+    assert probe_answers(ws)
+
+
+def test_rows_that_do_not_vouch_for_the_stamp_are_not_recorded(ws: Workspace) -> None:
+    settle(ws)
+    recorded = json.loads(stamp_file(ws).read_text())
+    with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+        rows = conn.execute(recorded["probe"]).fetchone()[0]  # type: ignore[index]
+        assert stamp._vouched(rows, recorded) == recorded["pool"]
+        # Another ledger or symbols than stamped, a mark on another ledger, an unarmed counter, a missing table
+        # or pristine copy: nothing recorded, and psql's probe can never answer for such a state.
+        assert stamp._vouched(rows, {**recorded, "database": [recorded["database"][0], "0" * 32]}) is None
+        state, version, comment, unfinished, ident = rows
+        for changed in (
+            [[{**state[0], "f1": 1}], version, comment, unfinished, ident],
+            [state, [{**version[0], "f4": False}], comment, unfinished, ident],
+            [state, [{**version[0], "f3": version[0]["f3"] + 1}], comment, unfinished, ident],
+            [state, version, [], unfinished, ident],
+            [state, version, [{**comment[0], "f1": False}], unfinished, ident],
+        ):
+            assert stamp._vouched(changed, recorded) is None, changed
 
 
 def test_any_flag_falls_through(ws: Workspace) -> None:
@@ -411,6 +484,7 @@ def test_a_refresh_with_nothing_to_do_finishes_an_analysis_a_killed_analyzer_lef
         )
         recorded, before = _analysis_left(dsn)
         assert recorded
+        assert not probe_answers(ws)  # psql's probe leaves the analysis to the check that starts one
         if full:
             stamp_file(ws).unlink()
         assert stamped(ws.refresh()) is not full
