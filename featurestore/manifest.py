@@ -255,6 +255,7 @@ class Manifest:
         with (
             _interrupts_kept(),
             _acquired(self._thread_lock, wait, self._lock_path),
+            self._started(),
             file_lock(self._lock_path, timeout=self._lock_timeout if wait else 0),
             self._open_healed() as con,
         ):
@@ -288,6 +289,7 @@ class Manifest:
             with (
                 _interrupts_kept(),
                 self._thread_lock,
+                self._started(),
                 file_lock(self._lock_path, shared=True, timeout=self._lock_timeout),
             ):
                 con = self._open(read_only=True)
@@ -311,7 +313,7 @@ class Manifest:
             return
         try:
             lock = file_lock(self._lock_path, shared=True, timeout=0)
-            with _interrupts_kept(), self._thread_lock, lock:
+            with _interrupts_kept(), self._thread_lock, self._started(), lock:
                 con = self._open(read_only=True)
                 if isinstance(con, duckdb.Error):
                     return
@@ -373,6 +375,15 @@ class Manifest:
         manifest set aside and rebuilt loses every access time and counter)."""
         if any(words in str(exc) for words in _DISK_FULL):
             raise StoreDiskFull.at(str(self.root), _first_line(exc)) from None
+
+    @contextmanager
+    def _started(self) -> Iterator[None]:
+        """This process's DuckDB started before the file lock is taken (under the thread lock): the first start
+        takes a third of a second, more on a busy machine, which every writer of the store waited out when it
+        ran under the lock, and forever when the process was stopped there (a worker frozen at its first read
+        stalled every other worker's batch)."""
+        self._host()
+        yield
 
     def _host(self) -> duckdb.DuckDBPyConnection:
         """This process's in-memory DuckDB for this manifest, started on first use.

@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore, collect_garbage
@@ -95,3 +96,38 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path: Path) -> None:
 
 def _weeks(n: int) -> dt.timedelta:
     return dt.timedelta(weeks=n)
+
+
+_SLOW_START = """
+import pathlib, sys, time
+import featurestore.manifest as manifest
+started = manifest.Manifest._host
+def slow(self):
+    pathlib.Path(sys.argv[2]).touch()
+    time.sleep(120)  # a process stopped (Ctrl-Z, SIGSTOP) or starved while its DuckDB starts
+    return started(self)
+manifest.Manifest._host = slow
+from featurestore import FeatureStore
+FeatureStore(pathlib.Path(sys.argv[1])).lookup_hashes(["key"])
+"""
+
+
+def test_a_process_starting_its_duckdb_holds_no_lock_on_the_manifest(tmp_path: Path) -> None:
+    """A fresh process's first read started DuckDB (a third of a second, more on a busy machine) holding the
+    manifest's lock: every writer waited, and for good behind a process stopped there."""
+    root, marker = tmp_path / "cache", tmp_path / "starting"
+    store = FeatureStore(root)
+    store.put_many([("key", pa.table({"a": [1]}), None)])
+    reader = subprocess.Popen([sys.executable, "-c", _SLOW_START, str(root), str(marker)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert reader.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        with store.manifest.write(wait=False):  # StoreLockTimeout at once if the reader holds the lock
+            pass
+        store.put_many([("other", pa.table({"a": [2]}), None)])
+    finally:
+        reader.kill()
+        reader.wait()
+    assert set(store.lookup_hashes(["key", "other"])) == {"key", "other"}
