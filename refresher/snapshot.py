@@ -871,15 +871,17 @@ class StoppedWaiting(Exception):
 
 
 def connect_working(
-    server: ServerInfo, *, stop: threading.Event | None = None, **kwargs: Any
+    server: ServerInfo, dsn: str | None = None, *, stop: threading.Event | None = None, **kwargs: Any
 ) -> psycopg.Connection[Any]:
-    """``psycopg.connect`` to ``server.dbname`` (``kwargs``: its options). A database a reset killed between its
+    """``psycopg.connect`` to ``server.dbname``, as ``dsn`` when given (another role on it), else as
+    ``server.dsn()`` (``kwargs``: its options). A database a reset killed between its
     last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again; so
     is one refused by a live reset's door that opened before the look (``_past_door``).
     A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it; ``stop``
     set meanwhile ends the wait within ``DOOR_WAIT_SLICE`` with ``StoppedWaiting``."""
+    session = dsn or server.dsn()
     try:
-        return psycopg.connect(server.dsn(), **kwargs)
+        return psycopg.connect(session, **kwargs)
     except psycopg.OperationalError as refusal:
         try:
             with _admin(server.dsn(MAINTENANCE_DB)) as conn:
@@ -893,7 +895,7 @@ def connect_working(
             reopened = False
         if not reopened:
             raise
-    return psycopg.connect(server.dsn(), **kwargs)
+    return psycopg.connect(session, **kwargs)
 
 
 def _past_door_waiting(
@@ -921,11 +923,52 @@ def _past_door_waiting(
 def connect_target(
     server: ServerInfo | None, target: str, *, stop: threading.Event | None = None, **kwargs: Any
 ) -> psycopg.Connection[Any]:
-    """``connect_working`` to ``server``, the profile's own (a reset killed with its door shut is opened), else
-    ``psycopg.connect`` to ``target`` as given (a server someone else runs: its door is not ours to open)."""
+    """``connect_working`` to ``server``, the profile's own that ``target`` names (a reset killed with its door
+    shut is opened; the session as ``target``'s role when it names another than the server's, its password then
+    libpq's), else ``psycopg.connect`` to ``target`` as given (a server this machine does not serve: its door is
+    not ours to open, ``_wait_foreign_door``)."""
     if server is not None:
-        return connect_working(server, stop=stop, **kwargs)
-    return psycopg.connect(target, **kwargs)
+        role = None
+        with contextlib.suppress(psycopg.ProgrammingError):  # no DSN: the server's own role
+            role = conninfo.conninfo_to_dict(target).get("user")
+        dsn = target if role not in (None, server.user) else None
+        return connect_working(server, dsn, stop=stop, **kwargs)
+    try:
+        return psycopg.connect(target, **kwargs)
+    except psycopg.OperationalError as refusal:
+        if not refused_by_door(refusal):
+            raise
+        return _wait_foreign_door(target, refusal, stop, **kwargs)
+
+
+def _wait_foreign_door(
+    target: str, refusal: psycopg.OperationalError, stop: threading.Event | None, **kwargs: Any
+) -> psycopg.Connection[Any]:
+    """A session to ``target``, whose database refused one at its door (ALLOW_CONNECTIONS false) on a server this
+    machine does not serve: a live reset there opens it in moments, a killed one never. Tried again every
+    ``DOOR_WAIT_SLICE`` for ``DOOR_WAIT_SECONDS`` (``stop`` ends it: ``StoppedWaiting``), then one line says what
+    to do: only the machine serving it (or the database's owner) can open it."""
+    db = conninfo.conninfo_to_dict(target).get("dbname") or "(the target's)"
+    deadline = time.monotonic() + DOOR_WAIT_SECONDS
+    while True:
+        if stop is not None and stop.wait(DOOR_WAIT_SLICE):
+            raise StoppedWaiting(
+                f"stopped while database {db} refused sessions (a reset holds it)"
+            ) from refusal
+        if stop is None:
+            time.sleep(DOOR_WAIT_SLICE)
+        try:
+            return psycopg.connect(target, **kwargs)
+        except psycopg.OperationalError as exc:
+            if not refused_by_door(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise psycopg.OperationalError(
+                    f"database {db} refuses sessions (waited {DOOR_WAIT_SECONDS:g} s): a `refresher reset` on the "
+                    "machine that serves it holds its door shut, or was killed or stopped there with it shut; "
+                    "run `refresher reset` of its profile there (it opens the door), or have the database's "
+                    f"owner run ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"
+                ) from exc
 
 
 def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import closing
+from contextlib import closing, suppress
 from zoneinfo import ZoneInfo
 
 import psycopg
 import redis
+from psycopg.conninfo import conninfo_to_dict
 
 from featurestore import FeatureStore
 from refresher import database
@@ -38,6 +39,27 @@ def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:
         return None
     local = state.next_close.astimezone(ZoneInfo(state.tz))
     return state.next_close.timestamp(), f"{local:%Y-%m-%d %H:%M} {state.tz}"
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | None:
+    """The profile's own server when this machine serves it and ``target`` (a DSN, its password or not) names its
+    database: the same host (any loopback name for another), port and database, whatever the role. A run
+    submitted with ``--target "$(refresher url ...)"`` is that server as much as one without: a door a reset
+    killed there left shut is opened, the pristine snapshot saved after it. Else None."""
+    with suppress(Exception):
+        server = select_engine(settings.engine, settings, profile).info(profile)
+        if server is None:
+            return None
+        named = conninfo_to_dict(target)
+        host = str(named.get("host") or "")
+        same_host = host == server.host or (host in _LOOPBACK and server.host in _LOOPBACK)
+        port = str(named.get("port") or "5432")
+        if same_host and port == str(server.port) and named.get("dbname") == server.dbname:
+            return server
+    return None
 
 
 def submit_run(
@@ -71,10 +93,11 @@ def submit_run(
         public = server.dsn(with_password=False)
     else:
         public = without_password(target)
+        server = served_here(settings, profile.name, public)
     store = FeatureStore(settings.store_root)
     try:
         # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
-        conn = connect_target(server, str(target), autocommit=True)
+        conn = connect_target(server, target or public, autocommit=True)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc
@@ -106,4 +129,4 @@ def submit_run(
         raise unreachable(queue_url, exc, queue_label) from exc
 
 
-__all__ = ["hold_until", "submit_run", "without_password"]
+__all__ = ["hold_until", "served_here", "submit_run", "without_password"]

@@ -30,7 +30,6 @@ import redis
 from featurestore import FeatureStore
 from refresher import load, pool, snapshot
 from refresher._gc import fewer_collections
-from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError, ProfileBusy, one_line
 from refresher.features import FeatureCounts, refresh_features
@@ -60,6 +59,7 @@ from refresher.jobs.segment import (
     produce_tables,
     run_segment_job,
 )
+from refresher.jobs.submit import served_here
 from refresher.plan import segment_key
 from refresher.profile import Profile, load_profile
 from refresher.profile_lock import hold_profile
@@ -151,13 +151,9 @@ class _RunContext:
 
 
 def _own_server(settings: Settings, spec: dict[str, Any]) -> ServerInfo | None:
-    """The run's target when it is the profile's own server and this machine serves it, else None."""
-    if spec["own_server"]:
-        with suppress(Exception):
-            server = select_engine(settings.engine, settings, spec["profile"]).info(spec["profile"])
-            if server is not None and server.dsn(with_password=False) == spec["target"]:
-                return server
-    return None
+    """The run's target when it is the profile's own server and this machine serves it (submitted with or
+    without ``--target``: ``served_here``), else None."""
+    return served_here(settings, spec["profile"], str(spec["target"]))
 
 
 def run_features(

@@ -3,6 +3,7 @@ Postgres."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -10,20 +11,28 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from refresher import snapshot
 from refresher._snapshot_sql import TAKE
 from refresher.engines.base import ServerInfo
-from refresher.jobs.queue import RETRY
+from refresher.jobs.queue import DEAD, RETRY, connect, text
+from refresher.jobs.runs import RunSpec, run_status, submit_jobs
+from refresher.jobs.segment import SegmentJob
+from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.pool import wait_for_pool
+from refresher.segments import Segment
+from refresher.settings import Settings
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_worker import status, submit, worker_log, workspace
-from tests.refresher.test_refresh_e2e import Workspace
+from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 from tests.refresher.test_snapshot_adversarial import _refusing
+from tests.refresher.test_snapshot_crash import _killed_after
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -90,3 +99,64 @@ def test_sigterm_at_a_stopped_resets_door_hands_the_jobs_back_at_once_and_exits_
     retries = [json.loads(member) for member in redis_server.client().zrange(RETRY, 0, -1)]
     assert [job.get("attempt", 0) for job in retries] == [0, 0]  # handed back, no attempt spent
     assert redis_server.client().xpending("refresher:jobs:normal", "workers")["pending"] == 0
+
+
+def test_a_run_targeting_this_machines_server_by_its_dsn_opens_a_killed_resets_door(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """A run submitted with ``--target`` naming the profile's own server (``refresher url``'s DSN, as a script
+    passes it) is that server all the same: a reset killed with its door shut left the database refusing
+    sessions, and the worker (as submit) retried until its jobs went dead, where a run without ``--target``
+    opened the door. Both open it; the worker logs in as the DSN's role, with the state dir's password."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    ws.refresh()
+    server = ws.server()
+    wait_for_pool(server, timeout=300)  # the refresh's refill is done: the reset has the server alone
+    ws.write_profile(symbols=["AAPL"], months=2)  # February too: jobs for the worker
+    run = submit(ws, url, "--target", ws.dsn())
+    assert run["jobs"] == 2
+    assert not _killed_after(server, 1, "snapshot.restore_pristine(server, refill=False)")  # ALTER DATABASE
+    assert _refusing(server)
+    done = ws.run("worker", "--queue", url, "--name", "door", "--burst", "--max-attempts", "2")
+    state = status(ws, url, run["run_id"])
+    assert (state["state"], state["done"], state["dead"]) == ("complete", 2, 0), done.stderr
+    assert not _refusing(server)
+    assert not _killed_after(server, 1, "snapshot.restore_pristine(server, refill=False)")
+    assert _refusing(server)
+    assert submit(ws, url, "--target", ws.dsn())["jobs"] == 0
+    assert not _refusing(server)
+
+
+def test_a_foreign_targets_shut_door_is_waited_for_then_one_line_says_what_to_do(
+    pg_database: ServerInfo, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target this machine does not serve for the profile, its door left shut by a reset killed on the machine
+    that serves it: not ours to open. The worker waits for it (DOOR_WAIT_SECONDS, as for a live reset), then its
+    one line said only libpq's 'not currently accepting connections'; it says what to do."""
+    monkeypatch.setattr(snapshot, "DOOR_WAIT_SECONDS", 0.5)
+    ws = Workspace(tmp_path, "local", "foreign")
+    ws.write_profile(symbols=["AAPL"], months=1)
+    with psycopg.connect(pg_database.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+                sql.Identifier(pg_database.dbname)
+            )
+        )
+    target = pg_database.dsn(with_password=False)
+    monkeypatch.setenv("PGPASSWORD", pg_database.password)
+    spec = RunSpec("foreign", str(tmp_path / "profiles" / "foreign.yaml"), AS_OF.isoformat(), target, False)
+    job = SegmentJob(Segment("AAPL", "1d", AS_OF.replace(day=1)), "key-1d", "America/New_York")
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec, [job], now=dt.datetime.now(dt.UTC)).run_id
+    settings = Settings.from_env(ws.env, engine="local")
+    options = WorkerOptions("foreign", burst=True, max_attempts=1)
+    report = Worker(redis_server.url, settings, options).run()
+    assert (report.dead, report.done) == (1, 0)
+    assert run_status(client, run).dead == 1
+    [(_id, letter)] = client.xrange(DEAD)
+    error = text(letter[b"error"])
+    assert "\n" not in error and error.startswith(f"transient: target {target}: cannot connect"), error
+    assert f"database {pg_database.dbname} refuses sessions" in error and "waited 0.5 s" in error, error
+    assert "run `refresher reset` of its profile there" in error, error
+    assert _refusing(pg_database)  # not ours to open
