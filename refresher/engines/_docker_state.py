@@ -94,13 +94,19 @@ def checkout_id(base: Path, *, create: bool) -> str | None:
 _CHECKOUT_IDS: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
 
-def resolve_image(client: docker.DockerClient, requested: str | None, *, pull: bool = True) -> str:
+def resolve_image(
+    client: docker.DockerClient, requested: str | None, *, pull: bool = True, current: str | None = None
+) -> str:
     """The image to run: ``requested`` or the first default present locally, else the first that pulls.
 
+    ``current``, the default a container already runs, comes first among the defaults while it is here: a default
+    tagged or removed since (postgres:15 pulled beside refresher/postgres:15) changes nothing for that container.
     Pulling is tried last and only once per candidate (never without ``pull``): on an air-gapped machine it fails
     within milliseconds (no DNS), and the error then points at `make image`.
     """
-    candidates = (requested,) if requested else DEFAULT_IMAGES
+    candidates: tuple[str, ...] = (requested,) if requested else DEFAULT_IMAGES
+    if not requested and current in DEFAULT_IMAGES:
+        candidates = (current, *(name for name in DEFAULT_IMAGES if name != current))
     for name in candidates:
         try:
             client.images.get(name)

@@ -363,9 +363,12 @@ class DockerEngine:
     ) -> bool:
         """Whether ``container`` runs another configuration than the one this refresher would make it with (an
         older refresher's has another digest, or none), and holds its data in the profile's volume, so that it
-        can be made again without losing it. Never when the configured image is not here (no pull for this)."""
+        can be made again without losing it. Never when the configured image is not here (no pull for this).
+
+        Its own image counts while here, unless another is asked for (``image``, $REFRESHER_PG_IMAGE): another
+        default tagged or untagged since (postgres:15 pulled) would end its sessions for nothing, every time."""
         try:
-            image = resolve_image(client, self.image, pull=False)
+            image = resolve_image(client, self.image, pull=False, current=_image_name(container))
         except EngineUnavailable:
             return False
         if container.labels.get(CONFIG_LABEL) == _config_digest(_server_config(image, state, profile)):

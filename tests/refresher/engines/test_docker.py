@@ -27,6 +27,7 @@ import pytest
 from docker.models.containers import Container
 from psycopg import sql
 
+from refresher.engines import _docker_state
 from refresher.engines import docker as docker_engine_module
 from refresher.engines._common import SERVER_ENV, TUNING, wait_ready
 from refresher.engines.base import Engine, ServerInfo
@@ -816,6 +817,48 @@ def test_an_outdated_container_is_made_again_on_the_pinned_port_not_its_old_one(
         assert query(info, "SHOW lc_messages") == "C"
     finally:
         docker_engine.stop("repinned")
+
+
+@pytest.mark.docker
+def test_a_preferred_default_image_tagged_later_keeps_the_container_its_other_default_made(
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    docker_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The digest took the first default present (postgres:15) for the container's image: a container made from
+    # refresher/postgres:15 was stopped and made again once postgres:15 was pulled, every session ended. Two
+    # test-only tags stand for the two defaults (the shared ones are never tagged or removed here).
+    preferred, fallback = f"{docker_prefix}/preferred:15", f"{docker_prefix}/fallback:15"
+    monkeypatch.setattr(_docker_state, "DEFAULT_IMAGES", (preferred, fallback))
+    docker_client.images.get(docker_pg_image).tag(fallback)
+    engine = DockerEngine(tmp_path, client=docker_client, prefix=docker_prefix)
+    try:
+        first = engine.start("defaults")
+        made = container_of(docker_client, engine, "defaults")
+        assert made.attrs["Config"]["Image"] == fallback
+        docker_client.images.get(docker_pg_image).tag(preferred)
+        [status] = engine.status("defaults")
+        assert "another configuration" not in status.detail
+        with psycopg.connect(first.dsn(), autocommit=True) as session:
+            assert engine.start("defaults") == first
+            assert container_of(docker_client, engine, "defaults").id == made.id
+            assert session.execute("SELECT 1").fetchone() == (1,)  # the open session lives on
+            session.execute("CREATE TABLE kept AS SELECT 7 AS x")
+        # Asked for by name, the preferred image makes it again (data kept) ...
+        asked = DockerEngine(tmp_path, image=preferred, client=docker_client, prefix=docker_prefix)
+        assert "another configuration" in asked.status("defaults")[0].detail
+        # ... as it does once the container's own image is gone.
+        docker_client.images.remove(fallback)
+        assert query(engine.start("defaults"), "SELECT x FROM kept") == 7
+        renewed = container_of(docker_client, engine, "defaults")
+        assert renewed.id != made.id and renewed.attrs["Config"]["Image"] == preferred
+    finally:
+        engine.stop("defaults")
+        for image in (preferred, fallback):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(image)
 
 
 @pytest.mark.docker
