@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -63,6 +63,22 @@ def start_worker(ws: Workspace, redis_url: str, name: str, *extra: str) -> subpr
 
 def worker_log(ws: Workspace, name: str) -> str:
     return (ws.root / f"worker-{name}.log").read_text()
+
+
+def wait_at_door(
+    conn: psycopg.Connection[Any],
+    appname: str,
+    proc: subprocess.Popen[str],
+    describe: Callable[[], str],
+    timeout: float = 300,
+) -> None:
+    """Wait until the session named ``appname`` waits on an advisory lock (a door's TAKE), ``proc`` alive;
+    ``describe`` says what it did when it exits or the wait times out."""
+    waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'advisory'"
+    deadline = time.monotonic() + timeout
+    while conn.execute(waiting, (appname,)).fetchone() is None:
+        assert proc.poll() is None and time.monotonic() < deadline, describe()
+        time.sleep(0.05)
 
 
 def wait_for(
@@ -378,11 +394,7 @@ def test_plan_leaves_shut_the_door_a_live_reset_holds_and_connects_after_its_swa
             text=True,
         )
         try:
-            waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'door-plan' AND wait_event = 'advisory'"
-            deadline = time.monotonic() + 300
-            while reset.execute(waiting).fetchone() is None:
-                assert plan.poll() is None and time.monotonic() < deadline, plan.communicate()
-                time.sleep(0.05)
+            wait_at_door(reset, "door-plan", plan, lambda: str(plan.communicate()))
             assert _refusing(server)  # the plan waits for the reset, its door shut
             reset.execute(door.format(sql.Identifier(server.dbname), sql.SQL("true")))
             reset.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (server.dbname, TAKE))

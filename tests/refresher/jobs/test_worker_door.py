@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ from refresher.pool import wait_for_pool
 from refresher.segments import Segment
 from refresher.settings import Settings
 from tests.redis_server import RedisServer
-from tests.refresher.jobs.test_worker import status, submit, worker_log, workspace
+from tests.refresher.jobs.test_worker import status, submit, wait_at_door, worker_log, workspace
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 from tests.refresher.test_snapshot_adversarial import _refusing
 from tests.refresher.test_snapshot_crash import _killed_after
@@ -82,11 +81,7 @@ def test_sigterm_at_a_stopped_resets_door_hands_the_jobs_back_at_once_and_exits_
             text=True,
         )
         try:
-            waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'door-worker' AND wait_event = 'advisory'"
-            deadline = time.monotonic() + 300
-            while reset.execute(waiting).fetchone() is None:
-                assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, "door")
-                time.sleep(0.05)
+            wait_at_door(reset, "door-worker", worker, lambda: worker_log(ws, "door"))
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=120) == 0, worker_log(ws, "door")  # before: ten minutes at the door
         finally:
