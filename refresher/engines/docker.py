@@ -49,6 +49,7 @@ from refresher.engines._common import (
     TUNING,
     is_disk_full,
     locked,
+    sweep_private_tmps,
     validate_profile,
     wait_ready,
 )
@@ -163,6 +164,7 @@ class DockerEngine:
         validate_profile(profile)
         with self._client() as client, locked(self._lock_path(profile)):
             checkout_id(self.base, create=True)  # before anything is looked at or labelled
+            self._sweep_state_tmps(profile)
             state = ContainerState.read(self._state_path(profile))
             container = self._container(client, profile)
             port: int | None = None
@@ -229,6 +231,7 @@ class DockerEngine:
             if path.exists():
                 path.unlink()
                 existed = True
+            self._sweep_state_tmps(profile)
             return existed
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
@@ -585,6 +588,12 @@ class DockerEngine:
 
     def _state_path(self, profile: str) -> Path:
         return self.base / f"{profile}.json"
+
+    def _sweep_state_tmps(self, profile: str) -> None:
+        """Remove the state file's temporary files (each a copy of the volume's password) that a start killed
+        between their write and their rename left. Under the profile's lock: every writer of the state file
+        (a start) holds it, so any there is a dead one's."""
+        sweep_private_tmps(self.base, self._state_path(profile).name, age=0)
 
     def _info(self, profile: str, state: ContainerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)

@@ -670,6 +670,56 @@ def test_sigkill_after_each_step_leaves_what_the_next_start_and_down_finish(
     assert not (docker_engine.base / "killed_at.json").exists()
 
 
+# A start killed between writing the profile's state file's temporary file and renaming it, at its WRITE-th write.
+KILLED_WRITING_STATE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from refresher.engines.docker import DockerEngine
+
+    state_dir, image, prefix, profile, write = sys.argv[1:6]
+    replace, writes = os.replace, 0
+
+    def killed(src, dst, *args, **kwargs):
+        global writes
+        writes += os.fspath(dst).endswith(f"{profile}.json")
+        if writes == int(write):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replace(src, dst, *args, **kwargs)
+
+    os.replace = killed
+    DockerEngine(Path(state_dir), image=image, prefix=prefix).start(profile)
+    """
+)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("write", "then"),
+    [(1, "start"), (2, "stop")],
+    ids=["before-the-container-then-start", "after-it-then-down"],
+)
+def test_kill_9_between_writing_the_state_file_and_its_rename_leaves_no_copy_of_the_password(
+    docker_engine: DockerEngine, docker_pg_image: str, write: int, then: str
+) -> None:
+    """The temporary file holds the volume's password: it stayed beside the state file for good, after the next
+    start and after a down, where the local engine's start sweeps its own (3076d66)."""
+    profile = f"killjson{write}"
+    leftovers = f".{profile}.json.*.tmp"
+    args = [str(docker_engine.state_dir), docker_pg_image, docker_engine.prefix, profile, str(write)]
+    try:
+        child = subprocess.run([sys.executable, "-c", KILLED_WRITING_STATE, *args], cwd=REPO, timeout=180)
+        assert child.returncode == -signal.SIGKILL
+        assert len(list(docker_engine.base.glob(leftovers))) == 1  # what the kill left
+        if then == "start":
+            info = docker_engine.start(profile)
+            assert query(info, "SELECT current_database()") == profile
+            assert list(docker_engine.base.glob(leftovers)) == []
+    finally:
+        docker_engine.stop(profile)
+    assert list(docker_engine.base.glob(leftovers)) == []
+
+
 # The server arguments of a container refresher made before lc_messages=C (e3d4efd); it had no SERVER_ENV either
 # (d8bff5a) and no CONFIG_LABEL.
 OLD_SERVER_ARGS = tuple(
