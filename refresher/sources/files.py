@@ -7,11 +7,13 @@ relative to it; ``{symbol}`` makes them per-symbol, otherwise the file has a sym
 ``label`` (``right`` if their minute bars are stamped with the interval end).
 
 Every row is validated (``refresher.sources.validate``); rows outside the exchange's sessions are dropped
-and described in ``reports``. Messages name a CSV row by its line number in the file (the header is line 1).
+and described in ``reports``. Messages name a CSV row by the line it starts on in the file, as an editor counts
+them (the header is line 1; empty lines and line breaks in quoted cells count).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -51,8 +53,9 @@ _NS_PER_MIN = 60_000_000_000
 _EXAMPLES = 3
 # Bump whenever this module hands over other rows for the same file and options (``base.reader_tag``). Versions
 # before 2 had no tag: a YYYYMMDD column read as nanoseconds (segments loaded empty, 850f700), a daily time with
-# an offset dated in UTC (d9960be), a float YYYYMMDD likewise (82861e8).
-READER_VERSION = 2
+# an offset dated in UTC (d9960be), a float YYYYMMDD likewise (82861e8). 2 named a CSV row after an empty line or
+# a quoted line break by pyarrow's record number, lines too early, in the reports and rejects stored with a segment.
+READER_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ class _Read:
     owners: dict[str, list[pacsv.InvalidRow]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
     )
+    # The line each record starts on (``_line_numbers``), found once, when a row is first named.
+    starts: list[I64] = dataclasses.field(default_factory=list, compare=False, repr=False)
+
+    def line_of(self, path: Path, records: I64) -> I64:
+        """The file's line numbers of records as pyarrow numbers them (the header is 1)."""
+        if not self.starts:
+            self.starts.append(_line_numbers(path, self.table.num_rows + len(self.unsplit) + 1))
+        return _on_lines(self.starts[0], records)
 
 
 def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
@@ -90,9 +101,9 @@ def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
         if fmt == "csv":
             table, unsplit = _read_by_line(path, convert, leave_out=leave_out)
             if unsplit and not leave_out:
-                raise _split_error(path, unsplit[0]) from None
+                raise _split_error(path, unsplit[0], _line_numbers(path, None)) from None
             if unsplit and table is not None:
-                # pyarrow numbers the lines it reads (the header is 1), as the rows' positions count them
+                # pyarrow numbers the records it reads (the header is 1), as the rows' positions count them
                 numbers = np.arange(2, table.num_rows + len(unsplit) + 2)
                 lines = np.setdiff1d(numbers, [row.number for row in unsplit], assume_unique=True)
                 return _Read(table, tuple(unsplit), lines)
@@ -119,9 +130,56 @@ def _read_by_line(
         return None, found
 
 
-def _split_error(path: Path, row: pacsv.InvalidRow) -> SourceError:
+def _line_numbers(path: Path, records: int | None) -> I64:
+    """The line (1-based; LF, CRLF or a lone CR ends one, as pyarrow and editors split them) each record of the
+    CSV starts on, the header's first. pyarrow numbers records, not lines: it skips empty lines (a row after one
+    was named a line too early) and a quoted cell may hold line breaks. ``records``: how many pyarrow read, when
+    known. One pass over the file in 16 MB pieces, made only when a line is named."""
+    found: list[I64] = []
+    ended = 0  # lines ended so far
+    last = 10  # the byte before the piece: as if a line had just ended, so an empty first line is empty
+    quoted = False
+    with pa.input_stream(str(path)) as stream:  # decompressed as read_csv does (.gz)
+        while piece := stream.read(_PIECE):
+            raw = np.frombuffer(piece, np.uint8)
+            before = np.concatenate(([last], raw[:-1]))
+            # a line ends at a CR, or at an LF that is not a CRLF's; it was empty if a line ended just before
+            ends = np.flatnonzero((raw == 13) | ((raw == 10) & (before != 13)))
+            found.append(np.flatnonzero((before[ends] != 13) & (before[ends] != 10)) + ended + 1)
+            ended += len(ends)
+            last, quoted = int(raw[-1]), quoted or b'"' in piece
+    if last not in (10, 13):  # a last line without a line break
+        found.append(np.array([ended + 1]))
+    lines = np.concatenate(found) if found else np.zeros(0, np.int64)
+    if records == len(lines) or (records is None and not quoted):
+        return lines.astype(np.int64)  # one line per record: no quoted cell holds a line break
+    # quoted line breaks: the csv module splits records as pyarrow does (a quote opens a cell at its start only)
+    starts: list[int] = []
+    with io.TextIOWrapper(pa.input_stream(str(path)), encoding="latin-1", newline="") as text:
+        reader = csv.reader(text)
+        ended = 0
+        try:
+            for cells in reader:
+                if cells:
+                    starts.append(ended + 1)
+                ended = reader.line_num
+        except (
+            csv.Error
+        ):  # a cell beyond the csv module's limit: the lines that are not empty, as near as we get
+            return lines.astype(np.int64)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def _on_lines(starts: I64, records: I64) -> I64:
+    """Records' numbers (the header is 1) as the lines they start on; one beyond what was found keeps its number."""
+    index = np.asarray(records, dtype=np.int64) - 1
+    known = (index >= 0) & (index < len(starts))
+    return np.where(known, starts[np.where(known, index, 0)] if len(starts) else 0, index + 1)
+
+
+def _split_error(path: Path, row: pacsv.InvalidRow, starts: I64) -> SourceError:
     text = row.text if len(row.text) <= 80 else f"{row.text[:77]}..."
-    line = f"line {row.number}" if row.number is not None else "a line"
+    line = f"line {int(_on_lines(starts, np.array([row.number]))[0])}" if row.number is not None else "a line"
     return SourceError(
         f"{path}: {line}={text!r}: {row.actual_columns} cells where the header has {row.expected_columns}; "
         "fix or remove the line, or set source.on_bad_rows or --on-bad-rows to skip or quarantine to load the rest",
@@ -145,6 +203,8 @@ def _cells(text: str, count: int) -> list[str]:
         return []
     return [str(column[0]) for column in table.columns]
 
+
+_PIECE = 1 << 24  # bytes of a file looked at at once for its line breaks
 
 _CSV_CELLS: dict[str, Any] = {"null_values": [""], "strings_can_be_null": True}
 
@@ -311,10 +371,9 @@ class FilesSource(Source):
         raw = frame.rename(columns={"when": "date" if segment.timeframe == "1d" else "ts"})
         values = {name: _numbers(frame[name]) for name in VALUE_COLUMNS}
         positions = frame.index.to_numpy(np.int64)
-        if read.lines is not None:
-            rows = read.lines[positions]
-        else:
-            rows = positions + (2 if _is_csv(path, self.spec.format) else 1)
+        csv_file = _is_csv(path, self.spec.format)
+        # pyarrow's record numbers (the header is 1), as lines only when a row is named (``_line_numbers``)
+        rows = read.lines[positions] if read.lines is not None else positions + (2 if csv_file else 1)
         bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows)
         verdict = screen(
             segment,
@@ -324,6 +383,7 @@ class FilesSource(Source):
             cal=cal,
             names=names,
             unsplit=self._unsplit(read, path, segment),
+            lines=(lambda records: read.line_of(path, records)) if csv_file else None,
         )
         self.reports.extend(verdict.reports)
         if verdict.rejects:
@@ -349,7 +409,13 @@ class FilesSource(Source):
                         row
                     )
             rows = read.owners.get(segment.symbol, [])
-        return [Unsplit(row.number, row.text, row.actual_columns, row.expected_columns) for row in rows]
+        if not rows:
+            return []
+        lines = read.line_of(path, np.array([row.number for row in rows], dtype=np.int64))
+        return [
+            Unsplit(int(line), row.text, row.actual_columns, row.expected_columns)
+            for line, row in zip(lines, rows, strict=True)
+        ]
 
     def _refuse_other_case(self, path: Path, segment: Segment) -> None:
         """A file named as the symbol's but in another case (aapl.csv for AAPL): one line, exit 2. It loaded

@@ -24,9 +24,10 @@ about 9 M rows/s on this 2-core machine (``python -m bench --only bench_validati
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -191,13 +192,15 @@ def screen(
     cal: ExchangeCalendar,
     names: Mapping[str, str] | None = None,
     unsplit: Sequence[Unsplit] = (),
+    lines: Callable[[I64], I64] | None = None,
 ) -> Screened:
     """Apply the rules and the policy to one segment's rows; raises ``BadRowsError`` under ``fail``.
 
     ``source`` names where the rows came from (a file, ``postgres:table``); ``names`` maps our column names
     to the source's own (``close`` -> ``Adj Close``) so messages speak the user's language. ``unsplit`` are
     the segment's lines left out under ``skip`` or ``quarantine`` because they did not split into columns:
-    reported (and quarantined with their text) before the rows that broke a rule.
+    reported (and quarantined with their text) before the rows that broke a rule. ``lines`` turns ``bars.rows``
+    into the file's line numbers, called only when a row is named (it may read the file again).
     """
     key: Literal["date", "ts"] = "date" if segment.timeframe == "1d" else "ts"
     names = names or {}
@@ -206,6 +209,8 @@ def screen(
     reports, rejects = _unsplit_verdict(segment, source, policy, unsplit)
     if bad.any():
         positions = np.flatnonzero(bad)
+        if lines is not None and bars.rows is not None:
+            bars = dataclasses.replace(bars, rows=lines(bars.rows))
         if policy == "fail":
             first = int(positions[0])
             rule, column = rules[int(charged[first])]

@@ -380,3 +380,24 @@ def test_a_file_whose_every_line_has_more_or_fewer_cells_empties_nothing(ws: Wor
     assert "--allow-shrink" in message
     assert state(ws) == before
     assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
+
+
+@pytest.mark.parametrize("policy", ["fail", "quarantine"])
+def test_a_bad_row_after_empty_lines_is_named_by_its_line_in_the_file(ws: Workspace, policy: str) -> None:
+    # pyarrow skips empty lines and numbers the rows it reads: the row was named 3 lines early
+    before = refresh_clean(ws)
+    lines, column, value, rule = BAD["negative volume"]
+    lines = [*lines[:5], "", "", *lines[5:20], "", *lines[20:]]
+    path = write(ws, lines)
+    line = path.read_text().split("\n").index(BAD["negative volume"][0][BAD_LINE - 1]) + 1
+    done = ws.run(
+        "refresh", "--profile", ws.profile, "--json", "--on-bad-rows", policy, expect=2 * (policy == "fail")
+    )
+    if policy == "fail":
+        message = done.stderr.strip()
+        assert "\n" not in message and "Traceback" not in message
+        assert f"{path}: line {line}: {column}={value}: breaks the rule {rule}" in message
+        assert state(ws) == before
+    else:
+        rejects = ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule)) FROM refresher_rejects")
+        assert rejects == [["AAPL", line, rule]]

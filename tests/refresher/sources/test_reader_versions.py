@@ -122,3 +122,15 @@ def test_a_calendar_library_upgrade_changes_the_version(
     before = source.version(segment)
     monkeypatch.setattr(base, "calendar_library_version", lambda: "9999.1")
     assert source.version(segment) != before
+
+
+def test_the_files_reader_that_named_rows_by_record_has_another_version(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # r2 stored a quarantined CSV row's line (rejects, reports) too early after an empty line: not served again
+    (tmp_path / "AAPL.csv").write_text(YYYYMMDD_CSV)
+    profile = make_profile(
+        "universe: {symbols: [AAPL]}\nstart: 2024-11-01\nend: 2024-11-30\n"
+        f"source: {{kind: files, path: {tmp_path}, daily: '{{symbol}}.csv', on_bad_rows: quarantine}}\n"
+    )
+    assert FilesSource(profile).version(Segment("AAPL", "1d", NOV)).startswith("files/r3/")
