@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= ui_testing
-ENGINE ?= auto
+# Empty: the CLI's own choice ($REFRESHER_ENGINE, else auto), so `make refresh` and `refresher refresh` agree.
+ENGINE ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
@@ -25,11 +26,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install refresher with its test extras
 
-refresh: $(STAMP) ## Load PROFILE into an isolated Postgres (ENGINE=auto|local|docker|compose, AS_OF=date) and print its DSN
-	$(BIN)/refresher refresh --profile $(PROFILE) --engine $(ENGINE) $(if $(AS_OF),--as-of $(AS_OF))
+refresh: $(STAMP) ## Load PROFILE into an isolated Postgres (ENGINE=auto|local|docker|compose, default $REFRESHER_ENGINE, else auto; AS_OF=date) and print its DSN
+	$(BIN)/refresher refresh --profile $(PROFILE) $(if $(ENGINE),--engine $(ENGINE)) $(if $(AS_OF),--as-of $(AS_OF))
 
 plan: $(STAMP) ## Show what a refresh of PROFILE would do, touching nothing
-	$(BIN)/refresher plan --profile $(PROFILE) --engine $(ENGINE) $(if $(AS_OF),--as-of $(AS_OF))
+	$(BIN)/refresher plan --profile $(PROFILE) $(if $(ENGINE),--engine $(ENGINE)) $(if $(AS_OF),--as-of $(AS_OF))
 
 reset: $(STAMP) ## Bring PROFILE's database back to its pristine snapshot
 	$(BIN)/refresher reset --profile $(PROFILE)

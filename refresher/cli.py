@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = profile_cmd("refresh", "Load the profile's data into its isolated Postgres and print the DSN.")
     refresh.add_argument("--prune", action="store_true", help="delete segments the profile no longer wants")
+    refresh.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="say on stderr whether the refresh stamp answered a no-op (and why not), and whether it was written",
+    )
     refresh.add_argument("--verify", action="store_true", help="also check row counts in the database")
     refresh.add_argument("--as-of", type=_parse_date, default=None, help=AS_OF_HELP)
     refresh.add_argument(
@@ -336,11 +342,31 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
 
         return jobs_cli.run(args, settings, emit)
     if args.command == "refresh":
-        plain = not (args.prune or args.verify or args.as_of or args.on_bad_rows or args.allow_shrink)
-        noop = commands.refresh_if_noop(settings, args.profile) if plain else None
-        if noop is not None:
-            emit(args, noop, lambda: render.refresh_summary(noop, url_hint=_url_hint(args, noop["profile"])))
-            return 0
+        flags = [
+            flag
+            for flag, given in (
+                ("--prune", args.prune),
+                ("--verify", args.verify),
+                ("--as-of", args.as_of),
+                ("--on-bad-rows", args.on_bad_rows),
+                ("--allow-shrink", args.allow_shrink),
+            )
+            if given
+        ]
+        said = _say if args.verbose else lambda message: None
+        if flags:
+            said(f"stamp: not checked: {', '.join(flags)} given")
+        else:
+            verdict = commands.refresh_if_noop(settings, args.profile)
+            noop = verdict.report
+            said(f"stamp: {verdict.why}" if noop is not None else f"stamp: not used: {verdict.why}")
+            if noop is not None:
+                emit(
+                    args,
+                    noop,
+                    lambda: render.refresh_summary(noop, url_hint=_url_hint(args, noop["profile"])),
+                )
+                return 0
         mode = "off" if args.json else "bar" if sys.stderr.isatty() else "lines"
         with render.progress(mode) as on_progress:
             report = commands.refresh(
@@ -354,6 +380,7 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
                 wait=not args.no_wait,
                 on_wait=_say,
                 allow_shrink=args.allow_shrink,
+                on_stamp=lambda outcome: said(f"stamp: {outcome}"),
             )
         emit(
             args,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from refresher._lazy import LazyModule
 from refresher.errors import EngineStateError, ProfileError, RefresherError, SnapshotError
@@ -78,9 +78,11 @@ def refresh(
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
     allow_shrink: bool | None = None,
+    on_stamp: Callable[[str], None] | None = None,
 ) -> RefreshReport:
     """``refresher refresh``; the pool keeps ``settings.pool_size`` warm clones (None: the size the server's
-    snapshot records, else ``DEFAULT_POOL_SIZE``)."""
+    snapshot records, else ``DEFAULT_POOL_SIZE``). ``on_stamp`` is told whether the refresh was stamped, and why
+    not (``refresh -v``)."""
     from featurestore import FeatureStore
     from refresher.refresh import refresh as _refresh
 
@@ -91,7 +93,7 @@ def refresh(
         _database_errors(profile.name),
         diskfull.store_disk_full(settings.store_root),
     ):
-        stamp.clear(settings.state_dir, profile.name)
+        stamp.clear(settings.state_dir, profile.name, engine.name)
         report = _refresh(
             profile,
             engine,
@@ -102,29 +104,35 @@ def refresh(
             pool_size=settings.pool_size,
         )
         server = engine.info(profile.name)
+        # no stamp only costs the next no-op its speed
+        why: str | None = "the server is not running"
         if server is not None:
-            # no stamp only costs the next no-op its speed
-            with contextlib.suppress(OSError, psycopg.Error, RefresherError):
-                stamp.write(settings.state_dir, settings.store_root, profile, server, report.to_json())
+            try:
+                why = stamp.write(settings.state_dir, settings.store_root, profile, server, report.to_json())
+            except (OSError, psycopg.Error, RefresherError) as exc:
+                why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if on_stamp is not None:
+            on_stamp("written" if why is None else f"not written: {why}")
         return report
 
 
-def refresh_if_noop(settings: Settings, name: str) -> dict[str, Any] | None:
+def refresh_if_noop(settings: Settings, name: str) -> stamp.Verdict:
     """The report of a ``refresh`` (without flags) that the profile's stamp proves has nothing to do, found with
-    the server's psql (psycopg where that cannot tell) and without parsing the profile (``refresher.stamp``); None
-    when it must run in full."""
+    the server's psql (psycopg where that cannot tell) and without parsing the profile (``refresher.stamp``); its
+    report is None when it must run in full, and its ``why`` says why."""
     from refresher.profile_files import validate_profile
 
     try:
         path = _find_profile(settings, name)
         profile = validate_profile(path.stem)
-    except ProfileError:
-        return None  # the full path reads the profile and says what is wrong with it
+    except ProfileError as exc:
+        # the full path reads the profile and says what is wrong with it
+        return stamp.Verdict(None, f"the profile: {exc}")
     engine = engines.select_engine(settings.engine, settings, profile)
     server = engine.info(profile)
     if server is None:
-        return None
-    return stamp.check(settings.state_dir, settings.store_root, path, server, pool_size=settings.pool_size)
+        return stamp.Verdict(None, f"no running server of profile {profile} ({engine.name} engine)")
+    return stamp.verdict(settings.state_dir, settings.store_root, path, server, pool_size=settings.pool_size)
 
 
 def plan(

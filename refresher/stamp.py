@@ -43,6 +43,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,8 +76,11 @@ _STATE_QUERY = (
 )
 
 
-def stamp_path(state_dir: Path, profile: str) -> Path:
-    return state_dir / "stamps" / f"{profile}.json"
+def stamp_path(state_dir: Path, profile: str, engine: str) -> Path:
+    """The stamp of ``profile``'s server on ``engine``: one per server, as a state dir may hold a profile's
+    server on each engine (``--engine local`` and ``docker``, or `make refresh` and a CLI of another
+    $REFRESHER_ENGINE), and a refresh of one must not void the other's stamp."""
+    return state_dir / "stamps" / engine / f"{profile}.json"
 
 
 def stampable(profile: Profile) -> bool:
@@ -206,6 +210,10 @@ def _record_probe(conn: psycopg.Connection[Any], server: ServerInfo, stamp: dict
     return {"probe": probe, "fingerprint": _fingerprint(row[0]), "pool": pool_sizing}
 
 
+# What each of ``_fingerprint``'s rows is, for a message naming those that differ.
+_PROBED = ("tables and symbols", "ledger version", "pristine copy's mark", "server's system identifier")
+
+
 def _fingerprint(rows: list[Any]) -> list[Any]:
     """What of ``_probe_sql``'s rows must be as recorded: all but the unfinished analyses (a side job's)."""
     return [rows[0], rows[1], rows[2], rows[4]]
@@ -214,11 +222,18 @@ def _fingerprint(rows: list[Any]) -> list[Any]:
 def _probed(stamp: dict[str, Any], server: ServerInfo, pool_size: int | None) -> bool:
     """Whether the server's psql reads the rows the stamp recorded (``_record_probe``), no analysis unfinished,
     and ``pool_size`` (None: any) is the size the recorded mark says the user chose. False on any doubt."""
+    return _probe_doubt(stamp, server, pool_size) is None
+
+
+def _probe_doubt(stamp: dict[str, Any], server: ServerInfo, pool_size: int | None) -> str | None:
+    """Why the server's psql does not vouch for the stamp (``_probed``); None when it does."""
     probe, recorded, pool_sizing = stamp.get("probe"), stamp.get("fingerprint"), stamp.get("pool")
-    if server.psql is None or not isinstance(probe, str) or recorded is None:
-        return False
+    if server.psql is None:
+        return f"no psql for the {server.engine} engine"
+    if not isinstance(probe, str) or recorded is None:
+        return "no probe recorded (its rows did not vouch for the stamp when written)"
     if pool_size is not None and pool_sizing != [pool_size, True]:
-        return False
+        return f"pool size {pool_size} asked, the recorded mark says {pool_sizing} (size, chosen)"
     argv = [
         server.psql,
         "-X",
@@ -245,10 +260,25 @@ def _probed(stamp: dict[str, Any], server: ServerInfo, pool_size: int | None) ->
             timeout=30,
             check=False,
         )
-        rows = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return False
-    return isinstance(rows, list) and len(rows) == 5 and not rows[3] and _fingerprint(rows) == recorded
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"psql did not run ({exc})"
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        return f"psql failed (exit {done.returncode}: {said[0] if said else 'nothing said'})"
+    try:
+        rows = json.loads(done.stdout)
+    except ValueError:
+        return "psql's answer is not the probe's JSON"
+    if not isinstance(rows, list) or len(rows) != 5:
+        return "psql's answer is not the probe's rows"
+    if rows[3]:
+        return "an analysis of a pool database is unfinished"
+    differ = [
+        name for name, now, then in zip(_PROBED, _fingerprint(rows), recorded, strict=False) if now != then
+    ]
+    if differ or len(recorded) != len(_PROBED):
+        return f"the server's rows differ from the recorded ones ({', '.join(differ) or 'recorded rows'})"
+    return None
 
 
 def _stamped_state(conn: psycopg.Connection[Any]) -> tuple[list[str], list[str | None] | None]:
@@ -269,17 +299,21 @@ def valid_until(profile: Profile, now: dt.datetime) -> dt.datetime:
     return min(next_close(exchange, now) for exchange in sorted(exchanges))
 
 
-def clear(state_dir: Path, profile: str) -> None:
-    """Forget the stamp: a refresh is about to change the database."""
-    stamp_path(state_dir, profile).unlink(missing_ok=True)
+def clear(state_dir: Path, profile: str, engine: str) -> None:
+    """Forget the stamp of ``profile``'s server on ``engine``: a refresh is about to change its database."""
+    stamp_path(state_dir, profile, engine).unlink(missing_ok=True)
 
 
 def write(
     state_dir: Path, store_root: Path, profile: Profile, server: ServerInfo, report: dict[str, Any]
-) -> bool:
-    """Stamp a refresh that just finished (under the profile lock); False when it cannot be stamped."""
-    if not stampable(profile) or not profile.inputs:
-        return False
+) -> str | None:
+    """Stamp a refresh that just finished (under the profile lock); why not when it cannot be stamped."""
+    if not stampable(profile):
+        return (
+            "a files or Postgres source, or a feature of a user's module, changes outside what a stamp checks"
+        )
+    if not profile.inputs:
+        return "the profile was not read from a file"
     import psycopg
 
     from refresher import snapshot
@@ -289,8 +323,11 @@ def write(
     with psycopg.connect(server.dsn(), autocommit=True, connect_timeout=10) as conn:
         tables, state = _stamped_state(conn)
         pristine = snapshot.pristine_ledger(server, conn)
-        if state is None or state[0] is None or pristine != state[0]:
-            return False  # no consistent snapshot of what the database holds: nothing to vouch for
+        # no consistent snapshot of what the database holds: nothing to vouch for
+        if state is None or state[0] is None:
+            return "a table is missing from the database"
+        if pristine != state[0]:
+            return "the pristine copy is not of the database's ledger"
         stamp = {
             "format": STAMP_FORMAT,
             "profile": profile.name,
@@ -306,10 +343,10 @@ def write(
         }
         if server.psql is not None:  # no psql, no probe to record (Docker, compose)
             stamp.update(_record_probe(conn, server, stamp))
-    path = stamp_path(state_dir, profile.name)
+    path = stamp_path(state_dir, profile.name, server.engine)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, stamp)
-    return True
+    return None
 
 
 def _save(path: Path, stamp: dict[str, Any]) -> None:
@@ -318,10 +355,31 @@ def _save(path: Path, stamp: dict[str, Any]) -> None:
     os.replace(handle.name, path)  # a reader sees the old stamp, the new one, or none
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What ``verdict`` found: the no-op's report (None: refresh in full) and, in words, how the stamp answered
+    or why it did not (``refresh -v`` prints it)."""
+
+    report: dict[str, Any] | None
+    why: str
+
+
+class _Void(Exception):
+    """The stamp does not answer, for the reason given."""
+
+
 def check(
     state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int | None
 ) -> dict[str, Any] | None:
-    """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full.
+    """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full
+    (``verdict``'s report)."""
+    return verdict(state_dir, store_root, profile_file, server, pool_size=pool_size).report
+
+
+def verdict(
+    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int | None
+) -> Verdict:
+    """Whether the stamp proves a refresh has nothing to do (its report then), and how or why not.
 
     ``profile_file`` is the file the command's ``--profile`` names (``profile_files.find_profile_file``); the
     profile is ``server``'s, named after the file. ``pool_size``: the pool the refresh asks for; another than
@@ -329,39 +387,104 @@ def check(
     mark records.
     """
     started = time.perf_counter()
-    name = profile_file.stem
-    path = stamp_path(state_dir, name)
+    path = stamp_path(state_dir, profile_file.stem, server.engine)
+    try:
+        text, stamp = _read(path)
+        features = _check_inputs(stamp, profile_file)
+        _check_target(stamp, store_root, server, profile_file.stem)
+    except _Void as void:
+        return Verdict(None, str(void))
+    dsn = server.dsn(with_password=False)
+    doubt = _probe_doubt(stamp, server, pool_size)
+    if doubt is None:
+        return Verdict(
+            _noop_report(stamp["report"], dsn, time.perf_counter() - started), "answered through psql"
+        )
+    try:
+        _check_database(path, text, stamp, server, features, pool_size)
+    except _Void as void:
+        return Verdict(None, f"{void} (psql: {doubt})")
+    return Verdict(
+        _noop_report(stamp["report"], dsn, time.perf_counter() - started),
+        f"answered through psycopg (psql: {doubt})",
+    )
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
+    """The stamp's text and fields; _Void when there is none of this format."""
     try:
         text = path.read_text()
-        stamp = json.loads(text)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT:
-        return None
+    except FileNotFoundError:
+        raise _Void(
+            f"no stamp at {path} (the last refresh wrote none, or a refresh, reset or down cleared it)"
+        ) from None
+    except OSError as exc:
+        raise _Void(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        inputs = stamp["inputs"]
-        # The file the name finds now must be the one the stamped profile was read from, every input must
-        # hold the same bytes (or still be absent), and the session close the stamp was valid until not passed.
-        if inputs[0][0] != str(profile_file.absolute()):
-            return None
-        if not unchanged(inputs, str(stamp["valid_until"]), dt.datetime.now(dt.UTC)):
-            return None
+        stamp = json.loads(text)
+    except ValueError:
+        raise _Void(f"{path} is not JSON (torn or edited)") from None
+    if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT:
+        found = stamp.get("format") if isinstance(stamp, dict) else None
+        raise _Void(f"{path} is of format {found!r}, this refresher's is {STAMP_FORMAT}")
+    return text, stamp
+
+
+def _check_inputs(stamp: dict[str, Any], profile_file: Path) -> list[str]:
+    """The feature tables the stamp records; _Void unless the file the name finds now is the one the stamped
+    profile was read from, every input holds the same bytes (or is still absent), and the session close the
+    stamp was valid until has not passed."""
+    try:
+        inputs = [[str(path), digest] for path, digest in stamp["inputs"]]
+        until = dt.datetime.fromisoformat(str(stamp["valid_until"]))
         features = [str(table) for table in stamp["feature_tables"]]
-    except (KeyError, TypeError, ValueError, IndexError, OSError):
-        return None
-    dsn = server.dsn(with_password=False)
+        if inputs[0][0] != str(profile_file.absolute()):
+            raise _Void(
+                f"the profile is now read from {profile_file.absolute()}, the stamp's from {inputs[0][0]}"
+            )
+        if dt.datetime.now(dt.UTC) >= until:
+            raise _Void(
+                f"the session close it answered until passed ({until.isoformat()}): the data window moves"
+            )
+        for (name, digest), (_, now) in zip(
+            inputs, input_digests(Path(name) for name, _ in inputs), strict=True
+        ):
+            if now != digest:
+                what = "appeared" if digest is None else "is gone" if now is None else "changed"
+                raise _Void(f"{name} {what} since the stamp")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise _Void(f"malformed stamp ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise _Void(f"cannot read an input of the profile: {exc}") from None
+    return features
+
+
+def _check_target(stamp: dict[str, Any], store_root: Path, server: ServerInfo, profile: str) -> None:
+    """_Void unless the stamp is of ``profile``, its server (engine, DSN), store and code."""
     expected = {
-        "profile": name,
+        "profile": profile,
         "engine": server.engine,
-        "dsn": dsn,
+        "dsn": server.dsn(with_password=False),
         "store": _store_identity(store_root),
     }
-    if any(stamp.get(k) != v for k, v in expected.items()):
-        return None
+    for key, value in expected.items():
+        if stamp.get(key) != value:
+            said = "written to (another run wrote to it)" if key == "store" else "another"
+            raise _Void(f"the {key} is {said}: stamped {stamp.get(key)!r}, now {value!r}")
     if stamp.get("code") != code_fingerprint():
-        return None
-    if _probed(stamp, server, pool_size):
-        return _noop_report(stamp["report"], dsn, time.perf_counter() - started)
+        raise _Void("the code changed (a source file of refresher or featurestore, or a library's version)")
+
+
+def _check_database(
+    path: Path,
+    text: str,
+    stamp: dict[str, Any],
+    server: ServerInfo,
+    features: list[str],
+    pool_size: int | None,
+) -> None:
+    """The check through psycopg: _Void unless the database holds what the stamp vouches for, its pristine
+    copy is of that ledger and the pool asked for is the recorded one; then records the probe's rows again."""
     import psycopg
 
     from refresher import pool, snapshot
@@ -374,23 +497,28 @@ def check(
             recorded = pool.recorded_pool(server, conn)
             unfinished = pool.unfinished_analyses(conn)
             probe = _record_probe(conn, server, stamp) if server.psql is not None else {}
-        if (
-            state is None
-            or state != stamp.get("database")
-            or pristine != state[0]
-            or (
-                pool_size is not None
-                and (recorded is None or (recorded.size, recorded.chosen) != (pool_size, True))
-            )
-        ):
-            return None
-    except (psycopg.Error, SnapshotError):
-        return None  # whatever it is, the full refresh meets it and says it properly
+    except (psycopg.Error, SnapshotError) as exc:
+        # whatever it is, the full refresh meets it and says it properly
+        first = str(exc).strip().splitlines()
+        raise _Void(f"the server's answer: {first[0] if first else type(exc).__name__}") from None
+    if state is None:
+        raise _Void(f"a table is missing (one of {', '.join([*TABLES, *features])})")
+    stamped = stamp.get("database")
+    if not isinstance(stamped, list) or state[0] != stamped[0]:
+        raise _Void("the ledger was written (or its tables made again) since the stamp")
+    if state[1] != stamped[1]:
+        raise _Void("the symbols table changed since the stamp")
+    if pristine != state[0]:
+        raise _Void("the pristine copy is missing or of another ledger" if pristine else "no pristine copy")
+    if pool_size is not None and (recorded is None or (recorded.size, recorded.chosen) != (pool_size, True)):
+        chosen = (
+            None if recorded is None else f"{recorded.size} ({'chosen' if recorded.chosen else 'default'})"
+        )
+        raise _Void(f"pool size {pool_size} asked, the pristine copy records {chosen}")
     if unfinished:  # a reset's analyzer was killed (or is still at it): the next command finishes it
         pool.spawn_refill(server, fill=False)
     if probe and any(stamp.get(k) != v for k, v in probe.items()):
         _record_again(path, text, {**stamp, **probe})
-    return _noop_report(stamp["report"], dsn, time.perf_counter() - started)
 
 
 def _record_again(path: Path, text: str, stamp: dict[str, Any]) -> None:
@@ -427,11 +555,13 @@ __all__ = [
     "MANIFEST_FILE",
     "STAMP_FORMAT",
     "TABLES",
+    "Verdict",
     "check",
     "clear",
     "code_fingerprint",
     "input_digests",
     "stampable",
     "unchanged",
+    "verdict",
     "write",
 ]

@@ -6,9 +6,11 @@ Which path answered is in the report: the stamp's has the single phase ``stamp``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -38,7 +40,7 @@ def stamped(report: dict[str, Any]) -> bool:
 
 
 def stamp_file(ws: Workspace) -> Path:
-    return stamp.stamp_path(ws.root / "state", ws.profile)
+    return stamp.stamp_path(ws.root / "state", ws.profile, ws.engine)
 
 
 def settle(ws: Workspace) -> dict[str, Any]:
@@ -50,6 +52,21 @@ def settle(ws: Workspace) -> dict[str, Any]:
         assert time.monotonic() < deadline, report
         report = ws.refresh()
     return report
+
+
+def refresh_saying(ws: Workspace, *extra: str) -> tuple[dict[str, Any], list[str]]:
+    """A refresh with ``-v``: its report, and what it said of the stamp (``refresher: stamp: ...`` lines)."""
+    done = ws.run("refresh", "--profile", ws.profile, "--json", "-v", *extra)
+    prefix = "refresher: stamp: "
+    said = [line.removeprefix(prefix) for line in done.stderr.splitlines() if line.startswith(prefix)]
+    return json.loads(done.stdout.strip().splitlines()[-1]), said
+
+
+def ws_profile(ws: Workspace) -> Any:
+    """The workspace's profile as a refresh reads it (for ``stamp.write`` in-process)."""
+    from refresher.profile import load_profile
+
+    return load_profile(ws.profile, [ws.root / "profiles"])
 
 
 def local_server(ws: Workspace) -> ServerInfo:
@@ -74,9 +91,14 @@ def execute(ws: Workspace, query: str, dbname: str | None = None) -> None:
 
 def test_a_noop_refresh_answers_from_the_stamp_with_the_full_paths_report(ws: Workspace) -> None:
     fast = settle(ws)
+    assert refresh_saying(ws)[1] == ["answered through psql"]
     stamp_file(ws).unlink()
-    full = ws.refresh()
+    full, said = refresh_saying(ws)
     assert not stamped(full) and full["segments"]["loaded"] == 0  # the full path's own no-op
+    assert said == [
+        f"not used: no stamp at {stamp_file(ws)} (the last refresh wrote none, or a refresh, reset or down cleared it)",
+        "written",
+    ]
     assert stamped(ws.refresh())  # and it stamped again
     for report in (fast, full):
         report.pop("seconds"), report.pop("phases"), report.pop("store")
@@ -103,6 +125,13 @@ def test_the_human_output_is_the_same_summary(ws: Workspace) -> None:
         "store",
         "code",
         "torn stamp",
+        "symbols",
+        "format",
+        "malformed",
+        "profile file",
+        "dsn",
+        "engine",
+        "shut database",
     ],
 )
 def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspace, change: str) -> None:
@@ -114,6 +143,8 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         "dropped feature table",
         "snapshot",
         "disarmed counter",
+        "symbols",
+        "shut database",
     )
     if change == "profile":  # another seed for KO: its segments must be fetched and loaded again
         ws.write_profile(symbols=["AAPL", "KO"], months=1, seeds="seeds: {KO: 5}\n")
@@ -124,11 +155,21 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         )
     elif change == "dropped table":
         execute(ws, "DROP TABLE refresher_rejects")
+        assert stamp.write(ws.root / "state", ws.root / "store", ws_profile(ws), local_server(ws), {}) == (
+            "a table is missing from the database"
+        )
+    elif change == "symbols":
+        execute(ws, "UPDATE symbols SET asset_class = asset_class || '-edited' WHERE symbol = 'KO'")
+    elif change == "shut database":  # what a reset killed with its door shut leaves: the full path opens it
+        execute(ws, f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false', MAINTENANCE_DB)
     elif change == "dropped feature table":
         execute(ws, "DROP TABLE features_dashboard_data")
     elif change == "snapshot":
         execute(ws, f'ALTER DATABASE "{pristine_name(dbname)}" IS_TEMPLATE false', MAINTENANCE_DB)
         execute(ws, f'DROP DATABASE "{pristine_name(dbname)}" WITH (FORCE)', MAINTENANCE_DB)
+        assert stamp.write(ws.root / "state", ws.root / "store", ws_profile(ws), local_server(ws), {}) == (
+            "the pristine copy is not of the database's ledger"
+        )
     elif (
         change == "disarmed counter"
     ):  # a ledger write the counter does not see: only the full digest can tell
@@ -145,12 +186,43 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
             field, value = {
                 "session close": ("valid_until", "2000-01-01T00:00:00+00:00"),
                 "code": ("code", "old"),
+                "format": ("format", stamp.STAMP_FORMAT - 1),
+                "malformed": ("inputs", 7),
+                "profile file": ("inputs", [[str(ws.root / "elsewhere.yaml"), None]]),
+                "dsn": ("dsn", "postgresql://someone@127.0.0.1:1/elsewhere"),
+                "engine": ("engine", "docker"),
             }[change]
             path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
     if in_database:  # the server's answer differs: psql's probe must not say nothing to do
         assert not probe_answers(ws), change
-    report = ws.refresh()
+    report, said = refresh_saying(ws)
     assert not stamped(report), change
+    because = {
+        "profile": f"{ws.root / 'profiles' / ws.profile}.yaml changed since the stamp",
+        "ledger": "the ledger was written (or its tables made again) since the stamp",
+        "dropped table": "a table is missing (one of symbols, ",
+        "dropped feature table": "a table is missing (one of symbols, ",
+        "snapshot": "no pristine copy",
+        "disarmed counter": "the ledger was written (or its tables made again) since the stamp",
+        "session close": "the session close it answered until passed (2000-01-01T00:00:00+00:00)",
+        "store": "the store is written to (another run wrote to it)",
+        "code": "the code changed",
+        "torn stamp": "is not JSON (torn or edited)",
+        "symbols": "the symbols table changed since the stamp",
+        "format": f"is of format {stamp.STAMP_FORMAT - 1}, this refresher's is {stamp.STAMP_FORMAT}",
+        "malformed": "malformed stamp (TypeError",
+        "profile file": f"the stamp's from {ws.root / 'elsewhere.yaml'}",
+        "dsn": "the dsn is another: stamped 'postgresql://someone@127.0.0.1:1/elsewhere'",
+        "engine": "the engine is another: stamped 'docker', now 'local'",
+        "shut database": "the server's answer: ",
+    }[change]
+    assert len(said) == 2 and said[0].startswith("not used: ") and because in said[0], (change, said)
+    if in_database:  # psql's probe was asked first, and said why it did not answer
+        probe = (
+            "(psql: psql failed (exit 2: " if change == "shut database" else "(psql: the server's rows differ"
+        )
+        assert probe in said[0], (change, said)
+    assert said[1] == "written", said
     if change in ("profile", "ledger"):
         assert report["segments"]["loaded"] >= 1
     if change == "dropped table":
@@ -173,17 +245,40 @@ def test_without_the_probe_the_check_asks_through_psycopg_and_records_the_probe_
     settle(ws)
     server = local_server(ws)
     args = (ws.root / "state", ws.root / "store", ws.root / "profiles" / f"{ws.profile}.yaml")
-    # No psql (a Docker server), one that is gone or fails, one that answers no JSON: psycopg answers.
-    for psql in (None, str(ws.root / "no-such-psql"), "/bin/false", "/bin/echo"):
-        assert not stamp._probed(json.loads(stamp_file(ws).read_text()), replace(server, psql=psql), None)
-        assert stamp.check(*args, replace(server, psql=psql), pool_size=None) is not None, psql
+    not_rows = ws.root / "psql-not-rows"
+    not_rows.write_text("#!/bin/sh\necho '[1]'\n")
+    not_rows.chmod(0o755)
+    # No psql (a Docker server), one that is gone or fails, one that answers no JSON or other JSON: psycopg
+    # answers, and says why psql did not.
+    for psql, doubt in (
+        (None, "no psql for the local engine"),
+        (str(ws.root / "no-such-psql"), "psql did not run ("),
+        ("/bin/false", "psql failed (exit 1: nothing said)"),
+        ("/bin/echo", "psql's answer is not the probe's JSON"),
+        (str(not_rows), "psql's answer is not the probe's rows"),
+    ):
+        said = stamp._probe_doubt(json.loads(stamp_file(ws).read_text()), replace(server, psql=psql), None)
+        assert said is not None and said.startswith(doubt), (psql, said)
+        found = stamp.verdict(*args, replace(server, psql=psql), pool_size=None)
+        assert found.report is not None and found.why == f"answered through psycopg (psql: {said})", psql
     # A pool size other than the recorded user's choice is work (the mark records the default: not chosen).
-    assert not probe_answers(ws, pool_size=json.loads(stamp_file(ws).read_text())["pool"][0])
+    size = json.loads(stamp_file(ws).read_text())["pool"][0]
+    assert not probe_answers(ws, pool_size=size)
+    said = stamp._probe_doubt(json.loads(stamp_file(ws).read_text()), server, size)
+    assert said == f"pool size {size} asked, the recorded mark says [{size}, False] (size, chosen)"
+    # A stamp whose rows did not vouch for it when written carries no probe.
+    recorded = json.loads(stamp_file(ws).read_text())
+    bare = {k: v for k, v in recorded.items() if k not in ("probe", "fingerprint", "pool")}
+    said = stamp._probe_doubt(bare, server, None)
+    assert said == "no probe recorded (its rows did not vouch for the stamp when written)"
     # Rows recorded for another state (the mark of an analysis since finished, say): psycopg's check answers and
     # records the server's rows again, and psql answers the next time.
     recorded = json.loads(stamp_file(ws).read_text())
     stamp_file(ws).write_text(json.dumps({**recorded, "fingerprint": [*recorded["fingerprint"][:3], []]}))
     assert not probe_answers(ws)
+    assert stamp._probe_doubt(json.loads(stamp_file(ws).read_text()), server, None) == (
+        "the server's rows differ from the recorded ones (server's system identifier)"
+    )
     assert stamp.check(*args, server, pool_size=None) is not None
     assert json.loads(stamp_file(ws).read_text()) == recorded
     assert probe_answers(ws)
@@ -212,7 +307,12 @@ def test_rows_that_do_not_vouch_for_the_stamp_are_not_recorded(ws: Workspace) ->
 def test_any_flag_falls_through(ws: Workspace) -> None:
     for flags in (["--as-of", AS_OF.isoformat()], ["--verify"], ["--prune"], ["--on-bad-rows", "fail"]):
         settle(ws)
-        assert not stamped(ws.refresh(*flags)), flags
+        report, said = refresh_saying(ws, *flags)
+        assert not stamped(report), flags
+        assert said == [f"not checked: {flags[0]} given", "written"], said
+    settle(ws)
+    report, said = refresh_saying(ws, "--verify", "--allow-shrink")
+    assert said == ["not checked: --verify, --allow-shrink given", "written"], said
 
 
 def test_reset_brings_back_what_the_stamp_vouches_for(ws: Workspace) -> None:
@@ -485,6 +585,8 @@ def test_a_refresh_with_nothing_to_do_finishes_an_analysis_a_killed_analyzer_lef
         recorded, before = _analysis_left(dsn)
         assert recorded
         assert not probe_answers(ws)  # psql's probe leaves the analysis to the check that starts one
+        said = stamp._probe_doubt(json.loads(stamp_file(ws).read_text()), local_server(ws), None)
+        assert said == "an analysis of a pool database is unfinished"
         if full:
             stamp_file(ws).unlink()
         assert stamped(ws.refresh()) is not full
@@ -494,3 +596,77 @@ def test_a_refresh_with_nothing_to_do_finishes_an_analysis_a_killed_analyzer_lef
                 f"the analysis the record names was never finished: {_analysis_left(dsn)}"
             )
             time.sleep(0.1)
+
+
+def test_a_stamp_is_not_written_for_what_it_cannot_check(ws: Workspace, tmp_path: Path) -> None:
+    """``stamp.write`` says why it wrote nothing (``refresh -v``: 'stamp: not written: ...')."""
+    from refresher.profile import load_profile
+
+    server = local_server(ws)
+    mine = tmp_path / "files_source.yaml"
+    mine.write_text(
+        "universe:\n  symbols: [AAPL]\nexchange: XNYS\nmonths: 1\ntimeframes: [1d]\nfeatures: []\n"
+        f"source: {{kind: files, path: {tmp_path}}}\n"
+    )
+    files = load_profile(str(mine), [tmp_path])
+    assert stamp.write(ws.root / "state", ws.root / "store", files, server, {}) == (
+        "a files or Postgres source, or a feature of a user's module, changes outside what a stamp checks"
+    )
+    unread = dataclasses.replace(ws_profile(ws), inputs=())
+    assert stamp.write(ws.root / "state", ws.root / "store", unread, server, {}) == (
+        "the profile was not read from a file"
+    )
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_profiles_servers_on_two_engines_keep_a_stamp_each(
+    ws: Workspace, docker_client: Any, docker_pg_image: str
+) -> None:
+    """A state dir may hold a profile's server on the local engine and on Docker (`make refresh` passed --engine
+    auto over $REFRESHER_ENGINE): the stamp was one file per profile, so each engine's refresh voided the
+    other's ('the engine is another') and every refresh of either ran in full."""
+    settle(ws)
+    on_docker = replace(ws, engine="docker")
+    try:
+        report, said = refresh_saying(on_docker)
+        assert not stamped(report) and report["engine"] == "docker"
+        assert said == [f"not used: no running server of profile {ws.profile} (docker engine)", "written"]
+        for _ in range(2):
+            report, said = refresh_saying(ws)
+            assert stamped(report) and report["engine"] == "local", said
+            report, said = refresh_saying(on_docker)
+            assert stamped(report) and report["engine"] == "docker", said
+            assert said == ["answered through psycopg (psql: no psql for the docker engine)"]
+    finally:
+        subprocess.run(
+            on_docker.command("down", "--profile", ws.profile), env=ws.env, timeout=300, check=False
+        )
+
+
+@pytest.mark.parametrize("target", ["refresh", "plan"])
+def test_make_leaves_the_engine_to_the_cli_unless_told(target: str) -> None:
+    """`make refresh` passed --engine auto, over $REFRESHER_ENGINE: `make refresh` and `refresher refresh` then
+    refreshed two servers of one profile (auto keeps a profile on the engine already serving it)."""
+    from refresher.settings import CHECKOUT
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make")
+
+    def command(*variables: str) -> str:
+        env = {**os.environ, "REFRESHER_ENGINE": "local"}
+        env.pop("ENGINE", None)
+        done = subprocess.run(
+            [make, "-n", "--no-print-directory", "-C", str(CHECKOUT), target, "PROFILE=mine", *variables],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        [line] = [line for line in done.stdout.splitlines() if f"refresher {target} " in line]
+        return line
+
+    assert "--engine" not in command()
+    assert "--engine docker" in command("ENGINE=docker")

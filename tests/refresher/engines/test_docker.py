@@ -788,7 +788,7 @@ def test_a_refresh_brings_a_container_an_older_refresher_made_up_to_date_and_kee
         wait_ready(server.dsn(), what="old", timeout=60, alive=lambda: True, log_tail=str)
         assert ws.scalar("SHOW lc_messages") == "C.UTF-8"  # the image's, as initdb chose it
         # The stamp the older refresher wrote does not answer this one (stamp.code_fingerprint).
-        stamp_path(ws.root / "state", ws.profile).unlink()
+        stamp_path(ws.root / "state", ws.profile, "docker").unlink()
 
         report = ws.refresh()
         assert report["segments"]["loaded"] == 0  # nothing was lost, nothing loaded again
