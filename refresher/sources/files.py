@@ -67,6 +67,7 @@ class _Read:
     table: pa.Table
     unsplit: tuple[pacsv.InvalidRow, ...] = ()
     lines: I64 | None = None
+    breaks: bool = False  # read looking for line breaks in quoted cells (``_BREAKS``)
     # A shared file's unsplit lines by the symbol each names (``FilesSource._unsplit``): split once per read, not
     # once per line and symbol (500 symbols x 10,000 such lines were 5 M reads of a line, about 40 minutes).
     owners: dict[str, list[pacsv.InvalidRow]] = dataclasses.field(
@@ -99,6 +100,12 @@ def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
         return _Read(pacsv.read_csv(path, convert_options=convert))
     except (OSError, pa.ArrowInvalid) as exc:
         if fmt == "csv":
+            try:  # a quoted line break where pyarrow cut the file into blocks (1 MB) read as two cut lines
+                return _Read(
+                    pacsv.read_csv(path, parse_options=_BREAKS, convert_options=convert), breaks=True
+                )
+            except (OSError, pa.ArrowInvalid):
+                pass
             table, unsplit = _read_by_line(path, convert, leave_out=leave_out)
             if unsplit and not leave_out:
                 raise _split_error(path, unsplit[0], _line_numbers(path, None)) from None
@@ -106,7 +113,7 @@ def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
                 # pyarrow numbers the records it reads (the header is 1), as the rows' positions count them
                 numbers = np.arange(2, table.num_rows + len(unsplit) + 2)
                 lines = np.setdiff1d(numbers, [row.number for row in unsplit], assume_unique=True)
-                return _Read(table, tuple(unsplit), lines)
+                return _Read(table, tuple(unsplit), lines, breaks=True)
         raise SourceError(f"{path}: cannot read as {fmt}: {exc}", file=str(path)) from exc
 
 
@@ -122,7 +129,7 @@ def _read_by_line(
         found.append(row)
         return "skip" if leave_out else "error"
 
-    options = pacsv.ParseOptions(invalid_row_handler=note)
+    options = pacsv.ParseOptions(invalid_row_handler=note, newlines_in_values=True)
     try:
         read = pacsv.ReadOptions(use_threads=False)
         return pacsv.read_csv(path, read_options=read, parse_options=options, convert_options=convert), found
@@ -204,6 +211,9 @@ def _cells(text: str, count: int) -> list[str]:
     return [str(column[0]) for column in table.columns]
 
 
+# pyarrow cuts a CSV into blocks at line breaks, a quoted one too, unless told to look for quotes (slower): only
+# a file the faster read refused is read so.
+_BREAKS = pacsv.ParseOptions(newlines_in_values=True)
 _PIECE = 1 << 24  # bytes of a file looked at at once for its line breaks
 
 _CSV_CELLS: dict[str, Any] = {"null_values": [""], "strings_can_be_null": True}
@@ -223,7 +233,8 @@ def _with_written_dates(read: _Read, path: Path, name: str) -> _Read:
             if column is None or column.num_rows != read.table.num_rows:  # written to since
                 raise _changed(path)
         else:
-            column = pacsv.read_csv(path, convert_options=options)
+            parse = _BREAKS if read.breaks else None  # as the rows were read
+            column = pacsv.read_csv(path, parse_options=parse, convert_options=options)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SourceError(f"{path}: cannot read as csv: {exc}", file=str(path)) from exc
     text = pc.utf8_slice_codeunits(column.column(name), 0, 10)

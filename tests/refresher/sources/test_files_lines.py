@@ -53,11 +53,17 @@ def no_final_line_break() -> str:
     return blank_lines().rstrip("\n")
 
 
-def blocks() -> str:
-    # well past pyarrow's 1 MB block: rows of long notes, an empty line every 50, the bad row last
+def blocks(note: str = "x" * 100) -> str:
+    # well past pyarrow's 1 MB block: rows of long notes, an empty line every 50, November's rows and the bad last
     days = [dt.date(1950, 1, 1) + dt.timedelta(days=i) for i in range(12_000)]
-    lines = [good(day, "x" * 100) + ("\n" if i % 50 == 0 else "") for i, day in enumerate(days)]
-    return "\n".join([HEADER, *lines, BAD]) + "\n"
+    lines = [good(day, note) + ("\n" if i % 50 == 0 else "") for i, day in enumerate(days)]
+    november = [good(dt.date(2024, 11, 26), note), good(dt.date(2024, 11, 29), note)]
+    return "\n".join([HEADER, *lines, *november, BAD]) + "\n"
+
+
+def quoted_line_breaks_in_blocks() -> str:
+    # a quoted line break where pyarrow cut the file into blocks read as two lines cut short: refused under fail
+    return blocks(f'"x\n{"x" * 100}"')
 
 
 CASES: dict[str, Callable[[], str]] = {
@@ -67,6 +73,7 @@ CASES: dict[str, Callable[[], str]] = {
     "UTF-8 BOM": bom,
     "no final line break": no_final_line_break,
     "pyarrow blocks": blocks,
+    "quoted line breaks in pyarrow blocks": quoted_line_breaks_in_blocks,
 }
 
 
@@ -114,7 +121,9 @@ def with_cut(text: str) -> str:
     return f"{text[:bad]}\n{CUT}\n{text[bad:]}"
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"pyarrow blocks"}))
+@pytest.mark.parametrize(
+    "case", sorted(set(CASES) - {"pyarrow blocks", "quoted line breaks in pyarrow blocks"})
+)
 def test_fail_names_the_line_with_more_or_fewer_cells(
     tmp_path: Path, make_profile: MakeProfile, case: str
 ) -> None:
@@ -129,7 +138,9 @@ def test_fail_names_the_line_with_more_or_fewer_cells(
 
 
 @pytest.mark.parametrize("piece", [None, 1, 3], ids=["16MB", "1B", "3B"])
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"pyarrow blocks"}))
+@pytest.mark.parametrize(
+    "case", sorted(set(CASES) - {"pyarrow blocks", "quoted line breaks in pyarrow blocks"})
+)
 def test_quarantine_keeps_the_lines_of_a_line_with_more_or_fewer_cells_and_the_rows_after_it(
     tmp_path: Path, make_profile: MakeProfile, case: str, piece: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,3 +192,14 @@ def test_a_lone_cr_ends_a_line_as_pyarrow_reads_it(
         == expected
         == [(6, WIDTH), (8, BAD_RULE)]
     )
+
+
+def test_daily_times_with_offsets_and_quoted_line_breaks_in_pyarrow_blocks_keep_their_dates(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # zoned daily times are read a second time as text (d9960be), looking for quoted line breaks as the rows were
+    note = f'"x\n{"x" * 100}"'
+    days = [dt.date(1950, 1, 1) + dt.timedelta(days=i) for i in range(12_000)] + [dt.date(2024, 11, 26)]
+    text = "\n".join([HEADER, *(f"{day}T00:00:00+09:00,10,11,9,10.5,1000,{note}" for day in days)]) + "\n"
+    src = symbol_file(tmp_path, make_profile, "7203.csv", text.encode(), "fail")
+    assert src.fetch(Segment("7203", "1d", NOV)).column("date").to_pylist() == [dt.date(2024, 11, 26)]
