@@ -416,7 +416,7 @@ def _read(path: Path) -> tuple[str, dict[str, Any]]:
         text = path.read_text()
     except FileNotFoundError:
         raise _Void(
-            f"no stamp at {path} (the last refresh wrote none, or a refresh, reset or down cleared it)"
+            f"no stamp at {path} (the last refresh wrote none, or one cleared it before loading and did not finish)"
         ) from None
     except OSError as exc:
         raise _Void(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -96,7 +96,7 @@ def test_a_noop_refresh_answers_from_the_stamp_with_the_full_paths_report(ws: Wo
     full, said = refresh_saying(ws)
     assert not stamped(full) and full["segments"]["loaded"] == 0  # the full path's own no-op
     assert said == [
-        f"not used: no stamp at {stamp_file(ws)} (the last refresh wrote none, or a refresh, reset or down cleared it)",
+        f"not used: no stamp at {stamp_file(ws)} (the last refresh wrote none, or one cleared it before loading and did not finish)",
         "written",
     ]
     assert stamped(ws.refresh())  # and it stamped again
