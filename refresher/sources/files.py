@@ -55,7 +55,8 @@ _EXAMPLES = 3
 # before 2 had no tag: a YYYYMMDD column read as nanoseconds (segments loaded empty, 850f700), a daily time with
 # an offset dated in UTC (d9960be), a float YYYYMMDD likewise (82861e8). 2 named a CSV row after an empty line or
 # a quoted line break by pyarrow's record number, lines too early, in the reports and rejects stored with a segment.
-READER_VERSION = 3
+# 3 read '04/11/2024' beside '26/11/2024' as April 11 (the order guessed from the first date text, or each alone).
+READER_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -528,8 +529,11 @@ def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str) -> 
     of a DST change) are one instant each (pandas raised 'Mixed timezones detected', a traceback).
     """
     when: pd.Series | None = None
+    field = f"columns.{'date' if segment.timeframe == '1d' else 'ts'}"
+    day_first = pd.api.types.is_string_dtype(raw.dtype) and _day_first(raw, path, field, column)
     try:
-        when = pd.to_datetime(raw, errors="coerce", format="mixed" if raw.dtype == object else None)
+        mixed = "mixed" if raw.dtype == object else None
+        when = pd.to_datetime(raw, errors="coerce", format=mixed, dayfirst=day_first)
         if raw.dtype.kind == "M" or not (when.isna() & raw.notna()).any():
             return when
     except ValueError:  # offsets that differ
@@ -537,10 +541,9 @@ def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str) -> 
     text = raw.astype(str).where(raw.notna(), "")
     offset = text.str.contains(_OFFSET, regex=True)
     zoned = pd.to_datetime(text[offset], errors="coerce", format="mixed", utc=True)
-    naive = pd.to_datetime(text[~offset & raw.notna()], errors="coerce", format="mixed")
+    naive = pd.to_datetime(text[~offset & raw.notna()], errors="coerce", format="mixed", dayfirst=day_first)
     if zoned.notna().any() and naive.notna().any():
         with_offset, without = text[offset][zoned.notna()].iloc[0], text[~offset][naive.notna()].iloc[0]
-        field = f"columns.{'date' if segment.timeframe == '1d' else 'ts'}"
         raise SourceError(
             f"{path}: {field}={column!r}: mixes times with and without a UTC offset (e.g. {with_offset!r} "
             f"and {without!r}); write every time with its offset, or none (times without one are read in "
@@ -552,8 +555,32 @@ def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str) -> 
     if when is not None:  # of one kind: what did not parse is a bad row, its value shown
         return when
     if segment.timeframe == "1d":  # the date each one wrote, whatever its offset
-        return pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="mixed")
-    return pd.to_datetime(text, errors="coerce", format="mixed", utc=True)
+        return pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="mixed", dayfirst=day_first)
+    return pd.to_datetime(text, errors="coerce", format="mixed", utc=True, dayfirst=day_first)
+
+
+# A date written with its day and month first, in either order: '26/11/2024', '11.26.2024', '4-11-2024 09:30'.
+_DAY_MONTH = r"^\s*(\d{1,2})[/.-](\d{1,2})[/.-]\d{2,4}\b"
+
+
+def _day_first(raw: pd.Series, path: Path, field: str, column: str) -> bool:
+    """Whether the column's text dates put the day first: some first number above 12 says so. pandas took the
+    order of the first date (of each one, for text of mixed kinds), so '04/11/2024' before '26/11/2024' was April
+    11, left out of November unreported, and the other a bad row. A column with a first number above 12 and a
+    second above 12 is refused; one with neither reads month first, as pandas does."""
+    parts = raw[raw.notna()].astype(str).str.extract(_DAY_MONTH).dropna().astype(np.int64)
+    day = parts[0].to_numpy() > 12
+    month = parts[1].to_numpy() > 12
+    if day.any() and month.any():
+        day_first, month_first = raw.loc[parts.index[day][0]], raw.loc[parts.index[month][0]]
+        raise SourceError(
+            f"{path}: {field}={column!r}: mixes dates with the day first and the month first (e.g. {day_first!r} "
+            f"and {month_first!r}); write them in one order, ideally as YYYY-MM-DD",
+            file=str(path),
+            field=field,
+            value=column,
+        )
+    return bool(day.any())
 
 
 def _raw_column(column: pa.ChunkedArray) -> pd.Series:

@@ -593,3 +593,38 @@ def test_a_line_left_out_unsplit_is_left_out_of_the_dates_read_as_written(
     src = symbol_file(tmp_path, make_profile, "7203.csv", raw, "skip")
     table = src.fetch(Segment("7203", "1d", NOV)).to_pydict()
     assert (table["date"], table["volume"]) == ([dt.date(2024, 11, 26), dt.date(2024, 11, 28)], [1000, 2000])
+
+
+@pytest.mark.parametrize("timeframe", ["1d", "1m"])
+def test_dates_written_day_first_are_all_read_day_first(
+    tmp_path: Path, make_profile: MakeProfile, timeframe: str
+) -> None:
+    # pandas took the order of the first: '04/11/2024' was April 11 (left out unreported), '26/11/2024' a bad row
+    time = " 10:00" if timeframe == "1m" else ""
+    raw = f"Date,Open,High,Low,Close,Volume\n04/11/2024{time},10,11,9,10.5,1000\n26/11/2024{time},10,11,9,10.5,1000\n"
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.csv'\n  minute: '{{symbol}}.csv'"
+    (tmp_path / "AAPL.csv").write_text(raw)
+    src = FilesSource(make_profile(profile_body(body)))
+    table = src.fetch(Segment("AAPL", timeframe, NOV))
+    column = table.column("date" if timeframe == "1d" else "ts").to_pylist()
+    if timeframe == "1d":
+        assert column == [dt.date(2024, 11, 4), dt.date(2024, 11, 26)]
+    else:
+        assert [t.date() for t in column] == [dt.date(2024, 11, 4), dt.date(2024, 11, 26)]
+    assert src.reports == []
+
+
+def test_dates_written_day_first_and_month_first_are_one_line(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    raw = "Date,Open,High,Low,Close,Volume\n26/11/2024,10,11,9,10.5,1000\n11/27/2024,10,11,9,10.5,1000\n"
+    (tmp_path / "AAPL.csv").write_text(raw)
+    src = FilesSource(
+        make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.csv'"))
+    )
+    with pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value) == (
+        f"{tmp_path / 'AAPL.csv'}: columns.date='Date': mixes dates with the day first and the month first "
+        "(e.g. '26/11/2024' and '11/27/2024'); write them in one order, ideally as YYYY-MM-DD"
+    )

@@ -133,4 +133,5 @@ def test_the_files_reader_that_named_rows_by_record_has_another_version(
         "universe: {symbols: [AAPL]}\nstart: 2024-11-01\nend: 2024-11-30\n"
         f"source: {{kind: files, path: {tmp_path}, daily: '{{symbol}}.csv', on_bad_rows: quarantine}}\n"
     )
-    assert FilesSource(profile).version(Segment("AAPL", "1d", NOV)).startswith("files/r3/")
+    version = FilesSource(profile).version(Segment("AAPL", "1d", NOV))
+    assert version.startswith("files/r") and not version.startswith("files/r2/")
