@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,9 @@ from typing import TYPE_CHECKING, Any
 
 from refresher._installed import installed_version
 from refresher.calendar import next_close
+from refresher.engines._common import sweep_private_tmps, write_private_json
 from refresher.engines.base import ServerInfo
+from refresher.errors import RefresherError
 
 if TYPE_CHECKING:
     # At call time only, past the psql probe: psycopg and the snapshot and pool modules (which import it).
@@ -350,9 +351,10 @@ def write(
 
 
 def _save(path: Path, stamp: dict[str, Any]) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(stamp, handle)
-    os.replace(handle.name, path)  # a reader sees the old stamp, the new one, or none
+    """Write ``stamp`` atomically (a reader sees the old stamp, the new one, or none); a failed write (a full
+    disk, Ctrl-C) leaves no temporary file, and one a killed writer left is swept by a later save."""
+    sweep_private_tmps(path.parent, path.name)
+    write_private_json(path, stamp)
 
 
 @dataclass(frozen=True)
@@ -528,8 +530,8 @@ def _record_again(path: Path, text: str, stamp: dict[str, Any]) -> None:
     try:
         if path.read_text() == text:
             _save(path, stamp)
-    except OSError:
-        pass  # read-only state dir: the check through psycopg answers next time too
+    except (OSError, RefresherError):
+        pass  # a read-only state dir, a full disk: the check through psycopg answers next time too
 
 
 def _noop_report(stamped: dict[str, Any], dsn: str, seconds: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Which path answered is in the report: the stamp's has the single phase ``stamp``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,9 +26,13 @@ from refresher import database, stamp
 from refresher._snapshot_sql import PRIVATE_SLOTS
 from refresher.engines import make_engine
 from refresher.engines.base import ServerInfo
+from refresher.errors import EngineUnavailable
 from refresher.settings import Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
+from tests.refresher.engines.test_local import tiny_disk
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
+
+__all__ = ["tiny_disk"]  # the fixture, shared
 
 
 @pytest.fixture
@@ -670,3 +675,20 @@ def test_make_leaves_the_engine_to_the_cli_unless_told(target: str) -> None:
 
     assert "--engine" not in command()
     assert "--engine docker" in command("ENGINE=docker")
+
+
+def test_a_stamp_that_does_not_fit_on_the_disk_leaves_no_temporary_file(tiny_disk: Path) -> None:
+    """The stamp's write (after each refresh) and its probe's record again (a no-op refresh) on a full disk: the
+    write fails (the callers let it: no stamp only costs the next no-op its speed), and left an empty temporary
+    file in the stamps directory every time, which nothing removed."""
+    path = stamp.stamp_path(tiny_disk, "full", "local")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": 0}')
+    with (tiny_disk / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(bytes(4096))
+    with pytest.raises(EngineUnavailable, match="disk full"):  # what the callers let go
+        stamp._save(path, {"report": "x" * 10_000})
+    stamp._record_again(path, '{"format": 0}', {"report": "x" * 10_000})  # says nothing: fast path lost
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert path.read_text() == '{"format": 0}'
