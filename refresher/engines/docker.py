@@ -321,7 +321,9 @@ class DockerEngine:
             # Nobody knows the password this volume was initialised with: start it over.
             with contextlib.suppress(docker.errors.NotFound):
                 volume.remove(force=True)
-        image = resolve_image(client, self.image)
+        # The volume's own default image while it is here (as ``_outdated`` counts it): the first default present
+        # would bring another image over the data once one was tagged since (postgres:15 pulled).
+        image = resolve_image(client, self.image, current=state.image if state else None)
         state = ContainerState(
             container=self._container_name(profile),
             volume=volume_name,

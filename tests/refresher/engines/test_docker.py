@@ -869,20 +869,37 @@ def test_an_outdated_container_is_made_again_on_the_pinned_port_not_its_old_one(
         docker_engine.stop("repinned")
 
 
+@pytest.fixture
+def two_defaults(
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    docker_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[str, str]]:
+    """Two test-only tags standing for the two default images (the shared ones are never tagged or removed
+    here), preferred first: (preferred, fallback), the fallback tagged, the preferred not yet."""
+    preferred, fallback = f"{docker_prefix}/preferred:15", f"{docker_prefix}/fallback:15"
+    monkeypatch.setattr(_docker_state, "DEFAULT_IMAGES", (preferred, fallback))
+    docker_client.images.get(docker_pg_image).tag(fallback)
+    try:
+        yield preferred, fallback
+    finally:
+        for image in (preferred, fallback):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(image)
+
+
 @pytest.mark.docker
 def test_a_preferred_default_image_tagged_later_keeps_the_container_its_other_default_made(
     docker_client: docker.DockerClient,
     docker_pg_image: str,
     docker_prefix: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    two_defaults: tuple[str, str],
 ) -> None:
     # The digest took the first default present (postgres:15) for the container's image: a container made from
-    # refresher/postgres:15 was stopped and made again once postgres:15 was pulled, every session ended. Two
-    # test-only tags stand for the two defaults (the shared ones are never tagged or removed here).
-    preferred, fallback = f"{docker_prefix}/preferred:15", f"{docker_prefix}/fallback:15"
-    monkeypatch.setattr(_docker_state, "DEFAULT_IMAGES", (preferred, fallback))
-    docker_client.images.get(docker_pg_image).tag(fallback)
+    # refresher/postgres:15 was stopped and made again once postgres:15 was pulled, every session ended.
+    preferred, fallback = two_defaults
     engine = DockerEngine(tmp_path, client=docker_client, prefix=docker_prefix)
     try:
         first = engine.start("defaults")
@@ -906,9 +923,38 @@ def test_a_preferred_default_image_tagged_later_keeps_the_container_its_other_de
         assert renewed.id != made.id and renewed.attrs["Config"]["Image"] == preferred
     finally:
         engine.stop("defaults")
-        for image in (preferred, fallback):
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                docker_client.images.remove(image)
+
+
+@pytest.mark.docker
+def test_an_outdated_container_is_made_again_from_its_own_default_image_not_one_tagged_since(
+    docker_client: docker.DockerClient,
+    docker_pg_image: str,
+    docker_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    two_defaults: tuple[str, str],
+) -> None:
+    # Its own default image counts while here (f7a00c2), but the container made again for its outdated command
+    # took the first default present: an older refresher's container from refresher/postgres:15 came back from
+    # postgres:15 once that was pulled, another image over the same volume.
+    preferred, fallback = two_defaults
+    engine = DockerEngine(tmp_path, client=docker_client, prefix=docker_prefix)
+    try:
+        with as_an_older_refresher(monkeypatch):
+            old = engine.start("owndefault")
+        made = container_of(docker_client, engine, "owndefault")
+        assert made.attrs["Config"]["Image"] == fallback
+        assert query(old, "SHOW lc_messages") == "C.UTF-8"  # the older refresher's command
+        docker_client.images.get(docker_pg_image).tag(preferred)
+        info = engine.start("owndefault")
+        assert (info.port, info.password) == (old.port, old.password)
+        assert query(info, "SHOW lc_messages") == "C"  # made again, as this refresher makes it
+        renewed = container_of(docker_client, engine, "owndefault")
+        assert renewed.id != made.id and renewed.attrs["Config"]["Image"] == fallback
+        assert engine.start("owndefault") == info
+        assert container_of(docker_client, engine, "owndefault").id == renewed.id
+    finally:
+        engine.stop("owndefault")
 
 
 @pytest.mark.docker
