@@ -38,6 +38,7 @@ from refresher import partitions
 from refresher.database import TIME_COLUMN, segment_range
 from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
 from refresher.errors import LoadError
+from refresher.fence import Fence
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
 
@@ -232,13 +233,18 @@ def _appendable_from(item: SegmentLoad, data: pa.Table, held: tuple[str, int] | 
     return loaded if fingerprint_table(data.slice(0, loaded)) == content_hash else 0
 
 
-def delete_segment(conn: psycopg.Connection[Any], segment: Segment, *, tz: str) -> int:
-    """Remove a segment's rows and its ledger row together (``refresh --prune``); returns rows deleted."""
+def delete_segment(
+    conn: psycopg.Connection[Any], segment: Segment, *, tz: str, fence: Fence | None = None
+) -> int:
+    """Remove a segment's rows and its ledger row together (``refresh --prune``); returns rows deleted. With
+    ``fence`` (a queue run's features stage), only while the fence is still this writer's."""
     lo, hi = segment_range(segment, tz)
     query = sql.SQL("DELETE FROM {} WHERE symbol = %s AND {col} >= %s AND {col} < %s").format(
         sql.Identifier(segment.table), col=sql.Identifier(TIME_COLUMN[segment.table])
     )
     with conn.transaction():
+        if fence is not None:
+            fence.check(conn)
         deleted = int(conn.execute(query, (segment.symbol, lo, hi)).rowcount)
         conn.execute(
             "DELETE FROM refresher_segments WHERE symbol = %s AND timeframe = %s AND month = %s",

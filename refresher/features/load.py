@@ -28,6 +28,7 @@ from refresher.features.tables import (
     remove_feature_rows,
     replace_feature_rows,
 )
+from refresher.fence import Fence
 from refresher.plan import GapPlan
 from refresher.profile import Profile
 from refresher.segments import Segment
@@ -58,6 +59,7 @@ def refresh_features(
     verify: bool = False,
     on_loaded: Callable[[str, Sequence[FeaturePart], bool], None] | None = None,
     ahead: tuple[Sequence[FeatureBatch], FeatureError | None] | None = None,
+    fence: Fence | None = None,
 ) -> FeatureCounts:
     """Load every (feature, symbol) of the profile whose inputs changed since it was last loaded;
     ``on_loaded(name, parts, rebuild)`` is told each load committed (``refresher.replay``).
@@ -68,6 +70,9 @@ def refresh_features(
     ``ahead``: the batches ``compute_features`` makes against an empty ledger, and its failure, computed
     earlier (``refresher.features.ahead``); used only when the database's ledger is empty still.
 
+    ``fence`` (a queue run's features stage, ``refresher.fence``): each write transaction first checks the fence
+    is still this writer's; ``FenceLost`` once a later holder of the run's lock claimed it.
+
     A symbol whose bars are empty loses its feature rows. With ``prune`` (``refresh --prune``, which removes
     the bars of symbols that left the profile), the feature rows of those symbols go too, and so do whole
     features the profile no longer names: feature rows never outlive the bars they were computed from.
@@ -77,12 +82,12 @@ def refresh_features(
     recorded = read_feature_ledger(conn)
     doubtful = doubtful_rows(conn, recorded, verify=verify)
     for name, gone in doubtful.items():
-        remove_feature_rows(conn, name, gone)
+        remove_feature_rows(conn, name, gone, fence)
     if doubtful:
         recorded = read_feature_ledger(conn)
     ledger = dict(recorded.hashes)
     symbols = set(daily_segments(profile, plan)) | set(daily_segments(profile, plan, "1m"))
-    pruned = _prune(conn, ledger, profile, symbols) if prune else 0
+    pruned = _prune(conn, ledger, profile, symbols, fence) if prune else 0
     desired = len(profile.features) * len(symbols) if symbols else 0
     loaded = appended = emptied = computed = rows = 0
     batches: Iterable[FeatureBatch]
@@ -93,7 +98,7 @@ def refresh_features(
     failure: FeatureError | None = None
     for batch in batches:
         try:
-            rows += _replace(conn, batch, on_loaded)
+            rows += _replace(conn, batch, on_loaded, fence)
         except StaleFeature as stale:
             # Another refresh loaded this feature while these rows were computed to extend the old ones: load
             # it whole, against the ledger as it is now (nothing, if the other one loaded the same). Rows with
@@ -109,7 +114,7 @@ def refresh_features(
             except FeatureError as exc:  # every symbol's rows cannot share one table: the others still load
                 failure = failure or exc
                 continue
-            rows += _replace(conn, batch, on_loaded, rebuild=rebuild)
+            rows += _replace(conn, batch, on_loaded, fence, rebuild=rebuild)
         computed += batch.computed
         loaded += sum(1 for part in batch.parts if part.rows.num_rows or part.since is not None)
         appended += sum(1 for part in batch.parts if part.since is not None)
@@ -141,26 +146,33 @@ def _replace(
     conn: psycopg.Connection[Any],
     batch: FeatureBatch,
     on_loaded: Callable[[str, Sequence[FeaturePart], bool], None] | None,
+    fence: Fence | None,
     *,
     rebuild: bool = False,
 ) -> int:
-    rows = (rebuild_feature_rows if rebuild else replace_feature_rows)(conn, batch.use.name, batch.parts)
+    rows = (rebuild_feature_rows if rebuild else replace_feature_rows)(
+        conn, batch.use.name, batch.parts, fence
+    )
     if on_loaded is not None:
         on_loaded(batch.use.name, batch.parts, rebuild)
     return rows
 
 
 def _prune(
-    conn: psycopg.Connection[Any], ledger: Mapping[tuple[str, str], str], profile: Profile, symbols: set[str]
+    conn: psycopg.Connection[Any],
+    ledger: Mapping[tuple[str, str], str],
+    profile: Profile,
+    symbols: set[str],
+    fence: Fence | None,
 ) -> int:
     """Forget features the profile no longer names, and the rows of symbols it no longer has."""
     names = {use.name for use in profile.features}
     pruned = 0
     for name in sorted({feature for feature, _symbol in ledger}):
         if name not in names:
-            pruned += remove_feature_rows(conn, name)
+            pruned += remove_feature_rows(conn, name, fence=fence)
             continue
         gone = sorted(symbol for feature, symbol in ledger if feature == name and symbol not in symbols)
         if gone:
-            pruned += remove_feature_rows(conn, name, gone)
+            pruned += remove_feature_rows(conn, name, gone, fence)
     return pruned

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
+from refresher.fence import Fence
 from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
 from refresher.load import copy_arrow, server_said
 
@@ -215,7 +216,9 @@ def feature_lock_id(name: str) -> int:
     return zlib.crc32(f"refresher.features:{name}".encode())
 
 
-def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> int:
+def replace_feature_rows(
+    conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart], fence: Fence | None = None
+) -> int:
     """Replace feature ``name``'s rows of every symbol in ``parts``; returns the rows written.
 
     One transaction and one binary COPY per feature. A part with no rows (its symbol's bars are empty) deletes
@@ -223,22 +226,33 @@ def replace_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequen
 
     Rows with other columns than the table's rebuild it, but only when ``parts`` replace every row it holds,
     whole: ColumnsChanged otherwise, and nothing changes (``rebuild_feature_rows`` loads every symbol's).
+
+    With ``fence`` (a queue run's features stage), only while the fence is still this writer's (``FenceLost``).
     """
-    return _load_rows(conn, name, parts, rebuild=False)
+    return _load_rows(conn, name, parts, rebuild=False, fence=fence)
 
 
-def rebuild_feature_rows(conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart]) -> int:
+def rebuild_feature_rows(
+    conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart], fence: Fence | None = None
+) -> int:
     """``replace_feature_rows`` of every symbol of the profile (``parts``, whole), rebuilding the table when their
     columns are not its own: it then holds exactly ``parts``' rows, in the same one transaction."""
-    return _load_rows(conn, name, parts, rebuild=True)
+    return _load_rows(conn, name, parts, rebuild=True, fence=fence)
 
 
 def _load_rows(
-    conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart], *, rebuild: bool
+    conn: psycopg.Connection[Any],
+    name: str,
+    parts: Sequence[FeaturePart],
+    *,
+    rebuild: bool,
+    fence: Fence | None,
 ) -> int:
     try:
         _ensure_ledger(conn)
         with conn.transaction():
+            if fence is not None:  # first: the fence's row, then the feature's lock
+                fence.check(conn)
             # Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second
             # reads the ledger after the first committed: no COPY races another's uncommitted rows.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id(name),))
@@ -348,15 +362,20 @@ def _count_rows(conn: psycopg.Connection[Any], name: str, symbols: Sequence[str]
 
 
 def remove_feature_rows(
-    conn: psycopg.Connection[Any], name: str, symbols: Sequence[str] | None = None
+    conn: psycopg.Connection[Any],
+    name: str,
+    symbols: Sequence[str] | None = None,
+    fence: Fence | None = None,
 ) -> int:
     """Forget feature ``name`` for ``symbols`` (rows and ledger), or entirely (its table too) when None.
 
     Only names the ledger records are ever passed here, so no table refresher did not create is dropped.
-    Returns the number of (feature, symbol) pairs forgotten.
+    Returns the number of (feature, symbol) pairs forgotten. ``fence``: as ``replace_feature_rows``.
     """
     try:
         with conn.transaction():
+            if fence is not None:
+                fence.check(conn)
             if symbols is None:
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(feature_table(name))))
                 cur = conn.execute("DELETE FROM refresher_features WHERE feature = %s", (name,))

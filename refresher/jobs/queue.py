@@ -376,6 +376,23 @@ return attempt
 """
 )
 
+# The fencing token of the holder of a run's features lock (KEYS[1], token ARGV[1]; ``_FENCED``): larger than every
+# earlier holder's (KEYS[2] keeps the last), or -1 when the lock is no longer this holder's. Redis's clock in
+# microseconds unless the last token is ahead of it: a Redis restarted with its last second of writes lost (AOF
+# everysec) gives no later holder an earlier holder's token. ``refresher.fence`` checks it in the target.
+_FEATURES_FENCE = (
+    _FENCED
+    + """
+if lock_lost(KEYS[1], ARGV[1]) then return -1 end
+local now = redis.call('TIME')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if token <= last then token = last + 1 end
+redis.call('SET', KEYS[2], string.format('%d', token))
+return token
+"""
+)
+
 # ``jobs cancel``: 0 when the run is gone; else cancelled, its held jobs dropped.
 CANCEL = (
     _RUN_GONE
@@ -475,7 +492,7 @@ for i = 4, #ARGV do
     table.insert(deleted, run)
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
       key .. ':submitting', key .. ':jobs', key .. ':requeue-lock',
-      key .. ':dead-segs')
+      key .. ':dead-segs', key .. ':features-fence')
     redis.call('ZREM', prefix .. 'runs', run)
     redis.call('SREM', prefix .. 'held', run)
     redis.call('SREM', prefix .. 'features-due', run)
@@ -500,6 +517,7 @@ class JobQueue:
         self._release = client.register_script(_RELEASE)
         self._complete = client.register_script(_COMPLETE)
         self._features_failed = client.register_script(_FEATURES_FAILED)
+        self._features_fence = client.register_script(_FEATURES_FENCE)
         self._credit = dict.fromkeys(TIERS, 0)
 
     # -- taking jobs ----------------------------------------------------------------------------------------
@@ -630,6 +648,12 @@ class JobQueue:
         its features lock no longer holds ``token``."""
         keys = [run_key(run), FEATURES_DUE, run_key(run, "features-lock")]
         return int(self._features_failed(keys=keys, args=[run, limit, error, token]))
+
+    def features_fence(self, run: str, token: bytes) -> int:
+        """A fencing token for the holder of the run's features lock (``token``): larger than every earlier
+        holder's; -1 when the lock no longer holds ``token``."""
+        keys = [run_key(run, "features-lock"), run_key(run, "features-fence")]
+        return int(self._features_fence(keys=keys, args=[token]))
 
     def drop(self, delivery: Delivery) -> None:
         """Acknowledge a job of a cancelled run without running it."""

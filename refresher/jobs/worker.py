@@ -33,6 +33,7 @@ from refresher._gc import fewer_collections
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError, ProfileBusy, one_line
 from refresher.features import FeatureCounts, refresh_features
+from refresher.fence import Fence, FenceLost
 from refresher.jobs.inprocess import STORE_BATCH
 from refresher.jobs.queue import (
     FEATURES_DUE,
@@ -163,8 +164,10 @@ def run_features(
     source: Source,
     *,
     prune: bool = False,
+    fence: Fence | None = None,
 ) -> FeatureCounts:
-    """The end of a queue run, as ``refresh`` ends: with ``prune`` the stale segments go, then the features.
+    """The end of a queue run, as ``refresh`` ends: with ``prune`` the stale segments go, then the features;
+    each of those writes only while ``fence`` (the run's, claimed by this worker) is still this worker's.
 
     Features read their input segments from this worker's store, which may lack some: a worker on another
     machine with its own store loaded them, or a file was found missing. Those are produced from the source
@@ -174,7 +177,7 @@ def run_features(
     tz_of = exchange_timezones(profile)
     if prune:
         for segment in plan.stale:
-            load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"))
+            load.delete_segment(conn, segment, tz=tz_of.get(segment.symbol, "UTC"), fence=fence)
     read = {use.spec.timeframe for use in profile.features}
     jobs = [SegmentJob(s, plan.keys[s], tz_of[s.symbol]) for s in plan.to_fetch if s.timeframe in read]
     fetched: dict[Segment, pa.Table] = {}
@@ -185,7 +188,7 @@ def run_features(
             if job.segment.timeframe == "1d":
                 fetched[job.segment] = table
     daily = DailyTables(fetched, plan, store, source)
-    return refresh_features(conn, profile, store, plan, daily, prune=prune)
+    return refresh_features(conn, profile, store, plan, daily, prune=prune, fence=fence)
 
 
 class RedisClock:
@@ -491,8 +494,11 @@ class Worker:
         The lock is a fence too: a worker held up past it (SIGSTOP, a suspended machine, a long pause; its
         renewal stopped with it) while another took it wrote the run's completion, or counted a failed attempt,
         over the other's when it went on. Each of those writes checks the lock still holds this worker's token,
-        in the script that writes (``queue._FENCED``); so does the look before the snapshot."""
-        ttl = max(self.options.visibility_timeout, 1.0)
+        in the script that writes (``queue._FENCED``); so does the look before the snapshot. Its writes to the
+        target are fenced there (``refresher.fence``): the lock's holder claims the run's fence with a token larger
+        than every earlier holder's before its first write, and from then on no write of an earlier one commits.
+        """
+        ttl = self._features_ttl
         lock = queue.client.lock(
             run_key(run, "features-lock"), timeout=ttl, blocking=False, thread_local=False
         )
@@ -506,7 +512,7 @@ class Worker:
                 StoppedWaiting
             ):  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
                 return
-            except _LockLost:
+            except (_LockLost, FenceLost):
                 self._say(
                     f"run {run}: features not written: this worker was held up past its {ttl:g} s features "
                     "lock, which another worker may hold now"
@@ -523,6 +529,12 @@ class Worker:
             queue.client.set(
                 run_key(run, "features-lock"), "backoff", px=max(int(backoff * 1000), 1), nx=True
             )
+
+    @property
+    def _features_ttl(self) -> float:
+        """Seconds a run's features lock lives unrenewed; also the longest its holder waits at the run's fence in
+        the target for an earlier holder's transaction."""
+        return max(self.options.visibility_timeout, 1.0)
 
     def _features_failed(
         self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, exc: Exception, token: bytes
@@ -559,7 +571,12 @@ class Worker:
     ) -> None:
         ctx = self._context(queue, contexts, run)
         prune = bool(ctx.spec.get("prune"))
-        counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune)
+        token = queue.features_fence(run, lock.local.token)
+        if token < 0:
+            raise _LockLost
+        fence = Fence(f"features:{run}", token, wait=self._features_ttl)
+        fence.claim(ctx.conn)  # before the first write: from its commit on, no earlier holder's write commits
+        counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune, fence=fence)
         if not lock.owned():  # held up past the lock: no snapshot (it ends the database's sessions) either
             raise _LockLost
         saved = self._snapshot(contexts, run)

@@ -228,14 +228,14 @@ def test_rows_computed_against_a_ledger_that_moved_are_refused_then_loaded_whole
     real = features_load.replace_feature_rows
     calls: list[str] = []
 
-    def raced(own: psycopg.Connection[Any], name: str, parts: Any) -> int:
+    def raced(own: psycopg.Connection[Any], name: str, parts: Any, fence: Any = None) -> int:
         calls.append(name)
         if len(calls) == 1:
             monkeypatch.setattr(features_load, "replace_feature_rows", real)  # the other refresh's own
             with psycopg.connect(pg_database.dsn(), autocommit=True) as other:
                 refresh_features(other, later, store, later_plan)
             monkeypatch.setattr(features_load, "replace_feature_rows", raced)
-        return real(own, name, parts)
+        return real(own, name, parts, fence)
 
     monkeypatch.setattr(features_load, "replace_feature_rows", raced)
     counts = refresh_features(conn, after, store, plan)

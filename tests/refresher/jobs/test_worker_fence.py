@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from refresher.jobs.queue import FEATURES_DUE, connect, run_key
+from refresher.profile_lock import hold_profile
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_lost_jobs import _stopped
-from tests.refresher.jobs.test_worker import status, submit, worker_log, workspace
+from tests.refresher.jobs.test_worker import start_worker, status, submit, worker_log, workspace
 from tests.refresher.test_refresh_e2e import Workspace
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
@@ -39,6 +42,43 @@ sys.exit(cli.main())
 """
 
 
+def _stopping_worker(ws: Workspace, url: str, name: str, script: str, **env: str) -> subprocess.Popen[str]:
+    """A burst worker run by ``script`` (which stops it), its features lock living 2 s."""
+    args = [
+        "worker",
+        "--queue",
+        url,
+        "--name",
+        name,
+        "--burst",
+        "--visibility-timeout",
+        "2",
+        "--engine",
+        ws.engine,
+    ]
+    with (ws.root / f"worker-{name}.log").open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            env={**ws.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def _stopped_past_its_lock(
+    ws: Workspace, url: str, worker: subprocess.Popen[str], name: str, key: str, deadline: float
+) -> None:
+    """Wait until ``worker`` stopped itself, then until its features lock (``key``) expired, in Redis's time."""
+    client = connect(url)
+    while not _stopped(worker.pid):
+        assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, name)
+        time.sleep(0.01)
+    while client.exists(key):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_a_worker_stopped_past_its_features_lock_writes_nothing_once_another_holds_it(
     workspace: Workspace, redis_server: RedisServer
 ) -> None:
@@ -51,34 +91,10 @@ def test_a_worker_stopped_past_its_features_lock_writes_nothing_once_another_hol
     run = submit(ws, url)["run_id"]
     client = connect(url)
     key = run_key(run, "features-lock")
-    args = [
-        "worker",
-        "--queue",
-        url,
-        "--name",
-        "fence",
-        "--burst",
-        "--visibility-timeout",
-        "2",
-        "--engine",
-        ws.engine,
-    ]
-    with (ws.root / "worker-fence.log").open("w") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-c", _STOPS_AFTER_FEATURES, *args],
-            env=ws.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    worker = _stopping_worker(ws, url, "fence", _STOPS_AFTER_FEATURES)
     try:
         deadline = time.monotonic() + 300
-        while not _stopped(worker.pid):
-            assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, "fence")
-            time.sleep(0.01)
-        while client.exists(key):  # its lock expires, in Redis's own time
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _stopped_past_its_lock(ws, url, worker, "fence", key, deadline)
         other = client.lock(key, timeout=600, blocking=False, thread_local=False)  # another worker's
         assert other.acquire()
         os.kill(worker.pid, signal.SIGCONT)
@@ -99,3 +115,91 @@ def test_a_worker_stopped_past_its_features_lock_writes_nothing_once_another_hol
     assert status(ws, url, run)["state"] == "complete"
     lines = [line for line in worker_log(ws, "fence").splitlines() if "features not written" in line]
     assert len(lines) == 1 and "held up past its 2 s features lock" in lines[0], lines
+
+
+# The worker, stopped (SIGSTOP) once in its first features step before it wrote anything, as a process suspended
+# there would be: its plan made ($STOP_AT plan: before its prune) or its first feature's rows computed (batch). Its
+# view is older than the next worker's, as if computed from older bars: one live daily segment is stale in its plan
+# (deleted under --prune) and its feature rows carry other input hashes (loaded over the next worker's).
+_STOPS_BEFORE_FEATURE_WRITES = """
+import dataclasses, os, signal, sys
+from refresher import cli
+from refresher.features import load as feature_load
+from refresher.jobs import worker
+real_plan, real_compute, stopped = worker.compute_plan, feature_load.compute_features, []
+def stop(where):
+    if where == os.environ["STOP_AT"] and not stopped:
+        stopped.append(1)
+        os.kill(os.getpid(), signal.SIGSTOP)
+def planning(*args, **kwargs):
+    plan = real_plan(*args, **kwargs)
+    stop("plan")
+    live = sorted(s for s in plan.desired if s.timeframe == "1d")[:1]
+    return dataclasses.replace(plan, stale=(*plan.stale, *live))
+def older(*args, **kwargs):
+    for batch in real_compute(*args, **kwargs):
+        parts = [dataclasses.replace(p, input_hash="older:" + p.input_hash) for p in batch.parts]
+        stop("batch")
+        yield dataclasses.replace(batch, parts=parts)
+worker.compute_plan, feature_load.compute_features = planning, older
+sys.exit(cli.main())
+"""
+
+# Every table of the target but the fences', each as one digest of its rows.
+_DIGESTS = """
+SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname <> 'refresher_fences'
+ORDER BY 1
+"""
+
+
+def _digests(ws: Workspace) -> dict[str, str]:
+    with psycopg.connect(ws.dsn()) as conn:
+        names = [name for (name,) in conn.execute(_DIGESTS)]
+        query = "SELECT md5(coalesce(string_agg(t::text, ';' ORDER BY t::text), '')) FROM {} AS t"
+        return {
+            name: conn.execute(sql.SQL(query).format(sql.Identifier(name))).fetchone()[0]  # type: ignore[index]
+            for name in names
+        }
+
+
+@pytest.mark.parametrize("prune", [False, True], ids=["features", "prune"])
+def test_a_worker_stopped_before_its_feature_writes_commits_none_once_another_finished(
+    workspace: Workspace, redis_server: RedisServer, prune: bool
+) -> None:
+    """A worker stopped in its features step (nothing written yet) past its lock, while another worker
+    took the lock and finished the run: resumed, it committed its feature rows (of older bars) over the other's,
+    and with --prune deleted what its older plan called stale. The target is fenced too: the later holder claims
+    the run's fence before its first write, and every write of the earlier one finds it lost (one line)."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    run = submit(ws, url, *(["--prune"] if prune else []))["run_id"]
+    key = run_key(run, "features-lock")
+    a = _stopping_worker(ws, url, "a", _STOPS_BEFORE_FEATURE_WRITES, STOP_AT="plan" if prune else "batch")
+    b = None
+    try:
+        deadline = time.monotonic() + 300
+        _stopped_past_its_lock(ws, url, a, "a", key, deadline)
+        # B's snapshot would end A's session (and with it A's writes): held off by a "refresh" of the profile.
+        with hold_profile(ws.root / "state", ws.profile, wait=False):
+            b = start_worker(ws, url, "b", "--burst")
+            while b.poll() is None:
+                if time.monotonic() > deadline:
+                    b.send_signal(signal.SIGUSR1)  # its threads' stacks in its log: what it waits on
+                    time.sleep(2)
+                    raise AssertionError(worker_log(ws, "b"))
+                time.sleep(0.05)
+            assert b.returncode == 0, worker_log(ws, "b")
+        assert status(ws, url, run)["state"] == "complete"
+        finished = _digests(ws)
+        os.kill(a.pid, signal.SIGCONT)
+        assert a.wait(timeout=300) == 0, worker_log(ws, "a")
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+    assert _digests(ws) == finished, worker_log(ws, "a")
+    assert "features not written" in worker_log(ws, "a")
+    assert status(ws, url, run)["state"] == "complete"

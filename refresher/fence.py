@@ -1,0 +1,90 @@
+"""A fencing token in the target database, for a writer whose right to write is a lock kept elsewhere.
+
+A queue run's features lock lives in Redis and expires: a worker held up past it (SIGSTOP, a suspended machine, a
+long pause) while another worker took it still committed its feature rows and its prune's deletes when it went
+on, after the other's. Each holder of such a lock gets a number larger than every earlier holder's
+(``JobQueue.features_fence``) and, before its first write, claims the fence's row in the target with it
+(``Fence.claim``); each of its write transactions starts by reading the row under a share lock (``Fence.check``)
+and goes on only while it still holds its number. A later holder's claim waits for those transactions to end, so
+from its commit on no write of an earlier holder commits (``FenceLost``, the transaction rolled back). The wait is
+bounded (``wait``): an earlier holder stopped inside a write transaction makes the claim fail as a lock timeout,
+a transient failure retried later, never a hang; a holder whose session dies leaves no lock behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from refresher.errors import LoadError
+from refresher.ledger_counter import SCHEMA_LOCK
+
+FENCES_DDL = """
+CREATE TABLE IF NOT EXISTS refresher_fences (
+    fence text PRIMARY KEY,
+    token bigint NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class FenceLost(Exception):
+    """A later holder of the lock claimed the fence: this holder writes nothing more."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Fence ``name`` in a target database, as the holder of ``token`` sees it; ``wait``: seconds a claim or a
+    check waits for another's transaction on the fence's row."""
+
+    name: str
+    token: int
+    wait: float = 10.0
+
+    def claim(self, conn: psycopg.Connection[Any]) -> None:
+        """Take the fence for ``token`` (a transaction of its own, on an autocommit connection); FenceLost when a
+        larger token holds it."""
+        if conn.execute("SELECT to_regclass('refresher_fences')").fetchone() == (None,):
+            with conn.transaction():
+                conn.execute(SCHEMA_LOCK)
+                conn.execute(FENCES_DDL)
+        with conn.transaction():
+            row = self._waiting(
+                conn,
+                "INSERT INTO refresher_fences (fence, token) VALUES (%s, %s) ON CONFLICT (fence) DO UPDATE "
+                "SET token = EXCLUDED.token, claimed_at = now() WHERE refresher_fences.token <= EXCLUDED.token "
+                "RETURNING token",
+                (self.name, self.token),
+            )
+        if row is None:
+            raise FenceLost(f"{self.name}: claimed by a later holder")
+
+    def check(self, conn: psycopg.Connection[Any]) -> None:
+        """The first statement of each write transaction: FenceLost unless the fence still holds ``token``. Its
+        row stays share-locked until the transaction ends, so no later claim commits before it does."""
+        row = self._waiting(
+            conn, "SELECT token FROM refresher_fences WHERE fence = %s FOR SHARE", (self.name,)
+        )
+        if row != (self.token,):
+            raise FenceLost(f"{self.name}: claimed by a later holder")
+
+    def _waiting(self, conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> Any:
+        """``query``'s row, its lock waited for at most ``wait`` seconds (inside the caller's transaction)."""
+        before = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, true)", (f"{max(self.wait, 0.001) * 1000:.0f}ms",)
+        )
+        try:
+            row = conn.execute(query, params).fetchone()
+        except psycopg.errors.LockNotAvailable as exc:
+            raise LoadError(
+                f"{self.name}: another holder's transaction kept the fence for over {self.wait:g} s "
+                "(a worker held up inside it?); tried again later"
+            ) from exc
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (before[0] if before else "0",))
+        return row
+
+
+__all__ = ["FENCES_DDL", "Fence", "FenceLost"]
