@@ -357,7 +357,10 @@ return 1
 # A failed features attempt counted: its number, or -1 when the run is gone (then no longer due). After the
 # last attempt (ARGV[2]) the run ends incomplete with the error (ARGV[3]). Checked and counted in one step: a
 # delete between the check and the count made the hash again without a spec, a key prune never finds. -2, nothing
-# counted, when the run's features lock (KEYS[3]) is no longer this worker's (token ARGV[4]; ``_FENCED``).
+# counted, when the run's features lock (KEYS[3]) is another worker's (``_FENCED``: it holds another token than
+# this worker's, ARGV[4], or another's backoff), or it expired and the run is no longer due (another worker took it
+# and finished). A lock that expired under this worker (its renewal late) with no one else on the run is counted:
+# uncounted, a stage that always outlives its renewal was tried again and again without end.
 _FEATURES_FAILED = (
     _RUN_GONE
     + _FENCED
@@ -366,13 +369,29 @@ if run_gone(KEYS[1]) then
   redis.call('SREM', KEYS[2], ARGV[1])
   return -1
 end
-if lock_lost(KEYS[3], ARGV[4]) then return -2 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  if lock_lost(KEYS[3], ARGV[4]) then return -2 end
+elseif redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  return -2
+end
 local attempt = redis.call('HINCRBY', KEYS[1], 'features_attempts', 1)
 if attempt >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'state', 'incomplete', 'error', ARGV[3])
   redis.call('SREM', KEYS[2], ARGV[1])
 end
 return attempt
+"""
+)
+
+# A failed features attempt's backoff (ARGV[2] ms) in place of its lock (KEYS[1]), in one step: released first, the
+# lock was free for another worker's sweep, which tried again at once. 0, nothing set, when the lock is another
+# worker's (token ARGV[1]; ``_FENCED``); an expired one is set.
+_FEATURES_BACKOFF = (
+    _FENCED
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 and lock_lost(KEYS[1], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], 'backoff', 'PX', ARGV[2])
+return 1
 """
 )
 
@@ -518,6 +537,7 @@ class JobQueue:
         self._complete = client.register_script(_COMPLETE)
         self._features_failed = client.register_script(_FEATURES_FAILED)
         self._features_fence = client.register_script(_FEATURES_FENCE)
+        self._features_backoff = client.register_script(_FEATURES_BACKOFF)
         self._credit = dict.fromkeys(TIERS, 0)
 
     # -- taking jobs ----------------------------------------------------------------------------------------
@@ -645,9 +665,15 @@ class JobQueue:
     def features_failed(self, run: str, limit: int, error: str, token: bytes) -> int:
         """Count a failed features attempt; past ``limit`` the run ends incomplete with ``error``. Returns the
         attempt, or -1 when the run is gone (no longer due; nothing of it made again), -2 (nothing counted) when
-        its features lock no longer holds ``token``."""
+        its features lock is another worker's (expired: when the run is no longer due)."""
         keys = [run_key(run), FEATURES_DUE, run_key(run, "features-lock")]
         return int(self._features_failed(keys=keys, args=[run, limit, error, token]))
+
+    def features_backoff(self, run: str, token: bytes, seconds: float) -> bool:
+        """Hand the run's features lock (``token``'s, or expired) to a failed attempt's backoff: no worker takes it
+        for ``seconds``, in Redis's own time. False, nothing set, when the lock is another worker's."""
+        keys = [run_key(run, "features-lock")]
+        return bool(self._features_backoff(keys=keys, args=[token, max(int(seconds * 1000), 1)]))
 
     def features_fence(self, run: str, token: bytes) -> int:
         """A fencing token for the holder of the run's features lock (``token``): larger than every earlier

@@ -113,8 +113,9 @@ def parse_segment(text: str) -> Segment:
     return Segment(symbol, timeframe, dt.date.fromisoformat(f"{month}-01"))  # type: ignore[arg-type]
 
 
-class _LockLost(Exception):
-    """A run's features lock is no longer this worker's: it was held up past its expiry, another may hold it."""
+class _LockLost(TimeoutError):
+    """A run's features lock is no longer this worker's: it was held up past its expiry (its renewal late), another
+    may hold it. Transient: counted as a failed attempt when no other worker holds the lock."""
 
 
 class _RunContext:
@@ -504,20 +505,22 @@ class Worker:
         )
         if not lock.acquire():
             return
-        backoff = 0.0
+        lost = f"features not written: this worker was held up past its {ttl:g} s features lock"
         with held_lock(lock, every=ttl / 3):
             try:
                 self._features_locked(queue, contexts, run, lock)
+                return
             except (
                 StoppedWaiting
             ):  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
                 return
-            except (_LockLost, FenceLost):
-                self._say(
-                    f"run {run}: features not written: this worker was held up past its {ttl:g} s features "
-                    "lock, which another worker may hold now"
-                )
+            except FenceLost:  # a later holder claimed the run's fence in the target: it holds the lock
+                self._say(f"run {run}: {lost}, which another worker took")
                 return
+            except _LockLost:
+                # Counted unless another worker holds the lock: a stage outliving its renewal every time (a late
+                # renewal thread, a pause) was tried again at once, for ever, uncounted.
+                backoff = self._features_failed(queue, contexts, run, _LockLost(lost), lock.local.token)
             except (redis.ConnectionError, redis.TimeoutError):
                 raise
             except Exception as exc:
@@ -525,10 +528,8 @@ class Worker:
                 # thread, and every worker's after it (each sweep tried again), and a --burst worker never
                 # drained.
                 backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
-        if backoff:  # a lock no one holds, expiring in Redis's own time
-            queue.client.set(
-                run_key(run, "features-lock"), "backoff", px=max(int(backoff * 1000), 1), nx=True
-            )
+            if backoff:  # the lock becomes the backoff, never free in between; expiring in Redis's own time
+                queue.features_backoff(run, lock.local.token, backoff)
 
     @property
     def _features_ttl(self) -> float:
@@ -548,9 +549,12 @@ class Worker:
         kind, limit = self._attempts(exc)
         attempt = queue.features_failed(run, limit, f"features: {kind}: {text}", token)
         if attempt == -2:
-            self._say(
-                f"run {run}: features attempt not counted: the features lock is another worker's: {text}"
-            )
+            if isinstance(exc, _LockLost):
+                self._say(f"run {run}: {text}, which another worker took")
+            else:
+                self._say(
+                    f"run {run}: features attempt not counted: the features lock is another worker's: {text}"
+                )
             return 0.0
         if attempt < 0:  # the run was deleted (by hand, `jobs delete --force`)
             self._say(f"run {run}: features not computed, the run is gone from Redis: {text}")
