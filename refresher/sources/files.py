@@ -386,7 +386,9 @@ class FilesSource(Source):
         csv_file = _is_csv(path, self.spec.format)
         # pyarrow's record numbers (the header is 1), as lines only when a row is named (``_line_numbers``)
         rows = read.lines[positions] if read.lines is not None else positions + (2 if csv_file else 1)
-        bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows)
+        # a Parquet file has no lines: its rows are named as such, counted from 1
+        place = "line" if csv_file else "row"
+        bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows, place)
         verdict = screen(
             segment,
             bars,

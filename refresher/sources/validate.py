@@ -71,6 +71,7 @@ class Bars:
     values: Mapping[str, F64]
     raw: pd.DataFrame
     rows: I64 | None = None
+    place: str = "line"  # what ``rows`` count: a text file's lines, or (``row``) a Parquet file's rows from 1
 
     def __len__(self) -> int:
         return len(self.when)
@@ -290,7 +291,7 @@ def _raw_value(bars: Bars, position: int, column: str) -> object:
 def _where(source: str, bars: Bars, position: int, key: str, *, short: bool = False) -> str:
     """A row's place: its line in a file, else its (symbol, date/ts) key as the source had it."""
     if bars.rows is not None:
-        ident = f"line {int(bars.rows[position])}"
+        ident = f"{bars.place} {int(bars.rows[position])}"
     else:
         ident = f"row {key}={bars.raw[key].iloc[position]}"
     return ident if short else f"{source}: {ident}"

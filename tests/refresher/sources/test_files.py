@@ -391,7 +391,9 @@ def test_yyyymmdd_numbers_beside_an_empty_date_or_as_floats_are_dates(
     assert dates == [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
     src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1)))
     [half] = src.reports  # 20241127.5 is no date: a bad row, never a day
-    assert half.reason == "date parses as a date" and half.examples == ("line 3",)
+    assert half.reason == "date parses as a date" and half.examples == (
+        "row 3",
+    )  # a Parquet file has no lines
 
 
 def test_a_symbol_file_named_in_another_case_is_one_line(tmp_path: Path, make_profile: MakeProfile) -> None:

@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from refresher.errors import SourceError
@@ -19,7 +21,7 @@ from refresher.sources import files as files_module
 from refresher.sources.files import FilesSource
 
 from .conftest import MakeProfile
-from .test_files import NOV, symbol_file
+from .test_files import NOV, profile_body, symbol_file
 
 HEADER = "Date,Open,High,Low,Close,Volume,Note"
 BAD = "2024-11-27,10,11,9,10.5,-5,bad"  # breaks volume >= 0
@@ -203,3 +205,30 @@ def test_daily_times_with_offsets_and_quoted_line_breaks_in_pyarrow_blocks_keep_
     text = "\n".join([HEADER, *(f"{day}T00:00:00+09:00,10,11,9,10.5,1000,{note}" for day in days)]) + "\n"
     src = symbol_file(tmp_path, make_profile, "7203.csv", text.encode(), "fail")
     assert src.fetch(Segment("7203", "1d", NOV)).column("date").to_pylist() == [dt.date(2024, 11, 26)]
+
+
+@pytest.mark.parametrize("policy", ["fail", "quarantine"])
+def test_a_parquet_files_bad_row_is_named_by_its_row_not_a_line(
+    tmp_path: Path, make_profile: MakeProfile, policy: str
+) -> None:
+    # a Parquet file has no lines: 'line 2' sent the user looking for one
+    days = [dt.date(2024, 11, 26), dt.date(2024, 11, 27)]
+    table = pa.table(
+        {"date": days, "open": [10.0] * 2, "high": [11.0] * 2, "low": [9.0] * 2, "close": [10.5] * 2}
+    )
+    pq.write_table(table.append_column("volume", pa.array([1000, -5])), tmp_path / "AAPL.parquet")
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.parquet'\n  on_bad_rows: {policy}"
+    src = FilesSource(make_profile(profile_body(body)))
+    path = tmp_path / "AAPL.parquet"
+    if policy == "fail":
+        with pytest.raises(SourceError) as info:
+            src.fetch(Segment("AAPL", "1d", NOV))
+        assert str(info.value).startswith(f"{path}: row 2: volume=-5: breaks the rule volume >= 0"), (
+            info.value
+        )
+        return
+    src.fetch(Segment("AAPL", "1d", NOV))
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/1d/2024-11: {path}: 1 rows quarantined: volume >= 0 (e.g. row 2)"
+    ]
+    assert [r.row for r in src.rejects[Segment("AAPL", "1d", NOV)]] == [2]
