@@ -76,6 +76,17 @@ class _Read:
     )
     # The line each record starts on (``_line_numbers``), found once, when a row is first named.
     starts: list[I64] = dataclasses.field(default_factory=list, compare=False, repr=False)
+    # Per date column, whether its text dates put the day first (``_day_first``), decided once for every symbol.
+    orders: dict[str, bool] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def day_first(self, path: Path, column: str, field: str) -> bool:
+        """Whether the file's text dates in ``column`` put the day first: the whole column decides, so a
+        symbol whose days all are 12 or less reads them in its file's order."""
+        if column not in self.orders:
+            values = self.table.column(column).to_pandas()
+            text = pd.api.types.is_string_dtype(values.dtype)
+            self.orders[column] = bool(text and _day_first(values, path, field, column))
+        return self.orders[column]
 
     def line_of(self, path: Path, records: I64) -> I64:
         """The file's line numbers of records as pyarrow numbers them (the header is 1)."""
@@ -372,7 +383,9 @@ class FilesSource(Source):
             # a header alone loaded an empty segment without a word, where a missing file is reported
             self.reports.append(SourceReport(segment, str(path), "the file has no rows (a header alone)"))
         cal = get_calendar(self.profile.listing(segment.symbol).exchange)
-        when, when_ok = self._when(frame["when"], segment, cal, path, names)
+        key = "date" if segment.timeframe == "1d" else "ts"
+        day_first = read.day_first(path, names[key], f"columns.{key}")
+        when, when_ok = self._when(frame["when"], segment, cal, path, names, day_first)
         # A row belongs to this segment when its (exchange-local) date is in the range; a row whose date does
         # not parse belongs to no month, so it is charged to the symbol's first segment (never dropped).
         day = when if segment.timeframe == "1d" else _local_days(when, cal.tz)
@@ -494,7 +507,13 @@ class FilesSource(Source):
         return frame, names
 
     def _when(
-        self, raw: pd.Series, segment: Segment, cal: ExchangeCalendar, path: Path, names: Mapping[str, str]
+        self,
+        raw: pd.Series,
+        segment: Segment,
+        cal: ExchangeCalendar,
+        path: Path,
+        names: Mapping[str, str],
+        day_first: bool,
     ) -> tuple[I64, Mask]:
         """Parsed dates (days since 1970-01-01) or UTC bar starts (ns), and which rows parsed."""
         if raw.dtype.kind in "iuf" or _numbers_with_nulls(raw):
@@ -502,7 +521,9 @@ class FilesSource(Source):
             # vanished unreported. As text it parses as the YYYYMMDD it is, and anything else (epoch seconds)
             # fails the timestamp rule with its value shown.
             raw = _number_text(raw)
-        when = _parsed_times(raw, segment, path, names["date" if segment.timeframe == "1d" else "ts"])
+        when = _parsed_times(
+            raw, segment, path, names["date" if segment.timeframe == "1d" else "ts"], day_first
+        )
         if segment.timeframe == "1d":
             if getattr(when.dt, "tz", None) is not None:
                 when = when.dt.tz_localize(None)
@@ -523,7 +544,7 @@ class FilesSource(Source):
 _OFFSET = r"\d:\d\d(?::\d\d(?:\.\d*)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$"
 
 
-def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str) -> pd.Series:
+def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str, day_first: bool) -> pd.Series:
     """The column's times as pandas parses them (NaT where one does not parse).
 
     Times as text with an offset and without, in one column, are refused: pandas parsed the kind of the first
@@ -532,7 +553,6 @@ def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str) -> 
     """
     when: pd.Series | None = None
     field = f"columns.{'date' if segment.timeframe == '1d' else 'ts'}"
-    day_first = pd.api.types.is_string_dtype(raw.dtype) and _day_first(raw, path, field, column)
     try:
         mixed = "mixed" if raw.dtype == object else None
         when = pd.to_datetime(raw, errors="coerce", format=mixed, dayfirst=day_first)

@@ -630,3 +630,16 @@ def test_dates_written_day_first_and_month_first_are_one_line(
         f"{tmp_path / 'AAPL.csv'}: columns.date='Date': mixes dates with the day first and the month first "
         "(e.g. '26/11/2024' and '11/27/2024'); write them in one order, ideally as YYYY-MM-DD"
     )
+
+
+def test_a_shared_files_day_first_dates_are_day_first_for_every_symbol(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # decided per symbol, MSFT's days (all 12 or less) were read month first: April 11 and May 11, left out
+    raw = "Ticker,Date,Open,High,Low,Close,Volume\nAAPL,26/11/2024,10,11,9,10.5,1000\n"
+    raw += "MSFT,04/11/2024,10,11,9,10.5,1000\nMSFT,05/11/2024,10,11,9,10.5,1000\n"
+    (tmp_path / "all.csv").write_text(raw)
+    src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.csv")))
+    dates = src.fetch(Segment("MSFT", "1d", NOV)).column("date").to_pylist()
+    assert dates == [dt.date(2024, 11, 4), dt.date(2024, 11, 5)]
+    assert src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist() == [dt.date(2024, 11, 26)]
