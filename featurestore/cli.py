@@ -15,6 +15,7 @@ from typing import Any
 
 from featurestore import gc
 from featurestore._cli import OneLineParser, add_root_option, open_store
+from featurestore.console import end
 from featurestore.errors import FeatureStoreError
 from featurestore.render import render_integrity, render_stats
 
@@ -59,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; the one place store errors become exit codes."""
+    """Entry point of the console script; the one place store errors become exit codes. As the console script
+    (``argv`` None) it ends the process itself (``featurestore.console.end``)."""
+    return end(_main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "gc":
         return gc.run(args, f"{PROG} gc")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from featurestore.console import end, leave
 from refresher.errors import USER_ERRORS, SettingError, os_error_message
 from refresher.settings import (
     DEFAULT_POOL_SIZE,
@@ -439,18 +440,6 @@ def _quiet_psycopg() -> None:
     logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
-def _leave_now(status: int) -> None:
-    """Exit without interpreter finalization, after an interrupt.
-
-    Tearing down pyarrow, pandas and DuckDB took ~2 s on a busy 2-core machine after a Ctrl-C that had already
-    been handled in 0.2 s. Every ``with`` has run by now (transactions rolled back, connections closed, the
-    profile lock released); what is skipped is what a kill -9 skips, which every step is built to survive.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def _roots(args: argparse.Namespace | None) -> dict[Path, str]:
     """Each directory the command's settings name -> how to move it, for an unwritable path's message."""
     settings: Settings | None = getattr(args, "settings", None)
@@ -466,7 +455,12 @@ def _roots(args: argparse.Namespace | None) -> dict[Path, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; the one place errors become exit codes."""
+    """Entry point of the console script; the one place errors become exit codes. As the console script
+    (``argv`` None) it ends the process itself (``featurestore.console.end``)."""
+    return end(_main(argv), argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args: argparse.Namespace | None = None
     try:
         # Inside the try: building the parser imports the jobs package, seconds of work on a busy machine
@@ -480,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"refresher: {_interrupted(args)}", file=sys.stderr)
         if argv is None:  # the console script, not a caller in-process: leave now
-            _leave_now(130)
+            leave(130, finalize=False)  # tearing pyarrow, pandas and DuckDB down took ~2 s when busy
         return 130
     except OSError as exc:
         message = os_error_message(exc, _roots(args))

@@ -1,0 +1,38 @@
+"""How the console scripts (``refresher``, ``featurestore``) end their process."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import NoReturn
+
+
+def leave(status: int, *, finalize: bool = True) -> NoReturn:
+    """End the process with ``status``, skipping the interpreter's teardown of native libraries.
+
+    That teardown can abort a command that has already succeeded: Arrow's and DuckDB's thread pools, destroyed at
+    exit while one of their threads is alive, end in ``std::terminate`` ('terminate called without an active
+    exception', SIGABRT, exit -6; apache/arrow#34314, seen after ``refresher plan`` printed its plan). With
+    ``finalize``, what a normal exit does first is done as it would be: other threads finished (an executor's
+    workers included) and the ``atexit`` handlers run. Without it (after an interrupt, already handled), only
+    the output is flushed: the rest is what a kill -9 skips, which every step is built to survive.
+    """
+    if finalize:
+        threading._shutdown()  # type: ignore[attr-defined]  # what interpreter exit runs: joins the threads
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone (`| head`) or the stream closed
+            stream.flush()
+    os._exit(status)
+
+
+def end(status: int, argv: Sequence[str] | None) -> int:
+    """A console script's ``main``'s last step: ``status`` for a caller in-process (``argv`` given), the end of
+    the process through ``leave`` for the console script itself (``argv`` None)."""
+    if argv is None:
+        leave(status)
+    return status

@@ -1,0 +1,89 @@
+"""How the console scripts end their process: what a normal exit does first is done, the native teardown that
+can abort a finished command (Arrow's and DuckDB's thread pools) is not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_leave_finishes_threads_and_atexit_handlers_then_skips_the_teardown() -> None:
+    done = _run(
+        """
+        import atexit, sys, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from featurestore.console import leave
+
+        class Torn:
+            def __del__(self):
+                print("torn down", file=sys.stderr, flush=True)  # the interpreter's teardown, not run
+
+        kept = Torn()
+        atexit.register(lambda: print("atexit", flush=True))
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread", flush=True))).start()
+        pool = ThreadPoolExecutor(1)  # never shut down: its worker waits on its queue until exit
+        pool.submit(time.sleep, 0.1)
+        print("buffered", end="")  # no newline: still in the buffer
+        leave(3)
+        """
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines() == ["bufferedthread", "atexit"], done.stdout
+    assert "torn down" not in done.stderr
+
+
+def test_an_interrupted_command_leaves_without_waiting_for_threads_or_handlers() -> None:
+    done = _run(
+        """
+        import atexit, threading, time
+        from featurestore.console import leave
+
+        atexit.register(lambda: print("atexit", flush=True))
+        threading.Thread(target=lambda: (time.sleep(30), print("thread", flush=True))).start()
+        print("said", end="")
+        leave(130, finalize=False)
+        """
+    )
+    assert (done.returncode, done.stdout) == (130, "said")
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [(["refresher", "nonesuch"], 2), (["featurestore", "stats", "--cache-root", "STORE"], 2)],
+)
+def test_both_console_scripts_end_their_process_through_leave(
+    argv: list[str], status: int, tmp_path: Path
+) -> None:
+    argv = [str(tmp_path / "store") if word == "STORE" else word for word in argv]
+    done = _run(
+        f"""
+        import sys
+        from featurestore import console
+        import {argv[0]}.cli as cli
+        def leave(status, *, finalize=True):
+            print("left", status, finalize, flush=True)
+            raise SystemExit(status)
+        console.leave = leave
+        sys.argv = {argv!r}
+        cli.main()
+        print("returned")
+        """
+    )
+    assert done.stdout.splitlines()[-1:] == [f"left {status} True"], (done.stdout, done.stderr)
+    assert done.returncode == status
