@@ -73,6 +73,10 @@ from refresher.sources.base import Source
 
 Clock = Callable[[], float]
 
+# The least time, in seconds, a worker's session may idle inside a transaction before the server ends it (and the
+# session): a live worker's Python between two statements, on a loaded machine, stays well below.
+IDLE_IN_TRANSACTION_MIN = 30.0
+
 
 @dataclass(frozen=True)
 class WorkerOptions:
@@ -121,7 +125,13 @@ class _LockLost(TimeoutError):
 class _RunContext:
     """A run's profile, source, store and target connection, opened once per worker thread."""
 
-    def __init__(self, settings: Settings, spec: dict[str, Any], stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spec: dict[str, Any],
+        stop: threading.Event | None = None,
+        idle_in_transaction: float = IDLE_IN_TRANSACTION_MIN,
+    ) -> None:
         path = Path(spec["profile_path"])
         as_of = dt.date.fromisoformat(spec["as_of"])
         # The submitter's file when this machine has it, else the profile of that name here.
@@ -137,6 +147,13 @@ class _RunContext:
         server = _own_server(settings, spec)
         try:
             self.conn = snapshot.connect_target(server, str(spec["target"]), stop=stop, autocommit=True)
+            # A worker stopped inside a transaction (SIGSTOP, a suspended machine) kept its locks for as long as
+            # it stayed stopped: another worker's first features load waited on the schema lock for ever. The
+            # server ends such a transaction (and the session) once it idles ``idle_in_transaction`` seconds.
+            self.conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (f"{idle_in_transaction * 1000:.0f}ms",),
+            )
         except psycopg.OperationalError as exc:
             # libpq's line names neither the database nor the role: the DSN does, without its password.
             self.source.close()
@@ -312,7 +329,10 @@ class Worker:
 
     def _context(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> _RunContext:
         if run not in contexts:
-            contexts[run] = _RunContext(self.settings, require_run(queue.client, run), self.stop)
+            # Idle twice the visibility timeout inside a transaction, a worker is held up past its jobs' and
+            # features lock's life (another took them over), never less than IDLE_IN_TRANSACTION_MIN.
+            idle = max(2 * self.options.visibility_timeout, IDLE_IN_TRANSACTION_MIN)
+            contexts[run] = _RunContext(self.settings, require_run(queue.client, run), self.stop, idle)
         return contexts[run]
 
     def _handle(

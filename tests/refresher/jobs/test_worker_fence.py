@@ -25,9 +25,11 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 __all__ = ["workspace"]  # the fixture, shared
 
 # The worker, which stops itself (SIGSTOP) once, when its first features step is computed and about to be written,
-# as a process suspended there (or in a long pause) would be; SIGCONT resumes it.
+# as a process suspended there (or in a long pause) would be; SIGCONT resumes it. The stop is sent to the thread
+# itself, which stops before it goes on: os.kill(getpid()) went to the main thread, and the stopping one ran on
+# until that one was scheduled (on a loaded machine, into its next transaction).
 _STOPS_AFTER_FEATURES = """
-import os, signal, sys
+import signal, sys, threading
 from refresher import cli
 from refresher.jobs import worker
 real, stopped = worker.run_features, []
@@ -35,7 +37,7 @@ def stopping(*args, **kwargs):
     counts = real(*args, **kwargs)
     if not stopped:
         stopped.append(1)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     return counts
 worker.run_features = stopping
 sys.exit(cli.main())
@@ -122,7 +124,7 @@ def test_a_worker_stopped_past_its_features_lock_writes_nothing_once_another_hol
 # view is older than the next worker's, as if computed from older bars: one live daily segment is stale in its plan
 # (deleted under --prune) and its feature rows carry other input hashes (loaded over the next worker's).
 _STOPS_BEFORE_FEATURE_WRITES = """
-import dataclasses, os, signal, sys
+import dataclasses, os, signal, sys, threading
 from refresher import cli
 from refresher.features import load as feature_load
 from refresher.jobs import worker
@@ -130,7 +132,7 @@ real_plan, real_compute, stopped = worker.compute_plan, feature_load.compute_fea
 def stop(where):
     if where == os.environ["STOP_AT"] and not stopped:
         stopped.append(1)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)  # this thread stops here, not further on
 def planning(*args, **kwargs):
     plan = real_plan(*args, **kwargs)
     stop("plan")
@@ -163,33 +165,34 @@ def _digests(ws: Workspace) -> dict[str, str]:
         }
 
 
-@pytest.mark.parametrize("prune", [False, True], ids=["features", "prune"])
-def test_a_worker_stopped_before_its_feature_writes_commits_none_once_another_finished(
-    workspace: Workspace, redis_server: RedisServer, prune: bool
+def _finished(ws: Workspace, worker: subprocess.Popen[str], name: str, deadline: float) -> None:
+    """Wait until burst ``worker`` exited 0; at ``deadline``, its log with every thread's stack (what it waits on)."""
+    while worker.poll() is None:
+        if time.monotonic() > deadline:
+            worker.send_signal(signal.SIGUSR1)  # faulthandler: its threads' stacks in its log
+            time.sleep(2)
+            raise AssertionError(worker_log(ws, name))
+        time.sleep(0.05)
+    assert worker.returncode == 0, worker_log(ws, name)
+
+
+def _taken_over(
+    ws: Workspace,
+    url: str,
+    run: str,
+    a: subprocess.Popen[str],
+    deadline: float,
+    b_within: float | None = None,
 ) -> None:
-    """A worker stopped in its features step (nothing written yet) past its lock, while another worker
-    took the lock and finished the run: resumed, it committed its feature rows (of older bars) over the other's,
-    and with --prune deleted what its older plan called stale. The target is fenced too: the later holder claims
-    the run's fence before its first write, and every write of the earlier one finds it lost (one line)."""
-    ws, url = workspace, redis_server.url
-    ws.write_profile(symbols=["AAPL"], months=1)
-    run = submit(ws, url, *(["--prune"] if prune else []))["run_id"]
-    key = run_key(run, "features-lock")
-    a = _stopping_worker(ws, url, "a", _STOPS_BEFORE_FEATURE_WRITES, STOP_AT="plan" if prune else "batch")
+    """Worker ``a`` stopped past its features lock, worker B (--burst) finishes the run (within ``b_within``
+    seconds when given); then ``a``, resumed, exits 0 having committed nothing to the target."""
     b = None
     try:
-        deadline = time.monotonic() + 300
-        _stopped_past_its_lock(ws, url, a, "a", key, deadline)
+        _stopped_past_its_lock(ws, url, a, "a", run_key(run, "features-lock"), deadline)
         # B's snapshot would end A's session (and with it A's writes): held off by a "refresh" of the profile.
         with hold_profile(ws.root / "state", ws.profile, wait=False):
             b = start_worker(ws, url, "b", "--burst")
-            while b.poll() is None:
-                if time.monotonic() > deadline:
-                    b.send_signal(signal.SIGUSR1)  # its threads' stacks in its log: what it waits on
-                    time.sleep(2)
-                    raise AssertionError(worker_log(ws, "b"))
-                time.sleep(0.05)
-            assert b.returncode == 0, worker_log(ws, "b")
+            _finished(ws, b, "b", deadline if b_within is None else time.monotonic() + b_within)
         assert status(ws, url, run)["state"] == "complete"
         finished = _digests(ws)
         os.kill(a.pid, signal.SIGCONT)
@@ -201,5 +204,55 @@ def test_a_worker_stopped_before_its_feature_writes_commits_none_once_another_fi
                 proc.kill()
                 proc.wait()
     assert _digests(ws) == finished, worker_log(ws, "a")
+
+
+@pytest.mark.parametrize("prune", [False, True], ids=["features", "prune"])
+def test_a_worker_stopped_before_its_feature_writes_commits_none_once_another_finished(
+    workspace: Workspace, redis_server: RedisServer, prune: bool
+) -> None:
+    """A worker stopped in its features step (nothing written yet) past its lock, while another worker
+    took the lock and finished the run: resumed, it committed its feature rows (of older bars) over the other's,
+    and with --prune deleted what its older plan called stale. The target is fenced too: the later holder claims
+    the run's fence before its first write, and every write of the earlier one finds it lost (one line)."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    run = submit(ws, url, *(["--prune"] if prune else []))["run_id"]
+    a = _stopping_worker(ws, url, "a", _STOPS_BEFORE_FEATURE_WRITES, STOP_AT="plan" if prune else "batch")
+    _taken_over(ws, url, run, a, time.monotonic() + 300)
     assert "features not written" in worker_log(ws, "a")
+    assert status(ws, url, run)["state"] == "complete"
+
+
+# The worker, stopped (SIGSTOP) once inside the transaction of its first features load that creates the features
+# ledger in a new database: the schema lock held, the ledger half made.
+_STOPS_MAKING_THE_LEDGER = """
+import signal, sys, threading
+import psycopg
+from refresher import cli
+from refresher.features import tables
+real, stopped = tables._has_inputs, []
+def has_inputs(conn):
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS and not stopped:
+        stopped.append(1)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+    return real(conn)
+tables._has_inputs = has_inputs
+sys.exit(cli.main())
+"""
+
+
+def test_a_worker_stopped_inside_a_transaction_holds_no_other_worker_up(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """A worker stopped inside a transaction (SIGSTOP, a suspended machine) kept its locks as long as it stayed
+    stopped: stopped while its first features load made the ledger (the schema lock held), the worker that took
+    the run over waited on that lock for ever. The server ends a transaction idle past twice the visibility timeout
+    (30 s at least): the other worker finishes the run, and the stopped one, resumed, commits nothing."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    run = submit(ws, url)["run_id"]
+    a = _stopping_worker(ws, url, "a", _STOPS_MAKING_THE_LEDGER)
+    # Before: B waited on A's schema lock for ever.
+    _taken_over(ws, url, run, a, time.monotonic() + 300, b_within=150)
+    assert "features attempt not counted" in worker_log(ws, "a"), worker_log(ws, "a")
     assert status(ws, url, run)["state"] == "complete"
