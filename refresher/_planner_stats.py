@@ -83,6 +83,25 @@ def stale_names(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
     return tuple(name for name, _ in stale_tables(conn, also))
 
 
+# The session's lock_timeout for an analysis beside a user (``wait_past_autovacuum``): the server's deadlock_timeout
+# and a second more, in milliseconds.
+_PAST_AUTOVACUUM = (
+    "SELECT set_config('lock_timeout', (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000 "
+    "+ 1000)::bigint::text, false)"
+)
+
+
+def wait_past_autovacuum(conn: psycopg.Connection[Any]) -> None:
+    """Make ``conn``'s session give up a table's lock (``analyze_stale`` and ``finish_recorded`` then skip the
+    table) after the server's ``deadlock_timeout`` and a second more: a user's DDL holding it goes first, and an
+    autovacuum VACUUM holding it does not. The server cancels that only when a wait for its lock outlasts
+    ``deadlock_timeout`` (the deadlock check finds it and signals it); a ``lock_timeout`` no longer than that
+    (it was 1 s, the default ``deadlock_timeout``) fires with the check, whose interrupt raises first and the
+    autovacuum is never signalled (PostgreSQL's ``ProcSleep``): the table was skipped for the autovacuum's whole
+    run, and a VACUUM does not analyze (a fresh month's partition left out of date after a refill)."""
+    conn.execute(_PAST_AUTOVACUUM)
+
+
 def analyze_stale(conn: psycopg.Connection[Any], also: Collection[str] = ()) -> list[str]:
     """ANALYZE the loaded tables whose statistics are missing or out of date (``conn`` in autocommit: each its
     own transaction); returns their names. A table dropped meanwhile (a prune, a concurrent refresh) is skipped,
@@ -239,4 +258,5 @@ __all__ = [
     "recorded",
     "stale_names",
     "stale_tables",
+    "wait_past_autovacuum",
 ]

@@ -51,6 +51,7 @@ from refresher._planner_stats import (
     record_pending,
     recorded,
     stale_names,
+    wait_past_autovacuum,
 )
 from refresher._snapshot_sql import (
     COPIER,
@@ -615,14 +616,15 @@ def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> N
     with contextlib.suppress(psycopg.Error), live, finishing(live) as ours:
         if not ours:  # another analyzer is at this database: it does the work, and if it dies the next refill
             return
-        live.execute("SET lock_timeout = '1s'")  # the user's DDL on a table goes first; it is skipped
+        wait_past_autovacuum(live)  # a user's DDL on a table goes first (skipped), autovacuum does not
         if finish_recorded(live, also=names) is None:
             analyze_stale(live, also=names)
 
 
 def _analyze_handed_out(admin_dsn: str, handed: HandedOut, background: bool) -> None:
     """ANALYZE what is out of date in a database a reset or checkout just handed out (its user may be running
-    tests in it: each table's lock is waited for a second at most). Best effort: a test's teardown may drop it."""
+    tests in it: each table's lock is waited for ``deadlock_timeout`` and a second more at most,
+    ``wait_past_autovacuum``). Best effort: a test's teardown may drop it."""
     with contextlib.suppress(psycopg.Error):
         live = psycopg.connect(
             conninfo.make_conninfo(admin_dsn, dbname=handed.name), autocommit=True, connect_timeout=10
