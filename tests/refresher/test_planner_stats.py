@@ -4,8 +4,10 @@ and kept current for what a later refresh changed. On a real server."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 
@@ -126,12 +128,25 @@ def _every_database_current(ws: Workspace, month: str) -> None:
     is in the sample here)."""
     server = ws.server()
     wait_for_pool(server, timeout=120)
+    # The working database's analysis runs beside the pool's fill, and may end after it (the pool may be empty).
+    _refillers_gone(server.dbname)
     for dsn in [server.dsn(), *(server.dsn(name) for name in pool_status(server).ready)]:
         assert _stale(dsn) == [], dsn
         assert _last_bound(dsn, month, "ts") == _scalar(dsn, "SELECT max(ts)::text FROM ohlcv_1min")
         assert _last_bound(dsn, "ohlcv_daily", "date") == _scalar(
             dsn, "SELECT max(date)::text FROM ohlcv_daily"
         )
+
+
+def _refillers_gone(db: str) -> None:
+    """Wait for the detached refills of ``db`` the CLI spawned (``pool.spawn_refill``) to end."""
+    deadline = time.monotonic() + 120
+    while any(
+        "refresher.pool" in cmdline and "refill" in cmdline and db in cmdline
+        for cmdline in (proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"]))
+    ):
+        assert time.monotonic() < deadline, f"a refill of {db} never ended"
+        time.sleep(0.1)
 
 
 def _last_bound(dsn: str, table: str, column: str) -> str:
