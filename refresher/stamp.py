@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from refresher._installed import installed_version
 from refresher.calendar import next_close
-from refresher.engines._common import sweep_private_tmps, write_private_json
+from refresher.engines import sweep_private_tmps, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError
 

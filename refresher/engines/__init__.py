@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from refresher.engines._common import validate_profile, write_private_json
+from refresher.engines._common import sweep_private_tmps, validate_profile, write_private_json
 from refresher.engines._owner import owner_gone, owner_labels
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineUnavailable
@@ -133,6 +133,7 @@ __all__ = [
     "owner_labels",
     "select_engine",
     "sweep_abandoned",
+    "sweep_private_tmps",
     "validate_profile",
     "write_private_json",
 ]
