@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import psycopg
 import pyarrow as pa
 import pytest
@@ -147,3 +148,14 @@ def _bars(symbol: str, when: pa.Array, n: int, seed: int, schema: pa.Schema) -> 
         ],
         schema=schema,
     )
+
+
+def refills_gone(db: str) -> None:
+    """Wait for the detached refills of ``db`` the CLI spawned (``pool.spawn_refill``) to end."""
+    deadline = time.monotonic() + 120
+    while any(
+        "refresher.pool" in cmdline and "refill" in cmdline and db in cmdline
+        for cmdline in (proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"]))
+    ):
+        assert time.monotonic() < deadline, f"a refill of {db} never ended"
+        time.sleep(0.1)

@@ -29,6 +29,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import EngineUnavailable
 from refresher.settings import Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
+from tests.fixtures_postgres import refills_gone
 from tests.refresher.engines.test_local import tiny_disk
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 
@@ -50,12 +51,16 @@ def stamp_file(ws: Workspace) -> Path:
 
 def settle(ws: Workspace) -> dict[str, Any]:
     """Refresh until the stamp answers through psql (at most one full run, then a check through psycopg records
-    the rows of an analysis finished since), so each test starts from a stamped state the probe vouches for."""
+    the rows of an analysis finished since), so each test starts from a stamped state the probe vouches for. The
+    refresh's detached refill is waited for each time: it may still change the pristine copy's mark after the
+    probe answered, and the next refresh's probe would then not (it answers through psycopg)."""
     report = ws.refresh()
+    refills_gone(ws.profile)
     deadline = time.monotonic() + 120
     while not (stamped(report) and probe_answers(ws)):
         assert time.monotonic() < deadline, report
         report = ws.refresh()
+        refills_gone(ws.profile)
     return report
 
 

@@ -4,10 +4,8 @@ and kept current for what a later refresh changed. On a real server."""
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
-import psutil
 import psycopg
 import pytest
 
@@ -16,7 +14,7 @@ from refresher.engines.base import ServerInfo
 from refresher.pool import checkout_clone, drop_clone, pool_name, pool_status, refill_pool, wait_for_pool
 from refresher.segments import Segment
 from refresher.snapshot import pristine_name, restore_pristine, save_pristine
-from tests.fixtures_postgres import daily_bars, minute_bars
+from tests.fixtures_postgres import daily_bars, minute_bars, refills_gone
 from tests.refresher.conftest import load_now as _load
 from tests.refresher.test_refresh_e2e import Workspace
 
@@ -129,24 +127,13 @@ def _every_database_current(ws: Workspace, month: str) -> None:
     server = ws.server()
     wait_for_pool(server, timeout=120)
     # The working database's analysis runs beside the pool's fill, and may end after it (the pool may be empty).
-    _refillers_gone(server.dbname)
+    refills_gone(server.dbname)
     for dsn in [server.dsn(), *(server.dsn(name) for name in pool_status(server).ready)]:
         assert _stale(dsn) == [], dsn
         assert _last_bound(dsn, month, "ts") == _scalar(dsn, "SELECT max(ts)::text FROM ohlcv_1min")
         assert _last_bound(dsn, "ohlcv_daily", "date") == _scalar(
             dsn, "SELECT max(date)::text FROM ohlcv_daily"
         )
-
-
-def _refillers_gone(db: str) -> None:
-    """Wait for the detached refills of ``db`` the CLI spawned (``pool.spawn_refill``) to end."""
-    deadline = time.monotonic() + 120
-    while any(
-        "refresher.pool" in cmdline and "refill" in cmdline and db in cmdline
-        for cmdline in (proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"]))
-    ):
-        assert time.monotonic() < deadline, f"a refill of {db} never ended"
-        time.sleep(0.1)
 
 
 def _last_bound(dsn: str, table: str, column: str) -> str:
