@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -24,10 +25,33 @@ def leave(status: int, *, finalize: bool = True) -> NoReturn:
     if finalize:
         threading._shutdown()  # type: ignore[attr-defined]  # what interpreter exit runs: joins the threads
         atexit._run_exitfuncs()
+    os._exit(_flushed(status))
+
+
+def _flushed(status: int) -> int:
+    """Flush stdout and stderr; ``status``, or 2 when what the command printed on stdout could not be written.
+
+    Small output is still in stdout's buffer here (8 KB when not a terminal): on a full disk (``> out.json``) it
+    was lost with status 0 and not a word, where the interpreter's own exit says so and fails (120). A reader
+    gone (``| head``) has read what it wanted: that is no failure, and a closed stream is nothing to flush."""
+    lost: OSError | None = None
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader gone (`| head`) or the stream closed
-            stream.flush()
-    os._exit(status)
+        try:
+            if stream is not None:
+                stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        except OSError as exc:  # stderr's own failure has no one to tell
+            if stream is sys.stdout:
+                lost = exc
+    if lost is None:
+        return status
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(
+            f"{Path(sys.argv[0]).name}: stdout: {lost.strerror or lost}: the output is lost", file=sys.stderr
+        )
+        sys.stderr.flush()
+    return status or 2
 
 
 def end(status: int, argv: Sequence[str] | None) -> int:

@@ -3,22 +3,29 @@ can abort a finished command (Arrow's and DuckDB's thread pools) is not."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(code: str, *args: str, stdout: int | IO[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a Python of its own, its stdout captured unless given. The environment is as a user's
+    shell has it: stdout buffered when not a terminal (PYTHONUNBUFFERED, set where the tests run, wrote each print
+    at once, so a failing stdout was met inside the command rather than at its end)."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        env={key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"},
         timeout=120,
     )
 
@@ -87,3 +94,25 @@ def test_both_console_scripts_end_their_process_through_leave(
     )
     assert done.stdout.splitlines()[-1:] == [f"left {status} True"], (done.stdout, done.stderr)
     assert done.returncode == status
+
+
+def test_an_answer_lost_at_the_last_flush_fails_in_one_line(tmp_path: Path) -> None:
+    # `refresher market status > out` on a full disk: the answer, still in the buffer, was lost, exit status 0
+    code = "import sys; from refresher.cli import main; sys.argv = ['refresher', *sys.argv[1:]]; main()"
+    with open("/dev/full", "w") as full:
+        done = _run(code, "market", "status", "--exchange", "XNYS", "--state-dir", str(tmp_path), stdout=full)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "refresher: stdout: No space left on device: the output is lost\n",
+    )
+
+
+def test_a_reader_gone_at_the_last_flush_is_no_failure() -> None:
+    # `featurestore stats | head -0`: what the reader wanted it read
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = _run("from featurestore.console import leave; print('said'); leave(0)", stdout=write)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
