@@ -873,10 +873,10 @@ class StoppedWaiting(Exception):
 def connect_working(
     server: ServerInfo, dsn: str | None = None, *, stop: threading.Event | None = None, **kwargs: Any
 ) -> psycopg.Connection[Any]:
-    """``psycopg.connect`` to ``server.dbname``, as ``dsn`` when given (another role on it), else as
-    ``server.dsn()`` (``kwargs``: its options). A database a reset killed between its
-    last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and connected again; so
-    is one refused by a live reset's door that opened before the look (``_past_door``).
+    """``psycopg.connect`` to ``server.dbname``, as ``dsn`` when given (another role on it, or ``server.dsn()`` with
+    other options: ``connect_target``), else as ``server.dsn()`` (``kwargs``: its options). A database a reset
+    killed between its last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and
+    connected again; so is one refused by a live reset's door that opened before the look (``_past_door``).
     A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it; ``stop``
     set meanwhile ends the wait within ``DOOR_WAIT_SLICE`` with ``StoppedWaiting``."""
     session = dsn or server.dsn()
@@ -920,18 +920,28 @@ def _past_door_waiting(
                 raise
 
 
+# What ``connect_target`` takes from the server, not the target, when the target names the server's own role: where
+# it is and how to log in there (a service or password file could name another host or another password).
+_SERVERS_OWN = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "passfile", "service"})
+
+
 def connect_target(
     server: ServerInfo | None, target: str, *, stop: threading.Event | None = None, **kwargs: Any
 ) -> psycopg.Connection[Any]:
     """``connect_working`` to ``server``, the profile's own that ``target`` names (a reset killed with its door
     shut is opened; the session as ``target``'s role when it names another than the server's, its password then
-    libpq's), else ``psycopg.connect`` to ``target`` as given (a server this machine does not serve: its door is
-    not ours to open, ``_wait_foreign_door``)."""
+    libpq's; else as the server's role, ``target``'s other options kept), else ``psycopg.connect`` to ``target``
+    as given (a server this machine does not serve: its door is not ours to open, ``_wait_foreign_door``)."""
     if server is not None:
-        role = None
+        named: dict[str, Any] = {}
         with contextlib.suppress(psycopg.ProgrammingError):  # no DSN: the server's own role
-            role = conninfo.conninfo_to_dict(target).get("user")
-        dsn = target if role not in (None, server.user) else None
+            named = conninfo.conninfo_to_dict(target)
+        if named.get("user") not in (None, server.user):
+            return connect_working(server, target, stop=stop, **kwargs)
+        # The target's other options (sslmode, options=-c ..., application_name, connect_timeout...) on the
+        # server's own DSN: they were dropped, the session had none of them.
+        options = {key: value for key, value in named.items() if key not in _SERVERS_OWN}
+        dsn = conninfo.make_conninfo(server.dsn(), **options) if options else None
         return connect_working(server, dsn, stop=stop, **kwargs)
     try:
         return psycopg.connect(target, **kwargs)
