@@ -589,10 +589,12 @@ def _day_first(raw: pd.Series, path: Path, field: str, column: str) -> bool:
     """Whether the column's text dates put the day first: some first number above 12 says so. pandas took the
     order of the first date (of each one, for text of mixed kinds), so '04/11/2024' before '26/11/2024' was April
     11, left out of November unreported, and the other a bad row. A column with a first number above 12 and a
-    second above 12 is refused; one with neither reads month first, as pandas does."""
+    second above 12 (in two dates: one with both, '31/31/2024', is a date in neither order, a bad row) is
+    refused; one with neither reads month first, as pandas does."""
     parts = raw[raw.notna()].astype(str).str.extract(_DAY_MONTH).dropna().astype(np.int64)
-    day = parts[0].to_numpy() > 12
-    month = parts[1].to_numpy() > 12
+    first, second = parts[0].to_numpy() > 12, parts[1].to_numpy() > 12
+    # a date with both above 12 is one in neither order: a bad row (its value shown), not a vote for either
+    day, month = first & ~second, second & ~first
     if day.any() and month.any():
         day_first, month_first = raw.loc[parts.index[day][0]], raw.loc[parts.index[month][0]]
         raise SourceError(

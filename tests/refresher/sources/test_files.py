@@ -643,3 +643,22 @@ def test_a_shared_files_day_first_dates_are_day_first_for_every_symbol(
     dates = src.fetch(Segment("MSFT", "1d", NOV)).column("date").to_pylist()
     assert dates == [dt.date(2024, 11, 4), dt.date(2024, 11, 5)]
     assert src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist() == [dt.date(2024, 11, 26)]
+
+
+def test_a_date_invalid_in_either_order_is_a_bad_row_not_a_mix_of_orders(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # '31/31/2024' (both numbers above 12) made the column "mix" day-first and month-first dates: the whole file
+    # was refused, one typo stopping every symbol's load under skip
+    raw = "Date,Open,High,Low,Close,Volume\n26/11/2024,10,11,9,10.5,1000\n31/31/2024,10,11,9,10.5,1000\n"
+    raw += "04/11/2024,10,11,9,10.5,1000\n"
+    src = symbol_file(tmp_path, make_profile, "AAPL.csv", raw.encode(), "skip")
+    dates = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
+    assert dates == [dt.date(2024, 11, 4), dt.date(2024, 11, 26)]
+    assert (
+        src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1))).num_rows == 0
+    )  # a bad date: the first month's
+    path = tmp_path / "AAPL.csv"
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/1d/2024-10: {path}: 1 rows rejected: date parses as a date (e.g. line 3)"
+    ]
