@@ -109,10 +109,22 @@ def input_digests(paths: Iterable[Path]) -> list[list[str | None]]:
 def unchanged(inputs: Iterable[Sequence[str | None]], until: str | None, now: dt.datetime) -> bool:
     """Whether every input still holds the bytes recorded as [path, digest] (or is still absent) and, unless
     None, ``until`` (ISO; the next session close after the load) has not passed at ``now``."""
-    if until is not None and now >= dt.datetime.fromisoformat(until):
-        return False
+    return changed(inputs, until, now) is None
+
+
+def changed(inputs: Iterable[Sequence[str | None]], until: str | None, now: dt.datetime) -> str | None:
+    """What makes ``unchanged`` false, in words (``refresh -v``): ``until`` passed, or an input that appeared, is
+    gone or changed since the load; None when nothing did. An unreadable input raises OSError."""
+    if until is not None and now >= (close := dt.datetime.fromisoformat(until)):
+        return f"the session close it answered until passed ({close.isoformat()}): the data window moves"
     recorded = [[str(path), digest] for path, digest in inputs]
-    return input_digests(Path(str(path)) for path, _ in recorded) == recorded
+    for (name, digest), (_, now_digest) in zip(
+        recorded, input_digests(Path(str(path)) for path, _ in recorded), strict=True
+    ):
+        if now_digest != digest:
+            what = "appeared" if digest is None else "is gone" if now_digest is None else "changed"
+            return f"{name} {what} since the load"
+    return None
 
 
 def code_fingerprint() -> str:
@@ -438,22 +450,14 @@ def _check_inputs(stamp: dict[str, Any], profile_file: Path) -> list[str]:
     stamp was valid until has not passed."""
     try:
         inputs = [[str(path), digest] for path, digest in stamp["inputs"]]
-        until = dt.datetime.fromisoformat(str(stamp["valid_until"]))
         features = [str(table) for table in stamp["feature_tables"]]
         if inputs[0][0] != str(profile_file.absolute()):
             raise _Void(
                 f"the profile is now read from {profile_file.absolute()}, the stamp's from {inputs[0][0]}"
             )
-        if dt.datetime.now(dt.UTC) >= until:
-            raise _Void(
-                f"the session close it answered until passed ({until.isoformat()}): the data window moves"
-            )
-        for (name, digest), (_, now) in zip(
-            inputs, input_digests(Path(name) for name, _ in inputs), strict=True
-        ):
-            if now != digest:
-                what = "appeared" if digest is None else "is gone" if now is None else "changed"
-                raise _Void(f"{name} {what} since the stamp")
+        why = changed(inputs, str(stamp["valid_until"]), dt.datetime.now(dt.UTC))
+        if why is not None:
+            raise _Void(why)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise _Void(f"malformed stamp ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
@@ -558,6 +562,7 @@ __all__ = [
     "STAMP_FORMAT",
     "TABLES",
     "Verdict",
+    "changed",
     "check",
     "clear",
     "code_fingerprint",

@@ -208,7 +208,7 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
     report, said = refresh_saying(ws)
     assert not stamped(report), change
     because = {
-        "profile": f"{ws.root / 'profiles' / ws.profile}.yaml changed since the stamp",
+        "profile": f"{ws.root / 'profiles' / ws.profile}.yaml changed since the load",
         "ledger": "the ledger was written (or its tables made again) since the stamp",
         "dropped table": "a table is missing (one of symbols, ",
         "dropped feature table": "a table is missing (one of symbols, ",
