@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -56,7 +57,9 @@ _EXAMPLES = 3
 # an offset dated in UTC (d9960be), a float YYYYMMDD likewise (82861e8). 2 named a CSV row after an empty line or
 # a quoted line break by pyarrow's record number, lines too early, in the reports and rejects stored with a segment.
 # 3 read '04/11/2024' beside '26/11/2024' as April 11 (the order guessed from the first date text, or each alone).
-READER_VERSION = 4
+# 4 rounded a fractional volume (100.5) into the bigint, and left a shared file's rows naming a symbol in another case
+# (aapl for AAPL) out unsaid; both are bad rows now, and the quarantined rows of a shared file hold its symbol cell.
+READER_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,11 @@ class _Read:
     starts: list[I64] = dataclasses.field(default_factory=list, compare=False, repr=False)
     # Per date column, whether its text dates put the day first (``_day_first``), decided once for every symbol.
     orders: dict[str, bool] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # Per symbol column, its cells trimmed, and lower-cased where they name a universe symbol in another case only
+    # (None when none does; ``FilesSource._spellings``): found once per read, not once per segment.
+    spellings: dict[str, tuple[pa.ChunkedArray, pa.ChunkedArray | None]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def day_first(self, path: Path, column: str, field: str) -> bool:
         """Whether the file's text dates in ``column`` put the day first: the whole column decides, so a
@@ -107,6 +115,7 @@ def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
             # ("terminate called without an active exception", apache/arrow#39862); one file needs no scanner.
             with pq.ParquetFile(path) as reader:
                 return _Read(reader.read())
+        _refuse_other_encoding(path, whole=False)
         # pyarrow detects gzip from the .gz suffix; only an empty cell is null, so a literal NaN stays NaN and
         # messages show what the file says
         return _Read(pacsv.read_csv(path, convert_options=convert))
@@ -126,7 +135,75 @@ def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
                 numbers = np.arange(2, table.num_rows + len(unsplit) + 2)
                 lines = np.setdiff1d(numbers, [row.number for row in unsplit], assume_unique=True)
                 return _Read(table, tuple(unsplit), lines, breaks=True)
+            _refuse_other_encoding(path, whole=True)  # pyarrow's 'invalid UTF8 data' names no line
         raise SourceError(f"{path}: cannot read as {fmt}: {exc}", file=str(path)) from exc
+
+
+# Byte order marks of text that is not UTF-8, UTF-32 LE's first: it begins with UTF-16 LE's.
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32 LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+    (b"\xff\xfe", "UTF-16 LE"),
+    (b"\xfe\xff", "UTF-16 BE"),
+)
+_HEAD = 1 << 16  # bytes of a CSV looked at before every read for another encoding
+_SAVE_AS_UTF8 = "save it as UTF-8 (in Excel: CSV UTF-8)"
+
+
+def _refuse_other_encoding(path: Path, *, whole: bool) -> None:
+    """Refuse a CSV that is not UTF-8 text, in one line naming the file: by its byte order mark (UTF-16 or UTF-32),
+    else by the first byte that is not UTF-8 text (a NUL too: UTF-16 or UTF-32 without a mark has them), named by its
+    line and byte offset. pyarrow read UTF-16 into columns of NUL-ridden names ('no such column'), and refused a
+    Latin-1 'é' as 'invalid UTF8 data', naming no line. A UTF-8 byte order mark is UTF-8 (pyarrow skips it).
+    ``whole``: look through the whole file (pyarrow refused it), else through its first 64 KB (before every read)."""
+    # the file's offset of ``carry``'s first byte, the lines ended before it, the byte before it; ``carry``: bytes a
+    # piece's end cut a character in
+    offset, ended, last, carry = 0, 0, 10, b""
+    with pa.input_stream(str(path)) as stream:  # decompressed as read_csv does (.gz)
+        while piece := stream.read(_PIECE if whole else _HEAD):
+            data = carry + piece
+            for mark, name in _BOMS if not offset else ():
+                if data.startswith(mark):
+                    raise SourceError(
+                        f"{path}: the file is {name} text (its byte order mark says so), not UTF-8: {_SAVE_AS_UTF8}",
+                        file=str(path),
+                        field="encoding",
+                        value=name,
+                    )
+            nul = data.find(b"\0")
+            bad, seen = (nul, "a NUL byte") if nul >= 0 else (-1, "")
+            try:
+                data[: len(data) if nul < 0 else nul].decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as exc:
+                if exc.reason == "unexpected end of data" and nul < 0:  # the next piece may end the character
+                    good = exc.start
+                else:
+                    bad, good, seen = exc.start, exc.start, f"{data[exc.start : exc.end]!r}"
+            if bad >= 0:
+                raw = np.frombuffer(data, np.uint8, count=bad)
+                line = ended + len(_line_ends(raw, last)) + 1
+                raise SourceError(
+                    f"{path}: line {line} (byte offset {offset + bad}): {seen} is not UTF-8 text (the file is in "
+                    f"another encoding: Latin-1, Windows-1252, UTF-16?): {_SAVE_AS_UTF8}",
+                    file=str(path),
+                    field="encoding",
+                    value=seen,
+                )
+            if not whole:
+                return
+            raw = np.frombuffer(data, np.uint8, count=good)
+            ended += len(_line_ends(raw, last))
+            last = int(raw[-1]) if len(raw) else last
+            offset, carry = offset + good, data[good:]
+    if carry:
+        raise SourceError(
+            f"{path}: line {ended + 1} (byte offset {offset}): {carry!r} is not UTF-8 text (a character cut by "
+            f"the file's end): {_SAVE_AS_UTF8}",
+            file=str(path),
+            field="encoding",
+            value=repr(carry),
+        )
 
 
 def _read_by_line(
@@ -162,8 +239,7 @@ def _line_numbers(path: Path, records: int | None) -> I64:
         while piece := stream.read(_PIECE):
             raw = np.frombuffer(piece, np.uint8)
             before = np.concatenate(([last], raw[:-1]))
-            # a line ends at a CR, or at an LF that is not a CRLF's; it was empty if a line ended just before
-            ends = np.flatnonzero((raw == 13) | ((raw == 10) & (before != 13)))
+            ends = _line_ends(raw, last)  # it was empty if a line ended just before
             found.append(np.flatnonzero((before[ends] != 13) & (before[ends] != 10)) + ended + 1)
             ended += len(ends)
             last, quoted = int(raw[-1]), quoted or b'"' in piece
@@ -187,6 +263,13 @@ def _line_numbers(path: Path, records: int | None) -> I64:
         ):  # a cell beyond the csv module's limit: the lines that are not empty, as near as we get
             return lines.astype(np.int64)
     return np.asarray(starts, dtype=np.int64)
+
+
+def _line_ends(raw: npt.NDArray[np.uint8], last: int) -> I64:
+    """Where lines end in a piece of a file's bytes: at a CR, or at an LF that is not a CRLF's (``last``: the
+    byte before the piece, 10 at the file's start), as pyarrow and editors split lines."""
+    before = np.concatenate(([last], raw[:-1])).astype(np.uint8)
+    return np.flatnonzero((raw == 13) | ((raw == 10) & (before != 13)))
 
 
 def _on_lines(starts: I64, records: I64) -> I64:
@@ -378,7 +461,7 @@ class FilesSource(Source):
             return empty_table(segment.timeframe)
         read = self._load(path)
         table = read.table
-        frame, names = self._frame(table, path, segment)
+        frame, names, spelled = self._frame(read, path, segment)
         if not table.num_rows and not read.unsplit:
             # a header alone loaded an empty segment without a word, where a missing file is reported
             self.reports.append(SourceReport(segment, str(path), "the file has no rows (a header alone)"))
@@ -393,6 +476,7 @@ class FilesSource(Source):
         if segment.month == self.profile.months[0]:
             ours |= ~when_ok
         frame, when, when_ok = frame[ours], when[ours], when_ok[ours]
+        spelled = None if spelled is None else spelled[ours]
         raw = frame.rename(columns={"when": "date" if segment.timeframe == "1d" else "ts"})
         values = {name: _numbers(frame[name]) for name in VALUE_COLUMNS}
         positions = frame.index.to_numpy(np.int64)
@@ -401,7 +485,7 @@ class FilesSource(Source):
         rows = read.lines[positions] if read.lines is not None else positions + (2 if csv_file else 1)
         # a Parquet file has no lines: its rows are named as such, counted from 1
         place = "line" if csv_file else "row"
-        bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows, place)
+        bars = Bars(when, when_ok, values, raw.drop(columns=["_row"], errors="ignore"), rows, place, spelled)
         verdict = screen(
             segment,
             bars,
@@ -462,8 +546,13 @@ class FilesSource(Source):
                 value=pattern,
             )
 
-    def _frame(self, table: pa.Table, path: Path, segment: Segment) -> tuple[pd.DataFrame, dict[str, str]]:
-        """The segment's symbol's rows with our column names (index: row position in the file)."""
+    def _frame(
+        self, read: _Read, path: Path, segment: Segment
+    ) -> tuple[pd.DataFrame, dict[str, str], Mask | None]:
+        """The segment's symbol's rows with our column names (index: row position in the file), and which of them
+        spell it as the universe does when others name it in another case (``Bars.spelled``), else None."""
+        table = read.table
+        spelled: Mask | None = None
         when_target = "date" if segment.timeframe == "1d" else "ts"
         names = {t: str(self._column(table, path, t)) for t in VALUE_COLUMNS}
         names["when"] = str(self._column(table, path, when_target))
@@ -473,23 +562,21 @@ class FilesSource(Source):
             table, path, "symbol", required="{symbol}" not in self.patterns[segment.timeframe]
         )
         if sym_col is not None:
-            try:
-                symbols = table.column(sym_col).cast(pa.string())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # a struct or list column
-                raise SourceError(
-                    f"{path}: columns.symbol={sym_col!r}: holds {table.column(sym_col).type}, not text ({exc})",
-                    file=str(path),
-                    field="columns.symbol",
-                    value=sym_col,
-                ) from None
-            mine = pc.equal(pc.utf8_trim_whitespace(symbols), segment.symbol)
-            positions = np.flatnonzero(pc.fill_null(mine, False).to_numpy(zero_copy_only=False))
+            symbols, other_case = self._spellings(read, table, path, sym_col)
+            mine = pc.fill_null(pc.equal(symbols, segment.symbol), False)
+            chosen = mine
+            if other_case is not None:  # rows of the symbol in another case: bad rows, never left out unsaid
+                chosen = pc.or_(mine, pc.fill_null(pc.equal(other_case, segment.symbol.lower()), False))
+            positions = np.flatnonzero(chosen.to_numpy(zero_copy_only=False))
             if not len(positions) and table.num_rows:
-                # a symbol spelled otherwise in the file (aapl, AAPL.O) loaded nothing and said nothing
+                # a symbol spelled otherwise in the file (AAPL.O) loaded nothing and said nothing
                 seen = pc.unique(symbols).to_pylist()[:_EXAMPLES]
                 reason = f"no row has {sym_col}={segment.symbol!r} (it has e.g. {', '.join(map(repr, seen))})"
                 self.reports.append(SourceReport(segment, str(path), reason))
-            table = table.filter(pc.fill_null(mine, False))
+            if chosen is not mine:
+                spelled = np.asarray(mine.filter(chosen).to_numpy(zero_copy_only=False), dtype=np.bool_)
+            table = table.filter(chosen)
+            names["symbol"] = sym_col  # its cells in the messages and the quarantined rows
         else:
             positions = np.arange(table.num_rows)
         for target in VALUE_COLUMNS:
@@ -504,7 +591,38 @@ class FilesSource(Source):
         frame = pd.DataFrame({t: _raw_column(table.column(n)) for t, n in names.items()})
         frame.index = pd.Index(positions)
         names[when_target] = names.pop("when")
-        return frame, names
+        return frame, names, spelled
+
+    def _spellings(
+        self, read: _Read, table: pa.Table, path: Path, column: str
+    ) -> tuple[pa.ChunkedArray, pa.ChunkedArray | None]:
+        """The symbol column's cells trimmed of spaces, and lower-cased where a cell names a symbol of the
+        universe in another case only (``aapl`` for ``AAPL``; null elsewhere), None when no cell does. Such rows
+        were left out without a word, as a symbol outside the universe is: almost surely a slip, they are bad
+        rows of the symbol they name (a universe holds one spelling of a symbol: the profile refuses AAPL beside
+        aapl)."""
+        if column not in read.spellings:
+            try:
+                symbols = pc.utf8_trim_whitespace(table.column(column).cast(pa.string()))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # a struct or list column
+                raise SourceError(
+                    f"{path}: columns.symbol={column!r}: holds {table.column(column).type}, not text ({exc})",
+                    file=str(path),
+                    field="columns.symbol",
+                    value=column,
+                ) from None
+            universe = list(self.profile.symbols)
+            lowered = pc.utf8_lower(symbols)
+            other = pc.and_(
+                pc.invert(pc.is_in(symbols, value_set=pa.array(universe, pa.string()))),
+                pc.is_in(lowered, value_set=pa.array([s.lower() for s in universe], pa.string())),
+            )
+            other = pc.fill_null(other, False)
+            other_case = None
+            if pc.any(other).as_py():
+                other_case = pc.if_else(other, lowered, pa.scalar(None, pa.string()))
+            read.spellings[column] = (symbols, other_case)
+        return read.spellings[column]
 
     def _when(
         self,

@@ -2,9 +2,12 @@
 
 Rules, checked in this order (a row is charged to the first one it breaks):
 
+- the symbol is spelled as in the universe (a shared file's ``aapl`` row when the universe has ``AAPL``: almost
+  surely the user's slip, never silently dropped nor silently taken as ``AAPL``);
 - the date / timestamp parses (an unparseable date is a bad row, never a silently dropped one);
 - open, high, low, close and volume are finite numbers (no null, NaN or text);
-- high >= max(open, close); low <= min(open, close); low > 0; volume >= 0; volume < 2**63 (a bigint);
+- high >= max(open, close); low <= min(open, close); low > 0; volume >= 0; volume is a whole number (the column
+  is a bigint: 100.5 was rounded, a silent change); volume < 2**63 (a bigint);
 - (symbol, date) / (symbol, ts) is unique: every row of a repeated key is bad, since we cannot know which
   one is right.
 
@@ -54,6 +57,7 @@ Mask = npt.NDArray[np.bool_]
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
 _EXAMPLES = 3
 _BIGINT_END = float(2**63)
+SPELLED_RULE = "symbol is spelled as in the universe (case too)"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class Bars:
     raw: pd.DataFrame
     rows: I64 | None = None
     place: str = "line"  # what ``rows`` count: a text file's lines, or (``row``) a Parquet file's rows from 1
+    # Which rows name the segment's symbol as the universe spells it, when a source also handed over rows naming it
+    # in another case (a shared file's ``aapl``): the others break the symbol rule and are no row of the symbol
+    # (not counted as repeating its dates). None: every row is the symbol's. ``raw`` then has the ``symbol`` cells.
+    spelled: Mask | None = None
 
     def __len__(self) -> int:
         return len(self.when)
@@ -145,15 +153,18 @@ def _rules(bars: Bars, key: str) -> list[tuple[str, str, Mask]]:
     v = bars.values
     o, h, lo, c, vol = (v[name] for name in VALUE_COLUMNS)
     with np.errstate(invalid="ignore"):  # NaN compares False: those rows are charged to "finite" already
-        checks: list[tuple[str, str, Mask]] = [
-            (f"{key} parses as a {'date' if key == 'date' else 'timestamp'}", key, ~bars.when_ok)
-        ]
+        checks: list[tuple[str, str, Mask]] = []
+        if bars.spelled is not None:
+            checks.append((SPELLED_RULE, "symbol", ~bars.spelled))
+        checks.append((f"{key} parses as a {'date' if key == 'date' else 'timestamp'}", key, ~bars.when_ok))
         checks += [(f"{name} is a finite number", name, ~np.isfinite(v[name])) for name in VALUE_COLUMNS]
         checks += [
             ("high >= max(open, close)", "high", h < np.maximum(o, c)),
             ("low <= min(open, close)", "low", lo > np.minimum(o, c)),
             ("low > 0", "low", lo <= 0),
             ("volume >= 0", "volume", vol < 0),
+            # the volume column is a bigint: 100.5 was rounded to 100 (numpy's rint), data silently changed
+            ("volume is a whole number", "volume", np.trunc(vol) != vol),
             # the volume column is a bigint: a larger float cast to int64 wraps to -2**63, a silent lie
             ("volume < 2**63", "volume", vol >= _BIGINT_END),
         ]
@@ -162,12 +173,13 @@ def _rules(bars: Bars, key: str) -> list[tuple[str, str, Mask]]:
 
 
 def _repeated(bars: Bars) -> Mask:
-    """Rows whose (parsed) time occurs more than once in the segment."""
-    when = bars.when[bars.when_ok]
+    """Rows of the symbol whose (parsed) time occurs more than once in the segment."""
+    ours = bars.when_ok if bars.spelled is None else bars.when_ok & bars.spelled
+    when = bars.when[ours]
     if len(when) < 2 or bool((when[1:] > when[:-1]).all()):  # sources deliver time order: one pass, no hash
         return np.zeros(len(bars), np.bool_)
-    keyed = pd.Series(np.where(bars.when_ok, bars.when, np.iinfo(np.int64).min))
-    return np.asarray(keyed.duplicated(keep=False).to_numpy() & bars.when_ok, dtype=np.bool_)
+    keyed = pd.Series(np.where(ours, bars.when, np.iinfo(np.int64).min))
+    return np.asarray(keyed.duplicated(keep=False).to_numpy() & ours, dtype=np.bool_)
 
 
 def find_bad_rows(
@@ -270,6 +282,7 @@ def bars_table(segment: Segment, when: I64, values: Mapping[str, F64]) -> pa.Tab
     else:
         when_array = pa.array(when[order] // 1000, pa.timestamp("us", tz="UTC"))
     prices = [pa.array(values[name][order]) for name in ("open", "high", "low", "close")]
+    # whole numbers once screened (``volume is a whole number``): rint changes no volume a source hands over
     volume = pa.array(np.rint(values["volume"][order]).astype(np.int64))
     symbols = pa.array(np.full(len(when), segment.symbol, dtype=object), pa.string())
     return pa.Table.from_arrays([symbols, when_array, *prices, volume], schema=SCHEMA_OF[segment.timeframe])
@@ -298,6 +311,7 @@ def _where(source: str, bars: Bars, position: int, key: str, *, short: bool = Fa
 
 
 __all__ = [
+    "SPELLED_RULE",
     "VALUE_COLUMNS",
     "BadRowsError",
     "Bars",

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from refresher.calendar import sessions_between
+from refresher.sources.validate import SPELLED_RULE
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_refresh_e2e import Workspace
 
@@ -95,6 +96,20 @@ BAD = {
         "Date",
         "2024-1O-15",
         "date parses as a date",
+    ),
+    # rounded into the bigint column (100), silently
+    "fractional volume": (
+        with_line(aapl(DAY, "10", "11", "9", "10", "100.5")),
+        "Volume",
+        "100.5",
+        "volume is a whole number",
+    ),
+    # left out without a word, as a symbol outside the universe is
+    "symbol in another case": (
+        with_line("a" + CLEAN[BAD_LINE - 1][1:]),
+        "Ticker",
+        "'aAPL'",
+        SPELLED_RULE,
     ),
 }
 
@@ -401,3 +416,62 @@ def test_a_bad_row_after_empty_lines_is_named_by_its_line_in_the_file(ws: Worksp
     else:
         rejects = ws.scalar("SELECT json_agg(json_build_array(symbol, row, rule)) FROM refresher_rejects")
         assert rejects == [["AAPL", line, rule]]
+
+
+@pytest.mark.parametrize("case", ["fractional volume", "symbol in another case"])
+def test_a_fractional_volume_or_a_symbol_in_another_case_is_quarantined(ws: Workspace, case: str) -> None:
+    refresh_clean(ws)
+    lines, _, value, rule = BAD[case]
+    write(ws, lines)
+    report = ws.refresh("--on-bad-rows", "quarantine")
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS - 1
+    assert report["left_out"] == {f"quarantined: {rule}": 1}
+    rejects = ws.scalar(
+        'SELECT json_agg(json_build_array(symbol, row, rule, "column", raw)) FROM refresher_rejects'
+    )
+    column = "volume" if case == "fractional volume" else "symbol"
+    [[symbol, row, got_rule, got_column, raw]] = rejects  # type: ignore[misc]
+    assert (symbol, row, got_rule, got_column) == ("AAPL", BAD_LINE, rule, column)
+    assert raw[column] == value.strip("'")  # as the file wrote it
+
+
+# Not UTF-8: UTF-16 with its byte order mark (Excel's "Unicode Text"), Latin-1 (a name with an accent).
+ENCODED = {
+    "UTF-16": ("\ufeff" + "\n".join(CLEAN) + "\n").encode("utf-16-le"),
+    "Latin-1": (
+        "\n".join(["Name," + CLEAN[0], *(f"Soci\u00e9t\u00e9,{line}" for line in CLEAN[1:])]) + "\n"
+    ).encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("policy", ["fail", "quarantine"])
+@pytest.mark.parametrize("encoding", sorted(ENCODED))
+def test_a_csv_that_is_not_utf8_is_one_line_and_leaves_the_database_unchanged(
+    ws: Workspace, encoding: str, policy: str
+) -> None:
+    # UTF-16 failed as 'columns.symbol='Ticker': no such column (has: ...)' naming NUL-ridden columns; Latin-1
+    # as pyarrow's 'invalid UTF8 data', naming no line
+    before = refresh_clean(ws)
+    path = write(ws, [])
+    path.write_bytes(ENCODED[encoding])
+    done = ws.run("refresh", "--profile", ws.profile, "--json", "--on-bad-rows", policy, expect=2)
+    message = done.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    if encoding == "UTF-16":
+        assert message == (
+            f"refresher: {path}: the file is UTF-16 LE text (its byte order mark says so), not UTF-8: "
+            "save it as UTF-8 (in Excel: CSV UTF-8)"
+        )
+    else:
+        offset = ENCODED[encoding].index(b"\xe9")
+        assert message.startswith(
+            f"refresher: {path}: line 2 (byte offset {offset}): b'\\xe9' is not UTF-8 text"
+        )
+    assert state(ws) == before
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0
+    # the same file as UTF-8 with a byte order mark loads
+    path.write_bytes(
+        ENCODED[encoding].decode("utf-16" if encoding == "UTF-16" else "latin-1").encode("utf-8-sig")
+    )
+    ws.refresh("--on-bad-rows", policy)
+    assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS

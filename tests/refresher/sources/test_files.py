@@ -174,11 +174,12 @@ def test_epoch_seconds_fail_the_timestamp_rule_showing_the_value(
 
 
 def test_a_symbol_absent_from_a_shared_file_is_reported(tmp_path: Path, make_profile: MakeProfile) -> None:
-    (tmp_path / "all.csv").write_text(DAILY_CSV.replace("AAPL,", "aapl,"))
+    # (a row naming it in another case, aapl, is its bad row: test_files_policies)
+    (tmp_path / "all.csv").write_text(DAILY_CSV.replace("AAPL,", "AAPL.O,"))
     src = FilesSource(make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: all.csv")))
     assert src.fetch(Segment("AAPL", "1d", NOV)).num_rows == 0
     [report] = src.reports
-    assert "no row has Ticker='AAPL' (it has e.g. 'aapl', 'MSFT')" in str(report)
+    assert "no row has Ticker='AAPL' (it has e.g. 'AAPL.O', 'MSFT')" in str(report)
     src.reports.clear()
     assert src.fetch(Segment("MSFT", "1d", dt.date(2024, 10, 1))).num_rows == 0  # in the file, not this month
     assert src.reports == []

@@ -152,7 +152,18 @@ def test_random_valid_frames_pass(drawn: tuple[Bars, int]) -> None:
     assert (charged < 0).all()
 
 
-CORRUPTIONS = ["nan", "inf", "high_low", "high_open", "low_close", "low_zero", "volume", "date", "duplicate"]
+CORRUPTIONS = [
+    "nan",
+    "inf",
+    "high_low",
+    "high_open",
+    "low_close",
+    "low_zero",
+    "volume",
+    "fraction",
+    "date",
+    "duplicate",
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -176,6 +187,8 @@ def test_any_single_corrupted_cell_is_caught(drawn: tuple[Bars, int], data: st.D
         values["low"][row] = data.draw(st.sampled_from([0.0, -1.0]))
     elif how == "volume":
         values["volume"][row] = -1.0
+    elif how == "fraction":  # rounded into the bigint column before the rule
+        values["volume"][row] += 0.5
     elif how == "date":
         ok[row] = False
     else:
