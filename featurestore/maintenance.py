@@ -165,6 +165,7 @@ def _rows_of_pack(path: Path, previous: Mapping[str, Entry]) -> list[Row]:
 def restore_rows(manifest: Manifest, con: duckdb.DuckDBPyConnection) -> int:
     """Replace every row of the manifest (inside the caller's exclusive transaction) by the files' own rows."""
     rows = rows_from_files(manifest.root, manifest.select(con))
+    manifest.removing()  # a key whose file is gone or unreadable leaves; one found twice may change content
     con.execute("DELETE FROM entries")
     manifest.upsert(con, rows)
     return len(rows)

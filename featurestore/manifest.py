@@ -52,6 +52,7 @@ from featurestore.errors import (
     StoreFormatNewer,
     StoreLockTimeout,
 )
+from featurestore.generation import move_generation, read_generation
 
 log = logging.getLogger("featurestore")
 
@@ -420,6 +421,7 @@ class Manifest:
         opened = self._open(read_only=False)
         if isinstance(opened, duckdb.Error):
             damage = opened
+            self.removing()  # its rows are about to be restored from the files: some may be gone
             aside = self._set_aside()
             opened = self._open(read_only=False)
             if isinstance(opened, duckdb.Error):  # a fresh file that will not open: the disk is at fault
@@ -435,6 +437,8 @@ class Manifest:
             )
         con = opened
         try:
+            if read_generation(self.root) is None:  # a new store, or one from before generations
+                move_generation(self.root)
             found = self._format(con)
             if found > STORE_FORMAT:  # before anything is written: its layout is not this code's to change
                 raise StoreFormatNewer.store_format(str(self.path), found, STORE_FORMAT)
@@ -640,11 +644,18 @@ class Manifest:
             return text[skip:].replace(os.sep, "/")
         return path.relative_to(self.root).as_posix()  # raises for a path outside the store, as before
 
-    @staticmethod
-    def delete(con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> None:
+    def delete(self, con: duckdb.DuckDBPyConnection, keys: Iterable[str]) -> None:
+        """Delete the rows of ``keys``; the store's generation moves first (``removing``)."""
         keys = list(keys)
         if keys:
+            self.removing()
             con.execute("DELETE FROM entries WHERE key IN (SELECT unnest(?::VARCHAR[]))", [keys])
+
+    def removing(self) -> None:
+        """Move the store's generation (``featurestore.generation``): a key is about to leave the manifest or
+        change its content. Inside the exclusive transaction, before it commits (and before a key's own file is
+        replaced): a reader never sees the old generation with the change made."""
+        move_generation(self.root)
 
     def select(
         self, con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = None, *, symbol: str | None = None
@@ -728,6 +739,7 @@ class Manifest:
         """Delete the rows of ``keys`` that still name ``path`` (a newer put may have moved a key elsewhere)."""
         keys = list(keys)
         if keys:
+            self.removing()
             con.execute(
                 "DELETE FROM entries WHERE key IN (SELECT unnest(?::VARCHAR[])) AND path = ?",
                 [keys, path.relative_to(self.root).as_posix()],

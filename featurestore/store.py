@@ -31,6 +31,7 @@ from featurestore import _files, _packs, _writes, maintenance
 from featurestore._locks import READ_ONLY_ERRNOS, file_lock, open_lock_file
 from featurestore.errors import ComputeError, StoreDiskFull, bad_value
 from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_many
+from featurestore.generation import read_generation
 from featurestore.keys import Raw, feature_key, is_dataframe, time_ranges, to_arrow
 from featurestore.maintenance import IntegrityReport
 from featurestore.manifest import Entry, Manifest, ns_to_utc, utc_now
@@ -149,6 +150,9 @@ class FeatureStore:
         self._session = AccessCounts()
         self._session_lock = threading.Lock()
         self._ensure_manifest()
+        if read_generation(self.root) is None:  # a store from before generations: its first write makes one
+            with self.manifest.write():
+                pass
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r})"
@@ -564,6 +568,10 @@ class FeatureStore:
                     held = self.manifest.select(txn.con, list(latest))
                     if entry_kind == "segment":
                         done = _unchanged(held, latest)
+                    if any(key not in done for key in held):
+                        # A key written again with other content (or over a row whose file is gone): a
+                        # replacement, before its own file is renamed over the old one.
+                        self.manifest.removing()
                     stale = {e.path for e in held.values() if e.pack_offset is not None and e.key not in done}
                     rows = written.publish(self.root, unchanged=done.keys())
                     self.manifest.upsert(txn.con, rows)

@@ -94,10 +94,13 @@ def refresh(
         diskfull.store_disk_full(settings.store_root),
     ):
         stamp.clear(settings.state_dir, profile.name, engine.name)
+        store = FeatureStore(settings.store_root)  # a store from before generations gets one here
+        # before the plan reads the store: a removal while this refresh runs leaves a stamp that does not answer
+        store_state = stamp.store_state(settings.store_root)
         report = _refresh(
             profile,
             engine,
-            FeatureStore(settings.store_root),
+            store,
             prune=prune,
             verify=verify,
             progress=progress,
@@ -108,7 +111,7 @@ def refresh(
         why: str | None = "the server is not running"
         if server is not None:
             try:
-                why = stamp.write(settings.state_dir, settings.store_root, profile, server, report.to_json())
+                why = stamp.write(settings.state_dir, store_state, profile, server, report.to_json())
             except (OSError, psycopg.Error, RefresherError) as exc:
                 why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         if on_stamp is not None:

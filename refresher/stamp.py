@@ -6,14 +6,16 @@ changed. After each refresh that finished, the CLI writes a stamp into the state
 of every file the profile was resolved from (the profile's own bytes, and its universe file's, found or not),
 the code's (the source files' sizes and times, and the versions of the libraries that decide values or parse
 the profile), until when the as-of stays the answer (the next session close of the profile's exchanges, so the
-dates a profile resolves to cannot have moved before it), where the data went (engine, DSN, the store's
-manifest file) and what the database held then (the ledger version the pristine snapshot records, a digest of
+dates a profile resolves to cannot have moved before it), where the data went (engine, DSN, and the store's
+generation as the refresh began: ``featurestore.generation``, which moves only when a key may have left the store
+or changed content, so other profiles' and workers' additions to a shared store leave the stamp answering) and
+what the database held then (the ledger version the pristine snapshot records, a digest of
 ``symbols``, every table present), and the report. The pool size asked for is compared with the one the
 pristine snapshot's mark records (a changed ``--pool-size`` or $REFRESHER_POOL_SIZE is work to do; neither
 given asks for the recorded size). A later ``refresh`` without flags checks each of them
 against the running server and answers with that report, or falls through to the full refresh on any
 difference or doubt: a changed profile file or code, an edited ledger, a dropped table, a missing snapshot, a
-store another run wrote to, a passed session close, any error.
+store another run removed from (gc, an eviction, a rebuild) or made anew, a passed session close, any error.
 
 The check reads the profile's bytes, never parses them: the same bytes, code and libraries before the same
 session close resolve to the same profile, and parsing costs pydantic, YAML and the feature registry (about as
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featurestore.generation import read_generation
 from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines import sweep_private_tmps, write_private_json
@@ -59,7 +62,7 @@ if TYPE_CHECKING:
     from refresher.profile import Profile
 
 # Bump when a field is added or its meaning changes: an older stamp then proves nothing.
-STAMP_FORMAT = 6
+STAMP_FORMAT = 7
 # What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
 # ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
@@ -141,12 +144,13 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _store_identity(store_root: Path) -> list[Any]:
-    try:
-        status = (store_root / MANIFEST_FILE).stat()
-    except OSError:
-        return [str(store_root), None]
-    return [str(store_root), status.st_ino, status.st_size, status.st_mtime_ns]
+def store_state(store_root: Path) -> list[Any]:
+    """[root, generation] of the store (``featurestore.generation``): read when a refresh begins, before its
+    plan asks the store, and recorded by its stamp. The generation moves only when a key may have left the
+    store or changed content, so another profile's (or checkout's, or worker's) additions leave the stamp
+    answering. None (no store, no manifest, a store from before generations) answers nothing."""
+    generation = read_generation(store_root) if (store_root / MANIFEST_FILE).is_file() else None
+    return [str(store_root), generation]
 
 
 def _database_state(conn: psycopg.Connection[Any], features: Sequence[str]) -> list[str | None] | None:
@@ -318,15 +322,18 @@ def clear(state_dir: Path, profile: str, engine: str) -> None:
 
 
 def write(
-    state_dir: Path, store_root: Path, profile: Profile, server: ServerInfo, report: dict[str, Any]
+    state_dir: Path, store: list[Any], profile: Profile, server: ServerInfo, report: dict[str, Any]
 ) -> str | None:
-    """Stamp a refresh that just finished (under the profile lock); why not when it cannot be stamped."""
+    """Stamp a refresh that just finished (under the profile lock); why not when it cannot be stamped.
+    ``store``: ``store_state`` as the refresh began (a removal since then leaves a stamp that does not answer)."""
     if not stampable(profile):
         return (
             "a files or Postgres source, or a feature of a user's module, changes outside what a stamp checks"
         )
     if not profile.inputs:
         return "the profile was not read from a file"
+    if store[1] is None:
+        return f"the store at {store[0]} had no generation when the refresh began"
     import psycopg
 
     from refresher import snapshot
@@ -349,7 +356,7 @@ def write(
             "valid_until": valid_until(profile, now).isoformat(),
             "engine": server.engine,
             "dsn": server.dsn(with_password=False),
-            "store": _store_identity(store_root),
+            "store": store,
             "database": state,
             "feature_tables": tables,
             "report": report,
@@ -471,11 +478,13 @@ def _check_target(stamp: dict[str, Any], store_root: Path, server: ServerInfo, p
         "profile": profile,
         "engine": server.engine,
         "dsn": server.dsn(with_password=False),
-        "store": _store_identity(store_root),
+        "store": store_state(store_root),
     }
     for key, value in expected.items():
-        if stamp.get(key) != value:
-            said = "written to (another run wrote to it)" if key == "store" else "another"
+        if stamp.get(key) != value or (key == "store" and value[1] is None):
+            said = (
+                "of another generation (a key may have left it or changed)" if key == "store" else "another"
+            )
             raise _Void(f"the {key} is {said}: stamped {stamp.get(key)!r}, now {value!r}")
     if stamp.get("code") != code_fingerprint():
         raise _Void("the code changed (a source file of refresher or featurestore, or a library's version)")
@@ -568,6 +577,7 @@ __all__ = [
     "code_fingerprint",
     "input_digests",
     "stampable",
+    "store_state",
     "unchanged",
     "verdict",
     "write",

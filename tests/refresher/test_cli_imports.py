@@ -39,8 +39,9 @@ BUDGET = {"market status": 72, "stamped no-op refresh": 120}
 # Our own modules each quick path may import, by name: a module new on the path (an import at the top of a
 # module the path loads, where a lazy one would do) fails here with its name, before it moves any count.
 # Every command parses its arguments (cli, jobs.parser), may print (render) and ends (featurestore.console);
-# `market status` reads the calendar cache; the stamped no-op adds the engine and the stamp (the snapshot and pool
-# modules, and psycopg, only when psql's answer differs from the stamp's: refresher.stamp).
+# `market status` reads the calendar cache; the stamped no-op adds the engine, the stamp and the store's
+# generation (the snapshot and pool modules, and psycopg, only when psql's answer differs from the stamp's:
+# refresher.stamp).
 OURS_MARKET = frozenset(
     {
         "featurestore",
@@ -64,6 +65,7 @@ OURS = {
     "market status": OURS_MARKET,
     "stamped no-op refresh": OURS_MARKET
     | {
+        "featurestore.generation",
         "refresher.commands",
         "refresher.engines",
         "refresher.engines._common",

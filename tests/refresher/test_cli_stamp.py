@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 
+from featurestore import FeatureStore, collect_garbage
+from featurestore.generation import read_generation
 from refresher import database, stamp
 from refresher._snapshot_sql import PRIVATE_SLOTS
 from refresher.engines import make_engine
@@ -29,6 +34,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import EngineUnavailable
 from refresher.settings import Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
+from tests.featurestore.test_generation import REPO, STOPPED_REMOVER
 from tests.fixtures_postgres import refills_gone
 from tests.refresher.engines.test_local import tiny_disk
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
@@ -70,6 +76,11 @@ def refresh_saying(ws: Workspace, *extra: str) -> tuple[dict[str, Any], list[str
     prefix = "refresher: stamp: "
     said = [line.removeprefix(prefix) for line in done.stderr.splitlines() if line.startswith(prefix)]
     return json.loads(done.stdout.strip().splitlines()[-1]), said
+
+
+def store_of(ws: Workspace) -> list[Any]:
+    """The workspace's store as a refresh beginning now records it (for ``stamp.write`` in-process)."""
+    return stamp.store_state(ws.root / "store")
 
 
 def ws_profile(ws: Workspace) -> Any:
@@ -165,7 +176,7 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         )
     elif change == "dropped table":
         execute(ws, "DROP TABLE refresher_rejects")
-        assert stamp.write(ws.root / "state", ws.root / "store", ws_profile(ws), local_server(ws), {}) == (
+        assert stamp.write(ws.root / "state", store_of(ws), ws_profile(ws), local_server(ws), {}) == (
             "a table is missing from the database"
         )
     elif change == "symbols":
@@ -177,7 +188,7 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
     elif change == "snapshot":
         execute(ws, f'ALTER DATABASE "{pristine_name(dbname)}" IS_TEMPLATE false', MAINTENANCE_DB)
         execute(ws, f'DROP DATABASE "{pristine_name(dbname)}" WITH (FORCE)', MAINTENANCE_DB)
-        assert stamp.write(ws.root / "state", ws.root / "store", ws_profile(ws), local_server(ws), {}) == (
+        assert stamp.write(ws.root / "state", store_of(ws), ws_profile(ws), local_server(ws), {}) == (
             "the pristine copy is not of the database's ledger"
         )
     elif (
@@ -189,9 +200,8 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         path = stamp_file(ws)
         if change == "torn stamp":
             path.write_text(path.read_text()[:40])
-        elif change == "store":  # another profile's refresh wrote to the shared store
-            manifest = ws.root / "store" / stamp.MANIFEST_FILE
-            os.utime(manifest, ns=(time.time_ns(), time.time_ns()))
+        elif change == "store":  # another run removed a key from the shared store: the full path fetches it
+            assert FeatureStore(ws.root / "store").clear_cache("KO") >= 1
         else:
             field, value = {
                 "session close": ("valid_until", "2000-01-01T00:00:00+00:00"),
@@ -215,7 +225,7 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
         "snapshot": "no pristine copy",
         "disarmed counter": "the ledger was written (or its tables made again) since the stamp",
         "session close": "the session close it answered until passed (2000-01-01T00:00:00+00:00)",
-        "store": "the store is written to (another run wrote to it)",
+        "store": "the store is of another generation (a key may have left it or changed)",
         "code": "the code changed",
         "torn stamp": "is not JSON (torn or edited)",
         "symbols": "the symbols table changed since the stamp",
@@ -235,6 +245,8 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
     assert said[1] == "written", said
     if change in ("profile", "ledger"):
         assert report["segments"]["loaded"] >= 1
+    if change == "store":
+        assert report["segments"]["fetched"] >= 1 and report["segments"]["loaded"] == 0
     if change == "dropped table":
         with psycopg.connect(ws.dsn()) as conn:
             assert database.schema_exists(conn)
@@ -249,6 +261,76 @@ def test_anything_that_makes_work_falls_through_to_the_full_refresh(ws: Workspac
     assert stamped(ws.refresh())  # the full run stamped what it did
     if change == "profile":
         ws.write_profile(symbols=["AAPL", "KO"], months=1)
+
+
+def test_another_runs_additions_to_the_shared_store_leave_the_stamp_answering(ws: Workspace) -> None:
+    """Issue 13: the stamp recorded the manifest file's (inode, size, time), so a write to the shared store by
+    another profile, checkout or jobs worker voided it and the next no-op paid a full run. Additions cannot
+    make its answer wrong (keys are content-addressed): they leave the store's generation as it was."""
+    settle(ws)
+    store = FeatureStore(ws.root / "store")
+    store.put_many([(f"seg-elsewhere-{n}", pa.table({"x": [n]}), "XOM") for n in range(3)])
+    store.put("seg-elsewhere-own", pa.table({"x": list(range(10_000))}), symbol="XOM")
+    store.get_many(["seg-elsewhere-0", "seg-elsewhere-own"])
+    collect_garbage(store, retention=dt.timedelta(weeks=4))  # a collection that finds nothing to remove
+    assert refresh_saying(ws)[1] == ["answered through psql"]
+
+
+@pytest.mark.parametrize("removal", ["gc", "clear_cache", "rebuild", "corrupt files"])
+def test_a_removal_from_the_store_falls_through_to_the_full_refresh(ws: Workspace, removal: str) -> None:
+    settle(ws)
+    store = FeatureStore(ws.root / "store")
+    before = read_generation(store.root)
+    if removal == "gc":
+        collect_garbage(store, retention=dt.timedelta(0))
+    elif removal == "clear_cache":
+        store.clear_cache("AAPL")
+    elif removal == "rebuild":
+        store.rebuild_manifest()
+    else:  # every file cut short: a collection removes their rows as corrupt
+        for path in (ws.root / "store" / "data").glob("*/*.parquet"):
+            path.write_bytes(path.read_bytes()[:-100])
+        assert not store.validate_cache_integrity(deep=False).ok
+        collect_garbage(store, retention=dt.timedelta(weeks=4))
+    assert read_generation(store.root) not in (before, None)
+    report, said = refresh_saying(ws)
+    assert not stamped(report) and "the store is of another generation" in said[0], said
+    assert said[1] == "written"
+    assert stamped(ws.refresh())  # the full run stamped the new generation
+
+
+def test_a_removal_while_a_refresh_runs_leaves_its_stamp_not_answering(ws: Workspace) -> None:
+    """The stamp records the generation as the refresh began, before its plan read the store."""
+    report = settle(ws)
+    began = store_of(ws)
+    FeatureStore(ws.root / "store").clear_cache("KO")  # after the refresh's plan, before its stamp
+    assert stamp.write(ws.root / "state", began, ws_profile(ws), local_server(ws), report) is None
+    report, said = refresh_saying(ws)
+    assert not stamped(report) and "the store is of another generation" in said[0], said
+    assert report["segments"]["fetched"] >= 1
+
+
+@pytest.mark.parametrize("step", ["moved", "committed"])
+def test_a_remover_killed_between_its_steps_leaves_the_stamp_not_answering(ws: Workspace, step: str) -> None:
+    settle(ws)
+    marker = ws.root / f"stopped-{step}"
+    marker.unlink(missing_ok=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_REMOVER, str(ws.root / "store"), step, str(marker), "AAPL"], cwd=REPO
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    report, said = refresh_saying(ws)
+    assert not stamped(report) and "the store is of another generation" in said[0], said
+    # rolled back (nothing to fetch), or committed (AAPL's segments fetched again)
+    assert (report["segments"]["fetched"] > 0) == (step == "committed"), report
 
 
 def test_without_the_probe_the_check_asks_through_psycopg_and_records_the_probe_again(ws: Workspace) -> None:
@@ -619,11 +701,11 @@ def test_a_stamp_is_not_written_for_what_it_cannot_check(ws: Workspace, tmp_path
         f"source: {{kind: files, path: {tmp_path}}}\n"
     )
     files = load_profile(str(mine), [tmp_path])
-    assert stamp.write(ws.root / "state", ws.root / "store", files, server, {}) == (
+    assert stamp.write(ws.root / "state", store_of(ws), files, server, {}) == (
         "a files or Postgres source, or a feature of a user's module, changes outside what a stamp checks"
     )
     unread = dataclasses.replace(ws_profile(ws), inputs=())
-    assert stamp.write(ws.root / "state", ws.root / "store", unread, server, {}) == (
+    assert stamp.write(ws.root / "state", store_of(ws), unread, server, {}) == (
         "the profile was not read from a file"
     )
 
