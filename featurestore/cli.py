@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from featurestore import gc
 from featurestore._cli import OneLineParser, add_root_option, open_store
-from featurestore.console import end
+from featurestore.console import end, reader_left
 from featurestore.errors import FeatureStoreError
 from featurestore.render import render_integrity, render_stats
 
@@ -75,7 +74,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `featurestore verify | head`: the reader left, which is not our error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the interpreter's final flush quiet
+        reader_left()
         return 0
 
 

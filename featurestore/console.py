@@ -54,6 +54,12 @@ def _flushed(status: int) -> int:
     return status or 2
 
 
+def reader_left() -> None:
+    """After a BrokenPipeError writing the answer to stdout (``| head``: its reader read what it wanted and left,
+    which is not the command's failure): what is still buffered for it goes nowhere, so no later flush fails."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- stdout for the rest of the process
+
+
 def end(status: int, argv: Sequence[str] | None) -> int:
     """A console script's ``main``'s last step: ``status`` for a caller in-process (``argv`` given), the end of
     the process through ``leave`` for the console script itself (``argv`` None)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from featurestore.console import end, leave
+from featurestore.console import end, leave, reader_left
 from refresher.errors import USER_ERRORS, SettingError, os_error_message
 from refresher.settings import (
     DEFAULT_POOL_SIZE,
@@ -320,7 +320,11 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, state.to_json(), lambda: render.market_status(state))
         return 0
     if _prints_as_it_works(args):
-        return _run(args, settings, _emit)
+        try:
+            return _run(args, settings, _emit)
+        except BrokenPipeError:  # `jobs status --watch | head`: the reader stopped watching
+            reader_left()
+            return 0
     answers: list[Callable[[], None]] = []
 
     def emit(args: argparse.Namespace, payload: dict[str, Any], render: Callable[[], None]) -> None:
@@ -328,8 +332,11 @@ def run(args: argparse.Namespace) -> int:
 
     with _stdout_on_stderr():
         status = _run(args, settings, emit)
-    for answer in answers:
-        answer()
+    try:
+        for answer in answers:
+            answer()
+    except BrokenPipeError:  # `refresher profiles | head -1`: the reader left, having read what it wanted
+        reader_left()
     return status
 
 

@@ -116,3 +116,19 @@ def test_a_reader_gone_at_the_last_flush_is_no_failure() -> None:
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_reader_gone_in_the_middle_of_an_answer_is_no_failure(tmp_path: Path) -> None:
+    # `refresher profiles | head -1`: an answer past stdout's buffer met the closed pipe while printing, a
+    # BrokenPipeError traceback and exit status 1 (and the interpreter's teardown, which leave is there to skip)
+    for i in range(300):
+        (tmp_path / f"profile_{i:03}.yaml").write_text("universe: {symbols: [AAPL]}\nstart: 2024-10-01\n")
+    code = "import sys; from refresher.cli import main; sys.argv = ['refresher', *sys.argv[1:]]; main()"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        args = ("profiles", "--profiles-dir", str(tmp_path), "--state-dir", str(tmp_path / "state"))
+        done = _run(code, *args, stdout=write)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
