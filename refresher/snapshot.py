@@ -926,12 +926,19 @@ _SERVERS_OWN = frozenset({"host", "hostaddr", "port", "dbname", "user", "passwor
 
 
 def connect_target(
-    server: ServerInfo | None, target: str, *, stop: threading.Event | None = None, **kwargs: Any
+    server: ServerInfo | None,
+    target: str,
+    *,
+    stop: threading.Event | None = None,
+    foreign_wait: bool = True,
+    **kwargs: Any,
 ) -> psycopg.Connection[Any]:
     """``connect_working`` to ``server``, the profile's own that ``target`` names (a reset killed with its door
     shut is opened; the session as ``target``'s role when it names another than the server's, its password then
     libpq's; else as the server's role, ``target``'s other options kept), else ``psycopg.connect`` to ``target``
-    as given (a server this machine does not serve: its door is not ours to open, ``_wait_foreign_door``)."""
+    as given (a server this machine does not serve: its door is not ours to open, ``_wait_foreign_door``).
+    ``foreign_wait=False``: such a door shut fails at once (a jobs worker: its queue tries again after a backoff,
+    where a wait held the worker ``DOOR_WAIT_SECONDS`` an attempt)."""
     if server is not None:
         named: dict[str, Any] = {}
         with contextlib.suppress(psycopg.ProgrammingError):  # no DSN: the server's own role
@@ -948,6 +955,8 @@ def connect_target(
     except psycopg.OperationalError as refusal:
         if not refused_by_door(refusal):
             raise
+        if not foreign_wait:
+            raise _foreign_door_shut(target, "its door is shut") from refusal
         return _wait_foreign_door(target, refusal, stop, **kwargs)
 
 
@@ -957,7 +966,7 @@ def _wait_foreign_door(
     """A session to ``target``, whose database refused one at its door (ALLOW_CONNECTIONS false) on a server this
     machine does not serve: a live reset there opens it in moments, a killed one never. Tried again every
     ``DOOR_WAIT_SLICE`` for ``DOOR_WAIT_SECONDS`` (``stop`` ends it: ``StoppedWaiting``), then one line says what
-    to do: only the machine serving it (or the database's owner) can open it."""
+    to do (``_foreign_door_shut``)."""
     db = conninfo.conninfo_to_dict(target).get("dbname") or "(the target's)"
     deadline = time.monotonic() + DOOR_WAIT_SECONDS
     while True:
@@ -973,12 +982,19 @@ def _wait_foreign_door(
             if not refused_by_door(exc):
                 raise
             if time.monotonic() >= deadline:
-                raise psycopg.OperationalError(
-                    f"database {db} refuses sessions (waited {DOOR_WAIT_SECONDS:g} s): a `refresher reset` on the "
-                    "machine that serves it holds its door shut, or was killed or stopped there with it shut; "
-                    "run `refresher reset` of its profile there (it opens the door), or have the database's "
-                    f"owner run ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"
-                ) from exc
+                raise _foreign_door_shut(target, f"waited {DOOR_WAIT_SECONDS:g} s") from exc
+
+
+def _foreign_door_shut(target: str, how: str) -> psycopg.OperationalError:
+    """The one line for ``target``'s database refusing sessions at its door on a server this machine does not
+    serve (``how``: how long it was waited for): only the machine serving it (or the database's owner) can open
+    it. No SQLSTATE: a jobs worker counts it transient (``refresher.jobs.retry.is_transient``)."""
+    db = conninfo.conninfo_to_dict(target).get("dbname") or "(the target's)"
+    return psycopg.OperationalError(
+        f"database {db} refuses sessions ({how}): a `refresher reset` on the machine that serves it holds its "
+        "door shut, or was killed or stopped there with it shut; run `refresher reset` of its profile there (it "
+        f"opens the door), or have the database's owner run ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"
+    )
 
 
 def _live(server: ServerInfo, measure: Callable[[psycopg.Connection[Any]], str | None]) -> str | None:

@@ -144,9 +144,13 @@ class _RunContext:
         # sessions (the worker retried until its jobs went dead), and the one door opens it; else the target as
         # given, its password from libpq's own sources (PGPASSWORD, .pgpass, service files).
         # A live reset's door is waited for (``snapshot.DOOR_WAIT_SECONDS``), ``stop`` (SIGTERM) ending the wait.
+        # Another machine's shut door fails the attempt at once, transient: waited for, it held the worker 30 s
+        # an attempt (each job of the batch alone again), and the queue's backoff tries again all the same.
         server = _own_server(settings, spec)
         try:
-            self.conn = snapshot.connect_target(server, str(spec["target"]), stop=stop, autocommit=True)
+            self.conn = snapshot.connect_target(
+                server, str(spec["target"]), stop=stop, foreign_wait=False, autocommit=True
+            )
             # A worker stopped inside a transaction (SIGSTOP, a suspended machine) kept its locks for as long as
             # it stayed stopped: another worker's first features load waited on the schema lock for ever. The
             # server ends such a transaction (and the session) once it idles ``idle_in_transaction`` seconds.

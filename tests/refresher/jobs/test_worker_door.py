@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,13 +124,13 @@ def test_a_run_targeting_this_machines_server_by_its_dsn_opens_a_killed_resets_d
     assert not _refusing(server)
 
 
-def test_a_foreign_targets_shut_door_is_waited_for_then_one_line_says_what_to_do(
+def test_a_foreign_targets_shut_door_fails_the_attempt_at_once_retried_after_a_backoff(
     pg_database: ServerInfo, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A target this machine does not serve for the profile, its door left shut by a reset killed on the machine
-    that serves it: not ours to open. The worker waits for it (DOOR_WAIT_SECONDS, as for a live reset), then its
-    one line said only libpq's 'not currently accepting connections'; it says what to do."""
-    monkeypatch.setattr(snapshot, "DOOR_WAIT_SECONDS", 0.5)
+    that serves it: not ours to open. The worker waited DOOR_WAIT_SECONDS (30 s) for it at each attempt, the
+    worker held all that time; each attempt now fails at once as a transient failure, the queue trying it again
+    after a backoff, and the last one's line says what to do."""
     ws = Workspace(tmp_path, "local", "foreign")
     ws.write_profile(symbols=["AAPL"], months=1)
     with psycopg.connect(pg_database.dsn("postgres"), autocommit=True) as admin:
@@ -145,13 +146,20 @@ def test_a_foreign_targets_shut_door_is_waited_for_then_one_line_says_what_to_do
     client = connect(redis_server.url)
     run = submit_jobs(client, spec, [job], now=dt.datetime.now(dt.UTC)).run_id
     settings = Settings.from_env(ws.env, engine="local")
-    options = WorkerOptions("foreign", burst=True, max_attempts=1)
+    options = WorkerOptions("foreign", burst=True, max_attempts=2, backoff_base=0.1, backoff_cap=0.5)
+    started = time.monotonic()
     report = Worker(redis_server.url, settings, options).run()
-    assert (report.dead, report.done) == (1, 0)
+    took = time.monotonic() - started
+    assert (report.retried, report.dead, report.done) == (
+        1,
+        1,
+        0,
+    )  # one backoff, then the second attempt died
+    assert took < snapshot.DOOR_WAIT_SECONDS / 2, took  # before: 60 s, two attempts of 30 s at the door
     assert run_status(client, run).dead == 1
     [(_id, letter)] = client.xrange(DEAD)
     error = text(letter[b"error"])
     assert "\n" not in error and error.startswith(f"transient: target {target}: cannot connect"), error
-    assert f"database {pg_database.dbname} refuses sessions" in error and "waited 0.5 s" in error, error
+    assert f"database {pg_database.dbname} refuses sessions (its door is shut)" in error, error
     assert "run `refresher reset` of its profile there" in error, error
     assert _refusing(pg_database)  # not ours to open
