@@ -16,7 +16,7 @@ import pytest
 
 from refresher.errors import ProfileError, RefresherError
 from refresher.profile_files import find_profile_file
-from refresher.settings import Settings, parse_pool_size
+from refresher.settings import PoolSize, Settings, parse_pool_size
 
 DEFAULT_PROFILE = "ui_testing"
 ENGINES = ("auto", "docker", "local")
@@ -53,7 +53,7 @@ OPTIONS = (
     _Option(
         "refresher-pool-size",
         "warm clones kept per loaded server (default $REFRESHER_POOL_SIZE, else one per xdist worker plus one, "
-        "at least 2); 0 keeps none: each refresher_db is then a copy of the database, not a rename",
+        "at least 2; auto: the same); 0 keeps none: each refresher_db is then a copy of the database, not a rename",
     ),
     _Option(
         "refresher-reuse",
@@ -158,7 +158,7 @@ def parse_as_of(text: str | None) -> dt.date | None:
         raise ProfileError("--refresher-as-of", "as_of", text, "not a date (want YYYY-MM-DD)") from None
 
 
-def _pool_size(text: str | None) -> int | None:
+def _pool_size(text: str | None) -> PoolSize | None:
     if text is None:
         return None
     try:

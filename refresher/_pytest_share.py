@@ -36,7 +36,7 @@ from refresher._pytest_servers import LoadedServer, sweep_abandoned_dirs
 from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import USER_ERRORS, SnapshotError
-from refresher.settings import DEFAULT_POOL_SIZE
+from refresher.settings import DEFAULT_POOL_SIZE, PoolSize
 
 _T = TypeVar("_T")
 
@@ -100,14 +100,14 @@ def drop_abandoned_clones(server: ServerInfo) -> list[str]:
     return dropped
 
 
-def pool_size_for_workers(chosen: int | None, workers: int) -> int:
-    """The clones a run keeps per server: ``chosen`` ($REFRESHER_POOL_SIZE, --refresher-pool-size), else one
-    ready for each worker's next test and one more for whichever comes back first.
+def pool_size_for_workers(chosen: PoolSize | None, workers: int) -> int:
+    """The clones a run keeps per server: ``chosen`` ($REFRESHER_POOL_SIZE, --refresher-pool-size), else (None,
+    ``auto``) one ready for each worker's next test and one more for whichever comes back first.
 
     The pool's depth helps only bursts (steady state is bounded by how fast clones are copied), and each clone
     is a full copy of the database on disk without reflinks: a user short of disk chooses fewer, or 0.
     """
-    return max(DEFAULT_POOL_SIZE, workers + 1) if chosen is None else chosen
+    return chosen if isinstance(chosen, int) else max(DEFAULT_POOL_SIZE, workers + 1)
 
 
 def _lock(path: Path) -> FileLock:

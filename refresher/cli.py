@@ -20,10 +20,12 @@ from typing import Any, NoReturn
 from featurestore.console import end, leave, reader_left
 from refresher.errors import USER_ERRORS, SettingError, os_error_message
 from refresher.settings import (
+    AUTO_POOL,
     DEFAULT_POOL_SIZE,
     ENGINE_NAMES,
     FAST_COPY,
     POOL_SIZE_ENV,
+    PoolSize,
     Settings,
     parse_pool_size,
 )
@@ -108,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool-size",
         type=_parse_pool_size,
         default=None,
-        metavar="N",
-        help=f"warm clones to keep for reset, bounded by free disk; remembered by the server: a later refresh "
-        f"without it (nor ${POOL_SIZE_ENV}, which it overrides) keeps this size. Default: {DEFAULT_POOL_SIZE}, "
-        "or none where the server's copies are full copies (no reflink, e.g. ext4) and a copy of the database "
-        f"takes at most {FAST_COPY} s there (a reset then copies it); `refresher status` says which and why",
+        metavar="N|auto",
+        help=f"warm clones to keep for reset, bounded by free disk (each refill leaves a tenth of the filesystem, "
+        f"at least 1 GB, free; a reflink clone costs almost none); remembered by the server: a later refresh "
+        f"without it (nor ${POOL_SIZE_ENV}, which it overrides) keeps this size. Default ({AUTO_POOL}, which also "
+        f"forgets a size chosen before): {DEFAULT_POOL_SIZE}, or none where the server's copies are full copies "
+        f"(no reflink, e.g. ext4) and a copy of the database takes at most {FAST_COPY} s there (a reset then "
+        "copies it); `refresher status` says which and why",
     )
     plan = profile_cmd(
         "plan",
@@ -185,7 +189,7 @@ def _parse_date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from exc
 
 
-def _parse_pool_size(text: str) -> int:
+def _parse_pool_size(text: str) -> PoolSize:
     try:
         return parse_pool_size(text)
     except ValueError as exc:

@@ -15,12 +15,13 @@ one of a few ``COPIER`` tokens while it copies: how many copies run at once on t
 machine (``refill_concurrency``), however many processes refill.
 
 How many clones the pool keeps is what the pristine copy's mark records (``pool_size=``, set by the refresh from
-$REFRESHER_POOL_SIZE or ``--pool-size``; ``resize_pool`` changes it), bounded by the free space of the server's
-disk (``pool_size_for_disk``). A pool of 0 keeps no clone: a reset or checkout then copies the pristine one.
-Without a size from the user, each snapshot decides it (``default_pool_size``): none where the server's copies
-are full copies (no reflink) and a copy of the database is measured to take at most ``FAST_COPY`` seconds (a
-reset that copies still answers well under a second, and the disk holds two copies instead of four), else
-``DEFAULT_POOL_SIZE``.
+$REFRESHER_POOL_SIZE or ``--pool-size``; ``resize_pool`` changes it), bounded at each refill by the free space of
+the server's disk (``pool_size_for_disk``; a reflink clone costs almost none of it), which the refill says in one
+line when it makes fewer clones. A pool of 0 keeps no clone: a reset or checkout then copies the pristine one.
+Without a size from the user (or with ``auto``, which forgets one), each snapshot decides it
+(``default_pool_size``): none where the server's copies are full copies (no reflink) and a copy of the database
+is measured to take at most ``FAST_COPY`` seconds (a reset that copies still answers well under a second, and the
+disk holds two copies instead of four), else ``DEFAULT_POOL_SIZE``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ from refresher._snapshot_sql import (
 from refresher.diskfull import COPY_SLACK, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
-from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY
+from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, pool_as_asked
 
 MAX_REFILL_CONCURRENCY = 4
 GB = 2**30
@@ -202,20 +203,17 @@ def drop_clone(server: ServerInfo, name: str) -> None:
 
 
 def pool_status(server: ServerInfo) -> PoolStatus:
-    """The pool of ``server.dbname`` (``refresher status``); a database a killed reset left refusing sessions is
-    opened (``_reopen_abandoned``)."""
+    """The pool of ``server.dbname`` (``refresher status``; its ``why`` says when the disk holds fewer clones
+    than the pool keeps); a database a killed reset left refusing sessions is opened (``_reopen_abandoned``)."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         _reopen_abandoned(conn, server.dbname)
         mark = _pristine_mark(conn, server.dbname)
         if mark is None:
             return PoolStatus(False, (), DEFAULT_POOL_SIZE)
         ready = tuple(_ready_clones(conn, server.dbname))
-        return PoolStatus(
-            True,
-            ready,
-            mark.pool_size,
-            pool_reason(mark.pool, _database_bytes(conn, pristine_name(server.dbname))),
-        )
+        why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(server.dbname)))
+        _, cut = _disk_cut(conn, server.dbname, mark.pool_size, _Machine.of(conn), len(ready))
+        return PoolStatus(True, ready, mark.pool_size, why if cut is None else f"{why}; {cut}")
 
 
 def recorded_pool(server: ServerInfo, conn: psycopg.Connection[Any]) -> PoolSizing | None:
@@ -239,22 +237,23 @@ def default_pool_size(*, reflink: bool, copy_bps: int | None, database_bytes: in
 def size_pool(
     conn: psycopg.Connection[Any],
     db: str,
-    chosen: int | None,
+    chosen: PoolSize | None,
     old: PoolSizing | None,
     *,
     copy_of: str,
     copy_bps: int | None = None,
 ) -> PoolSizing:
     """What the mark of a new pristine copy ``copy_of`` of ``db`` records about its pool: ``chosen`` (the
-    user's size), else the old mark's when the user chose it (it sticks), else ``default_pool_size`` for this
-    server. ``copy_bps``: the rate of the copy just made (None: none was). The fastest rate measured on this
-    server is what the mark keeps: other work only ever slows a copy, and a small database's copy is mostly fixed
-    cost near ``FAST_COPY``, so one copy timed under load would otherwise flip the default from 0 to 2 clones,
-    and a daily refresh (which measures no copy) would keep that slow rate for good."""
+    user's size), else (None) the old mark's when the user chose it (it sticks), else (None, or ``auto``, which
+    forgets the user's) ``default_pool_size`` for this server. ``copy_bps``: the rate of the copy just made
+    (None: none was). The fastest rate measured on this server is what the mark keeps: other work only ever slows
+    a copy, and a small database's copy is mostly fixed cost near ``FAST_COPY``, so one copy timed under load
+    would otherwise flip the default from 0 to 2 clones, and a daily refresh (which measures no copy) would keep
+    that slow rate for good."""
     bps = size_pool_rate(copy_bps, old)
-    if chosen is not None:
+    if isinstance(chosen, int):
         return PoolSizing(chosen, True, copy_bps=bps)
-    if old is not None and old.chosen:
+    if chosen is None and old is not None and old.chosen:
         return replace(old, copy_bps=bps)
     reflink = server_reflinks(conn)
     size = default_pool_size(reflink=reflink, copy_bps=bps, database_bytes=_database_bytes(conn, copy_of))
@@ -378,10 +377,10 @@ def unfinished_analyses(conn: psycopg.Connection[Any]) -> list[str]:
     return [name for name in recorded(conn, unattended=True) if TRASH_INFIX not in name]
 
 
-def resize_pool(server: ServerInfo, size: int) -> bool:
-    """Make ``size`` the pool's size, as the user's choice: drop the ready clones of slots ``size`` and up (their
-    disk is given back), then record ``size`` in the pristine copy's mark. False when the mark says so already, or
-    there is no copy.
+def resize_pool(server: ServerInfo, size: PoolSize) -> PoolSizing | None:
+    """Make ``size`` the pool's size, as the user's choice (``auto``: the default's, ``size_pool``, the user's
+    forgotten): drop the ready clones of slots ``size`` and up (their disk is given back), then record it in the
+    pristine copy's mark; returns what the mark records. None when the mark says so already, or there is no copy.
 
     The refill (``spawn_refill``) then fills the pool to the new size. Under REFILL exclusive, as every mark
     write but the analyzed copy's (REFILL shared and STATS): no refiller, analysis or template checkout runs
@@ -393,12 +392,13 @@ def resize_pool(server: ServerInfo, size: int) -> bool:
     db = server.dbname
     with _admin(server.dsn(MAINTENANCE_DB)) as conn, _advisory(conn, db, REFILL):
         mark = _pristine_mark(conn, db)
-        if mark is None or (mark.pool_size, mark.pool.chosen) == (size, True):
-            return False
+        if mark is None or pool_as_asked(size, mark.pool_size, mark.pool.chosen):
+            return None
+        sizing = size_pool(conn, db, size, mark.pool, copy_of=pristine_name(db))
         # Out of takers' reach in one transaction of renames (a DROP under TAKE would hold up resets), each as a
         # checkout takes a clone: a session left on it (a database browser) ends rather than failing the rename.
         with _advisory(conn, db, TAKE), conn.transaction():
-            doomed = [name for name in _ready_clones(conn, db) if _slot_of(db, name) >= size]
+            doomed = [name for name in _ready_clones(conn, db) if _slot_of(db, name) >= sizing.size]
             trash = [f"{db}{TRASH_INFIX}{secrets.token_hex(4)}" for _ in doomed]
             for name, out in zip(doomed, trash, strict=True):
                 _take(conn, name, out, None)
@@ -408,10 +408,10 @@ def resize_pool(server: ServerInfo, size: int) -> bool:
             conn,
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(
                 sql.Identifier(pristine_name(db)),
-                sql.Literal(replace(mark, pool=replace(mark.pool, size=size, chosen=True)).text()),
+                sql.Literal(replace(mark, pool=sizing).text()),
             ),
         )
-    return True
+    return sizing
 
 
 def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
@@ -465,10 +465,15 @@ def pool_size_for_disk(wanted: int, *, ready: int, clone_bytes: int, free: int, 
     The floor of one keeps a checkout a rename even on a tight disk, as before the pool had this bound; a
     pool of 0 is the user's choice of disk over reset speed, and stays 0.
     """
-    reserve = max(total // 10, GB)
+    reserve = disk_reserve(total)
     each = max(clone_bytes, 0) + COPY_SLACK
     more = max(0, (free - reserve) // each)
     return max(min(1, wanted), min(wanted, ready + more))
+
+
+def disk_reserve(total: int) -> int:
+    """The free space a refill leaves on a filesystem of ``total`` bytes: a tenth of it, at least 1 GB."""
+    return max(total // 10, GB)
 
 
 def spawn_refill(
@@ -565,18 +570,22 @@ def _sweep_and_fill(
         _sweep_scratch(machine.data_directory)
     width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
     missing = _missing(conn, db, size, machine)
-    if missing <= 0:
-        return 0
+    created = 0
     helpers = min(width, missing) - 1
-    if helpers <= 0:
-        return _fill(conn, db, size, machine, width)
-    with ThreadPoolExecutor(helpers) as pool:
-        extra = [
-            pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
-            for _ in range(helpers)
-        ]
+    if missing > 0 and helpers <= 0:
         created = _fill(conn, db, size, machine, width)
-        return created + sum(f.result() for f in extra)
+    elif missing > 0:
+        with ThreadPoolExecutor(helpers) as pool:
+            extra = [
+                pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
+                for _ in range(helpers)
+            ]
+            created = _fill(conn, db, size, machine, width)
+            created += sum(f.result() for f in extra)
+    # Once, as it ended: the bound is looked at again before each copy (a clone costs its database, its WAL
+    # slack only while it is made), so the first look may count fewer than the refill then made.
+    _missing(conn, db, size, machine, say=True)
+    return created
 
 
 def _open_working(admin_dsn: str, db: str, background: bool) -> psycopg.Connection[Any] | None:
@@ -698,15 +707,19 @@ def _fill_from_new_session(
 
 @dataclass(frozen=True)
 class _Machine:
-    """What this host can see of the server's disk: its data directory (None for a container's) and kind."""
+    """What this host can see of the server's disk: its data directory (None for a container's), its kind, and
+    whether the server's copies are reflinks there (``server_reflinks``)."""
 
     data_directory: Path | None
     rotational: bool
+    reflink: bool = False
 
     @classmethod
     def of(cls, conn: psycopg.Connection[Any]) -> _Machine:
         path = data_directory(conn)
-        return cls(path, path is not None and _is_rotational(path))
+        if path is None:
+            return cls(None, False)
+        return cls(path, _is_rotational(path), server_reflinks(conn))
 
     def usage(self) -> tuple[int, int] | None:
         """(free, total) bytes of the data directory's filesystem; None when this host cannot see it."""
@@ -729,24 +742,53 @@ def _is_rotational(path: Path) -> bool:
     return False
 
 
-def _target(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, ready: int) -> int:
-    """The pool size now: the requested or recorded size, bounded by the disk when this host can see it."""
+def _target(
+    conn: psycopg.Connection[Any],
+    db: str,
+    size: int | None,
+    machine: _Machine,
+    ready: int,
+    *,
+    say: bool = False,
+) -> int:
+    """The pool size now: the requested or recorded size, bounded by the disk when this host can see it. A clone
+    costs the pristine copy's size, none of it where the server's copies are reflinks (they share its extents
+    until written; ``pg_database_size`` counts them whole). ``say``: one line on stderr when the disk cuts the
+    pool (the refill's log; not an error: a reset without a clone copies)."""
     mark = _pristine_mark(conn, db)
     if mark is None:
         return 0
-    wanted = mark.pool_size if size is None else size
+    target, cut = _disk_cut(conn, db, mark.pool_size if size is None else size, machine, ready)
+    if say and cut is not None:
+        print(f"refresher: pool of {db}: {cut}", file=sys.stderr, flush=True)
+    return target
+
+
+def _disk_cut(
+    conn: psycopg.Connection[Any], db: str, wanted: int, machine: _Machine, ready: int
+) -> tuple[int, str | None]:
+    """The pool of ``wanted`` clones (``ready`` of them made) the disk holds (``pool_size_for_disk``), and the
+    line saying so when that is fewer (None when not, or when this host cannot see the disk)."""
     usage = machine.usage()
     if usage is None or wanted <= 1:
-        return wanted
+        return wanted, None
     free, total = usage
-    return pool_size_for_disk(
-        wanted, ready=ready, clone_bytes=_database_bytes(conn, pristine_name(db)), free=free, total=total
+    clone_bytes = 0 if machine.reflink else _database_bytes(conn, pristine_name(db))
+    target = pool_size_for_disk(wanted, ready=ready, clone_bytes=clone_bytes, free=free, total=total)
+    if target >= wanted:
+        return target, None
+    return target, (
+        f"the disk holds {target} of {wanted} warm clones, keeping {disk_reserve(total) / GB:.1f} GB free on "
+        f"{machine.data_directory} ({free / GB:.2f} GB free, a clone {clone_bytes / GB:.2f} GB); a reset "
+        "without a clone copies"
     )
 
 
-def _missing(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine) -> int:
+def _missing(
+    conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, *, say: bool = False
+) -> int:
     ready = len(_ready_clones(conn, db))
-    return _target(conn, db, size, machine, ready) - ready
+    return _target(conn, db, size, machine, ready, say=say) - ready
 
 
 def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, width: int) -> int:
@@ -1034,6 +1076,7 @@ __all__ = [
     "checkout_clone",
     "clone_notes",
     "default_pool_size",
+    "disk_reserve",
     "drop_clone",
     "pool_name",
     "pool_reason",

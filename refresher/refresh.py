@@ -32,7 +32,7 @@ from refresher.plan import GapPlan, LedgerView, StoreView, plan_gaps, segment_ke
 from refresher.profile import Profile
 from refresher.replay import RefreshWrites
 from refresher.segments import Segment, desired_segments
-from refresher.settings import DEFAULT_POOL_SIZE
+from refresher.settings import DEFAULT_POOL_SIZE, PoolSize, pool_as_asked
 from refresher.sources import make_source
 from refresher.sources.base import Source
 from refresher.sources.reports import rows_by_reason, stored_reports
@@ -233,14 +233,15 @@ def refresh(
     prune: bool = False,
     verify: bool = False,
     progress: ProgressCallback | None = None,
-    pool_size: int | None = None,
+    pool_size: PoolSize | None = None,
     loaders: int = LOADERS,
 ) -> RefreshReport:
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
     pool of ``pool_size`` warm clones, the user's choice (a changed size alone resizes the pool:
     ``pool.resize_pool``; None: the size the snapshot records when the user chose it, so a size given once
-    sticks, else the default the snapshot decides for this server, ``pool.default_pool_size``); the segments are
-    loaded on ``loaders`` connections at once (``InProcessExecutor``).
+    sticks, else the default the snapshot decides for this server, ``pool.default_pool_size``; ``auto``: that
+    default, a size chosen before forgotten); the segments are loaded on ``loaders`` connections at once
+    (``InProcessExecutor``).
 
     ``RefreshReport.phases`` are consecutive stretches of this thread's wall time (docs/architecture.md,
     "Refresh phases"): ``engine`` the wait for the server, ``plan`` the plan (with the schema and the
@@ -379,7 +380,11 @@ def refresh(
 
     snapshot_state = "unchanged"
     # What the mark records after this run: the size given, or the one recorded (the unchanged path).
-    pool_kept = recorded.size if recorded is not None and pool_size is None else pool_size
+    pool_kept = (
+        recorded.size
+        if recorded is not None and pool_as_asked(pool_size, recorded.size, recorded.chosen)
+        else pool_size
+    )
     # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.
     if not snapshot.is_current(server):
         # The template is made now (by writing this run's rows again into a clone of the old one where it can,
@@ -392,7 +397,8 @@ def refresh(
         pool_kept = made.sizing.size
         pool.spawn_refill(server)
         snapshot_state = "saved"
-    elif pool_size is not None and pool.resize_pool(server, pool_size):
+    elif pool_size is not None and (resized := pool.resize_pool(server, pool_size)) is not None:
+        pool_kept = resized.size
         pool.spawn_refill(server)
     elif unfinished:  # a reset's analyzer was killed: finish it (a refill above does too)
         pool.spawn_refill(server, fill=False)
@@ -418,5 +424,5 @@ def refresh(
         phases=phases,
         notes=notes,
         left_out=rows_by_reason(left_out),
-        pool_size=DEFAULT_POOL_SIZE if pool_kept is None else pool_kept,
+        pool_size=pool_kept if isinstance(pool_kept, int) else DEFAULT_POOL_SIZE,
     )

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from refresher.errors import SettingError
 
@@ -31,6 +31,11 @@ FAST_COPY = 0.3
 # a bigger pool only makes a refill try copies that cannot fit.
 MAX_POOL_SIZE = 100
 POOL_SIZE_ENV = "REFRESHER_POOL_SIZE"
+# `--pool-size auto`, $REFRESHER_POOL_SIZE=auto: the size refresher decides at each snapshot (the default's rule,
+# refresher.pool.default_pool_size), a size the user chose before forgotten. Every pool, chosen or not, is bounded
+# by the free disk at each refill (refresher.pool.pool_size_for_disk).
+AUTO_POOL: Literal["auto"] = "auto"
+PoolSize = int | Literal["auto"]
 
 
 def compose_project(checkout: Path) -> str:
@@ -39,13 +44,25 @@ def compose_project(checkout: Path) -> str:
     return f"refresher-{digest}"
 
 
-def parse_pool_size(text: str) -> int:
-    """A pool size as typed: a whole number from 0 to ``MAX_POOL_SIZE``; ValueError saying what is wrong (the
-    caller names the value: a variable, a flag or an option)."""
+def parse_pool_size(text: str) -> PoolSize:
+    """A pool size as typed: a whole number from 0 to ``MAX_POOL_SIZE``, or ``auto`` (``AUTO_POOL``); ValueError
+    saying what is wrong (the caller names the value: a variable, a flag or an option)."""
     value = text.strip()
+    if value.lower() == AUTO_POOL:
+        return AUTO_POOL
     if not value.isascii() or not value.isdigit() or int(value) > MAX_POOL_SIZE:
-        raise ValueError(f"not a whole number from 0 to {MAX_POOL_SIZE}")
+        raise ValueError(f"not a whole number from 0 to {MAX_POOL_SIZE}, nor {AUTO_POOL}")
     return int(value)
+
+
+def pool_as_asked(asked: PoolSize | None, size: int, chosen: bool) -> bool:
+    """Whether a pool recorded as ``size`` clones (``chosen``: by the user) is the one ``asked`` for: None asks
+    for any; ``auto`` for one nobody chose (its size is the snapshot's rule's); a number for that size, chosen."""
+    if asked is None:
+        return True
+    if asked == AUTO_POOL:
+        return not chosen
+    return (size, chosen) == (asked, True)
 
 
 def find_state_dir(start: Path) -> Path:
@@ -84,8 +101,9 @@ class Settings:
     # Warm clones per loaded profile ($REFRESHER_POOL_SIZE, `refresh --pool-size`, which wins). None: for the CLI,
     # the size the server's pristine snapshot records as the user's (a size given once sticks), else the default
     # each snapshot decides (DEFAULT_POOL_SIZE, or 0 where a copy is fast and no reflink: FAST_COPY); for the
-    # pytest plugin, one per xdist worker plus one (at least DEFAULT_POOL_SIZE).
-    pool_size: int | None = None
+    # pytest plugin, one per xdist worker plus one (at least DEFAULT_POOL_SIZE). ``auto`` (AUTO_POOL): the default's
+    # rule even where the user chose a size before (for the pytest plugin: as None).
+    pool_size: PoolSize | None = None
 
     @classmethod
     def from_env(
@@ -129,7 +147,7 @@ class Settings:
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _pool_size_from(env: Mapping[str, str], on_bad: Callable[[SettingError], None] | None) -> int | None:
+def _pool_size_from(env: Mapping[str, str], on_bad: Callable[[SettingError], None] | None) -> PoolSize | None:
     text = env.get(POOL_SIZE_ENV) or ""
     if not text.strip():
         return None

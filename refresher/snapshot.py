@@ -73,7 +73,7 @@ from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
 from refresher.login import refused_by_door
 from refresher.pool import HandedOut, _copy_in, _drop_leftovers, _make_clones, _take, size_pool, spawn_refill
-from refresher.settings import DEFAULT_POOL_SIZE
+from refresher.settings import DEFAULT_POOL_SIZE, PoolSize
 
 _T = TypeVar("_T")
 
@@ -224,13 +224,13 @@ def ledger_stamp(
 
 
 def save_pristine(
-    server: ServerInfo, *, pool_size: int | None = None, fill_pool: bool = True
+    server: ServerInfo, *, pool_size: PoolSize | None = None, fill_pool: bool = True
 ) -> SnapshotInfo:
     """Snapshot ``server.dbname`` as its pristine template and fill the clone pool (replacing older ones).
 
     The new copy records ``pool_size`` as the user's choice (None: the size the old one recorded when the user
-    chose it, which sticks whoever saves next; else the default for this server, ``pool.default_pool_size``, from
-    how long this copy took).
+    chose it, which sticks whoever saves next; else, or with ``auto``, the default for this server,
+    ``pool.default_pool_size``, from how long this copy took).
 
     Other sessions on the database are terminated: a template copy needs it idle. ``fill_pool=False`` only
     records the pool size; the caller then fills it in the background (``spawn_refill``): each clone of a
@@ -291,7 +291,7 @@ def advance_pristine(
     base: str,
     apply: Callable[[psycopg.Connection[Any]], None],
     *,
-    pool_size: int | None = None,
+    pool_size: PoolSize | None = None,
 ) -> SnapshotInfo | None:
     """Bring the pristine copy up to what ``server.dbname`` holds without copying it: run ``apply`` (the writes
     of the refresh that just ran, see ``refresher.replay``) in a ready clone of the copy, then swap that clone

@@ -54,6 +54,7 @@ from refresher.calendar import next_close
 from refresher.engines import sweep_private_tmps, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError
+from refresher.settings import PoolSize, pool_as_asked
 
 if TYPE_CHECKING:
     # At call time only, past the psql probe: psycopg and the snapshot and pool modules (which import it).
@@ -236,20 +237,22 @@ def _fingerprint(rows: list[Any]) -> list[Any]:
     return [rows[0], rows[1], rows[2], rows[4]]
 
 
-def _probed(stamp: dict[str, Any], server: ServerInfo, pool_size: int | None) -> bool:
+def _probed(stamp: dict[str, Any], server: ServerInfo, pool_size: PoolSize | None) -> bool:
     """Whether the server's psql reads the rows the stamp recorded (``_record_probe``), no analysis unfinished,
-    and ``pool_size`` (None: any) is the size the recorded mark says the user chose. False on any doubt."""
+    and the recorded mark's pool is the one ``pool_size`` asks for (``pool_as_asked``). False on any doubt."""
     return _probe_doubt(stamp, server, pool_size) is None
 
 
-def _probe_doubt(stamp: dict[str, Any], server: ServerInfo, pool_size: int | None) -> str | None:
+def _probe_doubt(stamp: dict[str, Any], server: ServerInfo, pool_size: PoolSize | None) -> str | None:
     """Why the server's psql does not vouch for the stamp (``_probed``); None when it does."""
     probe, recorded, pool_sizing = stamp.get("probe"), stamp.get("fingerprint"), stamp.get("pool")
     if server.psql is None:
         return f"no psql for the {server.engine} engine"
     if not isinstance(probe, str) or recorded is None:
         return "no probe recorded (its rows did not vouch for the stamp when written)"
-    if pool_size is not None and pool_sizing != [pool_size, True]:
+    if pool_size is not None and not (
+        isinstance(pool_sizing, list) and len(pool_sizing) == 2 and pool_as_asked(pool_size, *pool_sizing)
+    ):
         return f"pool size {pool_size} asked, the recorded mark says {pool_sizing} (size, chosen)"
     argv = [
         server.psql,
@@ -390,7 +393,7 @@ class _Void(Exception):
 
 
 def check(
-    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int | None
+    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: PoolSize | None
 ) -> dict[str, Any] | None:
     """The report of a refresh with nothing to do, when the stamp proves it; None: refresh in full
     (``verdict``'s report)."""
@@ -398,7 +401,7 @@ def check(
 
 
 def verdict(
-    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: int | None
+    state_dir: Path, store_root: Path, profile_file: Path, server: ServerInfo, *, pool_size: PoolSize | None
 ) -> Verdict:
     """Whether the stamp proves a refresh has nothing to do (its report then), and how or why not.
 
@@ -496,7 +499,7 @@ def _check_database(
     stamp: dict[str, Any],
     server: ServerInfo,
     features: list[str],
-    pool_size: int | None,
+    pool_size: PoolSize | None,
 ) -> None:
     """The check through psycopg: _Void unless the database holds what the stamp vouches for, its pristine
     copy is of that ledger and the pool asked for is the recorded one; then records the probe's rows again."""
@@ -525,7 +528,9 @@ def _check_database(
         raise _Void("the symbols table changed since the stamp")
     if pristine != state[0]:
         raise _Void("the pristine copy is missing or of another ledger" if pristine else "no pristine copy")
-    if pool_size is not None and (recorded is None or (recorded.size, recorded.chosen) != (pool_size, True)):
+    if pool_size is not None and (
+        recorded is None or not pool_as_asked(pool_size, recorded.size, recorded.chosen)
+    ):
         chosen = (
             None if recorded is None else f"{recorded.size} ({'chosen' if recorded.chosen else 'default'})"
         )

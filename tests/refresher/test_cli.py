@@ -86,8 +86,15 @@ def test_a_bad_pool_size_is_one_line_exit_2_naming_the_flag_or_variable(tmp_path
     assert "--pool-size" in line and repr(value) in line
     env = {**os.environ, "REFRESHER_POOL_SIZE": value}
     line = one_line_error(run_cli("refresh", "--profile", "ui_testing", *state, env=env))
-    assert line == f"refresher: REFRESHER_POOL_SIZE={value!r}: not a whole number from 0 to 100"
+    assert line == f"refresher: REFRESHER_POOL_SIZE={value!r}: not a whole number from 0 to 100, nor auto"
     assert not (tmp_path / "state").exists()  # refused before anything started
+
+
+def test_refresh_help_offers_pool_size_auto() -> None:
+    done = run_cli("refresh", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "--pool-size N|auto" in text and "Default (auto, which also forgets a size chosen before)" in text
 
 
 def test_fd_1_not_pointed_at_stderr_leaves_no_copy_of_it_open(monkeypatch: pytest.MonkeyPatch) -> None:

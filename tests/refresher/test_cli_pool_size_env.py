@@ -36,7 +36,7 @@ def test_status_url_reset_and_down_work_with_a_bad_pool_size_and_refresh_refuses
     ws, profile = checkout, checkout.profile
     for value in BAD:
         line = one_line_error(_with(ws, value, "refresh", "--profile", profile))
-        assert line == f"refresher: REFRESHER_POOL_SIZE={value!r}: not a whole number from 0 to 100"
+        assert line == f"refresher: REFRESHER_POOL_SIZE={value!r}: not a whole number from 0 to 100, nor auto"
 
         _warned_once(_with(ws, value, "reset", "--profile", profile), value)
 

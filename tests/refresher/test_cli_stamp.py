@@ -32,12 +32,13 @@ from refresher._snapshot_sql import PRIVATE_SLOTS
 from refresher.engines import make_engine
 from refresher.engines.base import ServerInfo
 from refresher.errors import EngineUnavailable
-from refresher.settings import Settings
+from refresher.settings import AUTO_POOL, PoolSize, Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
 from tests.featurestore.test_generation import REPO, STOPPED_REMOVER
 from tests.fixtures_postgres import refills_gone
 from tests.refresher.engines.test_local import tiny_disk
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
+from tests.refresher.test_snapshot import _mark
 
 __all__ = ["tiny_disk"]  # the fixture, shared
 
@@ -97,7 +98,7 @@ def local_server(ws: Workspace) -> ServerInfo:
     return server
 
 
-def probe_answers(ws: Workspace, server: ServerInfo | None = None, pool_size: int | None = None) -> bool:
+def probe_answers(ws: Workspace, server: ServerInfo | None = None, pool_size: PoolSize | None = None) -> bool:
     """Whether the stamp's psql probe (``stamp._probed``) says nothing to do, psycopg not asked."""
     return stamp._probed(json.loads(stamp_file(ws).read_text()), server or local_server(ws), pool_size)
 
@@ -645,6 +646,40 @@ def test_a_pool_size_given_once_sticks_and_the_flag_then_the_variable_win_over_i
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.strip().splitlines()[-1])["pool_size"] == 1
         assert ws.refresh()["pool_size"] == 1
+    finally:
+        ws.refresh("--pool-size", "2")
+    wait_for_pool_databases(ws, 2)
+    assert ws.checksums() == before
+
+
+def test_pool_size_auto_forgets_a_chosen_size_and_the_stamp_compares_it(ws: Workspace) -> None:
+    """``--pool-size auto`` (and $REFRESHER_POOL_SIZE=auto): the default's size, nobody's choice, where a size
+    given once stuck for good. Asked again it is nothing to do (the stamp answers: the mark says auto); a number
+    asked then is work, as a number is after auto."""
+    settle(ws)
+    before = ws.checksums()
+    try:
+        assert ws.refresh("--pool-size", "1")["pool_size"] == 1
+        report = ws.refresh("--pool-size", "auto")
+        assert not stamped(report) and report["snapshot"] == "unchanged", report
+        [pool] = [s["pool"] for s in json.loads(ws.run("status", "--json").stdout)["servers"]]
+        assert pool["size"] == report["pool_size"] and not str(pool["why"]).startswith(CHOSEN[:8]), pool
+        assert f"pool_size={report['pool_size']} auto" in _mark(local_server(ws))
+        refills_gone(ws.profile)
+        report, said = refresh_saying(ws, "--pool-size", "auto")
+        assert stamped(report) and said[0].startswith("answered"), said
+        env = {**ws.env, "REFRESHER_POOL_SIZE": "auto"}
+        done = subprocess.run(
+            ws.command("refresh", "--profile", ws.profile, "--json"), env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and stamped(json.loads(done.stdout.strip().splitlines()[-1])), done.stderr
+        # The stamp tells auto from the same number chosen.
+        size = report["pool_size"]
+        assert probe_answers(ws, pool_size=AUTO_POOL) and not probe_answers(ws, pool_size=size)
+        report = ws.refresh("--pool-size", str(size))
+        assert not stamped(report) and report["pool_size"] == size
+        assert not probe_answers(ws, pool_size=AUTO_POOL)
+        assert not stamped(ws.refresh("--pool-size", "auto"))
     finally:
         ws.refresh("--pool-size", "2")
     wait_for_pool_databases(ws, 2)

@@ -4,6 +4,7 @@ gives wins and sticks; on XFS with reflink the pool stays. Against real local se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,12 +19,22 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from refresher._pytest_share import pool_size_for_workers
 from refresher._snapshot_sql import PoolSizing, _Mark, _mark_of
+from refresher.diskfull import COPY_SLACK
 from refresher.engines.base import ServerInfo
-from refresher.pool import default_pool_size, pool_status, refill_pool, server_reflinks, size_pool_rate
-from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY
+from refresher.pool import (
+    default_pool_size,
+    disk_reserve,
+    pool_status,
+    refill_pool,
+    resize_pool,
+    server_reflinks,
+    size_pool_rate,
+)
+from refresher.settings import AUTO_POOL, DEFAULT_POOL_SIZE, FAST_COPY, parse_pool_size, pool_as_asked
 from refresher.snapshot import SnapshotInfo, pristine_name, restore_pristine, save_pristine
-from tests.fixtures_postgres import world_traversable_tmp
+from tests.fixtures_postgres import refills_gone, world_traversable_tmp
 from tests.refresher.test_cli_stamp import pool_databases, wait_for_pool_databases
 from tests.refresher.test_profile_lock import workspace
 from tests.refresher.test_refresh_e2e import Workspace
@@ -214,26 +225,35 @@ def test_the_cli_default_on_ext4_keeps_no_clone_and_a_given_size_is_honoured(wor
     assert ws.checksums() == before
 
 
-@pytest.fixture
-def xfs_root() -> Iterator[Path]:
-    """A directory on an XFS loop device made with reflink=1 (root and mkfs.xfs only)."""
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.xfs", "mount", "umount")):
-        pytest.skip("needs root and mkfs.xfs (Debian: xfsprogs) for an XFS loop device")
-    work = world_traversable_tmp("refresher-xfs-")
-    image, mount = work / "xfs.img", work / "xfs"
+@contextlib.contextmanager
+def loop_mounted(mkfs: list[str], size: int, why: str) -> Iterator[Path]:
+    """A directory on a loop device of ``size`` bytes (a sparse image: it takes only what is written) made by
+    ``mkfs`` (its argv, the image appended), unmounted after; skips the test without root, the tools (``why``
+    says which) or a loop device."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in (mkfs[0], "mount", "umount")):
+        pytest.skip(f"needs root and {why} for a loop device")
+    work = world_traversable_tmp("refresher-loop-")
+    image, mount = work / "fs.img", work / "fs"
     with image.open("wb") as f:
-        f.truncate(2 << 30)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+        f.truncate(size)
+    subprocess.run([*mkfs, str(image)], check=True)
     mount.mkdir()
     if subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True).returncode != 0:
         shutil.rmtree(work, ignore_errors=True)
-        pytest.skip("no loop device to mount an XFS image on")
+        pytest.skip("no loop device to mount an image on")
     try:
         mount.chmod(0o755)
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def xfs_root() -> Iterator[Path]:
+    """A directory on an XFS loop device made with reflink=1 (root and mkfs.xfs only)."""
+    with loop_mounted(["mkfs.xfs", "-q", "-m", "reflink=1"], 2 << 30, "mkfs.xfs (Debian: xfsprogs)") as mount:
+        yield mount
 
 
 @pytest.mark.postgres
@@ -249,5 +269,65 @@ def test_on_xfs_with_reflink_the_default_keeps_the_pool(xfs_root: Path) -> None:
         assert len(wait_for_pool_databases(ws, DEFAULT_POOL_SIZE)) == DEFAULT_POOL_SIZE
         reset = json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)
         assert reset["method"] == "pool"
+    finally:
+        ws.down()
+
+
+def test_auto_parses_and_the_pytest_plugin_takes_it_as_its_own_default() -> None:
+    assert parse_pool_size("auto") == parse_pool_size(" AUTO ") == AUTO_POOL
+    assert pool_as_asked(AUTO_POOL, 2, False) and not pool_as_asked(AUTO_POOL, 2, True)
+    assert pool_as_asked(2, 2, True) and not pool_as_asked(2, 2, False) and pool_as_asked(None, 3, True)
+    assert pool_size_for_workers(AUTO_POOL, 2) == pool_size_for_workers(None, 2) == 3
+    assert pool_size_for_workers(0, 2) == 0
+
+
+@pytest.fixture
+def small_ext4() -> Iterator[Path]:
+    """A directory on a 1.5 GB ext4 loop device (root and mkfs.ext4 only); a ``fallocate``'d file takes its free
+    space without writing a byte."""
+    with loop_mounted(["mkfs.ext4", "-q", "-F"], 1536 << 20, "mkfs.ext4") as mount:
+        yield mount
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_refill_on_a_small_disk_makes_fewer_clones_keeping_the_reserve_free_and_says_so_once(
+    small_ext4: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server whose data directory is on a small filesystem: a pool of 3 asked, with room past the reserve
+    (``disk_reserve``: a tenth of the filesystem, at least 1 GB) for one and a half clones. The refill makes
+    fewer than 3, leaves the reserve free, and says so in one line (not an error); `refresher status` says why.
+    With the room back, the next refill makes all 3, silently."""
+    ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    filler = small_ext4 / "filler"
+    try:
+        assert ws.refresh("--pool-size", "0")["pool_size"] == 0  # no clone yet: the disk measured without
+        server = ws.server()
+        refills_gone(server.dbname)  # the refresh's own refill: this test's refills are the only ones
+        clone = _database_bytes(server, pristine_name(server.dbname)) + COPY_SLACK
+        usage = shutil.disk_usage(small_ext4)
+        reserve = disk_reserve(usage.total)
+        room = usage.free - reserve - clone * 3 // 2
+        assert room > 0, (usage, clone)
+        subprocess.run(["fallocate", "-l", str(room), str(filler)], check=True)
+        assert resize_pool(server, 3) is not None
+        capsys.readouterr()
+        made = refill_pool(server)
+        said = [line for line in capsys.readouterr().err.splitlines() if "warm clones" in line]
+        status = pool_status(server)
+        assert 1 <= made == len(status.ready) < 3, status
+        assert shutil.disk_usage(small_ext4).free >= reserve - COPY_SLACK, "the reserve was spent"
+        assert len(said) == 1, said  # once, though each of its copies looks again
+        assert said[0].startswith(
+            f"refresher: pool of {server.dbname}: the disk holds {made} of 3 warm clones, keeping "
+            f"{reserve / 2**30:.1f} GB free on "
+        ) and said[0].endswith("; a reset without a clone copies"), said
+        assert f"the disk holds {made} of 3 warm clones" in status.why, status
+        filler.unlink()
+        capsys.readouterr()
+        assert refill_pool(server) == 3 - made
+        assert len(pool_status(server).ready) == 3
+        assert "warm clones" not in capsys.readouterr().err
     finally:
         ws.down()

@@ -992,7 +992,9 @@ def test_the_pool_size_comes_from_the_environment_or_the_option(
     write_project(pytester, POOL_PROBE.replace("DAILY", daily).replace("SIZE", "1"))
     run(pytester, *plugin_env.args("local", "--refresher-pool-size=1")).assert_outcomes(passed=4)
     result = run(pytester, *plugin_env.args("local", "--refresher-pool-size=-1"))
-    assert_one_line_usage_error(result, "--refresher-pool-size='-1': not a whole number from 0 to 100")
+    assert_one_line_usage_error(
+        result, "--refresher-pool-size='-1': not a whole number from 0 to 100, nor auto"
+    )
     monkeypatch.setenv("REFRESHER_POOL_SIZE", "lots")
     result = run(pytester, *plugin_env.args("local"))
     result.stderr.fnmatch_lines(["ERROR: refresher: *REFRESHER_POOL_SIZE='lots': not a whole number*"])

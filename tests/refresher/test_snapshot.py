@@ -265,8 +265,9 @@ def test_a_full_disk_shrinks_the_pool_the_refill_makes(
     # before the refill; each clone made takes its share.
     free = pool.GB + each * 3 // 2
 
-    def usage(self: object) -> tuple[int, int]:
-        return free - each * len(pool_status(loaded).ready), 4 * pool.GB
+    def usage(self: object) -> tuple[int, int]:  # not through pool_status: it asks the disk too
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as conn:
+            return free - each * len(pool._ready_clones(conn, loaded.dbname)), 4 * pool.GB
 
     monkeypatch.setattr(pool._Machine, "usage", usage)
     monkeypatch.setattr(pool, "data_directory", lambda conn: Path("/"))
