@@ -11,6 +11,7 @@ import json
 import math
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None])
             return _worker(args, settings, emit)
         if args.jobs_command == "submit":
             return _submit(args, settings, emit)
-        return _jobs(args, open_queue(args.queue, args.queue_label), emit)
+        return _jobs(args, open_queue(args.queue, args.queue_label), emit, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(args.queue, exc, args.queue_label) from exc
 
@@ -81,7 +82,9 @@ def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
     return 0
 
 
-def _jobs(args: argparse.Namespace, client: redis.Redis, emit: Callable[..., None]) -> int:
+def _jobs(
+    args: argparse.Namespace, client: redis.Redis, emit: Callable[..., None], settings: Settings
+) -> int:
     action = args.jobs_command
     if action == "status":
         if args.watch and not args.json:
@@ -105,11 +108,11 @@ def _jobs(args: argparse.Namespace, client: redis.Redis, emit: Callable[..., Non
         state = cancel_run(client, args.run_id)
         emit(args, state.to_json(), lambda: print(f"{args.run_id}: cancelled ({state.done} done)"))
     elif action == "delete":
-        gone = delete_run(client, args.run_id, force=args.force)
+        gone = delete_run(client, args.run_id, force=args.force, settings=settings)
         emit(args, gone.to_json(), lambda: _print_deleted(gone))
     elif action == "prune":
         age = parse_age(args.older_than)
-        gone = prune_runs(client, age, force=args.force, dry_run=args.dry_run)
+        gone = prune_runs(client, age, force=args.force, dry_run=args.dry_run, settings=settings)
         emit(args, gone.to_json(), lambda: _print_deleted(gone))
     return 0
 
@@ -133,6 +136,11 @@ def _print_deleted(gone: Deleted) -> None:
     verb = "would delete" if gone.dry_run else "deleted"
     extra = "" if gone.dry_run else f" ({gone.entries} stream entries, dead letters and retries)"
     print(f"{verb} {len(gone.deleted)} run(s){extra}: {' '.join(gone.deleted) or '-'}")
+    if gone.fences:
+        print(f"removed {gone.fences} fence row(s) of theirs from their targets (refresher_fences)")
+    for target, why in gone.fences_left.items():
+        # Redis is pruned all the same: a target down or refusing us keeps nothing there.
+        print(f"fence rows left in {target} (refresher_fences), target not reached: {why}", file=sys.stderr)
     if gone.running:
         left = ", ".join(f"{run} ({state})" for run, state in gone.running.items())
         print(f"left {len(gone.running)} running run(s): {left}; --force removes them too")

@@ -66,6 +66,11 @@ def run_key(run_id: str, part: str = "") -> str:
     return f"{PREFIX}run:{run_id}" + (f":{part}" if part else "")
 
 
+def features_fence_name(run_id: str) -> str:
+    """The name of a run's fence in its target (``refresher.fence``), which the holder of its features lock claims."""
+    return f"features:{run_id}"
+
+
 def no_such_run(run_id: str) -> JobError:
     return JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
 
@@ -787,6 +792,7 @@ __all__ = [
     "connect",
     "enqueue",
     "ensure_groups",
+    "features_fence_name",
     "held_lock",
     "no_such_run",
     "open_queue",

@@ -13,12 +13,13 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis
 
-from refresher.errors import JobError
+from refresher.errors import JobError, one_line
+from refresher.fence import drop_fences
 from refresher.jobs.queue import (
     CANCEL,
     DEAD,
@@ -38,6 +39,7 @@ from refresher.jobs.queue import (
     WEIGHTS,
     enqueue,
     ensure_groups,
+    features_fence_name,
     held_lock,
     no_such_run,
     redis_time,
@@ -48,6 +50,7 @@ from refresher.jobs.queue import (
     text,
 )
 from refresher.jobs.segment import SegmentJob
+from refresher.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -500,19 +503,30 @@ class Deleted:
     running: dict[str, str]
     entries: int
     dry_run: bool = False
+    # Rows of ``refresher_fences`` removed from the deleted runs' targets, and the targets not reached (each with
+    # its runs and why), whose rows stay.
+    fences: int = 0
+    fences_left: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def delete_runs(
-    client: redis.Redis, run_ids: Sequence[str], *, force: bool = False, chunk: int = 1000
+    client: redis.Redis,
+    run_ids: Sequence[str],
+    *,
+    force: bool = False,
+    chunk: int = 1000,
+    settings: Settings | None = None,
 ) -> Deleted:
     """Remove runs and all their keys (``DELETE_RUNS``), then their entries in the streams, the dead letters and
     the retries, ``chunk`` at a time; a running one only with ``force``. The entries of runs an earlier delete or
-    prune removed without finishing (killed between the two steps: ``DELETING``) go too."""
+    prune removed without finishing (killed between the two steps: ``DELETING``) go too. With ``settings`` (the
+    CLI's), the deleted runs' fences go from their targets too (``_drop_fences``)."""
     deleted: list[str] = []
     running: dict[str, str] = {}
+    fenced = _fenced_targets(client, run_ids) if settings is not None else {}
     if run_ids:
         deleted, refused, states = _delete_keys(client, run_ids, force)
         running = dict(zip(refused, states, strict=True))
@@ -520,7 +534,55 @@ def delete_runs(
     entries = _remove_entries(client, unfinished, chunk) if unfinished else 0
     if unfinished:
         client.srem(DELETING, *unfinished)
-    return Deleted(deleted, running, entries)
+    mine = {run: fenced[run] for run in deleted if run in fenced}
+    fences, left = _drop_fences(settings, mine) if settings is not None else (0, {})
+    return Deleted(deleted, running, entries, fences=fences, fences_left=left)
+
+
+def _fenced_targets(client: redis.Redis, run_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The (profile, target) of each of ``run_ids`` whose features step claimed its fence in its target (a token
+    was handed out: ``run:{id}:features-fence``), read before the run's keys go; the others have no row there."""
+    pipe = client.pipeline(transaction=False)
+    for run in run_ids:
+        pipe.hget(run_key(run), "spec")
+        pipe.exists(run_key(run, "features-fence"))
+    replies = pipe.execute()
+    fenced: dict[str, tuple[str, str]] = {}
+    for run, raw, claimed in zip(run_ids, replies[::2], replies[1::2], strict=True):
+        if raw is not None and claimed:
+            spec = json.loads(raw)
+            fenced[run] = (str(spec["profile"]), str(spec["target"]))
+    return fenced
+
+
+# Seconds ``jobs prune``/``delete`` wait for a run's target to answer before they leave its fence rows.
+FENCE_CONNECT_TIMEOUT = 10
+
+
+def _drop_fences(settings: Settings, fenced: dict[str, tuple[str, str]]) -> tuple[int, dict[str, str]]:
+    """Remove the deleted runs' rows of ``refresher_fences`` (one each, made by their features step) from their
+    targets: how many went, and each target not reached with why (its rows stay; a small row each, harmless).
+    After the runs' keys went from Redis: a target down or refusing us never keeps a run in Redis. Each target
+    is reached as a worker reaches it (the profile's own server served here, else libpq's credentials; another
+    machine's database door shut fails at once)."""
+    from refresher.jobs.submit import served_here  # it imports this module
+    from refresher.snapshot import connect_target
+
+    by_target: dict[tuple[str, str], list[str]] = {}
+    for run, where in fenced.items():
+        by_target.setdefault(where, []).append(run)
+    removed = 0
+    left: dict[str, str] = {}
+    for (profile, target), runs in by_target.items():
+        try:
+            server = served_here(settings, profile, target)
+            with connect_target(
+                server, target, foreign_wait=False, autocommit=True, connect_timeout=FENCE_CONNECT_TIMEOUT
+            ) as conn:
+                removed += drop_fences(conn, [features_fence_name(run) for run in runs])
+        except Exception as exc:  # whatever kept us out of that target: named, and the other targets go on
+            left[target] = f"{len(runs)} run(s) ({' '.join(runs)}): {one_line(exc)}"
+    return removed, left
 
 
 def _delete_keys(
@@ -576,11 +638,13 @@ def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
     return removed
 
 
-def delete_run(client: redis.Redis, run_id: str, *, force: bool = False) -> Deleted:
+def delete_run(
+    client: redis.Redis, run_id: str, *, force: bool = False, settings: Settings | None = None
+) -> Deleted:
     """``jobs delete RUN``: a running run is refused in one line unless ``force``."""
     if run_spec(client, run_id) is None and client.zscore(RUNS, run_id) is None:
         raise no_such_run(run_id)
-    done = delete_runs(client, [run_id], force=force)
+    done = delete_runs(client, [run_id], force=force, settings=settings)
     if run_id in done.running:
         state = done.running[run_id]
         raise JobError(
@@ -593,7 +657,12 @@ def delete_run(client: redis.Redis, run_id: str, *, force: bool = False) -> Dele
 
 
 def prune_runs(
-    client: redis.Redis, older_than: float, *, force: bool = False, dry_run: bool = False
+    client: redis.Redis,
+    older_than: float,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    settings: Settings | None = None,
 ) -> Deleted:
     """``jobs prune``: remove the runs whose last activity (submit, first start, last segment loaded) is more
     than ``older_than`` seconds ago by Redis's clock; running ones are left and named unless ``force``."""
@@ -612,8 +681,8 @@ def prune_runs(
             old.append(run)
     if dry_run:
         return Deleted(old, running, 0, dry_run=True)
-    done = delete_runs(client, old, force=force)
-    return Deleted(done.deleted, {**running, **done.running}, done.entries)
+    done = delete_runs(client, old, force=force, settings=settings)
+    return replace(done, running={**running, **done.running})
 
 
 __all__ = [

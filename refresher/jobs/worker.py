@@ -44,6 +44,7 @@ from refresher.jobs.queue import (
     JobQueue,
     connect,
     ensure_groups,
+    features_fence_name,
     held_lock,
     redis_time,
     require_run,
@@ -131,6 +132,7 @@ class _RunContext:
         spec: dict[str, Any],
         stop: threading.Event | None = None,
         idle_in_transaction: float = IDLE_IN_TRANSACTION_MIN,
+        servers: _OwnServers | None = None,
     ) -> None:
         path = Path(spec["profile_path"])
         as_of = dt.date.fromisoformat(spec["as_of"])
@@ -146,11 +148,9 @@ class _RunContext:
         # A live reset's door is waited for (``snapshot.DOOR_WAIT_SECONDS``), ``stop`` (SIGTERM) ending the wait.
         # Another machine's shut door fails the attempt at once, transient: waited for, it held the worker 30 s
         # an attempt (each job of the batch alone again), and the queue's backoff tries again all the same.
-        server = _own_server(settings, spec)
+        servers = servers or _OwnServers(settings, ttl=0.0)
         try:
-            self.conn = snapshot.connect_target(
-                server, str(spec["target"]), stop=stop, foreign_wait=False, autocommit=True
-            )
+            self.conn = servers.connect(spec, stop=stop, foreign_wait=False, autocommit=True)
             # A worker stopped inside a transaction (SIGSTOP, a suspended machine) kept its locks for as long as
             # it stayed stopped: another worker's first features load waited on the schema lock for ever. The
             # server ends such a transaction (and the session) once it idles ``idle_in_transaction`` seconds.
@@ -177,6 +177,57 @@ def _own_server(settings: Settings, spec: dict[str, Any]) -> ServerInfo | None:
     """The run's target when it is the profile's own server and this machine serves it (submitted with or
     without ``--target``: ``served_here``), else None."""
     return served_here(settings, spec["profile"], str(spec["target"]))
+
+
+# Seconds a worker trusts what it found out about a run's target (``_OwnServers``) without asking again.
+OWN_SERVER_TTL = 60.0
+
+
+class _OwnServers:
+    """``_own_server`` of each (profile, target), kept by a worker process for ``ttl`` seconds and shared by its
+    threads. Under engine docker or auto each look is a Docker daemon call (is the container running, on what
+    host port), and a worker made one for every connection to a run's target: each run, each thread, each
+    reconnect after a failed job.
+
+    A server stopped or made again meanwhile (``refresher down``/``up``: another host port, another password)
+    fails the connection made from what was kept: the target is then looked at again at once, and connected to
+    again when that changed what was found. So a kept answer is used past such a change for no more than one
+    failed connection, and for at most ``ttl`` when it still connects (it found no server here, and libpq's own
+    credentials reach the target: until then a reset's door there is waited for, not opened)."""
+
+    def __init__(self, settings: Settings, ttl: float = OWN_SERVER_TTL) -> None:
+        self.settings, self.ttl = settings, ttl
+        self._known: dict[tuple[str, str], tuple[float, ServerInfo | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: dict[str, Any], *, fresh: bool = False) -> ServerInfo | None:
+        """The run's own server (as ``_own_server``); ``fresh``: looked at now, whatever was kept."""
+        return self._look(spec, fresh)[0]
+
+    def connect(self, spec: dict[str, Any], **kwargs: Any) -> psycopg.Connection[Any]:
+        """``snapshot.connect_target`` to the run's target; a failed connection from a kept answer looks again."""
+        server, kept = self._look(spec, fresh=False)
+        if not kept:
+            return snapshot.connect_target(server, str(spec["target"]), **kwargs)
+        try:
+            return snapshot.connect_target(server, str(spec["target"]), **kwargs)
+        except psycopg.OperationalError:
+            now = self.get(spec, fresh=True)
+            if now == server:  # the same server: the failure is the server's, not what was kept
+                raise
+        return snapshot.connect_target(now, str(spec["target"]), **kwargs)
+
+    def _look(self, spec: dict[str, Any], fresh: bool) -> tuple[ServerInfo | None, bool]:
+        """The run's own server, and whether it is a kept answer (not looked at now)."""
+        key = (str(spec["profile"]), str(spec["target"]))
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None and not fresh and time.monotonic() - known[0] < self.ttl:
+            return known[1], True
+        server = _own_server(self.settings, spec)
+        with self._lock:
+            self._known[key] = (time.monotonic(), server)
+        return server, False
 
 
 def run_features(
@@ -259,6 +310,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.report = WorkerReport(options.name)
         self._rng = random.Random()
+        self._servers = _OwnServers(settings)
 
     def run(self) -> WorkerReport:
         threads = [
@@ -336,7 +388,8 @@ class Worker:
             # Idle twice the visibility timeout inside a transaction, a worker is held up past its jobs' and
             # features lock's life (another took them over), never less than IDLE_IN_TRANSACTION_MIN.
             idle = max(2 * self.options.visibility_timeout, IDLE_IN_TRANSACTION_MIN)
-            contexts[run] = _RunContext(self.settings, require_run(queue.client, run), self.stop, idle)
+            spec = require_run(queue.client, run)
+            contexts[run] = _RunContext(self.settings, spec, self.stop, idle, self._servers)
         return contexts[run]
 
     def _handle(
@@ -602,7 +655,7 @@ class Worker:
         token = queue.features_fence(run, lock.local.token)
         if token < 0:
             raise _LockLost
-        fence = Fence(f"features:{run}", token, wait=self._features_ttl)
+        fence = Fence(features_fence_name(run), token, wait=self._features_ttl)
         fence.claim(ctx.conn)  # before the first write: from its commit on, no earlier holder's write commits
         counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune, fence=fence)
         if not lock.owned():  # held up past the lock: no snapshot (it ends the database's sessions) either
@@ -618,7 +671,8 @@ class Worker:
 
         Not while a refresh or reset of the profile runs (it saves or restores one itself): never waits."""
         spec = contexts[run].spec
-        server = _own_server(self.settings, spec)
+        # Saving ends the server's sessions: never from a kept answer (``_OwnServers``), looked at now.
+        server = self._servers.get(spec, fresh=True)
         if server is None:
             return "not this machine's server"
         # A template copy terminates every session on the database: close ours first, reconnect later.

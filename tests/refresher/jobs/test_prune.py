@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import signal
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 
+from refresher.engines.base import ServerInfo
 from refresher.errors import JobError
+from refresher.fence import Fence
 from refresher.jobs import runs as runs_module
 from refresher.jobs import worker as worker_module
 from refresher.jobs.queue import (
@@ -25,11 +29,14 @@ from refresher.jobs.queue import (
     TIERS,
     JobQueue,
     connect,
+    features_fence_name,
+    run_key,
     run_spec,
     stream_key,
     text,
 )
 from refresher.jobs.runs import (
+    RunSpec,
     cancel_run,
     delete_run,
     delete_runs,
@@ -41,7 +48,7 @@ from refresher.jobs.runs import (
 )
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.settings import Settings
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.refresher.jobs.test_cli_queue import one_line, refresher
 from tests.refresher.jobs.test_queue import jobs, spec
 
@@ -276,7 +283,82 @@ def test_a_prune_killed_between_its_two_steps_is_finished_by_the_next(
         "running": {runs["running"]: "queued"},
         "entries": 1 + 4,  # the dead letter, the cancelled run's four jobs
         "dry_run": False,
+        "fences": 0,
+        "fences_left": {},
     }
     assert runs_in_streams(client) == {runs["running"]}
     assert client.exists(DELETING) == 0
     assert run_status(client, runs["running"]).state == "queued"
+
+
+def _fence_rows(target: str) -> set[str]:
+    with psycopg.connect(target) as conn:
+        return {fence for (fence,) in conn.execute("SELECT fence FROM refresher_fences")}
+
+
+@pytest.mark.postgres
+def test_prune_and_delete_remove_the_fence_rows_of_the_runs_they_remove_and_only_those(
+    redis_server: RedisServer, pg_database: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each run whose features step ran left a row of refresher_fences in its target, kept for good: a target
+    # loaded by a run every few minutes for a year held a row for each.
+    monkeypatch.setenv("PGPASSWORD", pg_database.password)
+    target = pg_database.dsn(with_password=False)
+    closed = f"host=127.0.0.1 port={free_port()} user=u dbname=d"  # nothing listens there
+    client = connect(redis_server.url)
+    queue = JobQueue(client)
+    now = redis_now(client)
+    then = dt.datetime.fromtimestamp(now - 10 * DAY, dt.UTC)
+
+    def run_to(where: str, when: dt.datetime, *, fenced: bool = True, finished: bool = True) -> str:
+        """A run of one job into ``where``, its features step claiming the run's fence there (``fenced``), then
+        complete (``finished``) or still queued (its job delivered, pending)."""
+        run_spec_ = RunSpec("p", "/nowhere/p.yaml", "2025-03-31", where, False, "normal")
+        run = submit_jobs(client, run_spec_, jobs(f"F{when:%d}", 1), now=when).run_id
+        [delivery] = queue.read("w", block_ms=0)
+        assert delivery.job["run"] == run
+        if finished:
+            queue.finish(delivery, rows=1, loaded=True, now=when.timestamp())
+        lock = client.lock(run_key(run, "features-lock"), timeout=60, thread_local=False)
+        assert lock.acquire(blocking=False)
+        if fenced:
+            token = queue.features_fence(run, lock.local.token)
+            if where == target:
+                with psycopg.connect(target, autocommit=True) as conn:
+                    Fence(features_fence_name(run), token).claim(conn)
+        if finished:
+            assert queue.complete(run, "{}", "not this machine's server", lock.local.token)
+        return run
+
+    complete, complete_too = run_to(target, then), run_to(target, then)
+    unfenced = run_to(target, then, fenced=False)
+    recent = run_to(target, dt.datetime.fromtimestamp(now, dt.UTC))
+    running = run_to(target, then, finished=False)
+    everything = {features_fence_name(r) for r in (complete, complete_too, recent, running)}
+    assert _fence_rows(target) == everything
+
+    settings = Settings.from_env(
+        {**os.environ, "REFRESHER_STATE_DIR": str(tmp_path / "state")}, engine="local"
+    )
+    gone = prune_runs(client, 7 * DAY, settings=settings)
+    assert sorted(gone.deleted) == sorted([complete, complete_too, unfenced]) and running in gone.running
+    assert (gone.fences, gone.fences_left) == (2, {})
+    assert _fence_rows(target) == everything - {features_fence_name(r) for r in (complete, complete_too)}
+    gone = delete_run(client, recent, settings=settings)
+    assert (gone.deleted, gone.fences) == ([recent], 1)
+    assert _fence_rows(target) == {features_fence_name(running)}
+
+    # A target not reached: Redis is pruned all the same, and the output says which rows stayed where.
+    elsewhere = run_to(closed, then)
+    done = refresher(tmp_path, "jobs", "prune", "--older-than", "7d", "--queue", redis_server.url)
+    assert done.returncode == 0, done.stderr
+    assert f"deleted 1 run(s) (0 stream entries, dead letters and retries): {elsewhere}" in done.stdout
+    assert (
+        f"fence rows left in {closed} (refresher_fences), target not reached: 1 run(s) ({elsewhere}): "
+        in (done.stderr)
+    )
+    assert "Traceback" not in done.stderr and keys_of(client, elsewhere) == []
+    done = refresher(tmp_path, "jobs", "delete", running, "--force", "--queue", redis_server.url)
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 fence row(s) of theirs from their targets" in done.stdout, done.stdout
+    assert _fence_rows(target) == set()

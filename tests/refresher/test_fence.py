@@ -1,0 +1,98 @@
+"""``refresher.fence``: a check costs one round trip, waits for the fence's row no longer than its ``wait``, and
+leaves the rest of the caller's transaction under the caller's own ``lock_timeout``. A real embedded Postgres."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq
+
+from refresher.engines.base import ServerInfo
+from refresher.errors import LoadError
+from refresher.fence import Fence, FenceLost
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def fenced(pg_database: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection (a worker's) to a database whose fence ``f`` holds token 5."""
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        Fence("f", 5).claim(conn)
+        conn.execute("CREATE TABLE other (x int)")
+        yield conn
+
+
+def _sent(conn: psycopg.Connection[Any], trace: Path, action: Any) -> list[str]:
+    """The protocol messages the client sent while ``action`` ran (libpq's own trace of the connection)."""
+    fd = os.open(trace, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        conn.pgconn.trace(fd)
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        action()
+        conn.pgconn.untrace()
+    finally:
+        os.close(fd)
+    lines = trace.read_text().splitlines()
+    return [line.split("\t")[2].strip().split(" ")[0] for line in lines if line.startswith("F\t")]
+
+
+def test_a_check_is_one_round_trip(fenced: psycopg.Connection[Any], tmp_path: Path) -> None:
+    # It read the caller's lock_timeout, set it, ran the query and set it back: four Syncs, each a round trip.
+    with fenced.transaction():
+        sent = _sent(fenced, tmp_path / "trace", lambda: Fence("f", 5).check(fenced))
+    assert sent.count("Sync") + sent.count("Query") == 1, sent
+
+
+def test_the_rest_of_the_transaction_runs_under_the_callers_lock_timeout(
+    fenced: psycopg.Connection[Any], pg_database: ServerInfo
+) -> None:
+    # The check waits 50 ms at most for the fence's row; the caller's own statements after it wait as long as the
+    # caller chose: here a table another session holds for 0.5 s, the caller's lock_timeout 5 s.
+    fenced.execute("SET lock_timeout = '5s'")
+    with psycopg.connect(pg_database.dsn()) as holder:
+        holder.execute("LOCK TABLE other IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(0.5, holder.commit)
+        release.start()
+        try:
+            with fenced.transaction():
+                Fence("f", 5, wait=0.05).check(fenced)
+                assert fenced.execute("SHOW lock_timeout").fetchone() == ("5s",)
+                began = time.monotonic()
+                fenced.execute("LOCK TABLE other IN ACCESS SHARE MODE")
+                assert time.monotonic() - began >= 0.3
+        finally:
+            release.join()
+    # A value the caller set for its transaction alone is the one it gets back, and goes with the transaction.
+    with fenced.transaction():
+        fenced.execute("SET LOCAL lock_timeout = '7s'")
+        Fence("f", 5, wait=0.05).check(fenced)
+        assert fenced.execute("SHOW lock_timeout").fetchone() == ("7s",)
+    assert fenced.execute("SHOW lock_timeout").fetchone() == ("5s",)
+
+
+def test_a_row_held_past_the_wait_is_a_load_error_and_the_transaction_rolls_back(
+    fenced: psycopg.Connection[Any], pg_database: ServerInfo
+) -> None:
+    with psycopg.connect(pg_database.dsn()) as holder:
+        holder.execute("SELECT 1 FROM refresher_fences WHERE fence = 'f' FOR UPDATE")
+        kept = r"f: another holder's transaction kept the fence for over 0.1 s"
+        with pytest.raises(LoadError, match=kept), fenced.transaction():
+            fenced.execute("INSERT INTO other VALUES (1)")
+            Fence("f", 5, wait=0.1).check(fenced)
+        with pytest.raises(LoadError, match="kept the fence"):
+            Fence("f", 6, wait=0.1).claim(fenced)
+    # Its transaction rolled back; the connection goes on as the caller's.
+    assert fenced.info.transaction_status == pq.TransactionStatus.IDLE
+    assert fenced.execute("SELECT count(*) FROM other").fetchone() == (0,)
+    assert fenced.execute("SHOW lock_timeout").fetchone() == ("0",)
+    Fence("f", 6).claim(fenced)
+    with pytest.raises(FenceLost), fenced.transaction():
+        Fence("f", 5).check(fenced)
