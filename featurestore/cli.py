@@ -73,9 +73,6 @@ def _main(argv: Sequence[str] | None) -> int:
     except FeatureStoreError as exc:
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # `featurestore verify | head`: the reader left, which is not our error
-        reader_left()
-        return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -99,7 +96,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: Any) -> None:
-    print(json.dumps(payload, indent=2, sort_keys=True, default=str) if args.json else text())
+    """Print the command's answer. A reader gone (`featurestore verify | head -1`) read what it wanted: the
+    command's status stands (a damaged store's 1 was 0 when the whole command was what caught it)."""
+    try:
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str) if args.json else text())
+    except BrokenPipeError:
+        reader_left()
 
 
 if __name__ == "__main__":

@@ -132,3 +132,24 @@ def test_a_reader_gone_in_the_middle_of_an_answer_is_no_failure(tmp_path: Path) 
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_reader_gone_keeps_the_commands_own_status(tmp_path: Path) -> None:
+    # `featurestore verify | head -1` of a damaged store: the BrokenPipeError was caught around the whole
+    # command, which then exited 0, its status 1 (damage found) lost
+    import pyarrow as pa
+
+    from featurestore import FeatureStore
+
+    store = FeatureStore(tmp_path / "store")
+    entries = store.put_many((f"{i:064}", pa.table({"x": [i]}), None) for i in range(300))
+    for path in {entry.path for entry in entries}:
+        path.unlink()
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        code = "import sys; from featurestore.cli import main; sys.argv = ['featurestore', *sys.argv[1:]]; main()"
+        done = _run(code, "verify", "--quick", "--cache-root", str(tmp_path / "store"), stdout=write)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, "")
