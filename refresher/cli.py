@@ -516,7 +516,10 @@ def _failed(line: str, status: int, args: argparse.Namespace | None, argv: Seque
     print(line, file=sys.stderr)
     words = sys.argv[1:] if argv is None else argv
     if getattr(args, "json", False) if args is not None else "--json" in words:
-        print(json.dumps({"error": line.removeprefix("refresher: "), "exit_code": status}))
+        try:
+            print(json.dumps({"error": line.removeprefix("refresher: "), "exit_code": status}))
+        except OSError:  # stdout itself failed (`> /dev/full`, often the very error): the line above says it
+            reader_left()  # what is left in its buffer goes nowhere: no second line at the process's end
     return status
 
 

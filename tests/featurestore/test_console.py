@@ -15,17 +15,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(code: str, *args: str, stdout: int | IO[str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    code: str, *args: str, stdout: int | IO[str] | None = None, unbuffered: bool = False
+) -> subprocess.CompletedProcess[str]:
     """``code`` run by a Python of its own, its stdout captured unless given. The environment is as a user's
     shell has it: stdout buffered when not a terminal (PYTHONUNBUFFERED, set where the tests run, wrote each print
-    at once, so a failing stdout was met inside the command rather than at its end)."""
+    at once, so a failing stdout was met inside the command rather than at its end), unless ``unbuffered``."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         stdout=subprocess.PIPE if stdout is None else stdout,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env={key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"},
+        env={**env, "PYTHONUNBUFFERED": "1"} if unbuffered else env,
         timeout=120,
     )
 
@@ -105,6 +108,17 @@ def test_an_answer_lost_at_the_last_flush_fails_in_one_line(tmp_path: Path) -> N
         2,
         "refresher: stdout: No space left on device: the output is lost\n",
     )
+
+
+def test_a_json_error_that_stdout_itself_refuses_is_one_line(tmp_path: Path) -> None:
+    # `PYTHONUNBUFFERED=1 refresher market status --json > /dev/full`: the answer's print failed inside the
+    # command, and printing its JSON error to the same stdout failed again inside the handler: a traceback, rc 1
+    code = "import sys; from refresher.cli import main; sys.argv = ['refresher', *sys.argv[1:]]; main()"
+    args = ("market", "status", "--exchange", "XNYS", "--json", "--state-dir", str(tmp_path))
+    with open("/dev/full", "w") as full:
+        done = _run(code, *args, stdout=full, unbuffered=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_reader_gone_at_the_last_flush_is_no_failure() -> None:
