@@ -23,8 +23,14 @@ def leave(status: int, *, finalize: bool = True) -> NoReturn:
     the output is flushed: the rest is what a kill -9 skips, which every step is built to survive.
     """
     if finalize:
-        threading._shutdown()  # type: ignore[attr-defined]  # what interpreter exit runs: joins the threads
-        atexit._run_exitfuncs()
+        try:
+            threading._shutdown()  # type: ignore[attr-defined]  # what interpreter exit runs: joins the threads
+            atexit._run_exitfuncs()
+        except KeyboardInterrupt:
+            # A Ctrl-C while a thread is waited for: it was a traceback, then the very teardown this skips.
+            with contextlib.suppress(OSError, ValueError):
+                print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+            status = 130
     os._exit(_flushed(status))
 
 

@@ -4,9 +4,11 @@ can abort a finished command (Arrow's and DuckDB's thread pools) is not."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import IO
 
@@ -71,6 +73,37 @@ def test_an_interrupted_command_leaves_without_waiting_for_threads_or_handlers()
         """
     )
     assert (done.returncode, done.stdout) == (130, "said")
+
+
+def test_a_ctrl_c_while_threads_are_joined_leaves_at_once_in_one_line() -> None:
+    # A Ctrl-C while leave waited for a thread: a KeyboardInterrupt traceback, then the native teardown
+    code = """
+        import sys, threading, time
+        from featurestore.console import leave
+
+        class Torn:
+            def __del__(self):
+                print("torn down", file=sys.stderr, flush=True)  # the interpreter's teardown, not run
+
+        kept = Torn()
+        threading.Thread(target=time.sleep, args=(30,)).start()
+        print("joining", flush=True)
+        leave(0)
+        """
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    ) as child:
+        assert child.stdout is not None and child.stdout.readline() == "joining\n"
+        time.sleep(0.3)  # inside the join
+        child.send_signal(signal.SIGINT)
+        _out, err = child.communicate(timeout=20)
+    assert (child.returncode, err) == (130, "-c: interrupted\n")
 
 
 @pytest.mark.parametrize(
