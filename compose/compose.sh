@@ -6,7 +6,8 @@
 # that project, so checkouts sharing a Docker daemon never stop each other's services.
 #
 #   up      build the refresher/* images the compose file names when they are missing (offline, like
-#           `make image`), start the services, wait until both are healthy, print their addresses.
+#           `make image`; also one built from another entrypoint.sh), start the services, wait until both
+#           are healthy and a login through Postgres's published port works, print their addresses.
 #           Running it again changes nothing.
 #   down    remove the project's containers, network and volumes. Running it again changes nothing.
 #   ps      print the addresses.
@@ -24,13 +25,14 @@ die() { printf 'compose.sh: %s\n' "$*" >&2; exit 1; }
 
 image_missing() { ! docker image inspect "$1" >/dev/null 2>&1; }
 
+# build.sh, which does nothing when the images are current, also builds refresher/postgres:15 again when it was
+# built from another entrypoint.sh: a fix to the entrypoint reaches the machines whose image predates it.
 build_missing_images() {
   local redis=0
   # Only our own tags are built here; any other image is the registry's business.
   if [[ $REDIS_IMAGE == refresher/redis:7 ]] && image_missing "$REDIS_IMAGE"; then redis=1; fi
-  if [[ $redis == 1 ]] || { [[ $PG_IMAGE == refresher/postgres:15 ]] && image_missing "$PG_IMAGE"; }; then
-    printf '== building the missing images from Debian packages (no registry needed)\n' >&2
-    WITH_REDIS=$redis bash compose/image/build.sh
+  if [[ $redis == 1 || $PG_IMAGE == refresher/postgres:15 ]]; then
+    WITH_REDIS=$redis QUIET=1 bash compose/image/build.sh
   fi
 }
 
@@ -45,7 +47,7 @@ addresses() {
 }
 
 wait_healthy() {
-  local ids id state deadline=$((SECONDS + WAIT_SECONDS))
+  local ids id state
   mapfile -t ids < <("${compose[@]}" ps -q)
   ((${#ids[@]})) || die "no containers after up"
   for id in "${ids[@]}"; do
@@ -61,6 +63,22 @@ wait_healthy() {
   done
 }
 
+# Ready is a login through the published port as the container's POSTGRES_USER, with its password, to its
+# POSTGRES_DB (compose/pg_login.py): the healthcheck looks from inside the container, and passed for a server that
+# no client on the host could log in to (a cluster whose initialisation a stop had cut short).
+wait_login() {
+  local id address env user password db
+  id=$("${compose[@]}" ps -q postgres)
+  address=$("${compose[@]}" port postgres 5432 | tail -n1)
+  env=$(docker inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "$id")
+  user=$(sed -n 's/^POSTGRES_USER=//p' <<<"$env")
+  password=$(sed -n 's/^POSTGRES_PASSWORD=//p' <<<"$env")
+  db=$(sed -n 's/^POSTGRES_DB=//p' <<<"$env")
+  user=${user:-postgres}
+  PGPASSWORD=$password python3 compose/pg_login.py "${address%:*}" "${address##*:}" "$user" "${db:-$user}" \
+    "$((deadline > SECONDS ? deadline - SECONDS : 1))" || die "the stack is not ready (line above)"
+}
+
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -69,17 +87,26 @@ free_port() {
 # chose (below) or pinned; empty when Docker picked it, or there is no such container (running or not).
 made_with_port() {
   local id
-  id=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" \
-    --filter "label=com.docker.compose.service=$1")
-  id=${id%%$'\n'*}
+  id=$(service_container "$1" -a)
   [[ -z $id ]] || docker inspect -f "{{range index .HostConfig.PortBindings \"$2/tcp\"}}{{.HostPort}}{{end}}" "$id"
+}
+
+# The id of the project's container of service $1 (running; -a: any), empty when there is none.
+service_container() {
+  local id
+  id=$(docker ps "${@:2}" -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" \
+    --filter "label=com.docker.compose.service=$1")
+  printf '%s' "${id%%$'\n'*}"
 }
 
 # Docker hands out published ports in turn without asking the kernel: when another process listens on its pick,
 # the start fails ("address already in use"). Then each port nobody pinned is one the kernel says is free.
 # A port nobody pins now is the one the service's container was made with: the compose file with another port
 # is another configuration, and compose would recreate the running services (restarting Postgres and Redis
-# under their sessions, on new ports) for an up that should change nothing.
+# under their sessions, on new ports) for an up that should change nothing. For the same reason a retry keeps
+# the port of a service that started: only the one Docker could not start moves. Moving both recreated a
+# Postgres that was still initialising its volume (compose's stop kills it 10 s later, the entrypoint's shell
+# ignoring SIGINT), for nothing.
 up_services() {
   local try output
   [[ -n $pinned_pg ]] || REFRESHER_PG_PORT=$(made_with_port postgres 5432)
@@ -95,11 +122,11 @@ up_services() {
       printf '%s\n' "$output" >&2
       die "the services did not start (output above)"
     fi
-    [[ -n $pinned_pg ]] || REFRESHER_PG_PORT=$(free_port)
-    [[ -n $pinned_redis ]] || REFRESHER_REDIS_PORT=$(free_port)
+    [[ -n $pinned_pg || -n $(service_container postgres) ]] || REFRESHER_PG_PORT=$(free_port)
+    [[ -n $pinned_redis || -n $(service_container redis) ]] || REFRESHER_REDIS_PORT=$(free_port)
     export REFRESHER_PG_PORT REFRESHER_REDIS_PORT
     printf '== a port Docker picked is held by another process: trying %s (postgres) and %s (redis)\n' \
-      "$REFRESHER_PG_PORT" "$REFRESHER_REDIS_PORT" >&2
+      "${REFRESHER_PG_PORT:-the port it runs on}" "${REFRESHER_REDIS_PORT:-the port it runs on}" >&2
   done
 }
 pinned_pg=${REFRESHER_PG_PORT:-}
@@ -123,7 +150,9 @@ case ${1:-} in
     lock_project
     build_missing_images
     up_services
+    deadline=$((SECONDS + WAIT_SECONDS))
     wait_healthy
+    wait_login
     addresses
     ;;
   down)

@@ -6,13 +6,14 @@
 # official image carries (ENV, ENTRYPOINT, CMD, EXPOSE, STOPSIGNAL, VOLUME). The entrypoint (entrypoint.sh)
 # honours the same POSTGRES_* variables and /docker-entrypoint-initdb.d scripts.
 #
-# Idempotent: does nothing when the tag exists (FORCE=1 rebuilds). The downloaded packages and the trimmed
+# Idempotent: does nothing when the tag exists and was built from this entrypoint.sh (its sha256 is the
+# io.refresher.entrypoint label: an image from an older one is built again; FORCE=1 rebuilds). The downloaded packages and the trimmed
 # root filesystem are cached under $REFRESHER_CACHE_DIR (default ${XDG_CACHE_HOME:-~/.cache}/refresher), so
 # a rebuild needs no network at all; delete that directory to fetch fresh packages.
 #
 # Variables: IMAGE (refresher/postgres), PG_MAJOR (15), SUITE (bookworm), MIRROR (the Debian mirror this
 # machine's apt uses, else deb.debian.org), FORCE=1, WITH_REDIS=1 (also build refresher/redis:7 from
-# Debian's redis-server, for compose on air-gapped machines).
+# Debian's redis-server, for compose on air-gapped machines), QUIET=1 (no word when the images are current).
 set -euo pipefail
 
 IMAGE=${IMAGE:-refresher/postgres}
@@ -47,6 +48,11 @@ docker info >/dev/null 2>&1 || die "no Docker engine answers (start one: dockerd
 docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+ENTRYPOINT_SHA=$(sha256sum <"$HERE/entrypoint.sh" | cut -c1-64)
+entrypoint_current() {
+  [[ $(docker image inspect -f '{{index .Config.Labels "io.refresher.entrypoint"}}' "$1" 2>/dev/null) == "$ENTRYPOINT_SHA" ]]
+}
 
 # Two checkouts' `make image` (or `make up`) at once take turns, one lock per cache dir: they would write the
 # same .part files in the cache, and both build the tag. The second finds the tag the first built.
@@ -132,9 +138,10 @@ build_image() {
 
 build_postgres() {
   local tag="$IMAGE:$PG_MAJOR"
-  if image_exists "$tag" && [[ ${FORCE:-0} != 1 ]]; then
-    log "$tag already exists (FORCE=1 to rebuild)"
+  if entrypoint_current "$tag" && [[ ${FORCE:-0} != 1 ]]; then
+    [[ ${QUIET:-0} == 1 ]] || log "$tag already exists (FORCE=1 to rebuild)"
   else
+    if image_exists "$tag"; then log "$tag was built from another entrypoint.sh: building it again"; fi
     rootfs_tar "postgresql-$PG_MAJOR" "postgresql-$PG_MAJOR"
     build_image "$tag" "$ROOTFS_TAR" \
       'COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh' \
@@ -146,7 +153,7 @@ build_postgres() {
       'CMD ["postgres"]' \
       'EXPOSE 5432' \
       'STOPSIGNAL SIGINT' \
-      "LABEL io.refresher.project=refresher org.opencontainers.image.description=\"PostgreSQL $PG_MAJOR from Debian $SUITE, compatible with the official postgres image\""
+      "LABEL io.refresher.project=refresher io.refresher.entrypoint=$ENTRYPOINT_SHA org.opencontainers.image.description=\"PostgreSQL $PG_MAJOR from Debian $SUITE, compatible with the official postgres image\""
     log "built $tag ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
   fi
   docker tag "$tag" "$IMAGE:latest"
@@ -155,7 +162,7 @@ build_postgres() {
 build_redis() {
   local tag=refresher/redis:7
   if image_exists "$tag" && [[ ${FORCE:-0} != 1 ]]; then
-    log "$tag already exists (FORCE=1 to rebuild)"
+    [[ ${QUIET:-0} == 1 ]] || log "$tag already exists (FORCE=1 to rebuild)"
     return
   fi
   rootfs_tar redis-server redis-server

@@ -6,6 +6,7 @@ Each test run uses its own compose project (COMPOSE_PROJECT / REFRESHER_COMPOSE_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -13,7 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -437,3 +439,157 @@ def test_make_up_in_two_checkout_directories_then_down_in_one_leaves_the_others_
         assert running(docker_client, name) == mine
     finally:
         make("compose-down", env=other_env, checkout=checkout)
+
+
+@pytest.fixture
+def checkout_image(
+    docker_client: docker.DockerClient, docker_pg_image: str, tmp_path: Path
+) -> Callable[..., contextlib.AbstractContextManager[str]]:
+    """Test-only images: the Postgres image with this checkout's entrypoint.sh, files (path in the image: text,
+    executable) and Dockerfile lines; each removed at the end of its ``with``."""
+
+    @contextlib.contextmanager
+    def build(*lines: str, files: dict[str, str]) -> Iterator[str]:
+        context = tmp_path / f"image-{secrets.token_hex(4)}"
+        context.mkdir()
+        shutil.copy(CHECKOUT / "compose" / "image" / "entrypoint.sh", context / "entrypoint.sh")
+        copies = []
+        for n, (path, text) in enumerate(files.items()):
+            (context / f"file{n}").write_text(text)
+            (context / f"file{n}").chmod(0o755)
+            copies.append(f"COPY file{n} {path}")
+        (context / "Dockerfile").write_text(
+            "\n".join(
+                [
+                    f"FROM {docker_pg_image}",
+                    "COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh",
+                    *lines,
+                    *copies,
+                ]
+            )
+            + "\n"
+        )
+        tag = f"refresher-test/postgres:{context.name}"
+        docker_client.images.build(path=str(context), tag=tag, rm=True, forcerm=True)
+        try:
+            yield tag
+        finally:
+            docker_client.images.remove(tag, force=True)
+
+    return build
+
+
+def test_a_postgres_stopped_while_it_initialises_is_initialised_again_by_make_up(
+    docker_client: docker.DockerClient,
+    project: tuple[str, dict[str, str]],
+    checkout_image: Callable[..., contextlib.AbstractContextManager[str]],
+) -> None:
+    # Seen once in CI under load: right after `make up` (its retry path recreated Postgres, whose first
+    # container compose stopped while it initialised: the shell that is PID 1 ignores SIGINT, so Docker killed
+    # it 10 s later), the first login through the published port got "server closed the connection
+    # unexpectedly". initdb's PG_VERSION was on the volume, so the next start skipped the rest: no
+    # listen_addresses = '*' (the healthcheck, inside the container, passed), no POSTGRES_DB. Here initdb pauses
+    # once after its work, as under a loaded machine, and the container is killed there.
+    name, env = project
+    pausing_initdb = (
+        '#!/bin/sh\n/usr/lib/postgresql/15/bin/initdb.real "$@" || exit\n'
+        "[ -e /tmp/paused ] && exit 0\ntouch /tmp/paused\necho 'test: initdb done, pausing'\nexec sleep 600\n"
+    )
+    with checkout_image(
+        'RUN ["mv", "/usr/lib/postgresql/15/bin/initdb", "/usr/lib/postgresql/15/bin/initdb.real"]',
+        files={"/usr/lib/postgresql/15/bin/initdb": pausing_initdb},
+    ) as image:
+        env = {**env, "REFRESHER_PG_IMAGE": image}
+        first = subprocess.Popen(
+            ["make", "--no-print-directory", "-C", str(CHECKOUT), "up"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while (container := _postgres_container(docker_client, name)) is None or b"pausing" not in (
+                container.logs()
+            ):
+                assert time.monotonic() < deadline, "initdb never paused"
+                time.sleep(0.2)
+            container.kill()
+            assert first.wait(timeout=120) != 0  # its container exited
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        make_up(env)
+        server = find_service(name, "postgres", 5432, docker_client)
+        assert server is not None
+        with psycopg.connect(
+            f"postgresql://{server.env['POSTGRES_USER']}:{server.env['POSTGRES_PASSWORD']}@{server.host}:"
+            f"{server.port}/{server.env['POSTGRES_DB']}",
+            connect_timeout=10,
+        ) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        make("compose-down", env=env)
+
+
+def test_make_up_is_ready_only_once_a_login_through_the_published_port_works(
+    project: tuple[str, dict[str, str]], checkout_image: Callable[..., contextlib.AbstractContextManager[str]]
+) -> None:
+    # A server healthy to pg_isready inside its container, which no client of the host reaches (it listens on
+    # the container's loopback only: Docker's proxy accepts, then closes). `make up` said it was ready.
+    _, env = project
+    loopback_only = '#!/bin/sh\nexec docker-entrypoint.sh "$@" -c listen_addresses=localhost\n'
+    with checkout_image(
+        'ENTRYPOINT ["loopback-only"]',
+        'CMD ["postgres"]',
+        files={"/usr/local/bin/loopback-only": loopback_only},
+    ) as image:
+        env = {**env, "REFRESHER_PG_IMAGE": image, "WAIT_SECONDS": "15"}
+        up = make("up", env=env)
+        make("compose-down", env=env)
+    assert up.returncode != 0
+    assert "let no login in within" in up.stderr and "compose project" not in up.stdout, up.stderr
+    assert "Traceback" not in up.stderr
+
+
+def _postgres_container(
+    client: docker.DockerClient, project: str
+) -> docker.models.containers.Container | None:
+    found = client.containers.list(
+        all=True,
+        filters={"label": [f"{PROJECT_LABEL}={project}", "com.docker.compose.service=postgres"]},
+    )
+    return found[0] if found else None
+
+
+def test_a_retry_of_make_up_leaves_the_service_that_started_alone(
+    docker_client: docker.DockerClient, project: tuple[str, dict[str, str]]
+) -> None:
+    # The retry gave both services new ports, so compose recreated a Postgres that had started and was
+    # initialising its volume: its stop (SIGINT, lost on the entrypoint's shell, then SIGKILL 10 s later) cut the
+    # initialisation short. Here Redis's pinned port is held until the first try failed on it.
+    name, env = project
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {**env, "REFRESHER_REDIS_PORT": str(held.getsockname()[1])}
+        with subprocess.Popen(
+            ["make", "--no-print-directory", "-C", str(CHECKOUT), "up"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as up:
+            assert up.stderr is not None
+            said = []
+            for line in up.stderr:
+                said.append(line)
+                if "a port Docker picked is held by another process" in line:
+                    break
+            postgres = _postgres_container(docker_client, name)
+            assert postgres is not None and postgres.status == "running", "".join(said)
+            held.close()
+            said.append(up.stderr.read())
+            assert up.wait(timeout=300) == 0, "".join(said)
+    assert [c.id for c in docker_client.containers.list(filters={"label": f"{PROJECT_LABEL}={name}"})].count(
+        postgres.id
+    ) == 1
