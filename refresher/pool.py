@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -103,6 +104,8 @@ FICLONE = 0x40049409
 # The reflink probe's scratch directories, in the server's data directory (``_scratch``).
 SCRATCH_PREFIX = ".refresher-reflink-"
 SCRATCH_TRIES = 10
+# What the disk held as the last refill of a pool ended (``_record_settled``), in the server's data directory.
+SETTLED_PREFIX = ".refresher-pool-settled-"
 
 
 @dataclass(frozen=True)
@@ -415,17 +418,81 @@ def resize_pool(server: ServerInfo, size: PoolSize) -> PoolSizing | None:
 
 
 def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
-    """Wait until the pool is full again (after a reset or checkout); raise SnapshotError on timeout."""
+    """Wait until the pool is full again (after a reset or checkout), or holds what the disk held as its last
+    refill ended when that was fewer clones (``_settled``); raise SnapshotError on timeout: no refill came, or
+    one died short.
+
+    Not the disk's bound as measured now: a refill drops the trash a reset left before it counts, and a clone
+    being copied takes disk before it is ready, so a bound measured from here undercounts while one runs."""
     deadline = time.monotonic() + timeout
     while True:
         status = pool_status(server)
         if len(status.ready) >= status.target:
+            return status
+        settled = _settled(server) if status.pristine else None
+        if settled is not None and len(status.ready) >= settled:
             return status
         if time.monotonic() > deadline:
             raise SnapshotError(
                 f"{server.dbname}: pool has {len(status.ready)}/{status.target} clones after {timeout:.0f}s"
             )
         time.sleep(0.1)
+
+
+def _settled(server: ServerInfo) -> int | None:
+    """The clones the disk held as the last refill of ``server``'s pool ended (``_record_settled``), when that
+    still holds: no refill is at the pool (none holds or waits for REFILL: one starting or running may make
+    more, and a mark being written may change the pool), and the record is of the current pristine copy and
+    pool size. None otherwise, and where this host cannot see the server's data directory (a container's: no
+    disk bound)."""
+    db = server.dbname
+    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+        directory = data_directory(conn)
+        if directory is None or conn.execute(_REFILLING, (db, REFILL)).fetchone() != (False,):
+            return None
+        mark = _pristine_mark(conn, db)
+        try:
+            generation, wanted, made = _settled_path(directory, db).read_text().split()
+            if mark is not None and (generation, int(wanted)) == (mark.generation, mark.pool_size):
+                return int(made)
+        except (OSError, ValueError):
+            pass
+        return None
+
+
+# Whether a session holds or waits for advisory lock (hashtext(%s), %s) (two int4 keys: classid, objid,
+# objsubid 2), whichever its mode: the maintenance database's, where every pool session takes them.
+_REFILLING = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND database = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND classid::bigint = (hashtext(%s)::bigint & 4294967295) AND objid::bigint = %s)"
+)
+
+
+def _settled_path(directory: Path, db: str) -> Path:
+    """The file in the server's data directory ``directory`` that records what the last refill of ``db``'s pool
+    made (a database's name may hold any character: hashed)."""
+    return directory / f"{SETTLED_PREFIX}{hashlib.sha256(db.encode()).hexdigest()[:16]}"
+
+
+def _record_settled(
+    conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, made: int
+) -> None:
+    """Record, as a refill of ``db``'s pool ends (under REFILL shared), that the disk holds ``made`` clones of
+    the pool of ``size`` (None: the mark's) asked, for ``wait_for_pool``: fewer than asked when it cut the pool.
+    What it holds, not what is ready: a clone taken as the refill ended is made again by the taker's refill.
+    Replaced whole (a reader never sees half); best effort, as the reflink probe's scratch beside it: a
+    directory we may not write leaves ``wait_for_pool`` waiting for the full pool, as it did before."""
+    mark = _pristine_mark(conn, db)
+    if machine.data_directory is None or mark is None:
+        return
+    path = _settled_path(machine.data_directory, db)
+    part = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    with contextlib.suppress(OSError):
+        part.write_text(f"{mark.generation} {mark.pool_size if size is None else size} {made}\n")
+        os.replace(part, path)
+    with contextlib.suppress(OSError):
+        part.unlink(missing_ok=True)
 
 
 def refill_pool(server: ServerInfo, *, size: int | None = None, concurrency: int | None = None) -> int:
@@ -584,7 +651,8 @@ def _sweep_and_fill(
             created += sum(f.result() for f in extra)
     # Once, as it ended: the bound is looked at again before each copy (a clone costs its database, its WAL
     # slack only while it is made), so the first look may count fewer than the refill then made.
-    _missing(conn, db, size, machine, say=True)
+    ready = len(_ready_clones(conn, db))
+    _record_settled(conn, db, size, machine, _target(conn, db, size, machine, ready, say=True))
     return created
 
 
@@ -784,11 +852,9 @@ def _disk_cut(
     )
 
 
-def _missing(
-    conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, *, say: bool = False
-) -> int:
+def _missing(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine) -> int:
     ready = len(_ready_clones(conn, db))
-    return _target(conn, db, size, machine, ready, say=say) - ready
+    return _target(conn, db, size, machine, ready) - ready
 
 
 def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, width: int) -> int:

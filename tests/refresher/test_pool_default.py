@@ -31,6 +31,7 @@ from refresher.pool import (
     resize_pool,
     server_reflinks,
     size_pool_rate,
+    wait_for_pool,
 )
 from refresher.settings import AUTO_POOL, DEFAULT_POOL_SIZE, FAST_COPY, parse_pool_size, pool_as_asked
 from refresher.snapshot import SnapshotInfo, pristine_name, restore_pristine, save_pristine
@@ -289,6 +290,44 @@ def small_ext4() -> Iterator[Path]:
         yield mount
 
 
+def _tight_disk(ws: Workspace, mount: Path, size: int, clones: float) -> tuple[ServerInfo, int]:
+    """Load ``ws``'s server on ``mount`` with no clone, fill the disk (``mount``/filler) to leave room past the
+    reserve for ``clones`` clones, and ask for a pool of ``size``; the server and the reserve."""
+    ws.write_profile(symbols=["AAPL", "KO"], months=1)
+    assert ws.refresh("--pool-size", "0")["pool_size"] == 0  # no clone yet: the disk measured without
+    server = ws.server()
+    refills_gone(server.dbname)  # the refresh's own refill: this test's refills are the only ones
+    clone = _database_bytes(server, pristine_name(server.dbname)) + COPY_SLACK
+    usage = shutil.disk_usage(mount)
+    reserve = disk_reserve(usage.total)
+    room = usage.free - reserve - int(clone * clones)
+    assert room > 0, (usage, clone)
+    subprocess.run(["fallocate", "-l", str(room), str(mount / "filler")], check=True)
+    assert resize_pool(server, size) is not None
+    return server, reserve
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_wait_for_pool_returns_once_the_refill_made_what_the_disk_holds(small_ext4: Path) -> None:
+    """``wait_for_pool`` (the pytest plugin's tests, the fixtures' and the bench's waits) on a pool the disk cut
+    waited for the size asked, to its timeout. It returns once the refill has made what the disk holds: at once
+    after one, and after a reset only when the refill the reset spawned has made its clone again."""
+    ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
+    try:
+        server, _ = _tight_disk(ws, small_ext4, 3, 1.5)
+        made = refill_pool(server)
+        assert 1 <= made < 3
+        started = time.monotonic()
+        assert len(wait_for_pool(server, timeout=30).ready) == made
+        assert time.monotonic() - started < 5
+        assert restore_pristine(server).method == "pool"  # takes the clone; a detached refill makes it again
+        assert len(wait_for_pool(server, timeout=60).ready) == made
+        assert time.monotonic() - started < 30
+    finally:
+        ws.down()
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_a_refill_on_a_small_disk_makes_fewer_clones_keeping_the_reserve_free_and_says_so_once(
@@ -299,19 +338,9 @@ def test_a_refill_on_a_small_disk_makes_fewer_clones_keeping_the_reserve_free_an
     fewer than 3, leaves the reserve free, and says so in one line (not an error); `refresher status` says why.
     With the room back, the next refill makes all 3, silently."""
     ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
-    ws.write_profile(symbols=["AAPL", "KO"], months=1)
     filler = small_ext4 / "filler"
     try:
-        assert ws.refresh("--pool-size", "0")["pool_size"] == 0  # no clone yet: the disk measured without
-        server = ws.server()
-        refills_gone(server.dbname)  # the refresh's own refill: this test's refills are the only ones
-        clone = _database_bytes(server, pristine_name(server.dbname)) + COPY_SLACK
-        usage = shutil.disk_usage(small_ext4)
-        reserve = disk_reserve(usage.total)
-        room = usage.free - reserve - clone * 3 // 2
-        assert room > 0, (usage, clone)
-        subprocess.run(["fallocate", "-l", str(room), str(filler)], check=True)
-        assert resize_pool(server, 3) is not None
+        server, reserve = _tight_disk(ws, small_ext4, 3, 1.5)
         capsys.readouterr()
         made = refill_pool(server)
         said = [line for line in capsys.readouterr().err.splitlines() if "warm clones" in line]
