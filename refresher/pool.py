@@ -524,18 +524,18 @@ def refill_concurrency(cpus: int, *, rotational: bool) -> int:
 
 def pool_size_for_disk(wanted: int, *, ready: int, clone_bytes: int, free: int, total: int) -> int:
     """How many warm clones to keep: ``wanted``, but only as many more than the ``ready`` ones as fit in
-    ``free`` bytes less a reserve, and never fewer than one unless ``wanted`` is 0.
+    ``free`` bytes less a reserve: none at all when even one would eat into it (the ready ones are kept).
 
     The reserve is a tenth of the filesystem (``total``), at least 1 GB: the server's WAL and the tests'
     own writes need room too, and a copy onto a full disk can make Postgres PANIC. One clone costs its
     database's size plus a WAL segment (``clone_bytes`` as measured on the pristine copy, before the slack).
-    The floor of one keeps a checkout a rename even on a tight disk, as before the pool had this bound; a
-    pool of 0 is the user's choice of disk over reset speed, and stays 0.
+    No floor of one: it kept a checkout a rename on a disk already past its reserve by filling the disk
+    further, while a pool of 0 costs a reset a copy of the pristine database instead (slower, as safe).
     """
     reserve = disk_reserve(total)
     each = max(clone_bytes, 0) + COPY_SLACK
     more = max(0, (free - reserve) // each)
-    return max(min(1, wanted), min(wanted, ready + more))
+    return min(wanted, ready + more)
 
 
 def disk_reserve(total: int) -> int:
@@ -838,7 +838,7 @@ def _disk_cut(
     """The pool of ``wanted`` clones (``ready`` of them made) the disk holds (``pool_size_for_disk``), and the
     line saying so when that is fewer (None when not, or when this host cannot see the disk)."""
     usage = machine.usage()
-    if usage is None or wanted <= 1:
+    if usage is None or wanted <= 0:
         return wanted, None
     free, total = usage
     clone_bytes = 0 if machine.reflink else _database_bytes(conn, pristine_name(db))

@@ -330,6 +330,32 @@ def test_wait_for_pool_returns_once_the_refill_made_what_the_disk_holds(small_ex
 
 @pytest.mark.postgres
 @pytest.mark.slow
+def test_a_disk_with_room_for_less_than_one_clone_past_its_reserve_gets_none_and_a_reset_copies(
+    small_ext4: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Room past the reserve for half a clone: the refill made one anyway (a floor of one), eating into the
+    reserve. It makes none now, says so, and a reset copies the pristine database (its data back, the pool
+    still empty once the refill it spawned ends: ``wait_for_pool`` returns)."""
+    ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
+    try:
+        server, reserve = _tight_disk(ws, small_ext4, 2, 0.5)
+        capsys.readouterr()
+        assert refill_pool(server) == 0
+        assert shutil.disk_usage(small_ext4).free >= reserve, "the reserve was spent"
+        assert "the disk holds 0 of 2 warm clones" in capsys.readouterr().err
+        assert "the disk holds 0 of 2 warm clones" in pool_status(server).why
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("DELETE FROM ohlcv_daily")
+        assert restore_pristine(server).method == "template"
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone() != (0,)
+        assert wait_for_pool(server, timeout=60).ready == ()
+    finally:
+        ws.down()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_a_refill_on_a_small_disk_makes_fewer_clones_keeping_the_reserve_free_and_says_so_once(
     small_ext4: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

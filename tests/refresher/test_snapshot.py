@@ -225,7 +225,7 @@ def test_the_refill_copies_at_low_priority(loaded: ServerInfo, monkeypatch: pyte
     assert len(pool_status(loaded).ready) == 2
 
 
-def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_at_least_one() -> None:
+def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_none_past_it() -> None:
     from refresher.pool import GB, pool_size_for_disk
 
     total, clone = 100 * GB, 2 * GB  # reserve: a tenth of the filesystem, 10 GB
@@ -233,12 +233,12 @@ def test_the_pool_keeps_what_the_disk_holds_past_its_reserve_and_at_least_one() 
     # 15 GB free: 5 GB past the reserve holds two more 2 GB clones (each plus a WAL segment).
     assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=15 * GB, total=total) == 2
     assert pool_size_for_disk(6, ready=3, clone_bytes=clone, free=15 * GB, total=total) == 5
-    assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=5 * GB, total=total) == 1  # the floor
+    assert pool_size_for_disk(6, ready=0, clone_bytes=clone, free=5 * GB, total=total) == 0  # no floor
     assert pool_size_for_disk(6, ready=4, clone_bytes=clone, free=GB, total=total) == 4  # none dropped
     # A small filesystem keeps at least 1 GB free.
     assert pool_size_for_disk(6, ready=0, clone_bytes=GB // 2, free=2 * GB, total=4 * GB) == 1
     assert pool_size_for_disk(0, ready=0, clone_bytes=clone, free=50 * GB, total=total) == 0  # chosen: none
-    assert pool_size_for_disk(1, ready=0, clone_bytes=clone, free=GB, total=total) == 1
+    assert pool_size_for_disk(1, ready=0, clone_bytes=clone, free=GB, total=total) == 0
 
 
 def test_refill_concurrency_follows_the_cores_and_the_disk() -> None:
@@ -367,7 +367,7 @@ def _pool(server: ServerInfo, size: int) -> set[str]:
 
 def test_a_pool_of_zero_keeps_no_clone_and_reset_copies_the_pristine_database(loaded: ServerInfo) -> None:
     save_pristine(loaded, pool_size=0)
-    assert refill_pool(loaded) == 0  # the floor of one is for disk bounds, not for a chosen 0
+    assert refill_pool(loaded) == 0
     assert _copies(loaded) == {pristine_name(loaded.dbname)}
     status = pool_status(loaded)
     assert (status.target, status.ready, status.reset) == (0, (), "copy")
