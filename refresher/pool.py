@@ -219,6 +219,28 @@ def pool_status(server: ServerInfo) -> PoolStatus:
         return PoolStatus(True, ready, mark.pool_size, why if cut is None else f"{why}; {cut}")
 
 
+def disk_cut(server: ServerInfo) -> str | None:
+    """What the refill about to start will say of the disk (``_disk_cut``) when it holds fewer clones than the
+    pool keeps, None when not: a refresh reports it, as the detached refill's stderr reaches nobody. What that
+    refill's sweep drops first (trash, and pool slots not ready: stale clones of a replaced copy) counts as
+    free. A note, after the refresh's work is committed: an error asking is None, not the refresh's failure."""
+    db = server.dbname
+    try:
+        with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+            mark = _pristine_mark(conn, db)
+            if mark is None:
+                return None
+            ready = _ready_clones(conn, db)
+            doomed = [
+                *_derelicts(conn, db),
+                *(name for name in _pool_databases(conn, db) if name not in ready),
+            ]
+            freed = sum(_database_bytes(conn, name) for name in doomed)
+            return _disk_cut(conn, db, mark.pool_size, _Machine.of(conn), len(ready), freed=freed)[1]
+    except (psycopg.Error, RefresherError):
+        return None
+
+
 def recorded_pool(server: ServerInfo, conn: psycopg.Connection[Any]) -> PoolSizing | None:
     """The pool size the pristine copy's mark records, and whether the user chose it; None when there is no
     complete copy. ``conn``: open on any database of the server (the mark is in the shared catalog)."""
@@ -833,14 +855,15 @@ def _target(
 
 
 def _disk_cut(
-    conn: psycopg.Connection[Any], db: str, wanted: int, machine: _Machine, ready: int
+    conn: psycopg.Connection[Any], db: str, wanted: int, machine: _Machine, ready: int, *, freed: int = 0
 ) -> tuple[int, str | None]:
-    """The pool of ``wanted`` clones (``ready`` of them made) the disk holds (``pool_size_for_disk``), and the
-    line saying so when that is fewer (None when not, or when this host cannot see the disk)."""
+    """The pool of ``wanted`` clones (``ready`` of them made) the disk holds (``pool_size_for_disk``; ``freed``
+    bytes more free), and the line saying so when that is fewer (None when not, or when this host cannot see
+    the disk)."""
     usage = machine.usage()
     if usage is None or wanted <= 0:
         return wanted, None
-    free, total = usage
+    free, total = usage[0] + freed, usage[1]
     clone_bytes = 0 if machine.reflink else _database_bytes(conn, pristine_name(db))
     target = pool_size_for_disk(wanted, ready=ready, clone_bytes=clone_bytes, free=free, total=total)
     if target >= wanted:
@@ -1142,6 +1165,7 @@ __all__ = [
     "checkout_clone",
     "clone_notes",
     "default_pool_size",
+    "disk_cut",
     "disk_reserve",
     "drop_clone",
     "pool_name",

@@ -76,6 +76,9 @@ class RefreshReport:
     left_out: dict[str, int] = field(default_factory=dict)
     # The warm clones the pool keeps (what the snapshot's mark records): 0, and a reset copies the database.
     pool_size: int = DEFAULT_POOL_SIZE
+    # When the disk holds fewer clones than that, the refill this run spawned says so on its stderr, which
+    # reaches nobody (detached): the line, as this run computed it before spawning it (``pool.disk_cut``).
+    pool_disk: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -379,6 +382,7 @@ def refresh(
             raise
 
     snapshot_state = "unchanged"
+    pool_disk = None
     # What the mark records after this run: the size given, or the one recorded (the unchanged path).
     pool_kept = (
         recorded.size
@@ -395,10 +399,12 @@ def refresh(
         if made is None:
             made = snapshot.save_pristine(server, pool_size=pool_size, fill_pool=False)
         pool_kept = made.sizing.size
+        pool_disk = pool.disk_cut(server)
         pool.spawn_refill(server)
         snapshot_state = "saved"
     elif pool_size is not None and (resized := pool.resize_pool(server, pool_size)) is not None:
         pool_kept = resized.size
+        pool_disk = pool.disk_cut(server)
         pool.spawn_refill(server)
     elif unfinished:  # a reset's analyzer was killed: finish it (a refill above does too)
         pool.spawn_refill(server, fill=False)
@@ -425,4 +431,5 @@ def refresh(
         notes=notes,
         left_out=rows_by_reason(left_out),
         pool_size=pool_kept if isinstance(pool_kept, int) else DEFAULT_POOL_SIZE,
+        pool_disk=pool_disk,
     )

@@ -140,7 +140,11 @@ def refresh_summary(report: dict[str, Any], *, url_hint: str) -> None:
     rows += [("rows left out", f"{count:,} {reason}") for reason, count in report["left_out"].items()]
     rows += [
         ("snapshot", report["snapshot"]),
-        ("pool", _pool_size_line(report["pool_size"])),
+        (
+            "pool",
+            _pool_size_line(report["pool_size"])
+            + (f"; {report['pool_disk']}" if report.get("pool_disk") else ""),
+        ),
         ("time", f"{report['seconds']:.2f} s"),
     ]
     _out(f"refresher: {report['profile']} on {report['engine']}")

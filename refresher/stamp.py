@@ -568,6 +568,7 @@ def _noop_report(stamped: dict[str, Any], dsn: str, seconds: float) -> dict[str,
         "snapshot": "unchanged",
         "phases": {"stamp": round(seconds, 4)},
         "notes": [note for note in stamped.get("notes", []) if not note.startswith("store:")],
+        "pool_disk": None,  # no refill spawned: nothing to say of the disk (a stamp's was of its run's)
     }
 
 

@@ -290,9 +290,9 @@ def small_ext4() -> Iterator[Path]:
         yield mount
 
 
-def _tight_disk(ws: Workspace, mount: Path, size: int, clones: float) -> tuple[ServerInfo, int]:
+def _tight_disk(ws: Workspace, mount: Path, size: int | None, clones: float) -> tuple[ServerInfo, int]:
     """Load ``ws``'s server on ``mount`` with no clone, fill the disk (``mount``/filler) to leave room past the
-    reserve for ``clones`` clones, and ask for a pool of ``size``; the server and the reserve."""
+    reserve for ``clones`` clones, and ask for a pool of ``size`` (None: not yet); the server and the reserve."""
     ws.write_profile(symbols=["AAPL", "KO"], months=1)
     assert ws.refresh("--pool-size", "0")["pool_size"] == 0  # no clone yet: the disk measured without
     server = ws.server()
@@ -303,7 +303,7 @@ def _tight_disk(ws: Workspace, mount: Path, size: int, clones: float) -> tuple[S
     room = usage.free - reserve - int(clone * clones)
     assert room > 0, (usage, clone)
     subprocess.run(["fallocate", "-l", str(room), str(mount / "filler")], check=True)
-    assert resize_pool(server, size) is not None
+    assert size is None or resize_pool(server, size) is not None
     return server, reserve
 
 
@@ -324,6 +324,28 @@ def test_wait_for_pool_returns_once_the_refill_made_what_the_disk_holds(small_ex
         assert restore_pristine(server).method == "pool"  # takes the clone; a detached refill makes it again
         assert len(wait_for_pool(server, timeout=60).ready) == made
         assert time.monotonic() - started < 30
+    finally:
+        ws.down()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_refresh_the_disk_cuts_says_so_in_its_report(small_ext4: Path) -> None:
+    """The refill a CLI refresh spawns is detached: its one line about the disk reaches nobody. The refresh
+    computes the bound before spawning it and reports the same line (``pool_disk``, and on the pool's row),
+    counting as free what the refill drops before it copies."""
+    ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
+    try:
+        server, _ = _tight_disk(ws, small_ext4, None, 1.5)
+        report = ws.refresh("--pool-size", "3")
+        said = re.fullmatch(
+            r"the disk holds (\d) of 3 warm clones, keeping .* a reset without a clone copies",
+            report["pool_disk"] or "",
+        )
+        assert said is not None, report
+        # The refill cuts the pool too; to the same count give or take one: the clone is ~10 MB, and the server's
+        # WAL (16 MB segments, recycled at a checkpoint) moves the free space by as much meanwhile.
+        assert 1 <= int(said.group(1)) < 3 and 1 <= len(wait_for_pool(server, timeout=60).ready) < 3
     finally:
         ws.down()
 
