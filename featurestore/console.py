@@ -29,7 +29,7 @@ def leave(status: int, *, finalize: bool = True) -> NoReturn:
         except KeyboardInterrupt:
             # A Ctrl-C while a thread is waited for: it was a traceback, then the very teardown this skips.
             with contextlib.suppress(OSError, ValueError):
-                print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+                print(f"{_prog()}: interrupted", file=sys.stderr)
             status = 130
     os._exit(_flushed(status))
 
@@ -54,10 +54,15 @@ def _flushed(status: int) -> int:
         return status
     with contextlib.suppress(OSError, ValueError, AttributeError):
         print(
-            f"{Path(sys.argv[0]).name}: stdout: {lost.strerror or lost}: the output is lost", file=sys.stderr
+            f"{_prog()}: stdout: {lost.strerror or lost}: the output is lost", file=sys.stderr
         )
         sys.stderr.flush()
     return status or 2
+
+
+def _prog() -> str:
+    """The console script's name, which begins each line it says about its own end."""
+    return Path(sys.argv[0]).name
 
 
 def reader_left() -> None:

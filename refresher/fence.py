@@ -51,7 +51,7 @@ class Fence:
     def claim(self, conn: psycopg.Connection[Any]) -> None:
         """Take the fence for ``token`` (a transaction of its own, on an autocommit connection); FenceLost when a
         larger token holds it."""
-        if conn.execute("SELECT to_regclass('refresher_fences')").fetchone() == (None,):
+        if not _has_fences(conn):
             with conn.transaction():
                 conn.execute(SCHEMA_LOCK)
                 conn.execute(FENCES_DDL)
@@ -106,10 +106,15 @@ class Fence:
             return cursor.fetchone()
 
 
+def _has_fences(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the target has the fences' table (a features step of a queue run made it there)."""
+    return conn.execute("SELECT to_regclass('refresher_fences')").fetchone() != (None,)
+
+
 def drop_fences(conn: psycopg.Connection[Any], names: list[str]) -> int:
     """Remove the fences ``names`` (their lock's keys removed for good: ``jobs prune``/``delete`` of their runs);
     how many rows went. A holder held up until then finds no row at its next check and writes nothing more."""
-    if conn.execute("SELECT to_regclass('refresher_fences')").fetchone() == (None,):
+    if not _has_fences(conn):
         return 0
     return conn.execute("DELETE FROM refresher_fences WHERE fence = ANY(%s)", (names,)).rowcount
 
