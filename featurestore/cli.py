@@ -14,7 +14,7 @@ from typing import Any
 
 from featurestore import gc
 from featurestore._cli import OneLineParser, add_root_option, open_store
-from featurestore.console import end, reader_left
+from featurestore.console import end, say
 from featurestore.errors import FeatureStoreError
 from featurestore.render import render_integrity, render_stats
 
@@ -96,12 +96,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: Any) -> None:
-    """Print the command's answer. A reader gone (`featurestore verify | head -1`) read what it wanted: the
-    command's status stands (a damaged store's 1 was 0 when the whole command was what caught it)."""
-    try:
-        print(json.dumps(payload, indent=2, sort_keys=True, default=str) if args.json else text())
-    except BrokenPipeError:
-        reader_left()
+    """Print the command's answer (``say``). A reader gone (`featurestore verify | head -1`) read what it wanted:
+    the command's status stands (a damaged store's 1 was 0 when the whole command was what caught it)."""
+    say(json.dumps(payload, indent=2, sort_keys=True, default=str) if args.json else text())
 
 
 if __name__ == "__main__":

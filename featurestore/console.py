@@ -39,8 +39,9 @@ def _flushed(status: int) -> int:
 
     Small output is still in stdout's buffer here (8 KB when not a terminal): on a full disk (``> out.json``) it
     was lost with status 0 and not a word, where the interpreter's own exit says so and fails (120). A reader
-    gone (``| head``) has read what it wanted: that is no failure, and a closed stream is nothing to flush."""
-    lost: OSError | None = None
+    gone (``| head``) has read what it wanted: that is no failure, and a closed stream is nothing to flush. An
+    answer lost earlier, as ``say`` printed it, is said here the same way."""
+    lost: OSError | None = _LOST[0] if _LOST else None
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -63,6 +64,24 @@ def _flushed(status: int) -> int:
 def _prog() -> str:
     """The console script's name, which begins each line it says about its own end."""
     return Path(sys.argv[0]).name
+
+
+# What lost the command's answer on its way to stdout while it ran (``say``): said at the process's end.
+_LOST: list[OSError] = []
+
+
+def say(text: str) -> None:
+    """Print ``text``, the command's answer or a line of it, on stdout. A reader gone (``| head``) read what it
+    wanted (``reader_left``). Any other failure (a full disk, met here when stdout is unbuffered or the answer is
+    past its buffer) loses the answer: stdout goes nowhere from then on, and the process's end says so in one
+    line, status 2 (``_flushed``), where it was a traceback, status 1, and the interpreter's teardown."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        reader_left()
+    except OSError as exc:
+        _LOST.append(exc)
+        reader_left()
 
 
 def reader_left() -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from featurestore import _files, _packs, maintenance
 from featurestore._cli import OneLineParser, add_root_option, open_store
+from featurestore.console import say
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import utc_now
 from featurestore.render import render_stats
@@ -241,17 +242,17 @@ def run(args: argparse.Namespace, prog: str = "featurestore gc") -> int:
         if args.overview_only:
             stats = store.get_cache_stats()
             result = stats.to_json()
-            print(render_stats(stats))
+            say(render_stats(stats))
         else:
             report = collect_garbage(
                 store,
                 retention=dt.timedelta(weeks=args.retention_weeks),
                 grace=dt.timedelta(hours=args.grace_hours),
                 dry_run=args.dry_run,
-                log=print if args.verbose else None,
+                log=say if args.verbose else None,
             )
             result = report.to_json()
-            print(_render(result, "gc (dry run)" if args.dry_run else "gc"))
+            say(_render(result, "gc (dry run)" if args.dry_run else "gc"))
         if args.output_json is not None:
             args.output_json.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     except FeatureStoreError as exc:

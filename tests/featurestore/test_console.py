@@ -154,6 +154,20 @@ def test_a_json_error_that_stdout_itself_refuses_is_one_line(tmp_path: Path) -> 
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("command", [["stats", "--json"], ["verify"], ["gc", "--dry-run"]])
+def test_a_featurestore_answer_that_stdout_refuses_is_one_line(command: list[str], tmp_path: Path) -> None:
+    # `PYTHONUNBUFFERED=1 featurestore stats --json > /dev/full`: the answer's print met the full disk inside the
+    # command: an OSError traceback, status 1, and the interpreter's teardown
+    (tmp_path / "store").mkdir()
+    code = "import sys; from featurestore.cli import main; sys.argv = ['featurestore', *sys.argv[1:]]; main()"
+    with open("/dev/full", "w") as full:
+        done = _run(code, *command, "--cache-root", str(tmp_path / "store"), stdout=full, unbuffered=True)
+    assert (done.returncode, done.stderr) == (
+        2,
+        "featurestore: stdout: No space left on device: the output is lost\n",
+    )
+
+
 def test_a_reader_gone_at_the_last_flush_is_no_failure() -> None:
     # `featurestore stats | head -0`: what the reader wanted it read
     read, write = os.pipe()
