@@ -36,7 +36,13 @@ from refresher.pool import (
 from refresher.settings import AUTO_POOL, DEFAULT_POOL_SIZE, FAST_COPY, parse_pool_size, pool_as_asked
 from refresher.snapshot import SnapshotInfo, pristine_name, restore_pristine, save_pristine
 from tests.fixtures_postgres import refills_gone, world_traversable_tmp
-from tests.refresher.test_cli_stamp import pool_databases, wait_for_pool_databases
+from tests.refresher.test_cli_stamp import (
+    pool_databases,
+    refresh_saying,
+    stamp_file,
+    stamped,
+    wait_for_pool_databases,
+)
 from tests.refresher.test_profile_lock import workspace
 from tests.refresher.test_refresh_e2e import Workspace
 from tests.refresher.test_snapshot import _mark
@@ -406,5 +412,55 @@ def test_a_refill_on_a_small_disk_makes_fewer_clones_keeping_the_reserve_free_an
         assert refill_pool(server) == 3 - made
         assert len(pool_status(server).ready) == 3
         assert "warm clones" not in capsys.readouterr().err
+    finally:
+        ws.down()
+
+
+def _answered(said: list[str]) -> bool:
+    """Whether ``refresh -v`` said the stamp answered (through psql, or psycopg when the probe could not tell)."""
+    return len(said) == 1 and (
+        said[0] == "answered through psql" or said[0].startswith("answered through psycopg")
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_pool_the_disk_cut_is_no_work_for_the_next_refresh_and_a_refill_finds_the_room_freed(
+    small_ext4: Path,
+) -> None:
+    """A second `refresh --pool-size 3` on a disk that cut the pool to fewer clones is a no-op: the stamp answers
+    (the mark records the 3 asked, the clones ready are not compared), without the first run's disk note: that
+    was its estimate before spawning its refill, and the stamped report saying it again would read as a disk
+    measured and a refill spawned again. Without the stamp, the full path does no work either (the snapshot is
+    current, the mark as asked: no refill spawned, the settled record untouched). Room freed later is found by
+    the next refill (a reset's here; a new snapshot's or a new size's too), not by a refresh with nothing to do."""
+    ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
+    try:
+        server, _ = _tight_disk(ws, small_ext4, None, 1.5)
+        first = ws.refresh("--pool-size", "3")
+        assert not stamped(first) and first["pool_disk"] is not None, first
+        second, said = refresh_saying(ws, "--pool-size", "3")  # the first's refill may still be at work
+        assert _answered(said) and stamped(second) and second["pool_disk"] is None, (said, second)
+        cut = wait_for_pool(server, timeout=60).ready
+        refills_gone(server.dbname)
+        assert 1 <= len(cut) < 3, cut
+        (settled,) = (ws.root / "state" / "local" / ws.profile / "pgdata").glob(".refresher-pool-settled-*")
+        recorded = settled.stat().st_mtime_ns
+
+        stamp_file(ws).unlink()
+        full, said = refresh_saying(ws, "--pool-size", "3")
+        assert said[0].startswith("not used: no stamp") and said[-1] == "written", said
+        assert full["segments"]["loaded"] == 0 and full["snapshot"] == "unchanged", full
+        assert full["pool_disk"] is None and full["pool_size"] == 3, full
+        refills_gone(server.dbname)
+        assert settled.stat().st_mtime_ns == recorded and pool_status(server).ready == cut
+
+        (small_ext4 / "filler").unlink()
+        again, said = refresh_saying(ws, "--pool-size", "3")
+        assert _answered(said) and again["pool_disk"] is None, (said, again)
+        refills_gone(server.dbname)
+        assert pool_status(server).ready == cut  # nothing to do: no refill looked at the disk
+        assert json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)["method"] == "pool"
+        assert len(wait_for_pool(server, timeout=60).ready) == 3
     finally:
         ws.down()
