@@ -8,7 +8,9 @@ on, after the other's. Each holder of such a lock gets a number larger than ever
 and goes on only while it still holds its number. A later holder's claim waits for those transactions to end, so
 from its commit on no write of an earlier holder commits (``FenceLost``, the transaction rolled back). The wait is
 bounded (``wait``): an earlier holder stopped inside a write transaction makes the claim fail as a lock timeout,
-a transient failure retried later, never a hang; a holder whose session dies leaves no lock behind.
+a transient failure retried later, never a hang; a holder whose session dies leaves no lock behind. One stopped
+in the middle of a statement, a COPY waiting for its rows, is ended by the claim (``Fence._end_stalled``): the
+server ends no such session by itself.
 """
 
 from __future__ import annotations
@@ -34,9 +36,24 @@ CREATE TABLE IF NOT EXISTS refresher_fences (
 # to the transaction).
 _CALLERS = "refresher.fence_callers_lock_timeout"
 
+# Other sessions of our role in this database inside a COPY from their client, waiting for its data, whose
+# transaction holds a lock on the fences' table (a write transaction's check), and the COPY bytes the server has
+# read of each.
+_COPYING = """
+SELECT DISTINCT a.pid, p.bytes_processed FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid JOIN pg_stat_progress_copy p ON p.pid = l.pid
+WHERE l.locktype = 'relation' AND l.relation = 'refresher_fences'::regclass
+AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.pid <> pg_backend_pid()
+AND a.usename = current_user AND a.state = 'active' AND a.wait_event = 'ClientRead' AND p.command = 'COPY FROM'
+"""
+
 
 class FenceLost(Exception):
     """A later holder of the lock claimed the fence: this holder writes nothing more."""
+
+
+class _Held(LoadError):
+    """Another holder's transaction kept the fence's row past the wait."""
 
 
 @dataclass(frozen=True)
@@ -50,21 +67,51 @@ class Fence:
 
     def claim(self, conn: psycopg.Connection[Any]) -> None:
         """Take the fence for ``token`` (a transaction of its own, on an autocommit connection); FenceLost when a
-        larger token holds it."""
+        larger token holds it. A session that kept it the whole wait inside a COPY with no data from its client
+        is ended (``_end_stalled``), and the fence claimed again."""
         if not _has_fences(conn):
             with conn.transaction():
                 conn.execute(SCHEMA_LOCK)
                 conn.execute(FENCES_DDL)
+        copying = dict(conn.execute(_COPYING).fetchall())
+        try:
+            row = self._claimed(conn)
+        except _Held:
+            if not self._end_stalled(conn, copying):
+                raise
+            row = self._claimed(conn)
+        if row is None:
+            raise FenceLost(f"{self.name}: claimed by a later holder")
+
+    def _claimed(self, conn: psycopg.Connection[Any]) -> Any:
         with conn.transaction():
-            row = self._waiting(
+            return self._waiting(
                 conn,
                 "INSERT INTO refresher_fences (fence, token) VALUES (%s, %s) ON CONFLICT (fence) DO UPDATE "
                 "SET token = EXCLUDED.token, claimed_at = now() WHERE refresher_fences.token <= EXCLUDED.token "
                 "RETURNING token",
                 (self.name, self.token),
             )
-        if row is None:
-            raise FenceLost(f"{self.name}: claimed by a later holder")
+
+    def _end_stalled(self, conn: psycopg.Connection[Any], copying: dict[int, int]) -> bool:
+        """End the sessions of ``copying`` (``_COPYING`` before the claim's wait) whose COPY read nothing from
+        their client all along; whether there were any.
+
+        A writer stopped in the middle of a statement (SIGSTOP, a suspended machine, in a COPY of its rows) kept
+        the fence's row share-locked for as long as it stayed stopped: its session is active, not idle in a
+        transaction (``idle_in_transaction_session_timeout`` does not see it), and the server holds cancels off
+        while a COPY waits for its client's data, so ``statement_timeout`` fired only once the writer went on
+        (measured on PostgreSQL 15). Every claim failed as a lock timeout until the run ran out of attempts. A
+        live writer's COPY sends its rows as fast as it encodes them; one that sent none for the whole wait (the
+        lock's life, which its holder did not renew) has lost the lock, and ending its session rolls its
+        transaction back: it finds its connection gone when it goes on, and commits nothing."""
+        stalled = [pid for pid, done in conn.execute(_COPYING).fetchall() if copying.get(pid) == done]
+        if stalled:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid, %s) FROM unnest(%s::int[]) AS pid",
+                (int(max(self.wait, 1.0) * 1000), stalled),
+            )
+        return bool(stalled)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
         """The first statement of each write transaction: FenceLost unless the fence still holds ``token``. Its
@@ -97,7 +144,7 @@ class Fence:
             try:
                 cursor.execute(statements, (f"{max(self.wait, 0.001) * 1000:.0f}ms", *params))
             except psycopg.errors.LockNotAvailable as exc:
-                raise LoadError(
+                raise _Held(
                     f"{self.name}: another holder's transaction kept the fence for over {self.wait:g} s "
                     "(a worker held up inside it?); tried again later"
                 ) from exc

@@ -96,3 +96,57 @@ def test_a_row_held_past_the_wait_is_a_load_error_and_the_transaction_rolls_back
     Fence("f", 6).claim(fenced)
     with pytest.raises(FenceLost), fenced.transaction():
         Fence("f", 5).check(fenced)
+
+
+def _copying(
+    holder: psycopg.Connection[Any],
+    copied: threading.Event,
+    go_on: threading.Event,
+    live: bool,
+    failed: list[Any],
+) -> None:
+    """``holder``'s write transaction (its fence check, token 5) in a COPY into ``other``: ``copied`` set once it
+    began; then it sends ``live`` its rows, 64 KB every 20 ms, or nothing (a stopped worker) until ``go_on``.
+    What it failed with goes into ``failed``."""
+    try:
+        with holder.transaction():
+            Fence("f", 5).check(holder)
+            with holder.cursor().copy("COPY other (x) FROM STDIN") as copy:
+                copy.write("1\n")
+                copied.set()
+                while not go_on.wait(0.02):
+                    if live:
+                        copy.write("1\n" * 32768)
+    except psycopg.Error as exc:
+        failed.append(exc)
+
+
+def test_a_claim_ends_a_session_stalled_inside_a_copy_and_only_that(
+    fenced: psycopg.Connection[Any], pg_database: ServerInfo
+) -> None:
+    """A writer stopped in the middle of its COPY kept the fence's row for as long as it stayed stopped: every
+    claim timed out. A claim that waited out its whole wait for a COPY that read nothing ends that session and
+    claims the fence: the writer finds its session gone and nothing of its transaction committed. A COPY that
+    reads its client's rows all along is a live writer's: waited for, and the claim fails as before."""
+    for live in (True, False):
+        copied, go_on, failed = threading.Event(), threading.Event(), list[Any]()
+        with psycopg.connect(pg_database.dsn(), autocommit=True) as holder:
+            writer = threading.Thread(target=_copying, args=(holder, copied, go_on, live, failed))
+            writer.start()
+            try:
+                assert copied.wait(30)
+                if live:
+                    with pytest.raises(LoadError, match="kept the fence"):
+                        Fence("f", 6, wait=0.5).claim(fenced)
+                else:
+                    Fence("f", 6, wait=0.5).claim(fenced)  # before: LoadError, the fence kept
+            finally:
+                go_on.set()
+                writer.join()
+        if live:
+            assert not failed and fenced.execute("SELECT count(*) > 0 FROM other").fetchone() == (True,)
+            fenced.execute("TRUNCATE other")
+        else:
+            assert len(failed) == 1 and isinstance(failed[0], psycopg.OperationalError), failed
+            assert fenced.execute("SELECT count(*) FROM other").fetchone() == (0,)
+            assert fenced.execute("SELECT token FROM refresher_fences WHERE fence = 'f'").fetchone() == (6,)

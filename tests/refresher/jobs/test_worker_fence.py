@@ -193,7 +193,7 @@ def _taken_over(
         with hold_profile(ws.root / "state", ws.profile, wait=False):
             b = start_worker(ws, url, "b", "--burst")
             _finished(ws, b, "b", deadline if b_within is None else time.monotonic() + b_within)
-        assert status(ws, url, run)["state"] == "complete"
+        assert status(ws, url, run)["state"] == "complete", worker_log(ws, "b")
         finished = _digests(ws)
         os.kill(a.pid, signal.SIGCONT)
         assert a.wait(timeout=300) == 0, worker_log(ws, "a")
@@ -256,3 +256,60 @@ def test_a_worker_stopped_inside_a_transaction_holds_no_other_worker_up(
     _taken_over(ws, url, run, a, time.monotonic() + 300, b_within=150)
     assert "features attempt not counted" in worker_log(ws, "a"), worker_log(ws, "a")
     assert status(ws, url, run)["state"] == "complete"
+
+
+# The worker, stopped (SIGSTOP) once in the middle of the COPY of its first feature's rows: the statement started,
+# its rows not all sent, the fence's row share-locked by its transaction. Its session is active, not idle in a
+# transaction: idle_in_transaction_session_timeout never ends it, nor does statement_timeout (the server holds
+# off cancels while it waits for a COPY's data).
+_STOPS_INSIDE_A_COPY = """
+import signal, sys, threading
+from refresher import cli, load
+from refresher.features import tables
+real_copy, real_encoder, stopped = tables.copy_arrow, load.ArrowToPostgresBinaryEncoder, []
+class Encoder:
+    def __init__(self, schema):
+        self.real = real_encoder(schema)
+        self.write_header, self.finish = self.real.write_header, self.real.finish
+    def write_batch(self, batch):
+        if not stopped:  # the header sent, the COPY begun
+            stopped.append(1)
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        return self.real.write_batch(batch)
+def copying(*args, **kwargs):
+    load.ArrowToPostgresBinaryEncoder = Encoder
+    try:
+        return real_copy(*args, **kwargs)
+    finally:
+        load.ArrowToPostgresBinaryEncoder = real_encoder
+tables.copy_arrow = copying
+sys.exit(cli.main())
+"""
+
+
+def test_a_worker_stopped_inside_a_copy_holds_no_other_worker_up(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """A worker stopped in the middle of a statement (the COPY of a feature's rows) kept the fence's row
+    share-locked as long as it stayed stopped: its session is active, waiting for its client, so neither
+    idle_in_transaction_session_timeout nor statement_timeout ends it, and the next worker's claim of the fence
+    timed out at every attempt until the run ended incomplete. The claimer ends such a session (no COPY data
+    for its whole wait): the other worker finishes the run as a clean run would, and the stopped one, resumed,
+    commits nothing."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    # A clean run first: its feature tables are what the taken-over run must leave.
+    clean = submit(ws, url)["run_id"]
+    _finished(ws, start_worker(ws, url, "clean", "--burst"), "clean", time.monotonic() + 150)
+    assert status(ws, url, clean)["state"] == "complete"
+    features = {name: digest for name, digest in _digests(ws).items() if name.startswith("features_")}
+    assert features
+    with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM refresher_features")  # forgotten: the next run loads them all again
+    run = submit(ws, url)["run_id"]
+    a = _stopping_worker(ws, url, "a", _STOPS_INSIDE_A_COPY)
+    # Before: every claim of B's waited out A's COPY (3 s), and the run ended incomplete after 6 attempts.
+    _taken_over(ws, url, run, a, time.monotonic() + 300, b_within=150)
+    assert "features attempt not counted" in worker_log(ws, "a"), worker_log(ws, "a")
+    assert status(ws, url, run)["state"] == "complete"
+    assert {name: digest for name, digest in _digests(ws).items() if name in features} == features
