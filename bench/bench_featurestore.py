@@ -184,6 +184,34 @@ def bench_packs(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_put_batches(root: Path, batches: int) -> dict[str, Any]:
+    """The production-scale refresh's store writes: ``batches`` puts of 2,000 daily segments (30 for 60,000),
+    ``put_many_hashes`` (what the refresh calls) against ``put_many`` (an Entry per key), thread CPU per key."""
+    daily = _daily_segments(2_000, 21)
+    seconds: dict[str, tuple[float, float]] = {}
+    for name in ("put_many", "put_many_hashes"):
+        store = FeatureStore(root / f"batches-{name}")
+        put = getattr(store, name)
+        wall = cpu = 0.0
+        for b in range(batches):
+            items = [(f"{key}-{b:02d}", table, symbol) for key, table, symbol in daily]
+            start, started = time.perf_counter(), time.thread_time()
+            put(items)
+            wall, cpu = wall + time.perf_counter() - start, cpu + time.thread_time() - started
+        seconds[name] = (wall, cpu)
+    row = _row(
+        f"put_many_hashes of {batches * 2_000:,} daily segments, batches of 2,000 (CPU)",
+        seconds["put_many_hashes"][1], seconds["put_many"][1], "s", higher_is_better=False,
+    )  # fmt: skip
+    keys = batches * 2_000
+    row["note"] = (
+        f"baseline: put_many (an Entry per key); thread CPU {seconds['put_many_hashes'][1] / keys * 1e6:.0f} vs"
+        f" {seconds['put_many'][1] / keys * 1e6:.0f} us a key, wall {seconds['put_many_hashes'][0]:.2f} s vs"
+        f" {seconds['put_many'][0]:.2f} s"
+    )
+    return row
+
+
 def _worker(root: str, worker: int, operations: int, go: Event, ready: Any) -> None:
     store = FeatureStore(root)
     inputs = [(f"S{i}", frame(8 * 9 * 2_000, seed=i), {"window": 10 + i % 3}) for i in range(12)]
@@ -239,6 +267,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         rows.append(bench_hit_latency(root))
         rows.append(bench_lookup(root))
         rows.extend(bench_packs(root))
+        rows.append(bench_put_batches(root, 10 if quick else 30))
         rows.append(bench_processes(root, quick))
     return rows
 

@@ -28,7 +28,7 @@ import base64
 import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from featurestore import _files
-from featurestore.fingerprint import HashMethod, fingerprint_table
+from featurestore.fingerprint import Concatenated, HashMethod, fingerprint_table
 
 PACK_DIR = "packs"
 PACK_FORMAT = "pack-2"
@@ -77,25 +77,40 @@ def is_pack(path: Path) -> bool:
 
 
 def write_temp(
-    root: Path, items: list[tuple[str, pa.Table, dict[str, str]]], *, compression_level: int, created: str
-) -> tuple[Path, Path, list[Part]]:
-    """Write ``(key, stored table, key metadata)`` items of one schema as a fsynced temporary pack.
+    root: Path,
+    keys: list[str],
+    tables: list[pa.Table],
+    fields: Mapping[str, list[str]],
+    *,
+    compression_level: int,
+    created: str,
+    concatenated: Concatenated | None = None,
+) -> tuple[Path, Path, list[int]]:
+    """Write ``tables`` (of one schema) as a fsynced temporary pack, ``keys[i]`` holding ``tables[i]``, with the
+    index ``fields`` (each of ``_FIELDS``, one value per key: ``_writes.Batch.index_columns``).
 
-    Returns (temporary, final path, parts); the caller publishes it with ``_files.publish`` inside its manifest
-    transaction, as for a single file.
+    Returns (temporary, final path, each key's first row); the caller publishes it with ``_files.publish``
+    inside its manifest transaction, as for a single file. ``concatenated``: the batch's (``fingerprint_many``
+    made it when the pack's tables are the batch's).
     """
-    parts: list[Part] = []
-    offset = 0
-    for key, table, meta in items:
-        parts.append(Part(key, offset, table.num_rows, meta))
-        offset += table.num_rows
+    rows = [table.num_rows for table in tables]
+    offsets = [*accumulate(rows, initial=0)][:-1]
+    contents = fields["content_hash"]
     final = pack_dir(root) / f"{uuid.uuid4().hex}.parquet"
     # One chunk per column: the row groups' checksums then hash each column in one call.
-    table = pa.concat_tables([t for _k, t, _m in items]).combine_chunks()
+    table = (concatenated or Concatenated())(tables)
     # Parquet cuts the table into row groups of exactly ROW_GROUP_ROWS (the last one shorter).
     starts = [*range(0, table.num_rows, ROW_GROUP_ROWS), table.num_rows]
     groups = [
-        _group_digest(table.slice(starts[g], starts[g + 1] - starts[g]), parts, starts[g], starts[g + 1])
+        _group_digest(
+            table.slice(starts[g], starts[g + 1] - starts[g]),
+            keys,
+            offsets,
+            rows,
+            contents,
+            starts[g],
+            starts[g + 1],
+        )
         for g in range(len(starts) - 1)
     ]
     temp = _files.write_temp(
@@ -104,11 +119,11 @@ def write_temp(
         {},
         compression_level=compression_level,
         row_group_size=ROW_GROUP_ROWS,
-        footer_only=_encode_index(parts, created, groups),
+        footer_only=_encode_index(keys, rows, fields, created, groups),
         use_dictionary=_dictionary_columns(table.schema),
         column_encoding=_delta_columns(table.schema),
     )
-    return temp, final, parts
+    return temp, final, offsets
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -137,29 +152,42 @@ def shares(size: int, rows: list[int]) -> list[int]:
     return out
 
 
-def _group_digest(table: pa.Table, parts: Iterable[Part], start: int, end: int) -> str:
+def _group_digest(
+    table: pa.Table,
+    keys: Sequence[str],
+    offsets: Sequence[int],
+    rows: Sequence[int],
+    contents: Sequence[str],
+    start: int,
+    end: int,
+) -> str:
     """The checksum of one row group: its whole content and the index entries of the keys it holds (key, rows,
-    offset, content hash), so that one hash of the group vouches for every slice the index cuts from it."""
+    offset, content hash), so that one hash of the group vouches for every slice the index cuts from it.
+
+    The entries are fed as one string (the same bytes, so the same digest, as an update per entry)."""
     digest = xxhash.xxh3_128(fingerprint_table(table).encode())
-    for part in parts:
-        if part.rows and part.offset < end and part.offset + part.rows > start:
-            digest.update(
-                f"\n{part.key}\t{part.offset}\t{part.rows}\t{part.meta.get('content_hash', '')}".encode()
-            )
+    entries = "".join(
+        f"\n{key}\t{offset}\t{count}\t{content}"
+        for key, offset, count, content in zip(keys, offsets, rows, contents, strict=True)
+        if count and offset < end and offset + count > start
+    )
+    digest.update(entries.encode())
     return "xxh3:" + digest.hexdigest()
 
 
-def _encode_index(parts: list[Part], created: str, groups: list[str]) -> dict[str, str]:
+def _encode_index(
+    keys: list[str], rows: list[int], fields: Mapping[str, list[str]], created: str, groups: list[str]
+) -> dict[str, str]:
     """The footer entries of a pack (``_files.write_temp`` prefixes them with ``featurestore.``)."""
     index: dict[str, Any] = {
         "format": PACK_FORMAT,
         "created_ts": created,
-        "key": [p.key for p in parts],
-        "rows": [p.rows for p in parts],
+        "key": keys,
+        "rows": rows,
         "group_hash": groups,
     }
     for name in _FIELDS:
-        index[name] = [p.meta.get(name, "") for p in parts]
+        index[name] = fields[name]
     raw = json.dumps(index, separators=(",", ":")).encode()
     packed = _INDEX_CODEC.compress(raw, asbytes=True)
     return {
@@ -238,6 +266,13 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
             parts, checksums = _parse_index(reader.metadata.metadata)
         except (pa.ArrowException, OSError, ValueError) as exc:
             return PackRead({}, dict.fromkeys(keys, f"unreadable pack: {exc}"), status.st_ino)
+        indexed = list(parts.values())
+        entries = (
+            [p.key for p in indexed],
+            [p.offset for p in indexed],
+            [p.rows for p in indexed],
+            [p.meta.get("content_hash", "") for p in indexed],
+        )
         starts = [0]
         for i in range(reader.metadata.num_row_groups):
             starts.append(starts[-1] + reader.metadata.row_group(i).num_rows)
@@ -258,7 +293,7 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
                         table is not None
                         and group < len(checksums)
                         and checksums[group]
-                        == _group_digest(table, parts.values(), starts[group], starts[group + 1])
+                        == _group_digest(table, *entries, starts[group], starts[group + 1])
                     )
             tables = [table for g in wanted if (table := groups[g]) is not None]
             if len(tables) < len(wanted):

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurestore.errors import bad_value
-from featurestore.fingerprint import HASH_METHODS, HashMethod, fingerprint_table
+from featurestore.fingerprint import HASH_METHODS, Concatenated, HashMethod, fingerprint_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,11 +92,14 @@ def _nanos_per_value(kind: pa.DataType) -> int:
     return _NANOS_PER_UNIT[str(kind.unit)] if pa.types.is_timestamp(kind) else 0
 
 
-def time_ranges(tables: Sequence[pa.Table]) -> list[tuple[int, int] | None]:
+def time_ranges(
+    tables: Sequence[pa.Table], *, concatenated: Concatenated | None = None
+) -> list[tuple[int, int] | None]:
     """``time_range`` of each of ``tables``, the same values, with the work per batch where it can be.
 
     Consecutive tables of one schema whose time column has no nulls (a batch of daily bars) have that column
-    concatenated once and reduced per table by numpy; anything else is done table by table.
+    concatenated once and reduced per table by numpy (taken from ``concatenated`` when it holds that run made
+    already: a put's content hashes made it); anything else is done table by table.
     """
     out: list[tuple[int, int] | None] = []
     start = 0
@@ -106,21 +109,27 @@ def time_ranges(tables: Sequence[pa.Table]) -> list[tuple[int, int] | None]:
         while end < len(tables) and tables[end].schema.equals(schema):
             end += 1
         run = tables[start:end]
-        out.extend(_run_ranges(run) if len(run) > 1 else [time_range(run[0])])
+        out.extend(_run_ranges(run, concatenated) if len(run) > 1 else [time_range(run[0])])
         start = end
     return out
 
 
-def _run_ranges(tables: Sequence[pa.Table]) -> list[tuple[int, int] | None]:
+def _run_ranges(
+    tables: Sequence[pa.Table], concatenated: Concatenated | None
+) -> list[tuple[int, int] | None]:
     """``time_ranges`` of tables of one schema."""
     name = _time_name(tables[0].schema)
     if name is None:
         return [None] * len(tables)
     kind = tables[0].schema.field(name).type
     scale, raw = _nanos_per_value(kind), pa.int32() if pa.types.is_date32(kind) else pa.int64()
-    whole = pa.chunked_array(
-        [chunk for table in tables for chunk in table[name].chunks], kind
-    ).combine_chunks()
+    made = concatenated.cached(tables) if concatenated is not None else None
+    if made is not None:
+        whole = made.column(name).combine_chunks()  # one chunk already: no copy
+    else:
+        whole = pa.chunked_array(
+            [chunk for table in tables for chunk in table[name].chunks], kind
+        ).combine_chunks()
     if whole.null_count:
         return [time_range(table) for table in tables]
     values = whole.view(raw).to_numpy()

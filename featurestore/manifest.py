@@ -36,7 +36,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -629,13 +629,37 @@ class Manifest:
             "pack_offset": [e.pack_offset for e in entries],
             "pack_bytes": [e.pack_bytes for e in entries],
         }
-        table = pa.table(columns, schema=_ARROW_SCHEMA)
+        self.insert(con, columns)
+
+    def insert(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        columns: Mapping[str, Sequence[Any]],
+        *,
+        present: Collection[str] | None = None,
+    ) -> None:
+        """Record rows given column by column (each of ``_COLUMNS``, one value per row; times as naive UTC
+        datetimes or microseconds since the epoch, paths relative to the root), each replacing its key's row.
+
+        One INSERT of one Arrow table, inside the caller's transaction: a kill anywhere before COMMIT leaves
+        none of them. ``present``: which of these keys the manifest holds (asked in this same exclusive
+        transaction); only their rows are deleted first, and none when it is empty (a cold batch, which no
+        other writer can change meanwhile: a scan of the manifest and a join saved). None: the rows of every
+        key are deleted first."""
+        table = pa.table(dict(columns), schema=_ARROW_SCHEMA)
         con.register("incoming", table)
         try:
-            con.execute("DELETE FROM entries WHERE key IN (SELECT key FROM incoming)")
+            if present is None:
+                con.execute("DELETE FROM entries WHERE key IN (SELECT key FROM incoming)")
+            else:
+                self.delete(con, present)
             con.execute(f"INSERT INTO entries ({', '.join(_COLUMNS)}) SELECT * FROM incoming")
         finally:
             con.unregister("incoming")
+
+    def relative(self, path: Path) -> str:
+        """``path`` as the manifest records it: relative to the root, POSIX separators."""
+        return self._relative(path, len(self._root_prefix))
 
     def _relative(self, path: Path, skip: int) -> str:
         """``path`` relative to the root, as the manifest records it (POSIX separators)."""

@@ -129,8 +129,8 @@ def fetch_tables(
                 (rejects_key(job.key), rejects_table(source.rejects[job.segment]), job.segment.symbol)
             )
     items = [(job.key, t, job.segment.symbol) for job, t in zip(jobs, tables, strict=True)]
-    entries = store.put_many([*items, *notes])[: len(items)]
-    return [(t, e.content_hash) for t, e in zip(tables, entries, strict=True)]
+    hashes = store.put_many_hashes([*items, *notes])[: len(items)]
+    return list(zip(tables, hashes, strict=True))
 
 
 def stored_tables(

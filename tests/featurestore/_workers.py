@@ -142,5 +142,20 @@ def die_before_commit(root: str) -> None:
     def killed(*_args: Any, **_kwargs: Any) -> None:
         os.kill(os.getpid(), 9)
 
-    Manifest.upsert = killed  # type: ignore[method-assign]
+    Manifest.insert = killed  # type: ignore[method-assign]
     FeatureStore(root).put_many([(f"k-{i}", daily(f"k-{i}"), "S") for i in range(10)])
+
+
+def die_inside_the_insert(root: str) -> None:
+    """Put again ``k-0`` .. ``k-9`` (the odd ones with new content) and SIGKILL this process once the batch's
+    one INSERT has run (the rows of the changed keys deleted before it), before the transaction commits."""
+    from featurestore.manifest import Manifest
+
+    insert = Manifest.insert
+
+    def killed(self: Manifest, con: Any, columns: Any, *, present: Any = None) -> None:
+        insert(self, con, columns, present=present)
+        os.kill(os.getpid(), 9)
+
+    Manifest.insert = killed  # type: ignore[method-assign]
+    FeatureStore(root).put_many([(f"k-{i}", daily(f"k-{i}", 21 + i % 2), "S") for i in range(10)])

@@ -312,3 +312,33 @@ def test_large_tables_of_a_batch_are_hashed_one_by_one(monkeypatch: pytest.Monke
     monkeypatch.setattr(fp, "_BATCH_MAX_MEAN_ROWS", 1024)
     assert fp.fingerprint_many(tables) == batched
     assert calls
+
+
+def test_a_batch_concatenation_is_made_once_for_hashes_time_ranges_and_packs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Concatenated`` hands the concatenation the content hashes made to the time ranges (and the pack); the
+    strings and ranges are the same as without it, and another list of tables is concatenated afresh."""
+    from featurestore.keys import time_range, time_ranges
+
+    stamps = pa.array(range(0, 40 * 86_400_000_000, 86_400_000_000), pa.timestamp("us", tz="UTC"))
+    whole = pa.table({"ts": stamps, "p": pa.array(range(40), pa.float64())})
+    tables = [
+        whole.slice(0, 20),
+        pa.concat_tables([whole.slice(20, 5), whole.slice(25, 15)]),
+        whole.slice(3, 9),
+    ]
+    made: list[int] = []
+    concat = pa.concat_tables
+
+    def counted(parts: Any, *args: Any, **kwargs: Any) -> pa.Table:
+        made.append(len(parts))
+        return concat(parts, *args, **kwargs)
+
+    monkeypatch.setattr(pa, "concat_tables", counted)
+    concatenated = fp.Concatenated()
+    assert fp.fingerprint_many(tables, concatenated=concatenated) == [fingerprint_table(t) for t in tables]
+    assert time_ranges(tables, concatenated=concatenated) == [time_range(t) for t in tables]
+    assert concatenated(tables) is concatenated.cached(tables) and made == [3]
+    assert concatenated.cached(tables[:2]) is None and concatenated.cached([*tables[:2], whole]) is None
+    assert concatenated(tables[1:]).equals(concat(tables[1:]).combine_chunks()) and made == [3, 2]

@@ -200,21 +200,22 @@ def test_gc_removes_a_pack_only_when_none_of_its_keys_is_left(store: FeatureStor
     assert report.expired == 2 and not pack.exists() and store.get_cache_stats().entries == 0
 
 
-def test_sigkill_between_the_pack_and_the_commit_leaves_no_key_and_a_rerun_completes(tmp_path: Path) -> None:
-    root = tmp_path / "cache"
-    FeatureStore(root)
+def killed(root: Path, worker: str) -> None:
+    """Run ``_workers.<worker>(root)`` in a child process, which SIGKILLs itself."""
     child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"from tests.featurestore._workers import die_before_commit as d; d({str(root)!r})",
-        ],
+        [sys.executable, "-c", f"from tests.featurestore._workers import {worker} as d; d({str(root)!r})"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert child.returncode == -9, child.stderr
+
+
+def test_sigkill_between_the_pack_and_the_commit_leaves_no_key_and_a_rerun_completes(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    FeatureStore(root)
+    killed(root, "die_before_commit")
     store = FeatureStore(root)
     keys = [f"k-{i}" for i in range(10)]
     [orphan] = packs(store)  # renamed into place, never recorded
@@ -227,6 +228,63 @@ def test_sigkill_between_the_pack_and_the_commit_leaves_no_key_and_a_rerun_compl
     collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
     report = store.validate_cache_integrity()
     assert report.ok and report.orphans == () and not orphan.exists()
+
+
+def test_sigkill_inside_the_batched_insert_leaves_the_rows_before_it(tmp_path: Path) -> None:
+    """The batch's rows are one INSERT after deleting the rows of the keys it changes, in one transaction: a kill
+    after both ran, before COMMIT, leaves every key as it was (none deleted, none doubled) and only an orphan."""
+    root = tmp_path / "cache"
+    keys = [f"k-{i}" for i in range(10)]
+    FeatureStore(root).put_many([(k, daily(k), "S") for k in keys])
+    [first] = packs(FeatureStore(root))
+    killed(root, "die_inside_the_insert")
+    store = FeatureStore(root)
+    [orphan] = [p for p in packs(store) if p != first]  # renamed into place, never recorded
+    entries = store.lookup(keys)
+    assert {k: e.path for k, e in entries.items()} == dict.fromkeys(keys, first)
+    assert store.get_many(keys) == {k: daily(k) for k in keys}
+    with store.manifest.read() as con:
+        assert con.execute("SELECT count(*), count(DISTINCT key) FROM entries").fetchall() == [(10, 10)]
+    assert store.validate_cache_integrity().orphans == (orphan,)
+    store.put_many([(k, daily(k, 21 + i % 2), "S") for i, k in enumerate(keys)])  # the re-run
+    assert store.get_many(keys) == {k: daily(k, 21 + i % 2) for i, k in enumerate(keys)}
+    collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
+    report = store.validate_cache_integrity()
+    assert report.ok and report.orphans == () and not orphan.exists() and first.exists()
+
+
+def test_a_put_of_held_changed_and_new_keys_replaces_exactly_the_changed_rows(store: FeatureStore) -> None:
+    """Only the rows of keys the manifest holds with other content are deleted before the batch's INSERT (none
+    for a batch of new keys): unchanged keys keep their rows and files, none is recorded twice."""
+    old = batch("m", 6)
+    first = store.put_many(old)
+    again = [(k, daily(k, 22) if i % 2 else t, s) for i, (k, t, s) in enumerate(old)] + batch("n", 3)
+    entries = store.put_many(again)
+    assert [e.content_hash for e in entries] == [fingerprint_table(t) for _k, t, _s in again]
+    assert [e.path for e in entries[:6:2]] == [e.path for e in first[::2]]  # unchanged: left where they were
+    assert {e.path for e in entries[1:6:2]} == {e.path for e in entries[6:]} != {first[0].path}
+    with store.manifest.read() as con:
+        rows = con.execute("SELECT key, content_hash FROM entries ORDER BY key").fetchall()
+    assert rows == sorted((e.key, e.content_hash) for e in entries)
+    assert store.get_many([k for k, _t, _s in again]) == {k: t for k, t, _s in again}
+
+
+def test_put_many_hashes_stores_as_put_many_does(tmp_path: Path) -> None:
+    """The refresh's put answers content hashes, not entries; the store it leaves is the same, row for row."""
+    items = [*batch("h", 8), ("big", daily("big", PACK_MAX_ROWS), "S9"), ("h-03", daily("h-03", 30), "S0")]
+    stores = FeatureStore(tmp_path / "entries"), FeatureStore(tmp_path / "hashes")
+    entries = stores[0].put_many(items)
+    hashes = stores[1].put_many_hashes(items)
+    assert (
+        hashes == [e.content_hash for e in entries] and hashes[3] == hashes[-1]
+    )  # a key given twice: the last
+    columns = "key, symbol, start_ts, end_ts, rows, file_size_bytes, content_hash, hash_method, kind, meta"
+    found = []
+    for each in stores:
+        with each.manifest.read() as con:
+            found.append(con.execute(f"SELECT {columns}, pack_offset FROM entries ORDER BY key").fetchall())
+    assert found[0] == found[1] and len(found[0]) == 9
+    assert stores[1].get_many([k for k, _t, _s in items]) == {k: t for k, t, _s in items}
 
 
 def test_two_processes_putting_overlapping_batches(tmp_path: Path) -> None:
@@ -379,10 +437,10 @@ def write_pack_1(root: Path, items: list[tuple[str, pa.Table, str]]) -> Path:
     columns: dict[str, list[object]] = {name: [] for name in ("key", "offset", "rows", *fields)}
     offset = 0
     for key, table, symbol in items:
-        meta = _writes.describe(
-            key, table, symbol, {}, fingerprint_table(table, "xxh3"), time_range(table),
-            hash_method="xxh3", kind="arrow", entry_kind="segment", now=created,
-        ).meta  # fmt: skip
+        meta = _writes.Batch(
+            [key], [table], [symbol], ["{}"], [fingerprint_table(table, "xxh3")], [time_range(table)],
+            "xxh3", "arrow", "segment", created,
+        ).footer(0)  # fmt: skip
         for name, value in (("key", key), ("offset", offset), ("rows", table.num_rows)):
             columns[name].append(value)
         for name in fields:
