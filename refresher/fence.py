@@ -15,6 +15,8 @@ server ends no such session by itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,7 @@ CREATE TABLE IF NOT EXISTS refresher_fences (
 """
 
 
-# Where ``Fence._waiting`` keeps the caller's lock_timeout for the length of its query (a placeholder setting, local
+# Where ``lock_waited`` keeps the caller's lock_timeout for the length of its query (a placeholder setting, local
 # to the transaction).
 _CALLERS = "refresher.fence_callers_lock_timeout"
 
@@ -123,34 +125,45 @@ class Fence:
             raise FenceLost(f"{self.name}: claimed by a later holder")
 
     def _waiting(self, conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> Any:
-        """``query``'s row, its lock waited for at most ``wait`` seconds (inside the caller's transaction), and
-        the caller's ``lock_timeout`` back for the rest of it: its own statements wait as long as it chose.
+        """``query``'s row, its lock waited for at most ``wait`` seconds (inside the caller's transaction): a
+        LoadError (``_Held``; the caller's transaction rolls back) past it."""
+        try:
+            with lock_waited(conn, self.wait, query, params) as cursor:
+                return cursor.fetchone()
+        except psycopg.errors.LockNotAvailable as exc:
+            raise _Held(
+                f"{self.name}: another holder's transaction kept the fence for over {self.wait:g} s "
+                "(a worker held up inside it?); tried again later"
+            ) from exc
 
-        One round trip: the four statements go as one query string (bound on the client), the caller's value
-        kept by the server in a setting of ours rather than read back and sent again. Four round trips were a
-        check's cost (read it, set it, the query, put it back), paid at the start of each write transaction of a
-        features step. A query that fails ends the string there, in the caller's transaction, which rolls back
-        as before. psycopg's pipeline mode sends them in one round trip too, but took longer over loopback (104
-        against 69 us a check, the old four 101 us: its entering and leaving the mode)."""
-        statements = ";".join(
-            [
-                f"SELECT set_config('{_CALLERS}', current_setting('lock_timeout'), true)",
-                "SELECT set_config('lock_timeout', %s, true)",
-                query,
-                f"SELECT set_config('lock_timeout', current_setting('{_CALLERS}'), true)",
-            ]
-        )
-        with psycopg.ClientCursor(conn) as cursor:
-            try:
-                cursor.execute(statements, (f"{max(self.wait, 0.001) * 1000:.0f}ms", *params))
-            except psycopg.errors.LockNotAvailable as exc:
-                raise _Held(
-                    f"{self.name}: another holder's transaction kept the fence for over {self.wait:g} s "
-                    "(a worker held up inside it?); tried again later"
-                ) from exc
-            cursor.nextset()
-            cursor.nextset()  # the query's
-            return cursor.fetchone()
+
+@contextmanager
+def lock_waited(
+    conn: psycopg.Connection[Any], wait: float, query: str, params: tuple[Any, ...]
+) -> Iterator[psycopg.Cursor[Any]]:
+    """A cursor on ``query``'s result, its locks waited for at most ``wait`` seconds (LockNotAvailable past it,
+    inside the caller's transaction, or the one the statements make on an autocommit connection), and the
+    caller's ``lock_timeout`` back for the rest of it: its own statements wait as long as it chose.
+
+    One round trip: the four statements go as one query string (bound on the client), the caller's value kept
+    by the server in a setting of ours rather than read back and sent again. Four round trips were a check's cost
+    (read it, set it, the query, put it back), paid at the start of each write transaction of a features step. A
+    query that fails ends the string there, in the caller's transaction, which rolls back as before. psycopg's
+    pipeline mode sends them in one round trip too, but took longer over loopback (104 against 69 us a check, the
+    old four 101 us: its entering and leaving the mode)."""
+    statements = ";".join(
+        [
+            f"SELECT set_config('{_CALLERS}', current_setting('lock_timeout'), true)",
+            "SELECT set_config('lock_timeout', %s, true)",
+            query,
+            f"SELECT set_config('lock_timeout', current_setting('{_CALLERS}'), true)",
+        ]
+    )
+    with psycopg.ClientCursor(conn) as cursor:
+        cursor.execute(statements, (f"{max(wait, 0.001) * 1000:.0f}ms", *params))
+        cursor.nextset()
+        cursor.nextset()  # the query's
+        yield cursor
 
 
 def _has_fences(conn: psycopg.Connection[Any]) -> bool:
@@ -158,12 +171,18 @@ def _has_fences(conn: psycopg.Connection[Any]) -> bool:
     return conn.execute("SELECT to_regclass('refresher_fences')").fetchone() != (None,)
 
 
-def drop_fences(conn: psycopg.Connection[Any], names: list[str]) -> int:
+def drop_fences(conn: psycopg.Connection[Any], names: list[str], wait: float) -> int:
     """Remove the fences ``names`` (their lock's keys removed for good: ``jobs prune``/``delete`` of their runs);
-    how many rows went. A holder held up until then finds no row at its next check and writes nothing more."""
+    how many rows went. A holder held up until then finds no row at its next check and writes nothing more.
+
+    A row's lock is waited for at most ``wait`` seconds (LockNotAvailable past it, none removed): a worker stopped
+    inside a features write transaction holds its row FOR SHARE (``Fence.check``) until the server ends its
+    session (idle_in_transaction_session_timeout), or for ever when stopped mid-statement, and the prune waited
+    as long."""
     if not _has_fences(conn):
         return 0
-    return conn.execute("DELETE FROM refresher_fences WHERE fence = ANY(%s)", (names,)).rowcount
+    with lock_waited(conn, wait, "DELETE FROM refresher_fences WHERE fence = ANY(%s)", (names,)) as cursor:
+        return cursor.rowcount
 
 
-__all__ = ["FENCES_DDL", "Fence", "FenceLost", "drop_fences"]
+__all__ = ["FENCES_DDL", "Fence", "FenceLost", "drop_fences", "lock_waited"]

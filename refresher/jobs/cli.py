@@ -140,7 +140,7 @@ def _print_deleted(gone: Deleted) -> None:
         print(f"removed {gone.fences} fence row(s) of theirs from their targets (refresher_fences)")
     for target, why in gone.fences_left.items():
         # Redis is pruned all the same: a target down or refusing us keeps nothing there.
-        print(f"fence rows left in {target} (refresher_fences), target not reached: {why}", file=sys.stderr)
+        print(f"fence rows left in {target} (refresher_fences), {why}", file=sys.stderr)
     if gone.running:
         left = ", ".join(f"{run} ({state})" for run, state in gone.running.items())
         print(f"left {len(gone.running)} running run(s): {left}; --force removes them too")

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import psycopg
 import redis
 
 from refresher.errors import JobError, one_line
@@ -555,13 +556,16 @@ def _fenced_targets(client: redis.Redis, run_ids: Sequence[str]) -> dict[str, tu
     return fenced
 
 
-# Seconds ``jobs prune``/``delete`` wait for a run's target to answer before they leave its fence rows.
+# Seconds ``jobs prune``/``delete`` wait for a run's target to answer, and then for another transaction's lock on
+# its fence rows (a worker stopped inside a features write transaction), before they leave those rows.
 FENCE_CONNECT_TIMEOUT = 10
+FENCE_LOCK_WAIT = 10.0
 
 
 def _drop_fences(settings: Settings, fenced: dict[str, tuple[str, str]]) -> tuple[int, dict[str, str]]:
     """Remove the deleted runs' rows of ``refresher_fences`` (one each, made by their features step) from their
-    targets: how many went, and each target not reached with why (its rows stay; a small row each, harmless).
+    targets: how many went, and each target not reached or whose rows another transaction kept locked past
+    ``FENCE_LOCK_WAIT``, with why (its rows stay; a small row each, harmless): a prune never hangs there.
     After the runs' keys went from Redis: a target down or refusing us never keeps a run in Redis. Each target
     is reached as a worker reaches it (the profile's own server served here, else libpq's credentials; another
     machine's database door shut fails at once)."""
@@ -579,9 +583,14 @@ def _drop_fences(settings: Settings, fenced: dict[str, tuple[str, str]]) -> tupl
             with connect_target(
                 server, target, foreign_wait=False, autocommit=True, connect_timeout=FENCE_CONNECT_TIMEOUT
             ) as conn:
-                removed += drop_fences(conn, [features_fence_name(run) for run in runs])
+                removed += drop_fences(conn, [features_fence_name(run) for run in runs], FENCE_LOCK_WAIT)
+        except psycopg.errors.LockNotAvailable:
+            left[target] = (
+                f"rows locked by another transaction for over {FENCE_LOCK_WAIT:g} s (a worker stopped inside a "
+                f"features write?): {len(runs)} run(s) ({' '.join(runs)})"
+            )
         except Exception as exc:  # whatever kept us out of that target: named, and the other targets go on
-            left[target] = f"{len(runs)} run(s) ({' '.join(runs)}): {one_line(exc)}"
+            left[target] = f"target not reached: {len(runs)} run(s) ({' '.join(runs)}): {one_line(exc)}"
     return removed, left
 
 

@@ -8,6 +8,8 @@ import datetime as dt
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -296,6 +298,37 @@ def _fence_rows(target: str) -> set[str]:
         return {fence for (fence,) in conn.execute("SELECT fence FROM refresher_fences")}
 
 
+def _fenced_run(
+    client: redis.Redis,
+    where: str,
+    when: dt.datetime,
+    *,
+    target: str,
+    fenced: bool = True,
+    finished: bool = True,
+) -> str:
+    """A run of one job into ``where``, its features step claiming the run's fence there (``fenced``; a row only
+    when ``where`` is ``target``, the test's database), then complete (``finished``) or still queued (its job
+    delivered, pending)."""
+    queue = JobQueue(client)
+    run_spec_ = RunSpec("p", "/nowhere/p.yaml", "2025-03-31", where, False, "normal")
+    run = submit_jobs(client, run_spec_, jobs(f"F{when:%d}", 1), now=when).run_id
+    [delivery] = queue.read("w", block_ms=0)
+    assert delivery.job["run"] == run
+    if finished:
+        queue.finish(delivery, rows=1, loaded=True, now=when.timestamp())
+    lock = client.lock(run_key(run, "features-lock"), timeout=60, thread_local=False)
+    assert lock.acquire(blocking=False)
+    if fenced:
+        token = queue.features_fence(run, lock.local.token)
+        if where == target:
+            with psycopg.connect(target, autocommit=True) as conn:
+                Fence(features_fence_name(run), token).claim(conn)
+    if finished:
+        assert queue.complete(run, "{}", "not this machine's server", lock.local.token)
+    return run
+
+
 @pytest.mark.postgres
 def test_prune_and_delete_remove_the_fence_rows_of_the_runs_they_remove_and_only_those(
     redis_server: RedisServer, pg_database: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -306,29 +339,11 @@ def test_prune_and_delete_remove_the_fence_rows_of_the_runs_they_remove_and_only
     target = pg_database.dsn(with_password=False)
     closed = f"host=127.0.0.1 port={free_port()} user=u dbname=d"  # nothing listens there
     client = connect(redis_server.url)
-    queue = JobQueue(client)
     now = redis_now(client)
     then = dt.datetime.fromtimestamp(now - 10 * DAY, dt.UTC)
 
     def run_to(where: str, when: dt.datetime, *, fenced: bool = True, finished: bool = True) -> str:
-        """A run of one job into ``where``, its features step claiming the run's fence there (``fenced``), then
-        complete (``finished``) or still queued (its job delivered, pending)."""
-        run_spec_ = RunSpec("p", "/nowhere/p.yaml", "2025-03-31", where, False, "normal")
-        run = submit_jobs(client, run_spec_, jobs(f"F{when:%d}", 1), now=when).run_id
-        [delivery] = queue.read("w", block_ms=0)
-        assert delivery.job["run"] == run
-        if finished:
-            queue.finish(delivery, rows=1, loaded=True, now=when.timestamp())
-        lock = client.lock(run_key(run, "features-lock"), timeout=60, thread_local=False)
-        assert lock.acquire(blocking=False)
-        if fenced:
-            token = queue.features_fence(run, lock.local.token)
-            if where == target:
-                with psycopg.connect(target, autocommit=True) as conn:
-                    Fence(features_fence_name(run), token).claim(conn)
-        if finished:
-            assert queue.complete(run, "{}", "not this machine's server", lock.local.token)
-        return run
+        return _fenced_run(client, where, when, target=target, fenced=fenced, finished=finished)
 
     complete, complete_too = run_to(target, then), run_to(target, then)
     unfenced = run_to(target, then, fenced=False)
@@ -362,3 +377,44 @@ def test_prune_and_delete_remove_the_fence_rows_of_the_runs_they_remove_and_only
     assert done.returncode == 0, done.stderr
     assert "removed 1 fence row(s) of theirs from their targets" in done.stdout, done.stdout
     assert _fence_rows(target) == set()
+
+
+@pytest.mark.postgres
+def test_a_prune_behind_a_fence_row_locked_by_a_stopped_worker_leaves_it_within_the_bound(
+    redis_server: RedisServer, pg_database: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # drop_fences' DELETE waited without bound for a row another transaction held: a worker stopped inside a
+    # features write transaction holds its fence row FOR SHARE (Fence.check) until the server ends its session
+    # (idle_in_transaction_session_timeout, 120 s), or for ever when stopped mid-statement; the prune hung as long.
+    monkeypatch.setenv("PGPASSWORD", pg_database.password)
+    monkeypatch.setattr(runs_module, "FENCE_LOCK_WAIT", 0.5, raising=False)  # none before
+    target = pg_database.dsn(with_password=False)
+    client = connect(redis_server.url)
+    then = dt.datetime.fromtimestamp(redis_now(client) - 10 * DAY, dt.UTC)
+    held, free = (_fenced_run(client, target, then, target=target) for _ in range(2))
+    settings = Settings.from_env(
+        {**os.environ, "REFRESHER_STATE_DIR": str(tmp_path / "state")}, engine="local"
+    )
+    answer: list[object] = []
+    with psycopg.connect(target) as worker:  # the stopped worker's open transaction, past its check
+        worker.execute(
+            "SELECT token FROM refresher_fences WHERE fence = %s FOR SHARE", (features_fence_name(held),)
+        )
+        started = time.monotonic()
+        prune = threading.Thread(target=lambda: answer.append(prune_runs(client, 7 * DAY, settings=settings)))
+        prune.start()
+        prune.join(timeout=15)
+        took = time.monotonic() - started
+        worker.rollback()  # lets a prune that hung end
+    prune.join()
+    assert took < 5, f"the prune waited {took:.1f} s for the locked row"
+    [gone] = answer
+    assert isinstance(gone, runs_module.Deleted)
+    assert sorted(gone.deleted) == sorted([held, free]) and keys_of(client, held) == []
+    assert gone.fences == 0  # one DELETE a target: the unlocked row stays with the locked one
+    assert list(gone.fences_left) == [target]
+    assert "locked by another transaction for over 0.5 s" in gone.fences_left[target]
+    assert "2 run(s) (" in gone.fences_left[target] and all(
+        r in gone.fences_left[target] for r in (held, free)
+    )
+    assert _fence_rows(target) == {features_fence_name(held), features_fence_name(free)}
