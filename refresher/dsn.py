@@ -8,7 +8,12 @@ port holds an ``@``, so one is refused here, before anything connects or prints.
 
 from __future__ import annotations
 
+import os
+import pwd
+from collections.abc import Mapping
+
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from refresher.errors import RefresherError
@@ -47,4 +52,33 @@ def without_password(dsn: str, field: str, error: type[RefresherError]) -> str:
     return make_conninfo("", **params)
 
 
-__all__ = ["parse_dsn", "without_password"]
+# The parameters that say which server and database a DSN reaches, and as whom (the user names an empty dbname).
+_WHERE = ("host", "hostaddr", "port", "dbname", "user")
+
+
+def _login_name() -> str | None:
+    """libpq's last resort for the user (``pg_fe_getauthname``: this process's effective user's name), None when
+    the system has no name for it (libpq has no user then either)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
+
+
+def libpq_params(named: Mapping[str, object], *, login_name: bool = True) -> dict[str, str]:
+    """``_WHERE`` of a DSN (``named``: its ``conninfo_to_dict``) as libpq connects it: its own, else libpq's defaults
+    (``PQconndefaults``: a PGSERVICE file's, then PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, then built in:
+    port 5432, the login name as user), read now from this process's environment. ``login_name=False``: no user
+    when libpq's would be its fall-back, the login name, so the user left is one somebody named (the DSN, PGUSER,
+    a PGSERVICE file's user other than the login name: libpq says no source, so one naming it counts as none)."""
+    defaults = {
+        option.keyword.decode(): option.val.decode()
+        for option in pq.Conninfo.get_defaults()
+        if option.val is not None and option.keyword.decode() in _WHERE
+    }
+    if not login_name and not os.environ.get("PGUSER") and defaults.get("user") in ("", _login_name()):
+        defaults.pop("user", None)
+    return {**defaults, **{key: str(named[key]) for key in _WHERE if named.get(key) is not None}}
+
+
+__all__ = ["libpq_params", "parse_dsn", "without_password"]

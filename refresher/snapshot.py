@@ -68,6 +68,7 @@ from refresher._snapshot_sql import (
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, has_room, require_room
+from refresher.dsn import libpq_params
 from refresher.engines.base import ServerInfo
 from refresher.errors import DiskFull, RefresherError, SnapshotError
 from refresher.ledger_counter import LEDGER_TRIGGER, LEDGER_WRITES
@@ -934,20 +935,25 @@ def connect_target(
     **kwargs: Any,
 ) -> psycopg.Connection[Any]:
     """``connect_working`` to ``server``, the profile's own that ``target`` names (a reset killed with its door
-    shut is opened; the session as ``target``'s role when it names another than the server's, its password then
-    libpq's; else as the server's role, ``target``'s other options kept), else ``psycopg.connect`` to ``target``
-    as given (a server this machine does not serve: its door is not ours to open, ``_wait_foreign_door``).
+    shut is opened; the session as ``target``'s role, else the environment's (PGUSER, a service's), when that is
+    another than the server's, its password then libpq's; else as the server's role, ``target``'s other options
+    kept), else ``psycopg.connect`` to ``target`` as given (a server this machine does not serve: its door is not
+    ours to open, ``_wait_foreign_door``).
     ``foreign_wait=False``: such a door shut fails at once (a jobs worker: its queue tries again after a backoff,
     where a wait held the worker ``DOOR_WAIT_SECONDS`` an attempt)."""
     if server is not None:
-        named: dict[str, Any] = {}
+        named: dict[str, Any] | None = None
         with contextlib.suppress(psycopg.ProgrammingError):  # no DSN: the server's own role
             named = conninfo.conninfo_to_dict(target)
-        if named.get("user") not in (None, server.user):
+        # The role somebody named, the target's else the environment's (PGUSER, a PGSERVICE file's): another than
+        # the server's was left out when the target named none (the session the owner's, not the role asked for).
+        # libpq's fall-back, the login name, names nobody: the server's own role and credentials then.
+        role = libpq_params(named, login_name=False).get("user") if named is not None else None
+        if role not in (None, server.user):
             return connect_working(server, target, stop=stop, **kwargs)
         # The target's other options (sslmode, options=-c ..., application_name, connect_timeout...) on the
         # server's own DSN: they were dropped, the session had none of them.
-        options = {key: value for key, value in named.items() if key not in _SERVERS_OWN}
+        options = {key: value for key, value in (named or {}).items() if key not in _SERVERS_OWN}
         dsn = conninfo.make_conninfo(server.dsn(), **options) if options else None
         return connect_working(server, dsn, stop=stop, **kwargs)
     try:

@@ -48,20 +48,6 @@ def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:
 # The loopback addresses our engines' servers listen on (127.0.0.1) or that reach them: ``localhost`` resolves to
 # one or both, and psycopg tries each.
 _LOOPBACK = frozenset({"127.0.0.1", "::1"})
-# The parameters that say which server and database a DSN reaches, and as whom (the user names an empty dbname).
-_WHERE = ("host", "hostaddr", "port", "dbname", "user")
-
-
-def _libpq_params(named: Mapping[str, object]) -> dict[str, str]:
-    """``_WHERE`` of a DSN (``named``: its ``conninfo_to_dict``) as libpq connects it: its own, else libpq's defaults
-    (``PQconndefaults``: a PGSERVICE file's, then PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, then built in:
-    port 5432, the login name as user), read now from this process's environment."""
-    defaults = {
-        option.keyword.decode(): option.val.decode()
-        for option in pq.Conninfo.get_defaults()
-        if option.val is not None and option.keyword.decode() in _WHERE
-    }
-    return {**defaults, **{key: str(named[key]) for key in _WHERE if named.get(key) is not None}}
 
 
 def _endpoints(params: Mapping[str, str]) -> set[tuple[str, str]]:
@@ -85,7 +71,7 @@ def _endpoints(params: Mapping[str, str]) -> set[tuple[str, str]]:
 def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | None:
     """The profile's own server when this machine serves it and ``target`` (a DSN, its password or not) names its
     database: the same host (either loopback address for the other), port and database, whatever the role, as
-    libpq resolves them (``_libpq_params``: PGPORT for a DSN without a port...), every host of a host list. A run
+    libpq resolves them (``dsn.libpq_params``: PGPORT for a DSN without a port...), every host of a host list. A run
     submitted with ``--target "$(refresher url ...)"`` is that server as much as one without: a door a reset
     killed there left shut is opened, the pristine snapshot saved after it. Else None: a DSN naming a service
     (its file's values, which come before the environment's, are not read here), or a socket directory, where
@@ -97,7 +83,7 @@ def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | N
         server = select_engine(settings.engine, settings, profile).info(profile)
         if server is None:
             return None
-        params = _libpq_params(named)
+        params = dsn_check.libpq_params(named)
         if (params.get("dbname") or params.get("user")) != server.dbname:
             return None
         theirs = _endpoints(params)

@@ -4,6 +4,8 @@ local server, its database the profile's); only libpq's environment variables ar
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,56 @@ def test_a_door_a_killed_reset_left_shut_opens_for_a_target_on_pgports_port(
                 assert _session(conn)[1:] == ("door", "door")
         finally:
             admin.execute(door.format(sql.Identifier(pg_server.dbname), sql.SQL("true")))
+
+
+@pytest.fixture
+def alice(pg_server: ServerInfo) -> Iterator[tuple[str, str]]:
+    """A login role other than the server's, allowed into the profile's database: (its name, its password)."""
+    role, password = f"alice_{secrets.token_hex(4)}", secrets.token_hex(8)
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
+        )
+        admin.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(pg_server.dbname), sql.Identifier(role)
+            )
+        )
+    try:
+        yield role, password
+    finally:
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(
+                    sql.Identifier(pg_server.dbname), sql.Identifier(role)
+                )
+            )
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_target_naming_no_role_connects_as_pgusers(
+    settings: Settings, pg_server: ServerInfo, alice: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target naming no user, PGUSER another role than the server's: the session was the server's owner role
+    (its rights, not the restricted role's libpq connects as); it is PGUSER's, its password libpq's (PGPASSWORD).
+    libpq's own fall-back, the login name, names nobody: without PGUSER, or with the server's, the server's role."""
+    role, password = alice
+    target = f"host=127.0.0.1 port={pg_server.port} dbname={pg_server.dbname} application_name=mine"
+    server = served_here(settings, PYTEST_PROFILE, target)
+    assert server is not None
+
+    def whom() -> tuple[str, str]:
+        with connect_target(server, target, autocommit=True) as conn:
+            row = conn.execute("SELECT current_user, current_setting('application_name')").fetchone()
+            assert row is not None
+            return str(row[0]), str(row[1])
+
+    assert whom() == (pg_server.user, "mine")  # no PGUSER: the server's role, its credentials
+    monkeypatch.setenv("PGUSER", pg_server.user)
+    assert whom() == (pg_server.user, "mine")
+    monkeypatch.setenv("PGUSER", role)
+    monkeypatch.setenv("PGPASSWORD", password)
+    assert whom() == (role, "mine")  # before: the server's role
+    monkeypatch.setenv("PGPASSWORD", "not-" + password)  # its password is libpq's, never the server's
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        whom()
