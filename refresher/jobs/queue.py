@@ -45,6 +45,10 @@ HELD = PREFIX + "held"
 # Runs whose keys are removed but whose stream entries, dead letters and retries may not be yet: a prune or delete
 # killed between its two steps leaves them here, and the next one removes what is left.
 DELETING = PREFIX + "deleting"
+# Runs removed whose fence row (``refresher.fence``) their target may still hold, each with its spec (the target):
+# written in the step that removes the runs' keys, read and cleared once the prune tried their targets; a prune
+# killed before that leaves them here, and the next one tries them.
+FENCES_DUE = PREFIX + "fences-due"
 
 
 def text(value: Any) -> str:
@@ -514,6 +518,10 @@ for i = 4, #ARGV do
     table.insert(states, state)
   else
     table.insert(deleted, run)
+    local spec = redis.call('HGET', key, 'spec')
+    if spec and redis.call('EXISTS', key .. ':features-fence') == 1 then
+      redis.call('HSET', prefix .. 'fences-due', run, spec)
+    end
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
       key .. ':submitting', key .. ':jobs', key .. ':requeue-lock',
       key .. ':dead-segs', key .. ':features-fence')
@@ -775,6 +783,7 @@ __all__ = [
     "DELETE_RUNS",
     "DELETING",
     "FEATURES_DUE",
+    "FENCES_DUE",
     "GROUP",
     "HELD",
     "PREFIX",

@@ -27,6 +27,7 @@ from refresher.jobs.queue import (
     DELETE_RUNS,
     DELETING,
     FEATURES_DUE,
+    FENCES_DUE,
     GROUP,
     HELD,
     PREFIX,
@@ -527,7 +528,6 @@ def delete_runs(
     CLI's), the deleted runs' fences go from their targets too (``_drop_fences``)."""
     deleted: list[str] = []
     running: dict[str, str] = {}
-    fenced = _fenced_targets(client, run_ids) if settings is not None else {}
     if run_ids:
         deleted, refused, states = _delete_keys(client, run_ids, force)
         running = dict(zip(refused, states, strict=True))
@@ -535,25 +535,29 @@ def delete_runs(
     entries = _remove_entries(client, unfinished, chunk) if unfinished else 0
     if unfinished:
         client.srem(DELETING, *unfinished)
-    mine = {run: fenced[run] for run in deleted if run in fenced}
-    fences, left = _drop_fences(settings, mine) if settings is not None else (0, {})
+    fences, left = _drop_due_fences(client, settings) if settings is not None else (0, {})
     return Deleted(deleted, running, entries, fences=fences, fences_left=left)
 
 
-def _fenced_targets(client: redis.Redis, run_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """The (profile, target) of each of ``run_ids`` whose features step claimed its fence in its target (a token
-    was handed out: ``run:{id}:features-fence``), read before the run's keys go; the others have no row there."""
-    pipe = client.pipeline(transaction=False)
-    for run in run_ids:
-        pipe.hget(run_key(run), "spec")
-        pipe.exists(run_key(run, "features-fence"))
-    replies = pipe.execute()
-    fenced: dict[str, tuple[str, str]] = {}
-    for run, raw, claimed in zip(run_ids, replies[::2], replies[1::2], strict=True):
-        if raw is not None and claimed:
+def _drop_due_fences(client: redis.Redis, settings: Settings) -> tuple[int, dict[str, str]]:
+    """``_drop_fences`` of the runs in ``FENCES_DUE``: those ``DELETE_RUNS`` just removed whose features step
+    claimed its fence in its target (a token was handed out: ``run:{id}:features-fence``; the others have no row
+    there), and any a prune killed before their targets were tried left. Recorded in the step that removes the
+    runs' keys: read from the specs before it, and dropped after it, a prune killed in between left the rows for
+    good (the specs gone). Cleared once tried, reached or not: a target down for good is not tried again."""
+    due = {text(run): raw for run, raw in client.hgetall(FENCES_DUE).items()}
+    if not due:
+        return 0, {}
+    fenced = {}
+    for run, raw in due.items():
+        try:
             spec = json.loads(raw)
             fenced[run] = (str(spec["profile"]), str(spec["target"]))
-    return fenced
+        except (ValueError, TypeError, KeyError):  # a spec written by hand: no target to try, and not kept
+            continue
+    done = _drop_fences(settings, fenced)
+    client.hdel(FENCES_DUE, *due)
+    return done
 
 
 # Seconds ``jobs prune``/``delete`` wait for a run's target to answer, and then for another transaction's lock on

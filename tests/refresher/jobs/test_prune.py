@@ -25,6 +25,7 @@ from refresher.jobs.queue import (
     DEAD,
     DELETING,
     FEATURES_DUE,
+    FENCES_DUE,
     GROUP,
     RETRY,
     RUNS,
@@ -298,6 +299,15 @@ def _fence_rows(target: str) -> set[str]:
         return {fence for (fence,) in conn.execute("SELECT fence FROM refresher_fences")}
 
 
+def _target_and_queue(
+    pg_database: ServerInfo, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, redis.Redis]:
+    """The test database's DSN as a run's target (its password from libpq's environment, as a worker's), and a
+    client of the queue."""
+    monkeypatch.setenv("PGPASSWORD", pg_database.password)
+    return pg_database.dsn(with_password=False), connect(redis_server.url)
+
+
 def _fenced_run(
     client: redis.Redis,
     where: str,
@@ -335,10 +345,8 @@ def test_prune_and_delete_remove_the_fence_rows_of_the_runs_they_remove_and_only
 ) -> None:
     # Each run whose features step ran left a row of refresher_fences in its target, kept for good: a target
     # loaded by a run every few minutes for a year held a row for each.
-    monkeypatch.setenv("PGPASSWORD", pg_database.password)
-    target = pg_database.dsn(with_password=False)
+    target, client = _target_and_queue(pg_database, redis_server, monkeypatch)
     closed = f"host=127.0.0.1 port={free_port()} user=u dbname=d"  # nothing listens there
-    client = connect(redis_server.url)
     now = redis_now(client)
     then = dt.datetime.fromtimestamp(now - 10 * DAY, dt.UTC)
 
@@ -386,10 +394,8 @@ def test_a_prune_behind_a_fence_row_locked_by_a_stopped_worker_leaves_it_within_
     # drop_fences' DELETE waited without bound for a row another transaction held: a worker stopped inside a
     # features write transaction holds its fence row FOR SHARE (Fence.check) until the server ends its session
     # (idle_in_transaction_session_timeout, 120 s), or for ever when stopped mid-statement; the prune hung as long.
-    monkeypatch.setenv("PGPASSWORD", pg_database.password)
-    monkeypatch.setattr(runs_module, "FENCE_LOCK_WAIT", 0.5, raising=False)  # none before
-    target = pg_database.dsn(with_password=False)
-    client = connect(redis_server.url)
+    monkeypatch.setattr(runs_module, "FENCE_LOCK_WAIT", 0.5)
+    target, client = _target_and_queue(pg_database, redis_server, monkeypatch)
     then = dt.datetime.fromtimestamp(redis_now(client) - 10 * DAY, dt.UTC)
     held, free = (_fenced_run(client, target, then, target=target) for _ in range(2))
     settings = Settings.from_env(
@@ -418,3 +424,30 @@ def test_a_prune_behind_a_fence_row_locked_by_a_stopped_worker_leaves_it_within_
         r in gone.fences_left[target] for r in (held, free)
     )
     assert _fence_rows(target) == {features_fence_name(held), features_fence_name(free)}
+
+
+@pytest.mark.postgres
+def test_a_prune_killed_before_it_reached_the_targets_leaves_their_fence_rows_to_the_next(
+    redis_server: RedisServer, pg_database: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runs' targets were read from their specs before the runs' keys went, and their fence rows dropped after:
+    # a prune killed in between (Ctrl-C, kill -9) left the rows for good, the specs gone with the keys.
+    target, client = _target_and_queue(pg_database, redis_server, monkeypatch)
+    then = dt.datetime.fromtimestamp(redis_now(client) - 10 * DAY, dt.UTC)
+    fenced = [_fenced_run(client, target, then, target=target) for _ in range(2)]
+    unfenced = _fenced_run(client, target, then, target=target, fenced=False)
+    rows = {features_fence_name(r) for r in fenced}
+    assert _fence_rows(target) == rows
+    args = ("jobs", "prune", "--older-than", "7d", "--queue", redis_server.url)
+    killed = refresher(tmp_path, *args, module=("tests.refresher.jobs.killed_worker", "delete-keys"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert all(keys_of(client, r) == [] for r in (*fenced, unfenced))
+    assert _fence_rows(target) == rows  # killed before the target
+    due = sorted(text(r) for r in client.hkeys(FENCES_DUE))
+    assert due == sorted(fenced)  # the record the next prune reads
+
+    done = refresher(tmp_path, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["deleted"], answer["fences"], answer["fences_left"]) == ([], 2, {})
+    assert _fence_rows(target) == set() and client.exists(FENCES_DUE) == 0
