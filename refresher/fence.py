@@ -48,6 +48,8 @@ WHERE l.locktype = 'relation' AND l.relation = 'refresher_fences'::regclass
 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.pid <> pg_backend_pid()
 AND a.usename = current_user AND a.state = 'active' AND a.wait_event = 'ClientRead' AND p.command = 'COPY FROM'
 """
+# The first server with ``pg_stat_progress_copy``.
+_PROGRESS_COPY_SINCE = 140000
 
 
 class FenceLost(Exception):
@@ -75,7 +77,7 @@ class Fence:
             with conn.transaction():
                 conn.execute(SCHEMA_LOCK)
                 conn.execute(FENCES_DDL)
-        copying = dict(conn.execute(_COPYING).fetchall())
+        copying = _copying(conn)
         try:
             row = self._claimed(conn)
         except _Held:
@@ -107,7 +109,7 @@ class Fence:
         live writer's COPY sends its rows as fast as it encodes them; one that sent none for the whole wait (the
         lock's life, which its holder did not renew) has lost the lock, and ending its session rolls its
         transaction back: it finds its connection gone when it goes on, and commits nothing."""
-        stalled = [pid for pid, done in conn.execute(_COPYING).fetchall() if copying.get(pid) == done]
+        stalled = [pid for pid, done in _copying(conn).items() if copying.get(pid) == done]
         if stalled:
             conn.execute(
                 "SELECT pg_terminate_backend(pid, %s) FROM unnest(%s::int[]) AS pid",
@@ -164,6 +166,14 @@ def lock_waited(
         cursor.nextset()
         cursor.nextset()  # the query's
         yield cursor
+
+
+def _copying(conn: psycopg.Connection[Any]) -> dict[int, int]:
+    """``_COPYING``'s sessions and their bytes read; none on a server before PostgreSQL 14, which has no
+    ``pg_stat_progress_copy`` (the query failed there, and so did every claim: a run's features never loaded)."""
+    if conn.info.server_version < _PROGRESS_COPY_SINCE:
+        return {}
+    return dict(conn.execute(_COPYING).fetchall())
 
 
 def _has_fences(conn: psycopg.Connection[Any]) -> bool:
