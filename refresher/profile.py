@@ -156,6 +156,8 @@ class FilesSourceSpec(_SourceBase):
     columns: dict[TargetColumn, str] = Field(default_factory=dict)
     tz: str | None = None
     label: Literal["left", "right"] = "left"
+    # the order of text dates like 04/11/2024; auto decides per column and refuses one that reads in both
+    date_order: Literal["auto", "day_first", "month_first"] = "auto"
 
 
 class PostgresSourceSpec(_SourceBase):

@@ -4,7 +4,8 @@ Options (from the profile's ``source:``): ``path`` (the directory), ``daily`` an
 relative to it; ``{symbol}`` makes them per-symbol, otherwise the file has a symbol column), ``columns``
 (our column -> theirs, matched case-insensitively, e.g. ``{symbol: Ticker, close: Adj Close}``), ``format``
 (auto from the extension), ``tz`` (zone of naive minute timestamps; default the listing's exchange) and
-``label`` (``right`` if their minute bars are stamped with the interval end).
+``label`` (``right`` if their minute bars are stamped with the interval end) and ``date_order`` (``auto``,
+``day_first`` or ``month_first``: the order of text dates like 04/11/2024; see ``_day_first``).
 
 Every row is validated (``refresher.sources.validate``); rows outside the exchange's sessions are dropped
 and described in ``reports``. Messages name a CSV row by the line it starts on in the file, as an editor counts
@@ -59,7 +60,9 @@ _EXAMPLES = 3
 # 3 read '04/11/2024' beside '26/11/2024' as April 11 (the order guessed from the first date text, or each alone).
 # 4 rounded a fractional volume (100.5) into the bigint, and left a shared file's rows naming a symbol in another case
 # (aapl for AAPL) out unsaid; both are bad rows now, and the quarantined rows of a shared file hold its symbol cell.
-READER_VERSION = 5
+# 5 read a column whose text dates all read in either order (01/11/2024..12/11/2024, written day first) month
+# first, January 11 to December 11 without a word; it is refused now unless source.date_order says the order.
+READER_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,12 @@ class _Read:
         default_factory=dict, compare=False, repr=False
     )
 
-    def day_first(self, path: Path, column: str, field: str) -> bool:
-        """Whether the file's text dates in ``column`` put the day first: the whole column decides, so a
-        symbol whose days all are 12 or less reads them in its file's order."""
+    def day_first(self, path: Path, column: str, field: str, order: str) -> bool:
+        """Whether the file's text dates in ``column`` put the day first: ``order`` (source.date_order) when it
+        says, else the whole column decides, so a symbol whose days all are 12 or less reads them in its file's
+        order."""
+        if order != "auto":
+            return order == "day_first"
         if column not in self.orders:
             values = self.table.column(column).to_pandas()
             text = pd.api.types.is_string_dtype(values.dtype)
@@ -393,6 +399,7 @@ class FilesSource(Source):
                 spec.format,
                 spec.tz,
                 spec.label,
+                spec.date_order,
                 listing.exchange,
                 str(rng),
             ]
@@ -467,7 +474,7 @@ class FilesSource(Source):
             self.reports.append(SourceReport(segment, str(path), "the file has no rows (a header alone)"))
         cal = get_calendar(self.profile.listing(segment.symbol).exchange)
         key = "date" if segment.timeframe == "1d" else "ts"
-        day_first = read.day_first(path, names[key], f"columns.{key}")
+        day_first = read.day_first(path, names[key], f"columns.{key}", self.spec.date_order)
         when, when_ok = self._when(frame["when"], segment, cal, path, names, day_first)
         # A row belongs to this segment when its (exchange-local) date is in the range; a row whose date does
         # not parse belongs to no month, so it is charged to the symbol's first segment (never dropped).
@@ -639,6 +646,11 @@ class FilesSource(Source):
             # vanished unreported. As text it parses as the YYYYMMDD it is, and anything else (epoch seconds)
             # fails the timestamp rule with its value shown.
             raw = _number_text(raw)
+        if self.spec.date_order != "auto" and pd.api.types.is_string_dtype(raw.dtype):
+            # pandas swaps a date impossible in the order asked ('11/26/2024' day first is November 26), and when
+            # it comes first reads the whole column in the other order ('04/11/2024' as April 11): it is a bad row
+            # instead, left out of the parse. Under auto the column's order has no such date (it would be a mix).
+            raw = raw.mask(_out_of_order(raw, day_first))
         when = _parsed_times(
             raw, segment, path, names["date" if segment.timeframe == "1d" else "ts"], day_first
         )
@@ -703,13 +715,28 @@ def _parsed_times(raw: pd.Series, segment: Segment, path: Path, column: str, day
 _DAY_MONTH = r"^\s*(\d{1,2})[/.-](\d{1,2})[/.-]\d{2,4}\b"
 
 
+def _day_month(raw: pd.Series) -> pd.DataFrame:
+    """The two leading numbers (columns 0 and 1) of the column's dates written with day and month first."""
+    return raw[raw.notna()].astype(str).str.extract(_DAY_MONTH).dropna().astype(np.int64)
+
+
+def _out_of_order(raw: pd.Series, day_first: bool) -> pd.Series:
+    """Which dates of the column are impossible in the order given: their month's number is above 12."""
+    parts = _day_month(raw)
+    month = parts[1 if day_first else 0].to_numpy() > 12
+    return pd.Series(raw.index.isin(parts.index[month]), index=raw.index)
+
+
 def _day_first(raw: pd.Series, path: Path, field: str, column: str) -> bool:
     """Whether the column's text dates put the day first: some first number above 12 says so. pandas took the
     order of the first date (of each one, for text of mixed kinds), so '04/11/2024' before '26/11/2024' was April
     11, left out of November unreported, and the other a bad row. A column with a first number above 12 and a
     second above 12 (in two dates: one with both, '31/31/2024', is a date in neither order, a bad row) is
-    refused; one with neither reads month first, as pandas does."""
-    parts = raw[raw.notna()].astype(str).str.extract(_DAY_MONTH).dropna().astype(np.int64)
+    refused. So is one with neither where some date's numbers differ: a per-symbol file of 01/11/2024 ..
+    12/11/2024 written day first was read month first, January 11 to December 11, without a word; only
+    source.date_order can say its order. One whose every date has its two numbers equal (05/05/2024) reads the
+    same either way."""
+    parts = _day_month(raw)
     first, second = parts[0].to_numpy() > 12, parts[1].to_numpy() > 12
     # a date with both above 12 is one in neither order: a bad row (its value shown), not a vote for either
     day, month = first & ~second, second & ~first
@@ -718,6 +745,17 @@ def _day_first(raw: pd.Series, path: Path, field: str, column: str) -> bool:
         raise SourceError(
             f"{path}: {field}={column!r}: mixes dates with the day first and the month first (e.g. {day_first!r} "
             f"and {month_first!r}); write them in one order, ideally as YYYY-MM-DD",
+            file=str(path),
+            field=field,
+            value=column,
+        )
+    either = ~day & ~month & ~(first & second) & (parts[0].to_numpy() != parts[1].to_numpy())
+    if not day.any() and not month.any() and either.any():
+        example = raw.loc[parts.index[either][0]]
+        raise SourceError(
+            f"{path}: {field}={column!r}: every date reads with the day first or the month first (e.g. "
+            f"{example!r}); set source.date_order to day_first or month_first in the profile, or write the "
+            "dates as YYYY-MM-DD",
             file=str(path),
             field=field,
             value=column,

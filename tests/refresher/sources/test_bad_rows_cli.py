@@ -475,3 +475,53 @@ def test_a_csv_that_is_not_utf8_is_one_line_and_leaves_the_database_unchanged(
     )
     ws.refresh("--on-bad-rows", policy)
     assert scalar(ws, "SELECT count(*) FROM ohlcv_daily") == 2 * SESSIONS
+
+
+def day_first(lines: list[str]) -> list[str]:
+    """The file's dates written DD/MM/YYYY."""
+    rows = [line.split(",") for line in lines[1:]]
+    return [lines[0], *(",".join([s, f"{d[8:]}/{d[5:7]}/{d[:4]}", *rest]) for s, d, *rest in rows)]
+
+
+def with_date_order(ws: Workspace, order: str | None) -> None:
+    text = PROFILE.format(start=START, end=END)
+    path = ws.root / "profiles" / f"{ws.profile}.yaml"
+    path.write_text(text if order is None else f"{text}  date_order: {order}\n")
+
+
+def one_line(ws: Workspace) -> str:
+    message = ws.run("refresh", "--profile", ws.profile, "--json", expect=2).stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_date_order(ws: Workspace) -> None:
+    """A bad source.date_order, a file whose every date reads in either order under auto, and under month_first a
+    file written day first: one line each, exit 2, the database unchanged; under day_first it loads."""
+    before = refresh_clean(ws)
+    try:
+        with_date_order(ws, "dayfirst")
+        profile = ws.root / "profiles" / f"{ws.profile}.yaml"
+        message = one_line(ws)
+        assert f"{profile}: source.date_order='dayfirst'" in message and "'day_first'" in message
+        assert state(ws) == before
+        # November's first twelve days, written day first, were loaded month first: January 11 .. December 11
+        with_date_order(ws, None)
+        early = [line for line in day_first(CLEAN)[1:] if int(line.split(",")[1][:2]) <= 12]
+        path = write(ws, [CLEAN[0], *early])
+        message = one_line(ws)
+        assert (
+            f"{path}: columns.date='Date': every date reads with the day first or the month first" in message
+        )
+        assert "(e.g. '01/10/2024'); set source.date_order to day_first or month_first" in message
+        assert state(ws) == before
+        with_date_order(ws, "month_first")
+        write(ws, day_first(CLEAN))
+        message = one_line(ws)
+        assert "date parses as a date" in message and "/2024" in message
+        assert state(ws) == before
+        with_date_order(ws, "day_first")
+        ws.refresh()
+        assert state(ws)[0] == before[0]  # the same rows (the segments' versions name the option)
+    finally:
+        with_date_order(ws, None)

@@ -663,3 +663,79 @@ def test_a_date_invalid_in_either_order_is_a_bad_row_not_a_mix_of_orders(
     assert [str(report) for report in src.reports] == [
         f"AAPL/1d/2024-10: {path}: 1 rows rejected: date parses as a date (e.g. line 3)"
     ]
+
+
+def first_days_written_day_first(count: int = 12) -> str:
+    """A per-symbol file of November's first ``count`` days written DD/MM/YYYY: every date reads in either order."""
+    rows = "".join(f"{day:02d}/11/2024,10,11,9,10.5,{1000 + day}\n" for day in range(1, count + 1))
+    return "Date,Open,High,Low,Close,Volume\n" + rows
+
+
+def ordered_file(
+    tmp_path: Path, make_profile: MakeProfile, raw: str, order: str, policy: str = "fail"
+) -> FilesSource:
+    (tmp_path / "AAPL.csv").write_text(raw)
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.csv'\n  on_bad_rows: {policy}"
+    return FilesSource(make_profile(profile_body(f"{body}\n  date_order: {order}")))
+
+
+def test_dates_that_read_in_either_order_are_refused_under_auto(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # read month first: January 11 .. December 11, November's segment empty and the others wrong, without a word
+    src = ordered_file(tmp_path, make_profile, first_days_written_day_first(), "auto")
+    with pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value) == (
+        f"{tmp_path / 'AAPL.csv'}: columns.date='Date': every date reads with the day first or the month first "
+        "(e.g. '01/11/2024'); set source.date_order to day_first or month_first in the profile, or write the "
+        "dates as YYYY-MM-DD"
+    )
+
+
+def test_dates_whose_numbers_are_equal_read_the_same_either_way(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    raw = "Date,Open,High,Low,Close,Volume\n11/11/2024,10,11,9,10.5,1000\n"
+    src = ordered_file(tmp_path, make_profile, raw, "auto")
+    assert src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist() == [dt.date(2024, 11, 11)]
+
+
+def test_date_order_day_first_reads_the_first_twelve_days(tmp_path: Path, make_profile: MakeProfile) -> None:
+    src = ordered_file(tmp_path, make_profile, first_days_written_day_first(), "day_first")
+    dates = src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist()
+    assert dates == [dt.date(2024, 11, d) for d in (1, 4, 5, 6, 7, 8, 11, 12)]  # the sessions among them
+    assert src.version(Segment("AAPL", "1d", NOV)) != ordered_file(
+        tmp_path, make_profile, first_days_written_day_first(), "month_first"
+    ).version(Segment("AAPL", "1d", NOV))
+
+
+def test_date_order_month_first_reads_month_first(tmp_path: Path, make_profile: MakeProfile) -> None:
+    raw = "Date,Open,High,Low,Close,Volume\n11/04/2024,10,11,9,10.5,1000\n11/05/2024,10,11,9,10.5,1000\n"
+    src = ordered_file(tmp_path, make_profile, raw, "month_first")
+    assert src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist() == [
+        dt.date(2024, 11, 4),
+        dt.date(2024, 11, 5),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("order", "impossible"), [("day_first", "11/26/2024"), ("month_first", "26/11/2024")]
+)
+def test_a_date_impossible_in_the_order_given_is_a_bad_row(
+    tmp_path: Path, make_profile: MakeProfile, order: str, impossible: str
+) -> None:
+    # pandas swapped it: '11/26/2024' read day first was November 26, and being first it made '04/11/2024' April 11
+    possible = "04/11/2024" if order == "day_first" else "11/04/2024"
+    raw = f"Date,Open,High,Low,Close,Volume\n{impossible},10,11,9,10.5,1000\n{possible},10,11,9,10.5,1000\n"
+    src = ordered_file(tmp_path, make_profile, raw, order, "skip")
+    assert src.fetch(Segment("AAPL", "1d", NOV)).column("date").to_pylist() == [dt.date(2024, 11, 4)]
+    assert src.fetch(Segment("AAPL", "1d", dt.date(2024, 10, 1))).num_rows == 0  # charged to the first month
+    path = tmp_path / "AAPL.csv"
+    assert [str(report) for report in src.reports] == [
+        f"AAPL/1d/2024-10: {path}: 1 rows rejected: date parses as a date (e.g. line 2)"
+    ]
+    failing = ordered_file(tmp_path, make_profile, raw, order, "fail")
+    with pytest.raises(Exception, match=f"{impossible}"):
+        for month in (dt.date(2024, 10, 1), NOV):
+            failing.fetch(Segment("AAPL", "1d", month))
