@@ -39,15 +39,22 @@ CREATE TABLE IF NOT EXISTS refresher_fences (
 _CALLERS = "refresher.fence_callers_lock_timeout"
 
 # Other sessions of our role in this database inside a COPY from their client, waiting for its data, whose
-# transaction holds a lock on the fences' table (a write transaction's check), and the COPY bytes the server has
-# read of each.
+# transaction holds a lock ``{held}`` describes (``_FENCES_HELD`` or ``SEGMENTS_HELD``), and the COPY bytes the
+# server has read of each.
 _COPYING = """
 SELECT DISTINCT a.pid, p.bytes_processed FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid JOIN pg_stat_progress_copy p ON p.pid = l.pid
-WHERE l.locktype = 'relation' AND l.relation = 'refresher_fences'::regclass
+WHERE {held}
 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.pid <> pg_backend_pid()
 AND a.usename = current_user AND a.state = 'active' AND a.wait_event = 'ClientRead' AND p.command = 'COPY FROM'
 """
+# A lock on the fences' table (a write transaction's check).
+_FENCES_HELD = "l.locktype = 'relation' AND l.relation = 'refresher_fences'::regclass"
+# One of the advisory locks (bigint keys, as ``pg_advisory_xact_lock(bigint)`` takes them) in the parameter: the
+# segment locks of a segment load (``refresher.load.segment_lock_id``).
+SEGMENTS_HELD = (
+    "l.locktype = 'advisory' AND l.objsubid = 1 AND (l.classid::bigint << 32 | l.objid::bigint) = ANY(%s)"
+)
 # The first server with ``pg_stat_progress_copy``.
 _PROGRESS_COPY_SINCE = 140000
 
@@ -77,45 +84,16 @@ class Fence:
             with conn.transaction():
                 conn.execute(SCHEMA_LOCK)
                 conn.execute(FENCES_DDL)
-        copying = _copying(conn)
-        try:
-            row = self._claimed(conn)
-        except _Held:
-            if not self._end_stalled(conn, copying):
-                raise
-            row = self._claimed(conn)
+        row = self._waiting(
+            conn,
+            "INSERT INTO refresher_fences (fence, token) VALUES (%s, %s) ON CONFLICT (fence) DO UPDATE "
+            "SET token = EXCLUDED.token, claimed_at = now() WHERE refresher_fences.token <= EXCLUDED.token "
+            "RETURNING token",
+            (self.name, self.token),
+            stalled=_FENCES_HELD,
+        )
         if row is None:
             raise FenceLost(f"{self.name}: claimed by a later holder")
-
-    def _claimed(self, conn: psycopg.Connection[Any]) -> Any:
-        with conn.transaction():
-            return self._waiting(
-                conn,
-                "INSERT INTO refresher_fences (fence, token) VALUES (%s, %s) ON CONFLICT (fence) DO UPDATE "
-                "SET token = EXCLUDED.token, claimed_at = now() WHERE refresher_fences.token <= EXCLUDED.token "
-                "RETURNING token",
-                (self.name, self.token),
-            )
-
-    def _end_stalled(self, conn: psycopg.Connection[Any], copying: dict[int, int]) -> bool:
-        """End the sessions of ``copying`` (``_COPYING`` before the claim's wait) whose COPY read nothing from
-        their client all along; whether there were any.
-
-        A writer stopped in the middle of a statement (SIGSTOP, a suspended machine, in a COPY of its rows) kept
-        the fence's row share-locked for as long as it stayed stopped: its session is active, not idle in a
-        transaction (``idle_in_transaction_session_timeout`` does not see it), and the server holds cancels off
-        while a COPY waits for its client's data, so ``statement_timeout`` fired only once the writer went on
-        (measured on PostgreSQL 15). Every claim failed as a lock timeout until the run ran out of attempts. A
-        live writer's COPY sends its rows as fast as it encodes them; one that sent none for the whole wait (the
-        lock's life, which its holder did not renew) has lost the lock, and ending its session rolls its
-        transaction back: it finds its connection gone when it goes on, and commits nothing."""
-        stalled = [pid for pid, done in _copying(conn).items() if copying.get(pid) == done]
-        if stalled:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid, %s) FROM unnest(%s::int[]) AS pid",
-                (int(max(self.wait, 1.0) * 1000), stalled),
-            )
-        return bool(stalled)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
         """The first statement of each write transaction: FenceLost unless the fence still holds ``token``. Its
@@ -126,10 +104,15 @@ class Fence:
         if row != (self.token,):
             raise FenceLost(f"{self.name}: claimed by a later holder")
 
-    def _waiting(self, conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> Any:
-        """``query``'s row, its lock waited for at most ``wait`` seconds (inside the caller's transaction): a
-        LoadError (``_Held``; the caller's transaction rolls back) past it."""
+    def _waiting(
+        self, conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...], stalled: str | None = None
+    ) -> Any:
+        """``query``'s row, its lock waited for at most ``wait`` seconds (inside the caller's transaction; with
+        ``stalled``, ``waited_ending_stalled``'s): a LoadError (``_Held``; the caller's transaction rolls back)
+        past it."""
         try:
+            if stalled is not None:
+                return waited_ending_stalled(conn, self.wait, query, params, stalled)
             with lock_waited(conn, self.wait, query, params) as cursor:
                 return cursor.fetchone()
         except psycopg.errors.LockNotAvailable as exc:
@@ -137,6 +120,56 @@ class Fence:
                 f"{self.name}: another holder's transaction kept the fence for over {self.wait:g} s "
                 "(a worker held up inside it?); tried again later"
             ) from exc
+
+
+def waited_ending_stalled(
+    conn: psycopg.Connection[Any],
+    wait: float,
+    query: str,
+    params: tuple[Any, ...],
+    held: str,
+    held_params: tuple[Any, ...] = (),
+) -> Any:
+    """``query``'s first row (``lock_waited``, in a transaction of its own or a savepoint of the caller's). Past
+    the wait, the sessions that hold a lock ``held`` (a condition on ``pg_locks l``, its parameters
+    ``held_params``) inside a COPY that read nothing from their client all along are ended (``_end_stalled``)
+    and the query tried once more; LockNotAvailable when there were none, or it waited out its wait again."""
+    copying = _copying(conn, held, held_params)
+    for again in (False, True):
+        try:
+            with conn.transaction(), lock_waited(conn, wait, query, params) as cursor:
+                return cursor.fetchone()
+        except psycopg.errors.LockNotAvailable:
+            if again or not _end_stalled(conn, copying, wait, held, held_params):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _end_stalled(
+    conn: psycopg.Connection[Any],
+    copying: dict[int, int],
+    wait: float,
+    held: str,
+    held_params: tuple[Any, ...],
+) -> bool:
+    """End the sessions of ``copying`` (``_COPYING`` before the wait) whose COPY read nothing from their client
+    all along; whether there were any.
+
+    A writer stopped in the middle of a statement (SIGSTOP, a suspended machine, in a COPY of its rows) kept
+    the fence's row share-locked for as long as it stayed stopped: its session is active, not idle in a
+    transaction (``idle_in_transaction_session_timeout`` does not see it), and the server holds cancels off
+    while a COPY waits for its client's data, so ``statement_timeout`` fired only once the writer went on
+    (measured on PostgreSQL 15). Every claim failed as a lock timeout until the run ran out of attempts. A
+    live writer's COPY sends its rows as fast as it encodes them; one that sent none for the whole wait (the
+    lock's life, which its holder did not renew) has lost the lock, and ending its session rolls its
+    transaction back: it finds its connection gone when it goes on, and commits nothing."""
+    stalled = [pid for pid, done in _copying(conn, held, held_params).items() if copying.get(pid) == done]
+    if stalled:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM unnest(%s::int[]) AS pid",
+            (int(max(wait, 1.0) * 1000), stalled),
+        )
+    return bool(stalled)
 
 
 @contextmanager
@@ -168,12 +201,12 @@ def lock_waited(
         yield cursor
 
 
-def _copying(conn: psycopg.Connection[Any]) -> dict[int, int]:
-    """``_COPYING``'s sessions and their bytes read; none on a server before PostgreSQL 14, which has no
+def _copying(conn: psycopg.Connection[Any], held: str, held_params: tuple[Any, ...]) -> dict[int, int]:
+    """``_COPYING``'s sessions holding a lock ``held`` and their bytes read; none on a server before PostgreSQL 14, which has no
     ``pg_stat_progress_copy`` (the query failed there, and so did every claim: a run's features never loaded)."""
     if conn.info.server_version < _PROGRESS_COPY_SINCE:
         return {}
-    return dict(conn.execute(_COPYING).fetchall())
+    return dict(conn.execute(_COPYING.format(held=held), held_params).fetchall())
 
 
 def _has_fences(conn: psycopg.Connection[Any]) -> bool:
@@ -195,4 +228,12 @@ def drop_fences(conn: psycopg.Connection[Any], names: list[str], wait: float) ->
         return cursor.rowcount
 
 
-__all__ = ["FENCES_DDL", "Fence", "FenceLost", "drop_fences", "lock_waited"]
+__all__ = [
+    "FENCES_DDL",
+    "SEGMENTS_HELD",
+    "Fence",
+    "FenceLost",
+    "drop_fences",
+    "lock_waited",
+    "waited_ending_stalled",
+]

@@ -262,11 +262,11 @@ def test_a_worker_stopped_inside_a_transaction_holds_no_other_worker_up(
 # its rows not all sent, the fence's row share-locked by its transaction. Its session is active, not idle in a
 # transaction: idle_in_transaction_session_timeout never ends it, nor does statement_timeout (the server holds
 # off cancels while it waits for a COPY's data).
-_STOPS_INSIDE_A_COPY = """
+# The encoder of a COPY's rows that stops its thread once, the COPY's header sent.
+_STOPPING_ENCODER = """
 import signal, sys, threading
 from refresher import cli, load
-from refresher.features import tables
-real_copy, real_encoder, stopped = tables.copy_arrow, load.ArrowToPostgresBinaryEncoder, []
+real_encoder, stopped = load.ArrowToPostgresBinaryEncoder, []
 class Encoder:
     def __init__(self, schema):
         self.real = real_encoder(schema)
@@ -276,6 +276,12 @@ class Encoder:
             stopped.append(1)
             signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         return self.real.write_batch(batch)
+"""
+_STOPS_INSIDE_A_COPY = (
+    _STOPPING_ENCODER
+    + """
+from refresher.features import tables
+real_copy = tables.copy_arrow
 def copying(*args, **kwargs):
     load.ArrowToPostgresBinaryEncoder = Encoder
     try:
@@ -285,6 +291,15 @@ def copying(*args, **kwargs):
 tables.copy_arrow = copying
 sys.exit(cli.main())
 """
+)
+
+
+def _clean_run(ws: Workspace, url: str) -> None:
+    """A run of one month of AAPL, done by a worker stopped by nobody: what a taken-over run must leave."""
+    ws.write_profile(symbols=["AAPL"], months=1)
+    clean = submit(ws, url)["run_id"]
+    _finished(ws, start_worker(ws, url, "clean", "--burst"), "clean", time.monotonic() + 150)
+    assert status(ws, url, clean)["state"] == "complete"
 
 
 def test_a_worker_stopped_inside_a_copy_holds_no_other_worker_up(
@@ -297,11 +312,7 @@ def test_a_worker_stopped_inside_a_copy_holds_no_other_worker_up(
     for its whole wait): the other worker finishes the run as a clean run would, and the stopped one, resumed,
     commits nothing."""
     ws, url = workspace, redis_server.url
-    ws.write_profile(symbols=["AAPL"], months=1)
-    # A clean run first: its feature tables are what the taken-over run must leave.
-    clean = submit(ws, url)["run_id"]
-    _finished(ws, start_worker(ws, url, "clean", "--burst"), "clean", time.monotonic() + 150)
-    assert status(ws, url, clean)["state"] == "complete"
+    _clean_run(ws, url)  # its feature tables are what the taken-over run must leave
     features = {name: digest for name, digest in _digests(ws).items() if name.startswith("features_")}
     assert features
     with psycopg.connect(ws.dsn(), autocommit=True) as conn:
@@ -313,3 +324,47 @@ def test_a_worker_stopped_inside_a_copy_holds_no_other_worker_up(
     assert "features attempt not counted" in worker_log(ws, "a"), worker_log(ws, "a")
     assert status(ws, url, run)["state"] == "complete"
     assert {name: digest for name, digest in _digests(ws).items() if name in features} == features
+
+
+# The worker, stopped (SIGSTOP) once in the middle of the COPY of its first segment load: the header sent, its
+# transaction holding the segments' advisory locks (``refresher.load._write_batch``) and its DELETE's row locks.
+_STOPS_INSIDE_A_SEGMENT_COPY = (
+    _STOPPING_ENCODER
+    + """
+load.ArrowToPostgresBinaryEncoder = Encoder
+sys.exit(cli.main())
+"""
+)
+
+
+def test_a_worker_stopped_inside_a_segment_copy_holds_no_other_worker_up(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """A worker stopped in the middle of a segment load's COPY kept its transaction's locks (the segments'
+    advisory locks, its DELETE's rows) as long as it stayed stopped, and the worker that took its job over (its
+    lease expired) waited on them for ever. The taker's load waits a bounded time and ends a session stalled in
+    a COPY that read nothing all along: it finishes the run as a clean run would, and the stopped one, resumed,
+    commits nothing."""
+    ws, url = workspace, redis_server.url
+    _clean_run(ws, url)
+    # The ledgers' rows carry their load's time: their segments are counted, every other table digested.
+    ledgers = ("refresher_segments", "refresher_features")
+    expected = {name: digest for name, digest in _digests(ws).items() if name not in ledgers}
+    with psycopg.connect(ws.dsn(), autocommit=True) as conn:
+        segments = conn.execute(
+            "SELECT symbol, timeframe, month, rows, content_hash FROM refresher_segments ORDER BY 1, 2, 3"
+        )
+        loaded = segments.fetchall()
+        conn.execute("DELETE FROM refresher_segments")  # forgotten: the next run loads every segment again
+        conn.execute("DELETE FROM refresher_features")
+    run = submit(ws, url)["run_id"]
+    a = _stopping_worker(ws, url, "a", _STOPS_INSIDE_A_SEGMENT_COPY)
+    # Before: B waited on A's segment lock for ever.
+    _taken_over(ws, url, run, a, time.monotonic() + 300, b_within=150)
+    assert status(ws, url, run)["state"] == "complete"
+    assert {name: digest for name, digest in _digests(ws).items() if name not in ledgers} == expected
+    with psycopg.connect(ws.dsn()) as conn:
+        segments = conn.execute(
+            "SELECT symbol, timeframe, month, rows, content_hash FROM refresher_segments ORDER BY 1, 2, 3"
+        )
+        assert segments.fetchall() == loaded
