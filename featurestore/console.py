@@ -54,9 +54,7 @@ def _flushed(status: int) -> int:
     if lost is None:
         return status
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        print(
-            f"{_prog()}: stdout: {lost.strerror or lost}: the output is lost", file=sys.stderr
-        )
+        print(f"{_prog()}: stdout: {lost.strerror or lost}: the output is lost", file=sys.stderr)
         sys.stderr.flush()
     return status or 2
 
