@@ -240,15 +240,18 @@ def load_table(
             # Bounded: a worker stopped inside this segment's load (SIGSTOP, in its COPY) held the lock for as long
             # as it stayed stopped, and the one that took its job over waited as long. Its session, stalled in
             # a COPY that read nothing all the wait, is ended; a live load past it is a lock timeout (transient).
+            # Tried first without waiting: the bounded wait costs three more round trips (its look at the
+            # COPYs, a savepoint and its release), which every uncontended segment paid.
             lock_id = load.segment_lock_id(job.segment)
-            waited_ending_stalled(
-                conn,
-                SEGMENT_LOCK_WAIT,
-                "SELECT pg_advisory_xact_lock(%s)",
-                (lock_id,),
-                SEGMENTS_HELD,
-                ([lock_id],),
-            )
+            if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_id,)).fetchone() != (True,):
+                waited_ending_stalled(
+                    conn,
+                    SEGMENT_LOCK_WAIT,
+                    "SELECT pg_advisory_xact_lock(%s)",
+                    (lock_id,),
+                    SEGMENTS_HELD,
+                    ([lock_id],),
+                )
             row = conn.execute(
                 "SELECT content_hash FROM refresher_segments "
                 "WHERE symbol = %s AND timeframe = %s AND month = %s",
