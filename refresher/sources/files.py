@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,9 @@ _EXAMPLES = 3
 # (aapl for AAPL) out unsaid; both are bad rows now, and the quarantined rows of a shared file hold its symbol cell.
 # 5 read a column whose text dates all read in either order (01/11/2024..12/11/2024, written day first) month
 # first, January 11 to December 11 without a word; it is refused now unless source.date_order says the order.
-READER_VERSION = 6
+# 6 read a NUL byte past a CSV's first 64 KB (a symbol cell holding one left its row out without a word), and gave
+# a shared file's line of more or fewer cells naming a symbol in another case (aapl) to the profile's first symbol.
+READER_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,10 @@ def _refuse_other_encoding(path: Path, *, whole: bool) -> None:
     else by the first byte that is not UTF-8 text (a NUL too: UTF-16 or UTF-32 without a mark has them), named by its
     line and byte offset. pyarrow read UTF-16 into columns of NUL-ridden names ('no such column'), and refused a
     Latin-1 'é' as 'invalid UTF8 data', naming no line. A UTF-8 byte order mark is UTF-8 (pyarrow skips it).
-    ``whole``: look through the whole file (pyarrow refused it), else through its first 64 KB (before every read)."""
-    # the file's offset of ``carry``'s first byte, the lines ended before it, the byte before it; ``carry``: bytes a
-    # piece's end cut a character in
-    offset, ended, last, carry = 0, 0, 10, b""
+    ``whole``: look through the whole file (pyarrow refused it, or read a NUL: ``_refuse_nul``), else through its
+    first 64 KB (before every read)."""
+    # the file's offset of ``carry``'s first byte; ``carry``: bytes a piece's end cut a character in
+    offset, carry = 0, b""
     with pa.input_stream(str(path)) as stream:  # decompressed as read_csv does (.gz)
         while piece := stream.read(_PIECE if whole else _HEAD):
             data = carry + piece
@@ -187,29 +189,53 @@ def _refuse_other_encoding(path: Path, *, whole: bool) -> None:
                 else:
                     bad, good, seen = exc.start, exc.start, f"{data[exc.start : exc.end]!r}"
             if bad >= 0:
-                raw = np.frombuffer(data, np.uint8, count=bad)
-                line = ended + len(_line_ends(raw, last)) + 1
                 raise SourceError(
-                    f"{path}: line {line} (byte offset {offset + bad}): {seen} is not UTF-8 text (the file is in "
-                    f"another encoding: Latin-1, Windows-1252, UTF-16?): {_SAVE_AS_UTF8}",
+                    f"{path}: line {_line_at(path, offset + bad)} (byte offset {offset + bad}): {seen} is not UTF-8 "
+                    f"text (the file is in another encoding: Latin-1, Windows-1252, UTF-16?): {_SAVE_AS_UTF8}",
                     file=str(path),
                     field="encoding",
                     value=seen,
                 )
             if not whole:
                 return
-            raw = np.frombuffer(data, np.uint8, count=good)
-            ended += len(_line_ends(raw, last))
-            last = int(raw[-1]) if len(raw) else last
             offset, carry = offset + good, data[good:]
     if carry:
         raise SourceError(
-            f"{path}: line {ended + 1} (byte offset {offset}): {carry!r} is not UTF-8 text (a character cut by "
-            f"the file's end): {_SAVE_AS_UTF8}",
+            f"{path}: line {_line_at(path, offset)} (byte offset {offset}): {carry!r} is not UTF-8 text (a character "
+            f"cut by the file's end): {_SAVE_AS_UTF8}",
             file=str(path),
             field="encoding",
             value=repr(carry),
         )
+
+
+def _refuse_nul(path: Path, read: _Read) -> None:
+    """Refuse a CSV pyarrow read with a NUL byte in a cell or a column name, as ``_refuse_other_encoding`` does
+    (which looks for one in the first 64 KB only, before every read): past them a NUL in a symbol cell left its row
+    out without a word (AAPL\\0 is no symbol), and a number's cell holding one was a bad row that Postgres cannot
+    quarantine (jsonb holds no \\u0000: the load failed). Postgres text holds no NUL either."""
+    if (
+        any("\0" in name for name in read.table.column_names)
+        or any(map(_holds_nul, read.table.columns))
+        or any("\0" in row.text for row in read.unsplit)
+    ):
+        _refuse_other_encoding(path, whole=True)  # names the first NUL's line and byte offset
+
+
+def _holds_nul(column: pa.ChunkedArray) -> bool:
+    """Whether a text column's cells hold a NUL byte: its chunks' bytes looked at as they are (0.7 ms for 2 M
+    cells, pc.match_substring took 13 ms, 5% of read_csv's time)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return False
+    wide = np.int64 if pa.types.is_large_string(column.type) else np.int32
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        if data is not None and len(chunk):
+            bounds = np.frombuffer(offsets, wide)[[chunk.offset, chunk.offset + len(chunk)]]
+            text = np.frombuffer(data, np.uint8)[bounds[0] : bounds[1]]
+            if np.count_nonzero(text) < len(text):
+                return True
+    return False
 
 
 def _read_by_line(
@@ -238,17 +264,12 @@ def _line_numbers(path: Path, records: int | None) -> I64:
     was named a line too early) and a quoted cell may hold line breaks. ``records``: how many pyarrow read, when
     known. One pass over the file in 16 MB pieces, made only when a line is named."""
     found: list[I64] = []
-    ended = 0  # lines ended so far
-    last = 10  # the byte before the piece: as if a line had just ended, so an empty first line is empty
-    quoted = False
-    with pa.input_stream(str(path)) as stream:  # decompressed as read_csv does (.gz)
-        while piece := stream.read(_PIECE):
-            raw = np.frombuffer(piece, np.uint8)
-            before = np.concatenate(([last], raw[:-1]))
-            ends = _line_ends(raw, last)  # it was empty if a line ended just before
-            found.append(np.flatnonzero((before[ends] != 13) & (before[ends] != 10)) + ended + 1)
-            ended += len(ends)
-            last, quoted = int(raw[-1]), quoted or b'"' in piece
+    ended, last, quoted = 0, 10, False  # past the pieces: the lines ended, the last byte
+    for piece, ends, ended, last in _pieces(path):
+        raw = np.frombuffer(piece, np.uint8)
+        before = np.concatenate(([last], raw[:-1]))  # a line is empty if one ended just before it
+        found.append(np.flatnonzero((before[ends] != 13) & (before[ends] != 10)) + ended + 1)
+        ended, last, quoted = ended + len(ends), int(raw[-1]), quoted or b'"' in piece
     if last not in (10, 13):  # a last line without a line break
         found.append(np.array([ended + 1]))
     lines = np.concatenate(found) if found else np.zeros(0, np.int64)
@@ -269,6 +290,29 @@ def _line_numbers(path: Path, records: int | None) -> I64:
         ):  # a cell beyond the csv module's limit: the lines that are not empty, as near as we get
             return lines.astype(np.int64)
     return np.asarray(starts, dtype=np.int64)
+
+
+def _pieces(path: Path) -> Iterator[tuple[bytes, I64, int, int]]:
+    """The file's bytes in pieces of 16 MB, decompressed as read_csv reads them (.gz), each with where lines end
+    in it (``_line_ends``), the lines ended before it, and the byte before it (10 at the file's start: as if a line
+    had just ended, so an empty first line is empty)."""
+    ended, last = 0, 10
+    with pa.input_stream(str(path)) as stream:
+        while piece := stream.read(_PIECE):
+            raw = np.frombuffer(piece, np.uint8)
+            ends = _line_ends(raw, last)
+            yield piece, ends, ended, last
+            ended, last = ended + len(ends), int(raw[-1])
+
+
+def _line_at(path: Path, offset: int) -> int:
+    """The line (1-based) the file's byte at ``offset`` is on (in the text read_csv reads: a .gz decompressed)."""
+    start = lines = 0  # the piece's offset in the file; the lines ended before it
+    for piece, ends, ended, _ in _pieces(path):
+        if offset < start + len(piece):
+            return ended + int(np.searchsorted(ends, offset - start)) + 1
+        start, lines = start + len(piece), ended + len(ends)
+    return lines + 1
 
 
 def _line_ends(raw: npt.NDArray[np.uint8], last: int) -> I64:
@@ -419,6 +463,8 @@ class FilesSource(Source):
                 # Written to while we read it (an export still running): its last rows may be cut mid-number,
                 # a volume of 1000 read as 10 and loaded as if whole.
                 raise _changed(path)
+            if _is_csv(path, self.spec.format):
+                _refuse_nul(path, read)
             self._cache = {key: read}  # one file at a time: shared files are read once
         read = self._cache[key]
         if dates is not None and _is_csv(path, self.spec.format):
@@ -512,20 +558,20 @@ class FilesSource(Source):
     def _unsplit(self, read: _Read, path: Path, segment: Segment) -> list[Unsplit]:
         """The file's lines left out unsplit that this segment answers for. Such a line belongs to no month (as
         a date that does not parse): to the symbol's first segment; in a shared file, to the symbol its symbol
-        cell names, else (a line cut before it, a symbol not in the profile) to the profile's first symbol."""
+        cell names (in any case), else (a line cut before it, a symbol not in the profile) to the profile's first
+        symbol."""
         if not read.unsplit or segment.month != self.profile.months[0]:
             return []
         rows = list(read.unsplit)
         if "{symbol}" not in self.patterns[segment.timeframe]:
             if not read.owners:
                 index = read.table.column_names.index(self._column(read.table, path, "symbol"))
-                symbols = set(self.profile.symbols)
+                # a symbol in another case (aapl) is the symbol's, as its rows that split are (``_spellings``)
+                symbols = {symbol.lower(): symbol for symbol in self.profile.symbols}
                 for row in rows:
                     cells = _cells(row.text, row.actual_columns)
-                    cell = cells[index].strip() if index < len(cells) else ""
-                    read.owners.setdefault(cell if cell in symbols else self.profile.symbols[0], []).append(
-                        row
-                    )
+                    cell = cells[index].strip().lower() if index < len(cells) else ""
+                    read.owners.setdefault(symbols.get(cell, self.profile.symbols[0]), []).append(row)
             rows = read.owners.get(segment.symbol, [])
         if not rows:
             return []

@@ -525,3 +525,34 @@ def test_date_order(ws: Workspace) -> None:
         assert state(ws)[0] == before[0]  # the same rows (the segments' versions name the option)
     finally:
         with_date_order(ws, None)
+
+
+# Rows of a symbol outside the universe (left out without a word) filling the file past its first 64 KB, the part
+# looked through for another encoding before every read.
+PAST_THE_HEAD = [f"GOOG,2024-10-{1 + i % 28:02d},10,11,9,10.5,{i}" for i in range(2_500)]
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip", "quarantine"])
+@pytest.mark.parametrize("cell", ["Close", "Ticker"])
+def test_a_nul_byte_past_the_first_64kb_is_one_line_and_leaves_the_database_unchanged(
+    ws: Workspace, cell: str, policy: str
+) -> None:
+    # within the first 64 KB a NUL is refused, as UTF-16 without a byte order mark has them; past them it was read:
+    # in a Close cell a bad row whose quarantined cell Postgres' jsonb cannot hold, in a Ticker cell a row of no
+    # symbol, left out without a word
+    before = refresh_clean(ws)
+    bad = CLEAN[BAD_LINE - 1].split(",")
+    bad[0 if cell == "Ticker" else 5] += "\0"
+    lines = [CLEAN[0], *PAST_THE_HEAD, *CLEAN[1 : BAD_LINE - 1], ",".join(bad), *CLEAN[BAD_LINE:]]
+    path = write(ws, lines)
+    offset = path.read_bytes().index(b"\0")
+    assert offset > 1 << 16
+    done = ws.run("refresh", "--profile", ws.profile, "--json", "--on-bad-rows", policy, expect=2)
+    message = done.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(
+        f"refresher: {path}: line {len(PAST_THE_HEAD) + BAD_LINE} (byte offset {offset}): a NUL byte "
+        "is not UTF-8 text"
+    ), message
+    assert state(ws) == before
+    assert scalar(ws, "SELECT count(*) FROM refresher_rejects") == 0

@@ -518,6 +518,34 @@ def test_a_line_with_more_or_fewer_cells_in_a_shared_file_is_its_symbols(
     ]
 
 
+@pytest.mark.parametrize("policy", ["skip", "quarantine"])
+def test_a_line_with_more_or_fewer_cells_naming_its_symbol_in_another_case_is_that_symbols(
+    tmp_path: Path, make_profile: MakeProfile, policy: str
+) -> None:
+    # msft's line was charged to the profile's first symbol (AAPL's report, AAPL's quarantined rows), as a line of
+    # a symbol outside the universe is; its rows that split are MSFT's bad rows
+    (tmp_path / "all.csv").write_text(
+        "Ticker,Date,Open,High,Low,Close,Volume\n"
+        "AAPL,2024-11-26,10,11,9,10.5,1000\n"
+        "MSFT,2024-11-26,400,410,390,405,300\n"
+        " msft ,2024-11-27,400,410,390,405,300,9\n"
+    )
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.csv\n  on_bad_rows: {policy}"
+    src = FilesSource(make_profile(profile_body(body)))
+    for symbol in ("AAPL", "MSFT"):
+        assert src.fetch(Segment(symbol, "1d", NOV)).num_rows == 1
+        assert src.fetch(Segment(symbol, "1d", dt.date(2024, 10, 1))).num_rows == 0
+    action = "quarantined" if policy == "quarantine" else "rejected"
+    assert [str(report) for report in src.reports] == [
+        f"MSFT/1d/2024-10: {tmp_path / 'all.csv'}: 1 rows {action}: the line has the header's 7 cells (e.g. line 4: "
+        "8 cells)"
+    ]
+    rejects = [(str(r.segment), r.row, r.rule) for rs in src.rejects.values() for r in rs]
+    assert rejects == (
+        [] if policy == "skip" else [("MSFT/1d/2024-10", 4, "the line has the header's 7 cells")]
+    )
+
+
 def test_a_shared_files_lines_with_more_or_fewer_cells_are_split_once_per_read(
     tmp_path: Path, make_profile: MakeProfile, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -236,3 +236,65 @@ def test_utf8_with_a_byte_order_mark_and_characters_beyond_ascii_loads(
     src = symbol_file(tmp_path, make_profile, "AAPL.csv.gz", text.encode(), "fail")
     assert src.fetch(AAPL).num_rows == 2
     assert gzip.decompress((tmp_path / "AAPL.csv.gz").read_bytes()).startswith(codecs.BOM_UTF8)
+
+
+# Rows of another symbol (left out without a word) filling a file past its first 64 KB, looked through before
+# every read for another encoding.
+FILL = "".join(f"2024-10-{1 + i % 28:02d},10,11,9,10.5,{i}\n" for i in range(3_000))
+
+
+@pytest.mark.parametrize("name", ["AAPL.csv", "AAPL.csv.gz"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "2024-11-27,10,11,9,10.5\0,1000,x",  # a bad row whose quarantined cell Postgres' jsonb cannot hold
+        "2024-11-27,10,11,9,10.5,1000,Z\0rich",  # a cell of no column loaded
+        "2024-11-27,10,11,9,10.5\0,1000",  # a line of fewer cells, left out under skip and quarantine
+    ],
+    ids=["value", "other column", "cells"],
+)
+def test_a_nul_byte_past_the_first_64kb_is_refused_as_within_them(
+    tmp_path: Path, make_profile: MakeProfile, name: str, line: str
+) -> None:
+    # within the first 64 KB a NUL is refused (UTF-16 without a byte order mark has them); past them it was read
+    head = f"{HEADER},Note\n{FILL.replace(chr(10), ',' + chr(10))}"
+    raw = f"{head}{line}\r\n2024-11-29,10,11,9,10.5,1000,y\n".encode()
+    offset = raw.index(b"\0")
+    assert offset > 1 << 16
+    for policy in ("fail", "skip", "quarantine"):
+        src = symbol_file(tmp_path, make_profile, name, raw, policy)
+        with pytest.raises(SourceError) as info:
+            src.fetch(AAPL)
+        if policy == "fail" and line.count(",") == 5:  # the line's cells, counted first, stop the read
+            assert str(info.value).startswith(
+                f"{tmp_path / name}: line {head.count(chr(10)) + 1}={line!r}: 6 cells"
+            )
+            continue
+        assert str(info.value) == (
+            f"{tmp_path / name}: line {head.count(chr(10)) + 1} (byte offset {offset}): a NUL byte is not UTF-8 text "
+            "(the file is in another encoding: Latin-1, Windows-1252, UTF-16?): save it as UTF-8 (in Excel: CSV UTF-8)"
+        )
+        assert info.value.fields == {"file": str(tmp_path / name), "field": "encoding", "value": "a NUL byte"}
+
+
+def test_a_nul_byte_in_a_shared_files_symbol_cell_past_the_first_64kb_is_refused(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # AAPL\0 named no symbol: its row was left out without a word, AAPL loaded short a day
+    fill = "".join(f"GOOG,{line}" for line in FILL.splitlines(keepends=True))
+    text = f"Ticker,{HEADER}\n{fill}AAPL,2024-11-26,10,11,9,10.5,1000\nAAPL\0,2024-11-27,10,11,9,10.5,1000\n"
+    src = shared(tmp_path, make_profile, "skip", text)
+    with pytest.raises(
+        SourceError, match=rf"all\.csv: line {text.count(chr(10))} \(byte offset \d+\): a NUL byte"
+    ):
+        src.fetch(AAPL)
+
+
+def test_a_nul_is_looked_for_in_each_chunks_own_cells() -> None:
+    # a chunk may be a slice of a longer array: the bytes of the cells outside it are not its
+    cells = pa.array(["ab", "c\0d", "ef"])
+    assert not files_module._holds_nul(pa.chunked_array([cells.slice(2), pa.array(["x", None])]))
+    assert not files_module._holds_nul(pa.chunked_array([cells.slice(0, 1), cells.slice(2)]))
+    assert files_module._holds_nul(pa.chunked_array([cells.slice(1, 1)]))
+    assert files_module._holds_nul(pa.chunked_array([pa.array(["ab", "c\0d"], pa.large_string())]))
+    assert not files_module._holds_nul(pa.chunked_array([], pa.string()))
