@@ -38,7 +38,7 @@ PRIVATE_SLOTS = range(10_000, 100_000)
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
 _PRISTINE_MARK = re.compile(
-    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink)?(?: copy_bps=(\d+))?)? ledger=([0-9a-f]{64}) "
+    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink| noreflink)?(?: copy_bps=(\d+))?)? ledger=([0-9a-f]{64}) "
     r"stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
 )
 _CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
@@ -56,19 +56,22 @@ class PoolSizing:
     again at each snapshot (``refresher.pool.default_pool_size``) from ``reflink`` (the server's copies are
     reflinks: a clone costs almost no disk) and ``copy_bps`` (bytes per second of the fastest copy of the
     database measured on this server, by its snapshots: what a reset without a warm clone pays; None: none measured).
+    ``reflink`` is probed by every snapshot, whoever chose the size, so the pool's readers (``refresher status``,
+    each tick of ``wait_for_pool``, each refill) need not probe; None: the mark does not say (an older
+    refresher's, which probed only for the default and wrote no answer when it was no).
     A mark written before these were recorded says only the size: the old default (DEFAULT_POOL_SIZE) counts as
     not chosen, any other size as the user's."""
 
     size: int
     chosen: bool = True
-    reflink: bool = False
+    reflink: bool | None = None
     copy_bps: int | None = None
 
     def text(self) -> str:
         """How the mark says it (``_PRISTINE_MARK`` reads it back)."""
         return (
             f"pool_size={self.size} {'chosen' if self.chosen else 'auto'}"
-            + (" reflink" if self.reflink else "")
+            + ({True: " reflink", False: " noreflink", None: ""}[self.reflink])
             + (f" copy_bps={self.copy_bps}" if self.copy_bps is not None else "")
         )
 
@@ -182,7 +185,7 @@ def _mark_of(found: tuple[bool, str] | None) -> _Mark | None:
     pool = PoolSizing(
         int(size),
         chosen == "chosen" if chosen else int(size) != DEFAULT_POOL_SIZE,
-        bool(reflink),
+        {" reflink": True, " noreflink": False}.get(reflink),
         int(bps) if bps else None,
     )
     pending = tuple(tail.removeprefix(" pending=").split(",")) if tail.startswith(" pending=") else ()

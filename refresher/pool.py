@@ -211,12 +211,17 @@ def pool_status(server: ServerInfo) -> PoolStatus:
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         _reopen_abandoned(conn, server.dbname)
         mark = _pristine_mark(conn, server.dbname)
-        if mark is None:
-            return PoolStatus(False, (), DEFAULT_POOL_SIZE)
-        ready = tuple(_ready_clones(conn, server.dbname))
-        why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(server.dbname)))
-        _, cut = _disk_cut(conn, server.dbname, mark.pool_size, _Machine.of(conn), len(ready))
-        return PoolStatus(True, ready, mark.pool_size, why if cut is None else f"{why}; {cut}")
+        return _status(conn, server.dbname, mark, _ready_clones(conn, server.dbname))
+
+
+def _status(conn: psycopg.Connection[Any], db: str, mark: _Mark | None, ready: Collection[str]) -> PoolStatus:
+    """``pool_status`` of the pool ``mark`` records (None: no complete copy), ``ready`` as read with it. It writes
+    nothing: whether the server's copies are reflinks is the mark's answer (``_Machine.of``)."""
+    if mark is None:
+        return PoolStatus(False, (), DEFAULT_POOL_SIZE)
+    why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
+    _, cut = _disk_cut(conn, db, mark.pool_size, _Machine.of(conn, mark, probe=False), len(ready))
+    return PoolStatus(True, tuple(ready), mark.pool_size, why if cut is None else f"{why}; {cut}")
 
 
 def disk_cut(server: ServerInfo) -> str | None:
@@ -236,7 +241,7 @@ def disk_cut(server: ServerInfo) -> str | None:
                 *(name for name in _pool_databases(conn, db) if name not in ready),
             ]
             freed = sum(_database_bytes(conn, name) for name in doomed)
-            return _disk_cut(conn, db, mark.pool_size, _Machine.of(conn), len(ready), freed=freed)[1]
+            return _disk_cut(conn, db, mark.pool_size, _Machine.of(conn, mark), len(ready), freed=freed)[1]
     except (psycopg.Error, RefresherError):
         return None
 
@@ -276,11 +281,11 @@ def size_pool(
     would otherwise flip the default from 0 to 2 clones, and a daily refresh (which measures no copy) would keep
     that slow rate for good."""
     bps = size_pool_rate(copy_bps, old)
+    reflink = server_reflinks(conn)  # recorded whoever chose the size: the pool's readers need not probe
     if isinstance(chosen, int):
-        return PoolSizing(chosen, True, copy_bps=bps)
+        return PoolSizing(chosen, True, reflink, bps)
     if chosen is None and old is not None and old.chosen:
-        return replace(old, copy_bps=bps)
-    reflink = server_reflinks(conn)
+        return replace(old, reflink=reflink, copy_bps=bps)
     size = default_pool_size(reflink=reflink, copy_bps=bps, database_bytes=_database_bytes(conn, copy_of))
     return PoolSizing(size, False, reflink, bps)
 
@@ -445,41 +450,46 @@ def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
     one died short.
 
     Not the disk's bound as measured now: a refill drops the trash a reset left before it counts, and a clone
-    being copied takes disk before it is ready, so a bound measured from here undercounts while one runs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = pool_status(server)
-        if len(status.ready) >= status.target:
-            return status
-        settled = _settled(server) if status.pristine else None
-        if settled is not None and len(status.ready) >= settled:
-            return status
-        if time.monotonic() > deadline:
-            raise SnapshotError(
-                f"{server.dbname}: pool has {len(status.ready)}/{status.target} clones after {timeout:.0f}s"
-            )
-        time.sleep(0.1)
-
-
-def _settled(server: ServerInfo) -> int | None:
-    """The clones the disk held as the last refill of ``server``'s pool ended (``_record_settled``), when that
-    still holds: no refill is at the pool (none holds or waits for REFILL: one starting or running may make
-    more, and a mark being written may change the pool), and the record is of the current pristine copy and
-    pool size. None otherwise, and where this host cannot see the server's data directory (a container's: no
-    disk bound)."""
+    being copied takes disk before it is ready, so a bound measured from here undercounts while one runs. A tick
+    is a few queries on one session, the whole wait's: the status returned (its disk bound) is made once, at the
+    end (each tick was a ``pool_status`` and a second session, a reflink probe in the data directory included)."""
     db = server.dbname
+    deadline = time.monotonic() + timeout
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         directory = data_directory(conn)
-        if directory is None or conn.execute(_REFILLING, (db, REFILL)).fetchone() != (False,):
-            return None
-        mark = _pristine_mark(conn, db)
-        try:
-            generation, wanted, made = _settled_path(directory, db).read_text().split()
-            if mark is not None and (generation, int(wanted)) == (mark.generation, mark.pool_size):
-                return int(made)
-        except (OSError, ValueError):
-            pass
+        while True:
+            _reopen_abandoned(conn, db)
+            mark = _pristine_mark(conn, db)
+            ready = _ready_clones(conn, db)
+            if mark is not None and len(ready) >= mark.pool_size:
+                return _status(conn, db, mark, ready)
+            settled = _settled(conn, db, directory) if mark is not None else None
+            if settled is not None and len(ready) >= settled:
+                return _status(conn, db, mark, ready)
+            if time.monotonic() > deadline:
+                target = DEFAULT_POOL_SIZE if mark is None else mark.pool_size
+                raise SnapshotError(f"{db}: pool has {len(ready)}/{target} clones after {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+def _settled(conn: psycopg.Connection[Any], db: str, directory: Path | None) -> int | None:
+    """The clones the disk held as the last refill of ``db``'s pool ended (``_record_settled``), when that still
+    holds: no refill is at the pool (none holds or waits for REFILL: one starting or running may make more, and a
+    mark being written may change the pool), and the record is of the current pristine copy and says what the
+    disk holds of its pool: it asked the mark's size, or the disk cut what it asked (a refill given another size,
+    ``refill_pool(size=)``: the disk holds as few of any larger pool). None otherwise, and where this host cannot
+    see the server's data directory (``directory`` None, a container's: no disk bound)."""
+    if directory is None or conn.execute(_REFILLING, (db, REFILL)).fetchone() != (False,):
         return None
+    mark = _pristine_mark(conn, db)
+    try:
+        generation, wanted, made = _settled_path(directory, db).read_text().split()
+        asked, held = int(wanted), int(made)
+    except (OSError, ValueError):
+        return None
+    if mark is None or generation != mark.generation:
+        return None
+    return held if asked == mark.pool_size or held < asked else None
 
 
 # Whether a session holds or waits for advisory lock (hashtext(%s), %s) (two int4 keys: classid, objid,
@@ -652,10 +662,10 @@ def _sweep_and_fill(
 ) -> int:
     """The refill proper, under REFILL shared (the caller holds it)."""
     _sweep(conn, db)
-    machine = _Machine.of(conn)
+    machine = _Machine.of(conn, _pristine_mark(conn, db))
     if machine.data_directory is not None:
-        # A snapshot killed while it probed for reflinks; the probe sweeps too, but a pool size the user chose
-        # makes the snapshots probe no more.
+        # A snapshot killed while it probed for reflinks: the next snapshot's probe sweeps too, but many resets
+        # (each a refill) may come before it.
         _sweep_scratch(machine.data_directory)
     width = concurrency or refill_concurrency(os.cpu_count() or 1, rotational=machine.rotational)
     missing = _missing(conn, db, size, machine)
@@ -805,11 +815,18 @@ class _Machine:
     reflink: bool = False
 
     @classmethod
-    def of(cls, conn: psycopg.Connection[Any]) -> _Machine:
+    def of(cls, conn: psycopg.Connection[Any], mark: _Mark | None, *, probe: bool = True) -> _Machine:
+        """This host's view of ``conn``'s server, whose pool ``mark`` records (None: no complete copy). Reflinks:
+        as the mark records them (its snapshot probed); probed again (``server_reflinks``: scratch files in the
+        data directory) only for a mark that does not say (an older refresher's) when ``probe``, else taken
+        as none (full copies: the disk bound the lower)."""
         path = data_directory(conn)
         if path is None:
             return cls(None, False)
-        return cls(path, _is_rotational(path), server_reflinks(conn))
+        reflink = mark.pool.reflink if mark is not None else False
+        if reflink is None:
+            reflink = probe and server_reflinks(conn)
+        return cls(path, _is_rotational(path), reflink)
 
     def usage(self) -> tuple[int, int] | None:
         """(free, total) bytes of the data directory's filesystem; None when this host cannot see it."""

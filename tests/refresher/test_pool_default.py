@@ -54,13 +54,17 @@ LEDGER, GENERATION = "a" * 64, "0123456789abcdef"
 
 
 def test_the_mark_says_whose_size_it_is_and_an_old_mark_keeps_a_size_other_than_the_old_default() -> None:
-    for pool in (PoolSizing(0, False, copy_bps=123), PoolSizing(2, False, True), PoolSizing(3, True)):
+    sizings = (PoolSizing(0, False, False, 123), PoolSizing(2, False, True), PoolSizing(3, True, False))
+    for pool in (*sizings, PoolSizing(3, True)):
         mark = _Mark(pool, LEDGER, "none", GENERATION)
         assert _mark_of((True, mark.text())) == mark
     old = f"refresher pool_size={{}} ledger={LEDGER} stamp=none generation={GENERATION}"
-    # What an older refresher wrote: its default (2) was nobody's choice, any other size was the user's.
+    # What an older refresher wrote: its default (2) was nobody's choice, any other size was the user's; and
+    # whether the copies are reflinks it did not say (None: the refill probes).
     assert _mark_of((True, old.format(2))) == _Mark(PoolSizing(2, False), LEDGER, "none", GENERATION)
     assert _mark_of((True, old.format(0))) == _Mark(PoolSizing(0, True), LEDGER, "none", GENERATION)
+    chosen = old.format(3).replace(" ledger=", " chosen ledger=")
+    assert _mark_of((True, chosen)) == _Mark(PoolSizing(3, True, None), LEDGER, "none", GENERATION)
 
 
 def test_the_default_keeps_no_clone_only_without_reflink_and_with_a_fast_copy() -> None:
@@ -120,7 +124,7 @@ def test_a_snapshot_without_a_size_on_ext4_keeps_no_clone_and_a_reset_copies(loa
         before = conn.execute("SELECT count(*) FROM ohlcv_daily").fetchone()
     info = _snapshot_until_fast(loaded)
     assert (info.sizing.size, info.sizing.chosen, info.sizing.reflink) == (0, False, False), _mark(loaded)
-    assert info.pool == () and " auto copy_bps=" in _mark(loaded)
+    assert info.pool == () and " auto noreflink copy_bps=" in _mark(loaded)
     status = pool_status(loaded)
     assert (status.target, status.ready) == (0, ())
     assert status.why.startswith("pool 0: no reflink here and a copy resets in 0.")
@@ -153,7 +157,9 @@ def test_a_snapshot_killed_anywhere_while_the_default_drops_an_old_pool_leaves_a
     while True:
         step += 1
         with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as conn:
-            old = re.sub(r" chosen( copy_bps=\d+)?", "", _mark(loaded))  # as an older refresher wrote it
+            old = re.sub(
+                r" chosen( noreflink)?( copy_bps=\d+)?", "", _mark(loaded)
+            )  # as an older refresher wrote it
             conn.execute(
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(
                     sql.Identifier(pristine_name(loaded.dbname)), sql.Literal(old)
@@ -276,6 +282,9 @@ def test_on_xfs_with_reflink_the_default_keeps_the_pool(xfs_root: Path) -> None:
         assert len(wait_for_pool_databases(ws, DEFAULT_POOL_SIZE)) == DEFAULT_POOL_SIZE
         reset = json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)
         assert reset["method"] == "pool"
+        # A size the user chose records the probe's answer too: the refill and `status` read it there.
+        assert ws.refresh("--pool-size", "1")["pool_size"] == 1
+        assert " pool_size=1 chosen reflink " in _mark(ws.server())
     finally:
         ws.down()
 
@@ -330,6 +339,26 @@ def test_wait_for_pool_returns_once_the_refill_made_what_the_disk_holds(small_ex
         assert restore_pristine(server).method == "pool"  # takes the clone; a detached refill makes it again
         assert len(wait_for_pool(server, timeout=60).ready) == made
         assert time.monotonic() - started < 30
+    finally:
+        ws.down()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_wait_for_pool_returns_once_a_refill_given_its_own_size_made_what_the_disk_holds(
+    small_ext4: Path,
+) -> None:
+    """A refill given a size of its own (``refill_pool(size=)``, the pytest plugin's refill thread) records what
+    the disk held of the size it asked: ``wait_for_pool`` took that record for none but the mark's size, and
+    waited to its timeout for a pool the disk had cut just as short."""
+    ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
+    try:
+        server, _ = _tight_disk(ws, small_ext4, 3, 1.5)
+        made = refill_pool(server, size=4)
+        assert 1 <= made < 3, made
+        started = time.monotonic()
+        assert len(wait_for_pool(server, timeout=20).ready) == made
+        assert time.monotonic() - started < 5
     finally:
         ws.down()
 

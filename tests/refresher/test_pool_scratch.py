@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,6 +29,7 @@ from refresher.snapshot import (
     save_pristine,
 )
 from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_snapshot import _mark
 from tests.refresher.test_snapshot_crash import (
     _databases,
     _kill_steps,
@@ -139,16 +142,57 @@ with pool._admin(server.dsn("postgres")) as conn:
 
 
 @pytest.mark.postgres
-def test_the_refill_sweeps_what_a_killed_probe_left_where_snapshots_probe_no_more(loaded: ServerInfo) -> None:
-    # A size the user chose: no later snapshot probes the disk, so the refill (after every reset) sweeps.
+def test_the_refill_and_the_next_snapshot_sweep_what_a_killed_probe_left(loaded: ServerInfo) -> None:
+    # The refill after every reset sweeps, though it probes no more (the mark says); so does every snapshot's
+    # probe, whoever chose the size.
     directory = _data_directory(loaded)
-    save_pristine(loaded, pool_size=1)
+    save_pristine(loaded, pool_size=1, fill_pool=False)
+    assert " chosen noreflink " in _mark(loaded)  # probed though the user chose the size
     assert not _killed_after(loaded, 0, KILLED_PROBING)
-    assert len(_scratch(directory)) == 1
-    save_pristine(loaded, pool_size=1)  # probes nothing
     assert len(_scratch(directory)) == 1
     pool.refill_pool(loaded)
     assert _scratch(directory) == set()
+    assert not _killed_after(loaded, 0, KILLED_PROBING)
+    assert len(_scratch(directory)) == 1
+    save_pristine(loaded, pool_size=1, fill_pool=False)
+    assert _scratch(directory) == set()
+
+
+@pytest.mark.postgres
+def test_status_a_wait_and_the_refreshs_disk_note_leave_the_data_directory_as_it_was(
+    loaded: ServerInfo,
+) -> None:
+    """``refresher status`` (``pool_status``), a refresh's disk note (``disk_cut``) and every tick of
+    ``wait_for_pool`` probed the disk for reflinks: a scratch directory made and removed in the server's data
+    directory each time. The snapshot records the answer in the mark, and they read it there."""
+    directory = _data_directory(loaded)
+    save_pristine(loaded, pool_size=1, fill_pool=False)  # no refill: the pool stays short of its clone
+    before = directory.stat().st_mtime_ns
+    time.sleep(0.05)  # past the clock's tick: an entry made or removed from here on moves the mtime
+    status = pool.pool_status(loaded)
+    assert (status.target, status.ready) == (1, ()), status
+    assert pool.disk_cut(loaded) is None
+    with pytest.raises(SnapshotError, match="pool has 0/1 clones after 1s"):
+        pool.wait_for_pool(loaded, timeout=1)
+    assert directory.stat().st_mtime_ns == before
+
+
+@pytest.mark.postgres
+def test_a_wait_for_the_pool_opens_one_session(loaded: ServerInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tick of ``wait_for_pool`` (every 0.1 s) opened two sessions: a ``pool_status`` and one to read what
+    the last refill settled. The wait keeps one."""
+    save_pristine(loaded, pool_size=1, fill_pool=False)
+    opened: list[object] = []
+    connect = psycopg.connect
+
+    def counted(*args: Any, **kwargs: Any) -> psycopg.Connection[Any]:
+        opened.append(args)
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", counted)
+    with pytest.raises(SnapshotError, match="pool has 0/1 clones after 1s"):
+        pool.wait_for_pool(loaded, timeout=1)
+    assert len(opened) == 1, len(opened)
 
 
 # The step counter of ``_killed_after`` also counts the probe's mkdir of its scratch directory (before its lock)
