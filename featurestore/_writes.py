@@ -47,31 +47,20 @@ class Batch:
     now: dt.datetime
 
     def footer(self, i: int) -> dict[str, str]:
-        """Key ``i``'s own metadata: the footer of its file (a pack's index holds the same fields, by column)."""
-        start, end = self.bounds[i] or (None, None)
-        return {
-            "key": self.keys[i],
-            "symbol": self.symbols[i] or "",
-            "start_ns": "" if start is None else str(start),
-            "end_ns": "" if end is None else str(end),
-            "content_hash": self.contents[i],
-            "hash_method": self.hash_method,
-            "kind": self.kind,
-            "entry_kind": self.entry_kind,
-            "created_ts": _isoformat(self.now),
-            "meta": self.metas[i],
-        }
+        """Key ``i``'s own metadata: the footer of its file, the fields a pack's index holds by column."""
+        own = {name: values[0] for name, values in self.index_columns([i]).items()}
+        return {"key": self.keys[i], **own, "created_ts": _isoformat(self.now)}
 
     def index_columns(self, members: Sequence[int]) -> dict[str, list[str]]:
         """The per-key fields of a pack's index (``_packs``' fields) for keys ``members``, column by column."""
         n = len(members)
         bounds = [self.bounds[i] for i in members]
         return {
-            "content_hash": [self.contents[i] for i in members],
-            "hash_method": [self.hash_method] * n,
             "symbol": [self.symbols[i] or "" for i in members],
             "start_ns": ["" if b is None else str(b[0]) for b in bounds],
             "end_ns": ["" if b is None else str(b[1]) for b in bounds],
+            "content_hash": [self.contents[i] for i in members],
+            "hash_method": [self.hash_method] * n,
             "kind": [self.kind] * n,
             "entry_kind": [self.entry_kind] * n,
             "meta": [self.metas[i] for i in members],

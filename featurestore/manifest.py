@@ -105,24 +105,6 @@ STORE_FORMAT = 2
 _FORMAT = "store_format"
 # No PRIMARY KEY: uniqueness of `key` is kept by delete-then-insert under the exclusive lock, which avoids DuckDB's
 # over-eager index checks on delete+insert of one key inside a transaction; scans of a manifest are milliseconds.
-_COLUMNS = (
-    "key",
-    "path",
-    "symbol",
-    "start_ts",
-    "end_ts",
-    "rows",
-    "file_size_bytes",
-    "content_hash",
-    "hash_method",
-    "created_ts",
-    "last_accessed_ts",
-    "kind",
-    "hits",
-    "meta",
-    "pack_offset",
-    "pack_bytes",
-)
 _ARROW_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -143,6 +125,8 @@ _ARROW_SCHEMA = pa.schema(
         ("pack_bytes", pa.int64()),
     ]
 )
+_COLUMNS = tuple(_ARROW_SCHEMA.names)
+_TIMES = frozenset(field.name for field in _ARROW_SCHEMA if pa.types.is_timestamp(field.type))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +147,10 @@ class Entry:
     # Set when the key rides in a pack (``path``): its first row there, and the whole pack's size.
     pack_offset: int | None = None
     pack_bytes: int | None = None
+
+
+# The columns an Entry holds, each under its field's name (``Manifest.upsert``).
+_ENTRY_FIELDS = tuple(field.name for field in dataclasses.fields(Entry))
 
 
 @dataclasses.dataclass
@@ -596,10 +584,10 @@ class Manifest:
         }
 
     def upsert(self, con: duckdb.DuckDBPyConnection, rows: Sequence[Row]) -> None:
+        """Record ``rows``, each replacing its key's row (``insert``): an Entry's fields are columns of their
+        names, its times converted to naive UTC."""
         if not rows:
             return
-        entries = [row.entry for row in rows]
-        skip = len(self._root_prefix)
         seen: dict[dt.datetime | None, dt.datetime | None] = {}
 
         def naive(value: dt.datetime | None) -> dt.datetime | None:
@@ -608,27 +596,13 @@ class Manifest:
                 seen[value] = _naive(value)
             return seen[value]
 
-        paths: dict[Path, str] = {}  # a pack's keys share its path: one relative form per path
         columns: dict[str, list[Any]] = {
-            "key": [e.key for e in entries],
-            "path": [
-                paths.get(e.path) or paths.setdefault(e.path, self._relative(e.path, skip)) for e in entries
-            ],
-            "symbol": [e.symbol for e in entries],
-            "start_ts": [naive(e.start_ts) for e in entries],
-            "end_ts": [naive(e.end_ts) for e in entries],
-            "rows": [e.rows for e in entries],
-            "file_size_bytes": [e.file_size_bytes for e in entries],
-            "content_hash": [e.content_hash for e in entries],
-            "hash_method": [e.hash_method for e in entries],
-            "created_ts": [naive(e.created_ts) for e in entries],
-            "last_accessed_ts": [naive(e.last_accessed_ts) for e in entries],
             "kind": [row.kind for row in rows],
-            "hits": [0] * len(rows),
             "meta": [row.meta for row in rows],
-            "pack_offset": [e.pack_offset for e in entries],
-            "pack_bytes": [e.pack_bytes for e in entries],
         }
+        for name in _ENTRY_FIELDS:
+            values = [getattr(row.entry, name) for row in rows]
+            columns[name] = [naive(value) for value in values] if name in _TIMES else values
         self.insert(con, columns)
 
     def insert(
@@ -638,15 +612,20 @@ class Manifest:
         *,
         present: Collection[str] | None = None,
     ) -> None:
-        """Record rows given column by column (each of ``_COLUMNS``, one value per row; times as naive UTC
-        datetimes or microseconds since the epoch, paths relative to the root), each replacing its key's row.
+        """Record rows given column by column (each of ``_COLUMNS`` but ``hits``, which starts at 0; one value per
+        row; times as naive UTC datetimes or microseconds since the epoch, paths as ``Path``s in the store), each
+        replacing its key's row.
 
         One INSERT of one Arrow table, inside the caller's transaction: a kill anywhere before COMMIT leaves
         none of them. ``present``: which of these keys the manifest holds (asked in this same exclusive
         transaction); only their rows are deleted first, and none when it is empty (a cold batch, which no
         other writer can change meanwhile: a scan of the manifest and a join saved). None: the rows of every
         key are deleted first."""
-        table = pa.table(dict(columns), schema=_ARROW_SCHEMA)
+        paths: dict[Path, str] = {}  # a pack's keys share its path: one relative form per file
+        skip = len(self._root_prefix)
+        relative = [paths.get(p) or paths.setdefault(p, self._relative(p, skip)) for p in columns["path"]]
+        hits = [0] * len(relative)
+        table = pa.table({**columns, "path": relative, "hits": hits}, schema=_ARROW_SCHEMA)
         con.register("incoming", table)
         try:
             if present is None:
@@ -656,10 +635,6 @@ class Manifest:
             con.execute(f"INSERT INTO entries ({', '.join(_COLUMNS)}) SELECT * FROM incoming")
         finally:
             con.unregister("incoming")
-
-    def relative(self, path: Path) -> str:
-        """``path`` as the manifest records it: relative to the root, POSIX separators."""
-        return self._relative(path, len(self._root_prefix))
 
     def _relative(self, path: Path, skip: int) -> str:
         """``path`` relative to the root, as the manifest records it (POSIX separators)."""

@@ -623,14 +623,11 @@ class FeatureStore:
     def _rows(self, batch: _writes.Batch, placed: _writes.Placed) -> dict[str, list[Any]]:
         """The manifest rows of the keys ``placed``, column by column (``Manifest.insert``)."""
         at, n = placed.index, len(placed.index)
-        relative: dict[Path, str] = {}  # a pack's keys share its path: one relative form per file
         bounds = [batch.bounds[i] for i in at]
         now = batch.now.astimezone(dt.UTC).replace(tzinfo=None)
         return {
             "key": [batch.keys[i] for i in at],
-            "path": [
-                relative.get(p) or relative.setdefault(p, self.manifest.relative(p)) for p in placed.path
-            ],
+            "path": placed.path,
             "symbol": [batch.symbols[i] for i in at],
             # Nanoseconds floored to the manifest's microseconds, as ``ns_to_utc`` does.
             "start_ts": [None if b is None else b[0] // 1000 for b in bounds],
@@ -642,7 +639,6 @@ class FeatureStore:
             "created_ts": [now] * n,
             "last_accessed_ts": [now] * n,
             "kind": [batch.entry_kind] * n,
-            "hits": [0] * n,
             "meta": [batch.metas[i] for i in at],
             "pack_offset": placed.offset,
             "pack_bytes": placed.pack_bytes,
