@@ -52,11 +52,10 @@ from featurestore.errors import (
     StoreFormatNewer,
     StoreLockTimeout,
 )
-from featurestore.generation import move_generation, read_generation
+from featurestore.generation import MANIFEST_FILE, move_generation, note_manifest, read_generation
 
 log = logging.getLogger("featurestore")
 
-MANIFEST_FILE = "manifest.duckdb"
 _LOCK_FILE = "manifest.lock"
 _JOURNAL_FILE = "access.journal"
 _JOURNAL_LOCK = "access.journal.lock"
@@ -224,6 +223,8 @@ class Manifest:
         self._journal_lock = root / _JOURNAL_LOCK
         self._lock_timeout = lock_timeout
         self._thread_lock = thread_lock(self._lock_path)
+        # Whether the generation has moved in this exclusive hold (``removing``); None outside one.
+        self._moved: bool | None = None
 
     @property
     def lock_path(self) -> Path:
@@ -246,6 +247,7 @@ class Manifest:
             _acquired(self._thread_lock, wait, self._lock_path),
             self._started(),
             file_lock(self._lock_path, timeout=self._lock_timeout if wait else 0),
+            self._held(),
             self._open_healed() as con,
         ):
             con.execute("BEGIN TRANSACTION")
@@ -404,8 +406,19 @@ class Manifest:
             con.close()
 
     @contextmanager
+    def _held(self) -> Iterator[None]:
+        """The exclusive hold of ``write``, for ``removing``: the generation has not moved in it yet."""
+        self._moved = False
+        try:
+            yield
+        finally:
+            self._moved = None
+
+    @contextmanager
     def _open_healed(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open for writing (exclusive lock held): a damaged file is set aside; a new one is filled from files."""
+        # Asked before the file is opened (which may write it): as the last writer of this code left it?
+        unknown = read_generation(self.root) is None
         opened = self._open(read_only=False)
         if isinstance(opened, duckdb.Error):
             damage = opened
@@ -425,8 +438,10 @@ class Manifest:
             )
         con = opened
         try:
-            if read_generation(self.root) is None:  # a new store, or one from before generations
-                move_generation(self.root)
+            if unknown:
+                # A new store, one from before generations, or one another program wrote since this code last
+                # did (featurestore from before ``note_manifest``: it may have removed keys without a move).
+                self.removing()
             found = self._format(con)
             if found > STORE_FORMAT:  # before anything is written: its layout is not this code's to change
                 raise StoreFormatNewer.store_format(str(self.path), found, STORE_FORMAT)
@@ -445,6 +460,7 @@ class Manifest:
         finally:
             self._detach(con)
             _SOUND[self.path] = _identity(self.path)  # what this writer leaves behind is sound
+            note_manifest(self.root)
 
     @staticmethod
     def _filled(con: duckdb.DuckDBPyConnection) -> bool:
@@ -479,6 +495,7 @@ class Manifest:
                 con.execute(f"FORCE CHECKPOINT {_ALIAS}")
             finally:
                 self._detach(con)
+                note_manifest(self.root)
 
     # -- access journal ---------------------------------------------------------------------------------------
 
@@ -629,6 +646,7 @@ class Manifest:
         con.register("incoming", table)
         try:
             if present is None:
+                self.removing()
                 con.execute("DELETE FROM entries WHERE key IN (SELECT key FROM incoming)")
             else:
                 self.delete(con, present)
@@ -653,8 +671,16 @@ class Manifest:
     def removing(self) -> None:
         """Move the store's generation (``featurestore.generation``): a key is about to leave the manifest or
         change its content. Inside the exclusive transaction, before it commits (and before a key's own file is
-        replaced): a reader never sees the old generation with the change made."""
+        replaced): a reader never sees the old generation with the change made.
+
+        Once per exclusive hold: a move already made in it came before anything of the hold commits, so it
+        covers every later change too. Each move is a fsynced replace, and a replacing put asked twice (its
+        own and its rows' delete), a damaged manifest three times (set aside, restored, and a new store's)."""
+        if self._moved:
+            return
         move_generation(self.root)
+        if self._moved is not None:
+            self._moved = True
 
     def select(
         self, con: duckdb.DuckDBPyConnection, keys: Sequence[str] | None = None, *, symbol: str | None = None

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurestore.generation import read_generation
+from featurestore.generation import MANIFEST_FILE, read_generation
 from refresher._installed import installed_version
 from refresher.calendar import next_close
 from refresher.engines import sweep_private_tmps, write_private_json
@@ -66,8 +66,6 @@ if TYPE_CHECKING:
 STAMP_FORMAT = 7
 # What ``refresher.database.DDL`` creates (a test holds them equal): a table dropped by hand is work to do.
 TABLES = ("symbols", "ohlcv_daily", "ohlcv_1min", "refresher_segments", "refresher_rejects")
-# ``featurestore.manifest.MANIFEST_FILE``, named here because importing that module loads DuckDB.
-MANIFEST_FILE = "manifest.duckdb"
 # exchange_calendars: holidays, hence which bars exist; numpy: the generator's arithmetic; pydantic and PyYAML:
 # what the profile's bytes resolve to, which the check takes on trust from the stamp.
 _VALUE_LIBRARIES = ("exchange_calendars", "numpy", "pydantic", "pydantic_core", "pyyaml")

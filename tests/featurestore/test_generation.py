@@ -3,6 +3,7 @@ before the change commits, in a process killed between the steps as in two remov
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from featurestore import FeatureStore, collect_garbage
 from featurestore.generation import GENERATION_FILE, read_generation
+from featurestore.manifest import Row
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,6 +81,50 @@ def test_every_removal_or_replacement_moves_the_generation(tmp_path: Path, remov
     assert read_generation(store.root) not in (before, None)
 
 
+@pytest.mark.parametrize("removal", ["replaced", "replaced own file", "gc", "damaged", "rebuild"])
+def test_a_removal_moves_the_generation_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, removal: str
+) -> None:
+    """Each move is a fsynced replace of the file: a replacing put moved it twice (its own move and its rows'
+    delete), a damaged manifest three times (set aside, restored from the files, and again by the restore)."""
+    import featurestore.manifest
+    from featurestore.generation import move_generation as move
+
+    store = filled(tmp_path / "cache")
+    moves: list[str] = []
+
+    def counted(root: Path) -> str:
+        moves.append(move(root))
+        return moves[-1]
+
+    monkeypatch.setattr(featurestore.manifest, "move_generation", counted)
+    if removal == "replaced":
+        store.put_many([("seg-A", pa.table({"x": [7, 7]}), "A"), ("seg-B", pa.table({"x": [7]}), "B")])
+    elif removal == "replaced own file":
+        store.put("seg-own", pa.table({"x": [1]}), symbol="D")
+    elif removal == "gc":
+        collect_garbage(store, retention=dt.timedelta(0))
+    elif removal == "damaged":
+        store.manifest.path.write_bytes(b"not a manifest")
+        assert FeatureStore(store.root).get_cache_stats().entries == 4
+    else:
+        assert store.rebuild_manifest() == 4
+    assert len(moves) == 1
+    assert read_generation(store.root) == moves[0]
+
+
+def test_a_row_upserted_over_a_key_moves_it(tmp_path: Path) -> None:
+    """``Manifest.insert`` without ``present`` deletes every incoming key's row first: a removal like any other
+    (``upsert``'s only caller moved it already, so it had not shown)."""
+    store = filled(tmp_path / "cache")
+    before = read_generation(store.root)
+    with store.manifest.write() as txn:
+        held = store.manifest.select(txn.con, ["seg-A"])["seg-A"]
+        store.manifest.upsert(txn.con, [Row(dataclasses.replace(held, content_hash="xxh3:other"), "segment")])
+    assert read_generation(store.root) not in (before, None)
+    assert store.lookup_hashes(["seg-A"])["seg-A"][0] == "xxh3:other"
+
+
 def test_a_collection_that_removes_nothing_leaves_it(tmp_path: Path) -> None:
     store = filled(tmp_path / "cache")
     before = read_generation(store.root)
@@ -138,13 +184,18 @@ def test_a_remover_killed_between_its_steps_leaves_the_generation_moved(tmp_path
         while not marker.exists():
             assert child.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        assert read_generation(store.root) not in (before, None)  # seen moved while the removal is in flight
+        # Never seen unmoved while the removal is in flight: moved, or (committed, the manifest not yet noted
+        # by its writer) none, which answers nothing.
+        assert read_generation(store.root) != before
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     assert child.returncode == -signal.SIGKILL
+    assert read_generation(store.root) != before
+    assert (store.root / GENERATION_FILE).read_text().split()[0] != before  # the move itself was made durable
+    again = FeatureStore(store.root)
     assert read_generation(store.root) not in (before, None)
-    held = set(FeatureStore(store.root).lookup_hashes(["seg-A", "seg-B"]))
+    held = set(again.lookup_hashes(["seg-A", "seg-B"]))
     assert held == ({"seg-A", "seg-B"} if step == "moved" else {"seg-B"})  # rolled back, or committed
 
 

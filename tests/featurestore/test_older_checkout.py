@@ -1,6 +1,7 @@
 """A store shared with a checkout whose featurestore predates packs (fbd8ea4~1): that code's gc took every packed
 row for corrupt (the pack's size is not the key's share) and unlinked the packs at once. A store this code opened
-refuses that code before it touches anything."""
+refuses that code before it touches anything. And one whose featurestore predates the generation (3feedf7~1),
+whose removals do not move it: they void it instead (``featurestore.generation.note_manifest``)."""
 
 from __future__ import annotations
 
@@ -17,25 +18,41 @@ import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore, FeatureStoreError, StoreDiskFull
+from featurestore.generation import read_generation
 from tests.featurestore.test_gc import REPO
 
 BEFORE_PACKS = "fbd8ea4~1"
+BEFORE_GENERATIONS = "3feedf7~1"
 
 
-@pytest.fixture(scope="module")
-def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The featurestore package as it was before packs, from this repository's history."""
+def checkout(tmp_path_factory: pytest.TempPathFactory, revision: str) -> Path:
+    """The featurestore package as it was at ``revision``, from this repository's history."""
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", BEFORE_PACKS, "featurestore"],
+        ["git", "-C", str(REPO), "archive", "--format=tar", revision, "featurestore"],
         capture_output=True,
         check=False,
     )
     if archive.returncode != 0:  # a shallow clone without that commit
-        pytest.skip(f"git archive {BEFORE_PACKS}: {archive.stderr.decode().strip()}")
-    where = tmp_path_factory.mktemp("before-packs")
+        pytest.skip(f"git archive {revision}: {archive.stderr.decode().strip()}")
+    where = tmp_path_factory.mktemp("checkout")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(where, filter="data")
+    return where
+
+
+@pytest.fixture(scope="module")
+def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The featurestore package as it was before packs."""
+    where = checkout(tmp_path_factory, BEFORE_PACKS)
     assert not (where / "featurestore" / "_packs.py").exists()
+    return where
+
+
+@pytest.fixture(scope="module")
+def code_before_generations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = checkout(tmp_path_factory, BEFORE_GENERATIONS)
+    assert (where / "featurestore" / "_packs.py").exists()
+    assert not (where / "featurestore" / "generation.py").exists()
     return where
 
 
@@ -151,3 +168,36 @@ def test_a_full_disk_writing_the_marker_is_one_line(tmp_path: Path, monkeypatch:
     with pytest.raises(StoreDiskFull, match="disk full"):
         FeatureStore(root)
     assert not list(root.glob(".locks-*"))
+
+
+@pytest.mark.parametrize("change", ["gc", "addition"])
+def test_code_from_before_generations_writing_the_store_voids_its_generation(
+    tmp_path: Path, code_before_generations: Path, change: str
+) -> None:
+    """That code's gc removed keys and left the generation as it was: another checkout's stamped no-op refresh
+    then trusted a store that had lost them. Whatever it writes now voids the generation (None: no stamp
+    answers), and this code's next write moves it (that code may have removed keys)."""
+    root = tmp_path / "store"
+    store = FeatureStore(root)
+    store.put_many([(f"k{i}", pa.table({"x": list(range(i + 1))}), f"S{i}") for i in range(3)])
+    before = read_generation(root)
+    assert before is not None
+    if change == "gc":
+        code = (
+            "import datetime, sys; from featurestore import FeatureStore, collect_garbage;"
+            "report = collect_garbage(FeatureStore(sys.argv[1]), retention=datetime.timedelta(0));"
+            "assert report.expired == 3, report"
+        )
+    else:
+        code = (
+            "import sys, pyarrow as pa; from featurestore import FeatureStore;"
+            "FeatureStore(sys.argv[1]).put('k9', pa.table({'x': [9]}), symbol='S9')"
+        )
+    old = run_old(code_before_generations, "-c", code, str(root))
+    assert old.returncode == 0, old.stderr
+    assert read_generation(root) is None
+    store.lookup_hashes(["k0"])  # a read of this code's leaves it void
+    assert read_generation(root) is None
+    FeatureStore(root)
+    assert read_generation(root) not in (before, None)
+    assert set(store.lookup_hashes(["k0", "k9"])) == (set() if change == "gc" else {"k0", "k9"})
