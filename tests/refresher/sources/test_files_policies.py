@@ -298,3 +298,76 @@ def test_a_nul_is_looked_for_in_each_chunks_own_cells() -> None:
     assert files_module._holds_nul(pa.chunked_array([cells.slice(1, 1)]))
     assert files_module._holds_nul(pa.chunked_array([pa.array(["ab", "c\0d"], pa.large_string())]))
     assert not files_module._holds_nul(pa.chunked_array([], pa.string()))
+
+
+def shared_parquet(tmp_path: Path, make_profile: MakeProfile, policy: str, table: pa.Table) -> FilesSource:
+    pq.write_table(table, tmp_path / "all.parquet")
+    body = f"  kind: files\n  path: {tmp_path}\n  daily: all.parquet\n  on_bad_rows: {policy}"
+    return FilesSource(make_profile(profile_body(body)))
+
+
+def parquet_rows(**cells: pa.Array) -> pa.Table:
+    """AAPL's rows of November 26, 27 and 29 (text dates and closes, a note), ``cells`` replacing columns."""
+    columns = {
+        "Ticker": pa.array(["AAPL"] * 3),
+        "Date": pa.array(["2024-11-26", "2024-11-27", "2024-11-29"]),
+        "Open": [10.0] * 3,
+        "High": [11.0] * 3,
+        "Low": [9.0] * 3,
+        "Close": pa.array(["10.5"] * 3),
+        "Volume": [1000] * 3,
+        "Note": pa.array(["a", "b", "c"]),
+    }
+    return pa.table({**columns, **cells})
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip", "quarantine"])
+@pytest.mark.parametrize(
+    ("column", "cells", "shown"),
+    [
+        # a row of no symbol, left out without a word (AAPL loaded a day short)
+        ("Ticker", pa.array(["AAPL", "AAPL\0", "AAPL"]), "'AAPL\\x00'"),
+        ("Ticker", pa.array(["AAPL", "AA\0PL", "AAPL"]).dictionary_encode(), "'AA\\x00PL'"),
+        # a bad row whose quarantined cell Postgres' jsonb cannot hold (the load failed)
+        ("Close", pa.array(["10.5", "10.5\0", None], pa.large_string()), "'10.5\\x00'"),
+        ("Date", pa.array(["2024-11-26", "2024-11-27\0", "2024-11-29"]), "'2024-11-27\\x00'"),
+        ("Note", pa.array(["a", "Z\0rich", "c"]), "'Z\\x00rich'"),  # a column not loaded
+    ],
+    ids=["symbol", "symbol-dictionary", "close-text", "date-text", "other column"],
+)
+def test_a_nul_byte_in_a_parquet_text_cell_is_refused_naming_its_row_and_column(
+    tmp_path: Path, make_profile: MakeProfile, policy: str, column: str, cells: pa.Array, shown: str
+) -> None:
+    src = shared_parquet(tmp_path, make_profile, policy, parquet_rows(**{column: cells}))
+    path = tmp_path / "all.parquet"
+    with pytest.raises(SourceError) as info:
+        src.fetch(AAPL)
+    assert str(info.value) == (
+        f"{path}: row 2: {column}={shown}: a NUL byte in a text cell, which Postgres cannot hold: write the file "
+        "without it"
+    )
+    assert info.value.fields == {"file": str(path), "field": column, "value": cells[1].as_py()}
+    assert not src.rejects and not src.reports
+
+
+def test_a_nul_byte_in_a_parquet_column_name_is_refused(tmp_path: Path, make_profile: MakeProfile) -> None:
+    # a name Postgres cannot hold, as a CSV's
+    table = parquet_rows()
+    src = shared_parquet(
+        tmp_path, make_profile, "skip", table.rename_columns([*table.column_names[:-1], "No\0te"])
+    )
+    with pytest.raises(SourceError, match=r"all\.parquet: column 'No\\x00te': a NUL byte in a column name"):
+        src.fetch(AAPL)
+
+
+def test_a_parquet_dictionary_word_no_row_uses_is_no_nul_in_a_cell(
+    tmp_path: Path, make_profile: MakeProfile
+) -> None:
+    # a dictionary (pandas' categories) may keep a word no row holds any more; a long cell is cut in the message
+    unused = pa.DictionaryArray.from_arrays(pa.array([0, 0, 0], pa.int8()), pa.array(["AAPL", "GOOG\0"]))
+    src = shared_parquet(tmp_path, make_profile, "fail", parquet_rows(Ticker=unused))
+    assert src.fetch(AAPL).num_rows == 3
+    long = pa.array(["a", "x" * 100 + "\0", "c"])
+    src = shared_parquet(tmp_path, make_profile, "fail", parquet_rows(Note=long))
+    with pytest.raises(SourceError, match=rf": row 2: Note='{'x' * 77}\.\.\.': a NUL byte in a text cell"):
+        src.fetch(AAPL)
