@@ -55,6 +55,31 @@ _FENCES_HELD = "l.locktype = 'relation' AND l.relation = 'refresher_fences'::reg
 SEGMENTS_HELD = (
     "l.locktype = 'advisory' AND l.objsubid = 1 AND (l.classid::bigint << 32 | l.objid::bigint) = ANY(%s)"
 )
+# The lock ``pg_advisory_xact_lock(hashtext(name))`` takes (its key the int4 hash as a bigint), the name the
+# parameter: the new partitions' creators' lock (``refresher.partitions``).
+NAMED_HELD = (
+    "l.locktype = 'advisory' AND l.objsubid = 1 "
+    "AND (l.classid::bigint << 32 | l.objid::bigint) = hashtext(%s)"
+)
+# The locks ``pg_advisory_xact_lock(hashtext(name), key)`` takes, the name and an int array of keys the
+# parameters: the new months' locks (``refresher.partitions``).
+PAIRS_HELD = (
+    "l.locktype = 'advisory' AND l.objsubid = 2 "
+    "AND l.classid = hashtext(%s)::oid AND l.objid = ANY(%s::oid[])"
+)
+# The sessions that hold a lock ``{held}``, for the error that names them.
+_HOLDERS = """
+SELECT DISTINCT a.pid, a.application_name, a.state, a.wait_event FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid WHERE {held} AND l.granted AND l.pid <> pg_backend_pid() ORDER BY 1
+"""
+# Whether every other session holding a lock ``{held}`` is running a statement, or was within the seconds in the
+# first parameter (a live loader between two statements, its client busy): true when none holds one.
+_BUSY = """
+SELECT coalesce(bool_and(
+    a.state = 'active' OR a.state_change > clock_timestamp() - make_interval(secs => %s)
+), true)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE {held} AND l.granted AND l.pid <> pg_backend_pid()
+"""
 # The first server with ``pg_stat_progress_copy``.
 _PROGRESS_COPY_SINCE = 140000
 
@@ -129,20 +154,85 @@ def waited_ending_stalled(
     params: tuple[Any, ...],
     held: str,
     held_params: tuple[Any, ...] = (),
+    *,
+    patient: bool = False,
 ) -> Any:
     """``query``'s first row (``lock_waited``, in a transaction of its own or a savepoint of the caller's). Past
     the wait, the sessions that hold a lock ``held`` (a condition on ``pg_locks l``, its parameters
     ``held_params``) inside a COPY that read nothing from their client all along are ended (``_end_stalled``)
-    and the query tried once more; LockNotAvailable when there were none, or it waited out its wait again."""
+    and the query tried once more; LockNotAvailable when there were none, or it waited out its wait again.
+
+    ``patient``: while every session that holds such a lock is running a statement (a live COPY among them),
+    the query is tried again, each wait its own look at the COPYs: a live load is waited for as long as it
+    runs, as before the wait was bounded, and one stalled meanwhile is still ended. LockNotAvailable once a
+    holder is not (idle inside its transaction the whole wait: a loader stopped between two statements)."""
     copying = _copying(conn, held, held_params)
-    for again in (False, True):
+    again = False
+    while True:
         try:
             with conn.transaction(), lock_waited(conn, wait, query, params) as cursor:
                 return cursor.fetchone()
         except psycopg.errors.LockNotAvailable:
-            if again or not _end_stalled(conn, copying, wait, held, held_params):
+            if (patient or not again) and _end_stalled(conn, copying, wait, held, held_params):
+                again = True
+                continue
+            if not (patient and _busy(conn, wait, held, held_params)):
                 raise
-    raise AssertionError("unreachable")
+            copying = _copying(conn, held, held_params)
+
+
+def _busy(conn: psycopg.Connection[Any], wait: float, held: str, held_params: tuple[Any, ...]) -> bool:
+    """Whether every other session holding a lock ``held`` ran a statement within the last ``wait`` seconds (or
+    none holds one now)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")  # as ``_copying``: a look of its own
+    row = conn.execute(_BUSY.format(held=held), (wait, *held_params)).fetchone()
+    return row == (True,)
+
+
+def advisory_locked(
+    conn: psycopg.Connection[Any],
+    wait: float,
+    args: str,
+    rows: str,
+    params: tuple[Any, ...],
+    held: str,
+    held_params: tuple[Any, ...],
+    *,
+    patient: bool = True,
+) -> None:
+    """``pg_advisory_xact_lock({args})`` for each row of ``FROM {rows}`` (its parameters ``params``, the rows in
+    lock order), until the transaction ends. Tried first without waiting, in order up to the first lock another
+    session holds (one round trip: the uncontended case, as when each was one statement); when there is one,
+    the rest are taken in order through ``waited_ending_stalled`` (``held``, ``held_params``: the same locks as
+    ``pg_locks`` shows them; ``patient``), LockNotAvailable past its wait. Only a prefix of the order is taken
+    before the wait, so loaders that take the same locks in the same order still cannot deadlock.
+
+    A loader stopped in the middle of a COPY (SIGSTOP, a suspended machine) held its advisory locks for as long
+    as it stayed stopped, and another that wanted one waited as long: for ever, since the server ends no
+    session active in a COPY."""
+    tried = f"SELECT EXISTS (SELECT FROM {rows} WHERE NOT pg_try_advisory_xact_lock({args}))"
+    if conn.execute(tried, params).fetchone() == (False,):
+        return
+    waited_ending_stalled(
+        conn,
+        wait,
+        f"SELECT pg_advisory_xact_lock({args}) FROM {rows}",
+        params,
+        held,
+        held_params,
+        patient=patient,
+    )
+
+
+def held_by(conn: psycopg.Connection[Any], held: str, held_params: tuple[Any, ...]) -> str:
+    """The sessions that hold a lock ``held``, for an error: ``pid 12 (app, active on ClientRead)``."""
+    return (
+        ", ".join(
+            f"pid {pid} ({name or 'no application_name'}, {state}{f' on {event}' if event else ''})"
+            for pid, name, state, event in conn.execute(_HOLDERS.format(held=held), held_params).fetchall()
+        )
+        or "since ended"
+    )
 
 
 def _end_stalled(
@@ -206,6 +296,9 @@ def _copying(conn: psycopg.Connection[Any], held: str, held_params: tuple[Any, .
     ``pg_stat_progress_copy`` (the query failed there, and so did every claim: a run's features never loaded)."""
     if conn.info.server_version < _PROGRESS_COPY_SINCE:
         return {}
+    # The server reads the sessions' activity once a transaction and shows that until it ends: a look inside the
+    # caller's (a segment load's) saw after the wait the bytes it saw before it, and ended a live COPY as stalled.
+    conn.execute("SELECT pg_stat_clear_snapshot()")
     return dict(conn.execute(_COPYING.format(held=held), held_params).fetchall())
 
 
@@ -230,10 +323,14 @@ def drop_fences(conn: psycopg.Connection[Any], names: list[str], wait: float) ->
 
 __all__ = [
     "FENCES_DDL",
+    "NAMED_HELD",
+    "PAIRS_HELD",
     "SEGMENTS_HELD",
     "Fence",
     "FenceLost",
+    "advisory_locked",
     "drop_fences",
+    "held_by",
     "lock_waited",
     "waited_ending_stalled",
 ]

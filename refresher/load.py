@@ -38,7 +38,7 @@ from refresher import partitions
 from refresher.database import TIME_COLUMN, segment_range
 from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
 from refresher.errors import LoadError
-from refresher.fence import Fence
+from refresher.fence import SEGMENTS_HELD, Fence, advisory_locked, held_by
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
 
@@ -51,6 +51,9 @@ BATCH_ROWS = 128 * 1024
 _SMALL_CHUNK_ROWS = 1024
 # The array type of each table's time column, for the statements that take one bound per segment.
 _TIME_ARRAY = {"ohlcv_daily": "date[]", "ohlcv_1min": "timestamptz[]"}
+# Seconds a load waits for another's load of one of its segments (another refresh or worker loading it, a job
+# delivered twice, a loader stopped inside it) before ending that one's stalled COPY, or failing as a lock timeout.
+SEGMENT_LOCK_WAIT = 10.0
 
 
 class ShrinkError(LoadError):
@@ -115,7 +118,7 @@ def load_segments(
     if not items:
         return BatchOutcome((), frozenset(), ())
     datas = conform_many(items)
-    named = f"{items[0].segment}" + (f" (and {len(items) - 1} more in its batch)" if len(items) > 1 else "")
+    named = _named([item.segment for item in items])
     what = f"loading {named}"
     # Rows, their primary-key index and the WAL: measured about three times the Arrow size. Checked first
     # because a full disk under the WAL makes the server PANIC instead of failing the statement.
@@ -130,6 +133,11 @@ def load_segments(
         raise LoadError(
             f"{named}: loading failed: {server_said(exc)}".rstrip(), segment=str(items[0].segment)
         ) from exc
+
+
+def _named(segments: Sequence[Segment]) -> str:
+    """A batch in an error: its first segment, and how many more."""
+    return f"{segments[0]}" + (f" (and {len(segments) - 1} more in its batch)" if len(segments) > 1 else "")
 
 
 def server_said(exc: psycopg.Error) -> str:
@@ -164,13 +172,7 @@ def _write_batch(
     *,
     allow_shrink: bool,
 ) -> BatchOutcome:
-    # Two loads of one segment at once (two workers, a library caller beside a refresh) take turns: the second
-    # reads the ledger after the first commits, so it appends to or replaces what is really there. In id order,
-    # so two overlapping batches cannot deadlock.
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(id) FROM (SELECT DISTINCT unnest(%b::bigint[]) AS id ORDER BY 1) ids",
-        ([segment_lock_id(item.segment) for item in items],),
-    )
+    lock_segments(conn, [item.segment for item in items])
     ledger = _ledger_of(conn, [item.segment for item in items])
     emptied: list[tuple[Segment, int]] = []
     appended: set[Segment] = set()
@@ -196,19 +198,57 @@ def _write_batch(
     # The lock order (``refresher.partitions``): segments, then new months, then, having filled the new months'
     # partitions, the creators' lock before the first statement on a parent (the DELETE may touch the default
     # partition, which a creator's ATTACH takes exclusively).
-    months = {table: partitions.lock_new_months(conn, table, data) for table, data in rows_of.items()}
+    months = {
+        table: partitions.lock_new_months(conn, table, data, wait=SEGMENT_LOCK_WAIT)
+        for table, data in rows_of.items()
+    }
     fills = [
         partitions.fill_new_months(conn, table, data.schema.names, data, copy_arrow, months[table])
         for table, data in rows_of.items()
     ]
     if any(months.values()):
-        partitions.lock_creators(conn)
+        partitions.lock_creators(conn, wait=SEGMENT_LOCK_WAIT)
     _delete_rows(conn, reload)
     for fill in fills:
         partitions.attach_and_copy(conn, fill, copy_arrow)
     _record(conn, written)
     _quarantine(conn, [(item.segment, item.rejects) for item, _ in written if item.rejects is not None])
     return BatchOutcome(tuple(rows), frozenset(appended), tuple(emptied))
+
+
+def lock_segments(
+    conn: psycopg.Connection[Any], segments: Sequence[Segment], *, patient: bool = True
+) -> None:
+    """Take the segments' advisory locks until the transaction ends.
+
+    Two loads of one segment at once (two workers, a refresh beside a worker, a library caller beside a refresh)
+    take turns: the second reads the ledger after the first commits, so it appends to or replaces what is really
+    there. In id order, so two overlapping batches cannot deadlock.
+
+    Bounded (``refresher.fence.advisory_locked``): a loader stopped inside its load (SIGSTOP, a suspended machine,
+    in its COPY) held its locks for as long as it stayed stopped, and a refresh loading one of its segments
+    waited as long, for ever. The wait is ``SEGMENT_LOCK_WAIT``; past it a session that held one inside a COPY
+    that read nothing all along is ended and the locks taken again. A load running past it is waited for
+    (``patient``) or, not, a LoadError naming the sessions, as is a holder idle inside its transaction the whole
+    wait (a loader stopped between two statements); its cause a lock timeout: transient, a worker retries it."""
+    ids = sorted({segment_lock_id(segment) for segment in segments})
+    try:
+        advisory_locked(
+            conn,
+            SEGMENT_LOCK_WAIT,
+            "id",
+            "unnest(%s::bigint[]) AS id",
+            (ids,),
+            SEGMENTS_HELD,
+            (ids,),
+            patient=patient,
+        )
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LoadError(
+            f"{_named(segments)}: another load of these segments held their lock for over {SEGMENT_LOCK_WAIT:g} s "
+            f"({held_by(conn, SEGMENTS_HELD, (ids,))}); try again once it is done",
+            segment=str(segments[0]),
+        ) from exc
 
 
 def segment_lock_id(segment: Segment) -> int:
@@ -489,6 +529,7 @@ def _quarantine(conn: psycopg.Connection[Any], segments: Sequence[tuple[Segment,
 
 __all__ = [
     "BATCH_ROWS",
+    "SEGMENT_LOCK_WAIT",
     "BatchOutcome",
     "SegmentLoad",
     "ShrinkError",
@@ -498,6 +539,7 @@ __all__ = [
     "delete_segment",
     "load_segment",
     "load_segments",
+    "lock_segments",
     "quarantined",
     "segment_lock_id",
     "server_said",

@@ -51,6 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
+from refresher.errors import LoadError
+from refresher.fence import NAMED_HELD, PAIRS_HELD, advisory_locked, held_by
+
 # The tables that are partitioned by month when a database is created, and their time column.
 PARTITIONED: dict[str, str] = {"ohlcv_1min": "ts"}
 _CREATE_LOCK = "refresher.partitions.create"
@@ -111,22 +114,40 @@ def existing_months(conn: psycopg.Connection[Any], table: str) -> set[dt.date]:
     return months
 
 
-def lock_new_months(conn: psycopg.Connection[Any], table: str, data: pa.Table) -> list[dt.date]:
+def lock_new_months(
+    conn: psycopg.Connection[Any], table: str, data: pa.Table, *, wait: float
+) -> list[dt.date]:
     """Before anything else of the batch's table is touched: the months of ``data`` without a partition, each
     under its month's lock (ascending), read again once the locks are held (another loader may have made one).
 
     Two loaders of one new month take turns here; of two different months, both go on (see the module
-    docstring for the lock order)."""
+    docstring for the lock order). Bounded: a loader stopped while filling the month (SIGSTOP, in its COPY
+    FREEZE) held its lock for as long as it stayed stopped, and the other loaders of that month (other symbols)
+    waited as long, for ever. Past ``wait`` such a session is ended (``refresher.fence.advisory_locked``); a live
+    one is waited for as long as it runs, one idle inside its transaction past it is a LoadError naming it (a
+    lock timeout: transient)."""
     column = PARTITIONED.get(table)
     if column is None or not is_partitioned(conn, table):
         return []
     wanted = set(months_of(data, column)) - existing_months(conn, table)
     if not wanted:
         return []
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtext(%s), code) FROM (SELECT unnest(%s::int[]) AS code ORDER BY 1) c",
-        (f"{_CREATE_LOCK}.{table}", sorted(_code(month) for month in wanted)),
-    )
+    keys = (f"{_CREATE_LOCK}.{table}", sorted(_code(month) for month in wanted))
+    try:
+        advisory_locked(
+            conn,
+            wait,
+            "k, code",
+            "(SELECT hashtext(%s) AS k, unnest(%s::int[]) AS code) c",
+            keys,
+            PAIRS_HELD,
+            keys,
+        )
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LoadError(
+            f"{table}: another load making the partition of {', '.join(f'{m:%Y-%m}' for m in sorted(wanted))} "
+            f"held its lock for over {wait:g} s ({held_by(conn, PAIRS_HELD, keys)}); try again once it is done"
+        ) from exc
     return sorted(wanted - existing_months(conn, table))
 
 
@@ -173,10 +194,17 @@ def fill_new_months(
     return MonthFill(table, columns, data, filled, routed)
 
 
-def lock_creators(conn: psycopg.Connection[Any]) -> None:
+def lock_creators(conn: psycopg.Connection[Any], *, wait: float) -> None:
     """The creators' lock, until the transaction ends: taken after a batch filled its new partitions and before
-    it touches the parent (its DELETE, the default partition, the ATTACH); see the module docstring."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_CREATE_LOCK,))
+    it touches the parent (its DELETE, the default partition, the ATTACH); see the module docstring. Bounded as
+    ``lock_new_months``: a creator stopped in the COPY after its ATTACH held it for ever."""
+    try:
+        advisory_locked(conn, wait, "k", "hashtext(%s) AS k", (_CREATE_LOCK,), NAMED_HELD, (_CREATE_LOCK,))
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LoadError(
+            f"another load attaching a new month's partition held the creators' lock for over {wait:g} s "
+            f"({held_by(conn, NAMED_HELD, (_CREATE_LOCK,))}); try again once it is done"
+        ) from exc
 
 
 def attach_and_copy(conn: psycopg.Connection[Any], fill: MonthFill, copy: Copy) -> list[dt.date]:

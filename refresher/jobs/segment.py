@@ -18,16 +18,11 @@ import pyarrow as pa
 from featurestore import FeatureStore
 from refresher import load
 from refresher.errors import LoadError
-from refresher.fence import SEGMENTS_HELD, waited_ending_stalled
 from refresher.plan import GapPlan
 from refresher.segments import Segment
 from refresher.sources.base import Source, SourceReport
 from refresher.sources.reports import notes_key, notes_table, rejects_key, rejects_of, rejects_table
 from refresher.sources.validate import Reject
-
-# Seconds a job's load waits for another's load of its segment (a queue delivered the job twice, or a worker stopped
-# inside it and its lease ran out) before ending that one's stalled COPY, or failing as a lock timeout.
-SEGMENT_LOCK_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -238,20 +233,9 @@ def load_table(
     try:
         with conn.transaction():
             # Bounded: a worker stopped inside this segment's load (SIGSTOP, in its COPY) held the lock for as long
-            # as it stayed stopped, and the one that took its job over waited as long. Its session, stalled in
-            # a COPY that read nothing all the wait, is ended; a live load past it is a lock timeout (transient).
-            # Tried first without waiting: the bounded wait costs three more round trips (its look at the
-            # COPYs, a savepoint and its release), which every uncontended segment paid.
-            lock_id = load.segment_lock_id(job.segment)
-            if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_id,)).fetchone() != (True,):
-                waited_ending_stalled(
-                    conn,
-                    SEGMENT_LOCK_WAIT,
-                    "SELECT pg_advisory_xact_lock(%s)",
-                    (lock_id,),
-                    SEGMENTS_HELD,
-                    ([lock_id],),
-                )
+            # as it stayed stopped, and the one that took its job over waited as long (``load.lock_segments``). Not
+            # patient: a live load past the wait fails the attempt as a lock timeout (transient, tried again later).
+            load.lock_segments(conn, [job.segment], patient=False)
             row = conn.execute(
                 "SELECT content_hash FROM refresher_segments "
                 "WHERE symbol = %s AND timeframe = %s AND month = %s",

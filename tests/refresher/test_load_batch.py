@@ -8,8 +8,11 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -19,9 +22,12 @@ import pytest
 from psycopg import sql
 
 from featurestore.fingerprint import fingerprint_table
+from refresher import load
 from refresher.database import ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
+from refresher.fence import SEGMENTS_HELD, advisory_locked
+from refresher.jobs.retry import is_transient
 from refresher.load import SegmentLoad, conform_many, load_segments
 from refresher.segments import Segment
 from tests.fixtures_postgres import daily_bars
@@ -248,3 +254,136 @@ def test_a_batchs_delete_reads_the_daily_table_by_its_key_before_any_analyze(
         load_segments(conn, items)
         assert conn.execute(scans).fetchone() == before
     assert conn.execute("SELECT count(*) FROM ohlcv_daily WHERE symbol LIKE 'T%'").fetchone() == (1000 * 6,)
+
+
+@contextmanager
+def held_in_a_copy(
+    dsn: str, items: list[SegmentLoad], *, live: float = 0, at: int = 1
+) -> Iterator[tuple[int, list[BaseException]]]:
+    """A load of ``items`` on a session of its own (a thread), held up in a COPY before its ``at``-th: it sends
+    nothing until the block ends (a loader stopped there, SIGSTOP) or, ``live``, 64 KB of rows every 20 ms for
+    that many seconds (a loader busy with a long batch); then it goes on. Yields its session's pid and what it
+    failed with (read once the block ends), once the server shows that session waiting for the COPY's data."""
+    copying, go_on, failed, pid = threading.Event(), threading.Event(), list[BaseException](), list[int]()
+    calls = iter(range(at, 0, -1))
+    real_copy = load.copy_arrow
+
+    def copy_held(conn: psycopg.Connection[Any], *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "holder" and next(calls, 0) == 1:
+            with conn.cursor().copy("COPY pg_temp.filler (x) FROM STDIN") as copy:
+                copy.write("1\n")
+                copying.set()
+                until = time.monotonic() + live
+                while not go_on.wait(0.02) and not (live and time.monotonic() > until):
+                    if live:
+                        copy.write("1\n" * 32768)
+        real_copy(conn, *args, **kwargs)
+
+    def run() -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as holder:
+                pid.append(holder.info.backend_pid)
+                holder.execute("CREATE TEMP TABLE filler (x int)")
+                load_segments(holder, items)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="holder")
+    with pytest.MonkeyPatch.context() as patch, psycopg.connect(dsn, autocommit=True) as look:
+        patch.setattr(load, "copy_arrow", copy_held)
+        thread.start()
+        try:
+            assert copying.wait(30), failed
+            waiting = (
+                "SELECT state = 'active' AND wait_event = 'ClientRead' FROM pg_stat_activity WHERE pid = %s"
+            )
+            while look.execute(waiting, (pid[0],)).fetchone() != (True,):
+                time.sleep(0.01)
+            yield pid[0], failed
+        finally:
+            go_on.set()
+            thread.join()
+
+
+@pytest.fixture
+def short_wait(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(load, "SEGMENT_LOCK_WAIT", 0.5, raising=False)
+    return 0.5
+
+
+def test_a_load_ends_a_loader_stalled_in_its_copy_and_loads(
+    pg_database: ServerInfo, clean: Any, short_wait: float
+) -> None:
+    """A loader stopped in the middle of its COPY (SIGSTOP, a suspended machine) kept its segments' locks for as
+    long as it stayed stopped, and a refresh loading one of them waited as long: for ever, since the server ends
+    no session active in a COPY. Past the wait, the load ends the session that read nothing all along and
+    takes the locks; the stopped loader finds its session gone and commits nothing."""
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
+        with held_in_a_copy(pg_database.dsn(), _batch("ABCD", days=20)) as (_, failed):
+            started = time.monotonic()
+            load_segments(conn, _batch("CDEF"))
+            assert time.monotonic() - started < 10
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert _state(conn) == clean(_batch("CDEF"))
+
+
+def test_a_live_load_past_the_wait_is_waited_for(
+    pg_database: ServerInfo, clean: Any, short_wait: float
+) -> None:
+    """A load whose segments another load holds past the wait while its COPY reads rows all along waits for it,
+    as before the wait was bounded: nothing is ended, both commit. The rows read are looked at inside the
+    waiting load's transaction, where the server keeps one view of the sessions until it ends unless told to
+    look again: without that look the live COPY had read nothing, and it was ended."""
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        ensure_schema(conn)
+        with held_in_a_copy(pg_database.dsn(), _batch("ABCD", days=20), live=2.0) as (_, failed):
+            load_segments(conn, _batch("CDEF"))
+        assert not failed, failed
+        assert _state(conn) == clean([*_batch("AB", days=20), *_batch("CDEF")])
+
+
+def test_a_loader_stopped_between_statements_fails_the_load_in_one_line_naming_it(
+    pg_database: ServerInfo, short_wait: float
+) -> None:
+    """A loader stopped between two statements of its load (idle inside its transaction, its segments' locks
+    held) is no COPY to end: the load waits its wait, then fails in one line naming that session, a lock timeout
+    (a worker tries it again), where it waited for ever."""
+    ids = [load.segment_lock_id(item.segment) for item in _batch("C")]
+    with (
+        psycopg.connect(pg_database.dsn(), autocommit=True) as conn,
+        psycopg.connect(pg_database.dsn()) as holder,
+    ):
+        ensure_schema(conn)
+        conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
+        holder.execute("SELECT pg_advisory_xact_lock(id) FROM unnest(%s::bigint[]) AS id", (ids,))
+        started = time.monotonic()
+        with pytest.raises(LoadError, match=r"held their lock for over 0.5 s \(pid \d+ ") as caught:
+            load_segments(conn, _batch("CDEF"))
+        assert time.monotonic() - started < 10
+        assert f"pid {holder.info.backend_pid} (" in str(caught.value) and "idle in transaction" in str(
+            caught.value
+        )
+        assert "\n" not in str(caught.value) and is_transient(caught.value)
+        assert _state(conn) == ({}, {})
+
+
+def test_segment_locks_are_tried_in_order_up_to_the_first_one_held(pg_database: ServerInfo) -> None:
+    """The uncontended case takes the locks in one statement without waiting; when one is held, the locks taken
+    before the wait are those before it in the order, so the wait takes the rest in order as every load does (a
+    lock after it taken first would let two overlapping loads deadlock)."""
+    ids = sorted(load.segment_lock_id(item.segment) for item in _batch("AB")[:3])
+    with (
+        psycopg.connect(pg_database.dsn(), autocommit=True) as other,
+        psycopg.connect(pg_database.dsn(), autocommit=True) as conn,
+    ):
+        other.execute("SELECT pg_advisory_lock(%s)", (ids[1],))
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                advisory_locked(conn, 0.1, "id", "unnest(%s::bigint[]) AS id", (ids,), SEGMENTS_HELD, (ids,))
+            held = conn.execute(
+                "SELECT (classid::bigint << 32 | objid::bigint) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND pid = pg_backend_pid() AND granted",
+            ).fetchall()
+        assert held == [(ids[0],)]

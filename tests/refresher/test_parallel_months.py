@@ -20,11 +20,14 @@ import pytest
 from refresher import partitions
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
-from refresher.load import SegmentLoad, copy_arrow, load_segments
+from refresher.load import SEGMENT_LOCK_WAIT, SegmentLoad, copy_arrow, load_segments
 from refresher.segments import Segment
 from tests.fixtures_postgres import minute_bars, world_traversable_tmp
+from tests.refresher.test_load_batch import held_in_a_copy, short_wait
 from tests.refresher.test_refresh_e2e import Workspace
 from tests.refresher.test_refresh_e2e import workspace as workspace  # the fixture: each engine
+
+__all__ = ["short_wait", "workspace"]  # the fixtures
 
 pytestmark = pytest.mark.postgres
 NY = "America/New_York"
@@ -62,7 +65,7 @@ def test_a_second_month_is_made_while_the_first_is_still_filling(dsn: str) -> No
     jan = _month(JAN, ["AAPL", "MSFT"])
     data = jan[0].table.combine_chunks()
     with psycopg.connect(dsn, autocommit=True) as first, first.transaction():
-        months = partitions.lock_new_months(first, "ohlcv_1min", data)
+        months = partitions.lock_new_months(first, "ohlcv_1min", data, wait=SEGMENT_LOCK_WAIT)
         assert months == [JAN]
         fill = partitions.fill_new_months(first, "ohlcv_1min", data.schema.names, data, copy_arrow, months)
         done = threading.Event()
@@ -76,12 +79,60 @@ def test_a_second_month_is_made_while_the_first_is_still_filling(dsn: str) -> No
         thread.start()
         assert done.wait(timeout=60), "February waited for January's fill"
         thread.join()
-        partitions.lock_creators(first)  # then January ends as a load does
+        partitions.lock_creators(first, wait=SEGMENT_LOCK_WAIT)  # then January ends as a load does
         assert partitions.attach_and_copy(first, fill, copy_arrow) == [JAN]
     with psycopg.connect(dsn) as conn:
         assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
         assert conn.execute(STRAY).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM ohlcv_1min").fetchone() == (6_000,)
+
+
+def test_a_loader_stopped_filling_a_new_month_holds_no_other_loader_of_it_up(
+    dsn: str, short_wait: float
+) -> None:
+    """A loader stopped in the COPY FREEZE that fills a new month (SIGSTOP, a suspended machine) held the month's
+    lock for as long as it stayed stopped, and a loader of other symbols in that month waited on it for ever in
+    ``lock_new_months``. Past the wait the session, stalled in a COPY that read nothing all along, is ended: the
+    other loader makes the month; the stopped one commits nothing."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
+        with held_in_a_copy(dsn, _month(JAN, ["AAPL"])) as (_, failed):
+            load_segments(conn, _month(JAN, ["MSFT"]))
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN}
+        assert conn.execute("SELECT DISTINCT symbol FROM ohlcv_1min").fetchall() == [("MSFT",)]
+        assert conn.execute(STRAY).fetchone() == (0,)
+
+
+def test_a_loader_stopped_after_attaching_its_month_holds_no_other_creator_up(
+    dsn: str, short_wait: float
+) -> None:
+    """A loader stopped in its COPY after it attached a new month (the rows of an existing month going through
+    the parent) held the creators' lock for as long as it stayed stopped, and a loader that filled another new
+    month waited on it for ever in ``lock_creators``. Past the wait that session is ended; a live one (the other
+    loader of the same refresh) is waited for, as before, and both commit."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        load_segments(conn, _month(FEB, ["ZZZ"]))
+        conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
+        # Its second COPY: January filled and attached, then February's rows through the parent.
+        holder = [*_month(JAN, ["AAPL"]), *_month(FEB, ["AAPL"])]
+        with held_in_a_copy(dsn, holder, live=2.0, at=2) as (_, failed):
+            load_segments(conn, _month(MAR, ["MSFT"]))
+        assert not failed, failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB, MAR}
+        for month in ("01", "03"):  # both loads again, as the first time
+            conn.execute(f"DROP TABLE ohlcv_1min_2024_{month}")
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'ZZZ'")
+        conn.execute("DELETE FROM refresher_segments WHERE symbol <> 'ZZZ'")
+        with held_in_a_copy(dsn, holder, at=2) as (_, failed):
+            load_segments(conn, _month(MAR, ["MSFT"]))
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {FEB, MAR}
+        assert conn.execute(STRAY).fetchone() == (0,)
+        assert conn.execute("SELECT DISTINCT symbol FROM ohlcv_1min ORDER BY 1").fetchall() == [
+            ("MSFT",),
+            ("ZZZ",),
+        ]
 
 
 def test_two_loaders_over_the_same_months_in_opposite_orders_never_deadlock(dsn: str) -> None:
