@@ -8,15 +8,20 @@ port holds an ``@``, so one is refused here, before anything connects or prints.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 
 import psycopg
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_attempts, conninfo_to_dict, make_conninfo
 
+from refresher.engines import select_engine
+from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError
+from refresher.settings import Settings
 
 # Said instead of the connection string, which may hold a password.
 _NOT_SHOWN = "not shown, it may hold a password"
@@ -65,20 +70,77 @@ def _login_name() -> str | None:
         return None
 
 
-def libpq_params(named: Mapping[str, object], *, login_name: bool = True) -> dict[str, str]:
+def libpq_params(
+    named: Mapping[str, object],
+    *,
+    login_name: bool = True,
+    defaults: Sequence[pq.ConninfoOption] | None = None,
+) -> dict[str, str]:
     """``_WHERE`` of a DSN (``named``: its ``conninfo_to_dict``) as libpq connects it: its own, else libpq's defaults
     (``PQconndefaults``: a PGSERVICE file's, then PGHOST, PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, then built in:
     port 5432, the login name as user), read now from this process's environment. ``login_name=False``: no user
     when libpq's would be its fall-back, the login name, so the user left is one somebody named (the DSN, PGUSER,
-    a PGSERVICE file's user other than the login name: libpq says no source, so one naming it counts as none)."""
-    defaults = {
+    a PGSERVICE file's user other than the login name: libpq says no source, so one naming it counts as none).
+    ``defaults``: ``PQconndefaults`` already read by the caller (it reads a PGSERVICE file each time)."""
+    found = {
         option.keyword.decode(): option.val.decode()
-        for option in pq.Conninfo.get_defaults()
+        for option in (pq.Conninfo.get_defaults() if defaults is None else defaults)
         if option.val is not None and option.keyword.decode() in _WHERE
     }
-    if not login_name and not os.environ.get("PGUSER") and defaults.get("user") in ("", _login_name()):
-        defaults.pop("user", None)
-    return {**defaults, **{key: str(named[key]) for key in _WHERE if named.get(key) is not None}}
+    if not login_name and not os.environ.get("PGUSER") and found.get("user") in ("", _login_name()):
+        found.pop("user", None)
+    return {**found, **{key: str(named[key]) for key in _WHERE if named.get(key) is not None}}
 
 
-__all__ = ["libpq_params", "parse_dsn", "without_password"]
+# The loopback addresses our engines' servers listen on (127.0.0.1) or that reach them: ``localhost`` resolves to
+# one or both, and psycopg tries each.
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def _endpoints(params: Mapping[str, str], default_port: str) -> set[tuple[str, str]]:
+    """Where psycopg connects for ``params``, one (address, port) per attempt (``conninfo_attempts``: each entry of
+    a host list, each address a name resolves to): an IP address, one loopback address for either, a socket
+    directory by its normalised path, "" for none (libpq's compiled-in socket directory); an empty port
+    ``default_port`` (libpq's compiled-in one: an empty port is not PGPORT's)."""
+    found = set()
+    for attempt in conninfo_attempts(params):
+        port = str(attempt.get("port") or default_port)
+        if address := str(attempt.get("hostaddr") or ""):
+            ip = ipaddress.ip_address(address)
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            found.add(("loopback" if str(ip) in _LOOPBACK else str(ip), port))
+        else:
+            host = str(attempt.get("host") or "")
+            found.add((os.path.normpath(host) if host.startswith("/") else host, port))
+    return found
+
+
+def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | None:
+    """The profile's own server when this machine serves it and ``target`` (a DSN, its password or not) names its
+    database: the same host (either loopback address for the other), port and database, whatever the role, as
+    libpq resolves them (``libpq_params``: PGPORT for a DSN without a port...), every host of a host list. A run
+    submitted with ``--target "$(refresher url ...)"`` is that server as much as one without: a door a reset
+    killed there left shut is opened, the pristine snapshot saved after it. Else None: a DSN naming a service
+    (its file's values, which come before the environment's, are not read here), or a socket directory, where
+    no engine's server listens (the local one listens on TCP only: ``refresher.engines.local.LISTEN``)."""
+    with suppress(Exception):
+        named = conninfo_to_dict(target)
+        if named.get("service"):
+            return None
+        server = select_engine(settings.engine, settings, profile).info(profile)
+        if server is None:
+            return None
+        defaults = pq.Conninfo.get_defaults()  # once: it reads a PGSERVICE file each time
+        params = libpq_params(named, defaults=defaults)
+        if (params.get("dbname") or params.get("user")) != server.dbname:
+            return None
+        compiled = next((o.compiled for o in defaults if o.keyword == b"port"), None) or b"5432"
+        theirs = _endpoints(params, compiled.decode())
+        if theirs and theirs <= _endpoints(
+            {"host": server.host, "hostaddr": "", "port": str(server.port)}, ""
+        ):
+            return server
+    return None
+
+
+__all__ = ["libpq_params", "parse_dsn", "served_here", "without_password"]

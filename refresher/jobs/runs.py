@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import redis
 
+from refresher.dsn import served_here
 from refresher.errors import JobError, one_line
 from refresher.fence import drop_fences
 from refresher.jobs.queue import (
@@ -573,7 +574,6 @@ def _drop_fences(settings: Settings, fenced: dict[str, tuple[str, str]]) -> tupl
     After the runs' keys went from Redis: a target down or refusing us never keeps a run in Redis. Each target
     is reached as a worker reaches it (the profile's own server served here, else libpq's credentials; another
     machine's database door shut fails at once)."""
-    from refresher.jobs.submit import served_here  # it imports this module
     from refresher.snapshot import connect_target
 
     by_target: dict[tuple[str, str], list[str]] = {}

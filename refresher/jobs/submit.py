@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
-import os
-from collections.abc import Mapping
-from contextlib import closing, suppress
+from contextlib import closing
 from zoneinfo import ZoneInfo
 
 import psycopg
 import redis
-from psycopg import pq
-from psycopg.conninfo import conninfo_attempts, conninfo_to_dict
 
 from featurestore import FeatureStore
 from refresher import database
@@ -43,53 +38,6 @@ def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:
         return None
     local = state.next_close.astimezone(ZoneInfo(state.tz))
     return state.next_close.timestamp(), f"{local:%Y-%m-%d %H:%M} {state.tz}"
-
-
-# The loopback addresses our engines' servers listen on (127.0.0.1) or that reach them: ``localhost`` resolves to
-# one or both, and psycopg tries each.
-_LOOPBACK = frozenset({"127.0.0.1", "::1"})
-
-
-def _endpoints(params: Mapping[str, str]) -> set[tuple[str, str]]:
-    """Where psycopg connects for ``params``, one (address, port) per attempt (``conninfo_attempts``: each entry of
-    a host list, each address a name resolves to): an IP address, one loopback address for either, a socket
-    directory by its normalised path, "" for none (libpq's compiled-in socket directory); an empty port libpq's."""
-    default_port = next(o.compiled for o in pq.Conninfo.get_defaults() if o.keyword == b"port")
-    found = set()
-    for attempt in conninfo_attempts(params):
-        port = str(attempt.get("port") or (default_port or b"5432").decode())
-        if address := str(attempt.get("hostaddr") or ""):
-            ip = ipaddress.ip_address(address)
-            ip = getattr(ip, "ipv4_mapped", None) or ip
-            found.add(("loopback" if str(ip) in _LOOPBACK else str(ip), port))
-        else:
-            host = str(attempt.get("host") or "")
-            found.add((os.path.normpath(host) if host.startswith("/") else host, port))
-    return found
-
-
-def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | None:
-    """The profile's own server when this machine serves it and ``target`` (a DSN, its password or not) names its
-    database: the same host (either loopback address for the other), port and database, whatever the role, as
-    libpq resolves them (``dsn.libpq_params``: PGPORT for a DSN without a port...), every host of a host list. A run
-    submitted with ``--target "$(refresher url ...)"`` is that server as much as one without: a door a reset
-    killed there left shut is opened, the pristine snapshot saved after it. Else None: a DSN naming a service
-    (its file's values, which come before the environment's, are not read here), or a socket directory, where
-    no engine's server listens (the local one listens on TCP only: ``refresher.engines.local.LISTEN``)."""
-    with suppress(Exception):
-        named = conninfo_to_dict(target)
-        if named.get("service"):
-            return None
-        server = select_engine(settings.engine, settings, profile).info(profile)
-        if server is None:
-            return None
-        params = dsn_check.libpq_params(named)
-        if (params.get("dbname") or params.get("user")) != server.dbname:
-            return None
-        theirs = _endpoints(params)
-        if theirs and theirs <= _endpoints({"host": server.host, "hostaddr": "", "port": str(server.port)}):
-            return server
-    return None
 
 
 def submit_run(
@@ -123,7 +71,7 @@ def submit_run(
         public = server.dsn(with_password=False)
     else:
         public = without_password(target)
-        server = served_here(settings, profile.name, public)
+        server = dsn_check.served_here(settings, profile.name, public)
     store = FeatureStore(settings.store_root)
     try:
         # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
@@ -159,4 +107,4 @@ def submit_run(
         raise unreachable(queue_url, exc, queue_label) from exc
 
 
-__all__ = ["hold_until", "served_here", "submit_run", "without_password"]
+__all__ = ["hold_until", "submit_run", "without_password"]

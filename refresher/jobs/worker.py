@@ -30,6 +30,7 @@ import redis
 from featurestore import FeatureStore
 from refresher import load, pool, snapshot
 from refresher._gc import fewer_collections
+from refresher.dsn import served_here
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError, ProfileBusy, one_line
 from refresher.features import FeatureCounts, refresh_features
@@ -61,7 +62,6 @@ from refresher.jobs.segment import (
     produce_tables,
     run_segment_job,
 )
-from refresher.jobs.submit import served_here
 from refresher.plan import segment_key
 from refresher.profile import Profile, load_profile
 from refresher.profile_lock import hold_profile

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from refresher.dsn import served_here
 from refresher.engines.base import ServerInfo
-from refresher.jobs.submit import served_here
 from refresher.settings import Settings
 from refresher.snapshot import connect_target
 from tests.fixtures_postgres import PYTEST_PROFILE
