@@ -88,10 +88,6 @@ class FenceLost(Exception):
     """A later holder of the lock claimed the fence: this holder writes nothing more."""
 
 
-class _Held(LoadError):
-    """Another holder's transaction kept the fence's row past the wait."""
-
-
 @dataclass(frozen=True)
 class Fence:
     """Fence ``name`` in a target database, as the holder of ``token`` sees it; ``wait``: seconds a claim or a
@@ -133,15 +129,15 @@ class Fence:
         self, conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...], stalled: str | None = None
     ) -> Any:
         """``query``'s row, its lock waited for at most ``wait`` seconds (inside the caller's transaction; with
-        ``stalled``, ``waited_ending_stalled``'s): a LoadError (``_Held``; the caller's transaction rolls back)
-        past it."""
+        ``stalled``, ``waited_ending_stalled``'s): a LoadError past it (its cause the LockNotAvailable: a
+        transient failure, ``jobs.retry.is_transient``; the caller's transaction rolls back)."""
         try:
             if stalled is not None:
                 return waited_ending_stalled(conn, self.wait, query, params, stalled)
             with lock_waited(conn, self.wait, query, params) as cursor:
                 return cursor.fetchone()
         except psycopg.errors.LockNotAvailable as exc:
-            raise _Held(
+            raise LoadError(
                 f"{self.name}: another holder's transaction kept the fence for over {self.wait:g} s "
                 "(a worker held up inside it?); tried again later"
             ) from exc
