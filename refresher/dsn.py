@@ -8,9 +8,11 @@ port holds an ``@``, so one is refused here, before anything connects or prints.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import pwd
+import socket
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 
@@ -92,37 +94,71 @@ def libpq_params(
     return {**found, **{key: str(named[key]) for key in _WHERE if named.get(key) is not None}}
 
 
-# The loopback addresses our engines' servers listen on (127.0.0.1) or that reach them: ``localhost`` resolves to
-# one or both, and psycopg tries each.
-_LOOPBACK = frozenset({"127.0.0.1", "::1"})
+# Seconds a look at a loopback address waits for its TCP handshake (``_passed_over``): one that took longer is
+# counted as a server there.
+_PROBE_TIMEOUT = 1.0
+# What a connection to an address this machine cannot use fails with: libpq goes on to the next as from a refusal.
+_UNUSABLE = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.ENETUNREACH})
 
 
-def _endpoints(params: Mapping[str, str], default_port: str) -> set[tuple[str, str]]:
-    """Where psycopg connects for ``params``, one (address, port) per attempt (``conninfo_attempts``: each entry of
-    a host list, each address a name resolves to): an IP address, one loopback address for either, a socket
-    directory by its normalised path, "" for none (libpq's compiled-in socket directory); an empty port
-    ``default_port`` (libpq's compiled-in one: an empty port is not PGPORT's)."""
-    found = set()
+def _endpoints(params: Mapping[str, str], default_port: str) -> list[tuple[str, str]]:
+    """Where psycopg connects for ``params``, one (address, port) per attempt in the order it tries them
+    (``conninfo_attempts``: each entry of a host list, each address a name resolves to): an IP address (a host's,
+    a hostaddr, a name's; an IPv4-mapped one as its IPv4), a socket directory by its normalised path, "" for none
+    (libpq's compiled-in socket directory); an empty port ``default_port`` (libpq's compiled-in one: an empty port
+    is not PGPORT's)."""
+    found = []
     for attempt in conninfo_attempts(params):
         port = str(attempt.get("port") or default_port)
-        if address := str(attempt.get("hostaddr") or ""):
+        host = str(attempt.get("host") or "")
+        # An IPv6 host is left as it is (psycopg takes "::1" for a Windows drive, "C:"); libpq reads it as hostaddr.
+        if address := str(attempt.get("hostaddr") or "") or (host if _ip(host) else ""):
             ip = ipaddress.ip_address(address)
-            ip = getattr(ip, "ipv4_mapped", None) or ip
-            found.add(("loopback" if str(ip) in _LOOPBACK else str(ip), port))
+            found.append((str(getattr(ip, "ipv4_mapped", None) or ip), port))
         else:
-            host = str(attempt.get("host") or "")
-            found.add((os.path.normpath(host) if host.startswith("/") else host, port))
+            found.append((os.path.normpath(host) if host.startswith("/") else host, port))
     return found
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP address; None for a socket directory or a host name."""
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
+
+
+def _passed_over(address: str, port: str) -> bool:
+    """Whether a connection to ``address`` (an IP address of this machine's loopback) on ``port`` is refused now:
+    libpq then tries the next address (``localhost``: ::1, then 127.0.0.1). One that accepts is another server
+    than ours, which listen on 127.0.0.1 only."""
+    try:
+        with socket.create_connection((address, int(port)), timeout=_PROBE_TIMEOUT):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError as exc:
+        return exc.errno in _UNUSABLE
 
 
 def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | None:
     """The profile's own server when this machine serves it and ``target`` (a DSN, its password or not) names its
-    database: the same host (either loopback address for the other), port and database, whatever the role, as
-    libpq resolves them (``libpq_params``: PGPORT for a DSN without a port...), every host of a host list. A run
-    submitted with ``--target "$(refresher url ...)"`` is that server as much as one without: a door a reset
-    killed there left shut is opened, the pristine snapshot saved after it. Else None: a DSN naming a service
-    (its file's values, which come before the environment's, are not read here), or a socket directory, where
-    no engine's server listens (the local one listens on TCP only: ``refresher.engines.local.LISTEN``)."""
+    database: the same address, port and database, whatever the role, as libpq resolves them (``libpq_params``:
+    PGPORT for a DSN without a port...), every host of a host list. A run submitted with ``--target "$(refresher
+    url ...)"`` is that server as much as one without: a door a reset killed there left shut is opened, the
+    pristine snapshot saved after it. Else None: a DSN naming a service (its file's values, which come before the
+    environment's, are not read here), or a socket directory, where no engine's server listens (the local one
+    listens on TCP only: ``refresher.engines.local.LISTEN``).
+
+    Our engines' servers listen on 127.0.0.1 alone (the local one's LISTEN, Docker's and compose's published
+    ports): another loopback address (``::1``, or ``localhost`` resolved to ::1 first) counts only while nothing
+    accepts there on the port, so that psycopg goes on to 127.0.0.1 (``_passed_over``). ::1 counted as 127.0.0.1:
+    another server on [::1] and the port was taken for ours (a session as the server's role went to ours, not
+    to the server named; another role's went to the one named, a refusal there opened our door, and ours was
+    saved as pristine after loads that went to it). Where one accepts, the target is not ours whichever server
+    its sessions reach (psycopg goes on to the next address after any failure, a refused role's too): its door
+    is not ours to open. A server that starts on [::1] after the look is seen at the next (a worker looks again
+    after a failed connection, and within ``worker.OWN_SERVER_TTL``)."""
     with suppress(Exception):
         named = conninfo_to_dict(target)
         if named.get("service"):
@@ -135,9 +171,11 @@ def served_here(settings: Settings, profile: str, target: str) -> ServerInfo | N
         if (params.get("dbname") or params.get("user")) != server.dbname:
             return None
         compiled = next((o.compiled for o in defaults if o.keyword == b"port"), None) or b"5432"
+        ours = set(_endpoints({"host": server.host, "hostaddr": "", "port": str(server.port)}, ""))
         theirs = _endpoints(params, compiled.decode())
-        if theirs and theirs <= _endpoints(
-            {"host": server.host, "hostaddr": "", "port": str(server.port)}, ""
+        if ours & set(theirs) and all(
+            where in ours or ((ip := _ip(where[0])) is not None and ip.is_loopback and _passed_over(*where))
+            for where in theirs
         ):
             return server
     return None

