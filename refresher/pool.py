@@ -95,7 +95,7 @@ from refresher._snapshot_sql import (
 from refresher.diskfull import COPY_SLACK, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
-from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, pool_as_asked
+from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, cache_directory, pool_as_asked
 
 MAX_REFILL_CONCURRENCY = 4
 GB = 2**30
@@ -106,6 +106,10 @@ SCRATCH_PREFIX = ".refresher-reflink-"
 SCRATCH_TRIES = 10
 # What the disk held as the last refill of a pool ended (``_record_settled``), in the server's data directory.
 SETTLED_PREFIX = ".refresher-pool-settled-"
+# How the last detached refill of a pool ended (``_record_outcome``), beside the settled record; for a server
+# whose data directory this host cannot see (a container's), in OUTCOMES under the user's cache directory.
+OUTCOME_PREFIX = ".refresher-pool-refill-"
+OUTCOMES = "pool-refills"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class PoolStatus:
     target: int
     # Why the pool keeps ``target`` clones (``pool_reason``).
     why: str = ""
+    # "the last refill (<when>) failed: <its error>" while the last detached refill to end failed ("" if not).
+    failed: str = ""
 
     @property
     def reset(self) -> str:
@@ -124,7 +130,13 @@ class PoolStatus:
         return "rename" if self.ready else "copy"
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": self.target, "ready": len(self.ready), "reset": self.reset, "why": self.why}
+        return {
+            "size": self.target,
+            "ready": len(self.ready),
+            "reset": self.reset,
+            "why": self.why,
+            "refill_failed": self.failed or None,
+        }
 
 
 @dataclass(frozen=True)
@@ -221,7 +233,8 @@ def _status(conn: psycopg.Connection[Any], db: str, mark: _Mark | None, ready: C
         return PoolStatus(False, (), DEFAULT_POOL_SIZE)
     why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
     _, cut = _disk_cut(conn, db, mark.pool_size, _Machine.of(conn, mark, probe=False), len(ready))
-    return PoolStatus(True, tuple(ready), mark.pool_size, why if cut is None else f"{why}; {cut}")
+    failed = _last_failure(_outcome_path(conn, db))
+    return PoolStatus(True, tuple(ready), mark.pool_size, why if cut is None else f"{why}; {cut}", failed)
 
 
 def disk_cut(server: ServerInfo) -> str | None:
@@ -501,10 +514,10 @@ _REFILLING = (
 )
 
 
-def _settled_path(directory: Path, db: str) -> Path:
-    """The file in the server's data directory ``directory`` that records what the last refill of ``db``'s pool
-    made (a database's name may hold any character: hashed)."""
-    return directory / f"{SETTLED_PREFIX}{hashlib.sha256(db.encode()).hexdigest()[:16]}"
+def _settled_path(directory: Path, db: str, prefix: str = SETTLED_PREFIX) -> Path:
+    """The file in ``directory`` (the server's data directory) that records what the last refill of ``db``'s pool
+    made (``prefix`` ``OUTCOME_PREFIX``: how it ended, ``_outcome_path``; a name may hold any character: hashed)."""
+    return directory / f"{prefix}{hashlib.sha256(db.encode()).hexdigest()[:16]}"
 
 
 def _record_settled(
@@ -525,6 +538,75 @@ def _record_settled(
         os.replace(part, path)
     with contextlib.suppress(OSError):
         part.unlink(missing_ok=True)
+
+
+def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) -> None:
+    """Record that a detached refill of ``db``'s pool ended at ``ended`` (ns since the epoch) with ``failure`` (its
+    one line; None: it filled the pool), for ``refresher status``: the refill's own output reaches nobody (the
+    CLI's go to /dev/null), and a failed one left the pool short without a word while resets copied.
+
+    At ``_outcome_path``, one line, ``<ended> ok`` or ``<ended> failed <line>``. The latest end wins: under an
+    exclusive flock of a lock file beside it, a refill that ended before the recorded one leaves it (two refills
+    at once: one failing before a later one filled the pool does not claim the pool failed; one failing later
+    does). Written to one ``.part`` file under that lock and renamed over: a reader never sees half, and a writer
+    killed midway leaves the record as it was and a part the next one overwrites. Best effort, as the settled
+    record (a directory we may not write, a full disk: no record); one connection of its own, as the refill's
+    may be what failed."""
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError):
+        with _admin(admin_dsn) as conn:
+            path = _outcome_path(conn, db)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.with_name(f"{path.name}.lock").open("a") as lock:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            recorded = _read_outcome(path)
+            if recorded is not None and recorded[0] > ended:
+                return
+            part = path.with_name(f"{path.name}.part")
+            part.write_text(f"{ended} ok\n" if failure is None else f"{ended} failed {failure}\n")
+            os.replace(part, path)
+
+
+def _outcome_path(conn: psycopg.Connection[Any], db: str) -> Path:
+    """Where ``_record_outcome`` records how the last detached refill of ``db``'s pool on ``conn``'s server ended:
+    beside the settled record in the server's data directory when this host sees it (it goes with the cluster),
+    else (a container's) under this user's cache directory, by the server's address and the database: the
+    refiller is a process of this host, as `refresher status` is (``spawn_refill`` passes it $XDG_CACHE_HOME)."""
+    directory = data_directory(conn)
+    if directory is not None:
+        return _settled_path(directory, db, OUTCOME_PREFIX)
+    server = f"{conn.info.host}:{conn.info.port}/{db}"
+    return _settled_path(cache_directory(os.environ) / OUTCOMES, server, OUTCOME_PREFIX)
+
+
+def _read_outcome(path: Path) -> tuple[int, str | None] | None:
+    """The record ``_record_outcome`` wrote at ``path``: when the last refill ended and its failure (None: it
+    filled the pool); None when there is none or it is not one."""
+    try:
+        ended, outcome, *rest = path.read_text().rstrip("\n").split(" ", 2)
+        return (int(ended), rest[0] if outcome == "failed" and rest else None)
+    except (OSError, ValueError):
+        return None
+
+
+def _last_failure(path: Path) -> str:
+    """``PoolStatus.failed``: the line saying the last detached refill recorded at ``path`` failed, "" when it did
+    not (or there is no record: none ended yet)."""
+    recorded = _read_outcome(path)
+    if recorded is None or recorded[1] is None:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded[0] / 1e9))
+    return f"the last refill ({when}) failed: {recorded[1]}"
+
+
+def _failure_line(exc: BaseException) -> str:
+    """One line for ``_record_outcome``: a refresher error's own message, else its type and first line."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    if not isinstance(exc, RefresherError):
+        line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def refill_pool(server: ServerInfo, *, size: int | None = None, concurrency: int | None = None) -> int:
@@ -598,6 +680,8 @@ def spawn_refill(
     if not fill:
         command.append("--no-fill")
     env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    # Where it records how it ended for a container's server (``_outcome_path``): the caller's cache directory.
+    env.update({name: os.environ[name] for name in ("HOME", "XDG_CACHE_HOME") if name in os.environ})
     try:
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
@@ -1156,15 +1240,22 @@ def main(argv: list[str] | None = None) -> int:
     handed = None
     if args.analyze:
         handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
-    created = _refill(
-        args.dsn,
-        args.database,
-        background=args.background,
-        size=None,
-        concurrency=None,
-        handed=handed,
-        fill=not args.no_fill,
-    )
+    try:
+        created = _refill(
+            args.dsn,
+            args.database,
+            background=args.background,
+            size=None,
+            concurrency=None,
+            handed=handed,
+            fill=not args.no_fill,
+        )
+    except Exception as exc:
+        # Recorded for `refresher status`, then the traceback as before (to its log, if any).
+        _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
+        raise
+    if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
+        _record_outcome(args.dsn, args.database, time.time_ns(), None)
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
     return 0
 

@@ -249,6 +249,8 @@ def status_table(
         for s, pool in zip(statuses, shown, strict=True):
             if pool is not None and pool.why:
                 _out(f"{s.profile}: {pool.why}")
+            if pool is not None and pool.failed:
+                _out(f"{s.profile}: {pool.failed}")
     _notes(notes)
 
 

@@ -81,6 +81,12 @@ def find_state_dir(start: Path) -> Path:
     return start / STATE_DIR_NAME
 
 
+def cache_directory(env: Mapping[str, str]) -> Path:
+    """Where derived data that is safe to lose goes (compiled calendars, initdb templates, the outcome of a
+    refill of a container's pool): ``$XDG_CACHE_HOME/refresher``, ``~/.cache/refresher`` without it."""
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refresher"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where state, cache and profiles live, and which engine to use."""
@@ -136,7 +142,7 @@ class Settings:
             engine=env.get("REFRESHER_ENGINE") or "auto",
             pg_image_override=env.get("REFRESHER_PG_IMAGE") or None,
             require_docker=env.get("REFRESHER_REQUIRE_DOCKER", "") not in ("", "0", "false"),
-            cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refresher",
+            cache_dir=cache_directory(env),
             compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
             queue_url=env.get("REFRESHER_QUEUE") or None,
             # An override (the CLI flag) wins, and then a bad variable is not an error: it is not used.

@@ -580,7 +580,7 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
         assert stamped(ws.refresh("--pool-size", "0"))  # the same size again: nothing to do
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
         assert [s["pool"] for s in status] == [
-            {"size": 0, "ready": 0, "reset": "copy", "why": CHOSEN.format(0)}
+            {"size": 0, "ready": 0, "reset": "copy", "why": CHOSEN.format(0), "refill_failed": None}
         ]
         assert "0/0 ready, reset: copy" in ws.run("status").stdout
         execute(ws, "DELETE FROM ohlcv_daily")
@@ -605,7 +605,7 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
         assert done.returncode == 0 and stamped(json.loads(done.stdout.strip().splitlines()[-1])), done.stderr
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
         assert [s["pool"] for s in status] == [
-            {"size": 1, "ready": 1, "reset": "rename", "why": CHOSEN.format(1)}
+            {"size": 1, "ready": 1, "reset": "rename", "why": CHOSEN.format(1), "refill_failed": None}
         ]
     finally:
         report = ws.refresh("--pool-size", "2")  # two clones again (remembered)

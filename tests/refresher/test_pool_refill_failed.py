@@ -1,0 +1,133 @@
+"""A detached refill that fails says so in `refresher status` (and its --json) until a later one fills the pool:
+its output goes to /dev/null after a CLI refresh or reset, and a short pool then made resets copy without a word.
+The record (``pool._record_outcome``) keeps the latest end of concurrent refills and is never seen half-written,
+a writer killed midway included. Against real local servers and the real detached refill."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from refresher.engines.base import ServerInfo
+from refresher.pool import OUTCOME_PREFIX, _last_failure, _outcome_path, _record_outcome, _settled_path
+from refresher.snapshot import pristine_name
+from tests.fixtures_postgres import refills_gone
+from tests.refresher.test_cli_stamp import wait_for_pool_databases
+from tests.refresher.test_refresh_e2e import Workspace, workspace
+
+pytestmark = pytest.mark.postgres
+
+__all__ = ["workspace"]  # a fixture, imported to be found
+
+
+def _refill_failed(ws: Workspace) -> object:
+    [server] = json.loads(ws.run("status", "--profile", ws.profile, "--json").stdout)["servers"]
+    return server["pool"]["refill_failed"]
+
+
+def _on_pristine(ws: Workspace) -> psycopg.Connection[object]:
+    """A session on the pristine copy (which takes none: let in for a moment), so a CREATE DATABASE from it
+    fails after the server's 5 s wait: "source database ... is being accessed by other users"."""
+    pristine = sql.Identifier(pristine_name(ws.profile))
+    with psycopg.connect(ws.dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(pristine))
+        try:
+            return psycopg.connect(ws.server().dsn(pristine_name(ws.profile)))
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(pristine))
+
+
+@pytest.mark.slow
+def test_a_failed_refill_after_a_reset_shows_in_status_until_a_later_one_fills_the_pool(
+    workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = workspace
+    # A cache directory of its own, which the detached refill must be told (a container's record is kept there).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ws.refresh("--pool-size", "1")["pool_size"] == 1
+    wait_for_pool_databases(ws, 1)
+    refills_gone(ws.profile)
+    assert _refill_failed(ws) is None
+    blocker = _on_pristine(ws)
+    try:
+        assert json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)["method"] == "pool"
+        refills_gone(ws.profile)  # the real detached refill, its output to /dev/null: it failed
+        failed = _refill_failed(ws)
+        assert isinstance(failed, str) and failed.startswith("the last refill ("), failed
+        assert "being accessed by other users" in failed and "\n" not in failed, failed
+        table = ws.run("status", "--profile", ws.profile).stdout
+        assert f"{ws.profile}: the last refill (" in table and "0/1 ready, reset: copy" in table, table
+    finally:
+        blocker.close()
+    ws.run("reset", "--profile", ws.profile)  # copies; its refill fills the pool
+    refills_gone(ws.profile)
+    assert _refill_failed(ws) is None
+    assert "the last refill" not in ws.run("status", "--profile", ws.profile).stdout
+    path = _record_path(ws.server())
+    assert path.read_text().endswith(" ok\n")
+    assert path.is_relative_to(tmp_path) == (ws.engine == "docker"), path
+
+
+def _record(dsn: str, db: str, ended: int, failure: str | None) -> None:
+    _record_outcome(dsn, db, ended, failure)
+
+
+def _killed_renaming(dsn: str, db: str) -> None:
+    """``_record_outcome`` killed (SIGKILL) between writing its part and renaming it over the record."""
+    os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[assignment]
+    _record_outcome(dsn, db, 10**19, "killed midway")
+
+
+def _record_path(server: ServerInfo) -> Path:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        return _outcome_path(conn, server.dbname)
+
+
+def test_concurrent_refills_keep_the_latest_end_and_a_killed_writer_leaves_the_record_whole(
+    pg_database: ServerInfo,
+) -> None:
+    dsn, db = pg_database.dsn("postgres"), pg_database.dbname
+    path = _record_path(pg_database)
+    directory = path.parent
+    try:
+        # Ten refills end at once, in no order: a failure that ended before a success is not the record.
+        ends = [(1_000 + n, None if n == 7 else f"failure {n}") for n in range(10)]
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(10) as workers:
+            workers.starmap(_record, [(dsn, db, ended, failure) for ended, failure in reversed(ends)])
+        assert path.read_text() == "1009 failed failure 9\n"
+        assert _last_failure(path).endswith("failed: failure 9")
+        _record(dsn, db, 1_005, "ended before the recorded one")
+        assert path.read_text() == "1009 failed failure 9\n"
+        _record(dsn, db, 1_010, None)
+        assert _last_failure(path) == ""
+        _record(dsn, db, 1_008, "ended before the success")
+        assert _last_failure(path) == ""
+
+        killed = context.Process(target=_killed_renaming, args=(dsn, db))
+        killed.start()
+        killed.join(60)
+        assert killed.exitcode == -signal.SIGKILL
+        assert path.read_text() == "1010 ok\n"  # the part it wrote is no record
+        _record(dsn, db, 1_011, "after the kill")  # its lock went with it; its part is written over
+        assert path.read_text() == "1011 failed after the kill\n"
+    finally:
+        for leftover in directory.glob(f"{path.name}*"):
+            leftover.unlink()
+
+
+def test_a_record_that_is_no_record_claims_no_failure(tmp_path: Path) -> None:
+    path = _settled_path(tmp_path, "db", OUTCOME_PREFIX)
+    assert _last_failure(path) == ""
+    for text in ("", "garbage\n", "12 failed\n", "x failed boom\n"):
+        path.write_text(text)
+        assert _last_failure(path) == "", text
+    path.write_text("12 failed boom: it broke\n")
+    assert _last_failure(path).endswith("failed: boom: it broke")
