@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from refresher.errors import LoadError
-from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
+from refresher.ledger_counter import ensure_ledger_counter, schema_locked
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
 
@@ -105,9 +105,8 @@ TzArg = str | Mapping[str, str] | None
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     """Create the tables when missing; idempotent, and safe for two loaders racing on a fresh database."""
-    with conn.transaction():
-        # CREATE TABLE IF NOT EXISTS is not race-free across sessions; the lock makes it so.
-        conn.execute(SCHEMA_LOCK)
+    # CREATE TABLE IF NOT EXISTS is not race-free across sessions; the lock makes it so.
+    with schema_locked(conn):
         for statement in (*DDL, DEFAULT_PARTITION):
             conn.execute(statement)  # constant DDL, no user input
         ensure_ledger_counter(conn, SEGMENTS_TABLE)

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 
 from refresher.errors import LoadError
-from refresher.ledger_counter import SCHEMA_LOCK
+from refresher.ledger_counter import schema_locked
 
 FENCES_DDL = """
 CREATE TABLE IF NOT EXISTS refresher_fences (
@@ -67,6 +67,12 @@ PAIRS_HELD = (
     "l.locktype = 'advisory' AND l.objsubid = 2 "
     "AND l.classid = hashtext(%s)::oid AND l.objid = ANY(%s::oid[])"
 )
+# A lock on the relation of the name in the parameter, in this database (``refresher.partitions.lock_default``:
+# the default partition a new month's ATTACH takes exclusively and a DELETE through the parent may reach).
+RELATION_HELD = (
+    "l.locktype = 'relation' AND l.relation = to_regclass(%s) "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 # The sessions that hold a lock ``{held}``, for the error that names them.
 _HOLDERS = """
 SELECT DISTINCT a.pid, a.application_name, a.state, a.wait_event FROM pg_locks l
@@ -102,8 +108,7 @@ class Fence:
         larger token holds it. A session that kept it the whole wait inside a COPY with no data from its client
         is ended (``_end_stalled``), and the fence claimed again."""
         if not _has_fences(conn):
-            with conn.transaction():
-                conn.execute(SCHEMA_LOCK)
+            with schema_locked(conn):
                 conn.execute(FENCES_DDL)
         row = self._waiting(
             conn,
@@ -153,10 +158,11 @@ def waited_ending_stalled(
     *,
     patient: bool = False,
 ) -> Any:
-    """``query``'s first row (``lock_waited``, in a transaction of its own or a savepoint of the caller's). Past
-    the wait, the sessions that hold a lock ``held`` (a condition on ``pg_locks l``, its parameters
-    ``held_params``) inside a COPY that read nothing from their client all along are ended (``_end_stalled``)
-    and the query tried once more; LockNotAvailable when there were none, or it waited out its wait again.
+    """``query``'s first row, None for a statement that returns none (``lock_waited``, in a transaction of its own
+    or a savepoint of the caller's). Past the wait, the sessions that hold a lock ``held`` (a condition on
+    ``pg_locks l``, its parameters ``held_params``) inside a COPY that read nothing from their client all along
+    are ended (``_end_stalled``) and the query tried once more; LockNotAvailable when there were none, or it
+    waited out its wait again.
 
     ``patient``: while every session that holds such a lock is running a statement (a live COPY among them),
     the query is tried again, each wait its own look at the COPYs: a live load is waited for as long as it
@@ -167,7 +173,7 @@ def waited_ending_stalled(
     while True:
         try:
             with conn.transaction(), lock_waited(conn, wait, query, params) as cursor:
-                return cursor.fetchone()
+                return cursor.fetchone() if cursor.description is not None else None
         except psycopg.errors.LockNotAvailable:
             if (patient or not again) and _end_stalled(conn, copying, wait, held, held_params):
                 again = True
@@ -321,6 +327,7 @@ __all__ = [
     "FENCES_DDL",
     "NAMED_HELD",
     "PAIRS_HELD",
+    "RELATION_HELD",
     "SEGMENTS_HELD",
     "Fence",
     "FenceLost",

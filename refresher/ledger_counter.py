@@ -6,6 +6,8 @@ psycopg alone: the CLI's no-op ``refresh`` (``refresher.stamp``) reads it withou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -24,8 +26,35 @@ _COUNTER_DDL: tuple[str, ...] = (
         END IF;
     END $$""",
 )
-# Held by ``refresher.database.ensure_schema`` too: CREATE ... IF NOT EXISTS is not race-free across sessions.
-SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('refresher.ensure_schema'))"
+# Held by every transaction that makes a table (``schema_locked``): CREATE ... IF NOT EXISTS is not race-free
+# across sessions.
+_SCHEMA_LOCK = "pg_advisory_xact_lock(hashtext('refresher.ensure_schema'))"
+# Seconds a transaction under the schema lock may idle between two of its statements before the server ends it
+# (``schema_locked``): its statements follow one another at once, so only a stopped client idles that long.
+SCHEMA_IDLE_TIMEOUT = 30.0
+
+
+@contextmanager
+def schema_locked(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction (a savepoint inside the caller's) holding the schema lock until it ends.
+
+    A client stopped inside it (SIGSTOP, Ctrl-Z, a suspended machine) kept the lock for as long as it stayed
+    stopped, and every other session making the schema (a refresh's ``ensure_schema``, a first features load, a
+    fence's table) waited as long: for ever. Its statements are short DDL whose results the server sends
+    whether or not the client reads them, so a stopped client leaves its session idle in the transaction: in a
+    transaction of its own, ``idle_in_transaction_session_timeout`` is set for it alone (``SCHEMA_IDLE_TIMEOUT``,
+    in the same statement as the lock) and the server ends such a session. Not in a savepoint: the setting would
+    outlive it in the caller's transaction, whose pauses are its own."""
+    own = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        if own:
+            conn.execute(
+                f"SELECT set_config('idle_in_transaction_session_timeout', %s, true), {_SCHEMA_LOCK}",
+                (f"{SCHEMA_IDLE_TIMEOUT * 1000:.0f}ms",),
+            )
+        else:
+            conn.execute(f"SELECT {_SCHEMA_LOCK}")
+        yield
 
 
 def ensure_ledger_counter(conn: psycopg.Connection[Any], table: str) -> None:
@@ -40,8 +69,7 @@ def ensure_ledger_counter(conn: psycopg.Connection[Any], table: str) -> None:
     """
     if _counter_armed(conn, table):
         return
-    with conn.transaction():
-        conn.execute(SCHEMA_LOCK)
+    with schema_locked(conn):
         if _counter_armed(conn, table):  # another session armed it while we waited
             return
         for statement in _COUNTER_DDL:
@@ -65,4 +93,10 @@ def _counter_armed(conn: psycopg.Connection[Any], table: str) -> bool:
     return bool(row and row[0])
 
 
-__all__ = ["LEDGER_TRIGGER", "LEDGER_WRITES", "SCHEMA_LOCK", "ensure_ledger_counter"]
+__all__ = [
+    "LEDGER_TRIGGER",
+    "LEDGER_WRITES",
+    "SCHEMA_IDLE_TIMEOUT",
+    "ensure_ledger_counter",
+    "schema_locked",
+]

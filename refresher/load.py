@@ -196,8 +196,8 @@ def _write_batch(
         written.append((item, data.num_rows))
     rows_of = {table: pa.concat_tables(parts) for table, parts in sorted(copies.items())}
     # The lock order (``refresher.partitions``): segments, then new months, then, having filled the new months'
-    # partitions, the creators' lock before the first statement on a parent (the DELETE may touch the default
-    # partition, which a creator's ATTACH takes exclusively).
+    # partitions, the creators' lock and the default partition's before the first statement on a parent (the
+    # DELETE may touch the default partition, which a creator's ATTACH takes exclusively).
     months = {
         table: partitions.lock_new_months(conn, table, data, wait=SEGMENT_LOCK_WAIT)
         for table, data in rows_of.items()
@@ -208,6 +208,10 @@ def _write_batch(
     ]
     if any(months.values()):
         partitions.lock_creators(conn, wait=SEGMENT_LOCK_WAIT)
+    deleted = {item.segment.table for item in reload}
+    for table in rows_of:
+        if months[table] or table in deleted:
+            partitions.lock_default(conn, table, attaching=bool(months[table]), wait=SEGMENT_LOCK_WAIT)
     _delete_rows(conn, reload)
     for fill in fills:
         partitions.attach_and_copy(conn, fill, copy_arrow)
@@ -285,6 +289,7 @@ def delete_segment(
     with conn.transaction():
         if fence is not None:
             fence.check(conn)
+        partitions.lock_default(conn, segment.table, attaching=False, wait=SEGMENT_LOCK_WAIT)
         deleted = int(conn.execute(query, (segment.symbol, lo, hi)).rowcount)
         conn.execute(
             "DELETE FROM refresher_segments WHERE symbol = %s AND timeframe = %s AND month = %s",

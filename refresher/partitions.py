@@ -25,10 +25,12 @@ Two loaders fill two new months at once; the lock order that keeps them from dea
 3. fill: CREATE TABLE, COPY FREEZE, primary key (``fill_new_months``). This touches only the new table (and the
    parent's definition, ACCESS SHARE, for ``LIKE``), so the bulk of the work runs beside another loader's;
 4. the creators' advisory lock (``lock_creators``), only a batch that filled a partition;
-5. the batch's DELETE through the parent, the default partition's check, ATTACH, the other rows' COPY through
+5. the default partition's lock (``lock_default``): ACCESS EXCLUSIVE for a batch that filled a partition (its
+   ATTACH's, taken before its DELETE), ROW EXCLUSIVE for one that deletes through the parent (its DELETE's);
+6. the batch's DELETE through the parent, the default partition's check, ATTACH, the other rows' COPY through
    the parent, the ledger rows; commit.
 
-No loader holds a lock on the default partition before step 4 (the check that reads it is in step 5), and
+No loader holds a lock on the default partition before step 4 (the check that reads it is in step 6), and
 only one is past step 4 at a time, so a creator's ATTACH waits at most for loaders without new months (whose
 DELETE or COPY may touch the default); those take nothing but their own segments' rows and ROW EXCLUSIVE on the
 tables, which the ATTACH's locks let through or make wait, never the other way round.
@@ -52,7 +54,14 @@ import pyarrow.compute as pc
 from psycopg import sql
 
 from refresher.errors import LoadError
-from refresher.fence import NAMED_HELD, PAIRS_HELD, advisory_locked, held_by
+from refresher.fence import (
+    NAMED_HELD,
+    PAIRS_HELD,
+    RELATION_HELD,
+    advisory_locked,
+    held_by,
+    waited_ending_stalled,
+)
 
 # The tables that are partitioned by month when a database is created, and their time column.
 PARTITIONED: dict[str, str] = {"ohlcv_1min": "ts"}
@@ -207,6 +216,36 @@ def lock_creators(conn: psycopg.Connection[Any], *, wait: float) -> None:
         ) from exc
 
 
+def lock_default(conn: psycopg.Connection[Any], table: str, *, attaching: bool, wait: float) -> None:
+    """Step 5 of the lock order: ``table``'s default partition (when it has one) locked until the transaction
+    ends, before the batch's first statement on the parent; ``attaching``: ACCESS EXCLUSIVE, the lock its ATTACH
+    takes, else ROW EXCLUSIVE, its DELETE's (which reaches the default unless every month of its range has a
+    partition, and with a generic plan even then). Afterwards no statement of the batch waits on the default.
+
+    Bounded as the advisory locks (``refresher.fence.waited_ending_stalled``, patient): a loader stopped in its
+    COPY (SIGSTOP, a suspended machine) holding a lock on the default (its DELETE reached it; or it attached a
+    month, the COPY through the parent after it) kept it for as long as it stayed stopped, and a creator's ATTACH,
+    or after one a DELETE through the parent, waited as long: for ever. Past ``wait`` such a session, its COPY
+    having read nothing all along, is ended; a live one is waited for as long as it runs; one idle inside its
+    transaction the whole wait is a LoadError naming it (a lock timeout: transient)."""
+    if table not in PARTITIONED:
+        return
+    default = f"{table}_default"
+    mode = "ACCESS EXCLUSIVE" if attaching else "ROW EXCLUSIVE"
+    # One statement whether or not the default exists (a database made before partitions has none).
+    locked = sql.SQL(
+        "DO $$ BEGIN IF to_regclass({name}) IS NOT NULL THEN LOCK TABLE {leaf} IN {mode} MODE; END IF; END $$"
+    )
+    query = locked.format(name=sql.Literal(default), leaf=sql.Identifier(default), mode=sql.SQL(mode))
+    try:
+        waited_ending_stalled(conn, wait, query.as_string(conn), (), RELATION_HELD, (default,), patient=True)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LoadError(
+            f"{table}: another load held its default partition {default} for over {wait:g} s "
+            f"({held_by(conn, RELATION_HELD, (default,))}); try again once it is done"
+        ) from exc
+
+
 def attach_and_copy(conn: psycopg.Connection[Any], fill: MonthFill, copy: Copy) -> list[dt.date]:
     """Under the creators' lock (when ``fill`` made partitions) and after the batch's DELETE: attach each filled
     partition, then COPY the other rows through the parent. Returns the months attached.
@@ -334,6 +373,7 @@ __all__ = [
     "fill_new_months",
     "is_partitioned",
     "lock_creators",
+    "lock_default",
     "lock_new_months",
     "month_bounds",
     "months_of",

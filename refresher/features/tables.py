@@ -24,7 +24,7 @@ from psycopg import sql
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
 from refresher.fence import Fence
-from refresher.ledger_counter import SCHEMA_LOCK, ensure_ledger_counter
+from refresher.ledger_counter import ensure_ledger_counter, schema_locked
 from refresher.load import copy_arrow, server_said
 
 if TYPE_CHECKING:
@@ -179,8 +179,7 @@ def _ensure_ledger(conn: psycopg.Connection[Any]) -> None:
     schema lock: CREATE TABLE IF NOT EXISTS is not race-free, and two features' first loads into a new database
     (a refresh beside a worker) each take only their own feature's lock."""
     if not _has_inputs(conn):  # also when the table is missing
-        with conn.transaction():
-            conn.execute(SCHEMA_LOCK)
+        with schema_locked(conn):
             conn.execute(FEATURES_DDL)
             # Only when missing: ALTER TABLE locks the ledger against every reader until the transaction ends.
             if not _has_inputs(conn):

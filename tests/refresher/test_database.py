@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from typing import Any
 
 import psycopg
@@ -18,12 +24,14 @@ from refresher.database import (
     segment_range,
     upsert_symbols,
 )
+from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
 from refresher.load import load_segment
 from refresher.profile import Listing
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
 from tests.fixtures_postgres import daily_bars, minute_bars
+from tests.refresher.jobs.test_lost_jobs import _stopped
 
 pytestmark = pytest.mark.postgres
 NY = "America/New_York"
@@ -126,3 +134,58 @@ def test_upsert_symbols(pg_conn: psycopg.Connection[Any]) -> None:
     assert pg_conn.execute("SELECT symbol, xmin::text FROM symbols ORDER BY symbol").fetchall() == versions
     upsert_symbols(pg_conn, [("KO", "XNYS", "equity"), ("KO", "XNAS", "equity")])  # the last one given wins
     assert pg_conn.execute("SELECT exchange FROM symbols WHERE symbol = 'KO'").fetchone() == ("XNAS",)
+
+
+def test_a_refresh_stopped_inside_the_schema_setup_holds_the_next_one_up_only_until_the_server_ends_it(
+    pg_database: ServerInfo,
+) -> None:
+    """A refresh stopped (SIGSTOP, Ctrl-Z, a suspended machine) inside ``ensure_schema``'s transaction kept the
+    schema lock for as long as it stayed stopped, and the next refresh's schema setup waited on it for ever (a
+    worker's sessions set ``idle_in_transaction_session_timeout``, a refresh's none). The transaction sets it for
+    itself: the server ends the stopped session, its DDL rolled back, and the next setup goes on."""
+    child = textwrap.dedent(
+        """
+        import os, signal, sys, psycopg
+        from refresher import database, ledger_counter
+        ledger_counter.SCHEMA_IDLE_TIMEOUT = 1.0
+        def stop(conn, table):  # inside ensure_schema's transaction, the schema lock held
+            os.kill(os.getpid(), signal.SIGSTOP)
+        database.ensure_ledger_counter = stop
+        with psycopg.connect(sys.argv[1], autocommit=True, application_name="stopped") as conn:
+            database.ensure_schema(conn)
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", child, pg_database.dsn()], stderr=subprocess.PIPE
+    ) as stopped:
+        try:
+            deadline = time.monotonic() + 60
+            while not _stopped(stopped.pid):
+                assert stopped.poll() is None and time.monotonic() < deadline, stopped.communicate()
+                time.sleep(0.01)
+            with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+                conn.execute("SET lock_timeout = '30s'")  # before: the setup waited here for ever
+                started = time.monotonic()
+                ensure_schema(conn)
+                assert time.monotonic() - started < 20
+                sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stopped'"
+                assert conn.execute(sessions).fetchone() == (0,)
+                assert schema_exists(conn)
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+            stopped.kill()
+
+
+def test_the_schema_setup_inside_a_callers_transaction_leaves_its_idle_timeout_alone(
+    pg_conn: psycopg.Connection[Any],
+) -> None:
+    """The idle timeout is the schema transaction's own: inside a caller's transaction (a savepoint) it would
+    outlive it there, and end a caller that pauses between its own statements."""
+    pg_conn.execute("SELECT 1")
+    ensure_schema(pg_conn)
+    row = pg_conn.execute("SELECT current_setting('idle_in_transaction_session_timeout')").fetchone()
+    assert row == ("0",)
+    pg_conn.commit()
+    ensure_schema(pg_conn)  # a transaction of its own: the setting is gone with it
+    row = pg_conn.execute("SELECT current_setting('idle_in_transaction_session_timeout')").fetchone()
+    assert row == ("0",)

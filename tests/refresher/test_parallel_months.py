@@ -20,7 +20,9 @@ import pytest
 from refresher import partitions
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
-from refresher.load import SEGMENT_LOCK_WAIT, SegmentLoad, copy_arrow, load_segments
+from refresher.errors import LoadError
+from refresher.jobs.retry import is_transient
+from refresher.load import SEGMENT_LOCK_WAIT, SegmentLoad, copy_arrow, delete_segment, load_segments
 from refresher.segments import Segment
 from tests.fixtures_postgres import minute_bars, world_traversable_tmp
 from tests.refresher.test_load_batch import held_in_a_copy, short_wait
@@ -133,6 +135,100 @@ def test_a_loader_stopped_after_attaching_its_month_holds_no_other_creator_up(
             ("MSFT",),
             ("ZZZ",),
         ]
+
+
+def test_a_loader_stopped_in_a_copy_that_reached_the_default_partition_holds_no_creator_up(
+    dsn: str, short_wait: float
+) -> None:
+    """A loader of an existing month (January) whose DELETE reached the default partition (its segment's range runs
+    into February, which had no partition), stopped in its COPY, held a lock on the default for as long as it
+    stayed stopped, and a loader making February waited on it for ever in its ATTACH (ACCESS EXCLUSIVE on the
+    default). Past the wait that session, its COPY having read nothing all along, is ended; a live one is waited
+    for, and both commit."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        load_segments(conn, _month(JAN, ["ZZZ"]))
+        conn.execute("SET lock_timeout = '30s'")  # before: the ATTACH waited here for ever
+        with held_in_a_copy(dsn, _month(JAN, ["AAPL"]), live=2.0) as (_, failed):
+            load_segments(conn, _month(FEB, ["MSFT"]))
+        assert not failed, failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
+        conn.execute("DROP TABLE ohlcv_1min_2024_02")  # both load again, as the first time
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'ZZZ'")
+        conn.execute("DELETE FROM refresher_segments WHERE symbol <> 'ZZZ'")
+        with held_in_a_copy(dsn, _month(JAN, ["AAPL"])) as (_, failed):
+            started = time.monotonic()
+            load_segments(conn, _month(FEB, ["MSFT"]))
+            assert time.monotonic() - started < 20
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
+        assert conn.execute(STRAY).fetchone() == (0,)
+        assert conn.execute("SELECT DISTINCT symbol FROM ohlcv_1min ORDER BY 1").fetchall() == [
+            ("MSFT",),
+            ("ZZZ",),
+        ]
+
+
+@pytest.mark.parametrize("waiter", ["load", "prune"])
+def test_a_creator_stopped_after_its_attach_holds_no_delete_reaching_the_default_partition_up(
+    dsn: str, short_wait: float, waiter: str
+) -> None:
+    """A loader stopped in its COPY after it attached a new month held ACCESS EXCLUSIVE on the default partition
+    for as long as it stayed stopped, and a DELETE of an existing month (February) that reached the default (its
+    range runs into March, which had no partition) waited on it for ever: another load's, which makes no month
+    and so takes no creators' lock, or a prune's. Past the wait that session is ended, and the other goes on; a
+    live one is waited for."""
+    msft = _month(FEB, ["MSFT"])
+    left = [("MSFT",), ("ZZZ",)] if waiter == "load" else [("ZZZ",)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+
+        def behind() -> None:
+            if waiter == "load":
+                load_segments(conn, msft)
+            else:
+                delete_segment(conn, msft[0].segment, tz=NY)
+
+        load_segments(conn, [*_month(FEB, ["ZZZ"]), *msft])
+        conn.execute("SET lock_timeout = '30s'")  # before: the DELETE waited here for ever
+        # Its second COPY: January filled and attached, then February's rows through the parent.
+        holder = [*_month(JAN, ["AAPL"]), *_month(FEB, ["AAPL"])]
+        with held_in_a_copy(dsn, holder, live=2.0, at=2) as (_, failed):
+            behind()
+        assert not failed, failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
+        conn.execute("DROP TABLE ohlcv_1min_2024_01")  # as before the holder's load
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'AAPL'")
+        conn.execute("DELETE FROM refresher_segments WHERE symbol = 'AAPL'")
+        load_segments(conn, msft)
+        with held_in_a_copy(dsn, holder, at=2) as (_, failed):
+            started = time.monotonic()
+            behind()
+            assert time.monotonic() - started < 20
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert partitions.existing_months(conn, "ohlcv_1min") == {FEB}
+        assert conn.execute(STRAY).fetchone() == (0,)
+        assert conn.execute("SELECT DISTINCT symbol FROM ohlcv_1min ORDER BY 1").fetchall() == left
+
+
+def test_a_session_idle_holding_the_default_partition_fails_a_creator_in_one_line_naming_it(
+    dsn: str, short_wait: float
+) -> None:
+    """A session idle inside its transaction with a lock on the default partition (a loader stopped between two
+    statements, a reader left open by hand) is no COPY to end: a load that makes a month waits its wait, then
+    fails in one line naming that session, a lock timeout (a worker tries it again), where it waited for ever."""
+    with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn) as holder:
+        conn.execute("SET lock_timeout = '30s'")  # before: the ATTACH waited here for ever
+        holder.execute("SELECT count(*) FROM ohlcv_1min_default")
+        started = time.monotonic()
+        with pytest.raises(
+            LoadError, match=r"held its default partition ohlcv_1min_default for over 0.5 s"
+        ) as caught:
+            load_segments(conn, _month(JAN, ["MSFT"]))
+        assert time.monotonic() - started < 20
+        said = str(caught.value)
+        assert f"(pid {holder.info.backend_pid} (" in said and "idle in transaction" in said, said
+        assert "\n" not in said and is_transient(caught.value)
+        assert partitions.existing_months(conn, "ohlcv_1min") == set()
+        assert conn.execute(STRAY).fetchone() == (0,)
 
 
 def test_two_loaders_over_the_same_months_in_opposite_orders_never_deadlock(dsn: str) -> None:
