@@ -556,10 +556,7 @@ def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) ->
         with _admin(admin_dsn) as conn:
             path = _outcome_path(conn, db)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.with_name(f"{path.name}.lock").open("a") as lock:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _outcome_locked(path):
             recorded = _read_outcome(path)
             if recorded is not None and recorded[0] > ended:
                 return
@@ -568,15 +565,66 @@ def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) ->
             os.replace(part, path)
 
 
+def forget_outcome(server: ServerInfo) -> None:
+    """Remove the record of how the last refill of ``server.dbname``'s pool ended (``_record_outcome``): its
+    lock and a leftover part too, for an engine that removes the server or the database (the Docker and compose
+    engines' ``stop``; a local server's goes with its data directory). A container's record is in this user's
+    cache directory, which nothing else cleans: each `refresher down` left its files behind.
+
+    This server's alone (``_outcome_path``: its address, database and cluster), under the record's lock, which
+    is unlinked while held: a writer waiting on it takes the new one (``_outcome_locked``). A refill that ends
+    after this records anew, under a key no later server has. Best effort: a server that does not answer keeps
+    its files (no later server reads them), and its removal goes on."""
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError):
+        with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+            path = _outcome_path(conn, server.dbname)
+        if not path.parent.is_dir():
+            return
+        with _outcome_locked(path) as lock:
+            path.unlink(missing_ok=True)
+            path.with_name(f"{path.name}.part").unlink(missing_ok=True)
+            lock.unlink()
+
+
+@contextlib.contextmanager
+def _outcome_locked(path: Path) -> Iterator[Path]:
+    """Hold the exclusive flock of the lock file beside the record at ``path``; yields the lock file's path.
+
+    The lock taken is the one at that path when it is held: ``forget_outcome`` unlinks it while it holds it, and
+    a writer that opened it before, then waited, holds an inode nobody else will lock; it opens the path again."""
+    import fcntl
+
+    lock_path = path.with_name(f"{path.name}.lock")
+    while True:
+        lock = lock_path.open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held, there = os.fstat(lock.fileno()), os.stat(lock_path)
+        except FileNotFoundError:
+            lock.close()
+            continue
+        except BaseException:
+            lock.close()
+            raise
+        with lock:
+            if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+                continue
+            yield lock_path
+            return
+
+
 def _outcome_path(conn: psycopg.Connection[Any], db: str) -> Path:
     """Where ``_record_outcome`` records how the last detached refill of ``db``'s pool on ``conn``'s server ended:
     beside the settled record in the server's data directory when this host sees it (it goes with the cluster),
-    else (a container's) under this user's cache directory, by the server's address and the database: the
-    refiller is a process of this host, as `refresher status` is (``spawn_refill`` passes it $XDG_CACHE_HOME)."""
+    else (a container's) under this user's cache directory, by the server's address, the database and the
+    cluster (``forget_outcome`` removes it with the server): the refiller is a process of this host, as `refresher status` is (``spawn_refill`` passes it $XDG_CACHE_HOME)."""
     directory = data_directory(conn)
     if directory is not None:
         return _settled_path(directory, db, OUTCOME_PREFIX)
-    server = f"{conn.info.host}:{conn.info.port}/{db}"
+    # The cluster's system identifier (random at its initdb) too: a server made later at the same address (a new
+    # volume after `refresher down`, whose files may have stayed) has another, and no failure of the old one.
+    [cluster] = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone() or (None,)
+    server = f"{conn.info.host}:{conn.info.port}/{db}/{cluster}"
     return _settled_path(cache_directory(os.environ) / OUTCOMES, server, OUTCOME_PREFIX)
 
 
@@ -1276,6 +1324,7 @@ __all__ = [
     "disk_cut",
     "disk_reserve",
     "drop_clone",
+    "forget_outcome",
     "pool_name",
     "pool_reason",
     "pool_size_for_disk",

@@ -116,10 +116,17 @@ class ComposeEngine:
             )
         self._wait_ready(server)
         with psycopg.connect(server.dsn(MAINTENANCE_DB), autocommit=True) as conn:
+            created = False
             if not _database_exists(conn, profile):
                 # A concurrent start may win the race: either error means the database now exists.
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(profile)))
+                    created = True
+        if created:
+            from refresher.pool import forget_outcome
+
+            # One dropped by hand (no `down`) left its record on the server that stays: not this database's.
+            forget_outcome(server)
         if not self._is_recorded(profile):
             write_private_json(self._record_path(profile), {"project": self.project})
         return server
@@ -140,6 +147,7 @@ class ComposeEngine:
 
     def stop(self, profile: str) -> bool:
         """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
+        from refresher.pool import forget_outcome
         from refresher.snapshot import drop_snapshot
 
         if not self._is_recorded(profile):
@@ -155,6 +163,8 @@ class ComposeEngine:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(profile))
                 )
+        # The server stays: a database made again under the name would show the dropped one's failed refill.
+        forget_outcome(server)
         self._record_path(profile).unlink(missing_ok=True)
         return existed
 

@@ -219,6 +219,8 @@ class DockerEngine:
             # Another checkout's container or volume under our name (one at the same path elsewhere) stays.
             container = self._container(client, profile, strict=False)
             if container is not None:
+                if container.status == "running":
+                    self._forget_refills(container, profile)
                 # Throwaway data: no clean shutdown needed, and force=True also takes a running container.
                 _remove_container(client, container)
                 existed = True
@@ -233,6 +235,16 @@ class DockerEngine:
                 existed = True
             self._sweep_state_tmps(profile)
             return existed
+
+    def _forget_refills(self, container: Container, profile: str) -> None:
+        """Remove what this host recorded of how the server's pool refills ended (``pool.forget_outcome``), in
+        the user's cache directory, which nothing else cleans: each `down` left its files. While the server
+        answers, which tells its cluster: the record is keyed by it, never another checkout's or server's."""
+        from refresher.pool import forget_outcome
+
+        with contextlib.suppress(EngineStateError):  # no password in its environment, no port: none to ask
+            state = self._adopt(container, profile)
+            forget_outcome(self._info(profile, replace(state, port=_host_port(container))))
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:

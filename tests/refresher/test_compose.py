@@ -26,8 +26,10 @@ import redis
 
 from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_queue_url, find_service
 from refresher.errors import ProfileError
+from refresher.pool import _last_failure, _record_outcome
 from refresher.settings import CHECKOUT, Settings, compose_project
 from tests.fixtures_docker import holding_dockers_next_ports
+from tests.refresher.test_pool_refill_failed import record_files, record_path
 
 pytestmark = pytest.mark.docker
 
@@ -337,6 +339,37 @@ def test_down_all_drops_only_the_databases_its_own_state_dir_made(
     assert [s.profile for s in theirs.status()] == ["compose_theirs"]
     assert mine.stop("by_hand") is False  # never made here: left alone
     assert theirs.stop("compose_theirs") is True
+
+
+def test_down_removes_the_profiles_refill_record_alone_and_a_database_made_again_claims_no_failure(
+    project: tuple[str, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server stays when a profile goes: its database made again had the address, database name and cluster
+    # of the dropped one, whose record of a failed refill (in the user's cache) `down` left behind.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    name, env = project
+    assert make("up", env=env).returncode == 0
+    mine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
+    theirs = ComposeEngine(name, state_dir=tmp_path / "other-state")
+    server, other = mine.start("compose_refilled"), theirs.start("compose_theirs")
+    for each in (server, other):
+        _record_outcome(each.dsn("postgres"), each.dbname, 1_000, f"{each.dbname} failed")
+    path, their_path = record_path(server), record_path(other)
+    path.with_name(f"{path.name}.part").write_text("1001 half")  # a writer killed before its rename
+    assert path.is_relative_to(tmp_path / "cache") and record_files(path) == [".lock", ".part", "record"]
+
+    assert mine.stop("compose_refilled")
+    assert record_files(path) == []  # fails before: all three stayed
+    assert _last_failure(their_path).endswith("failed: compose_theirs failed")
+
+    # One dropped by hand, not by `down`, leaves its record: the next start, which makes the database, clears it.
+    server = mine.start("compose_refilled")
+    _record_outcome(server.dsn("postgres"), server.dbname, 1_002, "the dropped database's failure")
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE compose_refilled WITH (FORCE)")
+    assert record_path(mine.start("compose_refilled")) == path
+    assert _last_failure(path) == ""  # fails before: the dropped database's failure
+    assert theirs.stop("compose_theirs") and mine.stop("compose_refilled")
 
 
 def test_profiles_named_like_the_servers_own_databases_are_refused(

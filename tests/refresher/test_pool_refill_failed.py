@@ -1,21 +1,28 @@
 """A detached refill that fails says so in `refresher status` (and its --json) until a later one fills the pool:
 its output goes to /dev/null after a CLI refresh or reset, and a short pool then made resets copy without a word.
 The record (``pool._record_outcome``) keeps the latest end of concurrent refills and is never seen half-written,
-a writer killed midway included. Against real local servers and the real detached refill."""
+a writer killed midway included; a container's record (in the user's cache) goes with its server at `down`, and a
+server made later at its address and database claims none of it. Against real local servers and containers and
+the real detached refill."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
 import signal
+import time
 from pathlib import Path
 
+import docker
 import psycopg
 import pytest
 from psycopg import sql
 
 from refresher.engines.base import ServerInfo
+from refresher.engines.docker import DockerEngine
+from refresher.engines.local import free_port
 from refresher.pool import OUTCOME_PREFIX, _last_failure, _outcome_path, _record_outcome, _settled_path
 from refresher.snapshot import pristine_name
 from tests.fixtures_postgres import refills_gone
@@ -70,7 +77,7 @@ def test_a_failed_refill_after_a_reset_shows_in_status_until_a_later_one_fills_t
     refills_gone(ws.profile)
     assert _refill_failed(ws) is None
     assert "the last refill" not in ws.run("status", "--profile", ws.profile).stdout
-    path = _record_path(ws.server())
+    path = record_path(ws.server())
     assert path.read_text().endswith(" ok\n")
     assert path.is_relative_to(tmp_path) == (ws.engine == "docker"), path
 
@@ -85,7 +92,7 @@ def _killed_renaming(dsn: str, db: str) -> None:
     _record_outcome(dsn, db, 10**19, "killed midway")
 
 
-def _record_path(server: ServerInfo) -> Path:
+def record_path(server: ServerInfo) -> Path:
     with psycopg.connect(server.dsn("postgres")) as conn:
         return _outcome_path(conn, server.dbname)
 
@@ -94,7 +101,7 @@ def test_concurrent_refills_keep_the_latest_end_and_a_killed_writer_leaves_the_r
     pg_database: ServerInfo,
 ) -> None:
     dsn, db = pg_database.dsn("postgres"), pg_database.dbname
-    path = _record_path(pg_database)
+    path = record_path(pg_database)
     directory = path.parent
     try:
         # Ten refills end at once, in no order: a failure that ended before a success is not the record.
@@ -123,6 +130,33 @@ def test_concurrent_refills_keep_the_latest_end_and_a_killed_writer_leaves_the_r
             leftover.unlink()
 
 
+def test_a_writer_waiting_on_a_lock_unlinked_while_held_takes_the_new_one(pg_database: ServerInfo) -> None:
+    """``forget_outcome`` unlinks the record's lock while it holds it: a writer that opened that lock before and
+    waited on it must not write once it is let go while another holds the lock now at the path."""
+    dsn, db = pg_database.dsn("postgres"), pg_database.dbname
+    path = record_path(pg_database)
+    lock_path = path.with_name(f"{path.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = multiprocessing.get_context("spawn").Process(target=_record, args=(dsn, db, 5, "the writer's"))
+    try:
+        with lock_path.open("a") as old:
+            fcntl.flock(old, fcntl.LOCK_EX)
+            writer.start()
+            time.sleep(2)  # it waits on the old lock (or, if slower, on the new one: the same end)
+            lock_path.unlink()
+            new = lock_path.open("a")
+            fcntl.flock(new, fcntl.LOCK_EX)
+        with new:  # the old one let go: the writer holds an inode nobody locks now
+            writer.join(2)
+            assert writer.is_alive() and not path.exists()  # fails before: it wrote under the old lock
+        writer.join(60)
+        assert writer.exitcode == 0 and path.read_text() == "5 failed the writer's\n"
+    finally:
+        writer.join(60)
+        for leftover in path.parent.glob(f"{path.name}*"):
+            leftover.unlink()
+
+
 def test_a_record_that_is_no_record_claims_no_failure(tmp_path: Path) -> None:
     path = _settled_path(tmp_path, "db", OUTCOME_PREFIX)
     assert _last_failure(path) == ""
@@ -131,3 +165,62 @@ def test_a_record_that_is_no_record_claims_no_failure(tmp_path: Path) -> None:
         assert _last_failure(path) == "", text
     path.write_text("12 failed boom: it broke\n")
     assert _last_failure(path).endswith("failed: boom: it broke")
+
+
+def record_files(path: Path) -> list[str]:
+    """The record at ``path`` and what is beside it: its lock, a leftover part."""
+    return sorted(p.name[len(path.name) :] or "record" for p in path.parent.glob(f"{path.name}*"))
+
+
+@pytest.mark.docker
+def test_down_removes_a_containers_record_alone_and_a_server_made_later_there_claims_no_failure(
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "XDG_CACHE_HOME", str(tmp_path / "cache")
+    )  # as the CLI's refill is told (spawn_refill)
+    port = free_port()
+    ours = DockerEngine(
+        docker_engine.state_dir,
+        image=docker_engine.image,
+        client=docker_client,
+        prefix=docker_engine.prefix,
+        port=port,
+    )
+    # Another checkout's server of the same profile on the same daemon, its record in the same cache directory.
+    theirs = DockerEngine(
+        tmp_path / "other-checkout",
+        image=docker_engine.image,
+        client=docker_client,
+        prefix=docker_engine.prefix,
+    )
+    try:
+        info, other = ours.start("refilled"), theirs.start("refilled")
+        for server in (info, other):
+            _record(server.dsn("postgres"), server.dbname, 1_000, f"failed on {server.port}")
+        path, their_path = record_path(info), record_path(other)
+        assert path.is_relative_to(tmp_path / "cache") and path != their_path
+        path.with_name(f"{path.name}.part").write_text("1001 half")  # a writer killed before its rename
+        assert record_files(path) == [".lock", ".part", "record"]
+
+        assert ours.stop("refilled")
+        assert record_files(path) == []  # fails before: `down` left all three
+        assert _last_failure(their_path).endswith(f"failed: failed on {other.port}")
+
+        # A server whose files stayed (its container and volume removed by hand, not by `down`) ...
+        info = ours.start("refilled")
+        _record(info.dsn("postgres"), info.dbname, 1_002, "the old server's failure")
+        assert _last_failure(record_path(info)).endswith("failed: the old server's failure")
+        docker_client.containers.get(f"{ours.prefix}-{ours.scope}-refilled").remove(force=True, v=True)
+        docker_client.volumes.get(f"{ours.prefix}-{ours.scope}-refilled-data").remove(force=True)
+        # ... and a new one at the same address and database: its status claims none of the old one's failure.
+        again = ours.start("refilled")
+        assert (again.host, again.port, again.dbname) == (info.host, info.port, info.dbname)
+        assert _last_failure(record_path(again)) == ""  # fails before: keyed by address and database alone
+    finally:
+        ours.stop("refilled")
+        theirs.stop("refilled")
+    assert _last_failure(their_path) == ""  # theirs went with their server
