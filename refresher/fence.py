@@ -51,7 +51,8 @@ AND a.usename = current_user AND a.state = 'active' AND a.wait_event = 'ClientRe
 # A lock on the fences' table (a write transaction's check).
 _FENCES_HELD = "l.locktype = 'relation' AND l.relation = 'refresher_fences'::regclass"
 # One of the advisory locks (bigint keys, as ``pg_advisory_xact_lock(bigint)`` takes them) in the parameter: the
-# segment locks of a segment load (``refresher.load.segment_lock_id``).
+# segment locks of a segment load (``refresher.load.segment_lock_id``), a feature load's
+# (``refresher.features.tables.feature_lock_id``).
 SEGMENTS_HELD = (
     "l.locktype = 'advisory' AND l.objsubid = 1 AND (l.classid::bigint << 32 | l.objid::bigint) = ANY(%s)"
 )

@@ -23,9 +23,9 @@ from psycopg import sql
 
 from refresher._lazy import LazyModule
 from refresher.errors import LoadError
-from refresher.fence import Fence
+from refresher.fence import SEGMENTS_HELD, Fence, advisory_locked, held_by
 from refresher.ledger_counter import ensure_ledger_counter, schema_locked
-from refresher.load import copy_arrow, server_said
+from refresher.load import SEGMENT_LOCK_WAIT, copy_arrow, server_said
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -215,6 +215,31 @@ def feature_lock_id(name: str) -> int:
     return zlib.crc32(f"refresher.features:{name}".encode())
 
 
+def _lock_feature(conn: psycopg.Connection[Any], name: str) -> None:
+    """Take feature ``name``'s advisory lock until the transaction ends.
+
+    Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second reads the
+    ledger after the first committed: no COPY races another's uncommitted rows.
+
+    Bounded as a segment's lock is (``refresher.load.lock_segments``): a loader stopped in the COPY of the
+    feature's rows (SIGSTOP, a suspended machine) held it for as long as it stayed stopped, and a refresh beside
+    it waited as long, for ever (a worker's fence covers only a worker's other workers: a refresh claims none).
+    Past ``SEGMENT_LOCK_WAIT`` a session holding it inside a COPY that read nothing all along is ended and the lock
+    taken; a live load is waited for; a holder idle inside its transaction the whole wait fails the load in one
+    line naming it, its cause a lock timeout (transient: a worker tries again)."""
+    ids = [feature_lock_id(name)]
+    try:
+        advisory_locked(
+            conn, SEGMENT_LOCK_WAIT, "id", "unnest(%s::bigint[]) AS id", (ids,), SEGMENTS_HELD, (ids,)
+        )
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LoadError(
+            f"feature {name}: another load of it held its lock for over {SEGMENT_LOCK_WAIT:g} s "
+            f"({held_by(conn, SEGMENTS_HELD, (ids,))}); try again once it is done",
+            feature=name,
+        ) from exc
+
+
 def replace_feature_rows(
     conn: psycopg.Connection[Any], name: str, parts: Sequence[FeaturePart], fence: Fence | None = None
 ) -> int:
@@ -252,9 +277,7 @@ def _load_rows(
         with conn.transaction():
             if fence is not None:  # first: the fence's row, then the feature's lock
                 fence.check(conn)
-            # Two loads of one feature (two refreshes, a worker beside a refresh) take turns, and the second
-            # reads the ledger after the first committed: no COPY races another's uncommitted rows.
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id(name),))
+            _lock_feature(conn, name)
             current = _table_columns(conn, name)
             metrics = next((part.rows.column_names[2:] for part in parts if part.rows.num_rows), None)
             rebuilt = bool(current) and metrics is not None and current != metrics

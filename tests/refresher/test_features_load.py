@@ -6,7 +6,8 @@ import contextlib
 import datetime as dt
 import math
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -20,14 +21,22 @@ from featurestore import FeatureStore
 from refresher import database, stamp
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
-from refresher.features import FeatureCounts, get_feature, refresh_features
+from refresher.features import FeatureCounts, get_feature, refresh_features, tables
 from refresher.features.cached import daily_frame
-from refresher.features.tables import FeaturePart, read_feature_ledger, read_ledger, replace_feature_rows
+from refresher.features.tables import (
+    FeaturePart,
+    feature_lock_id,
+    read_feature_ledger,
+    read_ledger,
+    replace_feature_rows,
+)
+from refresher.jobs.retry import is_transient
 from refresher.plan import GapPlan
 from refresher.profile import Profile, profile_from_file
 from refresher.refresh import compute_plan
 from refresher.schema import empty_table
 from refresher.sources import make_source
+from tests.refresher.test_load_batch import held_in_a_copy
 
 pytestmark = pytest.mark.postgres
 AS_OF = dt.date(2024, 6, 28)
@@ -332,3 +341,76 @@ def test_a_reload_asks_the_catalog_about_the_features_table_once(conn: psycopg.C
     # the symbol, the DELETE of its old rows (the COPY and the ledger's upsert are no execute).
     assert counts[0] == 6
     assert conn.execute("SELECT * FROM features_mine").fetchall() == [("AAA", dt.date(2024, 6, 3), 2.0)]
+
+
+def _one_row(value: float, input_hash: str) -> FeaturePart:
+    rows = pa.table({"symbol": ["AAA"], "date": pa.array([dt.date(2024, 6, 3)], pa.date32()), "x": [value]})
+    return FeaturePart("AAA", rows, input_hash)
+
+
+def _loading_one(value: float, input_hash: str) -> Callable[[psycopg.Connection[Any]], int]:
+    """A load of feature ``mine``'s one row on the connection given."""
+    return lambda conn: replace_feature_rows(conn, "mine", [_one_row(value, input_hash)])
+
+
+@pytest.fixture
+def short_feature_wait(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(tables, "SEGMENT_LOCK_WAIT", 0.5)
+    return 0.5
+
+
+def test_a_feature_load_ends_a_loader_stalled_in_its_copy_and_loads(
+    pg_database: ServerInfo, short_feature_wait: float
+) -> None:
+    """A loader stopped in the COPY of a feature's rows (SIGSTOP, a suspended machine; a refresh, or a worker,
+    whose fence another worker's claim ends but a refresh claims none) kept the feature's lock as long as it
+    stayed stopped, and a refresh loading that feature waited as long: for ever. Past the wait the session that
+    read nothing all along is ended and the lock taken; the stopped loader commits nothing."""
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        assert replace_feature_rows(conn, "mine", [_one_row(0.0, "h0")]) == 1
+        conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
+        with held_in_a_copy(pg_database.dsn(), _loading_one(1.0, "h1")) as (_, failed):
+            started = time.monotonic()
+            assert replace_feature_rows(conn, "mine", [_one_row(2.0, "h2")]) == 1
+            assert time.monotonic() - started < 10
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert conn.execute("SELECT x FROM features_mine").fetchall() == [(2.0,)]
+        assert read_ledger(conn) == {("mine", "AAA"): "h2"}
+
+
+def test_a_live_feature_load_past_the_wait_is_waited_for(
+    pg_database: ServerInfo, short_feature_wait: float
+) -> None:
+    """A load of a feature whose lock another load holds past the wait, its COPY reading rows all along, waits
+    for it as before: nothing is ended, both commit, the later one's rows last."""
+    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+        assert replace_feature_rows(conn, "mine", [_one_row(0.0, "h0")]) == 1
+        with held_in_a_copy(pg_database.dsn(), _loading_one(1.0, "h1"), live=2.0) as (_, failed):
+            assert replace_feature_rows(conn, "mine", [_one_row(2.0, "h2")]) == 1
+        assert not failed, failed
+        assert read_ledger(conn) == {("mine", "AAA"): "h2"}
+
+
+def test_a_feature_loader_stopped_between_statements_fails_the_load_in_one_line_naming_it(
+    pg_database: ServerInfo, short_feature_wait: float
+) -> None:
+    """A loader stopped between two statements of a feature's load (idle inside its transaction, the feature's
+    lock held) is no COPY to end: the load waits its wait, then fails in one line naming that session, a lock
+    timeout (a worker tries it again), where it waited for ever; nothing changes."""
+    with (
+        psycopg.connect(pg_database.dsn(), autocommit=True) as conn,
+        psycopg.connect(pg_database.dsn()) as holder,
+    ):
+        assert replace_feature_rows(conn, "mine", [_one_row(0.0, "h0")]) == 1
+        conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id("mine"),))
+        started = time.monotonic()
+        with pytest.raises(
+            LoadError, match=r"^feature mine: .* held its lock for over 0.5 s \(pid \d+ "
+        ) as caught:
+            replace_feature_rows(conn, "mine", [_one_row(2.0, "h2")])
+        assert time.monotonic() - started < 10
+        message = str(caught.value)
+        assert f"pid {holder.info.backend_pid} (" in message and "idle in transaction" in message
+        assert "\n" not in message and is_transient(caught.value)
+        assert read_ledger(conn) == {("mine", "AAA"): "h0"}

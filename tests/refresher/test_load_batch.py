@@ -26,6 +26,7 @@ from refresher import load
 from refresher.database import ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
+from refresher.features import tables
 from refresher.fence import SEGMENTS_HELD, advisory_locked
 from refresher.jobs.retry import is_transient
 from refresher.load import SegmentLoad, conform_many, load_segments
@@ -258,12 +259,17 @@ def test_a_batchs_delete_reads_the_daily_table_by_its_key_before_any_analyze(
 
 @contextmanager
 def held_in_a_copy(
-    dsn: str, items: list[SegmentLoad], *, live: float = 0, at: int = 1
+    dsn: str,
+    items: list[SegmentLoad] | Callable[[psycopg.Connection[Any]], object],
+    *,
+    live: float = 0,
+    at: int = 1,
 ) -> Iterator[tuple[int, list[BaseException]]]:
-    """A load of ``items`` on a session of its own (a thread), held up in a COPY before its ``at``-th: it sends
-    nothing until the block ends (a loader stopped there, SIGSTOP) or, ``live``, 64 KB of rows every 20 ms for
-    that many seconds (a loader busy with a long batch); then it goes on. Yields its session's pid and what it
-    failed with (read once the block ends), once the server shows that session waiting for the COPY's data."""
+    """A load of ``items`` (segments, or a load of its own on the connection given: a feature's) on a session of
+    its own (a thread), held up in a COPY before its ``at``-th: it sends nothing until the block ends (a loader
+    stopped there, SIGSTOP) or, ``live``, 64 KB of rows every 20 ms for that many seconds (a loader busy with a
+    long batch); then it goes on. Yields its session's pid and what it failed with (read once the block ends),
+    once the server shows that session waiting for the COPY's data."""
     copying, go_on, failed, pid = threading.Event(), threading.Event(), list[BaseException](), list[int]()
     calls = iter(range(at, 0, -1))
     real_copy = load.copy_arrow
@@ -284,13 +290,17 @@ def held_in_a_copy(
             with psycopg.connect(dsn, autocommit=True) as holder:
                 pid.append(holder.info.backend_pid)
                 holder.execute("CREATE TEMP TABLE filler (x int)")
-                load_segments(holder, items)
+                if callable(items):
+                    items(holder)
+                else:
+                    load_segments(holder, items)
         except BaseException as exc:
             failed.append(exc)
 
     thread = threading.Thread(target=run, name="holder")
     with pytest.MonkeyPatch.context() as patch, psycopg.connect(dsn, autocommit=True) as look:
         patch.setattr(load, "copy_arrow", copy_held)
+        patch.setattr(tables, "copy_arrow", copy_held)
         thread.start()
         try:
             assert copying.wait(30), failed

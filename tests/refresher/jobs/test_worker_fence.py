@@ -370,13 +370,19 @@ def test_a_worker_stopped_inside_a_segment_copy_holds_no_other_worker_up(
         assert segments.fetchall() == loaded
 
 
-def test_a_refresh_beside_a_worker_stopped_inside_a_segment_copy_finishes(
-    workspace: Workspace, redis_server: RedisServer
+@pytest.mark.parametrize(
+    ("script", "forgotten"),
+    [(_STOPS_INSIDE_A_SEGMENT_COPY, "refresher_segments"), (_STOPS_INSIDE_A_COPY, "refresher_features")],
+    ids=["segment", "feature"],
+)
+def test_a_refresh_beside_a_worker_stopped_inside_a_copy_finishes(
+    workspace: Workspace, redis_server: RedisServer, script: str, forgotten: str
 ) -> None:
-    """A refresh loading a segment whose load a worker was stopped in (SIGSTOP, in its COPY; a worker takes no
-    profile lock) waited on that segment's advisory lock in ``load_segments`` for as long as the worker stayed
-    stopped: for ever. Its load waits a bounded time and ends the session stalled in a COPY that read nothing
-    all along: the refresh finishes and leaves what a clean refresh leaves."""
+    """A refresh loading a segment, or a feature, whose load a worker was stopped in (SIGSTOP, in its COPY; a
+    worker takes no profile lock, and a refresh claims no fence) waited on that segment's advisory lock in
+    ``load_segments``, or the feature's in ``replace_feature_rows``, for as long as the worker stayed stopped:
+    for ever. Its load waits a bounded time and ends the session stalled in a COPY that read nothing all along:
+    the refresh finishes and leaves what a clean refresh leaves."""
     ws, url = workspace, redis_server.url
     ws.write_profile(symbols=["AAPL"], months=1)
     ws.refresh()  # what the refresh beside the stopped worker must leave
@@ -385,15 +391,15 @@ def test_a_refresh_beside_a_worker_stopped_inside_a_segment_copy_finishes(
     ledger = "SELECT symbol, timeframe, month, rows, content_hash FROM refresher_segments ORDER BY 1, 2, 3"
     with psycopg.connect(ws.dsn(), autocommit=True) as conn:
         loaded = conn.execute(ledger).fetchall()
-        conn.execute("DELETE FROM refresher_segments")  # forgotten: both load every segment again
+        conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(forgotten)))  # both load them again
     submit(ws, url)
-    a = _stopping_worker(ws, url, "a", _STOPS_INSIDE_A_SEGMENT_COPY)
+    a = _stopping_worker(ws, url, "a", script)
     try:
         deadline = time.monotonic() + 150
         while not _stopped(a.pid):
             assert a.poll() is None and time.monotonic() < deadline, worker_log(ws, "a")
             time.sleep(0.01)
-        # Before: the refresh sat in load_segments' pg_advisory_xact_lock past this timeout.
+        # Before: the refresh sat in the lock's pg_advisory_xact_lock past this timeout.
         done = subprocess.run(
             ws.command("refresh", "--profile", ws.profile, "--json"),
             env=ws.env,
