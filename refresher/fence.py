@@ -168,14 +168,25 @@ def waited_ending_stalled(
     ``patient``: while every session that holds such a lock is running a statement (a live COPY among them),
     the query is tried again, each wait its own look at the COPYs: a live load is waited for as long as it
     runs, as before the wait was bounded, and one stalled meanwhile is still ended. LockNotAvailable once a
-    holder is not (idle inside its transaction the whole wait: a loader stopped between two statements)."""
-    copying = _copying(conn, held, held_params)
+    holder is not (idle inside its transaction the whole wait: a loader stopped between two statements).
+
+    The first try does not wait (``lock_waited``'s least, 1 ms), and the COPYs are looked at only when it fails:
+    that look (a clear of the activity snapshot and a join of ``pg_locks`` and ``pg_stat_activity``) was paid
+    before every lock, held or not: each month batch's default partition (``partitions.lock_default``), each
+    fence claim."""
+    copying: dict[int, int] | None = None  # before the first wait: the holders' COPYs, by pid, and bytes read
     again = False
     while True:
         try:
-            with conn.transaction(), lock_waited(conn, wait, query, params) as cursor:
+            with (
+                conn.transaction(),
+                lock_waited(conn, 0 if copying is None else wait, query, params) as cursor,
+            ):
                 return cursor.fetchone() if cursor.description is not None else None
         except psycopg.errors.LockNotAvailable:
+            if copying is None:  # held: now the wait, from a look at the holders' COPYs
+                copying = _copying(conn, held, held_params)
+                continue
             if (patient or not again) and _end_stalled(conn, copying, wait, held, held_params):
                 again = True
                 continue
