@@ -1222,8 +1222,11 @@ def _lower_priority(pid: int) -> None:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, pid) + 10, 19))
     ionice = shutil.which("ionice")
-    if ionice is not None:
-        subprocess.run([ionice, "-c", "2", "-n", "7", "-p", str(pid)], capture_output=True, check=False)
+    # Best effort as the nice above: an exec that fails (EFAULT from a fork under load, seen failing a whole
+    # refill in a fresh-clone CI: '[Errno 14] Bad address: /usr/bin/ionice') leaves the copy at its priority.
+    with contextlib.suppress(OSError):
+        if ionice is not None:
+            subprocess.run([ionice, "-c", "2", "-n", "7", "-p", str(pid)], capture_output=True, check=False)
 
 
 def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:

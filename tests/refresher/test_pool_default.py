@@ -493,3 +493,17 @@ def test_a_pool_the_disk_cut_is_no_work_for_the_next_refresh_and_a_refill_finds_
         assert len(wait_for_pool(server, timeout=60).ready) == 3
     finally:
         ws.down()
+
+
+def test_an_ionice_that_cannot_run_leaves_the_refill_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill's priority is best effort: an ionice whose exec fails (here not a program: ENOEXEC; in a CI,
+    EFAULT) must not raise out of ``_lower_priority`` and fail the refill."""
+    from refresher.pool import _lower_priority
+
+    broken = tmp_path / "ionice"
+    broken.write_bytes(b"\x00not a program")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    _lower_priority(os.getpid())
