@@ -65,7 +65,9 @@ _EXAMPLES = 3
 # 6 read a NUL byte past a CSV's first 64 KB (a symbol cell holding one left its row out without a word), and gave
 # a shared file's line of more or fewer cells naming a symbol in another case (aapl) to the profile's first symbol.
 # 7 read a NUL byte in a Parquet file's text cell: a symbol cell holding one left its row out without a word.
-READER_VERSION = 8
+# 8 read a NUL byte in a Parquet binary symbol cell (text stored without its UTF-8 mark) the same way; a file with a
+# string_view or binary_view column (of any use, or a list of them not loaded) failed with a traceback.
+READER_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def _read(path: Path, fmt: str, *, leave_out: bool) -> _Read:
             # Not pq.read_table: its dataset scanner's threads can outlive a short CLI and abort it at exit
             # ("terminate called without an active exception", apache/arrow#39862); one file needs no scanner.
             with pq.ParquetFile(path) as reader:
-                return _Read(reader.read())
+                return _Read(_without_views(reader.read()))
         _refuse_other_encoding(path, whole=False)
         # pyarrow detects gzip from the .gz suffix; only an empty cell is null, so a literal NaN stays NaN and
         # messages show what the file says
@@ -223,6 +225,18 @@ def _refuse_nul(path: Path, read: _Read) -> None:
         _refuse_other_encoding(path, whole=True)  # names the first NUL's line and byte offset
 
 
+def _without_views(table: pa.Table) -> pa.Table:
+    """The table with its string_view and binary_view columns (Arrow's view layouts, which a Parquet file written
+    from them reads back as) as large_string and large_binary: pyarrow 26 has no take or filter kernel for a view
+    (an ArrowNotImplementedError traceback, 'array_take has no kernel matching input types (string_view, ...)',
+    whatever the column held), and a view's cells are no offsets and bytes ``_holds_nul`` can look through."""
+    for index, field in enumerate(table.schema):
+        if pa.types.is_string_view(field.type) or pa.types.is_binary_view(field.type):
+            plain = pa.large_string() if pa.types.is_string_view(field.type) else pa.large_binary()
+            table = table.set_column(index, field.name, table.column(index).cast(plain))
+    return table
+
+
 def _refuse_nul_cell(path: Path, table: pa.Table) -> None:
     """Refuse a Parquet file with a NUL byte in a text cell or a column name, as a CSV's (``_refuse_nul``): a symbol
     cell holding one left its row out without a word (AAPL\\0 is no symbol), and a date's or a number's (text) was a
@@ -243,18 +257,24 @@ def _refuse_nul_cell(path: Path, table: pa.Table) -> None:
             if not _holds_nul(words):
                 continue
             column = column.cast(column.type.value_type)
-        if _holds_nul(column):
-            nul = pc.fill_null(pc.match_substring(column, "\0"), False)
-            row = pc.index(nul, True).as_py()
-            cell = column[row].as_py()
-            text = cell if len(cell) <= 80 else f"{cell[:77]}..."
-            raise SourceError(
-                f"{path}: row {row + 1}: {name}={text!r}: a NUL byte in a text cell, which Postgres cannot hold: "
-                "write the file without it",
-                file=str(path),
-                field=name,
-                value=cell,
-            )
+        _refuse_nul_text(path, name, column)
+
+
+def _refuse_nul_text(path: Path, name: str, column: pa.ChunkedArray) -> None:
+    """Refuse a text column of a Parquet file holding a NUL byte in a cell: one line naming its first such row
+    (counted from 1) and its cell."""
+    if _holds_nul(column):
+        nul = pc.fill_null(pc.match_substring(column, "\0"), False)
+        row = pc.index(nul, True).as_py()
+        cell = column[row].as_py()
+        text = cell if len(cell) <= 80 else f"{cell[:77]}..."
+        raise SourceError(
+            f"{path}: row {row + 1}: {name}={text!r}: a NUL byte in a text cell, which Postgres cannot hold: "
+            "write the file without it",
+            file=str(path),
+            field=name,
+            value=cell,
+        )
 
 
 def _holds_nul(column: pa.ChunkedArray) -> bool:
@@ -665,8 +685,10 @@ class FilesSource(Source):
                 self.reports.append(SourceReport(segment, str(path), reason))
             if chosen is not mine:
                 spelled = np.asarray(mine.filter(chosen).to_numpy(zero_copy_only=False), dtype=np.bool_)
-            table = table.filter(chosen)
             names["symbol"] = sym_col  # its cells in the messages and the quarantined rows
+            # the columns read, alone: one not loaded may be of a type pyarrow cannot filter (a list of string_view
+            # values: 'array_take has no kernel', a traceback), and filtering it is work for nothing
+            table = table.select(list(dict.fromkeys(names.values()))).filter(chosen)
         else:
             positions = np.arange(table.num_rows)
         for target in VALUE_COLUMNS:
@@ -693,7 +715,7 @@ class FilesSource(Source):
         aapl)."""
         if column not in read.spellings:
             try:
-                symbols = pc.utf8_trim_whitespace(table.column(column).cast(pa.string()))
+                text = table.column(column).cast(pa.string())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # a struct or list column
                 raise SourceError(
                     f"{path}: columns.symbol={column!r}: holds {table.column(column).type}, not text ({exc})",
@@ -701,6 +723,11 @@ class FilesSource(Source):
                     field="columns.symbol",
                     value=column,
                 ) from None
+            # A Parquet binary column (text a writer stored without its UTF-8 mark) is read as text here, so a NUL in
+            # it is one in a text cell: AA\0PL's row was left out without a word (the file's look at its text
+            # columns, ``_refuse_nul_cell``, passes binary ones by: their bytes are no text until used as such).
+            _refuse_nul_text(path, column, text)
+            symbols = pc.utf8_trim_whitespace(text)
             universe = list(self.profile.symbols)
             lowered = pc.utf8_lower(symbols)
             other = pc.and_(
