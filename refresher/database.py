@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from psycopg import sql
 
+from refresher import partitions
 from refresher.errors import LoadError
 from refresher.ledger_counter import ensure_ledger_counter, schema_locked
 from refresher.schema import SCHEMA_OF
@@ -170,13 +171,22 @@ def read_ledger_rows(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, dt.d
 
 
 def count_rows(
-    conn: psycopg.Connection[Any], segments: Iterable[Segment], *, timezones: TzArg = None
+    conn: psycopg.Connection[Any], segments: Iterable[Segment], *, timezones: TzArg = None, wait: float
 ) -> dict[Segment, int]:
     """Actual rows per segment in the data tables, for ``--verify``: one query per table, index range counts.
 
     ``timezones`` bounds minute segments: one zone for all symbols, or a symbol -> zone map. A symbol missing
     from the map (a stale segment of a symbol the profile dropped) is counted by the UTC month: at worst its
     count is off at the month's edges and verify reloads a segment that is about to be pruned anyway.
+
+    A partitioned table's count reads through the parent, whose plan locks the default partition: beside a
+    loader stopped (SIGSTOP, a hung client) after its ATTACH, which holds the default exclusively until it
+    commits, the count waited for as long as it stayed stopped. The default is locked first, in the count's
+    transaction, as a load locks it (``partitions.lock_default``, ``wait`` seconds): a holder stalled in a COPY
+    that read nothing all the wait is ended, a live one waited for, one idle in its transaction the whole wait
+    is a LoadError naming its pid. The lock taken before the count's plan also lets it see a month such a
+    creator attached while it waited: planned before that commit, it missed the new partition's rows (a live
+    creator's 2,000 counted as 0, and verify reloaded a segment that was whole).
     """
     by_table: dict[str, list[Segment]] = {}
     for segment in segments:
@@ -199,8 +209,10 @@ def count_rows(
             [b[0] for b in bounds],
             [b[1] for b in bounds],
         )
-        for i, n in conn.execute(query, params).fetchall():
-            counts[group[i]] = n
+        with conn.transaction():
+            partitions.lock_default(conn, table, mode=partitions.READING, wait=wait)
+            for i, n in conn.execute(query, params).fetchall():
+                counts[group[i]] = n
     return counts
 
 

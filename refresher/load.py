@@ -211,7 +211,8 @@ def _write_batch(
     deleted = {item.segment.table for item in reload}
     for table in rows_of:
         if months[table] or table in deleted:
-            partitions.lock_default(conn, table, attaching=bool(months[table]), wait=SEGMENT_LOCK_WAIT)
+            mode = partitions.ATTACHING if months[table] else partitions.DELETING
+            partitions.lock_default(conn, table, mode=mode, wait=SEGMENT_LOCK_WAIT)
     _delete_rows(conn, reload)
     for fill in fills:
         partitions.attach_and_copy(conn, fill, copy_arrow)
@@ -289,7 +290,7 @@ def delete_segment(
     with conn.transaction():
         if fence is not None:
             fence.check(conn)
-        partitions.lock_default(conn, segment.table, attaching=False, wait=SEGMENT_LOCK_WAIT)
+        partitions.lock_default(conn, segment.table, mode=partitions.DELETING, wait=SEGMENT_LOCK_WAIT)
         deleted = int(conn.execute(query, (segment.symbol, lo, hi)).rowcount)
         conn.execute(
             "DELETE FROM refresher_segments WHERE symbol = %s AND timeframe = %s AND month = %s",

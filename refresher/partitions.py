@@ -66,6 +66,9 @@ from refresher.fence import (
 # The tables that are partitioned by month when a database is created, and their time column.
 PARTITIONED: dict[str, str] = {"ohlcv_1min": "ts"}
 _CREATE_LOCK = "refresher.partitions.create"
+# The modes ``lock_default`` takes the default partition in: a batch that attaches a month (its ATTACH's), one
+# that deletes through the parent (its DELETE's), a read through the parent (the ACCESS SHARE its plan takes).
+ATTACHING, DELETING, READING = "ACCESS EXCLUSIVE", "ROW EXCLUSIVE", "ACCESS SHARE"
 
 
 class Copy(Protocol):
@@ -216,22 +219,24 @@ def lock_creators(conn: psycopg.Connection[Any], *, wait: float) -> None:
         ) from exc
 
 
-def lock_default(conn: psycopg.Connection[Any], table: str, *, attaching: bool, wait: float) -> None:
+def lock_default(conn: psycopg.Connection[Any], table: str, *, mode: str, wait: float) -> None:
     """Step 5 of the lock order: ``table``'s default partition (when it has one) locked until the transaction
-    ends, before the batch's first statement on the parent; ``attaching``: ACCESS EXCLUSIVE, the lock its ATTACH
-    takes, else ROW EXCLUSIVE, its DELETE's (which reaches the default unless every month of its range has a
-    partition, and with a generic plan even then). Afterwards no statement of the batch waits on the default.
+    ends, before the batch's first statement on the parent, in ``mode``: ``ATTACHING``, the lock its ATTACH
+    takes, ``DELETING``, its DELETE's (which reaches the default unless every month of its range has a
+    partition, and with a generic plan even then), or ``READING``, a read's through the parent (``--verify``'s
+    counts, ``refresher.database.count_rows``: its plan locks every partition it cannot prune, the default
+    among them). Afterwards no statement of the batch waits on the default.
 
     Bounded as the advisory locks (``refresher.fence.waited_ending_stalled``, patient): a loader stopped in its
     COPY (SIGSTOP, a suspended machine) holding a lock on the default (its DELETE reached it; or it attached a
     month, the COPY through the parent after it) kept it for as long as it stayed stopped, and a creator's ATTACH,
     or after one a DELETE through the parent, waited as long: for ever. Past ``wait`` such a session, its COPY
     having read nothing all along, is ended; a live one is waited for as long as it runs; one idle inside its
-    transaction the whole wait is a LoadError naming it (a lock timeout: transient)."""
+    transaction the whole wait is a LoadError naming it (a lock timeout: transient). A read took ACCESS SHARE in
+    its plan, without bound: beside a creator stopped after its ATTACH it waited for ever."""
     if table not in PARTITIONED:
         return
     default = f"{table}_default"
-    mode = "ACCESS EXCLUSIVE" if attaching else "ROW EXCLUSIVE"
     # One statement whether or not the default exists (a database made before partitions has none).
     locked = sql.SQL(
         "DO $$ BEGIN IF to_regclass({name}) IS NOT NULL THEN LOCK TABLE {leaf} IN {mode} MODE; END IF; END $$"
@@ -366,7 +371,10 @@ def _code(month: dt.date) -> int:
 
 
 __all__ = [
+    "ATTACHING",
+    "DELETING",
     "PARTITIONED",
+    "READING",
     "MonthFill",
     "attach_and_copy",
     "existing_months",

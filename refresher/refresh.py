@@ -134,7 +134,9 @@ def compute_plan(
     if conn is not None:
         loaded = LedgerView(database.read_ledger_rows(conn))
         if verify:
-            verified = database.count_rows(conn, list(loaded), timezones=exchange_timezones(profile))
+            verified = database.count_rows(
+                conn, list(loaded), timezones=exchange_timezones(profile), wait=load.SEGMENT_LOCK_WAIT
+            )
     return plan_gaps(desired, keys, stored, loaded, verified_rows=verified)
 
 

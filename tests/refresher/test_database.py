@@ -26,7 +26,7 @@ from refresher.database import (
 )
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
-from refresher.load import load_segment
+from refresher.load import SEGMENT_LOCK_WAIT, load_segment
 from refresher.profile import Listing
 from refresher.schema import SCHEMA_OF
 from refresher.segments import TABLE_OF, Segment
@@ -110,16 +110,22 @@ def test_count_rows_counts_what_is_really_there(pg_conn: psycopg.Connection[Any]
     pg_conn.execute("INSERT INTO ohlcv_1min VALUES ('AAPL', '2024-02-01 03:00+00', 1, 1, 1, 1, 1)")
     pg_conn.execute("DELETE FROM ohlcv_daily WHERE date = '2024-01-05'")  # drift the ledger cannot see
     pg_conn.commit()
-    counts = count_rows(pg_conn, [jan_m, feb_m, jan_d, msft_d], timezones={"AAPL": NY, "MSFT": NY})
+    counts = count_rows(
+        pg_conn, [jan_m, feb_m, jan_d, msft_d], timezones={"AAPL": NY, "MSFT": NY}, wait=SEGMENT_LOCK_WAIT
+    )
     assert counts == {jan_m: 391, feb_m: 100, jan_d: 20, msft_d: 0}
-    assert count_rows(pg_conn, [jan_m], timezones="UTC") == {jan_m: 390}  # in UTC the extra bar is February's
+    assert count_rows(pg_conn, [jan_m], timezones="UTC", wait=SEGMENT_LOCK_WAIT) == {
+        jan_m: 390
+    }  # in UTC the extra bar is February's
 
 
 def test_count_rows_of_minutes_needs_a_time_zone(pg_conn: psycopg.Connection[Any]) -> None:
     ensure_schema(pg_conn)
-    assert count_rows(pg_conn, [Segment("AAPL", "1d", JAN)]) == {Segment("AAPL", "1d", JAN): 0}
+    assert count_rows(pg_conn, [Segment("AAPL", "1d", JAN)], wait=SEGMENT_LOCK_WAIT) == {
+        Segment("AAPL", "1d", JAN): 0
+    }
     with pytest.raises(LoadError, match="time zone"):
-        count_rows(pg_conn, [Segment("AAPL", "1m", JAN)])
+        count_rows(pg_conn, [Segment("AAPL", "1m", JAN)], wait=SEGMENT_LOCK_WAIT)
 
 
 def test_upsert_symbols(pg_conn: psycopg.Connection[Any]) -> None:

@@ -21,7 +21,7 @@ from refresher.diskfull import MB, data_directory
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from refresher.errors import DiskFull, SnapshotError
-from refresher.load import load_segment
+from refresher.load import SEGMENT_LOCK_WAIT, load_segment
 from refresher.segments import Segment
 from refresher.snapshot import has_pristine, is_current, restore_pristine, save_pristine
 from tests.fixtures_postgres import minute_bars, world_traversable_tmp
@@ -82,7 +82,9 @@ def test_a_full_disk_is_one_line_and_leaves_every_segment_whole_and_the_old_snap
         _assert_one_line_naming(loading.value, pgdata)
         assert "loading S" in str(loading.value)
         ledger = read_loaded_segments(conn)
-        assert {s: r.rows for s, r in ledger.items()} == count_rows(conn, list(ledger), timezones="UTC")
+        assert {s: r.rows for s, r in ledger.items()} == count_rows(
+            conn, list(ledger), timezones="UTC", wait=SEGMENT_LOCK_WAIT
+        )
 
     with pytest.raises(DiskFull) as copying:
         save_pristine(server, pool_size=0)

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from refresher.database import count_rows, read_loaded_segments
+from refresher.load import SEGMENT_LOCK_WAIT
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_refresh_e2e import Workspace
 
@@ -64,7 +65,7 @@ def _assert_nothing_half_loaded(ws: Workspace) -> None:
         return
     with conn:
         ledger = read_loaded_segments(conn)
-        counted = count_rows(conn, list(ledger), timezones="America/New_York")
+        counted = count_rows(conn, list(ledger), timezones="America/New_York", wait=SEGMENT_LOCK_WAIT)
     assert {s: row.rows for s, row in ledger.items()} == counted
 
 

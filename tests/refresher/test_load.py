@@ -18,7 +18,7 @@ import refresher.load
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
-from refresher.load import delete_segment, load_segment
+from refresher.load import SEGMENT_LOCK_WAIT, delete_segment, load_segment
 from refresher.segments import Segment
 from tests.fixtures_postgres import daily_bars, minute_bars
 
@@ -84,7 +84,7 @@ def test_reloading_replaces_the_segment_and_leaves_its_neighbours(conn: psycopg.
     load_segment(conn, Segment("MSFT", "1m", JAN), minute_bars("MSFT", OPEN_JAN_2, 70), "m", tz=NY)
     new = minute_bars("AAPL", dt.datetime(2024, 1, 3, 14, 30, tzinfo=dt.UTC), 300, seed=9)
     load_segment(conn, jan, new, "new", tz=NY)
-    counts = count_rows(conn, [jan, feb, Segment("MSFT", "1m", JAN)], timezones=NY)
+    counts = count_rows(conn, [jan, feb, Segment("MSFT", "1m", JAN)], timezones=NY, wait=SEGMENT_LOCK_WAIT)
     assert list(counts.values()) == [300, 50, 70]
     jan_rows = [
         r for r in _rows(conn, "ohlcv_1min", "AAPL") if r[1] < dt.datetime(2024, 2, 1, 5, tzinfo=dt.UTC)
@@ -174,7 +174,7 @@ def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: Se
     with psycopg.connect(pg_database.dsn()) as conn:
         segment = Segment("AAPL", "1m", JAN)
         assert (
-            count_rows(conn, [segment], timezones=NY)[segment]
+            count_rows(conn, [segment], timezones=NY, wait=SEGMENT_LOCK_WAIT)[segment]
             == read_loaded_segments(conn)[segment].rows
             == 44_000
         )
@@ -204,5 +204,5 @@ def test_delete_segment_removes_rows_and_ledger_row_only_of_that_segment(
     load_segment(conn, jan, daily_bars("AAPL", JAN, 20), "j", tz=NY)
     load_segment(conn, feb, daily_bars("AAPL", FEB, 19), "f", tz=NY)
     assert delete_segment(conn, jan, tz=NY) == 20
-    assert count_rows(conn, [jan, feb]) == {jan: 0, feb: 19}
+    assert count_rows(conn, [jan, feb], wait=SEGMENT_LOCK_WAIT) == {jan: 0, feb: 19}
     assert list(read_loaded_segments(conn)) == [feb]

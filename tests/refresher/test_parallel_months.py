@@ -4,6 +4,7 @@ for the other's fill, neither deadlocks, a kill -9 mid-way resumes exactly, and 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -231,6 +232,122 @@ def test_a_session_idle_holding_the_default_partition_fails_a_creator_in_one_lin
         assert conn.execute(STRAY).fetchone() == (0,)
 
 
+def test_a_verify_beside_a_creator_stopped_after_its_attach_ends_it_and_counts(
+    dsn: str, short_wait: float
+) -> None:
+    """``--verify``'s count reads through the parent, whose plan locks the default partition: beside a loader
+    stopped in its COPY after it attached a new month (ACCESS EXCLUSIVE on the default until it commits) it
+    waited for as long as that loader stayed stopped: for ever. Past the wait that session is ended and the
+    count goes on; a live one is waited for, and its rows are counted."""
+    zzz, aapl = Segment("ZZZ", "1m", FEB), Segment("AAPL", "1m", JAN)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        load_segments(conn, _month(FEB, ["ZZZ"]))
+        conn.execute("SET lock_timeout = '30s'")  # before: the count waited here for ever
+        # Its second COPY: January filled and attached, then February's rows through the parent.
+        holder = [*_month(JAN, ["AAPL"]), *_month(FEB, ["AAPL"])]
+        with held_in_a_copy(dsn, holder, live=2.0, at=2) as (_, failed):
+            counts = count_rows(conn, [zzz, aapl], timezones=NY, wait=short_wait)
+        assert not failed, failed
+        assert counts[aapl] == read_loaded_segments(conn)[aapl].rows > 0
+        conn.execute("DROP TABLE ohlcv_1min_2024_01")  # as before the holder's load
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'AAPL'")
+        conn.execute("DELETE FROM refresher_segments WHERE symbol = 'AAPL'")
+        with held_in_a_copy(dsn, holder, at=2) as (_, failed):
+            started = time.monotonic()
+            counts = count_rows(conn, [zzz, aapl], timezones=NY, wait=short_wait)
+            assert time.monotonic() - started < 20
+        assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
+        assert counts == {zzz: read_loaded_segments(conn)[zzz].rows, aapl: 0}
+        assert partitions.existing_months(conn, "ohlcv_1min") == {FEB}
+
+
+def test_a_verify_beside_a_session_idle_after_its_attach_fails_in_one_line_naming_it(
+    dsn: str, short_wait: float
+) -> None:
+    """A session idle inside its transaction after an ATTACH PARTITION (a loader stopped between two statements,
+    an ATTACH typed by hand) is no COPY to end: ``--verify``'s count waits its wait, then fails in one line naming
+    that session, where it waited for ever."""
+    with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn) as holder:
+        load_segments(conn, _month(FEB, ["ZZZ"]))
+        conn.execute("SET lock_timeout = '30s'")  # before: the count waited here for ever
+        holder.execute(_ATTACH_JANUARY)
+        started = time.monotonic()
+        with pytest.raises(
+            LoadError, match=r"held its default partition ohlcv_1min_default for over 0.5 s"
+        ) as caught:
+            count_rows(conn, [Segment("ZZZ", "1m", FEB)], timezones=NY, wait=short_wait)
+        assert time.monotonic() - started < 20
+        said = str(caught.value)
+        assert f"(pid {holder.info.backend_pid} (" in said and "idle in transaction" in said, said
+        assert "\n" not in said and is_transient(caught.value)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # nothing left open
+        holder.rollback()
+        assert count_rows(conn, [Segment("ZZZ", "1m", FEB)], timezones=NY, wait=short_wait)
+
+
+# A new month made and attached by hand, its transaction left open.
+_ATTACH_JANUARY = """
+CREATE TABLE ohlcv_1min_2024_01 (LIKE ohlcv_1min);
+ALTER TABLE ohlcv_1min ATTACH PARTITION ohlcv_1min_2024_01 FOR VALUES FROM ('2024-01-01Z') TO ('2024-02-01Z')
+"""
+# A loader that attached a month and stopped (SIGSTOP) before its commit: its transaction open, its pid printed.
+_STOPPED_AFTER_ATTACH = f"""
+import os, signal, sys
+import psycopg
+conn = psycopg.connect(sys.argv[1])
+conn.execute({_ATTACH_JANUARY!r})
+print(conn.info.backend_pid, flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.slow
+def test_plan_and_refresh_verify_beside_a_stopped_creator_fail_in_one_line_naming_it() -> None:
+    """Through the real CLI and a real server: a process stopped (SIGSTOP) after its ATTACH, before its commit,
+    held ``refresher plan --verify`` and ``refresher refresh --verify`` for as long as it stayed stopped. Each now
+    fails after the wait (10 s) in one line naming that session, exit 2, no traceback; without --verify neither
+    reads through the parent, and after the stopped process goes both pass."""
+    ws = Workspace(world_traversable_tmp("refresher-months-"), "local", f"pm_{uuid.uuid4().hex[:8]}")
+    stopped: subprocess.Popen[str] | None = None
+    try:
+        ws.write_profile(symbols=["AAPL"], months=1)
+        ws.refresh()
+        stopped = subprocess.Popen(
+            [sys.executable, "-c", _STOPPED_AFTER_ATTACH, ws.dsn()], stdout=subprocess.PIPE, text=True
+        )
+        assert stopped.stdout is not None
+        pid = int(stopped.stdout.readline())
+        for command in ("plan", "refresh"):
+            started = time.monotonic()
+            done = subprocess.run(
+                ws.command(command, "--profile", ws.profile, "--verify"),
+                env=ws.env,
+                capture_output=True,
+                text=True,
+                timeout=120,  # before: killed here
+            )
+            assert time.monotonic() - started < 60
+            assert done.returncode == 2, done.stderr
+            line = done.stderr.strip().splitlines()[-1]
+            assert line.startswith("refresher: ohlcv_1min: another load held its default partition"), line
+            assert f"(pid {pid} (" in line and "idle in transaction" in line, line
+            assert "Traceback" not in done.stderr, done.stderr
+        ws.run("plan", "--profile", ws.profile)
+        stopped.kill()
+        stopped.wait()
+        assert (
+            json.loads(ws.run("plan", "--profile", ws.profile, "--verify", "--json").stdout)["to_load"] == []
+        )
+        assert ws.refresh("--verify")["segments"]["loaded"] == 0
+    finally:
+        if stopped is not None:
+            stopped.kill()
+            stopped.wait()
+            assert stopped.stdout is not None
+            stopped.stdout.close()
+        ws.down()
+
+
 def test_two_loaders_over_the_same_months_in_opposite_orders_never_deadlock(dsn: str) -> None:
     """New months, reloads of existing ones and the default partition, two connections at once, each in its
     own order: every load commits (a deadlock would fail one), and the end is what one loader would leave."""
@@ -263,7 +380,7 @@ def test_two_loaders_over_the_same_months_in_opposite_orders_never_deadlock(dsn:
         assert conn.execute(STRAY).fetchone() == (0,)
         ledger = read_loaded_segments(conn)
         assert len(ledger) == 12
-        counts = count_rows(conn, list(ledger), timezones=NY)
+        counts = count_rows(conn, list(ledger), timezones=NY, wait=SEGMENT_LOCK_WAIT)
         assert set(counts.values()) == {3_000}
 
 
@@ -382,7 +499,7 @@ def test_a_month_that_fails_to_load_rolls_back_alone_and_the_refresh_fails_in_on
             # every month that committed did so whole: all its segments, each with its rows
             for month in months:
                 assert len([s for s in minutes if s.month == month]) == len(many)
-            counts = count_rows(conn, minutes, timezones=NY)
+            counts = count_rows(conn, minutes, timezones=NY, wait=SEGMENT_LOCK_WAIT)
             assert all(counts[s] == ledger[s].rows for s in minutes)
         # the source fixed (and a store without the bad table): the re-run loads what is missing and ends as a
         # clean load does

@@ -18,7 +18,7 @@ import pytest
 
 from refresher.database import count_rows, ensure_schema, read_loaded_segments
 from refresher.engines.base import ServerInfo
-from refresher.load import SegmentLoad, delete_segment, load_segment, load_segments
+from refresher.load import SEGMENT_LOCK_WAIT, SegmentLoad, delete_segment, load_segment, load_segments
 from refresher.partitions import _by_month, existing_months, is_partitioned
 from refresher.segments import Segment
 from tests.fixtures_postgres import minute_bars
@@ -118,9 +118,9 @@ def test_segments_reload_and_delete_across_partitions(conn: psycopg.Connection[A
     assert existing_months(conn, "ohlcv_1min") == {JAN, FEB}
     load_segment(conn, feb, minute_bars("AAPL", OPEN_FEB_1, 100), "h2", tz=NY)
     load_segment(conn, jan, minute_bars("AAPL", OPEN_JAN_2, 390), "h3", tz=NY)  # reload: replaces both parts
-    assert count_rows(conn, [jan, feb], timezones=NY) == {jan: 390, feb: 100}
+    assert count_rows(conn, [jan, feb], timezones=NY, wait=SEGMENT_LOCK_WAIT) == {jan: 390, feb: 100}
     assert delete_segment(conn, jan, tz=NY) == 390
-    assert count_rows(conn, [jan, feb], timezones=NY) == {jan: 0, feb: 100}
+    assert count_rows(conn, [jan, feb], timezones=NY, wait=SEGMENT_LOCK_WAIT) == {jan: 0, feb: 100}
 
 
 def test_a_row_inserted_by_hand_goes_to_the_default_partition_and_its_month_still_loads(
@@ -150,7 +150,7 @@ def test_a_database_made_before_partitions_keeps_its_plain_table(pg_database: Se
         load_segments(conn, _month_load(["AAPL", "MSFT"], JAN, OPEN_JAN_2))
         segment = Segment("AAPL", "1m", JAN)
         load_segment(conn, segment, minute_bars("AAPL", OPEN_JAN_2, 10), "h9", tz=NY)
-        assert count_rows(conn, [segment], timezones=NY) == {segment: 10}
+        assert count_rows(conn, [segment], timezones=NY, wait=SEGMENT_LOCK_WAIT) == {segment: 10}
         tables = conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'ohlcv_1min_%%'").fetchone()
         assert tables == (1,)  # its primary key index only: no partition, no default
 
