@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -25,13 +26,51 @@ def leave(status: int, *, finalize: bool = True) -> NoReturn:
     if finalize:
         try:
             threading._shutdown()  # type: ignore[attr-defined]  # what interpreter exit runs: joins the threads
-            atexit._run_exitfuncs()
+            if _exit_handlers_interrupted():
+                status = 130
         except KeyboardInterrupt:
             # A Ctrl-C while a thread is waited for: it was a traceback, then the very teardown this skips.
-            with contextlib.suppress(OSError, ValueError):
-                print(f"{_prog()}: interrupted", file=sys.stderr)
+            _say_interrupted()
             status = 130
     os._exit(_flushed(status))
+
+
+def _exit_handlers_interrupted() -> bool:
+    """Run the ``atexit`` handlers with a Ctrl-C held off until they end; whether one came.
+
+    A KeyboardInterrupt raised inside a handler is no exception anyone can catch: the interpreter printed
+    'Exception ignored in atexit callback' with its traceback, cut that handler short (a temporary directory's
+    removal, weakref.finalize's, half done) and went on to the next, exit status unchanged. The handlers are
+    brief cleanups, so the first Ctrl-C is said at once and waited out (status 130); a second one ends the process
+    where it is, as a kill does, for a handler that does not end (a native library's teardown waiting on a thread;
+    the default action works inside native code, where a Python handler would not run). From a thread other than
+    the main one (no signal handler can be set), or with Ctrl-C ignored (started in the background by a shell) or
+    handled outside Python, the handlers run as the interpreter runs them."""
+    came: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        came.append(signum)
+        _say_interrupted()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None) or threading.current_thread() is not threading.main_thread():
+        atexit._run_exitfuncs()
+        return False
+    signal.signal(signal.SIGINT, hold)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(came)
+
+
+def _say_interrupted() -> None:
+    """The one line of a Ctrl-C that ends the process here. Written to the descriptor, not through sys.stderr:
+    said from a signal handler, a print could land inside one of a handler's own writes to it (a 'reentrant call'
+    RuntimeError, the very traceback this avoids); stderr may also be gone."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{_prog()}: interrupted\n".encode(errors="backslashreplace"))
 
 
 def _flushed(status: int) -> int:

@@ -75,6 +75,31 @@ def test_an_interrupted_command_leaves_without_waiting_for_threads_or_handlers()
     assert (done.returncode, done.stdout) == (130, "said")
 
 
+def _interrupted(code: str, ready: list[str], presses: int = 1) -> tuple[int | None, str, str, float]:
+    """``code`` run by a Python of its own (stdout buffered, as a user's shell has it), sent ``presses`` Ctrl-Cs
+    0.3 s apart from 0.3 s after it printed the lines ``ready``: its status, the rest of its stdout, its stderr,
+    and the seconds from the first Ctrl-C to its end."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    ) as child:
+        assert child.stdout is not None and [child.stdout.readline() for _ in ready] == [
+            f"{line}\n" for line in ready
+        ]
+        time.sleep(0.3)  # inside what printed the last of them
+        sent = time.monotonic()
+        for _ in range(presses):
+            child.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+        out, err = child.communicate(timeout=60)
+    return child.returncode, out, err, time.monotonic() - sent
+
+
 def test_a_ctrl_c_while_threads_are_joined_leaves_at_once_in_one_line() -> None:
     # A Ctrl-C while leave waited for a thread: a KeyboardInterrupt traceback, then the native teardown
     code = """
@@ -90,20 +115,54 @@ def test_a_ctrl_c_while_threads_are_joined_leaves_at_once_in_one_line() -> None:
         print("joining", flush=True)
         leave(0)
         """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
-    with subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=env,
-    ) as child:
-        assert child.stdout is not None and child.stdout.readline() == "joining\n"
-        time.sleep(0.3)  # inside the join
-        child.send_signal(signal.SIGINT)
-        _out, err = child.communicate(timeout=20)
-    assert (child.returncode, err) == (130, "-c: interrupted\n")
+    status, _out, err, _ = _interrupted(code, ["joining"])
+    assert (status, err) == (130, "-c: interrupted\n")
+
+
+def _interrupted_in_a_handler(
+    handler: str, presses: int, *, ignored: bool = False
+) -> tuple[int | None, str, str, float]:
+    """``_interrupted`` of a Python whose atexit handler (``handler``, a statement run after printing 'handler')
+    is sent ``presses`` Ctrl-Cs while it runs under ``leave``, with Ctrl-C ignored from its start if ``ignored``."""
+    code = f"""
+        import atexit, signal, sys, time
+        from featurestore.console import leave
+
+        if {ignored}:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        def handler():
+            print("handler", flush=True)
+            {handler}
+
+        atexit.register(handler)
+        print("said")
+        leave(0)
+        """
+    return _interrupted(code, ["said", "handler"], presses)
+
+
+def test_a_ctrl_c_while_an_atexit_handler_runs_lets_it_finish_and_leaves_in_one_line() -> None:
+    # 'Exception ignored in atexit callback: <function handler ...>', a KeyboardInterrupt traceback, the handler cut
+    # short (a temporary directory's removal, weakref.finalize's, half done) and exit status 0
+    status, out, err, _ = _interrupted_in_a_handler("time.sleep(1.5); print('handled', flush=True)", 1)
+    assert (status, err) == (130, "-c: interrupted\n")
+    assert out == "handled\n"
+
+
+def test_a_second_ctrl_c_while_an_atexit_handler_runs_ends_the_process_at_once() -> None:
+    # a handler that does not end (a native library's teardown waiting on a thread) must not hold the process
+    status, out, err, took = _interrupted_in_a_handler("time.sleep(30); print('handled', flush=True)", 2)
+    assert (status, err) == (-signal.SIGINT, "-c: interrupted\n")
+    assert "handled" not in out and took < 10
+
+
+def test_a_ctrl_c_ignored_stays_ignored_while_atexit_handlers_run() -> None:
+    # a command started in the background by a shell ignores Ctrl-C: holding it off must not make it count
+    status, out, err, _ = _interrupted_in_a_handler(
+        "time.sleep(1); print('handled', flush=True)", 1, ignored=True
+    )
+    assert (status, out, err) == (0, "handled\n", "")
 
 
 @pytest.mark.parametrize(
