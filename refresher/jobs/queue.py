@@ -405,13 +405,17 @@ return 1
 )
 
 # The fencing token of the holder of a run's features lock (KEYS[1], token ARGV[1]; ``_FENCED``): larger than every
-# earlier holder's (KEYS[2] keeps the last), or -1 when the lock is no longer this holder's. Redis's clock in
-# microseconds unless the last token is ahead of it: a Redis restarted with its last second of writes lost (AOF
-# everysec) gives no later holder an earlier holder's token. ``refresher.fence`` checks it in the target.
+# earlier holder's (KEYS[2] keeps the last), or -1 when the lock is no longer this holder's or the run is gone
+# (KEYS[3]; ``_RUN_GONE``). Redis's clock in microseconds unless the last token is ahead of it: a Redis restarted
+# with its last second of writes lost (AOF everysec) gives no later holder an earlier holder's token.
+# ``refresher.fence`` checks it in the target. A worker whose sweep read a run due just before ``jobs delete
+# --force`` removed it takes the run's features lock as a key made anew: it got a token, set KEYS[2] again for
+# good (no delete comes again for a run gone), and claimed a fence row in the target that nothing dropped.
 _FEATURES_FENCE = (
     _FENCED
+    + _RUN_GONE
     + """
-if lock_lost(KEYS[1], ARGV[1]) then return -1 end
+if lock_lost(KEYS[1], ARGV[1]) or run_gone(KEYS[3]) then return -1 end
 local now = redis.call('TIME')
 local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -690,9 +694,13 @@ class JobQueue:
 
     def features_fence(self, run: str, token: bytes) -> int:
         """A fencing token for the holder of the run's features lock (``token``): larger than every earlier
-        holder's; -1 when the lock no longer holds ``token``."""
-        keys = [run_key(run, "features-lock"), run_key(run, "features-fence")]
+        holder's; -1 when the lock no longer holds ``token``, or the run is gone (deleted)."""
+        keys = [run_key(run, "features-lock"), run_key(run, "features-fence"), run_key(run)]
         return int(self._features_fence(keys=keys, args=[token]))
+
+    def run_gone(self, run: str) -> bool:
+        """Whether the run is gone (``run_spec``: deleted)."""
+        return run_spec(self.client, run) is None
 
     def drop(self, delivery: Delivery) -> None:
         """Acknowledge a job of a cancelled run without running it."""

@@ -34,7 +34,7 @@ from refresher.dsn import served_here
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError, ProfileBusy, one_line
 from refresher.features import FeatureCounts, refresh_features
-from refresher.fence import Fence, FenceLost
+from refresher.fence import Fence, FenceLost, drop_fences
 from refresher.jobs.inprocess import STORE_BATCH
 from refresher.jobs.queue import (
     FEATURES_DUE,
@@ -657,6 +657,18 @@ class Worker:
             raise _LockLost
         fence = Fence(features_fence_name(run), token, wait=self._features_ttl)
         fence.claim(ctx.conn)  # before the first write: from its commit on, no earlier holder's write commits
+        if queue.run_gone(run):
+            # Deleted (``jobs delete --force``) since its token: the delete dropped the run's fence row after it
+            # removed the run's keys, and a claim committed after that drop made the row again, for good, and
+            # went on to write a gone run's features. Looked at once the claim committed: a delete after this
+            # look finds the row to drop, and the next check of this worker's finds it gone.
+            drop_fences(ctx.conn, [fence.name], fence.wait)
+            contexts.pop(run).close()
+            self._say(
+                f"run {run}: features not computed, the run is gone from Redis (deleted as this worker "
+                "claimed its fence)"
+            )
+            return
         counts = run_features(ctx.conn, ctx.profile, ctx.store, ctx.source, prune=prune, fence=fence)
         if not lock.owned():  # held up past the lock: no snapshot (it ends the database's sessions) either
             raise _LockLost

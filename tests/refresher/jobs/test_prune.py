@@ -339,6 +339,23 @@ def _fenced_run(
     return run
 
 
+def test_a_features_lock_taken_on_a_run_deleted_meanwhile_gets_no_fence_token(
+    redis_server: RedisServer,
+) -> None:
+    # A worker's sweep read the run due, `jobs delete --force` removed it, then the worker took the run's features
+    # lock (a key made anew): features_fence handed it a token and set the run's fence key again, left for good
+    # (no delete comes again for a run gone), and its claim made a row in the target that nothing drops.
+    client = connect(redis_server.url)
+    queue = JobQueue(client)
+    run = submit_jobs(client, spec("normal"), jobs("G", 1), now=dt.datetime.now(dt.UTC)).run_id
+    assert delete_run(client, run, force=True).deleted == [run]
+    lock = client.lock(run_key(run, "features-lock"), timeout=60, thread_local=False)
+    assert lock.acquire(blocking=False)
+    assert queue.features_fence(run, lock.local.token) == -1
+    lock.release()
+    assert keys_of(client, run) == []
+
+
 @pytest.mark.postgres
 def test_prune_and_delete_remove_the_fence_rows_of_the_runs_they_remove_and_only_those(
     redis_server: RedisServer, pg_database: ServerInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

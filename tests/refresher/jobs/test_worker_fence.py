@@ -68,14 +68,19 @@ def _stopping_worker(ws: Workspace, url: str, name: str, script: str, **env: str
         )
 
 
+def _until_stopped(ws: Workspace, worker: subprocess.Popen[str], name: str, deadline: float) -> None:
+    """Wait until ``worker`` stopped itself (SIGSTOP); its log if it exits or ``deadline`` passes first."""
+    while not _stopped(worker.pid):
+        assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, name)
+        time.sleep(0.01)
+
+
 def _stopped_past_its_lock(
     ws: Workspace, url: str, worker: subprocess.Popen[str], name: str, key: str, deadline: float
 ) -> None:
     """Wait until ``worker`` stopped itself, then until its features lock (``key``) expired, in Redis's time."""
     client = connect(url)
-    while not _stopped(worker.pid):
-        assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, name)
-        time.sleep(0.01)
+    _until_stopped(ws, worker, name, deadline)
     while client.exists(key):
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -395,10 +400,7 @@ def test_a_refresh_beside_a_worker_stopped_inside_a_copy_finishes(
     submit(ws, url)
     a = _stopping_worker(ws, url, "a", script)
     try:
-        deadline = time.monotonic() + 150
-        while not _stopped(a.pid):
-            assert a.poll() is None and time.monotonic() < deadline, worker_log(ws, "a")
-            time.sleep(0.01)
+        _until_stopped(ws, a, "a", time.monotonic() + 150)
         # Before: the refresh sat in the lock's pg_advisory_xact_lock past this timeout.
         done = subprocess.run(
             ws.command("refresh", "--profile", ws.profile, "--json"),
@@ -415,3 +417,54 @@ def test_a_refresh_beside_a_worker_stopped_inside_a_copy_finishes(
     assert {name: digest for name, digest in _digests(ws).items() if name not in ledgers} == expected
     with psycopg.connect(ws.dsn()) as conn:
         assert conn.execute(ledger).fetchall() == loaded
+
+
+# The worker, stopped (SIGSTOP) once between the fencing token its features lock gave it and its claim of the
+# run's fence in the target, as a process suspended there (or in a long pause) would be.
+_STOPS_BEFORE_ITS_CLAIM = """
+import signal, sys, threading
+from refresher import cli
+from refresher.fence import Fence
+real, stopped = Fence.claim, []
+def claiming(self, conn):
+    if not stopped:
+        stopped.append(1)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+    return real(self, conn)
+Fence.claim = claiming
+sys.exit(cli.main())
+"""
+
+
+def test_a_run_deleted_between_its_workers_fence_token_and_claim_leaves_no_fence_row_and_no_features(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """``jobs delete --force`` of a running run removes its keys from Redis, then its fence row from its target
+    (``refresher.fence.drop_fences``): a holder held up until then finds no row at its next check and writes
+    nothing more. A worker that had its fencing token but had not claimed yet (stopped there) found no row to
+    lose: resumed, its claim made the row again after the delete had dropped it, it wrote the deleted run's
+    features into the target, and the row stayed for good (no delete comes again for a run gone). Two processes
+    at once: the real worker, stopped, and the real ``jobs delete --force``."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    run = submit(ws, url)["run_id"]
+    a = _stopping_worker(ws, url, "a", _STOPS_BEFORE_ITS_CLAIM)
+    try:
+        deadline = time.monotonic() + 300
+        _until_stopped(ws, a, "a", deadline)
+        before = _digests(ws)
+        done = ws.run("jobs", "delete", run, "--force", "--queue", url)
+        assert "deleted 1 run(s) " in done.stdout, done.stdout
+        os.kill(a.pid, signal.SIGCONT)
+        _finished(ws, a, "a", deadline)
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+            a.wait()
+    with psycopg.connect(ws.dsn()) as conn:  # before: the run's row, for good
+        assert conn.execute("SELECT fence FROM refresher_fences").fetchall() == []
+    assert _digests(ws) == before  # before: the deleted run's features written
+    assert list(connect(url).scan_iter(f"refresher:run:{run}*")) == []
+    said = [line for line in worker_log(ws, "a").splitlines() if f"run {run}: " in line]
+    assert any("deleted as this worker claimed its fence" in line for line in said), said
