@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -93,6 +95,7 @@ from refresher._snapshot_sql import (
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, data_directory
+from refresher.engines import owner_gone, owner_labels
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, cache_directory, pool_as_asked
@@ -110,6 +113,8 @@ SETTLED_PREFIX = ".refresher-pool-settled-"
 # whose data directory this host cannot see (a container's), in OUTCOMES under the user's cache directory.
 OUTCOME_PREFIX = ".refresher-pool-refill-"
 OUTCOMES = "pool-refills"
+# A detached refill's note of itself while it runs (``_running``), beside the outcome record: <record>.running-<pid>.
+RUNNING_SUFFIX = ".running-"
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,11 @@ class PoolStatus:
     target: int
     # Why the pool keeps ``target`` clones (``pool_reason``).
     why: str = ""
-    # "the last refill (<when>) failed: <its error>" while the last detached refill to end failed ("" if not).
+    # "the last refill (<when>) failed: <its error>" while the last detached refill to end failed, or "the refill
+    # started <when> (pid <n>) died ..." while one that started after it was killed outright ("" if neither).
     failed: str = ""
+    # "a refill is running (pid <n>, since <when>)" while detached refills run ("" if none does).
+    refilling: str = ""
 
     @property
     def reset(self) -> str:
@@ -136,6 +144,7 @@ class PoolStatus:
             "reset": self.reset,
             "why": self.why,
             "refill_failed": self.failed or None,
+            "refill_running": self.refilling or None,
         }
 
 
@@ -233,8 +242,11 @@ def _status(conn: psycopg.Connection[Any], db: str, mark: _Mark | None, ready: C
         return PoolStatus(False, (), DEFAULT_POOL_SIZE)
     why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
     _, cut = _disk_cut(conn, db, mark.pool_size, _Machine.of(conn, mark, probe=False), len(ready))
-    failed = _last_failure(_outcome_path(conn, db))
-    return PoolStatus(True, tuple(ready), mark.pool_size, why if cut is None else f"{why}; {cut}", failed)
+    outcome = _outcome_path(conn, db)
+    notes = _refill_notes(outcome)
+    failed = _died(outcome, notes) or _last_failure(outcome)
+    why = why if cut is None else f"{why}; {cut}"
+    return PoolStatus(True, tuple(ready), mark.pool_size, why, failed, _refilling(notes))
 
 
 def disk_cut(server: ServerInfo) -> str | None:
@@ -563,6 +575,9 @@ def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) ->
             part = path.with_name(f"{path.name}.part")
             part.write_text(f"{ended} ok\n" if failure is None else f"{ended} failed {failure}\n")
             os.replace(part, path)
+            for note in _refill_notes(path):  # deaths this end covers (``_died``): their notes say no more
+                if note.gone and note.started < ended:
+                    note.path.unlink(missing_ok=True)
 
 
 def forget_outcome(server: ServerInfo) -> None:
@@ -583,6 +598,8 @@ def forget_outcome(server: ServerInfo) -> None:
         with _outcome_locked(path) as lock:
             path.unlink(missing_ok=True)
             path.with_name(f"{path.name}.part").unlink(missing_ok=True)
+            for note in _note_files(path):
+                note.unlink(missing_ok=True)
             lock.unlink()
 
 
@@ -644,8 +661,97 @@ def _last_failure(path: Path) -> str:
     recorded = _read_outcome(path)
     if recorded is None or recorded[1] is None:
         return ""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded[0] / 1e9))
-    return f"the last refill ({when}) failed: {recorded[1]}"
+    return f"the last refill ({_local_time(recorded[0])}) failed: {recorded[1]}"
+
+
+def _local_time(ns: int) -> str:
+    """A moment (ns since the epoch) as `refresher status` shows it: local time, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+@contextlib.contextmanager
+def _running(admin_dsn: str, db: str) -> Iterator[None]:
+    """Note, while the body runs, that this process refills ``db``'s pool: ``<record>.running-<pid>`` beside the
+    outcome record (``_outcome_path``), holding when it started and which process it is (``owner_labels``: host,
+    pid namespace, pid and the process's start time, so a pid reused later is not taken for it).
+
+    A refill ended outright (SIGKILL, the OOM killer) records no outcome: status showed neither a failure nor that
+    a refill ran, the pool short without a word. Its note stays, and status tells it from a running one by its
+    process being gone (``_refill_notes``, ``_died``). The note goes as the body ends, however it ends, after the
+    outcome it recorded: no moment shows neither. Written to a part renamed over (never read half); best effort,
+    as the outcome record (a server that does not answer: no note, and the refill fails on its own)."""
+    note: Path | None = None
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError):
+        with _admin(admin_dsn) as conn:
+            path = _outcome_path(conn, db)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
+        part = note.with_name(f"{note.name}.part")
+        part.write_text(json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n")
+        os.replace(part, note)
+    try:
+        yield
+    finally:
+        if note is not None:
+            with contextlib.suppress(OSError):
+                note.unlink(missing_ok=True)
+
+
+def _note_files(path: Path) -> Iterator[Path]:
+    """The files beside the outcome record ``path`` named as refills' notes (``_running``), notes or not."""
+    return path.parent.glob(f"{glob.escape(path.name)}{RUNNING_SUFFIX}*")
+
+
+@dataclass(frozen=True)
+class _RefillNote:
+    """A detached refill's note (``_running``): its file, when it started (ns), its pid, and whether its process
+    is gone (``owner_gone``: of this host and pid namespace, no process with its pid and start time runs)."""
+
+    path: Path
+    started: int
+    pid: int
+    gone: bool
+
+
+def _refill_notes(path: Path) -> list[_RefillNote]:
+    """The notes of the refills at the outcome record ``path`` (``_running``), oldest first; one that is no note
+    (a part, another file) is none."""
+    notes = []
+    for note in _note_files(path):
+        try:
+            labels = json.loads(note.read_text())
+            started, pid = int(labels.pop("started")), int(note.name.rsplit(RUNNING_SUFFIX, 1)[1])
+            gone = owner_gone({key: str(value) for key, value in labels.items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        notes.append(_RefillNote(note, started, pid, gone))
+    return sorted(notes, key=lambda note: note.started)
+
+
+def _died(path: Path, notes: list[_RefillNote]) -> str:
+    """``PoolStatus.failed`` for a refill killed outright: the line naming the latest one whose process is gone
+    with its note left, when it started after the recorded outcome at ``path`` ended (a refill that ended since
+    says how the pool was left: its failure, or nothing); "" when there is none."""
+    recorded = _read_outcome(path)
+    dead = [note for note in notes if note.gone and (recorded is None or note.started > recorded[0])]
+    if not dead:
+        return ""
+    return (
+        f"the refill started {_local_time(dead[-1].started)} (pid {dead[-1].pid}) died without recording how it "
+        "ended (killed outright: SIGKILL, the OOM killer?)"
+    )
+
+
+def _refilling(notes: list[_RefillNote]) -> str:
+    """``PoolStatus.refilling``: the line saying which detached refills run now, "" when none does."""
+    alive = [note for note in notes if not note.gone]
+    if not alive:
+        return ""
+    pids = ", ".join(str(note.pid) for note in alive)
+    since = _local_time(alive[0].started)
+    if len(alive) == 1:
+        return f"a refill is running (pid {pids}, since {since})"
+    return f"{len(alive)} refills are running (pids {pids}; the first since {since})"
 
 
 def _failure_line(exc: BaseException) -> str:
@@ -1291,22 +1397,23 @@ def main(argv: list[str] | None = None) -> int:
     handed = None
     if args.analyze:
         handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
-    try:
-        created = _refill(
-            args.dsn,
-            args.database,
-            background=args.background,
-            size=None,
-            concurrency=None,
-            handed=handed,
-            fill=not args.no_fill,
-        )
-    except Exception as exc:
-        # Recorded for `refresher status`, then the traceback as before (to its log, if any).
-        _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
-        raise
-    if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
-        _record_outcome(args.dsn, args.database, time.time_ns(), None)
+    with _running(args.dsn, args.database):
+        try:
+            created = _refill(
+                args.dsn,
+                args.database,
+                background=args.background,
+                size=None,
+                concurrency=None,
+                handed=handed,
+                fill=not args.no_fill,
+            )
+        except Exception as exc:
+            # Recorded for `refresher status`, then the traceback as before (to its log, if any).
+            _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
+            raise
+        if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
+            _record_outcome(args.dsn, args.database, time.time_ns(), None)
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
     return 0
 

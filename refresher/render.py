@@ -251,6 +251,8 @@ def status_table(
                 _out(f"{s.profile}: {pool.why}")
             if pool is not None and pool.failed:
                 _out(f"{s.profile}: {pool.failed}")
+            if pool is not None and pool.refilling:
+                _out(f"{s.profile}: {pool.refilling}")
     _notes(notes)
 
 

@@ -212,12 +212,21 @@ def _bars(symbol: str, when: pa.Array, n: int, seed: int, schema: pa.Schema) -> 
     )
 
 
+def refillers(db: str) -> list[psutil.Process]:
+    """The detached refills of ``db`` the CLI spawned (``pool.spawn_refill``) running now (a zombie has no
+    command line: it ended)."""
+    return [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "refresher.pool" in (cmdline := proc.info["cmdline"] or [])
+        and "refill" in cmdline
+        and db in cmdline
+    ]
+
+
 def refills_gone(db: str) -> None:
     """Wait for the detached refills of ``db`` the CLI spawned (``pool.spawn_refill``) to end."""
     deadline = time.monotonic() + 120
-    while any(
-        "refresher.pool" in cmdline and "refill" in cmdline and db in cmdline
-        for cmdline in (proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"]))
-    ):
+    while refillers(db):
         assert time.monotonic() < deadline, f"a refill of {db} never ended"
         time.sleep(0.1)

@@ -51,10 +51,13 @@ def _pid_namespace() -> str:
 
 
 def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot ("" when there is no such process)."""
+    """The process's start time in clock ticks since boot ("" when there is no such process, or it has ended and
+    is a zombie nobody reaped: where no init reaps orphans, as in a container whose first process is no init, a
+    killed orphan stays one, its pid and start time kept)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
     # The command name (field 2) may hold spaces and parentheses: count fields after its closing one.
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]

@@ -578,9 +578,17 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
         assert report["segments"]["loaded"] == 0 and report["snapshot"] == "unchanged"
         assert pool_databases(ws) == []  # dropped before the refresh returned
         assert stamped(ws.refresh("--pool-size", "0"))  # the same size again: nothing to do
+        refills_gone(ws.profile)  # one still running says so (refill_running)
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
         assert [s["pool"] for s in status] == [
-            {"size": 0, "ready": 0, "reset": "copy", "why": CHOSEN.format(0), "refill_failed": None}
+            {
+                "size": 0,
+                "ready": 0,
+                "reset": "copy",
+                "why": CHOSEN.format(0),
+                "refill_failed": None,
+                "refill_running": None,
+            }
         ]
         assert "0/0 ready, reset: copy" in ws.run("status").stdout
         execute(ws, "DELETE FROM ohlcv_daily")
@@ -603,9 +611,17 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
             text=True,
         )
         assert done.returncode == 0 and stamped(json.loads(done.stdout.strip().splitlines()[-1])), done.stderr
+        refills_gone(ws.profile)
         status = json.loads(ws.run("status", "--json").stdout)["servers"]
         assert [s["pool"] for s in status] == [
-            {"size": 1, "ready": 1, "reset": "rename", "why": CHOSEN.format(1), "refill_failed": None}
+            {
+                "size": 1,
+                "ready": 1,
+                "reset": "rename",
+                "why": CHOSEN.format(1),
+                "refill_failed": None,
+                "refill_running": None,
+            }
         ]
     finally:
         report = ws.refresh("--pool-size", "2")  # two clones again (remembered)

@@ -1,4 +1,5 @@
-"""A detached refill that fails says so in `refresher status` (and its --json) until a later one fills the pool:
+"""A detached refill that fails, or is killed outright, says so in `refresher status` (and its --json) until a later
+one fills the pool, and one running says that:
 its output goes to /dev/null after a CLI refresh or reset, and a short pool then made resets copy without a word.
 The record (``pool._record_outcome``) keeps the latest end of concurrent refills and is never seen half-written,
 a writer killed midway included; a container's record (in the user's cache) goes with its server at `down`, and a
@@ -7,12 +8,16 @@ the real detached refill."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -20,12 +25,25 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from refresher._snapshot_sql import COPIER
+from refresher.engines import owner_labels
 from refresher.engines.base import ServerInfo
 from refresher.engines.docker import DockerEngine
 from refresher.engines.local import free_port
-from refresher.pool import OUTCOME_PREFIX, _last_failure, _outcome_path, _record_outcome, _settled_path
+from refresher.pool import (
+    MAX_REFILL_CONCURRENCY,
+    OUTCOME_PREFIX,
+    RUNNING_SUFFIX,
+    _died,
+    _last_failure,
+    _outcome_path,
+    _record_outcome,
+    _refill_notes,
+    _refilling,
+    _settled_path,
+)
 from refresher.snapshot import pristine_name
-from tests.fixtures_postgres import refills_gone
+from tests.fixtures_postgres import refillers, refills_gone
 from tests.refresher.test_cli_stamp import wait_for_pool_databases
 from tests.refresher.test_refresh_e2e import Workspace, workspace
 
@@ -34,9 +52,23 @@ pytestmark = pytest.mark.postgres
 __all__ = ["workspace"]  # a fixture, imported to be found
 
 
-def _refill_failed(ws: Workspace) -> object:
+def _status_pool(ws: Workspace) -> dict[str, object]:
     [server] = json.loads(ws.run("status", "--profile", ws.profile, "--json").stdout)["servers"]
-    return server["pool"]["refill_failed"]
+    pool: dict[str, object] = server["pool"]
+    return pool
+
+
+def _refill_failed(ws: Workspace) -> object:
+    return _status_pool(ws)["refill_failed"]
+
+
+def _a_pool_of_one(ws: Workspace, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workspace refreshed with a pool of one clone, made and its refill ended; ``cache`` the cache directory,
+    which the detached refill must be told (a container's record is kept there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert ws.refresh("--pool-size", "1")["pool_size"] == 1
+    wait_for_pool_databases(ws, 1)
+    refills_gone(ws.profile)
 
 
 def _on_pristine(ws: Workspace) -> psycopg.Connection[object]:
@@ -56,11 +88,7 @@ def test_a_failed_refill_after_a_reset_shows_in_status_until_a_later_one_fills_t
     workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ws = workspace
-    # A cache directory of its own, which the detached refill must be told (a container's record is kept there).
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert ws.refresh("--pool-size", "1")["pool_size"] == 1
-    wait_for_pool_databases(ws, 1)
-    refills_gone(ws.profile)
+    _a_pool_of_one(ws, tmp_path, monkeypatch)
     assert _refill_failed(ws) is None
     blocker = _on_pristine(ws)
     try:
@@ -80,6 +108,55 @@ def test_a_failed_refill_after_a_reset_shows_in_status_until_a_later_one_fills_t
     path = record_path(ws.server())
     assert path.read_text().endswith(" ok\n")
     assert path.is_relative_to(tmp_path) == (ws.engine == "docker"), path
+
+
+@contextlib.contextmanager
+def _copiers_held(ws: Workspace) -> Iterator[None]:
+    """Every copy token of the pool (``pool._copier``: COPIER + k, k < MAX_REFILL_CONCURRENCY) held by a session
+    of the test's (on the maintenance database: a reset ends the working database's sessions): a refill waits in
+    its first copy, alive, until they are let go."""
+    server = ws.server()
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        for k in range(MAX_REFILL_CONCURRENCY):
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s), %s)", (server.dbname, COPIER + k))
+        yield
+
+
+@pytest.mark.slow
+def test_a_refill_killed_outright_shows_as_died_not_running_until_a_later_one_fills_the_pool(
+    workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refill SIGKILLed (the OOM killer) recorded nothing: status showed neither a failure nor a refill running
+    ws = workspace
+    _a_pool_of_one(ws, tmp_path, monkeypatch)
+    with _copiers_held(ws):
+        assert json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)["method"] == "pool"
+        deadline = time.monotonic() + 60
+        while not (refilling := refillers(ws.profile)) or _status_pool(ws)["refill_running"] is None:
+            assert time.monotonic() < deadline, "the reset's refill never showed as running"
+            time.sleep(0.2)
+        [refill] = refilling
+        pool = _status_pool(ws)
+        assert pool["refill_failed"] is None and pool["ready"] == 0, pool
+        assert str(pool["refill_running"]).startswith(f"a refill is running (pid {refill.pid}, since "), pool
+        refill.kill()  # init's (double-forked): a zombie where nothing reaps orphans, which counts as gone
+        while refillers(ws.profile):
+            assert time.monotonic() < deadline, "the killed refill never ended"
+            time.sleep(0.1)
+        pool = _status_pool(ws)
+        died = pool["refill_failed"]
+        assert isinstance(died, str) and died.startswith("the refill started "), pool
+        assert f"(pid {refill.pid}) died without recording how it ended" in died and "\n" not in died, died
+        assert pool["refill_running"] is None, pool
+        table = ws.run("status", "--profile", ws.profile).stdout
+        assert f"{ws.profile}: {died}" in table and "0/1 ready, reset: copy" in table, table
+    ws.run("reset", "--profile", ws.profile)  # copies; its refill fills the pool
+    refills_gone(ws.profile)
+    pool = _status_pool(ws)
+    assert (pool["refill_failed"], pool["refill_running"], pool["ready"]) == (None, None, 1), pool
+    path = record_path(ws.server())
+    assert path.read_text().endswith(" ok\n")
+    assert record_files(path) == [".lock", "record"]  # the killed one's note went with the end that covers it
 
 
 def _record(dsn: str, db: str, ended: int, failure: str | None) -> None:
@@ -165,6 +242,53 @@ def test_a_record_that_is_no_record_claims_no_failure(tmp_path: Path) -> None:
         assert _last_failure(path) == "", text
     path.write_text("12 failed boom: it broke\n")
     assert _last_failure(path).endswith("failed: boom: it broke")
+
+
+def test_a_refills_note_tells_running_from_died_a_reused_pid_and_a_zombie_too(tmp_path: Path) -> None:
+    # pool._running's notes as status reads them, beside a record at ``path``
+    path = _settled_path(tmp_path, "db", OUTCOME_PREFIX)
+
+    def note(pid: int, started: int, labels: dict[str, str]) -> None:
+        (tmp_path / f"{path.name}{RUNNING_SUFFIX}{pid}").write_text(
+            json.dumps({"started": started, **labels})
+        )
+
+    def lines() -> tuple[str, str]:
+        notes = _refill_notes(path)
+        return _died(path, notes), _refilling(notes)
+
+    note(os.getpid(), 100, owner_labels(os.getpid()))
+    died, running = lines()
+    assert died == "" and running.startswith(f"a refill is running (pid {os.getpid()}, since "), running
+    # the same pid, another process (reused since): its refill is gone
+    (tmp_path / f"{path.name}{RUNNING_SUFFIX}{os.getpid()}").unlink()
+    reused = {
+        key: "1" if key.endswith(".started") else value for key, value in owner_labels(os.getpid()).items()
+    }
+    note(os.getpid(), 200, reused)
+    died, running = lines()
+    assert died.startswith("the refill started ") and f"(pid {os.getpid()}) died without recording" in died, (
+        died
+    )
+    assert running == ""
+    # a refill that ended after it started says how the pool was left; one killed after that end is said again
+    path.write_text("300 ok\n")
+    assert lines() == ("", "")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        note(child.pid, 400, owner_labels(child.pid))
+        assert lines()[1].startswith(f"a refill is running (pid {child.pid}, ")
+        child.kill()  # not reaped: a zombie, as a killed refill is where no init reaps orphans
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        died, running = lines()
+        assert f"(pid {child.pid}) died" in died and running == "", (died, running)  # fails before: running
+    finally:
+        child.wait()
+    # what is no note is none
+    (tmp_path / f"{path.name}{RUNNING_SUFFIX}7").write_text("garbage")
+    (tmp_path / f"{path.name}{RUNNING_SUFFIX}8.part").write_text(json.dumps({"started": 500}))
+    assert sorted(note.pid for note in _refill_notes(path)) == sorted([os.getpid(), child.pid])
 
 
 def record_files(path: Path) -> list[str]:
