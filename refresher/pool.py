@@ -95,7 +95,7 @@ from refresher._snapshot_sql import (
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, data_directory
-from refresher.engines import owner_gone, owner_labels
+from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, cache_directory, pool_as_asked
@@ -593,14 +593,68 @@ def forget_outcome(server: ServerInfo) -> None:
     with contextlib.suppress(OSError, psycopg.Error, RefresherError):
         with _admin(server.dsn(MAINTENANCE_DB)) as conn:
             path = _outcome_path(conn, server.dbname)
-        if not path.parent.is_dir():
-            return
-        with _outcome_locked(path) as lock:
-            path.unlink(missing_ok=True)
-            path.with_name(f"{path.name}.part").unlink(missing_ok=True)
-            for note in _note_files(path):
-                note.unlink(missing_ok=True)
-            lock.unlink()
+        _forget_outcome_at(path)
+
+
+def _forget_outcome_at(path: Path) -> None:
+    """Remove the record at ``path``, its part, its running notes and its lock, under that lock (``forget_outcome``)."""
+    if not path.parent.is_dir():
+        return
+    with _outcome_locked(path) as lock:
+        path.unlink(missing_ok=True)
+        path.with_name(f"{path.name}.part").unlink(missing_ok=True)
+        for note in _note_files(path):
+            note.unlink(missing_ok=True)
+        lock.unlink()
+
+
+def note_server(noted: Path, server: ServerInfo, *, fresh: bool) -> None:
+    """Add ``server``'s address and cluster (its system identifier) to the list at ``noted``, in the engine's state
+    dir, for ``forget_noted``: `refresher down` of a container that is stopped or gone (`docker stop`, `docker
+    rm`, a daemon restart) cannot ask its cluster, which keys its records in the user's cache (``_outcome_path``),
+    and left them behind for good. ``fresh``: the server was started or made by this call (a volume made again
+    is another cluster at the same address); otherwise an address already noted is not asked again (its volume
+    is mounted: the same cluster). Best effort, as the records: a failure leaves the list as it was."""
+    servers = _noted(noted)
+    if not fresh and any(entry[:2] == [server.host, server.port] for entry in servers):
+        return
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError):
+        with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+            [cluster] = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone() or (
+                None,
+            )
+        entry = [server.host, server.port, cluster]
+        if cluster is not None and entry not in servers:
+            write_private_json(noted, {"servers": [*servers, entry]})
+
+
+def forget_noted(noted: Path, db: str) -> None:
+    """Remove the records of how refills of ``db``'s pool ended on each server noted at ``noted``
+    (``note_server``), whether or not it answers now, then the list: only those servers' (their clusters), never
+    another checkout's or server's sharing the cache directory."""
+    for host, port, cluster in _noted(noted):
+        with contextlib.suppress(OSError):
+            _forget_outcome_at(_cached_outcome_path(host, port, db, cluster))
+    noted.unlink(missing_ok=True)
+
+
+def _noted(noted: Path) -> list[list[Any]]:
+    """The servers ``note_server`` listed at ``noted``, [host, port, cluster] each; a field a newer refresher may
+    add after these is left out, and an entry, or a file, that is not one reads as none (nothing to forget)."""
+    try:
+        servers = json.loads(noted.read_text(encoding="utf-8"))["servers"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    if not isinstance(servers, list):
+        return []
+    return [
+        entry[:3]
+        for entry in servers
+        if isinstance(entry, list)
+        and len(entry) >= 3
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], int)
+    ]
 
 
 @contextlib.contextmanager
@@ -641,7 +695,13 @@ def _outcome_path(conn: psycopg.Connection[Any], db: str) -> Path:
     # The cluster's system identifier (random at its initdb) too: a server made later at the same address (a new
     # volume after `refresher down`, whose files may have stayed) has another, and no failure of the old one.
     [cluster] = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone() or (None,)
-    server = f"{conn.info.host}:{conn.info.port}/{db}/{cluster}"
+    return _cached_outcome_path(conn.info.host, conn.info.port, db, cluster)
+
+
+def _cached_outcome_path(host: str, port: int | str, db: str, cluster: object) -> Path:
+    """``_outcome_path`` of a server whose data directory this host cannot see: by its address, database and
+    cluster (``forget_noted`` finds it from these without asking the server)."""
+    server = f"{host}:{port}/{db}/{cluster}"
     return _settled_path(cache_directory(os.environ) / OUTCOMES, server, OUTCOME_PREFIX)
 
 
@@ -1434,7 +1494,9 @@ __all__ = [
     "disk_cut",
     "disk_reserve",
     "drop_clone",
+    "forget_noted",
     "forget_outcome",
+    "note_server",
     "pool_name",
     "pool_reason",
     "pool_size_for_disk",

@@ -122,11 +122,14 @@ class ComposeEngine:
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(profile)))
                     created = True
-        if created:
-            from refresher.pool import forget_outcome
+        from refresher.pool import forget_outcome, note_server
 
+        if created:
             # One dropped by hand (no `down`) left its record on the server that stays: not this database's.
             forget_outcome(server)
+        # A database made is maybe on a server made again (`make compose-down` removes its volume): another cluster,
+        # whose records `down` must find once that one is gone too.
+        note_server(self._noted_path(profile), server, fresh=created)
         if not self._is_recorded(profile):
             write_private_json(self._record_path(profile), {"project": self.project})
         return server
@@ -147,11 +150,14 @@ class ComposeEngine:
 
     def stop(self, profile: str) -> bool:
         """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
-        from refresher.pool import forget_outcome
+        from refresher.pool import forget_noted, forget_outcome
         from refresher.snapshot import drop_snapshot
 
         if not self._is_recorded(profile):
             return False  # not made by this state dir: another's, or made by hand
+        # The refill records of every server noted (``start``): one `make compose-down` removed with its volume,
+        # whose cluster nobody can ask now, left them for good.
+        forget_noted(self._noted_path(profile), profile)
         server = self._server(profile)
         if server is None:
             return False  # compose is down: the record waits for the database it names
@@ -195,6 +201,11 @@ class ComposeEngine:
     # -- small pieces --------------------------------------------------------------------------------------
     def _record_path(self, profile: str) -> Path:
         return self.base / f"{profile}.json"
+
+    def _noted_path(self, profile: str) -> Path:
+        """The servers (address, cluster) the profile's database was made on (``pool.note_server``); not
+        ``*.json``, which are the profiles' records."""
+        return self.base / f"{profile}.clusters"
 
     def _recorded(self) -> set[str]:
         """The profiles this state dir started on this project's server."""

@@ -174,6 +174,8 @@ class DockerEngine:
                 if self._outdated(client, container, profile, state):
                     port = self._retire(client, container, profile, state)
                     container = None
+            # A server already running keeps its volume mounted: the cluster noted at its address is still its.
+            running = container is not None and container.status == "running"
             if container is None or state is None:
                 container, state = self._create(client, profile, state, port=port)
             tries = 1
@@ -192,6 +194,7 @@ class DockerEngine:
             state.write(self._state_path(profile))
             info = self._info(profile, state)
             self._wait_ready(container, info)
+            self._note_cluster(profile, info, fresh=not running)
             return info
 
     def info(self, profile: str) -> ServerInfo | None:
@@ -233,18 +236,34 @@ class DockerEngine:
             if path.exists():
                 path.unlink()
                 existed = True
+            self._forget_noted(profile)
             self._sweep_state_tmps(profile)
             return existed
 
     def _forget_refills(self, container: Container, profile: str) -> None:
         """Remove what this host recorded of how the server's pool refills ended (``pool.forget_outcome``), in
         the user's cache directory, which nothing else cleans: each `down` left its files. While the server
-        answers, which tells its cluster: the record is keyed by it, never another checkout's or server's."""
+        answers, which tells its cluster: the record is keyed by it, never another checkout's or server's (a
+        server noted by a start, ``_forget_noted``, needs no answer; one started before notes were kept does)."""
         from refresher.pool import forget_outcome
 
         with contextlib.suppress(EngineStateError):  # no password in its environment, no port: none to ask
             state = self._adopt(container, profile)
             forget_outcome(self._info(profile, replace(state, port=_host_port(container))))
+
+    def _note_cluster(self, profile: str, info: ServerInfo, *, fresh: bool) -> None:
+        """Note the server's address and cluster in the state dir (``pool.note_server``): a `down` once its
+        container was stopped or removed by hand, or its volume too, still finds the records its refills left."""
+        from refresher.pool import note_server
+
+        note_server(self._noted_path(profile), info, fresh=fresh)
+
+    def _forget_noted(self, profile: str) -> None:
+        """Remove the refill records of every server this state dir noted for the profile (``pool.forget_noted``),
+        whatever its container's state: stopped or gone, it cannot be asked, and its records stayed for good."""
+        from refresher.pool import forget_noted
+
+        forget_noted(self._noted_path(profile), profile)
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:
         if profile is not None:
@@ -603,11 +622,17 @@ class DockerEngine:
     def _state_path(self, profile: str) -> Path:
         return self.base / f"{profile}.json"
 
+    def _noted_path(self, profile: str) -> Path:
+        """The servers (address, cluster) the profile's containers ran (``pool.note_server``); not ``*.json``,
+        which are the profiles' state files."""
+        return self.base / f"{profile}.clusters"
+
     def _sweep_state_tmps(self, profile: str) -> None:
         """Remove the state file's temporary files (each a copy of the volume's password) that a start killed
         between their write and their rename left. Under the profile's lock: every writer of the state file
         (a start) holds it, so any there is a dead one's."""
         sweep_private_tmps(self.base, self._state_path(profile).name, age=0)
+        sweep_private_tmps(self.base, self._noted_path(profile).name, age=0)
 
     def _info(self, profile: str, state: ContainerState) -> ServerInfo:
         return ServerInfo(self.name, profile, HOST, state.port, state.user, state.password, profile)

@@ -372,6 +372,30 @@ def test_down_removes_the_profiles_refill_record_alone_and_a_database_made_again
     assert theirs.stop("compose_theirs") and mine.stop("compose_refilled")
 
 
+def test_down_after_the_server_was_made_again_removes_the_records_of_the_one_removed(
+    project: tuple[str, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make compose-down` removes the server's volume, its cluster with it: the records that cluster's refills left
+    # in the user's cache are keyed by it, which nobody can ask now. `down` after a `make up` left them for good.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    name, env = project
+    make_up(env)
+    mine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
+    theirs = ComposeEngine(name, state_dir=tmp_path / "other-state")
+    server, other = mine.start("compose_refilled"), theirs.start("compose_theirs")
+    for each in (server, other):
+        _record_outcome(each.dsn("postgres"), each.dbname, 1_000, f"{each.dbname} failed")
+    path, their_path = record_path(server), record_path(other)
+    assert make("compose-down", env=env).returncode == 0
+    make_up(env)
+    assert record_path(mine.start("compose_refilled")) != path  # another cluster
+
+    assert mine.stop("compose_refilled")
+    assert record_files(path) == []  # fails before: the removed server's record and lock stayed
+    assert not list((Path(env["REFRESHER_STATE_DIR"]) / "compose").glob("compose_refilled.*"))
+    assert _last_failure(their_path).endswith("failed: compose_theirs failed")  # another state dir's: kept
+
+
 def test_profiles_named_like_the_servers_own_databases_are_refused(
     project: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:

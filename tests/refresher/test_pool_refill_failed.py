@@ -348,3 +348,53 @@ def test_down_removes_a_containers_record_alone_and_a_server_made_later_there_cl
         ours.stop("refilled")
         theirs.stop("refilled")
     assert _last_failure(their_path) == ""  # theirs went with their server
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("gone", ["stopped", "removed", "removed with its volume"])
+def test_down_removes_the_records_of_a_container_stopped_or_removed_by_hand_and_no_other_checkouts(
+    gone: str,
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`docker stop`, `docker rm` (a daemon restart stops it too): `down` cannot ask a server that does not answer
+    its cluster, which keys its records; the start noted it. Another checkout's server and records stay."""
+    monkeypatch.setenv(
+        "XDG_CACHE_HOME", str(tmp_path / "cache")
+    )  # as the CLI's refill is told (spawn_refill)
+    ours = DockerEngine(
+        docker_engine.state_dir, image=docker_engine.image, client=docker_client, prefix=docker_engine.prefix
+    )
+    theirs = DockerEngine(
+        tmp_path / "other-checkout",
+        image=docker_engine.image,
+        client=docker_client,
+        prefix=docker_engine.prefix,
+    )
+    try:
+        info, other = ours.start("refilled"), theirs.start("refilled")
+        for server in (info, other):
+            _record(server.dsn("postgres"), server.dbname, 1_000, f"failed on {server.port}")
+        path, their_path = record_path(info), record_path(other)
+        path.with_name(f"{path.name}.part").write_text("1001 half")  # a writer killed before its rename
+        assert record_files(path) == [".lock", ".part", "record"]
+        container = docker_client.containers.get(f"{ours.prefix}-{ours.scope}-refilled")
+        if gone == "stopped":
+            container.stop(timeout=10)
+        else:
+            container.remove(force=True, v=True)
+            if gone == "removed with its volume":
+                docker_client.volumes.get(f"{ours.prefix}-{ours.scope}-refilled-data").remove(force=True)
+
+        assert ours.stop("refilled")
+        assert record_files(path) == []  # fails before: `down` left all three
+        assert not list((ours.state_dir / "docker").glob("refilled.*"))
+        assert record_files(their_path) == [".lock", "record"]
+        assert _last_failure(their_path).endswith(f"failed: failed on {other.port}")
+        assert theirs.info("refilled") is not None  # their container untouched, still running
+    finally:
+        ours.stop("refilled")
+        theirs.stop("refilled")
+    assert record_files(their_path) == []  # theirs went with their server
