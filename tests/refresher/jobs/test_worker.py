@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -63,6 +64,33 @@ def start_worker(ws: Workspace, redis_url: str, name: str, *extra: str) -> subpr
 
 def worker_log(ws: Workspace, name: str) -> str:
     return (ws.root / f"worker-{name}.log").read_text()
+
+
+def wait_started(ws: Workspace, redis_server: RedisServer, workers: list[subprocess.Popen[str]]) -> None:
+    """Wait until each of ``workers`` (named w0, w1, ...) holds a connection to ``redis_server``: past its start,
+    where it asks the queue once and, Redis not answering, exits 2 in one line (docs/jobs.md: a worker waits for
+    Redis only once it has started). A test that restarts Redis under running workers waits for this first: its
+    run's ``done`` says that one worker runs, not all. In a loaded xdist run one worker's start (its imports,
+    seconds on a busy machine) outlasted the other's first jobs, met the killed Redis and exited 2 (reproduced
+    by holding a worker's start until the kill: exit 2, 'cannot reach Redis', the run completed by the other)."""
+    deadline = time.monotonic() + 300
+    for i, proc in enumerate(workers):
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, f"w{i}: {worker_log(ws, f'w{i}')}"
+            try:
+                if any(
+                    c.raddr and c.raddr.port == redis_server.port
+                    for c in psutil.Process(proc.pid).net_connections()
+                ):
+                    break
+            except psutil.Error:  # it ended meanwhile: the assertion above says how
+                pass
+            time.sleep(0.05)
+
+
+def worker_logs(ws: Workspace, workers: list[subprocess.Popen[str]]) -> str:
+    """Each worker's exit status and log (named w0, w1, ...), for an assertion on how they ended."""
+    return "\n".join(f"w{i} (exit {w.returncode}):\n{worker_log(ws, f'w{i}')}" for i, w in enumerate(workers))
 
 
 def wait_at_door(
@@ -192,6 +220,7 @@ def test_redis_restarted_mid_run_the_run_completes(workspace: Workspace, redis_s
     run = submit(ws, url)
     workers = [start_worker(ws, url, f"w{i}") for i in range(2)]
     try:
+        wait_started(ws, redis_server, workers)
         wait_for(ws, url, run["run_id"], lambda s: s["done"] >= 2)
         redis_server.stop()
         time.sleep(2)  # workers see connection refused and back off
@@ -199,7 +228,7 @@ def test_redis_restarted_mid_run_the_run_completes(workspace: Workspace, redis_s
         final = wait_for(ws, url, run["run_id"], lambda s: s["state"] == "complete")
     finally:
         stop(workers)
-    assert [w.returncode for w in workers] == [0, 0]
+    assert [w.returncode for w in workers] == [0, 0], worker_logs(ws, workers)
     assert final["done"] == final["total"] == run["jobs"]
     assert len(ledger(ws)) == run["jobs"]
     assert ws.scalar("SELECT sum(rows) FROM refresher_segments") == (

@@ -32,7 +32,9 @@ from tests.refresher.jobs.test_worker import (
     stop,
     submit,
     wait_for,
+    wait_started,
     worker_log,
+    worker_logs,
     workspace,
 )
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace, expected_rows
@@ -208,6 +210,8 @@ def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
     assert runs[0]["run_id"] != runs[1]["run_id"] and runs[0]["jobs"] == runs[1]["jobs"] == len(SYMBOLS) * 6
     workers = [start_worker(ws, url, f"w{i}") for i in range(2)]
     try:
+        # Both running, not one still starting: a worker whose start meets no Redis exits 2 (wait_started).
+        wait_started(ws, redis_server, workers)
         wait_for(ws, url, runs[0]["run_id"], lambda s: s["done"] >= 3)
         assert redis_server.process is not None
         redis_server.process.kill()  # no AOF flush: the last second of writes may be gone
@@ -219,7 +223,7 @@ def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
         finals = [wait_for(ws, url, r["run_id"], not_lost_until_complete) for r in runs]
     finally:
         stop(workers)
-    assert [w.returncode for w in workers] == [0, 0]
+    assert [w.returncode for w in workers] == [0, 0], worker_logs(ws, workers)
     for final in finals:
         assert (final["done"], final["dead"]) == (final["total"], 0)
     assert_loaded_exactly(ws, SYMBOLS, 3)
