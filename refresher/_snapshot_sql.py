@@ -37,16 +37,11 @@ SLOT = 1000  # SLOT + n: the maker of pool slot n
 PRIVATE_SLOTS = range(10_000, 100_000)
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
-# A word a newer refresher adds after the pool's words or at the end (as f82876e added ' reflink') is read as
-# absent: an older reader that matched the whole mark took the copy for none and rebuilt it from scratch.
-_NEWER = r"(?: (?!ledger=)[^ ]+)*"
 _PRISTINE_MARK = re.compile(
-    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink| noreflink)?(?: copy_bps=(\d+))?)?"
-    + _NEWER
-    + r" ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})"
-    r"( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?" + _NEWER + "$"
+    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink| noreflink)?(?: copy_bps=(\d+))?)? ledger=([0-9a-f]{64}) "
+    r"stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
 )
-_CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})" + _NEWER + "$")
+_CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
 
 # Tests only: called after every statement sent through ``_execute``, so a test can kill -9 the process between
 # any two steps (see tests/refresher/test_snapshot_crash.py). Never set in the product.
