@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -36,6 +37,10 @@ POOL_SIZE_ENV = "REFRESHER_POOL_SIZE"
 # by the free disk at each refill (refresher.pool.pool_size_for_disk).
 AUTO_POOL: Literal["auto"] = "auto"
 PoolSize = int | Literal["auto"]
+# How long `refresher worker` waits at its start for a Redis not up yet (`--connect-timeout`, this variable);
+# 0 asks once. Every other command asks once: a human at a terminal wants an answer now.
+CONNECT_TIMEOUT_ENV = "REFRESHER_WORKER_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 def compose_project(checkout: Path) -> str:
@@ -53,6 +58,18 @@ def parse_pool_size(text: str) -> PoolSize:
     if not value.isascii() or not value.isdigit() or int(value) > MAX_POOL_SIZE:
         raise ValueError(f"not a whole number from 0 to {MAX_POOL_SIZE}, nor {AUTO_POOL}")
     return int(value)
+
+
+def parse_connect_timeout(text: str) -> float:
+    """A worker's connect timeout as typed: seconds, 0 or more (0: ask Redis once); ValueError saying what is
+    wrong (the caller names the value: the variable or the flag)."""
+    try:
+        seconds = float(text.strip())
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:  # nan too
+        raise ValueError("not a number of seconds, 0 or more")
+    return seconds
 
 
 def pool_as_asked(asked: PoolSize | None, size: int, chosen: bool) -> bool:
@@ -110,6 +127,22 @@ class Settings:
     # pytest plugin, one per xdist worker plus one (at least DEFAULT_POOL_SIZE). ``auto`` (AUTO_POOL): the default's
     # rule even where the user chose a size before (for the pytest plugin: as None).
     pool_size: PoolSize | None = None
+    # $REFRESHER_WORKER_CONNECT_TIMEOUT as given (None: unset), read by `refresher worker` only
+    # (``connect_timeout``): a value mistyped there is no other command's error.
+    connect_timeout_text: str | None = None
+
+    def connect_timeout(self, flag: float | None) -> float:
+        """The seconds `refresher worker` waits for Redis at its start: its flag, else the variable, else
+        DEFAULT_CONNECT_TIMEOUT; a bad variable is a SettingError (unless the flag, which wins, is given)."""
+        if flag is not None:
+            return flag
+        if not (self.connect_timeout_text or "").strip():
+            return DEFAULT_CONNECT_TIMEOUT
+        text = self.connect_timeout_text or ""
+        try:
+            return parse_connect_timeout(text)
+        except ValueError as exc:
+            raise SettingError(CONNECT_TIMEOUT_ENV, text, str(exc)) from None
 
     @classmethod
     def from_env(
@@ -145,6 +178,7 @@ class Settings:
             cache_dir=cache_directory(env),
             compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
             queue_url=env.get("REFRESHER_QUEUE") or None,
+            connect_timeout_text=env.get(CONNECT_TIMEOUT_ENV),
             # An override (the CLI flag) wins, and then a bad variable is not an error: it is not used.
             pool_size=None
             if overrides.get("pool_size") is not None

@@ -29,16 +29,21 @@ class RedisServer:
     directory: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    # More redis-server arguments, e.g. ("--key-load-delay", "1000"): a start that loads slowly.
+    options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start it and, with ``wait``, return once it answers (its data loaded)."""
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
         args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"]
         with (self.directory / "redis.log").open("ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([*args, *self.options], stdout=log, stderr=subprocess.STDOUT)
+        if not wait:
+            return
         deadline = time.monotonic() + 20
         errors: list[str] = []
         while time.monotonic() < deadline:

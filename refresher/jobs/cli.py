@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from refresher.cli import _say
 from refresher.errors import JobError
-from refresher.jobs.queue import open_queue, unreachable
+from refresher.jobs.queue import open_queue, unreachable, wait_for_queue
 from refresher.jobs.runs import (
     Deleted,
     RunStatus,
@@ -147,7 +148,7 @@ def _print_deleted(gone: Deleted) -> None:
 
 
 def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
-    from refresher.jobs.worker import Worker, WorkerOptions
+    from refresher.jobs.worker import Worker, WorkerOptions, WorkerReport
 
     if args.concurrency < 1:
         raise JobError(f"--concurrency={args.concurrency}: must be at least 1", field="concurrency")
@@ -160,9 +161,7 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
             f"--visibility-timeout={args.visibility_timeout}: must be a number of seconds above 0",
             field="visibility_timeout",
         )
-    # Not there or not a Redis: one line now, rather than a worker backing off in silence for good. Once it
-    # runs, a Redis that goes away is waited for (a restart).
-    client = open_queue(args.queue, args.queue_label)
+    timeout = settings.connect_timeout(args.connect_timeout)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -170,6 +169,10 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # A Redis not up yet (started beside the worker, restarting, loading its data) is waited for, up to
+    # --connect-timeout, one line saying so; past it, or not a Redis, or refusing us: one line and exit 2, rather
+    # than a worker backing off in silence for good. Once it runs, a Redis that goes away is waited for (a restart).
+    client = wait_for_queue(args.queue, args.queue_label, timeout, stop, _say)
     # `kill -USR1 PID`: every thread's stack on stderr, and the worker goes on; what a worker that went quiet is
     # waiting on, without a debugger on the machine.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -181,10 +184,12 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         max_attempts=args.max_attempts,
     )
     clock = (lambda: args.now.timestamp()) if args.now else None  # None: Redis's clock
-    try:
-        report = Worker(args.queue, settings, options, clock=clock, stop=stop, client=client).run()
-    finally:
-        client.close()
+    report = WorkerReport(name=args.name)  # stopped while waiting for Redis: nothing done, exit 0
+    if client is not None:
+        try:
+            report = Worker(args.queue, settings, options, clock=clock, stop=stop, client=client).run()
+        finally:
+            client.close()
     emit(args, report.to_json(), lambda: print(json.dumps(report.to_json())))
     return 0
 

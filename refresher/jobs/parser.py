@@ -12,6 +12,7 @@ from typing import Any
 
 from refresher.cli import _parse_date, _parse_time
 from refresher.jobs.tiers import TIERS
+from refresher.settings import CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT, parse_connect_timeout
 
 
 def _parse_exchange(text: str) -> str:
@@ -24,6 +25,13 @@ def _parse_exchange(text: str) -> str:
         return check_exchange(text.strip().upper())
     except CalendarError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parse_connect_timeout(text: str) -> float:
+    try:
+        return parse_connect_timeout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: {text!r}") from exc
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -109,6 +117,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="seconds a silent worker keeps its job before others reclaim it (default 60)",
     )
     worker.add_argument("--max-attempts", type=int, default=6, help="attempts before a dead letter")
+    worker.add_argument(
+        "--connect-timeout",
+        type=_parse_connect_timeout,
+        default=None,
+        metavar="SECONDS",
+        help=f"at its start, wait up to this long for a Redis not up yet (refusing connections, or loading its "
+        f"data), with jittered backoff; 0 asks once (${CONNECT_TIMEOUT_ENV}; default {DEFAULT_CONNECT_TIMEOUT:g})",
+    )
 
 
 __all__ = ["add_commands"]

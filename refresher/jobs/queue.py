@@ -32,6 +32,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from refresher.errors import JobError, one_line
+from refresher.jobs.retry import backoff_seconds
 from refresher.jobs.tiers import TIERS as TIERS
 from refresher.jobs.tiers import WEIGHTS as WEIGHTS
 
@@ -145,20 +146,70 @@ def open_queue(url: str, label: str = "--queue") -> redis.Redis:
     refusing us (a password, a database number out of range) is one line at once, not a traceback, nor
     seconds of retries before the first word. The client that asked is the one returned, its connection kept,
     with ``connect``'s retries from then on."""
+    try:
+        return _asked(url, label)
+    except redis.RedisError as exc:
+        raise _refusal(url, exc, label) from exc
+
+
+def _asked(url: str, label: str) -> redis.Redis:
+    """``open_queue``'s one question: the client, or Redis's error (the client closed)."""
     client = connect(url, retries=1, label=label)
     try:
         client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except redis.RedisError:
         client.close()
-        raise unreachable(url, exc, label) from exc
-    except redis.RedisError as exc:  # InvalidResponse: something else answers there; ResponseError: refused
-        client.close()
-        shown = public_url(url)
-        raise JobError(
-            f"{label}={shown}: not a usable Redis ({one_line(exc)})", field="queue", value=shown
-        ) from exc
+        raise
     client.set_retry(_retry(RETRIES))
     return client
+
+
+def _refusal(url: str, exc: redis.RedisError, label: str) -> JobError:
+    """The one line for a queue that did not answer ``open_queue``'s question."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return unreachable(url, exc, label)
+    # InvalidResponse: something else answers there; ResponseError: refused
+    shown = public_url(url)
+    return JobError(f"{label}={shown}: not a usable Redis ({one_line(exc)})", field="queue", value=shown)
+
+
+def _not_up_yet(exc: BaseException) -> bool:
+    """A Redis that may answer if asked again: the connection refused or timed out (not started, restarting, a
+    host still coming up), or Redis still loading its AOF or RDB (``BusyLoadingError``, a ConnectionError). A
+    password refused is a ConnectionError too (``AuthenticationError``), but no later try passes it."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError) and not isinstance(
+        exc, redis.AuthenticationError
+    )
+
+
+# Between two tries of a worker waiting for Redis at its start: ``backoff_seconds``, full jitter up to this cap, so
+# a fleet started together does not ask in step and a Redis up is found within a couple of seconds.
+WAIT_BASE = 0.1
+WAIT_CAP = 2.0
+
+
+def wait_for_queue(
+    url: str, label: str, timeout: float, stop: threading.Event, on_wait: Callable[[str], None]
+) -> redis.Redis | None:
+    """``open_queue``, asked again for up to ``timeout`` seconds while Redis is not up yet (``_not_up_yet``): a
+    worker started beside its Redis (a service manager, a compose file, a pod) or during its restart. ``on_wait``
+    hears one line when the waiting starts, nothing per try; past ``timeout`` the last answer is ``open_queue``'s
+    one line. Anything else (not a Redis, a password or database refused) is that line at once: waiting does not
+    change it. None when ``stop`` is set meanwhile (SIGTERM, Ctrl-C): the worker stops before it started."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            return _asked(url, label)
+        except redis.RedisError as exc:
+            left = deadline - time.monotonic()
+            if not _not_up_yet(exc) or left <= 0:
+                raise _refusal(url, exc, label) from exc
+            if attempt == 0:
+                on_wait(f"waiting for Redis at {public_url(url)} ({one_line(exc)}); up to {timeout:g} s")
+        if stop.wait(min(backoff_seconds(attempt, base=WAIT_BASE, cap=WAIT_CAP), left)):
+            return None
+        attempt += 1
 
 
 def ensure_groups(client: redis.Redis) -> None:
@@ -821,4 +872,5 @@ __all__ = [
     "stream_key",
     "text",
     "unreachable",
+    "wait_for_queue",
 ]

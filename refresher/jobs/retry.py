@@ -68,8 +68,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    ceiling = min(cap, base * (2 ** max(attempt, 0)))
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]. The exponent stops at 64
+    (past any cap): 2**1100 times a float overflowed, so a worker whose Redis stayed down for a thousand tries (an
+    hour at most 5 s apart), or waited that long for it at its start, raised OverflowError instead of waiting."""
+    ceiling = min(cap, base * (2 ** min(max(attempt, 0), 64)))
     return (rng or random).uniform(0, ceiling)
 
 

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -47,11 +47,15 @@ def not_redis() -> Iterator[str]:
 
 
 def refresher(
-    tmp_path: Path, *args: str, queue: str | None = None, module: Sequence[str] = ("refresher.cli",)
+    tmp_path: Path,
+    *args: str,
+    queue: str | None = None,
+    module: Sequence[str] = ("refresher.cli",),
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``refresher ARGS`` in a temp state dir and store; ``queue``: its $REFRESHER_QUEUE; ``module``: what runs
-    it (``python -m MODULE...``, e.g. ``killed_worker STEP``)."""
-    with start_refresher(tmp_path, *args, queue=queue, module=module) as proc:
+    it (``python -m MODULE...``, e.g. ``killed_worker STEP``); ``env``: more environment variables."""
+    with start_refresher(tmp_path, *args, queue=queue, module=module, env=env) as proc:
         try:
             out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
@@ -61,23 +65,28 @@ def refresher(
 
 
 def start_refresher(
-    tmp_path: Path, *args: str, queue: str | None = None, module: Sequence[str] = ("refresher.cli",)
+    tmp_path: Path,
+    *args: str,
+    queue: str | None = None,
+    module: Sequence[str] = ("refresher.cli",),
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """``refresher``, started and left running (its output piped)."""
     (tmp_path / "profiles").mkdir(exist_ok=True)
     (tmp_path / "profiles" / "q.yaml").write_text(PROFILE)
-    env = {
+    environ = {
         **os.environ,
         "REFRESHER_STATE_DIR": str(tmp_path / "state"),
         "FEATURE_STORE_PATH": str(tmp_path / "store"),
         "REFRESHER_PROFILES": str(tmp_path / "profiles"),
     }
-    env.pop("REFRESHER_QUEUE", None)
+    environ.pop("REFRESHER_QUEUE", None)
+    environ.pop("REFRESHER_WORKER_CONNECT_TIMEOUT", None)
     if queue is not None:
-        env["REFRESHER_QUEUE"] = queue
+        environ["REFRESHER_QUEUE"] = queue
     return subprocess.Popen(
         [sys.executable, "-m", *module, *args, "--engine", "local"],
-        env=env,
+        env={**environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -94,7 +103,12 @@ COMMANDS = [
     ["jobs", "delete", "r1"],
     ["jobs", "prune", "--older-than", "7d"],
     ["jobs", "submit", "--profile", "q"],
-    ["worker", "--burst"],
+    [
+        "worker",
+        "--burst",
+        "--connect-timeout",
+        "0",
+    ],  # asks once, as the others (test_worker_connect: waiting)
 ]
 
 
@@ -105,16 +119,24 @@ def one_line(done: subprocess.CompletedProcess[str], *named: str) -> None:
         assert text in done.stderr, done.stderr
 
 
-def test_a_queue_that_is_not_a_usable_redis_is_one_line_for_every_command(
-    tmp_path: Path, redis_server: RedisServer, not_redis: str
-) -> None:
-    client = redis_server.client()
-    client.config_set("requirepass", "s3cret")
+def refusing_queues(redis_server: RedisServer, not_redis: str) -> list[tuple[str, list[str]]]:
+    """Queues no wait makes usable, each with what its line names: something else than Redis answering, and
+    ``redis_server`` (given the password s3cret here) refusing a database number, a password, no password."""
+    redis_server.client().config_set("requirepass", "s3cret")
     port = redis_server.port
-    queues = [
+    return [
         (not_redis, [not_redis, "not a usable Redis"]),  # was a traceback (InvalidResponse)
         (f"redis://:s3cret@127.0.0.1:{port}/99", [f"127.0.0.1:{port}/99"]),  # DB index out of range
         (f"redis://:wrong@127.0.0.1:{port}/0", [f"redis://:***@127.0.0.1:{port}/0"]),
+        (f"redis://127.0.0.1:{port}/0", ["authenticated"]),  # HELLO refused
+    ]
+
+
+def test_a_queue_that_is_not_a_usable_redis_is_one_line_for_every_command(
+    tmp_path: Path, redis_server: RedisServer, not_redis: str
+) -> None:
+    queues = [
+        *refusing_queues(redis_server, not_redis),
         (f"redis://127.0.0.1:{free_port()}/0", ["cannot reach Redis"]),
     ]
     for queue, named in queues:

@@ -118,6 +118,7 @@ def test_backoff_edges() -> None:
     assert backoff_seconds(-3, base=0.5, cap=30, rng=top) == 0.5  # a negative attempt counts as the first
     assert backoff_seconds(2, base=0.5, cap=30, rng=top) == 2.0
     assert backoff_seconds(6, base=0.5, cap=30, rng=top) == 30  # 32 capped
+    assert backoff_seconds(5000, base=0.1, cap=5.0, rng=top) == 5.0  # was OverflowError (2**5000 * 0.1)
     random.seed(3)
     expected = random.Random(3).uniform(0, 2.0)
     assert backoff_seconds(2, base=0.5, cap=30) == expected  # the module's own generator by default

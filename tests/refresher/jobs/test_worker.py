@@ -67,12 +67,12 @@ def worker_log(ws: Workspace, name: str) -> str:
 
 
 def wait_started(ws: Workspace, redis_server: RedisServer, workers: list[subprocess.Popen[str]]) -> None:
-    """Wait until each of ``workers`` (named w0, w1, ...) holds a connection to ``redis_server``: past its start,
-    where it asks the queue once and, Redis not answering, exits 2 in one line (docs/jobs.md: a worker waits for
-    Redis only once it has started). A test that restarts Redis under running workers waits for this first: its
-    run's ``done`` says that one worker runs, not all. In a loaded xdist run one worker's start (its imports,
-    seconds on a busy machine) outlasted the other's first jobs, met the killed Redis and exited 2 (reproduced
-    by holding a worker's start until the kill: exit 2, 'cannot reach Redis', the run completed by the other)."""
+    """Wait until each of ``workers`` (named w0, w1, ...) holds a connection to ``redis_server``: past its start.
+    A test that restarts Redis under running workers waits for this first: its run's ``done`` says that one worker
+    runs, not all. In a loaded xdist run one worker's start (its imports, seconds on a busy machine) outlasted the
+    other's first jobs, met the killed Redis and exited 2 (reproduced by holding a worker's start until the kill:
+    exit 2, 'cannot reach Redis', the run completed by the other); a worker now waits for Redis at its start too
+    (--connect-timeout), but a test that means both workers to meet the restart mid-run still waits here."""
     deadline = time.monotonic() + 300
     for i, proc in enumerate(workers):
         while True:
