@@ -53,13 +53,10 @@ _VALID = re.compile(r"[0-9a-f]{32}")
 def read_generation(root: Path) -> str | None:
     """The store's generation now; None when it has none (a store from before generations, or no store), or when
     the manifest is not as this code's last writer left it (``note_manifest``): another program wrote it since."""
-    try:
-        value, _newline, noted = (root / GENERATION_FILE).read_text().partition("\n")
-    except (OSError, UnicodeDecodeError):
+    recorded = _read(root)
+    if recorded is None or recorded[1] != _manifest_state(root):
         return None
-    if not _VALID.fullmatch(value) or noted.rstrip("\n") != _manifest_state(root):
-        return None
-    return value
+    return recorded[0]
 
 
 def move_generation(root: Path) -> str:
@@ -77,12 +74,23 @@ def note_manifest(root: Path) -> None:
     this code's next writer, finding none, moves it. Called by every writer of the manifest under its exclusive
     lock, once the file is closed. Not fsynced: a record lost in a crash reads as no generation (none answered),
     never as an earlier one (the move before it was made durable)."""
+    recorded = _read(root)
+    if recorded is not None:
+        _replace(root, recorded[0], durably=False)
+
+
+def _read(root: Path) -> tuple[str, str] | None:
+    """The generation file's value and the manifest's state it noted (``_manifest_state``'s two words); None when
+    it is not there or holds no valid value. A word or line a newer writer adds after these is read as absent
+    (it made the generation None: the store taken for changed by another program, every stamp void)."""
     try:
-        value = (root / GENERATION_FILE).read_text().partition("\n")[0]
+        first, _newline, rest = (root / GENERATION_FILE).read_text().partition("\n")
     except (OSError, UnicodeDecodeError):
-        return
-    if _VALID.fullmatch(value):
-        _replace(root, value, durably=False)
+        return None
+    value = first.split(" ")[0]
+    if not _VALID.fullmatch(value):
+        return None
+    return value, " ".join(rest.partition("\n")[0].split(" ")[:2])
 
 
 def _manifest_state(root: Path) -> str:

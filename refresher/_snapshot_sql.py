@@ -37,11 +37,26 @@ SLOT = 1000  # SLOT + n: the maker of pool slot n
 PRIVATE_SLOTS = range(10_000, 100_000)
 TRASH_INFIX = "__trash_"
 BUILDING_INFIX = "__building_"
+
+
+def _newer(known: str) -> str:
+    """The words a newer refresher adds to a mark whose own fields are named ``known`` (space-separated), as
+    f82876e added ' reflink' after the pool's words, read as absent: an older reader that matched the whole mark
+    took the copy for none and rebuilt it from scratch. A word that starts with a known field's name is that field
+    garbled (an empty ' pending=', an 'analyzed' out of place), never a newer one, so the mark it is in is still
+    no mark: a newer refresher names its fields otherwise."""
+    return r"(?: (?!" + "|".join(known.split()) + r")[^ ]+)*"
+
+
+# The pristine copy's mark's fields, each a word's start (``PoolSizing.text``, ``_Mark.text``).
+_NEWER = _newer("pool_size chosen auto reflink noreflink copy_bps ledger stamp generation analyzed pending")
 _PRISTINE_MARK = re.compile(
-    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink| noreflink)?(?: copy_bps=(\d+))?)? ledger=([0-9a-f]{64}) "
-    r"stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?$"
+    r"^refresher pool_size=(\d+)(?: (chosen|auto)( reflink| noreflink)?(?: copy_bps=(\d+))?)?"
+    + _NEWER
+    + r" ledger=([0-9a-f]{64}) stamp=(none|[0-9a-f]{16}) generation=([0-9a-f]{16})"
+    r"( analyzed| pending=[a-z0-9_]+(?:,[a-z0-9_]+)*)?" + _NEWER + "$"
 )
-_CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})$")
+_CLONE_MARK = re.compile(r"^refresher clone_of=([0-9a-f]{16})" + _newer("clone_of") + "$")
 
 # Tests only: called after every statement sent through ``_execute``, so a test can kill -9 the process between
 # any two steps (see tests/refresher/test_snapshot_crash.py). Never set in the product.

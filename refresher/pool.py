@@ -508,7 +508,8 @@ def _settled(conn: psycopg.Connection[Any], db: str, directory: Path | None) -> 
         return None
     mark = _pristine_mark(conn, db)
     try:
-        generation, wanted, made = _settled_path(directory, db).read_text().split()
+        # A field a newer refresher adds after these three is read as absent, not as no record.
+        generation, wanted, made, *_newer = _settled_path(directory, db).read_text().split()
         asked, held = int(wanted), int(made)
     except (OSError, ValueError):
         return None

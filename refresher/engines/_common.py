@@ -7,6 +7,7 @@ Private to ``refresher.engines``: other packages reach these through the engines
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -115,6 +116,14 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
     A crash leaves either the old file or the new one, never half of either, and never a world-readable copy.
     """
     _put_private_json(path, data, os.replace)
+
+
+def known_fields(cls: type[Any], recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """What of ``recorded`` (a state file's JSON) the dataclass ``cls`` has a field for: one a newer refresher
+    added is left out (given to ``cls``, it was a TypeError, 'unreadable' state whose advice, `refresher down`,
+    removed the server). AttributeError when ``recorded`` is not a mapping."""
+    names = {each.name for each in dataclasses.fields(cls)}
+    return {key: value for key, value in recorded.items() if key in names}
 
 
 def create_private_json(path: Path, data: Mapping[str, Any]) -> bool:

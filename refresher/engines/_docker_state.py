@@ -16,7 +16,7 @@ import docker
 import docker.errors
 import requests
 
-from refresher.engines._common import create_private_json, write_private_json
+from refresher.engines._common import create_private_json, known_fields, write_private_json
 from refresher.errors import EngineStateError, EngineUnavailable
 
 # Tried in order when no image is asked for: the official image when someone could pull it, then the
@@ -39,11 +39,12 @@ class ContainerState:
 
     @classmethod
     def read(cls, path: Path) -> ContainerState | None:
+        """The state at ``path``, None when there is none; a field a newer refresher added is left out."""
         try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
+            return cls(**known_fields(cls, json.loads(path.read_text(encoding="utf-8"))))
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise EngineStateError(
                 f"{path}: unreadable Docker engine state ({exc}); run `refresher down --profile {path.stem}`",
                 path=str(path),

@@ -38,6 +38,7 @@ from refresher.engines._common import (
     disk_error,
     disk_full,
     is_disk_full,
+    known_fields,
     locked,
     sweep_private_tmps,
     try_locked,
@@ -87,12 +88,12 @@ class ServerState:
 
     @classmethod
     def read(cls, path: Path) -> ServerState | None:
+        """The state at ``path``, None when there is none; a field a newer refresher added is left out."""
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**raw)
+            return cls(**known_fields(cls, json.loads(path.read_text(encoding="utf-8"))))
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise EngineStateError(f"{path}: unreadable server state ({exc}); run `refresher down`") from exc
 
     def write(self, path: Path) -> None:

@@ -232,3 +232,29 @@ def test_two_removers_at_once_each_move_the_generation(tmp_path: Path) -> None:
     assert len(moves) == len(set(moves)) == 10 and before not in moves
     assert read_generation(store.root) == moves[-1]
     assert set(store.lookup_hashes(["seg-P", "seg-Q", "seg-A"])) == {"seg-A"}
+
+
+def test_a_generation_file_with_fields_a_newer_writer_adds_is_read(tmp_path: Path) -> None:
+    """A word after the value or after the manifest's state, or a line after both, is read as absent: it made the
+    generation None (the store taken for changed by another program: every stamp on it void)."""
+    store = filled(tmp_path / "cache")
+    value = read_generation(store.root)
+    assert value is not None
+    path = store.root / GENERATION_FILE
+    first, state = path.read_text().splitlines()
+    for newer in (f"{first} newer\n{state}\n", f"{first}\n{state} newer=1\n", f"{first}\n{state}\nnewer\n"):
+        path.write_text(newer)
+        assert read_generation(store.root) == value, newer  # fails before: None
+    path.write_text(f"{first}\n0:0:0 {state.split()[1]} newer\n")  # the manifest otherwise: still None
+    assert read_generation(store.root) is None
+    # Its fields are by place: one garbled, missing, or moved after a newer word is still no generation.
+    for garbled in (
+        f"{first}x newer\n{state}\n",
+        f"newer {first}\n{state}\n",
+        f"{first} newer\n",
+        f"{first}\n{state.split()[0]}\n",
+        f"{first}\nnewer {state}\n",
+        f"{first}\n{state}x newer\n",
+    ):
+        path.write_text(garbled)
+        assert read_generation(store.root) is None, garbled

@@ -127,6 +127,13 @@ def test_a_noop_refresh_answers_from_the_stamp_with_the_full_paths_report(ws: Wo
     assert fast == full
 
 
+def test_a_stamp_with_fields_a_newer_refresher_adds_still_answers(ws: Workspace) -> None:
+    settle(ws)
+    recorded = json.loads(stamp_file(ws).read_text())
+    stamp_file(ws).write_text(json.dumps({**recorded, "newer": {"field": 1}}))
+    assert refresh_saying(ws)[1] == ["answered through psql"]  # already so before: unknown keys are not read
+
+
 def test_the_human_output_is_the_same_summary(ws: Workspace) -> None:
     settle(ws)
     text = ws.run("refresh", "--profile", ws.profile).stdout

@@ -20,10 +20,12 @@ import pytest
 from psycopg import sql
 
 from refresher._pytest_share import pool_size_for_workers
-from refresher._snapshot_sql import PoolSizing, _Mark, _mark_of
+from refresher._snapshot_sql import _CLONE_MARK, PoolSizing, _Mark, _mark_of
 from refresher.diskfull import COPY_SLACK
 from refresher.engines.base import ServerInfo
 from refresher.pool import (
+    _settled,
+    _settled_path,
     default_pool_size,
     disk_reserve,
     pool_status,
@@ -65,6 +67,73 @@ def test_the_mark_says_whose_size_it_is_and_an_old_mark_keeps_a_size_other_than_
     assert _mark_of((True, old.format(0))) == _Mark(PoolSizing(0, True), LEDGER, "none", GENERATION)
     chosen = old.format(3).replace(" ledger=", " chosen ledger=")
     assert _mark_of((True, chosen)) == _Mark(PoolSizing(3, True, None), LEDGER, "none", GENERATION)
+
+
+def test_a_mark_with_words_a_newer_refresher_adds_is_read_without_them() -> None:
+    """An older refresher could not read the mark f82876e wrote (' reflink'): it took the pristine copy for none
+    and made it again from scratch. This one reads a word it does not know, after the pool's or at the end, as
+    absent; so does a clone's mark."""
+    mark = _Mark(PoolSizing(3, True, True, 123), LEDGER, "none", GENERATION, analyzed=True)
+    text = mark.text()
+    in_the_pool = text.replace(" ledger=", " fast=1 ledger=")
+    for newer in (f"{text} newer=1", f"{text} newer", in_the_pool, f"{in_the_pool} x=y z"):
+        assert _mark_of((True, newer)) == mark, newer  # fails before: None
+    pending = _Mark(PoolSizing(2, False), LEDGER, "none", GENERATION, pending=("bars_1d", "bars_1m"))
+    assert _mark_of((True, f"{pending.text()} newer=1")) == pending
+    assert _mark_of((False, f"{text} newer=1")) is None  # not a template: half made, as before
+    assert _mark_of((True, text.replace(" ledger=", " ledger=x"))) is None  # a known word garbled: no mark
+    clone = _CLONE_MARK.match(f"refresher clone_of={GENERATION} newer=1")
+    assert clone is not None and clone.group(1) == GENERATION  # fails before: not a ready clone
+
+
+def test_a_mark_with_a_known_field_garbled_after_a_newer_word_or_at_the_end_is_no_mark() -> None:
+    """A word that starts with one of the mark's field names is that field garbled, not a newer one: the mark is
+    still none (28003fb read an empty ' pending=' at the end as a newer word: a copy whose stale tables were
+    pending taken for one with none pending). So is a clone's mark."""
+    mark = _Mark(PoolSizing(3, True, True, 123), LEDGER, "none", GENERATION)
+    text = mark.text()
+    assert _mark_of((True, f"{text} newer=1")) == mark  # the newer word alone: read
+    for garbled in (" pending=", " pending=Odd-Name", " pending", " analyzed=1", " analyzedx", " stamp=none"):
+        for tail in (garbled, f" newer=1{garbled}", f" pending=bars_1d{garbled}", f" analyzed{garbled}"):
+            assert _mark_of((True, text + tail)) is None, tail  # each fails before
+    in_the_pool = text.replace(" ledger=", " newer=1 copy_bps= ledger=")
+    for garbled in (
+        in_the_pool,
+        text.replace(" ledger=", " copy_bps=x ledger="),
+        text.replace(" reflink", " reflinks"),
+    ):
+        assert _mark_of((True, garbled)) is None, garbled  # each fails before
+    assert _CLONE_MARK.match(f"refresher clone_of={GENERATION} newer=1") is not None
+    for tail in (" clone_of=", f" newer=1 clone_of={GENERATION}", " clone_of=x"):
+        assert _CLONE_MARK.match(f"refresher clone_of={GENERATION}{tail}") is None, tail  # each fails before
+
+
+def test_a_settled_record_with_a_field_a_newer_refresher_adds_is_read(
+    pg_database: ServerInfo, tmp_path: Path
+) -> None:
+    db = pg_database.dbname
+    mark = _Mark(PoolSizing(2, False), LEDGER, "none", GENERATION)
+    with psycopg.connect(pg_database.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} IS_TEMPLATE true").format(sql.Identifier(pristine_name(db))))
+        try:
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    sql.Identifier(pristine_name(db)), sql.Literal(mark.text())
+                )
+            )
+            _settled_path(tmp_path, db).write_text(f"{GENERATION} 2 1\n")
+            assert _settled(conn, db, tmp_path) == 1
+            _settled_path(tmp_path, db).write_text(f"{GENERATION} 2 1 newer=3\n")
+            assert _settled(conn, db, tmp_path) == 1  # fails before: None (the wait asks the full pool)
+            # Its fields are by place: one garbled, missing, or moved after a newer word is still no record.
+            for garbled in ("2 1x newer=3", "2", "newer=3 2 1", "2 newer=3 1"):
+                _settled_path(tmp_path, db).write_text(f"{GENERATION} {garbled}\n")
+                assert _settled(conn, db, tmp_path) is None, garbled
+        finally:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(sql.Identifier(pristine_name(db)))
+            )
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(pristine_name(db))))
 
 
 def test_the_default_keeps_no_clone_only_without_reflink_and_with_a_fast_copy() -> None:

@@ -36,7 +36,9 @@ from refresher.pool import (
     RUNNING_SUFFIX,
     _died,
     _last_failure,
+    _noted,
     _outcome_path,
+    _read_outcome,
     _record_outcome,
     _refill_notes,
     _refilling,
@@ -398,3 +400,24 @@ def test_down_removes_the_records_of_a_container_stopped_or_removed_by_hand_and_
         ours.stop("refilled")
         theirs.stop("refilled")
     assert record_files(their_path) == []  # theirs went with their server
+
+
+def test_records_with_fields_a_newer_refresher_adds_are_read(tmp_path: Path) -> None:
+    """The outcome record (one line; a failure's is the rest of its line), a running refill's note and the state
+    dir's note of the servers a profile ran (``note_server``): a word or a field after those this refresher knows
+    is read as absent. Each was so already."""
+    path = _settled_path(tmp_path, "db", OUTCOME_PREFIX)
+    path.write_text("12 ok newer=1\n")
+    assert _read_outcome(path) == (12, None)  # already so before
+    path.write_text("12 newer-outcome x\n")
+    assert _read_outcome(path) == (12, None)  # an outcome it does not know claims no failure
+    # A running refill's note (JSON): a key it does not know is left out; this process runs, so it is running.
+    note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
+    note.write_text(json.dumps({"started": 13, **owner_labels(os.getpid()), "newer": {"x": 1}}))
+    assert [(n.started, n.pid, n.gone) for n in _refill_notes(path)] == [(13, os.getpid(), False)]
+    noted = tmp_path / "p.clusters"
+    noted.write_text(json.dumps({"servers": [["127.0.0.1", 5432, 7, "newer"], ["::1", "x", 8]], "newer": 1}))
+    assert _noted(noted) == [["127.0.0.1", 5432, 7]]
+    for broken in ("{", "[]", '{"servers": 3}'):
+        noted.write_text(broken)
+        assert _noted(noted) == []

@@ -335,7 +335,9 @@ def test_resets_while_the_refill_analyzes_and_swaps_the_copy_each_restore_it(loa
 def test_pool_databases_an_older_version_left_are_never_handed_out_and_the_refill_replaces_them(
     loaded: ServerInfo,
 ) -> None:
-    """A killed process of an older version left pool slots with its own mark (or none) and another schema."""
+    """A killed process of an older version left pool slots with its own mark (or none) and another schema. Its
+    mark is of another form (a word before ``clone_of``): words after this one's fields are a newer refresher's,
+    read as absent (``test_pool_default``), and a clone of the current pristine copy so marked is ready."""
     save_pristine(loaded, pool_size=2)
     expected = _state(loaded.dsn())
     db = loaded.dbname
@@ -348,7 +350,7 @@ def test_pool_databases_an_older_version_left_are_never_handed_out_and_the_refil
             (pristine_name(db),),
         ).fetchone()
         assert generation is not None
-        for n, note in enumerate([f"refresher clone_of={generation[0]} schema=1", "refresher clone"]):
+        for n, note in enumerate([f"refresher schema=1 clone_of={generation[0]}", "refresher clone"]):
             name = pool_name(db, n)
             admin.execute(
                 sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(db))

@@ -1348,3 +1348,24 @@ def test_engine_auto_requiring_docker_says_to_join_the_docker_group() -> None:
         message = as_nobody(auto)
     _assert_says_join_the_docker_group(message)
     assert "REFRESHER_REQUIRE_DOCKER" in message, message
+
+
+def test_a_state_file_with_a_field_a_newer_refresher_adds_is_read(tmp_path: Path) -> None:
+    """A field this refresher does not know was a TypeError, 'unreadable Docker engine state': every start failed,
+    and its advice, `refresher down`, removed the volume."""
+    from refresher.engines._docker_state import ContainerState
+
+    state = ContainerState("c", "v", "refresher/postgres:15", "postgres", "secret", 5432)
+    path = tmp_path / "p.json"
+    state.write(path)
+    recorded = json.loads(path.read_text())
+    # A known key garbled beside a newer one is left out as unknown: its field missing, the state still refused.
+    garbled = json.dumps(
+        {**{k: v for k, v in recorded.items() if k != "image"}, "image_": recorded["image"], "newer": 1}
+    )
+    path.write_text(json.dumps({**recorded, "newer": {"x": 1}}))
+    assert ContainerState.read(path) == state  # fails before: EngineStateError
+    for broken in ("[1, 2]", '{"container": "c"}', "{", garbled):
+        path.write_text(broken)
+        with pytest.raises(EngineStateError, match="unreadable Docker engine state"):
+            ContainerState.read(path)

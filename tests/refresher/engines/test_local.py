@@ -819,3 +819,24 @@ def test_a_connections_second_key_build_reuses_the_memory_of_its_first(engine: L
                 faults.append(_minor_faults(pid) - before)
     assert faults[0] > 3000  # the first build faults its sort memory in (the check means something)
     assert faults[1] < faults[0] / 10, faults
+
+
+def test_a_state_file_with_a_field_a_newer_refresher_adds_is_read(tmp_path: Path) -> None:
+    """A field this refresher does not know was a TypeError, 'unreadable server state': every start failed, and
+    its advice, `refresher down`, removed the cluster."""
+    from refresher.errors import EngineStateError
+
+    state = local.ServerState(5432, "refresher", "secret", "/usr/lib/postgresql/15/bin", "15", 42)
+    path = tmp_path / "server.json"
+    state.write(path)
+    recorded = json.loads(path.read_text())
+    # A known key garbled beside a newer one is left out as unknown: its field missing, the state still refused.
+    garbled = json.dumps(
+        {**{k: v for k, v in recorded.items() if k != "bin_dir"}, "bin_dir_": recorded["bin_dir"], "newer": 1}
+    )
+    path.write_text(json.dumps({**recorded, "newer": [1]}))
+    assert local.ServerState.read(path) == state  # fails before: EngineStateError
+    for broken in ("[1]", '{"port": 1}', "{", garbled):
+        path.write_text(broken)
+        with pytest.raises(EngineStateError, match="unreadable server state"):
+            local.ServerState.read(path)
