@@ -95,7 +95,7 @@ from refresher._snapshot_sql import (
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, data_directory
-from refresher.engines import owner_gone, owner_labels, write_private_json
+from refresher.engines import locked, owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, cache_directory, pool_as_asked
@@ -660,29 +660,15 @@ def _noted(noted: Path) -> list[list[Any]]:
 
 @contextlib.contextmanager
 def _outcome_locked(path: Path) -> Iterator[Path]:
-    """Hold the exclusive flock of the lock file beside the record at ``path``; yields the lock file's path.
+    """Hold the exclusive lock of the lock file beside the record at ``path`` (the engines' ``locked``); yields
+    the lock file's path.
 
     The lock taken is the one at that path when it is held: ``forget_outcome`` unlinks it while it holds it, and
-    a writer that opened it before, then waited, holds an inode nobody else will lock; it opens the path again."""
-    import fcntl
-
+    a writer that opened it before, then waited, would hold an inode nobody else will lock. ``locked``'s
+    filelock opens the path anew at each try and refuses an inode unlinked by the time it holds it."""
     lock_path = path.with_name(f"{path.name}.lock")
-    while True:
-        lock = lock_path.open("a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            held, there = os.fstat(lock.fileno()), os.stat(lock_path)
-        except FileNotFoundError:
-            lock.close()
-            continue
-        except BaseException:
-            lock.close()
-            raise
-        with lock:
-            if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
-                continue
-            yield lock_path
-            return
+    with locked(lock_path):
+        yield lock_path
 
 
 def _outcome_path(conn: psycopg.Connection[Any], db: str) -> Path:

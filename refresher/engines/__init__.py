@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from refresher.engines._common import sweep_private_tmps, validate_profile, write_private_json
+from refresher.engines._common import locked, sweep_private_tmps, validate_profile, write_private_json
 from refresher.engines._owner import owner_gone, owner_labels
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineUnavailable
@@ -128,6 +128,7 @@ __all__ = [
     "docker_answers",
     "engine_serving",
     "interrupted_removals",
+    "locked",
     "make_engine",
     "owner_gone",
     "owner_labels",
