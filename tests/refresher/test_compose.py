@@ -341,6 +341,19 @@ def test_down_all_drops_only_the_databases_its_own_state_dir_made(
     assert theirs.stop("compose_theirs") is True
 
 
+def _two_checkouts_failed(
+    name: str, env: dict[str, str], tmp_path: Path
+) -> tuple[ComposeEngine, ComposeEngine, Path, Path]:
+    """This checkout's engine (the project's state dir) and another state dir's on the same compose server, each
+    with a profile started and a failed refill recorded (at 1000): the engines and the two records' paths."""
+    mine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
+    theirs = ComposeEngine(name, state_dir=tmp_path / "other-state")
+    server, other = mine.start("compose_refilled"), theirs.start("compose_theirs")
+    for each in (server, other):
+        _record_outcome(each.dsn("postgres"), each.dbname, 1_000, f"{each.dbname} failed")
+    return mine, theirs, record_path(server), record_path(other)
+
+
 def test_down_removes_the_profiles_refill_record_alone_and_a_database_made_again_claims_no_failure(
     project: tuple[str, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -349,12 +362,7 @@ def test_down_removes_the_profiles_refill_record_alone_and_a_database_made_again
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     name, env = project
     assert make("up", env=env).returncode == 0
-    mine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
-    theirs = ComposeEngine(name, state_dir=tmp_path / "other-state")
-    server, other = mine.start("compose_refilled"), theirs.start("compose_theirs")
-    for each in (server, other):
-        _record_outcome(each.dsn("postgres"), each.dbname, 1_000, f"{each.dbname} failed")
-    path, their_path = record_path(server), record_path(other)
+    mine, theirs, path, their_path = _two_checkouts_failed(name, env, tmp_path)
     path.with_name(f"{path.name}.part").write_text("1001 half")  # a writer killed before its rename
     assert path.is_relative_to(tmp_path / "cache") and record_files(path) == [".lock", ".part", "record"]
 
@@ -380,12 +388,7 @@ def test_down_after_the_server_was_made_again_removes_the_records_of_the_one_rem
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     name, env = project
     make_up(env)
-    mine = ComposeEngine(name, state_dir=Path(env["REFRESHER_STATE_DIR"]))
-    theirs = ComposeEngine(name, state_dir=tmp_path / "other-state")
-    server, other = mine.start("compose_refilled"), theirs.start("compose_theirs")
-    for each in (server, other):
-        _record_outcome(each.dsn("postgres"), each.dbname, 1_000, f"{each.dbname} failed")
-    path, their_path = record_path(server), record_path(other)
+    mine, _theirs, path, their_path = _two_checkouts_failed(name, env, tmp_path)
     assert make("compose-down", env=env).returncode == 0
     make_up(env)
     assert record_path(mine.start("compose_refilled")) != path  # another cluster

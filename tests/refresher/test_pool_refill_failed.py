@@ -298,6 +298,26 @@ def record_files(path: Path) -> list[str]:
     return sorted(p.name[len(path.name) :] or "record" for p in path.parent.glob(f"{path.name}*"))
 
 
+def _two_checkouts(
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    port: int | None = None,
+) -> tuple[DockerEngine, DockerEngine]:
+    """This checkout's engine (``docker_engine``'s state dir; ``port`` pins its server's) and another checkout's
+    (its own state dir) on the same daemon: a profile's servers of both, their records in one cache directory
+    (``tmp_path``/cache), as the CLI's refill is told (``spawn_refill``)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def engine(state_dir: Path, port: int | None = None) -> DockerEngine:
+        image, prefix = docker_engine.image, docker_engine.prefix
+        return DockerEngine(state_dir, image=image, client=docker_client, prefix=prefix, port=port)
+
+    return engine(docker_engine.state_dir, port), engine(tmp_path / "other-checkout")
+
+
 @pytest.mark.docker
 def test_down_removes_a_containers_record_alone_and_a_server_made_later_there_claims_no_failure(
     docker_engine: DockerEngine,
@@ -305,24 +325,7 @@ def test_down_removes_a_containers_record_alone_and_a_server_made_later_there_cl
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(
-        "XDG_CACHE_HOME", str(tmp_path / "cache")
-    )  # as the CLI's refill is told (spawn_refill)
-    port = free_port()
-    ours = DockerEngine(
-        docker_engine.state_dir,
-        image=docker_engine.image,
-        client=docker_client,
-        prefix=docker_engine.prefix,
-        port=port,
-    )
-    # Another checkout's server of the same profile on the same daemon, its record in the same cache directory.
-    theirs = DockerEngine(
-        tmp_path / "other-checkout",
-        image=docker_engine.image,
-        client=docker_client,
-        prefix=docker_engine.prefix,
-    )
+    ours, theirs = _two_checkouts(docker_engine, docker_client, tmp_path, monkeypatch, port=free_port())
     try:
         info, other = ours.start("refilled"), theirs.start("refilled")
         for server in (info, other):
@@ -363,18 +366,7 @@ def test_down_removes_the_records_of_a_container_stopped_or_removed_by_hand_and_
 ) -> None:
     """`docker stop`, `docker rm` (a daemon restart stops it too): `down` cannot ask a server that does not answer
     its cluster, which keys its records; the start noted it. Another checkout's server and records stay."""
-    monkeypatch.setenv(
-        "XDG_CACHE_HOME", str(tmp_path / "cache")
-    )  # as the CLI's refill is told (spawn_refill)
-    ours = DockerEngine(
-        docker_engine.state_dir, image=docker_engine.image, client=docker_client, prefix=docker_engine.prefix
-    )
-    theirs = DockerEngine(
-        tmp_path / "other-checkout",
-        image=docker_engine.image,
-        client=docker_client,
-        prefix=docker_engine.prefix,
-    )
+    ours, theirs = _two_checkouts(docker_engine, docker_client, tmp_path, monkeypatch)
     try:
         info, other = ours.start("refilled"), theirs.start("refilled")
         for server in (info, other):

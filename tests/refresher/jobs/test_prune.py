@@ -83,6 +83,11 @@ def pending(client: redis.Redis) -> int:
     return sum(int(client.xpending(stream_key(t), GROUP)["pending"]) for t in TIERS)
 
 
+def _run_now(client: redis.Redis, prefix: str, count: int) -> str:
+    """A normal run of ``count`` jobs (symbols ``prefix`` and a number) submitted now: its id."""
+    return submit_jobs(client, spec("normal"), jobs(prefix, count), now=dt.datetime.now(dt.UTC)).run_id
+
+
 def old_runs(client: redis.Redis) -> dict[str, str]:
     """Runs submitted ten days ago: one incomplete (two loaded, one dead), one cancelled with jobs left in its
     stream, one still running (a job pending, one waiting out a retry, one queued); and one finished today."""
@@ -167,8 +172,7 @@ def test_delete_reads_the_queue_in_chunks_and_skips_a_payload_that_is_not_a_job(
     # tool's) failed the delete halfway, nothing rolled back; and it held Redis for the whole queue's length.
     client = connect(redis_server.url)
     queue = JobQueue(client)
-    doomed = submit_jobs(client, spec("normal"), jobs("GO", 7), now=dt.datetime.now(dt.UTC)).run_id
-    kept = submit_jobs(client, spec("normal"), jobs("STAY", 3), now=dt.datetime.now(dt.UTC)).run_id
+    doomed, kept = _run_now(client, "GO", 7), _run_now(client, "STAY", 3)
     _first, second = queue.read("w", block_ms=0, count=2)
     queue.retry_later(second, due=redis_now(client) + 3600)  # the first stays pending
     client.xadd(stream_key("normal"), {"job": "not json"})
@@ -347,7 +351,7 @@ def test_a_features_lock_taken_on_a_run_deleted_meanwhile_gets_no_fence_token(
     # (no delete comes again for a run gone), and its claim made a row in the target that nothing drops.
     client = connect(redis_server.url)
     queue = JobQueue(client)
-    run = submit_jobs(client, spec("normal"), jobs("G", 1), now=dt.datetime.now(dt.UTC)).run_id
+    run = _run_now(client, "G", 1)
     assert delete_run(client, run, force=True).deleted == [run]
     lock = client.lock(run_key(run, "features-lock"), timeout=60, thread_local=False)
     assert lock.acquire(blocking=False)
