@@ -68,6 +68,8 @@ class LoadedServer:
 
     def to_json(self) -> str:
         data = asdict(self)
+        # Not kept: an older plugin's ServerInfo has no such field, and a server reloaded asks its cluster.
+        data["info"].pop("cluster", None)
         data["start"], data["end"] = self.start.isoformat(), self.end.isoformat()
         return json.dumps(data, indent=2)
 

@@ -95,7 +95,14 @@ from refresher._snapshot_sql import (
     pristine_name,
 )
 from refresher.diskfull import COPY_SLACK, data_directory
-from refresher.engines import locked, owner_gone, owner_labels, write_private_json
+from refresher.engines import (
+    locked,
+    noted_cluster,
+    noted_servers,
+    owner_gone,
+    owner_labels,
+    write_private_json,
+)
 from refresher.engines.base import ServerInfo
 from refresher.errors import RefresherError, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE, FAST_COPY, PoolSize, cache_directory, pool_as_asked
@@ -232,17 +239,20 @@ def pool_status(server: ServerInfo) -> PoolStatus:
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         _reopen_abandoned(conn, server.dbname)
         mark = _pristine_mark(conn, server.dbname)
-        return _status(conn, server.dbname, mark, _ready_clones(conn, server.dbname))
+        return _status(conn, server.dbname, mark, _ready_clones(conn, server.dbname), server.cluster)
 
 
-def _status(conn: psycopg.Connection[Any], db: str, mark: _Mark | None, ready: Collection[str]) -> PoolStatus:
-    """``pool_status`` of the pool ``mark`` records (None: no complete copy), ``ready`` as read with it. It writes
-    nothing: whether the server's copies are reflinks is the mark's answer (``_Machine.of``)."""
+def _status(
+    conn: psycopg.Connection[Any], db: str, mark: _Mark | None, ready: Collection[str], cluster: int | None
+) -> PoolStatus:
+    """``pool_status`` of the pool ``mark`` records (None: no complete copy), ``ready`` as read with it, on the
+    server of ``cluster`` (``ServerInfo.cluster``, None: not known). It writes nothing: whether the server's
+    copies are reflinks is the mark's answer (``_Machine.of``)."""
     if mark is None:
         return PoolStatus(False, (), DEFAULT_POOL_SIZE)
     why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
     _, cut = _disk_cut(conn, db, mark.pool_size, _Machine.of(conn, mark, probe=False), len(ready))
-    outcome = _outcome_path(conn, db)
+    outcome = _outcome_path(conn, db, cluster)
     notes = _refill_notes(outcome)
     failed = _died(outcome, notes) or _last_failure(outcome)
     why = why if cut is None else f"{why}; {cut}"
@@ -487,10 +497,10 @@ def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
             mark = _pristine_mark(conn, db)
             ready = _ready_clones(conn, db)
             if mark is not None and len(ready) >= mark.pool_size:
-                return _status(conn, db, mark, ready)
+                return _status(conn, db, mark, ready, server.cluster)
             settled = _settled(conn, db, directory) if mark is not None else None
             if settled is not None and len(ready) >= settled:
-                return _status(conn, db, mark, ready)
+                return _status(conn, db, mark, ready, server.cluster)
             if time.monotonic() > deadline:
                 target = DEFAULT_POOL_SIZE if mark is None else mark.pool_size
                 raise SnapshotError(f"{db}: pool has {len(ready)}/{target} clones after {timeout:.0f}s")
@@ -609,53 +619,41 @@ def _forget_outcome_at(path: Path) -> None:
         lock.unlink()
 
 
-def note_server(noted: Path, server: ServerInfo, *, fresh: bool) -> None:
+def note_server(noted: Path, server: ServerInfo, *, fresh: bool, container: str | None = None) -> int | None:
     """Add ``server``'s address and cluster (its system identifier) to the list at ``noted``, in the engine's state
     dir, for ``forget_noted``: `refresher down` of a container that is stopped or gone (`docker stop`, `docker
     rm`, a daemon restart) cannot ask its cluster, which keys its records in the user's cache (``_outcome_path``),
     and left them behind for good. ``fresh``: the server was started or made by this call (a volume made again
     is another cluster at the same address); otherwise an address already noted is not asked again (its volume
-    is mounted: the same cluster). Best effort, as the records: a failure leaves the list as it was."""
-    servers = _noted(noted)
-    if not fresh and any(entry[:2] == [server.host, server.port] for entry in servers):
-        return
+    is mounted: the same cluster). ``container``, a Docker container's id, is noted with it and names the cluster
+    for good (``noted_cluster``): one noted is not asked again even when started again, and ``ServerInfo.cluster``
+    takes it from the note. Best effort, as the records: a failure leaves the list as it was. Answers the
+    cluster noted or found, None when not known (not asked, or the question failed)."""
+    servers = noted_servers(noted)
+    if container is not None:
+        known = noted_cluster(servers, server.host, server.port, container)
+        if known is not None:
+            return known
+    elif not fresh and any(entry[:2] == [server.host, server.port] for entry in servers):
+        return None
+    cluster = None
     with contextlib.suppress(OSError, psycopg.Error, RefresherError):
         with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-            [cluster] = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone() or (
-                None,
-            )
-        entry = [server.host, server.port, cluster]
+            cluster = _cluster(conn)
+        entry = [server.host, server.port, cluster, *([] if container is None else [container])]
         if cluster is not None and entry not in servers:
             write_private_json(noted, {"servers": [*servers, entry]})
+    return cluster
 
 
 def forget_noted(noted: Path, db: str) -> None:
     """Remove the records of how refills of ``db``'s pool ended on each server noted at ``noted``
     (``note_server``), whether or not it answers now, then the list: only those servers' (their clusters), never
     another checkout's or server's sharing the cache directory."""
-    for host, port, cluster in _noted(noted):
+    for host, port, cluster, *_ in noted_servers(noted):
         with contextlib.suppress(OSError):
             _forget_outcome_at(_cached_outcome_path(host, port, db, cluster))
     noted.unlink(missing_ok=True)
-
-
-def _noted(noted: Path) -> list[list[Any]]:
-    """The servers ``note_server`` listed at ``noted``, [host, port, cluster] each; a field a newer refresher may
-    add after these is left out, and an entry, or a file, that is not one reads as none (nothing to forget)."""
-    try:
-        servers = json.loads(noted.read_text(encoding="utf-8"))["servers"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return []
-    if not isinstance(servers, list):
-        return []
-    return [
-        entry[:3]
-        for entry in servers
-        if isinstance(entry, list)
-        and len(entry) >= 3
-        and isinstance(entry[0], str)
-        and isinstance(entry[1], int)
-    ]
 
 
 @contextlib.contextmanager
@@ -671,18 +669,27 @@ def _outcome_locked(path: Path) -> Iterator[Path]:
         yield lock_path
 
 
-def _outcome_path(conn: psycopg.Connection[Any], db: str) -> Path:
+def _outcome_path(conn: psycopg.Connection[Any], db: str, cluster: int | None = None) -> Path:
     """Where ``_record_outcome`` records how the last detached refill of ``db``'s pool on ``conn``'s server ended:
     beside the settled record in the server's data directory when this host sees it (it goes with the cluster),
     else (a container's) under this user's cache directory, by the server's address, the database and the
-    cluster (``forget_outcome`` removes it with the server): the refiller is a process of this host, as `refresher status` is (``spawn_refill`` passes it $XDG_CACHE_HOME)."""
+    cluster (``forget_outcome`` removes it with the server): the refiller is a process of this host, as `refresher status` is (``spawn_refill`` passes it $XDG_CACHE_HOME).
+    ``cluster``: the cluster's system identifier when the caller knows it (``ServerInfo.cluster``), which spares
+    asking the server (a query on every `refresher status` of a container); None: it is asked."""
     directory = data_directory(conn)
     if directory is not None:
         return _settled_path(directory, db, OUTCOME_PREFIX)
     # The cluster's system identifier (random at its initdb) too: a server made later at the same address (a new
     # volume after `refresher down`, whose files may have stayed) has another, and no failure of the old one.
-    [cluster] = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone() or (None,)
+    if cluster is None:
+        cluster = _cluster(conn)
     return _cached_outcome_path(conn.info.host, conn.info.port, db, cluster)
+
+
+def _cluster(conn: psycopg.Connection[Any]) -> int | None:
+    """The system identifier of ``conn``'s server's cluster (random at its initdb); None if it has none."""
+    [cluster] = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone() or (None,)
+    return None if cluster is None else int(cluster)
 
 
 def _cached_outcome_path(host: str, port: int | str, db: str, cluster: object) -> Path:

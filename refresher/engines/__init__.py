@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from refresher.engines._common import locked, sweep_private_tmps, validate_profile, write_private_json
+from refresher.engines._common import (
+    locked,
+    noted_cluster,
+    noted_servers,
+    sweep_private_tmps,
+    validate_profile,
+    write_private_json,
+)
 from refresher.engines._owner import owner_gone, owner_labels
 from refresher.engines.base import Engine, ServerInfo, ServerStatus
 from refresher.errors import EngineUnavailable
@@ -130,6 +137,8 @@ __all__ = [
     "interrupted_removals",
     "locked",
     "make_engine",
+    "noted_cluster",
+    "noted_servers",
     "owner_gone",
     "owner_labels",
     "select_engine",

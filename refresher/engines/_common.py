@@ -178,6 +178,36 @@ def sweep_private_tmps(directory: Path, names: str, *, age: float = STALE_TMP_SE
                 tmp.unlink()
 
 
+def noted_servers(noted: Path) -> list[list[Any]]:
+    """The servers ``pool.note_server`` listed at ``noted``: [host, port, cluster] each, and the Docker container
+    that ran it when noted (its id, a fourth field); a field a newer refresher may add after these is left out,
+    and an entry, or a file, that is not one reads as none (nothing to forget, nothing known)."""
+    try:
+        servers = json.loads(noted.read_text(encoding="utf-8"))["servers"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    if not isinstance(servers, list):
+        return []
+    return [
+        entry[:4]
+        for entry in servers
+        if isinstance(entry, list)
+        and len(entry) >= 3
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], int)
+    ]
+
+
+def noted_cluster(servers: list[list[Any]], host: str, port: int, container: str) -> int | None:
+    """The cluster noted (``noted_servers``) for the server at ``host``:``port`` in ``container``; None when none
+    is. A container's data volume is fixed when it is made and cannot be removed while the container exists, so
+    the container's id names its cluster; the address alone does not (a volume made again keeps the port)."""
+    for entry in servers:
+        if entry[:2] == [host, port] and entry[3:] == [container] and isinstance(entry[2], int):
+            return int(entry[2])
+    return None
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies."""

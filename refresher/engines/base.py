@@ -25,6 +25,10 @@ class ServerInfo:
     # A psql that reaches the server from this machine (the local engine's own installation's), or None. The
     # stamped no-op asks it its one question (``refresher.stamp``): a process costs less than importing psycopg.
     psql: str | None = None
+    # The cluster's system identifier when the engine knows it without asking the server (the Docker engine's
+    # note of its container's, ``pool.note_server``), else None: the pool asks (``pool._outcome_path``). Not
+    # compared: it says nothing the address does not, it only spares a query.
+    cluster: int | None = field(default=None, compare=False)
 
     def dsn(self, dbname: str | None = None, *, with_password: bool = True) -> str:
         secret = f":{quote(self.password, safe='')}" if with_password and self.password else ""

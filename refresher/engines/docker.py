@@ -49,6 +49,8 @@ from refresher.engines._common import (
     TUNING,
     is_disk_full,
     locked,
+    noted_cluster,
+    noted_servers,
     sweep_private_tmps,
     validate_profile,
     wait_ready,
@@ -194,8 +196,8 @@ class DockerEngine:
             state.write(self._state_path(profile))
             info = self._info(profile, state)
             self._wait_ready(container, info)
-            self._note_cluster(profile, info, fresh=not running)
-            return info
+            cluster = self._note_cluster(profile, info, container, fresh=not running)
+            return replace(info, cluster=cluster)
 
     def info(self, profile: str) -> ServerInfo | None:
         validate_profile(profile)
@@ -206,7 +208,9 @@ class DockerEngine:
             container = self._container(client, profile, strict=False)
             if container is None or container.status != "running":
                 return None
-            return self._info(profile, replace(state, port=_host_port(container)))
+            info = self._info(profile, replace(state, port=_host_port(container)))
+            noted = noted_servers(self._noted_path(profile))
+            return replace(info, cluster=noted_cluster(noted, info.host, info.port, str(container.id)))
 
     def is_new(self, profile: str) -> bool:
         validate_profile(profile)
@@ -251,12 +255,15 @@ class DockerEngine:
             state = self._adopt(container, profile)
             forget_outcome(self._info(profile, replace(state, port=_host_port(container))))
 
-    def _note_cluster(self, profile: str, info: ServerInfo, *, fresh: bool) -> None:
-        """Note the server's address and cluster in the state dir (``pool.note_server``): a `down` once its
-        container was stopped or removed by hand, or its volume too, still finds the records its refills left."""
+    def _note_cluster(
+        self, profile: str, info: ServerInfo, container: Container, *, fresh: bool
+    ) -> int | None:
+        """Note the server's address, cluster and container in the state dir (``pool.note_server``): a `down` once
+        its container was stopped or removed by hand, or its volume too, still finds the records its refills
+        left, and ``info`` answers the cluster without a query (``ServerInfo.cluster``). The cluster noted."""
         from refresher.pool import note_server
 
-        note_server(self._noted_path(profile), info, fresh=fresh)
+        return note_server(self._noted_path(profile), info, fresh=fresh, container=str(container.id))
 
     def _forget_noted(self, profile: str) -> None:
         """Remove the refill records of every server this state dir noted for the profile (``pool.forget_noted``),

@@ -25,8 +25,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import refresher.pool as pool_module
 from refresher._snapshot_sql import COPIER
-from refresher.engines import owner_labels
+from refresher.engines import noted_cluster, noted_servers, owner_labels
 from refresher.engines.base import ServerInfo
 from refresher.engines.docker import DockerEngine
 from refresher.engines.local import free_port
@@ -36,15 +37,15 @@ from refresher.pool import (
     RUNNING_SUFFIX,
     _died,
     _last_failure,
-    _noted,
     _outcome_path,
     _read_outcome,
     _record_outcome,
     _refill_notes,
     _refilling,
     _settled_path,
+    pool_status,
 )
-from refresher.snapshot import pristine_name
+from refresher.snapshot import pristine_name, save_pristine
 from tests.fixtures_postgres import refillers, refills_gone
 from tests.refresher.test_cli_stamp import wait_for_pool_databases
 from tests.refresher.test_refresh_e2e import Workspace, workspace
@@ -407,9 +408,61 @@ def test_records_with_fields_a_newer_refresher_adds_are_read(tmp_path: Path) -> 
     note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
     note.write_text(json.dumps({"started": 13, **owner_labels(os.getpid()), "newer": {"x": 1}}))
     assert [(n.started, n.pid, n.gone) for n in _refill_notes(path)] == [(13, os.getpid(), False)]
+    # The servers' note: after the address, the cluster and the container's id (none where noted without it).
     noted = tmp_path / "p.clusters"
-    noted.write_text(json.dumps({"servers": [["127.0.0.1", 5432, 7, "newer"], ["::1", "x", 8]], "newer": 1}))
-    assert _noted(noted) == [["127.0.0.1", 5432, 7]]
+    servers = [["127.0.0.1", 5432, 7, "c0ffee", "newer"], ["127.0.0.1", 5433, 9], ["::1", "x", 8]]
+    noted.write_text(json.dumps({"servers": servers, "newer": 1}))
+    assert noted_servers(noted) == [["127.0.0.1", 5432, 7, "c0ffee"], ["127.0.0.1", 5433, 9]]
+    assert noted_cluster(noted_servers(noted), "127.0.0.1", 5432, "c0ffee") == 7
+    assert noted_cluster(noted_servers(noted), "127.0.0.1", 5433, "c0ffee") is None  # no container noted
     for broken in ("{", "[]", '{"servers": 3}'):
         noted.write_text(broken)
-        assert _noted(noted) == []
+        assert noted_servers(noted) == []
+
+
+@pytest.mark.docker
+def test_status_of_a_noted_container_asks_not_its_cluster_and_finds_its_record(
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every `refresher status` of a container (``pool_status`` of the engine's ``info``) asked its server its
+    cluster (pg_control_system), which keys its record: the start notes it with the container's id."""
+    ours, _theirs = _two_checkouts(docker_engine, docker_client, tmp_path, monkeypatch, port=free_port())
+    asked: list[int] = []
+    ask = pool_module._cluster
+
+    def counted(conn: psycopg.Connection[object]) -> int | None:
+        asked.append(conn.info.port)
+        return ask(conn)
+
+    try:
+        started = ours.start("noted")
+        save_pristine(started, pool_size=0)  # a pool: status reads its record
+        _record(started.dsn("postgres"), started.dbname, 1_000, "the noted server's")
+        path = record_path(started)
+        monkeypatch.setattr(pool_module, "_cluster", counted)
+        info = ours.info("noted")
+        assert info is not None and info.cluster is not None and info.cluster == started.cluster
+        assert pool_status(info).failed.endswith("failed: the noted server's")
+        assert asked == []  # fails before: one question each status
+        # Its container stopped and started again by a start: the same container, so the same cluster.
+        docker_client.containers.get(f"{ours.prefix}-{ours.scope}-noted").stop(timeout=10)
+        again = ours.start("noted")
+        assert (again.port, again.cluster) == (started.port, started.cluster) and asked == []
+        assert pool_status(again).failed.endswith("failed: the noted server's") and asked == []
+        # Noted without its container (by a refresher before this one): asked, and the same record found; the
+        # next start notes the container, and status asks no more.
+        note = ours.state_dir / "docker" / "noted.clusters"
+        note.write_text(json.dumps({"servers": [[again.host, again.port, again.cluster]]}))
+        info = ours.info("noted")
+        assert info is not None and info.cluster is None
+        assert pool_status(info).failed.endswith("failed: the noted server's") and asked == [info.port]
+        assert ours.start("noted").cluster == started.cluster and len(asked) == 2
+        info = ours.info("noted")
+        assert info is not None and info.cluster == started.cluster
+        assert pool_status(info).failed.endswith("failed: the noted server's") and len(asked) == 2
+    finally:
+        ours.stop("noted")
+    assert record_files(path) == []
