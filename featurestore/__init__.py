@@ -38,6 +38,7 @@ if (
     os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
 
 if TYPE_CHECKING:
+    from featurestore._bodies import CopyBody
     from featurestore.fingerprint import HASH_METHODS, HashMethod
     from featurestore.gc import GCReport, collect_garbage
     from featurestore.keys import FeatureKey, config_hash, feature_key, fingerprint_table
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 # name -> the module that defines it
 _LAZY = {
+    "CopyBody": "_bodies",
     "HASH_METHODS": "fingerprint",
     "HashMethod": "fingerprint",
     "GCReport": "gc",
@@ -78,6 +80,7 @@ __all__ = [
     "AccessCounts",
     "CacheStats",
     "ComputeError",
+    "CopyBody",
     "Entry",
     "FeatureKey",
     "FeatureStore",

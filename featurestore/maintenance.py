@@ -14,7 +14,7 @@ import datetime as dt
 from collections.abc import Mapping, Set
 from pathlib import Path
 
-from featurestore import _files, _packs
+from featurestore import _bodies, _files, _packs
 from featurestore._duckdb import duckdb
 from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
 
@@ -36,7 +36,8 @@ class IntegrityReport:
 
 @dataclasses.dataclass(frozen=True)
 class Strays:
-    """Files under ``data/`` that no manifest row names: orphans (complete files) and write temporaries."""
+    """Files under ``data/`` that no manifest row names and bodies (``bodies/``) whose content no row holds:
+    orphans (complete files) and write temporaries."""
 
     orphans: list[Path]
     temporaries: list[Path]
@@ -44,7 +45,8 @@ class Strays:
 
 def find_strays(root: Path, entries: Mapping[str, Entry]) -> Strays:
     """Files of the store's data directory that are temporaries, or that no entry names (a pack: none of its keys;
-    a key's own file: its key is absent, or its row names a pack)."""
+    a key's own file: its key is absent, or its row names a pack); and of its bodies' directory, temporaries and
+    the bodies whose content hash no entry holds (``featurestore._bodies``)."""
     strays = Strays([], [])
     named: Set[Path] = {entry.path for entry in entries.values()}
     for path in (root / _files.DATA_DIR).glob("*/*"):
@@ -54,6 +56,12 @@ def find_strays(root: Path, entries: Mapping[str, Entry]) -> Strays:
             if path not in named:
                 strays.orphans.append(path)
         else:
+            strays.orphans.append(path)
+    held = {entry.content_hash for entry in entries.values()}
+    for path in _bodies.files(root):
+        if path.name.endswith(_files.TEMP_SUFFIX):
+            strays.temporaries.append(path)
+        elif _bodies.hash_of(path) not in held:
             strays.orphans.append(path)
     return strays
 

@@ -23,6 +23,7 @@ def render_stats(stats: CacheStats) -> str:
             f"featurestore: {stats.root}",
             f"  entries   {stats.entries:,} ({kinds})",
             f"  bytes     {human_bytes(stats.bytes)} ({sizes})",
+            f"  bodies    {stats.bodies.entries:,} COPY bodies, {human_bytes(stats.bodies.bytes)}",
             f"  hits      {stats.hits:,}",
             f"  misses    {stats.misses:,}",
             f"  hit rate  {stats.hit_rate:.1%}",

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pyarrow as pa
 
-from featurestore import _files, _packs, _writes, maintenance
+from featurestore import _bodies, _files, _packs, _writes, maintenance
 from featurestore._locks import READ_ONLY_ERRNOS, file_lock, open_lock_file
 from featurestore.errors import ComputeError, StoreDiskFull, bad_value
 from featurestore.fingerprint import HASH_METHODS, Concatenated, HashMethod, fingerprint_many
 from featurestore.generation import read_generation
 from featurestore.keys import Raw, feature_key, is_dataframe, time_ranges, to_arrow
 from featurestore.maintenance import IntegrityReport
-from featurestore.manifest import Entry, Manifest, ns_to_utc, utc_now
+from featurestore.manifest import Entry, Manifest, Txn, ns_to_utc, utc_now
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,6 +101,9 @@ class CacheStats:
     hit_rate: float
     hash_methods: Mapping[str, int]
     kinds: Mapping[str, KindStats] = dataclasses.field(default_factory=dict)
+    # COPY bodies kept beside the entries (``featurestore._bodies``), not counted in ``entries`` and ``bytes``:
+    # a derived cache of some entries' content, which GC collects with them.
+    bodies: KindStats = KindStats(0, 0)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "root": str(self.root)}
@@ -367,6 +370,38 @@ class FeatureStore:
         with self.manifest.read(fold=False) as con:
             return self.manifest.hashes_ending(con, suffix)
 
+    def read_bodies(self, keys: Sequence[str], layout: str) -> dict[str, tuple[Entry, _bodies.CopyBody]]:
+        """For those ``keys`` present whose content has a sound COPY body in ``layout`` (``featurestore._bodies``),
+        the key's manifest row and the body, whose rows are the row's; without reading the keys' files. A body
+        that cannot be used (damaged, truncated, of another layout, of other rows) is removed and left out: the
+        caller reads the key's table instead. Counts nothing (as ``get_many(count=False)``)."""
+        with self.manifest.read(fold=False) as con:
+            entries = self.manifest.select(con, list(keys))
+        bodies = _bodies.read(self.root, (entry.content_hash for entry in entries.values()), layout)
+        found: dict[str, tuple[Entry, _bodies.CopyBody]] = {}
+        for key, entry in entries.items():
+            body = bodies.get(entry.content_hash)
+            if body is None:
+                continue
+            if body.rows != entry.rows:  # a body can only be of this content: written wrong, never to be used
+                path = self.body_path(entry.content_hash)
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                continue
+            found[key] = (entry, body)
+        return found
+
+    def body_path(self, content_hash: str) -> Path | None:
+        """The file that keeps the COPY body of ``content_hash``, whether or not there is one (None: no body can be
+        kept for that hash)."""
+        return _bodies.body_path(self.root, content_hash)
+
+    def put_bodies(self, items: Sequence[tuple[str, int, bytes | memoryview]], layout: str) -> int:
+        """Keep the COPY bodies of ``items`` (content hash, rows, raw bytes) in ``layout`` beside the entries
+        that hold that content (``featurestore._bodies``); returns the bytes written. One whose content no entry
+        holds (any more) is an orphan GC removes."""
+        return _bodies.write(self.root, items, layout)
+
     def require_writable(self) -> None:
         """StoreNotWritable now, if this user may not open the manifest's lock file, which every read and write
         takes: before a caller starts what the store's first use would leave behind (a refresh's new server)."""
@@ -391,6 +426,7 @@ class FeatureStore:
         for kind in ("segment", "feature"):
             kinds.setdefault(kind, KindStats(0, 0))
         access = AccessCounts(counters.get("hits", 0), counters.get("misses", 0))
+        bodies = KindStats(*_bodies.sizes(self.root))
         return CacheStats(
             root=self.root,
             entries=sum(k.entries for k in kinds.values()),
@@ -400,6 +436,7 @@ class FeatureStore:
             hit_rate=round(access.hit_rate, 4),
             hash_methods=methods,
             kinds=dict(sorted(kinds.items())),
+            bodies=bodies,
         )
 
     def clear_cache(self, symbol: str | None = None) -> int:
@@ -409,6 +446,7 @@ class FeatureStore:
             self.manifest.delete(txn.con, doomed)
             for path in self.manifest.unreferenced(txn.con, {entry.path for entry in doomed.values()}):
                 txn.after_commit(functools.partial(path.unlink, missing_ok=True))
+            self._release_bodies(txn, doomed.values())
         return len(doomed)
 
     def cleanup_old_entries(self, days_old: float) -> GCReport:
@@ -507,15 +545,24 @@ class FeatureStore:
             except FileNotFoundError:
                 replaced = False
             if not replaced:  # a newer, good file took its place meanwhile: keep both it and its row
+                gone = self.manifest.select(txn.con, [key]).values()
                 self.manifest.delete_at(txn.con, [key], path)
                 txn.after_commit(lambda: _files.remove_if_same(path, inode))
+                self._release_bodies(txn, gone)
 
     def _evict_packed(self, pack: Path, keys: list[str], inode: int) -> None:
         """Evict the damaged keys of a pack; the pack itself goes only once no row names it."""
         with self.manifest.write() as txn:
+            gone = self.manifest.select(txn.con, keys).values()
             self.manifest.delete_at(txn.con, keys, pack)
             if self.manifest.unreferenced(txn.con, [pack]):
                 txn.after_commit(lambda: _files.remove_if_same(pack, inode))
+            self._release_bodies(txn, gone)
+
+    def _release_bodies(self, txn: Txn, gone: Iterable[Entry]) -> None:
+        """After ``gone``'s rows were deleted in ``txn``: the COPY bodies no entry holds now go after its commit."""
+        for path in _bodies.released(self.root, txn.con, (entry.content_hash for entry in gone)):
+            txn.after_commit(functools.partial(path.unlink, missing_ok=True))
 
     @staticmethod
     def _present(stored: _files.Stored) -> Features:

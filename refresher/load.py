@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
 from featurestore.fingerprint import fingerprint_table
-from refresher import partitions
+from refresher import bodies, partitions
 from refresher.database import TIME_COLUMN, segment_range
 from refresher.diskfull import COPY_SLACK, require_room, server_disk_full
 from refresher.errors import LoadError
@@ -85,7 +85,9 @@ class SegmentLoad:
     """One segment's new content, for ``load_segments``."""
 
     segment: Segment
-    table: pa.Table
+    # Its rows, or a minute segment's COPY body from the store (``refresher.bodies``), sent as it is when the
+    # batch fills a new month and read as a table otherwise.
+    table: pa.Table | bodies.StoredBody
     content_hash: str
     # The exchange's time zone, which bounds a minute segment (see ``refresher.database``).
     tz: str
@@ -107,26 +109,38 @@ class BatchOutcome:
 
 
 def load_segments(
-    conn: psycopg.Connection[Any], items: Sequence[SegmentLoad], *, allow_shrink: bool = True
+    conn: psycopg.Connection[Any],
+    items: Sequence[SegmentLoad],
+    *,
+    allow_shrink: bool = True,
+    keep: bodies.BodyWriter | None = None,
 ) -> BatchOutcome:
     """Replace each segment's rows with its table and record it in ``refresher_segments``, all in one
     transaction (a savepoint if the caller already has one open).
 
     Without ``allow_shrink``, a segment whose table is empty while the ledger says it holds rows is left as it
     is and returned in ``emptied``; the rest of the batch loads.
+
+    ``keep``: a batch that fills a new month whole hands the COPY bodies it made of its segments' rows to this
+    writer once it has committed (``refresher.bodies``); give it only on an autocommit connection, where the
+    transaction here is the real one.
     """
     if not items:
         return BatchOutcome((), frozenset(), ())
-    datas = conform_many(items)
+    datas = _conformed(items)
     named = _named([item.segment for item in items])
     what = f"loading {named}"
     # Rows, their primary-key index and the WAL: measured about three times the Arrow size. Checked first
     # because a full disk under the WAL makes the server PANIC instead of failing the statement.
     needed = 3 * sum(data.num_rows for data in datas) * ROW_BYTES
+    made: list[tuple[str, int, bytes]] | None = [] if keep is not None else None
     try:
         with conn.transaction():
             require_room(conn, needed=needed + COPY_SLACK, what=what)
-            return _write_batch(conn, items, datas, allow_shrink=allow_shrink)
+            outcome = _write_batch(conn, items, datas, allow_shrink=allow_shrink, made=made)
+        if keep is not None and made:
+            keep.keep(made)
+        return outcome
     except psycopg.errors.DiskFull as exc:
         raise server_disk_full(conn, exc, needed=needed, what=what) from exc
     except psycopg.Error as exc:
@@ -168,12 +182,17 @@ def load_segment(
 def _write_batch(
     conn: psycopg.Connection[Any],
     items: Sequence[SegmentLoad],
-    datas: Sequence[pa.Table],
+    loaded: Sequence[pa.Table | bodies.StoredBody],
     *,
     allow_shrink: bool,
+    made: list[tuple[str, int, bytes]] | None,
 ) -> BatchOutcome:
     lock_segments(conn, [item.segment for item in items])
     ledger = _ledger_of(conn, [item.segment for item in items])
+    month = _bodies_month(items, loaded, ledger, made is not None)
+    if month is not None and partitions.lock_new_months(conn, bodies.TABLE, {month}, wait=SEGMENT_LOCK_WAIT):
+        return _fill_by_bodies(conn, items, loaded, month, made)
+    datas = [_as_table(item, data) for item, data in zip(items, loaded, strict=True)]
     emptied: list[tuple[Segment, int]] = []
     appended: set[Segment] = set()
     rows: list[int] = []
@@ -300,6 +319,56 @@ def delete_segment(
     return deleted
 
 
+def _conformed(items: Sequence[SegmentLoad]) -> list[pa.Table | bodies.StoredBody]:
+    """``conform_many`` of the items' tables; a stored COPY body kept as it is when what the store knows of its
+    rows (``_body_fits``) passes the same checks, else read as its table and checked as any."""
+    tables = [i for i, item in enumerate(items) if not _body_fits(item)]
+    out: list[pa.Table | bodies.StoredBody] = [item.table for item in items]
+    if tables:
+        read = [replace(items[i], table=_read(items[i])) for i in tables]
+        for i, data in zip(tables, conform_many(read), strict=True):
+            out[i] = data
+    return out
+
+
+def _body_fits(item: SegmentLoad) -> bool:
+    """Whether a stored body passes ``_check_rows`` by its manifest row: made of the segment's content, of its
+    symbol alone, at least one row, its first and last instant inside the segment. The body was made of rows
+    that passed those checks row by row; its content hash is the one the ledger will record."""
+    data = item.table
+    if not isinstance(data, bodies.StoredBody):
+        return False
+    entry, segment = data.entry, item.segment
+    if (
+        segment.table != bodies.TABLE
+        or entry.content_hash != item.content_hash
+        or entry.symbol != segment.symbol
+    ):
+        return False
+    if entry.start_ts is None or entry.end_ts is None or entry.rows <= 0:
+        return False
+    lo, hi = segment_range(segment, item.tz)
+    return bool(lo <= entry.start_ts and entry.end_ts < hi)
+
+
+def _as_table(item: SegmentLoad, data: pa.Table | bodies.StoredBody) -> pa.Table:
+    """An item's conformed rows (``_conformed``) as a table: a stored body's read and checked as any table."""
+    return data if isinstance(data, pa.Table) else conform_many([replace(item, table=_read(item))])[0]
+
+
+def _read(item: SegmentLoad) -> pa.Table:
+    """An item's table: a stored body's read from the store (its Parquet file, verified)."""
+    if isinstance(item.table, pa.Table):
+        return item.table
+    table = item.table.read_table()
+    if table is None:
+        raise LoadError(
+            f"{item.segment}: its stored table went from the store during the load; refresh again",
+            segment=str(item.segment),
+        )
+    return table
+
+
 def conform(segment: Segment, table: pa.Table, tz: str) -> pa.Table:
     """The table in the segment's schema and column order, checked to hold only the segment's rows."""
     return conform_many([SegmentLoad(segment, table, "", tz)])[0]
@@ -335,6 +404,7 @@ def conform_many(items: Sequence[SegmentLoad]) -> list[pa.Table]:
 
 def _cast(item: SegmentLoad) -> pa.Table:
     segment, table = item.segment, item.table
+    assert isinstance(table, pa.Table)  # ``_conformed`` reads a stored body's table first
     schema = SCHEMA_OF[segment.timeframe]
     if table.schema.equals(schema):
         return table
@@ -456,16 +526,108 @@ def _delete_rows(conn: psycopg.Connection[Any], items: Sequence[SegmentLoad]) ->
         conn.execute(statement, params)
 
 
+def _bodies_month(
+    items: Sequence[SegmentLoad],
+    loaded: Sequence[pa.Table | bodies.StoredBody],
+    ledger: dict[Segment, tuple[str, int]],
+    keeping: bool,
+) -> dt.date | None:
+    """The UTC month a batch fills by COPY bodies, or None (then it loads as Arrow tables): whole minute
+    segments, none loaded before (no append, no shrink), every row in one month; and a body to send or to
+    keep. The month's partition must still be new (``lock_new_months``, in the caller)."""
+    if not keeping and not any(isinstance(data, bodies.StoredBody) for data in loaded):
+        return None
+    months: set[dt.date] = set()
+    for item, data in zip(items, loaded, strict=True):
+        if item.segment.table != bodies.TABLE or item.segment in ledger or not data.num_rows:
+            return None
+        if isinstance(data, bodies.StoredBody):
+            assert data.entry.start_ts is not None and data.entry.end_ts is not None  # ``_conformed`` checked
+            months.update(partitions.months_of_range(data.entry.start_ts, data.entry.end_ts))
+        else:
+            months.update(partitions.months_of(data, TIME_COLUMN[bodies.TABLE]))
+        if len(months) > 1:
+            return None
+    return months.pop()
+
+
+def _fill_by_bodies(
+    conn: psycopg.Connection[Any],
+    items: Sequence[SegmentLoad],
+    loaded: Sequence[pa.Table | bodies.StoredBody],
+    month: dt.date,
+    made: list[tuple[str, int, bytes]] | None,
+) -> BatchOutcome:
+    """``_write_batch`` of a batch that fills ``month``'s new partition whole: each segment's COPY body sent as
+    the store kept it, or made of its rows (and, with ``made``, kept once the batch commits), in the lock order
+    of ``refresher.partitions``. The ledger's rows are the manifest's (or the table's), and the COPY must have
+    read exactly that many."""
+    raws: list[bytes | memoryview] = []
+    for item, data in zip(items, loaded, strict=True):
+        if isinstance(data, bodies.StoredBody):
+            raws.append(data.body.raw)
+            continue
+        raw = bodies.encode(data)
+        raws.append(raw)
+        if made is not None and item.content_hash.startswith("xxh3:"):
+            made.append((item.content_hash, data.num_rows, raw))
+    rows = [data.num_rows for data in loaded]
+    columns = SCHEMA_OF["1m"].names
+    table = bodies.TABLE
+
+    def send(name: str) -> None:
+        copied = copy_bodies(conn, name, columns, raws, freeze=name != table)
+        if copied != sum(rows):
+            raise LoadError(
+                f"{_named([item.segment for item in items])}: the COPY read {copied} rows where the store's "
+                f"segments hold {sum(rows)}",
+                segment=str(items[0].segment),
+            )
+
+    partitions.create_filled(conn, table, month, send)
+    partitions.lock_creators(conn, wait=SEGMENT_LOCK_WAIT)
+    partitions.lock_default(conn, table, mode=partitions.ATTACHING, wait=SEGMENT_LOCK_WAIT)
+    _delete_rows(conn, items)
+    if not partitions.attach_filled(conn, table, month):
+        send(table)
+    _record(conn, list(zip(items, rows, strict=True)))
+    _quarantine(conn, [(item.segment, item.rejects) for item in items if item.rejects is not None])
+    return BatchOutcome(tuple(rows), frozenset(), ())
+
+
+def _copy_statement(table: str, columns: Sequence[str], freeze: bool) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY{})").format(
+        sql.Identifier(table),
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", FREEZE" if freeze else ""),
+    )
+
+
+def copy_bodies(
+    conn: psycopg.Connection[Any],
+    table: str,
+    columns: Sequence[str],
+    raws: Sequence[bytes | memoryview],
+    *,
+    freeze: bool = False,
+) -> int:
+    """Binary COPY of COPY bodies (``refresher.bodies``) into ``columns`` of ``table``, as ``copy_arrow``;
+    returns the rows the server read."""
+    with conn.cursor() as cur:
+        with cur.copy(_copy_statement(table, columns, freeze)) as copy:
+            copy.write(bodies.HEADER)
+            for raw in raws:
+                copy.write(raw if isinstance(raw, memoryview) else memoryview(raw))
+            copy.write(bodies.TRAILER)
+        return cur.rowcount
+
+
 def copy_arrow(
     conn: psycopg.Connection[Any], table: str, columns: Sequence[str], data: pa.Table, *, freeze: bool = False
 ) -> None:
     """Binary COPY of ``data`` into ``columns`` of ``table``, inside the caller's transaction; ``freeze`` for a
     table created in that same transaction (see ``refresher.partitions``)."""
-    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY{})").format(
-        sql.Identifier(table),
-        sql.SQL(", ").join(map(sql.Identifier, columns)),
-        sql.SQL(", FREEZE" if freeze else ""),
-    )
+    statement = _copy_statement(table, columns, freeze)
     if data.num_columns and data.num_rows < _SMALL_CHUNK_ROWS * data.column(0).num_chunks:
         # A batch of small segments holds one chunk per segment (a month of daily bars is ~21 rows) and pgpq
         # pays about 55 us a batch: 3.3 s for the production profile's 60,000 segments, ~0.1 s combined.
@@ -542,6 +704,7 @@ __all__ = [
     "conform",
     "conform_many",
     "copy_arrow",
+    "copy_bodies",
     "delete_segment",
     "load_segment",
     "load_segments",

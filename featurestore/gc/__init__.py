@@ -2,7 +2,8 @@
 
 One exclusive manifest transaction decides everything, so no writer can publish while GC looks: entries not
 accessed for the retention period (access comes from the store's own journal, never from file atimes), rows whose
-file is missing or fails the footer-and-size check, files without a row (orphans) and abandoned temporaries. Rows
+file is missing or fails the footer-and-size check, files without a row (orphans), COPY bodies whose content no
+row holds (``featurestore._bodies``) and abandoned temporaries. Rows
 go first, files after COMMIT. Orphans and temporaries younger than the grace period are left alone, and so are the
 temporaries of a process still running on this machine whatever their age, so a write in flight in another
 process is never deleted. A pack (many keys in one file) is removed only when none of its keys is
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from featurestore import _files, _packs, maintenance
+from featurestore import _bodies, _files, _packs, maintenance
 from featurestore._cli import OneLineParser, add_root_option, open_store
 from featurestore.console import say
 from featurestore.errors import FeatureStoreError
@@ -111,6 +112,8 @@ def collect_garbage(
         if not dry_run:
             store.manifest.delete(txn.con, [entry.key for entry in doomed])
             released = store.manifest.unreferenced(txn.con, {entry.path for entry in expired + corrupt})
+            # The COPY bodies of the contents no entry holds now go with them (any other's is an orphan above).
+            released += _bodies.released(store.root, txn.con, (entry.content_hash for entry in doomed))
             for path in released + orphans + temporaries:
                 txn.after_commit(functools.partial(path.unlink, missing_ok=True))
     if not dry_run:

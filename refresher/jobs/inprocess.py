@@ -18,8 +18,8 @@ import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from refresher import load
-from refresher.jobs.segment import SegmentJob, SegmentTotals, fetch_tables, load_tables, stored_tables
+from refresher import bodies, load
+from refresher.jobs.segment import SegmentJob, SegmentTotals, fetch_tables, load_tables, stored_loads
 from refresher.segments import Segment
 from refresher.sources.base import Source
 
@@ -52,7 +52,7 @@ class ProgressCallback(Protocol):
     def __call__(self, phase: str, done: int, total: int, rows: int = 0) -> None: ...
 
 
-Produced = tuple[SegmentJob, pa.Table, str]
+Produced = tuple[SegmentJob, pa.Table | bodies.StoredBody, str]
 
 
 class Fetcher(threading.Thread):
@@ -85,7 +85,7 @@ class Fetcher(threading.Thread):
             for batch in store_batches(self.in_store):
                 if self.cancelled.is_set():
                     return
-                self._put(stored_tables(batch, self.store, self.source))
+                self._put(stored_loads(batch, self.store, self.source))
         except BaseException as exc:  # handed to the loading thread, which re-raises it
             self._put(exc)
         finally:
@@ -244,6 +244,10 @@ class InProcessExecutor:
         run = _LoadRun(self, _load_batches(fetcher.results(), jobs), len(jobs), progress)
         helpers: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
         finished = False
+        # The COPY bodies of the new months' segments, for the next load of this store (``refresher.bodies``):
+        # only when some job loads minute segments.
+        if any(job.segment.table == bodies.TABLE for job in jobs):
+            run.keep = bodies.BodyWriter(self.store)
         try:
             for k in range(1, self.loaders):
                 assert self.connect is not None  # loaders is 1 without it
@@ -274,6 +278,8 @@ class InProcessExecutor:
             # On Ctrl-C or an error, do not wait for the batch the fetcher is producing (seconds of work): it
             # is a daemon thread, and what it stores is written crash-safe like any kill -9 would leave it.
             fetcher.join(timeout=5 if finished else 0.2)
+            if run.keep is not None:  # the bodies of what was committed are written; after an error, dropped
+                run.keep.close(wait=finished)
         if run.error is not None:
             raise run.error
         if run.emptied:
@@ -296,6 +302,7 @@ class _LoadRun:
         self.totals = SegmentTotals(keep_daily=executor.keep_daily)
         self.emptied: list[tuple[Segment, int]] = []  # load the rest; one error naming all of them at the end
         self.error: BaseException | None = None
+        self.keep: bodies.BodyWriter | None = None
         self.stop = threading.Event()
         self.lock = threading.Lock()
 
@@ -318,12 +325,12 @@ class _LoadRun:
                         (job, table, digest, rejects.pop(job.segment, [])) for job, table, digest in batch
                     ]
                 outcomes, refused = load_tables(
-                    conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self._on_loaded
+                    conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self._on_loaded, keep=self.keep
                 )
                 with self.lock:
                     self.emptied.extend(refused)
                     for outcome, (_job, table, _hash) in zip(outcomes, batch, strict=True):
-                        self.totals.add(outcome, table)
+                        self.totals.add(outcome, table if isinstance(table, pa.Table) else None)
                     if self.progress:
                         self.progress("load", self.totals.done, self.total, self.totals.rows_loaded)
         except BaseException as exc:

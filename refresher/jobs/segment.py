@@ -16,7 +16,7 @@ import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from refresher import load
+from refresher import bodies, load
 from refresher.errors import LoadError
 from refresher.plan import GapPlan
 from refresher.segments import Segment
@@ -161,16 +161,46 @@ def stored_tables(
     return out
 
 
+def stored_loads(
+    jobs: Sequence[SegmentJob], store: FeatureStore, source: Source
+) -> list[tuple[SegmentJob, pa.Table | bodies.StoredBody, str]]:
+    """``stored_tables``, but a minute segment whose COPY body the store keeps comes back as that body
+    (``refresher.bodies``), its file not read: the loader sends the body when its batch fills a new month, and
+    reads the table then only if it does not. The rows quarantined with it are read as for a table."""
+    minutes = [job.key for job in jobs if job.segment.timeframe == "1m" and job.stored_hash is not None]
+    kept = bodies.stored_bodies(store, minutes) if minutes else {}
+    served = {
+        job.key: kept[job.key]
+        for job in jobs
+        if job.key in kept and kept[job.key].entry.content_hash == job.stored_hash
+    }
+    if not served:
+        return list(stored_tables(jobs, store, source))
+    found = store.get_many([rejects_key(key) for key in served], count=False)
+    for job in jobs:
+        if job.key in served:
+            kept_rejects = found.get(rejects_key(job.key))
+            source.rejects[job.segment] = (
+                [] if kept_rejects is None else rejects_of(job.segment, kept_rejects)
+            )
+    rest = iter(stored_tables([job for job in jobs if job.key not in served], store, source))
+    return [
+        (job, served[job.key], job.stored_hash or "") if job.key in served else next(rest) for job in jobs
+    ]
+
+
 def load_tables(
     conn: psycopg.Connection[Any],
-    produced: Sequence[tuple[SegmentJob, pa.Table, str, Sequence[Reject] | None]],
+    produced: Sequence[tuple[SegmentJob, pa.Table | bodies.StoredBody, str, Sequence[Reject] | None]],
     *,
     allow_shrink: bool = False,
     on_loaded: Callable[[Sequence[load.SegmentLoad], bool], None] | None = None,
+    keep: bodies.BodyWriter | None = None,
 ) -> tuple[list[SegmentOutcome], list[tuple[Segment, int]]]:
     """Load a batch of produced tables in one transaction (``refresher.load.load_segments``), skipping those
     the plan saw loaded with exactly that content; the outcomes, and the segments refused as emptied.
-    ``on_loaded(items, allow_shrink)`` is told what was committed (``refresher.replay``).
+    ``on_loaded(items, allow_shrink)`` is told what was committed (``refresher.replay``); ``keep`` is handed the
+    COPY bodies a batch that filled a new month made (``refresher.bodies``).
 
     The in-process refresh made its plan moments ago on the only connection that writes (the profile lock
     keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again. A segment
@@ -200,7 +230,7 @@ def load_tables(
             continue
         jobs.append(job)
         items.append(load.SegmentLoad(job.segment, table, content_hash, job.tz, rejects, not job.force))
-    batch = load.load_segments(conn, items, allow_shrink=allow_shrink)
+    batch = load.load_segments(conn, items, allow_shrink=allow_shrink, keep=keep)
     if on_loaded is not None and items:
         on_loaded(items, allow_shrink)
     refused = {segment for segment, _ in batch.emptied}
@@ -311,5 +341,6 @@ __all__ = [
     "load_tables",
     "produce_tables",
     "run_segment_job",
+    "stored_loads",
     "stored_tables",
 ]

@@ -108,18 +108,48 @@ def test_a_warm_stores_reads_run_ahead_of_the_loader_and_load_what_a_cold_run_lo
     engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
     cold = _profile(root, "cold", FRIDAY)
     refresh(cold, engine, store)
-    read = inprocess.stored_tables
+    read = inprocess.stored_loads
     threads: list[str] = []
 
     def reading(*args: object, **kwargs: object) -> object:
         threads.append(threading.current_thread().name)
         return read(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(inprocess, "stored_tables", reading)
+    monkeypatch.setattr(inprocess, "stored_loads", reading)
     warm = _profile(root, "warm", FRIDAY)  # another database, the same store
     report = refresh(warm, engine, store)
     assert (report.segments.fetched, report.segments.loaded) == (0, 12)
     assert threads and set(threads) == {"refresher-fetch"}  # not the loading thread
+    assert _checksums(engine, warm) == _checksums(engine, cold)
+
+
+def test_a_warm_refresh_sends_the_copy_bodies_a_cold_one_kept(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold refresh keeps each minute segment's COPY body (``refresher.bodies``); a warm one into a new database
+    sends them, reading no minute segment's Parquet file and encoding no row, and loads what the cold one did."""
+    from refresher import bodies, load
+
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    cold = _profile(root, "cold", FRIDAY)
+    refresh(cold, engine, store)
+    assert store.get_cache_stats().bodies.entries == 6  # 3 symbols x 2 months of minute segments
+    copied: list[str] = []
+    copy_arrow = load.copy_arrow
+
+    def copying(conn: object, table: str, *args: object, **kwargs: object) -> None:
+        copied.append(table)
+        copy_arrow(conn, table, *args, **kwargs)  # type: ignore[arg-type]
+
+    def encoding(table: pa.Table) -> bytes:
+        raise AssertionError("a warm load encoded a minute segment")
+
+    monkeypatch.setattr(load, "copy_arrow", copying)
+    monkeypatch.setattr(bodies, "encode", encoding)
+    warm = _profile(root, "warm", FRIDAY)
+    report = refresh(warm, engine, store)
+    assert (report.segments.fetched, report.segments.loaded) == (0, 12)
+    assert copied and not [table for table in copied if table.startswith("ohlcv_1min")]  # daily bars only
     assert _checksums(engine, warm) == _checksums(engine, cold)
 
 

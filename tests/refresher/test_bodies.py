@@ -1,0 +1,269 @@
+"""Minute segments loaded from the COPY bodies the store keeps (``refresher.bodies``), on a real server: the same
+rows as the Parquet path, and any body that cannot be trusted falls back to it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+from psycopg import sql
+
+from featurestore import FeatureStore
+from refresher import bodies, load
+from refresher.database import ensure_schema
+from refresher.engines.base import ServerInfo
+from refresher.errors import LoadError
+from refresher.load import SegmentLoad, load_segments
+from refresher.partitions import existing_months
+from refresher.segments import Segment
+from tests.fixtures_postgres import minute_bars
+
+pytestmark = pytest.mark.postgres
+NY = "America/New_York"
+JAN = dt.date(2024, 1, 1)
+OPEN_JAN_2 = dt.datetime(2024, 1, 2, 14, 30, tzinfo=dt.UTC)
+SYMBOLS = ["AAPL", "KO", "MSFT"]
+
+
+@pytest.fixture
+def databases(pg_server: ServerInfo) -> Iterator[Any]:
+    """Fresh databases on the session server, made on demand (``make()``), each with the schema; dropped after."""
+    made: list[str] = []
+    conns: list[psycopg.Connection[Any]] = []
+
+    def make() -> psycopg.Connection[Any]:
+        name = f"t_{secrets.token_hex(6)}"
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        made.append(name)
+        conn = psycopg.connect(replace(pg_server, dbname=name).dsn(), autocommit=True)
+        conns.append(conn)
+        ensure_schema(conn)
+        return conn
+
+    yield make
+    for conn in conns:
+        conn.close()
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        for name in made:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    return FeatureStore(tmp_path / "store", pack_max_rows=0)  # minute segments have files of their own
+
+
+def _key(symbol: str) -> str:
+    return f"{symbol}-1m-2024-01"
+
+
+def _stored(store: FeatureStore, n: int = 2_000) -> list[SegmentLoad]:
+    """The three symbols' January minute segments, put in the store: the loads a fetch makes of them."""
+    tables = [minute_bars(symbol, OPEN_JAN_2, n, seed=k) for k, symbol in enumerate(SYMBOLS)]
+    hashes = store.put_many_hashes([(_key(s), t, s) for s, t in zip(SYMBOLS, tables, strict=True)])
+    return [
+        SegmentLoad(Segment(s, "1m", JAN), t, h, NY) for s, t, h in zip(SYMBOLS, tables, hashes, strict=True)
+    ]
+
+
+def _from_store(store: FeatureStore, items: list[SegmentLoad]) -> list[SegmentLoad]:
+    """The same segments as a warm load reads them: a body where the store keeps one, else the table."""
+    kept = bodies.stored_bodies(store, [_key(item.segment.symbol) for item in items])
+    return [replace(item, table=kept.get(_key(item.segment.symbol), item.table)) for item in items]
+
+
+def _kept(store: FeatureStore, items: list[SegmentLoad], conn: psycopg.Connection[Any]) -> None:
+    """Load ``items`` keeping their bodies, as a refresh's loaders do."""
+    writer = bodies.BodyWriter(store)
+    load_segments(conn, items, keep=writer)
+    writer.close()
+    assert writer.failed is None
+
+
+def _rows(conn: psycopg.Connection[Any]) -> tuple[list[Any], list[Any]]:
+    return (
+        conn.execute("SELECT * FROM ohlcv_1min ORDER BY symbol, ts").fetchall(),
+        conn.execute(
+            "SELECT symbol, timeframe, month, content_hash, rows FROM refresher_segments ORDER BY 1"
+        ).fetchall(),
+    )
+
+
+def _no_arrow(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every Arrow COPY and every read of a stored table: a load by bodies makes neither."""
+    used: list[str] = []
+    copy_arrow, get_many = load.copy_arrow, FeatureStore.get_many
+
+    def copying(conn: Any, table: str, *args: Any, **kwargs: Any) -> None:
+        used.append(f"copy {table}")
+        copy_arrow(conn, table, *args, **kwargs)
+
+    def reading(self: FeatureStore, keys: Any, **kwargs: Any) -> Any:
+        keys = list(keys)
+        used.extend(f"read {key}" for key in keys)
+        return get_many(self, keys, **kwargs)
+
+    monkeypatch.setattr(load, "copy_arrow", copying)
+    monkeypatch.setattr(FeatureStore, "get_many", reading)
+    return used
+
+
+def test_a_warm_load_sends_the_kept_bodies_and_loads_the_rows_of_the_parquet_path(
+    store: FeatureStore, databases: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = _stored(store)
+    first = databases()
+    _kept(store, items, first)  # the cold load: its rows through pgpq, each segment's body kept
+    assert all((p := store.body_path(item.content_hash)) is not None and p.exists() for item in items)
+    assert store.get_cache_stats().bodies.entries == 3
+    warm = _from_store(store, items)
+    assert all(isinstance(item.table, bodies.StoredBody) for item in warm)
+    used = _no_arrow(monkeypatch)
+    second = databases()
+    outcome = load_segments(second, warm)
+    assert used == []  # no Parquet read, no encoding: the bodies as they are
+    assert outcome.rows == (2_000, 2_000, 2_000)
+    assert existing_months(second, "ohlcv_1min") == {JAN}  # a partition of its own, filled with COPY FREEZE
+    assert _rows(second) == _rows(first)  # value for value, and the ledger's hashes and counts
+    monkeypatch.undo()
+    # Through the parent too, when the default partition holds a row of the month (inserted by hand).
+    third = databases()
+    third.execute(
+        "INSERT INTO ohlcv_1min VALUES ('ZZZ', '2024-01-30 15:00+00', 1, 1, 1, 1, 1)"  # symbol, ts, ohlcv
+    )
+    load_segments(third, _from_store(store, items))
+    assert existing_months(third, "ohlcv_1min") == set()
+    rows, ledger = _rows(third)
+    assert [r for r in rows if r[0] != "ZZZ"] == _rows(first)[0] and ledger == _rows(first)[1]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "version"])
+def test_a_damaged_body_is_removed_and_the_segment_loads_from_its_parquet_file(
+    store: FeatureStore, databases: Any, damage: str
+) -> None:
+    items = _stored(store)
+    first = databases()
+    _kept(store, items, first)
+    path = store.body_path(items[1].content_hash)
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-1]))
+    else:  # a body another encoder made: its layout is not ours
+        store.put_bodies([(items[1].content_hash, 2_000, b"\x00" * 64)], "an-older-layout")
+    warm = _from_store(store, items)
+    assert [isinstance(item.table, bodies.StoredBody) for item in warm] == [True, False, True]
+    assert not path.exists()
+    second = databases()
+    load_segments(second, warm)
+    assert _rows(second) == _rows(first)
+    # the next load that fills the month keeps its body again
+    third = databases()
+    _kept(store, _from_store(store, items), third)
+    assert path.exists() and _rows(third) == _rows(first)
+
+
+def test_a_body_of_other_rows_than_its_entry_says_loads_nothing(store: FeatureStore, databases: Any) -> None:
+    """The last guard: the COPY's row count against the manifest's. A body whose checksum holds but whose bytes
+    are not its entry's rows (a writer's bug) fails the batch, nothing loaded."""
+    items = _stored(store)
+    _kept(store, items, databases())
+    warm = _from_store(store, items)
+    short = warm[0].table
+    assert isinstance(short, bodies.StoredBody)
+    one_row = len(bytes(short.body.raw)) // 2_000  # every row of these bars encodes to the same length
+    cut = replace(short, body=replace(short.body, raw=short.body.raw[:-one_row]))
+    conn = databases()
+    with pytest.raises(LoadError, match="the COPY read 5999 rows where the store's segments hold 6000"):
+        load_segments(conn, [replace(warm[0], table=cut), *warm[1:]])
+    assert _rows(conn) == ([], []) and existing_months(conn, "ohlcv_1min") == set()
+
+
+def test_a_body_is_read_as_its_table_where_the_batch_cannot_send_it(
+    store: FeatureStore, databases: Any
+) -> None:
+    """A month that exists already, a segment the ledger holds, a body whose entry is not the segment's: the
+    stored table is read and loaded as before."""
+    items = _stored(store)
+    first = databases()
+    _kept(store, items, first)
+    conn = databases()
+    load_segments(conn, items[:1])  # January exists now
+    load_segments(conn, _from_store(store, items))
+    assert _rows(conn) == _rows(first)
+    # a body offered for another symbol's segment (its entry's symbol is not the segment's): not sent
+    conn = databases()
+    warm = _from_store(store, items)
+    swapped = replace(warm[0], segment=Segment("KO", "1m", JAN), content_hash=items[1].content_hash)
+    # a body of January's rows offered for February's segment: outside it, read as its table and refused so
+    february = replace(warm[0], segment=Segment("AAPL", "1m", dt.date(2024, 2, 1)))
+    with pytest.raises(LoadError, match="fall outside the segment"):
+        load_segments(conn, [february])
+    with pytest.raises(LoadError, match="rows of other symbols"):  # read as its table: AAPL's rows, refused
+        load_segments(conn, [swapped])
+
+
+def test_bodies_concatenated_are_the_months_copy_stream(store: FeatureStore) -> None:
+    """What makes a month's COPY of segment bodies pgpq's own: the header and trailer it writes, and each
+    segment's rows encoded alone are the same bytes as in the month's table encoded whole."""
+    from pgpq import ArrowToPostgresBinaryEncoder
+
+    tables = [item.table for item in _stored(store)]
+    assert all(isinstance(t, pa.Table) for t in tables)
+    whole = pa.concat_tables(tables)  # type: ignore[arg-type]
+    encoder = ArrowToPostgresBinaryEncoder(whole.schema)
+    stream = (
+        encoder.write_header()
+        + b"".join(encoder.write_batch(b) for b in whole.to_batches())
+        + encoder.finish()
+    )
+    mine = bodies.HEADER + b"".join(bodies.encode(t) for t in tables) + bodies.TRAILER  # type: ignore[arg-type]
+    assert mine == stream
+
+
+def test_a_body_decodes_to_its_rows(store: FeatureStore) -> None:
+    for item in _stored(store, n=500):
+        assert isinstance(item.table, pa.Table)
+        raw = bodies.encode(item.table)
+        assert bodies.decode(raw, 500) == item.table
+        assert bodies.decode(raw, 499) is None and bodies.decode(raw[:-1], 500) is None
+    # Two symbols' rows in one body are not a segment's.
+    two = bodies.encode(minute_bars("AB", OPEN_JAN_2, 10)) + bodies.encode(minute_bars("CD", OPEN_JAN_2, 10))
+    assert bodies.decode(two, 20) is None
+
+
+@pytest.mark.parametrize("damage", ["gone", "flipped"])
+def test_a_segment_whose_parquet_file_is_lost_loads_from_its_body_and_is_stored_again(
+    store: FeatureStore, databases: Any, damage: str
+) -> None:
+    """A batch that cannot send the body (its month exists) reads the table; the file gone or damaged since the
+    body was read (the store evicts it), the body's rows are the table, their content hash the entry's, and the
+    store gets its file back."""
+    items = _stored(store)
+    first = databases()
+    _kept(store, items, first)
+    warm = _from_store(store, items)
+    entry = store.lookup([_key("KO")])[_key("KO")]
+    if damage == "gone":
+        entry.path.unlink()
+    else:
+        data = bytearray(entry.path.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        entry.path.write_bytes(bytes(data))
+    conn = databases()
+    load_segments(conn, items[:1])  # January exists: the others are read as tables
+    load_segments(conn, warm[1:])
+    assert _rows(conn) == _rows(first)
+    assert store.get(_key("KO")) == items[1].table
+    assert store.validate_cache_integrity().ok
