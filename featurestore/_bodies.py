@@ -5,8 +5,10 @@ month partition) may keep the bytes it sent, the COPY body, so that the next loa
 them again instead of reading the Parquet file and encoding its rows: for backtesting's 12 months of minute
 bars, 1.5 s less of the client's CPU a warm load (docs/architecture.md, "Where the load's CPU goes").
 
-A body is named by the content hash of the table it encodes (``bodies/<2>/<hash>.body``), not by a key: one
-content, one body, whatever keys hold it. Its file is a header and the body compressed with LZ4 (a frame)::
+A body is named by the content hash of the table it encodes and by its ``layout``
+(``bodies/<2>/<hash>.<layout>.body``), not by a key: one content, one body of each layout, whatever keys hold it.
+The layout is in the name so that two checkouts sharing a store whose encoders differ (another pgpq version) each
+keep their own body beside the other's instead of removing it as one of another layout. Its file is a header and the body compressed with LZ4 (a frame)::
 
     magic (8) | header length (4) | header JSON | xxh3-64 of the compressed payload (8) | payload
 
@@ -25,6 +27,7 @@ other (``find_strays``: a body whose content no entry holds, past the grace peri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -46,6 +49,7 @@ _CODEC = (
     "lz4"  # an LZ4 frame: 0.045 s to decompress 131 MB of minute bars against 0.17 s for Zstandard level 1
 )
 _NAME = re.compile(r"[A-Za-z0-9]+:[0-9a-f]{8,64}")
+_LAYOUT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class CorruptBody(Exception):
@@ -60,21 +64,31 @@ class CopyBody:
     raw: memoryview
 
 
-def body_path(root: Path, content_hash: str) -> Path | None:
-    """Where the body of ``content_hash`` lives; None for a hash that names no body (not ``method:hex``)."""
-    if not _NAME.fullmatch(content_hash):
+def body_path(root: Path, content_hash: str, layout: str) -> Path | None:
+    """Where the body of ``content_hash`` in ``layout`` lives; None for a hash that names no body (not
+    ``method:hex``) or a layout that cannot be part of a file name."""
+    if not _NAME.fullmatch(content_hash) or not _LAYOUT.fullmatch(layout):
         return None
     name = content_hash.replace(":", "-")
-    return Path(f"{root}{os.sep}{BODIES_DIR}{os.sep}{name[-2:]}{os.sep}{name}{SUFFIX}")
+    return Path(f"{root}{os.sep}{BODIES_DIR}{os.sep}{name[-2:]}{os.sep}{name}.{layout}{SUFFIX}")
+
+
+def _of_every_layout(root: Path, content_hash: str) -> list[Path]:
+    """The body files of ``content_hash``, whatever their layout."""
+    if not _NAME.fullmatch(content_hash):
+        return []
+    name = content_hash.replace(":", "-")
+    return [path for path in (root / BODIES_DIR / name[-2:]).glob(f"{name}.*{SUFFIX}") if hash_of(path)]
 
 
 def hash_of(path: Path) -> str | None:
-    """The content hash a body file is named by, None for anything else (temporaries, strays)."""
+    """The content hash a body file is named by (of any layout), None for anything else (temporaries, strays)."""
     if path.name.startswith(".") or path.suffix != SUFFIX:
         return None
-    method, _, digest = path.name[: -len(SUFFIX)].partition("-")
+    stem, _, layout = path.name[: -len(SUFFIX)].rpartition(".")
+    method, _, digest = stem.partition("-")
     content_hash = f"{method}:{digest}"
-    return content_hash if _NAME.fullmatch(content_hash) else None
+    return content_hash if _NAME.fullmatch(content_hash) and _LAYOUT.fullmatch(layout) else None
 
 
 def encode(content_hash: str, layout: str, rows: int, raw: bytes | memoryview) -> bytes:
@@ -121,10 +135,11 @@ def decode(data: bytes, content_hash: str, layout: str) -> CopyBody:
 
 
 def read(root: Path, hashes: Iterable[str], layout: str) -> dict[str, CopyBody]:
-    """The sound bodies of ``hashes`` in ``layout``; an absent one is left out, an unusable one removed too."""
+    """The sound bodies of ``hashes`` in ``layout``; an absent one is left out, an unusable one removed too.
+    A body of another layout is another file, neither read nor removed."""
     found: dict[str, CopyBody] = {}
     for content_hash in dict.fromkeys(hashes):
-        path = body_path(root, content_hash)
+        path = body_path(root, content_hash, layout)
         if path is None:
             continue
         try:
@@ -143,11 +158,11 @@ def read(root: Path, hashes: Iterable[str], layout: str) -> dict[str, CopyBody]:
 def write(root: Path, items: Sequence[tuple[str, int, bytes | memoryview]], layout: str) -> int:
     """Publish the bodies of ``items`` (content hash, rows, raw bytes) in ``layout``: each written to a
     temporary beside its place, fsynced (many at once), renamed over; returns the bytes published. A content
-    hash that names no body is skipped."""
+    hash that names no body (or a layout no file name can hold) is skipped."""
     moves: list[tuple[Path, Path]] = []
     try:
         for content_hash, rows, raw in items:
-            final = body_path(root, content_hash)
+            final = body_path(root, content_hash, layout)
             if final is None:
                 continue
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +171,12 @@ def write(root: Path, items: Sequence[tuple[str, int, bytes | memoryview]], layo
             moves.append((temp, final))
             temp.write_bytes(encode(content_hash, layout, rows, raw))
         _files.fsync_paths(temp for temp, _final in moves)
-        return sum(_files.publish_many(moves))
+        written = sum(temp.stat().st_size for temp, _final in moves)
+        # Its sizes are read after every rename: a body removed meanwhile (a clear, GC, another checkout's
+        # refill) was published all the same.
+        with contextlib.suppress(FileNotFoundError):
+            _files.publish_many(moves)
+        return written
     finally:
         for temp, _final in moves:
             temp.unlink(missing_ok=True)
@@ -181,8 +201,8 @@ def sizes(root: Path) -> tuple[int, int]:
 
 
 def released(root: Path, con: duckdb.DuckDBPyConnection, hashes: Iterable[str]) -> list[Path]:
-    """Inside a manifest write, after its deletions: the bodies of ``hashes`` that no entry holds any more,
-    for the caller to remove after the commit."""
+    """Inside a manifest write, after its deletions: the bodies (of every layout) of ``hashes`` that no entry
+    holds any more, for the caller to remove after the commit."""
     wanted = sorted(set(hashes))
     if not wanted:
         return []
@@ -194,9 +214,8 @@ def released(root: Path, con: duckdb.DuckDBPyConnection, hashes: Iterable[str]) 
     held = {row[0] for row in rows}
     out: list[Path] = []
     for content_hash in wanted:
-        path = body_path(root, content_hash)
-        if content_hash not in held and path is not None:
-            out.append(path)
+        if content_hash not in held:
+            out.extend(_of_every_layout(root, content_hash))
     return out
 
 

@@ -384,17 +384,17 @@ class FeatureStore:
             if body is None:
                 continue
             if body.rows != entry.rows:  # a body can only be of this content: written wrong, never to be used
-                path = self.body_path(entry.content_hash)
+                path = self.body_path(entry.content_hash, layout)
                 if path is not None:
                     path.unlink(missing_ok=True)
                 continue
             found[key] = (entry, body)
         return found
 
-    def body_path(self, content_hash: str) -> Path | None:
-        """The file that keeps the COPY body of ``content_hash``, whether or not there is one (None: no body can be
-        kept for that hash)."""
-        return _bodies.body_path(self.root, content_hash)
+    def body_path(self, content_hash: str, layout: str) -> Path | None:
+        """The file that keeps the COPY body of ``content_hash`` in ``layout``, whether or not there is one (None:
+        no body can be kept for that hash or layout)."""
+        return _bodies.body_path(self.root, content_hash, layout)
 
     def put_bodies(self, items: Sequence[tuple[str, int, bytes | memoryview]], layout: str) -> int:
         """Keep the COPY bodies of ``items`` (content hash, rows, raw bytes) in ``layout`` beside the entries

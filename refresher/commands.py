@@ -105,6 +105,7 @@ def refresh(
             verify=verify,
             progress=progress,
             pool_size=settings.pool_size,
+            state_dir=settings.state_dir,
         )
         server = engine.info(profile.name)
         # no stamp only costs the next no-op its speed

@@ -113,7 +113,6 @@ def load_segments(
     items: Sequence[SegmentLoad],
     *,
     allow_shrink: bool = True,
-    keep: bodies.BodyWriter | None = None,
 ) -> BatchOutcome:
     """Replace each segment's rows with its table and record it in ``refresher_segments``, all in one
     transaction (a savepoint if the caller already has one open).
@@ -121,9 +120,8 @@ def load_segments(
     Without ``allow_shrink``, a segment whose table is empty while the ledger says it holds rows is left as it
     is and returned in ``emptied``; the rest of the batch loads.
 
-    ``keep``: a batch that fills a new month whole hands the COPY bodies it made of its segments' rows to this
-    writer once it has committed (``refresher.bodies``); give it only on an autocommit connection, where the
-    transaction here is the real one.
+    A minute segment given as its stored COPY body (``refresher.bodies``) is sent as it is when the batch fills
+    a new month whole; a load never makes a body to keep (the detached refill does, ``bodies.make_bodies``).
     """
     if not items:
         return BatchOutcome((), frozenset(), ())
@@ -133,14 +131,10 @@ def load_segments(
     # Rows, their primary-key index and the WAL: measured about three times the Arrow size. Checked first
     # because a full disk under the WAL makes the server PANIC instead of failing the statement.
     needed = 3 * sum(data.num_rows for data in datas) * ROW_BYTES
-    made: list[tuple[str, int, bytes]] | None = [] if keep is not None else None
     try:
         with conn.transaction():
             require_room(conn, needed=needed + COPY_SLACK, what=what)
-            outcome = _write_batch(conn, items, datas, allow_shrink=allow_shrink, made=made)
-        if keep is not None and made:
-            keep.keep(made)
-        return outcome
+            return _write_batch(conn, items, datas, allow_shrink=allow_shrink)
     except psycopg.errors.DiskFull as exc:
         raise server_disk_full(conn, exc, needed=needed, what=what) from exc
     except psycopg.Error as exc:
@@ -185,13 +179,12 @@ def _write_batch(
     loaded: Sequence[pa.Table | bodies.StoredBody],
     *,
     allow_shrink: bool,
-    made: list[tuple[str, int, bytes]] | None,
 ) -> BatchOutcome:
     lock_segments(conn, [item.segment for item in items])
     ledger = _ledger_of(conn, [item.segment for item in items])
-    month = _bodies_month(items, loaded, ledger, made is not None)
+    month = _bodies_month(items, loaded, ledger)
     if month is not None and partitions.lock_new_months(conn, bodies.TABLE, {month}, wait=SEGMENT_LOCK_WAIT):
-        return _fill_by_bodies(conn, items, loaded, month, made)
+        return _fill_by_bodies(conn, items, loaded, month)
     datas = [_as_table(item, data) for item, data in zip(items, loaded, strict=True)]
     emptied: list[tuple[Segment, int]] = []
     appended: set[Segment] = set()
@@ -530,12 +523,11 @@ def _bodies_month(
     items: Sequence[SegmentLoad],
     loaded: Sequence[pa.Table | bodies.StoredBody],
     ledger: dict[Segment, tuple[str, int]],
-    keeping: bool,
 ) -> dt.date | None:
     """The UTC month a batch fills by COPY bodies, or None (then it loads as Arrow tables): whole minute
-    segments, none loaded before (no append, no shrink), every row in one month; and a body to send or to
-    keep. The month's partition must still be new (``lock_new_months``, in the caller)."""
-    if not keeping and not any(isinstance(data, bodies.StoredBody) for data in loaded):
+    segments, none loaded before (no append, no shrink), every row in one month; and a stored body to send.
+    The month's partition must still be new (``lock_new_months``, in the caller)."""
+    if not any(isinstance(data, bodies.StoredBody) for data in loaded):
         return None
     months: set[dt.date] = set()
     for item, data in zip(items, loaded, strict=True):
@@ -556,21 +548,12 @@ def _fill_by_bodies(
     items: Sequence[SegmentLoad],
     loaded: Sequence[pa.Table | bodies.StoredBody],
     month: dt.date,
-    made: list[tuple[str, int, bytes]] | None,
 ) -> BatchOutcome:
     """``_write_batch`` of a batch that fills ``month``'s new partition whole: each segment's COPY body sent as
-    the store kept it, or made of its rows (and, with ``made``, kept once the batch commits), in the lock order
-    of ``refresher.partitions``. The ledger's rows are the manifest's (or the table's), and the COPY must have
-    read exactly that many."""
-    raws: list[bytes | memoryview] = []
-    for item, data in zip(items, loaded, strict=True):
-        if isinstance(data, bodies.StoredBody):
-            raws.append(data.body.raw)
-            continue
-        raw = bodies.encode(data)
-        raws.append(raw)
-        if made is not None and item.content_hash.startswith("xxh3:"):
-            made.append((item.content_hash, data.num_rows, raw))
+    the store kept it, or made of its rows (a segment without one), in the lock order of
+    ``refresher.partitions``. The ledger's rows are the manifest's (or the table's), and the COPY must have read
+    exactly that many."""
+    raws = [data.body.raw if isinstance(data, bodies.StoredBody) else bodies.encode(data) for data in loaded]
     rows = [data.num_rows for data in loaded]
     columns = SCHEMA_OF["1m"].names
     table = bodies.TABLE

@@ -47,6 +47,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
+from refresher import body_keys
 from refresher._planner_stats import (
     analyze_stale,
     finish_recorded,
@@ -479,10 +480,12 @@ def resize_pool(server: ServerInfo, size: PoolSize) -> PoolSizing | None:
     return sizing
 
 
-def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
+def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0, bodies: Path | None = None) -> PoolStatus:
     """Wait until the pool is full again (after a reset or checkout), or holds what the disk held as its last
     refill ended when that was fewer clones (``_settled``); raise SnapshotError on timeout: no refill came, or
-    one died short.
+    one died short. ``bodies``: a refresh's list of COPY bodies to make (``body_keys.keys_path``): then also
+    until its refill has made them (the list gone) or no refill given it runs any more (``body_keys.pending``),
+    so what runs next finds the bodies in the store.
 
     Not the disk's bound as measured now: a refill drops the trash a reset left before it counts, and a clone
     being copied takes disk before it is ready, so a bound measured from here undercounts while one runs. A tick
@@ -497,14 +500,21 @@ def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0) -> PoolStatus:
             mark = _pristine_mark(conn, db)
             ready = _ready_clones(conn, db)
             if mark is not None and len(ready) >= mark.pool_size:
-                return _status(conn, db, mark, ready, server.cluster)
+                break
             settled = _settled(conn, db, directory) if mark is not None else None
             if settled is not None and len(ready) >= settled:
-                return _status(conn, db, mark, ready, server.cluster)
+                break
             if time.monotonic() > deadline:
                 target = DEFAULT_POOL_SIZE if mark is None else mark.pool_size
                 raise SnapshotError(f"{db}: pool has {len(ready)}/{target} clones after {timeout:.0f}s")
             time.sleep(0.1)
+        while bodies is not None and body_keys.pending(bodies):
+            if time.monotonic() > deadline:
+                raise SnapshotError(
+                    f"{db}: the refill has not made the COPY bodies of {bodies} after {timeout:.0f}s"
+                )
+            time.sleep(0.1)
+        return _status(conn, db, mark, ready, server.cluster)
 
 
 def _settled(conn: psycopg.Connection[Any], db: str, directory: Path | None) -> int | None:
@@ -866,11 +876,18 @@ def disk_reserve(total: int) -> int:
 
 
 def spawn_refill(
-    server: ServerInfo, *, log: Path | None = None, analyze: HandedOut | None = None, fill: bool = True
+    server: ServerInfo,
+    *,
+    log: Path | None = None,
+    analyze: HandedOut | None = None,
+    fill: bool = True,
+    bodies: tuple[Path, Path] | None = None,
 ) -> None:
     """Refill the pool in a detached process, so the caller (the CLI) can exit at once; first analyze
     ``analyze``, a database just handed out, and every other whose analysis a handout recorded. ``fill=False``:
-    only those.
+    only those. ``bodies`` (a refresh's list of COPY bodies to make, ``body_keys``, and the store's root): then,
+    after its clones, the refill makes them at idle priority (``_make_bodies``), holding the list's lock from
+    before it starts (handed over on an inherited descriptor) to its end.
 
     ``sh ... &`` double-forks: the refiller is reparented to init, so no zombie or still-running Popen is left
     with the caller. The password travels in the environment, never on a command line.
@@ -887,12 +904,17 @@ def spawn_refill(
         command += ["--analyze", analyze.name, "--also", ",".join(analyze.pending)]
     if not fill:
         command.append("--no-fill")
+    if bodies is not None:
+        command += ["--bodies", str(bodies[0]), "--store", str(bodies[1])]
     env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
     # Where it records how it ended for a container's server (``_outcome_path``): the caller's cache directory.
     env.update({name: os.environ[name] for name in ("HOME", "XDG_CACHE_HOME") if name in os.environ})
     try:
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
+            held = body_keys.hold(bodies[0]) if bodies is not None else None
+            if held is not None:
+                stack.callback(os.close, held)  # the refill keeps its own copy of the locked descriptor
             subprocess.run(
                 ["/bin/sh", "-c", '"$@" &', "sh", *command],
                 stdin=subprocess.DEVNULL,
@@ -901,6 +923,7 @@ def spawn_refill(
                 env=env,
                 start_new_session=True,
                 check=True,
+                pass_fds=() if held is None else (held,),
             )
     except (OSError, subprocess.CalledProcessError) as exc:
         print(
@@ -1389,6 +1412,49 @@ def _lower_priority(pid: int) -> None:
             subprocess.run([ionice, "-c", "2", "-n", "7", "-p", str(pid)], capture_output=True, check=False)
 
 
+def _make_bodies(keys: Path, store_root: Path) -> None:
+    """The refill's last step (``spawn_refill(bodies=)``): make the COPY bodies ``keys`` lists (``body_keys``) in
+    the store at ``store_root``, at the lowest CPU and I/O priority (after the clones, which a reset waits for:
+    the bodies only speed up the next load into a new database), then remove the list if it is still the one read
+    (a newer one, written by a refresh meanwhile, stays for its refill). A body that cannot be made is a line in
+    the refill's log; anything else failing too (a full disk): the list stays for the next refill."""
+    wanted, inode = body_keys.read(keys)
+    if not wanted:
+        body_keys.finished(keys, inode)
+        return
+    if not (store_root / "manifest.duckdb").exists():  # the store removed meanwhile: not made again here
+        print(f"refresher: COPY bodies not made: no store at {store_root}", flush=True)
+        return
+    _lower_own_priority()
+    from featurestore import FeatureStore  # the work's own imports (pyarrow, pgpq) only where it is done
+    from refresher.bodies import make_bodies
+
+    started = time.perf_counter()
+    try:
+        made = make_bodies(FeatureStore(store_root), wanted, say=lambda line: print(line, flush=True))
+    except Exception as exc:
+        print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
+        return
+    body_keys.finished(keys, inode)
+    print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
+
+
+def _lower_own_priority() -> None:
+    """This process to the lowest CPU priority (SCHED_IDLE where the platform has it: it runs only when a core
+    would idle; else nice 19) and the idle I/O class (``ionice -c 3``), each best effort as ``_lower_priority``:
+    its work (the COPY bodies) helps only the next load, never what the user runs meanwhile. Threads made after
+    this inherit both."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19 - os.nice(0))
+    ionice = shutil.which("ionice")
+    with contextlib.suppress(OSError):
+        if ionice is not None:
+            subprocess.run([ionice, "-c", "3", "-p", str(os.getpid())], capture_output=True, check=False)
+
+
 def _drop_leftovers(conn: psycopg.Connection[Any], db: str) -> None:
     """Drop what a crash or a replaced copy left: trash, half-built copies, a half-made pristine copy, and pool
     databases that are not marked clones of the current copy. Only the holder of REFILL may call this."""
@@ -1445,12 +1511,15 @@ def main(argv: list[str] | None = None) -> int:
         "--also", default="", help="its tables to analyze whatever its catalog says (a,b,...)"
     )
     refill.add_argument("--no-fill", action="store_true", help="only analyze --analyze")
+    refill.add_argument("--bodies", type=Path, help="then make the COPY bodies this list names (body_keys)")
+    refill.add_argument("--store", type=Path, help="the store of --bodies")
     args = parser.parse_args(argv)
     os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
     started = time.perf_counter()
     handed = None
     if args.analyze:
         handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
+    failed: Exception | None = None
     with _running(args.dsn, args.database):
         try:
             created = _refill(
@@ -1465,9 +1534,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             # Recorded for `refresher status`, then the traceback as before (to its log, if any).
             _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
-            raise
-        if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
-            _record_outcome(args.dsn, args.database, time.time_ns(), None)
+            failed = exc
+        else:
+            if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
+                _record_outcome(args.dsn, args.database, time.time_ns(), None)
+        # After the clones, whether or not they were made: the bodies need the store, not the server.
+        if args.bodies is not None and args.store is not None:
+            _make_bodies(args.bodies, args.store)
+    if failed is not None:
+        raise failed
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
     return 0
 

@@ -7,18 +7,20 @@ where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 
 from featurestore import FeatureStore
-from refresher import database, load, pool, snapshot
+from refresher import bodies, body_keys, database, load, pool, snapshot
 from refresher._gc import fewer_collections
 from refresher.calendar import exchange_tz, load_in_background
 from refresher.engines.base import Engine, ServerInfo
@@ -230,6 +232,29 @@ class _EngineStart(threading.Thread):
         return self.server
 
 
+def _note_bodies(
+    state_dir: Path | None, profile: str, store: FeatureStore, jobs: Sequence[SegmentJob]
+) -> Path | None:
+    """Note for the refill the minute segments of ``jobs`` (this run's loads) whose COPY body the store lacks in
+    this layout (``body_keys``), beside what a killed refill left; the list's path (None without a state
+    directory). Not on the load: making a body there cost the cold backtesting refresh 1.7 s (8bb6c0c). A list
+    that cannot be written costs only the bodies (a cache): the next load reads the Parquet files."""
+    if state_dir is None:
+        return None
+    layout = bodies.layout()
+    wanted = []
+    for job in jobs:
+        if job.segment.table != bodies.TABLE:
+            continue
+        path = store.body_path(job.stored_hash, layout) if job.stored_hash is not None else None
+        if path is None or not path.exists():
+            wanted.append(body_keys.Wanted(job.key, job.segment.symbol, job.segment.month_label, job.tz))
+    keys_file = body_keys.keys_path(state_dir, profile)
+    with contextlib.suppress(OSError):
+        body_keys.add(keys_file, wanted)
+    return keys_file
+
+
 def refresh(
     profile: Profile,
     engine: Engine,
@@ -240,13 +265,15 @@ def refresh(
     progress: ProgressCallback | None = None,
     pool_size: PoolSize | None = None,
     loaders: int = LOADERS,
+    state_dir: Path | None = None,
 ) -> RefreshReport:
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
     pool of ``pool_size`` warm clones, the user's choice (a changed size alone resizes the pool:
     ``pool.resize_pool``; None: the size the snapshot records when the user chose it, so a size given once
     sticks, else the default the snapshot decides for this server, ``pool.default_pool_size``; ``auto``: that
     default, a size chosen before forgotten); the segments are loaded on ``loaders`` connections at once
-    (``InProcessExecutor``).
+    (``InProcessExecutor``). With ``state_dir``, the minute segments loaded whose COPY bodies the store lacks are
+    noted there (``body_keys``) for the pool's detached refill to make (``refresher.bodies``); without, none are.
 
     ``RefreshReport.phases`` are consecutive stretches of this thread's wall time (docs/architecture.md,
     "Refresh phases"): ``engine`` the wait for the server, ``plan`` the plan (with the schema and the
@@ -344,6 +371,7 @@ def refresh(
                     loaders=loaders,
                 )
                 totals = executor.run(jobs, progress, ahead=ahead)
+                keys_file = _note_bodies(state_dir, profile.name, store, jobs)
                 mark = lap("segments", mark)
                 daily = DailyTables(totals.daily_tables, plan, store, source)
                 features = refresh_features(
@@ -391,6 +419,8 @@ def refresh(
         if recorded is not None and pool_as_asked(pool_size, recorded.size, recorded.chosen)
         else pool_size
     )
+    # The COPY bodies this run (or one before it, whose refill was killed) left to make, for the refill.
+    to_make = (keys_file, store.root) if keys_file is not None and keys_file.exists() else None
     # Not "did this run load anything": an earlier run may have died between its loads and its snapshot.
     if not snapshot.is_current(server):
         # The template is made now (by writing this run's rows again into a clone of the old one where it can,
@@ -402,14 +432,15 @@ def refresh(
             made = snapshot.save_pristine(server, pool_size=pool_size, fill_pool=False)
         pool_kept = made.sizing.size
         pool_disk = pool.disk_cut(server)
-        pool.spawn_refill(server)
+        pool.spawn_refill(server, bodies=to_make)
         snapshot_state = "saved"
     elif pool_size is not None and (resized := pool.resize_pool(server, pool_size)) is not None:
         pool_kept = resized.size
         pool_disk = pool.disk_cut(server)
-        pool.spawn_refill(server)
-    elif unfinished:  # a reset's analyzer was killed: finish it (a refill above does too)
-        pool.spawn_refill(server, fill=False)
+        pool.spawn_refill(server, bodies=to_make)
+    elif unfinished or to_make is not None:
+        # a reset's analyzer was killed: finish it (a refill above does too); or bodies a killed refill left
+        pool.spawn_refill(server, fill=False, bodies=to_make)
     lap("snapshot", mark)
     store_spent = store.session_counts() - store_before
     return RefreshReport(

@@ -244,10 +244,6 @@ class InProcessExecutor:
         run = _LoadRun(self, _load_batches(fetcher.results(), jobs), len(jobs), progress)
         helpers: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
         finished = False
-        # The COPY bodies of the new months' segments, for the next load of this store (``refresher.bodies``):
-        # only when some job loads minute segments.
-        if any(job.segment.table == bodies.TABLE for job in jobs):
-            run.keep = bodies.BodyWriter(self.store)
         try:
             for k in range(1, self.loaders):
                 assert self.connect is not None  # loaders is 1 without it
@@ -278,8 +274,6 @@ class InProcessExecutor:
             # On Ctrl-C or an error, do not wait for the batch the fetcher is producing (seconds of work): it
             # is a daemon thread, and what it stores is written crash-safe like any kill -9 would leave it.
             fetcher.join(timeout=5 if finished else 0.2)
-            if run.keep is not None:  # the bodies of what was committed are written; after an error, dropped
-                run.keep.close(wait=finished)
         if run.error is not None:
             raise run.error
         if run.emptied:
@@ -302,7 +296,6 @@ class _LoadRun:
         self.totals = SegmentTotals(keep_daily=executor.keep_daily)
         self.emptied: list[tuple[Segment, int]] = []  # load the rest; one error naming all of them at the end
         self.error: BaseException | None = None
-        self.keep: bodies.BodyWriter | None = None
         self.stop = threading.Event()
         self.lock = threading.Lock()
 
@@ -325,7 +318,7 @@ class _LoadRun:
                         (job, table, digest, rejects.pop(job.segment, [])) for job, table, digest in batch
                     ]
                 outcomes, refused = load_tables(
-                    conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self._on_loaded, keep=self.keep
+                    conn, loads, allow_shrink=_allow_shrink(batch), on_loaded=self._on_loaded
                 )
                 with self.lock:
                     self.emptied.extend(refused)

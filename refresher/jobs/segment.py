@@ -195,12 +195,10 @@ def load_tables(
     *,
     allow_shrink: bool = False,
     on_loaded: Callable[[Sequence[load.SegmentLoad], bool], None] | None = None,
-    keep: bodies.BodyWriter | None = None,
 ) -> tuple[list[SegmentOutcome], list[tuple[Segment, int]]]:
     """Load a batch of produced tables in one transaction (``refresher.load.load_segments``), skipping those
     the plan saw loaded with exactly that content; the outcomes, and the segments refused as emptied.
-    ``on_loaded(items, allow_shrink)`` is told what was committed (``refresher.replay``); ``keep`` is handed the
-    COPY bodies a batch that filled a new month made (``refresher.bodies``).
+    ``on_loaded(items, allow_shrink)`` is told what was committed (``refresher.replay``).
 
     The in-process refresh made its plan moments ago on the only connection that writes (the profile lock
     keeps other refreshes out), so it trusts the plan's ``loaded_hash`` rather than asking again. A segment
@@ -230,7 +228,7 @@ def load_tables(
             continue
         jobs.append(job)
         items.append(load.SegmentLoad(job.segment, table, content_hash, job.tz, rejects, not job.force))
-    batch = load.load_segments(conn, items, allow_shrink=allow_shrink, keep=keep)
+    batch = load.load_segments(conn, items, allow_shrink=allow_shrink)
     if on_loaded is not None and items:
         on_loaded(items, allow_shrink)
     refused = {segment for segment, _ in batch.emptied}

@@ -35,7 +35,7 @@ def stored(store: FeatureStore, key: str, n: int = 100, offset: int = 0) -> tupl
     """A key put with its body kept: its content hash and the body's path."""
     entry = store.put(key, table(n, offset))
     assert store.put_bodies([(entry.content_hash, n, raw_of(n))], LAYOUT) > 0
-    path = body_path(store.root, entry.content_hash)
+    path = body_path(store.root, entry.content_hash, LAYOUT)
     assert path is not None and path.exists()
     return entry.content_hash, path
 
@@ -66,8 +66,11 @@ def test_a_body_that_cannot_be_used_is_ignored_and_removed(store: FeatureStore, 
     elif damage == "header":
         data[20] ^= 0x20  # inside the header's JSON
         path.write_bytes(bytes(data))
-    elif damage == "layout":  # a body an older encoder made (its layout), whole and sound
+    elif damage == "layout":  # a body of another layout under this layout's name: its header says so
         store.put_bodies([(content, 500, raw_of(500))], "layout-0")
+        other = body_path(store.root, content, "layout-0")
+        assert other is not None
+        other.replace(path)
     elif damage == "rows":  # a body of other rows than the manifest's row says its content has
         store.put_bodies([(content, 499, raw_of(500))], LAYOUT)
     else:
@@ -76,6 +79,23 @@ def test_a_body_that_cannot_be_used_is_ignored_and_removed(store: FeatureStore, 
     assert not path.exists()
     assert store.get("k") == table(500)  # the entry itself is untouched
     assert store.read_bodies(["k"], LAYOUT) == {}  # and now simply absent
+
+
+def test_a_body_of_another_layout_is_not_this_layouts_and_not_removed_by_it(store: FeatureStore) -> None:
+    """Two checkouts sharing a store with other encoders (pgpq versions): each keeps its own body of a content,
+    neither reads nor removes the other's; both go with the content's last entry."""
+    content, mine = stored(store, "k")
+    store.put_bodies([(content, 100, b"y" * 800)], "layout-0")
+    theirs = body_path(store.root, content, "layout-0")
+    assert theirs is not None and theirs.exists() and theirs != mine
+    assert bytes(store.read_bodies(["k"], LAYOUT)["k"][1].raw) == raw_of(100)
+    assert bytes(store.read_bodies(["k"], "layout-0")["k"][1].raw) == b"y" * 800
+    assert mine.exists() and theirs.exists()
+    assert store.get_cache_stats().bodies.entries == 2
+    assert collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0)).orphans == 0
+    assert mine.exists() and theirs.exists()
+    assert store.clear_cache() == 1
+    assert not mine.exists() and not theirs.exists()
 
 
 def test_a_body_replaced_by_a_good_one_while_read_as_bad_stays(
@@ -102,7 +122,7 @@ def test_a_body_goes_with_the_last_entry_of_its_content(store: FeatureStore) -> 
     entry = store.put("a", table(), symbol="A")
     store.put("b", table(), symbol="B")  # the same content under another key: one body for both
     store.put_bodies([(entry.content_hash, 100, raw_of(100))], LAYOUT)
-    path = body_path(store.root, entry.content_hash)
+    path = body_path(store.root, entry.content_hash, LAYOUT)
     assert path is not None
     assert set(store.read_bodies(["a", "b"], LAYOUT)) == {"a", "b"}
     assert store.clear_cache("A") == 1
@@ -115,7 +135,7 @@ def test_a_body_goes_with_the_last_entry_of_its_content(store: FeatureStore) -> 
 def test_an_evicted_entrys_body_goes_with_it(store: FeatureStore) -> None:
     entry = store.put("k", table(5_000))
     store.put_bodies([(entry.content_hash, 5_000, raw_of(5_000))], LAYOUT)
-    path = body_path(store.root, entry.content_hash)
+    path = body_path(store.root, entry.content_hash, LAYOUT)
     assert path is not None and path.exists()
     data = bytearray(entry.path.read_bytes())
     data[len(data) // 3] ^= 0xFF  # a flipped bit in the Parquet file: the read evicts the entry
@@ -127,7 +147,7 @@ def test_an_evicted_entrys_body_goes_with_it(store: FeatureStore) -> None:
 def test_gc_collects_a_body_without_its_segment_and_one_of_an_expired_entry(store: FeatureStore) -> None:
     _held, kept = stored(store, "held")
     _old, expired = stored(store, "old", offset=3)
-    orphan = body_path(store.root, "xxh3:" + "ab" * 16)
+    orphan = body_path(store.root, "xxh3:" + "ab" * 16, LAYOUT)
     assert orphan is not None
     store.put_bodies([("xxh3:" + "ab" * 16, 10, raw_of(10))], LAYOUT)
     young = collect_garbage(store, retention=dt.timedelta(weeks=4))
@@ -162,7 +182,7 @@ def test_a_writer_killed_before_its_rename_leaves_nothing_used(tmp_path: Path) -
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == -9
-    path = body_path(store.root, entry.content_hash)
+    path = body_path(store.root, entry.content_hash, LAYOUT)
     assert path is not None and not path.exists()
     temps = list(path.parent.glob("*.tmp"))
     assert len(temps) == 1 and temps[0].stat().st_size > 0  # written and fsynced, never renamed
@@ -199,5 +219,5 @@ def test_two_writers_of_one_body_at_once_leave_it_whole(tmp_path: Path) -> None:
             reads += 1
     assert [writer.wait() for writer in writers] == [0, 0]
     assert bytes(store.read_bodies(["k"], LAYOUT)["k"][1].raw) == raw_of(2_000)
-    path = body_path(store.root, entry.content_hash)
+    path = body_path(store.root, entry.content_hash, LAYOUT)
     assert path is not None and list(path.parent.glob("*.tmp")) == []

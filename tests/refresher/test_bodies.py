@@ -17,6 +17,7 @@ from psycopg import sql
 
 from featurestore import FeatureStore
 from refresher import bodies, load
+from refresher.body_keys import Wanted
 from refresher.database import ensure_schema
 from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
@@ -80,12 +81,17 @@ def _from_store(store: FeatureStore, items: list[SegmentLoad]) -> list[SegmentLo
     return [replace(item, table=kept.get(_key(item.segment.symbol), item.table)) for item in items]
 
 
+def _wanted(symbols: list[str] = SYMBOLS) -> list[Wanted]:
+    """The refill's list of the January minute segments of ``symbols`` (``refresher.body_keys``)."""
+    return [Wanted(_key(symbol), symbol, "2024-01", NY) for symbol in symbols]
+
+
 def _kept(store: FeatureStore, items: list[SegmentLoad], conn: psycopg.Connection[Any]) -> None:
-    """Load ``items`` keeping their bodies, as a refresh's loaders do."""
-    writer = bodies.BodyWriter(store)
-    load_segments(conn, items, keep=writer)
-    writer.close()
-    assert writer.failed is None
+    """Load ``items`` as a cold refresh does (no body made), then make their bodies as its refill does."""
+    before = store.get_cache_stats().bodies.entries
+    load_segments(conn, items)
+    assert store.get_cache_stats().bodies.entries == before  # a load makes none
+    bodies.make_bodies(store, _wanted([item.segment.symbol for item in items]))
 
 
 def _rows(conn: psycopg.Connection[Any]) -> tuple[list[Any], list[Any]]:
@@ -122,7 +128,10 @@ def test_a_warm_load_sends_the_kept_bodies_and_loads_the_rows_of_the_parquet_pat
     items = _stored(store)
     first = databases()
     _kept(store, items, first)  # the cold load: its rows through pgpq, each segment's body kept
-    assert all((p := store.body_path(item.content_hash)) is not None and p.exists() for item in items)
+    assert all(
+        (p := store.body_path(item.content_hash, bodies.layout())) is not None and p.exists()
+        for item in items
+    )
     assert store.get_cache_stats().bodies.entries == 3
     warm = _from_store(store, items)
     assert all(isinstance(item.table, bodies.StoredBody) for item in warm)
@@ -152,7 +161,7 @@ def test_a_damaged_body_is_removed_and_the_segment_loads_from_its_parquet_file(
     items = _stored(store)
     first = databases()
     _kept(store, items, first)
-    path = store.body_path(items[1].content_hash)
+    path = store.body_path(items[1].content_hash, bodies.layout())
     assert path is not None
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -160,15 +169,18 @@ def test_a_damaged_body_is_removed_and_the_segment_loads_from_its_parquet_file(
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(bytes(data[:-1]))
-    else:  # a body another encoder made: its layout is not ours
+    else:  # a body another encoder made, under this layout's name: its header says its layout is not ours
         store.put_bodies([(items[1].content_hash, 2_000, b"\x00" * 64)], "an-older-layout")
+        other = store.body_path(items[1].content_hash, "an-older-layout")
+        assert other is not None
+        other.replace(path)
     warm = _from_store(store, items)
     assert [isinstance(item.table, bodies.StoredBody) for item in warm] == [True, False, True]
     assert not path.exists()
     second = databases()
     load_segments(second, warm)
     assert _rows(second) == _rows(first)
-    # the next load that fills the month keeps its body again
+    # the refill makes its body again
     third = databases()
     _kept(store, _from_store(store, items), third)
     assert path.exists() and _rows(third) == _rows(first)
@@ -267,3 +279,83 @@ def test_a_segment_whose_parquet_file_is_lost_loads_from_its_body_and_is_stored_
     assert _rows(conn) == _rows(first)
     assert store.get(_key("KO")) == items[1].table
     assert store.validate_cache_integrity().ok
+
+
+@pytest.mark.parametrize("damage", ["gone", "flipped"])
+def test_make_bodies_skips_a_segment_it_cannot_read_in_one_line_and_makes_the_others(
+    store: FeatureStore, damage: str
+) -> None:
+    """The refill's bodies are made from the verified Parquet files: one gone or damaged (evicted by the read)
+    is one line of its log and no body, never a half-written one; the others are made and sound."""
+    items = _stored(store)
+    entry = store.lookup([_key("KO")])[_key("KO")]
+    if damage == "gone":
+        entry.path.unlink()
+    else:
+        data = bytearray(entry.path.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        entry.path.write_bytes(bytes(data))
+    said: list[str] = []
+    assert bodies.make_bodies(store, _wanted(), say=said.append) == 2
+    assert len(said) == 1 and "KO/1m/2024-01" in said[0] and "gone or damaged" in said[0]
+    found = store.read_bodies([_key(symbol) for symbol in SYMBOLS], bodies.layout())
+    assert sorted(found) == [_key("AAPL"), _key("MSFT")]
+    for item in (items[0], items[2]):
+        _entry, body = found[_key(item.segment.symbol)]
+        assert isinstance(item.table, pa.Table) and bodies.decode(body.raw, body.rows) == item.table
+    ko = store.body_path(items[1].content_hash, bodies.layout())
+    assert ko is not None and not ko.exists() and list(ko.parent.glob("*.tmp")) == []
+
+
+def test_make_bodies_skips_a_sound_body_and_makes_a_damaged_one_again(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = _stored(store)
+    assert bodies.make_bodies(store, _wanted()) == 3
+    path = store.body_path(items[0].content_hash, bodies.layout())
+    assert path is not None
+    path.write_bytes(path.read_bytes()[:-1])
+    used = _no_arrow(monkeypatch)
+    assert bodies.make_bodies(store, _wanted()) == 1
+    assert used == [f"read {_key('AAPL')}"]  # the sound ones' files are not read
+    assert len(store.read_bodies([_key(symbol) for symbol in SYMBOLS], bodies.layout())) == 3
+
+
+def test_two_refills_making_the_same_bodies_at_once_leave_them_sound(store: FeatureStore) -> None:
+    """Two refills (two refreshes' of one store) make the same bodies at once, again and again: each body read
+    back, during and after, is whole and the segment's rows."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    repo = Path(__file__).resolve().parents[2]
+    items = _stored(store, n=5_000)
+    code = textwrap.dedent(
+        f"""
+        import shutil
+        from pathlib import Path
+        from featurestore import FeatureStore
+        from refresher import bodies
+        from refresher.body_keys import Wanted
+        store = FeatureStore({str(store.root)!r}, pack_max_rows=0)
+        wanted = [Wanted(f"{{s}}-1m-2024-01", s, "2024-01", {NY!r}) for s in {SYMBOLS!r}]
+        for _ in range(15):
+            for path in (Path({str(store.root)!r}) / "bodies").glob("*/*.body"):
+                path.unlink(missing_ok=True)
+            bodies.make_bodies(store, wanted)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    makers = [subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=env) for _ in range(2)]
+    tables = {_key(item.segment.symbol): item.table for item in items}
+    reads = 0
+    while any(maker.poll() is None for maker in makers):
+        for key, (_entry, body) in store.read_bodies(list(tables), bodies.layout()).items():
+            assert bodies.decode(body.raw, body.rows) == tables[key]
+            reads += 1
+    assert [maker.wait() for maker in makers] == [0, 0]
+    bodies.make_bodies(store, _wanted())
+    found = store.read_bodies(list(tables), bodies.layout())
+    assert len(found) == 3
+    assert all(bodies.decode(body.raw, body.rows) == tables[key] for key, (_e, body) in found.items())

@@ -123,17 +123,41 @@ def test_a_warm_stores_reads_run_ahead_of_the_loader_and_load_what_a_cold_run_lo
     assert _checksums(engine, warm) == _checksums(engine, cold)
 
 
-def test_a_warm_refresh_sends_the_copy_bodies_a_cold_one_kept(
+def test_a_cold_refresh_makes_no_body_its_refill_does_and_a_warm_one_sends_them(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cold refresh keeps each minute segment's COPY body (``refresher.bodies``); a warm one into a new database
-    sends them, reading no minute segment's Parquet file and encoding no row, and loads what the cold one did."""
-    from refresher import bodies, load
+    """A cold refresh encodes and keeps no COPY body on its load (it cost the cold backtesting refresh 1.7 s,
+    8bb6c0c): it notes its minute segments for the pool's detached refill (``refresher.body_keys``), which makes
+    them; ``wait_for_pool`` waits for them. A warm refresh into a new database then sends them, reading no minute
+    segment's Parquet file and encoding no row, and loads what the cold one did."""
+    from featurestore import FeatureStore as Store
+    from refresher import bodies, body_keys, load
+    from refresher.pool import wait_for_pool
 
     engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    made: list[str] = []
+    encode, put_bodies = bodies.encode, Store.put_bodies
+
+    def encoding(table: pa.Table) -> bytes:
+        made.append("encode")
+        return encode(table)
+
+    def putting(self: Store, *args: object, **kwargs: object) -> int:
+        made.append("put")
+        return put_bodies(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bodies, "encode", encoding)
+    monkeypatch.setattr(Store, "put_bodies", putting)
     cold = _profile(root, "cold", FRIDAY)
-    refresh(cold, engine, store)
-    assert store.get_cache_stats().bodies.entries == 6  # 3 symbols x 2 months of minute segments
+    refresh(cold, engine, store, state_dir=root / "state")
+    assert made == []  # nothing of a body on the refresh: the refill is another process
+    keys = body_keys.keys_path(root / "state", cold.name)
+    listed, _inode = body_keys.read(keys)
+    assert len(listed) == 6  # 3 symbols x 2 months of minute segments
+    wait_for_pool(engine.start(cold.name), timeout=120, bodies=keys)
+    assert not keys.exists()  # made, and the list removed by the refill
+    assert store.get_cache_stats().bodies.entries == 6
+    monkeypatch.undo()
     copied: list[str] = []
     copy_arrow = load.copy_arrow
 
@@ -141,16 +165,19 @@ def test_a_warm_refresh_sends_the_copy_bodies_a_cold_one_kept(
         copied.append(table)
         copy_arrow(conn, table, *args, **kwargs)  # type: ignore[arg-type]
 
-    def encoding(table: pa.Table) -> bytes:
+    def refused(table: pa.Table) -> bytes:
         raise AssertionError("a warm load encoded a minute segment")
 
     monkeypatch.setattr(load, "copy_arrow", copying)
-    monkeypatch.setattr(bodies, "encode", encoding)
+    monkeypatch.setattr(bodies, "encode", refused)
     warm = _profile(root, "warm", FRIDAY)
-    report = refresh(warm, engine, store)
+    report = refresh(warm, engine, store, state_dir=root / "state")
     assert (report.segments.fetched, report.segments.loaded) == (0, 12)
     assert copied and not [table for table in copied if table.startswith("ohlcv_1min")]  # daily bars only
     assert _checksums(engine, warm) == _checksums(engine, cold)
+    assert not body_keys.keys_path(
+        root / "state", warm.name
+    ).exists()  # every body was there: nothing to make
 
 
 def test_calendars_are_built_while_a_stopped_server_starts_and_not_for_a_running_one(
@@ -173,3 +200,61 @@ def test_calendars_are_built_while_a_stopped_server_starts_and_not_for_a_running
     again = refresh(profile, engine, store)  # the server runs: a no-op needs no calendar
     assert started == [["XNYS", "XNYS", "XNYS"]] and again.segments.loaded == 0
     assert first.segments.loaded == 12
+
+
+def test_a_refill_killed_while_making_bodies_leaves_its_list_and_the_next_one_makes_them(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill SIGKILLed between writing its bodies' temporaries and renaming them: no body is there (whole or
+    half), the list stays, and ``wait_for_pool`` does not wait on a refill that is gone; the next refill, given
+    the list, makes every body and removes it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from refresher import bodies, body_keys, pool
+    from refresher.pool import wait_for_pool
+
+    spawned: list[object] = []
+    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: spawned.append(kwargs))
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    profile = _profile(root, "killed", FRIDAY)
+    refresh(profile, engine, store, state_dir=root / "state")
+    keys = body_keys.keys_path(root / "state", profile.name)
+    assert spawned == [{"bodies": (keys, store.root)}]
+    server = engine.start(profile.name)
+    argv = ["refill", "--dsn", server.dsn("postgres", with_password=False), "--database", server.dbname]
+    argv += ["--no-fill", "--bodies", str(keys), "--store", str(store.root)]
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        from featurestore import _files
+        from refresher import pool
+        if sys.argv[1] == "kill":
+            def killed(moves):
+                os.kill(os.getpid(), signal.SIGKILL)
+            _files.publish_many = killed
+        pool.main({argv!r})
+        """
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
+    done = subprocess.run([sys.executable, "-c", code, "kill"], cwd=repo, env=env)
+    assert done.returncode == -9
+    listed, _inode = body_keys.read(keys)
+    assert len(listed) == 6 and not body_keys.pending(keys)
+    assert store.get_cache_stats().bodies.entries == 0
+    assert list((store.root / "bodies").glob("*/*.tmp"))  # written, never renamed: GC's
+    wait_for_pool(server, timeout=5, bodies=keys)  # no refill holds the list: nothing to wait for
+    # A refresh with nothing to load hands the list left to a refill of its own.
+    refresh(profile, engine, store, state_dir=root / "state")
+    assert spawned[1:] == [{"fill": False, "bodies": (keys, store.root)}]
+    assert body_keys.read(keys)[0] == listed
+    ended = subprocess.run(
+        [sys.executable, "-c", code, "next"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert ended.returncode == 0, ended.stderr
+    assert "bodies: 6 made of 6" in ended.stdout
+    assert not keys.exists()
+    assert len(store.read_bodies([each.key for each in listed], bodies.layout())) == 6
