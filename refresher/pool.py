@@ -123,6 +123,10 @@ OUTCOME_PREFIX = ".refresher-pool-refill-"
 OUTCOMES = "pool-refills"
 # A detached refill's note of itself while it runs (``_running``), beside the outcome record: <record>.running-<pid>.
 RUNNING_SUFFIX = ".running-"
+# The outcome record's line of the COPY bodies the last refill to make them could not make (``_record_bodies``).
+BODIES_WORD = "bodies"
+# The failure of a record "<ended> failed" whose line is empty (a writer other than ``_record_outcome``).
+NO_REASON = "no reason recorded"
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,9 @@ class PoolStatus:
     failed: str = ""
     # "a refill is running (pid <n>, since <when>)" while detached refills run ("" if none does).
     refilling: str = ""
+    # "the refill (<when>) could not make <n> COPY bodies: <the first one's line> ..." while the last refill to make
+    # bodies could not make some ("" if it made them all, or none has made any).
+    bodies: str = ""
 
     @property
     def reset(self) -> str:
@@ -153,6 +160,7 @@ class PoolStatus:
             "why": self.why,
             "refill_failed": self.failed or None,
             "refill_running": self.refilling or None,
+            "bodies_not_made": self.bodies or None,
         }
 
 
@@ -257,7 +265,9 @@ def _status(
     notes = _refill_notes(outcome)
     failed = _died(outcome, notes) or _last_failure(outcome)
     why = why if cut is None else f"{why}; {cut}"
-    return PoolStatus(True, tuple(ready), mark.pool_size, why, failed, _refilling(notes))
+    return PoolStatus(
+        True, tuple(ready), mark.pool_size, why, failed, _refilling(notes), _bodies_line(outcome)
+    )
 
 
 def disk_cut(server: ServerInfo) -> str | None:
@@ -578,27 +588,72 @@ def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) ->
     one line; None: it filled the pool), for ``refresher status``: the refill's own output reaches nobody (the
     CLI's go to /dev/null), and a failed one left the pool short without a word while resets copied.
 
-    At ``_outcome_path``, one line, ``<ended> ok`` or ``<ended> failed <line>``. The latest end wins: under an
-    exclusive flock of a lock file beside it, a refill that ended before the recorded one leaves it (two refills
-    at once: one failing before a later one filled the pool does not claim the pool failed; one failing later
-    does). Written to one ``.part`` file under that lock and renamed over: a reader never sees half, and a writer
-    killed midway leaves the record as it was and a part the next one overwrites. Best effort, as the settled
-    record (a directory we may not write, a full disk: no record); one connection of its own, as the refill's
-    may be what failed."""
-    with contextlib.suppress(OSError, psycopg.Error, RefresherError):
-        with _admin(admin_dsn) as conn:
-            path = _outcome_path(conn, db)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _outcome_locked(path):
-            recorded = _read_outcome(path)
-            if recorded is not None and recorded[0] > ended:
-                return
-            part = path.with_name(f"{path.name}.part")
-            part.write_text(f"{ended} ok\n" if failure is None else f"{ended} failed {failure}\n")
-            os.replace(part, path)
-            for note in _refill_notes(path):  # deaths this end covers (``_died``): their notes say no more
-                if note.gone and note.started < ended:
-                    note.path.unlink(missing_ok=True)
+    At ``_outcome_path``, its first line, ``<ended> ok`` or ``<ended> failed <line>`` (the bodies' line after it is
+    kept: ``_record_bodies``). The latest end wins: under an exclusive flock of a lock file beside it, a refill
+    that ended before the recorded one leaves it (two refills at once: one failing before a later one filled the
+    pool does not claim the pool failed; one failing later does). Written to one ``.part`` file under that lock
+    and renamed over: a reader never sees half, and a writer killed midway leaves the record as it was and a part
+    the next one overwrites. Best effort, as the settled record (a directory we may not write, a full disk: no
+    record); one connection of its own, as the refill's may be what failed."""
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError), _record_held(admin_dsn, db) as held:
+        path, outcome, bodies = held
+        recorded = _parse_outcome(outcome)
+        if recorded is not None and recorded[0] > ended:
+            return
+        _write_record(path, f"{ended} ok" if failure is None else f"{ended} failed {failure}", bodies)
+        for note in _refill_notes(path):  # deaths this end covers (``_died``): their notes say no more
+            if note.gone and note.started < ended:
+                note.path.unlink(missing_ok=True)
+
+
+def _record_bodies(admin_dsn: str, db: str, ended: int, not_made: int, first: str) -> None:
+    """Record, as ``_record_outcome`` does and in the same record, that a refill ended making COPY bodies at
+    ``ended`` unable to make ``not_made`` of them, ``first`` the first one's line; 0 clears it. The refill's
+    lines of them went to /dev/null after a CLI refresh (a store's Parquet file gone or damaged: no body, and
+    nobody told). The record's second line, ``bodies <ended> <not made> <line>``, after the outcome's, which it
+    keeps (a refill that made no body, a reset's, keeps this line likewise); alone when no refill has recorded an
+    outcome (a ``--no-fill`` one). A reader before this line reads the outcome of the first line as before, a
+    failure's line then followed by this one (its failure is the rest of the record); an outcome line it cannot
+    read (this line alone) is no record to it. The latest end wins, as for the outcome."""
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError), _record_held(admin_dsn, db) as held:
+        path, outcome, bodies = held
+        recorded = _parse_bodies(bodies)
+        if recorded is not None and recorded[0] > ended:
+            return
+        _write_record(path, outcome, f"{BODIES_WORD} {ended} {not_made} {first}" if not_made else "")
+
+
+@contextlib.contextmanager
+def _record_held(admin_dsn: str, db: str) -> Iterator[tuple[Path, str, str]]:
+    """The outcome record of ``db``'s pool (``_outcome_path``, asked on a connection of its own), its directory
+    made, under its lock (``_outcome_locked``): its path, outcome line and bodies' line (``_record_lines``)."""
+    with _admin(admin_dsn) as conn:
+        path = _outcome_path(conn, db)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _outcome_locked(path):
+        yield (path, *_record_lines(path))
+
+
+def _record_lines(path: Path) -> tuple[str, str]:
+    """The outcome line and the bodies' line of the record at ``path`` ("" for one it has not)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return "", ""
+    bodies = next((line for line in lines if line.startswith(f"{BODIES_WORD} ")), "")
+    return (lines[0] if lines and lines[0] != bodies else ""), bodies
+
+
+def _write_record(path: Path, outcome: str, bodies: str) -> None:
+    """Replace the record at ``path`` by these lines (the outcome first), under its lock: a part renamed over;
+    none left (both "") removes it."""
+    text = "".join(f"{line}\n" for line in (outcome, bodies) if line)
+    if not text:
+        path.unlink(missing_ok=True)
+        return
+    part = path.with_name(f"{path.name}.part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 def forget_outcome(server: ServerInfo) -> None:
@@ -712,10 +767,26 @@ def _cached_outcome_path(host: str, port: int | str, db: str, cluster: object) -
 def _read_outcome(path: Path) -> tuple[int, str | None] | None:
     """The record ``_record_outcome`` wrote at ``path``: when the last refill ended and its failure (None: it
     filled the pool); None when there is none or it is not one."""
+    return _parse_outcome(_record_lines(path)[0])
+
+
+def _parse_outcome(line: str) -> tuple[int, str | None] | None:
+    """``_read_outcome`` of the record's outcome ``line``. A failure without its line (``<ended> failed``) is a
+    failure, ``NO_REASON``: it read as none, and status said nothing of a refill recorded as failed."""
     try:
-        ended, outcome, *rest = path.read_text().rstrip("\n").split(" ", 2)
-        return (int(ended), rest[0] if outcome == "failed" and rest else None)
-    except (OSError, ValueError):
+        ended, outcome, *rest = line.split(" ", 2)
+        return (int(ended), (rest[0] if rest and rest[0] else NO_REASON) if outcome == "failed" else None)
+    except ValueError:
+        return None
+
+
+def _parse_bodies(line: str) -> tuple[int, int, str] | None:
+    """The bodies' ``line`` of a record (``_record_bodies``): when, how many not made, the first's line; None
+    when it is not one."""
+    try:
+        word, ended, not_made, *rest = line.split(" ", 3)
+        return (int(ended), int(not_made), rest[0] if rest else "") if word == BODIES_WORD else None
+    except ValueError:
         return None
 
 
@@ -726,6 +797,21 @@ def _last_failure(path: Path) -> str:
     if recorded is None or recorded[1] is None:
         return ""
     return f"the last refill ({_local_time(recorded[0])}) failed: {recorded[1]}"
+
+
+def _bodies_line(path: Path) -> str:
+    """``PoolStatus.bodies``: the line saying what the last refill to make COPY bodies recorded at ``path`` could
+    not make, "" when it made them all (or none made any). A load reads such a segment's Parquet rows instead;
+    one whose stored file was gone or damaged is dropped from the store, and `refresher warm` fetches it again."""
+    recorded = _parse_bodies(_record_lines(path)[1])
+    if recorded is None or recorded[1] <= 0:
+        return ""
+    ended, not_made, first = recorded
+    return (
+        f"the refill ({_local_time(ended)}) could not make {not_made} COPY bod{'y' if not_made == 1 else 'ies'}:"
+        f" {first or NO_REASON}; loads read the Parquet rows instead (`refresher warm` fetches again a file the"
+        " store dropped)"
+    )
 
 
 def _local_time(ns: int) -> str:
@@ -1412,29 +1498,41 @@ def _lower_priority(pid: int) -> None:
             subprocess.run([ionice, "-c", "2", "-n", "7", "-p", str(pid)], capture_output=True, check=False)
 
 
-def _make_bodies(keys: Path, store_root: Path) -> None:
+def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None]) -> None:
     """The refill's last step (``spawn_refill(bodies=)``): make the COPY bodies ``keys`` lists (``body_keys``) in
     the store at ``store_root``, at the lowest CPU and I/O priority (after the clones, which a reset waits for:
     the bodies only speed up the next load into a new database), then remove the list if it is still the one read
     (a newer one, written by a refresh meanwhile, stays for its refill). A body that cannot be made is a line in
-    the refill's log; anything else failing too (a full disk): the list stays for the next refill."""
+    the refill's log; anything else failing too (a full disk): the list stays for the next refill. ``record``
+    (``_record_bodies``) is told how many it could not make (all listed when the step failed) and the first
+    one's line before the list goes: ``wait_for_pool(bodies=)`` returns once it is gone, and status then says it."""
     wanted, inode = body_keys.read(keys)
     if not wanted:
+        record(0, "")
         body_keys.finished(keys, inode)
         return
     if not (store_root / "manifest.duckdb").exists():  # the store removed meanwhile: not made again here
         print(f"refresher: COPY bodies not made: no store at {store_root}", flush=True)
+        record(len(wanted), f"COPY bodies not made: no store at {store_root}")
         return
     _lower_own_priority()
     from featurestore import FeatureStore  # the work's own imports (pyarrow, pgpq) only where it is done
     from refresher.bodies import make_bodies
 
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line.removeprefix("refresher: "))
+        print(line, flush=True)
+
     started = time.perf_counter()
     try:
-        made = make_bodies(FeatureStore(store_root), wanted, say=lambda line: print(line, flush=True))
+        made = make_bodies(FeatureStore(store_root), wanted, say=say)
     except Exception as exc:
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
+        record(len(wanted), f"COPY bodies not made: {_failure_line(exc)}")
         return
+    record(len(said), said[0] if said else "")
     body_keys.finished(keys, inode)
     print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
 
@@ -1540,7 +1638,13 @@ def main(argv: list[str] | None = None) -> int:
                 _record_outcome(args.dsn, args.database, time.time_ns(), None)
         # After the clones, whether or not they were made: the bodies need the store, not the server.
         if args.bodies is not None and args.store is not None:
-            _make_bodies(args.bodies, args.store)
+            _make_bodies(
+                args.bodies,
+                args.store,
+                lambda not_made, first: _record_bodies(
+                    args.dsn, args.database, time.time_ns(), not_made, first
+                ),
+            )
     if failed is not None:
         raise failed
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)

@@ -253,6 +253,8 @@ def status_table(
                 _out(f"{s.profile}: {pool.failed}")
             if pool is not None and pool.refilling:
                 _out(f"{s.profile}: {pool.refilling}")
+            if pool is not None and pool.bodies:
+                _out(f"{s.profile}: {pool.bodies}")
     _notes(notes)
 
 

@@ -595,6 +595,7 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
                 "why": CHOSEN.format(0),
                 "refill_failed": None,
                 "refill_running": None,
+                "bodies_not_made": None,
             }
         ]
         assert "0/0 ready, reset: copy" in ws.run("status").stdout
@@ -628,6 +629,7 @@ def test_a_changed_pool_size_is_work_the_stamp_never_hides(ws: Workspace) -> Non
                 "why": CHOSEN.format(1),
                 "refill_failed": None,
                 "refill_running": None,
+                "bodies_not_made": None,
             }
         ]
     finally:

@@ -33,9 +33,11 @@ from refresher.engines.docker import DockerEngine
 from refresher.engines.local import free_port
 from refresher.pool import (
     MAX_REFILL_CONCURRENCY,
+    NO_REASON,
     OUTCOME_PREFIX,
     RUNNING_SUFFIX,
     _died,
+    _forget_outcome_at,
     _last_failure,
     _outcome_path,
     _read_outcome,
@@ -240,11 +242,63 @@ def test_a_writer_waiting_on_a_lock_unlinked_while_held_takes_the_new_one(pg_dat
 def test_a_record_that_is_no_record_claims_no_failure(tmp_path: Path) -> None:
     path = _settled_path(tmp_path, "db", OUTCOME_PREFIX)
     assert _last_failure(path) == ""
-    for text in ("", "garbage\n", "12 failed\n", "x failed boom\n"):
+    for text in ("", "garbage\n", "x failed boom\n", "bodies 12 1 x\n"):
         path.write_text(text)
         assert _last_failure(path) == "", text
     path.write_text("12 failed boom: it broke\n")
     assert _last_failure(path).endswith("failed: boom: it broke")
+
+
+def test_a_failure_recorded_without_its_line_is_a_failure(tmp_path: Path) -> None:
+    """A record "<ended> failed" with no line after it read as no failure: status said nothing of a refill recorded as
+    failed. It is one, with no reason recorded."""
+    path = _settled_path(tmp_path, "db", OUTCOME_PREFIX)
+    for text in ("12 failed\n", "12 failed \n", "12 failed"):
+        path.write_text(text)
+        assert _read_outcome(path) == (12, NO_REASON), text
+        assert _last_failure(path).endswith(f"failed: {NO_REASON}"), text
+    path.write_text("12 failed\nbodies 13 2 no COPY body for x\n")
+    assert _read_outcome(path) == (12, NO_REASON)
+
+
+def test_the_bodies_line_and_the_outcome_keep_each_other_in_one_record(pg_database: ServerInfo) -> None:
+    """``_record_bodies`` writes its line after the outcome's and keeps it, ``_record_outcome`` keeps the bodies'
+    line, each under the latest-end rule of its own; 0 not made clears the line (the record goes when it was all
+    there was). A reader before the line reads the outcome of the first line (``split(" ", 2)`` of the whole
+    text, as 3e93417's reader): an ok as ok, a failure followed by the bodies' line; the line alone is no record."""
+    dsn, db = pg_database.dsn("postgres"), pg_database.dbname
+    path = record_path(pg_database)
+
+    def older_reader() -> tuple[int, str | None] | None:
+        try:
+            ended, outcome, *rest = path.read_text().rstrip("\n").split(" ", 2)
+            return (int(ended), rest[0] if outcome == "failed" and rest else None)
+        except (OSError, ValueError):
+            return None
+
+    try:
+        pool_module._record_bodies(dsn, db, 20, 2, "no COPY body for KO/1m/2024-01: gone")
+        assert path.read_text() == "bodies 20 2 no COPY body for KO/1m/2024-01: gone\n"
+        assert _read_outcome(path) is None and older_reader() is None
+        assert "could not make 2 COPY bodies" in pool_module._bodies_line(path)
+        _record(dsn, db, 10, None)
+        assert path.read_text() == "10 ok\nbodies 20 2 no COPY body for KO/1m/2024-01: gone\n"
+        assert _read_outcome(path) == (10, None) and older_reader() == (10, None)
+        pool_module._record_bodies(dsn, db, 15, 0, "")  # ended before the recorded line: left
+        assert "could not make 2" in pool_module._bodies_line(path)
+        _record(dsn, db, 30, "boom")
+        assert _read_outcome(path) == (30, "boom") and "could not make 2" in pool_module._bodies_line(path)
+        older = older_reader()
+        assert older is not None and older[1] is not None and older[1].startswith("boom\nbodies 20 2")
+        pool_module._record_bodies(dsn, db, 40, 0, "")
+        assert path.read_text() == "30 failed boom\n" and pool_module._bodies_line(path) == ""
+        _forget_outcome_at(path)
+        pool_module._record_bodies(dsn, db, 50, 1, "x")
+        pool_module._record_bodies(dsn, db, 60, 0, "")
+        assert not path.exists()
+    finally:
+        for leftover in path.parent.glob(f"{path.name}*"):
+            leftover.unlink()
 
 
 def test_a_refills_note_tells_running_from_died_a_reused_pid_and_a_zombie_too(tmp_path: Path) -> None:

@@ -258,3 +258,51 @@ def test_a_refill_killed_while_making_bodies_leaves_its_list_and_the_next_one_ma
     assert "bodies: 6 made of 6" in ended.stdout
     assert not keys.exists()
     assert len(store.read_bodies([each.key for each in listed], bodies.layout())) == 6
+
+
+def test_a_body_the_refill_cannot_make_shows_in_status_until_a_refill_makes_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One minute segment's Parquet file damaged after the load, before the refill makes the bodies: the real
+    detached refill (its output to /dev/null, as after a CLI refresh) records what it could not make, and
+    `refresher status` says so in one line naming the segment (``--json``: ``pool.bodies_not_made``), until a
+    refill given it again, its file stored anew, makes it. Before: the line went to /dev/null, status said
+    nothing."""
+    from refresher import body_keys, pool, render
+    from refresher.pool import pool_status, wait_for_pool
+
+    spawn_refill = pool.spawn_refill
+    spawned: list[dict[str, object]] = []
+    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: spawned.append(kwargs))
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    profile = _profile(root, "damaged", FRIDAY)
+    refresh(profile, engine, store, state_dir=root / "state")
+    keys = body_keys.keys_path(root / "state", profile.name)
+    assert spawned == [{"bodies": (keys, store.root)}]  # the refill held back: the file is damaged first
+    listed, _inode = body_keys.read(keys)
+    [ko] = [each for each in listed if each.symbol == "KO" and each.month == "2025-03"]
+    entry = store.lookup([ko.key])[ko.key]
+    table = store.get(ko.key)
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    entry.path.write_bytes(bytes(data))
+
+    server = engine.start(profile.name)
+    spawn_refill(server, fill=False, bodies=(keys, store.root))  # bodies alone: no outcome of a fill recorded
+    wait_for_pool(server, timeout=120, bodies=keys)
+    line = pool_status(server).bodies
+    assert line.startswith("the refill (") and "could not make 1 COPY body" in line, line
+    assert "KO/1m/2025-03" in line and "gone or damaged" in line and "refresher warm" in line, line
+    assert "\n" not in line and pool_status(server).to_json()["bodies_not_made"] == line
+    render.status_table(engine.status(profile.name), state_dir=root / "state", pools=[pool_status(server)])
+    assert f"{profile.name}: {line}" in capsys.readouterr().out
+
+    # The file stored again (as `refresher warm` fetches it) and the segment listed again: the next refill,
+    # filling the pool too, makes it and clears the line.
+    store.put_many_hashes([(ko.key, table, ko.symbol)])
+    body_keys.add(keys, [ko])
+    spawn_refill(server, bodies=(keys, store.root))
+    wait_for_pool(server, timeout=120, bodies=keys)
+    assert pool_status(server).bodies == ""
+    assert pool_status(server).to_json()["bodies_not_made"] is None
+    assert pool_status(server).failed == ""
