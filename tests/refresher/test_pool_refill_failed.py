@@ -27,7 +27,7 @@ from psycopg import sql
 
 import refresher.pool as pool_module
 from refresher._snapshot_sql import COPIER
-from refresher.engines import noted_cluster, noted_servers, owner_labels
+from refresher.engines import locked, noted_cluster, noted_servers, owner_labels
 from refresher.engines.base import ServerInfo
 from refresher.engines.docker import DockerEngine
 from refresher.engines.local import free_port
@@ -168,6 +168,22 @@ def _record(dsn: str, db: str, ended: int, failure: str | None) -> None:
     _record_outcome(dsn, db, ended, failure)
 
 
+def _record_announcing(dsn: str, db: str, ended: int, failure: str | None, marker: str) -> None:
+    """``_record`` that touches ``marker`` when it is about to wait on the record's lock (``_outcome_locked``'s
+    ``locked``): its parent can tell it is waiting there, not still starting (a spawned child may take seconds on
+    a loaded machine) nor gone (``_record_outcome`` swallows its errors)."""
+    real = locked
+
+    @contextlib.contextmanager
+    def announcing(path: Path) -> Iterator[None]:
+        Path(marker).touch()
+        with real(path):
+            yield
+
+    pool_module.locked = announcing
+    _record_outcome(dsn, db, ended, failure)
+
+
 def _killed_renaming(dsn: str, db: str) -> None:
     """``_record_outcome`` killed (SIGKILL) between writing its part and renaming it over the record."""
     os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[assignment]
@@ -214,20 +230,32 @@ def test_concurrent_refills_keep_the_latest_end_and_a_killed_writer_leaves_the_r
 
 def test_a_writer_waiting_on_a_lock_unlinked_while_held_takes_the_new_one(pg_database: ServerInfo) -> None:
     """``forget_outcome`` unlinks the record's lock while it holds it: a writer that opened that lock before and
-    waited on it must not write once it is let go while another holds the lock now at the path."""
+    waited on it must not write once it is let go while another holds the lock now at the path.
+
+    The writer is known to wait on the old lock (it says so before it asks, then a moment), and the new lock
+    takes the old one's name at once (renamed over it, held already): a fixed sleep and an unlink, then an open,
+    let a slow writer take a lock of its own in between, rightly, and write (a CI run failed so)."""
     dsn, db = pg_database.dsn("postgres"), pg_database.dbname
     path = record_path(pg_database)
     lock_path = path.with_name(f"{path.name}.lock")
+    marker = path.with_name(f"{path.name}.waiting")
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = multiprocessing.get_context("spawn").Process(target=_record, args=(dsn, db, 5, "the writer's"))
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_record_announcing, args=(dsn, db, 5, "the writer's", str(marker))
+    )
     try:
         with lock_path.open("a") as old:
             fcntl.flock(old, fcntl.LOCK_EX)
             writer.start()
-            time.sleep(2)  # it waits on the old lock (or, if slower, on the new one: the same end)
-            lock_path.unlink()
-            new = lock_path.open("a")
+            deadline = time.monotonic() + 60
+            while not marker.exists() and writer.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), f"the writer never asked for the lock (exit code {writer.exitcode})"
+            time.sleep(0.5)  # it asks again and again, in vain, while the old lock is held
+            staged = lock_path.with_name(f"{lock_path.name}.new")
+            new = staged.open("a")
             fcntl.flock(new, fcntl.LOCK_EX)
+            os.replace(staged, lock_path)  # the old inode unlinked, the new one at its name at once
         with new:  # the old one let go: the writer holds an inode nobody locks now
             writer.join(2)
             assert writer.is_alive() and not path.exists()  # fails before: it wrote under the old lock
