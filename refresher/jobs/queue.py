@@ -117,15 +117,34 @@ def _retry(retries: int) -> Retry:
     )
 
 
-def connect(url: str, *, retries: int = RETRIES, label: str = "--queue") -> redis.Redis:
-    """A client that retries a dropped connection a few times with jittered backoff (a Redis restart); ``label``
-    names where the URL came from in an error (``--queue``, ``REFRESHER_QUEUE``)."""
+# How long a connection may take to open, and a reply to come, before the try is given up (``connect``) and the
+# command tried again on a new connection. The longest reply a client of ours waits for by design is the worker's
+# blocking read (``WorkerOptions.block_ms``, 1 s); other commands answer in milliseconds. Set here, not left to
+# redis-py: its releases before 8 (which pyproject admits) wait for a reply with no bound, and a worker whose Redis
+# host went silent (a partition, a failover to another host, a host powered off: nothing resets the connection)
+# sat on its read until the kernel gave the connection up, some 15 minutes later, its jobs idle meanwhile.
+CONNECT_TIMEOUT = 5.0
+REPLY_TIMEOUT = 5.0
+
+
+def connect(
+    url: str,
+    *,
+    retries: int = RETRIES,
+    label: str = "--queue",
+    within: float = REPLY_TIMEOUT,
+) -> redis.Redis:
+    """A client that retries a dropped or silent connection a few times with jittered backoff (a Redis restart,
+    a host gone silent: ``REPLY_TIMEOUT``); ``label`` names where the URL came from in an error (``--queue``,
+    ``REFRESHER_QUEUE``); ``within``: a bound below ``REPLY_TIMEOUT`` (and ``CONNECT_TIMEOUT``) for each try, for
+    a question that must be answered by then (``wait_for_queue``)."""
     try:
         client = redis.Redis.from_url(
             url,
             retry=_retry(retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            socket_connect_timeout=5,
+            socket_connect_timeout=min(CONNECT_TIMEOUT, within),
+            socket_timeout=min(REPLY_TIMEOUT, within),
             health_check_interval=10,
         )
     except ValueError as exc:
@@ -152,14 +171,21 @@ def open_queue(url: str, label: str = "--queue") -> redis.Redis:
         raise _refusal(url, exc, label) from exc
 
 
-def _asked(url: str, label: str) -> redis.Redis:
-    """``open_queue``'s one question: the client, or Redis's error (the client closed)."""
-    client = connect(url, retries=1, label=label)
+def _asked(url: str, label: str, within: float | None = None) -> redis.Redis:
+    """``open_queue``'s one question: the client, or Redis's error (the client closed). ``within``: its two tries
+    (``connect``'s one retry) answered or given up by then, each in half of it at most (``wait_for_queue`` asks
+    again), and a client asked with bounds shorter than the usual is replaced by one of the usual bounds once
+    answered; None: the usual bounds, and the client that asked is returned, its connection kept."""
+    bound = REPLY_TIMEOUT if within is None else min(within / 2, REPLY_TIMEOUT)
+    client = connect(url, retries=1, label=label, within=bound)
     try:
         client.ping()
     except redis.RedisError:
         client.close()
         raise
+    if bound < REPLY_TIMEOUT:
+        client.close()
+        return connect(url, label=label)
     client.set_retry(_retry(RETRIES))
     return client
 
@@ -186,6 +212,9 @@ def _not_up_yet(exc: BaseException) -> bool:
 # a fleet started together does not ask in step and a Redis up is found within a couple of seconds.
 WAIT_BASE = 0.1
 WAIT_CAP = 2.0
+# The shortest question of that wait (its last, with less time left; two tries of half of it): a loopback or LAN
+# connection opens in well under it.
+MIN_TRY = 1.0
 
 
 def wait_for_queue(
@@ -200,7 +229,11 @@ def wait_for_queue(
     attempt = 0
     while True:
         try:
-            return _asked(url, label)
+            # Each try bounded by the time left (a host dropping packets: a try of the usual bounds, 5 s to connect
+            # and once again, overshot a short --connect-timeout by 10 s), never below MIN_TRY; 0: asked once as usual.
+            return _asked(
+                url, label, within=max(deadline - time.monotonic(), MIN_TRY) if timeout > 0 else None
+            )
         except redis.RedisError as exc:
             left = deadline - time.monotonic()
             if not _not_up_yet(exc) or left <= 0:

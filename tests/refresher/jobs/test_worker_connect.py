@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from refresher.errors import JobError
+from refresher.jobs.queue import run_key, wait_for_queue
 from refresher.jobs.worker import WorkerReport
 from tests.redis_server import RedisServer, free_port
 from tests.refresher.jobs.test_cli_queue import (
@@ -34,6 +38,7 @@ from tests.refresher.jobs.test_worker import (
     workspace,
 )
 from tests.refresher.test_refresh_e2e import Workspace
+from tests.tcp_proxy import silencing_proxy
 
 pytestmark = pytest.mark.redis
 
@@ -188,3 +193,65 @@ def test_a_signal_while_the_worker_waits_for_redis_ends_it_at_once(tmp_path: Pat
     assert time.monotonic() - began < 10, err  # the backoff's sleep ends on the signal
     assert proc.returncode == 0 and err == "", err  # as a worker stopped between jobs: exit 0
     assert json.loads(out) == WorkerReport(name="w").to_json()  # nothing done
+
+
+@pytest.fixture
+def dropping() -> Iterator[str]:
+    """A Redis URL whose host drops our packets: a listener whose one-place queue is full, so the kernel drops
+    each new connection's SYN, and a connection is neither made nor refused."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the queue: nobody accepts it
+            yield f"redis://127.0.0.1:{port}/0"
+
+
+def test_a_worker_waiting_for_a_host_that_drops_packets_gives_up_at_its_connect_timeout(
+    dropping: str,
+) -> None:
+    """Each try was 5 s to connect, and once again: a --connect-timeout of 1 s took 10 s, one of 20 s up to 30.
+    In process (``wait_for_queue``, what `refresher worker` runs first), so the time is the wait's alone."""
+    lines: list[str] = []
+    began = time.monotonic()
+    with pytest.raises(JobError) as refused:
+        wait_for_queue(dropping, "--queue", 1.0, threading.Event(), lines.append)
+    took = time.monotonic() - began
+    assert f"--queue={dropping}: cannot reach Redis (" in str(refused.value) and "imeout" in str(
+        refused.value
+    )
+    assert took < 5, took  # fails before: 10 s (two tries of 5 s)
+    assert len(lines) <= 1, lines
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_worker_whose_redis_goes_silent_mid_run_tries_a_new_connection_and_completes_the_run(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """A worker's connections to a Redis host that went silent (a partition, a failover, a host powered off:
+    nothing reset them) held it on a read with no bound, its jobs idle, until the kernel gave up some 15 minutes
+    later. Now a reply not come in ``REPLY_TIMEOUT`` gives the connection up and the command is tried on a new
+    one, which reaches Redis (the host back, or the one that took over): the run completes, each row once."""
+    ws = workspace
+    ws.write_profile(
+        ws.profile, months=12
+    )  # jobs enough that the worker is amid them when its Redis goes silent
+    run = submit(ws, redis_server.url)
+    client = redis_server.client()
+    with silencing_proxy(redis_server.port) as proxy:
+        worker = start_worker(ws, proxy.url(), "silenced", "--burst")
+        try:
+            deadline = time.monotonic() + 300
+            while int(client.hget(run_key(run["run_id"]), "done") or 0) < 2:
+                assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, "silenced")
+                time.sleep(0.01)
+            silenced = proxy.silence()
+            assert silenced >= 1 and int(client.hget(run_key(run["run_id"]), "done") or 0) < run["jobs"]
+            assert worker.wait(timeout=240) == 0, worker_log(ws, "silenced")  # fails before: waits for good
+        finally:
+            stop([worker])
+
+        assert proxy.connections > silenced  # it went on on new connections
+    final = status(ws, redis_server.url, run["run_id"])
+    assert final["state"] == "complete" and final["done"] == final["total"] == run["jobs"], final
+    assert final["dead"] == 0, final
+    assert len(ledger(ws)) == run["jobs"]
