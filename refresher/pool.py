@@ -34,6 +34,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,10 @@ RUNNING_SUFFIX = ".running-"
 BODIES_WORD = "bodies"
 # The failure of a record "<ended> failed" whose line is empty (a writer other than ``_record_outcome``).
 NO_REASON = "no reason recorded"
+# The signals that stop a detached refill politely (``_Stops``): SIGTERM (a service manager, `kill PID`, a
+# shutdown), SIGINT sent to it (a Ctrl-C at a terminal reaches it not: it runs in a session of its own) and
+# SIGHUP.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -630,7 +635,7 @@ def _record_held(admin_dsn: str, db: str) -> Iterator[tuple[Path, str, str]]:
     with _admin(admin_dsn) as conn:
         path = _outcome_path(conn, db)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _outcome_locked(path):
+    with _STOPS.held(), _outcome_locked(path):  # a stop of the refill writing it: raised once it is whole
         yield (path, *_record_lines(path))
 
 
@@ -819,6 +824,66 @@ def _local_time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
 
+class _Stopped(KeyboardInterrupt):
+    """A detached refill stopped by one of ``STOP_SIGNALS`` (``_Stops``). A KeyboardInterrupt: psycopg cancels
+    the query in flight (the CREATE DATABASE of a clone) as on a Ctrl-C, no ``except Exception`` of a step
+    takes it for that step's failure, and the ``finally`` blocks run (a body's temporaries removed)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+class _Stops:
+    """How the detached refill takes a polite stop. Python's default for SIGTERM (and SIGHUP) ended it on the spot,
+    as a SIGKILL would: a clone's CREATE DATABASE went on in the server, the bodies' temporaries stayed, and
+    status said it "died ... (killed outright: SIGKILL, the OOM killer?)"; a SIGINT it ignored (``spawn_refill``'s
+    ``sh -c '... &'`` starts it so). Here the first stop raises ``_Stopped`` in the main thread (the refill then
+    records that it was stopped, ``main``); one arriving while a record or note is written (``held``) is raised
+    as that ends, so none is left half-written or as a ``.part``; later ones are let go (the first is being
+    honoured; a SIGKILL still ends it at once)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._holding = 0
+        self._raised = False
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.signum is not None and not self._raised and not self._holding:
+            self._raised = True
+            raise _Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A stop arriving in the block is raised after it (not if it raised)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        self._raise()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """``STOP_SIGNALS`` taken by this object in the block (the refill's ``main``)."""
+        old = {each: signal.signal(each, self._on_signal) for each in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for each, handler in old.items():
+                signal.signal(each, handler)
+
+
+# The refill's (``main`` installs it); outside it nothing is ever raised, and ``held`` only counts.
+_STOPS = _Stops()
+
+
 @contextlib.contextmanager
 def _running(admin_dsn: str, db: str) -> Iterator[None]:
     """Note, while the body runs, that this process refills ``db``'s pool: ``<record>.running-<pid>`` beside the
@@ -831,19 +896,21 @@ def _running(admin_dsn: str, db: str) -> Iterator[None]:
     outcome it recorded: no moment shows neither. Written to a part renamed over (never read half); best effort,
     as the outcome record (a server that does not answer: no note, and the refill fails on its own)."""
     note: Path | None = None
-    with contextlib.suppress(OSError, psycopg.Error, RefresherError):
-        with _admin(admin_dsn) as conn:
-            path = _outcome_path(conn, db)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
-        part = note.with_name(f"{note.name}.part")
-        part.write_text(json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n")
-        os.replace(part, note)
     try:
+        # A stop of the refill (``_Stops``) is raised once the note is whole: never a part left, and the note
+        # removed below.
+        with _STOPS.held(), contextlib.suppress(OSError, psycopg.Error, RefresherError):
+            with _admin(admin_dsn) as conn:
+                path = _outcome_path(conn, db)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
+            part = note.with_name(f"{note.name}.part")
+            part.write_text(json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n")
+            os.replace(part, note)
         yield
     finally:
         if note is not None:
-            with contextlib.suppress(OSError):
+            with _STOPS.held(), contextlib.suppress(OSError):
                 note.unlink(missing_ok=True)
 
 
@@ -1305,7 +1372,7 @@ def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Ma
     while True:
         ready = _ready_clones(conn, db)
         target = _target(conn, db, size, machine, len(ready))
-        if len(ready) >= target:
+        if len(ready) >= target or _STOPS.signum is not None:  # a helper thread of a stopped refill: no more
             return created
         # Slots 0..target-1 that hold no ready clone number at least the missing ones: if another maker holds
         # each of them, the pool fills without us.
@@ -1474,9 +1541,17 @@ def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
     if mark is None:
         raise SnapshotError(f"{db}: the pristine snapshot vanished while filling the pool", database=db)
     name = pool_name(db, n)
-    _create_from(conn, pristine_name(db), name)
     note = sql.Literal(f"refresher clone_of={mark.generation}")
-    _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), note))
+    try:
+        _create_from(conn, pristine_name(db), name)
+        _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), note))
+    except _Stopped:
+        # Stopped (``_Stops``) with the copy made and not marked: never handed out, and dropped now rather than
+        # left to the next refill's sweep (the CREATE itself psycopg cancelled, or it had ended).
+        with contextlib.suppress(psycopg.Error):
+            if not conn.closed:
+                _drop_database(conn, name)
+        raise
     return name
 
 
@@ -1532,9 +1607,15 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
         record(len(wanted), f"COPY bodies not made: {_failure_line(exc)}")
         return
-    record(len(said), said[0] if said else "")
-    body_keys.finished(keys, inode)
+    with _STOPS.held():  # a stop now: the record and the list agree
+        record(len(said), said[0] if said else "")
+        body_keys.finished(keys, inode)
     print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
+
+
+def _stopped_bodies(stop: _Stopped) -> str:
+    """The bodies' line (``_record_bodies``) of a refill stopped before it made them all: the list stays."""
+    return f"{stop} before it made them all (listed still: the next refill makes them)"
 
 
 def _lower_own_priority() -> None:
@@ -1612,39 +1693,61 @@ def main(argv: list[str] | None = None) -> int:
     refill.add_argument("--bodies", type=Path, help="then make the COPY bodies this list names (body_keys)")
     refill.add_argument("--store", type=Path, help="the store of --bodies")
     args = parser.parse_args(argv)
+    with _STOPS.installed():
+        try:
+            return _refill_main(args)
+        except _Stopped as exc:  # what it was at is recorded (``_refill_main``); its log says it too
+            print(f"refill {args.database}: {exc}", flush=True)
+            return 128 + exc.signum
+
+
+def _refill_main(args: argparse.Namespace) -> int:
+    """``main``'s work, ``args`` parsed. Stopped (``_Stops``): the clones' step records ``stopped by <signal>``
+    as its outcome (status says so; the clone being copied is cancelled or dropped), the bodies' step, or a
+    stop before it, records its line (the list stays for the next refill), and ``_Stopped`` is raised again."""
     os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
     started = time.perf_counter()
     handed = None
     if args.analyze:
         handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
     failed: Exception | None = None
+    bodies = (args.bodies, args.store) if args.bodies is not None and args.store is not None else None
+
+    def record_bodies(not_made: int, first: str) -> None:
+        _record_bodies(args.dsn, args.database, time.time_ns(), not_made, first)
+
+    ended = False  # the clones' step, its outcome to record
     with _running(args.dsn, args.database):
         try:
-            created = _refill(
-                args.dsn,
-                args.database,
-                background=args.background,
-                size=None,
-                concurrency=None,
-                handed=handed,
-                fill=not args.no_fill,
-            )
-        except Exception as exc:
-            # Recorded for `refresher status`, then the traceback as before (to its log, if any).
-            _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
-            failed = exc
-        else:
-            if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
-                _record_outcome(args.dsn, args.database, time.time_ns(), None)
-        # After the clones, whether or not they were made: the bodies need the store, not the server.
-        if args.bodies is not None and args.store is not None:
-            _make_bodies(
-                args.bodies,
-                args.store,
-                lambda not_made, first: _record_bodies(
-                    args.dsn, args.database, time.time_ns(), not_made, first
-                ),
-            )
+            try:
+                created = _refill(
+                    args.dsn,
+                    args.database,
+                    background=args.background,
+                    size=None,
+                    concurrency=None,
+                    handed=handed,
+                    fill=not args.no_fill,
+                )
+            except Exception as exc:
+                ended, failed = True, exc
+                # Recorded for `refresher status`, then the traceback as before (to its log, if any).
+                _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
+            else:
+                ended = True  # a stop while its outcome is written is raised once it is (``_Stops.held``)
+                if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
+                    _record_outcome(args.dsn, args.database, time.time_ns(), None)
+            # After the clones, whether or not they were made: the bodies need the store, not the server.
+            if bodies is not None:
+                _make_bodies(*bodies, record_bodies)
+        except _Stopped as exc:
+            if not ended and not args.no_fill:
+                line = f"{exc} before it filled the pool; the next refresh or reset fills it"
+                _record_outcome(args.dsn, args.database, time.time_ns(), line)
+            listed = len(body_keys.read(bodies[0])[0]) if bodies is not None else 0
+            if listed:  # none once they were made (and recorded)
+                record_bodies(listed, _stopped_bodies(exc))
+            raise
     if failed is not None:
         raise failed
     print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)

@@ -1,0 +1,254 @@
+"""A detached refill stopped politely (SIGTERM: a service manager, `kill PID`, a shutdown; SIGINT sent to it: a
+Ctrl-C at a terminal cannot reach it, it runs in a session of its own) while it copies a clone, makes COPY bodies
+or writes its outcome record: `refresher status` says it was stopped (neither "running" for good, nor "died ...
+SIGKILL", nor nothing), no half-made clone is left in the server, no temporary or part file and no note stays,
+the bodies' list stays for the next refill, a reset restores the loaded data exactly, and the next refill
+finishes the job. Against real local servers, the real detached refill (the clone's step) and the refill's real
+``main`` in a process of its own, stopped at a step by a hook (the bodies' and the record's steps), as
+``test_refresh_batches`` stops one with a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from featurestore import FeatureStore
+from refresher import bodies, body_keys, pool
+from refresher.engines.base import ServerInfo
+from refresher.engines.local import LocalEngine
+from refresher.pool import _refill_notes, pool_status, wait_for_pool
+from refresher.refresh import refresh
+from refresher.snapshot import pristine_name
+from tests.fixtures_postgres import refillers, refills_gone
+from tests.refresher.test_pool_refill_failed import (
+    _a_pool_of_one,
+    _on_pristine,
+    _status_pool,
+    record_files,
+    record_path,
+)
+from tests.refresher.test_refresh_batches import FRIDAY, _profile, root
+from tests.refresher.test_refresh_e2e import Workspace, workspace
+
+pytestmark = pytest.mark.postgres
+
+__all__ = ["root", "workspace"]  # fixtures, imported to be found
+
+
+def _databases(server: ServerInfo) -> list[str]:
+    """The databases of ``server`` that belong to its profile's database (its pristine copy, pool, trash)."""
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY 1", (server.dbname,)
+        ).fetchall()
+    return [str(name) for (name,) in rows]
+
+
+def _copying(server: ServerInfo) -> bool:
+    """Whether a session of ``server`` is in a CREATE DATABASE now."""
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query ILIKE 'CREATE DATABASE%%'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workspace", ["local"], indirect=True)  # the step is the server's, not its engine's
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_the_next_one_fills(
+    workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
+) -> None:
+    # Before: SIGTERM ended it on the spot (status: "died ... (killed outright: SIGKILL, the OOM killer?)"); SIGINT
+    # was ignored (``sh -c '... &'`` starts it with SIGINT ignored) and the refill went on (here: failed on the
+    # session on the pristine copy).
+    ws = workspace
+    _a_pool_of_one(ws, tmp_path, monkeypatch)
+    loaded = ws.checksums()
+    server = ws.server()
+    blocker = _on_pristine(ws)  # the refill's CREATE DATABASE waits 5 s on it in the server: a copy under way
+    try:
+        assert json.loads(ws.run("reset", "--profile", ws.profile, "--json").stdout)["method"] == "pool"
+        deadline = time.monotonic() + 60
+        while not (refilling := refillers(ws.profile)) or not _copying(server):
+            assert time.monotonic() < deadline, "the reset's refill never copied"
+            time.sleep(0.05)
+        [refill] = refilling
+        # Its own session and process group: a Ctrl-C at our terminal (our process group's SIGINT) reaches it not.
+        assert os.getsid(refill.pid) != os.getsid(0) and os.getpgid(refill.pid) != os.getpgid(0)
+        refill.send_signal(signum)
+        refills_gone(ws.profile)
+    finally:
+        blocker.close()
+    pool_json = _status_pool(ws)
+    stopped = pool_json["refill_failed"]
+    assert isinstance(stopped, str) and stopped.startswith("the last refill ("), pool_json
+    assert f"stopped by {signum.name} before it filled the pool" in stopped and "\n" not in stopped, stopped
+    assert (pool_json["refill_running"], pool_json["ready"]) == (None, 0), pool_json
+    table = ws.run("status", "--profile", ws.profile).stdout
+    assert f"{ws.profile}: {stopped}" in table and "0/1 ready, reset: copy" in table, table
+    # No clone half-made (the CREATE cancelled in the server), no part or note beside the record.
+    assert _databases(server) == [ws.profile, pristine_name(ws.profile)]
+    assert record_files(record_path(server)) == [".lock", "record"]
+    ws.run("reset", "--profile", ws.profile)  # copies; its refill fills the pool
+    assert ws.checksums() == loaded
+    refills_gone(ws.profile)
+    pool_json = _status_pool(ws)
+    assert (pool_json["refill_failed"], pool_json["refill_running"], pool_json["ready"]) == (None, None, 1)
+    assert record_files(record_path(server)) == [".lock", "record"]
+
+
+# The refill's ``main`` with a hook that touches argv[2] and waits there (60 s at most) at the step argv[1]:
+# "renaming" between a batch of bodies' temporaries and their rename, "between" after one body is published and
+# before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
+# the record is written whole, then the stop raised); then argv[3:] to ``main``.
+HOOKED = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from featurestore import FeatureStore, _files
+    from refresher import bodies, pool
+
+    step, marker = sys.argv[1], Path(sys.argv[2])
+
+    def wait_here():
+        marker.touch()
+        deadline = time.monotonic() + 60
+        while getattr(getattr(pool, "_STOPS", None), "signum", None) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    if step == "renaming":
+        publish_many = _files.publish_many
+        def publishing(moves):
+            wait_here()
+            publish_many(moves)
+        _files.publish_many = publishing
+    elif step == "between":
+        bodies._PUBLISHED = 1
+        put_bodies = FeatureStore.put_bodies
+        def putting(self, items, layout):
+            written = put_bodies(self, items, layout)
+            wait_here()
+            return written
+        FeatureStore.put_bodies = putting
+    elif step == "recording":
+        replace = os.replace
+        def replacing(src, dst):
+            name = Path(src).name
+            if name.startswith(pool.OUTCOME_PREFIX) and name.endswith(".part") and pool.RUNNING_SUFFIX not in name:
+                wait_here()
+            return replace(src, dst)
+        os.replace = replacing
+    sys.exit(pool.main(sys.argv[3:]))
+    """
+)
+
+
+def _stopped_at(step: str, server: ServerInfo, args: list[str], tmp_path: Path) -> int:
+    """Run the hooked refill (``HOOKED``) of ``server`` with ``args``, SIGTERM it at ``step``; its exit code."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
+    marker = tmp_path / f"{step}.at"
+    argv = [
+        "refill",
+        "--dsn",
+        server.dsn("postgres", with_password=False),
+        "--database",
+        server.dbname,
+        *args,
+    ]
+    refill = subprocess.Popen(
+        [sys.executable, "-c", HOOKED, step, str(marker), *argv], cwd=repo, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert refill.poll() is None, f"the refill ended ({refill.returncode}) before {step}"
+            assert time.monotonic() < deadline, f"the refill never came to {step}"
+            time.sleep(0.05)
+        refill.send_signal(signal.SIGTERM)
+        return refill.wait(60)
+    finally:
+        if refill.poll() is None:
+            refill.kill()
+            refill.wait()
+
+
+def _held_back(
+    root: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[LocalEngine, FeatureStore, Path]:
+    """A cold refresh of profile ``name`` whose detached refill is held back (``spawn_refill`` patched): its
+    engine, store and list of bodies to make (6: 3 symbols x 2 months of minute segments)."""
+    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    refresh(_profile(root, name, FRIDAY), engine, store, state_dir=root / "state")
+    monkeypatch.undo()
+    keys = body_keys.keys_path(root / "state", name)
+    assert len(body_keys.read(keys)[0]) == 6
+    return engine, store, keys
+
+
+@pytest.mark.parametrize(("step", "published"), [("renaming", 0), ("between", 1)])
+def test_a_refill_stopped_while_it_makes_bodies_removes_its_temporaries_keeps_its_list_and_says_so(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step: str, published: int
+) -> None:
+    # Before: SIGTERM ended it on the spot: the bodies' temporaries stayed (until a GC), its note stayed and status
+    # said it "died ... (killed outright: SIGKILL, the OOM killer?)", and nothing said the bodies were not made.
+    engine, store, keys = _held_back(root, monkeypatch, f"bodies_{step}")
+    server = engine.start(keys.stem)
+    listed = body_keys.read(keys)[0]
+    stopped = _stopped_at(
+        step, server, ["--no-fill", "--bodies", str(keys), "--store", str(store.root)], tmp_path
+    )
+    assert stopped == 128 + signal.SIGTERM  # it ended on its own, after its cleanup
+    assert not list((store.root / "bodies").glob("*/.*"))  # no temporary
+    assert store.get_cache_stats().bodies.entries == published
+    assert body_keys.read(keys)[0] == listed and not body_keys.pending(keys)
+    wait_for_pool(server, timeout=5, bodies=keys)  # nothing holds the list: nothing to wait for
+    status = pool_status(server)
+    assert status.bodies.startswith(
+        "the refill ("
+    ) and "could not make 6 COPY bodies: stopped by SIGTERM" in (status.bodies), status
+    assert (status.failed, status.refilling) == ("", ""), status  # a --no-fill refill: no outcome of clones
+    assert _refill_notes(record_path(server)) == []
+    # The next refill makes them all, removes the list and clears the line.
+    pool.spawn_refill(server, fill=False, bodies=(keys, store.root))
+    wait_for_pool(server, timeout=120, bodies=keys)
+    assert not keys.exists()
+    assert len(store.read_bodies([each.key for each in listed], bodies.layout())) == 6
+    assert pool_status(server).bodies == ""
+
+
+def test_a_refill_stopped_while_it_writes_its_outcome_writes_it_whole_and_no_part(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: SIGTERM between the record's part and its rename ended it there: the part stayed, no outcome was
+    # recorded, the note stayed and status said the refill "died ...".
+    engine, store, keys = _held_back(root, monkeypatch, "recording")
+    server = engine.start(keys.stem)
+    args = ["--bodies", str(keys), "--store", str(store.root)]
+    assert _stopped_at("recording", server, args, tmp_path) == 128 + signal.SIGTERM
+    path = record_path(server)
+    assert record_files(path) == [".lock", "record"]  # no part, no note
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith(" ok") and len(lines) == 2, lines  # the clones made; the bodies' line after it
+    status = pool_status(server)
+    assert (status.failed, status.refilling) == ("", ""), status
+    assert len(status.ready) == status.target, status  # the pool filled, and no clone half-made beside it
+    assert sorted(_databases(server)) == sorted(
+        [server.dbname, pristine_name(server.dbname), *status.ready]
+    ), _databases(server)
+    assert "could not make 6 COPY bodies: stopped by SIGTERM" in status.bodies, status
+    assert len(body_keys.read(keys)[0]) == 6  # kept for the next refill, which makes them
+    pool.spawn_refill(server, bodies=(keys, store.root))
+    wait_for_pool(server, timeout=120, bodies=keys)
+    assert not keys.exists() and pool_status(server).bodies == ""
