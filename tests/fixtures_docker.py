@@ -8,6 +8,7 @@ and everything carrying the prefix is removed at the end of the session, whateve
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import socket
 import subprocess
@@ -140,27 +141,41 @@ def labels_of_a_dead_process() -> dict[str, str]:
 
 @contextlib.contextmanager
 def holding_dockers_next_ports(
-    client: docker.DockerClient, image: str, prefix: str, count: int = 20
-) -> Iterator[None]:
+    client: docker.DockerClient, image: str, prefix: str, count: int = 200
+) -> Iterator[range]:
     """Listen on the ports of 127.0.0.1 Docker publishes its next containers on: it hands them out in turn
-    without asking the kernel, so these are what a process that took them would leave it (other checkouts' runs
-    may take a few meanwhile: ``count`` of them)."""
-    probe = client.containers.run(
-        image, entrypoint=["sleep", "60"], ports={"5432/tcp": ("127.0.0.1", None)}, detach=True,
+    without asking the kernel, so these are what a process that took them would leave it. Yields the ports.
+
+    A start whose pick is held tries Docker's next 9 picks before it fails (libnetwork's 10 attempts: a probe
+    inside another window moved 10 ports on), so each container started meanwhile on the daemon (other tests',
+    other checkouts') takes up to 10 of these: with 20, two other starts left compose's picks free (a test of
+    `make up` failed so under load). A test that needs its pick held sees that by the ports it got (the range
+    yielded). The probe learns Docker's last pick even when that pick is held already (another test's window):
+    its failed start names the port."""
+    probe = client.containers.create(
+        image, entrypoint=["sleep", "60"], ports={"5432/tcp": ("127.0.0.1", None)},
         labels={PREFIX_LABEL: prefix},
     )  # fmt: skip
     try:
-        probe.reload()
-        last = int(probe.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+        try:
+            probe.start()
+            probe.reload()
+            last = int(probe.attrs["NetworkSettings"]["Ports"]["5432/tcp"][0]["HostPort"])
+        except docker.errors.APIError as exc:  # "listen tcp4 127.0.0.1:<port>: bind: address already in use"
+            held = re.search(r"127\.0\.0\.1:(\d+)\b.*already in use", str(exc))
+            if held is None:
+                raise
+            last = int(held.group(1))
     finally:
         probe.remove(force=True, v=True)
-    with contextlib.ExitStack() as held:
-        for port in range(last + 1, last + 1 + count):
-            sock = held.enter_context(socket.socket())
+    ports = range(last + 1, last + 1 + count)
+    with contextlib.ExitStack() as held_here:
+        for port in ports:
+            sock = held_here.enter_context(socket.socket())
             with contextlib.suppress(OSError):  # held already: by what we simulate
                 sock.bind(("127.0.0.1", port))
                 sock.listen()
-        yield
+        yield ports
 
 
 def remove_prefixed(client: docker.DockerClient, prefix: str) -> None:

@@ -103,6 +103,16 @@ def _rows(conn: psycopg.Connection[Any]) -> tuple[list[Any], list[Any]]:
     )
 
 
+def _damage(path: Path, how: str) -> None:
+    """A stored Parquet file "gone", or with one byte "flipped" inside: the store's read evicts either."""
+    if how == "gone":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
 def _no_arrow(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every Arrow COPY and every read of a stored table: a load by bodies makes neither."""
     used: list[str] = []
@@ -267,12 +277,7 @@ def test_a_segment_whose_parquet_file_is_lost_loads_from_its_body_and_is_stored_
     _kept(store, items, first)
     warm = _from_store(store, items)
     entry = store.lookup([_key("KO")])[_key("KO")]
-    if damage == "gone":
-        entry.path.unlink()
-    else:
-        data = bytearray(entry.path.read_bytes())
-        data[len(data) // 3] ^= 0xFF
-        entry.path.write_bytes(bytes(data))
+    _damage(entry.path, damage)
     conn = databases()
     load_segments(conn, items[:1])  # January exists: the others are read as tables
     load_segments(conn, warm[1:])
@@ -289,12 +294,7 @@ def test_make_bodies_skips_a_segment_it_cannot_read_in_one_line_and_makes_the_ot
     is one line of its log and no body, never a half-written one; the others are made and sound."""
     items = _stored(store)
     entry = store.lookup([_key("KO")])[_key("KO")]
-    if damage == "gone":
-        entry.path.unlink()
-    else:
-        data = bytearray(entry.path.read_bytes())
-        data[len(data) // 3] ^= 0xFF
-        entry.path.write_bytes(bytes(data))
+    _damage(entry.path, damage)
     said: list[str] = []
     assert bodies.make_bodies(store, _wanted(), say=said.append) == 2
     assert len(said) == 1 and "KO/1m/2024-01" in said[0] and "gone or damaged" in said[0]

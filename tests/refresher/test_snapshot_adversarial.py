@@ -35,6 +35,7 @@ from refresher.snapshot import (
     save_pristine,
 )
 from tests.fixtures_postgres import daily_bars
+from tests.refresher.test_planner_stats_window import _eventually
 from tests.refresher.test_snapshot_crash import (
     FEB,
     _databases,
@@ -237,7 +238,13 @@ def test_a_resets_check_connecting_during_another_resets_swap_reads_the_swapped_
         first.execute(sql.SQL(rename).format(sql.Identifier(db), sql.Identifier(f"{db}__trash_f1257")))
         first.execute(sql.SQL(rename).format(sql.Identifier(pool_name(db, 0)), sql.Identifier(db)))
         resetting = second.submit(restore_pristine, loaded, refill=False)
-        time.sleep(0.5)  # its check waits for the renames
+        # Its check waits for the renames (a fixed sleep let a loaded machine's check come after the commit).
+        with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
+            blocked = "SELECT 1 FROM pg_locks WHERE NOT granted AND %s = ANY(pg_blocking_pids(pid))"
+            _eventually(
+                lambda: watch.execute(blocked, (first.info.backend_pid,)).fetchone() is not None,
+                "the check never waited for the renames",
+            )
         first.commit()
         assert resetting.result(timeout=120).method == "template"  # before: SnapshotError, 'predates'
     assert _state(loaded.dsn()) == expected
@@ -416,13 +423,15 @@ def test_a_segment_committed_while_the_reset_checks_the_ledger_is_never_lost(
         writer = threading.Thread(target=write_february)
         writer.start()
         with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
-            for _ in range(500):  # until it committed, or waits for a lock
+            deadline = time.monotonic() + 60
+            while True:  # until it committed, or waits for a lock
                 waiting = watch.execute(
                     "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
                     (loaded.dbname,),
                 ).fetchone()
                 if committed or waiting:
                     break
+                assert time.monotonic() < deadline, "the writer neither committed nor waited for a lock"
                 time.sleep(0.01)
         monkeypatch.setattr(snapshot, "ledger_stamp", real)
         threads.append(writer)
@@ -607,7 +616,8 @@ def test_a_session_starting_when_the_door_shuts_is_ended_before_it_can_commit(lo
     writer.start()
     try:
         with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
-            for _ in range(1000):  # until its backend holds its database's lock, past the check
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until its backend holds its database's lock, past the check
                 starting = watch.execute(
                     "SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.objid WHERE l.locktype = 'object' "
                     "AND l.classid = 'pg_database'::regclass AND d.datname = %s AND l.granted",
@@ -666,7 +676,8 @@ def test_a_deadlock_with_a_writer_on_the_ledger_ends_the_writer_and_the_reset_re
         with ThreadPoolExecutor(1) as pool_:
             resetting = pool_.submit(restore_pristine, loaded, refill=False)
             with psycopg.connect(loaded.dsn("postgres"), autocommit=True) as watch:
-                for _ in range(2000):  # until the reset holds segments and waits for features
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # until the reset holds segments and waits for features
                     waiting = watch.execute(
                         "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
                         "AND a.application_name = %s AND l.relation = %s",

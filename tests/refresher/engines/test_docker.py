@@ -121,7 +121,8 @@ def test_image_honours_official_variables_and_init_scripts(
             "POSTGRES_INITDB_ARGS": "--data-checksums",
         },
         volumes={str(initdb): {"bind": "/docker-entrypoint-initdb.d", "mode": "ro"}},
-        ports={"5432/tcp": ("127.0.0.1", None)},
+        # The kernel's pick: Docker's may be held by another test (holding_dockers_next_ports), failing the run.
+        ports={"5432/tcp": ("127.0.0.1", _free_port())},
     )
     try:
         container.reload()
@@ -969,7 +970,7 @@ def test_the_image_tag_replaced_by_another_image_is_a_clear_error_and_the_data_w
     maker = docker_client.containers.create(docker_pg_image, labels={PREFIX_LABEL: docker_prefix})
     other = maker.commit(changes=['ENTRYPOINT ["sh", "-c", "echo not PostgreSQL; exit 1"]'])
     maker.remove(v=True)
-    engine = DockerEngine(tmp_path, image=tag, client=docker_client, prefix=docker_prefix, ready_timeout=30)
+    engine = DockerEngine(tmp_path, image=tag, client=docker_client, prefix=docker_prefix)
     try:
         info = engine.start("retagged")
         with psycopg.connect(info.dsn(), autocommit=True) as conn:
@@ -1044,9 +1045,7 @@ def test_a_volume_initialised_with_another_password_is_one_line_at_once(
     # The state file names another password than the kept volume's (restored from a backup, edited): the engine's
     # 28P01 line never came, since a login refusal carries no SQLSTATE (psycopg #1188); the start retried the
     # refusal as a server still starting for its whole ready_timeout, then failed with the log tail.
-    engine = DockerEngine(
-        tmp_path, image=docker_pg_image, client=docker_client, prefix=docker_prefix, ready_timeout=30
-    )
+    engine = DockerEngine(tmp_path, image=docker_pg_image, client=docker_client, prefix=docker_prefix)
     try:
         engine.start("repassword")
         container_of(docker_client, engine, "repassword").remove(force=True, v=True)  # its named volume stays
@@ -1148,12 +1147,13 @@ def container_on_a_small_disk(
             row = conn.execute("SHOW data_directory").fetchone()
         assert row is not None
         shutil.copyfile(Path(row[0], "global", "pg_control"), host_dir / "pgdata" / "global" / "pg_control")
+    # The kernel's pick of a port: Docker's may be held by another test's holding_dockers_next_ports.
     container = docker_client.containers.run(
         docker_pg_image, command=["postgres", *SERVER_ARGS], detach=True,
         environment={
             "POSTGRES_USER": "refresher", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "small", "PGDATA": pgdata
         },
-        tmpfs={pgdata: "size=100m"}, ports={"5432/tcp": ("127.0.0.1", None)}, shm_size="256m",
+        tmpfs={pgdata: "size=100m"}, ports={"5432/tcp": ("127.0.0.1", _free_port())}, shm_size="256m",
         labels={PREFIX_LABEL: docker_prefix},
     )  # fmt: skip
     try:

@@ -476,11 +476,14 @@ def test_a_postmaster_pid_still_being_written_is_waited_for_never_removed(
 def test_a_postmaster_pid_that_stays_empty_while_postgres_works_there_is_an_error_not_removed(
     local_state_dir: Path, tmp_path: Path
 ) -> None:
+    # Impatient only where it waits on the stuck file: its first start and its stop waited 0.5 s for a server
+    # that a loaded machine may take longer to start or stop.
+    patient = LocalEngine(local_state_dir)
     impatient = LocalEngine(local_state_dir, ready_timeout=0.5)
     try:
-        impatient.start("lc_stuck")
-        _kill_server_keep_data(impatient, "lc_stuck")
-        pgdata = impatient.base / "lc_stuck" / "pgdata"
+        patient.start("lc_stuck")
+        _kill_server_keep_data(patient, "lc_stuck")
+        pgdata = patient.base / "lc_stuck" / "pgdata"
         child = _starting_postmaster(pgdata, 60, tmp_path)
         try:
             with pytest.raises(EngineUnavailable, match=f"PostgreSQL processes still work in .*{child.pid}"):
@@ -490,8 +493,8 @@ def test_a_postmaster_pid_that_stays_empty_while_postgres_works_there_is_an_erro
             child.kill()
             child.communicate()
     finally:
-        (impatient.base / "lc_stuck" / "pgdata" / "postmaster.pid").unlink(missing_ok=True)
-        impatient.stop("lc_stuck")
+        (patient.base / "lc_stuck" / "pgdata" / "postmaster.pid").unlink(missing_ok=True)
+        patient.stop("lc_stuck")
 
 
 def test_a_pinned_port_that_is_taken_is_a_one_line_error(local_state_dir: Path) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import psycopg
@@ -427,14 +426,15 @@ def test_a_prune_behind_a_fence_row_locked_by_a_stopped_worker_leaves_it_within_
         worker.execute(
             "SELECT token FROM refresher_fences WHERE fence = %s FOR SHARE", (features_fence_name(held),)
         )
-        started = time.monotonic()
         prune = threading.Thread(target=lambda: answer.append(prune_runs(client, 7 * DAY, settings=settings)))
         prune.start()
-        prune.join(timeout=15)
-        took = time.monotonic() - started
+        # Ended with the row still locked: it did not wait for it (a bound on its time, 5 s, was a loaded
+        # machine's to miss).
+        prune.join(timeout=60)
+        ended = not prune.is_alive()
         worker.rollback()  # lets a prune that hung end
     prune.join()
-    assert took < 5, f"the prune waited {took:.1f} s for the locked row"
+    assert ended, "the prune waited for the locked row"
     [gone] = answer
     assert isinstance(gone, runs_module.Deleted)
     assert sorted(gone.deleted) == sorted([held, free]) and keys_of(client, held) == []
