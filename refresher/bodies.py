@@ -151,6 +151,21 @@ def stored_bodies(store: FeatureStore, keys: Sequence[str]) -> dict[str, StoredB
     }
 
 
+def has_body(store: FeatureStore, content_hash: str | None) -> bool:
+    """Whether the store has a body file of ``content_hash`` in this ``layout`` (by its name: not read, not
+    verified; a load verifies it, ``make_bodies`` skips only a sound one)."""
+    path = store.body_path(content_hash, layout()) if content_hash is not None else None
+    return path is not None and path.exists()
+
+
+def lacking(store: FeatureStore, wanted: Sequence[Wanted]) -> int:
+    """How many of the ``wanted`` segments have no body in the store now (``has_body``; one gone from the store
+    has none): what a refill whose bodies' step failed or was stopped midway did not make. Counting every listed
+    one instead told "could not make 6" of a step that had published 2 before it failed."""
+    hashes = store.lookup_hashes([each.key for each in wanted])
+    return sum(1 for each in wanted if not has_body(store, hashes.get(each.key, (None, 0))[0]))
+
+
 def make_bodies(
     store: FeatureStore, wanted: Sequence[Wanted], *, say: Callable[[str], object] = print
 ) -> int:
@@ -200,6 +215,8 @@ __all__ = [
     "StoredBody",
     "decode",
     "encode",
+    "has_body",
+    "lacking",
     "layout",
     "make_bodies",
     "stored_bodies",

@@ -1579,14 +1579,15 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     the bodies only speed up the next load into a new database), then remove the list if it is still the one read
     (a newer one, written by a refresh meanwhile, stays for its refill). A body that cannot be made is a line in
     the refill's log; anything else failing too (a full disk): the list stays for the next refill. ``record``
-    (``_record_bodies``) is told how many it could not make (all listed when the step failed) and the first
-    one's line before the list goes: ``wait_for_pool(bodies=)`` returns once it is gone, and status then says it."""
+    (``_record_bodies``) is told how many it could not make (the step failing: those still without a body,
+    ``_not_made``) and the first one's line before the list goes: ``wait_for_pool(bodies=)`` returns once it is
+    gone, and status then says it."""
     wanted, inode = body_keys.read(keys)
     if not wanted:
         record(0, "")
         body_keys.finished(keys, inode)
         return
-    if not (store_root / "manifest.duckdb").exists():  # the store removed meanwhile: not made again here
+    if not _is_store(store_root):  # the store removed meanwhile: not made again here
         print(f"refresher: COPY bodies not made: no store at {store_root}", flush=True)
         record(len(wanted), f"COPY bodies not made: no store at {store_root}")
         return
@@ -1605,12 +1606,32 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
         made = make_bodies(FeatureStore(store_root), wanted, say=say)
     except Exception as exc:
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
-        record(len(wanted), f"COPY bodies not made: {_failure_line(exc)}")
+        record(_not_made(store_root, wanted), f"COPY bodies not made: {_failure_line(exc)}")
         return
     with _STOPS.held():  # a stop now: the record and the list agree
         record(len(said), said[0] if said else "")
         body_keys.finished(keys, inode)
     print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
+
+
+def _not_made(store_root: Path, wanted: list[body_keys.Wanted]) -> int:
+    """How many of ``wanted`` the store at ``store_root`` has no body of now (``bodies.lacking``), for the line
+    of a bodies' step that failed or was stopped midway: the batches it published before are made. All of them
+    when that cannot be told (no store: not made here; the store's manifest failing, maybe what failed)."""
+    if not _is_store(store_root):
+        return len(wanted)
+    from featurestore import FeatureStore
+    from refresher.bodies import lacking
+
+    try:
+        return lacking(FeatureStore(store_root), wanted)
+    except Exception:
+        return len(wanted)
+
+
+def _is_store(root: Path) -> bool:
+    """Whether a store is at ``root`` (its manifest), asked before opening it: ``FeatureStore`` would make one."""
+    return (root / "manifest.duckdb").exists()
 
 
 def _stopped_bodies(stop: _Stopped) -> str:
@@ -1744,9 +1765,9 @@ def _refill_main(args: argparse.Namespace) -> int:
             if not ended and not args.no_fill:
                 line = f"{exc} before it filled the pool; the next refresh or reset fills it"
                 _record_outcome(args.dsn, args.database, time.time_ns(), line)
-            listed = len(body_keys.read(bodies[0])[0]) if bodies is not None else 0
-            if listed:  # none once they were made (and recorded)
-                record_bodies(listed, _stopped_bodies(exc))
+            listed = body_keys.read(bodies[0])[0] if bodies is not None else []
+            if bodies is not None and listed:  # none once they were made (and recorded)
+                record_bodies(_not_made(bodies[1], listed), _stopped_bodies(exc))
             raise
     if failed is not None:
         raise failed

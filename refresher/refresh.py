@@ -241,13 +241,11 @@ def _note_bodies(
     that cannot be written costs only the bodies (a cache): the next load reads the Parquet files."""
     if state_dir is None:
         return None
-    layout = bodies.layout()
     wanted = []
     for job in jobs:
         if job.segment.table != bodies.TABLE:
             continue
-        path = store.body_path(job.stored_hash, layout) if job.stored_hash is not None else None
-        if path is None or not path.exists():
+        if not bodies.has_body(store, job.stored_hash):
             wanted.append(body_keys.Wanted(job.key, job.segment.symbol, job.segment.month_label, job.tz))
     keys_file = body_keys.keys_path(state_dir, profile)
     with contextlib.suppress(OSError):

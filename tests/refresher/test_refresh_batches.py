@@ -306,3 +306,55 @@ def test_a_body_the_refill_cannot_make_shows_in_status_until_a_refill_makes_it(
     assert pool_status(server).bodies == ""
     assert pool_status(server).to_json()["bodies_not_made"] is None
     assert pool_status(server).failed == ""
+
+
+def test_a_bodies_step_failing_midway_counts_only_the_bodies_it_did_not_make(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill's bodies' step fails after it published a batch of 2 of its 6 bodies (the disk full at the
+    second batch): status says it could not make 4, not 6 (before: every listed one counted, the 2 made too),
+    and the list stays for the next refill."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from refresher import body_keys, pool
+    from refresher.pool import pool_status
+
+    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    profile = _profile(root, "midway", FRIDAY)
+    refresh(profile, engine, store, state_dir=root / "state")
+    keys = body_keys.keys_path(root / "state", profile.name)
+    listed, _inode = body_keys.read(keys)
+    assert len(listed) == 6
+    server = engine.start(profile.name)
+    argv = ["refill", "--dsn", server.dsn("postgres", with_password=False), "--database", server.dbname]
+    argv += ["--no-fill", "--bodies", str(keys), "--store", str(store.root)]
+    code = textwrap.dedent(
+        f"""
+        import errno
+        from featurestore import FeatureStore
+        from refresher import bodies, pool
+        bodies._PUBLISHED = 2
+        put_bodies = FeatureStore.put_bodies
+        batches = []
+        def putting(self, items, layout):
+            batches.append(len(items))
+            if len(batches) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return put_bodies(self, items, layout)
+        FeatureStore.put_bodies = putting
+        raise SystemExit(pool.main({argv!r}))
+        """
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "COPY bodies not made: OSError: [Errno 28] No space left on device" in done.stdout, done.stdout
+    assert store.get_cache_stats().bodies.entries == 2
+    line = pool_status(server).bodies
+    assert "could not make 4 COPY bodies: COPY bodies not made: OSError" in line, line
+    assert body_keys.read(keys)[0] == listed  # kept for the next refill
