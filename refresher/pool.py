@@ -897,16 +897,19 @@ def _running(admin_dsn: str, db: str) -> Iterator[None]:
     as the outcome record (a server that does not answer: no note, and the refill fails on its own)."""
     note: Path | None = None
     try:
-        # A stop of the refill (``_Stops``) is raised once the note is whole: never a part left, and the note
-        # removed below.
-        with _STOPS.held(), contextlib.suppress(OSError, psycopg.Error, RefresherError):
+        with contextlib.suppress(OSError, psycopg.Error, RefresherError):
+            # A stop of the refill (``_Stops``) here is raised at once: a server that does not answer (its
+            # postmaster stopped, a listener that never replies) kept it for the connect's 10 s timeout.
             with _admin(admin_dsn) as conn:
                 path = _outcome_path(conn, db)
             path.parent.mkdir(parents=True, exist_ok=True)
-            note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
-            part = note.with_name(f"{note.name}.part")
-            part.write_text(json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n")
-            os.replace(part, note)
+            # One while the note is written is raised once it is whole: never a part left, and the note removed
+            # below.
+            with _STOPS.held():
+                note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
+                part = note.with_name(f"{note.name}.part")
+                part.write_text(json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n")
+                os.replace(part, note)
         yield
     finally:
         if note is not None:

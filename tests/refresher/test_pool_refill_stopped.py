@@ -18,6 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
@@ -110,11 +111,13 @@ def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_th
 # The refill's ``main`` with a hook that touches argv[2] and waits there (60 s at most) at the step argv[1]:
 # "renaming" between a batch of bodies' temporaries and their rename, "between" after one body is published and
 # before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
-# the record is written whole, then the stop raised); then argv[3:] to ``main``.
+# the record is written whole, then the stop raised); "connecting" touches it as its first connection starts,
+# its timeout 120 s (the usual 10 s), and does not wait; then argv[3:] to ``main``.
 HOOKED = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
+    import psycopg
     from featurestore import FeatureStore, _files
     from refresher import bodies, pool
 
@@ -148,6 +151,12 @@ HOOKED = textwrap.dedent(
                 wait_here()
             return replace(src, dst)
         os.replace = replacing
+    elif step == "connecting":
+        connect = psycopg.connect
+        def connecting(*args, **kwargs):
+            marker.touch()
+            return connect(*args, **{**kwargs, "connect_timeout": 120})
+        psycopg.connect = connecting
     sys.exit(pool.main(sys.argv[3:]))
     """
 )
@@ -252,3 +261,19 @@ def test_a_refill_stopped_while_it_writes_its_outcome_writes_it_whole_and_no_par
     pool.spawn_refill(server, bodies=(keys, store.root))
     wait_for_pool(server, timeout=120, bodies=keys)
     assert not keys.exists() and pool_status(server).bodies == ""
+
+
+def test_a_refill_stopped_while_its_server_does_not_answer_ends_at_once(root: Path, tmp_path: Path) -> None:
+    # Before: the stop was held across the running note's connect (as across the note's write), so a refill whose
+    # server did not answer ended only once that connect timed out (10 s; 120 s here, past the 60 s of the wait).
+    server = LocalEngine(root / "state").start("unanswered")
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        postmaster = psutil.Process(conn.info.backend_pid).ppid()
+    os.kill(postmaster, signal.SIGSTOP)  # the kernel takes connections; nothing answers them
+    try:
+        assert _stopped_at("connecting", server, ["--no-fill"], tmp_path) == 128 + signal.SIGTERM
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    status = pool_status(server)
+    assert (status.failed, status.refilling, status.bodies) == ("", "", ""), status
+    assert record_files(record_path(server)) == []  # no note, no part: it never reached the server
