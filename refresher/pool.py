@@ -1262,6 +1262,9 @@ def _analyze_pristine(
             if conn.closed:
                 raise
             _drop_database(conn, building)
+        except _Stopped:
+            _drop_stopped(conn, building)  # no longer left to the next refill's sweep
+            raise
         finally:
             if not conn.closed:
                 _unlock(conn, db, SLOT + slot)
@@ -1549,13 +1552,20 @@ def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
         _create_from(conn, pristine_name(db), name)
         _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), note))
     except _Stopped:
-        # Stopped (``_Stops``) with the copy made and not marked: never handed out, and dropped now rather than
-        # left to the next refill's sweep (the CREATE itself psycopg cancelled, or it had ended).
-        with contextlib.suppress(psycopg.Error):
-            if not conn.closed:
-                _drop_database(conn, name)
+        # Stopped with the copy made and not marked: never handed out, and dropped now rather than left to the next
+        # refill's sweep.
+        _drop_stopped(conn, name)
         raise
     return name
+
+
+def _drop_stopped(conn: psycopg.Connection[Any], name: str) -> None:
+    """Drop ``name``, the unmarked copy a refill stopped (``_Stops``) was making or analyzing (a clone, the pristine
+    copy's analyzed copy): nothing hands it out, and the refill's next sweep would, so best effort (what stays,
+    it drops). A copy whose CREATE psycopg cancelled is none."""
+    with contextlib.suppress(psycopg.Error, RefresherError):
+        if not conn.closed:
+            _drop_database(conn, name)
 
 
 def _lower_priority(pid: int) -> None:

@@ -28,7 +28,7 @@ from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from refresher.pool import _refill_notes, pool_status, wait_for_pool
 from refresher.refresh import refresh
-from refresher.snapshot import pristine_name
+from refresher.snapshot import pristine_name, restore_pristine
 from tests.fixtures_postgres import refillers, refills_gone
 from tests.refresher.test_pool_refill_failed import (
     _a_pool_of_one,
@@ -38,7 +38,7 @@ from tests.refresher.test_pool_refill_failed import (
     record_path,
 )
 from tests.refresher.test_refresh_batches import FRIDAY, _profile, root
-from tests.refresher.test_refresh_e2e import Workspace, workspace
+from tests.refresher.test_refresh_e2e import CHECKSUMS, Workspace, workspace
 
 pytestmark = pytest.mark.postgres
 
@@ -111,11 +111,12 @@ def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_th
 # The refill's ``main`` with a hook that touches argv[2] and waits there (60 s at most) at the step argv[1]:
 # "renaming" between a batch of bodies' temporaries and their rename, "between" after one body is published and
 # before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
-# the record is written whole, then the stop raised); "connecting" touches it as its first connection starts,
+# the record is written whole, then the stop raised), "analyzing" as the pristine copy's analyzed copy is
+# analyzed (``_analyze_pristine``: made, connected to); "connecting" touches it as its first connection starts,
 # its timeout 120 s (the usual 10 s), and does not wait; then argv[3:] to ``main``.
 HOOKED = textwrap.dedent(
     """
-    import os, sys, time
+    import os, sys, threading, time
     from pathlib import Path
     import psycopg
     from featurestore import FeatureStore, _files
@@ -151,6 +152,13 @@ HOOKED = textwrap.dedent(
                 wait_here()
             return replace(src, dst)
         os.replace = replacing
+    elif step == "analyzing":
+        analyze_stale = pool.analyze_stale
+        def analyzing(conn, *args, **kwargs):
+            if threading.current_thread() is threading.main_thread():  # not the working database's, beside it
+                wait_here()
+            return analyze_stale(conn, *args, **kwargs)
+        pool.analyze_stale = analyzing
     elif step == "connecting":
         connect = psycopg.connect
         def connecting(*args, **kwargs):
@@ -261,6 +269,31 @@ def test_a_refill_stopped_while_it_writes_its_outcome_writes_it_whole_and_no_par
     pool.spawn_refill(server, bodies=(keys, store.root))
     wait_for_pool(server, timeout=120, bodies=keys)
     assert not keys.exists() and pool_status(server).bodies == ""
+
+
+def test_a_refill_stopped_while_it_analyzes_the_pristine_copy_drops_its_analyzed_copy_and_a_reset_restores(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: the analyzed copy (a private pool slot's database, unmarked) stayed in the server until the next
+    # refill's sweep: a whole copy of the pristine database's size.
+    # The pristine copy not analyzed, as a refresh leaves it.
+    engine, _, _ = _held_back(root, monkeypatch, "analyzing")
+    server = engine.start("analyzing")
+    with psycopg.connect(server.dsn()) as conn:
+        loaded = conn.execute(CHECKSUMS).fetchall()
+    assert _stopped_at("analyzing", server, [], tmp_path) == 128 + signal.SIGTERM
+    assert _databases(server) == [server.dbname, pristine_name(server.dbname)]
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.ready, status
+    assert record_files(record_path(server)) == [".lock", "record"]  # no part, no note
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'KO'")
+    restore_pristine(server)  # its refill analyzes the copy and fills the pool (auto: 0 here)
+    with psycopg.connect(server.dsn()) as conn:
+        assert conn.execute(CHECKSUMS).fetchall() == loaded
+    refills_gone(server.dbname)
+    status = pool_status(server)
+    assert (status.failed, len(status.ready)) == ("", status.target), status
 
 
 def test_a_refill_stopped_while_its_server_does_not_answer_ends_at_once(root: Path, tmp_path: Path) -> None:
