@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1145,13 +1146,18 @@ def _sweep_and_fill(
     if missing > 0 and helpers <= 0:
         created = _fill(conn, db, size, machine, width)
     elif missing > 0:
+        halt = _Halt()
         with ThreadPoolExecutor(helpers) as pool:
             extra = [
-                pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background)
+                pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background, halt)
                 for _ in range(helpers)
             ]
-            created = _fill(conn, db, size, machine, width)
-            created += sum(f.result() for f in extra)
+            try:
+                created = _fill(conn, db, size, machine, width)
+                created += sum(f.result() for f in extra)
+            except _Stopped:
+                halt.halt()  # before the pool's shutdown waits for the helpers
+                raise
     # Once, as it ended: the bound is looked at again before each copy (a clone costs its database, its WAL
     # slack only while it is made), so the first look may count fewer than the refill then made.
     ready = len(_ready_clones(conn, db))
@@ -1263,7 +1269,7 @@ def _analyze_pristine(
                 raise
             _drop_database(conn, building)
         except _Stopped:
-            _drop_stopped(conn, building)  # no longer left to the next refill's sweep
+            _drop_unmarked(conn, building)  # no longer left to the next refill's sweep
             raise
         finally:
             if not conn.closed:
@@ -1271,12 +1277,47 @@ def _analyze_pristine(
 
 
 def _fill_from_new_session(
-    admin_dsn: str, db: str, size: int | None, machine: _Machine, width: int, background: bool
+    admin_dsn: str, db: str, size: int | None, machine: _Machine, width: int, background: bool, halt: _Halt
 ) -> int:
-    with _admin(admin_dsn) as conn, _advisory(conn, db, REFILL, shared=True):
+    with _admin(admin_dsn) as conn, halt.cancels(conn), _advisory(conn, db, REFILL, shared=True):
         if background:
             _lower_priority(conn.info.backend_pid)
-        return _fill(conn, db, size, machine, width)
+        return _fill(conn, db, size, machine, width, halt)
+
+
+class _Halt:
+    """The stop of a refill's helper threads (``_sweep_and_fill``). A stop (``_Stops``) raises ``_Stopped`` in the
+    main thread alone, and psycopg cancels that thread's query alone: a helper's CREATE DATABASE under way ran
+    on to its end, the refill waiting for it, and the helper marked the clone. ``halt`` (the main thread, as
+    ``_Stopped`` passes) tells the helpers to copy no further clone and cancels what each one's session runs
+    (``cancels``), as psycopg does for the main thread; a copy made meanwhile is dropped (``_make_clone``)."""
+
+    def __init__(self) -> None:
+        self._halted = threading.Event()
+        self._lock = threading.Lock()
+        self._sessions: set[psycopg.Connection[Any]] = set()
+
+    def is_set(self) -> bool:
+        return self._halted.is_set()
+
+    @contextlib.contextmanager
+    def cancels(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """``conn``'s query cancelled by a ``halt`` in the block."""
+        with self._lock:
+            self._sessions.add(conn)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sessions.discard(conn)
+
+    def halt(self) -> None:
+        self._halted.set()
+        with self._lock:
+            sessions = list(self._sessions)
+        for conn in sessions:
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=5.0)  # as psycopg's own on a KeyboardInterrupt
 
 
 @dataclass(frozen=True)
@@ -1371,14 +1412,22 @@ def _missing(conn: psycopg.Connection[Any], db: str, size: int | None, machine: 
     return _target(conn, db, size, machine, ready) - ready
 
 
-def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Machine, width: int) -> int:
-    """Make clones in free slots until the pool is full or every missing slot has a maker."""
+def _fill(
+    conn: psycopg.Connection[Any],
+    db: str,
+    size: int | None,
+    machine: _Machine,
+    width: int,
+    halt: _Halt | None = None,
+) -> int:
+    """Make clones in free slots until the pool is full or every missing slot has a maker (or a helper thread's
+    ``halt`` is set: its refill stopped)."""
     created = 0
     held: set[int] = set()  # slots whose old database a session this role may not end is on: one further each
     while True:
         ready = _ready_clones(conn, db)
         target = _target(conn, db, size, machine, len(ready))
-        if len(ready) >= target or _STOPS.signum is not None:  # a helper thread of a stopped refill: no more
+        if len(ready) >= target or (halt is not None and halt.is_set()):
             return created
         # Slots 0..target-1 that hold no ready clone number at least the missing ones: if another maker holds
         # each of them, the pool fills without us.
@@ -1392,7 +1441,7 @@ def _fill(conn: psycopg.Connection[Any], db: str, size: int | None, machine: _Ma
                 if not _drop_leftover(conn, pool_name(db, slot)):
                     held.add(slot)
                     continue
-                _make_clone(conn, db, slot)
+                _make_clone(conn, db, slot, halt)
                 created += 1
         finally:
             _unlock(conn, db, SLOT + slot)
@@ -1541,8 +1590,9 @@ def _sweep(conn: psycopg.Connection[Any], db: str) -> None:
                 _unlock(conn, db, SLOT + slot)
 
 
-def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
-    """Clone the pristine copy as pool slot ``n``; it becomes visible to takers only once marked."""
+def _make_clone(conn: psycopg.Connection[Any], db: str, n: int, halt: _Halt | None = None) -> str:
+    """Clone the pristine copy as pool slot ``n``; it becomes visible to takers only once marked. ``halt``: a
+    refill's helper thread's (``_Halt``)."""
     mark = _pristine_mark(conn, db)
     if mark is None:
         raise SnapshotError(f"{db}: the pristine snapshot vanished while filling the pool", database=db)
@@ -1550,19 +1600,21 @@ def _make_clone(conn: psycopg.Connection[Any], db: str, n: int) -> str:
     note = sql.Literal(f"refresher clone_of={mark.generation}")
     try:
         _create_from(conn, pristine_name(db), name)
+        if halt is not None and halt.is_set():  # halted as the copy began, its cancel too early: not marked
+            raise psycopg.errors.QueryCanceled(f"{name}: the refill stopped as it copied")
         _execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), note))
-    except _Stopped:
-        # Stopped with the copy made and not marked: never handed out, and dropped now rather than left to the next
-        # refill's sweep.
-        _drop_stopped(conn, name)
+    except BaseException:
+        # Stopped (``_Stopped``; a helper's query cancelled, ``_Halt``) or failed with the copy made and not
+        # marked: never handed out, and dropped now rather than left to the next refill's sweep.
+        _drop_unmarked(conn, name)
         raise
     return name
 
 
-def _drop_stopped(conn: psycopg.Connection[Any], name: str) -> None:
-    """Drop ``name``, the unmarked copy a refill stopped (``_Stops``) was making or analyzing (a clone, the pristine
-    copy's analyzed copy): nothing hands it out, and the refill's next sweep would, so best effort (what stays,
-    it drops). A copy whose CREATE psycopg cancelled is none."""
+def _drop_unmarked(conn: psycopg.Connection[Any], name: str) -> None:
+    """Drop ``name``, an unmarked copy a refill was making or analyzing (a clone, the pristine copy's analyzed
+    copy) as it stopped (``_Stops``) or failed: nothing hands it out, and the refill's next sweep would, so best
+    effort (what stays, it drops). A copy whose CREATE was cancelled or failed is none."""
     with contextlib.suppress(psycopg.Error, RefresherError):
         if not conn.closed:
             _drop_database(conn, name)

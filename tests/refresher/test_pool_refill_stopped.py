@@ -16,17 +16,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import psycopg
 import pytest
+from psycopg import sql
 
 from featurestore import FeatureStore
 from refresher import bodies, body_keys, pool
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
-from refresher.pool import _refill_notes, pool_status, wait_for_pool
+from refresher.pool import _refill_notes, pool_status, refill_pool, resize_pool, wait_for_pool
 from refresher.refresh import refresh
 from refresher.snapshot import pristine_name, restore_pristine
 from tests.fixtures_postgres import refillers, refills_gone
@@ -54,13 +56,13 @@ def _databases(server: ServerInfo) -> list[str]:
     return [str(name) for (name,) in rows]
 
 
-def _copying(server: ServerInfo) -> bool:
-    """Whether a session of ``server`` is in a CREATE DATABASE now."""
+def _copying(server: ServerInfo) -> int:
+    """How many sessions of ``server`` are in a CREATE DATABASE now."""
     with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query ILIKE 'CREATE DATABASE%%'"
         ).fetchone()
-    return bool(row and row[0])
+    return int(row[0]) if row else 0
 
 
 @pytest.mark.slow
@@ -113,7 +115,8 @@ def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_th
 # before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
 # the record is written whole, then the stop raised), "analyzing" as the pristine copy's analyzed copy is
 # analyzed (``_analyze_pristine``: made, connected to); "connecting" touches it as its first connection starts,
-# its timeout 120 s (the usual 10 s), and does not wait; then argv[3:] to ``main``.
+# its timeout 120 s (the usual 10 s), and does not wait; "copying" only makes it copy two clones at once
+# (``refill_concurrency`` 2); then argv[3:] to ``main``.
 HOOKED = textwrap.dedent(
     """
     import os, sys, threading, time
@@ -159,6 +162,8 @@ HOOKED = textwrap.dedent(
                 wait_here()
             return analyze_stale(conn, *args, **kwargs)
         pool.analyze_stale = analyzing
+    elif step == "copying":
+        pool.refill_concurrency = lambda cpus, rotational: 2
     elif step == "connecting":
         connect = psycopg.connect
         def connecting(*args, **kwargs):
@@ -170,8 +175,11 @@ HOOKED = textwrap.dedent(
 )
 
 
-def _stopped_at(step: str, server: ServerInfo, args: list[str], tmp_path: Path) -> int:
-    """Run the hooked refill (``HOOKED``) of ``server`` with ``args``, SIGTERM it at ``step``; its exit code."""
+def _stopped_at(
+    step: str, server: ServerInfo, args: list[str], tmp_path: Path, at: Callable[[], bool] | None = None
+) -> int:
+    """Run the hooked refill (``HOOKED``) of ``server`` with ``args``, SIGTERM it at ``step`` (once ``at`` says
+    so, when given); its exit code."""
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
     marker = tmp_path / f"{step}.at"
@@ -188,12 +196,15 @@ def _stopped_at(step: str, server: ServerInfo, args: list[str], tmp_path: Path) 
     )
     try:
         deadline = time.monotonic() + 120
-        while not marker.exists():
+        while not (marker.exists() if at is None else at()):
             assert refill.poll() is None, f"the refill ended ({refill.returncode}) before {step}"
             assert time.monotonic() < deadline, f"the refill never came to {step}"
             time.sleep(0.05)
         refill.send_signal(signal.SIGTERM)
-        return refill.wait(60)
+        try:
+            return refill.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the refill stopped at {step} had not ended 60 s after the SIGTERM")
     finally:
         if refill.poll() is None:
             refill.kill()
@@ -294,6 +305,38 @@ def test_a_refill_stopped_while_it_analyzes_the_pristine_copy_drops_its_analyzed
     refills_gone(server.dbname)
     status = pool_status(server)
     assert (status.failed, len(status.ready)) == ("", status.target), status
+
+
+def test_a_refill_stopped_while_two_clones_are_copied_cancels_both_and_leaves_neither(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: psycopg cancelled the main thread's CREATE DATABASE alone; the helper thread's ran on (here: it
+    # waited on the lock below, and the refill with it, for good; once it ended, the helper marked its clone).
+    engine, _, _ = _held_back(root, monkeypatch, "copying")
+    server = engine.start("copying")
+    resize_pool(server, 2)
+    refill_pool(server, size=0)  # the pristine copy analyzed, no clone made
+    status = pool_status(server)
+    assert (status.target, status.ready) == (2, ()), status
+    pristine = pristine_name(server.dbname)
+    # A transaction that holds the pristine copy's lock (its COMMENT, as it is): each CREATE DATABASE from it waits.
+    blocker = psycopg.connect(server.dsn("postgres"))
+    try:
+        [mark] = blocker.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (pristine,)
+        ).fetchone() or (None,)
+        blocker.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(pristine), sql.Literal(mark))
+        )
+        stopped = _stopped_at("copying", server, [], tmp_path, at=lambda: _copying(server) == 2)
+        assert stopped == 128 + signal.SIGTERM
+        assert _copying(server) == 0  # neither copy goes on in the server
+    finally:
+        blocker.close()
+    assert _databases(server) == [server.dbname, pristine]  # no clone, marked or not
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.ready, status
+    assert record_files(record_path(server)) == [".lock", "record"]
 
 
 def test_a_refill_stopped_while_its_server_does_not_answer_ends_at_once(root: Path, tmp_path: Path) -> None:

@@ -284,9 +284,9 @@ def test_refills_of_different_slots_run_at_once(loaded: ServerInfo, monkeypatch:
     both_copying = threading.Barrier(2, timeout=60)
     make_clone = clone_pool._make_clone
 
-    def meet_then_make(conn: psycopg.Connection[object], db: str, n: int) -> str:
+    def meet_then_make(conn: psycopg.Connection[object], db: str, n: int, *rest: object) -> str:
         both_copying.wait()  # broken (an error) unless the other refiller reaches its copy meanwhile
-        return make_clone(conn, db, n)
+        return make_clone(conn, db, n, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(clone_pool, "_make_clone", meet_then_make)
     with ThreadPoolExecutor(2) as pool:
