@@ -1,6 +1,6 @@
-"""A detached refill stopped politely (SIGTERM: a service manager, `kill PID`, a shutdown; SIGINT sent to it: a
-Ctrl-C at a terminal cannot reach it, it runs in a session of its own) while it copies a clone, makes COPY bodies
-or writes its outcome record: `refresher status` says it was stopped (neither "running" for good, nor "died ...
+"""A detached refill stopped politely (SIGTERM: a service manager, `kill PID`, a shutdown; SIGINT or SIGHUP sent
+to it: a Ctrl-C at a terminal cannot reach it, it runs in a session of its own) while it copies clones, analyzes
+the pristine copy, makes COPY bodies, writes its outcome record or waits for a server that does not answer: `refresher status` says it was stopped (neither "running" for good, nor "died ...
 SIGKILL", nor nothing), no half-made clone is left in the server, no temporary or part file and no note stays,
 the bodies' list stays for the next refill, a reset restores the loaded data exactly, and the next refill
 finishes the job. Against real local servers, the real detached refill (the clone's step) and the refill's real
@@ -67,12 +67,14 @@ def _copying(server: ServerInfo) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workspace", ["local"], indirect=True)  # the step is the server's, not its engine's
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_the_next_one_fills(
     workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
 ) -> None:
-    # Before: SIGTERM ended it on the spot (status: "died ... (killed outright: SIGKILL, the OOM killer?)"); SIGINT
-    # was ignored (``sh -c '... &'`` starts it with SIGINT ignored) and the refill went on (here: failed on the
+    # Before: SIGTERM and SIGHUP ended it on the spot (status: "died ... (killed outright: SIGKILL, the OOM
+    # killer?)"); SIGINT was ignored (``sh -c '... &'`` starts it with SIGINT ignored) and the refill went on (here: failed on the
     # session on the pristine copy).
     ws = workspace
     _a_pool_of_one(ws, tmp_path, monkeypatch)
