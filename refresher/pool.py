@@ -1699,11 +1699,6 @@ def _is_store(root: Path) -> bool:
     return (root / "manifest.duckdb").exists()
 
 
-def _stopped_bodies(stop: _Stopped) -> str:
-    """The bodies' line (``_record_bodies``) of a refill stopped before it made them all: the list stays."""
-    return f"{stop} before it made them all (listed still: the next refill makes them)"
-
-
 def _lower_own_priority() -> None:
     """This process to the lowest CPU priority (SCHED_IDLE where the platform has it: it runs only when a core
     would idle; else nice 19) and the idle I/O class (``ionice -c 3``), each best effort as ``_lower_priority``:
@@ -1832,7 +1827,8 @@ def _refill_main(args: argparse.Namespace) -> int:
                 _record_outcome(args.dsn, args.database, time.time_ns(), line)
             listed = body_keys.read(bodies[0])[0] if bodies is not None else []
             if bodies is not None and listed:  # none once they were made (and recorded)
-                record_bodies(_not_made(bodies[1], listed), _stopped_bodies(exc))
+                line = f"{exc} before it made them all (listed still: the next refill makes them)"
+                record_bodies(_not_made(bodies[1], listed), line)
             raise
     if failed is not None:
         raise failed
