@@ -862,13 +862,15 @@ class _Stops:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """A stop arriving in the block is raised after it (not if it raised)."""
+        """A stop arriving in the block is raised after it, also in place of what the block raised: a write that
+        failed (a full disk) is suppressed by its best-effort caller, and the stop was then raised only at the
+        next ``held``'s end, the refill going on meanwhile (its bodies made)."""
         self._holding += 1
         try:
             yield
         finally:
             self._holding -= 1
-        self._raise()
+            self._raise()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

@@ -115,7 +115,8 @@ def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_th
 # The refill's ``main`` with a hook that touches argv[2] and waits there (60 s at most) at the step argv[1]:
 # "renaming" between a batch of bodies' temporaries and their rename, "between" after one body is published and
 # before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
-# the record is written whole, then the stop raised), "analyzing" as the pristine copy's analyzed copy is
+# the record is written whole, then the stop raised), "unrecorded" there too, then that rename fails (ENOSPC: a
+# full disk; later ones go through), "analyzing" as the pristine copy's analyzed copy is
 # analyzed (``_analyze_pristine``: made, connected to); "connecting" touches it as its first connection starts,
 # its timeout 120 s (the usual 10 s), and does not wait; "copying" only makes it copy two clones at once
 # (``refill_concurrency`` 2); then argv[3:] to ``main``.
@@ -149,12 +150,17 @@ HOOKED = textwrap.dedent(
             wait_here()
             return written
         FeatureStore.put_bodies = putting
-    elif step == "recording":
-        replace = os.replace
+    elif step in ("recording", "unrecorded"):
+        replace, failed = os.replace, []
         def replacing(src, dst):
             name = Path(src).name
             if name.startswith(pool.OUTCOME_PREFIX) and name.endswith(".part") and pool.RUNNING_SUFFIX not in name:
-                wait_here()
+                if step == "unrecorded" and not failed:
+                    wait_here()
+                    failed.append(src)
+                    raise OSError(28, "No space left on device")
+                if step == "recording":
+                    wait_here()
             return replace(src, dst)
         os.replace = replacing
     elif step == "analyzing":
@@ -258,15 +264,24 @@ def test_a_refill_stopped_while_it_makes_bodies_removes_its_temporaries_keeps_it
     assert pool_status(server).bodies == ""
 
 
+def _stopped_recording(
+    step: str, root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[ServerInfo, FeatureStore, Path]:
+    """A cold refresh held back (``_held_back``), then its refill, filling the pool and to make the 6 bodies,
+    SIGTERMed at ``step`` (its outcome record's write); it exited 143. Its server, store and list of bodies."""
+    engine, store, keys = _held_back(root, monkeypatch, step)
+    server = engine.start(keys.stem)
+    args = ["--bodies", str(keys), "--store", str(store.root)]
+    assert _stopped_at(step, server, args, tmp_path) == 128 + signal.SIGTERM
+    return server, store, keys
+
+
 def test_a_refill_stopped_while_it_writes_its_outcome_writes_it_whole_and_no_part(
     root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Before: SIGTERM between the record's part and its rename ended it there: the part stayed, no outcome was
     # recorded, the note stayed and status said the refill "died ...".
-    engine, store, keys = _held_back(root, monkeypatch, "recording")
-    server = engine.start(keys.stem)
-    args = ["--bodies", str(keys), "--store", str(store.root)]
-    assert _stopped_at("recording", server, args, tmp_path) == 128 + signal.SIGTERM
+    server, store, keys = _stopped_recording("recording", root, monkeypatch, tmp_path)
     path = record_path(server)
     assert record_files(path) == [".lock", "record"]  # no part, no note
     lines = path.read_text().splitlines()
@@ -282,6 +297,21 @@ def test_a_refill_stopped_while_it_writes_its_outcome_writes_it_whole_and_no_par
     pool.spawn_refill(server, bodies=(keys, store.root))
     wait_for_pool(server, timeout=120, bodies=keys)
     assert not keys.exists() and pool_status(server).bodies == ""
+
+
+def test_a_refill_stopped_while_its_outcome_fails_to_be_written_stops_there(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: a stop held while the record was written was dropped when that write failed (``_Stops.held`` raised
+    # it only after a block that did not raise; the record's writer suppresses OSError): the refill went on and
+    # made every body, and the stop was raised only as its running note went, at the very end.
+    server, store, keys = _stopped_recording("unrecorded", root, monkeypatch, tmp_path)
+    assert store.get_cache_stats().bodies.entries == 0  # stopped there: no body made
+    assert len(body_keys.read(keys)[0]) == 6 and not body_keys.pending(keys)
+    status = pool_status(server)
+    assert "could not make 6 COPY bodies: stopped by SIGTERM" in status.bodies, status
+    assert (status.failed, status.refilling) == ("", ""), status  # no outcome could be written
+    assert record_files(record_path(server)) == [".lock", "record"]  # the bodies' line's write took the part
 
 
 def test_a_refill_stopped_while_it_analyzes_the_pristine_copy_drops_its_analyzed_copy_and_a_reset_restores(
