@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -370,9 +369,7 @@ def test_a_feature_load_ends_a_loader_stalled_in_its_copy_and_loads(
         assert replace_feature_rows(conn, "mine", [_one_row(0.0, "h0")]) == 1
         conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
         with held_in_a_copy(pg_database.dsn(), _loading_one(1.0, "h1")) as (_, failed):
-            started = time.monotonic()
             assert replace_feature_rows(conn, "mine", [_one_row(2.0, "h2")]) == 1
-            assert time.monotonic() - started < 10
         assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
         assert conn.execute("SELECT x FROM features_mine").fetchall() == [(2.0,)]
         assert read_ledger(conn) == {("mine", "AAA"): "h2"}
@@ -404,12 +401,10 @@ def test_a_feature_loader_stopped_between_statements_fails_the_load_in_one_line_
         assert replace_feature_rows(conn, "mine", [_one_row(0.0, "h0")]) == 1
         conn.execute("SET lock_timeout = '30s'")  # before: the load waited here for ever
         holder.execute("SELECT pg_advisory_xact_lock(%s)", (feature_lock_id("mine"),))
-        started = time.monotonic()
         with pytest.raises(
             LoadError, match=r"^feature mine: .* held its lock for over 0.5 s \(pid \d+ "
         ) as caught:
             replace_feature_rows(conn, "mine", [_one_row(2.0, "h2")])
-        assert time.monotonic() - started < 10
         message = str(caught.value)
         assert f"pid {holder.info.backend_pid} (" in message and "idle in transaction" in message
         assert "\n" not in message and is_transient(caught.value)

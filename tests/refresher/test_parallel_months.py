@@ -157,9 +157,7 @@ def test_a_loader_stopped_in_a_copy_that_reached_the_default_partition_holds_no_
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol <> 'ZZZ'")
         conn.execute("DELETE FROM refresher_segments WHERE symbol <> 'ZZZ'")
         with held_in_a_copy(dsn, _month(JAN, ["AAPL"])) as (_, failed):
-            started = time.monotonic()
             load_segments(conn, _month(FEB, ["MSFT"]))
-            assert time.monotonic() - started < 20
         assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
         assert partitions.existing_months(conn, "ohlcv_1min") == {JAN, FEB}
         assert conn.execute(STRAY).fetchone() == (0,)
@@ -201,9 +199,7 @@ def test_a_creator_stopped_after_its_attach_holds_no_delete_reaching_the_default
         conn.execute("DELETE FROM refresher_segments WHERE symbol = 'AAPL'")
         load_segments(conn, msft)
         with held_in_a_copy(dsn, holder, at=2) as (_, failed):
-            started = time.monotonic()
             behind()
-            assert time.monotonic() - started < 20
         assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
         assert partitions.existing_months(conn, "ohlcv_1min") == {FEB}
         assert conn.execute(STRAY).fetchone() == (0,)
@@ -219,12 +215,10 @@ def test_a_session_idle_holding_the_default_partition_fails_a_creator_in_one_lin
     with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn) as holder:
         conn.execute("SET lock_timeout = '30s'")  # before: the ATTACH waited here for ever
         holder.execute("SELECT count(*) FROM ohlcv_1min_default")
-        started = time.monotonic()
         with pytest.raises(
             LoadError, match=r"held its default partition ohlcv_1min_default for over 0.5 s"
         ) as caught:
             load_segments(conn, _month(JAN, ["MSFT"]))
-        assert time.monotonic() - started < 20
         said = str(caught.value)
         assert f"(pid {holder.info.backend_pid} (" in said and "idle in transaction" in said, said
         assert "\n" not in said and is_transient(caught.value)
@@ -253,9 +247,7 @@ def test_a_verify_beside_a_creator_stopped_after_its_attach_ends_it_and_counts(
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'AAPL'")
         conn.execute("DELETE FROM refresher_segments WHERE symbol = 'AAPL'")
         with held_in_a_copy(dsn, holder, at=2) as (_, failed):
-            started = time.monotonic()
             counts = count_rows(conn, [zzz, aapl], timezones=NY, wait=short_wait)
-            assert time.monotonic() - started < 20
         assert len(failed) == 1 and isinstance(failed[0].__cause__, psycopg.OperationalError), failed
         assert counts == {zzz: read_loaded_segments(conn)[zzz].rows, aapl: 0}
         assert partitions.existing_months(conn, "ohlcv_1min") == {FEB}
@@ -271,12 +263,10 @@ def test_a_verify_beside_a_session_idle_after_its_attach_fails_in_one_line_namin
         load_segments(conn, _month(FEB, ["ZZZ"]))
         conn.execute("SET lock_timeout = '30s'")  # before: the count waited here for ever
         holder.execute(_ATTACH_JANUARY)
-        started = time.monotonic()
         with pytest.raises(
             LoadError, match=r"held its default partition ohlcv_1min_default for over 0.5 s"
         ) as caught:
             count_rows(conn, [Segment("ZZZ", "1m", FEB)], timezones=NY, wait=short_wait)
-        assert time.monotonic() - started < 20
         said = str(caught.value)
         assert f"(pid {holder.info.backend_pid} (" in said and "idle in transaction" in said, said
         assert "\n" not in said and is_transient(caught.value)
@@ -318,7 +308,6 @@ def test_plan_and_refresh_verify_beside_a_stopped_creator_fail_in_one_line_namin
         assert stopped.stdout is not None
         pid = int(stopped.stdout.readline())
         for command in ("plan", "refresh"):
-            started = time.monotonic()
             done = subprocess.run(
                 ws.command(command, "--profile", ws.profile, "--verify"),
                 env=ws.env,
@@ -326,7 +315,6 @@ def test_plan_and_refresh_verify_beside_a_stopped_creator_fail_in_one_line_namin
                 text=True,
                 timeout=120,  # before: killed here
             )
-            assert time.monotonic() - started < 60
             assert done.returncode == 2, done.stderr
             line = done.stderr.strip().splitlines()[-1]
             assert line.startswith("refresher: ohlcv_1min: another load held its default partition"), line

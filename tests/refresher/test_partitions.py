@@ -215,7 +215,7 @@ def test_kill_9_while_filling_a_new_month_leaves_no_partition_and_no_ledger_row(
             assert proc.poll() is None and time.monotonic() < deadline, "the child never reached its COPY"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone() != (
             0,

@@ -24,6 +24,7 @@ from refresher._snapshot_sql import _CLONE_MARK, PoolSizing, _Mark, _mark_of
 from refresher.diskfull import COPY_SLACK
 from refresher.engines.base import ServerInfo
 from refresher.pool import (
+    PoolStatus,
     _settled,
     _settled_path,
     default_pool_size,
@@ -391,23 +392,36 @@ def _tight_disk(ws: Workspace, mount: Path, size: int | None, clones: float) -> 
     return server, reserve
 
 
+# ``wait_for_pool``'s timeout where it is to return short of the mark's size: a deadline (it raises there), which a
+# wait for the full size of 3 reaches on a disk that holds fewer (the bug of 42a77c4).
+SHORT_POOL_DEADLINE = 60
+
+
+def _short_of_the_mark(status: PoolStatus) -> int:
+    """The clones ready as ``wait_for_pool`` returned ``status``, fewer than the size the mark asks (3): it returned
+    on the refill's record of what the disk holds, not on a full pool."""
+    assert status.target == 3 and len(status.ready) < status.target, status
+    return len(status.ready)
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_wait_for_pool_returns_once_the_refill_made_what_the_disk_holds(small_ext4: Path) -> None:
     """``wait_for_pool`` (the pytest plugin's tests, the fixtures' and the bench's waits) on a pool the disk cut
     waited for the size asked, to its timeout. It returns once the refill has made what the disk holds: at once
-    after one, and after a reset only when the refill the reset spawned has made its clone again."""
+    after one, and after a reset only when the refill the reset spawned has made its clone again.
+
+    The wait returns short of the mark's size only through the refill's record (``_settled``); it raises at its
+    timeout otherwise. So its timeout is the test's deadline, not a timing: returning at all with ``made`` of 3
+    is the behaviour (its timed asserts, under 5 and 30 s, could fail a loaded machine's run for nothing)."""
     ws = Workspace(small_ext4, "local", f"disk_{uuid.uuid4().hex[:8]}")
     try:
         server, _ = _tight_disk(ws, small_ext4, 3, 1.5)
         made = refill_pool(server)
         assert 1 <= made < 3
-        started = time.monotonic()
-        assert len(wait_for_pool(server, timeout=30).ready) == made
-        assert time.monotonic() - started < 5
+        assert _short_of_the_mark(wait_for_pool(server, timeout=SHORT_POOL_DEADLINE)) == made
         assert restore_pristine(server).method == "pool"  # takes the clone; a detached refill makes it again
-        assert len(wait_for_pool(server, timeout=60).ready) == made
-        assert time.monotonic() - started < 30
+        assert _short_of_the_mark(wait_for_pool(server, timeout=SHORT_POOL_DEADLINE)) == made
     finally:
         ws.down()
 
@@ -425,9 +439,7 @@ def test_wait_for_pool_returns_once_a_refill_given_its_own_size_made_what_the_di
         server, _ = _tight_disk(ws, small_ext4, 3, 1.5)
         made = refill_pool(server, size=4)
         assert 1 <= made < 3, made
-        started = time.monotonic()
-        assert len(wait_for_pool(server, timeout=20).ready) == made
-        assert time.monotonic() - started < 5
+        assert _short_of_the_mark(wait_for_pool(server, timeout=SHORT_POOL_DEADLINE)) == made
     finally:
         ws.down()
 

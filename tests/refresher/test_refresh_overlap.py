@@ -159,7 +159,9 @@ def test_a_stopped_server_with_data_is_not_new_and_keeps_its_data(root: Path) ->
     postmaster = Postmaster.read(root / "state" / "local" / profile.name / "pgdata")
     assert postmaster is not None
     os.kill(postmaster.pid, signal.SIGINT)  # a fast shutdown; the cluster and its data stay
+    deadline = time.monotonic() + 60
     while postmaster.alive():
+        assert time.monotonic() < deadline, "the postmaster did not shut down in 60 s"
         threading.Event().wait(0.05)
     assert engine.info(profile.name) is None and not engine.is_new(profile.name)
     again = refresh(profile, engine, store)

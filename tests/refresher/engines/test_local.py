@@ -265,7 +265,7 @@ def test_a_server_that_exits_before_its_logging_starts_ends_the_wait_at_once(
     profile = f"lc_lost_{lost.split('/')[0].split('.')[0]}"
     slow = LocalEngine(local_state_dir, ready_timeout=20)
     try:
-        slow.start(profile)
+        LocalEngine(local_state_dir).start(profile)  # its first start, initdb's, waits the usual 60 s
         _kill_server_keep_data(slow, profile)
         (slow.base / profile / "pgdata" / lost).unlink()
         with pytest.raises(EngineUnavailable, match=rf"(?s)not ready after 20s \(it exited\).*{says}"):
