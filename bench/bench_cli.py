@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_engine import wait_for_spare
+from bench.bench_engine import settle
 from refresher.engines import make_engine
 from refresher.engines.local import LocalEngine
-from refresher.pool import wait_for_pool
 from refresher.settings import Settings
 
 RUNS = 5
@@ -42,14 +41,14 @@ def _median_seconds(argv: list[str], env: dict[str, str]) -> float:
 
 
 def _settle(env: dict[str, str], profile: str) -> None:
-    """Until the background work the cold refresh left is done (the pool refill, the template's spare copy), so
-    the no-ops below are timed on a quiet machine, as a developer's next command meets it."""
+    """Until the background work the cold refresh left is done (the pool refill, then its COPY bodies, the
+    template's spare copy), so the no-ops below are timed on a quiet machine, as a developer's next command meets
+    it."""
     engine = make_engine("local", Settings.from_env(env))
     assert isinstance(engine, LocalEngine)
     server = engine.info(profile)
     assert server is not None
-    wait_for_pool(server, timeout=600)
-    wait_for_spare(engine)
+    settle(server, engine)
 
 
 def _cli(*args: str) -> list[str]:
