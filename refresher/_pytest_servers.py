@@ -98,7 +98,9 @@ def build_server(
     ``run`` names the test run and ``owner_pid`` the process that will stop the server (the xdist controller).
     A server to keep between runs (``kept``) carries no owner labels, and its directory names ``owner_pid`` only
     until ``mark_kept`` (once it is recorded for reuse): a run killed while building it leaves a server the
-    sweep removes, where nothing would ever stop it. ``pool_size``: the warm clones its snapshot records.
+    sweep removes, where nothing would ever stop it. ``pool_size``: the warm clones its snapshot records. Its
+    refresh notes the minute segments whose COPY bodies the store lacks under ``settings.state_dir`` and its
+    detached refill makes them, off the run (``refresher.body_keys``), as after `refresher refresh`.
     """
     from featurestore import FeatureStore
     from refresher.engines import owner_labels, select_engine
@@ -119,7 +121,11 @@ def build_server(
     try:
         labels = {PYTEST_LABEL: run} if kept else {PYTEST_LABEL: run, **owner}
         server = select_engine(engine, throwaway, labels=labels)
-        report = refresh(profile, server, store, pool_size=pool_size)
+        # The run's own state dir, not the throwaway one: the COPY bodies to make are listed there for the
+        # server's detached refill, which reads the list after its clones, by when a short run may have removed
+        # the throwaway dir (a killed refill's list is then picked up by the next run). Without it, every run's
+        # load into its new server read the Parquet files, and its refill never made a body for the next one.
+        report = refresh(profile, server, store, pool_size=pool_size, state_dir=settings.state_dir)
         info = server.info(profile.name)
         if info is None:
             raise EngineUnavailable(

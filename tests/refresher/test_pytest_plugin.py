@@ -105,8 +105,15 @@ class PluginEnv:
 
 @pytest.fixture(scope="module")
 def plugin_env() -> Iterator[PluginEnv]:
-    # Under /tmp and world-traversable: as root the embedded server runs as another user (pytest's own
-    # tmp_path is 0700). One store for the module, so only the first example pays for generating the data.
+    # One store for the module, so only the first example pays for generating the data.
+    with new_plugin_env() as env:
+        yield env
+
+
+@contextlib.contextmanager
+def new_plugin_env() -> Iterator[PluginEnv]:
+    """Profiles, a store and a state dir of their own for example projects, stopped and removed after. Under /tmp
+    and world-traversable: as root the embedded server runs as another user (pytest's own tmp_path is 0700)."""
     root = Path(tempfile.mkdtemp(prefix="refresher-plugin-test-"))
     root.chmod(0o755)
     env = PluginEnv(root, root / "profiles", root / "store", root / "state")
@@ -239,6 +246,33 @@ def test_sqlalchemy(refresher_db):
     [server] = read_records(out)
     assert server["engine"] == engine
     assert_server_gone(server)
+
+
+def test_a_run_leaves_the_copy_bodies_of_its_minute_segments_to_its_detached_refill(
+    pytester: pytest.Pytester,
+) -> None:
+    """The plugin loads each run into a new server from the store: the warm load that the store's COPY bodies
+    speed up (``refresher.bodies``). Its refresh lists the minute segments without one in the run's state dir and
+    its detached refill makes them after the run, as after `refresher refresh`. Before: the plugin's refresh
+    had no state dir, so no run, in CI or anywhere, ever left a body (0 in the store after the run, counted),
+    and every run read every minute segment's Parquet file again."""
+    from featurestore import FeatureStore
+    from refresher import body_keys
+
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n")
+    with new_plugin_env() as env:  # a store of its own: the module's gets bodies from every example
+        run(pytester, *env.args("local")).assert_outcomes(passed=1)
+        keys = body_keys.keys_path(env.state, "tiny")
+        deadline = time.monotonic() + 120
+        while body_keys.pending(keys):  # the refill, detached, holds the list until it is done
+            assert time.monotonic() < deadline, "the run's refill never made its bodies"
+            time.sleep(0.2)
+        assert FeatureStore(env.store).get_cache_stats().bodies.entries == 3  # 3 symbols x 1 month
+        assert not keys.exists()  # made, and the list removed
+        # The next run's load finds them all: nothing is left to make.
+        run(pytester, *env.args("local")).assert_outcomes(passed=1)
+        assert not keys.exists()
+        assert FeatureStore(env.store).get_cache_stats().bodies.entries == 3
 
 
 @pytest.mark.slow
