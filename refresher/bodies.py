@@ -158,12 +158,12 @@ def has_body(store: FeatureStore, content_hash: str | None) -> bool:
     return path is not None and path.exists()
 
 
-def lacking(store: FeatureStore, wanted: Sequence[Wanted]) -> int:
-    """How many of the ``wanted`` segments have no body in the store now (``has_body``; one gone from the store
-    has none): what a refill whose bodies' step failed or was stopped midway did not make. Counting every listed
-    one instead told "could not make 6" of a step that had published 2 before it failed."""
+def lacking(store: FeatureStore, wanted: Sequence[Wanted]) -> list[Wanted]:
+    """The ``wanted`` segments that have no body in the store now (``has_body``; one gone from the store has
+    none): what a refill whose bodies' step failed or was stopped midway did not make (counting every listed one
+    instead told "could not make 6" of a step that had published 2 before it failed), and what stays listed."""
     hashes = store.lookup_hashes([each.key for each in wanted])
-    return sum(1 for each in wanted if not has_body(store, hashes.get(each.key, (None, 0))[0]))
+    return [each for each in wanted if not has_body(store, hashes.get(each.key, (None, 0))[0])]
 
 
 def make_bodies(

@@ -6,7 +6,9 @@ refresh only notes here which of the minute segments it loaded have no body yet 
 month, the exchange's time zone), merged with what a killed refill left, and hands the file to the pool's
 detached refill (``pool.spawn_refill``), which makes its clones first, then the bodies at idle priority
 (``bodies.make_bodies``), then removes the file if it is still the one it read (a refresh may have written a
-newer one meanwhile: it stays for the next refill). A refill killed on the way leaves it for the next.
+newer one meanwhile: it stays for the next refill), or leaves in it only the segments it could not make (their
+Parquet file gone or damaged), which the next refill, or `refresher warm` once it fetched them again, makes. A
+refill killed on the way leaves it for the next.
 
 The list's own ``flock`` tells whether a refill is still at it: every refill given the list holds it shared from
 its spawn to its end, on a descriptor the spawner opens and locks before the refill starts and hands to it (so
@@ -23,7 +25,7 @@ import contextlib
 import fcntl
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +77,21 @@ def add(path: Path, wanted: Iterable[Wanted]) -> bool:
     if set(lines) == {each.line() for each in old}:
         return bool(old)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, lines, None)
+    return True
+
+
+def _write(path: Path, lines: Iterable[str], inode: int | None) -> bool:
+    """``lines`` written whole at ``path`` (a temporary fsynced and renamed over, the directory fsynced); with
+    ``inode``, only if ``path`` is still that file when the temporary is whole. Whether it was written."""
     part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
         with open(part, "w", encoding="utf-8") as handle:
             handle.write("".join(f"{line}\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
+        if inode is not None and _inode_of(path) != inode:
+            return False
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
@@ -92,10 +103,25 @@ def add(path: Path, wanted: Iterable[Wanted]) -> bool:
     return True
 
 
-def finished(path: Path, inode: int | None) -> bool:
-    """Remove ``path`` if it is still the file of ``inode`` (the one the refill read); a newer one stays."""
+def _inode_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def finished(path: Path, inode: int | None, left: Sequence[Wanted] = ()) -> bool:
+    """What a maker of the list read as ``inode`` (``read``) leaves of it once done: ``left``, those it could not
+    make (a Parquet file gone or damaged: `refresher warm` fetches it again), written in its place for the next
+    refill or `refresher warm` to make, and kept so long (`refresher status` says why only while a list is there);
+    with none left, the list removed. Only if ``path`` is still that file: a newer one (a refresh merged it with
+    what it noted) stays, it lists these too. Whether it was replaced or removed."""
+    if inode is None:
+        return False
+    if left:
+        return _write(path, dict.fromkeys(each.line() for each in left), inode)
     with contextlib.suppress(FileNotFoundError):
-        if inode is not None and path.stat().st_ino == inode:
+        if path.stat().st_ino == inode:
             path.unlink()
             return True
     return False

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import filelock
     import psycopg
 
-    from refresher import diskfull, engines, pool, profile_lock, snapshot, stamp
+    from refresher import body_keys, diskfull, engines, pool, profile_lock, snapshot, stamp
     from refresher.engines.base import Engine, ServerInfo, ServerStatus
     from refresher.pool import PoolStatus
     from refresher.profile import BadRowPolicy, Profile
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 else:
     filelock = LazyModule("filelock")
     psycopg = LazyModule("psycopg")
+    body_keys = LazyModule("refresher.body_keys")
     diskfull = LazyModule("refresher.diskfull")
     engines = LazyModule("refresher.engines")
     pool = LazyModule("refresher.pool")
@@ -170,7 +171,9 @@ def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> Warm
     from featurestore import FeatureStore
     from refresher.warm import warm as _warm
 
-    return _warm(_profile(settings, name, as_of), FeatureStore(settings.store_root))
+    return _warm(
+        _profile(settings, name, as_of), FeatureStore(settings.store_root), state_dir=settings.state_dir
+    )
 
 
 def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
@@ -275,7 +278,10 @@ def pools(settings: Settings, statuses: list[ServerStatus]) -> list[PoolStatus |
             found.append(None)
             continue
         try:
-            found.append(pool.pool_status(server))
+            bodies = body_keys.keys_path(
+                settings.state_dir, listed.profile
+            )  # a line of them only while listed
+            found.append(pool.pool_status(server, bodies=bodies))
         except (RefresherError, psycopg.Error):
             found.append(None)
     return found

@@ -248,21 +248,32 @@ def drop_clone(server: ServerInfo, name: str) -> None:
         _drop_database(conn, name)
 
 
-def pool_status(server: ServerInfo) -> PoolStatus:
+def pool_status(server: ServerInfo, *, bodies: Path | None = None) -> PoolStatus:
     """The pool of ``server.dbname`` (``refresher status``; its ``why`` says when the disk holds fewer clones
-    than the pool keeps); a database a killed reset left refusing sessions is opened (``_reopen_abandoned``)."""
+    than the pool keeps); a database a killed reset left refusing sessions is opened (``_reopen_abandoned``).
+    ``bodies``: the server's list of COPY bodies to make (``body_keys.keys_path``; the CLI's status passes it):
+    the line of those its refill could not make (``PoolStatus.bodies``) is said only while that list is there."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
         _reopen_abandoned(conn, server.dbname)
         mark = _pristine_mark(conn, server.dbname)
-        return _status(conn, server.dbname, mark, _ready_clones(conn, server.dbname), server.cluster)
+        ready = _ready_clones(conn, server.dbname)
+        return _status(conn, server.dbname, mark, ready, server.cluster, bodies)
 
 
 def _status(
-    conn: psycopg.Connection[Any], db: str, mark: _Mark | None, ready: Collection[str], cluster: int | None
+    conn: psycopg.Connection[Any],
+    db: str,
+    mark: _Mark | None,
+    ready: Collection[str],
+    cluster: int | None,
+    bodies: Path | None = None,
 ) -> PoolStatus:
     """``pool_status`` of the pool ``mark`` records (None: no complete copy), ``ready`` as read with it, on the
     server of ``cluster`` (``ServerInfo.cluster``, None: not known). It writes nothing: whether the server's
-    copies are reflinks is the mark's answer (``_Machine.of``)."""
+    copies are reflinks is the mark's answer (``_Machine.of``). The bodies' line is said only while ``bodies``,
+    the list of those to make, is there (None: whatever it is): the segments a refill could not make stay listed
+    (``_make_bodies``), so no list is none left to make, their files fetched again and the bodies made since
+    (`refresher warm`, another refill); the line stayed for good before, whoever had fetched the file again."""
     if mark is None:
         return PoolStatus(False, (), DEFAULT_POOL_SIZE)
     why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
@@ -271,9 +282,8 @@ def _status(
     notes = _refill_notes(outcome)
     failed = _died(outcome, notes) or _last_failure(outcome)
     why = why if cut is None else f"{why}; {cut}"
-    return PoolStatus(
-        True, tuple(ready), mark.pool_size, why, failed, _refilling(notes), _bodies_line(outcome)
-    )
+    not_made = _bodies_line(outcome) if bodies is None or bodies.exists() else ""
+    return PoolStatus(True, tuple(ready), mark.pool_size, why, failed, _refilling(notes), not_made)
 
 
 def disk_cut(server: ServerInfo) -> str | None:
@@ -500,8 +510,8 @@ def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0, bodies: Path | N
     """Wait until the pool is full again (after a reset or checkout), or holds what the disk held as its last
     refill ended when that was fewer clones (``_settled``); raise SnapshotError on timeout: no refill came, or
     one died short. ``bodies``: a refresh's list of COPY bodies to make (``body_keys.keys_path``): then also
-    until its refill has made them (the list gone) or no refill given it runs any more (``body_keys.pending``),
-    so what runs next finds the bodies in the store.
+    until its refill has made them (the list gone, or left with those it could not make) or no refill given it
+    runs any more (``body_keys.pending``), so what runs next finds the bodies in the store.
 
     Not the disk's bound as measured now: a refill drops the trash a reset left before it counts, and a clone
     being copied takes disk before it is ready, so a bound measured from here undercounts while one runs. A tick
@@ -530,7 +540,7 @@ def wait_for_pool(server: ServerInfo, *, timeout: float = 60.0, bodies: Path | N
                     f"{db}: the refill has not made the COPY bodies of {bodies} after {timeout:.0f}s"
                 )
             time.sleep(0.1)
-        return _status(conn, db, mark, ready, server.cluster)
+        return _status(conn, db, mark, ready, server.cluster, bodies)
 
 
 def _settled(conn: psycopg.Connection[Any], db: str, directory: Path | None) -> int | None:
@@ -816,7 +826,7 @@ def _bodies_line(path: Path) -> str:
     return (
         f"the refill ({_local_time(ended)}) could not make {not_made} COPY bod{'y' if not_made == 1 else 'ies'}:"
         f" {first or NO_REASON}; loads read the Parquet rows instead (`refresher warm` fetches again a file the"
-        " store dropped)"
+        " store dropped and makes its body)"
     )
 
 
@@ -1645,7 +1655,10 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     the store at ``store_root``, at the lowest CPU and I/O priority (after the clones, which a reset waits for:
     the bodies only speed up the next load into a new database), then remove the list if it is still the one read
     (a newer one, written by a refresh meanwhile, stays for its refill). A body that cannot be made is a line in
-    the refill's log; anything else failing too (a full disk): the list stays for the next refill. ``record``
+    the refill's log and stays listed (``body_keys.finished``): the next refill tries it again, `refresher warm`
+    makes it once it fetched its file again, and status says why only while it is listed (removing the list
+    instead left the line for good, whoever fetched the file again); anything else failing too (a full disk): the
+    list stays for the next refill. ``record``
     (``_record_bodies``) is told how many it could not make (the step failing: those still without a body,
     ``_not_made``) and the first one's line before the list goes: ``wait_for_pool(bodies=)`` returns once it is
     gone, and status then says it."""
@@ -1660,7 +1673,7 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
         return
     _lower_own_priority()
     from featurestore import FeatureStore  # the work's own imports (pyarrow, pgpq) only where it is done
-    from refresher.bodies import make_bodies
+    from refresher.bodies import lacking, make_bodies
 
     said: list[str] = []
 
@@ -1670,14 +1683,16 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
 
     started = time.perf_counter()
     try:
-        made = make_bodies(FeatureStore(store_root), wanted, say=say)
+        store = FeatureStore(store_root)
+        made = make_bodies(store, wanted, say=say)
+        left = lacking(store, wanted) if said else []
     except Exception as exc:
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
         record(_not_made(store_root, wanted), f"COPY bodies not made: {_failure_line(exc)}")
         return
     with _STOPS.held():  # a stop now: the record and the list agree
         record(len(said), said[0] if said else "")
-        body_keys.finished(keys, inode)
+        body_keys.finished(keys, inode, left)
     print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
 
 
@@ -1691,7 +1706,7 @@ def _not_made(store_root: Path, wanted: list[body_keys.Wanted]) -> int:
     from refresher.bodies import lacking
 
     try:
-        return lacking(FeatureStore(store_root), wanted)
+        return len(lacking(FeatureStore(store_root), wanted))
     except Exception:
         return len(wanted)
 

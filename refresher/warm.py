@@ -8,16 +8,21 @@ it fetches nothing and computes nothing: it only loads.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from featurestore import FeatureStore
+from featurestore.errors import FeatureStoreError
+from refresher import bodies, body_keys
 from refresher._gc import fewer_collections
 from refresher.calendar import exchange_tz
+from refresher.errors import one_line
 from refresher.features.cached import compute_features
 from refresher.jobs.inprocess import store_batches
 from refresher.jobs.segment import fetch_tables, jobs_of_plan
@@ -42,11 +47,18 @@ class WarmReport:
         return asdict(self)
 
 
-def warm(profile: Profile, store: FeatureStore, *, progress: ProgressCallback | None = None) -> WarmReport:
+def warm(
+    profile: Profile,
+    store: FeatureStore,
+    *,
+    progress: ProgressCallback | None = None,
+    state_dir: Path | None = None,
+) -> WarmReport:
     """Store every segment and feature the profile wants that the store lacks; touches no database.
 
     With the cyclic collector held back, as a refresh holds it (``refresher._gc``): the same plan, jobs and
-    tables, the same millions of short-lived objects."""
+    tables, the same millions of short-lived objects. With ``state_dir`` (the CLI's), then the COPY bodies the
+    profile's refills could not make (``_make_listed``)."""
     started = time.perf_counter()
     tz_of = {listing.symbol: exchange_tz(listing.exchange) for listing in profile.listings}
     with fewer_collections():
@@ -67,6 +79,8 @@ def warm(profile: Profile, store: FeatureStore, *, progress: ProgressCallback | 
         for feature in compute_features(profile, store, stored, daily):
             pairs += len(feature.parts)
             computed += feature.computed
+        if state_dir is not None:
+            _make_listed(body_keys.keys_path(state_dir, profile.name), store, set(stored.keys.values()))
     return WarmReport(
         profile=profile.name,
         segments=len(plan.desired),
@@ -75,6 +89,26 @@ def warm(profile: Profile, store: FeatureStore, *, progress: ProgressCallback | 
         computed=computed,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _make_listed(keys: Path, store: FeatureStore, wanted: set[str]) -> None:
+    """Make the COPY bodies the profile's list still names (``body_keys``): those its refills could not make, a
+    stored Parquet file gone or damaged, which this run fetched again (`refresher status` says so while they are
+    listed, and sends the user here), or a killed refill left. Only those listed (a few, usually; not every body
+    the profile lacks: those are the refills' work, off any run the user waits for), and only keys the profile
+    still wants: the others leave the list (no run would fetch them again). The list is then left with what still
+    cannot be made, or removed, as a refill leaves it; untouched while a refill holds it (it makes them)."""
+    if body_keys.pending(keys):
+        return
+    listed, inode = body_keys.read(keys)
+    if not listed:
+        return
+    mine = [each for each in listed if each.key in wanted]
+    try:
+        bodies.make_bodies(store, mine, say=lambda line: print(line, file=sys.stderr))
+        body_keys.finished(keys, inode, bodies.lacking(store, mine))
+    except (OSError, FeatureStoreError) as exc:  # a cache: the store's segments are warm all the same
+        print(f"refresher: COPY bodies not made: {one_line(exc)} (the list stays)", file=sys.stderr)
 
 
 __all__ = ["WarmReport", "warm"]

@@ -358,3 +358,55 @@ def test_a_bodies_step_failing_midway_counts_only_the_bodies_it_did_not_make(
     line = pool_status(server).bodies
     assert "could not make 4 COPY bodies: COPY bodies not made: OSError" in line, line
     assert body_keys.read(keys)[0] == listed  # kept for the next refill
+
+
+@pytest.mark.parametrize("then", ["warm", "refresh"])
+def test_a_body_the_refill_could_not_make_stays_listed_until_made_and_status_says_so_only_until_then(
+    root: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """KO's March minute file damaged in the store before the real detached refill makes the bodies: it makes the
+    other 5, `refresher status` says it could not make 1, and KO stays listed. Then the file is fetched again:
+    by `refresher warm` (the line's advice), which makes the body the list names, or by the store's file put
+    back and a refresh with nothing to load, whose refill tries the list again. Either way the body is made, the
+    list goes, and status no longer says it. Before: the refill removed the list, so nothing made that body
+    again and the line stayed for good, after warm or a refresh alike."""
+    from refresher import body_keys, commands, pool
+    from refresher.bodies import layout as bodies_layout
+    from refresher.pool import wait_for_pool
+    from refresher.settings import Settings
+
+    spawn_refill = pool.spawn_refill
+    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
+    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+    profile = _profile(root, f"stale_{then}", FRIDAY)
+    refresh(profile, engine, store, state_dir=root / "state")
+    keys = body_keys.keys_path(root / "state", profile.name)
+    listed, _inode = body_keys.read(keys)
+    [ko] = [each for each in listed if each.symbol == "KO" and each.month == "2025-03"]
+    entry = store.lookup([ko.key])[ko.key]
+    table = store.get(ko.key)
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # damaged: the refill's read drops it from the store, as `warm` then sees
+    entry.path.write_bytes(bytes(data))
+    server = engine.start(profile.name)
+    spawn_refill(server, fill=False, bodies=(keys, store.root))
+    wait_for_pool(server, timeout=120, bodies=keys)
+    assert body_keys.read(keys)[0] == [ko]  # the one it could not make stays listed
+    settings = Settings.from_env({}, state_dir=root / "state", store_root=root / "store", engine="local")
+
+    def said() -> str:
+        [status] = commands.pools(settings, engine.status(profile.name))
+        assert status is not None
+        return status.bodies
+
+    assert "could not make 1 COPY body: no COPY body for KO/1m/2025-03" in said(), said()
+    monkeypatch.setattr(pool, "spawn_refill", spawn_refill)
+    if then == "warm":
+        commands.warm(settings, str(root / f"{profile.name}.yaml"), as_of=FRIDAY)
+    else:
+        store.put_many_hashes([(ko.key, table, ko.symbol)])
+        assert refresh(profile, engine, store, state_dir=root / "state").segments.loaded == 0
+        wait_for_pool(server, timeout=120, bodies=keys)
+    assert not keys.exists()
+    assert len(store.read_bodies([each.key for each in listed], bodies_layout())) == 6
+    assert said() == ""
