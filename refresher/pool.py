@@ -859,6 +859,7 @@ class _Stops:
         self.signum: int | None = None
         self._holding = 0
         self._raised = False
+        self._halts: list[_Halt] = []
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.signum is None:
@@ -867,8 +868,19 @@ class _Stops:
 
     def _raise(self) -> None:
         if self.signum is not None and not self._raised and not self._holding:
+            for halt in self._halts:  # told first: a helper's copy that ends meanwhile is not marked
+                halt.tell()
             self._raised = True
             raise _Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def telling(self, halt: _Halt) -> Iterator[None]:
+        """``halt`` told of a stop (``_Halt.tell``) the moment it is raised, in the block."""
+        self._halts.append(halt)
+        try:
+            yield
+        finally:
+            self._halts.remove(halt)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -1115,7 +1127,8 @@ def _refill(
     analysis a handout recorded and no finisher holds, the working database's beside the rest, the pristine
     copy's before any clone is made of it), sweep leftovers, then fill the pool's missing slots from up to
     ``concurrency`` sessions at once. ``fill=False``: only the handed-out and recorded ones."""
-    with _admin(admin_dsn) as conn, ThreadPoolExecutor(1) as beside:
+    halt = _Halt()
+    with _admin(admin_dsn) as conn, halt.threads(1) as beside:
         if background:
             _lower_priority(conn.info.backend_pid)
         _reopen_abandoned(conn, db)  # a reset killed with its door shut: the refill after a refresh opens it
@@ -1123,14 +1136,14 @@ def _refill(
         skip = {each.name for each in first} | ({db} if fill else set())  # the working one: analyzed below
         others = [HandedOut(name, ()) for name in unfinished_analyses(conn) if name not in skip]
         for each in [*first, *others]:
-            beside.submit(_analyze_handed_out, admin_dsn, each, background)
+            beside.submit(_analyze_handed_out, admin_dsn, each, background, halt)
         if not fill:
             return 0
         also = handed.pending if handed is not None and handed.name == db and not may_record(conn) else ()
         working = _open_working(admin_dsn, db, background)
         changed = _stale_names(working)
         if working is not None:
-            beside.submit(_analyze_working, working, [*changed, *also])
+            beside.submit(_analyze_working, working, [*changed, *also], halt)
         with _advisory(conn, db, REFILL, shared=True):
             _analyze_pristine(conn, admin_dsn, db, background, also=changed)
             return _sweep_and_fill(conn, admin_dsn, db, background, size, concurrency)
@@ -1159,17 +1172,13 @@ def _sweep_and_fill(
         created = _fill(conn, db, size, machine, width)
     elif missing > 0:
         halt = _Halt()
-        with ThreadPoolExecutor(helpers) as pool:
+        with halt.threads(helpers) as pool:
             extra = [
                 pool.submit(_fill_from_new_session, admin_dsn, db, size, machine, width, background, halt)
                 for _ in range(helpers)
             ]
-            try:
-                created = _fill(conn, db, size, machine, width)
-                created += sum(f.result() for f in extra)
-            except _Stopped:
-                halt.halt()  # before the pool's shutdown waits for the helpers
-                raise
+            created = _fill(conn, db, size, machine, width)
+            created += sum(f.result() for f in extra)
     # Once, as it ended: the bound is looked at again before each copy (a clone costs its database, its WAL
     # slack only while it is made), so the first look may count fewer than the refill then made.
     ready = len(_ready_clones(conn, db))
@@ -1204,14 +1213,18 @@ def _stale_names(live: psycopg.Connection[Any] | None) -> tuple[str, ...]:
         return ()
 
 
-def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> None:
+def _analyze_working(
+    live: psycopg.Connection[Any], names: Collection[str], halt: _Halt | None = None
+) -> None:
     """ANALYZE ``names`` and whatever else is out of date in ``live``'s database (the working one, or one handed
-    out), then close ``live``; the analysis recorded on it, if any, is finished and cleared as it goes.
+    out), then close ``live``; the analysis recorded on it, if any, is finished and cleared as it goes. ``halt``:
+    the refill's (``_refill``), which cancels it as the refill stops.
 
     Best effort, beside the refill: a reset or a refresh may end the session; autovacuum would get there later,
     and the next refill to a recorded one.
     """
-    with contextlib.suppress(psycopg.Error), live, finishing(live) as ours:
+    cancels = contextlib.nullcontext() if halt is None else halt.cancels(live)
+    with contextlib.suppress(psycopg.Error), live, cancels, finishing(live) as ours:
         if not ours:  # another analyzer is at this database: it does the work, and if it dies the next refill
             return
         wait_past_autovacuum(live)  # a user's DDL on a table goes first (skipped), autovacuum does not
@@ -1219,7 +1232,9 @@ def _analyze_working(live: psycopg.Connection[Any], names: Collection[str]) -> N
             analyze_stale(live, also=names)
 
 
-def _analyze_handed_out(admin_dsn: str, handed: HandedOut, background: bool) -> None:
+def _analyze_handed_out(
+    admin_dsn: str, handed: HandedOut, background: bool, halt: _Halt | None = None
+) -> None:
     """ANALYZE what is out of date in a database a reset or checkout just handed out (its user may be running
     tests in it: each table's lock is waited for ``deadlock_timeout`` and a second more at most,
     ``wait_past_autovacuum``). Best effort: a test's teardown may drop it."""
@@ -1231,7 +1246,7 @@ def _analyze_handed_out(admin_dsn: str, handed: HandedOut, background: bool) -> 
             _lower_priority(live.info.backend_pid)
         # Its handout recorded what it lacks where the role may record: the record is the whole truth, and a
         # finisher that came first cleared it (``handed.pending`` again would analyze those tables twice).
-        _analyze_working(live, () if may_record(live) else handed.pending)
+        _analyze_working(live, () if may_record(live) else handed.pending, halt)
 
 
 def _analyze_pristine(
@@ -1298,24 +1313,33 @@ def _fill_from_new_session(
 
 
 class _Halt:
-    """The stop of a refill's helper threads (``_sweep_and_fill``). A stop (``_Stops``) raises ``_Stopped`` in the
-    main thread alone, and psycopg cancels that thread's query alone: a helper's CREATE DATABASE under way ran
-    on to its end, the refill waiting for it, and the helper marked the clone. ``halt`` (the main thread, as
-    ``_Stopped`` passes) tells the helpers to copy no further clone and cancels what each one's session runs
-    (``cancels``), as psycopg does for the main thread; a copy made meanwhile is dropped (``_make_clone``)."""
+    """The stop of a refill's threads: the helpers copying clones (``_sweep_and_fill``) and the one analyzing the
+    working and handed-out databases beside it (``_refill``). A stop (``_Stops``) raises ``_Stopped`` in the main
+    thread alone, and psycopg cancels that thread's query alone: a helper's CREATE DATABASE under way ran on to
+    its end, the refill waiting for it, and the helper marked the clone; the analysis thread's ANALYZE ran on,
+    then every handed-out analysis still queued, before the refill exited (a service manager's SIGKILL came
+    first). The threads of ``threads`` are told of the stop as it is raised (``tell``: a helper's copy ending
+    while the main thread cleans up is not marked), then, before the block's end waits for them, their sessions'
+    queries are cancelled (``cancels``), as psycopg does for the main thread, and their queued work dropped; a
+    copy made meanwhile is dropped (``_make_clone``)."""
 
     def __init__(self) -> None:
-        self._halted = threading.Event()
+        self._halted = False  # a plain flag: set in the signal handler (``tell``), which must take no lock
         self._lock = threading.Lock()
         self._sessions: set[psycopg.Connection[Any]] = set()
 
     def is_set(self) -> bool:
-        return self._halted.is_set()
+        return self._halted
+
+    def tell(self) -> None:
+        self._halted = True
 
     @contextlib.contextmanager
     def cancels(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
-        """``conn``'s query cancelled by a ``halt`` in the block."""
+        """``conn``'s query cancelled by a ``halt`` in the block; none begun once halted."""
         with self._lock:
+            if self._halted:
+                raise psycopg.errors.QueryCanceled("the refill stopped")
             self._sessions.add(conn)
         try:
             yield
@@ -1324,12 +1348,31 @@ class _Halt:
                 self._sessions.discard(conn)
 
     def halt(self) -> None:
-        self._halted.set()
         with self._lock:
+            self._halted = True
             sessions = list(self._sessions)
         for conn in sessions:
             with contextlib.suppress(psycopg.Error):
                 conn.cancel_safe(timeout=5.0)  # as psycopg's own on a KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def threads(self, workers: int) -> Iterator[ThreadPoolExecutor]:
+        """``workers`` threads for the block, halted when the refill stops in it, or while its end waits for
+        them: a block that failed otherwise (the main thread's copy, a helper's error) waited there with its
+        helpers unhalted, and a stop then left them copying clones after "stopped" was recorded."""
+        executor = ThreadPoolExecutor(workers)
+        with _STOPS.telling(self):
+            try:
+                yield executor
+            finally:
+                try:
+                    if self._halted:
+                        self.halt()
+                    executor.shutdown(cancel_futures=self._halted)
+                except _Stopped:
+                    self.halt()
+                    executor.shutdown(cancel_futures=True)
+                    raise
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A detached refill stopped politely (SIGTERM: a service manager, `kill PID`, a shutdown; SIGINT or SIGHUP sent
 to it: a Ctrl-C at a terminal cannot reach it, it runs in a session of its own) while it copies clones, analyzes
-the pristine copy, makes COPY bodies, writes its outcome record or waits for a server that does not answer: `refresher status` says it was stopped (neither "running" for good, nor "died ...
+the pristine copy (or the working database beside it), makes COPY bodies, writes its outcome record or waits for a server that does not answer: `refresher status` says it was stopped (neither "running" for good, nor "died ...
 SIGKILL", nor nothing), no half-made clone is left in the server, no temporary or part file and no note stays,
 the bodies' list stays for the next refill, a reset restores the loaded data exactly, and the next refill
 finishes the job. Against real local servers, the real detached refill (the clone's step) and the refill's real
@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -117,9 +118,12 @@ def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_th
 # before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
 # the record is written whole, then the stop raised), "unrecorded" there too, then that rename fails (ENOSPC: a
 # full disk; later ones go through), "analyzing" as the pristine copy's analyzed copy is
-# analyzed (``_analyze_pristine``: made, connected to); "connecting" touches it as its first connection starts,
-# its timeout 120 s (the usual 10 s), and does not wait; "copying" only makes it copy two clones at once
-# (``refill_concurrency`` 2); then argv[3:] to ``main``.
+# analyzed (``_analyze_pristine``: made, connected to), "beside" there too, the thread analyzing the working
+# database beside it held in the server (pg_sleep(300), a large ANALYZE); "connecting" touches it as its first
+# connection starts, its timeout 120 s (the usual 10 s), and does not wait; "copying" only makes it copy two clones
+# at once (``refill_concurrency`` 2), "failing" too, its main thread's copy failing at once (after touching it),
+# "marking" too, its main thread waiting in its copy, then 1 s more as the stop unwinds it, while the helper's copy,
+# once made (argv[2] + ".helper" touched), is marked only once the stop was raised; then argv[3:] to ``main``.
 HOOKED = textwrap.dedent(
     """
     import os, sys, threading, time
@@ -163,15 +167,45 @@ HOOKED = textwrap.dedent(
                     wait_here()
             return replace(src, dst)
         os.replace = replacing
-    elif step == "analyzing":
+    elif step in ("analyzing", "beside"):
         analyze_stale = pool.analyze_stale
         def analyzing(conn, *args, **kwargs):
             if threading.current_thread() is threading.main_thread():  # not the working database's, beside it
                 wait_here()
             return analyze_stale(conn, *args, **kwargs)
         pool.analyze_stale = analyzing
-    elif step == "copying":
+        if step == "beside":
+            wait_past_autovacuum = pool.wait_past_autovacuum
+            def holding(conn):
+                conn.execute("SELECT pg_sleep(300)")
+                wait_past_autovacuum(conn)
+            pool.wait_past_autovacuum = holding
+    elif step in ("copying", "failing", "marking"):
         pool.refill_concurrency = lambda cpus, rotational: 2
+    if step == "failing":
+        make_clone = pool._make_clone
+        def failing(*args, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                marker.touch()
+                raise RuntimeError("the main thread's copy failed")
+            return make_clone(*args, **kwargs)
+        pool._make_clone = failing
+    elif step == "marking":
+        create_from = pool._create_from
+        def creating(*args, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                try:
+                    wait_here()
+                except BaseException:
+                    time.sleep(1)
+                    raise
+                return create_from(*args, **kwargs)
+            create_from(*args, **kwargs)
+            Path(f"{marker}.helper").touch()
+            deadline = time.monotonic() + 60
+            while not pool._STOPS._raised and time.monotonic() < deadline:
+                time.sleep(0.01)
+        pool._create_from = creating
     elif step == "connecting":
         connect = psycopg.connect
         def connecting(*args, **kwargs):
@@ -331,44 +365,119 @@ def test_a_refill_stopped_while_it_analyzes_the_pristine_copy_drops_its_analyzed
     assert record_files(record_path(server)) == [".lock", "record"]  # no part, no note
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute("DELETE FROM ohlcv_1min WHERE symbol = 'KO'")
-    restore_pristine(server)  # its refill analyzes the copy and fills the pool (auto: 0 here)
+    # A pool of one (auto: 0 here, and "fills the pool" held whatever the refill did).
+    resize_pool(server, 1)
+    restore_pristine(server)  # its refill analyzes the copy and fills the pool
     with psycopg.connect(server.dsn()) as conn:
         assert conn.execute(CHECKSUMS).fetchall() == loaded
     refills_gone(server.dbname)
     status = pool_status(server)
-    assert (status.failed, len(status.ready)) == ("", status.target), status
+    assert (status.failed, status.target, len(status.ready)) == ("", 1, 1), status
 
 
-def test_a_refill_stopped_while_two_clones_are_copied_cancels_both_and_leaves_neither(
+def _sleeping(server: ServerInfo) -> int:
+    """How many sessions of ``server`` are in a ``pg_sleep`` now (the hook's held analysis, ``HOOKED``)."""
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query ILIKE '%%pg_sleep(300)%%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_refill_stopped_while_it_analyzes_the_working_database_beside_cancels_that_analysis(
     root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # Before: psycopg cancelled the main thread's CREATE DATABASE alone; the helper thread's ran on (here: it
-    # waited on the lock below, and the refill with it, for good; once it ended, the helper marked its clone).
-    engine, _, _ = _held_back(root, monkeypatch, "copying")
-    server = engine.start("copying")
+    # Before: the stop halted the clones' helper threads alone; the thread analyzing the working database beside
+    # the main thread ran its query to its end (300 s here; the wait below fails at 60 s) and then every queued
+    # analysis, and a service manager SIGKILLed the refill ("died ... killed outright").
+    engine, _, _ = _held_back(root, monkeypatch, "beside")
+    server = engine.start("beside")
+    marker = tmp_path / "beside.at"
+    stopped = _stopped_at(
+        "beside", server, [], tmp_path, at=lambda: marker.exists() and _sleeping(server) == 1
+    )
+    assert stopped == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 60  # the held query would run 300 s
+    while _sleeping(server):
+        assert time.monotonic() < deadline, "the working database's analysis still runs in the server"
+        time.sleep(0.05)
+    assert _databases(server) == [server.dbname, pristine_name(server.dbname)]
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.refilling, status
+    assert record_files(record_path(server)) == [".lock", "record"]
+
+
+def _two_to_copy(root: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> ServerInfo:
+    """A server of profile ``name`` whose pristine copy is analyzed and whose pool of 2 has no clone yet."""
+    engine, _, _ = _held_back(root, monkeypatch, name)
+    server = engine.start(name)
     resize_pool(server, 2)
     refill_pool(server, size=0)  # the pristine copy analyzed, no clone made
     status = pool_status(server)
     assert (status.target, status.ready) == (2, ()), status
+    return server
+
+
+def _blocking_copies(server: ServerInfo) -> psycopg.Connection[Any]:
+    """A transaction that holds the pristine copy's lock (its COMMENT, as it is): each CREATE DATABASE from it
+    waits until it is closed."""
     pristine = pristine_name(server.dbname)
-    # A transaction that holds the pristine copy's lock (its COMMENT, as it is): each CREATE DATABASE from it waits.
     blocker = psycopg.connect(server.dsn("postgres"))
+    [mark] = blocker.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (pristine,)
+    ).fetchone() or (None,)
+    blocker.execute(
+        sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(pristine), sql.Literal(mark))
+    )
+    return blocker
+
+
+@pytest.mark.parametrize(("step", "copies"), [("copying", 2), ("failing", 1)])
+def test_a_refill_stopped_while_clones_are_copied_cancels_the_copies_and_leaves_none(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, step: str, copies: int
+) -> None:
+    # Before, "copying": psycopg cancelled the main thread's CREATE DATABASE alone; the helper thread's ran on
+    # (here: it waited on the lock below, and the refill with it, for good; once it ended, the helper marked its
+    # clone). "failing" (the main thread's copy failed, and it waits for its helper): the helpers were halted
+    # only for a stop raised while the main thread copied; one while it waited for them was recorded
+    # ("stopped") while the helper's CREATE ran on in the server, then filled the pool.
+    server = _two_to_copy(root, monkeypatch, step)
+    pristine = pristine_name(server.dbname)
+    marker = tmp_path / f"{step}.at"  # touched by "failing"'s failed copy
+    blocker = _blocking_copies(server)
     try:
-        [mark] = blocker.execute(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (pristine,)
-        ).fetchone() or (None,)
-        blocker.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(pristine), sql.Literal(mark))
+        stopped = _stopped_at(
+            step,
+            server,
+            [],
+            tmp_path,
+            at=lambda: (step == "copying" or marker.exists()) and _copying(server) == copies,
         )
-        stopped = _stopped_at("copying", server, [], tmp_path, at=lambda: _copying(server) == 2)
         assert stopped == 128 + signal.SIGTERM
-        assert _copying(server) == 0  # neither copy goes on in the server
+        assert _copying(server) == 0  # no copy goes on in the server
     finally:
         blocker.close()
     assert _databases(server) == [server.dbname, pristine]  # no clone, marked or not
     status = pool_status(server)
     assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.ready, status
     assert record_files(record_path(server)) == [".lock", "record"]
+
+
+def test_a_helpers_copy_made_as_the_refill_stops_is_not_marked(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: the helpers were halted only once the main thread had cancelled its own copy and dropped it; a
+    # helper whose CREATE DATABASE ended meanwhile found no halt and marked its clone, a ready clone of a refill
+    # recorded as stopped.
+    server = _two_to_copy(root, monkeypatch, "marking")
+    marker = tmp_path / "marking.at"
+    helper = tmp_path / "marking.at.helper"
+    stopped = _stopped_at("marking", server, [], tmp_path, at=lambda: marker.exists() and helper.exists())
+    assert stopped == 128 + signal.SIGTERM
+    assert _databases(server) == [server.dbname, pristine_name(server.dbname)]  # its copy dropped, not marked
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.ready, status
 
 
 def test_a_refill_stopped_while_its_server_does_not_answer_ends_at_once(root: Path, tmp_path: Path) -> None:
