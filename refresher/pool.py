@@ -910,7 +910,7 @@ _STOPS = _Stops()
 
 
 @contextlib.contextmanager
-def _running(admin_dsn: str, db: str) -> Iterator[None]:
+def _running(admin_dsn: str, db: str) -> Iterator[_Stopped | None]:
     """Note, while the body runs, that this process refills ``db``'s pool: ``<record>.running-<pid>`` beside the
     outcome record (``_outcome_path``), holding when it started and which process it is (``owner_labels``: host,
     pid namespace, pid and the process's start time, so a pid reused later is not taken for it).
@@ -919,8 +919,11 @@ def _running(admin_dsn: str, db: str) -> Iterator[None]:
     a refill ran, the pool short without a word. Its note stays, and status tells it from a running one by its
     process being gone (``_refill_notes``, ``_died``). The note goes as the body ends, however it ends, after the
     outcome it recorded: no moment shows neither. Written to a part renamed over (never read half); best effort,
-    as the outcome record (a server that does not answer: no note, and the refill fails on its own)."""
+    as the outcome record (a server that does not answer: no note, and the refill fails on its own). Yields the
+    stop that came while the note was written, for the body to raise where the refill records it (raised here, it
+    was recorded nowhere: status kept the previous outcome, as if no refill had run)."""
     note: Path | None = None
+    stopped: _Stopped | None = None
     try:
         with contextlib.suppress(OSError, psycopg.Error, RefresherError):
             # A stop of the refill (``_Stops``) here is raised at once: a server that does not answer (its
@@ -928,14 +931,19 @@ def _running(admin_dsn: str, db: str) -> Iterator[None]:
             with _admin(admin_dsn) as conn:
                 path = _outcome_path(conn, db)
             path.parent.mkdir(parents=True, exist_ok=True)
-            # One while the note is written is raised once it is whole: never a part left, and the note removed
-            # below.
-            with _STOPS.held():
-                note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
-                part = note.with_name(f"{note.name}.part")
-                part.write_text(json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n")
-                os.replace(part, note)
-        yield
+            # One while the note is written is raised once it is whole (never a part left, and the note removed
+            # below), by the body: the server answered, so the refill can record it.
+            try:
+                with _STOPS.held():
+                    note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
+                    part = note.with_name(f"{note.name}.part")
+                    part.write_text(
+                        json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n"
+                    )
+                    os.replace(part, note)
+            except _Stopped as exc:
+                stopped = exc
+        yield stopped
     finally:
         if note is not None:
             with _STOPS.held(), contextlib.suppress(OSError):
@@ -1858,8 +1866,10 @@ def _refill_main(args: argparse.Namespace) -> int:
         _record_bodies(args.dsn, args.database, time.time_ns(), not_made, first)
 
     ended = False  # the clones' step, its outcome to record
-    with _running(args.dsn, args.database):
+    with _running(args.dsn, args.database) as stopped:
         try:
+            if stopped is not None:  # while its note was written
+                raise stopped
             try:
                 created = _refill(
                     args.dsn,

@@ -117,7 +117,7 @@ def test_a_refill_stopped_while_it_copies_a_clone_says_so_leaves_no_clone_and_th
 # "renaming" between a batch of bodies' temporaries and their rename, "between" after one body is published and
 # before the next is made, "recording" between the outcome record's part and its rename (until the signal came:
 # the record is written whole, then the stop raised), "unrecorded" there too, then that rename fails (ENOSPC: a
-# full disk; later ones go through), "analyzing" as the pristine copy's analyzed copy is
+# full disk; later ones go through), "noting" between the running note's part and its rename, "analyzing" as the pristine copy's analyzed copy is
 # analyzed (``_analyze_pristine``: made, connected to), "beside" there too, the thread analyzing the working
 # database beside it held in the server (pg_sleep(300), a large ANALYZE); "connecting" touches it as its first
 # connection starts, its timeout 120 s (the usual 10 s), and does not wait; "copying" only makes it copy two clones
@@ -167,6 +167,13 @@ HOOKED = textwrap.dedent(
                     wait_here()
             return replace(src, dst)
         os.replace = replacing
+    elif step == "noting":
+        replace = os.replace
+        def noting(src, dst):
+            if pool.RUNNING_SUFFIX in Path(src).name and Path(src).name.endswith(".part"):
+                wait_here()
+            return replace(src, dst)
+        os.replace = noting
     elif step in ("analyzing", "beside"):
         analyze_stale = pool.analyze_stale
         def analyzing(conn, *args, **kwargs):
@@ -373,6 +380,19 @@ def test_a_refill_stopped_while_it_analyzes_the_pristine_copy_drops_its_analyzed
     refills_gone(server.dbname)
     status = pool_status(server)
     assert (status.failed, status.target, len(status.ready)) == ("", 1, 1), status
+
+
+def test_a_refill_stopped_while_it_writes_its_running_note_records_the_stop(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: the stop, held while the note was written, was raised as its write ended, before the refill's
+    # recording of a stop: nothing was recorded and status said nothing of the refill, the pool short.
+    engine, _, _ = _held_back(root, monkeypatch, "noting")
+    server = engine.start("noting")
+    assert _stopped_at("noting", server, [], tmp_path) == 128 + signal.SIGTERM
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.refilling, status
+    assert record_files(record_path(server)) == [".lock", "record"]  # the note written whole, then removed
 
 
 def _sleeping(server: ServerInfo) -> int:
