@@ -214,7 +214,7 @@ def _bars(symbol: str, when: pa.Array, n: int, seed: int, schema: pa.Schema) -> 
 
 def refillers(db: str) -> list[psutil.Process]:
     """The detached refills of ``db`` the CLI spawned (``pool.spawn_refill``) running now (a zombie has no
-    command line: it ended)."""
+    command line: it ended). ``db`` is matched as a whole argument: a store's root (``--store``) works too."""
     return [
         proc
         for proc in psutil.process_iter(["cmdline"])

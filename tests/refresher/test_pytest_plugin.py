@@ -35,6 +35,7 @@ from refresher.errors import ProfileError
 from refresher.pool import checkout_clone
 from refresher.settings import Settings
 from refresher.snapshot import save_pristine
+from tests.fixtures_postgres import refillers, refills_gone
 
 pytest_plugins = ["pytester"]
 
@@ -113,7 +114,11 @@ def plugin_env() -> Iterator[PluginEnv]:
 @contextlib.contextmanager
 def new_plugin_env() -> Iterator[PluginEnv]:
     """Profiles, a store and a state dir of their own for example projects, stopped and removed after. Under /tmp
-    and world-traversable: as root the embedded server runs as another user (pytest's own tmp_path is 0700)."""
+    and world-traversable: as root the embedded server runs as another user (pytest's own tmp_path is 0700).
+
+    A run's detached refill makes the COPY bodies its refresh listed after the run has ended, into the store: it
+    is waited for before the store goes, or the removal races its writes (rmtree failing "Directory not empty",
+    the bodies' directory made again under a root removed) and it outlives the test."""
     root = Path(tempfile.mkdtemp(prefix="refresher-plugin-test-"))
     root.chmod(0o755)
     env = PluginEnv(root, root / "profiles", root / "store", root / "state")
@@ -125,6 +130,7 @@ def new_plugin_env() -> Iterator[PluginEnv]:
         yield env
     finally:
         stop_leftovers(root)  # what a failed example left running (kept servers too)
+        refills_gone(str(env.store))  # the refills the runs spawned that make bodies (``--store``) into it
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -273,6 +279,27 @@ def test_a_run_leaves_the_copy_bodies_of_its_minute_segments_to_its_detached_ref
         run(pytester, *env.args("local")).assert_outcomes(passed=1)
         assert not keys.exists()
         assert FeatureStore(env.store).get_cache_stats().bodies.entries == 3
+
+
+def test_an_environment_removed_after_a_run_waits_for_the_refill_making_its_bodies(
+    pytester: pytest.Pytester,
+) -> None:
+    """A run's refill makes the bodies its refresh listed after the run, into the environment's store: removing
+    the environment right after the run must wait for it, or the refill goes on writing into a store being
+    removed (a flaky "Directory not empty", the store made again under a root gone) and outlives the test. The
+    refill starts 2 s late here, as on a loaded machine: the project's directory is on its path (``spawn_refill``
+    hands it the run's ``sys.path``) and holds a ``sitecustomize`` that sleeps; the run's own pytest does not
+    import it (its path gets the directory after ``site`` ran)."""
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n")
+    pytester.makepyfile(sitecustomize="import time\n\ntime.sleep(2)\n")
+    with new_plugin_env() as env:
+        run(pytester, *env.args("local")).assert_outcomes(passed=1)
+    try:
+        assert refillers(str(env.store)) == []
+        assert not env.root.exists()
+    finally:
+        refills_gone(str(env.store))
+        shutil.rmtree(env.root, ignore_errors=True)
 
 
 @pytest.mark.slow
