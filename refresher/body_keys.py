@@ -15,6 +15,16 @@ its spawn to its end, on a descriptor the spawner opens and locks before the ref
 there is no moment where the list waits and no one holds it), and the kernel releases it however the refill ends;
 no lock file of its own is left behind. ``pending`` is what ``pool.wait_for_pool`` waits on: the list there and
 a refill holding it. A list written again (``add``: a new file renamed over) is held by the refill given it.
+Its writers (``add``, ``finished``: a read, then a write in the file's place) take turns on an exclusive
+``flock`` of the list's directory: unlocked, a refill's ``finished`` (its inode check, then the rename) or a
+second ``add`` (a concurrent refresh, a second pytest run with the same state dir) could rename its list over
+one just written, and the entries only that one listed were lost until a load listed them again.
+
+A list begins with ``# since <ns>``, when its first entry was noted (kept while the list is written again, gone
+with it): `refresher status` says the bodies' line a refill recorded only for a list begun before that line
+(``started``). Without it, a list emptied and removed (`refresher warm` made the bodies a refill could not) and
+begun again by a later refresh brought an old line back. The line is not four fields: a reader from before it
+leaves it out.
 
 Light on purpose (``os`` and ``fcntl``): ``pool.wait_for_pool`` and the refill's start import it.
 """
@@ -25,12 +35,14 @@ import contextlib
 import fcntl
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 KEYS_DIR = "bodies"
 SUFFIX = ".keys"
+SINCE = "# since "
 
 
 @dataclass(frozen=True)
@@ -54,39 +66,70 @@ def keys_path(state_dir: Path, profile: str) -> Path:
 def read(path: Path) -> tuple[list[Wanted], int | None]:
     """The segments ``path`` lists and its inode (for ``finished``); ([], None) when there is no file. A line that
     is not four fields (a file from another version) is left out: a body not made is only a slower load."""
+    wanted, inode, _since = _read(path)
+    return wanted, inode
+
+
+def started(path: Path) -> int | None:
+    """When the list ``path`` was begun (ns since the epoch, its ``# since`` line), None when there is no list, 0
+    for one without that line (written before it)."""
+    _wanted, inode, since = _read(path)
+    return None if inode is None else since
+
+
+def _read(path: Path) -> tuple[list[Wanted], int | None, int]:
+    """``read``'s answer and the list's ``started``."""
     try:
         with open(path, encoding="utf-8") as handle:
             inode = os.fstat(handle.fileno()).st_ino
             text = handle.read()
     except FileNotFoundError:
-        return [], None
-    wanted = []
+        return [], None, 0
+    wanted, since = [], 0
     for line in text.splitlines():
+        if line.startswith(SINCE) and line.removeprefix(SINCE).isdigit():
+            since = int(line.removeprefix(SINCE))
+            continue
         fields = line.split("\t")
         if len(fields) == 4 and all(fields):
             wanted.append(Wanted(*fields))
-    return wanted, inode
+    return wanted, inode, since
 
 
 def add(path: Path, wanted: Iterable[Wanted]) -> bool:
     """Note ``wanted`` in ``path``, beside what it lists already (a refill killed before it finished); written
     whole (a temporary fsynced and renamed over, the directory fsynced), so a reader sees the old list or the new
-    one. Whether there is a list now."""
-    old, _inode = read(path)
-    lines = dict.fromkeys(each.line() for each in [*old, *wanted])
-    if set(lines) == {each.line() for each in old}:
-        return bool(old)
+    one; a list begun here begins now (``started``). Whether there is a list now."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, lines, None)
+    with _writing(path):
+        old, inode, since = _read(path)
+        lines = dict.fromkeys(each.line() for each in [*old, *wanted])
+        if set(lines) == {each.line() for each in old}:
+            return bool(old)
+        _write(path, lines, None, time.time_ns() if inode is None else since)
     return True
 
 
-def _write(path: Path, lines: Iterable[str], inode: int | None) -> bool:
-    """``lines`` written whole at ``path`` (a temporary fsynced and renamed over, the directory fsynced); with
-    ``inode``, only if ``path`` is still that file when the temporary is whole. Whether it was written."""
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """The turn of one writer of the list ``path``: its directory ``flock``ed exclusive (no file left behind; the
+    list's own lock is the refills', ``hold``)."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(directory)
+
+
+def _write(path: Path, lines: Iterable[str], inode: int | None, since: int) -> bool:
+    """``lines`` written whole at ``path`` (a temporary fsynced and renamed over, the directory fsynced), after
+    ``# since`` (none for 0); with ``inode``, only if ``path`` is still that file when the temporary is whole.
+    Whether it was written. In the writer's turn (``_writing``)."""
     part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
         with open(part, "w", encoding="utf-8") as handle:
+            handle.write(f"{SINCE}{since}\n" if since else "")
             handle.write("".join(f"{line}\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
@@ -115,16 +158,21 @@ def finished(path: Path, inode: int | None, left: Sequence[Wanted] = ()) -> bool
     make (a Parquet file gone or damaged: `refresher warm` fetches it again), written in its place for the next
     refill or `refresher warm` to make, and kept so long (`refresher status` says why only while a list is there);
     with none left, the list removed. Only if ``path`` is still that file: a newer one (a refresh merged it with
-    what it noted) stays, it lists these too. Whether it was replaced or removed."""
+    what it noted) stays, it lists these too. Whether it was replaced or removed. An error writing (a full disk)
+    is raised: the list is then as it was."""
     if inode is None:
         return False
-    if left:
-        return _write(path, dict.fromkeys(each.line() for each in left), inode)
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_ino == inode:
+    try:
+        with _writing(path):
+            if left:
+                since = _read(path)[2]
+                return _write(path, dict.fromkeys(each.line() for each in left), inode, since)
+            if _inode_of(path) != inode:
+                return False
             path.unlink()
             return True
-    return False
+    except FileNotFoundError:  # the list, or its directory, gone meanwhile: nothing to finish
+        return False
 
 
 def hold(path: Path) -> int | None:
@@ -158,4 +206,4 @@ def pending(path: Path) -> bool:
     return False
 
 
-__all__ = ["KEYS_DIR", "Wanted", "add", "finished", "hold", "keys_path", "pending", "read"]
+__all__ = ["KEYS_DIR", "Wanted", "add", "finished", "hold", "keys_path", "pending", "read", "started"]

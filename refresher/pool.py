@@ -273,7 +273,9 @@ def _status(
     copies are reflinks is the mark's answer (``_Machine.of``). The bodies' line is said only while ``bodies``,
     the list of those to make, is there (None: whatever it is): the segments a refill could not make stay listed
     (``_make_bodies``), so no list is none left to make, their files fetched again and the bodies made since
-    (`refresher warm`, another refill); the line stayed for good before, whoever had fetched the file again."""
+    (`refresher warm`, another refill); the line stayed for good before, whoever had fetched the file again. Nor
+    is a line recorded before that list was begun (``body_keys.started``): the list it was about was emptied and
+    removed since (`refresher warm` made its bodies), and the list now there is a later refresh's."""
     if mark is None:
         return PoolStatus(False, (), DEFAULT_POOL_SIZE)
     why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
@@ -282,7 +284,8 @@ def _status(
     notes = _refill_notes(outcome)
     failed = _died(outcome, notes) or _last_failure(outcome)
     why = why if cut is None else f"{why}; {cut}"
-    not_made = _bodies_line(outcome) if bodies is None or bodies.exists() else ""
+    since = 0 if bodies is None else body_keys.started(bodies)
+    not_made = "" if since is None else _bodies_line(outcome, since)
     return PoolStatus(True, tuple(ready), mark.pool_size, why, failed, _refilling(notes), not_made)
 
 
@@ -815,12 +818,13 @@ def _last_failure(path: Path) -> str:
     return f"the last refill ({_local_time(recorded[0])}) failed: {recorded[1]}"
 
 
-def _bodies_line(path: Path) -> str:
+def _bodies_line(path: Path, since: int = 0) -> str:
     """``PoolStatus.bodies``: the line saying what the last refill to make COPY bodies recorded at ``path`` could
-    not make, "" when it made them all (or none made any). A load reads such a segment's Parquet rows instead;
-    one whose stored file was gone or damaged is dropped from the store, and `refresher warm` fetches it again."""
+    not make, "" when it made them all (or none made any), or recorded it before ``since`` (ns: the list the line
+    was about is gone). A load reads such a segment's Parquet rows instead; one whose stored file was gone or
+    damaged is dropped from the store, and `refresher warm` fetches it again."""
     recorded = _parse_bodies(_record_lines(path)[1])
-    if recorded is None or recorded[1] <= 0:
+    if recorded is None or recorded[1] <= 0 or recorded[0] < since:
         return ""
     ended, not_made, first = recorded
     return (
@@ -1716,7 +1720,7 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     wanted, inode = body_keys.read(keys)
     if not wanted:
         record(0, "")
-        body_keys.finished(keys, inode)
+        _finish_list(keys, inode, [])
         return
     if not _is_store(store_root):  # the store removed meanwhile: not made again here
         print(f"refresher: COPY bodies not made: no store at {store_root}", flush=True)
@@ -1743,8 +1747,18 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
         return
     with _STOPS.held():  # a stop now: the record and the list agree
         record(len(said), said[0] if said else "")
-        body_keys.finished(keys, inode, left)
+        _finish_list(keys, inode, left)
     print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
+
+
+def _finish_list(keys: Path, inode: int | None, left: list[body_keys.Wanted]) -> None:
+    """``body_keys.finished``, its error (a full disk, the list's directory not writable) one line of the refill's
+    log, after the line its bodies recorded: the list then stays as read, and the next refill skips the bodies
+    made. Raised, it ended the refill in a traceback (exit 1) after its work was done and recorded."""
+    try:
+        body_keys.finished(keys, inode, left)
+    except OSError as exc:
+        print(f"refresher: the list of COPY bodies to make left as it was: {_failure_line(exc)}", flush=True)
 
 
 def _not_made(store_root: Path, wanted: list[body_keys.Wanted]) -> int:
@@ -1862,7 +1876,11 @@ def _refill_main(args: argparse.Namespace) -> int:
     failed: Exception | None = None
     bodies = (args.bodies, args.store) if args.bodies is not None and args.store is not None else None
 
+    said = False  # the bodies' step recorded its line: a stop after that keeps it
+
     def record_bodies(not_made: int, first: str) -> None:
+        nonlocal said
+        said = True  # a stop as it connects (raised at once) leaves no line, as for the outcome's
         _record_bodies(args.dsn, args.database, time.time_ns(), not_made, first)
 
     ended = False  # the clones' step, its outcome to record
@@ -1895,8 +1913,10 @@ def _refill_main(args: argparse.Namespace) -> int:
             if not ended and not args.no_fill:
                 line = f"{exc} before it filled the pool; the next refresh or reset fills it"
                 _record_outcome(args.dsn, args.database, time.time_ns(), line)
-            listed = body_keys.read(bodies[0])[0] if bodies is not None else []
-            if bodies is not None and listed:  # none once they were made (and recorded)
+            # Not once the step recorded its own line: the list it leaves then names the segments it could not
+            # make (``_make_bodies``), and "stopped" would replace why (a stored file gone or damaged).
+            listed = body_keys.read(bodies[0])[0] if bodies is not None and not said else []
+            if bodies is not None and listed:
                 line = f"{exc} before it made them all (listed still: the next refill makes them)"
                 record_bodies(_not_made(bodies[1], listed), line)
             raise

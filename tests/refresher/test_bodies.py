@@ -359,3 +359,51 @@ def test_two_refills_making_the_same_bodies_at_once_leave_them_sound(store: Feat
     found = store.read_bodies(list(tables), bodies.layout())
     assert len(found) == 3
     assert all(bodies.decode(body.raw, body.rows) == tables[key] for key, (_e, body) in found.items())
+
+
+def test_a_list_noted_while_a_refill_leaves_its_own_keeps_what_it_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh notes a segment (``body_keys.add``) while a refill leaves its list (``finished``: the one it
+    could not make), between the refill's check that the list is still the one it read and its rename. Before:
+    the rename went over the refresh's list, and the segment only that one listed was lost until a load listed it
+    again. Now the writers take turns: the refresh's waits, then merges with what the refill left."""
+    import contextlib
+    import threading
+    import time
+
+    from refresher import body_keys
+
+    keys = body_keys.keys_path(tmp_path, "p")
+    made, failed, noted = (Wanted(f"{s}-1m-2024-01", s, "2024-01", NY) for s in SYMBOLS)
+    body_keys.add(keys, [made, failed])
+    _listed, inode = body_keys.read(keys)
+    asking = threading.Event()  # the refresh's add asks for its turn (there are turns)
+    refresh = threading.Thread(target=body_keys.add, args=(keys, [noted]))
+    inode_of, writing = body_keys._inode_of, getattr(body_keys, "_writing", None)
+
+    def checking(path: Path) -> int | None:  # the refill's check, its list's temporary whole; then its rename
+        found = inode_of(path)
+        if not refresh.is_alive() and not asking.is_set():
+            refresh.start()
+            deadline = time.monotonic() + 60
+            while refresh.is_alive() and not asking.is_set():
+                assert time.monotonic() < deadline, "the refresh's add neither ended nor asked for its turn"
+                time.sleep(0.01)
+        return found
+
+    @contextlib.contextmanager
+    def turn(path: Path) -> Iterator[None]:
+        assert writing is not None
+        if threading.current_thread() is refresh:
+            asking.set()
+        with writing(path):
+            yield
+
+    monkeypatch.setattr(body_keys, "_inode_of", checking)
+    monkeypatch.setattr(body_keys, "_writing", turn, raising=False)
+    assert body_keys.finished(keys, inode, [failed])
+    refresh.join(60)
+    assert not refresh.is_alive()
+    assert body_keys.read(keys)[0] == [failed, noted]
+    assert body_keys.started(keys)  # begun by the first add, kept

@@ -4,8 +4,13 @@ nothing of its batch loaded, and both end exactly where a clean load ends (per-s
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -13,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore
+from refresher.body_keys import Wanted
 from refresher.engines.local import LocalEngine
 from refresher.jobs import inprocess
 from refresher.profile import Profile, load_profile
@@ -26,6 +32,9 @@ from tests.refresher.test_refresh_e2e import CHECKSUMS
 pytestmark = pytest.mark.postgres
 THURSDAY, FRIDAY = dt.date(2025, 3, 27), dt.date(2025, 3, 28)
 PROFILE = "universe:\n  symbols: [AAPL, KO, MSFT]\nmonths: 2\ntimeframes: [1d, 1m]\nseed: 5\n"
+# A deadline for the refill's main run in a child (six bodies: seconds): one that hangs (a lock never released,
+# a server that never answers) fails its test, killed, instead of holding the whole run until CI's own limit.
+CHILD_TIMEOUT = 300
 
 
 @pytest.fixture
@@ -208,11 +217,6 @@ def test_a_refill_killed_while_making_bodies_leaves_its_list_and_the_next_one_ma
     """The refill SIGKILLed between writing its bodies' temporaries and renaming them: no body is there (whole or
     half), the list stays, and ``wait_for_pool`` does not wait on a refill that is gone; the next refill, given
     the list, makes every body and removes it."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     from refresher import bodies, body_keys, pool
     from refresher.pool import wait_for_pool
 
@@ -240,7 +244,7 @@ def test_a_refill_killed_while_making_bodies_leaves_its_list_and_the_next_one_ma
     )
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
-    done = subprocess.run([sys.executable, "-c", code, "kill"], cwd=repo, env=env)
+    done = subprocess.run([sys.executable, "-c", code, "kill"], cwd=repo, env=env, timeout=CHILD_TIMEOUT)
     assert done.returncode == -9
     listed, _inode = body_keys.read(keys)
     assert len(listed) == 6 and not body_keys.pending(keys)
@@ -252,12 +256,52 @@ def test_a_refill_killed_while_making_bodies_leaves_its_list_and_the_next_one_ma
     assert spawned[1:] == [{"fill": False, "bodies": (keys, store.root)}]
     assert body_keys.read(keys)[0] == listed
     ended = subprocess.run(
-        [sys.executable, "-c", code, "next"], cwd=repo, env=env, capture_output=True, text=True
+        [sys.executable, "-c", code, "next"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
     )
     assert ended.returncode == 0, ended.stderr
     assert "bodies: 6 made of 6" in ended.stdout
     assert not keys.exists()
     assert len(store.read_bodies([each.key for each in listed], bodies.layout())) == 6
+
+
+@dataclass(frozen=True)
+class _Damaged:
+    """A cold refresh whose refill was held back, then KO's March minute file damaged in the store (its read drops
+    it from the store, as `warm` then sees): what a refill making the bodies finds."""
+
+    engine: LocalEngine
+    store: FeatureStore
+    profile: Profile
+    keys: Path  # the list of the 6 bodies to make
+    listed: list[Wanted]
+    ko: Wanted  # KO's March minute segment, in it
+    table: pa.Table  # KO's as it was stored
+    spawned: list[dict[str, object]]  # the refills the refresh spawned (held back), their keywords
+
+
+def _ko_damaged(root: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> _Damaged:
+    from refresher import body_keys, pool
+
+    spawned: list[dict[str, object]] = []
+    with monkeypatch.context() as patched:
+        patched.setattr(pool, "spawn_refill", lambda *args, **kwargs: spawned.append(kwargs))
+        engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
+        profile = _profile(root, name, FRIDAY)
+        refresh(profile, engine, store, state_dir=root / "state")
+    keys = body_keys.keys_path(root / "state", profile.name)
+    listed, _inode = body_keys.read(keys)
+    [ko] = [each for each in listed if each.symbol == "KO" and each.month == "2025-03"]
+    entry = store.lookup([ko.key])[ko.key]
+    table = store.get(ko.key)
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    entry.path.write_bytes(bytes(data))
+    return _Damaged(engine, store, profile, keys, listed, ko, table, spawned)
 
 
 def test_a_body_the_refill_cannot_make_shows_in_status_until_a_refill_makes_it(
@@ -268,41 +312,32 @@ def test_a_body_the_refill_cannot_make_shows_in_status_until_a_refill_makes_it(
     `refresher status` says so in one line naming the segment (``--json``: ``pool.bodies_not_made``), until a
     refill given it again, its file stored anew, makes it. Before: the line went to /dev/null, status said
     nothing."""
-    from refresher import body_keys, pool, render
-    from refresher.pool import pool_status, wait_for_pool
+    from refresher import body_keys, render
+    from refresher.pool import pool_status, spawn_refill, wait_for_pool
 
-    spawn_refill = pool.spawn_refill
-    spawned: list[dict[str, object]] = []
-    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: spawned.append(kwargs))
-    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
-    profile = _profile(root, "damaged", FRIDAY)
-    refresh(profile, engine, store, state_dir=root / "state")
-    keys = body_keys.keys_path(root / "state", profile.name)
-    assert spawned == [{"bodies": (keys, store.root)}]  # the refill held back: the file is damaged first
-    listed, _inode = body_keys.read(keys)
-    [ko] = [each for each in listed if each.symbol == "KO" and each.month == "2025-03"]
-    entry = store.lookup([ko.key])[ko.key]
-    table = store.get(ko.key)
-    data = bytearray(entry.path.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    entry.path.write_bytes(bytes(data))
+    d = _ko_damaged(root, monkeypatch, "damaged")
+    # The refill held back: the file is damaged first.
+    assert d.spawned == [{"bodies": (d.keys, d.store.root)}]
 
-    server = engine.start(profile.name)
-    spawn_refill(server, fill=False, bodies=(keys, store.root))  # bodies alone: no outcome of a fill recorded
-    wait_for_pool(server, timeout=120, bodies=keys)
+    server = d.engine.start(d.profile.name)
+    # Bodies alone: no outcome of a fill recorded.
+    spawn_refill(server, fill=False, bodies=(d.keys, d.store.root))
+    wait_for_pool(server, timeout=120, bodies=d.keys)
     line = pool_status(server).bodies
     assert line.startswith("the refill (") and "could not make 1 COPY body" in line, line
     assert "KO/1m/2025-03" in line and "gone or damaged" in line and "refresher warm" in line, line
     assert "\n" not in line and pool_status(server).to_json()["bodies_not_made"] == line
-    render.status_table(engine.status(profile.name), state_dir=root / "state", pools=[pool_status(server)])
-    assert f"{profile.name}: {line}" in capsys.readouterr().out
+    render.status_table(
+        d.engine.status(d.profile.name), state_dir=root / "state", pools=[pool_status(server)]
+    )
+    assert f"{d.profile.name}: {line}" in capsys.readouterr().out
 
     # The file stored again (as `refresher warm` fetches it) and the segment listed again: the next refill,
     # filling the pool too, makes it and clears the line.
-    store.put_many_hashes([(ko.key, table, ko.symbol)])
-    body_keys.add(keys, [ko])
-    spawn_refill(server, bodies=(keys, store.root))
-    wait_for_pool(server, timeout=120, bodies=keys)
+    d.store.put_many_hashes([(d.ko.key, d.table, d.ko.symbol)])
+    body_keys.add(d.keys, [d.ko])
+    spawn_refill(server, bodies=(d.keys, d.store.root))
+    wait_for_pool(server, timeout=120, bodies=d.keys)
     assert pool_status(server).bodies == ""
     assert pool_status(server).to_json()["bodies_not_made"] is None
     assert pool_status(server).failed == ""
@@ -314,11 +349,6 @@ def test_a_bodies_step_failing_midway_counts_only_the_bodies_it_did_not_make(
     """The refill's bodies' step fails after it published a batch of 2 of its 6 bodies (the disk full at the
     second batch): status says it could not make 4, not 6 (before: every listed one counted, the 2 made too),
     and the list stays for the next refill."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     from refresher import body_keys, pool
     from refresher.pool import pool_status
 
@@ -351,7 +381,9 @@ def test_a_bodies_step_failing_midway_counts_only_the_bodies_it_did_not_make(
     )
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT
+    )
     assert done.returncode == 0, done.stderr
     assert "COPY bodies not made: OSError: [Errno 28] No space left on device" in done.stdout, done.stdout
     assert store.get_cache_stats().bodies.entries == 2
@@ -368,45 +400,94 @@ def test_a_body_the_refill_could_not_make_stays_listed_until_made_and_status_say
     other 5, `refresher status` says it could not make 1, and KO stays listed. Then the file is fetched again:
     by `refresher warm` (the line's advice), which makes the body the list names, or by the store's file put
     back and a refresh with nothing to load, whose refill tries the list again. Either way the body is made, the
-    list goes, and status no longer says it. Before: the refill removed the list, so nothing made that body
-    again and the line stayed for good, after warm or a refresh alike."""
-    from refresher import body_keys, commands, pool
+    list goes, and status no longer says it, nor once a later refresh lists new segments. Before: the refill
+    removed the list, so nothing made that body again and the line stayed for good, after warm or a refresh
+    alike; and after warm, the old line came back with the next list (until that list's refill ended)."""
+    from refresher import body_keys, commands
     from refresher.bodies import layout as bodies_layout
-    from refresher.pool import wait_for_pool
+    from refresher.pool import spawn_refill, wait_for_pool
     from refresher.settings import Settings
 
-    spawn_refill = pool.spawn_refill
-    monkeypatch.setattr(pool, "spawn_refill", lambda *args, **kwargs: None)
-    engine, store = LocalEngine(root / "state"), FeatureStore(root / "store")
-    profile = _profile(root, f"stale_{then}", FRIDAY)
-    refresh(profile, engine, store, state_dir=root / "state")
-    keys = body_keys.keys_path(root / "state", profile.name)
-    listed, _inode = body_keys.read(keys)
-    [ko] = [each for each in listed if each.symbol == "KO" and each.month == "2025-03"]
-    entry = store.lookup([ko.key])[ko.key]
-    table = store.get(ko.key)
-    data = bytearray(entry.path.read_bytes())
-    data[len(data) // 3] ^= 0xFF  # damaged: the refill's read drops it from the store, as `warm` then sees
-    entry.path.write_bytes(bytes(data))
-    server = engine.start(profile.name)
-    spawn_refill(server, fill=False, bodies=(keys, store.root))
-    wait_for_pool(server, timeout=120, bodies=keys)
-    assert body_keys.read(keys)[0] == [ko]  # the one it could not make stays listed
+    d = _ko_damaged(root, monkeypatch, f"stale_{then}")
+    server = d.engine.start(d.profile.name)
+    spawn_refill(server, fill=False, bodies=(d.keys, d.store.root))
+    wait_for_pool(server, timeout=120, bodies=d.keys)
+    assert body_keys.read(d.keys)[0] == [d.ko]  # the one it could not make stays listed
     settings = Settings.from_env({}, state_dir=root / "state", store_root=root / "store", engine="local")
 
     def said() -> str:
-        [status] = commands.pools(settings, engine.status(profile.name))
+        [status] = commands.pools(settings, d.engine.status(d.profile.name))
         assert status is not None
         return status.bodies
 
     assert "could not make 1 COPY body: no COPY body for KO/1m/2025-03" in said(), said()
-    monkeypatch.setattr(pool, "spawn_refill", spawn_refill)
     if then == "warm":
-        commands.warm(settings, str(root / f"{profile.name}.yaml"), as_of=FRIDAY)
+        commands.warm(settings, str(root / f"{d.profile.name}.yaml"), as_of=FRIDAY)
     else:
-        store.put_many_hashes([(ko.key, table, ko.symbol)])
-        assert refresh(profile, engine, store, state_dir=root / "state").segments.loaded == 0
-        wait_for_pool(server, timeout=120, bodies=keys)
-    assert not keys.exists()
-    assert len(store.read_bodies([each.key for each in listed], bodies_layout())) == 6
+        d.store.put_many_hashes([(d.ko.key, d.table, d.ko.symbol)])
+        assert refresh(d.profile, d.engine, d.store, state_dir=root / "state").segments.loaded == 0
+        wait_for_pool(server, timeout=120, bodies=d.keys)
+    assert not d.keys.exists()
+    assert len(d.store.read_bodies([each.key for each in d.listed], bodies_layout())) == 6
     assert said() == ""
+    # A later refresh lists a new segment (``refresh._note_bodies``), its refill not done yet: the line about the
+    # list that went stays unsaid.
+    body_keys.add(d.keys, [Wanted("a-later-segment", "AAPL", "2025-04", d.ko.tz)])
+    assert said() == ""
+
+
+@pytest.mark.parametrize("then", ["stopped", "failing"])
+def test_a_refill_stopped_or_failing_as_it_leaves_its_list_keeps_the_line_of_what_it_could_not_make(
+    root: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The refill's bodies' step records what it could not make (KO's damaged file), then leaves its list with KO
+    (``body_keys.finished``). A SIGTERM there ("stopped"; held, raised once the list is left) ends the refill, 143,
+    KO's line kept; a list that cannot be written ("failing": a full disk) is one line of its log, the list left
+    as it was, exit 0. Before: the stop replaced KO's line by "stopped by SIGTERM before it made them all" (the
+    list it had left taken for bodies not made), and the full disk ended the refill in a traceback, exit 1, after
+    its work was done and recorded."""
+    import signal
+
+    from refresher import body_keys
+    from refresher.pool import pool_status
+
+    d = _ko_damaged(root, monkeypatch, f"leaving_{then}")
+    keys, store = d.keys, d.store
+    server = d.engine.start(d.profile.name)
+    argv = ["refill", "--dsn", server.dsn("postgres", with_password=False), "--database", server.dbname]
+    argv += ["--no-fill", "--bodies", str(keys), "--store", str(store.root)]
+    code = textwrap.dedent(
+        f"""
+        import errno, os, signal, sys
+        from refresher import body_keys, pool
+        finished = body_keys.finished
+        def leaving(*args, **kwargs):
+            if sys.argv[1] == "failing":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return finished(*args, **kwargs)
+        body_keys.finished = leaving
+        raise SystemExit(pool.main({argv!r}))
+        """
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
+    done = subprocess.run(
+        [sys.executable, "-c", code, then],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
+    line = pool_status(server, bodies=keys).bodies
+    assert "could not make 1 COPY body: no COPY body for KO/1m/2025-03" in line, line
+    assert store.get_cache_stats().bodies.entries == 5
+    if then == "stopped":
+        assert done.returncode == 128 + signal.SIGTERM, done.stderr
+        assert body_keys.read(keys)[0] == [d.ko]
+    else:
+        assert done.returncode == 0, done.stderr
+        left = "the list of COPY bodies to make left as it was: OSError: [Errno 28] No space left on device"
+        assert left in done.stdout, done.stdout
+        assert body_keys.read(keys)[0] == d.listed
