@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from refresher.errors import SourceError
 from refresher.profile import FilesSourceSpec, Profile
 from refresher.schema import empty_table
 from refresher.segments import Segment
+from refresher.sources._file_status import file_status, unreadable
 from refresher.sources.base import Source, SourceReport, effective_range, reader_tag
 from refresher.sources.validate import F64, I64, VALUE_COLUMNS, Bars, Mask, Unsplit, bars_table, screen
 
@@ -483,11 +485,8 @@ class FilesSource(Source):
 
     def version(self, segment: Segment) -> str:
         path = self.file_for(segment)
-        try:
-            st = path.stat()
-            ident: list[Any] = [str(path), st.st_size, st.st_mtime_ns]
-        except FileNotFoundError:
-            ident = [str(path), "missing"]
+        st = self._status(path, segment)
+        ident: list[Any] = [str(path), "missing"] if st is None else [str(path), st.st_size, st.st_mtime_ns]
         rng = effective_range(self.profile, segment)
         listing = self.profile.listing(segment.symbol)
         spec = self.spec
@@ -508,12 +507,24 @@ class FilesSource(Source):
             blob += spec.on_bad_rows
         return reader_tag(self.kind, READER_VERSION) + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def _load(self, path: Path, *, dates: str | None = None) -> _Read:
+    def _setting(self, segment: Segment) -> tuple[str, str]:
+        """The profile's field naming the segment's file, and its value."""
+        field = "source.daily" if segment.timeframe == "1d" else "source.minute"
+        return field, self.patterns[segment.timeframe]
+
+    def _status(self, path: Path, segment: Segment) -> os.stat_result | None:
+        """The segment's file's status, None when there is none; one line when it is there but cannot be read."""
+        return file_status(path, *self._setting(segment))
+
+    def _load(self, path: Path, segment: Segment, *, dates: str | None = None) -> _Read:
         """The file as read once while it is unchanged; ``dates`` names a daily column whose zoned times a CSV
         reader turned into UTC instants, to be read back as the dates the file wrote."""
         key = _identity(path)
         if key not in self._cache:
-            read = _read(path, self.spec.format, leave_out=self.spec.on_bad_rows != "fail")
+            try:
+                read = _read(path, self.spec.format, leave_out=self.spec.on_bad_rows != "fail")
+            except OSError as exc:  # its mode keeps us out, a .gz that is no gzip: a traceback before
+                raise unreadable(path, exc, *self._setting(segment)) from None
             if _identity(path) != key:
                 # Written to while we read it (an export still running): its last rows may be cut mid-number,
                 # a volume of 1000 read as 10 and loaded as if whole.
@@ -565,11 +576,11 @@ class FilesSource(Source):
         if rng is None:
             return empty_table(segment.timeframe)
         self.preflight()
-        if not path.is_file():
+        if self._status(path, segment) is None:
             self._refuse_other_case(path, segment)
             self.reports.append(SourceReport(segment, str(path), "no such file"))
             return empty_table(segment.timeframe)
-        read = self._load(path)
+        read = self._load(path, segment)
         table = read.table
         frame, names, spelled = self._frame(read, path, segment)
         if not table.num_rows and not read.unsplit:
@@ -646,8 +657,7 @@ class FilesSource(Source):
         except OSError:  # no such directory: the plain report says enough
             return
         if others:
-            field = "source.daily" if segment.timeframe == "1d" else "source.minute"
-            pattern = self.patterns[segment.timeframe]
+            field, pattern = self._setting(segment)
             raise SourceError(
                 f"{path}: no such file for {segment.symbol}, but {', '.join(sorted(others))} is there ({field}="
                 f"{pattern!r}; file names are case-sensitive): rename it to {path.name}",
@@ -667,7 +677,7 @@ class FilesSource(Source):
         names = {t: str(self._column(table, path, t)) for t in VALUE_COLUMNS}
         names["when"] = str(self._column(table, path, when_target))
         if segment.timeframe == "1d":
-            table = self._load(path, dates=names["when"]).table
+            table = self._load(path, segment, dates=names["when"]).table
         sym_col = self._column(
             table, path, "symbol", required="{symbol}" not in self.patterns[segment.timeframe]
         )
