@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,27 @@ _Bool = Annotated[bool, Strict()]
 _Date = Annotated[dt.date, BeforeValidator(_not_a_number)]
 
 
+def _file_pattern(value: Any) -> Any:
+    # `{Symbol}.csv` was one shared file of that literal name, every segment loaded empty as "no such file";
+    # `{symbol}_{date}.csv` or `{symbol.csv` a traceback at the first segment read
+    if not isinstance(value, str):
+        return value  # the str type's own error
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{exc}: the only placeholder is {{symbol}}") from None
+    for name in names:
+        if name != "symbol":
+            raise ValueError(f"unknown placeholder {{{name}}}: the only one is {{symbol}}")
+    if names and "{symbol}" not in value:  # `{symbol!r}`: never formatted, a file of that literal name
+        raise ValueError("the only placeholder is {symbol}, written as is")
+    return value
+
+
+# A source file's name: one file with a symbol column, or one per symbol named by `{symbol}`.
+_FilePattern = Annotated[str, BeforeValidator(_file_pattern)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -150,8 +172,8 @@ class FilesSourceSpec(_SourceBase):
 
     kind: Literal["files"]
     path: Path
-    daily: str = "daily/{symbol}.csv"
-    minute: str = "minute/{symbol}.csv"
+    daily: _FilePattern = "daily/{symbol}.csv"
+    minute: _FilePattern = "minute/{symbol}.csv"
     format: Literal["auto", "csv", "parquet"] = "auto"
     columns: dict[TargetColumn, str] = Field(default_factory=dict)
     tz: str | None = None

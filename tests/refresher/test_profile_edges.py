@@ -160,3 +160,29 @@ def test_a_whole_number_target_and_yaml_booleans_still_load(tmp_path: Path) -> N
         "universe: {symbols: [AAA]}\nmonths: 1\nreset_target_seconds: 5\nsource: {kind: synthetic, allow_shrink: true}\n"
     )
     plans(tmp_path, path)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        # a shared file of that literal name: every segment loaded empty, said only as "no such file"
+        ("daily/{Symbol}.csv", "unknown placeholder {Symbol}: the only one is {symbol}"),
+        ("{ticker}.csv", "unknown placeholder {ticker}: the only one is {symbol}"),
+        # KeyError, a traceback with exit status 1 at the first segment read
+        ("{symbol}/{date}.csv", "unknown placeholder {date}: the only one is {symbol}"),
+        # ValueError, the same traceback
+        ("{symbol.csv", "expected '}' before end of string: the only placeholder is {symbol}"),
+        ("{symbol}}.csv", "Single '}' encountered in format string: the only placeholder is {symbol}"),
+    ],
+)
+def test_a_file_name_with_a_placeholder_other_than_symbol_is_refused(
+    tmp_path: Path, pattern: str, reason: str
+) -> None:
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "files.yaml"
+    path.write_text(
+        "universe: {symbols: [AAA]}\nmonths: 1\ntimeframes: [1d]\n"
+        f"source: {{kind: files, path: data, daily: '{pattern}'}}\n"
+    )
+    line = plan(tmp_path, path, "--as-of", "2024-01-31")
+    assert line == f"refresher: {path}: source.daily={pattern!r}: {reason}"
