@@ -116,7 +116,13 @@ class PostgresSource(Source):
                 yield cur
         except psycopg.Error as exc:
             # the table (or query) named: 'invalid input syntax for type double precision: "abc"' said neither
-            raise SourceError(f"{self._where(segment)}: upstream query failed: {_one_line(exc)}") from exc
+            reason = _one_line(exc)
+            client = isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is None
+            if client and segment.timeframe in self.spec.queries:
+                # psycopg's own words on the query's placeholders, before it reached the server ("only '%s',
+                # '%b', '%t' are allowed as placeholders, got '%''" for a LIKE 'A%'), say not which ones we send
+                reason += f"; {_PLACEHOLDERS}"
+            raise SourceError(f"{self._where(segment)}: upstream query failed: {reason}") from exc
 
     def close(self) -> None:
         if self._conn is not None:
@@ -148,7 +154,10 @@ class PostgresSource(Source):
         key = "date" if segment.timeframe == "1d" else "ts"
         custom = self.spec.queries.get(segment.timeframe)
         if custom is not None:
-            return sql.SQL(custom)  # type: ignore[arg-type]  # the profile's own text, not user data
+            # A query pasted from psql ends in ';', which the version query's subquery refused ('syntax error at
+            # or near ";"') while a fetch ran it: the statement's end is no part of the rows.
+            text = custom.rstrip().rstrip(";").rstrip()
+            return sql.SQL(text)  # type: ignore[arg-type]  # the profile's own text, not user data
         c = self.columns
         when = sql.Identifier(c[key])
         # A row whose time is NULL belongs to no month: the symbol's first segment takes it, as the files source
@@ -205,7 +214,8 @@ class PostgresSource(Source):
             # 100 symbols x a month of 1-minute bars, about 20x count/max's time and half a fetch's.
             query = sql.SQL(
                 "SELECT count(*), max({key})::text, sum(hash_record_extended(segment_rows, 0))::text "
-                "FROM ({rows}) AS segment_rows"
+                # the line break: a query ending in a `-- comment` (folded by YAML's >-) commented the ')' out
+                "FROM ({rows}\n) AS segment_rows"
             ).format(key=key, rows=self._query(segment))
             with self._cursor(segment) as cur:
                 refused = _version_query_refused(cur.connection.info.server_version)
@@ -283,6 +293,8 @@ class PostgresSource(Source):
         ok = ts.notna().to_numpy()
         return np.where(ok, ts.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64), 0), ok
 
+
+_PLACEHOLDERS = "its values are %(symbol)s, %(start)s and %(end)s, and a literal % is written %%"
 
 # hash_record_extended, which the version query sums, is PostgreSQL 14's.
 _VERSION_QUERY_SINCE = 140000

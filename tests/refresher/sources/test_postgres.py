@@ -322,6 +322,55 @@ def test_custom_query_gets_its_values_as_parameters(upstream: str, make_profile:
         source.fetch(Segment("AAPL", "1d", NOV))
 
 
+DAILY_QUERY = (
+    'SELECT day AS date, o AS open, h AS high, l AS low, c AS close, vol AS volume FROM prod."Daily Bars" '
+    "WHERE ticker = %(symbol)s AND day >= %(start)s AND day < %(end)s"
+)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        # pasted from psql: the version query's subquery said 'syntax error at or near ";"', a fetch ran it
+        f"    1d: |\n      {DAILY_QUERY};\n",
+        f"    1d: |\n      {DAILY_QUERY} ;\n\n",
+        # YAML's >- (the docs' own example) folds a last `-- comment` line onto the query's: it commented out the
+        # subquery's ')'
+        f"    1d: >-\n      {DAILY_QUERY}\n      -- November's bars\n",
+    ],
+    ids=["a semicolon", "a semicolon and blank lines", "a folded comment"],
+)
+def test_a_custom_query_as_written_in_psql_is_versioned_and_fetched(
+    upstream: str, make_profile: MakeProfile, written: str
+) -> None:
+    with make_source(make_profile(body(upstream, f"  queries:\n{written}"))) as source:
+        assert source.version(Segment("AAPL", "1d", NOV)).startswith("postgres/")
+        assert source.fetch(Segment("AAPL", "1d", NOV)).num_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        (
+            f"{DAILY_QUERY} AND ticker LIKE 'A%'",
+            "only '%s', '%b', '%t' are allowed as placeholders, got '%''",
+        ),
+        (DAILY_QUERY.replace("%(symbol)s", "%(ticker)s"), "query parameter missing: ticker"),
+    ],
+)
+def test_a_custom_querys_placeholder_error_names_the_values_sent(
+    upstream: str, make_profile: MakeProfile, query: str, said: str
+) -> None:
+    # psycopg's words alone did not say which placeholders refresher fills, nor how to write a literal %
+    source = make_source(make_profile(body(upstream, f"  queries:\n    1d: |\n      {query}\n")))
+    with source, pytest.raises(SourceError) as info:
+        source.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value) == (
+        f"postgres:source.queries.1d: upstream query failed: {said}; its values are %(symbol)s, %(start)s and "
+        "%(end)s, and a literal % is written %%"
+    )
+
+
 def test_an_unknown_time_zone_is_refused_before_connecting(make_profile: MakeProfile) -> None:
     body = "universe: {symbols: [AAPL]}\nmonths: 1\nas_of: 2024-11-29\nsource:\n  kind: postgres\n"
     with pytest.raises(SourceError, match=r"^source.tz='Mars/Base': unknown time zone"):
