@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refresher._lazy import LazyModule
-from refresher.errors import EngineUnavailable
+from refresher.errors import EngineStateError, EngineUnavailable
 from refresher.profile_files import PROFILE_NAME as PROFILE_NAME
 from refresher.profile_files import validate_profile as validate_profile
 
@@ -118,12 +118,48 @@ def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
     _put_private_json(path, data, os.replace)
 
 
-def known_fields(cls: type[Any], recorded: Mapping[str, Any]) -> dict[str, Any]:
-    """What of ``recorded`` (a state file's JSON) the dataclass ``cls`` has a field for: one a newer refresher
-    added is left out (given to ``cls``, it was a TypeError, 'unreadable' state whose advice, `refresher down`,
-    removed the server). AttributeError when ``recorded`` is not a mapping."""
-    names = {each.name for each in dataclasses.fields(cls)}
-    return {key: value for key, value in recorded.items() if key in names}
+def known_fields(cls: type[Any], recorded: Mapping[str, Any], *, path: Path, what: str) -> dict[str, Any]:
+    """What of ``recorded`` (the JSON of the state file at ``path``, ``what`` it holds) the dataclass ``cls`` has a
+    field for: one a newer refresher added is left out (given to ``cls``, it was a TypeError, 'unreadable' state
+    whose advice, `refresher down`, removed the server). AttributeError when ``recorded`` is not a mapping.
+
+    EngineStateError for an unknown key that looks like a field the file lacks (``prot`` with no ``port``): a
+    key misspelled by hand. Left out, its field read as its default (a port of 0: a new one at the next start)
+    or went missing (the advice then was `refresher down`, which removes the server for a typo). A newer
+    refresher writes every field this one knows, so its own additions never meet a missing field; it names
+    them unlike the fields it keeps (as the marks' words: docs/engines.md)."""
+    fields = {each.name: each for each in dataclasses.fields(cls)}
+    unknown = [key for key in recorded if key not in fields]
+    if unknown:
+        _refuse_misspelled(
+            unknown, recorded, [each for name, each in fields.items() if name not in recorded], path, what
+        )
+    return {key: value for key, value in recorded.items() if key in fields}
+
+
+def _refuse_misspelled(
+    unknown: list[str],
+    recorded: Mapping[str, Any],
+    missing: list[dataclasses.Field[Any]],
+    path: Path,
+    what: str,
+) -> None:
+    import difflib  # only for a file holding a key this refresher does not know
+
+    by_name = {each.name.lower(): each for each in missing}
+    for key in unknown:
+        close = difflib.get_close_matches(key.lower(), by_name, n=1, cutoff=0.6)
+        if not close:
+            continue
+        field = by_name[close[0]]
+        secret = not field.repr or "password" in field.name
+        shown = "not shown" if secret else repr(recorded[key])  # a password stays out of the line
+        raise EngineStateError(
+            f"{path}: unreadable {what}: key {key!r} (value {shown}) is not one this refresher knows; did you"
+            f" mean {field.name!r}? Correct the key in the file",
+            path=str(path),
+            key=key,
+        )
 
 
 def create_private_json(path: Path, data: Mapping[str, Any]) -> bool:

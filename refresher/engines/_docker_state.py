@@ -41,7 +41,8 @@ class ContainerState:
     def read(cls, path: Path) -> ContainerState | None:
         """The state at ``path``, None when there is none; a field a newer refresher added is left out."""
         try:
-            return cls(**known_fields(cls, json.loads(path.read_text(encoding="utf-8"))))
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**known_fields(cls, recorded, path=path, what="Docker engine state"))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, AttributeError) as exc:

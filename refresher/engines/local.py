@@ -90,7 +90,8 @@ class ServerState:
     def read(cls, path: Path) -> ServerState | None:
         """The state at ``path``, None when there is none; a field a newer refresher added is left out."""
         try:
-            return cls(**known_fields(cls, json.loads(path.read_text(encoding="utf-8"))))
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**known_fields(cls, recorded, path=path, what="server state"))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, AttributeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -1369,3 +1370,28 @@ def test_a_state_file_with_a_field_a_newer_refresher_adds_is_read(tmp_path: Path
         path.write_text(broken)
         with pytest.raises(EngineStateError, match="unreadable Docker engine state"):
             ContainerState.read(path)
+
+
+def test_a_state_file_key_misspelled_by_hand_is_refused_naming_it(tmp_path: Path) -> None:
+    """``prot`` for ``port`` was left out as a newer refresher's key and the port read as its default, 0: the next
+    start published the container on another port, silently. Now one line names the file, key, value and field;
+    the password's value is never shown."""
+    from refresher.engines._docker_state import ContainerState
+
+    state = ContainerState("c", "v", "refresher/postgres:15", "postgres", "secret", 5432)
+    path = tmp_path / "p.json"
+    state.write(path)
+    recorded = json.loads(path.read_text())
+    path.write_text(json.dumps({**{k: v for k, v in recorded.items() if k != "port"}, "prot": 5432}))
+    with pytest.raises(EngineStateError) as caught:
+        ContainerState.read(path)  # fails before: read with port=0
+    assert str(caught.value).startswith(f"{path}: unreadable Docker engine state: key 'prot' (value 5432)")
+    assert "did you mean 'port'" in str(caught.value)
+    path.write_text(
+        json.dumps({**{k: v for k, v in recorded.items() if k != "password"}, "passwd": "secret"})
+    )
+    with pytest.raises(EngineStateError, match=r"key 'passwd' \(value not shown\).*'password'") as caught:
+        ContainerState.read(path)
+    assert "secret" not in str(caught.value)
+    path.write_text(json.dumps({k: v for k, v in recorded.items() if k != "port"}))  # an older refresher's
+    assert ContainerState.read(path) == dataclasses.replace(state, port=0)

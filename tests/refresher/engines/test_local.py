@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -843,3 +844,33 @@ def test_a_state_file_with_a_field_a_newer_refresher_adds_is_read(tmp_path: Path
         path.write_text(broken)
         with pytest.raises(EngineStateError, match="unreadable server state"):
             local.ServerState.read(path)
+
+
+def test_a_state_file_key_misspelled_by_hand_is_refused_naming_it(tmp_path: Path) -> None:
+    """A known key misspelled by hand was left out as a newer refresher's: ``pid`` read as its default, None, and
+    ``bin_dir`` missing said 'run `refresher down`', which removes the cluster for a typo. Now one line names the
+    file, the key, its value and the field meant; an older file (no ``pid``) and a newer one still read."""
+    from refresher.errors import EngineStateError
+
+    state = local.ServerState(5432, "refresher", "secret", "/usr/lib/postgresql/15/bin", "15", 42)
+    path = tmp_path / "server.json"
+    state.write(path)
+    recorded = json.loads(path.read_text())
+    for good, bad in (("pid", "pdi"), ("bin_dir", "bindir"), ("port", "Port")):
+        path.write_text(json.dumps({**{k: v for k, v in recorded.items() if k != good}, bad: recorded[good]}))
+        with pytest.raises(EngineStateError) as caught:
+            local.ServerState.read(path)  # fails before for pdi: read with pid=None
+        message = str(caught.value)
+        assert message.startswith(f"{path}: unreadable server state: key {bad!r} (value {recorded[good]!r})")
+        assert f"did you mean {good!r}" in message and "refresher down" not in message, message
+    path.write_text(
+        json.dumps({**{k: v for k, v in recorded.items() if k != "password"}, "pasword": "secret"})
+    )
+    with pytest.raises(EngineStateError, match=r"key 'pasword' \(value not shown\)") as caught:
+        local.ServerState.read(path)
+    assert "secret" not in str(caught.value)
+    # An older refresher's file (no pid yet) and a newer one's (every known key and one more) are read.
+    path.write_text(json.dumps({k: v for k, v in recorded.items() if k != "pid"}))
+    assert local.ServerState.read(path) == dataclasses.replace(state, pid=None)
+    path.write_text(json.dumps({**recorded, "pid_file": "x", "ports": [1]}))
+    assert local.ServerState.read(path) == state
