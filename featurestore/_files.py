@@ -250,8 +250,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_verified(path: Path) -> Stored:
-    """Read and verify a stored file; FileNotFoundError if absent, CorruptFile if it cannot be trusted."""
+def read_verified(path: Path, key: str | None = None) -> Stored:
+    """Read and verify a stored file; FileNotFoundError if absent, CorruptFile if it cannot be trusted, or if
+    its metadata names another key than ``key`` (given)."""
     with open(path, "rb") as handle:
         status = os.fstat(handle.fileno())
         data = handle.read()
@@ -261,6 +262,7 @@ def read_verified(path: Path) -> Stored:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CorruptFile(path, f"unreadable: {exc}", status.st_ino) from None
     meta = own_meta(table.schema.metadata)
+    _check_holds(path, meta, key, status.st_ino)
     expected = meta.get("content_hash")
     method: HashMethod = "footer" if meta.get("hash_method") == "footer" else "xxh3"
     if expected is None:
@@ -271,13 +273,23 @@ def read_verified(path: Path) -> Stored:
     return Stored(strip_meta(table), meta, status.st_ino, status.st_size)
 
 
-def read_footer_meta(path: Path) -> tuple[dict[str, str], int]:
-    """The key metadata and row count from the footer alone (cheap check: raises on truncation)."""
+def read_footer_meta(path: Path, key: str | None = None) -> tuple[dict[str, str], int]:
+    """The key metadata and row count from the footer alone (cheap check: raises on truncation, and on metadata
+    naming another key than ``key``, given)."""
     try:
         metadata = pq.read_metadata(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorruptFile(path, f"unreadable footer: {exc}", None) from None
-    return own_meta(metadata.metadata), metadata.num_rows
+    meta = own_meta(metadata.metadata)
+    _check_holds(path, meta, key, None)
+    return meta, metadata.num_rows
+
+
+def _check_holds(path: Path, meta: Mapping[str, str], key: str | None, inode: int | None) -> None:
+    """CorruptFile if ``meta`` is another key's than ``key`` (None: not asked): a file copied or renamed over
+    this key's by hand is whole and matches its own content hash, and was served as this key's table."""
+    if key is not None and meta.get("key") != key:
+        raise CorruptFile(path, f"holds key {meta.get('key')!r}, not {key!r}", inode)
 
 
 def own_meta(raw: Mapping[bytes, bytes] | None) -> dict[str, str]:

@@ -79,9 +79,9 @@ def check_integrity(manifest: Manifest, *, deep: bool = True) -> IntegrityReport
                 continue
             try:
                 if deep:
-                    _files.read_verified(entry.path)
+                    _files.read_verified(entry.path, key)
                 else:
-                    _files.read_footer_meta(entry.path)
+                    _files.read_footer_meta(entry.path, key)
                     if entry.path.stat().st_size != entry.file_size_bytes:
                         raise _files.CorruptFile(entry.path, "size differs from the manifest", None)
             except FileNotFoundError:

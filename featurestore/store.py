@@ -530,7 +530,7 @@ class FeatureStore:
         for key in keys:
             path = _files.data_path(self.root, key)
             try:
-                found[key] = _files.read_verified(path)
+                found[key] = _files.read_verified(path, key)
             except FileNotFoundError:
                 elsewhere.append(key)
             except _files.CorruptFile as corrupt:

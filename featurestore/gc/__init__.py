@@ -29,7 +29,7 @@ from featurestore import _bodies, _files, _packs, maintenance
 from featurestore._cli import OneLineParser, add_root_option, open_store
 from featurestore.console import say
 from featurestore.errors import FeatureStoreError
-from featurestore.manifest import utc_now
+from featurestore.manifest import Entry, utc_now
 from featurestore.render import render_stats
 from featurestore.store import FeatureStore
 
@@ -90,7 +90,7 @@ def collect_garbage(
         sound: dict[Path, bool | None] = {}  # per file: a pack is checked once for all its keys
         for key, entry in entries.items():
             if entry.path not in sound:
-                sound[entry.path] = _sound(entry.path, entry.pack_bytes or entry.file_size_bytes)
+                sound[entry.path] = _sound(entry, entry.pack_bytes or entry.file_size_bytes)
             if entry.last_accessed_ts < cutoff:
                 expired.append(entry)
             elif sound[entry.path] is None:
@@ -138,17 +138,19 @@ def collect_garbage(
     )
 
 
-def _sound(path: Path, expected_size: int) -> bool | None:
-    """Cheap check (footer parses, size matches the row): GC must not read every byte under the lock.
+def _sound(entry: Entry, expected_size: int) -> bool | None:
+    """Cheap check of ``entry``'s file (footer parses, names the key if it is the key's own, size matches the
+    row): GC must not read every byte under the lock.
 
     None when the file is missing."""
+    path = entry.path
     if not path.exists():
         return None
     try:
         if _packs.is_pack(path):
             _packs.read_footer_index(path)
         else:
-            _files.read_footer_meta(path)
+            _files.read_footer_meta(path, entry.key)
         return path.stat().st_size == expected_size
     except FileNotFoundError:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Any
@@ -407,3 +408,19 @@ def test_a_root_that_is_a_file_or_under_one_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "cache" / "key-locks").write_text("")  # a file where the store keeps its lock files
     with pytest.raises(FeatureStoreError, match=r"cannot hold a store: .*key-locks \(File exists\)"):
         FeatureStore(tmp_path / "cache")
+
+
+def test_a_file_copied_over_another_keys_is_never_served_as_it(store: FeatureStore) -> None:
+    """Another key's file copied over this key's by hand is whole and matches its own content hash: it was served
+    as this key's table, and verify and gc found nothing wrong with it (but its size, for the quick checks). Now
+    the file's own key is checked: evicted on read, corrupt to verify, removed by gc."""
+    from featurestore import collect_garbage
+
+    a, b = store.put("seg-a", segment([1.0] * 1000)), store.put("seg-b", segment([2.0] * 1000))
+    b.path.write_bytes(a.path.read_bytes())
+    assert store.validate_cache_integrity().corrupt == ("seg-b",)
+    assert store.validate_cache_integrity(deep=False).corrupt == ("seg-b",)
+    assert collect_garbage(store, retention=dt.timedelta(weeks=4), dry_run=True).corrupt == 1
+    assert store.get("seg-b") is None  # fails before: seg-a's table, 1.0 for 2.0
+    assert store.lookup(["seg-b"]) == {} and not b.path.exists()
+    assert store.get("seg-a") == segment([1.0] * 1000)
