@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,10 +24,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
+def path_argument(option: str) -> Callable[[str], Path]:
+    """An argparse type for ``option``'s path: an empty one is bad input, not the current directory (``Path("")``
+    is ``.``: `--cache-root ""` made a store of whatever directory the command ran in)."""
+
+    def parse(text: str) -> Path:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{option}={text!r}: empty; name a path")
+        return Path(text)
+
+    return parse
+
+
 def add_root_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-root",
-        type=Path,
+        type=path_argument("--cache-root"),
         default=None,
         metavar="DIR",
         help=f"store root (default ${ROOT_ENV}, else {DEFAULT_ROOT})",
@@ -41,4 +54,4 @@ def open_store(cache_root: Path | None) -> FeatureStore:
     return FeatureStore(root)
 
 
-__all__ = ["OneLineParser", "add_root_option", "open_store"]
+__all__ = ["OneLineParser", "add_root_option", "open_store", "path_argument"]

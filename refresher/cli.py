@@ -54,20 +54,20 @@ def _common(json_flag: bool = True) -> _OneLineParser:
     )
     common.add_argument(
         "--state-dir",
-        type=Path,
+        type=_parse_path,
         default=None,
         help="where servers keep state ($REFRESHER_STATE_DIR; default: found like git finds .git, walking up "
         "to the first .refresher or checkout root; `refresher status` prints it)",
     )
     common.add_argument(
         "--store",
-        type=Path,
+        type=_parse_path,
         default=None,
         help="feature store root ($FEATURE_STORE_PATH, default ~/.feature_cache)",
     )
     common.add_argument(
         "--profiles-dir",
-        type=Path,
+        type=_parse_path,
         action="append",
         default=None,
         help="extra profile directory ($REFRESHER_PROFILES)",
@@ -187,6 +187,14 @@ def _parse_date(text: str) -> dt.date:
     except ValueError as exc:
         # argparse prefixes "argument --as-of: "; the message names only the value.
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from exc
+
+
+def _parse_path(text: str) -> Path:
+    # Path("") is the current directory: `--store ""` made a store of wherever the command ran, `--state-dir ""`
+    # kept servers' state there.
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"empty, name a path: {text!r}")
+    return Path(text)
 
 
 def _parse_pool_size(text: str) -> PoolSize:

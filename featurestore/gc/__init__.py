@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from featurestore import _bodies, _files, _packs, maintenance
-from featurestore._cli import OneLineParser, add_root_option, open_store
+from featurestore._cli import OneLineParser, add_root_option, open_store, path_argument
 from featurestore.console import say
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import Entry, utc_now
@@ -225,7 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     parser.add_argument("--verbose", action="store_true", help="print every removal")
     parser.add_argument(
-        "--output-json", type=Path, default=None, help="also write the report as JSON to FILE"
+        "--output-json",
+        type=path_argument("--output-json"),
+        default=None,
+        help="also write the report as JSON to FILE",
     )
     parser.add_argument(
         "--overview-only", action="store_true", help="print the store's overview, collect nothing"

@@ -104,6 +104,28 @@ def test_bad_input_is_one_line_naming_the_value_and_exit_2(command: str, tmp_pat
     )
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_empty_path_is_one_line_and_exit_2_not_the_current_directory(command: str, tmp_path: Path) -> None:
+    """``--cache-root ""`` was ``Path("")``, the current directory: the command made a store there (manifest,
+    lock files, key-locks/, data/), in a checkout as anywhere."""
+    done = subprocess.run(
+        [FEATURESTORE, command, "--cache-root", ""], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2, done  # fails before: 0, a store made in tmp_path
+    assert done.stderr.strip() == f"featurestore {command}: --cache-root='': empty; name a path"
+    assert list(tmp_path.iterdir()) == []
+    if command == "gc":  # its report's file: '' was the current directory, a traceback (IsADirectoryError)
+        done = subprocess.run(
+            [FEATURESTORE, "gc", "--cache-root", str(tmp_path), "--output-json", ""],
+            capture_output=True,
+            text=True,
+        )
+        assert (done.returncode, done.stderr.strip()) == (
+            2,
+            "featurestore gc: --output-json='': empty; name a path",
+        )
+
+
 def test_a_read_only_store_is_one_line_and_exit_2(read_only_store: Path) -> None:
     # Even a read takes a lock file in the store: every command was an OSError traceback, exit 1.
     with pytest.raises(StoreNotWritable, match="Read-only file system"):

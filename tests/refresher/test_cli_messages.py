@@ -29,6 +29,10 @@ __all__ = ["read_only_dir"]  # the fixture, shared with test_pytest_plugin
         (["refresh"], ["--profile"]),
         (["market", "status", "-x", "XNYS", "--at", "tomorrow"], ["--at", "'tomorrow'"]),
         (["no-such-command"], ["'no-such-command'"]),
+        # Path(""), the current directory: a store or state dir made wherever the command ran
+        (["plan", "--profile", "ui_testing", "--store", ""], ["--store", "empty", "''"]),
+        (["plan", "--profile", "ui_testing", "--state-dir", ""], ["--state-dir", "empty", "''"]),
+        (["plan", "--profile", "ui_testing", "--profiles-dir", " "], ["--profiles-dir", "empty", "' '"]),
     ],
 )
 def test_usage_errors_are_one_line_naming_option_and_value(args: list[str], names: list[str]) -> None:
