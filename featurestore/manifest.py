@@ -125,6 +125,11 @@ _ARROW_SCHEMA = pa.schema(
     ]
 )
 _COLUMNS = tuple(_ARROW_SCHEMA.names)
+# The columns of every store format (format 1 lacks the pack columns until its first write adds them).
+_REQUIRED = {
+    "entries": tuple(name for name in _COLUMNS if not name.startswith("pack_")),
+    "counters": ("name", "value"),
+}
 _TIMES = frozenset(field.name for field in _ARROW_SCHEMA if pa.types.is_timestamp(field.type))
 
 
@@ -353,6 +358,10 @@ class Manifest:
                 # That costs ~2 ms per 5,000 rows, so it runs once per version of the file, not per access.
                 con.execute("SELECT bit_xor(hash(COLUMNS(*))) FROM entries").fetchall()
                 con.execute("SELECT bit_xor(hash(COLUMNS(*))) FROM counters").fetchall()
+                foreign = self._foreign(con)
+                if foreign is not None:
+                    self._detach(con)
+                    return foreign
                 _SOUND[self.path] = _identity(self.path)
         except duckdb.Error as exc:
             self._detach(con)
@@ -360,6 +369,29 @@ class Manifest:
             self._raise_if_disk_full(exc)
             return exc
         return con
+
+    def _foreign(self, con: duckdb.DuckDBPyConnection) -> duckdb.Error | None:
+        """The error that shows the file is no manifest of this store's layout (tables without the columns every
+        format has: another program's DuckDB file), None if it is one. Such a file opened whole, and every query
+        then failed in a traceback (a Binder Error), so nothing healed it. A newer featurestore's manifest is
+        StoreFormatNewer here, as when its columns are all there: never set aside as damage."""
+        found = con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [_ALIAS]
+        ).fetchall()
+        lacking = sorted(
+            f"{table}.{column}"
+            for table, columns in _REQUIRED.items()
+            for column in columns
+            if (table, column) not in found
+        )
+        if not lacking:
+            return None
+        with contextlib.suppress(duckdb.Error):
+            if (newer := self._format(con)) > STORE_FORMAT:
+                self._detach(con)
+                raise StoreFormatNewer.store_format(str(self.path), newer, STORE_FORMAT)
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        return duckdb.CatalogException(f"not a manifest: no column {', '.join(lacking[:3])}{more}")
 
     def _raise_if_disk_full(self, exc: duckdb.Error) -> None:
         """StoreDiskFull if DuckDB could not write for lack of space: one line, and never taken for damage (a

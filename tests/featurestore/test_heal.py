@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from featurestore import FeatureStore, collect_garbage
+from featurestore import FeatureStore, StoreFormatNewer, collect_garbage
 from featurestore import manifest as manifest_module
 from featurestore import store as store_module
 from tests.featurestore import _workers
@@ -96,6 +96,46 @@ def test_validate_and_rebuild_never_raise_on_a_damaged_manifest(tmp_path: Path, 
     damage(store, how)
     assert store.rebuild_manifest() == len(tables) + 1
     assert_healed(store, tables)
+
+
+def _replace_manifest(store: FeatureStore, sql: str) -> None:
+    store.manifest.path.unlink()
+    with duckdb.connect(str(store.manifest.path)) as con:
+        con.execute(sql)
+
+
+@pytest.mark.parametrize(
+    "tables",
+    [
+        "CREATE TABLE entries (key VARCHAR, tier INTEGER NOT NULL)",
+        "CREATE TABLE entries (key VARCHAR); CREATE TABLE counters (name VARCHAR)",
+    ],
+)
+def test_a_duckdb_file_of_another_layout_is_set_aside_and_rebuilt(
+    tmp_path: Path, tables: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole DuckDB file whose tables lack the manifest's columns (another program's) opened without error,
+    and every command then ended in a Binder Error traceback: nothing healed it."""
+    store, stored, _feature = filled(tmp_path / "cache")
+    _replace_manifest(store, tables)
+    with caplog.at_level(logging.WARNING, logger="featurestore"):
+        fresh = FeatureStore(store.root)
+        assert_healed(fresh, stored)  # fails before: BinderException, column "path" not found
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "featurestore"]
+    assert "not a manifest: no column" in warning and "rebuilt from the data files" in warning
+
+
+def test_a_newer_featurestores_manifest_of_another_layout_is_refused_not_set_aside(tmp_path: Path) -> None:
+    """The check above must not take a newer format's manifest, whatever its columns, for damage."""
+    store, _stored, _feature = filled(tmp_path / "cache")
+    _replace_manifest(
+        store,
+        "CREATE TABLE entries (key VARCHAR, renamed VARCHAR); CREATE TABLE counters (name VARCHAR, value BIGINT);"
+        " INSERT INTO counters VALUES ('store_format', 3)",
+    )
+    with pytest.raises(StoreFormatNewer, match="store format 3"):
+        FeatureStore(store.root)
+    assert list(store.root.glob("manifest.duckdb.damaged-*")) == []
 
 
 def test_deleted_manifest_is_rebuilt_on_first_use_and_files_are_not_orphans(tmp_path: Path) -> None:
