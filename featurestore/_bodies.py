@@ -146,8 +146,8 @@ def read(root: Path, hashes: Iterable[str], layout: str) -> dict[str, CopyBody]:
             with open(path, "rb") as handle:
                 inode = os.fstat(handle.fileno()).st_ino
                 data = handle.read()
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue  # optional: the caller reads the key's table (a body it may not read is not corrupt)
         try:
             found[content_hash] = decode(data, content_hash, layout)
         except CorruptBody:

@@ -22,11 +22,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featurestore.errors import bad_value
+from featurestore.errors import StoreFileUnreadable, bad_value
 from featurestore.fingerprint import HashMethod, fingerprint_table
 
 DATA_DIR = "data"
@@ -250,10 +251,20 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def open_stored(path: Path) -> BinaryIO:
+    """``path`` opened for reading; FileNotFoundError if absent, StoreFileUnreadable if something else is there
+    (a directory) or this user may not read it: never taken for a corrupt file, which is evicted (removed)."""
+    try:
+        return open(path, "rb")
+    except (IsADirectoryError, PermissionError) as exc:
+        directory = isinstance(exc, IsADirectoryError)
+        raise StoreFileUnreadable(str(path), (exc.strerror or str(exc)).lower(), directory) from None
+
+
 def read_verified(path: Path, key: str | None = None) -> Stored:
     """Read and verify a stored file; FileNotFoundError if absent, CorruptFile if it cannot be trusted, or if
     its metadata names another key than ``key`` (given)."""
-    with open(path, "rb") as handle:
+    with open_stored(path) as handle:
         status = os.fstat(handle.fileno())
         data = handle.read()
         try:
@@ -276,10 +287,11 @@ def read_verified(path: Path, key: str | None = None) -> Stored:
 def read_footer_meta(path: Path, key: str | None = None) -> tuple[dict[str, str], int]:
     """The key metadata and row count from the footer alone (cheap check: raises on truncation, and on metadata
     naming another key than ``key``, given)."""
-    try:
-        metadata = pq.read_metadata(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CorruptFile(path, f"unreadable footer: {exc}", None) from None
+    with open_stored(path) as handle:
+        try:
+            metadata = pq.read_metadata(handle)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptFile(path, f"unreadable footer: {exc}", None) from None
     meta = own_meta(metadata.metadata)
     _check_holds(path, meta, key, None)
     return meta, metadata.num_rows

@@ -231,13 +231,12 @@ def _parse_index(footer: Mapping[bytes, bytes] | None) -> tuple[dict[str, Part],
 
 def read_footer_index(path: Path) -> tuple[dict[str, Part], int]:
     """The index and total rows of a pack from its footer alone; CorruptFile when it cannot be read."""
-    try:
-        metadata = pq.read_metadata(path)
-        return read_index(metadata.metadata), metadata.num_rows
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise _files.CorruptFile(path, f"unreadable pack footer: {exc}", None) from None
+    with _files.open_stored(path) as handle:
+        try:
+            metadata = pq.read_metadata(handle)
+            return read_index(metadata.metadata), metadata.num_rows
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise _files.CorruptFile(path, f"unreadable pack footer: {exc}", None) from None
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,7 @@ def read_parts(path: Path, keys: list[str]) -> PackRead:
     keys it touches. A key the pack does not index, whose row groups do not decode, or whose slice does not
     match its recorded hash is reported in ``corrupt`` (with the reason); the others of the same pack are served.
     """
-    with open(path, "rb") as handle:
+    with _files.open_stored(path) as handle:
         status = os.fstat(handle.fileno())
         try:
             reader = pq.ParquetFile(handle)

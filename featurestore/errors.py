@@ -67,6 +67,20 @@ class StoreNotWritable(FeatureStoreError):
         )
 
 
+class StoreFileUnreadable(FeatureStoreError):
+    """A stored file cannot be opened for reading: a directory made where it goes, or a file this user may not
+    read (another user's, 0600, in a shared store). Neither is damage to evict: GC took the second for corrupt
+    and removed another user's file, and both were tracebacks from every read, verify and gc."""
+
+    def __init__(self, path: str, reason: str, directory: bool) -> None:
+        remedy = (
+            "move it out of the way and run again"
+            if directory
+            else "give this user read access to it, or remove it (the store fetches it again)"
+        )
+        super().__init__(f"stored file={path}: cannot be read ({reason}); {remedy}", path=path, reason=reason)
+
+
 class StoreDiskFull(FeatureStoreError):
     """The store's disk (or the user's quota there) is full where the manifest had to be written."""
 
@@ -123,6 +137,7 @@ __all__ = [
     "FeatureStoreError",
     "ManifestBusy",
     "StoreDiskFull",
+    "StoreFileUnreadable",
     "StoreFormatNewer",
     "StoreLockTimeout",
     "StoreNotWritable",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from featurestore import _bodies, _files, _packs
 from featurestore._duckdb import duckdb
+from featurestore.errors import StoreFileUnreadable
 from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
 
 
@@ -63,6 +64,10 @@ def find_strays(root: Path, entries: Mapping[str, Entry]) -> Strays:
             strays.temporaries.append(path)
         elif _bodies.hash_of(path) not in held:
             strays.orphans.append(path)
+    # A directory made by hand where a file goes is no file to remove (GC's unlink was a traceback after its
+    # commit, at every run); a read of its key says so in one line (StoreFileUnreadable). Asked of the few
+    # strays only: a stat of every file would cost a large store's GC ~60,000 of them.
+    strays.orphans[:] = [path for path in strays.orphans if not path.is_dir()]
     return strays
 
 
@@ -146,8 +151,8 @@ def rows_from_files(root: Path, previous: Mapping[str, Entry]) -> list[Row]:
         try:
             meta, count = _files.read_footer_meta(path)
             size = path.stat().st_size
-        except (_files.CorruptFile, FileNotFoundError):
-            continue
+        except (_files.CorruptFile, FileNotFoundError, StoreFileUnreadable):
+            continue  # unreadable: a manifest rebuilt (healed) without its row, never stopped by it
         if meta.get("key") != key or "content_hash" not in meta:
             continue
         keep(_row_from_meta(path, meta, count, size, previous.get(key)))
@@ -159,7 +164,7 @@ def _rows_of_pack(path: Path, previous: Mapping[str, Entry]) -> list[Row]:
     try:
         index, _total = _packs.read_footer_index(path)
         size = path.stat().st_size
-    except (_files.CorruptFile, FileNotFoundError):
+    except (_files.CorruptFile, FileNotFoundError, StoreFileUnreadable):
         return []
     parts = sorted(index.values(), key=lambda p: p.offset)
     rows: list[Row] = []

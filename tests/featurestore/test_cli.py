@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import pwd
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from featurestore import FeatureStore, StoreNotWritable
+from featurestore import FeatureStore, StoreFileUnreadable, StoreNotWritable
+from featurestore.cli import main as cli_main
 from tests.featurestore.test_gc import FEATURESTORE, REPO
+from tests.unprivileged import as_nobody
 
 COMMANDS = ["gc", "stats", "verify", "rebuild"]
 
@@ -151,3 +158,61 @@ def test_a_directory_where_a_lock_file_goes_is_one_line_and_exit_2(used: Feature
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
         assert f"store lock={lock}: " in done.stderr and "is a directory" in done.stderr, done.stderr
     assert lock.is_dir() and not any(lock.iterdir())  # left as the user left it
+
+
+@pytest.mark.parametrize("what", ["own file", "pack"])
+def test_a_directory_where_a_stored_file_goes_is_one_line_and_exit_2(used: FeatureStore, what: str) -> None:
+    """A directory made by hand where a key's file or a pack goes was an IsADirectoryError traceback from every
+    read, verify and gc (gc's after its commit, having deleted the rows, and again at every run)."""
+    entries = used.lookup(["seg-a"] if what == "pack" else [])
+    path = entries["seg-a"].path if what == "pack" else next((used.root / "data").glob("??/*.parquet"))
+    path.unlink()
+    path.mkdir()
+    rows = used.get_cache_stats().entries
+    for command in ("verify", "gc"):
+        done = cli(command, "--cache-root", str(used.root))
+        assert done.returncode == 2, done.stderr  # fails before: 1, a traceback
+        assert done.stderr.strip() == (
+            f"featurestore {command}: stored file={path}: cannot be read (is a directory); move it out of the way"
+            " and run again"
+        )
+    assert path.is_dir() and used.get_cache_stats().entries == rows  # gc removed nothing
+    key = "seg-a" if what == "pack" else path.stem
+    with pytest.raises(StoreFileUnreadable, match="is a directory"):
+        used.get_many([key, "seg-b"])
+    # A manifest rebuilt (healed) goes on without it rather than stop on it.
+    assert used.rebuild_manifest() == rows - (2 if what == "pack" else 1)
+
+
+def test_a_stored_file_this_user_may_not_read_is_one_line_and_gc_keeps_it() -> None:
+    """Another user's file (0600) in a shared store: every read and verify was a PermissionError traceback, and
+    gc took it for corrupt and removed it."""
+    # Not under tmp_path: pytest's base directory is closed to nobody.
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o755)
+        store = FeatureStore(Path(shared) / "cache")
+        store.put("seg-a", pa.table({"x": [1, 2]}))
+        store.put("seg-b", pa.table({"x": [3]}))
+        path = store.lookup(["seg-a"])["seg-a"].path
+        path.chmod(0o000)
+        if os.geteuid() == 0:  # the store nobody's (as_nobody runs the commands as nobody), the file root's
+            nobody = pwd.getpwnam("nobody")
+            for each in [store.root, *store.root.rglob("*")]:
+                if each != path:
+                    os.chown(each, nobody.pw_uid, nobody.pw_gid)
+
+        def run(command: str) -> str:
+            # In the forked child (the console script's interpreter may be closed to nobody), as the script runs.
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = cli_main([command, "--cache-root", str(store.root)])
+            return f"{code} {err.getvalue().strip()}"
+
+        expected = (
+            f"stored file={path}: cannot be read (permission denied); give this user read access to it, or"
+            " remove it (the store fetches it again)"
+        )
+        for command in ("verify", "gc"):
+            # fails before: verify 1 and a traceback; gc 0, the file removed
+            assert as_nobody(lambda command=command: run(command)) == f"2 featurestore {command}: {expected}"
+        assert path.exists()
