@@ -663,6 +663,12 @@ class FeatureStore:
                         txn.after_commit(functools.partial(path.unlink, missing_ok=True))
                     self.manifest.add_counters(txn.con, misses=misses)
                 self._tally(0, misses)
+        except OSError as exc:
+            # The batch's files filled the disk (the manifest's own writes say so themselves): one line, as
+            # for the manifest, not an OSError traceback twice over (the Parquet writer's close fails too).
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreDiskFull.at(str(self.root), f"writing the batch's files: {exc.strerror}") from None
+            raise
         finally:
             written.discard()
         return batch, done, placed

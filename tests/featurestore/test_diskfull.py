@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from featurestore import FeatureStore
+from featurestore import FeatureStore, StoreDiskFull
 
 FEATURESTORE = str(Path(sys.executable).with_name("featurestore"))
 KEYS = [f"seg-{i:02d}" for i in range(20)]
@@ -74,3 +74,23 @@ def test_reads_go_on_and_writes_are_one_line_on_a_full_disk(full_store: FeatureS
     assert not list(root.glob("*damaged*"))
     assert full_store.validate_cache_integrity().ok
     assert full_store.get_cache_stats().entries == len(KEYS)
+
+
+def test_a_put_whose_files_fill_the_disk_is_one_line_and_leaves_the_store_as_it_was(
+    full_store: FeatureStore,
+) -> None:
+    """The manifest's writes said so in one line (StoreDiskFull), but a batch whose Parquet files filled the disk
+    raised the writer's OSError (ENOSPC), chained to a second one from its close: a traceback for a library user
+    of ``put``/``get_or_compute``, where the documentation promised StoreDiskFull."""
+    big = pa.table({"x": list(range(200_000))})
+    for put in (
+        lambda: full_store.put_many([(f"new-{i}", big, "S") for i in range(3)]),
+        lambda: full_store.put("one", big),
+    ):
+        with pytest.raises(StoreDiskFull) as caught:  # fails before: OSError [Errno 28]
+            put()
+        assert str(caught.value).startswith(f"disk full: {full_store.root} has 0 MB free"), caught.value
+        assert "\n" not in str(caught.value)
+    assert not list(full_store.root.rglob("*.tmp"))
+    (full_store.root.parent / "filler").unlink()
+    assert full_store.validate_cache_integrity().ok and full_store.get_cache_stats().entries == len(KEYS)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from featurestore import ComputeError, FeatureStore, FeatureStoreError, _files, feature_key
+from featurestore import ComputeError, FeatureStore, FeatureStoreError, StoreDiskFull, _files, feature_key
 from tests.featurestore.conftest import make_bars
 
 CONFIG = {"window": 5}
@@ -389,7 +389,7 @@ def test_a_failed_write_in_a_batch_leaves_no_temporary_of_the_others(
 
     monkeypatch.setattr(_files, "write_temp", failing)
     keys = [f"seg-{symbol}" for symbol in ("AAPL", "KO", "MSFT", "NVDA", "XOM")]
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StoreDiskFull, match="No space left"):  # one line (test_diskfull), not the OSError
         store.put_many([(key, segment([1.0, float(k)]), None) for k, key in enumerate(keys)])
     assert list((store.root / "data").rglob("*.tmp")) == []
     assert store.lookup(keys) == {}
