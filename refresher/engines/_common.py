@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,35 +128,39 @@ def known_fields(cls: type[Any], recorded: Mapping[str, Any], *, path: Path, wha
     or went missing (the advice then was `refresher down`, which removes the server for a typo). A newer
     refresher writes every field this one knows, so its own additions never meet a missing field; it names
     them unlike the fields it keeps (as the marks' words: docs/engines.md)."""
-    fields = {each.name: each for each in dataclasses.fields(cls)}
-    unknown = [key for key in recorded if key not in fields]
-    if unknown:
-        _refuse_misspelled(
-            unknown, recorded, [each for name, each in fields.items() if name not in recorded], path, what
-        )
-    return {key: value for key, value in recorded.items() if key in fields}
+    fields = dataclasses.fields(cls)
+    secret = {each.name for each in fields if not each.repr or "password" in each.name}
+    refuse_misspelled(recorded, [each.name for each in fields], path=path, what=what, secret=secret)
+    names = {each.name for each in fields}
+    return {key: value for key, value in recorded.items() if key in names}
 
 
-def _refuse_misspelled(
-    unknown: list[str],
+def refuse_misspelled(
     recorded: Mapping[str, Any],
-    missing: list[dataclasses.Field[Any]],
+    known: Collection[str],
+    *,
     path: Path,
     what: str,
+    secret: Collection[str] = (),
 ) -> None:
+    """EngineStateError if a key of ``recorded`` (the state file at ``path``) is none of ``known`` but looks like
+    one the file lacks: a key misspelled by hand (``known_fields``). The value of a key meant for one of
+    ``secret`` is not shown. AttributeError when ``recorded`` is not a mapping."""
+    unknown = [key for key in recorded if key not in known]
+    if not unknown:
+        return
     import difflib  # only for a file holding a key this refresher does not know
 
-    by_name = {each.name.lower(): each for each in missing}
+    missing = {name.lower(): name for name in known if name not in recorded}
     for key in unknown:
-        close = difflib.get_close_matches(key.lower(), by_name, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key.lower(), missing, n=1, cutoff=0.6)
         if not close:
             continue
-        field = by_name[close[0]]
-        secret = not field.repr or "password" in field.name
-        shown = "not shown" if secret else repr(recorded[key])  # a password stays out of the line
+        meant = missing[close[0]]
+        shown = "not shown" if meant in secret else repr(recorded[key])  # a password stays out of the line
         raise EngineStateError(
             f"{path}: unreadable {what}: key {key!r} (value {shown}) is not one this refresher knows; did you"
-            f" mean {field.name!r}? Correct the key in the file",
+            f" mean {meant!r}? Correct the key in the file",
             path=str(path),
             key=key,
         )

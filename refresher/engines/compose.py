@@ -25,7 +25,13 @@ import psycopg
 from docker.models.containers import Container
 from psycopg import sql
 
-from refresher.engines._common import HOST, validate_profile, wait_ready, write_private_json
+from refresher.engines._common import (
+    HOST,
+    refuse_misspelled,
+    validate_profile,
+    wait_ready,
+    write_private_json,
+)
 from refresher.engines.base import ServerInfo, ServerStatus
 from refresher.engines.docker import API_TIMEOUT, _connect, _docker_errors, _log_tail
 from refresher.errors import EngineStateError, EngineUnavailable, ProfileError
@@ -219,7 +225,10 @@ class ComposeEngine:
 
     def _names_project(self, record: Path) -> bool:
         try:
-            return bool(json.loads(record.read_text(encoding="utf-8")).get("project") == self.project)
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+            # ``projet`` for ``project`` read as no record: the profile's database unlisted, left by `down`
+            refuse_misspelled(recorded, ("project",), path=record, what="compose engine record")
+            return bool(recorded.get("project") == self.project)
         except (OSError, ValueError, AttributeError):
             return False  # none, or half a record, which is no record: its database is left alone
 

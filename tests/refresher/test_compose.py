@@ -695,3 +695,23 @@ def test_a_retry_of_make_up_leaves_the_service_that_started_alone(
     assert [c.id for c in docker_client.containers.list(filters={"label": f"{PROJECT_LABEL}={name}"})].count(
         postgres.id
     ) == 1
+
+
+def test_a_record_whose_key_is_misspelled_by_hand_is_refused_naming_it(tmp_path: Path) -> None:
+    """``projet`` for ``project`` read as no record: `down` left the profile's database (``stop`` returned
+    False, "not made by this state dir") and status did not list it. Now one line names file, key and value;
+    another project's record is still simply not this one's."""
+    from refresher.errors import EngineStateError
+
+    engine = ComposeEngine("refresher-abc", state_dir=tmp_path)
+    record = tmp_path / "compose" / "p.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"projet": "refresher-abc"}))
+    with pytest.raises(EngineStateError) as caught:
+        engine.stop("p")  # fails before: False, nothing said
+    assert str(caught.value) == (
+        f"{record}: unreadable compose engine record: key 'projet' (value 'refresher-abc') is not one this"
+        " refresher knows; did you mean 'project'? Correct the key in the file"
+    )
+    record.write_text(json.dumps({"project": "refresher-other"}))
+    assert engine.stop("p") is False
