@@ -12,6 +12,7 @@ data page that still decompresses. Truncation fails earlier, at the footer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -256,9 +257,12 @@ def open_stored(path: Path) -> BinaryIO:
     (a directory) or this user may not read it: never taken for a corrupt file, which is evicted (removed)."""
     try:
         return open(path, "rb")
-    except (IsADirectoryError, PermissionError) as exc:
-        directory = isinstance(exc, IsADirectoryError)
-        raise StoreFileUnreadable(str(path), (exc.strerror or str(exc)).lower(), directory) from None
+    except OSError as exc:
+        # A directory, a file where its directory goes (ENOTDIR), a symbolic link that loops: in the way.
+        if exc.errno not in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM):
+            raise
+        in_the_way = exc.errno not in (errno.EACCES, errno.EPERM)
+        raise StoreFileUnreadable(str(path), (exc.strerror or str(exc)).lower(), in_the_way) from None
 
 
 def read_verified(path: Path, key: str | None = None) -> Stored:

@@ -68,14 +68,14 @@ class StoreNotWritable(FeatureStoreError):
 
 
 class StoreFileUnreadable(FeatureStoreError):
-    """A stored file cannot be opened for reading: a directory made where it goes, or a file this user may not
-    read (another user's, 0600, in a shared store). Neither is damage to evict: GC took the second for corrupt
+    """A stored file cannot be opened for reading: something in the way (a directory made where it goes, a file
+    where its directory goes, a symbolic link that loops), or a file this user may not read (another user's, 0600, in a shared store). Neither is damage to evict: GC took the second for corrupt
     and removed another user's file, and both were tracebacks from every read, verify and gc."""
 
-    def __init__(self, path: str, reason: str, directory: bool) -> None:
+    def __init__(self, path: str, reason: str, in_the_way: bool) -> None:
         remedy = (
             "move it out of the way and run again"
-            if directory
+            if in_the_way
             else "give this user read access to it, or remove it (the store fetches it again)"
         )
         super().__init__(f"stored file={path}: cannot be read ({reason}); {remedy}", path=path, reason=reason)

@@ -160,13 +160,26 @@ def test_a_directory_where_a_lock_file_goes_is_one_line_and_exit_2(used: Feature
     assert lock.is_dir() and not any(lock.iterdir())  # left as the user left it
 
 
-@pytest.mark.parametrize("what", ["own file", "pack"])
+@pytest.mark.parametrize("what", ["own file", "pack", "looping link"])
 def test_a_directory_where_a_stored_file_goes_is_one_line_and_exit_2(used: FeatureStore, what: str) -> None:
     """A directory made by hand where a key's file or a pack goes was an IsADirectoryError traceback from every
-    read, verify and gc (gc's after its commit, having deleted the rows, and again at every run)."""
+    read, verify and gc (gc's after its commit, having deleted the rows, and again at every run); a symbolic link
+    that loops, an OSError (ELOOP) traceback from a read and verify."""
     entries = used.lookup(["seg-a"] if what == "pack" else [])
     path = entries["seg-a"].path if what == "pack" else next((used.root / "data").glob("??/*.parquet"))
     path.unlink()
+    if what == "looping link":
+        path.symlink_to(path)
+        reason = "too many levels of symbolic links"
+        done = cli("verify", "--cache-root", str(used.root))
+        assert (done.returncode, done.stderr.strip()) == (  # fails before: 1, a traceback
+            2,
+            f"featurestore verify: stored file={path}: cannot be read ({reason}); move it out of the way and run"
+            " again",
+        )
+        with pytest.raises(StoreFileUnreadable, match=reason):
+            used.get(path.stem)
+        return
     path.mkdir()
     rows = used.get_cache_stats().entries
     for command in ("verify", "gc"):
