@@ -35,16 +35,18 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg import conninfo, sql
@@ -133,6 +135,23 @@ NO_REASON = "no reason recorded"
 # shutdown), SIGINT sent to it (a Ctrl-C at a terminal reaches it not: it runs in a session of its own) and
 # SIGHUP.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How the detached refill's connections find a server that died under them (its host powered off, a partition, a
+# failover to another host): no packet comes back, so without these a query in flight waited for good (the
+# system's keepalive starts after 2 h). TCP keepalives probe an idle connection (a CREATE DATABASE or ANALYZE
+# waiting for its answer) after KEEPALIVES_IDLE s, every KEEPALIVES_INTERVAL s, KEEPALIVES_COUNT times; a
+# request left unacknowledged (a query sent, a cancel) fails after TCP_USER_TIMEOUT ms. A live server's kernel
+# answers both however long its query runs: no bound on the copies or analyses (a big database's take minutes).
+KEEPALIVES_IDLE = 30
+KEEPALIVES_INTERVAL = 10
+KEEPALIVES_COUNT = 3
+TCP_USER_TIMEOUT = 60_000
+# The connect of a refill's thread (a helper's copies, the analyses beside them) is tried in slices of this many
+# seconds (libpq's least), CONNECT_TIMEOUT in all, looking at the refill's stop between them (``_connect``).
+CONNECT_SLICE = 2
+CONNECT_TIMEOUT = 10
+# How long a stopped refill waits for the server to take the cancel of a thread's query (``_Halt.halt``) before it
+# cuts that connection.
+CANCEL_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -602,7 +621,9 @@ def _record_settled(
         part.unlink(missing_ok=True)
 
 
-def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) -> None:
+def _record_outcome(
+    admin_dsn: str, db: str, ended: int, failure: str | None, *, at: Path | None = None
+) -> None:
     """Record that a detached refill of ``db``'s pool ended at ``ended`` (ns since the epoch) with ``failure`` (its
     one line; None: it filled the pool), for ``refresher status``: the refill's own output reaches nobody (the
     CLI's go to /dev/null), and a failed one left the pool short without a word while resets copied.
@@ -613,8 +634,9 @@ def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) ->
     pool does not claim the pool failed; one failing later does). Written to one ``.part`` file under that lock
     and renamed over: a reader never sees half, and a writer killed midway leaves the record as it was and a part
     the next one overwrites. Best effort, as the settled record (a directory we may not write, a full disk: no
-    record); one connection of its own, as the refill's may be what failed."""
-    with contextlib.suppress(OSError, psycopg.Error, RefresherError), _record_held(admin_dsn, db) as held:
+    record); one connection of its own, as the refill's may be what failed. ``at``: the record's path when the
+    caller knows it (the refill learns it as it starts, ``_running``): no connection then."""
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError), _record_held(admin_dsn, db, at) as held:
         path, outcome, bodies = held
         recorded = _parse_outcome(outcome)
         if recorded is not None and recorded[0] > ended:
@@ -625,7 +647,9 @@ def _record_outcome(admin_dsn: str, db: str, ended: int, failure: str | None) ->
                 note.path.unlink(missing_ok=True)
 
 
-def _record_bodies(admin_dsn: str, db: str, ended: int, not_made: int, first: str) -> None:
+def _record_bodies(
+    admin_dsn: str, db: str, ended: int, not_made: int, first: str, *, at: Path | None = None
+) -> None:
     """Record, as ``_record_outcome`` does and in the same record, that a refill ended making COPY bodies at
     ``ended`` unable to make ``not_made`` of them, ``first`` the first one's line; 0 clears it. The refill's
     lines of them went to /dev/null after a CLI refresh (a store's Parquet file gone or damaged: no body, and
@@ -633,8 +657,8 @@ def _record_bodies(admin_dsn: str, db: str, ended: int, not_made: int, first: st
     keeps (a refill that made no body, a reset's, keeps this line likewise); alone when no refill has recorded an
     outcome (a ``--no-fill`` one). A reader before this line reads the outcome of the first line as before, a
     failure's line then followed by this one (its failure is the rest of the record); an outcome line it cannot
-    read (this line alone) is no record to it. The latest end wins, as for the outcome."""
-    with contextlib.suppress(OSError, psycopg.Error, RefresherError), _record_held(admin_dsn, db) as held:
+    read (this line alone) is no record to it. The latest end wins, as for the outcome; ``at`` as its."""
+    with contextlib.suppress(OSError, psycopg.Error, RefresherError), _record_held(admin_dsn, db, at) as held:
         path, outcome, bodies = held
         recorded = _parse_bodies(bodies)
         if recorded is not None and recorded[0] > ended:
@@ -643,11 +667,14 @@ def _record_bodies(admin_dsn: str, db: str, ended: int, not_made: int, first: st
 
 
 @contextlib.contextmanager
-def _record_held(admin_dsn: str, db: str) -> Iterator[tuple[Path, str, str]]:
-    """The outcome record of ``db``'s pool (``_outcome_path``, asked on a connection of its own), its directory
-    made, under its lock (``_outcome_locked``): its path, outcome line and bodies' line (``_record_lines``)."""
-    with _admin(admin_dsn) as conn:
-        path = _outcome_path(conn, db)
+def _record_held(admin_dsn: str, db: str, at: Path | None = None) -> Iterator[tuple[Path, str, str]]:
+    """The outcome record of ``db``'s pool (at ``at``, else ``_outcome_path`` asked on a connection of its own),
+    its directory made, under its lock (``_outcome_locked``): its path, outcome line and bodies' line
+    (``_record_lines``)."""
+    path = at
+    if path is None:
+        with _admin(admin_dsn) as conn:
+            path = _outcome_path(conn, db)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _STOPS.held(), _outcome_locked(path):  # a stop of the refill writing it: raised once it is whole
         yield (path, *_record_lines(path))
@@ -914,7 +941,7 @@ _STOPS = _Stops()
 
 
 @contextlib.contextmanager
-def _running(admin_dsn: str, db: str) -> Iterator[_Stopped | None]:
+def _running(admin_dsn: str, db: str) -> Iterator[tuple[Path | None, _Stopped | None]]:
     """Note, while the body runs, that this process refills ``db``'s pool: ``<record>.running-<pid>`` beside the
     outcome record (``_outcome_path``), holding when it started and which process it is (``owner_labels``: host,
     pid namespace, pid and the process's start time, so a pid reused later is not taken for it).
@@ -924,9 +951,13 @@ def _running(admin_dsn: str, db: str) -> Iterator[_Stopped | None]:
     process being gone (``_refill_notes``, ``_died``). The note goes as the body ends, however it ends, after the
     outcome it recorded: no moment shows neither. Written to a part renamed over (never read half); best effort,
     as the outcome record (a server that does not answer: no note, and the refill fails on its own). Yields the
-    stop that came while the note was written, for the body to raise where the refill records it (raised here, it
-    was recorded nowhere: status kept the previous outcome, as if no refill had run)."""
+    record's path (None when the server did not answer: the refill's records pass it, ``_record_outcome(at=)``,
+    and need no connection, which one to a server that stopped answering kept for its 10 s timeout, a stop too,
+    and recorded nothing), and the stop that came while the note was written, for the body to raise where the
+    refill records it (raised here, it was recorded nowhere: status kept the previous outcome, as if no refill
+    had run)."""
     note: Path | None = None
+    path: Path | None = None
     stopped: _Stopped | None = None
     try:
         with contextlib.suppress(OSError, psycopg.Error, RefresherError):
@@ -947,7 +978,7 @@ def _running(admin_dsn: str, db: str) -> Iterator[_Stopped | None]:
                     os.replace(part, note)
             except _Stopped as exc:
                 stopped = exc
-        yield stopped
+        yield path, stopped
     finally:
         if note is not None:
             with _STOPS.held(), contextlib.suppress(OSError):
@@ -1251,9 +1282,7 @@ def _analyze_handed_out(
     tests in it: each table's lock is waited for ``deadlock_timeout`` and a second more at most,
     ``wait_past_autovacuum``). Best effort: a test's teardown may drop it."""
     with contextlib.suppress(psycopg.Error):
-        live = psycopg.connect(
-            conninfo.make_conninfo(admin_dsn, dbname=handed.name), autocommit=True, connect_timeout=10
-        )
+        live = _connect(conninfo.make_conninfo(admin_dsn, dbname=handed.name), halt)
         if background:
             _lower_priority(live.info.backend_pid)
         # Its handout recorded what it lacks where the role may record: the record is the whole truth, and a
@@ -1318,10 +1347,30 @@ def _analyze_pristine(
 def _fill_from_new_session(
     admin_dsn: str, db: str, size: int | None, machine: _Machine, width: int, background: bool, halt: _Halt
 ) -> int:
-    with _admin(admin_dsn) as conn, halt.cancels(conn), _advisory(conn, db, REFILL, shared=True):
+    try:
+        session = _connect(admin_dsn, halt)
+    except psycopg.OperationalError as exc:  # as ``_admin`` says it
+        raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+    with session as conn, halt.cancels(conn), _advisory(conn, db, REFILL, shared=True):
         if background:
             _lower_priority(conn.info.backend_pid)
         return _fill(conn, db, size, machine, width, halt)
+
+
+def _connect(dsn: str, halt: _Halt | None) -> psycopg.Connection[Any]:
+    """An autocommit connection to ``dsn`` for a refill's thread, tried for ``CONNECT_TIMEOUT`` s in all, in slices
+    of ``CONNECT_SLICE`` s between which ``halt`` is looked at: a stop raises in the main thread alone, whose
+    connect it ends at once, and a thread's connect to a server that does not answer kept the stopped refill
+    waiting out its whole timeout (10 s). Raises ``QueryCanceled`` once halted."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        if halt is not None and halt.is_set():
+            raise psycopg.errors.QueryCanceled("the refill stopped")
+        try:
+            return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_SLICE)
+        except psycopg.errors.ConnectionTimeout:
+            if time.monotonic() >= deadline:
+                raise
 
 
 class _Halt:
@@ -1364,15 +1413,28 @@ class _Halt:
             self._halted = True
             sessions = list(self._sessions)
         for conn in sessions:
-            with contextlib.suppress(psycopg.Error):
-                conn.cancel_safe(timeout=5.0)  # as psycopg's own on a KeyboardInterrupt
+            try:
+                conn.cancel_safe(timeout=CANCEL_TIMEOUT)  # as psycopg's own on a KeyboardInterrupt
+            except psycopg.Error:
+                self._cut(conn)
+
+    def _cut(self, conn: psycopg.Connection[Any]) -> None:
+        """Shut ``conn``'s socket down, its cancel not taken (a server whose postmaster does not answer, a dead
+        host): its thread's query then fails at once, where it waited for the query's end (a copy's minutes, a
+        lock's for good) or its keepalives' verdict, and the stopped refill with it. The connection stays its
+        thread's to close (closing it here would free what that thread is using); one its thread let go meanwhile
+        is left alone (its descriptor may be another's by now)."""
+        with self._lock, contextlib.suppress(OSError, psycopg.Error):
+            if conn in self._sessions:
+                with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
 
     @contextlib.contextmanager
-    def threads(self, workers: int) -> Iterator[ThreadPoolExecutor]:
+    def threads(self, workers: int) -> Iterator[_Workers]:
         """``workers`` threads for the block, halted when the refill stops in it, or while its end waits for
         them: a block that failed otherwise (the main thread's copy, a helper's error) waited there with its
         helpers unhalted, and a stop then left them copying clones after "stopped" was recorded."""
-        executor = ThreadPoolExecutor(workers)
+        executor = _Workers(workers)
         with _STOPS.telling(self):
             try:
                 yield executor
@@ -1385,6 +1447,34 @@ class _Halt:
                     self.halt()
                     executor.shutdown(cancel_futures=True)
                     raise
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class _Workers(ThreadPoolExecutor):
+    """The threads of ``_Halt.threads``, whose ``shutdown`` waits for their work on its futures before it joins
+    them. A stop raised in a join left the thread it waited for marked as ended (CPython's join, interrupted,
+    releases that thread's lock: bpo-45274), so the shutdown that followed the halt returned at once, and the
+    refill exited with that thread still at its work (an analysis, a helper's copy being dropped), cut off by the
+    interpreter's exit; the wait for the futures is interrupted without harm."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self._futures: list[Future[Any]] = []
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future = super().submit(fn, *args, **kwargs)
+        self._futures.append(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
+        if wait:
+            # Not those it cancelled: a future cancelled that no worker took is never done to ``wait``.
+            futures.wait([each for each in self._futures if not each.cancelled()])
+            super().shutdown(wait=True)  # their threads, idle by now
 
 
 @dataclass(frozen=True)
@@ -1511,7 +1601,10 @@ def _fill(
                 _make_clone(conn, db, slot, halt)
                 created += 1
         finally:
-            _unlock(conn, db, SLOT + slot)
+            # A connection a stop left closed (its cancel not taken: psycopg closes it, ``_Halt`` cuts a
+            # helper's) holds no lock any more; unlocking on it raised over the stop, recorded as a failure.
+            if not conn.closed:
+                _unlock(conn, db, SLOT + slot)
 
 
 def _claim_slot(conn: psycopg.Connection[Any], db: str, slots: list[int]) -> int | None:
@@ -1534,7 +1627,8 @@ def _copier(conn: psycopg.Connection[Any], db: str, width: int) -> Iterator[None
     try:
         yield
     finally:
-        _unlock(conn, db, COPIER + token)
+        if not conn.closed:  # as ``_fill``'s slot
+            _unlock(conn, db, COPIER + token)
 
 
 def _copy_and_take(conn: psycopg.Connection[Any], db: str, name: str, note: str | None) -> _Mark:
@@ -1867,9 +1961,12 @@ def main(argv: list[str] | None = None) -> int:
 def _refill_main(args: argparse.Namespace) -> int:
     """``main``'s work, ``args`` parsed. Stopped (``_Stops``): the clones' step records ``stopped by <signal>``
     as its outcome (status says so; the clone being copied is cancelled or dropped), the bodies' step, or a
-    stop before it, records its line (the list stays for the next refill), and ``_Stopped`` is raised again."""
+    stop before it, records its line (the list stays for the next refill), and ``_Stopped`` is raised again.
+    Each record goes to the path learned as it started (``_running``) without asking the server again: a stop
+    while the server does not answer is recorded at once; none is when the server never answered (no path)."""
     os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
     started = time.perf_counter()
+    dsn, db = _dead_peer_bounded(args.dsn), args.database
     handed = None
     if args.analyze:
         handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
@@ -1878,20 +1975,21 @@ def _refill_main(args: argparse.Namespace) -> int:
 
     said = False  # the bodies' step recorded its line: a stop after that keeps it
 
-    def record_bodies(not_made: int, first: str) -> None:
-        nonlocal said
-        said = True  # a stop as it connects (raised at once) leaves no line, as for the outcome's
-        _record_bodies(args.dsn, args.database, time.time_ns(), not_made, first)
-
     ended = False  # the clones' step, its outcome to record
-    with _running(args.dsn, args.database) as stopped:
+    with _running(dsn, db) as (at, stopped):
+
+        def record_bodies(not_made: int, first: str) -> None:
+            nonlocal said
+            said = True  # a stop as it connects (raised at once) leaves no line, as for the outcome's
+            _record_bodies(dsn, db, time.time_ns(), not_made, first, at=at)
+
         try:
             if stopped is not None:  # while its note was written
                 raise stopped
             try:
                 created = _refill(
-                    args.dsn,
-                    args.database,
+                    dsn,
+                    db,
                     background=args.background,
                     size=None,
                     concurrency=None,
@@ -1901,18 +1999,20 @@ def _refill_main(args: argparse.Namespace) -> int:
             except Exception as exc:
                 ended, failed = True, exc
                 # Recorded for `refresher status`, then the traceback as before (to its log, if any).
-                _record_outcome(args.dsn, args.database, time.time_ns(), _failure_line(exc))
+                _record_outcome(dsn, db, time.time_ns(), _failure_line(exc), at=at)
             else:
                 ended = True  # a stop while its outcome is written is raised once it is (``_Stops.held``)
                 if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
-                    _record_outcome(args.dsn, args.database, time.time_ns(), None)
+                    _record_outcome(dsn, db, time.time_ns(), None, at=at)
             # After the clones, whether or not they were made: the bodies need the store, not the server.
             if bodies is not None:
                 _make_bodies(*bodies, record_bodies)
         except _Stopped as exc:
+            if at is None:  # the server never answered: it is not asked where to record while it is stopping
+                raise
             if not ended and not args.no_fill:
                 line = f"{exc} before it filled the pool; the next refresh or reset fills it"
-                _record_outcome(args.dsn, args.database, time.time_ns(), line)
+                _record_outcome(dsn, db, time.time_ns(), line, at=at)
             # Not once the step recorded its own line: the list it leaves then names the segments it could not
             # make (``_make_bodies``), and "stopped" would replace why (a stored file gone or damaged).
             listed = body_keys.read(bodies[0])[0] if bodies is not None and not said else []
@@ -1922,8 +2022,23 @@ def _refill_main(args: argparse.Namespace) -> int:
             raise
     if failed is not None:
         raise failed
-    print(f"refill {args.database}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
+    print(f"refill {db}: {created} clone(s) in {time.perf_counter() - started:.2f}s", flush=True)
     return 0
+
+
+def _dead_peer_bounded(dsn: str) -> str:
+    """``dsn`` with the TCP keepalives and user timeout the refill's connections use (``KEEPALIVES_IDLE``...) where
+    it sets none of its own: every connection of the refill is made from it (its databases' too,
+    ``make_conninfo(dsn, dbname=)``), the cancels of their queries with them."""
+    bounds = {
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVES_IDLE,
+        "keepalives_interval": KEEPALIVES_INTERVAL,
+        "keepalives_count": KEEPALIVES_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT,
+    }
+    given = conninfo.conninfo_to_dict(dsn)
+    return conninfo.make_conninfo(dsn, **{key: value for key, value in bounds.items() if key not in given})
 
 
 if __name__ == "__main__":

@@ -225,10 +225,17 @@ HOOKED = textwrap.dedent(
 
 
 def _stopped_at(
-    step: str, server: ServerInfo, args: list[str], tmp_path: Path, at: Callable[[], bool] | None = None
+    step: str,
+    server: ServerInfo,
+    args: list[str],
+    tmp_path: Path,
+    at: Callable[[], bool] | None = None,
+    *,
+    script: str = HOOKED,
+    signum: signal.Signals | None = signal.SIGTERM,
 ) -> int:
-    """Run the hooked refill (``HOOKED``) of ``server`` with ``args``, SIGTERM it at ``step`` (once ``at`` says
-    so, when given); its exit code."""
+    """Run the hooked refill (``script``, as ``HOOKED``) of ``server`` with ``args``, send it ``signum`` (None:
+    none) at ``step`` (once ``at`` says so, when given); its exit code."""
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "PGPASSWORD": server.password}
     marker = tmp_path / f"{step}.at"
@@ -241,7 +248,7 @@ def _stopped_at(
         *args,
     ]
     refill = subprocess.Popen(
-        [sys.executable, "-c", HOOKED, step, str(marker), *argv], cwd=repo, env=env, start_new_session=True
+        [sys.executable, "-c", script, step, str(marker), *argv], cwd=repo, env=env, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 120
@@ -249,11 +256,12 @@ def _stopped_at(
             assert refill.poll() is None, f"the refill ended ({refill.returncode}) before {step}"
             assert time.monotonic() < deadline, f"the refill never came to {step}"
             time.sleep(0.05)
-        refill.send_signal(signal.SIGTERM)
+        if signum is not None:
+            refill.send_signal(signum)
         try:
             return refill.wait(60)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the refill stopped at {step} had not ended 60 s after the SIGTERM")
+            pytest.fail(f"the refill at {step} had not ended 60 s after it (signal: {signum})")
     finally:
         if refill.poll() is None:
             refill.kill()

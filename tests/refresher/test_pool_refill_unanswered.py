@@ -1,0 +1,351 @@
+"""A detached refill whose server stops answering after it started (its postmaster stopped: the kernel takes
+connections and nothing answers them; its host gone: no packet comes back), and one stopped while analyses wait
+in its queue. Against real local servers and the refill's real ``main`` in a process of its own, held at a step
+by a hook (``HOOK``, as ``test_pool_refill_stopped``'s ``HOOKED``): a stop is recorded without asking the server
+again, a thread's connect to it is given up at once, a dead server (its port's packets dropped with iptables,
+as root) ends the refill with its failure recorded instead of a wait for good, a stop cuts a thread's query whose
+cancel the server does not take, and the analyses a stop drops are never begun, left recorded for the next
+refill, while the one under way ends its work before the refill exits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from psycopg import sql
+
+from refresher import pool
+from refresher._planner_stats import record_pending
+from refresher.engines.base import ServerInfo
+from refresher.pool import _refill_notes, pool_status, refill_pool, unfinished_analyses
+from refresher.snapshot import pristine_name
+from tests.fixtures_postgres import refills_gone
+from tests.refresher.test_pool_refill_failed import record_files, record_path
+from tests.refresher.test_pool_refill_stopped import (
+    _blocking_copies,
+    _copying,
+    _databases,
+    _held_back,
+    _sleeping,
+    _stopped_at,
+    _two_to_copy,
+)
+from tests.refresher.test_refresh_batches import root
+
+pytestmark = pytest.mark.postgres
+
+__all__ = ["root"]  # a fixture, imported to be found
+
+# The refill's ``main`` with a hook at the step argv[1] that touches argv[2] (the marker), then, except
+# "queued", waits (60 s at most) for argv[2] + ".go": "unanswered" at the refill's second connection (the first
+# is its running note's), which it then opens with a 120 s timeout (the usual 10 s); "beside" as a thread beside
+# the main one connects, the whole connect's timeout 120 s (``pool.CONNECT_TIMEOUT``); "silenced" as the pristine
+# copy's analyzed copy is analyzed (made, connected to), its TCP keepalives and user timeout a few seconds
+# (``pool.KEEPALIVES_IDLE``...); "queued" appends each handed-out database it analyzes to argv[2], and
+# "ended:<name>" a second after that analysis ends, and holds the first one's analysis in the server
+# (pg_sleep(300)).
+HOOK = textwrap.dedent(
+    """
+    import sys, threading, time
+    from pathlib import Path
+    import psycopg
+    from refresher import pool
+
+    step, marker = sys.argv[1], Path(sys.argv[2])
+
+    def held():
+        marker.touch()
+        go, deadline = Path(f"{marker}.go"), time.monotonic() + 60
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    if step == "unanswered":
+        connect, made = psycopg.connect, []
+        def connecting(*args, **kwargs):
+            made.append(args)
+            if len(made) == 2:
+                held()
+                kwargs["connect_timeout"] = 120
+            return connect(*args, **kwargs)
+        psycopg.connect = connecting
+    elif step == "beside":
+        connect, pool.CONNECT_TIMEOUT = psycopg.connect, 120
+        def connecting(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                held()
+                if kwargs.get("connect_timeout") == 10:  # a refill's whole timeout, before its slices
+                    kwargs["connect_timeout"] = 120
+            return connect(*args, **kwargs)
+        psycopg.connect = connecting
+    elif step == "silenced":
+        pool.KEEPALIVES_IDLE, pool.KEEPALIVES_INTERVAL, pool.KEEPALIVES_COUNT = 1, 1, 2
+        pool.TCP_USER_TIMEOUT = 2000
+        analyze_stale = pool.analyze_stale
+        def analyzing(conn, *args, **kwargs):
+            if threading.current_thread() is threading.main_thread():
+                held()
+            return analyze_stale(conn, *args, **kwargs)
+        pool.analyze_stale = analyzing
+    elif step == "queued":
+        analyze_handed_out, wait_past_autovacuum, waits = pool._analyze_handed_out, pool.wait_past_autovacuum, []
+        def analyzing(admin_dsn, handed, *args, **kwargs):
+            with marker.open("a") as log:
+                log.write(handed.name + "\\n")
+            try:
+                return analyze_handed_out(admin_dsn, handed, *args, **kwargs)
+            finally:
+                time.sleep(1)  # a thread's work that ends a moment after its query
+                with marker.open("a") as log:
+                    log.write(f"ended:{handed.name}\\n")
+        def holding(conn):
+            waits.append(conn)
+            if len(waits) == 1:
+                conn.execute("SELECT pg_sleep(300)")
+            wait_past_autovacuum(conn)
+        pool._analyze_handed_out, pool.wait_past_autovacuum = analyzing, holding
+    sys.exit(pool.main(sys.argv[3:]))
+    """
+)
+
+
+def _hooked(
+    step: str,
+    server: ServerInfo,
+    args: list[str],
+    tmp_path: Path,
+    at: Callable[[], bool],
+    signum: signal.Signals | None = signal.SIGTERM,
+) -> int:
+    """``_stopped_at`` with ``HOOK``; its exit code."""
+    return _stopped_at(step, server, args, tmp_path, at, script=HOOK, signum=signum)
+
+
+@contextmanager
+def _postmaster_stopped(server: ServerInfo) -> Iterator[Callable[[], None]]:
+    """A function that SIGSTOPs ``server``'s postmaster (new connections wait: the kernel takes them, nothing
+    answers; the sessions open go on), SIGCONTed as the block ends."""
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        postmaster = psutil.Process(conn.info.backend_pid).ppid()
+    stopped: list[int] = []
+
+    def stop() -> None:
+        if not stopped:
+            os.kill(postmaster, signal.SIGSTOP)
+            stopped.append(postmaster)
+
+    try:
+        yield stop
+    finally:
+        if stopped:
+            os.kill(postmaster, signal.SIGCONT)
+
+
+def _connections_to(marker: Path, port: int) -> int:
+    """How many TCP connections to ``port`` the hooked refill of ``marker`` (its argv[2]) has open."""
+    [refill] = [child for child in psutil.Process().children() if str(marker) in child.cmdline()]
+    return sum(1 for each in refill.net_connections("tcp") if each.raddr and each.raddr.port == port)
+
+
+def _held_server(root: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> ServerInfo:
+    """The server of profile ``name`` after a cold refresh whose refill was held back (``_held_back``)."""
+    engine, _, _ = _held_back(root, monkeypatch, name)
+    return engine.start(name)
+
+
+def _released(
+    marker: Path, act: Callable[[], None], ready: Callable[[], bool] | None = None
+) -> Callable[[], bool]:
+    """``_stopped_at``'s ``at`` for a ``HOOK`` step that waits: once the refill touched ``marker``, ``act`` (stop
+    the postmaster, drop the port's packets; each once), the step let go (``<marker>.go``), then ``ready``."""
+
+    def at() -> bool:
+        if not marker.exists():
+            return False
+        act()
+        Path(f"{marker}.go").touch()
+        return ready is None or ready()
+
+    return at
+
+
+def _end_other_sessions(server: ServerInfo) -> None:
+    """End every other client session of ``server``: a dead refill's, which the server never heard go (it waits for
+    input), holding its advisory locks."""
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+
+
+def test_a_refill_stopped_while_it_connects_to_a_server_that_stopped_answering_records_the_stop(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: each record asked the server where it goes, on a connection of its own (10 s timeout): the stop's
+    # record waited 10 s on the stopped postmaster, failed, and nothing was recorded (status kept the last
+    # outcome, as if no refill had run). Now the path learned as the refill started is used.
+    server = _held_server(root, monkeypatch, "unanswered")
+    marker = tmp_path / "unanswered.at"
+    with _postmaster_stopped(server) as stop:
+        connecting = _released(marker, stop, lambda: _connections_to(marker, server.port) == 1)  # unanswered
+        assert _hooked("unanswered", server, [], tmp_path, connecting) == 128 + signal.SIGTERM
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.refilling, status
+    assert record_files(record_path(server)) == [".lock", "record"]  # no note, no part
+    assert _databases(server) == [server.dbname, pristine_name(server.dbname)]
+
+
+def test_a_refill_stopped_while_a_thread_connects_to_a_server_that_stopped_answering_ends_at_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: a stop raised in the main thread alone, whose connect it ends; the thread analyzing a handed-out
+    # database beside it went on connecting for its whole timeout (10 s; 120 s here, past the 60 s wait), and the
+    # stopped refill waited for it. Now its connect, in slices, gives up at the next one.
+    server = _held_server(root, monkeypatch, "beside")
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier("beside_h")))
+        conn.execute(record_pending("beside_h", ["ohlcv_1min"]))
+    marker = tmp_path / "beside.at"
+    with _postmaster_stopped(server) as stop:
+        # The main thread's connection, and the thread's, unanswered.
+        connecting = _released(marker, stop, lambda: _connections_to(marker, server.port) == 2)
+        assert _hooked("beside", server, ["--no-fill"], tmp_path, connecting) == 128 + signal.SIGTERM
+    assert _refill_notes(record_path(server)) == []
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        assert unfinished_analyses(conn) == ["beside_h"]  # for the next refill
+
+
+def _dropping(port: int) -> list[list[str]]:
+    """iptables rules that drop every packet of loopback TCP port ``port``, either way: a host gone, as its
+    clients see it (no answer, no reset), where the proxy of ``tests/tcp_proxy.py`` would still acknowledge."""
+    return [
+        ["INPUT", "-i", "lo", "-p", "tcp", direction, str(port), "-j", "DROP"]
+        for direction in ("--dport", "--sport")
+    ]
+
+
+@contextmanager
+def _host_gone(port: int) -> Iterator[Callable[[], None]]:
+    """A function that makes ``server``'s port drop every packet (``_dropping``), undone as the block ends;
+    skips without root or iptables."""
+    iptables = shutil.which("iptables")
+    if os.geteuid() != 0 or iptables is None:
+        pytest.skip("dropping a port's packets needs root and iptables")
+    added: list[list[str]] = []
+
+    def drop() -> None:
+        if added:
+            return
+        for rule in _dropping(port):
+            if subprocess.run([iptables, "-w", "-I", *rule], capture_output=True, check=False).returncode:
+                pytest.skip(f"iptables refused {rule}")
+            added.append(rule)
+
+    try:
+        yield drop
+    finally:
+        for rule in added:
+            subprocess.run([iptables, "-w", "-D", *rule], capture_output=True, check=False)
+
+
+def test_a_refill_whose_server_host_is_gone_mid_query_fails_and_records_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: no keepalive or user timeout on the refill's connections (the system's keepalive starts after 2 h):
+    # its ANALYZE sent to a host that answered nothing more waited for good, and the refill with it (here past
+    # the 60 s wait); the failure's record would then have waited on the server too.
+    server = _held_server(root, monkeypatch, "silenced")
+    with _host_gone(server.port) as drop:
+        assert _hooked("silenced", server, [], tmp_path, _released(tmp_path / "silenced.at", drop), None) == 1
+    status = pool_status(server)
+    assert status.failed.startswith("the last refill (") and "stopped" not in status.failed, status
+    assert not status.refilling and record_files(record_path(server)) == [".lock", "record"]
+    # What it left (its analyzed copy, unmarked, in a private slot whose lock its session still holds in the
+    # server) goes with the next refill's sweep, once that session ends.
+    _end_other_sessions(server)
+    refill_pool(server, size=1)
+    status = pool_status(server)
+    assert len(status.ready) == 1, status
+    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+
+
+def test_a_refill_stopped_while_its_server_takes_no_cancel_cuts_its_helpers_copy_and_records_the_stop(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: the helper thread's copy, its cancel not taken (the postmaster stopped), ran on (here: waited on the
+    # lock below for good) and the refill waited for it; the main thread's closed connection (psycopg closes it
+    # when its cancel is not taken) then raised "the connection is closed" over the stop as its locks were let
+    # go, recorded as a failure.
+    server = _two_to_copy(root, monkeypatch, "copying")
+    blocker = _blocking_copies(server)
+    try:
+        with _postmaster_stopped(server) as stop:
+
+            def copying() -> bool:
+                if _copying(server) != 2:
+                    return False
+                stop()  # the test asks the server nothing more until it goes on
+                return True
+
+            assert _stopped_at("copying", server, [], tmp_path, copying) == 128 + signal.SIGTERM
+    finally:
+        blocker.close()
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.ready, status
+    assert record_files(record_path(server)) == [".lock", "record"]
+    # The copies the server went on with (it never heard their sessions go) are unmarked: never handed out, and
+    # the next refill drops them.
+    _end_other_sessions(server)
+    refill_pool(server)
+    status = pool_status(server)
+    assert len(status.ready) == 2, status
+    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+
+
+def test_a_refill_stopped_with_analyses_queued_runs_none_of_them_and_the_next_refill_does(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before (``_Halt.threads`` without cancel_futures): the analysis under way was cancelled, then each queued one
+    # ran before the refill exited.
+    server = _held_server(root, monkeypatch, "queued")
+    handed = [f"queued_h{n}" for n in range(3)]
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        for name in handed:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(pristine_name(server.dbname))
+                )
+            )
+            conn.execute(record_pending(name, ["ohlcv_1min"]))
+        assert sorted(unfinished_analyses(conn)) == handed
+    log = tmp_path / "queued.at"
+
+    def one_held() -> bool:
+        return log.exists() and _sleeping(server) == 1
+
+    assert _hooked("queued", server, ["--no-fill"], tmp_path, one_held) == 128 + signal.SIGTERM
+    # The queued ones never began, and the held one's thread ended its work before the refill exited.
+    lines = log.read_text().split()
+    assert len(lines) == 2 and lines[1] == f"ended:{lines[0]}", lines
+    deadline = time.monotonic() + 60
+    while _sleeping(server):  # nor goes the held one on in the server
+        assert time.monotonic() < deadline, "the held analysis still runs in the server"
+        time.sleep(0.05)
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        assert sorted(unfinished_analyses(conn)) == handed  # each still recorded, the cancelled one too
+    assert _refill_notes(record_path(server)) == [] and ".part" not in record_files(record_path(server))
+    # The next refill finishes them all.
+    pool.spawn_refill(server, fill=False)
+    refills_gone(server.dbname)
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        assert unfinished_analyses(conn) == []  # cleared by each analysis as it ends
