@@ -251,7 +251,11 @@ class _Profile(_Strict):
 
 
 def _first_error(path: Path, err: ValidationError) -> ProfileError:
-    e = err.errors()[0]
+    errors = err.errors()
+    # A required field missing beside an unknown key of the same mapping is most likely that key misspelled:
+    # `source: {kind: postgres, dns: ...}` said "source.dsn=None: Field required" and not a word of `dns`.
+    missing = {e["loc"][:-1] for e in errors if e["type"] == "missing"}
+    e = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] in missing), errors[0])
     parts = [str(p) for p in e["loc"]]
     kind = "synthetic"
     if parts[:1] == ["source"] and parts[1:2] and parts[1] in SOURCE_KINDS:
@@ -278,7 +282,7 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
     if e["type"] == "extra_forbidden":  # `month: 3` said only "Extra inputs are not permitted"
         e["msg"] = _unknown_field(parts, kind)
     loc = ".".join(parts) or "(root)"
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     reason = e["msg"] + (f" (+{more} more error{'s' * (more > 1)})" if more else "")
     return ProfileError(path, loc, e.get("input"), reason)
 

@@ -186,3 +186,21 @@ def test_a_file_name_with_a_placeholder_other_than_symbol_is_refused(
     )
     line = plan(tmp_path, path, "--as-of", "2024-01-31")
     assert line == f"refresher: {path}: source.daily={pattern!r}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("source", "named"),
+    [
+        # "source.dsn=None: Field required (+1 more error)": not a word of the key the user did write
+        (
+            "{kind: postgres, dns: 'host=upstream'}",
+            "source.dns='host=upstream': unknown field (did you mean dsn?)",
+        ),
+        ("{kind: files, pth: data}", "source.pth='data': unknown field (did you mean path?)"),
+    ],
+)
+def test_a_required_field_misspelled_is_named_as_written(tmp_path: Path, source: str, named: str) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"universe: {{symbols: [AAA]}}\nmonths: 1\nsource: {source}\n")
+    line = plan(tmp_path, path, "--as-of", "2024-01-31")
+    assert line == f"refresher: {path}: {named} (+1 more error)"
