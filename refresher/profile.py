@@ -349,7 +349,10 @@ _YamlLoader.add_constructor("tag:yaml.org,2002:timestamp", _YamlLoader.construct
 def _read_input(path: Path, inputs: list[tuple[Path, str | None]]) -> str:
     """The text of a file the profile is resolved from, its digest appended to ``inputs``: the digest is of
     the very bytes parsed, so a file edited during a refresh cannot be vouched for by the stamp it writes."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # a universe CSV whose mode keeps the user out was a PermissionError traceback
+        raise ProfileError(path, "(file)", str(path), f"cannot read: {exc.strerror or exc}") from exc
     inputs.append((path.absolute(), hashlib.sha256(raw).hexdigest()))
     try:
         # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would else be part of
@@ -362,10 +365,7 @@ def _read_input(path: Path, inputs: list[tuple[Path, str | None]]) -> str:
 
 
 def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, Any]:
-    try:
-        text = _read_input(path, inputs)
-    except OSError as exc:
-        raise ProfileError(path, "(file)", str(path), f"cannot read: {exc.strerror or exc}") from exc
+    text = _read_input(path, inputs)
     try:
         data = yaml.load(text, Loader=_YamlLoader)
     except _KeyTwice as exc:

@@ -10,6 +10,8 @@ import pytest
 from refresher.cli import main
 from refresher.errors import ProfileError
 from refresher.profile import DEFAULT_MAX_SYMBOLS, load_profile
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.unprivileged import as_nobody
 
 SECRET = "s3cret-Pa55word"
 
@@ -129,3 +131,22 @@ def test_a_file_that_is_not_utf8_is_one_line_naming_its_line(
     err = _plan(str(tmp_path / "p.yaml"), tmp_path / "state", capsys)
     line = latin1.count(b"\n")
     assert f"{tmp_path / name}: line {line}=b'\\xe9': not UTF-8 text" in err
+
+
+def test_a_universe_file_its_user_may_not_read_is_one_line_naming_it() -> None:
+    # as most users run refresher (tests run as root, which reads any file): a PermissionError traceback, where
+    # the profile file itself said "cannot read" in one line
+    import encodings.utf_8_sig  # noqa: F401 -- the child's interpreter may not reach its modules under /root
+
+    root = world_traversable_tmp("refresher-universe-")
+    (root / "u.csv").write_text("symbol\nAAPL\n")
+    (root / "p.yaml").write_text("universe: {file: u.csv}\nmonths: 1\nas_of: 2025-03-31\n")
+    (root / "u.csv").chmod(0o000)
+
+    def read() -> str:
+        try:
+            return str(load_profile(str(root / "p.yaml"), []).symbols)
+        except ProfileError as exc:
+            return str(exc)
+
+    assert as_nobody(read) == f"{root / 'u.csv'}: (file)='{root / 'u.csv'}': cannot read: Permission denied"
