@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -622,6 +622,19 @@ class FilesSource(Source):
             self.rejects[segment] = list(verdict.rejects)
         keep = verdict.keep
         return bars_table(segment, when[keep], {k: v[keep] for k, v in values.items()})
+
+    def fetch_many(self, segments: Sequence[Segment]) -> list[pa.Table]:
+        """``fetch`` of each segment, in order, reading each file's segments one after another: the cache holds
+        one file, and a batch comes month by month (``refresher.jobs.segment``), so a per-symbol file was read
+        and validated again for each month of it (a 12-month profile read each file 12 times)."""
+        by_file: dict[Path, list[int]] = {}
+        for i, segment in enumerate(segments):
+            by_file.setdefault(self.file_for(segment), []).append(i)
+        tables: dict[int, pa.Table] = {}
+        for positions in by_file.values():
+            for i in positions:
+                tables[i] = self.fetch(segments[i])
+        return [tables[i] for i in range(len(segments))]
 
     def _unsplit(self, read: _Read, path: Path, segment: Segment) -> list[Unsplit]:
         """The file's lines left out unsplit that this segment answers for. Such a line belongs to no month (as

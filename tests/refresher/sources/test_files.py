@@ -767,3 +767,31 @@ def test_a_date_impossible_in_the_order_given_is_a_bad_row(
     with pytest.raises(Exception, match=f"{impossible}"):
         for month in (dt.date(2024, 10, 1), NOV):
             failing.fetch(Segment("AAPL", "1d", month))
+
+
+def test_a_batch_reads_each_file_once_for_all_its_months(
+    tmp_path: Path, make_profile: MakeProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refresh's batch comes month by month (AAPL Oct, MSFT Oct, AAPL Nov, ...) and the cache holds one file:
+    # each per-symbol file was read and validated again for each of its months (8 symbols x 12 months of a
+    # year's minute files: 19.2 s of fetching, 7.4 s once per file)
+    for symbol in ("AAPL", "MSFT"):
+        rows = [line.replace("AAPL", symbol) for line in CLEAN if line.startswith("AAPL,")]
+        (tmp_path / f"{symbol}.csv").write_text("\n".join([CLEAN[0], *rows]) + "\n")
+    src = FilesSource(
+        make_profile(profile_body(f"  kind: files\n  path: {tmp_path}\n  daily: '{{symbol}}.csv'"))
+    )
+    batch = [Segment(s, "1d", m) for m in (dt.date(2024, 10, 1), NOV) for s in ("AAPL", "MSFT")]
+    expected = [FilesSource(src.profile).fetch(segment) for segment in batch]
+    read = files_module._read
+    reads: list[str] = []
+
+    def counted(file: Path, fmt: str, *, leave_out: bool) -> files_module._Read:
+        reads.append(file.name)
+        return read(file, fmt, leave_out=leave_out)
+
+    monkeypatch.setattr(files_module, "_read", counted)
+    tables = src.fetch_many(batch)
+    assert sorted(reads) == ["AAPL.csv", "MSFT.csv"]
+    assert [t.num_rows for t in tables] == [23, 23, 20, 20]  # in the batch's order, as fetched one by one
+    assert all(t.equals(e) for t, e in zip(tables, expected, strict=True))
