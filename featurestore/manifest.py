@@ -745,6 +745,17 @@ class Manifest:
             for key, path, packed in rows
         }
 
+    def files_of(self, con: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> dict[str, list[str]]:
+        """The files (absolute paths, as text) that hold those ``keys`` present, each with its keys: one row per
+        file from the query, no ``Path`` built (``FeatureStore.files_gone``: 2,600 keys in 1,100 files, about a
+        quarter of ``locations``' time)."""
+        rows = con.execute(
+            "SELECT e.path, list(key) FROM entries e JOIN (SELECT unnest(?::VARCHAR[]) AS key) k USING (key)"
+            " GROUP BY e.path",
+            [list(keys)],
+        ).fetchall()
+        return {self._root_prefix + path: list(held) for path, held in rows}
+
     @staticmethod
     def hashes(con: duckdb.DuckDBPyConnection, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
         """(content hash, rows) of those ``keys`` present: no ``Entry`` per key (its path and four datetimes

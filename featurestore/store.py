@@ -361,6 +361,15 @@ class FeatureStore:
             self._record(list(found), misses=len(set(keys) - set(found)))
         return found
 
+    def files_gone(self, keys: Sequence[str]) -> set[str]:
+        """Those ``keys`` present whose file (their own, or the pack they ride in) is not there: deleted by hand,
+        say. Their rows stay until a read misses them (a read evicts a damaged file's row, not a missing one's), so
+        a planner that trusts the rows would never fetch them again. One manifest query and one ``stat`` per file,
+        no file read: a damaged file is not found here (its read evicts it)."""
+        with self.manifest.read(fold=False) as con:
+            files = self.manifest.files_of(con, keys)
+        return {key for path, held in files.items() if not os.path.exists(path) for key in held}
+
     def lookup_hashes_ending(self, suffix: str) -> dict[str, tuple[str, int]]:
         """(content hash, rows) of every key that ends with ``suffix``: one scan of the manifest's keys.
 

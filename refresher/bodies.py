@@ -166,6 +166,32 @@ def lacking(store: FeatureStore, wanted: Sequence[Wanted]) -> list[Wanted]:
     return [each for each in wanted if not has_body(store, hashes.get(each.key, (None, 0))[0])]
 
 
+@dataclass(frozen=True)
+class Made:
+    """What ``make_listed`` did of a list: the bodies it made, the listed segments still without one, and the
+    lines of those it could not make (``make_bodies``' ``say``, in order)."""
+
+    made: int
+    left: list[Wanted]
+    said: list[str]
+
+
+def make_listed(
+    store: FeatureStore, wanted: Sequence[Wanted], *, say: Callable[[str], object] = print
+) -> Made:
+    """``make_bodies`` of a list's ``wanted`` segments (the refill's and `refresher warm`'s), and which of them
+    are still without a body (``lacking``: asked only when one could not be made), for the caller to leave in the
+    list (``body_keys.finished``) after recording them its own way. Its errors are ``make_bodies``'."""
+    said: list[str] = []
+
+    def saying(line: str) -> None:
+        said.append(line)
+        say(line)
+
+    made = make_bodies(store, wanted, say=saying)
+    return Made(made, lacking(store, wanted) if said else [], said)
+
+
 def make_bodies(
     store: FeatureStore, wanted: Sequence[Wanted], *, say: Callable[[str], object] = print
 ) -> int:
@@ -212,6 +238,7 @@ __all__ = [
     "HEADER",
     "TABLE",
     "TRAILER",
+    "Made",
     "StoredBody",
     "decode",
     "encode",
@@ -219,5 +246,6 @@ __all__ = [
     "lacking",
     "layout",
     "make_bodies",
+    "make_listed",
     "stored_bodies",
 ]

@@ -26,6 +26,11 @@ with it): `refresher status` says the bodies' line a refill recorded only for a 
 begun again by a later refresh brought an old line back. The line is not four fields: a reader from before it
 leaves it out.
 
+A list `refresher warm` left (it made some of the bodies, not all) says so on a line of its own, ``# not made
+<ns> <count> <the first one's line>`` (``NotMade``): warm asks no server, whose record keeps a refill's line, and
+status said that older line (its count, its reason) after a warm that made only some. Kept while a refresh adds to
+the list, dropped when a refill leaves it (the refill's record is then the later word); not four fields either.
+
 Light on purpose (``os`` and ``fcntl``): ``pool.wait_for_pool`` and the refill's start import it.
 """
 
@@ -43,6 +48,7 @@ from pathlib import Path
 KEYS_DIR = "bodies"
 SUFFIX = ".keys"
 SINCE = "# since "
+NOT_MADE = "# not made "
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,30 @@ class Wanted:
         return "\t".join((self.key, self.symbol, self.month, self.tz))
 
 
+@dataclass(frozen=True)
+class NotMade:
+    """What the last maker that left a list itself (`refresher warm`) could not make: when it ended (ns since the
+    epoch), how many, and the first one's line."""
+
+    ended: int
+    count: int
+    first: str
+
+    @classmethod
+    def now(cls, count: int, first: str) -> NotMade:
+        return cls(time.time_ns(), count, " ".join(first.removeprefix("refresher: ").split()))
+
+    def line(self) -> str:
+        return f"{NOT_MADE}{self.ended} {self.count} {self.first}"
+
+    @classmethod
+    def parse(cls, line: str) -> NotMade | None:
+        ended, count, *first = line.removeprefix(NOT_MADE).split(" ", 2)
+        if not (ended.isdigit() and count.isdigit()):
+            return None
+        return cls(int(ended), int(count), first[0] if first else "")
+
+
 def keys_path(state_dir: Path, profile: str) -> Path:
     """Where a refresh of ``profile`` notes the bodies to make."""
     return Path(state_dir) / KEYS_DIR / f"{profile}{SUFFIX}"
@@ -66,34 +96,49 @@ def keys_path(state_dir: Path, profile: str) -> Path:
 def read(path: Path) -> tuple[list[Wanted], int | None]:
     """The segments ``path`` lists and its inode (for ``finished``); ([], None) when there is no file. A line that
     is not four fields (a file from another version) is left out: a body not made is only a slower load."""
-    wanted, inode, _since = _read(path)
-    return wanted, inode
+    listed = _read(path)
+    return listed.wanted, listed.inode
 
 
 def started(path: Path) -> int | None:
     """When the list ``path`` was begun (ns since the epoch, its ``# since`` line), None when there is no list, 0
     for one without that line (written before it)."""
-    _wanted, inode, since = _read(path)
-    return None if inode is None else since
+    listed = _read(path)
+    return None if listed.inode is None else listed.since
 
 
-def _read(path: Path) -> tuple[list[Wanted], int | None, int]:
-    """``read``'s answer and the list's ``started``."""
+def not_made(path: Path) -> NotMade | None:
+    """What the maker that left the list ``path`` (`refresher warm`) could not make, None when it is not noted
+    there (no list, or one a refresh began or a refill left)."""
+    return _read(path).not_made
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """A list as read: its segments, its inode (None: no list), ``started`` (0: no ``# since``) and ``not_made``."""
+
+    wanted: list[Wanted]
+    inode: int | None = None
+    since: int = 0
+    not_made: NotMade | None = None
+
+
+def _read(path: Path) -> _Listed:
     try:
         with open(path, encoding="utf-8") as handle:
             inode = os.fstat(handle.fileno()).st_ino
             text = handle.read()
     except FileNotFoundError:
-        return [], None, 0
-    wanted, since = [], 0
+        return _Listed([])
+    wanted, since, noted = [], 0, None
     for line in text.splitlines():
         if line.startswith(SINCE) and line.removeprefix(SINCE).isdigit():
             since = int(line.removeprefix(SINCE))
-            continue
-        fields = line.split("\t")
-        if len(fields) == 4 and all(fields):
+        elif line.startswith(NOT_MADE):
+            noted = NotMade.parse(line)
+        elif len(fields := line.split("\t")) == 4 and all(fields):
             wanted.append(Wanted(*fields))
-    return wanted, inode, since
+    return _Listed(wanted, inode, since, noted)
 
 
 def add(path: Path, wanted: Iterable[Wanted]) -> bool:
@@ -102,34 +147,41 @@ def add(path: Path, wanted: Iterable[Wanted]) -> bool:
     one; a list begun here begins now (``started``). Whether there is a list now."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _writing(path):
-        old, inode, since = _read(path)
-        lines = dict.fromkeys(each.line() for each in [*old, *wanted])
-        if set(lines) == {each.line() for each in old}:
-            return bool(old)
-        _write(path, lines, None, time.time_ns() if inode is None else since)
+        old = _read(path)
+        lines = dict.fromkeys(each.line() for each in [*old.wanted, *wanted])
+        if set(lines) == {each.line() for each in old.wanted}:
+            return bool(old.wanted)
+        _write(path, lines, None, time.time_ns() if old.inode is None else old.since, old.not_made)
     return True
 
 
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """The turn of one writer of the list ``path``: its directory ``flock``ed exclusive (no file left behind; the
-    list's own lock is the refills', ``hold``)."""
+    list's own lock is the refills', ``hold``). A temporary of the list there as the turn begins is one a writer
+    killed before its rename left (each removes its own otherwise): it goes."""
     directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(directory, fcntl.LOCK_EX)
+        for left in os.listdir(path.parent):
+            if left.startswith(f".{path.name}.") and left.endswith(".part"):
+                (path.parent / left).unlink(missing_ok=True)
         yield
     finally:
         os.close(directory)
 
 
-def _write(path: Path, lines: Iterable[str], inode: int | None, since: int) -> bool:
+def _write(
+    path: Path, lines: Iterable[str], inode: int | None, since: int, not_made: NotMade | None = None
+) -> bool:
     """``lines`` written whole at ``path`` (a temporary fsynced and renamed over, the directory fsynced), after
-    ``# since`` (none for 0); with ``inode``, only if ``path`` is still that file when the temporary is whole.
-    Whether it was written. In the writer's turn (``_writing``)."""
+    ``# since`` (none for 0) and ``not_made``'s line; with ``inode``, only if ``path`` is still that file when the
+    temporary is whole. Whether it was written. In the writer's turn (``_writing``)."""
     part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
         with open(part, "w", encoding="utf-8") as handle:
             handle.write(f"{SINCE}{since}\n" if since else "")
+            handle.write(f"{not_made.line()}\n" if not_made is not None else "")
             handle.write("".join(f"{line}\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
@@ -153,20 +205,23 @@ def _inode_of(path: Path) -> int | None:
         return None
 
 
-def finished(path: Path, inode: int | None, left: Sequence[Wanted] = ()) -> bool:
+def finished(
+    path: Path, inode: int | None, left: Sequence[Wanted] = (), *, not_made: NotMade | None = None
+) -> bool:
     """What a maker of the list read as ``inode`` (``read``) leaves of it once done: ``left``, those it could not
     make (a Parquet file gone or damaged: `refresher warm` fetches it again), written in its place for the next
     refill or `refresher warm` to make, and kept so long (`refresher status` says why only while a list is there);
     with none left, the list removed. Only if ``path`` is still that file: a newer one (a refresh merged it with
     what it noted) stays, it lists these too. Whether it was replaced or removed. An error writing (a full disk)
-    is raised: the list is then as it was."""
+    is raised: the list is then as it was. ``not_made``: what a maker that records it nowhere else (`refresher
+    warm`) could not make, noted in the list it leaves (None: a note there before goes)."""
     if inode is None:
         return False
     try:
         with _writing(path):
             if left:
-                since = _read(path)[2]
-                return _write(path, dict.fromkeys(each.line() for each in left), inode, since)
+                since = _read(path).since
+                return _write(path, dict.fromkeys(each.line() for each in left), inode, since, not_made)
             if _inode_of(path) != inode:
                 return False
             path.unlink()
@@ -206,4 +261,16 @@ def pending(path: Path) -> bool:
     return False
 
 
-__all__ = ["KEYS_DIR", "Wanted", "add", "finished", "hold", "keys_path", "pending", "read", "started"]
+__all__ = [
+    "KEYS_DIR",
+    "NotMade",
+    "Wanted",
+    "add",
+    "finished",
+    "hold",
+    "keys_path",
+    "not_made",
+    "pending",
+    "read",
+    "started",
+]

@@ -294,7 +294,9 @@ def _status(
     (``_make_bodies``), so no list is none left to make, their files fetched again and the bodies made since
     (`refresher warm`, another refill); the line stayed for good before, whoever had fetched the file again. Nor
     is a line recorded before that list was begun (``body_keys.started``): the list it was about was emptied and
-    removed since (`refresher warm` made its bodies), and the list now there is a later refresh's."""
+    removed since (`refresher warm` made its bodies), and the list now there is a later refresh's. Nor one older
+    than what `refresher warm`, making only some of the list's bodies, noted in the list it left
+    (``body_keys.NotMade``): that is said instead."""
     if mark is None:
         return PoolStatus(False, (), DEFAULT_POOL_SIZE)
     why = pool_reason(mark.pool, _database_bytes(conn, pristine_name(db)))
@@ -304,7 +306,8 @@ def _status(
     failed = _died(outcome, notes) or _last_failure(outcome)
     why = why if cut is None else f"{why}; {cut}"
     since = 0 if bodies is None else body_keys.started(bodies)
-    not_made = "" if since is None else _bodies_line(outcome, since)
+    noted = None if bodies is None else body_keys.not_made(bodies)
+    not_made = "" if since is None else _bodies_line(outcome, since, noted)
     return PoolStatus(True, tuple(ready), mark.pool_size, why, failed, _refilling(notes), not_made)
 
 
@@ -845,17 +848,23 @@ def _last_failure(path: Path) -> str:
     return f"the last refill ({_local_time(recorded[0])}) failed: {recorded[1]}"
 
 
-def _bodies_line(path: Path, since: int = 0) -> str:
+def _bodies_line(path: Path, since: int = 0, noted: body_keys.NotMade | None = None) -> str:
     """``PoolStatus.bodies``: the line saying what the last refill to make COPY bodies recorded at ``path`` could
     not make, "" when it made them all (or none made any), or recorded it before ``since`` (ns: the list the line
-    was about is gone). A load reads such a segment's Parquet rows instead; one whose stored file was gone or
-    damaged is dropped from the store, and `refresher warm` fetches it again."""
+    was about is gone); or what `refresher warm` ``noted`` in the list, when it ended after that refill. A load
+    reads such a segment's Parquet rows instead; one whose stored file was gone or damaged is dropped from the
+    store, and `refresher warm` fetches it again."""
     recorded = _parse_bodies(_record_lines(path)[1])
-    if recorded is None or recorded[1] <= 0 or recorded[0] < since:
+    said = None
+    if recorded is not None and recorded[1] > 0 and recorded[0] >= since:
+        said = ("the refill", *recorded)
+    if noted is not None and noted.count > 0 and (said is None or noted.ended > said[1]):
+        said = ("`refresher warm`", noted.ended, noted.count, noted.first)
+    if said is None:
         return ""
-    ended, not_made, first = recorded
+    who, ended, not_made, first = said
     return (
-        f"the refill ({_local_time(ended)}) could not make {not_made} COPY bod{'y' if not_made == 1 else 'ies'}:"
+        f"{who} ({_local_time(ended)}) could not make {not_made} COPY bod{'y' if not_made == 1 else 'ies'}:"
         f" {first or NO_REASON}; loads read the Parquet rows instead (`refresher warm` fetches again a file the"
         " store dropped and makes its body)"
     )
@@ -1822,27 +1831,20 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
         return
     _lower_own_priority()
     from featurestore import FeatureStore  # the work's own imports (pyarrow, pgpq) only where it is done
-    from refresher.bodies import lacking, make_bodies
-
-    said: list[str] = []
-
-    def say(line: str) -> None:
-        said.append(line.removeprefix("refresher: "))
-        print(line, flush=True)
+    from refresher.bodies import make_listed
 
     started = time.perf_counter()
     try:
-        store = FeatureStore(store_root)
-        made = make_bodies(store, wanted, say=say)
-        left = lacking(store, wanted) if said else []
+        made = make_listed(FeatureStore(store_root), wanted, say=lambda line: print(line, flush=True))
     except Exception as exc:
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
         record(_not_made(store_root, wanted), f"COPY bodies not made: {_failure_line(exc)}")
         return
     with _STOPS.held():  # a stop now: the record and the list agree
-        record(len(said), said[0] if said else "")
-        _finish_list(keys, inode, left)
-    print(f"bodies: {made} made of {len(wanted)} listed in {time.perf_counter() - started:.2f}s", flush=True)
+        record(len(made.said), made.said[0].removeprefix("refresher: ") if made.said else "")
+        _finish_list(keys, inode, made.left)
+    took = time.perf_counter() - started
+    print(f"bodies: {made.made} made of {len(wanted)} listed in {took:.2f}s", flush=True)
 
 
 def _finish_list(keys: Path, inode: int | None, left: list[body_keys.Wanted]) -> None:

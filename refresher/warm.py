@@ -64,7 +64,11 @@ def warm(
     with fewer_collections():
         with closing(make_source(profile)) as source:
             plan = compute_plan(profile, source, store, None)
-            jobs = [job for job in jobs_of_plan(plan, tz_of) if job.stored_hash is None]
+            # A stored file deleted by hand keeps its manifest row (a read that misses it leaves the row): its
+            # segment is fetched again here, as a refresh's load would, not trusted from the row.
+            planned = jobs_of_plan(plan, tz_of)
+            gone = store.files_gone([job.key for job in planned if job.stored_hash is not None])
+            jobs = [job for job in planned if job.stored_hash is None or job.key in gone]
             daily: dict[Segment, pa.Table] = {}
             done = 0
             for batch in store_batches(jobs):
@@ -97,7 +101,13 @@ def _make_listed(keys: Path, store: FeatureStore, wanted: set[str]) -> None:
     listed, and sends the user here), or a killed refill left. Only those listed (a few, usually; not every body
     the profile lacks: those are the refills' work, off any run the user waits for), and only keys the profile
     still wants: the others leave the list (no run would fetch them again). The list is then left with what still
-    cannot be made, or removed, as a refill leaves it; untouched while a refill holds it (it makes them)."""
+    cannot be made, or removed, as a refill leaves it; untouched while a refill holds it (it makes them).
+
+    What it could not make is noted in the list it leaves (``body_keys.NotMade``), where `refresher status` reads
+    it: this run asks no server, whose record keeps the refills' line, and that line (the count and reason from
+    before this run) was what status said after a warm that made only some. Killed anywhere, the list is as it
+    was or as left whole (``body_keys.finished``), the bodies published are whole (``make_bodies``): the next warm
+    or refill makes the rest."""
     if body_keys.pending(keys):
         return
     listed, inode = body_keys.read(keys)
@@ -105,8 +115,9 @@ def _make_listed(keys: Path, store: FeatureStore, wanted: set[str]) -> None:
         return
     mine = [each for each in listed if each.key in wanted]
     try:
-        bodies.make_bodies(store, mine, say=lambda line: print(line, file=sys.stderr))
-        body_keys.finished(keys, inode, bodies.lacking(store, mine))
+        made = bodies.make_listed(store, mine, say=lambda line: print(line, file=sys.stderr))
+        noted = body_keys.NotMade.now(len(made.said), made.said[0]) if made.said else None
+        body_keys.finished(keys, inode, made.left, not_made=noted)
     except (OSError, FeatureStoreError) as exc:  # a cache: the store's segments are warm all the same
         print(f"refresher: COPY bodies not made: {one_line(exc)} (the list stays)", file=sys.stderr)
 

@@ -424,3 +424,21 @@ def test_a_file_copied_over_another_keys_is_never_served_as_it(store: FeatureSto
     assert store.get("seg-b") is None  # fails before: seg-a's table, 1.0 for 2.0
     assert store.lookup(["seg-b"]) == {} and not b.path.exists()
     assert store.get("seg-a") == segment([1.0] * 1000)
+
+
+def test_files_gone_names_the_keys_whose_file_or_pack_was_deleted_by_hand(tmp_path: Path) -> None:
+    """A file deleted by hand keeps its manifest row (a read that misses it evicts nothing): ``files_gone`` names
+    its key, and every key of a deleted pack, by a ``stat`` each, no file read; a damaged file is not gone."""
+    store = FeatureStore(tmp_path / "store")
+    store.put_many([(f"own-{n}", segment([float(n)] * 3), None) for n in range(2)])  # one batch: a pack
+    store.put_many([("alone", segment([1.0] * 3), None)])
+    store.put_many([("kept", segment([2.0] * 3), None)])
+    entries = store.lookup(["own-0", "own-1", "alone", "kept"])
+    assert entries["own-0"].pack_offset is not None and entries["own-0"].path == entries["own-1"].path
+    assert store.files_gone(list(entries)) == set()
+    entries["alone"].path.unlink()
+    assert store.files_gone(list(entries)) == {"alone"}
+    assert store.get("alone") is None and store.files_gone(["alone", "never-stored"]) == {"alone"}  # row kept
+    entries["own-0"].path.unlink()
+    entries["kept"].path.write_bytes(b"not parquet")  # damaged, not gone: a read finds it (and evicts it)
+    assert store.files_gone(list(entries)) == {"alone", "own-0", "own-1"}

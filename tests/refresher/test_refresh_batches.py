@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,7 +285,7 @@ class _Damaged:
     spawned: list[dict[str, object]]  # the refills the refresh spawned (held back), their keywords
 
 
-def _ko_damaged(root: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> _Damaged:
+def _ko_damaged(root: Path, monkeypatch: pytest.MonkeyPatch, name: str, *, gone: bool = False) -> _Damaged:
     from refresher import body_keys, pool
 
     spawned: list[dict[str, object]] = []
@@ -298,6 +299,9 @@ def _ko_damaged(root: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> _Dama
     [ko] = [each for each in listed if each.symbol == "KO" and each.month == "2025-03"]
     entry = store.lookup([ko.key])[ko.key]
     table = store.get(ko.key)
+    if gone:  # deleted by hand: its manifest row stays (a read that misses the file leaves it)
+        entry.path.unlink()
+        return _Damaged(engine, store, profile, keys, listed, ko, table, spawned)
     data = bytearray(entry.path.read_bytes())
     data[len(data) // 3] ^= 0xFF
     entry.path.write_bytes(bytes(data))
@@ -392,7 +396,7 @@ def test_a_bodies_step_failing_midway_counts_only_the_bodies_it_did_not_make(
     assert body_keys.read(keys)[0] == listed  # kept for the next refill
 
 
-@pytest.mark.parametrize("then", ["warm", "refresh"])
+@pytest.mark.parametrize("then", ["warm", "warm-gone", "refresh"])
 def test_a_body_the_refill_could_not_make_stays_listed_until_made_and_status_says_so_only_until_then(
     root: Path, monkeypatch: pytest.MonkeyPatch, then: str
 ) -> None:
@@ -402,13 +406,16 @@ def test_a_body_the_refill_could_not_make_stays_listed_until_made_and_status_say
     back and a refresh with nothing to load, whose refill tries the list again. Either way the body is made, the
     list goes, and status no longer says it, nor once a later refresh lists new segments. Before: the refill
     removed the list, so nothing made that body again and the line stayed for good, after warm or a refresh
-    alike; and after warm, the old line came back with the next list (until that list's refill ended)."""
+    alike; and after warm, the old line came back with the next list (until that list's refill ended).
+    "warm-gone": KO's file deleted by hand, not damaged: its manifest row stays (no read evicts it), and warm's
+    plan, trusting the row, fetched nothing, made no body and left KO listed; now it notices the file gone (a
+    stat per stored file) and fetches it again."""
     from refresher import body_keys, commands
     from refresher.bodies import layout as bodies_layout
     from refresher.pool import spawn_refill, wait_for_pool
     from refresher.settings import Settings
 
-    d = _ko_damaged(root, monkeypatch, f"stale_{then}")
+    d = _ko_damaged(root, monkeypatch, f"stale_{then.replace('-', '_')}", gone=then == "warm-gone")
     server = d.engine.start(d.profile.name)
     spawn_refill(server, fill=False, bodies=(d.keys, d.store.root))
     wait_for_pool(server, timeout=120, bodies=d.keys)
@@ -421,8 +428,9 @@ def test_a_body_the_refill_could_not_make_stays_listed_until_made_and_status_say
         return status.bodies
 
     assert "could not make 1 COPY body: no COPY body for KO/1m/2025-03" in said(), said()
-    if then == "warm":
-        commands.warm(settings, str(root / f"{d.profile.name}.yaml"), as_of=FRIDAY)
+    if then.startswith("warm"):
+        warmed = commands.warm(settings, str(root / f"{d.profile.name}.yaml"), as_of=FRIDAY)
+        assert warmed.fetched == 1  # KO's file, and only it
     else:
         d.store.put_many_hashes([(d.ko.key, d.table, d.ko.symbol)])
         assert refresh(d.profile, d.engine, d.store, state_dir=root / "state").segments.loaded == 0
@@ -491,3 +499,152 @@ def test_a_refill_stopped_or_failing_as_it_leaves_its_list_keeps_the_line_of_wha
         left = "the list of COPY bodies to make left as it was: OSError: [Errno 28] No space left on device"
         assert left in done.stdout, done.stdout
         assert body_keys.read(keys)[0] == d.listed
+
+
+def _refilled_then_lost(
+    root: Path, monkeypatch: pytest.MonkeyPatch, name: str, symbols: Sequence[str]
+) -> tuple[_Damaged, list[Wanted]]:
+    """KO's March minute file deleted by hand before the real detached refill made the bodies: it made the other
+    5, recorded that it could not make KO's, and left KO listed. Then the March files of ``symbols`` damaged,
+    their bodies gone and the segments listed again (as a later refresh notes them): what `refresher warm` finds."""
+    from refresher import body_keys
+    from refresher.bodies import layout
+    from refresher.pool import spawn_refill
+
+    d = _ko_damaged(root, monkeypatch, name, gone=True)
+    server = d.engine.start(d.profile.name)
+    spawn_refill(server, fill=False, bodies=(d.keys, d.store.root))
+    deadline = time.monotonic() + CHILD_TIMEOUT  # its bodies only: not the pool's clones (``wait_for_pool``)
+    while body_keys.pending(d.keys):
+        assert time.monotonic() < deadline, "the refill never made the bodies"
+        time.sleep(0.1)
+    assert body_keys.read(d.keys)[0] == [d.ko]
+    lost = [each for each in d.listed if each.symbol in symbols and each.month == "2025-03"]
+    for each in lost:
+        entry = d.store.lookup([each.key])[each.key]
+        body = d.store.body_path(entry.content_hash, layout())
+        assert body is not None
+        body.unlink()
+        data = bytearray(entry.path.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        entry.path.write_bytes(bytes(data))
+    body_keys.add(d.keys, lost)
+    return d, lost
+
+
+def _status_of_bodies(root: Path, d: _Damaged) -> str:
+    """What `refresher status` says of the profile's COPY bodies (``commands.pools``, the CLI's way)."""
+    from refresher import commands
+    from refresher.settings import Settings
+
+    settings = Settings.from_env({}, state_dir=root / "state", store_root=root / "store", engine="local")
+    [status] = commands.pools(settings, d.engine.status(d.profile.name))
+    assert status is not None
+    return status.bodies
+
+
+def _warm(root: Path, d: _Damaged) -> int:
+    """`refresher warm` of the profile, in this process; how many segments it fetched."""
+    from refresher import commands
+    from refresher.settings import Settings
+
+    settings = Settings.from_env({}, state_dir=root / "state", store_root=root / "store", engine="local")
+    return commands.warm(settings, str(root / f"{d.profile.name}.yaml"), as_of=FRIDAY).fetched
+
+
+def test_a_warm_that_makes_only_some_of_the_listed_bodies_is_what_status_says(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill could not make KO's body (its file deleted by hand); `refresher warm` fetches KO's file again and
+    makes it, but AAPL's and MSFT's files, listed since, turn out damaged when it reads them (the read drops them
+    from the store): it makes 1 of the 3. Status then says warm could not make 2, naming AAPL's, not the refill's
+    line about KO, which warm made. Before: status kept saying "the refill ... could not make 1 COPY body: no
+    COPY body for KO/1m/2025-03" (warm asks no server, whose record holds that line). The next warm fetches the
+    two again and makes them: the list goes, and the line with it."""
+    from refresher import body_keys
+
+    d, lost = _refilled_then_lost(root, monkeypatch, "partial", ["AAPL", "MSFT"])
+    before = _status_of_bodies(root, d)
+    assert (
+        before.startswith("the refill (")
+        and "could not make 1 COPY body: no COPY body for KO/1m/2025-03" in before
+    )
+
+    assert _warm(root, d) == 1  # KO's file, gone by hand
+    assert body_keys.read(d.keys)[0] == lost
+    line = _status_of_bodies(root, d)
+    assert (
+        line.startswith("`refresher warm` (")
+        and "could not make 2 COPY bodies: no COPY body for AAPL/1m/2025-03" in line
+    ), line
+    assert "KO/" not in line and "gone or damaged" in line
+
+    assert _warm(root, d) == 2  # their rows dropped by its read: fetched again
+    assert not d.keys.exists() and _status_of_bodies(root, d) == ""
+    assert d.store.get_cache_stats().bodies.entries == 6
+
+
+@pytest.mark.parametrize("step", ["fetched", "making", "noting"])
+def test_a_warm_killed_between_its_steps_leaves_the_list_whole_and_the_next_warm_makes_them(
+    root: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """`refresher warm` SIGKILLed after it fetched KO's file again ("fetched"), as it publishes a body
+    ("making": its temporaries written, not renamed) or as it leaves the list ("noting": MSFT it could not make,
+    the list's temporary whole, not renamed): the list is the one it read, whole, no temporary of it left once a
+    writer comes next, no body half there; then warm again (until the list goes, at most twice: MSFT's damaged
+    file is dropped by the first read of it and fetched by the warm after) makes every body, and status says
+    nothing of them."""
+    from refresher import body_keys
+
+    d, lost = _refilled_then_lost(root, monkeypatch, f"killed_{step}", ["MSFT"])
+    listed = body_keys.read(d.keys)[0]
+    assert listed == [d.ko, *lost]
+    said = _status_of_bodies(root, d)
+    code = textwrap.dedent(
+        f"""
+        import datetime as dt, os, signal, sys
+        from pathlib import Path
+        from featurestore import FeatureStore, _files
+        from refresher import body_keys, commands, warm
+        from refresher.settings import Settings
+
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        step = sys.argv[1]
+        if step == "fetched":
+            fetch = warm.fetch_tables
+            def fetching(*args, **kwargs):
+                fetch(*args, **kwargs)
+                killed()
+            warm.fetch_tables = fetching
+        elif step == "making":
+            put_bodies = FeatureStore.put_bodies
+            def putting(*args, **kwargs):
+                _files.publish_many = killed
+                return put_bodies(*args, **kwargs)
+            FeatureStore.put_bodies = putting
+        else:
+            body_keys._inode_of = killed  # in finished's write of the list left, its temporary whole
+        settings = Settings.from_env(
+            {{}}, state_dir=Path({str(root / "state")!r}), store_root=Path({str(root / "store")!r}), engine="local"
+        )
+        commands.warm(settings, {str(root / f"{d.profile.name}.yaml")!r}, as_of=dt.date(2025, 3, 28))
+        """
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", code, step], cwd=repo, env=env, timeout=CHILD_TIMEOUT)
+    assert done.returncode == -9
+    assert body_keys.read(d.keys)[0] == listed and _status_of_bodies(root, d) == said
+    parts = list(d.keys.parent.glob(f".{d.keys.name}.*.part"))
+    assert bool(parts) == (step == "noting")  # the killed writer's temporary: the next writer removes it
+    assert d.store.get(d.ko.key) is not None  # fetched again before any of these steps
+    assert d.store.get_cache_stats().bodies.entries == (5 if step == "noting" else 4)  # whole ones only
+    for _ in range(2):
+        _warm(root, d)
+        if not d.keys.exists():
+            break
+    assert not d.keys.exists() and _status_of_bodies(root, d) == ""
+    assert not list(d.keys.parent.glob(f".{d.keys.name}.*.part"))
+    assert d.store.get_cache_stats().bodies.entries == 6
