@@ -20,12 +20,12 @@ from psycopg import sql
 
 from refresher._planner_stats import _PENDING_NAME
 from refresher.diskfull import server_disk_full
+from refresher.engines.base import MAINTENANCE_DB as MAINTENANCE_DB  # the pool and snapshot take it here
 from refresher.errors import SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE
 
 _T = TypeVar("_T")
 
-MAINTENANCE_DB = "postgres"
 TAKE = 1
 REFILL = 2
 SWEEP = 3  # dropping trash and half-built copies: one sweeper at a time, the others skip it

@@ -31,7 +31,8 @@ A list `refresher warm` left (it made some of the bodies, not all) says so on a 
 status said that older line (its count, its reason) after a warm that made only some. Kept while a refresh adds to
 the list, dropped when a refill leaves it (the refill's record is then the later word); not four fields either.
 
-Light on purpose (``os`` and ``fcntl``): ``pool.wait_for_pool`` and the refill's start import it.
+Light on purpose (``os`` and ``fcntl``): ``pool.wait_for_pool``, the refill's start and a refresh the stamp
+answers (``unheld``: a list no refill holds gets one, ``commands.refresh_if_noop``) import it.
 """
 
 from __future__ import annotations
@@ -248,10 +249,22 @@ def hold(path: Path) -> int | None:
 def pending(path: Path) -> bool:
     """Whether bodies of ``path`` are still to come: the list is there and a refill given it still runs (holds it
     locked). A list no refill holds is left for the next refill."""
+    return _held(path) is True
+
+
+def unheld(path: Path) -> bool:
+    """Whether the list ``path`` is there and no refill holds it: left by a refill killed (a reboot, SIGKILL) or
+    failing, or by `refresher warm`; the next refill given it makes its bodies (a refresh the stamp answers
+    spawns one for it)."""
+    return _held(path) is False
+
+
+def _held(path: Path) -> bool | None:
+    """Whether a refill holds the list ``path`` locked; None when there is no list."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -273,4 +286,5 @@ __all__ = [
     "pending",
     "read",
     "started",
+    "unheld",
 ]

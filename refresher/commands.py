@@ -137,7 +137,24 @@ def refresh_if_noop(settings: Settings, name: str) -> stamp.Verdict:
     server = engine.info(profile)
     if server is None:
         return stamp.Verdict(None, f"no running server of profile {profile} ({engine.name} engine)")
-    return stamp.verdict(settings.state_dir, settings.store_root, path, server, pool_size=settings.pool_size)
+    verdict = stamp.verdict(
+        settings.state_dir, settings.store_root, path, server, pool_size=settings.pool_size
+    )
+    if verdict.report is not None:
+        _refill_left_bodies(settings, profile, server)
+    return verdict
+
+
+def _refill_left_bodies(settings: Settings, profile: str, server: ServerInfo) -> None:
+    """Spawn a refill without clones for the profile's list of COPY bodies when no refill holds it (one killed by a
+    reboot or SIGKILL left it; ``body_keys.unheld``): a refresh the stamp answers loads nothing and spawned none,
+    so those bodies waited for the next refresh that loads, or `refresher warm`. Detached, as after a full
+    refresh; the check is one ``open`` (no list: the usual no-op, nothing more imported than ``body_keys``)."""
+    keys = body_keys.keys_path(settings.state_dir, profile)
+    if body_keys.unheld(keys):
+        from refresher._refill_spawn import spawn_refill  # not ``pool``: it imports psycopg
+
+        spawn_refill(server, fill=False, bodies=(keys, settings.store_root))
 
 
 def plan(

@@ -51,7 +51,7 @@ from typing import Any, ParamSpec, TypeVar
 import psycopg
 from psycopg import conninfo, sql
 
-from refresher import body_keys
+from refresher import _refill_spawn, body_keys
 from refresher._planner_stats import (
     analyze_stale,
     finish_recorded,
@@ -1129,39 +1129,8 @@ def spawn_refill(
     that cannot start (its log not writable, no process to be had: EAGAIN, ENOMEM) is one line on stderr, not
     that work's failure; the next refresh fills the pool, and a reset meanwhile copies.
     """
-    command = [sys.executable, "-m", "refresher.pool", "refill"]
-    command += ["--dsn", server.dsn(MAINTENANCE_DB, with_password=False), "--database", server.dbname]
-    if server.engine == "local":
-        command.append("--background")
-    if analyze is not None:
-        command += ["--analyze", analyze.name, "--also", ",".join(analyze.pending)]
-    if not fill:
-        command.append("--no-fill")
-    if bodies is not None:
-        command += ["--bodies", str(bodies[0]), "--store", str(bodies[1])]
-    env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
-    # Where it records how it ended for a container's server (``_outcome_path``): the caller's cache directory.
-    env.update({name: os.environ[name] for name in ("HOME", "XDG_CACHE_HOME") if name in os.environ})
-    try:
-        with contextlib.ExitStack() as stack:
-            out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
-            held = body_keys.hold(bodies[0]) if bodies is not None else None
-            if held is not None:
-                stack.callback(os.close, held)  # the refill keeps its own copy of the locked descriptor
-            subprocess.run(
-                ["/bin/sh", "-c", '"$@" &', "sh", *command],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                check=True,
-                pass_fds=() if held is None else (held,),
-            )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(
-            f"refresher: the pool's refill did not start ({exc}); the next refresh fills it", file=sys.stderr
-        )
+    handed = None if analyze is None else (analyze.name, analyze.pending)
+    _refill_spawn.spawn_refill(server, log=log, analyze=handed, fill=fill, bodies=bodies)
 
 
 # -- the work, on an autocommit connection to the maintenance database --------------------------------------------

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import quote
 
+# The database every server has, which the pool's and snapshot's administration connects to.
+MAINTENANCE_DB = "postgres"
+
 
 @dataclass(frozen=True)
 class ServerInfo:

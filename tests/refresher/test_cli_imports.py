@@ -40,8 +40,8 @@ BUDGET = {"market status": 72, "stamped no-op refresh": 120}
 # module the path loads, where a lazy one would do) fails here with its name, before it moves any count.
 # Every command parses its arguments (cli, jobs.parser), may print (render) and ends (featurestore.console);
 # `market status` reads the calendar cache; the stamped no-op adds the engine, the stamp and the store's
-# generation (the snapshot and pool modules, and psycopg, only when psql's answer differs from the stamp's:
-# refresher.stamp).
+# generation and the list of COPY bodies to make (the snapshot and pool modules, and psycopg, only when psql's
+# answer differs from the stamp's: refresher.stamp).
 OURS_MARKET = frozenset(
     {
         "featurestore",
@@ -66,6 +66,7 @@ OURS = {
     "stamped no-op refresh": OURS_MARKET
     | {
         "featurestore.generation",
+        "refresher.body_keys",  # whether a killed refill left COPY bodies to make (commands.refresh_if_noop)
         "refresher.commands",
         "refresher.engines",
         "refresher.engines._common",

@@ -35,7 +35,7 @@ from refresher.errors import EngineUnavailable
 from refresher.settings import AUTO_POOL, PoolSize, Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
 from tests.featurestore.test_generation import REPO, STOPPED_REMOVER
-from tests.fixtures_postgres import refills_gone
+from tests.fixtures_postgres import refillers, refills_gone
 from tests.refresher.engines.test_local import tiny_disk
 from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 from tests.refresher.test_snapshot import _mark
@@ -839,3 +839,48 @@ def test_a_stamp_that_does_not_fit_on_the_disk_leaves_no_temporary_file(tiny_dis
     stamp._record_again(path, '{"format": 0}', {"report": "x" * 10_000})  # says nothing: fast path lost
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     assert path.read_text() == '{"format": 0}'
+
+
+def test_a_noop_refresh_the_stamp_answers_hands_a_left_list_of_bodies_to_a_refill(ws: Workspace) -> None:
+    """A refill killed before it made the COPY bodies (a reboot, SIGKILL) left its list; the next refresh has
+    nothing to load and the stamp answers it: it spawns a refill without clones for the list, detached, which
+    makes them. Before: the stamp's path spawned none, and the bodies waited for the next refresh that loads, or
+    `refresher warm`. A list a refill holds gets none (``body_keys.unheld``)."""
+    from contextlib import closing
+
+    from refresher import body_keys
+    from refresher.bodies import layout
+    from refresher.refresh import compute_plan
+    from refresher.sources import make_source
+
+    settle(ws)
+    store = FeatureStore(ws.root / "store")
+    with closing(make_source(ws_profile(ws))) as source:
+        plan = compute_plan(ws_profile(ws), source, store, None)
+    wanted = [
+        body_keys.Wanted(key, segment.symbol, segment.month_label, "America/New_York")
+        for segment, key in plan.keys.items()
+        if segment.timeframe == "1m"
+    ]
+    assert len(store.read_bodies([each.key for each in wanted], layout())) == len(wanted) > 0
+    for body in (store.root / "bodies").glob("*/*.body"):  # as if the refill was killed before making them
+        body.unlink()
+    keys = body_keys.keys_path(ws.root / "state", ws.profile)
+    body_keys.add(keys, wanted)
+    holder = body_keys.hold(keys)  # a stand-in for a refill still at the list: no other is spawned for it
+    assert holder is not None and body_keys.pending(keys)
+    try:
+        assert stamped(ws.refresh())
+        assert refillers(str(keys)) == [] and body_keys.read(keys)[0] == wanted
+    finally:
+        os.close(holder)
+    assert keys.exists() and not body_keys.pending(keys)  # left, and no refill holds it
+    assert stamped(ws.refresh())
+    deadline = time.monotonic() + 120
+    while keys.exists():
+        assert time.monotonic() < deadline, (
+            f"the list a killed refill left was never made: {keys.read_text()}"
+        )
+        time.sleep(0.1)
+    assert len(store.read_bodies([each.key for each in wanted], layout())) == len(wanted)
+    refills_gone(ws.profile)
