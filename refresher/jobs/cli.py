@@ -24,7 +24,7 @@ from rich.table import Table
 
 from refresher.cli import _say
 from refresher.errors import JobError
-from refresher.jobs.queue import open_queue, unreachable, wait_for_queue
+from refresher.jobs.queue import open_queue, out_of_memory, unreachable, wait_for_queue
 from refresher.jobs.runs import (
     Deleted,
     RunStatus,
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None])
         return _jobs(args, open_queue(args.queue, args.queue_label), emit, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(args.queue, exc, args.queue_label) from exc
+    except redis.OutOfMemoryError as exc:  # at its maxmemory: a submit, cancel or requeue was a traceback
+        raise out_of_memory(args.queue, exc, args.queue_label) from exc
 
 
 def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:

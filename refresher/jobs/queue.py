@@ -160,6 +160,17 @@ def unreachable(url: str, exc: Exception, label: str = "--queue") -> JobError:
     return JobError(f"{label}={shown}: cannot reach Redis ({reason})", field="queue", value=shown)
 
 
+def out_of_memory(url: str, exc: Exception, label: str = "--queue") -> JobError:
+    """The one-line error for a Redis at its maxmemory refusing a write (policy noeviction)."""
+    shown = public_url(url)
+    return JobError(
+        f"{label}={shown}: Redis is out of memory, it refused a write ({one_line(exc)}): "
+        "remove finished runs (`refresher jobs prune`) or raise its maxmemory",
+        field="queue",
+        value=shown,
+    )
+
+
 def open_queue(url: str, label: str = "--queue") -> redis.Redis:
     """A client (``connect``) whose Redis was asked once, with one retry: not there, not a Redis server, or
     refusing us (a password, a database number out of range) is one line at once, not a traceback, nor
@@ -246,12 +257,24 @@ def wait_for_queue(
 
 
 def ensure_groups(client: redis.Redis) -> None:
+    """Make the streams and their group where missing. Asked first: Redis at its maxmemory refuses XGROUP CREATE
+    (its OOM check comes before BUSYGROUP) even for a group that exists, and a worker's thread, or a submit, died
+    on that refusal."""
     for tier in TIERS:
+        if _has_group(client, tier):
+            continue
         try:
             client.xgroup_create(stream_key(tier), GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+
+def _has_group(client: redis.Redis, tier: str) -> bool:
+    try:
+        return any(text(group["name"]) == GROUP for group in client.xinfo_groups(stream_key(tier)))
+    except redis.ResponseError:  # no such stream yet (or not a stream: XGROUP CREATE then says so)
+        return False
 
 
 @dataclass(frozen=True)
@@ -379,12 +402,15 @@ redis.call('HINCRBY', KEYS[2], 'dead', 1)
     + _INCOMPLETE
 )
 
+# The in-flight mark and the run's first start: what `jobs status` shows, nothing a job's fate depends on. Redis at
+# its maxmemory (policy noeviction) refuses a script's first write that grows memory: the marks are left out then
+# (pcall), and the job runs; its finish (XACK, XDEL) is what frees memory. Refused, it killed the worker's thread.
 _START = (
     _RUN_GONE
     + """
 if run_gone(KEYS[1]) then return false end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+redis.pcall('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.pcall('HSETNX', KEYS[1], 'started_at', ARGV[3])
 return redis.call('HGET', KEYS[1], 'state')
 """
 )
@@ -509,6 +535,27 @@ return token
 """
 )
 
+# ``jobs status``: the run's hash (KEYS[1]), its in-flight and held counts (KEYS[2], KEYS[3]), whether it is being
+# submitted (KEYS[4]), and each tier's stream length and pending count (KEYS[5...], group ARGV[1]; 0 for a stream
+# or group missing) from one moment: a job finishing between two reads would look lost. A script, not MULTI: Redis
+# at its maxmemory refuses every command queued in a MULTI, and the status of a full queue was a traceback.
+STATUS = """
+local function count(reply)
+  if type(reply) == 'table' then
+    if reply.err then return 0 end
+    return reply[1]
+  end
+  return reply
+end
+local out = {redis.call('HGETALL', KEYS[1]), redis.call('HLEN', KEYS[2]), redis.call('LLEN', KEYS[3]),
+  redis.call('EXISTS', KEYS[4])}
+for i = 5, #KEYS do
+  table.insert(out, count(redis.pcall('XLEN', KEYS[i])))
+  table.insert(out, count(redis.pcall('XPENDING', KEYS[i], ARGV[1])))
+end
+return out
+"""
+
 # ``jobs cancel``: 0 when the run is gone; else cancelled, its held jobs dropped.
 CANCEL = (
     _RUN_GONE
@@ -607,12 +654,15 @@ for i = 4, #ARGV do
   else
     table.insert(deleted, run)
     local spec = redis.call('HGET', key, 'spec')
-    if spec and redis.call('EXISTS', key .. ':features-fence') == 1 then
-      redis.call('HSET', prefix .. 'fences-due', run, spec)
-    end
+    local fenced = redis.call('EXISTS', key .. ':features-fence') == 1
+    -- DEL before HSET: Redis at its maxmemory refuses a script's first write that grows memory (HSET), and a
+    -- prune, the way to make room, failed there
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
       key .. ':submitting', key .. ':jobs', key .. ':requeue-lock',
       key .. ':dead-segs', key .. ':features-fence')
+    if spec and fenced then
+      redis.call('HSET', prefix .. 'fences-due', run, spec)
+    end
     redis.call('ZREM', prefix .. 'runs', run)
     redis.call('SREM', prefix .. 'held', run)
     redis.call('SREM', prefix .. 'features-due', run)
@@ -885,6 +935,7 @@ __all__ = [
     "REVIVE_FEATURES",
     "RUNNING_STATES",
     "RUNS",
+    "STATUS",
     "TIERS",
     "WEIGHTS",
     "Delivery",
@@ -897,6 +948,7 @@ __all__ = [
     "held_lock",
     "no_such_run",
     "open_queue",
+    "out_of_memory",
     "public_url",
     "redis_time",
     "require_run",

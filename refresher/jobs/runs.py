@@ -38,6 +38,7 @@ from refresher.jobs.queue import (
     REVIVE_FEATURES,
     RUNNING_STATES,
     RUNS,
+    STATUS,
     TIERS,
     WEIGHTS,
     enqueue,
@@ -166,14 +167,29 @@ def submit_jobs(
         pipe.sadd(FEATURES_DUE, run_id)
     pipe.execute()
     timings: list[float] = []
-    if state == "held":
-        for start in range(0, len(payloads), chunk):
-            t0 = time.perf_counter()
-            client.rpush(run_key(run_id, "held"), *payloads[start : start + chunk])
-            timings.append(time.perf_counter() - t0)
-        client.sadd(HELD, run_id)
-    else:
-        timings = enqueue(client, spec.priority, payloads, chunk=chunk, alive=submitting)
+    try:
+        if state == "held":
+            for start in range(0, len(payloads), chunk):
+                t0 = time.perf_counter()
+                client.rpush(run_key(run_id, "held"), *payloads[start : start + chunk])
+                timings.append(time.perf_counter() - t0)
+            client.sadd(HELD, run_id)
+        else:
+            timings = enqueue(client, spec.priority, payloads, chunk=chunk, alive=submitting)
+    except redis.OutOfMemoryError as exc:
+        # Recorded, some of its jobs not: they show lost at once (no minute's wait for the key to expire), and
+        # requeue adds exactly those once Redis has room. A held run's list of jobs is short, or the run is not
+        # in the held set that workers release from: it is cancelled and submitted again.
+        client.delete(submitting[0])
+        then = f"`refresher jobs requeue {run_id}` adds the missing ones"
+        if state == "held":  # not released yet: its list of held jobs is short
+            then = f"`refresher jobs cancel {run_id}` and submit again"
+        raise JobError(
+            f"run {run_id}: Redis is out of memory, it refused some of the run's {len(payloads)} jobs "
+            f"({one_line(exc)}): make room (`refresher jobs prune`, or raise its maxmemory), then {then}",
+            field="queue",
+            value=run_id,
+        ) from exc
     client.delete(submitting[0])
     return Submitted(
         run_id,
@@ -234,26 +250,16 @@ def _int(raw: dict[bytes, bytes], name: str) -> int:
 
 def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) -> RunStatus:
     began = time.perf_counter()
-    # One MULTI: the counters and the streams' lengths from one moment (a job finishing between the two reads
-    # would look lost).
-    pipe = client.pipeline(transaction=True)
-    pipe.hgetall(run_key(run_id))
-    pipe.hlen(run_key(run_id, "inflight"))
-    pipe.llen(run_key(run_id, "held"))
-    pipe.exists(run_key(run_id, "submitting"))
-    for tier in TIERS:
-        pipe.xlen(stream_key(tier))
-        pipe.xpending(stream_key(tier), GROUP)
-    replies = pipe.execute(raise_on_error=False)
-    raw = replies[0]
+    keys = [run_key(run_id, part) for part in ("", "inflight", "held", "submitting")]
+    replies = client.register_script(STATUS)(keys=[*keys, *map(stream_key, TIERS)], args=[GROUP])
+    flat = replies[0]
+    raw = dict(zip(flat[::2], flat[1::2], strict=True))
     if b"spec" not in raw:  # none, or what a worker's counter left of a hash deleted by hand (``run_spec``)
         raise no_such_run(run_id)
     in_flight, held = int(replies[1]), int(replies[2])
     tiers, lengths = [], {}
     for i, tier in enumerate(TIERS):
-        length, pending = replies[4 + 2 * i], replies[5 + 2 * i]
-        busy = int(pending["pending"]) if isinstance(pending, dict) else 0
-        lengths[tier] = int(length) if isinstance(length, int) else 0
+        lengths[tier], busy = int(replies[4 + 2 * i]), int(replies[5 + 2 * i])
         tiers.append(TierStatus(tier, WEIGHTS[tier], lengths[tier] - busy, busy))
     spec = json.loads(raw[b"spec"])
     total, done, dead, retrying = (_int(raw, n) for n in ("total", "done", "dead", "retrying"))

@@ -77,6 +77,8 @@ Clock = Callable[[], float]
 # The least time, in seconds, a worker's session may idle inside a transaction before the server ends it (and the
 # session): a live worker's Python between two statements, on a loaded machine, stays well below.
 IDLE_IN_TRANSACTION_MIN = 30.0
+# Seconds between two of a worker's lines that Redis is out of memory.
+FULL_SAY_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,7 @@ class Worker:
         self.report = WorkerReport(options.name)
         self._rng = random.Random()
         self._servers = _OwnServers(settings)
+        self._full_said, self._full_lock = -math.inf, threading.Lock()
 
     def run(self) -> WorkerReport:
         threads = [
@@ -358,6 +361,10 @@ class Worker:
                             self.stop.wait(0.2)
                         continue
                     failures = 0
+                except redis.OutOfMemoryError as exc:  # a ResponseError: before that clause, which raises
+                    self._full(exc)
+                    failures += 1
+                    self.stop.wait(backoff_seconds(failures, base=0.1, cap=5.0, rng=self._rng))
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     # Redis is restarting: wait with capped, jittered backoff and carry on; nothing is lost,
                     # an unacknowledged job stays pending and is reclaimed after the visibility timeout.
@@ -559,10 +566,27 @@ class Worker:
         if isinstance(self.clock, RedisClock):
             self.clock.sync(queue.client)
         now = self.clock()
-        queue.promote_due(now)
-        queue.release_held(now)
+        # Each adds to Redis (XADD): Redis at its maxmemory refuses them until there is room, and the worker goes on
+        # to its jobs meanwhile, whose finishing (XDEL) makes room. Raised, they kept it from reading any.
+        for step in (queue.promote_due, queue.release_held):
+            try:
+                step(now)
+            except redis.OutOfMemoryError as exc:
+                self._full(exc)
         for member in queue.client.smembers(FEATURES_DUE):
             self._features(queue, contexts, text(member))
+
+    def _full(self, exc: redis.OutOfMemoryError) -> None:
+        """One line on stderr, at most once a minute (a sweep meets it twice a second), that Redis is at its
+        maxmemory and refuses what would grow it: retries, held runs and features wait, jobs go on."""
+        with self._full_lock:
+            if time.monotonic() - self._full_said < FULL_SAY_EVERY:
+                return
+            self._full_said = time.monotonic()
+        self._say(
+            f"Redis is out of memory ({one_line(exc)}): jobs go on; retries, held runs and features wait for room "
+            "(`refresher jobs prune`, or raise Redis's maxmemory)"
+        )
 
     def _features(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
         """Compute a run's features once all its segments are loaded; one worker does it, under a lock that
@@ -576,6 +600,12 @@ class Worker:
         target are fenced there (``refresher.fence``): the lock's holder claims the run's fence with a token larger
         than every earlier holder's before its first write, and from then on no write of an earlier one commits.
         """
+        try:
+            self._features_run(queue, contexts, run)
+        except redis.OutOfMemoryError as exc:  # the lock (a new key), or its step's writes: the run stays due
+            self._full(exc)
+
+    def _features_run(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
         ttl = self._features_ttl
         lock = queue.client.lock(
             run_key(run, "features-lock"), timeout=ttl, blocking=False, thread_local=False
@@ -598,8 +628,8 @@ class Worker:
                 # Counted unless another worker holds the lock: a stage outliving its renewal every time (a late
                 # renewal thread, a pause) was tried again at once, for ever, uncounted.
                 backoff = self._features_failed(queue, contexts, run, _LockLost(lost), lock.local.token)
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise
+            except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+                raise  # Redis's, not the features': no attempt counted
             except Exception as exc:
                 # The target dropped or unreachable, the profile gone from this machine: it killed the worker's
                 # thread, and every worker's after it (each sweep tried again), and a --burst worker never

@@ -334,3 +334,30 @@ def test_a_requeue_stopped_past_its_lock_writes_nothing_once_another_holds_the_r
         assert sorted(segments) == sorted(str(j.segment) for j in jobs("STALL", 4))  # each once
     else:
         assert (client.xlen("refresher:dead"), run_status(client, run).dead) == (2, 2)  # none revived
+
+
+def test_a_submit_refused_midway_by_redis_at_its_maxmemory_names_its_run_whose_missing_jobs_requeue_adds(
+    redis_server: RedisServer,
+) -> None:
+    # The refusal was a traceback (OutOfMemoryError) naming no run, and its missing jobs showed lost only once the
+    # submit's key expired, a minute later.
+    client = connect(redis_server.url)
+    now = dt.datetime.now(dt.UTC)
+    submit_jobs(client, spec("normal"), jobs("ROOM", 1), now=now)  # the streams made
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 200_000)
+    with pytest.raises(JobError) as refused:
+        submit_jobs(client, spec("normal"), jobs("FULL", 5000), now=now, chunk=100)
+    message = str(refused.value)
+    run = message.split()[1].rstrip(":")
+    assert message.startswith(f"run {run}: Redis is out of memory") and f"jobs requeue {run}`" in message, (
+        message
+    )
+    lost = run_status(client, run).lost
+    assert 0 < lost < 5000
+    client.config_set("maxmemory", 0)
+    assert (
+        runs.requeue_lost(client, run) == lost + 1
+    )  # the status's lower bound: ROOM's job is in the stream too
+    state = run_status(client, run)
+    assert (state.lost, state.pending) == (0, 5000)
+    assert client.xlen(stream_key("normal")) == 5001
