@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from refresher.cli import _say
-from refresher.errors import JobError
+from refresher.errors import JobError, one_line
 from refresher.jobs.queue import open_queue, out_of_memory, unreachable, wait_for_queue
 from refresher.jobs.runs import (
     Deleted,
@@ -187,12 +187,17 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
     )
     clock = (lambda: args.now.timestamp()) if args.now else None  # None: Redis's clock
     report = WorkerReport(name=args.name)  # stopped while waiting for Redis: nothing done, exit 0
+    failure: BaseException | None = None
     if client is not None:
         try:
-            report = Worker(args.queue, settings, options, clock=clock, stop=stop, client=client).run()
+            worker = Worker(args.queue, settings, options, clock=clock, stop=stop, client=client)
+            report, failure = worker.run(), worker.failure
         finally:
             client.close()
     emit(args, report.to_json(), lambda: print(json.dumps(report.to_json())))
+    if failure is not None:
+        _say(f"worker {args.name}: stopped, a thread of it failed (its traceback above): {one_line(failure)}")
+        return 1
     return 0
 
 

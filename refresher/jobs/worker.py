@@ -314,6 +314,10 @@ class Worker:
         self._rng = random.Random()
         self._servers = _OwnServers(settings)
         self._full_said, self._full_lock = -math.inf, threading.Lock()
+        # What ended a consumer thread that was not meant to end (a bug, a Redis refusing us for good: READONLY from
+        # a replica); the worker then stops, and exits 1. Left alone, the process exited 0 with its traceback, or
+        # ran on with fewer threads: a service manager restarting a worker that fails saw none fail.
+        self.failure: BaseException | None = None
 
     def run(self) -> WorkerReport:
         threads = [
@@ -378,6 +382,10 @@ class Worker:
                         groups = False
                     else:
                         raise
+        except BaseException as exc:
+            self.failure = self.failure or exc
+            self.stop.set()  # the other threads finish the job in hand and hand their batch back
+            raise  # its traceback, on stderr
         finally:
             for ctx in contexts.values():
                 ctx.close()

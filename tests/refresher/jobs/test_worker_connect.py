@@ -255,3 +255,14 @@ def test_a_worker_whose_redis_goes_silent_mid_run_tries_a_new_connection_and_com
     assert final["state"] == "complete" and final["done"] == final["total"] == run["jobs"], final
     assert final["dead"] == 0, final
     assert len(ledger(ws)) == run["jobs"]
+
+
+def test_a_worker_whose_thread_fails_stops_and_exits_1(tmp_path: Path, redis_server: RedisServer) -> None:
+    # A Redis that became a replica (a failover, the URL still naming the old primary) answers every write READONLY:
+    # the worker's thread died with its traceback and the process exited 0, as if it had drained its queue, so a
+    # service manager restarting failed workers never restarted it.
+    redis_server.client().replicaof("127.0.0.1", free_port())  # a primary that is not there: still a replica
+    done = refresher(tmp_path, "worker", "--queue", redis_server.url, "--burst", "--concurrency", "2")
+    assert done.returncode == 1, done.stderr
+    assert "ReadOnlyError" in done.stderr  # the traceback, for the bug report
+    assert done.stderr.count("stopped, a thread of it failed") == 1, done.stderr
