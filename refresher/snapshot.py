@@ -991,12 +991,18 @@ def _wait_foreign_door(
                 raise _foreign_door_shut(target, f"waited {DOOR_WAIT_SECONDS:g} s") from exc
 
 
+class ForeignDoorShut(psycopg.OperationalError):
+    """A database refusing sessions at its door on a server this machine does not serve (``_foreign_door_shut``):
+    a person opens it, not time; a jobs worker spends its attempts on it rather than wait for a server coming
+    back up."""
+
+
 def _foreign_door_shut(target: str, how: str) -> psycopg.OperationalError:
     """The one line for ``target``'s database refusing sessions at its door on a server this machine does not
     serve (``how``: how long it was waited for): only the machine serving it (or the database's owner) can open
     it. No SQLSTATE: a jobs worker counts it transient (``refresher.jobs.retry.is_transient``)."""
     db = conninfo.conninfo_to_dict(target).get("dbname") or "(the target's)"
-    return psycopg.OperationalError(
+    return ForeignDoorShut(
         f"database {db} refuses sessions ({how}): a `refresher reset` on the machine that serves it holds its "
         "door shut, or was killed or stopped there with it shut; run `refresher reset` of its profile there (it "
         f"opens the door), or have the database's owner run ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"
@@ -1037,6 +1043,7 @@ _RENAMED = "It seems to have just been dropped or renamed"
 
 __all__ = [
     "MAINTENANCE_DB",
+    "ForeignDoorShut",
     "RestoreReport",
     "SnapshotInfo",
     "StoppedWaiting",

@@ -96,6 +96,9 @@ class WorkerOptions:
     block_ms: int = 1000
     # Jobs taken per read and produced together: the store records a batch in one manifest transaction.
     batch: int = 16
+    # Seconds a run's target may refuse or drop this worker's connections before its jobs spend attempts on it: a
+    # restart or failover is waited for; a wrong port or a server gone for good ends in dead letters, not a hang.
+    target_down_wait: float = 300.0
 
 
 @dataclass
@@ -123,6 +126,11 @@ def parse_segment(text: str) -> Segment:
 class _LockLost(TimeoutError):
     """A run's features lock is no longer this worker's: it was held up past its expiry (its renewal late), another
     may hold it. Transient: counted as a failed attempt when no other worker holds the lock."""
+
+
+class _TargetDown(LoadError):
+    """A run's target did not answer a worker's connection (refused, reset, timed out; not a refusal of its
+    credentials): a server restarting, a failover. Waited for, no job's attempt spent."""
 
 
 class _RunContext:
@@ -163,7 +171,9 @@ class _RunContext:
         except psycopg.OperationalError as exc:
             # libpq's line names neither the database nor the role: the DSN does, without its password.
             self.source.close()
-            raise LoadError(f"target {spec['target']}: cannot connect ({one_line(exc)})") from exc
+            down = is_transient(exc) and not is_refused(exc) and not isinstance(exc, snapshot.ForeignDoorShut)
+            failed = _TargetDown if down else LoadError
+            raise failed(f"target {spec['target']}: cannot connect ({one_line(exc)})") from exc
         except BaseException:
             self.source.close()
             raise
@@ -318,6 +328,9 @@ class Worker:
         # a replica); the worker then stops, and exits 1. Left alone, the process exited 0 with its traceback, or
         # ran on with fewer threads: a service manager restarting a worker that fails saw none fail.
         self.failure: BaseException | None = None
+        # Consecutive failures to connect to a run's target (``_TargetDown``), by run, and since when.
+        self._down: dict[str, tuple[int, float]] = {}
+        self._down_lock = threading.Lock()
 
     def run(self) -> WorkerReport:
         threads = [
@@ -405,6 +418,8 @@ class Worker:
             idle = max(2 * self.options.visibility_timeout, IDLE_IN_TRANSACTION_MIN)
             spec = require_run(queue.client, run)
             contexts[run] = _RunContext(self.settings, spec, self.stop, idle, self._servers)
+            with self._down_lock:
+                self._down.pop(run, None)  # its target answered: down again, it is waited for from the start
         return contexts[run]
 
     def _handle(
@@ -465,6 +480,12 @@ class Worker:
             return
         except (redis.ConnectionError, redis.TimeoutError):
             raise
+        except _TargetDown as exc:
+            if self._target_down(queue, group, run, exc):
+                return
+            for delivery in group:
+                self._failed(queue, delivery, exc)
+            return
         except Exception as exc:
             # The run's target, profile or source, not any one job: each job alone met it again (and waited
             # out a reset's door again, DOOR_WAIT_SECONDS each); every job is settled with it.
@@ -490,6 +511,26 @@ class Worker:
         for delivery, (job, table, content_hash) in zip(group, produced, strict=True):
             load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
             self._settle(queue, delivery, contexts, load)
+
+    def _target_down(self, queue: JobQueue, group: list[Delivery], run: str, exc: _TargetDown) -> bool:
+        """The run's target does not answer: its jobs go back, due after a backoff, without spending an attempt,
+        and this thread waits as long before it reads again; False, nothing done, once this worker has found it
+        down for ``options.target_down_wait`` (a wrong port, a server gone for good): then each attempt counts.
+        Each a failed attempt, a Postgres restart of 15 s dead-lettered a sixth of a run's jobs (six attempts'
+        backoffs, jittered from 0, add up to seconds) and the run read `incomplete` until `jobs retry-dead`. A
+        target that refuses the worker's credentials is dead-lettered at once, as before (``_attempts``)."""
+        with self._down_lock:
+            times, since = self._down.get(run, (0, time.monotonic()))
+            self._down[run] = (times + 1, since)
+        if time.monotonic() - since >= self.options.target_down_wait:
+            return False
+        ceiling = min(self.options.backoff_cap, self.options.backoff_base * 2 ** min(times + 1, 64))
+        wait = self._rng.uniform(ceiling / 2, ceiling)  # never near 0: no reconnecting in a tight loop
+        for delivery in group:
+            queue.retry_later(delivery, self.clock() + wait, failed=False)
+        self._say(f"run {run}: {one_line(exc)}; {len(group)} job(s) back in {wait:.1f} s, no attempt spent")
+        self.stop.wait(wait)
+        return True
 
     def _hand_back(self, queue: JobQueue, delivery: Delivery) -> None:
         """A job this stopping worker (SIGTERM) will not run, back on its stream now without spending an attempt,

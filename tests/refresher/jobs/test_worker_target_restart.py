@@ -1,0 +1,93 @@
+"""The target Postgres restarted under running workers: its jobs wait for it, no attempt spent, and the run
+completes with every row once. Real redis-server, real worker processes, real embedded Postgres."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from refresher.engines import make_engine
+from refresher.engines.local import Postmaster
+from refresher.jobs.queue import DEAD, connect, text
+from refresher.jobs.runs import RunSpec, run_status, submit_jobs
+from refresher.jobs.segment import SegmentJob
+from refresher.jobs.worker import Worker, WorkerOptions
+from refresher.segments import Segment
+from refresher.settings import Settings
+from tests.redis_server import RedisServer, free_port
+from tests.refresher.jobs.test_worker import start_worker, stop, submit, wait_for, worker_log, workspace
+from tests.refresher.jobs.test_worker_faults import assert_loaded_exactly
+from tests.refresher.test_refresh_e2e import AS_OF, Workspace
+
+pytestmark = pytest.mark.redis
+
+__all__ = ["workspace"]  # the fixture, shared with test_worker
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_target_restarted_mid_run_is_waited_for_and_the_run_completes(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    # Each job that met the server down spent an attempt: six attempts' backoffs (full jitter, from 0) add up to
+    # seconds, and a restart of 15 s dead-lettered 15 of 96 jobs, the run `incomplete` until `jobs retry-dead`.
+    # Three attempts here: a restart of seconds dead-lettered jobs at every run.
+    ws, url = workspace, redis_server.url
+    symbols = [f"T{i:02d}" for i in range(16)]
+    ws.write_profile(symbols=symbols, months=3)
+    run = submit(ws, url)
+    engine = make_engine("local", Settings.from_env(ws.env, engine="local"))
+    pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+    worker = start_worker(ws, url, "w", "--max-attempts", "3")
+    try:
+        wait_for(ws, url, run["run_id"], lambda s: s["done"] >= 10)
+        postmaster = Postmaster.read(pgdata)
+        assert postmaster is not None
+        os.kill(postmaster.pid, signal.SIGINT)  # a fast shutdown: the worker's session ended mid-job
+        while Postmaster.read(pgdata) is not None:
+            time.sleep(0.05)
+        time.sleep(8)  # down for a while: the worker meets it refusing connections
+        engine.start(ws.profile)
+        final = wait_for(
+            ws,
+            url,
+            run["run_id"],
+            lambda s: worker.poll() is None and s["state"] in ("complete", "incomplete"),
+        )
+    finally:
+        stop([worker])
+    log = worker_log(ws, "w")
+    assert (final["state"], final["done"], final["dead"]) == ("complete", run["jobs"], 0), (final, log)
+    assert "no attempt spent" in log and "Traceback" not in log, log
+    assert_loaded_exactly(ws, symbols, 3)
+
+
+def test_a_target_down_past_the_workers_wait_spends_attempts_and_is_dead_lettered(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens on the target's port (a wrong port, a server gone for good): waited for, no attempt spent,
+    for ``target_down_wait``; then attempts count and the job ends dead-lettered, never a --burst worker that
+    waits for ever."""
+    ws = Workspace(tmp_path, "local", "gone")
+    ws.write_profile(symbols=["AAPL"], months=1)
+    target = f"host=127.0.0.1 port={free_port()} user=refresher dbname=gone"
+    spec = RunSpec("gone", str(tmp_path / "profiles" / "gone.yaml"), AS_OF.isoformat(), target, False)
+    job = SegmentJob(Segment("AAPL", "1d", AS_OF.replace(day=1)), "key-1d", "America/New_York")
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec, [job], now=dt.datetime.now(dt.UTC)).run_id
+    settings = Settings.from_env(ws.env, engine="local")
+    options = WorkerOptions(
+        "gone", burst=True, max_attempts=2, backoff_base=0.05, backoff_cap=0.2, target_down_wait=1.0
+    )
+    report = Worker(redis_server.url, settings, options).run()
+    assert (report.dead, report.done) == (1, 0)
+    assert run_status(client, run).dead == 1
+    [(_id, letter)] = client.xrange(DEAD)
+    assert text(letter[b"error"]).startswith(f"transient: target {target}: cannot connect"), letter
+    assert text(letter[b"attempts"]) == "2"
+    assert "no attempt spent" in capsys.readouterr().err  # waited first
