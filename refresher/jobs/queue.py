@@ -287,9 +287,16 @@ class Delivery:
 
     @classmethod
     def parse(cls, stream: bytes | str, message_id: bytes | str, fields: dict[bytes, bytes]) -> Delivery:
+        """The entry's job; ValueError when it is not one (no ``job`` field, not JSON, no run or segment)."""
         name = stream.decode() if isinstance(stream, bytes) else stream
         mid = message_id.decode() if isinstance(message_id, bytes) else message_id
-        return cls(name.rsplit(":", 1)[1], mid, json.loads(fields[b"job"]))
+        try:
+            job = json.loads(fields[b"job"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"no job in it ({one_line(exc)})") from exc
+        if not isinstance(job, dict) or not all(isinstance(job.get(k), str) for k in ("run", "seg")):
+            raise ValueError("its job names no run and segment")
+        return cls(name.rsplit(":", 1)[1], mid, job)
 
 
 # Every job settled, some dead-lettered: nothing is left to run until `jobs retry-dead`. The run stayed 'queued',
@@ -673,11 +680,25 @@ return {deleted, refused, states}
 """
 
 
-class JobQueue:
-    """The operations a worker performs on the streams; each is one round trip."""
+# An entry of a jobs stream that is not a job (written by hand, by another program): acknowledged, off the stream,
+# and kept in the dead-letter stream under no run. Left there, it raised in every worker that read or reclaimed
+# it, whose thread died, each in turn. KEYS: the stream, the dead-letter stream; ARGV: group, id, payload, error.
+_NOT_A_JOB = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'run', '', 'job', ARGV[3], 'error', ARGV[4], 'attempts', 0)
+return 1
+"""
 
-    def __init__(self, client: redis.Redis) -> None:
+
+class JobQueue:
+    """The operations a worker performs on the streams; each is one round trip. ``say`` hears a line for each
+    entry set aside as not a job."""
+
+    def __init__(self, client: redis.Redis, say: Callable[[str], None] | None = None) -> None:
         self.client = client
+        self._say = say
+        self._not_a_job = client.register_script(_NOT_A_JOB)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._retry = client.register_script(_RETRY)
@@ -716,9 +737,26 @@ class JobQueue:
         )
         return self._deliveries(got) if got else []
 
-    @staticmethod
-    def _deliveries(got: Any) -> list[Delivery]:
-        return [Delivery.parse(stream, mid, fields) for stream, entries in got for mid, fields in entries]
+    def _deliveries(self, got: Any) -> list[Delivery]:
+        out = []
+        for stream, entries in got:
+            for mid, fields in entries:
+                delivery = self._parsed(stream, mid, fields)
+                if delivery is not None:
+                    out.append(delivery)
+        return out
+
+    def _parsed(self, stream: bytes | str, mid: bytes | str, fields: dict[bytes, bytes]) -> Delivery | None:
+        """The entry's job, or None once an entry that is not one is set aside (``_NOT_A_JOB``)."""
+        try:
+            return Delivery.parse(stream, mid, fields)
+        except ValueError as exc:
+            payload = fields.get(b"job", repr(fields).encode())
+            error = f"not a job: {exc}"
+            self._not_a_job(keys=[text(stream), DEAD], args=[GROUP, text(mid), payload, error])
+            if self._say is not None:
+                self._say(f"stream entry {text(stream)} {text(mid)} set aside in {DEAD}: {error}")
+            return None
 
     def reclaim(self, consumer: str, min_idle_ms: int) -> list[tuple[Delivery, int]]:
         """Take over one job per tier whose consumer went quiet (died) for ``min_idle_ms``; with its delivery
@@ -729,7 +767,9 @@ class JobQueue:
             for mid, fields in reply[1]:
                 if fields is None:  # deleted while pending (Redis < 7 reports these)
                     continue
-                delivery = Delivery.parse(stream_key(tier), mid, fields)
+                delivery = self._parsed(stream_key(tier), mid, fields)
+                if delivery is None:
+                    continue
                 info = self.client.xpending_range(stream_key(tier), GROUP, mid, mid, 1)
                 out.append((delivery, int(info[0]["times_delivered"]) if info else 1))
         return out

@@ -347,7 +347,7 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------------------
 
     def _loop(self, consumer: str) -> None:
-        queue = JobQueue(self.client)
+        queue = JobQueue(self.client, say=self._say)
         contexts: dict[str, _RunContext] = {}
         failures = 0
         last_sweep = 0.0

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from refresher.errors import JobError
-from refresher.jobs.queue import Delivery, JobQueue, connect
+from refresher.jobs.queue import DEAD, GROUP, Delivery, JobQueue, connect, stream_key, text
 from refresher.jobs.runs import (
     RunSpec,
     Submitted,
@@ -202,3 +202,31 @@ def test_the_jobs_of_a_run_deleted_by_hand_are_only_acknowledged(redis_server: R
     assert list_runs(client) == []  # its id is still in the index: `jobs list` failed on KeyError
     with pytest.raises(JobError, match="no such run"):
         run_status(client, run.run_id)
+
+
+def test_stream_entries_that_are_not_jobs_are_set_aside_as_dead_letters_of_no_run(
+    redis_server: RedisServer,
+) -> None:
+    # Read (XREADGROUP) or reclaimed (XAUTOCLAIM), such an entry raised in the worker (JSONDecodeError, KeyError)
+    # and its thread died; pending, it was reclaimed by the next worker, which died the same way, and so on.
+    client = connect(redis_server.url)
+    stream = stream_key("normal")
+    submit_jobs(client, spec("normal"), [], now=NOW)  # the streams and their group
+    for fields in ({"job": "not json"}, {"payload": "no job field"}, {"job": '{"seg": "no run"}'}):
+        client.xadd(stream, fields)  # type: ignore[arg-type]
+    client.xreadgroup(GROUP, "died", {stream: ">"}, count=3)  # a worker that died holding them
+    run = submit_jobs(client, spec("normal"), jobs("GOOD", 2), now=NOW).run_id
+    client.xadd(stream, {"job": "[1, 2]"})
+    said: list[str] = []
+    queue = JobQueue(client, say=said.append)
+    read = queue.read("w", block_ms=0, count=16)
+    assert [(d.job["run"], d.job["seg"]) for d in read] == [(run, str(j.segment)) for j in jobs("GOOD", 2)]
+    assert [queue.reclaim("w", 0) for _ in range(3)] == [
+        [],
+        [],
+        [],
+    ]  # each time the oldest pending: set aside
+    letters = client.xrange(DEAD)
+    assert len(letters) == len(said) == 4, said
+    assert all(text(f[b"run"]) == "" and text(f[b"error"]).startswith("not a job: ") for _id, f in letters)
+    assert client.xlen(stream) == 2 and client.xpending(stream, GROUP)["pending"] == 2  # the two jobs only
