@@ -50,6 +50,9 @@ KEYS_DIR = "bodies"
 SUFFIX = ".keys"
 SINCE = "# since "
 NOT_MADE = "# not made "
+# The list was last written by a maker leaving what it could not make (``finished``), none noted since: a refresh
+# the stamp answers spawns no refill for it (``tried``), which would fail on the same segments at every no-op.
+LEFT = "# left by its maker"
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class _Listed:
     inode: int | None = None
     since: int = 0
     not_made: NotMade | None = None
+    left: bool = False
 
 
 def _read(path: Path) -> _Listed:
@@ -131,26 +135,31 @@ def _read(path: Path) -> _Listed:
             text = handle.read()
     except FileNotFoundError:
         return _Listed([])
-    wanted, since, noted = [], 0, None
+    wanted, since, noted, left = [], 0, None, False
     for line in text.splitlines():
         if line.startswith(SINCE) and line.removeprefix(SINCE).isdigit():
             since = int(line.removeprefix(SINCE))
+        elif line == LEFT:
+            left = True
         elif line.startswith(NOT_MADE):
             noted = NotMade.parse(line)
         elif len(fields := line.split("\t")) == 4 and all(fields):
             wanted.append(Wanted(*fields))
-    return _Listed(wanted, inode, since, noted)
+    return _Listed(wanted, inode, since, noted, left)
 
 
 def add(path: Path, wanted: Iterable[Wanted]) -> bool:
     """Note ``wanted`` in ``path``, beside what it lists already (a refill killed before it finished); written
     whole (a temporary fsynced and renamed over, the directory fsynced), so a reader sees the old list or the new
     one; a list begun here begins now (``started``). Whether there is a list now."""
+    wanted = list(wanted)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _writing(path):
         old = _read(path)
         lines = dict.fromkeys(each.line() for each in [*old.wanted, *wanted])
-        if set(lines) == {each.line() for each in old.wanted}:
+        # The same segments noted again after a maker left them (loaded again: their files may be back) are worth
+        # another try: the list is written again without ``LEFT``.
+        if set(lines) == {each.line() for each in old.wanted} and not (old.left and wanted):
             return bool(old.wanted)
         _write(path, lines, None, time.time_ns() if old.inode is None else old.since, old.not_made)
     return True
@@ -173,7 +182,13 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _write(
-    path: Path, lines: Iterable[str], inode: int | None, since: int, not_made: NotMade | None = None
+    path: Path,
+    lines: Iterable[str],
+    inode: int | None,
+    since: int,
+    not_made: NotMade | None = None,
+    *,
+    left: bool = False,
 ) -> bool:
     """``lines`` written whole at ``path`` (a temporary fsynced and renamed over, the directory fsynced), after
     ``# since`` (none for 0) and ``not_made``'s line; with ``inode``, only if ``path`` is still that file when the
@@ -183,6 +198,7 @@ def _write(
         with open(part, "w", encoding="utf-8") as handle:
             handle.write(f"{SINCE}{since}\n" if since else "")
             handle.write(f"{not_made.line()}\n" if not_made is not None else "")
+            handle.write(f"{LEFT}\n" if left else "")
             handle.write("".join(f"{line}\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
@@ -222,7 +238,8 @@ def finished(
         with _writing(path):
             if left:
                 since = _read(path).since
-                return _write(path, dict.fromkeys(each.line() for each in left), inode, since, not_made)
+                lines = dict.fromkeys(each.line() for each in left)
+                return _write(path, lines, inode, since, not_made, left=True)
             if _inode_of(path) != inode:
                 return False
             path.unlink()
@@ -259,6 +276,13 @@ def unheld(path: Path) -> bool:
     return _held(path) is False
 
 
+def tried(path: Path) -> bool:
+    """Whether the list ``path`` was left by a maker (a refill, `refresher warm`) with what it could not make, and
+    nothing noted in it since (``add``): another refill would fail on the same segments (their files gone or
+    damaged, fetched again only by a load or `refresher warm`, whose ``add`` clears this)."""
+    return _read(path).left
+
+
 def _held(path: Path) -> bool | None:
     """Whether a refill holds the list ``path`` locked; None when there is no list."""
     try:
@@ -286,5 +310,6 @@ __all__ = [
     "pending",
     "read",
     "started",
+    "tried",
     "unheld",
 ]

@@ -149,9 +149,11 @@ def _refill_left_bodies(settings: Settings, profile: str, server: ServerInfo) ->
     """Spawn a refill without clones for the profile's list of COPY bodies when no refill holds it (one killed by a
     reboot or SIGKILL left it; ``body_keys.unheld``): a refresh the stamp answers loads nothing and spawned none,
     so those bodies waited for the next refresh that loads, or `refresher warm`. Detached, as after a full
-    refresh; the check is one ``open`` (no list: the usual no-op, nothing more imported than ``body_keys``)."""
+    refresh; the check is one ``open`` (no list: the usual no-op, nothing more imported than ``body_keys``). Not
+    for a list a maker left with what it could not make (``body_keys.tried``: their files gone or damaged), which
+    spawned a refill failing on the same segments at every no-op."""
     keys = body_keys.keys_path(settings.state_dir, profile)
-    if body_keys.unheld(keys):
+    if body_keys.unheld(keys) and not body_keys.tried(keys):
         from refresher._refill_spawn import spawn_refill  # not ``pool``: it imports psycopg
 
         spawn_refill(server, fill=False, bodies=(keys, settings.store_root))

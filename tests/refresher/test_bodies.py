@@ -407,3 +407,37 @@ def test_a_list_noted_while_a_refill_leaves_its_own_keeps_what_it_noted(
     assert not refresh.is_alive()
     assert body_keys.read(keys)[0] == [failed, noted]
     assert body_keys.started(keys)  # begun by the first add, kept
+
+
+def test_a_noop_refresh_spawns_no_refill_for_a_list_a_maker_left_until_a_load_notes_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refill (or `refresher warm`) leaves in the list the segments it could not make (their stored files gone
+    or damaged). Before: every refresh the stamp answers found that list unheld and spawned a refill for it, which
+    imported psycopg and pyarrow, asked the server and failed on the same segments, at every no-op. Now such a
+    list gets none until a refresh notes its segments again (a load: their files may be back), or a new one."""
+    from refresher import _refill_spawn, body_keys, commands
+    from refresher.settings import Settings
+
+    spawned: list[tuple[Path, Path] | None] = []
+    monkeypatch.setattr(_refill_spawn, "spawn_refill", lambda server, **kw: spawned.append(kw.get("bodies")))
+    settings = Settings(state_dir=tmp_path / "state", store_root=tmp_path / "store", profiles_dirs=())
+    server = ServerInfo("local", "p", "localhost", 5432, "u", "pw", "db")
+    keys = body_keys.keys_path(settings.state_dir, "p")
+    made, failed, added = (Wanted(f"{s}-1m-2024-01", s, "2024-01", NY) for s in SYMBOLS)
+    body_keys.add(keys, [made, failed])
+    commands._refill_left_bodies(settings, "p", server)  # a list a killed refill left: handed to a refill
+    assert spawned == [(keys, settings.store_root)]
+    _listed, inode = body_keys.read(keys)
+    assert body_keys.finished(keys, inode, [failed])  # the refill could not make one
+    commands._refill_left_bodies(settings, "p", server)
+    commands._refill_left_bodies(settings, "p", server)
+    assert len(spawned) == 1 and body_keys.read(keys)[0] == [failed]
+    body_keys.add(keys, [failed])  # a load noted it again: worth another try
+    commands._refill_left_bodies(settings, "p", server)
+    assert len(spawned) == 2 and body_keys.read(keys)[0] == [failed]
+    _listed, inode = body_keys.read(keys)
+    assert body_keys.finished(keys, inode, [failed])
+    body_keys.add(keys, [added])  # a new segment noted: tried with the rest
+    commands._refill_left_bodies(settings, "p", server)
+    assert len(spawned) == 3 and body_keys.read(keys)[0] == [failed, added]
