@@ -209,6 +209,15 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
     if server is None:
         if not engine.status(name):
             raise _no_server(settings, name, f"no {engine.name} server")
+        if engine.is_new(name):
+            # Its state file is left but its data is not (`docker system prune --volumes` after a reboot, the data
+            # directory removed, a first refresh killed or still starting): a start would make an empty server, after
+            # an initdb's wait, for the URL or the reset to find without tables. Only a refresh makes what they need.
+            raise _no_server(
+                settings,
+                name,
+                f"its {engine.name} server has no data yet (removed outside refresher, or its first refresh stopped)",
+            )
         server = engine.start(name)
     return engine, server
 

@@ -338,7 +338,8 @@ class DockerEngine:
         """What ``status`` says of a profile with a state file, no container, and nothing of another's."""
         if self._volume(client, profile, strict=False) is None:
             return (
-                "start interrupted before its container was made (the next `refresher refresh` starts over)"
+                "no container or volume: a start interrupted before making them, or both removed outside refresher"
+                " (the next `refresher refresh` starts over)"
             )
         return "container removed behind our back (volume kept; `refresher refresh` recreates it)"
 

@@ -673,7 +673,10 @@ def _launched(paths: _Paths, log_offset: int) -> Callable[[], bool]:
 def _stopped_detail(paths: _Paths, running: Postmaster | None) -> str:
     """What ``status`` says of a profile whose server does not run, including a start that was interrupted."""
     if not (paths.pgdata / "PG_VERSION").exists():
-        return "start interrupted before the cluster was complete (the next `refresher refresh` starts over)"
+        return (
+            "no complete cluster: a start interrupted, or its data directory removed (the next `refresher refresh`"
+            " starts over)"
+        )
     if not paths.state.exists():
         return "server state lost (the next `refresher refresh` recreates the cluster)"
     if running is not None:

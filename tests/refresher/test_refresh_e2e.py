@@ -3,9 +3,11 @@ kill -9 mid-load, reset. Expected counts come from exchange_calendars, not from 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,6 +225,51 @@ def test_reset_restores_a_dropped_table_and_deleted_rows(workspace: Workspace) -
     # Twice in a row: the pool was refilled (or the template fallback works).
     with psycopg.connect(workspace.dsn()) as conn:
         conn.execute("DELETE FROM ohlcv_1min")
+    workspace.run("reset", "--profile", workspace.profile)
+    assert workspace.checksums() == before
+
+
+def _remove_data_by_hand(workspace: Workspace) -> None:
+    """What a user's cleanup does behind refresher's back, its state file left: the local engine's postmaster
+    killed and its data directory removed; the Docker container and its volume removed (`docker system prune
+    --volumes` after a reboot)."""
+    state = workspace.root / "state"
+    if workspace.engine == "local":
+        pgdata = state / "local" / workspace.profile / "pgdata"
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+            time.sleep(0.05)
+        shutil.rmtree(pgdata)
+    else:
+        import docker
+
+        names = json.loads((state / "docker" / f"{workspace.profile}.json").read_text())
+        with contextlib.closing(docker.from_env()) as client:
+            client.containers.get(names["container"]).remove(force=True)
+            client.volumes.get(names["volume"]).remove()
+
+
+@pytest.mark.slow
+def test_url_and_reset_of_a_server_whose_data_was_removed_by_hand_say_to_refresh_and_start_nothing(
+    workspace: Workspace,
+) -> None:
+    workspace.refresh()
+    before = workspace.checksums()
+    _remove_data_by_hand(workspace)
+
+    for command in ("url", "reset"):
+        done = workspace.run(command, "--profile", workspace.profile, expect=2)
+        # Not an empty server made for the URL (exit 0, no tables) or for the reset to find without a snapshot.
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1 and "has no data" in done.stderr, done.stderr
+        assert f"run `refresher refresh --profile {workspace.profile}`" in done.stderr
+    status = json.loads(workspace.run("status", "--json").stdout)
+    (listed,) = [s for s in status["servers"] if s["profile"] == workspace.profile]
+    assert not listed["running"] and "removed" in listed["detail"], listed
+
+    assert workspace.refresh()["segments"]["present"] == 0
+    assert workspace.checksums() == before
     workspace.run("reset", "--profile", workspace.profile)
     assert workspace.checksums() == before
 
