@@ -130,12 +130,22 @@ def pool_name(db: str, n: int) -> str:
     return f"{db}__pool_{n}"
 
 
+def unreachable(exc: psycopg.OperationalError) -> SnapshotError:
+    """The error of a server that does not answer: one line (libpq's message runs to three), marked
+    ``unreachable`` so that a reset can wait for a server still starting and try again (``commands.reset``)."""
+    lines = str(exc).strip().splitlines()
+    return SnapshotError(
+        f"cannot reach the server for snapshots: {lines[0] if lines else type(exc).__name__}",
+        unreachable=True,
+    )
+
+
 @contextlib.contextmanager
 def _admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as exc:
-        raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+        raise unreachable(exc) from exc
     with conn:
         yield conn
 

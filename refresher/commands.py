@@ -264,10 +264,18 @@ def reset(
 ) -> snapshot.RestoreReport:
     _check_name(settings, name)
     with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
-        _engine, server = _serving(settings, name)
+        engine, server = _serving(settings, name)
         with _database_errors(name):
             try:
-                return snapshot.restore_pristine(server)
+                try:
+                    return snapshot.restore_pristine(server)
+                except SnapshotError as exc:
+                    if not exc.fields.get("unreachable"):
+                        raise
+                    # A container still initialising (a first refresh killed in its wait) runs, but refuses every
+                    # connection until its entrypoint restarts the server: wait as a start does (its log tail on a
+                    # timeout), then try once more, as the user would: a reset failed part way is one to finish.
+                    return snapshot.restore_pristine(engine.start(name))
             except SnapshotError as exc:
                 if "missing" not in exc.fields:
                     raise

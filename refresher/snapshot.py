@@ -66,6 +66,7 @@ from refresher._snapshot_sql import (
     _wait_gone,
     _wait_started,
     pristine_name,
+    unreachable,
 )
 from refresher.diskfull import COPY_SLACK, has_room, require_room
 from refresher.dsn import libpq_params
@@ -1034,7 +1035,7 @@ def _live_with_pid(
                 continue
             if "does not exist" in str(exc):
                 return None, None
-            raise SnapshotError(f"cannot reach the server for snapshots: {exc}") from exc
+            raise unreachable(exc) from exc
     raise AssertionError("unreachable: the last try returns or raises")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docker
 import exchange_calendars as xcals
 import psycopg
 import pytest
@@ -242,8 +243,6 @@ def _remove_data_by_hand(workspace: Workspace) -> None:
             time.sleep(0.05)
         shutil.rmtree(pgdata)
     else:
-        import docker
-
         names = json.loads((state / "docker" / f"{workspace.profile}.json").read_text())
         with contextlib.closing(docker.from_env()) as client:
             client.containers.get(names["container"]).remove(force=True)
@@ -272,6 +271,42 @@ def test_url_and_reset_of_a_server_whose_data_was_removed_by_hand_say_to_refresh
     assert workspace.checksums() == before
     workspace.run("reset", "--profile", workspace.profile)
     assert workspace.checksums() == before
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_a_reset_right_after_a_first_refresh_killed_while_its_container_initialises_says_to_refresh(
+    docker_client: docker.DockerClient, docker_pg_image: str
+) -> None:
+    workspace = Workspace(world_traversable_tmp("refresher-e2e-"), "docker", f"e2e_{uuid.uuid4().hex[:8]}")
+    workspace.write_profile()
+    try:
+        proc = subprocess.Popen(
+            workspace.command("refresh", "--profile", workspace.profile),
+            env=workspace.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # Killed as soon as its container runs: the image's entrypoint is still making the cluster (initdb, a
+            # server on a socket alone, then the real one), which refuses every connection for a few seconds.
+            deadline = time.monotonic() + 300
+            while not docker_client.containers.list(filters={"name": f"-{workspace.profile}$"}, sparse=True):
+                assert proc.poll() is None, "the refresh finished before its container ran"
+                assert time.monotonic() < deadline, "the container never ran"
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+
+        done = workspace.run("reset", "--profile", workspace.profile, expect=2)
+        # Not "cannot reach the server for snapshots: ... server closed the connection unexpectedly" over three
+        # lines: the reset waits for the server, then says what is true.
+        assert done.stderr.count("\n") == 1 and "no pristine snapshot yet" in done.stderr, done.stderr
+        workspace.refresh()
+        workspace.run("reset", "--profile", workspace.profile)
+    finally:
+        workspace.down()
 
 
 @pytest.mark.slow
