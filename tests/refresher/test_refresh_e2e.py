@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from refresher.engines.base import ServerInfo
-from tests.fixtures_postgres import world_traversable_tmp
+from tests.fixtures_postgres import refills_gone, world_traversable_tmp
 
 AS_OF = dt.date(2025, 3, 31)
 START = dt.date(2025, 2, 1)
@@ -230,6 +230,17 @@ def test_reset_restores_a_dropped_table_and_deleted_rows(workspace: Workspace) -
     assert workspace.checksums() == before
 
 
+def _working_in(directory: Path) -> bool:
+    """Whether a live process (not a zombie) has ``directory`` as its working directory."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if os.readlink(proc / "cwd") == str(directory) and "zombie" not in (proc / "status").read_text():
+                return True
+        except OSError:  # not a process, gone, or not ours to look at
+            continue
+    return False
+
+
 def _remove_data_by_hand(workspace: Workspace) -> None:
     """What a user's cleanup does behind refresher's back, its state file left: the local engine's postmaster
     killed and its data directory removed; the Docker container and its volume removed (`docker system prune
@@ -237,9 +248,13 @@ def _remove_data_by_hand(workspace: Workspace) -> None:
     state = workspace.root / "state"
     if workspace.engine == "local":
         pgdata = state / "local" / workspace.profile / "pgdata"
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)
-        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+        # The refresh's detached refill keeps its lock files in the data directory: done first, as a user's is.
+        refills_gone(workspace.profile)
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        # Its children outlive it for a moment, writing into the directory (their working directory) meanwhile.
+        deadline = time.monotonic() + 60
+        while _working_in(pgdata):
+            assert time.monotonic() < deadline, "the killed postmaster's children never exited"
             time.sleep(0.05)
         shutil.rmtree(pgdata)
     else:
