@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from featurestore import _bodies, _files, _packs, maintenance
 from featurestore._cli import OneLineParser, add_root_option, open_store, path_argument
 from featurestore.console import say
-from featurestore.errors import FeatureStoreError
+from featurestore.errors import FeatureStoreError, StoreFileUnreadable
 from featurestore.manifest import Entry, utc_now
 from featurestore.render import render_stats
 from featurestore.store import FeatureStore
@@ -58,6 +58,9 @@ class GCReport:
     entries_after: int
     manifest_bytes_before: int
     manifest_bytes_after: int
+    # One line per stored file GC left, entries and all, because it cannot open it (StoreFileUnreadable's
+    # message: the file and the remedy).
+    unreadable: tuple[str, ...] = ()
 
     @property
     def bytes_freed(self) -> int:
@@ -88,9 +91,17 @@ def collect_garbage(
         entries = store.manifest.select(txn.con)
         expired, missing, corrupt = [], [], []
         sound: dict[Path, bool | None] = {}  # per file: a pack is checked once for all its keys
+        unreadable: dict[Path, str] = {}
         for key, entry in entries.items():
-            if entry.path not in sound:
-                sound[entry.path] = _sound(entry, entry.pack_bytes or entry.file_size_bytes)
+            if entry.path not in sound and entry.path not in unreadable:
+                try:
+                    sound[entry.path] = _sound(entry, entry.pack_bytes or entry.file_size_bytes)
+                except StoreFileUnreadable as exc:
+                    unreadable[entry.path] = str(exc)
+            if entry.path in unreadable:
+                # Another user's file or a directory made by hand: never removed (it is no damage, and GC cannot
+                # tell), nor may it stop the collection of every other entry until someone acts.
+                continue
             if entry.last_accessed_ts < cutoff:
                 expired.append(entry)
             elif sound[entry.path] is None:
@@ -135,6 +146,7 @@ def collect_garbage(
         entries_after=len(entries) - (0 if dry_run else len(doomed)),
         manifest_bytes_before=manifest_before,
         manifest_bytes_after=_size(store.manifest.path),
+        unreadable=tuple(unreadable.values()),
     )
 
 
@@ -261,6 +273,8 @@ def run(args: argparse.Namespace, prog: str = "featurestore gc") -> int:
             )
             result = report.to_json()
             say(_render(result, "gc (dry run)" if args.dry_run else "gc"))
+            for line in report.unreadable:
+                print(f"{prog}: left {line}", file=sys.stderr)
         if args.output_json is not None:
             args.output_json.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     except FeatureStoreError as exc:
@@ -271,7 +285,11 @@ def run(args: argparse.Namespace, prog: str = "featurestore gc") -> int:
 
 def _render(result: dict[str, Any], title: str) -> str:
     lines = [f"featurestore {title}: {result.get('root')}"]
-    lines += [f"  {name:<22} {value}" for name, value in result.items() if name != "root"]
+    lines += [
+        f"  {name:<22} {len(value) if isinstance(value, (list, tuple)) else value}"
+        for name, value in result.items()
+        if name != "root"
+    ]
     return "\n".join(lines)
 
 

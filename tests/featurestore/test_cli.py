@@ -164,7 +164,8 @@ def test_a_directory_where_a_lock_file_goes_is_one_line_and_exit_2(used: Feature
 def test_a_directory_where_a_stored_file_goes_is_one_line_and_exit_2(used: FeatureStore, what: str) -> None:
     """A directory made by hand where a key's file or a pack goes was an IsADirectoryError traceback from every
     read, verify and gc (gc's after its commit, having deleted the rows, and again at every run); a symbolic link
-    that loops, an OSError (ELOOP) traceback from a read and verify."""
+    that loops, an OSError (ELOOP) traceback from a read and verify. gc leaves the directory's entries, says so,
+    and collects the rest (it stopped, exit 2, collecting nothing until someone moved the directory)."""
     entries = used.lookup(["seg-a"] if what == "pack" else [])
     path = entries["seg-a"].path if what == "pack" else next((used.root / "data").glob("??/*.parquet"))
     path.unlink()
@@ -181,25 +182,25 @@ def test_a_directory_where_a_stored_file_goes_is_one_line_and_exit_2(used: Featu
             used.get(path.stem)
         return
     path.mkdir()
-    rows = used.get_cache_stats().entries
-    for command in ("verify", "gc"):
-        done = cli(command, "--cache-root", str(used.root))
-        assert done.returncode == 2, done.stderr  # fails before: 1, a traceback
-        assert done.stderr.strip() == (
-            f"featurestore {command}: stored file={path}: cannot be read (is a directory); move it out of the way"
-            " and run again"
-        )
-    assert path.is_dir() and used.get_cache_stats().entries == rows  # gc removed nothing
+    unreadable = f"stored file={path}: cannot be read (is a directory); move it out of the way and run again"
+    done = cli("verify", "--cache-root", str(used.root))
+    assert (done.returncode, done.stderr.strip()) == (2, f"featurestore verify: {unreadable}")
     key = "seg-a" if what == "pack" else path.stem
     with pytest.raises(StoreFileUnreadable, match="is a directory"):
         used.get_many([key, "seg-b"])
+    held = 2 if what == "pack" else 1  # the pack holds seg-a and seg-b
+    done = cli("gc", "--cache-root", str(used.root), "--retention-weeks", "0")  # every entry expired
+    assert (done.returncode, done.stderr.strip()) == (0, f"featurestore gc: left {unreadable}")  # before: 2
+    assert path.is_dir() and used.get_cache_stats().entries == held  # the rest collected
+    assert "unreadable             1" in done.stdout, done.stdout
     # A manifest rebuilt (healed) goes on without it rather than stop on it.
-    assert used.rebuild_manifest() == rows - (2 if what == "pack" else 1)
+    assert used.rebuild_manifest() == 0
 
 
 def test_a_stored_file_this_user_may_not_read_is_one_line_and_gc_keeps_it() -> None:
     """Another user's file (0600) in a shared store: every read and verify was a PermissionError traceback, and
-    gc took it for corrupt and removed it."""
+    gc took it for corrupt and removed it; then gc stopped at it, exit 2, collecting nothing (expired entries
+    included) until someone acted. Now gc leaves it, says so, and collects the rest."""
     # Not under tmp_path: pytest's base directory is closed to nobody.
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o755)
@@ -214,18 +215,21 @@ def test_a_stored_file_this_user_may_not_read_is_one_line_and_gc_keeps_it() -> N
                 if each != path:
                     os.chown(each, nobody.pw_uid, nobody.pw_gid)
 
-        def run(command: str) -> str:
+        def run(command: str, *options: str) -> str:
             # In the forked child (the console script's interpreter may be closed to nobody), as the script runs.
             err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                code = cli_main([command, "--cache-root", str(store.root)])
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = cli_main([command, "--cache-root", str(store.root), *options])
             return f"{code} {err.getvalue().strip()}"
 
         expected = (
             f"stored file={path}: cannot be read (permission denied); give this user read access to it, or"
             " remove it (the store fetches it again)"
         )
-        for command in ("verify", "gc"):
-            # fails before: verify 1 and a traceback; gc 0, the file removed
-            assert as_nobody(lambda command=command: run(command)) == f"2 featurestore {command}: {expected}"
-        assert path.exists()
+        # fails before 7fb7677: verify 1 and a traceback
+        assert as_nobody(lambda: run("verify")) == f"2 featurestore verify: {expected}"
+        other = store.lookup(["seg-b"])["seg-b"].path
+        # every entry expired; fails before: 2 and the line, seg-b kept
+        assert as_nobody(lambda: run("gc", "--retention-weeks", "0")) == f"0 featurestore gc: left {expected}"
+        assert path.exists() and not other.exists()
+        assert set(store.lookup(["seg-a", "seg-b"])) == {"seg-a"}
