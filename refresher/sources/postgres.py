@@ -35,6 +35,7 @@ from refresher.errors import SourceError, one_line
 from refresher.profile import PostgresSourceSpec, Profile
 from refresher.schema import empty_table
 from refresher.segments import Segment
+from refresher.sources._sql_text import statement_body
 from refresher.sources.base import Source, effective_range, reader_tag
 from refresher.sources.validate import I64, VALUE_COLUMNS, Bars, Mask, bars_table, screen
 
@@ -154,9 +155,10 @@ class PostgresSource(Source):
         key = "date" if segment.timeframe == "1d" else "ts"
         custom = self.spec.queries.get(segment.timeframe)
         if custom is not None:
-            # A query pasted from psql ends in ';', which the version query's subquery refused ('syntax error at
-            # or near ";"') while a fetch ran it: the statement's end is no part of the rows.
-            text = custom.rstrip().rstrip(";").rstrip()
+            # A query pasted from psql ends in ';' (perhaps a comment after it), which the version query's
+            # subquery refused ('syntax error at or near ";"') while a fetch ran it: the statement's end is no
+            # part of the rows.
+            text = statement_body(custom)
             return sql.SQL(text)  # type: ignore[arg-type]  # the profile's own text, not user data
         c = self.columns
         when = sql.Identifier(c[key])

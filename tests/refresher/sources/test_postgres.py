@@ -17,6 +17,7 @@ from refresher.refresh import refresh
 from refresher.schema import DAILY_SCHEMA, MINUTE_SCHEMA
 from refresher.segments import Segment
 from refresher.sources import make_source
+from refresher.sources._sql_text import statement_body
 from refresher.sources.postgres import PostgresSource, _version_query_refused
 from tests.fixtures_postgres import world_traversable_tmp
 
@@ -337,8 +338,11 @@ DAILY_QUERY = (
         # YAML's >- (the docs' own example) folds a last `-- comment` line onto the query's: it commented out the
         # subquery's ')'
         f"    1d: >-\n      {DAILY_QUERY}\n      -- November's bars\n",
+        # the ';' kept when a comment followed it: the subquery's syntax error again
+        f"    1d: |\n      {DAILY_QUERY}; -- November's bars\n",
+        f"    1d: |\n      {DAILY_QUERY};\n      /* daily /* nested */ bars; */\n      -- November\n\n",
     ],
-    ids=["a semicolon", "a semicolon and blank lines", "a folded comment"],
+    ids=["a semicolon", "a semicolon and blank lines", "a folded comment", "a line comment", "comments"],
 )
 def test_a_custom_query_as_written_in_psql_is_versioned_and_fetched(
     upstream: str, make_profile: MakeProfile, written: str
@@ -346,6 +350,21 @@ def test_a_custom_query_as_written_in_psql_is_versioned_and_fetched(
     with make_source(make_profile(body(upstream, f"  queries:\n{written}"))) as source:
         assert source.version(Segment("AAPL", "1d", NOV)).startswith("postgres/")
         assert source.fetch(Segment("AAPL", "1d", NOV)).num_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("written", "body"),
+    [
+        ("SELECT 1; -- one\n/* a; */ ;\n", "SELECT 1"),
+        ("SELECT ';' -- a literal\n", "SELECT ';'"),
+        ("SELECT 'it''s --', \"a;\" ;", "SELECT 'it''s --', \"a;\""),
+        ("SELECT E'\\';'; /* */", "SELECT E'\\';'"),
+        ("SELECT $q$ ; -- $q$;", "SELECT $q$ ; -- $q$"),
+        ("SELECT 1 /* a /* nested */ comment; */", "SELECT 1"),
+    ],
+)
+def test_a_statement_body_ends_at_its_last_sql_not_in_a_literal_or_comment(written: str, body: str) -> None:
+    assert statement_body(written) == body
 
 
 @pytest.mark.parametrize(
