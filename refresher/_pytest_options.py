@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,18 @@ def check_options(config: pytest.Config, options: Callable[[], PluginOptions]) -
         raise pytest.UsageError(f"refresher: {exc}") from None
 
 
+# The engines' messages name the CLI's flag ("... or use --engine local"): in a pytest run that flag is an
+# "unrecognized arguments" error, and the same choice is this plugin's option.
+_CLI_ENGINE_FLAG = re.compile(r"(?<![\w-])--engine(?:[ =](auto|docker|local)\b|\b)")
+
+
+def in_plugin_terms(message: str) -> str:
+    """``message`` with the CLI's ``--engine NAME`` spelled as the plugin's ``--refresher-engine=NAME``."""
+    return _CLI_ENGINE_FLAG.sub(
+        lambda m: f"--refresher-engine={m[1]}" if m[1] else "--refresher-engine", message
+    )
+
+
 def parse_as_of(text: str | None) -> dt.date | None:
     if text is None:
         return None
@@ -187,6 +200,7 @@ __all__ = [
     "PluginOptions",
     "add_options",
     "check_options",
+    "in_plugin_terms",
     "marker_profile",
     "options_given",
 ]

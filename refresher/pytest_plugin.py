@@ -35,6 +35,7 @@ from refresher._pytest_options import (
     PluginOptions,
     add_options,
     check_options,
+    in_plugin_terms,
     marker_profile,
     parse_as_of,
 )
@@ -425,7 +426,7 @@ def _or_fail(get: Callable[[], _T]) -> _T:
     try:
         return get()
     except USER_ERRORS as exc:
-        message = f"refresher: {exc}"
+        message = f"refresher: {in_plugin_terms(str(exc))}"
     except OSError as exc:  # a read-only or full store or state dir
         if (reason := os_error_message(exc)) is None:
             raise

@@ -455,6 +455,32 @@ def test_a_bad_environment_alone_fails_the_fixtures_in_one_line(
     assert "Traceback" not in result.stdout.str() and "raise " not in result.stdout.str()
 
 
+@pytest.mark.parametrize(
+    ("engine", "require"),
+    [("docker", None), ("auto", "1")],
+    ids=["docker requested", "auto with REFRESHER_REQUIRE_DOCKER"],
+)
+def test_no_docker_daemon_fails_in_one_line_naming_the_plugins_own_option(
+    pytester: pytest.Pytester,
+    plugin_env: PluginEnv,
+    monkeypatch: pytest.MonkeyPatch,
+    engine: str,
+    require: str | None,
+) -> None:
+    """The engines' advice names the CLI's flag ("or use --engine local"): in pytest that is an "unrecognized
+    arguments" error, so the line a CI log shows must name --refresher-engine instead."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{pytester.path / 'no-daemon.sock'}")  # nothing listens there
+    if require is not None:
+        monkeypatch.setenv("REFRESHER_REQUIRE_DOCKER", require)
+    write_project(pytester, "def test_x(refresher_db):\n    pass\n")
+    result = run(pytester, *plugin_env.args(engine))
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "--refresher-engine=local" in out
+    assert "--engine" not in out.replace("--refresher-engine", "")
+    assert "Traceback" not in out
+
+
 def test_a_bad_marker_fails_its_test_in_one_line(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
     write_project(
         pytester,
