@@ -27,16 +27,20 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from filelock import FileLock
 
-from refresher import pool
 from refresher._pytest_servers import LoadedServer, sweep_abandoned_dirs
 from refresher.engines import owner_gone, owner_labels, write_private_json
 from refresher.engines.base import ServerInfo
 from refresher.errors import USER_ERRORS, SnapshotError
 from refresher.settings import DEFAULT_POOL_SIZE, PoolSize
+
+if TYPE_CHECKING:
+    from refresher import pool
+# Otherwise the pool (and psycopg with it) is imported where a server is used: the plugin imports this module in
+# every pytest run, refresher's fixtures used or not (``refresher.pytest_plugin``).
 
 _T = TypeVar("_T")
 
@@ -86,6 +90,8 @@ def clone_note(pid: int) -> str:
 
 def drop_abandoned_clones(server: ServerInfo) -> list[str]:
     """Drop the per-test clones whose owner process is gone (a run killed with -9); returns their names."""
+    from refresher import pool
+
     dropped = []
     for name, note in pool.clone_notes(server, per_test_clone_prefix(server)).items():
         if not note.startswith(_NOTE_PREFIX):
@@ -157,10 +163,14 @@ class PoolRefiller:
         self.poke()
 
     def _drop_pending(self) -> None:
+        from refresher import pool
+
         while (name := self._next(self._to_drop)) is not None:
             pool.drop_clone(self.server, name)
 
     def _analyze_pending(self) -> None:
+        from refresher import pool
+
         while (handed := self._next(self._to_analyze)) is not None:
             pool.analyze_handed_out(self.server, handed)
 
@@ -169,6 +179,8 @@ class PoolRefiller:
             return queue.pop(0) if queue else None
 
     def _run(self) -> None:
+        from refresher import pool
+
         while True:
             self._wake.wait()
             self._wake.clear()

@@ -25,11 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import psycopg
 import pytest
-from psycopg.rows import TupleRow
 
-from refresher import pool
 from refresher._pytest_options import (
     MARKER,
     PluginOptions,
@@ -38,15 +35,6 @@ from refresher._pytest_options import (
     in_plugin_terms,
     marker_profile,
     parse_as_of,
-)
-from refresher._pytest_reuse import (
-    InUse,
-    drop_kept,
-    fingerprint,
-    kept_or_built,
-    kept_servers,
-    record_path,
-    stop_all_kept,
 )
 from refresher._pytest_servers import LoadedServer, build_server, stop_server, sweep
 from refresher._pytest_share import (
@@ -63,8 +51,25 @@ from refresher._pytest_share import (
 from refresher.engines.base import ServerInfo
 from refresher.errors import USER_ERRORS, os_error_message
 
+# psycopg, the pool and the reuse records are imported when a test first asks for a database, not when pytest
+# loads the plugin: every run of a project that merely has refresher installed loads this module, and those
+# imports (psycopg alone about 0.3 s here) doubled what importing pytest itself costs.
 if TYPE_CHECKING:
+    import psycopg
     import sqlalchemy
+    from psycopg.rows import TupleRow
+
+    from refresher._pytest_reuse import InUse, kept_servers, stop_all_kept
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``kept_servers`` and ``stop_all_kept``, re-exported on first use (see above)."""
+        if name in ("kept_servers", "stop_all_kept"):
+            from refresher import _pytest_reuse
+
+            return getattr(_pytest_reuse, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 RUN_DIR_INPUT = "refresher_run_dir"
 OWNER_PID_INPUT = "refresher_owner_pid"
@@ -207,6 +212,9 @@ class RefresherServers:
             )
 
         def reuse_or_build() -> LoadedServer:
+            from refresher import pool
+            from refresher._pytest_reuse import drop_kept, fingerprint, kept_or_built, record_path
+
             kept_at = record_path(options.settings, self._state.config.rootpath, key)
             if not options.reuse:
                 drop_kept(kept_at, options.settings)
@@ -238,6 +246,8 @@ class RefresherServers:
         """This process's connection to ``server``'s loaded database for ``refresher_tx``, idle between tests."""
         conn = self._state.tx_connections.get(server.info)
         if conn is None or conn.closed:
+            import psycopg
+
             conn = psycopg.connect(server.dsn, connect_timeout=10)
             self._state.tx_connections[server.info] = conn
         return conn
@@ -258,6 +268,8 @@ class RefresherDatabase:
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[TupleRow]:
         """A psycopg connection to this database (closed at teardown if the test did not close it)."""
+        import psycopg
+
         conn = psycopg.connect(self.dsn, **kwargs)
         self._cleanups.append(conn.close)
         return conn
@@ -305,6 +317,8 @@ def refresher_database(proc_fixture_name: str) -> Any:
     def database_fixture(
         request: pytest.FixtureRequest, refresher_servers: RefresherServers
     ) -> Iterator[RefresherDatabase]:
+        from refresher import pool
+
         server = _server_for(request, refresher_servers, proc_fixture_name)
         worker = request.config.stash[_STATE].worker
         # 63 bytes at most: profile names are <= 41, "__test_" 7, the worker id <= 6, the random part 8.
@@ -340,6 +354,8 @@ def refresher_transaction(proc_fixture_name: str) -> Any:
     def transaction_fixture(
         request: pytest.FixtureRequest, refresher_servers: RefresherServers
     ) -> Iterator[psycopg.Connection[TupleRow]]:
+        import psycopg
+
         server = _server_for(request, refresher_servers, proc_fixture_name)
         conn, transaction = _begin(refresher_servers, server)
         try:
@@ -370,6 +386,8 @@ def _begin(
     database's sessions, a restart, ``idle_session_timeout``) is replaced by a new one; no round trip is spent
     checking it first.
     """
+    import psycopg
+
     conn = servers.tx_connection(server)
     try:
         return conn, _savepoint(conn)
@@ -404,6 +422,8 @@ def _end_transaction(
     statement of the pipeline's implicit transaction: it follows our ROLLBACK, before psycopg leaves its
     transaction (a second ROLLBACK, a no-op by then, and a DEALLOCATE ALL of its prepared statements).
     """
+    import psycopg
+
     try:
         with conn.pipeline():
             try:

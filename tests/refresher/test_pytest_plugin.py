@@ -523,6 +523,30 @@ def test_plugin_registers_its_options_and_marker(pytester: pytest.Pytester) -> N
 
 
 @pytest.mark.slow
+def test_a_project_that_does_not_use_the_plugin_does_not_import_psycopg_or_the_pool(
+    pytester: pytest.Pytester,
+) -> None:
+    """Installed is loaded: every pytest run of a project with refresher in its environment imports the plugin.
+    psycopg, the pool and the reuse records (about 0.5 s here, more than pytest's own import) wait for a test that
+    asks for a database; a project that never does pays for none of them."""
+    out = pytester.path / "modules.json"
+    pytester.makeconftest(
+        f"""
+        import json, sys
+
+        def pytest_collection_finish(session):
+            with open({str(out)!r}, "w") as f:
+                json.dump(sorted(sys.modules), f)
+        """
+    )
+    write_project(pytester, "def test_plain():\n    pass\n")
+    # Without the other plugins that import psycopg themselves (pytest-postgresql, installed beside us).
+    run(pytester, "--collect-only", "-p", "no:xdist", "-p", "no:postgresql").assert_outcomes()
+    loaded = set(json.loads(out.read_text()))
+    assert "refresher.pytest_plugin" in loaded  # the plugin is there, only lighter
+    assert loaded.isdisjoint({"psycopg", "refresher.pool", "refresher._pytest_reuse", "refresher.stamp"})
+
+
 def test_fixture_factories_make_more_fixtures(pytester: pytest.Pytester, plugin_env: PluginEnv) -> None:
     pytester.makeconftest(
         """
