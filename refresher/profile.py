@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
 )
 
+from refresher._file_obstacle import file_obstacle
 from refresher.calendar import CALENDAR_START, EXCHANGES, first_unclosed_session, last_completed_session
 from refresher.errors import CalendarError, ProfileError
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
@@ -419,8 +420,11 @@ def _universe_candidates(path: Path, name: str) -> tuple[Path, Path]:
 
 def _universe_file(path: Path, name: str, inputs: list[tuple[Path, str | None]]) -> Path:
     for candidate in _universe_candidates(path, name):
-        if candidate.is_file():
+        st, reason = file_obstacle(candidate)
+        if st is not None:
             return candidate
+        if reason is not None:  # a directory or a looping link was "no such file", about a name one can see
+            raise ProfileError(path, "universe.file", name, f"cannot read {candidate}: {reason}")
         inputs.append((candidate.absolute(), None))  # one appearing here later would be read instead
     raise ProfileError(path, "universe.file", name, f"no such file next to the profile or in {DATA_DIR}")
 

@@ -6,10 +6,12 @@ with the stamp's) without importing pydantic and YAML to parse it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from refresher._file_obstacle import os_reason
 from refresher.errors import ProfileError
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
@@ -28,11 +30,19 @@ def validate_profile(profile: str, *, file: Path | str = "--profile", field: str
 
 
 def profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
-    """name -> file; the first directory wins, so user directories shadow the built-in profiles."""
+    """name -> file; the first directory wins, so user directories shadow the built-in profiles.
+
+    A directory that is there but cannot be listed (its mode keeps this user out) is one line saying so: glob
+    found nothing in it, so its profiles were "no such profile (known: none)", or shadowed by the built-ins."""
     found: dict[str, Path] = {}
     for d in dirs:
         if not Path(d).is_dir():
             continue
+        try:
+            with os.scandir(d):
+                pass
+        except OSError as exc:
+            raise ProfileError(d, "(profiles directory)", str(d), f"cannot read it: {os_reason(exc)}") from None
         for f in sorted([*Path(d).glob("*.yaml"), *Path(d).glob("*.yml")]):
             found.setdefault(f.stem, f)
     return found

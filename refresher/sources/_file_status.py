@@ -9,28 +9,18 @@ bars.csv" about the very name the user wrote.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
+from refresher._file_obstacle import file_obstacle, os_reason
 from refresher.errors import SourceError
 
 
 def file_status(path: Path, field: str, pattern: str) -> os.stat_result | None:
     """``path``'s status when it is a regular file (a symbolic link to one is), None when nothing is there;
     ``field``/``pattern`` name the profile's setting that named it, for the error."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        if not path.is_symlink():
-            return None
-        # a link into a share that is not mounted: every file "missing" and loaded empty, said only as a note
-        reason = f"a symbolic link to {os.readlink(path)!r}, which does not exist"
-    except OSError as exc:  # ELOOP (a link to itself), ENOTDIR (a file where a directory is named), EACCES
-        reason = _reason(exc)
-    else:
-        if stat.S_ISREG(st.st_mode):
-            return st
-        reason = "a directory, not a file" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    st, reason = file_obstacle(path)
+    if reason is None:
+        return st
     raise SourceError(
         f"{path}: cannot read it ({field}={pattern!r}): {reason}", file=str(path), field=field, value=pattern
     )
@@ -39,16 +29,9 @@ def file_status(path: Path, field: str, pattern: str) -> os.stat_result | None:
 def unreadable(path: Path, exc: OSError, field: str, pattern: str) -> SourceError:
     """The one-line error for a file whose reading failed in the OS or the decompressor (not in its contents'
     format: those errors name what pyarrow refused)."""
-    reason = _reason(exc)
+    reason = os_reason(exc)
     if path.suffix == ".gz" and not isinstance(exc, PermissionError):
         reason += " (its name ends in .gz, so it is read as gzip: is it?)"
     return SourceError(
         f"{path}: cannot read it ({field}={pattern!r}): {reason}", file=str(path), field=field, value=pattern
     )
-
-
-def _reason(exc: OSError) -> str:
-    # by its number: pyarrow's strerror is a message of several sentences naming the path again
-    if exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -10,6 +10,7 @@ import pytest
 from refresher.cli import main
 from refresher.errors import ProfileError
 from refresher.profile import DEFAULT_MAX_SYMBOLS, load_profile
+from refresher.profile_files import find_profile_file
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.unprivileged import as_nobody
 
@@ -150,3 +151,34 @@ def test_a_universe_file_its_user_may_not_read_is_one_line_naming_it() -> None:
             return str(exc)
 
     assert as_nobody(read) == f"{root / 'u.csv'}: (file)='{root / 'u.csv'}': cannot read: Permission denied"
+
+
+def test_a_profiles_directory_its_user_may_not_list_is_one_line_saying_so() -> None:
+    # glob found nothing in it: "no such profile (known: none)", about a profile the user can see is there
+    root = world_traversable_tmp("refresher-profiles-")
+    (root / "mine.yaml").write_text("universe: {symbols: [AAPL]}\nmonths: 1\nas_of: 2025-03-31\n")
+    root.chmod(0o711)  # nobody may pass through it, not list it
+
+    def find() -> str:
+        try:
+            return str(find_profile_file("mine", [root]))
+        except ProfileError as exc:
+            return str(exc)
+
+    assert as_nobody(find) == f"{root}: (profiles directory)='{root}': cannot read it: Permission denied"
+
+
+@pytest.mark.parametrize("kind", ["directory", "looping link"])
+def test_a_universe_file_that_is_no_file_says_what_it_is(tmp_path: Path, kind: str) -> None:
+    # both were "no such file next to the profile or in ...", about a name the user sees in the directory
+    if kind == "directory":
+        (tmp_path / "u.csv").mkdir()
+    else:
+        (tmp_path / "u.csv").symlink_to("u.csv")
+    (tmp_path / "p.yaml").write_text("universe: {file: u.csv}\nmonths: 1\nas_of: 2025-03-31\n")
+    with pytest.raises(ProfileError) as caught:
+        load_profile(str(tmp_path / "p.yaml"), [])
+    reason = "a directory, not a file" if kind == "directory" else "Too many levels of symbolic links"
+    assert str(caught.value) == (
+        f"{tmp_path / 'p.yaml'}: universe.file='u.csv': cannot read {tmp_path / 'u.csv'}: {reason}"
+    )
