@@ -42,7 +42,9 @@ def profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
             with os.scandir(d):
                 pass
         except OSError as exc:
-            raise ProfileError(d, "(profiles directory)", str(d), f"cannot read it: {os_reason(exc)}") from None
+            raise ProfileError(
+                d, "(profiles directory)", str(d), f"cannot read it: {os_reason(exc)}"
+            ) from None
         for f in sorted([*Path(d).glob("*.yaml"), *Path(d).glob("*.yml")]):
             found.setdefault(f.stem, f)
     return found
