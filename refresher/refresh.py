@@ -148,6 +148,7 @@ def plan_refresh(
     """The plan against the profile's running server, touching nothing (no server is started)."""
     server = engine.info(profile.name)
     with closing(make_source(profile)) as source:
+        source.preflight()  # the one line a refresh would give, not a plan of segments to load empty
         if server is None:
             plan = compute_plan(profile, source, store, None)
         else:

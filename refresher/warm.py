@@ -63,6 +63,7 @@ def warm(
     tz_of = {listing.symbol: exchange_tz(listing.exchange) for listing in profile.listings}
     with fewer_collections():
         with closing(make_source(profile)) as source:
+            source.preflight()  # before a segment is stored: a wrong source.path stores nothing, in one line
             plan = compute_plan(profile, source, store, None)
             # A stored file deleted by hand keeps its manifest row (a read that misses it leaves the row): its
             # segment is fetched again here, as a refresh's load would, not trusted from the row.

@@ -37,7 +37,7 @@ from refresher.calendar import ExchangeCalendar, days_since_epoch, get_calendar
 from refresher.errors import SourceError
 from refresher.profile import FilesSourceSpec, Profile
 from refresher.schema import empty_table
-from refresher.segments import Segment
+from refresher.segments import Segment, Timeframe
 from refresher.sources._file_status import file_status, unreadable
 from refresher.sources.base import Source, SourceReport, effective_range, reader_tag
 from refresher.sources.validate import F64, I64, VALUE_COLUMNS, Bars, Mask, Unsplit, bars_table, screen
@@ -69,7 +69,8 @@ _EXAMPLES = 3
 # 7 read a NUL byte in a Parquet file's text cell: a symbol cell holding one left its row out without a word.
 # 8 read a NUL byte in a Parquet binary symbol cell (text stored without its UTF-8 mark) the same way; a file with a
 # string_view or binary_view column (of any use, or a list of them not loaded) failed with a traceback.
-READER_VERSION = 9
+# 9 dropped a minute time not on a whole minute (09:30:30) as outside trading minutes; it is a bad row now.
+READER_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -475,6 +476,13 @@ class FilesSource(Source):
         )
 
     def preflight(self) -> None:
+        """Refuse a ``source.path`` that is no directory, and a ``source.daily``/``source.minute`` no file of any
+        symbol matches: a wrong path or pattern loaded every segment empty, said only in notes, and exited 0."""
+        self._require_directory()
+        for timeframe in self.profile.timeframes:
+            self._require_some_file(timeframe)
+
+    def _require_directory(self) -> None:
         if not self.root.is_dir():
             raise SourceError(
                 f"{self.profile.path}: source.path={str(self.root)!r}: no such directory",
@@ -482,6 +490,27 @@ class FilesSource(Source):
                 field="source.path",
                 value=str(self.root),
             )
+
+    def _require_some_file(self, timeframe: Timeframe) -> None:
+        """Refuse the timeframe's pattern when not one symbol's file is there. Some missing is ordinary (a symbol
+        listed later, one without minute data): each is a note and an empty segment (``fetch``)."""
+        segments = [Segment(symbol, timeframe, self.profile.months[0]) for symbol in self.profile.symbols]
+        # anything there counts, even what cannot be read: its fetch says why in its own words
+        if any(os.path.lexists(self.file_for(segment)) for segment in segments):
+            return
+        for segment in segments:  # aapl.csv for AAPL: the fetch's own line, which names the file to rename
+            self._refuse_other_case(self.file_for(segment), segment)
+        field, pattern = self._setting(segments[0])
+        count = len(segments)
+        which = f"for any of the {count} symbols" if "{symbol}" in pattern and count > 1 else "there"
+        raise SourceError(
+            f"{self.profile.path}: {field}={pattern!r}: no file matches it under source.path={str(self.root)!r} "
+            f"{which} (e.g. {self.file_for(segments[0])}); fix source.path or {field}, or leave {timeframe} out "
+            "of timeframes",
+            file=str(self.profile.path),
+            field=field,
+            value=pattern,
+        )
 
     def version(self, segment: Segment) -> str:
         path = self.file_for(segment)
@@ -575,7 +604,7 @@ class FilesSource(Source):
         path = self.file_for(segment)
         if rng is None:
             return empty_table(segment.timeframe)
-        self.preflight()
+        self._require_directory()
         if self._status(path, segment) is None:
             self._refuse_other_case(path, segment)
             self.reports.append(SourceReport(segment, str(path), "no such file"))
