@@ -42,7 +42,8 @@ from refresher.sources.validate import I64, VALUE_COLUMNS, Bars, Mask, bars_tabl
 # Bump whenever this module hands over other rows for the same upstream rows and options (``base.reader_tag``).
 # Versions before 2 had no tag: a timestamptz daily column dated in UTC (ec1e023), rows with a NULL day or time
 # never selected nor reported (b855d4c, 37899b6). 3: a fractional volume (100.5) is a bad row, 2 rounded it.
-READER_VERSION = 3
+# 4: a minute time not on a whole minute (09:30:30) is a bad row; 3 dropped it as outside trading minutes.
+READER_VERSION = 4
 
 _DEFAULT_COLUMNS = {
     "symbol": "symbol",
@@ -262,7 +263,8 @@ class PostgresSource(Source):
                     field=name,
                     value=type(value).__name__,
                 )
-        raw = pd.DataFrame({n: list(columns[n]) for n in (key, *VALUE_COLUMNS)})
+        # objects: pandas made a NULL beside numbers NaN, and the message said open=nan, a value no row holds
+        raw = pd.DataFrame({n: pd.Series(columns[n], dtype=object) for n in (key, *VALUE_COLUMNS)})
         when, when_ok = self._when(raw[key], segment)
         values = {n: pd.to_numeric(raw[n], errors="coerce").to_numpy(np.float64) for n in VALUE_COLUMNS}
         bars = Bars(when, when_ok, values, raw)

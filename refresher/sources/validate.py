@@ -58,6 +58,8 @@ VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
 _EXAMPLES = 3
 _BIGINT_END = float(2**63)
 SPELLED_RULE = "symbol is spelled as in the universe (case too)"
+WHOLE_MINUTE_RULE = "ts is on a whole minute"
+_NS_PER_MINUTE = 60_000_000_000
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,10 @@ def _rules(bars: Bars, key: str) -> list[tuple[str, str, Mask]]:
         if bars.spelled is not None:
             checks.append((SPELLED_RULE, "symbol", ~bars.spelled))
         checks.append((f"{key} parses as a {'date' if key == 'date' else 'timestamp'}", key, ~bars.when_ok))
+        if (
+            key == "ts"
+        ):  # 09:30:30 was dropped as "outside trading minutes", inside the session: a bar of what?
+            checks.append((WHOLE_MINUTE_RULE, key, bars.when_ok & (bars.when % _NS_PER_MINUTE != 0)))
         checks += [(f"{name} is a finite number", name, ~np.isfinite(v[name])) for name in VALUE_COLUMNS]
         checks += [
             ("high >= max(open, close)", "high", h < np.maximum(o, c)),
@@ -313,6 +319,7 @@ def _where(source: str, bars: Bars, position: int, key: str, *, short: bool = Fa
 __all__ = [
     "SPELLED_RULE",
     "VALUE_COLUMNS",
+    "WHOLE_MINUTE_RULE",
     "BadRowsError",
     "Bars",
     "Reject",

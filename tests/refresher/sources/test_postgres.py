@@ -491,3 +491,21 @@ def test_a_timestamptz_daily_column_is_dated_in_the_exchanges_zone(
         version = src.version(november)
         assert src.fetch(Segment(symbol, "1m", NOV)).num_rows == 0  # a minute query between the two
         assert src.version(november) == version
+
+
+def test_an_upstream_null_price_is_shown_as_none_not_nan(upstream: str, make_profile: MakeProfile) -> None:
+    # a double precision column: pandas made the NULL beside numbers NaN, and the line said o=nan, a value no
+    # upstream row holds (a NULL time already said None)
+    with psycopg.connect(upstream, autocommit=True) as conn:
+        conn.execute("""
+            DROP TABLE IF EXISTS prod.null_price;
+            CREATE TABLE prod.null_price (ticker text, day date, o float8, h float8, l float8, c float8, vol float8);
+            INSERT INTO prod.null_price VALUES
+              ('AAPL', '2024-11-26', 10, 11, 9, 10.5, 1000), ('AAPL', '2024-11-27', NULL, 12, 10, 11, 2000);
+        """)
+    text = body(upstream).replace("prod.Daily Bars", "prod.null_price")
+    with PostgresSource(make_profile(text)) as src, pytest.raises(SourceError) as info:
+        src.fetch(Segment("AAPL", "1d", NOV))
+    assert str(info.value).startswith(
+        "postgres:prod.null_price: row date=2024-11-27: o=None: breaks the rule open is a finite number"
+    ), info.value

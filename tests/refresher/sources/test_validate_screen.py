@@ -50,13 +50,28 @@ HALF = "2024-11-26 14:32:30"  # inside the session, but not a minute boundary
 
 
 def test_minute_rows_outside_trading_minutes_are_dropped_and_reported() -> None:
-    bars = minute_bars([OPEN, NIGHT, HALF, NEXT])
+    bars = minute_bars([OPEN, NIGHT, NEXT])
     screened = screen(MINUTES, bars, source="bars.csv", policy="fail", cal=get_calendar("XNYS"))
-    assert screened.keep.dtype == np.bool_ and screened.keep.tolist() == [True, False, False, True]
+    assert screened.keep.dtype == np.bool_ and screened.keep.tolist() == [True, False, True]
     assert screened.reports == (
-        SourceReport(MINUTES, "bars.csv", "outside XNYS trading minutes", 2, (NIGHT, HALF)),
+        SourceReport(MINUTES, "bars.csv", "outside XNYS trading minutes", 1, (NIGHT,)),
     )
     assert screened.rejects == ()
+
+
+def test_a_minute_time_not_on_a_whole_minute_is_a_bad_row() -> None:
+    # inside the session, it was dropped as "outside XNYS trading minutes", which it is not: a bar of what?
+    bars = minute_bars([OPEN, HALF, NEXT], rows=[2, 3, 4])
+    with pytest.raises(BadRowsError) as info:
+        screen(MINUTES, bars, source="bars.csv", policy="fail", cal=get_calendar("XNYS"))
+    assert str(info.value).startswith(
+        f"bars.csv: line 3: ts={HALF!r}: breaks the rule ts is on a whole minute (AAPL/1m/2024-11: 1 bad row;"
+    ), info.value
+    screened = screen(MINUTES, bars, source="bars.csv", policy="skip", cal=get_calendar("XNYS"))
+    assert screened.keep.tolist() == [True, False, True]
+    assert screened.reports == (
+        SourceReport(MINUTES, "bars.csv", "ts is on a whole minute", 1, ("line 3",), action="rejected"),
+    )
 
 
 def test_daily_rows_on_closed_days_are_reported_as_not_sessions() -> None:
