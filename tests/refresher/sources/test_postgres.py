@@ -494,7 +494,7 @@ def test_a_timestamptz_daily_column_is_dated_in_the_exchanges_zone(
 
 
 def test_an_upstream_null_price_is_shown_as_none_not_nan(upstream: str, make_profile: MakeProfile) -> None:
-    # a double precision column: pandas made the NULL beside numbers NaN, and the line said o=nan, a value no
+    # a double precision column: pandas made the NULL beside numbers NaN, and the line said open=nan, a value no
     # upstream row holds (a NULL time already said None)
     with psycopg.connect(upstream, autocommit=True) as conn:
         conn.execute("""
@@ -507,5 +507,5 @@ def test_an_upstream_null_price_is_shown_as_none_not_nan(upstream: str, make_pro
     with PostgresSource(make_profile(text)) as src, pytest.raises(SourceError) as info:
         src.fetch(Segment("AAPL", "1d", NOV))
     assert str(info.value).startswith(
-        "postgres:prod.null_price: row date=2024-11-27: o=None: breaks the rule open is a finite number"
+        "postgres:prod.null_price: row date=2024-11-27: open=None: breaks the rule open is a finite number"
     ), info.value

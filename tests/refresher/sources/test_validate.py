@@ -207,7 +207,8 @@ def test_ten_million_rows_validate_vectorised() -> None:
     close = rng.uniform(10, 20, n)
     values = {"open": close, "high": close + 1, "low": close - 1, "close": close, "volume": np.ones(n)}
     values["low"][n // 2] = 0.0
-    bars = Bars(np.arange(n, dtype=np.int64), np.ones(n, np.bool_), values, pd.DataFrame())
+    minutes = np.arange(n, dtype=np.int64) * 60_000_000_000  # whole minutes: the stamps of bars
+    bars = Bars(minutes, np.ones(n, np.bool_), values, pd.DataFrame())
     charged, rules = find_bad_rows(bars, "ts")
     assert np.flatnonzero(charged >= 0).tolist() == [n // 2]
     assert rules[charged[n // 2]] == ("low > 0", "low")

@@ -256,7 +256,7 @@ def test_fail_message_uses_our_column_name_when_the_source_has_no_other() -> Non
 def test_a_row_is_charged_to_the_first_rule_it_breaks() -> None:
     bars = minute_bars([OPEN, NEXT, "2024-11-26 14:33"], close=[float("nan"), 10.0, float("nan")])
     bars.when_ok[0] = False  # unparseable and a NaN close: the parse rule (0) comes first
-    bars.values["volume"][2] = -1.0  # NaN close (rule 4) before negative volume
+    bars.values["volume"][2] = -1.0  # NaN close (rule 5, after the whole-minute rule) before negative volume
     charged, rules = find_bad_rows(bars, "ts")
-    assert charged.tolist() == [0, -1, 4]
-    assert rules[4] == ("close is a finite number", "close")
+    assert charged.tolist() == [0, -1, 5]
+    assert rules[5] == ("close is a finite number", "close")
