@@ -33,7 +33,6 @@ from pydantic import (
     ValidationError,
 )
 
-from refresher._file_obstacle import file_obstacle
 from refresher.calendar import CALENDAR_START, EXCHANGES, first_unclosed_session, last_completed_session
 from refresher.errors import CalendarError, ProfileError
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
@@ -419,6 +418,9 @@ def _universe_candidates(path: Path, name: str) -> tuple[Path, Path]:
 
 
 def _universe_file(path: Path, name: str, inputs: list[tuple[Path, str | None]]) -> Path:
+    # only profiles with a universe file: not an import of the no-op refresh
+    from refresher._file_obstacle import file_obstacle
+
     for candidate in _universe_candidates(path, name):
         st, reason = file_obstacle(candidate)
         if st is not None:

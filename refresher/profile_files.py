@@ -11,7 +11,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from refresher._file_obstacle import os_reason
 from refresher.errors import ProfileError
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
@@ -42,6 +41,8 @@ def profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
             with os.scandir(d):
                 pass
         except OSError as exc:
+            from refresher._file_obstacle import os_reason  # an error's path: not a no-op's import
+
             raise ProfileError(
                 d, "(profiles directory)", str(d), f"cannot read it: {os_reason(exc)}"
             ) from None
