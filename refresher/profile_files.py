@@ -37,16 +37,17 @@ def profile_files(dirs: Sequence[Path]) -> dict[str, Path]:
     for d in dirs:
         if not Path(d).is_dir():
             continue
-        try:
-            with os.scandir(d):
-                pass
+        try:  # one listing, which also says whether it can be read (two globs after it listed it twice more)
+            with os.scandir(d) as entries:
+                names = sorted(entry.name for entry in entries if entry.name.endswith((".yaml", ".yml")))
         except OSError as exc:
             from refresher._file_obstacle import os_reason  # an error's path: not a no-op's import
 
             raise ProfileError(
                 d, "(profiles directory)", str(d), f"cannot read it: {os_reason(exc)}"
             ) from None
-        for f in sorted([*Path(d).glob("*.yaml"), *Path(d).glob("*.yml")]):
+        for name in names:
+            f = Path(d) / name
             found.setdefault(f.stem, f)
     return found
 

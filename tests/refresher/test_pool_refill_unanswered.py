@@ -188,6 +188,16 @@ def _end_other_sessions(server: ServerInfo) -> None:
         )
 
 
+def _next_refill_sweeps(server: ServerInfo, ready: int, size: int | None = None) -> None:
+    """Once the dead refill's sessions are ended, the next refill (``refill_pool``'s ``size``) drops what it left
+    and makes ``ready`` clones: the server holds the working database, the pristine copy and those, nothing else."""
+    _end_other_sessions(server)
+    refill_pool(server, size=size)
+    status = pool_status(server)
+    assert len(status.ready) == ready, status
+    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+
+
 def test_a_refill_stopped_while_it_connects_to_a_server_that_stopped_answering_records_the_stop(
     root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -272,11 +282,7 @@ def test_a_refill_whose_server_host_is_gone_mid_query_fails_and_records_it(
     assert not status.refilling and record_files(record_path(server)) == [".lock", "record"]
     # What it left (its analyzed copy, unmarked, in a private slot whose lock its session still holds in the
     # server) goes with the next refill's sweep, once that session ends.
-    _end_other_sessions(server)
-    refill_pool(server, size=1)
-    status = pool_status(server)
-    assert len(status.ready) == 1, status
-    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+    _next_refill_sweeps(server, ready=1, size=1)
 
 
 def test_a_refill_stopped_while_its_server_takes_no_cancel_cuts_its_helpers_copy_and_records_the_stop(
@@ -305,11 +311,7 @@ def test_a_refill_stopped_while_its_server_takes_no_cancel_cuts_its_helpers_copy
     assert record_files(record_path(server)) == [".lock", "record"]
     # The copies the server went on with (it never heard their sessions go) are unmarked: never handed out, and
     # the next refill drops them.
-    _end_other_sessions(server)
-    refill_pool(server)
-    status = pool_status(server)
-    assert len(status.ready) == 2, status
-    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+    _next_refill_sweeps(server, ready=2)
 
 
 def test_a_refill_stopped_with_analyses_queued_runs_none_of_them_and_the_next_refill_does(
