@@ -279,6 +279,8 @@ def _first_error(path: Path, err: ValidationError) -> ProfileError:
         )
     if e["type"] == "model_type":  # "a valid dictionary or instance of _Universe" named our private class
         e["msg"] = "must be a mapping of fields"
+        if parts == ["universe"] and isinstance(e["input"], list):  # a list of names written at `universe:`
+            e["msg"] += ": write the names under `symbols:` (universe: {symbols: [AAPL, MSFT]})"
     if e["type"] == "extra_forbidden":  # `month: 3` said only "Extra inputs are not permitted"
         e["msg"] = _unknown_field(parts, kind)
     loc = ".".join(parts) or "(root)"
@@ -364,6 +366,27 @@ def _read_input(path: Path, inputs: list[tuple[Path, str | None]]) -> str:
         raise ProfileError(path, f"line {line}", byte, "not UTF-8 text: save the file as UTF-8") from None
 
 
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> ProfileError:
+    """YAML's own words, the line and column it stopped at and that line's text (``line 2=None`` showed none),
+    and where the construct it was reading began (an unclosed ``[`` is found only on a later line).
+
+    Stopped at the file's end (an unclosed quote), the line named is the one the construct began on."""
+    mark = getattr(exc, "problem_mark", None)
+    begun = getattr(exc, "context_mark", None)
+    context = getattr(exc, "context", None)
+    lines = text.splitlines()
+    reason = f"invalid YAML: {getattr(exc, 'problem', None) or exc}"
+    if mark is not None and mark.line >= len(lines) and begun is not None:
+        mark, reason = begun, f"{reason} ({context})" if context else reason
+    elif context and begun is not None and mark is not None and begun.line != mark.line:
+        reason += f" ({context} on line {begun.line + 1})"
+    if mark is None or mark.line >= len(lines):
+        return ProfileError(path, "(file)", None, reason)
+    # the line's text, a source's DSN on it shown without its password
+    shown = re.sub(r"(://[^/@\s]*?:)[^/@\s]*@", r"\1***@", lines[mark.line].strip())
+    return ProfileError(path, f"line {mark.line + 1}, column {mark.column + 1}", shown, reason)
+
+
 def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, Any]:
     text = _read_input(path, inputs)
     try:
@@ -371,9 +394,7 @@ def _read_yaml(path: Path, inputs: list[tuple[Path, str | None]]) -> dict[str, A
     except _KeyTwice as exc:
         raise ProfileError(path, exc.at, exc.key, exc.reason) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ProfileError(path, where, None, f"invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise _yaml_error(path, text, exc) from None
     if data is None:  # no YAML document at all: "(root)='NoneType': a profile must be a mapping" said what?
         raise ProfileError(path, "(root)", None, "the file is empty (a profile needs universe and months)")
     if not isinstance(data, dict):

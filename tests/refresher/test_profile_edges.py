@@ -204,3 +204,54 @@ def test_a_required_field_misspelled_is_named_as_written(tmp_path: Path, source:
     path.write_text(f"universe: {{symbols: [AAA]}}\nmonths: 1\nsource: {source}\n")
     line = plan(tmp_path, path, "--as-of", "2024-01-31")
     assert line == f"refresher: {path}: {named} (+1 more error)"
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        # an unclosed `[` is found on the next line: the line and its text, and where the sequence began
+        (
+            "universe: {symbols: [AAA}\nmonths: 3\n",
+            "line 1, column 25='universe: {symbols: [AAA}': invalid YAML: did not find expected ',' or ']'",
+        ),
+        (
+            "universe: {symbols: [AAA]\nmonths: 3\n",
+            "line 2, column 1='months: 3': invalid YAML: did not find expected ',' or '}' "
+            "(while parsing a flow mapping on line 1)",
+        ),
+        # a tab before a key: the line is shown without its blanks
+        (
+            "universe: {symbols: [AAA]}\nmonths: 3\n\tseed: 1\n",
+            "line 3, column 1='seed: 1': invalid YAML: found a tab character that violates indentation",
+        ),
+        # stopped at the file's end (`line 3=None` before): the line the unclosed quote began on
+        (
+            'universe: {symbols: [AAA]}\nmonths: "3\n',
+            "line 2, column 9='months: \"3': invalid YAML: found unexpected end of stream "
+            "(while scanning a quoted scalar)",
+        ),
+        # the line shown holds a source's DSN: its password is not
+        (
+            "universe: {symbols: [AAA]}\nmonths: 3\nsource: {kind: postgres, dsn: postgresql://u:s3cret@h/db\n",
+            "line 3, column 9='source: {kind: postgres, dsn: postgresql://u:***@h/db': invalid YAML: did not find",
+        ),
+    ],
+)
+def test_invalid_yaml_names_the_line_its_text_and_where_the_construct_began(
+    tmp_path: Path, body: str, named: str
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(body)
+    line = plan(tmp_path, path, "--as-of", "2024-01-31")
+    assert f"{path}: {named}" in line, line
+    assert "s3cret" not in line and "=None" not in line, line
+
+
+def test_a_universe_written_as_a_list_says_where_the_names_go(tmp_path: Path) -> None:
+    path = tmp_path / "listed.yaml"
+    path.write_text("universe: [AAA, BBB]\nmonths: 3\n")
+    line = plan(tmp_path, path, "--as-of", "2024-01-31")
+    assert (
+        f"{path}: universe=['AAA', 'BBB']: must be a mapping of fields: write the names under `symbols:`"
+        in line
+    )
