@@ -141,18 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
             "refresher_rejects (quarantine); default: the profile's source.on_bad_rows, else fail",
         )
     reset = profile_cmd("reset", "Bring the profile's database back to its pristine snapshot.")
+    url_cmd = profile_cmd("url", "Print the profile's DSN, password included.")
     for cmd in (refresh, reset):
         cmd.add_argument(
             "--no-wait",
             action="store_true",
             help="fail at once if another refresh or reset of the profile is running (default: wait)",
         )
+    url_cmd.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once while the profile's first refresh is running (default: wait for it; a later refresh "
+        "is not waited for)",
+    )
     status_cmd.add_argument(
         "--all-checkouts",
         action="store_true",
         help="also list every refresher container on the Docker daemon, whichever checkout made it (read-only)",
     )
-    profile_cmd("url", "Print the profile's DSN, password included.")
     profile_cmd("down", "Stop the profile's server and remove its data (--profile all: every server).")
     sub.add_parser(
         "profiles", parents=[common], help="List the profiles refresher can find, invalid ones too."
@@ -434,7 +440,7 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
             lambda: render.status_table(statuses, settings.state_dir, notes, pools),
         )
     elif args.command == "url":
-        dsn = commands.url(settings, args.profile)
+        dsn = commands.url(settings, args.profile, wait=not args.no_wait, on_wait=_say)
         emit(args, {"profile": args.profile, "dsn": dsn}, lambda: print(dsn))
     elif args.command == "down":
         down = commands.down(settings, args.profile)

@@ -287,8 +287,32 @@ def reset(
                 ) from None
 
 
-def url(settings: Settings, name: str) -> str:
-    return _serving(settings, name)[1].dsn()
+def url(
+    settings: Settings, name: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> str:
+    """The DSN of ``name``'s database. While its first refresh runs (the profile's lock held and no pristine
+    copy yet: a server still being made, or one half loaded), waits for that refresh as a reset does (``wait``
+    False: ``ProfileBusy`` at once), then answers as it left things: "no server" while a refresh was making it
+    was untrue, and the URL of a database half loaded was one a script took for ready. A later refresh is not
+    waited for (the database it updates is whole, segment by segment, as it has always been)."""
+    try:
+        server: ServerInfo | None = _serving(settings, name)[1]
+    except SnapshotError:
+        if not profile_lock.held(settings.state_dir, name):
+            raise
+        server = None
+    if server is not None and (not profile_lock.held(settings.state_dir, name) or _has_pristine(server)):
+        return server.dsn()
+    with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
+        return _serving(settings, name)[1].dsn()
+
+
+def _has_pristine(server: ServerInfo) -> bool:
+    """Whether ``server`` holds its pristine copy; a server still starting (it refuses connections) does not."""
+    try:
+        return snapshot.has_pristine(server)
+    except (RefresherError, psycopg.Error):
+        return False
 
 
 def status(settings: Settings, name: str | None = None, *, all_checkouts: bool = False) -> list[ServerStatus]:

@@ -54,4 +54,20 @@ def hold_profile(
         lock.release()
 
 
-__all__ = ["hold_profile", "lock_path"]
+def held(state_dir: Path, profile: str) -> bool:
+    """Whether a refresh or reset of ``profile`` holds its lock now (a lock file never made: no one ever did).
+
+    A probe: the lock is taken and let go at once when free (nothing is created in the state dir)."""
+    path = lock_path(state_dir, profile)
+    if not path.exists():
+        return False
+    lock = filelock.FileLock(path, thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    lock.release()
+    return False
+
+
+__all__ = ["held", "hold_profile", "lock_path"]

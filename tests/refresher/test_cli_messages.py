@@ -305,7 +305,7 @@ _LOST_MID_PIPELINE = """
 import sys, psycopg
 from refresher import cli, commands
 
-def lost(settings, name):
+def lost(settings, name, **_):
     with (
         commands._database_errors(name),
         psycopg.connect(sys.argv[1], autocommit=True) as conn,

@@ -330,6 +330,75 @@ def test_a_reset_right_after_a_first_refresh_killed_while_its_container_initiali
         workspace.down()
 
 
+def _stop_when(proc: subprocess.Popen[bytes], ready: Any, what: str) -> None:
+    """SIGSTOP ``proc`` as soon as ``ready()`` holds (polled); it must still be running then."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert proc.poll() is None, f"the refresh finished before {what}"
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
+
+
+@pytest.mark.slow
+def test_url_during_a_first_refresh_waits_for_it_and_a_later_refresh_is_not_waited_for() -> None:
+    from refresher import profile_lock
+
+    workspace = Workspace(world_traversable_tmp("refresher-e2e-"), "local", f"e2e_{uuid.uuid4().hex[:8]}")
+    workspace.write_profile()
+    state = workspace.root / "state"
+    url = workspace.command("url", "--profile", workspace.profile)
+    busy = "another refresh or reset is running"
+    proc = subprocess.Popen(
+        workspace.command("refresh", "--profile", workspace.profile),
+        env=workspace.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    waiting: subprocess.Popen[str] | None = None
+    try:
+        # Its lock held, no server made yet: "no local server; run `refresher refresh` first" was untrue.
+        _stop_when(proc, lambda: profile_lock.held(state, workspace.profile), "took its lock")
+        done = workspace.run("url", "--profile", workspace.profile, "--no-wait", expect=2)
+        assert done.stdout == "" and done.stderr.count("\n") == 1 and busy in done.stderr, done.stderr
+        waiting = subprocess.Popen(
+            url, env=workspace.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(1.5)
+        assert waiting.poll() is None, "url answered while the first refresh was stopped"
+        # Its server made and loading: the URL of a half-loaded database was printed (exit 0) as if ready.
+        proc.send_signal(signal.SIGCONT)
+        server_file = state / "local" / workspace.profile / "server.json"
+        _stop_when(proc, server_file.exists, "made its server")
+        time.sleep(0.5)  # past the server's start, into the load (or still starting: both are waited for)
+        done = workspace.run("url", "--profile", workspace.profile, "--no-wait", expect=2)
+        assert done.stdout == "" and busy in done.stderr, done.stderr
+        assert waiting.poll() is None
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=600) == 0
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, err
+        assert out.startswith("postgresql://") and busy in err and "waiting for it to finish" in err, (
+            out,
+            err,
+        )
+        # it answered once the refresh had finished: the pristine snapshot is there to reset to
+        workspace.run("reset", "--profile", workspace.profile)
+
+        # A later refresh holding the lock is not waited for: the loaded database is whole.
+        with profile_lock.hold_profile(state, workspace.profile, wait=False):
+            done = workspace.run("url", "--profile", workspace.profile, "--no-wait")
+        assert done.stdout.startswith("postgresql://") and done.stderr == "", done.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+        for child in (proc, waiting):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait(timeout=60)
+        workspace.down()
+
+
 @pytest.mark.slow
 def test_kill_9_mid_load_then_rerun_equals_a_clean_load(workspace: Workspace) -> None:
     many = [f"S{i:03d}" for i in range(40)]
