@@ -512,20 +512,27 @@ class Worker:
             load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
             self._settle(queue, delivery, contexts, load)
 
-    def _target_down(self, queue: JobQueue, group: list[Delivery], run: str, exc: _TargetDown) -> bool:
-        """The run's target does not answer: its jobs go back, due after a backoff, without spending an attempt,
-        and this thread waits as long before it reads again; False, nothing done, once this worker has found it
-        down for ``options.target_down_wait`` (a wrong port, a server gone for good): then each attempt counts.
-        Each a failed attempt, a Postgres restart of 15 s dead-lettered a sixth of a run's jobs (six attempts'
-        backoffs, jittered from 0, add up to seconds) and the run read `incomplete` until `jobs retry-dead`. A
-        target that refuses the worker's credentials is dead-lettered at once, as before (``_attempts``)."""
+    def _target_down_wait(self, run: str) -> float | None:
+        """Seconds to wait for the run's target, found down again (``_TargetDown``), before the next try, without
+        spending an attempt; None once this worker has found it down for ``options.target_down_wait`` (a wrong
+        port, a server gone for good): then each attempt counts. Each a failed attempt, a Postgres restart of 15 s
+        dead-lettered a sixth of a run's jobs (six attempts' backoffs, jittered from 0, add up to seconds), or
+        used up its features step's attempts, and the run read `incomplete` until `jobs retry-dead`. A target that
+        refuses the worker's credentials is not waited for: dead-lettered at once, as before (``_attempts``)."""
         with self._down_lock:
             times, since = self._down.get(run, (0, time.monotonic()))
             self._down[run] = (times + 1, since)
         if time.monotonic() - since >= self.options.target_down_wait:
-            return False
+            return None
         ceiling = min(self.options.backoff_cap, self.options.backoff_base * 2 ** min(times + 1, 64))
-        wait = self._rng.uniform(ceiling / 2, ceiling)  # never near 0: no reconnecting in a tight loop
+        return self._rng.uniform(ceiling / 2, ceiling)  # never near 0: no reconnecting in a tight loop
+
+    def _target_down(self, queue: JobQueue, group: list[Delivery], run: str, exc: _TargetDown) -> bool:
+        """The run's target does not answer: its jobs go back, due after ``_target_down_wait``, and this thread
+        waits as long before it reads again; False, nothing done, once that wait is over (each attempt counts)."""
+        wait = self._target_down_wait(run)
+        if wait is None:
+            return False
         for delivery in group:
             queue.retry_later(delivery, self.clock() + wait, failed=False)
         self._say(f"run {run}: {one_line(exc)}; {len(group)} job(s) back in {wait:.1f} s, no attempt spent")
@@ -677,6 +684,15 @@ class Worker:
                 # Counted unless another worker holds the lock: a stage outliving its renewal every time (a late
                 # renewal thread, a pause) was tried again at once, for ever, uncounted.
                 backoff = self._features_failed(queue, contexts, run, _LockLost(lost), lock.local.token)
+            except _TargetDown as exc:  # the target restarting: waited for as the run's jobs wait, uncounted
+                wait = self._target_down_wait(run)
+                if wait is None:
+                    backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
+                else:
+                    self._say(
+                        f"run {run}: features: {one_line(exc)}; retry in {wait:.1f} s, no attempt spent"
+                    )
+                    backoff = wait
             except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
                 raise  # Redis's, not the features': no attempt counted
             except Exception as exc:

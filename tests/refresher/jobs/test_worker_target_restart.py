@@ -13,7 +13,7 @@ import pytest
 
 from refresher.engines import make_engine
 from refresher.engines.local import Postmaster
-from refresher.jobs.queue import DEAD, connect, text
+from refresher.jobs.queue import DEAD, FEATURES_DUE, connect, run_key, text
 from refresher.jobs.runs import RunSpec, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
 from refresher.jobs.worker import Worker, WorkerOptions
@@ -67,6 +67,52 @@ def test_a_target_restarted_mid_run_is_waited_for_and_the_run_completes(
     assert_loaded_exactly(ws, symbols, 3)
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_target_down_at_the_features_step_is_waited_for_and_the_run_completes(
+    workspace: Workspace, redis_server: RedisServer
+) -> None:
+    """The segments loaded, the target stopped before the features step: each features attempt that met it down
+    was counted, and with --max-attempts 2 the run read `incomplete` within a second of the step's first try. Now
+    the step waits for the target as the run's jobs do (no attempt spent) and the run completes once it is up."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL", "MSFT"], months=1)
+    run = submit(ws, url)
+    client = connect(url)
+    lock = run_key(run["run_id"], "features-lock")
+    client.set(lock, "backoff", px=600_000)  # the features step waits while the segments load
+    loader = start_worker(ws, url, "loader")
+    try:
+        wait_for(ws, url, run["run_id"], lambda s: s["state"] == "loaded" and s["done"] == run["jobs"])
+    finally:
+        stop([loader])
+    engine = make_engine("local", Settings.from_env(ws.env, engine="local"))
+    pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+    postmaster = Postmaster.read(pgdata)
+    assert postmaster is not None
+    os.kill(postmaster.pid, signal.SIGINT)
+    while Postmaster.read(pgdata) is not None:
+        time.sleep(0.05)
+    client.delete(lock)
+    worker = start_worker(ws, url, "w", "--max-attempts", "2")
+    try:
+        deadline = time.monotonic() + 300
+        # Met down twice: the old worker had then spent both attempts, the run incomplete.
+        while worker_log(ws, "w").count("no attempt spent") < 2 and client.sismember(
+            FEATURES_DUE, run["run_id"]
+        ):
+            assert worker.poll() is None and time.monotonic() < deadline, worker_log(ws, "w")
+            time.sleep(0.1)
+        engine.start(ws.profile)
+        final = wait_for(ws, url, run["run_id"], lambda s: s["state"] in ("complete", "incomplete"))
+    finally:
+        stop([worker])
+    log = worker_log(ws, "w")
+    assert final["state"] == "complete", (final, log)
+    assert client.hget(run_key(run["run_id"]), "features_attempts") is None, log
+    assert "features: target" in log and "no attempt spent" in log and "Traceback" not in log, log
+
+
 def test_a_target_down_past_the_workers_wait_spends_attempts_and_is_dead_lettered(
     redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -91,3 +137,26 @@ def test_a_target_down_past_the_workers_wait_spends_attempts_and_is_dead_lettere
     assert text(letter[b"error"]).startswith(f"transient: target {target}: cannot connect"), letter
     assert text(letter[b"attempts"]) == "2"
     assert "no attempt spent" in capsys.readouterr().err  # waited first
+
+
+def test_a_target_down_past_the_workers_wait_spends_the_features_attempts(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run with nothing to load, its features due, and nothing listening on its target's port: waited for, no
+    attempt spent, for ``target_down_wait``; then the features attempts count and the run ends incomplete, never a
+    --burst worker that waits for ever."""
+    ws = Workspace(tmp_path, "local", "gone")
+    ws.write_profile(symbols=["AAPL"], months=1)
+    target = f"host=127.0.0.1 port={free_port()} user=refresher dbname=gone"
+    spec = RunSpec("gone", str(tmp_path / "profiles" / "gone.yaml"), AS_OF.isoformat(), target, False)
+    client = connect(redis_server.url)
+    run = submit_jobs(client, spec, [], now=dt.datetime.now(dt.UTC)).run_id
+    settings = Settings.from_env(ws.env, engine="local")
+    options = WorkerOptions(
+        "gone", burst=True, max_attempts=2, backoff_base=0.05, backoff_cap=0.2, target_down_wait=1.0
+    )
+    Worker(redis_server.url, settings, options).run()
+    state = client.hgetall(run_key(run))
+    assert (state[b"state"], state[b"features_attempts"]) == (b"incomplete", b"2"), state
+    assert text(state[b"error"]).startswith(f"features: transient: target {target}: cannot connect"), state
+    assert "features: target" in capsys.readouterr().err  # waited first, no attempt spent
