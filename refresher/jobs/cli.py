@@ -79,6 +79,7 @@ def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         now=args.now,
         prune=args.prune,
         queue_label=args.queue_label,
+        say=_say,
     )
     hold = f", held until {done.held_until}" if done.held_until else ""
     emit(args, done.to_json(), lambda: print(f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold})"))
@@ -150,6 +151,7 @@ def _print_deleted(gone: Deleted) -> None:
 
 
 def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., None]) -> int:
+    from refresher.jobs.eviction import require_noeviction
     from refresher.jobs.worker import Worker, WorkerOptions, WorkerReport
 
     if args.concurrency < 1:
@@ -190,6 +192,8 @@ def _worker(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
     failure: BaseException | None = None
     if client is not None:
         try:
+            # An evicting Redis loses jobs and counters without a word: refused before the first job is taken.
+            require_noeviction(client, args.queue, args.queue_label, _say)
             worker = Worker(args.queue, settings, options, clock=clock, stop=stop, client=client)
             report, failure = worker.run(), worker.failure
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from contextlib import closing
 from zoneinfo import ZoneInfo
 
@@ -16,6 +17,7 @@ from refresher.calendar import market_status
 from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
 from refresher.errors import JobError
+from refresher.jobs.eviction import require_noeviction
 from refresher.jobs.queue import TIERS, open_queue, redis_time, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
@@ -52,15 +54,19 @@ def submit_run(
     now: dt.datetime | None = None,
     prune: bool = False,
     queue_label: str = "--queue",
+    say: Callable[[str], None] | None = None,
 ) -> Submitted:
-    """Plan the profile against the target and enqueue one job per segment to load; returns the run id."""
+    """Plan the profile against the target and enqueue one job per segment to load; returns the run id. ``say``:
+    where a warning line goes (a Redis that does not tell its maxmemory-policy)."""
     if priority not in TIERS:
         raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
     client = open_queue(queue_url, queue_label)  # before planning, which can take a while
-    # Redis's clock, as workers and `jobs prune` read the run's times: this machine's, off by days, made a run
-    # submitted now look old to prune (its index score) or a --when-closed hold end at the wrong close.
     try:
+        # An evicting Redis would lose the run's jobs and counters without a word.
+        require_noeviction(client, queue_url, queue_label, say)
+        # Redis's clock, as workers and `jobs prune` read the run's times: this machine's, off by days, made a run
+        # submitted now look old to prune (its index score) or a --when-closed hold end at the wrong close.
         now = now or dt.datetime.fromtimestamp(redis_time(client), dt.UTC)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(queue_url, exc, queue_label) from exc
