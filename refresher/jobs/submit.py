@@ -21,11 +21,13 @@ from refresher.jobs.eviction import require_noeviction
 from refresher.jobs.queue import TIERS, open_queue, redis_time, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
-from refresher.profile import load_profile
+from refresher.plan import GapPlan
+from refresher.profile import Profile, load_profile
 from refresher.refresh import compute_plan, exchange_timezones
 from refresher.settings import Settings
 from refresher.snapshot import connect_target
 from refresher.sources import make_source
+from refresher.sources.base import Source
 
 
 def without_password(dsn: str) -> str:
@@ -40,6 +42,31 @@ def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:
         return None
     local = state.next_close.astimezone(ZoneInfo(state.tz))
     return state.next_close.timestamp(), f"{local:%Y-%m-%d %H:%M} {state.tz}"
+
+
+def _plan_on_target(
+    settings: Settings, profile: Profile, source: Source, target: str | None
+) -> tuple[str, GapPlan]:
+    """The target as it may travel (no password) and the profile's gap plan against it: the profile's own server,
+    started, when ``target`` is None."""
+    server: ServerInfo | None = None
+    if target is None:
+        server = select_engine(settings.engine, settings, profile.name).start(profile.name)
+        public = server.dsn(with_password=False)
+    else:
+        public = without_password(target)
+        server = dsn_check.served_here(settings, profile.name, public)
+    store = FeatureStore(settings.store_root)
+    try:
+        # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
+        conn = connect_target(server, target or public, autocommit=True)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc
+    with conn:
+        database.ensure_schema(conn)
+        database.upsert_symbols(conn, profile.listings)
+        return public, compute_plan(profile, source, store, conn)
 
 
 def submit_run(
@@ -71,24 +98,11 @@ def submit_run(
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(queue_url, exc, queue_label) from exc
     held = hold_until(when_closed, now) if when_closed is not None else None  # '' is no exchange either
-    server: ServerInfo | None = None
-    if target is None:
-        server = select_engine(settings.engine, settings, profile.name).start(profile.name)
-        public = server.dsn(with_password=False)
-    else:
-        public = without_password(target)
-        server = dsn_check.served_here(settings, profile.name, public)
-    store = FeatureStore(settings.store_root)
-    try:
-        # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
-        conn = connect_target(server, target or public, autocommit=True)
-    except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc
-    with closing(make_source(profile)) as source, conn:
-        database.ensure_schema(conn)
-        database.upsert_symbols(conn, profile.listings)
-        plan = compute_plan(profile, source, store, conn)
+    with closing(make_source(profile)) as source:
+        # A files source no file matches (its directory empty or wrong) is the one line a refresh gives, before a
+        # server starts or a run is recorded: submitted, each job loaded its segment empty and the run completed.
+        source.preflight()
+        public, plan = _plan_on_target(settings, profile, source, target)
     spec = RunSpec(
         profile=profile.name,
         profile_path=str(profile.path),

@@ -32,7 +32,7 @@ from refresher import load, pool, snapshot
 from refresher._gc import fewer_collections
 from refresher.dsn import served_here
 from refresher.engines.base import ServerInfo
-from refresher.errors import LoadError, ProfileBusy, one_line
+from refresher.errors import LoadError, ProfileBusy, SourceError, one_line
 from refresher.features import FeatureCounts, refresh_features
 from refresher.fence import Fence, FenceLost, drop_fences
 from refresher.jobs.inprocess import STORE_BATCH
@@ -133,6 +133,12 @@ class _TargetDown(LoadError):
     credentials): a server restarting, a failover. Waited for, no job's attempt spent."""
 
 
+class _NoSourceData(SourceError):
+    """A run's source has nothing for any of its segments on this worker's machine (``Source.preflight``: a files
+    source's directory empty or wrong): every job of the run meets it, each is dead-lettered at once with its line;
+    fix the source (or the worker's machine), then `jobs retry-dead`."""
+
+
 class _RunContext:
     """A run's profile, source, store and target connection, opened once per worker thread."""
 
@@ -152,6 +158,13 @@ class _RunContext:
         self.profile: Profile = load_profile(name, settings.profiles_dirs, as_of=as_of)
         self.store = FeatureStore(settings.store_root)
         self.source: Source = make_source(self.profile)
+        try:
+            # A files source no file matches on this machine (its directory empty or wrong): the one line a refresh
+            # gives. Unchecked, each job loaded its segment empty, a note nobody read, and the run read complete.
+            self.source.preflight()
+        except SourceError as exc:
+            self.source.close()
+            raise _NoSourceData(exc.message, **exc.fields) from exc
         # The profile's own server, served here: a reset killed with the database's door shut left it refusing
         # sessions (the worker retried until its jobs went dead), and the one door opens it; else the target as
         # given, its password from libpq's own sources (PGPASSWORD, .pgpass, service files).
@@ -605,8 +618,9 @@ class Worker:
 
     def _attempts(self, exc: BaseException) -> tuple[str, int]:
         """What kind of failure ``exc`` is, and the attempts its job (or features step) gets. A target that
-        refuses us (password, role, database) gets one: every attempt in the backoff meets the same refusal."""
-        if is_refused(exc):
+        refuses us (password, role, database) gets one: every attempt in the backoff meets the same refusal; so does
+        a source with nothing for the run here (``_NoSourceData``)."""
+        if is_refused(exc) or isinstance(exc, _NoSourceData):
             return "permanent", 1
         if is_transient(exc):
             return "transient", self.options.max_attempts
