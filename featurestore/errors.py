@@ -54,16 +54,18 @@ class ManifestBusy(FeatureStoreError):
 class StoreNotWritable(FeatureStoreError):
     """The store's directory cannot be written (a read-only mount, another user's directory): even a read takes
     a lock file there. Also something else where a lock file goes (a directory made by hand), with its own
-    ``remedy``."""
+    ``remedy``; and a manifest (``what``) a write needs and this user may not write (0444, a teammate's)."""
 
     NOT_WRITABLE = (
         "the store needs a directory this user can write: point the store elsewhere "
         "(--store, FEATURE_STORE_PATH, --cache-root)"
     )
 
-    def __init__(self, path: str, reason: str, remedy: str = NOT_WRITABLE) -> None:
+    def __init__(
+        self, path: str, reason: str, remedy: str = NOT_WRITABLE, *, what: str = "store lock"
+    ) -> None:
         super().__init__(
-            f"store lock={path}: cannot be opened for writing ({reason}); {remedy}", path=path, reason=reason
+            f"{what}={path}: cannot be opened for writing ({reason}); {remedy}", path=path, reason=reason
         )
 
 

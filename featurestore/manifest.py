@@ -44,13 +44,14 @@ from typing import Any
 import pyarrow as pa
 
 from featurestore._duckdb import duckdb, interrupts_noted
-from featurestore._locks import file_lock, raise_not_writable, thread_lock
+from featurestore._locks import READ_ONLY_ERRNOS, file_lock, raise_not_writable, thread_lock
 from featurestore.errors import (
     FeatureStoreError,
     ManifestBusy,
     StoreDiskFull,
     StoreFormatNewer,
     StoreLockTimeout,
+    StoreNotWritable,
 )
 from featurestore.generation import MANIFEST_FILE, move_generation, note_manifest, read_generation
 
@@ -65,6 +66,11 @@ _FOLDING_SUFFIX = ".folding"
 # The errors of a stat that Path.exists and Path.is_dir take for no file there.
 _NO_FILE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 _DAMAGED_SUFFIX = ".damaged-"
+# The remedy of a manifest this user may not write: reads go on (read-only), writes cannot.
+_READ_ONLY = (
+    "reads work, writes need write access to it: ask its owner, or point the store elsewhere (--store, "
+    "FEATURE_STORE_PATH, --cache-root)"
+)
 # A counters row written in the same transaction that fills a new manifest from the files.
 _FILLED = "restored_from_files"
 # DuckDB's message when another program holds the file: not damage, the file must not be moved aside.
@@ -279,9 +285,11 @@ class Manifest:
         """A consistent read; other readers may run at the same time, writers wait.
 
         ``fold=False`` for a read that needs no access time nor counter: a pending journal is left for the next
-        write (unless past ``_JOURNAL_FOLD_BYTES``), so the read opens the manifest read-only.
+        write (unless past ``_JOURNAL_FOLD_BYTES``), so the read opens the manifest read-only. So does every read
+        of a manifest this user may not write (``_unwritable``): its access times stay as they are.
         """
-        if not self._journal_pending(0 if fold else _JOURNAL_FOLD_BYTES) and self.path.exists():
+        pending = self._journal_pending(0 if fold else _JOURNAL_FOLD_BYTES)
+        if self.path.exists() and (not pending or self._unwritable() is not None):
             with (
                 _interrupts_kept(),
                 self._thread_lock,
@@ -296,7 +304,8 @@ class Manifest:
                             return
                     finally:
                         self._detach(con)
-        # A journal to fold, no manifest, one that would not open or was never filled: the write path heals.
+        # A journal to fold, no manifest, one that would not open or was never filled: the write path heals
+        # (or, for a manifest this user may not write, says so).
         with self.write() as txn:
             yield txn.con
 
@@ -449,6 +458,9 @@ class Manifest:
     @contextmanager
     def _open_healed(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open for writing (exclusive lock held): a damaged file is set aside; a new one is filled from files."""
+        refused = self._unwritable()
+        if refused is not None:
+            raise refused
         # Asked before the file is opened (which may write it): as the last writer of this code left it?
         unknown = read_generation(self.root) is None
         opened = self._open(read_only=False)
@@ -493,6 +505,22 @@ class Manifest:
             self._detach(con)
             _SOUND[self.path] = _identity(self.path)  # what this writer leaves behind is sound
             note_manifest(self.root)
+
+    def _unwritable(self) -> StoreNotWritable | None:
+        """Why this user cannot write the manifest (the file or the store's directory, where DuckDB writes its
+        WAL: 0444, a teammate's shared store, a read-only mount), or None. DuckDB's error for it ("Permission
+        denied") looked like damage: the file was set aside and rebuilt, every access time lost, with a line
+        calling it unreadable; a directory it could not write ended in a traceback. Asked before each write."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY))  # no O_CREAT, no O_TRUNC: the file is left as it is
+        except OSError as exc:
+            if exc.errno in READ_ONLY_ERRNOS:
+                return StoreNotWritable(str(self.path), exc.strerror or str(exc), _READ_ONLY, what="manifest")
+        if not os.access(self.root, os.W_OK | os.X_OK, effective_ids=True):
+            read_only = os.statvfs(self.root).f_flag & os.ST_RDONLY
+            reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
+            return StoreNotWritable(str(self.root), reason, _READ_ONLY, what="store directory")
+        return None
 
     @staticmethod
     def _filled(con: duckdb.DuckDBPyConnection) -> bool:

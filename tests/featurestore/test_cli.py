@@ -18,7 +18,7 @@ import pytest
 from featurestore import FeatureStore, StoreFileUnreadable, StoreNotWritable
 from featurestore.cli import main as cli_main
 from tests.featurestore.test_gc import FEATURESTORE, REPO
-from tests.unprivileged import as_nobody
+from tests.unprivileged import as_nobody, nobody_ids
 
 COMMANDS = ["gc", "stats", "verify", "rebuild"]
 
@@ -144,6 +144,58 @@ def test_a_read_only_store_is_one_line_and_exit_2(read_only_store: Path) -> None
         assert (
             f"store lock={read_only_store}/" in done.stderr and "cannot be opened for writing" in done.stderr
         )
+
+
+@pytest.mark.parametrize("closed", ["manifest", "store directory"])
+def test_a_manifest_this_user_may_not_write_is_read_and_never_set_aside(closed: str) -> None:
+    """A teammate's shared store whose manifest (0444) or directory (0555) this user may not write. DuckDB's
+    "Permission denied" was taken for damage: the manifest set aside and rebuilt (every access time lost) with a
+    line calling it unreadable, by any read that had a journal to fold; a closed directory was a traceback. Now
+    reads open it read-only and a write is one line naming what it cannot write, exit 2."""
+    # Not under tmp_path: pytest's base directory is closed to nobody.
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o755)
+        store = FeatureStore(Path(shared) / "cache")
+        store.put_many([("seg-a", pa.table({"x": [1, 2]}), "A"), ("seg-b", pa.table({"x": [3]}), "B")])
+        store.get("seg-a")  # a hit in the journal: the next stats folds it, a write
+        for each in [store.root, *store.root.rglob("*")]:
+            os.chown(each, *nobody_ids())  # nobody's own store: only the modes below stand in its way
+        manifest = store.manifest.path
+        if closed == "manifest":
+            manifest.chmod(0o444)
+        else:
+            store.root.chmod(0o555)
+        before = manifest.read_bytes()
+
+        def run(*args: str) -> str:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                code = cli_main([*args, "--cache-root", str(store.root)])
+            return f"{code} {err.getvalue().strip()} {out.getvalue()}"
+
+        def as_user() -> str:
+            stats = run("stats", "--json")
+            gc = run("gc")
+            try:
+                FeatureStore(store.root).put("seg-c", pa.table({"x": [4]}))
+            except StoreNotWritable as exc:
+                return json.dumps([stats, gc, f"put: {exc}"])
+            return json.dumps([stats, gc, "put: written"])
+
+        answer = as_nobody(as_user)
+        assert answer.startswith("["), answer
+        stats, gc, put = json.loads(answer)
+        assert stats.startswith("0  {") and json.loads(stats[3:])["kinds"]["segment"]["entries"] == 2, stats
+        where = manifest if closed == "manifest" else store.root
+        refused = (
+            f"{closed}={where}: cannot be opened for writing (Permission denied); reads work, writes need write"
+            " access to it: ask its owner, or point the store elsewhere (--store, FEATURE_STORE_PATH, --cache-root)"
+        )
+        assert gc.strip() == f"2 featurestore gc: {refused}"
+        assert put == f"put: {refused}"
+        store.root.chmod(0o755)
+        assert sorted(path.name for path in store.root.glob("manifest.duckdb*")) == ["manifest.duckdb"]
+        assert manifest.read_bytes() == before  # neither set aside nor rebuilt
 
 
 @pytest.mark.parametrize("name", ["manifest.lock", "access.journal.lock", "access.journal"])
