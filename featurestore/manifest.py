@@ -381,26 +381,42 @@ class Manifest:
 
     def _foreign(self, con: duckdb.DuckDBPyConnection) -> duckdb.Error | None:
         """The error that shows the file is no manifest of this store's layout (tables without the columns every
-        format has: another program's DuckDB file), None if it is one. Such a file opened whole, and every query
-        then failed in a traceback (a Binder Error), so nothing healed it. A newer featurestore's manifest is
-        StoreFormatNewer here, as when its columns are all there: never set aside as damage."""
+        format has: another program's DuckDB file), or with a column this code cannot fill (NOT NULL without a
+        default: another tool's variant of the layout), None if it is one. Such a file opened whole, and every
+        query (without the columns) or every put (with the extra one: a ConstraintException traceback) then
+        failed, so nothing healed it. A newer featurestore's manifest is StoreFormatNewer here, as when its
+        columns are all ours: never set aside as damage."""
         found = con.execute(
-            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [_ALIAS]
+            "SELECT table_name, column_name, is_nullable OR column_default IS NOT NULL FROM duckdb_columns()"
+            " WHERE database_name = ?",
+            [_ALIAS],
         ).fetchall()
+        named = {(table, column) for table, column, _ in found}
         lacking = sorted(
             f"{table}.{column}"
             for table, columns in _REQUIRED.items()
             for column in columns
-            if (table, column) not in found
+            if (table, column) not in named
         )
-        if not lacking:
+        ours = {"entries": _COLUMNS, "counters": _REQUIRED["counters"]}
+        unfillable = sorted(
+            f"{table}.{column}"
+            for table, column, fillable in found
+            if table in ours and column not in ours[table] and not fillable
+        )
+        if not lacking and not unfillable:
             return None
         with contextlib.suppress(duckdb.Error):
             if (newer := self._format(con)) > STORE_FORMAT:
                 self._detach(con)
                 raise StoreFormatNewer.store_format(str(self.path), newer, STORE_FORMAT)
-        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
-        return duckdb.CatalogException(f"not a manifest: no column {', '.join(lacking[:3])}{more}")
+        if lacking:
+            more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+            return duckdb.CatalogException(f"not a manifest: no column {', '.join(lacking[:3])}{more}")
+        more = f" and {len(unfillable) - 3} more" if len(unfillable) > 3 else ""
+        return duckdb.CatalogException(
+            f"not this featurestore's layout: column {', '.join(unfillable[:3])}{more} is NOT NULL without a default"
+        )
 
     def _raise_if_disk_full(self, exc: duckdb.Error) -> None:
         """StoreDiskFull if DuckDB could not write for lack of space: one line, and never taken for damage (a
