@@ -67,8 +67,21 @@ def find_strays(root: Path, entries: Mapping[str, Entry]) -> Strays:
     # A directory made by hand where a file goes is no file to remove (GC's unlink was a traceback after its
     # commit, at every run); a read of its key says so in one line (StoreFileUnreadable). Asked of the few
     # strays only: a stat of every file would cost a large store's GC ~60,000 of them.
-    strays.orphans[:] = [path for path in strays.orphans if not path.is_dir()]
+    strays.orphans[:] = [path for path in in_store(strays.orphans) if not path.is_dir()]
+    strays.temporaries[:] = in_store(strays.temporaries)
     return strays
+
+
+def in_store(paths: list[Path]) -> list[Path]:
+    """Those of ``paths`` (files under ``data/`` or ``bodies/``) whose directory is no symbolic link. The store
+    makes those directories itself; one linked elsewhere by hand is outside the store, and GC removed the files
+    it found there (orphans to it) and, through a row, an expired key's file: GC never deletes there. One lstat
+    per directory, of the few files GC removes."""
+    linked: dict[Path, bool] = {}
+    for path in paths:
+        if path.parent not in linked:
+            linked[path.parent] = path.parent.is_symlink()
+    return [path for path in paths if not linked[path.parent]]
 
 
 def check_integrity(manifest: Manifest, *, deep: bool = True) -> IntegrityReport:
@@ -217,6 +230,7 @@ __all__ = [
     "Strays",
     "check_integrity",
     "find_strays",
+    "in_store",
     "rebuild",
     "restore_rows",
     "rows_from_files",

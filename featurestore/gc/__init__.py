@@ -119,13 +119,13 @@ def collect_garbage(
         for path in orphans + temporaries:
             say(f"{'would remove' if dry_run else 'remove'} stray file {path}")
         doomed = expired + missing + corrupt
-        sizes = {path: _size(path) for path in orphans + temporaries}
+        sizes = {path: _size(path, follow=False) for path in orphans + temporaries}
         if not dry_run:
             store.manifest.delete(txn.con, [entry.key for entry in doomed])
             released = store.manifest.unreferenced(txn.con, {entry.path for entry in expired + corrupt})
             # The COPY bodies of the contents no entry holds now go with them (any other's is an orphan above).
             released += _bodies.released(store.root, txn.con, (entry.content_hash for entry in doomed))
-            for path in released + orphans + temporaries:
+            for path in maintenance.in_store(released) + orphans + temporaries:
                 txn.after_commit(functools.partial(path.unlink, missing_ok=True))
     if not dry_run:
         store.manifest.checkpoint()
@@ -154,10 +154,9 @@ def _sound(entry: Entry, expected_size: int) -> bool | None:
     """Cheap check of ``entry``'s file (footer parses, names the key if it is the key's own, size matches the
     row): GC must not read every byte under the lock.
 
-    None when the file is missing."""
+    None when the file is missing; StoreFileUnreadable when something in the way makes it unreadable (a
+    symbolic link that loops: ``Path.exists`` answered False, so GC took it for missing and deleted its row)."""
     path = entry.path
-    if not path.exists():
-        return None
     try:
         if _packs.is_pack(path):
             _packs.read_footer_index(path)
@@ -170,16 +169,18 @@ def _sound(entry: Entry, expected_size: int) -> bool | None:
         return False
 
 
-def _size(path: Path) -> int:
+def _size(path: Path, *, follow: bool = True) -> int:
     try:
-        return path.stat().st_size
+        return path.stat(follow_symlinks=follow).st_size
     except FileNotFoundError:
         return 0
 
 
 def _mtime(path: Path) -> float:
+    """A stray's own time: a symbolic link's, not its target's (what GC removes is the link; a looping one was
+    an OSError traceback here, at every run)."""
     try:
-        return path.stat().st_mtime
+        return path.lstat().st_mtime
     except FileNotFoundError:
         return time.time()
 

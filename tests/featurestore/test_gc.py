@@ -140,6 +140,50 @@ def test_rows_with_missing_or_corrupt_files_are_removed(store: FeatureStore) -> 
     assert good.path.exists()
 
 
+def test_a_stored_file_that_is_a_looping_link_keeps_its_row_and_gc_goes_on(store: FeatureStore) -> None:
+    """Path.exists answers False for a link that loops: GC took it for missing and deleted its row (while a read
+    says "move it out of the way"), and the next GC, finding the link an orphan, was an OSError traceback."""
+    store.put("a", table())
+    store.put("b", table(offset=100))
+    path = store.lookup(["a"])["a"].path
+    path.unlink()
+    path.symlink_to(path)
+    for _ in range(2):
+        report = collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
+        assert (report.missing, report.orphans) == (0, 0)  # fails before: missing 1, then the traceback
+        assert len(report.unreadable) == 1 and "too many levels of symbolic links" in report.unreadable[0]
+        assert set(store.lookup(["a", "b"])) == {"a", "b"} and path.is_symlink()
+
+
+def test_gc_never_deletes_through_a_directory_linked_out_of_the_store(
+    store: FeatureStore, tmp_path: Path
+) -> None:
+    """A directory of the store replaced by a symbolic link to another place (by hand): GC removed the files it
+    found there as orphans, and an expired key's file through its row. Those files are not the store's to
+    delete; the rows of expired keys still go."""
+    store.put("a", table())
+    path = store.lookup(["a"])["a"].path
+    elsewhere = tmp_path / "elsewhere"
+    path.parent.rename(elsewhere)
+    path.parent.symlink_to(elsewhere)
+    stray = elsewhere / "stray.parquet"
+    stray.write_bytes(b"someone else's")
+    make_old(stray)
+    bodies = store.root / "bodies"
+    bodies.mkdir(exist_ok=True)
+    (bodies / "zz").symlink_to(elsewhere)  # a body-like name there too
+    body = elsewhere / "xxh3-0123456789abcdef.copy.body"
+    body.write_bytes(b"not ours")
+    make_old(body)
+    age(store, "a", weeks=10)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
+    assert report.expired == 1 and store.lookup(["a"]) == {}
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
+        [path.name, stray.name, body.name]
+    )  # before: []
+    assert report.orphans == 0
+
+
 def test_dry_run_removes_nothing(store: FeatureStore) -> None:
     entry = store.put("old", table())
     age(store, "old", 10)
