@@ -206,17 +206,22 @@ def released(root: Path, con: duckdb.DuckDBPyConnection, hashes: Iterable[str]) 
     wanted = sorted(set(hashes))
     if not wanted:
         return []
+    kept = held(con, wanted)
+    out: list[Path] = []
+    for content_hash in wanted:
+        if content_hash not in kept:
+            out.extend(_of_every_layout(root, content_hash))
+    return out
+
+
+def held(con: duckdb.DuckDBPyConnection, hashes: Iterable[str]) -> set[str]:
+    """Those of the content ``hashes`` some manifest entry holds (inside the caller's transaction)."""
     rows = con.execute(
         "SELECT DISTINCT content_hash FROM entries JOIN (SELECT unnest(?::VARCHAR[]) AS content_hash) w "
         "USING (content_hash)",
-        [wanted],
+        [sorted(set(hashes))],
     ).fetchall()
-    held = {row[0] for row in rows}
-    out: list[Path] = []
-    for content_hash in wanted:
-        if content_hash not in held:
-            out.extend(_of_every_layout(root, content_hash))
-    return out
+    return {row[0] for row in rows}
 
 
 __all__ = [
@@ -228,6 +233,7 @@ __all__ = [
     "encode",
     "files",
     "hash_of",
+    "held",
     "read",
     "released",
     "sizes",

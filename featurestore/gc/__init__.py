@@ -1,15 +1,16 @@
 """Garbage collection of a feature store, and its command line (``featurestore gc``, ``python -m featurestore.gc``).
 
-One exclusive manifest transaction decides everything, so no writer can publish while GC looks: entries not
-accessed for the retention period (access comes from the store's own journal, never from file atimes), rows whose
-file is missing or fails the footer-and-size check, files without a row (orphans), COPY bodies whose content no
-row holds (``featurestore._bodies``) and abandoned temporaries. Rows
-go first, files after COMMIT. Orphans and temporaries younger than the grace period are left alone, and so are the
+It removes entries not accessed for the retention period (access comes from the store's own journal, never from
+file atimes), rows whose file is missing or fails the footer-and-size check, files without a row (orphans), COPY
+bodies whose content no row holds (``featurestore._bodies``) and abandoned temporaries: found from a read of the
+manifest with files checked under no lock, then removed in one short exclusive transaction if the manifest still
+shows them as found (``collect_garbage``), so writers do not wait out the checks. Rows go first, files after
+COMMIT. Orphans and temporaries younger than the grace period are left alone, and so are the
 temporaries of a process still running on this machine whatever their age, so a write in flight in another
 process is never deleted. A pack (many keys in one file) is removed only when none of its keys is
 left: packs are not rewritten to drop dead keys, because a pack holds one batch of a refresh, whose keys are
-written, read and expire together (a pack with some keys expired is rare and small). Afterwards a CHECKPOINT compacts the manifest (DuckDB's VACUUM
-reclaims nothing).
+written, read and expire together (a pack with some keys expired is rare and small). Afterwards, if an entry went, a
+CHECKPOINT compacts the manifest (DuckDB's VACUUM reclaims nothing).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 from featurestore import _bodies, _files, _packs, maintenance
 from featurestore._cli import OneLineParser, add_root_option, open_store, path_argument
+from featurestore._duckdb import duckdb
 from featurestore.console import say
 from featurestore.errors import FeatureStoreError, StoreFileUnreadable
 from featurestore.manifest import Entry, utc_now
@@ -78,7 +80,14 @@ def collect_garbage(
     dry_run: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> GCReport:
-    """Remove expired entries, broken rows, orphan files and stale temporaries; then compact the manifest."""
+    """Remove expired entries, broken rows, orphan files and stale temporaries; then compact the manifest.
+
+    In two steps, so that writers are not kept waiting: what to remove is found from a read of the manifest
+    (files checked, strays listed, with no lock held), then one short exclusive transaction removes those
+    candidates the manifest still shows as found (a row unchanged and, if expired, not accessed since; a stray
+    that no row names). Everything under one exclusive transaction held the store's writers for the whole
+    check (2-3 s a run at 12,000 entries): a loop of gc starved them (measured: put median 103 ms alone,
+    2.7 s beside a gc loop, 7 puts in 20 s instead of 121)."""
     say = log or (lambda _line: None)
     now = utc_now()
     try:
@@ -87,47 +96,51 @@ def collect_garbage(
         cutoff = dt.datetime.min.replace(tzinfo=dt.UTC)
     stray_cutoff = time.time() - grace.total_seconds()
     manifest_before = _size(store.manifest.path)
-    with store.manifest.write() as txn:
-        entries = store.manifest.select(txn.con)
-        expired, missing, corrupt = [], [], []
-        sound: dict[Path, bool | None] = {}  # per file: a pack is checked once for all its keys
-        unreadable: dict[Path, str] = {}
-        for key, entry in entries.items():
-            if entry.path not in sound and entry.path not in unreadable:
-                try:
-                    sound[entry.path] = _sound(entry, entry.pack_bytes or entry.file_size_bytes)
-                except StoreFileUnreadable as exc:
-                    unreadable[entry.path] = str(exc)
-            if entry.path in unreadable:
-                # Another user's file or a directory made by hand: never removed (it is no damage, and GC cannot
-                # tell), nor may it stop the collection of every other entry until someone acts.
-                continue
-            if entry.last_accessed_ts < cutoff:
-                expired.append(entry)
-            elif sound[entry.path] is None:
-                missing.append(entry)
-            elif not sound[entry.path]:
-                corrupt.append(entry)
-            else:
-                continue
-            say(f"{'would remove' if dry_run else 'remove'} entry {key} ({entry.path})")
-        strays = maintenance.find_strays(store.root, entries)
-        orphans = [p for p in strays.orphans if _mtime(p) < stray_cutoff]
-        temporaries = [
-            p for p in strays.temporaries if _mtime(p) < stray_cutoff and not _files.writer_alive(p)
-        ]
-        for path in orphans + temporaries:
-            say(f"{'would remove' if dry_run else 'remove'} stray file {path}")
-        doomed = expired + missing + corrupt
-        sizes = {path: _size(path, follow=False) for path in orphans + temporaries}
-        if not dry_run:
+    with store.manifest.read() as con:  # folds the access journal: last access times are current
+        entries = store.manifest.select(con)
+    expired, missing, corrupt = [], [], []
+    sound: dict[Path, bool | None] = {}  # per file: a pack is checked once for all its keys
+    unreadable: dict[Path, str] = {}
+    for entry in entries.values():
+        if entry.path not in sound and entry.path not in unreadable:
+            try:
+                sound[entry.path] = _sound(entry, entry.pack_bytes or entry.file_size_bytes)
+            except StoreFileUnreadable as exc:
+                unreadable[entry.path] = str(exc)
+        if entry.path in unreadable:
+            # Another user's file or a directory made by hand: never removed (it is no damage, and GC cannot
+            # tell), nor may it stop the collection of every other entry until someone acts.
+            continue
+        if entry.last_accessed_ts < cutoff:
+            expired.append(entry)
+        elif sound[entry.path] is None:
+            missing.append(entry)
+        elif not sound[entry.path]:
+            corrupt.append(entry)
+    strays = maintenance.find_strays(store.root, entries)
+    orphans = [p for p in strays.orphans if _mtime(p) < stray_cutoff]
+    temporaries = [p for p in strays.temporaries if _mtime(p) < stray_cutoff and not _files.writer_alive(p)]
+    sizes = {path: _size(path, follow=False) for path in orphans + temporaries}
+    if not dry_run and (expired or missing or corrupt or orphans or temporaries):
+        with store.manifest.write() as txn:
+            held = store.manifest.select(txn.con, [entry.key for entry in expired + missing + corrupt])
+            expired = [e for e in expired if _unchanged(held, e) and held[e.key].last_accessed_ts < cutoff]
+            missing = [e for e in missing if _unchanged(held, e)]
+            corrupt = [e for e in corrupt if _unchanged(held, e)]
+            orphans = _still_orphans(store, txn.con, orphans)
+            doomed = expired + missing + corrupt
             store.manifest.delete(txn.con, [entry.key for entry in doomed])
             released = store.manifest.unreferenced(txn.con, {entry.path for entry in expired + corrupt})
             # The COPY bodies of the contents no entry holds now go with them (any other's is an orphan above).
             released += _bodies.released(store.root, txn.con, (entry.content_hash for entry in doomed))
             for path in maintenance.in_store(released) + orphans + temporaries:
                 txn.after_commit(functools.partial(path.unlink, missing_ok=True))
-    if not dry_run:
+    doomed = expired + missing + corrupt
+    for entry in doomed:
+        say(f"{'would remove' if dry_run else 'remove'} entry {entry.key} ({entry.path})")
+    for path in orphans + temporaries:
+        say(f"{'would remove' if dry_run else 'remove'} stray file {path}")
+    if not dry_run and doomed:
         store.manifest.checkpoint()
     return GCReport(
         root=str(store.root),
@@ -148,6 +161,27 @@ def collect_garbage(
         manifest_bytes_after=_size(store.manifest.path),
         unreadable=tuple(unreadable.values()),
     )
+
+
+def _unchanged(held: dict[str, Entry], seen: Entry) -> bool:
+    """Whether the manifest still holds ``seen``'s row as GC checked it (no put replaced it meanwhile)."""
+    now = held.get(seen.key)
+    return now is not None and (now.path, now.content_hash, now.created_ts, now.pack_offset) == (
+        seen.path,
+        seen.content_hash,
+        seen.created_ts,
+        seen.pack_offset,
+    )
+
+
+def _still_orphans(store: FeatureStore, con: duckdb.DuckDBPyConnection, orphans: list[Path]) -> list[Path]:
+    """Those ``orphans`` that no row names nor, for a COPY body, holds the content of: a put may have
+    published since GC listed them (its row goes in before its file is visible)."""
+    bodies = {path: _bodies.hash_of(path) for path in orphans if path.suffix == _bodies.SUFFIX}
+    data = store.manifest.unreferenced(con, [path for path in orphans if path not in bodies])
+    hashes = {content_hash for content_hash in bodies.values() if content_hash is not None}
+    held = _bodies.held(con, hashes) if hashes else set()
+    return data + [path for path, content_hash in bodies.items() if content_hash not in held]
 
 
 def _sound(entry: Entry, expected_size: int) -> bool | None:

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore, collect_garbage
+from featurestore import gc as gc_module
+from featurestore.manifest import Entry
 
 REPO = Path(__file__).resolve().parents[2]
 FEATURESTORE = str(Path(sys.executable).with_name("featurestore"))
@@ -182,6 +184,45 @@ def test_gc_never_deletes_through_a_directory_linked_out_of_the_store(
         [path.name, stray.name, body.name]
     )  # before: []
     assert report.orphans == 0
+
+
+_PUT = (
+    "import sys, pyarrow as pa; from featurestore import FeatureStore;"
+    " FeatureStore(sys.argv[1], lock_timeout=0).put('c', pa.table({'x': [1]}))"
+)
+
+
+def test_gc_checks_the_files_without_keeping_writers_waiting(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GC checked every file under the exclusive manifest lock, so a loop of gc starved the store's writers
+    (put median 103 ms alone, 2.7 s beside the loop). Now a put gets in while GC checks the files, and what
+    changed meanwhile is judged as it is at removal: an expired key read again stays, a put's new key stays."""
+    store.put("a", table())
+    store.put("b", table(offset=100))
+    age(store, "a", weeks=10)
+    age(store, "b", weeks=10)
+    puts: list[subprocess.CompletedProcess[str]] = []
+    check = gc_module._sound
+
+    def checked_while_another_process_writes(entry: Entry, expected_size: int) -> bool | None:
+        if not puts:
+            puts.append(
+                subprocess.run(
+                    [sys.executable, "-c", _PUT, str(store.root)],
+                    capture_output=True,
+                    text=True,
+                    cwd=REPO,
+                    timeout=120,
+                )
+            )
+            assert store.get("b") is not None  # a hit: b is no longer expired
+        return check(entry, expected_size)
+
+    monkeypatch.setattr(gc_module, "_sound", checked_while_another_process_writes)
+    report = collect_garbage(store, retention=dt.timedelta(weeks=4), grace=dt.timedelta(0))
+    assert puts[0].returncode == 0, puts[0].stderr  # fails before: StoreLockTimeout, the lock held by GC
+    assert report.expired == 1 and set(store.lookup(["a", "b", "c"])) == {"b", "c"}
 
 
 def test_dry_run_removes_nothing(store: FeatureStore) -> None:
