@@ -1784,8 +1784,9 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     (a newer one, written by a refresh meanwhile, stays for its refill). A body that cannot be made is a line in
     the refill's log and stays listed (``body_keys.finished``): the next refill tries it again, `refresher warm`
     makes it once it fetched its file again, and status says why only while it is listed (removing the list
-    instead left the line for good, whoever fetched the file again); anything else failing too (a full disk): the
-    list stays for the next refill. ``record``
+    instead left the line for good, whoever fetched the file again); the step failing as a whole (a store it
+    cannot open, a full disk): the list stays whole, left by its maker too (``body_keys.tried``: a refresh the
+    stamp answers spawns no refill to fail the same way; a load noting it, or `refresher warm`, tries again). ``record``
     (``_record_bodies``) is told how many it could not make (the step failing: those still without a body,
     ``_not_made``) and the first one's line before the list goes: ``wait_for_pool(bodies=)`` returns once it is
     gone, and status then says it."""
@@ -1796,7 +1797,9 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
         return
     if not _is_store(store_root):  # the store removed meanwhile: not made again here
         print(f"refresher: COPY bodies not made: no store at {store_root}", flush=True)
-        record(len(wanted), f"COPY bodies not made: no store at {store_root}")
+        with _STOPS.held():
+            record(len(wanted), f"COPY bodies not made: no store at {store_root}")
+            _finish_list(keys, inode, wanted)
         return
     _lower_own_priority()
     from featurestore import FeatureStore  # the work's own imports (pyarrow, pgpq) only where it is done
@@ -1806,8 +1809,13 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     try:
         made = make_listed(FeatureStore(store_root), wanted, say=lambda line: print(line, flush=True))
     except Exception as exc:
+        # Left by its maker (``body_keys.tried``), every listed segment kept (those made are skipped next time):
+        # left unmarked, every refresh the stamp answers spawned a refill failing the same way (a store it
+        # cannot open), until a load noted the list again.
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
-        record(_not_made(store_root, wanted), f"COPY bodies not made: {_failure_line(exc)}")
+        with _STOPS.held():
+            record(_not_made(store_root, wanted), f"COPY bodies not made: {_failure_line(exc)}")
+            _finish_list(keys, inode, wanted)
         return
     with _STOPS.held():  # a stop now: the record and the list agree
         record(len(made.said), made.said[0].removeprefix("refresher: ") if made.said else "")

@@ -441,3 +441,38 @@ def test_a_noop_refresh_spawns_no_refill_for_a_list_a_maker_left_until_a_load_no
     body_keys.add(keys, [added])  # a new segment noted: tried with the rest
     commands._refill_left_bodies(settings, "p", server)
     assert len(spawned) == 3 and body_keys.read(keys)[0] == [failed, added]
+
+
+def test_a_refill_whose_bodies_step_fails_leaves_the_list_to_no_noop_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refill's bodies step that fails as a whole (here the store cannot be opened: a newer featurestore's)
+    left the list as it was, unmarked: every refresh the stamp answers found it unheld and untried and spawned a
+    refill failing the same way. Now the list stays whole, left by its maker, until a load notes it again."""
+    import duckdb
+
+    from refresher import _refill_spawn, body_keys, commands, pool
+    from refresher.settings import Settings
+
+    spawned: list[tuple[Path, Path] | None] = []
+    monkeypatch.setattr(_refill_spawn, "spawn_refill", lambda server, **kw: spawned.append(kw.get("bodies")))
+    monkeypatch.setattr(pool, "_lower_own_priority", lambda: None)  # not this test process's priority
+    settings = Settings(state_dir=tmp_path / "state", store_root=tmp_path / "store", profiles_dirs=())
+    server = ServerInfo("local", "p", "localhost", 5432, "u", "pw", "db")
+    store = FeatureStore(settings.store_root)
+    store.put("AAPL-1m-2024-01", pa.table({"x": [1]}))
+    with duckdb.connect(str(store.manifest.path)) as con:
+        con.execute("UPDATE counters SET value = 3 WHERE name = 'store_format'")
+    keys = body_keys.keys_path(settings.state_dir, "p")
+    wanted = [Wanted(f"{s}-1m-2024-01", s, "2024-01", NY) for s in SYMBOLS]
+    body_keys.add(keys, wanted)
+    recorded: list[tuple[int, str]] = []
+    pool._make_bodies(keys, settings.store_root, lambda count, line: recorded.append((count, line)))
+    ((count, line),) = recorded
+    assert count == 3 and line.startswith("COPY bodies not made: ") and "store format 3" in line
+    assert body_keys.read(keys)[0] == wanted and body_keys.tried(keys)  # fails before: not tried
+    commands._refill_left_bodies(settings, "p", server)
+    assert spawned == []  # before: a refill spawned at every no-op refresh
+    body_keys.add(keys, wanted[:1])  # a load noted one again: worth another try
+    commands._refill_left_bodies(settings, "p", server)
+    assert spawned == [(keys, settings.store_root)]
