@@ -166,14 +166,15 @@ def add(path: Path, wanted: Iterable[Wanted]) -> bool:
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
+def _writing(path: Path, *, sweep: bool = True) -> Iterator[None]:
     """The turn of one writer of the list ``path``: its directory ``flock``ed exclusive (no file left behind; the
     list's own lock is the refills', ``hold``). A temporary of the list there as the turn begins is one a writer
-    killed before its rename left (each removes its own otherwise): it goes."""
+    killed before its rename left (each removes its own otherwise): it goes (``sweep``; a probe's turn,
+    ``_held``, leaves that to the writers)."""
     directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(directory, fcntl.LOCK_EX)
-        for left in os.listdir(path.parent):
+        for left in os.listdir(path.parent) if sweep else ():
             if left.startswith(f".{path.name}.") and left.endswith(".part"):
                 (path.parent / left).unlink(missing_ok=True)
         yield
@@ -284,17 +285,26 @@ def tried(path: Path) -> bool:
 
 
 def _held(path: Path) -> bool | None:
-    """Whether a refill holds the list ``path`` locked; None when there is no list."""
+    """Whether a refill holds the list ``path`` locked; None when there is no list.
+
+    The probe is an exclusive lock tried and let go, taken in turn with every other probe and writer of the list
+    (``_writing``): two probes at once (a refresh's ``unheld`` beside a ``wait_for_pool``, two no-op refreshes)
+    each found the other's probe holding the list and took it for a refill's, and a list no refill held was
+    said held (a refresh the stamp answers spawned no refill for it)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with _writing(path, sweep=False):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)  # in the turn: the next probe must not find this one
     except BlockingIOError:
         return True
+    except FileNotFoundError:  # its directory gone meanwhile: no list
+        return None
     finally:
-        os.close(fd)  # releases the probe's lock, if it took it
+        os.close(fd)
     return False
 
 

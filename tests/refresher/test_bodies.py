@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from refresher.segments import Segment
 from tests.fixtures_postgres import minute_bars
 
 pytestmark = pytest.mark.postgres
+REPO = Path(__file__).resolve().parents[2]
 NY = "America/New_York"
 JAN = dt.date(2024, 1, 1)
 OPEN_JAN_2 = dt.datetime(2024, 1, 2, 14, 30, tzinfo=dt.UTC)
@@ -476,3 +480,37 @@ def test_a_refill_whose_bodies_step_fails_leaves_the_list_to_no_noop_refresh(
     body_keys.add(keys, wanted[:1])  # a load noted one again: worth another try
     commands._refill_left_bodies(settings, "p", server)
     assert spawned == [(keys, settings.store_root)]
+
+
+_PROBES = """
+import sys, time
+from pathlib import Path
+from refresher import body_keys
+path, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    pass
+print(sum(1 for _ in range(int(sys.argv[3])) if not body_keys.unheld(path)))
+"""
+
+
+def test_probes_of_a_list_from_processes_at_once_never_take_each_other_for_a_refill(tmp_path: Path) -> None:
+    """``unheld``/``pending`` probe the list with an exclusive lock tried and let go; two probes at once each
+    found the other's and said the list held by a refill (three processes, 20,000 probes each: thousands so
+    before), so a refresh the stamp answers spawned no refill for a list no one held."""
+    from refresher import body_keys
+
+    keys = body_keys.keys_path(tmp_path / "state", "p")
+    body_keys.add(keys, [Wanted("AAPL-1m-2024-01", "AAPL", "2024-01", NY)])
+    start = time.time() + 3  # every process past its imports, then all probe together
+    probes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROBES, str(keys), str(start), "20000"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    said_held = [int(probe.communicate(timeout=300)[0]) for probe in probes]
+    assert said_held == [0, 0, 0]  # fails before: thousands
+    assert body_keys.unheld(keys)
