@@ -564,14 +564,14 @@ def _wait_started(conn: psycopg.Connection[Any], oid: int) -> None:
         time.sleep(0.001)
 
 
-def _wait_gone(conn: psycopg.Connection[Any], *pids: int | None) -> None:
-    """Wait (1 s at most) for the server processes ``pids`` (closed or ended sessions; None: none) to exit.
+def _wait_gone(conn: psycopg.Connection[Any], *pids: int | None, timeout: float = 1.0) -> None:
+    """Wait (``timeout`` s at most) for the server processes ``pids`` (closed or ended sessions; None: none) to exit.
 
     A rename of the database waits for every session on it, polling every 100 ms: the ledger check's own
     just-closed session, still exiting, made resets 10 ms -> 55 ms. Polling for it here takes a millisecond.
     """
     waiting = [pid for pid in pids if pid is not None]
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_activity is read once per transaction

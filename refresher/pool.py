@@ -51,7 +51,7 @@ from typing import Any, ParamSpec, TypeVar
 import psycopg
 from psycopg import conninfo, sql
 
-from refresher import _refill_spawn, body_keys
+from refresher import _refill_spawn, _refill_watch, body_keys
 from refresher._planner_stats import (
     analyze_stale,
     finish_recorded,
@@ -152,6 +152,8 @@ CONNECT_TIMEOUT = 10
 # How long a stopped refill waits for the server to take the cancel of a thread's query (``_Halt.halt``) before it
 # cuts that connection.
 CANCEL_TIMEOUT = 5.0
+# How long a refill waits for the sessions of a dead refill it ended to exit (``_end_dead``).
+DEAD_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -880,10 +882,11 @@ class _Stopped(KeyboardInterrupt):
     the query in flight (the CREATE DATABASE of a clone) as on a Ctrl-C, no ``except Exception`` of a step
     takes it for that step's failure, and the ``finally`` blocks run (a body's temporaries removed)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, reason: str | None = None) -> None:
         self.signum = signum
         self.name = signal.Signals(signum).name
-        super().__init__(f"stopped by {self.name}")
+        self.reason = reason  # the refill's own (``_Stops.give_up``): it failed, and exits 1
+        super().__init__(reason or f"stopped by {self.name}")
 
 
 class _Stops:
@@ -897,6 +900,7 @@ class _Stops:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None
         self._holding = 0
         self._raised = False
         self._halts: list[_Halt] = []
@@ -911,7 +915,15 @@ class _Stops:
             for halt in self._halts:  # told first: a helper's copy that ends meanwhile is not marked
                 halt.tell()
             self._raised = True
-            raise _Stopped(self.signum)
+            raise _Stopped(self.signum, self.reason)
+
+    def give_up(self, reason: str) -> None:
+        """Stop the refill as a SIGTERM does, from one of its threads (``_refill_watch``: its server stopped
+        answering), ``reason`` recorded as its failure: the stop's path is the one that ends a refill whose server
+        takes no cancel (``_Halt``), and a signal is what interrupts the main thread's wait on that server."""
+        if self.signum is None:
+            self.reason = reason
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
 
     @contextlib.contextmanager
     def telling(self, halt: _Halt) -> Iterator[None]:
@@ -921,6 +933,10 @@ class _Stops:
             yield
         finally:
             self._halts.remove(halt)
+
+    def told(self) -> list[_Halt]:
+        """The halts told of a stop now (``telling``): one halted halts them all (``_Halt.halt``)."""
+        return list(self._halts)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -950,10 +966,11 @@ _STOPS = _Stops()
 
 
 @contextlib.contextmanager
-def _running(admin_dsn: str, db: str) -> Iterator[tuple[Path | None, _Stopped | None]]:
+def _running(admin_dsn: str, db: str, session: str = "") -> Iterator[tuple[Path | None, _Stopped | None]]:
     """Note, while the body runs, that this process refills ``db``'s pool: ``<record>.running-<pid>`` beside the
-    outcome record (``_outcome_path``), holding when it started and which process it is (``owner_labels``: host,
-    pid namespace, pid and the process's start time, so a pid reused later is not taken for it).
+    outcome record (``_outcome_path``), holding when it started, which process it is (``owner_labels``: host,
+    pid namespace, pid and the process's start time, so a pid reused later is not taken for it) and the
+    ``application_name`` of its sessions (``session``: the next refill ends them if this one dies, ``_end_dead``).
 
     A refill ended outright (SIGKILL, the OOM killer) records no outcome: status showed neither a failure nor that
     a refill ran, the pool short without a word. Its note stays, and status tells it from a running one by its
@@ -981,9 +998,8 @@ def _running(admin_dsn: str, db: str) -> Iterator[tuple[Path | None, _Stopped | 
                 with _STOPS.held():
                     note = path.with_name(f"{path.name}{RUNNING_SUFFIX}{os.getpid()}")
                     part = note.with_name(f"{note.name}.part")
-                    part.write_text(
-                        json.dumps({"started": time.time_ns(), **owner_labels(os.getpid())}) + "\n"
-                    )
+                    labels = {"started": time.time_ns(), "session": session, **owner_labels(os.getpid())}
+                    part.write_text(json.dumps(labels) + "\n")
                     os.replace(part, note)
             except _Stopped as exc:
                 stopped = exc
@@ -1001,13 +1017,15 @@ def _note_files(path: Path) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class _RefillNote:
-    """A detached refill's note (``_running``): its file, when it started (ns), its pid, and whether its process
-    is gone (``owner_gone``: of this host and pid namespace, no process with its pid and start time runs)."""
+    """A detached refill's note (``_running``): its file, when it started (ns), its pid, whether its process is
+    gone (``owner_gone``: of this host and pid namespace, no process with its pid and start time runs), and the
+    ``application_name`` of its sessions ("" in a note from before it was noted)."""
 
     path: Path
     started: int
     pid: int
     gone: bool
+    session: str = ""
 
 
 def _refill_notes(path: Path) -> list[_RefillNote]:
@@ -1018,10 +1036,11 @@ def _refill_notes(path: Path) -> list[_RefillNote]:
         try:
             labels = json.loads(note.read_text())
             started, pid = int(labels.pop("started")), int(note.name.rsplit(RUNNING_SUFFIX, 1)[1])
+            session = str(labels.pop("session", ""))
             gone = owner_gone({key: str(value) for key, value in labels.items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        notes.append(_RefillNote(note, started, pid, gone))
+        notes.append(_RefillNote(note, started, pid, gone, session))
     return sorted(notes, key=lambda note: note.started)
 
 
@@ -1143,13 +1162,16 @@ def _refill(
     concurrency: int | None,
     handed: HandedOut | None = None,
     fill: bool = True,
+    dead: Collection[str] = (),
 ) -> int:
     """Bring planner statistics up to date (a database just ``handed`` out first, then every other one whose
     analysis a handout recorded and no finisher holds, the working database's beside the rest, the pristine
     copy's before any clone is made of it), sweep leftovers, then fill the pool's missing slots from up to
-    ``concurrency`` sessions at once. ``fill=False``: only the handed-out and recorded ones."""
+    ``concurrency`` sessions at once. ``fill=False``: only the handed-out and recorded ones. ``dead``: the
+    sessions of refills that died, ended first (``_end_dead``)."""
     halt = _Halt()
     with _admin(admin_dsn) as conn, halt.threads(1) as beside:
+        _end_dead(conn, dead)
         if background:
             _lower_priority(conn.info.backend_pid)
         _reopen_abandoned(conn, db)  # a reset killed with its door shut: the refill after a refresh opens it
@@ -1168,6 +1190,24 @@ def _refill(
         with _advisory(conn, db, REFILL, shared=True):
             _analyze_pristine(conn, admin_dsn, db, background, also=changed)
             return _sweep_and_fill(conn, admin_dsn, db, background, size, concurrency)
+
+
+def _end_dead(conn: psycopg.Connection[Any], sessions: Collection[str]) -> None:
+    """End the server sessions named ``sessions`` (``application_name``), those of refills that died (SIGKILL, the
+    OOM killer) with their notes left (``_running``): the server never heard them go while their query ran (a
+    clone's CREATE DATABASE, an ANALYZE), so each ran on to its end, holding its slot's lock, and left its copy
+    unmarked until a later refill swept it. Waited for (``DEAD_WAIT`` s at most), so the sweep that follows finds
+    their slots free and drops what they left; one that does not end (its process stopped) keeps its slot, and this
+    refill fills others. Best effort: a role that may not end them leaves them to run on, as before."""
+    if not sessions:
+        return
+    with contextlib.suppress(psycopg.Error):
+        rows = conn.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = ANY(%s) AND pid <> pg_backend_pid()",
+            (list(sessions),),
+        ).fetchall()
+        _wait_gone(conn, *(int(pid) for pid, _ in rows), timeout=DEAD_WAIT)
 
 
 def _sweep_and_fill(
@@ -1366,6 +1406,7 @@ class _Halt:
         self._halted = False  # a plain flag: set in the signal handler (``tell``), which must take no lock
         self._lock = threading.Lock()
         self._sessions: set[psycopg.Connection[Any]] = set()
+        self._cancelled: set[psycopg.Connection[Any]] = set()
 
     def is_set(self) -> bool:
         return self._halted
@@ -1385,16 +1426,37 @@ class _Halt:
         finally:
             with self._lock:
                 self._sessions.discard(conn)
+                self._cancelled.discard(conn)
 
     def halt(self) -> None:
+        """Cancel the queries of this halt's sessions and of every other halt the stop told (``_Stops.telling``),
+        all at once: each cancel a server does not take waits ``CANCEL_TIMEOUT`` before its session is cut, and one
+        after another (each helper's, then the analysis thread's) a stop took that long per session, ~20 s."""
+        sessions = [(halt, conn) for halt in {self, *_STOPS.told()} for conn in halt._to_cancel()]
+        cancels = [
+            threading.Thread(target=halt._cancel, args=(conn,), daemon=True) for halt, conn in sessions
+        ]
+        for each in cancels:
+            each.start()
+        # Each cancel keeps its own timeout, and a cut is at once: this bounds them all.
+        deadline = time.monotonic() + CANCEL_TIMEOUT + 1
+        for each in cancels:
+            each.join(max(0.0, deadline - time.monotonic()))
+
+    def _to_cancel(self) -> list[psycopg.Connection[Any]]:
+        """The sessions whose query a halt has not cancelled yet, halted from here on: a second halt (the outer
+        block's, the same stop's) sends no second cancel to wait out."""
         with self._lock:
             self._halted = True
-            sessions = list(self._sessions)
-        for conn in sessions:
-            try:
-                conn.cancel_safe(timeout=CANCEL_TIMEOUT)  # as psycopg's own on a KeyboardInterrupt
-            except psycopg.Error:
-                self._cut(conn)
+            sessions = list(self._sessions - self._cancelled)
+            self._cancelled |= self._sessions
+        return sessions
+
+    def _cancel(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.cancel_safe(timeout=CANCEL_TIMEOUT)  # as psycopg's own on a KeyboardInterrupt
+        except psycopg.Error:
+            self._cut(conn)
 
     def _cut(self, conn: psycopg.Connection[Any]) -> None:
         """Shut ``conn``'s socket down, its cancel not taken (a server whose postmaster does not answer, a dead
@@ -1934,7 +1996,7 @@ def main(argv: list[str] | None = None) -> int:
             return _refill_main(args)
         except _Stopped as exc:  # what it was at is recorded (``_refill_main``); its log says it too
             print(f"refill {args.database}: {exc}", flush=True)
-            return 128 + exc.signum
+            return 1 if exc.reason else 128 + exc.signum
 
 
 def _refill_main(args: argparse.Namespace) -> int:
@@ -1945,7 +2007,9 @@ def _refill_main(args: argparse.Namespace) -> int:
     while the server does not answer is recorded at once; none is when the server never answered (no path)."""
     os.nice(10)  # this process mostly waits on the server; it need not compete with what the caller runs next
     started = time.perf_counter()
-    dsn, db = _dead_peer_bounded(args.dsn), args.database
+    # Its sessions' name: the next refill ends them if this one dies (``_end_dead``), the watch finds them.
+    session = f"refresher refill {os.getpid()} {secrets.token_hex(4)}"
+    dsn, db = _dead_peer_bounded(conninfo.make_conninfo(args.dsn, application_name=session)), args.database
     handed = None
     if args.analyze:
         handed = HandedOut(args.analyze, tuple(name for name in args.also.split(",") if name))
@@ -1955,7 +2019,7 @@ def _refill_main(args: argparse.Namespace) -> int:
     said = False  # the bodies' step recorded its line: a stop after that keeps it
 
     ended = False  # the clones' step, its outcome to record
-    with _running(dsn, db) as (at, stopped):
+    with _running(dsn, db, session) as (at, stopped):
 
         def record_bodies(not_made: int, first: str) -> None:
             nonlocal said
@@ -1965,16 +2029,19 @@ def _refill_main(args: argparse.Namespace) -> int:
         try:
             if stopped is not None:  # while its note was written
                 raise stopped
+            dead = [note.session for note in _refill_notes(at) if note.gone and note.session] if at else []
             try:
-                created = _refill(
-                    dsn,
-                    db,
-                    background=args.background,
-                    size=None,
-                    concurrency=None,
-                    handed=handed,
-                    fill=not args.no_fill,
-                )
+                with _refill_watch.watching(dsn, session, local=args.background, silenced=_STOPS.give_up):
+                    created = _refill(
+                        dsn,
+                        db,
+                        background=args.background,
+                        size=None,
+                        concurrency=None,
+                        handed=handed,
+                        fill=not args.no_fill,
+                        dead=dead,
+                    )
             except Exception as exc:
                 ended, failed = True, exc
                 # Recorded for `refresher status`, then the traceback as before (to its log, if any).

@@ -5,7 +5,10 @@ by a hook (``HOOK``, as ``test_pool_refill_stopped``'s ``HOOKED``): a stop is re
 again, a thread's connect to it is given up at once, a dead server (its port's packets dropped with iptables,
 as root) ends the refill with its failure recorded instead of a wait for good, a stop cuts a thread's query whose
 cancel the server does not take, and the analyses a stop drops are never begun, left recorded for the next
-refill, while the one under way ends its work before the refill exits."""
+refill, while the one under way ends its work before the refill exits. A server that keeps its connections and
+never answers them (a backend stopped, or the whole server: its kernel still answers TCP keepalives) is given up
+on, said why; the cancels of a stop go out at once; the next refill ends the sessions a refill killed outright left
+copying."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from refresher.snapshot import pristine_name
 from tests.fixtures_postgres import refills_gone
 from tests.refresher.test_pool_refill_failed import record_files, record_path
 from tests.refresher.test_pool_refill_stopped import (
+    HOOKED,
     _blocking_copies,
     _copying,
     _databases,
@@ -53,13 +57,15 @@ __all__ = ["root"]  # a fixture, imported to be found
 # copy's analyzed copy is analyzed (made, connected to), its TCP keepalives and user timeout a few seconds
 # (``pool.KEEPALIVES_IDLE``...); "queued" appends each handed-out database it analyzes to argv[2], and
 # "ended:<name>" a second after that analysis ends, and holds the first one's analysis in the server
-# (pg_sleep(300)).
+# (pg_sleep(300)); "stuck" probes its server every half second (``_refill_watch``: two probes unanswered give up);
+# "cancels" copies three clones at once (``refill_concurrency`` 3) and appends "start <pid>" and "end <pid>" to
+# argv[2] + ".log" around each cancel it sends (``cancel_safe``: psycopg's own, ``_Halt``'s). Neither waits.
 HOOK = textwrap.dedent(
     """
     import sys, threading, time
     from pathlib import Path
     import psycopg
-    from refresher import pool
+    from refresher import _refill_watch, pool
 
     step, marker = sys.argv[1], Path(sys.argv[2])
 
@@ -113,6 +119,21 @@ HOOK = textwrap.dedent(
                 conn.execute("SELECT pg_sleep(300)")
             wait_past_autovacuum(conn)
         pool._analyze_handed_out, pool.wait_past_autovacuum = analyzing, holding
+    elif step == "stuck":
+        _refill_watch.WATCH_INTERVAL, _refill_watch.WATCH_TIMEOUT, _refill_watch.WATCH_MISSES = 0.5, 2, 2
+    elif step == "cancels":
+        pool.refill_concurrency = lambda cpus, rotational: 3
+        cancel_safe = psycopg.Connection.cancel_safe
+        def cancelling(self, *args, **kwargs):
+            pid = self.info.backend_pid
+            with open(f"{marker}.log", "a") as log:
+                log.write(f"start {pid}\\n")
+            try:
+                return cancel_safe(self, *args, **kwargs)
+            finally:
+                with open(f"{marker}.log", "a") as log:
+                    log.write(f"end {pid}\\n")
+        psycopg.Connection.cancel_safe = cancelling
     sys.exit(pool.main(sys.argv[3:]))
     """
 )
@@ -285,6 +306,24 @@ def test_a_refill_whose_server_host_is_gone_mid_query_fails_and_records_it(
     _next_refill_sweeps(server, ready=1, size=1)
 
 
+def _copies_unanswered(server: ServerInfo, step: str, copies: int, tmp_path: Path, script: str) -> int:
+    """Run the refill hooked at ``step`` (``script``: ``HOOK`` or ``HOOKED``) while each CREATE DATABASE waits
+    (``_blocking_copies``), stop the postmaster once ``copies`` of them wait and SIGTERM the refill; its exit code."""
+    blocker = _blocking_copies(server)
+    try:
+        with _postmaster_stopped(server) as stop:
+
+            def copying() -> bool:
+                if _copying(server) != copies:
+                    return False
+                stop()  # the test asks the server nothing more until it goes on
+                return True
+
+            return _stopped_at(step, server, [], tmp_path, copying, script=script)
+    finally:
+        blocker.close()
+
+
 def test_a_refill_stopped_while_its_server_takes_no_cancel_cuts_its_helpers_copy_and_records_the_stop(
     root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -293,19 +332,7 @@ def test_a_refill_stopped_while_its_server_takes_no_cancel_cuts_its_helpers_copy
     # when its cancel is not taken) then raised "the connection is closed" over the stop as its locks were let
     # go, recorded as a failure.
     server = _two_to_copy(root, monkeypatch, "copying")
-    blocker = _blocking_copies(server)
-    try:
-        with _postmaster_stopped(server) as stop:
-
-            def copying() -> bool:
-                if _copying(server) != 2:
-                    return False
-                stop()  # the test asks the server nothing more until it goes on
-                return True
-
-            assert _stopped_at("copying", server, [], tmp_path, copying) == 128 + signal.SIGTERM
-    finally:
-        blocker.close()
+    assert _copies_unanswered(server, "copying", 2, tmp_path, HOOKED) == 128 + signal.SIGTERM
     status = pool_status(server)
     assert "stopped by SIGTERM before it filled the pool" in status.failed and not status.ready, status
     assert record_files(record_path(server)) == [".lock", "record"]
@@ -351,3 +378,125 @@ def test_a_refill_stopped_with_analyses_queued_runs_none_of_them_and_the_next_re
     refills_gone(server.dbname)
     with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
         assert unfinished_analyses(conn) == []  # cleared by each analysis as it ends
+
+
+def _copier(server: ServerInfo) -> psutil.Process:
+    """The server process of the one session of ``server`` in a CREATE DATABASE now."""
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        [(pid,)] = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query ILIKE 'CREATE DATABASE%%'"
+        ).fetchall()
+    return psutil.Process(pid)
+
+
+@contextmanager
+def _stopping() -> Iterator[list[psutil.Process]]:
+    """A list to put processes in (the caller SIGSTOPs them), each SIGCONTed as the block ends."""
+    stopped: list[psutil.Process] = []
+    try:
+        yield stopped
+    finally:
+        for each in stopped:
+            each.resume()
+
+
+def _refill_sessions(server: ServerInfo) -> int:
+    """How many sessions of ``server`` a refill named (``pool._refill_main``)."""
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, 'refresher refill ')"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.parametrize(
+    ("stopped", "args"),
+    [("backend", ["--background"]), ("server", [])],
+    ids=["its-backend-stopped", "the-whole-server-stopped"],
+)
+def test_a_refill_whose_server_stops_answering_mid_copy_gives_up_records_why_and_the_next_one_fills(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stopped: str, args: list[str]
+) -> None:
+    # Before: the clone's CREATE DATABASE sent to a backend that was then stopped waited for good (its kernel
+    # answers the keepalives), and the refill with it: not ended 60 s later. Now a probe of the server from a
+    # connection of its own (the whole server: no answer in its timeout; this host's backend: its process
+    # stopped) gives up after a few unanswered ones, recorded as the refill's failure.
+    server = _two_to_copy(root, monkeypatch, f"stuck_{stopped}")
+    pool.resize_pool(server, 1)
+    blocker = _blocking_copies(server)  # the copy waits in the server: one under way
+    try:
+        with _postmaster_stopped(server) as stop_postmaster, _stopping() as processes:
+
+            def copying() -> bool:
+                if _copying(server) != 1:
+                    return False
+                processes.append(_copier(server))
+                processes[0].suspend()
+                if stopped == "server":
+                    stop_postmaster()  # the test asks it nothing more until it goes on
+                return True
+
+            assert _hooked("stuck", server, args, tmp_path, copying, None) == 1
+    finally:
+        blocker.close()
+    status = pool_status(server)
+    assert "gave up: the server did not answer for" in status.failed, status
+    assert "before it filled the pool" in status.failed and not status.refilling, status
+    assert record_files(record_path(server)) == [".lock", "record"]
+    # Its copy's session, cancelled while it was stopped, ends once it goes on; the next refill then fills.
+    deadline = time.monotonic() + 60
+    while _refill_sessions(server):
+        assert time.monotonic() < deadline, "the stopped copy's session never ended once it went on"
+        time.sleep(0.05)
+    pool.spawn_refill(server)
+    refills_gone(server.dbname)
+    status = pool_status(server)
+    assert (len(status.ready), status.failed) == (1, ""), status
+    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+
+
+def test_a_refill_stopped_while_its_server_takes_no_cancel_sends_its_helpers_cancels_at_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: each helper's cancel went out after the previous one had waited out its 5 s (the postmaster stopped
+    # takes none), then the analysis thread's: a stop took 5 s per session. Now they go out together.
+    server = _two_to_copy(root, monkeypatch, "cancels")
+    pool.resize_pool(server, 3)
+    assert _copies_unanswered(server, "cancels", 3, tmp_path, HOOK) == 128 + signal.SIGTERM
+    events = (tmp_path / "cancels.at.log").read_text().split("\n")[:-1]
+    # psycopg's own cancel of the main thread's copy first, then the halt's, one per helper.
+    main = events[0].split()[1]
+    assert events[:2] == [f"start {main}", f"end {main}"], events
+    helpers = events[2:]
+    assert len(helpers) == 4 and [each.split()[0] for each in helpers[:2]] == ["start", "start"], events
+    status = pool_status(server)
+    assert "stopped by SIGTERM before it filled the pool" in status.failed, status
+
+
+def test_the_next_refill_ends_the_sessions_a_killed_refill_left_copying(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: a refill killed outright (SIGKILL) left its copies' sessions in the server, which never heard it
+    # go: each finished its copy, unmarked, holding its slot, until a later refill swept it. Now the next refill
+    # ends them (their application_name, in the dead refill's note) before it sweeps.
+    server = _two_to_copy(root, monkeypatch, "killed")
+    blocker = _blocking_copies(server)
+    try:
+
+        def copying() -> bool:
+            return _copying(server) == 2
+
+        assert _stopped_at("copying", server, [], tmp_path, copying, signum=signal.SIGKILL) == -9
+        [dead] = _refill_notes(record_path(server))
+        assert dead.gone and dead.session, dead
+        assert _copying(server) == 2  # the server goes on with them
+        pool.spawn_refill(server, fill=False)  # a refill that only analyzes: it too ends them first
+        refills_gone(server.dbname)
+        assert _copying(server) == 0 and _refill_sessions(server) == 0
+    finally:
+        blocker.close()
+    refill_pool(server)
+    status = pool_status(server)
+    assert len(status.ready) == 2, status
+    assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
+    assert dead.path.exists()  # status still says it died, until a refill records how the pool was left
