@@ -41,6 +41,9 @@ PoolSize = int | Literal["auto"]
 # 0 asks once. Every other command asks once: a human at a terminal wants an answer now.
 CONNECT_TIMEOUT_ENV = "REFRESHER_WORKER_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 60.0
+# The jobs' queue namespace for a queue URL that names none (`?namespace=`; refresher.jobs.namespace): two
+# checkouts sharing one $REFRESHER_QUEUE each set their own here, and share no job.
+QUEUE_NAMESPACE_ENV = "REFRESHER_QUEUE_NAMESPACE"
 
 
 def compose_project(checkout: Path) -> str:
@@ -121,6 +124,8 @@ class Settings:
     compose_project: str = ""
     # The jobs' queue ($REFRESHER_QUEUE); None: the compose Redis of this checkout when `make up` runs it.
     queue_url: str | None = None
+    # Its namespace when the URL names none ($REFRESHER_QUEUE_NAMESPACE, as given; checked by the jobs commands).
+    queue_namespace: str | None = None
     # Warm clones per loaded profile ($REFRESHER_POOL_SIZE, `refresh --pool-size`, which wins). None: for the CLI,
     # the size the server's pristine snapshot records as the user's (a size given once sticks), else the default
     # each snapshot decides (DEFAULT_POOL_SIZE, or 0 where a copy is fast and no reflink: FAST_COPY); for the
@@ -178,6 +183,7 @@ class Settings:
             cache_dir=cache_directory(env),
             compose_project=env.get("REFRESHER_COMPOSE_PROJECT") or compose_project(CHECKOUT),
             queue_url=env.get("REFRESHER_QUEUE") or None,
+            queue_namespace=env.get(QUEUE_NAMESPACE_ENV) or None,
             connect_timeout_text=env.get(CONNECT_TIMEOUT_ENV),
             # An override (the CLI flag) wins, and then a bad variable is not an error: it is not used.
             pool_size=None

@@ -24,7 +24,8 @@ from rich.table import Table
 
 from refresher.cli import _say
 from refresher.errors import JobError, one_line
-from refresher.jobs.queue import open_queue, out_of_memory, unreachable, wait_for_queue
+from refresher.jobs.namespace import Namespace, in_namespace, namespace_of, split_queue_url
+from refresher.jobs.queue import open_queue, out_of_memory, public_url, unreachable, wait_for_queue
 from refresher.jobs.runs import (
     Deleted,
     RunStatus,
@@ -35,8 +36,9 @@ from refresher.jobs.runs import (
     requeue_lost,
     retry_dead,
     run_status,
+    runs_in_default,
 )
-from refresher.settings import Settings
+from refresher.settings import QUEUE_NAMESPACE_ENV, Settings
 
 out = Console()
 
@@ -53,12 +55,16 @@ def run(args: argparse.Namespace, settings: Settings, emit: Callable[..., None])
         raise JobError(
             "--queue: give the Redis URL (or set REFRESHER_QUEUE, or run `make up`)", field="queue"
         )
+    # The namespace in the URL from here on, $REFRESHER_QUEUE_NAMESPACE's when the URL names none: a worker and
+    # every library call take it from there. Checked before Redis is asked: a bad name is one line, exit 2.
+    args.queue = in_namespace(args.queue, settings.queue_namespace, args.queue_label, QUEUE_NAMESPACE_ENV)
     try:
         if args.command == "worker":
             return _worker(args, settings, emit)
         if args.jobs_command == "submit":
             return _submit(args, settings, emit)
-        return _jobs(args, open_queue(args.queue, args.queue_label), emit, settings)
+        ns = namespace_of(args.queue, args.queue_label)
+        return _jobs(args, open_queue(args.queue, args.queue_label), ns, emit, settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(args.queue, exc, args.queue_label) from exc
     except redis.OutOfMemoryError as exc:  # at its maxmemory: a submit, cancel or requeue was a traceback
@@ -82,41 +88,48 @@ def _submit(args: argparse.Namespace, settings: Settings, emit: Callable[..., No
         say=_say,
     )
     hold = f", held until {done.held_until}" if done.held_until else ""
-    emit(args, done.to_json(), lambda: print(f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold})"))
+    line = f"{done.run_id}  ({done.jobs} jobs, {done.priority}{hold}, namespace {done.namespace})"
+    emit(args, done.to_json(), lambda: print(line))
     return 0
 
 
 def _jobs(
-    args: argparse.Namespace, client: redis.Redis, emit: Callable[..., None], settings: Settings
+    args: argparse.Namespace,
+    client: redis.Redis,
+    ns: Namespace,
+    emit: Callable[..., None],
+    settings: Settings,
 ) -> int:
+    """Each action within namespace ``ns``: no run of another is seen, moved or removed."""
     action = args.jobs_command
     if action == "status":
         if args.watch and not args.json:
             # a run that ends with dead-lettered jobs fails the command, so a script waiting on it can tell
-            return 1 if _watch(client, args.run_id) == "incomplete" else 0
-        state = run_status(client, args.run_id)
+            return 1 if _watch(client, args.run_id, ns) == "incomplete" else 0
+        state = run_status(client, args.run_id, ns=ns)
         emit(args, state.to_json(), lambda: _print_status(state))
     elif action == "list":
-        runs = list_runs(client)
-        emit(args, {"runs": [r.to_json() for r in runs]}, lambda: out.print(_list_table(runs)))
+        runs, default = list_runs(client, ns=ns), runs_in_default(client, ns)
+        listed = {"namespace": ns.name, "runs": [r.to_json() for r in runs], "runs_in_default": default}
+        emit(args, listed, lambda: _print_list(args.queue, ns, runs, default))
     elif action in ("retry-dead", "requeue"):
         # the dead-lettered jobs, or those lost with their stream
         which, again = ("dead", retry_dead) if action == "retry-dead" else ("lost", requeue_lost)
-        moved = again(client, args.run_id)
+        moved = again(client, args.run_id, ns=ns)
         emit(
             args,
             {"run_id": args.run_id, "requeued": moved},
             lambda: print(f"{args.run_id}: {moved} {which} job(s) back on the queue"),
         )
     elif action == "cancel":
-        state = cancel_run(client, args.run_id)
+        state = cancel_run(client, args.run_id, ns=ns)
         emit(args, state.to_json(), lambda: print(f"{args.run_id}: cancelled ({state.done} done)"))
     elif action == "delete":
-        gone = delete_run(client, args.run_id, force=args.force, settings=settings)
+        gone = delete_run(client, args.run_id, force=args.force, settings=settings, ns=ns)
         emit(args, gone.to_json(), lambda: _print_deleted(gone))
     elif action == "prune":
         age = parse_age(args.older_than)
-        gone = prune_runs(client, age, force=args.force, dry_run=args.dry_run, settings=settings)
+        gone = prune_runs(client, age, force=args.force, dry_run=args.dry_run, settings=settings, ns=ns)
         emit(args, gone.to_json(), lambda: _print_deleted(gone))
     return 0
 
@@ -217,7 +230,8 @@ def _print_status(state: RunStatus) -> None:
 
 
 def _status_table(state: RunStatus) -> Table:
-    table = Table(title=f"run {state.run_id}  {state.profile} -> {state.target}", show_header=False)
+    title = f"run {state.run_id}  {state.profile} -> {state.target}  (namespace {state.namespace})"
+    table = Table(title=title, show_header=False)
     rate = f"{state.rows_per_second:,.0f} rows/s" if state.rows_per_second else "-"
     eta = f"{state.eta_seconds:,.0f} s" if state.eta_seconds is not None else "-"
     held = f" until {state.held_until}" if state.held_until else ""
@@ -239,6 +253,19 @@ def _status_table(state: RunStatus) -> Table:
     return table
 
 
+def _print_list(url: str, ns: Namespace, runs: list[RunStatus], default: int) -> None:
+    """``jobs list``: which namespace it looked at first (two on one Redis database show two lists), its runs,
+    and the default namespace's when this is another: the runs submitted before a namespace was set."""
+    print(f"namespace {ns.name} at {public_url(split_queue_url(url)[0])}: {len(runs)} run(s)")
+    if runs:
+        out.print(_list_table(runs))
+    if default:
+        print(
+            f"{default} run(s) in the default namespace ({ns.name!r} is another): "
+            "--queue without ?namespace= (and no $REFRESHER_QUEUE_NAMESPACE) shows them"
+        )
+
+
 def _list_table(runs: list[RunStatus]) -> Table:
     table = Table("run", "profile", "priority", "state", "done", "dead", "rows")
     for r in runs:
@@ -256,12 +283,12 @@ def _lost(state: RunStatus) -> str:
     )
 
 
-def _watch(client: redis.Redis, run_id: str) -> str:
+def _watch(client: redis.Redis, run_id: str, ns: Namespace) -> str:
     """Show the run until nothing of it is left to run; its final state. A run that lost jobs never ends: one
     line and exit status 2 rather than waiting for good."""
-    with Live(_status_table(run_status(client, run_id)), console=out, refresh_per_second=4) as live:
+    with Live(_status_table(run_status(client, run_id, ns=ns)), console=out, refresh_per_second=4) as live:
         while True:
-            state = run_status(client, run_id)
+            state = run_status(client, run_id, ns=ns)
             live.update(_status_table(state))
             if state.state in ("complete", "cancelled", "incomplete"):
                 return state.state

@@ -36,7 +36,10 @@ def _parse_connect_timeout(text: str) -> float:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``jobs`` and ``worker`` on the main parser's subcommands."""
-    queue_help = "Redis URL, e.g. redis://HOST:6379/0 ($REFRESHER_QUEUE; default: the Redis of `make up`)"
+    queue_help = (
+        "Redis URL, e.g. redis://HOST:6379/0, or redis://HOST:6379/0?namespace=NAME for a queue of its own on a "
+        "shared database ($REFRESHER_QUEUE, $REFRESHER_QUEUE_NAMESPACE; default: the Redis of `make up`)"
+    )
 
     def queue_arg(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--queue", default=None, help=queue_help)

@@ -1,6 +1,6 @@
 """The Redis side of segment jobs: key names, the four priority streams, and the scripts that move a job.
 
-Layout (every key under ``refresher:``):
+Layout (every key under its namespace's prefix, ``refresher:`` by default: ``refresher.jobs.namespace``):
 
 - ``jobs:{tier}``: one stream per priority tier, consumer group ``workers``; an entry is one job (JSON).
 - ``dead``: the dead-letter stream (job, error text, attempts).
@@ -32,24 +32,27 @@ from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from refresher.errors import JobError, one_line
+from refresher.jobs.namespace import DEFAULT, Namespace, split_queue_url
 from refresher.jobs.retry import backoff_seconds
 from refresher.jobs.tiers import TIERS as TIERS
 from refresher.jobs.tiers import WEIGHTS as WEIGHTS
 
-PREFIX = "refresher:"
 GROUP = "workers"
-RUNS = PREFIX + "runs"
-DEAD = PREFIX + "dead"
-RETRY = PREFIX + "retry"
-FEATURES_DUE = PREFIX + "features-due"
-HELD = PREFIX + "held"
+# The default namespace's keys by the names they had before namespaces (``refresher.jobs.namespace``), for tests
+# and scripts that look into a default queue: the library itself names every key through the queue's ``Namespace``.
+PREFIX = DEFAULT.prefix
+RUNS = DEFAULT.runs
+DEAD = DEFAULT.dead
+RETRY = DEFAULT.retry
+FEATURES_DUE = DEFAULT.features_due
+HELD = DEFAULT.held
 # Runs whose keys are removed but whose stream entries, dead letters and retries may not be yet: a prune or delete
 # killed between its two steps leaves them here, and the next one removes what is left.
-DELETING = PREFIX + "deleting"
+DELETING = DEFAULT.deleting
 # Runs removed whose fence row (``refresher.fence``) their target may still hold, each with its spec (the target):
 # written in the step that removes the runs' keys, read and cleared once the prune tried their targets; a prune
 # killed before that leaves them here, and the next one tries them.
-FENCES_DUE = PREFIX + "fences-due"
+FENCES_DUE = DEFAULT.fences_due
 
 
 def text(value: Any) -> str:
@@ -58,7 +61,8 @@ def text(value: Any) -> str:
 
 
 def stream_key(tier: str) -> str:
-    return f"{PREFIX}jobs:{tier}"
+    """The default namespace's stream of ``tier`` (``Namespace.stream``)."""
+    return DEFAULT.stream(tier)
 
 
 def redis_time(client: redis.Redis) -> float:
@@ -68,7 +72,8 @@ def redis_time(client: redis.Redis) -> float:
 
 
 def run_key(run_id: str, part: str = "") -> str:
-    return f"{PREFIX}run:{run_id}" + (f":{part}" if part else "")
+    """The default namespace's key of a run (``Namespace.run``)."""
+    return DEFAULT.run(run_id, part)
 
 
 def features_fence_name(run_id: str) -> str:
@@ -76,23 +81,26 @@ def features_fence_name(run_id: str) -> str:
     return f"features:{run_id}"
 
 
-def no_such_run(run_id: str) -> JobError:
-    return JobError(f"run {run_id!r}: no such run (see `refresher jobs list`)", field="run", value=run_id)
+def no_such_run(run_id: str, ns: Namespace = DEFAULT) -> JobError:
+    where = "" if ns.is_default else f" in namespace {ns.name!r}"
+    return JobError(
+        f"run {run_id!r}: no such run{where} (see `refresher jobs list`)", field="run", value=run_id
+    )
 
 
-def run_spec(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
+def run_spec(client: redis.Redis, run_id: str, ns: Namespace = DEFAULT) -> dict[str, Any] | None:
     """A run's spec; None when its hash has none: never submitted, or deleted by hand (Redis's data lost), with
     perhaps what a worker's counter left of it. Every check that a run is still there is this one, or, in the
     scripts, ``run_gone`` (``_RUN_GONE``)."""
-    raw = client.hget(run_key(run_id), "spec")
+    raw = client.hget(ns.run(run_id), "spec")
     return json.loads(raw) if raw is not None else None
 
 
-def require_run(client: redis.Redis, run_id: str) -> dict[str, Any]:
+def require_run(client: redis.Redis, run_id: str, ns: Namespace = DEFAULT) -> dict[str, Any]:
     """A run's spec, or the one line that there is no such run."""
-    spec = run_spec(client, run_id)
+    spec = run_spec(client, run_id, ns)
     if spec is None:
-        raise no_such_run(run_id)
+        raise no_such_run(run_id, ns)
     return spec
 
 
@@ -138,9 +146,11 @@ def connect(
     a host gone silent: ``REPLY_TIMEOUT``); ``label`` names where the URL came from in an error (``--queue``,
     ``REFRESHER_QUEUE``); ``within``: a bound below ``REPLY_TIMEOUT`` (and ``CONNECT_TIMEOUT``) for each try, for
     a question that must be answered by then (``wait_for_queue``)."""
+    # The namespace is ours: redis-py hands a parameter it does not know to each connection, which refuses it.
+    redis_url, _ns = split_queue_url(url, label)
     try:
         client = redis.Redis.from_url(
-            url,
+            redis_url,
             retry=_retry(retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             socket_connect_timeout=min(CONNECT_TIMEOUT, within),
@@ -256,23 +266,23 @@ def wait_for_queue(
         attempt += 1
 
 
-def ensure_groups(client: redis.Redis) -> None:
+def ensure_groups(client: redis.Redis, ns: Namespace = DEFAULT) -> None:
     """Make the streams and their group where missing. Asked first: Redis at its maxmemory refuses XGROUP CREATE
     (its OOM check comes before BUSYGROUP) even for a group that exists, and a worker's thread, or a submit, died
     on that refusal."""
     for tier in TIERS:
-        if _has_group(client, tier):
+        if _has_group(client, ns.stream(tier)):
             continue
         try:
-            client.xgroup_create(stream_key(tier), GROUP, id="0", mkstream=True)
+            client.xgroup_create(ns.stream(tier), GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
 
-def _has_group(client: redis.Redis, tier: str) -> bool:
+def _has_group(client: redis.Redis, stream: str) -> bool:
     try:
-        return any(text(group["name"]) == GROUP for group in client.xinfo_groups(stream_key(tier)))
+        return any(text(group["name"]) == GROUP for group in client.xinfo_groups(stream))
     except redis.ResponseError:  # no such stream yet (or not a stream: XGROUP CREATE then says so)
         return False
 
@@ -692,11 +702,13 @@ return 1
 
 
 class JobQueue:
-    """The operations a worker performs on the streams; each is one round trip. ``say`` hears a line for each
-    entry set aside as not a job."""
+    """The operations a worker performs on the streams of one namespace (``ns``), and on no other's; each is one
+    round trip. ``say`` hears a line for each entry set aside as not a job."""
 
-    def __init__(self, client: redis.Redis, say: Callable[[str], None] | None = None) -> None:
-        self.client = client
+    def __init__(
+        self, client: redis.Redis, say: Callable[[str], None] | None = None, ns: Namespace = DEFAULT
+    ) -> None:
+        self.client, self.ns = client, ns
         self._say = say
         self._not_a_job = client.register_script(_NOT_A_JOB)
         self._start = client.register_script(_START)
@@ -727,13 +739,13 @@ class JobQueue:
         """Up to ``count`` new jobs from the tier whose turn it is, else from the next non-empty tier; blocks
         when every stream is empty."""
         for tier in self._tier_order():
-            got = self.client.xreadgroup(GROUP, consumer, {stream_key(tier): ">"}, count=count)
+            got = self.client.xreadgroup(GROUP, consumer, {self.ns.stream(tier): ">"}, count=count)
             if got:
                 return self._deliveries(got)
         if block_ms <= 0:
             return []
         got = self.client.xreadgroup(
-            GROUP, consumer, {stream_key(t): ">" for t in TIERS}, count=1, block=block_ms
+            GROUP, consumer, {self.ns.stream(t): ">" for t in TIERS}, count=1, block=block_ms
         )
         return self._deliveries(got) if got else []
 
@@ -753,9 +765,9 @@ class JobQueue:
         except ValueError as exc:
             payload = fields.get(b"job", repr(fields).encode())
             error = f"not a job: {exc}"
-            self._not_a_job(keys=[text(stream), DEAD], args=[GROUP, text(mid), payload, error])
+            self._not_a_job(keys=[text(stream), self.ns.dead], args=[GROUP, text(mid), payload, error])
             if self._say is not None:
-                self._say(f"stream entry {text(stream)} {text(mid)} set aside in {DEAD}: {error}")
+                self._say(f"stream entry {text(stream)} {text(mid)} set aside in {self.ns.dead}: {error}")
             return None
 
     def reclaim(self, consumer: str, min_idle_ms: int) -> list[tuple[Delivery, int]]:
@@ -763,14 +775,14 @@ class JobQueue:
         count, so a job that keeps killing workers can be dead-lettered."""
         out: list[tuple[Delivery, int]] = []
         for tier in TIERS:
-            reply = self.client.xautoclaim(stream_key(tier), GROUP, consumer, min_idle_ms, "0-0", count=1)
+            reply = self.client.xautoclaim(self.ns.stream(tier), GROUP, consumer, min_idle_ms, "0-0", count=1)
             for mid, fields in reply[1]:
                 if fields is None:  # deleted while pending (Redis < 7 reports these)
                     continue
-                delivery = self._parsed(stream_key(tier), mid, fields)
+                delivery = self._parsed(self.ns.stream(tier), mid, fields)
                 if delivery is None:
                     continue
-                info = self.client.xpending_range(stream_key(tier), GROUP, mid, mid, 1)
+                info = self.client.xpending_range(self.ns.stream(tier), GROUP, mid, mid, 1)
                 out.append((delivery, int(info[0]["times_delivered"]) if info else 1))
         return out
 
@@ -779,7 +791,7 @@ class JobQueue:
         delivery count stays)."""
         pipe = self.client.pipeline(transaction=False)
         for d in deliveries:
-            pipe.xclaim(stream_key(d.tier), GROUP, consumer, 0, [d.message_id], justid=True)
+            pipe.xclaim(self.ns.stream(d.tier), GROUP, consumer, 0, [d.message_id], justid=True)
         pipe.execute()
 
     def started(self, delivery: Delivery, consumer: str, now: float) -> str | None:
@@ -787,7 +799,7 @@ class JobQueue:
         cancelled or gone run are dropped)."""
         run = delivery.job["run"]
         state = self._start(
-            keys=[run_key(run), run_key(run, "inflight")], args=[delivery.message_id, consumer, now]
+            keys=[self.ns.run(run), self.ns.run(run, "inflight")], args=[delivery.message_id, consumer, now]
         )
         return text(state) if state else None
 
@@ -798,12 +810,12 @@ class JobQueue:
         run = delivery.job["run"]
         result = self._finish(
             keys=[
-                stream_key(delivery.tier),
-                run_key(run),
-                run_key(run, "done"),
-                run_key(run, "inflight"),
-                FEATURES_DUE,
-                run_key(run, "dead-segs"),
+                self.ns.stream(delivery.tier),
+                self.ns.run(run),
+                self.ns.run(run, "done"),
+                self.ns.run(run, "inflight"),
+                self.ns.features_due,
+                self.ns.run(run, "dead-segs"),
             ],
             args=[GROUP, delivery.message_id, delivery.job["seg"], rows, int(loaded), now, run],
         )
@@ -816,11 +828,11 @@ class JobQueue:
         run = job["run"]
         self._retry(
             keys=[
-                stream_key(delivery.tier),
-                run_key(run),
-                RETRY,
-                run_key(run, "inflight"),
-                run_key(run, "done"),
+                self.ns.stream(delivery.tier),
+                self.ns.run(run),
+                self.ns.retry,
+                self.ns.run(run, "inflight"),
+                self.ns.run(run, "done"),
             ],
             args=[GROUP, delivery.message_id, json.dumps(job, sort_keys=True), due, "", "", job["seg"]],
         )
@@ -829,12 +841,12 @@ class JobQueue:
         run = delivery.job["run"]
         self._dead(
             keys=[
-                stream_key(delivery.tier),
-                run_key(run),
-                DEAD,
-                run_key(run, "inflight"),
-                run_key(run, "done"),
-                run_key(run, "dead-segs"),
+                self.ns.stream(delivery.tier),
+                self.ns.run(run),
+                self.ns.dead,
+                self.ns.run(run, "inflight"),
+                self.ns.run(run, "done"),
+                self.ns.run(run, "dead-segs"),
             ],
             args=[
                 GROUP,
@@ -850,53 +862,54 @@ class JobQueue:
     def complete(self, run: str, features: str, snapshot: str, token: bytes) -> bool:
         """Mark a run complete with its features' counts, and no longer due; False, nothing written, when its
         features lock no longer holds ``token`` (this worker's: it was held up past the lock, another may hold it)."""
-        keys = [run_key(run), FEATURES_DUE, run_key(run, "features-lock")]
+        keys = [self.ns.run(run), self.ns.features_due, self.ns.run(run, "features-lock")]
         return int(self._complete(keys=keys, args=[run, features, snapshot, token])) >= 0
 
     def features_failed(self, run: str, limit: int, error: str, token: bytes) -> int:
         """Count a failed features attempt; past ``limit`` the run ends incomplete with ``error``. Returns the
         attempt, or -1 when the run is gone (no longer due; nothing of it made again), -2 (nothing counted) when
         its features lock is another worker's (expired: when the run is no longer due)."""
-        keys = [run_key(run), FEATURES_DUE, run_key(run, "features-lock")]
+        keys = [self.ns.run(run), self.ns.features_due, self.ns.run(run, "features-lock")]
         return int(self._features_failed(keys=keys, args=[run, limit, error, token]))
 
     def features_backoff(self, run: str, token: bytes, seconds: float) -> bool:
         """Hand the run's features lock (``token``'s, or expired) to a failed attempt's backoff: no worker takes it
         for ``seconds``, in Redis's own time. False, nothing set, when the lock is another worker's."""
-        keys = [run_key(run, "features-lock")]
+        keys = [self.ns.run(run, "features-lock")]
         return bool(self._features_backoff(keys=keys, args=[token, max(int(seconds * 1000), 1)]))
 
     def features_fence(self, run: str, token: bytes) -> int:
         """A fencing token for the holder of the run's features lock (``token``): larger than every earlier
         holder's; -1 when the lock no longer holds ``token``, or the run is gone (deleted)."""
-        keys = [run_key(run, "features-lock"), run_key(run, "features-fence"), run_key(run)]
+        keys = [self.ns.run(run, "features-lock"), self.ns.run(run, "features-fence"), self.ns.run(run)]
         return int(self._features_fence(keys=keys, args=[token]))
 
     def run_gone(self, run: str) -> bool:
         """Whether the run is gone (``run_spec``: deleted)."""
-        return run_spec(self.client, run) is None
+        return run_spec(self.client, run, self.ns) is None
 
     def drop(self, delivery: Delivery) -> None:
         """Acknowledge a job of a cancelled run without running it."""
         self._drop(
-            keys=[stream_key(delivery.tier), run_key(delivery.job["run"], "inflight")],
+            keys=[self.ns.stream(delivery.tier), self.ns.run(delivery.job["run"], "inflight")],
             args=[GROUP, delivery.message_id],
         )
 
     # -- housekeeping ---------------------------------------------------------------------------------------
 
     def promote_due(self, now: float, limit: int = 1000) -> int:
-        return int(self._promote(keys=[RETRY], args=[now, limit, PREFIX]))
+        return int(self._promote(keys=[self.ns.retry], args=[now, limit, self.ns.prefix]))
 
     def release_held(self, now: float) -> int:
         """Release every held run whose hold has passed; returns the jobs released."""
         released = 0
-        for member in self.client.smembers(HELD):
+        for member in self.client.smembers(self.ns.held):
             run = text(member)
-            tier = text(self.client.hget(run_key(run), "priority") or b"normal")
+            tier = text(self.client.hget(self.ns.run(run), "priority") or b"normal")
             released += int(
                 self._release(
-                    keys=[run_key(run, "held"), run_key(run), stream_key(tier), HELD], args=[now, run]
+                    keys=[self.ns.run(run, "held"), self.ns.run(run), self.ns.stream(tier), self.ns.held],
+                    args=[now, run],
                 )
             )
         return released
@@ -909,6 +922,7 @@ def enqueue(
     *,
     chunk: int = 5000,
     alive: tuple[str, int] | None = None,
+    ns: Namespace = DEFAULT,
 ) -> list[float]:
     """XADD ``payloads`` to a tier's stream, pipelined by ``chunk``; returns seconds per chunk. ``alive`` (a key,
     seconds) is set to expire that long after each chunk: while it lives, the enqueueing is still going on."""
@@ -919,7 +933,7 @@ def enqueue(
         if alive is not None:
             pipe.set(alive[0], 1, ex=alive[1])
         for payload in payloads[start : start + chunk]:
-            pipe.xadd(stream_key(tier), {"job": payload})
+            pipe.xadd(ns.stream(tier), {"job": payload})
         pipe.execute()
         timings.append(time.perf_counter() - began)
     return timings

@@ -22,22 +22,15 @@ import redis
 from refresher.dsn import served_here
 from refresher.errors import JobError, one_line
 from refresher.fence import drop_fences
+from refresher.jobs.namespace import DEFAULT, Namespace
 from refresher.jobs.queue import (
     CANCEL,
-    DEAD,
     DELETE_RUNS,
-    DELETING,
-    FEATURES_DUE,
-    FENCES_DUE,
     GROUP,
-    HELD,
-    PREFIX,
     REQUEUE,
-    RETRY,
     REVIVE,
     REVIVE_FEATURES,
     RUNNING_STATES,
-    RUNS,
     STATUS,
     TIERS,
     WEIGHTS,
@@ -48,9 +41,7 @@ from refresher.jobs.queue import (
     no_such_run,
     redis_time,
     require_run,
-    run_key,
     run_spec,
-    stream_key,
     text,
 )
 from refresher.jobs.segment import SegmentJob
@@ -106,6 +97,7 @@ class Submitted:
     # Seconds per pipelined chunk of XADDs, for the benchmark's per-job latencies.
     chunk_seconds: list[float] = field(default_factory=list)
     chunk_size: int = 5000
+    namespace: str = DEFAULT.name
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -129,10 +121,11 @@ def submit_jobs(
     now: dt.datetime,
     held_until_ts: float | None = None,
     chunk: int = 5000,
+    ns: Namespace = DEFAULT,
 ) -> Submitted:
-    """Record the run, then enqueue its jobs (or park them while the run is held)."""
+    """Record the run in namespace ``ns``, then enqueue its jobs (or park them while the run is held)."""
     began = time.perf_counter()
-    ensure_groups(client)
+    ensure_groups(client, ns)
     run_id = new_run_id(now)
     segments = [str(job.segment) for job in jobs]
     payloads = [
@@ -142,7 +135,7 @@ def submit_jobs(
     state = "held" if held_until_ts is not None else ("queued" if payloads else "loaded")
     pipe = client.pipeline(transaction=True)
     pipe.hset(
-        run_key(run_id),
+        ns.run(run_id),
         mapping={
             "spec": json.dumps(asdict(spec), sort_keys=True),
             "priority": spec.priority,
@@ -159,23 +152,23 @@ def submit_jobs(
     )
     # While its jobs are being enqueued, fewer in the stream than counted is no loss (``lost``); a submitter
     # killed midway (or Redis losing the last second of its writes) lets the key expire, and the loss shows.
-    submitting = (run_key(run_id, "submitting"), SUBMITTING_TTL)
+    submitting = (ns.run(run_id, "submitting"), SUBMITTING_TTL)
     pipe.set(submitting[0], 1, ex=submitting[1])
-    pipe.zadd(RUNS, {run_id: now.timestamp()})
-    pipe.set(run_key(run_id, "jobs"), _job_list(segments, jobs))
+    pipe.zadd(ns.runs, {run_id: now.timestamp()})
+    pipe.set(ns.run(run_id, "jobs"), _job_list(segments, jobs))
     if state == "loaded":
-        pipe.sadd(FEATURES_DUE, run_id)
+        pipe.sadd(ns.features_due, run_id)
     pipe.execute()
     timings: list[float] = []
     try:
         if state == "held":
             for start in range(0, len(payloads), chunk):
                 t0 = time.perf_counter()
-                client.rpush(run_key(run_id, "held"), *payloads[start : start + chunk])
+                client.rpush(ns.run(run_id, "held"), *payloads[start : start + chunk])
                 timings.append(time.perf_counter() - t0)
-            client.sadd(HELD, run_id)
+            client.sadd(ns.held, run_id)
         else:
-            timings = enqueue(client, spec.priority, payloads, chunk=chunk, alive=submitting)
+            timings = enqueue(client, spec.priority, payloads, chunk=chunk, alive=submitting, ns=ns)
     except redis.OutOfMemoryError as exc:
         # Recorded, some of its jobs not: they show lost at once (no minute's wait for the key to expire), and
         # requeue adds exactly those once Redis has room. A held run's list of jobs is short, or the run is not
@@ -199,6 +192,7 @@ def submit_jobs(
         round(time.perf_counter() - began, 4),
         timings,
         chunk,
+        ns.name,
     )
 
 
@@ -239,6 +233,8 @@ class RunStatus:
     # Jobs counted submitted that are neither in the run's stream nor done, dead, retrying or held: the stream
     # was trimmed or deleted by hand. A lower bound (the stream holds other runs' jobs too); nothing runs them.
     lost: int = 0
+    # The namespace the run is in (``refresher.jobs.namespace``).
+    namespace: str = DEFAULT.name
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,14 +244,16 @@ def _int(raw: dict[bytes, bytes], name: str) -> int:
     return int(raw.get(name.encode(), b"0"))
 
 
-def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) -> RunStatus:
+def run_status(
+    client: redis.Redis, run_id: str, *, now: float | None = None, ns: Namespace = DEFAULT
+) -> RunStatus:
     began = time.perf_counter()
-    keys = [run_key(run_id, part) for part in ("", "inflight", "held", "submitting")]
-    replies = client.register_script(STATUS)(keys=[*keys, *map(stream_key, TIERS)], args=[GROUP])
+    keys = [ns.run(run_id, part) for part in ("", "inflight", "held", "submitting")]
+    replies = client.register_script(STATUS)(keys=[*keys, *map(ns.stream, TIERS)], args=[GROUP])
     flat = replies[0]
     raw = dict(zip(flat[::2], flat[1::2], strict=True))
     if b"spec" not in raw:  # none, or what a worker's counter left of a hash deleted by hand (``run_spec``)
-        raise no_such_run(run_id)
+        raise no_such_run(run_id, ns)
     in_flight, held = int(replies[1]), int(replies[2])
     tiers, lengths = [], {}
     for i, tier in enumerate(TIERS):
@@ -298,25 +296,33 @@ def run_status(client: redis.Redis, run_id: str, *, now: float | None = None) ->
         read_ms=round((time.perf_counter() - began) * 1000, 3),
         error=raw[b"error"].decode() if b"error" in raw else None,
         lost=lost,
+        namespace=ns.name,
     )
 
 
-def list_runs(client: redis.Redis, limit: int = 50) -> list[RunStatus]:
+def list_runs(client: redis.Redis, limit: int = 50, *, ns: Namespace = DEFAULT) -> list[RunStatus]:
+    """The ``limit`` latest runs of namespace ``ns``, newest first."""
     runs = []
-    for member in client.zrevrange(RUNS, 0, limit - 1):
+    for member in client.zrevrange(ns.runs, 0, limit - 1):
         try:
-            runs.append(run_status(client, text(member)))
+            runs.append(run_status(client, text(member), ns=ns))
         except JobError:  # its hash deleted by hand, its id left in the index
             continue
     return runs
 
 
-def cancel_run(client: redis.Redis, run_id: str) -> RunStatus:
+def runs_in_default(client: redis.Redis, ns: Namespace) -> int:
+    """How many runs the default namespace holds when ``ns`` is another (0 when it is the default): the runs a
+    checkout submitted before it set a namespace are there, not lost, and ``jobs list`` says so."""
+    return 0 if ns.is_default else int(client.zcard(DEFAULT.runs))
+
+
+def cancel_run(client: redis.Redis, run_id: str, *, ns: Namespace = DEFAULT) -> RunStatus:
     """Stop a run: workers acknowledge its remaining jobs without running them; loaded segments stay."""
     cancel = client.register_script(CANCEL)  # checked and cancelled in one step (``CANCEL``)
-    if not cancel(keys=[run_key(run_id), run_key(run_id, "held"), HELD], args=[run_id]):
-        raise no_such_run(run_id)
-    return run_status(client, run_id)
+    if not cancel(keys=[ns.run(run_id), ns.run(run_id, "held"), ns.held], args=[run_id]):
+        raise no_such_run(run_id, ns)
+    return run_status(client, run_id, ns=ns)
 
 
 # `jobs requeue` and `jobs retry-dead` of one run exclude each other: two at once (an operator and a cron job), or a
@@ -347,8 +353,8 @@ class _Fence:
 
 
 @contextmanager
-def _requeue_lock(client: redis.Redis, run_id: str, action: str) -> Iterator[_Fence]:
-    key = run_key(run_id, "requeue-lock")
+def _requeue_lock(client: redis.Redis, run_id: str, action: str, ns: Namespace) -> Iterator[_Fence]:
+    key = ns.run(run_id, "requeue-lock")
     lock = client.lock(key, timeout=_REQUEUE_LOCK_TTL, blocking=False, thread_local=False)
     if not lock.acquire():
         raise JobError(
@@ -361,26 +367,26 @@ def _requeue_lock(client: redis.Redis, run_id: str, action: str) -> Iterator[_Fe
         yield _Fence(run_id, action, key, lock.local.token)
 
 
-def retry_dead(client: redis.Redis, run_id: str) -> int:
+def retry_dead(client: redis.Redis, run_id: str, *, ns: Namespace = DEFAULT) -> int:
     """Put a run's dead-lettered jobs back on their stream with a fresh attempt count, and its features when
     they failed; returns how many jobs. Each is checked and moved in one step (``REVIVE``): a run deleted
     meanwhile is not made again as a hash without a spec. Never beside a requeue of the run (``_requeue_lock``),
     nor once its lock was lost (``_Fence``)."""
-    require_run(client, run_id)
-    with _requeue_lock(client, run_id, "retry-dead") as fence:
+    require_run(client, run_id, ns)
+    with _requeue_lock(client, run_id, "retry-dead", ns) as fence:
         revive = client.register_script(REVIVE)
         moved = 0
-        entries: Any = client.xrange(DEAD)
+        entries: Any = client.xrange(ns.dead)
         for entry_id, fields in entries:
             if text(fields.get(b"run", b"")) != run_id:
                 continue
             job = {**json.loads(fields[b"job"]), "attempt": 0}
             keys = [
-                DEAD,
-                stream_key(job["tier"]),
-                run_key(run_id),
-                run_key(run_id, "dead-segs"),
-                run_key(run_id, "done"),
+                ns.dead,
+                ns.stream(job["tier"]),
+                ns.run(run_id),
+                ns.run(run_id, "dead-segs"),
+                ns.run(run_id, "done"),
                 fence.key,
             ]
             args = [entry_id, json.dumps(job, sort_keys=True), job["seg"], fence.token]
@@ -389,13 +395,13 @@ def retry_dead(client: redis.Redis, run_id: str) -> int:
                 raise fence.lost(f"{moved} dead job(s) back")
             moved += result
         if not moved:  # its features failed: again, fresh attempts
-            keys = [run_key(run_id), FEATURES_DUE, fence.key]
+            keys = [ns.run(run_id), ns.features_due, fence.key]
             if int(client.register_script(REVIVE_FEATURES)(keys=keys, args=[run_id, fence.token])) < 0:
                 raise fence.lost("0 dead job(s) back")
     return moved
 
 
-def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000) -> int:
+def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000, ns: Namespace = DEFAULT) -> int:
     """``jobs requeue``: put back on the run's stream its lost jobs (the stream trimmed or deleted by hand, a
     submit killed midway), fresh attempts; returns how many. Lost: submitted (``run:{id}:jobs``), yet neither in
     the stream nor done, dead or waiting out a retry. Each source is read once its jobs can only have left for one
@@ -404,17 +410,19 @@ def requeue_lost(client: redis.Redis, run_id: str, *, chunk: int = 1000) -> int:
     ``retry_dead``, which the lock keeps out until this ends, as it does a second requeue. A job taken by a worker
     whose stream entry was trimmed goes back too; its second run is a no-op (the ledger) and counts once (the done
     set). Run again, it finds nothing lost. A run cancelled or deleted meanwhile stops it with a ``JobError``."""
-    spec = require_run(client, run_id)
-    with _requeue_lock(client, run_id, "requeue") as fence:
-        return _requeue_locked(client, fence, spec, chunk)
+    spec = require_run(client, run_id, ns)
+    with _requeue_lock(client, run_id, "requeue", ns) as fence:
+        return _requeue_locked(client, fence, spec, chunk, ns)
 
 
-def _requeue_locked(client: redis.Redis, fence: _Fence, spec: dict[str, Any], chunk: int) -> int:
+def _requeue_locked(
+    client: redis.Redis, fence: _Fence, spec: dict[str, Any], chunk: int, ns: Namespace
+) -> int:
     run_id = fence.run_id
     pipe = client.pipeline(transaction=True)
-    pipe.get(run_key(run_id, "jobs"))
-    pipe.hget(run_key(run_id), "state")
-    pipe.exists(run_key(run_id, "submitting"))
+    pipe.get(ns.run(run_id, "jobs"))
+    pipe.hget(ns.run(run_id), "state")
+    pipe.exists(ns.run(run_id, "submitting"))
     blob, state, submitting = pipe.execute()
     if blob is None:
         raise JobError(
@@ -433,18 +441,18 @@ def _requeue_locked(client: redis.Redis, fence: _Fence, spec: dict[str, Any], ch
     if text(state) != "queued":  # held: its jobs wait in Redis; else every job is settled
         return 0
     tier = spec["priority"]
-    stream = stream_key(tier)
-    known = _segments_of(run_id, _retries(client, chunk))
+    stream = ns.stream(tier)
+    known = _segments_of(run_id, _retries(client, chunk, ns))
     in_stream, last = _stream_jobs(client, stream, chunk, "-")
     known |= _segments_of(run_id, in_stream)
-    known |= _segments_of(run_id, _retries(client, chunk))
-    known |= _segments_of(run_id, (fields.get(b"job") for _id, fields in _entries(client, DEAD, chunk)))
+    known |= _segments_of(run_id, _retries(client, chunk, ns))
+    known |= _segments_of(run_id, (fields.get(b"job") for _id, fields in _entries(client, ns.dead, chunk)))
     known |= _segments_of(run_id, _stream_jobs(client, stream, chunk, last)[0])
-    known |= {text(m) for m in client.sscan_iter(run_key(run_id, "done"), count=chunk)}
+    known |= {text(m) for m in client.sscan_iter(ns.run(run_id, "done"), count=chunk)}
     jobs = _jobs_of_list(blob)
     lost = [(seg, _payload(run_id, tier, seg, "", tz, force)) for seg, tz, force in jobs if seg not in known]
     script = client.register_script(REQUEUE)
-    keys = [run_key(run_id), run_key(run_id, "done"), stream, run_key(run_id, "submitting"), fence.key]
+    keys = [ns.run(run_id), ns.run(run_id, "done"), stream, ns.run(run_id, "submitting"), fence.key]
     added = 0
     for start in range(0, len(lost), chunk):
         args: list[bytes | str] = [fence.token]
@@ -453,7 +461,7 @@ def _requeue_locked(client: redis.Redis, fence: _Fence, spec: dict[str, Any], ch
         if result == -2:  # stopped past its lock's expiry: another requeue may have put these back already
             raise fence.lost(f"{added} of {len(lost)} lost job(s)")
         if result < 0:  # cancelled, deleted or finished meanwhile: it said "K lost job(s) back", exit 0
-            now = client.hget(run_key(run_id), "state") if run_spec(client, run_id) is not None else None
+            now = client.hget(ns.run(run_id), "state") if run_spec(client, run_id, ns) is not None else None
             why = f"{text(now)} meanwhile" if now is not None else "deleted meanwhile"
             raise JobError(
                 f"run {run_id!r}: {why}, requeue stopped after {added} of {len(lost)} lost job(s)",
@@ -493,8 +501,8 @@ def _entries(
         yield from entries
 
 
-def _retries(client: redis.Redis, chunk: int) -> Iterator[bytes]:
-    return (payload for payload, _due in client.zscan_iter(RETRY, count=chunk))
+def _retries(client: redis.Redis, chunk: int, ns: Namespace) -> Iterator[bytes]:
+    return (payload for payload, _due in client.zscan_iter(ns.retry, count=chunk))
 
 
 def _segments_of(run_id: str, payloads: Iterable[bytes | None]) -> set[str]:
@@ -528,31 +536,32 @@ def delete_runs(
     force: bool = False,
     chunk: int = 1000,
     settings: Settings | None = None,
+    ns: Namespace = DEFAULT,
 ) -> Deleted:
     """Remove runs and all their keys (``DELETE_RUNS``), then their entries in the streams, the dead letters and
     the retries, ``chunk`` at a time; a running one only with ``force``. The entries of runs an earlier delete or
-    prune removed without finishing (killed between the two steps: ``DELETING``) go too. With ``settings`` (the
+    prune removed without finishing (killed between the two steps: the ``deleting`` set) go too. With ``settings`` (the
     CLI's), the deleted runs' fences go from their targets too (``_drop_fences``)."""
     deleted: list[str] = []
     running: dict[str, str] = {}
     if run_ids:
-        deleted, refused, states = _delete_keys(client, run_ids, force)
+        deleted, refused, states = _delete_keys(client, run_ids, force, ns)
         running = dict(zip(refused, states, strict=True))
-    unfinished = {text(m) for m in client.smembers(DELETING)}  # this one's, and any a killed one left
-    entries = _remove_entries(client, unfinished, chunk) if unfinished else 0
+    unfinished = {text(m) for m in client.smembers(ns.deleting)}  # this one's, and any a killed one left
+    entries = _remove_entries(client, unfinished, chunk, ns) if unfinished else 0
     if unfinished:
-        client.srem(DELETING, *unfinished)
-    fences, left = _drop_due_fences(client, settings) if settings is not None else (0, {})
+        client.srem(ns.deleting, *unfinished)
+    fences, left = _drop_due_fences(client, settings, ns) if settings is not None else (0, {})
     return Deleted(deleted, running, entries, fences=fences, fences_left=left)
 
 
-def _drop_due_fences(client: redis.Redis, settings: Settings) -> tuple[int, dict[str, str]]:
-    """``_drop_fences`` of the runs in ``FENCES_DUE``: those ``DELETE_RUNS`` just removed whose features step
+def _drop_due_fences(client: redis.Redis, settings: Settings, ns: Namespace) -> tuple[int, dict[str, str]]:
+    """``_drop_fences`` of the runs in the ``fences-due`` hash: those ``DELETE_RUNS`` just removed whose features step
     claimed its fence in its target (a token was handed out: ``run:{id}:features-fence``; the others have no row
     there), and any a prune killed before their targets were tried left. Recorded in the step that removes the
     runs' keys: read from the specs before it, and dropped after it, a prune killed in between left the rows for
     good (the specs gone). Cleared once tried, reached or not: a target down for good is not tried again."""
-    due = {text(run): raw for run, raw in client.hgetall(FENCES_DUE).items()}
+    due = {text(run): raw for run, raw in client.hgetall(ns.fences_due).items()}
     if not due:
         return 0, {}
     fenced = {}
@@ -563,7 +572,7 @@ def _drop_due_fences(client: redis.Redis, settings: Settings) -> tuple[int, dict
         except (ValueError, TypeError, KeyError):  # a spec written by hand: no target to try, and not kept
             continue
     done = _drop_fences(settings, fenced)
-    client.hdel(FENCES_DUE, *due)
+    client.hdel(ns.fences_due, *due)
     return done
 
 
@@ -605,11 +614,11 @@ def _drop_fences(settings: Settings, fenced: dict[str, tuple[str, str]]) -> tupl
 
 
 def _delete_keys(
-    client: redis.Redis, run_ids: Sequence[str], force: bool
+    client: redis.Redis, run_ids: Sequence[str], force: bool, ns: Namespace
 ) -> tuple[list[str], list[str], list[str]]:
-    """``DELETE_RUNS``: the runs deleted (now in ``DELETING``), those refused, and the states of the refused."""
+    """``DELETE_RUNS``: the runs deleted (now in the ``deleting`` set), those refused, and the states of the refused."""
     script = client.register_script(DELETE_RUNS)
-    reply: Any = script(args=[int(force), PREFIX, ",".join(RUNNING_STATES), *run_ids])
+    reply: Any = script(args=[int(force), ns.prefix, ",".join(RUNNING_STATES), *run_ids])
     deleted, refused, states = ([text(r) for r in part] for part in reply)
     return deleted, refused, states
 
@@ -629,21 +638,21 @@ def _run_of(raw: bytes | None) -> str | None:
     return str(job.get("run")) if job is not None else None
 
 
-def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
+def _remove_entries(client: redis.Redis, runs: set[str], chunk: int, ns: Namespace) -> int:
     """Remove the jobs of ``runs`` from every stream (acknowledged first, so no consumer keeps a pending entry
     pointing at nothing), their dead letters and waiting retries; returns how many. Each stream is read ``chunk``
     entries at a time: Redis answers others between two reads. The runs' hashes are gone already, so no job of
     theirs is added meanwhile; one read by a worker meanwhile is only acknowledged by it."""
     removed = 0
-    for stream in [*(stream_key(tier) for tier in TIERS), DEAD]:
+    for stream in [*(ns.stream(tier) for tier in TIERS), ns.dead]:
         for entries in _chunks(client, stream, chunk):
-            if stream == DEAD:
+            if stream == ns.dead:
                 doomed = [mid for mid, fields in entries if text(fields.get(b"run", b"")) in runs]
             else:
                 doomed = [mid for mid, fields in entries if _run_of(fields.get(b"job")) in runs]
             if doomed:
                 pipe = client.pipeline(transaction=False)
-                if stream != DEAD:
+                if stream != ns.dead:
                     pipe.xack(stream, GROUP, *doomed)
                 pipe.xdel(stream, *doomed)
                 replies = pipe.execute(raise_on_error=False)
@@ -651,19 +660,24 @@ def _remove_entries(client: redis.Redis, runs: set[str], chunk: int) -> int:
                     if isinstance(reply, redis.ResponseError) and "NOGROUP" not in str(reply):
                         raise reply
                 removed += int(replies[-1])
-    doomed_retries = [p for p in _retries(client, chunk) if _run_of(p) in runs]
+    doomed_retries = [p for p in _retries(client, chunk, ns) if _run_of(p) in runs]
     for start in range(0, len(doomed_retries), chunk):
-        removed += int(client.zrem(RETRY, *doomed_retries[start : start + chunk]))
+        removed += int(client.zrem(ns.retry, *doomed_retries[start : start + chunk]))
     return removed
 
 
 def delete_run(
-    client: redis.Redis, run_id: str, *, force: bool = False, settings: Settings | None = None
+    client: redis.Redis,
+    run_id: str,
+    *,
+    force: bool = False,
+    settings: Settings | None = None,
+    ns: Namespace = DEFAULT,
 ) -> Deleted:
     """``jobs delete RUN``: a running run is refused in one line unless ``force``."""
-    if run_spec(client, run_id) is None and client.zscore(RUNS, run_id) is None:
-        raise no_such_run(run_id)
-    done = delete_runs(client, [run_id], force=force, settings=settings)
+    if run_spec(client, run_id, ns) is None and client.zscore(ns.runs, run_id) is None:
+        raise no_such_run(run_id, ns)
+    done = delete_runs(client, [run_id], force=force, settings=settings, ns=ns)
     if run_id in done.running:
         state = done.running[run_id]
         raise JobError(
@@ -682,14 +696,15 @@ def prune_runs(
     force: bool = False,
     dry_run: bool = False,
     settings: Settings | None = None,
+    ns: Namespace = DEFAULT,
 ) -> Deleted:
     """``jobs prune``: remove the runs whose last activity (submit, first start, last segment loaded) is more
     than ``older_than`` seconds ago by Redis's clock; running ones are left and named unless ``force``."""
     cutoff = redis_time(client) - older_than
-    submitted = [text(m) for m in client.zrangebyscore(RUNS, "-inf", cutoff)]
+    submitted = [text(m) for m in client.zrangebyscore(ns.runs, "-inf", cutoff)]
     pipe = client.pipeline(transaction=False)
     for run in submitted:
-        pipe.hmget(run_key(run), "started_at", "last_done_at", "state")
+        pipe.hmget(ns.run(run), "started_at", "last_done_at", "state")
     old, running = [], {}
     for run, (started, last, state) in zip(submitted, pipe.execute(), strict=True):
         if max(float(started or 0), float(last or 0)) > cutoff:
@@ -700,7 +715,7 @@ def prune_runs(
             old.append(run)
     if dry_run:
         return Deleted(old, running, 0, dry_run=True)
-    done = delete_runs(client, old, force=force, settings=settings)
+    done = delete_runs(client, old, force=force, settings=settings, ns=ns)
     return replace(done, running={**running, **done.running})
 
 
@@ -717,5 +732,6 @@ __all__ = [
     "requeue_lost",
     "retry_dead",
     "run_status",
+    "runs_in_default",
     "submit_jobs",
 ]

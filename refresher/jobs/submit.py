@@ -18,6 +18,7 @@ from refresher.engines import select_engine
 from refresher.engines.base import ServerInfo
 from refresher.errors import JobError
 from refresher.jobs.eviction import require_noeviction
+from refresher.jobs.namespace import namespace_of
 from refresher.jobs.queue import TIERS, open_queue, redis_time, unreachable
 from refresher.jobs.runs import RunSpec, Submitted, submit_jobs
 from refresher.jobs.segment import jobs_of_plan
@@ -122,6 +123,7 @@ def submit_run(
             jobs_of_plan(plan, exchange_timezones(profile)),
             now=now,
             held_until_ts=held[0] if held else None,
+            ns=namespace_of(queue_url, queue_label),
         )
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise unreachable(queue_url, exc, queue_label) from exc

@@ -36,9 +36,8 @@ from refresher.errors import LoadError, ProfileBusy, SourceError, one_line
 from refresher.features import FeatureCounts, refresh_features
 from refresher.fence import Fence, FenceLost, drop_fences
 from refresher.jobs.inprocess import STORE_BATCH
+from refresher.jobs.namespace import namespace_of
 from refresher.jobs.queue import (
-    FEATURES_DUE,
-    RETRY,
     TIERS,
     Delivery,
     Every,
@@ -49,8 +48,6 @@ from refresher.jobs.queue import (
     held_lock,
     redis_time,
     require_run,
-    run_key,
-    stream_key,
     text,
 )
 from refresher.jobs.retry import backoff_seconds, is_refused, is_transient
@@ -331,6 +328,8 @@ class Worker:
         self.queue_url, self.settings, self.options = queue_url, settings, options
         # One client for every thread (its pool gives each a connection): the CLI's, which asked Redis already.
         self.client = client if client is not None else connect(queue_url)
+        # The one namespace whose jobs this worker takes (the URL's): another's are not in its streams.
+        self.ns = namespace_of(queue_url)
         self.clock: Clock = clock or RedisClock()  # an injected clock (--now) is taken as it is
         self.stop = stop or threading.Event()
         self.report = WorkerReport(options.name)
@@ -360,7 +359,7 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------------------
 
     def _loop(self, consumer: str) -> None:
-        queue = JobQueue(self.client, say=self._say)
+        queue = JobQueue(self.client, say=self._say, ns=self.ns)
         contexts: dict[str, _RunContext] = {}
         failures = 0
         last_sweep = 0.0
@@ -372,7 +371,7 @@ class Worker:
                         # A worker may start before any run was submitted, or find a group deleted by hand
                         # (or its stream): made again from the stream's first entry, whatever is left in it
                         # runs (a redelivered job is a no-op by the ledger).
-                        ensure_groups(queue.client)
+                        ensure_groups(queue.client, queue.ns)
                         groups = True
                     if time.monotonic() - last_sweep > 0.5:
                         self._housekeeping(queue, contexts)
@@ -419,9 +418,9 @@ class Worker:
     def _drained(self, queue: JobQueue) -> bool:
         pipe = queue.client.pipeline(transaction=False)
         for tier in TIERS:
-            pipe.xlen(stream_key(tier))
-        pipe.zcard(RETRY)
-        pipe.scard(FEATURES_DUE)
+            pipe.xlen(queue.ns.stream(tier))
+        pipe.zcard(queue.ns.retry)
+        pipe.scard(queue.ns.features_due)
         return not any(int(n) for n in pipe.execute())
 
     def _context(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> _RunContext:
@@ -429,7 +428,7 @@ class Worker:
             # Idle twice the visibility timeout inside a transaction, a worker is held up past its jobs' and
             # features lock's life (another took them over), never less than IDLE_IN_TRANSACTION_MIN.
             idle = max(2 * self.options.visibility_timeout, IDLE_IN_TRANSACTION_MIN)
-            spec = require_run(queue.client, run)
+            spec = require_run(queue.client, run, queue.ns)
             contexts[run] = _RunContext(self.settings, spec, self.stop, idle, self._servers)
             with self._down_lock:
                 self._down.pop(run, None)  # its target answered: down again, it is waited for from the start
@@ -643,7 +642,7 @@ class Worker:
                 step(now)
             except redis.OutOfMemoryError as exc:
                 self._full(exc)
-        for member in queue.client.smembers(FEATURES_DUE):
+        for member in queue.client.smembers(queue.ns.features_due):
             self._features(queue, contexts, text(member))
 
     def _full(self, exc: redis.OutOfMemoryError) -> None:
@@ -678,7 +677,7 @@ class Worker:
     def _features_run(self, queue: JobQueue, contexts: dict[str, _RunContext], run: str) -> None:
         ttl = self._features_ttl
         lock = queue.client.lock(
-            run_key(run, "features-lock"), timeout=ttl, blocking=False, thread_local=False
+            queue.ns.run(run, "features-lock"), timeout=ttl, blocking=False, thread_local=False
         )
         if not lock.acquire():
             return
