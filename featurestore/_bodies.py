@@ -34,6 +34,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from errno import ELOOP
 from pathlib import Path
 
 import pyarrow as pa
@@ -148,10 +149,15 @@ def read(root: Path, hashes: Iterable[str], layout: str) -> dict[str, CopyBody]:
                 data = handle.read()
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             continue  # optional: the caller reads the key's table (a body it may not read is not corrupt)
+        except OSError as exc:  # nor is a link looping in its place (was an OSError traceback at every load)
+            if exc.errno != ELOOP:
+                raise
+            continue
         try:
             found[content_hash] = decode(data, content_hash, layout)
         except CorruptBody:
-            _files.remove_if_same(path, inode)
+            for each in _files.in_store([path]):
+                _files.remove_if_same(each, inode)
     return found
 
 
@@ -195,6 +201,10 @@ def sizes(root: Path) -> tuple[int, int]:
             try:
                 total += path.stat().st_size
             except FileNotFoundError:
+                continue
+            except OSError as exc:  # a link looping in its place: no body (`store stats` was a traceback)
+                if exc.errno != ELOOP:
+                    raise
                 continue
             count += 1
     return count, total

@@ -325,6 +325,18 @@ def strip_meta(table: pa.Table) -> pa.Table:
     return table.replace_schema_metadata(kept or None)
 
 
+def in_store(paths: list[Path]) -> list[Path]:
+    """Those of ``paths`` (files under ``data/`` or ``bodies/``) whose directory is no symbolic link. The store
+    makes those directories itself; one linked elsewhere by hand is outside the store, and GC removed the files
+    it found there (orphans to it) and, through a row, an expired key's file: GC never deletes there, nor does a
+    clear, an eviction or a read that finds a body unusable. One lstat per directory, of the few files removed."""
+    linked: dict[Path, bool] = {}
+    for path in paths:
+        if path.parent not in linked:
+            linked[path.parent] = path.parent.is_symlink()
+    return [path for path in paths if not linked[path.parent]]
+
+
 def remove_if_same(path: Path, inode: int | None) -> bool:
     """Unlink ``path`` unless it was replaced since we read inode ``inode`` (a newer good file stays)."""
     with contextlib.suppress(FileNotFoundError):
@@ -349,6 +361,7 @@ __all__ = [
     "check_key",
     "data_path",
     "dump_meta",
+    "in_store",
     "key_of",
     "own_meta",
     "publish",

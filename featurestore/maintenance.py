@@ -16,6 +16,7 @@ from pathlib import Path
 
 from featurestore import _bodies, _files, _packs
 from featurestore._duckdb import duckdb
+from featurestore._files import in_store
 from featurestore.errors import StoreFileUnreadable
 from featurestore.manifest import Entry, Manifest, Row, ns_to_utc, utc_now
 
@@ -70,18 +71,6 @@ def find_strays(root: Path, entries: Mapping[str, Entry]) -> Strays:
     strays.orphans[:] = [path for path in in_store(strays.orphans) if not path.is_dir()]
     strays.temporaries[:] = in_store(strays.temporaries)
     return strays
-
-
-def in_store(paths: list[Path]) -> list[Path]:
-    """Those of ``paths`` (files under ``data/`` or ``bodies/``) whose directory is no symbolic link. The store
-    makes those directories itself; one linked elsewhere by hand is outside the store, and GC removed the files
-    it found there (orphans to it) and, through a row, an expired key's file: GC never deletes there. One lstat
-    per directory, of the few files GC removes."""
-    linked: dict[Path, bool] = {}
-    for path in paths:
-        if path.parent not in linked:
-            linked[path.parent] = path.parent.is_symlink()
-    return [path for path in paths if not linked[path.parent]]
 
 
 def check_integrity(manifest: Manifest, *, deep: bool = True) -> IntegrityReport:

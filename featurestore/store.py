@@ -394,8 +394,8 @@ class FeatureStore:
                 continue
             if body.rows != entry.rows:  # a body can only be of this content: written wrong, never to be used
                 path = self.body_path(entry.content_hash, layout)
-                if path is not None:
-                    path.unlink(missing_ok=True)
+                for each in _files.in_store([path] if path is not None else []):
+                    each.unlink(missing_ok=True)
                 continue
             found[key] = (entry, body)
         return found
@@ -453,7 +453,8 @@ class FeatureStore:
         with self.manifest.write() as txn:
             doomed = self.manifest.select(txn.con, symbol=symbol)
             self.manifest.delete(txn.con, doomed)
-            for path in self.manifest.unreferenced(txn.con, {entry.path for entry in doomed.values()}):
+            unheld = self.manifest.unreferenced(txn.con, {entry.path for entry in doomed.values()})
+            for path in _files.in_store(unheld):
                 txn.after_commit(functools.partial(path.unlink, missing_ok=True))
             self._release_bodies(txn, doomed.values())
         return len(doomed)
@@ -556,7 +557,8 @@ class FeatureStore:
             if not replaced:  # a newer, good file took its place meanwhile: keep both it and its row
                 gone = self.manifest.select(txn.con, [key]).values()
                 self.manifest.delete_at(txn.con, [key], path)
-                txn.after_commit(lambda: _files.remove_if_same(path, inode))
+                if _files.in_store([path]):
+                    txn.after_commit(lambda: _files.remove_if_same(path, inode))
                 self._release_bodies(txn, gone)
 
     def _evict_packed(self, pack: Path, keys: list[str], inode: int) -> None:
@@ -564,13 +566,14 @@ class FeatureStore:
         with self.manifest.write() as txn:
             gone = self.manifest.select(txn.con, keys).values()
             self.manifest.delete_at(txn.con, keys, pack)
-            if self.manifest.unreferenced(txn.con, [pack]):
+            if _files.in_store(self.manifest.unreferenced(txn.con, [pack])):
                 txn.after_commit(lambda: _files.remove_if_same(pack, inode))
             self._release_bodies(txn, gone)
 
     def _release_bodies(self, txn: Txn, gone: Iterable[Entry]) -> None:
         """After ``gone``'s rows were deleted in ``txn``: the COPY bodies no entry holds now go after its commit."""
-        for path in _bodies.released(self.root, txn.con, (entry.content_hash for entry in gone)):
+        released = _bodies.released(self.root, txn.con, (entry.content_hash for entry in gone))
+        for path in _files.in_store(released):
             txn.after_commit(functools.partial(path.unlink, missing_ok=True))
 
     @staticmethod
@@ -668,7 +671,7 @@ class FeatureStore:
                     placed = written.publish(self.root, batch, unchanged=done.keys())
                     self.manifest.insert(txn.con, self._rows(batch, placed), present=replaced)
                     # A pack whose every key has now moved elsewhere is no longer named by any row.
-                    for path in self.manifest.unreferenced(txn.con, stale):
+                    for path in _files.in_store(self.manifest.unreferenced(txn.con, stale)):
                         txn.after_commit(functools.partial(path.unlink, missing_ok=True))
                     self.manifest.add_counters(txn.con, misses=misses)
                 self._tally(0, misses)

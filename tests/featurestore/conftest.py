@@ -20,6 +20,14 @@ def store(tmp_path: Path) -> FeatureStore:
     return FeatureStore(tmp_path / "cache")
 
 
+def link_out(directory: Path, elsewhere: Path) -> Path:
+    """``directory`` of a store (``data/<shard>``, ``bodies/<shard>``) moved to ``elsewhere`` and replaced by a
+    symbolic link to it, as by hand: a place whose files are not the store's to delete. Returns ``elsewhere``."""
+    directory.rename(elsewhere)
+    directory.symlink_to(elsewhere)
+    return elsewhere
+
+
 def make_bars(rows: int = 500, *, seed: int = 0, tz: str = "UTC") -> pd.DataFrame:
     """Minute bars with a DatetimeIndex, deterministic in ``seed``."""
     rng = np.random.default_rng(seed)

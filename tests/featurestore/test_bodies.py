@@ -16,6 +16,7 @@ import pytest
 from featurestore import FeatureStore, collect_garbage
 from featurestore._bodies import body_path
 from featurestore.render import render_stats
+from tests.featurestore.conftest import link_out
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = "layout-1"
@@ -79,6 +80,50 @@ def test_a_body_that_cannot_be_used_is_ignored_and_removed(store: FeatureStore, 
     assert not path.exists()
     assert store.get("k") == table(500)  # the entry itself is untouched
     assert store.read_bodies(["k"], LAYOUT) == {}  # and now simply absent
+
+
+@pytest.mark.parametrize("damage", ["flip", "rows"])  # removed by _bodies.read; by read_bodies (rows)
+def test_a_body_that_cannot_be_used_through_a_directory_linked_out_of_the_store_is_not_removed(
+    store: FeatureStore, tmp_path: Path, damage: str
+) -> None:
+    content, path = stored(store, "k", n=500)
+    if damage == "rows":
+        store.put_bodies([(content, 499, raw_of(500))], LAYOUT)
+    elsewhere = link_out(path.parent, tmp_path / "elsewhere")
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x01
+        path.write_bytes(bytes(data))
+    assert store.read_bodies(["k"], LAYOUT) == {}
+    assert [p.name for p in elsewhere.iterdir()] == [path.name]  # before: []
+
+
+def test_clear_cache_never_deletes_a_body_through_a_directory_linked_out_of_the_store(
+    store: FeatureStore, tmp_path: Path
+) -> None:
+    _content, path = stored(store, "k")
+    elsewhere = link_out(path.parent, tmp_path / "elsewhere")
+    assert store.clear_cache() == 1
+    assert [p.name for p in elsewhere.iterdir()] == [path.name]  # before: []
+
+
+def test_a_body_that_is_a_looping_link_is_no_body(store: FeatureStore) -> None:
+    """Opening it is ELOOP: read_bodies (every load of minute segments) was an OSError traceback."""
+    _content, path = stored(store, "k")
+    path.unlink()
+    path.symlink_to(path)
+    assert store.read_bodies(["k"], LAYOUT) == {}  # before: OSError, too many levels of symbolic links
+    assert store.get("k") == table()
+    assert path.is_symlink()
+
+
+def test_stats_count_no_body_for_a_looping_link(store: FeatureStore) -> None:
+    """Its stat is ELOOP: `store stats` was an OSError traceback."""
+    _content, path = stored(store, "k")
+    path.unlink()
+    path.symlink_to(path)
+    stats = store.get_cache_stats()  # before: OSError, too many levels of symbolic links
+    assert (stats.entries, stats.bodies.entries, stats.bodies.bytes) == (1, 0, 0)
 
 
 def test_a_body_of_another_layout_is_not_this_layouts_and_not_removed_by_it(store: FeatureStore) -> None:

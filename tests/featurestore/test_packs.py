@@ -23,6 +23,7 @@ from featurestore.fingerprint import fingerprint_table
 from featurestore.keys import time_range
 from featurestore.manifest import STORE_FORMAT
 from tests.featurestore._workers import daily
+from tests.featurestore.conftest import link_out
 from tests.featurestore.test_cli import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +54,22 @@ def test_a_batch_of_small_tables_is_one_file_read_back_exactly(store: FeatureSto
     stats = store.get_cache_stats()
     assert (stats.entries, stats.bytes) == (12, pack.stat().st_size)
     assert store.validate_cache_integrity().ok and store.validate_cache_integrity(deep=False).ok
+
+
+def test_packs_through_a_directory_linked_out_of_the_store_are_never_deleted(
+    store: FeatureStore, tmp_path: Path
+) -> None:
+    """data/packs replaced by a symbolic link to another place: a put that moved every key of a pack there, and
+    the eviction of a damaged pack's keys, removed the pack (as GC did before it learnt not to)."""
+    store.put_many(batch("a"))
+    [old] = packs(store)
+    elsewhere = link_out(old.parent, tmp_path / "elsewhere")
+    store.put_many([(key, daily(key, rows=5), symbol) for key, _t, symbol in batch("a")])  # other content
+    [new] = set(packs(store)) - {old}
+    assert sorted(elsewhere.iterdir()) == sorted([elsewhere / old.name, elsewhere / new.name])  # before: new
+    new.write_bytes(new.read_bytes()[: new.stat().st_size // 2])
+    assert store.get_many([key for key, _t, _s in batch("a")]) == {}  # evicted
+    assert sorted(elsewhere.iterdir()) == sorted([elsewhere / old.name, elsewhere / new.name])
 
 
 def test_large_tables_and_lone_schemas_keep_files_of_their_own(store: FeatureStore) -> None:

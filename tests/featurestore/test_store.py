@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featurestore import ComputeError, FeatureStore, FeatureStoreError, StoreDiskFull, _files, feature_key
-from tests.featurestore.conftest import make_bars
+from tests.featurestore.conftest import link_out, make_bars
 
 CONFIG = {"window": 5}
 
@@ -172,6 +172,27 @@ def test_clear_cache_by_symbol_and_all(store: FeatureStore, bars: pd.DataFrame) 
     assert data_files(store) == [] and store.get_cache_stats().entries == 0
     store.get_or_compute("AAPL", bars, CONFIG, compute)
     assert compute.calls == 3
+
+
+def test_clear_cache_never_deletes_through_a_directory_linked_out_of_the_store(
+    store: FeatureStore, tmp_path: Path
+) -> None:
+    """A data directory replaced by a symbolic link to another place: clear removed the files there (as GC did
+    before it learnt not to). The rows go; those files stay."""
+    entry = store.put("seg", segment([1.0]))
+    elsewhere = link_out(entry.path.parent, tmp_path / "elsewhere")
+    assert store.clear_cache() == 1 and store.lookup(["seg"]) == {}
+    assert [p.name for p in elsewhere.iterdir()] == [entry.path.name]  # before: []
+
+
+def test_a_corrupt_file_through_a_directory_linked_out_of_the_store_is_evicted_not_deleted(
+    store: FeatureStore, tmp_path: Path
+) -> None:
+    entry = store.put("seg", segment([1.0] * 1000))
+    elsewhere = link_out(entry.path.parent, tmp_path / "elsewhere")
+    (elsewhere / entry.path.name).write_bytes(entry.path.read_bytes()[:-100])
+    assert store.get("seg") is None and store.lookup(["seg"]) == {}  # evicted as before
+    assert [p.name for p in elsewhere.iterdir()] == [entry.path.name]  # before: []
 
 
 def test_failing_compute_caches_nothing(store: FeatureStore, bars: pd.DataFrame) -> None:
