@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import os
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -139,6 +141,64 @@ def test_a_read_folding_the_journal_never_waits_for_a_gc_or_a_put(
     store.get("own")  # the lock free again: this read folds
     assert not journal.exists() or journal.stat().st_size == 0
     assert store.get_cache_stats().hits == 4
+
+
+def _per_key(store: FeatureStore) -> dict[str, tuple[int, Any]]:
+    with store.manifest.read(fold=False) as con:
+        return {
+            key: (hits, ts)
+            for key, hits, ts in con.execute("SELECT key, hits, last_accessed_ts FROM entries").fetchall()
+        }
+
+
+def test_a_large_batch_of_hits_is_written_to_the_manifest_at_once(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A planner's one request for 60,000 segments wrote 5 MB of journal lines, which took the journal past its
+    # limit, so the same request read them back and folded them: a quarter of a production no-op refresh.
+    monkeypatch.setattr("featurestore.manifest._DIRECT_ACCESSES", 4)
+    store.put_many([("a", table(), "S"), ("b", table(), "S"), ("c", table(), "S")])
+    store.get_many(["c"])  # one pending line, folded by the batch's write
+    before = _per_key(store)
+    store.manifest.record_access(["a", "a", "b", "gone"], misses=1)
+    journal = store.root / "access.journal"
+    assert not journal.exists() or journal.stat().st_size == 0
+    after = _per_key(store)
+    assert {k: hits for k, (hits, _) in after.items()} == {"a": 2, "b": 1, "c": 1}
+    assert after["a"][1] > before["a"][1] and after["b"][1] > before["b"][1]
+    stats = store.get_cache_stats()
+    assert (stats.hits, stats.misses) == (5, 1)  # "gone" counts as a hit asked, as the journal counts it
+
+
+def test_a_large_batch_of_hits_is_journaled_while_the_manifest_is_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("featurestore.manifest._DIRECT_ACCESSES", 2)
+    store = FeatureStore(tmp_path / "cache", lock_timeout=1)
+    store.put_many([("a", table(), "S"), ("b", table(), "S")])
+    journal = store.root / "access.journal"
+    with open(store.root / "manifest.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a gc in another process holds it: not waited for
+        store.manifest.record_access(["a", "b"], misses=1)
+        assert journal.read_text().count("\n") == 3
+    assert {k: hits for k, (hits, _) in _per_key(store).items()} == {"a": 0, "b": 0}
+    stats = store.get_cache_stats()  # folds the journal
+    assert (stats.hits, stats.misses) == (2, 1)
+    assert {k: hits for k, (hits, _) in _per_key(store).items()} == {"a": 1, "b": 1}
+
+
+def test_the_journal_folds_each_keys_latest_access_and_every_hit(store: FeatureStore) -> None:
+    store.put_many([("a", table(), "S"), ("b", table(), "S")])
+    with store.manifest.write() as txn:
+        txn.con.execute("UPDATE entries SET last_accessed_ts = TIMESTAMP '2020-01-01'")
+    (store.root / "access.journal").write_text(
+        "H\ta\t1700000000000000\nH\ta\t1800000000000000\nH\ta\t1600000000000000\nH\tb\t1500000000000000\n"
+        "M\t-\t1\nH\tb\tx\nX\tb\t1\n"
+    )
+    assert store.get_cache_stats().hits == 4
+    folded = _per_key(store)
+    assert folded["a"] == (3, dt.datetime(2027, 1, 15, 8, 0))  # 1.8e15 us after the epoch
+    assert folded["b"] == (1, dt.datetime(2020, 1, 1))  # an older access never moves the time back
 
 
 def test_lookup_hashes_answers_as_lookup_does(store: FeatureStore) -> None:
