@@ -207,8 +207,7 @@ def plan_gaps(
     (a ``LedgerView`` and a ``StoreView`` are used as they are), and Segment objects are made only for what is
     stale.
     """
-    wanted = _sorted_unique(desired)
-    ids: list[SegmentId] = list(map(_ORDER, wanted))
+    wanted, ids = _sorted_unique(desired)
     in_db = loaded.rows if isinstance(loaded, LedgerView) else _rows_by_id(loaded)
     db_rows = list(map(in_db.get, ids))
     by_key = stored.rows if isinstance(stored, StoreView) else _rows_by_key(stored)
@@ -218,23 +217,32 @@ def plan_gaps(
     to_load: list[Segment] = []
     to_fetch: list[Segment] = []
     reasons: dict[Segment, str] = {}
-    for i, (segment, entry, row) in enumerate(zip(wanted, in_store, db_rows, strict=True)):
-        if entry is None:
-            to_fetch.append(segment)
-            reasons[segment] = "not in store"
-        elif row is None:
-            to_load.append(segment)
-            reasons[segment] = "not in database"
-        elif row[0] != entry[0]:
-            to_load.append(segment)
-            reasons[segment] = "content changed"
-        elif verified is not None and verified[i] != row[1]:
-            to_load.append(segment)
-            reasons[segment] = f"row count {verified[i]} != recorded {row[1]}"
-        else:
-            present.append(segment)
-    wanted_ids = set(ids)
-    stale_ids = sorted(ident for ident in in_db if ident not in wanted_ids)
+    if verified is None and None not in in_store and in_store == db_rows:
+        # A no-op's plan: every segment in the store and in the ledger with the same (content hash, rows), two
+        # lists compared in C. The loop below would put each in present too (it needs only the hashes equal), one
+        # Python step per segment.
+        present = wanted
+    else:
+        for i, (segment, entry, row) in enumerate(zip(wanted, in_store, db_rows, strict=True)):
+            if entry is None:
+                to_fetch.append(segment)
+                reasons[segment] = "not in store"
+            elif row is None:
+                to_load.append(segment)
+                reasons[segment] = "not in database"
+            elif row[0] != entry[0]:
+                to_load.append(segment)
+                reasons[segment] = "content changed"
+            elif verified is not None and verified[i] != row[1]:
+                to_load.append(segment)
+                reasons[segment] = f"row count {verified[i]} != recorded {row[1]}"
+            else:
+                present.append(segment)
+    stale_ids: list[SegmentId] = []
+    if len(in_db) > len(ids) - db_rows.count(None):
+        # Some loaded segment is not desired (every desired one found in the ledger accounts for one of its rows).
+        wanted_ids = set(ids)
+        stale_ids = sorted(ident for ident in in_db if ident not in wanted_ids)
     stale = [Segment(*ident) for ident in stale_ids]  # type: ignore[arg-type]
     for segment in stale:
         reasons[segment] = "no longer desired"
@@ -251,14 +259,15 @@ def plan_gaps(
     )
 
 
-def _sorted_unique(desired: Iterable[Segment]) -> list[Segment]:
-    """``desired`` in Segment order without repeats; a list that already is so (``desired_segments``) is
-    checked in one C-level pass over its SegmentIds rather than hashed and sorted again."""
+def _sorted_unique(desired: Iterable[Segment]) -> tuple[list[Segment], list[SegmentId]]:
+    """``desired`` in Segment order without repeats, and their SegmentIds; a list that already is so
+    (``desired_segments``) is checked in one C-level pass over its SegmentIds rather than hashed and sorted again."""
     segments = list(desired)
-    ids = list(map(_ORDER, segments))
+    ids: list[SegmentId] = list(map(_ORDER, segments))
     if all(map(operator.lt, ids, ids[1:])):
-        return segments
-    return sorted(set(segments), key=_ORDER)
+        return segments, ids
+    segments = sorted(set(segments), key=_ORDER)
+    return segments, list(map(_ORDER, segments))
 
 
 def _rows_by_key(stored: Mapping[str, StoredSegment]) -> dict[str, tuple[str, int]]:

@@ -10,7 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from featurestore import FeatureStore
 from refresher.plan import (
@@ -160,6 +162,45 @@ def test_the_bulk_plan_equals_the_per_segment_plan(tmp_path: Path, seed: int) ->
     with make_source(earlier) as source:
         store = cast(FeatureStore, _Manifest(stored))
         assert compute_plan(earlier, source, store, None) == reference_plan_gaps(desired, keys, stored, {})
+
+
+_STATE = st.sampled_from([None, ("h", 1), ("h", 2), ("g", 1)])  # (content hash, rows), or absent
+_MONTHS = st.sampled_from([dt.date(2024, m, 1) for m in (1, 2, 3)])
+
+
+@hypothesis.given(
+    st.lists(st.tuples(st.sampled_from("ABC"), _MONTHS, _STATE, _STATE), max_size=9),
+    st.lists(st.tuples(st.sampled_from("DE"), _MONTHS), max_size=3),
+    st.booleans(),
+)
+@hypothesis.example(
+    [("A", dt.date(2024, 1, 1), ("h", 2), ("h", 2)), ("B", dt.date(2024, 1, 1), ("h", 1), ("h", 1))], [], True
+)
+@hypothesis.example(
+    [("A", dt.date(2024, 1, 1), ("h", 2), ("h", 1)), ("B", dt.date(2024, 1, 1), ("h", 1), ("h", 1))],
+    [],
+    False,
+)
+def test_the_bulk_shortcuts_equal_the_per_segment_plan(
+    rows: list[tuple[str, dt.date, tuple[str, int] | None, tuple[str, int] | None]],
+    undesired: list[tuple[str, dt.date]],
+    verify: bool,
+) -> None:
+    """The no-op compared as whole lists, and the stale scan skipped when the ledger holds only desired segments:
+    never an answer the per-segment plan would not give, with or without --verify (each segment counted 1 row)."""
+    states = {Segment(s, "1d", m): (store, ledger) for s, m, store, ledger in rows}
+    keys = {s: segment_key(s, "synthetic", "v") for s in states}
+    stored = {keys[s]: StoredSegment(keys[s], *store) for s, (store, _) in states.items() if store}
+    loaded = {s: DatabaseSegment(*ledger) for s, (_, ledger) in states.items() if ledger}
+    loaded |= {Segment(s, "1d", m): DatabaseSegment("h", 1) for s, m in undesired}
+    counted = dict.fromkeys(loaded, 1) if verify else None
+    store_view = StoreView({key: (entry.content_hash, entry.rows) for key, entry in stored.items()})
+    ledger = LedgerView(
+        {(s.symbol, s.timeframe, s.month): (r.content_hash, r.rows) for s, r in loaded.items()}
+    )
+    expected = reference_plan_gaps(states, keys, stored, loaded, verified_rows=counted)
+    assert plan_gaps(list(states), keys, store_view, ledger, verified_rows=counted) == expected
+    assert plan_gaps(list(states), keys, stored, loaded, verified_rows=counted) == expected
 
 
 def test_a_ledger_view_is_the_mapping_of_segments_it_stands_for() -> None:
