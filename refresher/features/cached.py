@@ -292,11 +292,13 @@ def compute_features(
 
     ``inputs``: the ledger's record of what the loaded rows came from; where the new input only extends it
     (see ``appends``), a part carries only the rows from the first new date on."""
+    if not profile.features:
+        return
     daily = daily_segments(profile, plan)
     minute = (
         daily_segments(profile, plan, "1m") if any(u.spec.timeframe == "1m" for u in profile.features) else {}
     )
-    if not profile.features or not (daily or minute):
+    if not (daily or minute):
         return
     loaded = loaded or {}
     wanted = [plan.keys[s] for segs in (*daily.values(), *minute.values()) for s in segs]

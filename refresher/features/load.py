@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from featurestore import FeatureStore
 from refresher.errors import FeatureError
-from refresher.features.cached import FeatureBatch, compute_features, daily_segments
+from refresher.features.cached import FeatureBatch, compute_features
 from refresher.features.tables import (
     ColumnsChanged,
     FeaturePart,
@@ -86,7 +86,9 @@ def refresh_features(
     if doubtful:
         recorded = read_feature_ledger(conn)
     ledger = dict(recorded.hashes)
-    symbols = set(daily_segments(profile, plan)) | set(daily_segments(profile, plan, "1m"))
+    # The symbols ``daily_segments`` of both timeframes would name, without grouping every segment by symbol and
+    # month for a count and a prune (60,000 segments at production scale, in a refresh without features too).
+    symbols = {segment.symbol for segment in plan.desired if segment.timeframe in profile.timeframes}
     pruned = _prune(conn, ledger, profile, symbols, fence) if prune else 0
     desired = len(profile.features) * len(symbols) if symbols else 0
     loaded = appended = emptied = computed = rows = 0

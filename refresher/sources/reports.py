@@ -125,12 +125,13 @@ def rejects_of(segment: Segment, table: pa.Table) -> list[Reject]:
 
 def stored_reports(store: FeatureStore, keys: Mapping[Segment, str]) -> list[SourceReport]:
     """Every report stored for the segments of ``keys`` (segment -> its store key), in segment order."""
-    wanted = {notes_key(key): segment for segment, key in keys.items()}
-    # Notes are few (a source that left nothing out stores none): scan for them rather than ask for each key.
-    present = [key for key in store.lookup_hashes_ending(NOTES_SUFFIX) if key in wanted]
-    if not present:
+    # Notes are few (a source that left nothing out stores none): scan for them rather than ask for each key, and
+    # name the notes key of only the segments that have one (every segment's: 30 ms of a 60,000-segment no-op).
+    noted = {key.removesuffix(NOTES_SUFFIX) for key in store.lookup_hashes_ending(NOTES_SUFFIX)}
+    wanted = {notes_key(key): segment for segment, key in keys.items() if key in noted}
+    if not wanted:
         return []
-    tables = store.get_many(sorted(present))
+    tables = store.get_many(sorted(wanted))
     ordered = sorted(tables, key=lambda k: wanted[k])
     return [report for key in ordered for report in reports_of(tables[key])]
 
