@@ -3,9 +3,9 @@
 From the modules a feature's function is named by and defined in, every module their source imports (``import
 x``, ``import x.y as z``, ``from x import y``, ``from . import y``, at the top or inside a function), and the
 modules those import, transitively, cycles included, as long as the module is the user's: a file outside the
-standard library, site-packages and refresher itself. Editing a helper or a constant the function imports from
-another of the user's modules recomputes the feature, as editing one beside it does; a library's code is
-versioned by its install, not read.
+standard library, site-packages and refresher itself, or a module of the package a root belongs to, wherever it
+is installed. Editing a helper or a constant the function imports from another of the user's modules recomputes
+the feature, as editing one beside it does; a library's code is versioned by its install, not read.
 
 Imports are found by parsing the source, and located without importing anything: a module this process already
 imported by its ``__file__``, another through the path finder (a function's lazy import not yet run). A module
@@ -40,24 +40,30 @@ Seen = MutableMapping[str, UserModule | None]
 
 
 def user_modules(roots: Iterable[ModuleType], seen: Seen | None = None) -> list[UserModule]:
-    """``roots`` (wherever their files are: a feature of a package the user installed) and the user's modules they
-    import, transitively, sorted by name; a module without a source file is left out.
+    """``roots`` (wherever their files are: a feature of a package the user installed) and the modules they
+    import, transitively, that are the user's or of a root's package, sorted by name; a module without a source
+    file is left out.
 
     ``seen``: what an earlier call of the same refresh read (entries of one project share their helpers)."""
     seen = {} if seen is None else seen
-    found = {
-        m.name: m
-        for m in (_read(name, anywhere=True) for name in {r.__name__ for r in roots})
-        if m is not None
-    }
+    names = {r.__name__ for r in roots}
+    # The roots' packages are read wherever they are installed, as the roots are: a package of the user's
+    # installed into site-packages (``pip install .``) keeps its helpers beside the function, and a new install
+    # of an edited helper was served the rows of the old one.
+    packages = {name.partition(".")[0] for name in names}
+    found = {m.name: m for m in (_read(name, anywhere=True) for name in names) if m is not None}
     todo = [name for module in found.values() for name in module.imports]
     while todo:
         name = todo.pop()
         if name in found:
             continue
-        if name not in seen:
-            seen[name] = _read(name)
-        module = seen[name]
+        if name.partition(".")[0] in packages:
+            # Not kept in ``seen``: to another entry, whose roots are of other packages, it is a library.
+            module = _read(name, anywhere=True)
+        else:
+            if name not in seen:
+                seen[name] = _read(name)
+            module = seen[name]
         if module is not None:
             found[name] = module
             todo.extend(module.imports - found.keys())

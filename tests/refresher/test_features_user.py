@@ -539,12 +539,14 @@ def forget(package: str) -> None:
     importlib.invalidate_caches()
 
 
-def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str) -> Path:
+def user_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str, directory: str = "project"
+) -> Path:
     """The package of the user's modules ``mine`` (importing ``helpers`` as ``style``), ``middle`` and ``helpers``
-    under ``tmp_path / "project"``, on the path; its directory (named as the package)."""
+    under ``tmp_path / directory``, on the path; its directory (named as the package)."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # each run a fresh process: the source as it is now
     package = f"features_{uuid.uuid4().hex[:8]}"
-    root = tmp_path / "project" / package
+    root = tmp_path / directory / package
     root.mkdir(parents=True)
     (root / "__init__.py").write_text("")
     (root / "middle.py").write_text(f"from {package}.helpers import smooth  # noqa\n")
@@ -552,7 +554,7 @@ def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str) ->
     helpers.write_text(HELPERS)
     out = "import pandas as pd\n\ndef out(df, values):\n    return pd.DataFrame({'v': values}, index=df.index)\n\n"
     (root / "mine.py").write_text(out + MINE[style].format(pkg=package))
-    monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    monkeypatch.syspath_prepend(str(tmp_path / directory))
     return root
 
 
@@ -593,6 +595,25 @@ def test_editing_a_helper_in_another_of_the_users_modules_recomputes_it(
         )
     finally:
         forget(package)
+
+
+def test_editing_a_helper_of_the_users_package_installed_in_site_packages_recomputes_it(
+    tmp_path: Path, conn: psycopg.Connection[Any], store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The user's package installed with ``pip install .``: only the function's own module was read, so reinstalling
+    # it with an edited helper kept the version, and the store served the old helper's rows as the new one's.
+    root = user_project(tmp_path, monkeypatch, "from", directory="site-packages")
+    package = root.name
+    modules._not_users.cache_clear()  # site-packages directories on sys.path are asked once per process
+    try:
+        run(conn, profile_of(tmp_path, mine_entry(package)), store)
+        values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
+        edit_factor(root)
+        assert_a_new_process_recomputes(tmp_path, conn, store, package, values)
+    finally:
+        forget(package)
+        monkeypatch.undo()
+        modules._not_users.cache_clear()
 
 
 def assert_a_new_process_recomputes(
