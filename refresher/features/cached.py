@@ -118,7 +118,9 @@ def _doubles(result: pd.DataFrame) -> pd.DataFrame:
 def _bulk() -> Any:
     """``refresher.features.bulk``, imported at the first computation: it needs pandas, a no-op refresh does not."""
     from refresher.features import bulk
+    from refresher.features.modules import module_source
 
+    module_source(bulk.__name__)  # the source it runs, kept for its version (``_version``) before an edit
     return bulk
 
 
@@ -167,12 +169,30 @@ def _version(spec: FeatureSpec, seen: Seen | None = None) -> str:
     the user's modules is part of what it computes, and no version number is bumped when one is edited.
     ``seen``: the modules an earlier entry of the same refresh read."""
     if not spec.is_user:
-        return f"{spec.version}/{function_identity(spec.compute)[1]}"
+        return f"{spec.version}/{function_identity(spec.compute)[1]}/{_built_in_code()}"
     modules = _modules_digest(spec, seen)
     # The modules' source as this process imported it covers the function's own lines, which ``inspect`` reads from
     # the file as it is now (edited since, in a worker): only a function without a file is versioned by them.
     identity = function_identity(spec.compute, None if modules == "none" else "its modules")[1]
     return f"{spec.version}/{identity}/{modules}"
+
+
+# The modules whose code computes a built-in feature's rows: its function (``compute``), its helpers there, and the
+# one-pass implementation a miss runs (``bulk``). Only a function's own lines versioned it: a fix in a helper
+# (``_rsi``) or in ``bulk`` left the key as it was, and the store and the ledger kept serving the rows of the old
+# code.
+_BUILT_IN_MODULES = ("refresher.features.compute", "refresher.features.bulk")
+
+
+def _built_in_code() -> str:
+    """A hash of the source of ``_BUILT_IN_MODULES`` as this process runs them (see ``modules.module_source``)."""
+    from refresher.features.modules import module_source
+
+    digest = hashlib.sha256()
+    for name in _BUILT_IN_MODULES:
+        source = module_source(name) or b""
+        digest.update(len(source).to_bytes(8, "big") + source)
+    return digest.hexdigest()[:32]
 
 
 def _modules_digest(spec: FeatureSpec, seen: Seen | None) -> str:

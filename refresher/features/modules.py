@@ -153,6 +153,13 @@ def _source(name: str, path: str) -> bytes | None:
     return source if key is None else _remember(key, source)
 
 
+def module_source(name: str) -> bytes | None:
+    """Module ``name``'s source as this process runs it (read as first asked after its import, or the file as it is
+    now when it is not imported yet), importing nothing; None when it has no source file."""
+    located = _locate(name)
+    return None if located is None else _source(name, located[0])
+
+
 def _file_bytes(path: str) -> bytes | None:
     """The bytes of the file at ``path``; None when it cannot be read."""
     try:
@@ -244,4 +251,4 @@ def _not_users() -> tuple[str, ...]:
     )
 
 
-__all__ = ["Seen", "UserModule", "record_imports", "user_modules"]
+__all__ = ["Seen", "UserModule", "module_source", "record_imports", "user_modules"]

@@ -35,7 +35,8 @@ FEATURE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 class FeatureSpec:
     """A named, versioned feature computation; ``needs_universe`` features read a ``benchmark`` column.
 
-    ``version`` is part of the feature-store key: bump it when the numbers a feature produces change.
+    ``version`` is part of the feature-store key: bump it when the numbers a feature produces change (the key
+    covers the source of ``compute`` and ``bulk`` as well, so an edit there recomputes without one).
     ``ordered`` lists parameter pairs that must be strictly increasing (a fast window below a slow one).
     """
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +178,43 @@ def test_a_bad_parameter_on_the_cli_is_one_line_and_exit_2(tmp_path: Path) -> No
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert f"{path}: features.0.params.fast=0: " in done.stderr
+
+
+# A fix in a helper of the built-in features (RSI's seed, say), made in both implementations: no feature function's
+# own lines change.
+HELPER_FIXES = {
+    "compute": "    delta = close.diff()\n",
+    "bulk": "    delta = g.diff(close)\n",
+}
+
+
+def test_a_fix_in_a_helper_or_in_the_bulk_pass_changes_a_built_in_features_key(tmp_path: Path) -> None:
+    # Only full_analysis's own lines versioned it: another checkout with _rsi fixed (in compute.py, or in bulk.py,
+    # whose pass computes the rows of a miss) had the same key, and its store and ledger kept the old RSI rows.
+    import featurestore
+    import refresher
+
+    for package in (refresher, featurestore):
+        source = Path(package.__file__ or "").parent
+        shutil.copytree(source, tmp_path / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "from refresher.features.cached import _version\nfrom refresher.features import FEATURES\n"
+        "print(_version(FEATURES['full_analysis']))"
+    )
+
+    def version() -> str:
+        # In the copy (-c puts the working directory first on the path): the checkout under test is elsewhere.
+        env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    versions = [version()]
+    for module, line in HELPER_FIXES.items():
+        path = tmp_path / "refresher" / "features" / f"{module}.py"
+        text = path.read_text()
+        assert text.count(line) == 1, module
+        path.write_text(text.replace(line, line + "    delta = delta.fillna(0.0).where(delta.notna())\n"))
+        versions.append(version())
+    assert len(set(versions)) == 3, versions
