@@ -106,11 +106,12 @@ class LoadError(RefresherError):
 class FeatureError(RefresherError):
     """A feature function raised, or returned something that is not one float row per bar."""
 
-    def __init__(self, feature: str, symbol: str, reason: str) -> None:
+    def __init__(self, feature: str, symbol: str, reason: str, function: str | None = None) -> None:
+        # A user's function is named beside its entry: the profile's `name` is the table, not where the code is.
+        named = feature if function is None else f"{feature} ({function})"
+        fields = {"feature": feature, "symbol": symbol} | ({} if function is None else {"function": function})
         super().__init__(
-            f"feature {feature}, symbol {symbol}: {reason}; nothing of {feature} was loaded",
-            feature=feature,
-            symbol=symbol,
+            f"feature {named}, symbol {symbol}: {reason}; nothing of {feature} was loaded", **fields
         )
 
 

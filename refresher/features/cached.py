@@ -100,11 +100,16 @@ class _Compute:
         # A user's function: whatever it raises is reported, in one line; a sys.exit() in it too, which would
         # otherwise end the refresh with its status (0: success) and the other entries not loaded.
         except (Exception, SystemExit) as exc:
-            raise FeatureError(self.use.name, symbol, exception_line(exc)) from exc
+            raise _failure(self.use, symbol, exception_line(exc)) from exc
         problem = _shape_problem(raw, result)
         if problem:
-            raise FeatureError(self.use.name, symbol, problem)
+            raise _failure(self.use, symbol, problem)
         return _doubles(result) if self.use.spec.is_user else result
+
+
+def _failure(use: FeatureUse, symbol: str, reason: str) -> FeatureError:
+    """The error of ``use``'s rows of ``symbol``, naming a user's ``module:function`` too."""
+    return FeatureError(use.name, symbol, reason, use.feature if use.spec.is_user else None)
 
 
 def _doubles(result: pd.DataFrame) -> pd.DataFrame:
@@ -158,7 +163,7 @@ def _other_columns(use: FeatureUse, parts: Sequence[FeaturePart]) -> FeatureErro
         if part.rows.column_names != filled[0].rows.column_names:
             theirs, first = part.rows.column_names[2:], filled[0].rows.column_names[2:]
             reason = f"returned columns {theirs}, {filled[0].symbol} {first}: every symbol needs the same, in order"
-            return FeatureError(use.name, part.symbol, reason)
+            return _failure(use, part.symbol, reason)
     return None
 
 

@@ -290,8 +290,11 @@ def test_a_failing_function_is_one_line_and_loads_nothing_of_its_own(
         refresh_features(conn, profile, store, stored_plan(profile, store))
     message = str(info.value)
     assert "\n" not in message and len(message) < 400, message[:400]
-    assert message.startswith("feature bad, symbol AAA: ") and reason in message, message
-    assert info.value.fields == {"feature": "bad", "symbol": "AAA"}
+    # The entry and where its code is: the table's name alone did not say which function failed.
+    assert message.startswith(f"feature bad ({module}:{function}), symbol AAA: ") and reason in message, (
+        message
+    )
+    assert info.value.fields == {"feature": "bad", "symbol": "AAA", "function": f"{module}:{function}"}
     # Nothing of the failing entry; the other feature loaded in full.
     assert conn.execute("SELECT to_regclass('features_bad')").fetchone() == (None,)
     ledger = conn.execute("SELECT feature, count(*) FROM refresher_features GROUP BY 1").fetchall()
@@ -305,7 +308,8 @@ def test_a_function_whose_columns_differ_by_symbol_is_one_line_and_loads_nothing
     with pytest.raises(FeatureError) as info:
         refresh_features(conn, profile, store, stored_plan(profile, store))
     assert str(info.value) == (
-        "feature bad, symbol BBB: returned columns ['a', 'b'], AAA ['a']: every symbol needs the same, in order; "
+        f"feature bad ({module}:data_dependent), symbol BBB: returned columns ['a', 'b'], AAA ['a']: every "
+        "symbol needs the same, in order; "
         "nothing of bad was loaded"
     )
     assert conn.execute("SELECT to_regclass('features_bad')").fetchone() == (None,)
@@ -364,7 +368,8 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path, module: str) ->
     done = warm(tmp_path, profile)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines() == [
-        "refresher: feature bad, symbol AAA: ZeroDivisionError: no edge in; nothing of bad was loaded"
+        f"refresher: feature bad ({module}:raises), symbol AAA: ZeroDivisionError: no edge in; "
+        "nothing of bad was loaded"
     ]
 
 
@@ -483,7 +488,8 @@ def test_new_columns_the_stored_rows_of_other_symbols_lack_load_nothing_and_keep
     with pytest.raises(FeatureError) as info:
         run(conn, write_profile(tmp_path, "AAA, BBB, CCC", features=entry), store)
     assert str(info.value) == (
-        "feature mine, symbol CCC: returned columns ['a', 'b'], AAA ['a']: every symbol needs the same, in order; "
+        f"feature mine ({module}:configured), symbol CCC: returned columns ['a', 'b'], AAA ['a']: every symbol "
+        "needs the same, in order; "
         "nothing of mine was loaded"
     )
     assert conn.execute("SELECT * FROM features_mine ORDER BY symbol, date").fetchall() == before
