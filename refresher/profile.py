@@ -224,6 +224,8 @@ class _FeatureEntry(_Strict):
     # A user's function, ``module.path:function``, loaded under ``name``.
     function: str | None = None
     timeframe: str | None = None
+    # The user's own version of the entry, part of its key: what the key cannot see changed (a data file it reads).
+    version: Any = None  # text or a whole number, checked by ``resolve_feature``
 
 
 # A plain name or a mapping; tagged so an error in a mapping is reported against the mapping, not the string.
@@ -689,6 +691,7 @@ def profile_from_file(path: Path, *, as_of: dt.date | None = None) -> Profile:
             feat.params,
             function=feat.function,
             timeframe=feat.timeframe,
+            version=feat.version,
         )
         for i, feat in enumerate(p.features)
     ]

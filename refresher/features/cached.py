@@ -182,6 +182,13 @@ def _version(spec: FeatureSpec, seen: Seen | None = None) -> str:
     return f"{spec.version}/{identity}/{modules}"
 
 
+def _entry_version(use: FeatureUse, seen: Seen | None = None) -> str:
+    """The version of ``use``'s rows: its feature's (``_version``), and the profile's ``version:`` when given (an
+    entry without one keeps the key it always had)."""
+    version = _version(use.spec, seen)
+    return version if use.version is None else f"{version}/entry:{use.version}"
+
+
 # The modules whose code computes a built-in feature's rows: its function (``compute``), its helpers there, and the
 # one-pass implementation a miss runs (``bulk``). Only a function's own lines versioned it: a fix in a helper
 # (``_rsi``) or in ``bulk`` left the key as it was, and the store and the ledger kept serving the rows of the old
@@ -220,7 +227,7 @@ def _modules_digest(spec: FeatureSpec, seen: Seen | None) -> str:
 def store_key(store: FeatureStore, use: FeatureUse, symbol: str, raw: pd.DataFrame) -> str:
     """The key under which ``store`` caches ``use``'s rows of ``symbol`` computed from the bars ``raw``."""
     compute = _Compute(use, {})
-    version = _version(use.spec)
+    version = _entry_version(use)
     return feature_key(
         symbol, raw, compute.config(), compute, version=version, hash_method=store.hash_method
     ).key
@@ -339,7 +346,7 @@ def compute_features(
     tables: dict[str, list[pa.Table]] = {}
     # Once per entry: a user's function is versioned by reading and hashing its modules' source.
     seen: Seen = {}
-    versions = {use.name: _version(use.spec, seen) for use in profile.features}
+    versions = {use.name: _entry_version(use, seen) for use in profile.features}
 
     def input_hash_of(use: FeatureUse, symbol: str) -> str:
         # A universe feature (correlation to the equal-weight index) depends on every symbol's bars.

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 Compute = Callable[..., "pd.DataFrame"]
 # A feature's name becomes a table name (features_<name>, at most 63 bytes in PostgreSQL).
 FEATURE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+# An entry's own ``version:`` (2, "2024-06-b", "1.3+data"): one short word, part of the key.
+_VERSION_RE = re.compile(r"[\w.+-]{1,64}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class FeatureUse:
     name: str
     spec: FeatureSpec
     params: tuple[tuple[str, Any], ...] = ()
+    # The profile's ``version:`` of the entry (None: not given), part of its store key and input hash.
+    version: str | None = None
 
     @property
     def feature(self) -> str:
@@ -204,11 +208,21 @@ def resolve_feature(
     *,
     function: str | None = None,
     timeframe: str | None = None,
+    version: Any = None,
 ) -> FeatureUse:
     """The validated use of feature ``name`` (or of the user's ``function``, loaded under ``name``) as written
     at ``field`` of profile ``path``; ProfileError naming the file, the field (down to the parameter) and the
     value otherwise."""
-    mapping = alias is not None or params or function is not None
+    mapping = alias is not None or params or function is not None or version is not None
+    if version is not None and (
+        not isinstance(version, str | int)
+        or isinstance(version, bool)
+        or not _VERSION_RE.fullmatch(str(version))
+    ):
+        reason = (
+            "a version is a whole number or up to 64 letters, digits, '.', '_', '+' or '-' (2.5: write '2.5')"
+        )
+        raise ProfileError(path, f"{field}.version", version, reason)
     if function is not None and timeframe not in (None, "1d"):
         raise ProfileError(
             path, f"{field}.timeframe", timeframe, "a function computes over daily bars (1d) only"
@@ -254,7 +268,9 @@ def resolve_feature(
             raise ProfileError(
                 path, f"{field}.params.{low}", values[low], f"must be below {high}={values[high]!r}"
             )
-    return FeatureUse(table_name, spec, tuple(sorted(values.items())))
+    return FeatureUse(
+        table_name, spec, tuple(sorted(values.items())), None if version is None else str(version)
+    )
 
 
 def compute_universe(

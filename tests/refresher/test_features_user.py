@@ -108,6 +108,12 @@ def _times(df, *, k):
 
 scaled_once = functools.partial(_times, k=1.0)
 
+def from_file(df):
+    """Close times the k of k.json beside this module: data the key cannot see."""
+    import json, pathlib
+    k = json.loads(pathlib.Path(__file__).with_name("k.json").read_text())["k"]
+    return pd.DataFrame({"x": df["close"] * k}, index=df.index)
+
 def configured(df):
     """One column per name in $SIGNAL_COLUMNS: what it returns changes with no input of its key changing."""
     import os
@@ -262,6 +268,30 @@ def test_editing_a_helper_beside_the_function_recomputes_it(
     assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
         [c * 1.5 for c in closes]
     )
+
+
+def test_an_entrys_version_recomputes_what_its_key_cannot_see(
+    tmp_path: Path, module: str, conn: psycopg.Connection[Any], store: FeatureStore
+) -> None:
+    # The function reads a data file: editing it changes no source, so nothing recomputes (documented). There was
+    # no way to say so but to edit the function or invent a parameter; `version:` is part of the key.
+    def profile(version: str = "") -> Profile:
+        return profile_of(tmp_path, f'{{name: mine, function: "{module}:from_file"{version}}}')
+
+    (tmp_path / "k.json").write_text('{"k": 2}')
+    assert run(conn, profile(), store).computed == 2
+    values = [r[2] for r in table_rows(conn, "features_mine", "AAA")]
+    (tmp_path / "k.json").write_text('{"k": 3}')
+    assert run(conn, profile(), store).computed == 0
+    assert run(conn, profile(", version: 2"), store).computed == 2
+    assert [r[2] for r in table_rows(conn, "features_mine", "AAA")] == pytest.approx(
+        [v * 1.5 for v in values]
+    )
+    # The same version again: nothing to do; one that cannot be a key's word, in one line.
+    assert run(conn, profile(", version: 2"), store).loaded == 0
+    for bad in ("2.5", "true", "'a b'", "[1]"):
+        with pytest.raises(ProfileError, match=r"features\.0\.version=.*: a version is a whole number"):
+            profile(f", version: {bad}")
 
 
 @pytest.mark.parametrize(
