@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from featurestore._duckdb import duckdb, interrupts_noted
-from featurestore._locks import READ_ONLY_ERRNOS, file_lock, raise_not_writable, thread_lock
+from featurestore._locks import file_lock, raise_not_writable, thread_lock
 from featurestore.errors import (
     FeatureStoreError,
     ManifestBusy,
@@ -530,11 +530,12 @@ class Manifest:
         WAL: 0444, a teammate's shared store, a read-only mount), or None. DuckDB's error for it ("Permission
         denied") looked like damage: the file was set aside and rebuilt, every access time lost, with a line
         calling it unreadable; a directory it could not write ended in a traceback. Asked before each write."""
-        try:
-            os.close(os.open(self.path, os.O_WRONLY))  # no O_CREAT, no O_TRUNC: the file is left as it is
-        except OSError as exc:
-            if exc.errno in READ_ONLY_ERRNOS:
-                return StoreNotWritable(str(self.path), exc.strerror or str(exc), _READ_ONLY, what="manifest")
+        # Asked, not opened: closing a descriptor of the file drops every POSIX lock this process holds on it,
+        # DuckDB's own among them (another thread's connection), which let another process open it to write.
+        if self.path.exists() and not os.access(self.path, os.W_OK, effective_ids=True):
+            read_only = os.statvfs(self.path).f_flag & os.ST_RDONLY
+            reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
+            return StoreNotWritable(str(self.path), reason, _READ_ONLY, what="manifest")
         if not os.access(self.root, os.W_OK | os.X_OK, effective_ids=True):
             read_only = os.statvfs(self.root).f_flag & os.ST_RDONLY
             reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
@@ -614,7 +615,10 @@ class Manifest:
             # transaction per ~13,000 accesses); a manifest it cannot write now leaves that to the next one, and
             # one a gc or a put holds is not waited for: the read was served (it waited up to lock_timeout, then
             # raised StoreLockTimeout from a get that had its table).
-            with contextlib.suppress(ManifestBusy, StoreDiskFull, StoreLockTimeout), self.write(wait=False):
+            with (
+                contextlib.suppress(ManifestBusy, StoreDiskFull, StoreLockTimeout, StoreNotWritable),
+                self.write(wait=False),
+            ):
                 pass
 
     def _journal_pending(self, beyond: int = 0) -> bool:

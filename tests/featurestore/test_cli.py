@@ -146,6 +146,23 @@ def test_a_read_only_store_is_one_line_and_exit_2(read_only_store: Path) -> None
         )
 
 
+def _nobodys_closed_store(shared: Path, closed: str) -> tuple[FeatureStore, Path]:
+    """A store of two keys under ``shared`` owned by nobody, its ``closed`` ("manifest": 0444, else the store's
+    directory: 0555) standing in the way of writes; and its manifest."""
+    os.chmod(shared, 0o755)
+    store = FeatureStore(shared / "cache")
+    store.put_many([("seg-a", pa.table({"x": [1, 2]}), "A"), ("seg-b", pa.table({"x": [3]}), "B")])
+    # A hit in the journal (the next stats folds it, a write); a closed directory could not make the journal.
+    store.get("seg-a")
+    for each in [store.root, *store.root.rglob("*")]:
+        os.chown(each, *nobody_ids())  # nobody's own store: only the mode below stands in its way
+    if closed == "manifest":
+        store.manifest.path.chmod(0o444)
+    else:
+        store.root.chmod(0o555)
+    return store, store.manifest.path
+
+
 @pytest.mark.parametrize("closed", ["manifest", "store directory"])
 def test_a_manifest_this_user_may_not_write_is_read_and_never_set_aside(closed: str) -> None:
     """A teammate's shared store whose manifest (0444) or directory (0555) this user may not write. DuckDB's
@@ -154,17 +171,7 @@ def test_a_manifest_this_user_may_not_write_is_read_and_never_set_aside(closed: 
     reads open it read-only and a write is one line naming what it cannot write, exit 2."""
     # Not under tmp_path: pytest's base directory is closed to nobody.
     with tempfile.TemporaryDirectory() as shared:
-        os.chmod(shared, 0o755)
-        store = FeatureStore(Path(shared) / "cache")
-        store.put_many([("seg-a", pa.table({"x": [1, 2]}), "A"), ("seg-b", pa.table({"x": [3]}), "B")])
-        store.get("seg-a")  # a hit in the journal: the next stats folds it, a write
-        for each in [store.root, *store.root.rglob("*")]:
-            os.chown(each, *nobody_ids())  # nobody's own store: only the modes below stand in its way
-        manifest = store.manifest.path
-        if closed == "manifest":
-            manifest.chmod(0o444)
-        else:
-            store.root.chmod(0o555)
+        store, manifest = _nobodys_closed_store(Path(shared), closed)
         before = manifest.read_bytes()
 
         def run(*args: str) -> str:
@@ -196,6 +203,31 @@ def test_a_manifest_this_user_may_not_write_is_read_and_never_set_aside(closed: 
         store.root.chmod(0o755)
         assert sorted(path.name for path in store.root.glob("manifest.duckdb*")) == ["manifest.duckdb"]
         assert manifest.read_bytes() == before  # neither set aside nor rebuilt
+
+
+@pytest.mark.parametrize("closed", ["manifest", "store directory"])
+def test_reads_past_the_journals_limit_on_a_manifest_this_user_may_not_write_are_served(closed: str) -> None:
+    """Past ``_JOURNAL_FOLD_BYTES`` a read folds the journal into the manifest, a write it may leave to the next
+    reader: one it may not write raised StoreNotWritable from every get and lookup (a plan of 60,000 keys journals
+    5 MB at once), "reads work" said the very line."""
+    import featurestore.manifest
+
+    with tempfile.TemporaryDirectory() as shared:
+        store, manifest = _nobodys_closed_store(Path(shared), closed)
+        before = manifest.read_bytes()
+
+        def as_user() -> str:
+            featurestore.manifest._JOURNAL_FOLD_BYTES = 1  # in the forked child only: every read is past it
+            reader = FeatureStore(store.root)
+            served = [reader.get("seg-a").num_rows for _ in range(3)]
+            found = reader.lookup(["seg-a", "seg-b", "seg-c"], count=True)
+            return json.dumps([served, sorted(found)])
+
+        answer = as_nobody(as_user)
+        assert answer.startswith("["), answer
+        assert json.loads(answer) == [[2, 2, 2], ["seg-a", "seg-b"]]
+        store.root.chmod(0o755)
+        assert manifest.read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["manifest.lock", "access.journal.lock", "access.journal"])

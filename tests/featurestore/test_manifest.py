@@ -318,3 +318,19 @@ def test_ctrl_c_that_something_inside_swallowed_is_raised_when_the_access_ends(
             pass  # what DuckDB's import does with it
         assert con.execute("SELECT count(*) FROM entries").fetchone() == (1,)
     assert "k" in store.lookup(["k"])
+
+
+def test_asking_whether_the_manifest_may_be_written_keeps_duckdbs_own_lock(tmp_path: Path) -> None:
+    """``_unwritable`` (asked before each write and by each read) opened the file to see and closed it: a close
+    drops every POSIX lock the process holds on the file, DuckDB's among them, so another process could open a
+    manifest this one still had open to write."""
+    store = FeatureStore(tmp_path / "cache")
+    store.put("k", pa.table({"x": [1]}))
+    path = store.manifest.path
+    opener = "import duckdb, sys\nduckdb.connect(sys.argv[1]).close()"
+    with duckdb.connect(str(path)):  # this process holds DuckDB's lock on the file, as a write does
+        assert store.manifest._unwritable() is None
+        done = subprocess.run(
+            [sys.executable, "-c", opener, str(path)], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode != 0 and "lock" in done.stderr.lower(), done.stderr  # before: it opened (exit 0)
