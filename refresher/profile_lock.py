@@ -57,10 +57,30 @@ def hold_profile(
 def held(state_dir: Path, profile: str) -> bool:
     """Whether a refresh or reset of ``profile`` holds its lock now (a lock file never made: no one ever did).
 
-    A probe: the lock is taken and let go at once when free (nothing is created in the state dir)."""
+    Read from the kernel's table of file locks (``/proc/locks``), never by taking the lock: a probe that took it,
+    however briefly, made a ``refresh --no-wait`` or a worker's snapshot starting that instant give up. Where there
+    is no such table (not Linux), the lock is tried and let go at once."""
     path = lock_path(state_dir, profile)
-    if not path.exists():
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
         return False
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            text = table.read()
+    except OSError:
+        return _taken_and_let_go(path)
+    # "1: FLOCK  ADVISORY  WRITE 4242 08:01:131077 0 EOF" (a waiter's line has "->" after the number); the device
+    # is the kernel's numbering, which need not be stat's on an overlay: the inode alone is matched, so another
+    # file's lock with the same number reads as held, and url only waits for a lock it then finds free.
+    for line in text.splitlines():
+        fields = [field for field in line.split() if field != "->"]
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rpartition(":")[2] == str(inode):
+            return True
+    return False
+
+
+def _taken_and_let_go(path: Path) -> bool:
     lock = filelock.FileLock(path, thread_local=False)
     try:
         lock.acquire(timeout=0)

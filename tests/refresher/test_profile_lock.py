@@ -78,3 +78,39 @@ def test_a_second_refresh_waits_saying_so_and_no_wait_fails_in_one_line(workspac
 def test_a_profile_path_never_reaches_the_lock_directory(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="profile="):
         lock_path(tmp_path, "/etc/passwd")
+
+
+def test_asking_whether_a_profile_is_held_never_makes_a_no_wait_holder_give_up(tmp_path: Path) -> None:
+    # `url` asks whether a first refresh holds the lock; the probe took the lock for an instant, and a
+    # `refresh --no-wait`, a `reset --no-wait` or a worker's snapshot (wait=False: "skipped", no pristine copy)
+    # starting in that instant gave up. The kernel's lock table answers without taking it.
+    import threading
+
+    from refresher.errors import ProfileBusy
+    from refresher.profile_lock import held, hold_profile
+
+    with hold_profile(tmp_path, "p"):
+        assert held(tmp_path, "p")
+    assert not held(tmp_path, "p") and not held(tmp_path, "never_locked")
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            held(tmp_path, "p")
+
+    asking = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in asking:
+        thread.start()
+    refused = 0
+    try:
+        for _ in range(2000):
+            try:
+                with hold_profile(tmp_path, "p", wait=False):
+                    pass
+            except ProfileBusy:
+                refused += 1
+    finally:
+        stop.set()
+        for thread in asking:
+            thread.join()
+    assert refused == 0
