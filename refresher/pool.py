@@ -1846,9 +1846,11 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     (a newer one, written by a refresh meanwhile, stays for its refill). A body that cannot be made is a line in
     the refill's log and stays listed (``body_keys.finished``): the next refill tries it again, `refresher warm`
     makes it once it fetched its file again, and status says why only while it is listed (removing the list
-    instead left the line for good, whoever fetched the file again); the step failing as a whole (a store it
-    cannot open, a full disk): the list stays whole, left by its maker too (``body_keys.tried``: a refresh the
-    stamp answers spawns no refill to fail the same way; a load noting it, or `refresher warm`, tries again). ``record``
+    instead left the line for good, whoever fetched the file again); the step failing as a whole: the list stays
+    whole, left by its maker too when this code cannot write the store (a newer format, a manifest closed to this
+    user; ``body_keys.tried``: a refresh the stamp answers spawns no refill to fail the same way; a load noting
+    it, or `refresher warm`, tries again), unmarked for the next refill when it may pass (the manifest busy, a
+    full disk). ``record``
     (``_record_bodies``) is told how many it could not make (the step failing: those still without a body,
     ``_not_made``) and the first one's line before the list goes: ``wait_for_pool(bodies=)`` returns once it is
     gone, and status then says it."""
@@ -1871,13 +1873,18 @@ def _make_bodies(keys: Path, store_root: Path, record: Callable[[int, str], None
     try:
         made = make_listed(FeatureStore(store_root), wanted, say=lambda line: print(line, flush=True))
     except Exception as exc:
-        # Left by its maker (``body_keys.tried``), every listed segment kept (those made are skipped next time):
-        # left unmarked, every refresh the stamp answers spawned a refill failing the same way (a store it
-        # cannot open), until a load noted the list again.
+        # A store this code cannot write (a newer format, a manifest or directory closed to this user): left by its
+        # maker (``body_keys.tried``), every listed segment kept (those made are skipped next time); left unmarked,
+        # every refresh the stamp answers spawned a refill failing the same way, until a load noted the list
+        # again. Anything else may pass (the manifest held by a gc or a put, a lock timeout, a full disk freed):
+        # the list stays unmarked, for the next no-op's refill.
+        from featurestore.errors import StoreFormatNewer, StoreNotWritable
+
         print(f"refresher: COPY bodies not made: {_failure_line(exc)}", flush=True)
         with _STOPS.held():
             record(_not_made(store_root, wanted), f"COPY bodies not made: {_failure_line(exc)}")
-            _finish_list(keys, inode, wanted)
+            if isinstance(exc, StoreFormatNewer | StoreNotWritable):
+                _finish_list(keys, inode, wanted)
         return
     with _STOPS.held():  # a stop now: the record and the list agree
         record(len(made.said), made.said[0].removeprefix("refresher: ") if made.said else "")

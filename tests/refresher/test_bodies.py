@@ -482,6 +482,37 @@ def test_a_refill_whose_bodies_step_fails_leaves_the_list_to_no_noop_refresh(
     assert spawned == [(keys, settings.store_root)]
 
 
+def test_a_refill_whose_bodies_step_fails_for_a_while_leaves_the_list_to_the_next_refill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that passes (the manifest held open by a DuckDB shell for a while) is no reason to leave the
+    list to a load: marked left by its maker, no refresh the stamp answers tried it again."""
+    from featurestore.errors import ManifestBusy
+    from refresher import _refill_spawn, bodies, body_keys, commands, pool
+    from refresher.settings import Settings
+
+    spawned: list[tuple[Path, Path] | None] = []
+    monkeypatch.setattr(_refill_spawn, "spawn_refill", lambda server, **kw: spawned.append(kw.get("bodies")))
+    monkeypatch.setattr(pool, "_lower_own_priority", lambda: None)
+
+    def busy(*args: object, **kwargs: object) -> None:
+        raise ManifestBusy("manifest.duckdb", "a DuckDB shell")
+
+    monkeypatch.setattr(bodies, "make_listed", busy)
+    settings = Settings(state_dir=tmp_path / "state", store_root=tmp_path / "store", profiles_dirs=())
+    server = ServerInfo("local", "p", "localhost", 5432, "u", "pw", "db")
+    FeatureStore(settings.store_root).put("AAPL-1m-2024-01", pa.table({"x": [1]}))
+    keys = body_keys.keys_path(settings.state_dir, "p")
+    wanted = [Wanted(f"{s}-1m-2024-01", s, "2024-01", NY) for s in SYMBOLS]
+    body_keys.add(keys, wanted)
+    recorded: list[tuple[int, str]] = []
+    pool._make_bodies(keys, settings.store_root, lambda count, line: recorded.append((count, line)))
+    assert len(recorded) == 1 and "held open by another program" in recorded[0][1]
+    assert body_keys.read(keys)[0] == wanted and not body_keys.tried(keys)
+    commands._refill_left_bodies(settings, "p", server)
+    assert spawned == [(keys, settings.store_root)]
+
+
 _PROBES = """
 import sys, time
 from pathlib import Path
