@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,17 @@ def os_error_message(exc: OSError, roots: Mapping[Path, str] | None = None) -> s
     return None
 
 
+# A password in text about to be shown: a URL's (``scheme://user:PASSWORD@``) and a key=value DSN's
+# (``password=PASSWORD``, or ``password = 'with spaces'``).
+_URL_PASSWORD = re.compile(r"(://[^/@\s]*?:)[^/\s]*@")
+_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+
+
+def without_secrets(text: str) -> str:
+    """``text`` with every password it spells shown as ``***`` (a line of a profile, a URL that did not parse)."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
 __all__ = [
     "USER_ERRORS",
     "CalendarError",
@@ -179,4 +191,5 @@ __all__ = [
     "exception_line",
     "one_line",
     "os_error_message",
+    "without_secrets",
 ]

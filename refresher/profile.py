@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from refresher.calendar import CALENDAR_START, EXCHANGES, first_unclosed_session, last_completed_session
-from refresher.errors import CalendarError, ProfileError
+from refresher.errors import CalendarError, ProfileError, without_secrets
 from refresher.profile_files import PROFILE_SUFFIXES as PROFILE_SUFFIXES
 from refresher.profile_files import find_profile_file, profile_files, validate_profile
 from refresher.segments import TIMEFRAMES, Timeframe
@@ -384,8 +384,9 @@ def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> ProfileError:
         reason += f" ({context} on line {begun.line + 1})"
     if mark is None or mark.line >= len(lines):
         return ProfileError(path, "(file)", None, reason)
-    # the line's text, a source's DSN on it shown without its password
-    shown = re.sub(r"(://[^/@\s]*?:)[^/@\s]*@", r"\1***@", lines[mark.line].strip())
+    shown = without_secrets(
+        lines[mark.line].strip()
+    )  # the line's text, a source's DSN on it without its password
     return ProfileError(path, f"line {mark.line + 1}, column {mark.column + 1}", shown, reason)
 
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from refresher.errors import JobError
+from refresher.errors import JobError, without_secrets
 
 DEFAULT_NAMESPACE = "refresher"
 # The query parameter of the queue URL; taken out before the URL reaches redis-py, which passed it on to its
@@ -100,7 +100,13 @@ DEFAULT = Namespace()
 def split_queue_url(url: str, label: str = "--queue") -> tuple[str, Namespace | None]:
     """The Redis URL without its ``namespace`` parameter, and the namespace it named (None: none named). Checked:
     a bad name, or two, is one line naming ``label``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except (
+        ValueError
+    ) as exc:  # 'redis://[::1:6379/0' (an unclosed IPv6 bracket): a traceback from every command
+        shown = without_secrets(url)
+        raise JobError(f"{label}={shown!r}: not a Redis URL ({exc})", field="queue", value=shown) from None
     query = parse_qsl(parts.query, keep_blank_values=True)
     names = [value for key, value in query if key == URL_PARAMETER]
     if not names:

@@ -235,6 +235,10 @@ def test_a_required_field_misspelled_is_named_as_written(tmp_path: Path, source:
             "universe: {symbols: [AAA]}\nmonths: 3\nsource: {kind: postgres, dsn: postgresql://u:s3cret@h/db\n",
             "line 3, column 9='source: {kind: postgres, dsn: postgresql://u:***@h/db': invalid YAML: did not find",
         ),
+        (
+            "universe: {symbols: [AAA]}\nmonths: 3\nsource: {kind: postgres, dsn: host=h password=s3cret dbname=x\n",
+            "line 3, column 9='source: {kind: postgres, dsn: host=h password=*** dbname=x': invalid YAML: did not",
+        ),
     ],
 )
 def test_invalid_yaml_names_the_line_its_text_and_where_the_construct_began(

@@ -157,6 +157,12 @@ def test_list_status_and_prune_commands_look_at_their_namespace_only(
             ["REFRESHER_QUEUE_NAMESPACE", "'a b'"],
         ),
         (["jobs", "list", "--queue", "{url}?namespace=a&namespace=b"], {}, ["--queue", "two namespaces"]),
+        # a URL urlsplit refuses (an unclosed IPv6 bracket) was a ValueError traceback; its password not shown
+        (
+            ["jobs", "list", "--queue", "redis://:s3cret@[::1:6379/0"],
+            {},
+            ["--queue", "not a Redis URL", ":***@"],
+        ),
     ],
 )
 def test_a_bad_namespace_is_one_line_and_exit_2_before_anything_is_touched(
