@@ -25,6 +25,7 @@ from pandas.api.indexers import BaseIndexer
 
 from refresher._lazy import LazyModule
 from refresher.features.compute import TRADING_DAYS
+from refresher.features.modules import module_source
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -275,3 +276,7 @@ def compute_bulk(
 
 
 __all__ = ["BULK", "SymbolFrames", "compute_bulk"]
+
+# The source this process runs, read as it is imported: a built-in feature's key hashes it (cached._built_in_code),
+# and read only when first asked, a long-lived worker whose checkout moved on keyed the old code's rows by the new.
+module_source(__name__)

@@ -122,10 +122,9 @@ def _doubles(result: pd.DataFrame) -> pd.DataFrame:
 
 def _bulk() -> Any:
     """``refresher.features.bulk``, imported at the first computation: it needs pandas, a no-op refresh does not."""
+    # its source is recorded as it is imported, for its version (``_version``)
     from refresher.features import bulk
-    from refresher.features.modules import module_source
 
-    module_source(bulk.__name__)  # the source it runs, kept for its version (``_version``) before an edit
     return bulk
 
 
@@ -174,7 +173,9 @@ def _version(spec: FeatureSpec, seen: Seen | None = None) -> str:
     the user's modules is part of what it computes, and no version number is bumped when one is edited.
     ``seen``: the modules an earlier entry of the same refresh read."""
     if not spec.is_user:
-        return f"{spec.version}/{function_identity(spec.compute)[1]}/{_built_in_code()}"
+        # ``compute``'s source as imported (``_built_in_code``) covers the function's own lines, which ``inspect``
+        # reads from the file as it is now: a worker whose checkout moved on keyed the old code's rows by the new.
+        return f"{spec.version}/{function_identity(spec.compute, 'its module')[1]}/{_built_in_code()}"
     modules = _modules_digest(spec, seen)
     # The modules' source as this process imported it covers the function's own lines, which ``inspect`` reads from
     # the file as it is now (edited since, in a worker): only a function without a file is versioned by them.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from refresher._lazy import LazyModule
+from refresher.features.modules import module_source
 
 if TYPE_CHECKING:
     import numpy as np
@@ -345,3 +346,8 @@ def intraday_session(
     )
     out.index = pd.DatetimeIndex(pd.to_datetime(out.index), name="date")
     return out
+
+
+# The source this process runs, read as it is imported: a built-in feature's key hashes it (cached._built_in_code),
+# and read only when first asked, a long-lived worker whose checkout moved on keyed the old code's rows by the new.
+module_source(__name__)

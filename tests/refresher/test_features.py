@@ -210,11 +210,42 @@ def test_a_fix_in_a_helper_or_in_the_bulk_pass_changes_a_built_in_features_key(t
         )
         return done.stdout.strip()
 
-    versions = [version()]
-    for module, line in HELPER_FIXES.items():
+    def fix(module: str) -> None:
         path = tmp_path / "refresher" / "features" / f"{module}.py"
         text = path.read_text()
+        line = HELPER_FIXES[module]
         assert text.count(line) == 1, module
         path.write_text(text.replace(line, line + "    delta = delta.fillna(0.0).where(delta.notna())\n"))
+
+    versions = [version()]
+    for module in HELPER_FIXES:
+        fix(module)
         versions.append(version())
     assert len(set(versions)) == 3, versions
+
+    # A long-lived worker imports the features at its start and keys its first rows later: the checkout moved on
+    # (a `git pull`) in between, it runs the old code, and its rows must carry the old code's key, not the new's.
+    shutil.rmtree(tmp_path / "refresher")
+    shutil.copytree(
+        Path(refresher.__file__ or "").parent,
+        tmp_path / "refresher",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    worker = (
+        "import sys\nfrom refresher.features import FEATURES\nfrom refresher.features.cached import _bulk, _version\n"
+        "_bulk()\nprint('imported', flush=True)\nsys.stdin.readline()\nprint(_version(FEATURES['full_analysis']))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", worker],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "imported"
+    for module in HELPER_FIXES:
+        fix(module)
+    out, _ = proc.communicate("\n", timeout=120)
+    assert out.strip() == versions[0], (out, versions)
