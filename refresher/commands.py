@@ -195,14 +195,17 @@ def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> Warm
     )
 
 
+def _engine_of(settings: Settings, name: str) -> Engine | None:
+    """The engine serving profile ``name``: the one with its state (``auto``), else the one configured."""
+    _check_name(settings, name)
+    if settings.engine == "auto":
+        return engines.engine_serving(name, settings)
+    return engines.make_engine(settings.engine, settings)
+
+
 def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
     """The engine and running server of a profile; a stopped server (after a reboot) is started again."""
-    _check_name(settings, name)
-    engine = (
-        engines.engine_serving(name, settings)
-        if settings.engine == "auto"
-        else engines.make_engine(settings.engine, settings)
-    )
+    engine = _engine_of(settings, name)
     if engine is None:
         raise _no_server(settings, name, "no server")
     server = engine.info(name)
@@ -295,12 +298,18 @@ def url(
     False: ``ProfileBusy`` at once), then answers as it left things: "no server" while a refresh was making it
     was untrue, and the URL of a database half loaded was one a script took for ready. A later refresh is not
     waited for (the database it updates is whole, segment by segment, as it has always been)."""
-    try:
-        server: ServerInfo | None = _serving(settings, name)[1]
-    except SnapshotError:
-        if not profile_lock.held(settings.state_dir, name):
-            raise
-        server = None
+    server: ServerInfo | None = None
+    if profile_lock.held(settings.state_dir, name):
+        # Only a server running now: the refresh holding the lock may be starting it, under the engine's lock, which
+        # a start of ours waited for, and for good while that refresh was stopped (Ctrl-Z), even with ``wait`` False.
+        engine = _engine_of(settings, name)
+        server = None if engine is None else engine.info(name)
+    else:
+        try:
+            server = _serving(settings, name)[1]
+        except SnapshotError:
+            if not profile_lock.held(settings.state_dir, name):
+                raise
     if server is not None and (not profile_lock.held(settings.state_dir, name) or _has_pristine(server)):
         return server.dsn()
     with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
