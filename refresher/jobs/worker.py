@@ -195,6 +195,11 @@ class _RunContext:
             self.source.close()
 
 
+def _features_session(run: str) -> str:
+    """The key of ``Worker._down`` that counts a run's features sessions lost (``Worker._features_lost``)."""
+    return f"{run} features session"
+
+
 def _own_server(settings: Settings, spec: dict[str, Any]) -> ServerInfo | None:
     """The run's target when it is the profile's own server and this machine serves it (submitted with or
     without ``--target``: ``served_here``), else None."""
@@ -340,7 +345,8 @@ class Worker:
         # a replica); the worker then stops, and exits 1. Left alone, the process exited 0 with its traceback, or
         # ran on with fewer threads: a service manager restarting a worker that fails saw none fail.
         self.failure: BaseException | None = None
-        # Consecutive failures to connect to a run's target (``_TargetDown``), by run, and since when.
+        # Consecutive failures to connect to a run's target (``_TargetDown``), by run, and since when; and of its
+        # features step's session lost (``_features_session``).
         self._down: dict[str, tuple[int, float]] = {}
         self._down_lock = threading.Lock()
 
@@ -712,9 +718,47 @@ class Worker:
                 # The target dropped or unreachable, the profile gone from this machine: it killed the worker's
                 # thread, and every worker's after it (each sweep tried again), and a --burst worker never
                 # drained.
-                backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
+                waited = self._features_lost(queue, contexts, run, exc)
+                if waited is None:
+                    backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
+                else:
+                    backoff = waited
             if backoff:  # the lock becomes the backoff, never free in between; expiring in Redis's own time
                 queue.features_backoff(run, lock.local.token, backoff)
+
+    def _features_lost(
+        self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, exc: Exception
+    ) -> float | None:
+        """Seconds to wait, no attempt spent, when ``exc`` is the features step's session to the target lost (the
+        worker's connection, kept since the run's jobs, met a target restarted since or during the step), and one
+        new connection either finds the target down (``_TargetDown``) or answering again; None (the attempt
+        counts) for any other failure, a session lost past ``target_down_wait``, or a new connection refused.
+
+        Only ``_TargetDown`` was waited for, raised while a connection is made: the step runs first on the one its
+        run's last job used, and a restart between the two spent a features attempt (with --max-attempts 1 the run
+        read `incomplete` while the target was up again). A feature's own error leaves the session open: counted.
+        Its waits are counted apart from the connections' (``_TargetDown``: reset by each connection made), so a
+        step that ends its server's sessions each time it runs (a crash, recovered) spends attempts in the end."""
+        ctx = contexts.get(run)
+        if ctx is None or not ctx.conn.broken or not is_transient(exc) or is_refused(exc):
+            return None
+        contexts.pop(run).close()
+        lost = f"session to the target lost ({one_line(exc)})"
+        try:
+            self._context(queue, contexts, run)
+            why = f"{lost}, it answers again"
+        except _TargetDown as down:
+            why = f"{lost}; {one_line(down)}"
+        except StoppedWaiting:  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
+            return 0.0
+        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+            raise
+        except Exception:  # refused, the profile gone: the next attempt would meet it, this one counts
+            return None
+        wait = self._target_down_wait(_features_session(run))
+        if wait is not None:
+            self._say(f"run {run}: features: {why}; retry in {wait:.1f} s, no attempt spent")
+        return wait
 
     @property
     def _features_ttl(self) -> float:
@@ -783,6 +827,8 @@ class Worker:
         saved = self._snapshot(contexts, run)
         if not queue.complete(run, json.dumps(vars(counts)), saved, lock.local.token):
             raise _LockLost
+        with self._down_lock:
+            self._down.pop(_features_session(run), None)
         self._count(features=1)
 
     def _snapshot(self, contexts: dict[str, _RunContext], run: str) -> str:
