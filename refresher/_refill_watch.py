@@ -40,20 +40,32 @@ _ACTIVE = (
 def watching(dsn: str, session: str, *, local: bool, silenced: Callable[[str], None]) -> Iterator[None]:
     """Probe the server of ``dsn`` while the block runs (``WATCH_INTERVAL``...); ``silenced`` is called once, from
     the watch's thread, with why, when ``WATCH_MISSES`` probes in a row find no answer or a stopped backend of the
-    sessions named ``session`` (looked at only when ``local``: the server's processes are this host's)."""
+    sessions named ``session`` (looked at only when ``local``: the server's processes are this host's).
+
+    Never once the block ended: its end waits for a call under way. Looked at, then called, a block ending in
+    between was silenced after it (a refill that filled its pool stopped, "gave up"). A call under way as the
+    block's work returns may still stop what follows: the caller drops that stop (``pool._Stops.watched``)."""
     done = threading.Event()
+    # The watch's look at ``done`` and its call, or the block's end: one, then the other.
+    ending = threading.Lock()
     watch = threading.Thread(
-        target=_watch, args=(dsn, session, local, silenced, done), name="refill-watch", daemon=True
+        target=_watch, args=(dsn, session, local, silenced, done, ending), name="refill-watch", daemon=True
     )
     watch.start()
     try:
         yield
     finally:
-        done.set()
+        with ending:
+            done.set()
 
 
 def _watch(
-    dsn: str, session: str, local: bool, silenced: Callable[[str], None], done: threading.Event
+    dsn: str,
+    session: str,
+    local: bool,
+    silenced: Callable[[str], None],
+    done: threading.Event,
+    ending: threading.Lock,
 ) -> None:
     probe_dsn = conninfo.make_conninfo(dsn, application_name=f"{session} watch")
     misses: list[str] = []
@@ -66,9 +78,11 @@ def _watch(
             asking.join(WATCH_TIMEOUT + 1)
         miss = answer[0] if answer else f"a probe of the server had no answer in {WATCH_TIMEOUT} s"
         misses = [*misses, miss] if miss is not None else []
-        if len(misses) >= WATCH_MISSES and not done.is_set():
+        if len(misses) >= WATCH_MISSES:
             waited = round(WATCH_INTERVAL * len(misses))
-            silenced(f"gave up: the server did not answer for {waited} s ({misses[-1]})")
+            with ending:
+                if not done.is_set():
+                    silenced(f"gave up: the server did not answer for {waited} s ({misses[-1]})")
             return
 
 

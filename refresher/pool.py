@@ -904,9 +904,13 @@ class _Stops:
         self._holding = 0
         self._raised = False
         self._halts: list[_Halt] = []
+        self._watched = False  # in the block a watch may give the refill up in (``watched``)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.signum is None:
+            if self.reason is not None and not self._watched:
+                self.reason = None  # a give-up landing once its block ended: the block's work is done
+                return
             self.signum = signum
         self._raise()
 
@@ -921,9 +925,25 @@ class _Stops:
         """Stop the refill as a SIGTERM does, from one of its threads (``_refill_watch``: its server stopped
         answering), ``reason`` recorded as its failure: the stop's path is the one that ends a refill whose server
         takes no cancel (``_Halt``), and a signal is what interrupts the main thread's wait on that server."""
-        if self.signum is None:
+        if self.signum is None and self._watched:
             self.reason = reason
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[None]:
+        """The block a watch may give the refill up in (``give_up``), in the main thread. A give-up decided as the
+        block's work returned lands after it, where it is no failure: once the block ended, the signal handler
+        drops it; between the work's return and that end, the caller drops the ``_Stopped`` it raised
+        (``withdraw``). Either way a refill whose work was done is never recorded as given up."""
+        self._watched = True
+        try:
+            yield
+        finally:
+            self._watched = False
+
+    def withdraw(self) -> None:
+        """Forget a give-up raised as its watched block's work returned (``watched``): a stop after it is taken."""
+        self.signum, self.reason, self._raised = None, None, False
 
     @contextlib.contextmanager
     def telling(self, halt: _Halt) -> Iterator[None]:
@@ -2037,8 +2057,12 @@ def _refill_main(args: argparse.Namespace) -> int:
             if stopped is not None:  # while its note was written
                 raise stopped
             dead = [note.session for note in _refill_notes(at) if note.gone and note.session] if at else []
+            created: int | None = None
             try:
-                with _refill_watch.watching(dsn, session, local=args.background, silenced=_STOPS.give_up):
+                with (
+                    _STOPS.watched(),
+                    _refill_watch.watching(dsn, session, local=args.background, silenced=_STOPS.give_up),
+                ):
                     created = _refill(
                         dsn,
                         db,
@@ -2049,11 +2073,15 @@ def _refill_main(args: argparse.Namespace) -> int:
                         fill=not args.no_fill,
                         dead=dead,
                     )
+            except _Stopped as exc:
+                if created is None or exc.reason is None:
+                    raise
+                _STOPS.withdraw()  # the watch gave up as the clones' step returned: it did its work
             except Exception as exc:
                 ended, failed = True, exc
                 # Recorded for `refresher status`, then the traceback as before (to its log, if any).
                 _record_outcome(dsn, db, time.time_ns(), _failure_line(exc), at=at)
-            else:
+            if not ended:
                 ended = True  # a stop while its outcome is written is raised once it is (``_Stops.held``)
                 if not args.no_fill:  # an analysis alone fills no pool: it clears no failure of a refill
                     _record_outcome(dsn, db, time.time_ns(), None, at=at)

@@ -59,7 +59,9 @@ __all__ = ["root"]  # a fixture, imported to be found
 # "ended:<name>" a second after that analysis ends, and holds the first one's analysis in the server
 # (pg_sleep(300)); "stuck" probes its server every half second (``_refill_watch``: two probes unanswered give up);
 # "cancels" copies three clones at once (``refill_concurrency`` 3) and appends "start <pid>" and "end <pid>" to
-# argv[2] + ".log" around each cancel it sends (``cancel_safe``: psycopg's own, ``_Halt``'s). Neither waits.
+# argv[2] + ".log" around each cancel it sends (``cancel_safe``: psycopg's own, ``_Halt``'s); "late" has each probe
+# unanswered (every 0.05 s, one gives up) and holds the watch's give-up, once it decided, until the clones' step
+# returned, and the outcome's record until the give-up is sent. None of the last three waits.
 HOOK = textwrap.dedent(
     """
     import sys, threading, time
@@ -134,6 +136,26 @@ HOOK = textwrap.dedent(
                 with open(f"{marker}.log", "a") as log:
                     log.write(f"end {pid}\\n")
         psycopg.Connection.cancel_safe = cancelling
+    elif step == "late":
+        _refill_watch.WATCH_INTERVAL, _refill_watch.WATCH_MISSES = 0.05, 1
+        _refill_watch._probe = lambda dsn, session, local, answer: answer.append("no answer (the test's)")
+        refill, give_up, record_outcome = pool._refill, pool._STOPS.give_up, pool._record_outcome
+        deciding, returned, sent = threading.Event(), threading.Event(), threading.Event()
+        def filling(*args, **kwargs):
+            created = refill(*args, **kwargs)
+            deciding.wait(60)  # the watch found the block running, and gives up
+            returned.set()
+            return created
+        def giving_up(reason):
+            deciding.set()
+            returned.wait(60)
+            time.sleep(0.5)  # the clones' step returned meanwhile
+            give_up(reason)
+            sent.set()
+        def recording(*args, **kwargs):
+            sent.wait(60)
+            return record_outcome(*args, **kwargs)
+        pool._refill, pool._STOPS.give_up, pool._record_outcome = filling, giving_up, recording
     sys.exit(pool.main(sys.argv[3:]))
     """
 )
@@ -500,3 +522,16 @@ def test_the_next_refill_ends_the_sessions_a_killed_refill_left_copying(
     assert len(status.ready) == 2, status
     assert sorted(_databases(server)) == sorted([server.dbname, pristine_name(server.dbname), *status.ready])
     assert dead.path.exists()  # status still says it died, until a refill records how the pool was left
+
+
+def test_a_refill_whose_work_returned_as_its_watch_gave_up_is_not_recorded_as_given_up(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: the watch looked whether the block had ended, then gave up (a SIGTERM to the main thread): a refill
+    # whose clones' step returned between the two was stopped after it, as it recorded its outcome, and exited 1
+    # "gave up", its pool full. Now a give-up is decided and the block's end made one after the other, and one
+    # that lands as the step returned is dropped: the refill records its outcome and exits 0.
+    server = _two_to_copy(root, monkeypatch, "late")
+    assert _hooked("late", server, [], tmp_path, lambda: True, None) == 0
+    status = pool_status(server)
+    assert (len(status.ready), status.failed) == (2, ""), status
