@@ -718,7 +718,7 @@ class Worker:
                 # The target dropped or unreachable, the profile gone from this machine: it killed the worker's
                 # thread, and every worker's after it (each sweep tried again), and a --burst worker never
                 # drained.
-                waited = self._features_lost(queue, contexts, run, exc)
+                waited = self._features_lost(queue, contexts, run, exc, lock)
                 if waited is None:
                     backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
                 else:
@@ -727,12 +727,19 @@ class Worker:
                 queue.features_backoff(run, lock.local.token, backoff)
 
     def _features_lost(
-        self, queue: JobQueue, contexts: dict[str, _RunContext], run: str, exc: Exception
+        self,
+        queue: JobQueue,
+        contexts: dict[str, _RunContext],
+        run: str,
+        exc: Exception,
+        lock: redis.lock.Lock,
     ) -> float | None:
         """Seconds to wait, no attempt spent, when ``exc`` is the features step's session to the target lost (the
         worker's connection, kept since the run's jobs, met a target restarted since or during the step), and one
         new connection either finds the target down (``_TargetDown``) or answering again; None (the attempt
-        counts) for any other failure, a session lost past ``target_down_wait``, or a new connection refused.
+        counts) for any other failure, a session lost past ``target_down_wait``, or a new connection refused; None
+        too when the features lock is no longer this worker's (held up past it, its session ended by the taker's
+        claim of the fence): ``_features_failed`` then says so, uncounted.
 
         Only ``_TargetDown`` was waited for, raised while a connection is made: the step runs first on the one its
         run's last job used, and a restart between the two spent a features attempt (with --max-attempts 1 the run
@@ -741,6 +748,8 @@ class Worker:
         step that ends its server's sessions each time it runs (a crash, recovered) spends attempts in the end."""
         ctx = contexts.get(run)
         if ctx is None or not ctx.conn.broken or not is_transient(exc) or is_refused(exc):
+            return None
+        if not lock.owned():
             return None
         contexts.pop(run).close()
         lost = f"session to the target lost ({one_line(exc)})"
