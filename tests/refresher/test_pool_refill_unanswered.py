@@ -61,10 +61,11 @@ __all__ = ["root"]  # a fixture, imported to be found
 # "cancels" copies three clones at once (``refill_concurrency`` 3) and appends "start <pid>" and "end <pid>" to
 # argv[2] + ".log" around each cancel it sends (``cancel_safe``: psycopg's own, ``_Halt``'s); "late" has each probe
 # unanswered (every 0.05 s, one gives up) and holds the watch's give-up, once it decided, until the clones' step
-# returned, and the outcome's record until the give-up is sent. None of the last three waits.
+# returned and its count was kept (the watched block's body ended: no sleep), and the outcome's record until the
+# give-up is sent. None of the last three waits.
 HOOK = textwrap.dedent(
     """
-    import sys, threading, time
+    import contextlib, sys, threading, time
     from pathlib import Path
     import psycopg
     from refresher import _refill_watch, pool
@@ -139,23 +140,28 @@ HOOK = textwrap.dedent(
     elif step == "late":
         _refill_watch.WATCH_INTERVAL, _refill_watch.WATCH_MISSES = 0.05, 1
         _refill_watch._probe = lambda dsn, session, local, answer: answer.append("no answer (the test's)")
-        refill, give_up, record_outcome = pool._refill, pool._STOPS.give_up, pool._record_outcome
+        refill, watching = pool._refill, _refill_watch.watching
+        give_up, record_outcome = pool._STOPS.give_up, pool._record_outcome
         deciding, returned, sent = threading.Event(), threading.Event(), threading.Event()
         def filling(*args, **kwargs):
             created = refill(*args, **kwargs)
             deciding.wait(60)  # the watch found the block running, and gives up
-            returned.set()
             return created
+        @contextlib.contextmanager
+        def watched(*args, **kwargs):
+            with watching(*args, **kwargs):
+                yield
+                returned.set()  # the clones' step returned, its count kept: the block ends now
         def giving_up(reason):
             deciding.set()
             returned.wait(60)
-            time.sleep(0.5)  # the clones' step returned meanwhile
             give_up(reason)
             sent.set()
         def recording(*args, **kwargs):
             sent.wait(60)
             return record_outcome(*args, **kwargs)
-        pool._refill, pool._STOPS.give_up, pool._record_outcome = filling, giving_up, recording
+        pool._refill, _refill_watch.watching = filling, watched
+        pool._STOPS.give_up, pool._record_outcome = giving_up, recording
     sys.exit(pool.main(sys.argv[3:]))
     """
 )
