@@ -34,6 +34,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import EngineUnavailable
 from refresher.settings import AUTO_POOL, PoolSize, Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
+from tests.child_processes import reap
 from tests.featurestore.test_generation import REPO, STOPPED_REMOVER
 from tests.fixtures_postgres import refillers, refills_gone
 from tests.refresher.engines.test_local import tiny_disk
@@ -442,7 +443,10 @@ def test_two_noop_refreshes_at_once_both_answer(ws: Workspace) -> None:
         )
         for _ in range(2)
     ]
-    reports = [json.loads(run.communicate(timeout=300)[0].strip().splitlines()[-1]) for run in runs]
+    try:
+        reports = [json.loads(run.communicate(timeout=300)[0].strip().splitlines()[-1]) for run in runs]
+    finally:
+        reap(*runs)
     assert all(run.returncode == 0 for run in runs)
     assert all(stamped(r) and r["segments"]["loaded"] == 0 for r in reports)
 
@@ -463,7 +467,7 @@ def test_a_refresh_killed_midway_leaves_no_stamp_behind(ws: Workspace) -> None:
         assert not stamp_file(ws).exists()  # cleared before the first load
         os.kill(run.pid, signal.SIGKILL)
     finally:
-        run.wait(timeout=60)
+        reap(run)
     report = ws.refresh()
     assert not stamped(report) and report["segments"]["desired"] == 4 * 2 * 3
     assert stamped(ws.refresh())

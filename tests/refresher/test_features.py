@@ -19,6 +19,7 @@ from refresher.errors import ProfileError
 from refresher.features import FEATURES, compute_universe, equal_weight_index, get_feature
 from refresher.profile import Listing, profile_from_file
 from refresher.sources.synthetic import generate_daily
+from tests.child_processes import reap
 
 
 def bars(symbol: str) -> pd.DataFrame:
@@ -244,8 +245,11 @@ def test_a_fix_in_a_helper_or_in_the_bulk_pass_changes_a_built_in_features_key(t
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "imported"
-    for module in HELPER_FIXES:
-        fix(module)
-    out, _ = proc.communicate("\n", timeout=120)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "imported"
+        for module in HELPER_FIXES:
+            fix(module)
+        out, _ = proc.communicate("\n", timeout=120)
+    finally:
+        reap(proc)
     assert out.strip() == versions[0], (out, versions)

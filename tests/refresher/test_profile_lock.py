@@ -14,6 +14,7 @@ import pytest
 
 from refresher.errors import ProfileError
 from refresher.profile_lock import lock_path
+from tests.child_processes import reap
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_refresh_e2e import Workspace
 
@@ -67,10 +68,17 @@ def test_a_second_refresh_waits_saying_so_and_no_wait_fails_in_one_line(workspac
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert waiting.stderr is not None
-        assert "waiting for it to finish" in waiting.stderr.readline()
-        assert waiting.poll() is None  # still waiting while we hold the lock
-    out, _ = waiting.communicate(timeout=600)
+        try:
+            assert waiting.stderr is not None
+            assert "waiting for it to finish" in waiting.stderr.readline()
+            assert waiting.poll() is None  # still waiting while we hold the lock
+        except BaseException:
+            reap(waiting)
+            raise
+    try:
+        out, _ = waiting.communicate(timeout=600)
+    finally:
+        reap(waiting)
     assert waiting.returncode == 0
     assert json.loads(out.strip().splitlines()[-1])["segments"]["loaded"] > 0
 

@@ -35,6 +35,7 @@ from refresher.errors import ProfileError
 from refresher.pool import checkout_clone
 from refresher.settings import Settings
 from refresher.snapshot import save_pristine
+from tests.child_processes import reap
 from tests.fixtures_postgres import refillers, refills_gone
 
 pytest_plugins = ["pytester"]
@@ -816,9 +817,12 @@ def test_reuse_two_checkouts_at_once_on_one_docker_daemon_keep_their_own_contain
             name: subprocess.Popen(command, cwd=path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
             for name, path in checkouts.items()
         }
-        for proc in runs.values():
-            stdout, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-            assert proc.returncode == 0, stdout.decode()[-3000:]
+        try:
+            for proc in runs.values():
+                stdout, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+                assert proc.returncode == 0, stdout.decode()[-3000:]
+        finally:
+            reap(*runs.values())
         return {name: read_records(path / "probe.jsonl")[-1] for name, path in checkouts.items()}
 
     def containers(record: dict[str, object]) -> list[str]:

@@ -19,6 +19,7 @@ from refresher.errors import JobError
 from refresher.jobs import runs
 from refresher.jobs.queue import JobQueue, connect, stream_key
 from refresher.jobs.runs import list_runs, run_status, submit_jobs
+from tests.child_processes import reap
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_cli_queue import one_line, refresher, start_refresher
 from tests.refresher.jobs.test_queue import jobs, spec
@@ -324,9 +325,7 @@ def test_a_requeue_stopped_past_its_lock_writes_nothing_once_another_holds_the_r
         os.kill(stalled.pid, signal.SIGCONT)
         out, err = stalled.communicate(timeout=120)
     finally:
-        if stalled.poll() is None:
-            stalled.kill()
-            stalled.wait()
+        reap(stalled)
     done = subprocess.CompletedProcess(stalled.args, stalled.returncode, out, err)
     one_line(done, run, f"this `jobs {action}` was held up past its 2 s lock", "stopped after 0 ")
     if action == "requeue":

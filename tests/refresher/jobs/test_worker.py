@@ -20,6 +20,7 @@ from refresher._snapshot_sql import TAKE
 from refresher.jobs.queue import JobQueue, connect
 from refresher.jobs.worker import parse_segment
 from refresher.pool import wait_for_pool
+from tests.child_processes import reap
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.redis_server import RedisServer
 from tests.refresher.test_refresh_e2e import Workspace
@@ -125,8 +126,11 @@ def stop(workers: list[subprocess.Popen[str]]) -> None:
     for proc in workers:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    for proc in workers:
-        proc.wait(timeout=120)
+    try:
+        for proc in workers:
+            proc.wait(timeout=120)
+    finally:  # one that did not stop: killed, the others still waited for
+        reap(*workers)
 
 
 def ledger(ws: Workspace, profile: str | None = None) -> dict[str, tuple[str, int]]:
@@ -429,8 +433,6 @@ def test_plan_leaves_shut_the_door_a_live_reset_holds_and_connects_after_its_swa
             reset.execute("SELECT pg_advisory_unlock(hashtext(%s), %s)", (server.dbname, TAKE))
             out, err = plan.communicate(timeout=300)
         finally:
-            if plan.poll() is None:
-                plan.kill()
-                plan.wait()
+            reap(plan)
     assert plan.returncode == 0, err
     assert json.loads(out)["server_running"]

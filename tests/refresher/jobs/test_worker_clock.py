@@ -16,6 +16,7 @@ import pytest
 
 from refresher.jobs.queue import RETRY, JobQueue, connect, stream_key
 from refresher.jobs.runs import run_status, submit_jobs
+from tests.child_processes import reap
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_queue import jobs, spec
 
@@ -65,7 +66,10 @@ def test_a_worker_whose_clock_runs_ahead_releases_and_promotes_by_redis_time(
         time.sleep(2)  # a sweep before its first wait, and several since: each promotes and releases
     finally:
         worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=60)
+        try:
+            _, stderr = worker.communicate(timeout=60)
+        finally:
+            reap(worker)
     assert worker.returncode == 0 and "Traceback" not in stderr, stderr
     state = run_status(client, held.run_id)
     assert (state.state, state.held) == ("held", 3)  # released two hours early, the exchange trading
