@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -159,7 +160,7 @@ def test_upstream_failures_are_one_line_and_never_show_the_password(
         ' AND day < %(end)s) AS bars"}\n'
     )
     with PostgresSource(make_profile(body(upstream, slow), name="slow")) as src:
-        ended = threading.Timer(1.0, _end_sleepers, [upstream])
+        ended = threading.Thread(target=_end_sleepers, args=[upstream])
         ended.start()
         try:
             with pytest.raises(SourceError) as info:
@@ -267,11 +268,17 @@ def test_rows_without_a_time_go_to_the_first_segment_with_sessions(
 
 
 def _end_sleepers(dsn: str) -> None:
+    """End the upstream sessions running the slow query, once one runs. Polled: a fixed second raced the fetch's
+    start, and a fetch that began its query after it slept 30 s a row and returned (DID NOT RAISE)."""
+    deadline = time.monotonic() + 120
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
+        while not conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE query LIKE '%%pg_sleep(30)%%' AND pid <> pg_backend_pid()"
-        )
+            " WHERE state = 'active' AND query LIKE '%%pg_sleep(30)%%' AND pid <> pg_backend_pid()"
+        ).fetchall():
+            if time.monotonic() > deadline:  # the fetch sleeps its 60 s out, and its test fails
+                return
+            time.sleep(0.01)
 
 
 BAD_SETUP = """
