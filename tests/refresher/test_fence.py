@@ -51,15 +51,31 @@ def test_a_check_is_one_round_trip(fenced: psycopg.Connection[Any], tmp_path: Pa
     assert sent.count("Sync") + sent.count("Query") == 1, sent
 
 
+def _commit_once_waited_for(holder: psycopg.Connection[Any], dsn: str, waiter: int, hold: float) -> None:
+    """Commit ``holder`` ``hold`` seconds after the session ``waiter`` (a backend's pid) is seen waiting for a lock
+    (at once after a minute: a waiter that never waits fails its test on its own)."""
+    deadline = time.monotonic() + 60
+    waiting = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        while watcher.execute(waiting, (waiter,)).fetchone() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(hold)
+    holder.commit()
+
+
 def test_the_rest_of_the_transaction_runs_under_the_callers_lock_timeout(
     fenced: psycopg.Connection[Any], pg_database: ServerInfo
 ) -> None:
     # The check waits 50 ms at most for the fence's row; the caller's own statements after it wait as long as the
-    # caller chose: here a table another session holds for 0.5 s, the caller's lock_timeout 5 s.
+    # caller chose: here a table another session holds for 0.5 s once the caller waits for it, the caller's
+    # lock_timeout 5 s. (Held 0.5 s from the start, a loaded machine's check and SHOW took most of it: the LOCK
+    # waited less than 0.3 s, or not at all.)
     fenced.execute("SET lock_timeout = '5s'")
     with psycopg.connect(pg_database.dsn()) as holder:
         holder.execute("LOCK TABLE other IN ACCESS EXCLUSIVE MODE")
-        release = threading.Timer(0.5, holder.commit)
+        release = threading.Thread(
+            target=_commit_once_waited_for, args=(holder, pg_database.dsn(), fenced.info.backend_pid, 0.5)
+        )
         release.start()
         try:
             with fenced.transaction():
