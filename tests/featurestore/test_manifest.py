@@ -262,6 +262,15 @@ def _connection(manifest: Manifest, access: str) -> Iterator[duckdb.DuckDBPyConn
             yield con
 
 
+def _ctrl_c_once_running(con: duckdb.DuckDBPyConnection) -> None:
+    """SIGINT this process once ``con`` runs a query. A Timer's fixed 0.3 s could fire before a loaded machine's
+    main thread began the query: a plain KeyboardInterrupt in Python, not DuckDB's 'Query interrupted'."""
+    deadline = time.monotonic() + 60
+    while con.query_progress() < 0 and time.monotonic() < deadline:  # -1: no query running
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 @pytest.mark.parametrize("access", ["write", "read"])
 def test_ctrl_c_in_a_query_is_a_keyboard_interrupt_and_damages_nothing(
     store: FeatureStore, access: str
@@ -269,11 +278,13 @@ def test_ctrl_c_in_a_query_is_a_keyboard_interrupt_and_damages_nothing(
     # DuckDB takes the SIGINT itself and raises RuntimeError("Query interrupted"); a CLI must see Ctrl-C.
     store.put("k", table())
     manifest = Manifest(store.root)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     with pytest.raises(KeyboardInterrupt) as caught, _connection(manifest, access) as con:
-        timer.start()
-        con.execute("SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3").fetchall()
-    timer.join()
+        pressing = threading.Thread(target=_ctrl_c_once_running, args=(con,))
+        pressing.start()
+        try:
+            con.execute("SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3").fetchall()
+        finally:
+            pressing.join()
     assert "Query interrupted" in str(caught.value.__cause__)
     assert "k" in store.lookup(["k"])
     assert sorted(p.name for p in store.root.iterdir() if "aside" in p.name or "damaged" in p.name) == []
