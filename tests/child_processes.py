@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -22,3 +23,12 @@ def reap(*procs: subprocess.Popen[Any] | None) -> None:
             proc.kill()
         with contextlib.suppress(BrokenPipeError), proc:  # a killed child's stdin: its flush fails, it waits
             pass
+
+
+def outputs(procs: Sequence[subprocess.Popen[Any]], timeout: float) -> list[tuple[Any, Any]]:
+    """Each of ``procs``' (stdout, stderr), each waited for ``timeout`` seconds in turn; all reaped, whatever
+    happens (the others still running when one times out, say)."""
+    try:
+        return [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        reap(*procs)

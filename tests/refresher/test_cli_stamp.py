@@ -34,7 +34,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import EngineUnavailable
 from refresher.settings import AUTO_POOL, PoolSize, Settings
 from refresher.snapshot import MAINTENANCE_DB, pristine_name
-from tests.child_processes import reap
+from tests.child_processes import outputs, reap
 from tests.featurestore.test_generation import REPO, STOPPED_REMOVER
 from tests.fixtures_postgres import refillers, refills_gone
 from tests.refresher.engines.test_local import tiny_disk
@@ -443,10 +443,7 @@ def test_two_noop_refreshes_at_once_both_answer(ws: Workspace) -> None:
         )
         for _ in range(2)
     ]
-    try:
-        reports = [json.loads(run.communicate(timeout=300)[0].strip().splitlines()[-1]) for run in runs]
-    finally:
-        reap(*runs)
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _err in outputs(runs, timeout=300)]
     assert all(run.returncode == 0 for run in runs)
     assert all(stamped(r) and r["segments"]["loaded"] == 0 for r in reports)
 

@@ -26,7 +26,7 @@ from refresher.features import FEATURES, FeatureCounts, compute_universe
 from refresher.pool import wait_for_pool
 from refresher.profile import load_profile
 from refresher.refresh import refresh
-from tests.child_processes import reap
+from tests.child_processes import outputs
 from tests.refresher.test_refresh_batches import root
 from tests.refresher.test_replay import _contents
 
@@ -177,12 +177,8 @@ def test_two_profiles_sharing_symbols_and_features_refreshed_at_once_into_one_st
             )
             for name in symbols
         ]
-        try:
-            for run in runs:
-                _out, err = run.communicate(timeout=600)
-                assert run.returncode == 0, err
-        finally:
-            reap(*runs)
+        for run, (_out, err) in zip(runs, outputs(runs, timeout=600), strict=True):
+            assert run.returncode == 0, err
         for name, listed in symbols.items():
             server = LocalEngine(root / "state").start(name)
             assert_features_from_scratch(server.dsn(), listed, as_of, since=dt.date(2024, 4, 1))

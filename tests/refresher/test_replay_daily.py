@@ -26,7 +26,7 @@ from refresher.errors import SnapshotError
 from refresher.pool import pool_status, refill_pool, wait_for_pool
 from refresher.profile import Profile, load_profile
 from refresher.refresh import refresh
-from tests.child_processes import reap
+from tests.child_processes import outputs
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_features_sequence import DAILY, PROFILE, write_bars
 from tests.refresher.test_refresh_batches import root
@@ -238,12 +238,8 @@ def test_two_daily_refreshes_and_a_reset_at_once_through_the_cli_end_as_a_cold_l
                 ["refresh", "--as-of", "2025-03-27"],
             )
         ]
-        try:
-            for run in runs:
-                _out, err = run.communicate(timeout=600)
-                assert run.returncode == 0, err
-        finally:
-            reap(*runs)
+        for run, (_out, err) in zip(runs, outputs(runs, timeout=600), strict=True):
+            assert run.returncode == 0, err
         profile = load_profile(
             str(ws.root / "profiles" / f"{ws.profile}.yaml"), [], as_of=dt.date(2025, 3, 27)
         )

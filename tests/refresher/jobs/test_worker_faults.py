@@ -22,7 +22,7 @@ from refresher.jobs import worker as worker_module
 from refresher.jobs.queue import DEAD, FEATURES_DUE, GROUP, RETRY, TIERS, run_key, stream_key, text
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.settings import Settings
-from tests.child_processes import reap
+from tests.child_processes import outputs
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.killed_worker import STEPS
 from tests.refresher.jobs.test_worker import (
@@ -206,10 +206,7 @@ def test_two_submitters_at_once_and_redis_killed_mid_run_load_every_row_once(
     ws, url = workspace, redis_server.url
     args = ws.command("jobs", "submit", "--profile", ws.profile, "--queue", url, "--json")
     submitters = [subprocess.Popen(args, env=ws.env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        runs = [json.loads(p.communicate(timeout=600)[0]) for p in submitters]
-    finally:
-        reap(*submitters)
+    runs = [json.loads(out) for out, _err in outputs(submitters, timeout=600)]
     assert [p.returncode for p in submitters] == [0, 0]
     assert runs[0]["run_id"] != runs[1]["run_id"] and runs[0]["jobs"] == runs[1]["jobs"] == len(SYMBOLS) * 6
     workers = [start_worker(ws, url, f"w{i}") for i in range(2)]
