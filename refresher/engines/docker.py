@@ -193,7 +193,8 @@ class DockerEngine:
             if container.status != "running":
                 raise self._exited(container, profile)
             state = replace(state, port=_host_port(container))
-            state.write(self._state_path(profile))
+            if state != ContainerState.read(self._state_path(profile)):  # its fsync: as LocalEngine's start
+                state.write(self._state_path(profile))
             info = self._info(profile, state)
             self._wait_ready(container, info)
             cluster = self._note_cluster(profile, info, container, fresh=not running)

@@ -224,7 +224,11 @@ class LocalEngine:
             self._wait_ready(paths, state, running.alive)  # one a killed CLI launched may still be binding
         else:
             state = self._start_cluster(paths, state)
-        state.write(paths.state)
+        if state != ServerState.read(paths.state):
+            # Not when it records this very server already (a start of a running one: every refresh's, url's):
+            # its fsync waited behind the kernel's writeback of what the machine wrote last (a pool refill's
+            # clones, gigabytes with fsync off), 0.4-2 s of the daily refresh's engine phase (bench_production).
+            state.write(paths.state)
         info = self._info(profile, state)
         _ensure_database(info)
         if spare_for is not None and self.template_dir is not None:

@@ -180,7 +180,12 @@ def test_start_serves_the_profile_database_and_is_idempotent(
     assert query(info, "SHOW fsync") == "off"
     assert query(info, "SHOW synchronous_commit") == "off"
     assert query(info, "SHOW wal_segment_size") == "1MB"  # INITDB_ARGS reached the image's initdb
+    state_file = docker_engine.base / "shared.json"
+    written = state_file.stat()
     assert docker_engine.start("shared") == info
+    # Not rewritten when it says the same: every refresh starts the running server, and the write's fsync waited
+    # behind the kernel's writeback of what was written last (a pool refill's clones).
+    assert (state_file.stat().st_ino, state_file.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert docker_engine.info("shared") == info
     container = docker_client.containers.get(f"{docker_engine.prefix}-{docker_engine.scope}-shared")
     assert container.labels[PROJECT_LABEL] == "refresher"
