@@ -436,9 +436,15 @@ class Worker:
             idle = max(2 * self.options.visibility_timeout, IDLE_IN_TRANSACTION_MIN)
             spec = require_run(queue.client, run, queue.ns)
             contexts[run] = _RunContext(self.settings, spec, self.stop, idle, self._servers)
-            with self._down_lock:
-                self._down.pop(run, None)  # its target answered: down again, it is waited for from the start
+            self._down_over(run)  # its target answered: down again, it is waited for from the start
         return contexts[run]
+
+    def _down_over(self, *keys: str) -> None:
+        """Forget the waits counted under ``keys`` of ``_down`` (``_target_down_wait``): the next is waited for from
+        the start."""
+        with self._down_lock:
+            for key in keys:
+                self._down.pop(key, None)
 
     def _handle(
         self,
@@ -688,17 +694,16 @@ class Worker:
         if not lock.acquire():
             return
         lost = f"features not written: this worker was held up past its {ttl:g} s features lock"
+        backoff = 0.0
         with held_lock(lock, every=ttl / 3):
             try:
                 self._features_locked(queue, contexts, run, lock)
-                return
             except (
                 StoppedWaiting
             ):  # SIGTERM at a reset's door: the run stays due, for the next worker's sweep
-                return
+                pass
             except FenceLost:  # a later holder claimed the run's fence in the target: it holds the lock
                 self._say(f"run {run}: {lost}, which another worker took")
-                return
             except _LockLost:
                 # Counted unless another worker holds the lock: a stage outliving its renewal every time (a late
                 # renewal thread, a pause) was tried again at once, for ever, uncounted.
@@ -725,6 +730,12 @@ class Worker:
                     backoff = waited
             if backoff:  # the lock becomes the backoff, never free in between; expiring in Redis's own time
                 queue.features_backoff(run, lock.local.token, backoff)
+            else:
+                # The step is over for this worker: complete, failed for good, the run gone or another worker's
+                # (or this worker stopping).
+                # Its waits kept, a long-running worker judged the run's next (after `jobs retry-dead`) by the
+                # old start: past ``target_down_wait``, it spent an attempt at once instead of waiting.
+                self._down_over(run, _features_session(run))
 
     def _features_lost(
         self,
@@ -836,8 +847,6 @@ class Worker:
         saved = self._snapshot(contexts, run)
         if not queue.complete(run, json.dumps(vars(counts)), saved, lock.local.token):
             raise _LockLost
-        with self._down_lock:
-            self._down.pop(_features_session(run), None)
         self._count(features=1)
 
     def _snapshot(self, contexts: dict[str, _RunContext], run: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 from refresher.engines import make_engine
 from refresher.engines.local import Postmaster
 from refresher.jobs.queue import DEAD, FEATURES_DUE, connect, run_key, text
-from refresher.jobs.runs import RunSpec, run_status, submit_jobs
+from refresher.jobs.runs import RunSpec, retry_dead, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.segments import Segment
@@ -156,11 +156,18 @@ def test_a_target_down_past_the_workers_wait_spends_the_features_attempts(
     options = WorkerOptions(
         "gone", burst=True, max_attempts=2, backoff_base=0.05, backoff_cap=0.2, target_down_wait=1.0
     )
-    Worker(redis_server.url, settings, options).run()
-    state = client.hgetall(run_key(run))
-    assert (state[b"state"], state[b"features_attempts"]) == (b"incomplete", b"2"), state
-    assert text(state[b"error"]).startswith(f"features: transient: target {target}: cannot connect"), state
-    assert "features: target" in capsys.readouterr().err  # waited first, no attempt spent
+    worker = Worker(redis_server.url, settings, options)
+    for again in (False, True):
+        if again:
+            retry_dead(client, run)
+        worker.run()
+        state = client.hgetall(run_key(run))
+        assert (state[b"state"], state[b"features_attempts"]) == (b"incomplete", b"2"), state
+        error = text(state[b"error"])
+        assert error.startswith(f"features: transient: target {target}: cannot connect"), state
+        # Waited first, no attempt spent; after `jobs retry-dead` too, by the same worker: it judged the run's
+        # target by the start of its first wait, over for a second, and spent both attempts at once.
+        assert "features: target" in capsys.readouterr().err
 
 
 @pytest.mark.postgres
@@ -224,3 +231,55 @@ def test_a_target_restarted_after_the_runs_last_job_is_waited_for_at_the_feature
     assert b"features_attempts" not in state, (state, err)
     assert "features: session to the target lost" in err and "no attempt spent" in err, err
     assert ("it answers again" if at_once else "cannot connect") in err, err
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_features_session_lost_after_jobs_retry_dead_is_waited_for_from_the_start(
+    workspace: Workspace,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run whose features step lost its session to the target (waited for), then again past ``target_down_wait``
+    (the attempt counted: --max-attempts 1, the run `incomplete`): the same worker, after `jobs retry-dead`, judged
+    the next session lost by the start of the first wait, long over, and spent the fresh attempt at once (the run
+    `incomplete` again while its target answered). Now it waits for it as for a first. Each session is ended by
+    pg_terminate_backend (57P01, as a restart) just before the step runs on it."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    run = submit(ws, url)["run_id"]
+    settings = Settings.from_env(ws.env, engine="local")
+    down_wait = 2.0
+    calls: list[float] = []  # when each features step ended, by time.monotonic()
+    features_locked = Worker._features_locked
+
+    def session_lost(worker: Worker, queue: Any, contexts: dict[str, Any], run_id: str, lock: Any) -> None:
+        if len(calls) == 1:  # the second: past the wait begun at the first
+            time.sleep(max(0.0, calls[0] + down_wait - time.monotonic()))
+        if len(calls) < 3:
+            ctx = worker._context(queue, contexts, run_id)
+            with worker._servers.connect(ctx.spec, autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s, 60000)", (ctx.conn.info.backend_pid,))
+        try:
+            features_locked(worker, queue, contexts, run_id, lock)
+        finally:
+            calls.append(time.monotonic())
+
+    monkeypatch.setattr(Worker, "_features_locked", session_lost)
+    options = WorkerOptions(
+        "w", burst=True, max_attempts=1, backoff_base=0.05, backoff_cap=0.2, target_down_wait=down_wait
+    )
+    worker = Worker(url, settings, options)
+    worker.run()
+    client = connect(url)
+    state = client.hgetall(run_key(run))
+    err = capsys.readouterr().err
+    assert (state[b"state"], len(calls)) == (b"incomplete", 2), (state, err)
+    assert "no attempt spent" in err and "features failed after 1 attempt(s)" in err, err
+    retry_dead(client, run)
+    report = worker.run()
+    state = client.hgetall(run_key(run))
+    err = capsys.readouterr().err
+    assert (state[b"state"], report.features, len(calls)) == (b"complete", 1, 4), (state, err)
+    assert "features: session to the target lost" in err and "no attempt spent" in err, err
