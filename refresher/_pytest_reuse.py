@@ -33,7 +33,7 @@ from filelock import FileLock
 
 from refresher import __version__, snapshot
 from refresher._pytest_servers import LoadedServer, mark_kept, stop_server
-from refresher.engines import write_private_json
+from refresher.engines import try_locked, write_private_json
 from refresher.errors import ProfileError, SnapshotError
 from refresher.profile_files import find_profile_file
 from refresher.settings import Settings
@@ -125,11 +125,12 @@ def kept_or_built(
 
 def drop_kept(path: Path, settings: Settings) -> None:
     """Stop the kept server recorded at ``path``, if any and if no live run uses it (a run without
-    ``--refresher-reuse``; the next one stops what this one left)."""
+    ``--refresher-reuse``; the next one stops what this one left). One whose lock a run holds, building or checking
+    it, is in use too: never waited for, as that run may be stopped there (Ctrl-Z) for good."""
     if not path.exists():
         return
-    with FileLock(path.with_suffix(".lock"), thread_local=False), _unused(path) as free:
-        if free:
+    with try_locked(path.with_suffix(".lock")) as ours, _unused(path) as free:
+        if ours and free:
             _stop_recorded(path, settings)
 
 

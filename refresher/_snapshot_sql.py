@@ -545,14 +545,22 @@ def _open_door(conn: psycopg.Connection[Any], db: str) -> None:
         _execute(conn, sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(db)))
 
 
-def _reopen_abandoned(conn: psycopg.Connection[Any], db: str) -> bool:
+def _reopen_abandoned(conn: psycopg.Connection[Any], db: str, *, wait: bool = True) -> bool:
     """Whether database ``db`` refused new sessions: a reset closes it from its last read of the ledger to its
     swap (``_close_door``), under TAKE. Once TAKE is free (the reset swapped, or was killed), one still closed is
-    opened. One query when it is open."""
+    opened. One query when it is open. ``wait`` False: a TAKE held is not waited for (False, the door left to its
+    reset): a reset stopped there (Ctrl-Z) holds it for good, and `refresher status` hung on it without a word."""
     if not _refuses_sessions(conn, db):
         return False
-    with _advisory(conn, db, TAKE):
+    if wait:
+        _lock(conn, db, TAKE)
+    elif not _try_lock(conn, db, TAKE):
+        return False
+    try:
         _open_door(conn, db)
+    finally:
+        if not conn.closed:
+            _unlock(conn, db, TAKE)
     return True
 
 

@@ -443,7 +443,7 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
         dsn = commands.url(settings, args.profile, wait=not args.no_wait, on_wait=_say)
         emit(args, {"profile": args.profile, "dsn": dsn}, lambda: print(dsn))
     elif args.command == "down":
-        down = commands.down(settings, args.profile)
+        down = commands.down(settings, args.profile, on_wait=_say)
         emit(
             args,
             {"stopped": down.stopped, "left_alone": down.left_alone},

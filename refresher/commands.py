@@ -107,6 +107,8 @@ def refresh(
             progress=progress,
             pool_size=settings.pool_size,
             state_dir=settings.state_dir,
+            wait=wait,
+            on_wait=on_wait,
         )
         server = engine.info(profile.name)
         # no stamp only costs the next no-op its speed
@@ -203,8 +205,11 @@ def _engine_of(settings: Settings, name: str) -> Engine | None:
     return engines.make_engine(settings.engine, settings)
 
 
-def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
-    """The engine and running server of a profile; a stopped server (after a reboot) is started again."""
+def _serving(
+    settings: Settings, name: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> tuple[Engine, ServerInfo]:
+    """The engine and running server of a profile; a stopped server (after a reboot) is started again, waiting for
+    another command starting or stopping it as ``Engine.start`` does."""
     engine = _engine_of(settings, name)
     if engine is None:
         raise _no_server(settings, name, "no server")
@@ -221,7 +226,7 @@ def _serving(settings: Settings, name: str) -> tuple[Engine, ServerInfo]:
                 name,
                 f"its {engine.name} server has no data yet (removed outside refresher, or its first refresh stopped)",
             )
-        server = engine.start(name)
+        server = engine.start(name, wait=wait, on_wait=on_wait)
     return engine, server
 
 
@@ -267,7 +272,7 @@ def reset(
 ) -> snapshot.RestoreReport:
     _check_name(settings, name)
     with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
-        engine, server = _serving(settings, name)
+        engine, server = _serving(settings, name, wait=wait, on_wait=on_wait)
         with _database_errors(name):
             try:
                 try:
@@ -278,7 +283,7 @@ def reset(
                     # A container still initialising (a first refresh killed in its wait) runs, but refuses every
                     # connection until its entrypoint restarts the server: wait as a start does (its log tail on a
                     # timeout), then try once more, as the user would: a reset failed part way is one to finish.
-                    return snapshot.restore_pristine(engine.start(name))
+                    return snapshot.restore_pristine(engine.start(name, wait=wait, on_wait=on_wait))
             except SnapshotError as exc:
                 if "missing" not in exc.fields:
                     raise
@@ -306,14 +311,14 @@ def url(
         server = None if engine is None else engine.info(name)
     else:
         try:
-            server = _serving(settings, name)[1]
+            server = _serving(settings, name, wait=wait, on_wait=on_wait)[1]
         except SnapshotError:
             if not profile_lock.held(settings.state_dir, name):
                 raise
     if server is not None and (not profile_lock.held(settings.state_dir, name) or _has_pristine(server)):
         return server.dsn()
     with profile_lock.hold_profile(settings.state_dir, name, wait=wait, on_wait=on_wait):
-        return _serving(settings, name)[1].dsn()
+        return _serving(settings, name, wait=wait, on_wait=on_wait)[1].dsn()
 
 
 def _has_pristine(server: ServerInfo) -> bool:
@@ -384,8 +389,9 @@ class Down:
     left_alone: list[str]  # "<engine>:<profile> left alone: <why>"
 
 
-def down(settings: Settings, name: str) -> Down:
-    """Stop and remove ``name``'s server ("all": every server)."""
+def down(settings: Settings, name: str, *, on_wait: Callable[[str], None] | None = None) -> Down:
+    """Stop and remove ``name``'s server ("all": every server); ``on_wait`` is told when another command starting
+    or stopping one is waited for."""
     if name != "all":
         _check_name(settings, name)
     stopped: list[str] = []
@@ -396,7 +402,7 @@ def down(settings: Settings, name: str) -> Down:
         if name in ("all", server.profile):
             engine = engines.make_engine(server.engine, settings)
             # Only what is ours goes (another checkout's server under the profile's names stays): say which.
-            removed = engine.stop(server.profile)
+            removed = engine.stop(server.profile, on_wait=on_wait)
             if server.left_alone:
                 left_alone.append(f"{server.engine}:{server.profile} left alone: {server.left_alone}")
             elif removed:

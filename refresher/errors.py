@@ -125,12 +125,22 @@ class DiskFull(RefresherError):
 
 
 class ProfileBusy(RefresherError):
-    """Another refresh or reset of the same profile holds its lock (and the caller chose not to wait)."""
+    """Another refresh or reset of the same profile holds its lock, or another command its server's start and
+    stop lock (and the caller chose not to wait)."""
 
     @classmethod
     def held(cls, profile: str, lock: Path) -> ProfileBusy:
         return cls(
             f"profile {profile}: another refresh or reset is running (lock {lock}); "
+            "run again without --no-wait to wait for it",
+            profile=profile,
+            lock=str(lock),
+        )
+
+    @classmethod
+    def starting(cls, profile: str, engine: str, lock: Path) -> ProfileBusy:
+        return cls(
+            f"profile {profile}: another command is starting or stopping its {engine} server (lock {lock}); "
             "run again without --no-wait to wait for it",
             profile=profile,
             lock=str(lock),

@@ -275,7 +275,7 @@ def pool_status(server: ServerInfo, *, bodies: Path | None = None) -> PoolStatus
     ``bodies``: the server's list of COPY bodies to make (``body_keys.keys_path``; the CLI's status passes it):
     the line of those its refill could not make (``PoolStatus.bodies``) is said only while that list is there."""
     with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-        _reopen_abandoned(conn, server.dbname)
+        _reopen_abandoned(conn, server.dbname, wait=False)  # a live reset's door: status waits for no one
         mark = _pristine_mark(conn, server.dbname)
         ready = _ready_clones(conn, server.dbname)
         return _status(conn, server.dbname, mark, ready, server.cluster, bodies)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from refresher._lazy import LazyModule
-from refresher.engines import validate_profile
+from refresher.engines import validate_profile, waited_for
 from refresher.errors import ProfileBusy
 
 if TYPE_CHECKING:
@@ -37,21 +37,14 @@ def hold_profile(
     """Hold ``profile``'s lock for the block; wait for another holder (telling ``on_wait``) or, with
     ``wait=False``, raise ``ProfileBusy`` at once."""
     path = lock_path(state_dir, profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # thread_local=False: the lock belongs to the process, whichever thread releases it.
-    lock = filelock.FileLock(path, thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        if not wait:
-            raise ProfileBusy.held(profile, path) from None
-        if on_wait is not None:
-            on_wait(f"profile {profile}: another refresh or reset is running; waiting for it to finish")
-        lock.acquire()
-    try:
+    with waited_for(
+        path,
+        lambda: ProfileBusy.held(profile, path),
+        f"profile {profile}: another refresh or reset is running; waiting for it to finish",
+        wait=wait,
+        on_wait=on_wait,
+    ):
         yield
-    finally:
-        lock.release()
 
 
 def held(state_dir: Path, profile: str) -> bool:

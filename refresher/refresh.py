@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -210,18 +210,19 @@ def _writes_to_replay(
 
 
 class _EngineStart(threading.Thread):
-    """``engine.start(profile)`` on a thread of its own, while the calling thread plans and starts fetching."""
+    """``start()`` (the engine's start of the profile's server) on a thread of its own, while the calling thread
+    plans and starts fetching."""
 
-    def __init__(self, engine: Engine, profile: str) -> None:
+    def __init__(self, start: Callable[[], ServerInfo]) -> None:
         super().__init__(name="refresher-engine-start", daemon=True)
-        self.engine, self.profile = engine, profile
+        self._start = start
         self.server: ServerInfo | None = None
         self.error: BaseException | None = None
         self.start()
 
     def run(self) -> None:
         try:
-            self.server = self.engine.start(self.profile)
+            self.server = self._start()
         except BaseException as exc:  # raised again on the calling thread, as if it had started the server
             self.error = exc
 
@@ -265,6 +266,8 @@ def refresh(
     pool_size: PoolSize | None = None,
     loaders: int = LOADERS,
     state_dir: Path | None = None,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
 ) -> RefreshReport:
     """Bring the profile's database to exactly the desired segments and features, then snapshot it with a
     pool of ``pool_size`` warm clones, the user's choice (a changed size alone resizes the pool:
@@ -273,6 +276,8 @@ def refresh(
     default, a size chosen before forgotten); the segments are loaded on ``loaders`` connections at once
     (``InProcessExecutor``). With ``state_dir``, the minute segments loaded whose COPY bodies the store lacks are
     noted there (``body_keys``) for the pool's detached refill to make (``refresher.bodies``); without, none are.
+    Another command starting or stopping the server is waited for (``on_wait`` told), or with ``wait`` False
+    ``ProfileBusy`` is raised (``Engine.start``).
 
     ``RefreshReport.phases`` are consecutive stretches of this thread's wall time (docs/architecture.md,
     "Refresh phases"): ``engine`` the wait for the server, ``plan`` the plan (with the schema and the
@@ -286,6 +291,9 @@ def refresh(
         now = time.perf_counter()
         phases[name] = round(phases.get(name, 0.0) + now - since, 4)
         return now
+
+    def start_server() -> ServerInfo:
+        return engine.start(profile.name, wait=wait, on_wait=on_wait)
 
     exchanges = [listing.exchange for listing in profile.listings]
     tz_of = exchange_timezones(profile)
@@ -308,7 +316,7 @@ def refresh(
                 # s locally, an initdb in Docker): its ledger will be empty, so the plan needs only the store,
                 # and the fetcher starts into its bounded queue while the server starts on a thread of its own.
                 # The calendars the fetches need are built meanwhile too (``load_in_background``).
-                starting = _EngineStart(engine, profile.name)
+                starting = _EngineStart(start_server)
                 calendars = load_in_background(exchanges)
                 plan = compute_plan(profile, source, store, None, count=True)
                 jobs = jobs_of_plan(plan, tz_of, allow_shrink=profile.source.allow_shrink)
@@ -325,7 +333,7 @@ def refresh(
                 # than on the first fetch (0.4-0.6 s without the CLI's cache). Not when it runs already: a no-op
                 # refresh needs no calendar, and would pay for one alongside its plan.
                 calendars = None if engine.info(profile.name) else load_in_background(exchanges)
-                server = engine.start(profile.name)
+                server = start_server()
                 if calendars is not None:
                     calendars.join()
             mark = lap("engine", mark)

@@ -14,7 +14,9 @@ from refresher.engines._common import (
     noted_cluster,
     noted_servers,
     sweep_private_tmps,
+    try_locked,
     validate_profile,
+    waited_for,
     write_private_json,
 )
 from refresher.engines._owner import owner_gone, owner_labels
@@ -144,6 +146,8 @@ __all__ = [
     "select_engine",
     "sweep_abandoned",
     "sweep_private_tmps",
+    "try_locked",
     "validate_profile",
+    "waited_for",
     "write_private_json",
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refresher._lazy import LazyModule
-from refresher.errors import EngineStateError, EngineUnavailable
+from refresher.errors import EngineStateError, EngineUnavailable, ProfileBusy
 from refresher.profile_files import PROFILE_NAME as PROFILE_NAME
 from refresher.profile_files import validate_profile as validate_profile
 
@@ -249,11 +249,56 @@ def noted_cluster(servers: list[list[Any]], host: str, port: int, container: str
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies."""
+def locked(path: Path, *, timeout: float = -1) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies. With a
+    ``timeout`` (seconds), ``filelock.Timeout`` (an OSError) once it has waited that long."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(path, thread_local=False):
+    with filelock.FileLock(path, thread_local=False, timeout=timeout):
         yield
+
+
+@contextlib.contextmanager
+def waited_for(
+    path: Path,
+    busy: Callable[[], Exception],
+    waiting: str,
+    *,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold the exclusive lock ``path`` (created if needed) for the block. Its holder may keep it for seconds or,
+    stopped (Ctrl-Z), for good: a command never waits for it silently. Taken at once when free; else ``on_wait``
+    is told ``waiting`` before the wait, or with ``wait`` False ``busy()`` is raised at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # thread_local=False: the lock belongs to the process, whichever thread releases it.
+    lock = filelock.FileLock(path, thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if not wait:
+            raise busy() from None
+        if on_wait is not None:
+            on_wait(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def server_locked(
+    path: Path, profile: str, engine: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """The lock of ``profile``'s start and stop (``waited_for``): another command's start or stop holds it, which
+    a `down`, `url`, `reset` or refresh waited for without a word, and for good, --no-wait too, when that command
+    was stopped (Ctrl-Z) on its way (an initdb, a pull, a cluster's removal)."""
+    return waited_for(
+        path,
+        lambda: ProfileBusy.starting(profile, engine, path),
+        f"profile {profile}: another command is starting or stopping its {engine} server; waiting for it",
+        wait=wait,
+        on_wait=on_wait,
+    )
 
 
 @contextlib.contextmanager

@@ -50,6 +50,10 @@ TMP_INFIX = ".tmp-"
 PASSWORD_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 FSYNC_THREADS = 16
 KEY_NAME = re.compile(r"[0-9a-f]{32}")
+# How long a new cluster waits for the template's lock, which another start holds for its copy (a second) or its
+# first build (an initdb: seconds): past it (filelock.Timeout, an OSError) the start runs initdb itself. One holder
+# stopped there (Ctrl-Z) held every new cluster of this user, any checkout's and the pytest plugin's, for good.
+TEMPLATE_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ def _build(postgres: Path) -> tuple[str, int, int]:
 def template_for(
     cache: Path, key: TemplateKey, *, claim: Callable[[], bool] | None = None
 ) -> Iterator[Path | None]:
-    """Hold the template ``key``'s lock and yield its cluster directory, or None when it does not exist yet.
+    """Hold the template ``key``'s lock and yield its cluster directory, or None when it does not exist yet;
+    ``filelock.Timeout`` once another holder kept it ``TEMPLATE_WAIT_SECONDS`` (the caller runs initdb instead).
 
     With None the caller runs initdb and may ``keep`` the result while still holding the lock, so two processes
     at once run initdb once and the second copies the first's result.
@@ -90,7 +95,7 @@ def template_for(
     built again at the next start that copies it, and no spare is made of it (``_pgspare.make`` checks its copy).
     """
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with locked(template_lock(cache, key.name)):
+    with locked(template_lock(cache, key.name), timeout=TEMPLATE_WAIT_SECONDS):
         _remove_leftovers(cache, key.name)
         final = cache / key.name
         if claim is not None and _marked(final, key.name) and claim():

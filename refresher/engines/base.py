@@ -6,6 +6,7 @@ which engine runs it (the pytest-postgresql split of executor and janitor).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import quote
@@ -58,8 +59,12 @@ class Engine(Protocol):
 
     name: str
 
-    def start(self, profile: str) -> ServerInfo:
-        """Start the profile's server, or return the running one. Idempotent; waits until it accepts queries."""
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
+        """Start the profile's server, or return the running one. Idempotent; waits until it accepts queries.
+        While another command starts or stops it: ``on_wait`` is told, then waits for it, or with ``wait`` False
+        ``ProfileBusy`` at once."""
         ...
 
     def info(self, profile: str) -> ServerInfo | None:
@@ -73,8 +78,9 @@ class Engine(Protocol):
         start on its strength, then checks the real database (``refresher.refresh``). False when unsure."""
         ...
 
-    def stop(self, profile: str) -> bool:
-        """Stop the server and remove everything it owns (data, container, volume). True if one existed."""
+    def stop(self, profile: str, *, on_wait: Callable[[str], None] | None = None) -> bool:
+        """Stop the server and remove everything it owns (data, container, volume). True if one existed. While
+        another command starts or stops it, ``on_wait`` is told before the wait."""
         ...
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:

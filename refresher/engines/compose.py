@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +104,9 @@ class ComposeEngine:
         self.ready_timeout = ready_timeout
         self._client_arg = client
 
-    def start(self, profile: str) -> ServerInfo:
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
         validate_profile(profile)
         server = self._server(profile)
         if server is None:
@@ -154,7 +156,7 @@ class ComposeEngine:
     def is_new(self, profile: str) -> bool:
         return False  # the compose server runs already (`make up`): a start is a quick CREATE DATABASE
 
-    def stop(self, profile: str) -> bool:
+    def stop(self, profile: str, *, on_wait: Callable[[str], None] | None = None) -> bool:
         """Drop the profile's database and its snapshots; the server stays up for the other profiles."""
         from refresher.pool import forget_noted, forget_outcome
         from refresher.snapshot import drop_snapshot

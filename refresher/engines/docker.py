@@ -48,9 +48,9 @@ from refresher.engines._common import (
     SERVER_ENV,
     TUNING,
     is_disk_full,
-    locked,
     noted_cluster,
     noted_servers,
+    server_locked,
     sweep_private_tmps,
     validate_profile,
     wait_ready,
@@ -162,9 +162,12 @@ class DockerEngine:
             return resolve_image(client, self.image)
 
     # -- the Engine protocol ------------------------------------------------------------------------------
-    def start(self, profile: str) -> ServerInfo:
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
         validate_profile(profile)
-        with self._client() as client, locked(self._lock_path(profile)):
+        lock = server_locked(self._lock_path(profile), profile, self.name, wait=wait, on_wait=on_wait)
+        with self._client() as client, lock:
             checkout_id(self.base, create=True)  # before anything is looked at or labelled
             self._sweep_state_tmps(profile)
             state = ContainerState.read(self._state_path(profile))
@@ -220,9 +223,12 @@ class DockerEngine:
                 return False
             return self._volume(client, profile, strict=False) is None  # a kept volume keeps its data
 
-    def stop(self, profile: str) -> bool:
+    def stop(self, profile: str, *, on_wait: Callable[[str], None] | None = None) -> bool:
         validate_profile(profile)
-        with self._client() as client, locked(self._lock_path(profile)):
+        with (
+            self._client() as client,
+            server_locked(self._lock_path(profile), profile, self.name, on_wait=on_wait),
+        ):
             existed = False
             # Another checkout's container or volume under our name (one at the same path elsewhere) stays.
             container = self._container(client, profile, strict=False)

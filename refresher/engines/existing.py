@@ -5,6 +5,8 @@ refresher loads and snapshots it like any other; starting and stopping it is its
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from refresher.engines.base import ServerInfo, ServerStatus
 
 
@@ -16,7 +18,9 @@ class ExistingServerEngine:
     def __init__(self, server: ServerInfo) -> None:
         self.server = server
 
-    def start(self, profile: str) -> ServerInfo:
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
         return self.info(profile) or self.server
 
     def info(self, profile: str) -> ServerInfo | None:
@@ -25,7 +29,7 @@ class ExistingServerEngine:
     def is_new(self, profile: str) -> bool:
         return False  # someone else's server: whatever it holds is there already
 
-    def stop(self, profile: str) -> bool:
+    def stop(self, profile: str, *, on_wait: Callable[[str], None] | None = None) -> bool:
         return False
 
     def status(self, profile: str | None = None) -> list[ServerStatus]:

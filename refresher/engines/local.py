@@ -39,7 +39,7 @@ from refresher.engines._common import (
     disk_full,
     is_disk_full,
     known_fields,
-    locked,
+    server_locked,
     sweep_private_tmps,
     try_locked,
     validate_profile,
@@ -192,12 +192,14 @@ class LocalEngine:
         self.ready_timeout = ready_timeout
 
     # -- the Engine protocol ------------------------------------------------------------------------------
-    def start(self, profile: str) -> ServerInfo:
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
         paths = self._paths(validate_profile(profile))
         _check_shell_safe(paths.root, "point REFRESHER_STATE_DIR elsewhere")
         _check_shell_safe(self.bin_dir, "install PostgreSQL under a plainer path")
         try:
-            with locked(paths.lock):
+            with server_locked(paths.lock, profile, self.name, wait=wait, on_wait=on_wait):
                 return self._start_locked(profile, paths)
         except OSError as exc:
             raise disk_error(paths.root, exc) from exc
@@ -250,9 +252,9 @@ class LocalEngine:
         paths = self._paths(validate_profile(profile))
         return not (paths.pgdata / "PG_VERSION").exists() or not paths.state.exists()
 
-    def stop(self, profile: str) -> bool:
+    def stop(self, profile: str, *, on_wait: Callable[[str], None] | None = None) -> bool:
         paths = self._paths(validate_profile(profile))
-        with locked(paths.lock):
+        with server_locked(paths.lock, profile, self.name, on_wait=on_wait):
             if not paths.root.exists():
                 return self._remove_leftovers(paths, others=True)
             self._remove_leftovers(paths, others=True)

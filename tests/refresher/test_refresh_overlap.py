@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -100,10 +100,12 @@ class _WaitingEngine(LocalEngine):
         self.before = before
         self.was_set: bool | None = None
 
-    def start(self, profile: str) -> ServerInfo:
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
         if self.was_set is None:
             self.was_set = self.before.wait(WAIT)
-        return super().start(profile)
+        return super().start(profile, wait=wait, on_wait=on_wait)
 
 
 def test_a_new_servers_fetches_begin_before_it_starts_and_load_what_a_clean_load_loads(
@@ -255,7 +257,9 @@ class _FailingEngine(LocalEngine):
         super().__init__(state_dir)
         self.before = before
 
-    def start(self, profile: str) -> ServerInfo:
+    def start(
+        self, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
+    ) -> ServerInfo:
         self.before.wait(WAIT)
         raise EngineUnavailable("the server did not start")
 

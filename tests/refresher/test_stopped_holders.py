@@ -1,0 +1,266 @@
+"""A command holding a lock may be stopped (Ctrl-Z: SIGSTOP), slow or killed: every other command then waits
+saying what for (``--no-wait``: one line, exit 2, at once), or answers without that lock; none hangs silently.
+
+Each holder is stopped in the lock for real, and every command runs with a short subprocess timeout: on the old
+code each test failed by that timeout, never by hanging the suite."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from refresher.engines.local import Postmaster
+from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_refresh_e2e import Workspace, _stop_when
+
+TIMEOUT = 60
+STARTING = "another command is starting or stopping its local server"
+
+
+@pytest.fixture
+def workspace() -> Iterator[Workspace]:
+    space = Workspace(world_traversable_tmp("refresher-stopped-"), "local", f"stp_{uuid.uuid4().hex[:8]}")
+    space.write_profile(symbols=["AAPL"], months=1)
+    try:
+        yield space
+    finally:
+        space.down()
+
+
+@contextlib.contextmanager
+def _stopped(code: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """A Python process running ``code``, which takes its lock, prints a line and stops itself (SIGSTOP) in it;
+    continued (SIGCONT) and waited for after the block."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline(), "the holder never took its lock"
+        _stop_when(proc, lambda: Path(f"/proc/{proc.pid}/stat").read_text().split()[2] == "T", "stopped")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        try:
+            proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:
+    """The first line ``proc`` writes to stderr, or "" when none came within ``timeout`` seconds."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    return proc.stderr.readline() if ready else ""
+
+
+def _spawn(workspace: Workspace, command: str) -> subprocess.Popen[str]:
+    """``command`` of the workspace's profile, running, its output piped."""
+    return subprocess.Popen(
+        workspace.command(command, "--profile", workspace.profile),
+        env=workspace.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _env(workspace: Workspace, makelevel: str | None) -> dict[str, str]:
+    env = {k: v for k, v in workspace.env.items() if k != "MAKELEVEL"}
+    return env if makelevel is None else {**env, "MAKELEVEL": makelevel}
+
+
+def _run(workspace: Workspace, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(workspace.command(*args), env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+def test_a_start_or_stop_held_by_a_stopped_command_is_waited_for_saying_so(workspace: Workspace) -> None:
+    # A server stopped (a reboot) and a command stopped (Ctrl-Z) while starting it, in the engine's lock: `url`,
+    # `reset` and `refresh` waited for that lock without a word, and with --no-wait too, for good.
+    workspace.refresh()
+    pgdata = workspace.root / "state" / "local" / workspace.profile / "pgdata"
+    running = Postmaster.read(pgdata)
+    assert running is not None
+    os.kill(running.pid, signal.SIGINT)
+    deadline = time.monotonic() + TIMEOUT
+    while (pgdata / "postmaster.pid").exists():
+        assert time.monotonic() < deadline, "the server never stopped"
+        time.sleep(0.05)
+    holder = f"""
+        import os, signal
+        from pathlib import Path
+        from refresher.engines._common import locked
+        with locked(Path({str(pgdata.parent.parent / f".{workspace.profile}.lock")!r})):
+            print("held", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+    """
+    with _stopped(holder, workspace.env):
+        for makelevel in (None, "1"):
+            env = _env(workspace, makelevel)
+            for command in ("url", "reset", "refresh"):
+                done = _run(workspace, env, command, "--profile", workspace.profile, "--no-wait")
+                assert done.returncode == 2, (command, done.stderr)
+                assert done.stdout == "" and done.stderr.count("\n") == 1, (command, done.stderr)
+                assert STARTING in done.stderr and "without --no-wait" in done.stderr, (command, done.stderr)
+        waiting = _spawn(workspace, "url")
+        try:
+            line = _first_line(waiting)
+            assert STARTING in line and "waiting for it" in line, line
+            assert waiting.poll() is None
+        except BaseException:
+            waiting.kill()
+            waiting.communicate()
+            raise
+    out, err = waiting.communicate(timeout=TIMEOUT)
+    assert waiting.returncode == 0 and out.startswith("postgresql://"), err
+
+
+@pytest.mark.slow
+def test_down_during_a_first_refresh_stopped_in_its_start_says_what_it_waits_for(
+    workspace: Workspace,
+) -> None:
+    # A first refresh stopped (Ctrl-Z) after making its cluster, before starting its server: `down` waited for
+    # the engine's lock it held, without a word.
+    pgdata = workspace.root / "state" / "local" / workspace.profile / "pgdata"
+    refresh = _spawn(workspace, "refresh")
+    down: subprocess.Popen[str] | None = None
+    try:
+        _stop_when(
+            refresh,
+            lambda: (pgdata / "PG_VERSION").exists() and not (pgdata / "postmaster.pid").exists(),
+            "made its cluster",
+        )
+        down = _spawn(workspace, "down")
+        line = _first_line(down)
+        assert STARTING in line and "waiting for it" in line, line
+        assert down.poll() is None
+        refresh.send_signal(signal.SIGCONT)
+        _, err = down.communicate(timeout=TIMEOUT)
+        assert down.returncode == 0, err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            refresh.send_signal(signal.SIGCONT)
+        for child in (refresh, down):
+            if child is not None and child.poll() is None:
+                child.kill()
+            if child is not None:
+                child.communicate(timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+def test_status_answers_while_a_reset_is_stopped_with_its_database_closed(workspace: Workspace) -> None:
+    # A reset stopped (Ctrl-Z) between closing the database's door and its swap holds TAKE: `status` waited for
+    # it to open a door it took for a killed reset's, for good.
+    workspace.refresh()
+    holder = f"""
+        import os, signal
+        import psycopg
+        from refresher._snapshot_sql import TAKE, _close_door, _lock
+        db = {workspace.profile!r}
+        with psycopg.connect({workspace.dsn().rsplit("/", 1)[0] + "/postgres"!r}, autocommit=True) as conn:
+            _lock(conn, db, TAKE)
+            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (db,)).fetchone()[0]
+            assert _close_door(conn, db, oid)
+            print("closed", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            conn.execute(f'ALTER DATABASE "{{db}}" WITH ALLOW_CONNECTIONS true')
+    """
+    with _stopped(holder, workspace.env):
+        for args in (("status",), ("status", "--profile", workspace.profile)):
+            done = _run(workspace, workspace.env, *args)
+            assert done.returncode == 0, done.stderr
+            assert workspace.profile in done.stdout and "running" in done.stdout, done.stdout
+
+
+@pytest.mark.slow
+def test_a_new_cluster_does_not_wait_for_good_for_a_template_held_by_a_stopped_start() -> None:
+    # A first refresh stopped (Ctrl-Z) while copying the template into its new cluster held the template's lock:
+    # every new cluster of this user (any profile, any checkout, the pytest plugin's) waited for it, for good.
+    root = world_traversable_tmp("refresher-stopped-template-")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    start = """
+        import sys
+        from pathlib import Path
+        from refresher.engines import _pgtemplate
+        from refresher.engines.local import LocalEngine
+        _pgtemplate.TEMPLATE_WAIT_SECONDS = 1.0
+        engine = LocalEngine(Path(sys.argv[1]) / "state", template_dir=Path(sys.argv[1]) / "templates")
+        if sys.argv[3] == "stop":
+            engine.stop(sys.argv[2])
+        else:
+            print(engine.start(sys.argv[2]).port)
+    """
+
+    def engine(profile: str, action: str = "start") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(start), str(root), profile, action],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+
+    try:
+        assert engine("tpl_first").returncode == 0  # the template made, for the next new cluster to copy
+        (lock,) = [p for p in (root / "templates").glob(".*.lock") if not p.name.endswith(".spare.lock")]
+        holder = f"""
+            import os, signal
+            from pathlib import Path
+            from refresher.engines._common import locked
+            with locked(Path({str(lock)!r})):
+                print("held", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+        """
+        with _stopped(holder, env):
+            done = engine("tpl_second")
+            assert done.returncode == 0 and done.stdout.strip().isdigit(), done.stderr
+    finally:
+        for profile in ("tpl_first", "tpl_second"):
+            engine(profile, "stop")
+
+
+def test_a_run_without_reuse_does_not_wait_for_a_kept_server_a_stopped_run_is_building() -> None:
+    # A pytest run with --refresher-reuse stopped (Ctrl-Z) while building its kept server held the record's lock:
+    # a run without the option, which drops kept servers before it builds its own, waited for it, for good.
+    root = world_traversable_tmp("refresher-stopped-kept-")
+    record = root / "state" / "kept" / "server.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = f"""
+        import os, signal
+        from filelock import FileLock
+        with FileLock({str(record.with_suffix(".lock"))!r}, thread_local=False):
+            print("held", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+    """
+    drop = f"""
+        from pathlib import Path
+        from refresher._pytest_reuse import drop_kept
+        from refresher.settings import Settings
+        state = Path({str(root / "state")!r})
+        drop_kept(Path({str(record)!r}), Settings(state_dir=state, store_root=state, profiles_dirs=()))
+    """
+    with _stopped(holder, env):
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(drop)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode == 0, done.stderr
+    assert record.exists()  # in use: left to the next run
