@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -51,7 +52,7 @@ def open_store(cache_root: Path | None) -> FeatureStore:
     root = cache_root or Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser()
     if not root.is_dir():
         raise FeatureStoreError(f"--cache-root={str(root)!r}: no such directory")
-    return FeatureStore(root)
+    return FeatureStore(root, on_wait=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 __all__ = ["OneLineParser", "add_root_option", "open_store", "path_argument"]

@@ -12,7 +12,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,8 +54,15 @@ def raise_not_writable(path: Path, exc: OSError) -> None:
 
 
 @contextmanager
-def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None) -> Iterator[None]:
-    """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path."""
+def file_lock(
+    path: Path,
+    *,
+    shared: bool = False,
+    timeout: float | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> Iterator[None]:
+    """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path. With a
+    ``timeout``, ``on_wait`` is called once when the lock is held by another, before waiting for it."""
     fd = open_lock_file(path)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -70,6 +77,9 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None)
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise StoreLockTimeout(str(path), timeout) from None
+                    if on_wait is not None:
+                        on_wait()
+                        on_wait = None
                     time.sleep(_POLL_SECONDS)
         try:
             yield

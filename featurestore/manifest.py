@@ -227,8 +227,13 @@ class Manifest:
         *,
         lock_timeout: float | None = 600.0,
         restore: Callable[[Manifest, duckdb.DuckDBPyConnection], int] | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_wait`` is told, in one line, when a read or write waits for another process's hold of the manifest
+        (or of its journal): a gc or a write stopped there (Ctrl-Z) holds it until it goes on, and a command
+        waited ``lock_timeout`` without a word."""
         self.root = root
+        self._on_wait = on_wait
         self._restore = restore
         self._root_prefix = str(root) + os.sep
         self.path = root / MANIFEST_FILE
@@ -239,6 +244,18 @@ class Manifest:
         self._thread_lock = thread_lock(self._lock_path)
         # Whether the generation has moved in this exclusive hold (``removing``); None outside one.
         self._moved: bool | None = None
+
+    def _waiting(self, what: str) -> Callable[[], None] | None:
+        """What ``file_lock`` calls when ``what`` (the manifest, its journal) is held by another: ``on_wait``."""
+        on_wait = self._on_wait
+        if on_wait is None:
+            return None
+        most = "" if self._lock_timeout is None else f", {self._lock_timeout:g} s at most"
+        line = (
+            f"feature store {self.root}: another process holds its {what} (a write or a gc, perhaps stopped: "
+            f"Ctrl-Z); waiting for it{most}"
+        )
+        return lambda: on_wait(line)
 
     @property
     def lock_path(self) -> Path:
@@ -260,7 +277,11 @@ class Manifest:
             _interrupts_kept(),
             _acquired(self._thread_lock, wait, self._lock_path),
             self._started(),
-            file_lock(self._lock_path, timeout=self._lock_timeout if wait else 0),
+            file_lock(
+                self._lock_path,
+                timeout=self._lock_timeout if wait else 0,
+                on_wait=self._waiting("manifest"),
+            ),
             self._held(),
             self._open_healed() as con,
         ):
@@ -297,7 +318,12 @@ class Manifest:
                 _interrupts_kept(),
                 self._thread_lock,
                 self._started(),
-                file_lock(self._lock_path, shared=True, timeout=self._lock_timeout),
+                file_lock(
+                    self._lock_path,
+                    shared=True,
+                    timeout=self._lock_timeout,
+                    on_wait=self._waiting("manifest"),
+                ),
             ):
                 con = self._open(read_only=True)
                 if not isinstance(con, duckdb.Error):
@@ -568,7 +594,11 @@ class Manifest:
 
     def checkpoint(self) -> None:
         """Compact the file (DuckDB's VACUUM reclaims nothing; CHECKPOINT rewrites and frees blocks)."""
-        with _interrupts_kept(), self._thread_lock, file_lock(self._lock_path, timeout=self._lock_timeout):
+        with (
+            _interrupts_kept(),
+            self._thread_lock,
+            file_lock(self._lock_path, timeout=self._lock_timeout, on_wait=self._waiting("manifest")),
+        ):
             con = self._host()
             try:
                 con.execute(f"ATTACH {_literal(str(self.path))} AS {_ALIAS}")
@@ -595,7 +625,9 @@ class Manifest:
             return
         payload = "".join(lines).encode()
         size = 0
-        with file_lock(self._journal_lock, shared=True, timeout=self._lock_timeout):
+        with file_lock(
+            self._journal_lock, shared=True, timeout=self._lock_timeout, on_wait=self._waiting("journal")
+        ):
             try:
                 fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
@@ -631,7 +663,7 @@ class Manifest:
     def _fold_journal(self, con: duckdb.DuckDBPyConnection) -> list[Path]:
         # Appenders hold the journal lock shared, so renaming under it exclusively never cuts a line in two;
         # files left by a folder that died before committing are folded again (access times are idempotent).
-        with file_lock(self._journal_lock, timeout=self._lock_timeout):
+        with file_lock(self._journal_lock, timeout=self._lock_timeout, on_wait=self._waiting("journal")):
             try:
                 journal: os.stat_result | None = self._journal.stat()
             except OSError as exc:

@@ -129,8 +129,10 @@ class FeatureStore:
         compression_level: int = 3,
         lock_timeout: float | None = 600.0,
         pack_max_rows: int = _packs.PACK_MAX_ROWS,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
-        """``pack_max_rows``: tables of fewer rows written in one batch share a pack file (0: never)."""
+        """``pack_max_rows``: tables of fewer rows written in one batch share a pack file (0: never). ``on_wait``
+        is told in one line when the manifest is held by another process and waited for (``Manifest``)."""
         if root is None:
             root = os.environ.get(ROOT_ENV) or DEFAULT_ROOT
         if hash_method not in HASH_METHODS:
@@ -140,7 +142,9 @@ class FeatureStore:
         self.compression_level = compression_level
         self.lock_timeout = lock_timeout
         self.pack_max_rows = pack_max_rows
-        self.manifest = Manifest(self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows)
+        self.manifest = Manifest(
+            self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows, on_wait=on_wait
+        )
         self.manifest.refuse_newer()  # before anything is written
         try:
             (self.root / _files.DATA_DIR).mkdir(parents=True, exist_ok=True)

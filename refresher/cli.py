@@ -415,11 +415,16 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
         )
     elif args.command == "plan":
         plan = commands.plan(
-            settings, args.profile, verify=args.verify, as_of=args.as_of, on_bad_rows=args.on_bad_rows
+            settings,
+            args.profile,
+            verify=args.verify,
+            as_of=args.as_of,
+            on_bad_rows=args.on_bad_rows,
+            on_wait=_say,
         )
         emit(args, plan.to_json(), lambda: render.plan_report(plan))
     elif args.command == "warm":
-        warmed = commands.warm(settings, args.profile, as_of=args.as_of)
+        warmed = commands.warm(settings, args.profile, as_of=args.as_of, on_wait=_say)
         emit(args, warmed.to_json(), lambda: render.warm_report(warmed))
     elif args.command == "reset":
         restored = commands.reset(settings, args.profile, wait=not args.no_wait, on_wait=_say)
@@ -428,7 +433,9 @@ def _run(args: argparse.Namespace, settings: Settings, emit: Emit) -> int:
         statuses = commands.status(settings, args.profile, all_checkouts=args.all_checkouts)
         pools = commands.pools(settings, statuses)
         notes = (
-            commands.left_out(settings, args.profile, on_bad_rows=args.on_bad_rows) if args.profile else ()
+            commands.left_out(settings, args.profile, on_bad_rows=args.on_bad_rows, on_wait=_say)
+            if args.profile
+            else ()
         )
         emit(
             args,

@@ -95,7 +95,8 @@ def refresh(
         diskfull.store_disk_full(settings.store_root),
     ):
         stamp.clear(settings.state_dir, profile.name, engine.name)
-        store = FeatureStore(settings.store_root)  # a store from before generations gets one here
+        # a store from before generations gets one here
+        store = FeatureStore(settings.store_root, on_wait=on_wait)
         # before the plan reads the store: a removal while this refresh runs leaves a stamp that does not answer
         store_state = stamp.store_state(settings.store_root)
         report = _refresh(
@@ -168,7 +169,9 @@ def plan(
     verify: bool = False,
     as_of: dt.date | None = None,
     on_bad_rows: BadRowPolicy | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> PlanReport:
+    """``refresher plan``; ``on_wait`` is told when the store's manifest is waited for (``FeatureStore``)."""
     import tempfile
 
     from featurestore import FeatureStore
@@ -179,7 +182,7 @@ def plan(
     engine = engines.select_engine(settings.engine, settings, profile.name)
     with _database_errors(profile.name), ExitStack() as stack:
         if (settings.store_root / MANIFEST_FILE).exists():
-            store = FeatureStore(settings.store_root)
+            store = FeatureStore(settings.store_root, on_wait=on_wait)
         else:
             # A missing store is an empty one; plan against a throwaway empty store rather than create the
             # user's root and manifest: `plan` promises to touch nothing.
@@ -187,13 +190,22 @@ def plan(
         return plan_refresh(profile, engine, store, verify=verify)
 
 
-def warm(settings: Settings, name: str, *, as_of: dt.date | None = None) -> WarmReport:
-    """``refresher warm``: the profile's segments and features into the store; no engine is even chosen."""
+def warm(
+    settings: Settings,
+    name: str,
+    *,
+    as_of: dt.date | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> WarmReport:
+    """``refresher warm``: the profile's segments and features into the store; no engine is even chosen.
+    ``on_wait`` is told when the store's manifest is waited for (``FeatureStore``)."""
     from featurestore import FeatureStore
     from refresher.warm import warm as _warm
 
     return _warm(
-        _profile(settings, name, as_of), FeatureStore(settings.store_root), state_dir=settings.state_dir
+        _profile(settings, name, as_of),
+        FeatureStore(settings.store_root, on_wait=on_wait),
+        state_dir=settings.state_dir,
     )
 
 
@@ -361,8 +373,15 @@ def pools(settings: Settings, statuses: list[ServerStatus]) -> list[PoolStatus |
     return found
 
 
-def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None = None) -> tuple[str, ...]:
-    """What the source left out of the profile's segments, as stored with them (``status --profile P``).
+def left_out(
+    settings: Settings,
+    name: str,
+    *,
+    on_bad_rows: BadRowPolicy | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> tuple[str, ...]:
+    """What the source left out of the profile's segments, as stored with them (``status --profile P``); ``on_wait``
+    is told when the store's manifest is waited for (``FeatureStore``).
 
     Read from the store alone: nothing is fetched, no server asked, and a missing store is not created.
     """
@@ -378,7 +397,7 @@ def left_out(settings: Settings, name: str, *, on_bad_rows: BadRowPolicy | None 
     profile = _profile(settings, name, on_bad_rows=on_bad_rows)
     with make_source(profile) as source:
         keys = {s: segment_key(s, source.kind, source.version(s)) for s in desired_segments(profile)}
-    return tuple(str(r) for r in stored_reports(FeatureStore(settings.store_root), keys))
+    return tuple(str(r) for r in stored_reports(FeatureStore(settings.store_root, on_wait=on_wait), keys))
 
 
 @dataclass(frozen=True)

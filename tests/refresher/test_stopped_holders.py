@@ -264,3 +264,43 @@ def test_a_run_without_reuse_does_not_wait_for_a_kept_server_a_stopped_run_is_bu
         )
         assert done.returncode == 0, done.stderr
     assert record.exists()  # in use: left to the next run
+
+
+@pytest.mark.slow
+def test_a_manifest_held_by_a_stopped_process_is_waited_for_saying_so(workspace: Workspace) -> None:
+    # A gc or a refresh stopped (Ctrl-Z) while writing the store's manifest holds its lock: `status --profile`,
+    # `plan`, `warm`, `refresh` and the featurestore commands waited for it 600 s without a word.
+    workspace.refresh()
+    lock = workspace.root / "store" / "manifest.lock"
+    holder = f"""
+        import os, signal
+        from pathlib import Path
+        from featurestore._locks import file_lock
+        with file_lock(Path({str(lock)!r})):
+            print("held", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+    """
+    with _stopped(holder, workspace.env):
+        waiting = [
+            _spawn(workspace, "status"),
+            subprocess.Popen(
+                [sys.executable, "-m", "featurestore.cli", "stats", "--cache-root", str(lock.parent)],
+                env=workspace.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        ]
+        try:
+            for proc in waiting:
+                line = _first_line(proc)
+                assert "another process holds its manifest" in line and "waiting for it" in line, line
+                assert proc.poll() is None
+        except BaseException:
+            for proc in waiting:
+                proc.kill()
+                proc.communicate()
+            raise
+    for proc in waiting:
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
