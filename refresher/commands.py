@@ -315,6 +315,7 @@ def url(
     False: ``ProfileBusy`` at once), then answers as it left things: "no server" while a refresh was making it
     was untrue, and the URL of a database half loaded was one a script took for ready. A later refresh is not
     waited for (the database it updates is whole, segment by segment, as it has always been)."""
+    _check_name(settings, name)  # before the lock's own check of the name, which lists no profiles
     server: ServerInfo | None = None
     if profile_lock.held(settings.state_dir, name):
         # Only a server running now: the refresh holding the lock may be starting it, under the engine's lock, which
