@@ -19,6 +19,8 @@ from pathlib import Path
 from featurestore.errors import StoreLockTimeout, StoreNotWritable
 
 _POLL_SECONDS = 0.005
+# How long a lock is waited for before the wait is told (``on_wait``): past a writer's moment.
+SAY_AFTER_SECONDS = 1.0
 _THREAD_LOCKS: dict[str, threading.RLock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
@@ -62,7 +64,9 @@ def file_lock(
     on_wait: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path. With a
-    ``timeout``, ``on_wait`` is called once when the lock is held by another, before waiting for it."""
+    ``timeout``, ``on_wait`` is called once the lock has been held by another for ``SAY_AFTER_SECONDS``: a
+    store's writers (a refresh's pool refill among them) hold it for moments, and a line at each of those was
+    noise (cron mail, scripts reading stderr) saying a process might be stopped."""
     fd = open_lock_file(path)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -70,6 +74,7 @@ def file_lock(
             fcntl.flock(fd, mode)
         else:
             deadline = time.monotonic() + timeout
+            say_at = time.monotonic() + SAY_AFTER_SECONDS
             while True:
                 try:
                     fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -77,7 +82,7 @@ def file_lock(
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise StoreLockTimeout(str(path), timeout) from None
-                    if on_wait is not None:
+                    if on_wait is not None and time.monotonic() >= say_at:
                         on_wait()
                         on_wait = None
                     time.sleep(_POLL_SECONDS)
@@ -89,4 +94,11 @@ def file_lock(
         os.close(fd)
 
 
-__all__ = ["READ_ONLY_ERRNOS", "file_lock", "open_lock_file", "raise_not_writable", "thread_lock"]
+__all__ = [
+    "READ_ONLY_ERRNOS",
+    "SAY_AFTER_SECONDS",
+    "file_lock",
+    "open_lock_file",
+    "raise_not_writable",
+    "thread_lock",
+]

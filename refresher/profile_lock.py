@@ -53,7 +53,11 @@ def held(state_dir: Path, profile: str) -> bool:
     Read from the kernel's table of file locks (``/proc/locks``), never by taking the lock: a probe that took it,
     however briefly, made a ``refresh --no-wait`` or a worker's snapshot starting that instant give up. Where there
     is no such table (not Linux), the lock is tried and let go at once."""
-    path = lock_path(state_dir, profile)
+    return file_held(lock_path(state_dir, profile))
+
+
+def file_held(path: Path) -> bool:
+    """Whether some process holds an flock on ``path`` now, read as ``held`` reads it, never by taking it."""
     try:
         inode = path.stat().st_ino
     except FileNotFoundError:

@@ -257,6 +257,10 @@ def locked(path: Path, *, timeout: float = -1) -> Iterator[None]:
         yield
 
 
+# How long a held start/stop lock is waited for before the wait is told, or --no-wait refuses.
+HOLD_GRACE_SECONDS = 1.0
+
+
 @contextlib.contextmanager
 def waited_for(
     path: Path,
@@ -267,13 +271,15 @@ def waited_for(
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """Hold the exclusive lock ``path`` (created if needed) for the block. Its holder may keep it for seconds or,
-    stopped (Ctrl-Z), for good: a command never waits for it silently. Taken at once when free; else ``on_wait``
-    is told ``waiting`` before the wait, or with ``wait`` False ``busy()`` is raised at once."""
+    stopped (Ctrl-Z), for good: a command never waits for it silently. Taken when free within ``HOLD_GRACE_SECONDS``
+    (a start of a running server holds it for a moment: a ``--no-wait`` beside it was refused, and a line said a
+    command might be stopped); else ``on_wait`` is told ``waiting`` before the wait, or with ``wait`` False
+    ``busy()`` is raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # thread_local=False: the lock belongs to the process, whichever thread releases it.
     lock = filelock.FileLock(path, thread_local=False)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=HOLD_GRACE_SECONDS)
     except filelock.Timeout:
         if not wait:
             raise busy() from None

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from refresher.engines.local import Postmaster
+from tests.child_processes import outputs, reap
 from tests.fixtures_postgres import world_traversable_tmp
-from tests.refresher.test_refresh_e2e import Workspace, _stop_when
+from tests.refresher.test_refresh_e2e import Workspace, _stop_when, made_in_start
 
 TIMEOUT = 60
 STARTING = "another command is starting or stopping its local server"
@@ -121,10 +122,9 @@ def test_a_start_or_stop_held_by_a_stopped_command_is_waited_for_saying_so(works
             assert STARTING in line and "waiting for it" in line, line
             assert waiting.poll() is None
         except BaseException:
-            waiting.kill()
-            waiting.communicate()
+            reap(waiting)
             raise
-    out, err = waiting.communicate(timeout=TIMEOUT)
+    [(out, err)] = outputs([waiting], TIMEOUT)
     assert waiting.returncode == 0 and out.startswith("postgresql://"), err
 
 
@@ -134,15 +134,11 @@ def test_down_during_a_first_refresh_stopped_in_its_start_says_what_it_waits_for
 ) -> None:
     # A first refresh stopped (Ctrl-Z) after making its cluster, before starting its server: `down` waited for
     # the engine's lock it held, without a word.
-    pgdata = workspace.root / "state" / "local" / workspace.profile / "pgdata"
+    state = workspace.root / "state"
     refresh = _spawn(workspace, "refresh")
     down: subprocess.Popen[str] | None = None
     try:
-        _stop_when(
-            refresh,
-            lambda: (pgdata / "PG_VERSION").exists() and not (pgdata / "postmaster.pid").exists(),
-            "made its cluster",
-        )
+        _stop_when(refresh, lambda: made_in_start(state, workspace.profile), "made its cluster")
         down = _spawn(workspace, "down")
         line = _first_line(down)
         assert STARTING in line and "waiting for it" in line, line
@@ -153,11 +149,7 @@ def test_down_during_a_first_refresh_stopped_in_its_start_says_what_it_waits_for
     finally:
         with contextlib.suppress(ProcessLookupError):
             refresh.send_signal(signal.SIGCONT)
-        for child in (refresh, down):
-            if child is not None and child.poll() is None:
-                child.kill()
-            if child is not None:
-                child.communicate(timeout=TIMEOUT)
+        reap(refresh, down)
 
 
 @pytest.mark.slow
@@ -297,10 +289,7 @@ def test_a_manifest_held_by_a_stopped_process_is_waited_for_saying_so(workspace:
                 assert "another process holds its manifest" in line and "waiting for it" in line, line
                 assert proc.poll() is None
         except BaseException:
-            for proc in waiting:
-                proc.kill()
-                proc.communicate()
+            reap(*waiting)
             raise
-    for proc in waiting:
-        _, err = proc.communicate(timeout=TIMEOUT)
+    for proc, (_, err) in zip(waiting, outputs(waiting, TIMEOUT), strict=True):
         assert proc.returncode == 0, err
