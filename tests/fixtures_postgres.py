@@ -6,6 +6,7 @@ The embedded binaries are a pip dependency, so a server that cannot start is a f
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import importlib.util
 import os
 import pwd
@@ -48,10 +49,19 @@ def world_traversable_tmp(prefix: str) -> Path:
     return path
 
 
+def found(root: Path, pattern: str) -> list[Path]:
+    """The files under ``root`` whose name matches ``pattern`` (fnmatch), by a walk that skips a directory gone
+    from under it: a server's data directory changes while walked (a pool refill makes and drops databases), and
+    ``Path.rglob`` raised FileNotFoundError at a database's directory dropped mid-walk (a CI failure)."""
+    return [
+        Path(parent) / name for parent, _, files in os.walk(root) for name in fnmatch.filter(files, pattern)
+    ]
+
+
 def _stop_postmasters_under(root: Path) -> None:
     """Stop (immediate shutdown) every postmaster whose data directory is under ``root``: what a test left running."""
     waiting = []
-    for pidfile in root.rglob("postmaster.pid"):
+    for pidfile in found(root, "postmaster.pid"):
         try:
             pid = int(pidfile.read_text().split("\n", 1)[0])
             if b"postgres" not in Path(f"/proc/{pid}/cmdline").read_bytes():
