@@ -8,7 +8,8 @@ Layout (every key under its namespace's prefix, ``refresher:`` by default: ``ref
 - ``run:{id}``: a hash with the run's spec and counters; ``run:{id}:done`` the set of finished segments (a
   segment counts once however often it is delivered); ``run:{id}:inflight`` message id -> consumer;
   ``run:{id}:held`` the jobs of a held run; ``run:{id}:dead-segs`` its dead-lettered segments (each counted once); ``run:{id}:jobs`` every job the run was submitted with (a line each,
-  zlib-compressed, for ``jobs requeue``); ``runs`` sorted set of run ids by submit time; ``features-due``
+  zlib-compressed, for ``jobs requeue``); ``run:{id}:target-down`` since when its target is found down
+  (``refresher.jobs.target_down``); ``runs`` sorted set of run ids by submit time; ``features-due``
   runs whose segments are all loaded and whose features no worker has computed yet; ``deleting`` runs removed
   whose entries in the streams, dead letters and retries may be left (``runs.delete_runs``).
 
@@ -34,6 +35,7 @@ from redis.retry import Retry
 from refresher.errors import JobError, one_line
 from refresher.jobs.namespace import DEFAULT, Namespace, split_queue_url
 from refresher.jobs.retry import backoff_seconds
+from refresher.jobs.target_down import record_key
 from refresher.jobs.tiers import TIERS as TIERS
 from refresher.jobs.tiers import WEIGHTS as WEIGHTS
 
@@ -475,6 +477,7 @@ return #jobs
 # A run's features computed: complete, unless the run was deleted meanwhile (`jobs delete --force`, by hand),
 # whose hash this would make again without a spec, a key nobody removes. -1, nothing written, when the run's
 # features lock (KEYS[3]) is no longer this worker's (token ARGV[4]; ``_FENCED``; a deleted run's went with it).
+# The step over, so are the waits for its target (KEYS[4], ``target_down``): whichever worker ended it.
 _COMPLETE = (
     _RUN_GONE
     + _FENCED
@@ -486,6 +489,7 @@ end
 if lock_lost(KEYS[3], ARGV[4]) then return -1 end
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'features', ARGV[2], 'snapshot', ARGV[3], 'state', 'complete')
+redis.call('DEL', KEYS[4])
 return 1
 """
 )
@@ -496,7 +500,8 @@ return 1
 # counted, when the run's features lock (KEYS[3]) is another worker's (``_FENCED``: it holds another token than
 # this worker's, ARGV[4], or another's backoff), or it expired and the run is no longer due (another worker took it
 # and finished). A lock that expired under this worker (its renewal late) with no one else on the run is counted:
-# uncounted, a stage that always outlives its renewal was tried again and again without end.
+# uncounted, a stage that always outlives its renewal was tried again and again without end. The last attempt
+# ends the waits for the run's target too (KEYS[4], as ``_COMPLETE``).
 _FEATURES_FAILED = (
     _RUN_GONE
     + _FENCED
@@ -514,6 +519,7 @@ local attempt = redis.call('HINCRBY', KEYS[1], 'features_attempts', 1)
 if attempt >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'state', 'incomplete', 'error', ARGV[3])
   redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[4])
 end
 return attempt
 """
@@ -590,7 +596,8 @@ return 1
 # or the letter was taken already (by another retry-dead), else 1. A letter whose segment another copy loaded
 # since (in the done set, KEYS[5]; ``_FINISH`` uncounted it) is only removed, 0. -1, nothing changed, when the
 # run's requeue lock (KEYS[6]) is no longer this retry-dead's (token ARGV[4]; ``_FENCED``; a deleted run's went
-# with it: 0 then).
+# with it: 0 then). The job is waited for anew (KEYS[7], ``target_down``): judged by the wait before, with the
+# target still down, it spent its attempts at once.
 REVIVE = (
     _RUN_GONE
     + _FENCED
@@ -603,6 +610,7 @@ redis.call('SREM', KEYS[4], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'dead', -1)
 redis.call('HSET', KEYS[3], 'state', 'queued')
+redis.call('DEL', KEYS[7])
 return 1
 """
 )
@@ -630,6 +638,7 @@ return added
 
 # ``jobs retry-dead`` of a run whose features failed: due again with fresh attempts; 0 when the run is gone or
 # its features did not fail; -1 when the run's requeue lock (KEYS[3]) is no longer this one's (token ARGV[2]).
+# Waited for anew, as ``REVIVE``'s jobs (KEYS[4]).
 REVIVE_FEATURES = (
     _RUN_GONE
     + _FENCED
@@ -639,6 +648,7 @@ if lock_lost(KEYS[3], ARGV[2]) then return -1 end
 redis.call('HDEL', KEYS[1], 'error', 'features_attempts')
 redis.call('HSET', KEYS[1], 'state', 'loaded')
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[4])
 return 1
 """
 )
@@ -676,7 +686,7 @@ for i = 4, #ARGV do
     -- prune, the way to make room, failed there
     redis.call('DEL', key, key .. ':done', key .. ':inflight', key .. ':held', key .. ':features-lock',
       key .. ':submitting', key .. ':jobs', key .. ':requeue-lock',
-      key .. ':dead-segs', key .. ':features-fence')
+      key .. ':dead-segs', key .. ':features-fence', key .. ':target-down')
     if spec and fenced then
       redis.call('HSET', prefix .. 'fences-due', run, spec)
     end
@@ -862,14 +872,24 @@ class JobQueue:
     def complete(self, run: str, features: str, snapshot: str, token: bytes) -> bool:
         """Mark a run complete with its features' counts, and no longer due; False, nothing written, when its
         features lock no longer holds ``token`` (this worker's: it was held up past the lock, another may hold it)."""
-        keys = [self.ns.run(run), self.ns.features_due, self.ns.run(run, "features-lock")]
+        keys = [
+            self.ns.run(run),
+            self.ns.features_due,
+            self.ns.run(run, "features-lock"),
+            record_key(self.ns, run),
+        ]
         return int(self._complete(keys=keys, args=[run, features, snapshot, token])) >= 0
 
     def features_failed(self, run: str, limit: int, error: str, token: bytes) -> int:
         """Count a failed features attempt; past ``limit`` the run ends incomplete with ``error``. Returns the
         attempt, or -1 when the run is gone (no longer due; nothing of it made again), -2 (nothing counted) when
         its features lock is another worker's (expired: when the run is no longer due)."""
-        keys = [self.ns.run(run), self.ns.features_due, self.ns.run(run, "features-lock")]
+        keys = [
+            self.ns.run(run),
+            self.ns.features_due,
+            self.ns.run(run, "features-lock"),
+            record_key(self.ns, run),
+        ]
         return int(self._features_failed(keys=keys, args=[run, limit, error, token]))
 
     def features_backoff(self, run: str, token: bytes, seconds: float) -> bool:

@@ -45,6 +45,7 @@ from refresher.jobs.queue import (
     text,
 )
 from refresher.jobs.segment import SegmentJob
+from refresher.jobs.target_down import record_key
 from refresher.settings import Settings
 
 
@@ -388,6 +389,7 @@ def retry_dead(client: redis.Redis, run_id: str, *, ns: Namespace = DEFAULT) -> 
                 ns.run(run_id, "dead-segs"),
                 ns.run(run_id, "done"),
                 fence.key,
+                record_key(ns, run_id),
             ]
             args = [entry_id, json.dumps(job, sort_keys=True), job["seg"], fence.token]
             result = int(revive(keys=keys, args=args))
@@ -395,7 +397,7 @@ def retry_dead(client: redis.Redis, run_id: str, *, ns: Namespace = DEFAULT) -> 
                 raise fence.lost(f"{moved} dead job(s) back")
             moved += result
         if not moved:  # its features failed: again, fresh attempts
-            keys = [ns.run(run_id), ns.features_due, fence.key]
+            keys = [ns.run(run_id), ns.features_due, fence.key, record_key(ns, run_id)]
             if int(client.register_script(REVIVE_FEATURES)(keys=keys, args=[run_id, fence.token])) < 0:
                 raise fence.lost("0 dead job(s) back")
     return moved

@@ -59,6 +59,7 @@ from refresher.jobs.segment import (
     produce_tables,
     run_segment_job,
 )
+from refresher.jobs.target_down import CONNECT, SESSION, found_down, target_answers
 from refresher.plan import segment_key
 from refresher.profile import Profile, load_profile
 from refresher.profile_lock import hold_profile
@@ -193,11 +194,6 @@ class _RunContext:
             self.conn.close()
         with suppress(Exception):
             self.source.close()
-
-
-def _features_session(run: str) -> str:
-    """The key of ``Worker._down`` that counts a run's features sessions lost (``Worker._features_lost``)."""
-    return f"{run} features session"
 
 
 def _own_server(settings: Settings, spec: dict[str, Any]) -> ServerInfo | None:
@@ -345,10 +341,6 @@ class Worker:
         # a replica); the worker then stops, and exits 1. Left alone, the process exited 0 with its traceback, or
         # ran on with fewer threads: a service manager restarting a worker that fails saw none fail.
         self.failure: BaseException | None = None
-        # Consecutive failures to connect to a run's target (``_TargetDown``), by run, and since when; and of its
-        # features step's session lost (``_features_session``).
-        self._down: dict[str, tuple[int, float]] = {}
-        self._down_lock = threading.Lock()
 
     def run(self) -> WorkerReport:
         threads = [
@@ -436,15 +428,8 @@ class Worker:
             idle = max(2 * self.options.visibility_timeout, IDLE_IN_TRANSACTION_MIN)
             spec = require_run(queue.client, run, queue.ns)
             contexts[run] = _RunContext(self.settings, spec, self.stop, idle, self._servers)
-            self._down_over(run)  # its target answered: down again, it is waited for from the start
+            target_answers(queue.client, queue.ns, run)  # down again, it is waited for from the start
         return contexts[run]
-
-    def _down_over(self, *keys: str) -> None:
-        """Forget the waits counted under ``keys`` of ``_down`` (``_target_down_wait``): the next is waited for from
-        the start."""
-        with self._down_lock:
-            for key in keys:
-                self._down.pop(key, None)
 
     def _handle(
         self,
@@ -536,25 +521,25 @@ class Worker:
             load = partial(load_produced, ctx.conn, ctx.source, job, table, content_hash)
             self._settle(queue, delivery, contexts, load)
 
-    def _target_down_wait(self, run: str) -> float | None:
-        """Seconds to wait for the run's target, found down again (``_TargetDown``), before the next try, without
-        spending an attempt; None once this worker has found it down for ``options.target_down_wait`` (a wrong
-        port, a server gone for good): then each attempt counts. Each a failed attempt, a Postgres restart of 15 s
-        dead-lettered a sixth of a run's jobs (six attempts' backoffs, jittered from 0, add up to seconds), or
-        used up its features step's attempts, and the run read `incomplete` until `jobs retry-dead`. A target that
-        refuses the worker's credentials is not waited for: dead-lettered at once, as before (``_attempts``)."""
-        with self._down_lock:
-            times, since = self._down.get(run, (0, time.monotonic()))
-            self._down[run] = (times + 1, since)
-        if time.monotonic() - since >= self.options.target_down_wait:
+    def _target_down_wait(self, queue: JobQueue, run: str, what: str) -> float | None:
+        """Seconds to wait for the run's target, found down again (``what``: ``_TargetDown``, or its features
+        session lost), before the next try, without spending an attempt; None once it has been found down for
+        ``options.target_down_wait`` (a wrong port, a server gone for good; ``target_down``: since the first
+        finding by any worker, after the last `jobs retry-dead`): then each attempt counts. Each a failed attempt,
+        a Postgres restart of 15 s dead-lettered a sixth of a run's jobs (six attempts' backoffs, jittered from 0,
+        add up to seconds), or used up its features step's attempts, and the run read `incomplete` until `jobs
+        retry-dead`. A target that refuses the worker's credentials is not waited for: dead-lettered at once, as
+        before (``_attempts``)."""
+        times, down_for = found_down(queue.client, queue.ns, run, what)
+        if down_for >= self.options.target_down_wait:
             return None
-        ceiling = min(self.options.backoff_cap, self.options.backoff_base * 2 ** min(times + 1, 64))
+        ceiling = min(self.options.backoff_cap, self.options.backoff_base * 2 ** min(times, 64))
         return self._rng.uniform(ceiling / 2, ceiling)  # never near 0: no reconnecting in a tight loop
 
     def _target_down(self, queue: JobQueue, group: list[Delivery], run: str, exc: _TargetDown) -> bool:
         """The run's target does not answer: its jobs go back, due after ``_target_down_wait``, and this thread
         waits as long before it reads again; False, nothing done, once that wait is over (each attempt counts)."""
-        wait = self._target_down_wait(run)
+        wait = self._target_down_wait(queue, run, CONNECT)
         if wait is None:
             return False
         for delivery in group:
@@ -709,7 +694,7 @@ class Worker:
                 # renewal thread, a pause) was tried again at once, for ever, uncounted.
                 backoff = self._features_failed(queue, contexts, run, _LockLost(lost), lock.local.token)
             except _TargetDown as exc:  # the target restarting: waited for as the run's jobs wait, uncounted
-                wait = self._target_down_wait(run)
+                wait = self._target_down_wait(queue, run, CONNECT)
                 if wait is None:
                     backoff = self._features_failed(queue, contexts, run, exc, lock.local.token)
                 else:
@@ -730,12 +715,6 @@ class Worker:
                     backoff = waited
             if backoff:  # the lock becomes the backoff, never free in between; expiring in Redis's own time
                 queue.features_backoff(run, lock.local.token, backoff)
-            else:
-                # The step is over for this worker: complete, failed for good, the run gone or another worker's
-                # (or this worker stopping).
-                # Its waits kept, a long-running worker judged the run's next (after `jobs retry-dead`) by the
-                # old start: past ``target_down_wait``, it spent an attempt at once instead of waiting.
-                self._down_over(run, _features_session(run))
 
     def _features_lost(
         self,
@@ -755,8 +734,9 @@ class Worker:
         Only ``_TargetDown`` was waited for, raised while a connection is made: the step runs first on the one its
         run's last job used, and a restart between the two spent a features attempt (with --max-attempts 1 the run
         read `incomplete` while the target was up again). A feature's own error leaves the session open: counted.
-        Its waits are counted apart from the connections' (``_TargetDown``: reset by each connection made), so a
-        step that ends its server's sessions each time it runs (a crash, recovered) spends attempts in the end."""
+        Its waits are timed apart from the connections' (``target_down.SESSION``: not ended by a connection made),
+        so a step that ends its server's sessions each time it runs (a crash, recovered) spends attempts in the
+        end."""
         ctx = contexts.get(run)
         if ctx is None or not ctx.conn.broken or not is_transient(exc) or is_refused(exc):
             return None
@@ -775,7 +755,7 @@ class Worker:
             raise
         except Exception:  # refused, the profile gone: the next attempt would meet it, this one counts
             return None
-        wait = self._target_down_wait(_features_session(run))
+        wait = self._target_down_wait(queue, run, SESSION)
         if wait is not None:
             self._say(f"run {run}: features: {why}; retry in {wait:.1f} s, no attempt spent")
         return wait

@@ -283,3 +283,143 @@ def test_a_features_session_lost_after_jobs_retry_dead_is_waited_for_from_the_st
     err = capsys.readouterr().err
     assert (state[b"state"], report.features, len(calls)) == (b"complete", 1, 4), (state, err)
     assert "features: session to the target lost" in err and "no attempt spent" in err, err
+
+
+class DownTarget:
+    """The workspace's Postgres stopped (a fast shutdown: its sessions end), and started again once, on demand."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.engine = make_engine("local", Settings.from_env(ws.env, engine="local"))
+        self.started = False
+        pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+        postmaster = Postmaster.read(pgdata)
+        assert postmaster is not None
+        os.kill(postmaster.pid, signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while Postmaster.read(pgdata) is not None:
+            assert time.monotonic() < deadline, "the target's postmaster did not stop"
+            time.sleep(0.05)
+
+    def start_once(self) -> None:
+        if not self.started:
+            self.started = True
+            self.engine.start(self.ws.profile)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_jobs_retry_dead_brought_back_with_the_target_still_down_are_waited_for_from_the_start(
+    workspace: Workspace,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run's jobs dead-lettered once its target was down past ``target_down_wait``, then brought back by `jobs
+    retry-dead` with the target still down: only a connection made ended a wait, so the worker judged them by the
+    start of the one before, long over, and dead-lettered them again at once, unwaited (the run `incomplete` again,
+    its target up a moment later). Now retry-dead starts the wait anew: the jobs wait, no attempt spent, and load
+    once the target is up (started at the worker's first such line after retry-dead, not after a sleep)."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    submitted = submit(ws, url)
+    run = submitted["run_id"]
+    settings = Settings.from_env(ws.env, engine="local")
+    target = DownTarget(ws)
+    revived: list[bool] = []
+    say = Worker._say
+
+    def saying(worker: Worker, message: str) -> None:
+        say(worker, message)
+        if revived and "no attempt spent" in message:
+            target.start_once()
+
+    monkeypatch.setattr(Worker, "_say", saying)
+    options = WorkerOptions(
+        "w", burst=True, max_attempts=1, backoff_base=0.05, backoff_cap=0.2, target_down_wait=1.0
+    )
+    worker = Worker(url, settings, options)
+    worker.run()
+    client = connect(url)
+    err = capsys.readouterr().err
+    assert run_status(client, run).state == "incomplete", err
+    assert "no attempt spent" in err and "dead-lettered after 1 attempt(s)" in err, err
+    assert retry_dead(client, run) == submitted["jobs"]
+    revived.append(True)
+    worker.run()
+    status, err = run_status(client, run), capsys.readouterr().err
+    assert (status.state, status.done, status.dead) == ("complete", submitted["jobs"], 0), (status, err)
+    assert "no attempt spent" in err and "dead-lettered" not in err, err
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_features_wait_another_worker_ended_does_not_judge_the_runs_next_features_step(
+    workspace: Workspace,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Worker A found the run's target down at the features step and backed off; worker B took the step after the
+    backoff and spent its last attempt (the run `incomplete`). A kept its wait, and its start, until it next
+    touched the run: after `jobs retry-dead`, with the target still down, it judged the step by that start, long
+    over, and spent the fresh attempt at once. Now whoever ends the step ends the waits for its target: A waits
+    again, no attempt spent, and the run completes once the target is up (started at A's first such line after
+    retry-dead)."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL"], months=1)
+    run = submit(ws, url)["run_id"]
+    settings = Settings.from_env(ws.env, engine="local")
+    down: list[DownTarget] = []
+    waited: list[float] = []  # when A said it waits, by time.monotonic()
+    revived: list[bool] = []
+    features_locked, say = Worker._features_locked, Worker._say
+
+    def stopped_first(worker: Worker, queue: Any, contexts: dict[str, Any], run_id: str, lock: Any) -> None:
+        if not down:  # A's first step, once the run's jobs loaded: the target stops, the step connects anew
+            down.append(DownTarget(ws))
+            contexts.pop(run_id).close()
+        features_locked(worker, queue, contexts, run_id, lock)
+
+    def saying(worker: Worker, message: str) -> None:
+        say(worker, message)
+        if worker.options.name == "a" and "features: target" in message and "no attempt spent" in message:
+            if revived:
+                down[0].start_once()
+            else:
+                waited.append(time.monotonic())
+                worker.stop.set()  # A stops once it backed off
+
+    monkeypatch.setattr(Worker, "_features_locked", stopped_first)
+    monkeypatch.setattr(Worker, "_say", saying)
+    a_wait = 1.0
+    a = Worker(
+        url,
+        settings,
+        WorkerOptions(
+            "a", burst=True, max_attempts=1, backoff_base=0.05, backoff_cap=0.2, target_down_wait=a_wait
+        ),
+    )
+    a.run()
+    assert waited, capsys.readouterr().err
+    b = Worker(
+        url,
+        settings,
+        WorkerOptions(
+            "b", burst=True, max_attempts=1, backoff_base=0.05, backoff_cap=0.2, target_down_wait=0.0
+        ),
+    )
+    b.run()
+    client = connect(url)
+    err = capsys.readouterr().err
+    assert run_status(client, run).state == "incomplete", err
+    assert "refresher worker b: run" in err and "features failed after 1 attempt(s)" in err, err
+    time.sleep(max(0.0, waited[0] + a_wait - time.monotonic()))  # A's wait, begun before its line, is over
+    retry_dead(client, run)
+    revived.append(True)
+    a.stop.clear()
+    a.run()
+    state, err = client.hgetall(run_key(run)), capsys.readouterr().err
+    assert (state[b"state"], a.report.features) == (b"complete", 1), (state, err)
+    assert "features: target" in err and "no attempt spent" in err, err
+    assert client.exists(run_key(run, "target-down")) == 0, client.hgetall(run_key(run, "target-down"))
