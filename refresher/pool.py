@@ -135,6 +135,9 @@ NO_REASON = "no reason recorded"
 # shutdown), SIGINT sent to it (a Ctrl-C at a terminal reaches it not: it runs in a session of its own) and
 # SIGHUP.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The signal the refill's watch gives it up with (``_Stops.give_up``), to its own main thread: not one of
+# ``STOP_SIGNALS``, which the kernel would merge with an outside stop pending at the same moment.
+GIVE_UP_SIGNAL = signal.SIGUSR1
 # How the detached refill's connections find a server that died under them (its host powered off, a partition, a
 # failover to another host): no packet comes back, so without these a query in flight waited for good (the
 # system's keepalive starts after 2 h). TCP keepalives probe an idle connection (a CREATE DATABASE or ANALYZE
@@ -905,14 +908,22 @@ class _Stops:
         self._raised = False
         self._halts: list[_Halt] = []
         self._watched = False  # in the block a watch may give the refill up in (``watched``)
+        self._giving_up: str | None = None  # the reason of a give-up whose signal is on its way
+        self._outside: int | None = None  # a stop from outside while a give-up is honoured (``withdraw``)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.signum is None:
-            if self.reason is not None and not self._watched:
-                self.reason = None  # a give-up landing once its block ended: the block's work is done
-                return
             self.signum = signum
+        elif self.reason is not None:
+            self._outside = signum
         self._raise()
+
+    def _on_give_up(self, _signum: int, _frame: object) -> None:
+        reason, self._giving_up = self._giving_up, None
+        if self.signum is None and self._watched and reason is not None:
+            self.signum, self.reason = signal.SIGTERM, reason
+            self._raise()
+        # else a stop from outside came first, or the give-up lands once its block ended: its work is done
 
     def _raise(self) -> None:
         if self.signum is not None and not self._raised and not self._holding:
@@ -924,10 +935,14 @@ class _Stops:
     def give_up(self, reason: str) -> None:
         """Stop the refill as a SIGTERM does, from one of its threads (``_refill_watch``: its server stopped
         answering), ``reason`` recorded as its failure: the stop's path is the one that ends a refill whose server
-        takes no cancel (``_Halt``), and a signal is what interrupts the main thread's wait on that server."""
+        takes no cancel (``_Halt``), and a signal is what interrupts the main thread's wait on that server.
+
+        Its own signal (``GIVE_UP_SIGNAL``): a SIGTERM, it merged with a SIGTERM from outside pending at the same
+        moment (the kernel keeps one of each), and the one delivery was taken for the give-up, the outside stop
+        lost with it where a give-up is dropped (``watched``)."""
         if self.signum is None and self._watched:
-            self.reason = reason
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+            self._giving_up = reason
+            signal.pthread_kill(threading.main_thread().ident or 0, GIVE_UP_SIGNAL)
 
     @contextlib.contextmanager
     def watched(self) -> Iterator[None]:
@@ -942,8 +957,11 @@ class _Stops:
             self._watched = False
 
     def withdraw(self) -> None:
-        """Forget a give-up raised as its watched block's work returned (``watched``): a stop after it is taken."""
-        self.signum, self.reason, self._raised = None, None, False
+        """Forget a give-up raised as its watched block's work returned (``watched``): a stop after it is taken,
+        and one from outside that came while the give-up was honoured is raised at the next ``held``'s end (it
+        was let go as a second stop, then forgotten with the give-up: the refill went on, and exited 0)."""
+        self.signum, self.reason, self._raised = self._outside, None, False
+        self._outside = None
 
     @contextlib.contextmanager
     def telling(self, halt: _Halt) -> Iterator[None]:
@@ -972,8 +990,9 @@ class _Stops:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """``STOP_SIGNALS`` taken by this object in the block (the refill's ``main``)."""
+        """``STOP_SIGNALS`` and ``GIVE_UP_SIGNAL`` taken by this object in the block (the refill's ``main``)."""
         old = {each: signal.signal(each, self._on_signal) for each in STOP_SIGNALS}
+        old[GIVE_UP_SIGNAL] = signal.signal(GIVE_UP_SIGNAL, self._on_give_up)
         try:
             yield
         finally:
