@@ -171,7 +171,8 @@ def plan(
     on_bad_rows: BadRowPolicy | None = None,
     on_wait: Callable[[str], None] | None = None,
 ) -> PlanReport:
-    """``refresher plan``; ``on_wait`` is told when the store's manifest is waited for (``FeatureStore``)."""
+    """``refresher plan``; ``on_wait`` is told when the store's manifest (``FeatureStore``) or a reset's shut door
+    (``refresh.plan_refresh``) is waited for."""
     import tempfile
 
     from featurestore import FeatureStore
@@ -187,7 +188,7 @@ def plan(
             # A missing store is an empty one; plan against a throwaway empty store rather than create the
             # user's root and manifest: `plan` promises to touch nothing.
             store = FeatureStore(stack.enter_context(tempfile.TemporaryDirectory(prefix="refresher-plan-")))
-        return plan_refresh(profile, engine, store, verify=verify)
+        return plan_refresh(profile, engine, store, verify=verify, on_wait=on_wait)
 
 
 def warm(

@@ -34,13 +34,15 @@ def lock_path(state_dir: Path, profile: str) -> Path:
 def hold_profile(
     state_dir: Path, profile: str, *, wait: bool = True, on_wait: Callable[[str], None] | None = None
 ) -> Iterator[None]:
-    """Hold ``profile``'s lock for the block; wait for another holder (telling ``on_wait``) or, with
-    ``wait=False``, raise ``ProfileBusy`` at once."""
+    """Hold ``profile``'s lock for the block; wait for another holder (telling ``on_wait`` at once) or, with
+    ``wait=False``, raise ``ProfileBusy`` at once. No grace, unlike the engine's lock: its holder is a whole
+    refresh or reset, and a second's grace only delayed the answer of a ``refresh --no-wait`` beside one."""
     path = lock_path(state_dir, profile)
     with waited_for(
         path,
         lambda: ProfileBusy.held(profile, path),
         f"profile {profile}: another refresh or reset is running; waiting for it to finish",
+        grace=0,
         wait=wait,
         on_wait=on_wait,
     ):

@@ -143,9 +143,15 @@ def compute_plan(
 
 
 def plan_refresh(
-    profile: Profile, engine: Engine, store: FeatureStore, *, verify: bool = False
+    profile: Profile,
+    engine: Engine,
+    store: FeatureStore,
+    *,
+    verify: bool = False,
+    on_wait: Callable[[str], None] | None = None,
 ) -> PlanReport:
-    """The plan against the profile's running server, touching nothing (no server is started)."""
+    """The plan against the profile's running server, touching nothing (no server is started); ``on_wait`` is
+    told when a reset's shut door is waited for (``snapshot.connect_working``)."""
     server = engine.info(profile.name)
     with closing(make_source(profile)) as source:
         source.preflight()  # the one line a refresh would give, not a plan of segments to load empty
@@ -153,7 +159,7 @@ def plan_refresh(
             plan = compute_plan(profile, source, store, None)
         else:
             # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
-            with snapshot.connect_working(server, autocommit=True) as conn:
+            with snapshot.connect_working(server, autocommit=True, on_wait=on_wait) as conn:
                 known = database.schema_exists(conn)
                 plan = compute_plan(profile, source, store, conn if known else None, verify=verify)
     notes = tuple(str(r) for r in stored_reports(store, plan.keys))
@@ -339,7 +345,7 @@ def refresh(
             mark = lap("engine", mark)
             # autocommit: each segment's transaction is then a real BEGIN/COMMIT, not a savepoint inside one long
             # implicit transaction, so every finished segment survives a kill -9.
-            with snapshot.connect_working(server, autocommit=True) as conn:
+            with snapshot.connect_working(server, autocommit=True, on_wait=on_wait) as conn:
                 # Someone else's server: its role may lack what a reset needs.
                 snapshot.require_privileges(conn)
                 recorded = pool.recorded_pool(server, conn)  # the mark is in the shared catalog

@@ -866,6 +866,28 @@ DOOR_WAIT_SECONDS = 30.0
 # The wait goes in slices this long (the lock_timeout of each try for TAKE), its stop event looked at between two:
 # a worker told to stop (SIGTERM) while it waited left only after the whole DOOR_WAIT_SECONDS.
 DOOR_WAIT_SLICE = 0.5
+# How long a shut door is waited for before the wait is told (``on_wait``): a live reset shuts it for a moment (its
+# check to its swap), a stopped one for good; `plan` and `jobs submit` said nothing for DOOR_WAIT_SECONDS.
+DOOR_SAY_AFTER_SECONDS = 1.0
+
+
+def _door_waited(on_wait: Callable[[str], None] | None, db: str, holder: str) -> Callable[[], None]:
+    """What a door's wait calls after each try: from ``DOOR_SAY_AFTER_SECONDS`` on, its first call tells
+    ``on_wait`` that ``db``'s door is held shut by ``holder`` (a reset)."""
+    say_at = time.monotonic() + DOOR_SAY_AFTER_SECONDS
+    line = (
+        f"database {db} refuses sessions: {holder} holds its door shut (perhaps stopped: Ctrl-Z); "
+        f"waiting for it, {DOOR_WAIT_SECONDS:g} s at most"
+    )
+    told = False
+
+    def waited() -> None:
+        nonlocal told
+        if on_wait is not None and not told and time.monotonic() >= say_at:
+            told = True
+            on_wait(line)
+
+    return waited
 
 
 class StoppedWaiting(Exception):
@@ -873,21 +895,27 @@ class StoppedWaiting(Exception):
 
 
 def connect_working(
-    server: ServerInfo, dsn: str | None = None, *, stop: threading.Event | None = None, **kwargs: Any
+    server: ServerInfo,
+    dsn: str | None = None,
+    *,
+    stop: threading.Event | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    **kwargs: Any,
 ) -> psycopg.Connection[Any]:
     """``psycopg.connect`` to ``server.dbname``, as ``dsn`` when given (another role on it, or ``server.dsn()`` with
     other options: ``connect_target``), else as ``server.dsn()`` (``kwargs``: its options). A database a reset
     killed between its last read of the ledger and its swap refuses sessions (``_close_door``): it is opened, and
     connected again; so is one refused by a live reset's door that opened before the look (``_past_door``).
     A live reset's door is waited for ``DOOR_WAIT_SECONDS`` at most, then one line says a reset holds it; ``stop``
-    set meanwhile ends the wait within ``DOOR_WAIT_SLICE`` with ``StoppedWaiting``."""
+    set meanwhile ends the wait within ``DOOR_WAIT_SLICE`` with ``StoppedWaiting``. ``on_wait`` is told in one
+    line once the door has been waited for ``DOOR_SAY_AFTER_SECONDS``."""
     session = dsn or server.dsn()
     try:
         return psycopg.connect(session, **kwargs)
     except psycopg.OperationalError as refusal:
         try:
             with _admin(server.dsn(MAINTENANCE_DB)) as conn:
-                reopened = _past_door_waiting(conn, server.dbname, refusal, stop)
+                reopened = _past_door_waiting(conn, server.dbname, refusal, stop, on_wait)
         except psycopg.errors.LockNotAvailable as exc:
             raise psycopg.OperationalError(
                 f"database {server.dbname} refuses sessions: a reset of this profile holds it (waited "
@@ -905,11 +933,13 @@ def _past_door_waiting(
     db: str,
     refusal: psycopg.OperationalError,
     stop: threading.Event | None,
+    on_wait: Callable[[str], None] | None,
 ) -> bool:
     """``_past_door``, a live reset's TAKE waited for in slices (``DOOR_WAIT_SLICE``) up to ``DOOR_WAIT_SECONDS``
-    (then ``LockNotAvailable``), ``stop`` looked at between two."""
+    (then ``LockNotAvailable``), ``stop`` looked at between two, ``on_wait`` told after ``DOOR_SAY_AFTER_SECONDS``."""
     conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{DOOR_WAIT_SLICE * 1000:.0f}ms",))
     deadline = time.monotonic() + DOOR_WAIT_SECONDS
+    waited = _door_waited(on_wait, db, "a reset of this profile")
     while True:
         try:
             return _past_door(conn, db, refusal)
@@ -920,6 +950,7 @@ def _past_door_waiting(
                 ) from exc
             if time.monotonic() >= deadline:
                 raise
+            waited()
 
 
 # What ``connect_target`` takes from the server, not the target, when the target names the server's own role: where
@@ -933,6 +964,7 @@ def connect_target(
     *,
     stop: threading.Event | None = None,
     foreign_wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> psycopg.Connection[Any]:
     """``connect_working`` to ``server``, the profile's own that ``target`` names (a reset killed with its door
@@ -941,7 +973,8 @@ def connect_target(
     kept), else ``psycopg.connect`` to ``target`` as given (a server this machine does not serve: its door is not
     ours to open, ``_wait_foreign_door``).
     ``foreign_wait=False``: such a door shut fails at once (a jobs worker: its queue tries again after a backoff,
-    where a wait held the worker ``DOOR_WAIT_SECONDS`` an attempt)."""
+    where a wait held the worker ``DOOR_WAIT_SECONDS`` an attempt). ``on_wait`` is told of a door waited for, as
+    ``connect_working`` tells it."""
     if server is not None:
         named: dict[str, Any] | None = None
         with contextlib.suppress(psycopg.ProgrammingError):  # no DSN: the server's own role
@@ -951,12 +984,12 @@ def connect_target(
         # libpq's fall-back, the login name, names nobody: the server's own role and credentials then.
         role = libpq_params(named, login_name=False).get("user") if named is not None else None
         if role not in (None, server.user):
-            return connect_working(server, target, stop=stop, **kwargs)
+            return connect_working(server, target, stop=stop, on_wait=on_wait, **kwargs)
         # The target's other options (sslmode, options=-c ..., application_name, connect_timeout...) on the
         # server's own DSN: they were dropped, the session had none of them.
         options = {key: value for key, value in (named or {}).items() if key not in _SERVERS_OWN}
         dsn = conninfo.make_conninfo(server.dsn(), **options) if options else None
-        return connect_working(server, dsn, stop=stop, **kwargs)
+        return connect_working(server, dsn, stop=stop, on_wait=on_wait, **kwargs)
     try:
         return psycopg.connect(target, **kwargs)
     except psycopg.OperationalError as refusal:
@@ -964,18 +997,23 @@ def connect_target(
             raise
         if not foreign_wait:
             raise _foreign_door_shut(target, "its door is shut") from refusal
-        return _wait_foreign_door(target, refusal, stop, **kwargs)
+        return _wait_foreign_door(target, refusal, stop, on_wait, **kwargs)
 
 
 def _wait_foreign_door(
-    target: str, refusal: psycopg.OperationalError, stop: threading.Event | None, **kwargs: Any
+    target: str,
+    refusal: psycopg.OperationalError,
+    stop: threading.Event | None,
+    on_wait: Callable[[str], None] | None,
+    **kwargs: Any,
 ) -> psycopg.Connection[Any]:
     """A session to ``target``, whose database refused one at its door (ALLOW_CONNECTIONS false) on a server this
     machine does not serve: a live reset there opens it in moments, a killed one never. Tried again every
-    ``DOOR_WAIT_SLICE`` for ``DOOR_WAIT_SECONDS`` (``stop`` ends it: ``StoppedWaiting``), then one line says what
-    to do (``_foreign_door_shut``)."""
+    ``DOOR_WAIT_SLICE`` for ``DOOR_WAIT_SECONDS`` (``stop`` ends it: ``StoppedWaiting``; ``on_wait`` told after
+    ``DOOR_SAY_AFTER_SECONDS``), then one line says what to do (``_foreign_door_shut``)."""
     db = conninfo.conninfo_to_dict(target).get("dbname") or "(the target's)"
     deadline = time.monotonic() + DOOR_WAIT_SECONDS
+    waited = _door_waited(on_wait, str(db), "a reset on the machine that serves it")
     while True:
         if stop is not None and stop.wait(DOOR_WAIT_SLICE):
             raise StoppedWaiting(
@@ -990,6 +1028,7 @@ def _wait_foreign_door(
                 raise
             if time.monotonic() >= deadline:
                 raise _foreign_door_shut(target, f"waited {DOOR_WAIT_SECONDS:g} s") from exc
+            waited()
 
 
 class ForeignDoorShut(psycopg.OperationalError):

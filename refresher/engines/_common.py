@@ -267,19 +267,20 @@ def waited_for(
     busy: Callable[[], Exception],
     waiting: str,
     *,
+    grace: float,
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
     """Hold the exclusive lock ``path`` (created if needed) for the block. Its holder may keep it for seconds or,
-    stopped (Ctrl-Z), for good: a command never waits for it silently. Taken when free within ``HOLD_GRACE_SECONDS``
-    (a start of a running server holds it for a moment: a ``--no-wait`` beside it was refused, and a line said a
-    command might be stopped); else ``on_wait`` is told ``waiting`` before the wait, or with ``wait`` False
-    ``busy()`` is raised."""
+    stopped (Ctrl-Z), for good: a command never waits for it silently. Taken when free within ``grace`` seconds
+    (0: tried once); else ``on_wait`` is told ``waiting`` before the wait, or with ``wait`` False ``busy()`` is
+    raised. A grace is for a lock held for moments (``server_locked``); one held for a whole command (the
+    profile's) has none: ``--no-wait`` beside it answers at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # thread_local=False: the lock belongs to the process, whichever thread releases it.
     lock = filelock.FileLock(path, thread_local=False)
     try:
-        lock.acquire(timeout=HOLD_GRACE_SECONDS)
+        lock.acquire(timeout=grace)
     except filelock.Timeout:
         if not wait:
             raise busy() from None
@@ -297,11 +298,14 @@ def server_locked(
 ) -> contextlib.AbstractContextManager[None]:
     """The lock of ``profile``'s start and stop (``waited_for``): another command's start or stop holds it, which
     a `down`, `url`, `reset` or refresh waited for without a word, and for good, --no-wait too, when that command
-    was stopped (Ctrl-Z) on its way (an initdb, a pull, a cluster's removal)."""
+    was stopped (Ctrl-Z) on its way (an initdb, a pull, a cluster's removal). Taken when free within
+    ``HOLD_GRACE_SECONDS``: a start of the running server holds it for a moment, and a ``--no-wait`` beside one was
+    refused, a waiting command's line said a command might be stopped."""
     return waited_for(
         path,
         lambda: ProfileBusy.starting(profile, engine, path),
         f"profile {profile}: another command is starting or stopping its {engine} server; waiting for it",
+        grace=HOLD_GRACE_SECONDS,
         wait=wait,
         on_wait=on_wait,
     )

@@ -46,21 +46,26 @@ def hold_until(exchange: str, now: dt.datetime) -> tuple[float, str] | None:
 
 
 def _plan_on_target(
-    settings: Settings, profile: Profile, source: Source, target: str | None
+    settings: Settings,
+    profile: Profile,
+    source: Source,
+    target: str | None,
+    on_wait: Callable[[str], None] | None,
 ) -> tuple[str, GapPlan]:
     """The target as it may travel (no password) and the profile's gap plan against it: the profile's own server,
-    started, when ``target`` is None."""
+    started, when ``target`` is None. ``on_wait`` is told what is waited for: another command starting or
+    stopping the server, the store's manifest, a reset's shut door."""
     server: ServerInfo | None = None
     if target is None:
-        server = select_engine(settings.engine, settings, profile.name).start(profile.name)
+        server = select_engine(settings.engine, settings, profile.name).start(profile.name, on_wait=on_wait)
         public = server.dsn(with_password=False)
     else:
         public = without_password(target)
         server = dsn_check.served_here(settings, profile.name, public)
-    store = FeatureStore(settings.store_root)
+    store = FeatureStore(settings.store_root, on_wait=on_wait)
     try:
         # A reset killed with the database's door shut left it refusing sessions: the one door opens it.
-        conn = connect_target(server, target or public, autocommit=True)
+        conn = connect_target(server, target or public, autocommit=True, on_wait=on_wait)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise JobError(f"--target={public}: cannot connect ({first})", field="target", value=public) from exc
@@ -85,7 +90,8 @@ def submit_run(
     say: Callable[[str], None] | None = None,
 ) -> Submitted:
     """Plan the profile against the target and enqueue one job per segment to load; returns the run id. ``say``:
-    where a warning line goes (a Redis that does not tell its maxmemory-policy)."""
+    where a warning line goes (a Redis that does not tell its maxmemory-policy), and a line saying what the plan
+    waits for (a lock, a reset's shut door)."""
     if priority not in TIERS:
         raise JobError(f"--priority={priority!r}: choose one of {', '.join(TIERS)}", field="priority")
     profile = load_profile(profile_name, settings.profiles_dirs, as_of=as_of)
@@ -103,7 +109,7 @@ def submit_run(
         # A files source no file matches (its directory empty or wrong) is the one line a refresh gives, before a
         # server starts or a run is recorded: submitted, each job loaded its segment empty and the run completed.
         source.preflight()
-        public, plan = _plan_on_target(settings, profile, source, target)
+        public, plan = _plan_on_target(settings, profile, source, target, say)
     spec = RunSpec(
         profile=profile.name,
         profile_path=str(profile.path),

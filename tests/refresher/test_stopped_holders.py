@@ -27,6 +27,11 @@ from tests.refresher.test_refresh_e2e import Workspace, _stop_when, made_in_star
 
 TIMEOUT = 60
 STARTING = "another command is starting or stopping its local server"
+# The CLI with any grace of the engine's lock ten minutes long: a command given it waits past its TIMEOUT.
+_LONG_GRACE = (
+    "import sys; from refresher import cli; from refresher.engines import _common; "
+    "_common.HOLD_GRACE_SECONDS = 600; sys.exit(cli.main())"
+)
 
 
 @pytest.fixture
@@ -87,6 +92,36 @@ def _run(workspace: Workspace, env: dict[str, str], *args: str) -> subprocess.Co
     return subprocess.run(workspace.command(*args), env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def reset_at_its_door(workspace: Workspace) -> str:
+    """The code of a reset that shuts the workspace's database door (TAKE held) and stops itself there (for
+    ``_stopped``); continued, it opens the door and ends."""
+    return f"""
+        import os, signal
+        import psycopg
+        from refresher._snapshot_sql import TAKE, _close_door, _lock
+        db = {workspace.profile!r}
+        with psycopg.connect({workspace.dsn().rsplit("/", 1)[0] + "/postgres"!r}, autocommit=True) as conn:
+            _lock(conn, db, TAKE)
+            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (db,)).fetchone()[0]
+            assert _close_door(conn, db, oid)
+            print("closed", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            conn.execute(f'ALTER DATABASE "{{db}}" WITH ALLOW_CONNECTIONS true')
+    """
+
+
+def says_what_it_waits_for(proc: subprocess.Popen[str], *words: str) -> None:
+    """Assert ``proc``'s first line on stderr has each of ``words`` and "waiting for it", ``proc`` still running
+    (waiting); reaped on a failure."""
+    try:
+        line = _first_line(proc)
+        assert all(word in line for word in (*words, "waiting for it")), line
+        assert proc.poll() is None
+    except BaseException:
+        reap(proc)
+        raise
+
+
 @pytest.mark.slow
 def test_a_start_or_stop_held_by_a_stopped_command_is_waited_for_saying_so(workspace: Workspace) -> None:
     # A server stopped (a reboot) and a command stopped (Ctrl-Z) while starting it, in the engine's lock: `url`,
@@ -117,13 +152,7 @@ def test_a_start_or_stop_held_by_a_stopped_command_is_waited_for_saying_so(works
                 assert done.stdout == "" and done.stderr.count("\n") == 1, (command, done.stderr)
                 assert STARTING in done.stderr and "without --no-wait" in done.stderr, (command, done.stderr)
         waiting = _spawn(workspace, "url")
-        try:
-            line = _first_line(waiting)
-            assert STARTING in line and "waiting for it" in line, line
-            assert waiting.poll() is None
-        except BaseException:
-            reap(waiting)
-            raise
+        says_what_it_waits_for(waiting, STARTING)
     [(out, err)] = outputs([waiting], TIMEOUT)
     assert waiting.returncode == 0 and out.startswith("postgresql://"), err
 
@@ -157,20 +186,7 @@ def test_status_answers_while_a_reset_is_stopped_with_its_database_closed(worksp
     # A reset stopped (Ctrl-Z) between closing the database's door and its swap holds TAKE: `status` waited for
     # it to open a door it took for a killed reset's, for good.
     workspace.refresh()
-    holder = f"""
-        import os, signal
-        import psycopg
-        from refresher._snapshot_sql import TAKE, _close_door, _lock
-        db = {workspace.profile!r}
-        with psycopg.connect({workspace.dsn().rsplit("/", 1)[0] + "/postgres"!r}, autocommit=True) as conn:
-            _lock(conn, db, TAKE)
-            oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (db,)).fetchone()[0]
-            assert _close_door(conn, db, oid)
-            print("closed", flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)
-            conn.execute(f'ALTER DATABASE "{{db}}" WITH ALLOW_CONNECTIONS true')
-    """
-    with _stopped(holder, workspace.env):
+    with _stopped(reset_at_its_door(workspace), workspace.env):
         for args in (("status",), ("status", "--profile", workspace.profile)):
             done = _run(workspace, workspace.env, *args)
             assert done.returncode == 0, done.stderr
@@ -178,9 +194,64 @@ def test_status_answers_while_a_reset_is_stopped_with_its_database_closed(worksp
 
 
 @pytest.mark.slow
+def test_plan_behind_a_stopped_resets_shut_door_says_what_it_waits_for(workspace: Workspace) -> None:
+    # A reset stopped (Ctrl-Z) with the database's door shut holds TAKE: `plan` waited for it DOOR_WAIT_SECONDS
+    # (30 s) without a word, then failed saying a reset held it.
+    workspace.refresh()
+    with _stopped(reset_at_its_door(workspace), workspace.env):
+        plan = _spawn(workspace, "plan")
+        says_what_it_waits_for(plan, f"database {workspace.profile} refuses sessions", "a reset")
+    [(_, err)] = outputs([plan], TIMEOUT)
+    assert plan.returncode == 0, err
+
+
+def test_no_wait_beside_a_running_refresh_answers_at_once(workspace: Workspace) -> None:
+    # A refresh or reset holds its profile's lock for the whole command: `refresh`, `reset` and `url` with
+    # --no-wait beside one were given the grace of the engine's lock first (HOLD_GRACE_SECONDS, 1 s), for a lock
+    # no moment frees. That grace is ten minutes here (_LONG_GRACE): a command given it fails by its TIMEOUT.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sys
+                from pathlib import Path
+                from refresher.profile_lock import hold_profile
+                with hold_profile(Path({str(workspace.root / "state")!r}), {workspace.profile!r}):
+                    print("held", flush=True)
+                    sys.stdin.read()
+            """),
+        ],
+        env=workspace.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline(), "the holder never took its lock"
+        for makelevel in (None, "1"):
+            for command in ("refresh", "reset", "url"):
+                args = (command, "--profile", workspace.profile, "--no-wait", "--engine", workspace.engine)
+                done = subprocess.run(
+                    [sys.executable, "-c", _LONG_GRACE, *args],
+                    env=_env(workspace, makelevel),
+                    capture_output=True,
+                    text=True,
+                    timeout=TIMEOUT,
+                )
+                assert done.returncode == 2, (command, done.stderr)
+                assert done.stdout == "" and done.stderr.count("\n") == 1, (command, done.stderr)
+                busy = "another refresh or reset is running"
+                assert busy in done.stderr and "without --no-wait" in done.stderr, (command, done.stderr)
+    finally:
+        outputs([holder], TIMEOUT)  # its stdin closed: it lets the lock go and ends
+
+
+@pytest.mark.slow
 def test_a_new_cluster_does_not_wait_for_good_for_a_template_held_by_a_stopped_start() -> None:
     # A first refresh stopped (Ctrl-Z) while copying the template into its new cluster held the template's lock:
-    # every new cluster of this user (any profile, any checkout, the pytest plugin's) waited for it, for good.
+    # every new cluster of this user (any profile, any checkout, the pytest plugin's) waited for it, for good, and
+    # then TEMPLATE_WAIT_SECONDS without a word. The wait is 3 s here: told after 1 s (HOLD_GRACE_SECONDS).
     root = world_traversable_tmp("refresher-stopped-template-")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     start = """

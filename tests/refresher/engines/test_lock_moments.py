@@ -19,10 +19,5 @@ def test_a_start_of_the_running_serverheld_a_moment_is_neither_told_nor_refused(
     monkeypatch.setattr(_common, "HOLD_GRACE_SECONDS", 60.0)
     told: list[str] = []
     path = tmp_path / "held.lock"
-    held_a_moment(
-        path,
-        _common.waited_for(
-            path, lambda: AssertionError("refused"), "waiting", wait=False, on_wait=told.append
-        ),
-    )
+    held_a_moment(path, _common.server_locked(path, "p", "local", wait=False, on_wait=told.append))
     assert told == []
