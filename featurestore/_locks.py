@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import threading
 import time
@@ -64,27 +65,31 @@ def file_lock(
     on_wait: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the ``with`` block; released on every exit path. With a
-    ``timeout``, ``on_wait`` is called once the lock has been held by another for ``SAY_AFTER_SECONDS``: a
-    store's writers (a refresh's pool refill among them) hold it for moments, and a line at each of those was
-    noise (cron mail, scripts reading stderr) saying a process might be stopped."""
+    ``timeout`` (None: no limit), StoreLockTimeout once another has held it that long. ``on_wait`` is called once
+    the lock has been held by another for ``SAY_AFTER_SECONDS``: a store's writers (a refresh's pool refill among
+    them) hold it for moments, and a line at each of those was noise (cron mail, scripts reading stderr) saying a
+    process might be stopped."""
     fd = open_lock_file(path)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if timeout is None:
+        if timeout is None and on_wait is None:
             fcntl.flock(fd, mode)
         else:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + (math.inf if timeout is None else timeout)
             say_at = time.monotonic() + SAY_AFTER_SECONDS
             while True:
                 try:
                     fcntl.flock(fd, mode | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() >= deadline:
+                    if timeout is not None and time.monotonic() >= deadline:
                         raise StoreLockTimeout(str(path), timeout) from None
                     if on_wait is not None and time.monotonic() >= say_at:
                         on_wait()
                         on_wait = None
+                    if on_wait is None and timeout is None:  # told, and no limit: the kernel wakes us
+                        fcntl.flock(fd, mode)
+                        break
                     time.sleep(_POLL_SECONDS)
         try:
             yield

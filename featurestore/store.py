@@ -132,7 +132,8 @@ class FeatureStore:
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
         """``pack_max_rows``: tables of fewer rows written in one batch share a pack file (0: never). ``on_wait``
-        is told in one line when the manifest is held by another process and waited for (``Manifest``)."""
+        is told in one line when the manifest is held by another process and waited for (``Manifest``), or a
+        feature another process computes (``get_or_compute``)."""
         if root is None:
             root = os.environ.get(ROOT_ENV) or DEFAULT_ROOT
         if hash_method not in HASH_METHODS:
@@ -142,6 +143,7 @@ class FeatureStore:
         self.compression_level = compression_level
         self.lock_timeout = lock_timeout
         self.pack_max_rows = pack_max_rows
+        self._on_wait = on_wait
         self.manifest = Manifest(
             self.root, lock_timeout=lock_timeout, restore=maintenance.restore_rows, on_wait=on_wait
         )
@@ -187,7 +189,7 @@ class FeatureStore:
         if stored is None:
             # No timeout: waiting for the key is waiting for its computation, however long that takes; a
             # computing process that dies releases the lock with its descriptors.
-            with file_lock(self._key_lock(key)):
+            with file_lock(self._key_lock(key), on_wait=self._computing()):
                 stored = self._read_many([key]).get(key)  # another process may have computed it meanwhile
                 if stored is None:
                     return self._compute_and_store(fkey.key, symbol, raw, config, compute_func, fkey)
@@ -220,9 +222,10 @@ class FeatureStore:
             # Lock files are shared by key prefix: take each once, in sorted order, so that two batches
             # with overlapping keys cannot deadlock.
             locks = sorted({self._key_lock(f.key) for f in fkeys if f.key not in results})
+            computing = self._computing()
             with contextlib.ExitStack() as held:
                 for lock in locks:
-                    held.enter_context(file_lock(lock))
+                    held.enter_context(file_lock(lock, on_wait=computing))
                 # another process may have computed some while we waited
                 again = self._read_many(sorted({f.key for f in fkeys if f.key not in results}))
                 fresh: list[tuple[str, pa.Table, str | None, dict[str, Any]]] = []
@@ -494,6 +497,28 @@ class FeatureStore:
     def _tally(self, hits: int, misses: int) -> None:
         with self._session_lock:
             self._session = AccessCounts(self._session.hits + hits, self._session.misses + misses)
+
+    def _computing(self) -> Callable[[], None] | None:
+        """What a wait for keys' locks calls (``file_lock``): ``on_wait`` told once, however many of a batch's
+        locks are waited for. Another computation holds one while it computes a key of its stripe, for as long as
+        that takes, or for good when its process is stopped (Ctrl-Z): two refreshes of profiles sharing a
+        feature."""
+        on_wait = self._on_wait
+        if on_wait is None:
+            return None
+        line = (
+            f"feature store {self.root}: another computation of the same features holds their lock (a process "
+            "perhaps stopped: Ctrl-Z); waiting for it"
+        )
+        told = False
+
+        def tell() -> None:
+            nonlocal told
+            if not told:
+                told = True
+                on_wait(line)
+
+        return tell
 
     def _key_lock(self, key: str) -> Path:
         # A fixed set of 4,096 striped lock files: bounded on disk and never deleted, so no process can lock a

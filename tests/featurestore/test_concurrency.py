@@ -17,6 +17,8 @@ import pyarrow as pa
 import pytest
 
 from featurestore import FeatureStore, collect_garbage
+from featurestore.keys import feature_key
+from tests.child_processes import reap
 from tests.featurestore import _workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,3 +133,47 @@ def test_a_process_starting_its_duckdb_holds_no_lock_on_the_manifest(tmp_path: P
         reader.kill()
         reader.wait()
     assert set(store.lookup_hashes(["key", "other"])) == {"key", "other"}
+
+
+_HOLD_STOPPED = """
+import os, pathlib, signal, sys
+from featurestore._locks import file_lock
+with file_lock(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_computation_held_by_a_stopped_process_is_waited_for_saying_so(tmp_path: Path) -> None:
+    """Two processes computing one feature (two refreshes of profiles sharing it): the second waited for the
+    first's lock of the key without a word, and for good behind one stopped (Ctrl-Z) while computing."""
+    told: list[str] = []
+    store = FeatureStore(tmp_path / "cache", on_wait=told.append)
+    symbol, raw, config = _workers.job_inputs(str(tmp_path / "markers"))[0]
+    key = feature_key(symbol, raw, config, _workers.rolling_features).key
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_STOPPED, str(store._key_lock(key))],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            stat = Path(f"/proc/{holder.pid}/stat")
+            while stat.read_text().split()[2] != "T":  # stopped: continued only once the wait is told
+                assert holder.poll() is None
+                time.sleep(0.005)
+            computed = pool.submit(store.get_or_compute, symbol, raw, config, _workers.rolling_features)
+            deadline = time.monotonic() + 60
+            while not told:
+                assert time.monotonic() < deadline and not computed.done(), "the wait was never told"
+                time.sleep(0.01)
+            assert not computed.done()
+            holder.send_signal(signal.SIGCONT)
+            got = computed.result(timeout=60)
+        finally:
+            reap(holder)  # its lock released: a computation still waiting takes it and ends
+    assert len(told) == 1 and "another computation of the same features" in told[0], told
+    assert "waiting for it" in told[0]
+    assert got.equals(_workers._direct(raw, config))
