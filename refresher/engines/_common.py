@@ -248,17 +248,30 @@ def noted_cluster(servers: list[list[Any]], host: str, port: int, container: str
     return None
 
 
-@contextlib.contextmanager
-def locked(path: Path, *, timeout: float = -1) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies. With a
-    ``timeout`` (seconds), ``filelock.Timeout`` (an OSError) once it has waited that long."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(path, thread_local=False, timeout=timeout):
-        yield
-
-
-# How long a held start/stop lock is waited for before the wait is told, or --no-wait refuses.
+# How long a lock another command holds is waited for before the wait is told (or a --no-wait beside the start/stop
+# lock refuses): past a moment's hold (a start of the running server, a template's copy).
 HOLD_GRACE_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, timeout: float = -1, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies. With a
+    ``timeout`` (seconds), ``filelock.Timeout`` (an OSError) once it has waited that long. ``on_wait`` is called
+    once the lock has been waited for ``HOLD_GRACE_SECONDS``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(path, thread_local=False)
+    if on_wait is None or 0 <= timeout <= HOLD_GRACE_SECONDS:
+        lock.acquire(timeout=timeout)
+    else:
+        try:
+            lock.acquire(timeout=HOLD_GRACE_SECONDS)
+        except filelock.Timeout:
+            on_wait()
+            lock.acquire(timeout=timeout - HOLD_GRACE_SECONDS if timeout >= 0 else -1)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

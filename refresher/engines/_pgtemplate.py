@@ -80,10 +80,15 @@ def _build(postgres: Path) -> tuple[str, int, int]:
 
 @contextlib.contextmanager
 def template_for(
-    cache: Path, key: TemplateKey, *, claim: Callable[[], bool] | None = None
+    cache: Path,
+    key: TemplateKey,
+    *,
+    claim: Callable[[], bool] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[Path | None]:
     """Hold the template ``key``'s lock and yield its cluster directory, or None when it does not exist yet;
-    ``filelock.Timeout`` once another holder kept it ``TEMPLATE_WAIT_SECONDS`` (the caller runs initdb instead).
+    ``filelock.Timeout`` once another holder kept it ``TEMPLATE_WAIT_SECONDS`` (the caller runs initdb instead),
+    ``on_wait`` told once it has been waited for a while (``locked``).
 
     With None the caller runs initdb and may ``keep`` the result while still holding the lock, so two processes
     at once run initdb once and the second copies the first's result.
@@ -95,7 +100,9 @@ def template_for(
     built again at the next start that copies it, and no spare is made of it (``_pgspare.make`` checks its copy).
     """
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with locked(template_lock(cache, key.name), timeout=TEMPLATE_WAIT_SECONDS):
+    with locked(
+        template_lock(cache, key.name), timeout=TEMPLATE_WAIT_SECONDS, on_wait=_waiting(cache, on_wait)
+    ):
         _remove_leftovers(cache, key.name)
         final = cache / key.name
         if claim is not None and _marked(final, key.name) and claim():
@@ -112,6 +119,17 @@ def template_for(
 
 def template_lock(cache: Path, name: str) -> Path:
     return cache / f".{name}.lock"
+
+
+def _waiting(cache: Path, on_wait: Callable[[str], None] | None) -> Callable[[], None] | None:
+    """What ``locked`` calls when a template's lock in ``cache`` is waited for: ``on_wait`` told in one line."""
+    if on_wait is None:
+        return None
+    line = (
+        f"template cache {cache}: another command is making a cluster from it (perhaps stopped: Ctrl-Z); "
+        f"waiting for it, {TEMPLATE_WAIT_SECONDS:g} s at most"
+    )
+    return lambda: on_wait(line)
 
 
 def spare_of(cache: Path, name: str) -> Path:
@@ -158,11 +176,19 @@ def identity(template: Path) -> int:
     return (template.parent / MARKER).stat().st_ino
 
 
-def discard(cache: Path, key: TemplateKey, built: int) -> None:
+def discard(
+    cache: Path, key: TemplateKey, built: int, *, on_wait: Callable[[str], None] | None = None
+) -> None:
     """Remove the template ``key`` if it is still the build ``built`` (``identity``): a cluster copied from it was
     refused by the server, so the next new cluster builds it again instead of copying it and failing the same way.
+    Its lock is waited for as ``template_for`` waits (``filelock.Timeout``: the template is left to a later
+    discard); a holder stopped there (Ctrl-Z) held this start for good, without a word.
     """
-    with locked(template_lock(cache, key.name)), contextlib.suppress(FileNotFoundError):
+    lock = template_lock(cache, key.name)
+    with (
+        locked(lock, timeout=TEMPLATE_WAIT_SECONDS, on_wait=_waiting(cache, on_wait)),
+        contextlib.suppress(FileNotFoundError),
+    ):
         if identity(cache / key.name / PGDATA) == built:
             _remove(cache, key.name)
 

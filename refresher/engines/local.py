@@ -200,11 +200,11 @@ class LocalEngine:
         _check_shell_safe(self.bin_dir, "install PostgreSQL under a plainer path")
         try:
             with server_locked(paths.lock, profile, self.name, wait=wait, on_wait=on_wait):
-                return self._start_locked(profile, paths)
+                return self._start_locked(profile, paths, on_wait)
         except OSError as exc:
             raise disk_error(paths.root, exc) from exc
 
-    def _start_locked(self, profile: str, paths: _Paths) -> ServerInfo:
+    def _start_locked(self, profile: str, paths: _Paths, on_wait: Callable[[str], None] | None) -> ServerInfo:
         self._remove_leftovers(paths, others=False)
         # server.json's temporary file, holding the password, that a start killed before its rename left: only a
         # start writes server.json, under this lock, so any there is a dead one's.
@@ -217,7 +217,7 @@ class LocalEngine:
             initialized = False
         spare_for = None
         if state is None or not initialized:
-            state, spare_for = self._init_cluster(paths)
+            state, spare_for = self._init_cluster(paths, on_wait)
         running = self._postmaster(paths)
         if running is not None and running.status == STOPPING:
             running = self._after_shutdown(paths, running)
@@ -339,9 +339,12 @@ class LocalEngine:
         return statuses
 
     # -- cluster lifecycle ----------------------------------------------------------------------------------
-    def _init_cluster(self, paths: _Paths) -> tuple[ServerState, str | None]:
+    def _init_cluster(
+        self, paths: _Paths, on_wait: Callable[[str], None] | None
+    ) -> tuple[ServerState, str | None]:
         """initdb into a fresh directory, renamed to ``pgdata`` only once complete (with server.json written); and
         the name of the template it was copied from, whose spare to make once the server runs (None: none).
+        ``on_wait`` is told when the template's lock is waited for (``_from_template``).
 
         A CLI killed during initdb leaves only a ``pgdata.init-*`` directory, which the next start removes; the
         password reaches initdb through a pipe, so no secret file is ever left behind.
@@ -361,7 +364,7 @@ class LocalEngine:
         version = _pgctl.server_version(self.bin_dir, user, paths.root, cache=self.template_dir)
         options = _initdb_options(self.bin_dir, user, paths.root, cache=self.template_dir)
         password = secrets.token_urlsafe(24)
-        spare_for = self._from_template(building, version, options, user, password)
+        spare_for = self._from_template(building, version, options, user, password, on_wait)
         if spare_for is None:
             result = self._initdb(building, options, user, password)
             if result.returncode != 0:
@@ -406,7 +409,13 @@ class LocalEngine:
         )
 
     def _from_template(
-        self, building: Path, version: str, options: list[str], user: _pgctl.OsUser, password: str
+        self,
+        building: Path,
+        version: str,
+        options: list[str],
+        user: _pgctl.OsUser,
+        password: str,
+        on_wait: Callable[[str], None] | None,
     ) -> str | None:
         """Fill ``building`` with a copy of the cached template cluster, given ``password``; the template's name, or
         None: run initdb.
@@ -429,7 +438,9 @@ class LocalEngine:
                 claimed = _pgspare.claim(cache, key.name, building)
                 return claimed
 
-            with _pgtemplate.template_for(cache, key, claim=claim if self.spare else None) as template:
+            with _pgtemplate.template_for(
+                cache, key, claim=claim if self.spare else None, on_wait=on_wait
+            ) as template:
                 if template is None:
                     result = self._initdb(building, options, user, secrets.token_urlsafe(24))
                     if result.returncode != 0:
@@ -443,7 +454,7 @@ class LocalEngine:
                 _pgtemplate.set_password(self.bin_dir, building, user, DB_SUPERUSER, password)
             except EngineUnavailable:
                 if copied is not None:  # e.g. another major version's files: the server refuses them
-                    _pgtemplate.discard(self.template_dir, key, copied)
+                    _pgtemplate.discard(self.template_dir, key, copied, on_wait=on_wait)
                 raise
             return key.name
         except (OSError, EngineUnavailable):

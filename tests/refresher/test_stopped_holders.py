@@ -259,12 +259,12 @@ def test_a_new_cluster_does_not_wait_for_good_for_a_template_held_by_a_stopped_s
         from pathlib import Path
         from refresher.engines import _pgtemplate
         from refresher.engines.local import LocalEngine
-        _pgtemplate.TEMPLATE_WAIT_SECONDS = 1.0
+        _pgtemplate.TEMPLATE_WAIT_SECONDS = 3.0
         engine = LocalEngine(Path(sys.argv[1]) / "state", template_dir=Path(sys.argv[1]) / "templates")
         if sys.argv[3] == "stop":
             engine.stop(sys.argv[2])
         else:
-            print(engine.start(sys.argv[2]).port)
+            print(engine.start(sys.argv[2], on_wait=lambda line: print(line, file=sys.stderr)).port)
     """
 
     def engine(profile: str, action: str = "start") -> subprocess.CompletedProcess[str]:
@@ -290,6 +290,8 @@ def test_a_new_cluster_does_not_wait_for_good_for_a_template_held_by_a_stopped_s
         with _stopped(holder, env):
             done = engine("tpl_second")
             assert done.returncode == 0 and done.stdout.strip().isdigit(), done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert "template cache" in done.stderr and "waiting for it, 3 s at most" in done.stderr
     finally:
         for profile in ("tpl_first", "tpl_second"):
             engine(profile, "stop")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import psycopg
 import pytest
 
@@ -21,6 +22,7 @@ from refresher.engines import _pgtemplate, local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
 from tests.fixtures_postgres import world_traversable_tmp
+from tests.refresher.test_stopped_holders import _stopped
 from tests.unprivileged import as_nobody, nobody_state
 
 pytestmark = [
@@ -321,6 +323,35 @@ def test_a_template_the_server_refuses_is_replaced_not_tried_again(
     with psycopg.connect(info.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert [(t / "pgdata" / "PG_VERSION").read_text() for t in _complete_templates(templates)] in ([], [real])
+
+
+def test_a_discard_behind_a_stopped_holder_of_the_template_says_so_and_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start whose copy of the template the server refused discards the template under its lock: behind a start
+    # stopped (Ctrl-Z) holding that lock, it waited for good, without a word. It waits as a copy does now (told
+    # after a second, TEMPLATE_WAIT_SECONDS at most: 3 s here), then leaves the template to a later discard.
+    monkeypatch.setattr(_pgtemplate, "TEMPLATE_WAIT_SECONDS", 3.0)
+    key = _pgtemplate.TemplateKey(secrets.token_hex(16), ("/nowhere/bin/postgres", 1, 1))
+    (tmp_path / key.name / "pgdata").mkdir(parents=True)
+    (tmp_path / key.name / _pgtemplate.MARKER).write_text("{}")
+    built = _pgtemplate.identity(tmp_path / key.name / "pgdata")
+    holder = f"""
+        import os, signal
+        from pathlib import Path
+        from refresher.engines._common import locked
+        with locked(Path({str(_pgtemplate.template_lock(tmp_path, key.name))!r})):
+            print("held", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+    """
+    told: list[str] = []
+    with _stopped(holder, {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}):
+        with pytest.raises(filelock.Timeout):
+            _pgtemplate.discard(tmp_path, key, built, on_wait=told.append)
+        assert (tmp_path / key.name).is_dir()
+    assert len(told) == 1 and f"template cache {tmp_path}" in told[0] and "waiting for it" in told[0], told
+    _pgtemplate.discard(tmp_path, key, built)
+    assert not (tmp_path / key.name).exists()
 
 
 # -- pruning: the templates of postgres builds gone from disk go once a new template is made -------------------
