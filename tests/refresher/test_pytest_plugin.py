@@ -36,7 +36,7 @@ from refresher.pool import checkout_clone
 from refresher.settings import Settings
 from refresher.snapshot import save_pristine
 from tests.child_processes import reap
-from tests.fixtures_postgres import refillers, refills_gone
+from tests.fixtures_postgres import found, refillers, refills_gone
 
 pytest_plugins = ["pytester"]
 
@@ -137,8 +137,10 @@ def new_plugin_env() -> Iterator[PluginEnv]:
 
 def stop_leftovers(root: Path) -> None:
     """Stop every server the plugin's throwaway directories under ``root`` hold."""
-    for owner in root.rglob(f"{THROWAWAY_PREFIX}*/{OWNER_FILE}"):
-        stop_everything(Settings.from_env(state_dir=owner.parent))
+    # found, not rglob: a failed example's servers may still run here, their pgdata changing while walked.
+    for owner in found(root, OWNER_FILE):
+        if owner.parent.name.startswith(THROWAWAY_PREFIX):
+            stop_everything(Settings.from_env(state_dir=owner.parent))
 
 
 def docker_or_skip() -> None:
@@ -721,7 +723,7 @@ def test_reuse_keeps_the_loaded_server_for_the_next_run(
     )  # not restarted or reloaded
 
     # A killed server is detected and rebuilt.
-    [pidfile] = Path(str(second["state_dir"])).rglob("postmaster.pid")
+    [pidfile] = found(Path(str(second["state_dir"])), "postmaster.pid")  # a live pgdata: not rglob
     os.kill(int(pidfile.read_text().split()[0]), 9)
     run(pytester, *args, "--refresher-reuse").assert_outcomes(passed=1)
     third = read_records(out)[2]
@@ -1268,7 +1270,7 @@ def test_a_reuse_run_killed_while_building_leaves_nothing_the_next_run_keeps(
     try:
         assert run(pytester, *args).ret not in (0, 1)
         [left] = throwaway_dirs(state)
-        [pidfile] = left.rglob("postmaster.pid")
+        [pidfile] = found(left, "postmaster.pid")
         port = int(pidfile.read_text().splitlines()[3])
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # still serving
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from refresher.engines.local import LocalEngine, Postmaster
-from tests.fixtures_postgres import world_traversable_tmp
+from tests.fixtures_postgres import found, world_traversable_tmp
 from tests.refresher.engines.test_local import _kill_server_keep_data, _starting_postmaster
 
 pytestmark = pytest.mark.postgres
@@ -37,7 +37,7 @@ def two_paths() -> Iterator[tuple[Path, Path]]:
         yield real, bound
     finally:
         # A server the test left running would hold the mount.
-        for pidfile in real.rglob("postmaster.pid"):
+        for pidfile in found(real, "postmaster.pid"):  # a live pgdata, maybe: not rglob
             running = Postmaster.read(pidfile.parent)
             if running is not None:
                 subprocess.run(["kill", "-9", str(running.pid)], check=False)

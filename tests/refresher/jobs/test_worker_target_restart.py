@@ -20,6 +20,7 @@ from refresher.jobs.segment import SegmentJob
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.segments import Segment
 from refresher.settings import Settings
+from tests.fixtures_postgres import found
 from tests.redis_server import RedisServer, free_port
 from tests.refresher.jobs.test_worker import start_worker, stop, submit, wait_for, worker_log, workspace
 from tests.refresher.jobs.test_worker_faults import assert_loaded_exactly
@@ -28,6 +29,13 @@ from tests.refresher.test_refresh_e2e import AS_OF, Workspace
 pytestmark = pytest.mark.redis
 
 __all__ = ["workspace"]  # the fixture, shared with test_worker
+
+
+def _pgdata(ws: Workspace) -> Path:
+    """The data directory of the profile's running server. Found by ``found``, not ``Path.rglob``: the state dir
+    is walked while the server's pool refill makes and drops databases (base/<oid> gone mid-walk)."""
+    [pidfile] = found(ws.root / "state", "postmaster.pid")
+    return pidfile.parent
 
 
 @pytest.mark.postgres
@@ -43,7 +51,7 @@ def test_a_target_restarted_mid_run_is_waited_for_and_the_run_completes(
     ws.write_profile(symbols=symbols, months=3)
     run = submit(ws, url)
     engine = make_engine("local", Settings.from_env(ws.env, engine="local"))
-    pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+    pgdata = _pgdata(ws)
     worker = start_worker(ws, url, "w", "--max-attempts", "3")
     try:
         wait_for(ws, url, run["run_id"], lambda s: s["done"] >= 10)
@@ -88,7 +96,7 @@ def test_a_target_down_at_the_features_step_is_waited_for_and_the_run_completes(
     finally:
         stop([loader])
     engine = make_engine("local", Settings.from_env(ws.env, engine="local"))
-    pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+    pgdata = _pgdata(ws)
     postmaster = Postmaster.read(pgdata)
     assert postmaster is not None
     os.kill(postmaster.pid, signal.SIGINT)
@@ -191,7 +199,7 @@ def test_a_target_restarted_after_the_runs_last_job_is_waited_for_at_the_feature
     run = submit(ws, url)["run_id"]
     settings = Settings.from_env(ws.env, engine="local")
     engine = make_engine("local", settings)
-    pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+    pgdata = _pgdata(ws)
     stopped: list[int] = []
     started: list[str] = []
     features_locked, say = Worker._features_locked, Worker._say
