@@ -63,6 +63,17 @@ def start_worker(ws: Workspace, redis_url: str, name: str, *extra: str) -> subpr
         )
 
 
+def run_burst(ws: Workspace, redis_url: str, name: str, *extra: str, timeout: float = 600) -> None:
+    """A --burst worker, waited for until it exits 0 (its log the failure's message). One still running at
+    ``timeout`` is killed: left behind, it ran on into later tests, and its Popen, collected unwaited, raised a
+    ResourceWarning there (an innocent test's failure under filterwarnings = error)."""
+    worker = start_worker(ws, redis_url, name, "--burst", *extra)
+    try:
+        assert worker.wait(timeout=timeout) == 0, worker_log(ws, name)
+    finally:
+        reap(worker)
+
+
 def worker_log(ws: Workspace, name: str) -> str:
     return (ws.root / f"worker-{name}.log").read_text()
 
@@ -198,8 +209,7 @@ def test_a_job_committed_but_never_acknowledged_is_redone_as_a_no_op(
         first = run_segment_job(SegmentJob(segment, key, delivery.job["tz"]), source, store, conn)
     assert first.loaded and first.rows_loaded > 0  # committed; "doomed" dies here, before acknowledging
 
-    worker = start_worker(ws, url, "survivor", "--burst")
-    assert worker.wait(timeout=600) == 0, worker_log(ws, "survivor")
+    run_burst(ws, url, "survivor")
     final = status(ws, url, run["run_id"])
     assert final["done"] == final["total"] == run["jobs"]
     assert final["state"] == "complete"
@@ -282,8 +292,7 @@ def test_a_poison_job_is_dead_lettered_the_others_complete_and_retry_dead_finish
     run = submit(ws, url)
     assert run["jobs"] == 6
 
-    worker = start_worker(ws, url, "w1", "--burst")
-    assert worker.wait(timeout=600) == 0, worker_log(ws, "w1")
+    run_burst(ws, url, "w1")
     state = status(ws, url, run["run_id"])
     # every job settled, one dead: 'queued' before, and `jobs status --watch` never returned
     assert (state["done"], state["dead"], state["state"]) == (5, 1, "incomplete")
@@ -300,8 +309,7 @@ def test_a_poison_job_is_dead_lettered_the_others_complete_and_retry_dead_finish
     (data / "KO.csv").write_text(daily_csv("KO"))  # the source is fixed
     requeued = json.loads(ws.run("jobs", "retry-dead", run["run_id"], "--queue", url, "--json").stdout)
     assert requeued["requeued"] == 1
-    worker = start_worker(ws, url, "w2", "--burst")
-    assert worker.wait(timeout=600) == 0, worker_log(ws, "w2")
+    run_burst(ws, url, "w2")
     state = status(ws, url, run["run_id"])
     assert (state["done"], state["dead"], state["state"]) == (6, 0, "complete")
     assert len(ledger(ws)) == 6
@@ -317,14 +325,12 @@ def test_when_closed_holds_the_run_while_the_exchange_trades_and_releases_it_aft
     human = ws.run("jobs", "status", run["run_id"], "--queue", url).stdout
     assert "held until 2025-07-02 16:00 America/New_York" in " ".join(human.split())
 
-    still_open = start_worker(ws, url, "early", "--burst", "--now", "2025-07-02T15:59:00-04:00")
-    assert still_open.wait(timeout=300) == 0, worker_log(ws, "early")
+    run_burst(ws, url, "early", "--now", "2025-07-02T15:59:00-04:00", timeout=300)
     state = status(ws, url, run["run_id"])
     assert (state["state"], state["done"], state["held"]) == ("held", 0, run["jobs"])
     assert not ledger(ws)
 
-    closed = start_worker(ws, url, "late", "--burst", "--now", after_close)
-    assert closed.wait(timeout=600) == 0, worker_log(ws, "late")
+    run_burst(ws, url, "late", "--now", after_close)
     state = status(ws, url, run["run_id"])
     assert (state["state"], state["done"], state["held"]) == ("complete", run["jobs"], 0)
 
@@ -360,17 +366,19 @@ def test_sigterm_finishes_the_job_in_hand_hands_back_the_rest_and_exits_0(
     client = connect(url)
     # A long visibility timeout: jobs left pending by the stopping worker would stay stuck for ten minutes.
     worker = start_worker(ws, url, "stopping", "--visibility-timeout", "600")
-    deadline = time.monotonic() + 300
-    while run_status(client, run["run_id"]).done < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=300) == 0, worker_log(ws, "stopping")
+    try:
+        deadline = time.monotonic() + 300
+        while run_status(client, run["run_id"]).done < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=300) == 0, worker_log(ws, "stopping")
+    finally:
+        reap(worker)
     state = status(ws, url, run["run_id"])
     assert state["in_flight"] == 0 and 1 <= state["done"] < state["total"]
     assert state["done"] < 16  # the worker's first read took 16 jobs; those it had not started went back
     assert redis_server.client().xpending("refresher:jobs:normal", "workers")["pending"] == 0
-    finisher = start_worker(ws, url, "finisher", "--burst", "--visibility-timeout", "600")
-    assert finisher.wait(timeout=600) == 0, worker_log(ws, "finisher")
+    run_burst(ws, url, "finisher", "--visibility-timeout", "600")
     assert status(ws, url, run["run_id"])["state"] == "complete"
     assert len(ledger(ws)) == run["jobs"]
 

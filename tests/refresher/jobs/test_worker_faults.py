@@ -28,6 +28,7 @@ from tests.refresher.jobs.killed_worker import STEPS
 from tests.refresher.jobs.test_worker import (
     SYMBOLS,
     ledger,
+    run_burst,
     start_worker,
     status,
     stop,
@@ -148,8 +149,7 @@ def test_a_worker_killed_after_any_step_of_a_job_loses_nothing_and_loads_nothing
         run = submit(ws, url)
         assert run["jobs"] == 8, step
         kill_after(ws, url, step)
-        survivor = start_worker(ws, url, f"after-{step}", "--burst", "--visibility-timeout", "1")
-        assert survivor.wait(timeout=600) == 0, worker_log(ws, f"after-{step}")
+        run_burst(ws, url, f"after-{step}", "--visibility-timeout", "1")
         assert "Traceback" not in worker_log(ws, f"after-{step}"), step
         final = status(ws, url, run["run_id"])
         assert (final["state"], final["done"], final["dead"]) == ("complete", 8, 0), (step, final)
@@ -385,8 +385,7 @@ def test_jobs_lost_with_their_stream_are_requeued_once_and_loaded_once(
     assert again.stdout.strip() == f"{run}: 0 lost job(s) back on the queue"
     assert client.xlen(stream_key("normal")) == 7
 
-    survivor = start_worker(ws, url, "requeued", "--burst")
-    assert survivor.wait(timeout=600) == 0, worker_log(ws, "requeued")
+    run_burst(ws, url, "requeued")
     final = status(ws, url, run)
     assert (final["state"], final["done"], final["dead"], final["lost"]) == ("complete", 8, 0, 0), final
     assert_loaded_exactly(ws, symbols, 2)

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from refresher.jobs.queue import FEATURES_DUE, connect, run_key
 from refresher.profile_lock import hold_profile
+from tests.child_processes import reap
 from tests.redis_server import RedisServer
 from tests.refresher.jobs.test_lost_jobs import _stopped
 from tests.refresher.jobs.test_worker import start_worker, status, submit, worker_log, workspace
@@ -304,7 +305,11 @@ def _clean_run(ws: Workspace, url: str) -> None:
     """A run of one month of AAPL, done by a worker stopped by nobody: what a taken-over run must leave."""
     ws.write_profile(symbols=["AAPL"], months=1)
     clean = submit(ws, url)["run_id"]
-    _finished(ws, start_worker(ws, url, "clean", "--burst"), "clean", time.monotonic() + 150)
+    clean_worker = start_worker(ws, url, "clean", "--burst")
+    try:
+        _finished(ws, clean_worker, "clean", time.monotonic() + 150)
+    finally:  # one past its deadline: killed, not left running into the next test
+        reap(clean_worker)
     assert status(ws, url, clean)["state"] == "complete"
 
 

@@ -11,17 +11,12 @@ import pytest
 from featurestore import FeatureStore
 from refresher.jobs.queue import FEATURES_DUE, run_key
 from tests.redis_server import RedisServer
-from tests.refresher.jobs.test_worker import SYMBOLS, start_worker, status, submit, workspace
+from tests.refresher.jobs.test_worker import SYMBOLS, run_burst, status, submit, workspace
 from tests.refresher.test_refresh_e2e import Workspace
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
 __all__ = ["workspace"]  # the fixture, shared with test_worker
-
-
-def burst(ws: Workspace, url: str, name: str) -> None:
-    worker = start_worker(ws, url, name, "--burst")
-    assert worker.wait(timeout=600) == 0, (ws.root / f"worker-{name}.log").read_text()
 
 
 def count(ws: Workspace, query: str) -> int:
@@ -31,7 +26,7 @@ def count(ws: Workspace, query: str) -> int:
 def test_a_queue_run_ends_as_a_refresh_does(workspace: Workspace, redis_server: RedisServer) -> None:
     ws, url, client = workspace, redis_server.url, redis_server.client()
     run = submit(ws, url)["run_id"]
-    burst(ws, url, "a")
+    run_burst(ws, url, "a")
     assert status(ws, url, run)["state"] == "complete"
 
     # The snapshot is saved: `refresher reset` brings back what the run loaded.
@@ -61,7 +56,7 @@ def test_a_queue_run_ends_as_a_refresh_does(workspace: Workspace, redis_server: 
     ws.write_profile(symbols=SYMBOLS[:-1], months=3)
     pruned = submit(ws, url, "--prune")
     assert pruned["jobs"] == 0
-    burst(ws, url, "c")
+    run_burst(ws, url, "c")
     assert status(ws, url, pruned["run_id"])["state"] == "complete"
     gone = SYMBOLS[-1]
     for table in ("ohlcv_daily", "ohlcv_1min", "features_dashboard_data", "refresher_features"):
