@@ -14,6 +14,8 @@ from typing import IO
 
 import pytest
 
+from tests.child_processes import reap
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -80,14 +82,15 @@ def _interrupted(code: str, ready: list[str], presses: int = 1) -> tuple[int | N
     0.3 s apart from 0.3 s after it printed the lines ``ready``: its status, the rest of its stdout, its stderr,
     and the seconds from the first Ctrl-C to its end."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
-    with subprocess.Popen(
+    child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
         env=env,
-    ) as child:
+    )
+    try:  # not ``with``: on a failure its exit waited, without a bound, for a child that may not end
         assert child.stdout is not None and [child.stdout.readline() for _ in ready] == [
             f"{line}\n" for line in ready
         ]
@@ -97,6 +100,8 @@ def _interrupted(code: str, ready: list[str], presses: int = 1) -> tuple[int | N
             child.send_signal(signal.SIGINT)
             time.sleep(0.3)
         out, err = child.communicate(timeout=60)
+    finally:
+        reap(child)
     return child.returncode, out, err, time.monotonic() - sent
 
 

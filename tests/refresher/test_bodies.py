@@ -27,6 +27,7 @@ from refresher.errors import LoadError
 from refresher.load import SegmentLoad, load_segments
 from refresher.partitions import existing_months
 from refresher.segments import Segment
+from tests.child_processes import outputs
 from tests.fixtures_postgres import minute_bars
 
 pytestmark = pytest.mark.postgres
@@ -542,6 +543,6 @@ def test_probes_of_a_list_from_processes_at_once_never_take_each_other_for_a_ref
         )
         for _ in range(3)
     ]
-    said_held = [int(probe.communicate(timeout=300)[0]) for probe in probes]
+    said_held = [int(out) for out, _ in outputs(probes, timeout=300)]
     assert said_held == [0, 0, 0]  # fails before: thousands
     assert body_keys.unheld(keys)

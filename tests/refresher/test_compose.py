@@ -28,6 +28,7 @@ from refresher.engines.compose import PROJECT_LABEL, ComposeEngine, default_queu
 from refresher.errors import ProfileError
 from refresher.pool import _last_failure, _record_outcome
 from refresher.settings import CHECKOUT, Settings, compose_project
+from tests.child_processes import outputs
 from tests.fixtures_docker import holding_dockers_next_ports
 from tests.refresher.test_pool_refill_failed import record_files, record_path
 
@@ -83,7 +84,7 @@ def _up_until(env: dict[str, str], line: str) -> tuple[subprocess.Popen[str], li
 def _rest_of(started: tuple[subprocess.Popen[str], list[str]]) -> subprocess.CompletedProcess[str]:
     """The `make up` of ``_up_until`` run to its end, with all it said."""
     up, said = started
-    out, err = up.communicate(timeout=900)
+    [(out, err)] = outputs([up], timeout=900)  # one still running at 900 s: killed, its pipes closed
     return subprocess.CompletedProcess(up.args, up.returncode, out, "".join(said) + err)
 
 
@@ -680,8 +681,8 @@ def test_a_retry_of_make_up_leaves_the_service_that_started_alone(
             held.listen()
             started = _up_until({**env, "REFRESHER_REDIS_PORT": str(held.getsockname()[1])}, RETRIED)
             postgres = _postgres_container(docker_client, name)
-            assert postgres is not None, "".join(started[1])
         up = _rest_of(started)
+        assert postgres is not None, "".join(started[1])
         assert up.returncode == 0, up.stderr
         if postgres.status == "running":  # it started on the first try: the retry is to leave it alone
             break

@@ -20,6 +20,7 @@ from refresher.engines.base import ServerInfo
 from refresher.errors import LoadError
 from refresher.load import SEGMENT_LOCK_WAIT, delete_segment, load_segment
 from refresher.segments import Segment
+from tests.child_processes import reap
 from tests.fixtures_postgres import daily_bars, minute_bars
 
 pytestmark = pytest.mark.postgres
@@ -161,16 +162,21 @@ def test_sigint_to_a_loading_process_never_leaves_half_a_segment(pg_database: Se
         # KeyboardInterrupt (the two-minute hang once seen in a full run): restore the default.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
-    proc.stdout.close()
-    with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:  # let at least one load commit
-        deadline = time.monotonic() + 120
-        while not read_loaded_segments(conn):
-            assert proc.poll() is None, "the loading process died before its first commit"
-            assert time.monotonic() < deadline, "no segment committed in 120 s: one transaction per segment?"
-            conn.execute("SELECT pg_sleep(0.05)")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0  # a deadline, not a timing: it stops in well under a second
+    try:  # a failure below left the loader running (its 1,000 loads) and its pipe open
+        assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
+        proc.stdout.close()
+        with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:  # let at least one load commit
+            deadline = time.monotonic() + 120
+            while not read_loaded_segments(conn):
+                assert proc.poll() is None, "the loading process died before its first commit"
+                assert time.monotonic() < deadline, (
+                    "no segment committed in 120 s: one transaction per segment?"
+                )
+                conn.execute("SELECT pg_sleep(0.05)")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0  # a deadline, not a timing: it stops in well under a second
+    finally:
+        reap(proc)
     with psycopg.connect(pg_database.dsn()) as conn:
         segment = Segment("AAPL", "1m", JAN)
         assert (

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,6 +19,7 @@ from refresher.engines.base import ServerInfo
 from refresher.load import SEGMENT_LOCK_WAIT, SegmentLoad, delete_segment, load_segment, load_segments
 from refresher.partitions import _by_month, existing_months, is_partitioned
 from refresher.segments import Segment
+from tests.child_processes import reap
 from tests.fixtures_postgres import minute_bars
 
 pytestmark = pytest.mark.postgres
@@ -204,18 +203,21 @@ def test_kill_9_while_filling_a_new_month_leaves_no_partition_and_no_ledger_row(
     proc = subprocess.Popen(
         [sys.executable, "-c", child, pg_database.dsn()], stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdout is not None
-    backend = int(proc.stdout.readline())
-    proc.stdout.close()
+    try:  # a failure before the kill left the child loading (60 segments) and its pipe open
+        assert proc.stdout is not None
+        backend = int(proc.stdout.readline())
+        proc.stdout.close()
+        with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
+            deadline = time.monotonic() + 120
+            while conn.execute(  # the partition exists (uncommitted) and its COPY is running
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE 'COPY%%FREEZE%%'",
+                (backend,),
+            ).fetchone() == (0,):
+                assert proc.poll() is None and time.monotonic() < deadline, "the child never reached its COPY"
+                time.sleep(0.01)
+    finally:
+        reap(proc)  # kill -9, what the test is about; on a failure's way out too
     with psycopg.connect(pg_database.dsn(), autocommit=True) as conn:
-        deadline = time.monotonic() + 120
-        while conn.execute(  # the partition exists (uncommitted) and its COPY is running
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE 'COPY%%FREEZE%%'", (backend,)
-        ).fetchone() == (0,):
-            assert proc.poll() is None and time.monotonic() < deadline, "the child never reached its COPY"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone() != (
             0,

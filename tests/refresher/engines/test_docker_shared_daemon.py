@@ -24,6 +24,7 @@ import pytest
 
 from refresher.engines.docker import PGDATA, PREFIX_LABEL, DockerEngine
 from refresher.errors import EngineStateError
+from tests.child_processes import outputs, reap
 from tests.fixtures_docker import labels_of_a_dead_process
 
 REPO = Path(__file__).resolve().parents[3]
@@ -73,12 +74,10 @@ def at_once(tmp_path: Path, calls: list[tuple[str, dict[str, str]]]) -> list[Any
         for proc in procs:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         go.touch()
-        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    answers = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+        said = [out for out, _ in outputs(procs, timeout=180)]
+    finally:  # a kill and a wait alone left the pipes of those never read to the end open
+        reap(*procs)
+    answers = [json.loads(out.strip().splitlines()[-1]) for out in said]
     errors = [a["error"] for a in answers if "error" in a]
     assert errors == [], errors
     return [a["result"] for a in answers]
@@ -172,10 +171,9 @@ def test_two_image_builds_at_once_take_turns(
                 with pytest.raises(subprocess.TimeoutExpired):
                     build.wait(timeout=5)  # on its own it is done in well under a second: it waits its turn
             except BaseException:
-                build.kill()
-                build.communicate()
+                reap(build)
                 raise
-        _, err = build.communicate(timeout=120)
+        [(_, err)] = outputs([build], timeout=120)
         assert build.returncode == 0, err
         assert f"{repo}:15 already exists" in err  # the first build's tag, found once it had its turn
     finally:

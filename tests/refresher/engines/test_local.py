@@ -24,6 +24,7 @@ from refresher.engines.base import Engine, ServerInfo
 from refresher.engines.local import REMOVING_INFIX, LocalEngine, Postmaster
 from refresher.errors import EngineUnavailable, ProfileError
 from refresher.snapshot import restore_pristine, save_pristine
+from tests.child_processes import outputs, reap
 from tests.fixtures_postgres import world_traversable_tmp
 
 pytestmark = pytest.mark.postgres
@@ -461,7 +462,11 @@ def _starting_postmaster(pgdata: Path, seconds: float, bin_dir: Path) -> subproc
     postgres.symlink_to(Path(sys.executable).resolve())  # the kernel names a process after the file it runs
     args = [str(postgres), "-c", FIRST_MOMENT, "-D", str(pgdata), str(seconds)]
     child = subprocess.Popen(args, cwd=pgdata, stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None and child.stdout.readline() == "created\n"
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "created\n"
+    except BaseException:
+        reap(child)
+        raise
     return child
 
 
@@ -486,7 +491,7 @@ def test_a_postmaster_pid_still_being_written_is_waited_for_never_removed(
             with psycopg.connect(again.dsn()) as conn:
                 assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
     finally:
-        out, _ = child.communicate(timeout=60)
+        [(out, _)] = outputs([child], timeout=60)
     assert out == "kept\n"
 
 
@@ -507,8 +512,7 @@ def test_a_postmaster_pid_that_stays_empty_while_postgres_works_there_is_an_erro
                 impatient.start("lc_stuck")
             assert (pgdata / "postmaster.pid").exists()
         finally:
-            child.kill()
-            child.communicate()
+            reap(child)
     finally:
         (patient.base / "lc_stuck" / "pgdata" / "postmaster.pid").unlink(missing_ok=True)
         patient.stop("lc_stuck")

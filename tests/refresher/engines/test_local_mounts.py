@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from refresher.engines.local import LocalEngine, Postmaster
+from tests.child_processes import outputs
 from tests.fixtures_postgres import found, world_traversable_tmp
 from tests.refresher.engines.test_local import _kill_server_keep_data, _starting_postmaster
 
@@ -83,6 +84,6 @@ def test_a_postmaster_starting_through_a_bind_mount_is_waited_for_through_the_ot
         with psycopg.connect(again.dsn()) as conn:
             assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
     finally:
-        out, _ = child.communicate(timeout=60)
+        [(out, _)] = outputs([child], timeout=60)
     assert out == "kept\n"
     assert LocalEngine(real).stop("lc_mounted_first")

@@ -17,6 +17,7 @@ import pytest
 from refresher.engines import _pgctl, _pgtemplate
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import INIT_PREFIX, LocalEngine
+from tests.child_processes import outputs
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.engines.test_local_template import _cache_engine, _kill_9_once_copying, _tree
 from tests.unprivileged import as_nobody
@@ -192,9 +193,8 @@ def test_two_starts_at_once_one_takes_the_spare_the_other_copies(
         )
         for name in names
     ]
-    for child in children:
-        child.communicate(timeout=300)
-        assert child.returncode == 0
+    outputs(children, timeout=300)
+    assert [child.returncode for child in children] == [0, 0]
     assert sorted(_pgdata_inode(engine, name) == made for name in names) == [False, True]
     for name in names:
         info = engine.info(name)

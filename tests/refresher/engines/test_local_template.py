@@ -21,6 +21,7 @@ import pytest
 from refresher.engines import _pgtemplate, local
 from refresher.engines.base import ServerInfo
 from refresher.engines.local import LocalEngine
+from tests.child_processes import outputs
 from tests.fixtures_postgres import world_traversable_tmp
 from tests.refresher.test_stopped_holders import _stopped
 from tests.unprivileged import as_nobody, nobody_state
@@ -193,11 +194,8 @@ def test_two_processes_at_once_build_one_template_and_two_clusters(
             )
             for owner, name in ((engine, "lt_race_a"), (other, "lt_race_b"))
         ]
-        passwords = []
-        for child in children:
-            out, _ = child.communicate(timeout=300)
-            assert child.returncode == 0
-            passwords.append(out.strip())
+        passwords = [out.strip() for out, _ in outputs(children, timeout=300)]
+        assert [child.returncode for child in children] == [0, 0]
         assert len(_complete_templates(templates)) == 1
         assert list(templates.glob("*.tmp-*")) == []
         a, b = engine.info("lt_race_a"), other.info("lt_race_b")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from refresher.engines import _pgctl, local
+from tests.child_processes import outputs, reap
 from tests.fixtures_postgres import world_traversable_tmp
 
 VERSION_SCRIPT = """#!/bin/sh
@@ -115,7 +116,7 @@ def test_two_processes_at_once(tmp_path: Path) -> None:
             )
             for _ in range(2)
         ]
-        assert [proc.communicate()[0].strip() for proc in procs] == ["18.1", "18.1"]
+        assert [out.strip() for out, _ in outputs(procs, timeout=120)] == ["18.1", "18.1"]
         assert all(proc.returncode == 0 for proc in procs)
     # Whole entries only: one per binary, no temporary file left, and the cached answer read back.
     assert len(list(tmp_path.glob(".answer-*"))) == 1
@@ -153,7 +154,11 @@ def _stuck_writer(bin_dir: Path, cache: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", STUCK, str(bin_dir), str(cache)], stdout=subprocess.PIPE, text=True, env=env
     )
-    assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    except BaseException:
+        reap(proc)  # its 600 s sleep, else, and its pipe
+        raise
     return proc
 
 
