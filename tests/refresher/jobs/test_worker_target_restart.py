@@ -300,7 +300,7 @@ class DownTarget:
         self.ws = ws
         self.engine = make_engine("local", Settings.from_env(ws.env, engine="local"))
         self.started = False
-        pgdata = next((ws.root / "state").rglob("postmaster.pid")).parent
+        pgdata = _pgdata(ws)
         postmaster = Postmaster.read(pgdata)
         assert postmaster is not None
         os.kill(postmaster.pid, signal.SIGINT)
