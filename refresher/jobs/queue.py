@@ -35,7 +35,7 @@ from redis.retry import Retry
 from refresher.errors import JobError, one_line
 from refresher.jobs.namespace import DEFAULT, Namespace, split_queue_url
 from refresher.jobs.retry import backoff_seconds
-from refresher.jobs.target_down import record_key
+from refresher.jobs.target_down import answered_lua, record_key
 from refresher.jobs.tiers import TIERS as TIERS
 from refresher.jobs.tiers import WEIGHTS as WEIGHTS
 
@@ -357,11 +357,17 @@ local function ack()
 end
 """
 
+# A job loaded: acknowledged, its segment counted once. Its commit is the target answering: the connections' wait
+# for it is over (KEYS[7], ``target_down.answered_lua``), for every worker; a worker loading on the session it kept
+# connects to nothing, and an older finding (another worker's, in a blip) judged a later restart by its start.
 _FINISH = (
     _GONE
     + _ACK
     + """
 ack()
+"""
+    + answered_lua("KEYS[7]")
+    + """
 if redis.call('SADD', KEYS[3], ARGV[3]) == 0 then return 0 end
 -- loaded by another copy after one was dead-lettered: no longer dead (done + dead counted it twice); REVIVE
 -- drops its dead letter
@@ -826,6 +832,7 @@ class JobQueue:
                 self.ns.run(run, "inflight"),
                 self.ns.features_due,
                 self.ns.run(run, "dead-segs"),
+                record_key(self.ns, run),
             ],
             args=[GROUP, delivery.message_id, delivery.job["seg"], rows, int(loaded), now, run],
         )

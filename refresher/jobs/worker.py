@@ -525,12 +525,15 @@ class Worker:
         """Seconds to wait for the run's target, found down again (``what``: ``_TargetDown``, or its features
         session lost), before the next try, without spending an attempt; None once it has been found down for
         ``options.target_down_wait`` (a wrong port, a server gone for good; ``target_down``: since the first
-        finding by any worker, after the last `jobs retry-dead`): then each attempt counts. Each a failed attempt,
-        a Postgres restart of 15 s dead-lettered a sixth of a run's jobs (six attempts' backoffs, jittered from 0,
-        add up to seconds), or used up its features step's attempts, and the run read `incomplete` until `jobs
-        retry-dead`. A target that refuses the worker's credentials is not waited for: dead-lettered at once, as
-        before (``_attempts``)."""
-        times, down_for = found_down(queue.client, queue.ns, run, what)
+        finding by any worker after the target last answered, or `jobs retry-dead`): then each attempt counts. Each
+        a failed attempt, a Postgres restart of 15 s dead-lettered a sixth of a run's jobs (six attempts' backoffs,
+        jittered from 0, add up to seconds), or used up its features step's attempts, and the run read `incomplete`
+        until `jobs retry-dead`. A target that refuses the worker's credentials is not waited for: dead-lettered at
+        once, as before (``_attempts``)."""
+        # A finding no worker has added to for this long is an outage over (``found_down``): twice the longest
+        # a worker waits before it tries again, or spends attempts meanwhile.
+        forgotten_after = 2 * max(self.options.target_down_wait, self.options.backoff_cap)
+        times, down_for = found_down(queue.client, queue.ns, run, what, forgotten_after=forgotten_after)
         if down_for >= self.options.target_down_wait:
             return None
         ceiling = min(self.options.backoff_cap, self.options.backoff_base * 2 ** min(times, 64))

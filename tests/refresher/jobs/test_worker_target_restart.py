@@ -14,9 +14,11 @@ import pytest
 
 from refresher.engines import make_engine
 from refresher.engines.local import Postmaster
+from refresher.jobs.namespace import DEFAULT
 from refresher.jobs.queue import DEAD, FEATURES_DUE, connect, run_key, text
 from refresher.jobs.runs import RunSpec, retry_dead, run_status, submit_jobs
 from refresher.jobs.segment import SegmentJob
+from refresher.jobs.target_down import CONNECT, found_down
 from refresher.jobs.worker import Worker, WorkerOptions
 from refresher.segments import Segment
 from refresher.settings import Settings
@@ -431,3 +433,65 @@ def test_a_features_wait_another_worker_ended_does_not_judge_the_runs_next_featu
     assert (state[b"state"], a.report.features) == (b"complete", 1), (state, err)
     assert "features: target" in err and "no attempt spent" in err, err
     assert client.exists(run_key(run, "target-down")) == 0, client.hgetall(run_key(run, "target-down"))
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_finding_in_a_blip_another_worker_loaded_past_does_not_judge_a_later_restart(
+    workspace: Workspace,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Another worker found the run's target down in a blip (``found_down``, as its worker does) while this one
+    loaded the rest of the run on the session it kept: only a new connection ended the finding, so it stayed. Past
+    ``target_down_wait`` the target restarts; this worker's session breaks (one attempt spent, as ever), and its next
+    connection, refused, was judged down since the blip: its last attempt spent at once, the job dead-lettered, the
+    run `incomplete`. Now a job loaded ends the finding: the restart is waited for, no attempt spent, and the run
+    completes (the target started at the worker's first such line)."""
+    ws, url = workspace, redis_server.url
+    ws.write_profile(symbols=["AAPL", "MSFT", "GOOG"], months=1)
+    submitted = submit(ws, url)
+    run = submitted["run_id"]
+    assert submitted["jobs"] >= 3, submitted
+    settings = Settings.from_env(ws.env, engine="local")
+    down_wait = 1.0
+    client = connect(url)
+    settled: list[str] = []
+    down: list[DownTarget] = []
+    settle, say = Worker._settle, Worker._say
+
+    def settling(worker: Worker, queue: Any, delivery: Any, contexts: dict[str, Any], action: Any) -> None:
+        settle(worker, queue, delivery, contexts, action)
+        settled.append(delivery.job["seg"])
+        if len(settled) == 1:  # the blip, found by another worker; its wait over before this one loads again
+            found_down(client, DEFAULT, run, CONNECT, forgotten_after=3600.0)
+            time.sleep(down_wait * 1.5)
+        elif len(settled) == 2:  # loaded on the kept session past the blip; now the restart
+            down.append(DownTarget(ws))
+
+    def saying(worker: Worker, message: str) -> None:
+        say(worker, message)
+        if down and "no attempt spent" in message:
+            down[0].start_once()
+
+    monkeypatch.setattr(Worker, "_settle", settling)
+    monkeypatch.setattr(Worker, "_say", saying)
+    options = WorkerOptions(
+        "w",
+        burst=True,
+        batch=1,
+        max_attempts=2,
+        backoff_base=0.05,
+        backoff_cap=60.0,  # the worker forgets a finding after 2 minutes: here the job loaded ends it
+        target_down_wait=down_wait,
+    )
+    try:
+        Worker(url, settings, options).run()
+    finally:
+        if down:
+            down[0].start_once()
+    status, err = run_status(client, run), capsys.readouterr().err
+    assert down, err
+    assert (status.state, status.done, status.dead) == ("complete", submitted["jobs"], 0), (status, err)
+    assert "no attempt spent" in err and "dead-lettered" not in err, err
