@@ -172,12 +172,19 @@ def _current(server: LoadedServer) -> bool:
     return unchanged(server.inputs, server.valid_until, now())
 
 
+# How long a kept server is waited for to take a session. A dead one (killed, rebooted, its port closed) refuses at
+# once, so only a live server slow to answer waits: 3 s here rejected a healthy kept server on a loaded machine (its
+# postmaster slow to fork a backend), which the run then stopped and rebuilt, the user's reuse silently lost. A
+# stopped one (SIGSTOP, Ctrl-Z) is given up after this, not waited for for good.
+SERVING_TIMEOUT = 30
+
+
 def _serving(server: LoadedServer) -> bool:
     """Whether the server answers and still has its pristine snapshot (what every clone is made from)."""
     try:
-        with psycopg.connect(server.dsn, connect_timeout=3, autocommit=True):
+        with psycopg.connect(server.dsn, connect_timeout=SERVING_TIMEOUT, autocommit=True):
             pass
-        return snapshot.has_pristine(server.info)
+        return snapshot.has_pristine(server.info, connect_timeout=SERVING_TIMEOUT)
     except (psycopg.Error, SnapshotError):
         return False
 

@@ -141,9 +141,9 @@ def unreachable(exc: psycopg.OperationalError) -> SnapshotError:
 
 
 @contextlib.contextmanager
-def _admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+def _admin(dsn: str, *, connect_timeout: int = 10) -> Iterator[psycopg.Connection[Any]]:
     try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout)
     except psycopg.OperationalError as exc:
         raise unreachable(exc) from exc
     with conn:

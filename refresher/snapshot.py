@@ -854,9 +854,9 @@ def require_privileges(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def has_pristine(server: ServerInfo) -> bool:
+def has_pristine(server: ServerInfo, *, connect_timeout: int = 10) -> bool:
     """Whether a complete pristine copy of ``server.dbname`` exists (a half-made one does not count)."""
-    with _admin(server.dsn(MAINTENANCE_DB)) as conn:
+    with _admin(server.dsn(MAINTENANCE_DB), connect_timeout=connect_timeout) as conn:
         return _pristine_mark(conn, server.dbname) is not None
 
 

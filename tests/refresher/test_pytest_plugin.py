@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -734,6 +735,49 @@ def test_reuse_keeps_the_loaded_server_for_the_next_run(
     write_project(pytester, "def test_ok(refresher_postgres):\n    pass\n")
     run(pytester, *args).assert_outcomes(passed=1)
     assert_server_gone(third)
+
+
+# A conftest for the run after the one that kept the server: just before the run checks its kept server (``now``
+# answers ``_current``, the check before ``_serving``), the server's postmaster stops taking sessions for STALL s (a
+# new one waits: the kernel still accepts the connection), as a loaded machine's postmaster slow to fork a backend.
+STALL_KEPT_SERVER = """
+import datetime as dt, os, signal, threading
+import refresher._pytest_reuse as reuse
+
+def stall_then_now():
+    os.kill(PID, signal.SIGSTOP)
+    threading.Timer(STALL, os.kill, (PID, signal.SIGCONT)).start()
+    return dt.datetime.now(dt.UTC)
+
+reuse.now = stall_then_now
+"""
+
+
+@pytest.mark.slow
+def test_reuse_waits_for_a_kept_server_slow_to_answer(
+    pytester: pytest.Pytester, plugin_env: PluginEnv
+) -> None:
+    """A live kept server slow to take a session is still the kept server: it was given 3 s, then stopped and
+    rebuilt (seen under -n 2 beside heavy tests), the user's reuse silently lost. A dead one is still rebuilt at
+    once (``test_reuse_keeps_the_loaded_server_for_the_next_run``)."""
+    out = write_reuse_probe(pytester)
+    args = [*plugin_env.args("local"), "--refresher-reuse"]
+    run(pytester, *args).assert_outcomes(passed=1)
+    kept = Path(str(read_records(out)[0]["state_dir"]))
+    [pidfile] = found(kept, "postmaster.pid")  # a live pgdata: not rglob
+    pid = int(pidfile.read_text().split()[0])
+    stall = STALL_KEPT_SERVER.replace("PID", str(pid)).replace("STALL", "5")  # the old wait was 3 s
+    pytester.makeconftest(stall)
+    try:
+        run(pytester, *args).assert_outcomes(passed=1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # a run that failed before its timer
+        (pytester.path / "conftest.py").unlink()
+        run(pytester, *args[:-1]).assert_outcomes(passed=1)  # a plain run stops the kept server
+    first, second = read_records(out)[:2]
+    assert second["counts"] == PROBE_PRISTINE
+    assert (second["started"], second["port"]) == (first["started"], first["port"])  # not stopped and rebuilt
 
 
 def remove_containers_under(root: Path) -> None:
