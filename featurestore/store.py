@@ -220,7 +220,10 @@ class FeatureStore:
         computed: set[str] = set()
         if len(results) < len({f.key for f in fkeys}):
             # Lock files are shared by key prefix: take each once, in sorted order, so that two batches
-            # with overlapping keys cannot deadlock.
+            # with overlapping keys cannot deadlock. All are held until the batch's one manifest transaction
+            # has stored its keys: a stripe let go before its keys are stored lets another process find them
+            # missing and compute them again, and storing each stripe's keys in a transaction of their own
+            # undoes the one transaction (see the docstring).
             locks = sorted({self._key_lock(f.key) for f in fkeys if f.key not in results})
             computing = self._computing()
             with contextlib.ExitStack() as held:
@@ -500,15 +503,17 @@ class FeatureStore:
 
     def _computing(self) -> Callable[[], None] | None:
         """What a wait for keys' locks calls (``file_lock``): ``on_wait`` told once, however many of a batch's
-        locks are waited for. Another computation holds one while it computes a key of its stripe, for as long as
-        that takes, or for good when its process is stopped (Ctrl-Z): two refreshes of profiles sharing a
-        feature."""
+        locks are waited for. Another process holds one while it computes a key of its stripe, for as long as that
+        takes, or for good when it is stopped (Ctrl-Z). Not only a key this process wants: a batch
+        (``get_or_compute_many``) holds every stripe of its misses until all are stored, and 200 keys take about
+        5% of the 4,096 stripes, so two refreshes of unrelated profiles almost surely share one. The line said
+        "the same features", a wrong cause for a normal concurrent run."""
         on_wait = self._on_wait
         if on_wait is None:
             return None
         line = (
-            f"feature store {self.root}: another computation of the same features holds their lock (a process "
-            "perhaps stopped: Ctrl-Z); waiting for it"
+            f"feature store {self.root}: another process computing features holds a lock these keys share "
+            "(perhaps stopped: Ctrl-Z); waiting for it"
         )
         told = False
 
