@@ -125,8 +125,10 @@ def _waiting(cache: Path, on_wait: Callable[[str], None] | None) -> Callable[[],
     """What ``locked`` calls when a template's lock in ``cache`` is waited for: ``on_wait`` told in one line."""
     if on_wait is None:
         return None
+    # Its holder copies the template to make a cluster, or builds it first (initdb, several seconds: two first
+    # starts at once, pytest-xdist's workers, always meet it); the line said only the copy.
     line = (
-        f"template cache {cache}: another command is making a cluster from it (perhaps stopped: Ctrl-Z); "
+        f"template cache {cache}: another command holds it (a copy, or its first build; perhaps stopped: Ctrl-Z); "
         f"waiting for it, {TEMPLATE_WAIT_SECONDS:g} s at most"
     )
     return lambda: on_wait(line)
