@@ -143,17 +143,24 @@ def test_a_start_or_stop_held_by_a_stopped_command_is_waited_for_saying_so(works
             print("held", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)
     """
-    with _stopped(holder, workspace.env):
-        for makelevel in (None, "1"):
-            env = _env(workspace, makelevel)
-            for command in ("url", "reset", "refresh"):
-                done = _run(workspace, env, command, "--profile", workspace.profile, "--no-wait")
-                assert done.returncode == 2, (command, done.stderr)
-                assert done.stdout == "" and done.stderr.count("\n") == 1, (command, done.stderr)
-                assert STARTING in done.stderr and "without --no-wait" in done.stderr, (command, done.stderr)
-        waiting = _spawn(workspace, "url")
-        says_what_it_waits_for(waiting, STARTING)
-    [(out, err)] = outputs([waiting], TIMEOUT)
+    waiting: subprocess.Popen[str] | None = None
+    try:  # reaped also when the holder's end fails (_stopped's exit), its pipes with it
+        with _stopped(holder, workspace.env):
+            for makelevel in (None, "1"):
+                env = _env(workspace, makelevel)
+                for command in ("url", "reset", "refresh"):
+                    done = _run(workspace, env, command, "--profile", workspace.profile, "--no-wait")
+                    assert done.returncode == 2, (command, done.stderr)
+                    assert done.stdout == "" and done.stderr.count("\n") == 1, (command, done.stderr)
+                    assert STARTING in done.stderr and "without --no-wait" in done.stderr, (
+                        command,
+                        done.stderr,
+                    )
+            waiting = _spawn(workspace, "url")
+            says_what_it_waits_for(waiting, STARTING)
+        [(out, err)] = outputs([waiting], TIMEOUT)
+    finally:
+        reap(waiting)
     assert waiting.returncode == 0 and out.startswith("postgresql://"), err
 
 
@@ -198,10 +205,14 @@ def test_plan_behind_a_stopped_resets_shut_door_says_what_it_waits_for(workspace
     # A reset stopped (Ctrl-Z) with the database's door shut holds TAKE: `plan` waited for it DOOR_WAIT_SECONDS
     # (30 s) without a word, then failed saying a reset held it.
     workspace.refresh()
-    with _stopped(reset_at_its_door(workspace), workspace.env):
-        plan = _spawn(workspace, "plan")
-        says_what_it_waits_for(plan, f"database {workspace.profile} refuses sessions", "a reset")
-    [(_, err)] = outputs([plan], TIMEOUT)
+    plan: subprocess.Popen[str] | None = None
+    try:  # reaped also when the holder's end fails (_stopped's exit), its pipes with it
+        with _stopped(reset_at_its_door(workspace), workspace.env):
+            plan = _spawn(workspace, "plan")
+            says_what_it_waits_for(plan, f"database {workspace.profile} refuses sessions", "a reset")
+        [(_, err)] = outputs([plan], TIMEOUT)
+    finally:
+        reap(plan)
     assert plan.returncode == 0, err
 
 
@@ -345,24 +356,25 @@ def test_a_manifest_held_by_a_stopped_process_is_waited_for_saying_so(workspace:
             print("held", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)
     """
-    with _stopped(holder, workspace.env):
-        waiting = [
-            _spawn(workspace, "status"),
-            subprocess.Popen(
-                [sys.executable, "-m", "featurestore.cli", "stats", "--cache-root", str(lock.parent)],
-                env=workspace.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            ),
-        ]
-        try:
+    waiting: list[subprocess.Popen[str]] = []
+    try:  # reaped on every path, the holder's end failing (_stopped's exit) too, their pipes with them
+        with _stopped(holder, workspace.env):
+            waiting.append(_spawn(workspace, "status"))
+            waiting.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "featurestore.cli", "stats", "--cache-root", str(lock.parent)],
+                    env=workspace.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
             for proc in waiting:
                 line = _first_line(proc)
                 assert "another process holds its manifest" in line and "waiting for it" in line, line
                 assert proc.poll() is None
-        except BaseException:
-            reap(*waiting)
-            raise
-    for proc, (_, err) in zip(waiting, outputs(waiting, TIMEOUT), strict=True):
+        ended = outputs(waiting, TIMEOUT)
+    finally:
+        reap(*waiting)
+    for proc, (_, err) in zip(waiting, ended, strict=True):
         assert proc.returncode == 0, err

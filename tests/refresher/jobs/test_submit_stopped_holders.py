@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.child_processes import outputs
+from tests.child_processes import outputs, reap
 from tests.redis_server import RedisServer
 from tests.refresher.test_refresh_e2e import Workspace
 from tests.refresher.test_stopped_holders import (
@@ -60,10 +60,14 @@ def test_submit_behind_a_stopped_start_says_what_it_waits_for(
             print("held", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)
     """
-    with _stopped(holder, workspace.env):
-        submit = _submit(workspace, redis_server)
-        says_what_it_waits_for(submit, STARTING)
-    _submitted(submit)
+    submit: subprocess.Popen[str] | None = None
+    try:  # reaped also when the holder's end fails (_stopped's exit), its pipes with it
+        with _stopped(holder, workspace.env):
+            submit = _submit(workspace, redis_server)
+            says_what_it_waits_for(submit, STARTING)
+        _submitted(submit)
+    finally:
+        reap(submit)
 
 
 def test_submit_behind_a_stopped_resets_shut_door_says_what_it_waits_for(
@@ -72,7 +76,11 @@ def test_submit_behind_a_stopped_resets_shut_door_says_what_it_waits_for(
     # A reset stopped (Ctrl-Z) with the database's door shut holds TAKE: `jobs submit` waited for it
     # DOOR_WAIT_SECONDS (30 s) without a word, then failed saying a reset held it.
     workspace.refresh()
-    with _stopped(reset_at_its_door(workspace), workspace.env):
-        submit = _submit(workspace, redis_server)
-        says_what_it_waits_for(submit, f"database {workspace.profile} refuses sessions", "a reset")
-    _submitted(submit)
+    submit: subprocess.Popen[str] | None = None
+    try:  # reaped also when the holder's end fails (_stopped's exit), its pipes with it
+        with _stopped(reset_at_its_door(workspace), workspace.env):
+            submit = _submit(workspace, redis_server)
+            says_what_it_waits_for(submit, f"database {workspace.profile} refuses sessions", "a reset")
+        _submitted(submit)
+    finally:
+        reap(submit)
