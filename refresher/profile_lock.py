@@ -41,7 +41,7 @@ def hold_profile(
     with waited_for(
         path,
         lambda: ProfileBusy.held(profile, path),
-        f"profile {profile}: another refresh or reset is running; waiting for it to finish",
+        f"profile {profile}: another refresh or reset is running; waiting for it",
         grace=0,
         wait=wait,
         on_wait=on_wait,

@@ -317,7 +317,8 @@ def server_locked(
     return waited_for(
         path,
         lambda: ProfileBusy.starting(profile, engine, path),
-        f"profile {profile}: another command is starting or stopping its {engine} server; waiting for it",
+        f"profile {profile}: another command is starting or stopping its {engine} server (perhaps stopped: Ctrl-Z); "
+        "waiting for it",
         grace=HOLD_GRACE_SECONDS,
         wait=wait,
         on_wait=on_wait,

@@ -70,7 +70,7 @@ def test_a_second_refresh_waits_saying_so_and_no_wait_fails_in_one_line(workspac
         )
         try:
             assert waiting.stderr is not None
-            assert "waiting for it to finish" in waiting.stderr.readline()
+            assert waiting.stderr.readline().endswith("another refresh or reset is running; waiting for it\n")
             assert waiting.poll() is None  # still waiting while we hold the lock
         except BaseException:
             reap(waiting)

@@ -177,7 +177,7 @@ def test_down_during_a_first_refresh_stopped_in_its_start_says_what_it_waits_for
         _stop_when(refresh, lambda: made_in_start(state, workspace.profile), "made its cluster")
         down = _spawn(workspace, "down")
         line = _first_line(down)
-        assert STARTING in line and "waiting for it" in line, line
+        assert STARTING in line and "(perhaps stopped: Ctrl-Z); waiting for it" in line, line
         assert down.poll() is None
         refresh.send_signal(signal.SIGCONT)
         _, err = down.communicate(timeout=TIMEOUT)
