@@ -254,20 +254,27 @@ HOLD_GRACE_SECONDS = 1.0
 
 
 @contextlib.contextmanager
-def locked(path: Path, *, timeout: float = -1, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def locked(
+    path: Path,
+    *,
+    timeout: float = -1,
+    on_wait: Callable[[], None] | None = None,
+    grace: float = HOLD_GRACE_SECONDS,
+) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed); the kernel drops it if the holder dies. With a
     ``timeout`` (seconds), ``filelock.Timeout`` (an OSError) once it has waited that long. ``on_wait`` is called
-    once the lock has been waited for ``HOLD_GRACE_SECONDS``."""
+    once the lock has been waited for ``grace`` seconds (0: after one try); what it raises ends the wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # thread_local=False: the lock belongs to the process, whichever thread releases it.
     lock = filelock.FileLock(path, thread_local=False)
-    if on_wait is None or 0 <= timeout <= HOLD_GRACE_SECONDS:
+    if on_wait is None or 0 <= timeout <= grace:
         lock.acquire(timeout=timeout)
     else:
         try:
-            lock.acquire(timeout=HOLD_GRACE_SECONDS)
+            lock.acquire(timeout=grace)
         except filelock.Timeout:
             on_wait()
-            lock.acquire(timeout=timeout - HOLD_GRACE_SECONDS if timeout >= 0 else -1)
+            lock.acquire(timeout=timeout - grace if timeout >= 0 else -1)
     try:
         yield
     finally:
@@ -289,21 +296,15 @@ def waited_for(
     (0: tried once); else ``on_wait`` is told ``waiting`` before the wait, or with ``wait`` False ``busy()`` is
     raised. A grace is for a lock held for moments (``server_locked``); one held for a whole command (the
     profile's) has none: ``--no-wait`` beside it answers at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # thread_local=False: the lock belongs to the process, whichever thread releases it.
-    lock = filelock.FileLock(path, thread_local=False)
-    try:
-        lock.acquire(timeout=grace)
-    except filelock.Timeout:
+
+    def told() -> None:
         if not wait:
             raise busy() from None
         if on_wait is not None:
             on_wait(waiting)
-        lock.acquire()
-    try:
+
+    with locked(path, on_wait=told, grace=grace):
         yield
-    finally:
-        lock.release()
 
 
 def server_locked(
